@@ -1,0 +1,90 @@
+"""Configuration models: one pydantic model per deployment, plus the environment settings.
+
+Deployment configs arrive through ``serve_config.yaml`` (``args`` of the application builder, forwarded to each
+deployment) so that every knob is typed, bounded and documented in one place. Defaults are CPU-safe.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Dtype = Literal["auto", "float32", "float16", "bfloat16"]
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class DeviceConfig(_Config):
+    """Where a model runs. ``auto`` picks CUDA when present (half precision), otherwise CPU float32."""
+
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
+    dtype: Dtype = "auto"
+
+
+class ModelSource(_Config):
+    """Where weights come from: a local path, a Hugging Face repo id (local cache only) or an s3:// URI."""
+
+    source: str = Field(..., description="local dir or file, 'org/name' repo id, or s3://bucket/key")
+    config: str | None = Field(
+        None, description="for a single-file SDXL checkpoint: the diffusers folder or repo id holding its configs"
+    )
+
+
+class SDXLBaseConfig(_Config):
+    model: ModelSource
+    name: str = Field("sdxl-base", description="the checkpoint name clients see (A1111 sd_model_checkpoint)")
+    device: DeviceConfig = DeviceConfig()
+    ip_adapter: str | None = Field(None, description="folder with ip-adapter weights and image_encoder/")
+    ip_adapter_weight_name: str = "ip-adapter_sdxl.safetensors"
+    lora_dir: str | None = Field(None, description="folder of *.safetensors LoRAs, registered by file stem")
+    default_sampler: str = "Euler a"
+    max_batch: int = Field(8, ge=1, le=64)
+    max_pixels: int = Field(2048 * 2048, ge=64 * 64, description="upper bound on width*height")
+
+
+class SDXLRefinerConfig(_Config):
+    model: ModelSource
+    name: str = "sdxl-refiner"
+    device: DeviceConfig = DeviceConfig()
+    max_pixels: int = Field(2048 * 2048, ge=64 * 64)
+
+
+class UpscalerModel(_Config):
+    name: str = Field(..., description="the name clients send, e.g. 'R-ESRGAN 4x+'")
+    path: str = Field(..., description=".safetensors file (local path or s3:// URI)")
+
+
+class UpscalerConfig(_Config):
+    models: list[UpscalerModel] = []
+    device: DeviceConfig = DeviceConfig()
+    tile: int = Field(256, ge=0, description="tile edge in input pixels; 0 disables tiling")
+    tile_overlap: int = Field(16, ge=0)
+    max_output_pixels: int = Field(8192 * 8192, ge=64 * 64)
+
+
+class FaceRestorerConfig(_Config):
+    model: str | None = Field(None, description="CodeFormer / GFPGAN / RestoreFormer .safetensors")
+    retinaface: str | None = Field(None, description="optional RetinaFace (resnet50) .safetensors for detection")
+    device: DeviceConfig = DeviceConfig()
+    min_detection_confidence: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class FocalCropperConfig(_Config):
+    min_detection_confidence: float = Field(0.5, ge=0.0, le=1.0)
+    max_output_pixels: int = Field(4096 * 4096, ge=64 * 64)
+
+
+class Settings(BaseSettings):
+    """Environment values shared by every process (cache and data directories, S3 endpoint)."""
+
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore")
+
+    model_cache_dir: Path = Field(Path.home() / ".cache" / "imagegen" / "models", alias="MODEL_CACHE_DIR")
+    aws_endpoint_url: str | None = Field(None, alias="AWS_ENDPOINT_URL")
+    aws_region: str = Field("us-east-1", alias="AWS_DEFAULT_REGION")
+    download_progress_seconds: float = Field(5.0, alias="DOWNLOAD_PROGRESS_SECONDS")

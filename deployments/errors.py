@@ -1,0 +1,71 @@
+"""Typed errors of the model layer. The ingress maps each ``code`` to an HTTP status; nothing here knows HTTP."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base of every error the service reports to clients: a stable ``code`` plus the offending ``field``."""
+
+    code = "INTERNAL_ERROR"
+
+    def __init__(self, message: str, *, field: str | None = None, details: dict | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.details = dict(details or {})
+        if field is not None:
+            self.details.setdefault("field", field)
+
+
+class InvalidInput(ServiceError, ValueError):
+    """A request value is out of bounds, malformed or inconsistent with another value."""
+
+    code = "INVALID_INPUT"
+
+
+class InvalidImage(InvalidInput):
+    """An image could not be decoded, is of a refused format, or is too large."""
+
+    code = "INVALID_IMAGE"
+
+
+class UnknownModel(InvalidInput):
+    """A named model, LoRA, sampler or upscaler is not registered."""
+
+    code = "UNKNOWN_MODEL"
+
+
+class ModelLoadError(ServiceError):
+    """Weights could not be found, fetched or parsed."""
+
+    code = "MODEL_LOAD_FAILED"
+
+
+class UnsafeWeights(ModelLoadError):
+    """A pickled checkpoint (.ckpt, .pt, .pth, .bin) was offered: only safetensors are loaded."""
+
+    code = "UNSAFE_WEIGHTS"
+
+
+class DownloadIncomplete(ModelLoadError):
+    """A remote object arrived shorter (or longer) than its advertised size."""
+
+    code = "DOWNLOAD_INCOMPLETE"
+
+
+class ModelUnavailable(ServiceError):
+    """A model the request needs is not loaded on this replica."""
+
+    code = "MODEL_UNAVAILABLE"
+
+
+class GenerationCancelled(ServiceError):
+    """The caller cancelled the work; raised between denoising steps."""
+
+    code = "CANCELLED"
+
+
+class GpuOutOfMemory(ServiceError):
+    """The accelerator ran out of memory; the request may be retried."""
+
+    code = "GPU_OOM"

@@ -1,0 +1,133 @@
+"""Request and result types shared by the SDXL deployments, and the checks every request passes first."""
+
+from __future__ import annotations
+
+import random
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+from deployments.errors import GenerationCancelled, InvalidInput
+
+MAX_SEED = 2**32 - 1
+_LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")
+
+ProgressFn = Callable[[int, int], None]
+
+
+class LoraRef(BaseModel):
+    name: str = Field(..., min_length=1, max_length=128)
+    weight: float = Field(1.0, ge=-4.0, le=4.0)
+
+
+class GenerationRequest(BaseModel):
+    """Everything SDXLBase needs for one call. Images travel as PIL objects inside the Ray object store."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
+
+    prompt: str = Field("", max_length=10_000)
+    negative_prompt: str = Field("", max_length=10_000)
+    width: int = Field(1024, ge=64, le=4096)
+    height: int = Field(1024, ge=64, le=4096)
+    steps: int = Field(30, ge=1, le=150)
+    guidance_scale: float = Field(7.0, ge=0.0, le=30.0)
+    seed: int = Field(-1, ge=-1, le=MAX_SEED)
+    batch_size: int = Field(1, ge=1, le=64)
+    sampler: str | None = None
+    schedule: str | None = Field(None, description="A1111 'scheduler': Automatic, Karras, Exponential, ...")
+    init_image: Image.Image | None = None
+    strength: float = Field(0.75, gt=0.0, le=1.0, description="img2img / inpaint denoising strength")
+    mask: Image.Image | None = None
+    mask_blur: int = Field(4, ge=0, le=64)
+    ip_adapter_image: Image.Image | None = None
+    ip_adapter_scale: float = Field(0.6, ge=0.0, le=2.0)
+    loras: list[LoraRef] = []
+    denoising_end: float | None = Field(None, gt=0.0, lt=1.0, description="stop early and return latents")
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    seeds: list[int]
+    latents: np.ndarray | None = None  # set when denoising_end was given: the refiner's input
+    info: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def parse_lora_tags(prompt: str) -> tuple[str, list[LoraRef]]:
+    """Strip A1111 ``<lora:name:weight>`` tags from a prompt and return them as references."""
+    refs = []
+    for match in _LORA_TAG.finditer(prompt):
+        name, weight = match.group(1).strip(), match.group(2)
+        try:
+            refs.append(LoraRef(name=name, weight=float(weight) if weight not in (None, "") else 1.0))
+        except ValueError as e:
+            raise InvalidInput(f"bad LoRA tag {match.group(0)!r}", field="prompt") from e
+    text = re.sub(r"\s{2,}", " ", _LORA_TAG.sub("", prompt)).strip(" ,")
+    return text, refs
+
+
+def resolve_seeds(seed: int, count: int) -> list[int]:
+    """A1111 semantics: -1 draws a random seed; a batch uses consecutive seeds."""
+    first = random.SystemRandom().randint(0, MAX_SEED) if seed == -1 else seed
+    return [(first + i) % (MAX_SEED + 1) for i in range(count)]
+
+
+def check_size(width: int, height: int, max_pixels: int) -> None:
+    for name, value in (("width", width), ("height", height)):
+        if value % 8:
+            raise InvalidInput(f"{name}={value} is not a multiple of 8", field=name)
+    if width * height > max_pixels:
+        raise InvalidInput(f"{width}x{height} exceeds {max_pixels} pixels", field="width")
+
+
+class Cancellation:
+    """Per-request cancel flags and progress, checked by the denoising loop between steps."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cancelled: set[str] = set()
+        self._progress: dict[str, tuple[int, int]] = {}
+
+    def cancel(self, request_id: str) -> None:
+        with self._lock:
+            self._cancelled.add(request_id)
+
+    def progress(self, request_id: str) -> tuple[int, int] | None:
+        with self._lock:
+            return self._progress.get(request_id)
+
+    def callback(self, request_id: str | None, extra: ProgressFn | None = None) -> ProgressFn:
+        def report(step: int, total: int) -> None:
+            if request_id is not None:
+                with self._lock:
+                    if request_id in self._cancelled:
+                        raise GenerationCancelled(f"request {request_id} cancelled at step {step}/{total}")
+                    self._progress[request_id] = (step, total)
+            if extra is not None:
+                extra(step, total)
+
+        return report
+
+    def finish(self, request_id: str | None) -> None:
+        if request_id is not None:
+            with self._lock:
+                self._cancelled.discard(request_id)
+                self._progress.pop(request_id, None)
+
+
+Mode = Literal["txt2img", "img2img", "inpaint"]
+
+
+def mode_of(request: GenerationRequest) -> Mode:
+    if request.mask is not None:
+        if request.init_image is None:
+            raise InvalidInput("a mask needs an init image", field="mask")
+        return "inpaint"
+    return "img2img" if request.init_image is not None else "txt2img"

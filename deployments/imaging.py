@@ -1,0 +1,84 @@
+"""Image conversions shared by the deployments: PIL <-> tensors, encoding, A1111 PNG metadata."""
+
+from __future__ import annotations
+
+import io
+from typing import Literal
+
+import numpy as np
+from PIL import Image, PngImagePlugin
+
+from deployments.errors import InvalidImage, InvalidInput
+
+Format = Literal["png", "jpeg", "webp"]
+ALLOWED_FORMATS = {"PNG", "JPEG", "WEBP"}
+MAX_INPUT_PIXELS = 4096 * 4096
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "P"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+def decode(data: bytes, *, field: str = "image", max_pixels: int = MAX_INPUT_PIXELS) -> Image.Image:
+    """Decode PNG, JPEG or WebP bytes; the pixel cap is checked from the header before any pixel is decoded."""
+    try:
+        image = Image.open(io.BytesIO(data))
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise InvalidImage(f"{field}: not a decodable image", field=field) from e
+    if image.format not in ALLOWED_FORMATS:
+        raise InvalidImage(f"{field}: format {image.format} refused (PNG, JPEG or WebP only)", field=field)
+    width, height = image.size
+    if width * height > max_pixels:
+        raise InvalidImage(f"{field}: {width}x{height} exceeds the {max_pixels}-pixel limit", field=field)
+    try:
+        image.load()
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise InvalidImage(f"{field}: truncated or corrupt image", field=field) from e
+    return image
+
+
+def encode(image: Image.Image, fmt: Format = "png", quality: int = 90, pnginfo: dict[str, str] | None = None) -> bytes:
+    if not 1 <= quality <= 100:
+        raise InvalidInput("quality must lie in 1..100", field="quality")
+    buffer = io.BytesIO()
+    if fmt == "png":
+        info = PngImagePlugin.PngInfo()
+        for key, value in (pnginfo or {}).items():
+            info.add_text(key, value)
+        image.save(buffer, format="PNG", pnginfo=info)
+    elif fmt == "jpeg":
+        to_rgb(image).save(buffer, format="JPEG", quality=quality, optimize=True)
+    elif fmt == "webp":
+        image.save(buffer, format="WEBP", quality=quality, method=4)
+    else:
+        raise InvalidInput(f"unknown format {fmt!r}", field="format")
+    return buffer.getvalue()
+
+
+def pil_to_array(image: Image.Image) -> np.ndarray:
+    return np.asarray(to_rgb(image), dtype=np.uint8)
+
+
+def array_to_pil(array: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8))
+
+
+def to_tensor(image: Image.Image, device, dtype):
+    """RGB PIL image -> 1x3xHxW tensor in [0, 1]."""
+    import torch
+
+    array = pil_to_array(image).astype(np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).to(device=device, dtype=dtype)
+
+
+def from_tensor(tensor) -> Image.Image:
+    """1x3xHxW tensor in [0, 1] -> RGB PIL image."""
+    array = tensor.detach().float().clamp(0, 1).squeeze(0).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray((array * 255.0).round().astype(np.uint8))

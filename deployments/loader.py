@@ -1,0 +1,210 @@
+"""The one place where weights are found, fetched and loaded.
+
+Sources, for every model kind:
+- a local path (a diffusers folder, or a single ``.safetensors`` file);
+- a Hugging Face repo id (``org/name``), resolved from the local hub cache only: nothing is downloaded;
+- an ``s3://bucket/key`` URI (a file, or a prefix holding a diffusers folder), downloaded once into the model
+  cache with an atomic rename and a size check, then reused. ``AWS_ENDPOINT_URL`` selects any S3-compatible
+  server.
+
+Only safetensors are loaded: a pickle (``.ckpt``, ``.pt``, ``.pth``, pickled ``.bin``) can run code when
+opened, so it is refused before any library touches it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import struct
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from deployments.config import ModelSource, Settings
+from deployments.errors import DownloadIncomplete, ModelLoadError, UnsafeWeights
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_CHUNK = 1 << 20
+
+
+def check_safetensors(path: Path) -> None:
+    """Refuse anything that is not a well-formed safetensors file, by name and by header."""
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise UnsafeWeights(f"{path.name}: pickled checkpoints are refused; convert it to .safetensors")
+    if path.suffix.lower() != ".safetensors":
+        raise UnsafeWeights(f"{path.name}: only .safetensors weights are loaded")
+    try:
+        with path.open("rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > 100 * 1024 * 1024 or header_len > path.stat().st_size - 8:
+                raise ValueError("header length out of range")
+            json.loads(f.read(header_len))
+    except (OSError, ValueError, struct.error) as e:
+        raise UnsafeWeights(f"{path.name}: not a valid safetensors file ({e})") from e
+
+
+def _check_folder(path: Path) -> None:
+    pickles = [p for p in path.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES]
+    has_safetensors = any(path.rglob("*.safetensors"))
+    if pickles and not has_safetensors:
+        raise UnsafeWeights(f"{path}: holds only pickled weights ({pickles[0].name}); safetensors are required")
+
+
+class S3Fetcher:
+    """Downloads S3 objects into the model cache once; a complete copy is reused, a partial one never is."""
+
+    def __init__(self, settings: Settings, client=None) -> None:
+        self.settings = settings
+        self._client = client
+
+    @property
+    def client(self):
+        if self._client is None:
+            import boto3
+            from botocore.config import Config
+
+            self._client = boto3.client(
+                "s3",
+                endpoint_url=self.settings.aws_endpoint_url,
+                region_name=self.settings.aws_region,
+                config=Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=10, read_timeout=60),
+            )
+        return self._client
+
+    def fetch(self, uri: str) -> Path:
+        bucket, _, key = uri.removeprefix("s3://").partition("/")
+        if not bucket or not key or ".." in key.split("/"):
+            raise ModelLoadError(f"malformed S3 URI {uri!r}", field="source")
+        root = self.settings.model_cache_dir / "s3" / bucket
+        if key.endswith("/") or not Path(key).suffix:
+            prefix = key.rstrip("/") + "/"
+            keys = self._list(bucket, prefix)
+            for k in keys:
+                self._fetch_object(bucket, k, root / k)
+            return root / prefix.rstrip("/")
+        return self._fetch_object(bucket, key, root / key)
+
+    def _list(self, bucket: str, prefix: str) -> list[str]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            keys = [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+        except (BotoCoreError, ClientError) as e:
+            raise ModelLoadError(f"cannot list s3://{bucket}/{prefix}: {e}") from e
+        if not keys:
+            raise ModelLoadError(f"nothing under s3://{bucket}/{prefix}")
+        return keys
+
+    def _fetch_object(self, bucket: str, key: str, dest: Path) -> Path:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        marker = dest.with_name(dest.name + ".complete")
+        try:
+            head = self.client.head_object(Bucket=bucket, Key=key)
+        except (BotoCoreError, ClientError) as e:
+            if dest.exists() and marker.exists():
+                logger.warning("s3://%s/%s unreachable (%s); using the cached copy", bucket, key, e)
+                return dest
+            raise ModelLoadError(f"cannot read s3://{bucket}/{key}: {e}") from e
+        size, etag = head["ContentLength"], head.get("ETag", "")
+        if dest.exists() and marker.exists() and marker.read_text() == f"{size} {etag}" and dest.stat().st_size == size:
+            logger.info("s3://%s/%s: cached copy reused (%d bytes)", bucket, key, size)
+            return dest
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        part = dest.with_name(f"{dest.name}.part-{os.getpid()}")
+        try:
+            self._download(bucket, key, part, size)
+            os.replace(part, dest)  # atomic: readers see the old file or the whole new one
+            marker.write_text(f"{size} {etag}")
+        except (BotoCoreError, ClientError, OSError) as e:
+            raise DownloadIncomplete(f"download of s3://{bucket}/{key} failed: {e}") from e
+        finally:
+            part.unlink(missing_ok=True)
+        return dest
+
+    def _download(self, bucket: str, key: str, part: Path, size: int) -> None:
+        logger.info("downloading s3://%s/%s (%d bytes)", bucket, key, size)
+        body = self.client.get_object(Bucket=bucket, Key=key)["Body"]
+        received, last_log, started = 0, time.monotonic(), time.monotonic()
+        with part.open("wb") as out:
+            try:
+                while chunk := body.read(_CHUNK):
+                    out.write(chunk)
+                    received += len(chunk)
+                    if time.monotonic() - last_log >= self.settings.download_progress_seconds:
+                        last_log = time.monotonic()
+                        logger.info("s3://%s/%s: %d/%d bytes (%.0f%%)", bucket, key, received, size, 100 * received / size)
+            except Exception as e:  # urllib3 and botocore raise several types for a cut stream
+                raise DownloadIncomplete(f"s3://{bucket}/{key}: stream broke after {received} bytes: {e}") from e
+            out.flush()
+            os.fsync(out.fileno())
+        if received != size:
+            raise DownloadIncomplete(f"s3://{bucket}/{key}: got {received} of {size} bytes")
+        logger.info("s3://%s/%s: done in %.1fs", bucket, key, time.monotonic() - started)
+
+
+def resolve(source: str, settings: Settings | None = None, fetcher: S3Fetcher | None = None) -> Path:
+    """Turn a source string into a local path, fetching from S3 or the hub cache as needed."""
+    settings = settings or Settings()
+    if source.startswith("s3://"):
+        return (fetcher or S3Fetcher(settings)).fetch(source)
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    if _REPO_ID.match(source):
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            return Path(snapshot_download(source, local_files_only=True))
+        except (LocalEntryNotFoundError, OSError, ValueError) as e:
+            raise ModelLoadError(
+                f"{source!r} is not in the local Hugging Face cache (downloads are disabled)", field="source"
+            ) from e
+    raise ModelLoadError(f"model source {source!r} not found", field="source")
+
+
+def load_sdxl(source: ModelSource, *, refiner: bool, dtype: torch.dtype, settings: Settings | None = None):
+    """Load an SDXL base (text-to-image) or refiner (image-to-image) pipeline from any source kind."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    cls = StableDiffusionXLImg2ImgPipeline if refiner else StableDiffusionXLPipeline
+    path = resolve(source.source, settings)
+    try:
+        if path.is_file():
+            check_safetensors(path)
+            config = str(resolve(source.config, settings)) if source.config else None
+            pipe = cls.from_single_file(path, config=config, torch_dtype=dtype, local_files_only=True)
+        else:
+            _check_folder(path)
+            pipe = cls.from_pretrained(path, torch_dtype=dtype, use_safetensors=True, local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ModelLoadError(f"cannot load SDXL {'refiner' if refiner else 'base'} from {source.source}: {e}") from e
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_spandrel(source: str, settings: Settings | None = None):
+    """Load an upscaler or face restorer through spandrel; returns its ImageModelDescriptor."""
+    import spandrel
+    import spandrel_extra_arches
+
+    path = resolve(source, settings)
+    check_safetensors(path)
+    spandrel_extra_arches.install(ignore_duplicates=True)  # CodeFormer and friends
+    try:
+        descriptor = spandrel.ModelLoader().load_from_file(path)
+    except (spandrel.UnsupportedModelError, OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ModelLoadError(f"cannot load {path.name}: {e}") from e
+    if not isinstance(descriptor, spandrel.ImageModelDescriptor):
+        raise ModelLoadError(f"{path.name}: not an image-to-image model")
+    return descriptor

@@ -1,0 +1,92 @@
+"""Sampler names (Automatic1111's and seed 003's) mapped onto diffusers schedulers.
+
+A scheduler is rebuilt from the pipeline's own scheduler config for each request, so switching samplers never
+reloads weights and never leaks from one request into the next.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from deployments.errors import UnknownModel
+
+
+@dataclass(frozen=True)
+class Sampler:
+    cls_name: str
+    options: dict = field(default_factory=dict)
+
+
+# A1111 sampler name -> diffusers scheduler. "Karras" in the name (or scheduler="Karras") switches sigmas.
+SAMPLERS: dict[str, Sampler] = {
+    "Euler a": Sampler("EulerAncestralDiscreteScheduler"),
+    "Euler": Sampler("EulerDiscreteScheduler"),
+    "LMS": Sampler("LMSDiscreteScheduler"),
+    "Heun": Sampler("HeunDiscreteScheduler"),
+    "DPM2": Sampler("KDPM2DiscreteScheduler"),
+    "DPM2 a": Sampler("KDPM2AncestralDiscreteScheduler"),
+    "DPM++ 2S a": Sampler("DPMSolverSinglestepScheduler"),
+    "DPM++ 2M": Sampler("DPMSolverMultistepScheduler"),
+    "DPM++ SDE": Sampler("DPMSolverSDEScheduler"),
+    "DPM++ 2M SDE": Sampler("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "DPM fast": Sampler("DPMSolverSinglestepScheduler"),
+    "DDIM": Sampler("DDIMScheduler"),
+    "PLMS": Sampler("PNDMScheduler"),
+    "PNDM": Sampler("PNDMScheduler"),
+    "UniPC": Sampler("UniPCMultistepScheduler"),
+    "DEIS": Sampler("DEISMultistepScheduler"),
+    "LCM": Sampler("LCMScheduler"),
+}
+
+# Seed 003 names.
+ALIASES = {
+    "euler_a": "Euler a",
+    "euler": "Euler",
+    "dpm++_2m": "DPM++ 2M",
+    "dpm++_2m_karras": "DPM++ 2M Karras",
+    "dpm++_sde_karras": "DPM++ SDE Karras",
+    "ddim": "DDIM",
+    "plms": "PLMS",
+    "pndm": "PNDM",
+    "lms": "LMS",
+    "heun": "Heun",
+    "unipc": "UniPC",
+}
+
+# A1111 >= 1.9 sends the sigma schedule separately.
+SCHEDULES = {
+    "Automatic": {},
+    "Uniform": {},
+    "Karras": {"use_karras_sigmas": True},
+    "Exponential": {"use_exponential_sigmas": True},
+    "Beta": {"use_beta_sigmas": True},
+}
+
+
+_NO_KARRAS = {"Euler a", "Euler", "DDIM", "PLMS", "PNDM", "UniPC", "LCM", "DEIS"}
+
+
+def sampler_names() -> list[str]:
+    """Every name a client may send, A1111 spelling first."""
+    karras = [f"{name} Karras" for name in SAMPLERS if name not in _NO_KARRAS]
+    return list(SAMPLERS) + karras + list(ALIASES)
+
+
+def build_scheduler(name: str, base_config, schedule: str | None = None):
+    """A fresh scheduler for ``name`` built from the pipeline's scheduler config."""
+    import diffusers
+
+    canonical = ALIASES.get(name.lower(), name) if name not in SAMPLERS else name
+    options: dict = {}
+    if canonical not in SAMPLERS and canonical.endswith(" Karras") and canonical[: -len(" Karras")] in SAMPLERS:
+        canonical = canonical[: -len(" Karras")]
+        options["use_karras_sigmas"] = True
+    if canonical not in SAMPLERS:
+        raise UnknownModel(f"unknown sampler {name!r}", field="sampler_name", details={"choices": sampler_names()})
+    if schedule is not None:
+        if schedule not in SCHEDULES:
+            raise UnknownModel(f"unknown scheduler {schedule!r}", field="scheduler", details={"choices": list(SCHEDULES)})
+        options.update(SCHEDULES[schedule])
+    sampler = SAMPLERS[canonical]
+    cls = getattr(diffusers, sampler.cls_name)
+    return cls.from_config(base_config, **sampler.options, **options)

@@ -1,0 +1,370 @@
+"""Deterministic random-weight models of the real architectures, at toy size.
+
+``python -m deployments.tiny OUT_DIR`` writes every model the service can load, in the formats real weights
+come in, so that tests and the CPU demo run the real loading and inference code without a model hub:
+
+    OUT_DIR/sdxl-base/                 diffusers folder (tokenizers, two text encoders, UNet, VAE, scheduler)
+    OUT_DIR/sdxl-base.safetensors      the same weights as one original-layout (SGM) checkpoint
+    OUT_DIR/sdxl-refiner/              diffusers folder (second text encoder only, aesthetic-score UNet)
+    OUT_DIR/ip-adapter/                IP-Adapter weights plus its CLIP image encoder
+    OUT_DIR/loras/*.safetensors        two LoRAs in the kohya / A1111 layout
+    OUT_DIR/upscalers/*.safetensors    ESRGAN-family x2 (Real-ESRGAN pixel-unshuffle) and x4
+    OUT_DIR/faces/*.safetensors        a RestoreFormer face restorer
+
+The weights are random: images are noise-like. Nothing in the serving path knows these models are tiny.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from deployments.sgm import sdxl_to_sgm
+
+logger = logging.getLogger(__name__)
+
+SEED = 0
+
+# The UNets keep SDXL's wiring (three levels, two resnets per level, text_time conditioning, linear projections)
+# with attention only at the lowest resolution, so a 1536x1536 refine stays cheap on two CPU cores.
+_UNET_COMMON = dict(
+    sample_size=32,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(16, 32, 64),
+    down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 4, 4),
+    transformer_layers_per_block=1,
+    norm_num_groups=8,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+)
+TEXT_DIM = 32  # hidden size and projection size of both tiny text encoders
+IMAGE_ENCODER_SIZE = 32  # input resolution of the tiny CLIP vision tower
+
+# A small English corpus for the tokenizer's merges: prompt-like words so that tokens are not all single bytes.
+_CORPUS = """
+a an the of and with in on at by for to from photo photograph portrait picture painting illustration drawing
+render digital art artwork style anime manga fantasy realistic photorealistic cinematic dramatic lighting light
+soft sharp focus detailed highly detail intricate beautiful professional headshot studio background blurry
+blur bokeh depth field landscape mountain mountains river lake sea ocean beach sky cloud clouds sunset sunrise
+night day city street building house forest tree trees flower flowers garden field grass snow rain fog
+cat dog bird horse fox wolf dragon red green blue yellow orange purple pink black white gray golden silver
+apple fruit food cup coffee table chair window door car man woman girl boy child person people face eyes
+hair smile old young happy sad wearing dress shirt hat glasses high quality best masterpiece resolution
+ugly deformed bad anatomy low lowres worst jpeg artifacts watermark text signature cropped out frame
+""".split()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's reversible byte -> printable character table (the byte-level BPE alphabet)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in chars), strict=True))
+
+
+def build_clip_tokenizer(out_dir: Path, num_merges: int = 400) -> int:
+    """Write a CLIP BPE tokenizer learned from the small corpus; return its vocabulary size."""
+    alphabet = list(_bytes_to_unicode().values())
+    vocab: list[str] = alphabet + [c + "</w>" for c in alphabet]
+    words = Counter(tuple(w[:-1]) + (w[-1] + "</w>",) for w in _CORPUS)
+    merges: list[tuple[str, str]] = []
+    for _ in range(num_merges):
+        pairs: Counter[tuple[str, str]] = Counter()
+        for word, freq in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += freq
+        if not pairs:
+            break
+        best = max(sorted(pairs), key=lambda p: pairs[p])
+        merges.append(best)
+        vocab.append("".join(best))
+        merged = {}
+        for word, freq in words.items():
+            out, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    out.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] = freq
+        words = Counter(merged)
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
+    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    return len(vocab)
+
+
+def _save_tokenizer(src: Path, dst: Path, pad_token: str) -> None:
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer(
+        vocab_file=str(src / "vocab.json"),
+        merges_file=str(src / "merges.txt"),
+        pad_token=pad_token,
+        model_max_length=77,
+    )
+    tokenizer.save_pretrained(dst)
+
+
+def _text_config(vocab_size: int, projection: bool):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+        hidden_size=TEXT_DIM,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        max_position_embeddings=77,
+        hidden_act="gelu" if projection else "quick_gelu",
+        projection_dim=TEXT_DIM,
+    )
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 8, 16, 16),  # four levels: the x8 spatial scale of the SDXL VAE
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=128,
+        scaling_factor=0.13025,
+        force_upcast=False,
+    )
+
+
+def _scheduler():
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
+    )
+
+
+def build_sdxl_base(out: Path, tokenizer_src: Path, vocab_size: int):
+    """Write the base pipeline as a diffusers folder; return it for the derived artefacts."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(SEED)
+    unet = UNet2DConditionModel(
+        **_UNET_COMMON,
+        cross_attention_dim=2 * TEXT_DIM,  # both encoders' hidden states, concatenated
+        projection_class_embeddings_input_dim=6 * 8 + TEXT_DIM,  # six size/crop ids + pooled text
+    )
+    torch.manual_seed(SEED + 1)
+    vae = _vae()
+    torch.manual_seed(SEED + 2)
+    text_encoder = CLIPTextModel(_text_config(vocab_size, projection=False))
+    torch.manual_seed(SEED + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(vocab_size, projection=True))
+    _save_tokenizer(tokenizer_src, out / "tokenizer", pad_token="<|endoftext|>")
+    _save_tokenizer(tokenizer_src, out / "tokenizer_2", pad_token="!")
+    from transformers import CLIPTokenizer
+
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=CLIPTokenizer.from_pretrained(out / "tokenizer"),
+        tokenizer_2=CLIPTokenizer.from_pretrained(out / "tokenizer_2"),
+        unet=unet,
+        scheduler=_scheduler(),
+        feature_extractor=CLIPImageProcessor(
+            size={"shortest_edge": IMAGE_ENCODER_SIZE},
+            crop_size={"height": IMAGE_ENCODER_SIZE, "width": IMAGE_ENCODER_SIZE},
+        ),
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    return pipe
+
+
+def build_sdxl_refiner(out: Path, tokenizer_src: Path, vocab_size: int) -> None:
+    from diffusers import StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(SEED + 10)
+    unet = UNet2DConditionModel(
+        **_UNET_COMMON,
+        cross_attention_dim=TEXT_DIM,  # the refiner conditions on the second encoder alone
+        projection_class_embeddings_input_dim=5 * 8 + TEXT_DIM,  # sizes, crop, aesthetic score + pooled text
+    )
+    torch.manual_seed(SEED + 11)
+    vae = _vae()
+    torch.manual_seed(SEED + 12)
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(vocab_size, projection=True))
+    _save_tokenizer(tokenizer_src, out / "tokenizer_2", pad_token="!")
+    pipe = StableDiffusionXLImg2ImgPipeline(
+        vae=vae,
+        text_encoder=None,
+        text_encoder_2=text_encoder_2,
+        tokenizer=None,
+        tokenizer_2=CLIPTokenizer.from_pretrained(out / "tokenizer_2"),
+        unet=unet,
+        scheduler=_scheduler(),
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+
+
+def build_ip_adapter(out: Path, unet) -> None:
+    """IP-Adapter (SDXL, plain variant): image projection + per-cross-attention to_k_ip / to_v_ip."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(SEED + 20)
+    encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=TEXT_DIM,
+            projection_dim=TEXT_DIM,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            image_size=IMAGE_ENCODER_SIZE,
+            patch_size=8,
+        )
+    )
+    encoder.save_pretrained(out / "image_encoder", safe_serialization=True)
+    CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_ENCODER_SIZE},
+        crop_size={"height": IMAGE_ENCODER_SIZE, "width": IMAGE_ENCODER_SIZE},
+    ).save_pretrained(out / "image_encoder")
+
+    cross_dim = unet.config.cross_attention_dim
+    num_tokens = 4
+    generator = torch.Generator().manual_seed(SEED + 21)
+    tensors = {
+        "image_proj.proj.weight": torch.randn(cross_dim * num_tokens, TEXT_DIM, generator=generator) * 0.2,
+        "image_proj.proj.bias": torch.zeros(cross_dim * num_tokens),
+        "image_proj.norm.weight": torch.ones(cross_dim),
+        "image_proj.norm.bias": torch.zeros(cross_dim),
+    }
+    # The reference numbering: every attention processor takes an index, cross-attention ones are the odd ones.
+    for index, (name, _) in enumerate(unet.attn_processors.items()):
+        if not name.endswith("attn2.processor"):
+            continue
+        hidden = unet.get_submodule(name.removesuffix(".processor")).to_k.out_features
+        for proj in ("to_k_ip", "to_v_ip"):
+            tensors[f"ip_adapter.{index}.{proj}.weight"] = torch.randn(hidden, cross_dim, generator=generator) * 0.5
+    save_file(tensors, out / "ip-adapter_sdxl.safetensors")
+
+
+def _kohya_name(module_path: str, prefix: str) -> str:
+    return f"{prefix}_{module_path.replace('.', '_')}"
+
+
+def build_lora(path: Path, pipe, seed: int, rank: int, with_text_encoders: bool) -> None:
+    """A LoRA in the kohya / A1111 layout: lora_unet_* / lora_te1_* / lora_te2_* with down, up and alpha."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    targets = [("lora_unet", pipe.unet, re.compile(r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$"))]
+    if with_text_encoders:
+        pattern = re.compile(r"self_attn\.(q_proj|k_proj|v_proj|out_proj)$")
+        targets += [("lora_te1", pipe.text_encoder, pattern), ("lora_te2", pipe.text_encoder_2, pattern)]
+    for prefix, model, pattern in targets:
+        for name, module in model.named_modules():
+            if not pattern.search(name):
+                continue
+            if prefix != "lora_unet" and not name.startswith("text_model."):
+                name = f"text_model.{name}"  # kohya names follow transformers' classic CLIPTextModel layout
+            key = _kohya_name(name, prefix)
+            tensors[f"{key}.lora_down.weight"] = torch.randn(rank, module.in_features, generator=generator) * 0.3
+            tensors[f"{key}.lora_up.weight"] = torch.randn(module.out_features, rank, generator=generator) * 0.3
+            tensors[f"{key}.alpha"] = torch.tensor(float(rank))
+    save_file(tensors, path, metadata={"ss_network_module": "networks.lora", "ss_base_model_version": "sdxl_base_v1-0"})
+
+
+def build_upscalers(out: Path) -> None:
+    from spandrel.architectures.ESRGAN import ESRGAN
+
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(SEED + 30)
+    x4 = ESRGAN(in_nc=3, out_nc=3, num_filters=8, num_blocks=1, scale=4)
+    save_file(x4.state_dict(), out / "tiny-esrgan-x4.safetensors")
+    torch.manual_seed(SEED + 31)
+    # Real-ESRGAN x2 folds the input with a pixel unshuffle (12 input channels) and upsamples x4.
+    x2 = ESRGAN(in_nc=3, out_nc=3, num_filters=8, num_blocks=1, scale=2, shuffle_factor=2)
+    save_file(x2.state_dict(), out / "tiny-realesrgan-x2.safetensors")
+
+
+def build_face_restorer(out: Path) -> None:
+    from spandrel.architectures.RestoreFormer import RestoreFormer
+
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(SEED + 40)
+    model = RestoreFormer(
+        n_embed=64,
+        embed_dim=32,
+        ch=32,  # the architecture's group norms need multiples of 32
+        ch_mult=(1, 1, 1, 1, 2, 2),
+        num_res_blocks=1,
+        attn_resolutions=(16,),
+        z_channels=32,
+        head_size=2,
+    )
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "tiny-restoreformer.safetensors")
+
+
+def build_all(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer_src = out / "clip-tokenizer"
+    vocab_size = build_clip_tokenizer(tokenizer_src)
+    base = build_sdxl_base(out / "sdxl-base", tokenizer_src, vocab_size)
+    save_file(sdxl_to_sgm(base), out / "sdxl-base.safetensors")
+    build_sdxl_refiner(out / "sdxl-refiner", tokenizer_src, vocab_size)
+    build_ip_adapter(out / "ip-adapter", base.unet)
+    (out / "loras").mkdir(exist_ok=True)
+    build_lora(out / "loras" / "tiny-style.safetensors", base, seed=SEED + 50, rank=4, with_text_encoders=False)
+    build_lora(out / "loras" / "tiny-detail.safetensors", base, seed=SEED + 51, rank=2, with_text_encoders=True)
+    build_upscalers(out / "upscalers")
+    build_face_restorer(out / "faces")
+    (out / "README.txt").write_text("Random-weight demo models generated by deployments.tiny. Not for real use.\n")
+    logger.info("tiny models written to %s", out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    build_all(args.out_dir)
+
+
+if __name__ == "__main__":
+    main()
