@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 from pathlib import Path
 
@@ -176,8 +177,10 @@ class BaseGenerator:
             kwargs.update(width=request.width, height=request.height)
         else:
             init = to_rgb(request.init_image).resize((request.width, request.height), Image.LANCZOS)
-            kwargs.update(image=init, strength=request.strength)
-            total_steps = max(1, int(request.steps * request.strength))
+            # A1111 runs at least one step at low strength; diffusers would run none and fail.
+            steps = max(request.steps, math.ceil(1 / request.strength))
+            kwargs.update(image=init, strength=request.strength, num_inference_steps=steps)
+            total_steps = max(1, int(steps * request.strength))
             if mode == "inpaint":
                 mask = self._prepare_mask(request)
                 kwargs.update(mask_image=mask, width=request.width, height=request.height)

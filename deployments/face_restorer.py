@@ -1,0 +1,116 @@
+"""Face restorer: detect, align, restore, paste back.
+
+Graph position: (SDXLBase | SDXLRefiner | Upscaler) -> **FaceRestorer** -> ingress. CodeFormer (with its
+fidelity ``weight``), GFPGAN or RestoreFormer through spandrel; every face is warped to the 512x512 FFHQ
+template, restored, warped back with a feathered mask and blended by ``visibility``. No face: the image comes
+back unchanged and flagged. No restorer loaded: skipped and flagged, never an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+from ray import serve
+
+from deployments import device as devices
+from deployments import faces as face_lib
+from deployments import loader
+from deployments.config import FaceRestorerConfig, Settings
+from deployments.errors import GpuOutOfMemory, InvalidInput
+from deployments.imaging import pil_to_array
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FaceResult:
+    image: Image.Image
+    faces_found: int
+    restored: bool
+    restorer: str | None
+    boxes: list[tuple[float, float, float, float]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+class FaceEnhancer:
+    def __init__(self, config: FaceRestorerConfig, settings: Settings | None = None) -> None:
+        self.config = config
+        self.device, _ = devices.resolve(config.device)
+        self.descriptor = None
+        if config.model:
+            # Face models run in float32: their normalisations overflow in half precision.
+            self.descriptor = loader.load_spandrel(config.model, settings).to(self.device).eval()
+            logger.info("face restorer: %s", self.descriptor.architecture.id)
+        if config.retinaface:
+            self.detector = face_lib.RetinaFaceDetector(config.retinaface, self.device, config.min_detection_confidence)
+        else:
+            self.detector = face_lib.MediaPipeDetector(config.min_detection_confidence)
+        self._lock = threading.Lock()
+        self.size = 512
+
+    @property
+    def name(self) -> str | None:
+        return self.descriptor.architecture.id if self.descriptor is not None else None
+
+    def detect(self, image: Image.Image) -> list[face_lib.Face]:
+        return self.detector.detect(pil_to_array(image))
+
+    def restore(self, image: Image.Image, weight: float = 0.6, visibility: float = 1.0) -> FaceResult:
+        """``weight``: CodeFormer fidelity (0 = strongest restoration, 1 = closest to input)."""
+        if not 0.0 <= weight <= 1.0:
+            raise InvalidInput("weight must lie in [0, 1]", field="face_restoration_weight")
+        if not 0.0 <= visibility <= 1.0:
+            raise InvalidInput("visibility must lie in [0, 1]", field="visibility")
+        rgb = pil_to_array(image)
+        found = self.detector.detect(rgb)
+        boxes = [f.box for f in found]
+        if self.descriptor is None:
+            return FaceResult(image, len(found), False, None, boxes, ["no face restorer loaded: faces not restored"])
+        if not found:
+            return FaceResult(image, 0, False, self.name, boxes, ["no face detected: image unchanged"])
+        out = rgb
+        try:
+            with self._lock, torch.inference_mode():
+                for face in found:
+                    crop, matrix = face_lib.align(out, face, self.size)
+                    restored = self._restore_crop(crop, weight)
+                    out = face_lib.paste_back(out, restored, matrix, blend=visibility)
+        except torch.OutOfMemoryError as e:
+            devices.free_cache(self.device)
+            raise GpuOutOfMemory("face restorer ran out of GPU memory; retry later") from e
+        return FaceResult(Image.fromarray(out), len(found), True, self.name, boxes)
+
+    def _restore_crop(self, crop: np.ndarray, weight: float) -> np.ndarray:
+        tensor = torch.from_numpy(crop).permute(2, 0, 1)[None].float().div(255).to(self.device)
+        tensor = tensor * 2 - 1  # the face models were trained on [-1, 1]
+        model = self.descriptor.model
+        if self.descriptor.architecture.id == "CodeFormer":
+            output = model(tensor, weight=weight)[0]
+        else:
+            output = self.descriptor(tensor)
+        output = ((output.float() + 1) / 2).clamp(0, 1)
+        return (output[0].permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=4, health_check_period_s=10)
+class FaceRestorer:
+    def __init__(self, config: dict | FaceRestorerConfig) -> None:
+        self.model = FaceEnhancer(FaceRestorerConfig.model_validate(config))
+
+    async def restore(self, image: Image.Image, weight: float = 0.6, visibility: float = 1.0) -> FaceResult:
+        return await asyncio.to_thread(self.model.restore, image, weight, visibility)
+
+    async def describe(self) -> dict:
+        return {"restorer": self.model.name, "detector": type(self.model.detector).__name__}
+
+    async def check_health(self) -> None:
+        # A restorer that was configured must still be there; detection must answer on a blank frame.
+        if self.model.config.model and self.model.descriptor is None:
+            raise RuntimeError("face restorer configured but not loaded")
+        self.model.detector.detect(np.zeros((64, 64, 3), np.uint8))

@@ -1,0 +1,120 @@
+"""Face detection and alignment shared by FaceRestorer and FocalCropper.
+
+MediaPipe's BlazeFace ships its weights inside the wheel, so detection works offline on any machine; RetinaFace
+(facexlib) is used instead when its weights are configured. Alignment maps four landmarks (eyes, nose, mouth
+centre) onto the FFHQ 512x512 template the restorers were trained on; paste-back inverts that warp with a
+feathered mask, as facexlib does.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+# FFHQ template at 512x512: image-left eye, image-right eye, nose tip, mouth centre.
+FFHQ_TEMPLATE = np.array(
+    [[192.98138, 239.94708], [318.90277, 240.1936], [256.63416, 314.01935], [257.17511, 371.28081]], dtype=np.float32
+)
+
+
+@dataclass(frozen=True)
+class Face:
+    box: tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels
+    landmarks: np.ndarray  # 4x2: image-left eye, image-right eye, nose tip, mouth centre
+    score: float
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        x0, y0, x1, y1 = self.box
+        return (x0 + x1) / 2, (y0 + y1) / 2
+
+
+class MediaPipeDetector:
+    """BlazeFace full-range model; thread-safe (MediaPipe graphs are not)."""
+
+    def __init__(self, min_confidence: float = 0.5) -> None:
+        import mediapipe as mp
+
+        self._detector = mp.solutions.face_detection.FaceDetection(
+            model_selection=1, min_detection_confidence=min_confidence
+        )
+        self._lock = threading.Lock()
+
+    def detect(self, rgb: np.ndarray) -> list[Face]:
+        height, width = rgb.shape[:2]
+        with self._lock:
+            result = self._detector.process(np.ascontiguousarray(rgb))
+        faces = []
+        for detection in result.detections or []:
+            rel = detection.location_data.relative_bounding_box
+            x0, y0 = max(0.0, rel.xmin * width), max(0.0, rel.ymin * height)
+            x1, y1 = min(width, (rel.xmin + rel.width) * width), min(height, (rel.ymin + rel.height) * height)
+            points = np.array([[k.x * width, k.y * height] for k in detection.location_data.relative_keypoints])
+            # MediaPipe order: subject's right eye (image left), left eye, nose tip, mouth centre, ears.
+            faces.append(Face((x0, y0, x1, y1), points[:4].astype(np.float32), float(detection.score[0])))
+        return sorted(faces, key=lambda f: -(f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
+
+
+class RetinaFaceDetector:
+    """facexlib's RetinaFace (ResNet-50), weights from a safetensors file."""
+
+    def __init__(self, weights: str, device, min_confidence: float = 0.5) -> None:
+        from facexlib.detection.retinaface import RetinaFace
+        from safetensors.torch import load_file
+
+        from deployments.loader import check_safetensors, resolve
+
+        path = resolve(weights)
+        check_safetensors(path)
+        self.model = RetinaFace(network_name="resnet50", half=False, device=device)
+        self.model.load_state_dict(load_file(path), strict=True)
+        self.model.eval().to(device)
+        self.min_confidence = min_confidence
+
+    def detect(self, rgb: np.ndarray) -> list[Face]:
+        import torch
+
+        with torch.inference_mode():
+            boxes = self.model.detect_faces(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), self.min_confidence)
+        faces = []
+        for row in boxes:
+            five = np.asarray(row[5:15], dtype=np.float32).reshape(5, 2)
+            four = np.stack([five[0], five[1], five[2], (five[3] + five[4]) / 2])
+            faces.append(Face(tuple(float(v) for v in row[:4]), four, float(row[4])))
+        return faces
+
+
+def align(rgb: np.ndarray, face: Face, size: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Warp the face onto the template; returns the crop and the 2x3 affine matrix used."""
+    template = FFHQ_TEMPLATE * (size / 512.0)
+    matrix, _ = cv2.estimateAffinePartial2D(face.landmarks, template, method=cv2.LMEDS)
+    if matrix is None:
+        raise ValueError("landmarks are degenerate")
+    crop = cv2.warpAffine(rgb, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT101)
+    return crop, matrix
+
+
+def paste_back(rgb: np.ndarray, restored: np.ndarray, matrix: np.ndarray, blend: float = 1.0) -> np.ndarray:
+    """Warp a restored face back and blend it in with a feathered mask; pixels outside the mask are untouched."""
+    height, width = rgb.shape[:2]
+    inverse = cv2.invertAffineTransform(matrix)
+    warped = cv2.warpAffine(restored, inverse, (width, height), flags=cv2.INTER_LINEAR)
+    size = restored.shape[0]
+    mask = cv2.warpAffine(np.ones((size, size), np.float32), inverse, (width, height), flags=cv2.INTER_NEAREST)
+    # Feather: erode away the warp's ragged border, then blur the edge across a few percent of the face size.
+    scale = np.sqrt(abs(np.linalg.det(inverse[:, :2])))
+    edge = max(1, int(size * scale * 0.04))
+    mask = cv2.erode(mask, np.ones((2 * edge, 2 * edge), np.uint8))
+    mask = cv2.GaussianBlur(mask, (0, 0), sigmaX=edge) * (mask > 0) if edge > 1 else mask
+    alpha = (mask * blend)[..., None]
+    out = rgb.astype(np.float32) * (1 - alpha) + warped.astype(np.float32) * alpha
+    result = np.clip(out.round(), 0, 255).astype(np.uint8)
+    untouched = alpha[..., 0] == 0
+    result[untouched] = rgb[untouched]  # exact, whatever the float arithmetic did
+    return result

@@ -1,0 +1,137 @@
+"""Focal cropper: find the focal point and cut every requested size around it.
+
+Graph position: SDXLBase -> **FocalCropper** -> (Upscaler when a crop is smaller than its target) -> ingress.
+The focal point comes from detected faces (MediaPipe), or the centre when there are none. For each target size
+the crop is the largest rectangle of the target's aspect ratio that fits the image and keeps every face whole
+(centred on the focal point when the faces cannot all fit), then resized to the target.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from PIL import Image
+from pydantic import BaseModel, Field
+from ray import serve
+
+from deployments import faces as face_lib
+from deployments.config import FocalCropperConfig
+from deployments.errors import InvalidInput
+from deployments.imaging import Format, encode, pil_to_array, to_rgb
+
+
+class CropSize(BaseModel):
+    name: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    width: int = Field(..., ge=8, le=8192)
+    height: int = Field(..., ge=8, le=8192)
+
+
+@dataclass
+class Focus:
+    point: tuple[float, float]
+    faces: list[tuple[float, float, float, float]]
+    source: str  # "faces" or "centre"
+
+
+@dataclass
+class Crop:
+    name: str
+    box: tuple[int, int, int, int]  # in source pixels
+    image: Image.Image  # resized to the target
+    upscaled: bool  # the crop was smaller than its target
+    encoded: bytes | None = None
+    derivatives: dict[int, bytes] = field(default_factory=dict)
+
+
+def crop_box(size: tuple[int, int], target: tuple[int, int], focus: Focus) -> tuple[int, int, int, int]:
+    """The largest ``target``-aspect box inside ``size`` that keeps the faces whole, else centred on the focus."""
+    width, height = size
+    aspect = target[0] / target[1]
+    crop_w, crop_h = (width, width / aspect) if width / height <= aspect else (height * aspect, height)
+    crop_w, crop_h = min(crop_w, width), min(crop_h, height)
+    fx, fy = focus.point
+    x0, y0 = fx - crop_w / 2, fy - crop_h / 2
+    if focus.faces:
+        left = min(b[0] for b in focus.faces)
+        top = min(b[1] for b in focus.faces)
+        right = max(b[2] for b in focus.faces)
+        bottom = max(b[3] for b in focus.faces)
+        # Slide the window the least distance that brings the whole face union inside, when it can fit.
+        if right - left <= crop_w:
+            x0 = min(max(x0, right - crop_w), left)
+        if bottom - top <= crop_h:
+            y0 = min(max(y0, bottom - crop_h), top)
+    x0 = min(max(0.0, x0), width - crop_w)
+    y0 = min(max(0.0, y0), height - crop_h)
+    return round(x0), round(y0), round(x0 + crop_w), round(y0 + crop_h)
+
+
+class Cropper:
+    def __init__(self, config: FocalCropperConfig) -> None:
+        self.config = config
+        self.detector = face_lib.MediaPipeDetector(config.min_detection_confidence)
+
+    def focus(self, image: Image.Image) -> Focus:
+        found = self.detector.detect(pil_to_array(image))
+        if not found:
+            return Focus((image.width / 2, image.height / 2), [], "centre")
+        # Weight each face by its area: the main subject dominates, background faces still count.
+        areas = [(f.box[2] - f.box[0]) * (f.box[3] - f.box[1]) for f in found]
+        total = sum(areas)
+        x = sum(f.centre[0] * a for f, a in zip(found, areas, strict=True)) / total
+        y = sum(f.centre[1] * a for f, a in zip(found, areas, strict=True)) / total
+        return Focus((x, y), [f.box for f in found], "faces")
+
+    def crop(
+        self,
+        image: Image.Image,
+        sizes: list[CropSize],
+        focus: Focus | None = None,
+        fmt: Format | None = None,
+        quality: int = 90,
+        derivative_widths: list[int] | None = None,
+    ) -> tuple[Focus, list[Crop]]:
+        if not sizes:
+            raise InvalidInput("at least one size is required", field="sizes")
+        image = to_rgb(image)
+        focus = focus or self.focus(image)
+        crops = []
+        for size in sizes:
+            if size.width * size.height > self.config.max_output_pixels:
+                raise InvalidInput(f"{size.name}: {size.width}x{size.height} is too large", field="sizes")
+            box = crop_box(image.size, (size.width, size.height), focus)
+            region = image.crop(box)
+            upscaled = region.width < size.width or region.height < size.height
+            out = region.resize((size.width, size.height), Image.LANCZOS)
+            crop = Crop(size.name, box, out, upscaled)
+            if fmt is not None:
+                crop.encoded = encode(out, fmt, quality)
+                crop.derivatives = derivatives(out, derivative_widths or [], fmt, quality)
+            crops.append(crop)
+        return focus, crops
+
+
+def derivatives(image: Image.Image, widths: list[int], fmt: Format = "webp", quality: int = 80) -> dict[int, bytes]:
+    """Responsive variants: one encoding per requested width not larger than the image, aspect kept."""
+    out = {}
+    for width in sorted(set(widths)):
+        if not 8 <= width <= image.width:
+            continue
+        height = max(1, round(image.height * width / image.width))
+        out[width] = encode(image.resize((width, height), Image.LANCZOS), fmt, quality)
+    return out
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=8, health_check_period_s=10)
+class FocalCropper:
+    def __init__(self, config: dict | FocalCropperConfig | None = None) -> None:
+        self.model = Cropper(FocalCropperConfig.model_validate(config or {}))
+
+    async def focus(self, image: Image.Image) -> Focus:
+        return await asyncio.to_thread(self.model.focus, image)
+
+    async def crop(self, image: Image.Image, sizes: list[CropSize], focus: Focus | None = None,
+                   fmt: Format | None = None, quality: int = 90,
+                   derivative_widths: list[int] | None = None) -> tuple[Focus, list[Crop]]:
+        return await asyncio.to_thread(self.model.crop, image, sizes, focus, fmt, quality, derivative_widths)

@@ -1,0 +1,127 @@
+"""SDXL refiner: the second denoising stage.
+
+Graph position: SDXLBase -> **SDXLRefiner** -> (FaceRestorer) -> ingress. Two modes, as in cog-sdxl:
+- expert ensemble: finish the base model's latents from ``denoising_start`` (no decode in between);
+- refine a finished image as img2img at ``strength`` (the hires-fix pass at 1536x1536, strength 0.35).
+It runs in its own replicas and loads its own weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+import numpy as np
+import torch
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+
+from deployments import device as devices
+from deployments import loader
+from deployments.config import SDXLRefinerConfig, Settings
+from deployments.errors import GpuOutOfMemory, InvalidInput
+from deployments.generation import Cancellation, ProgressFn, check_size, parse_lora_tags
+from deployments.imaging import to_rgb
+from deployments.samplers import build_scheduler
+
+logger = logging.getLogger(__name__)
+
+
+class RefineRequest(BaseModel):
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
+
+    prompt: str = Field("", max_length=10_000)
+    negative_prompt: str = Field("", max_length=10_000)
+    seeds: list[int] = Field(..., min_length=1)
+    steps: int = Field(30, ge=1, le=150)
+    guidance_scale: float = Field(7.0, ge=0.0, le=30.0)
+    sampler: str | None = None
+    latents: np.ndarray | None = None  # ensemble mode: the base model's output, denoised up to denoising_start
+    denoising_start: float | None = Field(None, gt=0.0, lt=1.0)
+    images: list[Image.Image] = []  # image mode
+    strength: float = Field(0.35, gt=0.0, le=1.0)
+    aesthetic_score: float = Field(6.0, ge=0.0, le=10.0)
+    negative_aesthetic_score: float = Field(2.5, ge=0.0, le=10.0)
+
+
+class Refiner:
+    def __init__(self, config: SDXLRefinerConfig, settings: Settings | None = None) -> None:
+        self.config = config
+        self.device, self.dtype = devices.resolve(config.device)
+        self.pipe = loader.load_sdxl(config.model, refiner=True, dtype=self.dtype, settings=settings).to(self.device)
+        self.scheduler_config = dict(self.pipe.scheduler.config)
+        self.cancellation = Cancellation()
+        self._lock = threading.Lock()
+        self.consecutive_ooms = 0
+        logger.info("SDXL refiner %r ready on %s (%s)", config.name, self.device, self.dtype)
+
+    def refine(self, request: RefineRequest, request_id: str | None = None, on_progress: ProgressFn | None = None):
+        """Return one refined image per seed (ensemble) or per input image (image mode)."""
+        prompt, _ = parse_lora_tags(request.prompt)  # LoRAs belong to the base model
+        report = self.cancellation.callback(request_id, on_progress)
+        kwargs: dict = dict(
+            prompt=prompt,
+            negative_prompt=request.negative_prompt or None,
+            num_inference_steps=request.steps,
+            guidance_scale=request.guidance_scale,
+            aesthetic_score=request.aesthetic_score,
+            negative_aesthetic_score=request.negative_aesthetic_score,
+            generator=[torch.Generator("cpu").manual_seed(s) for s in request.seeds],
+        )
+        if request.latents is not None:
+            if request.denoising_start is None:
+                raise InvalidInput("latents need denoising_start", field="denoising_start")
+            if len(request.latents) != len(request.seeds):
+                raise InvalidInput("one seed per latent is required", field="seeds")
+            kwargs.update(image=torch.from_numpy(request.latents), denoising_start=request.denoising_start)
+            total = max(1, round(request.steps * (1 - request.denoising_start)))
+        elif request.images:
+            if len(request.images) != len(request.seeds):
+                raise InvalidInput("one seed per image is required", field="seeds")
+            for image in request.images:
+                check_size(image.width, image.height, self.config.max_pixels)
+            kwargs.update(image=[to_rgb(i) for i in request.images], strength=request.strength)
+            total = max(1, int(request.steps * request.strength))
+        else:
+            raise InvalidInput("give latents or images to refine", field="images")
+
+        def on_step_end(_pipe, step, _timestep, callback_kwargs):
+            report(step + 1, total)
+            return callback_kwargs
+
+        try:
+            with self._lock:
+                self.pipe.scheduler = build_scheduler(request.sampler or "Euler", self.scheduler_config)
+                images = self.pipe(**kwargs, callback_on_step_end=on_step_end).images
+            self.consecutive_ooms = 0
+        except torch.OutOfMemoryError as e:
+            self.consecutive_ooms += 1
+            devices.free_cache(self.device)
+            raise GpuOutOfMemory("SDXL refiner ran out of GPU memory; retry later") from e
+        finally:
+            self.cancellation.finish(request_id)
+        return images
+
+    def describe(self) -> dict:
+        return {"name": self.config.name, "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch.")}
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=4, health_check_period_s=10)
+class SDXLRefiner:
+    def __init__(self, config: dict | SDXLRefinerConfig) -> None:
+        self.model = Refiner(SDXLRefinerConfig.model_validate(config))
+
+    async def refine(self, request: RefineRequest, request_id: str | None = None) -> list[Image.Image]:
+        return await asyncio.to_thread(self.model.refine, request, request_id)
+
+    async def cancel(self, request_id: str) -> None:
+        self.model.cancellation.cancel(request_id)
+
+    async def describe(self) -> dict:
+        return self.model.describe()
+
+    async def check_health(self) -> None:
+        if self.model.consecutive_ooms >= 3:
+            raise RuntimeError("SDXL refiner: repeated out-of-memory failures")

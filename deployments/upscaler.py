@@ -1,0 +1,173 @@
+"""Upscaler: Real-ESRGAN-family models through spandrel, Lanczos when none is loaded.
+
+Graph position: SDXLBase -> **Upscaler** -> SDXLRefiner (hires fix), or ingress -> **Upscaler** (extras), or
+FocalCropper's caller when a crop is smaller than its target. Models are registered under the names A1111
+clients send ("R-ESRGAN 4x+", ...). Any target scale: the model's own scale first, then a Lanczos resize to the
+exact size. Large images run in overlapping tiles so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+from ray import serve
+
+from deployments import device as devices
+from deployments import loader
+from deployments.config import Settings, UpscalerConfig
+from deployments.errors import GpuOutOfMemory, InvalidInput
+from deployments.imaging import from_tensor, to_rgb, to_tensor
+
+logger = logging.getLogger(__name__)
+
+BUILTIN = {"None": None, "Lanczos": Image.LANCZOS, "Nearest": Image.NEAREST, "Bicubic": Image.BICUBIC}
+
+
+@dataclass
+class UpscaleResult:
+    image: Image.Image
+    upscaler: str  # what actually ran
+    warnings: list[str] = field(default_factory=list)
+
+
+def target_size(size: tuple[int, int], scale: float | None, width: int | None, height: int | None) -> tuple[int, int]:
+    w, h = size
+    if width or height:
+        if width and height:
+            return width, height
+        if width:
+            return width, max(1, round(h * width / w))
+        return max(1, round(w * height / h)), height  # type: ignore[operator]
+    if scale is None or not 0 < scale <= 16:
+        raise InvalidInput("scale must lie in (0, 16]", field="scale")
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+class ImageUpscaler:
+    def __init__(self, config: UpscalerConfig, settings: Settings | None = None) -> None:
+        self.config = config
+        self.device, self.dtype = devices.resolve(config.device)
+        self.models = {}
+        for entry in config.models:
+            descriptor = loader.load_spandrel(entry.path, settings)
+            dtype = self.dtype
+            if dtype == torch.float16 and not descriptor.supports_half:
+                dtype = torch.float32
+            descriptor.to(self.device).eval()
+            if dtype != torch.float32:
+                descriptor.to(dtype)
+            self.models[entry.name] = descriptor
+            logger.info("upscaler %r: %s x%d", entry.name, descriptor.architecture.id, descriptor.scale)
+        self._lock = threading.Lock()
+
+    def names(self) -> list[str]:
+        return list(BUILTIN) + list(self.models)
+
+    def upscale(
+        self,
+        image: Image.Image,
+        upscaler: str = "Lanczos",
+        scale: float | None = 2.0,
+        width: int | None = None,
+        height: int | None = None,
+    ) -> UpscaleResult:
+        image = to_rgb(image)
+        size = target_size(image.size, scale, width, height)
+        if size[0] * size[1] > self.config.max_output_pixels:
+            raise InvalidInput(f"output {size[0]}x{size[1]} exceeds the pixel limit", field="scale")
+        if upscaler in BUILTIN:
+            if BUILTIN[upscaler] is None:
+                return UpscaleResult(image.copy(), "None")
+            return UpscaleResult(image.resize(size, BUILTIN[upscaler]), upscaler)
+        if upscaler not in self.models:
+            warning = f"upscaler {upscaler!r} is not loaded; Lanczos used instead"
+            logger.warning(warning)
+            return UpscaleResult(image.resize(size, Image.LANCZOS), "Lanczos", [warning])
+        descriptor = self.models[upscaler]
+        try:
+            with self._lock, torch.inference_mode():
+                out = image
+                # Apply the model until the target is reached (x4 model, x8 request: twice), then resize exactly.
+                while out.width < size[0] or out.height < size[1]:
+                    out = self._run_model(descriptor, out)
+                    if descriptor.scale == 1:
+                        break
+        except torch.OutOfMemoryError as e:
+            devices.free_cache(self.device)
+            raise GpuOutOfMemory("upscaler ran out of GPU memory; retry later") from e
+        if out.size != size:
+            out = out.resize(size, Image.LANCZOS)
+        return UpscaleResult(out, upscaler)
+
+    def _run_model(self, descriptor, image: Image.Image) -> Image.Image:
+        dtype = next(descriptor.model.parameters()).dtype
+        tensor = to_tensor(image, self.device, dtype)
+        tile = self.config.tile
+        if tile and (image.width > tile or image.height > tile):
+            return from_tensor(tiled(descriptor, tensor, tile, self.config.tile_overlap))
+        return from_tensor(descriptor(tensor))
+
+
+def tiled(model, tensor: torch.Tensor, tile: int, overlap: int) -> torch.Tensor:
+    """Run ``model`` over overlapping tiles and blend them with linear ramps, so seams do not show."""
+    _, channels, height, width = tensor.shape
+    scale = model.scale
+    out = torch.zeros((1, channels, height * scale, width * scale), dtype=torch.float32, device=tensor.device)
+    weight = torch.zeros_like(out[:, :1])
+    step = max(1, tile - overlap)
+    ys = list(range(0, max(height - tile, 0) + 1, step))
+    xs = list(range(0, max(width - tile, 0) + 1, step))
+    if ys[-1] + tile < height:
+        ys.append(height - tile)
+    if xs[-1] + tile < width:
+        xs.append(width - tile)
+    for y in ys:
+        for x in xs:
+            patch = tensor[:, :, y : y + tile, x : x + tile]
+            result = model(patch).float()
+            ph, pw = result.shape[-2:]
+            ramp = _ramp(ph, pw, overlap * scale, result.device)
+            oy, ox = y * scale, x * scale
+            out[:, :, oy : oy + ph, ox : ox + pw] += result * ramp
+            weight[:, :, oy : oy + ph, ox : ox + pw] += ramp
+    return out / weight.clamp_min(1e-8)
+
+
+def _ramp(h: int, w: int, overlap: int, device) -> torch.Tensor:
+    def axis(n: int) -> torch.Tensor:
+        r = torch.ones(n, device=device)
+        k = min(overlap, n // 2)
+        if k:
+            edge = torch.linspace(1.0 / (k + 1), 1.0, k, device=device)
+            r[:k] = edge
+            r[n - k :] = edge.flip(0)
+        return r
+
+    return (axis(h)[:, None] * axis(w)[None, :])[None, None]
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=4, health_check_period_s=10)
+class Upscaler:
+    def __init__(self, config: dict | UpscalerConfig) -> None:
+        self.model = ImageUpscaler(UpscalerConfig.model_validate(config))
+
+    async def upscale(self, image: Image.Image, upscaler: str = "Lanczos", scale: float | None = 2.0,
+                      width: int | None = None, height: int | None = None) -> UpscaleResult:
+        return await asyncio.to_thread(self.model.upscale, image, upscaler, scale, width, height)
+
+    async def names(self) -> list[str]:
+        return self.model.names()
+
+    async def describe(self) -> dict:
+        return {name: {"scale": d.scale, "architecture": d.architecture.id} for name, d in self.model.models.items()}
+
+    async def check_health(self) -> None:
+        for name, descriptor in self.model.models.items():
+            if not math.isfinite(float(next(descriptor.model.parameters()).float().sum())):
+                raise RuntimeError(f"upscaler {name}: weights are not finite")
