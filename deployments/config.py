@@ -85,6 +85,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="", extra="ignore")
 
     model_cache_dir: Path = Field(Path.home() / ".cache" / "imagegen" / "models", alias="MODEL_CACHE_DIR")
+    hf_hub_cache: Path | None = Field(None, alias="HF_HUB_CACHE", description="Hugging Face cache (read only)")
     aws_endpoint_url: str | None = Field(None, alias="AWS_ENDPOINT_URL")
     aws_region: str = Field("us-east-1", alias="AWS_DEFAULT_REGION")
     download_progress_seconds: float = Field(5.0, alias="DOWNLOAD_PROGRESS_SECONDS")

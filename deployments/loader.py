@@ -165,7 +165,7 @@ def resolve(source: str, settings: Settings | None = None, fetcher: S3Fetcher | 
         from huggingface_hub.errors import LocalEntryNotFoundError
 
         try:
-            return Path(snapshot_download(source, local_files_only=True))
+            return Path(snapshot_download(source, cache_dir=settings.hf_hub_cache, local_files_only=True))
         except (LocalEntryNotFoundError, OSError, ValueError) as e:
             raise ModelLoadError(
                 f"{source!r} is not in the local Hugging Face cache (downloads are disabled)", field="source"

@@ -68,6 +68,7 @@ class Refiner:
             guidance_scale=request.guidance_scale,
             aesthetic_score=request.aesthetic_score,
             negative_aesthetic_score=request.negative_aesthetic_score,
+            num_images_per_prompt=len(request.seeds),
             generator=[torch.Generator("cpu").manual_seed(s) for s in request.seeds],
         )
         if request.latents is not None:

@@ -49,7 +49,9 @@ _UNET_COMMON = dict(
     addition_embed_type="text_time",
     addition_time_embed_dim=8,
 )
-TEXT_DIM = 32  # hidden size and projection size of both tiny text encoders
+# Two different widths, as in SDXL (768 and 1280): single-file loading tells the encoders apart by width.
+TEXT_DIM = 32  # first text encoder (CLIP ViT-L in SDXL)
+TEXT_DIM_2 = 48  # second text encoder (OpenCLIP bigG), also its projection (pooled) size
 IMAGE_ENCODER_SIZE = 32  # input resolution of the tiny CLIP vision tower
 
 # A small English corpus for the tokenizer's merges: prompt-like words so that tokens are not all single bytes.
@@ -130,18 +132,19 @@ def _save_tokenizer(src: Path, dst: Path, pad_token: str) -> None:
 def _text_config(vocab_size: int, projection: bool):
     from transformers import CLIPTextConfig
 
+    width = TEXT_DIM_2 if projection else TEXT_DIM
     return CLIPTextConfig(
         vocab_size=vocab_size,
         bos_token_id=vocab_size - 2,
         eos_token_id=vocab_size - 1,
         pad_token_id=vocab_size - 1,
-        hidden_size=TEXT_DIM,
+        hidden_size=width,
         intermediate_size=37,
         num_attention_heads=4,
         num_hidden_layers=2,
         max_position_embeddings=77,
         hidden_act="gelu" if projection else "quick_gelu",
-        projection_dim=TEXT_DIM,
+        projection_dim=width,
     )
 
 
@@ -185,8 +188,8 @@ def build_sdxl_base(out: Path, tokenizer_src: Path, vocab_size: int):
     torch.manual_seed(SEED)
     unet = UNet2DConditionModel(
         **_UNET_COMMON,
-        cross_attention_dim=2 * TEXT_DIM,  # both encoders' hidden states, concatenated
-        projection_class_embeddings_input_dim=6 * 8 + TEXT_DIM,  # six size/crop ids + pooled text
+        cross_attention_dim=TEXT_DIM + TEXT_DIM_2,  # both encoders' hidden states, concatenated
+        projection_class_embeddings_input_dim=6 * 8 + TEXT_DIM_2,  # six size/crop ids + pooled text
     )
     torch.manual_seed(SEED + 1)
     vae = _vae()
@@ -222,8 +225,8 @@ def build_sdxl_refiner(out: Path, tokenizer_src: Path, vocab_size: int) -> None:
     torch.manual_seed(SEED + 10)
     unet = UNet2DConditionModel(
         **_UNET_COMMON,
-        cross_attention_dim=TEXT_DIM,  # the refiner conditions on the second encoder alone
-        projection_class_embeddings_input_dim=5 * 8 + TEXT_DIM,  # sizes, crop, aesthetic score + pooled text
+        cross_attention_dim=TEXT_DIM_2,  # the refiner conditions on the second encoder alone
+        projection_class_embeddings_input_dim=5 * 8 + TEXT_DIM_2,  # sizes, crop, aesthetic score + pooled text
     )
     torch.manual_seed(SEED + 11)
     vae = _vae()

@@ -1,0 +1,177 @@
+"""Upscaler, face restorer and focal cropper on real photos and tiny spandrel models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from deployments.config import FaceRestorerConfig, FocalCropperConfig, UpscalerConfig
+from deployments.errors import InvalidInput
+from deployments.face_restorer import FaceEnhancer
+from deployments.focal_cropper import Cropper, CropSize, crop_box, derivatives
+from deployments.imaging import decode
+from deployments.upscaler import ImageUpscaler, tiled
+from tests.conftest import pixels
+
+
+@pytest.fixture(scope="module")
+def restorer(tiny):
+    return FaceEnhancer(FaceRestorerConfig(model=str(tiny / "faces" / "tiny-restoreformer.safetensors")))
+
+
+@pytest.fixture(scope="module")
+def cropper():
+    return Cropper(FocalCropperConfig())
+
+
+# --- upscaler -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "name,scale,size,expected",
+    [
+        ("R-ESRGAN 4x+", 4, None, (256, 192)),
+        ("R-ESRGAN 4x+", 2, None, (128, 96)),
+        ("R-ESRGAN 2x+", 2, None, (128, 96)),
+        ("R-ESRGAN 2x+", 3.3, None, (211, 158)),
+        ("R-ESRGAN 4x+", None, (333, 101), (333, 101)),
+        ("Lanczos", 2, None, (128, 96)),
+        ("Nearest", 1.5, None, (96, 72)),
+    ],
+)
+def test_upscale_gives_exact_sizes(upscaler, astronaut, name, scale, size, expected):
+    image = astronaut.resize((64, 48))
+    width, height = size or (None, None)
+    result = upscaler.upscale(image, name, scale=scale, width=width, height=height)
+    assert result.image.size == expected
+    assert result.upscaler == name and not result.warnings
+
+
+def test_model_upscale_is_not_a_plain_resize(upscaler, astronaut):
+    image = astronaut.resize((64, 64))
+    neural = pixels(upscaler.upscale(image, "R-ESRGAN 4x+", 4).image)
+    lanczos = pixels(upscaler.upscale(image, "Lanczos", 4).image)
+    assert np.abs(neural - lanczos).mean() > 2.0
+
+
+def test_tiled_and_untiled_agree(upscaler, astronaut):
+    import torch
+
+    from deployments.imaging import to_tensor
+
+    descriptor = upscaler.models["R-ESRGAN 4x+"]
+    tensor = to_tensor(astronaut.resize((160, 120)), "cpu", torch.float32)
+    with torch.inference_mode():
+        whole = descriptor(tensor).float()
+        pieces = tiled(descriptor, tensor, tile=64, overlap=16)
+    assert pieces.shape == whole.shape == (1, 3, 480, 640)
+    # Receptive fields are cut at tile borders; the overlap blend keeps the error small.
+    assert (pieces - whole).abs().mean() < 0.01
+
+
+def test_unloaded_model_falls_back_to_lanczos_and_says_so(upscaler, astronaut):
+    image = astronaut.resize((64, 64))
+    result = upscaler.upscale(image, "SwinIR_4x", 4)
+    assert result.upscaler == "Lanczos"
+    assert result.image.size == (256, 256)
+    assert "SwinIR_4x" in result.warnings[0]
+    assert np.array_equal(pixels(result.image), pixels(image.resize((256, 256), Image.LANCZOS)))
+
+
+def test_lanczos_only_upscaler_without_models(astronaut):
+    empty = ImageUpscaler(UpscalerConfig())
+    assert empty.upscale(astronaut, "R-ESRGAN 4x+", 0.5).image.size == (256, 256)
+    with pytest.raises(InvalidInput):
+        empty.upscale(astronaut, "Lanczos", 0)
+
+
+# --- face restorer ------------------------------------------------------------------------------------------
+
+def test_face_restorer_changes_the_face_and_leaves_the_background(restorer, astronaut, astronaut_face_box):
+    result = restorer.restore(astronaut, weight=0.6)
+    assert result.faces_found == 1 and result.restored and result.restorer == "RestoreFormer"
+    before, after = pixels(astronaut), pixels(result.image)
+    x0, y0, x1, y1 = astronaut_face_box
+    face_core = (slice(y0 + 25, y1 - 25), slice(x0 + 25, x1 - 25))
+    assert np.abs(before[face_core] - after[face_core]).mean() > 10.0
+    changed = np.abs(before - after).max(axis=2) > 0
+    ys, xs = np.nonzero(changed)
+    # Everything that changed lies in a generous neighbourhood of the face; the rest is bit-identical.
+    assert xs.min() >= x0 - 80 and xs.max() <= x1 + 80 and ys.min() >= y0 - 80 and ys.max() <= y1 + 80
+    assert np.array_equal(before[400:, :], after[400:, :])
+    assert np.array_equal(before[:, :100], after[:, :100])
+
+
+def test_visibility_blends_towards_the_original(restorer, astronaut, astronaut_face_box):
+    full = pixels(restorer.restore(astronaut, visibility=1.0).image)
+    half = pixels(restorer.restore(astronaut, visibility=0.5).image)
+    before = pixels(astronaut)
+    assert np.abs(half - before).mean() < np.abs(full - before).mean()
+
+
+def test_no_face_means_unchanged_and_flagged(restorer):
+    blank = Image.new("RGB", (256, 256), (90, 120, 150))
+    result = restorer.restore(blank)
+    assert result.faces_found == 0 and not result.restored
+    assert np.array_equal(pixels(result.image), pixels(blank))
+    assert "no face" in result.warnings[0]
+
+
+def test_no_restorer_loaded_is_skipped_and_flagged(astronaut):
+    result = FaceEnhancer(FaceRestorerConfig()).restore(astronaut)
+    assert result.faces_found == 1 and not result.restored and result.restorer is None
+    assert np.array_equal(pixels(result.image), pixels(astronaut))
+
+
+# --- focal cropper ------------------------------------------------------------------------------------------
+
+SIZES = [CropSize(name="hero", width=1200, height=400), CropSize(name="story", width=270, height=480),
+         CropSize(name="square", width=300, height=300), CropSize(name="og", width=1200, height=630)]
+
+
+def test_focal_point_comes_from_the_face(cropper, astronaut, astronaut_face_box):
+    focus = cropper.focus(astronaut)
+    x0, y0, x1, y1 = astronaut_face_box
+    assert focus.source == "faces"
+    assert x0 <= focus.point[0] <= x1 and y0 <= focus.point[1] <= y1
+
+
+def test_the_face_lies_inside_every_crop(cropper, astronaut, astronaut_face_box):
+    focus, crops = cropper.crop(astronaut, SIZES)
+    fx0, fy0, fx1, fy1 = astronaut_face_box
+    for crop in crops:
+        x0, y0, x1, y1 = crop.box
+        target = next(s for s in SIZES if s.name == crop.name)
+        assert crop.image.size == (target.width, target.height)
+        assert abs((x1 - x0) / (y1 - y0) - target.width / target.height) < 0.02
+        assert x0 <= fx0 and y0 <= fy0 and x1 >= fx1 and y1 >= fy1, crop.name
+    assert {c.name: c.upscaled for c in crops}["hero"]  # 512 wide source, 1200 wide target
+
+
+def test_centre_fallback_without_faces(cropper):
+    blank = Image.new("RGB", (400, 200), (10, 10, 10))
+    focus, crops = cropper.crop(blank, [CropSize(name="sq", width=100, height=100)])
+    assert focus.source == "centre" and focus.point == (200, 100)
+    assert crops[0].box == (100, 0, 300, 200)
+
+
+def test_faces_that_cannot_fit_are_centred_on_the_focus():
+    from deployments.focal_cropper import Focus
+
+    focus = Focus((500, 100), [(100, 0, 200, 200), (800, 0, 900, 200)], "faces")
+    assert crop_box((1000, 200), (1, 1), focus) == (400, 0, 600, 200)
+
+
+@pytest.mark.parametrize("fmt,magic", [("png", b"\x89PNG"), ("jpeg", b"\xff\xd8"), ("webp", b"RIFF")])
+def test_crops_encode_with_derivatives(cropper, astronaut, fmt, magic):
+    _, crops = cropper.crop(astronaut, [CropSize(name="sq", width=256, height=256)], fmt=fmt, quality=70,
+                            derivative_widths=[64, 128, 512])
+    assert crops[0].encoded.startswith(magic)
+    assert sorted(crops[0].derivatives) == [64, 128]  # never larger than the image
+    assert decode(crops[0].derivatives[64]).size == (64, 64)
+
+
+def test_webp_quality_trades_size(astronaut):
+    small = derivatives(astronaut, [512], "webp", 20)[512]
+    large = derivatives(astronaut, [512], "webp", 95)[512]
+    assert len(small) < len(large)
