@@ -47,6 +47,7 @@ class FaceEnhancer:
             # Face models run in float32: their normalisations overflow in half precision.
             self.descriptor = loader.load_spandrel(config.model, settings).to(self.device).eval()
             logger.info("face restorer: %s", self.descriptor.architecture.id)
+        self.detector: face_lib.MediaPipeDetector | face_lib.RetinaFaceDetector
         if config.retinaface:
             self.detector = face_lib.RetinaFaceDetector(config.retinaface, self.device, config.min_detection_confidence)
         else:
@@ -70,7 +71,8 @@ class FaceEnhancer:
         rgb = pil_to_array(image)
         found = self.detector.detect(rgb)
         boxes = [f.box for f in found]
-        if self.descriptor is None:
+        descriptor = self.descriptor
+        if descriptor is None:
             return FaceResult(image, len(found), False, None, boxes, ["no face restorer loaded: faces not restored"])
         if not found:
             return FaceResult(image, 0, False, self.name, boxes, ["no face detected: image unchanged"])
@@ -79,26 +81,25 @@ class FaceEnhancer:
             with self._lock, torch.inference_mode():
                 for face in found:
                     crop, matrix = face_lib.align(out, face, self.size)
-                    restored = self._restore_crop(crop, weight)
+                    restored = self._restore_crop(descriptor, crop, weight)
                     out = face_lib.paste_back(out, restored, matrix, blend=visibility)
         except torch.OutOfMemoryError as e:
             devices.free_cache(self.device)
             raise GpuOutOfMemory("face restorer ran out of GPU memory; retry later") from e
         return FaceResult(Image.fromarray(out), len(found), True, self.name, boxes)
 
-    def _restore_crop(self, crop: np.ndarray, weight: float) -> np.ndarray:
+    def _restore_crop(self, descriptor, crop: np.ndarray, weight: float) -> np.ndarray:
         tensor = torch.from_numpy(crop).permute(2, 0, 1)[None].float().div(255).to(self.device)
         tensor = tensor * 2 - 1  # the face models were trained on [-1, 1]
-        model = self.descriptor.model
-        if self.descriptor.architecture.id == "CodeFormer":
-            output = model(tensor, weight=weight)[0]
+        if descriptor.architecture.id == "CodeFormer":
+            output = descriptor.model(tensor, weight=weight)[0]
         else:
-            output = self.descriptor(tensor)
+            output = descriptor(tensor)
         output = ((output.float() + 1) / 2).clamp(0, 1)
         return (output[0].permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=4, health_check_period_s=10)
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=4, health_check_period_s=10)
 class FaceRestorer:
     def __init__(self, config: dict | FaceRestorerConfig) -> None:
         self.model = FaceEnhancer(FaceRestorerConfig.model_validate(config))

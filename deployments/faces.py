@@ -86,7 +86,8 @@ class RetinaFaceDetector:
         for row in boxes:
             five = np.asarray(row[5:15], dtype=np.float32).reshape(5, 2)
             four = np.stack([five[0], five[1], five[2], (five[3] + five[4]) / 2])
-            faces.append(Face(tuple(float(v) for v in row[:4]), four, float(row[4])))
+            x0, y0, x1, y1 = (float(v) for v in row[:4])
+            faces.append(Face((x0, y0, x1, y1), four, float(row[4])))
         return faces
 
 

@@ -103,7 +103,7 @@ class Cropper:
             box = crop_box(image.size, (size.width, size.height), focus)
             region = image.crop(box)
             upscaled = region.width < size.width or region.height < size.height
-            out = region.resize((size.width, size.height), Image.LANCZOS)
+            out = region.resize((size.width, size.height), Image.Resampling.LANCZOS)
             crop = Crop(size.name, box, out, upscaled)
             if fmt is not None:
                 crop.encoded = encode(out, fmt, quality)
@@ -119,11 +119,11 @@ def derivatives(image: Image.Image, widths: list[int], fmt: Format = "webp", qua
         if not 8 <= width <= image.width:
             continue
         height = max(1, round(image.height * width / image.width))
-        out[width] = encode(image.resize((width, height), Image.LANCZOS), fmt, quality)
+        out[width] = encode(image.resize((width, height), Image.Resampling.LANCZOS), fmt, quality)
     return out
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=8, health_check_period_s=10)
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=8, health_check_period_s=10)
 class FocalCropper:
     def __init__(self, config: dict | FocalCropperConfig | None = None) -> None:
         self.model = Cropper(FocalCropperConfig.model_validate(config or {}))

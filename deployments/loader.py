@@ -142,7 +142,8 @@ class S3Fetcher:
                     received += len(chunk)
                     if time.monotonic() - last_log >= self.settings.download_progress_seconds:
                         last_log = time.monotonic()
-                        logger.info("s3://%s/%s: %d/%d bytes (%.0f%%)", bucket, key, received, size, 100 * received / size)
+                        percent = 100 * received / size
+                        logger.info("s3://%s/%s: %d/%d bytes (%.0f%%)", bucket, key, received, size, percent)
             except Exception as e:  # urllib3 and botocore raise several types for a cut stream
                 raise DownloadIncomplete(f"s3://{bucket}/{key}: stream broke after {received} bytes: {e}") from e
             out.flush()

@@ -85,7 +85,8 @@ def build_scheduler(name: str, base_config, schedule: str | None = None):
         raise UnknownModel(f"unknown sampler {name!r}", field="sampler_name", details={"choices": sampler_names()})
     if schedule is not None:
         if schedule not in SCHEDULES:
-            raise UnknownModel(f"unknown scheduler {schedule!r}", field="scheduler", details={"choices": list(SCHEDULES)})
+            choices = {"choices": list(SCHEDULES)}
+            raise UnknownModel(f"unknown scheduler {schedule!r}", field="scheduler", details=choices)
         options.update(SCHEDULES[schedule])
     sampler = SAMPLERS[canonical]
     cls = getattr(diffusers, sampler.cls_name)

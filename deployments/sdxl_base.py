@@ -104,7 +104,8 @@ class BaseGenerator:
         for ref in refs:
             if ref.name not in self.loras:
                 if strict:
-                    raise UnknownModel(f"unknown LoRA {ref.name!r}", field="loras", details={"choices": list(self.loras)})
+                    choices = {"choices": list(self.loras)}
+                    raise UnknownModel(f"unknown LoRA {ref.name!r}", field="loras", details=choices)
                 warnings.append(f"LoRA {ref.name!r} not found, ignored")
                 continue
             if ref.weight != 0.0:
@@ -156,7 +157,8 @@ class BaseGenerator:
 
     def _run(self, mode, request: GenerationRequest, prompt: str, seeds, report, warnings) -> GenerationResult:
         pipe = {"txt2img": self.txt2img, "img2img": self.img2img, "inpaint": self.inpaint}[mode]
-        pipe.scheduler = build_scheduler(request.sampler or self.config.default_sampler, self.scheduler_config, request.schedule)
+        sampler = request.sampler or self.config.default_sampler
+        pipe.scheduler = build_scheduler(sampler, self.scheduler_config, request.schedule)
 
         def on_step_end(_pipe, step, _timestep, callback_kwargs):
             report(step + 1, total_steps)
@@ -173,22 +175,23 @@ class BaseGenerator:
             callback_on_step_end=on_step_end,
         )
         total_steps = request.steps
-        if mode == "txt2img":
+        mask = None
+        if request.init_image is None:
             kwargs.update(width=request.width, height=request.height)
         else:
-            init = to_rgb(request.init_image).resize((request.width, request.height), Image.LANCZOS)
+            init = to_rgb(request.init_image).resize((request.width, request.height), Image.Resampling.LANCZOS)
             # A1111 runs at least one step at low strength; diffusers would run none and fail.
             steps = max(request.steps, math.ceil(1 / request.strength))
             kwargs.update(image=init, strength=request.strength, num_inference_steps=steps)
             total_steps = max(1, int(steps * request.strength))
-            if mode == "inpaint":
-                mask = self._prepare_mask(request)
+            if request.mask is not None:
+                mask = self._prepare_mask(request.mask, request)
                 kwargs.update(mask_image=mask, width=request.width, height=request.height)
         if self.ip_adapter_loaded:
-            use_ip = request.ip_adapter_image is not None
-            pipe.set_ip_adapter_scale(request.ip_adapter_scale if use_ip else 0.0)
+            reference = request.ip_adapter_image
+            pipe.set_ip_adapter_scale(request.ip_adapter_scale if reference is not None else 0.0)
             # The adapted UNet always expects image embeddings: a blank image at scale 0 changes nothing.
-            kwargs["ip_adapter_image"] = to_rgb(request.ip_adapter_image) if use_ip else Image.new("RGB", (64, 64))
+            kwargs["ip_adapter_image"] = to_rgb(reference) if reference is not None else Image.new("RGB", (64, 64))
         elif request.ip_adapter_image is not None:
             warnings.append("no IP-Adapter is loaded: the reference image was ignored")
         if request.denoising_end is not None:
@@ -196,21 +199,21 @@ class BaseGenerator:
             latents = pipe(**kwargs).images
             return GenerationResult(images=[], seeds=seeds, latents=latents.float().cpu().numpy(), warnings=warnings)
         images = pipe(**kwargs).images
-        if mode == "inpaint":
-            images = [self._keep_unmasked(request, image, mask) for image in images]
+        if mask is not None:
+            images = [self._keep_unmasked(init, image, mask) for image in images]
         return GenerationResult(images=images, seeds=seeds, warnings=warnings)
 
     @staticmethod
-    def _prepare_mask(request: GenerationRequest) -> Image.Image:
-        mask = request.mask.convert("L").resize((request.width, request.height), Image.NEAREST)
+    def _prepare_mask(mask: Image.Image, request: GenerationRequest) -> Image.Image:
+        mask = mask.convert("L").resize((request.width, request.height), Image.Resampling.NEAREST)
         if request.mask_blur:
             mask = mask.filter(ImageFilter.GaussianBlur(request.mask_blur))
         return mask
 
     @staticmethod
-    def _keep_unmasked(request: GenerationRequest, generated: Image.Image, mask: Image.Image) -> Image.Image:
+    def _keep_unmasked(init: Image.Image, generated: Image.Image, mask: Image.Image) -> Image.Image:
         """Composite in pixel space: the VAE round trip would otherwise alter pixels the mask protects."""
-        original = to_rgb(request.init_image).resize(generated.size, Image.LANCZOS)
+        original = init.resize(generated.size, Image.Resampling.LANCZOS)
         alpha = np.asarray(mask, dtype=np.float32)[..., None] / 255.0
         out = np.asarray(generated, dtype=np.float32) * alpha + np.asarray(original, dtype=np.float32) * (1 - alpha)
         return Image.fromarray(out.round().astype(np.uint8))
@@ -228,7 +231,7 @@ class BaseGenerator:
         return self.consecutive_ooms < 3
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=4, health_check_period_s=10)
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=4, health_check_period_s=10)
 class SDXLBase:
     """Thin Serve shell: loads the model once per replica, runs generations in a worker thread."""
 

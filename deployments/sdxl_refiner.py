@@ -109,7 +109,7 @@ class Refiner:
         return {"name": self.config.name, "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch.")}
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=4, health_check_period_s=10)
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=4, health_check_period_s=10)
 class SDXLRefiner:
     def __init__(self, config: dict | SDXLRefinerConfig) -> None:
         self.model = Refiner(SDXLRefinerConfig.model_validate(config))

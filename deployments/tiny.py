@@ -55,17 +55,17 @@ TEXT_DIM_2 = 48  # second text encoder (OpenCLIP bigG), also its projection (poo
 IMAGE_ENCODER_SIZE = 32  # input resolution of the tiny CLIP vision tower
 
 # A small English corpus for the tokenizer's merges: prompt-like words so that tokens are not all single bytes.
-_CORPUS = """
-a an the of and with in on at by for to from photo photograph portrait picture painting illustration drawing
-render digital art artwork style anime manga fantasy realistic photorealistic cinematic dramatic lighting light
-soft sharp focus detailed highly detail intricate beautiful professional headshot studio background blurry
-blur bokeh depth field landscape mountain mountains river lake sea ocean beach sky cloud clouds sunset sunrise
-night day city street building house forest tree trees flower flowers garden field grass snow rain fog
-cat dog bird horse fox wolf dragon red green blue yellow orange purple pink black white gray golden silver
-apple fruit food cup coffee table chair window door car man woman girl boy child person people face eyes
-hair smile old young happy sad wearing dress shirt hat glasses high quality best masterpiece resolution
-ugly deformed bad anatomy low lowres worst jpeg artifacts watermark text signature cropped out frame
-""".split()
+_CORPUS = " ".join([
+    "a an the of and with in on at by for to from photo photograph portrait picture painting illustration drawing",
+    "render digital art artwork style anime manga fantasy realistic photorealistic cinematic dramatic lighting",
+    "light soft sharp focus detailed highly detail intricate beautiful professional headshot studio background",
+    "blurry blur bokeh depth field landscape mountain mountains river lake sea ocean beach sky cloud clouds sunset",
+    "sunrise night day city street building house forest tree trees flower flowers garden field grass snow rain fog",
+    "cat dog bird horse fox wolf dragon red green blue yellow orange purple pink black white gray golden silver",
+    "apple fruit food cup coffee table chair window door car man woman girl boy child person people face eyes hair",
+    "smile old young happy sad wearing dress shirt hat glasses high quality best masterpiece resolution ugly",
+    "deformed bad anatomy low lowres worst jpeg artifacts watermark text signature cropped out frame",
+]).split(" ")
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -91,7 +91,7 @@ def build_clip_tokenizer(out_dir: Path, num_merges: int = 400) -> int:
     for _ in range(num_merges):
         pairs: Counter[tuple[str, str]] = Counter()
         for word, freq in words.items():
-            for pair in zip(word, word[1:]):
+            for pair in zip(word, word[1:], strict=False):
                 pairs[pair] += freq
         if not pairs:
             break
@@ -214,7 +214,7 @@ def build_sdxl_base(out: Path, tokenizer_src: Path, vocab_size: int):
             crop_size={"height": IMAGE_ENCODER_SIZE, "width": IMAGE_ENCODER_SIZE},
         ),
     )
-    pipe.save_pretrained(out, safe_serialization=True)
+    pipe.save_pretrained(out, safe_serialization=True)  # type: ignore[attr-defined]
     return pipe
 
 
@@ -244,7 +244,7 @@ def build_sdxl_refiner(out: Path, tokenizer_src: Path, vocab_size: int) -> None:
         requires_aesthetics_score=True,
         force_zeros_for_empty_prompt=False,
     )
-    pipe.save_pretrained(out, safe_serialization=True)
+    pipe.save_pretrained(out, safe_serialization=True)  # type: ignore[attr-defined]
 
 
 def build_ip_adapter(out: Path, unet) -> None:

@@ -26,7 +26,12 @@ from deployments.imaging import from_tensor, to_rgb, to_tensor
 
 logger = logging.getLogger(__name__)
 
-BUILTIN = {"None": None, "Lanczos": Image.LANCZOS, "Nearest": Image.NEAREST, "Bicubic": Image.BICUBIC}
+BUILTIN = {
+    "None": None,
+    "Lanczos": Image.Resampling.LANCZOS,
+    "Nearest": Image.Resampling.NEAREST,
+    "Bicubic": Image.Resampling.BICUBIC,
+}
 
 
 @dataclass
@@ -38,12 +43,12 @@ class UpscaleResult:
 
 def target_size(size: tuple[int, int], scale: float | None, width: int | None, height: int | None) -> tuple[int, int]:
     w, h = size
-    if width or height:
-        if width and height:
-            return width, height
-        if width:
-            return width, max(1, round(h * width / w))
-        return max(1, round(w * height / h)), height  # type: ignore[operator]
+    if width and height:
+        return width, height
+    if width:
+        return width, max(1, round(h * width / w))
+    if height:
+        return max(1, round(w * height / h)), height
     if scale is None or not 0 < scale <= 16:
         raise InvalidInput("scale must lie in (0, 16]", field="scale")
     return max(1, round(w * scale)), max(1, round(h * scale))
@@ -88,7 +93,7 @@ class ImageUpscaler:
         if upscaler not in self.models:
             warning = f"upscaler {upscaler!r} is not loaded; Lanczos used instead"
             logger.warning(warning)
-            return UpscaleResult(image.resize(size, Image.LANCZOS), "Lanczos", [warning])
+            return UpscaleResult(image.resize(size, Image.Resampling.LANCZOS), "Lanczos", [warning])
         descriptor = self.models[upscaler]
         try:
             with self._lock, torch.inference_mode():
@@ -102,7 +107,7 @@ class ImageUpscaler:
             devices.free_cache(self.device)
             raise GpuOutOfMemory("upscaler ran out of GPU memory; retry later") from e
         if out.size != size:
-            out = out.resize(size, Image.LANCZOS)
+            out = out.resize(size, Image.Resampling.LANCZOS)
         return UpscaleResult(out, upscaler)
 
     def _run_model(self, descriptor, image: Image.Image) -> Image.Image:
@@ -152,7 +157,7 @@ def _ramp(h: int, w: int, overlap: int, device) -> torch.Tensor:
     return (axis(h)[:, None] * axis(w)[None, :])[None, None]
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=4, health_check_period_s=10)
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=4, health_check_period_s=10)
 class Upscaler:
     def __init__(self, config: dict | UpscalerConfig) -> None:
         self.model = ImageUpscaler(UpscalerConfig.model_validate(config))

@@ -75,7 +75,7 @@ def test_unloaded_model_falls_back_to_lanczos_and_says_so(upscaler, astronaut):
     assert result.upscaler == "Lanczos"
     assert result.image.size == (256, 256)
     assert "SwinIR_4x" in result.warnings[0]
-    assert np.array_equal(pixels(result.image), pixels(image.resize((256, 256), Image.LANCZOS)))
+    assert np.array_equal(pixels(result.image), pixels(image.resize((256, 256), Image.Resampling.LANCZOS)))
 
 
 def test_lanczos_only_upscaler_without_models(astronaut):
