@@ -72,6 +72,7 @@ class FaceRestorerConfig(_Config):
     retinaface: str | None = Field(None, description="optional RetinaFace (resnet50) .safetensors for detection")
     device: DeviceConfig = DeviceConfig()
     min_detection_confidence: float = Field(0.5, ge=0.0, le=1.0)
+    max_faces: int = Field(16, ge=1, le=256, description="restore at most this many faces, most confident first")
 
 
 class FocalCropperConfig(_Config):

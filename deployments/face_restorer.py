@@ -49,7 +49,9 @@ class FaceEnhancer:
             logger.info("face restorer: %s", self.descriptor.architecture.id)
         self.detector: face_lib.MediaPipeDetector | face_lib.RetinaFaceDetector
         if config.retinaface:
-            self.detector = face_lib.RetinaFaceDetector(config.retinaface, self.device, config.min_detection_confidence)
+            self.detector = face_lib.RetinaFaceDetector(
+                config.retinaface, self.device, config.min_detection_confidence, config.max_faces
+            )
         else:
             self.detector = face_lib.MediaPipeDetector(config.min_detection_confidence)
         self._lock = threading.Lock()

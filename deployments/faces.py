@@ -62,9 +62,9 @@ class MediaPipeDetector:
 
 
 class RetinaFaceDetector:
-    """facexlib's RetinaFace (ResNet-50), weights from a safetensors file."""
+    """facexlib's RetinaFace (ResNet-50 or MobileNet-0.25, told apart by the weights), from safetensors."""
 
-    def __init__(self, weights: str, device, min_confidence: float = 0.5) -> None:
+    def __init__(self, weights: str, device, min_confidence: float = 0.5, max_faces: int = 16) -> None:
         from facexlib.detection.retinaface import RetinaFace
         from safetensors.torch import load_file
 
@@ -72,10 +72,13 @@ class RetinaFaceDetector:
 
         path = resolve(weights)
         check_safetensors(path)
-        self.model = RetinaFace(network_name="resnet50", half=False, device=device)
-        self.model.load_state_dict(load_file(path), strict=True)
+        state = {k.removeprefix("module."): v for k, v in load_file(path).items()}
+        network = "mobile0.25" if any(k.startswith("body.stage1.") for k in state) else "resnet50"
+        self.model = RetinaFace(network_name=network, half=False, device=device)
+        self.model.load_state_dict(state, strict=True)
         self.model.eval().to(device)
         self.min_confidence = min_confidence
+        self.max_faces = max_faces
 
     def detect(self, rgb: np.ndarray) -> list[Face]:
         import torch
@@ -88,7 +91,7 @@ class RetinaFaceDetector:
             four = np.stack([five[0], five[1], five[2], (five[3] + five[4]) / 2])
             x0, y0, x1, y1 = (float(v) for v in row[:4])
             faces.append(Face((x0, y0, x1, y1), four, float(row[4])))
-        return faces
+        return sorted(faces, key=lambda f: -f.score)[: self.max_faces]
 
 
 def align(rgb: np.ndarray, face: Face, size: int = 512) -> tuple[np.ndarray, np.ndarray]:
