@@ -21,10 +21,19 @@ from ray import serve
 from deployments import device as devices
 from deployments import loader
 from deployments.config import Settings, UpscalerConfig
-from deployments.errors import GpuOutOfMemory, InvalidInput
+from deployments.errors import GpuOutOfMemory, InvalidInput, UnknownModel
 from deployments.imaging import from_tensor, to_rgb, to_tensor
 
 logger = logging.getLogger(__name__)
+
+# Names A1111 clients send for neural upscalers: when one is not loaded here the request degrades to Lanczos
+# (and says so); a name outside this list and the loaded ones is refused.
+A1111_NAMES = {
+    "R-ESRGAN 4x+", "R-ESRGAN 4x+ Anime6B", "R-ESRGAN 2x+", "R-ESRGAN General 4xV3", "R-ESRGAN General WDN 4xV3",
+    "R-ESRGAN AnimeVideo", "ESRGAN_4x", "SwinIR_4x", "LDSR", "ScuNET", "ScuNET PSNR", "DAT x2", "DAT x3", "DAT x4",
+    "Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)", "Latent (nearest)",
+    "Latent (nearest-exact)",
+}
 
 BUILTIN = {
     "None": None,
@@ -91,6 +100,9 @@ class ImageUpscaler:
                 return UpscaleResult(image.copy(), "None")
             return UpscaleResult(image.resize(size, BUILTIN[upscaler]), upscaler)
         if upscaler not in self.models:
+            if upscaler not in A1111_NAMES:
+                raise UnknownModel(f"unknown upscaler {upscaler!r}", field="upscaler",
+                                   details={"choices": self.names()})
             warning = f"upscaler {upscaler!r} is not loaded; Lanczos used instead"
             logger.warning(warning)
             return UpscaleResult(image.resize(size, Image.Resampling.LANCZOS), "Lanczos", [warning])

@@ -18,6 +18,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments.errors import ServiceError
 from deployments.generation import GenerationRequest
 from deployments.sdxl_refiner import RefineRequest
+from graphs.http import call
 
 logger = logging.getLogger(__name__)
 
@@ -58,18 +59,18 @@ class Report:
 async def standard(h: Handles, request: GenerationRequest, opts: PlanOptions) -> Report:
     report = Report()
     if opts.use_refiner and h.refiner is not None:
-        handoff = await h.base.generate.remote(request.model_copy(update={"denoising_end": ENSEMBLE_SPLIT}))
-        images = await h.refiner.refine.remote(
+        handoff = await call(h.base.generate.remote(request.model_copy(update={"denoising_end": ENSEMBLE_SPLIT})))
+        images = await call(h.refiner.refine.remote(
             RefineRequest(prompt=request.prompt, negative_prompt=request.negative_prompt, seeds=handoff.seeds,
                           steps=request.steps, guidance_scale=request.guidance_scale, latents=handoff.latents,
                           denoising_start=ENSEMBLE_SPLIT)
-        )
+        ))
         report.image, report.refiner_applied = images[0], True
         report.seed, report.warnings = handoff.seeds[0], list(handoff.warnings)
     else:
         if opts.use_refiner:
             report.warnings.append("refiner not deployed: base output returned")
-        result = await h.base.generate.remote(request)
+        result = await call(h.base.generate.remote(request))
         report.image, report.seed, report.warnings = result.images[0], result.seeds[0], list(result.warnings)
     return await _faces(h, report, opts)
 
@@ -77,17 +78,17 @@ async def standard(h: Handles, request: GenerationRequest, opts: PlanOptions) ->
 async def hires_fix(h: Handles, request: GenerationRequest, opts: PlanOptions) -> Report:
     target = (request.width, request.height)
     first = request.model_copy(update={"width": HIRES_BASE, "height": HIRES_BASE, "batch_size": 1})
-    result = await h.base.generate.remote(first)
+    result = await call(h.base.generate.remote(first))
     report = Report(seed=result.seeds[0], warnings=list(result.warnings))
-    upscaled = await h.upscaler.upscale.remote(result.images[0], opts.neural_upscaler or "Lanczos", 2.0)
+    upscaled = await call(h.upscaler.upscale.remote(result.images[0], opts.neural_upscaler or "Lanczos", 2.0))
     report.upscaler, report.image = upscaled.upscaler, upscaled.image
     report.warnings += upscaled.warnings
     if h.refiner is not None:
-        images = await h.refiner.refine.remote(
+        images = await call(h.refiner.refine.remote(
             RefineRequest(prompt=request.prompt, negative_prompt=request.negative_prompt, seeds=result.seeds,
                           steps=request.steps, guidance_scale=request.guidance_scale, images=[upscaled.image],
                           strength=HIRES_STRENGTH)
-        )
+        ))
         report.image, report.refiner_applied = images[0], True
     else:
         report.warnings.append("refiner not deployed: upscaled image not refined")
@@ -101,7 +102,7 @@ async def _faces(h: Handles, report: Report, opts: PlanOptions) -> Report:
     if not opts.restore_faces:
         return report
     try:
-        restored = await h.faces.restore.remote(report.image, opts.face_weight)
+        restored = await call(h.faces.restore.remote(report.image, opts.face_weight))
     except ServiceError as e:  # post-processing failure: keep the unprocessed image, say so
         report.warnings.append(f"face restoration failed ({e.code}): unprocessed image returned")
         return report

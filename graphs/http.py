@@ -1,0 +1,219 @@
+"""The HTTP edge: the FastAPI app, error bodies, auth, body limits and image fields.
+
+Errors are raised as typed ``ServiceError``s everywhere below; this module alone turns them into status codes,
+with one body shape for every route: ``{"error", "code", "details"}`` (seed 002), ``details.field`` naming
+the offending field.
+"""
+
+import base64
+import binascii
+import hmac
+import logging
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from PIL import Image
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from deployments.errors import InvalidImage, ServiceError
+from deployments.imaging import decode
+
+logger = logging.getLogger(__name__)
+
+STATUS = {
+    "INVALID_INPUT": 422,
+    "INVALID_IMAGE": 400,
+    "UNKNOWN_MODEL": 422,
+    "NOT_FOUND": 404,
+    "UNAUTHORIZED": 401,
+    "CANCELLED": 409,
+    "CONFLICT": 409,
+    "PAYLOAD_TOO_LARGE": 413,
+    "GPU_OOM": 503,
+    "MODEL_UNAVAILABLE": 503,
+    "STORAGE_UNAVAILABLE": 503,
+    "MODEL_LOAD_FAILED": 503,
+}
+
+
+class ApiSettings(BaseSettings):
+    """Environment of the HTTP edge (seed 001 names)."""
+
+    model_config = SettingsConfigDict(extra="ignore")
+
+    auth_enabled: bool = Field(False, alias="AUTH_ENABLED")
+    auth_token: str = Field("", alias="AUTH_TOKEN", repr=False)
+    max_body_bytes: int = Field(32 * 1024 * 1024, alias="MAX_BODY_BYTES")
+
+
+class ErrorBody(BaseModel):
+    error: str
+    code: str
+    details: dict
+
+
+class NotFound(ServiceError):
+    code = "NOT_FOUND"
+
+
+class Unauthorized(ServiceError):
+    code = "UNAUTHORIZED"
+
+
+class StorageUnavailable(ServiceError):
+    code = "STORAGE_UNAVAILABLE"
+
+
+def error_response(code: str, message: str, details: dict | None = None, headers: dict | None = None) -> JSONResponse:
+    status = STATUS.get(code, 500)
+    if status == 503:
+        headers = {"Retry-After": "5", **(headers or {})}
+    body = ErrorBody(error=message, code=code, details=details or {})
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+async def _service_error(_request: Request, exc: Exception) -> JSONResponse:
+    error = unwrap(exc)
+    if not isinstance(error, ServiceError):
+        logger.exception("unhandled error", exc_info=error)
+        return error_response("INTERNAL_ERROR", "internal error")
+    headers = {"WWW-Authenticate": "Bearer"} if error.code == "UNAUTHORIZED" else None
+    return error_response(error.code, error.message, error.details, headers)
+
+
+async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)  # registered for this type only
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    field = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query"))
+    details = {"field": field, "errors": [{k: e.get(k) for k in ("loc", "msg", "type")} for e in errors]}
+    return error_response("INVALID_INPUT", f"{field}: {first.get('msg', 'invalid')}", details)
+
+
+async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "PAYLOAD_TOO_LARGE"}.get(exc.status_code, "HTTP_ERROR")
+    body = ErrorBody(error=str(exc.detail), code=code, details={})
+    return JSONResponse(body.model_dump(), status_code=exc.status_code, headers=exc.headers)
+
+
+def unwrap(error: BaseException) -> BaseException:
+    """Ray wraps an exception raised in a replica; the original carries our code and field."""
+    cause = getattr(error, "cause", None)
+    return cause if isinstance(cause, BaseException) else error
+
+
+class BodyLimit:
+    """Refuse bodies over the limit with 413 before they are read whole (declared or streamed length)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._refuse(send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await self._refuse(send)
+
+    async def _refuse(self, send: Send) -> None:
+        response = error_response("PAYLOAD_TOO_LARGE", f"request body exceeds {self.max_bytes} bytes",
+                                  {"limit": self.max_bytes})
+        await send({"type": "http.response.start", "status": 413, "headers": response.raw_headers})
+        await send({"type": "http.response.body", "body": response.body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/redoc")
+
+
+class BearerAuth:
+    """Seed 001 auth for every route but health and the docs: 401 with ``WWW-Authenticate: Bearer``."""
+
+    def __init__(self, app: ASGIApp, settings: ApiSettings) -> None:
+        self.app, self.settings = app, settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.settings.auth_enabled and not scope["path"].startswith(OPEN_PATHS):
+            header = dict(scope.get("headers", [])).get(b"authorization", b"").decode("latin-1")
+            try:
+                check_bearer(self.settings, header)
+            except Unauthorized as e:
+                response = error_response(e.code, e.message, headers={"WWW-Authenticate": "Bearer"})
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(
+        title="imagegen",
+        version="0.1.0",
+        description="SDXL image generation on Ray Serve. Serves the seed APIs: /generate, /v1/images/*, "
+        "/process, /derivatives/clip-focal and Automatic1111's /sdapi/v1/*.",
+    )
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    settings = ApiSettings()
+    app.add_middleware(BearerAuth, settings=settings)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)  # outermost: runs before anything reads
+    return app
+
+
+def check_bearer(settings: ApiSettings, authorization: str | None) -> None:
+    """Seed 001 auth: when enabled, ``Authorization: Bearer <AUTH_TOKEN>``; compared in constant time."""
+    if not settings.auth_enabled:
+        return
+    scheme, _, token = (authorization or "").partition(" ")
+    expected = settings.auth_token.encode()
+    if scheme.lower() != "bearer" or not expected or not hmac.compare_digest(token.strip().encode(), expected):
+        raise Unauthorized("missing or invalid bearer token")
+
+
+def image_field(value: str, field: str) -> Image.Image:
+    """Decode a data URI or plain base64 image; a malformed one is a 400 naming the field, never a 500."""
+    payload = value.split(",", 1)[1] if value.startswith("data:") else value
+    try:
+        raw = base64.b64decode(payload, validate=False)
+    except (binascii.Error, ValueError) as e:
+        raise InvalidImage(f"{field}: not valid base64", field=field) from e
+    if not raw:
+        raise InvalidImage(f"{field}: empty image", field=field)
+    return decode(raw, field=field)
+
+
+def b64_png(image: Image.Image, pnginfo: dict[str, str] | None = None) -> str:
+    from deployments.imaging import encode
+
+    return base64.b64encode(encode(image, "png", pnginfo=pnginfo)).decode()
+
+
+async def call(response):
+    """Await a deployment response, re-raising a replica's ServiceError as itself."""
+    try:
+        return await response
+    except Exception as e:
+        cause = unwrap(e)
+        if isinstance(cause, ServiceError) and cause is not e:
+            raise cause from None
+        raise

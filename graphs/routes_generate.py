@@ -1,0 +1,126 @@
+"""Seed 000 (and seed 002's sync client): ``POST /generate``; ``GET /health/`` and ``GET /models``."""
+
+import time
+from typing import Literal
+
+from fastapi import APIRouter
+from pydantic import BaseModel, Field, model_validator
+
+from deployments.generation import GenerationRequest
+from graphs import plans
+from graphs.http import ErrorBody, b64_png, call
+
+router = APIRouter(tags=["generate"])
+open_router = APIRouter(tags=["health"])
+
+PRESETS = {
+    "fast": {"num_inference_steps": 20, "width": 768, "height": 768, "use_refiner": False, "hires_fix": False},
+    "balanced": {"num_inference_steps": 25, "hires_fix": True, "use_realesrgan": True, "use_face_restoration": False},
+    "quality": {"num_inference_steps": 30, "hires_fix": True, "use_realesrgan": True, "use_face_restoration": True,
+                "face_restoration_weight": 0.6},
+}
+
+
+class GenerateRequest(BaseModel):
+    """Seed 000's request; seed 002's sync client sends a subset (camelCase negativePrompt accepted)."""
+
+    prompt: str = Field(..., min_length=1, max_length=10_000)
+    negative_prompt: str = Field("", max_length=10_000)
+    seed: int = Field(-1, ge=-1, le=2**32 - 1, description="-1 draws a random seed")
+    width: int = Field(1024, ge=64, le=2048, multiple_of=8)
+    height: int = Field(1024, ge=64, le=2048, multiple_of=8)
+    num_inference_steps: int = Field(30, ge=1, le=150)
+    guidance_scale: float = Field(7.0, ge=0.0, le=30.0)
+    use_refiner: bool = True
+    hires_fix: bool = Field(False, description="768 base -> x2 upscale -> refiner img2img at 1536, strength 0.35")
+    use_realesrgan: bool = Field(True, description="hires fix upscaler: Real-ESRGAN when loaded, else Lanczos")
+    use_face_restoration: bool = Field(False, description="opt-in, as in seed 000's feature matrix")
+    face_restoration_weight: float = Field(0.6, ge=0.0, le=1.0)
+    preset: Literal["fast", "balanced", "quality"] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def apply_preset(cls, data):
+        # A preset fills in what the client did not say; explicit fields win. camelCase from seed 002 is mapped.
+        if isinstance(data, dict):
+            if "negativePrompt" in data and "negative_prompt" not in data:
+                data = {**data, "negative_prompt": data["negativePrompt"]}
+            if data.get("preset") in PRESETS:
+                data = {**PRESETS[data["preset"]], **data}
+        return data
+
+
+class GenerateResponse(BaseModel):
+    """Seed 000's response plus seed 002's ``imageData`` (plain base64), ``format``, ``width``, ``height``."""
+
+    success: bool
+    image: str = Field(..., description="data:image/png;base64,...")
+    prompt: str
+    enhanced_prompt: str
+    seed: int
+    refiner_applied: bool
+    hires_fix_applied: bool
+    face_restoration_applied: bool
+    upscaler: str | None
+    final_resolution: str
+    generation_time_seconds: float
+    model: str
+    warnings: list[str]
+    imageData: str = Field(..., description="plain base64 PNG (seed 002)")
+    format: str
+    width: int
+    height: int
+
+
+class Health(BaseModel):
+    status: str
+    message: str
+
+
+class GenerateRoutes:
+    handles: plans.Handles
+    hires_upscaler: str
+
+    @open_router.get("/health/", response_model=Health)
+    @open_router.get("/health", response_model=Health, include_in_schema=False)
+    async def health(self) -> Health:
+        """Liveness: always open, never authenticated (seed 001 shape)."""
+        return Health(status="healthy", message="Image generation service is ready")
+
+    @router.get("/models")
+    async def models(self) -> dict:
+        """What is loaded where (seed 003 shape, plus per-deployment detail)."""
+        base = await call(self.handles.base.describe.remote())
+        out = [{"id": base["name"], "name": base["name"], "description": "SDXL base", "type": "base",
+                "loaded": True, "version": "xl", **base}]
+        if self.handles.refiner is not None:
+            refiner = await call(self.handles.refiner.describe.remote())
+            out.append({"id": refiner["name"], "name": refiner["name"], "description": "SDXL refiner",
+                        "type": "refiner", "loaded": True, "version": "xl", **refiner})
+        return {
+            "models": out,
+            "upscalers": await call(self.handles.upscaler.describe.remote()),
+            "face_restorer": await call(self.handles.faces.describe.remote()),
+        }
+
+    @router.post("/generate", response_model=GenerateResponse, responses={422: {"model": ErrorBody}})
+    async def generate(self, body: GenerateRequest) -> GenerateResponse:
+        """Synchronous generation: standard or hires fix, optional refiner and face restoration."""
+        started = time.perf_counter()
+        request = GenerationRequest(prompt=body.prompt, negative_prompt=body.negative_prompt, seed=body.seed,
+                                    width=body.width, height=body.height, steps=body.num_inference_steps,
+                                    guidance_scale=body.guidance_scale)
+        opts = plans.PlanOptions(use_refiner=body.use_refiner, hires_fix=body.hires_fix,
+                                 neural_upscaler=self.hires_upscaler if body.use_realesrgan else None,
+                                 restore_faces=body.use_face_restoration, face_weight=body.face_restoration_weight)
+        plan = plans.hires_fix if body.hires_fix else plans.standard
+        report = await plan(self.handles, request, opts)
+        encoded = b64_png(report.image)
+        width, height = report.image.size
+        return GenerateResponse(
+            success=True, image=f"data:image/png;base64,{encoded}", prompt=body.prompt, enhanced_prompt=body.prompt,
+            seed=report.seed, refiner_applied=report.refiner_applied, hires_fix_applied=report.hires_fix_applied,
+            face_restoration_applied=report.face_restoration_applied, upscaler=report.upscaler,
+            final_resolution=f"{width}x{height}", generation_time_seconds=round(time.perf_counter() - started, 3),
+            model="SDXL", warnings=report.warnings, imageData=encoded, format="png", width=width, height=height,
+        )

@@ -1,0 +1,145 @@
+"""Seed 002's processing service: ``POST /process``, ``/derivatives`` and ``/derivatives/clip-focal``."""
+
+import asyncio
+import base64
+import re
+from typing import Literal
+
+from fastapi import APIRouter
+from PIL import Image
+from pydantic import BaseModel, Field, field_validator
+
+from deployments.focal_cropper import CropSize, Focus, derivatives
+from deployments.imaging import encode, to_rgb
+from graphs.http import ErrorBody, call, image_field
+
+router = APIRouter(tags=["processing"])
+
+Operation = Literal["sanitize", "optimize", "convert-webp", "derivatives"]
+DEFAULT_WIDTHS = [320, 640, 1024, 1920]
+OPTIMIZE_QUALITY = 82  # seed 002: optimize = WebP, balanced
+WEBP_QUALITY = 90  # seed 002: convert-webp = high-quality WebP
+
+
+class Derivative(BaseModel):
+    name: str | None = None
+    width: int
+    height: int
+    format: str
+    imageData: str
+    box: list[int] | None = None
+
+
+class ProcessRequest(BaseModel):
+    image: str = Field(..., description="base64 or data URI (PNG, JPEG or WebP)")
+    operations: list[Operation] = Field(["optimize", "convert-webp", "derivatives"], max_length=4)
+    widths: list[int] = Field(DEFAULT_WIDTHS, max_length=16)
+    quality: int | None = Field(None, ge=1, le=100)
+
+
+class ProcessResponse(BaseModel):
+    imageData: str
+    format: str
+    width: int
+    height: int
+    derivatives: list[Derivative]
+    metadata: dict
+
+
+class DerivativesRequest(BaseModel):
+    image: str
+    widths: list[int] = Field(DEFAULT_WIDTHS, min_length=1, max_length=16)
+    format: Literal["png", "jpeg", "webp"] = "webp"
+    quality: int = Field(OPTIMIZE_QUALITY, ge=1, le=100)
+
+
+class FocalPoint(BaseModel):
+    x: float = Field(..., ge=0)
+    y: float = Field(..., ge=0)
+
+
+class ClipFocalRequest(BaseModel):
+    image: str
+    sizes: list[CropSize | str] = Field(..., min_length=1, max_length=32, description="objects or 'WxH'")
+    focalPoint: FocalPoint | None = Field(None, description="overrides face detection")
+    format: Literal["png", "jpeg", "webp"] = "webp"
+    quality: int = Field(OPTIMIZE_QUALITY, ge=1, le=100)
+
+    @field_validator("sizes", mode="before")
+    @classmethod
+    def parse_sizes(cls, sizes):
+        out = []
+        for item in sizes if isinstance(sizes, list) else []:
+            if isinstance(item, str):
+                match = re.fullmatch(r"(\d{1,5})x(\d{1,5})", item)
+                if not match:
+                    raise ValueError(f"size {item!r} is not WxH")
+                out.append({"name": item, "width": int(match[1]), "height": int(match[2])})
+            else:
+                out.append(item)
+        return out
+
+
+class ClipFocalResponse(BaseModel):
+    focalPoint: dict
+    derivatives: list[Derivative]
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def process_image(image: Image.Image, body: ProcessRequest) -> ProcessResponse:
+    """Apply the operations in a fixed order: sanitize, optimize, convert-webp, derivatives."""
+    stripped = sorted(k for k in image.info if k not in {"dpi"})
+    if image.getexif():
+        stripped.append("exif")
+    # Re-encoding from raw pixels drops EXIF, XMP, ICC and text chunks: nothing but pixels survives.
+    clean = Image.frombytes(image.mode, image.size, image.tobytes()) if image.mode in ("RGB", "RGBA", "L") else \
+        to_rgb(image)
+    fmt, quality = "png", 100
+    if "optimize" in body.operations:
+        fmt, quality = "webp", body.quality or OPTIMIZE_QUALITY
+    if "convert-webp" in body.operations:
+        fmt, quality = "webp", body.quality or WEBP_QUALITY
+    data = encode(clean, fmt, quality)  # type: ignore[arg-type]
+    variants = []
+    if "derivatives" in body.operations:
+        for width, blob in derivatives(clean, body.widths, "webp", body.quality or OPTIMIZE_QUALITY).items():
+            height = max(1, round(clean.height * width / clean.width))
+            variants.append(Derivative(width=width, height=height, format="webp", imageData=_b64(blob)))
+    return ProcessResponse(imageData=_b64(data), format=fmt, width=clean.width, height=clean.height,
+                           derivatives=variants,
+                           metadata={"operations": body.operations, "bytes": len(data), "strippedMetadata": stripped})
+
+
+class ProcessingRoutes:
+    cropper: object
+
+    @router.post("/process", response_model=ProcessResponse, responses={400: {"model": ErrorBody}})
+    async def process(self, body: ProcessRequest) -> ProcessResponse:
+        """Sanitize (strip metadata, re-encode), optimize, convert to WebP and cut responsive derivatives."""
+        image = image_field(body.image, "image")
+        return await asyncio.to_thread(process_image, image, body)
+
+    @router.post("/derivatives", response_model=ClipFocalResponse)
+    async def derivatives(self, body: DerivativesRequest) -> ClipFocalResponse:
+        """Responsive variants at the given widths (never wider than the image)."""
+        image = to_rgb(image_field(body.image, "image"))
+        blobs = await asyncio.to_thread(derivatives, image, body.widths, body.format, body.quality)
+        out = [Derivative(width=w, height=max(1, round(image.height * w / image.width)), format=body.format,
+                          imageData=_b64(b)) for w, b in blobs.items()]
+        return ClipFocalResponse(focalPoint={}, derivatives=out)
+
+    @router.post("/derivatives/clip-focal", response_model=ClipFocalResponse)
+    async def clip_focal(self, body: ClipFocalRequest) -> ClipFocalResponse:
+        """Focal-preserving crops: the faces (or the given point) stay in every size."""
+        image = image_field(body.image, "image")
+        sizes = [s if isinstance(s, CropSize) else CropSize.model_validate(s) for s in body.sizes]
+        focus = Focus((body.focalPoint.x, body.focalPoint.y), [], "given") if body.focalPoint else None
+        focus, crops = await call(self.cropper.crop.remote(image, sizes, focus, body.format,  # type: ignore[attr-defined]
+                                                          body.quality))
+        out = [Derivative(name=c.name, width=c.image.width, height=c.image.height, format=body.format,
+                          imageData=_b64(c.encoded or b""), box=list(c.box)) for c in crops]
+        point = {"x": focus.point[0], "y": focus.point[1], "source": focus.source, "faces": focus.faces}
+        return ClipFocalResponse(focalPoint=point, derivatives=out)
