@@ -7,15 +7,17 @@ the offending field.
 
 import base64
 import binascii
+import functools
 import hmac
 import logging
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from PIL import Image
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from deployments.errors import InvalidImage, ServiceError
@@ -106,11 +108,21 @@ def unwrap(error: BaseException) -> BaseException:
     return cause if isinstance(cause, BaseException) else error
 
 
+@functools.cache
+def api_settings() -> ApiSettings:
+    """Read in the serving process on first use: the app object itself is built, and pickled, elsewhere."""
+    return ApiSettings()
+
+
 class BodyLimit:
     """Refuse bodies over the limit with 413 before they are read whole (declared or streamed length)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    @property
+    def max_bytes(self) -> int:
+        return api_settings().max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -118,20 +130,23 @@ class BodyLimit:
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await self._refuse(send)
-        seen = 0
+        seen, refused = 0, False
 
         async def counted():
-            nonlocal seen
+            # A streamed body over the limit: answer 413 at once, then tell the app the client has gone.
+            nonlocal seen, refused
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise _TooLarge
-            return message
+            if seen > self.max_bytes and not refused:
+                refused = True
+                await self._refuse(send)
+            return {"type": "http.disconnect"} if refused else message
 
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await self._refuse(send)
+        async def guarded_send(message) -> None:
+            if not refused:  # the app's own answer to a refused request is dropped
+                await send(message)
+
+        await self.app(scope, counted, guarded_send)
 
     async def _refuse(self, send: Send) -> None:
         response = error_response("PAYLOAD_TOO_LARGE", f"request body exceeds {self.max_bytes} bytes",
@@ -140,24 +155,21 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": response.body})
 
 
-class _TooLarge(Exception):
-    pass
-
-
 OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/redoc")
 
 
 class BearerAuth:
     """Seed 001 auth for every route but health and the docs: 401 with ``WWW-Authenticate: Bearer``."""
 
-    def __init__(self, app: ASGIApp, settings: ApiSettings) -> None:
-        self.app, self.settings = app, settings
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.settings.auth_enabled and not scope["path"].startswith(OPEN_PATHS):
+        settings = api_settings()
+        if scope["type"] == "http" and settings.auth_enabled and not scope["path"].startswith(OPEN_PATHS):
             header = dict(scope.get("headers", [])).get(b"authorization", b"").decode("latin-1")
             try:
-                check_bearer(self.settings, header)
+                check_bearer(settings, header)
             except Unauthorized as e:
                 response = error_response(e.code, e.message, headers={"WWW-Authenticate": "Bearer"})
                 return await response(scope, receive, send)
@@ -174,9 +186,8 @@ def create_app() -> FastAPI:
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
-    settings = ApiSettings()
-    app.add_middleware(BearerAuth, settings=settings)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)  # outermost: runs before anything reads
+    app.add_middleware(BearerAuth)
+    app.add_middleware(BodyLimit)  # outermost: runs before anything reads the body
     return app
 
 

@@ -8,7 +8,11 @@ import threading
 
 
 class TruncatingProxy:
-    def __init__(self, upstream: tuple[str, int], budget: int) -> None:
+    """``budget=None`` forwards everything; set ``broken = True`` to refuse new connections (S3 down)."""
+
+    broken = False
+
+    def __init__(self, upstream: tuple[str, int], budget: int | None) -> None:
         self.upstream, self.budget = upstream, budget
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
@@ -25,6 +29,9 @@ class TruncatingProxy:
             try:
                 client, _ = self.listener.accept()
             except TimeoutError:
+                continue
+            if self.broken:
+                client.close()
                 continue
             server = socket.create_connection(self.upstream)
             threading.Thread(target=self._pipe, args=(client, server, None), daemon=True).start()

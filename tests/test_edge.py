@@ -1,0 +1,93 @@
+"""The HTTP edge without Ray: bearer auth on and off, body limits, error bodies (the real app factory)."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from fastapi import APIRouter
+
+from graphs import http
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture
+def make_client(monkeypatch):
+    clients = []
+
+    def build(**env) -> httpx.AsyncClient:
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        http.api_settings.cache_clear()
+        app = http.create_app()
+        router = APIRouter()
+
+        @router.get("/health/")
+        async def health():
+            return {"status": "healthy"}
+
+        @router.post("/echo")
+        async def echo(body: dict):
+            return {"size": len(str(body))}
+
+        app.include_router(router)
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+        clients.append(client)
+        return client
+
+    yield build
+    http.api_settings.cache_clear()
+
+
+async def test_auth_off_lets_everyone_in(make_client):
+    client = make_client(AUTH_ENABLED="false")
+    assert (await client.post("/echo", json={"a": 1})).status_code == 200
+
+
+@pytest.mark.parametrize("header", [None, "Bearer wrong", "Basic c2VjcmV0", "Bearer ", "secret"])
+async def test_auth_on_refuses_without_the_token(make_client, header):
+    client = make_client(AUTH_ENABLED="true", AUTH_TOKEN="secret")
+    response = await client.post("/echo", json={}, headers={"authorization": header} if header else {})
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert response.json()["code"] == "UNAUTHORIZED"
+    assert "secret" not in response.text
+
+
+async def test_auth_on_accepts_the_token_and_health_stays_open(make_client):
+    client = make_client(AUTH_ENABLED="true", AUTH_TOKEN="secret")
+    assert (await client.post("/echo", json={}, headers={"authorization": "Bearer secret"})).status_code == 200
+    assert (await client.get("/health/")).status_code == 200
+
+
+async def test_auth_enabled_without_a_token_refuses_everything(make_client):
+    client = make_client(AUTH_ENABLED="true", AUTH_TOKEN="")
+    assert (await client.post("/echo", json={}, headers={"authorization": "Bearer "})).status_code == 401
+
+
+async def test_body_limit_declared_and_streamed(make_client):
+    client = make_client(MAX_BODY_BYTES="1000")
+    assert (await client.post("/echo", json={"a": "x" * 100})).status_code == 200
+    big = b"{" + b" " * 2000 + b"}"
+    declared = await client.post("/echo", content=big, headers={"content-type": "application/json"})
+    assert declared.status_code == 413 and declared.json()["code"] == "PAYLOAD_TOO_LARGE"
+
+    async def chunks():
+        for _ in range(10):
+            yield b" " * 500
+
+    streamed = await client.post("/echo", content=chunks(), headers={"content-type": "application/json"})
+    assert streamed.status_code == 413
+
+
+async def test_validation_errors_name_the_field(make_client):
+    client = make_client()
+    response = await client.post("/echo", content=b"[1,2", headers={"content-type": "application/json"})
+    assert response.status_code == 422 and response.json()["code"] == "INVALID_INPUT"
+    missing = await client.get("/nowhere")
+    assert missing.status_code == 404 and missing.json()["code"] == "NOT_FOUND"
