@@ -23,6 +23,7 @@ from deployments import faces as face_lib
 from deployments import loader
 from deployments.config import FaceRestorerConfig, Settings
 from deployments.errors import GpuOutOfMemory, InvalidInput
+from deployments.generation import image_of
 from deployments.imaging import pil_to_array
 
 logger = logging.getLogger(__name__)
@@ -106,8 +107,9 @@ class FaceRestorer:
     def __init__(self, config: dict | FaceRestorerConfig) -> None:
         self.model = FaceEnhancer(FaceRestorerConfig.model_validate(config))
 
-    async def restore(self, image: Image.Image, weight: float = 0.6, visibility: float = 1.0) -> FaceResult:
-        return await asyncio.to_thread(self.model.restore, image, weight, visibility)
+    async def restore(self, image, weight: float = 0.6, visibility: float = 1.0) -> FaceResult:
+        """``image``: an image or the previous stage's result."""
+        return await asyncio.to_thread(self.model.restore, image_of(image), weight, visibility)
 
     async def describe(self) -> dict:
         return {"restorer": self.model.name, "detector": type(self.model.detector).__name__}

@@ -60,6 +60,22 @@ class GenerationResult:
     warnings: list[str] = field(default_factory=list)
 
 
+def image_of(source) -> Image.Image:
+    """The image a stage produced: lets each deployment take the previous stage's result (a resolved
+    ``DeploymentResponse``) directly, so images flow between replicas without a stop in the ingress."""
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, list) and source and isinstance(source[0], Image.Image):
+        return source[0]
+    for attribute in ("image", "images"):
+        value = getattr(source, attribute, None)
+        if isinstance(value, Image.Image):
+            return value
+        if isinstance(value, list) and value:
+            return value[0]
+    raise InvalidInput(f"no image in {type(source).__name__}", field="image")
+
+
 def parse_lora_tags(prompt: str) -> tuple[str, list[LoraRef]]:
     """Strip A1111 ``<lora:name:weight>`` tags from a prompt and return them as references."""
     refs = []

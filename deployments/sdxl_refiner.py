@@ -22,7 +22,7 @@ from deployments import device as devices
 from deployments import loader
 from deployments.config import SDXLRefinerConfig, Settings
 from deployments.errors import GpuOutOfMemory, InvalidInput
-from deployments.generation import Cancellation, ProgressFn, check_size, parse_lora_tags
+from deployments.generation import Cancellation, ProgressFn, check_size, image_of, parse_lora_tags
 from deployments.imaging import to_rgb
 from deployments.samplers import build_scheduler
 
@@ -57,8 +57,16 @@ class Refiner:
         self.consecutive_ooms = 0
         logger.info("SDXL refiner %r ready on %s (%s)", config.name, self.device, self.dtype)
 
-    def refine(self, request: RefineRequest, request_id: str | None = None, on_progress: ProgressFn | None = None):
-        """Return one refined image per seed (ensemble) or per input image (image mode)."""
+    def refine(self, request: RefineRequest, request_id: str | None = None, on_progress: ProgressFn | None = None,
+               source=None):
+        """Return one refined image per seed (ensemble) or per input image (image mode).
+
+        ``source`` is the previous stage's result: base latents (ensemble) or an image-bearing result.
+        """
+        if source is not None:
+            latents = getattr(source, "latents", None)
+            update = {"latents": latents} if latents is not None else {"images": [image_of(source)]}
+            request = request.model_copy(update=update)
         prompt, _ = parse_lora_tags(request.prompt)  # LoRAs belong to the base model
         report = self.cancellation.callback(request_id, on_progress)
         kwargs: dict = dict(
@@ -114,8 +122,8 @@ class SDXLRefiner:
     def __init__(self, config: dict | SDXLRefinerConfig) -> None:
         self.model = Refiner(SDXLRefinerConfig.model_validate(config))
 
-    async def refine(self, request: RefineRequest, request_id: str | None = None) -> list[Image.Image]:
-        return await asyncio.to_thread(self.model.refine, request, request_id)
+    async def refine(self, request: RefineRequest, request_id: str | None = None, source=None) -> list[Image.Image]:
+        return await asyncio.to_thread(self.model.refine, request, request_id, None, source)
 
     async def cancel(self, request_id: str) -> None:
         self.model.cancellation.cancel(request_id)

@@ -22,6 +22,7 @@ from deployments import device as devices
 from deployments import loader
 from deployments.config import Settings, UpscalerConfig
 from deployments.errors import GpuOutOfMemory, InvalidInput, UnknownModel
+from deployments.generation import image_of
 from deployments.imaging import from_tensor, to_rgb, to_tensor
 
 logger = logging.getLogger(__name__)
@@ -174,9 +175,10 @@ class Upscaler:
     def __init__(self, config: dict | UpscalerConfig) -> None:
         self.model = ImageUpscaler(UpscalerConfig.model_validate(config))
 
-    async def upscale(self, image: Image.Image, upscaler: str = "Lanczos", scale: float | None = 2.0,
+    async def upscale(self, image, upscaler: str = "Lanczos", scale: float | None = 2.0,
                       width: int | None = None, height: int | None = None) -> UpscaleResult:
-        return await asyncio.to_thread(self.model.upscale, image, upscaler, scale, width, height)
+        """``image``: an image or the previous stage's result."""
+        return await asyncio.to_thread(self.model.upscale, image_of(image), upscaler, scale, width, height)
 
     async def names(self) -> list[str]:
         return self.model.names()

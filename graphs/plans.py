@@ -1,10 +1,13 @@
 """Generation plans: each reads like the seed-000 flow diagram and only calls deployment handles.
 
-standard:  base (-> refiner as expert ensemble) (-> faces)
+standard:  base (-> refiner as expert ensemble, on latents) (-> faces)
 hires fix: base at 768 -> upscaler x2 (Real-ESRGAN, Lanczos if unavailable) -> refiner img2img at 1536,
            strength 0.35 (-> faces)
-Every degradation (no refiner, Lanczos instead of Real-ESRGAN, no face restorer, a failed post-process) is
-recorded in the report, never silent.
+
+Each stage is handed the previous stage's ``DeploymentResponse``: Serve resolves it in the next replica, so
+latents and images travel replica to replica through the object store, never through the ingress. The ingress
+awaits the chain once, at the end. Every degradation (no refiner, Lanczos instead of Real-ESRGAN, no face
+restorer, a failed post-process) is recorded in the report, never silent.
 """
 
 from __future__ import annotations
@@ -15,10 +18,9 @@ from dataclasses import dataclass, field
 from PIL import Image
 from ray.serve.handle import DeploymentHandle
 
-from deployments.errors import ServiceError
-from deployments.generation import GenerationRequest
+from deployments.generation import GenerationRequest, image_of, resolve_seeds
 from deployments.sdxl_refiner import RefineRequest
-from graphs.http import call
+from graphs.http import call, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +48,8 @@ class PlanOptions:
 
 @dataclass
 class Report:
-    image: Image.Image = field(default_factory=lambda: Image.new("RGB", (8, 8)))
-    seed: int = 0
+    image: Image.Image
+    seed: int
     refiner_applied: bool = False
     hires_fix_applied: bool = False
     upscaler: str | None = None
@@ -56,58 +58,56 @@ class Report:
     warnings: list[str] = field(default_factory=list)
 
 
+def _refine(request: GenerationRequest, seed: int, **mode) -> RefineRequest:
+    return RefineRequest(prompt=request.prompt, negative_prompt=request.negative_prompt, seeds=[seed],
+                         steps=request.steps, guidance_scale=request.guidance_scale, **mode)
+
+
 async def standard(h: Handles, request: GenerationRequest, opts: PlanOptions) -> Report:
-    report = Report()
+    seed = resolve_seeds(request.seed, 1)[0]  # fixed here so that every stage can be launched at once
+    request = request.model_copy(update={"seed": seed, "batch_size": 1})
+    warnings: list[str] = []
     if opts.use_refiner and h.refiner is not None:
-        handoff = await call(h.base.generate.remote(request.model_copy(update={"denoising_end": ENSEMBLE_SPLIT})))
-        images = await call(h.refiner.refine.remote(
-            RefineRequest(prompt=request.prompt, negative_prompt=request.negative_prompt, seeds=handoff.seeds,
-                          steps=request.steps, guidance_scale=request.guidance_scale, latents=handoff.latents,
-                          denoising_start=ENSEMBLE_SPLIT)
-        ))
-        report.image, report.refiner_applied = images[0], True
-        report.seed, report.warnings = handoff.seeds[0], list(handoff.warnings)
+        base = h.base.generate.remote(request.model_copy(update={"denoising_end": ENSEMBLE_SPLIT}))
+        last = h.refiner.refine.remote(_refine(request, seed, denoising_start=ENSEMBLE_SPLIT), None, base)
     else:
         if opts.use_refiner:
-            report.warnings.append("refiner not deployed: base output returned")
-        result = await call(h.base.generate.remote(request))
-        report.image, report.seed, report.warnings = result.images[0], result.seeds[0], list(result.warnings)
-    return await _faces(h, report, opts)
+            warnings.append("refiner not deployed: base output returned")
+        base = last = h.base.generate.remote(request)
+    report = await _finish(h, last, seed, opts)
+    report.refiner_applied = last is not base
+    report.warnings[:0] = warnings + (await call(base)).warnings
+    return report
 
 
 async def hires_fix(h: Handles, request: GenerationRequest, opts: PlanOptions) -> Report:
-    target = (request.width, request.height)
-    first = request.model_copy(update={"width": HIRES_BASE, "height": HIRES_BASE, "batch_size": 1})
-    result = await call(h.base.generate.remote(first))
-    report = Report(seed=result.seeds[0], warnings=list(result.warnings))
-    upscaled = await call(h.upscaler.upscale.remote(result.images[0], opts.neural_upscaler or "Lanczos", 2.0))
-    report.upscaler, report.image = upscaled.upscaler, upscaled.image
-    report.warnings += upscaled.warnings
+    seed = resolve_seeds(request.seed, 1)[0]
+    first = request.model_copy(update={"width": HIRES_BASE, "height": HIRES_BASE, "batch_size": 1, "seed": seed})
+    base = h.base.generate.remote(first)
+    upscaled = h.upscaler.upscale.remote(base, opts.neural_upscaler or "Lanczos", 2.0)
+    last = upscaled
     if h.refiner is not None:
-        images = await call(h.refiner.refine.remote(
-            RefineRequest(prompt=request.prompt, negative_prompt=request.negative_prompt, seeds=result.seeds,
-                          steps=request.steps, guidance_scale=request.guidance_scale, images=[upscaled.image],
-                          strength=HIRES_STRENGTH)
-        ))
-        report.image, report.refiner_applied = images[0], True
-    else:
+        last = h.refiner.refine.remote(_refine(request, seed, strength=HIRES_STRENGTH), None, upscaled)
+    report = await _finish(h, last, seed, opts)
+    up = await call(upscaled)
+    report.upscaler, report.hires_fix_applied, report.refiner_applied = up.upscaler, True, last is not upscaled
+    report.warnings[:0] = (await call(base)).warnings + up.warnings
+    if h.refiner is None:
         report.warnings.append("refiner not deployed: upscaled image not refined")
-    report.hires_fix_applied = True
-    if target != (HIRES_BASE, HIRES_BASE):
-        logger.debug("hires fix ignores the requested %s and renders %s", target, report.image.size)
-    return await _faces(h, report, opts)
-
-
-async def _faces(h: Handles, report: Report, opts: PlanOptions) -> Report:
-    if not opts.restore_faces:
-        return report
-    try:
-        restored = await call(h.faces.restore.remote(report.image, opts.face_weight))
-    except ServiceError as e:  # post-processing failure: keep the unprocessed image, say so
-        report.warnings.append(f"face restoration failed ({e.code}): unprocessed image returned")
-        return report
-    report.image = restored.image
-    report.face_restoration_applied = restored.restored
-    report.faces_found = restored.faces_found
-    report.warnings += restored.warnings
     return report
+
+
+async def _finish(h: Handles, last, seed: int, opts: PlanOptions) -> Report:
+    """Optional face restoration on the chain's last stage; a failure there returns the unprocessed image."""
+    if opts.restore_faces:
+        try:
+            restored = await call(h.faces.restore.remote(last, opts.face_weight))
+        except Exception as e:  # noqa: BLE001 - seed 000: a post-processing failure returns the image unprocessed
+            image = image_of(await call(last))  # an upstream failure re-raises here, as it should
+            code = getattr(unwrap(e), "code", type(unwrap(e)).__name__)
+            logger.warning("face restoration failed (%s); unprocessed image returned", code)
+            return Report(image=image, seed=seed, warnings=[f"face restoration failed ({code}): unprocessed image"])
+        report = Report(image=restored.image, seed=seed, face_restoration_applied=restored.restored,
+                        faces_found=restored.faces_found, warnings=list(restored.warnings))
+        return report
+    return Report(image=image_of(await call(last)), seed=seed)
