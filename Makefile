@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TINY_MODELS ?= $(HOME)/.cache/imagegen/tiny-models
 export TINY_MODELS
 
-.PHONY: install models lint test demo clean
+.PHONY: install models lint test demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ test: lint models
 
 demo: models
 	$(PY) -m graphs.demo
+
+bench: models
+	$(PY) -m tests.bench_overhead
 
 clean:
 	rm -rf $(VENV) $(TINY_MODELS)

@@ -25,6 +25,7 @@ from deployments.config import FaceRestorerConfig, Settings
 from deployments.errors import GpuOutOfMemory, InvalidInput
 from deployments.generation import image_of
 from deployments.imaging import pil_to_array
+from deployments.metrics import StageMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -106,10 +107,14 @@ class FaceEnhancer:
 class FaceRestorer:
     def __init__(self, config: dict | FaceRestorerConfig) -> None:
         self.model = FaceEnhancer(FaceRestorerConfig.model_validate(config))
+        self.metrics = StageMetrics("face_restorer")
 
     async def restore(self, image, weight: float = 0.6, visibility: float = 1.0) -> FaceResult:
         """``image``: an image or the previous stage's result."""
-        return await asyncio.to_thread(self.model.restore, image_of(image), weight, visibility)
+        with self.metrics.track():
+            result = await asyncio.to_thread(self.model.restore, image_of(image), weight, visibility)
+        self.metrics.produced(1)
+        return result
 
     async def describe(self) -> dict:
         return {"restorer": self.model.name, "detector": type(self.model.detector).__name__}

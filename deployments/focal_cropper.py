@@ -19,6 +19,7 @@ from deployments import faces as face_lib
 from deployments.config import FocalCropperConfig
 from deployments.errors import InvalidInput
 from deployments.imaging import Format, encode, pil_to_array, to_rgb
+from deployments.metrics import StageMetrics
 
 
 class CropSize(BaseModel):
@@ -127,6 +128,7 @@ def derivatives(image: Image.Image, widths: list[int], fmt: Format = "webp", qua
 class FocalCropper:
     def __init__(self, config: dict | FocalCropperConfig | None = None) -> None:
         self.model = Cropper(FocalCropperConfig.model_validate(config or {}))
+        self.metrics = StageMetrics("focal_cropper")
 
     async def focus(self, image: Image.Image) -> Focus:
         return await asyncio.to_thread(self.model.focus, image)
@@ -134,4 +136,7 @@ class FocalCropper:
     async def crop(self, image: Image.Image, sizes: list[CropSize], focus: Focus | None = None,
                    fmt: Format | None = None, quality: int = 90,
                    derivative_widths: list[int] | None = None) -> tuple[Focus, list[Crop]]:
-        return await asyncio.to_thread(self.model.crop, image, sizes, focus, fmt, quality, derivative_widths)
+        with self.metrics.track():
+            result = await asyncio.to_thread(self.model.crop, image, sizes, focus, fmt, quality, derivative_widths)
+        self.metrics.produced(len(result[1]))
+        return result

@@ -35,6 +35,7 @@ from deployments.generation import (
     resolve_seeds,
 )
 from deployments.imaging import to_rgb
+from deployments.metrics import StageMetrics
 from deployments.samplers import build_scheduler
 
 logger = logging.getLogger(__name__)
@@ -237,9 +238,13 @@ class SDXLBase:
 
     def __init__(self, config: dict | SDXLBaseConfig) -> None:
         self.model = BaseGenerator(SDXLBaseConfig.model_validate(config))
+        self.metrics = StageMetrics("sdxl_base")
 
     async def generate(self, request: GenerationRequest, request_id: str | None = None) -> GenerationResult:
-        return await asyncio.to_thread(self.model.generate, request, request_id)
+        with self.metrics.track():
+            result = await asyncio.to_thread(self.model.generate, request, request_id)
+        self.metrics.produced(len(result.images) or len(result.seeds))
+        return result
 
     async def cancel(self, request_id: str) -> None:
         self.model.cancellation.cancel(request_id)

@@ -24,6 +24,7 @@ from deployments.config import SDXLRefinerConfig, Settings
 from deployments.errors import GpuOutOfMemory, InvalidInput
 from deployments.generation import Cancellation, ProgressFn, check_size, image_of, parse_lora_tags
 from deployments.imaging import to_rgb
+from deployments.metrics import StageMetrics
 from deployments.samplers import build_scheduler
 
 logger = logging.getLogger(__name__)
@@ -121,9 +122,13 @@ class Refiner:
 class SDXLRefiner:
     def __init__(self, config: dict | SDXLRefinerConfig) -> None:
         self.model = Refiner(SDXLRefinerConfig.model_validate(config))
+        self.metrics = StageMetrics("sdxl_refiner")
 
     async def refine(self, request: RefineRequest, request_id: str | None = None, source=None) -> list[Image.Image]:
-        return await asyncio.to_thread(self.model.refine, request, request_id, None, source)
+        with self.metrics.track():
+            images = await asyncio.to_thread(self.model.refine, request, request_id, None, source)
+        self.metrics.produced(len(images))
+        return images
 
     async def cancel(self, request_id: str) -> None:
         self.model.cancellation.cancel(request_id)

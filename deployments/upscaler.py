@@ -24,6 +24,7 @@ from deployments.config import Settings, UpscalerConfig
 from deployments.errors import GpuOutOfMemory, InvalidInput, UnknownModel
 from deployments.generation import image_of
 from deployments.imaging import from_tensor, to_rgb, to_tensor
+from deployments.metrics import StageMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -174,11 +175,15 @@ def _ramp(h: int, w: int, overlap: int, device) -> torch.Tensor:
 class Upscaler:
     def __init__(self, config: dict | UpscalerConfig) -> None:
         self.model = ImageUpscaler(UpscalerConfig.model_validate(config))
+        self.metrics = StageMetrics("upscaler")
 
     async def upscale(self, image, upscaler: str = "Lanczos", scale: float | None = 2.0,
                       width: int | None = None, height: int | None = None) -> UpscaleResult:
         """``image``: an image or the previous stage's result."""
-        return await asyncio.to_thread(self.model.upscale, image_of(image), upscaler, scale, width, height)
+        with self.metrics.track():
+            result = await asyncio.to_thread(self.model.upscale, image_of(image), upscaler, scale, width, height)
+        self.metrics.produced(1)
+        return result
 
     async def names(self) -> list[str]:
         return self.model.names()

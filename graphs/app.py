@@ -49,6 +49,10 @@ class AppArgs(BaseModel):
     face_restorer: FaceRestorerConfig = FaceRestorerConfig()
     focal_cropper: FocalCropperConfig = FocalCropperConfig()
     hires_upscaler: str = Field("R-ESRGAN 2x+", description="upscaler name used by hires fix when neural is asked")
+    deployment_options: dict[str, dict] = Field(
+        {}, description="per-deployment .options() for programmatic use; serve_config.yaml's deployments: "
+        "section is the usual place for resources and autoscaling",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -84,13 +88,16 @@ class Ingress(
 def build_app(args: dict) -> Application:
     """Bind the ingress to one handle per model deployment."""
     config = AppArgs.model_validate(args)
-    # Ray's decorator turns each class into a Deployment, which mypy cannot see: hence the ignores.
-    refiner = SDXLRefiner.bind(config.refiner.model_dump()) if config.refiner else None  # type: ignore[attr-defined]
-    return Ingress.bind(  # type: ignore[attr-defined]
-        SDXLBase.bind(config.base.model_dump()),  # type: ignore[attr-defined]
+
+    def deployment(cls):
+        return cls.options(**config.deployment_options.get(cls.name, {}))
+
+    refiner = deployment(SDXLRefiner).bind(config.refiner.model_dump()) if config.refiner else None
+    return deployment(Ingress).bind(
+        deployment(SDXLBase).bind(config.base.model_dump()),
         refiner,
-        Upscaler.bind(config.upscaler.model_dump()),  # type: ignore[attr-defined]
-        FaceRestorer.bind(config.face_restorer.model_dump()),  # type: ignore[attr-defined]
-        FocalCropper.bind(config.focal_cropper.model_dump()),  # type: ignore[attr-defined]
+        deployment(Upscaler).bind(config.upscaler.model_dump()),
+        deployment(FaceRestorer).bind(config.face_restorer.model_dump()),
+        deployment(FocalCropper).bind(config.focal_cropper.model_dump()),
         config.model_dump(),
     )

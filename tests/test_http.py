@@ -35,6 +35,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+METRICS_PORT = _free_port()
+
+
 @pytest.fixture(scope="module")
 def s3_proxy(s3_server):
     host, port = s3_server.removeprefix("http://").split(":")
@@ -58,9 +61,13 @@ def service(tiny, s3_proxy):
     os.environ["TINY_MODELS"] = str(tiny)
     config = yaml.safe_load((ROOT / "configs" / "cpu.yaml").read_text())["applications"][0]
     port = _free_port()
-    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+    args = {**config["args"], "deployment_options": {"Upscaler": {"autoscaling_config": {
+        "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0.5,
+        "downscale_delay_s": 2, "metrics_interval_s": 0.5, "look_back_period_s": 1}}}}
+    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env},
+             _metrics_export_port=METRICS_PORT)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(config["args"]), name="imagegen", route_prefix="/")
+    serve.run(build_app(args), name="imagegen", route_prefix="/")
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
         yield client
     serve.shutdown()
@@ -341,3 +348,48 @@ def test_a1111_interrupt_stops_only_the_callers_request(service):
         service.post("/sdapi/v1/interrupt", headers={"authorization": "Bearer a"})
         _error(victim.result(timeout=120), 409, "CANCELLED")
         assert bystander.result(timeout=120).status_code == 200
+
+
+# --- operations: metrics and autoscaling --------------------------------------------------------------------
+
+def test_stage_metrics_reach_prometheus(service):
+    service.post("/generate", json={"prompt": "x", "width": 64, "height": 64, "num_inference_steps": 2,
+                                    "use_refiner": False})
+    service.post("/generate", json={"prompt": "x", "width": 100})  # a refused request never reaches a stage
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).text
+        if 'imagegen_images_total{' in text and 'stage="sdxl_base"' in text:
+            break
+        time.sleep(1)
+    images = [line for line in text.splitlines() if line.startswith("ray_imagegen_images_total{")
+              and 'stage="sdxl_base"' in line]
+    assert images and float(images[0].rsplit(" ", 1)[1]) >= 1
+    assert "ray_imagegen_stage_latency_seconds_bucket{" in text
+    assert "ray_imagegen_in_flight{" in text
+
+
+def _running_upscalers() -> int:
+    from ray import serve
+
+    deployment = serve.status().applications["imagegen"].deployments["Upscaler"]
+    return deployment.replica_states.get("RUNNING", 0)
+
+
+def test_upscaler_autoscales_up_under_load_and_back_down(service, astronaut):
+    import concurrent.futures
+
+    payload = {"image": _b64(astronaut), "upscaler_1": "R-ESRGAN 4x+", "upscaling_resize": 4}
+    assert _running_upscalers() == 1
+    peak = 1
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(service.post, "/sdapi/v1/extra-single-image", json=payload) for _ in range(12)]
+        while not all(f.done() for f in futures):
+            peak = max(peak, _running_upscalers())
+            time.sleep(0.25)
+        assert all(f.result().status_code == 200 for f in futures)
+    assert peak == 2
+    deadline = time.monotonic() + 90
+    while _running_upscalers() > 1 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert _running_upscalers() == 1

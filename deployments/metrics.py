@@ -1,0 +1,52 @@
+"""Per-deployment metrics through Ray Serve's metrics API (Prometheus endpoint, Ray dashboard).
+
+Every deployment records, per stage: a latency histogram, images produced, failures by error code, and the
+requests in flight on the replica (its queue depth).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from ray.serve import metrics
+
+from deployments.errors import ServiceError
+
+_BOUNDARIES = [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160]
+
+
+class StageMetrics:
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+        tags = ("stage",)
+        self.latency = metrics.Histogram("imagegen_stage_latency_seconds", description="time per stage call",
+                                         boundaries=_BOUNDARIES, tag_keys=tags)
+        self.images = metrics.Counter("imagegen_images_total", description="images produced", tag_keys=tags)
+        self.failures = metrics.Counter("imagegen_failures_total", description="failed calls by error code",
+                                        tag_keys=("stage", "code"))
+        self.in_flight = metrics.Gauge("imagegen_in_flight", description="calls running or waiting on a replica",
+                                       tag_keys=tags)
+        for metric in (self.latency, self.images, self.failures, self.in_flight):
+            metric.set_default_tags({"stage": stage})
+        self._running = 0
+
+    @contextmanager
+    def track(self) -> Iterator[StageMetrics]:
+        self._running += 1
+        self.in_flight.set(self._running)
+        started = time.perf_counter()
+        try:
+            yield self
+        except Exception as e:
+            self.failures.inc(tags={"code": e.code if isinstance(e, ServiceError) else type(e).__name__})
+            raise
+        finally:
+            self._running -= 1
+            self.in_flight.set(self._running)
+            self.latency.observe(time.perf_counter() - started)
+
+    def produced(self, count: int) -> None:
+        if count:
+            self.images.inc(count)
