@@ -78,9 +78,16 @@ def error_response(code: str, message: str, details: dict | None = None, headers
 
 
 async def _service_error(_request: Request, exc: Exception) -> JSONResponse:
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+
     error = unwrap(exc)
+    if isinstance(error, BackPressureError | DeploymentUnavailableError | ReplicaUnavailableError | RayActorError):
+        # A full queue or a replica being replaced: the client should come back shortly.
+        return error_response("MODEL_UNAVAILABLE", "the service is busy or restarting; retry shortly",
+                              {"reason": type(error).__name__})
     if not isinstance(error, ServiceError):
-        logger.exception("unhandled error", exc_info=error)
+        logger.error("unhandled %s", type(error).__name__, exc_info=error)
         return error_response("INTERNAL_ERROR", "internal error")
     headers = {"WWW-Authenticate": "Bearer"} if error.code == "UNAUTHORIZED" else None
     return error_response(error.code, error.message, error.details, headers)
@@ -183,7 +190,7 @@ def create_app() -> FastAPI:
         description="SDXL image generation on Ray Serve. Serves the seed APIs: /generate, /v1/images/*, "
         "/process, /derivatives/clip-focal and Automatic1111's /sdapi/v1/*.",
     )
-    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(Exception, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_middleware(BearerAuth)

@@ -91,3 +91,26 @@ async def test_validation_errors_name_the_field(make_client):
     assert response.status_code == 422 and response.json()["code"] == "INVALID_INPUT"
     missing = await client.get("/nowhere")
     assert missing.status_code == 404 and missing.json()["code"] == "NOT_FOUND"
+
+
+async def test_ray_backpressure_is_503_with_retry_after():
+    from ray.serve.exceptions import BackPressureError
+
+    app = http.create_app()
+
+    @app.get("/busy")
+    async def busy():
+        raise BackPressureError(num_queued_requests=10, max_queued_requests=10)
+
+    @app.get("/boom")
+    async def boom():
+        raise RuntimeError("secret internals")
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
+                                 base_url="http://test") as client:
+        response = await client.get("/busy")
+        assert response.status_code == 503 and response.headers["retry-after"]
+        assert response.json()["code"] == "MODEL_UNAVAILABLE"
+        boom = await client.get("/boom")
+        assert boom.status_code == 500 and boom.json()["code"] == "INTERNAL_ERROR"
+        assert "secret" not in boom.text

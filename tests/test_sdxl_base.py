@@ -194,3 +194,23 @@ def test_latents_for_the_refiner_skip_the_decode(base, monkeypatch):
     result = gen(base, seed=1, denoising_end=0.8, batch_size=2)
     assert result.images == [] and calls == []
     assert result.latents.shape == (2, 4, 16, 16)  # the VAE's x8 scale
+
+
+def test_gpu_oom_is_retryable_and_repeated_ooms_fail_health(base, monkeypatch):
+    import torch
+
+    from deployments.errors import GpuOutOfMemory
+
+    def out_of_memory(**_kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    monkeypatch.setattr(base, "_run", lambda *a, **k: out_of_memory())
+    for attempt in range(3):
+        assert base.healthy()
+        with pytest.raises(GpuOutOfMemory) as e:
+            gen(base)
+        assert e.value.code == "GPU_OOM" and base.consecutive_ooms == attempt + 1
+    assert not base.healthy()
+    monkeypatch.undo()
+    gen(base)  # a success resets the count
+    assert base.healthy() and base.consecutive_ooms == 0
