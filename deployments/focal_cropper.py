@@ -18,6 +18,7 @@ from ray import serve
 from deployments import faces as face_lib
 from deployments.config import FocalCropperConfig
 from deployments.errors import InvalidInput
+from deployments.generation import image_of
 from deployments.imaging import Format, encode, pil_to_array, to_rgb
 from deployments.metrics import StageMetrics
 
@@ -130,13 +131,15 @@ class FocalCropper:
         self.model = Cropper(FocalCropperConfig.model_validate(config or {}))
         self.metrics = StageMetrics("focal_cropper")
 
-    async def focus(self, image: Image.Image) -> Focus:
-        return await asyncio.to_thread(self.model.focus, image)
+    async def focus(self, image) -> Focus:
+        """``image``: an image or the previous stage's result."""
+        return await asyncio.to_thread(self.model.focus, image_of(image))
 
-    async def crop(self, image: Image.Image, sizes: list[CropSize], focus: Focus | None = None,
+    async def crop(self, image, sizes: list[CropSize], focus: Focus | None = None,
                    fmt: Format | None = None, quality: int = 90,
                    derivative_widths: list[int] | None = None) -> tuple[Focus, list[Crop]]:
         with self.metrics.track():
-            result = await asyncio.to_thread(self.model.crop, image, sizes, focus, fmt, quality, derivative_widths)
+            result = await asyncio.to_thread(self.model.crop, image_of(image), sizes, focus, fmt, quality,
+                                             derivative_widths)
         self.metrics.produced(len(result[1]))
         return result

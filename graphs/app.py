@@ -25,8 +25,9 @@ from deployments.focal_cropper import FocalCropper
 from deployments.sdxl_base import SDXLBase
 from deployments.sdxl_refiner import SDXLRefiner
 from deployments.upscaler import Upscaler
-from graphs import plans, routes_a1111, routes_generate, routes_illustration, routes_processing
+from graphs import plans, routes_a1111, routes_generate, routes_illustration, routes_jobs, routes_processing
 from graphs.http import create_app
+from graphs.jobs import JobRunner, JobSettings, SizeTable
 from graphs.storage import PhotoStore
 
 
@@ -62,7 +63,7 @@ class AppArgs(BaseModel):
 
 app = create_app()
 app.include_router(routes_generate.open_router)
-for module in (routes_generate, routes_illustration, routes_processing, routes_a1111):
+for module in (routes_generate, routes_illustration, routes_processing, routes_a1111, routes_jobs):
     app.include_router(module.router)
 
 
@@ -73,8 +74,9 @@ class Ingress(
     routes_illustration.IllustrationRoutes,
     routes_processing.ProcessingRoutes,
     routes_a1111.A1111Routes,
+    routes_jobs.JobRoutes,
 ):
-    def __init__(self, base, refiner, upscaler, faces, cropper, args: dict) -> None:
+    def __init__(self, base, refiner, upscaler, faces, cropper, runner, args: dict) -> None:
         config = AppArgs.model_validate(args)
         self.handles = plans.Handles(base, refiner, upscaler, faces)
         self.cropper = cropper
@@ -83,6 +85,11 @@ class Ingress(
         self.photos = PhotoStore(self.illustration.storage())
         self.a1111_options: dict = {"samples_format": "png"}
         self.in_flight: dict = {}
+        self.runner = runner  # deployed with the app; it reads the same job store
+        self.job_settings = JobSettings()
+        self.jobs = self.job_settings.store()
+        self.results = self.job_settings.results()
+        self.sizes = SizeTable.load(self.job_settings.sizes_file)
 
 
 def build_app(args: dict) -> Application:
@@ -92,12 +99,10 @@ def build_app(args: dict) -> Application:
     def deployment(cls):
         return cls.options(**config.deployment_options.get(cls.name, {}))
 
+    base = deployment(SDXLBase).bind(config.base.model_dump())
     refiner = deployment(SDXLRefiner).bind(config.refiner.model_dump()) if config.refiner else None
-    return deployment(Ingress).bind(
-        deployment(SDXLBase).bind(config.base.model_dump()),
-        refiner,
-        deployment(Upscaler).bind(config.upscaler.model_dump()),
-        deployment(FaceRestorer).bind(config.face_restorer.model_dump()),
-        deployment(FocalCropper).bind(config.focal_cropper.model_dump()),
-        config.model_dump(),
-    )
+    upscaler = deployment(Upscaler).bind(config.upscaler.model_dump())
+    faces = deployment(FaceRestorer).bind(config.face_restorer.model_dump())
+    cropper = deployment(FocalCropper).bind(config.focal_cropper.model_dump())
+    runner = deployment(JobRunner).bind(base, refiner, upscaler, faces, cropper, config.hires_upscaler)
+    return deployment(Ingress).bind(base, refiner, upscaler, faces, cropper, runner, config.model_dump())

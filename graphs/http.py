@@ -33,6 +33,7 @@ STATUS = {
     "UNAUTHORIZED": 401,
     "CANCELLED": 409,
     "CONFLICT": 409,
+    "QUEUE_FULL": 429,
     "PAYLOAD_TOO_LARGE": 413,
     "GPU_OOM": 503,
     "MODEL_UNAVAILABLE": 503,
@@ -71,7 +72,7 @@ class StorageUnavailable(ServiceError):
 
 def error_response(code: str, message: str, details: dict | None = None, headers: dict | None = None) -> JSONResponse:
     status = STATUS.get(code, 500)
-    if status == 503:
+    if status in (429, 503):
         headers = {"Retry-After": "5", **(headers or {})}
     body = ErrorBody(error=message, code=code, details=details or {})
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)

@@ -44,6 +44,7 @@ class PlanOptions:
     neural_upscaler: str | None = "R-ESRGAN 2x+"  # None: Lanczos
     restore_faces: bool = False
     face_weight: float = 0.6
+    request_id: str | None = None  # lets a job's progress be read and its generation cancelled
 
 
 @dataclass
@@ -68,12 +69,12 @@ async def standard(h: Handles, request: GenerationRequest, opts: PlanOptions) ->
     request = request.model_copy(update={"seed": seed, "batch_size": 1})
     warnings: list[str] = []
     if opts.use_refiner and h.refiner is not None:
-        base = h.base.generate.remote(request.model_copy(update={"denoising_end": ENSEMBLE_SPLIT}))
+        base = h.base.generate.remote(request.model_copy(update={"denoising_end": ENSEMBLE_SPLIT}), opts.request_id)
         last = h.refiner.refine.remote(_refine(request, seed, denoising_start=ENSEMBLE_SPLIT), None, base)
     else:
         if opts.use_refiner:
             warnings.append("refiner not deployed: base output returned")
-        base = last = h.base.generate.remote(request)
+        base = last = h.base.generate.remote(request, opts.request_id)
     report = await _finish(h, last, seed, opts)
     report.refiner_applied = last is not base
     report.warnings[:0] = warnings + (await call(base)).warnings
@@ -83,7 +84,7 @@ async def standard(h: Handles, request: GenerationRequest, opts: PlanOptions) ->
 async def hires_fix(h: Handles, request: GenerationRequest, opts: PlanOptions) -> Report:
     seed = resolve_seeds(request.seed, 1)[0]
     first = request.model_copy(update={"width": HIRES_BASE, "height": HIRES_BASE, "batch_size": 1, "seed": seed})
-    base = h.base.generate.remote(first)
+    base = h.base.generate.remote(first, opts.request_id)
     upscaled = h.upscaler.upscale.remote(base, opts.neural_upscaler or "Lanczos", 2.0)
     last = upscaled
     if h.refiner is not None:

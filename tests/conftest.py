@@ -105,3 +105,100 @@ def s3_client(endpoint: str):
     import boto3
 
     return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+
+
+# --- the served application (one real local Ray cluster for every HTTP test module) ---------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+BUCKET = "illustrations-test"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+METRICS_PORT = _free_port()
+
+
+@pytest.fixture(scope="session")
+def s3_proxy(s3_server):
+    """The ingress reaches S3 through this proxy, so tests can take S3 down (``broken = True``)."""
+    from tests.netfaults import TruncatingProxy
+
+    host, port = s3_server.removeprefix("http://").split(":")
+    proxy = TruncatingProxy((host, int(port)), budget=None)
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture(scope="session")
+def jobs_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("jobs-data")
+
+
+def serve_app() -> None:
+    """Deploy configs/cpu.yaml's application (with a test autoscaling policy on the Upscaler)."""
+    import yaml
+    from ray import serve
+
+    from graphs.app import build_app
+
+    config = yaml.safe_load((ROOT / "configs" / "cpu.yaml").read_text())["applications"][0]
+    args = {**config["args"], "deployment_options": {"Upscaler": {"autoscaling_config": {
+        "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0.5,
+        "downscale_delay_s": 2, "metrics_interval_s": 0.5, "look_back_period_s": 1}}}}
+    serve.run(build_app(args), name="imagegen", route_prefix="/")
+
+
+@pytest.fixture(scope="session")
+def service(tiny, s3_proxy, jobs_dir):
+    import httpx
+    import ray
+    from ray import serve
+
+    env = {
+        "TINY_MODELS": str(tiny), "AWS_ENDPOINT_URL": s3_proxy.url, "S3_BUCKET_NAME": BUCKET,
+        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+        "ILLUSTRATION_SIZE": "256", "DEFAULT_NUM_INFERENCE_STEPS": "4", "MAX_BODY_BYTES": str(4 * 1024 * 1024),
+        "JOBS_DATA_DIR": str(jobs_dir), "MAX_CONCURRENT_JOBS": "1", "MAX_QUEUE_SIZE": "8",
+        "JOB_LEASE_SECONDS": "3", "JOB_POLL_SECONDS": "0.1",
+    }
+    os.environ["TINY_MODELS"] = str(tiny)
+    port = _free_port()
+    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env},
+             _metrics_export_port=METRICS_PORT)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve_app()
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+        yield client
+    serve.shutdown()
+    ray.shutdown()
+
+
+def decode_b64(data: str) -> Image.Image:
+    import base64
+    import io
+
+    return Image.open(io.BytesIO(base64.b64decode(data.split(",", 1)[-1])))
+
+
+def b64(image: Image.Image, fmt: str = "PNG", **save) -> str:
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def error(response, status: int, code: str, field: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["code"] == code and set(body) == {"error", "code", "details"}
+    if field is not None:
+        assert body["details"]["field"] == field
+    return body

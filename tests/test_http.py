@@ -1,7 +1,7 @@
 """Integration: a real local Ray cluster (logical GPUs on CPU) serving configs/cpu.yaml over HTTP.
 
-One cluster for the module; S3 traffic of the ingress goes through a loopback proxy to moto's server so the
-tests can take S3 down.
+One cluster for the session (tests/conftest.py); the ingress reaches moto's S3 server through a loopback proxy
+so that tests can take S3 down.
 """
 
 from __future__ import annotations
@@ -9,88 +9,17 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import re
-import socket
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-import yaml
 from PIL import Image, PngImagePlugin
 
-from tests.conftest import s3_client
-from tests.netfaults import TruncatingProxy
+from tests.conftest import BUCKET, METRICS_PORT, ROOT, b64, decode_b64, error, s3_client
 
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.integration
-BUCKET = "illustrations-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-METRICS_PORT = _free_port()
-
-
-@pytest.fixture(scope="module")
-def s3_proxy(s3_server):
-    host, port = s3_server.removeprefix("http://").split(":")
-    proxy = TruncatingProxy((host, int(port)), budget=None)
-    yield proxy
-    proxy.close()
-
-
-@pytest.fixture(scope="module")
-def service(tiny, s3_proxy):
-    import ray
-    from ray import serve
-
-    from graphs.app import build_app
-
-    env = {
-        "TINY_MODELS": str(tiny), "AWS_ENDPOINT_URL": s3_proxy.url, "S3_BUCKET_NAME": BUCKET,
-        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
-        "ILLUSTRATION_SIZE": "256", "DEFAULT_NUM_INFERENCE_STEPS": "4", "MAX_BODY_BYTES": str(4 * 1024 * 1024),
-    }
-    os.environ["TINY_MODELS"] = str(tiny)
-    config = yaml.safe_load((ROOT / "configs" / "cpu.yaml").read_text())["applications"][0]
-    port = _free_port()
-    args = {**config["args"], "deployment_options": {"Upscaler": {"autoscaling_config": {
-        "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0.5,
-        "downscale_delay_s": 2, "metrics_interval_s": 0.5, "look_back_period_s": 1}}}}
-    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env},
-             _metrics_export_port=METRICS_PORT)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(args), name="imagegen", route_prefix="/")
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
-        yield client
-    serve.shutdown()
-    ray.shutdown()
-
-
-def _decode(b64: str) -> Image.Image:
-    return Image.open(io.BytesIO(base64.b64decode(b64.split(",", 1)[-1])))
-
-
-def _b64(image: Image.Image, fmt: str = "PNG", **save) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **save)
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
-def _error(response, status: int, code: str, field: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert body["code"] == code and set(body) == {"error", "code", "details"}
-    if field is not None:
-        assert body["details"]["field"] == field
-    return body
 
 
 # --- seed 000 -----------------------------------------------------------------------------------------------
@@ -114,9 +43,9 @@ def test_generate_standard(service):
     body = response.json()
     assert body["success"] and body["refiner_applied"] and not body["hires_fix_applied"]
     assert body["final_resolution"] == "256x256" and body["seed"] == 42 and body["model"] == "SDXL"
-    assert _decode(body["image"]).size == (256, 256)
+    assert decode_b64(body["image"]).size == (256, 256)
     assert body["image"].startswith("data:image/png;base64,")
-    assert _decode(body["imageData"]).size == (body["width"], body["height"]) and body["format"] == "png"
+    assert decode_b64(body["imageData"]).size == (body["width"], body["height"]) and body["format"] == "png"
 
 
 def test_generate_same_seed_same_image(service):
@@ -135,7 +64,7 @@ def test_generate_hires_fix_with_faces(service):
     body = response.json()
     assert body["hires_fix_applied"] and body["upscaler"] == "R-ESRGAN 2x+"
     assert body["final_resolution"] == "1536x1536"
-    assert _decode(body["image"]).size == (1536, 1536)
+    assert decode_b64(body["image"]).size == (1536, 1536)
     assert body["generation_time_seconds"] <= time.perf_counter() - started
     # Random weights paint no face: the flag says so instead of pretending.
     assert not body["face_restoration_applied"] and any("face" in w for w in body["warnings"])
@@ -154,7 +83,7 @@ def test_preset_fast_applies_and_explicit_fields_win(service):
     ({"prompt": "x", "face_restoration_weight": 3}, "face_restoration_weight"),
 ])
 def test_bad_input_is_a_structured_422(service, payload, field):
-    _error(service.post("/generate", json=payload), 422, "INVALID_INPUT", field)
+    error(service.post("/generate", json=payload), 422, "INVALID_INPUT", field)
 
 
 def test_readme_curl_example(service):
@@ -166,7 +95,7 @@ def test_readme_curl_example(service):
 
 
 def test_oversize_body_is_413(service):
-    _error(service.post("/generate", content=b"x" * (5 * 1024 * 1024),
+    error(service.post("/generate", content=b"x" * (5 * 1024 * 1024),
                         headers={"content-type": "application/json"}), 413, "PAYLOAD_TOO_LARGE")
 
 
@@ -176,8 +105,8 @@ def test_oversize_body_is_413(service):
 def photos(s3_server, astronaut):
     client = s3_client(s3_server)
     client.create_bucket(Bucket=BUCKET)
-    client.put_object(Bucket=BUCKET, Key="avatars/user123.png", Body=base64.b64decode(_b64(astronaut)))
-    client.put_object(Bucket=BUCKET, Key="subjects/user123.jpg", Body=base64.b64decode(_b64(astronaut, "JPEG")))
+    client.put_object(Bucket=BUCKET, Key="avatars/user123.png", Body=base64.b64decode(b64(astronaut)))
+    client.put_object(Bucket=BUCKET, Key="subjects/user123.jpg", Body=base64.b64decode(b64(astronaut, "JPEG")))
     return client
 
 
@@ -196,14 +125,14 @@ def test_illustration_reads_s3_and_writes_s3(service, photos, kind, payload):
 
 
 def test_illustration_errors(service, photos, s3_proxy):
-    _error(service.post("/v1/images/memory", json={"user_id": "nobody", "prompt": "x"}), 404, "NOT_FOUND", "user_id")
+    error(service.post("/v1/images/memory", json={"user_id": "nobody", "prompt": "x"}), 404, "NOT_FOUND", "user_id")
     for bad in ("../etc", "a/b", "x\u0000y"):
-        _error(service.post("/v1/images/subject", json={"user_id": bad}), 422, "INVALID_INPUT", "user_id")
-    _error(service.post("/v1/images/memory", json={"user_id": "user123"}), 422, "INVALID_INPUT", "prompt")
+        error(service.post("/v1/images/subject", json={"user_id": bad}), 422, "INVALID_INPUT", "user_id")
+    error(service.post("/v1/images/memory", json={"user_id": "user123"}), 422, "INVALID_INPUT", "prompt")
     s3_proxy.broken = True
     try:
         response = service.post("/v1/images/subject", json={"user_id": "user123"})
-        _error(response, 503, "STORAGE_UNAVAILABLE")
+        error(response, 503, "STORAGE_UNAVAILABLE")
         assert response.headers["retry-after"]
     finally:
         s3_proxy.broken = False
@@ -214,27 +143,27 @@ def test_illustration_errors(service, photos, s3_proxy):
 def test_process_strips_metadata_and_converts(service, astronaut):
     info = PngImagePlugin.PngInfo()
     info.add_text("secret", "gps 51.5,-0.1")
-    response = service.post("/process", json={"image": _b64(astronaut, pnginfo=info),
+    response = service.post("/process", json={"image": b64(astronaut, pnginfo=info),
                                               "operations": ["sanitize", "optimize", "convert-webp", "derivatives"],
                                               "widths": [128, 256, 4096]})
     assert response.status_code == 200, response.text
     body = response.json()
-    out = _decode(body["imageData"])
+    out = decode_b64(body["imageData"])
     assert out.format == "WEBP" and out.size == (512, 512) and "secret" not in out.info
     assert "secret" in body["metadata"]["strippedMetadata"]
     assert [(d["width"], d["height"]) for d in body["derivatives"]] == [(128, 128), (256, 256)]
 
 
 def test_process_sanitize_only_keeps_png(service, astronaut):
-    body = service.post("/process", json={"image": "data:image/png;base64," + _b64(astronaut),
+    body = service.post("/process", json={"image": "data:image/png;base64," + b64(astronaut),
                                           "operations": ["sanitize"]}).json()
     assert body["format"] == "png" and body["derivatives"] == []
-    assert np.array_equal(np.asarray(_decode(body["imageData"])), np.asarray(astronaut))
+    assert np.array_equal(np.asarray(decode_b64(body["imageData"])), np.asarray(astronaut))
 
 
 def test_clip_focal_keeps_the_face(service, astronaut, astronaut_face_box):
     response = service.post("/derivatives/clip-focal", json={
-        "image": _b64(astronaut), "sizes": ["300x100", {"name": "story", "width": 90, "height": 160}],
+        "image": b64(astronaut), "sizes": ["300x100", {"name": "story", "width": 90, "height": 160}],
         "format": "jpeg", "quality": 80})
     assert response.status_code == 200, response.text
     body = response.json()
@@ -243,14 +172,14 @@ def test_clip_focal_keeps_the_face(service, astronaut, astronaut_face_box):
     for crop in body["derivatives"]:
         x0, y0, x1, y1 = crop["box"]
         assert x0 <= fx0 and y0 <= fy0 and x1 >= fx1 and y1 >= fy1
-        assert _decode(crop["imageData"]).format == "JPEG"
+        assert decode_b64(crop["imageData"]).format == "JPEG"
     assert [(c["width"], c["height"]) for c in body["derivatives"]] == [(300, 100), (90, 160)]
 
 
 @pytest.mark.parametrize("image", ["not base64!!", base64.b64encode(b"GIF89a" + b"\0" * 40).decode(),
                                    base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 20).decode()])
 def test_bad_images_are_400(service, image):
-    _error(service.post("/process", json={"image": image}), 400, "INVALID_IMAGE", "image")
+    error(service.post("/process", json={"image": image}), 400, "INVALID_IMAGE", "image")
 
 
 # --- seed 004 / Automatic1111 -------------------------------------------------------------------------------
@@ -265,7 +194,7 @@ def test_a1111_txt2img_with_lora_batch_and_info(service):
     assert len(body["images"]) == 4 and "," not in body["images"][0]
     info = json.loads(body["info"])
     assert info["all_seeds"] == [1000, 1001, 1002, 1003] and info["seed"] == 1000
-    image = _decode(body["images"][3])
+    image = decode_b64(body["images"][3])
     assert image.size == (128, 72)
     assert "Seed: 1003" in image.info["parameters"] and "Sampler: DPM++ 2M Karras" in image.info["parameters"]
     read_back = service.post("/sdapi/v1/png-info", json={"image": body["images"][0]}).json()
@@ -276,7 +205,7 @@ def test_a1111_hires_and_refiner(service):
     body = service.post("/sdapi/v1/txt2img", json={
         "prompt": "castle", "width": 64, "height": 64, "steps": 3, "seed": 3, "enable_hr": True, "hr_scale": 2,
         "hr_upscaler": "R-ESRGAN 4x+", "denoising_strength": 0.5}).json()
-    assert _decode(body["images"][0]).size == (128, 128)
+    assert decode_b64(body["images"][0]).size == (128, 128)
     body = service.post("/sdapi/v1/txt2img", json={
         "prompt": "castle", "width": 64, "height": 64, "steps": 4, "seed": 3,
         "refiner_checkpoint": "tiny-sdxl-refiner", "refiner_switch_at": 0.5}).json()
@@ -288,27 +217,27 @@ def test_a1111_img2img_inpaint_keeps_unmasked(service, astronaut):
     mask = Image.new("L", (128, 128), 0)
     mask.paste(255, (0, 0, 64, 128))
     response = service.post("/sdapi/v1/img2img", json={
-        "init_images": [_b64(init)], "mask": _b64(mask), "mask_blur": 0, "denoising_strength": 1.0,
+        "init_images": [b64(init)], "mask": b64(mask), "mask_blur": 0, "denoising_strength": 1.0,
         "prompt": "x", "width": 128, "height": 128, "steps": 3, "seed": 5, "inpainting_fill": 1})
     assert response.status_code == 200, response.text
-    out = np.asarray(_decode(response.json()["images"][0]), dtype=np.int16)
+    out = np.asarray(decode_b64(response.json()["images"][0]), dtype=np.int16)
     assert np.abs(out[:, 64:] - np.asarray(init, dtype=np.int16)[:, 64:]).max() <= 1
 
 
 def test_a1111_extras(service, astronaut):
     thumb = astronaut.resize((64, 36))
     body = service.post("/sdapi/v1/extra-single-image", json={
-        "image": "data:image/png;base64," + _b64(thumb), "resize_mode": 0, "upscaling_resize": 2,
+        "image": "data:image/png;base64," + b64(thumb), "resize_mode": 0, "upscaling_resize": 2,
         "upscaler_1": "R-ESRGAN 4x+", "upscaler_2": "None", "upscaler_2_visibility": 0.0}).json()
-    assert _decode(body["image"]).size == (128, 72)
-    fallback = service.post("/sdapi/v1/extra-single-image", json={"image": _b64(thumb), "upscaler_1": "SwinIR_4x"})
-    assert fallback.status_code == 200 and _decode(fallback.json()["image"]).size == (128, 72)
-    _error(service.post("/sdapi/v1/extra-single-image", json={"image": _b64(thumb), "upscaler_1": "Nope"}),
+    assert decode_b64(body["image"]).size == (128, 72)
+    fallback = service.post("/sdapi/v1/extra-single-image", json={"image": b64(thumb), "upscaler_1": "SwinIR_4x"})
+    assert fallback.status_code == 200 and decode_b64(fallback.json()["image"]).size == (128, 72)
+    error(service.post("/sdapi/v1/extra-single-image", json={"image": b64(thumb), "upscaler_1": "Nope"}),
            422, "UNKNOWN_MODEL", "upscaler")
     batch = service.post("/sdapi/v1/extra-batch-images", json={
-        "imageList": [{"data": _b64(thumb), "name": "a"}, {"data": _b64(thumb), "name": "b"}],
+        "imageList": [{"data": b64(thumb), "name": "a"}, {"data": b64(thumb), "name": "b"}],
         "resize_mode": 1, "upscaling_resize_w": 100, "upscaling_resize_h": 50, "upscaler_1": "Lanczos"}).json()
-    assert [_decode(i).size for i in batch["images"]] == [(100, 50), (100, 50)]
+    assert [decode_b64(i).size for i in batch["images"]] == [(100, 50), (100, 50)]
 
 
 def test_a1111_listings_and_options(service):
@@ -321,10 +250,10 @@ def test_a1111_listings_and_options(service):
     assert service.post("/sdapi/v1/refresh-checkpoints").status_code == 200
     assert service.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "tiny-sdxl-base"
     assert service.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny-sdxl-base"}).status_code == 200
-    _error(service.post("/sdapi/v1/options", json={"sd_model_checkpoint": "sd_xl_turbo"}), 422, "UNKNOWN_MODEL")
-    _error(service.post("/sdapi/v1/txt2img", json={"prompt": "x", "override_settings": {
+    error(service.post("/sdapi/v1/options", json={"sd_model_checkpoint": "sd_xl_turbo"}), 422, "UNKNOWN_MODEL")
+    error(service.post("/sdapi/v1/txt2img", json={"prompt": "x", "override_settings": {
         "sd_model_checkpoint": "other"}}), 422, "UNKNOWN_MODEL", "override_settings.sd_model_checkpoint")
-    _error(service.post("/sdapi/v1/txt2img", json={"prompt": "x", "sampler_name": "Nope"}), 422, "UNKNOWN_MODEL")
+    error(service.post("/sdapi/v1/txt2img", json={"prompt": "x", "sampler_name": "Nope"}), 422, "UNKNOWN_MODEL")
     idle = service.get("/sdapi/v1/progress").json()
     assert idle["progress"] == 0 and idle["state"]["job_count"] == 0
     assert service.post("/sdapi/v1/interrupt").json() == {}
@@ -346,7 +275,7 @@ def test_a1111_interrupt_stops_only_the_callers_request(service):
             time.sleep(0.2)
         assert 0 < progress["progress"] < 1
         service.post("/sdapi/v1/interrupt", headers={"authorization": "Bearer a"})
-        _error(victim.result(timeout=120), 409, "CANCELLED")
+        error(victim.result(timeout=120), 409, "CANCELLED")
         assert bystander.result(timeout=120).status_code == 200
 
 
@@ -379,7 +308,7 @@ def _running_upscalers() -> int:
 def test_upscaler_autoscales_up_under_load_and_back_down(service, astronaut):
     import concurrent.futures
 
-    payload = {"image": _b64(astronaut), "upscaler_1": "R-ESRGAN 4x+", "upscaling_resize": 4}
+    payload = {"image": b64(astronaut), "upscaler_1": "R-ESRGAN 4x+", "upscaling_resize": 4}
     assert _running_upscalers() == 1
     peak = 1
     with concurrent.futures.ThreadPoolExecutor(6) as pool:

@@ -1,0 +1,124 @@
+"""The SQLite job store: durability, leases, priorities, idempotency, cancel, retention."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from deployments.errors import InvalidInput
+from graphs.jobstore import Job, QueueFull, SQLiteJobStore, new_job_id
+
+
+@pytest.fixture
+def store(tmp_path):
+    return SQLiteJobStore(tmp_path / "jobs.sqlite3", max_attempts=2)
+
+
+def job(**kw) -> Job:
+    return Job(id=new_job_id(), type="text2img", request={"prompt": "x", **kw.pop("request", {})}, **kw)
+
+
+def test_a_job_is_durable_before_its_id_is_returned(store, tmp_path):
+    created, fresh = store.create(job())
+    assert fresh and created.id.startswith("job_")
+    reopened = SQLiteJobStore(tmp_path / "jobs.sqlite3")  # a restart: a new process opens the same file
+    assert reopened.get(created.id).status == "queued"
+    assert reopened.get("job_0_missing") is None
+
+
+def test_priorities_then_fifo(store):
+    ids = {}
+    for name, priority in [("low1", "low"), ("normal1", "normal"), ("high1", "high"), ("normal2", "normal"),
+                           ("high2", "high")]:
+        ids[store.create(job(priority=priority))[0].id] = name
+    order = [ids[store.claim("w", 30).id] for _ in range(5)]
+    assert order == ["high1", "high2", "normal1", "normal2", "low1"]
+    assert store.claim("w", 30) is None
+
+
+def test_queue_limit_refuses_and_creates_nothing(store):
+    for _ in range(3):
+        store.create(job(), max_queued=3)
+    with pytest.raises(QueueFull):
+        store.create(job(), max_queued=3)
+    assert store.list_jobs()[1] == 3
+
+
+def test_idempotency(store):
+    first, created = store.create(job(request={"seed": 1}), idempotency_key="k1")
+    again, created_again = store.create(job(request={"seed": 1}), idempotency_key="k1")
+    assert created and not created_again and again.id == first.id
+    with pytest.raises(InvalidInput) as e:
+        store.create(job(request={"seed": 2}), idempotency_key="k1")
+    assert e.value.field == "Idempotency-Key"
+    assert store.list_jobs()[1] == 1
+
+
+def test_expired_lease_is_claimed_again_then_failed_after_max_attempts(store):
+    created, _ = store.create(job())
+    first = store.claim("dead-worker", lease_s=0.05)
+    assert first.id == created.id and first.attempts == 1
+    time.sleep(0.1)
+    second = store.claim("other-worker", lease_s=0.05)
+    assert second.id == created.id and second.attempts == 2
+    assert not store.finish(created.id, "dead-worker", "completed", {"images": []})  # the old owner lost it
+    time.sleep(0.1)
+    assert store.claim("third", lease_s=30) is None
+    failed = store.get(created.id)
+    assert failed.status == "failed" and "lease expired" in failed.error
+
+
+def test_result_is_published_once(store):
+    created, _ = store.create(job())
+    store.claim("w", 30)
+    assert store.finish(created.id, "w", "completed", {"images": ["a.png"]})
+    assert not store.finish(created.id, "w", "failed", error="late")
+    done = store.get(created.id)
+    assert done.status == "completed" and done.progress == 100 and done.result == {"images": ["a.png"]}
+
+
+def test_cancel_queued_running_and_finished(store):
+    queued, _ = store.create(job())
+    assert store.cancel(queued.id).status == "cancelled"
+    assert store.cancel(queued.id).status == "cancelled"  # twice is harmless
+    running, _ = store.create(job())
+    assert store.claim("w", 30).id == running.id
+    assert store.heartbeat(running.id, "w", 30, progress=40.0)
+    assert store.cancel(running.id).cancel_requested
+    assert not store.heartbeat(running.id, "w", 30)  # the worker learns at its next heartbeat
+    assert store.get(running.id).progress == 40.0
+    assert store.claim("w", 30) is None  # the cancelled queued job never runs
+
+
+def test_concurrent_claims_never_share_a_job(store):
+    for _ in range(40):
+        store.create(job())
+    claimed, lock = [], threading.Lock()
+
+    def worker(name):
+        while (j := store.claim(name, 30)) is not None:
+            with lock:
+                claimed.append(j.id)
+
+    threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(claimed) == len(set(claimed)) == 40
+
+
+def test_stats_and_retention(store):
+    a, _ = store.create(job())
+    b, _ = store.create(job())
+    store.claim("w", 30)
+    store.finish(a.id, "w", "completed", {"images": []})
+    stats = store.stats()
+    assert stats["counts"] == {"completed": 1, "queued": 1}
+    assert store.purge(older_than_s=3600) == []
+    time.sleep(0.05)
+    purged = store.purge(older_than_s=0.01)
+    assert [j.id for j in purged] == [a.id]
+    assert store.get(a.id) is None and store.get(b.id) is not None
