@@ -31,7 +31,7 @@ from deployments.generation import GenerationRequest, image_of, resolve_seeds
 from deployments.imaging import encode
 from graphs import plans
 from graphs.http import call, image_field, unwrap
-from graphs.jobstore import Job, SQLiteJobStore
+from graphs.jobstore import Job, RedisJobStore, SQLiteJobStore, open_store
 
 logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,9 +51,10 @@ class JobSettings(BaseSettings):
     retention_s: float = Field(24 * 3600, gt=0, alias="JOB_RETENTION_SECONDS")
     poll_s: float = Field(0.2, gt=0, alias="JOB_POLL_SECONDS")
     sizes_file: Path = Field(ROOT / "configs" / "sizes.yaml", alias="BATCH_SIZES_FILE")
+    store_url: str | None = Field(None, alias="JOB_STORE_URL", description="redis://host:port/db for a shared store")
 
-    def store(self) -> SQLiteJobStore:
-        return SQLiteJobStore(self.data_dir / "jobs.sqlite3", self.max_attempts)
+    def store(self) -> SQLiteJobStore | RedisJobStore:
+        return open_store(self.store_url, self.data_dir / "jobs.sqlite3", self.max_attempts)
 
     def results(self) -> ResultStore:
         return ResultStore(self.data_dir / "results")

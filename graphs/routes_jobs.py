@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field, ValidationError
 from deployments.errors import InvalidInput
 from graphs.http import NotFound, image_field
 from graphs.jobs import JobSettings, ResultStore, SizeTable, data_uri, image_info
-from graphs.jobstore import Job, JobConflict, SQLiteJobStore, new_job_id
+from graphs.jobstore import Job, JobConflict, RedisJobStore, SQLiteJobStore, new_job_id
 from graphs.routes_generate import GenerateRequest
 
 router = APIRouter(tags=["jobs"])
@@ -112,7 +112,7 @@ async def _json_body(request: Request, model: type[BaseModel]) -> BaseModel:
 
 
 class JobRoutes:
-    jobs: SQLiteJobStore
+    jobs: SQLiteJobStore | RedisJobStore
     results: ResultStore
     job_settings: JobSettings
     sizes: SizeTable
