@@ -110,6 +110,18 @@ class Cancellation:
         self._lock = threading.Lock()
         self._cancelled: set[str] = set()
         self._progress: dict[str, tuple[int, int]] = {}
+        self._latents: dict[str, np.ndarray] = {}
+
+    def keep_latents(self, request_id: str | None, latents: np.ndarray) -> None:
+        """The first image's current latents, for a cheap preview while the request runs."""
+        if request_id is not None:
+            with self._lock:
+                self._latents[request_id] = latents
+
+    def preview(self, request_id: str) -> Image.Image | None:
+        with self._lock:
+            latents = self._latents.get(request_id)
+        return latent_preview(latents) if latents is not None else None
 
     def cancel(self, request_id: str) -> None:
         with self._lock:
@@ -136,6 +148,21 @@ class Cancellation:
             with self._lock:
                 self._cancelled.discard(request_id)
                 self._progress.pop(request_id, None)
+                self._latents.pop(request_id, None)
+
+
+# SDXL latent channels -> RGB, a linear fit used for live previews (no VAE decode needed).
+_PREVIEW_FACTORS = np.array(
+    [[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068], [0.1076, 0.1111, -0.0362], [-0.3165, -0.2492, -0.2188]],
+    dtype=np.float32,
+)
+_PREVIEW_BIAS = np.array([0.1084, -0.0175, -0.0011], dtype=np.float32)
+
+
+def latent_preview(latents: np.ndarray) -> Image.Image:
+    """4 x h x w latents -> an (h x w) RGB approximation of the image being denoised."""
+    rgb = np.tensordot(latents.astype(np.float32), _PREVIEW_FACTORS, axes=([0], [0])) + _PREVIEW_BIAS
+    return Image.fromarray(((np.clip(rgb, -1, 1) + 1) * 127.5).astype(np.uint8))
 
 
 Mode = Literal["txt2img", "img2img", "inpaint"]

@@ -131,7 +131,7 @@ class BaseGenerator:
             with self._lock:
                 loras = self._apply_loras(request.loras, warnings, strict=True)
                 loras += self._apply_loras_from_prompt(tagged, loras, warnings)
-                result = self._run(mode, request, prompt, seeds, report, warnings)
+                result = self._run(mode, request, prompt, seeds, report, warnings, request_id)
             self.consecutive_ooms = 0
         except torch.OutOfMemoryError as e:
             self.consecutive_ooms += 1
@@ -156,12 +156,16 @@ class BaseGenerator:
         active = self._apply_loras(list(merged.values()), warnings, strict=False)
         return [r for r in active if r.name not in {e.name for e in explicit}]
 
-    def _run(self, mode, request: GenerationRequest, prompt: str, seeds, report, warnings) -> GenerationResult:
+    def _run(self, mode, request: GenerationRequest, prompt: str, seeds, report, warnings,
+             request_id: str | None = None) -> GenerationResult:
         pipe = {"txt2img": self.txt2img, "img2img": self.img2img, "inpaint": self.inpaint}[mode]
         sampler = request.sampler or self.config.default_sampler
         pipe.scheduler = build_scheduler(sampler, self.scheduler_config, request.schedule)
 
         def on_step_end(_pipe, step, _timestep, callback_kwargs):
+            latents = callback_kwargs.get("latents")
+            if latents is not None:
+                self.cancellation.keep_latents(request_id, latents[0].float().cpu().numpy())
             report(step + 1, total_steps)
             return callback_kwargs
 
@@ -251,6 +255,10 @@ class SDXLBase:
 
     async def progress(self, request_id: str) -> tuple[int, int] | None:
         return self.model.cancellation.progress(request_id)
+
+    async def preview(self, request_id: str) -> Image.Image | None:
+        """A latent-space approximation of the image being denoised, or None when the request is not running."""
+        return self.model.cancellation.preview(request_id)
 
     async def describe(self) -> dict:
         return self.model.describe()

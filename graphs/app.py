@@ -29,6 +29,7 @@ from graphs import plans, routes_a1111, routes_generate, routes_illustration, ro
 from graphs.http import create_app
 from graphs.jobs import JobRunner, JobSettings, SizeTable
 from graphs.storage import PhotoStore
+from graphs.webhooks import WebhookSettings
 
 
 def _expand(value):
@@ -90,6 +91,7 @@ class Ingress(
         self.jobs = self.job_settings.store()
         self.results = self.job_settings.results()
         self.sizes = SizeTable.load(self.job_settings.sizes_file)
+        self.webhooks = WebhookSettings()
 
 
 def build_app(args: dict) -> Application:

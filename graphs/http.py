@@ -8,6 +8,7 @@ the offending field.
 import base64
 import binascii
 import functools
+import hashlib
 import hmac
 import logging
 
@@ -207,6 +208,11 @@ def check_bearer(settings: ApiSettings, authorization: str | None) -> None:
     expected = settings.auth_token.encode()
     if scheme.lower() != "bearer" or not expected or not hmac.compare_digest(token.strip().encode(), expected):
         raise Unauthorized("missing or invalid bearer token")
+
+
+def token_owner(authorization: str | None) -> str | None:
+    """A stable, non-reversible name for the bearer token that made a request (jobs belong to it)."""
+    return hashlib.sha256(authorization.encode()).hexdigest()[:16] if authorization else None
 
 
 def image_field(value: str, field: str) -> Image.Image:

@@ -32,6 +32,7 @@ from deployments.imaging import encode
 from graphs import plans
 from graphs.http import call, image_field, unwrap
 from graphs.jobstore import Job, RedisJobStore, SQLiteJobStore, open_store
+from graphs.webhooks import WebhookSettings, deliver
 
 logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
@@ -155,6 +156,8 @@ class JobRunner:
         self.results = self.settings.results()
         self.sizes = SizeTable.load(self.settings.sizes_file)
         self.worker = f"runner-{uuid.uuid4().hex[:8]}"
+        self.webhooks = WebhookSettings()
+        self._background: set[asyncio.Task] = set()
         self._loops = [asyncio.get_event_loop().create_task(self._work(i))
                        for i in range(self.settings.max_concurrent_jobs)]
         self._loops.append(asyncio.get_event_loop().create_task(self._purge()))
@@ -201,6 +204,12 @@ class JobRunner:
             keeper.cancel()
         if not await asyncio.to_thread(self.store.finish, job.id, worker, status, result, error):
             logger.warning("job %s: lease lost before publishing; the result was dropped", job.id)
+        elif job.webhook_url:
+            payload = {"id": job.id, "jobId": job.id, "type": job.type, "status": status, "error": error,
+                       "seed": (result or {}).get("seed")}
+            delivery = asyncio.create_task(deliver(job.webhook_url, payload, self.webhooks))
+            self._background.add(delivery)  # keep a reference until it is done
+            delivery.add_done_callback(self._background.discard)
 
     async def _keep_lease(self, job: Job, worker: str, task: asyncio.Task) -> None:
         interval = self.settings.lease_s / 3

@@ -5,6 +5,7 @@ Images are plain base64 PNGs carrying A1111's ``parameters`` text chunk; ``info`
 its bearer token, else its address), never another client's.
 """
 
+import asyncio
 import json
 import time
 import uuid
@@ -19,7 +20,8 @@ from deployments.generation import GenerationRequest, GenerationResult
 from deployments.samplers import SCHEDULES, sampler_names
 from deployments.sdxl_refiner import RefineRequest
 from graphs import plans
-from graphs.http import b64_png, call, image_field
+from graphs.http import b64_png, call, image_field, token_owner
+from graphs.jobstore import RedisJobStore, SQLiteJobStore
 
 router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"])
 MAX_IMAGES = 16
@@ -135,6 +137,7 @@ class A1111Routes:
     handles: plans.Handles
     a1111_options: dict
     in_flight: dict[str, InFlight]
+    jobs: SQLiteJobStore | RedisJobStore
 
     async def _checkpoint(self, r: Txt2ImgRequest) -> str:
         base = await call(self.handles.base.describe.remote())
@@ -266,22 +269,37 @@ class A1111Routes:
 
     @router.get("/progress")
     async def progress(self, http: Request, skip_current_image: bool = False) -> dict:
-        """Progress of the calling client's current generation (0 when idle)."""
+        """Progress of the calling client's current generation or, failing that, its running job (0 when idle);
+        ``current_image`` is a live latent preview unless ``skip_current_image``."""
         mine = [j for j in self.in_flight.values() if j.client == _client(http)]
-        step, total = 0, 0
+        step, total, fraction, elapsed, running, job_name = 0, 0, 0.0, 0.0, None, ""
         if mine and mine[-1].request_ids:
-            job = mine[-1]
-            per_batch = job.total_steps // max(1, len(job.request_ids))
-            current = await call(self.handles.base.progress.remote(job.request_ids[-1]))
-            step = (len(job.request_ids) - 1) * per_batch + (current[0] if current else 0)
-            total = job.total_steps
-        fraction = step / total if total else 0.0
-        elapsed = time.monotonic() - mine[-1].started if mine else 0.0
+            flight = mine[-1]
+            per_batch = flight.total_steps // max(1, len(flight.request_ids))
+            running = flight.request_ids[-1]
+            current = await call(self.handles.base.progress.remote(running))
+            step = (len(flight.request_ids) - 1) * per_batch + (current[0] if current else 0)
+            total = flight.total_steps
+            fraction = step / total if total else 0.0
+            elapsed = time.monotonic() - flight.started
+        else:
+            owner = token_owner(http.headers.get("authorization"))
+            jobs, _ = await asyncio.to_thread(self.jobs.list_jobs, "processing", owner, 0, 1)
+            if jobs:
+                running, job_name = jobs[0].id, jobs[0].id
+                current = await call(self.handles.base.progress.remote(running))
+                step, total = current or (0, 0)
+                fraction = jobs[0].progress / 100
+                elapsed = time.time() - (jobs[0].started_at or time.time())
         eta = elapsed / fraction - elapsed if fraction else 0.0
-        state = {"skipped": False, "interrupted": False, "job": "", "job_count": len(mine), "job_timestamp": "",
-                 "job_no": 0, "sampling_step": step, "sampling_steps": total}
+        image = None
+        if running and not skip_current_image:
+            preview = await call(self.handles.base.preview.remote(running))
+            image = b64_png(preview) if preview is not None else None
+        state = {"skipped": False, "interrupted": False, "job": job_name, "job_count": len(mine) + bool(job_name),
+                 "job_timestamp": "", "job_no": 0, "sampling_step": step, "sampling_steps": total}
         return {"progress": round(fraction, 4), "eta_relative": round(eta, 2), "state": state,
-                "current_image": None, "textinfo": None}
+                "current_image": image, "textinfo": None}
 
     async def _cancel_mine(self, http: Request) -> dict:
         for job in [j for j in self.in_flight.values() if j.client == _client(http)]:

@@ -8,7 +8,6 @@ and ``seed`` at the top level.
 
 import asyncio
 import base64
-import hashlib
 import json
 from datetime import UTC, datetime
 from typing import Literal
@@ -18,10 +17,11 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 
 from deployments.errors import InvalidInput
-from graphs.http import NotFound, image_field
+from graphs.http import NotFound, image_field, token_owner
 from graphs.jobs import JobSettings, ResultStore, SizeTable, data_uri, image_info
 from graphs.jobstore import Job, JobConflict, RedisJobStore, SQLiteJobStore, new_job_id
 from graphs.routes_generate import GenerateRequest
+from graphs.webhooks import WebhookSettings, check_url
 
 router = APIRouter(tags=["jobs"])
 Priority = Literal["high", "normal", "low"]
@@ -70,9 +70,11 @@ class StyleTransferJob(_Submit):
 
 class AsyncGenerate(GenerateRequest):
     priority: Priority = "normal"
+    webhookUrl: str | None = Field(None, max_length=2048)
 
 
 class BatchSizes(BaseModel):
+    webhookUrl: str | None = Field(None, max_length=2048)
     prompt: str = Field(..., min_length=1, max_length=10_000)
     negativePrompt: str = Field("", max_length=10_000)
     sizes: list[str] = Field(..., min_length=1, max_length=16)
@@ -116,16 +118,19 @@ class JobRoutes:
     results: ResultStore
     job_settings: JobSettings
     sizes: SizeTable
+    webhooks: WebhookSettings
 
     def _owner(self, request: Request) -> str | None:
-        token = request.headers.get("authorization")
-        return hashlib.sha256(token.encode()).hexdigest()[:16] if token else None
+        return token_owner(request.headers.get("authorization"))
 
     async def _submit(self, request: Request, kind: str, body: BaseModel) -> Job:
         for name in IMAGE_FIELDS.get(kind, ()):
             image_field(getattr(body, name), name)  # a bad image is refused now, not when the job runs
         if isinstance(body, BatchSizes):
             self.sizes.resolve(body.sizes)
+        webhook = getattr(body, "webhookUrl", None)
+        if webhook:
+            await asyncio.to_thread(check_url, webhook, self.webhooks)
         payload = body.model_dump(exclude={"priority", "webhookUrl"})
         job = Job(id=new_job_id(), type=kind, request=payload, priority=getattr(body, "priority", "normal"),
                   owner=self._owner(request), webhook_url=getattr(body, "webhookUrl", None))

@@ -165,7 +165,8 @@ def service(tiny, s3_proxy, jobs_dir):
         "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
         "ILLUSTRATION_SIZE": "256", "DEFAULT_NUM_INFERENCE_STEPS": "4", "MAX_BODY_BYTES": str(4 * 1024 * 1024),
         "JOBS_DATA_DIR": str(jobs_dir), "MAX_CONCURRENT_JOBS": "1", "MAX_QUEUE_SIZE": "8",
-        "JOB_LEASE_SECONDS": "3", "JOB_POLL_SECONDS": "0.1",
+        "JOB_LEASE_SECONDS": "3", "JOB_POLL_SECONDS": "0.1", "WEBHOOK_ALLOW_HOSTS": "127.0.0.1",
+        "WEBHOOK_BACKOFF_SECONDS": "0.2",
     }
     os.environ["TINY_MODELS"] = str(tiny)
     port = _free_port()

@@ -234,3 +234,44 @@ def test_full_restart_keeps_every_job(service):
     for job in [running, *queued]:
         assert wait(service, job["id"], timeout=180)["status"] == "completed"
     error(service.get("/jobs/job_1_never"), 404, "NOT_FOUND")
+
+
+def test_webhook_is_called_on_completion_and_private_targets_are_refused(service):
+    from tests.test_webhooks import Receiver
+
+    drain(service)
+    receiver, canary = Receiver(failures=1), Receiver()
+    try:
+        job = submit(service, body={**SMALL, "webhookUrl": receiver.url})
+        assert wait(service, job["id"])["status"] == "completed"
+        deadline = time.monotonic() + 30
+        while len(receiver.bodies) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert receiver.bodies[-1]["id"] == job["id"] and receiver.bodies[-1]["status"] == "completed"
+        before = service.get("/queue/status").json()
+        refused = canary.url.replace("127.0.0.1", "localhost")  # loopback, not on the allow-list
+        for url in (refused, "http://10.1.2.3/hook", "http://169.254.169.254/latest"):
+            error(service.post("/generate/text2img", json={**SMALL, "webhookUrl": url}), 422, "INVALID_INPUT",
+                  "webhookUrl")
+        assert service.get("/queue/status").json()["queuedJobs"] == before["queuedJobs"]
+        assert canary.bodies == []
+    finally:
+        receiver.close()
+        canary.close()
+
+
+def test_a1111_progress_reports_a_running_job_with_a_preview(service):
+    drain(service)
+    job = submit(service, body={**LONG, "steps": 80})
+    deadline, progress = time.monotonic() + 60, {}
+    while time.monotonic() < deadline:
+        progress = service.get("/sdapi/v1/progress").json()
+        if progress["progress"] > 0 and progress["current_image"]:
+            break
+        time.sleep(0.2)
+    assert progress["state"]["job"] == job["id"] and 0 < progress["progress"] < 1
+    assert decode_b64(progress["current_image"]).size == (32, 32)  # 256 / 8: the latent grid
+    skipped = service.get("/sdapi/v1/progress", params={"skip_current_image": True}).json()
+    assert skipped["current_image"] is None
+    service.post(f"/jobs/{job['id']}/cancel")
+    wait(service, job["id"])

@@ -1,0 +1,76 @@
+"""Webhook URL checks (no traffic to private ranges) and delivery with retries to a loopback receiver."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from deployments.errors import InvalidInput
+from graphs.webhooks import WebhookSettings, check_url, deliver
+
+
+class Receiver:
+    """A loopback HTTP server that records POSTs and fails the first ``failures`` of them with 500."""
+
+    def __init__(self, failures: int = 0) -> None:
+        self.bodies: list[dict] = []
+        self.failures = failures
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's naming
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                receiver.bodies.append(body)
+                status = 500 if len(receiver.bodies) <= receiver.failures else 200
+                self.send_response(status)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1/hook", "http://localhost:8080/x", "http://10.0.0.1/x", "http://192.168.1.20/x",
+    "http://172.16.0.5/x", "http://169.254.169.254/latest/meta-data", "http://[::1]/x", "http://0.0.0.0/x",
+    "ftp://93.184.216.34/x", "http:///nohost", "file:///etc/passwd",
+])
+def test_private_and_malformed_urls_are_refused(url):
+    with pytest.raises(InvalidInput) as e:
+        check_url(url, WebhookSettings())
+    assert e.value.field == "webhookUrl"
+
+
+def test_public_address_and_allowlisted_host_pass():
+    assert check_url("https://93.184.216.34/hook", WebhookSettings())
+    assert check_url("http://127.0.0.1:9/hook", WebhookSettings(WEBHOOK_ALLOW_HOSTS="127.0.0.1"))
+
+
+def test_delivery_retries_until_accepted():
+    receiver = Receiver(failures=2)
+    try:
+        settings = WebhookSettings(WEBHOOK_ALLOW_HOSTS="127.0.0.1", WEBHOOK_BACKOFF_SECONDS=0.01)
+        assert asyncio.run(deliver(receiver.url, {"id": "job_1", "status": "completed"}, settings))
+        assert len(receiver.bodies) == 3 and receiver.bodies[-1] == {"id": "job_1", "status": "completed"}
+    finally:
+        receiver.close()
+
+
+def test_delivery_never_reaches_a_refused_host():
+    receiver = Receiver()
+    try:
+        settings = WebhookSettings(WEBHOOK_BACKOFF_SECONDS=0.01, WEBHOOK_ATTEMPTS=2)  # loopback not allowed
+        assert not asyncio.run(deliver(receiver.url, {"id": "x"}, settings))
+        assert receiver.bodies == []
+    finally:
+        receiver.close()
