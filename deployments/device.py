@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from deployments.config import DeviceConfig
+from deployments.errors import GpuOutOfMemory
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -28,10 +32,28 @@ def resolve(config: DeviceConfig) -> tuple[torch.device, torch.dtype]:
     return device, dtype
 
 
-def is_oom(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
-
-
 def free_cache(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+class OomGuard:
+    """Turns CUDA out-of-memory into a retryable ``GpuOutOfMemory`` after freeing the cache, and counts
+    consecutive failures so that a health check can have Ray replace a replica that keeps failing."""
+
+    def __init__(self, device: torch.device, what: str, limit: int = 3) -> None:
+        self.device, self.what, self.limit = device, what, limit
+        self.consecutive = 0
+
+    def healthy(self) -> bool:
+        return self.consecutive < self.limit
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        try:
+            yield
+        except torch.OutOfMemoryError as e:
+            self.consecutive += 1
+            free_cache(self.device)
+            raise GpuOutOfMemory(f"{self.what} ran out of GPU memory; retry later") from e
+        self.consecutive = 0

@@ -22,7 +22,7 @@ from deployments import device as devices
 from deployments import faces as face_lib
 from deployments import loader
 from deployments.config import FaceRestorerConfig, Settings
-from deployments.errors import GpuOutOfMemory, InvalidInput
+from deployments.errors import InvalidInput
 from deployments.generation import image_of
 from deployments.imaging import pil_to_array
 from deployments.metrics import StageMetrics
@@ -57,6 +57,7 @@ class FaceEnhancer:
         else:
             self.detector = face_lib.MediaPipeDetector(config.min_detection_confidence)
         self._lock = threading.Lock()
+        self.oom = devices.OomGuard(self.device, "face restorer")
         self.size = 512
 
     @property
@@ -81,15 +82,11 @@ class FaceEnhancer:
         if not found:
             return FaceResult(image, 0, False, self.name, boxes, ["no face detected: image unchanged"])
         out = rgb
-        try:
-            with self._lock, torch.inference_mode():
-                for face in found:
-                    crop, matrix = face_lib.align(out, face, self.size)
-                    restored = self._restore_crop(descriptor, crop, weight)
-                    out = face_lib.paste_back(out, restored, matrix, blend=visibility)
-        except torch.OutOfMemoryError as e:
-            devices.free_cache(self.device)
-            raise GpuOutOfMemory("face restorer ran out of GPU memory; retry later") from e
+        with self._lock, self.oom(), torch.inference_mode():
+            for face in found:
+                crop, matrix = face_lib.align(out, face, self.size)
+                restored = self._restore_crop(descriptor, crop, weight)
+                out = face_lib.paste_back(out, restored, matrix, blend=visibility)
         return FaceResult(Image.fromarray(out), len(found), True, self.name, boxes)
 
     def _restore_crop(self, descriptor, crop: np.ndarray, weight: float) -> np.ndarray:

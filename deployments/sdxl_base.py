@@ -22,7 +22,7 @@ from ray import serve
 from deployments import device as devices
 from deployments import loader
 from deployments.config import SDXLBaseConfig, Settings
-from deployments.errors import GpuOutOfMemory, UnknownModel
+from deployments.errors import UnknownModel
 from deployments.generation import (
     Cancellation,
     GenerationRequest,
@@ -64,7 +64,7 @@ class BaseGenerator:
         build_scheduler(config.default_sampler, self.scheduler_config)  # fail at start-up, not per request
         self.cancellation = Cancellation()
         self._lock = threading.Lock()  # the pipelines are stateful (scheduler, adapters): one call at a time
-        self.consecutive_ooms = 0
+        self.oom = devices.OomGuard(self.device, "SDXL base")
         logger.info("SDXL base %r ready on %s (%s), %d LoRAs", config.name, self.device, self.dtype, len(self.loras))
 
     @staticmethod
@@ -128,15 +128,10 @@ class BaseGenerator:
         warnings: list[str] = []
         report = self.cancellation.callback(request_id, on_progress)
         try:
-            with self._lock:
+            with self._lock, self.oom():
                 loras = self._apply_loras(request.loras, warnings, strict=True)
                 loras += self._apply_loras_from_prompt(tagged, loras, warnings)
                 result = self._run(mode, request, prompt, seeds, report, warnings, request_id)
-            self.consecutive_ooms = 0
-        except torch.OutOfMemoryError as e:
-            self.consecutive_ooms += 1
-            devices.free_cache(self.device)
-            raise GpuOutOfMemory("SDXL base ran out of GPU memory; retry later") from e
         finally:
             self.cancellation.finish(request_id)
         result.info.update(
@@ -233,7 +228,7 @@ class BaseGenerator:
         }
 
     def healthy(self) -> bool:
-        return self.consecutive_ooms < 3
+        return self.oom.healthy()
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=4, health_check_period_s=10)

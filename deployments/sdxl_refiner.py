@@ -21,7 +21,7 @@ from ray import serve
 from deployments import device as devices
 from deployments import loader
 from deployments.config import SDXLRefinerConfig, Settings
-from deployments.errors import GpuOutOfMemory, InvalidInput
+from deployments.errors import InvalidInput
 from deployments.generation import Cancellation, ProgressFn, check_size, image_of, parse_lora_tags
 from deployments.imaging import to_rgb
 from deployments.metrics import StageMetrics
@@ -55,7 +55,7 @@ class Refiner:
         self.scheduler_config = dict(self.pipe.scheduler.config)
         self.cancellation = Cancellation()
         self._lock = threading.Lock()
-        self.consecutive_ooms = 0
+        self.oom = devices.OomGuard(self.device, "SDXL refiner")
         logger.info("SDXL refiner %r ready on %s (%s)", config.name, self.device, self.dtype)
 
     def refine(self, request: RefineRequest, request_id: str | None = None, on_progress: ProgressFn | None = None,
@@ -102,14 +102,9 @@ class Refiner:
             return callback_kwargs
 
         try:
-            with self._lock:
+            with self._lock, self.oom():
                 self.pipe.scheduler = build_scheduler(request.sampler or "Euler", self.scheduler_config)
                 images = self.pipe(**kwargs, callback_on_step_end=on_step_end).images
-            self.consecutive_ooms = 0
-        except torch.OutOfMemoryError as e:
-            self.consecutive_ooms += 1
-            devices.free_cache(self.device)
-            raise GpuOutOfMemory("SDXL refiner ran out of GPU memory; retry later") from e
         finally:
             self.cancellation.finish(request_id)
         return images
@@ -137,5 +132,5 @@ class SDXLRefiner:
         return self.model.describe()
 
     async def check_health(self) -> None:
-        if self.model.consecutive_ooms >= 3:
+        if not self.model.oom.healthy():
             raise RuntimeError("SDXL refiner: repeated out-of-memory failures")

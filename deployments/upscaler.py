@@ -21,7 +21,7 @@ from ray import serve
 from deployments import device as devices
 from deployments import loader
 from deployments.config import Settings, UpscalerConfig
-from deployments.errors import GpuOutOfMemory, InvalidInput, UnknownModel
+from deployments.errors import InvalidInput, UnknownModel
 from deployments.generation import image_of
 from deployments.imaging import from_tensor, to_rgb, to_tensor
 from deployments.metrics import StageMetrics
@@ -81,6 +81,7 @@ class ImageUpscaler:
             self.models[entry.name] = descriptor
             logger.info("upscaler %r: %s x%d", entry.name, descriptor.architecture.id, descriptor.scale)
         self._lock = threading.Lock()
+        self.oom = devices.OomGuard(self.device, "upscaler")
 
     def names(self) -> list[str]:
         return list(BUILTIN) + list(self.models)
@@ -109,17 +110,13 @@ class ImageUpscaler:
             logger.warning(warning)
             return UpscaleResult(image.resize(size, Image.Resampling.LANCZOS), "Lanczos", [warning])
         descriptor = self.models[upscaler]
-        try:
-            with self._lock, torch.inference_mode():
-                out = image
-                # Apply the model until the target is reached (x4 model, x8 request: twice), then resize exactly.
-                while out.width < size[0] or out.height < size[1]:
-                    out = self._run_model(descriptor, out)
-                    if descriptor.scale == 1:
-                        break
-        except torch.OutOfMemoryError as e:
-            devices.free_cache(self.device)
-            raise GpuOutOfMemory("upscaler ran out of GPU memory; retry later") from e
+        with self._lock, self.oom(), torch.inference_mode():
+            out = image
+            # Apply the model until the target is reached (x4 model, x8 request: twice), then resize exactly.
+            while out.width < size[0] or out.height < size[1]:
+                out = self._run_model(descriptor, out)
+                if descriptor.scale == 1:
+                    break
         if out.size != size:
             out = out.resize(size, Image.Resampling.LANCZOS)
         return UpscaleResult(out, upscaler)

@@ -209,8 +209,8 @@ def test_gpu_oom_is_retryable_and_repeated_ooms_fail_health(base, monkeypatch):
         assert base.healthy()
         with pytest.raises(GpuOutOfMemory) as e:
             gen(base)
-        assert e.value.code == "GPU_OOM" and base.consecutive_ooms == attempt + 1
+        assert e.value.code == "GPU_OOM" and base.oom.consecutive == attempt + 1
     assert not base.healthy()
     monkeypatch.undo()
     gen(base)  # a success resets the count
-    assert base.healthy() and base.consecutive_ooms == 0
+    assert base.healthy() and base.oom.consecutive == 0
