@@ -30,6 +30,8 @@ class TruncatingProxy:
                 client, _ = self.listener.accept()
             except TimeoutError:
                 continue
+            except OSError:  # closed by close()
+                return
             if self.broken:
                 client.close()
                 continue
