@@ -65,6 +65,34 @@ class GenerationCancelled(ServiceError):
     code = "CANCELLED"
 
 
+class NotFound(ServiceError):
+    """A job, photo or other named resource does not exist (or is not the caller's)."""
+
+    code = "NOT_FOUND"
+
+
+class Unauthorized(ServiceError):
+    code = "UNAUTHORIZED"
+
+
+class StorageUnavailable(ServiceError):
+    """Object storage could not be reached or refused the operation; the request may be retried."""
+
+    code = "STORAGE_UNAVAILABLE"
+
+
+class JobConflict(ServiceError):
+    """The job is not in a state that allows this (a result before completion, cancelling a finished job)."""
+
+    code = "CONFLICT"
+
+
+class QueueFull(ServiceError):
+    """The job queue is at MAX_QUEUE_SIZE."""
+
+    code = "QUEUE_FULL"
+
+
 class GpuOutOfMemory(ServiceError):
     """The accelerator ran out of memory; the request may be retried."""
 

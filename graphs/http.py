@@ -21,7 +21,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from deployments.errors import InvalidImage, ServiceError
+from deployments.errors import InvalidImage, ServiceError, Unauthorized
 from deployments.imaging import decode
 
 logger = logging.getLogger(__name__)
@@ -57,18 +57,6 @@ class ErrorBody(BaseModel):
     error: str
     code: str
     details: dict
-
-
-class NotFound(ServiceError):
-    code = "NOT_FOUND"
-
-
-class Unauthorized(ServiceError):
-    code = "UNAUTHORIZED"
-
-
-class StorageUnavailable(ServiceError):
-    code = "STORAGE_UNAVAILABLE"
 
 
 def error_response(code: str, message: str, details: dict | None = None, headers: dict | None = None) -> JSONResponse:

@@ -18,18 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deployments.errors import InvalidInput, ServiceError
+from deployments.errors import InvalidInput, QueueFull
 
 STATUSES = ("queued", "processing", "completed", "failed", "cancelled")
 PRIORITIES = {"high": 0, "normal": 1, "low": 2}
-
-
-class JobConflict(ServiceError):
-    code = "CONFLICT"
-
-
-class QueueFull(ServiceError):
-    code = "QUEUE_FULL"
 
 
 @dataclass

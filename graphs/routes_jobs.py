@@ -16,10 +16,10 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 
-from deployments.errors import InvalidInput
-from graphs.http import NotFound, image_field, token_owner
+from deployments.errors import InvalidInput, JobConflict, NotFound
+from graphs.http import image_field, token_owner
 from graphs.jobs import JobSettings, ResultStore, SizeTable, data_uri, image_info
-from graphs.jobstore import Job, JobConflict, RedisJobStore, SQLiteJobStore, new_job_id
+from graphs.jobstore import Job, RedisJobStore, SQLiteJobStore, new_job_id
 from graphs.routes_generate import GenerateRequest
 from graphs.webhooks import WebhookSettings, check_url
 

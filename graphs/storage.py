@@ -8,9 +8,8 @@ import uuid
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from deployments.errors import InvalidInput
+from deployments.errors import InvalidInput, NotFound, StorageUnavailable
 from deployments.imaging import decode, encode
-from graphs.http import NotFound, StorageUnavailable
 
 logger = logging.getLogger(__name__)
 

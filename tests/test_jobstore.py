@@ -9,8 +9,8 @@ import uuid
 
 import pytest
 
-from deployments.errors import InvalidInput
-from graphs.jobstore import Job, QueueFull, RedisJobStore, SQLiteJobStore, new_job_id
+from deployments.errors import InvalidInput, QueueFull
+from graphs.jobstore import Job, RedisJobStore, SQLiteJobStore, new_job_id
 
 
 @pytest.fixture(scope="session")
