@@ -58,6 +58,16 @@ def _check_folder(path: Path) -> None:
         raise UnsafeWeights(f"{path}: holds only pickled weights ({pickles[0].name}); safetensors are required")
 
 
+def s3_client(endpoint_url: str | None, region: str, read_timeout: float = 60, attempts: int = 3):
+    """A boto3 S3 client for AWS or any S3-compatible endpoint, with bounded timeouts and retries."""
+    import boto3
+    from botocore.config import Config
+
+    retries = {"max_attempts": attempts, "mode": "standard"}
+    config = Config(connect_timeout=10, read_timeout=read_timeout, retries=retries)
+    return boto3.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+
+
 class S3Fetcher:
     """Downloads S3 objects into the model cache once; a complete copy is reused, a partial one never is."""
 
@@ -68,15 +78,7 @@ class S3Fetcher:
     @property
     def client(self):
         if self._client is None:
-            import boto3
-            from botocore.config import Config
-
-            self._client = boto3.client(
-                "s3",
-                endpoint_url=self.settings.aws_endpoint_url,
-                region_name=self.settings.aws_region,
-                config=Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=10, read_timeout=60),
-            )
+            self._client = s3_client(self.settings.aws_endpoint_url, self.settings.aws_region)
         return self._client
 
     def fetch(self, uri: str) -> Path:

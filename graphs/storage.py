@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 
 from deployments.errors import InvalidInput, NotFound, StorageUnavailable
 from deployments.imaging import decode, encode
+from deployments.loader import s3_client
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +44,8 @@ class PhotoStore:
     @property
     def client(self):
         if self._client is None:
-            import boto3
-            from botocore.config import Config
-
-            self._client = boto3.client("s3", region_name=self.config.region, endpoint_url=self.config.endpoint_url,
-                                        config=Config(connect_timeout=5, read_timeout=30,
-                                                      retries={"max_attempts": 2, "mode": "standard"}))
+            # Requests wait on this: shorter reads and fewer retries than a model download.
+            self._client = s3_client(self.config.endpoint_url, self.config.region, read_timeout=30, attempts=2)
         return self._client
 
     def load_photo(self, prefix: str, user_id: str) -> Image.Image:
