@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from deployments.errors import GenerationCancelled, InvalidInput
 
 MAX_SEED = 2**32 - 1
+CANCEL_TTL_S = 600.0
 _LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")
 
 ProgressFn = Callable[[int, int], None]
@@ -108,7 +110,7 @@ class Cancellation:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._cancelled: set[str] = set()
+        self._cancelled: dict[str, float] = {}  # request id -> when the cancel arrived
         self._progress: dict[str, tuple[int, int]] = {}
         self._latents: dict[str, np.ndarray] = {}
 
@@ -124,8 +126,12 @@ class Cancellation:
         return latent_preview(latents) if latents is not None else None
 
     def cancel(self, request_id: str) -> None:
+        """Flag a request; the flag also waits for one that has not started yet, but not for ever."""
+        now = time.monotonic()
         with self._lock:
-            self._cancelled.add(request_id)
+            for stale in [r for r, at in self._cancelled.items() if now - at > CANCEL_TTL_S]:
+                del self._cancelled[stale]
+            self._cancelled[request_id] = now
 
     def progress(self, request_id: str) -> tuple[int, int] | None:
         with self._lock:
@@ -146,7 +152,7 @@ class Cancellation:
     def finish(self, request_id: str | None) -> None:
         if request_id is not None:
             with self._lock:
-                self._cancelled.discard(request_id)
+                self._cancelled.pop(request_id, None)
                 self._progress.pop(request_id, None)
                 self._latents.pop(request_id, None)
 

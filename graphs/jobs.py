@@ -221,7 +221,8 @@ class JobRunner:
                 percent = min(percent, 99.0)
             keep = await asyncio.to_thread(self.store.heartbeat, job.id, worker, self.settings.lease_s, percent)
             if not keep:  # cancelled (or the lease was taken over): stop the denoising loops
-                for request_id in [job.id] + [f"{job.id}/{aspect}" for aspect in ("landscape", "square", "portrait")]:
+                aspects = ("landscape", "square", "portrait") if job.type == "batch-sizes" else ()
+                for request_id in [job.id, *(f"{job.id}/{aspect}" for aspect in aspects)]:
                     await call(self.handles.base.cancel.remote(request_id))
                 return
 

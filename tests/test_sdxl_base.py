@@ -214,3 +214,15 @@ def test_gpu_oom_is_retryable_and_repeated_ooms_fail_health(base, monkeypatch):
     monkeypatch.undo()
     gen(base)  # a success resets the count
     assert base.healthy() and base.oom.consecutive == 0
+
+
+def test_cancel_flags_of_requests_that_never_ran_expire(monkeypatch):
+    from deployments import generation
+
+    cancellation = generation.Cancellation()
+    clock = [1000.0]
+    monkeypatch.setattr(generation.time, "monotonic", lambda: clock[0])
+    cancellation.cancel("never-started")
+    clock[0] += generation.CANCEL_TTL_S + 1
+    cancellation.cancel("another")
+    assert list(cancellation._cancelled) == ["another"]
