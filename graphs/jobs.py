@@ -13,8 +13,6 @@ import asyncio
 import base64
 import io
 import logging
-import os
-import shutil
 import time
 import uuid
 from pathlib import Path
@@ -32,6 +30,7 @@ from deployments.imaging import encode
 from graphs import plans
 from graphs.http import call, image_field, unwrap
 from graphs.jobstore import Job, RedisJobStore, SQLiteJobStore, open_store
+from graphs.results import ResultStore, open_results
 from graphs.webhooks import WebhookSettings, deliver
 
 logger = logging.getLogger(__name__)
@@ -53,41 +52,15 @@ class JobSettings(BaseSettings):
     poll_s: float = Field(0.2, gt=0, alias="JOB_POLL_SECONDS")
     sizes_file: Path = Field(ROOT / "configs" / "sizes.yaml", alias="BATCH_SIZES_FILE")
     store_url: str | None = Field(None, alias="JOB_STORE_URL", description="redis://host:port/db for a shared store")
+    results_url: str | None = Field(None, alias="JOB_RESULTS_URL", description="s3://bucket/prefix, or a folder")
+    aws_endpoint_url: str | None = Field(None, alias="AWS_ENDPOINT_URL")
+    aws_region: str = Field("us-east-1", alias="AWS_REGION")
 
     def store(self) -> SQLiteJobStore | RedisJobStore:
         return open_store(self.store_url, self.data_dir / "jobs.sqlite3", self.max_attempts)
 
     def results(self) -> ResultStore:
-        return ResultStore(self.data_dir / "results")
-
-
-class ResultStore:
-    """Job images on the local filesystem: written to a temporary name, then renamed into place."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-
-    def save(self, job_id: str, name: str, data: bytes, suffix: str = "png") -> str:
-        folder = self.root / job_id
-        folder.mkdir(parents=True, exist_ok=True)
-        final = folder / f"{name}.{suffix}"
-        temp = folder / f".{name}.{uuid.uuid4().hex}.tmp"
-        with temp.open("wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, final)
-        return f"{job_id}/{final.name}"
-
-    def load(self, key: str) -> bytes:
-        path = (self.root / key).resolve()
-        if self.root.resolve() not in path.parents:
-            raise InvalidInput("bad result key", field="key")
-        return path.read_bytes()
-
-    def delete(self, job_id: str) -> None:
-        shutil.rmtree(self.root / job_id, ignore_errors=True)
+        return open_results(self.results_url, self.data_dir, self.aws_endpoint_url, self.aws_region)
 
 
 class SizeTable(BaseModel):
@@ -233,7 +206,7 @@ class JobRunner:
             return await self._generate(job)
         request = camel_request(job)
         result = await call(self.handles.base.generate.remote(request, job.id))
-        keys = [self.results.save(job.id, f"image_{i}", png(image)) for i, image in enumerate(result.images)]
+        keys = [await self._save(job.id, f"image_{i}", png(image)) for i, image in enumerate(result.images)]
         r = job.request
         parameters = {"prompt": request.prompt, "width": request.width, "height": request.height,
                       "steps": request.steps, "guidanceScale": request.guidance_scale,
@@ -251,7 +224,7 @@ class JobRunner:
                                  face_weight=r.get("face_restoration_weight", 0.6), request_id=job.id)
         plan = plans.hires_fix if opts.hires_fix else plans.standard
         report = await plan(self.handles, request, opts)
-        key = self.results.save(job.id, "image_0", png(report.image))
+        key = await self._save(job.id, "image_0", png(report.image))
         return {"images": [key], "seed": report.seed, "width": report.image.width, "height": report.image.height,
                 "warnings": report.warnings}
 
@@ -285,23 +258,26 @@ class JobRunner:
                     upscaled = await call(self.handles.upscaler.upscale.remote(
                         base_image.crop(crop.box), self.hires_upscaler, None, crop.image.width, crop.image.height))
                     out = upscaled.image
-                entry = {"key": self.results.save(job.id, crop.name, png(out)), "width": out.width,
+                entry = {"key": await self._save(job.id, crop.name, png(out)), "width": out.width,
                          "height": out.height, "aspect": aspect, "box": list(crop.box), "upscaled": crop.upscaled}
                 if widths:
                     entry["derivatives"] = {
-                        str(w): self.results.save(job.id, f"{crop.name}_{w}w",
-                                                  encode(out.resize((w, max(1, round(out.height * w / out.width)))),
-                                                         "webp", 82), "webp")
+                        str(w): await self._save(job.id, f"{crop.name}_{w}w",
+                                                 encode(out.resize((w, max(1, round(out.height * w / out.width)))),
+                                                        "webp", 82), "webp")
                         for w in widths if 8 <= w <= out.width}
                 images[crop.name] = entry
         return {"images": images, "bases_generated": len(groups), "seed": seed}
+
+    async def _save(self, job_id: str, name: str, data: bytes, suffix: str = "png") -> str:
+        return await asyncio.to_thread(self.results.save, job_id, name, data, suffix)
 
     async def _purge(self) -> None:
         while True:
             await asyncio.sleep(min(60.0, self.settings.retention_s / 4))
             try:
                 for job in await asyncio.to_thread(self.store.purge, self.settings.retention_s):
-                    self.results.delete(job.id)
+                    await asyncio.to_thread(self.results.delete, job.id)
             except Exception:  # noqa: BLE001
                 logger.exception("retention purge failed")
 

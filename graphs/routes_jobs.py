@@ -10,7 +10,7 @@ import asyncio
 import base64
 import json
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
@@ -18,13 +18,15 @@ from pydantic import BaseModel, Field, ValidationError
 
 from deployments.errors import InvalidInput, JobConflict, NotFound
 from graphs.http import image_field, token_owner
-from graphs.jobs import JobSettings, ResultStore, SizeTable, data_uri, image_info
+from graphs.jobs import JobSettings, SizeTable, data_uri, image_info
 from graphs.jobstore import Job, RedisJobStore, SQLiteJobStore, new_job_id
+from graphs.results import ResultStore
 from graphs.routes_generate import GenerateRequest
 from graphs.webhooks import WebhookSettings, check_url
 
 router = APIRouter(tags=["jobs"])
 Priority = Literal["high", "normal", "low"]
+Side = Annotated[int, Field(ge=64, le=2048, multiple_of=8)]
 
 
 class _Submit(BaseModel):
@@ -82,8 +84,9 @@ class BatchSizes(BaseModel):
     priority: Priority = "normal"
     steps: int = Field(30, ge=1, le=150)
     guidanceScale: float = Field(7.0, ge=0.0, le=30.0)
-    derivatives: list[int] = Field([], max_length=8, description="WebP widths cut from every size")
-    baseSizes: dict[Literal["landscape", "square", "portrait"], tuple[int, int]] | None = Field(
+    derivatives: list[Annotated[int, Field(ge=8, le=4096)]] = Field(
+        [], max_length=8, description="WebP widths cut from every size")
+    baseSizes: dict[Literal["landscape", "square", "portrait"], tuple[Side, Side]] | None = Field(
         None, description="override the base rendered per aspect class (multiples of 8)")
 
 
@@ -204,7 +207,7 @@ class JobRoutes:
     @router.get("/jobs/{job_id}")
     async def get_job(self, job_id: str, request: Request) -> dict:
         """The job, with its images as data URIs once completed."""
-        return self._view(await self._get(request, job_id))
+        return await asyncio.to_thread(self._view, await self._get(request, job_id))
 
     @router.get("/jobs/{job_id}/result")
     async def get_result(self, job_id: str, request: Request) -> dict:
@@ -214,7 +217,7 @@ class JobRoutes:
             raise JobConflict(f"job is {job.status}", field="id", details={"status": job.status})
         key = job.result["images"][0] if isinstance(job.result["images"], list) else \
             next(iter(job.result["images"].values()))["key"]
-        data = self.results.load(key)
+        data = await asyncio.to_thread(self.results.load, key)
         width, height = image_info(data)
         return {"imageData": base64.b64encode(data).decode(), "format": "png", "width": width, "height": height}
 

@@ -28,6 +28,12 @@ def tiny(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    """Async tests (``pytest.mark.anyio``) run on asyncio, as Ray Serve replicas do."""
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
 def base(tiny):
     from deployments.config import SDXLBaseConfig
     from deployments.sdxl_base import BaseGenerator

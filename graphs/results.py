@@ -1,0 +1,128 @@
+"""Where job images live: a local directory by default, an S3 bucket when ``JOB_RESULTS_URL=s3://bucket/prefix``.
+
+Either way an image is complete or absent: local files are written to a temporary name, synced and renamed; S3
+objects are sent in one ``PutObject`` carrying their length and MD5, which S3 rejects unless every byte arrived,
+then checked by a ``HeadObject``. A job is marked completed only after every save returned. Keys are
+``<job id>/<name>.<suffix>`` and are checked against a strict pattern before they reach a path or a bucket.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Protocol
+
+from deployments.errors import InvalidInput, NotFound, StorageUnavailable
+from deployments.loader import s3_client
+
+KEY = re.compile(r"^job_[0-9]+_[0-9a-f]+/[A-Za-z0-9][A-Za-z0-9_-]{0,63}\.(png|webp)$")
+MIME = {"png": "image/png", "webp": "image/webp"}
+
+
+def result_key(job_id: str, name: str, suffix: str) -> str:
+    key = f"{job_id}/{name}.{suffix}"
+    if not KEY.match(key):
+        raise InvalidInput(f"bad result name {name!r}", field="name")
+    return key
+
+
+def _checked(key: str) -> str:
+    if not KEY.match(key):
+        raise InvalidInput("bad result key", field="key")
+    return key
+
+
+class ResultStore(Protocol):
+    def save(self, job_id: str, name: str, data: bytes, suffix: str = "png") -> str: ...
+
+    def load(self, key: str) -> bytes: ...
+
+    def delete(self, job_id: str) -> None: ...
+
+
+class LocalResults:
+    """Files under ``root``: written to a temporary name, synced, then renamed into place."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def save(self, job_id: str, name: str, data: bytes, suffix: str = "png") -> str:
+        key = result_key(job_id, name, suffix)
+        final = self.root / key
+        final.parent.mkdir(parents=True, exist_ok=True)
+        temp = final.parent / f".{final.name}.{uuid.uuid4().hex}.tmp"
+        with temp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, final)
+        return key
+
+    def load(self, key: str) -> bytes:
+        path = self.root / _checked(key)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError as e:
+            raise NotFound("the job's image has expired or was removed", field="id") from e
+
+    def delete(self, job_id: str) -> None:
+        if re.fullmatch(r"job_[0-9]+_[0-9a-f]+", job_id):
+            shutil.rmtree(self.root / job_id, ignore_errors=True)
+
+
+class S3Results:
+    """Objects under ``s3://bucket/prefix``; any S3-compatible endpoint (``AWS_ENDPOINT_URL``)."""
+
+    def __init__(self, bucket: str, prefix: str, client) -> None:
+        self.bucket, self.prefix, self.client = bucket, prefix, client
+
+    def save(self, job_id: str, name: str, data: bytes, suffix: str = "png") -> str:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        key = result_key(job_id, name, suffix)
+        md5 = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=data, ContentMD5=md5,
+                                   ContentType=MIME[suffix])
+            head = self.client.head_object(Bucket=self.bucket, Key=self.prefix + key)
+        except (BotoCoreError, ClientError) as e:
+            raise StorageUnavailable(f"result upload failed: {e}") from e
+        if head["ContentLength"] != len(data):
+            raise StorageUnavailable(f"result upload incomplete: {head['ContentLength']} of {len(data)} bytes")
+        return key
+
+    def load(self, key: str) -> bytes:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self.prefix + _checked(key))["Body"].read()
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise NotFound("the job's image has expired or was removed", field="id") from e
+            raise StorageUnavailable(f"result download failed: {e}") from e
+        except BotoCoreError as e:
+            raise StorageUnavailable(f"result download failed: {e}") from e
+
+    def delete(self, job_id: str) -> None:
+        if not re.fullmatch(r"job_[0-9]+_[0-9a-f]+", job_id):
+            return
+        listing = self.client.list_objects_v2(Bucket=self.bucket, Prefix=f"{self.prefix}{job_id}/")
+        objects = [{"Key": o["Key"]} for o in listing.get("Contents", [])]
+        if objects:
+            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": objects, "Quiet": True})
+
+
+def open_results(url: str | None, data_dir: Path, endpoint_url: str | None, region: str) -> ResultStore:
+    """``None`` or a path: local files; ``s3://bucket/prefix``: S3 with short, bounded retries."""
+    if url and url.startswith("s3://"):
+        bucket, _, prefix = url.removeprefix("s3://").partition("/")
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        return S3Results(bucket, prefix, s3_client(endpoint_url, region, read_timeout=30, attempts=3))
+    return LocalResults(Path(url) if url else data_dir / "results")

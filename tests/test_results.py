@@ -1,0 +1,91 @@
+"""Job result stores: local files and S3, with faults injected between the store and a real S3 server."""
+
+import hashlib
+import os
+
+import pytest
+
+from deployments.errors import InvalidInput, NotFound, StorageUnavailable
+from deployments.loader import s3_client
+from graphs.results import LocalResults, S3Results, open_results
+from tests.netfaults import TruncatingProxy
+
+JOB = "job_1700000000000_0123abcde"
+DATA = os.urandom(300_000)  # incompressible and larger than one socket read
+
+
+@pytest.fixture
+def bucket(s3_server):
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    name = f"results-{os.urandom(4).hex()}"
+    client.create_bucket(Bucket=name)
+    return client, name
+
+
+@pytest.fixture
+def proxy(s3_server):
+    host, port = s3_server.removeprefix("http://").split(":")
+    proxy = TruncatingProxy((host, int(port)))
+    yield proxy
+    proxy.close()
+
+
+def objects(client, name: str) -> dict[str, int]:
+    return {o["Key"]: o["Size"] for o in client.list_objects_v2(Bucket=name).get("Contents", [])}
+
+
+def test_local_results_round_trip_and_refuse_escapes(tmp_path):
+    store = LocalResults(tmp_path / "results")
+    key = store.save(JOB, "hero", DATA)
+    assert key == f"{JOB}/hero.png" and store.load(key) == DATA
+    assert [p.name for p in (tmp_path / "results" / JOB).iterdir()] == ["hero.png"]  # no temporary left
+    (tmp_path / "canary.png").write_bytes(b"secret")
+    for bad in ("../canary.png", f"{JOB}/../../canary.png", "/etc/passwd", f"{JOB}/x.sh", f"{JOB}/.hidden.png"):
+        with pytest.raises(InvalidInput):
+            store.load(bad)
+    for name in ("../x", "a/b", "", ".x"):
+        with pytest.raises(InvalidInput):
+            store.save(JOB, name, b"x")
+    store.delete("../")  # not a job id: nothing happens
+    assert (tmp_path / "canary.png").exists()
+    store.delete(JOB)
+    with pytest.raises(NotFound):
+        store.load(key)
+
+
+def test_s3_results_round_trip_under_a_prefix(bucket, s3_server):
+    client, name = bucket
+    store = open_results(f"s3://{name}/jobs", None, s3_server, "us-east-1")  # type: ignore[arg-type]
+    assert isinstance(store, S3Results)
+    key = store.save(JOB, "hero", DATA)
+    store.save(JOB, "hero_320w", b"RIFF-webp", "webp")
+    assert objects(client, name) == {f"jobs/{JOB}/hero.png": len(DATA), f"jobs/{JOB}/hero_320w.webp": 9}
+    assert store.load(key) == DATA
+    store.delete(JOB)
+    assert objects(client, name) == {}
+    with pytest.raises(NotFound):
+        store.load(key)
+
+
+@pytest.mark.parametrize("fault", ["refuse", "reset", "cut_upload", "stall", "http_500"])
+def test_s3_faults_never_publish_a_partial_object(bucket, proxy, fault):
+    client, name = bucket
+    proxy.inject(fault, upload_budget=120_000)
+    store = S3Results(name, "r/", s3_client(proxy.url, "us-east-1", read_timeout=1, attempts=2))
+    with pytest.raises(StorageUnavailable):
+        store.save(JOB, "hero", DATA)
+    assert proxy.faulted >= 2  # the retry met the fault too
+    assert objects(client, name) == {}
+
+
+@pytest.mark.parametrize("fault", ["reset", "cut_upload", "http_500"])
+def test_s3_fault_then_retry_publishes_the_whole_object(bucket, proxy, fault):
+    client, name = bucket
+    proxy.inject(fault, faults=1, upload_budget=120_000)
+    store = S3Results(name, "r/", s3_client(proxy.url, "us-east-1", read_timeout=5, attempts=3))
+    key = store.save(JOB, "hero", DATA)
+    assert proxy.faulted == 1
+    body = client.get_object(Bucket=name, Key=f"r/{key}")["Body"].read()
+    assert hashlib.sha256(body).digest() == hashlib.sha256(DATA).digest()
