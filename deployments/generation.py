@@ -137,6 +137,11 @@ class Cancellation:
         with self._lock:
             return self._progress.get(request_id)
 
+    def running(self) -> int:
+        """Requests of this replica inside their denoising loop now."""
+        with self._lock:
+            return len(self._progress)
+
     def callback(self, request_id: str | None, extra: ProgressFn | None = None) -> ProgressFn:
         def report(step: int, total: int) -> None:
             if request_id is not None:

@@ -225,6 +225,7 @@ class BaseGenerator:
             "dtype": str(self.dtype).removeprefix("torch."),
             "loras": sorted(self.loras),
             "ip_adapter": self.ip_adapter_loaded,
+            "running": self.cancellation.running(),
         }
 
     def healthy(self) -> bool:

@@ -5,12 +5,15 @@ with one body shape for every route: ``{"error", "code", "details"}`` (seed 002)
 the offending field.
 """
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import functools
 import hashlib
 import hmac
 import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -36,6 +39,7 @@ STATUS = {
     "CONFLICT": 409,
     "QUEUE_FULL": 429,
     "PAYLOAD_TOO_LARGE": 413,
+    "REQUEST_TIMEOUT": 408,
     "GPU_OOM": 503,
     "MODEL_UNAVAILABLE": 503,
     "STORAGE_UNAVAILABLE": 503,
@@ -51,6 +55,7 @@ class ApiSettings(BaseSettings):
     auth_enabled: bool = Field(False, alias="AUTH_ENABLED")
     auth_token: str = Field("", alias="AUTH_TOKEN", repr=False)
     max_body_bytes: int = Field(32 * 1024 * 1024, alias="MAX_BODY_BYTES")
+    request_timeout_s: float = Field(300.0, gt=0, alias="REQUEST_TIMEOUT_SECONDS")
 
 
 class ErrorBody(BaseModel):
@@ -153,6 +158,59 @@ class BodyLimit:
 
 
 OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/redoc")
+TIMEOUT_HEADER = b"x-request-timeout"
+
+
+class Deadline:
+    """Every request gets at most ``REQUEST_TIMEOUT_SECONDS`` (a client may ask for less with
+    ``X-Request-Timeout: <seconds>``). Past it the handler is cancelled, which stops the work below it (see
+    ``stop_on_cancel``), and the client gets 408 ``REQUEST_TIMEOUT``."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = api_settings().request_timeout_s
+        asked = dict(scope.get("headers", [])).get(TIMEOUT_HEADER)
+        if asked is not None:
+            try:
+                seconds = float(asked)
+                if not 0 < seconds < float("inf"):
+                    raise ValueError(seconds)
+            except ValueError:
+                response = error_response("INVALID_INPUT", "X-Request-Timeout must be a positive number of seconds",
+                                          {"field": "X-Request-Timeout"})
+                return await response(scope, receive, send)
+            limit = min(limit, seconds)
+        started = False
+
+        async def tracking_send(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await asyncio.wait_for(self.app(scope, receive, tracking_send), limit)
+        except TimeoutError:
+            if started:  # a streamed answer was already under way: all we can do is stop
+                return
+            response = error_response("REQUEST_TIMEOUT", f"request exceeded its {limit:g} s deadline; its work was "
+                                      "cancelled", {"timeout_seconds": limit})
+            await response(scope, receive, send)
+
+
+@contextlib.asynccontextmanager
+async def stop_on_cancel(stop: Callable[[], Awaitable[object]]) -> AsyncIterator[None]:
+    """Run ``stop`` when the handler is cancelled (deadline passed, or the client went away) before re-raising:
+    a replica thread in a denoising loop does not notice a cancelled caller, a cancel flag it checks each step."""
+    try:
+        yield
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await asyncio.shield(stop())
+        raise
 
 
 class BearerAuth:
@@ -183,6 +241,7 @@ def create_app() -> FastAPI:
     app.add_exception_handler(Exception, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_middleware(Deadline)
     app.add_middleware(BearerAuth)
     app.add_middleware(BodyLimit)  # outermost: runs before anything reads the body
     return app

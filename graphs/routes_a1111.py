@@ -20,7 +20,7 @@ from deployments.generation import GenerationRequest, GenerationResult
 from deployments.samplers import SCHEDULES, sampler_names
 from deployments.sdxl_refiner import RefineRequest
 from graphs import plans
-from graphs.http import b64_png, call, image_field, token_owner
+from graphs.http import b64_png, call, image_field, stop_on_cancel, token_owner
 from graphs.jobstore import RedisJobStore, SQLiteJobStore
 
 router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"])
@@ -170,13 +170,14 @@ class A1111Routes:
         extras: dict = {}
         try:
             seed = r.seed
-            for _ in range(r.n_iter):
-                request_id = uuid.uuid4().hex
-                job.request_ids.append(request_id)
-                result = await self._one_batch(r, seed, request_id, extras, **extra)
-                images += result.images
-                seeds += result.seeds
-                seed = result.seeds[-1] + 1
+            async with stop_on_cancel(lambda: self._cancel(job)):
+                for _ in range(r.n_iter):
+                    request_id = uuid.uuid4().hex
+                    job.request_ids.append(request_id)
+                    result = await self._one_batch(r, seed, request_id, extras, **extra)
+                    images += result.images
+                    seeds += result.seeds
+                    seed = result.seeds[-1] + 1
         finally:
             self.in_flight.pop(key, None)
         if r.restore_faces:
@@ -301,10 +302,13 @@ class A1111Routes:
         return {"progress": round(fraction, 4), "eta_relative": round(eta, 2), "state": state,
                 "current_image": image, "textinfo": None}
 
+    async def _cancel(self, job: InFlight) -> None:
+        for request_id in job.request_ids:
+            await call(self.handles.base.cancel.remote(request_id))
+
     async def _cancel_mine(self, http: Request) -> dict:
         for job in [j for j in self.in_flight.values() if j.client == _client(http)]:
-            for request_id in job.request_ids:
-                await call(self.handles.base.cancel.remote(request_id))
+            await self._cancel(job)
         return {}
 
     @router.post("/interrupt")

@@ -1,6 +1,7 @@
 """Seed 000 (and seed 002's sync client): ``POST /generate``; ``GET /health/`` and ``GET /models``."""
 
 import time
+import uuid
 from typing import Literal
 
 from fastapi import APIRouter
@@ -8,7 +9,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from deployments.generation import GenerationRequest
 from graphs import plans
-from graphs.http import ErrorBody, b64_png, call
+from graphs.http import ErrorBody, b64_png, call, stop_on_cancel
 
 router = APIRouter(tags=["generate"])
 open_router = APIRouter(tags=["health"])
@@ -110,11 +111,14 @@ class GenerateRoutes:
         request = GenerationRequest(prompt=body.prompt, negative_prompt=body.negative_prompt, seed=body.seed,
                                     width=body.width, height=body.height, steps=body.num_inference_steps,
                                     guidance_scale=body.guidance_scale)
+        request_id = uuid.uuid4().hex
         opts = plans.PlanOptions(use_refiner=body.use_refiner, hires_fix=body.hires_fix,
                                  neural_upscaler=self.hires_upscaler if body.use_realesrgan else None,
-                                 restore_faces=body.use_face_restoration, face_weight=body.face_restoration_weight)
+                                 restore_faces=body.use_face_restoration, face_weight=body.face_restoration_weight,
+                                 request_id=request_id)
         plan = plans.hires_fix if body.hires_fix else plans.standard
-        report = await plan(self.handles, request, opts)
+        async with stop_on_cancel(lambda: self.handles.base.cancel.remote(request_id)):
+            report = await plan(self.handles, request, opts)
         encoded = b64_png(report.image)
         width, height = report.image.size
         return GenerateResponse(

@@ -2,6 +2,7 @@
 the result written back to S3 under ``generated/{user_id}/`` and answered as ``{"data": [{"s3_uri": ...}]}``."""
 
 import asyncio
+import uuid
 
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
@@ -9,7 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from deployments.generation import GenerationRequest
 from graphs import plans
-from graphs.http import ErrorBody, call
+from graphs.http import ErrorBody, call, stop_on_cancel
 from graphs.storage import PhotoStore, StorageConfig, check_user_id
 
 router = APIRouter(prefix="/v1/images", tags=["illustration"])
@@ -80,7 +81,9 @@ class IllustrationRoutes:
             ip_adapter_scale=body.ip_adapter_scale if body.ip_adapter_scale is not None else s.ip_adapter_scale,
             width=s.size, height=s.size,
         )
-        result = await call(self.handles.base.generate.remote(request))
+        request_id = uuid.uuid4().hex
+        async with stop_on_cancel(lambda: self.handles.base.cancel.remote(request_id)):
+            result = await call(self.handles.base.generate.remote(request, request_id))
         uri = await asyncio.to_thread(self.photos.save_generated, body.user_id, kind, result.images[0])
         return IllustrationResponse(data=[S3Object(s3_uri=uri)])
 

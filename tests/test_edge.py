@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import httpx
 import pytest
 from fastapi import APIRouter
@@ -9,11 +12,6 @@ from fastapi import APIRouter
 from graphs import http
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
 
 
 @pytest.fixture
@@ -35,6 +33,14 @@ def make_client(monkeypatch):
         async def echo(body: dict):
             return {"size": len(str(body))}
 
+        @router.get("/slow")
+        async def slow():
+            async def stop():
+                stopped.append(time.monotonic())
+
+            async with http.stop_on_cancel(stop):
+                await asyncio.sleep(30)
+
         app.include_router(router)
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
         clients.append(client)
@@ -42,6 +48,9 @@ def make_client(monkeypatch):
 
     yield build
     http.api_settings.cache_clear()
+
+
+stopped: list[float] = []
 
 
 async def test_auth_off_lets_everyone_in(make_client):
@@ -114,3 +123,25 @@ async def test_ray_backpressure_is_503_with_retry_after():
         boom = await client.get("/boom")
         assert boom.status_code == 500 and boom.json()["code"] == "INTERNAL_ERROR"
         assert "secret" not in boom.text
+
+
+async def test_deadline_is_408_and_stops_the_work_below(make_client):
+    client = make_client(REQUEST_TIMEOUT_SECONDS="0.5")
+    stopped.clear()
+    started = time.monotonic()
+    response = await client.get("/slow")
+    assert response.status_code == 408 and response.json()["code"] == "REQUEST_TIMEOUT"
+    assert response.json()["details"] == {"timeout_seconds": 0.5}
+    assert len(stopped) == 1 and 0.5 <= stopped[0] - started < 2
+    response = await client.get("/slow", headers={"X-Request-Timeout": "0.1"})  # a client may ask for less
+    assert response.status_code == 408 and response.json()["details"] == {"timeout_seconds": 0.1}
+    response = await client.get("/slow", headers={"X-Request-Timeout": "60"})  # never for more
+    assert response.json()["details"] == {"timeout_seconds": 0.5} and len(stopped) == 3
+    assert (await client.get("/health/")).status_code == 200
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-3", "nan", "inf"])
+async def test_a_bad_timeout_header_is_422(make_client, value):
+    client = make_client()
+    error = (await client.get("/slow", headers={"X-Request-Timeout": value})).json()
+    assert error["code"] == "INVALID_INPUT" and error["details"]["field"] == "X-Request-Timeout"
