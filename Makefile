@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TINY_MODELS ?= $(HOME)/.cache/imagegen/tiny-models
 export TINY_MODELS
 
-.PHONY: install models lint test demo bench clean
+.PHONY: install models lint test demo bench soak clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ demo: models
 
 bench: models
 	$(PY) -m tests.bench_overhead
+
+soak: models
+	$(PY) -m tests.soak
 
 clean:
 	rm -rf $(VENV) $(TINY_MODELS)

@@ -1,6 +1,8 @@
-"""Orchestration overhead: p50 of ``POST /generate`` on a local Ray cluster against the same work in-process.
+"""Benchmarks on a local Ray cluster (tiny models, CPU), run with ``make bench``; they print, asserting nothing.
 
-Run with ``make bench`` (tiny models, CPU). Prints the figures; asserts nothing.
+- Orchestration overhead: p50 of ``POST /generate`` against the same work in-process.
+- Multi-size batch: one ``/generate/batch-sizes`` job for four sizes against four independent text2img jobs of
+  the same sizes, all submitted at once.
 """
 
 from __future__ import annotations
@@ -17,6 +19,13 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = int(os.environ.get("BENCH_RUNS", "15"))
+BATCH_SIZES = {"thumbnail": (640, 360), "og": (1200, 632), "sidebar": (304, 600), "avatar": (512, 512)}
+BATCH_STEPS = 4
+BUCKETS = {"landscape": (1344, 768), "square": (1024, 1024), "portrait": (768, 1344)}  # configs/sizes.yaml
+
+
+def aspect(width: int, height: int) -> str:
+    return "landscape" if width / height > 1.2 else "portrait" if width / height < 0.83 else "square"
 PAYLOAD = {"prompt": "red apple", "seed": 42, "width": 256, "height": 256, "num_inference_steps": 8}
 
 
@@ -40,7 +49,38 @@ def in_process(tiny: Path) -> list[float]:
     return times[2:]  # first calls warm caches
 
 
-def over_http(tiny: Path) -> list[float]:
+def wait_all(client: httpx.Client, job_ids: list[str]) -> None:
+    pending = set(job_ids)
+    while pending:
+        for job_id in list(pending):
+            job = client.get(f"/jobs/{job_id}").json()
+            if job["status"] in ("completed", "failed", "cancelled"):
+                assert job["status"] == "completed", job["error"]
+                pending.discard(job_id)
+        time.sleep(0.1)
+
+
+def independent(client: httpx.Client, sizes: list[tuple[int, int]]) -> float:
+    started = time.perf_counter()
+    ids = [client.post("/generate/text2img", json={"prompt": "a portrait", "width": w, "height": h, "seed": 7,
+                                                   "steps": BATCH_STEPS}).json()["id"] for w, h in sizes]
+    wait_all(client, ids)
+    return time.perf_counter() - started
+
+
+def batch_against_independent(client: httpx.Client) -> tuple[float, float, float]:
+    """Wall time of one 4-size batch job; of 4 text2img jobs at the target sizes, all submitted together; and of 4
+    at the SDXL bucket of each size's aspect (what a client must render to crop each size at native quality)."""
+    started = time.perf_counter()
+    job = client.post("/generate/batch-sizes", json={"prompt": "a portrait", "sizes": list(BATCH_SIZES),
+                                                     "seed": 7, "steps": BATCH_STEPS}).json()
+    wait_all(client, [job["job_id"]])
+    batch = time.perf_counter() - started
+    buckets = [BUCKETS[aspect(w, h)] for w, h in BATCH_SIZES.values()]
+    return batch, independent(client, list(BATCH_SIZES.values())), independent(client, buckets)
+
+
+def over_http(tiny: Path) -> tuple[list[float], list[tuple[float, float, float]]]:
     import ray
     from ray import serve
 
@@ -57,19 +97,26 @@ def over_http(tiny: Path) -> list[float]:
             started = time.perf_counter()
             client.post("/generate", json=PAYLOAD).raise_for_status()
             times.append(time.perf_counter() - started)
+        batches = [batch_against_independent(client) for _ in range(3)]
     serve.shutdown()
     ray.shutdown()
-    return times[2:]
+    return times[2:], batches[1:]
 
 
 def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     tiny = Path(os.environ["TINY_MODELS"])
     direct = statistics.median(in_process(tiny))
-    served = statistics.median(over_http(tiny))
+    http_times, batches = over_http(tiny)
+    served = statistics.median(http_times)
     print(f"p50 in-process (base -> refiner latents -> PNG): {direct * 1000:.0f} ms")  # noqa: T201
     print(f"p50 POST /generate through Serve (same work):    {served * 1000:.0f} ms")  # noqa: T201
     print(f"orchestration overhead: {(served - direct) * 1000:.0f} ms ({served / direct:.2f}x)")  # noqa: T201
+    batch, at_target, at_bucket = (statistics.median(b[i] for b in batches) for i in range(3))
+    print(f"4-size batch {list(BATCH_SIZES)}, {BATCH_STEPS} steps: {batch:.1f} s from 3 bases")  # noqa: T201
+    print(f"4 independent jobs at the target sizes: {at_target:.1f} s (batch/independent {batch / at_target:.2f}x)")  # noqa: T201
+    print(f"4 independent jobs at each size's SDXL bucket: {at_bucket:.1f} s "  # noqa: T201
+          f"(batch/independent {batch / at_bucket:.2f}x)")
     return 0
 
 
