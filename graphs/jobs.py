@@ -13,6 +13,7 @@ import asyncio
 import base64
 import io
 import logging
+import re
 import time
 import uuid
 from pathlib import Path
@@ -63,6 +64,9 @@ class JobSettings(BaseSettings):
         return open_results(self.results_url, self.data_dir, self.aws_endpoint_url, self.aws_region)
 
 
+MAX_SIDE = 4096  # an explicit WxH output size
+
+
 class SizeTable(BaseModel):
     landscape_above: float
     portrait_below: float
@@ -82,8 +86,10 @@ class SizeTable(BaseModel):
         for name in names:
             if name in self.sizes:
                 out.append(CropSize(name=name, width=self.sizes[name][0], height=self.sizes[name][1]))
-            elif "x" in name and all(p.isdigit() for p in name.split("x", 1)):
+            elif re.fullmatch(r"[0-9]{1,5}x[0-9]{1,5}", name):
                 width, height = (int(p) for p in name.split("x", 1))
+                if not (8 <= width <= MAX_SIDE and 8 <= height <= MAX_SIDE):
+                    raise InvalidInput(f"size {name!r}: each side must lie in 8..{MAX_SIDE}", field="sizes")
                 out.append(CropSize(name=name, width=width, height=height))
             else:
                 raise InvalidInput(f"unknown size {name!r}", field="sizes", details={"choices": list(self.sizes)})

@@ -43,7 +43,8 @@ class Text2ImgJob(_Submit):
     guidanceScale: float = Field(7.5, ge=0.0, le=30.0)
     seed: int = Field(-1, ge=-1, le=2**32 - 1)
     sampler: str = Field("euler_a", max_length=64)
-    model: str | None = Field(None, max_length=128)
+    model: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+                              description="echoed in the result; the deployed SDXL base serves every job")
 
 
 class Img2ImgJob(Text2ImgJob):

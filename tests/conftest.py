@@ -147,16 +147,20 @@ def jobs_dir(tmp_path_factory) -> Path:
 
 
 def serve_app() -> None:
-    """Deploy configs/cpu.yaml's application (with a test autoscaling policy on the Upscaler)."""
+    """Deploy configs/cpu.yaml's application (with test autoscaling and health-check policies)."""
     import yaml
     from ray import serve
 
     from graphs.app import build_app
 
     config = yaml.safe_load((ROOT / "configs" / "cpu.yaml").read_text())["applications"][0]
-    args = {**config["args"], "deployment_options": {"Upscaler": {"autoscaling_config": {
-        "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0.5,
-        "downscale_delay_s": 2, "metrics_interval_s": 0.5, "look_back_period_s": 1}}}}
+    args = {**config["args"], "deployment_options": {
+        "Upscaler": {"autoscaling_config": {
+            "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0.5,
+            "downscale_delay_s": 2, "metrics_interval_s": 0.5, "look_back_period_s": 1}},
+        # Quick health checks, so that a wedged replica is replaced within seconds (tests/test_faults.py).
+        "FocalCropper": {"health_check_period_s": 1, "health_check_timeout_s": 2, "graceful_shutdown_timeout_s": 1},
+    }}
     serve.run(build_app(args), name="imagegen", route_prefix="/")
 
 
@@ -172,7 +176,7 @@ def service(tiny, s3_proxy, jobs_dir):
         "ILLUSTRATION_SIZE": "256", "DEFAULT_NUM_INFERENCE_STEPS": "4", "MAX_BODY_BYTES": str(4 * 1024 * 1024),
         "JOBS_DATA_DIR": str(jobs_dir), "MAX_CONCURRENT_JOBS": "1", "MAX_QUEUE_SIZE": "8",
         "JOB_LEASE_SECONDS": "3", "JOB_POLL_SECONDS": "0.1", "WEBHOOK_ALLOW_HOSTS": "127.0.0.1",
-        "WEBHOOK_BACKOFF_SECONDS": "0.2",
+        "WEBHOOK_BACKOFF_SECONDS": "0.2", "JOBS_PER_TOKEN": "true",
     }
     os.environ["TINY_MODELS"] = str(tiny)
     port = _free_port()
