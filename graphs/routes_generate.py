@@ -46,7 +46,7 @@ class GenerateRequest(BaseModel):
         if isinstance(data, dict):
             if "negativePrompt" in data and "negative_prompt" not in data:
                 data = {**data, "negative_prompt": data["negativePrompt"]}
-            if data.get("preset") in PRESETS:
+            if isinstance(data.get("preset"), str) and data["preset"] in PRESETS:
                 data = {**PRESETS[data["preset"]], **data}
         return data
 
