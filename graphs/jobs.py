@@ -54,14 +54,12 @@ class JobSettings(BaseSettings):
     sizes_file: Path = Field(ROOT / "configs" / "sizes.yaml", alias="BATCH_SIZES_FILE")
     store_url: str | None = Field(None, alias="JOB_STORE_URL", description="redis://host:port/db for a shared store")
     results_url: str | None = Field(None, alias="JOB_RESULTS_URL", description="s3://bucket/prefix, or a folder")
-    aws_endpoint_url: str | None = Field(None, alias="AWS_ENDPOINT_URL")
-    aws_region: str = Field("us-east-1", alias="AWS_REGION")
 
     def store(self) -> SQLiteJobStore | RedisJobStore:
         return open_store(self.store_url, self.data_dir / "jobs.sqlite3", self.max_attempts)
 
     def results(self) -> ResultStore:
-        return open_results(self.results_url, self.data_dir, self.aws_endpoint_url, self.aws_region)
+        return open_results(self.results_url, self.data_dir)
 
 
 MAX_SIDE = 4096  # an explicit WxH output size

@@ -17,10 +17,12 @@ import uuid
 from pathlib import Path
 from typing import Protocol
 
+from deployments.config import Settings
 from deployments.errors import InvalidInput, NotFound, StorageUnavailable
 from deployments.loader import s3_client
 
-KEY = re.compile(r"^job_[0-9]+_[0-9a-f]+/[A-Za-z0-9][A-Za-z0-9_-]{0,63}\.(png|webp)$")
+JOB_ID = r"job_[0-9]+_[0-9a-f]+"
+KEY = re.compile(rf"^{JOB_ID}/[A-Za-z0-9][A-Za-z0-9_-]{{0,63}}\.(png|webp)$")
 MIME = {"png": "image/png", "webp": "image/webp"}
 
 
@@ -72,7 +74,7 @@ class LocalResults:
             raise NotFound("the job's image has expired or was removed", field="id") from e
 
     def delete(self, job_id: str) -> None:
-        if re.fullmatch(r"job_[0-9]+_[0-9a-f]+", job_id):
+        if re.fullmatch(JOB_ID, job_id):
             shutil.rmtree(self.root / job_id, ignore_errors=True)
 
 
@@ -110,7 +112,7 @@ class S3Results:
             raise StorageUnavailable(f"result download failed: {e}") from e
 
     def delete(self, job_id: str) -> None:
-        if not re.fullmatch(r"job_[0-9]+_[0-9a-f]+", job_id):
+        if not re.fullmatch(JOB_ID, job_id):
             return
         listing = self.client.list_objects_v2(Bucket=self.bucket, Prefix=f"{self.prefix}{job_id}/")
         objects = [{"Key": o["Key"]} for o in listing.get("Contents", [])]
@@ -118,11 +120,14 @@ class S3Results:
             self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": objects, "Quiet": True})
 
 
-def open_results(url: str | None, data_dir: Path, endpoint_url: str | None, region: str) -> ResultStore:
-    """``None`` or a path: local files; ``s3://bucket/prefix``: S3 with short, bounded retries."""
+def open_results(url: str | None, data_dir: Path, settings: Settings | None = None) -> ResultStore:
+    """``None`` or a path: local files; ``s3://bucket/prefix``: S3 (the endpoint and region that model downloads
+    use) with short, bounded retries."""
     if url and url.startswith("s3://"):
         bucket, _, prefix = url.removeprefix("s3://").partition("/")
         if prefix and not prefix.endswith("/"):
             prefix += "/"
-        return S3Results(bucket, prefix, s3_client(endpoint_url, region, read_timeout=30, attempts=3))
+        settings = settings or Settings()
+        client = s3_client(settings.aws_endpoint_url, settings.aws_region, read_timeout=30, attempts=3)
+        return S3Results(bucket, prefix, client)
     return LocalResults(Path(url) if url else data_dir / "results")
