@@ -15,17 +15,14 @@ import time
 from pathlib import Path
 
 import httpx
-import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from graphs.jobs import SizeTable
+from tests import cluster
+
 RUNS = int(os.environ.get("BENCH_RUNS", "15"))
 BATCH_SIZES = {"thumbnail": (640, 360), "og": (1200, 632), "sidebar": (304, 600), "avatar": (512, 512)}
 BATCH_STEPS = 4
-BUCKETS = {"landscape": (1344, 768), "square": (1024, 1024), "portrait": (768, 1344)}  # configs/sizes.yaml
-
-
-def aspect(width: int, height: int) -> str:
-    return "landscape" if width / height > 1.2 else "portrait" if width / height < 0.83 else "square"
+SIZES = SizeTable.load(cluster.ROOT / "configs" / "sizes.yaml")
 PAYLOAD = {"prompt": "red apple", "seed": 42, "width": 256, "height": 256, "num_inference_steps": 8}
 
 
@@ -76,30 +73,20 @@ def batch_against_independent(client: httpx.Client) -> tuple[float, float, float
                                                      "seed": 7, "steps": BATCH_STEPS}).json()
     wait_all(client, [job["job_id"]])
     batch = time.perf_counter() - started
-    buckets = [BUCKETS[aspect(w, h)] for w, h in BATCH_SIZES.values()]
+    buckets = [SIZES.bases[SIZES.aspect(w, h)] for w, h in BATCH_SIZES.values()]
     return batch, independent(client, list(BATCH_SIZES.values())), independent(client, buckets)
 
 
 def over_http(tiny: Path) -> tuple[list[float], list[tuple[float, float, float]]]:
-    import ray
-    from ray import serve
-
-    from graphs.app import build_app
-
-    config = yaml.safe_load((ROOT / "configs" / "cpu.yaml").read_text())["applications"][0]
-    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"TINY_MODELS": str(tiny)}})
-    serve.start(http_options={"host": "127.0.0.1", "port": 8765})
-    serve.run(build_app(config["args"]), name="imagegen", route_prefix="/")
+    base_url = cluster.start({"TINY_MODELS": str(tiny)})
     times = []
-    with httpx.Client(base_url="http://127.0.0.1:8765", timeout=120) as client:
+    with httpx.Client(base_url=base_url, timeout=120) as client:
         for _ in range(RUNS + 2):
             started = time.perf_counter()
             client.post("/generate", json=PAYLOAD).raise_for_status()
             times.append(time.perf_counter() - started)
         batches = [batch_against_independent(client) for _ in range(3)]
-    serve.shutdown()
-    ray.shutdown()
+    cluster.stop()
     return times[2:], batches[1:]
 
 

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests import cluster
+
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 
@@ -115,19 +117,11 @@ def s3_client(endpoint: str):
 
 # --- the served application (one real local Ray cluster for every HTTP test module) ---------------------------
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = cluster.ROOT
 BUCKET = "illustrations-test"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-METRICS_PORT = _free_port()
+METRICS_PORT = cluster.free_port()
 
 
 @pytest.fixture(scope="session")
@@ -146,29 +140,24 @@ def jobs_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("jobs-data")
 
 
+# Test policies: quick Upscaler autoscaling, and quick health checks so that a wedged replica is replaced within
+# seconds (tests/test_faults.py).
+DEPLOYMENT_OPTIONS = {
+    "Upscaler": {"autoscaling_config": {
+        "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0.5,
+        "downscale_delay_s": 2, "metrics_interval_s": 0.5, "look_back_period_s": 1}},
+    "FocalCropper": {"health_check_period_s": 1, "health_check_timeout_s": 2, "graceful_shutdown_timeout_s": 1},
+}
+
+
 def serve_app() -> None:
-    """Deploy configs/cpu.yaml's application (with test autoscaling and health-check policies)."""
-    import yaml
-    from ray import serve
-
-    from graphs.app import build_app
-
-    config = yaml.safe_load((ROOT / "configs" / "cpu.yaml").read_text())["applications"][0]
-    args = {**config["args"], "deployment_options": {
-        "Upscaler": {"autoscaling_config": {
-            "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0.5,
-            "downscale_delay_s": 2, "metrics_interval_s": 0.5, "look_back_period_s": 1}},
-        # Quick health checks, so that a wedged replica is replaced within seconds (tests/test_faults.py).
-        "FocalCropper": {"health_check_period_s": 1, "health_check_timeout_s": 2, "graceful_shutdown_timeout_s": 1},
-    }}
-    serve.run(build_app(args), name="imagegen", route_prefix="/")
+    """(Re)deploy configs/cpu.yaml's application with the test policies."""
+    cluster.deploy(DEPLOYMENT_OPTIONS)
 
 
 @pytest.fixture(scope="session")
 def service(tiny, s3_proxy, jobs_dir):
     import httpx
-    import ray
-    from ray import serve
 
     env = {
         "TINY_MODELS": str(tiny), "AWS_ENDPOINT_URL": s3_proxy.url, "S3_BUCKET_NAME": BUCKET,
@@ -179,15 +168,10 @@ def service(tiny, s3_proxy, jobs_dir):
         "WEBHOOK_BACKOFF_SECONDS": "0.2", "JOBS_PER_TOKEN": "true",
     }
     os.environ["TINY_MODELS"] = str(tiny)
-    port = _free_port()
-    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env},
-             _metrics_export_port=METRICS_PORT)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve_app()
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+    base_url = cluster.start(env, DEPLOYMENT_OPTIONS, _metrics_export_port=METRICS_PORT)
+    with httpx.Client(base_url=base_url, timeout=120) as client:
         yield client
-    serve.shutdown()
-    ray.shutdown()
+    cluster.stop()
 
 
 def decode_b64(data: str) -> Image.Image:

@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import socket
 import sys
 import tempfile
 import threading
@@ -26,11 +25,11 @@ from typing import Any
 
 import httpx
 import psutil
-import yaml
 from PIL import Image
 
+from tests import cluster
+
 logger = logging.getLogger("soak")
-ROOT = Path(__file__).resolve().parent.parent
 
 RETENTION_S = 60.0  # short, so finished jobs are purged during the soak and the store must stay flat
 PURGE_EVERY_S = min(60.0, RETENTION_S / 4)  # graphs.jobs.JobRunner._purge's period
@@ -197,36 +196,11 @@ def sampler(data_dir: Path, started: float, samples: list[dict[str, float]], sto
             return
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start_service(tiny: Path, data_dir: Path) -> str:
     """A local Ray cluster serving configs/cpu.yaml's application; its base URL."""
-    import ray
-    from ray import serve
-
-    from graphs.app import build_app
-
     env = {"TINY_MODELS": str(tiny), "JOBS_DATA_DIR": str(data_dir), "MAX_CONCURRENT_JOBS": "2",
            "MAX_QUEUE_SIZE": "16", "JOB_RETENTION_SECONDS": str(RETENTION_S), "JOB_POLL_SECONDS": "0.1"}
-    port = _free_port()
-    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    config = yaml.safe_load((ROOT / "configs" / "cpu.yaml").read_text())["applications"][0]
-    serve.run(build_app(config["args"]), name="imagegen", route_prefix="/")
-    return f"http://127.0.0.1:{port}"
-
-
-def stop_service() -> None:
-    import ray
-    from ray import serve
-
-    if ray.is_initialized():
-        serve.shutdown()
-        ray.shutdown()
+    return cluster.start(env)
 
 
 def soak(base_url: str, data_dir: Path, duration: float, clients: int) -> tuple[Tally, list[dict[str, float]], float]:
@@ -371,7 +345,7 @@ def main() -> int:
             logger.warning("interrupted; no report")
             return 130
         finally:
-            stop_service()
+            cluster.stop()
     report_path.write_text(json.dumps(report, indent=2) + "\n")
     sys.stdout.write(render(report))
     return 0 if report["passed"] else 1

@@ -271,19 +271,9 @@ def test_jobs_are_visible_only_to_the_token_that_made_them(service):
     error(service.post(f"/jobs/{job['id']}/cancel", headers=bob), 404, "NOT_FOUND")
     assert job["id"] not in [j["id"] for j in service.get("/jobs", headers=bob).json()["jobs"]]
     error(service.get(f"/jobs/{job['id']}"), 404, "NOT_FOUND")  # no token is not a wildcard
-    done = wait_as(service, job["id"], alice)
+    done = wait(service, job["id"], headers=alice)
     assert done["status"] == "completed"  # bob's cancel touched nothing
     assert job["id"] in [j["id"] for j in service.get("/jobs", headers=alice).json()["jobs"]]
-
-
-def wait_as(service, job_id: str, headers: dict, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = service.get(f"/jobs/{job_id}", headers=headers).json()
-        if job["status"] in ("completed", "failed", "cancelled"):
-            return job
-        time.sleep(0.2)
-    raise AssertionError("job did not finish")
 
 
 # --- Ray failing underneath --------------------------------------------------------------------------------------

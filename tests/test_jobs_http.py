@@ -15,10 +15,11 @@ SMALL = {"prompt": "a lighthouse", "width": 128, "height": 128, "steps": 3, "see
 LONG = {"prompt": "a long one", "width": 256, "height": 256, "steps": 150, "seed": 3}
 
 
-def wait(service, job_id: str, until=("completed", "failed", "cancelled"), timeout: float = 120) -> dict:
+def wait(service, job_id: str, until=("completed", "failed", "cancelled"), timeout: float = 120,
+         headers: dict | None = None) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        job = service.get(f"/jobs/{job_id}").json()
+        job = service.get(f"/jobs/{job_id}", headers=headers).json()
         if job["status"] in until:
             return job
         time.sleep(0.2)
