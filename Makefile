@@ -3,9 +3,10 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 TINY_MODELS ?= $(HOME)/.cache/imagegen/tiny-models
-export TINY_MODELS
+FULLSIZE_MODELS ?= $(HOME)/.cache/imagegen/fullsize-models
+export TINY_MODELS FULLSIZE_MODELS
 
-.PHONY: install models lint test demo bench soak clean
+.PHONY: install models lint test demo bench bench-gpu fullsize soak clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,9 +17,9 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 # Random-weight models of the real architectures, cached outside git; rebuilt when the factory changes.
-$(TINY_MODELS)/.stamp: $(VENV)/.installed deployments/tiny.py deployments/sgm.py
+$(TINY_MODELS)/.stamp: $(VENV)/.installed $(wildcard deployments/factory/*.py)
 	rm -rf $(TINY_MODELS)
-	$(PY) -m deployments.tiny $(TINY_MODELS)
+	$(PY) -m deployments.factory $(TINY_MODELS)
 	touch $@
 
 models: $(TINY_MODELS)/.stamp
@@ -36,8 +37,24 @@ demo: models
 bench: models
 	$(PY) -m tests.bench_overhead
 
+# Full-size random-weight models (about 20 GB, minutes of CPU), then the full-size checks; not part of `make test`.
+$(FULLSIZE_MODELS)/.stamp: $(VENV)/.installed
+	$(PY) -m deployments.factory $(FULLSIZE_MODELS) --full
+	touch $@
+
+fullsize: $(FULLSIZE_MODELS)/.stamp
+	IMAGEGEN_FULLSIZE=1 $(PY) -m pytest -q tests/test_fullsize.py
+	$(PY) -m tests.bench_gpu --out fullsize-cpu.json
+
+# On a CUDA machine: the stage table (building the fixtures on the GPU), then the Serve figures. Without CUDA it
+# runs the CPU mode: the full-size base at 256², 2 steps, against its float32 self.
+bench-gpu: install
+	$(PY) -m tests.bench_gpu
+	if $(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then $(PY) -m tests.bench_gpu_serve; \
+	else echo "no CUDA here: Serve figures skipped"; fi
+
 soak: models
 	$(PY) -m tests.soak
 
 clean:
-	rm -rf $(VENV) $(TINY_MODELS)
+	rm -rf $(VENV) $(TINY_MODELS) $(FULLSIZE_MODELS)

@@ -20,10 +20,33 @@ class _Config(BaseModel):
 
 
 class DeviceConfig(_Config):
-    """Where a model runs. ``auto`` picks CUDA when present (half precision), otherwise CPU float32."""
+    """Where a model runs. ``auto`` picks CUDA when present (bfloat16 where the GPU has it, else float16),
+    otherwise CPU float32."""
 
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
     dtype: Dtype = "auto"
+    channels_last: bool = Field(False, description="NHWC memory format for convolutions (CUDA only)")
+
+
+Attention = Literal["auto", "flash", "efficient", "cudnn", "math"]
+CompileMode = Literal["default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"]
+
+
+class FastPath(_Config):
+    """GPU speed settings of a diffusion deployment. Every default is the plain eager path, which is what a CPU
+    wants; ``serve_config.yaml`` sets the measured GPU choices (see ``make bench-gpu``)."""
+
+    attention: Attention = Field("auto", description="scaled-dot-product kernel; 'auto' lets PyTorch choose")
+    compile: Literal["none", "regional", "full"] = Field(
+        "none", description="torch.compile the repeated transformer blocks ('regional') or the whole UNet"
+    )
+    compile_mode: CompileMode = "default"
+    compile_vae: bool = Field(False, description="also compile the VAE decoder")
+    fp8: bool = Field(False, description="FP8 (torchao, dynamic per-row) UNet linear layers; GPUs with FP8 only")
+    warmup_sizes: list[tuple[int, int]] = Field(
+        [], max_length=16, description="(width, height) pairs run once at start, so compilation happens then"
+    )
+    warmup_steps: int = Field(2, ge=1, le=50)
 
 
 class ModelSource(_Config):
@@ -39,6 +62,8 @@ class SDXLBaseConfig(_Config):
     model: ModelSource
     name: str = Field("sdxl-base", description="the checkpoint name clients see (A1111 sd_model_checkpoint)")
     device: DeviceConfig = DeviceConfig()
+    vae: ModelSource | None = Field(None, description="a replacement VAE, e.g. an fp16-safe one for float16")
+    fast: FastPath = FastPath()
     ip_adapter: str | None = Field(None, description="folder with ip-adapter weights and image_encoder/")
     ip_adapter_weight_name: str = "ip-adapter_sdxl.safetensors"
     lora_dir: str | None = Field(None, description="folder of *.safetensors LoRAs, registered by file stem")
@@ -51,6 +76,8 @@ class SDXLRefinerConfig(_Config):
     model: ModelSource
     name: str = "sdxl-refiner"
     device: DeviceConfig = DeviceConfig()
+    vae: ModelSource | None = Field(None, description="a replacement VAE, e.g. an fp16-safe one for float16")
+    fast: FastPath = FastPath()
     max_pixels: int = Field(2048 * 2048, ge=64 * 64)
 
 
@@ -77,6 +104,8 @@ class FaceRestorerConfig(_Config):
 
 class FocalCropperConfig(_Config):
     min_detection_confidence: float = Field(0.5, ge=0.0, le=1.0)
+    retinaface: str | None = Field(None, description="RetinaFace .safetensors: detect on the GPU, not MediaPipe")
+    device: DeviceConfig = DeviceConfig()
     max_output_pixels: int = Field(4096 * 4096, ge=64 * 64)
 
 

@@ -17,7 +17,8 @@ def resolve(config: DeviceConfig) -> tuple[torch.device, torch.dtype]:
     """Turn a config into a concrete device and dtype.
 
     A replica scheduled on a logical GPU of a CPU-only Ray cluster sees no CUDA, so ``auto`` falls back to CPU.
-    Half precision is never used on CPU: most CPU kernels lack it and fp32 is what CPU inference wants.
+    Half precision is never used on CPU: most CPU kernels lack it and fp32 is what CPU inference wants. On CUDA
+    ``auto`` prefers bfloat16: it has float32's range, so the SDXL VAE needs no float32 upcast per call.
     """
     if config.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -26,7 +27,9 @@ def resolve(config: DeviceConfig) -> tuple[torch.device, torch.dtype]:
         if device.type == "cuda" and not torch.cuda.is_available():
             device = torch.device("cpu")
     if config.dtype == "auto" or device.type == "cpu":
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        dtype = torch.float32
+        if device.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     else:
         dtype = _DTYPES[config.dtype]
     return device, dtype
@@ -57,3 +60,47 @@ class OomGuard:
             free_cache(self.device)
             raise GpuOutOfMemory(f"{self.what} ran out of GPU memory; retry later") from e
         self.consecutive = 0
+
+
+class InferenceThread:
+    """The one thread that touches a replica's model.
+
+    Compiled models and CUDA graphs belong to the thread that built them, and the pipelines are stateful
+    (scheduler, adapters), so every call goes through a single worker; the replica's async methods await it and
+    stay free to answer progress, cancel and health calls meanwhile.
+    """
+
+    def __init__(self, name: str) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+
+    def call(self, fn, /, *args, **kwargs):
+        """Run on the inference thread and wait (for start-up work such as loading and warm-up)."""
+        return self._executor.submit(fn, *args, **kwargs).result()
+
+    async def run(self, fn, /, *args, **kwargs):
+        import asyncio
+        import functools
+
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+
+
+def memory(device: torch.device) -> dict:
+    """Peak and current GPU memory of this process, for /models and the GPU benchmark."""
+    if device.type != "cuda":
+        return {}
+    return {
+        "gpu_memory_peak_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2),
+        "gpu_memory_reserved_gb": round(torch.cuda.memory_reserved(device) / 2**30, 2),
+    }
+
+
+def supported_dtype(descriptor, wanted: torch.dtype) -> torch.dtype:
+    """The precision a spandrel model runs in: the wanted one if its architecture supports it, else the nearest."""
+    if wanted == torch.bfloat16 and not descriptor.supports_bfloat16:
+        wanted = torch.float16
+    if wanted == torch.float16 and not descriptor.supports_half:
+        wanted = torch.float32
+    return wanted

@@ -8,7 +8,6 @@ back unchanged and flagged. No restorer loaded: skipped and flagged, never an er
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -43,12 +42,19 @@ class FaceResult:
 class FaceEnhancer:
     def __init__(self, config: FaceRestorerConfig, settings: Settings | None = None) -> None:
         self.config = config
-        self.device, _ = devices.resolve(config.device)
+        self.device, dtype = devices.resolve(config.device)
         self.descriptor = None
+        self.dtype = torch.float32
         if config.model:
-            # Face models run in float32: their normalisations overflow in half precision.
             self.descriptor = loader.load_spandrel(config.model, settings).to(self.device).eval()
-            logger.info("face restorer: %s", self.descriptor.architecture.id)
+            # float16 overflows in the face models' normalisations; bfloat16 has float32's range.
+            self.dtype = devices.supported_dtype(self.descriptor, dtype)
+            if self.dtype == torch.float16:
+                self.dtype = torch.float32
+            self.descriptor.to(self.dtype)
+            if config.device.channels_last and self.device.type == "cuda":
+                self.descriptor.model.to(memory_format=torch.channels_last)
+            logger.info("face restorer: %s (%s)", self.descriptor.architecture.id, self.dtype)
         self.detector: face_lib.MediaPipeDetector | face_lib.RetinaFaceDetector
         if config.retinaface:
             self.detector = face_lib.RetinaFaceDetector(
@@ -91,7 +97,7 @@ class FaceEnhancer:
 
     def _restore_crop(self, descriptor, crop: np.ndarray, weight: float) -> np.ndarray:
         tensor = torch.from_numpy(crop).permute(2, 0, 1)[None].float().div(255).to(self.device)
-        tensor = tensor * 2 - 1  # the face models were trained on [-1, 1]
+        tensor = (tensor * 2 - 1).to(self.dtype)  # the face models were trained on [-1, 1]
         if descriptor.architecture.id == "CodeFormer":
             output = descriptor.model(tensor, weight=weight)[0]
         else:
@@ -103,18 +109,20 @@ class FaceEnhancer:
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=4, health_check_period_s=10)
 class FaceRestorer:
     def __init__(self, config: dict | FaceRestorerConfig) -> None:
-        self.model = FaceEnhancer(FaceRestorerConfig.model_validate(config))
+        self.thread = devices.InferenceThread("face-restorer")
+        self.model = self.thread.call(FaceEnhancer, FaceRestorerConfig.model_validate(config))
         self.metrics = StageMetrics("face_restorer")
 
     async def restore(self, image, weight: float = 0.6, visibility: float = 1.0) -> FaceResult:
         """``image``: an image or the previous stage's result."""
         with self.metrics.track():
-            result = await asyncio.to_thread(self.model.restore, image_of(image), weight, visibility)
+            result = await self.thread.run(self.model.restore, image_of(image), weight, visibility)
         self.metrics.produced(1)
         return result
 
     async def describe(self) -> dict:
-        return {"restorer": self.model.name, "detector": type(self.model.detector).__name__}
+        return {"restorer": self.model.name, "detector": type(self.model.detector).__name__,
+                "dtype": str(self.model.dtype).removeprefix("torch."), **devices.memory(self.model.device)}
 
     async def check_health(self) -> None:
         # A restorer that was configured must still be there; detection must answer on a blank frame.

@@ -72,7 +72,14 @@ def crop_box(size: tuple[int, int], target: tuple[int, int], focus: Focus) -> tu
 class Cropper:
     def __init__(self, config: FocalCropperConfig) -> None:
         self.config = config
-        self.detector = face_lib.MediaPipeDetector(config.min_detection_confidence)
+        self.detector: face_lib.MediaPipeDetector | face_lib.RetinaFaceDetector
+        if config.retinaface:
+            from deployments.device import resolve
+
+            device, _ = resolve(config.device)
+            self.detector = face_lib.RetinaFaceDetector(config.retinaface, device, config.min_detection_confidence)
+        else:
+            self.detector = face_lib.MediaPipeDetector(config.min_detection_confidence)
 
     def focus(self, image: Image.Image) -> Focus:
         found = self.detector.detect(pil_to_array(image))

@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
@@ -112,10 +112,11 @@ class Cancellation:
         self._lock = threading.Lock()
         self._cancelled: dict[str, float] = {}  # request id -> when the cancel arrived
         self._progress: dict[str, tuple[int, int]] = {}
-        self._latents: dict[str, np.ndarray] = {}
+        self._latents: dict[str, Any] = {}  # numpy arrays or torch tensors (this module never imports torch)
 
-    def keep_latents(self, request_id: str | None, latents: np.ndarray) -> None:
-        """The first image's current latents, for a cheap preview while the request runs."""
+    def keep_latents(self, request_id: str | None, latents) -> None:
+        """The first image's current latents (an array or a device tensor, copied only when a preview is asked
+        for, so the denoising loop never waits on a device-to-host copy)."""
         if request_id is not None:
             with self._lock:
                 self._latents[request_id] = latents
@@ -123,7 +124,11 @@ class Cancellation:
     def preview(self, request_id: str) -> Image.Image | None:
         with self._lock:
             latents = self._latents.get(request_id)
-        return latent_preview(latents) if latents is not None else None
+        if latents is None:
+            return None
+        if hasattr(latents, "cpu"):  # a torch tensor, still on its device
+            latents = latents.float().cpu().numpy()
+        return latent_preview(latents)
 
     def cancel(self, request_id: str) -> None:
         """Flag a request; the flag also waits for one that has not started yet, but not for ever."""

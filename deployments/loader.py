@@ -176,22 +176,81 @@ def resolve(source: str, settings: Settings | None = None, fetcher: S3Fetcher | 
     raise ModelLoadError(f"model source {source!r} not found", field="source")
 
 
-def load_sdxl(source: ModelSource, *, refiner: bool, dtype: torch.dtype, settings: Settings | None = None):
+_WEIGHT_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+_SHARD = re.compile(r"-\d{5}-of-\d{5}$")
+
+
+def weight_variants(folder: Path) -> tuple[set[str | None], ...]:
+    """For each weight component of a diffusers folder, the variants its safetensors come in (None: plain)."""
+    found = []
+    for part in _WEIGHT_PARTS:
+        files = list((folder / part).glob("*.safetensors"))
+        if files:
+            stems = (_SHARD.sub("", f.name.removesuffix(".safetensors")) for f in files)
+            found.append({stem.rpartition(".")[2] if "." in stem else None for stem in stems})
+    return tuple(found)
+
+
+def pick_variant(folder: Path, dtype: torch.dtype) -> str | None:
+    """The file variant to load: the one matching ``dtype`` when every component has it, else what is there.
+
+    Releases ship full-precision files, ``fp16`` ones, or both. Half precision loads the ``fp16`` files (half the
+    bytes read); float32 and bfloat16 prefer full precision, which rounds to bfloat16 exactly once.
+    """
+    import torch
+
+    per_part = weight_variants(folder)
+    if not per_part:
+        return None
+    common = set.intersection(*per_part)
+    preferred = ["fp16", None] if dtype == torch.float16 else [None, "fp16", "bf16"]
+    for variant in preferred + sorted(v for v in common if v):
+        if variant in common:
+            return variant
+    raise ModelLoadError(f"{folder}: no file variant is present in every component ({per_part})", field="source")
+
+
+def load_vae(source: ModelSource, dtype: torch.dtype, settings: Settings | None = None):
+    from diffusers import AutoencoderKL
+
+    path = resolve(source.source, settings)
+    try:
+        if path.is_file():
+            check_safetensors(path)
+            return AutoencoderKL.from_single_file(path, torch_dtype=dtype, local_files_only=True)
+        _check_folder(path)
+        vae_dir = path / "vae" if (path / "vae").is_dir() else path
+        files = [_SHARD.sub("", f.name.removesuffix(".safetensors")) for f in vae_dir.glob("*.safetensors")]
+        variant = "fp16" if files and all(f.endswith(".fp16") for f in files) else None
+        return AutoencoderKL.from_pretrained(vae_dir, torch_dtype=dtype, variant=variant, use_safetensors=True,
+                                             local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ModelLoadError(f"cannot load VAE from {source.source}: {e}", field="vae") from e
+
+
+def load_sdxl(source: ModelSource, *, refiner: bool, dtype: torch.dtype, settings: Settings | None = None,
+              vae: ModelSource | None = None):
     """Load an SDXL base (text-to-image) or refiner (image-to-image) pipeline from any source kind."""
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
     cls = StableDiffusionXLImg2ImgPipeline if refiner else StableDiffusionXLPipeline
     path = resolve(source.source, settings)
+    extra = {"vae": load_vae(vae, dtype, settings)} if vae is not None else {}
+    what = "refiner" if refiner else "base"
     try:
         if path.is_file():
             check_safetensors(path)
             config = str(resolve(source.config, settings)) if source.config else None
-            pipe = cls.from_single_file(path, config=config, torch_dtype=dtype, local_files_only=True)
+            pipe = cls.from_single_file(path, config=config, torch_dtype=dtype, local_files_only=True, **extra)
+            logger.info("SDXL %s: single file %s", what, path.name)
         else:
             _check_folder(path)
-            pipe = cls.from_pretrained(path, torch_dtype=dtype, use_safetensors=True, local_files_only=True)
+            variant = pick_variant(path, dtype)
+            pipe = cls.from_pretrained(path, torch_dtype=dtype, variant=variant, use_safetensors=True,
+                                       local_files_only=True, **extra)
+            logger.info("SDXL %s: %s files from %s", what, variant or "full-precision", path)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise ModelLoadError(f"cannot load SDXL {'refiner' if refiner else 'base'} from {source.source}: {e}") from e
+        raise ModelLoadError(f"cannot load SDXL {what} from {source.source}: {e}") from e
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

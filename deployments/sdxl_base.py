@@ -8,10 +8,10 @@ a style image through IP-Adapter applied to a content image), LoRA and per-reque
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ from PIL import Image, ImageFilter
 from ray import serve
 
 from deployments import device as devices
-from deployments import loader
+from deployments import fastpath, loader
 from deployments.config import SDXLBaseConfig, Settings
 from deployments.errors import UnknownModel
 from deployments.generation import (
@@ -48,12 +48,14 @@ class BaseGenerator:
         from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
 
         self.config = config
+        self.settings = settings or Settings()
         self.device, self.dtype = devices.resolve(config.device)
-        pipe = loader.load_sdxl(config.model, refiner=False, dtype=self.dtype, settings=settings)
+        pipe = loader.load_sdxl(config.model, refiner=False, dtype=self.dtype, settings=settings, vae=config.vae)
         if config.ip_adapter:
             self._load_ip_adapter(pipe, loader.resolve(config.ip_adapter, settings))
         self.loras = self._load_loras(pipe, config.lora_dir, settings)
         pipe.to(self.device)
+        self.fast = fastpath.apply(pipe, config.device, config.fast, self.device, self.compile_cache)
         self.txt2img = pipe
         # The derived pipelines share every module with the base one: no extra memory, one set of LoRA layers.
         self.img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(pipe)
@@ -65,7 +67,23 @@ class BaseGenerator:
         self.cancellation = Cancellation()
         self._lock = threading.Lock()  # the pipelines are stateful (scheduler, adapters): one call at a time
         self.oom = devices.OomGuard(self.device, "SDXL base")
-        logger.info("SDXL base %r ready on %s (%s), %d LoRAs", config.name, self.device, self.dtype, len(self.loras))
+        logger.info("SDXL base %r ready on %s (%s), %d LoRAs, fast path: %s", config.name, self.device, self.dtype,
+                    len(self.loras), ", ".join(self.fast) or "eager")
+
+    @property
+    def compile_cache(self) -> Path:
+        return self.settings.model_cache_dir / "compile" / "sdxl-base"
+
+    def warm_up(self) -> None:
+        """Run each configured size once, so that compilation and autotuning happen before the first request."""
+        fast = self.config.fast
+        for width, height in fast.warmup_sizes:
+            started = time.perf_counter()
+            self.generate(GenerationRequest(prompt="warm-up", width=width, height=height, steps=fast.warmup_steps,
+                                            seed=0))
+            logger.info("SDXL base warm-up %dx%d: %.1fs", width, height, time.perf_counter() - started)
+        if fast.warmup_sizes and fast.compile != "none" and self.device.type == "cuda":
+            fastpath.save_compile_cache(self.compile_cache)
 
     @staticmethod
     def _load_ip_adapter(pipe, folder: Path) -> None:
@@ -160,7 +178,7 @@ class BaseGenerator:
         def on_step_end(_pipe, step, _timestep, callback_kwargs):
             latents = callback_kwargs.get("latents")
             if latents is not None:
-                self.cancellation.keep_latents(request_id, latents[0].float().cpu().numpy())
+                self.cancellation.keep_latents(request_id, latents[0])
             report(step + 1, total_steps)
             return callback_kwargs
 
@@ -195,13 +213,19 @@ class BaseGenerator:
         elif request.ip_adapter_image is not None:
             warnings.append("no IP-Adapter is loaded: the reference image was ignored")
         if request.denoising_end is not None:
-            kwargs.update(denoising_end=request.denoising_end, output_type="latent")
-            latents = pipe(**kwargs).images
+            kwargs["denoising_end"] = request.denoising_end
+        with fastpath.attention(self.config.fast):
+            latents = pipe(**kwargs, output_type="latent").images
+        if request.denoising_end is not None:
             return GenerationResult(images=[], seeds=seeds, latents=latents.float().cpu().numpy(), warnings=warnings)
-        images = pipe(**kwargs).images
+        images = self.decode(latents)
         if mask is not None:
             images = [self._keep_unmasked(init, image, mask) for image in images]
         return GenerationResult(images=images, seeds=seeds, warnings=warnings)
+
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        with fastpath.attention(self.config.fast):
+            return fastpath.decode(self.txt2img, latents)
 
     @staticmethod
     def _prepare_mask(mask: Image.Image, request: GenerationRequest) -> Image.Image:
@@ -225,6 +249,8 @@ class BaseGenerator:
             "dtype": str(self.dtype).removeprefix("torch."),
             "loras": sorted(self.loras),
             "ip_adapter": self.ip_adapter_loaded,
+            "fast_path": self.fast,
+            **devices.memory(self.device),
             "running": self.cancellation.running(),
         }
 
@@ -237,12 +263,14 @@ class SDXLBase:
     """Thin Serve shell: loads the model once per replica, runs generations in a worker thread."""
 
     def __init__(self, config: dict | SDXLBaseConfig) -> None:
-        self.model = BaseGenerator(SDXLBaseConfig.model_validate(config))
+        self.thread = devices.InferenceThread("sdxl-base")
+        self.model = self.thread.call(BaseGenerator, SDXLBaseConfig.model_validate(config))
+        self.thread.call(self.model.warm_up)
         self.metrics = StageMetrics("sdxl_base")
 
     async def generate(self, request: GenerationRequest, request_id: str | None = None) -> GenerationResult:
         with self.metrics.track():
-            result = await asyncio.to_thread(self.model.generate, request, request_id)
+            result = await self.thread.run(self.model.generate, request, request_id)
         self.metrics.produced(len(result.images) or len(result.seeds))
         return result
 

@@ -8,9 +8,9 @@ It runs in its own replicas and loads its own weights.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from deployments import device as devices
-from deployments import loader
+from deployments import fastpath, loader
 from deployments.config import SDXLRefinerConfig, Settings
 from deployments.errors import InvalidInput
 from deployments.generation import Cancellation, ProgressFn, check_size, image_of, parse_lora_tags
@@ -50,13 +50,31 @@ class RefineRequest(BaseModel):
 class Refiner:
     def __init__(self, config: SDXLRefinerConfig, settings: Settings | None = None) -> None:
         self.config = config
+        self.settings = settings or Settings()
         self.device, self.dtype = devices.resolve(config.device)
-        self.pipe = loader.load_sdxl(config.model, refiner=True, dtype=self.dtype, settings=settings).to(self.device)
+        self.pipe = loader.load_sdxl(config.model, refiner=True, dtype=self.dtype, settings=settings,
+                                     vae=config.vae).to(self.device)
+        self.fast = fastpath.apply(self.pipe, config.device, config.fast, self.device, self.compile_cache)
         self.scheduler_config = dict(self.pipe.scheduler.config)
         self.cancellation = Cancellation()
         self._lock = threading.Lock()
         self.oom = devices.OomGuard(self.device, "SDXL refiner")
-        logger.info("SDXL refiner %r ready on %s (%s)", config.name, self.device, self.dtype)
+        logger.info("SDXL refiner %r ready on %s (%s), fast path: %s", config.name, self.device, self.dtype,
+                    ", ".join(self.fast) or "eager")
+
+    @property
+    def compile_cache(self) -> Path:
+        return self.settings.model_cache_dir / "compile" / "sdxl-refiner"
+
+    def warm_up(self) -> None:
+        """Refine a grey image of each configured size once (image mode, the hires-fix pass)."""
+        fast = self.config.fast
+        for width, height in fast.warmup_sizes:
+            grey = Image.new("RGB", (width, height), (128, 128, 128))
+            self.refine(RefineRequest(prompt="warm-up", seeds=[0], steps=fast.warmup_steps, images=[grey],
+                                      strength=1.0))
+        if fast.warmup_sizes and fast.compile != "none" and self.device.type == "cuda":
+            fastpath.save_compile_cache(self.compile_cache)
 
     def refine(self, request: RefineRequest, request_id: str | None = None, on_progress: ProgressFn | None = None,
                source=None):
@@ -104,24 +122,29 @@ class Refiner:
         try:
             with self._lock, self.oom():
                 self.pipe.scheduler = build_scheduler(request.sampler or "Euler", self.scheduler_config)
-                images = self.pipe(**kwargs, callback_on_step_end=on_step_end).images
+                with fastpath.attention(self.config.fast):
+                    latents = self.pipe(**kwargs, callback_on_step_end=on_step_end, output_type="latent").images
+                    images = fastpath.decode(self.pipe, latents)
         finally:
             self.cancellation.finish(request_id)
         return images
 
     def describe(self) -> dict:
-        return {"name": self.config.name, "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch.")}
+        return {"name": self.config.name, "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+                "fast_path": self.fast, **devices.memory(self.device)}
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=4, health_check_period_s=10)
 class SDXLRefiner:
     def __init__(self, config: dict | SDXLRefinerConfig) -> None:
-        self.model = Refiner(SDXLRefinerConfig.model_validate(config))
+        self.thread = devices.InferenceThread("sdxl-refiner")
+        self.model = self.thread.call(Refiner, SDXLRefinerConfig.model_validate(config))
+        self.thread.call(self.model.warm_up)
         self.metrics = StageMetrics("sdxl_refiner")
 
     async def refine(self, request: RefineRequest, request_id: str | None = None, source=None) -> list[Image.Image]:
         with self.metrics.track():
-            images = await asyncio.to_thread(self.model.refine, request, request_id, None, source)
+            images = await self.thread.run(self.model.refine, request, request_id, None, source)
         self.metrics.produced(len(images))
         return images
 

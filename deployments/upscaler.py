@@ -8,7 +8,6 @@ exact size. Large images run in overlapping tiles so memory stays bounded.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import threading
@@ -72,12 +71,12 @@ class ImageUpscaler:
         self.models = {}
         for entry in config.models:
             descriptor = loader.load_spandrel(entry.path, settings)
-            dtype = self.dtype
-            if dtype == torch.float16 and not descriptor.supports_half:
-                dtype = torch.float32
+            dtype = devices.supported_dtype(descriptor, self.dtype)
             descriptor.to(self.device).eval()
             if dtype != torch.float32:
                 descriptor.to(dtype)
+            if config.device.channels_last and self.device.type == "cuda":
+                descriptor.model.to(memory_format=torch.channels_last)
             self.models[entry.name] = descriptor
             logger.info("upscaler %r: %s x%d", entry.name, descriptor.architecture.id, descriptor.scale)
         self._lock = threading.Lock()
@@ -124,6 +123,8 @@ class ImageUpscaler:
     def _run_model(self, descriptor, image: Image.Image) -> Image.Image:
         dtype = next(descriptor.model.parameters()).dtype
         tensor = to_tensor(image, self.device, dtype)
+        if self.config.device.channels_last and self.device.type == "cuda":
+            tensor = tensor.contiguous(memory_format=torch.channels_last)
         tile = self.config.tile
         if tile and (image.width > tile or image.height > tile):
             return from_tensor(tiled(descriptor, tensor, tile, self.config.tile_overlap))
@@ -171,14 +172,15 @@ def _ramp(h: int, w: int, overlap: int, device) -> torch.Tensor:
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=4, health_check_period_s=10)
 class Upscaler:
     def __init__(self, config: dict | UpscalerConfig) -> None:
-        self.model = ImageUpscaler(UpscalerConfig.model_validate(config))
+        self.thread = devices.InferenceThread("upscaler")
+        self.model = self.thread.call(ImageUpscaler, UpscalerConfig.model_validate(config))
         self.metrics = StageMetrics("upscaler")
 
     async def upscale(self, image, upscaler: str = "Lanczos", scale: float | None = 2.0,
                       width: int | None = None, height: int | None = None) -> UpscaleResult:
         """``image``: an image or the previous stage's result."""
         with self.metrics.track():
-            result = await asyncio.to_thread(self.model.upscale, image_of(image), upscaler, scale, width, height)
+            result = await self.thread.run(self.model.upscale, image_of(image), upscaler, scale, width, height)
         self.metrics.produced(1)
         return result
 

@@ -19,7 +19,7 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> Path:
     """The tiny models: ``$TINY_MODELS`` when `make` built them, otherwise built once for this session."""
-    from deployments.tiny import build_all
+    from deployments.factory.tiny import build_all
 
     configured = os.environ.get("TINY_MODELS")
     if configured and (Path(configured) / ".stamp").exists():

@@ -1,4 +1,4 @@
-"""GPU checks: half precision on CUDA gives finite images and matches the CPU result's structure."""
+"""GPU checks: half precision and the fast path on CUDA give finite images close to the CPU float32 ones."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ def test_base_runs_in_half_precision_on_cuda(tiny):
     from deployments.sdxl_base import BaseGenerator
 
     gpu = BaseGenerator(SDXLBaseConfig(model={"source": str(tiny / "sdxl-base")}, device={"device": "auto"}))
-    assert gpu.device.type == "cuda" and gpu.dtype == torch.float16
+    expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    assert gpu.device.type == "cuda" and gpu.dtype == expected
     request = GenerationRequest(prompt="a cat", width=256, height=256, steps=6, seed=5)
     a = np.asarray(gpu.generate(request).images[0], dtype=np.int16)
     b = np.asarray(gpu.generate(request).images[0], dtype=np.int16)
@@ -40,3 +41,22 @@ def test_upscaler_and_faces_on_cuda(tiny, astronaut):
     assert up.upscale(astronaut, "x4", 2).image.size == (1024, 1024)
     faces = FaceEnhancer(FaceRestorerConfig(model=str(tiny / "faces" / "tiny-restoreformer.safetensors")))
     assert faces.restore(astronaut).restored
+
+
+@pytest.mark.parametrize("fast", [
+    {"compile": "regional"},
+    {"compile": "full", "compile_vae": True},
+    {"attention": "efficient"},
+])
+def test_fast_path_keeps_the_image(tiny, fast):
+    from deployments.sdxl_base import BaseGenerator
+
+    source = {"source": str(tiny / "sdxl-base")}
+    request = GenerationRequest(prompt="a cat", width=256, height=256, steps=6, seed=5)
+    eager = BaseGenerator(SDXLBaseConfig(model=source, device={"dtype": "float32"}))
+    fast_gen = BaseGenerator(SDXLBaseConfig(model=source, device={"dtype": "float32", "channels_last": True},
+                                            fast={**fast, "warmup_sizes": [(256, 256)]}))
+    fast_gen.warm_up()
+    a = np.asarray(eager.generate(request).images[0], dtype=np.int16)
+    b = np.asarray(fast_gen.generate(request).images[0], dtype=np.int16)
+    assert fast_gen.fast and np.abs(a - b).mean() < 2.0

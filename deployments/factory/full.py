@@ -1,0 +1,219 @@
+"""Full-size random-weight models in the exact on-disk layouts of the official releases.
+
+``python -m deployments.factory OUT --full`` writes:
+
+    OUT/sdxl-base/                 diffusers folder, ``fp16`` variant files only (``*.fp16.safetensors``)
+    OUT/sdxl-base.safetensors      the same weights as one original-layout (SGM) checkpoint, fp16
+    OUT/sdxl-base-configs/         the component configs and tokenizers a single-file checkpoint needs (no hub)
+    OUT/sdxl-refiner/              diffusers folder, ``fp16`` variant files only
+    OUT/releases/*.pth             Real-ESRGAN x4/x2, CodeFormer, GFPGAN 1.4, RetinaFace-R50 as released (pickles)
+
+The configurations are those of stabilityai/stable-diffusion-xl-base-1.0 and -refiner-1.0: 2.6 B UNet parameters
+for the base, 2.3 B for the refiner, CLIP ViT-L and OpenCLIP bigG text encoders, the 84 M parameter VAE. Weights
+are PyTorch's default initialisation from fixed seeds, so images are noise, but every shape, kernel and byte
+count is the real one: this is what the GPU benchmark and the full-size checks run.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from safetensors.torch import save_file
+
+from deployments.factory.sgm import sdxl_to_sgm
+from deployments.factory.tiny import _save_tokenizer, _scheduler, build_clip_tokenizer
+
+logger = logging.getLogger(__name__)
+
+SEED = 1000
+VOCAB = 49408  # CLIP's vocabulary; our locally trained tokenizer uses the first ids only
+VARIANT = "fp16"
+
+BASE_UNET = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(5, 10, 20),
+    transformer_layers_per_block=(1, 2, 10),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,  # 6 size/crop ids x 256 + 1280 pooled text
+)
+REFINER_UNET = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(384, 768, 1536, 1536),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(6, 12, 24, 24),
+    transformer_layers_per_block=4,
+    cross_attention_dim=1280,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2560,  # 5 size/crop/aesthetic ids x 256 + 1280 pooled text
+)
+VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=2,
+    norm_num_groups=32,
+    sample_size=1024,
+    scaling_factor=0.13025,
+    force_upcast=True,  # as released: the SDXL VAE overflows in fp16
+)
+TEXT_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+              hidden_act="quick_gelu", projection_dim=768)
+TEXT_G = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+              hidden_act="gelu", projection_dim=1280)
+
+ARTEFACTS = ("sdxl-base", "sdxl-base-single", "sdxl-refiner", "releases")
+
+
+def shapes(shrink: bool = False) -> SimpleNamespace:
+    """The released shapes, or (``shrink``) the same wiring at toy widths, so that the tests check the on-disk
+    layouts in seconds: same files, names, variants and configs keys, smaller tensors."""
+    real = SimpleNamespace(base=BASE_UNET, refiner=REFINER_UNET, vae=VAE, text_l=TEXT_L, text_g=TEXT_G, vocab=VOCAB)
+    if not shrink:
+        return real
+    small = dict(block_out_channels=(32, 64, 64), attention_head_dim=(2, 4, 4), transformer_layers_per_block=1,
+                 norm_num_groups=8, sample_size=32)
+    text = dict(intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
+    return SimpleNamespace(
+        base={**BASE_UNET, **small, "cross_attention_dim": 32 + 48,
+              "projection_class_embeddings_input_dim": 6 * 256 + 48},
+        refiner={**REFINER_UNET, **small, "block_out_channels": (32, 64, 64, 64), "attention_head_dim": (2, 4, 4, 4),
+                 "cross_attention_dim": 48, "projection_class_embeddings_input_dim": 5 * 256 + 48},
+        vae={**VAE, "block_out_channels": (32, 32, 32, 32), "norm_num_groups": 8, "layers_per_block": 1},
+        text_l={**TEXT_L, **text, "hidden_size": 32, "projection_dim": 32},
+        text_g={**TEXT_G, **text, "hidden_size": 48, "projection_dim": 48},
+        vocab=1000,
+    )
+
+
+def _text_config(shape: dict, eos: int, vocab: int):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=vocab, max_position_embeddings=77, bos_token_id=eos - 1, eos_token_id=eos,
+                          pad_token_id=eos, **shape)
+
+
+def _made(factory, seed: int, device: str):
+    """Build on ``device`` (seconds on a GPU instead of minutes of CPU initialisation), keep fp16 on the CPU."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = factory()
+    return model.to("cpu", torch.float16).eval()
+
+
+def _save_component(model, folder: Path) -> None:
+    model.save_pretrained(folder, safe_serialization=True, variant=VARIANT)
+
+
+def _write_index(out: Path, refiner: bool) -> None:
+    parts = {
+        "vae": ["diffusers", "AutoencoderKL"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "text_encoder": [None, None] if refiner else ["transformers", "CLIPTextModel"],
+        "tokenizer": [None, None] if refiner else ["transformers", "CLIPTokenizer"],
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+    }
+    index = {
+        "_class_name": "StableDiffusionXLImg2ImgPipeline" if refiner else "StableDiffusionXLPipeline",
+        "_diffusers_version": "0.19.0.dev0",
+        "force_zeros_for_empty_prompt": not refiner,
+        **({"requires_aesthetics_score": True} if refiner else {}),
+        **parts,
+    }
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def build_sdxl(out: Path, tokenizer_src: Path, eos: int, *, refiner: bool, device: str,
+               shape: SimpleNamespace) -> SimpleNamespace:
+    """Write one SDXL pipeline folder component by component, so that peak memory stays one model's worth."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    out.mkdir(parents=True, exist_ok=True)
+    seed = SEED + (100 if refiner else 0)
+    parts = SimpleNamespace(text_encoder=None)
+    if not refiner:
+        parts.text_encoder = _made(lambda: CLIPTextModel(_text_config(shape.text_l, eos, shape.vocab)), seed + 1,
+                                   device)
+        _save_component(parts.text_encoder, out / "text_encoder")
+        _save_tokenizer(tokenizer_src, out / "tokenizer", pad_token="<|endoftext|>")
+    parts.text_encoder_2 = _made(lambda: CLIPTextModelWithProjection(_text_config(shape.text_g, eos, shape.vocab)),
+                                 seed + 2, device)
+    _save_component(parts.text_encoder_2, out / "text_encoder_2")
+    _save_tokenizer(tokenizer_src, out / "tokenizer_2", pad_token="!")
+    parts.vae = _made(lambda: AutoencoderKL(**shape.vae), seed + 3, device)
+    _save_component(parts.vae, out / "vae")
+    unet_shape = shape.refiner if refiner else shape.base
+    parts.unet = _made(lambda: UNet2DConditionModel(**unet_shape), seed + 4, device)
+    _save_component(parts.unet, out / "unet")
+    _scheduler().save_pretrained(out / "scheduler")
+    _write_index(out, refiner)
+    logger.info("%s written (%.1f GB)", out, _size(out) / 1e9)
+    return parts
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def write_configs(folder: Path, dest: Path) -> None:
+    """A weightless copy of a diffusers folder: what ``config:`` of a single-file checkpoint points at."""
+    for path in folder.rglob("*"):
+        if path.is_file() and path.suffix in {".json", ".txt"}:
+            target = dest / path.relative_to(folder)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+
+
+def build_all(out: Path, only: set[str] | None = None, device: str = "cpu", shrink: bool = False) -> None:
+    wanted = set(only or ARTEFACTS)
+    unknown = wanted - set(ARTEFACTS)
+    if unknown:
+        raise ValueError(f"unknown artefacts {sorted(unknown)}; choose from {ARTEFACTS}")
+    out.mkdir(parents=True, exist_ok=True)
+    shape = shapes(shrink)
+    tokenizer_src = out / "clip-tokenizer"
+    eos = build_clip_tokenizer(tokenizer_src) - 1
+    if wanted & {"sdxl-base", "sdxl-base-single"}:
+        base = build_sdxl(out / "sdxl-base", tokenizer_src, eos, refiner=False, device=device, shape=shape)
+        write_configs(out / "sdxl-base", out / "sdxl-base-configs")
+        if "sdxl-base-single" in wanted:
+            save_file(sdxl_to_sgm(base), out / "sdxl-base.safetensors")
+        del base
+        gc.collect()
+    if "sdxl-refiner" in wanted:
+        build_sdxl(out / "sdxl-refiner", tokenizer_src, eos, refiner=True, device=device, shape=shape)
+        gc.collect()
+    if "releases" in wanted:
+        from deployments.factory.releases import build_release_files
+
+        build_release_files(out / "releases", full=not shrink)
+    (out / "README.txt").write_text("Full-size random-weight models written by deployments.factory --full.\n")
+    logger.info("full-size models written to %s", out)

@@ -1,0 +1,369 @@
+"""``make bench-gpu``: the full-size models, stage by stage, with each fast-path setting, and their fidelity.
+
+Builds the full-size random-weight fixtures where it runs (``deployments.factory --full``, into
+``FULLSIZE_MODELS``), converts the released ``.pth`` files, then runs the real serving classes in process:
+
+- GPU: SDXL base 1024², 30 steps, batch 1, eagerly in float16 (the old default) and bfloat16, then each
+  optimisation and all of them together; refiner 1536² at strength 0.35; Real-ESRGAN x2 768 → 1536; CodeFormer
+  on one aligned face; VAE decode at 1024² and 1536². Each variant's final latents and image are compared with
+  the eager float32 run on the same seed and weights (relative error, PSNR).
+- CPU (no CUDA): the full-size base at 256², 2 steps, against its float32 eager self, so that the comparison code
+  runs everywhere.
+
+One table is printed last; every number is also written as JSON (``--out``). Serve figures come from
+``tests/bench_gpu_serve.py``. Nothing here asserts: it measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+logger = logging.getLogger("bench-gpu")
+ROOT = Path(__file__).resolve().parent.parent
+SEED = 1234
+PROMPT = "a lighthouse on a cliff at dusk, oil painting"
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], repeat: int) -> tuple[list[float], object]:
+    """Wall times of ``repeat`` calls (device synchronised), after the caller's own warm-up."""
+    times, result = [], None
+    for _ in range(repeat):
+        sync()
+        started = time.perf_counter()
+        result = fn()
+        sync()
+        times.append(time.perf_counter() - started)
+    return times, result
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    a64, b64 = a.double(), b.double()
+    return float(torch.linalg.vector_norm(a64 - b64) / torch.linalg.vector_norm(b64).clamp_min(1e-30))
+
+
+def build_fixtures(models: Path, device: str, only: set[str]) -> None:
+    from deployments.factory.full import build_all
+
+    if (models / ".stamp").exists():  # `make fullsize` built every artefact
+        return
+    missing = {a for a in only if not (models / ".done" / a).exists()}
+    if not missing:
+        return
+    started = time.perf_counter()
+    build_all(models, only=missing, device=device)
+    for artefact in missing:
+        (models / ".done").mkdir(parents=True, exist_ok=True)
+        (models / ".done" / artefact).touch()
+    logger.info("fixtures %s built in %.1fs", sorted(missing), time.perf_counter() - started)
+
+
+def convert_releases(models: Path) -> dict[str, Path]:
+    from deployments.convert import convert_file
+
+    out = {}
+    for pth in sorted((models / "releases").glob("*.pth")):
+        target = models / "converted" / f"{pth.stem}.safetensors"
+        if not target.exists():
+            convert_file(pth, target)
+        out[pth.stem] = target
+    return out
+
+
+class Capture:
+    """Keeps the final latents a generator decodes, for the fidelity columns."""
+
+    def __init__(self, generator) -> None:
+        self.latents: torch.Tensor | None = None
+        decode = generator.decode
+
+        def keep(latents):
+            self.latents = latents.detach().float().cpu()
+            return decode(latents)
+
+        generator.decode = keep
+
+
+def base_generator(models: Path, *, dtype: str, channels_last=False, **fast):
+    from deployments.config import SDXLBaseConfig
+    from deployments.sdxl_base import BaseGenerator
+
+    config = SDXLBaseConfig(model={"source": str(models / "sdxl-base")},
+                            device={"device": "auto", "dtype": dtype, "channels_last": channels_last}, fast=fast)
+    return BaseGenerator(config)
+
+
+def free(*objects) -> None:
+    del objects
+    gc.collect()
+    if torch.cuda.is_available():
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+class Bench:
+    def __init__(self, models: Path, size: int, steps: int, repeat: int, budget_s: float) -> None:
+        self.models, self.size, self.steps, self.repeat = models, size, steps, repeat
+        self.deadline = time.monotonic() + budget_s
+        self.rows: list[dict] = []
+        self.reference: dict | None = None
+        self.out: Path | None = None
+
+    def flush(self) -> None:
+        """Write what is measured so far: a run cut short still leaves its numbers."""
+        if self.out is not None:
+            self.out.write_text(json.dumps({"rows": self.rows}, indent=1, default=str))
+
+    def out_of_time(self, name: str) -> bool:
+        if time.monotonic() > self.deadline:
+            self.rows.append({"stage": name, "skipped": "time budget spent"})
+            return True
+        return False
+
+    def request(self):
+        from deployments.generation import GenerationRequest
+
+        return GenerationRequest(prompt=PROMPT, width=self.size, height=self.size, steps=self.steps, seed=SEED,
+                                 guidance_scale=7.0, sampler="Euler")
+
+    def base_variant(self, name: str, *, dtype: str, channels_last=False, attention: list[str] | None = None,
+                     repeat: int | None = None, **fast) -> None:
+        """Load once, then time the plain call and (optionally) each attention kernel on the same replica."""
+        if self.out_of_time(name):
+            return
+        try:
+            started = time.perf_counter()
+            gen = base_generator(self.models, dtype=dtype, channels_last=channels_last, **fast)
+            capture = Capture(gen)
+            load_s = time.perf_counter() - started
+            first_started = time.perf_counter()
+            gen.generate(self.request())  # warm-up: compilation and autotuning happen here
+            sync()
+            first_s = time.perf_counter() - first_started
+            for kernel in attention or [gen.config.fast.attention]:
+                gen.config.fast.attention = kernel
+                label = name if kernel == "auto" or attention is None else f"{name} + attention {kernel}"
+                if kernel != "auto" and attention is not None:
+                    gen.generate(self.request())
+                times, result = timed(lambda: gen.generate(self.request()), repeat or self.repeat)
+                self.record_base(label, times, result, capture, load_s, first_s, gen)
+        except Exception as e:  # a variant that fails is a finding, not the end of the run
+            logger.exception("variant %s failed", name)
+            self.rows.append({"stage": name, "error": f"{type(e).__name__}: {e}"[:400]})
+        finally:
+            gen = capture = None
+            free()
+
+    def record_base(self, label, times, result, capture, load_s, first_s, gen) -> None:
+        image = np.asarray(result.images[0])
+        row = {
+            "stage": f"base {self.size}² {self.steps} steps",
+            "variant": label,
+            "median_s": statistics.median(times),
+            "min_s": min(times),
+            "runs": len(times),
+            "load_s": round(load_s, 2),
+            "first_call_s": round(first_s, 2),
+            "it_per_s": self.steps / statistics.median(times),
+            "finite": bool(torch.isfinite(capture.latents).all()),
+            "fast_path": gen.fast,
+            **(gen.describe() if torch.cuda.is_available() else {}),
+        }
+        if self.reference is None:
+            self.reference = {"latents": capture.latents, "image": image}
+            row.update(latent_rel_error=0.0, psnr_db=math.inf)
+        else:
+            row.update(latent_rel_error=rel_error(capture.latents, self.reference["latents"]),
+                       psnr_db=psnr(image, self.reference["image"]))
+        row.pop("running", None)
+        self.rows.append(row)
+        logger.info("%s: %.3fs median (%s)", label, row["median_s"], row.get("latent_rel_error"))
+        self.flush()
+
+    def stage(self, name: str, setup: Callable[[], Callable[[], object] | dict[str, Callable[[], object]]],
+              repeat: int | None = None) -> None:
+        """Time one stage; ``setup`` loads once and returns one callable, or several named ones."""
+        if self.out_of_time(name):
+            return
+        try:
+            runs = setup()
+            for label, run in (runs.items() if isinstance(runs, dict) else [(name, runs)]):
+                run()
+                times, _ = timed(run, repeat or self.repeat)
+                row = {"stage": label, "median_s": statistics.median(times), "min_s": min(times), "runs": len(times)}
+                if torch.cuda.is_available():
+                    row["gpu_memory_peak_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                self.rows.append(row)
+                logger.info("%s: %.3fs", label, row["median_s"])
+                self.flush()
+        except Exception as e:
+            logger.exception("stage %s failed", name)
+            self.rows.append({"stage": name, "error": f"{type(e).__name__}: {e}"[:400]})
+        finally:
+            free()
+
+
+def refiner_stage(models: Path, size: int, dtype: str) -> Callable[[], Callable[[], object]]:
+    def setup():
+        from PIL import Image
+
+        from deployments.config import SDXLRefinerConfig
+        from deployments.sdxl_refiner import Refiner, RefineRequest
+
+        refiner = Refiner(SDXLRefinerConfig(model={"source": str(models / "sdxl-refiner")},
+                                            device={"dtype": dtype, "channels_last": True}))
+        rng = np.random.default_rng(0)
+        photo = Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+        request = RefineRequest(prompt=PROMPT, seeds=[SEED], steps=30, images=[photo], strength=0.35)
+        return lambda: refiner.refine(request)
+
+    return setup
+
+
+def upscaler_stage(path: Path, dtype: str, tile: int, channels_last: bool):
+    def setup():
+        from PIL import Image
+
+        from deployments.config import UpscalerConfig
+        from deployments.upscaler import ImageUpscaler
+
+        up = ImageUpscaler(UpscalerConfig(models=[{"name": "x2", "path": str(path)}], tile=tile,
+                                          device={"dtype": dtype, "channels_last": channels_last}))
+        image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (768, 768, 3), dtype=np.uint8))
+        return lambda: up.upscale(image, "x2", 2.0)
+
+    return setup
+
+
+def face_stage(path: Path, dtype: str):
+    def setup():
+        from skimage import data
+
+        from deployments.config import FaceRestorerConfig
+        from deployments.face_restorer import FaceEnhancer
+
+        faces = FaceEnhancer(FaceRestorerConfig(model=str(path), device={"dtype": dtype}))
+        crop = np.ascontiguousarray(data.astronaut()[:512, :512])
+
+        def run():
+            with torch.inference_mode():
+                return faces._restore_crop(faces.descriptor, crop, 0.6)
+
+        return run
+
+    return setup
+
+
+def vae_stage(models: Path, dtype: str, compiled: bool):
+    """VAE decode at 1024² and 1536² on one loaded base (compiling the UNet too would only cost time: the
+    regional setting compiles nothing until the UNet runs)."""
+
+    def setup():
+        gen = base_generator(models, dtype=dtype, channels_last=True, compile="regional" if compiled else "none",
+                             compile_vae=compiled)
+        runs = {}
+        for size in (1024, 1536):
+            latents = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0))
+            latents = latents.to(gen.device, gen.dtype)
+            label = f"VAE decode {size}² {dtype}{' compiled' if compiled else ' eager'}"
+            runs[label] = lambda latents=latents: gen.decode(latents)
+        return runs
+
+    return setup
+
+
+def gpu_plan(bench: Bench, models: Path, converted: dict[str, Path], quick: bool) -> None:
+    bench.base_variant("eager float32 (reference)", dtype="float32", repeat=1)
+    bench.base_variant("eager float16, VAE upcast per call (old default)", dtype="float16")
+    bench.base_variant("eager bfloat16", dtype="bfloat16", attention=["auto", "flash", "efficient", "cudnn"])
+    bench.base_variant("bfloat16 + channels-last", dtype="bfloat16", channels_last=True)
+    bench.base_variant("bfloat16 + compile regional", dtype="bfloat16", compile="regional")
+    bench.base_variant("bfloat16 + compile full", dtype="bfloat16", compile="full")
+    if not quick:
+        bench.base_variant("bfloat16 + compile full + CUDA graphs", dtype="bfloat16", compile="full",
+                           compile_mode="reduce-overhead")
+        bench.base_variant("bfloat16 + fp8 linears + compile full", dtype="bfloat16", compile="full", fp8=True)
+    bench.base_variant("all: bfloat16 + channels-last + compile full + CUDA graphs + VAE compiled", dtype="bfloat16",
+                       channels_last=True, compile="full", compile_mode="reduce-overhead", compile_vae=True)
+    bench.stage("refiner 1536² strength 0.35 (bf16, channels-last)", refiner_stage(models, 1536, "bfloat16"))
+    up = converted["RealESRGAN_x2plus"]
+    bench.stage("Real-ESRGAN x2 768→1536 float32, tile 512", upscaler_stage(up, "float32", 512, False))
+    bench.stage("Real-ESRGAN x2 768→1536 float16 + channels-last, tile 512", upscaler_stage(up, "float16", 512, True))
+    bench.stage("Real-ESRGAN x2 768→1536 float16 + channels-last, no tiles", upscaler_stage(up, "float16", 0, True))
+    bench.stage("CodeFormer one 512² face float32", face_stage(converted["codeformer"], "float32"))
+    bench.stage("CodeFormer one 512² face bfloat16", face_stage(converted["codeformer"], "bfloat16"))
+    bench.stage("VAE decode eager", vae_stage(models, "bfloat16", False))
+    bench.stage("VAE decode compiled", vae_stage(models, "bfloat16", True))
+
+
+def table(rows: list[dict]) -> str:
+    lines = [f"{'stage / variant':<78} {'median s':>9} {'it/s':>6} {'peak GB':>8} {'lat err':>9} {'PSNR':>6}"]
+    for row in rows:
+        name = row["stage"] + (f" | {row['variant']}" if "variant" in row else "")
+        if "error" in row or "skipped" in row:
+            lines.append(f"{name[:78]:<78} {row.get('error') or row.get('skipped')}"[:200])
+            continue
+        err = row.get("latent_rel_error")
+        ps = row.get("psnr_db")
+        lines.append(
+            f"{name[:78]:<78} {row['median_s']:>9.3f} {row.get('it_per_s', 0):>6.1f} "
+            f"{row.get('gpu_memory_peak_gb', 0):>8.1f} {'' if err is None else f'{err:.2e}':>9} "
+            f"{'' if ps is None else f'{ps:.1f}':>6}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=Path, default=Path(os.environ.get(
+        "FULLSIZE_MODELS", Path.home() / ".cache" / "imagegen" / "fullsize-models")))
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-gpu.json")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--budget", type=float, default=420, help="seconds for the stage table")
+    parser.add_argument("--quick", action="store_true", help="skip the slowest compile variants")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cuda = torch.cuda.is_available()
+    report: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
+    if cuda:
+        build_fixtures(args.models, "cuda", {"sdxl-base", "sdxl-refiner", "releases"})
+        converted = convert_releases(args.models)
+        bench = Bench(args.models, 1024, 30, args.repeat, args.budget)
+        bench.out = args.out
+        gpu_plan(bench, args.models, converted, args.quick)
+    else:
+        build_fixtures(args.models, "cpu", {"sdxl-base"})
+        bench = Bench(args.models, 256, 2, 1, args.budget)
+        bench.base_variant("eager float32 (reference)", dtype="float32")
+        bench.base_variant("eager float32, again", dtype="float32")
+    report["rows"] = bench.rows
+    args.out.write_text(json.dumps(report, indent=1, default=str))
+    sys.stdout.write(f"\n{report['device']}, torch {report['torch']}\n{table(bench.rows)}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

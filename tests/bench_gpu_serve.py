@@ -1,0 +1,217 @@
+"""``make bench-gpu`` (Serve half): the full-size application through Ray Serve on one GPU, shaped as
+``serve_config.yaml`` (its fast-path settings, GPU fractions and queue options), with the fixtures' weights.
+
+Measures: cold start to the first image with an empty compile cache and again with the saved one; the standard
+plan (1024², 30 steps) and the maximum-quality preset (hires fix 768 → 1536, Real-ESRGAN, refiner, faces) over
+HTTP including encoding; a 4-size batch job; throughput at concurrency 1, 4 and 16 (1024², 20 steps); and each
+deployment's GPU memory (sampled from nvidia-smi while it runs) against its fraction. Prints one table, writes
+JSON. Needs CUDA and the fixtures that ``tests/bench_gpu.py`` builds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import yaml
+
+logger = logging.getLogger("bench-gpu-serve")
+ROOT = Path(__file__).resolve().parent.parent
+PORT = 8000
+URL = f"http://127.0.0.1:{PORT}"
+STANDARD = {"prompt": "a lighthouse on a cliff at dusk", "seed": 7, "width": 1024, "height": 1024,
+            "num_inference_steps": 30, "use_refiner": False}
+
+
+class GpuSampler(threading.Thread):
+    """Peak GPU memory per process (nvidia-smi), named by the Ray process title of its replica."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak_mib: dict[int, int] = {}
+        self.names: dict[int, str] = {}
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(0.5):
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,"
+                                      "nounits"], capture_output=True, text=True, timeout=10).stdout
+            except (OSError, subprocess.TimeoutExpired):
+                continue
+            for line in out.strip().splitlines():
+                pid_s, mib_s = (v.strip() for v in line.split(","))
+                pid, mib = int(pid_s), int(mib_s)
+                self.peak_mib[pid] = max(self.peak_mib.get(pid, 0), mib)
+                if pid not in self.names:
+                    title = subprocess.run(["ps", "-p", str(pid), "-o", "args="], capture_output=True, text=True)
+                    self.names[pid] = title.stdout.strip()
+
+    def by_deployment(self) -> dict[str, float]:
+        peaks: dict[str, float] = {}
+        for pid, mib in self.peak_mib.items():
+            title = self.names.get(pid, "")
+            name = next((d for d in ("SDXLBase", "SDXLRefiner", "Upscaler", "FaceRestorer", "FocalCropper",
+                                     "Ingress", "JobRunner") if d in title), title[:40] or str(pid))
+            peaks[name] = max(peaks.get(name, 0.0), mib / 1024)
+        return peaks
+
+
+def app_args(models: Path, fast: dict | None) -> tuple[dict, dict]:
+    """serve_config.yaml's args and deployment options, pointed at the fixtures."""
+    app = yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"][0]
+    args = app["args"]
+    conv = models / "converted"
+    args["base"].update(model={"source": str(models / "sdxl-base")}, ip_adapter=None, lora_dir=None)
+    args["refiner"].update(model={"source": str(models / "sdxl-refiner")})
+    for kind in ("base", "refiner"):
+        if fast and kind in fast:
+            args[kind]["fast"] = {**args[kind].get("fast", {}), **fast[kind]}
+    args["upscaler"]["models"] = [
+        {"name": "R-ESRGAN 4x+", "path": str(conv / "RealESRGAN_x4plus.safetensors")},
+        {"name": "R-ESRGAN 2x+", "path": str(conv / "RealESRGAN_x2plus.safetensors")},
+    ]
+    args["face_restorer"].update(model=str(conv / "codeformer.safetensors"),
+                                 retinaface=str(conv / "detection_Resnet50_Final.safetensors"))
+    # MediaPipe does not travel to the GPU machine; RetinaFace on the GPU does the focal crops there.
+    args["focal_cropper"] = {**args.get("focal_cropper", {}),
+                             "retinaface": str(conv / "detection_Resnet50_Final.safetensors")}
+    options = {d.pop("name"): d for d in app["deployments"]}
+    options["JobRunner"].pop("num_replicas", None)
+    return args, options
+
+
+def deploy(args: dict, options: dict) -> float:
+    from ray import serve
+
+    from graphs.app import build_app
+
+    started = time.perf_counter()
+    serve.run(build_app({**args, "deployment_options": options}), name="imagegen", route_prefix="/")
+    return time.perf_counter() - started
+
+
+def first_image(client: httpx.Client) -> None:
+    response = client.post("/generate", json=STANDARD)
+    response.raise_for_status()
+
+
+def latencies(client: httpx.Client, payload: dict, runs: int) -> list[float]:
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        response = client.post("/generate", json=payload)
+        response.raise_for_status()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def throughput(concurrency: int, requests: int) -> dict:
+    payload = {**STANDARD, "num_inference_steps": 20}
+
+    def one(i: int) -> float:
+        with httpx.Client(base_url=URL, timeout=600) as c:
+            started = time.perf_counter()
+            c.post("/generate", json={**payload, "seed": i}).raise_for_status()
+            return time.perf_counter() - started
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        times = list(pool.map(one, range(requests)))
+    wall = time.perf_counter() - started
+    return {"concurrency": concurrency, "requests": requests, "images_per_s": requests / wall,
+            "p50_s": statistics.median(times), "max_s": max(times)}
+
+
+def batch_job(client: httpx.Client) -> float:
+    started = time.perf_counter()
+    job = client.post("/generate/batch-sizes", json={"prompt": "a lighthouse", "seed": 3, "sizes": [
+        "thumbnail", "og", "sidebar", "avatar"]}).json()
+    job_id = job.get("job_id") or job.get("jobId")
+    while True:
+        state = client.get(f"/jobs/{job_id}").json()
+        if state["status"] in ("completed", "failed", "cancelled"):
+            if state["status"] != "completed":
+                raise RuntimeError(f"batch job {state['status']}: {state.get('error')}")
+            return time.perf_counter() - started
+        time.sleep(0.05)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=Path, default=Path(os.environ.get(
+        "FULLSIZE_MODELS", Path.home() / ".cache" / "imagegen" / "fullsize-models")))
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-gpu-serve.json")
+    parser.add_argument("--fast", default="", help="JSON overrides of base/refiner fast settings")
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import ray
+    from ray import serve
+
+    cache = Path(os.environ.setdefault("MODEL_CACHE_DIR", str(Path.home() / ".cache" / "imagegen" / "models")))
+    shutil.rmtree(cache / "compile", ignore_errors=True)
+    env = {k: os.environ[k] for k in ("MODEL_CACHE_DIR", "PYTHONPATH", "JOBS_DATA_DIR") if k in os.environ}
+    ray.init(num_gpus=1, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    sampler = GpuSampler()
+    sampler.start()
+    report: dict = {"rows": []}
+    rows = report["rows"]
+    app, options = app_args(args.models, json.loads(args.fast) if args.fast else None)
+    report["fast"] = {"base": app["base"].get("fast"), "refiner": app["refiner"].get("fast")}
+    with httpx.Client(base_url=URL, timeout=600) as client:
+        for label in ("empty compile cache", "saved compile cache"):
+            started = time.perf_counter()
+            deploy_s = deploy(app, options)
+            first_image(client)
+            rows.append({"stage": f"cold start to first image, {label}", "deploy_s": round(deploy_s, 1),
+                         "median_s": time.perf_counter() - started})
+            logger.info("%s", rows[-1])
+            if label.startswith("empty"):
+                serve.delete("imagegen")
+        standard = latencies(client, STANDARD, args.runs)
+        rows.append({"stage": "standard 1024² 30 steps via HTTP (PNG)", "median_s": statistics.median(standard),
+                     "max_s": max(standard)})
+        quality = latencies(client, {**STANDARD, "preset": "quality", "use_refiner": True}, max(2, args.runs // 2))
+        rows.append({"stage": "max quality: preset quality (hires fix 1536², R-ESRGAN, refiner, faces)",
+                     "median_s": statistics.median(quality), "max_s": max(quality)})
+        batch_job(client)
+        batch = [batch_job(client) for _ in range(2)]
+        rows.append({"stage": "4-size batch job (3 SDXL bases + crops)", "median_s": statistics.median(batch)})
+        for concurrency in (1, 4, 16):
+            result = throughput(concurrency, max(4, concurrency * 2))
+            rows.append({"stage": f"throughput 1024² 20 steps, concurrency {concurrency}",
+                         "median_s": result["p50_s"], "images_per_s": result["images_per_s"]})
+            logger.info("%s", rows[-1])
+    sampler.stopped.set()
+    total_gib = int(subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                                   capture_output=True, text=True).stdout.split()[0]) / 1024
+    fractions = {name: o.get("ray_actor_options", {}).get("num_gpus", 0) for name, o in options.items()}
+    report["memory"] = {name: {"peak_gib": round(gib, 1), "fraction": fractions.get(name),
+                               "budget_gib": round(fractions.get(name, 0) * total_gib, 1)}
+                        for name, gib in sampler.by_deployment().items()}
+    args.out.write_text(json.dumps(report, indent=1, default=str))
+    lines = [f"{'through Serve':<72} {'p50 s':>8} {'img/s':>6}"]
+    lines += [f"{r['stage'][:72]:<72} {r['median_s']:>8.2f} {r.get('images_per_s', 0):>6.2f}" for r in rows]
+    lines += [f"GPU memory {n:<14} peak {m['peak_gib']:>6.1f} GiB, fraction {m['fraction']} = {m['budget_gib']} GiB"
+              for n, m in report["memory"].items()]
+    sys.stdout.write("\n".join(lines) + "\n")
+    serve.shutdown()
+    ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

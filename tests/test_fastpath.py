@@ -1,0 +1,82 @@
+"""The fast-path settings on CPU (where they stay off), the warm-up and the single inference thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from deployments import device as devices
+from deployments.config import DeviceConfig, FastPath, SDXLBaseConfig
+
+
+def test_auto_dtype_is_float32_on_cpu():
+    assert devices.resolve(DeviceConfig()) == (torch.device("cpu"), torch.float32)
+    # half precision is never used on CPU, even when asked for
+    assert devices.resolve(DeviceConfig(dtype="bfloat16", device="cpu"))[1] == torch.float32
+
+
+def test_fast_settings_are_validated():
+    with pytest.raises(ValueError):
+        FastPath(compile="everything")
+    with pytest.raises(ValueError):
+        FastPath(warmup_sizes=[(1024, 1024)] * 17)
+    assert FastPath(warmup_sizes=[[768, 1344]]).warmup_sizes == [(768, 1344)]
+
+
+def test_cpu_replica_stays_eager_and_warms_up(tiny, tmp_path, monkeypatch):
+    from deployments.sdxl_base import BaseGenerator
+
+    monkeypatch.setenv("MODEL_CACHE_DIR", str(tmp_path))
+    config = SDXLBaseConfig(model={"source": str(tiny / "sdxl-base")}, device={"channels_last": True},
+                            fast={"compile": "full", "warmup_sizes": [(64, 64), (128, 64)], "warmup_steps": 1})
+    generator = BaseGenerator(config)
+    assert generator.fast == []  # compilation on two CPU cores costs more than it saves
+    steps = []
+    generator.generate = lambda request, *a, **k: steps.append((request.width, request.height, request.steps))
+    generator.warm_up()
+    assert steps == [(64, 64, 1), (128, 64, 1)]
+    assert not (tmp_path / "compile").exists()
+
+
+def test_decode_gives_one_image_per_latent(tiny):
+    from deployments.sdxl_base import BaseGenerator
+
+    generator = BaseGenerator(SDXLBaseConfig(model={"source": str(tiny / "sdxl-base")}))
+    images = generator.decode(torch.randn(2, 4, 8, 12))
+    assert [image.size for image in images] == [(96, 64), (96, 64)]
+
+
+def test_inference_thread_runs_everything_on_one_thread_and_keeps_the_loop_free():
+    worker = devices.InferenceThread("test")
+    idents = {worker.call(threading.get_ident) for _ in range(3)}
+
+    async def scenario():
+        slow = asyncio.ensure_future(worker.run(time.sleep, 0.5))
+        started = time.perf_counter()
+        await asyncio.sleep(0.05)  # the event loop is not blocked while the worker sleeps
+        loop_delay = time.perf_counter() - started
+        idents.add(await worker.run(threading.get_ident))
+        await slow
+        return loop_delay
+
+    assert asyncio.run(scenario()) < 0.3
+    assert len(idents) == 1 and threading.get_ident() not in idents
+
+
+def test_previews_are_copied_only_when_asked():
+    from deployments.generation import Cancellation
+
+    cancellation = Cancellation()
+    latents = torch.zeros(4, 8, 8)
+    cancellation.keep_latents("r1", latents)
+    before = np.asarray(cancellation.preview("r1"))
+    latents += 1  # the stored reference follows the live tensor: nothing was copied per step
+    after = np.asarray(cancellation.preview("r1"))
+    assert before.shape == (8, 8, 3) and not np.array_equal(before, after)
+    cancellation.finish("r1")
+    assert cancellation.preview("r1") is None

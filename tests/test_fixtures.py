@@ -1,0 +1,122 @@
+"""The full-size factory's on-disk layouts (at toy widths) and the loader's choice of file variants."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from deployments import loader
+from deployments.config import ModelSource
+from deployments.errors import ModelLoadError
+from deployments.factory.full import BASE_UNET, REFINER_UNET, build_all
+
+
+@pytest.fixture(scope="module")
+def shrunk(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fullsize-layout")
+    build_all(out, shrink=True)
+    return out
+
+
+def _weights(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*.safetensors"))
+
+
+def test_diffusers_folders_hold_fp16_variant_files_as_released(shrunk):
+    assert _weights(shrunk / "sdxl-base") == [
+        "text_encoder/model.fp16.safetensors",
+        "text_encoder_2/model.fp16.safetensors",
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "vae/diffusion_pytorch_model.fp16.safetensors",
+    ]
+    assert _weights(shrunk / "sdxl-refiner") == [
+        "text_encoder_2/model.fp16.safetensors",
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "vae/diffusion_pytorch_model.fp16.safetensors",
+    ]
+    base_index = json.loads((shrunk / "sdxl-base" / "model_index.json").read_text())
+    refiner_index = json.loads((shrunk / "sdxl-refiner" / "model_index.json").read_text())
+    assert base_index["_class_name"] == "StableDiffusionXLPipeline"
+    assert refiner_index["_class_name"] == "StableDiffusionXLImg2ImgPipeline"
+    assert refiner_index["text_encoder"] == [None, None] and refiner_index["requires_aesthetics_score"] is True
+    unet = json.loads((shrunk / "sdxl-base" / "unet" / "config.json").read_text())
+    refiner_unet = json.loads((shrunk / "sdxl-refiner" / "unet" / "config.json").read_text())
+    # The conditioning wiring is the released one even at toy widths.
+    for config, released in ((unet, BASE_UNET), (refiner_unet, REFINER_UNET)):
+        for key in ("addition_embed_type", "addition_time_embed_dim", "down_block_types", "up_block_types",
+                    "layers_per_block", "use_linear_projection"):
+            assert config[key] == (list(v) if isinstance(v := released[key], tuple) else v), key
+    vae = json.loads((shrunk / "sdxl-base" / "vae" / "config.json").read_text())
+    assert vae["force_upcast"] is True and vae["scaling_factor"] == 0.13025
+
+
+def test_release_pickles_keep_their_official_dictionaries(shrunk):
+    names = sorted(p.name for p in (shrunk / "releases").glob("*.pth"))
+    assert {"RealESRGAN_x4plus.pth", "RealESRGAN_x2plus.pth", "codeformer.pth", "GFPGANv1.4.pth",
+            "detection_Resnet50_Final.pth"} <= set(names)
+    for name in ("RealESRGAN_x4plus.pth", "codeformer.pth", "GFPGANv1.4.pth"):
+        assert "params_ema" in torch.load(shrunk / "releases" / name, map_location="cpu", weights_only=True)
+    retina = torch.load(shrunk / "releases" / "detection_Resnet50_Final.pth", map_location="cpu", weights_only=True)
+    assert all(key.startswith("module.") for key in retina)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_fp16_only_folders_load_in_any_precision(shrunk, dtype, caplog):
+    with caplog.at_level(logging.INFO, logger="deployments.loader"):
+        pipe = loader.load_sdxl(ModelSource(source=str(shrunk / "sdxl-base")), refiner=False, dtype=dtype)
+    assert pipe.unet.dtype == dtype and pipe.text_encoder_2.dtype == dtype
+    assert "fp16 files" in caplog.text
+    refiner = loader.load_sdxl(ModelSource(source=str(shrunk / "sdxl-refiner")), refiner=True, dtype=dtype)
+    assert refiner.unet.config.cross_attention_dim == 48 and refiner.text_encoder is None
+
+
+def test_single_file_loads_from_the_weightless_configs_folder(shrunk, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    configs = shrunk / "sdxl-base-configs"
+    assert not list(configs.rglob("*.safetensors"))
+    single = loader.load_sdxl(ModelSource(source=str(shrunk / "sdxl-base.safetensors"), config=str(configs)),
+                              refiner=False, dtype=torch.float32)
+    folder = loader.load_sdxl(ModelSource(source=str(shrunk / "sdxl-base")), refiner=False, dtype=torch.float32)
+    for name, tensor in folder.unet.state_dict().items():
+        assert torch.equal(tensor, single.unet.state_dict()[name]), name
+
+
+@pytest.fixture(scope="module")
+def both_variants(tiny, tmp_path_factory) -> Path:
+    """The tiny base with full-precision files and an fp16 variant beside them, as most releases ship."""
+    folder = tmp_path_factory.mktemp("variants") / "sdxl-base"
+    shutil.copytree(tiny / "sdxl-base", folder)
+    pipe = loader.load_sdxl(ModelSource(source=str(folder)), refiner=False, dtype=torch.float16)
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        getattr(pipe, part).save_pretrained(folder / part, safe_serialization=True, variant="fp16")
+    return folder
+
+
+def test_the_variant_matching_the_dtype_is_preferred(both_variants, caplog):
+    assert loader.pick_variant(both_variants, torch.float16) == "fp16"
+    assert loader.pick_variant(both_variants, torch.float32) is None
+    # bfloat16 rounds once from full precision rather than twice through float16
+    assert loader.pick_variant(both_variants, torch.bfloat16) is None
+    with caplog.at_level(logging.INFO, logger="deployments.loader"):
+        half = loader.load_sdxl(ModelSource(source=str(both_variants)), refiner=False, dtype=torch.float16)
+        full = loader.load_sdxl(ModelSource(source=str(both_variants)), refiner=False, dtype=torch.float32)
+    assert "fp16 files" in caplog.text and "full-precision files" in caplog.text
+    name, weight = next(iter(full.unet.state_dict().items()))
+    assert torch.equal(half.unet.state_dict()[name], weight.half())
+
+
+def test_a_variant_missing_from_one_component_is_named(both_variants, tmp_path):
+    broken = tmp_path / "sdxl-base"
+    shutil.copytree(both_variants, broken)
+    for plain in (broken / "unet").glob("diffusion_pytorch_model.safetensors"):
+        plain.unlink()
+    for variant in (broken / "vae").glob("*.fp16.safetensors"):
+        variant.unlink()
+    with pytest.raises(ModelLoadError) as err:
+        loader.pick_variant(broken, torch.float32)
+    assert err.value.field == "source"

@@ -1,0 +1,122 @@
+"""Full-size checks on CPU (``make fullsize``): the released shapes load and run through the serving classes.
+
+Opt-in: they read ``FULLSIZE_MODELS`` (written by ``python -m deployments.factory DIR --full``), need about 16 GB
+of memory and several minutes, and skip unless ``IMAGEGEN_FULLSIZE=1``.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deployments import loader
+from deployments.config import ModelSource, SDXLBaseConfig, SDXLRefinerConfig
+
+pytestmark = pytest.mark.skipif(not os.environ.get("IMAGEGEN_FULLSIZE"), reason="opt-in: make fullsize")
+
+# Parameter counts of the released networks (stabilityai/stable-diffusion-xl-*-1.0, their text encoders).
+RELEASED = {
+    ("sdxl-base", "unet"): 2_567_463_684,
+    ("sdxl-base", "text_encoder"): 123_060_480,
+    ("sdxl-base", "text_encoder_2"): 694_659_840,
+    ("sdxl-base", "vae"): 83_653_863,
+}
+# The refiner UNet's released fp16 file (unet/diffusion_pytorch_model.fp16.safetensors): 4.52 GB.
+REFINER_UNET_FP16_BYTES = 4.52e9
+
+
+@pytest.fixture(scope="module")
+def models() -> Path:
+    path = Path(os.environ.get("FULLSIZE_MODELS", Path.home() / ".cache" / "imagegen" / "fullsize-models"))
+    if not (path / "sdxl-base" / "model_index.json").exists():
+        pytest.fail(f"no full-size models in {path}: run python -m deployments.factory {path} --full")
+    return path
+
+
+def _free() -> None:
+    gc.collect()
+
+
+@pytest.mark.parametrize(("folder", "part"), list(RELEASED))
+def test_parameter_counts_are_the_released_ones(models, folder, part):
+    from safetensors import safe_open
+
+    files = list((models / folder / part).glob("*.safetensors"))
+    count = 0
+    for path in files:
+        with safe_open(path, "pt") as f:
+            count += sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())  # noqa: SIM118
+    assert count == RELEASED[(folder, part)]
+
+
+def test_refiner_unet_has_the_released_size(models):
+    size = (models / "sdxl-refiner" / "unet" / "diffusion_pytorch_model.fp16.safetensors").stat().st_size
+    assert abs(size - REFINER_UNET_FP16_BYTES) / REFINER_UNET_FP16_BYTES < 0.005
+
+
+def test_single_file_matches_the_folder(models, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    single = loader.load_sdxl(ModelSource(source=str(models / "sdxl-base.safetensors"),
+                                          config=str(models / "sdxl-base-configs")), refiner=False,
+                              dtype=torch.float16)
+    folder = loader.load_sdxl(ModelSource(source=str(models / "sdxl-base")), refiner=False, dtype=torch.float16)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        a, b = getattr(single, name).state_dict(), getattr(folder, name).state_dict()
+        assert a.keys() == b.keys()
+        for key in list(a)[:: max(1, len(a) // 50)]:
+            assert torch.equal(a[key], b[key]), f"{name}.{key}"
+    del single, folder
+    _free()
+
+
+def test_base_generates_at_256(models):
+    from deployments.generation import GenerationRequest
+    from deployments.sdxl_base import BaseGenerator
+
+    base = BaseGenerator(SDXLBaseConfig(model={"source": str(models / "sdxl-base")}))
+    result = base.generate(GenerationRequest(prompt="a lighthouse", width=256, height=256, steps=2, seed=1))
+    image = np.asarray(result.images[0])
+    assert image.shape == (256, 256, 3) and image.std() > 0
+    del base
+    _free()
+
+
+def test_refiner_refines_at_256(models):
+    from deployments.sdxl_refiner import Refiner, RefineRequest
+
+    refiner = Refiner(SDXLRefinerConfig(model={"source": str(models / "sdxl-refiner")}))
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8))
+    out = refiner.refine(RefineRequest(prompt="a lighthouse", seeds=[1], steps=4, images=[photo], strength=0.5))
+    assert out[0].size == (256, 256)
+    del refiner
+    _free()
+
+
+@pytest.mark.parametrize(("name", "scale"), [("RealESRGAN_x4plus", 4), ("RealESRGAN_x2plus", 2),
+                                             ("codeformer", 1), ("GFPGANv1.4", 1)])
+def test_released_pickles_convert_and_load(models, tmp_path, name, scale):
+    from deployments.convert import convert_file
+
+    out = tmp_path / f"{name}.safetensors"
+    convert_file(models / "releases" / f"{name}.pth", out)
+    descriptor = loader.load_spandrel(str(out))
+    assert descriptor.scale == scale
+    if scale > 1:
+        with torch.inference_mode():
+            assert descriptor(torch.rand(1, 3, 32, 32)).shape[-1] == 32 * scale
+
+
+def test_retinaface_converts_and_detects(models, tmp_path):
+    from deployments.convert import convert_file
+    from deployments.faces import RetinaFaceDetector
+
+    out = tmp_path / "retinaface.safetensors"
+    convert_file(models / "releases" / "detection_Resnet50_Final.pth", out)
+    detector = RetinaFaceDetector(str(out), torch.device("cpu"))
+    assert isinstance(detector.detect(np.zeros((256, 256, 3), np.uint8)), list)
