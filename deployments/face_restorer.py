@@ -17,14 +17,14 @@ import torch
 from PIL import Image
 from ray import serve
 
-from deployments import device as devices
-from deployments import faces as face_lib
-from deployments import loader
-from deployments.config import FaceRestorerConfig, Settings
-from deployments.errors import InvalidInput
-from deployments.generation import image_of
-from deployments.imaging import pil_to_array
-from deployments.metrics import StageMetrics
+from deployments.support import device as devices
+from deployments.support import faces as face_lib
+from deployments.support.config import FaceRestorerConfig, Settings
+from deployments.support.errors import InvalidInput
+from deployments.support.generation import image_of
+from deployments.support.imaging import pil_to_array
+from deployments.support.metrics import StageMetrics
+from deployments.weights import loader
 
 logger = logging.getLogger(__name__)
 

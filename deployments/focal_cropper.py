@@ -15,12 +15,12 @@ from PIL import Image
 from pydantic import BaseModel, Field
 from ray import serve
 
-from deployments import faces as face_lib
-from deployments.config import FocalCropperConfig
-from deployments.errors import InvalidInput
-from deployments.generation import image_of
-from deployments.imaging import Format, encode, pil_to_array, to_rgb
-from deployments.metrics import StageMetrics
+from deployments.support import faces as face_lib
+from deployments.support.config import FocalCropperConfig
+from deployments.support.errors import InvalidInput
+from deployments.support.generation import image_of
+from deployments.support.imaging import Format, encode, pil_to_array, to_rgb
+from deployments.support.metrics import StageMetrics
 
 
 class CropSize(BaseModel):
@@ -74,7 +74,7 @@ class Cropper:
         self.config = config
         self.detector: face_lib.MediaPipeDetector | face_lib.RetinaFaceDetector
         if config.retinaface:
-            from deployments.device import resolve
+            from deployments.support.device import resolve
 
             device, _ = resolve(config.device)
             self.detector = face_lib.RetinaFaceDetector(config.retinaface, device, config.min_detection_confidence)

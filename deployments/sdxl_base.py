@@ -19,11 +19,11 @@ import torch
 from PIL import Image, ImageFilter
 from ray import serve
 
-from deployments import device as devices
-from deployments import fastpath, loader
-from deployments.config import SDXLBaseConfig, Settings
-from deployments.errors import UnknownModel
-from deployments.generation import (
+from deployments.support import device as devices
+from deployments.support import fastpath
+from deployments.support.config import SDXLBaseConfig, Settings
+from deployments.support.errors import UnknownModel
+from deployments.support.generation import (
     Cancellation,
     GenerationRequest,
     GenerationResult,
@@ -34,9 +34,10 @@ from deployments.generation import (
     parse_lora_tags,
     resolve_seeds,
 )
-from deployments.imaging import to_rgb
-from deployments.metrics import StageMetrics
-from deployments.samplers import build_scheduler
+from deployments.support.imaging import to_rgb
+from deployments.support.metrics import StageMetrics
+from deployments.support.samplers import build_scheduler
+from deployments.weights import loader
 
 logger = logging.getLogger(__name__)
 

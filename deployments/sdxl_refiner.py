@@ -18,14 +18,15 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from deployments import device as devices
-from deployments import fastpath, loader
-from deployments.config import SDXLRefinerConfig, Settings
-from deployments.errors import InvalidInput
-from deployments.generation import Cancellation, ProgressFn, check_size, image_of, parse_lora_tags
-from deployments.imaging import to_rgb
-from deployments.metrics import StageMetrics
-from deployments.samplers import build_scheduler
+from deployments.support import device as devices
+from deployments.support import fastpath
+from deployments.support.config import SDXLRefinerConfig, Settings
+from deployments.support.errors import InvalidInput
+from deployments.support.generation import Cancellation, ProgressFn, check_size, image_of, parse_lora_tags
+from deployments.support.imaging import to_rgb
+from deployments.support.metrics import StageMetrics
+from deployments.support.samplers import build_scheduler
+from deployments.weights import loader
 
 logger = logging.getLogger(__name__)
 

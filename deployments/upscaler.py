@@ -17,13 +17,13 @@ import torch
 from PIL import Image
 from ray import serve
 
-from deployments import device as devices
-from deployments import loader
-from deployments.config import Settings, UpscalerConfig
-from deployments.errors import InvalidInput, UnknownModel
-from deployments.generation import image_of
-from deployments.imaging import from_tensor, to_rgb, to_tensor
-from deployments.metrics import StageMetrics
+from deployments.support import device as devices
+from deployments.support.config import Settings, UpscalerConfig
+from deployments.support.errors import InvalidInput, UnknownModel
+from deployments.support.generation import image_of
+from deployments.support.imaging import from_tensor, to_rgb, to_tensor
+from deployments.support.metrics import StageMetrics
+from deployments.weights import loader
 
 logger = logging.getLogger(__name__)
 

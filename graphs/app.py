@@ -13,23 +13,25 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve import Application
 
-from deployments.config import (
+from deployments.face_restorer import FaceRestorer
+from deployments.focal_cropper import FocalCropper
+from deployments.sdxl_base import SDXLBase
+from deployments.sdxl_refiner import SDXLRefiner
+from deployments.support.config import (
     FaceRestorerConfig,
     FocalCropperConfig,
     SDXLBaseConfig,
     SDXLRefinerConfig,
     UpscalerConfig,
 )
-from deployments.face_restorer import FaceRestorer
-from deployments.focal_cropper import FocalCropper
-from deployments.sdxl_base import SDXLBase
-from deployments.sdxl_refiner import SDXLRefiner
 from deployments.upscaler import Upscaler
-from graphs import plans, routes_a1111, routes_generate, routes_illustration, routes_jobs, routes_processing
-from graphs.http import create_app
-from graphs.jobs import JobRunner, JobSettings, SizeTable
-from graphs.storage import PhotoStore
-from graphs.webhooks import WebhookSettings
+from graphs import plans
+from graphs.api import a1111, a1111_info, generate, illustration, jobs, processing
+from graphs.api.edge import create_app
+from graphs.api.photos import PhotoStore
+from graphs.jobs.runner import JobRunner, JobSettings
+from graphs.jobs.sizes import SizeTable
+from graphs.jobs.webhooks import WebhookSettings
 
 
 def _expand(value):
@@ -63,26 +65,27 @@ class AppArgs(BaseModel):
 
 
 app = create_app()
-app.include_router(routes_generate.open_router)
-for module in (routes_generate, routes_illustration, routes_processing, routes_a1111, routes_jobs):
+app.include_router(generate.open_router)
+for module in (generate, illustration, processing, a1111, a1111_info, jobs):
     app.include_router(module.router)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
 @serve.ingress(app)
 class Ingress(
-    routes_generate.GenerateRoutes,
-    routes_illustration.IllustrationRoutes,
-    routes_processing.ProcessingRoutes,
-    routes_a1111.A1111Routes,
-    routes_jobs.JobRoutes,
+    generate.GenerateRoutes,
+    illustration.IllustrationRoutes,
+    processing.ProcessingRoutes,
+    a1111.A1111Routes,
+    a1111_info.A1111InfoRoutes,
+    jobs.JobRoutes,
 ):
     def __init__(self, base, refiner, upscaler, faces, cropper, runner, args: dict) -> None:
         config = AppArgs.model_validate(args)
         self.handles = plans.Handles(base, refiner, upscaler, faces)
         self.cropper = cropper
         self.hires_upscaler = config.hires_upscaler
-        self.illustration = routes_illustration.IllustrationSettings()
+        self.illustration = illustration.IllustrationSettings()
         self.photos = PhotoStore(self.illustration.storage())
         self.a1111_options: dict = {"samples_format": "png"}
         self.in_flight: dict = {}

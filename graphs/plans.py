@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from PIL import Image
 from ray.serve.handle import DeploymentHandle
 
-from deployments.generation import GenerationRequest, image_of, resolve_seeds
 from deployments.sdxl_refiner import RefineRequest
-from graphs.http import call, unwrap
+from deployments.support.generation import GenerationRequest, image_of, resolve_seeds
+from graphs.api.errors import call, unwrap
 
 logger = logging.getLogger(__name__)
 

@@ -81,7 +81,7 @@ def build_fixtures(models: Path, device: str, only: set[str]) -> None:
 
 
 def convert_releases(models: Path) -> dict[str, Path]:
-    from deployments.convert import convert_file
+    from deployments.weights.convert import convert_file
 
     out = {}
     for pth in sorted((models / "releases").glob("*.pth")):
@@ -107,8 +107,8 @@ class Capture:
 
 
 def base_generator(models: Path, *, dtype: str, channels_last=False, **fast):
-    from deployments.config import SDXLBaseConfig
     from deployments.sdxl_base import BaseGenerator
+    from deployments.support.config import SDXLBaseConfig
 
     config = SDXLBaseConfig(model={"source": str(models / "sdxl-base")},
                             device={"device": "auto", "dtype": dtype, "channels_last": channels_last}, fast=fast)
@@ -144,7 +144,7 @@ class Bench:
         return False
 
     def request(self):
-        from deployments.generation import GenerationRequest
+        from deployments.support.generation import GenerationRequest
 
         return GenerationRequest(prompt=PROMPT, width=self.size, height=self.size, steps=self.steps, seed=SEED,
                                  guidance_scale=7.0, sampler="Euler")
@@ -230,8 +230,8 @@ def refiner_stage(models: Path, size: int, dtype: str) -> Callable[[], Callable[
     def setup():
         from PIL import Image
 
-        from deployments.config import SDXLRefinerConfig
         from deployments.sdxl_refiner import Refiner, RefineRequest
+        from deployments.support.config import SDXLRefinerConfig
 
         refiner = Refiner(SDXLRefinerConfig(model={"source": str(models / "sdxl-refiner")},
                                             device={"dtype": dtype, "channels_last": True}))
@@ -247,7 +247,7 @@ def upscaler_stage(path: Path, dtype: str, tile: int, channels_last: bool):
     def setup():
         from PIL import Image
 
-        from deployments.config import UpscalerConfig
+        from deployments.support.config import UpscalerConfig
         from deployments.upscaler import ImageUpscaler
 
         up = ImageUpscaler(UpscalerConfig(models=[{"name": "x2", "path": str(path)}], tile=tile,
@@ -262,8 +262,8 @@ def face_stage(path: Path, dtype: str):
     def setup():
         from skimage import data
 
-        from deployments.config import FaceRestorerConfig
         from deployments.face_restorer import FaceEnhancer
+        from deployments.support.config import FaceRestorerConfig
 
         faces = FaceEnhancer(FaceRestorerConfig(model=str(path), device={"dtype": dtype}))
         crop = np.ascontiguousarray(data.astronaut()[:512, :512])

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from graphs.jobs import SizeTable
+from graphs.jobs.sizes import SizeTable
 from tests import cluster
 
 RUNS = int(os.environ.get("BENCH_RUNS", "15"))
@@ -27,10 +27,10 @@ PAYLOAD = {"prompt": "red apple", "seed": 42, "width": 256, "height": 256, "num_
 
 
 def in_process(tiny: Path) -> list[float]:
-    from deployments.config import SDXLBaseConfig, SDXLRefinerConfig
-    from deployments.generation import GenerationRequest
     from deployments.sdxl_base import BaseGenerator
     from deployments.sdxl_refiner import Refiner, RefineRequest
+    from deployments.support.config import SDXLBaseConfig, SDXLRefinerConfig
+    from deployments.support.generation import GenerationRequest
 
     base = BaseGenerator(SDXLBaseConfig(model={"source": str(tiny / "sdxl-base")}))
     refiner = Refiner(SDXLRefinerConfig(model={"source": str(tiny / "sdxl-refiner")}))

@@ -37,8 +37,8 @@ def anyio_backend() -> str:
 
 @pytest.fixture(scope="session")
 def base(tiny):
-    from deployments.config import SDXLBaseConfig
     from deployments.sdxl_base import BaseGenerator
+    from deployments.support.config import SDXLBaseConfig
 
     return BaseGenerator(
         SDXLBaseConfig(
@@ -51,15 +51,15 @@ def base(tiny):
 
 @pytest.fixture(scope="session")
 def refiner(tiny):
-    from deployments.config import SDXLRefinerConfig
     from deployments.sdxl_refiner import Refiner
+    from deployments.support.config import SDXLRefinerConfig
 
     return Refiner(SDXLRefinerConfig(model={"source": str(tiny / "sdxl-refiner")}))
 
 
 @pytest.fixture(scope="session")
 def upscaler(tiny):
-    from deployments.config import UpscalerConfig
+    from deployments.support.config import UpscalerConfig
     from deployments.upscaler import ImageUpscaler
 
     return ImageUpscaler(

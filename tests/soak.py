@@ -32,7 +32,7 @@ from tests import cluster
 logger = logging.getLogger("soak")
 
 RETENTION_S = 60.0  # short, so finished jobs are purged during the soak and the store must stay flat
-PURGE_EVERY_S = min(60.0, RETENTION_S / 4)  # graphs.jobs.JobRunner._purge's period
+PURGE_EVERY_S = min(60.0, RETENTION_S / 4)  # graphs.jobs.runner.JobRunner._purge's period
 SAMPLE_EVERY_S = 10.0
 POLL_EVERY_S = 0.2
 JOB_DEADLINE_S = 120.0

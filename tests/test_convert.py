@@ -1,4 +1,4 @@
-"""deployments.convert: official .pth releases become safetensors the service loads; unsafe pickles never run.
+"""deployments.weights.convert: official .pth releases become safetensors the service loads; unsafe pickles never run.
 
 The release files come from deployments.factory.releases in the official layouts (toy-sized where the loaders
 allow). Conversions are done once per module: GFPGAN and RetinaFace ResNet-50 are full size even here.
@@ -22,10 +22,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from deployments import faces, loader
-from deployments.convert import Report, convert_file, extract_state_dict, main, read_checkpoint
-from deployments.errors import ModelLoadError, UnsafeWeights
 from deployments.factory.releases import TOY, build_release_files, rrdbnet_state
+from deployments.support import faces
+from deployments.support.errors import ModelLoadError, UnsafeWeights
+from deployments.weights import loader
+from deployments.weights.convert import Report, convert_file, extract_state_dict, main, read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -199,7 +200,7 @@ def test_canary_pickle_is_refused_and_never_runs(tmp_path):
     evil = _payload(tmp_path / "RealESRGAN_x4plus.pth", canary)
     out = tmp_path / "out.safetensors"
     run = subprocess.run(
-        [sys.executable, "-m", "deployments.convert", str(evil), str(out)],
+        [sys.executable, "-m", "deployments.weights.convert", str(evil), str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert run.returncode != 0
@@ -257,7 +258,7 @@ def test_the_loader_still_refuses_the_original_pickles(releases):
 def readme_walkthrough() -> tuple[list[tuple[str, str]], str]:
     """The conversion commands and the ``args:`` YAML of the README's "Serving real models" section."""
     section = (Path(__file__).resolve().parents[1] / "README.md").read_text().split("## Serving real models")[1]
-    commands = re.findall(r"^python -m deployments\.convert (\S+) (\S+)$", section, re.MULTILINE)
+    commands = re.findall(r"^python -m deployments\.weights\.convert (\S+) (\S+)$", section, re.MULTILINE)
     block = re.search(r"```yaml\n(.*?)```", section, re.DOTALL)
     assert commands and block, "the README lost its conversion walk-through"
     return commands, block.group(1)

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from fastapi import APIRouter
 
-from graphs import http
+from graphs.api import edge as http
 
 pytestmark = pytest.mark.anyio
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from deployments import device as devices
-from deployments.config import DeviceConfig, FastPath, SDXLBaseConfig
+from deployments.support import device as devices
+from deployments.support.config import DeviceConfig, FastPath, SDXLBaseConfig
 
 
 def test_auto_dtype_is_float32_on_cpu():
@@ -69,7 +69,7 @@ def test_inference_thread_runs_everything_on_one_thread_and_keeps_the_loop_free(
 
 
 def test_previews_are_copied_only_when_asked():
-    from deployments.generation import Cancellation
+    from deployments.support.generation import Cancellation
 
     cancellation = Cancellation()
     latents = torch.zeros(4, 8, 8)

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from deployments import loader
-from deployments.config import ModelSource
-from deployments.errors import ModelLoadError
 from deployments.factory.full import BASE_UNET, REFINER_UNET, build_all
+from deployments.support.config import ModelSource
+from deployments.support.errors import ModelLoadError
+from deployments.weights import loader
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_release_pickles_keep_their_official_dictionaries(shrunk):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_fp16_only_folders_load_in_any_precision(shrunk, dtype, caplog):
-    with caplog.at_level(logging.INFO, logger="deployments.loader"):
+    with caplog.at_level(logging.INFO, logger="deployments.weights.loader"):
         pipe = loader.load_sdxl(ModelSource(source=str(shrunk / "sdxl-base")), refiner=False, dtype=dtype)
     assert pipe.unet.dtype == dtype and pipe.text_encoder_2.dtype == dtype
     assert "fp16 files" in caplog.text
@@ -102,7 +102,7 @@ def test_the_variant_matching_the_dtype_is_preferred(both_variants, caplog):
     assert loader.pick_variant(both_variants, torch.float32) is None
     # bfloat16 rounds once from full precision rather than twice through float16
     assert loader.pick_variant(both_variants, torch.bfloat16) is None
-    with caplog.at_level(logging.INFO, logger="deployments.loader"):
+    with caplog.at_level(logging.INFO, logger="deployments.weights.loader"):
         half = loader.load_sdxl(ModelSource(source=str(both_variants)), refiner=False, dtype=torch.float16)
         full = loader.load_sdxl(ModelSource(source=str(both_variants)), refiner=False, dtype=torch.float32)
     assert "fp16 files" in caplog.text and "full-precision files" in caplog.text

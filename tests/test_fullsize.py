@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from deployments import loader
-from deployments.config import ModelSource, SDXLBaseConfig, SDXLRefinerConfig
+from deployments.support.config import ModelSource, SDXLBaseConfig, SDXLRefinerConfig
+from deployments.weights import loader
 
 pytestmark = pytest.mark.skipif(not os.environ.get("IMAGEGEN_FULLSIZE"), reason="opt-in: make fullsize")
 
@@ -76,8 +76,8 @@ def test_single_file_matches_the_folder(models, monkeypatch):
 
 
 def test_base_generates_at_256(models):
-    from deployments.generation import GenerationRequest
     from deployments.sdxl_base import BaseGenerator
+    from deployments.support.generation import GenerationRequest
 
     base = BaseGenerator(SDXLBaseConfig(model={"source": str(models / "sdxl-base")}))
     result = base.generate(GenerationRequest(prompt="a lighthouse", width=256, height=256, steps=2, seed=1))
@@ -101,7 +101,7 @@ def test_refiner_refines_at_256(models):
 @pytest.mark.parametrize(("name", "scale"), [("RealESRGAN_x4plus", 4), ("RealESRGAN_x2plus", 2),
                                              ("codeformer", 1), ("GFPGANv1.4", 1)])
 def test_released_pickles_convert_and_load(models, tmp_path, name, scale):
-    from deployments.convert import convert_file
+    from deployments.weights.convert import convert_file
 
     out = tmp_path / f"{name}.safetensors"
     convert_file(models / "releases" / f"{name}.pth", out)
@@ -113,8 +113,8 @@ def test_released_pickles_convert_and_load(models, tmp_path, name, scale):
 
 
 def test_retinaface_converts_and_detects(models, tmp_path):
-    from deployments.convert import convert_file
-    from deployments.faces import RetinaFaceDetector
+    from deployments.support.faces import RetinaFaceDetector
+    from deployments.weights.convert import convert_file
 
     out = tmp_path / "retinaface.safetensors"
     convert_file(models / "releases" / "detection_Resnet50_Final.pth", out)

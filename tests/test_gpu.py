@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from deployments.config import SDXLBaseConfig
-from deployments.generation import GenerationRequest
+from deployments.support.config import SDXLBaseConfig
+from deployments.support.generation import GenerationRequest
 
 pytestmark = [
     pytest.mark.gpu,
@@ -32,8 +32,8 @@ def test_base_runs_in_half_precision_on_cuda(tiny):
 
 
 def test_upscaler_and_faces_on_cuda(tiny, astronaut):
-    from deployments.config import FaceRestorerConfig, UpscalerConfig
     from deployments.face_restorer import FaceEnhancer
+    from deployments.support.config import FaceRestorerConfig, UpscalerConfig
     from deployments.upscaler import ImageUpscaler
 
     x4 = str(tiny / "upscalers" / "tiny-esrgan-x4.safetensors")

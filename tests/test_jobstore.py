@@ -9,8 +9,10 @@ import uuid
 
 import pytest
 
-from deployments.errors import InvalidInput, QueueFull
-from graphs.jobstore import Job, RedisJobStore, SQLiteJobStore, new_job_id
+from deployments.support.errors import InvalidInput, QueueFull
+from graphs.jobs.redis_store import RedisJobStore
+from graphs.jobs.sqlite_store import SQLiteJobStore
+from graphs.jobs.store import Job, new_job_id
 
 
 @pytest.fixture(scope="session")

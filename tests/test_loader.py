@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from deployments import loader
-from deployments.config import ModelSource, Settings
-from deployments.errors import DownloadIncomplete, ModelLoadError, UnsafeWeights
+from deployments.support.config import ModelSource, Settings
+from deployments.support.errors import DownloadIncomplete, ModelLoadError, UnsafeWeights
+from deployments.weights import loader
 from tests.conftest import s3_client
 from tests.netfaults import TruncatingProxy
 
@@ -78,7 +78,7 @@ def test_s3_folder_and_file_download_once_then_reuse(tiny, tmp_path, s3_server, 
 
     cached = tmp_path / "cache" / "s3" / "models" / "up" / "x4.safetensors"
     stamp = cached.stat().st_mtime_ns
-    caplog.set_level("INFO", logger="deployments.loader")
+    caplog.set_level("INFO", logger="deployments.weights.loader")
     loader.resolve("s3://models/up/x4.safetensors", settings)
     assert cached.stat().st_mtime_ns == stamp
     assert "cached copy reused" in caplog.text
@@ -135,8 +135,8 @@ def test_folder_with_only_pickled_weights_is_refused(tmp_path):
 
 
 def test_pickled_lora_is_skipped_and_never_executed(tiny, tmp_path):
-    from deployments.config import SDXLBaseConfig
     from deployments.sdxl_base import BaseGenerator
+    from deployments.support.config import SDXLBaseConfig
 
     canary = tmp_path / "canary"
     loras = tmp_path / "loras"

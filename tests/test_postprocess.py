@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deployments.config import FaceRestorerConfig, FocalCropperConfig, UpscalerConfig
-from deployments.errors import InvalidInput
 from deployments.face_restorer import FaceEnhancer
 from deployments.focal_cropper import Cropper, CropSize, crop_box, derivatives
-from deployments.imaging import decode
+from deployments.support.config import FaceRestorerConfig, FocalCropperConfig, UpscalerConfig
+from deployments.support.errors import InvalidInput
+from deployments.support.imaging import decode
 from deployments.upscaler import ImageUpscaler, tiled
 from tests.conftest import pixels
 
@@ -57,7 +57,7 @@ def test_model_upscale_is_not_a_plain_resize(upscaler, astronaut):
 def test_tiled_and_untiled_agree(upscaler, astronaut):
     import torch
 
-    from deployments.imaging import to_tensor
+    from deployments.support.imaging import to_tensor
 
     descriptor = upscaler.models["R-ESRGAN 4x+"]
     tensor = to_tensor(astronaut.resize((160, 120)), "cpu", torch.float32)

@@ -7,9 +7,9 @@ import time
 import numpy as np
 import pytest
 
-from deployments.errors import InvalidInput
-from deployments.generation import GenerationRequest
 from deployments.sdxl_refiner import RefineRequest
+from deployments.support.errors import InvalidInput
+from deployments.support.generation import GenerationRequest
 from tests.conftest import pixels
 
 

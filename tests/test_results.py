@@ -5,10 +5,10 @@ import os
 
 import pytest
 
-from deployments.config import Settings
-from deployments.errors import InvalidInput, NotFound, StorageUnavailable
-from deployments.loader import s3_client
-from graphs.results import LocalResults, S3Results, open_results
+from deployments.support.config import Settings
+from deployments.support.errors import InvalidInput, NotFound, StorageUnavailable
+from deployments.weights.loader import s3_client
+from graphs.jobs.results import LocalResults, S3Results, open_results
 from tests.netfaults import TruncatingProxy
 
 JOB = "job_1700000000000_0123abcde"

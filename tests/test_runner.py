@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from graphs.jobs import JobRunner
-from graphs.jobstore import Job, new_job_id
+from graphs.jobs.runner import JobRunner
+from graphs.jobs.store import Job, new_job_id
 from tests.netfaults import TruncatingProxy
 
 pytestmark = pytest.mark.anyio

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deployments.errors import GenerationCancelled, InvalidInput, UnknownModel
-from deployments.generation import GenerationRequest, LoraRef, parse_lora_tags
-from deployments.samplers import sampler_names
+from deployments.support.errors import GenerationCancelled, InvalidInput, UnknownModel
+from deployments.support.generation import GenerationRequest, LoraRef, parse_lora_tags
+from deployments.support.samplers import sampler_names
 from tests.conftest import pixels
 
 SMALL = dict(prompt="a photo of a cat", width=128, height=128, steps=4, guidance_scale=5.0)
@@ -199,7 +199,7 @@ def test_latents_for_the_refiner_skip_the_decode(base, monkeypatch):
 def test_gpu_oom_is_retryable_and_repeated_ooms_fail_health(base, monkeypatch):
     import torch
 
-    from deployments.errors import GpuOutOfMemory
+    from deployments.support.errors import GpuOutOfMemory
 
     def out_of_memory(**_kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
@@ -217,7 +217,7 @@ def test_gpu_oom_is_retryable_and_repeated_ooms_fail_health(base, monkeypatch):
 
 
 def test_cancel_flags_of_requests_that_never_ran_expire(monkeypatch):
-    from deployments import generation
+    from deployments.support import generation
 
     cancellation = generation.Cancellation()
     clock = [1000.0]

@@ -9,8 +9,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from deployments.errors import InvalidInput
-from graphs.webhooks import WebhookSettings, check_url, deliver
+from deployments.support.errors import InvalidInput
+from graphs.jobs.webhooks import WebhookSettings, check_url, deliver
 
 
 class Receiver:

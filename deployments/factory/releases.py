@@ -1,7 +1,7 @@
 """Random-weight models in the exact on-disk layouts of the official ``.pth`` releases.
 
 Users get Real-ESRGAN, CodeFormer, GFPGAN and RetinaFace weights as pickles, which the loader refuses;
-``deployments.convert`` turns them into safetensors. These files let the tests and the full-size runs exercise
+``deployments.weights.convert`` turns them into safetensors. These files let the tests and the full-size runs exercise
 that path without downloading anything: the official file names, wrapping dicts (``params_ema``, or the bare
 DataParallel ``module.`` keys of RetinaFace), key names and, with ``full=True``, every shape and the file size.
 

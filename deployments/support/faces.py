@@ -68,7 +68,7 @@ class RetinaFaceDetector:
         from facexlib.detection.retinaface import RetinaFace
         from safetensors.torch import load_file
 
-        from deployments.loader import check_safetensors, resolve
+        from deployments.weights.loader import check_safetensors, resolve
 
         path = resolve(weights)
         check_safetensors(path)

@@ -10,8 +10,9 @@ from PIL import Image
 from pydantic import BaseModel, Field, field_validator
 
 from deployments.focal_cropper import CropSize, Focus, derivatives
-from deployments.imaging import encode, to_rgb
-from graphs.http import ErrorBody, call, image_field
+from deployments.support.imaging import encode, to_rgb
+from graphs.api.errors import ErrorBody, call
+from graphs.api.fields import image_field
 
 router = APIRouter(tags=["processing"])
 

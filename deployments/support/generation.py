@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from deployments.errors import GenerationCancelled, InvalidInput
+from deployments.support.errors import GenerationCancelled, InvalidInput
 
 MAX_SEED = 2**32 - 1
 CANCEL_TTL_S = 600.0

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from deployments.config import DeviceConfig, FastPath
+from deployments.support.config import DeviceConfig, FastPath
 
 logger = logging.getLogger(__name__)
 

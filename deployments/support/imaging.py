@@ -8,7 +8,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from deployments.errors import InvalidImage, InvalidInput
+from deployments.support.errors import InvalidImage, InvalidInput
 
 Format = Literal["png", "jpeg", "webp"]
 ALLOWED_FORMATS = {"PNG", "JPEG", "WEBP"}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from deployments.errors import UnknownModel
+from deployments.support.errors import UnknownModel
 
 
 @dataclass(frozen=True)

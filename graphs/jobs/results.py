@@ -17,9 +17,9 @@ import uuid
 from pathlib import Path
 from typing import Protocol
 
-from deployments.config import Settings
-from deployments.errors import InvalidInput, NotFound, StorageUnavailable
-from deployments.loader import s3_client
+from deployments.support.config import Settings
+from deployments.support.errors import InvalidInput, NotFound, StorageUnavailable
+from deployments.weights.loader import s3_client
 
 JOB_ID = r"job_[0-9]+_[0-9a-f]+"
 KEY = re.compile(rf"^{JOB_ID}/[A-Za-z0-9][A-Za-z0-9_-]{{0,63}}\.(png|webp)$")

@@ -16,13 +16,15 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 
-from deployments.errors import InvalidInput, JobConflict, NotFound
-from graphs.http import image_field, token_owner
-from graphs.jobs import JobSettings, SizeTable, data_uri, image_info
-from graphs.jobstore import Job, RedisJobStore, SQLiteJobStore, new_job_id
-from graphs.results import ResultStore
-from graphs.routes_generate import GenerateRequest
-from graphs.webhooks import WebhookSettings, check_url
+from deployments.support.errors import InvalidInput, JobConflict, NotFound
+from graphs.api.edge import token_owner
+from graphs.api.fields import image_field
+from graphs.api.generate import GenerateRequest
+from graphs.jobs.results import ResultStore
+from graphs.jobs.runner import JobSettings, data_uri, image_info
+from graphs.jobs.sizes import SizeTable
+from graphs.jobs.store import Job, JobStore, new_job_id
+from graphs.jobs.webhooks import WebhookSettings, check_url
 
 router = APIRouter(tags=["jobs"])
 Priority = Literal["high", "normal", "low"]
@@ -118,7 +120,7 @@ async def _json_body(request: Request, model: type[BaseModel]) -> BaseModel:
 
 
 class JobRoutes:
-    jobs: SQLiteJobStore | RedisJobStore
+    jobs: JobStore
     results: ResultStore
     job_settings: JobSettings
     sizes: SizeTable

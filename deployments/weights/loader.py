@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from deployments.config import ModelSource, Settings
-from deployments.errors import DownloadIncomplete, ModelLoadError, UnsafeWeights
+from deployments.support.config import ModelSource, Settings
+from deployments.support.errors import DownloadIncomplete, ModelLoadError, UnsafeWeights
 
 if TYPE_CHECKING:
     import torch

@@ -13,26 +13,26 @@ import asyncio
 import base64
 import io
 import logging
-import re
 import time
 import uuid
 from pathlib import Path
 
-import yaml
 from PIL import Image
-from pydantic import BaseModel, Field
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from ray import serve
 
-from deployments.errors import GenerationCancelled, InvalidInput
 from deployments.focal_cropper import CropSize
-from deployments.generation import GenerationRequest, image_of, resolve_seeds
-from deployments.imaging import encode
+from deployments.support.errors import GenerationCancelled
+from deployments.support.generation import GenerationRequest, image_of, resolve_seeds
+from deployments.support.imaging import encode
 from graphs import plans
-from graphs.http import call, image_field, unwrap
-from graphs.jobstore import Job, RedisJobStore, SQLiteJobStore, open_store
-from graphs.results import ResultStore, open_results
-from graphs.webhooks import WebhookSettings, deliver
+from graphs.api.errors import call, unwrap
+from graphs.api.fields import image_field
+from graphs.jobs.results import ResultStore, open_results
+from graphs.jobs.sizes import SizeTable
+from graphs.jobs.store import Job, JobStore, open_store
+from graphs.jobs.webhooks import WebhookSettings, deliver
 
 logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,43 +55,11 @@ class JobSettings(BaseSettings):
     store_url: str | None = Field(None, alias="JOB_STORE_URL", description="redis://host:port/db for a shared store")
     results_url: str | None = Field(None, alias="JOB_RESULTS_URL", description="s3://bucket/prefix, or a folder")
 
-    def store(self) -> SQLiteJobStore | RedisJobStore:
+    def store(self) -> JobStore:
         return open_store(self.store_url, self.data_dir / "jobs.sqlite3", self.max_attempts)
 
     def results(self) -> ResultStore:
         return open_results(self.results_url, self.data_dir)
-
-
-MAX_SIDE = 4096  # an explicit WxH output size
-
-
-class SizeTable(BaseModel):
-    landscape_above: float
-    portrait_below: float
-    bases: dict[str, tuple[int, int]]
-    sizes: dict[str, tuple[int, int]]
-
-    @classmethod
-    def load(cls, path: Path) -> SizeTable:
-        return cls.model_validate(yaml.safe_load(path.read_text()))
-
-    def aspect(self, width: int, height: int) -> str:
-        ratio = width / height
-        return "landscape" if ratio > self.landscape_above else "portrait" if ratio < self.portrait_below else "square"
-
-    def resolve(self, names: list[str]) -> list[CropSize]:
-        out = []
-        for name in names:
-            if name in self.sizes:
-                out.append(CropSize(name=name, width=self.sizes[name][0], height=self.sizes[name][1]))
-            elif re.fullmatch(r"[0-9]{1,5}x[0-9]{1,5}", name):
-                width, height = (int(p) for p in name.split("x", 1))
-                if not (8 <= width <= MAX_SIDE and 8 <= height <= MAX_SIDE):
-                    raise InvalidInput(f"size {name!r}: each side must lie in 8..{MAX_SIDE}", field="sizes")
-                out.append(CropSize(name=name, width=width, height=height))
-            else:
-                raise InvalidInput(f"unknown size {name!r}", field="sizes", details={"choices": list(self.sizes)})
-        return out
 
 
 def png(image: Image.Image) -> bytes:

@@ -1,13 +1,10 @@
-"""The HTTP edge: the FastAPI app, error bodies, auth, body limits and image fields.
+"""The HTTP edge: the FastAPI app and what wraps every route (body limit, bearer auth, deadlines).
 
-Errors are raised as typed ``ServiceError``s everywhere below; this module alone turns them into status codes,
-with one body shape for every route: ``{"error", "code", "details"}`` (seed 002), ``details.field`` naming
-the offending field.
+Errors are raised as typed ``ServiceError``s everywhere below; ``graphs.api.errors`` alone turns them into
+status codes.
 """
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import functools
 import hashlib
@@ -15,37 +12,18 @@ import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from PIL import Image
-from pydantic import BaseModel, Field
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from deployments.errors import InvalidImage, ServiceError, Unauthorized
-from deployments.imaging import decode
+from deployments.support.errors import Unauthorized
+from graphs.api import errors
+from graphs.api.errors import error_response
 
 logger = logging.getLogger(__name__)
-
-STATUS = {
-    "INVALID_INPUT": 422,
-    "INVALID_IMAGE": 400,
-    "UNKNOWN_MODEL": 422,
-    "NOT_FOUND": 404,
-    "UNAUTHORIZED": 401,
-    "CANCELLED": 409,
-    "CONFLICT": 409,
-    "QUEUE_FULL": 429,
-    "PAYLOAD_TOO_LARGE": 413,
-    "REQUEST_TIMEOUT": 408,
-    "GPU_OOM": 503,
-    "MODEL_UNAVAILABLE": 503,
-    "STORAGE_UNAVAILABLE": 503,
-    "MODEL_LOAD_FAILED": 503,
-}
-
 
 class ApiSettings(BaseSettings):
     """Environment of the HTTP edge (seed 001 names)."""
@@ -56,58 +34,6 @@ class ApiSettings(BaseSettings):
     auth_token: str = Field("", alias="AUTH_TOKEN", repr=False)
     max_body_bytes: int = Field(32 * 1024 * 1024, alias="MAX_BODY_BYTES")
     request_timeout_s: float = Field(300.0, gt=0, alias="REQUEST_TIMEOUT_SECONDS")
-
-
-class ErrorBody(BaseModel):
-    error: str
-    code: str
-    details: dict
-
-
-def error_response(code: str, message: str, details: dict | None = None, headers: dict | None = None) -> JSONResponse:
-    status = STATUS.get(code, 500)
-    if status in (429, 503):
-        headers = {"Retry-After": "5", **(headers or {})}
-    body = ErrorBody(error=message, code=code, details=details or {})
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
-
-
-async def _service_error(_request: Request, exc: Exception) -> JSONResponse:
-    from ray.exceptions import RayActorError
-    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
-
-    error = unwrap(exc)
-    if isinstance(error, BackPressureError | DeploymentUnavailableError | ReplicaUnavailableError | RayActorError):
-        # A full queue or a replica being replaced: the client should come back shortly.
-        return error_response("MODEL_UNAVAILABLE", "the service is busy or restarting; retry shortly",
-                              {"reason": type(error).__name__})
-    if not isinstance(error, ServiceError):
-        logger.error("unhandled %s", type(error).__name__, exc_info=error)
-        return error_response("INTERNAL_ERROR", "internal error")
-    headers = {"WWW-Authenticate": "Bearer"} if error.code == "UNAUTHORIZED" else None
-    return error_response(error.code, error.message, error.details, headers)
-
-
-async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)  # registered for this type only
-    errors = exc.errors()
-    first = errors[0] if errors else {}
-    field = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query"))
-    details = {"field": field, "errors": [{k: e.get(k) for k in ("loc", "msg", "type")} for e in errors]}
-    return error_response("INVALID_INPUT", f"{field}: {first.get('msg', 'invalid')}", details)
-
-
-async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, HTTPException)
-    code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "PAYLOAD_TOO_LARGE"}.get(exc.status_code, "HTTP_ERROR")
-    body = ErrorBody(error=str(exc.detail), code=code, details={})
-    return JSONResponse(body.model_dump(), status_code=exc.status_code, headers=exc.headers)
-
-
-def unwrap(error: BaseException) -> BaseException:
-    """Ray wraps an exception raised in a replica; the original carries our code and field."""
-    cause = getattr(error, "cause", None)
-    return cause if isinstance(cause, BaseException) else error
 
 
 @functools.cache
@@ -238,9 +164,9 @@ def create_app() -> FastAPI:
         description="SDXL image generation on Ray Serve. Serves the seed APIs: /generate, /v1/images/*, "
         "/process, /derivatives/clip-focal and Automatic1111's /sdapi/v1/*.",
     )
-    app.add_exception_handler(Exception, _service_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, errors.service_error)
+    app.add_exception_handler(RequestValidationError, errors.validation_error)
+    app.add_exception_handler(HTTPException, errors.http_error)
     app.add_middleware(Deadline)
     app.add_middleware(BearerAuth)
     app.add_middleware(BodyLimit)  # outermost: runs before anything reads the body
@@ -262,30 +188,3 @@ def token_owner(authorization: str | None) -> str | None:
     return hashlib.sha256(authorization.encode()).hexdigest()[:16] if authorization else None
 
 
-def image_field(value: str, field: str) -> Image.Image:
-    """Decode a data URI or plain base64 image; a malformed one is a 400 naming the field, never a 500."""
-    payload = value.split(",", 1)[1] if value.startswith("data:") else value
-    try:
-        raw = base64.b64decode(payload, validate=False)
-    except (binascii.Error, ValueError) as e:
-        raise InvalidImage(f"{field}: not valid base64", field=field) from e
-    if not raw:
-        raise InvalidImage(f"{field}: empty image", field=field)
-    return decode(raw, field=field)
-
-
-def b64_png(image: Image.Image, pnginfo: dict[str, str] | None = None) -> str:
-    from deployments.imaging import encode
-
-    return base64.b64encode(encode(image, "png", pnginfo=pnginfo)).decode()
-
-
-async def call(response):
-    """Await a deployment response, re-raising a replica's ServiceError as itself."""
-    try:
-        return await response
-    except Exception as e:
-        cause = unwrap(e)
-        if isinstance(cause, ServiceError) and cause is not e:
-            raise cause from None
-        raise

@@ -7,8 +7,8 @@ from contextlib import contextmanager
 
 import torch
 
-from deployments.config import DeviceConfig
-from deployments.errors import GpuOutOfMemory
+from deployments.support.config import DeviceConfig
+from deployments.support.errors import GpuOutOfMemory
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -18,7 +18,7 @@ import httpx
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from deployments.errors import InvalidInput
+from deployments.support.errors import InvalidInput
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 from ray.serve import metrics
 
-from deployments.errors import ServiceError
+from deployments.support.errors import ServiceError
 
 _BOUNDARIES = [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160]
 

@@ -13,101 +13,29 @@ from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Request
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
 
-from deployments.errors import InvalidInput, UnknownModel
-from deployments.generation import GenerationRequest, GenerationResult
-from deployments.samplers import SCHEDULES, sampler_names
 from deployments.sdxl_refiner import RefineRequest
+from deployments.support.errors import InvalidInput, UnknownModel
+from deployments.support.generation import GenerationRequest, GenerationResult
+from deployments.support.samplers import SCHEDULES
 from graphs import plans
-from graphs.http import b64_png, call, image_field, stop_on_cancel, token_owner
-from graphs.jobstore import RedisJobStore, SQLiteJobStore
+from graphs.api.a1111_models import (
+    MAX_IMAGES,
+    ExtrasBatchRequest,
+    ExtrasBatchResponse,
+    ExtrasRequest,
+    ExtrasResponse,
+    ImagesResponse,
+    Img2ImgRequest,
+    Txt2ImgRequest,
+    infotext,
+)
+from graphs.api.edge import stop_on_cancel, token_owner
+from graphs.api.errors import call
+from graphs.api.fields import b64_png, image_field
+from graphs.jobs.store import JobStore
 
 router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"])
-MAX_IMAGES = 16
-
-
-class _A1111(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # A1111 clients send many fields we do not use
-
-
-class Txt2ImgRequest(_A1111):
-    prompt: str = Field("", max_length=10_000)
-    negative_prompt: str = Field("", max_length=10_000)
-    seed: int = Field(-1, ge=-1, le=2**32 - 1)
-    sampler_name: str | None = None
-    scheduler: str | None = None
-    batch_size: int = Field(1, ge=1, le=MAX_IMAGES)
-    n_iter: int = Field(1, ge=1, le=MAX_IMAGES)
-    steps: int = Field(20, ge=1, le=150)
-    cfg_scale: float = Field(7.0, ge=0.0, le=30.0)
-    width: int = Field(512, ge=64, le=2048, multiple_of=8)
-    height: int = Field(512, ge=64, le=2048, multiple_of=8)
-    restore_faces: bool = False
-    denoising_strength: float = Field(0.7, ge=0.0, le=1.0)
-    enable_hr: bool = False
-    hr_scale: float = Field(2.0, ge=1.0, le=4.0)
-    hr_upscaler: str = "Latent"
-    hr_second_pass_steps: int = Field(0, ge=0, le=150)
-    refiner_checkpoint: str | None = None
-    refiner_switch_at: float = Field(0.8, gt=0.0, lt=1.0)
-    override_settings: dict = {}
-
-
-class Img2ImgRequest(Txt2ImgRequest):
-    init_images: list[str] = Field(..., min_length=1, max_length=MAX_IMAGES)
-    mask: str | None = None
-    mask_blur: int = Field(4, ge=0, le=64)
-    inpainting_fill: int = Field(1, ge=0, le=3, description="accepted; masked content always starts from the image")
-    inpaint_full_res: bool = Field(True, description="accepted; the whole picture is processed")
-    denoising_strength: float = Field(0.75, gt=0.0, le=1.0)
-
-
-class ImagesResponse(BaseModel):
-    images: list[str]
-    parameters: dict
-    info: str
-
-
-class ExtrasRequest(_A1111):
-    image: str
-    resize_mode: int = Field(0, ge=0, le=1, description="0: scale by upscaling_resize; 1: to _w x _h")
-    upscaling_resize: float = Field(2.0, gt=0.0, le=8.0)
-    upscaling_resize_w: int = Field(512, ge=8, le=8192)
-    upscaling_resize_h: int = Field(512, ge=8, le=8192)
-    upscaler_1: str = "None"
-    upscaler_2: str = "None"
-    extras_upscaler_2_visibility: float = Field(0.0, ge=0.0, le=1.0)
-    upscaler_2_visibility: float | None = Field(None, ge=0.0, le=1.0, description="seed 004's spelling")
-    gfpgan_visibility: float = Field(0.0, ge=0.0, le=1.0)
-    codeformer_visibility: float = Field(0.0, ge=0.0, le=1.0)
-    codeformer_weight: float = Field(0.0, ge=0.0, le=1.0)
-
-
-class ExtrasResponse(BaseModel):
-    html_info: str
-    image: str
-
-
-class BatchImage(BaseModel):
-    data: str
-    name: str = ""
-
-
-class ExtrasBatchRequest(ExtrasRequest):
-    image: str = ""
-    imageList: list[BatchImage] = Field(..., min_length=1, max_length=MAX_IMAGES)
-
-
-class ExtrasBatchResponse(BaseModel):
-    html_info: str
-    images: list[str]
-
-
-class PngInfoRequest(BaseModel):
-    image: str
-
-
 @dataclass
 class InFlight:
     client: str
@@ -121,23 +49,11 @@ def _client(request: Request) -> str:
     return f"token:{token}" if token else f"addr:{request.client.host if request.client else '?'}"
 
 
-def infotext(r: Txt2ImgRequest, seed: int, model: str, extra: dict | None = None) -> str:
-    """A1111's 'parameters' text: prompt, negative prompt, then comma-separated settings."""
-    settings = {"Steps": r.steps, "Sampler": r.sampler_name or "Euler a", "Schedule type": r.scheduler or "Automatic",
-                "CFG scale": r.cfg_scale, "Seed": seed, "Size": f"{r.width}x{r.height}", "Model": model}
-    settings.update(extra or {})
-    lines = [r.prompt]
-    if r.negative_prompt:
-        lines.append(f"Negative prompt: {r.negative_prompt}")
-    lines.append(", ".join(f"{k}: {v}" for k, v in settings.items()))
-    return "\n".join(lines)
-
-
 class A1111Routes:
     handles: plans.Handles
     a1111_options: dict
     in_flight: dict[str, InFlight]
-    jobs: SQLiteJobStore | RedisJobStore
+    jobs: JobStore
 
     async def _checkpoint(self, r: Txt2ImgRequest) -> str:
         base = await call(self.handles.base.describe.remote())
@@ -320,83 +236,3 @@ class A1111Routes:
     async def skip(self, http: Request) -> dict:
         """As interrupt: the current batch of the calling client stops."""
         return await self._cancel_mine(http)
-
-    @router.get("/sd-models")
-    async def sd_models(self) -> list[dict]:
-        """Loaded checkpoints, in A1111's shape."""
-        base = await call(self.handles.base.describe.remote())
-        out = [{"title": base["name"], "model_name": base["name"], "hash": None, "sha256": None,
-                "filename": base["name"], "config": None}]
-        if self.handles.refiner is not None:
-            refiner = await call(self.handles.refiner.describe.remote())
-            out.append({"title": refiner["name"], "model_name": refiner["name"], "hash": None, "sha256": None,
-                        "filename": refiner["name"], "config": None})
-        return out
-
-    @router.get("/samplers")
-    async def samplers(self) -> list[dict]:
-        """Every sampler name accepted in sampler_name."""
-        return [{"name": name, "aliases": [], "options": {}} for name in sampler_names()]
-
-    @router.get("/schedulers")
-    async def schedulers(self) -> list[dict]:
-        """Sigma schedules accepted in scheduler."""
-        return [{"name": s.lower(), "label": s, "aliases": None, "default_rho": -1, "need_inner_model": False}
-                for s in SCHEDULES]
-
-    @router.get("/upscalers")
-    async def upscalers(self) -> list[dict]:
-        """Built-in resamplers and loaded models."""
-        loaded = await call(self.handles.upscaler.describe.remote())
-        names = await call(self.handles.upscaler.names.remote())
-        return [{"name": n, "model_name": loaded.get(n, {}).get("architecture"), "model_path": None,
-                 "model_url": None, "scale": loaded.get(n, {}).get("scale", 4)} for n in names]
-
-    @router.get("/face-restorers")
-    async def face_restorers(self) -> list[dict]:
-        """The loaded face restorer, if any."""
-        described = await call(self.handles.faces.describe.remote())
-        return [{"name": described["restorer"], "cmd_dir": None}] if described["restorer"] else []
-
-    @router.get("/loras")
-    async def loras(self) -> list[dict]:
-        """LoRAs usable as <lora:name:weight>."""
-        base = await call(self.handles.base.describe.remote())
-        return [{"name": n, "alias": n, "path": None, "metadata": {}} for n in base["loras"]]
-
-    @router.post("/refresh-checkpoints")
-    async def refresh_checkpoints(self) -> dict:
-        """Checkpoints are fixed per deployment (change them in serve_config.yaml); nothing to rescan."""
-        return {}
-
-    @router.post("/refresh-loras")
-    async def refresh_loras(self) -> dict:
-        """LoRAs are registered when a replica starts; a redeploy picks up new files."""
-        return {}
-
-    @router.get("/options")
-    async def get_options(self) -> dict:
-        """Current options (sd_model_checkpoint and output format)."""
-        if "sd_model_checkpoint" not in self.a1111_options:
-            base = await call(self.handles.base.describe.remote())
-            self.a1111_options["sd_model_checkpoint"] = base["name"]
-        return dict(self.a1111_options)
-
-    @router.post("/options")
-    async def set_options(self, body: dict) -> dict:
-        """Set the default checkpoint for later requests; requests in flight keep theirs."""
-        wanted = body.get("sd_model_checkpoint")
-        if wanted is not None:
-            base = await call(self.handles.base.describe.remote())
-            if str(wanted).split(" [")[0] != base["name"]:
-                raise UnknownModel(f"checkpoint {wanted!r} is not loaded", field="sd_model_checkpoint",
-                                   details={"choices": [base["name"]]})
-        self.a1111_options.update({k: v for k, v in body.items() if k in {"sd_model_checkpoint", "samples_format"}})
-        return {}
-
-    @router.post("/png-info")
-    async def png_info(self, body: PngInfoRequest) -> dict:
-        """Read back the generation parameters stored in a PNG."""
-        image = image_field(body.image, "image")
-        items = {k: v for k, v in image.info.items() if isinstance(v, str)}
-        return {"info": items.pop("parameters", ""), "items": items, "parameters": {}}

@@ -1,4 +1,4 @@
-"""``python -m deployments.convert IN OUT``: turn an official ``.pth`` release into safetensors the loader accepts.
+"""``python -m deployments.weights.convert IN OUT``: an official ``.pth`` release -> safetensors the loader takes.
 
 Real-ESRGAN, CodeFormer, GFPGAN and RetinaFace weights ship as pickles, which the loader refuses because
 unpickling can run code. This reads them with PyTorch's restricted unpickler only (tensors, containers and
@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from deployments.errors import ModelLoadError, UnsafeWeights
+from deployments.support.errors import ModelLoadError, UnsafeWeights
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def retinaface_network(state: dict[str, torch.Tensor]) -> str | None:
     """facexlib's RetinaFace network name for this state dict, or None when it is not RetinaFace."""
     if not all(any(k.startswith(head) for k in state) for head in RETINAFACE_HEADS + ("body.",)):
         return None
-    # The same test deployments/faces.py uses: MobileNet's stages versus ResNet's layers.
+    # The same test deployments/support/faces.py uses: MobileNet's stages versus ResNet's layers.
     return "mobile0.25" if any(k.startswith("body.stage1.") for k in state) else "resnet50"
 
 
@@ -147,7 +147,8 @@ def identify(state: dict[str, torch.Tensor], name: str, allow_unknown: bool = Fa
 
 def verify(path: Path, identity: Identity) -> None:
     """Load the written file the way the service will; a file that fails here is never published."""
-    from deployments import faces, loader
+    from deployments.support import faces
+    from deployments.weights import loader
 
     if identity.purpose == "FaceDetection":
         try:
@@ -205,7 +206,7 @@ def convert_file(source: Path, output: Path, *, allow_unknown: bool = False) -> 
         "architecture": identity.architecture,
         "purpose": identity.purpose,
         "scale": str(identity.scale or ""),
-        "converted_by": "deployments.convert",
+        "converted_by": "deployments.weights.convert",
     }
     # The temporary name keeps the suffix: the loader that verifies it accepts only .safetensors.
     part = output.with_name(f".{output.stem}.part-{os.getpid()}.safetensors")

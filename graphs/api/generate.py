@@ -7,9 +7,11 @@ from typing import Literal
 from fastapi import APIRouter
 from pydantic import BaseModel, Field, model_validator
 
-from deployments.generation import GenerationRequest
+from deployments.support.generation import GenerationRequest
 from graphs import plans
-from graphs.http import ErrorBody, b64_png, call, stop_on_cancel
+from graphs.api.edge import stop_on_cancel
+from graphs.api.errors import ErrorBody, call
+from graphs.api.fields import b64_png
 
 router = APIRouter(tags=["generate"])
 open_router = APIRouter(tags=["health"])

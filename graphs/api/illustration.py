@@ -8,10 +8,11 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from deployments.generation import GenerationRequest
+from deployments.support.generation import GenerationRequest
 from graphs import plans
-from graphs.http import ErrorBody, call, stop_on_cancel
-from graphs.storage import PhotoStore, StorageConfig, check_user_id
+from graphs.api.edge import stop_on_cancel
+from graphs.api.errors import ErrorBody, call
+from graphs.api.photos import PhotoStore, StorageConfig, check_user_id
 
 router = APIRouter(prefix="/v1/images", tags=["illustration"])
 

@@ -8,9 +8,9 @@ import uuid
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from deployments.errors import InvalidInput, NotFound, StorageUnavailable
-from deployments.imaging import decode, encode
-from deployments.loader import s3_client
+from deployments.support.errors import InvalidInput, NotFound, StorageUnavailable
+from deployments.support.imaging import decode, encode
+from deployments.weights.loader import s3_client
 
 logger = logging.getLogger(__name__)
 

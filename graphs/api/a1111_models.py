@@ -1,0 +1,102 @@
+"""Automatic1111's request and response shapes, as its clients send and expect them, and its infotext."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from graphs.api.fields import Guidance, Prompt, Seed, Side, Steps
+
+MAX_IMAGES = 16
+
+
+class _A1111(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # A1111 clients send many fields we do not use
+
+
+class Txt2ImgRequest(_A1111):
+    prompt: Prompt = ""
+    negative_prompt: Prompt = ""
+    seed: Seed = -1
+    sampler_name: str | None = None
+    scheduler: str | None = None
+    batch_size: int = Field(1, ge=1, le=MAX_IMAGES)
+    n_iter: int = Field(1, ge=1, le=MAX_IMAGES)
+    steps: Steps = 20
+    cfg_scale: Guidance = 7.0
+    width: Side = 512
+    height: Side = 512
+    restore_faces: bool = False
+    denoising_strength: float = Field(0.7, ge=0.0, le=1.0)
+    enable_hr: bool = False
+    hr_scale: float = Field(2.0, ge=1.0, le=4.0)
+    hr_upscaler: str = "Latent"
+    hr_second_pass_steps: int = Field(0, ge=0, le=150)
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float = Field(0.8, gt=0.0, lt=1.0)
+    override_settings: dict = {}
+
+
+class Img2ImgRequest(Txt2ImgRequest):
+    init_images: list[str] = Field(..., min_length=1, max_length=MAX_IMAGES)
+    mask: str | None = None
+    mask_blur: int = Field(4, ge=0, le=64)
+    inpainting_fill: int = Field(1, ge=0, le=3, description="accepted; masked content always starts from the image")
+    inpaint_full_res: bool = Field(True, description="accepted; the whole picture is processed")
+    denoising_strength: float = Field(0.75, gt=0.0, le=1.0)
+
+
+class ImagesResponse(BaseModel):
+    images: list[str]
+    parameters: dict
+    info: str
+
+
+class ExtrasRequest(_A1111):
+    image: str
+    resize_mode: int = Field(0, ge=0, le=1, description="0: scale by upscaling_resize; 1: to _w x _h")
+    upscaling_resize: float = Field(2.0, gt=0.0, le=8.0)
+    upscaling_resize_w: int = Field(512, ge=8, le=8192)
+    upscaling_resize_h: int = Field(512, ge=8, le=8192)
+    upscaler_1: str = "None"
+    upscaler_2: str = "None"
+    extras_upscaler_2_visibility: float = Field(0.0, ge=0.0, le=1.0)
+    upscaler_2_visibility: float | None = Field(None, ge=0.0, le=1.0, description="seed 004's spelling")
+    gfpgan_visibility: float = Field(0.0, ge=0.0, le=1.0)
+    codeformer_visibility: float = Field(0.0, ge=0.0, le=1.0)
+    codeformer_weight: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class ExtrasResponse(BaseModel):
+    html_info: str
+    image: str
+
+
+class BatchImage(BaseModel):
+    data: str
+    name: str = ""
+
+
+class ExtrasBatchRequest(ExtrasRequest):
+    image: str = ""
+    imageList: list[BatchImage] = Field(..., min_length=1, max_length=MAX_IMAGES)
+
+
+class ExtrasBatchResponse(BaseModel):
+    html_info: str
+    images: list[str]
+
+
+class PngInfoRequest(BaseModel):
+    image: str
+
+
+def infotext(r: Txt2ImgRequest, seed: int, model: str, extra: dict | None = None) -> str:
+    """A1111's 'parameters' text: prompt, negative prompt, then comma-separated settings."""
+    settings = {"Steps": r.steps, "Sampler": r.sampler_name or "Euler a", "Schedule type": r.scheduler or "Automatic",
+                "CFG scale": r.cfg_scale, "Seed": seed, "Size": f"{r.width}x{r.height}", "Model": model}
+    settings.update(extra or {})
+    lines = [r.prompt]
+    if r.negative_prompt:
+        lines.append(f"Negative prompt: {r.negative_prompt}")
+    lines.append(", ".join(f"{k}: {v}" for k, v in settings.items()))
+    return "\n".join(lines)

@@ -1,0 +1,96 @@
+"""Errors at the HTTP edge: every typed ``ServiceError`` raised below becomes one status code and one body shape
+for every route, ``{"error", "code", "details"}`` (seed 002), ``details.field`` naming the offending field."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException
+
+from deployments.support.errors import ServiceError
+
+logger = logging.getLogger(__name__)
+
+STATUS = {
+    "INVALID_INPUT": 422,
+    "INVALID_IMAGE": 400,
+    "UNKNOWN_MODEL": 422,
+    "NOT_FOUND": 404,
+    "UNAUTHORIZED": 401,
+    "CANCELLED": 409,
+    "CONFLICT": 409,
+    "QUEUE_FULL": 429,
+    "PAYLOAD_TOO_LARGE": 413,
+    "REQUEST_TIMEOUT": 408,
+    "GPU_OOM": 503,
+    "MODEL_UNAVAILABLE": 503,
+    "STORAGE_UNAVAILABLE": 503,
+    "MODEL_LOAD_FAILED": 503,
+}
+
+
+class ErrorBody(BaseModel):
+    error: str
+    code: str
+    details: dict
+
+
+def error_response(code: str, message: str, details: dict | None = None, headers: dict | None = None) -> JSONResponse:
+    status = STATUS.get(code, 500)
+    if status in (429, 503):
+        headers = {"Retry-After": "5", **(headers or {})}
+    body = ErrorBody(error=message, code=code, details=details or {})
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+async def service_error(_request: Request, exc: Exception) -> JSONResponse:
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+
+    error = unwrap(exc)
+    if isinstance(error, BackPressureError | DeploymentUnavailableError | ReplicaUnavailableError | RayActorError):
+        # A full queue or a replica being replaced: the client should come back shortly.
+        return error_response("MODEL_UNAVAILABLE", "the service is busy or restarting; retry shortly",
+                              {"reason": type(error).__name__})
+    if not isinstance(error, ServiceError):
+        logger.error("unhandled %s", type(error).__name__, exc_info=error)
+        return error_response("INTERNAL_ERROR", "internal error")
+    headers = {"WWW-Authenticate": "Bearer"} if error.code == "UNAUTHORIZED" else None
+    return error_response(error.code, error.message, error.details, headers)
+
+
+async def validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)  # registered for this type only
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    field = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query"))
+    details = {"field": field, "errors": [{k: e.get(k) for k in ("loc", "msg", "type")} for e in errors]}
+    return error_response("INVALID_INPUT", f"{field}: {first.get('msg', 'invalid')}", details)
+
+
+async def http_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "PAYLOAD_TOO_LARGE"}.get(exc.status_code, "HTTP_ERROR")
+    body = ErrorBody(error=str(exc.detail), code=code, details={})
+    return JSONResponse(body.model_dump(), status_code=exc.status_code, headers=exc.headers)
+
+
+def unwrap(error: BaseException) -> BaseException:
+    """Ray wraps an exception raised in a replica; the original carries our code and field."""
+    cause = getattr(error, "cause", None)
+    return cause if isinstance(cause, BaseException) else error
+
+
+async def call(response):
+    """Await a deployment response, re-raising a replica's ServiceError as itself."""
+    try:
+        return await response
+    except Exception as e:
+        cause = unwrap(e)
+        if isinstance(cause, ServiceError) and cause is not e:
+            raise cause from None
+        raise

@@ -1,0 +1,40 @@
+"""Field types shared by every API family (bounds in one place), and image fields in and out."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Annotated
+
+from PIL import Image
+from pydantic import Field
+
+from deployments.support.errors import InvalidImage
+from deployments.support.imaging import decode, encode
+
+MAX_SEED = 2**32 - 1
+
+Prompt = Annotated[str, Field(max_length=10_000)]
+RequiredPrompt = Annotated[str, Field(min_length=1, max_length=10_000)]
+Seed = Annotated[int, Field(ge=-1, le=MAX_SEED, description="-1 draws a random seed")]
+Steps = Annotated[int, Field(ge=1, le=150)]
+Guidance = Annotated[float, Field(ge=0.0, le=30.0)]
+Side = Annotated[int, Field(ge=64, le=2048, multiple_of=8, description="pixels, a multiple of 8")]
+Strength = Annotated[float, Field(gt=0.0, le=1.0)]
+Sampler = Annotated[str, Field(max_length=64)]
+
+
+def image_field(value: str, field: str) -> Image.Image:
+    """Decode a data URI or plain base64 image; a malformed one is a 400 naming the field, never a 500."""
+    payload = value.split(",", 1)[1] if value.startswith("data:") else value
+    try:
+        raw = base64.b64decode(payload, validate=False)
+    except (binascii.Error, ValueError) as e:
+        raise InvalidImage(f"{field}: not valid base64", field=field) from e
+    if not raw:
+        raise InvalidImage(f"{field}: empty image", field=field)
+    return decode(raw, field=field)
+
+
+def b64_png(image: Image.Image, pnginfo: dict[str, str] | None = None) -> str:
+    return base64.b64encode(encode(image, "png", pnginfo=pnginfo)).decode()

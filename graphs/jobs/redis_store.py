@@ -1,0 +1,228 @@
+"""The job store several nodes share: Redis, each state change one Lua script (atomic on the server), the same
+contract as ``sqlite_store``."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from deployments.support.errors import InvalidInput, QueueFull
+from graphs.jobs.store import PRIORITIES, STATUSES, Job, body_hash
+
+_LUA_CREATE = """
+local p, id, idem, digest = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local maxq, prio = tonumber(ARGV[5]), tonumber(ARGV[6])
+if idem ~= '' then
+  local existing = redis.call('GET', p .. ':idem:' .. idem)
+  if existing then
+    if redis.call('HGET', p .. ':job:' .. existing, 'body_hash') ~= digest then return {'conflict', existing} end
+    return {'existing', existing}
+  end
+end
+local queued = redis.call('ZCARD', p .. ':queued')
+if maxq >= 0 and queued >= maxq then return {'full', tostring(queued)} end
+local seq = redis.call('INCR', p .. ':seq')
+local key = p .. ':job:' .. id
+local fields = cjson.decode(ARGV[7])
+for k, v in pairs(fields) do redis.call('HSET', key, k, v) end
+redis.call('HSET', key, 'seq', seq, 'status', 'queued', 'body_hash', digest, 'idem', idem)
+redis.call('ZADD', p .. ':queued', prio * 1e13 + seq, id)
+redis.call('ZADD', p .. ':all', seq, id)
+redis.call('ZADD', p .. ':status:queued', seq, id)
+if idem ~= '' then redis.call('SET', p .. ':idem:' .. idem, id) end
+return {'created', id}
+"""
+
+_LUA_CLAIM = """
+local p, worker, now, lease, maxa = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', p .. ':leases', '-inf', now)) do
+  local key = p .. ':job:' .. id
+  local seq = tonumber(redis.call('HGET', key, 'seq'))
+  local attempts = tonumber(redis.call('HGET', key, 'attempts'))
+  redis.call('ZREM', p .. ':leases', id)
+  redis.call('ZREM', p .. ':status:processing', id)
+  if attempts >= maxa then
+    redis.call('HSET', key, 'status', 'failed', 'completed_at', now, 'lease_owner', '',
+               'error', 'worker lost ' .. attempts .. ' times (lease expired)')
+    redis.call('ZADD', p .. ':status:failed', seq, id)
+    redis.call('ZADD', p .. ':done', now, id)
+  else
+    redis.call('HSET', key, 'status', 'queued', 'lease_owner', '')
+    redis.call('ZADD', p .. ':queued', tonumber(redis.call('HGET', key, 'priority')) * 1e13 + seq, id)
+    redis.call('ZADD', p .. ':status:queued', seq, id)
+  end
+end
+local head = redis.call('ZRANGE', p .. ':queued', 0, 0)
+if #head == 0 then return false end
+local id = head[1]
+local key = p .. ':job:' .. id
+redis.call('ZREM', p .. ':queued', id)
+redis.call('ZREM', p .. ':status:queued', id)
+if (redis.call('HGET', key, 'started_at') or '') == '' then redis.call('HSET', key, 'started_at', now) end
+redis.call('HSET', key, 'status', 'processing', 'lease_owner', worker, 'lease_expires', now + lease)
+redis.call('HINCRBY', key, 'attempts', 1)
+redis.call('ZADD', p .. ':leases', now + lease, id)
+redis.call('ZADD', p .. ':status:processing', tonumber(redis.call('HGET', key, 'seq')), id)
+return id
+"""
+
+_LUA_HEARTBEAT = """
+local p, id, worker, now, lease, progress = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
+local key = p .. ':job:' .. id
+if redis.call('HGET', key, 'lease_owner') ~= worker or redis.call('HGET', key, 'status') ~= 'processing' then
+  return 0
+end
+redis.call('HSET', key, 'lease_expires', now + lease)
+redis.call('ZADD', p .. ':leases', now + lease, id)
+if progress ~= '' then redis.call('HSET', key, 'progress', progress) end
+if redis.call('HGET', key, 'cancel_requested') == '1' then return 0 end
+return 1
+"""
+
+_LUA_FINISH = """
+local p, id, worker, status, result, err, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7])
+local key = p .. ':job:' .. id
+if redis.call('HGET', key, 'lease_owner') ~= worker or redis.call('HGET', key, 'status') ~= 'processing' then
+  return 0
+end
+redis.call('HSET', key, 'status', status, 'result', result, 'error', err, 'completed_at', now, 'lease_owner', '')
+if status == 'completed' then
+  redis.call('HSET', key, 'progress', 100)
+  redis.call('INCRBYFLOAT', p .. ':stats:seconds', now - tonumber(redis.call('HGET', key, 'started_at')))
+  redis.call('INCR', p .. ':stats:completed')
+end
+local seq = tonumber(redis.call('HGET', key, 'seq'))
+redis.call('ZREM', p .. ':leases', id)
+redis.call('ZREM', p .. ':status:processing', id)
+redis.call('ZADD', p .. ':status:' .. status, seq, id)
+redis.call('ZADD', p .. ':done', now, id)
+return 1
+"""
+
+_LUA_CANCEL = """
+local p, id, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local key = p .. ':job:' .. id
+local status = redis.call('HGET', key, 'status')
+if not status then return 0 end
+if status == 'queued' then
+  local seq = tonumber(redis.call('HGET', key, 'seq'))
+  redis.call('HSET', key, 'status', 'cancelled', 'completed_at', now, 'cancel_requested', '1')
+  redis.call('ZREM', p .. ':queued', id)
+  redis.call('ZREM', p .. ':status:queued', id)
+  redis.call('ZADD', p .. ':status:cancelled', seq, id)
+  redis.call('ZADD', p .. ':done', now, id)
+elseif status == 'processing' then
+  redis.call('HSET', key, 'cancel_requested', '1')
+end
+return 1
+"""
+
+
+class RedisJobStore:
+    """The same contract as SQLiteJobStore on Redis, each state change one Lua script (atomic on the server)."""
+
+    def __init__(self, url: str, max_attempts: int = 3, prefix: str = "imagegen") -> None:
+        import redis
+
+        self.redis = redis.Redis.from_url(url, decode_responses=True, socket_timeout=10)
+        self.prefix, self.max_attempts = prefix, max_attempts
+        self._create = self.redis.register_script(_LUA_CREATE)
+        self._claim = self.redis.register_script(_LUA_CLAIM)
+        self._heartbeat = self.redis.register_script(_LUA_HEARTBEAT)
+        self._finish = self.redis.register_script(_LUA_FINISH)
+        self._cancel = self.redis.register_script(_LUA_CANCEL)
+
+    def _key(self, *parts: str) -> str:
+        return ":".join([self.prefix, *parts])
+
+    @staticmethod
+    def _job(h: dict[str, str]) -> Job:
+        def number(name: str) -> float | None:
+            return float(h[name]) if h.get(name) else None
+
+        priority = {v: k for k, v in PRIORITIES.items()}[int(h["priority"])]
+        return Job(id=h["id"], type=h["type"], request=json.loads(h["request"]), status=h["status"], priority=priority,
+                   progress=float(h.get("progress") or 0), created_at=float(h["created_at"]),
+                   started_at=number("started_at"), completed_at=number("completed_at"),
+                   result=json.loads(h["result"]) if h.get("result") else None, error=h.get("error") or None,
+                   attempts=int(h.get("attempts") or 0), owner=h.get("owner") or None,
+                   webhook_url=h.get("webhook_url") or None, cancel_requested=h.get("cancel_requested") == "1")
+
+    def create(self, job: Job, idempotency_key: str | None = None, max_queued: int | None = None) -> tuple[Job, bool]:
+        digest = body_hash({"type": job.type, "request": job.request})
+        fields = {"id": job.id, "type": job.type, "priority": PRIORITIES[job.priority], "progress": 0,
+                  "created_at": job.created_at, "request": json.dumps(job.request), "attempts": 0,
+                  "owner": job.owner or "", "webhook_url": job.webhook_url or "", "cancel_requested": "0",
+                  "started_at": "", "completed_at": "", "result": "", "error": "", "lease_owner": ""}
+        outcome, value = self._create(args=[self.prefix, job.id, idempotency_key or "", digest,
+                                            -1 if max_queued is None else max_queued, PRIORITIES[job.priority],
+                                            json.dumps(fields)])
+        if outcome == "conflict":
+            raise InvalidInput("Idempotency-Key reused with a different body", field="Idempotency-Key")
+        if outcome == "full":
+            raise QueueFull(f"the queue holds {value} jobs (MAX_QUEUE_SIZE={max_queued})",
+                            details={"queued": int(value), "limit": max_queued})
+        if outcome == "existing":
+            existing = self.get(value)
+            assert existing is not None  # the script found it a moment ago and jobs are never half-written
+            return existing, False
+        return job, True
+
+    def get(self, job_id: str) -> Job | None:
+        h = self.redis.hgetall(self._key("job", job_id))
+        return self._job(h) if h else None
+
+    def list_jobs(self, status: str | None = None, owner: str | None = None, offset: int = 0,
+                  limit: int = 50) -> tuple[list[Job], int]:
+        index = self._key("status", status) if status else self._key("all")
+        if owner is None:
+            total = self.redis.zcard(index)
+            ids = self.redis.zrevrange(index, offset, offset + limit - 1)
+            return [j for j in (self.get(i) for i in ids) if j is not None], total
+        mine = [j for j in (self.get(i) for i in self.redis.zrevrange(index, 0, -1)) if j and j.owner == owner]
+        return mine[offset : offset + limit], len(mine)
+
+    def claim(self, worker: str, lease_s: float) -> Job | None:
+        job_id = self._claim(args=[self.prefix, worker, time.time(), lease_s, self.max_attempts])
+        return self.get(job_id) if job_id else None
+
+    def heartbeat(self, job_id: str, worker: str, lease_s: float, progress: float | None = None) -> bool:
+        return bool(self._heartbeat(args=[self.prefix, job_id, worker, time.time(), lease_s,
+                                          "" if progress is None else progress]))
+
+    def finish(self, job_id: str, worker: str, status: str, result: dict | None = None,
+               error: str | None = None) -> bool:
+        return bool(self._finish(args=[self.prefix, job_id, worker, status,
+                                       json.dumps(result) if result is not None else "", error or "", time.time()]))
+
+    def cancel(self, job_id: str) -> Job | None:
+        if not self._cancel(args=[self.prefix, job_id, time.time()]):
+            return None
+        return self.get(job_id)
+
+    def stats(self) -> dict[str, Any]:
+        counts = {s: self.redis.zcard(self._key("status", s)) for s in STATUSES}
+        completed = int(self.redis.get(self._key("stats", "completed")) or 0)
+        seconds = float(self.redis.get(self._key("stats", "seconds")) or 0.0)
+        average = seconds / completed if completed else 0.0
+        return {"counts": {s: n for s, n in counts.items() if n}, "average_seconds": average}
+
+    def purge(self, older_than_s: float) -> list[Job]:
+        cutoff = time.time() - older_than_s
+        purged = []
+        for job_id in self.redis.zrangebyscore(self._key("done"), "-inf", cutoff):
+            job = self.get(job_id)
+            pipe = self.redis.pipeline()
+            pipe.zrem(self._key("done"), job_id)
+            pipe.zrem(self._key("all"), job_id)
+            for status in STATUSES:
+                pipe.zrem(self._key("status", status), job_id)
+            idem = self.redis.hget(self._key("job", job_id), "idem")
+            if idem:
+                pipe.delete(self._key("idem", idem))
+            pipe.delete(self._key("job", job_id))
+            pipe.execute()
+            if job is not None:
+                purged.append(job)
+        return purged

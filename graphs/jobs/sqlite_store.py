@@ -1,0 +1,203 @@
+"""The default job store: one SQLite file under the data directory (WAL, synchronous commits), one transaction per
+state change. It serves one node; several nodes share ``redis_store`` instead."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from deployments.support.errors import InvalidInput, QueueFull
+from graphs.jobs.store import PRIORITIES, Job, body_hash
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    type TEXT NOT NULL,
+    status TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    progress REAL NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    completed_at REAL,
+    request TEXT NOT NULL,
+    result TEXT,
+    error TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    lease_owner TEXT,
+    lease_expires REAL,
+    idempotency_key TEXT UNIQUE,
+    body_hash TEXT,
+    owner TEXT,
+    webhook_url TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_claim ON jobs (status, priority, seq);
+CREATE INDEX IF NOT EXISTS jobs_done ON jobs (status, completed_at);
+"""
+
+
+class SQLiteJobStore:
+    def __init__(self, path: Path, max_attempts: int = 3) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.max_attempts = path, max_attempts
+        self._local = threading.local()
+        self._db().executescript(_SCHEMA)
+
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")  # a returned job id survives a power cut
+            db.row_factory = sqlite3.Row
+            self._local.db = db
+        return db
+
+    class _Tx:
+        def __init__(self, db: sqlite3.Connection) -> None:
+            self.db = db
+
+        def __enter__(self) -> sqlite3.Connection:
+            self.db.execute("BEGIN IMMEDIATE")
+            return self.db
+
+        def __exit__(self, kind, *_):
+            self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+
+    def _tx(self) -> _Tx:
+        return self._Tx(self._db())
+
+    @staticmethod
+    def _job(row: sqlite3.Row) -> Job:
+        priority = {v: k for k, v in PRIORITIES.items()}[row["priority"]]
+        return Job(id=row["id"], type=row["type"], request=json.loads(row["request"]), status=row["status"],
+                   priority=priority, progress=row["progress"], created_at=row["created_at"],
+                   started_at=row["started_at"], completed_at=row["completed_at"],
+                   result=json.loads(row["result"]) if row["result"] else None, error=row["error"],
+                   attempts=row["attempts"], owner=row["owner"], webhook_url=row["webhook_url"],
+                   cancel_requested=bool(row["cancel_requested"]))
+
+    def create(self, job: Job, idempotency_key: str | None = None, max_queued: int | None = None) -> tuple[Job, bool]:
+        """Record a job; returns (job, created). The same key with the same body returns the first job."""
+        digest = body_hash({"type": job.type, "request": job.request})
+        with self._tx() as db:
+            if idempotency_key is not None:
+                row = db.execute("SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,)).fetchone()
+                if row is not None:
+                    if row["body_hash"] != digest:
+                        raise InvalidInput("Idempotency-Key reused with a different body", field="Idempotency-Key")
+                    return self._job(row), False
+            if max_queued is not None:
+                (queued,) = db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()
+                if queued >= max_queued:
+                    raise QueueFull(f"the queue holds {queued} jobs (MAX_QUEUE_SIZE={max_queued})",
+                                    details={"queued": queued, "limit": max_queued})
+            (seq,) = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()
+            db.execute(
+                "INSERT INTO jobs (id, type, status, priority, seq, created_at, request, idempotency_key, body_hash,"
+                " owner, webhook_url) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job.id, job.type, PRIORITIES[job.priority], seq, job.created_at, json.dumps(job.request),
+                 idempotency_key, digest, job.owner, job.webhook_url),
+            )
+        return job, True
+
+    def get(self, job_id: str) -> Job | None:
+        row = self._db().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return self._job(row) if row else None
+
+    def list_jobs(self, status: str | None = None, owner: str | None = None, offset: int = 0,
+             limit: int = 50) -> tuple[list[Job], int]:
+        where, args = [], []
+        if status:
+            where.append("status = ?")
+            args.append(status)
+        if owner is not None:
+            where.append("owner = ?")
+            args.append(owner)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        db = self._db()
+        (total,) = db.execute(f"SELECT COUNT(*) FROM jobs {clause}", args).fetchone()  # noqa: S608 - fixed text
+        rows = db.execute(f"SELECT * FROM jobs {clause} ORDER BY seq DESC LIMIT ? OFFSET ?",  # noqa: S608
+                          [*args, limit, offset]).fetchall()
+        return [self._job(r) for r in rows], total
+
+    def claim(self, worker: str, lease_s: float) -> Job | None:
+        """Take the next job: queued ones by priority then age; expired leases count as queued again."""
+        now = time.time()
+        with self._tx() as db:
+            for row in db.execute(
+                "SELECT * FROM jobs WHERE status = 'processing' AND lease_expires < ?", (now,)
+            ).fetchall():
+                if row["attempts"] >= self.max_attempts:
+                    db.execute("UPDATE jobs SET status = 'failed', completed_at = ?, lease_owner = NULL, error = ?"
+                               " WHERE id = ?", (now, f"worker lost {row['attempts']} times (lease expired)",
+                                                 row["id"]))
+                else:
+                    db.execute("UPDATE jobs SET status = 'queued', lease_owner = NULL WHERE id = ?", (row["id"],))
+            row = db.execute("SELECT * FROM jobs WHERE status = 'queued' AND cancel_requested = 0"
+                             " ORDER BY priority, seq LIMIT 1").fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE jobs SET status = 'processing', started_at = COALESCE(started_at, ?), lease_owner = ?,"
+                       " lease_expires = ?, attempts = attempts + 1 WHERE id = ?",
+                       (now, worker, now + lease_s, row["id"]))
+            return self._job(db.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone())
+
+    def heartbeat(self, job_id: str, worker: str, lease_s: float, progress: float | None = None) -> bool:
+        """Extend the lease (and record progress); False when the job is no longer this worker's or is cancelled."""
+        with self._tx() as db:
+            row = db.execute("SELECT lease_owner, status, cancel_requested FROM jobs WHERE id = ?",
+                             (job_id,)).fetchone()
+            if row is None or row["lease_owner"] != worker or row["status"] != "processing":
+                return False
+            db.execute("UPDATE jobs SET lease_expires = ?, progress = COALESCE(?, progress) WHERE id = ?",
+                       (time.time() + lease_s, progress, job_id))
+            return not row["cancel_requested"]
+
+    def finish(self, job_id: str, worker: str, status: str, result: dict | None = None,
+               error: str | None = None) -> bool:
+        """Publish the outcome once: only the lease holder of a processing job may."""
+        with self._tx() as db:
+            cursor = db.execute(
+                "UPDATE jobs SET status = ?, result = ?, error = ?, completed_at = ?, lease_owner = NULL,"
+                " progress = CASE WHEN ? = 'completed' THEN 100 ELSE progress END"
+                " WHERE id = ? AND lease_owner = ? AND status = 'processing'",
+                (status, json.dumps(result) if result is not None else None, error, time.time(), status, job_id,
+                 worker),
+            )
+            return cursor.rowcount == 1
+
+    def cancel(self, job_id: str) -> Job | None:
+        """Queued: cancelled at once. Processing: flagged; the worker stops within a step. Finished: unchanged."""
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return None
+            if row["status"] == "queued":
+                db.execute("UPDATE jobs SET status = 'cancelled', completed_at = ?, cancel_requested = 1"
+                           " WHERE id = ?", (time.time(), job_id))
+            elif row["status"] == "processing":
+                db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+            return self._job(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+
+    def stats(self) -> dict[str, Any]:
+        db = self._db()
+        counts = dict(db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall())
+        (average,) = db.execute("SELECT AVG(completed_at - started_at) FROM jobs WHERE status = 'completed'"
+                                ).fetchone()
+        return {"counts": counts, "average_seconds": average or 0.0}
+
+    def purge(self, older_than_s: float) -> list[Job]:
+        """Delete finished jobs older than the retention; returns them so their images can go too."""
+        cutoff = time.time() - older_than_s
+        with self._tx() as db:
+            rows = db.execute("SELECT * FROM jobs WHERE status IN ('completed', 'failed', 'cancelled')"
+                              " AND completed_at < ?", (cutoff,)).fetchall()
+            db.execute("DELETE FROM jobs WHERE status IN ('completed', 'failed', 'cancelled') AND completed_at < ?",
+                       (cutoff,))
+        return [self._job(r) for r in rows]
