@@ -9,6 +9,7 @@ It runs in its own replicas and loads its own weights.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from pathlib import Path
 
@@ -111,8 +112,11 @@ class Refiner:
                 raise InvalidInput("one seed per image is required", field="seeds")
             for image in request.images:
                 check_size(image.width, image.height, self.config.max_pixels)
-            kwargs.update(image=[to_rgb(i) for i in request.images], strength=request.strength)
-            total = max(1, int(request.steps * request.strength))
+            # As A1111 does, a low strength still runs one step; diffusers would run none and return nothing.
+            steps = max(request.steps, math.ceil(1 / request.strength))
+            kwargs.update(image=[to_rgb(i) for i in request.images], strength=request.strength,
+                          num_inference_steps=steps)
+            total = max(1, int(steps * request.strength))
         else:
             raise InvalidInput("give latents or images to refine", field="images")
 

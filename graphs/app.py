@@ -87,8 +87,6 @@ class Ingress(
         self.hires_upscaler = config.hires_upscaler
         self.illustration = illustration.IllustrationSettings()
         self.photos = PhotoStore(self.illustration.storage())
-        self.a1111_options: dict = {"samples_format": "png"}
-        self.in_flight: dict = {}
         self.runner = runner  # deployed with the app; it reads the same job store
         self.job_settings = JobSettings()
         self.jobs = self.job_settings.store()

@@ -34,8 +34,9 @@ def start(env: dict[str, str], deployment_options: dict | None = None, **ray_opt
     from ray import serve
 
     port = free_port()
-    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env},
-             **ray_options)
+    # address="local": always a cluster of our own, even while `make demo` (or any Ray head) runs on this machine.
+    ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": env}, **ray_options)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     deploy(deployment_options)
     return f"http://127.0.0.1:{port}"

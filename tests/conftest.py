@@ -7,7 +7,6 @@ import os
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -87,10 +86,6 @@ def astronaut_face_box():
     return (174, 68, 278, 172)
 
 
-def pixels(image: Image.Image) -> np.ndarray:
-    return np.asarray(image, dtype=np.int16)
-
-
 logging.getLogger("diffusers").setLevel(logging.ERROR)
 
 
@@ -107,12 +102,6 @@ def s3_server():
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"
     server.stop()
-
-
-def s3_client(endpoint: str):
-    import boto3
-
-    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
 
 
 # --- the served application (one real local Ray cluster for every HTTP test module) ---------------------------
@@ -172,28 +161,3 @@ def service(tiny, s3_proxy, jobs_dir):
     with httpx.Client(base_url=base_url, timeout=120) as client:
         yield client
     cluster.stop()
-
-
-def decode_b64(data: str) -> Image.Image:
-    import base64
-    import io
-
-    return Image.open(io.BytesIO(base64.b64decode(data.split(",", 1)[-1])))
-
-
-def b64(image: Image.Image, fmt: str = "PNG", **save) -> str:
-    import base64
-    import io
-
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **save)
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
-def error(response, status: int, code: str, field: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert body["code"] == code and set(body) == {"error", "code", "details"}
-    if field is not None:
-        assert body["details"]["field"] == field
-    return body

@@ -22,8 +22,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.conftest import b64, error
-from tests.test_jobs_http import LONG, SMALL, drain, submit, wait
+from tests.helpers import LONG, SMALL, b64, drain, error, submit, wait
 
 pytestmark = pytest.mark.integration
 SLOW_SYNC = {"prompt": "slow", "width": 512, "height": 512, "num_inference_steps": 150, "use_refiner": False}

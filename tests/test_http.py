@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
-from tests.conftest import BUCKET, METRICS_PORT, ROOT, b64, decode_b64, error, s3_client
+from tests.conftest import BUCKET, METRICS_PORT, ROOT
+from tests.helpers import b64, decode_b64, error, s3_client
 
 pytestmark = pytest.mark.integration
 

@@ -8,38 +8,9 @@ import time
 import pytest
 from PIL import Image
 
-from tests.conftest import b64, decode_b64, error
+from tests.helpers import LONG, SMALL, b64, decode_b64, drain, error, submit, wait
 
 pytestmark = pytest.mark.integration
-SMALL = {"prompt": "a lighthouse", "width": 128, "height": 128, "steps": 3, "seed": 11}
-LONG = {"prompt": "a long one", "width": 256, "height": 256, "steps": 150, "seed": 3}
-
-
-def wait(service, job_id: str, until=("completed", "failed", "cancelled"), timeout: float = 120,
-         headers: dict | None = None) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = service.get(f"/jobs/{job_id}", headers=headers).json()
-        if job["status"] in until:
-            return job
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} stuck in {job['status']}")
-
-
-def submit(service, path="/generate/text2img", body=None, **headers) -> dict:
-    response = service.post(path, json=body or SMALL, headers=headers)
-    assert response.status_code == 202, response.text
-    return response.json()
-
-
-def drain(service) -> None:
-    for job in service.get("/jobs", params={"status": "queued", "limit": 500}).json()["jobs"]:
-        service.post(f"/jobs/{job['id']}/cancel")
-    for job in service.get("/jobs", params={"status": "processing"}).json()["jobs"]:
-        service.post(f"/jobs/{job['id']}/cancel")
-        wait(service, job["id"])
-
-
 def test_seed_003_text2img_flow_without_a_json_content_type(service):
     import json
 
@@ -238,7 +209,7 @@ def test_full_restart_keeps_every_job(service):
 
 
 def test_webhook_is_called_on_completion_and_private_targets_are_refused(service):
-    from tests.test_webhooks import Receiver
+    from tests.helpers import Receiver
 
     drain(service)
     receiver, canary = Receiver(failures=1), Receiver()

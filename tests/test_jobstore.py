@@ -172,3 +172,26 @@ def test_stats_and_retention(store):
     purged = store.purge(older_than_s=0.01)
     assert [j.id for j in purged] == [a.id]
     assert store.get(a.id) is None and store.get(b.id) is not None
+
+
+def test_options_are_shared_by_every_view_of_the_store(store, tmp_path):
+    other = reopen(store, tmp_path)  # a second ingress replica
+    assert store.options() == {}
+    store.set_option("sd_model_checkpoint", "sd_xl_base_1.0")
+    other.set_option("samples_format", "webp")
+    other.set_option("sd_model_checkpoint", "sd_xl_refiner_1.0")
+    assert store.options() == other.options() == {"sd_model_checkpoint": "sd_xl_refiner_1.0",
+                                                   "samples_format": "webp"}
+
+
+def test_running_requests_are_seen_by_every_replica_and_expire(store, tmp_path):
+    other = reopen(store, tmp_path)
+    store.track("f1", "token:a", {"started": 1.0, "total_steps": 20, "request_ids": ["r1"]}, ttl_s=60)
+    store.track("f2", "token:b", {"started": 2.0, "total_steps": 20, "request_ids": ["r2"]}, ttl_s=60)
+    store.track("f1", "token:a", {"started": 1.0, "total_steps": 20, "request_ids": ["r1", "r3"]}, ttl_s=60)
+    assert other.tracked("token:a") == [{"started": 1.0, "total_steps": 20, "request_ids": ["r1", "r3"]}]
+    other.untrack("token:a", "f1")
+    assert store.tracked("token:a") == [] and len(store.tracked("token:b")) == 1
+    store.track("f3", "token:c", {"started": 3.0, "total_steps": 1, "request_ids": []}, ttl_s=0.05)
+    time.sleep(0.1)
+    assert other.tracked("token:c") == []  # an ingress that died leaves nothing behind for long

@@ -12,7 +12,7 @@ import torch
 from deployments.support.config import ModelSource, Settings
 from deployments.support.errors import DownloadIncomplete, ModelLoadError, UnsafeWeights
 from deployments.weights import loader
-from tests.conftest import s3_client
+from tests.helpers import s3_client
 from tests.netfaults import TruncatingProxy
 
 

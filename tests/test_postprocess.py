@@ -12,7 +12,7 @@ from deployments.support.config import FaceRestorerConfig, FocalCropperConfig, U
 from deployments.support.errors import InvalidInput
 from deployments.support.imaging import decode
 from deployments.upscaler import ImageUpscaler, tiled
-from tests.conftest import pixels
+from tests.helpers import pixels
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 from deployments.sdxl_refiner import RefineRequest
 from deployments.support.errors import InvalidInput
 from deployments.support.generation import GenerationRequest
-from tests.conftest import pixels
+from tests.helpers import pixels
 
 
 def test_ensemble_latents_flow_base_to_refiner(base, refiner):

@@ -14,7 +14,7 @@ from schemathesis.checks import content_type_conformance, not_a_server_error, re
 
 from graphs.app import app
 from tests.conftest import BUCKET
-from tests.test_jobs_http import drain
+from tests.helpers import drain
 
 pytestmark = pytest.mark.integration
 EXAMPLES = 8

@@ -11,7 +11,7 @@ from PIL import Image
 from deployments.support.errors import GenerationCancelled, InvalidInput, UnknownModel
 from deployments.support.generation import GenerationRequest, LoraRef, parse_lora_tags
 from deployments.support.samplers import sampler_names
-from tests.conftest import pixels
+from tests.helpers import pixels
 
 SMALL = dict(prompt="a photo of a cat", width=128, height=128, steps=4, guidance_scale=5.0)
 

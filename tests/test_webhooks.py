@@ -3,41 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from deployments.support.errors import InvalidInput
 from graphs.jobs.webhooks import WebhookSettings, check_url, deliver
-
-
-class Receiver:
-    """A loopback HTTP server that records POSTs and fails the first ``failures`` of them with 500."""
-
-    def __init__(self, failures: int = 0) -> None:
-        self.bodies: list[dict] = []
-        self.failures = failures
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 - http.server's naming
-                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-                receiver.bodies.append(body)
-                status = 500 if len(receiver.bodies) <= receiver.failures else 200
-                self.send_response(status)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-
-    def close(self) -> None:
-        self.server.shutdown()
+from tests.helpers import Receiver
 
 
 @pytest.mark.parametrize("url", [

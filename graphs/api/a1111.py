@@ -30,14 +30,21 @@ from graphs.api.a1111_models import (
     Txt2ImgRequest,
     infotext,
 )
+from graphs.api.body import JSONBodyRoute
 from graphs.api.edge import stop_on_cancel, token_owner
 from graphs.api.errors import call
 from graphs.api.fields import b64_png, image_field
 from graphs.jobs.store import JobStore
 
-router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"])
+router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"], route_class=JSONBodyRoute)
+FLIGHT_TTL_S = 3600.0  # a request tracked longer than any deadline is gone with its ingress
+
+
 @dataclass
 class InFlight:
+    """One A1111 generation of one client, shared through the job store so any ingress replica can see it."""
+
+    id: str
     client: str
     started: float
     total_steps: int
@@ -51,13 +58,20 @@ def _client(request: Request) -> str:
 
 class A1111Routes:
     handles: plans.Handles
-    a1111_options: dict
-    in_flight: dict[str, InFlight]
     jobs: JobStore
+
+    async def _track(self, flight: InFlight) -> None:
+        record = {"started": flight.started, "total_steps": flight.total_steps, "request_ids": flight.request_ids}
+        await asyncio.to_thread(self.jobs.track, flight.id, flight.client, record, FLIGHT_TTL_S)
+
+    async def _flights(self, client: str) -> list[InFlight]:
+        records = await asyncio.to_thread(self.jobs.tracked, client)
+        return [InFlight(id="", client=client, **r) for r in records]
 
     async def _checkpoint(self, r: Txt2ImgRequest) -> str:
         base = await call(self.handles.base.describe.remote())
-        wanted = r.override_settings.get("sd_model_checkpoint") or self.a1111_options.get("sd_model_checkpoint")
+        options = await asyncio.to_thread(self.jobs.options)
+        wanted = r.override_settings.get("sd_model_checkpoint") or options.get("sd_model_checkpoint")
         if wanted and wanted.split(" [")[0] != base["name"]:
             raise UnknownModel(f"checkpoint {wanted!r} is not loaded", field="override_settings.sd_model_checkpoint",
                                details={"choices": [base["name"]]})
@@ -78,9 +92,7 @@ class A1111Routes:
         if r.batch_size * r.n_iter > MAX_IMAGES:
             raise InvalidInput(f"batch_size x n_iter exceeds {MAX_IMAGES} images", field="batch_size")
         model = await self._checkpoint(r)
-        job = InFlight(_client(http), time.monotonic(), r.steps * r.n_iter)
-        key = uuid.uuid4().hex
-        self.in_flight[key] = job
+        job = InFlight(uuid.uuid4().hex, _client(http), time.time(), r.steps * r.n_iter)
         images: list[Image.Image] = []
         seeds: list[int] = []
         extras: dict = {}
@@ -90,12 +102,13 @@ class A1111Routes:
                 for _ in range(r.n_iter):
                     request_id = uuid.uuid4().hex
                     job.request_ids.append(request_id)
+                    await self._track(job)
                     result = await self._one_batch(r, seed, request_id, extras, **extra)
                     images += result.images
                     seeds += result.seeds
                     seed = result.seeds[-1] + 1
         finally:
-            self.in_flight.pop(key, None)
+            await asyncio.to_thread(self.jobs.untrack, job.client, job.id)
         if r.restore_faces:
             restored = []
             for image in images:
@@ -188,7 +201,7 @@ class A1111Routes:
     async def progress(self, http: Request, skip_current_image: bool = False) -> dict:
         """Progress of the calling client's current generation or, failing that, its running job (0 when idle);
         ``current_image`` is a live latent preview unless ``skip_current_image``."""
-        mine = [j for j in self.in_flight.values() if j.client == _client(http)]
+        mine = await self._flights(_client(http))
         step, total, fraction, elapsed, running, job_name = 0, 0, 0.0, 0.0, None, ""
         if mine and mine[-1].request_ids:
             flight = mine[-1]
@@ -198,7 +211,7 @@ class A1111Routes:
             step = (len(flight.request_ids) - 1) * per_batch + (current[0] if current else 0)
             total = flight.total_steps
             fraction = step / total if total else 0.0
-            elapsed = time.monotonic() - flight.started
+            elapsed = time.time() - flight.started
         else:
             owner = token_owner(http.headers.get("authorization"))
             jobs, _ = await asyncio.to_thread(self.jobs.list_jobs, "processing", owner, 0, 1)
@@ -223,7 +236,7 @@ class A1111Routes:
             await call(self.handles.base.cancel.remote(request_id))
 
     async def _cancel_mine(self, http: Request) -> dict:
-        for job in [j for j in self.in_flight.values() if j.client == _client(http)]:
+        for job in await self._flights(_client(http)):
             await self._cancel(job)
         return {}
 

@@ -3,21 +3,25 @@ LoRAs, options and PNG info."""
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter
 
 from deployments.support.errors import UnknownModel
 from deployments.support.samplers import SCHEDULES, sampler_names
 from graphs import plans
-from graphs.api.a1111_models import PngInfoRequest
+from graphs.api.a1111_models import OptionsRequest, PngInfoRequest
+from graphs.api.body import JSONBodyRoute
 from graphs.api.errors import call
 from graphs.api.fields import image_field
+from graphs.jobs.store import JobStore
 
-router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"])
+router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"], route_class=JSONBodyRoute)
 
 
 class A1111InfoRoutes:
     handles: plans.Handles
-    a1111_options: dict
+    jobs: JobStore
 
     @router.get("/sd-models")
     async def sd_models(self) -> list[dict]:
@@ -75,21 +79,22 @@ class A1111InfoRoutes:
     @router.get("/options")
     async def get_options(self) -> dict:
         """Current options (sd_model_checkpoint and output format)."""
-        if "sd_model_checkpoint" not in self.a1111_options:
-            base = await call(self.handles.base.describe.remote())
-            self.a1111_options["sd_model_checkpoint"] = base["name"]
-        return dict(self.a1111_options)
+        options = {"samples_format": "png", **await asyncio.to_thread(self.jobs.options)}
+        if "sd_model_checkpoint" not in options:
+            options["sd_model_checkpoint"] = (await call(self.handles.base.describe.remote()))["name"]
+        return options
 
     @router.post("/options")
-    async def set_options(self, body: dict) -> dict:
+    async def set_options(self, body: OptionsRequest) -> dict:
         """Set the default checkpoint for later requests; requests in flight keep theirs."""
-        wanted = body.get("sd_model_checkpoint")
+        wanted = body.sd_model_checkpoint
         if wanted is not None:
             base = await call(self.handles.base.describe.remote())
             if str(wanted).split(" [")[0] != base["name"]:
                 raise UnknownModel(f"checkpoint {wanted!r} is not loaded", field="sd_model_checkpoint",
                                    details={"choices": [base["name"]]})
-        self.a1111_options.update({k: v for k, v in body.items() if k in {"sd_model_checkpoint", "samples_format"}})
+        for key, value in body.model_dump(include={"sd_model_checkpoint", "samples_format"}, exclude_none=True).items():
+            await asyncio.to_thread(self.jobs.set_option, key, str(value))
         return {}
 
     @router.post("/png-info")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from graphs.api.fields import Guidance, Prompt, Seed, Side, Steps
@@ -84,6 +86,13 @@ class ExtrasBatchRequest(ExtrasRequest):
 class ExtrasBatchResponse(BaseModel):
     html_info: str
     images: list[str]
+
+
+class OptionsRequest(_A1111):
+    """A1111 clients post whole option sets; the default checkpoint and the output format are what apply here."""
+
+    sd_model_checkpoint: str | None = Field(None, max_length=256)
+    samples_format: Literal["png", "jpg", "jpeg", "webp"] | None = None
 
 
 class PngInfoRequest(BaseModel):

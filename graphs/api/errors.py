@@ -67,9 +67,14 @@ async def validation_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)  # registered for this type only
     errors = exc.errors()
     first = errors[0] if errors else {}
-    field = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query"))
+    field = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header"))
+    if first.get("type") == "json_invalid" or not field:
+        field = "body"
     details = {"field": field, "errors": [{k: e.get(k) for k in ("loc", "msg", "type")} for e in errors]}
-    return error_response("INVALID_INPUT", f"{field}: {first.get('msg', 'invalid')}", details)
+    message = f"{field}: {first.get('msg', 'invalid')}"
+    if field == "prompt" and first.get("type") == "missing":
+        message = "Prompt is required"  # seed 003's words, which its clients show
+    return error_response("INVALID_INPUT", message, details)
 
 
 async def http_error(_request: Request, exc: Exception) -> JSONResponse:

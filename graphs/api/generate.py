@@ -9,12 +9,13 @@ from pydantic import BaseModel, Field, model_validator
 
 from deployments.support.generation import GenerationRequest
 from graphs import plans
+from graphs.api.body import JSONBodyRoute
 from graphs.api.edge import stop_on_cancel
 from graphs.api.errors import ErrorBody, call
 from graphs.api.fields import b64_png
 
-router = APIRouter(tags=["generate"])
-open_router = APIRouter(tags=["health"])
+router = APIRouter(tags=["generate"], route_class=JSONBodyRoute)
+open_router = APIRouter(tags=["health"], route_class=JSONBodyRoute)
 
 PRESETS = {
     "fast": {"num_inference_steps": 20, "width": 768, "height": 768, "use_refiner": False, "hires_fix": False},

@@ -10,11 +10,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from deployments.support.generation import GenerationRequest
 from graphs import plans
+from graphs.api.body import JSONBodyRoute
 from graphs.api.edge import stop_on_cancel
 from graphs.api.errors import ErrorBody, call
 from graphs.api.photos import PhotoStore, StorageConfig, check_user_id
 
-router = APIRouter(prefix="/v1/images", tags=["illustration"])
+router = APIRouter(prefix="/v1/images", tags=["illustration"], route_class=JSONBodyRoute)
 
 
 class IllustrationSettings(BaseSettings):

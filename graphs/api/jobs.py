@@ -8,91 +8,41 @@ and ``seed`` at the top level.
 
 import asyncio
 import base64
-import json
+import re
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Literal
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel
 
 from deployments.support.errors import InvalidInput, JobConflict, NotFound
+from graphs.api.body import JSONBodyRoute
 from graphs.api.edge import token_owner
 from graphs.api.fields import image_field
-from graphs.api.generate import GenerateRequest
+from graphs.jobs.models import (
+    MAX_OFFSET,
+    AsyncGenerate,
+    BatchSizes,
+    CancelResult,
+    Img2ImgJob,
+    InpaintJob,
+    JobAccepted,
+    JobId,
+    JobList,
+    JobResult,
+    JobView,
+    QueueStatus,
+    StyleTransferJob,
+    Text2ImgJob,
+)
 from graphs.jobs.results import ResultStore
 from graphs.jobs.runner import JobSettings, data_uri, image_info
 from graphs.jobs.sizes import SizeTable
 from graphs.jobs.store import Job, JobStore, new_job_id
 from graphs.jobs.webhooks import WebhookSettings, check_url
 
-router = APIRouter(tags=["jobs"])
-Priority = Literal["high", "normal", "low"]
-Side = Annotated[int, Field(ge=64, le=2048, multiple_of=8)]
-
-
-class _Submit(BaseModel):
-    priority: Priority = "normal"
-    webhookUrl: str | None = Field(None, max_length=2048)
-
-
-class Text2ImgJob(_Submit):
-    prompt: str = Field(..., min_length=1, max_length=10_000)
-    negativePrompt: str = Field("", max_length=10_000)
-    width: int = Field(512, ge=64, le=2048, multiple_of=8)
-    height: int = Field(512, ge=64, le=2048, multiple_of=8)
-    steps: int = Field(30, ge=1, le=150)
-    guidanceScale: float = Field(7.5, ge=0.0, le=30.0)
-    seed: int = Field(-1, ge=-1, le=2**32 - 1)
-    sampler: str = Field("euler_a", max_length=64)
-    model: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
-                              description="echoed in the result; the deployed SDXL base serves every job")
-
-
-class Img2ImgJob(Text2ImgJob):
-    initImage: str
-    strength: float = Field(0.75, gt=0.0, le=1.0)
-
-
-class InpaintJob(Text2ImgJob):
-    image: str
-    mask: str
-    inpaintingStrength: float = Field(0.9, gt=0.0, le=1.0)
-    steps: int = Field(40, ge=1, le=150)
-
-
-class StyleTransferJob(_Submit):
-    contentImage: str
-    styleImage: str
-    styleStrength: float = Field(0.7, ge=0.0, le=2.0)
-    contentStrength: float = Field(0.3, ge=0.0, le=1.0)
-    prompt: str = Field("", max_length=10_000)
-    steps: int = Field(30, ge=1, le=150)
-    guidanceScale: float = Field(7.5, ge=0.0, le=30.0)
-    seed: int = Field(-1, ge=-1, le=2**32 - 1)
-    sampler: str = Field("euler_a", max_length=64)
-
-
-class AsyncGenerate(GenerateRequest):
-    priority: Priority = "normal"
-    webhookUrl: str | None = Field(None, max_length=2048)
-
-
-class BatchSizes(BaseModel):
-    webhookUrl: str | None = Field(None, max_length=2048)
-    prompt: str = Field(..., min_length=1, max_length=10_000)
-    negativePrompt: str = Field("", max_length=10_000)
-    sizes: list[str] = Field(..., min_length=1, max_length=16)
-    seed: int = Field(-1, ge=-1, le=2**32 - 1)
-    priority: Priority = "normal"
-    steps: int = Field(30, ge=1, le=150)
-    guidanceScale: float = Field(7.0, ge=0.0, le=30.0)
-    derivatives: list[Annotated[int, Field(ge=8, le=4096)]] = Field(
-        [], max_length=8, description="WebP widths cut from every size")
-    baseSizes: dict[Literal["landscape", "square", "portrait"], tuple[Side, Side]] | None = Field(
-        None, description="override the base rendered per aspect class (multiples of 8)")
-
-
+IDEMPOTENCY_KEY = re.compile(r"[!-~]{1,255}")
+router = APIRouter(tags=["jobs"], route_class=JSONBodyRoute)
 IMAGE_FIELDS = {
     "img2img": ("initImage",),
     "inpaint": ("image", "mask"),
@@ -102,21 +52,6 @@ IMAGE_FIELDS = {
 
 def _iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z") if ts else None
-
-
-async def _json_body(request: Request, model: type[BaseModel]) -> BaseModel:
-    """Seed 003's curl examples send JSON without a JSON content type: parse the body whatever it says."""
-    raw = await request.body()
-    try:
-        data = json.loads(raw or b"{}")
-        return model.model_validate(data)
-    except json.JSONDecodeError as e:
-        raise InvalidInput(f"body is not JSON: {e.msg}", field="body") from e
-    except ValidationError as e:
-        first = e.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
-        message = "Prompt is required" if field == "prompt" and first["type"] == "missing" else first["msg"]
-        raise InvalidInput(message, field=field, details={"errors": json.loads(e.json())}) from e
 
 
 class JobRoutes:
@@ -141,6 +76,8 @@ class JobRoutes:
         job = Job(id=new_job_id(), type=kind, request=payload, priority=getattr(body, "priority", "normal"),
                   owner=self._owner(request), webhook_url=getattr(body, "webhookUrl", None))
         key = request.headers.get("idempotency-key")
+        if key is not None and not IDEMPOTENCY_KEY.fullmatch(key):
+            raise InvalidInput("Idempotency-Key: 1 to 255 visible ASCII characters", field="Idempotency-Key")
         stored, _created = await asyncio.to_thread(self.jobs.create, job, key, self.job_settings.max_queue_size)
         return stored
 
@@ -171,49 +108,46 @@ class JobRoutes:
             raise NotFound("Job not found", field="id")
         return job
 
-    def _accepted(self, job: Job) -> JSONResponse:
-        return JSONResponse(self._view(job, with_images=False), status_code=202)
-
-    @router.post("/generate/text2img", status_code=202)
-    async def submit_text2img(self, request: Request) -> JSONResponse:
+    @router.post("/generate/text2img", status_code=202, response_model=JobView, response_model_exclude_unset=True)
+    async def submit_text2img(self, body: Text2ImgJob, request: Request) -> dict:
         """Queue a text-to-image job (seed 003); 202 with the job."""
-        return self._accepted(await self._submit(request, "text2img", await _json_body(request, Text2ImgJob)))
+        return self._view(await self._submit(request, "text2img", body), with_images=False)
 
-    @router.post("/generate/img2img", status_code=202)
-    async def submit_img2img(self, request: Request) -> JSONResponse:
+    @router.post("/generate/img2img", status_code=202, response_model=JobView, response_model_exclude_unset=True)
+    async def submit_img2img(self, body: Img2ImgJob, request: Request) -> dict:
         """Queue an image-to-image job."""
-        return self._accepted(await self._submit(request, "img2img", await _json_body(request, Img2ImgJob)))
+        return self._view(await self._submit(request, "img2img", body), with_images=False)
 
-    @router.post("/generate/inpaint", status_code=202)
-    async def submit_inpaint(self, request: Request) -> JSONResponse:
+    @router.post("/generate/inpaint", status_code=202, response_model=JobView, response_model_exclude_unset=True)
+    async def submit_inpaint(self, body: InpaintJob, request: Request) -> dict:
         """Queue an inpainting job (white mask pixels are repainted)."""
-        return self._accepted(await self._submit(request, "inpaint", await _json_body(request, InpaintJob)))
+        return self._view(await self._submit(request, "inpaint", body), with_images=False)
 
-    @router.post("/generate/style-transfer", status_code=202)
-    async def submit_style_transfer(self, request: Request) -> JSONResponse:
+    @router.post("/generate/style-transfer", status_code=202, response_model=JobView,
+                 response_model_exclude_unset=True)
+    async def submit_style_transfer(self, body: StyleTransferJob, request: Request) -> dict:
         """Queue a style transfer: the style image through IP-Adapter applied to the content image."""
-        body = await _json_body(request, StyleTransferJob)
-        return self._accepted(await self._submit(request, "style-transfer", body))
+        return self._view(await self._submit(request, "style-transfer", body), with_images=False)
 
-    @router.post("/generate/async", status_code=202)
-    async def submit_async(self, request: Request) -> JSONResponse:
+    @router.post("/generate/async", status_code=202, response_model=JobAccepted)
+    async def submit_async(self, body: AsyncGenerate, request: Request) -> JobAccepted:
         """Seed 002: queue a /generate request; answers {jobId}."""
-        job = await self._submit(request, "generate", await _json_body(request, AsyncGenerate))
-        return JSONResponse({"jobId": job.id, "job_id": job.id, "status": job.status}, status_code=202)
+        job = await self._submit(request, "generate", body)
+        return JobAccepted(jobId=job.id, job_id=job.id, status=job.status)
 
-    @router.post("/generate/batch-sizes", status_code=202)
-    async def submit_batch(self, request: Request) -> JSONResponse:
+    @router.post("/generate/batch-sizes", status_code=202, response_model=JobAccepted)
+    async def submit_batch(self, body: BatchSizes, request: Request) -> JobAccepted:
         """Seed 002: every named size from the fewest bases (one per aspect class), one seed for all."""
-        job = await self._submit(request, "batch-sizes", await _json_body(request, BatchSizes))
-        return JSONResponse({"job_id": job.id, "jobId": job.id, "status": job.status}, status_code=202)
+        job = await self._submit(request, "batch-sizes", body)
+        return JobAccepted(jobId=job.id, job_id=job.id, status=job.status)
 
-    @router.get("/jobs/{job_id}")
-    async def get_job(self, job_id: str, request: Request) -> dict:
+    @router.get("/jobs/{job_id}", response_model=JobView, response_model_exclude_unset=True)
+    async def get_job(self, job_id: JobId, request: Request) -> dict:
         """The job, with its images as data URIs once completed."""
         return await asyncio.to_thread(self._view, await self._get(request, job_id))
 
-    @router.get("/jobs/{job_id}/result")
-    async def get_result(self, job_id: str, request: Request) -> dict:
+    @router.get("/jobs/{job_id}/result", response_model=JobResult)
+    async def get_result(self, job_id: JobId, request: Request) -> dict:
         """Seed 002: {imageData, format, width, height} of a completed job; 409 before."""
         job = await self._get(request, job_id)
         if job.status != "completed" or job.result is None:
@@ -224,10 +158,10 @@ class JobRoutes:
         width, height = image_info(data)
         return {"imageData": base64.b64encode(data).decode(), "format": "png", "width": width, "height": height}
 
-    @router.get("/jobs")
+    @router.get("/jobs", response_model=JobList)
     async def list_jobs(self, request: Request, status: Literal["queued", "processing", "completed", "failed",
                                                                   "cancelled"] | None = None,
-                        offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=500)) -> dict:
+                        offset: int = Query(0, ge=0, le=MAX_OFFSET), limit: int = Query(50, ge=1, le=500)) -> dict:
         """Jobs, newest first, optionally by status (paginated)."""
         owner = self._owner(request) if _env_flag("JOBS_PER_TOKEN") else None
         jobs, total = await asyncio.to_thread(self.jobs.list_jobs, status, owner, offset, limit)
@@ -235,8 +169,8 @@ class JobRoutes:
                       "progress": round(j.progress)} for j in jobs]
         return {"jobs": summaries, "total": total, "offset": offset, "limit": limit}
 
-    @router.post("/jobs/{job_id}/cancel")
-    async def cancel_job(self, job_id: str, request: Request) -> dict:
+    @router.post("/jobs/{job_id}/cancel", response_model=CancelResult)
+    async def cancel_job(self, job_id: JobId, request: Request) -> dict:
         """Cancel a queued job (it never runs) or a running one (it stops within a step); 409 once finished."""
         await self._get(request, job_id)
         job = await asyncio.to_thread(self.jobs.cancel, job_id)
@@ -246,7 +180,7 @@ class JobRoutes:
             raise JobConflict(f"job already {job.status}", field="id", details={"status": job.status})
         return {"success": True, "id": job.id, "status": job.status}
 
-    @router.get("/queue/status")
+    @router.get("/queue/status", response_model=QueueStatus)
     async def queue_status(self) -> dict:
         """Counts by status and the mean processing time (ms)."""
         stats = await asyncio.to_thread(self.jobs.stats)

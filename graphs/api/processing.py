@@ -11,10 +11,11 @@ from pydantic import BaseModel, Field, field_validator
 
 from deployments.focal_cropper import CropSize, Focus, derivatives
 from deployments.support.imaging import encode, to_rgb
+from graphs.api.body import JSONBodyRoute
 from graphs.api.errors import ErrorBody, call
 from graphs.api.fields import image_field
 
-router = APIRouter(tags=["processing"])
+router = APIRouter(tags=["processing"], route_class=JSONBodyRoute)
 
 Operation = Literal["sanitize", "optimize", "convert-webp", "derivatives"]
 DEFAULT_WIDTHS = [320, 640, 1024, 1920]

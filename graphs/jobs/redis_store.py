@@ -226,3 +226,29 @@ class RedisJobStore:
             if job is not None:
                 purged.append(job)
         return purged
+
+    # --- state every ingress replica must agree on ------------------------------------------------------------
+
+    def set_option(self, key: str, value: str) -> None:
+        self.redis.hset(self._key("options"), key, value)
+
+    def options(self) -> dict[str, str]:
+        return dict(self.redis.hgetall(self._key("options")))
+
+    def track(self, flight_id: str, client: str, record: dict, ttl_s: float) -> None:
+        key = self._key("flights", client)
+        pipe = self.redis.pipeline()
+        pipe.hset(key, flight_id, json.dumps({**record, "_expires": time.time() + ttl_s}))
+        pipe.expire(key, int(ttl_s) + 1)
+        pipe.execute()
+
+    def untrack(self, client: str, flight_id: str) -> None:
+        self.redis.hdel(self._key("flights", client), flight_id)
+
+    def tracked(self, client: str) -> list[dict]:
+        now, out = time.time(), []
+        for raw in self.redis.hgetall(self._key("flights", client)).values():
+            record = json.loads(raw)
+            if record.pop("_expires", 0) >= now:
+                out.append(record)
+        return sorted(out, key=lambda r: r.get("started", 0))

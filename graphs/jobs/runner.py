@@ -35,7 +35,7 @@ from graphs.jobs.store import Job, JobStore, open_store
 from graphs.jobs.webhooks import WebhookSettings, deliver
 
 logger = logging.getLogger(__name__)
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class JobSettings(BaseSettings):

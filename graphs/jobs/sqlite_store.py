@@ -38,6 +38,10 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_claim ON jobs (status, priority, seq);
 CREATE INDEX IF NOT EXISTS jobs_done ON jobs (status, completed_at);
+CREATE TABLE IF NOT EXISTS options (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS flights (id TEXT PRIMARY KEY, client TEXT NOT NULL, record TEXT NOT NULL,
+                                    expires REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS flights_client ON flights (client, expires);
 """
 
 
@@ -201,3 +205,29 @@ class SQLiteJobStore:
             db.execute("DELETE FROM jobs WHERE status IN ('completed', 'failed', 'cancelled') AND completed_at < ?",
                        (cutoff,))
         return [self._job(r) for r in rows]
+
+    # --- state every ingress replica must agree on ------------------------------------------------------------
+
+    def set_option(self, key: str, value: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO options (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = ?",
+                       (key, value, value))
+
+    def options(self) -> dict[str, str]:
+        return {r["key"]: r["value"] for r in self._db().execute("SELECT key, value FROM options")}
+
+    def track(self, flight_id: str, client: str, record: dict, ttl_s: float) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM flights WHERE expires < ?", (time.time(),))
+            db.execute("INSERT INTO flights (id, client, record, expires) VALUES (?, ?, ?, ?) ON CONFLICT (id) DO "
+                       "UPDATE SET record = excluded.record, expires = excluded.expires",
+                       (flight_id, client, json.dumps(record), time.time() + ttl_s))
+
+    def untrack(self, client: str, flight_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM flights WHERE id = ? AND client = ?", (flight_id, client))
+
+    def tracked(self, client: str) -> list[dict]:
+        rows = self._db().execute("SELECT record FROM flights WHERE client = ? AND expires >= ? ORDER BY rowid",
+                                  (client, time.time())).fetchall()
+        return [json.loads(r["record"]) for r in rows]

@@ -85,6 +85,22 @@ class JobStore(Protocol):
         """Delete finished jobs older than the retention; returns them so their images can go too."""
         ...
 
+    # What every ingress replica must agree on (the ingress autoscales): A1111's options, and which client runs
+    # which request, so that /progress, /interrupt and /skip work whichever replica answers them.
+    def set_option(self, key: str, value: str) -> None: ...
+
+    def options(self) -> dict[str, str]: ...
+
+    def track(self, flight_id: str, client: str, record: dict, ttl_s: float) -> None:
+        """Record (or refresh) a running request of ``client``; it expires by itself if its ingress dies."""
+        ...
+
+    def untrack(self, client: str, flight_id: str) -> None: ...
+
+    def tracked(self, client: str) -> list[dict]:
+        """The client's running requests, oldest first."""
+        ...
+
 
 def open_store(url: str | None, sqlite_path: Path, max_attempts: int) -> JobStore:
     """``JOB_STORE_URL=redis://...`` selects the shared store; otherwise the SQLite file under the data dir."""

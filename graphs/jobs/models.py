@@ -1,0 +1,147 @@
+"""The bodies of the job submits (seed 003 camelCase, seed 002's async and batch), each field bounded once."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import Path
+from pydantic import BaseModel, Field
+
+from graphs.api.fields import Guidance, Prompt, RequiredPrompt, Sampler, Seed, Side, Steps, Strength
+from graphs.api.generate import GenerateRequest
+
+MAX_OFFSET = 10**9  # beyond any store's row count; bigger numbers overflow SQLite's integers
+JobId = Annotated[str, Path(max_length=64, pattern=r"^[A-Za-z0-9_-]+$", description="job_<ms>_<hex>")]
+Priority = Literal["high", "normal", "low"]
+
+
+class _Submit(BaseModel):
+    priority: Priority = "normal"
+    webhookUrl: str | None = Field(None, max_length=2048)
+
+
+class Text2ImgJob(_Submit):
+    prompt: RequiredPrompt
+    negativePrompt: Prompt = ""
+    width: Side = 512
+    height: Side = 512
+    steps: Steps = 30
+    guidanceScale: Guidance = 7.5
+    seed: Seed = -1
+    sampler: Sampler = "euler_a"
+    model: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+                              description="echoed in the result; the deployed SDXL base serves every job")
+
+
+class Img2ImgJob(Text2ImgJob):
+    initImage: str
+    strength: Strength = 0.75
+
+
+class InpaintJob(Text2ImgJob):
+    image: str
+    mask: str
+    inpaintingStrength: Strength = 0.9
+    steps: Steps = 40
+
+
+class StyleTransferJob(_Submit):
+    contentImage: str
+    styleImage: str
+    styleStrength: float = Field(0.7, ge=0.0, le=2.0)
+    contentStrength: float = Field(0.3, ge=0.0, le=1.0)
+    prompt: Prompt = ""
+    steps: Steps = 30
+    guidanceScale: Guidance = 7.5
+    seed: Seed = -1
+    sampler: Sampler = "euler_a"
+
+
+class AsyncGenerate(GenerateRequest):
+    """Seed 002's ``/generate/async``: a ``/generate`` body, queued."""
+
+    priority: Priority = "normal"
+    webhookUrl: str | None = Field(None, max_length=2048)
+
+
+class BatchSizes(BaseModel):
+    webhookUrl: str | None = Field(None, max_length=2048)
+    prompt: RequiredPrompt
+    negativePrompt: Prompt = ""
+    sizes: list[Annotated[str, Field(max_length=32)]] = Field(..., min_length=1, max_length=16)
+    seed: Seed = -1
+    priority: Priority = "normal"
+    steps: Steps = 30
+    guidanceScale: Guidance = 7.0
+    derivatives: list[Annotated[int, Field(ge=8, le=4096)]] = Field(
+        [], max_length=8, description="WebP widths cut from every size")
+    baseSizes: dict[Literal["landscape", "square", "portrait"], tuple[Side, Side]] | None = Field(
+        None, description="override the base rendered per aspect class (multiples of 8)")
+
+
+class JobAccepted(BaseModel):
+    """Seed 002's answer to a queued job."""
+
+    jobId: str
+    job_id: str
+    status: str
+
+
+class JobView(BaseModel):
+    """Seed 003's job object, with seed 002's names and, for a finished batch, its images at the top level."""
+
+    id: str
+    jobId: str
+    job_id: str
+    type: str
+    status: Literal["queued", "processing", "completed", "failed", "cancelled"]
+    request: dict
+    progress: int = Field(..., ge=0, le=100)
+    priority: str
+    createdAt: str | None
+    startedAt: str | None
+    completedAt: str | None
+    error: str | None
+    attempts: int
+    result: dict | None = Field(None, description="images as data URIs, seed, parameters, timeTaken")
+    images: dict | None = Field(None, description="a finished batch: per size, imageData and derivatives")
+    bases_generated: int | None = None
+    seed: int | None = None
+
+
+class JobResult(BaseModel):
+    imageData: str = Field(..., description="plain base64 PNG")
+    format: str
+    width: int
+    height: int
+
+
+class JobSummary(BaseModel):
+    id: str
+    type: str
+    status: str
+    createdAt: str | None
+    progress: int
+
+
+class JobList(BaseModel):
+    jobs: list[JobSummary]
+    total: int
+    offset: int
+    limit: int
+
+
+class CancelResult(BaseModel):
+    success: bool
+    id: str
+    status: str
+
+
+class QueueStatus(BaseModel):
+    queuedJobs: int
+    processingJobs: int
+    completedJobs: int
+    failedJobs: int
+    cancelledJobs: int
+    averageProcessingTime: int = Field(..., description="milliseconds")
+    maxQueueSize: int
