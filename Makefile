@@ -28,8 +28,11 @@ lint: install
 	$(VENV)/bin/ruff check deployments graphs tests
 	$(VENV)/bin/mypy
 
+# Two pytest processes: unit and graph tests (in-process Serve), then the integration tests on a real local
+# cluster of their own; a process that ran the graph in-process cannot pickle the app for a real cluster.
 test: lint models
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not integration"
+	$(PY) -m pytest -q -m integration
 
 demo: models
 	$(PY) -m graphs.demo

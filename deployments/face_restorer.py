@@ -19,11 +19,12 @@ from ray import serve
 
 from deployments.support import device as devices
 from deployments.support import faces as face_lib
-from deployments.support.config import FaceRestorerConfig, Settings
+from deployments.support.config import FaceRestorerConfig
 from deployments.support.errors import InvalidInput
 from deployments.support.generation import image_of
 from deployments.support.imaging import pil_to_array
 from deployments.support.metrics import StageMetrics
+from deployments.support.settings import Settings
 from deployments.weights import loader
 
 logger = logging.getLogger(__name__)

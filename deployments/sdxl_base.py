@@ -21,7 +21,7 @@ from ray import serve
 
 from deployments.support import device as devices
 from deployments.support import fastpath
-from deployments.support.config import SDXLBaseConfig, Settings
+from deployments.support.config import SDXLBaseConfig
 from deployments.support.errors import UnknownModel
 from deployments.support.generation import (
     Cancellation,
@@ -37,6 +37,7 @@ from deployments.support.generation import (
 from deployments.support.imaging import to_rgb
 from deployments.support.metrics import StageMetrics
 from deployments.support.samplers import build_scheduler
+from deployments.support.settings import Settings, current
 from deployments.weights import loader
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ class BaseGenerator:
         from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
 
         self.config = config
-        self.settings = settings or Settings()
+        self.settings = settings or current()
         self.device, self.dtype = devices.resolve(config.device)
         pipe = loader.load_sdxl(config.model, refiner=False, dtype=self.dtype, settings=settings, vae=config.vae)
         if config.ip_adapter:

@@ -21,12 +21,13 @@ from ray import serve
 
 from deployments.support import device as devices
 from deployments.support import fastpath
-from deployments.support.config import SDXLRefinerConfig, Settings
+from deployments.support.config import SDXLRefinerConfig
 from deployments.support.errors import InvalidInput
 from deployments.support.generation import Cancellation, ProgressFn, check_size, image_of, parse_lora_tags
 from deployments.support.imaging import to_rgb
 from deployments.support.metrics import StageMetrics
 from deployments.support.samplers import build_scheduler
+from deployments.support.settings import Settings, current
 from deployments.weights import loader
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class RefineRequest(BaseModel):
 class Refiner:
     def __init__(self, config: SDXLRefinerConfig, settings: Settings | None = None) -> None:
         self.config = config
-        self.settings = settings or Settings()
+        self.settings = settings or current()
         self.device, self.dtype = devices.resolve(config.device)
         self.pipe = loader.load_sdxl(config.model, refiner=True, dtype=self.dtype, settings=settings,
                                      vae=config.vae).to(self.device)

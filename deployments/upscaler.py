@@ -18,11 +18,12 @@ from PIL import Image
 from ray import serve
 
 from deployments.support import device as devices
-from deployments.support.config import Settings, UpscalerConfig
+from deployments.support.config import UpscalerConfig
 from deployments.support.errors import InvalidInput, UnknownModel
 from deployments.support.generation import image_of
 from deployments.support.imaging import from_tensor, to_rgb, to_tensor
 from deployments.support.metrics import StageMetrics
+from deployments.support.settings import Settings
 from deployments.weights import loader
 
 logger = logging.getLogger(__name__)

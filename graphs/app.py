@@ -24,14 +24,16 @@ from deployments.support.config import (
     SDXLRefinerConfig,
     UpscalerConfig,
 )
+from deployments.support.settings import current
 from deployments.upscaler import Upscaler
 from graphs import plans
 from graphs.api import a1111, a1111_info, generate, illustration, jobs, processing
 from graphs.api.edge import create_app
-from graphs.api.photos import PhotoStore
-from graphs.jobs.runner import JobRunner, JobSettings
+from graphs.api.photos import PhotoStore, StorageConfig
+from graphs.jobs.results import open_results
+from graphs.jobs.runner import JobRunner
 from graphs.jobs.sizes import SizeTable
-from graphs.jobs.webhooks import WebhookSettings
+from graphs.jobs.store import open_store
 
 
 def _expand(value):
@@ -85,14 +87,12 @@ class Ingress(
         self.handles = plans.Handles(base, refiner, upscaler, faces)
         self.cropper = cropper
         self.hires_upscaler = config.hires_upscaler
-        self.illustration = illustration.IllustrationSettings()
-        self.photos = PhotoStore(self.illustration.storage())
+        self.settings = current()  # read once, in the serving process
+        self.photos = PhotoStore(StorageConfig.from_settings(self.settings))
         self.runner = runner  # deployed with the app; it reads the same job store
-        self.job_settings = JobSettings()
-        self.jobs = self.job_settings.store()
-        self.results = self.job_settings.results()
-        self.sizes = SizeTable.load(self.job_settings.sizes_file)
-        self.webhooks = WebhookSettings()
+        self.jobs = open_store(self.settings)
+        self.results = open_results(self.settings)
+        self.sizes = SizeTable.load(self.settings.batch_sizes_file)
 
 
 def build_app(args: dict) -> Application:

@@ -161,3 +161,13 @@ def service(tiny, s3_proxy, jobs_dir):
     with httpx.Client(base_url=base_url, timeout=120) as client:
         yield client
     cluster.stop()
+
+
+@pytest.fixture(autouse=True)
+def fresh_settings():
+    """Settings are read once per process; a test that sets environment variables gets them read again."""
+    from deployments.support import settings
+
+    settings.current.cache_clear()
+    yield
+    settings.current.cache_clear()

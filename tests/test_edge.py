@@ -9,6 +9,7 @@ import httpx
 import pytest
 from fastapi import APIRouter
 
+from deployments.support import settings
 from graphs.api import edge as http
 
 pytestmark = pytest.mark.anyio
@@ -21,7 +22,7 @@ def make_client(monkeypatch):
     def build(**env) -> httpx.AsyncClient:
         for key, value in env.items():
             monkeypatch.setenv(key, value)
-        http.api_settings.cache_clear()
+        settings.current.cache_clear()
         app = http.create_app()
         router = APIRouter()
 
@@ -47,7 +48,7 @@ def make_client(monkeypatch):
         return client
 
     yield build
-    http.api_settings.cache_clear()
+    settings.current.cache_clear()
 
 
 stopped: list[float] = []

@@ -25,9 +25,8 @@ def ingress(tiny, tmp_path_factory, monkeypatch_module):
     monkeypatch_module.setenv("TINY_MODELS", str(tiny))
     monkeypatch_module.setenv("JOBS_DATA_DIR", str(tmp_path_factory.mktemp("graph-jobs")))
     args = yaml.safe_load((ROOT / "configs" / "cpu.yaml").read_text())["applications"][0]["args"]
-    handle = serve.run(build_app(args), name="graph-test", _local_testing_mode=True)
-    yield handle
-    serve.shutdown()
+    # In-process: nothing to shut down, and serve.shutdown() here would stop the session's real cluster too.
+    return serve.run(build_app(args), name="graph-test", _local_testing_mode=True)
 
 
 @pytest.fixture(scope="module")

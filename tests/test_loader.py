@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from deployments.support.config import ModelSource, Settings
+from deployments.support.config import ModelSource
 from deployments.support.errors import DownloadIncomplete, ModelLoadError, UnsafeWeights
+from deployments.support.settings import Settings
 from deployments.weights import loader
 from tests.helpers import s3_client
 from tests.netfaults import TruncatingProxy

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from deployments.support.config import Settings
 from deployments.support.errors import InvalidInput, NotFound, StorageUnavailable
+from deployments.support.settings import Settings
 from deployments.weights.loader import s3_client
 from graphs.jobs.results import LocalResults, S3Results, open_results
 from tests.netfaults import TruncatingProxy

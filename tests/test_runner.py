@@ -92,7 +92,7 @@ async def test_job_timeout_fails_the_job_and_stops_the_denoising(base, upscaler,
         assert 1.5 <= done.completed_at - done.started_at < 5
         await asyncio.sleep(0.5)
         assert base.cancellation.progress(job.id) is None  # the denoising loop has stopped, not just the waiting
-        assert not (runner.settings.data_dir / "results" / job.id).exists()
+        assert not (runner.settings.jobs_data_dir / "results" / job.id).exists()
     finally:
         stop(runner)
 

@@ -7,7 +7,8 @@ import asyncio
 import pytest
 
 from deployments.support.errors import InvalidInput
-from graphs.jobs.webhooks import WebhookSettings, check_url, deliver
+from deployments.support.settings import Settings
+from graphs.jobs.webhooks import check_url, deliver
 from tests.helpers import Receiver
 
 
@@ -18,19 +19,19 @@ from tests.helpers import Receiver
 ])
 def test_private_and_malformed_urls_are_refused(url):
     with pytest.raises(InvalidInput) as e:
-        check_url(url, WebhookSettings())
+        check_url(url, Settings())
     assert e.value.field == "webhookUrl"
 
 
 def test_public_address_and_allowlisted_host_pass():
-    assert check_url("https://93.184.216.34/hook", WebhookSettings())
-    assert check_url("http://127.0.0.1:9/hook", WebhookSettings(WEBHOOK_ALLOW_HOSTS="127.0.0.1"))
+    assert check_url("https://93.184.216.34/hook", Settings())
+    assert check_url("http://127.0.0.1:9/hook", Settings(WEBHOOK_ALLOW_HOSTS="127.0.0.1"))
 
 
 def test_delivery_retries_until_accepted():
     receiver = Receiver(failures=2)
     try:
-        settings = WebhookSettings(WEBHOOK_ALLOW_HOSTS="127.0.0.1", WEBHOOK_BACKOFF_SECONDS=0.01)
+        settings = Settings(WEBHOOK_ALLOW_HOSTS="127.0.0.1", WEBHOOK_BACKOFF_SECONDS=0.01)
         assert asyncio.run(deliver(receiver.url, {"id": "job_1", "status": "completed"}, settings))
         assert len(receiver.bodies) == 3 and receiver.bodies[-1] == {"id": "job_1", "status": "completed"}
     finally:
@@ -40,7 +41,7 @@ def test_delivery_retries_until_accepted():
 def test_delivery_never_reaches_a_refused_host():
     receiver = Receiver()
     try:
-        settings = WebhookSettings(WEBHOOK_BACKOFF_SECONDS=0.01, WEBHOOK_ATTEMPTS=2)  # loopback not allowed
+        settings = Settings(WEBHOOK_BACKOFF_SECONDS=0.01, WEBHOOK_ATTEMPTS=2)  # loopback not allowed
         assert not asyncio.run(deliver(receiver.url, {"id": "x"}, settings))
         assert receiver.bodies == []
     finally:

@@ -6,11 +6,9 @@ deployment) so that every knob is typed, bounded and documented in one place. De
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 
@@ -107,15 +105,3 @@ class FocalCropperConfig(_Config):
     retinaface: str | None = Field(None, description="RetinaFace .safetensors: detect on the GPU, not MediaPipe")
     device: DeviceConfig = DeviceConfig()
     max_output_pixels: int = Field(4096 * 4096, ge=64 * 64)
-
-
-class Settings(BaseSettings):
-    """Environment values shared by every process (cache and data directories, S3 endpoint)."""
-
-    model_config = SettingsConfigDict(env_prefix="", extra="ignore")
-
-    model_cache_dir: Path = Field(Path.home() / ".cache" / "imagegen" / "models", alias="MODEL_CACHE_DIR")
-    hf_hub_cache: Path | None = Field(None, alias="HF_HUB_CACHE", description="Hugging Face cache (read only)")
-    aws_endpoint_url: str | None = Field(None, alias="AWS_ENDPOINT_URL")
-    aws_region: str = Field("us-east-1", alias="AWS_DEFAULT_REGION")
-    download_progress_seconds: float = Field(5.0, alias="DOWNLOAD_PROGRESS_SECONDS")

@@ -22,8 +22,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from deployments.support.config import ModelSource, Settings
+from deployments.support.config import ModelSource
 from deployments.support.errors import DownloadIncomplete, ModelLoadError, UnsafeWeights
+from deployments.support.settings import Settings, current
 
 if TYPE_CHECKING:
     import torch
@@ -157,7 +158,7 @@ class S3Fetcher:
 
 def resolve(source: str, settings: Settings | None = None, fetcher: S3Fetcher | None = None) -> Path:
     """Turn a source string into a local path, fetching from S3 or the hub cache as needed."""
-    settings = settings or Settings()
+    settings = settings or current()
     if source.startswith("s3://"):
         return (fetcher or S3Fetcher(settings)).fetch(source)
     path = Path(source).expanduser()

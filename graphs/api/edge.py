@@ -6,7 +6,6 @@ status codes.
 
 import asyncio
 import contextlib
-import functools
 import hashlib
 import hmac
 import logging
@@ -14,33 +13,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from deployments.support.errors import Unauthorized
+from deployments.support.settings import Settings, current
 from graphs.api import errors
 from graphs.api.errors import error_response
 
 logger = logging.getLogger(__name__)
-
-class ApiSettings(BaseSettings):
-    """Environment of the HTTP edge (seed 001 names)."""
-
-    model_config = SettingsConfigDict(extra="ignore")
-
-    auth_enabled: bool = Field(False, alias="AUTH_ENABLED")
-    auth_token: str = Field("", alias="AUTH_TOKEN", repr=False)
-    max_body_bytes: int = Field(32 * 1024 * 1024, alias="MAX_BODY_BYTES")
-    request_timeout_s: float = Field(300.0, gt=0, alias="REQUEST_TIMEOUT_SECONDS")
-
-
-@functools.cache
-def api_settings() -> ApiSettings:
-    """Read in the serving process on first use: the app object itself is built, and pickled, elsewhere."""
-    return ApiSettings()
-
 
 class BodyLimit:
     """Refuse bodies over the limit with 413 before they are read whole (declared or streamed length)."""
@@ -50,7 +31,7 @@ class BodyLimit:
 
     @property
     def max_bytes(self) -> int:
-        return api_settings().max_body_bytes
+        return current().max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -98,7 +79,7 @@ class Deadline:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = api_settings().request_timeout_s
+        limit = current().request_timeout_seconds
         asked = dict(scope.get("headers", [])).get(TIMEOUT_HEADER)
         if asked is not None:
             try:
@@ -146,7 +127,7 @@ class BearerAuth:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        settings = api_settings()
+        settings = current()
         if scope["type"] == "http" and settings.auth_enabled and not scope["path"].startswith(OPEN_PATHS):
             header = dict(scope.get("headers", [])).get(b"authorization", b"").decode("latin-1")
             try:
@@ -173,7 +154,7 @@ def create_app() -> FastAPI:
     return app
 
 
-def check_bearer(settings: ApiSettings, authorization: str | None) -> None:
+def check_bearer(settings: Settings, authorization: str | None) -> None:
     """Seed 001 auth: when enabled, ``Authorization: Bearer <AUTH_TOKEN>``; compared in constant time."""
     if not settings.auth_enabled:
         return

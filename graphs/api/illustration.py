@@ -6,44 +6,16 @@ import uuid
 
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from deployments.support.generation import GenerationRequest
+from deployments.support.settings import Settings
 from graphs import plans
 from graphs.api.body import JSONBodyRoute
 from graphs.api.edge import stop_on_cancel
 from graphs.api.errors import ErrorBody, call
-from graphs.api.photos import PhotoStore, StorageConfig, check_user_id
+from graphs.api.photos import PhotoStore, check_user_id
 
 router = APIRouter(prefix="/v1/images", tags=["illustration"], route_class=JSONBodyRoute)
-
-
-class IllustrationSettings(BaseSettings):
-    """Seed 001's environment, with its defaults."""
-
-    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
-
-    num_inference_steps: int = Field(50, alias="DEFAULT_NUM_INFERENCE_STEPS")
-    ip_adapter_scale: float = Field(0.33, alias="DEFAULT_IP_ADAPTER_SCALE")
-    negative_prompt: str = Field("error, glitch, mistake", alias="DEFAULT_NEGATIVE_PROMPT")
-    memory_style_prompt: str = Field(
-        "highest quality, monochrome, professional sketch, personal, nostalgic, clean",
-        alias="DEFAULT_MEMORY_STYLE_PROMPT",
-    )
-    subject_style_prompt: str = Field("highest quality, professional sketch, monochrome",
-                                      alias="DEFAULT_SUBJECT_STYLE_PROMPT")
-    bucket: str = Field("auto-bio-illustrations", alias="S3_BUCKET_NAME")
-    avatar_prefix: str = Field("avatars/", alias="S3_AVATAR_PREFIX")
-    subject_prefix: str = Field("subjects/", alias="S3_SUBJECT_PREFIX")
-    generated_prefix: str = Field("generated/", alias="S3_GENERATED_PREFIX")
-    region: str = Field("us-east-1", alias="AWS_REGION")
-    endpoint_url: str | None = Field(None, alias="AWS_ENDPOINT_URL")
-    size: int = Field(1024, ge=256, le=2048, multiple_of=8, alias="ILLUSTRATION_SIZE")
-
-    def storage(self) -> StorageConfig:
-        return StorageConfig(bucket=self.bucket, avatar_prefix=self.avatar_prefix,
-                             subject_prefix=self.subject_prefix, generated_prefix=self.generated_prefix,
-                             region=self.region, endpoint_url=self.endpoint_url)
 
 
 class SubjectRequest(BaseModel):
@@ -68,20 +40,20 @@ class IllustrationResponse(BaseModel):
 
 class IllustrationRoutes:
     handles: plans.Handles
-    illustration: IllustrationSettings
+    settings: Settings
     photos: PhotoStore
 
     async def _illustrate(self, body: SubjectRequest, kind: str, prefix: str, prompt: str) -> IllustrationResponse:
         check_user_id(body.user_id)
         photo = await asyncio.to_thread(self.photos.load_photo, prefix, body.user_id)
-        s = self.illustration
+        s = self.settings
         request = GenerationRequest(
             prompt=prompt,
-            negative_prompt=body.negative_prompt if body.negative_prompt is not None else s.negative_prompt,
-            steps=body.num_inference_steps or s.num_inference_steps,
+            negative_prompt=body.negative_prompt if body.negative_prompt is not None else s.default_negative_prompt,
+            steps=body.num_inference_steps or s.default_num_inference_steps,
             ip_adapter_image=photo,
-            ip_adapter_scale=body.ip_adapter_scale if body.ip_adapter_scale is not None else s.ip_adapter_scale,
-            width=s.size, height=s.size,
+            ip_adapter_scale=body.ip_adapter_scale if body.ip_adapter_scale is not None else s.default_ip_adapter_scale,
+            width=s.illustration_size, height=s.illustration_size,
         )
         request_id = uuid.uuid4().hex
         async with stop_on_cancel(lambda: self.handles.base.cancel.remote(request_id)):
@@ -93,13 +65,13 @@ class IllustrationRoutes:
                  responses={404: {"model": ErrorBody}, 503: {"model": ErrorBody}})
     async def memory(self, body: MemoryRequest) -> IllustrationResponse:
         """A memory illustration of the prompt, with the user's avatar as the IP-Adapter reference."""
-        style = body.style_prompt if body.style_prompt is not None else self.illustration.memory_style_prompt
-        return await self._illustrate(body, "memory", self.illustration.avatar_prefix, f"{body.prompt}, {style}")
+        style = body.style_prompt if body.style_prompt is not None else self.settings.default_memory_style_prompt
+        return await self._illustrate(body, "memory", self.settings.s3_avatar_prefix, f"{body.prompt}, {style}")
 
     @router.post("/subject", response_model=IllustrationResponse,
                  responses={404: {"model": ErrorBody}, 503: {"model": ErrorBody}})
     async def subject(self, body: SubjectRequest) -> IllustrationResponse:
         """A portrait illustration of the user's subject photo."""
-        style = body.style_prompt if body.style_prompt is not None else self.illustration.subject_style_prompt
-        return await self._illustrate(body, "subject", self.illustration.subject_prefix,
+        style = body.style_prompt if body.style_prompt is not None else self.settings.default_subject_style_prompt
+        return await self._illustrate(body, "subject", self.settings.s3_subject_prefix,
                                       f"professional portrait, {style}")

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel
 
 from deployments.support.errors import InvalidInput, JobConflict, NotFound
+from deployments.support.settings import Settings
 from graphs.api.body import JSONBodyRoute
 from graphs.api.edge import token_owner
 from graphs.api.fields import image_field
@@ -36,10 +37,10 @@ from graphs.jobs.models import (
     Text2ImgJob,
 )
 from graphs.jobs.results import ResultStore
-from graphs.jobs.runner import JobSettings, data_uri, image_info
+from graphs.jobs.runner import data_uri, image_info
 from graphs.jobs.sizes import SizeTable
 from graphs.jobs.store import Job, JobStore, new_job_id
-from graphs.jobs.webhooks import WebhookSettings, check_url
+from graphs.jobs.webhooks import check_url
 
 IDEMPOTENCY_KEY = re.compile(r"[!-~]{1,255}")
 router = APIRouter(tags=["jobs"], route_class=JSONBodyRoute)
@@ -57,9 +58,8 @@ def _iso(ts: float | None) -> str | None:
 class JobRoutes:
     jobs: JobStore
     results: ResultStore
-    job_settings: JobSettings
+    settings: Settings
     sizes: SizeTable
-    webhooks: WebhookSettings
 
     def _owner(self, request: Request) -> str | None:
         return token_owner(request.headers.get("authorization"))
@@ -71,14 +71,14 @@ class JobRoutes:
             self.sizes.resolve(body.sizes)
         webhook = getattr(body, "webhookUrl", None)
         if webhook:
-            await asyncio.to_thread(check_url, webhook, self.webhooks)
+            await asyncio.to_thread(check_url, webhook, self.settings)
         payload = body.model_dump(exclude={"priority", "webhookUrl"})
         job = Job(id=new_job_id(), type=kind, request=payload, priority=getattr(body, "priority", "normal"),
                   owner=self._owner(request), webhook_url=getattr(body, "webhookUrl", None))
         key = request.headers.get("idempotency-key")
         if key is not None and not IDEMPOTENCY_KEY.fullmatch(key):
             raise InvalidInput("Idempotency-Key: 1 to 255 visible ASCII characters", field="Idempotency-Key")
-        stored, _created = await asyncio.to_thread(self.jobs.create, job, key, self.job_settings.max_queue_size)
+        stored, _created = await asyncio.to_thread(self.jobs.create, job, key, self.settings.max_queue_size)
         return stored
 
     def _view(self, job: Job, with_images: bool = True) -> dict:
@@ -104,7 +104,7 @@ class JobRoutes:
 
     async def _get(self, request: Request, job_id: str) -> Job:
         job = await asyncio.to_thread(self.jobs.get, job_id)
-        if job is None or (_env_flag("JOBS_PER_TOKEN") and job.owner != self._owner(request)):
+        if job is None or (self.settings.jobs_per_token and job.owner != self._owner(request)):
             raise NotFound("Job not found", field="id")
         return job
 
@@ -163,7 +163,7 @@ class JobRoutes:
                                                                   "cancelled"] | None = None,
                         offset: int = Query(0, ge=0, le=MAX_OFFSET), limit: int = Query(50, ge=1, le=500)) -> dict:
         """Jobs, newest first, optionally by status (paginated)."""
-        owner = self._owner(request) if _env_flag("JOBS_PER_TOKEN") else None
+        owner = self._owner(request) if self.settings.jobs_per_token else None
         jobs, total = await asyncio.to_thread(self.jobs.list_jobs, status, owner, offset, limit)
         summaries = [{"id": j.id, "type": j.type, "status": j.status, "createdAt": _iso(j.created_at),
                       "progress": round(j.progress)} for j in jobs]
@@ -189,15 +189,9 @@ class JobRoutes:
                 "completedJobs": counts.get("completed", 0), "failedJobs": counts.get("failed", 0),
                 "cancelledJobs": counts.get("cancelled", 0),
                 "averageProcessingTime": round(stats["average_seconds"] * 1000),
-                "maxQueueSize": self.job_settings.max_queue_size}
+                "maxQueueSize": self.settings.max_queue_size}
 
 
 def _redact(request: dict) -> dict:
     """Echo the request without multi-megabyte image strings."""
     return {k: (f"<{len(v)} chars>" if isinstance(v, str) and len(v) > 256 else v) for k, v in request.items()}
-
-
-def _env_flag(name: str) -> bool:
-    import os
-
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")

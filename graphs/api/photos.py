@@ -1,5 +1,7 @@
 """Object storage for seed 001: user photos in, generated images out, on S3 (any S3-compatible endpoint)."""
 
+from __future__ import annotations
+
 import io
 import logging
 import re
@@ -10,6 +12,7 @@ from pydantic import BaseModel, Field
 
 from deployments.support.errors import InvalidInput, NotFound, StorageUnavailable
 from deployments.support.imaging import decode, encode
+from deployments.support.settings import Settings
 from deployments.weights.loader import s3_client
 
 logger = logging.getLogger(__name__)
@@ -27,6 +30,12 @@ class StorageConfig(BaseModel):
     generated_prefix: str = "generated/"
     region: str = "us-east-1"
     endpoint_url: str | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> StorageConfig:
+        return cls(bucket=settings.s3_bucket_name, avatar_prefix=settings.s3_avatar_prefix,
+                   subject_prefix=settings.s3_subject_prefix, generated_prefix=settings.s3_generated_prefix,
+                   region=settings.aws_region, endpoint_url=settings.aws_endpoint_url)
 
 
 def check_user_id(user_id: str) -> str:

@@ -17,8 +17,8 @@ import uuid
 from pathlib import Path
 from typing import Protocol
 
-from deployments.support.config import Settings
 from deployments.support.errors import InvalidInput, NotFound, StorageUnavailable
+from deployments.support.settings import Settings
 from deployments.weights.loader import s3_client
 
 JOB_ID = r"job_[0-9]+_[0-9a-f]+"
@@ -120,14 +120,14 @@ class S3Results:
             self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": objects, "Quiet": True})
 
 
-def open_results(url: str | None, data_dir: Path, settings: Settings | None = None) -> ResultStore:
+def open_results(settings: Settings) -> ResultStore:
     """``None`` or a path: local files; ``s3://bucket/prefix``: S3 (the endpoint and region that model downloads
     use) with short, bounded retries."""
+    url = settings.job_results_url
     if url and url.startswith("s3://"):
         bucket, _, prefix = url.removeprefix("s3://").partition("/")
         if prefix and not prefix.endswith("/"):
             prefix += "/"
-        settings = settings or Settings()
         client = s3_client(settings.aws_endpoint_url, settings.aws_region, read_timeout=30, attempts=3)
         return S3Results(bucket, prefix, client)
-    return LocalResults(Path(url) if url else data_dir / "results")
+    return LocalResults(Path(url) if url else settings.jobs_data_dir / "results")

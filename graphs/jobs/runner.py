@@ -15,51 +15,24 @@ import io
 import logging
 import time
 import uuid
-from pathlib import Path
 
 from PIL import Image
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 from ray import serve
 
 from deployments.focal_cropper import CropSize
 from deployments.support.errors import GenerationCancelled
 from deployments.support.generation import GenerationRequest, image_of, resolve_seeds
 from deployments.support.imaging import encode
+from deployments.support.settings import current
 from graphs import plans
 from graphs.api.errors import call, unwrap
 from graphs.api.fields import image_field
-from graphs.jobs.results import ResultStore, open_results
+from graphs.jobs.results import open_results
 from graphs.jobs.sizes import SizeTable
-from graphs.jobs.store import Job, JobStore, open_store
-from graphs.jobs.webhooks import WebhookSettings, deliver
+from graphs.jobs.store import Job, open_store
+from graphs.jobs.webhooks import deliver
 
 logger = logging.getLogger(__name__)
-ROOT = Path(__file__).resolve().parents[2]
-
-
-class JobSettings(BaseSettings):
-    """Seed 003's environment names; times in milliseconds as there."""
-
-    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
-
-    data_dir: Path = Field(Path.home() / ".cache" / "imagegen" / "data", alias="JOBS_DATA_DIR")
-    max_concurrent_jobs: int = Field(4, ge=1, le=64, alias="MAX_CONCURRENT_JOBS")
-    max_queue_size: int = Field(100, ge=1, alias="MAX_QUEUE_SIZE")
-    job_timeout_ms: int = Field(300_000, ge=1000, alias="JOB_TIMEOUT")
-    lease_s: float = Field(30.0, gt=0, alias="JOB_LEASE_SECONDS")
-    max_attempts: int = Field(3, ge=1, alias="JOB_MAX_ATTEMPTS")
-    retention_s: float = Field(24 * 3600, gt=0, alias="JOB_RETENTION_SECONDS")
-    poll_s: float = Field(0.2, gt=0, alias="JOB_POLL_SECONDS")
-    sizes_file: Path = Field(ROOT / "configs" / "sizes.yaml", alias="BATCH_SIZES_FILE")
-    store_url: str | None = Field(None, alias="JOB_STORE_URL", description="redis://host:port/db for a shared store")
-    results_url: str | None = Field(None, alias="JOB_RESULTS_URL", description="s3://bucket/prefix, or a folder")
-
-    def store(self) -> JobStore:
-        return open_store(self.store_url, self.data_dir / "jobs.sqlite3", self.max_attempts)
-
-    def results(self) -> ResultStore:
-        return open_results(self.results_url, self.data_dir)
 
 
 def png(image: Image.Image) -> bytes:
@@ -96,12 +69,11 @@ class JobRunner:
         self.handles = plans.Handles(base, refiner, upscaler, faces)
         self.cropper = cropper
         self.hires_upscaler = hires_upscaler
-        self.settings = JobSettings()
-        self.store = self.settings.store()
-        self.results = self.settings.results()
-        self.sizes = SizeTable.load(self.settings.sizes_file)
+        self.settings = current()
+        self.store = open_store(self.settings)
+        self.results = open_results(self.settings)
+        self.sizes = SizeTable.load(self.settings.batch_sizes_file)
         self.worker = f"runner-{uuid.uuid4().hex[:8]}"
-        self.webhooks = WebhookSettings()
         self._background: set[asyncio.Task] = set()
         self._loops = [asyncio.get_event_loop().create_task(self._work(i))
                        for i in range(self.settings.max_concurrent_jobs)]
@@ -115,12 +87,12 @@ class JobRunner:
         name = f"{self.worker}/{index}"
         while True:
             try:
-                job = await asyncio.to_thread(self.store.claim, name, self.settings.lease_s)
+                job = await asyncio.to_thread(self.store.claim, name, self.settings.job_lease_seconds)
             except Exception:  # noqa: BLE001 - a store hiccup must not kill the loop
                 logger.exception("claim failed")
                 job = None
             if job is None:
-                await asyncio.sleep(self.settings.poll_s)
+                await asyncio.sleep(self.settings.job_poll_seconds)
                 continue
             await self._execute(job, name)
 
@@ -130,12 +102,12 @@ class JobRunner:
         keeper = asyncio.create_task(self._keep_lease(job, worker, task))
         status, result, error = "failed", None, None
         try:
-            result = await asyncio.wait_for(task, self.settings.job_timeout_ms / 1000)
+            result = await asyncio.wait_for(task, self.settings.job_timeout / 1000)
             result["timeTaken"] = int((time.monotonic() - started) * 1000)
             status = "completed"
         except TimeoutError:
             await call(self.handles.base.cancel.remote(job.id))
-            error = f"job exceeded JOB_TIMEOUT ({self.settings.job_timeout_ms} ms)"
+            error = f"job exceeded JOB_TIMEOUT ({self.settings.job_timeout} ms)"
         except asyncio.CancelledError:
             status, error = "cancelled", "cancelled"
         except Exception as e:  # noqa: BLE001 - any failure is recorded on the job, with its code
@@ -152,19 +124,20 @@ class JobRunner:
         elif job.webhook_url:
             payload = {"id": job.id, "jobId": job.id, "type": job.type, "status": status, "error": error,
                        "seed": (result or {}).get("seed")}
-            delivery = asyncio.create_task(deliver(job.webhook_url, payload, self.webhooks))
+            delivery = asyncio.create_task(deliver(job.webhook_url, payload, self.settings))
             self._background.add(delivery)  # keep a reference until it is done
             delivery.add_done_callback(self._background.discard)
 
     async def _keep_lease(self, job: Job, worker: str, task: asyncio.Task) -> None:
-        interval = self.settings.lease_s / 3
+        interval = self.settings.job_lease_seconds / 3
         while not task.done():
             await asyncio.sleep(min(interval, 0.5))
             progress = await call(self.handles.base.progress.remote(job.id))
             percent = 100.0 * progress[0] / progress[1] if progress else None
             if percent is not None and job.type == "batch-sizes":
                 percent = min(percent, 99.0)
-            keep = await asyncio.to_thread(self.store.heartbeat, job.id, worker, self.settings.lease_s, percent)
+            lease = self.settings.job_lease_seconds
+            keep = await asyncio.to_thread(self.store.heartbeat, job.id, worker, lease, percent)
             if not keep:  # cancelled (or the lease was taken over): stop the denoising loops
                 aspects = ("landscape", "square", "portrait") if job.type == "batch-sizes" else ()
                 for request_id in [job.id, *(f"{job.id}/{aspect}" for aspect in aspects)]:
@@ -246,9 +219,9 @@ class JobRunner:
 
     async def _purge(self) -> None:
         while True:
-            await asyncio.sleep(min(60.0, self.settings.retention_s / 4))
+            await asyncio.sleep(min(60.0, self.settings.job_retention_seconds / 4))
             try:
-                for job in await asyncio.to_thread(self.store.purge, self.settings.retention_s):
+                for job in await asyncio.to_thread(self.store.purge, self.settings.job_retention_seconds):
                     await asyncio.to_thread(self.results.delete, job.id)
             except Exception:  # noqa: BLE001
                 logger.exception("retention purge failed")

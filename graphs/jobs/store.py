@@ -13,8 +13,10 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from deployments.support.settings import Settings
 
 STATUSES = ("queued", "processing", "completed", "failed", "cancelled")
 PRIORITIES = {"high": 0, "normal": 1, "low": 2}
@@ -102,12 +104,13 @@ class JobStore(Protocol):
         ...
 
 
-def open_store(url: str | None, sqlite_path: Path, max_attempts: int) -> JobStore:
+def open_store(settings: Settings) -> JobStore:
     """``JOB_STORE_URL=redis://...`` selects the shared store; otherwise the SQLite file under the data dir."""
+    url = settings.job_store_url
     if url and url.startswith(("redis://", "rediss://", "unix://")):
         from graphs.jobs.redis_store import RedisJobStore
 
-        return RedisJobStore(url, max_attempts)
+        return RedisJobStore(url, settings.job_max_attempts)
     from graphs.jobs.sqlite_store import SQLiteJobStore
 
-    return SQLiteJobStore(sqlite_path, max_attempts)
+    return SQLiteJobStore(settings.jobs_data_dir / "jobs.sqlite3", settings.job_max_attempts)

@@ -15,24 +15,11 @@ import socket
 from urllib.parse import urlsplit
 
 import httpx
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from deployments.support.errors import InvalidInput
+from deployments.support.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-
-class WebhookSettings(BaseSettings):
-    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
-
-    allow_hosts: str = Field("", alias="WEBHOOK_ALLOW_HOSTS", description="comma-separated hosts exempt from checks")
-    attempts: int = Field(4, ge=1, le=10, alias="WEBHOOK_ATTEMPTS")
-    backoff_s: float = Field(1.0, gt=0, alias="WEBHOOK_BACKOFF_SECONDS")
-    timeout_s: float = Field(10.0, gt=0, alias="WEBHOOK_TIMEOUT_SECONDS")
-
-    def allowed(self) -> set[str]:
-        return {h.strip().lower() for h in self.allow_hosts.split(",") if h.strip()}
 
 
 def _public(address: str) -> bool:
@@ -41,12 +28,12 @@ def _public(address: str) -> bool:
                 or ip.is_unspecified)
 
 
-def check_url(url: str, settings: WebhookSettings, field: str = "webhookUrl") -> str:
+def check_url(url: str, settings: Settings, field: str = "webhookUrl") -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidInput("webhook URL must be http(s)://host/...", field=field)
     host = parts.hostname.lower()
-    if host in settings.allowed():
+    if host in settings.webhook_hosts():
         return url
     try:
         infos = socket.getaddrinfo(host, parts.port or (443 if parts.scheme == "https" else 80),
@@ -59,17 +46,17 @@ def check_url(url: str, settings: WebhookSettings, field: str = "webhookUrl") ->
     return url
 
 
-async def deliver(url: str, payload: dict, settings: WebhookSettings) -> bool:
+async def deliver(url: str, payload: dict, settings: Settings) -> bool:
     """POST the payload; retry on errors and 5xx with exponential backoff. True once delivered."""
-    for attempt in range(settings.attempts):
+    for attempt in range(settings.webhook_attempts):
         try:
             await asyncio.to_thread(check_url, url, settings)
-            async with httpx.AsyncClient(timeout=settings.timeout_s, follow_redirects=False) as client:
+            async with httpx.AsyncClient(timeout=settings.webhook_timeout_seconds, follow_redirects=False) as client:
                 response = await client.post(url, json=payload)
             if response.status_code < 500:
                 return response.status_code < 400
             logger.warning("webhook %s answered %d (attempt %d)", url, response.status_code, attempt + 1)
         except (httpx.HTTPError, InvalidInput) as e:
             logger.warning("webhook %s failed: %s (attempt %d)", url, e, attempt + 1)
-        await asyncio.sleep(settings.backoff_s * 2**attempt)
+        await asyncio.sleep(settings.webhook_backoff_seconds * 2**attempt)
     return False

@@ -1,0 +1,84 @@
+"""The one settings object: every environment value of every process, read once and passed down.
+
+Field names are the environment names (pydantic-settings matches them case-insensitively), so a variable in the
+README is the field of the same name here. Per-deployment model configuration is not here: it arrives typed
+through ``serve_config.yaml`` (``deployments.support.config``).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _cache() -> Path:
+    return Path.home() / ".cache" / "imagegen"
+
+
+def _sizes_file() -> Path:
+    return Path(__file__).resolve().parents[2] / "configs" / "sizes.yaml"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore", populate_by_name=True)
+
+    # --- models: where weights are cached and fetched from
+    model_cache_dir: Path = Field(default_factory=lambda: _cache() / "models")
+    hf_hub_cache: Path | None = Field(None, description="Hugging Face cache, read only")
+    download_progress_seconds: float = Field(5.0, gt=0)
+
+    # --- S3 (model downloads, seed 001 photos, job results): one endpoint and one region for all
+    aws_endpoint_url: str | None = None
+    aws_region: str = Field("us-east-1", validation_alias=AliasChoices("AWS_REGION", "AWS_DEFAULT_REGION",
+                                                                       "aws_region"))
+
+    # --- the HTTP edge (seed 001 names)
+    auth_enabled: bool = False
+    auth_token: str = Field("", repr=False)
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1)
+    request_timeout_seconds: float = Field(300.0, gt=0)
+
+    # --- jobs (seed 003 names; times in milliseconds where seed 003 has them so)
+    jobs_data_dir: Path = Field(default_factory=lambda: _cache() / "data")
+    job_store_url: str | None = Field(None, description="redis://host:port/db for a store shared by nodes")
+    job_results_url: str | None = Field(None, description="s3://bucket/prefix; default files under the data dir")
+    max_concurrent_jobs: int = Field(4, ge=1, le=64)
+    max_queue_size: int = Field(100, ge=1)
+    job_timeout: int = Field(300_000, ge=1000, description="milliseconds")
+    job_lease_seconds: float = Field(30.0, gt=0)
+    job_max_attempts: int = Field(3, ge=1)
+    job_retention_seconds: float = Field(24 * 3600, gt=0)
+    job_poll_seconds: float = Field(0.2, gt=0)
+    jobs_per_token: bool = Field(False, description="a job is visible only to the bearer token that made it")
+    batch_sizes_file: Path = Field(default_factory=_sizes_file)
+
+    # --- webhooks
+    webhook_allow_hosts: str = Field("", description="comma-separated hosts exempt from the address checks")
+    webhook_attempts: int = Field(4, ge=1, le=10)
+    webhook_backoff_seconds: float = Field(1.0, gt=0)
+    webhook_timeout_seconds: float = Field(10.0, gt=0)
+
+    # --- seed 001 illustrations
+    s3_bucket_name: str = "auto-bio-illustrations"
+    s3_avatar_prefix: str = "avatars/"
+    s3_subject_prefix: str = "subjects/"
+    s3_generated_prefix: str = "generated/"
+    illustration_size: int = Field(1024, ge=256, le=2048, multiple_of=8)
+    default_num_inference_steps: int = Field(50, ge=1, le=150)
+    default_ip_adapter_scale: float = Field(0.33, ge=0.0, le=2.0)
+    default_negative_prompt: str = "error, glitch, mistake"
+    default_memory_style_prompt: str = "highest quality, monochrome, professional sketch, personal, nostalgic, clean"
+    default_subject_style_prompt: str = "highest quality, professional sketch, monochrome"
+
+    def webhook_hosts(self) -> set[str]:
+        return {h.strip().lower() for h in self.webhook_allow_hosts.split(",") if h.strip()}
+
+
+@functools.cache
+def current() -> Settings:
+    """This process's settings, read from the environment on first use (in the serving process: the app object
+    itself is built, and pickled, elsewhere)."""
+    return Settings()
