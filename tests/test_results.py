@@ -58,8 +58,8 @@ def test_local_results_round_trip_and_refuse_escapes(tmp_path):
 
 def test_s3_results_round_trip_under_a_prefix(bucket, s3_server):
     client, name = bucket
-    settings = Settings(AWS_ENDPOINT_URL=s3_server, AWS_DEFAULT_REGION="us-east-1")
-    store = open_results(f"s3://{name}/jobs", None, settings)  # type: ignore[arg-type]
+    settings = Settings(AWS_ENDPOINT_URL=s3_server, AWS_DEFAULT_REGION="us-east-1", JOB_RESULTS_URL=f"s3://{name}/jobs")
+    store = open_results(settings)
     assert isinstance(store, S3Results)
     key = store.save(JOB, "hero", DATA)
     store.save(JOB, "hero_320w", b"RIFF-webp", "webp")
