@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,23 +21,13 @@ from deployments.support import device as devices
 from deployments.support import faces as face_lib
 from deployments.support.config import FaceRestorerConfig
 from deployments.support.errors import InvalidInput
-from deployments.support.generation import image_of
+from deployments.support.generation import StageResult
 from deployments.support.imaging import pil_to_array
 from deployments.support.metrics import StageMetrics
 from deployments.support.settings import Settings
 from deployments.weights import loader
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class FaceResult:
-    image: Image.Image
-    faces_found: int
-    restored: bool
-    restorer: str | None
-    boxes: list[tuple[float, float, float, float]] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
 
 
 class FaceEnhancer:
@@ -74,8 +64,11 @@ class FaceEnhancer:
     def detect(self, image: Image.Image) -> list[face_lib.Face]:
         return self.detector.detect(pil_to_array(image))
 
-    def restore(self, image: Image.Image, weight: float = 0.6, visibility: float = 1.0) -> FaceResult:
-        """``weight``: CodeFormer fidelity (0 = strongest restoration, 1 = closest to input)."""
+    def restore(self, source: StageResult | Image.Image, weight: float = 0.6, visibility: float = 1.0) -> StageResult:
+        """``weight``: CodeFormer fidelity (0 = strongest restoration, 1 = closest to input). ``info`` gains
+        ``faces_found``, ``face_restoration_applied``, ``restorer`` and ``face_boxes``."""
+        source = StageResult.of(source)
+        image = source.image
         if not 0.0 <= weight <= 1.0:
             raise InvalidInput("weight must lie in [0, 1]", field="face_restoration_weight")
         if not 0.0 <= visibility <= 1.0:
@@ -84,17 +77,19 @@ class FaceEnhancer:
         found = self.detector.detect(rgb)
         boxes = [f.box for f in found]
         descriptor = self.descriptor
+        facts: dict[str, Any] = dict(faces_found=len(found), face_boxes=boxes, restorer=self.name,
+                                     face_restoration_applied=False)
         if descriptor is None:
-            return FaceResult(image, len(found), False, None, boxes, ["no face restorer loaded: faces not restored"])
+            return source.then([image], warnings=["no face restorer loaded: faces not restored"], **facts)
         if not found:
-            return FaceResult(image, 0, False, self.name, boxes, ["no face detected: image unchanged"])
+            return source.then([image], warnings=["no face detected: image unchanged"], **facts)
         out = rgb
         with self._lock, self.oom(), torch.inference_mode():
             for face in found:
                 crop, matrix = face_lib.align(out, face, self.size)
                 restored = self._restore_crop(descriptor, crop, weight)
                 out = face_lib.paste_back(out, restored, matrix, blend=visibility)
-        return FaceResult(Image.fromarray(out), len(found), True, self.name, boxes)
+        return source.then([Image.fromarray(out)], **{**facts, "face_restoration_applied": True})
 
     def _restore_crop(self, descriptor, crop: np.ndarray, weight: float) -> np.ndarray:
         tensor = torch.from_numpy(crop).permute(2, 0, 1)[None].float().div(255).to(self.device)
@@ -114,10 +109,11 @@ class FaceRestorer:
         self.model = self.thread.call(FaceEnhancer, FaceRestorerConfig.model_validate(config))
         self.metrics = StageMetrics("face_restorer")
 
-    async def restore(self, image, weight: float = 0.6, visibility: float = 1.0) -> FaceResult:
-        """``image``: an image or the previous stage's result."""
+    async def restore(self, source: StageResult | Image.Image, weight: float = 0.6,
+                      visibility: float = 1.0) -> StageResult:
+        """``source``: the previous stage's result, or an image."""
         with self.metrics.track():
-            result = await self.thread.run(self.model.restore, image_of(image), weight, visibility)
+            result = await self.thread.run(self.model.restore, source, weight, visibility)
         self.metrics.produced(1)
         return result
 

@@ -18,7 +18,7 @@ from ray import serve
 from deployments.support import faces as face_lib
 from deployments.support.config import FocalCropperConfig
 from deployments.support.errors import InvalidInput
-from deployments.support.generation import image_of
+from deployments.support.generation import StageResult
 from deployments.support.imaging import Format, encode, pil_to_array, to_rgb
 from deployments.support.metrics import StageMetrics
 
@@ -140,13 +140,13 @@ class FocalCropper:
 
     async def focus(self, image) -> Focus:
         """``image``: an image or the previous stage's result."""
-        return await asyncio.to_thread(self.model.focus, image_of(image))
+        return await asyncio.to_thread(self.model.focus, StageResult.of(image).image)
 
     async def crop(self, image, sizes: list[CropSize], focus: Focus | None = None,
                    fmt: Format | None = None, quality: int = 90,
                    derivative_widths: list[int] | None = None) -> tuple[Focus, list[Crop]]:
         with self.metrics.track():
-            result = await asyncio.to_thread(self.model.crop, image_of(image), sizes, focus, fmt, quality,
+            result = await asyncio.to_thread(self.model.crop, StageResult.of(image).image, sizes, focus, fmt, quality,
                                              derivative_widths)
         self.metrics.produced(len(result[1]))
         return result

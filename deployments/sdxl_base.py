@@ -26,9 +26,9 @@ from deployments.support.errors import UnknownModel
 from deployments.support.generation import (
     Cancellation,
     GenerationRequest,
-    GenerationResult,
     LoraRef,
     ProgressFn,
+    StageResult,
     check_size,
     mode_of,
     parse_lora_tags,
@@ -140,7 +140,7 @@ class BaseGenerator:
 
     def generate(
         self, request: GenerationRequest, request_id: str | None = None, on_progress: ProgressFn | None = None
-    ) -> GenerationResult:
+    ) -> StageResult:
         check_size(request.width, request.height, self.config.max_pixels)
         mode = mode_of(request)
         prompt, tagged = parse_lora_tags(request.prompt)
@@ -172,7 +172,7 @@ class BaseGenerator:
         return [r for r in active if r.name not in {e.name for e in explicit}]
 
     def _run(self, mode, request: GenerationRequest, prompt: str, seeds, report, warnings,
-             request_id: str | None = None) -> GenerationResult:
+             request_id: str | None = None) -> StageResult:
         pipe = {"txt2img": self.txt2img, "img2img": self.img2img, "inpaint": self.inpaint}[mode]
         sampler = request.sampler or self.config.default_sampler
         pipe.scheduler = build_scheduler(sampler, self.scheduler_config, request.schedule)
@@ -219,11 +219,11 @@ class BaseGenerator:
         with fastpath.attention(self.config.fast):
             latents = pipe(**kwargs, output_type="latent").images
         if request.denoising_end is not None:
-            return GenerationResult(images=[], seeds=seeds, latents=latents.float().cpu().numpy(), warnings=warnings)
+            return StageResult(images=[], seeds=seeds, latents=latents.float().cpu().numpy(), warnings=warnings)
         images = self.decode(latents)
         if mask is not None:
             images = [self._keep_unmasked(init, image, mask) for image in images]
-        return GenerationResult(images=images, seeds=seeds, warnings=warnings)
+        return StageResult(images=images, seeds=seeds, warnings=warnings)
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         with fastpath.attention(self.config.fast):
@@ -270,7 +270,7 @@ class SDXLBase:
         self.thread.call(self.model.warm_up)
         self.metrics = StageMetrics("sdxl_base")
 
-    async def generate(self, request: GenerationRequest, request_id: str | None = None) -> GenerationResult:
+    async def generate(self, request: GenerationRequest, request_id: str | None = None) -> StageResult:
         with self.metrics.track():
             result = await self.thread.run(self.model.generate, request, request_id)
         self.metrics.produced(len(result.images) or len(result.seeds))

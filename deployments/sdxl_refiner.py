@@ -13,7 +13,6 @@ import math
 import threading
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
@@ -23,7 +22,7 @@ from deployments.support import device as devices
 from deployments.support import fastpath
 from deployments.support.config import SDXLRefinerConfig
 from deployments.support.errors import InvalidInput
-from deployments.support.generation import Cancellation, ProgressFn, check_size, image_of, parse_lora_tags
+from deployments.support.generation import Cancellation, ProgressFn, StageResult, check_size, parse_lora_tags
 from deployments.support.imaging import to_rgb
 from deployments.support.metrics import StageMetrics
 from deployments.support.samplers import build_scheduler
@@ -34,20 +33,20 @@ logger = logging.getLogger(__name__)
 
 
 class RefineRequest(BaseModel):
-    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
+    """How to refine; what to refine (latents or images, with their seeds) is the previous stage's result."""
+
+    model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field("", max_length=10_000)
     negative_prompt: str = Field("", max_length=10_000)
-    seeds: list[int] = Field(..., min_length=1)
     steps: int = Field(30, ge=1, le=150)
     guidance_scale: float = Field(7.0, ge=0.0, le=30.0)
     sampler: str | None = None
-    latents: np.ndarray | None = None  # ensemble mode: the base model's output, denoised up to denoising_start
-    denoising_start: float | None = Field(None, gt=0.0, lt=1.0)
-    images: list[Image.Image] = []  # image mode
-    strength: float = Field(0.35, gt=0.0, le=1.0)
+    denoising_start: float = Field(0.8, gt=0.0, lt=1.0, description="ensemble: where the base model stopped")
+    strength: float = Field(0.35, gt=0.0, le=1.0, description="image mode: how much of the image is redrawn")
     aesthetic_score: float = Field(6.0, ge=0.0, le=10.0)
     negative_aesthetic_score: float = Field(2.5, ge=0.0, le=10.0)
+    seeds: list[int] = Field([], description="image mode, when the images come without seeds")
 
 
 class Refiner:
@@ -74,52 +73,44 @@ class Refiner:
         fast = self.config.fast
         for width, height in fast.warmup_sizes:
             grey = Image.new("RGB", (width, height), (128, 128, 128))
-            self.refine(RefineRequest(prompt="warm-up", seeds=[0], steps=fast.warmup_steps, images=[grey],
-                                      strength=1.0))
+            self.refine_images(RefineRequest(prompt="warm-up", steps=fast.warmup_steps, strength=1.0), grey)
         if fast.warmup_sizes and fast.compile != "none" and self.device.type == "cuda":
             fastpath.save_compile_cache(self.compile_cache)
 
-    def refine(self, request: RefineRequest, request_id: str | None = None, on_progress: ProgressFn | None = None,
-               source=None):
-        """Return one refined image per seed (ensemble) or per input image (image mode).
+    def refine_latents(self, request: RefineRequest, source: StageResult, request_id: str | None = None,
+                       on_progress: ProgressFn | None = None) -> StageResult:
+        """Expert ensemble: finish the base model's latents from ``denoising_start``; no decode in between."""
+        if source.latents is None:
+            raise InvalidInput("the previous stage handed on no latents", field="latents")
+        if len(source.latents) != len(source.seeds):
+            raise InvalidInput("one seed per latent is required", field="seeds")
+        total = max(1, round(request.steps * (1 - request.denoising_start)))
+        kwargs = dict(image=torch.from_numpy(source.latents), denoising_start=request.denoising_start,
+                      num_inference_steps=request.steps)
+        images = self._run(request, source.seeds, kwargs, total, request_id, on_progress)
+        return source.then(images, refiner=self.config.name, refiner_mode="ensemble")
 
-        ``source`` is the previous stage's result: base latents (ensemble) or an image-bearing result.
-        """
-        if source is not None:
-            latents = getattr(source, "latents", None)
-            update = {"latents": latents} if latents is not None else {"images": [image_of(source)]}
-            request = request.model_copy(update=update)
+    def refine_images(self, request: RefineRequest, source: StageResult | Image.Image, request_id: str | None = None,
+                      on_progress: ProgressFn | None = None) -> StageResult:
+        """Refine finished images as img2img at ``strength`` (the hires-fix pass)."""
+        source = StageResult.of(source)
+        seeds = source.seeds or request.seeds or [0] * len(source.images)
+        if not source.images or len(seeds) != len(source.images):
+            raise InvalidInput("one seed per image is required", field="seeds")
+        for image in source.images:
+            check_size(image.width, image.height, self.config.max_pixels)
+        # As A1111 does, a low strength still runs one step; diffusers would run none and return nothing.
+        steps = max(request.steps, math.ceil(1 / request.strength))
+        kwargs = dict(image=[to_rgb(i) for i in source.images], strength=request.strength, num_inference_steps=steps)
+        images = self._run(request, seeds, kwargs, max(1, int(steps * request.strength)), request_id, on_progress)
+        result = source.then(images, refiner=self.config.name, refiner_mode="image")
+        result.seeds = list(seeds)
+        return result
+
+    def _run(self, request: RefineRequest, seeds: list[int], kwargs: dict, total: int, request_id: str | None,
+             on_progress: ProgressFn | None) -> list[Image.Image]:
         prompt, _ = parse_lora_tags(request.prompt)  # LoRAs belong to the base model
         report = self.cancellation.callback(request_id, on_progress)
-        kwargs: dict = dict(
-            prompt=prompt,
-            negative_prompt=request.negative_prompt or None,
-            num_inference_steps=request.steps,
-            guidance_scale=request.guidance_scale,
-            aesthetic_score=request.aesthetic_score,
-            negative_aesthetic_score=request.negative_aesthetic_score,
-            num_images_per_prompt=len(request.seeds),
-            generator=[torch.Generator("cpu").manual_seed(s) for s in request.seeds],
-        )
-        if request.latents is not None:
-            if request.denoising_start is None:
-                raise InvalidInput("latents need denoising_start", field="denoising_start")
-            if len(request.latents) != len(request.seeds):
-                raise InvalidInput("one seed per latent is required", field="seeds")
-            kwargs.update(image=torch.from_numpy(request.latents), denoising_start=request.denoising_start)
-            total = max(1, round(request.steps * (1 - request.denoising_start)))
-        elif request.images:
-            if len(request.images) != len(request.seeds):
-                raise InvalidInput("one seed per image is required", field="seeds")
-            for image in request.images:
-                check_size(image.width, image.height, self.config.max_pixels)
-            # As A1111 does, a low strength still runs one step; diffusers would run none and return nothing.
-            steps = max(request.steps, math.ceil(1 / request.strength))
-            kwargs.update(image=[to_rgb(i) for i in request.images], strength=request.strength,
-                          num_inference_steps=steps)
-            total = max(1, int(steps * request.strength))
-        else:
-            raise InvalidInput("give latents or images to refine", field="images")
 
         def on_step_end(_pipe, step, _timestep, callback_kwargs):
             report(step + 1, total)
@@ -129,11 +120,16 @@ class Refiner:
             with self._lock, self.oom():
                 self.pipe.scheduler = build_scheduler(request.sampler or "Euler", self.scheduler_config)
                 with fastpath.attention(self.config.fast):
-                    latents = self.pipe(**kwargs, callback_on_step_end=on_step_end, output_type="latent").images
-                    images = fastpath.decode(self.pipe, latents)
+                    latents = self.pipe(
+                        prompt=prompt, negative_prompt=request.negative_prompt or None,
+                        guidance_scale=request.guidance_scale, aesthetic_score=request.aesthetic_score,
+                        negative_aesthetic_score=request.negative_aesthetic_score, num_images_per_prompt=len(seeds),
+                        generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+                        callback_on_step_end=on_step_end, output_type="latent", **kwargs,
+                    ).images
+                    return fastpath.decode(self.pipe, latents)
         finally:
             self.cancellation.finish(request_id)
-        return images
 
     def describe(self) -> dict:
         return {"name": self.config.name, "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
@@ -148,11 +144,21 @@ class SDXLRefiner:
         self.thread.call(self.model.warm_up)
         self.metrics = StageMetrics("sdxl_refiner")
 
-    async def refine(self, request: RefineRequest, request_id: str | None = None, source=None) -> list[Image.Image]:
+    async def refine_latents(self, request: RefineRequest, source: StageResult,
+                             request_id: str | None = None) -> StageResult:
+        """Expert ensemble on the base model's latents (``source``: the base stage's result)."""
+        return await self._track(self.model.refine_latents, request, source, request_id)
+
+    async def refine_images(self, request: RefineRequest, source: StageResult | Image.Image,
+                            request_id: str | None = None) -> StageResult:
+        """img2img on finished images (``source``: an image-bearing stage result, or an image)."""
+        return await self._track(self.model.refine_images, request, source, request_id)
+
+    async def _track(self, method, request: RefineRequest, source, request_id: str | None) -> StageResult:
         with self.metrics.track():
-            images = await self.thread.run(self.model.refine, request, request_id, None, source)
-        self.metrics.produced(len(images))
-        return images
+            result = await self.thread.run(method, request, source, request_id)
+        self.metrics.produced(len(result.images))
+        return result
 
     async def cancel(self, request_id: str) -> None:
         self.model.cancellation.cancel(request_id)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
@@ -20,7 +19,7 @@ from ray import serve
 from deployments.support import device as devices
 from deployments.support.config import UpscalerConfig
 from deployments.support.errors import InvalidInput, UnknownModel
-from deployments.support.generation import image_of
+from deployments.support.generation import StageResult
 from deployments.support.imaging import from_tensor, to_rgb, to_tensor
 from deployments.support.metrics import StageMetrics
 from deployments.support.settings import Settings
@@ -43,13 +42,6 @@ BUILTIN = {
     "Nearest": Image.Resampling.NEAREST,
     "Bicubic": Image.Resampling.BICUBIC,
 }
-
-
-@dataclass
-class UpscaleResult:
-    image: Image.Image
-    upscaler: str  # what actually ran
-    warnings: list[str] = field(default_factory=list)
 
 
 def target_size(size: tuple[int, int], scale: float | None, width: int | None, height: int | None) -> tuple[int, int]:
@@ -88,27 +80,29 @@ class ImageUpscaler:
 
     def upscale(
         self,
-        image: Image.Image,
+        source: StageResult | Image.Image,
         upscaler: str = "Lanczos",
         scale: float | None = 2.0,
         width: int | None = None,
         height: int | None = None,
-    ) -> UpscaleResult:
-        image = to_rgb(image)
+    ) -> StageResult:
+        """The previous stage's image at the target size; ``info["upscaler"]`` says what actually ran."""
+        source = StageResult.of(source)
+        image = to_rgb(source.image)
         size = target_size(image.size, scale, width, height)
         if size[0] * size[1] > self.config.max_output_pixels:
             raise InvalidInput(f"output {size[0]}x{size[1]} exceeds the pixel limit", field="scale")
         if upscaler in BUILTIN:
             if BUILTIN[upscaler] is None:
-                return UpscaleResult(image.copy(), "None")
-            return UpscaleResult(image.resize(size, BUILTIN[upscaler]), upscaler)
+                return source.then([image.copy()], upscaler="None")
+            return source.then([image.resize(size, BUILTIN[upscaler])], upscaler=upscaler)
         if upscaler not in self.models:
             if upscaler not in A1111_NAMES:
                 raise UnknownModel(f"unknown upscaler {upscaler!r}", field="upscaler",
                                    details={"choices": self.names()})
             warning = f"upscaler {upscaler!r} is not loaded; Lanczos used instead"
             logger.warning(warning)
-            return UpscaleResult(image.resize(size, Image.Resampling.LANCZOS), "Lanczos", [warning])
+            return source.then([image.resize(size, Image.Resampling.LANCZOS)], warnings=[warning], upscaler="Lanczos")
         descriptor = self.models[upscaler]
         with self._lock, self.oom(), torch.inference_mode():
             out = image
@@ -119,7 +113,7 @@ class ImageUpscaler:
                     break
         if out.size != size:
             out = out.resize(size, Image.Resampling.LANCZOS)
-        return UpscaleResult(out, upscaler)
+        return source.then([out], upscaler=upscaler)
 
     def _run_model(self, descriptor, image: Image.Image) -> Image.Image:
         dtype = next(descriptor.model.parameters()).dtype
@@ -177,11 +171,11 @@ class Upscaler:
         self.model = self.thread.call(ImageUpscaler, UpscalerConfig.model_validate(config))
         self.metrics = StageMetrics("upscaler")
 
-    async def upscale(self, image, upscaler: str = "Lanczos", scale: float | None = 2.0,
-                      width: int | None = None, height: int | None = None) -> UpscaleResult:
-        """``image``: an image or the previous stage's result."""
+    async def upscale(self, source: StageResult | Image.Image, upscaler: str = "Lanczos", scale: float | None = 2.0,
+                      width: int | None = None, height: int | None = None) -> StageResult:
+        """``source``: the previous stage's result, or an image."""
         with self.metrics.track():
-            result = await self.thread.run(self.model.upscale, image_of(image), upscaler, scale, width, height)
+            result = await self.thread.run(self.model.upscale, source, upscaler, scale, width, height)
         self.metrics.produced(1)
         return result
 

@@ -1,8 +1,14 @@
-"""Generation plans: each reads like the seed-000 flow diagram and only calls deployment handles.
+"""Every generation plan: each reads like its flow diagram and only calls deployment handles.
 
-standard:  base (-> refiner as expert ensemble, on latents) (-> faces)
-hires fix: base at 768 -> upscaler x2 (Real-ESRGAN, Lanczos if unavailable) -> refiner img2img at 1536,
-           strength 0.35 (-> faces)
+standard:     base (-> refiner as expert ensemble, on latents) (-> faces)
+hires fix:    base at 768 -> upscaler x2 (Real-ESRGAN, Lanczos if unavailable) -> refiner img2img at 1536,
+              strength 0.35 (-> faces)
+A1111 batch:  base (-> refiner on latents from refiner_switch_at) | base -> per image (upscale -> base img2img)
+batch sizes:  one base per aspect class, all in flight at once -> focal crops per size (-> neural upscale)
+seed 003:     one base call (txt2img, img2img, inpaint, style transfer through IP-Adapter)
+
+Each API family maps its request into one plan input here (``seed000``, ``seed003``), so the sync and async
+paths share the mapping. This module is longer than most: it keeps every plan in one place.
 
 Each stage is handed the previous stage's ``DeploymentResponse``: Serve resolves it in the next replica, so
 latents and images travel replica to replica through the object store, never through the ingress. The ingress
@@ -18,9 +24,12 @@ from dataclasses import dataclass, field
 from PIL import Image
 from ray.serve.handle import DeploymentHandle
 
+from deployments.focal_cropper import CropSize
 from deployments.sdxl_refiner import RefineRequest
-from deployments.support.generation import GenerationRequest, image_of, resolve_seeds
+from deployments.support.generation import GenerationRequest, StageResult, resolve_seeds
 from graphs.api.errors import call, unwrap
+from graphs.api.fields import image_field
+from graphs.jobs.sizes import SizeTable
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +68,9 @@ class Report:
     warnings: list[str] = field(default_factory=list)
 
 
-def _refine(request: GenerationRequest, seed: int, **mode) -> RefineRequest:
-    return RefineRequest(prompt=request.prompt, negative_prompt=request.negative_prompt, seeds=[seed],
-                         steps=request.steps, guidance_scale=request.guidance_scale, **mode)
+def _refine(request: GenerationRequest, **mode) -> RefineRequest:
+    return RefineRequest(prompt=request.prompt, negative_prompt=request.negative_prompt, steps=request.steps,
+                         guidance_scale=request.guidance_scale, **mode)
 
 
 async def standard(h: Handles, request: GenerationRequest, opts: PlanOptions) -> Report:
@@ -70,45 +79,161 @@ async def standard(h: Handles, request: GenerationRequest, opts: PlanOptions) ->
     warnings: list[str] = []
     if opts.use_refiner and h.refiner is not None:
         base = h.base.generate.remote(request.model_copy(update={"denoising_end": ENSEMBLE_SPLIT}), opts.request_id)
-        last = h.refiner.refine.remote(_refine(request, seed, denoising_start=ENSEMBLE_SPLIT), None, base)
+        last = h.refiner.refine_latents.remote(_refine(request, denoising_start=ENSEMBLE_SPLIT), base)
     else:
         if opts.use_refiner:
             warnings.append("refiner not deployed: base output returned")
-        base = last = h.base.generate.remote(request, opts.request_id)
-    report = await _finish(h, last, seed, opts)
-    report.refiner_applied = last is not base
-    report.warnings[:0] = warnings + (await call(base)).warnings
-    return report
+        last = h.base.generate.remote(request, opts.request_id)
+    return await _finish(h, last, seed, opts, warnings)
 
 
 async def hires_fix(h: Handles, request: GenerationRequest, opts: PlanOptions) -> Report:
     seed = resolve_seeds(request.seed, 1)[0]
     first = request.model_copy(update={"width": HIRES_BASE, "height": HIRES_BASE, "batch_size": 1, "seed": seed})
     base = h.base.generate.remote(first, opts.request_id)
-    upscaled = h.upscaler.upscale.remote(base, opts.neural_upscaler or "Lanczos", 2.0)
-    last = upscaled
+    last = h.upscaler.upscale.remote(base, opts.neural_upscaler or "Lanczos", 2.0)
+    warnings = []
     if h.refiner is not None:
-        last = h.refiner.refine.remote(_refine(request, seed, strength=HIRES_STRENGTH), None, upscaled)
-    report = await _finish(h, last, seed, opts)
-    up = await call(upscaled)
-    report.upscaler, report.hires_fix_applied, report.refiner_applied = up.upscaler, True, last is not upscaled
-    report.warnings[:0] = (await call(base)).warnings + up.warnings
-    if h.refiner is None:
-        report.warnings.append("refiner not deployed: upscaled image not refined")
+        last = h.refiner.refine_images.remote(_refine(request, strength=HIRES_STRENGTH), last)
+    else:
+        warnings.append("refiner not deployed: upscaled image not refined")
+    report = await _finish(h, last, seed, opts, warnings)
+    report.hires_fix_applied = True
     return report
 
 
-async def _finish(h: Handles, last, seed: int, opts: PlanOptions) -> Report:
-    """Optional face restoration on the chain's last stage; a failure there returns the unprocessed image."""
+async def _finish(h: Handles, last, seed: int, opts: PlanOptions, warnings: list[str]) -> Report:
+    """Optional face restoration on the chain's last stage, then the one await of the plan: only the final
+    result comes back, carrying every stage's warnings and facts. A face-restoration failure returns the image
+    unprocessed (seed 000)."""
     if opts.restore_faces:
         try:
-            restored = await call(h.faces.restore.remote(last, opts.face_weight))
+            return _report(await call(h.faces.restore.remote(last, opts.face_weight)), seed, warnings)
         except Exception as e:  # noqa: BLE001 - seed 000: a post-processing failure returns the image unprocessed
-            image = image_of(await call(last))  # an upstream failure re-raises here, as it should
+            result = await call(last)  # an upstream failure re-raises here, as it should
             code = getattr(unwrap(e), "code", type(unwrap(e)).__name__)
             logger.warning("face restoration failed (%s); unprocessed image returned", code)
-            return Report(image=image, seed=seed, warnings=[f"face restoration failed ({code}): unprocessed image"])
-        report = Report(image=restored.image, seed=seed, face_restoration_applied=restored.restored,
-                        faces_found=restored.faces_found, warnings=list(restored.warnings))
-        return report
-    return Report(image=image_of(await call(last)), seed=seed)
+            return _report(result, seed, [*warnings, f"face restoration failed ({code}): unprocessed image"])
+    return _report(await call(last), seed, warnings)
+
+
+def _report(result: StageResult, seed: int, warnings: list[str]) -> Report:
+    info = result.info
+    return Report(image=result.image, seed=seed, refiner_applied="refiner" in info, upscaler=info.get("upscaler"),
+                  face_restoration_applied=info.get("face_restoration_applied", False),
+                  faces_found=info.get("faces_found", 0), warnings=[*result.warnings, *warnings])
+
+
+# --- seed 000: /generate and /generate/async ---------------------------------------------------------------------
+
+async def seed000(h: Handles, fields: dict, hires_upscaler: str, request_id: str | None) -> Report:
+    """Seed 000's fields (the sync body, or the queued one) -> the standard or hires-fix plan."""
+    request = GenerationRequest(prompt=fields["prompt"], negative_prompt=fields.get("negative_prompt", ""),
+                                seed=fields.get("seed", -1), width=fields.get("width", 1024),
+                                height=fields.get("height", 1024), steps=fields.get("num_inference_steps", 30),
+                                guidance_scale=fields.get("guidance_scale", 7.0))
+    opts = PlanOptions(use_refiner=fields.get("use_refiner", True), hires_fix=fields.get("hires_fix", False),
+                       neural_upscaler=hires_upscaler if fields.get("use_realesrgan", True) else None,
+                       restore_faces=fields.get("use_face_restoration", False),
+                       face_weight=fields.get("face_restoration_weight", 0.6), request_id=request_id)
+    return await (hires_fix if opts.hires_fix else standard)(h, request, opts)
+
+
+# --- seed 003: the camelCase jobs --------------------------------------------------------------------------------
+
+def seed003(kind: str, r: dict) -> GenerationRequest:
+    """Seed 003 camelCase fields -> one SDXLBase request (style transfer: the style image through IP-Adapter)."""
+    common = dict(prompt=r.get("prompt", ""), negative_prompt=r.get("negativePrompt", ""),
+                  width=r.get("width", 512), height=r.get("height", 512), steps=r.get("steps", 30),
+                  guidance_scale=r.get("guidanceScale", 7.5), seed=r.get("seed", -1),
+                  sampler=r.get("sampler", "euler_a"))
+    if kind == "img2img":
+        return GenerationRequest(**common, init_image=image_field(r["initImage"], "initImage"),
+                                 strength=r.get("strength", 0.75))
+    if kind == "inpaint":
+        return GenerationRequest(**common, init_image=image_field(r["image"], "image"),
+                                 mask=image_field(r["mask"], "mask"), strength=r.get("inpaintingStrength", 0.9))
+    if kind == "style-transfer":
+        content = image_field(r["contentImage"], "contentImage")
+        common.update(width=r.get("width", content.width - content.width % 8),
+                      height=r.get("height", content.height - content.height % 8))
+        style = image_field(r["styleImage"], "styleImage")
+        return GenerationRequest(**common, init_image=content, ip_adapter_image=style,
+                                 ip_adapter_scale=r.get("styleStrength", 0.7),
+                                 strength=min(1.0, max(0.05, 1.0 - r.get("contentStrength", 0.3))))
+    return GenerationRequest(**common)
+
+
+# --- Automatic1111: one batch of txt2img / img2img ---------------------------------------------------------------
+
+@dataclass
+class A1111Hires:
+    upscaler: str
+    scale: float
+    strength: float
+    steps: int
+
+
+async def a1111_batch(h: Handles, request: GenerationRequest, request_id: str, *,
+                      refiner_switch_at: float | None = None, hires: A1111Hires | None = None) -> StageResult:
+    """The base, then either the refiner on its latents from ``refiner_switch_at`` or, for each image, an
+    upscale and a second base pass as img2img (A1111's hires fix). Image-to-image requests take neither."""
+    if refiner_switch_at is not None and h.refiner is not None and request.init_image is None:
+        handoff = h.base.generate.remote(request.model_copy(update={"denoising_end": refiner_switch_at}), request_id)
+        return await call(h.refiner.refine_latents.remote(_refine(request, denoising_start=refiner_switch_at), handoff))
+    result: StageResult = await call(h.base.generate.remote(request, request_id))
+    if hires is None or request.init_image is not None:
+        return result
+    second, warnings = [], []
+    for image, seed in zip(result.images, result.seeds, strict=True):
+        up = await call(h.upscaler.upscale.remote(image, hires.upscaler, hires.scale))
+        width, height = (d - d % 8 for d in up.image.size)
+        again = request.model_copy(update={"init_image": up.image, "width": width, "height": height, "seed": seed,
+                                           "batch_size": 1, "strength": hires.strength, "steps": hires.steps})
+        second += (await call(h.base.generate.remote(again, request_id))).images
+        warnings += up.warnings
+    return result.then(second, warnings=warnings, hires_upscaler=hires.upscaler)
+
+
+# --- seed 002: one subject, every size ---------------------------------------------------------------------------
+
+@dataclass
+class SizedImage:
+    name: str
+    aspect: str
+    image: Image.Image
+    box: tuple[int, int, int, int]
+    upscaled: bool
+
+
+async def batch_sizes(h: Handles, cropper: DeploymentHandle, r: dict, table: SizeTable, upscaler: str,
+                      request_id: str) -> tuple[int, int, list[SizedImage]]:
+    """Group the sizes by aspect class, render one base per class in parallel with one seed, cut every size
+    around the faces; a crop smaller than its target is upscaled by the neural upscaler. Returns the seed, the
+    number of bases and the images."""
+    sizes = table.resolve(r["sizes"])
+    seed = resolve_seeds(r.get("seed", -1), 1)[0]
+    groups: dict[str, list[CropSize]] = {}
+    for size in sizes:
+        groups.setdefault(table.aspect(size.width, size.height), []).append(size)
+    base_sizes = r.get("baseSizes") or {}
+    bases = {}
+    for i, aspect in enumerate(groups):
+        width, height = base_sizes.get(aspect) or table.bases[aspect]
+        request = GenerationRequest(prompt=r["prompt"], negative_prompt=r.get("negativePrompt", ""), width=width,
+                                    height=height, steps=r.get("steps", 30), seed=seed,
+                                    guidance_scale=r.get("guidanceScale", 7.0))
+        # One SDXLBase call per aspect class, all in flight at once: replicas render them in parallel.
+        bases[aspect] = h.base.generate.remote(request, request_id if i == 0 else f"{request_id}/{aspect}")
+    crops = {a: cropper.crop.remote(bases[a], groups[a]) for a in groups}  # type: ignore[attr-defined]
+    out: list[SizedImage] = []
+    for aspect, pending in crops.items():
+        _focus, cut = await call(pending)
+        for crop in cut:
+            image = crop.image
+            if crop.upscaled:  # smaller than its target: a neural upscale of the base region, not a plain resize
+                base = await call(bases[aspect])
+                region = base.image.crop(crop.box)
+                image = (await call(h.upscaler.upscale.remote(region, upscaler, None, image.width, image.height))).image
+            out.append(SizedImage(crop.name, aspect, image, crop.box, crop.upscaled))
+    return seed, len(groups), out

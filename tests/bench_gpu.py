@@ -237,8 +237,8 @@ def refiner_stage(models: Path, size: int, dtype: str) -> Callable[[], Callable[
                                             device={"dtype": dtype, "channels_last": True}))
         rng = np.random.default_rng(0)
         photo = Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
-        request = RefineRequest(prompt=PROMPT, seeds=[SEED], steps=30, images=[photo], strength=0.35)
-        return lambda: refiner.refine(request)
+        request = RefineRequest(prompt=PROMPT, seeds=[SEED], steps=30, strength=0.35)
+        return lambda: refiner.refine_images(request, photo)
 
     return setup
 

@@ -287,7 +287,7 @@ def test_readme_walkthrough_serves_the_converted_models(releases, tmp_path, monk
     upscaler = ImageUpscaler(args.upscaler)
     for name, scale in [("R-ESRGAN 4x+", 4), ("R-ESRGAN 2x+", 2)]:
         result = upscaler.upscale(Image.new("RGB", (32, 32), "gray"), name, scale=scale)
-        assert (result.upscaler, result.image.size, result.warnings) == (name, (32 * scale, 32 * scale), [])
+        assert (result.info["upscaler"], result.image.size, result.warnings) == (name, (32 * scale, 32 * scale), [])
     restorer = FaceEnhancer(args.face_restorer)
     assert restorer.name == "CodeFormer"
     assert isinstance(restorer.detector, faces.RetinaFaceDetector)

@@ -92,8 +92,8 @@ def test_refiner_refines_at_256(models):
 
     refiner = Refiner(SDXLRefinerConfig(model={"source": str(models / "sdxl-refiner")}))
     photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8))
-    out = refiner.refine(RefineRequest(prompt="a lighthouse", seeds=[1], steps=4, images=[photo], strength=0.5))
-    assert out[0].size == (256, 256)
+    out = refiner.refine_images(RefineRequest(prompt="a lighthouse", seeds=[1], steps=4, strength=0.5), photo)
+    assert out.image.size == (256, 256)
     del refiner
     _free()
 

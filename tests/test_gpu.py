@@ -40,7 +40,7 @@ def test_upscaler_and_faces_on_cuda(tiny, astronaut):
     up = ImageUpscaler(UpscalerConfig(models=[{"name": "x4", "path": x4}]))
     assert up.upscale(astronaut, "x4", 2).image.size == (1024, 1024)
     faces = FaceEnhancer(FaceRestorerConfig(model=str(tiny / "faces" / "tiny-restoreformer.safetensors")))
-    assert faces.restore(astronaut).restored
+    assert faces.restore(astronaut).info["face_restoration_applied"]
 
 
 @pytest.mark.parametrize("fast", [

@@ -44,7 +44,7 @@ def test_upscale_gives_exact_sizes(upscaler, astronaut, name, scale, size, expec
     width, height = size or (None, None)
     result = upscaler.upscale(image, name, scale=scale, width=width, height=height)
     assert result.image.size == expected
-    assert result.upscaler == name and not result.warnings
+    assert result.info["upscaler"] == name and not result.warnings
 
 
 def test_model_upscale_is_not_a_plain_resize(upscaler, astronaut):
@@ -72,7 +72,7 @@ def test_tiled_and_untiled_agree(upscaler, astronaut):
 def test_unloaded_model_falls_back_to_lanczos_and_says_so(upscaler, astronaut):
     image = astronaut.resize((64, 64))
     result = upscaler.upscale(image, "SwinIR_4x", 4)
-    assert result.upscaler == "Lanczos"
+    assert result.info["upscaler"] == "Lanczos"
     assert result.image.size == (256, 256)
     assert "SwinIR_4x" in result.warnings[0]
     assert np.array_equal(pixels(result.image), pixels(image.resize((256, 256), Image.Resampling.LANCZOS)))
@@ -89,7 +89,8 @@ def test_lanczos_only_upscaler_without_models(astronaut):
 
 def test_face_restorer_changes_the_face_and_leaves_the_background(restorer, astronaut, astronaut_face_box):
     result = restorer.restore(astronaut, weight=0.6)
-    assert result.faces_found == 1 and result.restored and result.restorer == "RestoreFormer"
+    assert result.info["faces_found"] == 1 and result.info["face_restoration_applied"]
+    assert result.info["restorer"] == "RestoreFormer"
     before, after = pixels(astronaut), pixels(result.image)
     x0, y0, x1, y1 = astronaut_face_box
     face_core = (slice(y0 + 25, y1 - 25), slice(x0 + 25, x1 - 25))
@@ -112,14 +113,15 @@ def test_visibility_blends_towards_the_original(restorer, astronaut, astronaut_f
 def test_no_face_means_unchanged_and_flagged(restorer):
     blank = Image.new("RGB", (256, 256), (90, 120, 150))
     result = restorer.restore(blank)
-    assert result.faces_found == 0 and not result.restored
+    assert result.info["faces_found"] == 0 and not result.info["face_restoration_applied"]
     assert np.array_equal(pixels(result.image), pixels(blank))
     assert "no face" in result.warnings[0]
 
 
 def test_no_restorer_loaded_is_skipped_and_flagged(astronaut):
     result = FaceEnhancer(FaceRestorerConfig()).restore(astronaut)
-    assert result.faces_found == 1 and not result.restored and result.restorer is None
+    assert result.info["faces_found"] == 1 and not result.info["face_restoration_applied"]
+    assert result.info["restorer"] is None
     assert np.array_equal(pixels(result.image), pixels(astronaut))
 
 

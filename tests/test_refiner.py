@@ -6,37 +6,52 @@ import time
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from deployments.sdxl_refiner import RefineRequest
 from deployments.support.errors import InvalidInput
-from deployments.support.generation import GenerationRequest
+from deployments.support.generation import GenerationRequest, StageResult
 from tests.helpers import pixels
 
 
 def test_ensemble_latents_flow_base_to_refiner(base, refiner):
     handoff = base.generate(GenerationRequest(prompt="a red apple", width=128, height=128, steps=10, seed=3,
                                               batch_size=2, denoising_end=0.8))
-    images = refiner.refine(RefineRequest(prompt="a red apple", seeds=handoff.seeds, steps=10,
-                                          latents=handoff.latents, denoising_start=0.8))
+    request = RefineRequest(prompt="a red apple", steps=10, denoising_start=0.8)
+    result = refiner.refine_latents(request, handoff)
+    images = result.images
     assert [i.size for i in images] == [(128, 128), (128, 128)]
-    again = refiner.refine(RefineRequest(prompt="a red apple", seeds=handoff.seeds, steps=10,
-                                         latents=handoff.latents, denoising_start=0.8))
+    assert result.seeds == handoff.seeds and result.info["refiner_mode"] == "ensemble" and result.latents is None
+    again = refiner.refine_latents(request, handoff).images
     assert np.array_equal(pixels(images[0]), pixels(again[0]))
     assert not np.array_equal(pixels(images[0]), pixels(images[1]))
 
 
 def test_refiner_image_mode_changes_less_at_low_strength(refiner, astronaut):
     image = astronaut.resize((128, 128))
-    low = pixels(refiner.refine(RefineRequest(seeds=[1], steps=10, images=[image], strength=0.1))[0])
-    high = pixels(refiner.refine(RefineRequest(seeds=[1], steps=10, images=[image], strength=0.9))[0])
-    same = pixels(refiner.refine(RefineRequest(seeds=[1], steps=10, images=[image], strength=0.1))[0])
+    low = pixels(refiner.refine_images(RefineRequest(seeds=[1], steps=10, strength=0.1), image).image)
+    high = pixels(refiner.refine_images(RefineRequest(seeds=[1], steps=10, strength=0.9), image).image)
+    same = pixels(refiner.refine_images(RefineRequest(seeds=[1], steps=10, strength=0.1), image).image)
     assert np.array_equal(low, same)
     assert not np.array_equal(low, high)
 
 
-def test_refiner_needs_input(refiner):
-    with pytest.raises(InvalidInput):
-        refiner.refine(RefineRequest(seeds=[1]))
+def test_each_mode_needs_its_input(refiner, base):
+    image_only = StageResult(images=[Image.new("RGB", (64, 64))], seeds=[1])
+    with pytest.raises(InvalidInput) as err:
+        refiner.refine_latents(RefineRequest(), image_only)
+    assert err.value.field == "latents"
+    with pytest.raises(InvalidInput) as err:
+        refiner.refine_images(RefineRequest(), StageResult(seeds=[1]))
+    assert err.value.field == "seeds"
+
+
+def test_warnings_travel_forward(refiner):
+    earlier = StageResult(images=[Image.new("RGB", (64, 64))], seeds=[5], warnings=["LoRA 'x' not found, ignored"],
+                          info={"model": "tiny"})
+    result = refiner.refine_images(RefineRequest(steps=2, strength=0.5), earlier)
+    assert result.warnings == ["LoRA 'x' not found, ignored"] and result.seeds == [5]
+    assert result.info["model"] == "tiny" and result.info["refiner_mode"] == "image"
 
 
 def test_hires_fix_yields_1536(base, upscaler, refiner):
@@ -45,8 +60,7 @@ def test_hires_fix_yields_1536(base, upscaler, refiner):
     first = base.generate(GenerationRequest(prompt="landscape photo", width=768, height=768, steps=8, seed=42))
     upscaled = upscaler.upscale(first.images[0], "R-ESRGAN 2x+", 2)
     assert upscaled.image.size == (1536, 1536)
-    final = refiner.refine(RefineRequest(prompt="landscape photo", seeds=first.seeds, steps=8,
-                                         images=[upscaled.image], strength=0.35))[0]
+    final = refiner.refine_images(RefineRequest(prompt="landscape photo", steps=8, strength=0.35), upscaled).image
     elapsed = time.perf_counter() - started
     assert final.size == (1536, 1536)
     print(f"tiny hires fix 768 -> 1536: {elapsed:.1f}s")  # noqa: T201  (reported figure, read with -s)

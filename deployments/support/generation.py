@@ -6,7 +6,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -54,28 +54,36 @@ class GenerationRequest(BaseModel):
 
 
 @dataclass
-class GenerationResult:
-    images: list[Image.Image]
-    seeds: list[int]
-    latents: np.ndarray | None = None  # set when denoising_end was given: the refiner's input
-    info: dict = field(default_factory=dict)
+class StageResult:
+    """What every stage returns and the next stage takes: its images (or, from the base to the refiner, latents),
+    the seeds that made them, the warnings of every stage so far and what each stage did (``info``). A plan awaits
+    only its last stage: everything it reports travels forward in this one object."""
+
+    images: list[Image.Image] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    latents: np.ndarray | None = None
     warnings: list[str] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
 
+    @property
+    def image(self) -> Image.Image:
+        if not self.images:
+            raise InvalidInput("the previous stage produced no image", field="image")
+        return self.images[0]
 
-def image_of(source) -> Image.Image:
-    """The image a stage produced: lets each deployment take the previous stage's result (a resolved
-    ``DeploymentResponse``) directly, so images flow between replicas without a stop in the ingress."""
-    if isinstance(source, Image.Image):
-        return source
-    if isinstance(source, list) and source and isinstance(source[0], Image.Image):
-        return source[0]
-    for attribute in ("image", "images"):
-        value = getattr(source, attribute, None)
-        if isinstance(value, Image.Image):
-            return value
-        if isinstance(value, list) and value:
-            return value[0]
-    raise InvalidInput(f"no image in {type(source).__name__}", field="image")
+    def then(self, images: list[Image.Image], *, warnings: Iterable[str] = (), **info) -> StageResult:
+        """The next stage's result: its own images, these seeds, every warning so far and its own."""
+        return StageResult(images=images, seeds=list(self.seeds), warnings=[*self.warnings, *warnings],
+                           info={**self.info, **info})
+
+    @classmethod
+    def of(cls, source: StageResult | Image.Image) -> StageResult:
+        """A stage's input: the previous stage's result, or a bare image from a client."""
+        if isinstance(source, StageResult):
+            return source
+        if isinstance(source, Image.Image):
+            return cls(images=[source])
+        raise InvalidInput(f"no image in {type(source).__name__}", field="image")
 
 
 def parse_lora_tags(prompt: str) -> tuple[str, list[LoraRef]]:

@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from fastapi import APIRouter, Request
 from PIL import Image
 
-from deployments.sdxl_refiner import RefineRequest
 from deployments.support.errors import InvalidInput, UnknownModel
-from deployments.support.generation import GenerationRequest, GenerationResult
+from deployments.support.generation import GenerationRequest
 from deployments.support.samplers import SCHEDULES
 from graphs import plans
 from graphs.api.a1111_models import (
@@ -130,28 +129,18 @@ class A1111Routes:
 
     async def _one_batch(self, r: Txt2ImgRequest, seed: int, request_id: str, extras: dict, **extra):
         request = self._generation(r, seed, **extra)
-        if r.refiner_checkpoint and self.handles.refiner is not None and "init_image" not in extra:
-            handoff = await call(self.handles.base.generate.remote(
-                request.model_copy(update={"denoising_end": r.refiner_switch_at}), request_id))
-            images = await call(self.handles.refiner.refine.remote(RefineRequest(
-                prompt=r.prompt, negative_prompt=r.negative_prompt, seeds=handoff.seeds, steps=r.steps,
-                guidance_scale=r.cfg_scale, latents=handoff.latents, denoising_start=r.refiner_switch_at)))
+        switch = r.refiner_switch_at if r.refiner_checkpoint else None
+        hires = None
+        if r.enable_hr:
+            hires = plans.A1111Hires(upscaler="Lanczos" if r.hr_upscaler.startswith("Latent") else r.hr_upscaler,
+                                     scale=r.hr_scale, strength=max(r.denoising_strength, 0.01),
+                                     steps=r.hr_second_pass_steps or r.steps)
+        result = await plans.a1111_batch(self.handles, request, request_id, refiner_switch_at=switch, hires=hires)
+        if "refiner" in result.info:
             extras.update({"Refiner": r.refiner_checkpoint, "Refiner switch at": r.refiner_switch_at})
-            return GenerationResult(images=images, seeds=handoff.seeds)
-        result = await call(self.handles.base.generate.remote(request, request_id))
-        if r.enable_hr and "init_image" not in extra:
-            upscaler = "Lanczos" if r.hr_upscaler.startswith("Latent") else r.hr_upscaler
-            second = []
-            for image, one_seed in zip(result.images, result.seeds, strict=True):
-                up = await call(self.handles.upscaler.upscale.remote(image, upscaler, r.hr_scale))
-                width, height = (d - d % 8 for d in up.image.size)
-                hires = request.model_copy(update={
-                    "init_image": up.image, "width": width, "height": height, "seed": one_seed, "batch_size": 1,
-                    "strength": max(r.denoising_strength, 0.01), "steps": r.hr_second_pass_steps or r.steps})
-                second += (await call(self.handles.base.generate.remote(hires, request_id))).images
+        if "hires_upscaler" in result.info:
             extras.update({"Denoising strength": r.denoising_strength, "Hires upscale": r.hr_scale,
                            "Hires upscaler": r.hr_upscaler})
-            result.images = second
         return result
 
     @router.post("/txt2img", response_model=ImagesResponse)

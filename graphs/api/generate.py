@@ -7,7 +7,6 @@ from typing import Literal
 from fastapi import APIRouter
 from pydantic import BaseModel, Field, model_validator
 
-from deployments.support.generation import GenerationRequest
 from graphs import plans
 from graphs.api.body import JSONBodyRoute
 from graphs.api.edge import stop_on_cancel
@@ -111,17 +110,9 @@ class GenerateRoutes:
     async def generate(self, body: GenerateRequest) -> GenerateResponse:
         """Synchronous generation: standard or hires fix, optional refiner and face restoration."""
         started = time.perf_counter()
-        request = GenerationRequest(prompt=body.prompt, negative_prompt=body.negative_prompt, seed=body.seed,
-                                    width=body.width, height=body.height, steps=body.num_inference_steps,
-                                    guidance_scale=body.guidance_scale)
         request_id = uuid.uuid4().hex
-        opts = plans.PlanOptions(use_refiner=body.use_refiner, hires_fix=body.hires_fix,
-                                 neural_upscaler=self.hires_upscaler if body.use_realesrgan else None,
-                                 restore_faces=body.use_face_restoration, face_weight=body.face_restoration_weight,
-                                 request_id=request_id)
-        plan = plans.hires_fix if body.hires_fix else plans.standard
         async with stop_on_cancel(lambda: self.handles.base.cancel.remote(request_id)):
-            report = await plan(self.handles, request, opts)
+            report = await plans.seed000(self.handles, body.model_dump(), self.hires_upscaler, request_id)
         encoded = b64_png(report.image)
         width, height = report.image.size
         return GenerateResponse(

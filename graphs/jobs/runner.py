@@ -19,14 +19,11 @@ import uuid
 from PIL import Image
 from ray import serve
 
-from deployments.focal_cropper import CropSize
 from deployments.support.errors import GenerationCancelled
-from deployments.support.generation import GenerationRequest, image_of, resolve_seeds
 from deployments.support.imaging import encode
 from deployments.support.settings import current
 from graphs import plans
 from graphs.api.errors import call, unwrap
-from graphs.api.fields import image_field
 from graphs.jobs.results import open_results
 from graphs.jobs.sizes import SizeTable
 from graphs.jobs.store import Job, open_store
@@ -37,30 +34,6 @@ logger = logging.getLogger(__name__)
 
 def png(image: Image.Image) -> bytes:
     return encode(image, "png")
-
-
-def camel_request(job: Job) -> GenerationRequest:
-    """Seed 003 camelCase fields -> one SDXLBase request."""
-    r = job.request
-    common = dict(prompt=r.get("prompt", ""), negative_prompt=r.get("negativePrompt", ""),
-                  width=r.get("width", 512), height=r.get("height", 512), steps=r.get("steps", 30),
-                  guidance_scale=r.get("guidanceScale", 7.5), seed=r.get("seed", -1),
-                  sampler=r.get("sampler", "euler_a"))
-    if job.type == "img2img":
-        return GenerationRequest(**common, init_image=image_field(r["initImage"], "initImage"),
-                                 strength=r.get("strength", 0.75))
-    if job.type == "inpaint":
-        return GenerationRequest(**common, init_image=image_field(r["image"], "image"),
-                                 mask=image_field(r["mask"], "mask"), strength=r.get("inpaintingStrength", 0.9))
-    if job.type == "style-transfer":
-        content = image_field(r["contentImage"], "contentImage")
-        common.update(width=r.get("width", content.width - content.width % 8),
-                      height=r.get("height", content.height - content.height % 8))
-        style = image_field(r["styleImage"], "styleImage")
-        return GenerationRequest(**common, init_image=content, ip_adapter_image=style,
-                                 ip_adapter_scale=r.get("styleStrength", 0.7),
-                                 strength=min(1.0, max(0.05, 1.0 - r.get("contentStrength", 0.3))))
-    return GenerationRequest(**common)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=8, health_check_period_s=10)
@@ -148,71 +121,37 @@ class JobRunner:
         if job.type == "batch-sizes":
             return await self._batch(job)
         if job.type == "generate":
-            return await self._generate(job)
-        request = camel_request(job)
+            report = await plans.seed000(self.handles, job.request, self.hires_upscaler, job.id)
+            key = await self._save(job.id, "image_0", png(report.image))
+            return {"images": [key], "seed": report.seed, "width": report.image.width,
+                    "height": report.image.height, "warnings": report.warnings}
+        request = plans.seed003(job.type, job.request)
         result = await call(self.handles.base.generate.remote(request, job.id))
         keys = [await self._save(job.id, f"image_{i}", png(image)) for i, image in enumerate(result.images)]
         r = job.request
         parameters = {"prompt": request.prompt, "width": request.width, "height": request.height,
                       "steps": request.steps, "guidanceScale": request.guidance_scale,
                       "sampler": r.get("sampler", "euler_a"), "model": r.get("model", result.info.get("model"))}
-        return {"images": keys, "seed": result.seeds[0], "parameters": parameters}
-
-    async def _generate(self, job: Job) -> dict:
-        r = job.request
-        request = GenerationRequest(prompt=r["prompt"], negative_prompt=r.get("negative_prompt", ""),
-                                    seed=r.get("seed", -1), width=r.get("width", 1024), height=r.get("height", 1024),
-                                    steps=r.get("num_inference_steps", 30), guidance_scale=r.get("guidance_scale", 7.0))
-        opts = plans.PlanOptions(use_refiner=r.get("use_refiner", True), hires_fix=r.get("hires_fix", False),
-                                 neural_upscaler=self.hires_upscaler if r.get("use_realesrgan", True) else None,
-                                 restore_faces=r.get("use_face_restoration", False),
-                                 face_weight=r.get("face_restoration_weight", 0.6), request_id=job.id)
-        plan = plans.hires_fix if opts.hires_fix else plans.standard
-        report = await plan(self.handles, request, opts)
-        key = await self._save(job.id, "image_0", png(report.image))
-        return {"images": [key], "seed": report.seed, "width": report.image.width, "height": report.image.height,
-                "warnings": report.warnings}
+        return {"images": keys, "seed": result.seeds[0], "parameters": parameters, "warnings": result.warnings}
 
     async def _batch(self, job: Job) -> dict:
-        """Group sizes by aspect, render one base per group in parallel with one seed, cut every size."""
-        r = job.request
-        sizes = self.sizes.resolve(r["sizes"])
-        seed = resolve_seeds(r.get("seed", -1), 1)[0]
-        groups: dict[str, list[CropSize]] = {}
-        for size in sizes:
-            groups.setdefault(self.sizes.aspect(size.width, size.height), []).append(size)
-        base_sizes = r.get("baseSizes") or {}
-        requests = {}
-        for aspect in groups:
-            width, height = base_sizes.get(aspect) or self.sizes.bases[aspect]
-            requests[aspect] = GenerationRequest(prompt=r["prompt"], negative_prompt=r.get("negativePrompt", ""),
-                                                 width=width, height=height, steps=r.get("steps", 30), seed=seed,
-                                                 guidance_scale=r.get("guidanceScale", 7.0))
-        # One SDXLBase call per aspect class, all in flight at once: replicas render them in parallel.
-        bases = {a: self.handles.base.generate.remote(req, job.id if i == 0 else f"{job.id}/{a}")
-                 for i, (a, req) in enumerate(requests.items())}
+        """The batch-sizes plan, then every image (and its WebP derivatives) stored whole."""
+        seed, bases, sized = await plans.batch_sizes(self.handles, self.cropper, job.request, self.sizes,
+                                                     self.hires_upscaler, job.id)
+        widths = job.request.get("derivatives") or []
         images: dict[str, dict] = {}
-        widths = r.get("derivatives") or []
-        crops_in_flight = {a: self.cropper.crop.remote(bases[a], groups[a]) for a in groups}  # type: ignore[attr-defined]
-        for aspect, pending in crops_in_flight.items():
-            base_image = image_of(await call(bases[aspect]))
-            _focus, crops = await call(pending)
-            for crop in crops:
-                out = crop.image
-                if crop.upscaled:  # the crop is smaller than its target: a neural upscale, not a plain resize
-                    upscaled = await call(self.handles.upscaler.upscale.remote(
-                        base_image.crop(crop.box), self.hires_upscaler, None, crop.image.width, crop.image.height))
-                    out = upscaled.image
-                entry = {"key": await self._save(job.id, crop.name, png(out)), "width": out.width,
-                         "height": out.height, "aspect": aspect, "box": list(crop.box), "upscaled": crop.upscaled}
-                if widths:
-                    entry["derivatives"] = {
-                        str(w): await self._save(job.id, f"{crop.name}_{w}w",
-                                                 encode(out.resize((w, max(1, round(out.height * w / out.width)))),
-                                                        "webp", 82), "webp")
-                        for w in widths if 8 <= w <= out.width}
-                images[crop.name] = entry
-        return {"images": images, "bases_generated": len(groups), "seed": seed}
+        for item in sized:
+            out = item.image
+            entry = {"key": await self._save(job.id, item.name, png(out)), "width": out.width, "height": out.height,
+                     "aspect": item.aspect, "box": list(item.box), "upscaled": item.upscaled}
+            if widths:
+                entry["derivatives"] = {
+                    str(w): await self._save(job.id, f"{item.name}_{w}w",
+                                             encode(out.resize((w, max(1, round(out.height * w / out.width)))),
+                                                    "webp", 82), "webp")
+                    for w in widths if 8 <= w <= out.width}
+            images[item.name] = entry
+        return {"images": images, "bases_generated": bases, "seed": seed}
 
     async def _save(self, job_id: str, name: str, data: bytes, suffix: str = "png") -> str:
         return await asyncio.to_thread(self.results.save, job_id, name, data, suffix)
