@@ -5,6 +5,7 @@ hires fix:    base at 768 -> upscaler x2 (Real-ESRGAN, Lanczos if unavailable) -
               strength 0.35 (-> faces)
 A1111 batch:  base (-> refiner on latents from refiner_switch_at) | base -> per image (upscale -> base img2img)
 batch sizes:  one base per aspect class, all in flight at once -> focal crops per size (-> neural upscale)
+seed 001:     the user's photo through IP-Adapter, seed 001's defaults
 seed 003:     one base call (txt2img, img2img, inpaint, style transfer through IP-Adapter)
 
 Each API family maps its request into one plan input here (``seed000``, ``seed003``), so the sync and async
@@ -27,6 +28,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments.focal_cropper import CropSize
 from deployments.sdxl_refiner import RefineRequest
 from deployments.support.generation import GenerationRequest, StageResult, resolve_seeds
+from deployments.support.settings import Settings
 from graphs.api.errors import call, unwrap
 from graphs.api.fields import image_field
 from graphs.jobs.sizes import SizeTable
@@ -137,6 +139,22 @@ async def seed000(h: Handles, fields: dict, hires_upscaler: str, request_id: str
                        restore_faces=fields.get("use_face_restoration", False),
                        face_weight=fields.get("face_restoration_weight", 0.6), request_id=request_id)
     return await (hires_fix if opts.hires_fix else standard)(h, request, opts)
+
+
+# --- seed 001: illustrations from a user's photo ------------------------------------------------------------------
+
+async def seed001(h: Handles, fields: dict, prompt: str, photo: Image.Image, settings: Settings,
+                  request_id: str) -> StageResult:
+    """The user's photo drives IP-Adapter; unset fields take seed 001's environment defaults."""
+    def given(name: str, default):
+        return fields[name] if fields.get(name) is not None else default
+
+    request = GenerationRequest(
+        prompt=prompt, negative_prompt=given("negative_prompt", settings.default_negative_prompt),
+        steps=fields.get("num_inference_steps") or settings.default_num_inference_steps,
+        ip_adapter_image=photo, ip_adapter_scale=given("ip_adapter_scale", settings.default_ip_adapter_scale),
+        width=settings.illustration_size, height=settings.illustration_size)
+    return await call(h.base.generate.remote(request, request_id))
 
 
 # --- seed 003: the camelCase jobs --------------------------------------------------------------------------------

@@ -27,7 +27,8 @@ import torch
 from safetensors.torch import save_file
 
 from deployments.factory.sgm import sdxl_to_sgm
-from deployments.factory.tiny import _save_tokenizer, _scheduler, build_clip_tokenizer
+from deployments.factory.tiny import _save_tokenizer, _scheduler
+from deployments.factory.tokenizer import build_clip_tokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -16,16 +16,15 @@ The weights are random: images are noise-like. Nothing in the serving path knows
 
 from __future__ import annotations
 
-import json
 import logging
-import re
-from collections import Counter
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from deployments.factory.adapters import build_ip_adapter, build_lora
 from deployments.factory.sgm import sdxl_to_sgm
+from deployments.factory.tokenizer import build_clip_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -52,69 +51,6 @@ _UNET_COMMON = dict(
 TEXT_DIM = 32  # first text encoder (CLIP ViT-L in SDXL)
 TEXT_DIM_2 = 48  # second text encoder (OpenCLIP bigG), also its projection (pooled) size
 IMAGE_ENCODER_SIZE = 32  # input resolution of the tiny CLIP vision tower
-
-# A small English corpus for the tokenizer's merges: prompt-like words so that tokens are not all single bytes.
-_CORPUS = " ".join([
-    "a an the of and with in on at by for to from photo photograph portrait picture painting illustration drawing",
-    "render digital art artwork style anime manga fantasy realistic photorealistic cinematic dramatic lighting",
-    "light soft sharp focus detailed highly detail intricate beautiful professional headshot studio background",
-    "blurry blur bokeh depth field landscape mountain mountains river lake sea ocean beach sky cloud clouds sunset",
-    "sunrise night day city street building house forest tree trees flower flowers garden field grass snow rain fog",
-    "cat dog bird horse fox wolf dragon red green blue yellow orange purple pink black white gray golden silver",
-    "apple fruit food cup coffee table chair window door car man woman girl boy child person people face eyes hair",
-    "smile old young happy sad wearing dress shirt hat glasses high quality best masterpiece resolution ugly",
-    "deformed bad anatomy low lowres worst jpeg artifacts watermark text signature cropped out frame",
-]).split(" ")
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """CLIP's reversible byte -> printable character table (the byte-level BPE alphabet)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(c) for c in chars), strict=True))
-
-
-def build_clip_tokenizer(out_dir: Path, num_merges: int = 400) -> int:
-    """Write a CLIP BPE tokenizer learned from the small corpus; return its vocabulary size."""
-    alphabet = list(_bytes_to_unicode().values())
-    vocab: list[str] = alphabet + [c + "</w>" for c in alphabet]
-    words = Counter(tuple(w[:-1]) + (w[-1] + "</w>",) for w in _CORPUS)
-    merges: list[tuple[str, str]] = []
-    for _ in range(num_merges):
-        pairs: Counter[tuple[str, str]] = Counter()
-        for word, freq in words.items():
-            for pair in zip(word, word[1:], strict=False):
-                pairs[pair] += freq
-        if not pairs:
-            break
-        best = max(sorted(pairs), key=lambda p: pairs[p])
-        merges.append(best)
-        vocab.append("".join(best))
-        merged = {}
-        for word, freq in words.items():
-            out, i = [], 0
-            while i < len(word):
-                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
-                    out.append(word[i] + word[i + 1])
-                    i += 2
-                else:
-                    out.append(word[i])
-                    i += 1
-            merged[tuple(out)] = freq
-        words = Counter(merged)
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
-    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    return len(vocab)
-
 
 def _save_tokenizer(src: Path, dst: Path, pad_token: str) -> None:
     from transformers import CLIPTokenizer
@@ -246,72 +182,6 @@ def build_sdxl_refiner(out: Path, tokenizer_src: Path, vocab_size: int) -> None:
     pipe.save_pretrained(out, safe_serialization=True)  # type: ignore[attr-defined]
 
 
-def build_ip_adapter(out: Path, unet) -> None:
-    """IP-Adapter (SDXL, plain variant): image projection + per-cross-attention to_k_ip / to_v_ip."""
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    torch.manual_seed(SEED + 20)
-    encoder = CLIPVisionModelWithProjection(
-        CLIPVisionConfig(
-            hidden_size=TEXT_DIM,
-            projection_dim=TEXT_DIM,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            image_size=IMAGE_ENCODER_SIZE,
-            patch_size=8,
-        )
-    )
-    encoder.save_pretrained(out / "image_encoder", safe_serialization=True)
-    CLIPImageProcessor(
-        size={"shortest_edge": IMAGE_ENCODER_SIZE},
-        crop_size={"height": IMAGE_ENCODER_SIZE, "width": IMAGE_ENCODER_SIZE},
-    ).save_pretrained(out / "image_encoder")
-
-    cross_dim = unet.config.cross_attention_dim
-    num_tokens = 4
-    generator = torch.Generator().manual_seed(SEED + 21)
-    tensors = {
-        "image_proj.proj.weight": torch.randn(cross_dim * num_tokens, TEXT_DIM, generator=generator) * 0.2,
-        "image_proj.proj.bias": torch.zeros(cross_dim * num_tokens),
-        "image_proj.norm.weight": torch.ones(cross_dim),
-        "image_proj.norm.bias": torch.zeros(cross_dim),
-    }
-    # The reference numbering: every attention processor takes an index, cross-attention ones are the odd ones.
-    for index, (name, _) in enumerate(unet.attn_processors.items()):
-        if not name.endswith("attn2.processor"):
-            continue
-        hidden = unet.get_submodule(name.removesuffix(".processor")).to_k.out_features
-        for proj in ("to_k_ip", "to_v_ip"):
-            tensors[f"ip_adapter.{index}.{proj}.weight"] = torch.randn(hidden, cross_dim, generator=generator) * 0.5
-    save_file(tensors, out / "ip-adapter_sdxl.safetensors")
-
-
-def _kohya_name(module_path: str, prefix: str) -> str:
-    return f"{prefix}_{module_path.replace('.', '_')}"
-
-
-def build_lora(path: Path, pipe, seed: int, rank: int, with_text_encoders: bool) -> None:
-    """A LoRA in the kohya / A1111 layout: lora_unet_* / lora_te1_* / lora_te2_* with down, up and alpha."""
-    generator = torch.Generator().manual_seed(seed)
-    tensors: dict[str, torch.Tensor] = {}
-    targets = [("lora_unet", pipe.unet, re.compile(r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$"))]
-    if with_text_encoders:
-        pattern = re.compile(r"self_attn\.(q_proj|k_proj|v_proj|out_proj)$")
-        targets += [("lora_te1", pipe.text_encoder, pattern), ("lora_te2", pipe.text_encoder_2, pattern)]
-    for prefix, model, pattern in targets:
-        for name, module in model.named_modules():
-            if not pattern.search(name):
-                continue
-            if prefix != "lora_unet" and not name.startswith("text_model."):
-                name = f"text_model.{name}"  # kohya names follow transformers' classic CLIPTextModel layout
-            key = _kohya_name(name, prefix)
-            tensors[f"{key}.lora_down.weight"] = torch.randn(rank, module.in_features, generator=generator) * 0.3
-            tensors[f"{key}.lora_up.weight"] = torch.randn(module.out_features, rank, generator=generator) * 0.3
-            tensors[f"{key}.alpha"] = torch.tensor(float(rank))
-    save_file(tensors, path, metadata={"ss_network_module": "networks.lora", "ss_base_model_version": "sdxl_base_v1-0"})
-
-
 def build_upscalers(out: Path) -> None:
     from spandrel.architectures.ESRGAN import ESRGAN
 
@@ -350,7 +220,7 @@ def build_all(out: Path) -> None:
     base = build_sdxl_base(out / "sdxl-base", tokenizer_src, vocab_size)
     save_file(sdxl_to_sgm(base), out / "sdxl-base.safetensors")
     build_sdxl_refiner(out / "sdxl-refiner", tokenizer_src, vocab_size)
-    build_ip_adapter(out / "ip-adapter", base.unet)
+    build_ip_adapter(out / "ip-adapter", base.unet, width=TEXT_DIM, image_size=IMAGE_ENCODER_SIZE, seed=SEED + 20)
     (out / "loras").mkdir(exist_ok=True)
     build_lora(out / "loras" / "tiny-style.safetensors", base, seed=SEED + 50, rank=4, with_text_encoders=False)
     build_lora(out / "loras" / "tiny-detail.safetensors", base, seed=SEED + 51, rank=2, with_text_encoders=True)

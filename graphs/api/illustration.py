@@ -7,12 +7,11 @@ import uuid
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from deployments.support.generation import GenerationRequest
 from deployments.support.settings import Settings
 from graphs import plans
 from graphs.api.body import JSONBodyRoute
 from graphs.api.edge import stop_on_cancel
-from graphs.api.errors import ErrorBody, call
+from graphs.api.errors import ErrorBody
 from graphs.api.photos import PhotoStore, check_user_id
 
 router = APIRouter(prefix="/v1/images", tags=["illustration"], route_class=JSONBodyRoute)
@@ -46,19 +45,10 @@ class IllustrationRoutes:
     async def _illustrate(self, body: SubjectRequest, kind: str, prefix: str, prompt: str) -> IllustrationResponse:
         check_user_id(body.user_id)
         photo = await asyncio.to_thread(self.photos.load_photo, prefix, body.user_id)
-        s = self.settings
-        request = GenerationRequest(
-            prompt=prompt,
-            negative_prompt=body.negative_prompt if body.negative_prompt is not None else s.default_negative_prompt,
-            steps=body.num_inference_steps or s.default_num_inference_steps,
-            ip_adapter_image=photo,
-            ip_adapter_scale=body.ip_adapter_scale if body.ip_adapter_scale is not None else s.default_ip_adapter_scale,
-            width=s.illustration_size, height=s.illustration_size,
-        )
         request_id = uuid.uuid4().hex
         async with stop_on_cancel(lambda: self.handles.base.cancel.remote(request_id)):
-            result = await call(self.handles.base.generate.remote(request, request_id))
-        uri = await asyncio.to_thread(self.photos.save_generated, body.user_id, kind, result.images[0])
+            result = await plans.seed001(self.handles, body.model_dump(), prompt, photo, self.settings, request_id)
+        uri = await asyncio.to_thread(self.photos.save_generated, body.user_id, kind, result.image)
         return IllustrationResponse(data=[S3Object(s3_uri=uri)])
 
     @router.post("/memory", response_model=IllustrationResponse,
