@@ -20,12 +20,14 @@ from deployments.support.samplers import SCHEDULES
 from graphs import plans
 from graphs.api.a1111_models import (
     MAX_IMAGES,
+    Empty,
     ExtrasBatchRequest,
     ExtrasBatchResponse,
     ExtrasRequest,
     ExtrasResponse,
     ImagesResponse,
     Img2ImgRequest,
+    Progress,
     Txt2ImgRequest,
     infotext,
 )
@@ -186,7 +188,7 @@ class A1111Routes:
         images = [image_field(item.data, f"imageList.{i}.data") for i, item in enumerate(body.imageList)]
         return ExtrasBatchResponse(html_info="", images=[b64_png(await self._extras(body, i)) for i in images])
 
-    @router.get("/progress")
+    @router.get("/progress", response_model=Progress)
     async def progress(self, http: Request, skip_current_image: bool = False) -> dict:
         """Progress of the calling client's current generation or, failing that, its running job (0 when idle);
         ``current_image`` is a live latent preview unless ``skip_current_image``."""
@@ -229,12 +231,12 @@ class A1111Routes:
             await self._cancel(job)
         return {}
 
-    @router.post("/interrupt")
+    @router.post("/interrupt", response_model=Empty)
     async def interrupt(self, http: Request) -> dict:
         """Stop the calling client's generation between two denoising steps."""
         return await self._cancel_mine(http)
 
-    @router.post("/skip")
+    @router.post("/skip", response_model=Empty)
     async def skip(self, http: Request) -> dict:
         """As interrupt: the current batch of the calling client stops."""
         return await self._cancel_mine(http)

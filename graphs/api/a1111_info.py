@@ -10,7 +10,19 @@ from fastapi import APIRouter
 from deployments.support.errors import UnknownModel
 from deployments.support.samplers import SCHEDULES, sampler_names
 from graphs import plans
-from graphs.api.a1111_models import OptionsRequest, PngInfoRequest
+from graphs.api.a1111_models import (
+    Empty,
+    FaceRestorerItem,
+    LoraItem,
+    Options,
+    OptionsRequest,
+    PngInfo,
+    PngInfoRequest,
+    SamplerItem,
+    SchedulerItem,
+    SdModel,
+    UpscalerItem,
+)
 from graphs.api.body import JSONBodyRoute
 from graphs.api.errors import call
 from graphs.api.fields import image_field
@@ -23,7 +35,7 @@ class A1111InfoRoutes:
     handles: plans.Handles
     jobs: JobStore
 
-    @router.get("/sd-models")
+    @router.get("/sd-models", response_model=list[SdModel])
     async def sd_models(self) -> list[dict]:
         """Loaded checkpoints, in A1111's shape."""
         base = await call(self.handles.base.describe.remote())
@@ -35,18 +47,18 @@ class A1111InfoRoutes:
                         "filename": refiner["name"], "config": None})
         return out
 
-    @router.get("/samplers")
+    @router.get("/samplers", response_model=list[SamplerItem])
     async def samplers(self) -> list[dict]:
         """Every sampler name accepted in sampler_name."""
         return [{"name": name, "aliases": [], "options": {}} for name in sampler_names()]
 
-    @router.get("/schedulers")
+    @router.get("/schedulers", response_model=list[SchedulerItem])
     async def schedulers(self) -> list[dict]:
         """Sigma schedules accepted in scheduler."""
         return [{"name": s.lower(), "label": s, "aliases": None, "default_rho": -1, "need_inner_model": False}
                 for s in SCHEDULES]
 
-    @router.get("/upscalers")
+    @router.get("/upscalers", response_model=list[UpscalerItem])
     async def upscalers(self) -> list[dict]:
         """Built-in resamplers and loaded models."""
         loaded = await call(self.handles.upscaler.describe.remote())
@@ -54,29 +66,29 @@ class A1111InfoRoutes:
         return [{"name": n, "model_name": loaded.get(n, {}).get("architecture"), "model_path": None,
                  "model_url": None, "scale": loaded.get(n, {}).get("scale", 4)} for n in names]
 
-    @router.get("/face-restorers")
+    @router.get("/face-restorers", response_model=list[FaceRestorerItem])
     async def face_restorers(self) -> list[dict]:
         """The loaded face restorer, if any."""
         described = await call(self.handles.faces.describe.remote())
         return [{"name": described["restorer"], "cmd_dir": None}] if described["restorer"] else []
 
-    @router.get("/loras")
+    @router.get("/loras", response_model=list[LoraItem])
     async def loras(self) -> list[dict]:
         """LoRAs usable as <lora:name:weight>."""
         base = await call(self.handles.base.describe.remote())
         return [{"name": n, "alias": n, "path": None, "metadata": {}} for n in base["loras"]]
 
-    @router.post("/refresh-checkpoints")
+    @router.post("/refresh-checkpoints", response_model=Empty)
     async def refresh_checkpoints(self) -> dict:
         """Checkpoints are fixed per deployment (change them in serve_config.yaml); nothing to rescan."""
         return {}
 
-    @router.post("/refresh-loras")
+    @router.post("/refresh-loras", response_model=Empty)
     async def refresh_loras(self) -> dict:
         """LoRAs are registered when a replica starts; a redeploy picks up new files."""
         return {}
 
-    @router.get("/options")
+    @router.get("/options", response_model=Options)
     async def get_options(self) -> dict:
         """Current options (sd_model_checkpoint and output format)."""
         options = {"samples_format": "png", **await asyncio.to_thread(self.jobs.options)}
@@ -84,7 +96,7 @@ class A1111InfoRoutes:
             options["sd_model_checkpoint"] = (await call(self.handles.base.describe.remote()))["name"]
         return options
 
-    @router.post("/options")
+    @router.post("/options", response_model=Empty)
     async def set_options(self, body: OptionsRequest) -> dict:
         """Set the default checkpoint for later requests; requests in flight keep theirs."""
         wanted = body.sd_model_checkpoint
@@ -97,7 +109,7 @@ class A1111InfoRoutes:
             await asyncio.to_thread(self.jobs.set_option, key, str(value))
         return {}
 
-    @router.post("/png-info")
+    @router.post("/png-info", response_model=PngInfo)
     async def png_info(self, body: PngInfoRequest) -> dict:
         """Read back the generation parameters stored in a PNG."""
         image = image_field(body.image, "image")

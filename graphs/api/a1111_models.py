@@ -109,3 +109,88 @@ def infotext(r: Txt2ImgRequest, seed: int, model: str, extra: dict | None = None
         lines.append(f"Negative prompt: {r.negative_prompt}")
     lines.append(", ".join(f"{k}: {v}" for k, v in settings.items()))
     return "\n".join(lines)
+
+
+# --- the shapes A1111 answers with (its clients read these fields) ------------------------------------------------
+
+class Empty(BaseModel):
+    """``{}``: what A1111 answers to an action with nothing to report."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ProgressState(BaseModel):
+    skipped: bool
+    interrupted: bool
+    job: str
+    job_count: int
+    job_timestamp: str
+    job_no: int
+    sampling_step: int
+    sampling_steps: int
+
+
+class Progress(BaseModel):
+    progress: float = Field(..., ge=0.0, le=1.0)
+    eta_relative: float
+    state: ProgressState
+    current_image: str | None = Field(None, description="a live latent preview, base64 PNG")
+    textinfo: str | None = None
+
+
+class SdModel(BaseModel):
+    title: str
+    model_name: str
+    hash: str | None
+    sha256: str | None
+    filename: str
+    config: str | None
+
+
+class SamplerItem(BaseModel):
+    name: str
+    aliases: list[str]
+    options: dict
+
+
+class SchedulerItem(BaseModel):
+    name: str
+    label: str
+    aliases: list[str] | None
+    default_rho: float
+    need_inner_model: bool
+
+
+class UpscalerItem(BaseModel):
+    name: str
+    model_name: str | None
+    model_path: str | None
+    model_url: str | None
+    scale: float
+
+
+class FaceRestorerItem(BaseModel):
+    name: str
+    cmd_dir: str | None
+
+
+class LoraItem(BaseModel):
+    name: str
+    alias: str
+    path: str | None
+    metadata: dict
+
+
+class Options(BaseModel):
+    """The options that apply here; A1111 clients ignore the ones they do not read."""
+
+    model_config = ConfigDict(extra="allow")
+
+    sd_model_checkpoint: str
+    samples_format: str
+
+
+class PngInfo(BaseModel):
+    info: str
+    items: dict
+    parameters: dict

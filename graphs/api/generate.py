@@ -75,6 +75,14 @@ class GenerateResponse(BaseModel):
     height: int
 
 
+class ModelsResponse(BaseModel):
+    """What every deployment has loaded (seed 003's /models), as each describes itself."""
+
+    models: list[dict]
+    upscalers: dict
+    face_restorer: dict
+
+
 class Health(BaseModel):
     status: str
     message: str
@@ -90,7 +98,7 @@ class GenerateRoutes:
         """Liveness: always open, never authenticated (seed 001 shape)."""
         return Health(status="healthy", message="Image generation service is ready")
 
-    @router.get("/models")
+    @router.get("/models", response_model=ModelsResponse)
     async def models(self) -> dict:
         """What is loaded where (seed 003 shape, plus per-deployment detail)."""
         base = await call(self.handles.base.describe.remote())
