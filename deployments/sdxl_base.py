@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -77,15 +76,9 @@ class BaseGenerator:
         return self.settings.model_cache_dir / "compile" / "sdxl-base"
 
     def warm_up(self) -> None:
-        """Run each configured size once, so that compilation and autotuning happen before the first request."""
-        fast = self.config.fast
-        for width, height in fast.warmup_sizes:
-            started = time.perf_counter()
-            self.generate(GenerationRequest(prompt="warm-up", width=width, height=height, steps=fast.warmup_steps,
-                                            seed=0))
-            logger.info("SDXL base warm-up %dx%d: %.1fs", width, height, time.perf_counter() - started)
-        if fast.warmup_sizes and fast.compile != "none" and self.device.type == "cuda":
-            fastpath.save_compile_cache(self.compile_cache)
+        steps = self.config.fast.warmup_steps
+        fastpath.warm_up("SDXL base", self.config.fast, self.device, self.compile_cache, lambda w, h: self.generate(
+            GenerationRequest(prompt="warm-up", width=w, height=h, steps=steps, seed=0)))
 
     @staticmethod
     def _load_ip_adapter(pipe, folder: Path) -> None:

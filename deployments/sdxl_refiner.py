@@ -70,12 +70,9 @@ class Refiner:
 
     def warm_up(self) -> None:
         """Refine a grey image of each configured size once (image mode, the hires-fix pass)."""
-        fast = self.config.fast
-        for width, height in fast.warmup_sizes:
-            grey = Image.new("RGB", (width, height), (128, 128, 128))
-            self.refine_images(RefineRequest(prompt="warm-up", steps=fast.warmup_steps, strength=1.0), grey)
-        if fast.warmup_sizes and fast.compile != "none" and self.device.type == "cuda":
-            fastpath.save_compile_cache(self.compile_cache)
+        request = RefineRequest(prompt="warm-up", steps=self.config.fast.warmup_steps, strength=1.0)
+        fastpath.warm_up("SDXL refiner", self.config.fast, self.device, self.compile_cache,
+                         lambda w, h: self.refine_images(request, Image.new("RGB", (w, h), (128, 128, 128))))
 
     def refine_latents(self, request: RefineRequest, source: StageResult, request_id: str | None = None,
                        on_progress: ProgressFn | None = None) -> StageResult:

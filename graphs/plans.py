@@ -247,10 +247,11 @@ async def batch_sizes(h: Handles, cropper: DeploymentHandle, r: dict, table: Siz
     out: list[SizedImage] = []
     for aspect, pending in crops.items():
         _focus, cut = await call(pending)
+        base: StageResult | None = None
         for crop in cut:
             image = crop.image
             if crop.upscaled:  # smaller than its target: a neural upscale of the base region, not a plain resize
-                base = await call(bases[aspect])
+                base = base or await call(bases[aspect])
                 region = base.image.crop(crop.box)
                 image = (await call(h.upscaler.upscale.remote(region, upscaler, None, image.width, image.height))).image
             out.append(SizedImage(crop.name, aspect, image, crop.box, crop.upscaled))

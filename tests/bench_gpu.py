@@ -115,8 +115,7 @@ def base_generator(models: Path, *, dtype: str, channels_last=False, **fast):
     return BaseGenerator(config)
 
 
-def free(*objects) -> None:
-    del objects
+def free() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch._dynamo.reset()

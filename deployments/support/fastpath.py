@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -91,12 +92,23 @@ def apply(pipe, device_config: DeviceConfig, fast: FastPath, device: torch.devic
     return applied
 
 
+def warm_up(name: str, fast: FastPath, device: torch.device, cache_dir: Path,
+            run: Callable[[int, int], object]) -> None:
+    """Run each configured size once, so that compilation and autotuning happen before the first request, then
+    save what was compiled for the next start."""
+    for width, height in fast.warmup_sizes:
+        started = time.perf_counter()
+        run(width, height)
+        logger.info("%s warm-up %dx%d: %.1fs", name, width, height, time.perf_counter() - started)
+    if fast.warmup_sizes and fast.compile != "none" and device.type == "cuda":
+        save_compile_cache(cache_dir)
+
+
 @contextmanager
 def attention(fast: FastPath) -> Iterator[None]:
     """Restrict scaled-dot-product attention to the configured kernel for the calls inside."""
     if fast.attention == "auto":
-        with nullcontext():
-            yield
+        yield
         return
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -181,15 +181,16 @@ _WEIGHT_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 _SHARD = re.compile(r"-\d{5}-of-\d{5}$")
 
 
+def file_variants(folder: Path) -> set[str | None]:
+    """The variants a component folder's safetensors come in: ``fp16`` for ``model.fp16.safetensors`` (sharded
+    or not), None for plain files; empty when it holds none."""
+    stems = (_SHARD.sub("", f.name.removesuffix(".safetensors")) for f in folder.glob("*.safetensors"))
+    return {stem.rpartition(".")[2] if "." in stem else None for stem in stems}
+
+
 def weight_variants(folder: Path) -> tuple[set[str | None], ...]:
-    """For each weight component of a diffusers folder, the variants its safetensors come in (None: plain)."""
-    found = []
-    for part in _WEIGHT_PARTS:
-        files = list((folder / part).glob("*.safetensors"))
-        if files:
-            stems = (_SHARD.sub("", f.name.removesuffix(".safetensors")) for f in files)
-            found.append({stem.rpartition(".")[2] if "." in stem else None for stem in stems})
-    return tuple(found)
+    """For each weight component of a diffusers folder, the variants its safetensors come in."""
+    return tuple(found for part in _WEIGHT_PARTS if (found := file_variants(folder / part)))
 
 
 def pick_variant(folder: Path, dtype: torch.dtype) -> str | None:
@@ -221,8 +222,7 @@ def load_vae(source: ModelSource, dtype: torch.dtype, settings: Settings | None 
             return AutoencoderKL.from_single_file(path, torch_dtype=dtype, local_files_only=True)
         _check_folder(path)
         vae_dir = path / "vae" if (path / "vae").is_dir() else path
-        files = [_SHARD.sub("", f.name.removesuffix(".safetensors")) for f in vae_dir.glob("*.safetensors")]
-        variant = "fp16" if files and all(f.endswith(".fp16") for f in files) else None
+        variant = "fp16" if file_variants(vae_dir) == {"fp16"} else None
         return AutoencoderKL.from_pretrained(vae_dir, torch_dtype=dtype, variant=variant, use_safetensors=True,
                                              local_files_only=True)
     except (OSError, ValueError, KeyError, RuntimeError) as e:

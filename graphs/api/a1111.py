@@ -62,12 +62,13 @@ class A1111Routes:
     jobs: JobStore
 
     async def _track(self, flight: InFlight) -> None:
-        record = {"started": flight.started, "total_steps": flight.total_steps, "request_ids": flight.request_ids}
+        record = {"id": flight.id, "started": flight.started, "total_steps": flight.total_steps,
+                  "request_ids": flight.request_ids}
         await asyncio.to_thread(self.jobs.track, flight.id, flight.client, record, FLIGHT_TTL_S)
 
     async def _flights(self, client: str) -> list[InFlight]:
         records = await asyncio.to_thread(self.jobs.tracked, client)
-        return [InFlight(id="", client=client, **r) for r in records]
+        return [InFlight(client=client, **r) for r in records]
 
     async def _checkpoint(self, r: Txt2ImgRequest) -> str:
         base = await call(self.handles.base.describe.remote())
