@@ -185,6 +185,10 @@ class Upscaler:
     async def describe(self) -> dict:
         return {name: {"scale": d.scale, "architecture": d.architecture.id} for name, d in self.model.models.items()}
 
+    async def memory(self) -> dict:
+        """GPU memory as A1111's ``/memory`` reports it: the ingress asks a model replica, having no torch."""
+        return devices.cuda_memory(self.model.device)
+
     async def check_health(self) -> None:
         for name, descriptor in self.model.models.items():
             if not math.isfinite(float(next(descriptor.model.parameters()).float().sum())):

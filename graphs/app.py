@@ -70,6 +70,7 @@ app = create_app()
 app.include_router(generate.open_router)
 for module in (generate, illustration, processing, a1111, a1111_info, jobs):
     app.include_router(module.router)
+app.include_router(a1111_info.internal)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
@@ -84,6 +85,7 @@ class Ingress(
 ):
     def __init__(self, base, refiner, upscaler, faces, cropper, runner, args: dict) -> None:
         config = AppArgs.model_validate(args)
+        self.config = config
         self.handles = plans.Handles(base, refiner, upscaler, faces)
         self.cropper = cropper
         self.hires_upscaler = config.hires_upscaler

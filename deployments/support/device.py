@@ -97,6 +97,27 @@ def memory(device: torch.device) -> dict:
     }
 
 
+def cuda_memory(device: torch.device) -> dict:
+    """The device's memory and this process's allocator figures, in bytes, in the shape of A1111's
+    ``/sdapi/v1/memory`` ``cuda``; off CUDA, A1111's own answer without a GPU."""
+    if device.type != "cuda":
+        return {"error": "unavailable"}
+    free, total = torch.cuda.mem_get_info(device)
+    stats = torch.cuda.memory_stats(device)  # empty until the first allocation
+
+    def figure(name: str) -> dict:
+        return {"current": stats.get(f"{name}.all.current", 0), "peak": stats.get(f"{name}.all.peak", 0)}
+
+    return {
+        "system": {"free": free, "used": total - free, "total": total},
+        "active": figure("active_bytes"),
+        "allocated": figure("allocated_bytes"),
+        "reserved": figure("reserved_bytes"),
+        "inactive": figure("inactive_split_bytes"),
+        "events": {"retries": stats.get("num_alloc_retries", 0), "oom": stats.get("num_ooms", 0)},
+    }
+
+
 def supported_dtype(descriptor, wanted: torch.dtype) -> torch.dtype:
     """The precision a spandrel model runs in: the wanted one if its architecture supports it, else the nearest."""
     if wanted == torch.bfloat16 and not descriptor.supports_bfloat16:

@@ -1,25 +1,42 @@
 """Automatic1111's listing and settings routes: checkpoints, samplers, schedulers, upscalers, face restorers,
-LoRAs, options and PNG info."""
+LoRAs, options and PNG info, and the rest of what A1111 front ends list when they connect, each with what this
+service really has (an empty list for what it has none of: styles, embeddings, hypernetworks, scripts,
+extensions). File names are given without their folders: the host's paths stay on the host.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
+from typing import TYPE_CHECKING
 
+import psutil
 from fastapi import APIRouter
 
 from deployments.support.errors import UnknownModel
 from deployments.support.samplers import SCHEDULES, sampler_names
 from graphs import plans
 from graphs.api.a1111_models import (
+    CmdFlags,
+    Embeddings,
     Empty,
+    Extension,
     FaceRestorerItem,
+    Hypernetwork,
+    LatentUpscaleMode,
     LoraItem,
+    Memory,
+    NamedFile,
     Options,
     OptionsRequest,
     PngInfo,
     PngInfoRequest,
+    PromptStyle,
+    RealesrganItem,
     SamplerItem,
     SchedulerItem,
+    ScriptInfo,
+    ScriptsList,
     SdModel,
     UpscalerItem,
 )
@@ -28,12 +45,35 @@ from graphs.api.errors import call
 from graphs.api.fields import image_field
 from graphs.jobs.store import JobStore
 
+if TYPE_CHECKING:
+    from graphs.app import AppArgs
+
 router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"], route_class=JSONBodyRoute)
+internal = APIRouter(prefix="/internal", tags=["automatic1111"], route_class=JSONBodyRoute)
+
+# A1111's latent upscale modes for hires fix; here each of them resizes the decoded image with Lanczos.
+LATENT_MODES = ("Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)",
+                "Latent (nearest)", "Latent (nearest-exact)")
+REAL_ESRGAN_ARCHITECTURES = {"ESRGAN", "Compact"}  # spandrel's ids for RRDBNet and SRVGGNetCompact
+
+
+def _file_name(source: str) -> str:
+    return source.rstrip("/").rsplit("/", 1)[-1]
+
+
+@functools.cache
+def _serve_http() -> tuple[str, int]:
+    """The host and port Serve's proxies bind. Serve has no public getter: its controller client holds them."""
+    from ray.serve.context import _get_global_client
+
+    options = _get_global_client().http_config
+    return options.host, options.port
 
 
 class A1111InfoRoutes:
     handles: plans.Handles
     jobs: JobStore
+    config: AppArgs
 
     @router.get("/sd-models", response_model=list[SdModel])
     async def sd_models(self) -> list[dict]:
@@ -115,3 +155,81 @@ class A1111InfoRoutes:
         image = image_field(body.image, "image")
         items = {k: v for k, v in image.info.items() if isinstance(v, str)}
         return {"info": items.pop("parameters", ""), "items": items, "parameters": {}}
+
+    @router.get("/sd-vae", response_model=list[NamedFile])
+    async def sd_vae(self) -> list[dict]:
+        """Replacement VAEs the checkpoints were configured with (none: each checkpoint's own VAE)."""
+        stages = [self.config.base, self.config.refiner]
+        names = dict.fromkeys(_file_name(s.vae.source) for s in stages if s is not None and s.vae is not None)
+        return [{"model_name": n, "filename": n} for n in names]
+
+    @router.get("/sd-modules", response_model=list[NamedFile])
+    async def sd_modules(self) -> list[dict]:
+        """Separately loaded modules: the replacement VAEs; text encoders come with each checkpoint."""
+        return await self.sd_vae()
+
+    @router.get("/latent-upscale-modes", response_model=list[LatentUpscaleMode])
+    async def latent_upscale_modes(self) -> list[dict]:
+        """A1111's latent hires-fix modes, accepted in hr_upscaler."""
+        return [{"name": name} for name in LATENT_MODES]
+
+    @router.get("/prompt-styles", response_model=list[PromptStyle])
+    async def prompt_styles(self) -> list[dict]:
+        """No saved styles here: clients put their style in the prompt."""
+        return []
+
+    @router.get("/embeddings", response_model=Embeddings)
+    async def embeddings(self) -> dict:
+        """No textual-inversion embeddings are loaded."""
+        return {"loaded": {}, "skipped": {}}
+
+    @router.get("/hypernetworks", response_model=list[Hypernetwork])
+    async def hypernetworks(self) -> list[dict]:
+        """No hypernetworks: LoRAs are the adapters served here."""
+        return []
+
+    @router.get("/realesrgan-models", response_model=list[RealesrganItem])
+    async def realesrgan_models(self) -> list[dict]:
+        """The loaded upscalers of the Real-ESRGAN family (RRDBNet and compact)."""
+        loaded = await call(self.handles.upscaler.describe.remote())
+        files = {m.name: _file_name(m.path) for m in self.config.upscaler.models}
+        return [{"name": name, "path": files.get(name), "scale": model["scale"]} for name, model in loaded.items()
+                if model["architecture"] in REAL_ESRGAN_ARCHITECTURES]
+
+    @router.get("/scripts", response_model=ScriptsList)
+    async def scripts(self) -> dict:
+        """No A1111 scripts run here."""
+        return {"txt2img": [], "img2img": []}
+
+    @router.get("/script-info", response_model=list[ScriptInfo])
+    async def script_info(self) -> list[dict]:
+        """No A1111 scripts run here."""
+        return []
+
+    @router.get("/extensions", response_model=list[Extension])
+    async def extensions(self) -> list[dict]:
+        """No A1111 extensions are installed."""
+        return []
+
+    @router.get("/cmd-flags", response_model=CmdFlags)
+    async def cmd_flags(self) -> dict:
+        """The A1111 flags that have a counterpart here, with this service's values."""
+        host, port = await asyncio.to_thread(_serve_http)
+        base = await call(self.handles.base.describe.remote())
+        full = base["dtype"] == "float32"
+        return {"api": True, "nowebui": True, "listen": host not in ("127.0.0.1", "localhost", "::1"), "port": port,
+                "server_name": host, "no_half": full, "no_half_vae": full, "precision": "full" if full else "autocast",
+                "lowvram": False, "medvram": False, "api_server_stop": False}
+
+    @router.get("/memory", response_model=Memory)
+    async def a1111_memory(self) -> dict:
+        """RAM of the ingress host; GPU memory as the upscaler's replica sees its device (device-wide free, used
+        and total; allocator figures of that replica)."""
+        ram = psutil.virtual_memory()
+        cuda = await call(self.handles.upscaler.memory.remote())
+        return {"ram": {"free": ram.available, "used": ram.total - ram.available, "total": ram.total}, "cuda": cuda}
+
+    @internal.get("/ping", response_model=Empty)
+    async def ping(self) -> dict:
+        """A1111's liveness ping."""
+        return {}

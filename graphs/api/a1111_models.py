@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -194,3 +194,100 @@ class PngInfo(BaseModel):
     info: str
     items: dict
     parameters: dict
+
+
+class NamedFile(BaseModel):
+    """One item of ``/sd-vae`` and ``/sd-modules``."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    model_name: str
+    filename: str
+
+
+class LatentUpscaleMode(BaseModel):
+    name: str
+
+
+class PromptStyle(BaseModel):
+    name: str
+    prompt: str | None
+    negative_prompt: str | None
+
+
+class Embedding(BaseModel):
+    step: int | None
+    sd_checkpoint: str | None
+    sd_checkpoint_name: str | None
+    shape: int
+    vectors: int
+
+
+class Embeddings(BaseModel):
+    loaded: dict[str, Embedding]
+    skipped: dict[str, Embedding]
+
+
+class Hypernetwork(BaseModel):
+    name: str
+    path: str | None
+
+
+class RealesrganItem(BaseModel):
+    name: str
+    path: str | None
+    scale: int | None
+
+
+class ScriptsList(BaseModel):
+    txt2img: list[str]
+    img2img: list[str]
+
+
+class ScriptArg(BaseModel):
+    label: str | None = None
+    value: Any = None
+    minimum: Any = None
+    maximum: Any = None
+    step: Any = None
+    choices: list[str] | None = None
+
+
+class ScriptInfo(BaseModel):
+    name: str | None
+    is_alwayson: bool | None
+    is_img2img: bool | None
+    args: list[ScriptArg]
+
+
+class Extension(BaseModel):
+    name: str
+    remote: str
+    branch: str
+    commit_hash: str
+    version: str
+    commit_date: str
+    enabled: bool
+
+
+class CmdFlags(BaseModel):
+    """The command-line flags of A1111 that have a counterpart here; clients read them with defaults."""
+
+    model_config = ConfigDict(extra="allow")
+
+    api: bool
+    nowebui: bool
+    listen: bool
+    port: int
+    server_name: str | None
+
+
+class Ram(BaseModel):
+    free: float
+    used: float
+    total: float
+
+
+class Memory(BaseModel):
+    ram: Ram
+    cuda: dict = Field(..., description="system/active/allocated/reserved/inactive/events bytes, or {'error': ...}")
