@@ -1,8 +1,9 @@
 """Automatic1111's ``/sdapi/v1/*`` (seed 004 and every A1111 client): compatible payloads, our own plumbing.
 
 Images are plain base64 PNGs carrying A1111's ``parameters`` text chunk; ``info`` is a JSON string holding
-``all_seeds``. ``/interrupt`` and ``/skip`` cancel only the calling client's in-flight requests (the client is
-its bearer token, else its address), never another client's.
+``all_seeds`` and ``warnings`` (what /generate reports: an unknown LoRA ignored, a fallback upscaler, no face
+found). ``/interrupt`` and ``/skip`` cancel only the calling client's in-flight requests (the client is its
+bearer token, else its address), never another client's.
 """
 
 import asyncio
@@ -97,6 +98,7 @@ class A1111Routes:
         job = InFlight(uuid.uuid4().hex, _client(http), time.time(), r.steps * r.n_iter)
         images: list[Image.Image] = []
         seeds: list[int] = []
+        warnings: list[str] = []  # every stage's, as /generate reports them; each said once
         extras: dict = {}
         try:
             seed = r.seed
@@ -108,6 +110,7 @@ class A1111Routes:
                     result = await self._one_batch(r, seed, request_id, extras, **extra)
                     images += result.images
                     seeds += result.seeds
+                    warnings += result.warnings
                     seed = result.seeds[-1] + 1
         finally:
             await asyncio.to_thread(self.jobs.untrack, job.client, job.id)
@@ -116,6 +119,7 @@ class A1111Routes:
             for image in images:
                 report = await call(self.handles.faces.restore.remote(image, 0.6))
                 restored.append(report.image)
+                warnings += report.warnings
             images = restored
             extras["Face restoration"] = "CodeFormer"
         texts = [infotext(r, s, model, extras) for s in seeds]
@@ -125,7 +129,8 @@ class A1111Routes:
                 "height": images[0].height, "sampler_name": r.sampler_name or "Euler a", "cfg_scale": r.cfg_scale,
                 "steps": r.steps, "batch_size": r.batch_size, "restore_faces": r.restore_faces,
                 "sd_model_name": model, "infotexts": texts, "styles": [],
-                "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "version": "imagegen-0.1"}
+                "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "version": "imagegen-0.1",
+                "warnings": list(dict.fromkeys(warnings))}
         encoded = [b64_png(image, {"parameters": text}) for image, text in zip(images, texts, strict=True)]
         parameters = r.model_dump(exclude={"init_images", "mask"})
         return ImagesResponse(images=encoded, parameters=parameters, info=json.dumps(info))
