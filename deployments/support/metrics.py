@@ -1,13 +1,14 @@
 """Per-deployment metrics through Ray Serve's metrics API (Prometheus endpoint, Ray dashboard).
 
 Every deployment records, per stage: a latency histogram, images produced, failures by error code, and the
-requests in flight on the replica (its queue depth).
+requests in flight on the replica (its queue depth). The job runner records the jobs in the store by state.
+``configs/grafana-dashboard.json`` charts them (Prometheus names carry Ray's ``ray_`` prefix).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
 from ray.serve import metrics
@@ -50,3 +51,16 @@ class StageMetrics:
     def produced(self, count: int) -> None:
         if count:
             self.images.inc(count)
+
+
+class JobMetrics:
+    """Jobs in the store by state. Every runner replica reads the same store and reports the same counts, so a
+    dashboard takes the maximum over replicas, never the sum."""
+
+    def __init__(self, statuses: Iterable[str]) -> None:
+        self.statuses = tuple(statuses)
+        self.jobs = metrics.Gauge("imagegen_jobs", description="jobs in the store by state", tag_keys=("status",))
+
+    def record(self, counts: Mapping[str, int]) -> None:
+        for status in self.statuses:  # a state with no jobs reads 0, not the last count it had
+            self.jobs.set(counts.get(status, 0), tags={"status": status})

@@ -21,12 +21,13 @@ from ray import serve
 
 from deployments.support.errors import GenerationCancelled
 from deployments.support.imaging import encode
+from deployments.support.metrics import JobMetrics
 from deployments.support.settings import current
 from graphs import plans
 from graphs.api.errors import call, unwrap
 from graphs.jobs.results import open_results
 from graphs.jobs.sizes import SizeTable
-from graphs.jobs.store import Job, open_store
+from graphs.jobs.store import STATUSES, Job, open_store
 from graphs.jobs.webhooks import deliver
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ class JobRunner:
         self._loops = [asyncio.get_event_loop().create_task(self._work(i))
                        for i in range(self.settings.max_concurrent_jobs)]
         self._loops.append(asyncio.get_event_loop().create_task(self._purge()))
+        self.job_metrics = JobMetrics(STATUSES)
+        self._loops.append(asyncio.get_event_loop().create_task(self._report()))
 
     async def check_health(self) -> None:
         if any(loop.done() for loop in self._loops):
@@ -152,6 +155,15 @@ class JobRunner:
                     for w in widths if 8 <= w <= out.width}
             images[item.name] = entry
         return {"images": images, "bases_generated": bases, "seed": seed}
+
+    async def _report(self, every_s: float = 5.0) -> None:
+        """Jobs by state, for the dashboards (queued is the backlog the runners have not claimed yet)."""
+        while True:
+            try:
+                self.job_metrics.record((await asyncio.to_thread(self.store.stats))["counts"])
+            except Exception:  # noqa: BLE001 - a store hiccup must not kill the loop
+                logger.exception("job metrics failed")
+            await asyncio.sleep(every_s)
 
     async def _save(self, job_id: str, name: str, data: bytes, suffix: str = "png") -> str:
         return await asyncio.to_thread(self.results.save, job_id, name, data, suffix)
