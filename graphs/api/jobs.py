@@ -33,6 +33,7 @@ from graphs.jobs.models import (
     JobResult,
     JobView,
     QueueStatus,
+    SizeConfig,
     StyleTransferJob,
     Text2ImgJob,
 )
@@ -179,6 +180,13 @@ class JobRoutes:
         if job.status in ("completed", "failed"):
             raise JobConflict(f"job already {job.status}", field="id", details={"status": job.status})
         return {"success": True, "id": job.id, "status": job.status}
+
+    @router.get("/generate/batch-sizes", response_model=SizeConfig)
+    async def batch_size_config(self) -> dict:
+        """The named sizes a batch accepts (configs/sizes.yaml), with each one's aspect class and the bases."""
+        sizes = {name: {"width": w, "height": h, "aspect": self.sizes.aspect(w, h)}
+                 for name, (w, h) in self.sizes.sizes.items()}
+        return {"sizes": sizes, "bases": self.sizes.bases}
 
     @router.get("/queue/status", response_model=QueueStatus)
     async def queue_status(self) -> dict:

@@ -79,6 +79,19 @@ class BatchSizes(BaseModel):
         None, description="override the base rendered per aspect class (multiples of 8)")
 
 
+class NamedSize(BaseModel):
+    width: int
+    height: int
+    aspect: Literal["landscape", "square", "portrait"]
+
+
+class SizeConfig(BaseModel):
+    """What ``POST /generate/batch-sizes`` accepts by name, and the base rendered for each aspect class."""
+
+    sizes: dict[str, NamedSize]
+    bases: dict[str, tuple[int, int]]
+
+
 class JobAccepted(BaseModel):
     """Seed 002's answer to a queued job."""
 
