@@ -5,16 +5,20 @@ image, cancels a job and upscales an upload, saving screenshots under ``$TEST_AR
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import os
 import re
 import shutil
 from html.parser import HTMLParser
 from importlib import resources
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from PIL import Image
 
 from deployments.support import settings
 from graphs.api import edge, ui
@@ -92,7 +96,7 @@ async def test_the_page_is_open_under_auth_and_serves_only_its_files(edge_client
     assert (await edge_client.get("/jobs")).status_code == 401  # the API behind the page is not
 
 
-# --- in Chromium, on the live service ------------------------------------------------------------------------
+# --- in Chromium: the page against faked answers (no Ray), then on the live service ------------------------
 
 @pytest.fixture(scope="module")
 def browser():
@@ -104,6 +108,100 @@ def browser():
         browser = playwright.chromium.launch(executable_path=executable)
         yield browser
         browser.close()
+
+
+# Records every state the status line shows and every value the progress bar takes, as the page sets them (old
+# values from the mutation records, so that changes made within one task are all seen).
+WATCH = """() => {
+  window.seen = { states: [], values: [], previews: 0 };
+  const watch = (id, attribute, list) => new MutationObserver((records) => {
+    for (const record of records) list.push(record.oldValue);
+  }).observe(document.getElementById(id), { attributes: true, attributeOldValue: true, attributeFilter: [attribute] });
+  watch("status", "data-state", window.seen.states);
+  watch("progress", "value", window.seen.values);
+  new MutationObserver((records) => { window.seen.previews += records.length; })
+    .observe(document.getElementById("preview"), { attributes: true, attributeFilter: ["src"] });
+}"""
+
+
+def _seen(page) -> dict:
+    """The states and progress values the page went through, repeats folded, ending with the current ones."""
+    seen = page.evaluate("""() => ({ ...window.seen,
+        states: [...window.seen.states, document.getElementById("status").dataset.state],
+        values: [...window.seen.values, document.getElementById("progress").getAttribute("value")] })""")
+
+    def fold(items):
+        return [item for i, item in enumerate(items) if i == 0 or item != items[i - 1]]
+
+    return {"states": fold(seen["states"]), "values": fold([int(v) for v in seen["values"]]),
+            "previews": seen["previews"]}
+
+
+RESULT = "#result img.result-image"
+
+
+def _png(width: int, height: int, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 80, 40)).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def _stream(job_id: str) -> str:
+    """The event stream of one job as GET /jobs/{id}/events sends it: named events, JSON data, a comment."""
+    preview = "data:image/jpeg;base64," + base64.b64encode(_png(8, 8, "JPEG")).decode()
+    events = [("queued", {"position": 1}), ("started", {"attempt": 1}),
+              ("progress", {"step": 5, "total": 10, "eta_s": 1.5, "progress": 50.0}),
+              ("preview", {"step": 5, "total": 10, "image": preview}),
+              ("progress", {"step": 10, "total": 10, "eta_s": 0.0, "progress": 100.0}),
+              ("completed", {"images": ["image_0"], "seed": 5})]
+    status = {"queued": "queued", "completed": "completed"}
+    blocks = [": keep-alive"]
+    for i, (name, data) in enumerate(events, 1):
+        body = {"job_id": job_id, "status": status.get(name, "processing"), **data}
+        blocks.append(f"id: {i}\nevent: {name}\ndata: {json.dumps(body)}")
+    return "\n\n".join(blocks) + "\n\n"
+
+
+def test_the_event_stream_drives_the_page(browser):
+    """Without Ray: the page against the events contract, every API answer faked in the browser."""
+    job = {"id": "job_1", "jobId": "job_1", "job_id": "job_1", "type": "text2img", "status": "completed",
+           "request": {"prompt": "p", "width": 24, "height": 16}, "progress": 100,
+           "result": {"images": ["data:image/png;base64," + base64.b64encode(_png(24, 16)).decode()], "seed": 5}}
+    answers = {
+        "/models": {"models": [{"id": "m", "type": "base"}]}, "/sdapi/v1/samplers": [{"name": "Euler a"}],
+        "/sdapi/v1/loras": [], "/sdapi/v1/upscalers": [], "/generate/batch-sizes": {"sizes": {}, "bases": {}},
+        "/jobs": {"jobs": [], "total": 0, "offset": 0, "limit": 12}, "/jobs/job_1": job,
+    }
+    submitted = []
+
+    def answer(route):
+        path = urlsplit(route.request.url).path
+        if path == "/ui" or path.startswith("/ui/"):
+            name = "index.html" if path == "/ui" else path.removeprefix("/ui/")
+            types = {"html": "text/html", "js": "text/javascript", "css": "text/css"}
+            return route.fulfill(body=_packaged(name), content_type=types[name.rsplit(".", 1)[1]])
+        if path == "/generate/text2img":
+            submitted.append(route.request.post_data_json)
+            return route.fulfill(status=202, json={**job, "status": "queued", "progress": 0})
+        if path == "/jobs/job_1/events":
+            return route.fulfill(body=_stream("job_1"), content_type="text/event-stream")
+        return route.fulfill(json=answers[path])
+
+    context = browser.new_context()
+    context.route("http://ui.test/**", answer)
+    page = context.new_page()
+    page.goto("http://ui.test/ui")
+    page.wait_for_selector("body[data-ready=true]")
+    page.evaluate(WATCH)
+    page.get_by_label("Prompt", exact=True).fill("p")
+    page.get_by_role("button", name="Generate").click()
+    page.wait_for_function(f"() => document.querySelector('{RESULT}')?.naturalWidth > 0")
+    seen = _seen(page)
+    mode = page.evaluate("document.body.dataset.updates")
+    context.close()
+    assert submitted[0]["sampler"] == "Euler a" and submitted[0]["model"] == "m" and submitted[0]["width"] == 512
+    assert seen == {"states": ["idle", "queued", "processing", "completed"], "values": [0, 50, 100], "previews": 1}
+    assert mode == "events"
 
 
 @pytest.fixture(scope="module")
@@ -126,23 +224,6 @@ def page(browser, service):
     assert not errors, f"uncaught errors in the page: {errors}"
 
 
-# Records every state the status line shows and every value the progress bar takes, as the page sets them.
-WATCH = """() => {
-  window.seen = { states: [], values: [], previews: 0 };
-  const status = document.getElementById("status");
-  const bar = document.getElementById("progress");
-  new MutationObserver(() => {
-    const last = window.seen.states[window.seen.states.length - 1];
-    if (status.dataset.state !== last) window.seen.states.push(status.dataset.state);
-  }).observe(status, { attributes: true, attributeFilter: ["data-state"] });
-  new MutationObserver(() => window.seen.values.push(bar.value))
-    .observe(bar, { attributes: true, attributeFilter: ["value"] });
-  new MutationObserver(() => { window.seen.previews += 1; })
-    .observe(document.getElementById("preview"), { attributes: true, attributeFilter: ["src"] });
-}"""
-RESULT = "#result img.result-image"
-
-
 @pytest.mark.integration
 def test_generate_shows_progress_then_the_image(page, service, artifacts):
     assert "Euler a" in page.locator("#sampler option").all_inner_texts()
@@ -161,7 +242,7 @@ def test_generate_shows_progress_then_the_image(page, service, artifacts):
 
     size = page.eval_on_selector(RESULT, "img => [img.naturalWidth, img.naturalHeight]")
     assert size == [192, 128]
-    seen = page.evaluate("window.seen")
+    seen = _seen(page)
     assert seen["states"][-1] == "completed" and "processing" in seen["states"], seen
     assert seen["values"] == sorted(seen["values"]) and seen["values"][-1] == 100, seen
     assert any(0 < v < 100 for v in seen["values"]), f"no progress between 0 and 100: {seen}"

@@ -131,8 +131,11 @@ async function loadChoices() {
       { preferred: "Euler a" }),
     lora: async () => fill($("lora"), (await api("sdapi/v1/loras")).map((l) => ({ value: l.name })),
       { empty: "(none)" }),
-    upscaler: async () => fill($("upscaler"), (await api("sdapi/v1/upscalers"))
-      .filter((u) => u.name !== "None").map((u) => ({ value: u.name }))),
+    upscaler: async () => {
+      const upscalers = (await api("sdapi/v1/upscalers")).filter((u) => u.name !== "None");
+      const model = upscalers.find((u) => u.model_name); // a loaded network rather than a resampler
+      fill($("upscaler"), upscalers.map((u) => ({ value: u.name })), { preferred: model && model.name });
+    },
     sizes: loadNamedSizes,
   };
   const results = await Promise.allSettled(Object.values(tasks).map((task) => task()));
