@@ -260,6 +260,7 @@ def test_generate_shows_progress_then_the_image(page, service, artifacts):
     page.screenshot(path=artifacts / "gallery.png", full_page=True)
     mode = page.evaluate("document.body.dataset.updates")
     print(f"updates by {mode}: {len(seen['values'])} progress values, {seen['previews']} previews")  # noqa: T201
+    assert mode == "events" and seen["previews"] > 0  # GET /jobs/{id}/events, a preview every 5 steps
 
 
 @pytest.mark.integration
