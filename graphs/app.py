@@ -27,7 +27,7 @@ from deployments.support.config import (
 from deployments.support.settings import current
 from deployments.upscaler import Upscaler
 from graphs import plans
-from graphs.api import a1111, a1111_info, generate, illustration, jobs, processing
+from graphs.api import a1111, a1111_info, generate, illustration, jobs, processing, ui
 from graphs.api.edge import create_app
 from graphs.api.photos import PhotoStore, StorageConfig
 from graphs.jobs.results import open_results
@@ -68,7 +68,7 @@ class AppArgs(BaseModel):
 
 app = create_app()
 app.include_router(generate.open_router)
-for module in (generate, illustration, processing, a1111, a1111_info, jobs):
+for module in (generate, illustration, processing, a1111, a1111_info, jobs, ui):
     app.include_router(module.router)
 app.include_router(a1111_info.internal)
 

@@ -28,7 +28,8 @@ def main() -> int:
     bin_dir = Path(sys.executable).parent
     subprocess.run([bin_dir / "ray", "start", "--head", "--num-gpus=1", "--num-cpus=4", "--include-dashboard=true",
                     "--dashboard-host=127.0.0.1", "--disable-usage-stats"], check=True)
-    logger.info("Ray dashboard: http://127.0.0.1:8265  API: http://127.0.0.1:8000/docs")
+    logger.info("Ray dashboard: http://127.0.0.1:8265  API: http://127.0.0.1:8000/docs  "
+                "page: http://127.0.0.1:8000/ui")
     try:
         return subprocess.run([bin_dir / "serve", "run", "--address", "auto", str(config)], cwd=ROOT).returncode
     except KeyboardInterrupt:

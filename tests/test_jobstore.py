@@ -195,3 +195,76 @@ def test_running_requests_are_seen_by_every_replica_and_expire(store, tmp_path):
     store.track("f3", "token:c", {"started": 3.0, "total_steps": 1, "request_ids": []}, ttl_s=0.05)
     time.sleep(0.1)
     assert other.tracked("token:c") == []  # an ingress that died leaves nothing behind for long
+
+
+# --- the per-job event log (GET /jobs/{id}/events reads it) ---------------------------------------------------
+
+
+def names(events) -> list[str]:
+    return [e.event for e in events]
+
+
+def test_events_follow_a_job_and_every_replica_reads_them(store, tmp_path):
+    first, _ = store.create(job())
+    second, _ = store.create(job())
+    urgent, _ = store.create(job(priority="high"))
+    assert [store.events(j.id)[0].data["position"] for j in (first, second, urgent)] == [1, 2, 1]
+    assert store.claim("w", 30).id == urgent.id
+    assert store.append_event(urgent.id, "progress", {"step": 1, "total": 4, "eta_s": 0.3}) == 3
+    assert store.append_event(urgent.id, "progress", {"step": 2, "total": 4, "eta_s": 0.2}) == 4
+    assert store.finish(urgent.id, "w", "completed", {"images": ["k"]}, event={"images": ["image_0"], "seed": 9})
+    events = reopen(store, tmp_path).events(urgent.id)  # another ingress replica
+    assert names(events) == ["queued", "started", "progress", "progress", "completed"]
+    assert [e.id for e in events] == [1, 2, 3, 4, 5]
+    assert all(e.data["job_id"] == urgent.id for e in events)
+    assert [e.data["status"] for e in events] == ["queued", "processing", "processing", "processing", "completed"]
+    assert events[1].data["attempt"] == 1 and events[3].data["step"] == 2
+    assert events[-1].terminal and events[-1].data["seed"] == 9 and events[-1].data["images"] == ["image_0"]
+    assert [e.id for e in store.events(urgent.id, after=3)] == [4, 5]
+    assert store.events(urgent.id, after=5) == [] and store.events("job_0_missing") == []
+    # A late progress report (the worker's last heartbeat racing the finish) never follows the terminal event.
+    assert store.append_event(urgent.id, "progress", {"step": 4, "total": 4}) is None
+    assert store.append_event("job_0_missing", "progress", {"step": 1}) is None
+    assert names(store.events(urgent.id)) == names(events)
+
+
+def test_cancel_failure_and_a_lost_worker_end_the_log(store):
+    queued, _ = store.create(job())
+    store.cancel(queued.id)
+    assert names(store.events(queued.id)) == ["queued", "cancelled"]
+    store.cancel(queued.id)  # cancelling twice writes nothing more
+    assert names(store.events(queued.id)) == ["queued", "cancelled"]
+
+    failing, _ = store.create(job())
+    store.claim("w", 30)
+    store.finish(failing.id, "w", "failed", error="GPU_OOM: out of memory",
+                 event={"code": "GPU_OOM", "message": "out of memory"})
+    last = store.events(failing.id)[-1]
+    assert last.event == "failed" and last.data["code"] == "GPU_OOM" and last.data["status"] == "failed"
+
+    lost, _ = store.create(job())
+    store.claim("dead", lease_s=0.05)
+    time.sleep(0.1)
+    store.claim("other", lease_s=0.05)  # requeued, then claimed again at once
+    time.sleep(0.1)
+    assert store.claim("third", 30) is None  # max_attempts=2: now failed
+    events = store.events(lost.id)
+    assert names(events) == ["queued", "started", "queued", "started", "failed"]
+    assert events[2].data["requeued"] and events[3].data["attempt"] == 2
+    assert events[4].data["code"] == "WORKER_LOST" and "lease expired" in events[4].data["message"]
+
+
+def test_the_event_log_is_bounded_and_goes_with_the_job(store):
+    store.events_kept = 8
+    created, _ = store.create(job())
+    store.claim("w", 30)
+    for step in range(1, 21):
+        store.append_event(created.id, "progress", {"step": step, "total": 20})
+    store.finish(created.id, "w", "cancelled", error="cancelled", event={})
+    events = store.events(created.id)
+    assert [e.id for e in events] == list(range(16, 24))  # queued, started, 20 progress, cancelled: newest 8
+    assert events[0].data["step"] == 14 and events[-1].event == "cancelled"
+    assert [e.id for e in store.events(created.id, after=3, limit=3)] == [16, 17, 18]
+    time.sleep(0.05)
+    assert [j.id for j in store.purge(older_than_s=0.01)] == [created.id]
+    assert store.events(created.id) == []

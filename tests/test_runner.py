@@ -1,18 +1,24 @@
 """The job runner without Ray: its worker loops drive the real tiny SDXLBase through in-process handles.
 
-Covers what the shared cluster's settings cannot: JOB_TIMEOUT (the job fails and the denoising stops) and
-results on S3 (published whole before the job completes; an upload that fails fails the job, publishing nothing).
+Covers what the shared cluster's settings cannot: JOB_TIMEOUT (the job fails and the denoising stops), results
+on S3 (published whole before the job completes; an upload that fails fails the job, publishing nothing), and the
+event log the runner writes and the event stream reads (previews, heartbeats on an idle stream).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import inspect
+import io
+import json
 import os
 import time
 
 import pytest
+from PIL import Image
 
+from graphs.jobs import events
 from graphs.jobs.runner import JobRunner
 from graphs.jobs.store import Job, new_job_id
 from tests.netfaults import TruncatingProxy
@@ -58,6 +64,7 @@ class BaseShell:
         self.generate = base.generate
         self.cancel = base.cancellation.cancel
         self.progress = base.cancellation.progress
+        self.preview = base.cancellation.preview
 
 
 def start_runner(base, upscaler):
@@ -135,3 +142,84 @@ async def test_results_on_s3_are_whole_before_completed_and_a_failed_upload_fail
         assert listing.get("KeyCount", 0) == 0
     finally:
         stop(runner)
+
+
+class PacedBaseShell(BaseShell):
+    """At least 20 ms a step, so that the runner's progress polls (every 0.5 s) see several steps."""
+
+    def __init__(self, base) -> None:
+        super().__init__(base)
+        self.generate = lambda request, request_id=None: base.generate(request, request_id,
+                                                                       lambda step, total: time.sleep(0.02))
+
+
+async def test_the_runner_logs_progress_previews_and_the_outcome(base, upscaler, runner_env):
+    runner_env.setenv("JOB_TIMEOUT", "600000")
+    runner = JobRunner.func_or_class(LocalHandle(PacedBaseShell(base)), None, LocalHandle(upscaler), None, None)
+    try:
+        job = Job(id=new_job_id(), type="text2img", request={"prompt": "paced", "width": 64, "height": 64,
+                                                                "steps": 100, "seed": 3, "preview_every": 10})
+        runner.store.create(job)
+        done = await finished(runner, job.id, timeout=600)
+        assert done.status == "completed"
+        log = runner.store.events(job.id, limit=1000)
+    finally:
+        stop(runner)
+    names = [e.event for e in log]
+    assert names[:2] == ["queued", "started"] and names[-1] == "completed" and "cancelled" not in names
+    assert [e.id for e in log] == sorted({e.id for e in log})
+    steps = [e.data["step"] for e in log if e.event == "progress"]
+    assert len(steps) >= 2 and steps == sorted(steps) and all(0 < s <= 100 for s in steps)
+    assert all(e.data["total"] == 100 and e.data["eta_s"] >= 0 for e in log if e.event == "progress")
+    previews = [e for e in log if e.event == "preview"]
+    previewed = [p.data["step"] for p in previews]
+    assert previewed and all(later - earlier >= 10 for earlier, later in zip(previewed, previewed[1:], strict=False))
+    image = Image.open(io.BytesIO(base64.b64decode(previews[0].data["image"].split(",", 1)[1])))
+    assert image.format == "JPEG" and image.size == (8, 8)  # the latents of a 64 x 64 image
+    completed = log[-1].data
+    assert completed["images"] == ["image_0"] and completed["seed"] == 3
+    assert (completed["width"], completed["height"]) == (64, 64)
+    assert completed["links"] == {"job": f"/jobs/{job.id}", "result": f"/jobs/{job.id}/result"}
+
+
+def frames(chunks: list[str]) -> list[dict]:
+    """Parse server-sent-event frames (comments kept as {"comment": ...})."""
+    out = []
+    for chunk in chunks:
+        fields: dict = {}
+        for line in chunk.strip("\n").split("\n"):
+            key, _, value = line.partition(": ")
+            fields["comment" if key == "" else key] = value
+        out.append(fields)
+    return out
+
+
+async def test_an_idle_stream_pings_then_ends_at_the_terminal_event(tmp_path):
+    from graphs.jobs.sqlite_store import SQLiteJobStore
+
+    store = SQLiteJobStore(tmp_path / "jobs.sqlite3")
+    job = Job(id=new_job_id(), type="text2img", request={"prompt": "x"})
+    store.create(job)
+    chunks: list[str] = []
+
+    async def read():
+        async for chunk in events.stream(store, job.id, 0, poll_s=0.02, heartbeat_s=0.1):
+            chunks.append(chunk)
+
+    reader = asyncio.create_task(read())
+    await asyncio.sleep(0.35)  # queued, nobody works: only pings
+    store.claim("w", 30)
+    await asyncio.to_thread(store.append_event, job.id, "progress", {"step": 1, "total": 2})
+    store.finish(job.id, "w", "completed", {"images": []}, event={"images": []})
+    await asyncio.wait_for(reader, 5)
+    parsed = frames(chunks)
+    assert parsed[0] == {"retry": str(events.RECONNECT_MS)}
+    assert [f["event"] for f in parsed if "event" in f] == ["queued", "started", "progress", "completed"]
+    assert [f["id"] for f in parsed if "id" in f] == ["1", "2", "3", "4"]
+    assert sum(f == {"comment": "ping"} for f in parsed) >= 2
+    assert json.loads(parsed[-1]["data"])["status"] == "completed"
+
+    resumed = [c async for c in events.stream(store, job.id, 2, poll_s=0.02, heartbeat_s=10)]
+    assert [f.get("id") for f in frames(resumed)[1:]] == ["3", "4"]  # after Last-Event-ID 2, nothing repeated
+    assert frames([c async for c in events.stream(store, job.id, 4, 0.02, 10)]) == [{"retry": "2000"}]
+    assert frames([c async for c in events.stream(store, "job_0_gone", 0, 0.02, 10)]) == [{"retry": "2000"}]

@@ -55,6 +55,12 @@ class Settings(BaseSettings):
     jobs_per_token: bool = Field(False, description="a job is visible only to the bearer token that made it")
     batch_sizes_file: Path = Field(default_factory=_sizes_file)
 
+    # --- job events (GET /jobs/{id}/events)
+    job_events_kept: int = Field(256, ge=8, le=10_000, description="events kept per job; the oldest are trimmed")
+    job_preview_every: int = Field(5, ge=0, le=150, description="denoising steps between previews; 0: none")
+    job_events_heartbeat_seconds: float = Field(10.0, gt=0, description="': ping' on an idle stream")
+    job_events_poll_seconds: float = Field(0.25, gt=0, description="how often a stream reads the store")
+
     # --- webhooks
     webhook_allow_hosts: str = Field("", description="comma-separated hosts exempt from the address checks")
     webhook_attempts: int = Field(4, ge=1, le=10)

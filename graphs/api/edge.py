@@ -64,7 +64,8 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": response.body})
 
 
-OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/redoc")
+# The page at /ui is open too: it asks for the token and sends it on every API call it makes.
+OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/redoc", "/ui")
 TIMEOUT_HEADER = b"x-request-timeout"
 
 

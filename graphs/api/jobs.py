@@ -4,15 +4,18 @@ seed 002's ``/generate/async``, ``/jobs/{id}/result`` and ``/generate/batch-size
 ``GET /jobs/{id}`` answers a superset: seed 003's job object (``id``, ``type``, ``status``, ``progress``,
 ``result``...) plus seed 002's ``jobId`` / ``job_id`` and, for a finished batch, ``images``, ``bases_generated``
 and ``seed`` at the top level.
+
+``GET /jobs/{id}/events`` streams the job's events (server-sent events, ``graphs.jobs.events``); every submit
+sent with ``Accept: text/event-stream`` answers with that stream (200) instead of its JSON.
 """
 
 import asyncio
 import base64
 import re
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Header, Query, Request
 from pydantic import BaseModel
 
 from deployments.support.errors import InvalidInput, JobConflict, NotFound
@@ -20,6 +23,7 @@ from deployments.support.settings import Settings
 from graphs.api.body import JSONBodyRoute
 from graphs.api.edge import token_owner
 from graphs.api.fields import image_field
+from graphs.jobs import events
 from graphs.jobs.models import (
     MAX_OFFSET,
     AsyncGenerate,
@@ -28,11 +32,13 @@ from graphs.jobs.models import (
     Img2ImgJob,
     InpaintJob,
     JobAccepted,
+    JobEventData,
     JobId,
     JobList,
     JobResult,
     JobView,
     QueueStatus,
+    SizeConfig,
     StyleTransferJob,
     Text2ImgJob,
 )
@@ -49,6 +55,10 @@ IMAGE_FIELDS = {
     "inpaint": ("image", "mask"),
     "style-transfer": ("contentImage", "styleImage"),
 }
+STREAM_DOC: dict[str, Any] = {"model": JobEventData, "description": "server-sent events; data: JSON as this model"}
+STREAMED: dict[int | str, dict[str, Any]] = {200: {
+    "description": "with Accept: text/event-stream, the job's events instead (as GET /jobs/{id}/events)",
+    "content": {"text/event-stream": {"schema": {"$ref": "#/components/schemas/JobEventData"}}}}}
 
 
 def _iso(ts: float | None) -> str | None:
@@ -81,6 +91,14 @@ class JobRoutes:
         stored, _created = await asyncio.to_thread(self.jobs.create, job, key, self.settings.max_queue_size)
         return stored
 
+    def _events(self, job_id: str, after: int = 0) -> events.EventStream:
+        return events.response(self.jobs, job_id, after, self.settings.job_events_poll_seconds,
+                               self.settings.job_events_heartbeat_seconds)
+
+    def _answer(self, request: Request, job: Job, answer: Any) -> Any:
+        """The submit's JSON answer, or the job's event stream when the client asked for it."""
+        return self._events(job.id) if events.wants_stream(request.headers.get("accept")) else answer
+
     def _view(self, job: Job, with_images: bool = True) -> dict:
         out = {"id": job.id, "jobId": job.id, "job_id": job.id, "type": job.type, "status": job.status,
                "request": _redact(job.request), "progress": round(job.progress), "priority": job.priority,
@@ -108,43 +126,61 @@ class JobRoutes:
             raise NotFound("Job not found", field="id")
         return job
 
-    @router.post("/generate/text2img", status_code=202, response_model=JobView, response_model_exclude_unset=True)
-    async def submit_text2img(self, body: Text2ImgJob, request: Request) -> dict:
+    async def _queue(self, request: Request, kind: str, body: BaseModel) -> Any:
+        job = await self._submit(request, kind, body)
+        return self._answer(request, job, self._view(job, with_images=False))
+
+    async def _accept(self, request: Request, kind: str, body: BaseModel) -> Any:
+        job = await self._submit(request, kind, body)
+        return self._answer(request, job, JobAccepted(jobId=job.id, job_id=job.id, status=job.status))
+
+    @router.post("/generate/text2img", status_code=202, response_model=JobView, response_model_exclude_unset=True,
+                 responses=STREAMED)
+    async def submit_text2img(self, body: Text2ImgJob, request: Request) -> Any:
         """Queue a text-to-image job (seed 003); 202 with the job."""
-        return self._view(await self._submit(request, "text2img", body), with_images=False)
+        return await self._queue(request, "text2img", body)
 
-    @router.post("/generate/img2img", status_code=202, response_model=JobView, response_model_exclude_unset=True)
-    async def submit_img2img(self, body: Img2ImgJob, request: Request) -> dict:
+    @router.post("/generate/img2img", status_code=202, response_model=JobView, response_model_exclude_unset=True,
+                 responses=STREAMED)
+    async def submit_img2img(self, body: Img2ImgJob, request: Request) -> Any:
         """Queue an image-to-image job."""
-        return self._view(await self._submit(request, "img2img", body), with_images=False)
+        return await self._queue(request, "img2img", body)
 
-    @router.post("/generate/inpaint", status_code=202, response_model=JobView, response_model_exclude_unset=True)
-    async def submit_inpaint(self, body: InpaintJob, request: Request) -> dict:
+    @router.post("/generate/inpaint", status_code=202, response_model=JobView, response_model_exclude_unset=True,
+                 responses=STREAMED)
+    async def submit_inpaint(self, body: InpaintJob, request: Request) -> Any:
         """Queue an inpainting job (white mask pixels are repainted)."""
-        return self._view(await self._submit(request, "inpaint", body), with_images=False)
+        return await self._queue(request, "inpaint", body)
 
     @router.post("/generate/style-transfer", status_code=202, response_model=JobView,
-                 response_model_exclude_unset=True)
-    async def submit_style_transfer(self, body: StyleTransferJob, request: Request) -> dict:
+                 response_model_exclude_unset=True, responses=STREAMED)
+    async def submit_style_transfer(self, body: StyleTransferJob, request: Request) -> Any:
         """Queue a style transfer: the style image through IP-Adapter applied to the content image."""
-        return self._view(await self._submit(request, "style-transfer", body), with_images=False)
+        return await self._queue(request, "style-transfer", body)
 
-    @router.post("/generate/async", status_code=202, response_model=JobAccepted)
-    async def submit_async(self, body: AsyncGenerate, request: Request) -> JobAccepted:
+    @router.post("/generate/async", status_code=202, response_model=JobAccepted, responses=STREAMED)
+    async def submit_async(self, body: AsyncGenerate, request: Request) -> Any:
         """Seed 002: queue a /generate request; answers {jobId}."""
-        job = await self._submit(request, "generate", body)
-        return JobAccepted(jobId=job.id, job_id=job.id, status=job.status)
+        return await self._accept(request, "generate", body)
 
-    @router.post("/generate/batch-sizes", status_code=202, response_model=JobAccepted)
-    async def submit_batch(self, body: BatchSizes, request: Request) -> JobAccepted:
+    @router.post("/generate/batch-sizes", status_code=202, response_model=JobAccepted, responses=STREAMED)
+    async def submit_batch(self, body: BatchSizes, request: Request) -> Any:
         """Seed 002: every named size from the fewest bases (one per aspect class), one seed for all."""
-        job = await self._submit(request, "batch-sizes", body)
-        return JobAccepted(jobId=job.id, job_id=job.id, status=job.status)
+        return await self._accept(request, "batch-sizes", body)
 
     @router.get("/jobs/{job_id}", response_model=JobView, response_model_exclude_unset=True)
     async def get_job(self, job_id: JobId, request: Request) -> dict:
         """The job, with its images as data URIs once completed."""
         return await asyncio.to_thread(self._view, await self._get(request, job_id))
+
+    @router.get("/jobs/{job_id}/events", response_class=events.EventStream, responses={200: STREAM_DOC})
+    async def job_events(self, job_id: JobId, request: Request,
+                         last_event_id: str | None = Header(None, alias="Last-Event-ID", description=(
+                             "resume after this event id (EventSource sends it when it reconnects)"))
+                         ) -> events.EventStream:
+        """The job's events as server-sent events, until completed, failed or cancelled."""
+        await self._get(request, job_id)
+        return self._events(job_id, _event_id(last_event_id))
 
     @router.get("/jobs/{job_id}/result", response_model=JobResult)
     async def get_result(self, job_id: JobId, request: Request) -> dict:
@@ -180,6 +216,13 @@ class JobRoutes:
             raise JobConflict(f"job already {job.status}", field="id", details={"status": job.status})
         return {"success": True, "id": job.id, "status": job.status}
 
+    @router.get("/generate/batch-sizes", response_model=SizeConfig)
+    async def batch_size_config(self) -> dict:
+        """The named sizes a batch accepts (configs/sizes.yaml), with each one's aspect class and the bases."""
+        sizes = {name: {"width": w, "height": h, "aspect": self.sizes.aspect(w, h)}
+                 for name, (w, h) in self.sizes.sizes.items()}
+        return {"sizes": sizes, "bases": self.sizes.bases}
+
     @router.get("/queue/status", response_model=QueueStatus)
     async def queue_status(self) -> dict:
         """Counts by status and the mean processing time (ms)."""
@@ -190,6 +233,15 @@ class JobRoutes:
                 "cancelledJobs": counts.get("cancelled", 0),
                 "averageProcessingTime": round(stats["average_seconds"] * 1000),
                 "maxQueueSize": self.settings.max_queue_size}
+
+
+def _event_id(value: str | None) -> int:
+    text = (value or "").strip()
+    if not text:
+        return 0
+    if not (text.isascii() and text.isdigit() and len(text) <= 18):
+        raise InvalidInput("Last-Event-ID must be an event id (a whole number)", field="Last-Event-ID")
+    return int(text)
 
 
 def _redact(request: dict) -> dict:

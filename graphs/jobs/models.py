@@ -13,11 +13,14 @@ from graphs.api.generate import GenerateRequest
 MAX_OFFSET = 10**9  # beyond any store's row count; bigger numbers overflow SQLite's integers
 JobId = Annotated[str, Path(max_length=64, pattern=r"^[A-Za-z0-9_-]+$", description="job_<ms>_<hex>")]
 Priority = Literal["high", "normal", "low"]
+PreviewEvery = Annotated[int | None, Field(ge=0, le=150, description=(
+    "denoising steps between the job's preview events; 0: none; default JOB_PREVIEW_EVERY"))]
 
 
 class _Submit(BaseModel):
     priority: Priority = "normal"
     webhookUrl: str | None = Field(None, max_length=2048)
+    preview_every: PreviewEvery = None
 
 
 class Text2ImgJob(_Submit):
@@ -62,10 +65,12 @@ class AsyncGenerate(GenerateRequest):
 
     priority: Priority = "normal"
     webhookUrl: str | None = Field(None, max_length=2048)
+    preview_every: PreviewEvery = None
 
 
 class BatchSizes(BaseModel):
     webhookUrl: str | None = Field(None, max_length=2048)
+    preview_every: PreviewEvery = None
     prompt: RequiredPrompt
     negativePrompt: Prompt = ""
     sizes: list[Annotated[str, Field(max_length=32)]] = Field(..., min_length=1, max_length=16)
@@ -77,6 +82,19 @@ class BatchSizes(BaseModel):
         [], max_length=8, description="WebP widths cut from every size")
     baseSizes: dict[Literal["landscape", "square", "portrait"], tuple[Side, Side]] | None = Field(
         None, description="override the base rendered per aspect class (multiples of 8)")
+
+
+class NamedSize(BaseModel):
+    width: int
+    height: int
+    aspect: Literal["landscape", "square", "portrait"]
+
+
+class SizeConfig(BaseModel):
+    """What ``POST /generate/batch-sizes`` accepts by name, and the base rendered for each aspect class."""
+
+    sizes: dict[str, NamedSize]
+    bases: dict[str, tuple[int, int]]
 
 
 class JobAccepted(BaseModel):
@@ -107,6 +125,28 @@ class JobView(BaseModel):
     images: dict | None = Field(None, description="a finished batch: per size, imageData and derivatives")
     bases_generated: int | None = None
     seed: int | None = None
+
+
+class JobEventData(BaseModel):
+    """The JSON ``data`` of one server-sent event (``id:`` the event id, ``event:`` its name); fields beyond
+    ``job_id``, ``status`` and ``time`` depend on the event (see graphs/jobs/events.py)."""
+
+    job_id: str
+    status: Literal["queued", "processing", "completed", "failed", "cancelled"]
+    time: float = Field(..., description="epoch seconds")
+    position: int | None = Field(None, description="queued: 1 = next to run")
+    requeued: bool | None = None
+    attempt: int | None = Field(None, description="started")
+    step: int | None = Field(None, description="progress, preview")
+    total: int | None = None
+    eta_s: float | None = Field(None, description="progress: seconds left in this denoising pass")
+    progress: float | None = Field(None, description="progress: percent")
+    image: str | None = Field(None, description="preview: data:image/jpeg;base64,...")
+    images: list[str] | None = Field(None, description="completed: image names, in GET /jobs/{id}'s order")
+    seed: int | None = None
+    links: dict[str, str] | None = Field(None, description="completed: job and result URLs")
+    code: str | None = Field(None, description="failed")
+    message: str | None = Field(None, description="failed")
 
 
 class JobResult(BaseModel):

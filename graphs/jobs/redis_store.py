@@ -1,5 +1,7 @@
 """The job store several nodes share: Redis, each state change one Lua script (atomic on the server), the same
-contract as ``sqlite_store``."""
+contract as ``sqlite_store``. A job's event log is a stream (``<prefix>:events:<id>``) whose entry ids are
+``<n>-0`` with n counting from 1, so the SSE ids are the same small integers as SQLite's; the scripts that change a
+job's state append its event in the same script, capped with MAXLEN."""
 
 from __future__ import annotations
 
@@ -8,11 +10,23 @@ import time
 from typing import Any
 
 from deployments.support.errors import InvalidInput, QueueFull
-from graphs.jobs.store import PRIORITIES, STATUSES, Job, body_hash
+from graphs.jobs.store import EVENTS_KEPT, PRIORITIES, STATUSES, Job, JobEvent, body_hash, event_data
 
-_LUA_CREATE = """
+# Prepended to every script that appends an event: the next id follows the newest entry (MAXLEN trims the oldest).
+_LUA_EMIT = """
+local function emit(p, id, kept, name, data)
+  local key = p .. ':events:' .. id
+  local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+  local n = 1
+  if #last > 0 then n = tonumber(string.match(last[1][1], '^(%d+)')) + 1 end
+  redis.call('XADD', key, 'MAXLEN', kept, n .. '-0', 'event', name, 'data', data)
+  return n
+end
+"""
+
+_LUA_CREATE = _LUA_EMIT + """
 local p, id, idem, digest = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local maxq, prio = tonumber(ARGV[5]), tonumber(ARGV[6])
+local maxq, prio, kept = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[8])
 if idem ~= '' then
   local existing = redis.call('GET', p .. ':idem:' .. idem)
   if existing then
@@ -31,11 +45,15 @@ redis.call('ZADD', p .. ':queued', prio * 1e13 + seq, id)
 redis.call('ZADD', p .. ':all', seq, id)
 redis.call('ZADD', p .. ':status:queued', seq, id)
 if idem ~= '' then redis.call('SET', p .. ':idem:' .. idem, id) end
+local queued_event = cjson.decode(ARGV[9])
+queued_event['position'] = redis.call('ZRANK', p .. ':queued', id) + 1
+emit(p, id, kept, 'queued', cjson.encode(queued_event))
 return {'created', id}
 """
 
-_LUA_CLAIM = """
+_LUA_CLAIM = _LUA_EMIT + """
 local p, worker, now, lease, maxa = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local kept = tonumber(ARGV[6])
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', p .. ':leases', '-inf', now)) do
   local key = p .. ':job:' .. id
   local seq = tonumber(redis.call('HGET', key, 'seq'))
@@ -43,14 +61,18 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', p .. ':leases', '-inf', now)) do
   redis.call('ZREM', p .. ':leases', id)
   redis.call('ZREM', p .. ':status:processing', id)
   if attempts >= maxa then
-    redis.call('HSET', key, 'status', 'failed', 'completed_at', now, 'lease_owner', '',
-               'error', 'worker lost ' .. attempts .. ' times (lease expired)')
+    local message = 'worker lost ' .. attempts .. ' times (lease expired)'
+    redis.call('HSET', key, 'status', 'failed', 'completed_at', now, 'lease_owner', '', 'error', message)
     redis.call('ZADD', p .. ':status:failed', seq, id)
     redis.call('ZADD', p .. ':done', now, id)
+    emit(p, id, kept, 'failed', cjson.encode({job_id = id, status = 'failed', time = now, code = 'WORKER_LOST',
+                                              message = message}))
   else
     redis.call('HSET', key, 'status', 'queued', 'lease_owner', '')
     redis.call('ZADD', p .. ':queued', tonumber(redis.call('HGET', key, 'priority')) * 1e13 + seq, id)
     redis.call('ZADD', p .. ':status:queued', seq, id)
+    emit(p, id, kept, 'queued', cjson.encode({job_id = id, status = 'queued', time = now, requeued = true,
+                                              position = redis.call('ZRANK', p .. ':queued', id) + 1}))
   end
 end
 local head = redis.call('ZRANGE', p .. ':queued', 0, 0)
@@ -61,9 +83,10 @@ redis.call('ZREM', p .. ':queued', id)
 redis.call('ZREM', p .. ':status:queued', id)
 if (redis.call('HGET', key, 'started_at') or '') == '' then redis.call('HSET', key, 'started_at', now) end
 redis.call('HSET', key, 'status', 'processing', 'lease_owner', worker, 'lease_expires', now + lease)
-redis.call('HINCRBY', key, 'attempts', 1)
+local attempt = redis.call('HINCRBY', key, 'attempts', 1)
 redis.call('ZADD', p .. ':leases', now + lease, id)
 redis.call('ZADD', p .. ':status:processing', tonumber(redis.call('HGET', key, 'seq')), id)
+emit(p, id, kept, 'started', cjson.encode({job_id = id, status = 'processing', time = now, attempt = attempt}))
 return id
 """
 
@@ -80,8 +103,9 @@ if redis.call('HGET', key, 'cancel_requested') == '1' then return 0 end
 return 1
 """
 
-_LUA_FINISH = """
+_LUA_FINISH = _LUA_EMIT + """
 local p, id, worker, status, result, err, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7])
+local kept, data = tonumber(ARGV[8]), ARGV[9]
 local key = p .. ':job:' .. id
 if redis.call('HGET', key, 'lease_owner') ~= worker or redis.call('HGET', key, 'status') ~= 'processing' then
   return 0
@@ -97,11 +121,12 @@ redis.call('ZREM', p .. ':leases', id)
 redis.call('ZREM', p .. ':status:processing', id)
 redis.call('ZADD', p .. ':status:' .. status, seq, id)
 redis.call('ZADD', p .. ':done', now, id)
+emit(p, id, kept, status, data)
 return 1
 """
 
-_LUA_CANCEL = """
-local p, id, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
+_LUA_CANCEL = _LUA_EMIT + """
+local p, id, now, kept, data = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
 local key = p .. ':job:' .. id
 local status = redis.call('HGET', key, 'status')
 if not status then return 0 end
@@ -112,26 +137,38 @@ if status == 'queued' then
   redis.call('ZREM', p .. ':status:queued', id)
   redis.call('ZADD', p .. ':status:cancelled', seq, id)
   redis.call('ZADD', p .. ':done', now, id)
+  emit(p, id, kept, 'cancelled', data)
 elseif status == 'processing' then
   redis.call('HSET', key, 'cancel_requested', '1')
 end
 return 1
 """
 
+_LUA_APPEND = _LUA_EMIT + """
+local p, id, kept, name = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local status = redis.call('HGET', p .. ':job:' .. id, 'status')
+if (not status) or status == 'completed' or status == 'failed' or status == 'cancelled' then return false end
+local data = cjson.decode(ARGV[5])
+data['status'] = status
+return emit(p, id, kept, name, cjson.encode(data))
+"""
+
 
 class RedisJobStore:
     """The same contract as SQLiteJobStore on Redis, each state change one Lua script (atomic on the server)."""
 
-    def __init__(self, url: str, max_attempts: int = 3, prefix: str = "imagegen") -> None:
+    def __init__(self, url: str, max_attempts: int = 3, prefix: str = "imagegen",
+                 events_kept: int = EVENTS_KEPT) -> None:
         import redis
 
         self.redis = redis.Redis.from_url(url, decode_responses=True, socket_timeout=10)
-        self.prefix, self.max_attempts = prefix, max_attempts
+        self.prefix, self.max_attempts, self.events_kept = prefix, max_attempts, events_kept
         self._create = self.redis.register_script(_LUA_CREATE)
         self._claim = self.redis.register_script(_LUA_CLAIM)
         self._heartbeat = self.redis.register_script(_LUA_HEARTBEAT)
         self._finish = self.redis.register_script(_LUA_FINISH)
         self._cancel = self.redis.register_script(_LUA_CANCEL)
+        self._append = self.redis.register_script(_LUA_APPEND)
 
     def _key(self, *parts: str) -> str:
         return ":".join([self.prefix, *parts])
@@ -157,7 +194,7 @@ class RedisJobStore:
                   "started_at": "", "completed_at": "", "result": "", "error": "", "lease_owner": ""}
         outcome, value = self._create(args=[self.prefix, job.id, idempotency_key or "", digest,
                                             -1 if max_queued is None else max_queued, PRIORITIES[job.priority],
-                                            json.dumps(fields)])
+                                            json.dumps(fields), self.events_kept, event_data(job.id, "queued")])
         if outcome == "conflict":
             raise InvalidInput("Idempotency-Key reused with a different body", field="Idempotency-Key")
         if outcome == "full":
@@ -184,7 +221,7 @@ class RedisJobStore:
         return mine[offset : offset + limit], len(mine)
 
     def claim(self, worker: str, lease_s: float) -> Job | None:
-        job_id = self._claim(args=[self.prefix, worker, time.time(), lease_s, self.max_attempts])
+        job_id = self._claim(args=[self.prefix, worker, time.time(), lease_s, self.max_attempts, self.events_kept])
         return self.get(job_id) if job_id else None
 
     def heartbeat(self, job_id: str, worker: str, lease_s: float, progress: float | None = None) -> bool:
@@ -192,14 +229,28 @@ class RedisJobStore:
                                           "" if progress is None else progress]))
 
     def finish(self, job_id: str, worker: str, status: str, result: dict | None = None,
-               error: str | None = None) -> bool:
+               error: str | None = None, event: dict | None = None) -> bool:
+        extra = event if event is not None else ({"message": error} if error else {})
         return bool(self._finish(args=[self.prefix, job_id, worker, status,
-                                       json.dumps(result) if result is not None else "", error or "", time.time()]))
+                                       json.dumps(result) if result is not None else "", error or "", time.time(),
+                                       self.events_kept, event_data(job_id, status, **extra)]))
 
     def cancel(self, job_id: str) -> Job | None:
-        if not self._cancel(args=[self.prefix, job_id, time.time()]):
+        if not self._cancel(args=[self.prefix, job_id, time.time(), self.events_kept,
+                                  event_data(job_id, "cancelled")]):
             return None
         return self.get(job_id)
+
+    def append_event(self, job_id: str, event: str, data: dict) -> int | None:
+        # The script fills in the job's status; "queued" only holds the place of the key here.
+        number = self._append(args=[self.prefix, job_id, self.events_kept, event,
+                                    event_data(job_id, "queued", **data)])
+        return int(number) if number else None
+
+    def events(self, job_id: str, after: int = 0, limit: int = 100) -> list[JobEvent]:
+        entries = self.redis.xrange(self._key("events", job_id), f"{after + 1}-0", "+", count=limit)
+        return [JobEvent(id=int(entry_id.split("-")[0]), event=fields["event"], data=json.loads(fields["data"]))
+                for entry_id, fields in entries]
 
     def stats(self) -> dict[str, Any]:
         counts = {s: self.redis.zcard(self._key("status", s)) for s in STATUSES}
@@ -222,6 +273,7 @@ class RedisJobStore:
             if idem:
                 pipe.delete(self._key("idem", idem))
             pipe.delete(self._key("job", job_id))
+            pipe.delete(self._key("events", job_id))
             pipe.execute()
             if job is not None:
                 purged.append(job)

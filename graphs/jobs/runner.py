@@ -4,7 +4,9 @@ Graph position: ingress -> job store <- **JobRunner** -> (SDXLBase, SDXLRefiner,
 FocalCropper). Each runner replica runs ``max_concurrent_jobs`` worker loops. A worker claims a job with a lease,
 renews the lease (and records progress) while the job runs, writes every image completely before it marks the
 job completed, and stops the generation within one denoising step when the job is cancelled. A runner that dies
-simply stops renewing: another claims the job when the lease expires.
+simply stops renewing: another claims the job when the lease expires. While it renews the lease it also adds the
+job's ``progress`` and ``preview`` events to the store's event log (``graphs.jobs.events``); the store itself
+logs the state changes.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from deployments.support.metrics import JobMetrics
 from deployments.support.settings import current
 from graphs import plans
 from graphs.api.errors import call, unwrap
+from graphs.jobs.events import ProgressEvents, completed_data
 from graphs.jobs.results import open_results
 from graphs.jobs.sizes import SizeTable
 from graphs.jobs.store import STATUSES, Job, open_store
@@ -76,14 +79,15 @@ class JobRunner:
         started = time.monotonic()
         task = asyncio.create_task(self._run(job))
         keeper = asyncio.create_task(self._keep_lease(job, worker, task))
-        status, result, error = "failed", None, None
+        status, result, error, event = "failed", None, None, {}
         try:
             result = await asyncio.wait_for(task, self.settings.job_timeout / 1000)
             result["timeTaken"] = int((time.monotonic() - started) * 1000)
-            status = "completed"
+            status, event = "completed", completed_data(job.id, result)
         except TimeoutError:
             await call(self.handles.base.cancel.remote(job.id))
             error = f"job exceeded JOB_TIMEOUT ({self.settings.job_timeout} ms)"
+            event = {"code": "JOB_TIMEOUT", "message": error}
         except asyncio.CancelledError:
             status, error = "cancelled", "cancelled"
         except Exception as e:  # noqa: BLE001 - any failure is recorded on the job, with its code
@@ -91,11 +95,12 @@ class JobRunner:
             if isinstance(cause, GenerationCancelled):
                 status, error = "cancelled", "cancelled"
             else:
-                error = f"{getattr(cause, 'code', type(cause).__name__)}: {cause}"
+                code = getattr(cause, "code", type(cause).__name__)
+                error, event = f"{code}: {cause}", {"code": code, "message": str(cause)}
                 logger.warning("job %s failed: %s", job.id, error)
         finally:
             keeper.cancel()
-        if not await asyncio.to_thread(self.store.finish, job.id, worker, status, result, error):
+        if not await asyncio.to_thread(self.store.finish, job.id, worker, status, result, error, event):
             logger.warning("job %s: lease lost before publishing; the result was dropped", job.id)
         elif job.webhook_url:
             payload = {"id": job.id, "jobId": job.id, "type": job.type, "status": status, "error": error,
@@ -106,6 +111,8 @@ class JobRunner:
 
     async def _keep_lease(self, job: Job, worker: str, task: asyncio.Task) -> None:
         interval = self.settings.job_lease_seconds / 3
+        every = job.request.get("preview_every")
+        events = ProgressEvents(self.settings.job_preview_every if every is None else every)
         while not task.done():
             await asyncio.sleep(min(interval, 0.5))
             progress = await call(self.handles.base.progress.remote(job.id))
@@ -119,6 +126,23 @@ class JobRunner:
                 for request_id in [job.id, *(f"{job.id}/{aspect}" for aspect in aspects)]:
                     await call(self.handles.base.cancel.remote(request_id))
                 return
+            if progress:
+                try:
+                    await self._report(job, events, *progress)
+                except Exception:  # noqa: BLE001 - a lost progress event must not cost the job its lease
+                    logger.warning("job %s: progress event not logged", job.id, exc_info=True)
+
+    async def _report(self, job: Job, events: ProgressEvents, step: int, total: int) -> None:
+        """Log a progress event for a new step and, every few steps, a preview of the latents."""
+        data = events.progress(step, total)
+        if data is None:
+            return
+        await asyncio.to_thread(self.store.append_event, job.id, "progress", data)
+        if events.wants_preview(step):
+            image = await call(self.handles.base.preview.remote(job.id))
+            if image is not None:
+                preview = await asyncio.to_thread(events.preview, image, step, total)
+                await asyncio.to_thread(self.store.append_event, job.id, "preview", preview)
 
     async def _run(self, job: Job) -> dict:
         if job.type == "batch-sizes":

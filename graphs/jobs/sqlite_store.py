@@ -1,5 +1,6 @@
 """The default job store: one SQLite file under the data directory (WAL, synchronous commits), one transaction per
-state change. It serves one node; several nodes share ``redis_store`` instead."""
+state change. It serves one node; several nodes share ``redis_store`` instead. A job's event log is a table keyed
+by (job id, event id), written in the transaction of the state change it reports."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from deployments.support.errors import InvalidInput, QueueFull
-from graphs.jobs.store import PRIORITIES, Job, body_hash
+from graphs.jobs.store import EVENTS_KEPT, PRIORITIES, Job, JobEvent, body_hash, event_data
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -42,13 +43,15 @@ CREATE TABLE IF NOT EXISTS options (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS flights (id TEXT PRIMARY KEY, client TEXT NOT NULL, record TEXT NOT NULL,
                                     expires REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS flights_client ON flights (client, expires);
+CREATE TABLE IF NOT EXISTS job_events (job_id TEXT NOT NULL, id INTEGER NOT NULL, event TEXT NOT NULL,
+                                       data TEXT NOT NULL, PRIMARY KEY (job_id, id)) WITHOUT ROWID;
 """
 
 
 class SQLiteJobStore:
-    def __init__(self, path: Path, max_attempts: int = 3) -> None:
+    def __init__(self, path: Path, max_attempts: int = 3, events_kept: int = EVENTS_KEPT) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.path, self.max_attempts = path, max_attempts
+        self.path, self.max_attempts, self.events_kept = path, max_attempts, events_kept
         self._local = threading.local()
         self._db().executescript(_SCHEMA)
 
@@ -86,6 +89,23 @@ class SQLiteJobStore:
                    attempts=row["attempts"], owner=row["owner"], webhook_url=row["webhook_url"],
                    cancel_requested=bool(row["cancel_requested"]))
 
+    def _emit(self, db: sqlite3.Connection, job_id: str, event: str, data: str) -> int:
+        """Append an event inside the caller's transaction and trim the job's log to its newest events."""
+        (last,) = db.execute("SELECT COALESCE(MAX(id), 0) FROM job_events WHERE job_id = ?", (job_id,)).fetchone()
+        db.execute("INSERT INTO job_events (job_id, id, event, data) VALUES (?, ?, ?, ?)",
+                   (job_id, last + 1, event, data))
+        db.execute("DELETE FROM job_events WHERE job_id = ? AND id <= ?", (job_id, last + 1 - self.events_kept))
+        return int(last + 1)
+
+    @staticmethod
+    def _position(db: sqlite3.Connection, job_id: str) -> int:
+        """1 for the job the next free worker takes, then counting back through the queue."""
+        (ahead,) = db.execute(
+            "SELECT COUNT(*) FROM jobs AS other, jobs AS mine WHERE mine.id = ? AND other.status = 'queued'"
+            " AND (other.priority < mine.priority OR (other.priority = mine.priority AND other.seq < mine.seq))",
+            (job_id,)).fetchone()
+        return int(ahead) + 1
+
     def create(self, job: Job, idempotency_key: str | None = None, max_queued: int | None = None) -> tuple[Job, bool]:
         """Record a job; returns (job, created). The same key with the same body returns the first job."""
         digest = body_hash({"type": job.type, "request": job.request})
@@ -108,6 +128,7 @@ class SQLiteJobStore:
                 (job.id, job.type, PRIORITIES[job.priority], seq, job.created_at, json.dumps(job.request),
                  idempotency_key, digest, job.owner, job.webhook_url),
             )
+            self._emit(db, job.id, "queued", event_data(job.id, "queued", position=self._position(db, job.id)))
         return job, True
 
     def get(self, job_id: str) -> Job | None:
@@ -138,11 +159,15 @@ class SQLiteJobStore:
                 "SELECT * FROM jobs WHERE status = 'processing' AND lease_expires < ?", (now,)
             ).fetchall():
                 if row["attempts"] >= self.max_attempts:
+                    message = f"worker lost {row['attempts']} times (lease expired)"
                     db.execute("UPDATE jobs SET status = 'failed', completed_at = ?, lease_owner = NULL, error = ?"
-                               " WHERE id = ?", (now, f"worker lost {row['attempts']} times (lease expired)",
-                                                 row["id"]))
+                               " WHERE id = ?", (now, message, row["id"]))
+                    self._emit(db, row["id"], "failed",
+                               event_data(row["id"], "failed", code="WORKER_LOST", message=message))
                 else:
                     db.execute("UPDATE jobs SET status = 'queued', lease_owner = NULL WHERE id = ?", (row["id"],))
+                    self._emit(db, row["id"], "queued", event_data(row["id"], "queued", requeued=True,
+                                                                   position=self._position(db, row["id"])))
             row = db.execute("SELECT * FROM jobs WHERE status = 'queued' AND cancel_requested = 0"
                              " ORDER BY priority, seq LIMIT 1").fetchone()
             if row is None:
@@ -150,6 +175,7 @@ class SQLiteJobStore:
             db.execute("UPDATE jobs SET status = 'processing', started_at = COALESCE(started_at, ?), lease_owner = ?,"
                        " lease_expires = ?, attempts = attempts + 1 WHERE id = ?",
                        (now, worker, now + lease_s, row["id"]))
+            self._emit(db, row["id"], "started", event_data(row["id"], "processing", attempt=row["attempts"] + 1))
             return self._job(db.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone())
 
     def heartbeat(self, job_id: str, worker: str, lease_s: float, progress: float | None = None) -> bool:
@@ -164,8 +190,8 @@ class SQLiteJobStore:
             return not row["cancel_requested"]
 
     def finish(self, job_id: str, worker: str, status: str, result: dict | None = None,
-               error: str | None = None) -> bool:
-        """Publish the outcome once: only the lease holder of a processing job may."""
+               error: str | None = None, event: dict | None = None) -> bool:
+        """Publish the outcome once, with its terminal event: only the lease holder of a processing job may."""
         with self._tx() as db:
             cursor = db.execute(
                 "UPDATE jobs SET status = ?, result = ?, error = ?, completed_at = ?, lease_owner = NULL,"
@@ -174,7 +200,11 @@ class SQLiteJobStore:
                 (status, json.dumps(result) if result is not None else None, error, time.time(), status, job_id,
                  worker),
             )
-            return cursor.rowcount == 1
+            if cursor.rowcount != 1:
+                return False
+            extra = event if event is not None else ({"message": error} if error else {})
+            self._emit(db, job_id, status, event_data(job_id, status, **extra))
+            return True
 
     def cancel(self, job_id: str) -> Job | None:
         """Queued: cancelled at once. Processing: flagged; the worker stops within a step. Finished: unchanged."""
@@ -185,9 +215,22 @@ class SQLiteJobStore:
             if row["status"] == "queued":
                 db.execute("UPDATE jobs SET status = 'cancelled', completed_at = ?, cancel_requested = 1"
                            " WHERE id = ?", (time.time(), job_id))
+                self._emit(db, job_id, "cancelled", event_data(job_id, "cancelled"))
             elif row["status"] == "processing":
                 db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
             return self._job(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+
+    def append_event(self, job_id: str, event: str, data: dict) -> int | None:
+        with self._tx() as db:
+            row = db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None or row["status"] in ("completed", "failed", "cancelled"):
+                return None  # a late progress report must never follow the terminal event
+            return self._emit(db, job_id, event, event_data(job_id, row["status"], **data))
+
+    def events(self, job_id: str, after: int = 0, limit: int = 100) -> list[JobEvent]:
+        rows = self._db().execute("SELECT id, event, data FROM job_events WHERE job_id = ? AND id > ? ORDER BY id"
+                                  " LIMIT ?", (job_id, after, limit)).fetchall()
+        return [JobEvent(id=r["id"], event=r["event"], data=json.loads(r["data"])) for r in rows]
 
     def stats(self) -> dict[str, Any]:
         db = self._db()
@@ -204,6 +247,7 @@ class SQLiteJobStore:
                               " AND completed_at < ?", (cutoff,)).fetchall()
             db.execute("DELETE FROM jobs WHERE status IN ('completed', 'failed', 'cancelled') AND completed_at < ?",
                        (cutoff,))
+            db.executemany("DELETE FROM job_events WHERE job_id = ?", [(r["id"],) for r in rows])
         return [self._job(r) for r in rows]
 
     # --- state every ingress replica must agree on ------------------------------------------------------------

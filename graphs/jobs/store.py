@@ -4,6 +4,12 @@ nodes share the queue (``JOB_STORE_URL=redis://...``; Ray's own fault tolerance 
 A job is written before its id is returned. Workers claim queued jobs with a lease (highest priority first,
 FIFO within a priority); a job whose lease ran out (its worker died) is claimed again, up to ``max_attempts``,
 then failed with the reason. Every state change is one transaction.
+
+Each job also has an append-only event log (``queued``, ``started``, ``progress``, ``preview``, then one of
+``completed`` / ``failed`` / ``cancelled``) with ids increasing from 1, so that any ingress replica can stream a
+job's events and a client can resume after the last id it saw. The store writes the state-change events in the
+same transaction as the change itself (a terminal status never lacks its terminal event); the runner appends
+progress and previews. The log keeps a job's newest ``events_kept`` events and is deleted with the job.
 """
 
 from __future__ import annotations
@@ -20,6 +26,9 @@ if TYPE_CHECKING:
 
 STATUSES = ("queued", "processing", "completed", "failed", "cancelled")
 PRIORITIES = {"high": 0, "normal": 1, "low": 2}
+EVENTS = ("queued", "started", "progress", "preview", "completed", "failed", "cancelled")
+TERMINAL_EVENTS = ("completed", "failed", "cancelled")
+EVENTS_KEPT = 256  # per job: a long batch with previews stays well inside it
 
 
 @dataclass
@@ -43,6 +52,24 @@ class Job:
     @property
     def finished(self) -> bool:
         return self.status in ("completed", "failed", "cancelled")
+
+
+@dataclass
+class JobEvent:
+    """One entry of a job's event log; ``data`` always holds ``job_id`` and ``status`` (the job's status then)."""
+
+    id: int
+    event: str
+    data: dict
+
+    @property
+    def terminal(self) -> bool:
+        return self.event in TERMINAL_EVENTS
+
+
+def event_data(job_id: str, status: str, **fields: Any) -> str:
+    """The JSON text of an event's data, as every store writes it."""
+    return json.dumps({"job_id": job_id, "status": status, "time": round(time.time(), 3), **fields})
 
 
 def new_job_id() -> str:
@@ -77,14 +104,25 @@ class JobStore(Protocol):
         ...
 
     def finish(self, job_id: str, worker: str, status: str, result: dict | None = None,
-               error: str | None = None) -> bool: ...
+               error: str | None = None, event: dict | None = None) -> bool:
+        """Publish the outcome once, with its terminal event (``status`` named, ``event`` its extra data)."""
+        ...
 
     def cancel(self, job_id: str) -> Job | None: ...
+
+    def append_event(self, job_id: str, event: str, data: dict) -> int | None:
+        """Add a running job's event (progress, preview); its id, or None when the job is gone or finished."""
+        ...
+
+    def events(self, job_id: str, after: int = 0, limit: int = 100) -> list[JobEvent]:
+        """The job's events with ids above ``after``, oldest first (empty for an unknown job)."""
+        ...
 
     def stats(self) -> dict[str, Any]: ...
 
     def purge(self, older_than_s: float) -> list[Job]:
-        """Delete finished jobs older than the retention; returns them so their images can go too."""
+        """Delete finished jobs (and their event logs) older than the retention; returns them so their images
+        can go too."""
         ...
 
     # What every ingress replica must agree on (the ingress autoscales): A1111's options, and which client runs
@@ -110,7 +148,8 @@ def open_store(settings: Settings) -> JobStore:
     if url and url.startswith(("redis://", "rediss://", "unix://")):
         from graphs.jobs.redis_store import RedisJobStore
 
-        return RedisJobStore(url, settings.job_max_attempts)
+        return RedisJobStore(url, settings.job_max_attempts, events_kept=settings.job_events_kept)
     from graphs.jobs.sqlite_store import SQLiteJobStore
 
-    return SQLiteJobStore(settings.jobs_data_dir / "jobs.sqlite3", settings.job_max_attempts)
+    return SQLiteJobStore(settings.jobs_data_dir / "jobs.sqlite3", settings.job_max_attempts,
+                          events_kept=settings.job_events_kept)

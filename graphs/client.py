@@ -1,0 +1,185 @@
+"""The service as the ``imagegen`` CLI sees it: JSON calls whose failures become one line and an exit status,
+the server-sent event stream of a job (resumed after the last event id when a connection drops), and a progress
+bar drawn from those events. Only ``httpx`` and the standard library: the CLI runs where torch does not.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+import httpx
+
+TERMINAL = ("completed", "failed", "cancelled")
+RECONNECTS = 5
+# The service names request fields; a person typed flags.
+FLAGS = {"width": "--width/--size", "height": "--height/--size", "steps": "--steps", "num_inference_steps": "--steps",
+         "seed": "--seed", "sampler": "--sampler", "sampler_name": "--sampler", "model": "--checkpoint",
+         "prompt": "PROMPT", "negativePrompt": "--negative", "negative_prompt": "--negative", "sizes": "--sizes",
+         "upscaling_resize": "--scale", "upscaler_1": "--upscaler", "codeformer_weight": "--weight", "image": "IN",
+         "preview_every": "--preview-every", "Authorization": "--token"}
+
+
+class CliError(Exception):
+    """One line for the user and the exit status that goes with it."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Event:
+    id: int
+    name: str
+    data: dict
+
+
+def _explain(response: httpx.Response) -> CliError:
+    """The service's error body ({"error", "code", "details"}) as one line and an exit status."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    body = body if isinstance(body, dict) else {}
+    status, code = response.status_code, body.get("code", response.reason_phrase)
+    message = body.get("error") or response.text[:200] or response.reason_phrase
+    if status == 401:
+        return CliError(f"401 unauthorized: {message} (pass --token or set IMAGEGEN_TOKEN)", 4)
+    if status in (429, 503):
+        wait = response.headers.get("retry-after")
+        return CliError(f"{status} {code}: {message}; retry after {wait or 'a few'} s", 5)
+    field = (body.get("details") or {}).get("field")
+    if field:
+        flag = FLAGS.get(field)
+        message = f"{message} (field {field}{f', {flag}' if flag else ''})"
+    return CliError(f"{status} {code}: {message}", 2 if status < 500 else 1)
+
+
+class Service:
+    def __init__(self, url: str, token: str | None, timeout: float = 600.0) -> None:
+        self.url = url.rstrip("/")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(timeout, connect=10.0))
+
+    def _unreachable(self, error: httpx.TransportError) -> CliError:
+        reason = "connection refused" if "refused" in str(error).lower() else (str(error) or type(error).__name__)
+        return CliError(f"cannot reach {self.url}: {reason} (is the service running? --url or IMAGEGEN_URL)", 3)
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.TransportError as e:
+            raise self._unreachable(e) from None
+        if response.status_code >= 400:
+            raise _explain(response)
+        return response.json()
+
+    def events(self, method: str, path: str, after: int = 0, **kwargs: Any) -> Iterator[Event]:
+        """Server-sent events until the stream ends; a dropped connection simply ends it (the caller resumes)."""
+        headers = {"Accept": "text/event-stream", **({"Last-Event-ID": str(after)} if after else {})}
+        try:
+            with self.http.stream(method, path, headers=headers, **kwargs) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise _explain(response)
+                yield from _parse(response.iter_lines())
+        except (httpx.ReadError, httpx.RemoteProtocolError, httpx.ReadTimeout):
+            return  # the connection dropped mid-stream: the caller resumes after the last event it saw
+        except httpx.TransportError as e:
+            raise self._unreachable(e) from None
+
+
+def _parse(lines: Iterator[str]) -> Iterator[Event]:
+    event_id, name = 0, "message"
+    data: list[str] = []
+    for line in lines:
+        if not line:
+            if data:
+                yield Event(event_id, name, json.loads("\n".join(data)))
+            name, data = "message", []  # an id stays until the next one (as EventSource keeps it)
+        elif not line.startswith(":"):  # ": ping" keeps the connection alive and says nothing
+            key, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if key == "id" and value.isdigit():
+                event_id = int(value)
+            elif key == "event":
+                name = value
+            elif key == "data":
+                data.append(value)
+
+
+class ProgressBar:
+    """One line redrawn in place on a terminal, one line per event elsewhere (logs, tests)."""
+
+    WIDTH = 30
+
+    def __init__(self, out: TextIO, quiet: bool = False) -> None:
+        self.out, self.quiet, self.tty = out, quiet, out.isatty()
+
+    def show(self, event: Event) -> None:
+        if self.quiet:
+            return
+        text, last = self.describe(event), event.name in TERMINAL
+        if self.tty:
+            self.out.write(f"\r\033[K{text}{chr(10) if last else ''}")
+        else:
+            self.out.write(f"{text}\n")
+        self.out.flush()
+
+    def describe(self, event: Event) -> str:
+        d, job = event.data, event.data.get("job_id", "?")
+        if event.name == "queued":
+            return f"{job}: queued, position {d.get('position', '?')}"
+        if event.name == "started":
+            return f"{job}: started (attempt {d.get('attempt', 1)})"
+        if event.name in ("progress", "preview"):
+            step, total = d.get("step", 0), max(1, d.get("total", 1))
+            done = round(self.WIDTH * step / total)
+            eta = f" eta {d['eta_s']:.1f} s" if d.get("eta_s") is not None else ""
+            return f"{job}: [{'#' * done}{'.' * (self.WIDTH - done)}] step {step}/{total}{eta}"
+        if event.name == "failed":
+            return f"{job}: failed: {d.get('code', 'ERROR')}: {d.get('message', '')}"
+        return f"{job}: {event.name}"
+
+
+def follow(service: Service, bar: ProgressBar, job_id: str | None = None, submit: tuple[str, dict] | None = None
+           ) -> Event:
+    """Submit (streaming its events) or attach to a job, and follow it to its terminal event; a stream that ends
+    early (a deadline, a proxy, a restarted replica) is resumed after the last event id seen. Ctrl-C cancels a
+    job this call submitted, never one it only watches."""
+    after, tries = 0, 0
+    try:
+        while True:
+            if submit is not None and tries == 0:
+                source = service.events("POST", submit[0], json=submit[1])
+            elif job_id is not None:
+                source = service.events("GET", f"/jobs/{job_id}/events", after=after)
+            else:  # never submit twice: the first submit may have queued a job we did not hear of
+                raise CliError("the service closed the connection before naming the job; see imagegen jobs list")
+            for event in source:
+                job_id, after = event.data.get("job_id", job_id), event.id
+                bar.show(event)
+                if event.name in TERMINAL:
+                    return event
+            tries += 1
+            if tries > RECONNECTS:
+                raise CliError(f"the event stream of job {job_id} keeps closing", 3)
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        if submit is None or job_id is None:
+            raise
+        service.call("POST", f"/jobs/{job_id}/cancel")
+        raise CliError(f"interrupted: job {job_id} cancelled", 130) from None
+
+
+def finish(event: Event) -> str:
+    job = event.data.get("job_id", "?")
+    if event.name == "failed":
+        raise CliError(f"job {job} failed: {event.data.get('code', 'ERROR')}: {event.data.get('message', '')}")
+    if event.name == "cancelled":
+        raise CliError(f"job {job} was cancelled")
+    return str(job)

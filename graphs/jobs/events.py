@@ -1,0 +1,133 @@
+"""Live job events: what the runner adds to a job's event log while it runs, and the server-sent-event stream that
+any ingress replica serves from the log (``GET /jobs/{id}/events``, or a job submit sent with
+``Accept: text/event-stream``).
+
+The stream is read from the job store, never from the runner, so whichever replica a client reaches (and
+reaches again after a dropped connection, with ``Last-Event-ID``) sees the same events with the same ids.
+Event names and data fields are a public contract (the web page and the CLI read them):
+
+- ``queued``: ``position`` (1 = next to run; ``requeued`` when a lost worker's job went back to the queue)
+- ``started``: ``attempt``
+- ``progress``: ``step``, ``total``, ``eta_s``, ``progress`` (percent)
+- ``preview``: ``step``, ``total``, ``image`` (a small JPEG data URI of the latents being denoised)
+- ``completed``: ``images`` (their names, in the order GET /jobs/{id} gives them), ``seed``, ``links``
+- ``failed``: ``code``, ``message``
+- ``cancelled``
+
+Every event's data also holds ``job_id``, ``status`` (the job's status at the time) and ``time`` (epoch seconds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from collections.abc import AsyncIterator
+
+from PIL import Image
+from starlette.responses import StreamingResponse
+
+from deployments.support.imaging import encode
+from graphs.jobs.store import JobEvent, JobStore
+
+PREVIEW_SIDE = 256  # latent previews are already 1/8 of the image; a larger one only costs bandwidth
+PREVIEW_QUALITY = 70
+RECONNECT_MS = 2000  # EventSource waits this long before it reconnects (with Last-Event-ID)
+
+
+class EventStream(StreamingResponse):
+    media_type = "text/event-stream"
+
+
+def frame(event: JobEvent) -> str:
+    return f"id: {event.id}\nevent: {event.event}\ndata: {json.dumps(event.data, separators=(',', ':'))}\n\n"
+
+
+def wants_stream(accept: str | None) -> bool:
+    """A submit asks for the event stream instead of the JSON answer (as Cog's clients do)."""
+    return "text/event-stream" in (accept or "").lower()
+
+
+async def stream(store: JobStore, job_id: str, after: int, poll_s: float, heartbeat_s: float) -> AsyncIterator[str]:
+    """The job's events after ``after``, then each new one as it is logged, until the terminal event. An idle
+    stream gets a ``: ping`` comment every ``heartbeat_s`` so that proxies keep it open."""
+    yield f"retry: {RECONNECT_MS}\n\n"
+    quiet_since = time.monotonic()
+    while True:
+        events = await asyncio.to_thread(store.events, job_id, after)
+        if not events:
+            job = await asyncio.to_thread(store.get, job_id)
+            if job is None or job.finished:
+                # The terminal event is written with the status, so this read sees it, unless the client already
+                # has it (resumed after it) or the job was purged meanwhile: either way the stream is over.
+                events = await asyncio.to_thread(store.events, job_id, after)
+                if not events:
+                    return
+        for event in events:
+            yield frame(event)
+            after = event.id
+            if event.terminal:
+                return
+        now = time.monotonic()
+        if events:
+            quiet_since = now
+        elif now - quiet_since >= heartbeat_s:
+            yield ": ping\n\n"
+            quiet_since = now
+        await asyncio.sleep(poll_s)
+
+
+def response(store: JobStore, job_id: str, after: int, poll_s: float, heartbeat_s: float) -> EventStream:
+    # no-transform and X-Accel-Buffering keep proxies (nginx, compressing ones) from holding events back.
+    headers = {"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no", "X-Job-Id": job_id}
+    return EventStream(stream(store, job_id, after, poll_s, heartbeat_s), headers=headers)
+
+
+def completed_data(job_id: str, result: dict) -> dict:
+    """The completed event: what the result holds, by name; the images themselves are behind the links."""
+    images = result.get("images") or []
+    names = list(images) if isinstance(images, dict) else [f"image_{i}" for i in range(len(images))]
+    data = {"images": names, "seed": result.get("seed"), "warnings": result.get("warnings", []),
+            "links": {"job": f"/jobs/{job_id}", "result": f"/jobs/{job_id}/result"}}
+    facts = {**result.get("parameters", {}), **result}  # seed 003's results keep the size in their parameters
+    for name in ("width", "height", "timeTaken", "bases_generated"):
+        if name in facts:
+            data[name] = facts[name]
+    return data
+
+
+class ProgressEvents:
+    """Turns the runner's progress polls into events: one ``progress`` per new step, and a ``preview`` when at
+    least ``preview_every`` steps passed since the last one (0: never)."""
+
+    def __init__(self, preview_every: int) -> None:
+        self.preview_every = preview_every
+        self.started = time.monotonic()
+        self.step = 0
+        self.previewed = 0
+
+    def progress(self, step: int, total: int) -> dict | None:
+        """The next progress event's data, or None when the step has not moved."""
+        if step == self.step or total <= 0:
+            return None
+        if step < self.step:  # the plan's next denoising pass (batch sizes render one base per aspect)
+            self.started, self.previewed = time.monotonic(), 0
+        self.step = step
+        elapsed = time.monotonic() - self.started
+        eta = elapsed / step * (total - step) if step > 0 else None
+        return {"step": step, "total": total, "eta_s": None if eta is None else round(eta, 1),
+                "progress": round(100.0 * step / total, 1)}
+
+    def wants_preview(self, step: int) -> bool:
+        if self.preview_every <= 0 or step - self.previewed < self.preview_every:
+            return False
+        self.previewed = step
+        return True
+
+    @staticmethod
+    def preview(image: Image.Image, step: int, total: int) -> dict:
+        small = image.copy()
+        small.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
+        data = base64.b64encode(encode(small, "jpeg", PREVIEW_QUALITY)).decode()
+        return {"step": step, "total": total, "image": f"data:image/jpeg;base64,{data}"}
