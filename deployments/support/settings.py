@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     rate_limit_read_per_second: float = Field(50.0, gt=0, description="polling, listings and the rest")
     rate_limit_read_burst: int = Field(500, ge=1)
 
+    # --- overlays (text and watermarks on /process and /generate)
+    fonts_dir: Path | None = Field(None, description="TTF/OTF files an overlay may name; else PIL's own font")
+
     # --- jobs (seed 003 names; times in milliseconds where seed 003 has them so)
     jobs_data_dir: Path = Field(default_factory=lambda: _cache() / "data")
     job_store_url: str | None = Field(None, description="redis://host:port/db for a store shared by nodes")
