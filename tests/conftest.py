@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -90,6 +91,37 @@ logging.getLogger("diffusers").setLevel(logging.ERROR)
 
 
 @pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    """A real redis-server on a loopback port, started for this session."""
+    import shutil
+    import socket
+    import subprocess
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (CI installs Debian's redis-server)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    folder = tmp_path_factory.mktemp("redis")
+    server = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder),
+                               "--save", "", "--appendonly", "yes"], stdout=subprocess.DEVNULL)
+    import redis
+
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    server.terminate()
+    server.wait(10)
+
+
+@pytest.fixture(scope="session")
 def s3_server():
     """A real S3 endpoint over HTTP on loopback (moto's server mode); yields its URL."""
     from moto.server import ThreadedMotoServer
@@ -155,6 +187,8 @@ def service(tiny, s3_proxy, jobs_dir):
         "JOBS_DATA_DIR": str(jobs_dir), "MAX_CONCURRENT_JOBS": "1", "MAX_QUEUE_SIZE": "8",
         "JOB_LEASE_SECONDS": "3", "JOB_POLL_SECONDS": "0.1", "WEBHOOK_ALLOW_HOSTS": "127.0.0.1",
         "WEBHOOK_BACKOFF_SECONDS": "0.2", "JOBS_PER_TOKEN": "true",
+        # The suite floods the service on purpose (test_hostile); test_ratelimit_http tightens these.
+        "RATE_LIMIT_GENERATE_BURST": "100000", "RATE_LIMIT_SUBMIT_BURST": "100000", "RATE_LIMIT_READ_BURST": "100000",
     }
     os.environ["TINY_MODELS"] = str(tiny)
     base_url = cluster.start(env, DEPLOYMENT_OPTIONS, _metrics_export_port=METRICS_PORT)

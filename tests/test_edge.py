@@ -16,10 +16,11 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-def make_client(monkeypatch):
+def make_client(monkeypatch, tmp_path):
     clients = []
 
     def build(**env) -> httpx.AsyncClient:
+        monkeypatch.setenv("JOBS_DATA_DIR", str(tmp_path))  # the rate-limit buckets live there
         for key, value in env.items():
             monkeypatch.setenv(key, value)
         settings.current.cache_clear()
@@ -103,9 +104,10 @@ async def test_validation_errors_name_the_field(make_client):
     assert missing.status_code == 404 and missing.json()["code"] == "NOT_FOUND"
 
 
-async def test_ray_backpressure_is_503_with_retry_after():
+async def test_ray_backpressure_is_503_with_retry_after(monkeypatch, tmp_path):
     from ray.serve.exceptions import BackPressureError
 
+    monkeypatch.setenv("JOBS_DATA_DIR", str(tmp_path))
     app = http.create_app()
 
     @app.get("/busy")

@@ -41,6 +41,18 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1)
     request_timeout_seconds: float = Field(300.0, gt=0)
 
+    # --- rate limits per client (bearer token, else address): tokens per second and bucket size, per budget
+    rate_limits_enabled: bool = True
+    rate_limit_generate_per_second: float = Field(1.0, gt=0, description="synchronous generation and processing")
+    rate_limit_generate_burst: int = Field(30, ge=1)
+    rate_limit_submit_per_second: float = Field(5.0, gt=0, description="job submits")
+    rate_limit_submit_burst: int = Field(100, ge=1)
+    rate_limit_read_per_second: float = Field(50.0, gt=0, description="polling, listings and the rest")
+    rate_limit_read_burst: int = Field(500, ge=1)
+
+    # --- overlays (text and watermarks on /process and /generate)
+    fonts_dir: Path | None = Field(None, description="TTF/OTF files an overlay may name; else PIL's own font")
+
     # --- jobs (seed 003 names; times in milliseconds where seed 003 has them so)
     jobs_data_dir: Path = Field(default_factory=lambda: _cache() / "data")
     job_store_url: str | None = Field(None, description="redis://host:port/db for a store shared by nodes")

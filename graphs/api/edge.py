@@ -1,4 +1,4 @@
-"""The HTTP edge: the FastAPI app and what wraps every route (body limit, bearer auth, deadlines).
+"""The HTTP edge: the FastAPI app and what wraps every route (body limit, bearer auth, rate limits, deadlines).
 
 Errors are raised as typed ``ServiceError``s everywhere below; ``graphs.api.errors`` alone turns them into
 status codes.
@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from deployments.support.errors import Unauthorized
 from deployments.support.settings import Settings, current
-from graphs.api import errors
+from graphs.api import errors, ratelimit
 from graphs.api.errors import error_response
 
 logger = logging.getLogger(__name__)
@@ -139,6 +139,56 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
+class RateLimit:
+    """Per-client budgets every ingress replica shares (``graphs.api.ratelimit``). Beyond its budget a request is
+    answered 429 ``RATE_LIMITED`` with ``Retry-After`` before anything runs; an allowed one carries the
+    ``RateLimit-*`` headers. A client is its bearer token (as jobs are owned), else its address."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._buckets: ratelimit.Buckets | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        settings = current()
+        if scope["type"] != "http" or not settings.rate_limits_enabled or scope["path"].startswith(OPEN_PATHS):
+            return await self.app(scope, receive, send)
+        name = ratelimit.classify(scope["method"], scope["path"])
+        budget = ratelimit.budgets(settings)[name]
+        if self._buckets is None:
+            self._buckets = ratelimit.open_buckets(settings)
+        buckets = self._buckets
+        try:
+            decision = await asyncio.to_thread(buckets.take, f"{name}:{client_key(scope)}", budget)
+        except buckets.errors as e:
+            # A limiter outage must not become a service outage: let the request through, loudly.
+            logger.warning("rate limits unavailable (%s); request let through", type(e).__name__)
+            return await self.app(scope, receive, send)
+        if not decision.allowed:
+            response = error_response(
+                "RATE_LIMITED", f"too many {name} requests: retry in {decision.retry_after} s",
+                {"budget": name, "limit": budget.burst, "per_second": budget.rate,
+                 "retry_after_seconds": decision.retry_after},
+                headers=decision.headers())
+            return await response(scope, receive, send)
+        extra = [(k.lower().encode(), v.encode()) for k, v in decision.headers().items()]
+
+        async def with_headers(message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+def client_key(scope: Scope) -> str:
+    """Who spends a budget: the bearer token's owner name when one is sent, else the peer address."""
+    owner = token_owner(dict(scope.get("headers", [])).get(b"authorization", b"").decode("latin-1") or None)
+    if owner is not None:
+        return f"token:{owner}"
+    client = scope.get("client")
+    return f"addr:{client[0] if client else 'unknown'}"
+
+
 def create_app() -> FastAPI:
     app = FastAPI(
         title="imagegen",
@@ -150,6 +200,7 @@ def create_app() -> FastAPI:
     app.add_exception_handler(RequestValidationError, errors.validation_error)
     app.add_exception_handler(HTTPException, errors.http_error)
     app.add_middleware(Deadline)
+    app.add_middleware(RateLimit)  # after auth: a refused token spends no one's budget
     app.add_middleware(BearerAuth)
     app.add_middleware(BodyLimit)  # outermost: runs before anything reads the body
     return app

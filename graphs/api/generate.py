@@ -1,5 +1,6 @@
 """Seed 000 (and seed 002's sync client): ``POST /generate``; ``GET /health/`` and ``GET /models``."""
 
+import asyncio
 import time
 import uuid
 from typing import Literal
@@ -7,6 +8,9 @@ from typing import Literal
 from fastapi import APIRouter
 from pydantic import BaseModel, Field, model_validator
 
+from deployments.support import overlay
+from deployments.support.overlay import Overlay
+from deployments.support.settings import Settings
 from graphs import plans
 from graphs.api.body import JSONBodyRoute
 from graphs.api.edge import stop_on_cancel
@@ -40,6 +44,7 @@ class GenerateRequest(BaseModel):
     use_face_restoration: bool = Field(False, description="opt-in, as in seed 000's feature matrix")
     face_restoration_weight: float = Field(0.6, ge=0.0, le=1.0)
     preset: Literal["fast", "balanced", "quality"] | None = None
+    overlay: Overlay | None = Field(None, description="a caption or logo drawn on the final image")
 
     @model_validator(mode="before")
     @classmethod
@@ -64,6 +69,7 @@ class GenerateResponse(BaseModel):
     refiner_applied: bool
     hires_fix_applied: bool
     face_restoration_applied: bool
+    overlay_applied: bool = False
     upscaler: str | None
     final_resolution: str
     generation_time_seconds: float
@@ -91,6 +97,7 @@ class Health(BaseModel):
 class GenerateRoutes:
     handles: plans.Handles
     hires_upscaler: str
+    settings: Settings
 
     @open_router.get("/health/", response_model=Health)
     @open_router.get("/health", response_model=Health, include_in_schema=False)
@@ -116,17 +123,22 @@ class GenerateRoutes:
 
     @router.post("/generate", response_model=GenerateResponse, responses={422: {"model": ErrorBody}})
     async def generate(self, body: GenerateRequest) -> GenerateResponse:
-        """Synchronous generation: standard or hires fix, optional refiner and face restoration."""
+        """Synchronous generation: standard or hires fix, optional refiner, face restoration and overlay."""
         started = time.perf_counter()
         request_id = uuid.uuid4().hex
+        # A bad overlay is refused before the GPU is asked for anything.
+        mark = overlay.prepare(body.overlay, self.settings.fonts_dir, "overlay") if body.overlay else None
         async with stop_on_cancel(lambda: self.handles.base.cancel.remote(request_id)):
-            report = await plans.seed000(self.handles, body.model_dump(), self.hires_upscaler, request_id)
-        encoded = b64_png(report.image)
-        width, height = report.image.size
+            report = await plans.seed000(self.handles, body.model_dump(exclude={"overlay"}), self.hires_upscaler,
+                                         request_id)
+        image = await asyncio.to_thread(overlay.draw, report.image, mark) if mark else report.image
+        encoded = b64_png(image)
+        width, height = image.size
         return GenerateResponse(
             success=True, image=f"data:image/png;base64,{encoded}", prompt=body.prompt, enhanced_prompt=body.prompt,
             seed=report.seed, refiner_applied=report.refiner_applied, hires_fix_applied=report.hires_fix_applied,
-            face_restoration_applied=report.face_restoration_applied, upscaler=report.upscaler,
-            final_resolution=f"{width}x{height}", generation_time_seconds=round(time.perf_counter() - started, 3),
+            face_restoration_applied=report.face_restoration_applied, overlay_applied=mark is not None,
+            upscaler=report.upscaler, final_resolution=f"{width}x{height}",
+            generation_time_seconds=round(time.perf_counter() - started, 3),
             model="SDXL", warnings=report.warnings, imageData=encoded, format="png", width=width, height=height,
         )

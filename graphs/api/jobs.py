@@ -18,6 +18,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Header, Query, Request
 from pydantic import BaseModel
 
+from deployments.support import overlay
 from deployments.support.errors import InvalidInput, JobConflict, NotFound
 from deployments.support.settings import Settings
 from graphs.api.body import JSONBodyRoute
@@ -77,6 +78,9 @@ class JobRoutes:
     async def _submit(self, request: Request, kind: str, body: BaseModel) -> Job:
         for name in IMAGE_FIELDS.get(kind, ()):
             image_field(getattr(body, name), name)  # a bad image is refused now, not when the job runs
+        mark = getattr(body, "overlay", None)
+        if mark is not None:  # so is a bad overlay (/generate/async)
+            overlay.prepare(mark, self.settings.fonts_dir, "overlay")
         if isinstance(body, BatchSizes):
             self.sizes.resolve(body.sizes)
         webhook = getattr(body, "webhookUrl", None)
@@ -245,5 +249,6 @@ def _event_id(value: str | None) -> int:
 
 
 def _redact(request: dict) -> dict:
-    """Echo the request without multi-megabyte image strings."""
-    return {k: (f"<{len(v)} chars>" if isinstance(v, str) and len(v) > 256 else v) for k, v in request.items()}
+    """Echo the request without multi-megabyte image strings (an overlay's logo included)."""
+    return {k: (f"<{len(v)} chars>" if isinstance(v, str) and len(v) > 256 else _redact(v) if isinstance(v, dict)
+                else v) for k, v in request.items()}

@@ -1,4 +1,7 @@
-"""Seed 002's processing service: ``POST /process``, ``/derivatives`` and ``/derivatives/clip-focal``."""
+"""Seed 002's processing service: ``POST /process``, ``/derivatives`` and ``/derivatives/clip-focal``.
+
+``/process`` also draws seed 002's optional text overlay and watermark (operation ``overlay``; see
+``deployments.support.overlay``)."""
 
 import asyncio
 import base64
@@ -10,14 +13,17 @@ from PIL import Image
 from pydantic import BaseModel, Field, field_validator
 
 from deployments.focal_cropper import CropSize, Focus, derivatives
+from deployments.support import overlay
+from deployments.support.errors import InvalidInput
 from deployments.support.imaging import encode, to_rgb
+from deployments.support.settings import Settings
 from graphs.api.body import JSONBodyRoute
 from graphs.api.errors import ErrorBody, call
 from graphs.api.fields import image_field
 
 router = APIRouter(tags=["processing"], route_class=JSONBodyRoute)
 
-Operation = Literal["sanitize", "optimize", "convert-webp", "derivatives"]
+Operation = Literal["sanitize", "overlay", "optimize", "convert-webp", "derivatives"]
 DEFAULT_WIDTHS = [320, 640, 1024, 1920]
 OPTIMIZE_QUALITY = 82  # seed 002: optimize = WebP, balanced
 WEBP_QUALITY = 90  # seed 002: convert-webp = high-quality WebP
@@ -34,9 +40,11 @@ class Derivative(BaseModel):
 
 class ProcessRequest(BaseModel):
     image: str = Field(..., description="base64 or data URI (PNG, JPEG or WebP)")
-    operations: list[Operation] = Field(["optimize", "convert-webp", "derivatives"], max_length=4)
+    operations: list[Operation] = Field(["optimize", "convert-webp", "derivatives"], max_length=5)
     widths: list[int] = Field(DEFAULT_WIDTHS, max_length=16)
     quality: int | None = Field(None, ge=1, le=100)
+    overlays: list[overlay.Overlay] = Field([], max_length=8, description="drawn in order by the overlay "
+                                            "operation: captions and logo watermarks")
 
 
 class ProcessResponse(BaseModel):
@@ -91,14 +99,25 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def process_image(image: Image.Image, body: ProcessRequest) -> ProcessResponse:
-    """Apply the operations in a fixed order: sanitize, optimize, convert-webp, derivatives."""
+def overlays_of(body: ProcessRequest, fonts_dir) -> list[overlay.Prepared]:
+    """The checked overlays; the operation and its overlays come together."""
+    if "overlay" in body.operations and not body.overlays:
+        raise InvalidInput("the overlay operation needs at least one of overlays", field="overlays")
+    if body.overlays and "overlay" not in body.operations:
+        raise InvalidInput("overlays are given but 'overlay' is not among the operations", field="operations")
+    return overlay.prepare_all(body.overlays, fonts_dir, "overlays")
+
+
+def process_image(image: Image.Image, body: ProcessRequest,
+                  overlays: list[overlay.Prepared] | None = None) -> ProcessResponse:
+    """Apply the operations in a fixed order: sanitize, overlay, optimize, convert-webp, derivatives."""
     stripped = sorted(k for k in image.info if k not in {"dpi"})
     if image.getexif():
         stripped.append("exif")
     # Re-encoding from raw pixels drops EXIF, XMP, ICC and text chunks: nothing but pixels survives.
     clean = Image.frombytes(image.mode, image.size, image.tobytes()) if image.mode in ("RGB", "RGBA", "L") else \
         to_rgb(image)
+    clean = overlay.draw_all(clean, overlays or [])
     fmt, quality = "png", 100
     if "optimize" in body.operations:
         fmt, quality = "webp", body.quality or OPTIMIZE_QUALITY
@@ -117,12 +136,16 @@ def process_image(image: Image.Image, body: ProcessRequest) -> ProcessResponse:
 
 class ProcessingRoutes:
     cropper: object
+    settings: Settings
 
-    @router.post("/process", response_model=ProcessResponse, responses={400: {"model": ErrorBody}})
+    @router.post("/process", response_model=ProcessResponse,
+                 responses={400: {"model": ErrorBody}, 422: {"model": ErrorBody}})
     async def process(self, body: ProcessRequest) -> ProcessResponse:
-        """Sanitize (strip metadata, re-encode), optimize, convert to WebP and cut responsive derivatives."""
+        """Sanitize (strip metadata, re-encode), overlay text or a logo, optimize, convert to WebP and cut
+        responsive derivatives."""
+        overlays = overlays_of(body, self.settings.fonts_dir)
         image = image_field(body.image, "image")
-        return await asyncio.to_thread(process_image, image, body)
+        return await asyncio.to_thread(process_image, image, body, overlays)
 
     @router.post("/derivatives", response_model=ClipFocalResponse)
     async def derivatives(self, body: DerivativesRequest) -> ClipFocalResponse:

@@ -21,6 +21,7 @@ import uuid
 from PIL import Image
 from ray import serve
 
+from deployments.support import overlay
 from deployments.support.errors import GenerationCancelled
 from deployments.support.imaging import encode
 from deployments.support.metrics import JobMetrics
@@ -149,9 +150,14 @@ class JobRunner:
             return await self._batch(job)
         if job.type == "generate":
             report = await plans.seed000(self.handles, job.request, self.hires_upscaler, job.id)
-            key = await self._save(job.id, "image_0", png(report.image))
-            return {"images": [key], "seed": report.seed, "width": report.image.width,
-                    "height": report.image.height, "warnings": report.warnings}
+            image = report.image
+            if job.request.get("overlay"):  # checked at submit; drawn after generation, before encoding
+                mark = overlay.prepare(overlay.Overlay.model_validate(job.request["overlay"]),
+                                       self.settings.fonts_dir, "overlay")
+                image = await asyncio.to_thread(overlay.draw, image, mark)
+            key = await self._save(job.id, "image_0", png(image))
+            return {"images": [key], "seed": report.seed, "width": image.width, "height": image.height,
+                    "warnings": report.warnings}
         request = plans.seed003(job.type, job.request)
         result = await call(self.handles.base.generate.remote(request, job.id))
         keys = [await self._save(job.id, f"image_{i}", png(image)) for i, image in enumerate(result.images)]
