@@ -9,7 +9,7 @@ from fastapi import APIRouter
 from PIL import Image
 from pydantic import BaseModel, Field, field_validator
 
-from deployments.focal_cropper import CropSize, Focus, derivatives
+from deployments.support.cropping import CropSize, Focus, derivatives
 from deployments.support.imaging import encode, to_rgb
 from graphs.api.body import JSONBodyRoute
 from graphs.api.errors import ErrorBody, call
