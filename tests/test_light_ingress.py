@@ -94,3 +94,4 @@ def test_ingress_and_runner_replicas_load_no_model_library(service, astronaut):
         rss_mb = psutil.Process(pid).memory_info().rss / 2**20
         logger.info("%s replica: %.0f MB resident", deployment, rss_mb)
         assert mapped_libraries(pid) == set(), deployment
+        assert rss_mb <= 300, f"{deployment}: {rss_mb:.0f} MB resident, issue 10 asks at most 300"
