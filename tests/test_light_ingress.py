@@ -87,6 +87,7 @@ def test_ingress_and_runner_replicas_load_no_model_library(service, astronaut):
     assert service.post("/derivatives/clip-focal", json={"image": b64(astronaut.resize((128, 128))),
                                                          "sizes": ["64x32"]}).status_code == 200
     assert service.get("/sdapi/v1/sd-models").status_code == 200
+    assert service.get("/sdapi/v1/memory").status_code == 200
     assert wait(service, submit(service, body=SMALL)["id"])["status"] == "completed"
 
     for deployment in ("Ingress", "JobRunner"):
