@@ -15,14 +15,20 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from deployments.support import device as devices
 from deployments.support import fastpath
 from deployments.support.config import SDXLRefinerConfig
 from deployments.support.errors import InvalidInput
-from deployments.support.generation import Cancellation, ProgressFn, StageResult, check_size, parse_lora_tags
+from deployments.support.generation import (
+    Cancellation,
+    ProgressFn,
+    RefineRequest,
+    StageResult,
+    check_size,
+    parse_lora_tags,
+)
 from deployments.support.imaging import to_rgb
 from deployments.support.metrics import StageMetrics
 from deployments.support.samplers import build_scheduler
@@ -30,23 +36,6 @@ from deployments.support.settings import Settings, current
 from deployments.weights import loader
 
 logger = logging.getLogger(__name__)
-
-
-class RefineRequest(BaseModel):
-    """How to refine; what to refine (latents or images, with their seeds) is the previous stage's result."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    prompt: str = Field("", max_length=10_000)
-    negative_prompt: str = Field("", max_length=10_000)
-    steps: int = Field(30, ge=1, le=150)
-    guidance_scale: float = Field(7.0, ge=0.0, le=30.0)
-    sampler: str | None = None
-    denoising_start: float = Field(0.8, gt=0.0, lt=1.0, description="ensemble: where the base model stopped")
-    strength: float = Field(0.35, gt=0.0, le=1.0, description="image mode: how much of the image is redrawn")
-    aesthetic_score: float = Field(6.0, ge=0.0, le=10.0)
-    negative_aesthetic_score: float = Field(2.5, ge=0.0, le=10.0)
-    seeds: list[int] = Field([], description="image mode, when the images come without seeds")
 
 
 class Refiner:

@@ -13,10 +13,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve import Application
 
-from deployments.face_restorer import FaceRestorer
-from deployments.focal_cropper import FocalCropper
-from deployments.sdxl_base import SDXLBase
-from deployments.sdxl_refiner import SDXLRefiner
 from deployments.support.config import (
     FaceRestorerConfig,
     FocalCropperConfig,
@@ -25,7 +21,6 @@ from deployments.support.config import (
     UpscalerConfig,
 )
 from deployments.support.settings import current
-from deployments.upscaler import Upscaler
 from graphs import plans
 from graphs.api import a1111, a1111_info, generate, illustration, jobs, processing, ui
 from graphs.api.edge import create_app
@@ -99,6 +94,14 @@ class Ingress(
 
 def build_app(args: dict) -> Application:
     """Bind the ingress to one handle per model deployment."""
+    # Imported here, not at the top: Serve imports this module in the ingress and job-runner replicas, which must
+    # stay free of torch and the model libraries (tests/test_light_ingress.py).
+    from deployments.face_restorer import FaceRestorer
+    from deployments.focal_cropper import FocalCropper
+    from deployments.sdxl_base import SDXLBase
+    from deployments.sdxl_refiner import SDXLRefiner
+    from deployments.upscaler import Upscaler
+
     config = AppArgs.model_validate(args)
 
     def deployment(cls):

@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 from PIL import Image
 from ray.serve.handle import DeploymentHandle
 
-from deployments.focal_cropper import CropSize
-from deployments.sdxl_refiner import RefineRequest
-from deployments.support.generation import GenerationRequest, StageResult, resolve_seeds
+from deployments.support.cropping import CropSize
+from deployments.support.generation import GenerationRequest, RefineRequest, StageResult, resolve_seeds
 from deployments.support.settings import Settings
 from graphs.api.errors import call, unwrap
 from graphs.api.fields import image_field

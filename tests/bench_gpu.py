@@ -229,8 +229,9 @@ def refiner_stage(models: Path, size: int, dtype: str) -> Callable[[], Callable[
     def setup():
         from PIL import Image
 
-        from deployments.sdxl_refiner import Refiner, RefineRequest
+        from deployments.sdxl_refiner import Refiner
         from deployments.support.config import SDXLRefinerConfig
+        from deployments.support.generation import RefineRequest
 
         refiner = Refiner(SDXLRefinerConfig(model={"source": str(models / "sdxl-refiner")},
                                             device={"dtype": dtype, "channels_last": True}))

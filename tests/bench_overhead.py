@@ -28,9 +28,9 @@ PAYLOAD = {"prompt": "red apple", "seed": 42, "width": 256, "height": 256, "num_
 
 def in_process(tiny: Path) -> list[float]:
     from deployments.sdxl_base import BaseGenerator
-    from deployments.sdxl_refiner import Refiner, RefineRequest
+    from deployments.sdxl_refiner import Refiner
     from deployments.support.config import SDXLBaseConfig, SDXLRefinerConfig
-    from deployments.support.generation import GenerationRequest
+    from deployments.support.generation import GenerationRequest, RefineRequest
 
     base = BaseGenerator(SDXLBaseConfig(model={"source": str(tiny / "sdxl-base")}))
     refiner = Refiner(SDXLRefinerConfig(model={"source": str(tiny / "sdxl-refiner")}))

@@ -88,7 +88,8 @@ def test_base_generates_at_256(models):
 
 
 def test_refiner_refines_at_256(models):
-    from deployments.sdxl_refiner import Refiner, RefineRequest
+    from deployments.sdxl_refiner import Refiner
+    from deployments.support.generation import RefineRequest
 
     refiner = Refiner(SDXLRefinerConfig(model={"source": str(models / "sdxl-refiner")}))
     photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8))

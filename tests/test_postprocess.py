@@ -7,8 +7,9 @@ import pytest
 from PIL import Image
 
 from deployments.face_restorer import FaceEnhancer
-from deployments.focal_cropper import Cropper, CropSize, crop_box, derivatives
+from deployments.focal_cropper import Cropper
 from deployments.support.config import FaceRestorerConfig, FocalCropperConfig, UpscalerConfig
+from deployments.support.cropping import CropSize, crop_box, derivatives
 from deployments.support.errors import InvalidInput
 from deployments.support.imaging import decode
 from deployments.upscaler import ImageUpscaler, tiled
@@ -158,7 +159,7 @@ def test_centre_fallback_without_faces(cropper):
 
 
 def test_faces_that_cannot_fit_are_centred_on_the_focus():
-    from deployments.focal_cropper import Focus
+    from deployments.support.cropping import Focus
 
     focus = Focus((500, 100), [(100, 0, 200, 200), (800, 0, 900, 200)], "faces")
     assert crop_box((1000, 200), (1, 1), focus) == (400, 0, 600, 200)

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deployments.sdxl_refiner import RefineRequest
 from deployments.support.errors import InvalidInput
-from deployments.support.generation import GenerationRequest, StageResult
+from deployments.support.generation import GenerationRequest, RefineRequest, StageResult
 from tests.helpers import pixels
 
 

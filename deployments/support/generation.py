@@ -53,6 +53,23 @@ class GenerationRequest(BaseModel):
     denoising_end: float | None = Field(None, gt=0.0, lt=1.0, description="stop early and return latents")
 
 
+class RefineRequest(BaseModel):
+    """How to refine; what to refine (latents or images, with their seeds) is the previous stage's result."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field("", max_length=10_000)
+    negative_prompt: str = Field("", max_length=10_000)
+    steps: int = Field(30, ge=1, le=150)
+    guidance_scale: float = Field(7.0, ge=0.0, le=30.0)
+    sampler: str | None = None
+    denoising_start: float = Field(0.8, gt=0.0, lt=1.0, description="ensemble: where the base model stopped")
+    strength: float = Field(0.35, gt=0.0, le=1.0, description="image mode: how much of the image is redrawn")
+    aesthetic_score: float = Field(6.0, ge=0.0, le=10.0)
+    negative_aesthetic_score: float = Field(2.5, ge=0.0, le=10.0)
+    seeds: list[int] = Field([], description="image mode, when the images come without seeds")
+
+
 @dataclass
 class StageResult:
     """What every stage returns and the next stage takes: its images (or, from the base to the refiner, latents),

@@ -12,8 +12,8 @@ from fastapi import APIRouter
 from PIL import Image
 from pydantic import BaseModel, Field, field_validator
 
-from deployments.focal_cropper import CropSize, Focus, derivatives
 from deployments.support import overlay
+from deployments.support.cropping import CropSize, Focus, derivatives
 from deployments.support.errors import InvalidInput
 from deployments.support.imaging import encode, to_rgb
 from deployments.support.settings import Settings

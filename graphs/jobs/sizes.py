@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel
 
-from deployments.focal_cropper import CropSize
+from deployments.support.cropping import CropSize
 from deployments.support.errors import InvalidInput
 
 MAX_SIDE = 4096  # an explicit WxH output size
