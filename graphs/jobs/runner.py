@@ -57,7 +57,7 @@ class JobRunner:
                        for i in range(self.settings.max_concurrent_jobs)]
         self._loops.append(asyncio.get_event_loop().create_task(self._purge()))
         self.job_metrics = JobMetrics(STATUSES)
-        self._loops.append(asyncio.get_event_loop().create_task(self._report()))
+        self._loops.append(asyncio.get_event_loop().create_task(self._count_jobs()))
 
     async def check_health(self) -> None:
         if any(loop.done() for loop in self._loops):
@@ -186,7 +186,7 @@ class JobRunner:
             images[item.name] = entry
         return {"images": images, "bases_generated": bases, "seed": seed}
 
-    async def _report(self, every_s: float = 5.0) -> None:
+    async def _count_jobs(self, every_s: float = 5.0) -> None:
         """Jobs by state, for the dashboards (queued is the backlog the runners have not claimed yet)."""
         while True:
             try:
