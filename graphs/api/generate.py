@@ -1,5 +1,6 @@
 """Seed 000 (and seed 002's sync client): ``POST /generate``; ``GET /health/`` and ``GET /models``."""
 
+import base64
 import time
 import uuid
 from typing import Literal
@@ -9,9 +10,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from graphs import plans
 from graphs.api.body import JSONBodyRoute
-from graphs.api.edge import stop_on_cancel
 from graphs.api.errors import ErrorBody, call
-from graphs.api.fields import b64_png
 
 router = APIRouter(tags=["generate"], route_class=JSONBodyRoute)
 open_router = APIRouter(tags=["health"], route_class=JSONBodyRoute)
@@ -119,10 +118,10 @@ class GenerateRoutes:
         """Synchronous generation: standard or hires fix, optional refiner and face restoration."""
         started = time.perf_counter()
         request_id = uuid.uuid4().hex
-        async with stop_on_cancel(lambda: self.handles.base.cancel.remote(request_id)):
+        async with plans.flight():
             report = await plans.seed000(self.handles, body.model_dump(), self.hires_upscaler, request_id)
-        encoded = b64_png(report.image)
-        width, height = report.image.size
+        encoded = base64.b64encode(report.data).decode()
+        width, height = report.size
         return GenerateResponse(
             success=True, image=f"data:image/png;base64,{encoded}", prompt=body.prompt, enhanced_prompt=body.prompt,
             seed=report.seed, refiner_applied=report.refiner_applied, hires_fix_applied=report.hires_fix_applied,

@@ -20,6 +20,7 @@ from PIL import Image
 from ray import serve
 
 from deployments.support.errors import GenerationCancelled
+from deployments.support.generation import Encoding
 from deployments.support.imaging import encode
 from deployments.support.settings import current
 from graphs import plans
@@ -38,8 +39,9 @@ def png(image: Image.Image) -> bytes:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=8, health_check_period_s=10)
 class JobRunner:
-    def __init__(self, base, refiner, upscaler, faces, cropper, hires_upscaler: str = "R-ESRGAN 2x+") -> None:
-        self.handles = plans.Handles(base, refiner, upscaler, faces)
+    def __init__(self, base, refiner, upscaler, faces, cropper, board=None,
+                 hires_upscaler: str = "R-ESRGAN 2x+") -> None:
+        self.handles = plans.Handles(base, refiner, upscaler, faces, board)
         self.cropper = cropper
         self.hires_upscaler = hires_upscaler
         self.settings = current()
@@ -78,8 +80,7 @@ class JobRunner:
             result = await asyncio.wait_for(task, self.settings.job_timeout / 1000)
             result["timeTaken"] = int((time.monotonic() - started) * 1000)
             status = "completed"
-        except TimeoutError:
-            await call(self.handles.base.cancel.remote(job.id))
+        except TimeoutError:  # wait_for cancelled the task: its flight cancelled every stage call
             error = f"job exceeded JOB_TIMEOUT ({self.settings.job_timeout} ms)"
         except asyncio.CancelledError:
             status, error = "cancelled", "cancelled"
@@ -105,29 +106,36 @@ class JobRunner:
         interval = self.settings.job_lease_seconds / 3
         while not task.done():
             await asyncio.sleep(min(interval, 0.5))
-            progress = await call(self.handles.base.progress.remote(job.id))
+            progress = await self._progress(job.id)
             percent = 100.0 * progress[0] / progress[1] if progress else None
             if percent is not None and job.type == "batch-sizes":
                 percent = min(percent, 99.0)
             lease = self.settings.job_lease_seconds
             keep = await asyncio.to_thread(self.store.heartbeat, job.id, worker, lease, percent)
-            if not keep:  # cancelled (or the lease was taken over): stop the denoising loops
-                aspects = ("landscape", "square", "portrait") if job.type == "batch-sizes" else ()
-                for request_id in [job.id, *(f"{job.id}/{aspect}" for aspect in aspects)]:
-                    await call(self.handles.base.cancel.remote(request_id))
+            if not keep:  # cancelled (or the lease was taken over): the flight stops every stage call
+                task.cancel()
                 return
 
+    async def _progress(self, request_id: str) -> tuple[int, int] | None:
+        if self.handles.board is None:
+            return None
+        return await call(self.handles.board.progress.remote(request_id))
+
     async def _run(self, job: Job) -> dict:
+        async with plans.flight():
+            return await self._plan(job)
+
+    async def _plan(self, job: Job) -> dict:
         if job.type == "batch-sizes":
             return await self._batch(job)
         if job.type == "generate":
             report = await plans.seed000(self.handles, job.request, self.hires_upscaler, job.id)
-            key = await self._save(job.id, "image_0", png(report.image))
-            return {"images": [key], "seed": report.seed, "width": report.image.width,
-                    "height": report.image.height, "warnings": report.warnings}
+            key = await self._save(job.id, "image_0", report.data)
+            return {"images": [key], "seed": report.seed, "width": report.size[0], "height": report.size[1],
+                    "warnings": report.warnings}
         request = plans.seed003(job.type, job.request)
-        result = await call(self.handles.base.generate.remote(request, job.id))
-        keys = [await self._save(job.id, f"image_{i}", png(image)) for i, image in enumerate(result.images)]
+        result = await call(self.handles.base.generate.remote(request, job.id, Encoding()))
+        keys = [await self._save(job.id, f"image_{i}", data) for i, data in enumerate(result.encoded)]
         r = job.request
         parameters = {"prompt": request.prompt, "width": request.width, "height": request.height,
                       "steps": request.steps, "guidanceScale": request.guidance_scale,
@@ -142,7 +150,8 @@ class JobRunner:
         images: dict[str, dict] = {}
         for item in sized:
             out = item.image
-            entry = {"key": await self._save(job.id, item.name, png(out)), "width": out.width, "height": out.height,
+            data = await asyncio.to_thread(png, out)  # off the event loop
+            entry = {"key": await self._save(job.id, item.name, data), "width": out.width, "height": out.height,
                      "aspect": item.aspect, "box": list(item.box), "upscaled": item.upscaled}
             if widths:
                 entry["derivatives"] = {
