@@ -358,7 +358,7 @@ class SDXLBase:
         return self.model.cancellation.preview(request_id)
 
     async def describe(self) -> dict:
-        return {**self.model.describe(), "batching": self.batcher.config.model_dump()}
+        return {**self.model.describe(), "batching": {**self.batcher.config.model_dump(), **self.batcher.counts}}
 
     async def check_health(self) -> None:
         if not self.model.healthy():

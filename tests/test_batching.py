@@ -46,13 +46,15 @@ def test_each_item_of_a_batch_has_the_pixels_it_gets_alone(base):
     outcomes = base.generate_batch(items)
     assert [o.seeds for o in outcomes] == [[11], [12, 13], [13]]
     assert [o.info["prompt"] for o in outcomes] == ["a red house", "a blue boat", "a green tree"]
-    for item, result in zip(items, outcomes, strict=True):
-        alone = base.generate(item.request)
-        for mine, theirs in zip(result.images, alone.images, strict=True):
+    alone = [base.generate(item.request) for item in items]
+    for result, own in zip(outcomes, alone, strict=True):
+        for mine, theirs in zip(result.images, own.images, strict=True):
             assert mine.size == (128, 128)
             assert mad(mine, theirs) < 1.0  # < 1/255 of the range, mean absolute difference
-    # The prompts matter: two items of the batch with the same seed but different prompts differ.
-    assert mad(outcomes[1].images[1], outcomes[2].images[0]) > 1.0
+    # Each item kept its own prompt: seed 13 of "a blue boat" is nearer its lone run than seed 13 of "a green tree"
+    # (random tiny text encoders move pixels only a little, so compare rather than threshold).
+    boat = outcomes[1].images[1]
+    assert mad(boat, alone[1].images[1]) < mad(boat, alone[2].images[0])
 
 
 def test_latents_and_img2img_batches_split_per_item(base, astronaut):
@@ -97,7 +99,14 @@ def test_a_bad_item_fails_alone(base):
 
 
 @pytest.mark.anyio
-async def test_batcher_groups_by_key_and_never_makes_a_request_wait_for_another_key():
+async def test_batcher_groups_by_key_and_never_makes_a_request_wait_for_another_key(monkeypatch):
+    from types import SimpleNamespace
+
+    from ray import serve
+
+    # Serve's batch queue reads its replica's max_ongoing_requests (to warn); here there is no replica.
+    replica = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=16))
+    monkeypatch.setattr(serve, "get_replica_context", lambda: replica)
     calls: list[list[str]] = []
 
     async def run(items: list[str]) -> list:

@@ -34,6 +34,7 @@ class Batcher(Generic[Item]):
         self._run, self._size, self.config = run, size, config
         self._queues: OrderedDict[Hashable, Callable[[Item], Awaitable[Any]]] = OrderedDict()
         self._waiting: dict[Hashable, int] = {}
+        self.counts = {"batches": 0, "items": 0}  # calls of ``run`` and the items they carried
 
     def configure(self, config: Batching) -> None:
         """New sizes and waits, applied to the queues that exist and the ones to come (``user_config``)."""
@@ -45,7 +46,7 @@ class Batcher(Generic[Item]):
     async def submit(self, key: Hashable | None, item: Item) -> Any:
         """Run ``item`` in a batch of its key; ``None`` (or an item as large as a whole batch) runs alone."""
         if key is None or self._size(item) >= self.config.max_batch_size:
-            return outcome((await self._run([item]))[0])
+            return outcome((await self._counted([item]))[0])
         queue = self._queue(key)
         self._waiting[key] = self._waiting.get(key, 0) + 1
         try:
@@ -61,9 +62,14 @@ class Batcher(Generic[Item]):
             del self._queues[old], self._waiting[old]
         queue = serve.batch(max_batch_size=self.config.max_batch_size,
                             batch_wait_timeout_s=self.config.batch_wait_timeout_s,
-                            batch_size_fn=lambda items: sum(self._size(i) for i in items))(self._run)
+                            batch_size_fn=lambda items: sum(self._size(i) for i in items))(self._counted)
         self._queues[key] = queue
         return queue
+
+    async def _counted(self, items: list[Item]) -> list[Any]:
+        self.counts["batches"] += 1
+        self.counts["items"] += len(items)
+        return await self._run(items)
 
     @property
     def queues(self) -> int:
