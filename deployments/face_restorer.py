@@ -21,7 +21,7 @@ from deployments.support import device as devices
 from deployments.support import faces as face_lib
 from deployments.support.config import FaceRestorerConfig
 from deployments.support.errors import InvalidInput
-from deployments.support.generation import StageResult
+from deployments.support.generation import Encoding, StageResult, encoded
 from deployments.support.imaging import pil_to_array
 from deployments.support.metrics import StageMetrics
 from deployments.support.settings import Settings
@@ -110,12 +110,12 @@ class FaceRestorer:
         self.metrics = StageMetrics("face_restorer")
 
     async def restore(self, source: StageResult | Image.Image, weight: float = 0.6,
-                      visibility: float = 1.0) -> StageResult:
-        """``source``: the previous stage's result, or an image."""
+                      visibility: float = 1.0, encode: Encoding | None = None) -> StageResult:
+        """``source``: the previous stage's result, or an image; ``encode``: answer with files, not pixels."""
         with self.metrics.track():
             result = await self.thread.run(self.model.restore, source, weight, visibility)
         self.metrics.produced(1)
-        return result
+        return await encoded(result, encode)
 
     async def describe(self) -> dict:
         return {"restorer": self.model.name, "detector": type(self.model.detector).__name__,

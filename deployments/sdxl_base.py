@@ -8,33 +8,41 @@ a style image through IP-Adapter applied to a content image), LoRA and per-reque
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import threading
+import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageFilter
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 from deployments.support import device as devices
 from deployments.support import fastpath
-from deployments.support.config import SDXLBaseConfig
-from deployments.support.errors import UnknownModel
+from deployments.support.batching import Batcher, outcome
+from deployments.support.config import Batching, SDXLBaseConfig
+from deployments.support.errors import GenerationCancelled, ServiceError, UnknownModel
 from deployments.support.generation import (
+    BatchItem,
     Cancellation,
+    Encoding,
     GenerationRequest,
     LoraRef,
     ProgressFn,
     StageResult,
     check_size,
+    encoded,
     mode_of,
     parse_lora_tags,
     resolve_seeds,
 )
 from deployments.support.imaging import to_rgb
 from deployments.support.metrics import StageMetrics
+from deployments.support.reporting import Reporter
 from deployments.support.samplers import build_scheduler
 from deployments.support.settings import Settings, current
 from deployments.weights import loader
@@ -134,27 +142,48 @@ class BaseGenerator:
     def generate(
         self, request: GenerationRequest, request_id: str | None = None, on_progress: ProgressFn | None = None
     ) -> StageResult:
-        check_size(request.width, request.height, self.config.max_pixels)
+        """One request on its own (a batch of one: the same code path as a batched request)."""
+        item = BatchItem(request, request_id or uuid.uuid4().hex, request.batch_size, on_progress=on_progress)
+        return outcome(self.generate_batch([item])[0])
+
+    def generate_batch(self, items: list[BatchItem]) -> list[StageResult | BaseException]:
+        """One pipeline call for compatible requests (same ``batch_key``); each item keeps its own seeds, so its
+        pixels are those it would get alone. Returns one outcome per item: its result or its own error."""
+        outcomes: list[StageResult | BaseException | None] = [None] * len(items)
+        prompts: dict[int, str] = {}
+        seeds: dict[int, list[int]] = {}
+        for i, item in enumerate(items):
+            try:
+                check_size(item.request.width, item.request.height, self.config.max_pixels)
+                prompts[i] = parse_lora_tags(item.request.prompt)[0]
+                seeds[i] = resolve_seeds(item.request.seed, item.request.batch_size)
+            except ServiceError as e:
+                outcomes[i] = e
+        live = list(prompts)
+        if not live:
+            return [o for o in outcomes if o is not None]
+        batch = [items[i] for i in live]
+        request = batch[0].request
         mode = mode_of(request)
-        prompt, tagged = parse_lora_tags(request.prompt)
-        seeds = resolve_seeds(request.seed, request.batch_size)
         warnings: list[str] = []
-        report = self.cancellation.callback(request_id, on_progress)
+        loras: list[LoraRef] = []
+        results: list[StageResult | BaseException]
         try:
             with self._lock, self.oom():
                 loras = self._apply_loras(request.loras, warnings, strict=True)
-                loras += self._apply_loras_from_prompt(tagged, loras, warnings)
-                result = self._run(mode, request, prompt, seeds, report, warnings, request_id)
-        finally:
-            self.cancellation.finish(request_id)
-        result.info.update(
-            mode=mode,
-            prompt=prompt,
-            loras={r.name: r.weight for r in loras},
-            sampler=request.sampler or self.config.default_sampler,
-            model=self.config.name,
-        )
-        return result
+                loras += self._apply_loras_from_prompt(parse_lora_tags(request.prompt)[1], loras, warnings)
+                results = self._run(mode, batch, [prompts[i] for i in live], [seeds[i] for i in live], warnings)
+        except Exception as e:  # noqa: BLE001 - each item gets the error it would have got alone
+            results = [e] * len(live)
+        for i, item, result in zip(live, batch, results, strict=True):
+            if self.cancellation.is_cancelled(item.request_id) and not isinstance(result, BaseException):
+                result = GenerationCancelled(f"request {item.request_id} cancelled")
+            self.cancellation.finish(item.request_id)
+            if isinstance(result, StageResult):
+                result.info.update(mode=mode, prompt=prompts[i], loras={r.name: r.weight for r in loras},
+                                   sampler=request.sampler or self.config.default_sampler, model=self.config.name)
+            outcomes[i] = result
+        return [o for o in outcomes if o is not None]
 
     def _apply_loras_from_prompt(self, tagged: list[LoraRef], explicit: list[LoraRef], warnings: list[str]):
         if not tagged:
@@ -164,44 +193,58 @@ class BaseGenerator:
         active = self._apply_loras(list(merged.values()), warnings, strict=False)
         return [r for r in active if r.name not in {e.name for e in explicit}]
 
-    def _run(self, mode, request: GenerationRequest, prompt: str, seeds, report, warnings,
-             request_id: str | None = None) -> StageResult:
+    def _run(self, mode, items: list[BatchItem], prompts: list[str], seeds: list[list[int]],
+             warnings: list[str]) -> list[StageResult | BaseException]:
+        request: GenerationRequest = items[0].request
         pipe = {"txt2img": self.txt2img, "img2img": self.img2img, "inpaint": self.inpaint}[mode]
         sampler = request.sampler or self.config.default_sampler
         pipe.scheduler = build_scheduler(sampler, self.scheduler_config, request.schedule)
+        counts = [len(s) for s in seeds]
+        offsets = [sum(counts[:i]) for i in range(len(counts) + 1)]
+
+        def per_image(values: list) -> list:
+            return [value for value, n in zip(values, counts, strict=True) for _ in range(n)]
 
         def on_step_end(_pipe, step, _timestep, callback_kwargs):
+            cancelled = self.cancellation.advance(items, step + 1, total_steps)
+            if all(cancelled):
+                raise GenerationCancelled(f"batch of {len(items)} cancelled at step {step + 1}/{total_steps}")
             latents = callback_kwargs.get("latents")
             if latents is not None:
-                self.cancellation.keep_latents(request_id, latents[0])
-            report(step + 1, total_steps)
+                for item, offset in zip(items, offsets, strict=False):
+                    self.cancellation.keep_latents(item.request_id, latents[offset])
             return callback_kwargs
 
         kwargs: dict = dict(
-            prompt=prompt,
-            negative_prompt=request.negative_prompt or None,
+            prompt=per_image(prompts),
+            # Empty negatives stay None: SDXL then uses zero embeddings, not the encoding of "" (batch_key keeps
+            # requests with and without one apart).
+            negative_prompt=per_image([i.request.negative_prompt for i in items]) if request.negative_prompt
+            else None,
             num_inference_steps=request.steps,
             guidance_scale=request.guidance_scale,
-            num_images_per_prompt=len(seeds),
-            # CPU generators make a seed give the same image on any device.
-            generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+            num_images_per_prompt=1,
+            # One CPU generator per image: a seed gives the same image on any device and in any batch.
+            generator=[torch.Generator("cpu").manual_seed(s) for group in seeds for s in group],
             callback_on_step_end=on_step_end,
         )
         total_steps = request.steps
-        mask = None
+        mask = init = None
         if request.init_image is None:
             kwargs.update(width=request.width, height=request.height)
         else:
-            init = to_rgb(request.init_image).resize((request.width, request.height), Image.Resampling.LANCZOS)
+            inits = [to_rgb(i.request.init_image).resize((request.width, request.height), Image.Resampling.LANCZOS)
+                     for i in items]
+            init = inits[0]
             # A1111 runs at least one step at low strength; diffusers would run none and fail.
             steps = max(request.steps, math.ceil(1 / request.strength))
-            kwargs.update(image=init, strength=request.strength, num_inference_steps=steps)
+            kwargs.update(image=per_image(inits), strength=request.strength, num_inference_steps=steps)
             total_steps = max(1, int(steps * request.strength))
-            if request.mask is not None:
+            if request.mask is not None:  # inpainting runs alone (see batch_key)
                 mask = self._prepare_mask(request.mask, request)
                 kwargs.update(mask_image=mask, width=request.width, height=request.height)
         if self.ip_adapter_loaded:
-            reference = request.ip_adapter_image
+            reference = request.ip_adapter_image  # a reference runs alone; a batch has none
             pipe.set_ip_adapter_scale(request.ip_adapter_scale if reference is not None else 0.0)
             # The adapted UNet always expects image embeddings: a blank image at scale 0 changes nothing.
             kwargs["ip_adapter_image"] = to_rgb(reference) if reference is not None else Image.new("RGB", (64, 64))
@@ -212,11 +255,14 @@ class BaseGenerator:
         with fastpath.attention(self.config.fast):
             latents = pipe(**kwargs, output_type="latent").images
         if request.denoising_end is not None:
-            return StageResult(images=[], seeds=seeds, latents=latents.float().cpu().numpy(), warnings=warnings)
+            handed = latents.float().cpu().numpy()
+            return [StageResult(images=[], seeds=s, latents=handed[a:b], warnings=list(warnings))
+                    for s, a, b in zip(seeds, offsets, offsets[1:], strict=False)]
         images = self.decode(latents)
-        if mask is not None:
+        if mask is not None and init is not None:
             images = [self._keep_unmasked(init, image, mask) for image in images]
-        return StageResult(images=images, seeds=seeds, warnings=warnings)
+        return [StageResult(images=images[a:b], seeds=s, warnings=list(warnings))
+                for s, a, b in zip(seeds, offsets, offsets[1:], strict=False)]
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         with fastpath.attention(self.config.fast):
@@ -253,21 +299,53 @@ class BaseGenerator:
         return self.oom.healthy()
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=4, health_check_period_s=10)
-class SDXLBase:
-    """Thin Serve shell: loads the model once per replica, runs generations in a worker thread."""
+def batch_key(request: GenerationRequest) -> tuple | None:
+    """What requests must share to run in one pipeline call; ``None``: this one runs alone (an inpainting mask
+    and an IP-Adapter reference belong to one request)."""
+    mode = mode_of(request)
+    if mode == "inpaint" or request.ip_adapter_image is not None:
+        return None
+    tagged = parse_lora_tags(request.prompt)[1]
+    return (mode, request.width, request.height, request.steps, request.sampler, request.schedule,
+            request.guidance_scale, tuple((r.name, r.weight) for r in request.loras),
+            tuple((r.name, r.weight) for r in tagged), bool(request.negative_prompt), request.denoising_end,
+            request.strength if mode == "img2img" else None)
 
-    def __init__(self, config: dict | SDXLBaseConfig) -> None:
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=16, health_check_period_s=10)
+class SDXLBase:
+    """Thin Serve shell: loads the model once per replica; compatible requests are batched (``batching`` in the
+    config, or ``user_config`` at run time) and every batch runs on the replica's one inference thread."""
+
+    def __init__(self, config: dict | SDXLBaseConfig, board: DeploymentHandle | None = None) -> None:
+        config = SDXLBaseConfig.model_validate(config)
         self.thread = devices.InferenceThread("sdxl-base")
-        self.model = self.thread.call(BaseGenerator, SDXLBaseConfig.model_validate(config))
+        self.model = self.thread.call(BaseGenerator, config)
         self.thread.call(self.model.warm_up)
         self.metrics = StageMetrics("sdxl_base")
+        self.reporter = Reporter(board, "sdxl_base", self.model.cancellation)
+        self.batcher: Batcher[BatchItem] = Batcher(self._run_batch, config.batching, size=lambda item: item.count)
 
-    async def generate(self, request: GenerationRequest, request_id: str | None = None) -> StageResult:
+    def reconfigure(self, user_config: dict) -> None:
+        """``user_config: {max_batch_size, batch_wait_timeout_s}`` retunes batching without a restart."""
+        self.batcher.configure(Batching.model_validate({**self.batcher.config.model_dump(), **user_config}))
+
+    async def _run_batch(self, items: list[BatchItem]) -> list[StageResult | BaseException]:
         with self.metrics.track():
-            result = await self.thread.run(self.model.generate, request, request_id)
-        self.metrics.produced(len(result.images) or len(result.seeds))
-        return result
+            outcomes = await self.thread.run(self.model.generate_batch, items)
+        self.metrics.produced(sum(len(o.images) or len(o.seeds) for o in outcomes if isinstance(o, StageResult)))
+        return outcomes
+
+    async def generate(self, request: GenerationRequest, request_id: str | None = None,
+                       encode: Encoding | None = None) -> StageResult:
+        """``encode``: this is the plan's last stage; answer with files, not pixels."""
+        item = BatchItem(request, request_id or uuid.uuid4().hex, request.batch_size)
+        self.reporter.start()
+        try:
+            return await encoded(await self.batcher.submit(batch_key(request), item), encode)
+        except asyncio.CancelledError:  # cancelled through Serve (a cancel, deadline or disconnect upstream)
+            self.model.cancellation.cancel(item.request_id)
+            raise
 
     async def cancel(self, request_id: str) -> None:
         self.model.cancellation.cancel(request_id)
@@ -280,7 +358,7 @@ class SDXLBase:
         return self.model.cancellation.preview(request_id)
 
     async def describe(self) -> dict:
-        return self.model.describe()
+        return {**self.model.describe(), "batching": {**self.batcher.config.model_dump(), **self.batcher.counts}}
 
     async def check_health(self) -> None:
         if not self.model.healthy():

@@ -8,29 +8,38 @@ It runs in its own replicas and loads its own weights.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import threading
+import uuid
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 from deployments.support import device as devices
 from deployments.support import fastpath
-from deployments.support.config import SDXLRefinerConfig
-from deployments.support.errors import InvalidInput
+from deployments.support.batching import Batcher, outcome
+from deployments.support.config import Batching, SDXLRefinerConfig
+from deployments.support.errors import GenerationCancelled, InvalidInput, ServiceError
 from deployments.support.generation import (
+    BatchItem,
     Cancellation,
+    Encoding,
     ProgressFn,
     RefineRequest,
     StageResult,
     check_size,
+    encoded,
     parse_lora_tags,
 )
 from deployments.support.imaging import to_rgb
 from deployments.support.metrics import StageMetrics
+from deployments.support.reporting import Reporter
 from deployments.support.samplers import build_scheduler
 from deployments.support.settings import Settings, current
 from deployments.weights import loader
@@ -66,91 +75,179 @@ class Refiner:
     def refine_latents(self, request: RefineRequest, source: StageResult, request_id: str | None = None,
                        on_progress: ProgressFn | None = None) -> StageResult:
         """Expert ensemble: finish the base model's latents from ``denoising_start``; no decode in between."""
-        if source.latents is None:
-            raise InvalidInput("the previous stage handed on no latents", field="latents")
-        if len(source.latents) != len(source.seeds):
-            raise InvalidInput("one seed per latent is required", field="seeds")
-        total = max(1, round(request.steps * (1 - request.denoising_start)))
-        kwargs = dict(image=torch.from_numpy(source.latents), denoising_start=request.denoising_start,
-                      num_inference_steps=request.steps)
-        images = self._run(request, source.seeds, kwargs, total, request_id, on_progress)
-        return source.then(images, refiner=self.config.name, refiner_mode="ensemble")
+        item = BatchItem(request, request_id or uuid.uuid4().hex, source=source, on_progress=on_progress)
+        return outcome(self.refine_batch([item], ensemble=True)[0])
 
     def refine_images(self, request: RefineRequest, source: StageResult | Image.Image, request_id: str | None = None,
                       on_progress: ProgressFn | None = None) -> StageResult:
         """Refine finished images as img2img at ``strength`` (the hires-fix pass)."""
-        source = StageResult.of(source)
+        item = BatchItem(request, request_id or uuid.uuid4().hex, source=source, on_progress=on_progress)
+        return outcome(self.refine_batch([item], ensemble=False)[0])
+
+    def refine_batch(self, items: list[BatchItem], *, ensemble: bool) -> list[StageResult | BaseException]:
+        """One pipeline call for compatible items (same ``batch_key``), each with its own prompt and seeds; one
+        outcome per item, its result or its own error."""
+        outcomes: list[StageResult | BaseException | None] = [None] * len(items)
+        inputs: dict[int, tuple[list[int], list]] = {}
+        for i, item in enumerate(items):
+            try:
+                item.source = StageResult.of(item.source)
+                inputs[i] = (self._latents_of if ensemble else self._images_of)(item.request, item.source)
+            except ServiceError as e:
+                outcomes[i] = e
+        live = list(inputs)
+        if not live:
+            return [o for o in outcomes if o is not None]
+        batch = [items[i] for i in live]
+        request: RefineRequest = batch[0].request
+        seeds = [inputs[i][0] for i in live]
+        if ensemble:
+            kwargs: dict = dict(image=torch.from_numpy(np.concatenate([x for i in live for x in inputs[i][1]])),
+                                denoising_start=request.denoising_start, num_inference_steps=request.steps)
+            total = max(1, round(request.steps * (1 - request.denoising_start)))
+        else:
+            # As A1111 does, a low strength still runs one step; diffusers would run none and return nothing.
+            steps = max(request.steps, math.ceil(1 / request.strength))
+            kwargs = dict(image=[x for i in live for x in inputs[i][1]], strength=request.strength,
+                          num_inference_steps=steps)
+            total = max(1, int(steps * request.strength))
+        results: list[StageResult | BaseException]
+        try:
+            images = self._run(batch, seeds, kwargs, total)
+            offsets = [sum(map(len, seeds[:k])) for k in range(len(seeds) + 1)]
+            results = []
+            for item, own, a, b in zip(batch, seeds, offsets, offsets[1:], strict=False):
+                result = item.source.then(images[a:b], refiner=self.config.name,
+                                          refiner_mode="ensemble" if ensemble else "image")
+                result.seeds = list(own)
+                results.append(result)
+        except Exception as e:  # noqa: BLE001 - each item gets the error it would have got alone
+            results = [e] * len(live)
+        for i, item, result in zip(live, batch, results, strict=True):
+            if self.cancellation.is_cancelled(item.request_id) and not isinstance(result, BaseException):
+                result = GenerationCancelled(f"request {item.request_id} cancelled")
+            self.cancellation.finish(item.request_id)
+            outcomes[i] = result
+        return [o for o in outcomes if o is not None]
+
+    @staticmethod
+    def _latents_of(request: RefineRequest, source: StageResult) -> tuple[list[int], list]:
+        if source.latents is None:
+            raise InvalidInput("the previous stage handed on no latents", field="latents")
+        if len(source.latents) != len(source.seeds):
+            raise InvalidInput("one seed per latent is required", field="seeds")
+        return list(source.seeds), [source.latents]
+
+    def _images_of(self, request: RefineRequest, source: StageResult) -> tuple[list[int], list]:
         seeds = source.seeds or request.seeds or [0] * len(source.images)
         if not source.images or len(seeds) != len(source.images):
             raise InvalidInput("one seed per image is required", field="seeds")
         for image in source.images:
             check_size(image.width, image.height, self.config.max_pixels)
-        # As A1111 does, a low strength still runs one step; diffusers would run none and return nothing.
-        steps = max(request.steps, math.ceil(1 / request.strength))
-        kwargs = dict(image=[to_rgb(i) for i in source.images], strength=request.strength, num_inference_steps=steps)
-        images = self._run(request, seeds, kwargs, max(1, int(steps * request.strength)), request_id, on_progress)
-        result = source.then(images, refiner=self.config.name, refiner_mode="image")
-        result.seeds = list(seeds)
-        return result
+        return list(seeds), [to_rgb(i) for i in source.images]
 
-    def _run(self, request: RefineRequest, seeds: list[int], kwargs: dict, total: int, request_id: str | None,
-             on_progress: ProgressFn | None) -> list[Image.Image]:
-        prompt, _ = parse_lora_tags(request.prompt)  # LoRAs belong to the base model
-        report = self.cancellation.callback(request_id, on_progress)
+    def _run(self, items: list[BatchItem], seeds: list[list[int]], kwargs: dict, total: int) -> list[Image.Image]:
+        request: RefineRequest = items[0].request
+        counts = [len(s) for s in seeds]
+
+        def per_image(values: list) -> list:
+            return [value for value, n in zip(values, counts, strict=True) for _ in range(n)]
 
         def on_step_end(_pipe, step, _timestep, callback_kwargs):
-            report(step + 1, total)
+            if all(self.cancellation.advance(items, step + 1, total)):
+                raise GenerationCancelled(f"batch of {len(items)} cancelled at step {step + 1}/{total}")
             return callback_kwargs
 
-        try:
-            with self._lock, self.oom():
-                self.pipe.scheduler = build_scheduler(request.sampler or "Euler", self.scheduler_config)
-                with fastpath.attention(self.config.fast):
-                    latents = self.pipe(
-                        prompt=prompt, negative_prompt=request.negative_prompt or None,
-                        guidance_scale=request.guidance_scale, aesthetic_score=request.aesthetic_score,
-                        negative_aesthetic_score=request.negative_aesthetic_score, num_images_per_prompt=len(seeds),
-                        generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
-                        callback_on_step_end=on_step_end, output_type="latent", **kwargs,
-                    ).images
-                    return fastpath.decode(self.pipe, latents)
-        finally:
-            self.cancellation.finish(request_id)
+        prompts = [parse_lora_tags(i.request.prompt)[0] for i in items]  # LoRAs belong to the base model
+        with self._lock, self.oom():
+            self.pipe.scheduler = build_scheduler(request.sampler or "Euler", self.scheduler_config)
+            with fastpath.attention(self.config.fast):
+                latents = self.pipe(
+                    prompt=per_image(prompts),
+                    negative_prompt=per_image([i.request.negative_prompt for i in items]) if request.negative_prompt
+                    else None,
+                    guidance_scale=request.guidance_scale, aesthetic_score=request.aesthetic_score,
+                    negative_aesthetic_score=request.negative_aesthetic_score, num_images_per_prompt=1,
+                    generator=[torch.Generator("cpu").manual_seed(s) for group in seeds for s in group],
+                    callback_on_step_end=on_step_end, output_type="latent", **kwargs,
+                ).images
+                return fastpath.decode(self.pipe, latents)
 
     def describe(self) -> dict:
         return {"name": self.config.name, "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
-                "fast_path": self.fast, **devices.memory(self.device)}
+                "fast_path": self.fast, **devices.memory(self.device), "running": self.cancellation.running()}
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=4, health_check_period_s=10)
+def batch_key(request: RefineRequest, source: StageResult | Image.Image, *, ensemble: bool) -> tuple:
+    """What refiner requests must share to run in one pipeline call."""
+    shared = (ensemble, request.steps, request.guidance_scale, request.sampler, request.aesthetic_score,
+              request.negative_aesthetic_score, bool(request.negative_prompt))
+    if ensemble:
+        latents = getattr(source, "latents", None)
+        return (*shared, request.denoising_start, None if latents is None else tuple(latents.shape[1:]))
+    images = StageResult.of(source).images
+    return (*shared, request.strength, tuple(i.size for i in images))
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=16, health_check_period_s=10)
 class SDXLRefiner:
-    def __init__(self, config: dict | SDXLRefinerConfig) -> None:
+    def __init__(self, config: dict | SDXLRefinerConfig, board: DeploymentHandle | None = None) -> None:
+        config = SDXLRefinerConfig.model_validate(config)
         self.thread = devices.InferenceThread("sdxl-refiner")
-        self.model = self.thread.call(Refiner, SDXLRefinerConfig.model_validate(config))
+        self.model = self.thread.call(Refiner, config)
         self.thread.call(self.model.warm_up)
         self.metrics = StageMetrics("sdxl_refiner")
+        self.reporter = Reporter(board, "sdxl_refiner", self.model.cancellation)
+        self.batchers: dict[bool, Batcher[BatchItem]] = {
+            True: Batcher(self._run_ensembles, config.batching, size=lambda item: item.count),
+            False: Batcher(self._run_images, config.batching, size=lambda item: item.count),
+        }
 
-    async def refine_latents(self, request: RefineRequest, source: StageResult,
-                             request_id: str | None = None) -> StageResult:
+    def reconfigure(self, user_config: dict) -> None:
+        """``user_config: {max_batch_size, batch_wait_timeout_s}`` retunes batching without a restart."""
+        for batcher in self.batchers.values():
+            batcher.configure(Batching.model_validate({**batcher.config.model_dump(), **user_config}))
+
+    async def refine_latents(self, request: RefineRequest, source: StageResult, request_id: str | None = None,
+                             encode: Encoding | None = None) -> StageResult:
         """Expert ensemble on the base model's latents (``source``: the base stage's result)."""
-        return await self._track(self.model.refine_latents, request, source, request_id)
+        return await encoded(await self._submit(request, source, request_id, ensemble=True), encode)
 
     async def refine_images(self, request: RefineRequest, source: StageResult | Image.Image,
-                            request_id: str | None = None) -> StageResult:
+                            request_id: str | None = None, encode: Encoding | None = None) -> StageResult:
         """img2img on finished images (``source``: an image-bearing stage result, or an image)."""
-        return await self._track(self.model.refine_images, request, source, request_id)
+        return await encoded(await self._submit(request, source, request_id, ensemble=False), encode)
 
-    async def _track(self, method, request: RefineRequest, source, request_id: str | None) -> StageResult:
+    async def _submit(self, request: RefineRequest, source, request_id: str | None, *, ensemble: bool) -> StageResult:
+        count = len(getattr(source, "seeds", None) or StageResult.of(source).images or [None])
+        item = BatchItem(request, request_id or uuid.uuid4().hex, count, source=source)
+        self.reporter.start()
+        try:
+            return await self.batchers[ensemble].submit(batch_key(request, source, ensemble=ensemble), item)
+        except asyncio.CancelledError:  # cancelled through Serve: stop the denoising loop for this item
+            self.model.cancellation.cancel(item.request_id)
+            raise
+
+    async def _run_ensembles(self, items: list[BatchItem]) -> list[StageResult | BaseException]:
+        return await self._run_batch(items, ensemble=True)
+
+    async def _run_images(self, items: list[BatchItem]) -> list[StageResult | BaseException]:
+        return await self._run_batch(items, ensemble=False)
+
+    async def _run_batch(self, items: list[BatchItem], *, ensemble: bool) -> list[StageResult | BaseException]:
         with self.metrics.track():
-            result = await self.thread.run(method, request, source, request_id)
-        self.metrics.produced(len(result.images))
-        return result
+            outcomes = await self.thread.run(self.model.refine_batch, items, ensemble=ensemble)
+        self.metrics.produced(sum(len(o.images) for o in outcomes if isinstance(o, StageResult)))
+        return outcomes
 
     async def cancel(self, request_id: str) -> None:
         self.model.cancellation.cancel(request_id)
 
+    async def progress(self, request_id: str) -> tuple[int, int] | None:
+        return self.model.cancellation.progress(request_id)
+
     async def describe(self) -> dict:
-        return self.model.describe()
+        return {**self.model.describe(), "batching": self.batchers[True].config.model_dump()}
 
     async def check_health(self) -> None:
         if not self.model.oom.healthy():

@@ -19,7 +19,7 @@ from ray import serve
 from deployments.support import device as devices
 from deployments.support.config import UpscalerConfig
 from deployments.support.errors import InvalidInput, UnknownModel
-from deployments.support.generation import StageResult
+from deployments.support.generation import Encoding, StageResult, encoded
 from deployments.support.imaging import from_tensor, to_rgb, to_tensor
 from deployments.support.metrics import StageMetrics
 from deployments.support.settings import Settings
@@ -172,12 +172,13 @@ class Upscaler:
         self.metrics = StageMetrics("upscaler")
 
     async def upscale(self, source: StageResult | Image.Image, upscaler: str = "Lanczos", scale: float | None = 2.0,
-                      width: int | None = None, height: int | None = None) -> StageResult:
-        """``source``: the previous stage's result, or an image."""
+                      width: int | None = None, height: int | None = None,
+                      encode: Encoding | None = None) -> StageResult:
+        """``source``: the previous stage's result, or an image; ``encode``: answer with files, not pixels."""
         with self.metrics.track():
             result = await self.thread.run(self.model.upscale, source, upscaler, scale, width, height)
         self.metrics.produced(1)
-        return result
+        return await encoded(result, encode)
 
     async def names(self) -> list[str]:
         return self.model.names()

@@ -4,7 +4,8 @@
 ``AppArgs``. Strings in args may use ``$VAR`` / ``~``, expanded once here, so one config file can point at model
 folders per machine. Resources, replicas and autoscaling live in the config's ``deployments:`` section.
 
-Routes live in one module per API family; the ``Ingress`` deployment inherits them and holds the handles.
+Routes live in one module per API family; the ``Ingress`` deployment inherits them and holds the handles. The
+progress board (``graphs/board.py``) is where the diffusion replicas report progress and learn of cancels.
 """
 
 import os
@@ -25,6 +26,7 @@ from graphs import plans
 from graphs.api import a1111, a1111_info, generate, illustration, jobs, processing, ui
 from graphs.api.edge import create_app
 from graphs.api.photos import PhotoStore, StorageConfig
+from graphs.board import ProgressBoard
 from graphs.jobs.results import open_results
 from graphs.jobs.runner import JobRunner
 from graphs.jobs.sizes import SizeTable
@@ -78,10 +80,10 @@ class Ingress(
     a1111_info.A1111InfoRoutes,
     jobs.JobRoutes,
 ):
-    def __init__(self, base, refiner, upscaler, faces, cropper, runner, args: dict) -> None:
+    def __init__(self, base, refiner, upscaler, faces, cropper, runner, board, args: dict) -> None:
         config = AppArgs.model_validate(args)
         self.config = config
-        self.handles = plans.Handles(base, refiner, upscaler, faces)
+        self.handles = plans.Handles(base, refiner, upscaler, faces, board)
         self.cropper = cropper
         self.hires_upscaler = config.hires_upscaler
         self.settings = current()  # read once, in the serving process
@@ -107,10 +109,11 @@ def build_app(args: dict) -> Application:
     def deployment(cls):
         return cls.options(**config.deployment_options.get(cls.name, {}))
 
-    base = deployment(SDXLBase).bind(config.base.model_dump())
-    refiner = deployment(SDXLRefiner).bind(config.refiner.model_dump()) if config.refiner else None
+    board = deployment(ProgressBoard).bind()
+    base = deployment(SDXLBase).bind(config.base.model_dump(), board)
+    refiner = deployment(SDXLRefiner).bind(config.refiner.model_dump(), board) if config.refiner else None
     upscaler = deployment(Upscaler).bind(config.upscaler.model_dump())
     faces = deployment(FaceRestorer).bind(config.face_restorer.model_dump())
     cropper = deployment(FocalCropper).bind(config.focal_cropper.model_dump())
-    runner = deployment(JobRunner).bind(base, refiner, upscaler, faces, cropper, config.hires_upscaler)
-    return deployment(Ingress).bind(base, refiner, upscaler, faces, cropper, runner, config.model_dump())
+    runner = deployment(JobRunner).bind(base, refiner, upscaler, faces, cropper, board, config.hires_upscaler)
+    return deployment(Ingress).bind(base, refiner, upscaler, faces, cropper, runner, board, config.model_dump())

@@ -19,14 +19,26 @@ restorer, a failed post-process) is recorded in the report, never silent.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Any
 
 from PIL import Image
 from ray.serve.handle import DeploymentHandle
 
 from deployments.support.cropping import CropSize
-from deployments.support.generation import GenerationRequest, RefineRequest, StageResult, resolve_seeds
+from deployments.support.generation import (
+    Encoding,
+    GenerationRequest,
+    RefineRequest,
+    StageResult,
+    encoded,
+    resolve_seeds,
+)
 from deployments.support.settings import Settings
 from graphs.api.errors import call, unwrap
 from graphs.api.fields import image_field
@@ -39,12 +51,70 @@ HIRES_STRENGTH = 0.35
 ENSEMBLE_SPLIT = 0.8
 
 
+_flight: ContextVar[list | None] = ContextVar("imagegen_flight", default=None)
+
+
+class _Recorded:
+    """A deployment handle whose calls join the plan's flight (see ``flight``)."""
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+
+    def options(self, **options) -> _Recorded:
+        return _Recorded(self._handle.options(**options))
+
+    def __getattr__(self, method: str) -> _RecordedMethod:
+        return _RecordedMethod(getattr(self._handle, method))
+
+    def __reduce__(self):
+        return _Recorded, (self._handle,)
+
+
+class _RecordedMethod:
+    def __init__(self, method: Any) -> None:
+        self._method = method
+
+    def options(self, **options) -> _RecordedMethod:
+        return _RecordedMethod(self._method.options(**options))
+
+    def remote(self, *args, **kwargs):
+        response = self._method.remote(*args, **kwargs)
+        calls = _flight.get()
+        if calls is not None:
+            calls.append(response)
+        return response
+
+
+@contextlib.asynccontextmanager
+async def flight() -> AsyncIterator[list]:
+    """Run a plan so that, when it is cancelled (a deadline, a client gone, a job cancelled), every stage call it
+    launched is cancelled through Serve: on the replica that runs it, base, refiner, upscaler and faces alike.
+    The diffusion replicas turn that into their per-step cancel flag (one denoising step later, it stops)."""
+    calls: list = []
+    token = _flight.set(calls)
+    try:
+        yield calls
+    except asyncio.CancelledError:
+        for response in calls:
+            response.cancel()
+        raise
+    finally:
+        _flight.reset(token)
+
+
 @dataclass
 class Handles:
     base: DeploymentHandle
     refiner: DeploymentHandle | None
     upscaler: DeploymentHandle
     faces: DeploymentHandle
+    board: DeploymentHandle | None = None  # the progress board (graphs/board.py)
+
+    def __post_init__(self) -> None:
+        """Stage handles record their calls in the current flight; the board's are not stage calls."""
+        self.base, self.upscaler, self.faces = (_Recorded(h) for h in (self.base, self.upscaler, self.faces))
+        if self.refiner is not None:
+            self.refiner = _Recorded(self.refiner)
 
 
 @dataclass
@@ -55,11 +125,13 @@ class PlanOptions:
     restore_faces: bool = False
     face_weight: float = 0.6
     request_id: str | None = None  # lets a job's progress be read and its generation cancelled
+    encode: Encoding = field(default_factory=Encoding)  # the last stage answers with files, not pixels
 
 
 @dataclass
 class Report:
-    image: Image.Image
+    data: bytes  # the image, encoded by the stage that made it
+    size: tuple[int, int]
     seed: int
     refiner_applied: bool = False
     hires_fix_applied: bool = False
@@ -78,24 +150,29 @@ async def standard(h: Handles, request: GenerationRequest, opts: PlanOptions) ->
     seed = resolve_seeds(request.seed, 1)[0]  # fixed here so that every stage can be launched at once
     request = request.model_copy(update={"seed": seed, "batch_size": 1})
     warnings: list[str] = []
+    encode = None if opts.restore_faces else opts.encode  # the faces stage encodes when it comes last
     if opts.use_refiner and h.refiner is not None:
         base = h.base.generate.remote(request.model_copy(update={"denoising_end": ENSEMBLE_SPLIT}), opts.request_id)
-        last = h.refiner.refine_latents.remote(_refine(request, denoising_start=ENSEMBLE_SPLIT), base)
+        last = h.refiner.refine_latents.remote(_refine(request, denoising_start=ENSEMBLE_SPLIT), base,
+                                               opts.request_id, encode)
     else:
         if opts.use_refiner:
             warnings.append("refiner not deployed: base output returned")
-        last = h.base.generate.remote(request, opts.request_id)
+        last = h.base.generate.remote(request, opts.request_id, encode)
     return await _finish(h, last, seed, opts, warnings)
 
 
 async def hires_fix(h: Handles, request: GenerationRequest, opts: PlanOptions) -> Report:
     seed = resolve_seeds(request.seed, 1)[0]
     first = request.model_copy(update={"width": HIRES_BASE, "height": HIRES_BASE, "batch_size": 1, "seed": seed})
+    encode = None if opts.restore_faces else opts.encode
     base = h.base.generate.remote(first, opts.request_id)
-    last = h.upscaler.upscale.remote(base, opts.neural_upscaler or "Lanczos", 2.0)
+    last = h.upscaler.upscale.remote(base, opts.neural_upscaler or "Lanczos", 2.0,
+                                     encode=encode if h.refiner is None else None)
     warnings = []
     if h.refiner is not None:
-        last = h.refiner.refine_images.remote(_refine(request, strength=HIRES_STRENGTH), last)
+        last = h.refiner.refine_images.remote(_refine(request, strength=HIRES_STRENGTH), last, opts.request_id,
+                                              encode)
     else:
         warnings.append("refiner not deployed: upscaled image not refined")
     report = await _finish(h, last, seed, opts, warnings)
@@ -109,9 +186,10 @@ async def _finish(h: Handles, last, seed: int, opts: PlanOptions, warnings: list
     unprocessed (seed 000)."""
     if opts.restore_faces:
         try:
-            return _report(await call(h.faces.restore.remote(last, opts.face_weight)), seed, warnings)
+            return _report(await call(h.faces.restore.remote(last, opts.face_weight, encode=opts.encode)), seed,
+                           warnings)
         except Exception as e:  # noqa: BLE001 - seed 000: a post-processing failure returns the image unprocessed
-            result = await call(last)  # an upstream failure re-raises here, as it should
+            result = await encoded(await call(last), opts.encode)  # an upstream failure re-raises here
             code = getattr(unwrap(e), "code", type(unwrap(e)).__name__)
             logger.warning("face restoration failed (%s); unprocessed image returned", code)
             return _report(result, seed, [*warnings, f"face restoration failed ({code}): unprocessed image"])
@@ -120,7 +198,8 @@ async def _finish(h: Handles, last, seed: int, opts: PlanOptions, warnings: list
 
 def _report(result: StageResult, seed: int, warnings: list[str]) -> Report:
     info = result.info
-    return Report(image=result.image, seed=seed, refiner_applied="refiner" in info, upscaler=info.get("upscaler"),
+    return Report(data=result.encoded[0], size=result.sizes[0], seed=seed, refiner_applied="refiner" in info,
+                  upscaler=info.get("upscaler"),
                   face_restoration_applied=info.get("face_restoration_applied", False),
                   faces_found=info.get("faces_found", 0), warnings=[*result.warnings, *warnings])
 
@@ -136,7 +215,8 @@ async def seed000(h: Handles, fields: dict, hires_upscaler: str, request_id: str
     opts = PlanOptions(use_refiner=fields.get("use_refiner", True), hires_fix=fields.get("hires_fix", False),
                        neural_upscaler=hires_upscaler if fields.get("use_realesrgan", True) else None,
                        restore_faces=fields.get("use_face_restoration", False),
-                       face_weight=fields.get("face_restoration_weight", 0.6), request_id=request_id)
+                       face_weight=fields.get("face_restoration_weight", 0.6), request_id=request_id,
+                       encode=Encoding(overlay=fields.get("overlay")))
     return await (hires_fix if opts.hires_fix else standard)(h, request, opts)
 
 
@@ -153,7 +233,7 @@ async def seed001(h: Handles, fields: dict, prompt: str, photo: Image.Image, set
         steps=fields.get("num_inference_steps") or settings.default_num_inference_steps,
         ip_adapter_image=photo, ip_adapter_scale=given("ip_adapter_scale", settings.default_ip_adapter_scale),
         width=settings.illustration_size, height=settings.illustration_size)
-    return await call(h.base.generate.remote(request, request_id))
+    return await call(h.base.generate.remote(request, request_id, Encoding()))
 
 
 # --- seed 003: the camelCase jobs --------------------------------------------------------------------------------
@@ -197,7 +277,8 @@ async def a1111_batch(h: Handles, request: GenerationRequest, request_id: str, *
     upscale and a second base pass as img2img (A1111's hires fix). Image-to-image requests take neither."""
     if refiner_switch_at is not None and h.refiner is not None and request.init_image is None:
         handoff = h.base.generate.remote(request.model_copy(update={"denoising_end": refiner_switch_at}), request_id)
-        return await call(h.refiner.refine_latents.remote(_refine(request, denoising_start=refiner_switch_at), handoff))
+        return await call(h.refiner.refine_latents.remote(_refine(request, denoising_start=refiner_switch_at), handoff,
+                                                          request_id))
     result: StageResult = await call(h.base.generate.remote(request, request_id))
     if hires is None or request.init_image is not None:
         return result

@@ -10,6 +10,7 @@ import pytest
 from fastapi import APIRouter
 
 from deployments.support import settings
+from graphs import plans
 from graphs.api import edge as http
 
 pytestmark = pytest.mark.anyio
@@ -37,10 +38,12 @@ def make_client(monkeypatch, tmp_path):
 
         @router.get("/slow")
         async def slow():
-            async def stop():
-                stopped.append(time.monotonic())
+            class StageCall:  # what a plan's flight holds: a DeploymentResponse
+                def cancel(self):
+                    stopped.append(time.monotonic())
 
-            async with http.stop_on_cancel(stop):
+            async with plans.flight() as calls:
+                calls.append(StageCall())
                 await asyncio.sleep(30)
 
         app.include_router(router)

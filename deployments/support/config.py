@@ -47,6 +47,17 @@ class FastPath(_Config):
     warmup_steps: int = Field(2, ge=1, le=50)
 
 
+class Batching(_Config):
+    """Dynamic batching of compatible requests (same mode, size, steps, sampler, guidance, LoRAs...): one pipeline
+    call for several requests, each with its own seeds. Tunable at run time through the deployment's
+    ``user_config`` (``{"max_batch_size": 8, "batch_wait_timeout_s": 0.01}``)."""
+
+    max_batch_size: int = Field(8, ge=1, le=64, description="images per pipeline call; 1 turns batching off")
+    batch_wait_timeout_s: float = Field(
+        0.01, ge=0.0, le=1.0, description="how long a request waits for compatible ones to join its batch"
+    )
+
+
 class ModelSource(_Config):
     """Where weights come from: a local path, a Hugging Face repo id (local cache only) or an s3:// URI."""
 
@@ -66,7 +77,7 @@ class SDXLBaseConfig(_Config):
     ip_adapter_weight_name: str = "ip-adapter_sdxl.safetensors"
     lora_dir: str | None = Field(None, description="folder of *.safetensors LoRAs, registered by file stem")
     default_sampler: str = "Euler a"
-    max_batch: int = Field(8, ge=1, le=64)
+    batching: Batching = Batching()
     max_pixels: int = Field(2048 * 2048, ge=64 * 64, description="upper bound on width*height")
 
 
@@ -76,6 +87,7 @@ class SDXLRefinerConfig(_Config):
     device: DeviceConfig = DeviceConfig()
     vae: ModelSource | None = Field(None, description="a replacement VAE, e.g. an fp16-safe one for float16")
     fast: FastPath = FastPath()
+    batching: Batching = Batching()
     max_pixels: int = Field(2048 * 2048, ge=64 * 64)
 
 

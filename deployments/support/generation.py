@@ -14,7 +14,11 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from deployments.support import overlay
 from deployments.support.errors import GenerationCancelled, InvalidInput
+from deployments.support.imaging import encode as encode_image
+from deployments.support.overlay import Overlay
+from deployments.support.settings import current
 
 MAX_SEED = 2**32 - 1
 CANCEL_TTL_S = 600.0
@@ -70,6 +74,19 @@ class RefineRequest(BaseModel):
     seeds: list[int] = Field([], description="image mode, when the images come without seeds")
 
 
+class Encoding(BaseModel):
+    """How the last stage of a plan encodes its images, so that only bytes travel back to the ingress (and the
+    ingress's event loop never spends a core on zlib)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["png", "jpeg", "webp"] = "png"
+    quality: int = Field(90, ge=1, le=100)
+    png_level: int | None = Field(None, ge=0, le=9, description="None: the PNG_COMPRESS_LEVEL setting")
+    parameters: list[str] | None = Field(None, description="A1111 infotext per image, a PNG 'parameters' chunk")
+    overlay: Overlay | None = Field(None, description="a caption or logo drawn on each image before encoding")
+
+
 @dataclass
 class StageResult:
     """What every stage returns and the next stage takes: its images (or, from the base to the refiner, latents),
@@ -81,6 +98,20 @@ class StageResult:
     latents: np.ndarray | None = None
     warnings: list[str] = field(default_factory=list)
     info: dict = field(default_factory=dict)
+    encoded: list[bytes] = field(default_factory=list)  # the images as files, once a stage encoded them
+    sizes: list[tuple[int, int]] = field(default_factory=list)  # their sizes, which travel with the bytes
+
+    def encode(self, how: Encoding) -> StageResult:
+        """The same result with its images as files (and their sizes) in place of pixels."""
+        texts: list[str | None] = [*how.parameters] if how.parameters else [None] * len(self.images)
+        images = self.images
+        if how.overlay is not None:
+            mark = overlay.prepare(how.overlay, current().fonts_dir, "overlay")
+            images = [overlay.draw(image, mark) for image in images]
+        data = [encode_image(image, how.format, how.quality, {"parameters": text} if text else None, how.png_level)
+                for image, text in zip(images, texts, strict=False)]
+        return StageResult(seeds=self.seeds, warnings=self.warnings, info=self.info, encoded=data,
+                           sizes=[image.size for image in images])
 
     @property
     def image(self) -> Image.Image:
@@ -101,6 +132,28 @@ class StageResult:
         if isinstance(source, Image.Image):
             return cls(images=[source])
         raise InvalidInput(f"no image in {type(source).__name__}", field="image")
+
+
+@dataclass
+class BatchItem:
+    """One request inside a batch: what it asks, its id (for cancel and progress) and, for the refiner, the
+    previous stage's result. ``count`` is how many images it makes."""
+
+    request: Any
+    request_id: str
+    count: int = 1
+    source: Any = None
+    on_progress: ProgressFn | None = None
+
+
+async def encoded(result: StageResult, how: Encoding | None) -> StageResult:
+    """A stage's result, encoded on a worker thread when the plan asked (never the inference thread, which has
+    the next batch to run, nor the event loop)."""
+    if how is None:
+        return result
+    import asyncio
+
+    return await asyncio.to_thread(result.encode, how)
 
 
 def parse_lora_tags(prompt: str) -> tuple[str, list[LoraRef]]:
@@ -138,6 +191,7 @@ class Cancellation:
         self._cancelled: dict[str, float] = {}  # request id -> when the cancel arrived
         self._progress: dict[str, tuple[int, int]] = {}
         self._latents: dict[str, Any] = {}  # numpy arrays or torch tensors (this module never imports torch)
+        self._finished: list[str] = []
 
     def keep_latents(self, request_id: str | None, latents) -> None:
         """The first image's current latents (an array or a device tensor, copied only when a preview is asked
@@ -172,6 +226,24 @@ class Cancellation:
         with self._lock:
             return len(self._progress)
 
+    def advance(self, items: list[BatchItem], step: int, total: int) -> list[bool]:
+        """Record a batch's progress; which of its items are cancelled. A cancelled item is left to finish with
+        its batch mates, which it never disturbs; its outcome is ``GenerationCancelled``. (A caller that cancels
+        through Serve, ``DeploymentResponse.cancel()``, is answered at once.)"""
+        cancelled = []
+        with self._lock:
+            for item in items:
+                self._progress[item.request_id] = (step, total)
+                cancelled.append(item.request_id in self._cancelled)
+        for item, gone in zip(items, cancelled, strict=True):
+            if item.on_progress is not None and not gone:
+                item.on_progress(step, total)
+        return cancelled
+
+    def is_cancelled(self, request_id: str) -> bool:
+        with self._lock:
+            return request_id in self._cancelled
+
     def callback(self, request_id: str | None, extra: ProgressFn | None = None) -> ProgressFn:
         def report(step: int, total: int) -> None:
             if request_id is not None:
@@ -188,8 +260,15 @@ class Cancellation:
         if request_id is not None:
             with self._lock:
                 self._cancelled.pop(request_id, None)
-                self._progress.pop(request_id, None)
+                if self._progress.pop(request_id, None) is not None:
+                    self._finished.append(request_id)
                 self._latents.pop(request_id, None)
+
+    def drain(self) -> tuple[dict[str, tuple[int, int]], list[str]]:
+        """What to report: the progress of every running request, and the requests finished since last asked."""
+        with self._lock:
+            finished, self._finished = self._finished, []
+            return dict(self._progress), finished
 
 
 # SDXL latent channels -> RGB, a linear fit used for live previews (no VAE decode needed).

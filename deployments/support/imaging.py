@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 from deployments.support.errors import InvalidImage, InvalidInput
+from deployments.support.settings import current
 
 Format = Literal["png", "jpeg", "webp"]
 ALLOWED_FORMATS = {"PNG", "JPEG", "WEBP"}
@@ -44,7 +45,9 @@ def decode(data: bytes, *, field: str = "image", max_pixels: int = MAX_INPUT_PIX
     return image
 
 
-def encode(image: Image.Image, fmt: Format = "png", quality: int = 90, pnginfo: dict[str, str] | None = None) -> bytes:
+def encode(image: Image.Image, fmt: Format = "png", quality: int = 90, pnginfo: dict[str, str] | None = None,
+           png_level: int | None = None) -> bytes:
+    """PNG (with text chunks, at ``png_level`` or the PNG_COMPRESS_LEVEL setting), JPEG or WebP bytes."""
     if not 1 <= quality <= 100:
         raise InvalidInput("quality must lie in 1..100", field="quality")
     buffer = io.BytesIO()
@@ -52,7 +55,9 @@ def encode(image: Image.Image, fmt: Format = "png", quality: int = 90, pnginfo: 
         info = PngImagePlugin.PngInfo()
         for key, value in (pnginfo or {}).items():
             info.add_text(key, value)
-        image.save(buffer, format="PNG", pnginfo=info)
+        if png_level is None:
+            png_level = current().png_compress_level
+        image.save(buffer, format="PNG", pnginfo=info, compress_level=png_level)
     elif fmt == "jpeg":
         to_rgb(image).save(buffer, format="JPEG", quality=quality, optimize=True)
     elif fmt == "webp":

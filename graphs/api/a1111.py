@@ -33,7 +33,7 @@ from graphs.api.a1111_models import (
     infotext,
 )
 from graphs.api.body import JSONBodyRoute
-from graphs.api.edge import stop_on_cancel, token_owner
+from graphs.api.edge import token_owner
 from graphs.api.errors import call
 from graphs.api.fields import b64_png, image_field
 from graphs.jobs.store import JobStore
@@ -102,7 +102,7 @@ class A1111Routes:
         extras: dict = {}
         try:
             seed = r.seed
-            async with stop_on_cancel(lambda: self._cancel(job)):
+            async with plans.flight():
                 for _ in range(r.n_iter):
                     request_id = uuid.uuid4().hex
                     job.request_ids.append(request_id)
@@ -131,7 +131,8 @@ class A1111Routes:
                 "sd_model_name": model, "infotexts": texts, "styles": [],
                 "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "version": "imagegen-0.1",
                 "warnings": list(dict.fromkeys(warnings))}
-        encoded = [b64_png(image, {"parameters": text}) for image, text in zip(images, texts, strict=True)]
+        encoded = await asyncio.to_thread(  # off the event loop; the infotext needs every stage's outcome first
+            lambda: [b64_png(image, {"parameters": text}) for image, text in zip(images, texts, strict=True)])
         parameters = r.model_dump(exclude={"init_images", "mask"})
         return ImagesResponse(images=encoded, parameters=parameters, info=json.dumps(info))
 
@@ -204,7 +205,7 @@ class A1111Routes:
             flight = mine[-1]
             per_batch = flight.total_steps // max(1, len(flight.request_ids))
             running = flight.request_ids[-1]
-            current = await call(self.handles.base.progress.remote(running))
+            current = await self._board("progress", running)
             step = (len(flight.request_ids) - 1) * per_batch + (current[0] if current else 0)
             total = flight.total_steps
             fraction = step / total if total else 0.0
@@ -214,23 +215,31 @@ class A1111Routes:
             jobs, _ = await asyncio.to_thread(self.jobs.list_jobs, "processing", owner, 0, 1)
             if jobs:
                 running, job_name = jobs[0].id, jobs[0].id
-                current = await call(self.handles.base.progress.remote(running))
+                current = await self._board("progress", running)
                 step, total = current or (0, 0)
                 fraction = jobs[0].progress / 100
                 elapsed = time.time() - (jobs[0].started_at or time.time())
         eta = elapsed / fraction - elapsed if fraction else 0.0
         image = None
         if running and not skip_current_image:
-            preview = await call(self.handles.base.preview.remote(running))
+            preview = await self._board("preview", running)
             image = b64_png(preview) if preview is not None else None
         state = {"skipped": False, "interrupted": False, "job": job_name, "job_count": len(mine) + bool(job_name),
                  "job_timestamp": "", "job_no": 0, "sampling_step": step, "sampling_steps": total}
         return {"progress": round(fraction, 4), "eta_relative": round(eta, 2), "state": state,
                 "current_image": image, "textinfo": None}
 
+    async def _board(self, method: str, request_id: str):
+        """Progress, preview or cancel of a request, through the board its replica reports to."""
+        if self.handles.board is None:
+            return None
+        return await call(getattr(self.handles.board, method).remote(request_id))
+
     async def _cancel(self, job: InFlight) -> None:
+        """Whichever ingress replica runs the request, the replica running its current stage learns of the
+        cancel at its next report, and stops one denoising step later."""
         for request_id in job.request_ids:
-            await call(self.handles.base.cancel.remote(request_id))
+            await self._board("cancel", request_id)
 
     async def _cancel_mine(self, http: Request) -> dict:
         for job in await self._flights(_client(http)):

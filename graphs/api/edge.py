@@ -5,11 +5,9 @@ status codes.
 """
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -72,7 +70,7 @@ TIMEOUT_HEADER = b"x-request-timeout"
 class Deadline:
     """Every request gets at most ``REQUEST_TIMEOUT_SECONDS`` (a client may ask for less with
     ``X-Request-Timeout: <seconds>``). Past it the handler is cancelled, which stops the work below it (see
-    ``stop_on_cancel``), and the client gets 408 ``REQUEST_TIMEOUT``."""
+    ``plans.flight``), and the client gets 408 ``REQUEST_TIMEOUT``."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -107,18 +105,6 @@ class Deadline:
             response = error_response("REQUEST_TIMEOUT", f"request exceeded its {limit:g} s deadline; its work was "
                                       "cancelled", {"timeout_seconds": limit})
             await response(scope, receive, send)
-
-
-@contextlib.asynccontextmanager
-async def stop_on_cancel(stop: Callable[[], Awaitable[object]]) -> AsyncIterator[None]:
-    """Run ``stop`` when the handler is cancelled (deadline passed, or the client went away) before re-raising:
-    a replica thread in a denoising loop does not notice a cancelled caller, a cancel flag it checks each step."""
-    try:
-        yield
-    except asyncio.CancelledError:
-        with contextlib.suppress(Exception):
-            await asyncio.shield(stop())
-        raise
 
 
 class BearerAuth:

@@ -1,6 +1,6 @@
 """Seed 000 (and seed 002's sync client): ``POST /generate``; ``GET /health/`` and ``GET /models``."""
 
-import asyncio
+import base64
 import time
 import uuid
 from typing import Literal
@@ -13,9 +13,7 @@ from deployments.support.overlay import Overlay
 from deployments.support.settings import Settings
 from graphs import plans
 from graphs.api.body import JSONBodyRoute
-from graphs.api.edge import stop_on_cancel
 from graphs.api.errors import ErrorBody, call
-from graphs.api.fields import b64_png
 
 router = APIRouter(tags=["generate"], route_class=JSONBodyRoute)
 open_router = APIRouter(tags=["health"], route_class=JSONBodyRoute)
@@ -126,18 +124,17 @@ class GenerateRoutes:
         """Synchronous generation: standard or hires fix, optional refiner, face restoration and overlay."""
         started = time.perf_counter()
         request_id = uuid.uuid4().hex
-        # A bad overlay is refused before the GPU is asked for anything.
-        mark = overlay.prepare(body.overlay, self.settings.fonts_dir, "overlay") if body.overlay else None
-        async with stop_on_cancel(lambda: self.handles.base.cancel.remote(request_id)):
-            report = await plans.seed000(self.handles, body.model_dump(exclude={"overlay"}), self.hires_upscaler,
-                                         request_id)
-        image = await asyncio.to_thread(overlay.draw, report.image, mark) if mark else report.image
-        encoded = b64_png(image)
-        width, height = image.size
+        # A bad overlay is refused before the GPU is asked for anything; the last stage draws it, then encodes.
+        if body.overlay:
+            overlay.prepare(body.overlay, self.settings.fonts_dir, "overlay")
+        async with plans.flight():
+            report = await plans.seed000(self.handles, body.model_dump(), self.hires_upscaler, request_id)
+        encoded = base64.b64encode(report.data).decode()
+        width, height = report.size
         return GenerateResponse(
             success=True, image=f"data:image/png;base64,{encoded}", prompt=body.prompt, enhanced_prompt=body.prompt,
             seed=report.seed, refiner_applied=report.refiner_applied, hires_fix_applied=report.hires_fix_applied,
-            face_restoration_applied=report.face_restoration_applied, overlay_applied=mark is not None,
+            face_restoration_applied=report.face_restoration_applied, overlay_applied=body.overlay is not None,
             upscaler=report.upscaler, final_resolution=f"{width}x{height}",
             generation_time_seconds=round(time.perf_counter() - started, 3),
             model="SDXL", warnings=report.warnings, imageData=encoded, format="png", width=width, height=height,

@@ -10,7 +10,6 @@ from pydantic import BaseModel, Field
 from deployments.support.settings import Settings
 from graphs import plans
 from graphs.api.body import JSONBodyRoute
-from graphs.api.edge import stop_on_cancel
 from graphs.api.errors import ErrorBody
 from graphs.api.photos import PhotoStore, check_user_id
 
@@ -46,9 +45,9 @@ class IllustrationRoutes:
         check_user_id(body.user_id)
         photo = await asyncio.to_thread(self.photos.load_photo, prefix, body.user_id)
         request_id = uuid.uuid4().hex
-        async with stop_on_cancel(lambda: self.handles.base.cancel.remote(request_id)):
+        async with plans.flight():
             result = await plans.seed001(self.handles, body.model_dump(), prompt, photo, self.settings, request_id)
-        uri = await asyncio.to_thread(self.photos.save_generated, body.user_id, kind, result.image)
+        uri = await asyncio.to_thread(self.photos.save_generated, body.user_id, kind, result.encoded[0])
         return IllustrationResponse(data=[S3Object(s3_uri=uri)])
 
     @router.post("/memory", response_model=IllustrationResponse,

@@ -11,7 +11,7 @@ from PIL import Image
 from pydantic import BaseModel, Field
 
 from deployments.support.errors import InvalidInput, NotFound, StorageUnavailable
-from deployments.support.imaging import decode, encode
+from deployments.support.imaging import decode
 from deployments.support.settings import Settings
 from deployments.weights.loader import s3_client
 
@@ -78,13 +78,14 @@ class PhotoStore:
             raise StorageUnavailable(f"S3 unavailable: {e}") from e
         return decode(data, field="user_id")
 
-    def save_generated(self, user_id: str, kind: str, image: Image.Image) -> str:
+    def save_generated(self, user_id: str, kind: str, png: bytes) -> str:
+        """Upload a PNG (encoded by the stage that made it)."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         key = f"{self.config.generated_prefix}{check_user_id(user_id)}/{kind}_{uuid.uuid4().hex[:12]}.png"
         try:
             # put_object sends the whole body with its length: the object appears complete or not at all.
-            self.client.put_object(Bucket=self.config.bucket, Key=key, Body=io.BytesIO(encode(image, "png")),
+            self.client.put_object(Bucket=self.config.bucket, Key=key, Body=io.BytesIO(png),
                                    ContentType="image/png")
         except (BotoCoreError, ClientError) as e:
             raise StorageUnavailable(f"S3 upload failed: {e}") from e

@@ -21,14 +21,14 @@ import uuid
 from PIL import Image
 from ray import serve
 
-from deployments.support import overlay
 from deployments.support.errors import GenerationCancelled
+from deployments.support.generation import Encoding
 from deployments.support.imaging import encode
 from deployments.support.metrics import JobMetrics
 from deployments.support.settings import current
 from graphs import plans
 from graphs.api.errors import call, unwrap
-from graphs.jobs.events import ProgressEvents, completed_data
+from graphs.jobs.events import ProgressEvents
 from graphs.jobs.results import open_results
 from graphs.jobs.sizes import SizeTable
 from graphs.jobs.store import STATUSES, Job, open_store
@@ -43,8 +43,9 @@ def png(image: Image.Image) -> bytes:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=8, health_check_period_s=10)
 class JobRunner:
-    def __init__(self, base, refiner, upscaler, faces, cropper, hires_upscaler: str = "R-ESRGAN 2x+") -> None:
-        self.handles = plans.Handles(base, refiner, upscaler, faces)
+    def __init__(self, base, refiner, upscaler, faces, cropper, board=None,
+                 hires_upscaler: str = "R-ESRGAN 2x+") -> None:
+        self.handles = plans.Handles(base, refiner, upscaler, faces, board)
         self.cropper = cropper
         self.hires_upscaler = hires_upscaler
         self.settings = current()
@@ -84,9 +85,8 @@ class JobRunner:
         try:
             result = await asyncio.wait_for(task, self.settings.job_timeout / 1000)
             result["timeTaken"] = int((time.monotonic() - started) * 1000)
-            status, event = "completed", completed_data(job.id, result)
-        except TimeoutError:
-            await call(self.handles.base.cancel.remote(job.id))
+            status = "completed"
+        except TimeoutError:  # wait_for cancelled the task: its flight cancelled every stage call
             error = f"job exceeded JOB_TIMEOUT ({self.settings.job_timeout} ms)"
             event = {"code": "JOB_TIMEOUT", "message": error}
         except asyncio.CancelledError:
@@ -116,16 +116,14 @@ class JobRunner:
         events = ProgressEvents(self.settings.job_preview_every if every is None else every)
         while not task.done():
             await asyncio.sleep(min(interval, 0.5))
-            progress = await call(self.handles.base.progress.remote(job.id))
+            progress = await self._progress(job.id)
             percent = 100.0 * progress[0] / progress[1] if progress else None
             if percent is not None and job.type == "batch-sizes":
                 percent = min(percent, 99.0)
             lease = self.settings.job_lease_seconds
             keep = await asyncio.to_thread(self.store.heartbeat, job.id, worker, lease, percent)
-            if not keep:  # cancelled (or the lease was taken over): stop the denoising loops
-                aspects = ("landscape", "square", "portrait") if job.type == "batch-sizes" else ()
-                for request_id in [job.id, *(f"{job.id}/{aspect}" for aspect in aspects)]:
-                    await call(self.handles.base.cancel.remote(request_id))
+            if not keep:  # cancelled (or the lease was taken over): the flight stops every stage call
+                task.cancel()
                 return
             if progress:
                 try:
@@ -145,22 +143,26 @@ class JobRunner:
                 preview = await asyncio.to_thread(events.preview, image, step, total)
                 await asyncio.to_thread(self.store.append_event, job.id, "preview", preview)
 
+    async def _progress(self, request_id: str) -> tuple[int, int] | None:
+        if self.handles.board is None:
+            return None
+        return await call(self.handles.board.progress.remote(request_id))
+
     async def _run(self, job: Job) -> dict:
+        async with plans.flight():
+            return await self._plan(job)
+
+    async def _plan(self, job: Job) -> dict:
         if job.type == "batch-sizes":
             return await self._batch(job)
         if job.type == "generate":
             report = await plans.seed000(self.handles, job.request, self.hires_upscaler, job.id)
-            image = report.image
-            if job.request.get("overlay"):  # checked at submit; drawn after generation, before encoding
-                mark = overlay.prepare(overlay.Overlay.model_validate(job.request["overlay"]),
-                                       self.settings.fonts_dir, "overlay")
-                image = await asyncio.to_thread(overlay.draw, image, mark)
-            key = await self._save(job.id, "image_0", png(image))
-            return {"images": [key], "seed": report.seed, "width": image.width, "height": image.height,
+            key = await self._save(job.id, "image_0", report.data)
+            return {"images": [key], "seed": report.seed, "width": report.size[0], "height": report.size[1],
                     "warnings": report.warnings}
         request = plans.seed003(job.type, job.request)
-        result = await call(self.handles.base.generate.remote(request, job.id))
-        keys = [await self._save(job.id, f"image_{i}", png(image)) for i, image in enumerate(result.images)]
+        result = await call(self.handles.base.generate.remote(request, job.id, Encoding()))
+        keys = [await self._save(job.id, f"image_{i}", data) for i, data in enumerate(result.encoded)]
         r = job.request
         parameters = {"prompt": request.prompt, "width": request.width, "height": request.height,
                       "steps": request.steps, "guidanceScale": request.guidance_scale,
@@ -175,7 +177,8 @@ class JobRunner:
         images: dict[str, dict] = {}
         for item in sized:
             out = item.image
-            entry = {"key": await self._save(job.id, item.name, png(out)), "width": out.width, "height": out.height,
+            data = await asyncio.to_thread(png, out)  # off the event loop
+            entry = {"key": await self._save(job.id, item.name, data), "width": out.width, "height": out.height,
                      "aspect": item.aspect, "box": list(item.box), "upscaled": item.upscaled}
             if widths:
                 entry["derivatives"] = {

@@ -1,0 +1,76 @@
+"""Dynamic batching for the diffusion deployments, on Serve's own batch queues.
+
+Requests are batched only with compatible ones: each compatibility key (mode, size, steps, sampler, guidance,
+LoRAs, ...) gets its own ``serve.batch`` queue, so an incompatible request forms its own batch at once and never
+waits behind one it cannot join. A batch function returns one outcome per item, a result or the exception that
+item alone raised, so one failed or cancelled item never fails its batch mates.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any, Generic, TypeVar
+
+from ray import serve
+
+from deployments.support.config import Batching
+
+Item = TypeVar("Item")
+Run = Callable[[list[Item]], Awaitable[list[Any]]]
+
+MAX_QUEUES = 32  # idle queues beyond this many are dropped, oldest first (each holds one asyncio task)
+
+
+def outcome(value: Any) -> Any:
+    """An item's outcome as its caller sees it: the result, or its own exception raised."""
+    if isinstance(value, BaseException):
+        raise value
+    return value
+
+
+class Batcher(Generic[Item]):
+    def __init__(self, run: Run, config: Batching, size: Callable[[Item], int] = lambda _item: 1) -> None:
+        self._run, self._size, self.config = run, size, config
+        self._queues: OrderedDict[Hashable, Callable[[Item], Awaitable[Any]]] = OrderedDict()
+        self._waiting: dict[Hashable, int] = {}
+        self.counts = {"batches": 0, "items": 0}  # calls of ``run`` and the items they carried
+
+    def configure(self, config: Batching) -> None:
+        """New sizes and waits, applied to the queues that exist and the ones to come (``user_config``)."""
+        self.config = config
+        for queue in self._queues.values():
+            queue.set_max_batch_size(config.max_batch_size)  # type: ignore[attr-defined]
+            queue.set_batch_wait_timeout_s(config.batch_wait_timeout_s)  # type: ignore[attr-defined]
+
+    async def submit(self, key: Hashable | None, item: Item) -> Any:
+        """Run ``item`` in a batch of its key; ``None`` (or an item as large as a whole batch) runs alone."""
+        if key is None or self._size(item) >= self.config.max_batch_size:
+            return outcome((await self._counted([item]))[0])
+        queue = self._queue(key)
+        self._waiting[key] = self._waiting.get(key, 0) + 1
+        try:
+            return outcome(await queue(item))
+        finally:
+            self._waiting[key] -= 1
+
+    def _queue(self, key: Hashable) -> Callable[[Item], Awaitable[Any]]:
+        if key in self._queues:
+            self._queues.move_to_end(key)
+            return self._queues[key]
+        for old in [k for k in self._queues if not self._waiting.get(k)][: max(0, len(self._queues) - MAX_QUEUES)]:
+            del self._queues[old], self._waiting[old]
+        queue = serve.batch(max_batch_size=self.config.max_batch_size,
+                            batch_wait_timeout_s=self.config.batch_wait_timeout_s,
+                            batch_size_fn=lambda items: sum(self._size(i) for i in items))(self._counted)
+        self._queues[key] = queue
+        return queue
+
+    async def _counted(self, items: list[Item]) -> list[Any]:
+        self.counts["batches"] += 1
+        self.counts["items"] += len(items)
+        return await self._run(items)
+
+    @property
+    def queues(self) -> int:
+        return len(self._queues)

@@ -1,0 +1,148 @@
+"""Dynamic batching: which requests share a pipeline call, that each keeps its own pixels, and that a cancelled
+item never takes its batch mates down."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from deployments.sdxl_base import batch_key
+from deployments.support.batching import Batcher
+from deployments.support.config import Batching
+from deployments.support.errors import GenerationCancelled, InvalidInput
+from deployments.support.generation import BatchItem, GenerationRequest, StageResult
+from tests.helpers import pixels
+
+SMALL = dict(prompt="a photo of a cat", width=128, height=128, steps=4, guidance_scale=5.0)
+
+
+def request(**kw) -> GenerationRequest:
+    return GenerationRequest(**{**SMALL, **kw})
+
+
+def mad(a: Image.Image, b: Image.Image) -> float:
+    return float(np.abs(pixels(a) - pixels(b)).mean())
+
+
+def test_compatible_requests_share_a_key_and_incompatible_ones_do_not(astronaut):
+    same = batch_key(request(seed=1, prompt="a dog"))
+    assert same == batch_key(request(seed=2, prompt="a cat", batch_size=3))
+    for other in (dict(width=136), dict(steps=5), dict(sampler="DDIM"), dict(guidance_scale=6.0),
+                  dict(prompt="x <lora:style:0.5>"), dict(negative_prompt="blurry"), dict(denoising_end=0.8),
+                  dict(init_image=astronaut)):
+        assert batch_key(request(**other)) != same, other
+    # An inpainting mask and an IP-Adapter reference belong to one request: those run alone.
+    assert batch_key(request(init_image=astronaut, mask=Image.new("L", (64, 64), 255))) is None
+    assert batch_key(request(ip_adapter_image=astronaut)) is None
+
+
+def test_each_item_of_a_batch_has_the_pixels_it_gets_alone(base):
+    items = [BatchItem(request(seed=11, prompt="a red house"), "a"),
+             BatchItem(request(seed=12, prompt="a blue boat", batch_size=2), "b", count=2),
+             BatchItem(request(seed=13, prompt="a green tree"), "c")]
+    outcomes = base.generate_batch(items)
+    assert [o.seeds for o in outcomes] == [[11], [12, 13], [13]]
+    assert [o.info["prompt"] for o in outcomes] == ["a red house", "a blue boat", "a green tree"]
+    alone = [base.generate(item.request) for item in items]
+    for result, own in zip(outcomes, alone, strict=True):
+        for mine, theirs in zip(result.images, own.images, strict=True):
+            assert mine.size == (128, 128)
+            assert mad(mine, theirs) < 1.0  # < 1/255 of the range, mean absolute difference
+    # Each item kept its own prompt: seed 13 of "a blue boat" is nearer its lone run than seed 13 of "a green tree"
+    # (random tiny text encoders move pixels only a little, so compare rather than threshold).
+    boat = outcomes[1].images[1]
+    assert mad(boat, alone[1].images[1]) < mad(boat, alone[2].images[0])
+
+
+def test_latents_and_img2img_batches_split_per_item(base, astronaut):
+    items = [BatchItem(request(seed=s, denoising_end=0.8), str(s)) for s in (1, 2)]
+    handed = base.generate_batch(items)
+    assert [o.latents.shape for o in handed] == [(1, 4, 16, 16)] * 2
+    alone = base.generate(items[1].request)
+    assert np.abs(handed[1].latents - alone.latents).mean() < 1e-3
+    grey = Image.new("RGB", (128, 128), (120, 120, 120))
+    items = [BatchItem(request(seed=5, init_image=astronaut, strength=0.6), "x"),
+             BatchItem(request(seed=5, init_image=grey, strength=0.6), "y")]
+    a, b = base.generate_batch(items)
+    assert mad(a.image, base.generate(items[0].request).image) < 1.0
+    assert mad(a.image, b.image) > 1.0  # each item kept its own init image
+
+
+def test_a_cancelled_item_leaves_its_batch_mates_untouched(base):
+    steps = []
+
+    def cancel_mate(step, _total):
+        steps.append(step)
+        if step == 1:
+            base.cancellation.cancel("doomed")
+
+    keep = BatchItem(request(seed=21, steps=6), "keep", on_progress=cancel_mate)
+    doomed = BatchItem(request(seed=22, steps=6), "doomed")
+    kept, gone = base.generate_batch([keep, doomed])
+    assert isinstance(gone, GenerationCancelled)
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert mad(kept.image, base.generate(keep.request).image) < 1.0
+    # When every item is cancelled the loop stops within one step.
+    steps.clear()
+    lone = BatchItem(request(seed=23, steps=6), "doomed", on_progress=lambda s, _t: steps.append(s)
+                     or base.cancellation.cancel("doomed"))
+    assert isinstance(base.generate_batch([lone])[0], GenerationCancelled)
+    assert steps == [1]
+
+
+def test_a_bad_item_fails_alone(base):
+    good, bad = base.generate_batch([BatchItem(request(seed=1), "g"), BatchItem(request(width=130), "b")])
+    assert isinstance(good, StageResult) and isinstance(bad, InvalidInput) and bad.field == "width"
+
+
+@pytest.mark.anyio
+async def test_batcher_groups_by_key_and_never_makes_a_request_wait_for_another_key(monkeypatch):
+    from types import SimpleNamespace
+
+    from ray import serve
+
+    # Serve's batch queue reads its replica's max_ongoing_requests (to warn); here there is no replica.
+    replica = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=16))
+    monkeypatch.setattr(serve, "get_replica_context", lambda: replica)
+    calls: list[list[str]] = []
+
+    async def run(items: list[str]) -> list:
+        calls.append(items)
+        await asyncio.sleep(0.05)
+        return [ValueError(i) if i == "bad" else i.upper() for i in items]
+
+    batcher = Batcher(run, Batching(max_batch_size=4, batch_wait_timeout_s=0.2))
+    together = [batcher.submit("k", name) for name in ("a", "b", "c")]
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    alone = await batcher.submit(None, "solo")  # no key: runs at once, waits for nobody
+    assert alone == "SOLO" and loop.time() - started < 0.15
+    results = await asyncio.gather(*together, batcher.submit("other", "bad"), return_exceptions=True)
+    assert results[:3] == ["A", "B", "C"] and isinstance(results[3], ValueError)
+    assert sorted(map(sorted, calls)) == [["a", "b", "c"], ["bad"], ["solo"]]
+    batcher.configure(Batching(max_batch_size=2, batch_wait_timeout_s=0.05))
+    calls.clear()
+    assert await asyncio.gather(*(batcher.submit("k", x) for x in "wxyz")) == list("WXYZ")
+    assert [len(c) for c in calls] == [2, 2]
+
+
+def test_refiner_batches_keep_each_items_seeds_and_pixels(base, refiner):
+    from deployments.sdxl_refiner import batch_key as refiner_key
+    from deployments.support.generation import RefineRequest
+
+    handed = [base.generate(request(seed=s, denoising_end=0.8)) for s in (31, 32)]
+    how = RefineRequest(prompt="a photo of a cat", steps=4, denoising_start=0.8)
+    assert refiner_key(how, handed[0], ensemble=True) == refiner_key(how, handed[1], ensemble=True)
+    items = [BatchItem(how, f"r{i}", source=h) for i, h in enumerate(handed)]
+    outcomes = refiner.refine_batch(items, ensemble=True)
+    assert [o.seeds for o in outcomes] == [[31], [32]]
+    for item, result in zip(items, outcomes, strict=True):
+        assert mad(result.image, refiner.refine_latents(how, item.source).image) < 1.0
+    images = RefineRequest(prompt="a photo", steps=4, strength=0.5)
+    sources = [StageResult(images=[o.image], seeds=o.seeds) for o in outcomes]
+    batch = refiner.refine_batch([BatchItem(images, f"i{i}", source=s) for i, s in enumerate(sources)],
+                                 ensemble=False)
+    assert mad(batch[1].image, refiner.refine_images(images, sources[1]).image) < 1.0

@@ -1,0 +1,70 @@
+"""The progress board and a replica's reports to it: progress from the replica running a request, cancels
+delivered to it, previews sent only when asked for."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from deployments.support.generation import BatchItem, Cancellation, GenerationRequest
+from deployments.support.reporting import Reporter
+from graphs.board import TTL_S, Board
+
+
+class Clock:
+    now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_cancel_and_preview_requests_flow_through_reports():
+    clock = Clock()
+    board = Board(clock)
+    assert board.report("sdxl_base", {"a": (3, 10), "b": (1, 10)}, []) == {"cancel": [], "preview": []}
+    assert board.progress("a") == (3, 10) and board.progress("nobody") is None
+    board.cancel("b")
+    assert board.preview("a") is None  # nothing yet; asking makes the replica send one
+    assert board.report("sdxl_base", {"a": (4, 10), "b": (2, 10)}, []) == {"cancel": ["b"], "preview": ["a"]}
+    board.report("sdxl_base", {}, ["a", "b"])
+    assert board.progress("a") is None  # finished: gone
+    clock.now = TTL_S + 1
+    board.report("sdxl_refiner", {"c": (1, 2)}, [])
+    assert not board.cancelled and not board.wanted  # old flags expire
+
+
+class FakeHandle:
+    """What a Serve handle to the board looks like to a replica: ``board.report.remote(...)`` is awaitable."""
+
+    def __init__(self, board: Board) -> None:
+        self.board = board
+        self.report = self
+
+    def remote(self, *args):
+        async def answer():
+            return self.board.report(*args)
+
+        return answer()
+
+
+@pytest.mark.anyio
+async def test_a_replica_learns_of_a_cancel_and_sends_a_preview_only_when_asked():
+    board = Board()
+    cancellation = Cancellation()
+    reporter = Reporter(FakeHandle(board), "sdxl_base", cancellation)
+    items = [BatchItem(GenerationRequest(), "x"), BatchItem(GenerationRequest(), "y")]
+    cancellation.advance(items, 2, 8)
+    cancellation.keep_latents("x", np.zeros((4, 8, 8), np.float32))
+    await reporter.report()
+    assert board.progress("x") == (2, 8) and board.previews == {}
+    board.preview("x")
+    board.cancel("y")
+    await reporter.report()  # learns that x is watched and y cancelled
+    assert cancellation.advance(items, 3, 8) == [False, True]  # y's denoising loop sees its flag
+    assert "x" not in board.previews
+    await reporter.report()  # sends x's preview, and only x's
+    assert board.previews["x"].size == (8, 8) and list(board.previews) == ["x"]
+    cancellation.finish("x")
+    cancellation.finish("y")
+    await reporter.report()
+    assert board.progress("x") is None and board.progress("y") is None
