@@ -114,9 +114,11 @@ class JobRunner:
         interval = self.settings.job_lease_seconds / 3
         every = job.request.get("preview_every")
         events = ProgressEvents(self.settings.job_preview_every if every is None else every)
+        if events.preview_every:
+            await self._board("preview", job.id)  # asks the running replica to send previews from now on
         while not task.done():
             await asyncio.sleep(min(interval, 0.5))
-            progress = await self._progress(job.id)
+            progress = await self._board("progress", job.id)
             percent = 100.0 * progress[0] / progress[1] if progress else None
             if percent is not None and job.type == "batch-sizes":
                 percent = min(percent, 99.0)
@@ -138,15 +140,16 @@ class JobRunner:
             return
         await asyncio.to_thread(self.store.append_event, job.id, "progress", data)
         if events.wants_preview(step):
-            image = await call(self.handles.base.preview.remote(job.id))
+            image = await self._board("preview", job.id)
             if image is not None:
                 preview = await asyncio.to_thread(events.preview, image, step, total)
                 await asyncio.to_thread(self.store.append_event, job.id, "preview", preview)
 
-    async def _progress(self, request_id: str) -> tuple[int, int] | None:
+    async def _board(self, method: str, request_id: str):
+        """Progress or preview as the replica running the request last reported it (``graphs/board.py``)."""
         if self.handles.board is None:
             return None
-        return await call(self.handles.board.progress.remote(request_id))
+        return await call(getattr(self.handles.board, method).remote(request_id))
 
     async def _run(self, job: Job) -> dict:
         async with plans.flight():
