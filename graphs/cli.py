@@ -48,6 +48,13 @@ def _save_result(service: Service, job_id: str, out: Path) -> None:
     sys.stdout.write(f"{out} {result['width']}x{result['height']} ({job_id})\n")
 
 
+def _base_size(text: str) -> tuple[str, tuple[int, int]]:
+    aspect, _, size = text.partition("=")
+    if aspect not in ("landscape", "square", "portrait"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not landscape=WxH, square=WxH or portrait=WxH")
+    return aspect, _size(size)
+
+
 def _size(text: str) -> tuple[int, int]:
     match = re.fullmatch(r"(\d{1,5})(?:x(\d{1,5}))?", text.strip().lower())
     if not match:
@@ -93,7 +100,7 @@ def generate(service: Service, args: argparse.Namespace, bar: ProgressBar) -> in
 
 def batch_sizes(service: Service, args: argparse.Namespace, bar: ProgressBar) -> int:
     body = {"prompt": args.prompt, "sizes": [s.strip() for s in args.sizes.split(",") if s.strip()],
-            "seed": args.seed, "steps": args.steps}
+            "seed": args.seed, "steps": args.steps, "baseSizes": dict(args.base_size) or None}
     event = follow(service, bar, submit=("/generate/batch-sizes", {k: v for k, v in body.items() if v is not None}))
     job = service.call("GET", f"/jobs/{finish(event)}")
     for name, image in job["images"].items():
@@ -179,6 +186,8 @@ def parser() -> argparse.ArgumentParser:
     batch.add_argument("-o", "--output", required=True, help="folder for <size>.png")
     batch.add_argument("--seed", type=int)
     batch.add_argument("--steps", type=int)
+    batch.add_argument("--base-size", type=_base_size, action="append", default=[],
+                       help="ASPECT=WxH: the base rendered for that aspect class (default configs/sizes.yaml)")
     batch.set_defaults(run=batch_sizes)
 
     up = commands.add_parser("upscale", help="upscale an image")

@@ -20,7 +20,7 @@ FLAGS = {"width": "--width/--size", "height": "--height/--size", "steps": "--ste
          "seed": "--seed", "sampler": "--sampler", "sampler_name": "--sampler", "model": "--checkpoint",
          "prompt": "PROMPT", "negativePrompt": "--negative", "negative_prompt": "--negative", "sizes": "--sizes",
          "upscaling_resize": "--scale", "upscaler_1": "--upscaler", "codeformer_weight": "--weight", "image": "IN",
-         "preview_every": "--preview-every", "Authorization": "--token"}
+         "preview_every": "--preview-every", "baseSizes": "--base-size", "Authorization": "--token"}
 
 
 class CliError(Exception):
@@ -60,10 +60,12 @@ def _explain(response: httpx.Response) -> CliError:
 
 
 class Service:
-    def __init__(self, url: str, token: str | None, timeout: float = 600.0) -> None:
+    def __init__(self, url: str, token: str | None, timeout: float = 600.0,
+                 transport: httpx.BaseTransport | None = None) -> None:
         self.url = url.rstrip("/")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(timeout, connect=10.0))
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(timeout, connect=10.0),
+                                 transport=transport)
 
     def _unreachable(self, error: httpx.TransportError) -> CliError:
         reason = "connection refused" if "refused" in str(error).lower() else (str(error) or type(error).__name__)

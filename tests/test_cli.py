@@ -1,0 +1,147 @@
+"""The ``imagegen`` CLI: ``graphs.cli.main([...])`` against the shared live service (integration), and its error
+lines against canned answers (no service needed)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+
+import httpx
+import pytest
+from PIL import Image
+
+from graphs.cli import main
+from graphs.client import CliError, Service
+from tests.cluster import ROOT, free_port
+from tests.helpers import LONG, SMALL, drain, submit, wait
+
+integration = pytest.mark.integration
+
+
+@pytest.fixture
+def url(service) -> str:
+    return str(service.base_url)
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    status = main(list(argv))
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+@integration
+def test_generate_writes_a_png_of_the_requested_size(url, tmp_path, capsys):
+    out = tmp_path / "apple.png"
+    status, stdout, stderr = run(capsys, "--url", url, "generate", "a red apple", "--size", "128x96", "--steps", "4",
+                                 "--seed", "3", "-o", str(out))
+    assert status == 0, stderr
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size == (128, 96)
+    assert stdout.startswith(f"{out} 128x96 (job_")
+    lines = stderr.splitlines()
+    assert "queued, position" in lines[0] and lines[-1].endswith(": completed")
+
+
+@integration
+def test_the_readme_commands_run(url, tmp_path, capsys, monkeypatch):
+    section = (ROOT / "README.md").read_text().split("## Command line")[1].split("\n## ")[0]
+    commands = [shlex.split(line)[1:] for line in section.splitlines() if line.startswith("imagegen ")]
+    assert len(commands) >= 5, "the README lost its command-line examples"
+    monkeypatch.chdir(tmp_path)
+    for argv in commands:
+        status, _out, err = run(capsys, "--url", url, *argv)
+        assert status == 0, f"{argv}: {err}"
+    sizes = {name: Image.open(tmp_path / name).size for name in ("lighthouse.png", "karras.png",
+                                                                 "lighthouse-2x.png", "lighthouse-faces.png")}
+    assert sizes == {"lighthouse.png": (256, 256), "karras.png": (256, 256), "lighthouse-2x.png": (512, 512),
+                     "lighthouse-faces.png": (256, 256)}
+    assert Image.open(tmp_path / "sizes" / "avatar.png").size == (512, 512)
+
+
+@integration
+def test_jobs_wait_shows_progress_then_show_list_and_cancel(service, url, tmp_path, capsys):
+    drain(service)
+    job = submit(service, body={**LONG, "steps": 150})
+    out = tmp_path / "waited.png"
+    status, stdout, stderr = run(capsys, "--url", url, "jobs", "wait", job["id"], "-o", str(out))
+    assert status == 0, stderr
+    steps = [int(line.split("step ")[1].split("/")[0]) for line in stderr.splitlines() if "step " in line]
+    assert len(steps) >= 2 and steps == sorted(steps) and steps[-1] <= 150, stderr
+    assert stderr.splitlines()[-1] == f"{job['id']}: completed"
+    assert Image.open(out).size == (256, 256)
+
+    status, stdout, _ = run(capsys, "--url", url, "jobs", "show", job["id"])
+    shown = json.loads(stdout)
+    assert status == 0 and shown["status"] == "completed" and shown["result"]["images"][0].startswith("<image/png")
+    status, stdout, _ = run(capsys, "--url", url, "jobs", "list", "--status", "completed", "--limit", "500")
+    assert status == 0 and any(line.startswith(job["id"]) for line in stdout.splitlines())
+    status, _, stderr = run(capsys, "--url", url, "jobs", "cancel", job["id"])
+    assert status == 2 and stderr.startswith("imagegen: 409 CONFLICT: job already completed")
+
+
+@integration
+def test_bad_values_name_the_field_and_the_flag(url, tmp_path, capsys):
+    out = str(tmp_path / "never.png")
+    status, _, stderr = run(capsys, "--url", url, "generate", "x", "--width", "130", "-o", out)
+    assert status == 2 and len(stderr.splitlines()) == 1
+    assert stderr.startswith("imagegen: 422 INVALID_INPUT: width") and "(field width, --width/--size)" in stderr
+    status, _, stderr = run(capsys, "--url", url, "generate", "x", "--hires", "--steps", "0", "-o", out)
+    assert status == 2 and "(field num_inference_steps, --steps)" in stderr
+    status, _, stderr = run(capsys, "--url", url, "generate", "x", "--sampler", "Nonesuch", "-o", out)
+    assert status == 2 and "unknown sampler 'Nonesuch'" in stderr and "Euler a" in stderr
+    status, _, stderr = run(capsys, "--url", url, "generate", "x", "--checkpoint", "sd_xl_base_1.0", "-o", out)
+    assert status == 2 and "checkpoint 'sd_xl_base_1.0' is not loaded (loaded: tiny-sdxl-base)" in stderr
+    status, _, stderr = run(capsys, "--url", url, "upscale", str(tmp_path / "missing.png"), "-o", out)
+    assert status == 2 and "cannot read" in stderr
+    assert not (tmp_path / "never.png").exists()
+
+
+@integration
+def test_a_full_queue_says_when_to_retry(service, url, tmp_path, capsys):
+    drain(service)
+    try:
+        wait(service, submit(service, body={**LONG, "steps": 150})["id"], until=("processing",))
+        for _ in range(8):  # MAX_QUEUE_SIZE
+            submit(service, body=SMALL)
+        status, _, stderr = run(capsys, "--url", url, "generate", "x", "--size", "64", "-o", str(tmp_path / "x.png"))
+        assert status == 5 and stderr.startswith("imagegen: 429 QUEUE_FULL:") and "retry after 5 s" in stderr
+    finally:
+        drain(service)
+
+
+def test_connection_refused_is_one_clear_line(tmp_path, capsys):
+    url = f"http://127.0.0.1:{free_port()}"
+    status, _, stderr = run(capsys, "--url", url, "generate", "x", "-o", str(tmp_path / "x.png"))
+    assert status == 3
+    assert stderr == f"imagegen: cannot reach {url}: connection refused (is the service running? --url or " \
+                     "IMAGEGEN_URL)\n"
+    assert run(capsys, "--url", url, "jobs", "wait", "job_1_a")[0] == 3
+
+
+@pytest.mark.parametrize(("status", "headers", "body", "exit_status", "line"), [
+    (401, {}, {"error": "missing or invalid bearer token", "code": "UNAUTHORIZED", "details": {}}, 4,
+     "401 unauthorized: missing or invalid bearer token (pass --token or set IMAGEGEN_TOKEN)"),
+    (503, {"Retry-After": "7"}, {"error": "the service is busy", "code": "MODEL_UNAVAILABLE", "details": {}}, 5,
+     "503 MODEL_UNAVAILABLE: the service is busy; retry after 7 s"),
+    (404, {}, {"error": "Job not found", "code": "NOT_FOUND", "details": {"field": "id"}}, 2,
+     "404 NOT_FOUND: Job not found (field id)"),
+    (502, {}, "<html>bad gateway</html>", 1, "502 Bad Gateway: <html>bad gateway</html>"),
+])
+def test_error_answers_become_one_line_and_an_exit_status(status, headers, body, exit_status, line):
+    def answer(request: httpx.Request) -> httpx.Response:
+        assert request.headers["authorization"] == "Bearer t0ken"
+        content = json.dumps(body) if isinstance(body, dict) else body
+        return httpx.Response(status, headers=headers, content=content)
+
+    service = Service("http://imagegen.test", "t0ken", transport=httpx.MockTransport(answer))
+    with pytest.raises(CliError) as e:
+        service.call("GET", "/jobs/job_1_a")
+    assert (e.value.status, str(e.value)) == (exit_status, line)
+
+
+def test_the_cli_imports_no_model_libraries():
+    code = "import sys, graphs.cli; print(sorted(m for m in ('torch', 'ray', 'diffusers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]"
