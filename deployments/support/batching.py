@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, Generic, TypeVar
 
 from ray import serve
+from ray.serve.exceptions import RayServeException
 
 from deployments.support.config import Batching
 
@@ -27,6 +28,16 @@ def outcome(value: Any) -> Any:
     if isinstance(value, BaseException):
         raise value
     return value
+
+
+def _in_replica() -> bool:
+    """Serve's batch queues need a replica context; Serve's local testing mode runs deployments without one,
+    and there every request runs alone."""
+    try:
+        serve.get_replica_context()
+    except RayServeException:
+        return False
+    return True
 
 
 class Batcher(Generic[Item]):
@@ -45,7 +56,7 @@ class Batcher(Generic[Item]):
 
     async def submit(self, key: Hashable | None, item: Item) -> Any:
         """Run ``item`` in a batch of its key; ``None`` (or an item as large as a whole batch) runs alone."""
-        if key is None or self._size(item) >= self.config.max_batch_size:
+        if key is None or self._size(item) >= self.config.max_batch_size or not _in_replica():
             return outcome((await self._counted([item]))[0])
         queue = self._queue(key)
         self._waiting[key] = self._waiting.get(key, 0) + 1
