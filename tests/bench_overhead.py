@@ -284,8 +284,8 @@ def overhead_rows(r: SideBySide, steps: dict[str, int], goal: str = "") -> list[
         Row(f"overhead, {r.name}", ms(p50(r.served) - p50(local)), ms(p99(r.served) - p99(local)),
             f"Serve {ms(p50(r.served))} vs in-process {ms(p50(local))} ({p50(r.served) / p50(local):.2f}x), "
             f"{len(local)} runs", goal),
-        Row("  edge: proxy, HTTP, body, base64 + JSON (client − ingress time)", ms(p50(edge)), ms(p99(edge))),
-        Row("  inside the ingress: hops, transfers, batch waits (ingress time − in-process)",
+        Row("↳ edge: proxy, HTTP, body, base64 + JSON (client − ingress time)", ms(p50(edge)), ms(p99(edge))),
+        Row("↳ inside the ingress: hops, transfers, batch waits (ingress time − in-process)",
             ms(p50(r.inside) - p50(local)), ms(p99(r.inside) - p99(local)),
             f"in-process {stages}; denoising steps base {steps['base']}, refiner {steps['refiner']}"),
     ]
