@@ -38,7 +38,7 @@ demo: models
 	$(PY) -m graphs.demo
 
 bench: models
-	$(PY) -m tests.bench_overhead
+	$(PY) -m tests.bench_overhead --out bench.json
 
 # Full-size random-weight models (about 20 GB, minutes of CPU), then the full-size checks; not part of `make test`.
 $(FULLSIZE_MODELS)/.stamp: $(VENV)/.installed

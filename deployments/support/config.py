@@ -54,7 +54,8 @@ class Batching(_Config):
 
     max_batch_size: int = Field(8, ge=1, le=64, description="images per pipeline call; 1 turns batching off")
     batch_wait_timeout_s: float = Field(
-        0.01, ge=0.0, le=1.0, description="how long a request waits for compatible ones to join its batch"
+        0.0, ge=0.0, le=1.0, description="how long a request waits for compatible ones to join its batch; at 0 a "
+        "lone request starts at once and requests that arrive while a batch runs form the next one"
     )
 
 
