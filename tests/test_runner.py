@@ -14,10 +14,13 @@ import io
 import json
 import os
 import time
+import uuid
 
 import pytest
 from PIL import Image
 
+from deployments.support.reporting import Reporter
+from graphs.board import Board
 from graphs.jobs import events
 from graphs.jobs.runner import JobRunner
 from graphs.jobs.store import Job, new_job_id
@@ -58,10 +61,24 @@ def runner_env(monkeypatch, tmp_path):
 
 
 class BaseShell:
-    """The calls SDXLBase's Serve shell exposes, on the session's in-process generator."""
+    """The calls SDXLBase's Serve shell exposes, on the session's in-process generator. As the shell does,
+    ``generate`` answers with files when given the plan's ``Encoding``, and turns its own cancellation (the
+    plan's flight cancelling the call) into the generator's per-step cancel flag."""
 
-    def __init__(self, base) -> None:
-        self.generate = base.generate
+    def __init__(self, base, board=None, on_progress=None) -> None:
+        reporter = Reporter(board, "sdxl_base", base.cancellation)
+
+        async def generate(request, request_id=None, encode=None):
+            request_id = request_id or uuid.uuid4().hex
+            reporter.start()
+            try:
+                result = await asyncio.to_thread(base.generate, request, request_id, on_progress)
+            except asyncio.CancelledError:
+                base.cancellation.cancel(request_id)
+                raise
+            return result if encode is None else result.encode(encode)
+
+        self.generate = generate
         self.cancel = base.cancellation.cancel
         self.progress = base.cancellation.progress
         self.preview = base.cancellation.preview
@@ -147,15 +164,15 @@ async def test_results_on_s3_are_whole_before_completed_and_a_failed_upload_fail
 class PacedBaseShell(BaseShell):
     """At least 20 ms a step, so that the runner's progress polls (every 0.5 s) see several steps."""
 
-    def __init__(self, base) -> None:
-        super().__init__(base)
-        self.generate = lambda request, request_id=None: base.generate(request, request_id,
-                                                                       lambda step, total: time.sleep(0.02))
+    def __init__(self, base, board) -> None:
+        super().__init__(base, board, on_progress=lambda step, total: time.sleep(0.02))
 
 
 async def test_the_runner_logs_progress_previews_and_the_outcome(base, upscaler, runner_env):
     runner_env.setenv("JOB_TIMEOUT", "600000")
-    runner = JobRunner.func_or_class(LocalHandle(PacedBaseShell(base)), None, LocalHandle(upscaler), None, None)
+    board = LocalHandle(Board())  # the replica reports progress and previews there; the runner reads them there
+    runner = JobRunner.func_or_class(LocalHandle(PacedBaseShell(base, board)), None, LocalHandle(upscaler), None,
+                                     None, board)
     try:
         job = Job(id=new_job_id(), type="text2img", request={"prompt": "paced", "width": 64, "height": 64,
                                                                 "steps": 100, "seed": 3, "preview_every": 10})

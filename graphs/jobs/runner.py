@@ -28,7 +28,7 @@ from deployments.support.metrics import JobMetrics
 from deployments.support.settings import current
 from graphs import plans
 from graphs.api.errors import call, unwrap
-from graphs.jobs.events import ProgressEvents
+from graphs.jobs.events import ProgressEvents, completed_data
 from graphs.jobs.results import open_results
 from graphs.jobs.sizes import SizeTable
 from graphs.jobs.store import STATUSES, Job, open_store
@@ -85,7 +85,7 @@ class JobRunner:
         try:
             result = await asyncio.wait_for(task, self.settings.job_timeout / 1000)
             result["timeTaken"] = int((time.monotonic() - started) * 1000)
-            status = "completed"
+            status, event = "completed", completed_data(job.id, result)
         except TimeoutError:  # wait_for cancelled the task: its flight cancelled every stage call
             error = f"job exceeded JOB_TIMEOUT ({self.settings.job_timeout} ms)"
             event = {"code": "JOB_TIMEOUT", "message": error}
