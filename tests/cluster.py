@@ -35,7 +35,9 @@ def start(env: dict[str, str], deployment_options: dict | None = None, **ray_opt
 
     port = free_port()
     # address="local": always a cluster of our own, even while `make demo` (or any Ray head) runs on this machine.
-    ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False,
+    # Logical CPUs: room for two replicas each of the ingress, base and refiner (tests/test_cancellation.py)
+    # beside one of everything else; the tiny models never keep more than the two real cores busy.
+    ray.init(address="local", num_cpus=8, num_gpus=1, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": env}, **ray_options)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     deploy(deployment_options)
