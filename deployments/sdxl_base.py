@@ -60,9 +60,17 @@ class BaseGenerator:
         self.settings = settings or current()
         self.device, self.dtype = devices.resolve(config.device)
         pipe = loader.load_sdxl(config.model, refiner=False, dtype=self.dtype, settings=settings, vae=config.vae)
+        self.weights = loader.WeightFiles()  # what was loaded, for the result cache's key
+        self.weights.add("checkpoint", loader.resolve(config.model.source, settings))
+        if config.vae:
+            self.weights.add("vae", loader.resolve(config.vae.source, settings))
         if config.ip_adapter:
-            self._load_ip_adapter(pipe, loader.resolve(config.ip_adapter, settings))
+            folder = loader.resolve(config.ip_adapter, settings)
+            self._load_ip_adapter(pipe, folder)
+            self.weights.add("ip_adapter", folder)
         self.loras = self._load_loras(pipe, config.lora_dir, settings)
+        for name, path in self.loras.items():
+            self.weights.add(f"lora:{name}", path)
         pipe.to(self.device)
         self.fast = fastpath.apply(pipe, config.device, config.fast, self.device, self.compile_cache)
         self.txt2img = pipe
@@ -298,6 +306,11 @@ class BaseGenerator:
     def healthy(self) -> bool:
         return self.oom.healthy()
 
+    def fingerprint(self) -> dict[str, str]:
+        """Content hashes of every loaded weight file, and what else decides the pixels (the result cache's key)."""
+        return {**self.weights.digests(), "base_runtime": f"{self.device.type}/{self.dtype}",
+                "base_defaults": f"{self.config.default_sampler}/{self.config.fast.fp8}"}
+
 
 def batch_key(request: GenerationRequest) -> tuple | None:
     """What requests must share to run in one pipeline call; ``None``: this one runs alone (an inpainting mask
@@ -359,6 +372,10 @@ class SDXLBase:
 
     async def describe(self) -> dict:
         return {**self.model.describe(), "batching": {**self.batcher.config.model_dump(), **self.batcher.counts}}
+
+    async def fingerprint(self) -> dict[str, str]:
+        """Hashes of the loaded weights: hashed once, off the inference thread."""
+        return await asyncio.to_thread(self.model.fingerprint)
 
     async def check_health(self) -> None:
         if not self.model.healthy():

@@ -1,4 +1,4 @@
-"""The application graph: a FastAPI ingress bound to the five model deployments.
+"""The application graph: a FastAPI ingress bound to the six model deployments.
 
 ``build_app(args)`` is the ``import_path`` target of ``serve_config.yaml``; its ``args`` validate into
 ``AppArgs``. Strings in args may use ``$VAR`` / ``~``, expanded once here, so one config file can point at model
@@ -17,6 +17,7 @@ from ray.serve import Application
 from deployments.support.config import (
     FaceRestorerConfig,
     FocalCropperConfig,
+    SafetyCheckerConfig,
     SDXLBaseConfig,
     SDXLRefinerConfig,
     UpscalerConfig,
@@ -27,6 +28,7 @@ from graphs.api import a1111, a1111_info, generate, illustration, jobs, processi
 from graphs.api.edge import create_app
 from graphs.api.photos import PhotoStore, StorageConfig
 from graphs.board import ProgressBoard
+from graphs.jobs.cache import RequestCache, open_cache
 from graphs.jobs.results import open_results
 from graphs.jobs.runner import JobRunner
 from graphs.jobs.sizes import SizeTable
@@ -51,6 +53,10 @@ class AppArgs(BaseModel):
     upscaler: UpscalerConfig = UpscalerConfig()
     face_restorer: FaceRestorerConfig = FaceRestorerConfig()
     focal_cropper: FocalCropperConfig = FocalCropperConfig()
+    safety_checker: SafetyCheckerConfig | None = Field(
+        None, description="the NSFW filter's model, deployed whenever given; it screens while enabled")
+    result_cache: bool | None = Field(None, description="answer repeated fixed-seed requests from the result store; "
+                                      "None: the RESULT_CACHE setting")
     hires_upscaler: str = Field("R-ESRGAN 2x+", description="upscaler name used by hires fix when neural is asked")
     deployment_options: dict[str, dict] = Field(
         {}, description="per-deployment .options() for programmatic use; serve_config.yaml's deployments: "
@@ -80,17 +86,20 @@ class Ingress(
     a1111_info.A1111InfoRoutes,
     jobs.JobRoutes,
 ):
-    def __init__(self, base, refiner, upscaler, faces, cropper, runner, board, args: dict) -> None:
+    def __init__(self, base, refiner, upscaler, faces, cropper, runner, board, args: dict, safety=None) -> None:
         config = AppArgs.model_validate(args)
         self.config = config
-        self.handles = plans.Handles(base, refiner, upscaler, faces, board)
+        self.settings = current()  # read once, in the serving process
+        enabled = config.safety_checker.enabled if config.safety_checker else None
+        self.handles = plans.Handles(base, refiner, upscaler, faces, board,
+                                     plans.safety_stage(safety, enabled, self.settings))
         self.cropper = cropper
         self.hires_upscaler = config.hires_upscaler
-        self.settings = current()  # read once, in the serving process
         self.photos = PhotoStore(StorageConfig.from_settings(self.settings))
         self.runner = runner  # deployed with the app; it reads the same job store
         self.jobs = open_store(self.settings)
         self.results = open_results(self.settings)
+        self.cache = RequestCache(open_cache(self.settings, config.result_cache), self.handles)
         self.sizes = SizeTable.load(self.settings.batch_sizes_file)
 
 
@@ -100,6 +109,7 @@ def build_app(args: dict) -> Application:
     # stay free of torch and the model libraries (tests/test_light_ingress.py).
     from deployments.face_restorer import FaceRestorer
     from deployments.focal_cropper import FocalCropper
+    from deployments.safety_checker import SafetyChecker
     from deployments.sdxl_base import SDXLBase
     from deployments.sdxl_refiner import SDXLRefiner
     from deployments.upscaler import Upscaler
@@ -115,5 +125,10 @@ def build_app(args: dict) -> Application:
     upscaler = deployment(Upscaler).bind(config.upscaler.model_dump())
     faces = deployment(FaceRestorer).bind(config.face_restorer.model_dump())
     cropper = deployment(FocalCropper).bind(config.focal_cropper.model_dump())
-    runner = deployment(JobRunner).bind(base, refiner, upscaler, faces, cropper, board, config.hires_upscaler)
-    return deployment(Ingress).bind(base, refiner, upscaler, faces, cropper, runner, board, config.model_dump())
+    checker = config.safety_checker
+    safety = deployment(SafetyChecker).bind(checker.model_dump()) if checker else None
+    runner = deployment(JobRunner).bind(base, refiner, upscaler, faces, cropper, board, config.hires_upscaler,
+                                        safety=safety, safety_enabled=checker.enabled if checker else None,
+                                        result_cache=config.result_cache)
+    return deployment(Ingress).bind(base, refiner, upscaler, faces, cropper, runner, board, config.model_dump(),
+                                    safety=safety)

@@ -2,11 +2,14 @@
 
 Images are plain base64 PNGs carrying A1111's ``parameters`` text chunk; ``info`` is a JSON string holding
 ``all_seeds`` and ``warnings`` (what /generate reports: an unknown LoRA ignored, a fallback upscaler, no face
-found). ``/interrupt`` and ``/skip`` cancel only the calling client's in-flight requests (the client is its
-bearer token, else its address), never another client's.
+found) and, with the NSFW filter on, ``nsfw`` (one flag per image; a flagged image is replaced). A fixed-seed
+txt2img is answered from the result cache when it is on (``cached`` in ``info``). ``/interrupt`` and ``/skip``
+cancel only the calling client's in-flight requests (the client is its bearer token, else its address), never
+another client's.
 """
 
 import asyncio
+import base64
 import json
 import time
 import uuid
@@ -36,6 +39,7 @@ from graphs.api.body import JSONBodyRoute
 from graphs.api.edge import token_owner
 from graphs.api.errors import call
 from graphs.api.fields import b64_png, image_field
+from graphs.jobs.cache import RequestCache
 from graphs.jobs.store import JobStore
 
 router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"], route_class=JSONBodyRoute)
@@ -61,6 +65,7 @@ def _client(request: Request) -> str:
 class A1111Routes:
     handles: plans.Handles
     jobs: JobStore
+    cache: RequestCache
 
     async def _track(self, flight: InFlight) -> None:
         record = {"id": flight.id, "started": flight.started, "total_steps": flight.total_steps,
@@ -91,10 +96,23 @@ class A1111Routes:
                                  steps=r.steps, guidance_scale=r.cfg_scale, seed=seed, batch_size=r.batch_size,
                                  sampler=r.sampler_name, schedule=schedule, **extra)
 
-    async def _run(self, http: Request, r: Txt2ImgRequest, **extra) -> ImagesResponse:
+    async def _run(self, http: Request, r: Txt2ImgRequest, cache_as: str | None = None, **extra) -> ImagesResponse:
         if r.batch_size * r.n_iter > MAX_IMAGES:
             raise InvalidInput(f"batch_size x n_iter exceeds {MAX_IMAGES} images", field="batch_size")
         model = await self._checkpoint(r)
+        parameters = r.model_dump(exclude={"init_images", "mask"})
+        key = await self.cache.key(cache_as, parameters) if cache_as else None
+        hit = await self.cache.get(key)
+        if hit is not None:
+            info = {**json.loads(hit.facts["info"]), "cached": True}
+            images = [base64.b64encode(data).decode() for data in hit.files]
+            return ImagesResponse(images=images, parameters=parameters, info=json.dumps(info))
+        answer = await self._generate(http, r, model, parameters, **extra)
+        await self.cache.put(key, {"info": answer.info}, [base64.b64decode(i) for i in answer.images])
+        return answer
+
+    async def _generate(self, http: Request, r: Txt2ImgRequest, model: str, parameters: dict,
+                        **extra) -> ImagesResponse:
         job = InFlight(uuid.uuid4().hex, _client(http), time.time(), r.steps * r.n_iter)
         images: list[Image.Image] = []
         seeds: list[int] = []
@@ -123,17 +141,25 @@ class A1111Routes:
             images = restored
             extras["Face restoration"] = "CodeFormer"
         texts = [infotext(r, s, model, extras) for s in seeds]
+        width, height = images[0].size
+        # With the filter on, the safety checker screens the finished images and encodes them with their infotexts.
+        screened = await plans.a1111_screen(self.handles, images, seeds, texts)
+        nsfw = None
+        if screened is not None:
+            encoded = [base64.b64encode(data).decode() for data in screened.encoded]
+            warnings += screened.warnings
+            nsfw = screened.info["nsfw"]
+        else:
+            encoded = await asyncio.to_thread(  # off the event loop; the infotext needs every stage's outcome first
+                lambda: [b64_png(image, {"parameters": text}) for image, text in zip(images, texts, strict=True)])
         info = {"prompt": r.prompt, "all_prompts": [r.prompt] * len(seeds), "negative_prompt": r.negative_prompt,
                 "all_negative_prompts": [r.negative_prompt] * len(seeds), "seed": seeds[0], "all_seeds": seeds,
-                "subseed": -1, "all_subseeds": [-1] * len(seeds), "width": images[0].width,
-                "height": images[0].height, "sampler_name": r.sampler_name or "Euler a", "cfg_scale": r.cfg_scale,
+                "subseed": -1, "all_subseeds": [-1] * len(seeds), "width": width, "height": height,
+                "sampler_name": r.sampler_name or "Euler a", "cfg_scale": r.cfg_scale,
                 "steps": r.steps, "batch_size": r.batch_size, "restore_faces": r.restore_faces,
                 "sd_model_name": model, "infotexts": texts, "styles": [],
                 "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "version": "imagegen-0.1",
-                "warnings": list(dict.fromkeys(warnings))}
-        encoded = await asyncio.to_thread(  # off the event loop; the infotext needs every stage's outcome first
-            lambda: [b64_png(image, {"parameters": text}) for image, text in zip(images, texts, strict=True)])
-        parameters = r.model_dump(exclude={"init_images", "mask"})
+                "warnings": list(dict.fromkeys(warnings)), "nsfw": nsfw, "cached": False}
         return ImagesResponse(images=encoded, parameters=parameters, info=json.dumps(info))
 
     async def _one_batch(self, r: Txt2ImgRequest, seed: int, request_id: str, extras: dict, **extra):
@@ -155,7 +181,7 @@ class A1111Routes:
     @router.post("/txt2img", response_model=ImagesResponse)
     async def txt2img(self, body: Txt2ImgRequest, http: Request) -> ImagesResponse:
         """Text to image, with hires fix (enable_hr), refiner, LoRA tags and face restoration."""
-        return await self._run(http, body)
+        return await self._run(http, body, cache_as="a1111-txt2img")
 
     @router.post("/img2img", response_model=ImagesResponse)
     async def img2img(self, body: Img2ImgRequest, http: Request) -> ImagesResponse:

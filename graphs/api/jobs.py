@@ -113,7 +113,7 @@ class JobRoutes:
             if job.type == "batch-sizes":
                 images = {name: {"imageData": data_uri(self.results.load(e["key"])), "format": "png",
                                  "width": e["width"], "height": e["height"], "aspect": e["aspect"],
-                                 "box": e["box"], "upscaled": e["upscaled"],
+                                 "box": e["box"], "upscaled": e["upscaled"], "nsfw": e.get("nsfw"),
                                  "derivatives": {w: data_uri(self.results.load(k), "image/webp")
                                                  for w, k in e.get("derivatives", {}).items()}}
                           for name, e in result["images"].items()}
@@ -196,7 +196,11 @@ class JobRoutes:
             next(iter(job.result["images"].values()))["key"]
         data = await asyncio.to_thread(self.results.load, key)
         width, height = image_info(data)
-        return {"imageData": base64.b64encode(data).decode(), "format": "png", "width": width, "height": height}
+        flags = job.result.get("nsfw")
+        if isinstance(job.result["images"], dict):
+            flags = [next(iter(job.result["images"].values())).get("nsfw")]
+        return {"imageData": base64.b64encode(data).decode(), "format": "png", "width": width, "height": height,
+                "nsfw": flags[0] if flags else None}
 
     @router.get("/jobs", response_model=JobList)
     async def list_jobs(self, request: Request, status: Literal["queued", "processing", "completed", "failed",
