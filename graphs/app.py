@@ -126,7 +126,8 @@ def build_app(args: dict) -> Application:
     faces = deployment(FaceRestorer).bind(config.face_restorer.model_dump())
     cropper = deployment(FocalCropper).bind(config.focal_cropper.model_dump())
     checker = config.safety_checker
-    safety = deployment(SafetyChecker).bind(checker.model_dump()) if checker else None
+    # Whether it screens is the ingress's and runner's business: turning it on or off never reloads the checker.
+    safety = deployment(SafetyChecker).bind(checker.model_dump(exclude={"enabled"})) if checker else None
     runner = deployment(JobRunner).bind(base, refiner, upscaler, faces, cropper, board, config.hires_upscaler,
                                         safety=safety, safety_enabled=checker.enabled if checker else None,
                                         result_cache=config.result_cache)
