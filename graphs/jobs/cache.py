@@ -231,7 +231,12 @@ class RequestCache:
     async def key(self, kind: str, request: dict) -> str | None:
         if self.cache is None or request.get("seed", -1) == -1:
             return None
-        return request_key(kind, request, await fingerprints(self.handles))
+        try:
+            models = await fingerprints(self.handles)
+        except Exception as e:  # noqa: BLE001 - a replica that cannot say what it loaded: no caching this time
+            logger.warning("model fingerprints unavailable (%s): not cached", type(e).__name__)
+            return None
+        return request_key(kind, request, models)
 
     async def get(self, key: str | None) -> Entry | None:
         if key is None or self.cache is None:
