@@ -43,6 +43,7 @@ def photos(s3_server, astronaut):
 def ingress(tiny, tmp_path_factory, monkeypatch_module, s3_server, photos):
     from ray import serve
 
+    import graphs.app
     from graphs.app import build_app
 
     for name, value in {"TINY_MODELS": str(tiny), "JOBS_DATA_DIR": str(tmp_path_factory.mktemp("graph-safety")),
@@ -53,6 +54,11 @@ def ingress(tiny, tmp_path_factory, monkeypatch_module, s3_server, photos):
     args = yaml.safe_load((ROOT / "configs" / "cpu.yaml").read_text())["applications"][0]["args"]
     args["safety_checker"].update(enabled=True, adjustment=2.0)
     args["result_cache"] = True
+    # A second in-process application in this pytest process (tests/test_graph.py runs one): Serve's ingress keeps a
+    # frozen copy of the FastAPI app that the first run tied to its live replica, so this one gets a fresh copy.
+    original = graphs.app.Ingress.func_or_class.__bases__[0]
+    monkeypatch_module.setattr(graphs.app, "Ingress", graphs.app.Ingress.options(
+        func_or_class=serve.ingress(graphs.app.app)(original)))
     return serve.run(build_app(args), name="graph-safety", _local_testing_mode=True)
 
 
