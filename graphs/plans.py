@@ -175,6 +175,12 @@ class Report:
         """Everything but the file: what a cached answer keeps beside it."""
         return {k: v for k, v in asdict(self).items() if k != "data"}
 
+    @classmethod
+    def from_facts(cls, data: bytes, facts: dict) -> Report:
+        """A cached answer again (facts this version no longer has are left out)."""
+        known = set(cls.__dataclass_fields__)
+        return cls(data=data, **{k: v for k, v in facts.items() if k in known and k != "data"})
+
 
 def _refine(request: GenerationRequest, **mode) -> RefineRequest:
     return RefineRequest(prompt=request.prompt, negative_prompt=request.negative_prompt, steps=request.steps,

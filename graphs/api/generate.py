@@ -137,7 +137,7 @@ class GenerateRoutes:
         key = await self.cache.key("generate", plans.seed000_fields(fields, self.hires_upscaler))
         hit = await self.cache.get(key)
         if hit is not None:
-            report = plans.Report(data=hit.files[0], **hit.facts)
+            report = plans.Report.from_facts(hit.files[0], hit.facts)
         else:
             async with plans.flight():
                 report = await plans.seed000(self.handles, fields, self.hires_upscaler, request_id)

@@ -186,7 +186,7 @@ class JobRunner:
         key = await self.cache.key("generate", plans.seed000_fields(job.request, self.hires_upscaler))
         hit = await self.cache.get(key)
         if hit is not None:
-            report = plans.Report(data=hit.files[0], **hit.facts)
+            report = plans.Report.from_facts(hit.files[0], hit.facts)
         else:
             report = await plans.seed000(self.handles, job.request, self.hires_upscaler, job.id)
             await self.cache.put(key, report.facts(), [report.data])
