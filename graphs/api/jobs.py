@@ -186,9 +186,10 @@ class JobRoutes:
         await self._get(request, job_id)
         return self._events(job_id, _event_id(last_event_id))
 
-    @router.get("/jobs/{job_id}/result", response_model=JobResult)
+    @router.get("/jobs/{job_id}/result", response_model=JobResult, response_model_exclude_none=True)
     async def get_result(self, job_id: JobId, request: Request) -> dict:
-        """Seed 002: {imageData, format, width, height} of a completed job; 409 before."""
+        """Seed 002: {imageData, format, width, height} of a completed job (and nsfw while the filter is on); 409
+        before."""
         job = await self._get(request, job_id)
         if job.status != "completed" or job.result is None:
             raise JobConflict(f"job is {job.status}", field="id", details={"status": job.status})

@@ -157,7 +157,7 @@ class JobResult(BaseModel):
     format: str
     width: int
     height: int
-    nsfw: bool | None = Field(None, description="flagged and replaced by the safety checker; null: the filter is off")
+    nsfw: bool | None = Field(None, description="flagged and replaced by the safety checker; absent: the filter is off")
 
 
 class JobSummary(BaseModel):
