@@ -48,6 +48,7 @@ ENV = {"MAX_CONCURRENT_JOBS": "1", "JOB_LEASE_SECONDS": "5", "JOB_POLL_SECONDS":
 SYNC = {"prompt": "a lighthouse", "width": 128, "height": 128, "num_inference_steps": 4, "use_refiner": False}
 FACES = {**SYNC, "use_face_restoration": True}  # base -> face restorer: the restorer's input is the base's response
 JOB = {"prompt": "a harbour", "width": 128, "height": 128, "steps": 24}
+LONG_JOB = {**JOB, "steps": 120}  # the first two, one per runner: what each runner holds when node B dies
 SPREAD = ("Ingress", "SDXLBase", "JobRunner")
 SINGLE = ("Upscaler", "FaceRestorer", "FocalCropper", "ProgressBoard")
 
@@ -122,12 +123,12 @@ def two_nodes(tiny, redis_url, tmp_path_factory):
     node_env = {**{k: v for k, v in config.exports.items() if k.startswith("RAY_")}, "JOB_STORE_URL": redis_url,
                 "RAY_SERVE_WORKER_PROXY_HTTP_PORT": str(worker_port)}
     saved = {name: os.environ.get(name) for name in node_env}
-    os.environ.update(node_env)
     env = {**ENV, "TINY_MODELS": str(tiny), "JOBS_DATA_DIR": str(tmp_path_factory.mktemp("jobs-data"))}
-    started = time.monotonic()
-    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "resources": config.head,
-                                                          "include_dashboard": False})
+    started, nodes = time.monotonic(), None
     try:
+        os.environ.update(node_env)
+        nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "resources": config.head,
+                                                              "include_dashboard": False})
         worker = nodes.add_node(num_cpus=2, resources=config.worker)
         ray.init(address=nodes.address, runtime_env={"env_vars": env}, log_to_driver=False)
         serve.start(proxy_location="EveryNode", http_options={"host": "127.0.0.1", "port": port})
@@ -140,7 +141,8 @@ def two_nodes(tiny, redis_url, tmp_path_factory):
         if ray.is_initialized():
             serve.shutdown()
             ray.shutdown()
-        nodes.shutdown()
+        if nodes is not None:
+            nodes.shutdown()
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
@@ -264,35 +266,36 @@ def test_the_worker_node_killed_under_load(two_nodes):
     import redis
 
     http = httpx.Client(base_url=two_nodes.head_url, timeout=120)
-    jobs = [submit(http, body={**JOB, "seed": n})["id"] for n in range(12)]
     stop, answers = threading.Event(), []
     clients = [threading.Thread(target=client, args=(two_nodes.head_url, body, stop, answers))
                for body in (SYNC, FACES, FACES)]
     for thread in clients:
         thread.start()
+    try:
+        until(lambda: len(answers) >= 2, 120)  # under load
+        held = [submit(http, body={**LONG_JOB, "seed": n})["id"] for n in range(2)]
+        jobs = held + [submit(http, body={**JOB, "seed": n})["id"] for n in range(2, 12)]
 
-    held: list[str] = []
+        def both_runners_busy() -> bool:
+            """Each runner holds one of the long jobs, far from done (neither finishes before the kill)."""
+            busy = http.get("/jobs", params={"status": "processing"}).json()["jobs"]
+            return sorted(j["id"] for j in busy if j["progress"] < 80) == sorted(held)
 
-    def both_runners_busy() -> bool:
-        """Both runners hold a job, far from done (so that neither finishes before the kill), under load."""
-        busy = http.get("/jobs", params={"status": "processing"}).json()["jobs"]
-        held[:] = [j["id"] for j in busy if j["progress"] < 50]
-        return len(held) == 2 and len(answers) >= 3
+        until(both_runners_busy, 60)
+        killed, killed_wall = time.monotonic(), time.time()
+        two_nodes.nodes.remove_node(two_nodes.worker, allow_graceful=False)  # SIGKILL; its workers follow its raylet
 
-    until(both_runners_busy, 120)
-    killed, killed_wall = time.monotonic(), time.time()
-    two_nodes.nodes.remove_node(two_nodes.worker, allow_graceful=False)  # SIGKILL; its workers follow their raylet
+        def node_b_alive() -> bool:
+            return any(n["Alive"] for n in ray.nodes() if n["NodeID"] == two_nodes.worker.node_id)
 
-    def node_b_alive() -> bool:
-        return any(n["Alive"] for n in ray.nodes() if n["NodeID"] == two_nodes.worker.node_id)
-
-    declared_dead = until(lambda: not node_b_alive(), 90, every=0.25)
-    jobs += [submit(http, body={**JOB, "seed": 100 + n})["id"] for n in range(4)]  # new work after the loss
-    finished = {job: wait(http, job, timeout=180) for job in jobs}
-    time.sleep(max(0.0, killed + declared_dead + 5 - time.monotonic()))  # load well past the declared death
-    stop.set()
-    for thread in clients:
-        thread.join()
+        declared_dead = until(lambda: not node_b_alive(), 90, every=0.25)
+        jobs += [submit(http, body={**JOB, "seed": 100 + n})["id"] for n in range(4)]  # new work after the loss
+        finished = {job: wait(http, job, timeout=180) for job in jobs}
+        time.sleep(max(0.0, killed + declared_dead + 5 - time.monotonic()))  # load well past the declared death
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join()
     statuses = {d: _status(d) for d in SPREAD}
     assert all(running(d) == 1 for d in SPREAD)  # B's replicas wait for a node that fits them
 
@@ -305,7 +308,7 @@ def test_the_worker_node_killed_under_load(two_nodes):
     settled = [a for a in answers if a.started > killed + declared_dead + 1]
     assert settled and all(a.status == 200 for a in settled), Counter(a.status for a in settled)
 
-    # Jobs: each completed exactly once; the job of B's runner taken over by A's when its lease ran out.
+    # Jobs: each completed exactly once; the long job of B's runner taken over by A's when its lease ran out.
     store = redis.Redis.from_url(two_nodes.redis_url, decode_responses=True)
     assert {j: f["status"] for j, f in finished.items() if f["status"] != "completed"} == {}
     events = {j: [(e["event"], json.loads(e["data"])) for _, e in store.xrange(f"imagegen:events:{j}")]
