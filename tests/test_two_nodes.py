@@ -8,13 +8,14 @@ machine cannot share one). The refiner is left out (``refiner: None``): no reque
 loads faster.
 
 Under load (three clients posting ``/generate`` through A's proxy, two of them with face restoration, whose input
-is the base's response, and a queue of jobs worked by both runners), node B is killed without warning while both
-runners hold a job: its raylet and Ray's daemons SIGKILLed, its workers exiting as they do when their raylet dies
-(about 1.5 s later here). Pass criteria: every answer is 200 or 503
-``MODEL_UNAVAILABLE`` with ``Retry-After`` (no 500, no cut connection), every request started once Ray has
-declared the node dead is a 200, and every job completes exactly once (one terminal event, one image, the
-store's completed counter equal to the number of jobs), the job B's runner held taken over by A's runner when
-its lease runs out. Then a fresh node B joins and Serve puts the missing replicas on it.
+is the base's response, and a queue of jobs worked by both runners, each holding a long one), node B is killed
+without warning: its raylet and Ray's daemons SIGKILLed, its workers exiting as they do when their raylet dies
+(about 1.5 s later here). Pass criteria: every answer is 200 or 503 ``MODEL_UNAVAILABLE`` with ``Retry-After``
+(no 500, no cut connection), every request started a second after Ray has declared the node dead is a 200, and
+every job completes exactly once (one terminal event, one image, the store's completed counter equal to the
+number of jobs), the long job of B's runner taken over by A's runner when its lease runs out. Then a fresh node B
+joins and Serve puts the missing replicas on it. A test of its own checks, deterministically, the watch that
+keeps a stage fed by a lost one from waiting forever (``plans.settled``).
 
 Its own pytest process (``pytest -m nodes``; ``make test`` runs it third): Ray allows one driver connection per
 process, and the other integration modules share a single-node cluster. ``-s`` prints the figures.
