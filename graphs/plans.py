@@ -40,7 +40,7 @@ from deployments.support.generation import (
     resolve_seeds,
 )
 from deployments.support.settings import Settings
-from graphs.api.errors import call, unwrap
+from graphs.api.errors import call, lost, unwrap
 from graphs.api.fields import image_field
 from graphs.jobs.sizes import SizeTable
 
@@ -100,6 +100,66 @@ async def flight() -> AsyncIterator[list]:
         raise
     finally:
         _flight.reset(token)
+
+
+WATCH_EVERY_S = 0.5
+
+
+async def settled(response):
+    """Await a stage whose input is an earlier stage's response, watching the flight's other calls meanwhile: when
+    one of them fails because its replica or node was lost, its error is raised here and the stage is cancelled.
+
+    Without the watch the stage would never answer. When the earlier stage's replica becomes unreachable (a node
+    dies: Ray reports ``ActorUnavailableError``), Serve's router takes the failed input for the next stage's own
+    replica being unavailable and sends the call again, forever (Ray 2.60 handles only ``ActorDiedError`` so).
+    The watch reads no large result: a result in the object store is a success (errors are small and stay with
+    this process, which owns the calls it made); only a small one is read."""
+    earlier = [c for c in (_flight.get() or []) if c is not response]
+    if not earlier:
+        return await call(response)
+    stage = asyncio.ensure_future(call(response))
+    watch = asyncio.ensure_future(_first_lost(earlier))
+    try:
+        await asyncio.wait({stage, watch}, return_when=asyncio.FIRST_COMPLETED)
+        gone = watch.result() if watch.done() else None
+        if gone is None:
+            return await stage
+        response.cancel()
+        raise gone
+    finally:
+        for task in (stage, watch):
+            task.cancel()
+
+
+async def _first_lost(calls: list) -> BaseException | None:
+    """The first lost-replica error among ``calls`` once they have all finished (None if there is none)."""
+    import ray
+    from ray.experimental import get_object_locations
+
+    # Shielded: a call's object ref comes once it is routed, and giving up the wait must not cancel the call.
+    routing = {asyncio.shield(c._to_object_ref()) for c in calls}
+    refs: list = []
+    try:
+        while routing or refs:
+            for task in [t for t in routing if t.done()]:
+                routing.discard(task)
+                if task.exception() is None:  # none in Serve's local testing mode, or where routing failed
+                    refs.append(task.result())
+            ready, refs = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False) if refs else ([], [])
+            for ref in ready:
+                if get_object_locations([ref], timeout_ms=1000).get(ref, {}).get("node_ids"):
+                    continue  # in the object store: a result, never an error
+                try:
+                    await ref
+                except Exception as e:  # noqa: BLE001 - only a lost replica matters here; the stage reports the rest
+                    if (gone := lost(e)) is not None:
+                        return gone
+            if routing or refs:
+                await asyncio.sleep(WATCH_EVERY_S)
+        return None
+    finally:
+        for task in routing:
+            task.cancel()
 
 
 @dataclass
@@ -186,14 +246,14 @@ async def _finish(h: Handles, last, seed: int, opts: PlanOptions, warnings: list
     unprocessed (seed 000)."""
     if opts.restore_faces:
         try:
-            return _report(await call(h.faces.restore.remote(last, opts.face_weight, encode=opts.encode)), seed,
+            return _report(await settled(h.faces.restore.remote(last, opts.face_weight, encode=opts.encode)), seed,
                            warnings)
         except Exception as e:  # noqa: BLE001 - seed 000: a post-processing failure returns the image unprocessed
-            result = await encoded(await call(last), opts.encode)  # an upstream failure re-raises here
+            result = await encoded(await settled(last), opts.encode)  # an upstream failure re-raises here
             code = getattr(unwrap(e), "code", type(unwrap(e)).__name__)
             logger.warning("face restoration failed (%s); unprocessed image returned", code)
             return _report(result, seed, [*warnings, f"face restoration failed ({code}): unprocessed image"])
-    return _report(await call(last), seed, warnings)
+    return _report(await settled(last), seed, warnings)
 
 
 def _report(result: StageResult, seed: int, warnings: list[str]) -> Report:
@@ -277,8 +337,8 @@ async def a1111_batch(h: Handles, request: GenerationRequest, request_id: str, *
     upscale and a second base pass as img2img (A1111's hires fix). Image-to-image requests take neither."""
     if refiner_switch_at is not None and h.refiner is not None and request.init_image is None:
         handoff = h.base.generate.remote(request.model_copy(update={"denoising_end": refiner_switch_at}), request_id)
-        return await call(h.refiner.refine_latents.remote(_refine(request, denoising_start=refiner_switch_at), handoff,
-                                                          request_id))
+        return await settled(h.refiner.refine_latents.remote(_refine(request, denoising_start=refiner_switch_at),
+                                                             handoff, request_id))
     result: StageResult = await call(h.base.generate.remote(request, request_id))
     if hires is None or request.init_image is not None:
         return result
@@ -326,7 +386,7 @@ async def batch_sizes(h: Handles, cropper: DeploymentHandle, r: dict, table: Siz
     crops = {a: cropper.crop.remote(bases[a], groups[a]) for a in groups}  # type: ignore[attr-defined]
     out: list[SizedImage] = []
     for aspect, pending in crops.items():
-        _focus, cut = await call(pending)
+        _focus, cut = await settled(pending)
         base: StageResult | None = None
         for crop in cut:
             image = crop.image

@@ -17,14 +17,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def deploy(deployment_options: dict | None = None) -> None:
-    """(Re)deploy the application, with per-deployment option overrides."""
+def deploy(deployment_options: dict | None = None, **args) -> None:
+    """(Re)deploy the application, with per-deployment option overrides and ``args`` replacing cpu.yaml's."""
     from ray import serve
 
     from graphs.app import build_app
 
-    args = yaml.safe_load((ROOT / "configs" / "cpu.yaml").read_text())["applications"][0]["args"]
-    serve.run(build_app({**args, "deployment_options": deployment_options or {}}), name="imagegen",
+    config = yaml.safe_load((ROOT / "configs" / "cpu.yaml").read_text())["applications"][0]["args"]
+    serve.run(build_app({**config, **args, "deployment_options": deployment_options or {}}), name="imagegen",
               route_prefix="/")
 
 

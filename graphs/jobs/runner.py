@@ -27,7 +27,7 @@ from deployments.support.imaging import encode
 from deployments.support.metrics import JobMetrics
 from deployments.support.settings import current
 from graphs import plans
-from graphs.api.errors import call, unwrap
+from graphs.api.errors import call, lost, unwrap
 from graphs.jobs.events import ProgressEvents, completed_data
 from graphs.jobs.results import open_results
 from graphs.jobs.sizes import SizeTable
@@ -82,6 +82,7 @@ class JobRunner:
         task = asyncio.create_task(self._run(job))
         keeper = asyncio.create_task(self._keep_lease(job, worker, task))
         status, result, error, event = "failed", None, None, {}
+        gone: BaseException | None = None
         try:
             result = await asyncio.wait_for(task, self.settings.job_timeout / 1000)
             result["timeTaken"] = int((time.monotonic() - started) * 1000)
@@ -95,12 +96,15 @@ class JobRunner:
             cause = unwrap(e)
             if isinstance(cause, GenerationCancelled):
                 status, error = "cancelled", "cancelled"
-            else:
+            elif (gone := lost(e)) is None:
                 code = getattr(cause, "code", type(cause).__name__)
                 error, event = f"{code}: {cause}", {"code": code, "message": str(cause)}
                 logger.warning("job %s failed: %s", job.id, error)
         finally:
             keeper.cancel()
+        if gone is not None:
+            await self._give_back(job, worker, gone)
+            return
         if not await asyncio.to_thread(self.store.finish, job.id, worker, status, result, error, event):
             logger.warning("job %s: lease lost before publishing; the result was dropped", job.id)
         elif job.webhook_url:
@@ -109,6 +113,15 @@ class JobRunner:
             delivery = asyncio.create_task(deliver(job.webhook_url, payload, self.settings))
             self._background.add(delivery)  # keep a reference until it is done
             delivery.add_done_callback(self._background.discard)
+
+    async def _give_back(self, job: Job, worker: str, gone: BaseException) -> None:
+        """A stage's replica, or its node, went away mid-job. The job is not at fault, so it goes back to the queue
+        rather than failing: its lease ends now, and the next claim (any runner's, on any node) queues it again and
+        counts the attempt, as for a runner that died; past JOB_MAX_ATTEMPTS it fails as a lost worker's does."""
+        logger.warning("job %s: %s mid-job; back to the queue", job.id, type(gone).__name__)
+        if not await asyncio.to_thread(self.store.heartbeat, job.id, worker, 0):
+            # Cancelled meanwhile: that is its outcome (a no-op when the lease is no longer ours).
+            await asyncio.to_thread(self.store.finish, job.id, worker, "cancelled", None, "cancelled", {})
 
     async def _keep_lease(self, job: Job, worker: str, task: asyncio.Task) -> None:
         interval = self.settings.job_lease_seconds / 3
