@@ -118,8 +118,13 @@ async def settled(response):
     if not earlier:
         return await call(response)
     stage = asyncio.ensure_future(call(response))
-    watch = asyncio.ensure_future(_first_lost(earlier))
+    watch: asyncio.Future | None = None
     try:
+        # Most stages answer before the first look would come: they cost the watch nothing.
+        await asyncio.wait({stage}, timeout=WATCH_EVERY_S)
+        if stage.done():
+            return stage.result()
+        watch = asyncio.ensure_future(_first_lost(earlier))
         await asyncio.wait({stage, watch}, return_when=asyncio.FIRST_COMPLETED)
         gone = watch.result() if watch.done() else None
         if gone is None:
@@ -128,7 +133,8 @@ async def settled(response):
         raise gone
     finally:
         for task in (stage, watch):
-            task.cancel()
+            if task is not None:
+                task.cancel()
 
 
 async def _first_lost(calls: list) -> BaseException | None:
@@ -147,7 +153,8 @@ async def _first_lost(calls: list) -> BaseException | None:
                     refs.append(task.result())
             ready, refs = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False) if refs else ([], [])
             for ref in ready:
-                if get_object_locations([ref], timeout_ms=1000).get(ref, {}).get("node_ids"):
+                where = await asyncio.to_thread(get_object_locations, [ref], 1000)  # a GCS call: off the loop
+                if where.get(ref, {}).get("node_ids"):
                     continue  # in the object store: a result, never an error
                 try:
                     await ref
