@@ -2,8 +2,9 @@
 
 Graph position: ingress -> **Provenance** (``POST /provenance/verify``; the A1111 routes, whose infotext needs every
 stage's outcome first) and JobRunner -> **Provenance** (the batch-sizes crops). Every other plan's last stage marks
-and encodes its own images (``StageResult.encode``). It runs here because the watermark needs OpenCV and the
-credentials c2pa, which the ingress and the job runner never import. CPU only.
+and encodes its own images (``StageResult.encode``). It runs here because reading the watermark needs
+invisible-watermark (OpenCV, torch) and the credentials need c2pa, which the ingress and the job runner never
+import. CPU only.
 """
 
 from __future__ import annotations

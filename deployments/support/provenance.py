@@ -4,19 +4,19 @@ Two marks, both added by the stage that encodes (``StageResult.encode``, in a mo
 
 - an invisible watermark in the pixels: invisible-watermark's DWT-DCT method, SDXL's reference watermark. The
   package's own ``encode`` wrapper swaps the horizontal and vertical wavelet details when it rebuilds the image
-  and wraps 8-bit values around, which costs 5 to 15 dB of PSNR, and loops over blocks in Python; so its embedding
-  rule runs here, vectorised (``quantise_band``: the package's output to the bit, tested), on a wavelet band this
-  module computes and inverts itself, and where the rule would push pixels past 0 or 255 it takes the step above
-  or below. The package's decoder (``WatermarkDecoder``) reads the result. By default the mark is in the luma
-  band, where it survives JPEG and WebP re-encoding; SDXL's reference puts it in the U band, which lossy
-  re-encoding erases (``WATERMARK_CHROMA_SCALE`` adds that band).
+  and wraps 8-bit values around, which costs 5 to 15 dB of PSNR, and it loops over blocks in Python; so its
+  embedding rule runs here vectorised (``quantise_band``: the package's result to the bit, tested) on the Haar
+  band this module computes, and where the rule would push pixels past 0 or 255 it takes the step above or
+  below. The package's decoder (``WatermarkDecoder``) reads the result. By default the mark is in the luma band,
+  where it survives JPEG and WebP re-encoding; SDXL's reference puts it in the U band, which lossy re-encoding
+  erases (``WATERMARK_CHROMA_SCALE`` adds that band).
 - C2PA content credentials in the file (c2pa-python): who made it (``claim_generator_info``), the action
   (``c2pa.created``, or ``c2pa.opened`` + ``c2pa.edited`` on a parent ingredient for an edit of an upload), the
   IPTC digital source type ``trainedAlgorithmicMedia`` and the models that ran, signed with the certificate chain
   and key the settings name. Without them credentials are off, and the log says so once.
 
-Import-light: the ingress imports this module (through ``generation``), so OpenCV, PyWavelets, invisible-watermark
-and c2pa load on first use, in the replica that encodes or verifies.
+Import-light: the ingress imports this module (through ``generation``). Embedding needs only numpy; c2pa loads
+when a replica first signs, invisible-watermark (and with it OpenCV and torch) when one first reads a mark.
 """
 
 from __future__ import annotations
@@ -108,23 +108,24 @@ class Watermark:
 
     def embed(self, image: Image.Image) -> Image.Image:
         """The image with the payload in its pixels (alpha, if any, untouched)."""
-        import cv2
-        import pywt
-
         rgb = np.asarray(_rgb(image))
-        yuv = cv2.cvtColor(np.ascontiguousarray(rgb[:, :, ::-1], dtype=np.float32), cv2.COLOR_BGR2YUV)
-        yuv[..., 1:] += 127.5  # float YUV centres U and V on 0.5, 8-bit on 128: the decoder reads 8-bit
-        rows, cols = yuv.shape[0] // 4 * 4, yuv.shape[1] // 4 * 4
+        rows, cols = rgb.shape[0] // 4 * 4, rgb.shape[1] // 4 * 4
+        red, green, blue = (rgb[:rows, :cols, c].astype(np.float32) for c in range(3))
+        luma = 0.299 * red + 0.587 * green + 0.114 * blue  # OpenCV's YUV, as the decoder converts
+        planes = (luma, 0.492 * (blue - luma) + 128.0)
+        out = rgb.copy()
         for channel, scale in enumerate(self.scales[:2]):
             if scale <= 0:
                 continue
-            band, details = pywt.dwt2(yuv[:rows, :cols, channel], "haar")
-            headroom = luma_headroom(rgb[:rows, :cols]) if channel == 0 else None
-            quantise_band(band, self.bits, scale, headroom)
-            yuv[:rows, :cols, channel] = pywt.idwt2((band, details), "haar")
-        yuv[..., 1:] -= 127.5
-        out = np.clip(np.rint(cv2.cvtColor(yuv, cv2.COLOR_YUV2BGR)), 0, 255).astype(np.uint8)[:, :, ::-1]
-        marked = Image.fromarray(np.ascontiguousarray(out))
+            p, q, change = quantise_band(haar_band(planes[channel]), self.bits, scale,
+                                         rgb[:rows, :cols] if channel == 0 else None)
+            # The inverse wavelet transform with only this band changed: each of the four pixels a moved
+            # coefficient covers moves by half its change, in R, G and B as this plane moves them.
+            for dy, dx in ((0, 0), (0, 1), (1, 0), (1, 1)):
+                r, c = 2 * p + dy, 2 * q + dx
+                moved = out[r, c].astype(np.float32) + (change / 2)[:, None] * _RGB_PER_UNIT[channel]
+                out[r, c] = np.clip(np.rint(moved), 0, 255).astype(np.uint8)
+        marked = Image.fromarray(out)
         if image.mode == "RGBA":
             marked.putalpha(image.getchannel("A"))
         return marked
@@ -144,30 +145,43 @@ class Watermark:
                                payload_hex=np.packbits(padded).tobytes().hex(), bit_accuracy=round(accuracy, 4))
 
 
-def quantise_band(band: np.ndarray, bits: tuple[int, ...], scale: float,
-                   headroom: tuple[np.ndarray, np.ndarray] | None = None) -> None:
-    """invisible-watermark's DWT-DCT embedding (``EmbedMaxDct.encode_frame``), vectorised, in place: in each 4x4
-    block of the wavelet band (row-major, bit ``i % len(bits)`` in block ``i``) the largest coefficient but the
-    first moves to the lower (bit 0) or upper (bit 1) middle of its quantisation step. The package loops over the
-    blocks in Python (about a second for a 1536x1536 image); the result is the same to the bit (tested).
+# What a unit change of Y or U does to R, G and B (OpenCV's YUV): luma moves all three alike.
+_RGB_PER_UNIT = np.array([[1.0, 1.0, 1.0], [0.0, -0.395, 2.032]], dtype=np.float32)
 
-    ``headroom``: per coefficient, how far it may move down and up before a pixel it covers leaves 0..255. Where
-    the package's target is out of reach (dark or bright areas, where clipping would erase the bit) the same
-    position in the step above or below is taken instead, one that keeps the coefficient the block's largest."""
+
+def haar_band(plane: np.ndarray) -> np.ndarray:
+    """The approximation band of a one-level Haar transform (``pywt.dwt2(plane, "haar")[0]``, tested): each
+    coefficient is half the sum of a 2x2 pixel group."""
+    rows, cols = plane.shape[0] // 2 * 2, plane.shape[1] // 2 * 2
+    return plane[:rows, :cols].reshape(rows // 2, 2, cols // 2, 2).sum(axis=(1, 3), dtype=np.float64) / 2
+
+
+def quantise_band(band: np.ndarray, bits: tuple[int, ...], scale: float,
+                  pixels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """invisible-watermark's DWT-DCT embedding (``EmbedMaxDct.encode_frame``), vectorised: in each 4x4 block of
+    the band (row-major, bit ``i % len(bits)`` in block ``i``) the largest coefficient but the first moves to the
+    lower (bit 0) or upper (bit 1) middle of its quantisation step. The package loops over the blocks in Python
+    (see ``tests/bench_provenance.py``); this returns the moved coefficients (rows, columns, changes), which
+    applied to the band give the package's result to the bit (tested).
+
+    ``pixels``: the RGB image of a luma band. Where the package's target would push a pixel the coefficient covers
+    past 0 or 255 (dark and bright areas, where clipping erases the bit), the same place in the step above or below
+    is taken, one that keeps the coefficient the block's largest."""
     rows, cols = band.shape[0] // 4 * 4, band.shape[1] // 4 * 4
     blocks = band[:rows, :cols].reshape(rows // 4, 4, cols // 4, 4).swapaxes(1, 2).reshape(-1, 16)
     index = np.arange(len(blocks))
     position = np.argmax(np.abs(blocks[:, 1:]), axis=1) + 1  # ties: the first, as the package's argmax
     value = blocks[index, position].astype(np.float64)
+    p = index // (cols // 4) * 4 + position // 4  # the coefficient's row and column in the band
+    q = index % (cols // 4) * 4 + position % 4
     bit = np.asarray(bits, dtype=np.float64)[index % len(bits)]
     sign = np.where(value >= 0, 1.0, -1.0)
     target = sign * (np.floor(np.abs(value) / scale) + 0.25 + 0.5 * bit) * scale
-    if headroom is not None:
-        def block_view(a: np.ndarray) -> np.ndarray:
-            return a[:rows, :cols].reshape(rows // 4, 4, cols // 4, 4).swapaxes(1, 2).reshape(-1, 16)[index, position]
-
-        low, high = block_view(headroom[0]), block_view(headroom[1])
-        runner_up = np.partition(np.abs(blocks[:, 1:]), -2, axis=1)[:, -2]  # must stay below, to be read back
+    if pixels is not None:
+        # The 2x2 pixel group under each moved coefficient; a change d moves its pixels by d/2.
+        group = pixels[2 * p[:, None] + [0, 0, 1, 1], 2 * q[:, None] + [0, 1, 0, 1]]
+        low, high = -2.0 * group.min(axis=(1, 2)), 2.0 * (255.0 - group.max(axis=(1, 2)))
+        runner_up = np.partition(np.abs(blocks[:, 1:]), -2, axis=1)[:, -2]  # to be read back, stay above it
         options = np.stack([target, target + scale, target - scale])  # the package's first; same residue
         change = options - value
         in_range = (change >= low) & (change <= high) & (np.sign(options) * sign >= 0)
@@ -175,21 +189,8 @@ def quantise_band(band: np.ndarray, bits: tuple[int, ...], scale: float,
         cost = np.where(fits, np.abs(change), np.inf)
         cost[0] = np.where(in_range[0], -1.0, cost[0])  # the package's choice wherever it stays in range
         pick = np.argmin(cost, axis=0)
-        target = np.where(np.isfinite(cost).any(axis=0), options[pick, np.arange(len(pick))], target)
-    blocks[index, position] = target
-    band[:rows, :cols] = blocks.reshape(rows // 4, cols // 4, 4, 4).swapaxes(1, 2).reshape(rows, cols)
-
-
-def luma_headroom(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """How far each luma wavelet coefficient may move (down, up): a change d moves the four pixels it covers by
-    d/2 in R, G and B alike, none of which may leave 0..255."""
-    rows, cols = rgb.shape[0] // 2 * 2, rgb.shape[1] // 2 * 2
-
-    def pooled(a: np.ndarray, reduce) -> np.ndarray:
-        return reduce(a[:rows, :cols].reshape(rows // 2, 2, cols // 2, 2), axis=(1, 3)).astype(np.float64)
-
-    darkest, brightest = pooled(rgb.min(axis=2), np.min), pooled(rgb.max(axis=2), np.max)
-    return -2.0 * darkest, 2.0 * (255.0 - brightest)
+        target = np.where(np.isfinite(cost).any(axis=0), options[pick, index], target)
+    return p, q, target - value
 
 
 # --- C2PA content credentials --------------------------------------------------------------------------------------
