@@ -38,7 +38,7 @@ from deployments.support.settings import Settings, current
 
 logger = logging.getLogger(__name__)
 
-MIN_SIDE = 256  # the DWT-DCT method needs 256x256 pixels (its own check); a side below that is not marked
+MIN_SIDE = 256  # the package refuses images under 256x256 pixels; here a side under 256 is not marked
 KEEP_LARGEST = 2.0  # margin by which a moved coefficient stays the block's largest, for rounding on the way back
 FOUND_AT = 0.9  # fraction of payload bits that must match: unmarked images read about half of them
 TRAINED = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
@@ -77,7 +77,7 @@ def _rgb(image: Image.Image) -> Image.Image:
 # --- the invisible watermark ---------------------------------------------------------------------------------------
 
 class WatermarkReport(BaseModel):
-    checked: bool = Field(..., description="false: the image is too small for the method, or the mark is off")
+    checked: bool = Field(..., description="false: a side under 256 pixels, too small for the method")
     found: bool = Field(False, description=f"at least {FOUND_AT:.0%} of the configured payload's bits read back")
     payload: str | None = Field(None, description="the bits read, as 0s and 1s")
     payload_hex: str | None = None
@@ -208,7 +208,7 @@ class Facts:
         models = {"checkpoint": info.get("model"), "refiner": info.get("refiner"),
                   "upscaler": info.get("upscaler") or info.get("hires_upscaler"),
                   "face_restorer": info.get("restorer") if info.get("face_restoration_applied") else None}
-        return cls({k: str(v) for k, v in models.items() if v}, parent)
+        return cls({k: str(v) for k, v in models.items() if v and v != "None"}, parent)  # "None": no upscaler
 
     @property
     def agent(self) -> str:
