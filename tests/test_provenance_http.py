@@ -135,6 +135,18 @@ def test_tampered_truncated_and_garbage_uploads_never_cost_a_5xx(service, genera
     for bad in (generated[: len(generated) // 2], generated[:100], b"garbage", b"\x89PNG\r\n\x1a\n"):
         error(service.post("/provenance/verify", json={"image": base64.b64encode(bad).decode()}), 400,
               "INVALID_IMAGE", "image")
+    tiny = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(tiny, format="PNG")
+    bomb = bytearray(tiny.getvalue())  # its header claims 60000x60000: refused before a pixel is decoded
+    bomb[16:24] = (60_000).to_bytes(4, "big") * 2
+    bomb[29:33] = zlib.crc32(bytes(bomb[12:29])).to_bytes(4, "big")
+    for fmt in ("GIF", "BMP", "TIFF"):
+        other = io.BytesIO()
+        Image.new("RGB", (300, 300)).save(other, format=fmt)
+        error(service.post("/provenance/verify", json={"image": base64.b64encode(other.getvalue()).decode()}), 400,
+              "INVALID_IMAGE", "image")
+    error(service.post("/provenance/verify", json={"image": base64.b64encode(bomb).decode()}), 400,
+          "INVALID_IMAGE", "image")
     error(service.post("/provenance/verify", json={"image": ""}), 400, "INVALID_IMAGE", "image")
     error(service.post("/provenance/verify", json={"image": 5}), 422, "INVALID_INPUT", "image")
     error(service.post("/provenance/verify", json={"image": "A" * (5 * 1024 * 1024)}), 413, "PAYLOAD_TOO_LARGE")
