@@ -38,11 +38,11 @@ def measure(runs: int) -> list[dict]:
     from tests.helpers import signing_credentials
 
     os.environ.update(signing_credentials(tempfile.mkdtemp()))
-    from deployments.support import provenance
+    from deployments.support import credentials, provenance
     from deployments.support.imaging import encode
 
     marks = provenance.marker()
-    facts = provenance.Facts.of({"model": "sdxl-base", "refiner": "sdxl-refiner"})
+    facts = credentials.Facts.of({"model": "sdxl-base", "refiner": "sdxl-refiner"})
     rows = []
     for side in (512, 1024):
         photo = Image.fromarray(data.astronaut()).resize((side, side), Image.Resampling.LANCZOS)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deployments.support import provenance
+from deployments.support import credentials, provenance, watermark
 from deployments.support.errors import InvalidImage
 from deployments.support.generation import Encoding, StageResult
 from deployments.support.settings import SDXL_WATERMARK_BITS, Settings
@@ -24,16 +24,16 @@ INFO = {"model": "tiny-sdxl-base", "refiner": "tiny-sdxl-refiner", "mode": "txt2
 
 
 @pytest.fixture(scope="module")
-def credentials(tmp_path_factory) -> dict[str, str]:
+def c2pa_setup(tmp_path_factory) -> dict[str, str]:
     return signing_credentials(tmp_path_factory.mktemp("c2pa"))
 
 
 @pytest.fixture
-def signing(credentials, monkeypatch) -> dict[str, str]:
+def signing(c2pa_setup, monkeypatch) -> dict[str, str]:
     """This process's settings sign with the test certificate (the marker follows the settings)."""
-    for name, value in credentials.items():
+    for name, value in c2pa_setup.items():
         monkeypatch.setenv(name, value)
-    return credentials
+    return c2pa_setup
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def manifest_of(data: bytes, anchors: str | None = None) -> tuple[str, dict]:
 
     trust = {"user_anchors": Path(anchors).read_text()} if anchors else {}
     context = c2pa.Context.from_dict({"trust": trust, "verify": {"remote_manifest_fetch": False}})
-    with c2pa.Reader(provenance.mime_of(data), io.BytesIO(data), None, context) as reader:
+    with c2pa.Reader(credentials.mime_of(data), io.BytesIO(data), None, context) as reader:
         return reader.get_validation_state(), reader.get_active_manifest()
 
 
@@ -102,12 +102,12 @@ def test_the_embedding_is_the_packages_to_the_bit():
         band = (rng.random(shape) * 600 - 50).astype(np.float32)
         theirs = band.copy()
         EmbedMaxDct(list(bits), wmLen=len(bits), scales=[24, 0, 0], block=4).encode_frame(theirs, 24)
-        rows, columns, change = provenance.quantise_band(band, bits, 24)
+        rows, columns, change = watermark.quantise_band(band, bits, 24)
         ours = band.astype(np.float64)
         ours[rows, columns] += change
         assert np.array_equal(ours.astype(np.float32), theirs)
         image = rng.random((2 * shape[0] + 3, 2 * shape[1] + 1)).astype(np.float32) * 255
-        ours_band = provenance.haar_band(image)  # whole 2x2 groups only: pywt pads an odd edge
+        ours_band = watermark.haar_band(image)  # whole 2x2 groups only: pywt pads an odd edge
         assert ours_band.shape == (shape[0] + 1, shape[1])
         assert np.allclose(ours_band, pywt.dwt2(image, "haar")[0][: shape[0] + 1, : shape[1]], atol=1e-3)
 
@@ -183,11 +183,11 @@ def test_every_format_carries_a_manifest_that_validates(photo, signing, fmt):
     state, manifest = manifest_of(data, signing["C2PA_TRUST_ANCHORS_FILE"])
     assert state == "Trusted"
     assert manifest["claim_generator_info"][0]["name"] == "imagegen"
-    assert manifest["claim_generator_info"][0]["version"] == provenance.version() == "0.1.0"
+    assert manifest["claim_generator_info"][0]["version"] == credentials.version() == "0.1.0"
     actions = next(a["data"]["actions"] for a in manifest["assertions"] if a["label"] == "c2pa.actions.v2")
     assert actions == [{"action": "c2pa.created", "softwareAgent": {"name": "tiny-sdxl-base"},
                         "digitalSourceType": "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"}]
-    models = next(a["data"] for a in manifest["assertions"] if a["label"] == provenance.GENERATION_LABEL)
+    models = next(a["data"] for a in manifest["assertions"] if a["label"] == credentials.GENERATION_LABEL)
     assert models == {"checkpoint": "tiny-sdxl-base", "refiner": "tiny-sdxl-refiner"}
     assert "thumbnail" not in manifest  # no second copy of the image inside the file
     # Without the CA among the trust anchors the signature is still intact: valid, not trusted.
@@ -196,7 +196,7 @@ def test_every_format_carries_a_manifest_that_validates(photo, signing, fmt):
     report = provenance.marker().verify(data)
     assert report.credentials.validation_state == "trusted" and report.credentials.checkpoint == "tiny-sdxl-base"
     assert report.credentials.claim_generator == "imagegen 0.1.0" and report.watermark.found
-    assert report.credentials.actions[0].digital_source_type == provenance.TRAINED
+    assert report.credentials.actions[0].digital_source_type == credentials.TRAINED
 
 
 def test_an_edit_names_the_upload_it_started_from(photo, signing):
@@ -207,7 +207,7 @@ def test_an_edit_names_the_upload_it_started_from(photo, signing):
     assert state == "Trusted"
     actions = next(a["data"]["actions"] for a in manifest["assertions"] if a["label"] == "c2pa.actions.v2")
     assert [a["action"] for a in actions] == ["c2pa.opened", "c2pa.edited"]
-    assert actions[1]["digitalSourceType"] == provenance.TRAINED
+    assert actions[1]["digitalSourceType"] == credentials.TRAINED
     assert actions[1]["softwareAgent"] == {"name": "R-ESRGAN 4x+"}
     (ingredient,) = manifest["ingredients"]
     assert ingredient["relationship"] == "parentOf" and ingredient["format"] == "image/png"
@@ -231,18 +231,18 @@ def test_without_certificate_there_is_no_manifest_and_one_log_line(photo, monkey
         second = StageResult(images=[photo.resize((128, 128))], info=INFO).encode(Encoding(format="webp"))
     said = [r for r in caplog.records if "content credentials off" in r.getMessage()]
     assert len(said) == 1 and not second.info["credentials"]
-    assert provenance.marker().verify(first).credentials.model_dump() == provenance.CredentialsReport(
+    assert provenance.marker().verify(first).credentials.model_dump() == credentials.CredentialsReport(
         present=False).model_dump()
 
 
-def test_a_key_that_does_not_match_its_certificate_is_refused(credentials, tmp_path):
+def test_a_key_that_does_not_match_its_certificate_is_refused(c2pa_setup, tmp_path):
     other = signing_credentials(tmp_path)
-    with pytest.raises(provenance.SigningFailed, match="claimSignature.mismatch"):
-        provenance.Marker(Settings(c2pa_cert_file=credentials["C2PA_CERT_FILE"],
+    with pytest.raises(credentials.SigningFailed, match="claimSignature.mismatch"):
+        provenance.Marker(Settings(c2pa_cert_file=c2pa_setup["C2PA_CERT_FILE"],
                                    c2pa_key_file=other["C2PA_KEY_FILE"]))
-    with pytest.raises(provenance.SigningFailed, match="self-signed"):
-        provenance.Marker(Settings(c2pa_cert_file=credentials["C2PA_TRUST_ANCHORS_FILE"],
-                                   c2pa_key_file=credentials["C2PA_KEY_FILE"]))
+    with pytest.raises(credentials.SigningFailed, match="self-signed"):
+        provenance.Marker(Settings(c2pa_cert_file=c2pa_setup["C2PA_TRUST_ANCHORS_FILE"],
+                                   c2pa_key_file=c2pa_setup["C2PA_KEY_FILE"]))
 
 
 # --- reading forged, truncated and garbage files -------------------------------------------------------------------
@@ -289,8 +289,8 @@ def test_a_manifest_copied_onto_other_pixels_reads_invalid(photo, signing):
     chunk = signed[start:start + length]
     theirs = other.find(b"caBX") - 4
     spliced = other[:theirs] + chunk + other[theirs + int.from_bytes(other[theirs:theirs + 4], "big") + 12:]
-    credentials = provenance.marker().verify(spliced).credentials
-    assert credentials.validation_state == "invalid" and "assertion.dataHash.mismatch" in credentials.failures
+    read = provenance.marker().verify(spliced).credentials
+    assert read.validation_state == "invalid" and "assertion.dataHash.mismatch" in read.failures
 
 
 def test_truncated_and_garbage_files_are_invalid_images(photo, signing):
@@ -303,19 +303,19 @@ def test_truncated_and_garbage_files_are_invalid_images(photo, signing):
         assert refused.value.field == "image"
 
 
-def test_the_readme_settings_sign(credentials, photo):
+def test_the_readme_settings_sign(c2pa_setup, photo):
     """The README's environment block names settings that exist; with real files behind them, images are signed."""
     section = (Path(__file__).resolve().parents[1] / "README.md").read_text().split("## Provenance")[1]
     section = section.split("\n## ")[0]
     exports = dict(line.removeprefix("export ").split("=", 1) for line in section.splitlines()
                    if line.startswith("export "))
     assert set(exports) == {"C2PA_CERT_FILE", "C2PA_KEY_FILE", "C2PA_ALGORITHM", "C2PA_TRUST_ANCHORS_FILE"}
-    files = {"C2PA_CERT_FILE": credentials["C2PA_CERT_FILE"], "C2PA_KEY_FILE": credentials["C2PA_KEY_FILE"],
-             "C2PA_TRUST_ANCHORS_FILE": credentials["C2PA_TRUST_ANCHORS_FILE"]}
+    files = {"C2PA_CERT_FILE": c2pa_setup["C2PA_CERT_FILE"], "C2PA_KEY_FILE": c2pa_setup["C2PA_KEY_FILE"],
+             "C2PA_TRUST_ANCHORS_FILE": c2pa_setup["C2PA_TRUST_ANCHORS_FILE"]}
     settings = Settings(**{**exports, **files})
     assert settings.c2pa_algorithm == exports["C2PA_ALGORITHM"]
     marks = provenance.Marker(settings)
     out = io.BytesIO()
     photo.save(out, format="PNG")
-    signed = marks.sign(out.getvalue(), "png", provenance.Facts.of(INFO))
+    signed = marks.sign(out.getvalue(), "png", credentials.Facts.of(INFO))
     assert marks.verify(signed).credentials.validation_state == "trusted"

@@ -15,6 +15,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.support import overlay, provenance
+from deployments.support.credentials import Facts
 from deployments.support.errors import GenerationCancelled, InvalidInput
 from deployments.support.imaging import encode as encode_image
 from deployments.support.overlay import Overlay
@@ -114,7 +115,7 @@ class StageResult:
         marks = provenance.marker()
         marked = [marks.mark(image) for image in images]
         images, watermarked = [image for image, _ in marked], [done for _, done in marked]
-        facts = provenance.Facts.of(self.info, how.parent)
+        facts = Facts.of(self.info, how.parent)
         data = [marks.sign(encode_image(image, how.format, how.quality, {"parameters": text} if text else None,
                                         how.png_level), how.format, facts)
                 for image, text in zip(images, texts, strict=False)]
