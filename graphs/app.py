@@ -1,4 +1,5 @@
-"""The application graph: a FastAPI ingress bound to the five model deployments.
+"""The application graph: a FastAPI ingress bound to the five model deployments (and Provenance, which marks and
+reads provenance where the ingress and job runner cannot).
 
 ``build_app(args)`` is the ``import_path`` target of ``serve_config.yaml``; its ``args`` validate into
 ``AppArgs``. Strings in args may use ``$VAR`` / ``~``, expanded once here, so one config file can point at model
@@ -23,7 +24,7 @@ from deployments.support.config import (
 )
 from deployments.support.settings import current
 from graphs import plans
-from graphs.api import a1111, a1111_info, generate, illustration, jobs, processing, ui
+from graphs.api import a1111, a1111_info, generate, illustration, jobs, processing, provenance, ui
 from graphs.api.edge import create_app
 from graphs.api.photos import PhotoStore, StorageConfig
 from graphs.board import ProgressBoard
@@ -65,7 +66,7 @@ class AppArgs(BaseModel):
 
 app = create_app()
 app.include_router(generate.open_router)
-for module in (generate, illustration, processing, a1111, a1111_info, jobs, ui):
+for module in (generate, illustration, processing, a1111, a1111_info, jobs, provenance, ui):
     app.include_router(module.router)
 app.include_router(a1111_info.internal)
 
@@ -79,12 +80,14 @@ class Ingress(
     a1111.A1111Routes,
     a1111_info.A1111InfoRoutes,
     jobs.JobRoutes,
+    provenance.ProvenanceRoutes,
 ):
-    def __init__(self, base, refiner, upscaler, faces, cropper, runner, board, args: dict) -> None:
+    def __init__(self, base, refiner, upscaler, faces, cropper, runner, board, args: dict, marks=None) -> None:
         config = AppArgs.model_validate(args)
         self.config = config
         self.handles = plans.Handles(base, refiner, upscaler, faces, board)
         self.cropper = cropper
+        self.provenance = marks  # marks and encodes A1111's images, reads uploads' marks
         self.hires_upscaler = config.hires_upscaler
         self.settings = current()  # read once, in the serving process
         self.photos = PhotoStore(StorageConfig.from_settings(self.settings))
@@ -100,6 +103,7 @@ def build_app(args: dict) -> Application:
     # stay free of torch and the model libraries (tests/test_light_ingress.py).
     from deployments.face_restorer import FaceRestorer
     from deployments.focal_cropper import FocalCropper
+    from deployments.provenance import Provenance
     from deployments.sdxl_base import SDXLBase
     from deployments.sdxl_refiner import SDXLRefiner
     from deployments.upscaler import Upscaler
@@ -115,5 +119,7 @@ def build_app(args: dict) -> Application:
     upscaler = deployment(Upscaler).bind(config.upscaler.model_dump())
     faces = deployment(FaceRestorer).bind(config.face_restorer.model_dump())
     cropper = deployment(FocalCropper).bind(config.focal_cropper.model_dump())
-    runner = deployment(JobRunner).bind(base, refiner, upscaler, faces, cropper, board, config.hires_upscaler)
-    return deployment(Ingress).bind(base, refiner, upscaler, faces, cropper, runner, board, config.model_dump())
+    marks = deployment(Provenance).bind()
+    runner = deployment(JobRunner).bind(base, refiner, upscaler, faces, cropper, board, config.hires_upscaler, marks)
+    return deployment(Ingress).bind(base, refiner, upscaler, faces, cropper, runner, board, config.model_dump(),
+                                    marks)

@@ -177,7 +177,15 @@ def serve_app() -> None:
 
 
 @pytest.fixture(scope="session")
-def service(tiny, s3_proxy, jobs_dir):
+def c2pa_files(tmp_path_factory) -> dict[str, str]:
+    """A throwaway CA and signing certificate: the served images carry content credentials the tests can trust."""
+    from tests.helpers import signing_credentials
+
+    return signing_credentials(tmp_path_factory.mktemp("c2pa"))
+
+
+@pytest.fixture(scope="session")
+def service(tiny, s3_proxy, jobs_dir, c2pa_files):
     import httpx
 
     env = {
@@ -189,6 +197,7 @@ def service(tiny, s3_proxy, jobs_dir):
         "WEBHOOK_BACKOFF_SECONDS": "0.2", "JOBS_PER_TOKEN": "true",
         # The suite floods the service on purpose (test_hostile); test_ratelimit_http tightens these.
         "RATE_LIMIT_GENERATE_BURST": "100000", "RATE_LIMIT_SUBMIT_BURST": "100000", "RATE_LIMIT_READ_BURST": "100000",
+        **c2pa_files,  # signed content credentials on every image (the watermark is on by default)
     }
     os.environ["TINY_MODELS"] = str(tiny)
     base_url = cluster.start(env, DEPLOYMENT_OPTIONS, _metrics_export_port=METRICS_PORT)

@@ -14,7 +14,8 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from deployments.support import overlay
+from deployments.support import overlay, provenance
+from deployments.support.credentials import Facts
 from deployments.support.errors import GenerationCancelled, InvalidInput
 from deployments.support.imaging import encode as encode_image
 from deployments.support.overlay import Overlay
@@ -85,6 +86,8 @@ class Encoding(BaseModel):
     png_level: int | None = Field(None, ge=0, le=9, description="None: the PNG_COMPRESS_LEVEL setting")
     parameters: list[str] | None = Field(None, description="A1111 infotext per image, a PNG 'parameters' chunk")
     overlay: Overlay | None = Field(None, description="a caption or logo drawn on each image before encoding")
+    parent: bytes | None = Field(None, repr=False, description="the uploaded file an edit started from: the parent "
+                                 "ingredient of its content credentials (img2img, inpainting, upscales)")
 
 
 @dataclass
@@ -102,15 +105,22 @@ class StageResult:
     sizes: list[tuple[int, int]] = field(default_factory=list)  # their sizes, which travel with the bytes
 
     def encode(self, how: Encoding) -> StageResult:
-        """The same result with its images as files (and their sizes) in place of pixels."""
+        """The same result with its images as files (and their sizes) in place of pixels: overlays drawn, then the
+        invisible watermark, the encoding, and the content credentials (``deployments.support.provenance``)."""
         texts: list[str | None] = [*how.parameters] if how.parameters else [None] * len(self.images)
         images = self.images
         if how.overlay is not None:
             mark = overlay.prepare(how.overlay, current().fonts_dir, "overlay")
             images = [overlay.draw(image, mark) for image in images]
-        data = [encode_image(image, how.format, how.quality, {"parameters": text} if text else None, how.png_level)
+        marks = provenance.marker()
+        marked = [marks.mark(image) for image in images]
+        images, watermarked = [image for image, _ in marked], [done for _, done in marked]
+        facts = Facts.of(self.info, how.parent)
+        data = [marks.sign(encode_image(image, how.format, how.quality, {"parameters": text} if text else None,
+                                        how.png_level), how.format, facts)
                 for image, text in zip(images, texts, strict=False)]
-        return StageResult(seeds=self.seeds, warnings=self.warnings, info=self.info, encoded=data,
+        info = {**self.info, "watermarked": watermarked, "credentials": marks.signer is not None}
+        return StageResult(seeds=self.seeds, warnings=self.warnings, info=info, encoded=data,
                            sizes=[image.size for image in images])
 
     @property

@@ -7,6 +7,7 @@ bearer token, else its address), never another client's.
 """
 
 import asyncio
+import base64
 import json
 import time
 import uuid
@@ -16,7 +17,8 @@ from fastapi import APIRouter, Request
 from PIL import Image
 
 from deployments.support.errors import InvalidInput, UnknownModel
-from deployments.support.generation import GenerationRequest
+from deployments.support.generation import Encoding, GenerationRequest, StageResult
+from deployments.support.imaging import decode
 from deployments.support.samplers import SCHEDULES
 from graphs import plans
 from graphs.api.a1111_models import (
@@ -35,7 +37,7 @@ from graphs.api.a1111_models import (
 from graphs.api.body import JSONBodyRoute
 from graphs.api.edge import token_owner
 from graphs.api.errors import call
-from graphs.api.fields import b64_png, image_field
+from graphs.api.fields import b64_png, image_bytes, image_field
 from graphs.jobs.store import JobStore
 
 router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"], route_class=JSONBodyRoute)
@@ -61,6 +63,15 @@ def _client(request: Request) -> str:
 class A1111Routes:
     handles: plans.Handles
     jobs: JobStore
+    provenance: object
+
+    async def _files(self, images: list[Image.Image], info: dict, parameters: list[str] | None = None,
+                     parent: bytes | None = None) -> list[str]:
+        """Base64 PNGs, watermarked, encoded and signed in the Provenance deployment (the ingress imports neither
+        OpenCV nor c2pa); ``parent``: the uploaded file an edit started from."""
+        result = await call(self.provenance.encode.remote(  # type: ignore[attr-defined]
+            StageResult(images=images, info=info), Encoding(parameters=parameters, parent=parent)))
+        return [base64.b64encode(data).decode() for data in result.encoded]
 
     async def _track(self, flight: InFlight) -> None:
         record = {"id": flight.id, "started": flight.started, "total_steps": flight.total_steps,
@@ -91,7 +102,7 @@ class A1111Routes:
                                  steps=r.steps, guidance_scale=r.cfg_scale, seed=seed, batch_size=r.batch_size,
                                  sampler=r.sampler_name, schedule=schedule, **extra)
 
-    async def _run(self, http: Request, r: Txt2ImgRequest, **extra) -> ImagesResponse:
+    async def _run(self, http: Request, r: Txt2ImgRequest, parent: bytes | None = None, **extra) -> ImagesResponse:
         if r.batch_size * r.n_iter > MAX_IMAGES:
             raise InvalidInput(f"batch_size x n_iter exceeds {MAX_IMAGES} images", field="batch_size")
         model = await self._checkpoint(r)
@@ -100,6 +111,7 @@ class A1111Routes:
         seeds: list[int] = []
         warnings: list[str] = []  # every stage's, as /generate reports them; each said once
         extras: dict = {}
+        facts: dict = {"model": model}  # what ran, for the images' content credentials
         try:
             seed = r.seed
             async with plans.flight():
@@ -111,6 +123,7 @@ class A1111Routes:
                     images += result.images
                     seeds += result.seeds
                     warnings += result.warnings
+                    facts.update(result.info)
                     seed = result.seeds[-1] + 1
         finally:
             await asyncio.to_thread(self.jobs.untrack, job.client, job.id)
@@ -120,6 +133,7 @@ class A1111Routes:
                 report = await call(self.handles.faces.restore.remote(image, 0.6))
                 restored.append(report.image)
                 warnings += report.warnings
+                facts.update(report.info)
             images = restored
             extras["Face restoration"] = "CodeFormer"
         texts = [infotext(r, s, model, extras) for s in seeds]
@@ -131,8 +145,7 @@ class A1111Routes:
                 "sd_model_name": model, "infotexts": texts, "styles": [],
                 "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "version": "imagegen-0.1",
                 "warnings": list(dict.fromkeys(warnings))}
-        encoded = await asyncio.to_thread(  # off the event loop; the infotext needs every stage's outcome first
-            lambda: [b64_png(image, {"parameters": text}) for image, text in zip(images, texts, strict=True)])
+        encoded = await self._files(images, facts, texts, parent)  # the infotext needs every stage's outcome first
         parameters = r.model_dump(exclude={"init_images", "mask"})
         return ImagesResponse(images=encoded, parameters=parameters, info=json.dumps(info))
 
@@ -160,19 +173,21 @@ class A1111Routes:
     @router.post("/img2img", response_model=ImagesResponse)
     async def img2img(self, body: Img2ImgRequest, http: Request) -> ImagesResponse:
         """Image to image; with a mask, inpainting (white repaints)."""
-        init = image_field(body.init_images[0], "init_images")
+        parent = image_bytes(body.init_images[0], "init_images")
+        init = decode(parent, field="init_images")
         mask = image_field(body.mask, "mask") if body.mask else None
-        return await self._run(http, body, init_image=init, mask=mask, mask_blur=body.mask_blur,
+        return await self._run(http, body, parent, init_image=init, mask=mask, mask_blur=body.mask_blur,
                                strength=body.denoising_strength)
 
-    async def _extras(self, body: ExtrasRequest, image: Image.Image) -> Image.Image:
+    async def _extras(self, body: ExtrasRequest, image: Image.Image) -> tuple[Image.Image, dict]:
+        """The upscaled (and restored) image, and what ran."""
         scale: float | None = body.upscaling_resize
         width: int | None = None
         height: int | None = None
         if body.resize_mode == 1:
             scale, width, height = None, body.upscaling_resize_w, body.upscaling_resize_h
         first = await call(self.handles.upscaler.upscale.remote(image, body.upscaler_1, scale, width, height))
-        out = first.image
+        out, info = first.image, dict(first.info)
         visibility = body.upscaler_2_visibility or body.extras_upscaler_2_visibility
         if body.upscaler_2 != "None" and visibility > 0:
             second = await call(self.handles.upscaler.upscale.remote(image, body.upscaler_2, scale, width, height))
@@ -181,19 +196,26 @@ class A1111Routes:
         if face_visibility > 0:
             restored = await call(self.handles.faces.restore.remote(out, body.codeformer_weight, face_visibility))
             out = restored.image
-        return out
+            info.update(restored.info)
+        return out, info
 
     @router.post("/extra-single-image", response_model=ExtrasResponse)
     async def extra_single_image(self, body: ExtrasRequest) -> ExtrasResponse:
         """Upscale (two blended upscalers) and restore faces in one image."""
-        out = await self._extras(body, image_field(body.image, "image"))
-        return ExtrasResponse(html_info="", image=b64_png(out))
+        raw = image_bytes(body.image, "image")
+        out, info = await self._extras(body, decode(raw, field="image"))
+        return ExtrasResponse(html_info="", image=(await self._files([out], info, parent=raw))[0])
 
     @router.post("/extra-batch-images", response_model=ExtrasBatchResponse)
     async def extra_batch_images(self, body: ExtrasBatchRequest) -> ExtrasBatchResponse:
         """The same as extra-single-image for a list of images."""
-        images = [image_field(item.data, f"imageList.{i}.data") for i, item in enumerate(body.imageList)]
-        return ExtrasBatchResponse(html_info="", images=[b64_png(await self._extras(body, i)) for i in images])
+        files = [image_bytes(item.data, f"imageList.{i}.data") for i, item in enumerate(body.imageList)]
+        images = [decode(raw, field=f"imageList.{i}.data") for i, raw in enumerate(files)]
+        out = []
+        for image, raw in zip(images, files, strict=True):
+            upscaled, info = await self._extras(body, image)
+            out += await self._files([upscaled], info, parent=raw)
+        return ExtrasBatchResponse(html_info="", images=out)
 
     @router.get("/progress", response_model=Progress)
     async def progress(self, http: Request, skip_current_image: bool = False) -> dict:

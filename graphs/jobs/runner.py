@@ -22,12 +22,12 @@ from PIL import Image
 from ray import serve
 
 from deployments.support.errors import GenerationCancelled
-from deployments.support.generation import Encoding
-from deployments.support.imaging import encode
+from deployments.support.generation import Encoding, StageResult, encoded
 from deployments.support.metrics import JobMetrics
 from deployments.support.settings import current
 from graphs import plans
 from graphs.api.errors import call, lost, unwrap
+from graphs.api.fields import image_bytes
 from graphs.jobs.events import ProgressEvents, completed_data
 from graphs.jobs.results import open_results
 from graphs.jobs.sizes import SizeTable
@@ -36,17 +36,17 @@ from graphs.jobs.webhooks import deliver
 
 logger = logging.getLogger(__name__)
 
-
-def png(image: Image.Image) -> bytes:
-    return encode(image, "png")
+# The upload a seed-003 edit starts from: the parent ingredient of its images' content credentials.
+PARENT_FIELD = {"img2img": "initImage", "inpaint": "image", "style-transfer": "contentImage"}
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=8, health_check_period_s=10)
 class JobRunner:
     def __init__(self, base, refiner, upscaler, faces, cropper, board=None,
-                 hires_upscaler: str = "R-ESRGAN 2x+") -> None:
+                 hires_upscaler: str = "R-ESRGAN 2x+", marks=None) -> None:
         self.handles = plans.Handles(base, refiner, upscaler, faces, board)
         self.cropper = cropper
+        self.marks = marks  # the Provenance deployment: marks and encodes the batch-sizes crops
         self.hires_upscaler = hires_upscaler
         self.settings = current()
         self.store = open_store(self.settings)
@@ -177,7 +177,8 @@ class JobRunner:
             return {"images": [key], "seed": report.seed, "width": report.size[0], "height": report.size[1],
                     "warnings": report.warnings}
         request = plans.seed003(job.type, job.request)
-        result = await call(self.handles.base.generate.remote(request, job.id, Encoding()))
+        parent = image_bytes(job.request[PARENT_FIELD[job.type]], "image") if job.type in PARENT_FIELD else None
+        result = await call(self.handles.base.generate.remote(request, job.id, Encoding(parent=parent)))
         keys = [await self._save(job.id, f"image_{i}", data) for i, data in enumerate(result.encoded)]
         r = job.request
         parameters = {"prompt": request.prompt, "width": request.width, "height": request.height,
@@ -190,20 +191,30 @@ class JobRunner:
         seed, bases, sized = await plans.batch_sizes(self.handles, self.cropper, job.request, self.sizes,
                                                      self.hires_upscaler, job.id)
         widths = job.request.get("derivatives") or []
+        info = {"model": (await call(self.handles.base.describe.remote()))["name"]}
         images: dict[str, dict] = {}
         for item in sized:
             out = item.image
-            data = await asyncio.to_thread(png, out)  # off the event loop
+            small = [w for w in widths if 8 <= w <= out.width]
+            resized = [out.resize((w, max(1, round(out.height * w / out.width)))) for w in small]
+            facts = {**info, "upscaler": self.hires_upscaler} if item.upscaled else info
+            data = (await self._encode([out], facts, Encoding())).encoded[0]
             entry = {"key": await self._save(job.id, item.name, data), "width": out.width, "height": out.height,
                      "aspect": item.aspect, "box": list(item.box), "upscaled": item.upscaled}
-            if widths:
-                entry["derivatives"] = {
-                    str(w): await self._save(job.id, f"{item.name}_{w}w",
-                                             encode(out.resize((w, max(1, round(out.height * w / out.width)))),
-                                                    "webp", 82), "webp")
-                    for w in widths if 8 <= w <= out.width}
+            if small:
+                files = (await self._encode(resized, facts, Encoding(format="webp", quality=82))).encoded
+                entry["derivatives"] = {str(w): await self._save(job.id, f"{item.name}_{w}w", blob, "webp")
+                                        for w, blob in zip(small, files, strict=True)}
             images[item.name] = entry
         return {"images": images, "bases_generated": bases, "seed": seed}
+
+    async def _encode(self, images: list[Image.Image], info: dict, how: Encoding) -> StageResult:
+        """Watermarked, encoded and signed by the Provenance deployment (this process imports neither OpenCV nor
+        c2pa); in-process where there is none (the tests that run the runner without Ray)."""
+        result = StageResult(images=images, info=info)
+        if self.marks is None:
+            return await encoded(result, how)
+        return await call(self.marks.encode.remote(result, how))
 
     async def _count_jobs(self, every_s: float = 5.0) -> None:
         """Jobs by state, for the dashboards (queued is the backlog the runners have not claimed yet)."""
