@@ -74,7 +74,6 @@ class Pipelines:
                  settings: Settings | None, compile_cache: Path) -> None:
         from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
 
-        started = time.perf_counter()
         self.name = entry.name
         pipe = loader.load_sdxl(entry.checkpoint, refiner=False, dtype=dtype, settings=settings, vae=config.vae)
         if config.ip_adapter:
@@ -89,7 +88,8 @@ class Pipelines:
         self.scheduler_config = dict(pipe.scheduler.config)
         build_scheduler(config.default_sampler, self.scheduler_config)  # fail at load, not per request
         self.loras: set[str] = set()
-        self.load_seconds = time.perf_counter() - started
+        modules = (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, getattr(pipe, "image_encoder", None))
+        self.parameters = sum(p.numel() for m in modules if m is not None for p in m.parameters())  # LoRAs aside
 
     def add_loras(self, files: dict[str, Path], names: list[str] | None = None) -> None:
         """Load LoRAs this checkpoint does not hold yet (all of ``files``, or those of ``names``)."""
@@ -122,10 +122,6 @@ class Pipelines:
     def ip_adapter_loaded(self) -> bool:
         return getattr(self.txt2img.unet, "encoder_hid_proj", None) is not None
 
-    @property
-    def parameters(self) -> int:
-        modules = (self.txt2img.unet, self.txt2img.vae, self.txt2img.text_encoder, self.txt2img.text_encoder_2)
-        return sum(p.numel() for m in modules if m is not None for p in m.parameters())
 
 
 def _load_ip_adapter(pipe, folder: Path) -> None:
@@ -175,12 +171,14 @@ class Resident:
             if name in self._held:
                 return self._held[name]
         self.sweep()
+        started = time.perf_counter()
         pipes = self._load(name)
+        seconds = time.perf_counter() - started  # the weights, IP-Adapter, LoRAs and any warm-up
         with self._lock:
             self._held[name] = pipes
             self.loads[name] += 1
-            self.load_seconds[name] = round(pipes.load_seconds, 3)
-        logger.info("checkpoint %s loaded in %.2fs (%d held)", name, pipes.load_seconds, len(self._held))
+            self.load_seconds[name] = round(seconds, 3)
+        logger.info("checkpoint %s loaded in %.2fs (%d held)", name, seconds, len(self._held))
         return pipes
 
     def evict(self, pipes: Pipelines) -> None:
