@@ -5,6 +5,7 @@ IP-Adapter on either, and A1111's latent hires fix."""
 from __future__ import annotations
 
 import gc
+import json
 import shutil
 import time
 import weakref
@@ -46,6 +47,12 @@ def run(generator, checkpoint: str | None = None, **kw):
 
 # --- configuration and the catalogue ------------------------------------------------------------------------------
 
+@pytest.fixture
+def settings(tmp_path) -> Settings:
+    """Checkpoint hashes go to this test's cache, never the user's."""
+    return Settings(MODEL_CACHE_DIR=tmp_path / "cache")
+
+
 def test_a_single_model_config_stays_valid_as_a_one_entry_list(tiny):
     one = SDXLBaseConfig.model_validate({"model": {"source": str(tiny / "sdxl-base")}, "name": "solo"})
     assert [(c.name, c.source) for c in one.configured] == [("solo", str(tiny / "sdxl-base"))]
@@ -63,8 +70,8 @@ def test_bad_checkpoint_configs_are_refused(bad, words):
         SDXLBaseConfig.model_validate(bad)
 
 
-def test_catalogue_resolves_names_aliases_and_titles(tiny):
-    catalog = Catalog(config(tiny))
+def test_catalogue_resolves_names_aliases_and_titles(tiny, settings):
+    catalog = Catalog(config(tiny), settings)
     assert list(catalog.entries()) == ["tiny-a", "tiny-b", "sdxl-base-b"]  # configured first, then the folder
     assert catalog.default == "tiny-a"
     assert catalog.resolve("anime", "model") == "tiny-b"
@@ -76,19 +83,21 @@ def test_catalogue_resolves_names_aliases_and_titles(tiny):
     assert e.value.details["choices"] == ["tiny-a", "tiny-b", "sdxl-base-b", "photorealistic", "anime"]
 
 
-def test_titles_carry_a1111_hashes(tiny):
+def test_titles_carry_a1111_hashes(tiny, settings):
     import hashlib
 
-    catalog = Catalog(config(tiny))
+    catalog = Catalog(config(tiny), settings)
     sha = hashlib.sha256((tiny / "checkpoints" / "sdxl-base-b.safetensors").read_bytes()).hexdigest()
     assert catalog.title("sdxl-base-b") == f"sdxl-base-b [{sha[:10]}]"
     assert catalog.sha256(str(tiny / "sdxl-base")) != catalog.sha256(str(tiny / "sdxl-base-b"))  # folders too
+    assert sha in json.loads((settings.model_cache_dir / "checkpoint-hashes.json").read_text()).values()  # kept
 
 
 def test_a_file_dropped_in_the_folder_is_selectable_and_a_removed_one_is_gone(tiny, tmp_path):
     folder = tmp_path / "checkpoints"
     folder.mkdir()
     catalog = Catalog(config(tiny, checkpoint_dir=str(folder)), Settings(MODEL_CACHE_DIR=tmp_path / "cache"))
+    assert not (tmp_path / "cache").exists()  # nothing hashed yet: listing names needs no hash
     assert list(catalog.entries()) == ["tiny-a", "tiny-b"]
     with pytest.raises(UnknownModel):
         catalog.resolve("dropped", "model")
