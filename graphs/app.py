@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve import Application
 
+from deployments.support.checkpoints import Catalog
 from deployments.support.config import (
     FaceRestorerConfig,
     FocalCropperConfig,
@@ -95,6 +96,7 @@ class Ingress(
         self.jobs = open_store(self.settings)
         self.results = open_results(self.settings)
         self.sizes = SizeTable.load(self.settings.batch_sizes_file)
+        self.catalog = Catalog(config.base, self.settings)  # the base replicas' checkpoints, resolved here
 
 
 def build_app(args: dict) -> Application:

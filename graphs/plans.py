@@ -8,6 +8,10 @@ batch sizes:  one base per aspect class, all in flight at once -> focal crops pe
 seed 001:     the user's photo through IP-Adapter, seed 001's defaults
 seed 003:     one base call (txt2img, img2img, inpaint, style transfer through IP-Adapter)
 
+Every base call goes to a replica that holds the request's checkpoint (``base_for``: Serve model multiplexing); the
+ingress has resolved the checkpoint's name (and the default) before a plan starts, so a plan never waits on a
+name that does not exist and a default changed meanwhile never moves a request in flight.
+
 Each API family maps its request into one plan input here (``seed000``, ``seed003``), so the sync and async
 paths share the mapping. This module is longer than most: it keeps every plan in one place.
 
@@ -32,8 +36,10 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.support.cropping import CropSize
 from deployments.support.generation import (
+    LATENT_UPSCALE_MODES,
     Encoding,
     GenerationRequest,
+    LatentHires,
     RefineRequest,
     StageResult,
     encoded,
@@ -206,6 +212,13 @@ class Report:
     face_restoration_applied: bool = False
     faces_found: int = 0
     warnings: list[str] = field(default_factory=list)
+    checkpoint: str | None = None  # the base checkpoint that made it
+
+
+def base_for(h: Handles, request: GenerationRequest) -> Any:
+    """The base handle, routed to a replica that holds the request's checkpoint (or, when none does, to the one
+    holding the fewest, which loads it)."""
+    return h.base.options(multiplexed_model_id=request.checkpoint) if request.checkpoint else h.base
 
 
 def _refine(request: GenerationRequest, **mode) -> RefineRequest:
@@ -219,13 +232,14 @@ async def standard(h: Handles, request: GenerationRequest, opts: PlanOptions) ->
     warnings: list[str] = []
     encode = None if opts.restore_faces else opts.encode  # the faces stage encodes when it comes last
     if opts.use_refiner and h.refiner is not None:
-        base = h.base.generate.remote(request.model_copy(update={"denoising_end": ENSEMBLE_SPLIT}), opts.request_id)
+        base = base_for(h, request).generate.remote(request.model_copy(update={"denoising_end": ENSEMBLE_SPLIT}),
+                                                 opts.request_id)
         last = h.refiner.refine_latents.remote(_refine(request, denoising_start=ENSEMBLE_SPLIT), base,
                                                opts.request_id, encode)
     else:
         if opts.use_refiner:
             warnings.append("refiner not deployed: base output returned")
-        last = h.base.generate.remote(request, opts.request_id, encode)
+        last = base_for(h, request).generate.remote(request, opts.request_id, encode)
     return await _finish(h, last, seed, opts, warnings)
 
 
@@ -233,7 +247,7 @@ async def hires_fix(h: Handles, request: GenerationRequest, opts: PlanOptions) -
     seed = resolve_seeds(request.seed, 1)[0]
     first = request.model_copy(update={"width": HIRES_BASE, "height": HIRES_BASE, "batch_size": 1, "seed": seed})
     encode = None if opts.restore_faces else opts.encode
-    base = h.base.generate.remote(first, opts.request_id)
+    base = base_for(h, first).generate.remote(first, opts.request_id)
     last = h.upscaler.upscale.remote(base, opts.neural_upscaler or "Lanczos", 2.0,
                                      encode=encode if h.refiner is None else None)
     warnings = []
@@ -268,7 +282,8 @@ def _report(result: StageResult, seed: int, warnings: list[str]) -> Report:
     return Report(data=result.encoded[0], size=result.sizes[0], seed=seed, refiner_applied="refiner" in info,
                   upscaler=info.get("upscaler"),
                   face_restoration_applied=info.get("face_restoration_applied", False),
-                  faces_found=info.get("faces_found", 0), warnings=[*result.warnings, *warnings])
+                  faces_found=info.get("faces_found", 0), warnings=[*result.warnings, *warnings],
+                  checkpoint=info.get("model"))
 
 
 # --- seed 000: /generate and /generate/async ---------------------------------------------------------------------
@@ -278,7 +293,7 @@ async def seed000(h: Handles, fields: dict, hires_upscaler: str, request_id: str
     request = GenerationRequest(prompt=fields["prompt"], negative_prompt=fields.get("negative_prompt", ""),
                                 seed=fields.get("seed", -1), width=fields.get("width", 1024),
                                 height=fields.get("height", 1024), steps=fields.get("num_inference_steps", 30),
-                                guidance_scale=fields.get("guidance_scale", 7.0))
+                                guidance_scale=fields.get("guidance_scale", 7.0), checkpoint=fields.get("model"))
     opts = PlanOptions(use_refiner=fields.get("use_refiner", True), hires_fix=fields.get("hires_fix", False),
                        neural_upscaler=hires_upscaler if fields.get("use_realesrgan", True) else None,
                        restore_faces=fields.get("use_face_restoration", False),
@@ -290,7 +305,7 @@ async def seed000(h: Handles, fields: dict, hires_upscaler: str, request_id: str
 # --- seed 001: illustrations from a user's photo ------------------------------------------------------------------
 
 async def seed001(h: Handles, fields: dict, prompt: str, photo: Image.Image, settings: Settings,
-                  request_id: str) -> StageResult:
+                  request_id: str, checkpoint: str | None = None) -> StageResult:
     """The user's photo drives IP-Adapter; unset fields take seed 001's environment defaults."""
     def given(name: str, default):
         return fields[name] if fields.get(name) is not None else default
@@ -299,8 +314,8 @@ async def seed001(h: Handles, fields: dict, prompt: str, photo: Image.Image, set
         prompt=prompt, negative_prompt=given("negative_prompt", settings.default_negative_prompt),
         steps=fields.get("num_inference_steps") or settings.default_num_inference_steps,
         ip_adapter_image=photo, ip_adapter_scale=given("ip_adapter_scale", settings.default_ip_adapter_scale),
-        width=settings.illustration_size, height=settings.illustration_size)
-    return await call(h.base.generate.remote(request, request_id, Encoding()))
+        width=settings.illustration_size, height=settings.illustration_size, checkpoint=checkpoint)
+    return await call(base_for(h, request).generate.remote(request, request_id, Encoding()))
 
 
 # --- seed 003: the camelCase jobs --------------------------------------------------------------------------------
@@ -310,7 +325,7 @@ def seed003(kind: str, r: dict) -> GenerationRequest:
     common = dict(prompt=r.get("prompt", ""), negative_prompt=r.get("negativePrompt", ""),
                   width=r.get("width", 512), height=r.get("height", 512), steps=r.get("steps", 30),
                   guidance_scale=r.get("guidanceScale", 7.5), seed=r.get("seed", -1),
-                  sampler=r.get("sampler", "euler_a"))
+                  sampler=r.get("sampler", "euler_a"), checkpoint=r.get("model"))
     if kind == "img2img":
         return GenerationRequest(**common, init_image=image_field(r["initImage"], "initImage"),
                                  strength=r.get("strength", 0.75))
@@ -340,13 +355,22 @@ class A1111Hires:
 
 async def a1111_batch(h: Handles, request: GenerationRequest, request_id: str, *,
                       refiner_switch_at: float | None = None, hires: A1111Hires | None = None) -> StageResult:
-    """The base, then either the refiner on its latents from ``refiner_switch_at`` or, for each image, an
-    upscale and a second base pass as img2img (A1111's hires fix). Image-to-image requests take neither."""
+    """The base, then either the refiner on its latents from ``refiner_switch_at`` or A1111's hires fix: with a
+    latent upscaler, one base call that resizes its latents and denoises them again; with a pixel upscaler, for
+    each image an upscale and a second base pass as img2img. Image-to-image requests take neither. Both hires
+    passes run on the request's checkpoint, as in A1111."""
     if refiner_switch_at is not None and h.refiner is not None and request.init_image is None:
-        handoff = h.base.generate.remote(request.model_copy(update={"denoising_end": refiner_switch_at}), request_id)
+        handoff = base_for(h, request).generate.remote(request.model_copy(update={"denoising_end": refiner_switch_at}),
+                                                    request_id)
         return await settled(h.refiner.refine_latents.remote(_refine(request, denoising_start=refiner_switch_at),
                                                              handoff, request_id))
-    result: StageResult = await call(h.base.generate.remote(request, request_id))
+    if hires is not None and request.init_image is None and hires.upscaler in LATENT_UPSCALE_MODES:
+        width, height = (int(side * hires.scale) // 8 * 8 for side in (request.width, request.height))
+        latent = LatentHires(width=width, height=height, mode=hires.upscaler, strength=hires.strength,
+                             steps=hires.steps)
+        both = request.model_copy(update={"hires": latent})
+        return await call(base_for(h, both).generate.remote(both, request_id))
+    result: StageResult = await call(base_for(h, request).generate.remote(request, request_id))
     if hires is None or request.init_image is not None:
         return result
     second, warnings = [], []
@@ -355,7 +379,7 @@ async def a1111_batch(h: Handles, request: GenerationRequest, request_id: str, *
         width, height = (d - d % 8 for d in up.image.size)
         again = request.model_copy(update={"init_image": up.image, "width": width, "height": height, "seed": seed,
                                            "batch_size": 1, "strength": hires.strength, "steps": hires.steps})
-        second += (await call(h.base.generate.remote(again, request_id))).images
+        second += (await call(base_for(h, again).generate.remote(again, request_id))).images
         warnings += up.warnings
     return result.then(second, warnings=warnings, hires_upscaler=hires.upscaler)
 
@@ -387,9 +411,10 @@ async def batch_sizes(h: Handles, cropper: DeploymentHandle, r: dict, table: Siz
         width, height = base_sizes.get(aspect) or table.bases[aspect]
         request = GenerationRequest(prompt=r["prompt"], negative_prompt=r.get("negativePrompt", ""), width=width,
                                     height=height, steps=r.get("steps", 30), seed=seed,
-                                    guidance_scale=r.get("guidanceScale", 7.0))
+                                    guidance_scale=r.get("guidanceScale", 7.0), checkpoint=r.get("model"))
         # One SDXLBase call per aspect class, all in flight at once: replicas render them in parallel.
-        bases[aspect] = h.base.generate.remote(request, request_id if i == 0 else f"{request_id}/{aspect}")
+        bases[aspect] = base_for(h, request).generate.remote(request,
+                                                             request_id if i == 0 else f"{request_id}/{aspect}")
     crops = {a: cropper.crop.remote(bases[a], groups[a]) for a in groups}  # type: ignore[attr-defined]
     out: list[SizedImage] = []
     for aspect, pending in crops.items():

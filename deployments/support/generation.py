@@ -33,6 +33,31 @@ class LoraRef(BaseModel):
     weight: float = Field(1.0, ge=-4.0, le=4.0)
 
 
+# A1111's latent upscale modes for hires fix -> (torch interpolate mode, antialias), as A1111 maps them.
+LATENT_UPSCALE_MODES: dict[str, tuple[str, bool]] = {
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+
+
+class LatentHires(BaseModel):
+    """A1111's latent hires fix: the first pass's latents resized to the hires size and denoised again, as
+    image-to-image on latents, by the same checkpoint (never decoded in between)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    width: int = Field(..., ge=64, le=4096, multiple_of=8)
+    height: int = Field(..., ge=64, le=4096, multiple_of=8)
+    mode: Literal["Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)",
+                  "Latent (nearest)", "Latent (nearest-exact)"] = "Latent"
+    strength: float = Field(0.7, gt=0.0, le=1.0, description="A1111 denoising_strength of the second pass")
+    steps: int = Field(20, ge=1, le=150)
+
+
 class GenerationRequest(BaseModel):
     """Everything SDXLBase needs for one call. Images travel as PIL objects inside the Ray object store."""
 
@@ -56,6 +81,8 @@ class GenerationRequest(BaseModel):
     ip_adapter_scale: float = Field(0.6, ge=0.0, le=2.0)
     loras: list[LoraRef] = []
     denoising_end: float | None = Field(None, gt=0.0, lt=1.0, description="stop early and return latents")
+    checkpoint: str | None = Field(None, max_length=128, description="the base checkpoint; None: the default")
+    hires: LatentHires | None = Field(None, description="text-to-image only: A1111's latent hires fix")
 
 
 class RefineRequest(BaseModel):
@@ -154,6 +181,7 @@ class BatchItem:
     count: int = 1
     source: Any = None
     on_progress: ProgressFn | None = None
+    checkpoint: Any = None  # SDXLBase: the held checkpoint it runs on (its pipelines)
 
 
 async def encoded(result: StageResult, how: Encoding | None) -> StageResult:

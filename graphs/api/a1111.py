@@ -4,7 +4,13 @@ Images are plain base64 PNGs carrying A1111's ``parameters`` text chunk; ``info`
 ``all_seeds`` and ``warnings`` (what /generate reports: an unknown LoRA ignored, a fallback upscaler, no face
 found). ``/interrupt`` and ``/skip`` cancel only the calling client's in-flight requests (the client is its
 bearer token, else its address), never another client's.
+
+The checkpoint is ``override_settings.sd_model_checkpoint`` or the default (``POST /sdapi/v1/options``); with
+``override_settings_restore_afterwards: false`` the override becomes the default, as in A1111. Hires fix with a
+``Latent*`` upscaler resizes the latents and denoises them again; with a named upscaler it upscales pixels.
 """
+
+from __future__ import annotations
 
 import asyncio
 import base64
@@ -12,6 +18,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request
 from PIL import Image
@@ -35,10 +42,14 @@ from graphs.api.a1111_models import (
     infotext,
 )
 from graphs.api.body import JSONBodyRoute
+from graphs.api.checkpoints import CheckpointChoice
 from graphs.api.edge import token_owner
 from graphs.api.errors import call
 from graphs.api.fields import b64_png, image_bytes, image_field
 from graphs.jobs.store import JobStore
+
+if TYPE_CHECKING:
+    from graphs.app import AppArgs
 
 router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"], route_class=JSONBodyRoute)
 FLIGHT_TTL_S = 3600.0  # a request tracked longer than any deadline is gone with its ingress
@@ -60,9 +71,10 @@ def _client(request: Request) -> str:
     return f"token:{token}" if token else f"addr:{request.client.host if request.client else '?'}"
 
 
-class A1111Routes:
+class A1111Routes(CheckpointChoice):
     handles: plans.Handles
     jobs: JobStore
+    config: AppArgs
     provenance: object
 
     async def _files(self, images: list[Image.Image], info: dict, parameters: list[str] | None = None,
@@ -83,13 +95,34 @@ class A1111Routes:
         return [InFlight(client=client, **r) for r in records]
 
     async def _checkpoint(self, r: Txt2ImgRequest) -> str:
-        base = await call(self.handles.base.describe.remote())
-        options = await asyncio.to_thread(self.jobs.options)
-        wanted = r.override_settings.get("sd_model_checkpoint") or options.get("sd_model_checkpoint")
-        if wanted and wanted.split(" [")[0] != base["name"]:
-            raise UnknownModel(f"checkpoint {wanted!r} is not loaded", field="override_settings.sd_model_checkpoint",
-                               details={"choices": [base["name"]]})
-        return base["name"]
+        """This request's checkpoint, fixed before it starts (a default changed meanwhile does not move it)."""
+        wanted = r.override_settings.get("sd_model_checkpoint")
+        if wanted is not None and not isinstance(wanted, str):
+            raise InvalidInput("a checkpoint name is a string", field="override_settings.sd_model_checkpoint")
+        field = "override_settings.sd_model_checkpoint"
+        if wanted and not r.override_settings_restore_afterwards:
+            return await self.set_default_checkpoint(wanted, field)
+        return await self.checkpoint(wanted, field)
+
+    async def _refiner(self, r: Txt2ImgRequest) -> float | None:
+        """Where the refiner takes over, when the request names the deployed refiner (as /sd-models lists it)."""
+        wanted = (r.refiner_checkpoint or "").split(" [", 1)[0].strip()
+        if wanted in ("", "None"):
+            return None
+        refiner = self.config.refiner
+        if refiner is None or wanted != refiner.name:
+            raise UnknownModel(f"unknown refiner checkpoint {wanted!r}", field="refiner_checkpoint",
+                               details={"choices": [refiner.name] if refiner else []})
+        return r.refiner_switch_at
+
+    def _hires(self, r: Txt2ImgRequest) -> plans.A1111Hires | None:
+        if not r.enable_hr:
+            return None
+        width, height = int(r.width * r.hr_scale), int(r.height * r.hr_scale)
+        if width * height > self.config.base.max_pixels or max(width, height) > 4096:
+            raise InvalidInput(f"hires size {r.width}x{r.height} x {r.hr_scale} is too large", field="hr_scale")
+        return plans.A1111Hires(upscaler=r.hr_upscaler, scale=r.hr_scale, strength=max(r.denoising_strength, 0.01),
+                                steps=r.hr_second_pass_steps or r.steps)
 
     def _generation(self, r: Txt2ImgRequest, seed: int, **extra) -> GenerationRequest:
         schedule = None
@@ -105,7 +138,9 @@ class A1111Routes:
     async def _run(self, http: Request, r: Txt2ImgRequest, parent: bytes | None = None, **extra) -> ImagesResponse:
         if r.batch_size * r.n_iter > MAX_IMAGES:
             raise InvalidInput(f"batch_size x n_iter exceeds {MAX_IMAGES} images", field="batch_size")
+        switch, hires = await self._refiner(r), self._hires(r)  # checked before anything runs
         model = await self._checkpoint(r)
+        extra["checkpoint"] = model
         job = InFlight(uuid.uuid4().hex, _client(http), time.time(), r.steps * r.n_iter)
         images: list[Image.Image] = []
         seeds: list[int] = []
@@ -119,7 +154,7 @@ class A1111Routes:
                     request_id = uuid.uuid4().hex
                     job.request_ids.append(request_id)
                     await self._track(job)
-                    result = await self._one_batch(r, seed, request_id, extras, **extra)
+                    result = await self._one_batch(r, seed, request_id, extras, switch, hires, **extra)
                     images += result.images
                     seeds += result.seeds
                     warnings += result.warnings
@@ -149,14 +184,9 @@ class A1111Routes:
         parameters = r.model_dump(exclude={"init_images", "mask"})
         return ImagesResponse(images=encoded, parameters=parameters, info=json.dumps(info))
 
-    async def _one_batch(self, r: Txt2ImgRequest, seed: int, request_id: str, extras: dict, **extra):
+    async def _one_batch(self, r: Txt2ImgRequest, seed: int, request_id: str, extras: dict, switch: float | None,
+                         hires: plans.A1111Hires | None, **extra):
         request = self._generation(r, seed, **extra)
-        switch = r.refiner_switch_at if r.refiner_checkpoint else None
-        hires = None
-        if r.enable_hr:
-            hires = plans.A1111Hires(upscaler="Lanczos" if r.hr_upscaler.startswith("Latent") else r.hr_upscaler,
-                                     scale=r.hr_scale, strength=max(r.denoising_strength, 0.01),
-                                     steps=r.hr_second_pass_steps or r.steps)
         result = await plans.a1111_batch(self.handles, request, request_id, refiner_switch_at=switch, hires=hires)
         if "refiner" in result.info:
             extras.update({"Refiner": r.refiner_checkpoint, "Refiner switch at": r.refiner_switch_at})

@@ -175,15 +175,16 @@ class JobRunner:
             report = await plans.seed000(self.handles, job.request, self.hires_upscaler, job.id)
             key = await self._save(job.id, "image_0", report.data)
             return {"images": [key], "seed": report.seed, "width": report.size[0], "height": report.size[1],
-                    "warnings": report.warnings}
+                    "warnings": report.warnings, "checkpoint": report.checkpoint}
         request = plans.seed003(job.type, job.request)
         parent = image_bytes(job.request[PARENT_FIELD[job.type]], "image") if job.type in PARENT_FIELD else None
-        result = await call(self.handles.base.generate.remote(request, job.id, Encoding(parent=parent)))
+        result = await call(plans.base_for(self.handles, request).generate.remote(request, job.id,
+                                                                                  Encoding(parent=parent)))
         keys = [await self._save(job.id, f"image_{i}", data) for i, data in enumerate(result.encoded)]
         r = job.request
         parameters = {"prompt": request.prompt, "width": request.width, "height": request.height,
                       "steps": request.steps, "guidanceScale": request.guidance_scale,
-                      "sampler": r.get("sampler", "euler_a"), "model": r.get("model", result.info.get("model"))}
+                      "sampler": r.get("sampler", "euler_a"), "model": result.info.get("model", r.get("model"))}
         return {"images": keys, "seed": result.seeds[0], "parameters": parameters, "warnings": result.warnings}
 
     async def _batch(self, job: Job) -> dict:
@@ -191,7 +192,7 @@ class JobRunner:
         seed, bases, sized = await plans.batch_sizes(self.handles, self.cropper, job.request, self.sizes,
                                                      self.hires_upscaler, job.id)
         widths = job.request.get("derivatives") or []
-        info = {"model": (await call(self.handles.base.describe.remote()))["name"]}
+        info = {"model": job.request.get("model")}  # the checkpoint, resolved when the job was accepted
         images: dict[str, dict] = {}
         for item in sized:
             out = item.image
