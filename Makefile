@@ -28,11 +28,13 @@ lint: install
 	$(VENV)/bin/ruff check deployments graphs tests
 	$(VENV)/bin/mypy
 
-# Two pytest processes: unit and graph tests (in-process Serve), then the integration tests on a real local
-# cluster of their own; a process that ran the graph in-process cannot pickle the app for a real cluster.
+# Three pytest processes: unit and graph tests (in-process Serve), then the integration tests on a real local
+# cluster of their own (a process that ran the graph in-process cannot pickle the app for a real cluster), then
+# the two-node cluster (one driver connection per process: it cannot join the single-node one).
 test: lint models
 	$(PY) -m pytest -q -m "not integration"
-	$(PY) -m pytest -q -m integration
+	$(PY) -m pytest -q -m "integration and not nodes"
+	$(PY) -m pytest -q -m nodes
 
 demo: models
 	$(PY) -m graphs.demo

@@ -5,8 +5,10 @@ Each image's CLIP embedding (vision tower, then the visual projection) is compar
 concept embeddings and 3 "special care" ones, each against its own threshold, exactly as diffusers'
 ``StableDiffusionSafetyChecker`` scores them: an image is flagged when any concept scores above its threshold
 (a special-care hit makes every concept 0.01 stricter for that image). A flagged image is replaced by a black or a
-heavily blurred one; ``info["nsfw"]`` says which, and a warning names each. As the last stage it encodes, so the
-files still come straight from a model replica.
+heavily blurred one; ``info["nsfw"]`` says which, and a warning names each. As the last stage it encodes, and so
+marks (invisible watermark and content credentials, ``StageResult.encode``): the files still come straight from a
+model replica, marked once, and what is marked is what was screened. A1111's images reach it as pixels, after
+every batch and face restoration, in place of the Provenance deployment.
 """
 
 from __future__ import annotations

@@ -2,8 +2,10 @@
 
 Graph position: ingress -> **SDXLBase** -> (SDXLRefiner | Upscaler | FaceRestorer | FocalCropper).
 Text-to-image, image-to-image, inpainting, IP-Adapter (a photo as prompt, which also gives style transfer:
-a style image through IP-Adapter applied to a content image), LoRA and per-request samplers. With
-``denoising_end`` it stops early and hands raw latents to the refiner (expert ensemble), never a decoded image.
+a style image through IP-Adapter applied to a content image), LoRA, per-request samplers and A1111's latent
+hires fix, on any of several checkpoints: Serve multiplexed models, each replica holding a few (README,
+"Checkpoints"). With ``denoising_end`` it stops early and hands raw latents to the refiner (expert ensemble), never
+a decoded image.
 """
 
 from __future__ import annotations
@@ -19,18 +21,22 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 from ray import serve
+from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
 from deployments.support import device as devices
 from deployments.support import fastpath
 from deployments.support.batching import Batcher, outcome
+from deployments.support.checkpoints import Catalog
 from deployments.support.config import Batching, SDXLBaseConfig
-from deployments.support.errors import GenerationCancelled, ServiceError, UnknownModel
+from deployments.support.errors import GenerationCancelled, InvalidInput, ModelLoadError, ServiceError
 from deployments.support.generation import (
+    LATENT_UPSCALE_MODES,
     BatchItem,
     Cancellation,
     Encoding,
     GenerationRequest,
+    LatentHires,
     LoraRef,
     ProgressFn,
     StageResult,
@@ -42,6 +48,7 @@ from deployments.support.generation import (
 )
 from deployments.support.imaging import to_rgb
 from deployments.support.metrics import StageMetrics
+from deployments.support.pipelines import LoraFiles, Pipelines, Resident
 from deployments.support.reporting import Reporter
 from deployments.support.samplers import build_scheduler
 from deployments.support.settings import Settings, current
@@ -49,120 +56,90 @@ from deployments.weights import loader
 
 logger = logging.getLogger(__name__)
 
+HOLDINGS_EVERY_S = 2.0  # how often a replica repeats to the board which checkpoints it holds
+
 
 class BaseGenerator:
-    """The SDXL base pipeline with its derived img2img / inpaint pipelines, LoRAs and IP-Adapter."""
+    """The SDXL base checkpoints of one replica (``Resident``: at most ``max_loaded_checkpoints`` held) and how a
+    batch of requests runs on one of them, with LoRAs, IP-Adapter and per-request samplers."""
 
-    def __init__(self, config: SDXLBaseConfig, settings: Settings | None = None) -> None:
-        from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
-
+    def __init__(self, config: SDXLBaseConfig, settings: Settings | None = None, preload: bool = True) -> None:
         self.config = config
         self.settings = settings or current()
         self.device, self.dtype = devices.resolve(config.device)
-        pipe = loader.load_sdxl(config.model, refiner=False, dtype=self.dtype, settings=settings, vae=config.vae)
-        self.weights = loader.WeightFiles()  # what was loaded, for the result cache's key
-        self.weights.add("checkpoint", loader.resolve(config.model.source, settings))
-        if config.vae:
-            self.weights.add("vae", loader.resolve(config.vae.source, settings))
-        if config.ip_adapter:
-            folder = loader.resolve(config.ip_adapter, settings)
-            self._load_ip_adapter(pipe, folder)
-            self.weights.add("ip_adapter", folder)
-        self.loras = self._load_loras(pipe, config.lora_dir, settings)
-        for name, path in self.loras.items():
-            self.weights.add(f"lora:{name}", path)
-        pipe.to(self.device)
-        self.fast = fastpath.apply(pipe, config.device, config.fast, self.device, self.compile_cache)
-        self.txt2img = pipe
-        # The derived pipelines share every module with the base one: no extra memory, one set of LoRA layers.
-        self.img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(pipe)
-        self.inpaint = StableDiffusionXLInpaintPipeline.from_pipe(pipe)
-        for p in (self.img2img, self.inpaint):
-            p.set_progress_bar_config(disable=True)
-        self.scheduler_config = dict(pipe.scheduler.config)
-        build_scheduler(config.default_sampler, self.scheduler_config)  # fail at start-up, not per request
+        self.catalog = Catalog(config, self.settings)
+        self.lora_files = LoraFiles(config.lora_dir, settings)
+        self.resident = Resident(self._load, self.device, config.max_loaded_checkpoints)
         self.cancellation = Cancellation()
         self._lock = threading.Lock()  # the pipelines are stateful (scheduler, adapters): one call at a time
+        self._loading = threading.RLock()  # one checkpoint lookup or load at a time
         self.oom = devices.OomGuard(self.device, "SDXL base")
-        logger.info("SDXL base %r ready on %s (%s), %d LoRAs, fast path: %s", config.name, self.device, self.dtype,
-                    len(self.loras), ", ".join(self.fast) or "eager")
+        self._resolved: dict[str, Path] = {}  # sources the result cache's key hashed, as local paths
+        if preload:
+            self.checkpoint()
+        logger.info("SDXL base ready on %s (%s): %s selectable, %s held, %d LoRAs", self.device, self.dtype,
+                    ", ".join(self.catalog.entries()), ", ".join(self.resident.names) or "none", len(self.loras))
 
     @property
     def compile_cache(self) -> Path:
         return self.settings.model_cache_dir / "compile" / "sdxl-base"
 
-    def warm_up(self) -> None:
-        steps = self.config.fast.warmup_steps
-        fastpath.warm_up("SDXL base", self.config.fast, self.device, self.compile_cache, lambda w, h: self.generate(
-            GenerationRequest(prompt="warm-up", width=w, height=h, steps=steps, seed=0)))
-
-    @staticmethod
-    def _load_ip_adapter(pipe, folder: Path) -> None:
-        from transformers import CLIPImageProcessor
-
-        weights = folder / "ip-adapter_sdxl.safetensors"
-        if not weights.exists():
-            weights = next(folder.glob("*.safetensors"), weights)
-        loader.check_safetensors(weights)
-        processor = folder / "image_encoder" / "preprocessor_config.json"
-        if processor.exists():  # encoders trained at another resolution ship their own preprocessing
-            pipe.feature_extractor = CLIPImageProcessor.from_pretrained(processor.parent)
-        pipe.load_ip_adapter(str(folder), subfolder="", weight_name=weights.name, image_encoder_folder="image_encoder")
-
-    @staticmethod
-    def _load_loras(pipe, lora_dir: str | None, settings: Settings | None) -> dict[str, Path]:
-        if not lora_dir:
-            return {}
-        loras = {}
-        for path in sorted(loader.resolve(lora_dir, settings).glob("*")):
-            if path.suffix.lower() in loader.PICKLE_SUFFIXES | {".safetensors"}:
-                try:
-                    loader.check_safetensors(path)
-                except loader.UnsafeWeights as e:
-                    logger.warning("LoRA skipped: %s", e)
-                    continue
-                pipe.load_lora_weights(str(path), adapter_name=path.stem)
-                loras[path.stem] = path
-        return loras
+    @property
+    def loras(self) -> dict[str, Path]:
+        return self.lora_files.files()
 
     @property
-    def ip_adapter_loaded(self) -> bool:
-        return getattr(self.txt2img.unet, "encoder_hid_proj", None) is not None
+    def fast(self) -> list[str]:
+        """What the fast path applied (the same for every checkpoint held)."""
+        held = [self.resident.held(name) for name in self.resident.names]
+        return next((p.fast for p in held if p is not None), [])
 
-    def _apply_loras(self, refs: list[LoraRef], warnings: list[str], *, strict: bool) -> list[LoraRef]:
-        active = []
-        for ref in refs:
-            if ref.name not in self.loras:
-                if strict:
-                    choices = {"choices": list(self.loras)}
-                    raise UnknownModel(f"unknown LoRA {ref.name!r}", field="loras", details=choices)
-                warnings.append(f"LoRA {ref.name!r} not found, ignored")
-                continue
-            if ref.weight != 0.0:
-                active.append(ref)
-        if active:
-            self.txt2img.enable_lora()
-            self.txt2img.set_adapters([r.name for r in active], [r.weight for r in active])
-        elif self.loras:
-            self.txt2img.disable_lora()
-        return active
+    def checkpoint(self, name: str | None = None) -> Pipelines:
+        """A checkpoint's pipelines by this replica's own least-recently-used policy (loaded when not held)."""
+        with self._loading:
+            return self.resident.get(name or self.catalog.default)
 
-    def generate(
-        self, request: GenerationRequest, request_id: str | None = None, on_progress: ProgressFn | None = None
-    ) -> StageResult:
+    def load(self, name: str) -> Pipelines:
+        """A checkpoint's pipelines, loaded when not held, evicting nothing (Serve's multiplexer evicts)."""
+        with self._loading:
+            return self.resident.load(name)
+
+    def _load(self, name: str) -> Pipelines:
+        pipes = Pipelines(self.catalog.entry(name), self.config, self.device, self.dtype, self.settings,
+                          self.compile_cache)
+        pipes.add_loras(self.loras)
+        self.warm_up(pipes)  # compilation per checkpoint happens here, not in its first request
+        return pipes
+
+    def warm_up(self, pipes: Pipelines | None = None) -> None:
+        pipes = pipes or self.checkpoint()
+        steps = self.config.fast.warmup_steps
+        fastpath.warm_up(f"SDXL base {pipes.name}", self.config.fast, self.device, self.compile_cache,
+                         lambda w, h: self.generate(GenerationRequest(prompt="warm-up", width=w, height=h,
+                                                                      steps=steps, seed=0), pipes=pipes))
+
+    def refresh(self) -> dict[str, list[str]]:
+        """Read the checkpoint and LoRA folders again (A1111's refresh-checkpoints and refresh-loras)."""
+        return {"checkpoints": list(self.catalog.entries(rescan=True)),
+                "loras": sorted(self.lora_files.files(rescan=True))}
+
+    def generate(self, request: GenerationRequest, request_id: str | None = None,
+                 on_progress: ProgressFn | None = None, pipes: Pipelines | None = None) -> StageResult:
         """One request on its own (a batch of one: the same code path as a batched request)."""
-        item = BatchItem(request, request_id or uuid.uuid4().hex, request.batch_size, on_progress=on_progress)
+        item = BatchItem(request, request_id or uuid.uuid4().hex, request.batch_size, on_progress=on_progress,
+                         checkpoint=pipes)
         return outcome(self.generate_batch([item])[0])
 
     def generate_batch(self, items: list[BatchItem]) -> list[StageResult | BaseException]:
-        """One pipeline call for compatible requests (same ``batch_key``); each item keeps its own seeds, so its
-        pixels are those it would get alone. Returns one outcome per item: its result or its own error."""
+        """One pipeline call for compatible requests (same ``batch_key``, so one checkpoint); each item keeps its
+        own seeds, so its pixels are those it would get alone. Returns one outcome per item: its result or its
+        own error. Items arrive with their checkpoint held (under Serve) or it is looked up here."""
         outcomes: list[StageResult | BaseException | None] = [None] * len(items)
         prompts: dict[int, str] = {}
         seeds: dict[int, list[int]] = {}
         for i, item in enumerate(items):
             try:
-                check_size(item.request.width, item.request.height, self.config.max_pixels)
+                check_request(item.request, self.config.max_pixels)
                 prompts[i] = parse_lora_tags(item.request.prompt)[0]
                 seeds[i] = resolve_seeds(item.request.seed, item.request.batch_size)
             except ServiceError as e:
@@ -176,47 +153,49 @@ class BaseGenerator:
         warnings: list[str] = []
         loras: list[LoraRef] = []
         results: list[StageResult | BaseException]
+        pipes: Pipelines | None = None
         try:
+            pipes = batch[0].checkpoint or self.checkpoint(request.checkpoint)
             with self._lock, self.oom():
-                loras = self._apply_loras(request.loras, warnings, strict=True)
-                loras += self._apply_loras_from_prompt(parse_lora_tags(request.prompt)[1], loras, warnings)
-                results = self._run(mode, batch, [prompts[i] for i in live], [seeds[i] for i in live], warnings)
+                loras = pipes.apply_loras(self.loras, request.loras, parse_lora_tags(request.prompt)[1], warnings)
+                results = self._run(mode, pipes, batch, [prompts[i] for i in live], [seeds[i] for i in live],
+                                    warnings)
         except Exception as e:  # noqa: BLE001 - each item gets the error it would have got alone
             results = [e] * len(live)
         for i, item, result in zip(live, batch, results, strict=True):
             if self.cancellation.is_cancelled(item.request_id) and not isinstance(result, BaseException):
                 result = GenerationCancelled(f"request {item.request_id} cancelled")
             self.cancellation.finish(item.request_id)
-            if isinstance(result, StageResult):
+            if isinstance(result, StageResult) and pipes is not None:
                 result.info.update(mode=mode, prompt=prompts[i], loras={r.name: r.weight for r in loras},
-                                   sampler=request.sampler or self.config.default_sampler, model=self.config.name)
+                                   sampler=request.sampler or self.config.default_sampler, model=pipes.name)
+                if request.hires is not None:
+                    result.info.update(hires_upscaler=request.hires.mode)
             outcomes[i] = result
+        for item in items:
+            item.checkpoint = None  # an evicted checkpoint this batch kept alive can go now
+        del pipes
+        self.resident.sweep()
         return [o for o in outcomes if o is not None]
 
-    def _apply_loras_from_prompt(self, tagged: list[LoraRef], explicit: list[LoraRef], warnings: list[str]):
-        if not tagged:
-            return []
-        merged = {r.name: r for r in explicit}
-        merged.update({r.name: r for r in tagged})
-        active = self._apply_loras(list(merged.values()), warnings, strict=False)
-        return [r for r in active if r.name not in {e.name for e in explicit}]
-
-    def _run(self, mode, items: list[BatchItem], prompts: list[str], seeds: list[list[int]],
+    def _run(self, mode, pipes: Pipelines, items: list[BatchItem], prompts: list[str], seeds: list[list[int]],
              warnings: list[str]) -> list[StageResult | BaseException]:
         request: GenerationRequest = items[0].request
-        pipe = {"txt2img": self.txt2img, "img2img": self.img2img, "inpaint": self.inpaint}[mode]
+        pipe = {"txt2img": pipes.txt2img, "img2img": pipes.img2img, "inpaint": pipes.inpaint}[mode]
         sampler = request.sampler or self.config.default_sampler
-        pipe.scheduler = build_scheduler(sampler, self.scheduler_config, request.schedule)
+        pipe.scheduler = build_scheduler(sampler, pipes.scheduler_config, request.schedule)
         counts = [len(s) for s in seeds]
         offsets = [sum(counts[:i]) for i in range(len(counts) + 1)]
+        done = [0]  # steps of earlier passes (the hires fix has two)
 
         def per_image(values: list) -> list:
             return [value for value, n in zip(values, counts, strict=True) for _ in range(n)]
 
         def on_step_end(_pipe, step, _timestep, callback_kwargs):
-            cancelled = self.cancellation.advance(items, step + 1, total_steps)
+            at = done[0] + step + 1
+            cancelled = self.cancellation.advance(items, at, total_steps)
             if all(cancelled):
-                raise GenerationCancelled(f"batch of {len(items)} cancelled at step {step + 1}/{total_steps}")
+                raise GenerationCancelled(f"batch of {len(items)} cancelled at step {at}/{total_steps}")
             latents = callback_kwargs.get("latents")
             if latents is not None:
                 for item, offset in zip(items, offsets, strict=False):
@@ -244,14 +223,14 @@ class BaseGenerator:
             inits = [to_rgb(i.request.init_image).resize((request.width, request.height), Image.Resampling.LANCZOS)
                      for i in items]
             init = inits[0]
-            # A1111 runs at least one step at low strength; diffusers would run none and fail.
-            steps = max(request.steps, math.ceil(1 / request.strength))
+            steps, total_steps = img2img_steps(request.steps, request.strength)
             kwargs.update(image=per_image(inits), strength=request.strength, num_inference_steps=steps)
-            total_steps = max(1, int(steps * request.strength))
             if request.mask is not None:  # inpainting runs alone (see batch_key)
                 mask = self._prepare_mask(request.mask, request)
                 kwargs.update(mask_image=mask, width=request.width, height=request.height)
-        if self.ip_adapter_loaded:
+        if request.hires is not None:
+            total_steps += img2img_steps(request.hires.steps, request.hires.strength)[1]
+        if pipes.ip_adapter_loaded:
             reference = request.ip_adapter_image  # a reference runs alone; a batch has none
             pipe.set_ip_adapter_scale(request.ip_adapter_scale if reference is not None else 0.0)
             # The adapted UNet always expects image embeddings: a blank image at scale 0 changes nothing.
@@ -262,19 +241,39 @@ class BaseGenerator:
             kwargs["denoising_end"] = request.denoising_end
         with fastpath.attention(self.config.fast):
             latents = pipe(**kwargs, output_type="latent").images
+            if request.hires is not None:
+                done[0] = request.steps
+                latents = self._hires_pass(pipes, request, request.hires, latents, seeds, kwargs)
         if request.denoising_end is not None:
             handed = latents.float().cpu().numpy()
             return [StageResult(images=[], seeds=s, latents=handed[a:b], warnings=list(warnings))
                     for s, a, b in zip(seeds, offsets, offsets[1:], strict=False)]
-        images = self.decode(latents)
+        images = self.decode(latents, pipes)
         if mask is not None and init is not None:
             images = [self._keep_unmasked(init, image, mask) for image in images]
         return [StageResult(images=images[a:b], seeds=s, warnings=list(warnings))
                 for s, a, b in zip(seeds, offsets, offsets[1:], strict=False)]
 
-    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+    def _hires_pass(self, pipes: Pipelines, request: GenerationRequest, hires: LatentHires, latents: torch.Tensor,
+                    seeds: list[list[int]], first: dict) -> torch.Tensor:
+        """A1111's latent hires fix: resize the first pass's latents as the mode says, then denoise them again at
+        the hires size with the same checkpoint, prompts and sampler, from the same seeds (A1111 reseeds)."""
+        interpolation, antialias = LATENT_UPSCALE_MODES[hires.mode]
+        size = (hires.height // 8, hires.width // 8)
+        upscaled = torch.nn.functional.interpolate(latents.float(), size=size, mode=interpolation,
+                                                   antialias=antialias).to(latents.dtype)
+        pipe = pipes.img2img
+        pipe.scheduler = build_scheduler(request.sampler or self.config.default_sampler, pipes.scheduler_config,
+                                         request.schedule)
+        steps = img2img_steps(hires.steps, hires.strength)[0]
+        kwargs = {k: v for k, v in first.items() if k not in ("width", "height", "denoising_end")}
+        kwargs.update(image=upscaled, strength=hires.strength, num_inference_steps=steps,
+                      generator=[torch.Generator("cpu").manual_seed(s) for group in seeds for s in group])
+        return pipe(**kwargs, output_type="latent").images
+
+    def decode(self, latents: torch.Tensor, pipes: Pipelines | None = None) -> list[Image.Image]:
         with fastpath.attention(self.config.fast):
-            return fastpath.decode(self.txt2img, latents)
+            return fastpath.decode((pipes or self.checkpoint()).txt2img, latents)
 
     @staticmethod
     def _prepare_mask(mask: Image.Image, request: GenerationRequest) -> Image.Image:
@@ -293,11 +292,12 @@ class BaseGenerator:
 
     def describe(self) -> dict:
         return {
-            "name": self.config.name,
+            "name": self.catalog.default,
+            "checkpoints": self.resident.describe(),
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "loras": sorted(self.loras),
-            "ip_adapter": self.ip_adapter_loaded,
+            "ip_adapter": self.config.ip_adapter is not None,
             "fast_path": self.fast,
             **devices.memory(self.device),
             "running": self.cancellation.running(),
@@ -306,38 +306,130 @@ class BaseGenerator:
     def healthy(self) -> bool:
         return self.oom.healthy()
 
-    def fingerprint(self) -> dict[str, str]:
-        """Content hashes of every loaded weight file, and what else decides the pixels (the result cache's key)."""
-        return {**self.weights.digests(), "base_runtime": f"{self.device.type}/{self.dtype}",
-                "base_defaults": f"{self.config.default_sampler}/{self.config.fast.fp8}"}
+    def fingerprint(self, checkpoint: str | None = None) -> dict[str, str]:
+        """What decides the pixels of a request on ``checkpoint`` (the result cache's key): that checkpoint's SHA-256
+        as the catalogue computes it (A1111's hash, kept per file version in MODEL_CACHE_DIR, so never hashed
+        twice), the VAE's, IP-Adapter's and LoRAs', precision and defaults. It depends on the checkpoint named, never
+        on which checkpoints this replica holds: every replica gives the same answer."""
+        entry = self.catalog.entry(checkpoint or self.catalog.default)
+        out = {"checkpoint": f"{entry.name}:{self._sha256(entry.checkpoint.source)}",
+               "base_runtime": f"{self.device.type}/{self.dtype}",
+               "base_defaults": f"{self.config.default_sampler}/{self.config.fast.fp8}"}
+        if entry.checkpoint.config:  # where a single file's component configs come from
+            out["checkpoint_config"] = entry.checkpoint.config
+        if self.config.vae:
+            out["vae"] = self._sha256(self.config.vae.source)
+        if self.config.ip_adapter:
+            out["ip_adapter"] = self._sha256(self.config.ip_adapter)
+        for name, path in self.loras.items():
+            out[f"lora:{name}"] = self._sha256(str(path))
+        return out
+
+    def _sha256(self, source: str) -> str:
+        """A source's weights hashed by the catalogue (a hub id or S3 URI resolved to its local copy first)."""
+        path = self._resolved.get(source)
+        if path is None:
+            path = self._resolved[source] = loader.resolve(source, self.settings)
+        digest = self.catalog.sha256(str(path))
+        if digest is None:
+            raise ModelLoadError(f"{source}: its weights cannot be hashed", field="checkpoint")
+        return digest
+
+
+def img2img_steps(steps: int, strength: float) -> tuple[int, int]:
+    """The steps to ask diffusers for at this strength, and how many it runs: A1111 runs at least one step at
+    low strength, where diffusers would run none and fail."""
+    asked = max(steps, math.ceil(1 / strength))
+    return asked, max(1, int(asked * strength))
+
+
+def check_request(request: GenerationRequest, max_pixels: int) -> None:
+    check_size(request.width, request.height, max_pixels)
+    if request.hires is not None:
+        if mode_of(request) != "txt2img" or request.denoising_end is not None:
+            raise InvalidInput("the latent hires fix applies to text-to-image alone", field="hires")
+        check_size(request.hires.width, request.hires.height, max_pixels)
 
 
 def batch_key(request: GenerationRequest) -> tuple | None:
     """What requests must share to run in one pipeline call; ``None``: this one runs alone (an inpainting mask
-    and an IP-Adapter reference belong to one request)."""
+    and an IP-Adapter reference belong to one request). The checkpoint is part of it: a batch never mixes two."""
     mode = mode_of(request)
     if mode == "inpaint" or request.ip_adapter_image is not None:
         return None
     tagged = parse_lora_tags(request.prompt)[1]
-    return (mode, request.width, request.height, request.steps, request.sampler, request.schedule,
-            request.guidance_scale, tuple((r.name, r.weight) for r in request.loras),
+    return (request.checkpoint, mode, request.width, request.height, request.steps, request.sampler,
+            request.schedule, request.guidance_scale, tuple((r.name, r.weight) for r in request.loras),
             tuple((r.name, r.weight) for r in tagged), bool(request.negative_prompt), request.denoising_end,
-            request.strength if mode == "img2img" else None)
+            request.strength if mode == "img2img" else None, request.hires)
+
+
+class _Held:
+    """What Serve's multiplexer keeps for a checkpoint it routes to this replica. Serve calls ``__del__`` when it
+    evicts the checkpoint (its documented unload hook); the garbage collector may call it again later, which
+    ``Resident.evict`` ignores."""
+
+    def __init__(self, pipes: Pipelines, resident: Resident) -> None:
+        self.pipes, self.resident = pipes, resident
+
+    def __del__(self) -> None:
+        self.resident.evict(self.pipes)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=16, health_check_period_s=10)
 class SDXLBase:
-    """Thin Serve shell: loads the model once per replica; compatible requests are batched (``batching`` in the
-    config, or ``user_config`` at run time) and every batch runs on the replica's one inference thread."""
+    """Thin Serve shell around ``BaseGenerator``. Checkpoints are Serve multiplexed models: a plan routes a
+    request with ``multiplexed_model_id=<checkpoint>`` to a replica that holds it, and ``_held`` loads one that
+    is not held here (evicting the least recently used beyond ``max_loaded_checkpoints``). Compatible requests
+    are batched (``batching``, or ``user_config`` at run time); every batch and every load runs on the replica's
+    one inference thread. The replica tells the progress board which checkpoints it holds (``GET /models``)."""
 
-    def __init__(self, config: dict | SDXLBaseConfig, board: DeploymentHandle | None = None) -> None:
+    # Serve awaits an async constructor: the default checkpoint loads through Serve's multiplexer.
+    async def __init__(self, config: dict | SDXLBaseConfig,  # type: ignore[misc]
+                       board: DeploymentHandle | None = None) -> None:
         config = SDXLBaseConfig.model_validate(config)
         self.thread = devices.InferenceThread("sdxl-base")
-        self.model = self.thread.call(BaseGenerator, config)
-        self.thread.call(self.model.warm_up)
+        self.model: BaseGenerator = await self.thread.run(BaseGenerator, config, preload=False)
         self.metrics = StageMetrics("sdxl_base")
+        self.board = board
         self.reporter = Reporter(board, "sdxl_base", self.model.cancellation)
         self.batcher: Batcher[BatchItem] = Batcher(self._run_batch, config.batching, size=lambda item: item.count)
+        self.replica = _replica_id()
+        # Serve's multiplexer needs a replica; Serve's local testing mode has none, and there the replica's own
+        # least-recently-used policy applies.
+        self._held = None
+        if self.replica:
+            async def hold(name: str) -> _Held:  # a plain function: Serve keeps its cache on the function object
+                return await self._load(name)
+
+            self._held = serve.multiplexed(max_num_models_per_replica=config.max_loaded_checkpoints)(hold)
+        await self._checkpoint(self.model.catalog.default)  # ready (and routable) with the default
+        if board is not None and self.replica:
+            self._heartbeat = asyncio.get_running_loop().create_task(self._announce_every(HOLDINGS_EVERY_S))
+
+    async def _load(self, name: str) -> _Held:
+        pipes = await self.thread.run(self.model.load, name)
+        asyncio.get_running_loop().create_task(self._announce())
+        return _Held(pipes, self.model.resident)
+
+    async def _checkpoint(self, name: str) -> Pipelines:
+        if self._held is None:
+            return await self.thread.run(self.model.checkpoint, name)
+        await asyncio.to_thread(self.model.catalog.entry, name)  # an unknown name never reaches Serve's cache
+        return (await self._held(name)).pipes
+
+    async def _announce(self) -> None:
+        """Tell the board which checkpoints this replica holds and how often it loaded each."""
+        if self.board is not None and self.replica:
+            try:
+                await self.board.hold.remote(self.replica, self.model.resident.describe())
+            except Exception as e:  # noqa: BLE001 - the next announcement corrects a missed one
+                logger.debug("holdings not announced: %s", e)
+
+    async def _announce_every(self, seconds: float) -> None:
+        while True:
+            await self._announce()
+            await asyncio.sleep(seconds)
 
     def reconfigure(self, user_config: dict) -> None:
         """``user_config: {max_batch_size, batch_wait_timeout_s}`` retunes batching without a restart."""
@@ -352,13 +444,20 @@ class SDXLBase:
     async def generate(self, request: GenerationRequest, request_id: str | None = None,
                        encode: Encoding | None = None) -> StageResult:
         """``encode``: this is the plan's last stage; answer with files, not pixels."""
+        checkpoint = request.checkpoint or self.model.catalog.default
+        request = request.model_copy(update={"checkpoint": checkpoint})
         item = BatchItem(request, request_id or uuid.uuid4().hex, request.batch_size)
         self.reporter.start()
         try:
+            item.checkpoint = await self._checkpoint(checkpoint)
             return await encoded(await self.batcher.submit(batch_key(request), item), encode)
         except asyncio.CancelledError:  # cancelled through Serve (a cancel, deadline or disconnect upstream)
             self.model.cancellation.cancel(item.request_id)
             raise
+
+    async def refresh(self) -> dict[str, list[str]]:
+        """Read the checkpoint and LoRA folders again."""
+        return await asyncio.to_thread(self.model.refresh)
 
     async def cancel(self, request_id: str) -> None:
         self.model.cancellation.cancel(request_id)
@@ -371,12 +470,22 @@ class SDXLBase:
         return self.model.cancellation.preview(request_id)
 
     async def describe(self) -> dict:
-        return {**self.model.describe(), "batching": {**self.batcher.config.model_dump(), **self.batcher.counts}}
+        return {**self.model.describe(), "replica": self.replica,
+                "batching": {**self.batcher.config.model_dump(), **self.batcher.counts}}
 
-    async def fingerprint(self) -> dict[str, str]:
-        """Hashes of the loaded weights: hashed once, off the inference thread."""
-        return await asyncio.to_thread(self.model.fingerprint)
+    async def fingerprint(self, checkpoint: str | None = None) -> dict[str, str]:
+        """The result cache's key for a request on ``checkpoint`` (see ``BaseGenerator.fingerprint``): off the
+        inference thread, and the same whichever replica answers, so the call needs no multiplexed routing."""
+        return await asyncio.to_thread(self.model.fingerprint, checkpoint)
 
     async def check_health(self) -> None:
         if not self.model.healthy():
             raise RuntimeError("SDXL base: repeated out-of-memory failures")
+
+
+def _replica_id() -> str | None:
+    """This replica's id, or None outside a Serve replica (Serve's local testing mode)."""
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except RayServeException:
+        return None

@@ -1,4 +1,5 @@
-"""The application graph: a FastAPI ingress bound to the six model deployments.
+"""The application graph: a FastAPI ingress bound to the six model deployments (and Provenance, which marks and
+reads provenance where the ingress and job runner cannot).
 
 ``build_app(args)`` is the ``import_path`` target of ``serve_config.yaml``; its ``args`` validate into
 ``AppArgs``. Strings in args may use ``$VAR`` / ``~``, expanded once here, so one config file can point at model
@@ -14,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve import Application
 
+from deployments.support.checkpoints import Catalog
 from deployments.support.config import (
     FaceRestorerConfig,
     FocalCropperConfig,
@@ -24,7 +26,7 @@ from deployments.support.config import (
 )
 from deployments.support.settings import current
 from graphs import plans
-from graphs.api import a1111, a1111_info, generate, illustration, jobs, processing, ui
+from graphs.api import a1111, a1111_info, generate, illustration, jobs, processing, provenance, ui
 from graphs.api.edge import create_app
 from graphs.api.photos import PhotoStore, StorageConfig
 from graphs.board import ProgressBoard
@@ -71,7 +73,7 @@ class AppArgs(BaseModel):
 
 app = create_app()
 app.include_router(generate.open_router)
-for module in (generate, illustration, processing, a1111, a1111_info, jobs, ui):
+for module in (generate, illustration, processing, a1111, a1111_info, jobs, provenance, ui):
     app.include_router(module.router)
 app.include_router(a1111_info.internal)
 
@@ -85,8 +87,10 @@ class Ingress(
     a1111.A1111Routes,
     a1111_info.A1111InfoRoutes,
     jobs.JobRoutes,
+    provenance.ProvenanceRoutes,
 ):
-    def __init__(self, base, refiner, upscaler, faces, cropper, runner, board, args: dict, safety=None) -> None:
+    def __init__(self, base, refiner, upscaler, faces, cropper, runner, board, args: dict, safety=None,
+                 marks=None) -> None:
         config = AppArgs.model_validate(args)
         self.config = config
         self.settings = current()  # read once, in the serving process
@@ -94,13 +98,15 @@ class Ingress(
         self.handles = plans.Handles(base, refiner, upscaler, faces, board,
                                      plans.safety_stage(safety, enabled, self.settings))
         self.cropper = cropper
+        self.provenance = marks  # marks and encodes A1111's images, reads uploads' marks
         self.hires_upscaler = config.hires_upscaler
         self.photos = PhotoStore(StorageConfig.from_settings(self.settings))
         self.runner = runner  # deployed with the app; it reads the same job store
         self.jobs = open_store(self.settings)
         self.results = open_results(self.settings)
-        self.cache = RequestCache(open_cache(self.settings, config.result_cache), self.handles)
+        self.cache = RequestCache(open_cache(self.settings, config.result_cache), self.handles, self.settings)
         self.sizes = SizeTable.load(self.settings.batch_sizes_file)
+        self.catalog = Catalog(config.base, self.settings)  # the base replicas' checkpoints, resolved here
 
 
 def build_app(args: dict) -> Application:
@@ -109,6 +115,7 @@ def build_app(args: dict) -> Application:
     # stay free of torch and the model libraries (tests/test_light_ingress.py).
     from deployments.face_restorer import FaceRestorer
     from deployments.focal_cropper import FocalCropper
+    from deployments.provenance import Provenance
     from deployments.safety_checker import SafetyChecker
     from deployments.sdxl_base import SDXLBase
     from deployments.sdxl_refiner import SDXLRefiner
@@ -128,8 +135,9 @@ def build_app(args: dict) -> Application:
     checker = config.safety_checker
     # Whether it screens is the ingress's and runner's business: turning it on or off never reloads the checker.
     safety = deployment(SafetyChecker).bind(checker.model_dump(exclude={"enabled"})) if checker else None
+    marks = deployment(Provenance).bind()
     runner = deployment(JobRunner).bind(base, refiner, upscaler, faces, cropper, board, config.hires_upscaler,
                                         safety=safety, safety_enabled=checker.enabled if checker else None,
-                                        result_cache=config.result_cache)
+                                        result_cache=config.result_cache, marks=marks)
     return deployment(Ingress).bind(base, refiner, upscaler, faces, cropper, runner, board, config.model_dump(),
-                                    safety=safety)
+                                    safety=safety, marks=marks)

@@ -5,6 +5,9 @@ replica runs it. Rather than asking a random replica, every diffusion replica re
 few times a second (step, total, a latent preview when one was asked for) and gets back the ones cancelled since,
 so a cancel reaches the replica that runs the request and progress comes from it. One small replica: the state
 is a few numbers per running request, kept until it finishes or for ``TTL_S``.
+
+The base replicas also say here which checkpoints each one holds (on every load and every few seconds), so that
+``GET /models`` can tell where each checkpoint is loaded; a replica not heard of for ``HOLDINGS_TTL_S`` is gone.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from PIL import Image
 from ray import serve
 
 TTL_S = 600.0
+HOLDINGS_TTL_S = 10.0  # five missed announcements (SDXLBase repeats them every 2 s)
 REPORT_INTERVAL_S = 0.2  # how often a model replica reports: the worst-case delay of a cancel or a preview
 
 
@@ -36,6 +40,7 @@ class Board:
         self.previews: dict[str, Image.Image] = {}
         self.wanted: dict[str, float] = {}
         self.cancelled: dict[str, float] = {}
+        self.holdings: dict[str, tuple[dict, float]] = {}
 
     def report(self, stage: str, progress: dict[str, tuple[int, int]], finished: list[str],
                previews: dict[str, Image.Image] | None = None) -> dict[str, list[str]]:
@@ -63,6 +68,17 @@ class Board:
     def cancel(self, request_id: str) -> None:
         """Flag a request; its replica learns of it with its next report (or, not yet started, when it starts)."""
         self.cancelled[request_id] = self.clock()
+
+    def hold(self, replica: str, holdings: dict) -> None:
+        """A base replica's checkpoints: ``held`` (most recently used last), ``loads`` per checkpoint, ..."""
+        self.holdings[replica] = (holdings, self.clock())
+
+    def held(self) -> dict[str, dict]:
+        """What each live base replica holds, by replica id."""
+        now = self.clock()
+        for replica in [r for r, (_, at) in self.holdings.items() if now - at > HOLDINGS_TTL_S]:
+            del self.holdings[replica]
+        return {replica: holdings for replica, (holdings, _) in self.holdings.items()}
 
     def _expire(self, now: float) -> None:
         for table in (self.wanted, self.cancelled):

@@ -52,10 +52,13 @@ def _explain(response: httpx.Response) -> CliError:
     if status in (429, 503):
         wait = response.headers.get("retry-after")
         return CliError(f"{status} {code}: {message}; retry after {wait or 'a few'} s", 5)
-    field = (body.get("details") or {}).get("field")
+    details = body.get("details") or {}
+    field = details.get("field")
     if field:
         flag = FLAGS.get(field)
-        message = f"{message} (field {field}{f', {flag}' if flag else ''})"
+        choices = details.get("choices")
+        listed = f"; choices: {', '.join(map(str, choices))}" if isinstance(choices, list) and choices else ""
+        message = f"{message} (field {field}{f', {flag}' if flag else ''}{listed})"
     return CliError(f"{status} {code}: {message}", 2 if status < 500 else 1)
 
 

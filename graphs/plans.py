@@ -9,7 +9,12 @@ seed 001:     the user's photo through IP-Adapter, seed 001's defaults
 seed 003:     one base call (txt2img, img2img, inpaint, style transfer through IP-Adapter)
 
 With the NSFW filter on, every plan ends in the safety checker (after faces, before the overlay and encoding):
-it replaces flagged images, reports ``nsfw`` per image and, as the last stage, encodes.
+it replaces flagged images, reports ``nsfw`` per image and, as the last stage, encodes (and so marks: watermark
+and content credentials, ``StageResult.encode``). It is awaited with ``settled`` like every chained stage.
+
+Every base call goes to a replica that holds the request's checkpoint (``base_for``: Serve model multiplexing); the
+ingress has resolved the checkpoint's name (and the default) before a plan starts, so a plan never waits on a
+name that does not exist and a default changed meanwhile never moves a request in flight.
 
 Each API family maps its request into one plan input here (``seed000``, ``seed003``), so the sync and async
 paths share the mapping. This module is longer than most: it keeps every plan in one place.
@@ -35,15 +40,17 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.support.cropping import CropSize
 from deployments.support.generation import (
+    LATENT_UPSCALE_MODES,
     Encoding,
     GenerationRequest,
+    LatentHires,
     RefineRequest,
     StageResult,
     encoded,
     resolve_seeds,
 )
 from deployments.support.settings import Settings
-from graphs.api.errors import call, unwrap
+from graphs.api.errors import call, lost, unwrap
 from graphs.api.fields import image_field
 from graphs.jobs.sizes import SizeTable
 
@@ -103,6 +110,73 @@ async def flight() -> AsyncIterator[list]:
         raise
     finally:
         _flight.reset(token)
+
+
+WATCH_EVERY_S = 0.5
+
+
+async def settled(response):
+    """Await a stage whose input is an earlier stage's response, watching the flight's other calls meanwhile: when
+    one of them fails because its replica or node was lost, its error is raised here and the stage is cancelled.
+
+    Without the watch the stage would never answer. When the earlier stage's replica becomes unreachable (a node
+    dies: Ray reports ``ActorUnavailableError``), Serve's router takes the failed input for the next stage's own
+    replica being unavailable and sends the call again, forever (Ray 2.60 handles only ``ActorDiedError`` so).
+    The watch reads no large result: a result in the object store is a success (errors are small and stay with
+    this process, which owns the calls it made); only a small one is read."""
+    earlier = [c for c in (_flight.get() or []) if c is not response]
+    if not earlier:
+        return await call(response)
+    stage = asyncio.ensure_future(call(response))
+    watch: asyncio.Future | None = None
+    try:
+        # Most stages answer before the first look would come: they cost the watch nothing.
+        await asyncio.wait({stage}, timeout=WATCH_EVERY_S)
+        if stage.done():
+            return stage.result()
+        watch = asyncio.ensure_future(_first_lost(earlier))
+        await asyncio.wait({stage, watch}, return_when=asyncio.FIRST_COMPLETED)
+        gone = watch.result() if watch.done() else None
+        if gone is None:
+            return await stage
+        response.cancel()
+        raise gone
+    finally:
+        for task in (stage, watch):
+            if task is not None:
+                task.cancel()
+
+
+async def _first_lost(calls: list) -> BaseException | None:
+    """The first lost-replica error among ``calls`` once they have all finished (None if there is none)."""
+    import ray
+    from ray.experimental import get_object_locations
+
+    # Shielded: a call's object ref comes once it is routed, and giving up the wait must not cancel the call.
+    routing = {asyncio.shield(c._to_object_ref()) for c in calls}
+    refs: list = []
+    try:
+        while routing or refs:
+            for task in [t for t in routing if t.done()]:
+                routing.discard(task)
+                if task.exception() is None:  # none in Serve's local testing mode, or where routing failed
+                    refs.append(task.result())
+            ready, refs = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False) if refs else ([], [])
+            for ref in ready:
+                where = await asyncio.to_thread(get_object_locations, [ref], 1000)  # a GCS call: off the loop
+                if where.get(ref, {}).get("node_ids"):
+                    continue  # in the object store: a result, never an error
+                try:
+                    await ref
+                except Exception as e:  # noqa: BLE001 - only a lost replica matters here; the stage reports the rest
+                    if (gone := lost(e)) is not None:
+                        return gone
+            if routing or refs:
+                await asyncio.sleep(WATCH_EVERY_S)
+        return None
+    finally:
+        for task in routing:
+            task.cancel()
 
 
 @dataclass
@@ -170,6 +244,7 @@ class Report:
     faces_found: int = 0
     warnings: list[str] = field(default_factory=list)
     nsfw: bool | None = None  # None: the safety checker is off
+    checkpoint: str | None = None  # the base checkpoint that made it
 
     def facts(self) -> dict:
         """Everything but the file: what a cached answer keeps beside it."""
@@ -180,6 +255,12 @@ class Report:
         """A cached answer again (facts this version no longer has are left out)."""
         known = set(cls.__dataclass_fields__)
         return cls(data=data, **{k: v for k, v in facts.items() if k in known and k != "data"})
+
+
+def base_for(h: Handles, request: GenerationRequest) -> Any:
+    """The base handle, routed to a replica that holds the request's checkpoint (or, when none does, to the one
+    holding the fewest, which loads it)."""
+    return h.base.options(multiplexed_model_id=request.checkpoint) if request.checkpoint else h.base
 
 
 def _refine(request: GenerationRequest, **mode) -> RefineRequest:
@@ -193,13 +274,14 @@ async def standard(h: Handles, request: GenerationRequest, opts: PlanOptions) ->
     warnings: list[str] = []
     encode = opts.last(h)  # faces or the safety checker encode when they come last
     if opts.use_refiner and h.refiner is not None:
-        base = h.base.generate.remote(request.model_copy(update={"denoising_end": ENSEMBLE_SPLIT}), opts.request_id)
+        base = base_for(h, request).generate.remote(request.model_copy(update={"denoising_end": ENSEMBLE_SPLIT}),
+                                                 opts.request_id)
         last = h.refiner.refine_latents.remote(_refine(request, denoising_start=ENSEMBLE_SPLIT), base,
                                                opts.request_id, encode)
     else:
         if opts.use_refiner:
             warnings.append("refiner not deployed: base output returned")
-        last = h.base.generate.remote(request, opts.request_id, encode)
+        last = base_for(h, request).generate.remote(request, opts.request_id, encode)
     return await _finish(h, last, seed, opts, warnings)
 
 
@@ -207,7 +289,7 @@ async def hires_fix(h: Handles, request: GenerationRequest, opts: PlanOptions) -
     seed = resolve_seeds(request.seed, 1)[0]
     first = request.model_copy(update={"width": HIRES_BASE, "height": HIRES_BASE, "batch_size": 1, "seed": seed})
     encode = opts.last(h)
-    base = h.base.generate.remote(first, opts.request_id)
+    base = base_for(h, first).generate.remote(first, opts.request_id)
     last = h.upscaler.upscale.remote(base, opts.neural_upscaler or "Lanczos", 2.0,
                                      encode=encode if h.refiner is None else None)
     warnings = []
@@ -228,16 +310,16 @@ async def _finish(h: Handles, last, seed: int, opts: PlanOptions, warnings: list
     if opts.restore_faces:
         try:
             restored = h.faces.restore.remote(last, opts.face_weight, encode=h.last(opts.encode))
-            return _report(await call(h.screen(restored, opts.encode)), seed, warnings)
+            return _report(await settled(h.screen(restored, opts.encode)), seed, warnings)
         except Exception as e:  # noqa: BLE001 - seed 000: a post-processing failure returns the image unprocessed
             if h.safety is not None:
-                result = await call(h.screen(last, opts.encode))  # an upstream failure re-raises here
+                result = await settled(h.screen(last, opts.encode))  # an upstream failure re-raises here
             else:
-                result = await encoded(await call(last), opts.encode)
+                result = await encoded(await settled(last), opts.encode)
             code = getattr(unwrap(e), "code", type(unwrap(e)).__name__)
             logger.warning("face restoration failed (%s); unprocessed image returned", code)
             return _report(result, seed, [*warnings, f"face restoration failed ({code}): unprocessed image"])
-    return _report(await call(h.screen(last, opts.encode)), seed, warnings)
+    return _report(await settled(h.screen(last, opts.encode)), seed, warnings)
 
 
 def _report(result: StageResult, seed: int, warnings: list[str]) -> Report:
@@ -246,14 +328,14 @@ def _report(result: StageResult, seed: int, warnings: list[str]) -> Report:
                   upscaler=info.get("upscaler"),
                   face_restoration_applied=info.get("face_restoration_applied", False),
                   faces_found=info.get("faces_found", 0), warnings=[*result.warnings, *warnings],
-                  nsfw=info["nsfw"][0] if "nsfw" in info else None)
+                  nsfw=info["nsfw"][0] if "nsfw" in info else None, checkpoint=info.get("model"))
 
 
 # --- seed 000: /generate and /generate/async ---------------------------------------------------------------------
 
 SEED000_FIELDS = ("prompt", "negative_prompt", "seed", "width", "height", "num_inference_steps", "guidance_scale",
                   "use_refiner", "hires_fix", "use_realesrgan", "use_face_restoration", "face_restoration_weight",
-                  "overlay")
+                  "overlay", "model")
 
 
 def seed000_fields(fields: dict, hires_upscaler: str) -> dict:
@@ -266,7 +348,7 @@ async def seed000(h: Handles, fields: dict, hires_upscaler: str, request_id: str
     request = GenerationRequest(prompt=fields["prompt"], negative_prompt=fields.get("negative_prompt", ""),
                                 seed=fields.get("seed", -1), width=fields.get("width", 1024),
                                 height=fields.get("height", 1024), steps=fields.get("num_inference_steps", 30),
-                                guidance_scale=fields.get("guidance_scale", 7.0))
+                                guidance_scale=fields.get("guidance_scale", 7.0), checkpoint=fields.get("model"))
     opts = PlanOptions(use_refiner=fields.get("use_refiner", True), hires_fix=fields.get("hires_fix", False),
                        neural_upscaler=hires_upscaler if fields.get("use_realesrgan", True) else None,
                        restore_faces=fields.get("use_face_restoration", False),
@@ -278,7 +360,7 @@ async def seed000(h: Handles, fields: dict, hires_upscaler: str, request_id: str
 # --- seed 001: illustrations from a user's photo ------------------------------------------------------------------
 
 async def seed001(h: Handles, fields: dict, prompt: str, photo: Image.Image, settings: Settings,
-                  request_id: str) -> StageResult:
+                  request_id: str, checkpoint: str | None = None) -> StageResult:
     """The user's photo drives IP-Adapter; unset fields take seed 001's environment defaults."""
     def given(name: str, default):
         return fields[name] if fields.get(name) is not None else default
@@ -287,8 +369,9 @@ async def seed001(h: Handles, fields: dict, prompt: str, photo: Image.Image, set
         prompt=prompt, negative_prompt=given("negative_prompt", settings.default_negative_prompt),
         steps=fields.get("num_inference_steps") or settings.default_num_inference_steps,
         ip_adapter_image=photo, ip_adapter_scale=given("ip_adapter_scale", settings.default_ip_adapter_scale),
-        width=settings.illustration_size, height=settings.illustration_size)
-    return await call(h.screen(h.base.generate.remote(request, request_id, h.last(Encoding())), Encoding()))
+        width=settings.illustration_size, height=settings.illustration_size, checkpoint=checkpoint)
+    base = base_for(h, request).generate.remote(request, request_id, h.last(Encoding()))
+    return await settled(h.screen(base, Encoding()))
 
 
 # --- seed 003: the camelCase jobs --------------------------------------------------------------------------------
@@ -298,7 +381,7 @@ def seed003(kind: str, r: dict) -> GenerationRequest:
     common = dict(prompt=r.get("prompt", ""), negative_prompt=r.get("negativePrompt", ""),
                   width=r.get("width", 512), height=r.get("height", 512), steps=r.get("steps", 30),
                   guidance_scale=r.get("guidanceScale", 7.5), seed=r.get("seed", -1),
-                  sampler=r.get("sampler", "euler_a"))
+                  sampler=r.get("sampler", "euler_a"), checkpoint=r.get("model"))
     if kind == "img2img":
         return GenerationRequest(**common, init_image=image_field(r["initImage"], "initImage"),
                                  strength=r.get("strength", 0.75))
@@ -316,9 +399,12 @@ def seed003(kind: str, r: dict) -> GenerationRequest:
     return GenerationRequest(**common)
 
 
-async def seed003_job(h: Handles, request: GenerationRequest, job_id: str) -> StageResult:
-    """One base call (screened when the filter is on), its images as PNG files."""
-    return await call(h.screen(h.base.generate.remote(request, job_id, h.last(Encoding())), Encoding()))
+async def seed003_job(h: Handles, request: GenerationRequest, job_id: str, parent: bytes | None = None) -> StageResult:
+    """One base call on the request's checkpoint (screened when the filter is on), its images as PNG files;
+    ``parent``: the upload an edit started from (the parent ingredient of the files' content credentials)."""
+    how = Encoding(parent=parent)
+    base = base_for(h, request).generate.remote(request, job_id, h.last(how))
+    return await settled(h.screen(base, how))
 
 
 # --- Automatic1111: one batch of txt2img / img2img ---------------------------------------------------------------
@@ -333,13 +419,22 @@ class A1111Hires:
 
 async def a1111_batch(h: Handles, request: GenerationRequest, request_id: str, *,
                       refiner_switch_at: float | None = None, hires: A1111Hires | None = None) -> StageResult:
-    """The base, then either the refiner on its latents from ``refiner_switch_at`` or, for each image, an
-    upscale and a second base pass as img2img (A1111's hires fix). Image-to-image requests take neither."""
+    """The base, then either the refiner on its latents from ``refiner_switch_at`` or A1111's hires fix: with a
+    latent upscaler, one base call that resizes its latents and denoises them again; with a pixel upscaler, for
+    each image an upscale and a second base pass as img2img. Image-to-image requests take neither. Both hires
+    passes run on the request's checkpoint, as in A1111."""
     if refiner_switch_at is not None and h.refiner is not None and request.init_image is None:
-        handoff = h.base.generate.remote(request.model_copy(update={"denoising_end": refiner_switch_at}), request_id)
-        return await call(h.refiner.refine_latents.remote(_refine(request, denoising_start=refiner_switch_at), handoff,
-                                                          request_id))
-    result: StageResult = await call(h.base.generate.remote(request, request_id))
+        handoff = base_for(h, request).generate.remote(request.model_copy(update={"denoising_end": refiner_switch_at}),
+                                                    request_id)
+        return await settled(h.refiner.refine_latents.remote(_refine(request, denoising_start=refiner_switch_at),
+                                                             handoff, request_id))
+    if hires is not None and request.init_image is None and hires.upscaler in LATENT_UPSCALE_MODES:
+        width, height = (int(side * hires.scale) // 8 * 8 for side in (request.width, request.height))
+        latent = LatentHires(width=width, height=height, mode=hires.upscaler, strength=hires.strength,
+                             steps=hires.steps)
+        both = request.model_copy(update={"hires": latent})
+        return await call(base_for(h, both).generate.remote(both, request_id))
+    result: StageResult = await call(base_for(h, request).generate.remote(request, request_id))
     if hires is None or request.init_image is not None:
         return result
     second, warnings = [], []
@@ -348,18 +443,20 @@ async def a1111_batch(h: Handles, request: GenerationRequest, request_id: str, *
         width, height = (d - d % 8 for d in up.image.size)
         again = request.model_copy(update={"init_image": up.image, "width": width, "height": height, "seed": seed,
                                            "batch_size": 1, "strength": hires.strength, "steps": hires.steps})
-        second += (await call(h.base.generate.remote(again, request_id))).images
+        second += (await call(base_for(h, again).generate.remote(again, request_id))).images
         warnings += up.warnings
     return result.then(second, warnings=warnings, hires_upscaler=hires.upscaler)
 
 
-async def a1111_screen(h: Handles, images: list[Image.Image], seeds: list[int],
-                       texts: list[str]) -> StageResult | None:
+async def a1111_screen(h: Handles, images: list[Image.Image], seeds: list[int], texts: list[str], info: dict,
+                       parent: bytes | None = None) -> StageResult | None:
     """A1111's images, after every batch and face restoration, through the safety checker, which encodes them
-    with their infotexts; None when the filter is off (the ingress encodes them then)."""
+    with their infotexts and so marks them (watermark, content credentials from ``info`` and ``parent``) once;
+    None when the filter is off (the Provenance deployment encodes them then)."""
     if h.safety is None:
         return None
-    return await call(h.screen(StageResult(images=images, seeds=seeds), Encoding(parameters=texts)))
+    pixels = StageResult(images=images, seeds=seeds, info=info)  # pixels, not a stage's response: nothing to settle
+    return await call(h.screen(pixels, Encoding(parameters=texts, parent=parent)))
 
 
 # --- seed 002: one subject, every size ---------------------------------------------------------------------------
@@ -390,13 +487,14 @@ async def batch_sizes(h: Handles, cropper: DeploymentHandle, r: dict, table: Siz
         width, height = base_sizes.get(aspect) or table.bases[aspect]
         request = GenerationRequest(prompt=r["prompt"], negative_prompt=r.get("negativePrompt", ""), width=width,
                                     height=height, steps=r.get("steps", 30), seed=seed,
-                                    guidance_scale=r.get("guidanceScale", 7.0))
+                                    guidance_scale=r.get("guidanceScale", 7.0), checkpoint=r.get("model"))
         # One SDXLBase call per aspect class, all in flight at once: replicas render them in parallel.
-        bases[aspect] = h.screen(h.base.generate.remote(request, request_id if i == 0 else f"{request_id}/{aspect}"))
+        bases[aspect] = h.screen(base_for(h, request).generate.remote(
+            request, request_id if i == 0 else f"{request_id}/{aspect}"))
     crops = {a: cropper.crop.remote(bases[a], groups[a]) for a in groups}  # type: ignore[attr-defined]
     out: list[SizedImage] = []
     for aspect, pending in crops.items():
-        _focus, cut = await call(pending)
+        _focus, cut = await settled(pending)
         base: StageResult | None = None
         nsfw = None
         if h.safety is not None:  # the crops were cut from the screened base: its verdict is theirs

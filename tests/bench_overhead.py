@@ -6,7 +6,7 @@ nothing. The measures are issue 10's:
   model classes, for the standard plan at 64² (1 step) and 256² (8 steps) and the hires-fix plan 768² → 1536².
   Served and in-process runs alternate, so a machine that gets busier mid-run slows both sides alike.
 - Per-hop breakdown: the edge (client time minus the time the ingress reports), the rest inside the ingress, a
-  no-op through proxy and ingress (``GET /health``), one ingress → stage handle call (``GET /models`` makes four),
+  no-op through proxy and ingress (``GET /health``), one ingress → stage handle call (``GET /models`` makes five),
   the batch wait of each diffusion stage, a 1536² image between processes, and PNG encoding at levels 1 and 6.
 - Ingress (and proxy) CPU time per 1536² answer, from the replica process's CPU counters, less what it spends
   idle over the same time (measured while the in-process side runs).
@@ -328,14 +328,14 @@ def hop_rows(client: httpx.Client, runs: Runs, report: dict) -> list[Row]:
     one_way = (p50(through[1536]) - p50(through[64]) - copy) / 2
     png = {level: timings(lambda lv=level: encode(big, "png", png_level=lv), runs.encode) for level in (1, 6)}
     sizes = {level: len(encode(big, "png", png_level=level)) / 1e6 for level in (1, 6)}
-    handle_hop = (p50(models) - p50(health)) / 4
+    handle_hop = (p50(models) - p50(health)) / 5  # four describes and the board's holdings
     report["hops"] = {"health_s": health, "models_s": models, "describe_s": describe, "batch_wait_s": waits,
                       "upscale_none_s": {str(k): v for k, v in through.items()}, "copy_1536_s": copy,
                       "image_one_way_s": one_way, "png_s": png, "png_mb": sizes, "handle_hop_s": handle_hop}
     return [
         Row("hop: GET /health (proxy + ingress, no stage)", ms(p50(health)), ms(p99(health))),
         Row("hop: ingress → stage handle call", ms(handle_hop), "",
-            f"(GET /models {ms(p50(models))} − /health) / 4 describe calls"),
+            f"(GET /models {ms(p50(models))} − /health) / 5 handle calls"),
         Row("hop: driver → SDXLBase.describe handle round trip", ms(p50(describe)), ms(p99(describe))),
         Row("hop: batch wait of a lone request", ms(sum(waits)), "",
             f"SDXLBase {ms(waits[0])} + SDXLRefiner {ms(waits[1])} (batching.batch_wait_timeout_s)"),

@@ -24,7 +24,7 @@ def app_args() -> dict:
 
 def deploy(deployment_options: dict | None = None, args: dict | None = None) -> None:
     """(Re)deploy the application, with per-deployment option overrides and argument overrides (top-level keys
-    of ``args:`` replaced)."""
+    of cpu.yaml's ``args:`` replaced, e.g. ``{"refiner": None}``; ``app_args()`` gives the ones replaced)."""
     from ray import serve
 
     from graphs.app import build_app

@@ -177,7 +177,15 @@ def serve_app() -> None:
 
 
 @pytest.fixture(scope="session")
-def service(tiny, s3_proxy, jobs_dir):
+def c2pa_files(tmp_path_factory) -> dict[str, str]:
+    """A throwaway CA and signing certificate: the served images carry content credentials the tests can trust."""
+    from tests.helpers import signing_credentials
+
+    return signing_credentials(tmp_path_factory.mktemp("c2pa"))
+
+
+@pytest.fixture(scope="session")
+def service(tiny, s3_proxy, jobs_dir, c2pa_files, tmp_path_factory):
     import httpx
 
     env = {
@@ -185,10 +193,12 @@ def service(tiny, s3_proxy, jobs_dir):
         "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
         "ILLUSTRATION_SIZE": "256", "DEFAULT_NUM_INFERENCE_STEPS": "4", "MAX_BODY_BYTES": str(4 * 1024 * 1024),
         "JOBS_DATA_DIR": str(jobs_dir), "MAX_CONCURRENT_JOBS": "1", "MAX_QUEUE_SIZE": "8",
+        "MODEL_CACHE_DIR": str(tmp_path_factory.mktemp("model-cache")),  # checkpoint hashes, never the user's
         "JOB_LEASE_SECONDS": "3", "JOB_POLL_SECONDS": "0.1", "WEBHOOK_ALLOW_HOSTS": "127.0.0.1",
         "WEBHOOK_BACKOFF_SECONDS": "0.2", "JOBS_PER_TOKEN": "true",
         # The suite floods the service on purpose (test_hostile); test_ratelimit_http tightens these.
         "RATE_LIMIT_GENERATE_BURST": "100000", "RATE_LIMIT_SUBMIT_BURST": "100000", "RATE_LIMIT_READ_BURST": "100000",
+        **c2pa_files,  # signed content credentials on every image (the watermark is on by default)
     }
     os.environ["TINY_MODELS"] = str(tiny)
     base_url = cluster.start(env, DEPLOYMENT_OPTIONS, _metrics_export_port=METRICS_PORT)

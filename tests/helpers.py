@@ -97,3 +97,53 @@ class Receiver:
 
     def close(self) -> None:
         self.server.shutdown()
+
+
+def signing_credentials(folder) -> dict[str, str]:
+    """A throwaway C2PA signing setup in ``folder``: a root CA and an ES256 signing certificate it issued (a C2PA
+    signer may not be self-signed, and needs the digitalSignature key usage and an emailProtection or
+    documentSigning EKU). Returns the settings that point at them: chain (signer, then CA), key, trust anchor."""
+    import datetime
+    from pathlib import Path
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    def name(common: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common),
+                          x509.NameAttribute(NameOID.ORGANIZATION_NAME, "imagegen tests")])
+
+    def usage(*, sign: bool, ca: bool) -> x509.KeyUsage:
+        return x509.KeyUsage(digital_signature=sign, content_commitment=False, key_encipherment=False,
+                             data_encipherment=False, key_agreement=False, key_cert_sign=ca, crl_sign=ca,
+                             encipher_only=False, decipher_only=False)
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+
+    def certificate(subject: str, public, issuer: x509.Name, *, ca: bool):
+        builder = (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(issuer).public_key(public)
+                   .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+                   .not_valid_after(now + datetime.timedelta(days=7))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+                   .add_extension(usage(sign=not ca, ca=ca), critical=True)
+                   .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False))
+        if not ca:
+            builder = (builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]),
+                                             critical=False)
+                       .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                                      critical=False))
+        return builder.sign(ca_key, hashes.SHA256())
+
+    root = certificate("imagegen test CA", ca_key.public_key(), name("imagegen test CA"), ca=True)
+    signer = certificate("imagegen test signer", key.public_key(), root.subject, ca=False)
+    folder = Path(folder)
+    pem = serialization.Encoding.PEM
+    (folder / "chain.pem").write_bytes(signer.public_bytes(pem) + root.public_bytes(pem))
+    (folder / "signer.key").write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                          serialization.NoEncryption()))
+    (folder / "ca.pem").write_bytes(root.public_bytes(pem))
+    return {"C2PA_CERT_FILE": str(folder / "chain.pem"), "C2PA_KEY_FILE": str(folder / "signer.key"),
+            "C2PA_TRUST_ANCHORS_FILE": str(folder / "ca.pem")}

@@ -8,7 +8,7 @@ import pytest
 
 from deployments.support.generation import BatchItem, Cancellation, GenerationRequest
 from deployments.support.reporting import Reporter
-from graphs.board import TTL_S, Board
+from graphs.board import HOLDINGS_TTL_S, TTL_S, Board
 
 
 class Clock:
@@ -31,6 +31,18 @@ def test_progress_cancel_and_preview_requests_flow_through_reports():
     clock.now = TTL_S + 1
     board.report("sdxl_refiner", {"c": (1, 2)}, [])
     assert not board.cancelled and not board.wanted  # old flags expire
+
+
+def test_base_replicas_say_which_checkpoints_they_hold_until_they_fall_silent():
+    clock = Clock()
+    board = Board(clock)
+    board.hold("r1", {"held": ["tiny-a"], "loads": {"tiny-a": 1}})
+    board.hold("r2", {"held": ["tiny-b"], "loads": {"tiny-a": 1, "tiny-b": 1}})
+    clock.now = HOLDINGS_TTL_S / 2
+    board.hold("r2", {"held": ["tiny-b"], "loads": {"tiny-a": 1, "tiny-b": 1}})
+    assert {r: h["held"] for r, h in board.held().items()} == {"r1": ["tiny-a"], "r2": ["tiny-b"]}
+    clock.now = HOLDINGS_TTL_S + 1  # r1 stopped announcing (its replica is gone); r2 spoke since
+    assert list(board.held()) == ["r2"]
 
 
 class FakeHandle:

@@ -1,6 +1,6 @@
 """The result cache without Ray: entries whole or absent, the age and size bounds (oldest evicted first), local
-files and a real S3 server, keys that change with the request and with every loaded weight file (a replaced
-LoRA or checkpoint misses once loaded)."""
+files and a real S3 server, keys that change with the request and with every weight file (a replaced LoRA or
+checkpoint misses), the base's part being the named checkpoint's, whichever replica answers."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from deployments.support.settings import Settings
 from graphs.jobs.cache import LocalEntries, ResultCache, S3Entries, open_cache, pack, request_key, unpack
 from tests.helpers import s3_client
 
@@ -94,8 +95,6 @@ def test_entries_on_s3(s3_server, monkeypatch):
 
 
 def test_the_cache_is_opt_in(monkeypatch, tmp_path):
-    from deployments.support.settings import Settings
-
     monkeypatch.setenv("JOBS_DATA_DIR", str(tmp_path))
     assert open_cache(Settings()) is None and open_cache(Settings(), enabled=False) is None
     monkeypatch.setenv("RESULT_CACHE", "true")
@@ -117,17 +116,18 @@ def test_keys_follow_the_request_and_the_models():
     assert key != request_key("generate", {"prompt": "x", "seed": 1}, {**models, "safety": {"safety_checker": "2"}})
 
 
-def test_a_replaced_lora_or_checkpoint_changes_the_key_once_loaded(tiny, tmp_path):
-    """A LoRA file swapped under the same name, or the UNet weights replaced, give another key on reload."""
+def test_a_replaced_lora_or_checkpoint_changes_the_key(tiny, tmp_path):
+    """A LoRA file swapped under the same name, or the UNet weights replaced, give another key."""
     from deployments.sdxl_base import BaseGenerator
     from deployments.support.config import SDXLBaseConfig
 
     shutil.copytree(tiny / "sdxl-base", tmp_path / "sdxl-base")
     shutil.copytree(tiny / "loras", tmp_path / "loras")
     config = SDXLBaseConfig(model={"source": str(tmp_path / "sdxl-base")}, lora_dir=str(tmp_path / "loras"))
+    settings = Settings(MODEL_CACHE_DIR=tmp_path / "cache")  # checkpoint hashes: never the user's cache
 
     def key() -> tuple[str, dict]:
-        models = {"base": BaseGenerator(config).fingerprint()}
+        models = {"base": BaseGenerator(config, settings, preload=False).fingerprint()}
         return request_key("generate", {"prompt": "x", "seed": 1}, models), models["base"]
 
     first, hashes = key()
@@ -141,3 +141,26 @@ def test_a_replaced_lora_or_checkpoint_changes_the_key_once_loaded(tiny, tmp_pat
     unet.write_bytes(bytes(data))
     third, changed = key()
     assert third not in (first, second) and changed["checkpoint"] != hashes["checkpoint"]
+
+
+def test_the_base_key_is_the_checkpoint_named_whichever_replica_answers(tiny, tmp_path):
+    """Multiplexing may route a request to any base replica: the base's part of the key is the named checkpoint's
+    catalogue hash (the one A1111's listings show), the same from a replica holding it or holding another."""
+    from deployments.sdxl_base import BaseGenerator
+    from deployments.support.config import SDXLBaseConfig
+
+    config = SDXLBaseConfig(checkpoints=[{"name": "a", "source": str(tiny / "sdxl-base")},
+                                         {"name": "b", "source": str(tiny / "sdxl-base-b")}],
+                            lora_dir=str(tiny / "loras"))
+    settings = Settings(MODEL_CACHE_DIR=tmp_path / "cache")
+    holding_a = BaseGenerator(config, settings)  # loads the default, a
+    holding_none = BaseGenerator(config, settings, preload=False)
+    assert holding_a.resident.names == ["a"] and holding_none.resident.names == []
+    for name in ("a", "b"):
+        assert holding_a.fingerprint(name) == holding_none.fingerprint(name)
+    one, other = holding_none.fingerprint("a"), holding_none.fingerprint("b")
+    assert holding_none.fingerprint() == one  # no name: the default
+    assert one["checkpoint"] != other["checkpoint"] and {k for k in one if one[k] != other[k]} == {"checkpoint"}
+    sha = holding_none.catalog.sha256(str(tiny / "sdxl-base-b"))
+    assert other["checkpoint"] == f"b:{sha}" and holding_none.catalog.title("b") == f"b [{sha[:10]}]"
+    assert set(other) >= {"base_runtime", "base_defaults", "lora:tiny-style", "lora:tiny-detail"}

@@ -92,7 +92,8 @@ def test_bad_values_name_the_field_and_the_flag(url, tmp_path, capsys):
     status, _, stderr = run(capsys, "--url", url, "generate", "x", "--sampler", "Nonesuch", "-o", out)
     assert status == 2 and "unknown sampler 'Nonesuch'" in stderr and "Euler a" in stderr
     status, _, stderr = run(capsys, "--url", url, "generate", "x", "--checkpoint", "sd_xl_base_1.0", "-o", out)
-    assert status == 2 and "checkpoint 'sd_xl_base_1.0' is not loaded (loaded: tiny-sdxl-base)" in stderr
+    assert status == 2 and "unknown checkpoint 'sd_xl_base_1.0' (field model, --checkpoint; choices: " in stderr
+    assert "tiny-sdxl-base, tiny-sdxl-base-b" in stderr and "anime" in stderr
     status, _, stderr = run(capsys, "--url", url, "upscale", str(tmp_path / "missing.png"), "-o", out)
     assert status == 2 and "cannot read" in stderr
     assert not (tmp_path / "never.png").exists()

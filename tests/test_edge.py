@@ -131,6 +131,55 @@ async def test_ray_backpressure_is_503_with_retry_after(monkeypatch, tmp_path):
         assert "secret" not in boom.text
 
 
+def _lost_errors() -> list:
+    from ray.exceptions import (
+        ActorDiedError,
+        ActorUnavailableError,
+        NodeDiedError,
+        ObjectLostError,
+        OwnerDiedError,
+        RayTaskError,
+        WorkerCrashedError,
+    )
+    from ray.serve.exceptions import RayServeException, ReplicaUnavailableError
+
+    upstream = RayServeException("Request to deployment 'Upscaler' failed because an upstream actor died")
+    upstream.__cause__ = ActorDiedError()  # how Serve's router reports a chained stage whose producer died
+    return [
+        pytest.param(ActorDiedError(), id="actor-died"),
+        pytest.param(ActorUnavailableError("Socket closed", None), id="actor-unavailable"),
+        pytest.param(upstream, id="upstream-stage-died"),
+        pytest.param(RayTaskError("upscale", "traceback", ActorDiedError()), id="task-error-around-it"),
+        pytest.param(ObjectLostError("ab" * 14, None, ""), id="object-lost"),
+        pytest.param(OwnerDiedError("ab" * 14, None, ""), id="owner-died"),
+        pytest.param(NodeDiedError("node gone"), id="node-died"),
+        pytest.param(WorkerCrashedError(), id="worker-crashed"),
+        pytest.param(ReplicaUnavailableError("r1"), id="replica-unavailable"),
+    ]
+
+
+@pytest.mark.parametrize("exc", _lost_errors())
+async def test_a_replica_or_node_lost_mid_request_is_503_with_retry_after(tmp_path, monkeypatch, exc):
+    """Whatever Ray raises when a replica or its node dies under a request, the client is told to come back."""
+    monkeypatch.setenv("JOBS_DATA_DIR", str(tmp_path))
+    app = http.create_app()
+
+    @app.get("/lost")
+    async def lost():
+        raise exc
+
+    @app.get("/chained")
+    async def chained():
+        raise RuntimeError("ours") from ValueError("not Ray's")
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
+                                 base_url="http://test") as client:
+        response = await client.get("/lost")
+        assert response.status_code == 503 and int(response.headers["retry-after"]) > 0, response.text
+        assert response.json()["code"] == "MODEL_UNAVAILABLE"
+        assert (await client.get("/chained")).status_code == 500
+
+
 async def test_deadline_is_408_and_stops_the_work_below(make_client):
     client = make_client(REQUEST_TIMEOUT_SECONDS="0.5")
     stopped.clear()

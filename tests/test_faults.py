@@ -29,7 +29,7 @@ SLOW_SYNC = {"prompt": "slow", "width": 512, "height": 512, "num_inference_steps
 
 
 def base_running(service) -> int:
-    return next(m["running"] for m in service.get("/models").json()["models"] if m["type"] == "base")
+    return service.get("/models").json()["base"]["running"]
 
 
 def until(predicate, timeout: float, every: float = 0.2) -> float:

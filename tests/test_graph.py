@@ -62,3 +62,17 @@ def test_focal_crops_keep_the_face(ingress, astronaut, astronaut_face_box):
     for crop in answer.derivatives:
         left, top, right, bottom = crop.box
         assert left <= x0 and top <= y0 and right >= x1 and bottom >= y1
+
+
+def test_checkpoints_are_chosen_by_name_or_alias_without_serves_multiplexer(ingress):
+    """Local testing mode has no replica for Serve's multiplexer: the base replica's own LRU holds one checkpoint
+    (configs/cpu.yaml) and switches."""
+    def run(model: str):
+        return ingress.generate.remote(GenerateRequest(prompt="a lighthouse", width=64, height=64, seed=3,
+                                                       num_inference_steps=2, use_refiner=False,
+                                                       model=model)).result()
+
+    photo, anime, again = run("photorealistic"), run("anime"), run("tiny-sdxl-base")
+    assert (photo.checkpoint, anime.checkpoint, again.checkpoint) == ("tiny-sdxl-base", "tiny-sdxl-base-b",
+                                                                      "tiny-sdxl-base")
+    assert photo.imageData == again.imageData != anime.imageData

@@ -32,8 +32,8 @@ def test_health_is_open(service):
 
 def test_models_lists_what_is_loaded(service):
     body = service.get("/models").json()
-    assert [m["type"] for m in body["models"]] == ["base", "refiner"]
-    assert all(m["loaded"] for m in body["models"])
+    assert [m["type"] for m in body["models"]] == ["base", "base", "base", "refiner"]  # three checkpoints to select
+    assert body["models"][0]["loaded"] and body["models"][-1]["loaded"] and body["default"] == "tiny-sdxl-base"
     assert body["face_restorer"]["restorer"] == "RestoreFormer"
 
 
@@ -249,7 +249,7 @@ def test_a1111_listings_and_options(service):
     assert service.get("/sdapi/v1/face-restorers").json() == [{"name": "RestoreFormer", "cmd_dir": None}]
     assert {x["name"] for x in service.get("/sdapi/v1/loras").json()} == {"tiny-style", "tiny-detail"}
     assert service.post("/sdapi/v1/refresh-checkpoints").status_code == 200
-    assert service.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "tiny-sdxl-base"
+    assert service.get("/sdapi/v1/options").json()["sd_model_checkpoint"].startswith("tiny-sdxl-base [")
     assert service.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny-sdxl-base"}).status_code == 200
     error(service.post("/sdapi/v1/options", json={"sd_model_checkpoint": "sd_xl_turbo"}), 422, "UNKNOWN_MODEL")
     error(service.post("/sdapi/v1/txt2img", json={"prompt": "x", "override_settings": {

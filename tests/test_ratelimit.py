@@ -128,7 +128,7 @@ def test_every_expensive_route_of_the_app_has_an_expensive_budget():
     assert expensive["generate"] == {"/generate", "/v1/images/memory", "/v1/images/subject", "/process",
                                      "/derivatives", "/derivatives/clip-focal", "/sdapi/v1/txt2img",
                                      "/sdapi/v1/img2img", "/sdapi/v1/extra-single-image",
-                                     "/sdapi/v1/extra-batch-images"}
+                                     "/sdapi/v1/extra-batch-images", "/provenance/verify"}
 
 
 # --- the middleware -----------------------------------------------------------------------------------------------

@@ -130,6 +130,7 @@ def s3_results(s3_server, runner_env):
     client.create_bucket(Bucket=bucket)
     host, port = s3_server.removeprefix("http://").split(":")
     proxy = TruncatingProxy((host, int(port)))
+    runner_env.setenv("JOB_TIMEOUT", "600000")  # a busy machine must not turn the upload checks into timeouts
     runner_env.setenv("JOB_RESULTS_URL", f"s3://{bucket}/results")
     runner_env.setenv("AWS_ENDPOINT_URL", proxy.url)
     yield client, bucket, proxy
@@ -159,6 +160,47 @@ async def test_results_on_s3_are_whole_before_completed_and_a_failed_upload_fail
         assert listing.get("KeyCount", 0) == 0
     finally:
         stop(runner)
+
+
+class DyingBaseShell(BaseShell):
+    """The first ``deaths`` generate calls fail as a call to a replica on a node that died does."""
+
+    def __init__(self, base, deaths: int) -> None:
+        super().__init__(base)
+        self.deaths = deaths
+        alive = self.generate
+
+        async def generate(*args, **kwargs):
+            from ray.exceptions import ActorDiedError
+
+            if self.deaths > 0:
+                self.deaths -= 1
+                raise ActorDiedError()
+            return await alive(*args, **kwargs)
+
+        self.generate = generate
+
+
+@pytest.mark.parametrize("deaths,outcome", [(1, "completed"), (3, "failed")])
+async def test_a_job_whose_replica_died_goes_back_to_the_queue(base, upscaler, runner_env, deaths, outcome):
+    """JOB_MAX_ATTEMPTS is 3: one lost replica costs an attempt, three fail the job as a lost worker's would."""
+    runner_env.setenv("JOB_TIMEOUT", "600000")
+    runner = JobRunner.func_or_class(LocalHandle(DyingBaseShell(base, deaths)), None, LocalHandle(upscaler), None,
+                                     None)
+    try:
+        job = Job(id=new_job_id(), type="text2img", request={"prompt": "x", "width": 64, "height": 64, "steps": 2})
+        runner.store.create(job)
+        done = await finished(runner, job.id)
+        log = runner.store.events(job.id)
+    finally:
+        stop(runner)
+    assert done.status == outcome, done.error
+    started = [e.data["attempt"] for e in log if e.event == "started"]
+    assert started == list(range(1, min(deaths + 1, 3) + 1))
+    assert sum(1 for e in log if e.event == "queued" and e.data.get("requeued")) == min(deaths, 2)
+    assert [e.event for e in log if e.terminal] == [outcome]
+    if outcome == "failed":
+        assert log[-1].data["code"] == "WORKER_LOST"
 
 
 class PacedBaseShell(BaseShell):

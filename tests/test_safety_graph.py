@@ -47,6 +47,7 @@ def ingress(tiny, tmp_path_factory, monkeypatch_module, s3_server, photos):
     from graphs.app import build_app
 
     for name, value in {"TINY_MODELS": str(tiny), "JOBS_DATA_DIR": str(tmp_path_factory.mktemp("graph-safety")),
+                        "MODEL_CACHE_DIR": str(tmp_path_factory.mktemp("graph-safety-hashes")),  # never the user's
                         "AWS_ENDPOINT_URL": s3_server, "S3_BUCKET_NAME": BUCKET, "AWS_ACCESS_KEY_ID": "testing",
                         "AWS_SECRET_ACCESS_KEY": "testing", "ILLUSTRATION_SIZE": "256",
                         "DEFAULT_NUM_INFERENCE_STEPS": "2"}.items():

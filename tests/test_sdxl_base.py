@@ -189,8 +189,9 @@ def test_progress_is_reported_per_step_and_cancel_stops_between_steps(base):
 
 def test_latents_for_the_refiner_skip_the_decode(base, monkeypatch):
     calls = []
-    original = base.txt2img.vae.decode
-    monkeypatch.setattr(base.txt2img.vae, "decode", lambda *a, **k: calls.append(1) or original(*a, **k))
+    vae = base.checkpoint().txt2img.vae
+    original = vae.decode
+    monkeypatch.setattr(vae, "decode", lambda *a, **k: calls.append(1) or original(*a, **k))
     result = gen(base, seed=1, denoising_end=0.8, batch_size=2)
     assert result.images == [] and calls == []
     assert result.latents.shape == (2, 4, 16, 16)  # the VAE's x8 scale

@@ -5,6 +5,8 @@ come in, so that tests and the CPU demo run the real loading and inference code 
 
     OUT_DIR/sdxl-base/                 diffusers folder (tokenizers, two text encoders, UNet, VAE, scheduler)
     OUT_DIR/sdxl-base.safetensors      the same weights as one original-layout (SGM) checkpoint
+    OUT_DIR/sdxl-base-b/               a second base checkpoint (other random weights), diffusers folder
+    OUT_DIR/checkpoints/sdxl-base-b.safetensors   the second base as one SGM file (a checkpoint folder to scan)
     OUT_DIR/sdxl-refiner/              diffusers folder (second text encoder only, aesthetic-score UNet)
     OUT_DIR/ip-adapter/                IP-Adapter weights plus its CLIP image encoder
     OUT_DIR/loras/*.safetensors        two LoRAs in the kohya / A1111 layout
@@ -31,6 +33,7 @@ from deployments.factory.tokenizer import build_clip_tokenizer
 logger = logging.getLogger(__name__)
 
 SEED = 0
+SEED_B = 1000  # the second base checkpoint: same architecture, other weights
 
 # The UNets keep SDXL's wiring (three levels, two resnets per level, text_time conditioning, linear projections)
 # with attention only at the lowest resolution, so a 1536x1536 refine stays cheap on two CPU cores.
@@ -117,22 +120,23 @@ def _scheduler():
     )
 
 
-def build_sdxl_base(out: Path, tokenizer_src: Path, vocab_size: int):
-    """Write the base pipeline as a diffusers folder; return it for the derived artefacts."""
+def build_sdxl_base(out: Path, tokenizer_src: Path, vocab_size: int, seed: int = SEED):
+    """Write the base pipeline as a diffusers folder; return it for the derived artefacts. Another ``seed`` gives
+    another checkpoint of the same architecture (what a fine-tune is to the released base)."""
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTextModelWithProjection
 
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         **_UNET_COMMON,
         cross_attention_dim=TEXT_DIM + TEXT_DIM_2,  # both encoders' hidden states, concatenated
         projection_class_embeddings_input_dim=6 * 8 + TEXT_DIM_2,  # six size/crop ids + pooled text
     )
-    torch.manual_seed(SEED + 1)
+    torch.manual_seed(seed + 1)
     vae = _vae()
-    torch.manual_seed(SEED + 2)
+    torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(_text_config(vocab_size, projection=False))
-    torch.manual_seed(SEED + 3)
+    torch.manual_seed(seed + 3)
     text_encoder_2 = CLIPTextModelWithProjection(_text_config(vocab_size, projection=True))
     _save_tokenizer(tokenizer_src, out / "tokenizer", pad_token="<|endoftext|>")
     _save_tokenizer(tokenizer_src, out / "tokenizer_2", pad_token="!")
@@ -221,6 +225,9 @@ def build_all(out: Path) -> None:
     vocab_size = build_clip_tokenizer(tokenizer_src)
     base = build_sdxl_base(out / "sdxl-base", tokenizer_src, vocab_size)
     save_file(sdxl_to_sgm(base), out / "sdxl-base.safetensors")
+    second = build_sdxl_base(out / "sdxl-base-b", tokenizer_src, vocab_size, seed=SEED_B)
+    (out / "checkpoints").mkdir(exist_ok=True)
+    save_file(sdxl_to_sgm(second), out / "checkpoints" / "sdxl-base-b.safetensors")
     build_sdxl_refiner(out / "sdxl-refiner", tokenizer_src, vocab_size)
     build_ip_adapter(out / "ip-adapter", base.unet, width=TEXT_DIM, image_size=IMAGE_ENCODER_SIZE, seed=SEED + 20)
     (out / "loras").mkdir(exist_ok=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 
@@ -68,9 +68,38 @@ class ModelSource(_Config):
     )
 
 
+CHECKPOINT_NAME = r"^[A-Za-z0-9][A-Za-z0-9 ._()+-]{0,127}$"  # what a client may select; never a path
+
+
+class Checkpoint(ModelSource):
+    """One selectable SDXL base checkpoint: its display name, what it is and where its weights are."""
+
+    name: str = Field(..., pattern=CHECKPOINT_NAME, description="what clients select (A1111 sd_model_checkpoint)")
+    kind: Literal["sdxl"] = Field("sdxl", description="architecture; SDXL base checkpoints are what is served")
+    description: str = Field("", max_length=256)
+
+
 class SDXLBaseConfig(_Config):
-    model: ModelSource
-    name: str = Field("sdxl-base", description="the checkpoint name clients see (A1111 sd_model_checkpoint)")
+    """The base deployment. ``model`` + ``name`` (one checkpoint) and ``checkpoints`` (any number) may be mixed:
+    ``model`` comes first. The first checkpoint is the default unless ``default_checkpoint`` names another."""
+
+    model: ModelSource | None = Field(None, description="a single checkpoint, named by `name`")
+    name: str = Field("sdxl-base", pattern=CHECKPOINT_NAME, description="the name of `model`")
+    checkpoints: list[Checkpoint] = Field([], max_length=256)
+    default_checkpoint: str | None = Field(None, description="the checkpoint a request that names none gets")
+    checkpoint_dir: str | None = Field(
+        None, description="a folder whose *.safetensors files and diffusers folders are selectable checkpoints too "
+        "(named by file stem or folder name), rescanned when it changes"
+    )
+    checkpoint_config: str | None = Field(
+        None, description="for single files found in checkpoint_dir: the diffusers folder or repo id of their configs"
+    )
+    max_loaded_checkpoints: int = Field(
+        1, ge=1, le=16, description="checkpoints a replica holds at once; the least recently used one is evicted"
+    )
+    checkpoint_aliases: dict[str, str] = Field(
+        {}, max_length=64, description="other names for checkpoints (seed 002's 'photorealistic', 'anime')"
+    )
     device: DeviceConfig = DeviceConfig()
     vae: ModelSource | None = Field(None, description="a replacement VAE, e.g. an fp16-safe one for float16")
     fast: FastPath = FastPath()
@@ -80,6 +109,28 @@ class SDXLBaseConfig(_Config):
     default_sampler: str = "Euler a"
     batching: Batching = Batching()
     max_pixels: int = Field(2048 * 2048, ge=64 * 64, description="upper bound on width*height")
+
+    @model_validator(mode="after")
+    def _checkpoints_named_once(self) -> SDXLBaseConfig:
+        names = [c.name for c in self.configured]
+        if not names and not self.checkpoint_dir:
+            raise ValueError("base: give `model`, `checkpoints` or `checkpoint_dir`")
+        if len(set(names)) != len(names):
+            raise ValueError(f"base.checkpoints: names must be unique ({names})")
+        for alias in self.checkpoint_aliases:
+            if alias in names:
+                raise ValueError(f"base.checkpoint_aliases: {alias!r} is already a checkpoint name")
+        if self.checkpoint_dir is None:  # otherwise a target may be a file of the folder, checked when scanned
+            for alias, target in {"default_checkpoint": self.default_checkpoint, **self.checkpoint_aliases}.items():
+                if target is not None and target not in names:
+                    raise ValueError(f"base: {alias} names {target!r}, which is not a checkpoint ({names})")
+        return self
+
+    @property
+    def configured(self) -> list[Checkpoint]:
+        """The checkpoints named in the config, ``model`` first."""
+        single = [Checkpoint(name=self.name, source=self.model.source, config=self.model.config)] if self.model else []
+        return single + self.checkpoints
 
 
 class SDXLRefinerConfig(_Config):

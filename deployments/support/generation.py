@@ -14,7 +14,8 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from deployments.support import overlay
+from deployments.support import overlay, provenance
+from deployments.support.credentials import Facts
 from deployments.support.errors import GenerationCancelled, InvalidInput
 from deployments.support.imaging import encode as encode_image
 from deployments.support.overlay import Overlay
@@ -30,6 +31,31 @@ ProgressFn = Callable[[int, int], None]
 class LoraRef(BaseModel):
     name: str = Field(..., min_length=1, max_length=128)
     weight: float = Field(1.0, ge=-4.0, le=4.0)
+
+
+# A1111's latent upscale modes for hires fix -> (torch interpolate mode, antialias), as A1111 maps them.
+LATENT_UPSCALE_MODES: dict[str, tuple[str, bool]] = {
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+
+
+class LatentHires(BaseModel):
+    """A1111's latent hires fix: the first pass's latents resized to the hires size and denoised again, as
+    image-to-image on latents, by the same checkpoint (never decoded in between)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    width: int = Field(..., ge=64, le=4096, multiple_of=8)
+    height: int = Field(..., ge=64, le=4096, multiple_of=8)
+    mode: Literal["Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)",
+                  "Latent (nearest)", "Latent (nearest-exact)"] = "Latent"
+    strength: float = Field(0.7, gt=0.0, le=1.0, description="A1111 denoising_strength of the second pass")
+    steps: int = Field(20, ge=1, le=150)
 
 
 class GenerationRequest(BaseModel):
@@ -55,6 +81,8 @@ class GenerationRequest(BaseModel):
     ip_adapter_scale: float = Field(0.6, ge=0.0, le=2.0)
     loras: list[LoraRef] = []
     denoising_end: float | None = Field(None, gt=0.0, lt=1.0, description="stop early and return latents")
+    checkpoint: str | None = Field(None, max_length=128, description="the base checkpoint; None: the default")
+    hires: LatentHires | None = Field(None, description="text-to-image only: A1111's latent hires fix")
 
 
 class RefineRequest(BaseModel):
@@ -85,6 +113,8 @@ class Encoding(BaseModel):
     png_level: int | None = Field(None, ge=0, le=9, description="None: the PNG_COMPRESS_LEVEL setting")
     parameters: list[str] | None = Field(None, description="A1111 infotext per image, a PNG 'parameters' chunk")
     overlay: Overlay | None = Field(None, description="a caption or logo drawn on each image before encoding")
+    parent: bytes | None = Field(None, repr=False, description="the uploaded file an edit started from: the parent "
+                                 "ingredient of its content credentials (img2img, inpainting, upscales)")
 
 
 @dataclass
@@ -102,15 +132,22 @@ class StageResult:
     sizes: list[tuple[int, int]] = field(default_factory=list)  # their sizes, which travel with the bytes
 
     def encode(self, how: Encoding) -> StageResult:
-        """The same result with its images as files (and their sizes) in place of pixels."""
+        """The same result with its images as files (and their sizes) in place of pixels: overlays drawn, then the
+        invisible watermark, the encoding, and the content credentials (``deployments.support.provenance``)."""
         texts: list[str | None] = [*how.parameters] if how.parameters else [None] * len(self.images)
         images = self.images
         if how.overlay is not None:
             mark = overlay.prepare(how.overlay, current().fonts_dir, "overlay")
             images = [overlay.draw(image, mark) for image in images]
-        data = [encode_image(image, how.format, how.quality, {"parameters": text} if text else None, how.png_level)
+        marks = provenance.marker()
+        marked = [marks.mark(image) for image in images]
+        images, watermarked = [image for image, _ in marked], [done for _, done in marked]
+        facts = Facts.of(self.info, how.parent)
+        data = [marks.sign(encode_image(image, how.format, how.quality, {"parameters": text} if text else None,
+                                        how.png_level), how.format, facts)
                 for image, text in zip(images, texts, strict=False)]
-        return StageResult(seeds=self.seeds, warnings=self.warnings, info=self.info, encoded=data,
+        info = {**self.info, "watermarked": watermarked, "credentials": marks.signer is not None}
+        return StageResult(seeds=self.seeds, warnings=self.warnings, info=info, encoded=data,
                            sizes=[image.size for image in images])
 
     @property
@@ -144,6 +181,7 @@ class BatchItem:
     count: int = 1
     source: Any = None
     on_progress: ProgressFn | None = None
+    checkpoint: Any = None  # SDXLBase: the held checkpoint it runs on (its pipelines)
 
 
 async def encoded(result: StageResult, how: Encoding | None) -> StageResult:

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The payload of SDXL's reference watermark (Stability AI's generative-models and diffusers).
+SDXL_WATERMARK_BITS = "101100111110110010010000011110111011000110011110"
 
 
 def _cache() -> Path:
@@ -55,6 +59,24 @@ class Settings(BaseSettings):
 
     # --- overlays (text and watermarks on /process and /generate)
     fonts_dir: Path | None = Field(None, description="TTF/OTF files an overlay may name; else PIL's own font")
+
+    # --- provenance of generated images (deployments/support/provenance.py): an invisible watermark in the pixels
+    # and C2PA content credentials in the file, added by the stage that encodes
+    watermark_enabled: bool = Field(True, description="DWT-DCT watermark (invisible-watermark) on every image of at "
+                                    "least 256x256 the service generates or edits")
+    watermark_bits: str = Field(SDXL_WATERMARK_BITS, pattern=r"^[01]{8,256}$",
+                                description="the payload, as 0s and 1s (default: the 48 bits SDXL's reference embeds)")
+    watermark_luma_scale: float = Field(24.0, ge=0, le=128, description="quantisation step in the luma band; "
+                                        "24 survives JPEG/WebP at quality 75 and above at about 46 dB PSNR")
+    watermark_chroma_scale: float = Field(0.0, ge=0, le=128, description="step in the U band, where SDXL's reference "
+                                          "embeds (36 there); fragile under lossy re-encoding; 0: not used")
+    c2pa_cert_file: Path | None = Field(None, description="PEM certificate chain, signer first; without it and the "
+                                        "key, no content credentials")
+    c2pa_key_file: Path | None = Field(None, description="PEM private key of the signing certificate")
+    c2pa_algorithm: Literal["es256", "es384", "es512", "ps256", "ps384", "ps512", "ed25519"] = "es256"
+    c2pa_tsa_url: str | None = Field(None, description="RFC 3161 timestamp authority asked at each signing")
+    c2pa_trust_anchors_file: Path | None = Field(None, description="PEM roots whose credentials /provenance/verify "
+                                                 "reports as trusted")
 
     # --- content safety and the result cache
     enable_nsfw_filter: bool = Field(False, description="seed 003's name: every generated image passes the safety "
@@ -100,6 +122,14 @@ class Settings(BaseSettings):
     default_negative_prompt: str = "error, glitch, mistake"
     default_memory_style_prompt: str = "highest quality, monochrome, professional sketch, personal, nostalgic, clean"
     default_subject_style_prompt: str = "highest quality, professional sketch, monochrome"
+
+    @model_validator(mode="after")
+    def provenance_pairs(self) -> Settings:
+        if (self.c2pa_cert_file is None) != (self.c2pa_key_file is None):
+            raise ValueError("C2PA_CERT_FILE and C2PA_KEY_FILE go together")
+        if self.watermark_enabled and not (self.watermark_luma_scale or self.watermark_chroma_scale):
+            raise ValueError("WATERMARK_ENABLED needs WATERMARK_LUMA_SCALE or WATERMARK_CHROMA_SCALE above 0")
+        return self
 
     def webhook_hosts(self) -> set[str]:
         return {h.strip().lower() for h in self.webhook_allow_hosts.split(",") if h.strip()}

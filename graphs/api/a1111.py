@@ -6,7 +6,16 @@ found) and, with the NSFW filter on, ``nsfw`` (one flag per image; a flagged ima
 txt2img is answered from the result cache when it is on (``cached`` in ``info``). ``/interrupt`` and ``/skip``
 cancel only the calling client's in-flight requests (the client is its bearer token, else its address), never
 another client's.
+
+The checkpoint is ``override_settings.sd_model_checkpoint`` or the default (``POST /sdapi/v1/options``); with
+``override_settings_restore_afterwards: false`` the override becomes the default, as in A1111. Hires fix with a
+``Latent*`` upscaler resizes the latents and denoises them again; with a named upscaler it upscales pixels.
+
+Images are marked (invisible watermark, content credentials) where they are encoded, once: by the safety checker
+while the filter is on (it screens the finished images, then encodes them), else by the Provenance deployment.
 """
+
+from __future__ import annotations
 
 import asyncio
 import base64
@@ -14,12 +23,14 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request
 from PIL import Image
 
 from deployments.support.errors import InvalidInput, UnknownModel
-from deployments.support.generation import GenerationRequest
+from deployments.support.generation import Encoding, GenerationRequest, StageResult
+from deployments.support.imaging import decode
 from deployments.support.samplers import SCHEDULES
 from graphs import plans
 from graphs.api.a1111_models import (
@@ -36,11 +47,15 @@ from graphs.api.a1111_models import (
     infotext,
 )
 from graphs.api.body import JSONBodyRoute
+from graphs.api.checkpoints import CheckpointChoice
 from graphs.api.edge import token_owner
 from graphs.api.errors import call
-from graphs.api.fields import b64_png, image_field
+from graphs.api.fields import b64_png, image_bytes, image_field
 from graphs.jobs.cache import RequestCache
 from graphs.jobs.store import JobStore
+
+if TYPE_CHECKING:
+    from graphs.app import AppArgs
 
 router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"], route_class=JSONBodyRoute)
 FLIGHT_TTL_S = 3600.0  # a request tracked longer than any deadline is gone with its ingress
@@ -62,10 +77,20 @@ def _client(request: Request) -> str:
     return f"token:{token}" if token else f"addr:{request.client.host if request.client else '?'}"
 
 
-class A1111Routes:
+class A1111Routes(CheckpointChoice):
     handles: plans.Handles
     jobs: JobStore
     cache: RequestCache
+    config: AppArgs
+    provenance: object
+
+    async def _files(self, images: list[Image.Image], info: dict, parameters: list[str] | None = None,
+                     parent: bytes | None = None) -> list[str]:
+        """Base64 PNGs, watermarked, encoded and signed in the Provenance deployment (the ingress imports neither
+        OpenCV nor c2pa); ``parent``: the uploaded file an edit started from."""
+        result = await call(self.provenance.encode.remote(  # type: ignore[attr-defined]
+            StageResult(images=images, info=info), Encoding(parameters=parameters, parent=parent)))
+        return [base64.b64encode(data).decode() for data in result.encoded]
 
     async def _track(self, flight: InFlight) -> None:
         record = {"id": flight.id, "started": flight.started, "total_steps": flight.total_steps,
@@ -77,13 +102,34 @@ class A1111Routes:
         return [InFlight(client=client, **r) for r in records]
 
     async def _checkpoint(self, r: Txt2ImgRequest) -> str:
-        base = await call(self.handles.base.describe.remote())
-        options = await asyncio.to_thread(self.jobs.options)
-        wanted = r.override_settings.get("sd_model_checkpoint") or options.get("sd_model_checkpoint")
-        if wanted and wanted.split(" [")[0] != base["name"]:
-            raise UnknownModel(f"checkpoint {wanted!r} is not loaded", field="override_settings.sd_model_checkpoint",
-                               details={"choices": [base["name"]]})
-        return base["name"]
+        """This request's checkpoint, fixed before it starts (a default changed meanwhile does not move it)."""
+        wanted = r.override_settings.get("sd_model_checkpoint")
+        if wanted is not None and not isinstance(wanted, str):
+            raise InvalidInput("a checkpoint name is a string", field="override_settings.sd_model_checkpoint")
+        field = "override_settings.sd_model_checkpoint"
+        if wanted and not r.override_settings_restore_afterwards:
+            return await self.set_default_checkpoint(wanted, field)
+        return await self.checkpoint(wanted, field)
+
+    async def _refiner(self, r: Txt2ImgRequest) -> float | None:
+        """Where the refiner takes over, when the request names the deployed refiner (as /sd-models lists it)."""
+        wanted = (r.refiner_checkpoint or "").split(" [", 1)[0].strip()
+        if wanted in ("", "None"):
+            return None
+        refiner = self.config.refiner
+        if refiner is None or wanted != refiner.name:
+            raise UnknownModel(f"unknown refiner checkpoint {wanted!r}", field="refiner_checkpoint",
+                               details={"choices": [refiner.name] if refiner else []})
+        return r.refiner_switch_at
+
+    def _hires(self, r: Txt2ImgRequest) -> plans.A1111Hires | None:
+        if not r.enable_hr:
+            return None
+        width, height = int(r.width * r.hr_scale), int(r.height * r.hr_scale)
+        if width * height > self.config.base.max_pixels or max(width, height) > 4096:
+            raise InvalidInput(f"hires size {r.width}x{r.height} x {r.hr_scale} is too large", field="hr_scale")
+        return plans.A1111Hires(upscaler=r.hr_upscaler, scale=r.hr_scale, strength=max(r.denoising_strength, 0.01),
+                                steps=r.hr_second_pass_steps or r.steps)
 
     def _generation(self, r: Txt2ImgRequest, seed: int, **extra) -> GenerationRequest:
         schedule = None
@@ -96,28 +142,33 @@ class A1111Routes:
                                  steps=r.steps, guidance_scale=r.cfg_scale, seed=seed, batch_size=r.batch_size,
                                  sampler=r.sampler_name, schedule=schedule, **extra)
 
-    async def _run(self, http: Request, r: Txt2ImgRequest, cache_as: str | None = None, **extra) -> ImagesResponse:
+    async def _run(self, http: Request, r: Txt2ImgRequest, parent: bytes | None = None, cache_as: str | None = None,
+                   **extra) -> ImagesResponse:
         if r.batch_size * r.n_iter > MAX_IMAGES:
             raise InvalidInput(f"batch_size x n_iter exceeds {MAX_IMAGES} images", field="batch_size")
+        switch, hires = await self._refiner(r), self._hires(r)  # checked before anything runs
         model = await self._checkpoint(r)
         parameters = r.model_dump(exclude={"init_images", "mask"})
-        key = await self.cache.key(cache_as, parameters) if cache_as else None
+        # The checkpoint resolved (the default when none is named) is part of the request the cache sees.
+        key = await self.cache.key(cache_as, {**parameters, "checkpoint": model}, model) if cache_as else None
         hit = await self.cache.get(key)
         if hit is not None:
             info = {**json.loads(hit.facts["info"]), "cached": True}
             images = [base64.b64encode(data).decode() for data in hit.files]
             return ImagesResponse(images=images, parameters=parameters, info=json.dumps(info))
-        answer = await self._generate(http, r, model, parameters, **extra)
+        answer = await self._generate(http, r, model, parameters, parent, switch, hires, **extra)
         await self.cache.put(key, {"info": answer.info}, [base64.b64decode(i) for i in answer.images])
         return answer
 
-    async def _generate(self, http: Request, r: Txt2ImgRequest, model: str, parameters: dict,
-                        **extra) -> ImagesResponse:
+    async def _generate(self, http: Request, r: Txt2ImgRequest, model: str, parameters: dict, parent: bytes | None,
+                        switch: float | None, hires: plans.A1111Hires | None, **extra) -> ImagesResponse:
+        extra["checkpoint"] = model
         job = InFlight(uuid.uuid4().hex, _client(http), time.time(), r.steps * r.n_iter)
         images: list[Image.Image] = []
         seeds: list[int] = []
         warnings: list[str] = []  # every stage's, as /generate reports them; each said once
         extras: dict = {}
+        facts: dict = {"model": model}  # what ran, for the images' content credentials
         try:
             seed = r.seed
             async with plans.flight():
@@ -125,10 +176,11 @@ class A1111Routes:
                     request_id = uuid.uuid4().hex
                     job.request_ids.append(request_id)
                     await self._track(job)
-                    result = await self._one_batch(r, seed, request_id, extras, **extra)
+                    result = await self._one_batch(r, seed, request_id, extras, switch, hires, **extra)
                     images += result.images
                     seeds += result.seeds
                     warnings += result.warnings
+                    facts.update(result.info)
                     seed = result.seeds[-1] + 1
         finally:
             await asyncio.to_thread(self.jobs.untrack, job.client, job.id)
@@ -138,20 +190,21 @@ class A1111Routes:
                 report = await call(self.handles.faces.restore.remote(image, 0.6))
                 restored.append(report.image)
                 warnings += report.warnings
+                facts.update(report.info)
             images = restored
             extras["Face restoration"] = "CodeFormer"
         texts = [infotext(r, s, model, extras) for s in seeds]
         width, height = images[0].size
-        # With the filter on, the safety checker screens the finished images and encodes them with their infotexts.
-        screened = await plans.a1111_screen(self.handles, images, seeds, texts)
+        # The infotext needs every stage's outcome first. With the filter on, the safety checker screens the
+        # finished images, then encodes and marks them; else the Provenance deployment encodes and marks them.
+        screened = await plans.a1111_screen(self.handles, images, seeds, texts, facts, parent)
         nsfw = None
         if screened is not None:
             encoded = [base64.b64encode(data).decode() for data in screened.encoded]
             warnings += screened.warnings
             nsfw = screened.info["nsfw"]
         else:
-            encoded = await asyncio.to_thread(  # off the event loop; the infotext needs every stage's outcome first
-                lambda: [b64_png(image, {"parameters": text}) for image, text in zip(images, texts, strict=True)])
+            encoded = await self._files(images, facts, texts, parent)
         info = {"prompt": r.prompt, "all_prompts": [r.prompt] * len(seeds), "negative_prompt": r.negative_prompt,
                 "all_negative_prompts": [r.negative_prompt] * len(seeds), "seed": seeds[0], "all_seeds": seeds,
                 "subseed": -1, "all_subseeds": [-1] * len(seeds), "width": width, "height": height,
@@ -162,14 +215,9 @@ class A1111Routes:
                 "warnings": list(dict.fromkeys(warnings)), "nsfw": nsfw, "cached": False}
         return ImagesResponse(images=encoded, parameters=parameters, info=json.dumps(info))
 
-    async def _one_batch(self, r: Txt2ImgRequest, seed: int, request_id: str, extras: dict, **extra):
+    async def _one_batch(self, r: Txt2ImgRequest, seed: int, request_id: str, extras: dict, switch: float | None,
+                         hires: plans.A1111Hires | None, **extra):
         request = self._generation(r, seed, **extra)
-        switch = r.refiner_switch_at if r.refiner_checkpoint else None
-        hires = None
-        if r.enable_hr:
-            hires = plans.A1111Hires(upscaler="Lanczos" if r.hr_upscaler.startswith("Latent") else r.hr_upscaler,
-                                     scale=r.hr_scale, strength=max(r.denoising_strength, 0.01),
-                                     steps=r.hr_second_pass_steps or r.steps)
         result = await plans.a1111_batch(self.handles, request, request_id, refiner_switch_at=switch, hires=hires)
         if "refiner" in result.info:
             extras.update({"Refiner": r.refiner_checkpoint, "Refiner switch at": r.refiner_switch_at})
@@ -186,19 +234,21 @@ class A1111Routes:
     @router.post("/img2img", response_model=ImagesResponse)
     async def img2img(self, body: Img2ImgRequest, http: Request) -> ImagesResponse:
         """Image to image; with a mask, inpainting (white repaints)."""
-        init = image_field(body.init_images[0], "init_images")
+        parent = image_bytes(body.init_images[0], "init_images")
+        init = decode(parent, field="init_images")
         mask = image_field(body.mask, "mask") if body.mask else None
-        return await self._run(http, body, init_image=init, mask=mask, mask_blur=body.mask_blur,
+        return await self._run(http, body, parent, init_image=init, mask=mask, mask_blur=body.mask_blur,
                                strength=body.denoising_strength)
 
-    async def _extras(self, body: ExtrasRequest, image: Image.Image) -> Image.Image:
+    async def _extras(self, body: ExtrasRequest, image: Image.Image) -> tuple[Image.Image, dict]:
+        """The upscaled (and restored) image, and what ran."""
         scale: float | None = body.upscaling_resize
         width: int | None = None
         height: int | None = None
         if body.resize_mode == 1:
             scale, width, height = None, body.upscaling_resize_w, body.upscaling_resize_h
         first = await call(self.handles.upscaler.upscale.remote(image, body.upscaler_1, scale, width, height))
-        out = first.image
+        out, info = first.image, dict(first.info)
         visibility = body.upscaler_2_visibility or body.extras_upscaler_2_visibility
         if body.upscaler_2 != "None" and visibility > 0:
             second = await call(self.handles.upscaler.upscale.remote(image, body.upscaler_2, scale, width, height))
@@ -207,19 +257,26 @@ class A1111Routes:
         if face_visibility > 0:
             restored = await call(self.handles.faces.restore.remote(out, body.codeformer_weight, face_visibility))
             out = restored.image
-        return out
+            info.update(restored.info)
+        return out, info
 
     @router.post("/extra-single-image", response_model=ExtrasResponse)
     async def extra_single_image(self, body: ExtrasRequest) -> ExtrasResponse:
         """Upscale (two blended upscalers) and restore faces in one image."""
-        out = await self._extras(body, image_field(body.image, "image"))
-        return ExtrasResponse(html_info="", image=b64_png(out))
+        raw = image_bytes(body.image, "image")
+        out, info = await self._extras(body, decode(raw, field="image"))
+        return ExtrasResponse(html_info="", image=(await self._files([out], info, parent=raw))[0])
 
     @router.post("/extra-batch-images", response_model=ExtrasBatchResponse)
     async def extra_batch_images(self, body: ExtrasBatchRequest) -> ExtrasBatchResponse:
         """The same as extra-single-image for a list of images."""
-        images = [image_field(item.data, f"imageList.{i}.data") for i, item in enumerate(body.imageList)]
-        return ExtrasBatchResponse(html_info="", images=[b64_png(await self._extras(body, i)) for i in images])
+        files = [image_bytes(item.data, f"imageList.{i}.data") for i, item in enumerate(body.imageList)]
+        images = [decode(raw, field=f"imageList.{i}.data") for i, raw in enumerate(files)]
+        out = []
+        for image, raw in zip(images, files, strict=True):
+            upscaled, info = await self._extras(body, image)
+            out += await self._files([upscaled], info, parent=raw)
+        return ExtrasBatchResponse(html_info="", images=out)
 
     @router.get("/progress", response_model=Progress)
     async def progress(self, http: Request, skip_current_image: bool = False) -> dict:

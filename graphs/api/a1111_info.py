@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import psutil
 from fastapi import APIRouter
 
-from deployments.support.errors import UnknownModel
+from deployments.support.generation import LATENT_UPSCALE_MODES
 from deployments.support.samplers import SCHEDULES, sampler_names
 from graphs import plans
 from graphs.api.a1111_models import (
@@ -41,6 +41,7 @@ from graphs.api.a1111_models import (
     UpscalerItem,
 )
 from graphs.api.body import JSONBodyRoute
+from graphs.api.checkpoints import CheckpointChoice
 from graphs.api.errors import call
 from graphs.api.fields import image_field
 from graphs.jobs.store import JobStore
@@ -51,9 +52,7 @@ if TYPE_CHECKING:
 router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"], route_class=JSONBodyRoute)
 internal = APIRouter(prefix="/internal", tags=["automatic1111"], route_class=JSONBodyRoute)
 
-# A1111's latent upscale modes for hires fix; here each of them resizes the decoded image with Lanczos.
-LATENT_MODES = ("Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)",
-                "Latent (nearest)", "Latent (nearest-exact)")
+LATENT_MODES = tuple(LATENT_UPSCALE_MODES)  # A1111's latent hires-fix modes: each resizes the latents as A1111 does
 REAL_ESRGAN_ARCHITECTURES = {"ESRGAN", "Compact"}  # spandrel's ids for RRDBNet and SRVGGNetCompact
 
 
@@ -70,21 +69,26 @@ def _serve_http() -> tuple[str, int]:
     return options.host, options.port
 
 
-class A1111InfoRoutes:
+class A1111InfoRoutes(CheckpointChoice):
     handles: plans.Handles
     jobs: JobStore
     config: AppArgs
 
     @router.get("/sd-models", response_model=list[SdModel])
     async def sd_models(self) -> list[dict]:
-        """Loaded checkpoints, in A1111's shape."""
-        base = await call(self.handles.base.describe.remote())
-        out = [{"title": base["name"], "model_name": base["name"], "hash": None, "sha256": None,
-                "filename": base["name"], "config": None}]
-        if self.handles.refiner is not None:
-            refiner = await call(self.handles.refiner.describe.remote())
-            out.append({"title": refiner["name"], "model_name": refiner["name"], "hash": None, "sha256": None,
-                        "filename": refiner["name"], "config": None})
+        """Every selectable checkpoint (sd_model_checkpoint), then the refiner (refiner_checkpoint)."""
+        return await asyncio.to_thread(self._sd_models)
+
+    def _sd_models(self) -> list[dict]:
+        sources = [(name, entry.checkpoint.source) for name, entry in self.catalog.entries().items()]
+        if self.config.refiner is not None:
+            sources.append((self.config.refiner.name, self.config.refiner.model.source))
+        out = []
+        for name, source in sources:
+            sha = self.catalog.sha256(source)
+            short = sha[:10] if sha else None
+            out.append({"title": f"{name} [{short}]" if short else name, "model_name": name, "hash": short,
+                        "sha256": sha, "filename": _file_name(source), "config": None})
         return out
 
     @router.get("/samplers", response_model=list[SamplerItem])
@@ -120,33 +124,34 @@ class A1111InfoRoutes:
 
     @router.post("/refresh-checkpoints", response_model=Empty)
     async def refresh_checkpoints(self) -> dict:
-        """Checkpoints are fixed per deployment (change them in serve_config.yaml); nothing to rescan."""
+        """Read checkpoint_dir again: a checkpoint dropped there is selectable from now on (and hashed)."""
+        await asyncio.to_thread(self.catalog.entries, True)
+        await call(self.handles.base.refresh.remote())  # the other replicas see the folder change by themselves
+        await asyncio.to_thread(self._sd_models)  # hashes new files now, not in the next listing
         return {}
 
     @router.post("/refresh-loras", response_model=Empty)
     async def refresh_loras(self) -> dict:
-        """LoRAs are registered when a replica starts; a redeploy picks up new files."""
+        """Read lora_dir again: a LoRA dropped there is usable from now on."""
+        await call(self.handles.base.refresh.remote())
         return {}
 
     @router.get("/options", response_model=Options)
     async def get_options(self) -> dict:
-        """Current options (sd_model_checkpoint and output format)."""
+        """Current options: the default checkpoint (as A1111 titles it) and the output format."""
         options = {"samples_format": "png", **await asyncio.to_thread(self.jobs.options)}
-        if "sd_model_checkpoint" not in options:
-            options["sd_model_checkpoint"] = (await call(self.handles.base.describe.remote()))["name"]
+        name = await self.default_checkpoint()
+        options["sd_model_checkpoint"] = await asyncio.to_thread(self.catalog.title, name)
         return options
 
     @router.post("/options", response_model=Empty)
     async def set_options(self, body: OptionsRequest) -> dict:
-        """Set the default checkpoint for later requests; requests in flight keep theirs."""
-        wanted = body.sd_model_checkpoint
-        if wanted is not None:
-            base = await call(self.handles.base.describe.remote())
-            if str(wanted).split(" [")[0] != base["name"]:
-                raise UnknownModel(f"checkpoint {wanted!r} is not loaded", field="sd_model_checkpoint",
-                                   details={"choices": [base["name"]]})
-        for key, value in body.model_dump(include={"sd_model_checkpoint", "samples_format"}, exclude_none=True).items():
-            await asyncio.to_thread(self.jobs.set_option, key, str(value))
+        """Set the default checkpoint of every ingress replica for later requests; requests in flight keep
+        theirs."""
+        if body.sd_model_checkpoint is not None:
+            await self.set_default_checkpoint(body.sd_model_checkpoint, "sd_model_checkpoint")
+        if body.samples_format is not None:
+            await asyncio.to_thread(self.jobs.set_option, "samples_format", body.samples_format)
         return {}
 
     @router.post("/png-info", response_model=PngInfo)

@@ -36,6 +36,8 @@ class Txt2ImgRequest(_A1111):
     refiner_checkpoint: str | None = None
     refiner_switch_at: float = Field(0.8, gt=0.0, lt=1.0)
     override_settings: dict = {}
+    override_settings_restore_afterwards: bool = Field(
+        True, description="false: the override_settings checkpoint stays the default afterwards")
 
 
 class Img2ImgRequest(Txt2ImgRequest):

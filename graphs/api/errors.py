@@ -32,6 +32,7 @@ STATUS = {
     "MODEL_UNAVAILABLE": 503,
     "STORAGE_UNAVAILABLE": 503,
     "MODEL_LOAD_FAILED": 503,
+    "SIGNING_FAILED": 503,
 }
 
 
@@ -50,14 +51,14 @@ def error_response(code: str, message: str, details: dict | None = None, headers
 
 
 async def service_error(_request: Request, exc: Exception) -> JSONResponse:
-    from ray.exceptions import RayActorError
-    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
     error = unwrap(exc)
-    if isinstance(error, BackPressureError | DeploymentUnavailableError | ReplicaUnavailableError | RayActorError):
-        # A full queue or a replica being replaced: the client should come back shortly.
+    busy = error if isinstance(error, BackPressureError | DeploymentUnavailableError) else lost(exc)
+    if busy is not None:
+        # A full queue, or a replica (or its node) gone mid-request: the client should come back shortly.
         return error_response("MODEL_UNAVAILABLE", "the service is busy or restarting; retry shortly",
-                              {"reason": type(error).__name__})
+                              {"reason": type(busy).__name__})
     if not isinstance(error, ServiceError):
         logger.error("unhandled %s", type(error).__name__, exc_info=error)
         return error_response("INTERNAL_ERROR", "internal error")
@@ -84,6 +85,27 @@ async def http_error(_request: Request, exc: Exception) -> JSONResponse:
     code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "PAYLOAD_TOO_LARGE"}.get(exc.status_code, "HTTP_ERROR")
     body = ErrorBody(error=str(exc.detail), code=code, details={})
     return JSONResponse(body.model_dump(), status_code=exc.status_code, headers=exc.headers)
+
+
+def lost(error: BaseException) -> BaseException | None:
+    """The Ray error in ``error``'s chain that says a replica, its process or its node went away mid-call (taking
+    the objects it had made with it), or None. The request was not at fault: sent again, it runs on a survivor.
+
+    Ray raises these as they are, inside a ``RayTaskError`` (``cause``), or, when the stage that died produced the
+    input of the next one, as a ``RayServeException`` whose ``__cause__`` is the ``ActorDiedError``.
+    """
+    from ray.exceptions import LocalRayletDiedError, NodeDiedError, ObjectLostError, RayActorError, WorkerCrashedError
+    from ray.serve.exceptions import ReplicaUnavailableError
+
+    gone = (RayActorError, ObjectLostError, NodeDiedError, WorkerCrashedError, LocalRayletDiedError,
+            ReplicaUnavailableError)
+    current: BaseException | None = error
+    for _ in range(8):  # a short chain; the bound only guards against a cycle
+        if current is None or isinstance(current, gone):
+            return current
+        cause = getattr(current, "cause", None)
+        current = cause if isinstance(cause, BaseException) else current.__cause__
+    return None
 
 
 def unwrap(error: BaseException) -> BaseException:

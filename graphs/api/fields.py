@@ -24,8 +24,8 @@ Strength = Annotated[float, Field(gt=0.0, le=1.0)]
 Sampler = Annotated[str, Field(max_length=64)]
 
 
-def image_field(value: str, field: str) -> Image.Image:
-    """Decode a data URI or plain base64 image; a malformed one is a 400 naming the field, never a 500."""
+def image_bytes(value: str, field: str) -> bytes:
+    """The file a data URI or plain base64 string carries; malformed or empty is a 400 naming the field."""
     payload = value.split(",", 1)[1] if value.startswith("data:") else value
     try:
         raw = base64.b64decode(payload, validate=False)
@@ -33,7 +33,12 @@ def image_field(value: str, field: str) -> Image.Image:
         raise InvalidImage(f"{field}: not valid base64", field=field) from e
     if not raw:
         raise InvalidImage(f"{field}: empty image", field=field)
-    return decode(raw, field=field)
+    return raw
+
+
+def image_field(value: str, field: str) -> Image.Image:
+    """Decode a data URI or plain base64 image; a malformed one is a 400 naming the field, never a 500."""
+    return decode(image_bytes(value, field), field=field)
 
 
 def b64_png(image: Image.Image, pnginfo: dict[str, str] | None = None) -> str:

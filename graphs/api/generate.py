@@ -1,5 +1,6 @@
 """Seed 000 (and seed 002's sync client): ``POST /generate``; ``GET /health/`` and ``GET /models``."""
 
+import asyncio
 import base64
 import time
 import uuid
@@ -13,6 +14,7 @@ from deployments.support.overlay import Overlay
 from deployments.support.settings import Settings
 from graphs import plans
 from graphs.api.body import JSONBodyRoute
+from graphs.api.checkpoints import CheckpointChoice
 from graphs.api.errors import ErrorBody, call
 from graphs.jobs.cache import RequestCache
 
@@ -44,6 +46,9 @@ class GenerateRequest(BaseModel):
     face_restoration_weight: float = Field(0.6, ge=0.0, le=1.0)
     preset: Literal["fast", "balanced", "quality"] | None = None
     overlay: Overlay | None = Field(None, description="a caption or logo drawn on the final image")
+    model: str | None = Field(None, max_length=256, description=(
+        "the base checkpoint: a name from GET /models or an alias (seed 002's 'photorealistic', 'anime'); "
+        "none: the default"))
 
     @model_validator(mode="before")
     @classmethod
@@ -76,6 +81,7 @@ class GenerateResponse(BaseModel):
     final_resolution: str
     generation_time_seconds: float
     model: str
+    checkpoint: str = Field(..., description="the base checkpoint that made the image")
     warnings: list[str]
     imageData: str = Field(..., description="plain base64 PNG (seed 002)")
     format: str
@@ -84,9 +90,13 @@ class GenerateResponse(BaseModel):
 
 
 class ModelsResponse(BaseModel):
-    """What every deployment has loaded (seed 003's /models), as each describes itself."""
+    """Seed 003's /models: every selectable base checkpoint (``loaded``: some replica holds it; ``replicas``:
+    which), the refiner, and what the other deployments have loaded, as each describes itself."""
 
     models: list[dict]
+    default: str = Field(..., description="the checkpoint a request that names none gets")
+    base: dict = Field(..., description="the base replica that answered, as it describes itself")
+    base_replicas: dict[str, dict] = Field(..., description="per base replica: checkpoints held, loads, evictions")
     upscalers: dict
     face_restorer: dict
 
@@ -96,7 +106,7 @@ class Health(BaseModel):
     message: str
 
 
-class GenerateRoutes:
+class GenerateRoutes(CheckpointChoice):
     handles: plans.Handles
     hires_upscaler: str
     settings: Settings
@@ -110,16 +120,27 @@ class GenerateRoutes:
 
     @router.get("/models", response_model=ModelsResponse)
     async def models(self) -> dict:
-        """What is loaded where (seed 003 shape, plus per-deployment detail)."""
+        """Every selectable checkpoint and where it is loaded (seed 003 shape, plus per-deployment detail)."""
         base = await call(self.handles.base.describe.remote())
-        out = [{"id": base["name"], "name": base["name"], "description": "SDXL base", "type": "base",
-                "loaded": True, "version": "xl", **base}]
+        replicas = await self.holdings() or {base["replica"] or "local": base["checkpoints"]}
+        entries = await asyncio.to_thread(self.catalog.entries)
+        aliases = self.catalog.config.checkpoint_aliases
+        out = []
+        for name, entry in entries.items():
+            holding = sorted(r for r, held in replicas.items() if name in held["held"])
+            out.append({"id": name, "name": name, "description": entry.checkpoint.description or "SDXL base",
+                        "type": "base", "loaded": bool(holding), "version": "xl", "kind": entry.checkpoint.kind,
+                        "origin": entry.origin, "filename": entry.filename, "replicas": holding,
+                        "aliases": sorted(a for a, target in aliases.items() if target == name)})
         if self.handles.refiner is not None:
             refiner = await call(self.handles.refiner.describe.remote())
             out.append({"id": refiner["name"], "name": refiner["name"], "description": "SDXL refiner",
                         "type": "refiner", "loaded": True, "version": "xl", **refiner})
         return {
             "models": out,
+            "default": await self.default_checkpoint(),
+            "base": base,
+            "base_replicas": replicas,
             "upscalers": await call(self.handles.upscaler.describe.remote()),
             "face_restorer": await call(self.handles.faces.describe.remote()),
         }
@@ -133,8 +154,8 @@ class GenerateRoutes:
         # A bad overlay is refused before the GPU is asked for anything; the last stage draws it, then encodes.
         if body.overlay:
             overlay.prepare(body.overlay, self.settings.fonts_dir, "overlay")
-        fields = body.model_dump()
-        key = await self.cache.key("generate", plans.seed000_fields(fields, self.hires_upscaler))
+        fields = {**body.model_dump(), "model": await self.checkpoint(body.model, "model")}
+        key = await self.cache.key("generate", plans.seed000_fields(fields, self.hires_upscaler), fields["model"])
         hit = await self.cache.get(key)
         if hit is not None:
             report = plans.Report.from_facts(hit.files[0], hit.facts)
@@ -150,5 +171,6 @@ class GenerateRoutes:
             face_restoration_applied=report.face_restoration_applied, overlay_applied=body.overlay is not None,
             nsfw=report.nsfw, cached=hit is not None, upscaler=report.upscaler, final_resolution=f"{width}x{height}",
             generation_time_seconds=round(time.perf_counter() - started, 3),
-            model="SDXL", warnings=report.warnings, imageData=encoded, format="png", width=width, height=height,
+            model="SDXL", checkpoint=report.checkpoint or fields["model"], warnings=report.warnings,
+            imageData=encoded, format="png", width=width, height=height,
         )

@@ -12,6 +12,7 @@ from deployments.support.errors import ContentFlagged
 from deployments.support.settings import Settings
 from graphs import plans
 from graphs.api.body import JSONBodyRoute
+from graphs.api.checkpoints import CheckpointChoice
 from graphs.api.errors import ErrorBody
 from graphs.api.photos import PhotoStore, check_user_id
 
@@ -38,7 +39,7 @@ class IllustrationResponse(BaseModel):
     data: list[S3Object]
 
 
-class IllustrationRoutes:
+class IllustrationRoutes(CheckpointChoice):
     handles: plans.Handles
     settings: Settings
     photos: PhotoStore
@@ -47,8 +48,10 @@ class IllustrationRoutes:
         check_user_id(body.user_id)
         photo = await asyncio.to_thread(self.photos.load_photo, prefix, body.user_id)
         request_id = uuid.uuid4().hex
+        checkpoint = await self.checkpoint(None, "model")  # seed 001 names none: the default
         async with plans.flight():
-            result = await plans.seed001(self.handles, body.model_dump(), prompt, photo, self.settings, request_id)
+            result = await plans.seed001(self.handles, body.model_dump(), prompt, photo, self.settings, request_id,
+                                         checkpoint)
         if result.info.get("nsfw", [False])[0]:
             raise ContentFlagged("the safety checker flagged the illustration; nothing was stored",
                                  field="prompt" if kind == "memory" else "user_id", details={"nsfw": True})

@@ -22,6 +22,7 @@ from deployments.support import overlay
 from deployments.support.errors import InvalidInput, JobConflict, NotFound
 from deployments.support.settings import Settings
 from graphs.api.body import JSONBodyRoute
+from graphs.api.checkpoints import CheckpointChoice
 from graphs.api.edge import token_owner
 from graphs.api.fields import image_field
 from graphs.jobs import events
@@ -66,7 +67,7 @@ def _iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z") if ts else None
 
 
-class JobRoutes:
+class JobRoutes(CheckpointChoice):
     jobs: JobStore
     results: ResultStore
     settings: Settings
@@ -87,6 +88,7 @@ class JobRoutes:
         if webhook:
             await asyncio.to_thread(check_url, webhook, self.settings)
         payload = body.model_dump(exclude={"priority", "webhookUrl"})
+        payload["model"] = await self.checkpoint(payload.get("model"), "model")  # fixed now: queued jobs keep it
         job = Job(id=new_job_id(), type=kind, request=payload, priority=getattr(body, "priority", "normal"),
                   owner=self._owner(request), webhook_url=getattr(body, "webhookUrl", None))
         key = request.headers.get("idempotency-key")

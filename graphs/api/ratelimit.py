@@ -31,6 +31,7 @@ ROUTES: tuple[tuple[str, re.Pattern[str], str], ...] = tuple((m, re.compile(p), 
     ("POST", r"/v1/images/(memory|subject)", GENERATE),
     ("POST", r"/sdapi/v1/(txt2img|img2img|extra-single-image|extra-batch-images)", GENERATE),
     ("POST", r"/process|/derivatives(/clip-focal)?", GENERATE),
+    ("POST", r"/provenance/verify", GENERATE),
     ("POST", r"/generate/(text2img|img2img|inpaint|style-transfer|async|batch-sizes)", SUBMIT),
     ("*", r".*", READ),  # polling, listings, cancels, options, unknown paths
 ))

@@ -1,9 +1,12 @@
 """The result cache: an identical fixed-seed request, on the same weights, is answered from the result store.
 
 Opt-in (``RESULT_CACHE``, or the app's ``result_cache`` argument). The key is a SHA-256 over the API family, the
-request's canonical JSON and what every model replica reports it has loaded (``fingerprint()``: content hashes of
-the checkpoint, VAE, LoRAs, IP-Adapter, refiner, upscalers, face restorer and safety checker, with the precision
-and defaults that change pixels), so a replaced file, once loaded, misses. A random seed (-1) is never cached.
+request's canonical JSON (with the checkpoint the ingress resolved), what every model deployment reports it runs
+(``fingerprint()``: content hashes of the request's checkpoint, as the checkpoint catalogue computes them, and of the
+VAE, LoRAs, IP-Adapter, refiner, upscalers, face restorer and safety checker, with the precision and defaults that
+change pixels) and how files are marked (watermark and content-credential settings), so a replaced file, once
+loaded, misses. The base answers for the checkpoint named, whichever replica answers and whatever it holds, so a key
+never depends on where Serve's multiplexing routed a call. A random seed (-1) is never cached.
 
 Entries live where job results do: files under ``JOBS_DATA_DIR/cache`` or objects under ``cache/`` of
 ``JOB_RESULTS_URL``'s prefix. One object per entry holds its facts (JSON) and its files, so an entry is whole or
@@ -37,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 MAGIC = b"IGC1"
 NAME = re.compile(r"^[0-9a-f]{64}\.entry$")
-KEY_VERSION = 1  # bump when a plan's output for the same request changes
+KEY_VERSION = 2  # bump when a plan's output for the same request changes (2: watermarks and content credentials)
 
 
 @dataclass
@@ -211,32 +214,44 @@ def open_cache(settings: Settings, enabled: bool | None = None) -> ResultCache |
     return ResultCache(entries, settings.result_cache_max_bytes, settings.result_cache_max_age_s)
 
 
-async def fingerprints(h: Handles) -> dict[str, Any]:
-    """What every model replica of the plans has loaded, asked of each at once."""
+async def fingerprints(h: Handles, checkpoint: str | None) -> dict[str, Any]:
+    """What every model deployment of the plans runs, asked of one replica of each at once; the base answers for
+    ``checkpoint`` (a plain call, no multiplexed routing: every base replica gives the same answer)."""
     from graphs.api.errors import call
 
     stages = {"base": h.base, "refiner": h.refiner, "upscaler": h.upscaler, "faces": h.faces, "safety": h.safety}
     present = {name: handle for name, handle in stages.items() if handle is not None}
-    answers = await asyncio.gather(*(call(handle.fingerprint.remote()) for handle in present.values()))
+    answers = await asyncio.gather(*(call(handle.fingerprint.remote(checkpoint) if name == "base" else
+                                          handle.fingerprint.remote()) for name, handle in present.items()))
     return {**{name: None for name in stages}, **dict(zip(present, answers, strict=True))}
+
+
+def marks(settings: Settings) -> dict[str, Any]:
+    """How the encoding stage marks the files (``deployments.support.provenance``): a cached file keeps the marks it
+    was made with, so other marks are another key."""
+    return {"watermark": [settings.watermark_enabled, settings.watermark_bits, settings.watermark_luma_scale,
+                          settings.watermark_chroma_scale],
+            "credentials": [str(settings.c2pa_cert_file), settings.c2pa_algorithm, settings.c2pa_tsa_url]}
 
 
 class RequestCache:
     """The cache as the API families use it: ``key`` is None when the cache is off or the seed is random; a
     failing store is a miss (logged), never a failed request."""
 
-    def __init__(self, cache: ResultCache | None, handles: Handles) -> None:
-        self.cache, self.handles = cache, handles
+    def __init__(self, cache: ResultCache | None, handles: Handles, settings: Settings) -> None:
+        self.cache, self.handles, self.marks = cache, handles, marks(settings)
 
-    async def key(self, kind: str, request: dict) -> str | None:
+    async def key(self, kind: str, request: dict, checkpoint: str | None) -> str | None:
+        """``checkpoint``: the base checkpoint the request runs on, resolved by the ingress (its name is in
+        ``request`` too)."""
         if self.cache is None or request.get("seed", -1) == -1:
             return None
         try:
-            models = await fingerprints(self.handles)
+            models = await fingerprints(self.handles, checkpoint)
         except Exception as e:  # noqa: BLE001 - a replica that cannot say what it loaded: no caching this time
             logger.warning("model fingerprints unavailable (%s): not cached", type(e).__name__)
             return None
-        return request_key(kind, request, models)
+        return request_key(kind, request, {**models, "marks": self.marks})
 
     async def get(self, key: str | None) -> Entry | None:
         if key is None or self.cache is None:

@@ -17,10 +17,15 @@ PreviewEvery = Annotated[int | None, Field(ge=0, le=150, description=(
     "denoising steps between the job's preview events; 0: none; default JOB_PREVIEW_EVERY"))]
 
 
+Checkpoint = Annotated[str | None, Field(max_length=256, description=(
+    "the base checkpoint: a name from GET /models or an alias ('photorealistic', 'anime'); none: the default"))]
+
+
 class _Submit(BaseModel):
     priority: Priority = "normal"
     webhookUrl: str | None = Field(None, max_length=2048)
     preview_every: PreviewEvery = None
+    model: Checkpoint = None
 
 
 class Text2ImgJob(_Submit):
@@ -32,8 +37,6 @@ class Text2ImgJob(_Submit):
     guidanceScale: Guidance = 7.5
     seed: Seed = -1
     sampler: Sampler = "euler_a"
-    model: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
-                              description="echoed in the result; the deployed SDXL base serves every job")
 
 
 class Img2ImgJob(Text2ImgJob):
@@ -71,6 +74,7 @@ class AsyncGenerate(GenerateRequest):
 class BatchSizes(BaseModel):
     webhookUrl: str | None = Field(None, max_length=2048)
     preview_every: PreviewEvery = None
+    model: Checkpoint = None
     prompt: RequiredPrompt
     negativePrompt: Prompt = ""
     sizes: list[Annotated[str, Field(max_length=32)]] = Field(..., min_length=1, max_length=16)

@@ -23,11 +23,12 @@ from PIL import Image
 from ray import serve
 
 from deployments.support.errors import GenerationCancelled
-from deployments.support.imaging import encode
+from deployments.support.generation import Encoding, StageResult, encoded
 from deployments.support.metrics import JobMetrics
 from deployments.support.settings import current
 from graphs import plans
-from graphs.api.errors import call, unwrap
+from graphs.api.errors import call, lost, unwrap
+from graphs.api.fields import image_bytes
 from graphs.jobs.cache import RequestCache, open_cache
 from graphs.jobs.events import ProgressEvents, completed_data
 from graphs.jobs.results import open_results
@@ -37,24 +38,24 @@ from graphs.jobs.webhooks import deliver
 
 logger = logging.getLogger(__name__)
 
-
-def png(image: Image.Image) -> bytes:
-    return encode(image, "png")
+# The upload a seed-003 edit starts from: the parent ingredient of its images' content credentials.
+PARENT_FIELD = {"img2img": "initImage", "inpaint": "image", "style-transfer": "contentImage"}
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=8, health_check_period_s=10)
 class JobRunner:
     def __init__(self, base, refiner, upscaler, faces, cropper, board=None,
                  hires_upscaler: str = "R-ESRGAN 2x+", *, safety=None, safety_enabled: bool | None = None,
-                 result_cache: bool | None = None) -> None:
+                 result_cache: bool | None = None, marks=None) -> None:
         self.settings = current()
         self.handles = plans.Handles(base, refiner, upscaler, faces, board,
                                      plans.safety_stage(safety, safety_enabled, self.settings))
         self.cropper = cropper
+        self.marks = marks  # the Provenance deployment: marks and encodes the batch-sizes crops
         self.hires_upscaler = hires_upscaler
         self.store = open_store(self.settings)
         self.results = open_results(self.settings)
-        self.cache = RequestCache(open_cache(self.settings, result_cache), self.handles)
+        self.cache = RequestCache(open_cache(self.settings, result_cache), self.handles, self.settings)
         self.sizes = SizeTable.load(self.settings.batch_sizes_file)
         self.worker = f"runner-{uuid.uuid4().hex[:8]}"
         self._background: set[asyncio.Task] = set()
@@ -86,6 +87,7 @@ class JobRunner:
         task = asyncio.create_task(self._run(job))
         keeper = asyncio.create_task(self._keep_lease(job, worker, task))
         status, result, error, event = "failed", None, None, {}
+        gone: BaseException | None = None
         try:
             result = await asyncio.wait_for(task, self.settings.job_timeout / 1000)
             result["timeTaken"] = int((time.monotonic() - started) * 1000)
@@ -99,12 +101,15 @@ class JobRunner:
             cause = unwrap(e)
             if isinstance(cause, GenerationCancelled):
                 status, error = "cancelled", "cancelled"
-            else:
+            elif (gone := lost(e)) is None:
                 code = getattr(cause, "code", type(cause).__name__)
                 error, event = f"{code}: {cause}", {"code": code, "message": str(cause)}
                 logger.warning("job %s failed: %s", job.id, error)
         finally:
             keeper.cancel()
+        if gone is not None:
+            await self._give_back(job, worker, gone)
+            return
         if not await asyncio.to_thread(self.store.finish, job.id, worker, status, result, error, event):
             logger.warning("job %s: lease lost before publishing; the result was dropped", job.id)
         elif job.webhook_url:
@@ -113,6 +118,15 @@ class JobRunner:
             delivery = asyncio.create_task(deliver(job.webhook_url, payload, self.settings))
             self._background.add(delivery)  # keep a reference until it is done
             delivery.add_done_callback(self._background.discard)
+
+    async def _give_back(self, job: Job, worker: str, gone: BaseException) -> None:
+        """A stage's replica, or its node, went away mid-job. The job is not at fault, so it goes back to the queue
+        rather than failing: its lease ends now, and the next claim (any runner's, on any node) queues it again and
+        counts the attempt, as for a runner that died; past JOB_MAX_ATTEMPTS it fails as a lost worker's does."""
+        logger.warning("job %s: %s mid-job; back to the queue", job.id, type(gone).__name__)
+        if not await asyncio.to_thread(self.store.heartbeat, job.id, worker, 0):
+            # Cancelled meanwhile: that is its outcome (a no-op when the lease is no longer ours).
+            await asyncio.to_thread(self.store.finish, job.id, worker, "cancelled", None, "cancelled", {})
 
     async def _keep_lease(self, job: Job, worker: str, task: asyncio.Task) -> None:
         interval = self.settings.job_lease_seconds / 3
@@ -164,18 +178,20 @@ class JobRunner:
             return await self._batch(job)
         if job.type == "generate":
             return await self._generate(job)
-        key = await self.cache.key("text2img", cache_fields(job.request)) if job.type == "text2img" else None
+        key = await self.cache.key("text2img", cache_fields(job.request), job.request.get("model")) \
+            if job.type == "text2img" else None
         hit = await self.cache.get(key)
         if hit is not None:
             keys = [await self._save(job.id, f"image_{i}", data) for i, data in enumerate(hit.files)]
             return {**hit.facts, "images": keys, "cached": True}
         request = plans.seed003(job.type, job.request)
-        result = await plans.seed003_job(self.handles, request, job.id)
+        parent = image_bytes(job.request[PARENT_FIELD[job.type]], "image") if job.type in PARENT_FIELD else None
+        result = await plans.seed003_job(self.handles, request, job.id, parent)
         keys = [await self._save(job.id, f"image_{i}", data) for i, data in enumerate(result.encoded)]
         r = job.request
         parameters = {"prompt": request.prompt, "width": request.width, "height": request.height,
                       "steps": request.steps, "guidanceScale": request.guidance_scale,
-                      "sampler": r.get("sampler", "euler_a"), "model": r.get("model", result.info.get("model"))}
+                      "sampler": r.get("sampler", "euler_a"), "model": result.info.get("model", r.get("model"))}
         facts = {"seed": result.seeds[0], "parameters": parameters, "warnings": result.warnings,
                  "nsfw": result.info.get("nsfw")}
         await self.cache.put(key, facts, result.encoded)
@@ -183,7 +199,8 @@ class JobRunner:
 
     async def _generate(self, job: Job) -> dict:
         """Seed 002's queued /generate: its plan, or the answer /generate stored for the same request."""
-        key = await self.cache.key("generate", plans.seed000_fields(job.request, self.hires_upscaler))
+        key = await self.cache.key("generate", plans.seed000_fields(job.request, self.hires_upscaler),
+                                   job.request.get("model"))
         hit = await self.cache.get(key)
         if hit is not None:
             report = plans.Report.from_facts(hit.files[0], hit.facts)
@@ -192,28 +209,38 @@ class JobRunner:
             await self.cache.put(key, report.facts(), [report.data])
         saved = await self._save(job.id, "image_0", report.data)
         return {"images": [saved], "seed": report.seed, "width": report.size[0], "height": report.size[1],
-                "warnings": report.warnings, "nsfw": [report.nsfw] if report.nsfw is not None else None,
-                "cached": hit is not None}
+                "warnings": report.warnings, "checkpoint": report.checkpoint,
+                "nsfw": [report.nsfw] if report.nsfw is not None else None, "cached": hit is not None}
 
     async def _batch(self, job: Job) -> dict:
         """The batch-sizes plan, then every image (and its WebP derivatives) stored whole."""
         seed, bases, sized = await plans.batch_sizes(self.handles, self.cropper, job.request, self.sizes,
                                                      self.hires_upscaler, job.id)
         widths = job.request.get("derivatives") or []
+        info = {"model": job.request.get("model")}  # the checkpoint, resolved when the job was accepted
         images: dict[str, dict] = {}
         for item in sized:
             out = item.image
-            data = await asyncio.to_thread(png, out)  # off the event loop
+            small = [w for w in widths if 8 <= w <= out.width]
+            resized = [out.resize((w, max(1, round(out.height * w / out.width)))) for w in small]
+            facts = {**info, "upscaler": self.hires_upscaler} if item.upscaled else info
+            data = (await self._encode([out], facts, Encoding())).encoded[0]
             entry = {"key": await self._save(job.id, item.name, data), "width": out.width, "height": out.height,
                      "aspect": item.aspect, "box": list(item.box), "upscaled": item.upscaled, "nsfw": item.nsfw}
-            if widths:
-                entry["derivatives"] = {
-                    str(w): await self._save(job.id, f"{item.name}_{w}w",
-                                             encode(out.resize((w, max(1, round(out.height * w / out.width)))),
-                                                    "webp", 82), "webp")
-                    for w in widths if 8 <= w <= out.width}
+            if small:
+                files = (await self._encode(resized, facts, Encoding(format="webp", quality=82))).encoded
+                entry["derivatives"] = {str(w): await self._save(job.id, f"{item.name}_{w}w", blob, "webp")
+                                        for w, blob in zip(small, files, strict=True)}
             images[item.name] = entry
         return {"images": images, "bases_generated": bases, "seed": seed}
+
+    async def _encode(self, images: list[Image.Image], info: dict, how: Encoding) -> StageResult:
+        """Watermarked, encoded and signed by the Provenance deployment (this process imports neither OpenCV nor
+        c2pa); in-process where there is none (the tests that run the runner without Ray)."""
+        result = StageResult(images=images, info=info)
+        if self.marks is None:
+            return await encoded(result, how)
+        return await call(self.marks.encode.remote(result, how))
 
     async def _count_jobs(self, every_s: float = 5.0) -> None:
         """Jobs by state, for the dashboards (queued is the backlog the runners have not claimed yet)."""

@@ -186,7 +186,8 @@ function number(id) {
 }
 
 // Which job route fits the form: a named-size batch (seed 002), seed 000's plan for hires fix and face
-// restoration (queued through /generate/async), otherwise seed 003's text2img with sampler and checkpoint.
+// restoration (queued through /generate/async), otherwise seed 003's text2img with its sampler. Each takes the
+// checkpoint (`model`; none: the service's default).
 function plan() {
   const prompt = $("prompt").value.trim();
   if (!prompt) {
@@ -195,21 +196,21 @@ function plan() {
   }
   const negative = $("negative-prompt").value.trim();
   const common = { steps: number("steps"), guidance: number("guidance"), seed: number("seed") };
+  const model = $("checkpoint").value || undefined; // JSON.stringify leaves an undefined field out
   const sizes = [...document.querySelectorAll("#named-size-list input:checked")].map((i) => i.value);
   if (sizes.length) {
     return { path: "generate/batch-sizes", body: { prompt, negativePrompt: negative, sizes, seed: common.seed,
-      steps: common.steps, guidanceScale: common.guidance } };
+      steps: common.steps, guidanceScale: common.guidance, model } };
   }
   const width = number("width");
   const height = number("height");
   if ($("hires").checked || $("faces").checked) {
     return { path: "generate/async", body: { prompt, negative_prompt: negative, width, height,
       num_inference_steps: common.steps, guidance_scale: common.guidance, seed: common.seed,
-      hires_fix: $("hires").checked, use_face_restoration: $("faces").checked } };
+      hires_fix: $("hires").checked, use_face_restoration: $("faces").checked, model } };
   }
   const body = { prompt, negativePrompt: negative, width, height, steps: common.steps,
-    guidanceScale: common.guidance, seed: common.seed, sampler: $("sampler").value || "euler_a" };
-  if ($("checkpoint").value) body.model = $("checkpoint").value;
+    guidanceScale: common.guidance, seed: common.seed, sampler: $("sampler").value || "euler_a", model };
   return { path: "generate/text2img", body };
 }
 

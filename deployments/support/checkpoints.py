@@ -1,0 +1,187 @@
+"""The checkpoints a base deployment serves: those its config names and those found in its checkpoint folder.
+
+Light on purpose (no torch, no diffusers): the ingress resolves a request's checkpoint with the same catalogue the
+base replicas load from, so an unknown name is refused before any work starts, and lists them for A1111 clients.
+Every process rescans ``checkpoint_dir`` when the folder changes (a file dropped, renamed or removed changes its
+modification time), so all of them agree on what is selectable without sharing any state or a redeploy.
+
+A1111 lists a checkpoint with the SHA-256 of its file and a short hash (the first ten hex digits); here a
+diffusers folder is hashed as the SHA-256 of its weight files' hashes (by relative path). Hashes are computed once
+per file version (path, size, modification time) and kept in ``MODEL_CACHE_DIR/checkpoint-hashes.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from deployments.support.config import CHECKPOINT_NAME, Checkpoint, SDXLBaseConfig
+from deployments.support.errors import UnknownModel
+from deployments.support.settings import Settings, current
+
+logger = logging.getLogger(__name__)
+
+_NAME = re.compile(CHECKPOINT_NAME)
+_CHUNK = 8 << 20
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One selectable checkpoint; ``origin`` says whether the config named it or the folder held it."""
+
+    checkpoint: Checkpoint
+    origin: str  # "config" or "folder"
+
+    @property
+    def name(self) -> str:
+        return self.checkpoint.name
+
+    @property
+    def filename(self) -> str:
+        """The file or folder name of its source, without the host's folders."""
+        return self.checkpoint.source.rstrip("/").rsplit("/", 1)[-1]
+
+
+class HashCache:
+    """SHA-256 per file version, kept across restarts in one JSON file (rewritten atomically)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        try:
+            self._known: dict[str, str] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            self._known = {}
+
+    def file(self, path: Path) -> str:
+        stat = path.stat()
+        key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        with self._lock:
+            known = self._known.get(key)
+        if known:
+            return known
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            while chunk := f.read(_CHUNK):
+                digest.update(chunk)
+        value = digest.hexdigest()
+        with self._lock:
+            self._known[key] = value
+            self._save()
+        return value
+
+    def folder(self, path: Path) -> str:
+        digest = hashlib.sha256()
+        for weights in sorted(path.rglob("*.safetensors")):
+            digest.update(f"{weights.relative_to(path)}:{self.file(weights)}\n".encode())
+        return digest.hexdigest()
+
+    def _save(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            part = self.path.with_name(f"{self.path.name}.{os.getpid()}.{threading.get_ident()}")
+            part.write_text(json.dumps(self._known))
+            os.replace(part, self.path)
+        except OSError as e:  # a read-only cache costs a rehash next time, nothing more
+            logger.debug("checkpoint hashes not saved: %s", e)
+
+
+class Catalog:
+    def __init__(self, config: SDXLBaseConfig, settings: Settings | None = None) -> None:
+        self.config = config
+        self.settings = settings or current()
+        self.hashes = HashCache(self.settings.model_cache_dir / "checkpoint-hashes.json")
+        self._lock = threading.Lock()
+        self._scanned: dict[str, Entry] = {}
+        self._stamp: int | None = None  # the folder's modification time at the last scan
+
+    @property
+    def folder(self) -> Path | None:
+        return Path(self.config.checkpoint_dir).expanduser() if self.config.checkpoint_dir else None
+
+    def entries(self, rescan: bool = False) -> dict[str, Entry]:
+        """Every selectable checkpoint by name: the configured ones first, then the folder's (sorted)."""
+        self._scan(force=rescan)
+        configured = {c.name: Entry(c, "config") for c in self.config.configured}
+        with self._lock:
+            found = {n: e for n, e in self._scanned.items() if n not in configured}
+        return {**configured, **found}
+
+    def entry(self, name: str, field: str = "checkpoint") -> Entry:
+        entries = self.entries()
+        if name not in entries:
+            raise UnknownModel(f"unknown checkpoint {name!r}", field=field, details={"choices": self.choices()})
+        return entries[name]
+
+    @property
+    def default(self) -> str:
+        if self.config.default_checkpoint:
+            return self.config.default_checkpoint
+        entries = self.entries()
+        if not entries:
+            raise UnknownModel("no checkpoint is configured or in checkpoint_dir", field="checkpoint")
+        return next(iter(entries))
+
+    def choices(self) -> list[str]:
+        """What a client may send: every checkpoint name, then the aliases."""
+        return [*self.entries(), *self.config.checkpoint_aliases]
+
+    def resolve(self, wanted: str, field: str) -> str:
+        """A client's checkpoint (a name, an alias or an A1111 title ``name [hash]``) -> its name; an unknown
+        one is an ``UnknownModel`` naming ``field`` and listing the choices."""
+        name = wanted.split(" [", 1)[0].strip()
+        name = self.config.checkpoint_aliases.get(name, name)
+        return self.entry(name, field).name
+
+    def sha256(self, source: str) -> str | None:
+        """The hash of a checkpoint's weights, when they are on this host (not for a hub id or an S3 source)."""
+        path = Path(source).expanduser()
+        try:
+            if path.is_file():
+                return self.hashes.file(path)
+            if path.is_dir():
+                return self.hashes.folder(path)
+        except OSError as e:
+            logger.warning("%s not hashed: %s", source, e)
+        return None
+
+    def title(self, name: str) -> str:
+        """A1111's title of a checkpoint, ``name [short hash]`` (the name alone when it cannot be hashed here)."""
+        sha = self.sha256(self.entry(name).checkpoint.source)
+        return f"{name} [{sha[:10]}]" if sha else name
+
+    def _scan(self, force: bool) -> None:
+        folder = self.folder
+        if folder is None:
+            return
+        try:
+            stamp = folder.stat().st_mtime_ns
+        except OSError:
+            stamp = None
+        with self._lock:
+            if stamp == self._stamp and not force:
+                return
+            self._scanned = self._read(folder) if stamp is not None else {}
+            self._stamp = stamp
+        logger.info("checkpoint folder %s: %s", folder, ", ".join(self._scanned) or "no checkpoints")
+
+    def _read(self, folder: Path) -> dict[str, Entry]:
+        found: dict[str, Entry] = {}
+        for path in sorted(folder.iterdir()):
+            if path.is_file() and path.suffix.lower() == ".safetensors":
+                name, config = path.stem, self.config.checkpoint_config
+            elif path.is_dir() and (path / "model_index.json").is_file():
+                name, config = path.name, None
+            else:
+                continue  # pickles, partial downloads and anything else are not checkpoints
+            if not _NAME.match(name):
+                logger.warning("checkpoint %s skipped: its name is not a valid checkpoint name", path.name)
+                continue
+            found[name] = Entry(Checkpoint(name=name, source=str(path), config=config), "folder")
+        return found
