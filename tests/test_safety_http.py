@@ -3,7 +3,8 @@ result cache on (the Ingress and JobRunner restart; the checker itself stays), r
 
 The tiny checker flags exactly one generation (``deployments.factory.safety.FLAGGED``: the tiny base's image for
 that request), so every API family shows both outcomes: that request comes back replaced (black) and flagged,
-the next seed comes back untouched (the pixels the base makes for it) and unflagged.
+the next seed comes back untouched (the pixels the base makes for it) and unflagged. With the filter on, A1111's
+images are marked (watermark, content credentials) once, by the checker; cache keys follow the checkpoint.
 """
 
 from __future__ import annotations
@@ -30,8 +31,22 @@ SEED003 = {"prompt": FLAGGED["prompt"], "width": 64, "height": 64, "steps": FLAG
 A1111 = {"prompt": FLAGGED["prompt"], "width": 64, "height": 64, "steps": FLAGGED["steps"], "cfg_scale": 7.0}
 
 
+A1111_MARKED = {"prompt": "a lighthouse at dusk", "width": 256, "height": 256, "steps": 2, "cfg_scale": 7.0,
+                "seed": 31}  # large enough for the watermark (256 a side)
+
+
 @pytest.fixture(scope="module")
-def screened(service):
+def marked_by_provenance(service) -> bytes:
+    """An A1111 image as the Provenance deployment encodes and marks it: asked before ``screened`` turns the filter
+    on (which depends on this fixture, so it always comes first)."""
+    answer = service.post("/sdapi/v1/txt2img", json=A1111_MARKED)
+    assert answer.status_code == 200, answer.text
+    assert json.loads(answer.json()["info"])["nsfw"] is None  # the filter is off
+    return base64.b64decode(answer.json()["images"][0])
+
+
+@pytest.fixture(scope="module")
+def screened(service, marked_by_provenance):
     from tests import cluster
 
     checker = cluster.app_args()["safety_checker"]
@@ -126,6 +141,28 @@ def test_a1111_reports_nsfw_per_image_in_info(screened, benign_pixels):
     assert any("image 1 of 2 flagged" in w for w in info["warnings"])
 
 
+def test_a1111_images_are_screened_then_marked_once(screened, marked_by_provenance):
+    """With the filter on the checker encodes A1111's images, and so marks them, in place of the Provenance
+    deployment: the same pixels as that deployment gives them with the filter off (a second watermark would move
+    pixels, a missing one too), and one signed creation."""
+    body = screened.post("/sdapi/v1/txt2img", json=A1111_MARKED).json()
+    info = json.loads(body["info"])
+    assert info["nsfw"] == [False]
+    data = base64.b64decode(body["images"][0])
+    image = Image.open(io.BytesIO(data))
+    assert image.info["parameters"] == info["infotexts"][0]
+    assert np.array_equal(pixels(image.convert("RGB")),
+                          pixels(Image.open(io.BytesIO(marked_by_provenance)).convert("RGB")))
+    answer = screened.post("/provenance/verify", json={"image": base64.b64encode(data).decode()})
+    assert answer.status_code == 200, answer.text
+    report = answer.json()
+    assert report["watermark"]["found"] and report["watermark"]["bit_accuracy"] == 1.0
+    credentials = report["credentials"]
+    assert credentials["validation_state"] == "trusted" and credentials["ingredients"] == []
+    assert [a["action"] for a in credentials["actions"]] == ["c2pa.created"]
+    assert credentials["checkpoint"] == info["sd_model_name"]
+
+
 def test_an_unflagged_illustration_is_uploaded(screened, s3_server, astronaut):
     client = s3_client(s3_server)
     if BUCKET not in [b["Name"] for b in client.list_buckets()["Buckets"]]:
@@ -184,6 +221,21 @@ def test_queued_and_a1111_requests_are_cached_too(screened):
     assert two["images"] == one["images"] and json.loads(two["info"])["cached"]
     assert not json.loads(one["info"])["cached"]
     assert base_batches() == batches + 2  # the first /generate and the first A1111 batch; the rest were hits
+
+
+def test_the_cache_keys_on_the_checkpoint_the_request_resolves_to(screened):
+    """Another checkpoint misses; an alias of one, or the default named explicitly, is the same request."""
+    request = {**SEED000, "seed": 505}
+    default = screened.post("/generate", json=request).json()
+    aliases = {"tiny-sdxl-base": "photorealistic", "tiny-sdxl-base-b": "anime"}  # configs/cpu.yaml
+    other = next(name for name in aliases if name != default["checkpoint"])
+    switched = screened.post("/generate", json={**request, "model": other}).json()
+    by_alias = screened.post("/generate", json={**request, "model": aliases[other]}).json()
+    named = screened.post("/generate", json={**request, "model": default["checkpoint"]}).json()
+    assert not default["cached"] and not switched["cached"] and switched["checkpoint"] == other
+    assert switched["imageData"] != default["imageData"]
+    assert by_alias["cached"] and by_alias["imageData"] == switched["imageData"]
+    assert named["cached"] and named["imageData"] == default["imageData"]
 
 
 def test_readme_content_safety_example(screened):
