@@ -121,8 +121,9 @@ def two_nodes(tiny, redis_url, tmp_path_factory):
     # its Ray settings as they are, this session's Redis, and results in one folder (both nodes are this machine).
     # RAY_SERVE_WORKER_PROXY_HTTP_PORT moves worker nodes' proxies off the head's port (one machine here too).
     assert "JOB_STORE_URL" in config.exports
+    # TINY_MODELS too: the app's arguments name it, and build_app expands them in this process.
     node_env = {**{k: v for k, v in config.exports.items() if k.startswith("RAY_")}, "JOB_STORE_URL": redis_url,
-                "RAY_SERVE_WORKER_PROXY_HTTP_PORT": str(worker_port)}
+                "RAY_SERVE_WORKER_PROXY_HTTP_PORT": str(worker_port), "TINY_MODELS": str(tiny)}
     saved = {name: os.environ.get(name) for name in node_env}
     env = {**ENV, "TINY_MODELS": str(tiny), "JOBS_DATA_DIR": str(tmp_path_factory.mktemp("jobs-data"))}
     started, nodes = time.monotonic(), None
