@@ -8,6 +8,7 @@ back unchanged and flagged. No restorer loaded: skipped and flagged, never an er
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from typing import Any
@@ -36,8 +37,10 @@ class FaceEnhancer:
         self.device, dtype = devices.resolve(config.device)
         self.descriptor = None
         self.dtype = torch.float32
+        self.weights = loader.WeightFiles()
         if config.model:
             self.descriptor = loader.load_spandrel(config.model, settings).to(self.device).eval()
+            self.weights.add("face_restorer", loader.resolve(config.model, settings))
             # float16 overflows in the face models' normalisations; bfloat16 has float32's range.
             self.dtype = devices.supported_dtype(self.descriptor, dtype)
             if self.dtype == torch.float16:
@@ -51,6 +54,7 @@ class FaceEnhancer:
             self.detector = face_lib.RetinaFaceDetector(
                 config.retinaface, self.device, config.min_detection_confidence, config.max_faces
             )
+            self.weights.add("retinaface", loader.resolve(config.retinaface, settings))
         else:
             self.detector = face_lib.MediaPipeDetector(config.min_detection_confidence)
         self._lock = threading.Lock()
@@ -120,6 +124,13 @@ class FaceRestorer:
     async def describe(self) -> dict:
         return {"restorer": self.model.name, "detector": type(self.model.detector).__name__,
                 "dtype": str(self.model.dtype).removeprefix("torch."), **devices.memory(self.model.device)}
+
+    async def fingerprint(self) -> dict[str, str]:
+        """Hashes of the loaded weights (the result cache's key), off the inference thread; the detector counts too
+        (it decides which faces are restored)."""
+        detector = type(self.model.detector).__name__
+        return {**await asyncio.to_thread(self.model.weights.digests),
+                "faces_runtime": f"{self.model.device.type}/{self.model.dtype}/{detector}"}
 
     async def check_health(self) -> None:
         # A restorer that was configured must still be there; detection must answer on a blank frame.

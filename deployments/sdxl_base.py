@@ -29,7 +29,7 @@ from deployments.support import fastpath
 from deployments.support.batching import Batcher, outcome
 from deployments.support.checkpoints import Catalog
 from deployments.support.config import Batching, SDXLBaseConfig
-from deployments.support.errors import GenerationCancelled, InvalidInput, ServiceError
+from deployments.support.errors import GenerationCancelled, InvalidInput, ModelLoadError, ServiceError
 from deployments.support.generation import (
     LATENT_UPSCALE_MODES,
     BatchItem,
@@ -52,6 +52,7 @@ from deployments.support.pipelines import LoraFiles, Pipelines, Resident
 from deployments.support.reporting import Reporter
 from deployments.support.samplers import build_scheduler
 from deployments.support.settings import Settings, current
+from deployments.weights import loader
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class BaseGenerator:
         self._lock = threading.Lock()  # the pipelines are stateful (scheduler, adapters): one call at a time
         self._loading = threading.RLock()  # one checkpoint lookup or load at a time
         self.oom = devices.OomGuard(self.device, "SDXL base")
+        self._resolved: dict[str, Path] = {}  # sources the result cache's key hashed, as local paths
         if preload:
             self.checkpoint()
         logger.info("SDXL base ready on %s (%s): %s selectable, %s held, %d LoRAs", self.device, self.dtype,
@@ -304,6 +306,35 @@ class BaseGenerator:
     def healthy(self) -> bool:
         return self.oom.healthy()
 
+    def fingerprint(self, checkpoint: str | None = None) -> dict[str, str]:
+        """What decides the pixels of a request on ``checkpoint`` (the result cache's key): that checkpoint's SHA-256
+        as the catalogue computes it (A1111's hash, kept per file version in MODEL_CACHE_DIR, so never hashed
+        twice), the VAE's, IP-Adapter's and LoRAs', precision and defaults. It depends on the checkpoint named, never
+        on which checkpoints this replica holds: every replica gives the same answer."""
+        entry = self.catalog.entry(checkpoint or self.catalog.default)
+        out = {"checkpoint": f"{entry.name}:{self._sha256(entry.checkpoint.source)}",
+               "base_runtime": f"{self.device.type}/{self.dtype}",
+               "base_defaults": f"{self.config.default_sampler}/{self.config.fast.fp8}"}
+        if entry.checkpoint.config:  # where a single file's component configs come from
+            out["checkpoint_config"] = entry.checkpoint.config
+        if self.config.vae:
+            out["vae"] = self._sha256(self.config.vae.source)
+        if self.config.ip_adapter:
+            out["ip_adapter"] = self._sha256(self.config.ip_adapter)
+        for name, path in self.loras.items():
+            out[f"lora:{name}"] = self._sha256(str(path))
+        return out
+
+    def _sha256(self, source: str) -> str:
+        """A source's weights hashed by the catalogue (a hub id or S3 URI resolved to its local copy first)."""
+        path = self._resolved.get(source)
+        if path is None:
+            path = self._resolved[source] = loader.resolve(source, self.settings)
+        digest = self.catalog.sha256(str(path))
+        if digest is None:
+            raise ModelLoadError(f"{source}: its weights cannot be hashed", field="checkpoint")
+        return digest
+
 
 def img2img_steps(steps: int, strength: float) -> tuple[int, int]:
     """The steps to ask diffusers for at this strength, and how many it runs: A1111 runs at least one step at
@@ -441,6 +472,11 @@ class SDXLBase:
     async def describe(self) -> dict:
         return {**self.model.describe(), "replica": self.replica,
                 "batching": {**self.batcher.config.model_dump(), **self.batcher.counts}}
+
+    async def fingerprint(self, checkpoint: str | None = None) -> dict[str, str]:
+        """The result cache's key for a request on ``checkpoint`` (see ``BaseGenerator.fingerprint``): off the
+        inference thread, and the same whichever replica answers, so the call needs no multiplexed routing."""
+        return await asyncio.to_thread(self.model.fingerprint, checkpoint)
 
     async def check_health(self) -> None:
         if not self.model.healthy():

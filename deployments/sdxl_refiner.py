@@ -54,6 +54,10 @@ class Refiner:
         self.device, self.dtype = devices.resolve(config.device)
         self.pipe = loader.load_sdxl(config.model, refiner=True, dtype=self.dtype, settings=settings,
                                      vae=config.vae).to(self.device)
+        self.weights = loader.WeightFiles()
+        self.weights.add("refiner", loader.resolve(config.model.source, settings))
+        if config.vae:
+            self.weights.add("refiner_vae", loader.resolve(config.vae.source, settings))
         self.fast = fastpath.apply(self.pipe, config.device, config.fast, self.device, self.compile_cache)
         self.scheduler_config = dict(self.pipe.scheduler.config)
         self.cancellation = Cancellation()
@@ -177,6 +181,9 @@ class Refiner:
         return {"name": self.config.name, "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                 "fast_path": self.fast, **devices.memory(self.device), "running": self.cancellation.running()}
 
+    def fingerprint(self) -> dict[str, str]:
+        return {**self.weights.digests(), "refiner_runtime": f"{self.device.type}/{self.dtype}/{self.config.fast.fp8}"}
+
 
 def batch_key(request: RefineRequest, source: StageResult | Image.Image, *, ensemble: bool) -> tuple:
     """What refiner requests must share to run in one pipeline call."""
@@ -248,6 +255,10 @@ class SDXLRefiner:
 
     async def describe(self) -> dict:
         return {**self.model.describe(), "batching": self.batchers[True].config.model_dump()}
+
+    async def fingerprint(self) -> dict[str, str]:
+        """Hashes of the loaded weights (the result cache's key), off the inference thread."""
+        return await asyncio.to_thread(self.model.fingerprint)
 
     async def check_health(self) -> None:
         if not self.model.oom.healthy():

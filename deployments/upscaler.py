@@ -8,6 +8,7 @@ exact size. Large images run in overlapping tiles so memory stays bounded.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import threading
@@ -62,8 +63,10 @@ class ImageUpscaler:
         self.config = config
         self.device, self.dtype = devices.resolve(config.device)
         self.models = {}
+        self.weights = loader.WeightFiles()
         for entry in config.models:
             descriptor = loader.load_spandrel(entry.path, settings)
+            self.weights.add(f"upscaler:{entry.name}", loader.resolve(entry.path, settings))
             dtype = devices.supported_dtype(descriptor, self.dtype)
             descriptor.to(self.device).eval()
             if dtype != torch.float32:
@@ -185,6 +188,12 @@ class Upscaler:
 
     async def describe(self) -> dict:
         return {name: {"scale": d.scale, "architecture": d.architecture.id} for name, d in self.model.models.items()}
+
+    async def fingerprint(self) -> dict[str, str]:
+        """Hashes of the loaded weights (the result cache's key), off the inference thread."""
+        model = self.model
+        runtime = f"{model.device.type}/{model.dtype}/{model.config.tile}/{model.config.tile_overlap}"
+        return {**await asyncio.to_thread(self.model.weights.digests), "upscaler_runtime": runtime}
 
     async def memory(self) -> dict:
         """GPU memory as A1111's ``/memory`` reports it: the ingress asks a model replica, having no torch."""

@@ -1,4 +1,4 @@
-"""The application graph: a FastAPI ingress bound to the five model deployments (and Provenance, which marks and
+"""The application graph: a FastAPI ingress bound to the six model deployments (and Provenance, which marks and
 reads provenance where the ingress and job runner cannot).
 
 ``build_app(args)`` is the ``import_path`` target of ``serve_config.yaml``; its ``args`` validate into
@@ -19,6 +19,7 @@ from deployments.support.checkpoints import Catalog
 from deployments.support.config import (
     FaceRestorerConfig,
     FocalCropperConfig,
+    SafetyCheckerConfig,
     SDXLBaseConfig,
     SDXLRefinerConfig,
     UpscalerConfig,
@@ -29,6 +30,7 @@ from graphs.api import a1111, a1111_info, generate, illustration, jobs, processi
 from graphs.api.edge import create_app
 from graphs.api.photos import PhotoStore, StorageConfig
 from graphs.board import ProgressBoard
+from graphs.jobs.cache import RequestCache, open_cache
 from graphs.jobs.results import open_results
 from graphs.jobs.runner import JobRunner
 from graphs.jobs.sizes import SizeTable
@@ -53,6 +55,10 @@ class AppArgs(BaseModel):
     upscaler: UpscalerConfig = UpscalerConfig()
     face_restorer: FaceRestorerConfig = FaceRestorerConfig()
     focal_cropper: FocalCropperConfig = FocalCropperConfig()
+    safety_checker: SafetyCheckerConfig | None = Field(
+        None, description="the NSFW filter's model, deployed whenever given; it screens while enabled")
+    result_cache: bool | None = Field(None, description="answer repeated fixed-seed requests from the result store; "
+                                      "None: the RESULT_CACHE setting")
     hires_upscaler: str = Field("R-ESRGAN 2x+", description="upscaler name used by hires fix when neural is asked")
     deployment_options: dict[str, dict] = Field(
         {}, description="per-deployment .options() for programmatic use; serve_config.yaml's deployments: "
@@ -83,18 +89,22 @@ class Ingress(
     jobs.JobRoutes,
     provenance.ProvenanceRoutes,
 ):
-    def __init__(self, base, refiner, upscaler, faces, cropper, runner, board, args: dict, marks=None) -> None:
+    def __init__(self, base, refiner, upscaler, faces, cropper, runner, board, args: dict, safety=None,
+                 marks=None) -> None:
         config = AppArgs.model_validate(args)
         self.config = config
-        self.handles = plans.Handles(base, refiner, upscaler, faces, board)
+        self.settings = current()  # read once, in the serving process
+        enabled = config.safety_checker.enabled if config.safety_checker else None
+        self.handles = plans.Handles(base, refiner, upscaler, faces, board,
+                                     plans.safety_stage(safety, enabled, self.settings))
         self.cropper = cropper
         self.provenance = marks  # marks and encodes A1111's images, reads uploads' marks
         self.hires_upscaler = config.hires_upscaler
-        self.settings = current()  # read once, in the serving process
         self.photos = PhotoStore(StorageConfig.from_settings(self.settings))
         self.runner = runner  # deployed with the app; it reads the same job store
         self.jobs = open_store(self.settings)
         self.results = open_results(self.settings)
+        self.cache = RequestCache(open_cache(self.settings, config.result_cache), self.handles, self.settings)
         self.sizes = SizeTable.load(self.settings.batch_sizes_file)
         self.catalog = Catalog(config.base, self.settings)  # the base replicas' checkpoints, resolved here
 
@@ -106,6 +116,7 @@ def build_app(args: dict) -> Application:
     from deployments.face_restorer import FaceRestorer
     from deployments.focal_cropper import FocalCropper
     from deployments.provenance import Provenance
+    from deployments.safety_checker import SafetyChecker
     from deployments.sdxl_base import SDXLBase
     from deployments.sdxl_refiner import SDXLRefiner
     from deployments.upscaler import Upscaler
@@ -121,7 +132,12 @@ def build_app(args: dict) -> Application:
     upscaler = deployment(Upscaler).bind(config.upscaler.model_dump())
     faces = deployment(FaceRestorer).bind(config.face_restorer.model_dump())
     cropper = deployment(FocalCropper).bind(config.focal_cropper.model_dump())
+    checker = config.safety_checker
+    # Whether it screens is the ingress's and runner's business: turning it on or off never reloads the checker.
+    safety = deployment(SafetyChecker).bind(checker.model_dump(exclude={"enabled"})) if checker else None
     marks = deployment(Provenance).bind()
-    runner = deployment(JobRunner).bind(base, refiner, upscaler, faces, cropper, board, config.hires_upscaler, marks)
+    runner = deployment(JobRunner).bind(base, refiner, upscaler, faces, cropper, board, config.hires_upscaler,
+                                        safety=safety, safety_enabled=checker.enabled if checker else None,
+                                        result_cache=config.result_cache, marks=marks)
     return deployment(Ingress).bind(base, refiner, upscaler, faces, cropper, runner, board, config.model_dump(),
-                                    marks)
+                                    safety=safety, marks=marks)

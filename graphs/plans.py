@@ -8,6 +8,10 @@ batch sizes:  one base per aspect class, all in flight at once -> focal crops pe
 seed 001:     the user's photo through IP-Adapter, seed 001's defaults
 seed 003:     one base call (txt2img, img2img, inpaint, style transfer through IP-Adapter)
 
+With the NSFW filter on, every plan ends in the safety checker (after faces, before the overlay and encoding):
+it replaces flagged images, reports ``nsfw`` per image and, as the last stage, encodes (and so marks: watermark
+and content credentials, ``StageResult.encode``). It is awaited with ``settled`` like every chained stage.
+
 Every base call goes to a replica that holds the request's checkpoint (``base_for``: Serve model multiplexing); the
 ingress has resolved the checkpoint's name (and the default) before a plan starts, so a plan never waits on a
 name that does not exist and a default changed meanwhile never moves a request in flight.
@@ -28,7 +32,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from PIL import Image
@@ -182,12 +186,35 @@ class Handles:
     upscaler: DeploymentHandle
     faces: DeploymentHandle
     board: DeploymentHandle | None = None  # the progress board (graphs/board.py)
+    safety: DeploymentHandle | None = None  # the safety checker, only while the NSFW filter is on
 
     def __post_init__(self) -> None:
         """Stage handles record their calls in the current flight; the board's are not stage calls."""
         self.base, self.upscaler, self.faces = (_Recorded(h) for h in (self.base, self.upscaler, self.faces))
         if self.refiner is not None:
             self.refiner = _Recorded(self.refiner)
+        if self.safety is not None:
+            self.safety = _Recorded(self.safety)
+
+    def last(self, encode: Encoding | None) -> Encoding | None:
+        """What the last model stage of a plan encodes: nothing when the safety checker comes after it."""
+        return None if self.safety is not None else encode
+
+    def screen(self, last, encode: Encoding | None = None):
+        """The safety checker after the plan's last stage (it encodes, when asked), or that stage itself."""
+        if self.safety is None:
+            return last
+        return self.safety.check.remote(last, encode)
+
+
+def safety_stage(checker: DeploymentHandle | None, enabled: bool | None, settings: Settings):
+    """The checker's handle when the filter is on (``enabled``, else ENABLE_NSFW_FILTER), else None. A filter that is
+    on without a checker deployed refuses to start: it would otherwise return every image unchecked."""
+    on = settings.enable_nsfw_filter if enabled is None else enabled
+    if on and checker is None:
+        raise ValueError("the NSFW filter is on (ENABLE_NSFW_FILTER or safety_checker.enabled) but no "
+                         "safety_checker model is configured")
+    return checker if on else None
 
 
 @dataclass
@@ -199,6 +226,10 @@ class PlanOptions:
     face_weight: float = 0.6
     request_id: str | None = None  # lets a job's progress be read and its generation cancelled
     encode: Encoding = field(default_factory=Encoding)  # the last stage answers with files, not pixels
+
+    def last(self, h: Handles) -> Encoding | None:
+        """What the chain's last generation stage encodes: nothing when faces or the safety checker follow."""
+        return None if self.restore_faces else h.last(self.encode)
 
 
 @dataclass
@@ -212,7 +243,18 @@ class Report:
     face_restoration_applied: bool = False
     faces_found: int = 0
     warnings: list[str] = field(default_factory=list)
+    nsfw: bool | None = None  # None: the safety checker is off
     checkpoint: str | None = None  # the base checkpoint that made it
+
+    def facts(self) -> dict:
+        """Everything but the file: what a cached answer keeps beside it."""
+        return {k: v for k, v in asdict(self).items() if k != "data"}
+
+    @classmethod
+    def from_facts(cls, data: bytes, facts: dict) -> Report:
+        """A cached answer again (facts this version no longer has are left out)."""
+        known = set(cls.__dataclass_fields__)
+        return cls(data=data, **{k: v for k, v in facts.items() if k in known and k != "data"})
 
 
 def base_for(h: Handles, request: GenerationRequest) -> Any:
@@ -230,7 +272,7 @@ async def standard(h: Handles, request: GenerationRequest, opts: PlanOptions) ->
     seed = resolve_seeds(request.seed, 1)[0]  # fixed here so that every stage can be launched at once
     request = request.model_copy(update={"seed": seed, "batch_size": 1})
     warnings: list[str] = []
-    encode = None if opts.restore_faces else opts.encode  # the faces stage encodes when it comes last
+    encode = opts.last(h)  # faces or the safety checker encode when they come last
     if opts.use_refiner and h.refiner is not None:
         base = base_for(h, request).generate.remote(request.model_copy(update={"denoising_end": ENSEMBLE_SPLIT}),
                                                  opts.request_id)
@@ -246,7 +288,7 @@ async def standard(h: Handles, request: GenerationRequest, opts: PlanOptions) ->
 async def hires_fix(h: Handles, request: GenerationRequest, opts: PlanOptions) -> Report:
     seed = resolve_seeds(request.seed, 1)[0]
     first = request.model_copy(update={"width": HIRES_BASE, "height": HIRES_BASE, "batch_size": 1, "seed": seed})
-    encode = None if opts.restore_faces else opts.encode
+    encode = opts.last(h)
     base = base_for(h, first).generate.remote(first, opts.request_id)
     last = h.upscaler.upscale.remote(base, opts.neural_upscaler or "Lanczos", 2.0,
                                      encode=encode if h.refiner is None else None)
@@ -262,19 +304,22 @@ async def hires_fix(h: Handles, request: GenerationRequest, opts: PlanOptions) -
 
 
 async def _finish(h: Handles, last, seed: int, opts: PlanOptions, warnings: list[str]) -> Report:
-    """Optional face restoration on the chain's last stage, then the one await of the plan: only the final
-    result comes back, carrying every stage's warnings and facts. A face-restoration failure returns the image
-    unprocessed (seed 000)."""
+    """Optional face restoration on the chain's last stage, the safety checker when it is on, then the one await
+    of the plan: only the final result comes back, carrying every stage's warnings and facts. A face-restoration
+    failure returns the image unprocessed (seed 000), screened all the same."""
     if opts.restore_faces:
         try:
-            return _report(await settled(h.faces.restore.remote(last, opts.face_weight, encode=opts.encode)), seed,
-                           warnings)
+            restored = h.faces.restore.remote(last, opts.face_weight, encode=h.last(opts.encode))
+            return _report(await settled(h.screen(restored, opts.encode)), seed, warnings)
         except Exception as e:  # noqa: BLE001 - seed 000: a post-processing failure returns the image unprocessed
-            result = await encoded(await settled(last), opts.encode)  # an upstream failure re-raises here
+            if h.safety is not None:
+                result = await settled(h.screen(last, opts.encode))  # an upstream failure re-raises here
+            else:
+                result = await encoded(await settled(last), opts.encode)
             code = getattr(unwrap(e), "code", type(unwrap(e)).__name__)
             logger.warning("face restoration failed (%s); unprocessed image returned", code)
             return _report(result, seed, [*warnings, f"face restoration failed ({code}): unprocessed image"])
-    return _report(await settled(last), seed, warnings)
+    return _report(await settled(h.screen(last, opts.encode)), seed, warnings)
 
 
 def _report(result: StageResult, seed: int, warnings: list[str]) -> Report:
@@ -283,10 +328,20 @@ def _report(result: StageResult, seed: int, warnings: list[str]) -> Report:
                   upscaler=info.get("upscaler"),
                   face_restoration_applied=info.get("face_restoration_applied", False),
                   faces_found=info.get("faces_found", 0), warnings=[*result.warnings, *warnings],
-                  checkpoint=info.get("model"))
+                  nsfw=info["nsfw"][0] if "nsfw" in info else None, checkpoint=info.get("model"))
 
 
 # --- seed 000: /generate and /generate/async ---------------------------------------------------------------------
+
+SEED000_FIELDS = ("prompt", "negative_prompt", "seed", "width", "height", "num_inference_steps", "guidance_scale",
+                  "use_refiner", "hires_fix", "use_realesrgan", "use_face_restoration", "face_restoration_weight",
+                  "overlay", "model")
+
+
+def seed000_fields(fields: dict, hires_upscaler: str) -> dict:
+    """What decides seed 000's image (the result cache's request): the fields ``seed000`` reads, sync or queued."""
+    return {**{name: fields.get(name) for name in SEED000_FIELDS}, "hires_upscaler": hires_upscaler}
+
 
 async def seed000(h: Handles, fields: dict, hires_upscaler: str, request_id: str | None) -> Report:
     """Seed 000's fields (the sync body, or the queued one) -> the standard or hires-fix plan."""
@@ -315,7 +370,8 @@ async def seed001(h: Handles, fields: dict, prompt: str, photo: Image.Image, set
         steps=fields.get("num_inference_steps") or settings.default_num_inference_steps,
         ip_adapter_image=photo, ip_adapter_scale=given("ip_adapter_scale", settings.default_ip_adapter_scale),
         width=settings.illustration_size, height=settings.illustration_size, checkpoint=checkpoint)
-    return await call(base_for(h, request).generate.remote(request, request_id, Encoding()))
+    base = base_for(h, request).generate.remote(request, request_id, h.last(Encoding()))
+    return await settled(h.screen(base, Encoding()))
 
 
 # --- seed 003: the camelCase jobs --------------------------------------------------------------------------------
@@ -341,6 +397,14 @@ def seed003(kind: str, r: dict) -> GenerationRequest:
                                  ip_adapter_scale=r.get("styleStrength", 0.7),
                                  strength=min(1.0, max(0.05, 1.0 - r.get("contentStrength", 0.3))))
     return GenerationRequest(**common)
+
+
+async def seed003_job(h: Handles, request: GenerationRequest, job_id: str, parent: bytes | None = None) -> StageResult:
+    """One base call on the request's checkpoint (screened when the filter is on), its images as PNG files;
+    ``parent``: the upload an edit started from (the parent ingredient of the files' content credentials)."""
+    how = Encoding(parent=parent)
+    base = base_for(h, request).generate.remote(request, job_id, h.last(how))
+    return await settled(h.screen(base, how))
 
 
 # --- Automatic1111: one batch of txt2img / img2img ---------------------------------------------------------------
@@ -384,6 +448,17 @@ async def a1111_batch(h: Handles, request: GenerationRequest, request_id: str, *
     return result.then(second, warnings=warnings, hires_upscaler=hires.upscaler)
 
 
+async def a1111_screen(h: Handles, images: list[Image.Image], seeds: list[int], texts: list[str], info: dict,
+                       parent: bytes | None = None) -> StageResult | None:
+    """A1111's images, after every batch and face restoration, through the safety checker, which encodes them
+    with their infotexts and so marks them (watermark, content credentials from ``info`` and ``parent``) once;
+    None when the filter is off (the Provenance deployment encodes them then)."""
+    if h.safety is None:
+        return None
+    pixels = StageResult(images=images, seeds=seeds, info=info)  # pixels, not a stage's response: nothing to settle
+    return await call(h.screen(pixels, Encoding(parameters=texts, parent=parent)))
+
+
 # --- seed 002: one subject, every size ---------------------------------------------------------------------------
 
 @dataclass
@@ -393,6 +468,7 @@ class SizedImage:
     image: Image.Image
     box: tuple[int, int, int, int]
     upscaled: bool
+    nsfw: bool | None = None  # its base image was flagged (and replaced) by the safety checker
 
 
 async def batch_sizes(h: Handles, cropper: DeploymentHandle, r: dict, table: SizeTable, upscaler: str,
@@ -413,18 +489,22 @@ async def batch_sizes(h: Handles, cropper: DeploymentHandle, r: dict, table: Siz
                                     height=height, steps=r.get("steps", 30), seed=seed,
                                     guidance_scale=r.get("guidanceScale", 7.0), checkpoint=r.get("model"))
         # One SDXLBase call per aspect class, all in flight at once: replicas render them in parallel.
-        bases[aspect] = base_for(h, request).generate.remote(request,
-                                                             request_id if i == 0 else f"{request_id}/{aspect}")
+        bases[aspect] = h.screen(base_for(h, request).generate.remote(
+            request, request_id if i == 0 else f"{request_id}/{aspect}"))
     crops = {a: cropper.crop.remote(bases[a], groups[a]) for a in groups}  # type: ignore[attr-defined]
     out: list[SizedImage] = []
     for aspect, pending in crops.items():
         _focus, cut = await settled(pending)
         base: StageResult | None = None
+        nsfw = None
+        if h.safety is not None:  # the crops were cut from the screened base: its verdict is theirs
+            base = await call(bases[aspect])
+            nsfw = base.info["nsfw"][0]
         for crop in cut:
             image = crop.image
             if crop.upscaled:  # smaller than its target: a neural upscale of the base region, not a plain resize
                 base = base or await call(bases[aspect])
                 region = base.image.crop(crop.box)
                 image = (await call(h.upscaler.upscale.remote(region, upscaler, None, image.width, image.height))).image
-            out.append(SizedImage(crop.name, aspect, image, crop.box, crop.upscaled))
+            out.append(SizedImage(crop.name, aspect, image, crop.box, crop.upscaled, nsfw))
     return seed, len(groups), out

@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     report: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
     if cuda:
-        build_fixtures(args.models, "cuda", {"sdxl-base", "sdxl-refiner", "releases"})
+        build_fixtures(args.models, "cuda", {"sdxl-base", "sdxl-refiner", "releases", "safety-checker"})
         converted = convert_releases(args.models)
         bench = Bench(args.models, 1024, 30, args.repeat, args.budget)
         bench.out = args.out

@@ -63,7 +63,7 @@ class GpuSampler(threading.Thread):
         for pid, mib in self.peak_mib.items():
             title = self.names.get(pid, "")
             name = next((d for d in ("SDXLBase", "SDXLRefiner", "Upscaler", "FaceRestorer", "FocalCropper",
-                                     "Ingress", "JobRunner") if d in title), title[:40] or str(pid))
+                                     "SafetyChecker", "Ingress", "JobRunner") if d in title), title[:40] or str(pid))
             peaks[name] = max(peaks.get(name, 0.0), mib / 1024)
         return peaks
 
@@ -87,8 +87,15 @@ def app_args(models: Path, fast: dict | None) -> tuple[dict, dict]:
     # MediaPipe does not travel to the GPU machine; RetinaFace on the GPU does the focal crops there.
     args["focal_cropper"] = {**args.get("focal_cropper", {}),
                              "retinaface": str(conv / "detection_Resnet50_Final.safetensors")}
+    # The full-size checker of the fixtures (deployments.factory --full --only safety-checker), when built.
+    if (models / "safety-checker" / "model.safetensors").exists():
+        args["safety_checker"] = {**args["safety_checker"], "model": str(models / "safety-checker")}
+    else:
+        args.pop("safety_checker", None)
     options = {d.pop("name"): d for d in app["deployments"]}
     options["JobRunner"].pop("num_replicas", None)
+    if "safety_checker" not in args:
+        options.pop("SafetyChecker", None)
     return args, options
 
 

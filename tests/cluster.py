@@ -17,15 +17,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def deploy(deployment_options: dict | None = None, **args) -> None:
-    """(Re)deploy the application, with per-deployment option overrides and ``args`` replacing cpu.yaml's."""
+def app_args() -> dict:
+    """configs/cpu.yaml's application arguments."""
+    return yaml.safe_load((ROOT / "configs" / "cpu.yaml").read_text())["applications"][0]["args"]
+
+
+def deploy(deployment_options: dict | None = None, args: dict | None = None) -> None:
+    """(Re)deploy the application, with per-deployment option overrides and argument overrides (top-level keys
+    of cpu.yaml's ``args:`` replaced, e.g. ``{"refiner": None}``; ``app_args()`` gives the ones replaced)."""
     from ray import serve
 
     from graphs.app import build_app
 
-    config = yaml.safe_load((ROOT / "configs" / "cpu.yaml").read_text())["applications"][0]["args"]
-    serve.run(build_app({**config, **args, "deployment_options": deployment_options or {}}), name="imagegen",
-              route_prefix="/")
+    merged = {**app_args(), **(args or {}), "deployment_options": deployment_options or {}}
+    serve.run(build_app(merged), name="imagegen", route_prefix="/")
 
 
 def start(env: dict[str, str], deployment_options: dict | None = None, **ray_options) -> str:

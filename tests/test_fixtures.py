@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from deployments.factory.full import BASE_UNET, REFINER_UNET, build_all
 from deployments.support.config import ModelSource
@@ -120,3 +121,25 @@ def test_a_variant_missing_from_one_component_is_named(both_variants, tmp_path):
     with pytest.raises(ModelLoadError) as err:
         loader.pick_variant(broken, torch.float32)
     assert err.value.field == "source"
+
+
+def test_the_safety_checker_has_the_released_layout(shrunk):
+    """CompVis/stable-diffusion-safety-checker's files and key names; it loads through the loader."""
+    from safetensors import safe_open
+
+    from deployments.factory.full import SAFETY_VISION
+    from deployments.safety_checker import ContentFilter
+    from deployments.support.config import SafetyCheckerConfig
+
+    folder = shrunk / "safety-checker"
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+        assert f.get_tensor("concept_embeds").shape[0] == 17 and f.get_tensor("special_care_embeds").shape[0] == 3
+    assert "vision_model.vision_model.embeddings.patch_embedding.weight" in keys and "visual_projection.weight" in keys
+    vision = json.loads((folder / "config.json").read_text())["vision_config"]
+    assert (vision["image_size"], vision["patch_size"]) == (SAFETY_VISION["image_size"], SAFETY_VISION["patch_size"])
+    preprocessing = json.loads((folder / "preprocessor_config.json").read_text())
+    assert preprocessing["crop_size"] == {"height": 224, "width": 224}
+    checker = ContentFilter(SafetyCheckerConfig(model=str(folder)))
+    assert checker.scores([Image.new("RGB", (300, 200))]).shape == (1, 17)

@@ -121,3 +121,20 @@ def test_retinaface_converts_and_detects(models, tmp_path):
     convert_file(models / "releases" / "detection_Resnet50_Final.pth", out)
     detector = RetinaFaceDetector(str(out), torch.device("cpu"))
     assert isinstance(detector.detect(np.zeros((256, 256, 3), np.uint8)), list)
+
+
+def test_the_safety_checker_has_the_released_size_and_runs(models):
+    """CompVis/stable-diffusion-safety-checker's CLIP ViT-L/14 vision tower (303.2 M parameters) and projection."""
+    from deployments.safety_checker import ContentFilter
+    from deployments.support.config import SafetyCheckerConfig
+
+    if not (models / "safety-checker" / "model.safetensors").exists():
+        pytest.fail(f"no full-size safety checker in {models}: python -m deployments.factory {models} --full "
+                    "--only safety-checker")
+    checker = ContentFilter(SafetyCheckerConfig(model=str(models / "safety-checker")))
+    assert sum(p.numel() for p in checker.model.vision_model.parameters()) == 303_179_776
+    assert sum(p.numel() for p in checker.model.parameters()) == 303_981_588
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (1024, 1024, 3), dtype=np.uint8))
+    assert checker.scores([photo]).shape == (1, 17)
+    del checker
+    _free()

@@ -134,7 +134,7 @@ def two_nodes(tiny, redis_url, tmp_path_factory):
         worker = nodes.add_node(num_cpus=2, resources=config.worker)
         ray.init(address=nodes.address, runtime_env={"env_vars": env}, log_to_driver=False)
         serve.start(proxy_location="EveryNode", http_options={"host": "127.0.0.1", "port": port})
-        cluster.deploy(config.options, refiner=None)
+        cluster.deploy(config.options, {"refiner": None})
         names = {n["NodeID"]: next(r for r in (*config.head, *config.worker) if r in n["Resources"])
                  for n in ray.nodes()}
         yield TwoNodes(nodes, worker, config.worker, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{worker_port}",

@@ -7,6 +7,8 @@
     OUT/sdxl-base-configs/         the component configs and tokenizers a single-file checkpoint needs (no hub)
     OUT/sdxl-refiner/              diffusers folder, ``fp16`` variant files only
     OUT/releases/*.pth             Real-ESRGAN x4/x2, CodeFormer, GFPGAN 1.4, RetinaFace-R50 as released (pickles)
+    OUT/safety-checker/            CompVis/stable-diffusion-safety-checker's layout: CLIP ViT-L/14 vision tower,
+                                   768-wide projection, 17 + 3 concepts; fp32 model.safetensors with its nested keys
 
 The configurations are those of stabilityai/stable-diffusion-xl-base-1.0 and -refiner-1.0: 2.6 B UNet parameters
 for the base, 2.3 B for the refiner, CLIP ViT-L and OpenCLIP bigG text encoders, the 84 M parameter VAE. Weights
@@ -86,7 +88,12 @@ TEXT_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, n
 TEXT_G = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
               hidden_act="gelu", projection_dim=1280)
 
-ARTEFACTS = ("sdxl-base", "sdxl-base-single", "sdxl-refiner", "releases")
+# CompVis/stable-diffusion-safety-checker: CLIP ViT-L/14's vision tower at 224^2 and a 768-wide projection.
+SAFETY_VISION = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24,
+                     image_size=224, patch_size=14, hidden_act="quick_gelu")
+SAFETY_PROJECTION = 768
+
+ARTEFACTS = ("sdxl-base", "sdxl-base-single", "sdxl-refiner", "releases", "safety-checker")
 
 
 def shapes(shrink: bool = False) -> SimpleNamespace:
@@ -193,6 +200,36 @@ def write_configs(folder: Path, dest: Path) -> None:
             shutil.copyfile(path, target)
 
 
+def build_safety_checker(out: Path, device: str, shrink: bool) -> None:
+    """The released checker's files: config.json, fp32 model.safetensors (keys ``vision_model.vision_model.*`` as
+    in the release), preprocessor_config.json (CLIP's 224^2 preprocessing). Concepts are random directions with
+    thresholds near the released ones', so a noise image is rarely flagged."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    small = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
+    vision = {**SAFETY_VISION, **(small if shrink else {})}
+    text = {k: v for k, v in TEXT_L.items() if k != "projection_dim"} | (small if shrink else {})
+    projection = 32 if shrink else SAFETY_PROJECTION
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection)
+    torch.manual_seed(SEED + 70)
+    with torch.device(device):
+        checker = StableDiffusionSafetyChecker(config)
+    checker = checker.to("cpu", torch.float32).eval()
+    generator = torch.Generator().manual_seed(SEED + 71)
+    with torch.no_grad():
+        checker.concept_embeds.copy_(torch.randn(17, projection, generator=generator))
+        checker.special_care_embeds.copy_(torch.randn(3, projection, generator=generator))
+        checker.concept_embeds_weights.fill_(0.2)
+        checker.special_care_embeds_weights.fill_(0.2)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {(f"vision_model.{k}" if k.startswith("vision_model.") else k): v.contiguous()
+             for k, v in checker.state_dict().items()}
+    save_file(state, out / "model.safetensors")
+    checker.config.save_pretrained(out)
+    CLIPImageProcessor().save_pretrained(out)
+
+
 def build_all(out: Path, only: set[str] | None = None, device: str = "cpu", shrink: bool = False) -> None:
     wanted = set(only or ARTEFACTS)
     unknown = wanted - set(ARTEFACTS)
@@ -216,5 +253,7 @@ def build_all(out: Path, only: set[str] | None = None, device: str = "cpu", shri
         from deployments.factory.releases import build_release_files
 
         build_release_files(out / "releases", full=not shrink)
+    if "safety-checker" in wanted:
+        build_safety_checker(out / "safety-checker", device, shrink)
     (out / "README.txt").write_text("Full-size random-weight models written by deployments.factory --full.\n")
     logger.info("full-size models written to %s", out)

@@ -169,3 +169,20 @@ class FocalCropperConfig(_Config):
     retinaface: str | None = Field(None, description="RetinaFace .safetensors: detect on the GPU, not MediaPipe")
     device: DeviceConfig = DeviceConfig()
     max_output_pixels: int = Field(4096 * 4096, ge=64 * 64)
+
+
+class SafetyCheckerConfig(_Config):
+    """The NSFW filter: a CLIP vision tower, its projection and concept embeddings with per-concept thresholds, in
+    the layout of diffusers' ``StableDiffusionSafetyChecker`` (CompVis/stable-diffusion-safety-checker, or a
+    Stable Diffusion pipeline folder's ``safety_checker/`` with its ``feature_extractor/``)."""
+
+    model: str = Field(..., description="folder (config.json, model.safetensors, preprocessor_config.json), repo id "
+                       "in the local cache or s3:// prefix")
+    enabled: bool | None = Field(None, description="screen every generated image; None: the ENABLE_NSFW_FILTER "
+                                 "setting")
+    replacement: Literal["black", "blur"] = Field("black", description="what a flagged image is replaced by")
+    blur_radius: float = Field(0.08, gt=0.0, le=1.0, description="'blur': Gaussian radius, a fraction of the "
+                               "longer side")
+    adjustment: float = Field(0.0, ge=-2.0, le=2.0, description="added to every concept score, as diffusers' "
+                              "adjustment: above 0 a stricter filter (more benign images flagged), below 0 a laxer one")
+    device: DeviceConfig = DeviceConfig()

@@ -93,6 +93,12 @@ class QueueFull(ServiceError):
     code = "QUEUE_FULL"
 
 
+class ContentFlagged(ServiceError):
+    """The safety checker flagged the image, which is therefore neither returned nor stored."""
+
+    code = "CONTENT_FLAGGED"
+
+
 class GpuOutOfMemory(ServiceError):
     """The accelerator ran out of memory; the request may be retried."""
 

@@ -78,6 +78,13 @@ class Settings(BaseSettings):
     c2pa_trust_anchors_file: Path | None = Field(None, description="PEM roots whose credentials /provenance/verify "
                                                  "reports as trusted")
 
+    # --- content safety and the result cache
+    enable_nsfw_filter: bool = Field(False, description="seed 003's name: every generated image passes the safety "
+                                     "checker (app args' safety_checker.enabled wins when set)")
+    result_cache: bool = Field(False, description="answer an identical fixed-seed request from the result store")
+    result_cache_max_bytes: int = Field(1 << 30, ge=1, description="the cache's size bound; the oldest go first")
+    result_cache_max_age_s: float = Field(24 * 3600, gt=0, description="entries older than this are misses")
+
     # --- jobs (seed 003 names; times in milliseconds where seed 003 has them so)
     jobs_data_dir: Path = Field(default_factory=lambda: _cache() / "data")
     job_store_url: str | None = Field(None, description="redis://host:port/db for a store shared by nodes")

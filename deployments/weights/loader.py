@@ -13,11 +13,13 @@ opened, so it is refused before any library touches it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
 import struct
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -271,3 +273,116 @@ def load_spandrel(source: str, settings: Settings | None = None):
     if not isinstance(descriptor, spandrel.ImageModelDescriptor):
         raise ModelLoadError(f"{path.name}: not an image-to-image model")
     return descriptor
+
+
+def load_safety_checker(source: str, dtype: torch.dtype, settings: Settings | None = None):
+    """Load a CLIP safety checker in diffusers' ``StableDiffusionSafetyChecker`` layout and its image processor.
+
+    ``source`` is the checker's own folder (config.json, model.safetensors, preprocessor_config.json, as
+    CompVis/stable-diffusion-safety-checker ships it) or a Stable Diffusion pipeline folder, whose
+    ``safety_checker/`` takes its preprocessing from ``feature_extractor/``. Returns (model, processor, folder).
+    """
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPImageProcessor
+
+    path = resolve(source, settings)
+    folder = path / "safety_checker" if (path / "safety_checker").is_dir() else path
+    if not folder.is_dir():
+        raise ModelLoadError(f"{source}: a safety checker is a folder (config.json and model.safetensors)",
+                             field="safety_checker.model")
+    _check_folder(folder)
+    variants = file_variants(folder)
+    if not variants:
+        raise UnsafeWeights(f"{folder}: no .safetensors weights (pickled checkpoints are refused)")
+    variant = "fp16" if "fp16" in variants and (dtype == _half() or None not in variants) else None
+    weights = folder / ("model.fp16.safetensors" if variant else "model.safetensors")
+    if weights.exists():
+        check_safetensors(weights)
+    processor_dir = next((d for d in (folder, folder.parent / "feature_extractor")
+                          if (d / "preprocessor_config.json").exists()), None)
+    if processor_dir is None:
+        raise ModelLoadError(f"{folder}: no preprocessor_config.json beside it or in ../feature_extractor",
+                             field="safety_checker.model")
+    try:
+        model, info = StableDiffusionSafetyChecker.from_pretrained(
+            folder, variant=variant, use_safetensors=True, local_files_only=True, dtype=dtype,
+            output_loading_info=True)
+        processor = CLIPImageProcessor.from_pretrained(processor_dir, local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ModelLoadError(f"cannot load the safety checker from {source}: {e}", field="safety_checker.model") from e
+    # A missing concept table would be left at its initial ones: a filter that silently decides nothing.
+    if info.get("missing_keys"):
+        missing = sorted(info["missing_keys"])[:4]
+        raise ModelLoadError(f"{weights.name}: missing {missing}", field="safety_checker.model")
+    logger.info("safety checker: %s files from %s", variant or "full-precision", folder)
+    return model, processor, folder
+
+
+def _half():
+    import torch
+
+    return torch.float16
+
+
+# --- content hashes of what a replica loaded (the result cache's key) --------------------------------------------
+
+_HASHED: dict[tuple[str, int, int], str] = {}
+_HASH_LOCK = threading.Lock()
+_HASHED_SUFFIXES = {".safetensors", ".json", ".txt", ".model"}
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, remembered per path, size and modification time for the life of the process."""
+    stat = path.stat()
+    memo = (str(path), stat.st_size, stat.st_mtime_ns)
+    with _HASH_LOCK:
+        if memo in _HASHED:
+            return _HASHED[memo]
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK * 8):
+            digest.update(chunk)
+    with _HASH_LOCK:
+        _HASHED[memo] = digest.hexdigest()
+    return _HASHED[memo]
+
+
+class WeightFiles:
+    """The weight files a replica loaded, each noted (size, modification time) when it was loaded and hashed on
+    first use. A result cache keyed on these hashes names what the replica really runs: a file replaced on disk
+    since it was loaded is never hashed as if it were the loaded one (its entry says so instead)."""
+
+    def __init__(self) -> None:
+        self._files: dict[str, list[tuple[str, Path, int, int]]] = {}
+        self._digests: dict[str, str] | None = None
+
+    def add(self, role: str, path: Path) -> None:
+        """A weight file, or a folder (its weights, configs and tokenizer files), under a name such as
+        ``checkpoint`` or ``lora:style``."""
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _HASHED_SUFFIXES) \
+            if path.is_dir() else [path]
+        root = path if path.is_dir() else path.parent
+        noted = []
+        for file in files:
+            stat = file.stat()
+            noted.append((str(file.relative_to(root)), file, stat.st_size, stat.st_mtime_ns))
+        self._files[role] = noted
+        self._digests = None
+
+    def digests(self) -> dict[str, str]:
+        """One SHA-256 per role (over its files' names and contents); hashing runs once, off the event loop."""
+        if self._digests is None:
+            out = {}
+            for role, files in self._files.items():
+                digest = hashlib.sha256()
+                for name, path, size, mtime in files:
+                    try:
+                        stat = path.stat()
+                        same = (stat.st_size, stat.st_mtime_ns) == (size, mtime)
+                    except OSError:
+                        same = False
+                    content = file_sha256(path) if same else f"replaced since loaded ({size} bytes, {mtime})"
+                    digest.update(f"{name}\0{content}\0".encode())
+                out[role] = digest.hexdigest()
+            self._digests = out
+        return dict(self._digests)

@@ -2,12 +2,17 @@
 
 Images are plain base64 PNGs carrying A1111's ``parameters`` text chunk; ``info`` is a JSON string holding
 ``all_seeds`` and ``warnings`` (what /generate reports: an unknown LoRA ignored, a fallback upscaler, no face
-found). ``/interrupt`` and ``/skip`` cancel only the calling client's in-flight requests (the client is its
-bearer token, else its address), never another client's.
+found) and, with the NSFW filter on, ``nsfw`` (one flag per image; a flagged image is replaced). A fixed-seed
+txt2img is answered from the result cache when it is on (``cached`` in ``info``). ``/interrupt`` and ``/skip``
+cancel only the calling client's in-flight requests (the client is its bearer token, else its address), never
+another client's.
 
 The checkpoint is ``override_settings.sd_model_checkpoint`` or the default (``POST /sdapi/v1/options``); with
 ``override_settings_restore_afterwards: false`` the override becomes the default, as in A1111. Hires fix with a
 ``Latent*`` upscaler resizes the latents and denoises them again; with a named upscaler it upscales pixels.
+
+Images are marked (invisible watermark, content credentials) where they are encoded, once: by the safety checker
+while the filter is on (it screens the finished images, then encodes them), else by the Provenance deployment.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from graphs.api.checkpoints import CheckpointChoice
 from graphs.api.edge import token_owner
 from graphs.api.errors import call
 from graphs.api.fields import b64_png, image_bytes, image_field
+from graphs.jobs.cache import RequestCache
 from graphs.jobs.store import JobStore
 
 if TYPE_CHECKING:
@@ -74,6 +80,7 @@ def _client(request: Request) -> str:
 class A1111Routes(CheckpointChoice):
     handles: plans.Handles
     jobs: JobStore
+    cache: RequestCache
     config: AppArgs
     provenance: object
 
@@ -135,11 +142,26 @@ class A1111Routes(CheckpointChoice):
                                  steps=r.steps, guidance_scale=r.cfg_scale, seed=seed, batch_size=r.batch_size,
                                  sampler=r.sampler_name, schedule=schedule, **extra)
 
-    async def _run(self, http: Request, r: Txt2ImgRequest, parent: bytes | None = None, **extra) -> ImagesResponse:
+    async def _run(self, http: Request, r: Txt2ImgRequest, parent: bytes | None = None, cache_as: str | None = None,
+                   **extra) -> ImagesResponse:
         if r.batch_size * r.n_iter > MAX_IMAGES:
             raise InvalidInput(f"batch_size x n_iter exceeds {MAX_IMAGES} images", field="batch_size")
         switch, hires = await self._refiner(r), self._hires(r)  # checked before anything runs
         model = await self._checkpoint(r)
+        parameters = r.model_dump(exclude={"init_images", "mask"})
+        # The checkpoint resolved (the default when none is named) is part of the request the cache sees.
+        key = await self.cache.key(cache_as, {**parameters, "checkpoint": model}, model) if cache_as else None
+        hit = await self.cache.get(key)
+        if hit is not None:
+            info = {**json.loads(hit.facts["info"]), "cached": True}
+            images = [base64.b64encode(data).decode() for data in hit.files]
+            return ImagesResponse(images=images, parameters=parameters, info=json.dumps(info))
+        answer = await self._generate(http, r, model, parameters, parent, switch, hires, **extra)
+        await self.cache.put(key, {"info": answer.info}, [base64.b64decode(i) for i in answer.images])
+        return answer
+
+    async def _generate(self, http: Request, r: Txt2ImgRequest, model: str, parameters: dict, parent: bytes | None,
+                        switch: float | None, hires: plans.A1111Hires | None, **extra) -> ImagesResponse:
         extra["checkpoint"] = model
         job = InFlight(uuid.uuid4().hex, _client(http), time.time(), r.steps * r.n_iter)
         images: list[Image.Image] = []
@@ -172,16 +194,25 @@ class A1111Routes(CheckpointChoice):
             images = restored
             extras["Face restoration"] = "CodeFormer"
         texts = [infotext(r, s, model, extras) for s in seeds]
+        width, height = images[0].size
+        # The infotext needs every stage's outcome first. With the filter on, the safety checker screens the
+        # finished images, then encodes and marks them; else the Provenance deployment encodes and marks them.
+        screened = await plans.a1111_screen(self.handles, images, seeds, texts, facts, parent)
+        nsfw = None
+        if screened is not None:
+            encoded = [base64.b64encode(data).decode() for data in screened.encoded]
+            warnings += screened.warnings
+            nsfw = screened.info["nsfw"]
+        else:
+            encoded = await self._files(images, facts, texts, parent)
         info = {"prompt": r.prompt, "all_prompts": [r.prompt] * len(seeds), "negative_prompt": r.negative_prompt,
                 "all_negative_prompts": [r.negative_prompt] * len(seeds), "seed": seeds[0], "all_seeds": seeds,
-                "subseed": -1, "all_subseeds": [-1] * len(seeds), "width": images[0].width,
-                "height": images[0].height, "sampler_name": r.sampler_name or "Euler a", "cfg_scale": r.cfg_scale,
+                "subseed": -1, "all_subseeds": [-1] * len(seeds), "width": width, "height": height,
+                "sampler_name": r.sampler_name or "Euler a", "cfg_scale": r.cfg_scale,
                 "steps": r.steps, "batch_size": r.batch_size, "restore_faces": r.restore_faces,
                 "sd_model_name": model, "infotexts": texts, "styles": [],
                 "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "version": "imagegen-0.1",
-                "warnings": list(dict.fromkeys(warnings))}
-        encoded = await self._files(images, facts, texts, parent)  # the infotext needs every stage's outcome first
-        parameters = r.model_dump(exclude={"init_images", "mask"})
+                "warnings": list(dict.fromkeys(warnings)), "nsfw": nsfw, "cached": False}
         return ImagesResponse(images=encoded, parameters=parameters, info=json.dumps(info))
 
     async def _one_batch(self, r: Txt2ImgRequest, seed: int, request_id: str, extras: dict, switch: float | None,
@@ -198,7 +229,7 @@ class A1111Routes(CheckpointChoice):
     @router.post("/txt2img", response_model=ImagesResponse)
     async def txt2img(self, body: Txt2ImgRequest, http: Request) -> ImagesResponse:
         """Text to image, with hires fix (enable_hr), refiner, LoRA tags and face restoration."""
-        return await self._run(http, body)
+        return await self._run(http, body, cache_as="a1111-txt2img")
 
     @router.post("/img2img", response_model=ImagesResponse)
     async def img2img(self, body: Img2ImgRequest, http: Request) -> ImagesResponse:

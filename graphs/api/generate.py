@@ -16,6 +16,7 @@ from graphs import plans
 from graphs.api.body import JSONBodyRoute
 from graphs.api.checkpoints import CheckpointChoice
 from graphs.api.errors import ErrorBody, call
+from graphs.jobs.cache import RequestCache
 
 router = APIRouter(tags=["generate"], route_class=JSONBodyRoute)
 open_router = APIRouter(tags=["health"], route_class=JSONBodyRoute)
@@ -73,6 +74,9 @@ class GenerateResponse(BaseModel):
     hires_fix_applied: bool
     face_restoration_applied: bool
     overlay_applied: bool = False
+    nsfw: bool | None = Field(None, description="the safety checker flagged the image and replaced it; null: the "
+                              "filter is off")
+    cached: bool = Field(False, description="answered from the result cache (an identical fixed-seed request)")
     upscaler: str | None
     final_resolution: str
     generation_time_seconds: float
@@ -106,6 +110,7 @@ class GenerateRoutes(CheckpointChoice):
     handles: plans.Handles
     hires_upscaler: str
     settings: Settings
+    cache: RequestCache
 
     @open_router.get("/health/", response_model=Health)
     @open_router.get("/health", response_model=Health, include_in_schema=False)
@@ -142,22 +147,29 @@ class GenerateRoutes(CheckpointChoice):
 
     @router.post("/generate", response_model=GenerateResponse, responses={422: {"model": ErrorBody}})
     async def generate(self, body: GenerateRequest) -> GenerateResponse:
-        """Synchronous generation: standard or hires fix, optional refiner, face restoration and overlay."""
+        """Synchronous generation: standard or hires fix, optional refiner, face restoration and overlay; with a
+        fixed seed, from the result cache when it is on and holds the same request on the same weights."""
         started = time.perf_counter()
         request_id = uuid.uuid4().hex
         # A bad overlay is refused before the GPU is asked for anything; the last stage draws it, then encodes.
         if body.overlay:
             overlay.prepare(body.overlay, self.settings.fonts_dir, "overlay")
         fields = {**body.model_dump(), "model": await self.checkpoint(body.model, "model")}
-        async with plans.flight():
-            report = await plans.seed000(self.handles, fields, self.hires_upscaler, request_id)
+        key = await self.cache.key("generate", plans.seed000_fields(fields, self.hires_upscaler), fields["model"])
+        hit = await self.cache.get(key)
+        if hit is not None:
+            report = plans.Report.from_facts(hit.files[0], hit.facts)
+        else:
+            async with plans.flight():
+                report = await plans.seed000(self.handles, fields, self.hires_upscaler, request_id)
+            await self.cache.put(key, report.facts(), [report.data])
         encoded = base64.b64encode(report.data).decode()
         width, height = report.size
         return GenerateResponse(
             success=True, image=f"data:image/png;base64,{encoded}", prompt=body.prompt, enhanced_prompt=body.prompt,
             seed=report.seed, refiner_applied=report.refiner_applied, hires_fix_applied=report.hires_fix_applied,
             face_restoration_applied=report.face_restoration_applied, overlay_applied=body.overlay is not None,
-            upscaler=report.upscaler, final_resolution=f"{width}x{height}",
+            nsfw=report.nsfw, cached=hit is not None, upscaler=report.upscaler, final_resolution=f"{width}x{height}",
             generation_time_seconds=round(time.perf_counter() - started, 3),
             model="SDXL", checkpoint=report.checkpoint or fields["model"], warnings=report.warnings,
             imageData=encoded, format="png", width=width, height=height,

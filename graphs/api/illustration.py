@@ -1,5 +1,6 @@
 """Seed 001: ``POST /v1/images/memory`` and ``/v1/images/subject``: a user's photo from S3 through IP-Adapter,
-the result written back to S3 under ``generated/{user_id}/`` and answered as ``{"data": [{"s3_uri": ...}]}``."""
+the result written back to S3 under ``generated/{user_id}/`` and answered as ``{"data": [{"s3_uri": ...}]}``. With
+the NSFW filter on, a flagged illustration is never uploaded: the answer is 422 ``CONTENT_FLAGGED``."""
 
 import asyncio
 import uuid
@@ -7,6 +8,7 @@ import uuid
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
+from deployments.support.errors import ContentFlagged
 from deployments.support.settings import Settings
 from graphs import plans
 from graphs.api.body import JSONBodyRoute
@@ -50,18 +52,21 @@ class IllustrationRoutes(CheckpointChoice):
         async with plans.flight():
             result = await plans.seed001(self.handles, body.model_dump(), prompt, photo, self.settings, request_id,
                                          checkpoint)
+        if result.info.get("nsfw", [False])[0]:
+            raise ContentFlagged("the safety checker flagged the illustration; nothing was stored",
+                                 field="prompt" if kind == "memory" else "user_id", details={"nsfw": True})
         uri = await asyncio.to_thread(self.photos.save_generated, body.user_id, kind, result.encoded[0])
         return IllustrationResponse(data=[S3Object(s3_uri=uri)])
 
     @router.post("/memory", response_model=IllustrationResponse,
-                 responses={404: {"model": ErrorBody}, 503: {"model": ErrorBody}})
+                 responses={404: {"model": ErrorBody}, 422: {"model": ErrorBody}, 503: {"model": ErrorBody}})
     async def memory(self, body: MemoryRequest) -> IllustrationResponse:
         """A memory illustration of the prompt, with the user's avatar as the IP-Adapter reference."""
         style = body.style_prompt if body.style_prompt is not None else self.settings.default_memory_style_prompt
         return await self._illustrate(body, "memory", self.settings.s3_avatar_prefix, f"{body.prompt}, {style}")
 
     @router.post("/subject", response_model=IllustrationResponse,
-                 responses={404: {"model": ErrorBody}, 503: {"model": ErrorBody}})
+                 responses={404: {"model": ErrorBody}, 422: {"model": ErrorBody}, 503: {"model": ErrorBody}})
     async def subject(self, body: SubjectRequest) -> IllustrationResponse:
         """A portrait illustration of the user's subject photo."""
         style = body.style_prompt if body.style_prompt is not None else self.settings.default_subject_style_prompt

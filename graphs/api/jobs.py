@@ -115,7 +115,7 @@ class JobRoutes(CheckpointChoice):
             if job.type == "batch-sizes":
                 images = {name: {"imageData": data_uri(self.results.load(e["key"])), "format": "png",
                                  "width": e["width"], "height": e["height"], "aspect": e["aspect"],
-                                 "box": e["box"], "upscaled": e["upscaled"],
+                                 "box": e["box"], "upscaled": e["upscaled"], "nsfw": e.get("nsfw"),
                                  "derivatives": {w: data_uri(self.results.load(k), "image/webp")
                                                  for w, k in e.get("derivatives", {}).items()}}
                           for name, e in result["images"].items()}
@@ -188,9 +188,10 @@ class JobRoutes(CheckpointChoice):
         await self._get(request, job_id)
         return self._events(job_id, _event_id(last_event_id))
 
-    @router.get("/jobs/{job_id}/result", response_model=JobResult)
+    @router.get("/jobs/{job_id}/result", response_model=JobResult, response_model_exclude_none=True)
     async def get_result(self, job_id: JobId, request: Request) -> dict:
-        """Seed 002: {imageData, format, width, height} of a completed job; 409 before."""
+        """Seed 002: {imageData, format, width, height} of a completed job (and nsfw while the filter is on); 409
+        before."""
         job = await self._get(request, job_id)
         if job.status != "completed" or job.result is None:
             raise JobConflict(f"job is {job.status}", field="id", details={"status": job.status})
@@ -198,7 +199,11 @@ class JobRoutes(CheckpointChoice):
             next(iter(job.result["images"].values()))["key"]
         data = await asyncio.to_thread(self.results.load, key)
         width, height = image_info(data)
-        return {"imageData": base64.b64encode(data).decode(), "format": "png", "width": width, "height": height}
+        flags = job.result.get("nsfw")
+        if isinstance(job.result["images"], dict):
+            flags = [next(iter(job.result["images"].values())).get("nsfw")]
+        return {"imageData": base64.b64encode(data).decode(), "format": "png", "width": width, "height": height,
+                "nsfw": flags[0] if flags else None}
 
     @router.get("/jobs", response_model=JobList)
     async def list_jobs(self, request: Request, status: Literal["queued", "processing", "completed", "failed",

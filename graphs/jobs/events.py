@@ -10,7 +10,8 @@ Event names and data fields are a public contract (the web page and the CLI read
 - ``started``: ``attempt``
 - ``progress``: ``step``, ``total``, ``eta_s``, ``progress`` (percent)
 - ``preview``: ``step``, ``total``, ``image`` (a small JPEG data URI of the latents being denoised)
-- ``completed``: ``images`` (their names, in the order GET /jobs/{id} gives them), ``seed``, ``links``
+- ``completed``: ``images`` (their names, in the order GET /jobs/{id} gives them), ``seed``, ``links`` (and
+  ``nsfw``, ``cached`` where the result has them)
 - ``failed``: ``code``, ``message``
 - ``cancelled``
 
@@ -91,7 +92,7 @@ def completed_data(job_id: str, result: dict) -> dict:
     data = {"images": names, "seed": result.get("seed"), "warnings": result.get("warnings", []),
             "links": {"job": f"/jobs/{job_id}", "result": f"/jobs/{job_id}/result"}}
     facts = {**result.get("parameters", {}), **result}  # seed 003's results keep the size in their parameters
-    for name in ("width", "height", "timeTaken", "bases_generated"):
+    for name in ("width", "height", "timeTaken", "bases_generated", "nsfw", "cached"):
         if name in facts:
             data[name] = facts[name]
     return data

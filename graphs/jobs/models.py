@@ -125,7 +125,8 @@ class JobView(BaseModel):
     completedAt: str | None
     error: str | None
     attempts: int
-    result: dict | None = Field(None, description="images as data URIs, seed, parameters, timeTaken")
+    result: dict | None = Field(None, description="images as data URIs, seed, parameters, timeTaken, nsfw (one "
+                                "flag per image; null: the filter is off), cached")
     images: dict | None = Field(None, description="a finished batch: per size, imageData and derivatives")
     bases_generated: int | None = None
     seed: int | None = None
@@ -149,6 +150,8 @@ class JobEventData(BaseModel):
     images: list[str] | None = Field(None, description="completed: image names, in GET /jobs/{id}'s order")
     seed: int | None = None
     links: dict[str, str] | None = Field(None, description="completed: job and result URLs")
+    nsfw: list[bool | None] | None = Field(None, description="completed: the safety checker's flag per image")
+    cached: bool | None = Field(None, description="completed: answered from the result cache")
     code: str | None = Field(None, description="failed")
     message: str | None = Field(None, description="failed")
 
@@ -158,6 +161,7 @@ class JobResult(BaseModel):
     format: str
     width: int
     height: int
+    nsfw: bool | None = Field(None, description="flagged and replaced by the safety checker; absent: the filter is off")
 
 
 class JobSummary(BaseModel):

@@ -1,12 +1,13 @@
 """Asynchronous jobs: the runner deployment that executes queued jobs, and where their images are kept.
 
 Graph position: ingress -> job store <- **JobRunner** -> (SDXLBase, SDXLRefiner, Upscaler, FaceRestorer,
-FocalCropper). Each runner replica runs ``max_concurrent_jobs`` worker loops. A worker claims a job with a lease,
-renews the lease (and records progress) while the job runs, writes every image completely before it marks the
-job completed, and stops the generation within one denoising step when the job is cancelled. A runner that dies
-simply stops renewing: another claims the job when the lease expires. While it renews the lease it also adds the
+FocalCropper, SafetyChecker). Each runner replica runs ``max_concurrent_jobs`` worker loops. A worker claims a job
+with a lease, renews the lease (and records progress) while the job runs, writes every image completely before it
+marks the job completed, and stops the generation within one denoising step when the job is cancelled. A runner that
+dies simply stops renewing: another claims the job when the lease expires. While it renews the lease it also adds the
 job's ``progress`` and ``preview`` events to the store's event log (``graphs.jobs.events``); the store itself
-logs the state changes.
+logs the state changes. With the result cache on, a ``generate`` or ``text2img`` job with a fixed seed is first
+looked up there (the same entries ``POST /generate`` writes for ``generate``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from deployments.support.settings import current
 from graphs import plans
 from graphs.api.errors import call, lost, unwrap
 from graphs.api.fields import image_bytes
+from graphs.jobs.cache import RequestCache, open_cache
 from graphs.jobs.events import ProgressEvents, completed_data
 from graphs.jobs.results import open_results
 from graphs.jobs.sizes import SizeTable
@@ -43,14 +45,17 @@ PARENT_FIELD = {"img2img": "initImage", "inpaint": "image", "style-transfer": "c
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=8, health_check_period_s=10)
 class JobRunner:
     def __init__(self, base, refiner, upscaler, faces, cropper, board=None,
-                 hires_upscaler: str = "R-ESRGAN 2x+", marks=None) -> None:
-        self.handles = plans.Handles(base, refiner, upscaler, faces, board)
+                 hires_upscaler: str = "R-ESRGAN 2x+", *, safety=None, safety_enabled: bool | None = None,
+                 result_cache: bool | None = None, marks=None) -> None:
+        self.settings = current()
+        self.handles = plans.Handles(base, refiner, upscaler, faces, board,
+                                     plans.safety_stage(safety, safety_enabled, self.settings))
         self.cropper = cropper
         self.marks = marks  # the Provenance deployment: marks and encodes the batch-sizes crops
         self.hires_upscaler = hires_upscaler
-        self.settings = current()
         self.store = open_store(self.settings)
         self.results = open_results(self.settings)
+        self.cache = RequestCache(open_cache(self.settings, result_cache), self.handles, self.settings)
         self.sizes = SizeTable.load(self.settings.batch_sizes_file)
         self.worker = f"runner-{uuid.uuid4().hex[:8]}"
         self._background: set[asyncio.Task] = set()
@@ -172,20 +177,40 @@ class JobRunner:
         if job.type == "batch-sizes":
             return await self._batch(job)
         if job.type == "generate":
-            report = await plans.seed000(self.handles, job.request, self.hires_upscaler, job.id)
-            key = await self._save(job.id, "image_0", report.data)
-            return {"images": [key], "seed": report.seed, "width": report.size[0], "height": report.size[1],
-                    "warnings": report.warnings, "checkpoint": report.checkpoint}
+            return await self._generate(job)
+        key = await self.cache.key("text2img", cache_fields(job.request), job.request.get("model")) \
+            if job.type == "text2img" else None
+        hit = await self.cache.get(key)
+        if hit is not None:
+            keys = [await self._save(job.id, f"image_{i}", data) for i, data in enumerate(hit.files)]
+            return {**hit.facts, "images": keys, "cached": True}
         request = plans.seed003(job.type, job.request)
         parent = image_bytes(job.request[PARENT_FIELD[job.type]], "image") if job.type in PARENT_FIELD else None
-        result = await call(plans.base_for(self.handles, request).generate.remote(request, job.id,
-                                                                                  Encoding(parent=parent)))
+        result = await plans.seed003_job(self.handles, request, job.id, parent)
         keys = [await self._save(job.id, f"image_{i}", data) for i, data in enumerate(result.encoded)]
         r = job.request
         parameters = {"prompt": request.prompt, "width": request.width, "height": request.height,
                       "steps": request.steps, "guidanceScale": request.guidance_scale,
                       "sampler": r.get("sampler", "euler_a"), "model": result.info.get("model", r.get("model"))}
-        return {"images": keys, "seed": result.seeds[0], "parameters": parameters, "warnings": result.warnings}
+        facts = {"seed": result.seeds[0], "parameters": parameters, "warnings": result.warnings,
+                 "nsfw": result.info.get("nsfw")}
+        await self.cache.put(key, facts, result.encoded)
+        return {"images": keys, **facts, "cached": False}
+
+    async def _generate(self, job: Job) -> dict:
+        """Seed 002's queued /generate: its plan, or the answer /generate stored for the same request."""
+        key = await self.cache.key("generate", plans.seed000_fields(job.request, self.hires_upscaler),
+                                   job.request.get("model"))
+        hit = await self.cache.get(key)
+        if hit is not None:
+            report = plans.Report.from_facts(hit.files[0], hit.facts)
+        else:
+            report = await plans.seed000(self.handles, job.request, self.hires_upscaler, job.id)
+            await self.cache.put(key, report.facts(), [report.data])
+        saved = await self._save(job.id, "image_0", report.data)
+        return {"images": [saved], "seed": report.seed, "width": report.size[0], "height": report.size[1],
+                "warnings": report.warnings, "checkpoint": report.checkpoint,
+                "nsfw": [report.nsfw] if report.nsfw is not None else None, "cached": hit is not None}
 
     async def _batch(self, job: Job) -> dict:
         """The batch-sizes plan, then every image (and its WebP derivatives) stored whole."""
@@ -201,7 +226,7 @@ class JobRunner:
             facts = {**info, "upscaler": self.hires_upscaler} if item.upscaled else info
             data = (await self._encode([out], facts, Encoding())).encoded[0]
             entry = {"key": await self._save(job.id, item.name, data), "width": out.width, "height": out.height,
-                     "aspect": item.aspect, "box": list(item.box), "upscaled": item.upscaled}
+                     "aspect": item.aspect, "box": list(item.box), "upscaled": item.upscaled, "nsfw": item.nsfw}
             if small:
                 files = (await self._encode(resized, facts, Encoding(format="webp", quality=82))).encoded
                 entry["derivatives"] = {str(w): await self._save(job.id, f"{item.name}_{w}w", blob, "webp")
@@ -237,6 +262,11 @@ class JobRunner:
                     await asyncio.to_thread(self.results.delete, job.id)
             except Exception:  # noqa: BLE001
                 logger.exception("retention purge failed")
+
+
+def cache_fields(request: dict) -> dict:
+    """A job's request as the cache sees it: without what never changes its images."""
+    return {k: v for k, v in request.items() if k not in ("priority", "webhookUrl", "preview_every")}
 
 
 def data_uri(data: bytes, mime: str = "image/png") -> str:

@@ -1,0 +1,166 @@
+"""The result cache without Ray: entries whole or absent, the age and size bounds (oldest evicted first), local
+files and a real S3 server, keys that change with the request and with every weight file (a replaced LoRA or
+checkpoint misses), the base's part being the named checkpoint's, whichever replica answers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import pytest
+
+from deployments.support.settings import Settings
+from graphs.jobs.cache import LocalEntries, ResultCache, S3Entries, open_cache, pack, request_key, unpack
+from tests.helpers import s3_client
+
+KEY = "a" * 64
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def age(entries: LocalEntries, key: str, seconds: float) -> None:
+    """Make an entry look ``seconds`` older on disk (eviction orders by the listing's times)."""
+    path = entries.root / f"{key}.entry"
+    stamp = path.stat().st_mtime - seconds
+    os.utime(path, (stamp, stamp))
+
+
+def test_an_entry_round_trips_and_a_damaged_one_is_a_miss(tmp_path):
+    facts, files = {"seed": 3, "warnings": ["w"], "size": [64, 64]}, [b"\x89PNG one", b"", b"three"]
+    assert unpack(pack(facts, files, 12.5)).__dict__ == {"facts": facts, "files": files, "created": 12.5}
+    entries = LocalEntries(tmp_path)
+    cache = ResultCache(entries, max_bytes=10_000, max_age_s=60)
+    cache.put(KEY, facts, files)
+    assert cache.get(KEY).files == files and cache.get("b" * 64) is None
+    (tmp_path / f"{KEY}.entry").write_bytes(pack(facts, files, 1.0)[:-2])  # cut short
+    assert cache.get(KEY) is None and not (tmp_path / f"{KEY}.entry").exists()
+    assert [p.name for p in tmp_path.iterdir()] == []  # no temporary files left behind
+
+
+def test_entries_older_than_the_age_bound_miss_and_are_evicted(tmp_path):
+    clock = Clock()
+    entries = LocalEntries(tmp_path)
+    cache = ResultCache(entries, max_bytes=10_000, max_age_s=30, clock=clock)
+    cache.put(KEY, {"n": 1}, [b"x" * 10])
+    clock.now += 29
+    assert cache.get(KEY) is not None
+    clock.now += 2
+    assert cache.get(KEY) is None and entries.listing() == []
+    clock.now = time.time()  # eviction reads the store's own times
+    cache.put("b" * 64, {}, [b"y"])
+    age(entries, "b" * 64, 100)
+    assert cache.evict() == ["b" * 64 + ".entry"]
+
+
+def test_the_size_bound_evicts_the_oldest_first(tmp_path):
+    entries = LocalEntries(tmp_path)
+    one = len(pack({"n": 0}, [b"x" * 1000], time.time()))
+    cache = ResultCache(entries, max_bytes=2 * one + 100, max_age_s=3600)
+    keys = [c * 64 for c in "abc"]
+    for i, key in enumerate(keys):
+        cache.put(key, {"n": i}, [b"x" * 1000])
+        age(entries, key, 10 * (3 - i))  # a the oldest, c the newest
+    assert cache.get(keys[0]) is None and cache.get(keys[1]).facts == {"n": 1} and cache.get(keys[2]) is not None
+    assert sum(size for _, size, _ in entries.listing()) <= cache.max_bytes
+    cache.put("d" * 64, {}, [b"x" * (3 * one)])  # larger than the whole cache: not stored, nothing evicted
+    assert cache.get("d" * 64) is None and cache.get(keys[2]) is not None
+
+
+def test_entries_on_s3(s3_server, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    client = s3_client(s3_server)
+    client.create_bucket(Bucket="cache-test")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    monkeypatch.setenv("JOB_RESULTS_URL", "s3://cache-test/results")
+    from deployments.support.settings import current
+
+    cache = open_cache(current(), enabled=True)
+    assert isinstance(cache.entries, S3Entries) and cache.entries.prefix == "results/cache/"
+    cache.max_bytes = 2 * len(pack({}, [b"z" * 500], time.time())) + 100
+    for key in ("a" * 64, "b" * 64, "c" * 64):
+        cache.put(key, {}, [b"z" * 500])
+        time.sleep(1.1)  # S3 times have whole seconds
+    assert cache.get("a" * 64) is None and cache.get("c" * 64).files == [b"z" * 500]
+    listed = client.list_objects_v2(Bucket="cache-test", Prefix="results/cache/")["Contents"]
+    assert sorted(o["Key"] for o in listed) == ["results/cache/" + "b" * 64 + ".entry",
+                                                "results/cache/" + "c" * 64 + ".entry"]
+
+
+def test_the_cache_is_opt_in(monkeypatch, tmp_path):
+    monkeypatch.setenv("JOBS_DATA_DIR", str(tmp_path))
+    assert open_cache(Settings()) is None and open_cache(Settings(), enabled=False) is None
+    monkeypatch.setenv("RESULT_CACHE", "true")
+    monkeypatch.setenv("RESULT_CACHE_MAX_BYTES", "12345")
+    cache = open_cache(Settings())
+    assert cache.max_bytes == 12345 and cache.entries.root == tmp_path / "cache"
+    assert open_cache(Settings(), enabled=False) is None  # the app's argument wins
+    monkeypatch.setenv("RESULT_CACHE_MAX_AGE_S", "0")
+    with pytest.raises(ValueError):
+        Settings()
+
+
+def test_keys_follow_the_request_and_the_models():
+    models = {"base": {"checkpoint": "1"}, "safety": None}
+    key = request_key("generate", {"prompt": "x", "seed": 1}, models)
+    assert key == request_key("generate", {"seed": 1, "prompt": "x"}, dict(reversed(models.items())))
+    assert key != request_key("a1111-txt2img", {"prompt": "x", "seed": 1}, models)
+    assert key != request_key("generate", {"prompt": "x", "seed": 2}, models)
+    assert key != request_key("generate", {"prompt": "x", "seed": 1}, {**models, "safety": {"safety_checker": "2"}})
+
+
+def test_a_replaced_lora_or_checkpoint_changes_the_key(tiny, tmp_path):
+    """A LoRA file swapped under the same name, or the UNet weights replaced, give another key."""
+    from deployments.sdxl_base import BaseGenerator
+    from deployments.support.config import SDXLBaseConfig
+
+    shutil.copytree(tiny / "sdxl-base", tmp_path / "sdxl-base")
+    shutil.copytree(tiny / "loras", tmp_path / "loras")
+    config = SDXLBaseConfig(model={"source": str(tmp_path / "sdxl-base")}, lora_dir=str(tmp_path / "loras"))
+    settings = Settings(MODEL_CACHE_DIR=tmp_path / "cache")  # checkpoint hashes: never the user's cache
+
+    def key() -> tuple[str, dict]:
+        models = {"base": BaseGenerator(config, settings, preload=False).fingerprint()}
+        return request_key("generate", {"prompt": "x", "seed": 1}, models), models["base"]
+
+    first, hashes = key()
+    assert key()[0] == first  # reloading the same files: the same key
+    shutil.copy(tiny / "loras" / "tiny-detail.safetensors", tmp_path / "loras" / "tiny-style.safetensors")
+    second, changed = key()
+    assert second != first and [r for r in hashes if hashes[r] != changed[r]] == ["lora:tiny-style"]
+    unet = tmp_path / "sdxl-base" / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(unet.read_bytes())
+    data[-4:] = bytes(4)  # the last weight's bytes: still a loadable file
+    unet.write_bytes(bytes(data))
+    third, changed = key()
+    assert third not in (first, second) and changed["checkpoint"] != hashes["checkpoint"]
+
+
+def test_the_base_key_is_the_checkpoint_named_whichever_replica_answers(tiny, tmp_path):
+    """Multiplexing may route a request to any base replica: the base's part of the key is the named checkpoint's
+    catalogue hash (the one A1111's listings show), the same from a replica holding it or holding another."""
+    from deployments.sdxl_base import BaseGenerator
+    from deployments.support.config import SDXLBaseConfig
+
+    config = SDXLBaseConfig(checkpoints=[{"name": "a", "source": str(tiny / "sdxl-base")},
+                                         {"name": "b", "source": str(tiny / "sdxl-base-b")}],
+                            lora_dir=str(tiny / "loras"))
+    settings = Settings(MODEL_CACHE_DIR=tmp_path / "cache")
+    holding_a = BaseGenerator(config, settings)  # loads the default, a
+    holding_none = BaseGenerator(config, settings, preload=False)
+    assert holding_a.resident.names == ["a"] and holding_none.resident.names == []
+    for name in ("a", "b"):
+        assert holding_a.fingerprint(name) == holding_none.fingerprint(name)
+    one, other = holding_none.fingerprint("a"), holding_none.fingerprint("b")
+    assert holding_none.fingerprint() == one  # no name: the default
+    assert one["checkpoint"] != other["checkpoint"] and {k for k in one if one[k] != other[k]} == {"checkpoint"}
+    sha = holding_none.catalog.sha256(str(tiny / "sdxl-base-b"))
+    assert other["checkpoint"] == f"b:{sha}" and holding_none.catalog.title("b") == f"b [{sha[:10]}]"
+    assert set(other) >= {"base_runtime", "base_defaults", "lora:tiny-style", "lora:tiny-detail"}
