@@ -34,6 +34,31 @@ def b64(image: Image.Image, fmt: str = "PNG", **save) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+def within(condition, timeout: float, every: float = 0.2):
+    """``condition()``'s first true value within ``timeout`` seconds, else None."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(every)
+    return None
+
+
+def until(condition, timeout: float = 60.0, every: float = 0.2):
+    """``condition()``'s first true value; fails after ``timeout`` seconds."""
+    value = within(condition, timeout, every)
+    if value is None:
+        raise AssertionError(f"condition not met within {timeout} s")
+    return value
+
+
+def seconds_until(condition, timeout: float, every: float = 0.2) -> float:
+    """Seconds until ``condition()`` held; fails after ``timeout``."""
+    started = time.monotonic()
+    until(condition, timeout, every)
+    return time.monotonic() - started
+
+
 def error(response, status: int, code: str, field: str | None = None) -> dict:
     assert response.status_code == status, response.text
     body = response.json()

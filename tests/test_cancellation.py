@@ -10,7 +10,7 @@ import time
 import pytest
 
 from tests.conftest import DEPLOYMENT_OPTIONS
-from tests.helpers import error
+from tests.helpers import error, until, within
 
 pytestmark = pytest.mark.integration
 
@@ -33,24 +33,6 @@ def replicas(service):
 def running(handle, polls: int = 16) -> int:
     """Requests in the denoising loops of the deployment's replicas (each poll reaches a random replica)."""
     return max(handle.describe.remote().result(timeout_s=30)["running"] for _ in range(polls))
-
-
-def within(condition, timeout: float, every: float = 0.2):
-    """The condition's first true value within ``timeout`` seconds, else None."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every)
-    return None
-
-
-def until(condition, timeout: float = 60.0, every: float = 0.2):
-    value = within(condition, timeout, every)
-    if value is None:
-        raise AssertionError("condition not met in time")
-    return value
 
 
 def progress(service, owner) -> dict:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import DEPLOYMENT_OPTIONS
-from tests.helpers import decode_b64, error, pixels, submit, wait
+from tests.helpers import decode_b64, error, pixels, submit, until, wait
 
 pytestmark = pytest.mark.integration
 logger = logging.getLogger(__name__)
@@ -49,15 +49,6 @@ def per_replica(handle, polls: int = 24) -> dict[str, dict]:
         described = handle.describe.remote().result(timeout_s=60)
         seen[described["replica"]] = described["checkpoints"]
     return seen
-
-
-def until(condition, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(0.2)
-    raise AssertionError("condition not met in time")
 
 
 def generate(service, model: str | None = None, **extra) -> dict:

@@ -22,7 +22,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.helpers import LONG, SMALL, b64, drain, error, submit, wait
+from tests.helpers import LONG, SMALL, b64, drain, error, seconds_until, submit, wait
 
 pytestmark = pytest.mark.integration
 SLOW_SYNC = {"prompt": "slow", "width": 512, "height": 512, "num_inference_steps": 150, "use_refiner": False}
@@ -30,16 +30,6 @@ SLOW_SYNC = {"prompt": "slow", "width": 512, "height": 512, "num_inference_steps
 
 def base_running(service) -> int:
     return service.get("/models").json()["base"]["running"]
-
-
-def until(predicate, timeout: float, every: float = 0.2) -> float:
-    """Seconds until ``predicate()`` held; fails after ``timeout``."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if predicate():
-            return time.monotonic() - started
-        time.sleep(every)
-    raise AssertionError(f"not within {timeout} s")
 
 
 def report(text: str) -> None:
@@ -67,22 +57,22 @@ def test_overload_sheds_exactly_beyond_the_queue(service):
 
 def test_deadline_is_408_and_the_denoising_stops(service):
     drain(service)
-    until(lambda: base_running(service) == 0, 30)
+    seconds_until(lambda: base_running(service) == 0, 30)
     started = time.monotonic()
     response = service.post("/generate", json=SLOW_SYNC, headers={"X-Request-Timeout": "2"})
     answered = time.monotonic() - started
     error(response, 408, "REQUEST_TIMEOUT")
     assert 2 <= answered < 6
-    freed = until(lambda: base_running(service) == 0, 10)
+    freed = seconds_until(lambda: base_running(service) == 0, 10)
     report(f"deadline 2 s: 408 after {answered:.2f} s, base replica idle {freed:.2f} s later")
 
 
 def test_client_disconnect_frees_the_replica(service):
     drain(service)
-    until(lambda: base_running(service) == 0, 30)
+    seconds_until(lambda: base_running(service) == 0, 30)
     with httpx.Client(base_url=str(service.base_url), timeout=3) as impatient, pytest.raises(httpx.ReadTimeout):
         impatient.post("/generate", json=SLOW_SYNC)
-    freed = until(lambda: base_running(service) == 0, 15)
+    freed = seconds_until(lambda: base_running(service) == 0, 15)
     assert service.post("/generate", json={**SMALL, "num_inference_steps": 2, "use_refiner": False}).status_code == 200
     report(f"client gone after 3 s: base replica idle {freed:.2f} s later")
 
@@ -302,10 +292,10 @@ def test_a_wedged_replica_is_replaced_by_health_checks(service, astronaut):
     os.kill(pid, signal.SIGSTOP)
     started = time.monotonic()
     try:
-        replaced = until(lambda: any(a != actor for a in replicas("FocalCropper")), 90, every=1)
-        until(app_running, 60, every=1)
+        replaced = seconds_until(lambda: any(a != actor for a in replicas("FocalCropper")), 90, every=1)
+        seconds_until(app_running, 60, every=1)
         assert clip_focal(service, astronaut) == 200
-        until(lambda: not _alive(pid), 60, every=1)  # Serve killed the wedged process
+        seconds_until(lambda: not _alive(pid), 60, every=1)  # Serve killed the wedged process
     finally:
         if _alive(pid):
             os.kill(pid, signal.SIGCONT)
@@ -388,8 +378,8 @@ def test_controller_or_proxy_killed_while_clients_poll(service, target):
     victim = next(a for a in alive_actors() if a["ActorClassName"] == name)
     ray.kill(ray.get_actor(victim["Name"], namespace="serve"), no_restart=False)
     killed = time.monotonic()
-    back = until(lambda: _answers(service), 120, every=0.5)
-    until(app_running, 120, every=1)
+    back = seconds_until(lambda: _answers(service), 120, every=0.5)
+    seconds_until(app_running, 120, every=1)
     done = wait(service, job["id"], timeout=180)
     stop.set()
     for thread in threads:

@@ -39,7 +39,7 @@ import pytest
 import yaml
 
 from tests import cluster
-from tests.helpers import decode_b64, submit, wait
+from tests.helpers import decode_b64, seconds_until, submit, wait
 
 pytestmark = [pytest.mark.integration, pytest.mark.nodes]
 
@@ -56,16 +56,6 @@ SINGLE = ("Upscaler", "FaceRestorer", "FocalCropper", "ProgressBoard")
 
 def report(text: str) -> None:
     print(f"\n[two nodes] {text}")  # noqa: T201
-
-
-def until(predicate, timeout: float, every: float = 0.1) -> float:
-    """Seconds until ``predicate()`` held; fails after ``timeout``."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if predicate():
-            return time.monotonic() - started
-        time.sleep(every)
-    raise AssertionError(f"not within {timeout} s")
 
 
 @dataclass
@@ -274,7 +264,7 @@ def test_the_worker_node_killed_under_load(two_nodes):
     for thread in clients:
         thread.start()
     try:
-        until(lambda: len(answers) >= 2, 120)  # under load
+        seconds_until(lambda: len(answers) >= 2, 120)  # under load
         held = [submit(http, body={**LONG_JOB, "seed": n})["id"] for n in range(2)]
         jobs = held + [submit(http, body={**JOB, "seed": n})["id"] for n in range(2, 12)]
 
@@ -283,14 +273,14 @@ def test_the_worker_node_killed_under_load(two_nodes):
             busy = http.get("/jobs", params={"status": "processing"}).json()["jobs"]
             return sorted(j["id"] for j in busy if j["progress"] < 80) == sorted(held)
 
-        until(both_runners_busy, 60)
+        seconds_until(both_runners_busy, 60)
         killed, killed_wall = time.monotonic(), time.time()
         two_nodes.nodes.remove_node(two_nodes.worker, allow_graceful=False)  # SIGKILL; its workers follow its raylet
 
         def node_b_alive() -> bool:
             return any(n["Alive"] for n in ray.nodes() if n["NodeID"] == two_nodes.worker.node_id)
 
-        declared_dead = until(lambda: not node_b_alive(), 90, every=0.25)
+        declared_dead = seconds_until(lambda: not node_b_alive(), 90, every=0.25)
         jobs += [submit(http, body={**JOB, "seed": 100 + n})["id"] for n in range(4)]  # new work after the loss
         finished = {job: wait(http, job, timeout=180) for job in jobs}
         time.sleep(max(0.0, killed + declared_dead + 5 - time.monotonic()))  # load well past the declared death
@@ -359,12 +349,12 @@ def test_a_fresh_node_takes_the_missing_replicas(two_nodes):
 
     names = {n["NodeID"]: next(r for r in ("node_a", "node_b") if r in n["Resources"])
              for n in ray.nodes() if n["Alive"]}
-    until(lambda: all(running(d) == 2 for d in SPREAD), 240, every=1)
+    seconds_until(lambda: all(running(d) == 2 for d in SPREAD), 240, every=1)
     back = time.monotonic() - started
     where = placement(names)
     for deployment in (*SPREAD, "ProxyActor"):
         assert where[deployment] == ["node_a", "node_b"], where
-    until(lambda: _healthy(two_nodes.worker_url), 60, every=0.5)
+    seconds_until(lambda: _healthy(two_nodes.worker_url), 60, every=0.5)
     assert httpx.post(f"{two_nodes.worker_url}/generate", json=SYNC, timeout=120).status_code == 200
     report(f"a fresh node B joined: its replicas running after {back:.1f} s, its proxy serving after "
            f"{time.monotonic() - started:.1f} s")
