@@ -26,10 +26,10 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.support import device as devices
 from deployments.support import fastpath
-from deployments.support.batching import Batcher, outcome
+from deployments.support.batching import Batcher, outcome, prepare
 from deployments.support.checkpoints import Catalog
 from deployments.support.config import Batching, SDXLBaseConfig
-from deployments.support.errors import GenerationCancelled, InvalidInput, ModelLoadError, ServiceError
+from deployments.support.errors import GenerationCancelled, InvalidInput, ModelLoadError
 from deployments.support.generation import (
     LATENT_UPSCALE_MODES,
     BatchItem,
@@ -134,19 +134,16 @@ class BaseGenerator:
         """One pipeline call for compatible requests (same ``batch_key``, so one checkpoint); each item keeps its
         own seeds, so its pixels are those it would get alone. Returns one outcome per item: its result or its
         own error. Items arrive with their checkpoint held (under Serve) or it is looked up here."""
-        outcomes: list[StageResult | BaseException | None] = [None] * len(items)
-        prompts: dict[int, str] = {}
-        seeds: dict[int, list[int]] = {}
-        for i, item in enumerate(items):
-            try:
-                check_request(item.request, self.config.max_pixels)
-                prompts[i] = parse_lora_tags(item.request.prompt)[0]
-                seeds[i] = resolve_seeds(item.request.seed, item.request.batch_size)
-            except ServiceError as e:
-                outcomes[i] = e
-        live = list(prompts)
+        def check(item: BatchItem) -> tuple[str, list[int]]:
+            check_request(item.request, self.config.max_pixels)
+            return parse_lora_tags(item.request.prompt)[0], resolve_seeds(item.request.seed, item.request.batch_size)
+
+        outcomes, passed = prepare(items, check)
+        live = list(passed)
         if not live:
-            return [o for o in outcomes if o is not None]
+            return outcomes
+        prompts = {i: passed[i][0] for i in live}
+        seeds = {i: passed[i][1] for i in live}
         batch = [items[i] for i in live]
         request = batch[0].request
         mode = mode_of(request)
@@ -162,21 +159,19 @@ class BaseGenerator:
                                     warnings)
         except Exception as e:  # noqa: BLE001 - each item gets the error it would have got alone
             results = [e] * len(live)
-        for i, item, result in zip(live, batch, results, strict=True):
-            if self.cancellation.is_cancelled(item.request_id) and not isinstance(result, BaseException):
-                result = GenerationCancelled(f"request {item.request_id} cancelled")
-            self.cancellation.finish(item.request_id)
+        for i, result in zip(live, results, strict=True):
             if isinstance(result, StageResult) and pipes is not None:
                 result.info.update(mode=mode, prompt=prompts[i], loras={r.name: r.weight for r in loras},
                                    sampler=request.sampler or self.config.default_sampler, model=pipes.name)
                 if request.hires is not None:
                     result.info.update(hires_upscaler=request.hires.mode)
+        for i, result in zip(live, self.cancellation.settle(batch, results), strict=True):
             outcomes[i] = result
         for item in items:
             item.checkpoint = None  # an evicted checkpoint this batch kept alive can go now
         del pipes
         self.resident.sweep()
-        return [o for o in outcomes if o is not None]
+        return outcomes
 
     def _run(self, mode, pipes: Pipelines, items: list[BatchItem], prompts: list[str], seeds: list[list[int]],
              warnings: list[str]) -> list[StageResult | BaseException]:

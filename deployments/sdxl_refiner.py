@@ -23,9 +23,9 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.support import device as devices
 from deployments.support import fastpath
-from deployments.support.batching import Batcher, outcome
+from deployments.support.batching import Batcher, outcome, prepare
 from deployments.support.config import Batching, SDXLRefinerConfig
-from deployments.support.errors import GenerationCancelled, InvalidInput, ServiceError
+from deployments.support.errors import GenerationCancelled, InvalidInput
 from deployments.support.generation import (
     BatchItem,
     Cancellation,
@@ -91,17 +91,14 @@ class Refiner:
     def refine_batch(self, items: list[BatchItem], *, ensemble: bool) -> list[StageResult | BaseException]:
         """One pipeline call for compatible items (same ``batch_key``), each with its own prompt and seeds; one
         outcome per item, its result or its own error."""
-        outcomes: list[StageResult | BaseException | None] = [None] * len(items)
-        inputs: dict[int, tuple[list[int], list]] = {}
-        for i, item in enumerate(items):
-            try:
-                item.source = StageResult.of(item.source)
-                inputs[i] = (self._latents_of if ensemble else self._images_of)(item.request, item.source)
-            except ServiceError as e:
-                outcomes[i] = e
+        def check(item: BatchItem) -> tuple[list[int], list]:
+            item.source = StageResult.of(item.source)
+            return (self._latents_of if ensemble else self._images_of)(item.request, item.source)
+
+        outcomes, inputs = prepare(items, check)
         live = list(inputs)
         if not live:
-            return [o for o in outcomes if o is not None]
+            return outcomes
         batch = [items[i] for i in live]
         request: RefineRequest = batch[0].request
         seeds = [inputs[i][0] for i in live]
@@ -127,12 +124,9 @@ class Refiner:
                 results.append(result)
         except Exception as e:  # noqa: BLE001 - each item gets the error it would have got alone
             results = [e] * len(live)
-        for i, item, result in zip(live, batch, results, strict=True):
-            if self.cancellation.is_cancelled(item.request_id) and not isinstance(result, BaseException):
-                result = GenerationCancelled(f"request {item.request_id} cancelled")
-            self.cancellation.finish(item.request_id)
+        for i, result in zip(live, self.cancellation.settle(batch, results), strict=True):
             outcomes[i] = result
-        return [o for o in outcomes if o is not None]
+        return outcomes
 
     @staticmethod
     def _latents_of(request: RefineRequest, source: StageResult) -> tuple[list[int], list]:

@@ -16,11 +16,25 @@ from ray import serve
 from ray.serve.exceptions import RayServeException
 
 from deployments.support.config import Batching
+from deployments.support.errors import ServiceError
 
 Item = TypeVar("Item")
 Run = Callable[[list[Item]], Awaitable[list[Any]]]
 
 MAX_QUEUES = 32  # idle queues beyond this many are dropped, oldest first (each holds one asyncio task)
+
+
+def prepare(items: list[Item], check: Callable[[Item], Any]) -> tuple[list[Any], dict[int, Any]]:
+    """Each item's own checks before its batch runs: one outcome slot per item (the ``ServiceError`` of an item
+    that fails them, else None to fill later) and ``check``'s value for every item that passes, by index."""
+    outcomes: list[Any] = [None] * len(items)
+    passed: dict[int, Any] = {}
+    for i, item in enumerate(items):
+        try:
+            passed[i] = check(item)
+        except ServiceError as e:
+            outcomes[i] = e
+    return outcomes, passed
 
 
 def outcome(value: Any) -> Any:

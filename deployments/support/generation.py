@@ -294,6 +294,17 @@ class Cancellation:
 
         return report
 
+    def settle(self, items: list[BatchItem], results: list) -> list:
+        """A batch's items done: each one's result, or its ``GenerationCancelled`` when it was cancelled while its
+        batch mates ran on; their progress and flags are cleared."""
+        settled = []
+        for item, result in zip(items, results, strict=True):
+            if self.is_cancelled(item.request_id) and not isinstance(result, BaseException):
+                result = GenerationCancelled(f"request {item.request_id} cancelled")
+            self.finish(item.request_id)
+            settled.append(result)
+        return settled
+
     def finish(self, request_id: str | None) -> None:
         if request_id is not None:
             with self._lock:
