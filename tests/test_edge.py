@@ -10,7 +10,7 @@ import pytest
 from fastapi import APIRouter
 
 from deployments.support import settings
-from graphs import plans
+from graphs import flights
 from graphs.api import edge as http
 
 pytestmark = pytest.mark.anyio
@@ -42,7 +42,7 @@ def make_client(monkeypatch, tmp_path):
                 def cancel(self):
                     stopped.append(time.monotonic())
 
-            async with plans.flight() as calls:
+            async with flights.flight() as calls:
                 calls.append(StageCall())
                 await asyncio.sleep(30)
 

@@ -15,7 +15,7 @@ without warning: its raylet and Ray's daemons SIGKILLed, its workers exiting as 
 every job completes exactly once (one terminal event, one image, the store's completed counter equal to the
 number of jobs), the long job of B's runner taken over by A's runner when its lease runs out. Then a fresh node B
 joins and Serve puts the missing replicas on it. A test of its own checks, deterministically, the watch that
-keeps a stage fed by a lost one from waiting forever (``plans.settled``).
+keeps a stage fed by a lost one from waiting forever (``flights.settled``).
 
 Its own pytest process (``pytest -m nodes``; ``make test`` runs it third): Ray allows one driver connection per
 process, and the other integration modules share a single-node cluster. ``-s`` prints the figures.
@@ -193,7 +193,7 @@ class Response:
 
 
 def test_a_stage_whose_input_was_lost_answers_instead_of_waiting(two_nodes):
-    """plans.settled on real object refs: an earlier stage's result holding a lost-replica error (what a caller
+    """flights.settled on real object refs: an earlier stage's result holding a lost-replica error (what a caller
     records when the node of the replica it called dies) ends the wait for the stage it fed, which is cancelled;
     a large earlier result (in the object store) is not read, and the stage's own answer comes back."""
     import asyncio
@@ -203,16 +203,16 @@ def test_a_stage_whose_input_was_lost_answers_instead_of_waiting(two_nodes):
     from ray.exceptions import ActorUnavailableError
     from ray.experimental import get_object_locations
 
-    from graphs import plans
+    from graphs import flights
 
     @ray.remote(num_cpus=0)
     def unreachable():
         raise ActorUnavailableError("RPC error: Socket closed", None)
 
     async def plan(upstream: Response, stage: Response):
-        async with plans.flight() as calls:
+        async with flights.flight() as calls:
             calls += [upstream, stage]
-            return await plans.settled(stage)
+            return await flights.settled(stage)
 
     stage = Response()
     started = time.monotonic()

@@ -32,7 +32,7 @@ from deployments.support.errors import InvalidInput, UnknownModel
 from deployments.support.generation import Encoding, GenerationRequest, StageResult
 from deployments.support.imaging import decode
 from deployments.support.samplers import SCHEDULES
-from graphs import plans
+from graphs import flights, plans
 from graphs.api.a1111_models import (
     MAX_IMAGES,
     Empty,
@@ -171,7 +171,7 @@ class A1111Routes(CheckpointChoice):
         facts: dict = {"model": model}  # what ran, for the images' content credentials
         try:
             seed = r.seed
-            async with plans.flight():
+            async with flights.flight():
                 for _ in range(r.n_iter):
                     request_id = uuid.uuid4().hex
                     job.request_ids.append(request_id)

@@ -70,7 +70,7 @@ TIMEOUT_HEADER = b"x-request-timeout"
 class Deadline:
     """Every request gets at most ``REQUEST_TIMEOUT_SECONDS`` (a client may ask for less with
     ``X-Request-Timeout: <seconds>``). Past it the handler is cancelled, which stops the work below it (see
-    ``plans.flight``), and the client gets 408 ``REQUEST_TIMEOUT``."""
+    ``flights.flight``), and the client gets 408 ``REQUEST_TIMEOUT``."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app

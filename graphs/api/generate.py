@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field, model_validator
 from deployments.support import overlay
 from deployments.support.overlay import Overlay
 from deployments.support.settings import Settings
-from graphs import plans
+from graphs import flights, plans
 from graphs.api.body import JSONBodyRoute
 from graphs.api.checkpoints import CheckpointChoice
 from graphs.api.errors import ErrorBody, call
@@ -160,7 +160,7 @@ class GenerateRoutes(CheckpointChoice):
         if hit is not None:
             report = plans.Report.from_facts(hit.files[0], hit.facts)
         else:
-            async with plans.flight():
+            async with flights.flight():
                 report = await plans.seed000(self.handles, fields, self.hires_upscaler, request_id)
             await self.cache.put(key, report.facts(), [report.data])
         encoded = base64.b64encode(report.data).decode()

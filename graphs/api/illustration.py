@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 
 from deployments.support.errors import ContentFlagged
 from deployments.support.settings import Settings
-from graphs import plans
+from graphs import flights, plans
 from graphs.api.body import JSONBodyRoute
 from graphs.api.checkpoints import CheckpointChoice
 from graphs.api.errors import ErrorBody
@@ -49,7 +49,7 @@ class IllustrationRoutes(CheckpointChoice):
         photo = await asyncio.to_thread(self.photos.load_photo, prefix, body.user_id)
         request_id = uuid.uuid4().hex
         checkpoint = await self.checkpoint(None, "model")  # seed 001 names none: the default
-        async with plans.flight():
+        async with flights.flight():
             result = await plans.seed001(self.handles, body.model_dump(), prompt, photo, self.settings, request_id,
                                          checkpoint)
         if result.info.get("nsfw", [False])[0]:

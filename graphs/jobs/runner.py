@@ -26,7 +26,7 @@ from deployments.support.errors import GenerationCancelled
 from deployments.support.generation import Encoding, StageResult, encoded
 from deployments.support.metrics import JobMetrics
 from deployments.support.settings import current
-from graphs import plans
+from graphs import flights, plans
 from graphs.api.errors import call, lost, unwrap
 from graphs.api.fields import image_bytes
 from graphs.jobs.cache import RequestCache, open_cache
@@ -170,7 +170,7 @@ class JobRunner:
         return await call(getattr(self.handles.board, method).remote(request_id))
 
     async def _run(self, job: Job) -> dict:
-        async with plans.flight():
+        async with flights.flight():
             return await self._plan(job)
 
     async def _plan(self, job: Job) -> dict:
