@@ -4,6 +4,7 @@ lines against canned answers (no service needed)."""
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -49,6 +50,10 @@ def test_the_readme_commands_run(url, tmp_path, capsys, monkeypatch):
     section = (ROOT / "README.md").read_text().split("## Command line")[1].split("\n## ")[0]
     commands = [shlex.split(line)[1:] for line in section.splitlines() if line.startswith("imagegen ")]
     assert len(commands) >= 5, "the README lost its command-line examples"
+    # The first screen's example is one of these.
+    start = (ROOT / "README.md").read_text().split("## Set up on a fresh machine")[1].split("\n## ")[0]
+    quick = re.search(r"`\.venv/bin/imagegen ([^`]+)`", start)
+    assert quick and shlex.split(quick.group(1)) in commands
     monkeypatch.chdir(tmp_path)
     for argv in commands:
         status, _out, err = run(capsys, "--url", url, *argv)
