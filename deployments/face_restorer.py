@@ -69,31 +69,39 @@ class FaceEnhancer:
         return self.detector.detect(pil_to_array(image))
 
     def restore(self, source: StageResult | Image.Image, weight: float = 0.6, visibility: float = 1.0) -> StageResult:
-        """``weight``: CodeFormer fidelity (0 = strongest restoration, 1 = closest to input). ``info`` gains
-        ``faces_found``, ``face_restoration_applied``, ``restorer`` and ``face_boxes``."""
+        """Every image of ``source`` (a batch stays one call). ``weight``: CodeFormer fidelity (0 = strongest
+        restoration, 1 = closest to input). ``info`` gains ``faces_found`` (over all images), ``face_boxes`` (of
+        the first image), ``face_restoration_applied`` (to any image) and ``restorer``."""
         source = StageResult.of(source)
-        image = source.image
+        source.image  # noqa: B018 - a source with no image is refused here, naming the field
         if not 0.0 <= weight <= 1.0:
             raise InvalidInput("weight must lie in [0, 1]", field="face_restoration_weight")
         if not 0.0 <= visibility <= 1.0:
             raise InvalidInput("visibility must lie in [0, 1]", field="visibility")
+        outcomes = [self._restore_one(image, weight, visibility) for image in source.images]
+        warnings = list(dict.fromkeys(w for _image, _boxes, _applied, w in outcomes if w))
+        facts: dict[str, Any] = dict(faces_found=sum(len(boxes) for _image, boxes, _applied, _w in outcomes),
+                                     face_boxes=outcomes[0][1], restorer=self.name,
+                                     face_restoration_applied=any(applied for _i, _b, applied, _w in outcomes))
+        return source.then([image for image, *_ in outcomes], warnings=warnings, **facts)
+
+    def _restore_one(self, image: Image.Image, weight: float, visibility: float):
+        """One image: (the image, its face boxes, whether it was restored, a warning or None)."""
         rgb = pil_to_array(image)
         found = self.detector.detect(rgb)
         boxes = [f.box for f in found]
         descriptor = self.descriptor
-        facts: dict[str, Any] = dict(faces_found=len(found), face_boxes=boxes, restorer=self.name,
-                                     face_restoration_applied=False)
         if descriptor is None:
-            return source.then([image], warnings=["no face restorer loaded: faces not restored"], **facts)
+            return image, boxes, False, "no face restorer loaded: faces not restored"
         if not found:
-            return source.then([image], warnings=["no face detected: image unchanged"], **facts)
+            return image, boxes, False, "no face detected: image unchanged"
         out = rgb
         with self._lock, self.oom(), torch.inference_mode():
             for face in found:
                 crop, matrix = face_lib.align(out, face, self.size)
                 restored = self._restore_crop(descriptor, crop, weight)
                 out = face_lib.paste_back(out, restored, matrix, blend=visibility)
-        return source.then([Image.fromarray(out)], **{**facts, "face_restoration_applied": True})
+        return Image.fromarray(out), boxes, True, None
 
     def _restore_crop(self, descriptor, crop: np.ndarray, weight: float) -> np.ndarray:
         tensor = torch.from_numpy(crop).permute(2, 0, 1)[None].float().div(255).to(self.device)

@@ -297,25 +297,44 @@ class A1111Hires:
 
 
 async def a1111_batch(h: Handles, request: GenerationRequest, request_id: str, *,
-                      refiner_switch_at: float | None = None, hires: A1111Hires | None = None) -> StageResult:
+                      refiner_switch_at: float | None = None, hires: A1111Hires | None = None,
+                      restore_faces: bool = False, encode: Encoding | None = None) -> StageResult:
     """The base, then either the refiner on its latents from ``refiner_switch_at`` or A1111's hires fix: with a
     latent upscaler, one base call that resizes its latents and denoises them again; with a pixel upscaler, for
     each image an upscale and a second base pass as img2img. Image-to-image requests take neither. Both hires
-    passes run on the request's checkpoint, as in A1111."""
+    passes run on the request's checkpoint, as in A1111. Then the faces, then the safety checker when the filter
+    is on.
+
+    The last stage encodes with ``encode`` (the infotexts, the upload an edit started from) and so marks the
+    files; only the pixel hires fix, whose passes come back here one image at a time, ends in pixels when neither
+    faces nor the checker follow it (the caller has them encoded)."""
+    how = None if restore_faces else h.last(encode)
+    last: Any
     if refiner_switch_at is not None and h.refiner is not None and request.init_image is None:
         handoff = base_for(h, request).generate.remote(request.model_copy(update={"denoising_end": refiner_switch_at}),
                                                     request_id)
-        return await settled(h.refiner.refine_latents.remote(_refine(request, denoising_start=refiner_switch_at),
-                                                             handoff, request_id))
-    if hires is not None and request.init_image is None and hires.upscaler in LATENT_UPSCALE_MODES:
+        last = h.refiner.refine_latents.remote(_refine(request, denoising_start=refiner_switch_at), handoff,
+                                               request_id, how)
+    elif hires is not None and request.init_image is None and hires.upscaler in LATENT_UPSCALE_MODES:
         width, height = (int(side * hires.scale) // 8 * 8 for side in (request.width, request.height))
         latent = LatentHires(width=width, height=height, mode=hires.upscaler, strength=hires.strength,
                              steps=hires.steps)
         both = request.model_copy(update={"hires": latent})
-        return await call(base_for(h, both).generate.remote(both, request_id))
+        last = base_for(h, both).generate.remote(both, request_id, how)
+    elif hires is None or request.init_image is not None:
+        last = base_for(h, request).generate.remote(request, request_id, how)
+    else:
+        last = await _pixel_hires(h, request, request_id, hires)
+    if restore_faces:
+        last = h.faces.restore.remote(last, 0.6, encode=h.last(encode))
+    if isinstance(last, StageResult) and h.safety is None:
+        return last
+    return await settled(h.screen(last, encode))
+
+
+async def _pixel_hires(h: Handles, request: GenerationRequest, request_id: str, hires: A1111Hires) -> StageResult:
+    """A1111's hires fix with a pixel upscaler: per image, an upscale and a second base pass as img2img."""
     result: StageResult = await call(base_for(h, request).generate.remote(request, request_id))
-    if hires is None or request.init_image is not None:
-        return result
     second, warnings = [], []
     for image, seed in zip(result.images, result.seeds, strict=True):
         up = await call(h.upscaler.upscale.remote(image, hires.upscaler, hires.scale))
@@ -325,17 +344,6 @@ async def a1111_batch(h: Handles, request: GenerationRequest, request_id: str, *
         second += (await call(base_for(h, again).generate.remote(again, request_id))).images
         warnings += up.warnings
     return result.then(second, warnings=warnings, hires_upscaler=hires.upscaler)
-
-
-async def a1111_screen(h: Handles, images: list[Image.Image], seeds: list[int], texts: list[str], info: dict,
-                       parent: bytes | None = None) -> StageResult | None:
-    """A1111's images, after every batch and face restoration, through the safety checker, which encodes them
-    with their infotexts and so marks them (watermark, content credentials from ``info`` and ``parent``) once;
-    None when the filter is off (the Provenance deployment encodes them then)."""
-    if h.safety is None:
-        return None
-    pixels = StageResult(images=images, seeds=seeds, info=info)  # pixels, not a stage's response: nothing to settle
-    return await call(h.screen(pixels, Encoding(parameters=texts, parent=parent)))
 
 
 # --- seed 002: one subject, every size ---------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from deployments.focal_cropper import Cropper
 from deployments.support.config import FaceRestorerConfig, FocalCropperConfig, UpscalerConfig
 from deployments.support.cropping import CropSize, crop_box, derivatives
 from deployments.support.errors import InvalidInput
+from deployments.support.generation import StageResult
 from deployments.support.imaging import decode
 from deployments.upscaler import ImageUpscaler, tiled
 from tests.helpers import pixels
@@ -117,6 +118,17 @@ def test_no_face_means_unchanged_and_flagged(restorer):
     assert result.info["faces_found"] == 0 and not result.info["face_restoration_applied"]
     assert np.array_equal(pixels(result.image), pixels(blank))
     assert "no face" in result.warnings[0]
+
+
+def test_every_image_of_a_batch_is_restored_in_one_call(restorer, astronaut):
+    blank = Image.new("RGB", astronaut.size, (90, 120, 150))
+    result = restorer.restore(StageResult(images=[astronaut, blank], seeds=[1, 2]), weight=0.6)
+    alone = restorer.restore(astronaut, weight=0.6)
+    assert result.seeds == [1, 2] and len(result.images) == 2
+    assert np.array_equal(pixels(result.images[0]), pixels(alone.image))
+    assert np.array_equal(pixels(result.images[1]), pixels(blank))
+    assert result.info["faces_found"] == 1 and result.info["face_restoration_applied"]
+    assert result.warnings == ["no face detected: image unchanged"]
 
 
 def test_no_restorer_loaded_is_skipped_and_flagged(astronaut):

@@ -25,11 +25,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from PIL import Image
 
 from deployments.support.errors import InvalidInput, UnknownModel
-from deployments.support.generation import Encoding, GenerationRequest, StageResult
+from deployments.support.generation import Encoding, GenerationRequest, StageResult, resolve_seeds
 from deployments.support.imaging import decode
 from deployments.support.samplers import SCHEDULES
 from graphs import flights, plans
@@ -46,7 +46,7 @@ from graphs.api.a1111_models import (
     Txt2ImgRequest,
     infotext,
 )
-from graphs.api.body import JSONBodyRoute
+from graphs.api.body import JSONBodyRoute, json_answer
 from graphs.api.checkpoints import CheckpointChoice
 from graphs.api.edge import token_owner
 from graphs.api.errors import call
@@ -164,11 +164,12 @@ class A1111Routes(CheckpointChoice):
                         switch: float | None, hires: plans.A1111Hires | None, **extra) -> ImagesResponse:
         extra["checkpoint"] = model
         job = InFlight(uuid.uuid4().hex, _client(http), time.time(), r.steps * r.n_iter)
-        images: list[Image.Image] = []
+        settings = self._settings_text(r, switch, hires, edit="init_image" in extra)
+        files: list[bytes] = []
         seeds: list[int] = []
         warnings: list[str] = []  # every stage's, as /generate reports them; each said once
-        extras: dict = {}
-        facts: dict = {"model": model}  # what ran, for the images' content credentials
+        nsfw: list[bool] = []
+        size = (r.width, r.height)
         try:
             seed = r.seed
             async with flights.flight():
@@ -176,69 +177,64 @@ class A1111Routes(CheckpointChoice):
                     request_id = uuid.uuid4().hex
                     job.request_ids.append(request_id)
                     await self._track(job)
-                    result = await self._one_batch(r, seed, request_id, extras, switch, hires, **extra)
-                    images += result.images
+                    # The seeds are fixed here, so that the infotexts naming them travel with the request and the
+                    # plan's last stage encodes the files: only they come back to the ingress.
+                    own = resolve_seeds(seed, r.batch_size)
+                    how = Encoding(parameters=[infotext(r, s, model, settings) for s in own], parent=parent)
+                    request = self._generation(r, own[0], **extra)
+                    result = await plans.a1111_batch(self.handles, request, request_id, refiner_switch_at=switch,
+                                                     hires=hires, restore_faces=r.restore_faces, encode=how)
+                    if not result.encoded:  # the pixel hires fix, with no stage after it: marked and encoded here
+                        result = await call(self.provenance.encode.remote(result, how))  # type: ignore[attr-defined]
+                    files += result.encoded
                     seeds += result.seeds
                     warnings += result.warnings
-                    facts.update(result.info)
-                    seed = result.seeds[-1] + 1
+                    nsfw += result.info.get("nsfw") or []
+                    size = result.sizes[0]
+                    seed = own[-1] + 1
         finally:
             await asyncio.to_thread(self.jobs.untrack, job.client, job.id)
-        if r.restore_faces:
-            restored = []
-            for image in images:
-                report = await call(self.handles.faces.restore.remote(image, 0.6))
-                restored.append(report.image)
-                warnings += report.warnings
-                facts.update(report.info)
-            images = restored
-            extras["Face restoration"] = "CodeFormer"
-        texts = [infotext(r, s, model, extras) for s in seeds]
-        width, height = images[0].size
-        # The infotext needs every stage's outcome first. With the filter on, the safety checker screens the
-        # finished images, then encodes and marks them; else the Provenance deployment encodes and marks them.
-        screened = await plans.a1111_screen(self.handles, images, seeds, texts, facts, parent)
-        nsfw = None
-        if screened is not None:
-            encoded = [base64.b64encode(data).decode() for data in screened.encoded]
-            warnings += screened.warnings
-            nsfw = screened.info["nsfw"]
-        else:
-            encoded = await self._files(images, facts, texts, parent)
+        texts = [infotext(r, s, model, settings) for s in seeds]
         info = {"prompt": r.prompt, "all_prompts": [r.prompt] * len(seeds), "negative_prompt": r.negative_prompt,
                 "all_negative_prompts": [r.negative_prompt] * len(seeds), "seed": seeds[0], "all_seeds": seeds,
-                "subseed": -1, "all_subseeds": [-1] * len(seeds), "width": width, "height": height,
+                "subseed": -1, "all_subseeds": [-1] * len(seeds), "width": size[0], "height": size[1],
                 "sampler_name": r.sampler_name or "Euler a", "cfg_scale": r.cfg_scale,
                 "steps": r.steps, "batch_size": r.batch_size, "restore_faces": r.restore_faces,
                 "sd_model_name": model, "infotexts": texts, "styles": [],
                 "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "version": "imagegen-0.1",
-                "warnings": list(dict.fromkeys(warnings)), "nsfw": nsfw, "cached": False}
-        return ImagesResponse(images=encoded, parameters=parameters, info=json.dumps(info))
+                "warnings": list(dict.fromkeys(warnings)), "nsfw": nsfw if self.handles.safety else None,
+                "cached": False}
+        images = [base64.b64encode(data).decode() for data in files]
+        return ImagesResponse(images=images, parameters=parameters, info=json.dumps(info))
 
-    async def _one_batch(self, r: Txt2ImgRequest, seed: int, request_id: str, extras: dict, switch: float | None,
-                         hires: plans.A1111Hires | None, **extra):
-        request = self._generation(r, seed, **extra)
-        result = await plans.a1111_batch(self.handles, request, request_id, refiner_switch_at=switch, hires=hires)
-        if "refiner" in result.info:
-            extras.update({"Refiner": r.refiner_checkpoint, "Refiner switch at": r.refiner_switch_at})
-        if "hires_upscaler" in result.info:
-            extras.update({"Denoising strength": r.denoising_strength, "Hires upscale": r.hr_scale,
-                           "Hires upscaler": r.hr_upscaler})
-        return result
+    def _settings_text(self, r: Txt2ImgRequest, switch: float | None, hires: plans.A1111Hires | None, *,
+                       edit: bool) -> dict:
+        """What the infotext adds to the base settings, for the stages ``plans.a1111_batch`` will run: the refiner
+        on a text-to-image request when one is deployed, else the hires fix; faces."""
+        settings: dict = {}
+        refined = switch is not None and self.handles.refiner is not None and not edit
+        if refined:
+            settings.update({"Refiner": r.refiner_checkpoint, "Refiner switch at": r.refiner_switch_at})
+        if hires is not None and not edit and not refined:
+            settings.update({"Denoising strength": r.denoising_strength, "Hires upscale": r.hr_scale,
+                             "Hires upscaler": r.hr_upscaler})
+        if r.restore_faces:
+            settings["Face restoration"] = "CodeFormer"
+        return settings
 
     @router.post("/txt2img", response_model=ImagesResponse)
-    async def txt2img(self, body: Txt2ImgRequest, http: Request) -> ImagesResponse:
+    async def txt2img(self, body: Txt2ImgRequest, http: Request) -> Response:
         """Text to image, with hires fix (enable_hr), refiner, LoRA tags and face restoration."""
-        return await self._run(http, body, cache_as="a1111-txt2img")
+        return json_answer(await self._run(http, body, cache_as="a1111-txt2img"))
 
     @router.post("/img2img", response_model=ImagesResponse)
-    async def img2img(self, body: Img2ImgRequest, http: Request) -> ImagesResponse:
+    async def img2img(self, body: Img2ImgRequest, http: Request) -> Response:
         """Image to image; with a mask, inpainting (white repaints)."""
         parent = image_bytes(body.init_images[0], "init_images")
         init = decode(parent, field="init_images")
         mask = image_field(body.mask, "mask") if body.mask else None
-        return await self._run(http, body, parent, init_image=init, mask=mask, mask_blur=body.mask_blur,
-                               strength=body.denoising_strength)
+        return json_answer(await self._run(http, body, parent, init_image=init, mask=mask, mask_blur=body.mask_blur,
+                                           strength=body.denoising_strength))
 
     async def _extras(self, body: ExtrasRequest, image: Image.Image) -> tuple[Image.Image, dict]:
         """The upscaled (and restored) image, and what ran."""
@@ -261,11 +257,11 @@ class A1111Routes(CheckpointChoice):
         return out, info
 
     @router.post("/extra-single-image", response_model=ExtrasResponse)
-    async def extra_single_image(self, body: ExtrasRequest) -> ExtrasResponse:
+    async def extra_single_image(self, body: ExtrasRequest) -> Response:
         """Upscale (two blended upscalers) and restore faces in one image."""
         raw = image_bytes(body.image, "image")
         out, info = await self._extras(body, decode(raw, field="image"))
-        return ExtrasResponse(html_info="", image=(await self._files([out], info, parent=raw))[0])
+        return json_answer(ExtrasResponse(html_info="", image=(await self._files([out], info, parent=raw))[0]))
 
     @router.post("/extra-batch-images", response_model=ExtrasBatchResponse)
     async def extra_batch_images(self, body: ExtrasBatchRequest) -> ExtrasBatchResponse:

@@ -6,14 +6,14 @@ import time
 import uuid
 from typing import Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 from pydantic import BaseModel, Field, model_validator
 
 from deployments.support import overlay
 from deployments.support.overlay import Overlay
 from deployments.support.settings import Settings
 from graphs import flights, plans
-from graphs.api.body import JSONBodyRoute
+from graphs.api.body import JSONBodyRoute, json_answer
 from graphs.api.checkpoints import CheckpointChoice
 from graphs.api.errors import ErrorBody, call
 from graphs.jobs.cache import RequestCache
@@ -146,7 +146,7 @@ class GenerateRoutes(CheckpointChoice):
         }
 
     @router.post("/generate", response_model=GenerateResponse, responses={422: {"model": ErrorBody}})
-    async def generate(self, body: GenerateRequest) -> GenerateResponse:
+    async def generate(self, body: GenerateRequest) -> Response:
         """Synchronous generation: standard or hires fix, optional refiner, face restoration and overlay; with a
         fixed seed, from the result cache when it is on and holds the same request on the same weights."""
         started = time.perf_counter()
@@ -165,7 +165,7 @@ class GenerateRoutes(CheckpointChoice):
             await self.cache.put(key, report.facts(), [report.data])
         encoded = base64.b64encode(report.data).decode()
         width, height = report.size
-        return GenerateResponse(
+        return json_answer(GenerateResponse(
             success=True, image=f"data:image/png;base64,{encoded}", prompt=body.prompt, enhanced_prompt=body.prompt,
             seed=report.seed, refiner_applied=report.refiner_applied, hires_fix_applied=report.hires_fix_applied,
             face_restoration_applied=report.face_restoration_applied, overlay_applied=body.overlay is not None,
@@ -173,4 +173,4 @@ class GenerateRoutes(CheckpointChoice):
             generation_time_seconds=round(time.perf_counter() - started, 3),
             model="SDXL", checkpoint=report.checkpoint or fields["model"], warnings=report.warnings,
             imageData=encoded, format="png", width=width, height=height,
-        )
+        ))
