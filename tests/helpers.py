@@ -24,6 +24,14 @@ def s3_client(endpoint: str):
     return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
 
 
+def generated(handle, request):
+    """What the ingress's ``/generate`` handler answers for ``request`` (called through a Serve handle), as the
+    response model: the handler gives the serialised body, as it goes out over HTTP."""
+    from graphs.api.generate import GenerateResponse
+
+    return GenerateResponse.model_validate_json(handle.generate.remote(request).result().body)
+
+
 def decode_b64(data: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(data.split(",", 1)[-1])))
 

@@ -13,7 +13,7 @@ from PIL import Image
 from graphs.api.generate import GenerateRequest
 from graphs.api.processing import ClipFocalRequest
 from tests.conftest import ROOT
-from tests.helpers import b64
+from tests.helpers import b64, generated
 
 
 @pytest.fixture(scope="module")
@@ -40,15 +40,15 @@ def image(data: str) -> Image.Image:
 
 
 def test_standard_plan_hands_latents_to_the_refiner(ingress):
-    answer = ingress.generate.remote(GenerateRequest(prompt="a lighthouse", width=128, height=64, seed=3,
-                                                     num_inference_steps=4, use_refiner=True)).result()
+    answer = generated(ingress, GenerateRequest(prompt="a lighthouse", width=128, height=64, seed=3,
+                                                num_inference_steps=4, use_refiner=True))
     assert answer.success and answer.refiner_applied and not answer.hires_fix_applied
     assert image(answer.image).size == (128, 64) and answer.seed == 3
 
 
 def test_hires_fix_plan_ends_at_1536_with_faces_tried(ingress):
-    answer = ingress.generate.remote(GenerateRequest(prompt="a portrait", seed=4, num_inference_steps=2,
-                                                     hires_fix=True, use_face_restoration=True)).result()
+    answer = generated(ingress, GenerateRequest(prompt="a portrait", seed=4, num_inference_steps=2,
+                                                hires_fix=True, use_face_restoration=True))
     assert answer.hires_fix_applied and answer.final_resolution == "1536x1536"
     assert image(answer.imageData).size == (1536, 1536)
     assert answer.upscaler == "R-ESRGAN 2x+"
@@ -68,9 +68,8 @@ def test_checkpoints_are_chosen_by_name_or_alias_without_serves_multiplexer(ingr
     """Local testing mode has no replica for Serve's multiplexer: the base replica's own LRU holds one checkpoint
     (configs/cpu.yaml) and switches."""
     def run(model: str):
-        return ingress.generate.remote(GenerateRequest(prompt="a lighthouse", width=64, height=64, seed=3,
-                                                       num_inference_steps=2, use_refiner=False,
-                                                       model=model)).result()
+        return generated(ingress, GenerateRequest(prompt="a lighthouse", width=64, height=64, seed=3,
+                                                  num_inference_steps=2, use_refiner=False, model=model))
 
     photo, anime, again = run("photorealistic"), run("anime"), run("tiny-sdxl-base")
     assert (photo.checkpoint, anime.checkpoint, again.checkpoint) == ("tiny-sdxl-base", "tiny-sdxl-base-b",

@@ -19,7 +19,7 @@ from graphs.api.errors import unwrap
 from graphs.api.generate import GenerateRequest
 from graphs.api.illustration import MemoryRequest, SubjectRequest
 from tests.conftest import ROOT
-from tests.helpers import b64, decode_b64, pixels, s3_client
+from tests.helpers import b64, decode_b64, generated, pixels, s3_client
 
 BUCKET = "graph-safety"
 
@@ -63,7 +63,7 @@ def ingress(tiny, tmp_path_factory, monkeypatch_module, s3_server, photos):
     return serve.run(build_app(args), name="graph-safety", _local_testing_mode=True)
 
 
-def generated(client) -> list[str]:
+def uploads(client) -> list[str]:
     listing = client.list_objects_v2(Bucket=BUCKET, Prefix="generated/")
     return [o["Key"] for o in listing.get("Contents", [])]
 
@@ -77,28 +77,28 @@ def test_a_flagged_illustration_is_not_uploaded(ingress, photos, body):
     error = unwrap(caught.value)
     assert isinstance(error, ContentFlagged) and error.code == "CONTENT_FLAGGED"
     assert error.details["nsfw"] is True
-    assert generated(photos) == []
+    assert uploads(photos) == []
 
 
 def test_a_flagged_generation_is_black_and_its_verdict_is_cached(ingress):
     request = GenerateRequest(prompt="anything", seed=5, width=64, height=64, num_inference_steps=2,
                               use_refiner=False)
-    first = ingress.generate.remote(request).result()
+    first = generated(ingress, request)
     assert first.nsfw is True and not first.cached
     assert pixels(decode_b64(first.image).convert("RGB")).max() == 0
     assert any("flagged by the safety checker" in w for w in first.warnings)
-    again = ingress.generate.remote(request).result()
+    again = generated(ingress, request)
     assert again.cached and again.nsfw is True and again.imageData == first.imageData
     assert again.warnings == first.warnings and again.seed == 5
     random_seed = request.model_copy(update={"seed": -1})
-    assert not ingress.generate.remote(random_seed).result().cached
-    assert not ingress.generate.remote(random_seed).result().cached
+    assert not generated(ingress, random_seed).cached
+    assert not generated(ingress, random_seed).cached
 
 
 def test_face_restoration_comes_before_the_filter(ingress):
     request = GenerateRequest(prompt="a portrait", seed=6, width=128, height=128, num_inference_steps=2,
                               use_refiner=False, use_face_restoration=True)
-    answer = ingress.generate.remote(request).result()
+    answer = generated(ingress, request)
     assert answer.nsfw is True and np.asarray(decode_b64(answer.image)).max() == 0
     faces = next(i for i, w in enumerate(answer.warnings) if "no face" in w)  # random weights paint no face
     flagged = next(i for i, w in enumerate(answer.warnings) if "flagged by the safety checker" in w)
