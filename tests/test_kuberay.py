@@ -293,3 +293,14 @@ def test_readme_deploys_these_manifests():
     assert re.search(rf"^kubectl create secret generic {name} --from-literal={key}=", section, re.MULTILINE)
     assert f"docker build -t imagegen-serve:{project_version()} ." in section
 
+
+
+def test_every_pod_detects_a_lost_node_as_the_readme_advises():
+    """The health-check settings that tests/test_two_nodes.py measured (a node declared dead in about 5 s)."""
+    section = (ROOT / "README.md").read_text().split("## Several nodes")[1].split("\n## ")[0]
+    advised = dict(re.findall(r"(RAY_health_check_\w+)=(\d+)", section))
+    assert set(advised) == {"RAY_health_check_period_ms", "RAY_health_check_failure_threshold"}
+    for pod in pods(rayservice()):
+        (container,) = pod["containers"]
+        env = {var["name"]: var.get("value") for var in container["env"]}
+        assert {name: env.get(name) for name in advised} == advised
