@@ -46,7 +46,7 @@ from graphs.api.a1111_models import (
     Txt2ImgRequest,
     infotext,
 )
-from graphs.api.body import JSONBodyRoute, json_answer
+from graphs.api.body import JSONBodyRoute, blob, json_answer
 from graphs.api.checkpoints import CheckpointChoice
 from graphs.api.edge import token_owner
 from graphs.api.errors import call
@@ -70,6 +70,13 @@ class InFlight:
     started: float
     total_steps: int
     request_ids: list[str] = field(default_factory=list)
+
+
+def images_answer(files: list[bytes], parameters: dict, info: dict) -> Response:
+    """A1111's answer for ``files``: each one base64 in ``images``, spliced in as bytes (see ``json_answer``)."""
+    names = [f"image{i}" for i in range(len(files))]
+    return json_answer(ImagesResponse(images=[blob(n) for n in names], parameters=parameters, info=json.dumps(info)),
+                       **{n: base64.b64encode(data) for n, data in zip(names, files, strict=True)})
 
 
 def _client(request: Request) -> str:
@@ -143,7 +150,7 @@ class A1111Routes(CheckpointChoice):
                                  sampler=r.sampler_name, schedule=schedule, **extra)
 
     async def _run(self, http: Request, r: Txt2ImgRequest, parent: bytes | None = None, cache_as: str | None = None,
-                   **extra) -> ImagesResponse:
+                   **extra) -> Response:
         if r.batch_size * r.n_iter > MAX_IMAGES:
             raise InvalidInput(f"batch_size x n_iter exceeds {MAX_IMAGES} images", field="batch_size")
         switch, hires = await self._refiner(r), self._hires(r)  # checked before anything runs
@@ -153,15 +160,14 @@ class A1111Routes(CheckpointChoice):
         key = await self.cache.key(cache_as, {**parameters, "checkpoint": model}, model) if cache_as else None
         hit = await self.cache.get(key)
         if hit is not None:
-            info = {**json.loads(hit.facts["info"]), "cached": True}
-            images = [base64.b64encode(data).decode() for data in hit.files]
-            return ImagesResponse(images=images, parameters=parameters, info=json.dumps(info))
-        answer = await self._generate(http, r, model, parameters, parent, switch, hires, **extra)
-        await self.cache.put(key, {"info": answer.info}, [base64.b64decode(i) for i in answer.images])
-        return answer
+            return images_answer(hit.files, parameters, {**json.loads(hit.facts["info"]), "cached": True})
+        files, info = await self._generate(http, r, model, parameters, parent, switch, hires, **extra)
+        await self.cache.put(key, {"info": json.dumps(info)}, files)
+        return images_answer(files, parameters, info)
 
     async def _generate(self, http: Request, r: Txt2ImgRequest, model: str, parameters: dict, parent: bytes | None,
-                        switch: float | None, hires: plans.A1111Hires | None, **extra) -> ImagesResponse:
+                        switch: float | None, hires: plans.A1111Hires | None, **extra) -> tuple[list[bytes], dict]:
+        """The files of every image the request makes, and A1111's ``info`` about them."""
         extra["checkpoint"] = model
         job = InFlight(uuid.uuid4().hex, _client(http), time.time(), r.steps * r.n_iter)
         settings = self._settings_text(r, switch, hires, edit="init_image" in extra)
@@ -204,8 +210,7 @@ class A1111Routes(CheckpointChoice):
                 "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "version": "imagegen-0.1",
                 "warnings": list(dict.fromkeys(warnings)), "nsfw": nsfw if self.handles.safety else None,
                 "cached": False}
-        images = [base64.b64encode(data).decode() for data in files]
-        return ImagesResponse(images=images, parameters=parameters, info=json.dumps(info))
+        return files, info
 
     def _settings_text(self, r: Txt2ImgRequest, switch: float | None, hires: plans.A1111Hires | None, *,
                        edit: bool) -> dict:
@@ -225,7 +230,7 @@ class A1111Routes(CheckpointChoice):
     @router.post("/txt2img", response_model=ImagesResponse)
     async def txt2img(self, body: Txt2ImgRequest, http: Request) -> Response:
         """Text to image, with hires fix (enable_hr), refiner, LoRA tags and face restoration."""
-        return json_answer(await self._run(http, body, cache_as="a1111-txt2img"))
+        return await self._run(http, body, cache_as="a1111-txt2img")
 
     @router.post("/img2img", response_model=ImagesResponse)
     async def img2img(self, body: Img2ImgRequest, http: Request) -> Response:
@@ -233,8 +238,8 @@ class A1111Routes(CheckpointChoice):
         parent = image_bytes(body.init_images[0], "init_images")
         init = decode(parent, field="init_images")
         mask = image_field(body.mask, "mask") if body.mask else None
-        return json_answer(await self._run(http, body, parent, init_image=init, mask=mask, mask_blur=body.mask_blur,
-                                           strength=body.denoising_strength))
+        return await self._run(http, body, parent, init_image=init, mask=mask, mask_blur=body.mask_blur,
+                               strength=body.denoising_strength)
 
     async def _extras(self, body: ExtrasRequest, image: Image.Image) -> tuple[Image.Image, dict]:
         """The upscaled (and restored) image, and what ran."""

@@ -6,12 +6,14 @@ that answer with images write theirs.
 - Anything that is not plain, finite, reasonably nested UTF-8 JSON is a 422 naming ``body``: invalid Unicode,
   ``NaN`` / ``Infinity`` (valid Python, not JSON), nesting deep enough to exhaust the parser's recursion.
 - An answer carrying base64 images is written once, by pydantic-core (``json_answer``): FastAPI's own path
-  validates the model again and encodes it twice, about 20 ms of the ingress's core for a 1536² PNG.
+  validates the model again and encodes it twice, about 20 ms of the ingress's core for a 1536² PNG. A large
+  payload goes in as bytes, spliced where its ``blob`` placeholder was (about 10 ms less again).
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -75,7 +77,20 @@ class JSONBodyRoute(APIRoute):
         return read_json_first
 
 
-def json_answer(model: BaseModel) -> Response:
-    """``model`` as the response body, serialised once. The route keeps its ``response_model`` for the OpenAPI
-    page; the model was validated when it was built."""
-    return Response(pydantic_core.to_json(model), media_type="application/json")
+_NONCE = secrets.token_hex(8)  # per process: a client cannot write a placeholder into its own fields
+
+
+def blob(name: str) -> str:
+    """A placeholder for a base64 payload in a response model, which ``json_answer`` replaces with the bytes:
+    a megabyte-sized string is then neither validated by the model nor escaped by the serialiser."""
+    return f"@@{_NONCE}:{name}@@"
+
+
+def json_answer(model: BaseModel, **blobs: bytes) -> Response:
+    """``model`` as the response body, serialised once, with each ``blob(name)`` placeholder replaced by
+    ``blobs[name]``, base64 text, which JSON needs no escaping for. The route keeps its ``response_model`` for the
+    OpenAPI page; the model was validated when it was built."""
+    body = pydantic_core.to_json(model)
+    for name, data in blobs.items():
+        body = body.replace(blob(name).encode(), data)
+    return Response(body, media_type="application/json")

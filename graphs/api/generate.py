@@ -13,7 +13,7 @@ from deployments.support import overlay
 from deployments.support.overlay import Overlay
 from deployments.support.settings import Settings
 from graphs import flights, plans
-from graphs.api.body import JSONBodyRoute, json_answer
+from graphs.api.body import JSONBodyRoute, blob, json_answer
 from graphs.api.checkpoints import CheckpointChoice
 from graphs.api.errors import ErrorBody, call
 from graphs.jobs.cache import RequestCache
@@ -163,14 +163,13 @@ class GenerateRoutes(CheckpointChoice):
             async with flights.flight():
                 report = await plans.seed000(self.handles, fields, self.hires_upscaler, request_id)
             await self.cache.put(key, report.facts(), [report.data])
-        encoded = base64.b64encode(report.data).decode()
         width, height = report.size
         return json_answer(GenerateResponse(
-            success=True, image=f"data:image/png;base64,{encoded}", prompt=body.prompt, enhanced_prompt=body.prompt,
+            success=True, image=f"data:image/png;base64,{blob('png')}", prompt=body.prompt, enhanced_prompt=body.prompt,
             seed=report.seed, refiner_applied=report.refiner_applied, hires_fix_applied=report.hires_fix_applied,
             face_restoration_applied=report.face_restoration_applied, overlay_applied=body.overlay is not None,
             nsfw=report.nsfw, cached=hit is not None, upscaler=report.upscaler, final_resolution=f"{width}x{height}",
             generation_time_seconds=round(time.perf_counter() - started, 3),
             model="SDXL", checkpoint=report.checkpoint or fields["model"], warnings=report.warnings,
-            imageData=encoded, format="png", width=width, height=height,
-        ))
+            imageData=blob("png"), format="png", width=width, height=height,
+        ), png=base64.b64encode(report.data))
