@@ -6,17 +6,18 @@ import base64
 import json
 import os
 
-from graphs.api.body import blob, json_answer
+from graphs.api.body import blob, blobs, json_answer
 from graphs.api.generate import GenerateResponse
 
 
-def answer(prompt: str, png: bytes) -> dict:
+def answer(prompt: str, data: bytes) -> dict:
+    (png,), payloads = blobs([data])
     model = GenerateResponse(
-        success=True, image=f"data:image/png;base64,{blob('png')}", prompt=prompt, enhanced_prompt=prompt, seed=1,
+        success=True, image=f"data:image/png;base64,{png}", prompt=prompt, enhanced_prompt=prompt, seed=1,
         refiner_applied=False, hires_fix_applied=False, face_restoration_applied=False, overlay_applied=False,
         cached=False, upscaler=None, final_resolution="8x8", generation_time_seconds=0.1, model="SDXL",
-        checkpoint="c", warnings=[], imageData=blob("png"), format="png", width=8, height=8)
-    response = json_answer(model, png=base64.b64encode(png))
+        checkpoint="c", warnings=[], imageData=png, format="png", width=8, height=8)
+    response = json_answer(model, **payloads)
     assert response.media_type == "application/json"
     return json.loads(response.body)
 
@@ -31,6 +32,6 @@ def test_the_payload_lands_in_both_image_fields_and_the_answer_validates():
 
 
 def test_a_client_cannot_write_a_placeholder_of_its_own():
-    guesses = "@@blob:png@@ @@png@@ " + blob("other")  # another name: never replaced
+    guesses = "@@blob:file0@@ @@file0@@ " + blob("other")  # a name given no payload: never replaced
     body = answer(guesses, b"\x89PNG")
     assert body["prompt"] == guesses

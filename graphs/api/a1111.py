@@ -18,7 +18,6 @@ while the filter is on (it screens the finished images, then encodes them), else
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import time
 import uuid
@@ -46,7 +45,7 @@ from graphs.api.a1111_models import (
     Txt2ImgRequest,
     infotext,
 )
-from graphs.api.body import JSONBodyRoute, blob, json_answer
+from graphs.api.body import JSONBodyRoute, blobs, json_answer
 from graphs.api.checkpoints import CheckpointChoice
 from graphs.api.edge import token_owner
 from graphs.api.errors import call
@@ -74,9 +73,8 @@ class InFlight:
 
 def images_answer(files: list[bytes], parameters: dict, info: dict) -> Response:
     """A1111's answer for ``files``: each one base64 in ``images``, spliced in as bytes (see ``json_answer``)."""
-    names = [f"image{i}" for i in range(len(files))]
-    return json_answer(ImagesResponse(images=[blob(n) for n in names], parameters=parameters, info=json.dumps(info)),
-                       **{n: base64.b64encode(data) for n, data in zip(names, files, strict=True)})
+    images, payloads = blobs(files)
+    return json_answer(ImagesResponse(images=images, parameters=parameters, info=json.dumps(info)), **payloads)
 
 
 def _client(request: Request) -> str:
@@ -92,12 +90,12 @@ class A1111Routes(CheckpointChoice):
     provenance: object
 
     async def _files(self, images: list[Image.Image], info: dict, parameters: list[str] | None = None,
-                     parent: bytes | None = None) -> list[str]:
-        """Base64 PNGs, watermarked, encoded and signed in the Provenance deployment (the ingress imports neither
+                     parent: bytes | None = None) -> list[bytes]:
+        """PNG files, watermarked, encoded and signed in the Provenance deployment (the ingress imports neither
         OpenCV nor c2pa); ``parent``: the uploaded file an edit started from."""
         result = await call(self.provenance.encode.remote(  # type: ignore[attr-defined]
             StageResult(images=images, info=info), Encoding(parameters=parameters, parent=parent)))
-        return [base64.b64encode(data).decode() for data in result.encoded]
+        return result.encoded
 
     async def _track(self, flight: InFlight) -> None:
         record = {"id": flight.id, "started": flight.started, "total_steps": flight.total_steps,
@@ -266,18 +264,20 @@ class A1111Routes(CheckpointChoice):
         """Upscale (two blended upscalers) and restore faces in one image."""
         raw = image_bytes(body.image, "image")
         out, info = await self._extras(body, decode(raw, field="image"))
-        return json_answer(ExtrasResponse(html_info="", image=(await self._files([out], info, parent=raw))[0]))
+        (image,), payloads = blobs(await self._files([out], info, parent=raw))
+        return json_answer(ExtrasResponse(html_info="", image=image), **payloads)
 
     @router.post("/extra-batch-images", response_model=ExtrasBatchResponse)
-    async def extra_batch_images(self, body: ExtrasBatchRequest) -> ExtrasBatchResponse:
+    async def extra_batch_images(self, body: ExtrasBatchRequest) -> Response:
         """The same as extra-single-image for a list of images."""
         files = [image_bytes(item.data, f"imageList.{i}.data") for i, item in enumerate(body.imageList)]
         images = [decode(raw, field=f"imageList.{i}.data") for i, raw in enumerate(files)]
-        out = []
+        out: list[bytes] = []
         for image, raw in zip(images, files, strict=True):
             upscaled, info = await self._extras(body, image)
             out += await self._files([upscaled], info, parent=raw)
-        return ExtrasBatchResponse(html_info="", images=out)
+        placeholders, payloads = blobs(out)
+        return json_answer(ExtrasBatchResponse(html_info="", images=placeholders), **payloads)
 
     @router.get("/progress", response_model=Progress)
     async def progress(self, http: Request, skip_current_image: bool = False) -> dict:

@@ -12,6 +12,7 @@ that answer with images write theirs.
 
 from __future__ import annotations
 
+import base64
 import json
 import secrets
 from collections.abc import Callable, Coroutine
@@ -84,6 +85,13 @@ def blob(name: str) -> str:
     """A placeholder for a base64 payload in a response model, which ``json_answer`` replaces with the bytes:
     a megabyte-sized string is then neither validated by the model nor escaped by the serialiser."""
     return f"@@{_NONCE}:{name}@@"
+
+
+def blobs(files: list[bytes]) -> tuple[list[str], dict[str, bytes]]:
+    """For each file, the placeholder that stands for it in a response model, and the base64 payloads by name,
+    for ``json_answer``."""
+    names = [f"file{i}" for i in range(len(files))]
+    return [blob(n) for n in names], {n: base64.b64encode(data) for n, data in zip(names, files, strict=True)}
 
 
 def json_answer(model: BaseModel, **blobs: bytes) -> Response:

@@ -1,7 +1,6 @@
 """Seed 000 (and seed 002's sync client): ``POST /generate``; ``GET /health/`` and ``GET /models``."""
 
 import asyncio
-import base64
 import time
 import uuid
 from typing import Literal
@@ -13,7 +12,7 @@ from deployments.support import overlay
 from deployments.support.overlay import Overlay
 from deployments.support.settings import Settings
 from graphs import flights, plans
-from graphs.api.body import JSONBodyRoute, blob, json_answer
+from graphs.api.body import JSONBodyRoute, blobs, json_answer
 from graphs.api.checkpoints import CheckpointChoice
 from graphs.api.errors import ErrorBody, call
 from graphs.jobs.cache import RequestCache
@@ -164,12 +163,13 @@ class GenerateRoutes(CheckpointChoice):
                 report = await plans.seed000(self.handles, fields, self.hires_upscaler, request_id)
             await self.cache.put(key, report.facts(), [report.data])
         width, height = report.size
+        (png,), payloads = blobs([report.data])
         return json_answer(GenerateResponse(
-            success=True, image=f"data:image/png;base64,{blob('png')}", prompt=body.prompt, enhanced_prompt=body.prompt,
+            success=True, image=f"data:image/png;base64,{png}", prompt=body.prompt, enhanced_prompt=body.prompt,
             seed=report.seed, refiner_applied=report.refiner_applied, hires_fix_applied=report.hires_fix_applied,
             face_restoration_applied=report.face_restoration_applied, overlay_applied=body.overlay is not None,
             nsfw=report.nsfw, cached=hit is not None, upscaler=report.upscaler, final_resolution=f"{width}x{height}",
             generation_time_seconds=round(time.perf_counter() - started, 3),
             model="SDXL", checkpoint=report.checkpoint or fields["model"], warnings=report.warnings,
-            imageData=blob("png"), format="png", width=width, height=height,
-        ), png=base64.b64encode(report.data))
+            imageData=png, format="png", width=width, height=height,
+        ), **payloads)
