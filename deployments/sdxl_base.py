@@ -445,7 +445,8 @@ class SDXLBase:
         self.reporter.start()
         try:
             item.checkpoint = await self._checkpoint(checkpoint)
-            return await encoded(await self.batcher.submit(batch_key(request), item), encode)
+            submitted = self.batcher.submit(batch_key(request), item)
+            return await encoded(await self.model.cancellation.guard(item.request_id, submitted), encode)
         except asyncio.CancelledError:  # cancelled through Serve (a cancel, deadline or disconnect upstream)
             self.model.cancellation.cancel(item.request_id)
             raise

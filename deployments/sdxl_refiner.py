@@ -224,7 +224,8 @@ class SDXLRefiner:
         item = BatchItem(request, request_id or uuid.uuid4().hex, count, source=source)
         self.reporter.start()
         try:
-            return await self.batchers[ensemble].submit(batch_key(request, source, ensemble=ensemble), item)
+            submitted = self.batchers[ensemble].submit(batch_key(request, source, ensemble=ensemble), item)
+            return await self.model.cancellation.guard(item.request_id, submitted)
         except asyncio.CancelledError:  # cancelled through Serve: stop the denoising loop for this item
             self.model.cancellation.cancel(item.request_id)
             raise

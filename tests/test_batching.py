@@ -146,3 +146,35 @@ def test_refiner_batches_keep_each_items_seeds_and_pixels(base, refiner):
     batch = refiner.refine_batch([BatchItem(images, f"i{i}", source=s) for i, s in enumerate(sources)],
                                  ensemble=False)
     assert mad(batch[1].image, refiner.refine_images(images, sources[1]).image) < 1.0
+
+
+def test_a_cancelled_caller_stops_waiting_at_once_while_its_batch_mate_runs_on():
+    """A cancel from the progress board (another thread) answers the cancelled request's caller immediately; the
+    work it waited on, shared with a batch mate, is not disturbed."""
+    import asyncio
+    import threading
+
+    from deployments.support.errors import GenerationCancelled
+    from deployments.support.generation import Cancellation
+
+    async def scenario() -> None:
+        cancellation, release = Cancellation(), asyncio.Event()
+
+        async def batch() -> str:
+            await release.wait()
+            return "images"
+
+        a = asyncio.ensure_future(cancellation.guard("a", batch()))
+        b = asyncio.ensure_future(cancellation.guard("b", batch()))
+        await asyncio.sleep(0.05)
+        threading.Thread(target=cancellation.cancel, args=("a",)).start()
+        with pytest.raises(GenerationCancelled):
+            await asyncio.wait_for(a, timeout=5)
+        assert not b.done()
+        release.set()
+        assert await asyncio.wait_for(b, timeout=5) == "images"
+        cancellation.cancel("c")  # cancelled before it reached the replica's queue
+        with pytest.raises(GenerationCancelled):
+            await asyncio.wait_for(cancellation.guard("c", asyncio.Event().wait()), timeout=5)
+
+    asyncio.run(scenario())

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -230,6 +231,7 @@ class Cancellation:
         self._progress: dict[str, tuple[int, int]] = {}
         self._latents: dict[str, Any] = {}  # numpy arrays or torch tensors (this module never imports torch)
         self._finished: list[str] = []
+        self._waiting: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Event]] = {}  # see ``guard``
 
     def keep_latents(self, request_id: str | None, latents) -> None:
         """The first image's current latents (an array or a device tensor, copied only when a preview is asked
@@ -254,6 +256,31 @@ class Cancellation:
             for stale in [r for r, at in self._cancelled.items() if now - at > CANCEL_TTL_S]:
                 del self._cancelled[stale]
             self._cancelled[request_id] = now
+            waiting = self._waiting.get(request_id)
+        if waiting is not None:
+            loop, event = waiting
+            loop.call_soon_threadsafe(event.set)
+
+    async def guard(self, request_id: str, work: Awaitable[Any]) -> Any:
+        """``work``'s result, or ``GenerationCancelled`` as soon as the request is cancelled (by the progress
+        board: an A1111 interrupt or a job cancel from any ingress). The batch it rides in runs on for its mates;
+        only this caller stops waiting for it."""
+        loop, event = asyncio.get_running_loop(), asyncio.Event()
+        with self._lock:
+            self._waiting[request_id] = (loop, event)
+            if request_id in self._cancelled:
+                event.set()
+        task, waiter = asyncio.ensure_future(work), asyncio.ensure_future(event.wait())
+        try:
+            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                return task.result()
+            raise GenerationCancelled(f"request {request_id} cancelled")
+        finally:
+            for pending in (task, waiter):
+                pending.cancel()
+            with self._lock:
+                self._waiting.pop(request_id, None)
 
     def progress(self, request_id: str) -> tuple[int, int] | None:
         with self._lock:
