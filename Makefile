@@ -6,7 +6,7 @@ TINY_MODELS ?= $(HOME)/.cache/imagegen/tiny-models
 FULLSIZE_MODELS ?= $(HOME)/.cache/imagegen/fullsize-models
 export TINY_MODELS FULLSIZE_MODELS
 
-.PHONY: install models lint test demo bench bench-gpu fullsize soak clean
+.PHONY: install models lint test demo bench bench-gpu device-kit fullsize soak clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -57,6 +57,10 @@ bench-gpu: install
 	$(PY) -m tests.bench_gpu
 	if $(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then $(PY) -m tests.bench_gpu_serve; \
 	else echo "no CUDA here: Serve figures skipped"; fi
+
+# What a GPU machine without a registry lacks, as one archive to carry (README: "Measuring on a GPU machine").
+device-kit: install
+	$(PY) -m tests.device_kit
 
 soak: models
 	$(PY) -m tests.soak

@@ -125,7 +125,7 @@ def latencies(client: httpx.Client, payload: dict, runs: int) -> list[float]:
 
 
 def throughput(concurrency: int, requests: int) -> dict:
-    payload = {**STANDARD, "num_inference_steps": 20}
+    payload = {**STANDARD, "num_inference_steps": min(20, STANDARD["num_inference_steps"])}
 
     def one(i: int) -> float:
         with httpx.Client(base_url=URL, timeout=600) as c:
@@ -162,15 +162,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench-gpu-serve.json")
     parser.add_argument("--fast", default="", help="JSON overrides of base/refiner fast settings")
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--budget", type=float, default=900, help="seconds; measurements after it are skipped")
+    parser.add_argument("--shrink", action="store_true", help="a smoke run of this script on the toy-width "
+                        "fixtures that `tests/bench_gpu.py --shrink` builds: 256², 2 steps, on any machine")
+    parser.add_argument("--cold", choices=("both", "saved"), default="both",
+                        help="both: start once with an empty compile cache, then again with the saved one; saved: "
+                             "one start on the cache already there (a short lease, after tests/bench_gpu.py)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import ray
     from ray import serve
 
     cache = Path(os.environ.setdefault("MODEL_CACHE_DIR", str(Path.home() / ".cache" / "imagegen" / "models")))
-    shutil.rmtree(cache / "compile", ignore_errors=True)
+    if args.cold == "both":
+        shutil.rmtree(cache / "compile", ignore_errors=True)
+    cached = sum(1 for f in (cache / "compile").rglob("*") if f.is_file()) if (cache / "compile").exists() else 0
     env = {k: os.environ[k] for k in ("MODEL_CACHE_DIR", "PYTHONPATH", "JOBS_DATA_DIR") if k in os.environ}
-    ray.init(num_gpus=1, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
+    if args.shrink:  # serve_config.yaml's shape asks for a GPU machine's cores; here they are logical
+        STANDARD.update(width=256, height=256, num_inference_steps=2)
+    ray.init(num_gpus=1, num_cpus=16 if args.shrink else None, include_dashboard=False,
+             runtime_env={"env_vars": env}, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     sampler = GpuSampler()
     sampler.start()
@@ -178,40 +189,73 @@ def main(argv: list[str] | None = None) -> int:
     rows = report["rows"]
     app, options = app_args(args.models, json.loads(args.fast) if args.fast else None)
     report["fast"] = {"base": app["base"].get("fast"), "refiner": app["refiner"].get("fast")}
+    deadline = time.monotonic() + args.budget
+
+    def measured(stage: str, run) -> None:
+        """One row, skipped once the budget is spent; the JSON is rewritten after each, so a run cut short by
+        the machine's limit still leaves what it measured."""
+        if time.monotonic() > deadline:
+            rows.append({"stage": stage, "skipped": "time budget spent"})
+        else:
+            try:
+                rows.append({"stage": stage, **run()})
+            except Exception as e:  # a failed measurement is a finding; the others still run
+                logger.exception("%s failed", stage)
+                rows.append({"stage": stage, "error": f"{type(e).__name__}: {e}"[:400]})
+        logger.info("%s", rows[-1])
+        args.out.write_text(json.dumps(report, indent=1, default=str))
+
     with httpx.Client(base_url=URL, timeout=600) as client:
-        for label in ("empty compile cache", "saved compile cache"):
+        def cold() -> dict:
             started = time.perf_counter()
             deploy_s = deploy(app, options)
             first_image(client)
-            rows.append({"stage": f"cold start to first image, {label}", "deploy_s": round(deploy_s, 1),
-                         "median_s": time.perf_counter() - started})
-            logger.info("%s", rows[-1])
-            if label.startswith("empty"):
-                serve.delete("imagegen")
-        standard = latencies(client, STANDARD, args.runs)
-        rows.append({"stage": "standard 1024² 30 steps via HTTP (PNG)", "median_s": statistics.median(standard),
-                     "max_s": max(standard)})
-        quality = latencies(client, {**STANDARD, "preset": "quality", "use_refiner": True}, max(2, args.runs // 2))
-        rows.append({"stage": "max quality: preset quality (hires fix 1536², R-ESRGAN, refiner, faces)",
-                     "median_s": statistics.median(quality), "max_s": max(quality)})
-        batch_job(client)
-        batch = [batch_job(client) for _ in range(2)]
-        rows.append({"stage": "4-size batch job (3 SDXL bases + crops)", "median_s": statistics.median(batch)})
+            return {"deploy_s": round(deploy_s, 1), "median_s": time.perf_counter() - started}
+
+        if args.cold == "both":
+            measured("cold start to first image, empty compile cache", cold)
+            serve.delete("imagegen")
+            measured("cold start to first image, saved compile cache", cold)
+        else:
+            measured(f"cold start to first image, the compile cache there ({cached} files)", cold)
+
+        def timed(payload: dict, runs: int) -> dict:
+            times = latencies(client, payload, runs)
+            return {"median_s": statistics.median(times), "max_s": max(times)}
+
+        size, steps = STANDARD["width"], STANDARD["num_inference_steps"]
+        measured(f"standard {size}² {steps} steps via HTTP (PNG)", lambda: timed(STANDARD, args.runs))
+        # Random RetinaFace weights find faces everywhere, and CodeFormer on a CPU takes seconds per face.
+        quality = {**STANDARD, "preset": "quality", "use_refiner": True} | (
+            {"use_face_restoration": False} if args.shrink else {})
+        measured(f"max quality: preset quality (hires fix 1536², R-ESRGAN, refiner{'' if args.shrink else ', faces'})",
+                 lambda: timed(quality, max(2, args.runs // 2)))
         for concurrency in (1, 4, 16):
-            result = throughput(concurrency, max(4, concurrency * 2))
-            rows.append({"stage": f"throughput 1024² 20 steps, concurrency {concurrency}",
-                         "median_s": result["p50_s"], "images_per_s": result["images_per_s"]})
-            logger.info("%s", rows[-1])
+            def burst(concurrency: int = concurrency) -> dict:
+                result = throughput(concurrency, max(4, concurrency * 2))
+                return {"median_s": result["p50_s"], "images_per_s": result["images_per_s"]}
+
+            measured(f"throughput {size}² {min(20, steps)} steps, concurrency {concurrency}", burst)
+
+        def batches() -> dict:
+            batch_job(client)
+            return {"median_s": statistics.median(batch_job(client) for _ in range(2))}
+
+        measured("4-size batch job (3 SDXL bases + crops)", batches)
     sampler.stopped.set()
-    total_gib = int(subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
-                                   capture_output=True, text=True).stdout.split()[0]) / 1024
+    try:
+        total_gib = int(subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                                       capture_output=True, text=True).stdout.split()[0]) / 1024
+    except (OSError, IndexError, ValueError):
+        total_gib = 0.0  # no NVIDIA GPU here (a --shrink smoke run): no memory rows either
     fractions = {name: o.get("ray_actor_options", {}).get("num_gpus", 0) for name, o in options.items()}
     report["memory"] = {name: {"peak_gib": round(gib, 1), "fraction": fractions.get(name),
                                "budget_gib": round(fractions.get(name, 0) * total_gib, 1)}
                         for name, gib in sampler.by_deployment().items()}
     args.out.write_text(json.dumps(report, indent=1, default=str))
     lines = [f"{'through Serve':<72} {'p50 s':>8} {'img/s':>6}"]
-    lines += [f"{r['stage'][:72]:<72} {r['median_s']:>8.2f} {r.get('images_per_s', 0):>6.2f}" for r in rows]
+    lines += [f"{r['stage'][:72]:<72} {r['median_s']:>8.2f} {r.get('images_per_s', 0):>6.2f}" if "median_s" in r
+              else f"{r['stage'][:72]:<72} {r.get('error') or r.get('skipped')}" for r in rows]
     lines += [f"GPU memory {n:<14} peak {m['peak_gib']:>6.1f} GiB, fraction {m['fraction']} = {m['budget_gib']} GiB"
               for n, m in report["memory"].items()]
     sys.stdout.write("\n".join(lines) + "\n")

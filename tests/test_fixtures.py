@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 
@@ -143,3 +144,26 @@ def test_the_safety_checker_has_the_released_layout(shrunk):
     assert preprocessing["crop_size"] == {"height": 224, "width": 224}
     checker = ContentFilter(SafetyCheckerConfig(model=str(folder)))
     assert checker.scores([Image.new("RGB", (300, 200))]).shape == (1, 17)
+
+
+def test_the_gpu_stage_benchmark_runs_every_stage_on_these_layouts(shrunk, tmp_path):
+    """``tests/bench_gpu.py``'s GPU plan (every variant and stage) on the toy-width layouts, so that a lent GPU is
+    never spent finding that the benchmark itself drifted from the serving classes; on a CPU the compile settings
+    run eagerly and only the attention kernels the CPU lacks may fail."""
+    from tests import bench_gpu
+
+    (shrunk / ".stamp").touch()  # every artefact is there: the benchmark builds nothing
+    out = tmp_path / "bench-gpu.json"
+    assert bench_gpu.main(["--shrink", "--models", str(shrunk), "--out", str(out), "--budget", "600"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    errors = {row["stage"]: row["error"] for row in rows if "error" in row}
+    assert all("attention" in stage and "backend" in error for stage, error in errors.items()), errors
+    assert not [row for row in rows if "skipped" in row]
+    measured = {row.get("variant", row["stage"]): row for row in rows if "median_s" in row}
+    for name in ("eager float32 (reference)", "shipped: bfloat16 + channels-last + compile full + VAE compiled",
+                 "refiner 384² strength 0.35 (bf16, channels-last)", "CodeFormer one 512² face bfloat16",
+                 "Real-ESRGAN x2 192→384 float16 + channels-last, tile 512", "VAE decode 384² bfloat16 compiled"):
+        assert measured[name]["median_s"] > 0, name
+    bases = [row for row in rows if "variant" in row]
+    assert len(bases) >= 8
+    assert all(row["finite"] and math.isfinite(row["latent_rel_error"]) and row["psnr_db"] > 0 for row in bases)

@@ -1,0 +1,47 @@
+"""The GPU machine's kit (``make device-kit``): what it carries, and that what it leaves behind is never imported
+until a feature the measurements do not use needs it."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from tests import device_kit
+
+ROOT = Path(__file__).resolve().parent.parent
+# Import names of the packages the kit leaves out (device_kit.LEFT_OUT and what only they pull in).
+LEFT_OUT_MODULES = ("boto3", "botocore", "c2pa", "cryptography", "imwatermark", "pywt", "mediapipe")
+
+
+def test_the_kit_carries_the_serving_stack_at_the_versions_installed_here():
+    wanted = device_kit.wanted()
+    for name in ("ray", "diffusers", "pydantic", "pydantic-core", "fastapi", "starlette", "uvicorn", "spandrel",
+                 "spandrel-extra-arches", "facexlib", "torchsde", "pydantic-settings"):
+        assert wanted[name] == md.version(name), name
+
+
+def test_the_kit_leaves_the_image_and_the_lazy_features_behind():
+    wanted = device_kit.wanted()
+    assert not set(wanted) & device_kit.IMAGE  # torch, numpy, transformers... are the image's own
+    for name in ("torch", "numpy", "transformers", "huggingface-hub", "boto3", "botocore", "s3transfer",
+                 "c2pa-python", "cryptography", "mediapipe", "opencv-contrib-python", "invisible-watermark",
+                 "pywavelets", "imagegen-serve"):
+        assert name not in wanted, name
+
+
+def test_the_left_out_packages_are_imported_only_by_the_features_that_use_them():
+    """Every module of ``deployments`` and ``graphs`` imports with those packages unimportable (as on the GPU
+    machine), so a new top-level ``import boto3`` fails here rather than in a lease."""
+    script = textwrap.dedent(f"""
+        import sys
+        for name in {LEFT_OUT_MODULES!r}:
+            sys.modules[name] = None  # import raises ImportError, as where the package is missing
+        from tests import device_check
+        print(device_check.check_imports())
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("libraries")
