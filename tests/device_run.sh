@@ -18,7 +18,7 @@ if [ ! -d "$kit/site" ]; then
     tar -xJf "$kit/site.tar.xz" -C "$kit"
 fi
 export PYTHONPATH="$kit/site:$root${PYTHONPATH:+:$PYTHONPATH}"
-export FULLSIZE_MODELS="$kit/models" MODEL_CACHE_DIR="$kit/cache" JOBS_DATA_DIR="$kit/jobs"
+export FULLSIZE_MODELS="$kit/models" MODEL_CACHE_DIR="$kit/cache"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0
 python=${PYTHON:-python3}
 

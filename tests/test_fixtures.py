@@ -154,7 +154,7 @@ def test_the_gpu_stage_benchmark_runs_every_stage_on_these_layouts(shrunk, tmp_p
 
     (shrunk / ".stamp").touch()  # every artefact is there: the benchmark builds nothing
     out = tmp_path / "bench-gpu.json"
-    assert bench_gpu.main(["--shrink", "--models", str(shrunk), "--out", str(out), "--budget", "600"]) == 0
+    assert bench_gpu.main(["--shrink", "--quick", "--models", str(shrunk), "--out", str(out), "--budget", "600"]) == 0
     rows = json.loads(out.read_text())["rows"]
     errors = {row["stage"]: row["error"] for row in rows if "error" in row}
     assert all("attention" in stage and "backend" in error for stage, error in errors.items()), errors
@@ -165,5 +165,5 @@ def test_the_gpu_stage_benchmark_runs_every_stage_on_these_layouts(shrunk, tmp_p
                  "Real-ESRGAN x2 192→384 float16 + channels-last, tile 512", "VAE decode 384² bfloat16 compiled"):
         assert measured[name]["median_s"] > 0, name
     bases = [row for row in rows if "variant" in row]
-    assert len(bases) >= 8
+    assert len(bases) >= 6
     assert all(row["finite"] and math.isfinite(row["latent_rel_error"]) and row["psnr_db"] > 0 for row in bases)
