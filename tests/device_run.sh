@@ -14,13 +14,14 @@ root=$(pwd)
 kit="$root/.devenv"
 out=${OUT:-$kit/out}
 mkdir -p "$out"
-if [ ! -d "$kit/site" ]; then
-    tar -xJf "$kit/site.tar.xz" -C "$kit"
+python=${PYTHON:-python3}
+if [ ! -d "$kit/site" ]; then  # Python's own xz, in case the image lacks the xz tool
+    "$python" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="tar")' \
+        "$kit/site.tar.xz" "$kit"
 fi
 export PYTHONPATH="$kit/site:$root${PYTHONPATH:+:$PYTHONPATH}"
 export FULLSIZE_MODELS="$kit/models" MODEL_CACHE_DIR="$kit/cache"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0
-python=${PYTHON:-python3}
 
 # Everything a phase prints goes to its log under $OUT; the reply carries the end: the table.
 case "$phase" in
