@@ -1,10 +1,10 @@
 """``make device-kit``: what the GPU machine lacks of the service's Python stack, packed to travel with one call.
 
-The lent GPU machine (see the README's "Measuring on a GPU") has Python 3.12 with torch, transformers, accelerate,
-peft, numpy and OpenCV, reaches no registry, and takes at most 64 MiB of ignored files per call. This builds
-``.devenv/site.tar.xz``: every runtime dependency of this project that its image does not hold, at the versions
-installed here, as CPython 3.12 manylinux wheels unpacked into one ``site`` folder (``PYTHONPATH`` there), less
-what the measurements never import:
+The lent GPU machine (the README's "Measuring on a GPU machine", under "Tests") has Python 3.12 with torch,
+transformers, accelerate, peft, numpy and OpenCV, reaches no registry, and takes at most 64 MiB of ignored files
+per call. This builds ``.devenv/site.tar.xz``: every runtime dependency of this project that its image does not
+hold, at the versions installed here, as CPython 3.12 manylinux wheels unpacked into one ``site`` folder
+(``PYTHONPATH`` there), less what the measurements never import:
 
 - Ray's Java jars and its training, tuning, data and RL libraries, and the dashboard's web page;
 - features that load their packages only when used: S3 (boto3), content credentials (c2pa), reading watermarks
@@ -148,9 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     archive = build(args.out, args.wheels)
-    size = archive.stat().st_size
+    size, listing = archive.stat().st_size, args.out / "packages.txt"
     sys.stdout.write(f"{archive}: {size / 2**20:.1f} MiB of the 64 MiB a call carries, "
-                     f"{len(wanted())} packages ({args.out / 'packages.txt'})\n")
+                     f"{len(listing.read_text().splitlines())} packages ({listing})\n")
     return 0 if size < LIMIT else 1
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements of `make bench-gpu`, on the lent GPU machine, in calls that fit its limits (README:
-# "Measuring on a GPU"). Run from the repository root with the kit built by `make device-kit` carried along:
+# "Measuring on a GPU machine", under "Tests"). Run from the repository root with the kit built by
+# `make device-kit` carried along:
 #
 #   tests/device_run.sh check    imports and one CUDA step of every stage's library (seconds)
 #   tests/device_run.sh stages   full-size fixtures built on the GPU, then the stage table   (one call, <= 10 min)
