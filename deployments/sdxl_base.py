@@ -346,6 +346,14 @@ def check_request(request: GenerationRequest, max_pixels: int) -> None:
         check_size(request.hires.width, request.hires.height, max_pixels)
 
 
+def passes_over(request: GenerationRequest, source: StageResult) -> list[GenerationRequest]:
+    """``request`` as one img2img pass per image of ``source``: that image at its own size (rounded down to a
+    multiple of 8), with its own seed."""
+    return [request.model_copy(update={"init_image": image, "width": image.width // 8 * 8,
+                                       "height": image.height // 8 * 8, "seed": seed, "batch_size": 1})
+            for image, seed in zip(source.images, source.seeds, strict=True)]
+
+
 def batch_key(request: GenerationRequest) -> tuple | None:
     """What requests must share to run in one pipeline call; ``None``: this one runs alone (an inpainting mask
     and an IP-Adapter reference belong to one request). The checkpoint is part of it: a batch never mixes two."""
@@ -437,18 +445,25 @@ class SDXLBase:
         return outcomes
 
     async def generate(self, request: GenerationRequest, request_id: str | None = None,
-                       encode: Encoding | None = None) -> StageResult:
-        """``encode``: this is the plan's last stage; answer with files, not pixels."""
+                       encode: Encoding | None = None, init: StageResult | None = None) -> StageResult:
+        """``encode``: this is the plan's last stage; answer with files, not pixels. ``init``: an earlier stage's
+        result (A1111's pixel hires fix: the upscaler's), whose images this pass takes as img2img inputs, each at
+        its own size (rounded down to a multiple of 8) with its own seed; they travel replica to replica."""
         checkpoint = request.checkpoint or self.model.catalog.default
         request = request.model_copy(update={"checkpoint": checkpoint})
-        item = BatchItem(request, request_id or uuid.uuid4().hex, request.batch_size)
+        request_id = request_id or uuid.uuid4().hex
+        items = [BatchItem(request, request_id, request.batch_size)] if init is None else [
+            BatchItem(again, request_id) for again in passes_over(request, init)]
         self.reporter.start()
         try:
-            item.checkpoint = await self._checkpoint(checkpoint)
-            submitted = self.batcher.submit(batch_key(request), item)
-            return await encoded(await self.model.cancellation.guard(item.request_id, submitted), encode)
+            held = await self._checkpoint(checkpoint)
+            for item in items:
+                item.checkpoint = held
+            submitted = asyncio.gather(*(self.batcher.submit(batch_key(item.request), item) for item in items))
+            results = await self.model.cancellation.guard(request_id, submitted)
+            return await encoded(results[0] if init is None else init.joined(results), encode)
         except asyncio.CancelledError:  # cancelled through Serve (a cancel, deadline or disconnect upstream)
-            self.model.cancellation.cancel(item.request_id)
+            self.model.cancellation.cancel(request_id)
             raise
 
     async def refresh(self) -> dict[str, list[str]]:

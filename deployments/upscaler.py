@@ -89,23 +89,33 @@ class ImageUpscaler:
         width: int | None = None,
         height: int | None = None,
     ) -> StageResult:
-        """The previous stage's image at the target size; ``info["upscaler"]`` says what actually ran."""
+        """The previous stage's images (every one of them) at the target size; ``info["upscaler"]`` says what
+        actually ran."""
         source = StageResult.of(source)
-        image = to_rgb(source.image)
-        size = target_size(image.size, scale, width, height)
-        if size[0] * size[1] > self.config.max_output_pixels:
-            raise InvalidInput(f"output {size[0]}x{size[1]} exceeds the pixel limit", field="scale")
+        ran, warnings, images = upscaler, [], []
+        for image in source.images or [source.image]:  # none: ``image`` raises the structured error
+            image = to_rgb(image)
+            size = target_size(image.size, scale, width, height)
+            if size[0] * size[1] > self.config.max_output_pixels:
+                raise InvalidInput(f"output {size[0]}x{size[1]} exceeds the pixel limit", field="scale")
+            ran, warned, out = self._upscale(image, upscaler, size)
+            warnings += warned
+            images.append(out)
+        return source.then(images, warnings=list(dict.fromkeys(warnings)), upscaler=ran)
+
+    def _upscale(self, image: Image.Image, upscaler: str, size: tuple[int, int]) -> tuple[str, list[str], Image.Image]:
+        """What ran, its warnings, and ``image`` at ``size``."""
         if upscaler in BUILTIN:
             if BUILTIN[upscaler] is None:
-                return source.then([image.copy()], upscaler="None")
-            return source.then([image.resize(size, BUILTIN[upscaler])], upscaler=upscaler)
+                return "None", [], image.copy()
+            return upscaler, [], image.resize(size, BUILTIN[upscaler])
         if upscaler not in self.models:
             if upscaler not in A1111_NAMES:
                 raise UnknownModel(f"unknown upscaler {upscaler!r}", field="upscaler",
                                    details={"choices": self.names()})
             warning = f"upscaler {upscaler!r} is not loaded; Lanczos used instead"
             logger.warning(warning)
-            return source.then([image.resize(size, Image.Resampling.LANCZOS)], warnings=[warning], upscaler="Lanczos")
+            return "Lanczos", [warning], image.resize(size, Image.Resampling.LANCZOS)
         descriptor = self.models[upscaler]
         with self._lock, self.oom(), torch.inference_mode():
             out = image
@@ -116,7 +126,7 @@ class ImageUpscaler:
                     break
         if out.size != size:
             out = out.resize(size, Image.Resampling.LANCZOS)
-        return source.then([out], upscaler=upscaler)
+        return upscaler, [], out
 
     def _run_model(self, descriptor, image: Image.Image) -> Image.Image:
         dtype = next(descriptor.model.parameters()).dtype

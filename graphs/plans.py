@@ -3,7 +3,7 @@
 standard:     base (-> refiner as expert ensemble, on latents) (-> faces)
 hires fix:    base at 768 -> upscaler x2 (Real-ESRGAN, Lanczos if unavailable) -> refiner img2img at 1536,
               strength 0.35 (-> faces)
-A1111 batch:  base (-> refiner on latents from refiner_switch_at) | base -> per image (upscale -> base img2img)
+A1111 batch:  base (-> refiner on latents from refiner_switch_at) | base -> upscaler -> base img2img
 batch sizes:  one base per aspect class, all in flight at once -> focal crops per size (-> neural upscale)
 seed 001:     the user's photo through IP-Adapter, seed 001's defaults
 seed 003:     one base call (txt2img, img2img, inpaint, style transfer through IP-Adapter)
@@ -300,14 +300,11 @@ async def a1111_batch(h: Handles, request: GenerationRequest, request_id: str, *
                       refiner_switch_at: float | None = None, hires: A1111Hires | None = None,
                       restore_faces: bool = False, encode: Encoding | None = None) -> StageResult:
     """The base, then either the refiner on its latents from ``refiner_switch_at`` or A1111's hires fix: with a
-    latent upscaler, one base call that resizes its latents and denoises them again; with a pixel upscaler, for
-    each image an upscale and a second base pass as img2img. Image-to-image requests take neither. Both hires
-    passes run on the request's checkpoint, as in A1111. Then the faces, then the safety checker when the filter
-    is on.
-
-    The last stage encodes with ``encode`` (the infotexts, the upload an edit started from) and so marks the
-    files; only the pixel hires fix, whose passes come back here one image at a time, ends in pixels when neither
-    faces nor the checker follow it (the caller has them encoded)."""
+    latent upscaler, one base call that resizes its latents and denoises them again; with a pixel upscaler, the
+    upscaler on every image of the batch, then a second base pass over them as img2img. Image-to-image requests
+    take neither. Both hires passes run on the request's checkpoint, as in A1111. Then the faces, then the safety
+    checker when the filter is on. The last stage encodes with ``encode`` (the infotexts, the upload an edit started
+    from) and so marks the files."""
     how = None if restore_faces else h.last(encode)
     last: Any
     if refiner_switch_at is not None and h.refiner is not None and request.init_image is None:
@@ -324,26 +321,13 @@ async def a1111_batch(h: Handles, request: GenerationRequest, request_id: str, *
     elif hires is None or request.init_image is not None:
         last = base_for(h, request).generate.remote(request, request_id, how)
     else:
-        last = await _pixel_hires(h, request, request_id, hires)
+        first = base_for(h, request).generate.remote(request, request_id)
+        upscaled = h.upscaler.upscale.remote(first, hires.upscaler, hires.scale)
+        again = request.model_copy(update={"strength": hires.strength, "steps": hires.steps})
+        last = base_for(h, again).generate.remote(again, request_id, how, init=upscaled)
     if restore_faces:
         last = h.faces.restore.remote(last, 0.6, encode=h.last(encode))
-    if isinstance(last, StageResult) and h.safety is None:
-        return last
     return await settled(h.screen(last, encode))
-
-
-async def _pixel_hires(h: Handles, request: GenerationRequest, request_id: str, hires: A1111Hires) -> StageResult:
-    """A1111's hires fix with a pixel upscaler: per image, an upscale and a second base pass as img2img."""
-    result: StageResult = await call(base_for(h, request).generate.remote(request, request_id))
-    second, warnings = [], []
-    for image, seed in zip(result.images, result.seeds, strict=True):
-        up = await call(h.upscaler.upscale.remote(image, hires.upscaler, hires.scale))
-        width, height = (d - d % 8 for d in up.image.size)
-        again = request.model_copy(update={"init_image": up.image, "width": width, "height": height, "seed": seed,
-                                           "batch_size": 1, "strength": hires.strength, "steps": hires.steps})
-        second += (await call(base_for(h, again).generate.remote(again, request_id))).images
-        warnings += up.warnings
-    return result.then(second, warnings=warnings, hires_upscaler=hires.upscaler)
 
 
 # --- seed 002: one subject, every size ---------------------------------------------------------------------------

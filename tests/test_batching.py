@@ -93,6 +93,37 @@ def test_a_cancelled_item_leaves_its_batch_mates_untouched(base):
     assert steps == [1]
 
 
+def test_a_pass_over_an_earlier_stages_images_keeps_each_images_seed_and_size(base, astronaut):
+    """A1111's pixel hires fix: one img2img item per upscaled image, sharing the request's id (its progress and
+    cancel), each with its own seed and size; its pixels are those of the same img2img request alone."""
+    from deployments.sdxl_base import passes_over
+
+    grey = Image.new("RGB", (139, 136), (120, 120, 120))  # an upscaler's size need not be a multiple of 8
+    upscaled = StageResult(images=[astronaut.resize((139, 136)), grey], seeds=[31, 32])
+    passes = passes_over(request(strength=0.5), upscaled)
+    assert [(p.width, p.height, p.seed, p.batch_size) for p in passes] == [(136, 136, 31, 1), (136, 136, 32, 1)]
+    assert batch_key(passes[0]) == batch_key(passes[1])  # so they share a pipeline call
+    done = base.generate_batch([BatchItem(p, "hires") for p in passes])
+    for result, again in zip(done, passes, strict=True):
+        assert result.image.size == (136, 136)
+        assert mad(result.image, base.generate(again).image) < 1.0
+    assert mad(done[0].image, done[1].image) > 1.0
+    joined = upscaled.joined(done)
+    assert joined.seeds == [31, 32] and [i.size for i in joined.images] == [(136, 136)] * 2
+    assert joined.info["mode"] == "img2img"
+
+    # A cancel of that id stops every item of it (though settling the first clears the flag); a batch mate of
+    # another request runs on.
+    def cancel(step, _total):
+        if step == 1:
+            base.cancellation.cancel("hires")
+
+    mate = BatchItem(passes_over(request(strength=0.5), StageResult(images=[grey], seeds=[33]))[0], "mate",
+                     on_progress=cancel)
+    *gone, kept = base.generate_batch([*(BatchItem(p, "hires") for p in passes), mate])
+    assert all(isinstance(o, GenerationCancelled) for o in gone) and isinstance(kept, StageResult)
+
+
 def test_a_bad_item_fails_alone(base):
     good, bad = base.generate_batch([BatchItem(request(seed=1), "g"), BatchItem(request(width=130), "b")])
     assert isinstance(good, StageResult) and isinstance(bad, InvalidInput) and bad.field == "width"

@@ -215,6 +215,28 @@ def test_a1111_hires_and_refiner(service):
     assert "Refiner: tiny-sdxl-refiner" in json.loads(body["info"])["infotexts"][0]
 
 
+def test_a1111_pixel_hires_batch_is_each_seed_alone(service):
+    """A pixel hires fix of a batch (base -> upscaler -> base img2img, replica to replica, the last pass encoding)
+    gives each image what its seed gives alone, at the hires size, with its own infotext."""
+    hires = {"prompt": "a harbour", "width": 64, "height": 64, "steps": 2, "enable_hr": True, "hr_scale": 2,
+             "hr_upscaler": "R-ESRGAN 4x+", "denoising_strength": 0.5}
+
+    def run(**fields) -> tuple[list[Image.Image], dict]:
+        response = service.post("/sdapi/v1/txt2img", json={**hires, **fields})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        return [decode_b64(data) for data in body["images"]], json.loads(body["info"])
+
+    both, info = run(seed=40, batch_size=2)
+    assert info["all_seeds"] == [40, 41] and [image.size for image in both] == [(128, 128)] * 2
+    for image, seed in zip(both, (40, 41), strict=True):
+        assert f"Seed: {seed}," in image.info["parameters"]
+        assert "Hires upscaler: R-ESRGAN 4x+" in image.info["parameters"]
+        (alone,), _ = run(seed=seed)
+        assert np.abs(pixels(image) - pixels(alone)).mean() < 1.0
+    assert np.abs(pixels(both[0]) - pixels(both[1])).mean() > 1.0
+
+
 def test_a1111_img2img_inpaint_keeps_unmasked(service, astronaut):
     init = astronaut.resize((128, 128))
     mask = Image.new("L", (128, 128), 0)

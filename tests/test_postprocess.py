@@ -80,6 +80,20 @@ def test_unloaded_model_falls_back_to_lanczos_and_says_so(upscaler, astronaut):
     assert np.array_equal(pixels(result.image), pixels(image.resize((256, 256), Image.Resampling.LANCZOS)))
 
 
+def test_every_image_of_a_batch_is_upscaled_in_one_call(upscaler, astronaut):
+    """A1111's pixel hires fix hands the upscaler the base's whole batch, replica to replica."""
+    images = [astronaut.resize((64, 48)), astronaut.resize((64, 48)).rotate(90)]
+    result = upscaler.upscale(StageResult(images=images, seeds=[7, 8], warnings=["earlier"]), "SwinIR_4x", 2)
+    assert result.seeds == [7, 8] and [i.size for i in result.images] == [(128, 96)] * 2
+    for image, out in zip(images, result.images, strict=True):
+        assert np.array_equal(pixels(out), pixels(upscaler.upscale(image, "SwinIR_4x", 2).image))
+    assert result.warnings == ["earlier", "upscaler 'SwinIR_4x' is not loaded; Lanczos used instead"]  # once
+    assert result.info["upscaler"] == "Lanczos"
+    with pytest.raises(InvalidInput) as empty:
+        upscaler.upscale(StageResult(seeds=[1]), "Lanczos", 2)
+    assert empty.value.field == "image"
+
+
 def test_lanczos_only_upscaler_without_models(astronaut):
     empty = ImageUpscaler(UpscalerConfig())
     assert empty.upscale(astronaut, "R-ESRGAN 4x+", 0.5).image.size == (256, 256)

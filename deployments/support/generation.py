@@ -162,6 +162,14 @@ class StageResult:
         return StageResult(images=images, seeds=list(self.seeds), warnings=[*self.warnings, *warnings],
                            info={**self.info, **info})
 
+    def joined(self, parts: list[StageResult]) -> StageResult:
+        """One result of the passes that each started from one of this result's images: their images and seeds in
+        order, every warning of this result and theirs once, and what each stage ran (theirs over this one's)."""
+        warnings = [w for part in [self, *parts] for w in part.warnings]
+        return StageResult(images=[image for part in parts for image in part.images],
+                           seeds=[seed for part in parts for seed in part.seeds],
+                           warnings=list(dict.fromkeys(warnings)), info={**self.info, **parts[0].info})
+
     @classmethod
     def of(cls, source: StageResult | Image.Image) -> StageResult:
         """A stage's input: the previous stage's result, or a bare image from a client."""
@@ -324,9 +332,12 @@ class Cancellation:
     def settle(self, items: list[BatchItem], results: list) -> list:
         """A batch's items done: each one's result, or its ``GenerationCancelled`` when it was cancelled while its
         batch mates ran on; their progress and flags are cleared."""
+        # Every flag is read before any is cleared: the items of one request (a pass over each image of an earlier
+        # stage's result) share its id, and may share a batch.
+        gone = [self.is_cancelled(item.request_id) for item in items]
         settled = []
-        for item, result in zip(items, results, strict=True):
-            if self.is_cancelled(item.request_id) and not isinstance(result, BaseException):
+        for item, result, cancelled in zip(items, results, gone, strict=True):
+            if cancelled and not isinstance(result, BaseException):
                 result = GenerationCancelled(f"request {item.request_id} cancelled")
             self.finish(item.request_id)
             settled.append(result)

@@ -11,8 +11,9 @@ The checkpoint is ``override_settings.sd_model_checkpoint`` or the default (``PO
 ``override_settings_restore_afterwards: false`` the override becomes the default, as in A1111. Hires fix with a
 ``Latent*`` upscaler resizes the latents and denoises them again; with a named upscaler it upscales pixels.
 
-Images are marked (invisible watermark, content credentials) where they are encoded, once: by the safety checker
-while the filter is on (it screens the finished images, then encodes them), else by the Provenance deployment.
+Images are marked (invisible watermark, content credentials) where they are encoded, once: by a generation's last
+stage (the safety checker while the filter is on: it screens the finished images, then encodes them), and for the
+extras routes, whose stages answer pixels, by the Provenance deployment.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from fastapi import APIRouter, Request, Response
 from PIL import Image
 
 from deployments.support.errors import InvalidInput, UnknownModel
-from deployments.support.generation import Encoding, GenerationRequest, StageResult, resolve_seeds
+from deployments.support.generation import Encoding, GenerationRequest, resolve_seeds
 from deployments.support.imaging import decode
 from deployments.support.samplers import SCHEDULES
 from graphs import flights, plans
@@ -88,14 +89,6 @@ class A1111Routes(CheckpointChoice):
     cache: RequestCache
     config: AppArgs
     provenance: object
-
-    async def _files(self, images: list[Image.Image], info: dict, parameters: list[str] | None = None,
-                     parent: bytes | None = None) -> list[bytes]:
-        """PNG files, watermarked, encoded and signed in the Provenance deployment (the ingress imports neither
-        OpenCV nor c2pa); ``parent``: the uploaded file an edit started from."""
-        result = await call(self.provenance.encode.remote(  # type: ignore[attr-defined]
-            StageResult(images=images, info=info), Encoding(parameters=parameters, parent=parent)))
-        return result.encoded
 
     async def _track(self, flight: InFlight) -> None:
         record = {"id": flight.id, "started": flight.started, "total_steps": flight.total_steps,
@@ -188,8 +181,6 @@ class A1111Routes(CheckpointChoice):
                     request = self._generation(r, own[0], **extra)
                     result = await plans.a1111_batch(self.handles, request, request_id, refiner_switch_at=switch,
                                                      hires=hires, restore_faces=r.restore_faces, encode=how)
-                    if not result.encoded:  # the pixel hires fix, with no stage after it: marked and encoded here
-                        result = await call(self.provenance.encode.remote(result, how))  # type: ignore[attr-defined]
                     files += result.encoded
                     seeds += result.seeds
                     warnings += result.warnings
@@ -239,32 +230,37 @@ class A1111Routes(CheckpointChoice):
         return await self._run(http, body, parent, init_image=init, mask=mask, mask_blur=body.mask_blur,
                                strength=body.denoising_strength)
 
-    async def _extras(self, body: ExtrasRequest, image: Image.Image) -> tuple[Image.Image, dict]:
-        """The upscaled (and restored) image, and what ran."""
+    async def _extras(self, body: ExtrasRequest, image: Image.Image, raw: bytes) -> bytes:
+        """The upscaled (and restored) ``image`` as a marked PNG file, ``raw`` its upload. The last stage that runs
+        encodes it, so the pixels travel stage to stage; only a blend of two upscalers comes through here."""
+        how = Encoding(parent=raw)
         scale: float | None = body.upscaling_resize
         width: int | None = None
         height: int | None = None
         if body.resize_mode == 1:
             scale, width, height = None, body.upscaling_resize_w, body.upscaling_resize_h
-        first = await call(self.handles.upscaler.upscale.remote(image, body.upscaler_1, scale, width, height))
-        out, info = first.image, dict(first.info)
         visibility = body.upscaler_2_visibility or body.extras_upscaler_2_visibility
-        if body.upscaler_2 != "None" and visibility > 0:
-            second = await call(self.handles.upscaler.upscale.remote(image, body.upscaler_2, scale, width, height))
-            out = Image.blend(out, second.image, visibility)
+        blend = body.upscaler_2 != "None" and visibility > 0
         face_visibility = max(body.codeformer_visibility, body.gfpgan_visibility)
+        upscaler = self.handles.upscaler
+        last = upscaler.upscale.remote(image, body.upscaler_1, scale, width, height,
+                                       encode=None if blend or face_visibility > 0 else how)
+        if blend:
+            second = upscaler.upscale.remote(image, body.upscaler_2, scale, width, height)
+            first, other = await call(last), await call(second)
+            last = first.then([Image.blend(first.image, other.image, visibility)], warnings=other.warnings)
         if face_visibility > 0:
-            restored = await call(self.handles.faces.restore.remote(out, body.codeformer_weight, face_visibility))
-            out = restored.image
-            info.update(restored.info)
-        return out, info
+            last = self.handles.faces.restore.remote(last, body.codeformer_weight, face_visibility, encode=how)
+        result = await call(last)
+        if not result.encoded:  # the blend, with no stage after it
+            result = await call(self.provenance.encode.remote(result, how))  # type: ignore[attr-defined]
+        return result.encoded[0]
 
     @router.post("/extra-single-image", response_model=ExtrasResponse)
     async def extra_single_image(self, body: ExtrasRequest) -> Response:
         """Upscale (two blended upscalers) and restore faces in one image."""
         raw = image_bytes(body.image, "image")
-        out, info = await self._extras(body, decode(raw, field="image"))
-        (image,), payloads = blobs(await self._files([out], info, parent=raw))
+        (image,), payloads = blobs([await self._extras(body, decode(raw, field="image"), raw)])
         return json_answer(ExtrasResponse(html_info="", image=image), **payloads)
 
     @router.post("/extra-batch-images", response_model=ExtrasBatchResponse)
@@ -272,10 +268,7 @@ class A1111Routes(CheckpointChoice):
         """The same as extra-single-image for a list of images."""
         files = [image_bytes(item.data, f"imageList.{i}.data") for i, item in enumerate(body.imageList)]
         images = [decode(raw, field=f"imageList.{i}.data") for i, raw in enumerate(files)]
-        out: list[bytes] = []
-        for image, raw in zip(images, files, strict=True):
-            upscaled, info = await self._extras(body, image)
-            out += await self._files([upscaled], info, parent=raw)
+        out = [await self._extras(body, image, raw) for image, raw in zip(images, files, strict=True)]
         placeholders, payloads = blobs(out)
         return json_answer(ExtrasBatchResponse(html_info="", images=placeholders), **payloads)
 
