@@ -331,18 +331,26 @@ def _running_upscalers() -> int:
 
 
 def test_upscaler_autoscales_up_under_load_and_back_down(service, astronaut):
+    """Six clients keep the upscaler busy until Serve has started a second replica (each request is short, so the
+    load lasts as long as scaling up takes, no longer); once the load stops it goes back to one."""
     import concurrent.futures
 
-    payload = {"image": b64(astronaut), "upscaler_1": "R-ESRGAN 4x+", "upscaling_resize": 4}
+    payload = {"image": b64(astronaut.resize((256, 256))), "upscaler_1": "R-ESRGAN 4x+", "upscaling_resize": 4}
     assert _running_upscalers() == 1
-    peak = 1
+    peak, statuses = 1, []
+    deadline = time.monotonic() + 120
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
-        futures = [pool.submit(service.post, "/sdapi/v1/extra-single-image", json=payload) for _ in range(12)]
-        while not all(f.done() for f in futures):
+        def client() -> None:
+            while peak < 2 and time.monotonic() < deadline:
+                statuses.append(service.post("/sdapi/v1/extra-single-image", json=payload).status_code)
+
+        clients = [pool.submit(client) for _ in range(6)]
+        while not all(c.done() for c in clients):
             peak = max(peak, _running_upscalers())
             time.sleep(0.25)
-        assert all(f.result().status_code == 200 for f in futures)
-    assert peak == 2
+        for c in clients:
+            c.result()
+    assert peak == 2 and statuses and set(statuses) == {200}
     deadline = time.monotonic() + 90
     while _running_upscalers() > 1 and time.monotonic() < deadline:
         time.sleep(1)
