@@ -1,8 +1,8 @@
 """Provenance: reads both marks of an uploaded image, and marks and encodes images whose plan ends in the ingress.
 
-Graph position: ingress -> **Provenance** (``POST /provenance/verify``; the A1111 routes, whose infotext needs every
-stage's outcome first) and JobRunner -> **Provenance** (the batch-sizes crops). Every other plan's last stage marks
-and encodes its own images (``StageResult.encode``). It runs here because reading the watermark needs
+Graph position: ingress -> **Provenance** (``POST /provenance/verify``; A1111's extras when they blend two
+upscalers) and JobRunner -> **Provenance** (the batch-sizes crops, every size at once). Every other plan's last
+stage marks and encodes its own images (``StageResult.encode``). It runs here because reading the watermark needs
 invisible-watermark (OpenCV, torch) and the credentials need c2pa, which the ingress and the job runner never
 import. CPU only.
 """

@@ -88,13 +88,14 @@ class ImageUpscaler:
         scale: float | None = 2.0,
         width: int | None = None,
         height: int | None = None,
+        box: tuple[int, int, int, int] | None = None,
     ) -> StageResult:
-        """The previous stage's images (every one of them) at the target size; ``info["upscaler"]`` says what
-        actually ran."""
+        """The previous stage's images (every one of them; only their ``box`` region, when given) at the target
+        size; ``info["upscaler"]`` says what actually ran."""
         source = StageResult.of(source)
         ran, warnings, images = upscaler, [], []
         for image in source.images or [source.image]:  # none: ``image`` raises the structured error
-            image = to_rgb(image)
+            image = to_rgb(image if box is None else image.crop(box))
             size = target_size(image.size, scale, width, height)
             if size[0] * size[1] > self.config.max_output_pixels:
                 raise InvalidInput(f"output {size[0]}x{size[1]} exceeds the pixel limit", field="scale")
@@ -185,11 +186,12 @@ class Upscaler:
         self.metrics = StageMetrics("upscaler")
 
     async def upscale(self, source: StageResult | Image.Image, upscaler: str = "Lanczos", scale: float | None = 2.0,
-                      width: int | None = None, height: int | None = None,
-                      encode: Encoding | None = None) -> StageResult:
-        """``source``: the previous stage's result, or an image; ``encode``: answer with files, not pixels."""
+                      width: int | None = None, height: int | None = None, encode: Encoding | None = None,
+                      box: tuple[int, int, int, int] | None = None) -> StageResult:
+        """``source``: the previous stage's result, or an image; ``encode``: answer with files, not pixels; ``box``:
+        upscale only that region of each image (a focal crop of a base that travels here whole)."""
         with self.metrics.track():
-            result = await self.thread.run(self.model.upscale, source, upscaler, scale, width, height)
+            result = await self.thread.run(self.model.upscale, source, upscaler, scale, width, height, box)
         self.metrics.produced(1)
         return await encoded(result, encode)
 

@@ -4,7 +4,8 @@ standard:     base (-> refiner as expert ensemble, on latents) (-> faces)
 hires fix:    base at 768 -> upscaler x2 (Real-ESRGAN, Lanczos if unavailable) -> refiner img2img at 1536,
               strength 0.35 (-> faces)
 A1111 batch:  base (-> refiner on latents from refiner_switch_at) | base -> upscaler -> base img2img
-batch sizes:  one base per aspect class, all in flight at once -> focal crops per size (-> neural upscale)
+batch sizes:  one base per aspect class, all in flight at once -> focal crops per size (-> neural upscale of
+              the base region)
 seed 001:     the user's photo through IP-Adapter, seed 001's defaults
 seed 003:     one base call (txt2img, img2img, inpaint, style transfer through IP-Adapter)
 
@@ -364,18 +365,16 @@ async def batch_sizes(h: Handles, cropper: DeploymentHandle, r: dict, table: Siz
             request, request_id if i == 0 else f"{request_id}/{aspect}"))
     crops = {a: cropper.crop.remote(bases[a], groups[a]) for a in groups}  # type: ignore[attr-defined]
     out: list[SizedImage] = []
+    upscales = {}
     for aspect, pending in crops.items():
         _focus, cut = await settled(pending)
-        base: StageResult | None = None
-        nsfw = None
-        if h.safety is not None:  # the crops were cut from the screened base: its verdict is theirs
-            base = await call(bases[aspect])
-            nsfw = base.info["nsfw"][0]
+        # The crops were cut from the screened base: its verdict is theirs.
+        nsfw = (await call(bases[aspect])).info["nsfw"][0] if h.safety is not None else None
         for crop in cut:
-            image = crop.image
             if crop.upscaled:  # smaller than its target: a neural upscale of the base region, not a plain resize
-                base = base or await call(bases[aspect])
-                region = base.image.crop(crop.box)
-                image = (await call(h.upscaler.upscale.remote(region, upscaler, None, image.width, image.height))).image
-            out.append(SizedImage(crop.name, aspect, image, crop.box, crop.upscaled, nsfw))
+                upscales[len(out)] = h.upscaler.upscale.remote(bases[aspect], upscaler, None, crop.image.width,
+                                                               crop.image.height, box=crop.box)
+            out.append(SizedImage(crop.name, aspect, crop.image, crop.box, crop.upscaled, nsfw))
+    for i, pending in upscales.items():  # all in flight at once; each base goes to the upscaler, not here
+        out[i].image = (await call(pending)).image
     return seed, len(groups), out

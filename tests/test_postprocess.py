@@ -94,6 +94,15 @@ def test_every_image_of_a_batch_is_upscaled_in_one_call(upscaler, astronaut):
     assert empty.value.field == "image"
 
 
+def test_a_region_of_a_whole_base_is_upscaled(upscaler, astronaut):
+    """The batch-sizes plan sends the base itself and the crop's box: only that region is upscaled."""
+    box = (100, 40, 164, 88)
+    region = upscaler.upscale(StageResult(images=[astronaut], seeds=[3]), "R-ESRGAN 4x+", None, 256, 192, box=box)
+    assert region.seeds == [3] and region.image.size == (256, 192)
+    alone = upscaler.upscale(astronaut.crop(box), "R-ESRGAN 4x+", None, 256, 192)
+    assert np.array_equal(pixels(region.image), pixels(alone.image))
+
+
 def test_lanczos_only_upscaler_without_models(astronaut):
     empty = ImageUpscaler(UpscalerConfig())
     assert empty.upscale(astronaut, "R-ESRGAN 4x+", 0.5).image.size == (256, 256)

@@ -218,20 +218,28 @@ class JobRunner:
                                                      self.hires_upscaler, job.id)
         widths = job.request.get("derivatives") or []
         info = {"model": job.request.get("model")}  # the checkpoint, resolved when the job was accepted
-        images: dict[str, dict] = {}
-        for item in sized:
+
+        async def finish(item: plans.SizedImage) -> dict:
+            """One size marked, encoded and stored, with its WebP derivatives."""
             out = item.image
             small = [w for w in widths if 8 <= w <= out.width]
             resized = [out.resize((w, max(1, round(out.height * w / out.width)))) for w in small]
             facts = {**info, "upscaler": self.hires_upscaler} if item.upscaled else info
-            data = (await self._encode([out], facts, Encoding())).encoded[0]
-            entry = {"key": await self._save(job.id, item.name, data), "width": out.width, "height": out.height,
-                     "aspect": item.aspect, "box": list(item.box), "upscaled": item.upscaled, "nsfw": item.nsfw}
+            encodings = [self._encode([out], facts, Encoding())]
             if small:
-                files = (await self._encode(resized, facts, Encoding(format="webp", quality=82))).encoded
+                encodings.append(self._encode(resized, facts, Encoding(format="webp", quality=82)))
+            png, *webp = await asyncio.gather(*encodings)
+            entry = {"key": await self._save(job.id, item.name, png.encoded[0]), "width": out.width,
+                     "height": out.height, "aspect": item.aspect, "box": list(item.box), "upscaled": item.upscaled,
+                     "nsfw": item.nsfw}
+            if webp:
                 entry["derivatives"] = {str(w): await self._save(job.id, f"{item.name}_{w}w", blob, "webp")
-                                        for w, blob in zip(small, files, strict=True)}
-            images[item.name] = entry
+                                        for w, blob in zip(small, webp[0].encoded, strict=True)}
+            return entry
+
+        # Every size at once: the Provenance replica encodes them on threads of its own.
+        entries = await asyncio.gather(*(finish(item) for item in sized))
+        images = {item.name: entry for item, entry in zip(sized, entries, strict=True)}
         return {"images": images, "bases_generated": bases, "seed": seed}
 
     async def _encode(self, images: list[Image.Image], info: dict, how: Encoding) -> StageResult:
