@@ -36,9 +36,9 @@ A1111_MARKED = {"prompt": "a lighthouse at dusk", "width": 256, "height": 256, "
 
 
 @pytest.fixture(scope="module")
-def marked_by_provenance(service) -> bytes:
-    """An A1111 image as the Provenance deployment encodes and marks it: asked before ``screened`` turns the filter
-    on (which depends on this fixture, so it always comes first)."""
+def marked_unscreened(service) -> bytes:
+    """An A1111 image as its last stage (the base) encodes and marks it with the filter off: asked before
+    ``screened`` turns the filter on (which depends on this fixture, so it always comes first)."""
     answer = service.post("/sdapi/v1/txt2img", json=A1111_MARKED)
     assert answer.status_code == 200, answer.text
     assert json.loads(answer.json()["info"])["nsfw"] is None  # the filter is off
@@ -46,7 +46,7 @@ def marked_by_provenance(service) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def screened(service, marked_by_provenance):
+def screened(service, marked_unscreened):
     from tests import cluster
 
     checker = cluster.app_args()["safety_checker"]
@@ -141,10 +141,10 @@ def test_a1111_reports_nsfw_per_image_in_info(screened, benign_pixels):
     assert any("image 1 of 2 flagged" in w for w in info["warnings"])
 
 
-def test_a1111_images_are_screened_then_marked_once(screened, marked_by_provenance):
-    """With the filter on the checker encodes A1111's images, and so marks them, in place of the Provenance
-    deployment: the same pixels as that deployment gives them with the filter off (a second watermark would move
-    pixels, a missing one too), and one signed creation."""
+def test_a1111_images_are_screened_then_marked_once(screened, marked_unscreened):
+    """With the filter on the checker encodes A1111's images, and so marks them, in place of the base: the same
+    pixels as the base gives them with the filter off (a second watermark would move pixels, a missing one too),
+    and one signed creation."""
     body = screened.post("/sdapi/v1/txt2img", json=A1111_MARKED).json()
     info = json.loads(body["info"])
     assert info["nsfw"] == [False]
@@ -152,7 +152,7 @@ def test_a1111_images_are_screened_then_marked_once(screened, marked_by_provenan
     image = Image.open(io.BytesIO(data))
     assert image.info["parameters"] == info["infotexts"][0]
     assert np.array_equal(pixels(image.convert("RGB")),
-                          pixels(Image.open(io.BytesIO(marked_by_provenance)).convert("RGB")))
+                          pixels(Image.open(io.BytesIO(marked_unscreened)).convert("RGB")))
     answer = screened.post("/provenance/verify", json={"image": base64.b64encode(data).decode()})
     assert answer.status_code == 200, answer.text
     report = answer.json()
@@ -221,6 +221,23 @@ def test_queued_and_a1111_requests_are_cached_too(screened):
     assert two["images"] == one["images"] and json.loads(two["info"])["cached"]
     assert not json.loads(one["info"])["cached"]
     assert base_batches() == batches + 2  # the first /generate and the first A1111 batch; the rest were hits
+
+
+def test_edits_are_cached_on_their_uploads(screened, astronaut):
+    """An A1111 img2img and a seed 003 img2img job hit on the same upload and seed, and miss on another upload."""
+    photo, other = b64(astronaut.resize((64, 64))), b64(astronaut.resize((64, 64)).rotate(90))
+    a1111 = {**A1111, "seed": 506, "init_images": [photo], "denoising_strength": 0.6}
+    first, again, moved = (screened.post("/sdapi/v1/img2img", json=body).json()
+                           for body in (a1111, a1111, {**a1111, "init_images": [other]}))
+    assert [json.loads(answer["info"])["cached"] for answer in (first, again, moved)] == [False, True, False]
+    assert again["images"] == first["images"] and moved["images"] != first["images"]
+    job = {**SEED003, "seed": 507, "initImage": photo, "strength": 0.6}
+    batches = base_batches()
+    results = [wait(screened, submit(screened, "/generate/img2img", body)["id"])["result"]
+               for body in (job, job, {**job, "initImage": other})]
+    assert [r["cached"] for r in results] == [False, True, False]
+    assert results[1]["images"] == results[0]["images"]
+    assert base_batches() == batches + 2  # the hit ran nothing
 
 
 def test_the_cache_keys_on_the_checkpoint_the_request_resolves_to(screened):

@@ -3,9 +3,9 @@
 Images are plain base64 PNGs carrying A1111's ``parameters`` text chunk; ``info`` is a JSON string holding
 ``all_seeds`` and ``warnings`` (what /generate reports: an unknown LoRA ignored, a fallback upscaler, no face
 found) and, with the NSFW filter on, ``nsfw`` (one flag per image; a flagged image is replaced). A fixed-seed
-txt2img is answered from the result cache when it is on (``cached`` in ``info``). ``/interrupt`` and ``/skip``
-cancel only the calling client's in-flight requests (the client is its bearer token, else its address), never
-another client's.
+txt2img or img2img (its uploads part of the key) is answered from the result cache when it is on (``cached`` in
+``info``). ``/interrupt`` and ``/skip`` cancel only the calling client's in-flight requests (the client is its bearer
+token, else its address), never another client's.
 
 The checkpoint is ``override_settings.sd_model_checkpoint`` or the default (``POST /sdapi/v1/options``); with
 ``override_settings_restore_afterwards: false`` the override becomes the default, as in A1111. Hires fix with a
@@ -147,8 +147,9 @@ class A1111Routes(CheckpointChoice):
         switch, hires = await self._refiner(r), self._hires(r)  # checked before anything runs
         model = await self._checkpoint(r)
         parameters = r.model_dump(exclude={"init_images", "mask"})
-        # The checkpoint resolved (the default when none is named) is part of the request the cache sees.
-        key = await self.cache.key(cache_as, {**parameters, "checkpoint": model}, model) if cache_as else None
+        # The checkpoint resolved (the default when none is named) is part of the request the cache sees, and so
+        # are an edit's uploads.
+        key = await self.cache.key(cache_as, {**r.model_dump(), "checkpoint": model}, model) if cache_as else None
         hit = await self.cache.get(key)
         if hit is not None:
             return images_answer(hit.files, parameters, {**json.loads(hit.facts["info"]), "cached": True})
@@ -227,8 +228,8 @@ class A1111Routes(CheckpointChoice):
         parent = image_bytes(body.init_images[0], "init_images")
         init = decode(parent, field="init_images")
         mask = image_field(body.mask, "mask") if body.mask else None
-        return await self._run(http, body, parent, init_image=init, mask=mask, mask_blur=body.mask_blur,
-                               strength=body.denoising_strength)
+        return await self._run(http, body, parent, cache_as="a1111-img2img", init_image=init, mask=mask,
+                               mask_blur=body.mask_blur, strength=body.denoising_strength)
 
     async def _extras(self, body: ExtrasRequest, image: Image.Image, raw: bytes) -> bytes:
         """The upscaled (and restored) ``image`` as a marked PNG file, ``raw`` its upload. The last stage that runs

@@ -6,8 +6,9 @@ with a lease, renews the lease (and records progress) while the job runs, writes
 marks the job completed, and stops the generation within one denoising step when the job is cancelled. A runner that
 dies simply stops renewing: another claims the job when the lease expires. While it renews the lease it also adds the
 job's ``progress`` and ``preview`` events to the store's event log (``graphs.jobs.events``); the store itself
-logs the state changes. With the result cache on, a ``generate`` or ``text2img`` job with a fixed seed is first
-looked up there (the same entries ``POST /generate`` writes for ``generate``).
+logs the state changes. With the result cache on, every job but batch sizes (``generate``, and seed 003's
+``text2img``, ``img2img``, ``inpaint`` and ``style-transfer``, their uploads part of the key) with a fixed seed is
+first looked up there (the same entries ``POST /generate`` writes for ``generate``).
 """
 
 from __future__ import annotations
@@ -178,8 +179,7 @@ class JobRunner:
             return await self._batch(job)
         if job.type == "generate":
             return await self._generate(job)
-        key = await self.cache.key("text2img", cache_fields(job.request), job.request.get("model")) \
-            if job.type == "text2img" else None
+        key = await self.cache.key(job.type, cache_fields(job.request), job.request.get("model"))
         hit = await self.cache.get(key)
         if hit is not None:
             keys = [await self._save(job.id, f"image_{i}", data) for i, data in enumerate(hit.files)]
