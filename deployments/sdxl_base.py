@@ -186,6 +186,9 @@ class BaseGenerator:
         def per_image(values: list) -> list:
             return [value for value, n in zip(values, counts, strict=True) for _ in range(n)]
 
+        # A request's preview is its first image (the items of one request may share the batch).
+        previewed = {item.request_id: offset for item, offset in reversed(list(zip(items, offsets, strict=False)))}
+
         def on_step_end(_pipe, step, _timestep, callback_kwargs):
             at = done[0] + step + 1
             cancelled = self.cancellation.advance(items, at, total_steps)
@@ -193,8 +196,8 @@ class BaseGenerator:
                 raise GenerationCancelled(f"batch of {len(items)} cancelled at step {at}/{total_steps}")
             latents = callback_kwargs.get("latents")
             if latents is not None:
-                for item, offset in zip(items, offsets, strict=False):
-                    self.cancellation.keep_latents(item.request_id, latents[offset])
+                for request_id, offset in previewed.items():
+                    self.cancellation.keep_latents(request_id, latents[offset])
             return callback_kwargs
 
         kwargs: dict = dict(
@@ -459,7 +462,7 @@ class SDXLBase:
             held = await self._checkpoint(checkpoint)
             for item in items:
                 item.checkpoint = held
-            submitted = asyncio.gather(*(self.batcher.submit(batch_key(item.request), item) for item in items))
+            submitted = self.batcher.submit_all([(batch_key(item.request), item) for item in items])
             results = await self.model.cancellation.guard(request_id, submitted)
             return await encoded(results[0] if init is None else init.joined(results), encode)
         except asyncio.CancelledError:  # cancelled through Serve (a cancel, deadline or disconnect upstream)

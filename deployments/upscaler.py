@@ -192,7 +192,7 @@ class Upscaler:
         upscale only that region of each image (a focal crop of a base that travels here whole)."""
         with self.metrics.track():
             result = await self.thread.run(self.model.upscale, source, upscaler, scale, width, height, box)
-        self.metrics.produced(1)
+        self.metrics.produced(len(result.images))
         return await encoded(result, encode)
 
     async def names(self) -> list[str]:

@@ -124,6 +124,44 @@ def test_a_pass_over_an_earlier_stages_images_keeps_each_images_seed_and_size(ba
     assert all(isinstance(o, GenerationCancelled) for o in gone) and isinstance(kept, StageResult)
 
 
+@pytest.mark.anyio
+async def test_the_items_of_one_request_fail_together_and_leave_nothing_behind(caplog):
+    """``submit_all`` (one request's passes over several images): the first failure is the request's, and the items
+    still running are cancelled; a cancel through the progress board leaves no unread exception either."""
+    import gc
+
+    from deployments.support.generation import Cancellation
+
+    started, cancelled = [], []
+
+    async def run(items: list[str]) -> list:
+        started.append(items[0])
+        if items[0] == "bad":
+            return [InvalidInput("refused", field="x")]
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.append(items[0])
+            raise
+        return items
+
+    batcher: Batcher[str] = Batcher(run, Batching())
+    with pytest.raises(InvalidInput):
+        await batcher.submit_all([(1, "slow"), (1, "bad"), (1, "later")])
+    assert started == ["slow", "bad", "later"] and sorted(cancelled) == ["later", "slow"]
+    cancellation = Cancellation()
+    waiting = asyncio.ensure_future(cancellation.guard("r", batcher.submit_all([(1, "a"), (1, "b")])))
+    await asyncio.sleep(0.05)
+    cancellation.cancel("r")
+    outcome = (await asyncio.gather(waiting, return_exceptions=True))[0]
+    assert isinstance(outcome, GenerationCancelled)
+    del waiting, outcome  # their tracebacks hold the frame that held the work: let the collector judge it
+    await asyncio.sleep(0.05)
+    gc.collect()
+    assert sorted(cancelled) == ["a", "b", "later", "slow"]
+    assert "never retrieved" not in caplog.text
+
+
 def test_a_bad_item_fails_alone(base):
     good, bad = base.generate_batch([BatchItem(request(seed=1), "g"), BatchItem(request(width=130), "b")])
     assert isinstance(good, StageResult) and isinstance(bad, InvalidInput) and bad.field == "width"

@@ -8,6 +8,7 @@ item alone raised, so one failed or cancelled item never fails its batch mates.
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, Generic, TypeVar
@@ -78,6 +79,17 @@ class Batcher(Generic[Item]):
             return outcome(await queue(item))
         finally:
             self._waiting[key] -= 1
+
+    async def submit_all(self, keyed: list[tuple[Hashable | None, Item]]) -> list[Any]:
+        """Each item's result, in order, every item submitted at once (so those of one key can share a batch). The
+        first failure is raised, and the items still waiting or running are cancelled, their outcomes read."""
+        tasks = [asyncio.ensure_future(self.submit(key, item)) for key, item in keyed]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def _queue(self, key: Hashable) -> Callable[[Item], Awaitable[Any]]:
         if key in self._queues:

@@ -248,7 +248,12 @@ class A1111Routes(CheckpointChoice):
                                        encode=None if blend or face_visibility > 0 else how)
         if blend:
             second = upscaler.upscale.remote(image, body.upscaler_2, scale, width, height)
-            first, other = await call(last), await call(second)
+            try:
+                first = await call(last)
+            except Exception:
+                second.cancel()  # its answer would serve nothing
+                raise
+            other = await call(second)
             last = first.then([Image.blend(first.image, other.image, visibility)], warnings=other.warnings)
         if face_visibility > 0:
             last = self.handles.faces.restore.remote(last, body.codeformer_weight, face_visibility, encode=how)
