@@ -370,6 +370,18 @@ def batch_key(request: GenerationRequest) -> tuple | None:
             request.strength if mode == "img2img" else None, request.hires)
 
 
+BATCH_UNIT_PIXELS = 1024 * 1024
+
+
+def batch_weight(item: BatchItem) -> int:
+    """An item's share of ``max_batch_size``, which counts 1024² images: each of its images weighs one per 1024²
+    it covers or starts (a 2048² hires pass weighs 4), so the activations of a batch stay within what the setting
+    allows at SDXL's native size however large its images are. Smaller images weigh 1."""
+    request = item.request
+    width, height = (request.hires.width, request.hires.height) if request.hires else (request.width, request.height)
+    return item.count * max(1, math.ceil(width * height / BATCH_UNIT_PIXELS))
+
+
 class _Held:
     """What Serve's multiplexer keeps for a checkpoint it routes to this replica. Serve calls ``__del__`` when it
     evicts the checkpoint (its documented unload hook); the garbage collector may call it again later, which
@@ -399,7 +411,7 @@ class SDXLBase:
         self.metrics = StageMetrics("sdxl_base")
         self.board = board
         self.reporter = Reporter(board, "sdxl_base", self.model.cancellation)
-        self.batcher: Batcher[BatchItem] = Batcher(self._run_batch, config.batching, size=lambda item: item.count)
+        self.batcher: Batcher[BatchItem] = Batcher(self._run_batch, config.batching, size=batch_weight)
         self.replica = _replica_id()
         # Serve's multiplexer needs a replica; Serve's local testing mode has none, and there the replica's own
         # least-recently-used policy applies.

@@ -39,6 +39,20 @@ def test_compatible_requests_share_a_key_and_incompatible_ones_do_not(astronaut)
     assert batch_key(request(ip_adapter_image=astronaut)) is None
 
 
+def test_an_item_larger_than_1024_squared_weighs_what_it_covers():
+    from deployments.sdxl_base import batch_weight
+    from deployments.support.generation import LatentHires
+
+    def weight(count: int = 1, **kw) -> int:
+        return batch_weight(BatchItem(request(**kw), "r", count))
+
+    assert weight(width=64, height=64) == weight(width=1024, height=1024) == 1
+    assert weight(count=3, width=1024, height=1024) == 3
+    assert weight(width=1536, height=1536) == 3 and weight(width=2048, height=2048) == 4
+    hires = LatentHires(width=2048, height=2048, mode="Latent", strength=0.5, steps=4)
+    assert weight(count=2, width=1024, height=1024, hires=hires) == 8  # its second pass sets its memory
+
+
 def test_each_item_of_a_batch_has_the_pixels_it_gets_alone(base):
     items = [BatchItem(request(seed=11, prompt="a red house"), "a"),
              BatchItem(request(seed=12, prompt="a blue boat", batch_size=2), "b", count=2),
