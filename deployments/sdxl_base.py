@@ -375,8 +375,8 @@ BATCH_UNIT_PIXELS = 1024 * 1024
 
 def batch_weight(item: BatchItem) -> int:
     """An item's share of ``max_batch_size``, which counts 1024² images: each of its images weighs one per 1024²
-    it covers or starts (a 2048² hires pass weighs 4), so the activations of a batch stay within what the setting
-    allows at SDXL's native size however large its images are. Smaller images weigh 1."""
+    it covers or starts (a 2048² hires pass weighs 4; smaller images 1), so large images no longer fill a batch
+    sized for SDXL's native size. An item that weighs the whole batch or more runs alone, unsplit."""
     request = item.request
     width, height = (request.hires.width, request.hires.height) if request.hires else (request.width, request.height)
     return item.count * max(1, math.ceil(width * height / BATCH_UNIT_PIXELS))

@@ -376,5 +376,5 @@ async def batch_sizes(h: Handles, cropper: DeploymentHandle, r: dict, table: Siz
                                                                crop.image.height, box=crop.box)
             out.append(SizedImage(crop.name, aspect, crop.image, crop.box, crop.upscaled, nsfw))
     for i, pending in upscales.items():  # all in flight at once; each base goes to the upscaler, not here
-        out[i].image = (await call(pending)).image
+        out[i].image = (await settled(pending)).image
     return seed, len(groups), out

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import Any, Generic, TypeVar
 
 from ray import serve
@@ -43,6 +43,18 @@ def outcome(value: Any) -> Any:
     if isinstance(value, BaseException):
         raise value
     return value
+
+
+async def gathered(awaitables: Sequence[Awaitable[Any]]) -> list[Any]:
+    """Every result, in order, all run at once: the first failure is raised and the others still running are
+    cancelled, their outcomes read (so none is left running for nothing, and no exception is left unread)."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _in_replica() -> bool:
@@ -81,15 +93,9 @@ class Batcher(Generic[Item]):
             self._waiting[key] -= 1
 
     async def submit_all(self, keyed: list[tuple[Hashable | None, Item]]) -> list[Any]:
-        """Each item's result, in order, every item submitted at once (so those of one key can share a batch). The
-        first failure is raised, and the items still waiting or running are cancelled, their outcomes read."""
-        tasks = [asyncio.ensure_future(self.submit(key, item)) for key, item in keyed]
-        try:
-            return list(await asyncio.gather(*tasks))
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        """Each item's result, in order, every item submitted at once (so those of one key can share a batch); the
+        first failure cancels the rest (``gathered``)."""
+        return await gathered([self.submit(key, item) for key, item in keyed])
 
     def _queue(self, key: Hashable) -> Callable[[Item], Awaitable[Any]]:
         if key in self._queues:

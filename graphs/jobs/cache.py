@@ -251,7 +251,8 @@ class RequestCache:
         except Exception as e:  # noqa: BLE001 - a replica that cannot say what it loaded: no caching this time
             logger.warning("model fingerprints unavailable (%s): not cached", type(e).__name__)
             return None
-        return request_key(kind, request, {**models, "marks": self.marks})
+        # Off the event loop: an edit's request holds its uploads (up to MAX_BODY_BYTES of base64) to hash.
+        return await asyncio.to_thread(request_key, kind, request, {**models, "marks": self.marks})
 
     async def get(self, key: str | None) -> Entry | None:
         if key is None or self.cache is None:

@@ -23,6 +23,7 @@ import uuid
 from PIL import Image
 from ray import serve
 
+from deployments.support.batching import gathered
 from deployments.support.errors import GenerationCancelled
 from deployments.support.generation import Encoding, StageResult, encoded
 from deployments.support.metrics import JobMetrics
@@ -40,6 +41,7 @@ from graphs.jobs.webhooks import deliver
 logger = logging.getLogger(__name__)
 
 # The upload a seed-003 edit starts from: the parent ingredient of its images' content credentials.
+ENCODES_AT_ONCE = 4  # sizes of one batch-sizes job encoding at once, so that one job leaves Provenance room
 PARENT_FIELD = {"img2img": "initImage", "inpaint": "image", "style-transfer": "contentImage"}
 
 
@@ -218,9 +220,14 @@ class JobRunner:
                                                      self.hires_upscaler, job.id)
         widths = job.request.get("derivatives") or []
         info = {"model": job.request.get("model")}  # the checkpoint, resolved when the job was accepted
+        slots = asyncio.Semaphore(ENCODES_AT_ONCE)
 
         async def finish(item: plans.SizedImage) -> dict:
             """One size marked, encoded and stored, with its WebP derivatives."""
+            async with slots:
+                return await finish_one(item)
+
+        async def finish_one(item: plans.SizedImage) -> dict:
             out = item.image
             small = [w for w in widths if 8 <= w <= out.width]
             resized = [out.resize((w, max(1, round(out.height * w / out.width)))) for w in small]
@@ -228,7 +235,7 @@ class JobRunner:
             encodings = [self._encode([out], facts, Encoding())]
             if small:
                 encodings.append(self._encode(resized, facts, Encoding(format="webp", quality=82)))
-            png, *webp = await asyncio.gather(*encodings)
+            png, *webp = await gathered(encodings)
             entry = {"key": await self._save(job.id, item.name, png.encoded[0]), "width": out.width,
                      "height": out.height, "aspect": item.aspect, "box": list(item.box), "upscaled": item.upscaled,
                      "nsfw": item.nsfw}
@@ -237,8 +244,8 @@ class JobRunner:
                                         for w, blob in zip(small, webp[0].encoded, strict=True)}
             return entry
 
-        # Every size at once: the Provenance replica encodes them on threads of its own.
-        entries = await asyncio.gather(*(finish(item) for item in sized))
+        # Several sizes at once (the Provenance replica encodes on threads of its own); a failure stops the rest.
+        entries = await gathered([finish(item) for item in sized])
         images = {item.name: entry for item, entry in zip(sized, entries, strict=True)}
         return {"images": images, "bases_generated": bases, "seed": seed}
 
