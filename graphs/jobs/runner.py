@@ -224,18 +224,15 @@ class JobRunner:
 
         async def finish(item: plans.SizedImage) -> dict:
             """One size marked, encoded and stored, with its WebP derivatives."""
-            async with slots:
-                return await finish_one(item)
-
-        async def finish_one(item: plans.SizedImage) -> dict:
             out = item.image
             small = [w for w in widths if 8 <= w <= out.width]
-            resized = [out.resize((w, max(1, round(out.height * w / out.width)))) for w in small]
             facts = {**info, "upscaler": self.hires_upscaler} if item.upscaled else info
-            encodings = [self._encode([out], facts, Encoding())]
-            if small:
-                encodings.append(self._encode(resized, facts, Encoding(format="webp", quality=82)))
-            png, *webp = await gathered(encodings)
+            async with slots:
+                resized = [out.resize((w, max(1, round(out.height * w / out.width)))) for w in small]
+                encodings = [self._encode([out], facts, Encoding())]
+                if small:
+                    encodings.append(self._encode(resized, facts, Encoding(format="webp", quality=82)))
+                png, *webp = await gathered(encodings)
             entry = {"key": await self._save(job.id, item.name, png.encoded[0]), "width": out.width,
                      "height": out.height, "aspect": item.aspect, "box": list(item.box), "upscaled": item.upscaled,
                      "nsfw": item.nsfw}
