@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import httpx
@@ -200,3 +201,23 @@ async def test_a_bad_timeout_header_is_422(make_client, value):
     client = make_client()
     error = (await client.get("/slow", headers={"X-Request-Timeout": value})).json()
     assert error["code"] == "INVALID_INPUT" and error["details"]["field"] == "X-Request-Timeout"
+
+
+async def test_every_service_error_has_its_family_status():
+    """A subclass with a code of its own answers with its base class's status: a download cut short is a model
+    load failure (503, retry), not an internal error; a code no class in its line has answers 500."""
+    from deployments.support import errors
+    from graphs.api.errors import service_error
+
+    class Odd(errors.ServiceError):
+        code = "ODD"
+
+    cases = [(errors.DownloadIncomplete("short"), 503, "DOWNLOAD_INCOMPLETE"),
+             (errors.UnsafeWeights("pickle"), 503, "UNSAFE_WEIGHTS"),
+             (errors.UnknownModel("no such", field="checkpoint"), 422, "UNKNOWN_MODEL"),
+             (errors.GpuOutOfMemory("full"), 503, "GPU_OOM"),
+             (Odd("odd"), 500, "ODD")]
+    for error, status, code in cases:
+        response = await service_error(None, error)  # type: ignore[arg-type]
+        assert (response.status_code, json.loads(response.body)["code"]) == (status, code)
+        assert ("retry-after" in response.headers) == (status == 503)

@@ -42,8 +42,19 @@ class ErrorBody(BaseModel):
     details: dict
 
 
-def error_response(code: str, message: str, details: dict | None = None, headers: dict | None = None) -> JSONResponse:
-    status = STATUS.get(code, 500)
+def status_of(error: ServiceError) -> int:
+    """The status of the error's own code, else of the nearest base class's (an ``UnsafeWeights`` is a
+    ``ModelLoadError``); 500 for none."""
+    for cls in type(error).__mro__:
+        code = getattr(cls, "code", None)
+        if code in STATUS:
+            return STATUS[code]
+    return 500
+
+
+def error_response(code: str, message: str, details: dict | None = None, headers: dict | None = None,
+                   status: int | None = None) -> JSONResponse:
+    status = status or STATUS.get(code, 500)
     if status in (429, 503):
         headers = {"Retry-After": "5", **(headers or {})}
     body = ErrorBody(error=message, code=code, details=details or {})
@@ -63,7 +74,7 @@ async def service_error(_request: Request, exc: Exception) -> JSONResponse:
         logger.error("unhandled %s", type(error).__name__, exc_info=error)
         return error_response("INTERNAL_ERROR", "internal error")
     headers = {"WWW-Authenticate": "Bearer"} if error.code == "UNAUTHORIZED" else None
-    return error_response(error.code, error.message, error.details, headers)
+    return error_response(error.code, error.message, error.details, headers, status_of(error))
 
 
 async def validation_error(_request: Request, exc: Exception) -> JSONResponse:
