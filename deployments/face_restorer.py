@@ -106,10 +106,12 @@ class FaceEnhancer:
     def _restore_crop(self, descriptor, crop: np.ndarray, weight: float) -> np.ndarray:
         tensor = torch.from_numpy(crop).permute(2, 0, 1)[None].float().div(255).to(self.device)
         tensor = (tensor * 2 - 1).to(self.dtype)  # the face models were trained on [-1, 1]
-        if descriptor.architecture.id == "CodeFormer":
-            output = descriptor.model(tensor, weight=weight)[0]
-        else:
-            output = descriptor(tensor)
+        # Autocast in half precision: CodeFormer's codebook lookup multiplies a float32 one-hot by its weights.
+        with torch.autocast(self.device.type, self.dtype, enabled=self.dtype != torch.float32):
+            if descriptor.architecture.id == "CodeFormer":
+                output = descriptor.model(tensor, weight=weight)[0]
+            else:
+                output = descriptor(tensor)
         output = ((output.float() + 1) / 2).clamp(0, 1)
         return (output[0].permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
 
