@@ -270,8 +270,7 @@ class BaseGenerator:
         return pipe(**kwargs, output_type="latent").images
 
     def decode(self, latents: torch.Tensor, pipes: Pipelines | None = None) -> list[Image.Image]:
-        with fastpath.attention(self.config.fast):
-            return fastpath.decode((pipes or self.checkpoint()).txt2img, latents)
+        return fastpath.decode((pipes or self.checkpoint()).txt2img, latents)
 
     @staticmethod
     def _prepare_mask(mask: Image.Image, request: GenerationRequest) -> Image.Image:

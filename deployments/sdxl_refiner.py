@@ -169,7 +169,7 @@ class Refiner:
                     generator=[torch.Generator("cpu").manual_seed(s) for group in seeds for s in group],
                     callback_on_step_end=on_step_end, output_type="latent", **kwargs,
                 ).images
-                return fastpath.decode(self.pipe, latents)
+            return fastpath.decode(self.pipe, latents)
 
     def describe(self) -> dict:
         return {"name": self.config.name, "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from deployments.support import device as devices
+from deployments.support import fastpath
 from deployments.support.config import DeviceConfig, FastPath, SDXLBaseConfig
 
 
@@ -80,3 +81,18 @@ def test_previews_are_copied_only_when_asked():
     assert before.shape == (8, 8, 3) and not np.array_equal(before, after)
     cancellation.finish("r1")
     assert cancellation.preview("r1") is None
+
+
+@pytest.mark.parametrize("kernel", ["flash", "efficient", "cudnn", "math"])
+def test_a_chosen_attention_kernel_falls_back_where_it_cannot_run(kernel):
+    """The configured kernel is a preference: an attention it cannot run (the SDXL VAE's one 512-wide head is beyond
+    flash and cuDNN on a GPU; a CPU has neither the memory-efficient nor the cuDNN kernel) runs on the next one in
+    PyTorch's order, with the same result, rather than failing the request after its denoising steps."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 64, 512) for _ in range(3))
+    expected = F.scaled_dot_product_attention(q, k, v)
+    with fastpath.attention(FastPath(attention=kernel)):
+        out = F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)

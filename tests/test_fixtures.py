@@ -149,15 +149,14 @@ def test_the_safety_checker_has_the_released_layout(shrunk):
 def test_the_gpu_stage_benchmark_runs_every_stage_on_these_layouts(shrunk, tmp_path):
     """``tests/bench_gpu.py``'s GPU plan (every variant and stage) on the toy-width layouts, so that a lent GPU is
     never spent finding that the benchmark itself drifted from the serving classes; on a CPU the compile settings
-    run eagerly and only the attention kernels the CPU lacks may fail."""
+    run eagerly, and an attention kernel the CPU lacks falls back to one it has."""
     from tests import bench_gpu
 
     (shrunk / ".stamp").touch()  # every artefact is there: the benchmark builds nothing
     out = tmp_path / "bench-gpu.json"
     assert bench_gpu.main(["--shrink", "--quick", "--models", str(shrunk), "--out", str(out), "--budget", "600"]) == 0
     rows = json.loads(out.read_text())["rows"]
-    errors = {row["stage"]: row["error"] for row in rows if "error" in row}
-    assert all("attention" in stage and "backend" in error for stage, error in errors.items()), errors
+    assert not [row for row in rows if "error" in row]
     assert not [row for row in rows if "skipped" in row]
     measured = {row.get("variant", row["stage"]): row for row in rows if "median_s" in row}
     for name in ("eager float32 (reference)", "shipped: bfloat16 + channels-last + compile full + VAE compiled",

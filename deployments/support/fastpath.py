@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 _BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
              "math": "MATH"}
+_FALLBACKS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 _MEGA_CACHE = "artifacts.bin"
 
 
@@ -106,13 +107,17 @@ def warm_up(name: str, fast: FastPath, device: torch.device, cache_dir: Path,
 
 @contextmanager
 def attention(fast: FastPath) -> Iterator[None]:
-    """Restrict scaled-dot-product attention to the configured kernel for the calls inside."""
+    """Prefer the configured scaled-dot-product kernel for the calls inside, falling back in PyTorch's own order
+    (flash, memory-efficient, math) for an attention it cannot run: the SDXL VAE's single 512-wide head, which an
+    img2img pass encodes through, is beyond the flash and cuDNN kernels (head size 256 at most)."""
     if fast.attention == "auto":
         yield
         return
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with sdpa_kernel([getattr(SDPBackend, _BACKENDS[fast.attention])]):
+    chosen = _BACKENDS[fast.attention]
+    order = [chosen, *(name for name in _FALLBACKS if name != chosen)]
+    with sdpa_kernel([getattr(SDPBackend, name) for name in order], set_priority=True):
         yield
 
 
