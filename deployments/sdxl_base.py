@@ -115,8 +115,9 @@ class BaseGenerator:
         pipes = pipes or self.checkpoint()
         steps = self.config.fast.warmup_steps
         fastpath.warm_up(f"SDXL base {pipes.name}", self.config.fast, self.device, self.compile_cache,
-                         lambda w, h: self.generate(GenerationRequest(prompt="warm-up", width=w, height=h,
-                                                                      steps=steps, seed=0), pipes=pipes))
+                         lambda w, h, n: self.generate(GenerationRequest(prompt="warm-up", width=w, height=h,
+                                                                         steps=steps, seed=0, batch_size=n),
+                                                       pipes=pipes))
 
     def refresh(self) -> dict[str, list[str]]:
         """Read the checkpoint and LoRA folders again (A1111's refresh-checkpoints and refresh-loras)."""

@@ -71,10 +71,20 @@ class Refiner:
         return self.settings.model_cache_dir / "compile" / "sdxl-refiner"
 
     def warm_up(self) -> None:
-        """Refine a grey image of each configured size once (image mode, the hires-fix pass)."""
-        request = RefineRequest(prompt="warm-up", steps=self.config.fast.warmup_steps, strength=1.0)
-        fastpath.warm_up("SDXL refiner", self.config.fast, self.device, self.compile_cache,
-                         lambda w, h: self.refine_images(request, Image.new("RGB", (w, h), (128, 128, 128))))
+        """Refine each configured size at each batch size once in both modes: grey images (the hires-fix pass)
+        and blank latents (the expert ensemble on a base's latents, the standard plan's)."""
+        request = RefineRequest(prompt="warm-up", steps=self.config.fast.warmup_steps, strength=1.0,
+                                denoising_start=0.5)  # at least one of the steps is the refiner's
+
+        def run(width: int, height: int, batch: int) -> None:
+            seeds = list(range(batch))
+            grey = Image.new("RGB", (width, height), (128, 128, 128))
+            self.refine_images(request, StageResult(images=[grey] * batch, seeds=seeds))
+            channels = self.pipe.vae.config.latent_channels
+            latents = np.zeros((batch, channels, height // 8, width // 8), np.float32)
+            self.refine_latents(request, StageResult(images=[], seeds=seeds, latents=latents))
+
+        fastpath.warm_up("SDXL refiner", self.config.fast, self.device, self.compile_cache, run)
 
     def refine_latents(self, request: RefineRequest, source: StageResult, request_id: str | None = None,
                        on_progress: ProgressFn | None = None) -> StageResult:

@@ -34,14 +34,38 @@ def test_cpu_replica_stays_eager_and_warms_up(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setenv("MODEL_CACHE_DIR", str(tmp_path))
     config = SDXLBaseConfig(model={"source": str(tiny / "sdxl-base")}, device={"channels_last": True},
-                            fast={"compile": "full", "warmup_sizes": [(64, 64), (128, 64)], "warmup_steps": 1})
+                            fast={"compile": "full", "warmup_sizes": [(64, 64), (128, 64)], "warmup_steps": 1,
+                                  "warmup_batch_sizes": [1, 3]})
     generator = BaseGenerator(config)
     assert generator.fast == []  # compilation on two CPU cores costs more than it saves
     steps = []
-    generator.generate = lambda request, *a, **k: steps.append((request.width, request.height, request.steps))
+    generator.generate = lambda request, *a, **k: steps.append((request.width, request.height, request.steps,
+                                                                request.batch_size))
     generator.warm_up()
-    assert steps == [(64, 64, 1), (128, 64, 1)]
+    assert steps == [(64, 64, 1, 1), (64, 64, 1, 3), (128, 64, 1, 1), (128, 64, 1, 3)]
     assert not (tmp_path / "compile").exists()
+
+
+def test_refiner_warms_up_both_modes_at_every_batch_size(tiny, tmp_path, monkeypatch):
+    """Each size at each batch size, as images (the hires-fix pass) and as latents (the ensemble on a base's
+    latents, which the standard plan sends): a shape met first by a request would compile inside it."""
+    from deployments.sdxl_refiner import Refiner
+    from deployments.support.config import SDXLRefinerConfig
+
+    monkeypatch.setenv("MODEL_CACHE_DIR", str(tmp_path))
+    refiner = Refiner(SDXLRefinerConfig(model={"source": str(tiny / "sdxl-refiner")},
+                                        fast={"warmup_sizes": [(64, 64), (96, 64)], "warmup_batch_sizes": [1, 2]}))
+    runs, batch = [], refiner.refine_batch
+
+    def recorded(items, *, ensemble):
+        results = batch(items, ensemble=ensemble)
+        runs.append((ensemble, *(r.images[0].size + (len(r.images),) for r in results)))
+        return results
+
+    refiner.refine_batch = recorded
+    refiner.warm_up()
+    assert runs == [(ensemble, (w, h, n)) for w, h in [(64, 64), (96, 64)] for n in (1, 2)
+                    for ensemble in (False, True)]
 
 
 def test_decode_gives_one_image_per_latent(tiny):

@@ -6,7 +6,7 @@ deployment) so that every knob is typed, bounded and documented in one place. De
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -39,10 +39,19 @@ class FastPath(_Config):
         "none", description="torch.compile the repeated transformer blocks ('regional') or the whole UNet"
     )
     compile_mode: CompileMode = "default"
+    compile_dynamic: Literal["static", "auto", "dynamic"] = Field(
+        "auto", description="shapes: 'static' compiles every size and batch apart; 'auto' (PyTorch's default) "
+        "compiles the first shape static, then one graph with the dimensions that changed dynamic; 'dynamic' "
+        "compiles one graph for all from the start"
+    )
     compile_vae: bool = Field(False, description="also compile the VAE decoder")
     fp8: bool = Field(False, description="FP8 (torchao, dynamic per-row) UNet linear layers; GPUs with FP8 only")
     warmup_sizes: list[tuple[int, int]] = Field(
         [], max_length=16, description="(width, height) pairs run once at start, so compilation happens then"
+    )
+    warmup_batch_sizes: list[Annotated[int, Field(ge=1, le=64)]] = Field(
+        [1], min_length=1, max_length=8, description="images per call at each warm-up size: a batch of a new size "
+        "compiles again, so list the batch sizes the deployment's max_batch_size lets form"
     )
     warmup_steps: int = Field(2, ge=1, le=50)
 

@@ -79,7 +79,8 @@ def apply(pipe, device_config: DeviceConfig, fast: FastPath, device: torch.devic
     if fast.compile != "none":
         use_compile_cache(cache_dir)
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        options = dict(mode=fast.compile_mode, fullgraph=True, dynamic=False)
+        dynamic = {"static": False, "auto": None, "dynamic": True}[fast.compile_dynamic]
+        options = dict(mode=fast.compile_mode, fullgraph=True, dynamic=dynamic)
         if fast.compile == "regional":
             pipe.unet.compile_repeated_blocks(**options)
         else:
@@ -94,13 +95,15 @@ def apply(pipe, device_config: DeviceConfig, fast: FastPath, device: torch.devic
 
 
 def warm_up(name: str, fast: FastPath, device: torch.device, cache_dir: Path,
-            run: Callable[[int, int], object]) -> None:
-    """Run each configured size once, so that compilation and autotuning happen before the first request, then
-    save what was compiled for the next start."""
+            run: Callable[[int, int, int], object]) -> None:
+    """Run each configured size at each configured batch size (``run(width, height, batch)``) once, so that
+    compilation and autotuning happen before the first request, then save what was compiled for the next start."""
     for width, height in fast.warmup_sizes:
-        started = time.perf_counter()
-        run(width, height)
-        logger.info("%s warm-up %dx%d: %.1fs", name, width, height, time.perf_counter() - started)
+        for batch in fast.warmup_batch_sizes:
+            started = time.perf_counter()
+            run(width, height, batch)
+            logger.info("%s warm-up %dx%d, batch %d: %.1fs", name, width, height, batch,
+                        time.perf_counter() - started)
     if fast.warmup_sizes and fast.compile != "none" and device.type == "cuda":
         save_compile_cache(cache_dir)
 
