@@ -52,8 +52,10 @@ class GpuSampler(threading.Thread):
             except (OSError, subprocess.TimeoutExpired):
                 continue
             for line in out.strip().splitlines():
-                pid_s, mib_s = (v.strip() for v in line.split(","))
-                pid, mib = int(pid_s), int(mib_s)
+                try:
+                    pid, mib = (int(v) for v in line.split(","))
+                except ValueError:  # "[N/A]" where the driver cannot see per-process use (a container)
+                    continue
                 self.peak_mib[pid] = max(self.peak_mib.get(pid, 0), mib)
                 if pid not in self.names:
                     title = subprocess.run(["ps", "-p", str(pid), "-o", "args="], capture_output=True, text=True)
@@ -247,6 +249,14 @@ def main(argv: list[str] | None = None) -> int:
             return {"median_s": statistics.median(batch_job(client) for _ in range(2))}
 
         measured("4-size batch job (3 SDXL bases + crops)", batches)
+        try:  # each replica's own PyTorch peak, which needs no per-process figures from nvidia-smi
+            described = client.get("/models").json()
+            refiner = next((m for m in described["models"] if m["type"] == "refiner"), {})
+            report["torch_memory"] = {name: {k: v for k, v in part.items() if k.startswith("gpu_memory")}
+                                      for name, part in (("SDXLBase", described["base"]), ("SDXLRefiner", refiner),
+                                                         ("FaceRestorer", described["face_restorer"]))}
+        except (httpx.HTTPError, KeyError, ValueError) as e:
+            report["torch_memory"] = {"error": f"{type(e).__name__}: {e}"}
     sampler.stopped.set()
     try:
         total_gib = int(subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
@@ -263,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
               else f"{r['stage'][:72]:<72} {r.get('error') or r.get('skipped')}" for r in rows]
     lines += [f"GPU memory {n:<14} peak {m['peak_gib']:>6.1f} GiB, fraction {m['fraction']} = {m['budget_gib']} GiB"
               for n, m in report["memory"].items()]
+    lines += [f"PyTorch peak {n:<12} {m}" for n, m in report.get("torch_memory", {}).items() if m]
     sys.stdout.write("\n".join(lines) + "\n")
     serve.shutdown()
     ray.shutdown()
