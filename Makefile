@@ -11,7 +11,7 @@ export TINY_MODELS FULLSIZE_MODELS
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,gpu]'
 	touch $@
 
 install: $(VENV)/.installed

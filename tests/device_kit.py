@@ -74,10 +74,12 @@ def canonical(name: str) -> str:
 
 
 def closure(root: str = "imagegen-serve") -> dict[str, str]:
-    """Every distribution the project's runtime requirements pull in here (extras followed), name → version."""
+    """Every distribution the project's runtime requirements (with the ``gpu`` extra) pull in here (extras
+    followed), name → version."""
     found: dict[str, str] = {}
     seen: set[tuple[str, tuple[str, ...]]] = set()
-    stack = [Requirement(r) for r in md.requires(root) or [] if "extra ==" not in r]
+    runtime = [Requirement(r) for r in md.requires(root) or []]
+    stack = [r for r in runtime if r.marker is None or r.marker.evaluate({"extra": "gpu"})]  # and fast.fp8's
     while stack:
         req = stack.pop()
         key = (canonical(req.name), tuple(sorted(req.extras)))

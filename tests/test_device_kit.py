@@ -19,7 +19,7 @@ LEFT_OUT_MODULES = ("boto3", "botocore", "c2pa", "cryptography", "imwatermark", 
 def test_the_kit_carries_the_serving_stack_at_the_versions_installed_here():
     wanted = device_kit.wanted()
     for name in ("ray", "diffusers", "pydantic", "pydantic-core", "fastapi", "starlette", "uvicorn", "spandrel",
-                 "spandrel-extra-arches", "facexlib", "torchsde", "pydantic-settings"):
+                 "spandrel-extra-arches", "facexlib", "torchsde", "pydantic-settings", "torchao"):
         assert wanted[name] == md.version(name), name
 
 
