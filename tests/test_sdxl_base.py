@@ -155,10 +155,14 @@ def test_samplers_differ_and_do_not_leak(base):
     assert "DPM++ 2M Karras" in sampler_names()
 
 
-def test_unknown_sampler_names_the_field(base):
+@pytest.mark.parametrize("name", ["Warp drive", "DDIM Karras", "Euler a Karras"])
+def test_unknown_sampler_names_the_field(base, name):
+    """A Karras name is refused where the list of samplers has none: DDIM's or Euler a's schedule has no Karras
+    sigmas, and the request would run unchanged under a name that says otherwise."""
     with pytest.raises(UnknownModel) as e:
-        gen(base, sampler="Warp drive")
+        gen(base, sampler=name)
     assert e.value.field == "sampler_name"
+    assert name not in sampler_names()
 
 
 @pytest.mark.parametrize("width,height,field", [(130, 128, "width"), (128, 100, "height")])

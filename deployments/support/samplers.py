@@ -78,7 +78,8 @@ def build_scheduler(name: str, base_config, schedule: str | None = None):
 
     canonical = ALIASES.get(name.lower(), name) if name not in SAMPLERS else name
     options: dict = {}
-    if canonical not in SAMPLERS and canonical.endswith(" Karras") and canonical[: -len(" Karras")] in SAMPLERS:
+    if canonical not in SAMPLERS and canonical.endswith(" Karras") and canonical[: -len(" Karras")] in SAMPLERS \
+            and canonical[: -len(" Karras")] not in _NO_KARRAS:  # those would run unchanged under a Karras name
         canonical = canonical[: -len(" Karras")]
         options["use_karras_sigmas"] = True
     if canonical not in SAMPLERS:
