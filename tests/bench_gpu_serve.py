@@ -194,7 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     sampler.start()
     report: dict = {"rows": []}
     rows = report["rows"]
-    app, options = app_args(args.models, json.loads(args.fast) if args.fast else None)
+    fast = json.loads(args.fast) if args.fast else {}
+    if args.shrink:  # the warm-up at the served sizes and batches is minutes of toy-width work on a CPU
+        fast = {kind: {"warmup_sizes": [[256, 256]], **fast.get(kind, {})} for kind in ("base", "refiner")}
+    app, options = app_args(args.models, fast)
     report["fast"] = {"base": app["base"].get("fast"), "refiner": app["refiner"].get("fast")}
     deadline = time.monotonic() + args.budget
 

@@ -43,7 +43,7 @@ case "$phase" in
         ;;
     serve)
         "$python" -m tests.bench_gpu_serve --out "$out/bench-gpu-serve.json" --budget "${BUDGET:-300}" \
-            --cold "${COLD:-both}" ${SHRINK:+--shrink --models "$kit/models-shrunk" --runs 1} \
+            --cold "${COLD:-both}" ${FAST:+--fast "$FAST"} ${SHRINK:+--shrink --models "$kit/models-shrunk" --runs 1} \
             > "$out/bench-gpu-serve.log" 2>&1 || status=$?
         tail -25 "$out/bench-gpu-serve.log"
         exit "${status:-0}"
