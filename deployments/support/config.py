@@ -1,4 +1,4 @@
-"""Configuration models: one pydantic model per deployment, plus the environment settings.
+"""Configuration models: one pydantic model per deployment (the environment settings are in ``settings.py``).
 
 Deployment configs arrive through ``serve_config.yaml`` (``args`` of the application builder, forwarded to each
 deployment) so that every knob is typed, bounded and documented in one place. Defaults are CPU-safe.
