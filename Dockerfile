@@ -7,4 +7,4 @@ COPY --chown=ray:users pyproject.toml README.md serve_config.yaml ./
 COPY --chown=ray:users configs configs
 COPY --chown=ray:users deployments deployments
 COPY --chown=ray:users graphs graphs
-RUN pip install --no-cache-dir -e .
+RUN pip install --no-cache-dir -e '.[gpu]'
