@@ -202,12 +202,19 @@ def test_latents_for_the_refiner_skip_the_decode(base, monkeypatch):
 
 
 def test_gpu_oom_is_retryable_and_repeated_ooms_fail_health(base, monkeypatch):
+    """PyTorch's own out-of-memory error, and cuBLAS's and cuDNN's (plain RuntimeErrors: their workspaces are
+    allocated outside PyTorch's allocator), are one retryable GPU_OOM; any other RuntimeError stays what it is."""
     import torch
 
     from deployments.support.errors import GpuOutOfMemory
 
+    errors = iter([torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB"),
+                   RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+                   RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"),
+                   RuntimeError("expected m1 and m2 to have the same dtype")])
+
     def out_of_memory(**_kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        raise next(errors)
 
     monkeypatch.setattr(base, "_run", lambda *a, **k: out_of_memory())
     for attempt in range(3):
@@ -216,6 +223,9 @@ def test_gpu_oom_is_retryable_and_repeated_ooms_fail_health(base, monkeypatch):
             gen(base)
         assert e.value.code == "GPU_OOM" and base.oom.consecutive == attempt + 1
     assert not base.healthy()
+    with pytest.raises(RuntimeError, match="same dtype"):
+        gen(base)
+    assert base.oom.consecutive == 3
     monkeypatch.undo()
     gen(base)  # a success resets the count
     assert base.healthy() and base.oom.consecutive == 0

@@ -55,11 +55,21 @@ class OomGuard:
     def __call__(self) -> Iterator[None]:
         try:
             yield
-        except torch.OutOfMemoryError as e:
+        except RuntimeError as e:  # torch.OutOfMemoryError is one
+            if not out_of_memory(e):
+                raise
             self.consecutive += 1
             free_cache(self.device)
             raise GpuOutOfMemory(f"{self.what} ran out of GPU memory; retry later") from e
         self.consecutive = 0
+
+
+# How CUDA libraries that allocate outside PyTorch's allocator (cuBLAS and cuDNN workspaces) say the same thing.
+_OOM_MESSAGES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
+
+
+def out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or any(m in str(error) for m in _OOM_MESSAGES)
 
 
 class InferenceThread:
