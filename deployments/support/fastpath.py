@@ -80,14 +80,16 @@ def apply(pipe, device_config: DeviceConfig, fast: FastPath, device: torch.devic
         use_compile_cache(cache_dir)
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         dynamic = {"static": False, "auto": None, "dynamic": True}[fast.compile_dynamic]
-        options = dict(mode=fast.compile_mode, fullgraph=True, dynamic=dynamic)
+        # Not fullgraph: a graph break, or a UNet recompiled past the limit (each LoRA set or weight is a guard),
+        # then runs eagerly, slower, instead of failing the request. TORCH_LOGS=graph_breaks,recompiles shows them.
+        options = dict(mode=fast.compile_mode, fullgraph=False, dynamic=dynamic)
         if fast.compile == "regional":
             pipe.unet.compile_repeated_blocks(**options)
         else:
             pipe.unet.compile(**options)
         applied.append(f"compile-{fast.compile}-{fast.compile_mode}")
-        if fast.compile_vae:  # the decoder's upsampling path breaks full graphs in some versions: allow breaks
-            pipe.vae.decoder.compile(**{**options, "fullgraph": False})
+        if fast.compile_vae:
+            pipe.vae.decoder.compile(**options)
             applied.append("compile-vae")
     if fast.attention != "auto":
         applied.append(f"attention-{fast.attention}")
