@@ -78,9 +78,10 @@ def build_scheduler(name: str, base_config, schedule: str | None = None):
 
     canonical = ALIASES.get(name.lower(), name) if name not in SAMPLERS else name
     options: dict = {}
-    if canonical not in SAMPLERS and canonical.endswith(" Karras") and canonical[: -len(" Karras")] in SAMPLERS \
-            and canonical[: -len(" Karras")] not in _NO_KARRAS:  # those would run unchanged under a Karras name
-        canonical = canonical[: -len(" Karras")]
+    plain = canonical.removesuffix(" Karras")
+    # A Karras name of a sampler whose A1111 spelling has none would run unchanged under it: unknown.
+    if canonical not in SAMPLERS and plain != canonical and plain in SAMPLERS and plain not in _NO_KARRAS:
+        canonical = plain
         options["use_karras_sigmas"] = True
     if canonical not in SAMPLERS:
         raise UnknownModel(f"unknown sampler {name!r}", field="sampler_name", details={"choices": sampler_names()})
