@@ -30,7 +30,8 @@ def modules() -> list[str]:
 
 # What the serving path loads lazily (inside the functions that build pipelines, upscalers and restorers).
 LIBRARIES = ("diffusers", "diffusers.pipelines.stable_diffusion_xl", "spandrel", "spandrel_extra_arches", "facexlib",
-             "facexlib.detection.retinaface", "torchsde", "ray.serve", "fastapi", "pydantic_settings", "uvicorn")
+             "facexlib.detection.retinaface", "torchsde", "ray.serve", "fastapi", "pydantic_settings", "uvicorn",
+             "torchao.quantization")
 
 
 def check_imports() -> str:
@@ -46,7 +47,8 @@ def check_imports() -> str:
 
 
 def check_versions() -> str:
-    names = ("torch", "diffusers", "transformers", "huggingface-hub", "numpy", "ray", "pydantic", "spandrel")
+    names = ("torch", "diffusers", "transformers", "huggingface-hub", "numpy", "ray", "pydantic", "spandrel",
+             "torchao")
     return ", ".join(f"{n} {md.version(n)}" for n in names) + f", Python {sys.version.split()[0]}"
 
 
@@ -108,11 +110,31 @@ def check_serve() -> str:
         ray.shutdown()
 
 
+def check_attention() -> str:
+    """Every ``fast.attention`` preference on the UNet's head width (64) and the VAE's (512, beyond the flash and
+    cuDNN kernels): none may fail, since a request that fails at its decode has spent its steps."""
+    import torch
+    import torch.nn.functional as F
+
+    from deployments.support import fastpath
+    from deployments.support.config import FastPath
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    for kernel in ("flash", "efficient", "cudnn", "math"):
+        for heads, width in ((10, 64), (1, 512)):
+            q = torch.randn(2, heads, 1024, width, device=device, dtype=dtype)
+            with fastpath.attention(FastPath(attention=kernel)):
+                F.scaled_dot_product_attention(q, q, q)
+    return f"each kernel preferred, heads 64 and 512 wide, {str(dtype).removeprefix('torch.')} on {device}"
+
+
 CHECKS: dict[str, Callable[[], str]] = {
     "versions": check_versions,
     "imports": check_imports,
     "cuda": check_cuda,
     "compile": check_compile,
+    "attention": check_attention,
     "serve": check_serve,
 }
 

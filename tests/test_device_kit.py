@@ -45,3 +45,10 @@ def test_the_left_out_packages_are_imported_only_by_the_features_that_use_them()
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().endswith("libraries")
+
+
+def test_the_device_check_of_attention_runs_here():
+    """The lease's first call tries every attention preference on both head widths; on a CPU, too."""
+    from tests import device_check
+
+    assert device_check.check_attention().endswith("float32 on cpu")
