@@ -76,6 +76,25 @@ def test_decode_gives_one_image_per_latent(tiny):
     assert [image.size for image in images] == [(96, 64), (96, 64)]
 
 
+def test_a_float16_vae_decodes_upcast_and_stays_float16_without_a_warning_per_call(tiny, caplog):
+    """The released SDXL VAE overflows in float16, so a float16 replica decodes in float32 and casts back, each
+    call; diffusers warns on every cast through its own ``to``, which would be two log lines per request."""
+    from deployments.sdxl_base import BaseGenerator
+
+    generator = BaseGenerator(SDXLBaseConfig(model={"source": str(tiny / "sdxl-base")}))
+    vae = generator.checkpoint().txt2img.vae
+    latents = torch.randn(1, 4, 8, 8)
+    expected = np.asarray(generator.decode(latents)[0], dtype=np.int16)
+    vae.to(torch.float16)
+    vae.register_to_config(force_upcast=True)
+    caplog.clear()  # the cast just above warned
+    with caplog.at_level("WARNING"):
+        image = np.asarray(generator.decode(latents)[0], dtype=np.int16)
+    assert vae.dtype == torch.float16
+    assert not [r for r in caplog.records if "float32" in r.getMessage()]
+    assert np.abs(image - expected).mean() < 2  # float16 weights, float32 arithmetic
+
+
 def test_inference_thread_runs_everything_on_one_thread_and_keeps_the_loop_free():
     worker = devices.InferenceThread("test")
     idents = {worker.call(threading.get_ident) for _ in range(3)}

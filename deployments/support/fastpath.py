@@ -135,13 +135,14 @@ def decode(pipe, latents: torch.Tensor) -> list:
     """
     vae = pipe.vae
     upcast = vae.dtype == torch.float16 and vae.config.force_upcast
+    # torch's own ``to``: diffusers' logs a warning on every dtype cast, two lines a request.
     if upcast:
-        vae.to(torch.float32)
+        torch.nn.Module.to(vae, torch.float32)
     try:
         with torch.inference_mode():
             scaled = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
             pixels = vae.decode(scaled, return_dict=False)[0]
     finally:
         if upcast:
-            vae.to(torch.float16)
+            torch.nn.Module.to(vae, torch.float16)
     return pipe.image_processor.postprocess(pixels, output_type="pil")
