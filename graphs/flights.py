@@ -51,14 +51,16 @@ class RecordedMethod:
 
 @contextlib.asynccontextmanager
 async def flight() -> AsyncIterator[list]:
-    """Run a plan so that, when it is cancelled (a deadline, a client gone, a job cancelled), every stage call it
-    launched is cancelled through Serve: on the replica that runs it, base, refiner, upscaler and faces alike.
-    The diffusion replicas turn that into their per-step cancel flag (one denoising step later, it stops)."""
+    """Run a plan so that, when it is cancelled (a deadline, a client gone, a job cancelled) or fails, every stage
+    call it launched is cancelled through Serve: on the replica that runs it, base, refiner, upscaler and faces
+    alike (a batch-sizes job whose first base failed no longer keeps the others running for nothing). The diffusion
+    replicas turn that into their per-step cancel flag (one denoising step later, it stops); a call that has
+    finished is not affected."""
     calls: list = []
     token = _flight.set(calls)
     try:
         yield calls
-    except asyncio.CancelledError:
+    except BaseException:
         for response in calls:
             response.cancel()
         raise

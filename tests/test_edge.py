@@ -221,3 +221,25 @@ async def test_every_service_error_has_its_family_status():
         response = await service_error(None, error)  # type: ignore[arg-type]
         assert (response.status_code, json.loads(response.body)["code"]) == (status, code)
         assert ("retry-after" in response.headers) == (status == 503)
+
+
+async def test_a_failed_plan_cancels_every_call_it_launched():
+    """Not only a cancelled plan: one whose stage failed stops the calls still running beside it."""
+    cancelled = []
+
+    class StageCall:
+        def __init__(self, name):
+            self.name = name
+
+        def cancel(self):
+            cancelled.append(self.name)
+
+    with pytest.raises(RuntimeError):
+        async with flights.flight() as calls:
+            calls += [StageCall("base-square"), StageCall("base-wide")]
+            raise RuntimeError("GPU_OOM on the square base")
+    assert cancelled == ["base-square", "base-wide"]
+    cancelled.clear()
+    async with flights.flight() as calls:
+        calls.append(StageCall("done"))
+    assert cancelled == []  # a plan that ends well leaves its calls be
