@@ -282,3 +282,48 @@ async def test_an_idle_stream_pings_then_ends_at_the_terminal_event(tmp_path):
     assert [f.get("id") for f in frames(resumed)[1:]] == ["3", "4"]  # after Last-Event-ID 2, nothing repeated
     assert frames([c async for c in events.stream(store, job.id, 4, 0.02, 10)]) == [{"retry": "2000"}]
     assert frames([c async for c in events.stream(store, "job_0_gone", 0, 0.02, 10)]) == [{"retry": "2000"}]
+
+
+class FlakyBoard(Board):
+    """A progress board that fails its first reads, as one restarting (or on a lost node) does."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    def progress(self, request_id):
+        if self.failures > 0:
+            self.failures -= 1
+            raise RuntimeError("board unavailable")
+        return super().progress(request_id)
+
+
+async def test_a_failing_board_or_store_costs_a_round_not_the_lease_nor_the_worker(base, upscaler, runner_env):
+    """The lease keeper outlives a board that fails (its heartbeats go on, so no other runner claims the job while
+    it runs), and a worker outlives a store that fails to publish (the job runs again once its lease is out)."""
+    runner_env.setenv("JOB_TIMEOUT", "600000")
+    board = FlakyBoard(failures=4)
+    runner = JobRunner.func_or_class(LocalHandle(PacedBaseShell(base, LocalHandle(board))), None,
+                                     LocalHandle(upscaler), None, None, LocalHandle(board))
+    publish, failed_publishes = runner.store.finish, []
+
+    def finish_failing_once(*args, **kwargs):
+        if not failed_publishes:
+            failed_publishes.append(args[0])
+            raise OSError("disk full")
+        return publish(*args, **kwargs)
+
+    runner.store.finish = finish_failing_once
+    try:
+        job = Job(id=new_job_id(), type="text2img", request={"prompt": "paced", "width": 64, "height": 64,
+                                                                "steps": 150, "seed": 5, "preview_every": 0})
+        runner.store.create(job)
+        done = await finished(runner, job.id, timeout=120)  # a worker that died would leave it unfinished
+        await runner.check_health()  # every worker loop still runs
+        log = runner.store.events(job.id, limit=1000)
+    finally:
+        stop(runner)
+    assert board.failures == 0 and failed_publishes == [job.id]
+    assert done.status == "completed" and done.attempts == 2  # the run whose result was not published, and one more
+    assert [e.event for e in log].count("started") == 2
+    assert any(e.event == "progress" for e in log)  # read once the board answered again

@@ -83,7 +83,10 @@ class JobRunner:
             if job is None:
                 await asyncio.sleep(self.settings.job_poll_seconds)
                 continue
-            await self._execute(job, name)
+            try:
+                await self._execute(job, name)
+            except Exception:  # noqa: BLE001 - a store failing to publish: the lease runs out, the job runs again
+                logger.exception("job %s: not published", job.id)
 
     async def _execute(self, job: Job, worker: str) -> None:
         started = time.monotonic()
@@ -95,14 +98,14 @@ class JobRunner:
             result = await asyncio.wait_for(task, self.settings.job_timeout / 1000)
             result["timeTaken"] = int((time.monotonic() - started) * 1000)
             status, event = "completed", completed_data(job.id, result)
-        except TimeoutError:  # wait_for cancelled the task: its flight cancelled every stage call
-            error = f"job exceeded JOB_TIMEOUT ({self.settings.job_timeout} ms)"
-            event = {"code": "JOB_TIMEOUT", "message": error}
         except asyncio.CancelledError:
             status, error = "cancelled", "cancelled"
         except Exception as e:  # noqa: BLE001 - any failure is recorded on the job, with its code
             cause = unwrap(e)
-            if isinstance(cause, GenerationCancelled):
+            if isinstance(e, TimeoutError) and task.cancelled():  # wait_for's: its flight cancelled every call
+                error = f"job exceeded JOB_TIMEOUT ({self.settings.job_timeout} ms)"
+                event = {"code": "JOB_TIMEOUT", "message": error}
+            elif isinstance(cause, GenerationCancelled):
                 status, error = "cancelled", "cancelled"
             elif (gone := lost(e)) is None:
                 code = getattr(cause, "code", type(cause).__name__)
@@ -136,15 +139,18 @@ class JobRunner:
         every = job.request.get("preview_every")
         events = ProgressEvents(self.settings.job_preview_every if every is None else every)
         if events.preview_every:
-            await self._board("preview", job.id)  # asks the running replica to send previews from now on
+            await self._quietly(self._board("preview", job.id))  # the replica sends previews from now on
         while not task.done():
             await asyncio.sleep(min(interval, 0.5))
-            progress = await self._board("progress", job.id)
+            # A board or store hiccup costs this round, never the lease: a keeper that stopped would let another
+            # runner claim the job while it still runs here.
+            progress = await self._quietly(self._board("progress", job.id))
             percent = 100.0 * progress[0] / progress[1] if progress else None
             if percent is not None and job.type == "batch-sizes":
                 percent = min(percent, 99.0)
             lease = self.settings.job_lease_seconds
-            keep = await asyncio.to_thread(self.store.heartbeat, job.id, worker, lease, percent)
+            keep = await self._quietly(asyncio.to_thread(self.store.heartbeat, job.id, worker, lease, percent),
+                                       default=True)
             if not keep:  # cancelled (or the lease was taken over): the flight stops every stage call
                 task.cancel()
                 return
@@ -165,6 +171,15 @@ class JobRunner:
             if image is not None:
                 preview = await asyncio.to_thread(events.preview, image, step, total)
                 await asyncio.to_thread(self.store.append_event, job.id, "preview", preview)
+
+    async def _quietly(self, work, default=None):
+        """``work``'s result within a lease interval, or ``default`` (logged) when it fails or hangs."""
+        try:
+            return await asyncio.wait_for(work, self.settings.job_lease_seconds / 3)
+        except Exception:  # noqa: BLE001 - see _keep_lease
+            logger.warning("job lease keeper: %s failed; trying again", getattr(work, "__qualname__", work),
+                           exc_info=True)
+            return default
 
     async def _board(self, method: str, request_id: str):
         """Progress or preview as the replica running the request last reported it (``graphs/board.py``)."""
