@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from contextvars import ContextVar
 from typing import Any
 
 from graphs.api.errors import call, lost
+
+logger = logging.getLogger(__name__)
 
 _flight: ContextVar[list | None] = ContextVar("imagegen_flight", default=None)
 
@@ -92,7 +95,12 @@ async def settled(response):
             return stage.result()
         watch = asyncio.ensure_future(_first_lost(earlier))
         await asyncio.wait({stage, watch}, return_when=asyncio.FIRST_COMPLETED)
-        gone = watch.result() if watch.done() else None
+        gone = None
+        if watch.done():
+            if watch.exception() is not None:  # the watch's own failure is not the stage's: it answers alone
+                logger.warning("flight watch failed: %r", watch.exception())
+            else:
+                gone = watch.result()
         if gone is None:
             return await stage
         response.cancel()
@@ -119,7 +127,11 @@ async def _first_lost(calls: list) -> BaseException | None:
                     refs.append(task.result())
             ready, refs = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False) if refs else ([], [])
             for ref in ready:
-                where = await asyncio.to_thread(get_object_locations, [ref], 1000)  # a GCS call: off the loop
+                try:
+                    where = await asyncio.to_thread(get_object_locations, [ref], 1000)  # a GCS call: off the loop
+                except Exception:  # noqa: BLE001 - the GCS slow to answer (a node dying): look again next round
+                    refs.append(ref)
+                    continue
                 if where.get(ref, {}).get("node_ids"):
                     continue  # in the object store: a result, never an error
                 try:

@@ -243,3 +243,28 @@ async def test_a_failed_plan_cancels_every_call_it_launched():
     async with flights.flight() as calls:
         calls.append(StageCall("done"))
     assert cancelled == []  # a plan that ends well leaves its calls be
+
+
+async def test_a_failed_watch_leaves_the_stage_to_answer(monkeypatch):
+    """``settled`` watches the earlier calls for a lost replica; when the watch itself fails (the GCS slow while
+    a node dies), the stage still gives its own answer, not the watch's error."""
+    async def broken_watch(_calls):
+        raise TimeoutError("Get timed out: some object(s) not ready")
+
+    monkeypatch.setattr(flights, "_first_lost", broken_watch)
+
+    class Response:
+        def __init__(self, value, delay):
+            self.value, self.delay = value, delay
+
+        def __await__(self):
+            return asyncio.sleep(self.delay, self.value).__await__()
+
+        def cancel(self):
+            pass
+
+    async with flights.flight() as calls:
+        calls.append(Response("base", 0))
+        stage = Response("upscaled", flights.WATCH_EVERY_S + 0.3)
+        calls.append(stage)
+        assert await flights.settled(stage) == "upscaled"
