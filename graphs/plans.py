@@ -29,6 +29,7 @@ restorer, a failed post-process) is recorded in the report, never silent.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -256,6 +257,19 @@ async def seed001(h: Handles, fields: dict, prompt: str, photo: Image.Image, set
 
 # --- seed 003: the camelCase jobs --------------------------------------------------------------------------------
 
+STYLE_AREA = 1024 * 1024  # SDXL's native area
+
+
+def content_size(width: int, height: int) -> tuple[int, int]:
+    """A style transfer's size: the content image's aspect, shrunk to SDXL's native area when larger (a 12 MP
+    photo is far beyond the base's pixel limit) and grown to 64 on its short side when smaller, each side a
+    multiple of 8 within the request's 64 to 4096."""
+    scale = min(1.0, math.sqrt(STYLE_AREA / (width * height)))
+    scale = max(scale, 64 / min(width, height))
+    w, h = (min(4096, max(64, round(side * scale / 8) * 8)) for side in (width, height))
+    return w, h
+
+
 def seed003(kind: str, r: dict) -> GenerationRequest:
     """Seed 003 camelCase fields -> one SDXLBase request (style transfer: the style image through IP-Adapter)."""
     common = dict(prompt=r.get("prompt", ""), negative_prompt=r.get("negativePrompt", ""),
@@ -270,8 +284,7 @@ def seed003(kind: str, r: dict) -> GenerationRequest:
                                  mask=image_field(r["mask"], "mask"), strength=r.get("inpaintingStrength", 0.9))
     if kind == "style-transfer":
         content = image_field(r["contentImage"], "contentImage")
-        common.update(width=r.get("width", content.width - content.width % 8),
-                      height=r.get("height", content.height - content.height % 8))
+        common.update(zip(("width", "height"), content_size(content.width, content.height), strict=True))
         style = image_field(r["styleImage"], "styleImage")
         return GenerationRequest(**common, init_image=content, ip_adapter_image=style,
                                  ip_adapter_scale=r.get("styleStrength", 0.7),
