@@ -23,13 +23,13 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request, Response
 from PIL import Image
 
 from deployments.support.errors import InvalidInput, UnknownModel
-from deployments.support.generation import Encoding, GenerationRequest, resolve_seeds
+from deployments.support.generation import Encoding, GenerationRequest, StageResult, resolve_seeds
 from deployments.support.imaging import decode
 from deployments.support.samplers import SCHEDULES
 from graphs import flights, plans
@@ -244,20 +244,18 @@ class A1111Routes(CheckpointChoice):
         blend = body.upscaler_2 != "None" and visibility > 0
         face_visibility = max(body.codeformer_visibility, body.gfpgan_visibility)
         upscaler = self.handles.upscaler
-        last = upscaler.upscale.remote(image, body.upscaler_1, scale, width, height,
-                                       encode=None if blend or face_visibility > 0 else how)
-        if blend:
-            second = upscaler.upscale.remote(image, body.upscaler_2, scale, width, height)
-            try:
-                first = await call(last)
-            except Exception:
-                second.cancel()  # its answer would serve nothing
-                raise
-            other = await call(second)
-            last = first.then([Image.blend(first.image, other.image, visibility)], warnings=other.warnings)
-        if face_visibility > 0:
-            last = self.handles.faces.restore.remote(last, body.codeformer_weight, face_visibility, encode=how)
-        result = await call(last)
+        # In a flight: a deadline, a disconnect or a failed upscale cancels every call still running.
+        async with flights.flight():
+            last: Any = upscaler.upscale.remote(image, body.upscaler_1, scale, width, height,
+                                                encode=None if blend or face_visibility > 0 else how)
+            if blend:
+                second = upscaler.upscale.remote(image, body.upscaler_2, scale, width, height)
+                first, other = await call(last), await call(second)
+                blended = await asyncio.to_thread(Image.blend, first.image, other.image, visibility)
+                last = first.then([blended], warnings=other.warnings)
+            if face_visibility > 0:
+                last = self.handles.faces.restore.remote(last, body.codeformer_weight, face_visibility, encode=how)
+            result = last if isinstance(last, StageResult) else await flights.settled(last)
         if not result.encoded:  # the blend, with no stage after it
             result = await call(self.provenance.encode.remote(result, how))  # type: ignore[attr-defined]
         return result.encoded[0]
