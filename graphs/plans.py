@@ -126,6 +126,7 @@ class Report:
     warnings: list[str] = field(default_factory=list)
     nsfw: bool | None = None  # None: the safety checker is off
     checkpoint: str | None = None  # the base checkpoint that made it
+    degraded: bool = False  # a stage that failed was left out (faces): never cached, the next try may do better
 
     def facts(self) -> dict:
         """Everything but the file: what a cached answer keeps beside it."""
@@ -189,18 +190,30 @@ async def _finish(h: Handles, last, seed: int, opts: PlanOptions, warnings: list
     of the plan: only the final result comes back, carrying every stage's warnings and facts. A face-restoration
     failure returns the image unprocessed (seed 000), screened all the same."""
     if opts.restore_faces:
+        restored = h.faces.restore.remote(last, opts.face_weight, encode=h.last(opts.encode))
         try:
-            restored = h.faces.restore.remote(last, opts.face_weight, encode=h.last(opts.encode))
             return _report(await settled(h.screen(restored, opts.encode)), seed, warnings)
         except Exception as e:  # noqa: BLE001 - seed 000: a post-processing failure returns the image unprocessed
+            if h.safety is not None and not await _failed(restored):
+                raise  # the faces were restored; the checker after them failed
             if h.safety is not None:
                 result = await settled(h.screen(last, opts.encode))  # an upstream failure re-raises here
             else:
                 result = await encoded(await settled(last), opts.encode)
             code = getattr(unwrap(e), "code", type(unwrap(e)).__name__)
             logger.warning("face restoration failed (%s); unprocessed image returned", code)
-            return _report(result, seed, [*warnings, f"face restoration failed ({code}): unprocessed image"])
+            report = _report(result, seed, [*warnings, f"face restoration failed ({code}): unprocessed image"])
+            report.degraded = True
+            return report
     return _report(await settled(h.screen(last, opts.encode)), seed, warnings)
+
+
+async def _failed(response) -> bool:
+    try:
+        await call(response)
+    except Exception:  # noqa: BLE001 - only whether it failed matters
+        return True
+    return False
 
 
 def _report(result: StageResult, seed: int, warnings: list[str]) -> Report:

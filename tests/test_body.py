@@ -36,18 +36,3 @@ def test_a_client_cannot_write_a_placeholder_of_its_own():
     body = answer(guesses, b"\x89PNG")
     assert body["prompt"] == guesses
 
-
-def test_a_style_transfer_takes_its_content_aspect_at_a_size_the_base_accepts():
-    """A 12 MP phone photo, a wide panorama and a thumbnail each become a valid request at their aspect (the
-    content image's own size was refused by the base, or by the request model, after the job's 202)."""
-    from PIL import Image
-
-    from graphs import plans
-    from tests.helpers import b64
-
-    style = b64(Image.new("RGB", (64, 64), "red"))
-    for size, expected in [((3000, 4000), (888, 1184)), ((6000, 2000), (1776, 592)), ((60, 60), (64, 64)),
-                           ((512, 384), (512, 384))]:
-        request = plans.seed003("style-transfer", {"contentImage": b64(Image.new("RGB", size)), "styleImage": style})
-        assert (request.width, request.height) == expected
-        assert request.width * request.height <= max(plans.STYLE_AREA, 64 * 64) * 1.02

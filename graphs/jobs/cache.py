@@ -264,7 +264,9 @@ class RequestCache:
             return None
 
     async def put(self, key: str | None, facts: dict, files: list[bytes]) -> None:
-        if key is None or self.cache is None:
+        """Keep an answer; one that says it is ``degraded`` (a stage left out after failing) is not kept, since the
+        next try may do better."""
+        if key is None or self.cache is None or facts.get("degraded"):
             return
         try:
             await asyncio.to_thread(self.cache.put, key, facts, files)

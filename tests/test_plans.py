@@ -1,0 +1,127 @@
+"""Plan steps on stand-in stages (no Ray): what a plan answers when one of its stages fails."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from deployments.support.errors import GpuOutOfMemory, ServiceError
+from deployments.support.generation import Encoding, StageResult
+from graphs import plans
+
+pytestmark = pytest.mark.anyio
+
+
+class Response:
+    """A stage call: awaiting it awaits its input (a chained response), then runs the stage."""
+
+    def __init__(self, run, source=None) -> None:
+        self.run, self.source = run, source
+
+    def __await__(self):
+        return self._result().__await__()
+
+    async def _result(self):
+        source = await self.source if isinstance(self.source, Response) else self.source
+        return self.run(source)
+
+    def cancel(self) -> None:
+        pass
+
+
+class Faces:
+    def __init__(self, error: Exception | None) -> None:
+        self.error = error
+
+    def __getattr__(self, _method):
+        return self
+
+    def remote(self, source, _weight, encode=None):
+        def restore(result: StageResult) -> StageResult:
+            if self.error:
+                raise self.error
+            out = result.then([Image.new("RGB", result.image.size, "white")], face_restoration_applied=True)
+            return out.encode(encode) if encode else out
+        return Response(restore, source)
+
+
+class Checker(Faces):
+    """Fails its first call only (a signing service that hiccups), if given an error."""
+
+    def remote(self, source, encode=None):
+        def check(result: StageResult) -> StageResult:
+            if self.error:
+                error, self.error = self.error, None
+                raise error
+            return result.then(result.images, nsfw=[False]).encode(encode)
+        return Response(check, source)
+
+
+class Stages:
+    last = plans.Handles.last
+    screen = plans.Handles.screen
+
+    def __init__(self, faces_error=None, checker_error=None, checker=True) -> None:
+        self.faces = Faces(faces_error)
+        self.safety = Checker(checker_error) if checker else None
+
+
+def base_image() -> Response:
+    return Response(lambda _: StageResult(images=[Image.new("RGB", (64, 64), "black")], seeds=[7]))
+
+
+@pytest.mark.parametrize("checker", [True, False])
+async def test_failed_faces_give_the_screened_unprocessed_image_marked_degraded(checker):
+    opts = plans.PlanOptions(restore_faces=True)
+    report = await plans._finish(Stages(GpuOutOfMemory("full"), checker=checker), base_image(), 7, opts, [])
+    assert report.degraded and not report.face_restoration_applied
+    assert report.warnings == ["face restoration failed (GPU_OOM): unprocessed image"]
+    assert (report.nsfw is not None) == checker  # screened all the same
+    assert plans.Report.from_facts(report.data, report.facts()).degraded
+
+
+async def test_a_checker_failing_after_restored_faces_is_its_own_failure():
+    """Not 'face restoration failed': the faces were restored; the request fails as the checker did."""
+    opts = plans.PlanOptions(restore_faces=True)
+    with pytest.raises(ServiceError, match="signing"):
+        await plans._finish(Stages(checker_error=ServiceError("signing failed")), base_image(), 7, opts, [])
+
+
+async def test_a_whole_answer_is_not_degraded():
+    opts = plans.PlanOptions(restore_faces=True)
+    report = await plans._finish(Stages(), base_image(), 7, opts, [])
+    assert report.face_restoration_applied and not report.degraded and report.nsfw is False
+
+
+async def test_a_degraded_answer_is_not_cached(tmp_path):
+    from graphs.jobs.cache import RequestCache
+
+    class Store:
+        def __init__(self) -> None:
+            self.kept: list[str] = []
+
+        def put(self, key, facts, files) -> None:
+            self.kept.append(key)
+
+    store = Store()
+    cache = RequestCache(None, None, plans.Settings())  # type: ignore[arg-type]
+    cache.cache = store  # type: ignore[assignment]
+    data = StageResult(images=[Image.new("RGB", (8, 8))], seeds=[1]).encode(Encoding()).encoded[0]
+    whole = plans.Report(data=data, size=(8, 8), seed=1)
+    degraded = plans.Report(data=data, size=(8, 8), seed=1, degraded=True)
+    await cache.put("whole", whole.facts(), [data])
+    await cache.put("degraded", degraded.facts(), [data])
+    assert store.kept == ["whole"]
+
+
+def test_a_style_transfer_takes_its_content_aspect_at_a_size_the_base_accepts():
+    """A 12 MP phone photo, a wide panorama and a thumbnail each become a valid request at their aspect (the
+    content image's own size was refused by the base, or by the request model, after the job's 202)."""
+    from tests.helpers import b64
+
+    style = b64(Image.new("RGB", (64, 64), "red"))
+    for size, expected in [((3000, 4000), (888, 1184)), ((6000, 2000), (1776, 592)), ((60, 60), (64, 64)),
+                           ((512, 384), (512, 384))]:
+        request = plans.seed003("style-transfer", {"contentImage": b64(Image.new("RGB", size)), "styleImage": style})
+        assert (request.width, request.height) == expected
+        assert request.width * request.height <= plans.STYLE_AREA * 1.01
