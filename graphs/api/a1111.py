@@ -226,8 +226,8 @@ class A1111Routes(CheckpointChoice):
     async def img2img(self, body: Img2ImgRequest, http: Request) -> Response:
         """Image to image; with a mask, inpainting (white repaints)."""
         parent = image_bytes(body.init_images[0], "init_images")
-        init = decode(parent, field="init_images")
-        mask = image_field(body.mask, "mask") if body.mask else None
+        init = await asyncio.to_thread(decode, parent, field="init_images")
+        mask = await asyncio.to_thread(image_field, body.mask, "mask") if body.mask else None
         return await self._run(http, body, parent, cache_as="a1111-img2img", init_image=init, mask=mask,
                                mask_blur=body.mask_blur, strength=body.denoising_strength)
 
@@ -264,14 +264,15 @@ class A1111Routes(CheckpointChoice):
     async def extra_single_image(self, body: ExtrasRequest) -> Response:
         """Upscale (two blended upscalers) and restore faces in one image."""
         raw = image_bytes(body.image, "image")
-        (image,), payloads = blobs([await self._extras(body, decode(raw, field="image"), raw)])
+        upload = await asyncio.to_thread(decode, raw, field="image")
+        (image,), payloads = blobs([await self._extras(body, upload, raw)])
         return json_answer(ExtrasResponse(html_info="", image=image), **payloads)
 
     @router.post("/extra-batch-images", response_model=ExtrasBatchResponse)
     async def extra_batch_images(self, body: ExtrasBatchRequest) -> Response:
         """The same as extra-single-image for a list of images."""
         files = [image_bytes(item.data, f"imageList.{i}.data") for i, item in enumerate(body.imageList)]
-        images = [decode(raw, field=f"imageList.{i}.data") for i, raw in enumerate(files)]
+        images = [await asyncio.to_thread(decode, raw, field=f"imageList.{i}.data") for i, raw in enumerate(files)]
         out = [await self._extras(body, image, raw) for image, raw in zip(images, files, strict=True)]
         placeholders, payloads = blobs(out)
         return json_answer(ExtrasBatchResponse(html_info="", images=placeholders), **payloads)

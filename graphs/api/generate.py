@@ -152,7 +152,7 @@ class GenerateRoutes(CheckpointChoice):
         request_id = uuid.uuid4().hex
         # A bad overlay is refused before the GPU is asked for anything; the last stage draws it, then encodes.
         if body.overlay:
-            overlay.prepare(body.overlay, self.settings.fonts_dir, "overlay")
+            await asyncio.to_thread(overlay.prepare, body.overlay, self.settings.fonts_dir, "overlay")
         fields = {**body.model_dump(), "model": await self.checkpoint(body.model, "model")}
         key = await self.cache.key("generate", plans.seed000_fields(fields, self.hires_upscaler), fields["model"])
         hit = await self.cache.get(key)

@@ -77,11 +77,12 @@ class JobRoutes(CheckpointChoice):
         return token_owner(request.headers.get("authorization"))
 
     async def _submit(self, request: Request, kind: str, body: BaseModel) -> Job:
+        # Decoded off the event loop (an upload can be 32 MB), and only to refuse a bad one now, not when it runs.
         for name in IMAGE_FIELDS.get(kind, ()):
-            image_field(getattr(body, name), name)  # a bad image is refused now, not when the job runs
+            await asyncio.to_thread(image_field, getattr(body, name), name)
         mark = getattr(body, "overlay", None)
         if mark is not None:  # so is a bad overlay (/generate/async)
-            overlay.prepare(mark, self.settings.fonts_dir, "overlay")
+            await asyncio.to_thread(overlay.prepare, mark, self.settings.fonts_dir, "overlay")
         if isinstance(body, BatchSizes):
             self.sizes.resolve(body.sizes)
         webhook = getattr(body, "webhookUrl", None)

@@ -201,7 +201,7 @@ class JobRunner:
         if hit is not None:
             keys = [await self._save(job.id, f"image_{i}", data) for i, data in enumerate(hit.files)]
             return {**hit.facts, "images": keys, "cached": True}
-        request = plans.seed003(job.type, job.request)
+        request = await asyncio.to_thread(plans.seed003, job.type, job.request)  # it decodes the uploads
         parent = image_bytes(job.request[PARENT_FIELD[job.type]], "image") if job.type in PARENT_FIELD else None
         result = await plans.seed003_job(self.handles, request, job.id, parent)
         keys = [await self._save(job.id, f"image_{i}", data) for i, data in enumerate(result.encoded)]
@@ -243,7 +243,8 @@ class JobRunner:
             small = [w for w in widths if 8 <= w <= out.width]
             facts = {**info, "upscaler": self.hires_upscaler} if item.upscaled else info
             async with slots:
-                resized = [out.resize((w, max(1, round(out.height * w / out.width)))) for w in small]
+                resized = await asyncio.to_thread(
+                    lambda: [out.resize((w, max(1, round(out.height * w / out.width)))) for w in small])
                 encodings = [self._encode([out], facts, Encoding())]
                 if small:
                     encodings.append(self._encode(resized, facts, Encoding(format="webp", quality=82)))
