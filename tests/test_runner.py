@@ -327,3 +327,32 @@ async def test_a_failing_board_or_store_costs_a_round_not_the_lease_nor_the_work
     assert done.status == "completed" and done.attempts == 2  # the run whose result was not published, and one more
     assert [e.event for e in log].count("started") == 2
     assert any(e.event == "progress" for e in log)  # read once the board answered again
+
+
+async def test_each_attempt_runs_under_its_own_request_id(base, upscaler, runner_env):
+    """A replica keeps the cancel flag of a request cancelled while still queued there (for CANCEL_TTL_S). A job
+    given back after a lost replica runs again at once, so its next attempt must not carry the same id, or that
+    flag would cancel it at its first step."""
+    runner_env.setenv("JOB_TIMEOUT", "600000")
+    shell = BaseShell(base)
+    seen: list[str] = []
+    generate = shell.generate
+
+    async def recording(request, request_id=None, encode=None):
+        seen.append(request_id)
+        return await generate(request, request_id, encode)
+
+    shell.generate = recording
+    runner = JobRunner.func_or_class(LocalHandle(shell), None, LocalHandle(upscaler), None, None)
+    job = Job(id=new_job_id(), type="text2img", request={"prompt": "again", "width": 64, "height": 64, "steps": 2,
+                                                         "seed": 9})
+    for stale in (job.id, f"{job.id}.0"):  # flags an earlier attempt (or the old id scheme) left behind
+        base.cancellation.cancel(stale)
+    try:
+        runner.store.create(job)
+        done = await finished(runner, job.id, timeout=120)
+    finally:
+        stop(runner)
+        for stale in (job.id, f"{job.id}.0"):
+            base.cancellation.finish(stale)
+    assert done.status == "completed" and seen == [f"{job.id}.1"]

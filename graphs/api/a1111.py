@@ -296,7 +296,7 @@ class A1111Routes(CheckpointChoice):
             owner = token_owner(http.headers.get("authorization"))
             jobs, _ = await asyncio.to_thread(self.jobs.list_jobs, "processing", owner, 0, 1)
             if jobs:
-                running, job_name = jobs[0].id, jobs[0].id
+                running, job_name = jobs[0].run_id, jobs[0].id
                 current = await self._board("progress", running)
                 step, total = current or (0, 0)
                 fraction = jobs[0].progress / 100

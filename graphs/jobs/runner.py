@@ -139,12 +139,12 @@ class JobRunner:
         every = job.request.get("preview_every")
         events = ProgressEvents(self.settings.job_preview_every if every is None else every)
         if events.preview_every:
-            await self._quietly(self._board("preview", job.id))  # the replica sends previews from now on
+            await self._quietly(self._board("preview", job.run_id))  # the replica sends previews from now on
         while not task.done():
             await asyncio.sleep(min(interval, 0.5))
             # A board or store hiccup costs this round, never the lease: a keeper that stopped would let another
             # runner claim the job while it still runs here.
-            progress = await self._quietly(self._board("progress", job.id))
+            progress = await self._quietly(self._board("progress", job.run_id))
             percent = 100.0 * progress[0] / progress[1] if progress else None
             if percent is not None and job.type == "batch-sizes":
                 percent = min(percent, 99.0)
@@ -167,7 +167,7 @@ class JobRunner:
             return
         await asyncio.to_thread(self.store.append_event, job.id, "progress", data)
         if events.wants_preview(step):
-            image = await self._board("preview", job.id)
+            image = await self._board("preview", job.run_id)
             if image is not None:
                 preview = await asyncio.to_thread(events.preview, image, step, total)
                 await asyncio.to_thread(self.store.append_event, job.id, "preview", preview)
@@ -203,7 +203,7 @@ class JobRunner:
             return {**hit.facts, "images": keys, "cached": True}
         request = await asyncio.to_thread(plans.seed003, job.type, job.request)  # it decodes the uploads
         parent = image_bytes(job.request[PARENT_FIELD[job.type]], "image") if job.type in PARENT_FIELD else None
-        result = await plans.seed003_job(self.handles, request, job.id, parent)
+        result = await plans.seed003_job(self.handles, request, job.run_id, parent)
         keys = [await self._save(job.id, f"image_{i}", data) for i, data in enumerate(result.encoded)]
         r = job.request
         parameters = {"prompt": request.prompt, "width": request.width, "height": request.height,
@@ -222,7 +222,7 @@ class JobRunner:
         if hit is not None:
             report = plans.Report.from_facts(hit.files[0], hit.facts)
         else:
-            report = await plans.seed000(self.handles, job.request, self.hires_upscaler, job.id)
+            report = await plans.seed000(self.handles, job.request, self.hires_upscaler, job.run_id)
             await self.cache.put(key, report.facts(), [report.data])
         saved = await self._save(job.id, "image_0", report.data)
         return {"images": [saved], "seed": report.seed, "width": report.size[0], "height": report.size[1],
@@ -232,7 +232,7 @@ class JobRunner:
     async def _batch(self, job: Job) -> dict:
         """The batch-sizes plan, then every image (and its WebP derivatives) stored whole."""
         seed, bases, sized = await plans.batch_sizes(self.handles, self.cropper, job.request, self.sizes,
-                                                     self.hires_upscaler, job.id)
+                                                     self.hires_upscaler, job.run_id)
         widths = job.request.get("derivatives") or []
         info = {"model": job.request.get("model")}  # the checkpoint, resolved when the job was accepted
         slots = asyncio.Semaphore(ENCODES_AT_ONCE)

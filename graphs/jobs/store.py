@@ -53,6 +53,12 @@ class Job:
     def finished(self) -> bool:
         return self.status in ("completed", "failed", "cancelled")
 
+    @property
+    def run_id(self) -> str:
+        """The request id of this attempt's stage calls, read back on the progress board: a cancel flag a replica
+        still keeps for an earlier attempt (cancelled while queued there) must not stop this one."""
+        return f"{self.id}.{self.attempts}"
+
 
 @dataclass
 class JobEvent:
