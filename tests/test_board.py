@@ -80,3 +80,23 @@ async def test_a_replica_learns_of_a_cancel_and_sends_a_preview_only_when_asked(
     cancellation.finish("y")
     await reporter.report()
     assert board.progress("x") is None and board.progress("y") is None
+
+
+@pytest.mark.anyio
+async def test_a_report_that_fails_says_its_finished_requests_next_time():
+    """Otherwise the board would show them running (A1111's /progress too) until its entries expire."""
+    board = Board()
+    cancellation = Cancellation()
+    handle = FakeHandle(board)
+    reporter = Reporter(handle, "sdxl_base", cancellation)
+    item = BatchItem(GenerationRequest(), "x")
+    cancellation.advance([item], 2, 8)
+    await reporter.report()
+    assert board.progress("x") == (2, 8)
+    cancellation.finish("x")
+    handle.report = None  # the board unreachable: report.remote raises
+    with pytest.raises(AttributeError):
+        await reporter.report()
+    handle.report = handle
+    await reporter.report()
+    assert board.progress("x") is None

@@ -357,6 +357,11 @@ class Cancellation:
             finished, self._finished = self._finished, []
             return dict(self._progress), finished
 
+    def undrain(self, finished: list[str]) -> None:
+        """Requests ``drain`` gave out as finished whose report did not get through."""
+        with self._lock:
+            self._finished[:0] = finished
+
 
 # SDXL latent channels -> RGB, a linear fit used for live previews (no VAE decode needed).
 _PREVIEW_FACTORS = np.array(

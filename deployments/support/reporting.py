@@ -42,9 +42,16 @@ class Reporter:
         progress, finished = self.cancellation.drain()
         if not progress and not finished:
             return
-        previews = {r: self.cancellation.preview(r) for r in self._wanted & progress.keys()}
-        reply = await self.board.report.remote(self.stage, progress, finished,
-                                               {r: p for r, p in previews.items() if p is not None})
+        wanted = self._wanted & progress.keys()
+        # Off the event loop: a preview copies device latents to the host, which waits for the step running.
+        previews = await asyncio.to_thread(lambda: {r: self.cancellation.preview(r) for r in wanted}) if wanted \
+            else {}
+        try:
+            reply = await self.board.report.remote(self.stage, progress, finished,
+                                                   {r: p for r, p in previews.items() if p is not None})
+        except Exception:
+            self.cancellation.undrain(finished)  # said next time: the board must not show them running for long
+            raise
         for request_id in reply["cancel"]:
             self.cancellation.cancel(request_id)
         self._wanted = set(reply["preview"])
