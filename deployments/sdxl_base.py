@@ -477,7 +477,8 @@ class SDXLBase:
             submitted = self.batcher.submit_all([(batch_key(item.request), item) for item in items])
             results = await self.model.cancellation.guard(request_id, submitted)
             return await encoded(results[0] if init is None else init.joined(results), encode)
-        except asyncio.CancelledError:  # cancelled through Serve (a cancel, deadline or disconnect upstream)
+        except BaseException:  # cancelled through Serve (a cancel, deadline or disconnect upstream), or one of its
+            # passes failed: its other passes, already running in a batch of another size, stop within a step
             self.model.cancellation.cancel(request_id)
             raise
 
