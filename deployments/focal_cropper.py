@@ -87,8 +87,11 @@ class FocalCropper:
     async def crop(self, image, sizes: list[CropSize], focus: Focus | None = None,
                    fmt: Format | None = None, quality: int = 90,
                    derivative_widths: list[int] | None = None) -> tuple[Focus, list[Crop]]:
+        source = StageResult.of(image)
         with self.metrics.track():
-            result = await asyncio.to_thread(self.model.crop, StageResult.of(image).image, sizes, focus, fmt, quality,
-                                             derivative_widths)
-        self.metrics.produced(len(result[1]))
-        return result
+            found, crops = await asyncio.to_thread(self.model.crop, source.image, sizes, focus, fmt, quality,
+                                                   derivative_widths)
+        for crop in crops:  # a crop of a screened image carries its verdict, so the image need not travel for it
+            crop.nsfw = source.info["nsfw"][0] if "nsfw" in source.info else None
+        self.metrics.produced(len(crops))
+        return found, crops

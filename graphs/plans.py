@@ -394,13 +394,11 @@ async def batch_sizes(h: Handles, cropper: DeploymentHandle, r: dict, table: Siz
     upscales = {}
     for aspect, pending in crops.items():
         _focus, cut = await settled(pending)
-        # The crops were cut from the screened base: its verdict is theirs.
-        nsfw = (await call(bases[aspect])).info["nsfw"][0] if h.safety is not None else None
-        for crop in cut:
+        for crop in cut:  # each carries the screened base's verdict (None with the filter off)
             if crop.upscaled:  # smaller than its target: a neural upscale of the base region, not a plain resize
                 upscales[len(out)] = h.upscaler.upscale.remote(bases[aspect], upscaler, None, crop.image.width,
                                                                crop.image.height, box=crop.box)
-            out.append(SizedImage(crop.name, aspect, crop.image, crop.box, crop.upscaled, nsfw))
+            out.append(SizedImage(crop.name, aspect, crop.image, crop.box, crop.upscaled, crop.nsfw))
     for i, pending in upscales.items():  # all in flight at once; each base goes to the upscaler, not here
         out[i].image = (await settled(pending)).image
     return seed, len(groups), out

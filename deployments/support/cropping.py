@@ -33,6 +33,7 @@ class Crop:
     box: tuple[int, int, int, int]  # in source pixels
     image: Image.Image  # resized to the target
     upscaled: bool  # the crop was smaller than its target
+    nsfw: bool | None = None  # the safety checker's verdict on the image it was cut from (None: not screened)
     encoded: bytes | None = None
     derivatives: dict[int, bytes] = field(default_factory=dict)
 

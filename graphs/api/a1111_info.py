@@ -157,7 +157,7 @@ class A1111InfoRoutes(CheckpointChoice):
     @router.post("/png-info", response_model=PngInfo)
     async def png_info(self, body: PngInfoRequest) -> dict:
         """Read back the generation parameters stored in a PNG."""
-        image = image_field(body.image, "image")
+        image = await asyncio.to_thread(image_field, body.image, "image")
         items = {k: v for k, v in image.info.items() if isinstance(v, str)}
         return {"info": items.pop("parameters", ""), "items": items, "parameters": {}}
 

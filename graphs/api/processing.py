@@ -143,14 +143,14 @@ class ProcessingRoutes:
     async def process(self, body: ProcessRequest) -> ProcessResponse:
         """Sanitize (strip metadata, re-encode), overlay text or a logo, optimize, convert to WebP and cut
         responsive derivatives."""
-        overlays = overlays_of(body, self.settings.fonts_dir)
-        image = image_field(body.image, "image")
+        overlays = await asyncio.to_thread(overlays_of, body, self.settings.fonts_dir)
+        image = await asyncio.to_thread(image_field, body.image, "image")
         return await asyncio.to_thread(process_image, image, body, overlays)
 
     @router.post("/derivatives", response_model=ClipFocalResponse)
     async def derivatives(self, body: DerivativesRequest) -> ClipFocalResponse:
         """Responsive variants at the given widths (never wider than the image)."""
-        image = to_rgb(image_field(body.image, "image"))
+        image = to_rgb(await asyncio.to_thread(image_field, body.image, "image"))
         blobs = await asyncio.to_thread(derivatives, image, body.widths, body.format, body.quality)
         out = [Derivative(width=w, height=max(1, round(image.height * w / image.width)), format=body.format,
                           imageData=_b64(b)) for w, b in blobs.items()]
@@ -159,7 +159,7 @@ class ProcessingRoutes:
     @router.post("/derivatives/clip-focal", response_model=ClipFocalResponse)
     async def clip_focal(self, body: ClipFocalRequest) -> ClipFocalResponse:
         """Focal-preserving crops: the faces (or the given point) stay in every size."""
-        image = image_field(body.image, "image")
+        image = await asyncio.to_thread(image_field, body.image, "image")
         sizes = [s if isinstance(s, CropSize) else CropSize.model_validate(s) for s in body.sizes]
         focus = Focus((body.focalPoint.x, body.focalPoint.y), [], "given") if body.focalPoint else None
         focus, crops = await call(self.cropper.crop.remote(image, sizes, focus, body.format,  # type: ignore[attr-defined]
