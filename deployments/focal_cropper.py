@@ -91,7 +91,8 @@ class FocalCropper:
         with self.metrics.track():
             found, crops = await asyncio.to_thread(self.model.crop, source.image, sizes, focus, fmt, quality,
                                                    derivative_widths)
+        verdict = source.info["nsfw"][0] if "nsfw" in source.info else None
         for crop in crops:  # a crop of a screened image carries its verdict, so the image need not travel for it
-            crop.nsfw = source.info["nsfw"][0] if "nsfw" in source.info else None
+            crop.nsfw = verdict
         self.metrics.produced(len(crops))
         return found, crops

@@ -194,9 +194,9 @@ async def _finish(h: Handles, last, seed: int, opts: PlanOptions, warnings: list
         try:
             return _report(await settled(h.screen(restored, opts.encode)), seed, warnings)
         except Exception as e:  # noqa: BLE001 - seed 000: a post-processing failure returns the image unprocessed
-            if h.safety is not None and not await _failed(restored):
-                raise  # the faces were restored; the checker after them failed
             if h.safety is not None:
+                if not await _failed(restored):
+                    raise  # the faces were restored; the checker after them failed
                 result = await settled(h.screen(last, opts.encode))  # an upstream failure re-raises here
             else:
                 result = await encoded(await settled(last), opts.encode)
@@ -297,7 +297,8 @@ def seed003(kind: str, r: dict) -> GenerationRequest:
                                  mask=image_field(r["mask"], "mask"), strength=r.get("inpaintingStrength", 0.9))
     if kind == "style-transfer":
         content = image_field(r["contentImage"], "contentImage")
-        common.update(zip(("width", "height"), content_size(content.width, content.height), strict=True))
+        width, height = content_size(content.width, content.height)
+        common.update(width=width, height=height)
         style = image_field(r["styleImage"], "styleImage")
         return GenerationRequest(**common, init_image=content, ip_adapter_image=style,
                                  ip_adapter_scale=r.get("styleStrength", 0.7),
