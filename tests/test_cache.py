@@ -1,6 +1,7 @@
-"""The result cache without Ray: entries whole or absent, the age and size bounds (oldest evicted first), local
-files and a real S3 server, keys that change with the request and with every weight file (a replaced LoRA or
-checkpoint misses), the base's part being the named checkpoint's, whichever replica answers."""
+"""The result cache without Ray: entries whole or absent, the age and size bounds (least recently used evicted
+first, the store listed only when needed), local files and a real S3 server, keys that change with the request and
+with every weight file (a replaced LoRA or checkpoint misses), the base's part being the named checkpoint's,
+whichever replica answers."""
 
 from __future__ import annotations
 
@@ -73,6 +74,55 @@ def test_the_size_bound_evicts_the_oldest_first(tmp_path):
     assert cache.get("d" * 64) is None and cache.get(keys[2]) is not None
 
 
+def test_a_hit_renews_an_entry_so_the_least_recently_used_goes_first(tmp_path):
+    entries = LocalEntries(tmp_path)
+    one = len(pack({"n": 0}, [b"x" * 1000], time.time()))
+    cache = ResultCache(entries, max_bytes=2 * one + 100, max_age_s=3600)
+    cache.put("a" * 64, {"n": 0}, [b"x" * 1000])
+    cache.put("b" * 64, {"n": 1}, [b"x" * 1000])
+    age(entries, "a" * 64, 300)  # a made first, b after it
+    age(entries, "b" * 64, 200)
+    assert cache.get("a" * 64).facts == {"n": 0}  # a hit on a renews it: b is now the least recently used
+    cache.put("c" * 64, {"n": 2}, [b"x" * 1000])
+    assert cache.get("b" * 64) is None
+    assert cache.get("a" * 64) is not None and cache.get("c" * 64) is not None
+
+
+def test_a_hit_renews_at_most_once_a_minute(tmp_path):
+    entries = LocalEntries(tmp_path)
+    cache = ResultCache(entries, max_bytes=10_000, max_age_s=3600)
+    cache.put(KEY, {}, [b"x"])
+    age(entries, KEY, 30)
+    stamp = entries.read(f"{KEY}.entry")[1]
+    assert cache.get(KEY) is not None and entries.read(f"{KEY}.entry")[1] == stamp
+    age(entries, KEY, 60)
+    assert cache.get(KEY) is not None and abs(entries.read(f"{KEY}.entry")[1] - time.time()) < 5
+
+
+def test_stores_list_the_store_only_past_the_bound_or_a_minute_on(tmp_path):
+    class Counted(LocalEntries):
+        listings = 0
+
+        def listing(self):
+            Counted.listings += 1
+            return super().listing()
+
+    clock = Clock()
+    entries = Counted(tmp_path)
+    one = len(pack({}, [b"x" * 1000], time.time()))  # give or take a digit of the time's
+    cache = ResultCache(entries, max_bytes=20 * one + one // 2, max_age_s=3600, clock=clock)
+    for i in range(10):
+        cache.put(f"{i:064x}", {}, [b"x" * 1000])
+    assert Counted.listings == 1  # the first store lists; nine more fit in what it counted
+    clock.now += ResultCache.SWEEP_S
+    cache.put(f"{10:064x}", {}, [b"x" * 1000])  # within the bound as counted, but a minute on: listed
+    assert Counted.listings == 2
+    for i in range(11, 21):
+        cache.put(f"{i:064x}", {}, [b"x" * 1000])
+    assert Counted.listings == 3  # the 21st passed the bound: listed, the least recently used dropped
+    assert len(os.listdir(tmp_path)) == 20 and not (tmp_path / f"{0:064x}.entry").exists()
+
+
 def test_entries_on_s3(s3_server, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
@@ -92,6 +142,10 @@ def test_entries_on_s3(s3_server, monkeypatch):
     listed = client.list_objects_v2(Bucket="cache-test", Prefix="results/cache/")["Contents"]
     assert sorted(o["Key"] for o in listed) == ["results/cache/" + "b" * 64 + ".entry",
                                                 "results/cache/" + "c" * 64 + ".entry"]
+    made = cache.entries.read("b" * 64 + ".entry")[1]
+    cache.entries.touch("b" * 64 + ".entry")  # a hit's renewal: a copy onto itself
+    data, used = cache.entries.read("b" * 64 + ".entry")
+    assert used > made and unpack(data).files == [b"z" * 500]
 
 
 def test_the_cache_is_opt_in(monkeypatch, tmp_path):

@@ -82,7 +82,8 @@ class Settings(BaseSettings):
     enable_nsfw_filter: bool = Field(False, description="seed 003's name: every generated image passes the safety "
                                      "checker (app args' safety_checker.enabled wins when set)")
     result_cache: bool = Field(False, description="answer an identical fixed-seed request from the result store")
-    result_cache_max_bytes: int = Field(1 << 30, ge=1, description="the cache's size bound; the oldest go first")
+    result_cache_max_bytes: int = Field(1 << 30, ge=1,
+                                        description="the cache's size bound; the least recently used go first")
     result_cache_max_age_s: float = Field(24 * 3600, gt=0, description="entries older than this are misses")
 
     # --- jobs (seed 003 names; times in milliseconds where seed 003 has them so)

@@ -10,14 +10,18 @@ never depends on where Serve's multiplexing routed a call. A random seed (-1) is
 
 Entries live where job results do: files under ``JOBS_DATA_DIR/cache`` or objects under ``cache/`` of
 ``JOB_RESULTS_URL``'s prefix. One object per entry holds its facts (JSON) and its files, so an entry is whole or
-absent, and a listing is all eviction needs: after every store, entries older than ``RESULT_CACHE_MAX_AGE_S`` go,
-then the oldest until the total is within ``RESULT_CACHE_MAX_BYTES``. An expired entry is a miss even before that.
-A cache that cannot be read or written never fails a request: it is a miss, logged.
+absent, and a listing is all eviction needs. A hit renews the entry's time in the store (at most once a minute), so
+the store's times order entries by use. Eviction drops entries unused for ``RESULT_CACHE_MAX_AGE_S``, then the least
+recently used until the total is within ``RESULT_CACHE_MAX_BYTES``. It lists the store only when this replica's
+count of the bytes there passes the bound, or a minute after its last listing (what other replicas wrote meanwhile
+is not counted). An entry made longer ago than the age bound is a miss, used or not. A cache that cannot be read
+or written never fails a request: it is a miss, logged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -77,7 +81,9 @@ def request_key(kind: str, request: dict, models: dict) -> str:
 
 
 class Entries(Protocol):
-    def read(self, name: str) -> bytes | None: ...
+    def read(self, name: str) -> tuple[bytes, float] | None: ...  # the data and its time in the store
+
+    def touch(self, name: str) -> None: ...  # its time in the store becomes now
 
     def write(self, name: str, data: bytes) -> None: ...
 
@@ -93,11 +99,16 @@ class LocalEntries:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
 
-    def read(self, name: str) -> bytes | None:
+    def read(self, name: str) -> tuple[bytes, float] | None:
         try:
-            return (self.root / name).read_bytes()
+            with open(self.root / name, "rb") as f:
+                return f.read(), os.fstat(f.fileno()).st_mtime
         except FileNotFoundError:
             return None
+
+    def touch(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):  # evicted meanwhile
+            os.utime(self.root / name)
 
     def write(self, name: str, data: bytes) -> None:
         temp = self.root / f".{name}.{uuid.uuid4().hex}.tmp"
@@ -125,15 +136,22 @@ class S3Entries:
     def __init__(self, bucket: str, prefix: str, client) -> None:
         self.bucket, self.prefix, self.client = bucket, prefix, client
 
-    def read(self, name: str) -> bytes | None:
+    def read(self, name: str) -> tuple[bytes, float] | None:
         from botocore.exceptions import ClientError
 
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=self.prefix + name)["Body"].read()
+            answer = self.client.get_object(Bucket=self.bucket, Key=self.prefix + name)
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 return None
             raise
+        return answer["Body"].read(), answer["LastModified"].timestamp()
+
+    def touch(self, name: str) -> None:
+        """A copy onto itself (inside the store, no bytes travel) renews ``LastModified``."""
+        key = self.prefix + name
+        self.client.copy_object(Bucket=self.bucket, Key=key, CopySource={"Bucket": self.bucket, "Key": key},
+                                MetadataDirective="REPLACE")
 
     def write(self, name: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self.prefix + name, Body=data)
@@ -148,23 +166,32 @@ class S3Entries:
 
 
 class ResultCache:
+    TOUCH_S = 60.0  # a hit renews an entry's time when it is older than this
+    SWEEP_S = 60.0  # the longest a replica goes without listing the store after a store
+
     def __init__(self, entries: Entries, max_bytes: int, max_age_s: float, clock=time.time) -> None:
         self.entries, self.max_bytes, self.max_age_s, self.clock = entries, max_bytes, max_age_s, clock
+        self.counted = 0  # the bytes in the store as this replica knows them: the last listing's, plus its stores
+        self.swept = -float("inf")  # when it last listed
 
     def get(self, key: str) -> Entry | None:
         name = _name(key)
-        data = self.entries.read(name)
-        if data is None:
+        read = self.entries.read(name)
+        if read is None:
             return None
+        data, stamped = read
         try:
             entry = unpack(data)
         except (ValueError, KeyError) as e:
             logger.warning("cache entry %s unreadable (%s): dropped", name, e)
             self.entries.delete(name)
             return None
-        if self.clock() - entry.created > self.max_age_s:
+        now = self.clock()
+        if now - entry.created > self.max_age_s:
             self.entries.delete(name)
             return None
+        if now - stamped > self.TOUCH_S:
+            self.entries.touch(name)
         return entry
 
     def put(self, key: str, facts: dict, files: list[bytes]) -> None:
@@ -172,14 +199,17 @@ class ResultCache:
         if len(data) > self.max_bytes:
             return  # it would evict everything else and itself
         self.entries.write(_name(key), data)
-        self.evict()
+        self.counted += len(data)
+        if self.counted > self.max_bytes or self.clock() - self.swept >= self.SWEEP_S:
+            self.evict()
 
     def evict(self) -> list[str]:
-        """Drop the expired entries, then the oldest until the rest fit; the names dropped."""
+        """Drop the entries unused for the age bound, then the least recently used until the rest fit; the names
+        dropped."""
         now = self.clock()
         listed = sorted(self.entries.listing(), key=lambda e: e[2])
-        dropped = [name for name, _, modified in listed if now - modified > self.max_age_s]
-        kept = [(name, size) for name, size, modified in listed if now - modified <= self.max_age_s]
+        dropped = [name for name, _, used in listed if now - used > self.max_age_s]
+        kept = [(name, size) for name, size, used in listed if now - used <= self.max_age_s]
         total = sum(size for _, size in kept)
         for name, size in kept:
             if total <= self.max_bytes:
@@ -188,6 +218,7 @@ class ResultCache:
             total -= size
         for name in dropped:
             self.entries.delete(name)
+        self.counted, self.swept = total, now
         return dropped
 
 
