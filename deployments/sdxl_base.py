@@ -75,6 +75,7 @@ class BaseGenerator:
         self._loading = threading.RLock()  # one checkpoint lookup or load at a time
         self.oom = devices.OomGuard(self.device, "SDXL base")
         self._resolved: dict[str, Path] = {}  # sources the result cache's key hashed, as local paths
+        self._s3 = loader.S3Fetcher(self.settings)  # its client is made on first use
         if preload:
             self.checkpoint()
         logger.info("SDXL base ready on %s (%s): %s selectable, %s held, %d LoRAs", self.device, self.dtype,
@@ -324,7 +325,11 @@ class BaseGenerator:
         return out
 
     def _sha256(self, source: str) -> str:
-        """A source's weights hashed by the catalogue (a hub id or S3 URI resolved to its local copy first)."""
+        """A source's weights hashed by the catalogue (a hub id resolved to its local copy first); an S3 source is
+        keyed on what the store says of its objects (``S3Fetcher.identity``), so a replica that holds no copy
+        answers without downloading it, and gives the same answer as one that does."""
+        if source.startswith("s3://"):
+            return "s3:" + self._s3.identity(source)
         path = self._resolved.get(source)
         if path is None:
             path = self._resolved[source] = loader.resolve(source, self.settings)

@@ -218,3 +218,30 @@ def test_the_base_key_is_the_checkpoint_named_whichever_replica_answers(tiny, tm
     sha = holding_none.catalog.sha256(str(tiny / "sdxl-base-b"))
     assert other["checkpoint"] == f"b:{sha}" and holding_none.catalog.title("b") == f"b [{sha[:10]}]"
     assert set(other) >= {"base_runtime", "base_defaults", "lora:tiny-style", "lora:tiny-detail"}
+
+
+def test_an_s3_checkpoint_is_keyed_on_its_listing_without_a_download(tiny, tmp_path, s3_server):
+    """A base replica asked for the key of an S3 checkpoint it does not hold reads one listing, downloads nothing,
+    and answers as a replica that loaded it does; replacing any object of the folder changes the key."""
+    from deployments.sdxl_base import BaseGenerator
+    from deployments.support.config import SDXLBaseConfig
+
+    client = s3_client(s3_server)
+    client.create_bucket(Bucket="ckpt")
+    for path in (tiny / "sdxl-base").rglob("*"):
+        if path.is_file():
+            client.upload_file(str(path), "ckpt", f"base/{path.relative_to(tiny / 'sdxl-base')}")
+    config = SDXLBaseConfig(checkpoints=[{"name": "local", "source": str(tiny / "sdxl-base")},
+                                         {"name": "remote", "source": "s3://ckpt/base"}])
+    holding_none = BaseGenerator(config, Settings(AWS_ENDPOINT_URL=s3_server, MODEL_CACHE_DIR=tmp_path / "none"),
+                                 preload=False)
+    before = holding_none.fingerprint("remote")["checkpoint"]
+    assert before.startswith("remote:s3:") and not (tmp_path / "none" / "s3").exists()
+    holding_it = BaseGenerator(config, Settings(AWS_ENDPOINT_URL=s3_server, MODEL_CACHE_DIR=tmp_path / "held"),
+                               preload=False)
+    holding_it.checkpoint("remote")  # downloads and loads it
+    assert (tmp_path / "held" / "s3" / "ckpt" / "base" / "model_index.json").is_file()
+    assert holding_it.fingerprint("remote")["checkpoint"] == before
+    client.put_object(Bucket="ckpt", Key="base/scheduler/scheduler_config.json",
+                      Body=(tiny / "sdxl-base" / "scheduler" / "scheduler_config.json").read_bytes() + b" ")
+    assert holding_none.fingerprint("remote")["checkpoint"] not in (before, None)

@@ -71,6 +71,16 @@ def s3_client(endpoint_url: str | None, region: str, read_timeout: float = 60, a
     return boto3.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
 
 
+def _parse_s3(uri: str) -> tuple[str, str, bool]:
+    """``s3://bucket/key`` -> bucket, key, and whether the key is a folder (a prefix, then ending in ``/``)."""
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    if not bucket or not key or ".." in key.split("/"):
+        raise ModelLoadError(f"malformed S3 URI {uri!r}", field="source")
+    if key.endswith("/") or not Path(key).suffix:
+        return bucket, key.rstrip("/") + "/", True
+    return bucket, key, False
+
+
 class S3Fetcher:
     """Downloads S3 objects into the model cache once; a complete copy is reused, a partial one never is."""
 
@@ -85,29 +95,42 @@ class S3Fetcher:
         return self._client
 
     def fetch(self, uri: str) -> Path:
-        bucket, _, key = uri.removeprefix("s3://").partition("/")
-        if not bucket or not key or ".." in key.split("/"):
-            raise ModelLoadError(f"malformed S3 URI {uri!r}", field="source")
+        bucket, key, folder = _parse_s3(uri)
         root = self.settings.model_cache_dir / "s3" / bucket
-        if key.endswith("/") or not Path(key).suffix:
-            prefix = key.rstrip("/") + "/"
-            keys = self._list(bucket, prefix)
-            for k in keys:
-                self._fetch_object(bucket, k, root / k)
-            return root / prefix.rstrip("/")
+        if folder:
+            for listed in self._list(bucket, key):
+                self._fetch_object(bucket, listed["Key"], root / listed["Key"])
+            return root / key.rstrip("/")
         return self._fetch_object(bucket, key, root / key)
 
-    def _list(self, bucket: str, prefix: str) -> list[str]:
+    def identity(self, uri: str) -> str:
+        """A SHA-256 over what the store says of the objects (key, size and ETag of each), read with one listing
+        or one HEAD and nothing downloaded: replacing any object changes it. What the result cache keys an S3
+        source on, on every replica alike, whether it holds a copy or not."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, key, folder = _parse_s3(uri)
+        if folder:
+            objects = [(o["Key"], o["Size"], o.get("ETag", "")) for o in self._list(bucket, key)]
+        else:
+            try:
+                head = self.client.head_object(Bucket=bucket, Key=key)
+            except (BotoCoreError, ClientError) as e:
+                raise ModelLoadError(f"cannot read s3://{bucket}/{key}: {e}") from e
+            objects = [(key, head["ContentLength"], head.get("ETag", ""))]
+        return hashlib.sha256(json.dumps([bucket, sorted(objects)]).encode()).hexdigest()
+
+    def _list(self, bucket: str, prefix: str) -> list[dict]:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-            keys = [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+            objects = [obj for page in pages for obj in page.get("Contents", [])]
         except (BotoCoreError, ClientError) as e:
             raise ModelLoadError(f"cannot list s3://{bucket}/{prefix}: {e}") from e
-        if not keys:
+        if not objects:
             raise ModelLoadError(f"nothing under s3://{bucket}/{prefix}")
-        return keys
+        return objects
 
     def _fetch_object(self, bucket: str, key: str, dest: Path) -> Path:
         from botocore.exceptions import BotoCoreError, ClientError
