@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import numpy as np
@@ -241,3 +242,36 @@ def test_cancel_flags_of_requests_that_never_ran_expire(monkeypatch):
     clock[0] += generation.CANCEL_TTL_S + 1
     cancellation.cancel("another")
     assert list(cancellation._cancelled) == ["another"]
+
+
+@pytest.mark.anyio
+async def test_a_failed_pass_stops_the_other_passes_of_its_request(tiny):
+    """A pass over several images (A1111's pixel hires fix) is one item per image, in batches by size. When one
+    batch fails, the request is flagged: its pass in a batch of another size stops at its first step instead of
+    running to the end for an answer nobody will read."""
+    from deployments.sdxl_base import SDXLBase
+    from deployments.support.generation import StageResult
+
+    shell = SDXLBase.func_or_class
+    base = shell.__new__(shell)
+    await base.__init__({"model": {"source": str(tiny / "sdxl-base")}})  # Serve awaits the constructor
+    original, outcomes = base.model.generate_batch, []
+
+    def generate_batch(items):
+        if items[0].request.width == 64:
+            raise RuntimeError("this batch failed")
+        outcomes.append(original(items))
+        return outcomes[-1]
+
+    base.model.generate_batch = generate_batch
+    init = StageResult(images=[Image.new("RGB", (64, 64), (90, 90, 90)), Image.new("RGB", (96, 96), (20, 20, 20))],
+                       seeds=[1, 2])
+    request = GenerationRequest(**{**SMALL, "steps": 20, "strength": 0.5})
+    with pytest.raises(RuntimeError, match="this batch failed"):
+        await base.generate(request, request_id="hires", init=init)
+    for _ in range(300):  # the other batch runs on after its caller has gone
+        if outcomes:
+            break
+        await asyncio.sleep(0.1)
+    [[other]] = outcomes
+    assert isinstance(other, GenerationCancelled)
