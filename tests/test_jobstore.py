@@ -75,6 +75,60 @@ def test_idempotency(store):
     assert store.list_jobs()[1] == 1
 
 
+def test_an_idempotency_key_is_its_senders(store):
+    """The same key and body from another token is another job: nobody reads another's job by guessing a key."""
+    alice, _ = store.create(job(request={"seed": 1}, owner="alice"), idempotency_key="k1")
+    bob, created = store.create(job(request={"seed": 1}, owner="bob"), idempotency_key="k1")
+    assert created and bob.id != alice.id and store.get(bob.id).owner == "bob"
+    anyone, created = store.create(job(request={"seed": 2}), idempotency_key="k1")  # nor is a different body refused
+    assert created and anyone.id not in (alice.id, bob.id)
+    assert store.create(job(request={"seed": 1}, owner="alice"), idempotency_key="k1")[0].id == alice.id
+
+
+def test_a_cancelled_job_whose_worker_died_ends_cancelled(store):
+    """A cancel that reached a running job whose worker then died (or gave the job back) is its outcome: the job
+    is neither queued again nor run again."""
+    created, _ = store.create(job())
+    store.claim("dead-worker", lease_s=0.05)
+    store.cancel(created.id)
+    time.sleep(0.1)
+    assert store.claim("other", lease_s=30) is None
+    cancelled = store.get(created.id)
+    assert cancelled.status == "cancelled" and cancelled.attempts == 1 and cancelled.completed_at is not None
+    assert [e.event for e in store.events(created.id)] == ["queued", "started", "cancelled"]
+    time.sleep(0.05)
+    assert [j.id for j in store.purge(older_than_s=0.01)] == [created.id]  # and it is purged like any finished job
+
+
+def test_progress_of_an_attempt_that_lost_its_lease_is_not_logged(store):
+    created, _ = store.create(job())
+    store.claim("cut-off", lease_s=0.05)
+    assert store.append_event(created.id, "progress", {"step": 1}, "cut-off") is not None
+    time.sleep(0.1)
+    store.claim("successor", lease_s=30)
+    assert store.append_event(created.id, "progress", {"step": 2}, "cut-off") is None
+    assert store.append_event(created.id, "progress", {"step": 1}, "successor") is not None
+
+
+def test_the_purge_keeps_a_job_whose_files_could_not_go(store):
+    kept, _ = store.create(job())
+    gone, _ = store.create(job())
+    for _ in range(2):
+        store.claim("w", 30)
+    for finished in (kept, gone):
+        store.finish(finished.id, "w", "completed", {"images": []})
+    time.sleep(0.05)
+
+    def forget(j):
+        if j.id == kept.id:
+            raise OSError("the result store is down")
+
+    assert [j.id for j in store.purge(0.01, forget)] == [gone.id]
+    assert store.get(kept.id) is not None and store.get(gone.id) is None
+    assert [j.id for j in store.purge(0.01, lambda j: None)] == [kept.id]  # the next round
+    assert store.get(kept.id) is None
+
+
 def test_expired_lease_is_claimed_again_then_failed_after_max_attempts(store):
     created, _ = store.create(job())
     first = store.claim("dead-worker", lease_s=0.05)
@@ -237,3 +291,29 @@ def test_the_event_log_is_bounded_and_goes_with_the_job(store):
     time.sleep(0.05)
     assert [j.id for j in store.purge(older_than_s=0.01)] == [created.id]
     assert store.events(created.id) == []
+
+
+def test_redis_leases_run_on_the_servers_clock(redis_url, monkeypatch):
+    """A node whose clock runs ahead neither takes a live job over nor ends its lease early."""
+    store = RedisJobStore(redis_url, prefix=f"t{uuid.uuid4().hex[:8]}")
+    created, _ = store.create(job())
+    assert store.claim("a", lease_s=30).id == created.id
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 45)  # this node's clock, 45 s ahead of the server's
+    assert store.claim("b", lease_s=30) is None
+    assert store.heartbeat(created.id, "a", 30) and store.get(created.id).status == "processing"
+
+
+def test_a_damaged_redis_record_blocks_no_claim(redis_url):
+    """A job whose record vanished (memory eviction, a manual DEL) is dropped from the indexes; the claims behind it
+    go on."""
+    store = RedisJobStore(redis_url, prefix=f"t{uuid.uuid4().hex[:8]}")
+    leased, _ = store.create(job())
+    store.claim("dead", lease_s=0.05)
+    queued, _ = store.create(job())
+    behind, _ = store.create(job())
+    store.redis.delete(store._key("job", leased.id), store._key("job", queued.id))
+    time.sleep(0.1)
+    assert store.claim("w", 30).id == behind.id
+    assert store.claim("w", 30) is None
+    assert store.redis.zcard(store._key("leases")) == 1  # only the job claimed just now

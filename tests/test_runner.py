@@ -356,3 +356,33 @@ async def test_each_attempt_runs_under_its_own_request_id(base, upscaler, runner
         for stale in (job.id, f"{job.id}.0"):
             base.cancellation.finish(stale)
     assert done.status == "completed" and seen == [f"{job.id}.1"]
+
+
+async def test_a_runner_whose_renewals_fail_for_a_whole_lease_stops_and_does_not_publish(base, upscaler,
+                                                                                          runner_env):
+    """Cut off from the store for longer than the lease, a runner must assume another has the job: it stops its
+    attempt and publishes nothing. The job runs again (here on the same runner, once the store answers), and the
+    files of the attempt that published are its own."""
+    runner_env.setenv("JOB_TIMEOUT", "600000")
+    slow = BaseShell(base, on_progress=lambda step, total: time.sleep(0.05))  # 150 steps: longer than the lease
+    runner = JobRunner.func_or_class(LocalHandle(slow), None, LocalHandle(upscaler), None, None)
+    renew, refused = runner.store.heartbeat, []
+
+    def heartbeat(job_id, worker, lease_s, progress=None):
+        if runner.store.get(job_id).attempts == 1:  # the first attempt's renewals never arrive
+            refused.append(job_id)
+            raise OSError("store unreachable")
+        return renew(job_id, worker, lease_s, progress)
+
+    runner.store.heartbeat = heartbeat
+    try:
+        job = Job(id=new_job_id(), type="text2img", request={"prompt": "cut off", "width": 64, "height": 64,
+                                                                "steps": 150, "seed": 4, "preview_every": 0})
+        runner.store.create(job)
+        done = await finished(runner, job.id, timeout=300)
+        log = runner.store.events(job.id, limit=1000)
+    finally:
+        stop(runner)
+    assert refused and done.status == "completed" and done.attempts == 2
+    assert [e.event for e in log if e.event != "progress"] == ["queued", "started", "queued", "started", "completed"]
+    assert all(key.startswith(f"{job.id}/2-") for key in done.result["images"])

@@ -6,14 +6,37 @@ job's state append its event in the same script, capped with MAXLEN."""
 from __future__ import annotations
 
 import json
+import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from deployments.support.errors import InvalidInput, QueueFull
-from graphs.jobs.store import EVENTS_KEPT, PRIORITIES, STATUSES, Job, JobEvent, body_hash, event_data
+from graphs.jobs.store import (
+    EVENTS_KEPT,
+    PRIORITIES,
+    STATUSES,
+    Job,
+    JobEvent,
+    body_hash,
+    event_data,
+    idempotency_scope,
+)
+
+logger = logging.getLogger(__name__)
+
+# The server's clock, in seconds: every lease is set and read against one clock, whichever node's runner asks (a
+# node whose clock ran ahead would otherwise take live jobs over). Redis 5+ replicates a script's effects, so a
+# script may read TIME before it writes.
+_LUA_NOW = """
+local function server_now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1e6
+end
+"""
 
 # Prepended to every script that appends an event: the next id follows the newest entry (MAXLEN trims the oldest).
-_LUA_EMIT = """
+_LUA_EMIT = _LUA_NOW + """
 local function emit(p, id, kept, name, data)
   local key = p .. ':events:' .. id
   local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
@@ -52,15 +75,23 @@ return {'created', id}
 """
 
 _LUA_CLAIM = _LUA_EMIT + """
-local p, worker, now, lease, maxa = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local kept = tonumber(ARGV[6])
+local p, worker, lease, maxa = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local kept, now = tonumber(ARGV[5]), server_now()
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', p .. ':leases', '-inf', now)) do
   local key = p .. ':job:' .. id
   local seq = tonumber(redis.call('HGET', key, 'seq'))
   local attempts = tonumber(redis.call('HGET', key, 'attempts'))
   redis.call('ZREM', p .. ':leases', id)
   redis.call('ZREM', p .. ':status:processing', id)
-  if attempts >= maxa then
+  if not seq then
+    -- its record is gone (evicted, deleted by hand): nothing to run, and nothing must stop the claims behind it
+  elseif redis.call('HGET', key, 'cancel_requested') == '1' then
+    -- its cancel came while it ran: that is its outcome, not another try
+    redis.call('HSET', key, 'status', 'cancelled', 'completed_at', now, 'lease_owner', '')
+    redis.call('ZADD', p .. ':status:cancelled', seq, id)
+    redis.call('ZADD', p .. ':done', now, id)
+    emit(p, id, kept, 'cancelled', cjson.encode({job_id = id, status = 'cancelled', time = now}))
+  elseif attempts >= maxa then
     local message = 'worker lost ' .. attempts .. ' times (lease expired)'
     redis.call('HSET', key, 'status', 'failed', 'completed_at', now, 'lease_owner', '', 'error', message)
     redis.call('ZADD', p .. ':status:failed', seq, id)
@@ -75,12 +106,15 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', p .. ':leases', '-inf', now)) do
                                               position = redis.call('ZRANK', p .. ':queued', id) + 1}))
   end
 end
-local head = redis.call('ZRANGE', p .. ':queued', 0, 0)
-if #head == 0 then return false end
-local id = head[1]
-local key = p .. ':job:' .. id
-redis.call('ZREM', p .. ':queued', id)
-redis.call('ZREM', p .. ':status:queued', id)
+local id, key
+repeat
+  local head = redis.call('ZRANGE', p .. ':queued', 0, 0)
+  if #head == 0 then return false end
+  id = head[1]
+  key = p .. ':job:' .. id
+  redis.call('ZREM', p .. ':queued', id)
+  redis.call('ZREM', p .. ':status:queued', id)
+until redis.call('EXISTS', key) == 1
 if (redis.call('HGET', key, 'started_at') or '') == '' then redis.call('HSET', key, 'started_at', now) end
 redis.call('HSET', key, 'status', 'processing', 'lease_owner', worker, 'lease_expires', now + lease)
 local attempt = redis.call('HINCRBY', key, 'attempts', 1)
@@ -90,8 +124,9 @@ emit(p, id, kept, 'started', cjson.encode({job_id = id, status = 'processing', t
 return id
 """
 
-_LUA_HEARTBEAT = """
-local p, id, worker, now, lease, progress = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
+_LUA_HEARTBEAT = _LUA_NOW + """
+local p, id, worker, lease, progress = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
+local now = server_now()
 local key = p .. ':job:' .. id
 if redis.call('HGET', key, 'lease_owner') ~= worker or redis.call('HGET', key, 'status') ~= 'processing' then
   return 0
@@ -104,8 +139,8 @@ return 1
 """
 
 _LUA_FINISH = _LUA_EMIT + """
-local p, id, worker, status, result, err, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7])
-local kept, data = tonumber(ARGV[8]), ARGV[9]
+local p, id, worker, status, result, err = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local kept, data, now = tonumber(ARGV[7]), ARGV[8], server_now()
 local key = p .. ':job:' .. id
 if redis.call('HGET', key, 'lease_owner') ~= worker or redis.call('HGET', key, 'status') ~= 'processing' then
   return 0
@@ -126,7 +161,8 @@ return 1
 """
 
 _LUA_CANCEL = _LUA_EMIT + """
-local p, id, now, kept, data = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+local p, id, kept, data = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local now = server_now()
 local key = p .. ':job:' .. id
 local status = redis.call('HGET', key, 'status')
 if not status then return 0 end
@@ -145,9 +181,10 @@ return 1
 """
 
 _LUA_APPEND = _LUA_EMIT + """
-local p, id, kept, name = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local p, id, kept, name, worker = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[6]
 local status = redis.call('HGET', p .. ':job:' .. id, 'status')
 if (not status) or status == 'completed' or status == 'failed' or status == 'cancelled' then return false end
+if worker ~= '' and redis.call('HGET', p .. ':job:' .. id, 'lease_owner') ~= worker then return false end
 local data = cjson.decode(ARGV[5])
 data['status'] = status
 return emit(p, id, kept, name, cjson.encode(data))
@@ -192,7 +229,8 @@ class RedisJobStore:
                   "created_at": job.created_at, "request": json.dumps(job.request), "attempts": 0,
                   "owner": job.owner or "", "webhook_url": job.webhook_url or "", "cancel_requested": "0",
                   "started_at": "", "completed_at": "", "result": "", "error": "", "lease_owner": ""}
-        outcome, value = self._create(args=[self.prefix, job.id, idempotency_key or "", digest,
+        scoped = "" if idempotency_key is None else idempotency_scope(job.owner, idempotency_key)
+        outcome, value = self._create(args=[self.prefix, job.id, scoped, digest,
                                             -1 if max_queued is None else max_queued, PRIORITIES[job.priority],
                                             json.dumps(fields), self.events_kept, event_data(job.id, "queued")])
         if outcome == "conflict":
@@ -202,7 +240,8 @@ class RedisJobStore:
                             details={"queued": int(value), "limit": max_queued})
         if outcome == "existing":
             existing = self.get(value)
-            assert existing is not None  # the script found it a moment ago and jobs are never half-written
+            if existing is None:  # purged since the script found it: the key is free again
+                return self.create(job, idempotency_key, max_queued)
             return existing, False
         return job, True
 
@@ -221,30 +260,28 @@ class RedisJobStore:
         return mine[offset : offset + limit], len(mine)
 
     def claim(self, worker: str, lease_s: float) -> Job | None:
-        job_id = self._claim(args=[self.prefix, worker, time.time(), lease_s, self.max_attempts, self.events_kept])
+        job_id = self._claim(args=[self.prefix, worker, lease_s, self.max_attempts, self.events_kept])
         return self.get(job_id) if job_id else None
 
     def heartbeat(self, job_id: str, worker: str, lease_s: float, progress: float | None = None) -> bool:
-        return bool(self._heartbeat(args=[self.prefix, job_id, worker, time.time(), lease_s,
-                                          "" if progress is None else progress]))
+        return bool(self._heartbeat(args=[self.prefix, job_id, worker, lease_s, "" if progress is None else progress]))
 
     def finish(self, job_id: str, worker: str, status: str, result: dict | None = None,
                error: str | None = None, event: dict | None = None) -> bool:
         extra = event if event is not None else ({"message": error} if error else {})
         return bool(self._finish(args=[self.prefix, job_id, worker, status,
-                                       json.dumps(result) if result is not None else "", error or "", time.time(),
+                                       json.dumps(result) if result is not None else "", error or "",
                                        self.events_kept, event_data(job_id, status, **extra)]))
 
     def cancel(self, job_id: str) -> Job | None:
-        if not self._cancel(args=[self.prefix, job_id, time.time(), self.events_kept,
-                                  event_data(job_id, "cancelled")]):
+        if not self._cancel(args=[self.prefix, job_id, self.events_kept, event_data(job_id, "cancelled")]):
             return None
         return self.get(job_id)
 
-    def append_event(self, job_id: str, event: str, data: dict) -> int | None:
+    def append_event(self, job_id: str, event: str, data: dict, worker: str | None = None) -> int | None:
         # The script fills in the job's status; "queued" only holds the place of the key here.
         number = self._append(args=[self.prefix, job_id, self.events_kept, event,
-                                    event_data(job_id, "queued", **data)])
+                                    event_data(job_id, "queued", **data), worker or ""])
         return int(number) if number else None
 
     def events(self, job_id: str, after: int = 0, limit: int = 100) -> list[JobEvent]:
@@ -259,11 +296,18 @@ class RedisJobStore:
         average = seconds / completed if completed else 0.0
         return {"counts": {s: n for s, n in counts.items() if n}, "average_seconds": average}
 
-    def purge(self, older_than_s: float) -> list[Job]:
+    def purge(self, older_than_s: float, forget: Callable[[Job], None] | None = None) -> list[Job]:
         cutoff = time.time() - older_than_s
         purged = []
         for job_id in self.redis.zrangebyscore(self._key("done"), "-inf", cutoff):
             job = self.get(job_id)
+            if job is not None and forget is not None:
+                try:
+                    forget(job)
+                except Exception:  # noqa: BLE001 - kept, and tried again at the next purge
+                    logger.warning("job %s: its files were not deleted; kept for the next purge", job_id,
+                                   exc_info=True)
+                    continue
             pipe = self.redis.pipeline()
             pipe.zrem(self._key("done"), job_id)
             pipe.zrem(self._key("all"), job_id)

@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 # The upload a seed-003 edit starts from: the parent ingredient of its images' content credentials.
 ENCODES_AT_ONCE = 4  # sizes of one batch-sizes job encoding at once, so that one job leaves Provenance room
+LEASE_UNKNOWN = object()  # a renewal that failed or hung: whether the lease still holds is not known
+LEASE_LOST = object()  # the keeper's answer when no renewal reached the store for a whole lease
 PARENT_FIELD = {"img2img": "initImage", "inpaint": "image", "style-transfer": "contentImage"}
 
 
@@ -99,6 +101,11 @@ class JobRunner:
             result["timeTaken"] = int((time.monotonic() - started) * 1000)
             status, event = "completed", completed_data(job.id, result)
         except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if me is not None and me.cancelling():  # this worker loop is stopping (the replica shuts down), not the job
+                keeper.cancel()
+                await self._quietly(asyncio.to_thread(self.store.heartbeat, job.id, worker, 0))  # back at once
+                raise
             status, error = "cancelled", "cancelled"
         except Exception as e:  # noqa: BLE001 - any failure is recorded on the job, with its code
             cause = unwrap(e)
@@ -113,6 +120,8 @@ class JobRunner:
                 logger.warning("job %s failed: %s", job.id, error)
         finally:
             keeper.cancel()
+        if keeper.done() and not keeper.cancelled() and keeper.exception() is None and keeper.result() is LEASE_LOST:
+            return  # not ours to publish: the next claim queues it again (or another runner has it already)
         if gone is not None:
             await self._give_back(job, worker, gone)
             return
@@ -134,12 +143,17 @@ class JobRunner:
             # Cancelled meanwhile: that is its outcome (a no-op when the lease is no longer ours).
             await asyncio.to_thread(self.store.finish, job.id, worker, "cancelled", None, "cancelled", {})
 
-    async def _keep_lease(self, job: Job, worker: str, task: asyncio.Task) -> None:
+    async def _keep_lease(self, job: Job, worker: str, task: asyncio.Task) -> object | None:
+        """Renew the job's lease while ``task`` runs, logging its progress; stop ``task`` when the job is cancelled
+        or the lease is another's. ``LEASE_LOST`` when it stopped ``task`` because no renewal reached the store
+        for a whole lease (the job is then not this runner's to publish)."""
         interval = self.settings.job_lease_seconds / 3
         every = job.request.get("preview_every")
         events = ProgressEvents(self.settings.job_preview_every if every is None else every)
         if events.preview_every:
             await self._quietly(self._board("preview", job.run_id))  # the replica sends previews from now on
+        lease = self.settings.job_lease_seconds
+        renewed = time.monotonic()
         while not task.done():
             await asyncio.sleep(min(interval, 0.5))
             # A board or store hiccup costs this round, never the lease: a keeper that stopped would let another
@@ -148,29 +162,34 @@ class JobRunner:
             percent = 100.0 * progress[0] / progress[1] if progress else None
             if percent is not None and job.type == "batch-sizes":
                 percent = min(percent, 99.0)
-            lease = self.settings.job_lease_seconds
             keep = await self._quietly(asyncio.to_thread(self.store.heartbeat, job.id, worker, lease, percent),
-                                       default=True)
-            if not keep:  # cancelled (or the lease was taken over): the flight stops every stage call
+                                       default=LEASE_UNKNOWN)
+            if keep is LEASE_UNKNOWN:
+                if time.monotonic() - renewed > lease:  # the lease ran out unrenewed: another runner may hold it
+                    logger.warning("job %s: no lease renewal for %.0f s; stopped here", job.id, lease)
+                    task.cancel()
+                    return LEASE_LOST
+            elif not keep:  # cancelled (or the lease was taken over): the flight stops every stage call
                 task.cancel()
-                return
-            if progress:
-                try:
-                    await self._report(job, events, *progress)
-                except Exception:  # noqa: BLE001 - a lost progress event must not cost the job its lease
-                    logger.warning("job %s: progress event not logged", job.id, exc_info=True)
+                return None
+            else:
+                renewed = time.monotonic()
+            if progress:  # bounded like the calls above: a hung board or store must not hold up the next renewal
+                await self._quietly(self._report(job, worker, events, *progress))
+        return None
 
-    async def _report(self, job: Job, events: ProgressEvents, step: int, total: int) -> None:
-        """Log a progress event for a new step and, every few steps, a preview of the latents."""
+    async def _report(self, job: Job, worker: str, events: ProgressEvents, step: int, total: int) -> None:
+        """Log a progress event for a new step and, every few steps, a preview of the latents (only while this
+        worker holds the lease)."""
         data = events.progress(step, total)
         if data is None:
             return
-        await asyncio.to_thread(self.store.append_event, job.id, "progress", data)
+        await asyncio.to_thread(self.store.append_event, job.id, "progress", data, worker)
         if events.wants_preview(step):
             image = await self._board("preview", job.run_id)
             if image is not None:
                 preview = await asyncio.to_thread(events.preview, image, step, total)
-                await asyncio.to_thread(self.store.append_event, job.id, "preview", preview)
+                await asyncio.to_thread(self.store.append_event, job.id, "preview", preview, worker)
 
     async def _quietly(self, work, default=None):
         """``work``'s result within a lease interval, or ``default`` (logged) when it fails or hangs."""
@@ -199,12 +218,12 @@ class JobRunner:
         key = await self.cache.key(job.type, cache_fields(job.request), job.request.get("model"))
         hit = await self.cache.get(key)
         if hit is not None:
-            keys = [await self._save(job.id, f"image_{i}", data) for i, data in enumerate(hit.files)]
+            keys = [await self._save(job, f"image_{i}", data) for i, data in enumerate(hit.files)]
             return {**hit.facts, "images": keys, "cached": True}
         request = await asyncio.to_thread(plans.seed003, job.type, job.request)  # it decodes the uploads
         parent = image_bytes(job.request[PARENT_FIELD[job.type]], "image") if job.type in PARENT_FIELD else None
         result = await plans.seed003_job(self.handles, request, job.run_id, parent)
-        keys = [await self._save(job.id, f"image_{i}", data) for i, data in enumerate(result.encoded)]
+        keys = [await self._save(job, f"image_{i}", data) for i, data in enumerate(result.encoded)]
         r = job.request
         parameters = {"prompt": request.prompt, "width": request.width, "height": request.height,
                       "steps": request.steps, "guidanceScale": request.guidance_scale,
@@ -224,7 +243,7 @@ class JobRunner:
         else:
             report = await plans.seed000(self.handles, job.request, self.hires_upscaler, job.run_id)
             await self.cache.put(key, report.facts(), [report.data])
-        saved = await self._save(job.id, "image_0", report.data)
+        saved = await self._save(job, "image_0", report.data)
         return {"images": [saved], "seed": report.seed, "width": report.size[0], "height": report.size[1],
                 "warnings": report.warnings, "checkpoint": report.checkpoint,
                 "nsfw": [report.nsfw] if report.nsfw is not None else None, "cached": hit is not None}
@@ -249,11 +268,11 @@ class JobRunner:
                 if small:
                     encodings.append(self._encode(resized, facts, Encoding(format="webp", quality=82)))
                 png, *webp = await gathered(encodings)
-            entry = {"key": await self._save(job.id, item.name, png.encoded[0]), "width": out.width,
+            entry = {"key": await self._save(job, item.name, png.encoded[0]), "width": out.width,
                      "height": out.height, "aspect": item.aspect, "box": list(item.box), "upscaled": item.upscaled,
                      "nsfw": item.nsfw}
             if webp:
-                entry["derivatives"] = {str(w): await self._save(job.id, f"{item.name}_{w}w", blob, "webp")
+                entry["derivatives"] = {str(w): await self._save(job, f"{item.name}_{w}w", blob, "webp")
                                         for w, blob in zip(small, webp[0].encoded, strict=True)}
             return entry
 
@@ -279,15 +298,19 @@ class JobRunner:
                 logger.exception("job metrics failed")
             await asyncio.sleep(every_s)
 
-    async def _save(self, job_id: str, name: str, data: bytes, suffix: str = "png") -> str:
-        return await asyncio.to_thread(self.results.save, job_id, name, data, suffix)
+    async def _save(self, job: Job, name: str, data: bytes, suffix: str = "png") -> str:
+        """Stored under the attempt's own name: an attempt that lost its lease and runs on (its runner cut off from
+        the store) can never overwrite the files of the attempt that published."""
+        return await asyncio.to_thread(self.results.save, job.id, f"{job.attempts}-{name}", data, suffix)
 
     async def _purge(self) -> None:
+        """Finished jobs past the retention go, each after its images: one whose images cannot be deleted now
+        stays for the next round rather than leaving them behind for ever."""
         while True:
             await asyncio.sleep(min(60.0, self.settings.job_retention_seconds / 4))
             try:
-                for job in await asyncio.to_thread(self.store.purge, self.settings.job_retention_seconds):
-                    await asyncio.to_thread(self.results.delete, job.id)
+                await asyncio.to_thread(self.store.purge, self.settings.job_retention_seconds,
+                                        lambda job: self.results.delete(job.id))
             except Exception:  # noqa: BLE001
                 logger.exception("retention purge failed")
 

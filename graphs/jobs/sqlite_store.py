@@ -5,14 +5,27 @@ by (job id, event id), written in the transaction of the state change it reports
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from deployments.support.errors import InvalidInput, QueueFull
-from graphs.jobs.store import EVENTS_KEPT, PRIORITIES, Job, JobEvent, body_hash, event_data
+from graphs.jobs.store import (
+    EVENTS_KEPT,
+    PRIORITIES,
+    TERMINAL_EVENTS,
+    Job,
+    JobEvent,
+    body_hash,
+    event_data,
+    idempotency_scope,
+)
+
+logger = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -109,6 +122,8 @@ class SQLiteJobStore:
     def create(self, job: Job, idempotency_key: str | None = None, max_queued: int | None = None) -> tuple[Job, bool]:
         """Record a job; returns (job, created). The same key with the same body returns the first job."""
         digest = body_hash({"type": job.type, "request": job.request})
+        if idempotency_key is not None:
+            idempotency_key = idempotency_scope(job.owner, idempotency_key)
         with self._tx() as db:
             if idempotency_key is not None:
                 row = db.execute("SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,)).fetchone()
@@ -158,7 +173,11 @@ class SQLiteJobStore:
             for row in db.execute(
                 "SELECT * FROM jobs WHERE status = 'processing' AND lease_expires < ?", (now,)
             ).fetchall():
-                if row["attempts"] >= self.max_attempts:
+                if row["cancel_requested"]:  # its cancel came while it ran: that is its outcome, not a new try
+                    db.execute("UPDATE jobs SET status = 'cancelled', completed_at = ?, lease_owner = NULL"
+                               " WHERE id = ?", (now, row["id"]))
+                    self._emit(db, row["id"], "cancelled", event_data(row["id"], "cancelled"))
+                elif row["attempts"] >= self.max_attempts:
                     message = f"worker lost {row['attempts']} times (lease expired)"
                     db.execute("UPDATE jobs SET status = 'failed', completed_at = ?, lease_owner = NULL, error = ?"
                                " WHERE id = ?", (now, message, row["id"]))
@@ -220,11 +239,13 @@ class SQLiteJobStore:
                 db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
             return self._job(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
 
-    def append_event(self, job_id: str, event: str, data: dict) -> int | None:
+    def append_event(self, job_id: str, event: str, data: dict, worker: str | None = None) -> int | None:
         with self._tx() as db:
-            row = db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None or row["status"] in ("completed", "failed", "cancelled"):
+            row = db.execute("SELECT status, lease_owner FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None or row["status"] in TERMINAL_EVENTS:
                 return None  # a late progress report must never follow the terminal event
+            if worker is not None and row["lease_owner"] != worker:
+                return None  # an attempt whose lease another runner took: its progress is not the job's
             return self._emit(db, job_id, event, event_data(job_id, row["status"], **data))
 
     def events(self, job_id: str, after: int = 0, limit: int = 100) -> list[JobEvent]:
@@ -239,16 +260,27 @@ class SQLiteJobStore:
                                 ).fetchone()
         return {"counts": counts, "average_seconds": average or 0.0}
 
-    def purge(self, older_than_s: float) -> list[Job]:
-        """Delete finished jobs older than the retention; returns them so their images can go too."""
+    def purge(self, older_than_s: float, forget: Callable[[Job], None] | None = None) -> list[Job]:
+        """Delete the finished jobs older than the retention, each after ``forget`` (its images) succeeded: a job
+        whose ``forget`` fails stays for the next purge, so nothing it stored is orphaned. The jobs deleted."""
         cutoff = time.time() - older_than_s
-        with self._tx() as db:
-            rows = db.execute("SELECT * FROM jobs WHERE status IN ('completed', 'failed', 'cancelled')"
-                              " AND completed_at < ?", (cutoff,)).fetchall()
-            db.execute("DELETE FROM jobs WHERE status IN ('completed', 'failed', 'cancelled') AND completed_at < ?",
-                       (cutoff,))
-            db.executemany("DELETE FROM job_events WHERE job_id = ?", [(r["id"],) for r in rows])
-        return [self._job(r) for r in rows]
+        rows = self._db().execute("SELECT * FROM jobs WHERE status IN ('completed', 'failed', 'cancelled')"
+                                  " AND completed_at < ?", (cutoff,)).fetchall()
+        purged = []
+        for row in rows:
+            job = self._job(row)
+            if forget is not None:
+                try:
+                    forget(job)
+                except Exception:  # noqa: BLE001 - kept, and tried again at the next purge
+                    logger.warning("job %s: its files were not deleted; kept for the next purge", job.id,
+                                   exc_info=True)
+                    continue
+            with self._tx() as db:
+                db.execute("DELETE FROM jobs WHERE id = ?", (job.id,))
+                db.execute("DELETE FROM job_events WHERE job_id = ?", (job.id,))
+            purged.append(job)
+        return purged
 
     # --- state every ingress replica must agree on ------------------------------------------------------------
 

@@ -18,6 +18,7 @@ import hashlib
 import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -83,6 +84,12 @@ def new_job_id() -> str:
     return f"job_{int(time.time() * 1000)}_{uuid.uuid4().hex[:9]}"
 
 
+def idempotency_scope(owner: str | None, key: str) -> str:
+    """An Idempotency-Key belongs to whoever sent it: the same key from another token is another key (a key is
+    visible ASCII, so the space keeps the two parts apart)."""
+    return key if owner is None else f"{owner} {key}"
+
+
 def body_hash(body: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -116,8 +123,9 @@ class JobStore(Protocol):
 
     def cancel(self, job_id: str) -> Job | None: ...
 
-    def append_event(self, job_id: str, event: str, data: dict) -> int | None:
-        """Add a running job's event (progress, preview); its id, or None when the job is gone or finished."""
+    def append_event(self, job_id: str, event: str, data: dict, worker: str | None = None) -> int | None:
+        """Add a running job's event (progress, preview); its id, or None when the job is gone or finished, or,
+        with ``worker``, when that worker no longer holds its lease."""
         ...
 
     def events(self, job_id: str, after: int = 0, limit: int = 100) -> list[JobEvent]:
@@ -126,9 +134,10 @@ class JobStore(Protocol):
 
     def stats(self) -> dict[str, Any]: ...
 
-    def purge(self, older_than_s: float) -> list[Job]:
-        """Delete finished jobs (and their event logs) older than the retention; returns them so their images
-        can go too."""
+    def purge(self, older_than_s: float, forget: Callable[[Job], None] | None = None) -> list[Job]:
+        """Delete the finished jobs (and their event logs) older than the retention, each only after ``forget``
+        (which deletes its images) returned: a job whose ``forget`` raised stays for the next purge. The jobs
+        deleted."""
         ...
 
     # What every ingress replica must agree on (the ingress autoscales): A1111's options, and which client runs
