@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 
@@ -121,6 +122,22 @@ def test_stores_list_the_store_only_past_the_bound_or_a_minute_on(tmp_path):
         cache.put(f"{i:064x}", {}, [b"x" * 1000])
     assert Counted.listings == 3  # the 21st passed the bound: listed, the least recently used dropped
     assert len(os.listdir(tmp_path)) == 20 and not (tmp_path / f"{0:064x}.entry").exists()
+
+
+def test_a_write_that_fails_leaves_no_partial_file(tmp_path, monkeypatch):
+    entries = LocalEntries(tmp_path)
+    cache = ResultCache(entries, max_bytes=10_000, max_age_s=3600)
+    cache.put("b" * 64, {}, [b"kept"])
+
+    def full_disk(self, data):
+        with open(self, "wb") as f:
+            f.write(data[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    with pytest.raises(OSError):
+        cache.put(KEY, {}, [b"x" * 1000])
+    assert sorted(os.listdir(tmp_path)) == ["b" * 64 + ".entry"]
 
 
 def test_entries_on_s3(s3_server, monkeypatch):

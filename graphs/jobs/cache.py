@@ -112,8 +112,12 @@ class LocalEntries:
 
     def write(self, name: str, data: bytes) -> None:
         temp = self.root / f".{name}.{uuid.uuid4().hex}.tmp"
-        temp.write_bytes(data)
-        os.replace(temp, self.root / name)
+        try:
+            temp.write_bytes(data)
+            os.replace(temp, self.root / name)
+        except BaseException:  # a full disk: no partial file left behind, uncounted by the size bound
+            temp.unlink(missing_ok=True)
+            raise
 
     def delete(self, name: str) -> None:
         (self.root / name).unlink(missing_ok=True)
