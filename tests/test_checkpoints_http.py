@@ -132,8 +132,8 @@ def test_unknown_checkpoints_are_422_with_the_choices_in_every_family(replicas):
     for response, field in attempts:
         body = error(response, 422, "UNKNOWN_MODEL", field)
         assert body["details"]["choices"], field
-    assert error(attempts[0][0], 422, "UNKNOWN_MODEL")["details"]["choices"] == [A, B, FILE, "photorealistic",
-                                                                                  "anime"]
+    assert error(attempts[0][0], 422, "UNKNOWN_MODEL")["details"]["choices"] == [
+        A, B, FILE, "photorealistic", "anime", "stable-diffusion-xl", "stable-diffusion-v1.5"]
     assert service.get("/queue/status").json() == queued_before  # no job was created
 
 

@@ -3,6 +3,7 @@ MAX_QUEUE_SIZE=8, a 3 s lease (tests/conftest.py)."""
 
 from __future__ import annotations
 
+import base64
 import time
 
 import pytest
@@ -14,7 +15,8 @@ pytestmark = pytest.mark.integration
 def test_seed_003_text2img_flow_without_a_json_content_type(service):
     import json
 
-    response = service.post("/generate/text2img", content=json.dumps(SMALL),
+    # The seed's own example names "stable-diffusion-v1.5": configs/cpu.yaml makes it an alias of the default.
+    response = service.post("/generate/text2img", content=json.dumps({**SMALL, "model": "stable-diffusion-v1.5"}),
                             headers={"content-type": "application/x-www-form-urlencoded"})
     assert response.status_code == 202, response.text
     job = response.json()
@@ -26,6 +28,7 @@ def test_seed_003_text2img_flow_without_a_json_content_type(service):
     assert result["images"][0].startswith("data:image/png;base64,")
     assert decode_b64(result["images"][0]).size == (128, 128)
     assert result["seed"] == 11 and result["parameters"]["sampler"] == "euler_a" and result["timeTaken"] > 0
+    assert result["parameters"]["model"] == "tiny-sdxl-base"
     assert done["startedAt"] and done["completedAt"] >= done["startedAt"]
 
 
@@ -93,6 +96,7 @@ def test_seed_002_batch_sizes_from_few_bases(service):
         "thumbnail": "landscape", "og": "landscape", "sidebar": "portrait", "avatar": "square"}
     for name, entry in done["images"].items():
         assert decode_b64(entry["imageData"]).size == sizes[name]
+        assert base64.b64decode(entry["imageData"], validate=True)  # plain base64, as seed 002's imageData is
         assert entry["upscaled"] == (name == "og")  # only og is larger than its crop: the neural upscaler ran
         assert decode_b64(entry["derivatives"]["64"]).width == 64
     print(f"4-size batch: {time.perf_counter() - started:.1f}s")  # noqa: T201

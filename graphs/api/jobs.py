@@ -114,8 +114,9 @@ class JobRoutes(CheckpointChoice):
         if job.status == "completed" and job.result is not None and with_images:
             result = dict(job.result)
             if job.type == "batch-sizes":
-                images = {name: {"imageData": data_uri(self.results.load(e["key"])), "format": "png",
-                                 "width": e["width"], "height": e["height"], "aspect": e["aspect"],
+                # seed 002's imageData is plain base64, as /generate's and /jobs/{id}/result's are
+                images = {name: {"imageData": base64.b64encode(self.results.load(e["key"])).decode(),
+                                 "format": "png", "width": e["width"], "height": e["height"], "aspect": e["aspect"],
                                  "box": e["box"], "upscaled": e["upscaled"], "nsfw": e.get("nsfw"),
                                  "derivatives": {w: data_uri(self.results.load(k), "image/webp")
                                                  for w, k in e.get("derivatives", {}).items()}}
