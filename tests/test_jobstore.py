@@ -218,6 +218,10 @@ def test_running_requests_are_seen_by_every_replica_and_expire(store, tmp_path):
     store.track("f3", "token:c", {"started": 3.0, "total_steps": 1, "request_ids": []}, ttl_s=0.05)
     time.sleep(0.1)
     assert other.tracked("token:c") == []  # an ingress that died leaves nothing behind for long
+    if isinstance(store, RedisJobStore):  # not even in the client's hash, which lives on while the client sends
+        store.track("f4", "token:c", {"started": 4.0, "total_steps": 1, "request_ids": []}, ttl_s=60)
+        other.tracked("token:c")
+        assert store.redis.hkeys(store._key("flights", "token:c")) == ["f4"]
 
 
 # --- the per-job event log (GET /jobs/{id}/events reads it) ---------------------------------------------------

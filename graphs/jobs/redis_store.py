@@ -342,9 +342,16 @@ class RedisJobStore:
         self.redis.hdel(self._key("flights", client), flight_id)
 
     def tracked(self, client: str) -> list[dict]:
-        now, out = time.time(), []
-        for raw in self.redis.hgetall(self._key("flights", client)).values():
+        """The client's live records; those of an ingress that died (past their expiry) are deleted here, since
+        the hash itself lives on while the client keeps sending."""
+        now, out, stale = time.time(), [], []
+        key = self._key("flights", client)
+        for flight_id, raw in self.redis.hgetall(key).items():
             record = json.loads(raw)
             if record.pop("_expires", 0) >= now:
                 out.append(record)
+            else:
+                stale.append(flight_id)
+        if stale:
+            self.redis.hdel(key, *stale)
         return sorted(out, key=lambda r: r.get("started", 0))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -20,6 +21,8 @@ from typing import Protocol
 from deployments.support.errors import InvalidInput, NotFound, StorageUnavailable
 from deployments.support.settings import Settings
 from deployments.weights.loader import s3_client
+
+logger = logging.getLogger(__name__)
 
 JOB_ID = r"job_[0-9]+_[0-9a-f]+"
 KEY = re.compile(rf"^{JOB_ID}/[A-Za-z0-9][A-Za-z0-9_-]{{0,63}}\.(png|webp)$")
@@ -130,4 +133,7 @@ def open_results(settings: Settings) -> ResultStore:
             prefix += "/"
         client = s3_client(settings.aws_endpoint_url, settings.aws_region, read_timeout=30, attempts=3)
         return S3Results(bucket, prefix, client)
+    if (settings.job_store_url or "").startswith(("redis://", "rediss://")):
+        logger.warning("jobs are shared through Redis but their images stay on this node's disk (JOB_RESULTS_URL "
+                       "is not s3://): ingress replicas on other nodes cannot serve them unless the folder is shared")
     return LocalResults(Path(url) if url else settings.jobs_data_dir / "results")
