@@ -386,3 +386,23 @@ async def test_a_runner_whose_renewals_fail_for_a_whole_lease_stops_and_does_not
     assert refused and done.status == "completed" and done.attempts == 2
     assert [e.event for e in log if e.event != "progress"] == ["queued", "started", "queued", "started", "completed"]
     assert all(key.startswith(f"{job.id}/2-") for key in done.result["images"])
+
+
+async def test_a_runner_that_shuts_down_gives_its_job_back_instead_of_cancelling_it(base, upscaler, runner_env):
+    """A replica stopping (its worker loops cancelled) is not the client cancelling: the job is given back at once
+    for another runner to take, not published as cancelled."""
+    runner_env.setenv("JOB_TIMEOUT", "600000")
+    slow = BaseShell(base, on_progress=lambda step, total: time.sleep(0.05))
+    runner = JobRunner.func_or_class(LocalHandle(slow), None, LocalHandle(upscaler), None, None)
+    job = Job(id=new_job_id(), type="text2img", request={"prompt": "shutdown", "width": 64, "height": 64,
+                                                         "steps": 150, "seed": 6, "preview_every": 0})
+    runner.store.create(job)
+    deadline = time.monotonic() + 60
+    while runner.store.get(job.id).status != "processing" and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    stop(runner)
+    await asyncio.wait_for(asyncio.gather(*runner._loops, return_exceptions=True), 30)  # every loop ends
+    left = runner.store.get(job.id)
+    assert left.status == "processing" and left.attempts == 1  # not cancelled, not finished
+    taken = await asyncio.to_thread(runner.store.claim, "successor", 30)
+    assert taken is not None and taken.id == job.id and taken.attempts == 2  # its lease ended when it was given back
