@@ -200,7 +200,8 @@ def test_an_oversized_logo_is_refused_from_its_header():
     assert e.value.code == "INVALID_INPUT" and e.value.field == "overlay.logo"
 
 
-@pytest.mark.parametrize("data", ["not base64 at all", base64.b64encode(b"GIF89a....").decode(), ""])
+@pytest.mark.parametrize("data", ["not base64 at all", base64.b64encode(b"GIF89a....").decode(), "",
+                                  "data:image/png;base64", "data:image/png"])
 def test_an_undecodable_logo_is_an_invalid_image(data):
     with pytest.raises(InvalidImage) as e:
         prepare(Overlay(logo=data or "data:image/png;base64,"), None, "overlay")

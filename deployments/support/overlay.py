@@ -117,7 +117,11 @@ def draw_all(image: Image.Image, overlays: list[Prepared]) -> Image.Image:
 # --- checks -------------------------------------------------------------------------------------------------------
 
 def _logo(value: str, field: str) -> Image.Image:
-    payload = value.split(",", 1)[1] if value.startswith("data:") else value
+    payload = value
+    if value.startswith("data:"):
+        _, comma, payload = value.partition(",")
+        if not comma:
+            raise InvalidImage(f"{field}: a data URI needs a comma before its payload", field=field)
     try:
         raw = base64.b64decode(payload, validate=False)
     except (binascii.Error, ValueError) as e:
