@@ -62,9 +62,13 @@ class Overlay(BaseModel):
     @classmethod
     def known_colour(cls, value: str) -> str:
         try:
-            ImageColor.getrgb(value)
+            channels = ImageColor.getrgb(value)
         except ValueError as e:
             raise ValueError(f"{value!r} is not a colour") from e
+        # PIL parses rgb(999, 0, 0) and hsl(400, 200%, 50%) without complaint, and fails only when the layer is
+        # drawn, after the image was made: out-of-range channels are refused here.
+        if not all(0 <= channel <= 255 for channel in channels):
+            raise ValueError(f"{value!r} has a channel outside 0..255")
         return value
 
 
