@@ -3,10 +3,18 @@ named (or read as the sender meant), never an uncaught error that the edge would
 
 from __future__ import annotations
 
+import base64
+import io
+
+import numpy as np
 import pytest
+from PIL import Image
 
 from deployments.support.errors import InvalidImage
+from deployments.support.imaging import ORIENTATION, decode, to_rgb
 from graphs.api.fields import image_bytes, image_field
+from graphs.api.processing import ProcessRequest, process_image
+from tests.helpers import decode_b64
 
 
 @pytest.mark.parametrize("value", ["data:image/png;base64", "data:image/png", "data:"])
@@ -15,3 +23,54 @@ def test_a_data_uri_without_its_comma_is_an_invalid_image(value):
         with pytest.raises(InvalidImage) as e:
             parse(value, "initImage")
         assert e.value.field == "initImage"
+
+
+def _file(image: Image.Image, fmt: str, **options) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _sideways() -> Image.Image:
+    """100x50 as stored, red on the left and blue on the right; EXIF orientation 6 says: turn 90° clockwise."""
+    image = Image.new("RGB", (100, 50), (255, 0, 0))
+    image.paste((0, 0, 255), (50, 0, 100, 50))
+    return image
+
+
+def test_a_jpeg_is_decoded_upright_by_its_exif_orientation():
+    exif = Image.Exif()
+    exif[ORIENTATION] = 6
+    data = _file(_sideways(), "JPEG", exif=exif.tobytes())
+    image = image_field(data, "initImage")
+    assert image.size == (50, 100)
+    top, bottom = image.getpixel((25, 10)), image.getpixel((25, 90))
+    assert top[0] > 200 > top[2] and bottom[2] > 200 > bottom[0]  # the left edge is now the top
+    answer = process_image(image, ProcessRequest(image=data, operations=["sanitize"]))
+    assert (answer.width, answer.height) == (50, 100)
+    assert answer.metadata["strippedMetadata"].count("exif") == 1
+    assert decode(base64.b64decode(data), turn=False).size == (100, 50)  # provenance reads the stored pixels
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP"])  # PIL reads a JPEG's broken block as empty
+def test_an_unreadable_exif_block_is_stripped_not_a_500(fmt):
+    data = _file(_sideways(), fmt, exif=b"XX\x00*\x00\x00\x00\x08\x00\x00")  # "not a TIFF file"
+    image = image_field(data, "image")
+    assert image.size == (100, 50)
+    answer = process_image(image, ProcessRequest(image=data, operations=["sanitize"]))
+    assert "exif" in answer.metadata["strippedMetadata"]
+    assert "exif" not in decode_b64(answer.imageData).info
+
+
+def test_a_16_bit_greyscale_png_keeps_its_tones():
+    gradient = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    data = _file(Image.fromarray(gradient), "PNG")
+    image = image_field(data, "image")
+    assert image.mode == "L"
+    assert np.array_equal(np.asarray(image), (gradient.astype(np.uint32) * 255 + 32767) // 65535)
+    rgb = np.asarray(to_rgb(Image.fromarray(gradient)))  # not through decode: to_rgb scales as well
+    assert rgb.shape == (64, 64, 3) and rgb.min() == 0 and rgb.max() == 255 and 120 < np.median(rgb) < 135
+    sanitized = np.asarray(decode_b64(process_image(image, ProcessRequest(image=data, operations=["sanitize"]))
+                                      .imageData))
+    assert (sanitized == 255).mean() < 0.01
+
