@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import math
 
 import numpy as np
 import pytest
 from PIL import Image
+from pydantic import ValidationError
 
 from deployments.support.errors import InvalidImage
 from deployments.support.imaging import ORIENTATION, decode, to_rgb
 from graphs.api.fields import image_bytes, image_field
-from graphs.api.processing import ProcessRequest, process_image
+from graphs.api.processing import ClipFocalRequest, ProcessRequest, process_image
 from tests.helpers import decode_b64
 
 
@@ -74,3 +77,13 @@ def test_a_16_bit_greyscale_png_keeps_its_tones():
                                       .imageData))
     assert (sanitized == 255).mean() < 0.01
 
+
+def test_a_focal_point_must_be_finite():
+    # 1e400 is valid JSON that Python reads as inf; the crop box would then be inf too
+    body = b'{"image": "x", "sizes": ["32x32"], "focalPoint": {"x": 1e400, "y": 5}}'
+    for parse in (lambda: ClipFocalRequest.model_validate_json(body),
+                  lambda: ClipFocalRequest.model_validate(json.loads(body)),
+                  lambda: ClipFocalRequest(image="x", sizes=["32x32"], focalPoint={"x": 5, "y": math.nan})):
+        with pytest.raises(ValidationError) as e:
+            parse()
+        assert e.value.errors()[0]["loc"][0] == "focalPoint"

@@ -64,8 +64,8 @@ class DerivativesRequest(BaseModel):
 
 
 class FocalPoint(BaseModel):
-    x: float = Field(..., ge=0)
-    y: float = Field(..., ge=0)
+    x: float = Field(..., ge=0, allow_inf_nan=False)
+    y: float = Field(..., ge=0, allow_inf_nan=False)
 
 
 class ClipFocalRequest(BaseModel):
