@@ -1,5 +1,6 @@
-"""Uploaded images and the small fields around them, without Ray: hostile values are refused with the field
-named (or read as the sender meant), never an uncaught error that the edge would answer 500."""
+"""Request fields without Ray (uploaded images, job submits, names): a hostile value is refused when the request
+arrives, with the field named, or read as the sender meant; never an uncaught error the edge would answer 500,
+nor one that fails the work later."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
+from deployments.support import samplers
 from deployments.support.errors import InvalidImage
 from deployments.support.imaging import ORIENTATION, decode, to_rgb
 from graphs.api.fields import image_bytes, image_field
 from graphs.api.processing import ClipFocalRequest, ProcessRequest, process_image
+from graphs.jobs.models import AsyncGenerate, BatchSizes, Img2ImgJob, InpaintJob, StyleTransferJob, Text2ImgJob
 from tests.helpers import decode_b64
 
 
@@ -87,3 +90,33 @@ def test_a_focal_point_must_be_finite():
         with pytest.raises(ValidationError) as e:
             parse()
         assert e.value.errors()[0]["loc"][0] == "focalPoint"
+
+
+@pytest.mark.parametrize("model", [Text2ImgJob, Img2ImgJob, InpaintJob])
+@pytest.mark.parametrize(("changes", "field"), [
+    ({"sampler": "definitely-not-a-sampler"}, "sampler"),
+    ({"sampler": "Euler a Karras"}, "sampler"),  # A1111 has no Karras spelling of it
+    ({"prompt": "a cat <lora:x:zz>"}, "prompt"),
+    ({"prompt": "a cat <lora:x:99>"}, "prompt"),
+])
+def test_a_job_that_would_fail_later_is_refused_at_submit(model, changes, field):
+    body = {"prompt": "a cat", "initImage": "x", "image": "x", "mask": "x", **changes}
+    with pytest.raises(ValidationError) as e:
+        model.model_validate(body)
+    assert e.value.errors()[0]["loc"] == (field,)
+
+
+def test_the_other_job_bodies_check_their_prompt_and_sampler_too():
+    for model, body in ((StyleTransferJob, {"contentImage": "x", "styleImage": "x"}),
+                        (AsyncGenerate, {}), (BatchSizes, {"sizes": ["square"]})):
+        with pytest.raises(ValidationError) as e:
+            model.model_validate({**body, "prompt": "<lora:x:zz>"})
+        assert e.value.errors()[0]["loc"] == ("prompt",)
+    with pytest.raises(ValidationError):
+        StyleTransferJob(contentImage="x", styleImage="x", sampler="bogus")
+
+
+@pytest.mark.parametrize("sampler", ["euler_a", "EULER_A", "Euler a", "DPM++ 2M Karras", "dpm++_2m_karras", "DDIM"])
+def test_every_sampler_spelling_the_scheduler_accepts_is_accepted(sampler):
+    job = Text2ImgJob(prompt="a cat <lora:detail:0.5> <lora:style>", sampler=sampler)
+    assert job.sampler == sampler and samplers.resolve(sampler)[0] in samplers.SAMPLERS
