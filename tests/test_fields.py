@@ -15,9 +15,10 @@ from PIL import Image
 from pydantic import ValidationError
 
 from deployments.support import samplers
-from deployments.support.errors import InvalidImage
+from deployments.support.errors import InvalidImage, InvalidInput
 from deployments.support.imaging import ORIENTATION, decode, to_rgb
 from graphs.api.fields import image_bytes, image_field
+from graphs.api.photos import check_user_id
 from graphs.api.processing import ClipFocalRequest, ProcessRequest, process_image
 from graphs.jobs.models import AsyncGenerate, BatchSizes, Img2ImgJob, InpaintJob, StyleTransferJob, Text2ImgJob
 from tests.helpers import decode_b64
@@ -120,3 +121,14 @@ def test_the_other_job_bodies_check_their_prompt_and_sampler_too():
 def test_every_sampler_spelling_the_scheduler_accepts_is_accepted(sampler):
     job = Text2ImgJob(prompt="a cat <lora:detail:0.5> <lora:style>", sampler=sampler)
     assert job.sampler == sampler and samplers.resolve(sampler)[0] in samplers.SAMPLERS
+
+
+@pytest.mark.parametrize("user_id", ["bob\n", "bob\r\n", "a/b", "..", "a..b", "", "-bob", "b" * 129, "bob\x00"])
+def test_a_user_id_that_could_bend_an_s3_key_is_refused(user_id):
+    with pytest.raises(InvalidInput) as e:
+        check_user_id(user_id)
+    assert e.value.field == "user_id"
+
+
+def test_a_plain_user_id_passes():
+    assert check_user_id("bob.smith@example_1-2") == "bob.smith@example_1-2"
