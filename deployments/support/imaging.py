@@ -52,9 +52,8 @@ def decode(data: bytes, *, field: str = "image", max_pixels: int = MAX_INPUT_PIX
         image.load()
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise InvalidImage(f"{field}: truncated or corrupt image", field=field) from e
-    if image.mode in SIXTEEN_BIT_MODES:
-        image = eight_bit(image)
-    return upright(image) if turn else image
+    decoded: Image.Image = eight_bit(image) if image.mode in SIXTEEN_BIT_MODES else image
+    return upright(decoded) if turn else decoded
 
 
 def eight_bit(image: Image.Image) -> Image.Image:
