@@ -67,7 +67,7 @@ def test_synchronous_generation_has_its_own_budget_spent_before_validation(two_t
     assert answers[0].headers["ratelimit-limit"] == str(GENERATE_BURST)  # an error answer carries them too
     assert error(answers[-1], 429, "RATE_LIMITED")["details"]["budget"] == "generate"
     # Another spelling of the token is the same client; the client's reads are untouched.
-    assert service.post("/generate", json={}, headers={"authorization": f"bearer  {TOKEN} "}).status_code == 429
+    assert service.post("/generate", json={}, headers={"authorization": f"bearer  {TOKEN}"}).status_code == 429
     assert service.get("/queue/status", headers=CALLER).status_code == 200
 
 
