@@ -74,6 +74,20 @@ def test_an_attempt_connects_to_the_address_it_checked(monkeypatch):
         receiver.close()
 
 
+def test_each_attempt_takes_the_next_checked_address(monkeypatch):
+    receiver = Receiver()
+    try:
+        # the receiver listens on 127.0.0.1 alone: 127.0.0.2 refuses the connection
+        monkeypatch.setattr(webhooks, "_resolve", lambda host, port: ["127.0.0.2", "127.0.0.1"])
+        monkeypatch.setattr(webhooks, "_public", lambda address: True)
+        settings = Settings(WEBHOOK_ATTEMPTS=2, WEBHOOK_BACKOFF_SECONDS=0.01)
+        assert webhooks.vet("http://hook.example/x", settings).url == "http://127.0.0.2/x"
+        assert webhooks.vet("http://hook.example/x", settings, attempt=1).url == "http://127.0.0.1/x"
+        assert asyncio.run(deliver(f"http://hook.example:{receiver.port}/hook", {"id": "x"}, settings))
+    finally:
+        receiver.close()
+
+
 def test_https_to_the_checked_address_verifies_the_host_name(monkeypatch, tmp_path):
     ca, cert, key = tls_files(tmp_path, "hook.test")
     monkeypatch.setenv("SSL_CERT_FILE", ca)

@@ -63,8 +63,9 @@ def _public(address: str) -> bool:
     return all(a.is_global and not a.is_multicast for a in addresses)
 
 
-def vet(url: str, settings: Settings, field: str = "webhookUrl") -> Target:
-    """Check ``url`` as the module docstring says, and say where to connect for it."""
+def vet(url: str, settings: Settings, field: str = "webhookUrl", attempt: int = 0) -> Target:
+    """Check ``url`` as the module docstring says, and say where to connect for it: each attempt the next of the
+    host's addresses, so that one unreachable address (IPv6 without a route) does not fail every attempt."""
     try:
         parts = urlsplit(url)
         port = parts.port  # raises on a port out of range or not a number
@@ -82,7 +83,7 @@ def vet(url: str, settings: Settings, field: str = "webhookUrl") -> Target:
         raise InvalidInput(f"webhook host {host!r} does not resolve", field=field) from e
     if not addresses or not all(_public(a) for a in addresses):
         raise InvalidInput(f"webhook host {host!r} is not a public address", field=field)
-    pinned = parsed.copy_with(host=addresses[0].partition("%")[0])
+    pinned = parsed.copy_with(host=addresses[attempt % len(addresses)].partition("%")[0])
     name = parsed.raw_host.decode("ascii")
     return Target(str(pinned), headers={"Host": parsed.netloc.decode("ascii")},
                   extensions={"sni_hostname": name} if parts.scheme == "https" else {})
@@ -124,7 +125,7 @@ async def deliver(url: str, payload: dict, settings: Settings) -> bool:
     for attempt in range(settings.webhook_attempts):
         wait = settings.webhook_backoff_seconds * 2**attempt
         try:
-            target = await asyncio.to_thread(vet, url, settings)
+            target = await asyncio.to_thread(vet, url, settings, "webhookUrl", attempt)
             status, retry_after = await asyncio.wait_for(_post(target, payload, settings),
                                                          settings.webhook_timeout_seconds)
             if status < 500 and status != 429:
