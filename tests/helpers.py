@@ -106,10 +106,14 @@ def drain(service) -> None:
 
 
 class Receiver:
-    """A loopback HTTP server that records POSTs and fails the first ``failures`` of them with 500."""
+    """A loopback HTTP server that records POSTs (and the ``Host`` each was sent with) and fails the first
+    ``failures`` of them with ``status`` (500), sending ``headers`` with the failures. With ``tls`` (a
+    certificate and key file), it speaks https."""
 
-    def __init__(self, failures: int = 0) -> None:
+    def __init__(self, failures: int = 0, status: int = 500, headers: dict[str, str] | None = None,
+                 tls: tuple[str, str] | None = None) -> None:
         self.bodies: list[dict] = []
+        self.hosts: list[str] = []
         self.failures = failures
         receiver = self
 
@@ -117,19 +121,63 @@ class Receiver:
             def do_POST(self):  # noqa: N802 - http.server's naming
                 body = json.loads(self.rfile.read(int(self.headers["content-length"])))
                 receiver.bodies.append(body)
-                status = 500 if len(receiver.bodies) <= receiver.failures else 200
-                self.send_response(status)
+                receiver.hosts.append(self.headers["host"])
+                failing = len(receiver.bodies) <= receiver.failures
+                self.send_response(status if failing else 200)
+                for name, value in (headers or {}).items() if failing else ():
+                    self.send_header(name, value)
                 self.end_headers()
 
             def log_message(self, *args):
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        scheme = "http"
+        if tls is not None:
+            import ssl
+
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+            scheme = "https"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.port = self.server.server_address[1]
+        self.url = f"{scheme}://127.0.0.1:{self.port}/hook"
 
     def close(self) -> None:
         self.server.shutdown()
+
+
+def tls_files(folder, host: str) -> tuple[str, str, str]:
+    """A throwaway CA and a server certificate for ``host`` it issued: (CA file, certificate file, key file)."""
+    import datetime
+    from pathlib import Path
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    folder = Path(folder)
+    paths = folder / "ca.pem", folder / "cert.pem", folder / "key.pem"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(paths[0]), str(paths[1]), str(paths[2])
 
 
 def signing_credentials(folder) -> dict[str, str]:

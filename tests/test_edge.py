@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 
@@ -83,6 +84,15 @@ async def test_auth_on_accepts_the_token_and_health_stays_open(make_client):
 async def test_auth_enabled_without_a_token_refuses_everything(make_client):
     client = make_client(AUTH_ENABLED="true", AUTH_TOKEN="")
     assert (await client.post("/echo", json={}, headers={"authorization": "Bearer "})).status_code == 401
+
+
+@pytest.mark.parametrize("header", ["bearer secret", "BEARER secret", "Bearer  secret", "Bearer secret ",
+                                    "bEarer \tsecret", " Bearer secret"])
+async def test_every_spelling_of_the_token_is_one_owner(header):
+    # the name jobs already carry: the header as clients usually write it
+    assert http.token_owner(header) == hashlib.sha256(b"Bearer secret").hexdigest()[:16]
+    assert http.token_owner(header) != http.token_owner("Bearer other")
+    assert http.token_owner(None) is None and http.token_owner("") is None
 
 
 async def test_body_limit_declared_and_streamed(make_client):

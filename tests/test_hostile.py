@@ -30,6 +30,8 @@ MALFORMED = {
     "a list": b"[]",
     "null": b"null",
     "wrong types": b'{"prompt": {"$ne": 1}, "width": "wide", "seed": 1e400, "steps": [1], "samples_format": 5}',
+    "too many values": b'{"prompt": "a", "x": [' + b"[]," * 150_000 + b"[]]}",
+    "a lone surrogate": b'{"prompt": "a", "override_settings": {"CLIP_stop_at_last_layers": "\\ud800"}}',
 }
 
 
@@ -109,3 +111,18 @@ def test_a_bad_idempotency_key_is_refused_and_creates_no_job(service):
         refused(response, "Idempotency-Key")
     assert service.get("/queue/status").json()["queuedJobs"] == before
     drain(service)
+
+
+@pytest.mark.parametrize(("path", "changes", "field"), [
+    ("/generate/text2img", {"sampler": "bogus"}, "sampler"),
+    ("/generate/text2img", {"prompt": "a cat <lora:x:zz>"}, "prompt"),
+    ("/generate/text2img", {"webhookUrl": "http://[::1"}, "webhookUrl"),
+    ("/generate/text2img", {"webhookUrl": "http://100.100.100.200/latest/meta-data"}, "webhookUrl"),
+    ("/generate/img2img", {"initImage": "data:image/png;base64"}, "initImage"),
+    ("/generate/async", {"overlay": {"text": "hi", "color": "rgb(99999999999999999999,0,0)"}}, "overlay.color"),
+])
+def test_a_job_that_would_fail_later_is_refused_at_submit_and_creates_none(service, path, changes, field):
+    before = service.get("/queue/status").json()["queuedJobs"]
+    body = {"prompt": "x", "width": 64, "height": 64, "steps": 1, **changes}
+    refused(service.post(path, json=body, headers=HEADERS), field)
+    assert service.get("/queue/status").json()["queuedJobs"] == before

@@ -4,14 +4,15 @@ wraps, and every hostile input refused with its field named, as ``/process`` and
 from __future__ import annotations
 
 import base64
+import math
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFont
+from PIL import Image, ImageDraw, ImageFont
 from pydantic import ValidationError
 
 from deployments.support.errors import InvalidImage, InvalidInput
-from deployments.support.overlay import Overlay, draw, prepare, wrap
+from deployments.support.overlay import Overlay, _place, _text_layer, draw, prepare, wrap
 from graphs.api.processing import ProcessRequest, overlays_of, process_image
 from tests.helpers import b64, decode_b64, pixels
 
@@ -83,6 +84,39 @@ def test_x_and_y_place_the_top_left_corner():
 def test_an_overlay_past_the_edge_is_clipped():
     before, after = overlaid(Overlay(logo=logo(), size=0.2, x=0.9, y=0.9))
     assert changed(before, after) == (180, 135, W, H)
+
+
+def test_a_caption_taller_than_the_image_costs_no_more_than_the_image():
+    # 500 wide characters at the image's height on a tall, thin image: every character a line of its own, a
+    # block of gigabytes had it been drawn whole before the paste clipped it.
+    spec = prepare(Overlay(text="W" * 500, size=1.0), None, "overlay")
+    layer, corner = _text_layer((64, 2048), spec)
+    assert layer.width <= 64 and layer.height <= 2048 and corner == (0, 0)
+
+
+@pytest.mark.parametrize("spec", [
+    Overlay(text="W" * 40, size=0.6, position="center"),
+    Overlay(text="gy jq\n\nA caption, long enough", size=0.5, max_width=0.3, position="bottom-center"),
+    Overlay(text="line one\nline two\nthree", size=1.0, x=0.3, y=0.2),
+    Overlay(text="several words that wrap", size=0.4, position="top-right", margin=0),
+])
+def test_a_clipped_caption_shows_what_the_whole_block_would(spec):
+    """Against multiline_text drawing the whole block, placed by the anchor, then clipped by the paste."""
+    image = canvas()
+    font = ImageFont.load_default(size=round(spec.size * H))
+    text = "\n".join(wrap(spec.text, font, min(spec.max_width * W, W - 2 * spec.margin)))
+    align = spec.position.rsplit("-", 1)[-1] if "-" in spec.position else "center"
+    spacing = round(spec.size * H) // 5
+    box = ImageDraw.Draw(image).multiline_textbbox((0, 0), text, font=font, spacing=spacing, align=align)
+    block = Image.new("RGBA", (math.ceil(box[2] - box[0]), math.ceil(box[3] - box[1])), (255, 255, 255, 0))
+    glyphs = Image.new("L", block.size, 0)
+    ImageDraw.Draw(glyphs).multiline_text((-box[0], -box[1]), text, font=font, fill=255, spacing=spacing,
+                                          align=align)
+    block.putalpha(glyphs)
+    expected = Image.new("RGBA", image.size, (0, 0, 0, 0))
+    expected.paste(block, _place(image.size, block.size, spec))
+    expected = Image.alpha_composite(image.convert("RGBA"), expected).convert("RGB")
+    assert changed(expected, draw(image, prepare(spec, None, "overlay"))) is None
 
 
 @pytest.mark.parametrize("spec", [Overlay(text="Hello", opacity=0.0), Overlay(logo=logo(), opacity=0.0)])
@@ -168,6 +202,10 @@ def test_a_broken_font_file_and_no_fonts_folder_are_refused(fonts):
     ({"text": "x", "opacity": -0.1}, "opacity"),
     ({"text": "x", "color": "not-a-colour"}, "color"),
     ({"text": "x", "color": "#12345"}, "color"),
+    ({"text": "x", "color": "rgb(99999999999999999999,0,0)"}, "color"),
+    ({"text": "x", "color": "rgb(256,0,0)"}, "color"),
+    ({"text": "x", "color": "rgba(1,2,3,999)"}, "color"),
+    ({"text": "x", "color": "hsl(400,200%,50%)"}, "color"),
     ({"text": "x", "size": 0}, "size"),
     ({"text": "x", "position": "upper-left"}, "position"),
     ({"text": "x", "margin": -1}, "margin"),
@@ -200,7 +238,8 @@ def test_an_oversized_logo_is_refused_from_its_header():
     assert e.value.code == "INVALID_INPUT" and e.value.field == "overlay.logo"
 
 
-@pytest.mark.parametrize("data", ["not base64 at all", base64.b64encode(b"GIF89a....").decode(), ""])
+@pytest.mark.parametrize("data", ["not base64 at all", base64.b64encode(b"GIF89a....").decode(), "",
+                                  "data:image/png;base64", "data:image/png"])
 def test_an_undecodable_logo_is_an_invalid_image(data):
     with pytest.raises(InvalidImage) as e:
         prepare(Overlay(logo=data or "data:image/png;base64,"), None, "overlay")

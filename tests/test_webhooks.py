@@ -1,21 +1,33 @@
-"""Webhook URL checks (no traffic to private ranges) and delivery with retries to a loopback receiver."""
+"""Webhook URL checks (no traffic to private ranges, malformed URLs named) and delivery with retries to a loopback
+receiver: pinned to the checked address, bounded in time, reading the status alone."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import socketserver
+import threading
+import time
 
 import pytest
 
 from deployments.support.errors import InvalidInput
 from deployments.support.settings import Settings
+from graphs.jobs import webhooks
 from graphs.jobs.webhooks import check_url, deliver
-from tests.helpers import Receiver
+from tests.helpers import Receiver, tls_files
 
 
 @pytest.mark.parametrize("url", [
     "http://127.0.0.1/hook", "http://localhost:8080/x", "http://10.0.0.1/x", "http://192.168.1.20/x",
     "http://172.16.0.5/x", "http://169.254.169.254/latest/meta-data", "http://[::1]/x", "http://0.0.0.0/x",
     "ftp://93.184.216.34/x", "http:///nohost", "file:///etc/passwd",
+    # malformed: urlsplit and .port raise ValueError
+    "http://[::1", "http://example.com:99999/", "http://example.com:abc/",
+    # not global, or standing in for an address that is not
+    "http://100.100.100.200/latest/meta-data", "http://100.64.0.1/", "http://198.18.0.1/",
+    "http://[2002:a9fe:a9fe::]/", "http://[2002:7f00:1::]/", "http://[::ffff:169.254.169.254]/",
+    "http://[64:ff9b::a9fe:a9fe]/", "http://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/",
 ])
 def test_private_and_malformed_urls_are_refused(url):
     with pytest.raises(InvalidInput) as e:
@@ -44,5 +56,122 @@ def test_delivery_never_reaches_a_refused_host():
         settings = Settings(WEBHOOK_BACKOFF_SECONDS=0.01, WEBHOOK_ATTEMPTS=2)  # loopback not allowed
         assert not asyncio.run(deliver(receiver.url, {"id": "x"}, settings))
         assert receiver.bodies == []
+    finally:
+        receiver.close()
+
+
+def test_an_attempt_connects_to_the_address_it_checked(monkeypatch):
+    """DNS rebinding: the name is resolved once per attempt, by the check; the POST goes to that address."""
+    receiver = Receiver()
+    try:
+        seen = []
+        monkeypatch.setattr(webhooks, "_resolve", lambda host, port: seen.append(host) or ["127.0.0.1"])
+        monkeypatch.setattr(webhooks, "_public", lambda address: True)  # as if 127.0.0.1 were the public answer
+        url = f"http://rebind.invalid:{receiver.port}/hook"  # .invalid never resolves for real
+        assert asyncio.run(deliver(url, {"id": "x"}, Settings(WEBHOOK_ATTEMPTS=1)))
+        assert seen == ["rebind.invalid"] and receiver.hosts == [f"rebind.invalid:{receiver.port}"]
+    finally:
+        receiver.close()
+
+
+def test_each_attempt_takes_the_next_checked_address(monkeypatch):
+    receiver = Receiver()
+    try:
+        # the receiver listens on 127.0.0.1 alone: 127.0.0.2 refuses the connection
+        monkeypatch.setattr(webhooks, "_resolve", lambda host, port: ["127.0.0.2", "127.0.0.1"])
+        monkeypatch.setattr(webhooks, "_public", lambda address: True)
+        settings = Settings(WEBHOOK_ATTEMPTS=2, WEBHOOK_BACKOFF_SECONDS=0.01)
+        assert webhooks.vet("http://hook.example/x", settings).url == "http://127.0.0.2/x"
+        assert webhooks.vet("http://hook.example/x", settings, attempt=1).url == "http://127.0.0.1/x"
+        assert asyncio.run(deliver(f"http://hook.example:{receiver.port}/hook", {"id": "x"}, settings))
+    finally:
+        receiver.close()
+
+
+def test_https_to_the_checked_address_verifies_the_host_name(monkeypatch, tmp_path):
+    ca, cert, key = tls_files(tmp_path, "hook.test")
+    monkeypatch.setenv("SSL_CERT_FILE", ca)
+    monkeypatch.setattr(webhooks, "_resolve", lambda host, port: ["127.0.0.1"])
+    monkeypatch.setattr(webhooks, "_public", lambda address: True)
+    receiver = Receiver(tls=(cert, key))
+    try:
+        settings = Settings(WEBHOOK_ATTEMPTS=1)
+        assert asyncio.run(deliver(f"https://hook.test:{receiver.port}/hook", {"id": "x"}, settings))
+        assert receiver.hosts == [f"hook.test:{receiver.port}"]
+        # the certificate names hook.test, not other.test: verified against the name, not the address
+        assert not asyncio.run(deliver(f"https://other.test:{receiver.port}/hook", {"id": "y"}, settings))
+        assert len(receiver.bodies) == 1
+    finally:
+        receiver.close()
+
+
+class _Slow(socketserver.BaseRequestHandler):
+    """Answers 200 with its headers dripped a byte every 0.2 s for 4 s, then a 100 MB body."""
+
+    def handle(self):
+        self.request.recv(65536)
+        try:
+            self.request.sendall(b"HTTP/1.1 200 OK\r\nX-Drip: ")
+            for _ in range(20):
+                self.request.sendall(b"x")
+                time.sleep(0.2)
+            self.request.sendall(b"\r\ncontent-length: 104857600\r\n\r\n")
+            for _ in range(100):
+                self.request.sendall(b"x" * (1 << 20))
+        except OSError:
+            pass  # the client hung up, as it should
+
+
+def test_a_receiver_cannot_stretch_an_attempt_past_its_timeout():
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Slow)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        settings = Settings(WEBHOOK_ALLOW_HOSTS="127.0.0.1", WEBHOOK_TIMEOUT_SECONDS=0.5, WEBHOOK_ATTEMPTS=1)
+        started = time.monotonic()
+        assert not asyncio.run(deliver(f"http://127.0.0.1:{server.server_address[1]}/", {"id": "x"}, settings))
+        assert time.monotonic() - started < 2.0
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_only_the_status_of_an_answer_is_read():
+    big = socket.create_server(("127.0.0.1", 0))
+
+    def answer():
+        connection, _ = big.accept()
+        with connection:
+            connection.recv(65536)
+            connection.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 1073741824\r\n\r\n" + b"x" * 65536)
+            time.sleep(2)  # the rest of the gigabyte never comes: reading it would wait out the timeout
+
+    threading.Thread(target=answer, daemon=True).start()
+    try:
+        settings = Settings(WEBHOOK_ALLOW_HOSTS="127.0.0.1", WEBHOOK_TIMEOUT_SECONDS=1.0, WEBHOOK_ATTEMPTS=1)
+        started = time.monotonic()
+        assert asyncio.run(deliver(f"http://127.0.0.1:{big.getsockname()[1]}/", {"id": "x"}, settings))
+        assert time.monotonic() - started < 0.9
+    finally:
+        big.close()
+
+
+@pytest.mark.parametrize(("retry_after", "expected"), [(None, 0.01), ("0", 0.01), ("0.03", 0.03), ("3600", 0.04),
+                                                       ("Wed, 21 Oct 2015 07:28:00 GMT", 0.01), ("soon", 0.01)])
+def test_429_is_retried_after_retry_after_within_the_backoff(monkeypatch, retry_after, expected):
+    waits = []
+    real_sleep = asyncio.sleep
+
+    async def sleep(seconds):
+        waits.append(seconds)
+        await real_sleep(0)
+
+    monkeypatch.setattr(webhooks.asyncio, "sleep", sleep)
+    receiver = Receiver(failures=1, status=429, headers={"Retry-After": retry_after} if retry_after else None)
+    try:
+        settings = Settings(WEBHOOK_ALLOW_HOSTS="127.0.0.1", WEBHOOK_BACKOFF_SECONDS=0.01, WEBHOOK_ATTEMPTS=4)
+        assert asyncio.run(deliver(receiver.url, {"id": "x"}, settings))
+        assert len(receiver.bodies) == 2
+        assert waits == [pytest.approx(expected)]  # never below this attempt's backoff, nor past the longest
     finally:
         receiver.close()

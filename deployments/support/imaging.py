@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import io
+import struct
 from typing import Literal
 
 import numpy as np
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageOps, PngImagePlugin
 
 from deployments.support.errors import InvalidImage, InvalidInput
 from deployments.support.settings import current
@@ -14,11 +15,17 @@ from deployments.support.settings import current
 Format = Literal["png", "jpeg", "webp"]
 ALLOWED_FORMATS = {"PNG", "JPEG", "WEBP"}
 MAX_INPUT_PIXELS = 4096 * 4096
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # how PIL opens 16-bit greyscale PNGs
+ORIENTATION = 0x0112  # the EXIF tag
+# What PIL raises on an EXIF block it cannot parse (SyntaxError: "not a TIFF file").
+EXIF_ERRORS = (SyntaxError, ValueError, OSError, struct.error, KeyError, IndexError, TypeError)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
+    if image.mode in SIXTEEN_BIT_MODES:
+        image = eight_bit(image)
     if image.mode in ("RGBA", "LA", "P"):
         rgba = image.convert("RGBA")
         background = Image.new("RGB", rgba.size, (255, 255, 255))
@@ -27,8 +34,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode(data: bytes, *, field: str = "image", max_pixels: int = MAX_INPUT_PIXELS) -> Image.Image:
-    """Decode PNG, JPEG or WebP bytes; the pixel cap is checked from the header before any pixel is decoded."""
+def decode(data: bytes, *, field: str = "image", max_pixels: int = MAX_INPUT_PIXELS,
+           turn: bool = True) -> Image.Image:
+    """Decode PNG, JPEG or WebP bytes; the pixel cap is checked from the header before any pixel is decoded. A
+    16-bit greyscale image comes back as 8-bit; with ``turn``, the image comes back upright (``upright``), as
+    every model and crop should see it."""
     try:
         image = Image.open(io.BytesIO(data))
     except (OSError, ValueError, Image.DecompressionBombError) as e:
@@ -42,7 +52,36 @@ def decode(data: bytes, *, field: str = "image", max_pixels: int = MAX_INPUT_PIX
         image.load()
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise InvalidImage(f"{field}: truncated or corrupt image", field=field) from e
-    return image
+    decoded: Image.Image = eight_bit(image) if image.mode in SIXTEEN_BIT_MODES else image
+    return upright(decoded) if turn else decoded
+
+
+def eight_bit(image: Image.Image) -> Image.Image:
+    """A 16-bit greyscale image as 8-bit ``L``, scaled: PIL's own conversion clips at 255, nearly all white."""
+    values = np.clip(np.asarray(image), 0, 65535).astype(np.uint32)
+    out = Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L")
+    out.info = dict(image.info)
+    return out
+
+
+def exif_of(image: Image.Image) -> Image.Exif | None:
+    """The image's EXIF (empty when it has none), or None when the block is there but unreadable."""
+    try:
+        return image.getexif()
+    except EXIF_ERRORS:
+        return None
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image as it is meant to be seen, turned by its EXIF orientation (a phone stores its JPEGs sideways);
+    as stored when the orientation is absent, plain or unreadable."""
+    exif = exif_of(image)
+    if exif is None or exif.get(ORIENTATION, 1) == 1:
+        return image
+    try:
+        return ImageOps.exif_transpose(image)
+    except EXIF_ERRORS:
+        return image
 
 
 def encode(image: Image.Image, fmt: Format = "png", quality: int = 90, pnginfo: dict[str, str] | None = None,

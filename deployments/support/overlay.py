@@ -62,9 +62,13 @@ class Overlay(BaseModel):
     @classmethod
     def known_colour(cls, value: str) -> str:
         try:
-            ImageColor.getrgb(value)
+            channels = ImageColor.getrgb(value)
         except ValueError as e:
             raise ValueError(f"{value!r} is not a colour") from e
+        # PIL parses rgb(999, 0, 0) and hsl(400, 200%, 50%) without complaint, and fails only when the layer is
+        # drawn, after the image was made: out-of-range channels are refused here.
+        if not all(0 <= channel <= 255 for channel in channels):
+            raise ValueError(f"{value!r} has a channel outside 0..255")
         return value
 
 
@@ -100,10 +104,11 @@ def draw(image: Image.Image, overlay: Prepared) -> Image.Image:
     base = image.convert("RGBA")
     if overlay.logo is not None:
         layer = _logo_layer(base.size, overlay.spec, overlay.logo)
+        corner = _place(base.size, layer.size, overlay.spec)
     else:
-        layer = _text_layer(base.size, overlay)
+        layer, corner = _text_layer(base.size, overlay)
     canvas = Image.new("RGBA", base.size, (0, 0, 0, 0))
-    canvas.paste(layer, _place(base.size, layer.size, overlay.spec))  # paste clips whatever falls outside
+    canvas.paste(layer, corner)  # paste clips whatever falls outside
     out = Image.alpha_composite(base, canvas)
     return out if keeps_alpha else out.convert("RGB")
 
@@ -117,7 +122,11 @@ def draw_all(image: Image.Image, overlays: list[Prepared]) -> Image.Image:
 # --- checks -------------------------------------------------------------------------------------------------------
 
 def _logo(value: str, field: str) -> Image.Image:
-    payload = value.split(",", 1)[1] if value.startswith("data:") else value
+    payload = value
+    if value.startswith("data:"):
+        _, comma, payload = value.partition(",")
+        if not comma:
+            raise InvalidImage(f"{field}: a data URI needs a comma before its payload", field=field)
     try:
         raw = base64.b64decode(payload, validate=False)
     except (binascii.Error, ValueError) as e:
@@ -158,28 +167,51 @@ def _font(name: str, fonts_dir: Path | None, field: str) -> Path:
 
 # --- drawing ------------------------------------------------------------------------------------------------------
 
-def _text_layer(canvas: tuple[int, int], overlay: Prepared) -> Image.Image:
-    """The wrapped caption as an RGBA block: its colour everywhere, the glyphs (times opacity) as alpha."""
+def _text_layer(canvas: tuple[int, int], overlay: Prepared) -> tuple[Image.Image, tuple[int, int]]:
+    """The wrapped caption as an RGBA block (its colour everywhere, the glyphs times opacity as alpha) and its
+    top-left corner on the canvas. Only the part of the block that lands on the canvas is made, and only the lines
+    that reach it are drawn: 500 wide characters on a tall, thin image would otherwise draw gigabytes of layer
+    (for seconds) that the paste then clips away."""
     spec = overlay.spec
     width, height = canvas
     pixels = max(6, round((spec.size or DEFAULT_TEXT_SIZE) * height))
     font = (ImageFont.truetype(str(overlay.font_path), pixels) if overlay.font_path is not None
             else ImageFont.load_default(size=pixels))
     limit = max(1, min(spec.max_width * width, width - 2 * spec.margin))
-    text = "\n".join(wrap(spec.text or "", font, limit))
+    lines = wrap(spec.text or "", font, limit)
     align = spec.position.rsplit("-", 1)[-1] if "-" in spec.position else "center"
     spacing = max(1, pixels // 5)
-    box = ImageDraw.Draw(Image.new("L", (1, 1))).multiline_textbbox((0, 0), text, font=font, spacing=spacing,
-                                                                   align=align)
-    size = (max(1, math.ceil(box[2] - box[0])), max(1, math.ceil(box[3] - box[1])))
-    glyphs = Image.new("L", size, 0)
-    ImageDraw.Draw(glyphs).multiline_text((-box[0], -box[1]), text, font=font, fill=255, spacing=spacing,
-                                          align=align)
+    box = ImageDraw.Draw(Image.new("L", (1, 1))).multiline_textbbox((0, 0), "\n".join(lines), font=font,
+                                                                   spacing=spacing, align=align)
+    block = (max(1, math.ceil(box[2] - box[0])), max(1, math.ceil(box[3] - box[1])))
+    left, top = _place(canvas, block, spec)
+    # The window of the block that the canvas shows, in the block's own coordinates.
+    x0, y0 = max(0, -left), max(0, -top)
+    x1, y1 = min(block[0], width - left), min(block[1], height - top)
+    glyphs = Image.new("L", (max(1, x1 - x0), max(1, y1 - y0)), 0)
+    if x1 > x0 and y1 > y0:
+        _draw_lines(ImageDraw.Draw(glyphs), lines, (-box[0] - x0, -box[1] - y0), glyphs.height, font, spacing,
+                    align)
     rgba = ImageColor.getrgb(spec.color)
     alpha = (rgba[3] if len(rgba) == 4 else 255) / 255 * spec.opacity
-    layer = Image.new("RGBA", size, (*rgba[:3], 0))
+    layer = Image.new("RGBA", glyphs.size, (*rgba[:3], 0))
     layer.putalpha(glyphs.point(lambda v: round(v * alpha)))
-    return layer
+    return layer, (left + x0, top + y0)
+
+
+def _draw_lines(draw: ImageDraw.ImageDraw, lines: list[str], origin: tuple[float, float], height: int,
+                font: ImageFont.FreeTypeFont | ImageFont.ImageFont, spacing: int, align: str) -> None:
+    """``multiline_text`` for the lines that reach rows 0..``height``: each where ``multiline_text`` puts it (one
+    pitch below the last, aligned within the widest), the others skipped."""
+    pitch = font.getbbox("A")[3] + spacing
+    widest = max(font.getlength(line) for line in lines)
+    share = {"left": 0.0, "center": 0.5, "right": 1.0}[align]
+    for i, line in enumerate(lines):
+        y = origin[1] + i * pitch
+        ink = font.getbbox(line)
+        if not line or y + ink[3] <= 0 or y + ink[1] >= height:
+            continue
+        draw.text((origin[0] + share * (widest - font.getlength(line)), y), line, font=font, fill=255)
 
 
 def wrap(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, limit: float) -> list[str]:

@@ -64,7 +64,7 @@ class Marker:
 
     def verify(self, data: bytes, field: str = "image") -> Verification:
         """Both marks of an uploaded file; an undecodable one is a 400 naming ``field``."""
-        image = decode(data, field=field)
+        image = decode(data, field=field, turn=False)  # the marks are in the pixels as stored
         if self._reading is None:
             self._reading = credentials.reading_context(self.settings)
         return Verification(format=(image.format or "").lower(), width=image.width, height=image.height,

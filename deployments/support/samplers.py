@@ -72,10 +72,9 @@ def sampler_names() -> list[str]:
     return list(SAMPLERS) + karras + list(ALIASES)
 
 
-def build_scheduler(name: str, base_config, schedule: str | None = None):
-    """A fresh scheduler for ``name`` built from the pipeline's scheduler config."""
-    import diffusers
-
+def resolve(name: str, field: str = "sampler_name") -> tuple[str, dict]:
+    """The A1111 sampler ``name`` stands for (an alias, a Karras spelling) and the options its spelling adds; an
+    unknown name is an ``UnknownModel`` naming ``field``. Torch-free: the ingress checks job submits with it."""
     canonical = ALIASES.get(name.lower(), name) if name not in SAMPLERS else name
     options: dict = {}
     plain = canonical.removesuffix(" Karras")
@@ -84,7 +83,16 @@ def build_scheduler(name: str, base_config, schedule: str | None = None):
         canonical = plain
         options["use_karras_sigmas"] = True
     if canonical not in SAMPLERS:
-        raise UnknownModel(f"unknown sampler {name!r}", field="sampler_name", details={"choices": sampler_names()})
+        raise UnknownModel(f"unknown sampler {name!r} (GET /sdapi/v1/samplers lists them)", field=field,
+                           details={"choices": sampler_names()})
+    return canonical, options
+
+
+def build_scheduler(name: str, base_config, schedule: str | None = None):
+    """A fresh scheduler for ``name`` built from the pipeline's scheduler config."""
+    import diffusers
+
+    canonical, options = resolve(name)
     if schedule is not None:
         if schedule not in SCHEDULES:
             choices = {"choices": list(SCHEDULES)}

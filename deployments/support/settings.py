@@ -110,7 +110,7 @@ class Settings(BaseSettings):
     webhook_allow_hosts: str = Field("", description="comma-separated hosts exempt from the address checks")
     webhook_attempts: int = Field(4, ge=1, le=10)
     webhook_backoff_seconds: float = Field(1.0, gt=0)
-    webhook_timeout_seconds: float = Field(10.0, gt=0)
+    webhook_timeout_seconds: float = Field(10.0, gt=0, description="a delivery attempt's whole time")
 
     # --- seed 001 illustrations
     s3_bucket_name: str = "auto-bio-illustrations"

@@ -144,7 +144,7 @@ class RateLimit:
             self._buckets = ratelimit.open_buckets(settings)
         buckets = self._buckets
         try:
-            decision = await asyncio.to_thread(buckets.take, f"{name}:{client_key(scope)}", budget)
+            decision = await asyncio.to_thread(buckets.take, f"{name}:{client_key(scope, settings)}", budget)
         except buckets.errors as e:
             # A limiter outage must not become a service outage: let the request through, loudly.
             logger.warning("rate limits unavailable (%s); request let through", type(e).__name__)
@@ -166,11 +166,13 @@ class RateLimit:
         await self.app(scope, receive, with_headers)
 
 
-def client_key(scope: Scope) -> str:
-    """Who spends a budget: the bearer token's owner name when one is sent, else the peer address."""
-    owner = token_owner(dict(scope.get("headers", [])).get(b"authorization", b"").decode("latin-1") or None)
-    if owner is not None:
-        return f"token:{owner}"
+def client_key(scope: Scope, settings: Settings) -> str:
+    """Who spends a budget: with auth on, the bearer token's owner name; else (or without a header) the peer
+    address. With auth off a header proves nothing, so it cannot buy a fresh budget either."""
+    if settings.auth_enabled:
+        owner = token_owner(dict(scope.get("headers", [])).get(b"authorization", b"").decode("latin-1") or None)
+        if owner is not None:
+            return f"token:{owner}"
     client = scope.get("client")
     return f"addr:{client[0] if client else 'unknown'}"
 
@@ -196,14 +198,26 @@ def check_bearer(settings: Settings, authorization: str | None) -> None:
     """Seed 001 auth: when enabled, ``Authorization: Bearer <AUTH_TOKEN>``; compared in constant time."""
     if not settings.auth_enabled:
         return
-    scheme, _, token = (authorization or "").partition(" ")
+    scheme, token = _credential(authorization)
     expected = settings.auth_token.encode()
-    if scheme.lower() != "bearer" or not expected or not hmac.compare_digest(token.strip().encode(), expected):
+    if scheme != "Bearer" or not expected or not hmac.compare_digest(token.encode(), expected):
         raise Unauthorized("missing or invalid bearer token")
 
 
+def _credential(authorization: str | None) -> tuple[str, str]:
+    """An ``Authorization`` header as (scheme, credentials), spelled one way: the scheme as HTTP writes it
+    (``bearer``, ``BEARER`` -> ``Bearer``), the credentials without the whitespace around them."""
+    scheme, _, token = (authorization or "").strip().partition(" ")
+    return scheme.capitalize(), token.strip()
+
+
 def token_owner(authorization: str | None) -> str | None:
-    """A stable, non-reversible name for the bearer token that made a request (jobs belong to it)."""
-    return hashlib.sha256(authorization.encode()).hexdigest()[:16] if authorization else None
+    """A stable, non-reversible name for the bearer token that made a request (jobs belong to it): one name for
+    every spelling of the header that ``check_bearer`` accepts, the one it had for ``Bearer <token>``."""
+    scheme, token = _credential(authorization)
+    if not scheme:
+        return None
+    canonical = f"{scheme} {token}" if token else scheme
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 

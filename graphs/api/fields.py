@@ -26,7 +26,11 @@ Sampler = Annotated[str, Field(max_length=64)]
 
 def image_bytes(value: str, field: str) -> bytes:
     """The file a data URI or plain base64 string carries; malformed or empty is a 400 naming the field."""
-    payload = value.split(",", 1)[1] if value.startswith("data:") else value
+    payload = value
+    if value.startswith("data:"):
+        _, comma, payload = value.partition(",")
+        if not comma:
+            raise InvalidImage(f"{field}: a data URI needs a comma before its payload", field=field)
     try:
         raw = base64.b64decode(payload, validate=False)
     except (binascii.Error, ValueError) as e:

@@ -17,7 +17,7 @@ from deployments.weights.loader import s3_client
 
 logger = logging.getLogger(__name__)
 
-USER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")
+USER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}")  # whole: fullmatch ($ would let "bob\n" through)
 PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -39,7 +39,7 @@ class StorageConfig(BaseModel):
 
 
 def check_user_id(user_id: str) -> str:
-    if ".." in user_id or not USER_ID.match(user_id):
+    if ".." in user_id or not USER_ID.fullmatch(user_id):
         raise InvalidInput("user_id may hold letters, digits and _.@- only (no '/', '..' or control characters)",
                            field="user_id")
     return user_id

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field, field_validator
 from deployments.support import overlay
 from deployments.support.cropping import CropSize, Focus, derivatives
 from deployments.support.errors import InvalidInput
-from deployments.support.imaging import encode, to_rgb
+from deployments.support.imaging import encode, exif_of, to_rgb
 from deployments.support.settings import Settings
 from graphs.api.body import JSONBodyRoute
 from graphs.api.errors import ErrorBody, call
@@ -64,8 +64,8 @@ class DerivativesRequest(BaseModel):
 
 
 class FocalPoint(BaseModel):
-    x: float = Field(..., ge=0)
-    y: float = Field(..., ge=0)
+    x: float = Field(..., ge=0, allow_inf_nan=False)
+    y: float = Field(..., ge=0, allow_inf_nan=False)
 
 
 class ClipFocalRequest(BaseModel):
@@ -112,7 +112,8 @@ def process_image(image: Image.Image, body: ProcessRequest,
                   overlays: list[overlay.Prepared] | None = None) -> ProcessResponse:
     """Apply the operations in a fixed order: sanitize, overlay, optimize, convert-webp, derivatives."""
     stripped = sorted(k for k in image.info if k not in {"dpi"})
-    if image.getexif():
+    exif = exif_of(image)  # None: a block too broken to read, stripped all the same
+    if "exif" not in stripped and (exif is None or len(exif)):
         stripped.append("exif")
     # Re-encoding from raw pixels drops EXIF, XMP, ICC and text chunks: nothing but pixels survives.
     clean = Image.frombytes(image.mode, image.size, image.tobytes()) if image.mode in ("RGB", "RGBA", "L") else \

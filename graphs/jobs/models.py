@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import Path
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field, field_validator
 
+from deployments.support import samplers
+from deployments.support.generation import parse_lora_tags
 from graphs.api.fields import Guidance, Prompt, RequiredPrompt, Sampler, Seed, Side, Steps, Strength
 from graphs.api.generate import GenerateRequest
 
@@ -21,6 +23,22 @@ Checkpoint = Annotated[str | None, Field(max_length=256, description=(
     "the base checkpoint: a name from GET /models or an alias ('photorealistic', 'anime'); none: the default"))]
 
 
+# A job runs long after its submit was answered: what would fail it there is refused here, naming the field.
+def _known_sampler(name: str) -> str:
+    samplers.resolve(name, field="sampler")
+    return name
+
+
+def _lora_tags(prompt: str) -> str:
+    parse_lora_tags(prompt)  # a malformed <lora:name:weight> tag
+    return prompt
+
+
+KnownSampler = Annotated[Sampler, AfterValidator(_known_sampler)]
+TaggedPrompt = Annotated[Prompt, AfterValidator(_lora_tags)]
+RequiredTaggedPrompt = Annotated[RequiredPrompt, AfterValidator(_lora_tags)]
+
+
 class _Submit(BaseModel):
     priority: Priority = "normal"
     webhookUrl: str | None = Field(None, max_length=2048)
@@ -29,14 +47,14 @@ class _Submit(BaseModel):
 
 
 class Text2ImgJob(_Submit):
-    prompt: RequiredPrompt
+    prompt: RequiredTaggedPrompt
     negativePrompt: Prompt = ""
     width: Side = 512
     height: Side = 512
     steps: Steps = 30
     guidanceScale: Guidance = 7.5
     seed: Seed = -1
-    sampler: Sampler = "euler_a"
+    sampler: KnownSampler = "euler_a"
 
 
 class Img2ImgJob(Text2ImgJob):
@@ -56,11 +74,11 @@ class StyleTransferJob(_Submit):
     styleImage: str
     styleStrength: float = Field(0.7, ge=0.0, le=2.0)
     contentStrength: float = Field(0.3, ge=0.0, le=1.0)
-    prompt: Prompt = ""
+    prompt: TaggedPrompt = ""
     steps: Steps = 30
     guidanceScale: Guidance = 7.5
     seed: Seed = -1
-    sampler: Sampler = "euler_a"
+    sampler: KnownSampler = "euler_a"
 
 
 class AsyncGenerate(GenerateRequest):
@@ -70,12 +88,17 @@ class AsyncGenerate(GenerateRequest):
     webhookUrl: str | None = Field(None, max_length=2048)
     preview_every: PreviewEvery = None
 
+    @field_validator("prompt")
+    @classmethod
+    def lora_tags(cls, prompt: str) -> str:
+        return _lora_tags(prompt)
+
 
 class BatchSizes(BaseModel):
     webhookUrl: str | None = Field(None, max_length=2048)
     preview_every: PreviewEvery = None
     model: Checkpoint = None
-    prompt: RequiredPrompt
+    prompt: RequiredTaggedPrompt
     negativePrompt: Prompt = ""
     sizes: list[Annotated[str, Field(max_length=32)]] = Field(..., min_length=1, max_length=16)
     seed: Seed = -1

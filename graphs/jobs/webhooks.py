@@ -1,9 +1,17 @@
 """Job webhooks: the URL is checked when the job is submitted, and the outcome POSTed with retries.
 
-A URL is refused unless its scheme is http(s) and every address its host resolves to is public: loopback,
-link-local, private, multicast and reserved ranges are never contacted, unless the host is listed in
-``WEBHOOK_ALLOW_HOSTS`` (for a receiver on the same network, deliberately). The address is checked again at
-delivery, so a DNS answer that changes in between gains nothing.
+A URL is refused (a 422 naming the field) unless it parses, its scheme is http(s) and every address its host
+resolves to is global: not loopback, link-local, private, shared (100.64.0.0/10, where some clouds keep their
+metadata service), multicast or reserved, nor an IPv6 address standing in for such an IPv4 one (IPv4-mapped, 6to4,
+Teredo, NAT64). A host listed in ``WEBHOOK_ALLOW_HOSTS`` skips the address checks (for a receiver on the same
+network, deliberately).
+
+Each delivery attempt checks the URL again and connects to the very address it checked, never to a second DNS
+answer, so a name that resolves elsewhere in between (DNS rebinding) gains nothing: the request goes to that
+address with the host's name in ``Host`` and, for https, as the TLS server name the certificate is verified
+against. An attempt lasts at most ``WEBHOOK_TIMEOUT_SECONDS`` in all, however slowly the receiver answers, and
+reads the status alone. Failures to connect, 5xx and 429 are retried with exponential backoff; a 429's
+``Retry-After`` is honoured within the backoff's bounds.
 """
 
 from __future__ import annotations
@@ -11,7 +19,11 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import math
 import socket
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit
 
 import httpx
@@ -21,42 +33,108 @@ from deployments.support.settings import Settings
 
 logger = logging.getLogger(__name__)
 
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where an attempt connects: the URL with the checked address in place of the host's name, and the name kept
+    for the receiver (``Host``, the TLS server name). An allow-listed host is connected to by name."""
+
+    url: str
+    headers: dict[str, str] = field(default_factory=dict)
+    extensions: dict[str, str] = field(default_factory=dict)
+
+
+def _resolve(host: str, port: int) -> list[str]:
+    """The host's addresses, in the resolver's order."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
 
 def _public(address: str) -> bool:
+    """Global, and not an IPv6 address that embeds an IPv4 one that is not."""
     ip = ipaddress.ip_address(address)
-    return not (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved
-                or ip.is_unspecified)
+    addresses: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [ip]
+    if isinstance(ip, ipaddress.IPv6Address):
+        addresses += [a for a in (ip.ipv4_mapped, ip.sixtofour, *(ip.teredo or ())) if a is not None]
+        if ip in _NAT64:
+            addresses.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    return all(a.is_global and not a.is_multicast for a in addresses)
 
 
-def check_url(url: str, settings: Settings, field: str = "webhookUrl") -> str:
-    parts = urlsplit(url)
+def vet(url: str, settings: Settings, field: str = "webhookUrl", attempt: int = 0) -> Target:
+    """Check ``url`` as the module docstring says, and say where to connect for it: each attempt the next of the
+    host's addresses, so that one unreachable address (IPv6 without a route) does not fail every attempt."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises on a port out of range or not a number
+        parsed = httpx.URL(url)
+    except (ValueError, httpx.InvalidURL) as e:
+        raise InvalidInput(f"webhook URL is malformed: {e}", field=field) from e
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidInput("webhook URL must be http(s)://host/...", field=field)
     host = parts.hostname.lower()
     if host in settings.webhook_hosts():
-        return url
+        return Target(url)
     try:
-        infos = socket.getaddrinfo(host, parts.port or (443 if parts.scheme == "https" else 80),
-                                   type=socket.SOCK_STREAM)
+        addresses = _resolve(host, port or (443 if parts.scheme == "https" else 80))
     except (socket.gaierror, UnicodeError) as e:
         raise InvalidInput(f"webhook host {host!r} does not resolve", field=field) from e
-    addresses = {str(info[4][0]) for info in infos}
     if not addresses or not all(_public(a) for a in addresses):
         raise InvalidInput(f"webhook host {host!r} is not a public address", field=field)
+    pinned = parsed.copy_with(host=addresses[attempt % len(addresses)].partition("%")[0])
+    name = parsed.raw_host.decode("ascii")
+    return Target(str(pinned), headers={"Host": parsed.netloc.decode("ascii")},
+                  extensions={"sni_hostname": name} if parts.scheme == "https" else {})
+
+
+def check_url(url: str, settings: Settings, field: str = "webhookUrl") -> str:
+    """``url``, once it passes ``vet``."""
+    vet(url, settings, field)
     return url
 
 
-async def deliver(url: str, payload: dict, settings: Settings) -> bool:
-    """POST the payload; retry on errors and 5xx with exponential backoff. True once delivered."""
-    for attempt in range(settings.webhook_attempts):
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header (a number or an HTTP date); None when absent or unreadable."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
         try:
-            await asyncio.to_thread(check_url, url, settings)
-            async with httpx.AsyncClient(timeout=settings.webhook_timeout_seconds, follow_redirects=False) as client:
-                response = await client.post(url, json=payload)
-            if response.status_code < 500:
-                return response.status_code < 400
-            logger.warning("webhook %s answered %d (attempt %d)", url, response.status_code, attempt + 1)
-        except (httpx.HTTPError, InvalidInput) as e:
-            logger.warning("webhook %s failed: %s (attempt %d)", url, e, attempt + 1)
-        await asyncio.sleep(settings.webhook_backoff_seconds * 2**attempt)
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        when = when if when.tzinfo else when.replace(tzinfo=UTC)
+        seconds = (when - datetime.now(UTC)).total_seconds()
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+async def _post(target: Target, payload: dict, settings: Settings) -> tuple[int, float | None]:
+    """One POST; its status and ``Retry-After``. The body of the answer is never read."""
+    async with (httpx.AsyncClient(timeout=settings.webhook_timeout_seconds, follow_redirects=False) as client,
+                client.stream("POST", target.url, json=payload, headers=target.headers,
+                              extensions=target.extensions) as response):
+        return response.status_code, _retry_after(response.headers.get("retry-after"))
+
+
+async def deliver(url: str, payload: dict, settings: Settings) -> bool:
+    """POST the payload; retry failures, 5xx and 429 with exponential backoff. True once delivered."""
+    longest = settings.webhook_backoff_seconds * 2 ** max(0, settings.webhook_attempts - 2)
+    for attempt in range(settings.webhook_attempts):
+        wait = settings.webhook_backoff_seconds * 2**attempt
+        try:
+            target = await asyncio.to_thread(vet, url, settings, "webhookUrl", attempt)
+            status, retry_after = await asyncio.wait_for(_post(target, payload, settings),
+                                                         settings.webhook_timeout_seconds)
+            if status < 500 and status != 429:
+                return status < 400
+            logger.warning("webhook %s answered %d (attempt %d)", url, status, attempt + 1)
+            if retry_after is not None:
+                wait = min(max(wait, retry_after), longest)
+        except (httpx.HTTPError, InvalidInput, TimeoutError) as e:
+            logger.warning("webhook %s failed: %s (attempt %d)", url, str(e) or type(e).__name__, attempt + 1)
+        if attempt + 1 < settings.webhook_attempts:
+            await asyncio.sleep(wait)
     return False
