@@ -118,6 +118,9 @@ class A1111Routes(CheckpointChoice):
         if refiner is None or wanted != refiner.name:
             raise UnknownModel(f"unknown refiner checkpoint {wanted!r}", field="refiner_checkpoint",
                                details={"choices": [refiner.name] if refiner else []})
+        if not 0.0 < r.refiner_switch_at < 1.0:  # the base must run some steps and leave some to the refiner
+            raise InvalidInput(f"refiner_switch_at={r.refiner_switch_at} must lie strictly between 0 and 1 with a "
+                               "refiner", field="refiner_switch_at")
         return r.refiner_switch_at
 
     def _hires(self, r: Txt2ImgRequest) -> plans.A1111Hires | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from graphs.api.fields import Guidance, Prompt, Seed, Side, Steps
 
@@ -13,6 +13,15 @@ MAX_IMAGES = 16
 
 class _A1111(BaseModel):
     model_config = ConfigDict(extra="ignore")  # A1111 clients send many fields we do not use
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        """A1111 declares every field Optional, and clients replay its ``parameters`` with their nulls
+        (``"seed": null``, ``"override_settings": null``): a null field takes its default, as in A1111."""
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
 
 
 class Txt2ImgRequest(_A1111):
@@ -34,7 +43,8 @@ class Txt2ImgRequest(_A1111):
     hr_upscaler: str = "Latent"
     hr_second_pass_steps: int = Field(0, ge=0, le=150)
     refiner_checkpoint: str | None = None
-    refiner_switch_at: float = Field(0.8, gt=0.0, lt=1.0)
+    refiner_switch_at: float = Field(0.8, ge=0.0, le=1.0, description="with refiner_checkpoint: strictly between 0 "
+                                     "and 1; ignored without one")
     override_settings: dict = {}
     override_settings_restore_afterwards: bool = Field(
         True, description="false: the override_settings checkpoint stays the default afterwards")
@@ -75,7 +85,7 @@ class ExtrasResponse(BaseModel):
     image: str
 
 
-class BatchImage(BaseModel):
+class BatchImage(_A1111):
     data: str
     name: str = ""
 

@@ -1,0 +1,35 @@
+"""Automatic1111's request surface without Ray: its request models as A1111 clients fill them, the infotext written
+and read back, and the size rules of the hires fix, img2img and the extras."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from graphs.api.a1111_models import ExtrasBatchRequest, Img2ImgRequest, Txt2ImgRequest
+
+# What clients send when they replay a response's ``parameters`` or fill every field A1111 declares Optional.
+NULLS = {"seed": None, "sampler_name": None, "scheduler": None, "batch_size": None, "n_iter": None, "steps": None,
+         "cfg_scale": None, "width": None, "height": None, "restore_faces": None, "denoising_strength": None,
+         "enable_hr": None, "hr_scale": None, "hr_upscaler": None, "hr_second_pass_steps": None,
+         "refiner_checkpoint": None, "refiner_switch_at": None, "override_settings": None,
+         "override_settings_restore_afterwards": None, "negative_prompt": None, "styles": None}
+
+
+def test_a_null_field_takes_its_default():
+    assert Txt2ImgRequest.model_validate({"prompt": "a fox", **NULLS}) == Txt2ImgRequest(prompt="a fox")
+    edit = Img2ImgRequest.model_validate({"init_images": ["x"], "mask": None, "mask_blur": None,
+                                          "inpainting_fill": None, "inpaint_full_res": None, **NULLS})
+    assert edit == Img2ImgRequest(init_images=["x"]) and edit.denoising_strength == 0.75
+    batch = ExtrasBatchRequest.model_validate({"imageList": [{"data": "x", "name": None}], "upscaler_2_visibility": None,
+                                               "upscaling_resize": None})
+    assert batch.imageList[0].name == "" and batch.upscaling_resize == 2.0
+
+
+def test_a_required_field_stays_required_when_null():
+    with pytest.raises(ValidationError, match="init_images"):
+        Img2ImgRequest.model_validate({"init_images": None})
+
+
+def test_refiner_switch_at_zero_is_accepted():
+    assert Txt2ImgRequest(refiner_switch_at=0).refiner_switch_at == 0.0  # what clients send with no refiner
