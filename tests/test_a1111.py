@@ -21,8 +21,8 @@ def test_a_null_field_takes_its_default():
     edit = Img2ImgRequest.model_validate({"init_images": ["x"], "mask": None, "mask_blur": None,
                                           "inpainting_fill": None, "inpaint_full_res": None, **NULLS})
     assert edit == Img2ImgRequest(init_images=["x"]) and edit.denoising_strength == 0.75
-    batch = ExtrasBatchRequest.model_validate({"imageList": [{"data": "x", "name": None}], "upscaler_2_visibility": None,
-                                               "upscaling_resize": None})
+    batch = ExtrasBatchRequest.model_validate({"imageList": [{"data": "x", "name": None}],
+                                               "upscaler_2_visibility": None, "upscaling_resize": None})
     assert batch.imageList[0].name == "" and batch.upscaling_resize == 2.0
 
 

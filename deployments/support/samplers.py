@@ -72,10 +72,9 @@ def sampler_names() -> list[str]:
     return list(SAMPLERS) + karras + list(ALIASES)
 
 
-def build_scheduler(name: str, base_config, schedule: str | None = None):
-    """A fresh scheduler for ``name`` built from the pipeline's scheduler config."""
-    import diffusers
-
+def resolve(name: str, field: str = "sampler_name") -> tuple[str, dict]:
+    """A sampler name a client sent -> its spelling in ``SAMPLERS`` and the scheduler options the name implies (a
+    Karras variant); an unknown name is an ``UnknownModel`` naming ``field``."""
     canonical = ALIASES.get(name.lower(), name) if name not in SAMPLERS else name
     options: dict = {}
     plain = canonical.removesuffix(" Karras")
@@ -84,7 +83,15 @@ def build_scheduler(name: str, base_config, schedule: str | None = None):
         canonical = plain
         options["use_karras_sigmas"] = True
     if canonical not in SAMPLERS:
-        raise UnknownModel(f"unknown sampler {name!r}", field="sampler_name", details={"choices": sampler_names()})
+        raise UnknownModel(f"unknown sampler {name!r}", field=field, details={"choices": sampler_names()})
+    return canonical, options
+
+
+def build_scheduler(name: str, base_config, schedule: str | None = None):
+    """A fresh scheduler for ``name`` built from the pipeline's scheduler config."""
+    import diffusers
+
+    canonical, options = resolve(name)
     if schedule is not None:
         if schedule not in SCHEDULES:
             choices = {"choices": list(SCHEDULES)}

@@ -31,8 +31,9 @@ from PIL import Image
 from deployments.support.errors import InvalidInput, UnknownModel
 from deployments.support.generation import Encoding, GenerationRequest, StageResult, resolve_seeds
 from deployments.support.imaging import decode
-from deployments.support.samplers import SCHEDULES
+from deployments.support.samplers import SCHEDULES, resolve
 from graphs import flights, plans
+from graphs.api.a1111_infotext import infotext
 from graphs.api.a1111_models import (
     MAX_IMAGES,
     Empty,
@@ -44,7 +45,6 @@ from graphs.api.a1111_models import (
     Img2ImgRequest,
     Progress,
     Txt2ImgRequest,
-    infotext,
 )
 from graphs.api.body import JSONBodyRoute, blobs, json_answer
 from graphs.api.checkpoints import CheckpointChoice
@@ -133,6 +133,8 @@ class A1111Routes(CheckpointChoice):
                                 steps=r.hr_second_pass_steps or r.steps)
 
     def _generation(self, r: Txt2ImgRequest, seed: int, **extra) -> GenerationRequest:
+        if r.sampler:  # refused here, naming the field the client used, rather than by the base
+            resolve(r.sampler, "sampler_name" if r.sampler_name else "sampler_index")
         schedule = None
         if r.scheduler:  # A1111 sends labels ("Karras") or names ("karras")
             schedule = {s.lower(): s for s in SCHEDULES}.get(r.scheduler.lower())
@@ -141,7 +143,7 @@ class A1111Routes(CheckpointChoice):
                                    details={"choices": list(SCHEDULES)})
         return GenerationRequest(prompt=r.prompt, negative_prompt=r.negative_prompt, width=r.width, height=r.height,
                                  steps=r.steps, guidance_scale=r.cfg_scale, seed=seed, batch_size=r.batch_size,
-                                 sampler=r.sampler_name, schedule=schedule, **extra)
+                                 sampler=r.sampler, schedule=schedule, **extra)
 
     async def _run(self, http: Request, r: Txt2ImgRequest, parent: bytes | None = None, cache_as: str | None = None,
                    **extra) -> Response:
@@ -166,6 +168,7 @@ class A1111Routes(CheckpointChoice):
         extra["checkpoint"] = model
         job = InFlight(uuid.uuid4().hex, _client(http), time.time(), r.steps * r.n_iter)
         settings = self._settings_text(r, switch, hires, edit="init_image" in extra)
+        sampler = r.sampler or self.config.base.default_sampler  # what the base runs for this request
         files: list[bytes] = []
         seeds: list[int] = []
         warnings: list[str] = []  # every stage's, as /generate reports them; each said once
@@ -181,7 +184,7 @@ class A1111Routes(CheckpointChoice):
                     # The seeds are fixed here, so that the infotexts naming them travel with the request and the
                     # plan's last stage encodes the files: only they come back to the ingress.
                     own = resolve_seeds(seed, r.batch_size)
-                    how = Encoding(parameters=[infotext(r, s, model, settings) for s in own], parent=parent)
+                    how = Encoding(parameters=[infotext(r, s, model, sampler, settings) for s in own], parent=parent)
                     request = self._generation(r, own[0], **extra)
                     result = await plans.a1111_batch(self.handles, request, request_id, refiner_switch_at=switch,
                                                      hires=hires, restore_faces=r.restore_faces, encode=how)
@@ -190,14 +193,15 @@ class A1111Routes(CheckpointChoice):
                     warnings += result.warnings
                     nsfw += result.info.get("nsfw") or []
                     size = result.sizes[0]
+                    sampler = result.info.get("sampler", sampler)  # as the base reports it
                     seed = own[-1] + 1
         finally:
             await asyncio.to_thread(self.jobs.untrack, job.client, job.id)
-        texts = [infotext(r, s, model, settings) for s in seeds]
+        texts = [infotext(r, s, model, sampler, settings) for s in seeds]
         info = {"prompt": r.prompt, "all_prompts": [r.prompt] * len(seeds), "negative_prompt": r.negative_prompt,
                 "all_negative_prompts": [r.negative_prompt] * len(seeds), "seed": seeds[0], "all_seeds": seeds,
                 "subseed": -1, "all_subseeds": [-1] * len(seeds), "width": size[0], "height": size[1],
-                "sampler_name": r.sampler_name or "Euler a", "cfg_scale": r.cfg_scale,
+                "sampler_name": sampler, "cfg_scale": r.cfg_scale,
                 "steps": r.steps, "batch_size": r.batch_size, "restore_faces": r.restore_faces,
                 "sd_model_name": model, "infotexts": texts, "styles": [],
                 "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "version": "imagegen-0.1",

@@ -1,4 +1,4 @@
-"""Automatic1111's request and response shapes, as its clients send and expect them, and its infotext."""
+"""Automatic1111's request and response shapes, as its clients send and expect them."""
 
 from __future__ import annotations
 
@@ -28,7 +28,9 @@ class Txt2ImgRequest(_A1111):
     prompt: Prompt = ""
     negative_prompt: Prompt = ""
     seed: Seed = -1
-    sampler_name: str | None = None
+    sampler_name: str | None = Field(None, max_length=64, description="none: the deployment's default sampler")
+    sampler_index: str | None = Field(None, max_length=64, description="A1111's older spelling, read when "
+                                      "sampler_name is absent")
     scheduler: str | None = None
     batch_size: int = Field(1, ge=1, le=MAX_IMAGES)
     n_iter: int = Field(1, ge=1, le=MAX_IMAGES)
@@ -48,6 +50,11 @@ class Txt2ImgRequest(_A1111):
     override_settings: dict = {}
     override_settings_restore_afterwards: bool = Field(
         True, description="false: the override_settings checkpoint stays the default afterwards")
+
+    @property
+    def sampler(self) -> str | None:
+        """The sampler the client named (A1111 reads ``sampler_name or sampler_index``), or None."""
+        return self.sampler_name or self.sampler_index
 
 
 class Img2ImgRequest(Txt2ImgRequest):
@@ -109,18 +116,6 @@ class OptionsRequest(_A1111):
 
 class PngInfoRequest(BaseModel):
     image: str
-
-
-def infotext(r: Txt2ImgRequest, seed: int, model: str, extra: dict | None = None) -> str:
-    """A1111's 'parameters' text: prompt, negative prompt, then comma-separated settings."""
-    settings = {"Steps": r.steps, "Sampler": r.sampler_name or "Euler a", "Schedule type": r.scheduler or "Automatic",
-                "CFG scale": r.cfg_scale, "Seed": seed, "Size": f"{r.width}x{r.height}", "Model": model}
-    settings.update(extra or {})
-    lines = [r.prompt]
-    if r.negative_prompt:
-        lines.append(f"Negative prompt: {r.negative_prompt}")
-    lines.append(", ".join(f"{k}: {v}" for k, v in settings.items()))
-    return "\n".join(lines)
 
 
 # --- the shapes A1111 answers with (its clients read these fields) ------------------------------------------------
