@@ -83,6 +83,25 @@ def test_catalogue_resolves_names_aliases_and_titles(tiny, settings):
     assert e.value.details["choices"] == ["tiny-a", "tiny-b", "sdxl-base-b", "photorealistic", "anime"]
 
 
+def test_catalogue_resolves_what_a1111_clients_send(tiny, settings):
+    """A1111 titles and saved settings name a checkpoint by file name (with its extension), ``file [hash]``, the
+    short hash or the full SHA-256; all resolve, and an unknown one is still the structured error."""
+    import hashlib
+
+    catalog = Catalog(config(tiny), settings)
+    sha = hashlib.sha256((tiny / "checkpoints" / "sdxl-base-b.safetensors").read_bytes()).hexdigest()
+    for sent in ("sdxl-base-b.safetensors", f"sdxl-base-b.safetensors [{sha[:10]}]", "sdxl-base-b.ckpt",
+                 f"sdxl-base-b [{sha[:10]}]", sha[:10], sha, f"renamed.safetensors [{sha[:10]}]"):
+        assert catalog.resolve(sent, "model") == "sdxl-base-b", sent
+    assert catalog.resolve("sdxl-base", "model") == "tiny-a"  # a configured checkpoint's own file (folder) name
+    folder_sha = catalog.sha256(str(tiny / "sdxl-base-b"))
+    assert folder_sha is not None and catalog.resolve(folder_sha[:10], "model") == "tiny-b"  # a folder's hash
+    for unknown in ("nope.safetensors", "0123456789", "nope [0123456789]"):
+        with pytest.raises(UnknownModel) as e:
+            catalog.resolve(unknown, "override_settings.sd_model_checkpoint")
+        assert e.value.field == "override_settings.sd_model_checkpoint"
+
+
 def test_titles_carry_a1111_hashes(tiny, settings):
     import hashlib
 
