@@ -318,10 +318,17 @@ async def seed003_job(h: Handles, request: GenerationRequest, job_id: str, paren
 
 @dataclass
 class A1111Hires:
+    """A1111's hires fix of a text-to-image batch: its images at ``width`` x ``height``. When the first pass must be
+    cropped to get there (A1111's ``hr_resize_x`` and ``hr_resize_y`` both set), the latent path resizes the latents
+    to ``cover`` and keeps their centre, and the pixel path upscales only ``box``, the same centre of each image."""
+
     upscaler: str
-    scale: float
+    width: int
+    height: int
     strength: float
     steps: int
+    cover: tuple[int, int] | None = None
+    box: tuple[int, int, int, int] | None = None
 
 
 async def a1111_batch(h: Handles, request: GenerationRequest, request_id: str, *,
@@ -341,16 +348,17 @@ async def a1111_batch(h: Handles, request: GenerationRequest, request_id: str, *
         last = h.refiner.refine_latents.remote(_refine(request, denoising_start=refiner_switch_at), handoff,
                                                request_id, how)
     elif hires is not None and request.init_image is None and hires.upscaler in LATENT_UPSCALE_MODES:
-        width, height = (int(side * hires.scale) // 8 * 8 for side in (request.width, request.height))
+        width, height = hires.cover or (hires.width, hires.height)
+        crop = {"crop_width": hires.width, "crop_height": hires.height} if hires.cover else {}
         latent = LatentHires(width=width, height=height, mode=hires.upscaler, strength=hires.strength,
-                             steps=hires.steps)
+                             steps=hires.steps, **crop)
         both = request.model_copy(update={"hires": latent})
         last = base_for(h, both).generate.remote(both, request_id, how)
     elif hires is None or request.init_image is not None:
         last = base_for(h, request).generate.remote(request, request_id, how)
     else:
         first = base_for(h, request).generate.remote(request, request_id)
-        upscaled = h.upscaler.upscale.remote(first, hires.upscaler, hires.scale)
+        upscaled = h.upscaler.upscale.remote(first, hires.upscaler, None, hires.width, hires.height, box=hires.box)
         again = request.model_copy(update={"strength": hires.strength, "steps": hires.steps})
         last = base_for(h, again).generate.remote(again, request_id, how, init=upscaled)
     if restore_faces:

@@ -7,6 +7,7 @@ import pytest
 from pydantic import ValidationError
 
 from graphs.api.a1111_models import ExtrasBatchRequest, Img2ImgRequest, Txt2ImgRequest
+from graphs.api.a1111_sizes import crop_box, hires_size
 
 # What clients send when they replay a response's ``parameters`` or fill every field A1111 declares Optional.
 NULLS = {"seed": None, "sampler_name": None, "scheduler": None, "batch_size": None, "n_iter": None, "steps": None,
@@ -33,3 +34,25 @@ def test_a_required_field_stays_required_when_null():
 
 def test_refiner_switch_at_zero_is_accepted():
     assert Txt2ImgRequest(refiner_switch_at=0).refiner_switch_at == 0.0  # what clients send with no refiner
+
+
+# --- sizes -------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("first", "scale", "resize", "cover", "size"), [
+    ((512, 512), 2.0, (0, 0), (1024, 1024), (1024, 1024)),  # hr_scale alone
+    ((512, 768), 0.0, (1000, 0), (1000, 1496), (1000, 1496)),  # the width; the height follows (1500, rounded down)
+    ((512, 768), 1.0, (0, 1024), (680, 1024), (680, 1024)),  # the height; the width follows (682)
+    ((64, 64), 2.0, (256, 128), (256, 256), (256, 128)),  # both, wider than the image: cover, crop the height
+    ((128, 64), 2.0, (128, 128), (256, 128), (128, 128)),  # both, narrower: cover, crop the width
+    ((64, 64), 2.0, (100, 100), (96, 96), (96, 96)),  # multiples of 8, as the latents need
+])
+def test_hires_size_follows_a1111(first, scale, resize, cover, size):
+    target = hires_size(*first, scale, *resize)
+    assert (target.cover, target.size) == (cover, size)
+    assert target.cropped == (cover != size)
+
+
+def test_the_hires_crop_box_is_the_centre_that_covers_the_target():
+    target = hires_size(128, 64, 2.0, 128, 128)
+    assert crop_box(target, 128, 64) == (32, 0, 96, 64)
+    assert crop_box(hires_size(128, 64, 2.0, 0, 0), 128, 64) is None

@@ -88,3 +88,16 @@ def test_refiner_switch_at_zero_is_ignored_without_a_refiner_and_refused_with_on
     assert txt2img(ingress, refiner_switch_at=0)["images"] == txt2img(ingress)["images"]
     error = refused(lambda: txt2img(ingress, refiner_checkpoint="tiny-sdxl-refiner", refiner_switch_at=0))
     assert isinstance(error, InvalidInput) and error.details["field"] == "refiner_switch_at"
+
+
+@pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
+def test_hires_resize_sets_the_size_instead_of_hr_scale(ingress, upscaler):
+    hires = {"enable_hr": True, "hr_upscaler": upscaler, "denoising_strength": 0.5, "hr_second_pass_steps": 2}
+    both = txt2img(ingress, **hires, hr_scale=0, hr_resize_x=128, hr_resize_y=96)  # cover 128x128, crop the height
+    image = decode_b64(both["images"][0])
+    assert image.size == (128, 96) and both["info"]["width"] == 128 and both["info"]["height"] == 96
+    assert "Hires resize: 128x96," in image.info["parameters"] and "Hires upscale:" not in image.info["parameters"]
+    one = txt2img(ingress, **hires, hr_scale=1, width=128, hr_resize_y=128)  # the width follows the aspect ratio
+    assert decode_b64(one["images"][0]).size == (256, 128)
+    error = refused(lambda: txt2img(ingress, **hires, hr_resize_x=4096, hr_resize_y=4096))
+    assert isinstance(error, InvalidInput) and error.details["field"] == "hr_resize_x"

@@ -264,6 +264,16 @@ def test_latent_hires_fix_differs_from_the_lanczos_pixel_path(two):
     assert np.abs(pixels(latent.images[0]) - pixels(lanczos.images[0])).mean() > 2.0
 
 
+def test_latent_hires_fix_keeps_the_centre_of_the_resized_latents_when_cropped(two):
+    """A1111's hr_resize_x and hr_resize_y both set: the latents resized to cover them, then truncated to them
+    around their centre before the second pass."""
+    cropped = LatentHires(width=256, height=192, crop_width=128, crop_height=192, strength=0.6, steps=4)
+    request = GenerationRequest(**{**SMALL, "width": 128, "height": 96}, checkpoint="tiny-a", hires=cropped)
+    assert two.generate(request).images[0].size == (128, 192)
+    with pytest.raises(ValueError, match="exceeds"):
+        LatentHires(width=128, height=128, crop_width=256, crop_height=64)
+
+
 def test_latent_hires_fix_is_refused_outside_text_to_image(two, astronaut):
     with pytest.raises(InvalidInput) as e:
         run(two, "tiny-a", init_image=astronaut.resize((128, 128)), hires=hires("Latent"))

@@ -87,3 +87,17 @@ def from_tensor(tensor) -> Image.Image:
     """1x3xHxW tensor in [0, 1] -> RGB PIL image."""
     array = tensor.detach().float().clamp(0, 1).squeeze(0).permute(1, 2, 0).cpu().numpy()
     return Image.fromarray((array * 255.0).round().astype(np.uint8))
+
+
+def cover_box(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The centred region of an image of ``size`` with ``target``'s aspect ratio: what stays of the image once it is
+    scaled to cover ``target`` and centre-cropped to it (A1111's "crop and resize")."""
+    width, height = size
+    if width * target[1] > height * target[0]:  # wider than the target: the sides go
+        kept = max(1, round(height * target[0] / target[1]))
+        left = (width - kept) // 2
+        return left, 0, left + kept, height
+    kept = max(1, round(width * target[1] / target[0]))
+    top = (height - kept) // 2
+    return 0, top, width, top + kept
+

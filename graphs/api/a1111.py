@@ -46,6 +46,7 @@ from graphs.api.a1111_models import (
     Progress,
     Txt2ImgRequest,
 )
+from graphs.api.a1111_sizes import crop_box, hires_size
 from graphs.api.body import JSONBodyRoute, blobs, json_answer
 from graphs.api.checkpoints import CheckpointChoice
 from graphs.api.edge import token_owner
@@ -124,13 +125,22 @@ class A1111Routes(CheckpointChoice):
         return r.refiner_switch_at
 
     def _hires(self, r: Txt2ImgRequest) -> plans.A1111Hires | None:
+        """The hires fix's sizes by A1111's rule (``hr_resize_x`` / ``hr_resize_y`` when set, else ``hr_scale``),
+        within this service's limits."""
         if not r.enable_hr:
             return None
-        width, height = int(r.width * r.hr_scale), int(r.height * r.hr_scale)
-        if width * height > self.config.base.max_pixels or max(width, height) > 4096:
-            raise InvalidInput(f"hires size {r.width}x{r.height} x {r.hr_scale} is too large", field="hr_scale")
-        return plans.A1111Hires(upscaler=r.hr_upscaler, scale=r.hr_scale, strength=max(r.denoising_strength, 0.01),
-                                steps=r.hr_second_pass_steps or r.steps)
+        field = "hr_resize_x" if r.hr_resize_x else "hr_resize_y" if r.hr_resize_y else "hr_scale"
+        if field == "hr_scale" and r.hr_scale < 1:
+            raise InvalidInput(f"hr_scale={r.hr_scale} is below 1 with neither hr_resize_x nor hr_resize_y set",
+                               field="hr_scale")
+        target = hires_size(r.width, r.height, r.hr_scale, r.hr_resize_x, r.hr_resize_y)
+        (width, height), cover = target.size, target.cover
+        if min(width, height) < 64 or max(cover) > 4096 or width * height > self.config.base.max_pixels:
+            raise InvalidInput(f"hires size {width}x{height} is out of bounds: 64 to 4096 a side, at most "
+                               f"{self.config.base.max_pixels} pixels", field=field)
+        return plans.A1111Hires(upscaler=r.hr_upscaler, width=width, height=height,
+                                strength=max(r.denoising_strength, 0.01), steps=r.hr_second_pass_steps or r.steps,
+                                cover=cover if target.cropped else None, box=crop_box(target, r.width, r.height))
 
     def _generation(self, r: Txt2ImgRequest, seed: int, **extra) -> GenerationRequest:
         if r.sampler:  # refused here, naming the field the client used, rather than by the base
@@ -218,8 +228,12 @@ class A1111Routes(CheckpointChoice):
         if refined:
             settings.update({"Refiner": r.refiner_checkpoint, "Refiner switch at": r.refiner_switch_at})
         if hires is not None and not edit and not refined:
-            settings.update({"Denoising strength": r.denoising_strength, "Hires upscale": r.hr_scale,
-                             "Hires upscaler": r.hr_upscaler})
+            settings["Denoising strength"] = r.denoising_strength
+            if r.hr_resize_x or r.hr_resize_y:  # A1111 names the one that decided the size
+                settings["Hires resize"] = f"{r.hr_resize_x}x{r.hr_resize_y}"
+            else:
+                settings["Hires upscale"] = r.hr_scale
+            settings["Hires upscaler"] = r.hr_upscaler
         if r.restore_faces:
             settings["Face restoration"] = "CodeFormer"
         return settings

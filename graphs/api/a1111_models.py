@@ -41,7 +41,9 @@ class Txt2ImgRequest(_A1111):
     restore_faces: bool = False
     denoising_strength: float = Field(0.7, ge=0.0, le=1.0)
     enable_hr: bool = False
-    hr_scale: float = Field(2.0, ge=1.0, le=4.0)
+    hr_scale: float = Field(2.0, ge=0.0, le=4.0, description="not read when hr_resize_x or hr_resize_y is set")
+    hr_resize_x: int = Field(0, ge=0, le=4096, description="the hires width; 0: hr_scale, or the aspect ratio")
+    hr_resize_y: int = Field(0, ge=0, le=4096, description="the hires height; both set: cover them, then crop")
     hr_upscaler: str = "Latent"
     hr_second_pass_steps: int = Field(0, ge=0, le=150)
     refiner_checkpoint: str | None = None
