@@ -333,11 +333,13 @@ class A1111Hires:
 
 async def a1111_batch(h: Handles, request: GenerationRequest, request_id: str, *,
                       refiner_switch_at: float | None = None, hires: A1111Hires | None = None,
-                      restore_faces: bool = False, encode: Encoding | None = None) -> StageResult:
+                      restore_faces: bool = False, encode: Encoding | None = None,
+                      init: StageResult | None = None) -> StageResult:
     """The base, then either the refiner on its latents from ``refiner_switch_at`` or A1111's hires fix: with a
     latent upscaler, one base call that resizes its latents and denoises them again; with a pixel upscaler, the
     upscaler on every image of the batch, then a second base pass over them as img2img. Image-to-image requests
-    take neither. Both hires passes run on the request's checkpoint, as in A1111. Then the faces, then the safety
+    take neither; ``init``: an edit over several images, one img2img pass over each of its images with its seed.
+    Both hires passes run on the request's checkpoint, as in A1111. Then the faces, then the safety
     checker when the filter is on. The last stage encodes with ``encode`` (the infotexts, the upload an edit started
     from) and so marks the files."""
     how = None if restore_faces else h.last(encode)
@@ -355,7 +357,7 @@ async def a1111_batch(h: Handles, request: GenerationRequest, request_id: str, *
         both = request.model_copy(update={"hires": latent})
         last = base_for(h, both).generate.remote(both, request_id, how)
     elif hires is None or request.init_image is not None:
-        last = base_for(h, request).generate.remote(request, request_id, how)
+        last = base_for(h, request).generate.remote(request, request_id, how, init=init)
     else:
         first = base_for(h, request).generate.remote(request, request_id)
         upscaled = h.upscaler.upscale.remote(first, hires.upscaler, None, hires.width, hires.height, box=hires.box)

@@ -3,9 +3,12 @@ and read back, and the size rules of the hires fix, img2img and the extras."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+from PIL import Image
 from pydantic import ValidationError
 
+from deployments.support.imaging import cover_box, frame
 from graphs.api.a1111_models import ExtrasBatchRequest, Img2ImgRequest, Txt2ImgRequest
 from graphs.api.a1111_sizes import crop_box, hires_size
 
@@ -56,3 +59,16 @@ def test_the_hires_crop_box_is_the_centre_that_covers_the_target():
     target = hires_size(128, 64, 2.0, 128, 128)
     assert crop_box(target, 128, 64) == (32, 0, 96, 64)
     assert crop_box(hires_size(128, 64, 2.0, 0, 0), 128, 64) is None
+
+
+def test_frame_crops_to_cover_and_fills_with_the_edges():
+    image = Image.new("RGB", (100, 50), (0, 255, 0))
+    image.paste((255, 0, 0), (0, 0, 25, 50))  # a red left quarter
+    image.paste((0, 0, 255), (0, 0, 100, 5))  # a blue top strip
+    assert cover_box(image.size, (50, 50)) == (25, 0, 75, 50)
+    cropped = np.asarray(frame(image, 50, 50, "crop"))
+    assert (cropped[25, 0] == (0, 255, 0)).all()  # the red quarter is cut away
+    filled = np.asarray(frame(image, 60, 60, "fill"))  # fitted at 60x30, 15 rows above and below
+    assert filled.shape == (60, 60, 3) and (filled[:15] == filled[15]).all() and (filled[45:] == filled[44]).all()
+    assert filled[0, 30, 2] > 200 and filled[59, 30, 1] > 200  # the blue top, the green bottom, stretched outwards
+    assert frame(Image.new("L", (100, 50)), 60, 60, "fill").mode == "L"  # a mask stays a mask

@@ -10,13 +10,14 @@ import json
 import numpy as np
 import pytest
 import yaml
+from PIL import Image
 from starlette.requests import Request
 
 from deployments.support.errors import InvalidInput, ServiceError
-from graphs.api.a1111_models import Txt2ImgRequest
+from graphs.api.a1111_models import Img2ImgRequest, Txt2ImgRequest
 from graphs.api.errors import unwrap
 from tests.conftest import ROOT
-from tests.helpers import decode_b64, pixels
+from tests.helpers import b64, decode_b64, pixels
 
 DEFAULT_SAMPLER = "DDIM"
 SMALL = {"prompt": "a lighthouse", "width": 64, "height": 64, "steps": 2, "seed": 5}
@@ -101,3 +102,68 @@ def test_hires_resize_sets_the_size_instead_of_hr_scale(ingress, upscaler):
     assert decode_b64(one["images"][0]).size == (256, 128)
     error = refused(lambda: txt2img(ingress, **hires, hr_resize_x=4096, hr_resize_y=4096))
     assert isinstance(error, InvalidInput) and error.details["field"] == "hr_resize_x"
+
+
+# --- img2img -------------------------------------------------------------------------------------------------------
+
+def img2img(ingress, **fields) -> dict:
+    request = Img2ImgRequest(**{**SMALL, "denoising_strength": 0.5, **fields})
+    return answer(ingress.img2img.remote(request, caller()).result())
+
+
+def bands() -> Image.Image:
+    """128x64: a red quarter, a green half, a blue quarter, left to right, over a black strip 8 high."""
+    image = Image.new("RGB", (128, 64), (0, 255, 0))
+    image.paste((255, 0, 0), (0, 0, 32, 64))
+    image.paste((0, 0, 255), (96, 0, 128, 64))
+    image.paste((0, 0, 0), (0, 56, 128, 64))
+    return image
+
+
+KEEP_ALL = {"mask": b64(Image.new("L", (128, 64), 0)), "mask_blur": 0}  # inpainting that repaints nothing: the
+# answer is the init image as framed
+RED, GREEN, BLACK = (255, 0, 0), (0, 255, 0), (0, 0, 0)
+
+
+@pytest.mark.parametrize(("mode", "left", "low"), [
+    (0, RED, GREEN),  # stretched: all four bands, the strip still 8 high
+    (3, RED, GREEN),  # "just resize (latent upscale)": as 0
+    (1, GREEN, GREEN),  # scaled to cover 64x64 (128x64 already does), its centre kept: the green half
+    (2, RED, BLACK),  # scaled to fit (64x32), centred, its top and bottom rows stretched over the borders
+])
+def test_resize_mode_frames_the_init_image(ingress, mode, left, low):
+    body = img2img(ingress, init_images=[b64(bands())], resize_mode=mode, **KEEP_ALL)
+    out = pixels(decode_b64(body["images"][0]))
+    assert out.shape == (64, 64, 3)
+    assert np.abs(out[32, 2] - left).max() < 40 and np.abs(out[52, 32] - low).max() < 40
+    if mode == 2:
+        assert np.array_equal(out[0], out[16]) and np.array_equal(out[63], out[47])
+
+
+def test_inpainting_mask_invert_repaints_the_black_area(ingress, astronaut):
+    init = astronaut.resize((64, 64))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))  # white left
+    original = pixels(init)
+    for invert, kept in ((0, slice(32, 64)), (1, slice(0, 32))):
+        body = img2img(ingress, init_images=[b64(init)], mask=b64(mask), mask_blur=0, denoising_strength=1.0,
+                       inpainting_mask_invert=invert)
+        out = pixels(decode_b64(body["images"][0]))
+        assert np.abs(out[:, kept] - original[:, kept]).max() <= 1, invert
+        repainted = slice(0, 32) if invert == 0 else slice(32, 64)
+        assert np.abs(out[:, repainted] - original[:, repainted]).mean() > 5, invert
+
+
+def test_several_init_images_start_one_image_each(ingress):
+    red, blue = Image.new("RGB", (64, 64), (255, 0, 0)), Image.new("RGB", (64, 64), (0, 0, 255))
+    body = img2img(ingress, init_images=[b64(red), b64(blue)], batch_size=4, mask=b64(Image.new("L", (64, 64))),
+                   mask_blur=0)
+    colours = [tuple(pixels(decode_b64(data))[32, 32]) for data in body["images"]]
+    assert colours == [(255, 0, 0), (0, 0, 255), (255, 0, 0), (0, 0, 255)]
+    assert body["info"]["all_seeds"] == [5, 6, 7, 8]
+    # Without a mask the passes batch; each image is what its own init image and seed give alone.
+    both = img2img(ingress, init_images=[b64(red), b64(blue)], batch_size=2)
+    alone = img2img(ingress, init_images=[b64(blue)], seed=6)
+    assert np.abs(pixels(decode_b64(both["images"][1])) - pixels(decode_b64(alone["images"][0]))).mean() < 1.0
+    error = refused(lambda: img2img(ingress, init_images=[b64(red), b64(blue)], batch_size=1))
+    assert error.details["field"] == "init_images"

@@ -46,12 +46,12 @@ from graphs.api.a1111_models import (
     Progress,
     Txt2ImgRequest,
 )
-from graphs.api.a1111_sizes import crop_box, hires_size
+from graphs.api.a1111_sizes import crop_box, edit_inputs, hires_size
 from graphs.api.body import JSONBodyRoute, blobs, json_answer
 from graphs.api.checkpoints import CheckpointChoice
 from graphs.api.edge import token_owner
 from graphs.api.errors import call
-from graphs.api.fields import b64_png, image_bytes, image_field
+from graphs.api.fields import b64_png, image_bytes
 from graphs.jobs.cache import RequestCache
 from graphs.jobs.store import JobStore
 
@@ -156,7 +156,7 @@ class A1111Routes(CheckpointChoice):
                                  sampler=r.sampler, schedule=schedule, **extra)
 
     async def _run(self, http: Request, r: Txt2ImgRequest, parent: bytes | None = None, cache_as: str | None = None,
-                   **extra) -> Response:
+                   inits: list[Image.Image] | None = None, **extra) -> Response:
         if r.batch_size * r.n_iter > MAX_IMAGES:
             raise InvalidInput(f"batch_size x n_iter exceeds {MAX_IMAGES} images", field="batch_size")
         switch, hires = await self._refiner(r), self._hires(r)  # checked before anything runs
@@ -168,13 +168,15 @@ class A1111Routes(CheckpointChoice):
         hit = await self.cache.get(key)
         if hit is not None:
             return images_answer(hit.files, parameters, {**json.loads(hit.facts["info"]), "cached": True})
-        files, info = await self._generate(http, r, model, parameters, parent, switch, hires, **extra)
+        files, info = await self._generate(http, r, model, parameters, parent, switch, hires, inits, **extra)
         await self.cache.put(key, {"info": json.dumps(info)}, files)
         return images_answer(files, parameters, info)
 
     async def _generate(self, http: Request, r: Txt2ImgRequest, model: str, parameters: dict, parent: bytes | None,
-                        switch: float | None, hires: plans.A1111Hires | None, **extra) -> tuple[list[bytes], dict]:
-        """The files of every image the request makes, and A1111's ``info`` about them."""
+                        switch: float | None, hires: plans.A1111Hires | None, inits: list[Image.Image] | None,
+                        **extra) -> tuple[list[bytes], dict]:
+        """The files of every image the request makes, and A1111's ``info`` about them. With several ``inits`` (an
+        edit's framed uploads), image i of each batch starts from ``inits[i % len(inits)]``."""
         extra["checkpoint"] = model
         job = InFlight(uuid.uuid4().hex, _client(http), time.time(), r.steps * r.n_iter)
         settings = self._settings_text(r, switch, hires, edit="init_image" in extra)
@@ -196,8 +198,12 @@ class A1111Routes(CheckpointChoice):
                     own = resolve_seeds(seed, r.batch_size)
                     how = Encoding(parameters=[infotext(r, s, model, sampler, settings) for s in own], parent=parent)
                     request = self._generation(r, own[0], **extra)
+                    several = None
+                    if inits and len(inits) > 1:
+                        several = StageResult(images=[inits[i % len(inits)] for i in range(r.batch_size)], seeds=own)
                     result = await plans.a1111_batch(self.handles, request, request_id, refiner_switch_at=switch,
-                                                     hires=hires, restore_faces=r.restore_faces, encode=how)
+                                                     hires=hires, restore_faces=r.restore_faces, encode=how,
+                                                     init=several)
                     files += result.encoded
                     seeds += result.seeds
                     warnings += result.warnings
@@ -245,12 +251,15 @@ class A1111Routes(CheckpointChoice):
 
     @router.post("/img2img", response_model=ImagesResponse)
     async def img2img(self, body: Img2ImgRequest, http: Request) -> Response:
-        """Image to image; with a mask, inpainting (white repaints)."""
-        parent = image_bytes(body.init_images[0], "init_images")
-        init = await asyncio.to_thread(decode, parent, field="init_images")
-        mask = await asyncio.to_thread(image_field, body.mask, "mask") if body.mask else None
-        return await self._run(http, body, parent, cache_as="a1111-img2img", init_image=init, mask=mask,
-                               mask_blur=body.mask_blur, strength=body.denoising_strength)
+        """Image to image, the init images framed by resize_mode (image i of a batch starts from init image i, round
+        and round); with a mask, inpainting (white repaints; black with inpainting_mask_invert)."""
+        if len(body.init_images) > body.batch_size:  # A1111 refuses them too
+            raise InvalidInput(f"{len(body.init_images)} init_images for a batch of {body.batch_size}: at most one "
+                               "per image of the batch", field="init_images")
+        uploads = [image_bytes(data, "init_images") for data in body.init_images]
+        inits, mask = await asyncio.to_thread(edit_inputs, body, uploads)
+        return await self._run(http, body, uploads[0], cache_as="a1111-img2img", inits=inits, init_image=inits[0],
+                               mask=mask, mask_blur=body.mask_blur, strength=body.denoising_strength)
 
     async def _extras(self, body: ExtrasRequest, image: Image.Image, raw: bytes) -> bytes:
         """The upscaled (and restored) ``image`` as a marked PNG file, ``raw`` its upload. The last stage that runs

@@ -65,6 +65,9 @@ class Img2ImgRequest(Txt2ImgRequest):
     mask_blur: int = Field(4, ge=0, le=64)
     inpainting_fill: int = Field(1, ge=0, le=3, description="accepted; masked content always starts from the image")
     inpaint_full_res: bool = Field(True, description="accepted; the whole picture is processed")
+    inpainting_mask_invert: int = Field(0, ge=0, le=1, description="1: the mask's black area is repainted")
+    resize_mode: int = Field(0, ge=0, le=3, description="how init images take the size: 0 stretch, 1 crop and "
+                             "resize (cover, centre-crop), 2 resize and fill (fit, edges stretched out), 3 as 0")
     denoising_strength: float = Field(0.75, gt=0.0, le=1.0)
 
 

@@ -1,12 +1,19 @@
 """A1111's size rules, worked out in the ingress before any work starts: the hires fix's target size
-(``StableDiffusionProcessingTxt2Img.calculate_target_resolution``) and the extras' upscale to a size
-(``scripts/postprocessing_upscale.py``)."""
+(``StableDiffusionProcessingTxt2Img.calculate_target_resolution``), how img2img frames its uploads
+(``images.resize_image``) and the extras' upscale to a size (``scripts/postprocessing_upscale.py``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from deployments.support.imaging import cover_box
+from PIL import Image, ImageOps
+
+from deployments.support.imaging import Fit, cover_box, decode, frame, to_rgb
+from graphs.api.a1111_models import Img2ImgRequest
+from graphs.api.fields import image_field
+
+# A1111's img2img resize_mode; 3, "just resize (latent upscale)", frames as 0 does.
+FITS: dict[int, Fit] = {0: "stretch", 1: "crop", 2: "fill", 3: "stretch"}
 
 
 @dataclass(frozen=True)
@@ -44,3 +51,20 @@ def hires_size(width: int, height: int, scale: float, resize_x: int, resize_y: i
 def crop_box(hires: HiresSize, width: int, height: int) -> tuple[int, int, int, int] | None:
     """The region of a ``width`` x ``height`` first pass that becomes the hires image, or None for all of it."""
     return cover_box((width, height), hires.size) if hires.cropped else None
+
+
+def edit_inputs(r: Img2ImgRequest, uploads: list[bytes]) -> tuple[list[Image.Image], Image.Image | None]:
+    """An img2img request's init images (``uploads``) and mask, decoded and framed at its size as ``resize_mode``
+    says, the mask inverted with ``inpainting_mask_invert`` (its black area is then the one repainted). One init
+    image stretched (the default) is left to the base, which stretches it; several are framed here, since each
+    becomes a pass of its own at the request's size."""
+    fit = FITS[r.resize_mode]
+    inits = [decode(data, field="init_images") for data in uploads]
+    if fit != "stretch" or len(inits) > 1:
+        inits = [frame(to_rgb(image), r.width, r.height, fit) for image in inits]
+    if not r.mask:
+        return inits, None
+    mask = image_field(r.mask, "mask").convert("L")
+    if r.inpainting_mask_invert:
+        mask = ImageOps.invert(mask)
+    return inits, mask if fit == "stretch" else frame(mask, r.width, r.height, fit)
