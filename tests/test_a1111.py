@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from deployments.support.imaging import cover_box, frame
 from graphs.api.a1111_models import ExtrasBatchRequest, Img2ImgRequest, Txt2ImgRequest
-from graphs.api.a1111_sizes import crop_box, hires_size
+from graphs.api.a1111_sizes import crop_box, hires_size, upscale_to
 
 # What clients send when they replay a response's ``parameters`` or fill every field A1111 declares Optional.
 NULLS = {"seed": None, "sampler_name": None, "scheduler": None, "batch_size": None, "n_iter": None, "steps": None,
@@ -72,3 +72,8 @@ def test_frame_crops_to_cover_and_fills_with_the_edges():
     assert filled.shape == (60, 60, 3) and (filled[:15] == filled[15]).all() and (filled[45:] == filled[44]).all()
     assert filled[0, 30, 2] > 200 and filled[59, 30, 1] > 200  # the blue top, the green bottom, stretched outwards
     assert frame(Image.new("L", (100, 50)), 60, 60, "fill").mode == "L"  # a mask stays a mask
+
+
+def test_upscale_to_a_size_covers_it_then_crops_or_not():
+    assert upscale_to((128, 64), 128, 128, crop=True) == (None, 128, 128, (32, 0, 96, 64))
+    assert upscale_to((128, 64), 128, 128, crop=False) == (2.0, None, None, None)  # 256x128, uncropped

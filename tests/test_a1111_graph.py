@@ -14,7 +14,7 @@ from PIL import Image
 from starlette.requests import Request
 
 from deployments.support.errors import InvalidInput, ServiceError
-from graphs.api.a1111_models import Img2ImgRequest, Txt2ImgRequest
+from graphs.api.a1111_models import ExtrasBatchRequest, ExtrasRequest, Img2ImgRequest, Txt2ImgRequest
 from graphs.api.errors import unwrap
 from tests.conftest import ROOT
 from tests.helpers import b64, decode_b64, pixels
@@ -167,3 +167,18 @@ def test_several_init_images_start_one_image_each(ingress):
     assert np.abs(pixels(decode_b64(both["images"][1])) - pixels(decode_b64(alone["images"][0]))).mean() < 1.0
     error = refused(lambda: img2img(ingress, init_images=[b64(red), b64(blue)], batch_size=1))
     assert error.details["field"] == "init_images"
+
+
+# --- extras --------------------------------------------------------------------------------------------------------
+
+def test_extras_upscale_to_a_size_covers_and_crops_as_a1111(ingress):
+    to_square = {"image": b64(bands()), "resize_mode": 1, "upscaling_resize_w": 128, "upscaling_resize_h": 128,
+                 "upscaler_1": "Lanczos"}
+    single = answer(ingress.extra_single_image.remote(ExtrasRequest(**to_square)).result())
+    cropped = pixels(decode_b64(single["image"]))
+    assert cropped.shape == (128, 128, 3)
+    assert np.abs(cropped[64, 2] - GREEN).max() < 40 and np.abs(cropped[64, 125] - GREEN).max() < 40  # no red, blue
+    whole = ExtrasBatchRequest(**{**to_square, "image": "", "upscaling_crop": False,
+                                  "imageList": [{"data": b64(bands()), "name": "a"}]})
+    (uncropped,) = answer(ingress.extra_batch_images.remote(whole).result())["images"]
+    assert decode_b64(uncropped).size == (256, 128)  # scaled by max(128/128, 128/64), kept whole

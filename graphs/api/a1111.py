@@ -46,7 +46,7 @@ from graphs.api.a1111_models import (
     Progress,
     Txt2ImgRequest,
 )
-from graphs.api.a1111_sizes import crop_box, edit_inputs, hires_size
+from graphs.api.a1111_sizes import crop_box, edit_inputs, hires_size, upscale_to
 from graphs.api.body import JSONBodyRoute, blobs, json_answer
 from graphs.api.checkpoints import CheckpointChoice
 from graphs.api.edge import token_owner
@@ -265,11 +265,10 @@ class A1111Routes(CheckpointChoice):
         """The upscaled (and restored) ``image`` as a marked PNG file, ``raw`` its upload. The last stage that runs
         encodes it, so the pixels travel stage to stage; only a blend of two upscalers comes through here."""
         how = Encoding(parent=raw)
-        scale: float | None = body.upscaling_resize
-        width: int | None = None
-        height: int | None = None
+        scale, width, height, box = body.upscaling_resize, None, None, None
         if body.resize_mode == 1:
-            scale, width, height = None, body.upscaling_resize_w, body.upscaling_resize_h
+            scale, width, height, box = upscale_to(image.size, body.upscaling_resize_w, body.upscaling_resize_h,
+                                                   body.upscaling_crop)
         visibility = body.upscaler_2_visibility or body.extras_upscaler_2_visibility
         blend = body.upscaler_2 != "None" and visibility > 0
         face_visibility = max(body.codeformer_visibility, body.gfpgan_visibility)
@@ -277,9 +276,9 @@ class A1111Routes(CheckpointChoice):
         # In a flight: a deadline, a disconnect or a failed upscale cancels every call still running.
         async with flights.flight():
             last: Any = upscaler.upscale.remote(image, body.upscaler_1, scale, width, height,
-                                                encode=None if blend or face_visibility > 0 else how)
+                                                encode=None if blend or face_visibility > 0 else how, box=box)
             if blend:
-                second = upscaler.upscale.remote(image, body.upscaler_2, scale, width, height)
+                second = upscaler.upscale.remote(image, body.upscaler_2, scale, width, height, box=box)
                 first, other = await call(last), await call(second)
                 blended = await asyncio.to_thread(Image.blend, first.image, other.image, visibility)
                 last = first.then([blended], warnings=other.warnings)

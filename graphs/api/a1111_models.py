@@ -79,10 +79,11 @@ class ImagesResponse(BaseModel):
 
 class ExtrasRequest(_A1111):
     image: str
-    resize_mode: int = Field(0, ge=0, le=1, description="0: scale by upscaling_resize; 1: to _w x _h")
+    resize_mode: int = Field(0, ge=0, le=1, description="0: scale by upscaling_resize; 1: to cover _w x _h")
     upscaling_resize: float = Field(2.0, gt=0.0, le=8.0)
     upscaling_resize_w: int = Field(512, ge=8, le=8192)
     upscaling_resize_h: int = Field(512, ge=8, le=8192)
+    upscaling_crop: bool = Field(True, description="resize_mode 1: crop the covering image to _w x _h")
     upscaler_1: str = "None"
     upscaler_2: str = "None"
     extras_upscaler_2_visibility: float = Field(0.0, ge=0.0, le=1.0)

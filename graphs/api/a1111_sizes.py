@@ -53,6 +53,16 @@ def crop_box(hires: HiresSize, width: int, height: int) -> tuple[int, int, int, 
     return cover_box((width, height), hires.size) if hires.cropped else None
 
 
+def upscale_to(size: tuple[int, int], width: int, height: int,
+               crop: bool) -> tuple[float | None, int | None, int | None, tuple[int, int, int, int] | None]:
+    """The extras' ``resize_mode`` 1 as the upscaler takes it (scale, width, height, box). A1111 scales the image by
+    max(width / W, height / H), so that it covers ``width`` x ``height``, and with ``upscaling_crop`` (``crop``)
+    centre-crops it to that size: here the same centre is cut first and upscaled to exactly that size."""
+    if crop:
+        return None, width, height, cover_box(size, (width, height))
+    return max(width / size[0], height / size[1]), None, None, None
+
+
 def edit_inputs(r: Img2ImgRequest, uploads: list[bytes]) -> tuple[list[Image.Image], Image.Image | None]:
     """An img2img request's init images (``uploads``) and mask, decoded and framed at its size as ``resize_mode``
     says, the mask inverted with ``inpainting_mask_invert`` (its black area is then the one repainted). One init
