@@ -9,6 +9,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from deployments.support.imaging import cover_box, frame
+from graphs.api.a1111_infotext import infotext, parse
 from graphs.api.a1111_models import ExtrasBatchRequest, Img2ImgRequest, Txt2ImgRequest
 from graphs.api.a1111_sizes import crop_box, hires_size, upscale_to
 
@@ -77,3 +78,34 @@ def test_frame_crops_to_cover_and_fills_with_the_edges():
 def test_upscale_to_a_size_covers_it_then_crops_or_not():
     assert upscale_to((128, 64), 128, 128, crop=True) == (None, 128, 128, (32, 0, 96, 64))
     assert upscale_to((128, 64), 128, 128, crop=False) == (2.0, None, None, None)  # 256x128, uncropped
+
+
+# --- the infotext ------------------------------------------------------------------------------------------------
+
+def test_the_infotext_written_here_reads_back_as_a1111_parses_it():
+    request = Txt2ImgRequest(prompt="a fox,\nin the snow <lora:tiny-style:0.7>", negative_prompt="blurry", steps=3,
+                             width=128, height=96, cfg_scale=8, scheduler="Karras")
+    text = infotext(request, 1001, "tiny-sdxl-base", "DPM++ 2M",
+                    {"Hires resize": "256x192", "Refiner": "a, b: c", "Face restoration": None})
+    assert 'Refiner: "a, b: c"' in text and "Face restoration" not in text  # quoted as A1111 quotes
+    parameters = parse(text)
+    assert parameters["Prompt"] == "a fox,\nin the snow <lora:tiny-style:0.7>"
+    assert parameters["Negative prompt"] == "blurry"
+    assert {key: parameters[key] for key in ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size-1",
+                                             "Size-2", "Model", "Hires resize-1", "Hires resize-2", "Refiner")} == {
+        "Steps": "3", "Sampler": "DPM++ 2M", "Schedule type": "Karras", "CFG scale": "8.0", "Seed": "1001",
+        "Size-1": "128", "Size-2": "96", "Model": "tiny-sdxl-base", "Hires resize-1": "256", "Hires resize-2": "192",
+        "Refiner": "a, b: c"}
+    assert parameters["Clip skip"] == "1" and parameters["Hires sampler"] == "Use same sampler"  # A1111's defaults
+
+
+def test_a1111s_own_infotext_and_a_bare_prompt_parse():
+    a1111 = ("girl with a beret, (coquettish), detailed\nNegative prompt: ugly, [blurry]\n"
+             "Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 965400086, Size: 512x512, Model hash: 45dee52b")
+    parameters = parse(a1111)
+    assert parameters["Prompt"] == "girl with a beret, (coquettish), detailed"
+    assert parameters["Negative prompt"] == "ugly, [blurry]" and parameters["Model hash"] == "45dee52b"
+    assert parameters["Size-1"] == parameters["Size-2"] == "512" and parameters["Seed"] == "965400086"
+    bare = parse("just a prompt, no settings")  # fewer than three settings: the line is the prompt's
+    assert bare["Prompt"] == "just a prompt, no settings" and "Steps" not in bare
+    assert parse("")["Prompt"] == "" and parse("")["Negative prompt"] == ""

@@ -14,7 +14,7 @@ from PIL import Image
 from starlette.requests import Request
 
 from deployments.support.errors import InvalidInput, ServiceError
-from graphs.api.a1111_models import ExtrasBatchRequest, ExtrasRequest, Img2ImgRequest, Txt2ImgRequest
+from graphs.api.a1111_models import ExtrasBatchRequest, ExtrasRequest, Img2ImgRequest, PngInfoRequest, Txt2ImgRequest
 from graphs.api.errors import unwrap
 from tests.conftest import ROOT
 from tests.helpers import b64, decode_b64, pixels
@@ -182,3 +182,12 @@ def test_extras_upscale_to_a_size_covers_and_crops_as_a1111(ingress):
                                   "imageList": [{"data": b64(bands()), "name": "a"}]})
     (uncropped,) = answer(ingress.extra_batch_images.remote(whole).result())["images"]
     assert decode_b64(uncropped).size == (256, 128)  # scaled by max(128/128, 128/64), kept whole
+
+
+def test_png_info_parses_the_infotext_of_an_image_made_here(ingress):
+    made = txt2img(ingress, negative_prompt="blurry", sampler_name="Euler")
+    read = ingress.png_info.remote(PngInfoRequest(image=made["images"][0])).result()
+    assert read["info"] == made["info"]["infotexts"][0]
+    parameters = read["parameters"]
+    keys = ("Prompt", "Negative prompt", "Sampler", "Steps", "Seed", "Size-1", "Size-2")
+    assert [parameters[key] for key in keys] == ["a lighthouse", "blurry", "Euler", "2", "5", "64", "64"]

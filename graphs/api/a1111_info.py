@@ -16,6 +16,7 @@ from fastapi import APIRouter
 from deployments.support.generation import LATENT_UPSCALE_MODES
 from deployments.support.samplers import SCHEDULES, sampler_names
 from graphs import plans
+from graphs.api import a1111_infotext as infotext
 from graphs.api.a1111_models import (
     CmdFlags,
     Embeddings,
@@ -156,10 +157,12 @@ class A1111InfoRoutes(CheckpointChoice):
 
     @router.post("/png-info", response_model=PngInfo)
     async def png_info(self, body: PngInfoRequest) -> dict:
-        """Read back the generation parameters stored in a PNG."""
+        """Read back the generation parameters stored in a PNG: its infotext, and that text parsed as A1111 parses
+        it (prompt, negative prompt, each setting by its key)."""
         image = await asyncio.to_thread(image_field, body.image, "image")
         items = {k: v for k, v in image.info.items() if isinstance(v, str)}
-        return {"info": items.pop("parameters", ""), "items": items, "parameters": {}}
+        text = items.pop("parameters", "")
+        return {"info": text, "items": items, "parameters": infotext.parse(text)}
 
     @router.get("/sd-vae", response_model=list[NamedFile])
     async def sd_vae(self) -> list[dict]:
