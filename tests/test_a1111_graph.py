@@ -14,8 +14,15 @@ from PIL import Image
 from starlette.requests import Request
 
 from deployments.support.errors import InvalidInput, ServiceError
-from graphs.api.a1111_models import ExtrasBatchRequest, ExtrasRequest, Img2ImgRequest, PngInfoRequest, Txt2ImgRequest
-from graphs.api.errors import unwrap
+from graphs.api.a1111_models import (
+    ExtrasBatchRequest,
+    ExtrasRequest,
+    Img2ImgRequest,
+    InterrogateRequest,
+    PngInfoRequest,
+    Txt2ImgRequest,
+)
+from graphs.api.errors import status_of, unwrap
 from tests.conftest import ROOT
 from tests.helpers import b64, decode_b64, pixels
 
@@ -191,3 +198,12 @@ def test_png_info_parses_the_infotext_of_an_image_made_here(ingress):
     parameters = read["parameters"]
     keys = ("Prompt", "Negative prompt", "Sampler", "Steps", "Seed", "Size-1", "Size-2")
     assert [parameters[key] for key in keys] == ["a lighthouse", "blurry", "Euler", "2", "5", "64", "64"]
+
+
+# --- the routes that do nothing here -------------------------------------------------------------------------------
+
+def test_checkpoint_and_vae_actions_answer_empty_and_interrogate_is_not_offered(ingress):
+    for route in ("unload_checkpoint", "reload_checkpoint", "refresh_vae"):
+        assert getattr(ingress, route).remote().result() == {}, route
+    error = refused(lambda: ingress.interrogate.remote(InterrogateRequest(image="x")).result())
+    assert error.code == "NOT_IMPLEMENTED" and status_of(error) == 501 and "interrogation" in error.message

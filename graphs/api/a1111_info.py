@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import psutil
 from fastapi import APIRouter
 
+from deployments.support.errors import NotOffered
 from deployments.support.generation import LATENT_UPSCALE_MODES
 from deployments.support.samplers import SCHEDULES, sampler_names
 from graphs import plans
@@ -24,6 +25,8 @@ from graphs.api.a1111_models import (
     Extension,
     FaceRestorerItem,
     Hypernetwork,
+    InterrogateRequest,
+    Interrogation,
     LatentUpscaleMode,
     LoraItem,
     Memory,
@@ -43,7 +46,7 @@ from graphs.api.a1111_models import (
 )
 from graphs.api.body import JSONBodyRoute
 from graphs.api.checkpoints import CheckpointChoice
-from graphs.api.errors import call
+from graphs.api.errors import ErrorBody, call
 from graphs.api.fields import image_field
 from graphs.jobs.store import JobStore
 
@@ -130,6 +133,27 @@ class A1111InfoRoutes(CheckpointChoice):
         await call(self.handles.base.refresh.remote())  # the other replicas see the folder change by themselves
         await asyncio.to_thread(self._sd_models)  # hashes new files now, not in the next listing
         return {}
+
+    @router.post("/unload-checkpoint", response_model=Empty)
+    async def unload_checkpoint(self) -> dict:
+        """Accepted, changes nothing: each base replica holds its checkpoints and evicts by its own policy."""
+        return {}
+
+    @router.post("/reload-checkpoint", response_model=Empty)
+    async def reload_checkpoint(self) -> dict:
+        """Accepted, changes nothing: a checkpoint a request names is loaded where it is not held."""
+        return {}
+
+    @router.post("/refresh-vae", response_model=Empty)
+    async def refresh_vae(self) -> dict:
+        """Accepted, changes nothing: the replacement VAEs are the config's, read when the replicas start."""
+        return {}
+
+    @router.post("/interrogate", response_model=Interrogation, responses={501: {"model": ErrorBody}})
+    async def interrogate(self, body: InterrogateRequest) -> dict:
+        """Not offered: no captioning model (A1111's CLIP or DeepDanbooru interrogator) is deployed; a 501."""
+        raise NotOffered(f"interrogation ({body.model}) is not offered by this service: no captioning model is "
+                         "deployed")
 
     @router.post("/refresh-loras", response_model=Empty)
     async def refresh_loras(self) -> dict:

@@ -124,6 +124,17 @@ class PngInfoRequest(BaseModel):
     image: str
 
 
+class InterrogateRequest(_A1111):
+    image: str = ""
+    model: str = Field("clip", max_length=64)
+
+
+class Interrogation(BaseModel):
+    """A1111's answer to ``/interrogate``; this service answers 501 instead (no captioning model)."""
+
+    caption: str | None = None
+
+
 # --- the shapes A1111 answers with (its clients read these fields) ------------------------------------------------
 
 class Empty(BaseModel):
