@@ -34,13 +34,20 @@ SMALL = {"prompt": "a lighthouse", "width": 64, "height": 64, "steps": 2, "seed"
 def ingress(tiny, tmp_path_factory):
     from ray import serve
 
+    import graphs.app
     from graphs.app import build_app
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TINY_MODELS", str(tiny))
         patch.setenv("JOBS_DATA_DIR", str(tmp_path_factory.mktemp("a1111-graph-jobs")))
+        patch.setenv("MODEL_CACHE_DIR", str(tmp_path_factory.mktemp("a1111-graph-hashes")))  # never the user's
         args = yaml.safe_load((ROOT / "configs" / "cpu.yaml").read_text())["applications"][0]["args"]
         args["base"]["default_sampler"] = DEFAULT_SAMPLER
+        # Another in-process application of this pytest process gets a fresh copy of the FastAPI app (see
+        # tests/test_safety_graph.py): Serve's ingress keeps the one the first run tied to its live replica.
+        original = graphs.app.Ingress.func_or_class.__bases__[0]
+        patch.setattr(graphs.app, "Ingress", graphs.app.Ingress.options(
+            func_or_class=serve.ingress(graphs.app.app)(original)))
         yield serve.run(build_app(args), name="a1111-graph-test", _local_testing_mode=True)
 
 

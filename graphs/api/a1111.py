@@ -265,7 +265,8 @@ class A1111Routes(CheckpointChoice):
         """The upscaled (and restored) ``image`` as a marked PNG file, ``raw`` its upload. The last stage that runs
         encodes it, so the pixels travel stage to stage; only a blend of two upscalers comes through here."""
         how = Encoding(parent=raw)
-        scale, width, height, box = body.upscaling_resize, None, None, None
+        scale: float | None = body.upscaling_resize
+        width = height = box = None
         if body.resize_mode == 1:
             scale, width, height, box = upscale_to(image.size, body.upscaling_resize_w, body.upscaling_resize_h,
                                                    body.upscaling_crop)
