@@ -262,6 +262,10 @@ class BaseGenerator:
         size = (hires.height // 8, hires.width // 8)
         upscaled = torch.nn.functional.interpolate(latents.float(), size=size, mode=interpolation,
                                                    antialias=antialias).to(latents.dtype)
+        if hires.crop_width or hires.crop_height:  # A1111 truncates the resized latents around their centre
+            width, height = hires.size
+            cut_y, cut_x = size[0] - height // 8, size[1] - width // 8
+            upscaled = upscaled[:, :, cut_y // 2:size[0] - (cut_y + 1) // 2, cut_x // 2:size[1] - (cut_x + 1) // 2]
         pipe = pipes.img2img
         pipe.scheduler = build_scheduler(request.sampler or self.config.default_sampler, pipes.scheduler_config,
                                          request.schedule)
@@ -351,7 +355,7 @@ def check_request(request: GenerationRequest, max_pixels: int) -> None:
     if request.hires is not None:
         if mode_of(request) != "txt2img" or request.denoising_end is not None:
             raise InvalidInput("the latent hires fix applies to text-to-image alone", field="hires")
-        check_size(request.hires.width, request.hires.height, max_pixels)
+        check_size(*request.hires.size, max_pixels)
 
 
 def passes_over(request: GenerationRequest, source: StageResult) -> list[GenerationRequest]:
@@ -383,7 +387,7 @@ def batch_weight(item: BatchItem) -> int:
     it covers or starts (a 2048² hires pass weighs 4; smaller images 1), so large images no longer fill a batch
     sized for SDXL's native size. An item that weighs the whole batch or more runs alone, unsplit."""
     request = item.request
-    width, height = (request.hires.width, request.hires.height) if request.hires else (request.width, request.height)
+    width, height = request.hires.size if request.hires else (request.width, request.height)
     return item.count * max(1, math.ceil(width * height / BATCH_UNIT_PIXELS))
 
 

@@ -318,19 +318,28 @@ async def seed003_job(h: Handles, request: GenerationRequest, job_id: str, paren
 
 @dataclass
 class A1111Hires:
+    """A1111's hires fix of a text-to-image batch: its images at ``width`` x ``height``. When the first pass must be
+    cropped to get there (A1111's ``hr_resize_x`` and ``hr_resize_y`` both set), the latent path resizes the latents
+    to ``cover`` and keeps their centre, and the pixel path upscales only ``box``, the same centre of each image."""
+
     upscaler: str
-    scale: float
+    width: int
+    height: int
     strength: float
     steps: int
+    cover: tuple[int, int] | None = None
+    box: tuple[int, int, int, int] | None = None
 
 
 async def a1111_batch(h: Handles, request: GenerationRequest, request_id: str, *,
                       refiner_switch_at: float | None = None, hires: A1111Hires | None = None,
-                      restore_faces: bool = False, encode: Encoding | None = None) -> StageResult:
+                      restore_faces: bool = False, encode: Encoding | None = None,
+                      init: StageResult | None = None) -> StageResult:
     """The base, then either the refiner on its latents from ``refiner_switch_at`` or A1111's hires fix: with a
     latent upscaler, one base call that resizes its latents and denoises them again; with a pixel upscaler, the
     upscaler on every image of the batch, then a second base pass over them as img2img. Image-to-image requests
-    take neither. Both hires passes run on the request's checkpoint, as in A1111. Then the faces, then the safety
+    take neither; ``init``: an edit over several images, one img2img pass over each of its images with its seed.
+    Both hires passes run on the request's checkpoint, as in A1111. Then the faces, then the safety
     checker when the filter is on. The last stage encodes with ``encode`` (the infotexts, the upload an edit started
     from) and so marks the files."""
     how = None if restore_faces else h.last(encode)
@@ -341,16 +350,17 @@ async def a1111_batch(h: Handles, request: GenerationRequest, request_id: str, *
         last = h.refiner.refine_latents.remote(_refine(request, denoising_start=refiner_switch_at), handoff,
                                                request_id, how)
     elif hires is not None and request.init_image is None and hires.upscaler in LATENT_UPSCALE_MODES:
-        width, height = (int(side * hires.scale) // 8 * 8 for side in (request.width, request.height))
+        width, height = hires.cover or (hires.width, hires.height)
+        crop = {"crop_width": hires.width, "crop_height": hires.height} if hires.cover else {}
         latent = LatentHires(width=width, height=height, mode=hires.upscaler, strength=hires.strength,
-                             steps=hires.steps)
+                             steps=hires.steps, **crop)
         both = request.model_copy(update={"hires": latent})
         last = base_for(h, both).generate.remote(both, request_id, how)
     elif hires is None or request.init_image is not None:
-        last = base_for(h, request).generate.remote(request, request_id, how)
+        last = base_for(h, request).generate.remote(request, request_id, how, init=init)
     else:
         first = base_for(h, request).generate.remote(request, request_id)
-        upscaled = h.upscaler.upscale.remote(first, hires.upscaler, hires.scale)
+        upscaled = h.upscaler.upscale.remote(first, hires.upscaler, None, hires.width, hires.height, box=hires.box)
         again = request.model_copy(update={"strength": hires.strength, "steps": hires.steps})
         last = base_for(h, again).generate.remote(again, request_id, how, init=upscaled)
     if restore_faces:

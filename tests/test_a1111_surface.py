@@ -91,3 +91,24 @@ def test_fallback_upscaler_and_missing_face_are_reported(service):
     warnings = json.loads(body.json()["info"])["warnings"]
     assert "upscaler 'SwinIR_4x' is not loaded; Lanczos used instead" in warnings
     assert "no face detected: image unchanged" in warnings  # random weights paint no face
+
+
+def test_nulls_take_the_defaults_over_http(service):
+    """A client replaying a response's ``parameters`` sends A1111's nulls."""
+    response = service.post("/sdapi/v1/txt2img", json={
+        "prompt": "a fox", "width": 64, "height": 64, "steps": 2, "seed": None, "sampler_name": None,
+        "refiner_checkpoint": None, "refiner_switch_at": None, "override_settings": None, "denoising_strength": None,
+        "restore_faces": None, "hr_scale": None, "styles": None})
+    assert response.status_code == 200, response.text
+    assert json.loads(response.json()["info"])["restore_faces"] is False
+
+
+def test_checkpoint_actions_answer_empty_and_interrogate_is_a_structured_501(service):
+    for action in ("unload-checkpoint", "reload-checkpoint", "refresh-vae"):
+        response = service.post(f"/sdapi/v1/{action}")
+        assert response.status_code == 200 and response.json() == {}, action
+    response = service.post("/sdapi/v1/interrogate", json={"image": "", "model": "clip"})
+    assert response.status_code == 501, response.text
+    body = response.json()
+    assert set(body) == {"error", "code", "details"} and body["code"] == "NOT_IMPLEMENTED"
+    assert "interrogation" in body["error"]

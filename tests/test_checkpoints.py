@@ -83,6 +83,25 @@ def test_catalogue_resolves_names_aliases_and_titles(tiny, settings):
     assert e.value.details["choices"] == ["tiny-a", "tiny-b", "sdxl-base-b", "photorealistic", "anime"]
 
 
+def test_catalogue_resolves_what_a1111_clients_send(tiny, settings):
+    """A1111 titles and saved settings name a checkpoint by file name (with its extension), ``file [hash]``, the
+    short hash or the full SHA-256; all resolve, and an unknown one is still the structured error."""
+    import hashlib
+
+    catalog = Catalog(config(tiny), settings)
+    sha = hashlib.sha256((tiny / "checkpoints" / "sdxl-base-b.safetensors").read_bytes()).hexdigest()
+    for sent in ("sdxl-base-b.safetensors", f"sdxl-base-b.safetensors [{sha[:10]}]", "sdxl-base-b.ckpt",
+                 f"sdxl-base-b [{sha[:10]}]", sha[:10], sha, f"renamed.safetensors [{sha[:10]}]"):
+        assert catalog.resolve(sent, "model") == "sdxl-base-b", sent
+    assert catalog.resolve("sdxl-base", "model") == "tiny-a"  # a configured checkpoint's own file (folder) name
+    folder_sha = catalog.sha256(str(tiny / "sdxl-base-b"))
+    assert folder_sha is not None and catalog.resolve(folder_sha[:10], "model") == "tiny-b"  # a folder's hash
+    for unknown in ("nope.safetensors", "0123456789", "nope [0123456789]"):
+        with pytest.raises(UnknownModel) as e:
+            catalog.resolve(unknown, "override_settings.sd_model_checkpoint")
+        assert e.value.field == "override_settings.sd_model_checkpoint"
+
+
 def test_titles_carry_a1111_hashes(tiny, settings):
     import hashlib
 
@@ -243,6 +262,16 @@ def test_latent_hires_fix_differs_from_the_lanczos_pixel_path(two):
     latent = twice(two, "Latent")
     assert latent.images[0].size == lanczos.images[0].size == (256, 192)
     assert np.abs(pixels(latent.images[0]) - pixels(lanczos.images[0])).mean() > 2.0
+
+
+def test_latent_hires_fix_keeps_the_centre_of_the_resized_latents_when_cropped(two):
+    """A1111's hr_resize_x and hr_resize_y both set: the latents resized to cover them, then truncated to them
+    around their centre before the second pass."""
+    cropped = LatentHires(width=256, height=192, crop_width=128, crop_height=192, strength=0.6, steps=4)
+    request = GenerationRequest(**{**SMALL, "width": 128, "height": 96}, checkpoint="tiny-a", hires=cropped)
+    assert two.generate(request).images[0].size == (128, 192)
+    with pytest.raises(ValueError, match="exceeds"):
+        LatentHires(width=128, height=128, crop_width=256, crop_height=64)
 
 
 def test_latent_hires_fix_is_refused_outside_text_to_image(two, astronaut):

@@ -28,6 +28,8 @@ from deployments.support.settings import Settings, current
 logger = logging.getLogger(__name__)
 
 _NAME = re.compile(CHECKPOINT_NAME)
+_SUFFIX = re.compile(r"\.(safetensors|ckpt)$", re.IGNORECASE)  # what A1111 titles and saved settings carry
+_HASH = re.compile(r"^([0-9a-f]{10}|[0-9a-f]{64})$")  # A1111's short hash, or the full SHA-256
 _CHUNK = 8 << 20
 
 
@@ -133,11 +135,35 @@ class Catalog:
         return [*self.entries(), *self.config.checkpoint_aliases]
 
     def resolve(self, wanted: str, field: str) -> str:
-        """A client's checkpoint (a name, an alias or an A1111 title ``name [hash]``) -> its name; an unknown
-        one is an ``UnknownModel`` naming ``field`` and listing the choices."""
-        name = wanted.split(" [", 1)[0].strip()
-        name = self.config.checkpoint_aliases.get(name, name)
-        return self.entry(name, field).name
+        """A client's checkpoint -> its name. Accepted as A1111 accepts them: a name or an alias, the file name with
+        or without ``.safetensors`` / ``.ckpt``, an A1111 title ``name [hash]`` (of either), or the short hash (ten
+        hex digits) or full SHA-256 of a checkpoint this host can hash. An unknown one is an ``UnknownModel`` naming
+        ``field`` and listing the choices."""
+        name, _, bracket = wanted.strip().partition(" [")
+        name = name.strip()
+        entries = self.entries()
+        for candidate in (name, _SUFFIX.sub("", name)):
+            candidate = self.config.checkpoint_aliases.get(candidate, candidate)
+            if candidate in entries:
+                return candidate
+        for entry in entries.values():  # a configured checkpoint's file name may differ from its name
+            if name in (entry.filename, _SUFFIX.sub("", entry.filename)):
+                return entry.name
+        for digest in (bracket.rstrip("]").strip().lower(), name.lower()):
+            if _HASH.match(digest):
+                found = self._by_hash(digest, entries)
+                if found is not None:
+                    return found
+        return self.entry(name, field).name  # unknown: the structured error
+
+    def _by_hash(self, digest: str, entries: dict[str, Entry]) -> str | None:
+        """The checkpoint whose SHA-256 (``digest`` of 64 hex digits) or short hash (10) it is, among those this host
+        can hash (kept per file version, so each file is hashed once)."""
+        for entry in entries.values():
+            sha = self.sha256(entry.checkpoint.source)
+            if sha is not None and (sha == digest or sha[:10] == digest):
+                return entry.name
+        return None
 
     def sha256(self, source: str) -> str | None:
         """The hash of a checkpoint's weights, when they are on this host (not for a hub id or an S3 source)."""

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deployments.support import overlay, provenance
 from deployments.support.credentials import Facts
@@ -51,12 +51,26 @@ class LatentHires(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    width: int = Field(..., ge=64, le=4096, multiple_of=8)
+    width: int = Field(..., ge=64, le=4096, multiple_of=8, description="the size the latents are resized to")
     height: int = Field(..., ge=64, le=4096, multiple_of=8)
+    crop_width: int | None = Field(None, ge=64, le=4096, multiple_of=8, description="A1111's hr_resize_x and "
+                                   "hr_resize_y both set: the centre this wide (and crop_height high) is kept")
+    crop_height: int | None = Field(None, ge=64, le=4096, multiple_of=8)
     mode: Literal["Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)",
                   "Latent (nearest)", "Latent (nearest-exact)"] = "Latent"
     strength: float = Field(0.7, gt=0.0, le=1.0, description="A1111 denoising_strength of the second pass")
     steps: int = Field(20, ge=1, le=150)
+
+    @model_validator(mode="after")
+    def _crop_inside(self) -> LatentHires:
+        if (self.crop_width or 0) > self.width or (self.crop_height or 0) > self.height:
+            raise ValueError(f"the crop {self.size} exceeds the resized latents' {self.width}x{self.height}")
+        return self
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """The size of the second pass (and of the images): the crop, when there is one."""
+        return self.crop_width or self.width, self.crop_height or self.height
 
 
 class GenerationRequest(BaseModel):

@@ -126,3 +126,39 @@ def from_tensor(tensor) -> Image.Image:
     """1x3xHxW tensor in [0, 1] -> RGB PIL image."""
     array = tensor.detach().float().clamp(0, 1).squeeze(0).permute(1, 2, 0).cpu().numpy()
     return Image.fromarray((array * 255.0).round().astype(np.uint8))
+
+
+def cover_box(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The centred region of an image of ``size`` with ``target``'s aspect ratio: what stays of the image once it is
+    scaled to cover ``target`` and centre-cropped to it (A1111's "crop and resize")."""
+    width, height = size
+    if width * target[1] > height * target[0]:  # wider than the target: the sides go
+        kept = max(1, round(height * target[0] / target[1]))
+        left = (width - kept) // 2
+        return left, 0, left + kept, height
+    kept = max(1, round(width * target[1] / target[0]))
+    top = (height - kept) // 2
+    return 0, top, width, top + kept
+
+
+
+Fit = Literal["stretch", "crop", "fill"]
+
+
+def frame(image: Image.Image, width: int, height: int, fit: Fit) -> Image.Image:
+    """``image`` at ``width`` x ``height`` as A1111's img2img resize modes put it there (Lanczos throughout):
+    ``stretch`` (0, "just resize"), ``crop`` (1, "crop and resize": scaled to cover, centre-cropped) or ``fill``
+    (2, "resize and fill": scaled to fit, centred, the borders filled with the image's edge rows or columns
+    stretched outwards, as A1111 fills them)."""
+    if fit == "stretch":
+        return image.resize((width, height), Image.Resampling.LANCZOS)
+    if fit == "crop":
+        return image.resize((width, height), Image.Resampling.LANCZOS, box=cover_box(image.size, (width, height)))
+    if image.mode not in ("L", "RGB", "RGBA"):  # palette indices must not be padded as if they were levels
+        image = image.convert("RGB")
+    scale = min(width / image.width, height / image.height)
+    inner = (max(1, min(width, round(image.width * scale))), max(1, min(height, round(image.height * scale))))
+    fitted = np.asarray(image.resize(inner, Image.Resampling.LANCZOS))
+    left, top = (width - inner[0]) // 2, (height - inner[1]) // 2
+    pad = [(top, height - inner[1] - top), (left, width - inner[0] - left)] + [(0, 0)] * (fitted.ndim - 2)
+    return Image.fromarray(np.pad(fitted, pad, mode="edge"))

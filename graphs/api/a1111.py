@@ -31,8 +31,9 @@ from PIL import Image
 from deployments.support.errors import InvalidInput, UnknownModel
 from deployments.support.generation import Encoding, GenerationRequest, StageResult, resolve_seeds
 from deployments.support.imaging import decode
-from deployments.support.samplers import SCHEDULES
+from deployments.support.samplers import SCHEDULES, resolve
 from graphs import flights, plans
+from graphs.api.a1111_infotext import infotext
 from graphs.api.a1111_models import (
     MAX_IMAGES,
     Empty,
@@ -44,13 +45,13 @@ from graphs.api.a1111_models import (
     Img2ImgRequest,
     Progress,
     Txt2ImgRequest,
-    infotext,
 )
+from graphs.api.a1111_sizes import crop_box, edit_inputs, hires_size, upscale_to
 from graphs.api.body import JSONBodyRoute, blobs, json_answer
 from graphs.api.checkpoints import CheckpointChoice
 from graphs.api.edge import token_owner
 from graphs.api.errors import call
-from graphs.api.fields import b64_png, image_bytes, image_field
+from graphs.api.fields import b64_png, image_bytes
 from graphs.jobs.cache import RequestCache
 from graphs.jobs.store import JobStore
 
@@ -118,18 +119,32 @@ class A1111Routes(CheckpointChoice):
         if refiner is None or wanted != refiner.name:
             raise UnknownModel(f"unknown refiner checkpoint {wanted!r}", field="refiner_checkpoint",
                                details={"choices": [refiner.name] if refiner else []})
+        if not 0.0 < r.refiner_switch_at < 1.0:  # the base must run some steps and leave some to the refiner
+            raise InvalidInput(f"refiner_switch_at={r.refiner_switch_at} must lie strictly between 0 and 1 with a "
+                               "refiner", field="refiner_switch_at")
         return r.refiner_switch_at
 
     def _hires(self, r: Txt2ImgRequest) -> plans.A1111Hires | None:
+        """The hires fix's sizes by A1111's rule (``hr_resize_x`` / ``hr_resize_y`` when set, else ``hr_scale``),
+        within this service's limits."""
         if not r.enable_hr:
             return None
-        width, height = int(r.width * r.hr_scale), int(r.height * r.hr_scale)
-        if width * height > self.config.base.max_pixels or max(width, height) > 4096:
-            raise InvalidInput(f"hires size {r.width}x{r.height} x {r.hr_scale} is too large", field="hr_scale")
-        return plans.A1111Hires(upscaler=r.hr_upscaler, scale=r.hr_scale, strength=max(r.denoising_strength, 0.01),
-                                steps=r.hr_second_pass_steps or r.steps)
+        field = "hr_resize_x" if r.hr_resize_x else "hr_resize_y" if r.hr_resize_y else "hr_scale"
+        if field == "hr_scale" and r.hr_scale < 1:
+            raise InvalidInput(f"hr_scale={r.hr_scale} is below 1 with neither hr_resize_x nor hr_resize_y set",
+                               field="hr_scale")
+        target = hires_size(r.width, r.height, r.hr_scale, r.hr_resize_x, r.hr_resize_y)
+        (width, height), cover = target.size, target.cover
+        if min(width, height) < 64 or max(cover) > 4096 or width * height > self.config.base.max_pixels:
+            raise InvalidInput(f"hires size {width}x{height} is out of bounds: 64 to 4096 a side, at most "
+                               f"{self.config.base.max_pixels} pixels", field=field)
+        return plans.A1111Hires(upscaler=r.hr_upscaler, width=width, height=height,
+                                strength=max(r.denoising_strength, 0.01), steps=r.hr_second_pass_steps or r.steps,
+                                cover=cover if target.cropped else None, box=crop_box(target, r.width, r.height))
 
     def _generation(self, r: Txt2ImgRequest, seed: int, **extra) -> GenerationRequest:
+        if r.sampler:  # refused here, naming the field the client used, rather than by the base
+            resolve(r.sampler, "sampler_name" if r.sampler_name else "sampler_index")
         schedule = None
         if r.scheduler:  # A1111 sends labels ("Karras") or names ("karras")
             schedule = {s.lower(): s for s in SCHEDULES}.get(r.scheduler.lower())
@@ -138,10 +153,10 @@ class A1111Routes(CheckpointChoice):
                                    details={"choices": list(SCHEDULES)})
         return GenerationRequest(prompt=r.prompt, negative_prompt=r.negative_prompt, width=r.width, height=r.height,
                                  steps=r.steps, guidance_scale=r.cfg_scale, seed=seed, batch_size=r.batch_size,
-                                 sampler=r.sampler_name, schedule=schedule, **extra)
+                                 sampler=r.sampler, schedule=schedule, **extra)
 
     async def _run(self, http: Request, r: Txt2ImgRequest, parent: bytes | None = None, cache_as: str | None = None,
-                   **extra) -> Response:
+                   inits: list[Image.Image] | None = None, **extra) -> Response:
         if r.batch_size * r.n_iter > MAX_IMAGES:
             raise InvalidInput(f"batch_size x n_iter exceeds {MAX_IMAGES} images", field="batch_size")
         switch, hires = await self._refiner(r), self._hires(r)  # checked before anything runs
@@ -153,16 +168,19 @@ class A1111Routes(CheckpointChoice):
         hit = await self.cache.get(key)
         if hit is not None:
             return images_answer(hit.files, parameters, {**json.loads(hit.facts["info"]), "cached": True})
-        files, info = await self._generate(http, r, model, parameters, parent, switch, hires, **extra)
+        files, info = await self._generate(http, r, model, parameters, parent, switch, hires, inits, **extra)
         await self.cache.put(key, {"info": json.dumps(info)}, files)
         return images_answer(files, parameters, info)
 
     async def _generate(self, http: Request, r: Txt2ImgRequest, model: str, parameters: dict, parent: bytes | None,
-                        switch: float | None, hires: plans.A1111Hires | None, **extra) -> tuple[list[bytes], dict]:
-        """The files of every image the request makes, and A1111's ``info`` about them."""
+                        switch: float | None, hires: plans.A1111Hires | None, inits: list[Image.Image] | None,
+                        **extra) -> tuple[list[bytes], dict]:
+        """The files of every image the request makes, and A1111's ``info`` about them. With several ``inits`` (an
+        edit's framed uploads), image i of each batch starts from ``inits[i % len(inits)]``."""
         extra["checkpoint"] = model
         job = InFlight(uuid.uuid4().hex, _client(http), time.time(), r.steps * r.n_iter)
         settings = self._settings_text(r, switch, hires, edit="init_image" in extra)
+        sampler = r.sampler or self.config.base.default_sampler  # what the base runs for this request
         files: list[bytes] = []
         seeds: list[int] = []
         warnings: list[str] = []  # every stage's, as /generate reports them; each said once
@@ -178,23 +196,28 @@ class A1111Routes(CheckpointChoice):
                     # The seeds are fixed here, so that the infotexts naming them travel with the request and the
                     # plan's last stage encodes the files: only they come back to the ingress.
                     own = resolve_seeds(seed, r.batch_size)
-                    how = Encoding(parameters=[infotext(r, s, model, settings) for s in own], parent=parent)
+                    how = Encoding(parameters=[infotext(r, s, model, sampler, settings) for s in own], parent=parent)
                     request = self._generation(r, own[0], **extra)
+                    several = None
+                    if inits and len(inits) > 1:
+                        several = StageResult(images=[inits[i % len(inits)] for i in range(r.batch_size)], seeds=own)
                     result = await plans.a1111_batch(self.handles, request, request_id, refiner_switch_at=switch,
-                                                     hires=hires, restore_faces=r.restore_faces, encode=how)
+                                                     hires=hires, restore_faces=r.restore_faces, encode=how,
+                                                     init=several)
                     files += result.encoded
                     seeds += result.seeds
                     warnings += result.warnings
                     nsfw += result.info.get("nsfw") or []
                     size = result.sizes[0]
+                    sampler = result.info.get("sampler", sampler)  # as the base reports it
                     seed = own[-1] + 1
         finally:
             await asyncio.to_thread(self.jobs.untrack, job.client, job.id)
-        texts = [infotext(r, s, model, settings) for s in seeds]
+        texts = [infotext(r, s, model, sampler, settings) for s in seeds]
         info = {"prompt": r.prompt, "all_prompts": [r.prompt] * len(seeds), "negative_prompt": r.negative_prompt,
                 "all_negative_prompts": [r.negative_prompt] * len(seeds), "seed": seeds[0], "all_seeds": seeds,
                 "subseed": -1, "all_subseeds": [-1] * len(seeds), "width": size[0], "height": size[1],
-                "sampler_name": r.sampler_name or "Euler a", "cfg_scale": r.cfg_scale,
+                "sampler_name": sampler, "cfg_scale": r.cfg_scale,
                 "steps": r.steps, "batch_size": r.batch_size, "restore_faces": r.restore_faces,
                 "sd_model_name": model, "infotexts": texts, "styles": [],
                 "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "version": "imagegen-0.1",
@@ -211,8 +234,12 @@ class A1111Routes(CheckpointChoice):
         if refined:
             settings.update({"Refiner": r.refiner_checkpoint, "Refiner switch at": r.refiner_switch_at})
         if hires is not None and not edit and not refined:
-            settings.update({"Denoising strength": r.denoising_strength, "Hires upscale": r.hr_scale,
-                             "Hires upscaler": r.hr_upscaler})
+            settings["Denoising strength"] = r.denoising_strength
+            if r.hr_resize_x or r.hr_resize_y:  # A1111 names the one that decided the size
+                settings["Hires resize"] = f"{r.hr_resize_x}x{r.hr_resize_y}"
+            else:
+                settings["Hires upscale"] = r.hr_scale
+            settings["Hires upscaler"] = r.hr_upscaler
         if r.restore_faces:
             settings["Face restoration"] = "CodeFormer"
         return settings
@@ -224,22 +251,25 @@ class A1111Routes(CheckpointChoice):
 
     @router.post("/img2img", response_model=ImagesResponse)
     async def img2img(self, body: Img2ImgRequest, http: Request) -> Response:
-        """Image to image; with a mask, inpainting (white repaints)."""
-        parent = image_bytes(body.init_images[0], "init_images")
-        init = await asyncio.to_thread(decode, parent, field="init_images")
-        mask = await asyncio.to_thread(image_field, body.mask, "mask") if body.mask else None
-        return await self._run(http, body, parent, cache_as="a1111-img2img", init_image=init, mask=mask,
-                               mask_blur=body.mask_blur, strength=body.denoising_strength)
+        """Image to image, the init images framed by resize_mode (image i of a batch starts from init image i, round
+        and round); with a mask, inpainting (white repaints; black with inpainting_mask_invert)."""
+        if len(body.init_images) > body.batch_size:  # A1111 refuses them too
+            raise InvalidInput(f"{len(body.init_images)} init_images for a batch of {body.batch_size}: at most one "
+                               "per image of the batch", field="init_images")
+        uploads = [image_bytes(data, "init_images") for data in body.init_images]
+        inits, mask = await asyncio.to_thread(edit_inputs, body, uploads)
+        return await self._run(http, body, uploads[0], cache_as="a1111-img2img", inits=inits, init_image=inits[0],
+                               mask=mask, mask_blur=body.mask_blur, strength=body.denoising_strength)
 
     async def _extras(self, body: ExtrasRequest, image: Image.Image, raw: bytes) -> bytes:
         """The upscaled (and restored) ``image`` as a marked PNG file, ``raw`` its upload. The last stage that runs
         encodes it, so the pixels travel stage to stage; only a blend of two upscalers comes through here."""
         how = Encoding(parent=raw)
         scale: float | None = body.upscaling_resize
-        width: int | None = None
-        height: int | None = None
+        width = height = box = None
         if body.resize_mode == 1:
-            scale, width, height = None, body.upscaling_resize_w, body.upscaling_resize_h
+            scale, width, height, box = upscale_to(image.size, body.upscaling_resize_w, body.upscaling_resize_h,
+                                                   body.upscaling_crop)
         visibility = body.upscaler_2_visibility or body.extras_upscaler_2_visibility
         blend = body.upscaler_2 != "None" and visibility > 0
         face_visibility = max(body.codeformer_visibility, body.gfpgan_visibility)
@@ -247,9 +277,9 @@ class A1111Routes(CheckpointChoice):
         # In a flight: a deadline, a disconnect or a failed upscale cancels every call still running.
         async with flights.flight():
             last: Any = upscaler.upscale.remote(image, body.upscaler_1, scale, width, height,
-                                                encode=None if blend or face_visibility > 0 else how)
+                                                encode=None if blend or face_visibility > 0 else how, box=box)
             if blend:
-                second = upscaler.upscale.remote(image, body.upscaler_2, scale, width, height)
+                second = upscaler.upscale.remote(image, body.upscaler_2, scale, width, height, box=box)
                 first, other = await call(last), await call(second)
                 blended = await asyncio.to_thread(Image.blend, first.image, other.image, visibility)
                 last = first.then([blended], warnings=other.warnings)

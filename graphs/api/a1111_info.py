@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING
 import psutil
 from fastapi import APIRouter
 
+from deployments.support.errors import NotOffered
 from deployments.support.generation import LATENT_UPSCALE_MODES
 from deployments.support.samplers import SCHEDULES, sampler_names
 from graphs import plans
+from graphs.api import a1111_infotext as infotext
 from graphs.api.a1111_models import (
     CmdFlags,
     Embeddings,
@@ -23,6 +25,8 @@ from graphs.api.a1111_models import (
     Extension,
     FaceRestorerItem,
     Hypernetwork,
+    InterrogateRequest,
+    Interrogation,
     LatentUpscaleMode,
     LoraItem,
     Memory,
@@ -42,7 +46,7 @@ from graphs.api.a1111_models import (
 )
 from graphs.api.body import JSONBodyRoute
 from graphs.api.checkpoints import CheckpointChoice
-from graphs.api.errors import call
+from graphs.api.errors import ErrorBody, call
 from graphs.api.fields import image_field
 from graphs.jobs.store import JobStore
 
@@ -130,6 +134,27 @@ class A1111InfoRoutes(CheckpointChoice):
         await asyncio.to_thread(self._sd_models)  # hashes new files now, not in the next listing
         return {}
 
+    @router.post("/unload-checkpoint", response_model=Empty)
+    async def unload_checkpoint(self) -> dict:
+        """Accepted, changes nothing: each base replica holds its checkpoints and evicts by its own policy."""
+        return {}
+
+    @router.post("/reload-checkpoint", response_model=Empty)
+    async def reload_checkpoint(self) -> dict:
+        """Accepted, changes nothing: a checkpoint a request names is loaded where it is not held."""
+        return {}
+
+    @router.post("/refresh-vae", response_model=Empty)
+    async def refresh_vae(self) -> dict:
+        """Accepted, changes nothing: the replacement VAEs are the config's, read when the replicas start."""
+        return {}
+
+    @router.post("/interrogate", response_model=Interrogation, responses={501: {"model": ErrorBody}})
+    async def interrogate(self, body: InterrogateRequest) -> dict:
+        """Not offered: no captioning model (A1111's CLIP or DeepDanbooru interrogator) is deployed; a 501."""
+        raise NotOffered(f"interrogation ({body.model}) is not offered by this service: no captioning model is "
+                         "deployed")
+
     @router.post("/refresh-loras", response_model=Empty)
     async def refresh_loras(self) -> dict:
         """Read lora_dir again: a LoRA dropped there is usable from now on."""
@@ -156,10 +181,12 @@ class A1111InfoRoutes(CheckpointChoice):
 
     @router.post("/png-info", response_model=PngInfo)
     async def png_info(self, body: PngInfoRequest) -> dict:
-        """Read back the generation parameters stored in a PNG."""
+        """Read back the generation parameters stored in a PNG: its infotext, and that text parsed as A1111 parses
+        it (prompt, negative prompt, each setting by its key)."""
         image = await asyncio.to_thread(image_field, body.image, "image")
         items = {k: v for k, v in image.info.items() if isinstance(v, str)}
-        return {"info": items.pop("parameters", ""), "items": items, "parameters": {}}
+        text = items.pop("parameters", "")
+        return {"info": text, "items": items, "parameters": infotext.parse(text)}
 
     @router.get("/sd-vae", response_model=list[NamedFile])
     async def sd_vae(self) -> list[dict]:

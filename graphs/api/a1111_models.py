@@ -1,10 +1,10 @@
-"""Automatic1111's request and response shapes, as its clients send and expect them, and its infotext."""
+"""Automatic1111's request and response shapes, as its clients send and expect them."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from graphs.api.fields import Guidance, Prompt, Seed, Side, Steps
 
@@ -14,12 +14,23 @@ MAX_IMAGES = 16
 class _A1111(BaseModel):
     model_config = ConfigDict(extra="ignore")  # A1111 clients send many fields we do not use
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        """A1111 declares every field Optional, and clients replay its ``parameters`` with their nulls
+        (``"seed": null``, ``"override_settings": null``): a null field takes its default, as in A1111."""
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
+
 
 class Txt2ImgRequest(_A1111):
     prompt: Prompt = ""
     negative_prompt: Prompt = ""
     seed: Seed = -1
-    sampler_name: str | None = None
+    sampler_name: str | None = Field(None, max_length=64, description="none: the deployment's default sampler")
+    sampler_index: str | None = Field(None, max_length=64, description="A1111's older spelling, read when "
+                                      "sampler_name is absent")
     scheduler: str | None = None
     batch_size: int = Field(1, ge=1, le=MAX_IMAGES)
     n_iter: int = Field(1, ge=1, le=MAX_IMAGES)
@@ -30,14 +41,22 @@ class Txt2ImgRequest(_A1111):
     restore_faces: bool = False
     denoising_strength: float = Field(0.7, ge=0.0, le=1.0)
     enable_hr: bool = False
-    hr_scale: float = Field(2.0, ge=1.0, le=4.0)
+    hr_scale: float = Field(2.0, ge=0.0, le=4.0, description="not read when hr_resize_x or hr_resize_y is set")
+    hr_resize_x: int = Field(0, ge=0, le=4096, description="the hires width; 0: hr_scale, or the aspect ratio")
+    hr_resize_y: int = Field(0, ge=0, le=4096, description="the hires height; both set: cover them, then crop")
     hr_upscaler: str = "Latent"
     hr_second_pass_steps: int = Field(0, ge=0, le=150)
     refiner_checkpoint: str | None = None
-    refiner_switch_at: float = Field(0.8, gt=0.0, lt=1.0)
+    refiner_switch_at: float = Field(0.8, ge=0.0, le=1.0, description="with refiner_checkpoint: strictly between 0 "
+                                     "and 1; ignored without one")
     override_settings: dict = {}
     override_settings_restore_afterwards: bool = Field(
         True, description="false: the override_settings checkpoint stays the default afterwards")
+
+    @property
+    def sampler(self) -> str | None:
+        """The sampler the client named (A1111 reads ``sampler_name or sampler_index``), or None."""
+        return self.sampler_name or self.sampler_index
 
 
 class Img2ImgRequest(Txt2ImgRequest):
@@ -46,6 +65,9 @@ class Img2ImgRequest(Txt2ImgRequest):
     mask_blur: int = Field(4, ge=0, le=64)
     inpainting_fill: int = Field(1, ge=0, le=3, description="accepted; masked content always starts from the image")
     inpaint_full_res: bool = Field(True, description="accepted; the whole picture is processed")
+    inpainting_mask_invert: int = Field(0, ge=0, le=1, description="1: the mask's black area is repainted")
+    resize_mode: int = Field(0, ge=0, le=3, description="how init images take the size: 0 stretch, 1 crop and "
+                             "resize (cover, centre-crop), 2 resize and fill (fit, edges stretched out), 3 as 0")
     denoising_strength: float = Field(0.75, gt=0.0, le=1.0)
 
 
@@ -57,10 +79,11 @@ class ImagesResponse(BaseModel):
 
 class ExtrasRequest(_A1111):
     image: str
-    resize_mode: int = Field(0, ge=0, le=1, description="0: scale by upscaling_resize; 1: to _w x _h")
+    resize_mode: int = Field(0, ge=0, le=1, description="0: scale by upscaling_resize; 1: to cover _w x _h")
     upscaling_resize: float = Field(2.0, gt=0.0, le=8.0)
     upscaling_resize_w: int = Field(512, ge=8, le=8192)
     upscaling_resize_h: int = Field(512, ge=8, le=8192)
+    upscaling_crop: bool = Field(True, description="resize_mode 1: crop the covering image to _w x _h")
     upscaler_1: str = "None"
     upscaler_2: str = "None"
     extras_upscaler_2_visibility: float = Field(0.0, ge=0.0, le=1.0)
@@ -75,7 +98,7 @@ class ExtrasResponse(BaseModel):
     image: str
 
 
-class BatchImage(BaseModel):
+class BatchImage(_A1111):
     data: str
     name: str = ""
 
@@ -101,16 +124,15 @@ class PngInfoRequest(BaseModel):
     image: str
 
 
-def infotext(r: Txt2ImgRequest, seed: int, model: str, extra: dict | None = None) -> str:
-    """A1111's 'parameters' text: prompt, negative prompt, then comma-separated settings."""
-    settings = {"Steps": r.steps, "Sampler": r.sampler_name or "Euler a", "Schedule type": r.scheduler or "Automatic",
-                "CFG scale": r.cfg_scale, "Seed": seed, "Size": f"{r.width}x{r.height}", "Model": model}
-    settings.update(extra or {})
-    lines = [r.prompt]
-    if r.negative_prompt:
-        lines.append(f"Negative prompt: {r.negative_prompt}")
-    lines.append(", ".join(f"{k}: {v}" for k, v in settings.items()))
-    return "\n".join(lines)
+class InterrogateRequest(_A1111):
+    image: str = ""
+    model: str = Field("clip", max_length=64)
+
+
+class Interrogation(BaseModel):
+    """A1111's answer to ``/interrogate``; this service answers 501 instead (no captioning model)."""
+
+    caption: str | None = None
 
 
 # --- the shapes A1111 answers with (its clients read these fields) ------------------------------------------------

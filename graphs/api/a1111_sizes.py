@@ -1,0 +1,80 @@
+"""A1111's size rules, worked out in the ingress before any work starts: the hires fix's target size
+(``StableDiffusionProcessingTxt2Img.calculate_target_resolution``), how img2img frames its uploads
+(``images.resize_image``) and the extras' upscale to a size (``scripts/postprocessing_upscale.py``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from PIL import Image, ImageOps
+
+from deployments.support.imaging import Fit, cover_box, decode, frame, to_rgb
+from graphs.api.a1111_models import Img2ImgRequest
+from graphs.api.fields import image_field
+
+# A1111's img2img resize_mode; 3, "just resize (latent upscale)", frames as 0 does.
+FITS: dict[int, Fit] = {0: "stretch", 1: "crop", 2: "fill", 3: "stretch"}
+
+
+@dataclass(frozen=True)
+class HiresSize:
+    """Where the hires fix takes the first pass: resized to ``cover``, then its centre ``size`` kept (the two are
+    equal unless both ``hr_resize_x`` and ``hr_resize_y`` are set)."""
+
+    cover: tuple[int, int]
+    size: tuple[int, int]
+
+    @property
+    def cropped(self) -> bool:
+        return self.cover != self.size
+
+
+def hires_size(width: int, height: int, scale: float, resize_x: int, resize_y: int) -> HiresSize:
+    """A1111's rule: ``hr_scale`` times the size when neither ``hr_resize_x`` nor ``hr_resize_y`` is set; one of
+    them, the other following the aspect ratio; both, the size that covers them at the aspect ratio, then cropped
+    to them. Each side is rounded down to a multiple of 8, as the latents need."""
+    if not resize_x and not resize_y:
+        cover = size = (int(width * scale), int(height * scale))
+    elif not resize_y:
+        cover = size = (resize_x, resize_x * height // width)
+    elif not resize_x:
+        cover = size = (resize_y * width // height, resize_y)
+    else:
+        size = (resize_x, resize_y)
+        if width * resize_y < resize_x * height:  # the target is wider than the image: its width decides
+            cover = (resize_x, resize_x * height // width)
+        else:
+            cover = (resize_y * width // height, resize_y)
+    return HiresSize(cover=(cover[0] // 8 * 8, cover[1] // 8 * 8), size=(size[0] // 8 * 8, size[1] // 8 * 8))
+
+
+def crop_box(hires: HiresSize, width: int, height: int) -> tuple[int, int, int, int] | None:
+    """The region of a ``width`` x ``height`` first pass that becomes the hires image, or None for all of it."""
+    return cover_box((width, height), hires.size) if hires.cropped else None
+
+
+def upscale_to(size: tuple[int, int], width: int, height: int,
+               crop: bool) -> tuple[float | None, int | None, int | None, tuple[int, int, int, int] | None]:
+    """The extras' ``resize_mode`` 1 as the upscaler takes it (scale, width, height, box). A1111 scales the image by
+    max(width / W, height / H), so that it covers ``width`` x ``height``, and with ``upscaling_crop`` (``crop``)
+    centre-crops it to that size: here the same centre is cut first and upscaled to exactly that size."""
+    if crop:
+        return None, width, height, cover_box(size, (width, height))
+    return max(width / size[0], height / size[1]), None, None, None
+
+
+def edit_inputs(r: Img2ImgRequest, uploads: list[bytes]) -> tuple[list[Image.Image], Image.Image | None]:
+    """An img2img request's init images (``uploads``) and mask, decoded and framed at its size as ``resize_mode``
+    says, the mask inverted with ``inpainting_mask_invert`` (its black area is then the one repainted). One init
+    image stretched (the default) is left to the base, which stretches it; several are framed here, since each
+    becomes a pass of its own at the request's size."""
+    fit = FITS[r.resize_mode]
+    inits = [decode(data, field="init_images") for data in uploads]
+    if fit != "stretch" or len(inits) > 1:
+        inits = [frame(to_rgb(image), r.width, r.height, fit) for image in inits]
+    if not r.mask:
+        return inits, None
+    mask = image_field(r.mask, "mask").convert("L")
+    if r.inpainting_mask_invert:
+        mask = ImageOps.invert(mask)
+    return inits, mask if fit == "stretch" else frame(mask, r.width, r.height, fit)

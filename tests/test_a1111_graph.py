@@ -1,0 +1,216 @@
+"""The graph layer for Automatic1111's routes: the ingress and the model deployments on the tiny models, in-process
+with Serve's local testing mode (no cluster, no HTTP), the routes called through the ingress handle. The base's
+default sampler is DDIM here, not the config's Euler a, so that what a request that names none reports can be told
+apart from a hard-coded name."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from starlette.requests import Request
+
+from deployments.support.errors import InvalidInput, ServiceError
+from graphs.api.a1111_models import (
+    ExtrasBatchRequest,
+    ExtrasRequest,
+    Img2ImgRequest,
+    InterrogateRequest,
+    PngInfoRequest,
+    Txt2ImgRequest,
+)
+from graphs.api.errors import status_of, unwrap
+from tests.conftest import ROOT
+from tests.helpers import b64, decode_b64, pixels
+
+DEFAULT_SAMPLER = "DDIM"
+SMALL = {"prompt": "a lighthouse", "width": 64, "height": 64, "steps": 2, "seed": 5}
+
+
+@pytest.fixture(scope="module")
+def ingress(tiny, tmp_path_factory):
+    from ray import serve
+
+    import graphs.app
+    from graphs.app import build_app
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TINY_MODELS", str(tiny))
+        patch.setenv("JOBS_DATA_DIR", str(tmp_path_factory.mktemp("a1111-graph-jobs")))
+        patch.setenv("MODEL_CACHE_DIR", str(tmp_path_factory.mktemp("a1111-graph-hashes")))  # never the user's
+        args = yaml.safe_load((ROOT / "configs" / "cpu.yaml").read_text())["applications"][0]["args"]
+        args["base"]["default_sampler"] = DEFAULT_SAMPLER
+        # Another in-process application of this pytest process gets a fresh copy of the FastAPI app (see
+        # tests/test_safety_graph.py): Serve's ingress keeps the one the first run tied to its live replica.
+        original = graphs.app.Ingress.func_or_class.__bases__[0]
+        patch.setattr(graphs.app, "Ingress", graphs.app.Ingress.options(
+            func_or_class=serve.ingress(graphs.app.app)(original)))
+        yield serve.run(build_app(args), name="a1111-graph-test", _local_testing_mode=True)
+
+
+def caller() -> Request:
+    """The HTTP request a route reads its client from."""
+    return Request({"type": "http", "method": "POST", "path": "/", "headers": [], "client": ("graph-test", 1)})
+
+
+def answer(response) -> dict:
+    """A route's JSON answer, ``info`` parsed."""
+    body = json.loads(response.body)
+    if isinstance(body.get("info"), str):
+        body["info"] = json.loads(body["info"])
+    return body
+
+
+def txt2img(ingress, **fields) -> dict:
+    return answer(ingress.txt2img.remote(Txt2ImgRequest(**{**SMALL, **fields}), caller()).result())
+
+
+def test_no_sampler_named_reports_the_default_that_ran(ingress):
+    body = txt2img(ingress)
+    assert body["info"]["sampler_name"] == DEFAULT_SAMPLER
+    assert f"Sampler: {DEFAULT_SAMPLER}," in decode_b64(body["images"][0]).info["parameters"]
+    named = txt2img(ingress, sampler_name=DEFAULT_SAMPLER)
+    assert named["images"] == body["images"]  # the default is what ran
+
+
+def test_sampler_index_is_the_sampler_when_sampler_name_is_absent(ingress):
+    older = txt2img(ingress, sampler_index="Euler")
+    assert older["info"]["sampler_name"] == "Euler"
+    assert "Sampler: Euler," in decode_b64(older["images"][0]).info["parameters"]
+    euler = decode_b64(txt2img(ingress, sampler_name="Euler")["images"][0])
+    assert np.array_equal(pixels(decode_b64(older["images"][0])), pixels(euler))
+    assert txt2img(ingress, sampler_name="Euler", sampler_index="DDIM")["info"]["sampler_name"] == "Euler"
+
+
+def refused(call) -> ServiceError:
+    """The structured error a route raised (the HTTP edge answers it as a 4xx naming its field)."""
+    with pytest.raises(Exception) as raised:  # noqa: PT011 - unwrapped and checked below
+        call()
+    error = unwrap(raised.value)
+    assert isinstance(error, ServiceError), repr(raised.value)
+    return error
+
+
+def test_an_unknown_sampler_is_refused_naming_the_field_that_named_it(ingress):
+    assert refused(lambda: txt2img(ingress, sampler_index="Nope")).details["field"] == "sampler_index"
+    assert refused(lambda: txt2img(ingress, sampler_name="Nope")).details["field"] == "sampler_name"
+
+
+def test_refiner_switch_at_zero_is_ignored_without_a_refiner_and_refused_with_one(ingress):
+    assert txt2img(ingress, refiner_switch_at=0)["images"] == txt2img(ingress)["images"]
+    error = refused(lambda: txt2img(ingress, refiner_checkpoint="tiny-sdxl-refiner", refiner_switch_at=0))
+    assert isinstance(error, InvalidInput) and error.details["field"] == "refiner_switch_at"
+
+
+@pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
+def test_hires_resize_sets_the_size_instead_of_hr_scale(ingress, upscaler):
+    hires = {"enable_hr": True, "hr_upscaler": upscaler, "denoising_strength": 0.5, "hr_second_pass_steps": 2}
+    both = txt2img(ingress, **hires, hr_scale=0, hr_resize_x=128, hr_resize_y=96)  # cover 128x128, crop the height
+    image = decode_b64(both["images"][0])
+    assert image.size == (128, 96) and both["info"]["width"] == 128 and both["info"]["height"] == 96
+    assert "Hires resize: 128x96," in image.info["parameters"] and "Hires upscale:" not in image.info["parameters"]
+    one = txt2img(ingress, **hires, hr_scale=1, width=128, hr_resize_y=128)  # the width follows the aspect ratio
+    assert decode_b64(one["images"][0]).size == (256, 128)
+    error = refused(lambda: txt2img(ingress, **hires, hr_resize_x=4096, hr_resize_y=4096))
+    assert isinstance(error, InvalidInput) and error.details["field"] == "hr_resize_x"
+
+
+# --- img2img -------------------------------------------------------------------------------------------------------
+
+def img2img(ingress, **fields) -> dict:
+    request = Img2ImgRequest(**{**SMALL, "denoising_strength": 0.5, **fields})
+    return answer(ingress.img2img.remote(request, caller()).result())
+
+
+def bands() -> Image.Image:
+    """128x64: a red quarter, a green half, a blue quarter, left to right, over a black strip 8 high."""
+    image = Image.new("RGB", (128, 64), (0, 255, 0))
+    image.paste((255, 0, 0), (0, 0, 32, 64))
+    image.paste((0, 0, 255), (96, 0, 128, 64))
+    image.paste((0, 0, 0), (0, 56, 128, 64))
+    return image
+
+
+KEEP_ALL = {"mask": b64(Image.new("L", (128, 64), 0)), "mask_blur": 0}  # inpainting that repaints nothing: the
+# answer is the init image as framed
+RED, GREEN, BLACK = (255, 0, 0), (0, 255, 0), (0, 0, 0)
+
+
+@pytest.mark.parametrize(("mode", "left", "low"), [
+    (0, RED, GREEN),  # stretched: all four bands, the strip still 8 high
+    (3, RED, GREEN),  # "just resize (latent upscale)": as 0
+    (1, GREEN, GREEN),  # scaled to cover 64x64 (128x64 already does), its centre kept: the green half
+    (2, RED, BLACK),  # scaled to fit (64x32), centred, its top and bottom rows stretched over the borders
+])
+def test_resize_mode_frames_the_init_image(ingress, mode, left, low):
+    body = img2img(ingress, init_images=[b64(bands())], resize_mode=mode, **KEEP_ALL)
+    out = pixels(decode_b64(body["images"][0]))
+    assert out.shape == (64, 64, 3)
+    assert np.abs(out[32, 2] - left).max() < 40 and np.abs(out[52, 32] - low).max() < 40
+    if mode == 2:
+        assert np.array_equal(out[0], out[16]) and np.array_equal(out[63], out[47])
+
+
+def test_inpainting_mask_invert_repaints_the_black_area(ingress, astronaut):
+    init = astronaut.resize((64, 64))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))  # white left
+    original = pixels(init)
+    for invert, kept in ((0, slice(32, 64)), (1, slice(0, 32))):
+        body = img2img(ingress, init_images=[b64(init)], mask=b64(mask), mask_blur=0, denoising_strength=1.0,
+                       inpainting_mask_invert=invert)
+        out = pixels(decode_b64(body["images"][0]))
+        assert np.abs(out[:, kept] - original[:, kept]).max() <= 1, invert
+        repainted = slice(0, 32) if invert == 0 else slice(32, 64)
+        assert np.abs(out[:, repainted] - original[:, repainted]).mean() > 5, invert
+
+
+def test_several_init_images_start_one_image_each(ingress):
+    red, blue = Image.new("RGB", (64, 64), (255, 0, 0)), Image.new("RGB", (64, 64), (0, 0, 255))
+    body = img2img(ingress, init_images=[b64(red), b64(blue)], batch_size=4, mask=b64(Image.new("L", (64, 64))),
+                   mask_blur=0)
+    colours = [tuple(pixels(decode_b64(data))[32, 32]) for data in body["images"]]
+    assert colours == [(255, 0, 0), (0, 0, 255), (255, 0, 0), (0, 0, 255)]
+    assert body["info"]["all_seeds"] == [5, 6, 7, 8]
+    # Without a mask the passes batch; each image is what its own init image and seed give alone.
+    both = img2img(ingress, init_images=[b64(red), b64(blue)], batch_size=2)
+    alone = img2img(ingress, init_images=[b64(blue)], seed=6)
+    assert np.abs(pixels(decode_b64(both["images"][1])) - pixels(decode_b64(alone["images"][0]))).mean() < 1.0
+    error = refused(lambda: img2img(ingress, init_images=[b64(red), b64(blue)], batch_size=1))
+    assert error.details["field"] == "init_images"
+
+
+# --- extras --------------------------------------------------------------------------------------------------------
+
+def test_extras_upscale_to_a_size_covers_and_crops_as_a1111(ingress):
+    to_square = {"image": b64(bands()), "resize_mode": 1, "upscaling_resize_w": 128, "upscaling_resize_h": 128,
+                 "upscaler_1": "Lanczos"}
+    single = answer(ingress.extra_single_image.remote(ExtrasRequest(**to_square)).result())
+    cropped = pixels(decode_b64(single["image"]))
+    assert cropped.shape == (128, 128, 3)
+    assert np.abs(cropped[64, 2] - GREEN).max() < 40 and np.abs(cropped[64, 125] - GREEN).max() < 40  # no red, blue
+    whole = ExtrasBatchRequest(**{**to_square, "image": "", "upscaling_crop": False,
+                                  "imageList": [{"data": b64(bands()), "name": "a"}]})
+    (uncropped,) = answer(ingress.extra_batch_images.remote(whole).result())["images"]
+    assert decode_b64(uncropped).size == (256, 128)  # scaled by max(128/128, 128/64), kept whole
+
+
+def test_png_info_parses_the_infotext_of_an_image_made_here(ingress):
+    made = txt2img(ingress, negative_prompt="blurry", sampler_name="Euler")
+    read = ingress.png_info.remote(PngInfoRequest(image=made["images"][0])).result()
+    assert read["info"] == made["info"]["infotexts"][0]
+    parameters = read["parameters"]
+    keys = ("Prompt", "Negative prompt", "Sampler", "Steps", "Seed", "Size-1", "Size-2")
+    assert [parameters[key] for key in keys] == ["a lighthouse", "blurry", "Euler", "2", "5", "64", "64"]
+
+
+# --- the routes that do nothing here -------------------------------------------------------------------------------
+
+def test_checkpoint_and_vae_actions_answer_empty_and_interrogate_is_not_offered(ingress):
+    for route in ("unload_checkpoint", "reload_checkpoint", "refresh_vae"):
+        assert getattr(ingress, route).remote().result() == {}, route
+    error = refused(lambda: ingress.interrogate.remote(InterrogateRequest(image="x")).result())
+    assert error.code == "NOT_IMPLEMENTED" and status_of(error) == 501 and "interrogation" in error.message
