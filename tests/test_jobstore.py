@@ -321,3 +321,48 @@ def test_a_damaged_redis_record_blocks_no_claim(redis_url):
     assert store.claim("w", 30).id == behind.id
     assert store.claim("w", 30) is None
     assert store.redis.zcard(store._key("leases")) == 1  # only the job claimed just now
+
+
+# --- the webhooks owed (the runner delivers them) -----------------------------------------------------------
+
+
+def test_every_terminal_change_owes_its_webhook_once(store):
+    """Published, cancelled while queued, or failed or cancelled when the worker was lost: each owes one delivery,
+    written with the change; a job without a webhookUrl owes none."""
+    hooked = {"webhook_url": "https://hooks.example/x"}
+    published, _ = store.create(job(**hooked))
+    store.claim("w", 30)
+    store.finish(published.id, "w", "completed", {"images": [], "seed": 3})
+    queued, _ = store.create(job(**hooked))
+    store.cancel(queued.id)
+    lost, _ = store.create(job(**hooked))
+    quiet, _ = store.create(job())
+    for _ in range(2):  # max_attempts=2: lost twice, then failed by the next claim
+        store.claim("dead", lease_s=0.01)
+        time.sleep(0.05)
+    store.claim("w", 30)
+    store.finish(quiet.id, "w", "completed", {"images": []})
+    owed = {}
+    while (taken := store.take_delivery(lease_s=30)) is not None:
+        owed[taken[0].id] = (taken[0].status, taken[1])
+    assert owed == {published.id: ("completed", 0), queued.id: ("cancelled", 0), lost.id: ("failed", 0)}
+
+
+def test_a_delivery_is_leased_retried_and_settled(store):
+    created, _ = store.create(job(webhook_url="https://hooks.example/x"))
+    store.claim("w", 30)
+    store.finish(created.id, "w", "failed", error="boom")
+    taken, number = store.take_delivery(lease_s=0.05)
+    assert taken.id == created.id and taken.error == "boom" and number == 0
+    assert store.take_delivery(lease_s=30) is None  # leased to whoever took it
+    time.sleep(0.1)
+    taken, number = store.take_delivery(lease_s=30)  # that runner died mid-attempt: due again
+    assert number == 1
+    store.settle_delivery(created.id, retry_in=0.05)  # failed: due after its backoff
+    assert store.take_delivery(lease_s=30) is None
+    time.sleep(0.1)
+    assert store.take_delivery(lease_s=30)[1] == 2
+    store.settle_delivery(created.id, None)  # delivered
+    time.sleep(0.05)
+    assert store.take_delivery(lease_s=30) is None
+    assert [j.id for j in store.purge(0.01)] == [created.id]

@@ -406,3 +406,28 @@ async def test_a_runner_that_shuts_down_gives_its_job_back_instead_of_cancelling
     assert left.status == "processing" and left.attempts == 1  # not cancelled, not finished
     taken = await asyncio.to_thread(runner.store.claim, "successor", 30)
     assert taken is not None and taken.id == job.id and taken.attempts == 2  # its lease ended when it was given back
+
+
+async def test_webhooks_are_owed_by_the_store_and_retried_by_any_runner(base, upscaler, runner_env):
+    """A job cancelled while queued gets its webhook too (no runner ever ran it), and a receiver that fails at
+    first is tried again after its backoff until it accepts."""
+    from tests.helpers import Receiver
+
+    runner_env.setenv("WEBHOOK_ALLOW_HOSTS", "127.0.0.1")
+    runner_env.setenv("WEBHOOK_BACKOFF_SECONDS", "0.05")
+    receiver = Receiver(failures=2)
+    runner = JobRunner.func_or_class(LocalHandle(BaseShell(base)), None, LocalHandle(upscaler), None, None)
+    try:
+        stop(runner)  # no worker may take the job before it is cancelled: this runner only delivers
+        runner._loops = [asyncio.get_event_loop().create_task(runner._deliver_webhooks())]
+        job = Job(id=new_job_id(), type="text2img", request={"prompt": "never run"}, webhook_url=receiver.url)
+        runner.store.create(job)
+        runner.store.cancel(job.id)
+        deadline = time.monotonic() + 30
+        while len(receiver.bodies) < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+    finally:
+        stop(runner)
+        receiver.close()
+    assert [b["status"] for b in receiver.bodies] == ["cancelled"] * 3 and receiver.bodies[0]["id"] == job.id
+    assert await asyncio.to_thread(runner.store.take_delivery, 30) is None  # settled once accepted

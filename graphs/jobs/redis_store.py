@@ -45,6 +45,13 @@ local function emit(p, id, kept, name, data)
   redis.call('XADD', key, 'MAXLEN', kept, n .. '-0', 'event', name, 'data', data)
   return n
 end
+
+-- a terminal change's webhook is owed, whoever delivers it and whenever
+local function owe(p, id, now)
+  if (redis.call('HGET', p .. ':job:' .. id, 'webhook_url') or '') ~= '' then
+    redis.call('ZADD', p .. ':deliveries', 'NX', now, id)
+  end
+end
 """
 
 _LUA_CREATE = _LUA_EMIT + """
@@ -91,6 +98,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', p .. ':leases', '-inf', now)) do
     redis.call('ZADD', p .. ':status:cancelled', seq, id)
     redis.call('ZADD', p .. ':done', now, id)
     emit(p, id, kept, 'cancelled', cjson.encode({job_id = id, status = 'cancelled', time = now}))
+    owe(p, id, now)
   elseif attempts >= maxa then
     local message = 'worker lost ' .. attempts .. ' times (lease expired)'
     redis.call('HSET', key, 'status', 'failed', 'completed_at', now, 'lease_owner', '', 'error', message)
@@ -98,6 +106,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', p .. ':leases', '-inf', now)) do
     redis.call('ZADD', p .. ':done', now, id)
     emit(p, id, kept, 'failed', cjson.encode({job_id = id, status = 'failed', time = now, code = 'WORKER_LOST',
                                               message = message}))
+    owe(p, id, now)
   else
     redis.call('HSET', key, 'status', 'queued', 'lease_owner', '')
     redis.call('ZADD', p .. ':queued', tonumber(redis.call('HGET', key, 'priority')) * 1e13 + seq, id)
@@ -157,6 +166,7 @@ redis.call('ZREM', p .. ':status:processing', id)
 redis.call('ZADD', p .. ':status:' .. status, seq, id)
 redis.call('ZADD', p .. ':done', now, id)
 emit(p, id, kept, status, data)
+owe(p, id, now)
 return 1
 """
 
@@ -174,6 +184,7 @@ if status == 'queued' then
   redis.call('ZADD', p .. ':status:cancelled', seq, id)
   redis.call('ZADD', p .. ':done', now, id)
   emit(p, id, kept, 'cancelled', data)
+  owe(p, id, now)
 elseif status == 'processing' then
   redis.call('HSET', key, 'cancel_requested', '1')
 end
@@ -188,6 +199,27 @@ if worker ~= '' and redis.call('HGET', p .. ':job:' .. id, 'lease_owner') ~= wor
 local data = cjson.decode(ARGV[5])
 data['status'] = status
 return emit(p, id, kept, name, cjson.encode(data))
+"""
+
+_LUA_TAKE_DELIVERY = _LUA_NOW + """
+local p, lease = ARGV[1], tonumber(ARGV[2])
+local now = server_now()
+local due = redis.call('ZRANGEBYSCORE', p .. ':deliveries', '-inf', now, 'LIMIT', 0, 1)
+if #due == 0 then return false end
+local id = due[1]
+local key = p .. ':job:' .. id
+if redis.call('EXISTS', key) == 0 then
+  redis.call('ZREM', p .. ':deliveries', id)
+  return false
+end
+redis.call('ZADD', p .. ':deliveries', now + lease, id)
+return {id, redis.call('HINCRBY', key, 'webhook_attempts', 1) - 1}
+"""
+
+_LUA_SETTLE_DELIVERY = _LUA_NOW + """
+local p, id, retry_in = ARGV[1], ARGV[2], ARGV[3]
+if retry_in == '' then return redis.call('ZREM', p .. ':deliveries', id) end
+return redis.call('ZADD', p .. ':deliveries', 'XX', server_now() + tonumber(retry_in), id)
 """
 
 
@@ -206,6 +238,8 @@ class RedisJobStore:
         self._finish = self.redis.register_script(_LUA_FINISH)
         self._cancel = self.redis.register_script(_LUA_CANCEL)
         self._append = self.redis.register_script(_LUA_APPEND)
+        self._take_delivery = self.redis.register_script(_LUA_TAKE_DELIVERY)
+        self._settle_delivery = self.redis.register_script(_LUA_SETTLE_DELIVERY)
 
     def _key(self, *parts: str) -> str:
         return ":".join([self.prefix, *parts])
@@ -310,6 +344,7 @@ class RedisJobStore:
                     continue
             pipe = self.redis.pipeline()
             pipe.zrem(self._key("done"), job_id)
+            pipe.zrem(self._key("deliveries"), job_id)
             pipe.zrem(self._key("all"), job_id)
             for status in STATUSES:
                 pipe.zrem(self._key("status", status), job_id)
@@ -322,6 +357,16 @@ class RedisJobStore:
             if job is not None:
                 purged.append(job)
         return purged
+
+    def take_delivery(self, lease_s: float) -> tuple[Job, int] | None:
+        taken = self._take_delivery(args=[self.prefix, lease_s])
+        if not taken:
+            return None
+        job = self.get(taken[0])
+        return (job, int(taken[1])) if job is not None else None
+
+    def settle_delivery(self, job_id: str, retry_in: float | None) -> None:
+        self._settle_delivery(args=[self.prefix, job_id, "" if retry_in is None else retry_in])
 
     # --- state every ingress replica must agree on ------------------------------------------------------------
 

@@ -31,16 +31,17 @@ from deployments.support.settings import current
 from graphs import flights, plans
 from graphs.api.errors import call, lost, unwrap
 from graphs.api.fields import image_bytes
+from graphs.jobs import webhooks
 from graphs.jobs.cache import RequestCache, open_cache
 from graphs.jobs.events import ProgressEvents, completed_data
 from graphs.jobs.results import open_results
 from graphs.jobs.sizes import SizeTable
 from graphs.jobs.store import STATUSES, Job, open_store
-from graphs.jobs.webhooks import deliver
 
 logger = logging.getLogger(__name__)
 
 # The upload a seed-003 edit starts from: the parent ingredient of its images' content credentials.
+WEBHOOKS_AT_ONCE = 8  # deliveries in flight per runner replica: a slow receiver holds up no more than its own
 ENCODES_AT_ONCE = 4  # sizes of one batch-sizes job encoding at once, so that one job leaves Provenance room
 LEASE_UNKNOWN = object()  # a renewal that failed or hung: whether the lease still holds is not known
 LEASE_LOST = object()  # the keeper's answer when no renewal reached the store for a whole lease
@@ -67,6 +68,7 @@ class JobRunner:
         self._loops = [asyncio.get_event_loop().create_task(self._work(i))
                        for i in range(self.settings.max_concurrent_jobs)]
         self._loops.append(asyncio.get_event_loop().create_task(self._purge()))
+        self._loops.append(asyncio.get_event_loop().create_task(self._deliver_webhooks()))
         self.job_metrics = JobMetrics(STATUSES)
         self._loops.append(asyncio.get_event_loop().create_task(self._count_jobs()))
 
@@ -127,12 +129,7 @@ class JobRunner:
             return
         if not await asyncio.to_thread(self.store.finish, job.id, worker, status, result, error, event):
             logger.warning("job %s: lease lost before publishing; the result was dropped", job.id)
-        elif job.webhook_url:
-            payload = {"id": job.id, "jobId": job.id, "type": job.type, "status": status, "error": error,
-                       "seed": (result or {}).get("seed")}
-            delivery = asyncio.create_task(deliver(job.webhook_url, payload, self.settings))
-            self._background.add(delivery)  # keep a reference until it is done
-            delivery.add_done_callback(self._background.discard)
+        # (its webhook, if any, is owed in the store from now on: see _deliver_webhooks)
 
     async def _give_back(self, job: Job, worker: str, gone: BaseException) -> None:
         """A stage's replica, or its node, went away mid-job. The job is not at fault, so it goes back to the queue
@@ -288,6 +285,38 @@ class JobRunner:
         if self.marks is None:
             return await encoded(result, how)
         return await call(self.marks.encode.remote(result, how))
+
+    async def _deliver_webhooks(self) -> None:
+        """Deliver the webhooks the store says are owed, a few at once, one attempt each time one is taken: a
+        failed attempt is due again after its backoff, from whichever runner takes it then (a runner that stops
+        mid-attempt leaves it to the others once its lease on it is out)."""
+        slots = asyncio.Semaphore(WEBHOOKS_AT_ONCE)
+        lease = 2 * self.settings.webhook_timeout_seconds + 5
+        while True:
+            await slots.acquire()
+            try:
+                taken = await asyncio.to_thread(self.store.take_delivery, lease)
+            except Exception:  # noqa: BLE001 - a store hiccup must not kill the loop
+                logger.exception("webhook deliveries unreadable")
+                taken = None
+            if taken is None:
+                slots.release()
+                await asyncio.sleep(self.settings.job_poll_seconds)
+                continue
+            delivery = asyncio.create_task(self._deliver(*taken))
+            self._background.add(delivery)  # keep a reference until it is done
+            delivery.add_done_callback(self._background.discard)
+            delivery.add_done_callback(lambda _: slots.release())
+
+    async def _deliver(self, job: Job, number: int) -> None:
+        outcome = await webhooks.attempt(job.webhook_url or "", webhooks.payload(job), self.settings, number)
+        retry_in = outcome if not isinstance(outcome, bool) and number + 1 < self.settings.webhook_attempts else None
+        if retry_in is None and outcome is not True:
+            logger.warning("job %s: webhook not delivered after %d attempts; given up", job.id, number + 1)
+        try:
+            await asyncio.to_thread(self.store.settle_delivery, job.id, retry_in)
+        except Exception:  # noqa: BLE001 - unsettled, it is due again when its lease is out
+            logger.warning("job %s: webhook delivery not settled", job.id, exc_info=True)
 
     async def _count_jobs(self, every_s: float = 5.0) -> None:
         """Jobs by state, for the dashboards (queued is the backlog the runners have not claimed yet)."""

@@ -56,6 +56,9 @@ CREATE TABLE IF NOT EXISTS options (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS flights (id TEXT PRIMARY KEY, client TEXT NOT NULL, record TEXT NOT NULL,
                                     expires REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS flights_client ON flights (client, expires);
+CREATE TABLE IF NOT EXISTS deliveries (job_id TEXT PRIMARY KEY, due REAL NOT NULL,
+                                       attempts INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (due);
 CREATE TABLE IF NOT EXISTS job_events (job_id TEXT NOT NULL, id INTEGER NOT NULL, event TEXT NOT NULL,
                                        data TEXT NOT NULL, PRIMARY KEY (job_id, id)) WITHOUT ROWID;
 """
@@ -101,6 +104,12 @@ class SQLiteJobStore:
                    result=json.loads(row["result"]) if row["result"] else None, error=row["error"],
                    attempts=row["attempts"], owner=row["owner"], webhook_url=row["webhook_url"],
                    cancel_requested=bool(row["cancel_requested"]))
+
+    @staticmethod
+    def _owe(db: sqlite3.Connection, job_id: str, now: float) -> None:
+        """Inside a terminal change's transaction: its webhook is owed, whoever delivers it and whenever."""
+        db.execute("INSERT OR IGNORE INTO deliveries (job_id, due) SELECT id, ? FROM jobs"
+                   " WHERE id = ? AND COALESCE(webhook_url, '') != ''", (now, job_id))
 
     def _emit(self, db: sqlite3.Connection, job_id: str, event: str, data: str) -> int:
         """Append an event inside the caller's transaction and trim the job's log to its newest events."""
@@ -177,12 +186,14 @@ class SQLiteJobStore:
                     db.execute("UPDATE jobs SET status = 'cancelled', completed_at = ?, lease_owner = NULL"
                                " WHERE id = ?", (now, row["id"]))
                     self._emit(db, row["id"], "cancelled", event_data(row["id"], "cancelled"))
+                    self._owe(db, row["id"], now)
                 elif row["attempts"] >= self.max_attempts:
                     message = f"worker lost {row['attempts']} times (lease expired)"
                     db.execute("UPDATE jobs SET status = 'failed', completed_at = ?, lease_owner = NULL, error = ?"
                                " WHERE id = ?", (now, message, row["id"]))
                     self._emit(db, row["id"], "failed",
                                event_data(row["id"], "failed", code="WORKER_LOST", message=message))
+                    self._owe(db, row["id"], now)
                 else:
                     db.execute("UPDATE jobs SET status = 'queued', lease_owner = NULL WHERE id = ?", (row["id"],))
                     self._emit(db, row["id"], "queued", event_data(row["id"], "queued", requeued=True,
@@ -223,6 +234,7 @@ class SQLiteJobStore:
                 return False
             extra = event if event is not None else ({"message": error} if error else {})
             self._emit(db, job_id, status, event_data(job_id, status, **extra))
+            self._owe(db, job_id, time.time())
             return True
 
     def cancel(self, job_id: str) -> Job | None:
@@ -235,6 +247,7 @@ class SQLiteJobStore:
                 db.execute("UPDATE jobs SET status = 'cancelled', completed_at = ?, cancel_requested = 1"
                            " WHERE id = ?", (time.time(), job_id))
                 self._emit(db, job_id, "cancelled", event_data(job_id, "cancelled"))
+                self._owe(db, job_id, time.time())
             elif row["status"] == "processing":
                 db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
             return self._job(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
@@ -279,8 +292,34 @@ class SQLiteJobStore:
             with self._tx() as db:
                 db.execute("DELETE FROM jobs WHERE id = ?", (job.id,))
                 db.execute("DELETE FROM job_events WHERE job_id = ?", (job.id,))
+                db.execute("DELETE FROM deliveries WHERE job_id = ?", (job.id,))
             purged.append(job)
         return purged
+
+    def take_delivery(self, lease_s: float) -> tuple[Job, int] | None:
+        """A finished job whose webhook is due, with the number of this attempt (from 0); until ``lease_s`` has
+        passed or it is settled, no other runner takes it."""
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute("SELECT job_id, attempts FROM deliveries WHERE due <= ? ORDER BY due LIMIT 1",
+                             (now,)).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE deliveries SET due = ?, attempts = attempts + 1 WHERE job_id = ?",
+                       (now + lease_s, row["job_id"]))
+            job = db.execute("SELECT * FROM jobs WHERE id = ?", (row["job_id"],)).fetchone()
+            if job is None:
+                db.execute("DELETE FROM deliveries WHERE job_id = ?", (row["job_id"],))
+                return None
+            return self._job(job), int(row["attempts"])
+
+    def settle_delivery(self, job_id: str, retry_in: float | None) -> None:
+        """Delivered or given up (``retry_in`` None), else due again in ``retry_in`` seconds."""
+        with self._tx() as db:
+            if retry_in is None:
+                db.execute("DELETE FROM deliveries WHERE job_id = ?", (job_id,))
+            else:
+                db.execute("UPDATE deliveries SET due = ? WHERE job_id = ?", (time.time() + retry_in, job_id))
 
     # --- state every ingress replica must agree on ------------------------------------------------------------
 

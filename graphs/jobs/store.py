@@ -140,6 +140,18 @@ class JobStore(Protocol):
         deleted."""
         ...
 
+    # The webhooks owed: every terminal change of a job with a ``webhook_url`` (published, cancelled while queued,
+    # failed or cancelled when its worker was lost) owes one, in the change's own transaction, so a delivery
+    # outlives the runner that was to make it.
+    def take_delivery(self, lease_s: float) -> tuple[Job, int] | None:
+        """A finished job whose webhook is due, with the number of this attempt (from 0); no other runner takes
+        it until ``lease_s`` has passed or it is settled."""
+        ...
+
+    def settle_delivery(self, job_id: str, retry_in: float | None) -> None:
+        """Delivered or given up (``retry_in`` None), else due again in ``retry_in`` seconds."""
+        ...
+
     # What every ingress replica must agree on (the ingress autoscales): A1111's options, and which client runs
     # which request, so that /progress, /interrupt and /skip work whichever replica answers them.
     def set_option(self, key: str, value: str) -> None: ...

@@ -30,6 +30,7 @@ import httpx
 
 from deployments.support.errors import InvalidInput
 from deployments.support.settings import Settings
+from graphs.jobs.store import Job
 
 logger = logging.getLogger(__name__)
 
@@ -119,22 +120,38 @@ async def _post(target: Target, payload: dict, settings: Settings) -> tuple[int,
         return response.status_code, _retry_after(response.headers.get("retry-after"))
 
 
-async def deliver(url: str, payload: dict, settings: Settings) -> bool:
-    """POST the payload; retry failures, 5xx and 429 with exponential backoff. True once delivered."""
+async def attempt(url: str, payload: dict, settings: Settings, number: int) -> float | bool:
+    """Attempt ``number`` (from 0) at POSTing the payload: True when it was delivered, False when it never will
+    be (a 4xx other than 429), else the seconds to wait before the next attempt (exponential backoff, a 429's
+    ``Retry-After`` within its bounds)."""
     longest = settings.webhook_backoff_seconds * 2 ** max(0, settings.webhook_attempts - 2)
-    for attempt in range(settings.webhook_attempts):
-        wait = settings.webhook_backoff_seconds * 2**attempt
-        try:
-            target = await asyncio.to_thread(vet, url, settings, "webhookUrl", attempt)
-            status, retry_after = await asyncio.wait_for(_post(target, payload, settings),
-                                                         settings.webhook_timeout_seconds)
-            if status < 500 and status != 429:
-                return status < 400
-            logger.warning("webhook %s answered %d (attempt %d)", url, status, attempt + 1)
-            if retry_after is not None:
-                wait = min(max(wait, retry_after), longest)
-        except (httpx.HTTPError, InvalidInput, TimeoutError) as e:
-            logger.warning("webhook %s failed: %s (attempt %d)", url, str(e) or type(e).__name__, attempt + 1)
-        if attempt + 1 < settings.webhook_attempts:
-            await asyncio.sleep(wait)
+    wait = settings.webhook_backoff_seconds * 2**number
+    try:
+        target = await asyncio.to_thread(vet, url, settings, "webhookUrl", number)
+        status, retry_after = await asyncio.wait_for(_post(target, payload, settings),
+                                                     settings.webhook_timeout_seconds)
+        if status < 500 and status != 429:
+            return status < 400
+        logger.warning("webhook %s answered %d (attempt %d)", url, status, number + 1)
+        if retry_after is not None:
+            wait = min(max(wait, retry_after), longest)
+    except (httpx.HTTPError, InvalidInput, TimeoutError) as e:
+        logger.warning("webhook %s failed: %s (attempt %d)", url, str(e) or type(e).__name__, number + 1)
+    return wait
+
+
+async def deliver(url: str, payload: dict, settings: Settings) -> bool:
+    """POST the payload, up to ``WEBHOOK_ATTEMPTS`` times; True once delivered."""
+    for number in range(settings.webhook_attempts):
+        outcome = await attempt(url, payload, settings, number)
+        if isinstance(outcome, bool):
+            return outcome
+        if number + 1 < settings.webhook_attempts:
+            await asyncio.sleep(outcome)
     return False
+
+
+def payload(job: Job) -> dict:
+    """What a job's webhook says: its outcome, with ``seed`` where it has one."""
+    return {"id": job.id, "jobId": job.id, "type": job.type, "status": job.status, "error": job.error,
+            "seed": (job.result or {}).get("seed")}
