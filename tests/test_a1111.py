@@ -109,3 +109,16 @@ def test_a1111s_own_infotext_and_a_bare_prompt_parse():
     bare = parse("just a prompt, no settings")  # fewer than three settings: the line is the prompt's
     assert bare["Prompt"] == "just a prompt, no settings" and "Steps" not in bare
     assert parse("")["Prompt"] == "" and parse("")["Negative prompt"] == ""
+
+
+def test_progress_counts_the_steps_each_batch_really_runs():
+    """A latent hires fix runs its second pass's steps after the first's: the replica reports both, so the
+    progress of a request never passes 1 (A1111's ``progress`` is at most 1, a client's bar at most full)."""
+    from graphs.api.a1111 import InFlight
+
+    flight = InFlight("f", "c", 0.0, total_steps=20 * 2, request_ids=["a"], batches=2)
+    assert flight.steps(None) == (0, 40)
+    assert flight.steps((5, 20)) == (5, 40)
+    assert flight.steps((25, 30)) == (25, 60)  # 20 steps, then 10 of the hires pass
+    flight.request_ids.append("b")
+    assert flight.steps((30, 30)) == (60, 60)

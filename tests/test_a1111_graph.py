@@ -198,6 +198,14 @@ def test_extras_upscale_to_a_size_covers_and_crops_as_a1111(ingress):
     assert decode_b64(uncropped).size == (256, 128)  # scaled by max(128/128, 128/64), kept whole
 
 
+def test_extras_without_a_first_upscaler_upscale_nothing_and_blend_nothing(ingress):
+    """A1111 returns early when ``upscaler_1`` is "None": a second upscaler has nothing to blend with (blending its
+    twice-as-large image with the unscaled one used to fail as a 500)."""
+    body = ExtrasRequest(image=b64(bands()), upscaler_2="Lanczos", extras_upscaler_2_visibility=0.5)
+    single = answer(ingress.extra_single_image.remote(body).result())
+    assert np.array_equal(pixels(decode_b64(single["image"])), pixels(bands()))
+
+
 def test_png_info_parses_the_infotext_of_an_image_made_here(ingress):
     made = txt2img(ingress, negative_prompt="blurry", sampler_name="Euler")
     read = ingress.png_info.remote(PngInfoRequest(image=made["images"][0])).result()

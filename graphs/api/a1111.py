@@ -71,6 +71,14 @@ class InFlight:
     started: float
     total_steps: int
     request_ids: list[str] = field(default_factory=list)
+    batches: int = 1  # n_iter: one request id each
+
+    def steps(self, current: tuple[int, int] | None) -> tuple[int, int]:
+        """Steps done and in all, given what the running batch's replica last reported (step, of steps): each
+        batch counts as many as the replica says (a hires fix adds its second pass's), else as asked."""
+        per_batch = current[1] if current and current[1] else self.total_steps // max(1, self.batches)
+        done = (len(self.request_ids) - 1) * per_batch + (current[0] if current else 0)
+        return done, per_batch * max(self.batches, len(self.request_ids))
 
 
 def images_answer(files: list[bytes], parameters: dict, info: dict) -> Response:
@@ -80,8 +88,10 @@ def images_answer(files: list[bytes], parameters: dict, info: dict) -> Response:
 
 
 def _client(request: Request) -> str:
-    token = request.headers.get("authorization")
-    return f"token:{token}" if token else f"addr:{request.client.host if request.client else '?'}"
+    """Whose requests these are, as the job store keeps them: a token's owner name (never the token itself), else
+    the peer address."""
+    owner = token_owner(request.headers.get("authorization"))
+    return f"token:{owner}" if owner else f"addr:{request.client.host if request.client else '?'}"
 
 
 class A1111Routes(CheckpointChoice):
@@ -93,7 +103,7 @@ class A1111Routes(CheckpointChoice):
 
     async def _track(self, flight: InFlight) -> None:
         record = {"id": flight.id, "started": flight.started, "total_steps": flight.total_steps,
-                  "request_ids": flight.request_ids}
+                  "request_ids": flight.request_ids, "batches": flight.batches}
         await asyncio.to_thread(self.jobs.track, flight.id, flight.client, record, FLIGHT_TTL_S)
 
     async def _flights(self, client: str) -> list[InFlight]:
@@ -178,7 +188,7 @@ class A1111Routes(CheckpointChoice):
         """The files of every image the request makes, and A1111's ``info`` about them. With several ``inits`` (an
         edit's framed uploads), image i of each batch starts from ``inits[i % len(inits)]``."""
         extra["checkpoint"] = model
-        job = InFlight(uuid.uuid4().hex, _client(http), time.time(), r.steps * r.n_iter)
+        job = InFlight(uuid.uuid4().hex, _client(http), time.time(), r.steps * r.n_iter, batches=r.n_iter)
         settings = self._settings_text(r, switch, hires, edit="init_image" in extra)
         sampler = r.sampler or self.config.base.default_sampler  # what the base runs for this request
         files: list[bytes] = []
@@ -271,7 +281,8 @@ class A1111Routes(CheckpointChoice):
             scale, width, height, box = upscale_to(image.size, body.upscaling_resize_w, body.upscaling_resize_h,
                                                    body.upscaling_crop)
         visibility = body.upscaler_2_visibility or body.extras_upscaler_2_visibility
-        blend = body.upscaler_2 != "None" and visibility > 0
+        # As A1111: no first upscaler, no upscale at all, so nothing for a second one to blend with.
+        blend = body.upscaler_1 != "None" and body.upscaler_2 != "None" and visibility > 0
         face_visibility = max(body.codeformer_visibility, body.gfpgan_visibility)
         upscaler = self.handles.upscaler
         # In a flight: a deadline, a disconnect or a failed upscale cancels every call still running.
@@ -315,12 +326,9 @@ class A1111Routes(CheckpointChoice):
         step, total, fraction, elapsed, running, job_name = 0, 0, 0.0, 0.0, None, ""
         if mine and mine[-1].request_ids:
             flight = mine[-1]
-            per_batch = flight.total_steps // max(1, len(flight.request_ids))
             running = flight.request_ids[-1]
-            current = await self._board("progress", running)
-            step = (len(flight.request_ids) - 1) * per_batch + (current[0] if current else 0)
-            total = flight.total_steps
-            fraction = step / total if total else 0.0
+            step, total = flight.steps(await self._board("progress", running))
+            fraction = min(1.0, step / total) if total else 0.0
             elapsed = time.time() - flight.started
         else:
             owner = token_owner(http.headers.get("authorization"))
@@ -329,7 +337,7 @@ class A1111Routes(CheckpointChoice):
                 running, job_name = jobs[0].run_id, jobs[0].id
                 current = await self._board("progress", running)
                 step, total = current or (0, 0)
-                fraction = jobs[0].progress / 100
+                fraction = min(1.0, jobs[0].progress / 100)
                 elapsed = time.time() - (jobs[0].started_at or time.time())
         eta = elapsed / fraction - elapsed if fraction else 0.0
         image = None
