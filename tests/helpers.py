@@ -76,6 +76,15 @@ def error(response, status: int, code: str, field: str | None = None) -> dict:
     return body
 
 
+def interrupted(response, images: int = 0) -> dict:
+    """An A1111 generation stopped by /interrupt: 200, as in A1111, with the images its finished batches made."""
+    assert response.status_code == 200, response.text
+    body = response.json()
+    info = json.loads(body["info"])
+    assert info["interrupted"] is True and len(body["images"]) == images == len(info["all_seeds"])
+    return info
+
+
 SMALL = {"prompt": "a lighthouse", "width": 128, "height": 128, "steps": 3, "seed": 11}
 LONG = {"prompt": "a long one", "width": 256, "height": 256, "steps": 150, "seed": 3}
 

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from tests.conftest import DEPLOYMENT_OPTIONS
-from tests.helpers import error, until, within
+from tests.helpers import error, interrupted, until, within
 
 pytestmark = pytest.mark.integration
 
@@ -58,12 +58,12 @@ def test_an_interrupt_stops_one_request_and_leaves_the_other_replica_running(rep
         else:
             pytest.fail("the two requests never ran on the two base replicas at once")
         service.post("/sdapi/v1/interrupt", headers=owners[0])
-        error(pending[0].result(timeout=60), 409, "CANCELLED")
+        interrupted(pending[0].result(timeout=60))
         before = progress(service, owners[1])["state"]["sampling_step"]
         until(lambda: progress(service, owners[1])["state"]["sampling_step"] > before + 2)  # untouched
         assert not pending[1].done()
         service.post("/sdapi/v1/interrupt", headers=owners[1])
-        error(pending[1].result(timeout=60), 409, "CANCELLED")
+        interrupted(pending[1].result(timeout=60))
     until(lambda: running(handles["SDXLBase"]) == 0, timeout=10)
 
 
@@ -75,7 +75,7 @@ def test_an_interrupt_reaches_the_refiner_stage(replicas):
         pending = pool.submit(service.post, "/sdapi/v1/txt2img", json=body, headers=owner)
         until(lambda: running(handles["SDXLRefiner"], polls=4) > 0)  # the base handed over: the refiner runs
         service.post("/sdapi/v1/interrupt", headers=owner)
-        error(pending.result(timeout=60), 409, "CANCELLED")
+        interrupted(pending.result(timeout=60))
     until(lambda: running(handles["SDXLRefiner"]) == 0, timeout=10)
 
 

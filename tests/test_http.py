@@ -18,7 +18,7 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from tests.conftest import BUCKET, METRICS_PORT, ROOT
-from tests.helpers import b64, decode_b64, error, pixels, s3_client
+from tests.helpers import b64, decode_b64, error, interrupted, pixels, s3_client
 
 pytestmark = pytest.mark.integration
 
@@ -300,8 +300,31 @@ def test_a1111_interrupt_stops_only_the_callers_request(service):
             time.sleep(0.2)
         assert 0 < progress["progress"] < 1
         service.post("/sdapi/v1/interrupt", headers={"authorization": "Bearer a"})
-        error(victim.result(timeout=120), 409, "CANCELLED")
+        interrupted(victim.result(timeout=120))
         assert bystander.result(timeout=120).status_code == 200
+
+
+def test_a1111_skip_drops_the_current_batch_and_runs_the_next(service):
+    """As A1111: /skip stops the batch being made and goes on with the next of ``n_iter``; the answer holds the
+    images the request did make, and is not cached as if whole."""
+    import concurrent.futures
+
+    body = {"prompt": "skip", "width": 256, "height": 256, "steps": 60, "seed": 40, "n_iter": 2}
+    owner = {"authorization": "Bearer skipper"}
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(service.post, "/sdapi/v1/txt2img", json=body, headers=owner)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if service.get("/sdapi/v1/progress", headers=owner).json()["state"]["sampling_step"] > 0:
+                break
+            time.sleep(0.2)
+        service.post("/sdapi/v1/skip", headers=owner)
+        response = pending.result(timeout=180)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    info = json.loads(answer["info"])
+    assert info["skipped"] is True and "interrupted" not in info
+    assert len(answer["images"]) == 1 and info["all_seeds"] == [41]  # the second batch's seed alone
 
 
 # --- operations: metrics and autoscaling --------------------------------------------------------------------

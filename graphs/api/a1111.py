@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Request, Response
 from PIL import Image
 
-from deployments.support.errors import InvalidInput, UnknownModel
+from deployments.support.errors import GenerationCancelled, InvalidInput, UnknownModel
 from deployments.support.generation import Encoding, GenerationRequest, StageResult, resolve_seeds
 from deployments.support.imaging import decode
 from deployments.support.samplers import SCHEDULES, resolve
@@ -50,7 +50,7 @@ from graphs.api.a1111_sizes import crop_box, edit_inputs, hires_size, upscale_to
 from graphs.api.body import JSONBodyRoute, blobs, json_answer
 from graphs.api.checkpoints import CheckpointChoice
 from graphs.api.edge import token_owner
-from graphs.api.errors import call
+from graphs.api.errors import call, unwrap
 from graphs.api.fields import b64_png, image_bytes
 from graphs.jobs.cache import RequestCache
 from graphs.jobs.store import JobStore
@@ -72,6 +72,7 @@ class InFlight:
     total_steps: int
     request_ids: list[str] = field(default_factory=list)
     batches: int = 1  # n_iter: one request id each
+    interrupted: bool = False  # by /interrupt (the rest is dropped), not /skip (the next batch runs)
 
     def steps(self, current: tuple[int, int] | None) -> tuple[int, int]:
         """Steps done and in all, given what the running batch's replica last reported (step, of steps): each
@@ -103,7 +104,7 @@ class A1111Routes(CheckpointChoice):
 
     async def _track(self, flight: InFlight) -> None:
         record = {"id": flight.id, "started": flight.started, "total_steps": flight.total_steps,
-                  "request_ids": flight.request_ids, "batches": flight.batches}
+                  "request_ids": flight.request_ids, "batches": flight.batches, "interrupted": flight.interrupted}
         await asyncio.to_thread(self.jobs.track, flight.id, flight.client, record, FLIGHT_TTL_S)
 
     async def _flights(self, client: str) -> list[InFlight]:
@@ -179,7 +180,8 @@ class A1111Routes(CheckpointChoice):
         if hit is not None:
             return images_answer(hit.files, parameters, {**json.loads(hit.facts["info"]), "cached": True})
         files, info = await self._generate(http, r, model, parameters, parent, switch, hires, inits, **extra)
-        await self.cache.put(key, {"info": json.dumps(info)}, files)
+        if not info.get("interrupted") and not info.get("skipped"):  # a whole answer only
+            await self.cache.put(key, {"info": json.dumps(info)}, files)
         return images_answer(files, parameters, info)
 
     async def _generate(self, http: Request, r: Txt2ImgRequest, model: str, parameters: dict, parent: bytes | None,
@@ -196,10 +198,14 @@ class A1111Routes(CheckpointChoice):
         warnings: list[str] = []  # every stage's, as /generate reports them; each said once
         nsfw: list[bool] = []
         size = (r.width, r.height)
+        stopped: str | None = None
         try:
             seed = r.seed
             async with flights.flight():
                 for _ in range(r.n_iter):
+                    if job.request_ids and await self._interrupted(job):  # came between two batches
+                        stopped = "interrupted"
+                        break
                     request_id = uuid.uuid4().hex
                     job.request_ids.append(request_id)
                     await self._track(job)
@@ -211,9 +217,21 @@ class A1111Routes(CheckpointChoice):
                     several = None
                     if inits and len(inits) > 1:
                         several = StageResult(images=[inits[i % len(inits)] for i in range(r.batch_size)], seeds=own)
-                    result = await plans.a1111_batch(self.handles, request, request_id, refiner_switch_at=switch,
-                                                     hires=hires, restore_faces=r.restore_faces, encode=how,
-                                                     init=several)
+                    try:
+                        result = await plans.a1111_batch(self.handles, request, request_id, refiner_switch_at=switch,
+                                                         hires=hires, restore_faces=r.restore_faces, encode=how,
+                                                         init=several)
+                    except Exception as e:
+                        if not isinstance(unwrap(e), GenerationCancelled):
+                            raise
+                        # /interrupt or /skip (a deadline or a disconnect cancels the flight instead): as A1111,
+                        # the client gets what is finished; after a skip, the next batch runs.
+                        if await self._interrupted(job):
+                            stopped = "interrupted"
+                            break
+                        stopped = stopped or "skipped"
+                        seed = own[-1] + 1
+                        continue
                     files += result.encoded
                     seeds += result.seeds
                     warnings += result.warnings
@@ -225,7 +243,8 @@ class A1111Routes(CheckpointChoice):
             await asyncio.to_thread(self.jobs.untrack, job.client, job.id)
         texts = [infotext(r, s, model, sampler, settings) for s in seeds]
         info = {"prompt": r.prompt, "all_prompts": [r.prompt] * len(seeds), "negative_prompt": r.negative_prompt,
-                "all_negative_prompts": [r.negative_prompt] * len(seeds), "seed": seeds[0], "all_seeds": seeds,
+                "all_negative_prompts": [r.negative_prompt] * len(seeds), "seed": seeds[0] if seeds else r.seed,
+                "all_seeds": seeds,
                 "subseed": -1, "all_subseeds": [-1] * len(seeds), "width": size[0], "height": size[1],
                 "sampler_name": sampler, "cfg_scale": r.cfg_scale,
                 "steps": r.steps, "batch_size": r.batch_size, "restore_faces": r.restore_faces,
@@ -233,6 +252,8 @@ class A1111Routes(CheckpointChoice):
                 "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "version": "imagegen-0.1",
                 "warnings": list(dict.fromkeys(warnings)), "nsfw": nsfw if self.handles.safety else None,
                 "cached": False}
+        if stopped:
+            info[stopped] = True
         return files, info
 
     def _settings_text(self, r: Txt2ImgRequest, switch: float | None, hires: plans.A1111Hires | None, *,
@@ -361,17 +382,24 @@ class A1111Routes(CheckpointChoice):
         for request_id in job.request_ids:
             await self._board("cancel", request_id)
 
-    async def _cancel_mine(self, http: Request) -> dict:
-        for job in await self._flights(_client(http)):
-            await self._cancel(job)
-        return {}
+    async def _interrupted(self, job: InFlight) -> bool:
+        """Whether /interrupt (on any ingress replica) stopped ``job``, as its shared record says."""
+        return any(f.id == job.id and f.interrupted for f in await self._flights(job.client))
 
     @router.post("/interrupt", response_model=Empty)
     async def interrupt(self, http: Request) -> dict:
-        """Stop the calling client's generation between two denoising steps."""
-        return await self._cancel_mine(http)
+        """Stop the calling client's generation between two denoising steps; it answers with the images its
+        finished batches made (as A1111 does), and runs no further batch."""
+        for job in await self._flights(_client(http)):
+            job.interrupted = True
+            await self._track(job)  # read by the ingress running it when its batch stops
+            await self._cancel(job)
+        return {}
 
     @router.post("/skip", response_model=Empty)
     async def skip(self, http: Request) -> dict:
-        """As interrupt: the current batch of the calling client stops."""
-        return await self._cancel_mine(http)
+        """Stop the calling client's current batch; its next batch (of ``n_iter``) runs."""
+        for job in await self._flights(_client(http)):
+            if job.request_ids:
+                await self._board("cancel", job.request_ids[-1])
+        return {}
