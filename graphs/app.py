@@ -26,7 +26,7 @@ from deployments.support.config import (
 )
 from deployments.support.settings import current
 from graphs import plans
-from graphs.api import a1111, a1111_info, generate, illustration, jobs, processing, provenance, ui
+from graphs.api import a1111, a1111_extras, a1111_info, generate, illustration, jobs, processing, provenance, ui
 from graphs.api.edge import create_app
 from graphs.api.photos import PhotoStore, StorageConfig
 from graphs.board import ProgressBoard
@@ -73,7 +73,7 @@ class AppArgs(BaseModel):
 
 app = create_app()
 app.include_router(generate.open_router)
-for module in (generate, illustration, processing, a1111, a1111_info, jobs, provenance, ui):
+for module in (generate, illustration, processing, a1111, a1111_extras, a1111_info, jobs, provenance, ui):
     app.include_router(module.router)
 app.include_router(a1111_info.internal)
 
@@ -85,6 +85,7 @@ class Ingress(
     illustration.IllustrationRoutes,
     processing.ProcessingRoutes,
     a1111.A1111Routes,
+    a1111_extras.A1111ExtrasRoutes,
     a1111_info.A1111InfoRoutes,
     jobs.JobRoutes,
     provenance.ProvenanceRoutes,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import time
@@ -79,6 +80,22 @@ async def test_auth_on_accepts_the_token_and_health_stays_open(make_client):
     client = make_client(AUTH_ENABLED="true", AUTH_TOKEN="secret")
     assert (await client.post("/echo", json={}, headers={"authorization": "Bearer secret"})).status_code == 200
     assert (await client.get("/health/")).status_code == 200
+
+
+def basic(pair: str) -> str:
+    return "Basic " + base64.b64encode(pair.encode()).decode()
+
+
+async def test_a1111_clients_authenticate_with_basic_as_a1111s_api_auth_asks(make_client):
+    """The token as the password of any user, or the whole user:password when the token is one."""
+    client = make_client(AUTH_ENABLED="true", AUTH_TOKEN="secret")
+    for header, status in [(basic("webui:secret"), 200), (basic(":secret"), 200), (basic("webui:wrong"), 401),
+                           (basic("secret:"), 401), ("Basic not-base64!", 401)]:
+        response = await client.post("/echo", json={}, headers={"authorization": header})
+        assert response.status_code == status, header
+    paired = make_client(AUTH_ENABLED="true", AUTH_TOKEN="webui:pass")
+    assert (await paired.post("/echo", json={}, headers={"authorization": basic("webui:pass")})).status_code == 200
+    assert (await paired.post("/echo", json={}, headers={"authorization": basic("other:pass")})).status_code == 401
 
 
 async def test_auth_enabled_without_a_token_refuses_everything(make_client):

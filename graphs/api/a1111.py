@@ -23,30 +23,25 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request, Response
 from PIL import Image
 
 from deployments.support.errors import GenerationCancelled, InvalidInput, UnknownModel
 from deployments.support.generation import Encoding, GenerationRequest, StageResult, resolve_seeds
-from deployments.support.imaging import decode
 from deployments.support.samplers import SCHEDULES, resolve
 from graphs import flights, plans
 from graphs.api.a1111_infotext import infotext
 from graphs.api.a1111_models import (
     MAX_IMAGES,
     Empty,
-    ExtrasBatchRequest,
-    ExtrasBatchResponse,
-    ExtrasRequest,
-    ExtrasResponse,
     ImagesResponse,
     Img2ImgRequest,
     Progress,
     Txt2ImgRequest,
 )
-from graphs.api.a1111_sizes import crop_box, edit_inputs, hires_size, upscale_to
+from graphs.api.a1111_sizes import crop_box, edit_inputs, hires_size
 from graphs.api.body import JSONBodyRoute, blobs, json_answer
 from graphs.api.checkpoints import CheckpointChoice
 from graphs.api.edge import token_owner
@@ -291,53 +286,6 @@ class A1111Routes(CheckpointChoice):
         inits, mask = await asyncio.to_thread(edit_inputs, body, uploads)
         return await self._run(http, body, uploads[0], cache_as="a1111-img2img", inits=inits, init_image=inits[0],
                                mask=mask, mask_blur=body.mask_blur, strength=body.denoising_strength)
-
-    async def _extras(self, body: ExtrasRequest, image: Image.Image, raw: bytes) -> bytes:
-        """The upscaled (and restored) ``image`` as a marked PNG file, ``raw`` its upload. The last stage that runs
-        encodes it, so the pixels travel stage to stage; only a blend of two upscalers comes through here."""
-        how = Encoding(parent=raw)
-        scale: float | None = body.upscaling_resize
-        width = height = box = None
-        if body.resize_mode == 1:
-            scale, width, height, box = upscale_to(image.size, body.upscaling_resize_w, body.upscaling_resize_h,
-                                                   body.upscaling_crop)
-        visibility = body.upscaler_2_visibility or body.extras_upscaler_2_visibility
-        # As A1111: no first upscaler, no upscale at all, so nothing for a second one to blend with.
-        blend = body.upscaler_1 != "None" and body.upscaler_2 != "None" and visibility > 0
-        face_visibility = max(body.codeformer_visibility, body.gfpgan_visibility)
-        upscaler = self.handles.upscaler
-        # In a flight: a deadline, a disconnect or a failed upscale cancels every call still running.
-        async with flights.flight():
-            last: Any = upscaler.upscale.remote(image, body.upscaler_1, scale, width, height,
-                                                encode=None if blend or face_visibility > 0 else how, box=box)
-            if blend:
-                second = upscaler.upscale.remote(image, body.upscaler_2, scale, width, height, box=box)
-                first, other = await call(last), await call(second)
-                blended = await asyncio.to_thread(Image.blend, first.image, other.image, visibility)
-                last = first.then([blended], warnings=other.warnings)
-            if face_visibility > 0:
-                last = self.handles.faces.restore.remote(last, body.codeformer_weight, face_visibility, encode=how)
-            result = last if isinstance(last, StageResult) else await flights.settled(last)
-        if not result.encoded:  # the blend, with no stage after it
-            result = await call(self.provenance.encode.remote(result, how))  # type: ignore[attr-defined]
-        return result.encoded[0]
-
-    @router.post("/extra-single-image", response_model=ExtrasResponse)
-    async def extra_single_image(self, body: ExtrasRequest) -> Response:
-        """Upscale (two blended upscalers) and restore faces in one image."""
-        raw = image_bytes(body.image, "image")
-        upload = await asyncio.to_thread(decode, raw, field="image")
-        (image,), payloads = blobs([await self._extras(body, upload, raw)])
-        return json_answer(ExtrasResponse(html_info="", image=image), **payloads)
-
-    @router.post("/extra-batch-images", response_model=ExtrasBatchResponse)
-    async def extra_batch_images(self, body: ExtrasBatchRequest) -> Response:
-        """The same as extra-single-image for a list of images."""
-        files = [image_bytes(item.data, f"imageList.{i}.data") for i, item in enumerate(body.imageList)]
-        images = [await asyncio.to_thread(decode, raw, field=f"imageList.{i}.data") for i, raw in enumerate(files)]
-        out = [await self._extras(body, image, raw) for image, raw in zip(images, files, strict=True)]
-        placeholders, payloads = blobs(out)
-        return json_answer(ExtrasBatchResponse(html_info="", images=placeholders), **payloads)
 
     @router.get("/progress", response_model=Progress)
     async def progress(self, http: Request, skip_current_image: bool = False) -> dict:

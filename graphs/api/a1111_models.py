@@ -34,12 +34,12 @@ class Txt2ImgRequest(_A1111):
     scheduler: str | None = None
     batch_size: int = Field(1, ge=1, le=MAX_IMAGES)
     n_iter: int = Field(1, ge=1, le=MAX_IMAGES)
-    steps: Steps = 20
+    steps: Steps = 50  # A1111's API default (its web page's is 20)
     cfg_scale: Guidance = 7.0
     width: Side = 512
     height: Side = 512
     restore_faces: bool = False
-    denoising_strength: float = Field(0.7, ge=0.0, le=1.0)
+    denoising_strength: float = Field(0.75, ge=0.0, le=1.0)
     enable_hr: bool = False
     hr_scale: float = Field(2.0, ge=0.0, le=4.0, description="not read when hr_resize_x or hr_resize_y is set")
     hr_resize_x: int = Field(0, ge=0, le=4096, description="the hires width; 0: hr_scale, or the aspect ratio")

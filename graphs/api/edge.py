@@ -5,6 +5,7 @@ status codes.
 """
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import logging
@@ -195,12 +196,24 @@ def create_app() -> FastAPI:
 
 
 def check_bearer(settings: Settings, authorization: str | None) -> None:
-    """Seed 001 auth: when enabled, ``Authorization: Bearer <AUTH_TOKEN>``; compared in constant time."""
+    """Seed 001 auth: when enabled, ``Authorization: Bearer <AUTH_TOKEN>``, compared in constant time. A1111
+    clients authenticate as A1111's ``--api-auth`` asks, with HTTP Basic: ``AUTH_TOKEN`` as the password (any
+    user name), or as the whole ``user:password``."""
     if not settings.auth_enabled:
         return
     scheme, token = _credential(authorization)
     expected = settings.auth_token.encode()
-    if scheme != "Bearer" or not expected or not hmac.compare_digest(token.encode(), expected):
+    if scheme == "Basic":
+        try:
+            pair = base64.b64decode(token, validate=True)
+        except ValueError:
+            pair = b""
+        candidates = [pair, pair.partition(b":")[2]] if b":" in pair else []
+    else:
+        candidates = [token.encode()] if scheme == "Bearer" else []
+    # Every candidate is compared, so the time taken says nothing of which one came close.
+    matched = [hmac.compare_digest(candidate, expected) for candidate in candidates]
+    if not expected or not any(matched):
         raise Unauthorized("missing or invalid bearer token")
 
 

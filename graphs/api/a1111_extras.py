@@ -1,0 +1,74 @@
+"""Automatic1111's postprocessing routes: ``/extra-single-image`` and ``/extra-batch-images`` upscale (one
+upscaler, or two blended) and restore faces, stage to stage; only a blend of two upscalers comes back through the
+ingress."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Response
+from PIL import Image
+
+from deployments.support.generation import Encoding, StageResult
+from deployments.support.imaging import decode
+from graphs import flights, plans
+from graphs.api.a1111_models import ExtrasBatchRequest, ExtrasBatchResponse, ExtrasRequest, ExtrasResponse
+from graphs.api.a1111_sizes import upscale_to
+from graphs.api.body import JSONBodyRoute, blobs, json_answer
+from graphs.api.errors import call
+from graphs.api.fields import image_bytes
+
+router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"], route_class=JSONBodyRoute)
+
+
+class A1111ExtrasRoutes:
+    handles: plans.Handles
+    provenance: object
+
+    async def _extras(self, body: ExtrasRequest, image: Image.Image, raw: bytes) -> bytes:
+        """The upscaled (and restored) ``image`` as a marked PNG file, ``raw`` its upload. The last stage that runs
+        encodes it, so the pixels travel stage to stage; only a blend of two upscalers comes through here."""
+        how = Encoding(parent=raw)
+        scale: float | None = body.upscaling_resize
+        width = height = box = None
+        if body.resize_mode == 1:
+            scale, width, height, box = upscale_to(image.size, body.upscaling_resize_w, body.upscaling_resize_h,
+                                                   body.upscaling_crop)
+        visibility = body.upscaler_2_visibility or body.extras_upscaler_2_visibility
+        # As A1111: no first upscaler, no upscale at all, so nothing for a second one to blend with.
+        blend = body.upscaler_1 != "None" and body.upscaler_2 != "None" and visibility > 0
+        face_visibility = max(body.codeformer_visibility, body.gfpgan_visibility)
+        upscaler = self.handles.upscaler
+        # In a flight: a deadline, a disconnect or a failed upscale cancels every call still running.
+        async with flights.flight():
+            last: Any = upscaler.upscale.remote(image, body.upscaler_1, scale, width, height,
+                                                encode=None if blend or face_visibility > 0 else how, box=box)
+            if blend:
+                second = upscaler.upscale.remote(image, body.upscaler_2, scale, width, height, box=box)
+                first, other = await call(last), await call(second)
+                blended = await asyncio.to_thread(Image.blend, first.image, other.image, visibility)
+                last = first.then([blended], warnings=other.warnings)
+            if face_visibility > 0:
+                last = self.handles.faces.restore.remote(last, body.codeformer_weight, face_visibility, encode=how)
+            result = last if isinstance(last, StageResult) else await flights.settled(last)
+        if not result.encoded:  # the blend, with no stage after it
+            result = await call(self.provenance.encode.remote(result, how))  # type: ignore[attr-defined]
+        return result.encoded[0]
+
+    @router.post("/extra-single-image", response_model=ExtrasResponse)
+    async def extra_single_image(self, body: ExtrasRequest) -> Response:
+        """Upscale (two blended upscalers) and restore faces in one image."""
+        raw = image_bytes(body.image, "image")
+        upload = await asyncio.to_thread(decode, raw, field="image")
+        (image,), payloads = blobs([await self._extras(body, upload, raw)])
+        return json_answer(ExtrasResponse(html_info="", image=image), **payloads)
+
+    @router.post("/extra-batch-images", response_model=ExtrasBatchResponse)
+    async def extra_batch_images(self, body: ExtrasBatchRequest) -> Response:
+        """The same as extra-single-image for a list of images."""
+        files = [image_bytes(item.data, f"imageList.{i}.data") for i, item in enumerate(body.imageList)]
+        images = [await asyncio.to_thread(decode, raw, field=f"imageList.{i}.data") for i, raw in enumerate(files)]
+        out = [await self._extras(body, image, raw) for image, raw in zip(images, files, strict=True)]
+        placeholders, payloads = blobs(out)
+        return json_answer(ExtrasBatchResponse(html_info="", images=placeholders), **payloads)
