@@ -79,8 +79,9 @@ def untouched(image: Image.Image, expected: np.ndarray) -> bool:
     return int(np.abs(pixels(image.convert("RGB")) - expected).max()) <= 1
 
 
-def stored(data_uri: str) -> Image.Image:
-    return Image.open(io.BytesIO(base64.b64decode(data_uri.split(",", 1)[1])))
+def stored(data: str) -> Image.Image:
+    """An image as an answer carries it: plain base64, or a data URI."""
+    return Image.open(io.BytesIO(base64.b64decode(data.split(",", 1)[-1])))
 
 
 # --- every API family: both outcomes ---------------------------------------------------------------------------
