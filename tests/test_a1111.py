@@ -122,3 +122,13 @@ def test_progress_counts_the_steps_each_batch_really_runs():
     assert flight.steps((25, 30)) == (25, 60)  # 20 steps, then 10 of the hires pass
     flight.request_ids.append("b")
     assert flight.steps((30, 30)) == (60, 60)
+
+
+def test_an_infotext_parse_is_linear_in_its_text():
+    """The text of an uploaded PNG is the client's: a long line with no colon made the settings pattern quadratic
+    (80,000 characters took 20 s)."""
+    from graphs.api import a1111_infotext
+    from tests.test_body import finishes
+
+    assert finishes(lambda: a1111_infotext.parse("a" * 80_000), 10)
+    assert a1111_infotext.parse("a" * 80_000)["Prompt"] == "a" * 80_000

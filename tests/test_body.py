@@ -104,3 +104,30 @@ def test_a_large_body_is_parsed_off_the_event_loop(monkeypatch):
     assert client.post("/echo", json={"prompt": big}).json() == {"n": len(big)}
     assert parsers[0] is loop[0]  # a small body: not worth a thread
     assert parsers[1] is not loop[1]
+
+
+def finishes(work, seconds: float) -> bool:
+    """Whether ``work()`` returns (or raises) within ``seconds``: a guard against a hostile input that would hold a
+    core for minutes, far past any honest input's milliseconds."""
+    done = threading.Event()
+
+    def run():
+        try:
+            work()
+        except Exception:  # noqa: BLE001 - the outcome is asserted elsewhere; here only that it ends
+            pass
+        finally:
+            done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    return done.wait(seconds)
+
+
+def test_counting_values_is_linear_in_the_body_whatever_its_strings():
+    """Past the first count, strings are struck before counting again: an unterminated one full of escaped quotes
+    made that strike quadratic (a 260 KB body held the ingress's GIL for 47 s)."""
+    hostile = b"[" + b"," * (body.MAX_VALUES + 1) + b'"' + b'\\"' * 200_000
+    assert finishes(lambda: body.parse_json(hostile), 10)
+    with pytest.raises(InvalidInput) as e:
+        body.parse_json(hostile)
+    assert e.value.field == "body"

@@ -10,7 +10,7 @@ import re
 
 from graphs.api.a1111_models import Txt2ImgRequest
 
-_SETTING = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # one ``Key: value``, A1111's
+_SETTING = re.compile(r'\s*(\w[\w \-/]{0,63}):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # one ``Key: value``, A1111's
 _SIZE = re.compile(r"^(\d+)x(\d+)$")  # "512x768" is read as "Key-1" and "Key-2"
 
 # What A1111's reader adds for the settings a text leaves out (each one's default there).

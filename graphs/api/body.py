@@ -33,7 +33,9 @@ from deployments.support.errors import InvalidInput
 MAX_DEPTH = 64  # far beyond any request model here; keeps a hostile body off the recursion limit
 MAX_VALUES = 100_000  # far beyond any request model here too; keeps a body's Python objects near its own size
 OFF_LOOP_BYTES = 64 * 1024  # a larger body is parsed in a thread, so the event loop keeps serving
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+# A string, or an unterminated one running to the end: nothing is tried twice, so striking them is linear in the
+# body, however many escaped quotes it holds.
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\Z)', re.DOTALL)
 
 
 def _refuse_constant(name: str) -> float:

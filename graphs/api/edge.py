@@ -197,31 +197,30 @@ def create_app() -> FastAPI:
 
 def check_bearer(settings: Settings, authorization: str | None) -> None:
     """Seed 001 auth: when enabled, ``Authorization: Bearer <AUTH_TOKEN>``, compared in constant time. A1111
-    clients authenticate as A1111's ``--api-auth`` asks, with HTTP Basic: ``AUTH_TOKEN`` as the password (any
-    user name), or as the whole ``user:password``."""
+    clients may authenticate as A1111's ``--api-auth`` has them do, with HTTP Basic: ``AUTH_TOKEN`` as the password,
+    whatever the user name."""
     if not settings.auth_enabled:
         return
     scheme, token = _credential(authorization)
     expected = settings.auth_token.encode()
-    if scheme == "Basic":
-        try:
-            pair = base64.b64decode(token, validate=True)
-        except ValueError:
-            pair = b""
-        candidates = [pair, pair.partition(b":")[2]] if b":" in pair else []
-    else:
-        candidates = [token.encode()] if scheme == "Bearer" else []
-    # Every candidate is compared, so the time taken says nothing of which one came close.
-    matched = [hmac.compare_digest(candidate, expected) for candidate in candidates]
-    if not expected or not any(matched):
+    if scheme != "Bearer" or not expected or not hmac.compare_digest(token.encode(), expected):
         raise Unauthorized("missing or invalid bearer token")
 
 
 def _credential(authorization: str | None) -> tuple[str, str]:
-    """An ``Authorization`` header as (scheme, credentials), spelled one way: the scheme as HTTP writes it
-    (``bearer``, ``BEARER`` -> ``Bearer``), the credentials without the whitespace around them."""
+    """An ``Authorization`` header as (scheme, token), spelled one way: the scheme as HTTP writes it (``bearer``,
+    ``BEARER`` -> ``Bearer``), the token without the whitespace around it. HTTP Basic's password is the token, as
+    ``Bearer <password>``: one token is one client however it is sent, whatever user name comes with it."""
     scheme, _, token = (authorization or "").strip().partition(" ")
-    return scheme.capitalize(), token.strip()
+    scheme, token = scheme.capitalize(), token.strip()
+    if scheme == "Basic":
+        try:
+            user, colon, password = base64.b64decode(token, validate=True).decode("utf-8").partition(":")
+        except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
+            return scheme, token
+        if colon:
+            return "Bearer", password
+    return scheme, token
 
 
 def token_owner(authorization: str | None) -> str | None:
