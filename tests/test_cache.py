@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from deployments.support.settings import Settings
-from graphs.jobs.cache import LocalEntries, ResultCache, S3Entries, open_cache, pack, request_key, unpack
+from graphs.jobs.cache import LOW_WATER, LocalEntries, ResultCache, S3Entries, open_cache, pack, request_key, unpack
 from tests.helpers import s3_client
 
 KEY = "a" * 64
@@ -64,29 +64,30 @@ def test_entries_older_than_the_age_bound_miss_and_are_evicted(tmp_path):
 def test_the_size_bound_evicts_the_oldest_first(tmp_path):
     entries = LocalEntries(tmp_path)
     one = len(pack({"n": 0}, [b"x" * 1000], time.time()))
-    cache = ResultCache(entries, max_bytes=2 * one + 100, max_age_s=3600)
-    keys = [c * 64 for c in "abc"]
+    cache = ResultCache(entries, max_bytes=3 * one + 100, max_age_s=3600)
+    keys = [c * 64 for c in "abcd"]
     for i, key in enumerate(keys):
         cache.put(key, {"n": i}, [b"x" * 1000])
-        age(entries, key, 10 * (3 - i))  # a the oldest, c the newest
-    assert cache.get(keys[0]) is None and cache.get(keys[1]).facts == {"n": 1} and cache.get(keys[2]) is not None
-    assert sum(size for _, size, _ in entries.listing()) <= cache.max_bytes
-    cache.put("d" * 64, {}, [b"x" * (3 * one)])  # larger than the whole cache: not stored, nothing evicted
-    assert cache.get("d" * 64) is None and cache.get(keys[2]) is not None
+        age(entries, key, 10 * (4 - i))  # a the oldest, d the newest
+    # Past the bound, down to the low-water mark (2.7 entries' worth): the two oldest go.
+    assert cache.get(keys[0]) is None and cache.get(keys[1]) is None
+    assert cache.get(keys[2]).facts == {"n": 2} and cache.get(keys[3]) is not None
+    assert sum(size for _, size, _ in entries.listing()) <= cache.max_bytes * LOW_WATER
+    cache.put("e" * 64, {}, [b"x" * (4 * one)])  # larger than the whole cache: not stored, nothing evicted
+    assert cache.get("e" * 64) is None and cache.get(keys[3]) is not None
 
 
 def test_a_hit_renews_an_entry_so_the_least_recently_used_goes_first(tmp_path):
     entries = LocalEntries(tmp_path)
     one = len(pack({"n": 0}, [b"x" * 1000], time.time()))
-    cache = ResultCache(entries, max_bytes=2 * one + 100, max_age_s=3600)
-    cache.put("a" * 64, {"n": 0}, [b"x" * 1000])
-    cache.put("b" * 64, {"n": 1}, [b"x" * 1000])
-    age(entries, "a" * 64, 300)  # a made first, b after it
-    age(entries, "b" * 64, 200)
-    assert cache.get("a" * 64).facts == {"n": 0}  # a hit on a renews it: b is now the least recently used
-    cache.put("c" * 64, {"n": 2}, [b"x" * 1000])
-    assert cache.get("b" * 64) is None
-    assert cache.get("a" * 64) is not None and cache.get("c" * 64) is not None
+    cache = ResultCache(entries, max_bytes=3 * one + 100, max_age_s=3600)
+    for i, name in enumerate("abc"):
+        cache.put(name * 64, {"n": i}, [b"x" * 1000])
+        age(entries, name * 64, 300 - 100 * i)  # made in the order a, b, c
+    assert cache.get("a" * 64).facts == {"n": 0}  # a hit on a renews it: b, then c, are the least recently used
+    cache.put("d" * 64, {"n": 3}, [b"x" * 1000])
+    assert cache.get("b" * 64) is None and cache.get("c" * 64) is None
+    assert cache.get("a" * 64) is not None and cache.get("d" * 64) is not None
 
 
 def test_a_hit_renews_at_most_once_a_minute(tmp_path):
@@ -121,7 +122,10 @@ def test_stores_list_the_store_only_past_the_bound_or_a_minute_on(tmp_path):
     for i in range(11, 21):
         cache.put(f"{i:064x}", {}, [b"x" * 1000])
     assert Counted.listings == 3  # the 21st passed the bound: listed, the least recently used dropped
-    assert len(os.listdir(tmp_path)) == 20 and not (tmp_path / f"{0:064x}.entry").exists()
+    assert len(os.listdir(tmp_path)) == 18 and not (tmp_path / f"{0:064x}.entry").exists()  # to the low water
+    for i in range(21, 23):
+        cache.put(f"{i:064x}", {}, [b"x" * 1000])
+    assert Counted.listings == 3  # room below the bound again: no listing
 
 
 def test_a_write_that_fails_leaves_no_partial_file(tmp_path, monkeypatch):
@@ -151,17 +155,17 @@ def test_entries_on_s3(s3_server, monkeypatch):
 
     cache = open_cache(current(), enabled=True)
     assert isinstance(cache.entries, S3Entries) and cache.entries.prefix == "results/cache/"
-    cache.max_bytes = 2 * len(pack({}, [b"z" * 500], time.time())) + 100
-    for key in ("a" * 64, "b" * 64, "c" * 64):
+    cache.max_bytes = 3 * len(pack({}, [b"z" * 500], time.time())) + 100
+    for key in ("a" * 64, "b" * 64, "c" * 64, "d" * 64):
         cache.put(key, {}, [b"z" * 500])
         time.sleep(1.1)  # S3 times have whole seconds
-    assert cache.get("a" * 64) is None and cache.get("c" * 64).files == [b"z" * 500]
+    assert cache.get("a" * 64) is None and cache.get("d" * 64).files == [b"z" * 500]
     listed = client.list_objects_v2(Bucket="cache-test", Prefix="results/cache/")["Contents"]
-    assert sorted(o["Key"] for o in listed) == ["results/cache/" + "b" * 64 + ".entry",
-                                                "results/cache/" + "c" * 64 + ".entry"]
-    made = cache.entries.read("b" * 64 + ".entry")[1]
-    cache.entries.touch("b" * 64 + ".entry")  # a hit's renewal: a copy onto itself
-    data, used = cache.entries.read("b" * 64 + ".entry")
+    assert sorted(o["Key"] for o in listed) == ["results/cache/" + "c" * 64 + ".entry",
+                                                "results/cache/" + "d" * 64 + ".entry"]
+    made = cache.entries.read("c" * 64 + ".entry")[1]
+    cache.entries.touch("c" * 64 + ".entry")  # a hit's renewal: a copy onto itself
+    data, used = cache.entries.read("c" * 64 + ".entry")
     assert used > made and unpack(data).files == [b"z" * 500]
 
 

@@ -67,7 +67,6 @@ class InFlight:
     total_steps: int
     request_ids: list[str] = field(default_factory=list)
     batches: int = 1  # n_iter: one request id each
-    interrupted: bool = False  # by /interrupt (the rest is dropped), not /skip (the next batch runs)
 
     def steps(self, current: tuple[int, int] | None) -> tuple[int, int]:
         """Steps done and in all, given what the running batch's replica last reported (step, of steps): each
@@ -90,6 +89,11 @@ def _client(request: Request) -> str:
     return f"token:{owner}" if owner else f"addr:{request.client.host if request.client else '?'}"
 
 
+def _interrupts(client: str) -> str:
+    """Where /interrupt marks the flights of ``client`` it stopped (beside, not inside, their records)."""
+    return f"interrupts:{client}"
+
+
 class A1111Routes(CheckpointChoice):
     handles: plans.Handles
     jobs: JobStore
@@ -99,7 +103,7 @@ class A1111Routes(CheckpointChoice):
 
     async def _track(self, flight: InFlight) -> None:
         record = {"id": flight.id, "started": flight.started, "total_steps": flight.total_steps,
-                  "request_ids": flight.request_ids, "batches": flight.batches, "interrupted": flight.interrupted}
+                  "request_ids": flight.request_ids, "batches": flight.batches}
         await asyncio.to_thread(self.jobs.track, flight.id, flight.client, record, FLIGHT_TTL_S)
 
     async def _flights(self, client: str) -> list[InFlight]:
@@ -198,12 +202,12 @@ class A1111Routes(CheckpointChoice):
             seed = r.seed
             async with flights.flight():
                 for _ in range(r.n_iter):
-                    if job.request_ids and await self._interrupted(job):  # came between two batches
-                        stopped = "interrupted"
-                        break
                     request_id = uuid.uuid4().hex
                     job.request_ids.append(request_id)
                     await self._track(job)
+                    if await self._interrupted(job):  # came between two batches, or before this one's id was shared
+                        stopped = "interrupted"
+                        break
                     # The seeds are fixed here, so that the infotexts naming them travel with the request and the
                     # plan's last stage encodes the files: only they come back to the ingress.
                     own = resolve_seeds(seed, r.batch_size)
@@ -236,6 +240,7 @@ class A1111Routes(CheckpointChoice):
                     seed = own[-1] + 1
         finally:
             await asyncio.to_thread(self.jobs.untrack, job.client, job.id)
+            await asyncio.to_thread(self.jobs.untrack, _interrupts(job.client), f"{job.id}:interrupt")
         texts = [infotext(r, s, model, sampler, settings) for s in seeds]
         info = {"prompt": r.prompt, "all_prompts": [r.prompt] * len(seeds), "negative_prompt": r.negative_prompt,
                 "all_negative_prompts": [r.negative_prompt] * len(seeds), "seed": seeds[0] if seeds else r.seed,
@@ -331,16 +336,20 @@ class A1111Routes(CheckpointChoice):
             await self._board("cancel", request_id)
 
     async def _interrupted(self, job: InFlight) -> bool:
-        """Whether /interrupt (on any ingress replica) stopped ``job``, as its shared record says."""
-        return any(f.id == job.id and f.interrupted for f in await self._flights(job.client))
+        """Whether /interrupt (on any ingress replica) stopped ``job``: its mark, kept apart from the flight's
+        record, which only the ingress running it writes."""
+        marks = await asyncio.to_thread(self.jobs.tracked, _interrupts(job.client))
+        return any(mark.get("id") == job.id for mark in marks)
 
     @router.post("/interrupt", response_model=Empty)
     async def interrupt(self, http: Request) -> dict:
         """Stop the calling client's generation between two denoising steps; it answers with the images its
         finished batches made (as A1111 does), and runs no further batch."""
-        for job in await self._flights(_client(http)):
-            job.interrupted = True
-            await self._track(job)  # read by the ingress running it when its batch stops
+        client = _client(http)
+        for job in await self._flights(client):
+            # Marked before the cancel: the ingress running it reads the mark when its batch stops.
+            await asyncio.to_thread(self.jobs.track, f"{job.id}:interrupt", _interrupts(client),
+                                    {"id": job.id, "started": 0}, FLIGHT_TTL_S)
             await self._cancel(job)
         return {}
 

@@ -12,7 +12,8 @@ Entries live where job results do: files under ``JOBS_DATA_DIR/cache`` or object
 ``JOB_RESULTS_URL``'s prefix. One object per entry holds its facts (JSON) and its files, so an entry is whole or
 absent, and a listing is all eviction needs. A hit renews the entry's time in the store (at most once a minute), so
 the store's times order entries by use. Eviction drops entries unused for ``RESULT_CACHE_MAX_AGE_S``, then the least
-recently used until the total is within ``RESULT_CACHE_MAX_BYTES``. It lists the store only when this replica's
+recently used until the total is within ``RESULT_CACHE_MAX_BYTES`` (down to 90 % of it, so that the next stores
+fit without a listing). It lists the store only when this replica's
 count of the bytes there passes the bound, or a minute after its last listing (what other replicas wrote meanwhile
 is not counted). An entry made longer ago than the age bound is a miss, used or not. A cache that cannot be read
 or written never fails a request: it is a miss, logged.
@@ -44,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 MAGIC = b"IGC1"
 NAME = re.compile(r"^[0-9a-f]{64}\.entry$")
+LOW_WATER = 0.9  # eviction past the size bound goes down to this share of it
 KEY_VERSION = 2  # bump when a plan's output for the same request changes (2: watermarks and content credentials)
 
 
@@ -208,18 +210,19 @@ class ResultCache:
             self.evict()
 
     def evict(self) -> list[str]:
-        """Drop the entries unused for the age bound, then the least recently used until the rest fit; the names
-        dropped."""
+        """Drop the entries unused for the age bound, then, past the size bound, the least recently used until the
+        rest fill at most ``LOW_WATER`` of it; the names dropped."""
         now = self.clock()
         listed = sorted(self.entries.listing(), key=lambda e: e[2])
         dropped = [name for name, _, used in listed if now - used > self.max_age_s]
         kept = [(name, size) for name, size, used in listed if now - used <= self.max_age_s]
         total = sum(size for _, size in kept)
-        for name, size in kept:
-            if total <= self.max_bytes:
-                break
-            dropped.append(name)
-            total -= size
+        if total > self.max_bytes:  # down to the low-water mark, so that the next stores fit without a listing
+            for name, size in kept:
+                if total <= self.max_bytes * LOW_WATER:
+                    break
+                dropped.append(name)
+                total -= size
         for name in dropped:
             self.entries.delete(name)
         self.counted, self.swept = total, now
