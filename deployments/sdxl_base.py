@@ -14,6 +14,7 @@ import asyncio
 import logging
 import math
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -57,6 +58,7 @@ from deployments.weights import loader
 logger = logging.getLogger(__name__)
 
 HOLDINGS_EVERY_S = 2.0  # how often a replica repeats to the board which checkpoints it holds
+S3_IDENTITY_S = 60.0  # how long the result cache's key keeps an S3 source's identity before reading it again
 
 
 class BaseGenerator:
@@ -76,6 +78,7 @@ class BaseGenerator:
         self.oom = devices.OomGuard(self.device, "SDXL base")
         self._resolved: dict[str, Path] = {}  # sources the result cache's key hashed, as local paths
         self._s3 = loader.S3Fetcher(self.settings)  # its client is made on first use
+        self._identities: dict[str, tuple[float, str]] = {}  # S3 source -> (when read, its identity)
         if preload:
             self.checkpoint()
         logger.info("SDXL base ready on %s (%s): %s selectable, %s held, %d LoRAs", self.device, self.dtype,
@@ -331,9 +334,14 @@ class BaseGenerator:
     def _sha256(self, source: str) -> str:
         """A source's weights hashed by the catalogue (a hub id resolved to its local copy first); an S3 source is
         keyed on what the store says of its objects (``S3Fetcher.identity``), so a replica that holds no copy
-        answers without downloading it, and gives the same answer as one that does."""
+        answers without downloading it, and gives the same answer as one that does (read again once a minute: an
+        object replaced on S3 misses within that minute)."""
         if source.startswith("s3://"):
-            return "s3:" + self._s3.identity(source)
+            read, identity = self._identities.get(source, (-S3_IDENTITY_S, ""))
+            if time.monotonic() - read >= S3_IDENTITY_S:  # one listing a minute, not one per request
+                identity = "s3:" + self._s3.identity(source)
+                self._identities[source] = (time.monotonic(), identity)
+            return identity
         path = self._resolved.get(source)
         if path is None:
             path = self._resolved[source] = loader.resolve(source, self.settings)

@@ -87,11 +87,13 @@ class S3Fetcher:
     def __init__(self, settings: Settings, client=None) -> None:
         self.settings = settings
         self._client = client
+        self._making = threading.Lock()  # boto3's default session is not safe to build a client from two threads
 
     @property
     def client(self):
-        if self._client is None:
-            self._client = s3_client(self.settings.aws_endpoint_url, self.settings.aws_region)
+        with self._making:
+            if self._client is None:
+                self._client = s3_client(self.settings.aws_endpoint_url, self.settings.aws_region)
         return self._client
 
     def fetch(self, uri: str) -> Path:

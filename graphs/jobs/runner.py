@@ -309,8 +309,13 @@ class JobRunner:
             delivery.add_done_callback(lambda _: slots.release())
 
     async def _deliver(self, job: Job, number: int) -> None:
-        outcome = await webhooks.attempt(job.webhook_url or "", webhooks.payload(job), self.settings, number)
-        retry_in = outcome if not isinstance(outcome, bool) and number + 1 < self.settings.webhook_attempts else None
+        last = number + 1 >= self.settings.webhook_attempts
+        try:
+            outcome = await webhooks.attempt(job.webhook_url or "", webhooks.payload(job), self.settings, number)
+        except Exception:  # noqa: BLE001 - an attempt that failed in a way of its own: settled like any other
+            logger.warning("job %s: webhook attempt %d failed", job.id, number + 1, exc_info=True)
+            outcome = self.settings.webhook_backoff_seconds * 2**number
+        retry_in = outcome if not isinstance(outcome, bool) and not last else None
         if retry_in is None and outcome is not True:
             logger.warning("job %s: webhook not delivered after %d attempts; given up", job.id, number + 1)
         try:

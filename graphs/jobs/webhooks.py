@@ -126,10 +126,13 @@ async def attempt(url: str, payload: dict, settings: Settings, number: int) -> f
     ``Retry-After`` within its bounds)."""
     longest = settings.webhook_backoff_seconds * 2 ** max(0, settings.webhook_attempts - 2)
     wait = settings.webhook_backoff_seconds * 2**number
-    try:
+    async def post() -> tuple[int, float | None]:
         target = await asyncio.to_thread(vet, url, settings, "webhookUrl", number)
-        status, retry_after = await asyncio.wait_for(_post(target, payload, settings),
-                                                     settings.webhook_timeout_seconds)
+        return await _post(target, payload, settings)
+
+    try:
+        # The check's DNS lookup counts against the attempt's time too.
+        status, retry_after = await asyncio.wait_for(post(), settings.webhook_timeout_seconds)
         if status < 500 and status != 429:
             return status < 400
         logger.warning("webhook %s answered %d (attempt %d)", url, status, number + 1)
