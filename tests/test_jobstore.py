@@ -358,11 +358,19 @@ def test_a_delivery_is_leased_retried_and_settled(store):
     time.sleep(0.1)
     taken, number = store.take_delivery(lease_s=30)  # that runner died mid-attempt: due again
     assert number == 1
-    store.settle_delivery(created.id, retry_in=0.05)  # failed: due after its backoff
+    store.settle_delivery(created.id, retry_in=0.5)  # failed: due after its backoff
     assert store.take_delivery(lease_s=30) is None
-    time.sleep(0.1)
+    time.sleep(0.6)
     assert store.take_delivery(lease_s=30)[1] == 2
     store.settle_delivery(created.id, None)  # delivered
     time.sleep(0.05)
     assert store.take_delivery(lease_s=30) is None
     assert [j.id for j in store.purge(0.01)] == [created.id]
+
+
+def test_an_idempotency_key_whose_job_vanished_is_free_again(redis_url):
+    store = RedisJobStore(redis_url, prefix=f"t{uuid.uuid4().hex[:8]}")
+    first, _ = store.create(job(request={"seed": 1}), idempotency_key="k")
+    store.redis.delete(store._key("job", first.id))  # evicted, its key left behind
+    again, created = store.create(job(request={"seed": 2}), idempotency_key="k")
+    assert created and again.id != first.id  # not a 422 for a body that differs from a job nobody has

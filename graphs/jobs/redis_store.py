@@ -59,6 +59,9 @@ local p, id, idem, digest = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local maxq, prio, kept = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[8])
 if idem ~= '' then
   local existing = redis.call('GET', p .. ':idem:' .. idem)
+  if existing and redis.call('EXISTS', p .. ':job:' .. existing) == 0 then
+    existing = nil  -- its job is gone (purged, evicted): the key is free again
+  end
   if existing then
     if redis.call('HGET', p .. ':job:' .. existing, 'body_hash') ~= digest then return {'conflict', existing} end
     return {'existing', existing}
@@ -331,7 +334,8 @@ class RedisJobStore:
         return {"counts": {s: n for s, n in counts.items() if n}, "average_seconds": average}
 
     def purge(self, older_than_s: float, forget: Callable[[Job], None] | None = None) -> list[Job]:
-        cutoff = time.time() - older_than_s
+        seconds, micros = self.redis.time()  # the clock the scripts stamped completions with
+        cutoff = seconds + micros / 1e6 - older_than_s
         purged = []
         for job_id in self.redis.zrangebyscore(self._key("done"), "-inf", cutoff):
             job = self.get(job_id)

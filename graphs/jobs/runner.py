@@ -72,6 +72,13 @@ class JobRunner:
         self.job_metrics = JobMetrics(STATUSES)
         self._loops.append(asyncio.get_event_loop().create_task(self._count_jobs()))
 
+    async def __del__(self) -> None:
+        """Serve awaits this as the replica stops (a redeploy, a scale-down): each worker loop gives its running job
+        back to the queue at once (see ``_execute``) instead of leaving it to a lease that has to run out."""
+        for loop in self._loops:
+            loop.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+
     async def check_health(self) -> None:
         if any(loop.done() for loop in self._loops):
             raise RuntimeError("a job worker loop stopped")
