@@ -40,11 +40,11 @@ from graphs.jobs.store import STATUSES, Job, open_store
 
 logger = logging.getLogger(__name__)
 
-# The upload a seed-003 edit starts from: the parent ingredient of its images' content credentials.
 WEBHOOKS_AT_ONCE = 8  # deliveries in flight per runner replica: a slow receiver holds up no more than its own
 ENCODES_AT_ONCE = 4  # sizes of one batch-sizes job encoding at once, so that one job leaves Provenance room
 LEASE_UNKNOWN = object()  # a renewal that failed or hung: whether the lease still holds is not known
 LEASE_LOST = object()  # the keeper's answer when no renewal reached the store for a whole lease
+# The upload a seed-003 edit starts from: the parent ingredient of its images' content credentials.
 PARENT_FIELD = {"img2img": "initImage", "inpaint": "image", "style-transfer": "contentImage"}
 
 
