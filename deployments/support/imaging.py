@@ -141,7 +141,6 @@ def cover_box(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int,
     return 0, top, width, top + kept
 
 
-
 Fit = Literal["stretch", "crop", "fill"]
 
 
