@@ -46,7 +46,6 @@ def test_a_client_cannot_write_a_placeholder_of_its_own():
     assert body["prompt"] == guesses
 
 
-
 @pytest.mark.parametrize("raw", [
     b"[" + b"[]," * 200_000 + b"[]]",
     b'{"prompt": "a", "x": [' + b"{}," * 200_000 + b"{}]}",

@@ -294,7 +294,6 @@ def test_readme_deploys_these_manifests():
     assert f"docker build -t imagegen-serve:{project_version()} ." in section
 
 
-
 def test_every_pod_detects_a_lost_node_as_the_readme_advises():
     """The health-check settings that tests/test_two_nodes.py measured (a node declared dead in about 5 s)."""
     section = (ROOT / "README.md").read_text().split("## Several nodes")[1].split("\n## ")[0]

@@ -123,7 +123,6 @@ class Pipelines:
         return getattr(self.txt2img.unet, "encoder_hid_proj", None) is not None
 
 
-
 def _load_ip_adapter(pipe, folder: Path) -> None:
     from transformers import CLIPImageProcessor
 
