@@ -374,3 +374,30 @@ def test_an_idempotency_key_whose_job_vanished_is_free_again(redis_url):
     store.redis.delete(store._key("job", first.id))  # evicted, its key left behind
     again, created = store.create(job(request={"seed": 2}), idempotency_key="k")
     assert created and again.id != first.id  # not a 422 for a body that differs from a job nobody has
+
+
+def test_listings_by_owner_page_through_that_owners_jobs_alone(store):
+    mine = [store.create(job(owner="me"))[0] for _ in range(5)]
+    theirs = store.create(job(owner="them"))[0]
+    store.claim("w", 30)  # the oldest of mine
+    page, total = store.list_jobs(owner="me", offset=1, limit=2)
+    assert total == 5 and [j.id for j in page] == [mine[3].id, mine[2].id]  # newest first
+    queued, total = store.list_jobs(status="queued", owner="me", limit=10)
+    assert total == 4 and [j.id for j in queued] == [j.id for j in reversed(mine[1:])]
+    assert [j.id for j in store.list_jobs(owner="them")[0]] == [theirs.id]
+    assert store.list_jobs(status="processing", owner="them") == ([], 0)
+
+
+def test_a_redis_store_from_before_the_owner_index_is_indexed_once(redis_url):
+    store = RedisJobStore(redis_url, prefix=f"t{uuid.uuid4().hex[:8]}")
+    old = [store.create(job(owner="me"))[0] for _ in range(3)]
+    store.redis.delete(store._key("owner", "me"), store._key("owners-indexed"))  # as an older version left them
+    fresh = RedisJobStore(_url(store), prefix=store.prefix)
+    page, total = fresh.list_jobs(owner="me")
+    assert total == 3 and [j.id for j in page] == [j.id for j in reversed(old)]
+    time.sleep(0.01)
+    for created in old:
+        fresh.cancel(created.id)
+    time.sleep(0.05)
+    fresh.purge(0.01)
+    assert fresh.list_jobs(owner="me") == ([], 0) and not fresh.redis.exists(fresh._key("owner", "me"))

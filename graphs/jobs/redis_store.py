@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -77,6 +78,7 @@ redis.call('HSET', key, 'seq', seq, 'status', 'queued', 'body_hash', digest, 'id
 redis.call('ZADD', p .. ':queued', prio * 1e13 + seq, id)
 redis.call('ZADD', p .. ':all', seq, id)
 redis.call('ZADD', p .. ':status:queued', seq, id)
+if (fields['owner'] or '') ~= '' then redis.call('ZADD', p .. ':owner:' .. fields['owner'], seq, id) end
 if idem ~= '' then redis.call('SET', p .. ':idem:' .. idem, id) end
 local queued_event = cjson.decode(ARGV[9])
 queued_event['position'] = redis.call('ZRANK', p .. ':queued', id) + 1
@@ -225,6 +227,30 @@ if retry_in == '' then return redis.call('ZREM', p .. ':deliveries', id) end
 return redis.call('ZADD', p .. ':deliveries', 'XX', server_now() + tonumber(retry_in), id)
 """
 
+# Each owner's jobs by age (a token's, for JOBS_PER_TOKEN listings), built once from the jobs a store holds from
+# before there was such an index; later, the create script adds to it and the purge takes from it.
+_LUA_INDEX_OWNERS = """
+local p = ARGV[1]
+if redis.call('EXISTS', p .. ':owners-indexed') == 1 then return 0 end
+local all = redis.call('ZRANGE', p .. ':all', 0, -1, 'WITHSCORES')
+for i = 1, #all, 2 do
+  local owner = redis.call('HGET', p .. ':job:' .. all[i], 'owner')
+  if owner and owner ~= '' then redis.call('ZADD', p .. ':owner:' .. owner, all[i + 1], all[i]) end
+end
+redis.call('SET', p .. ':owners-indexed', '1')
+return 1
+"""
+
+# One owner's jobs in one state, newest first: the two indexes intersected where Redis keeps them.
+_LUA_OWNED = """
+local p, owner, status, first, last, scratch = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+redis.call('ZINTERSTORE', scratch, 2, p .. ':owner:' .. owner, p .. ':status:' .. status, 'AGGREGATE', 'MAX')
+local ids = redis.call('ZREVRANGE', scratch, first, last)
+local total = redis.call('ZCARD', scratch)
+redis.call('DEL', scratch)
+return {total, ids}
+"""
+
 
 class RedisJobStore:
     """The same contract as SQLiteJobStore on Redis, each state change one Lua script (atomic on the server)."""
@@ -243,6 +269,9 @@ class RedisJobStore:
         self._append = self.redis.register_script(_LUA_APPEND)
         self._take_delivery = self.redis.register_script(_LUA_TAKE_DELIVERY)
         self._settle_delivery = self.redis.register_script(_LUA_SETTLE_DELIVERY)
+        self._index_owners = self.redis.register_script(_LUA_INDEX_OWNERS)
+        self._owned = self.redis.register_script(_LUA_OWNED)
+        self._owners_indexed = False  # known to be built (checked on the first listing by owner)
 
     def _key(self, *parts: str) -> str:
         return ":".join([self.prefix, *parts])
@@ -288,13 +317,19 @@ class RedisJobStore:
 
     def list_jobs(self, status: str | None = None, owner: str | None = None, offset: int = 0,
                   limit: int = 50) -> tuple[list[Job], int]:
-        index = self._key("status", status) if status else self._key("all")
-        if owner is None:
-            total = self.redis.zcard(index)
-            ids = self.redis.zrevrange(index, offset, offset + limit - 1)
-            return [j for j in (self.get(i) for i in ids) if j is not None], total
-        mine = [j for j in (self.get(i) for i in self.redis.zrevrange(index, 0, -1)) if j and j.owner == owner]
-        return mine[offset : offset + limit], len(mine)
+        """A page of jobs, newest first, read through the index that holds just them (no job read twice, none
+        read that is not shown)."""
+        if owner is not None and not self._owners_indexed:
+            self._index_owners(args=[self.prefix])
+            self._owners_indexed = True
+        if owner is not None and status:
+            scratch = self._key("scratch", uuid.uuid4().hex)
+            total, ids = self._owned(args=[self.prefix, owner, status, offset, offset + limit - 1, scratch])
+        else:
+            index = (self._key("owner", owner) if owner is not None
+                     else self._key("status", status) if status else self._key("all"))
+            total, ids = self.redis.zcard(index), self.redis.zrevrange(index, offset, offset + limit - 1)
+        return [j for j in (self.get(i) for i in ids) if j is not None], int(total)
 
     def claim(self, worker: str, lease_s: float) -> Job | None:
         job_id = self._claim(args=[self.prefix, worker, lease_s, self.max_attempts, self.events_kept])
@@ -349,6 +384,8 @@ class RedisJobStore:
             pipe = self.redis.pipeline()
             pipe.zrem(self._key("done"), job_id)
             pipe.zrem(self._key("deliveries"), job_id)
+            if job is not None and job.owner:
+                pipe.zrem(self._key("owner", job.owner), job_id)
             pipe.zrem(self._key("all"), job_id)
             for status in STATUSES:
                 pipe.zrem(self._key("status", status), job_id)
