@@ -13,10 +13,10 @@ Entries live where job results do: files under ``JOBS_DATA_DIR/cache`` or object
 absent, and a listing is all eviction needs. A hit renews the entry's time in the store (at most once a minute), so
 the store's times order entries by use. Eviction drops entries unused for ``RESULT_CACHE_MAX_AGE_S``, then the least
 recently used until the total is within ``RESULT_CACHE_MAX_BYTES`` (down to 90 % of it, so that the next stores
-fit without a listing). It lists the store only when this replica's
-count of the bytes there passes the bound, or a minute after its last listing (what other replicas wrote meanwhile
-is not counted). An entry made longer ago than the age bound is a miss, used or not. A cache that cannot be read
-or written never fails a request: it is a miss, logged.
+fit without a listing). It lists the store only when this replica's count of the bytes there passes the bound, or
+a minute after its last listing (what other replicas wrote meanwhile is not counted). An entry made longer ago
+than the age bound is a miss, used or not. A cache that cannot be read or written never fails a request: it is a
+miss, logged.
 """
 
 from __future__ import annotations
