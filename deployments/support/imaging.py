@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import struct
 from typing import Literal
@@ -32,6 +34,23 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
     return image.convert("RGB")
+
+
+def image_bytes(value: str, field: str) -> bytes:
+    """The file a data URI or plain base64 string carries; malformed or empty is an ``InvalidImage`` naming the
+    field."""
+    payload = value
+    if value.startswith("data:"):
+        _, comma, payload = value.partition(",")
+        if not comma:
+            raise InvalidImage(f"{field}: a data URI needs a comma before its payload", field=field)
+    try:
+        raw = base64.b64decode(payload, validate=False)
+    except (binascii.Error, ValueError) as e:
+        raise InvalidImage(f"{field}: not valid base64", field=field) from e
+    if not raw:
+        raise InvalidImage(f"{field}: empty image", field=field)
+    return raw
 
 
 def decode(data: bytes, *, field: str = "image", max_pixels: int = MAX_INPUT_PIXELS,

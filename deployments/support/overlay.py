@@ -8,8 +8,6 @@ the field; ``draw`` then cannot fail on input. Torch-free: the ingress runs it.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import math
 import re
@@ -20,8 +18,8 @@ from typing import Literal
 from PIL import Image, ImageColor, ImageDraw, ImageFont
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
-from deployments.support.errors import InvalidImage, InvalidInput
-from deployments.support.imaging import decode
+from deployments.support.errors import InvalidInput
+from deployments.support.imaging import decode, image_bytes
 
 MAX_TEXT_CHARS = 500
 MAX_LOGO_CHARS = 4 * 1024 * 1024  # base64 characters, about 3 MB of PNG
@@ -122,15 +120,7 @@ def draw_all(image: Image.Image, overlays: list[Prepared]) -> Image.Image:
 # --- checks -------------------------------------------------------------------------------------------------------
 
 def _logo(value: str, field: str) -> Image.Image:
-    payload = value
-    if value.startswith("data:"):
-        _, comma, payload = value.partition(",")
-        if not comma:
-            raise InvalidImage(f"{field}: a data URI needs a comma before its payload", field=field)
-    try:
-        raw = base64.b64decode(payload, validate=False)
-    except (binascii.Error, ValueError) as e:
-        raise InvalidImage(f"{field}: not valid base64", field=field) from e
+    raw = image_bytes(value, field)
     try:
         with Image.open(io.BytesIO(raw)) as probe:  # the header only: a huge logo costs nothing
             width, height = probe.size

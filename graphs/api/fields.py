@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import base64
-import binascii
 from typing import Annotated
 
 from PIL import Image
 from pydantic import Field
 
-from deployments.support.errors import InvalidImage
-from deployments.support.imaging import decode, encode
+from deployments.support.imaging import decode, encode, image_bytes
 
 MAX_SEED = 2**32 - 1
 
@@ -22,22 +20,6 @@ Guidance = Annotated[float, Field(ge=0.0, le=30.0)]
 Side = Annotated[int, Field(ge=64, le=2048, multiple_of=8, description="pixels, a multiple of 8")]
 Strength = Annotated[float, Field(gt=0.0, le=1.0)]
 Sampler = Annotated[str, Field(max_length=64)]
-
-
-def image_bytes(value: str, field: str) -> bytes:
-    """The file a data URI or plain base64 string carries; malformed or empty is a 400 naming the field."""
-    payload = value
-    if value.startswith("data:"):
-        _, comma, payload = value.partition(",")
-        if not comma:
-            raise InvalidImage(f"{field}: a data URI needs a comma before its payload", field=field)
-    try:
-        raw = base64.b64decode(payload, validate=False)
-    except (binascii.Error, ValueError) as e:
-        raise InvalidImage(f"{field}: not valid base64", field=field) from e
-    if not raw:
-        raise InvalidImage(f"{field}: empty image", field=field)
-    return raw
 
 
 def image_field(value: str, field: str) -> Image.Image:
