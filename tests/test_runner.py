@@ -19,6 +19,7 @@ import uuid
 import pytest
 from PIL import Image
 
+from deployments.support.generation import encoded
 from deployments.support.reporting import Reporter
 from graphs.board import Board
 from graphs.jobs import events
@@ -210,11 +211,31 @@ class PacedBaseShell(BaseShell):
         super().__init__(base, board, on_progress=lambda step, total: time.sleep(0.02))
 
 
-async def test_the_runner_logs_progress_previews_and_the_outcome(base, upscaler, runner_env):
+class SafetyShell:
+    """SafetyChecker's Serve shell on the tiny checker: screen, then encode as the plan's last stage."""
+
+    def __init__(self, checker) -> None:
+        self.checker = checker
+
+    async def check(self, source, encode=None):
+        return await encoded(await asyncio.to_thread(self.checker.check, source), encode)
+
+    async def fingerprint(self):
+        return self.checker.fingerprint()
+
+
+@pytest.mark.parametrize("nsfw_filter", [False, True], ids=["filter-off", "filter-on"])
+async def test_the_runner_logs_progress_previews_and_the_outcome(base, upscaler, tiny, runner_env, nsfw_filter):
     runner_env.setenv("JOB_TIMEOUT", "600000")
     board = LocalHandle(Board())  # the replica reports progress and previews there; the runner reads them there
+    safety = None
+    if nsfw_filter:
+        from deployments.safety_checker import ContentFilter
+        from deployments.support.config import SafetyCheckerConfig
+
+        safety = LocalHandle(SafetyShell(ContentFilter(SafetyCheckerConfig(model=str(tiny / "safety-checker")))))
     runner = JobRunner.func_or_class(LocalHandle(PacedBaseShell(base, board)), None, LocalHandle(upscaler), None,
-                                     None, board)
+                                     None, board, safety=safety, safety_enabled=nsfw_filter)
     try:
         job = Job(id=new_job_id(), type="text2img", request={"prompt": "paced", "width": 64, "height": 64,
                                                                 "steps": 100, "seed": 3, "preview_every": 10})
@@ -231,6 +252,9 @@ async def test_the_runner_logs_progress_previews_and_the_outcome(base, upscaler,
     assert len(steps) >= 2 and steps == sorted(steps) and all(0 < s <= 100 for s in steps)
     assert all(e.data["total"] == 100 and e.data["eta_s"] >= 0 for e in log if e.event == "progress")
     previews = [e for e in log if e.event == "preview"]
+    if nsfw_filter:  # a preview is the unscreened generation: none while the filter is on, though the job asked
+        assert previews == [] and done.result["nsfw"] == [False]
+        return
     previewed = [p.data["step"] for p in previews]
     assert previewed and all(later - earlier >= 10 for earlier, later in zip(previewed, previewed[1:], strict=False))
     image = Image.open(io.BytesIO(base64.b64decode(previews[0].data["image"].split(",", 1)[1])))

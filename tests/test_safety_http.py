@@ -13,6 +13,7 @@ import base64
 import io
 import json
 import re
+import time
 
 import numpy as np
 import pytest
@@ -20,7 +21,8 @@ from PIL import Image
 
 from deployments.factory.safety import FLAGGED
 from tests.conftest import BUCKET, DEPLOYMENT_OPTIONS, ROOT
-from tests.helpers import b64, decode_b64, error, pixels, s3_client, submit, wait
+from tests.helpers import LONG, b64, decode_b64, drain, error, pixels, s3_client, submit, wait
+from tests.test_events import stream
 
 pytestmark = pytest.mark.integration
 
@@ -269,3 +271,22 @@ def test_readme_content_safety_example(screened):
 
     args = AppArgs.model_validate({"base": {"model": {"source": "x"}}, **yaml.safe_load(block)})
     assert args.safety_checker is not None and args.safety_checker.replacement == "blur"
+
+
+def test_no_previews_while_the_filter_is_on(screened):
+    """A preview is the unscreened generation: with the filter on, a running job's /progress and event log show its
+    steps but no picture of it."""
+    drain(screened)
+    job = submit(screened, body={**LONG, "steps": 80, "preview_every": 5})
+    deadline, progress = time.monotonic() + 60, {}
+    while time.monotonic() < deadline:
+        progress = screened.get("/sdapi/v1/progress").json()
+        if progress["state"]["sampling_step"] >= 10:
+            break
+        time.sleep(0.2)
+    assert progress["state"]["job"] == job["id"] and progress["state"]["sampling_step"] >= 10
+    assert progress["current_image"] is None
+    screened.post(f"/jobs/{job['id']}/cancel")
+    wait(screened, job["id"])
+    names = [event["event"] for event in stream(screened, job["id"])]
+    assert "progress" in names and "preview" not in names

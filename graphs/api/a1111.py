@@ -295,7 +295,7 @@ class A1111Routes(CheckpointChoice):
     @router.get("/progress", response_model=Progress)
     async def progress(self, http: Request, skip_current_image: bool = False) -> dict:
         """Progress of the calling client's current generation or, failing that, its running job (0 when idle);
-        ``current_image`` is a live latent preview unless ``skip_current_image``."""
+        ``current_image`` is a live latent preview unless ``skip_current_image`` or the NSFW filter is on."""
         mine = await self._flights(_client(http))
         step, total, fraction, elapsed, running, job_name = 0, 0, 0.0, 0.0, None, ""
         if mine and mine[-1].request_ids:
@@ -315,7 +315,7 @@ class A1111Routes(CheckpointChoice):
                 elapsed = time.time() - (jobs[0].started_at or time.time())
         eta = elapsed / fraction - elapsed if fraction else 0.0
         image = None
-        if running and not skip_current_image:
+        if running and not skip_current_image and self.handles.safety is None:  # unscreened: none with the filter
             preview = await self._board("preview", running)
             image = b64_png(preview) if preview is not None else None
         state = {"skipped": False, "interrupted": False, "job": job_name, "job_count": len(mine) + bool(job_name),

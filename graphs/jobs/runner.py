@@ -153,6 +153,10 @@ class JobRunner:
         for a whole lease (the job is then not this runner's to publish)."""
         interval = self.settings.job_lease_seconds / 3
         every = job.request.get("preview_every")
+        if self.handles.safety is not None:
+            # A preview is the unscreened generation (near the end, a recognisable thumbnail of what the checker
+            # may then black out): while the filter is on, none is published.
+            every = 0
         events = ProgressEvents(self.settings.job_preview_every if every is None else every)
         if events.preview_every:
             await self._quietly(self._board("preview", job.run_id))  # the replica sends previews from now on
