@@ -109,6 +109,10 @@ class SafetyChecker:
     async def check(self, source: StageResult | Image.Image, encode: Encoding | None = None) -> StageResult:
         """``source``: the previous stage's result (or an image); ``encode``: the plan's last stage answers with
         files, not pixels."""
+        if encode is not None and encode.overlay is not None:
+            # What is delivered is what is screened: the request's overlay (a logo can be any picture) first.
+            source = await asyncio.to_thread(StageResult.of(source).overlaid, encode.overlay)
+            encode = encode.model_copy(update={"overlay": None})
         with self.metrics.track():
             result = await self.thread.run(self.model.check, source)
         self.metrics.produced(len(result.images))

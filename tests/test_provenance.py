@@ -17,8 +17,9 @@ from PIL import Image
 from deployments.support import credentials, provenance, watermark
 from deployments.support.errors import InvalidImage
 from deployments.support.generation import Encoding, StageResult
+from deployments.support.overlay import Overlay
 from deployments.support.settings import SDXL_WATERMARK_BITS, Settings
-from tests.helpers import signing_credentials
+from tests.helpers import b64, signing_credentials
 
 INFO = {"model": "tiny-sdxl-base", "refiner": "tiny-sdxl-refiner", "mode": "txt2img"}
 
@@ -215,6 +216,21 @@ def test_an_edit_names_the_upload_it_started_from(photo, signing):
     report = provenance.marker().verify(edited).credentials
     assert [i.relationship for i in report.ingredients] == ["parentOf"] and report.models == {
         "upscaler": "R-ESRGAN 4x+"}
+
+
+def test_an_overlaid_file_says_it_holds_the_clients_pixels(photo, signing):
+    logo = Image.new("RGB", (64, 64), (250, 10, 10))
+    spec = Overlay(logo=b64(logo), size=1.0, x=0.0, y=0.0)  # a logo over the whole frame: any picture at all
+    result = StageResult(images=[photo], info=INFO).encode(Encoding(overlay=spec))
+    assert result.info["overlay"] is True
+    state, manifest = manifest_of(result.encoded[0], signing["C2PA_TRUST_ANCHORS_FILE"])
+    assert state == "Trusted"
+    actions = next(a["data"]["actions"] for a in manifest["assertions"] if a["label"] == "c2pa.actions.v2")
+    assert [(a["action"], a["digitalSourceType"]) for a in actions] == [
+        ("c2pa.created", credentials.TRAINED), ("c2pa.edited", credentials.COMPOSITE)]
+    assert "caption or logo" in actions[1]["description"]
+    report = provenance.marker().verify(result.encoded[0]).credentials
+    assert [a.digital_source_type for a in report.actions] == [credentials.TRAINED, credentials.COMPOSITE]
 
 
 def test_a1111_parameters_survive_signing(photo, signing):

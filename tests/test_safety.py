@@ -17,7 +17,7 @@ from deployments.factory.safety import FLAGGED
 from deployments.support.config import SafetyCheckerConfig
 from deployments.support.errors import InvalidInput, ModelLoadError, UnsafeWeights
 from deployments.support.generation import Encoding, GenerationRequest, StageResult
-from tests.helpers import pixels
+from tests.helpers import b64, pixels
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +145,24 @@ def test_the_serve_shell_encodes_as_the_last_stage(tiny, generations):
     described = asyncio.run(shell.describe())
     assert described["concepts"] == 17 and described["replacement"] == "black"
     assert set(asyncio.run(shell.fingerprint())) == {"safety_checker", "safety_replacement", "safety_adjustment"}
+
+
+def test_the_shell_screens_what_is_delivered_overlay_included(tiny, generations):
+    """A logo can be any picture: drawn over a benign generation, the flagged one is still caught."""
+    from deployments.safety_checker import SafetyChecker
+    from deployments.support.overlay import Overlay
+
+    shell = SafetyChecker.func_or_class({"model": str(tiny / "safety-checker")})
+    flagged, benign = generations
+    cover = Overlay(logo=b64(flagged), size=1.0, x=0.0, y=0.0)
+    result = asyncio.run(shell.check(StageResult(images=[benign], seeds=[14]), Encoding(overlay=cover)))
+    assert result.info["nsfw"] == [True] and result.info["overlay"] is True
+    assert pixels(Image.open(io.BytesIO(result.encoded[0])).convert("RGB")).max() == 0
+    caption = asyncio.run(shell.check(StageResult(images=[benign], seeds=[14]),
+                                      Encoding(overlay=Overlay(text="hi", size=0.2))))
+    assert caption.info["nsfw"] == [False] and caption.info["overlay"] is True  # drawn once, before encoding
+    drawn = pixels(Image.open(io.BytesIO(caption.encoded[0])).convert("RGB"))
+    assert not np.array_equal(drawn, pixels(benign))
 
 
 def test_weight_hashes_follow_content_not_place(tmp_path, tiny):

@@ -1,6 +1,7 @@
 """C2PA content credentials on generated images (c2pa-python): who made the file (``claim_generator_info``), the
-action (``c2pa.created``, or ``c2pa.opened`` + ``c2pa.edited`` on a parent ingredient for an edit of an upload), the
-IPTC digital source type ``trainedAlgorithmicMedia`` and the models that ran, signed with the certificate chain and
+action (``c2pa.created``, or ``c2pa.opened`` + ``c2pa.edited`` on a parent ingredient for an edit of an upload; then
+a ``c2pa.edited`` of type ``compositeWithTrainedAlgorithmicMedia`` when the request's overlay was drawn), the IPTC
+digital source type ``trainedAlgorithmicMedia`` and the models that ran, signed with the certificate chain and
 key the settings name; and the reading of an uploaded file's credentials. c2pa is imported on first use.
 """
 
@@ -22,6 +23,7 @@ from deployments.support.settings import Settings
 logger = logging.getLogger(__name__)
 
 TRAINED = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
+COMPOSITE = "http://cv.iptc.org/newscodes/digitalsourcetype/compositeWithTrainedAlgorithmicMedia"
 GENERATION_LABEL = "com.imagegen.generation"  # our assertion: which models made the image
 MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 _MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"))
@@ -55,6 +57,7 @@ class Facts:
 
     models: dict[str, str] = field(default_factory=dict)  # checkpoint, refiner, upscaler, face_restorer
     parent: bytes | None = None
+    overlay: bool = False  # a caption or logo the request supplied was drawn over the model's pixels
 
     @classmethod
     def of(cls, info: dict, parent: bytes | None = None) -> Facts:
@@ -62,7 +65,8 @@ class Facts:
         models = {"checkpoint": info.get("model"), "refiner": info.get("refiner"),
                   "upscaler": info.get("upscaler") or info.get("hires_upscaler"),
                   "face_restorer": info.get("restorer") if info.get("face_restoration_applied") else None}
-        return cls({k: str(v) for k, v in models.items() if v and v != "None"}, parent)  # "None": no upscaler
+        return cls({k: str(v) for k, v in models.items() if v and v != "None"}, parent,  # "None": no upscaler
+                   overlay=bool(info.get("overlay")))
 
     @property
     def agent(self) -> str:
@@ -82,6 +86,10 @@ def manifest(facts: Facts, fmt: str, edit: bool) -> dict:
             {"action": "c2pa.edited", "digitalSourceType": TRAINED, "softwareAgent": agent}]
     else:
         actions = [{"action": "c2pa.created", "digitalSourceType": TRAINED, "softwareAgent": agent}]
+    if facts.overlay:
+        # A logo can be any picture: the claim must not say the model made every pixel of the file.
+        actions.append({"action": "c2pa.edited", "digitalSourceType": COMPOSITE, "softwareAgent": {"name": "imagegen"},
+                        "description": "a caption or logo supplied with the request, drawn over the image"})
     return {"claim_generator_info": [{"name": "imagegen", "version": version()}], "title": f"imagegen.{fmt}",
             "assertions": [{"label": "c2pa.actions.v2", "data": {"actions": actions}},
                            {"label": GENERATION_LABEL, "data": facts.models}]}

@@ -8,7 +8,7 @@ import re
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -150,20 +150,24 @@ class StageResult:
         """The same result with its images as files (and their sizes) in place of pixels: overlays drawn, then the
         invisible watermark, the encoding, and the content credentials (``deployments.support.provenance``)."""
         texts: list[str | None] = [*how.parameters] if how.parameters else [None] * len(self.images)
-        images = self.images
-        if how.overlay is not None:
-            mark = overlay.prepare(how.overlay, current().fonts_dir, "overlay")
-            images = [overlay.draw(image, mark) for image in images]
+        drawn = self.overlaid(how.overlay) if how.overlay is not None else self
         marks = provenance.marker()
-        marked = [marks.mark(image) for image in images]
+        marked = [marks.mark(image) for image in drawn.images]
         images, watermarked = [image for image, _ in marked], [done for _, done in marked]
-        facts = Facts.of(self.info, how.parent)
+        facts = Facts.of(drawn.info, how.parent)
         data = [marks.sign(encode_image(image, how.format, how.quality, {"parameters": text} if text else None,
                                         how.png_level), how.format, facts)
                 for image, text in zip(images, texts, strict=False)]
-        info = {**self.info, "watermarked": watermarked, "credentials": marks.signer is not None}
+        info = {**drawn.info, "watermarked": watermarked, "credentials": marks.signer is not None}
         return StageResult(seeds=self.seeds, warnings=self.warnings, info=info, encoded=data,
                            sizes=[image.size for image in images])
+
+    def overlaid(self, spec: Overlay) -> StageResult:
+        """The same result with the request's caption or logo drawn on each image; ``info["overlay"]`` says so (the
+        content credentials then name the file a composite, since a logo is the client's pixels, not the model's)."""
+        mark = overlay.prepare(spec, current().fonts_dir, "overlay")
+        return replace(self, images=[overlay.draw(image, mark) for image in self.images],
+                       info={**self.info, "overlay": True})
 
     @property
     def image(self) -> Image.Image:
