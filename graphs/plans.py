@@ -10,8 +10,9 @@ seed 001:     the user's photo through IP-Adapter, seed 001's defaults
 seed 003:     one base call (txt2img, img2img, inpaint, style transfer through IP-Adapter)
 
 With the NSFW filter on, every plan ends in the safety checker (after faces; it draws the request's overlay, if
-any, before it screens, so what it screens is what is delivered): it replaces flagged images, reports ``nsfw`` per image and, as the last stage, encodes (and so marks: watermark
-and content credentials, ``StageResult.encode``). It is awaited with ``settled`` like every chained stage.
+any, before it screens, so what it screens is what is delivered): it replaces flagged images, reports ``nsfw`` per
+image and, as the last stage, encodes (and so marks: watermark and content credentials, ``StageResult.encode``). It
+is awaited with ``settled`` like every chained stage.
 
 Every base call goes to a replica that holds the request's checkpoint (``base_for``: Serve model multiplexing); the
 ingress has resolved the checkpoint's name (and the default) before a plan starts, so a plan never waits on a
