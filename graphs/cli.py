@@ -25,9 +25,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from graphs.client import CliError, ProgressBar, Service, finish, follow
+from graphs.client import CliError, Event, ProgressBar, Service, finish, follow
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+FLAGGED = 6  # the exit status of a job whose image the safety checker replaced
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -90,7 +91,17 @@ def generate(service: Service, args: argparse.Namespace, bar: ProgressBar) -> in
         path = "/generate/text2img"
     event = follow(service, bar, submit=(path, {k: v for k, v in body.items() if v is not None}))
     _save_result(service, finish(event), Path(args.output))
-    return 0
+    return _outcome(event)
+
+
+def _outcome(event: Event) -> int:
+    """The warnings of a completed job on stderr; ``FLAGGED`` when the safety checker replaced an image (the file
+    saved is then its replacement), else 0."""
+    job = event.data.get("job_id", "?")
+    for warning in event.data.get("warnings") or []:
+        sys.stderr.write(f"imagegen: {job}: {warning}\n")
+    flags = event.data.get("nsfw")
+    return FLAGGED if (any(flags) if isinstance(flags, list) else bool(flags)) else 0
 
 
 def batch_sizes(service: Service, args: argparse.Namespace, bar: ProgressBar) -> int:
@@ -102,7 +113,8 @@ def batch_sizes(service: Service, args: argparse.Namespace, bar: ProgressBar) ->
         out = Path(args.output) / f"{name}.png"
         _write(out, base64.b64decode(image["imageData"].split(",", 1)[-1]))
         sys.stdout.write(f"{out} {image['width']}x{image['height']}\n")
-    return 0
+    outcome = _outcome(event)
+    return FLAGGED if any(image.get("nsfw") for image in job["images"].values()) else outcome
 
 
 def extras(service: Service, args: argparse.Namespace, bar: ProgressBar) -> int:
@@ -144,9 +156,11 @@ def jobs(service: Service, args: argparse.Namespace, bar: ProgressBar) -> int:
         answer = service.call("POST", f"/jobs/{args.id}/cancel")
         sys.stdout.write(f"{answer['id']}: {answer['status']}\n")
     else:
-        job_id = finish(follow(service, bar, job_id=args.id))
+        event = follow(service, bar, job_id=args.id)
+        job_id = finish(event)
         if args.output:
             _save_result(service, job_id, Path(args.output))
+        return _outcome(event)
     return 0
 
 

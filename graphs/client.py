@@ -14,7 +14,9 @@ from typing import Any, TextIO
 import httpx
 
 TERMINAL = ("completed", "failed", "cancelled")
-RECONNECTS = 5
+RECONNECTS = 5  # empty streams in a row before giving up
+RECONNECT_PAUSE_S = 1.0
+HEALTHY_STREAM_S = 30.0  # a stream open this long was cut by a deadline, not refused
 # The service names request fields; a person typed flags.
 FLAGS = {"width": "--width/--size", "height": "--height/--size", "steps": "--steps", "num_inference_steps": "--steps",
          "seed": "--seed", "sampler": "--sampler", "sampler_name": "--sampler", "model": "--checkpoint",
@@ -156,24 +158,28 @@ def follow(service: Service, bar: ProgressBar, job_id: str | None = None, submit
     """Submit (streaming its events) or attach to a job, and follow it to its terminal event; a stream that ends
     early (a deadline, a proxy, a restarted replica) is resumed after the last event id seen. Ctrl-C cancels a
     job this call submitted, never one it only watches."""
-    after, tries = 0, 0
+    after, failures, first = 0, 0, True
     try:
         while True:
-            if submit is not None and tries == 0:
+            if submit is not None and first:
                 source = service.events("POST", submit[0], json=submit[1])
             elif job_id is not None:
                 source = service.events("GET", f"/jobs/{job_id}/events", after=after)
             else:  # never submit twice: the first submit may have queued a job we did not hear of
                 raise CliError("the service closed the connection before naming the job; see imagegen jobs list")
+            first, opened, heard = False, time.monotonic(), False
             for event in source:
-                job_id, after = event.data.get("job_id", job_id), event.id
+                job_id, after, heard = event.data.get("job_id", job_id), event.id, True
                 bar.show(event)
                 if event.name in TERMINAL:
                     return event
-            tries += 1
-            if tries > RECONNECTS:
+            # The service ends every stream at its request deadline, however long the job: only connections that
+            # brought nothing and closed at once, one after another, mean it cannot be followed.
+            healthy = heard or time.monotonic() - opened >= HEALTHY_STREAM_S
+            failures = 0 if healthy else failures + 1
+            if failures > RECONNECTS:
                 raise CliError(f"the event stream of job {job_id} keeps closing", 3)
-            time.sleep(1.0)
+            time.sleep(RECONNECT_PAUSE_S)
     except KeyboardInterrupt:
         if submit is None or job_id is None:
             raise

@@ -151,3 +151,55 @@ def test_the_cli_imports_no_model_libraries():
     code = "import sys, graphs.cli; print(sorted(m for m in ('torch', 'ray', 'diffusers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def canned_service(monkeypatch, streams: list[str], result: dict) -> list[int]:
+    """``graphs.cli.main`` against canned answers: connection n of the job's event stream answers ``streams[n]``
+    (the last one again past the end); returns the Last-Event-ID each connection sent."""
+    import base64
+    import io
+
+    import graphs.cli
+    import graphs.client
+
+    sent: list[int] = []
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, "PNG")
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path in ("/generate/text2img", "/jobs/job_1/events"):
+            sent.append(int(request.headers.get("last-event-id", 0)))
+            body = streams[min(len(sent), len(streams)) - 1]
+            return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
+        if request.url.path == "/jobs/job_1/result":
+            return httpx.Response(200, json={"imageData": base64.b64encode(png.getvalue()).decode(), "width": 8,
+                                             "height": 8, **result})
+        return httpx.Response(404, json={"error": "no such route", "code": "NOT_FOUND", "details": {}})
+
+    monkeypatch.setattr(graphs.client, "RECONNECT_PAUSE_S", 0.0)
+    monkeypatch.setattr(graphs.cli, "Service", lambda url, token: Service(url, token,
+                                                                          transport=httpx.MockTransport(answer)))
+    return sent
+
+
+def frame(event_id: int, name: str, **data) -> str:
+    return f"id: {event_id}\nevent: {name}\ndata: {json.dumps({'job_id': 'job_1', 'status': 'x', **data})}\n\n"
+
+
+def test_a_long_job_is_followed_across_any_number_of_cut_streams(monkeypatch, tmp_path, capsys):
+    """The service cuts each stream at its deadline: ten connections that each bring one event are followed to the
+    end; only connections that bring nothing, six in a row, give up."""
+    progress = [frame(n, "progress", step=n, total=11) for n in range(1, 11)]
+    sent = canned_service(monkeypatch, [*progress, frame(11, "completed")], {"nsfw": None})
+    status, out, _ = run(capsys, "--quiet", "generate", "x", "-o", str(tmp_path / "x.png"))
+    assert status == 0 and out.startswith(str(tmp_path / "x.png")) and sent == list(range(11))
+    sent = canned_service(monkeypatch, [frame(1, "queued", position=1), ""], {})
+    status, _, err = run(capsys, "--quiet", "generate", "x", "-o", str(tmp_path / "y.png"))
+    assert status == 3 and "keeps closing" in err and sent == [0, 1, 1, 1, 1, 1, 1]
+
+
+def test_a_flagged_image_is_saved_with_its_warning_and_exit_status_6(monkeypatch, tmp_path, capsys):
+    warning = "image 1 of 1 flagged by the safety checker: replaced by a black image"
+    canned_service(monkeypatch, [frame(1, "completed", nsfw=[True], warnings=[warning])], {"nsfw": True})
+    status, _, err = run(capsys, "--quiet", "generate", "x", "-o", str(tmp_path / "x.png"))
+    assert status == 6 and (tmp_path / "x.png").is_file() and f"imagegen: job_1: {warning}\n" in err
