@@ -146,15 +146,14 @@ def _png(width: int, height: int, fmt: str = "PNG") -> bytes:
     return buffer.getvalue()
 
 
-def _stream(job_id: str) -> str:
+def _stream(job_id: str, end: tuple[str, dict] = ("completed", {"images": ["image_0"], "seed": 5})) -> str:
     """The event stream of one job as GET /jobs/{id}/events sends it: named events, JSON data, a comment."""
     preview = "data:image/jpeg;base64," + base64.b64encode(_png(8, 8, "JPEG")).decode()
     events = [("queued", {"position": 1}), ("started", {"attempt": 1}),
               ("progress", {"step": 5, "total": 10, "eta_s": 1.5, "progress": 50.0}),
               ("preview", {"step": 5, "total": 10, "image": preview}),
-              ("progress", {"step": 10, "total": 10, "eta_s": 0.0, "progress": 100.0}),
-              ("completed", {"images": ["image_0"], "seed": 5})]
-    status = {"queued": "queued", "completed": "completed"}
+              ("progress", {"step": 10, "total": 10, "eta_s": 0.0, "progress": 100.0}), end]
+    status = {"queued": "queued", "completed": "completed", "failed": "failed"}
     blocks = [": keep-alive"]
     for i, (name, data) in enumerate(events, 1):
         body = {"job_id": job_id, "status": status.get(name, "processing"), **data}
@@ -162,17 +161,22 @@ def _stream(job_id: str) -> str:
     return "\n\n".join(blocks) + "\n\n"
 
 
-def test_the_event_stream_drives_the_page(browser):
-    """Without Ray: the page against the events contract, every API answer faked in the browser."""
-    job = {"id": "job_1", "jobId": "job_1", "job_id": "job_1", "type": "text2img", "status": "completed",
-           "request": {"prompt": "p", "width": 24, "height": 16}, "progress": 100,
-           "result": {"images": ["data:image/png;base64," + base64.b64encode(_png(24, 16)).decode()], "seed": 5}}
+def _job(**result) -> dict:
+    return {"id": "job_1", "jobId": "job_1", "job_id": "job_1", "type": "text2img", "status": "completed",
+            "request": {"prompt": "p", "width": 24, "height": 16}, "progress": 100,
+            "result": {"images": ["data:image/png;base64," + base64.b64encode(_png(24, 16)).decode()], "seed": 5,
+                       **result}}
+
+
+def _generate_against(browser, job: dict, stream: str, until: str) -> tuple[object, object, list]:
+    """The page against the events contract, every API answer faked in the browser: Generate clicked, then
+    waited on until the JavaScript condition ``until`` holds. The caller closes the context."""
     answers = {
         "/models": {"models": [{"id": "m", "type": "base"}]}, "/sdapi/v1/samplers": [{"name": "Euler a"}],
         "/sdapi/v1/loras": [], "/sdapi/v1/upscalers": [], "/generate/batch-sizes": {"sizes": {}, "bases": {}},
         "/jobs": {"jobs": [], "total": 0, "offset": 0, "limit": 12}, "/jobs/job_1": job,
     }
-    submitted = []
+    submitted: list = []
 
     def answer(route):
         path = urlsplit(route.request.url).path
@@ -184,7 +188,7 @@ def test_the_event_stream_drives_the_page(browser):
             submitted.append(route.request.post_data_json)
             return route.fulfill(status=202, json={**job, "status": "queued", "progress": 0})
         if path == "/jobs/job_1/events":
-            return route.fulfill(body=_stream("job_1"), content_type="text/event-stream")
+            return route.fulfill(body=stream, content_type="text/event-stream")
         return route.fulfill(json=answers[path])
 
     context = browser.new_context()
@@ -195,13 +199,40 @@ def test_the_event_stream_drives_the_page(browser):
     page.evaluate(WATCH)
     page.get_by_label("Prompt", exact=True).fill("p")
     page.get_by_role("button", name="Generate").click()
-    page.wait_for_function(f"() => document.querySelector('{RESULT}')?.naturalWidth > 0")
+    page.wait_for_function(until)
+    return context, page, submitted
+
+
+def test_the_event_stream_drives_the_page(browser):
+    """Without Ray: the page against the events contract, every API answer faked in the browser."""
+    until = f"() => document.querySelector('{RESULT}')?.naturalWidth > 0"
+    context, page, submitted = _generate_against(browser, _job(), _stream("job_1"), until)
     seen = _seen(page)
     mode = page.evaluate("document.body.dataset.updates")
+    flags = page.locator("#result .flagged").count()
     context.close()
     assert submitted[0]["sampler"] == "Euler a" and submitted[0]["model"] == "m" and submitted[0]["width"] == 512
     assert seen == {"states": ["idle", "queued", "processing", "completed"], "values": [0, 50, 100], "previews": 1}
-    assert mode == "events"
+    assert mode == "events" and flags == 0
+
+
+def test_a_failed_stream_shows_why(browser):
+    failed = ("failed", {"code": "GPU_OOM", "message": "GPU out of memory"})
+    until = "() => document.getElementById('status').dataset.state === 'failed'"
+    context, page, _ = _generate_against(browser, _job(), _stream("job_1", failed), until)
+    status = page.locator("#status").inner_text()
+    context.close()
+    assert status == "Failed: GPU_OOM: GPU out of memory"
+
+
+def test_a_flagged_image_says_so_with_the_warnings(browser):
+    warning = "image 1 of 1 flagged by the safety checker: replaced by a black image"
+    until = f"() => document.querySelector('{RESULT}')?.naturalWidth > 0"
+    context, page, _ = _generate_against(browser, _job(nsfw=[True], warnings=[warning]), _stream("job_1"), until)
+    flag = page.locator("#result figcaption .flagged").inner_text()
+    warnings = page.locator("#result ul.warnings li").all_inner_texts()
+    context.close()
+    assert flag == "flagged by the safety checker: replaced" and warnings == [warning]
 
 
 @pytest.fixture(scope="module")

@@ -241,10 +241,14 @@ function showPreview(uri) {
 function resultImages(job) {
   // A text2img or /generate job holds a list of data URIs; a batch holds one entry per named size.
   const result = job.result || {};
-  if (Array.isArray(result.images)) return result.images.map((uri, i) => ({ uri, name: `${job.id}_${i}.png` }));
+  const flags = Array.isArray(result.nsfw) ? result.nsfw : [];
+  if (Array.isArray(result.images)) {
+    return result.images.map((uri, i) => ({ uri, name: `${job.id}_${i}.png`, flagged: flags[i] === true }));
+  }
   const named = result.images || job.images || {};
   return Object.entries(named).map(([size, entry]) => ({
     uri: dataUri(entry.imageData, "image/png"), name: `${job.id}_${size}.png`, label: `${size} ${entry.width} × ${entry.height}`,
+    flagged: entry.nsfw === true,
   }));
 }
 
@@ -256,7 +260,12 @@ function showResult(job) {
     box.append(el("figure", { class: "result" },
       el("img", { src: image.uri, alt: `Result of ${job.id}${image.label ? `, ${image.label}` : ""}`, class: "result-image" }),
       el("figcaption", {}, el("span", { text: `${image.label || ""} seed ${seed}`.trim() }), " ",
+        image.flagged ? el("span", { class: "flagged", text: "flagged by the safety checker: replaced" }) : null, " ",
         download(image.uri, image.name))));
+  }
+  const warnings = (job.result && job.result.warnings) || job.warnings || [];
+  if (warnings.length) {
+    box.append(el("ul", { class: "warnings", "aria-label": "Warnings" }, ...warnings.map((text) => el("li", { text }))));
   }
   $("preview-figure").hidden = true;
 }
@@ -269,7 +278,9 @@ async function finish(id, state, data) {
     showResult(job);
     showState("completed", job.result && job.result.timeTaken ? `${(job.result.timeTaken / 1000).toFixed(1)} s` : "");
   } else {
-    showState(state, data && data.error && data.error !== "cancelled" ? data.error : "");
+    // A polled job says why in "error"; the stream's failed event in "code" and "message".
+    const reason = data && (data.error || (data.code ? `${data.code}: ${data.message || ""}` : ""));
+    showState(state, reason && reason !== "cancelled" ? reason : "");
   }
   current = null;
   $("cancel").disabled = true;
