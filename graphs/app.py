@@ -31,6 +31,7 @@ from graphs.api.edge import create_app
 from graphs.api.photos import PhotoStore, StorageConfig
 from graphs.board import ProgressBoard
 from graphs.jobs.cache import RequestCache, open_cache
+from graphs.jobs.events import Streams
 from graphs.jobs.results import open_results
 from graphs.jobs.runner import JobRunner
 from graphs.jobs.sizes import SizeTable
@@ -104,6 +105,7 @@ class Ingress(
         self.photos = PhotoStore(StorageConfig.from_settings(self.settings))
         self.runner = runner  # deployed with the app; it reads the same job store
         self.jobs = open_store(self.settings)
+        self.streams = Streams(self.settings.job_events_max_streams)  # the job event streams this replica serves
         self.results = open_results(self.settings)
         self.cache = RequestCache(open_cache(self.settings, config.result_cache), self.handles, self.settings)
         self.sizes = SizeTable.load(self.settings.batch_sizes_file)

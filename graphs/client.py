@@ -6,6 +6,7 @@ bar drawn from those events. Only ``httpx`` and the standard library: the CLI ru
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ TERMINAL = ("completed", "failed", "cancelled")
 RECONNECTS = 5  # empty streams in a row before giving up
 RECONNECT_PAUSE_S = 1.0
 HEALTHY_STREAM_S = 30.0  # a stream open this long was cut by a deadline, not refused
+BUSY = 5  # the exit status of a 429 or 503 answer
+BUSY_POLL_S = 2.0  # how often a job is polled while the service has no event stream to spare
 # The service names request fields; a person typed flags.
 FLAGS = {"width": "--width/--size", "height": "--height/--size", "steps": "--steps", "num_inference_steps": "--steps",
          "seed": "--seed", "sampler": "--sampler", "sampler_name": "--sampler", "model": "--checkpoint",
@@ -53,7 +56,7 @@ def _explain(response: httpx.Response) -> CliError:
         return CliError(f"401 unauthorized: {message} (pass --token or set IMAGEGEN_TOKEN)", 4)
     if status in (429, 503):
         wait = response.headers.get("retry-after")
-        return CliError(f"{status} {code}: {message}; retry after {wait or 'a few'} s", 5)
+        return CliError(f"{status} {code}: {message}; retry after {wait or 'a few'} s", BUSY)
     details = body.get("details") or {}
     field = details.get("field")
     if field:
@@ -168,11 +171,22 @@ def follow(service: Service, bar: ProgressBar, job_id: str | None = None, submit
             else:  # never submit twice: the first submit may have queued a job we did not hear of
                 raise CliError("the service closed the connection before naming the job; see imagegen jobs list")
             first, opened, heard = False, time.monotonic(), False
-            for event in source:
-                job_id, after, heard = event.data.get("job_id", job_id), event.id, True
-                bar.show(event)
-                if event.name in TERMINAL:
-                    return event
+            try:
+                for event in source:
+                    job_id, after, heard = event.data.get("job_id", job_id), event.id, True
+                    bar.show(event)
+                    if event.name in TERMINAL:
+                        return event
+            except CliError as e:
+                if e.status != BUSY or job_id is None:
+                    raise
+                # No stream to spare (STREAMS_BUSY) or rate limited: the job itself can still be polled.
+                polled = _polled(service, job_id)
+                if polled is not None:
+                    bar.show(polled)
+                    return polled
+                time.sleep(BUSY_POLL_S)
+                continue
             # The service ends every stream at its request deadline, however long the job: only connections that
             # brought nothing and closed at once, one after another, mean it cannot be followed.
             healthy = heard or time.monotonic() - opened >= HEALTHY_STREAM_S
@@ -185,6 +199,23 @@ def follow(service: Service, bar: ProgressBar, job_id: str | None = None, submit
             raise
         service.call("POST", f"/jobs/{job_id}/cancel")
         raise CliError(f"interrupted: job {job_id} cancelled", 130) from None
+
+
+def _polled(service: Service, job_id: str) -> Event | None:
+    """The job's terminal event as GET /jobs/{id} tells it; None while it is queued or running."""
+    job = service.call("GET", f"/jobs/{job_id}")
+    if job["status"] not in TERMINAL:
+        return None
+    result = job.get("result") or {}
+    data = {"job_id": job_id, "status": job["status"], "warnings": result.get("warnings") or [],
+            "nsfw": result.get("nsfw")}
+    if job["status"] == "failed":
+        error = job.get("error") or ""
+        code, _, message = error.partition(": ")
+        if not re.fullmatch(r"[A-Z_]+", code):  # the error is "CODE: message" when it has a code
+            code, message = "ERROR", error
+        data.update(code=code, message=message)
+    return Event(0, job["status"], data)
 
 
 def finish(event: Event) -> str:

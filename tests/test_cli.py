@@ -203,3 +203,28 @@ def test_a_flagged_image_is_saved_with_its_warning_and_exit_status_6(monkeypatch
     canned_service(monkeypatch, [frame(1, "completed", nsfw=[True], warnings=[warning])], {"nsfw": True})
     status, _, err = run(capsys, "--quiet", "generate", "x", "-o", str(tmp_path / "x.png"))
     assert status == 6 and (tmp_path / "x.png").is_file() and f"imagegen: job_1: {warning}\n" in err
+
+
+def test_while_the_service_has_no_stream_to_spare_the_job_is_polled(monkeypatch, tmp_path, capsys):
+    """A watcher refused its stream (503 STREAMS_BUSY) follows the job by polling it to its end."""
+    import graphs.cli
+    import graphs.client
+
+    polls = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/jobs/job_1/events":
+            return httpx.Response(503, headers={"Retry-After": "5"}, json={
+                "error": "this replica serves 32 event streams", "code": "STREAMS_BUSY", "details": {"limit": 32}})
+        if request.url.path == "/jobs/job_1":
+            polls.append(1)
+            if len(polls) < 3:
+                return httpx.Response(200, json={"id": "job_1", "status": "processing"})
+            return httpx.Response(200, json={"id": "job_1", "status": "failed", "error": "GPU_OOM: out of memory"})
+        return httpx.Response(404, json={"error": "no such route", "code": "NOT_FOUND", "details": {}})
+
+    monkeypatch.setattr(graphs.client, "BUSY_POLL_S", 0.0)
+    monkeypatch.setattr(graphs.cli, "Service", lambda url, token: Service(url, token,
+                                                                          transport=httpx.MockTransport(answer)))
+    status, _, err = run(capsys, "--quiet", "jobs", "wait", "job_1")
+    assert status == 1 and len(polls) == 3 and err == "imagegen: job job_1 failed: GPU_OOM: out of memory\n"

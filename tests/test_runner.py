@@ -308,6 +308,36 @@ async def test_an_idle_stream_pings_then_ends_at_the_terminal_event(tmp_path):
     assert frames([c async for c in events.stream(store, "job_0_gone", 0, 0.02, 10)]) == [{"retry": "2000"}]
 
 
+async def test_watchers_past_the_limit_are_refused_until_one_ends(tmp_path):
+    """Each open stream holds one of the ingress replica's request slots: past the limit a watcher is refused (503,
+    it polls) rather than queue every other request behind the streams."""
+    from deployments.support.errors import StreamsBusy
+    from graphs.jobs.sqlite_store import SQLiteJobStore
+
+    store = SQLiteJobStore(tmp_path / "jobs.sqlite3")
+    job = Job(id=new_job_id(), type="text2img", request={"prompt": "x"})
+    store.create(job)
+    streams = events.Streams(limit=2)
+    bodies = []
+    for _ in range(2):
+        streams.admit()
+        body = events.response(store, job.id, 0, 0.02, 10, streams).body_iterator
+        await body.__anext__()  # the first frame: the stream is open
+        bodies.append(body)
+    assert streams.open == 2
+    with pytest.raises(StreamsBusy) as refused:
+        streams.admit()
+    assert refused.value.code == "STREAMS_BUSY" and refused.value.details == {"limit": 2}
+    never_sent = events.response(store, job.id, 0, 0.02, 10, streams)  # a response never sent never counts
+    del never_sent
+    await bodies.pop().aclose()  # its client went away
+    assert streams.open == 1
+    streams.admit()
+    await bodies.pop().aclose()
+    assert streams.open == 0
+    events.Streams(limit=0).admit()  # 0: no limit
+
+
 class FlakyBoard(Board):
     """A progress board that fails its first reads, as one restarting (or on a lost node) does."""
 

@@ -93,6 +93,12 @@ class JobConflict(ServiceError):
     code = "CONFLICT"
 
 
+class StreamsBusy(ServiceError):
+    """An ingress replica serves as many event streams as it may; the job can be polled meanwhile."""
+
+    code = "STREAMS_BUSY"
+
+
 class QueueFull(ServiceError):
     """The job queue is at MAX_QUEUE_SIZE."""
 

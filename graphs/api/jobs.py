@@ -72,6 +72,7 @@ class JobRoutes(CheckpointChoice):
     results: ResultStore
     settings: Settings
     sizes: SizeTable
+    streams: events.Streams
 
     def _owner(self, request: Request) -> str | None:
         return token_owner(request.headers.get("authorization"))
@@ -100,7 +101,7 @@ class JobRoutes(CheckpointChoice):
 
     def _events(self, job_id: str, after: int = 0) -> events.EventStream:
         return events.response(self.jobs, job_id, after, self.settings.job_events_poll_seconds,
-                               self.settings.job_events_heartbeat_seconds)
+                               self.settings.job_events_heartbeat_seconds, self.streams)
 
     def _answer(self, request: Request, job: Job, answer: Any) -> Any:
         """The submit's JSON answer, or the job's event stream when the client asked for it."""
@@ -188,6 +189,8 @@ class JobRoutes(CheckpointChoice):
                          ) -> events.EventStream:
         """The job's events as server-sent events, until completed, failed or cancelled."""
         await self._get(request, job_id)
+        # A submit's own stream is always served (its client has no job id to poll yet); a watcher's may not be.
+        self.streams.admit()
         return self._events(job_id, _event_id(last_event_id))
 
     @router.get("/jobs/{job_id}/result", response_model=JobResult, response_model_exclude_none=True)

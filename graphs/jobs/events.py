@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator
 from PIL import Image
 from starlette.responses import StreamingResponse
 
+from deployments.support.errors import StreamsBusy
 from deployments.support.imaging import encode
 from graphs.jobs.store import JobEvent, JobStore
 
@@ -79,10 +80,35 @@ async def stream(store: JobStore, job_id: str, after: int, poll_s: float, heartb
         await asyncio.sleep(poll_s)
 
 
-def response(store: JobStore, job_id: str, after: int, poll_s: float, heartbeat_s: float) -> EventStream:
+class Streams:
+    """The event streams one ingress replica serves now. Serve counts a stream as an ongoing request for its whole
+    life, so watchers alone could hold every request slot of the replica and queue all other requests behind them;
+    past ``limit`` (0: none) a new GET /jobs/{id}/events is refused and its client polls the job instead."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.open = limit, 0
+
+    def admit(self) -> None:
+        if self.limit and self.open >= self.limit:
+            raise StreamsBusy(f"this replica serves {self.open} event streams, its limit; poll GET /jobs/{{id}} "
+                              "or retry the stream shortly", details={"limit": self.limit})
+
+    async def counted(self, source: AsyncIterator[str]) -> AsyncIterator[str]:
+        # Counted from its first frame to its end (a client gone included): a response never sent never counts.
+        self.open += 1
+        try:
+            async for chunk in source:
+                yield chunk
+        finally:
+            self.open -= 1
+
+
+def response(store: JobStore, job_id: str, after: int, poll_s: float, heartbeat_s: float,
+             streams: Streams | None = None) -> EventStream:
     # no-transform and X-Accel-Buffering keep proxies (nginx, compressing ones) from holding events back.
     headers = {"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no", "X-Job-Id": job_id}
-    return EventStream(stream(store, job_id, after, poll_s, heartbeat_s), headers=headers)
+    source = stream(store, job_id, after, poll_s, heartbeat_s)
+    return EventStream(streams.counted(source) if streams is not None else source, headers=headers)
 
 
 def completed_data(job_id: str, result: dict) -> dict:
