@@ -50,6 +50,28 @@ def test_delivery_retries_until_accepted():
         receiver.close()
 
 
+def test_the_log_never_shows_a_webhooks_secrets(caplog):
+    """User, password, path and query are often the receiver's secret: a failed attempt logs scheme, host, port."""
+    receiver = Receiver(failures=5)  # answers 500
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now
+    settings = Settings(WEBHOOK_ALLOW_HOSTS="127.0.0.1", WEBHOOK_BACKOFF_SECONDS=0.01, WEBHOOK_ATTEMPTS=1)
+    secret = "alice:S3cr3t@"
+    try:
+        with caplog.at_level("WARNING", logger="graphs.jobs.webhooks"):
+            for url in (receiver.url.replace("http://", f"http://{secret}") + "/T0001/XSECRETX?token=tok_live_1",
+                        f"http://{secret}127.0.0.1:{port}/T0001/XSECRETX?token=tok_live_1"):
+                assert not asyncio.run(deliver(url, {"id": "job_1"}, settings))
+    finally:
+        receiver.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and "answered 500" in lines[0] and "failed" in lines[1]
+    assert lines[1].startswith(f"webhook http://127.0.0.1:{port}/... failed")
+    assert not any(word in line for line in lines for word in ("alice", "S3cr3t", "XSECRETX", "tok_live"))
+
+
 def test_delivery_never_reaches_a_refused_host():
     receiver = Receiver()
     try:

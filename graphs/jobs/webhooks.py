@@ -120,6 +120,23 @@ async def _post(target: Target, payload: dict, settings: Settings) -> tuple[int,
         return response.status_code, _retry_after(response.headers.get("retry-after"))
 
 
+def shown(url: str) -> str:
+    """Where a webhook goes, as the log may say it: scheme, host and port. Its user, password, path and query are
+    often the receiver's secret (Slack-style hook paths, ``?token=``), and logs travel further than job records."""
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname or "?", parts.port
+    except ValueError:
+        return "<malformed URL>"
+    host = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{host}{f':{port}' if port else ''}/..."
+
+
+def _why(error: Exception) -> str:
+    text = str(error) or type(error).__name__
+    return type(error).__name__ if "://" in text else text  # a message that quotes a URL may quote its secret
+
+
 async def attempt(url: str, payload: dict, settings: Settings, number: int) -> float | bool:
     """Attempt ``number`` (from 0) at POSTing the payload: True when it was delivered, False when it never will
     be (a 4xx other than 429), else the seconds to wait before the next attempt (exponential backoff, a 429's
@@ -135,11 +152,11 @@ async def attempt(url: str, payload: dict, settings: Settings, number: int) -> f
         status, retry_after = await asyncio.wait_for(post(), settings.webhook_timeout_seconds)
         if status < 500 and status != 429:
             return status < 400
-        logger.warning("webhook %s answered %d (attempt %d)", url, status, number + 1)
+        logger.warning("webhook %s answered %d (attempt %d)", shown(url), status, number + 1)
         if retry_after is not None:
             wait = min(max(wait, retry_after), longest)
     except (httpx.HTTPError, InvalidInput, TimeoutError) as e:
-        logger.warning("webhook %s failed: %s (attempt %d)", url, str(e) or type(e).__name__, number + 1)
+        logger.warning("webhook %s failed: %s (attempt %d)", shown(url), _why(e), number + 1)
     return wait
 
 
