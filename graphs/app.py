@@ -136,7 +136,8 @@ def build_app(args: dict) -> Application:
     faces = deployment(FaceRestorer).bind(config.face_restorer.model_dump())
     cropper = deployment(FocalCropper).bind(config.focal_cropper.model_dump())
     checker = config.safety_checker
-    # Whether it screens is the ingress's and runner's business: turning it on or off never reloads the checker.
+    # Whether it screens is the ingress's and runner's business (bound apart from the checker's own config; a
+    # `serve deploy` of changed args still replaces every replica, as any change under `args:` does).
     safety = deployment(SafetyChecker).bind(checker.model_dump(exclude={"enabled"})) if checker else None
     marks = deployment(Provenance).bind()
     runner = deployment(JobRunner).bind(base, refiner, upscaler, faces, cropper, board, config.hires_upscaler,

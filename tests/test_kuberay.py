@@ -207,17 +207,53 @@ def test_a_gpu_worker_holds_one_replica_of_every_deployment():
     manifest = rayservice()
     cluster = manifest["spec"]["rayClusterConfig"]
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
-    (group,) = cluster["workerGroupSpecs"]
+    group = worker_groups(manifest)["gpu"]
     (container,) = group["template"]["spec"]["containers"]
     resources = container["resources"]
     assert resources["requests"] == resources["limits"] and resources["limits"]["nvidia.com/gpu"] == 1
-    cpus = gpus = 0.0
-    for deployment in serve_config_v2(manifest)["applications"][0]["deployments"]:
-        replicas = deployment.get("num_replicas") or deployment["autoscaling_config"]["min_replicas"]
-        cpus += replicas * deployment["ray_actor_options"].get("num_cpus", 1)
-        gpus += replicas * deployment["ray_actor_options"].get("num_gpus", 0)
+    cpus, gpus = asked(manifest, "min_replicas")
     assert cpus <= float(resources["limits"]["cpu"]) and gpus <= 1
     assert group["minReplicas"] >= 1 and group["maxReplicas"] > group["minReplicas"]
+
+
+def test_every_deployment_at_its_maximum_fits_the_cluster_at_its_maximum():
+    """Serve's autoscaling never asks for replicas the cluster's autoscaler could not place; the CPU-only
+    deployments (and a rolling update's new replicas) have a worker group without a GPU."""
+    manifest = rayservice()
+    groups = worker_groups(manifest)
+    cpus, gpus = asked(manifest, "max_replicas")
+    limit = {name: group["template"]["spec"]["containers"][0]["resources"]["limits"] for name, group in groups.items()}
+    assert gpus <= groups["gpu"]["maxReplicas"] * limit["gpu"]["nvidia.com/gpu"]
+    assert cpus <= sum(group["maxReplicas"] * float(limit[name]["cpu"]) for name, group in groups.items())
+    assert "nvidia.com/gpu" not in limit["cpu"] and groups["cpu"]["minReplicas"] == 0
+    deployments = serve_config_v2(manifest)["applications"][0]["deployments"]
+    longest_drain = max(d.get("graceful_shutdown_timeout_s", 20) for d in deployments)
+    for group in groups.values():  # a pod waits for its longest drain
+        assert group["template"]["spec"]["terminationGracePeriodSeconds"] > longest_drain
+
+
+def test_the_proxy_leaves_the_deadline_to_the_api():
+    """The proxy's clock starts first: at equal limits it, not the API, would answer (a plain-text 408)."""
+    from deployments.support.settings import Settings
+
+    for config in (serve_config_v2(), yaml.safe_load((ROOT / "serve_config.yaml").read_text())):
+        assert config["http_options"]["request_timeout_s"] > Settings().request_timeout_seconds
+        (ingress,) = [d for d in config["applications"][0]["deployments"] if d["name"] == "Ingress"]
+        assert ingress["graceful_shutdown_timeout_s"] >= Settings().request_timeout_seconds
+
+
+def worker_groups(manifest: dict) -> dict[str, dict]:
+    return {group["groupName"]: group for group in manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+
+
+def asked(manifest: dict, bound: str) -> tuple[float, float]:
+    """The CPUs and GPUs serveConfigV2's deployments ask for at their minimum or maximum replicas."""
+    cpus = gpus = 0.0
+    for deployment in serve_config_v2(manifest)["applications"][0]["deployments"]:
+        replicas = deployment.get("num_replicas") or deployment["autoscaling_config"][bound]
+        cpus += replicas * deployment["ray_actor_options"].get("num_cpus", 1)
+        gpus += replicas * deployment["ray_actor_options"].get("num_gpus", 0)
+    return cpus, gpus
 
 
 # --- pods, Redis and the image ------------------------------------------------------------------------------
