@@ -25,7 +25,7 @@ from deployments.support.errors import InvalidInput
 from deployments.support.generation import Encoding, StageResult, encoded
 from deployments.support.imaging import pil_to_array
 from deployments.support.metrics import StageMetrics
-from deployments.support.settings import Settings
+from deployments.support.settings import Settings, current
 from deployments.weights import loader
 
 logger = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ class FaceRestorer:
                 "faces_runtime": f"{self.model.device.type}/{self.model.dtype}/{detector}"}
 
     async def check_health(self) -> None:
-        # A restorer that was configured must still be there; detection must answer on a blank frame.
+        # Flags only: the detector and the restorer belong to the inference thread, which may be using them now.
         if self.model.config.model and self.model.descriptor is None:
             raise RuntimeError("face restorer configured but not loaded")
-        self.model.detector.detect(np.zeros((64, 64, 3), np.uint8))
+        devices.check_health(self.thread, self.model.oom, current().inference_stall_seconds)

@@ -27,7 +27,7 @@ from deployments.support.errors import InvalidInput
 from deployments.support.generation import Encoding, StageResult, encoded
 from deployments.support.imaging import to_rgb
 from deployments.support.metrics import StageMetrics
-from deployments.support.settings import Settings
+from deployments.support.settings import Settings, current
 from deployments.weights import loader
 
 logger = logging.getLogger(__name__)
@@ -129,5 +129,4 @@ class SafetyChecker:
                 "dtype": str(self.model.dtype).removeprefix("torch."), **devices.memory(self.model.device)}
 
     async def check_health(self) -> None:
-        if not self.model.oom.healthy():
-            raise RuntimeError("safety checker: repeated out-of-memory failures")
+        devices.check_health(self.thread, self.model.oom, current().inference_stall_seconds)

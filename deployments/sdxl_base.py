@@ -523,8 +523,7 @@ class SDXLBase:
         return await asyncio.to_thread(self.model.fingerprint, checkpoint)
 
     async def check_health(self) -> None:
-        if not self.model.healthy():
-            raise RuntimeError("SDXL base: repeated out-of-memory failures")
+        devices.check_health(self.thread, self.model.oom, current().inference_stall_seconds)
 
 
 def _replica_id() -> str | None:

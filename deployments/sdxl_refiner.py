@@ -266,5 +266,4 @@ class SDXLRefiner:
         return await asyncio.to_thread(self.model.fingerprint)
 
     async def check_health(self) -> None:
-        if not self.model.oom.healthy():
-            raise RuntimeError("SDXL refiner: repeated out-of-memory failures")
+        devices.check_health(self.thread, self.model.oom, current().inference_stall_seconds)

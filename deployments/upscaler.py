@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import threading
 
 import torch
@@ -23,7 +22,7 @@ from deployments.support.errors import InvalidInput, UnknownModel
 from deployments.support.generation import Encoding, StageResult, encoded
 from deployments.support.imaging import from_tensor, to_rgb, to_tensor
 from deployments.support.metrics import StageMetrics
-from deployments.support.settings import Settings
+from deployments.support.settings import Settings, current
 from deployments.weights import loader
 
 logger = logging.getLogger(__name__)
@@ -212,6 +211,4 @@ class Upscaler:
         return devices.cuda_memory(self.model.device)
 
     async def check_health(self) -> None:
-        for name, descriptor in self.model.models.items():
-            if not math.isfinite(float(next(descriptor.model.parameters()).float().sum())):
-                raise RuntimeError(f"upscaler {name}: weights are not finite")
+        devices.check_health(self.thread, self.model.oom, current().inference_stall_seconds)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -42,14 +43,24 @@ def free_cache(device: torch.device) -> None:
 
 class OomGuard:
     """Turns CUDA out-of-memory into a retryable ``GpuOutOfMemory`` after freeing the cache, and counts
-    consecutive failures so that a health check can have Ray replace a replica that keeps failing."""
+    consecutive failures so that a health check can have Ray replace a replica that keeps failing. A CUDA error
+    that leaves the context unusable (every later call fails too) marks the replica for replacement at once:
+    failing fast, it would otherwise look the least loaded and draw more traffic."""
 
     def __init__(self, device: torch.device, what: str, limit: int = 3) -> None:
         self.device, self.what, self.limit = device, what, limit
         self.consecutive = 0
+        self.fatal: str | None = None
 
     def healthy(self) -> bool:
-        return self.consecutive < self.limit
+        return self.problem() is None
+
+    def problem(self) -> str | None:
+        if self.fatal is not None:
+            return f"{self.what}: the CUDA context failed ({self.fatal})"
+        if self.consecutive >= self.limit:
+            return f"{self.what}: repeated out-of-memory failures"
+        return None
 
     @contextmanager
     def __call__(self) -> Iterator[None]:
@@ -57,6 +68,8 @@ class OomGuard:
             yield
         except RuntimeError as e:  # torch.OutOfMemoryError is one
             if not out_of_memory(e):
+                if any(m in str(e) for m in _FATAL_CUDA):
+                    self.fatal = str(e).splitlines()[0][:200]
                 raise
             self.consecutive += 1
             free_cache(self.device)
@@ -66,6 +79,9 @@ class OomGuard:
 
 # How CUDA libraries that allocate outside PyTorch's allocator (cuBLAS and cuDNN workspaces) say the same thing.
 _OOM_MESSAGES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
+# Sticky CUDA errors: the context is corrupt and only a new process recovers.
+_FATAL_CUDA = ("illegal memory access", "unspecified launch failure", "device-side assert", "misaligned address",
+               "illegal instruction", "uncorrectable ECC error", "CUDA error: unknown error")
 
 
 def out_of_memory(error: BaseException) -> bool:
@@ -84,17 +100,41 @@ class InferenceThread:
         from concurrent.futures import ThreadPoolExecutor
 
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._since: float | None = None  # when the call running now began (monotonic)
+
+    def _timed(self, fn, /, *args, **kwargs):
+        self._since = time.monotonic()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self._since = None
+
+    def busy_for(self) -> float:
+        """Seconds the call running now has run (0 when idle)."""
+        since = self._since
+        return 0.0 if since is None else time.monotonic() - since
 
     def call(self, fn, /, *args, **kwargs):
         """Run on the inference thread and wait (for start-up work such as loading and warm-up)."""
-        return self._executor.submit(fn, *args, **kwargs).result()
+        return self._executor.submit(self._timed, fn, *args, **kwargs).result()
 
     async def run(self, fn, /, *args, **kwargs):
         import asyncio
         import functools
 
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+        return await loop.run_in_executor(self._executor, functools.partial(self._timed, fn, *args, **kwargs))
+
+
+def check_health(thread: InferenceThread, guard: OomGuard, stall_seconds: float) -> None:
+    """A replica's health check: its CUDA context usable, not failing out of memory again and again, and its
+    inference thread not stuck in one call (a hung kernel or driver call that no cancel reaches). Runs on the
+    event loop: it reads flags and never touches the device."""
+    problem = guard.problem()
+    if problem is None and thread.busy_for() > stall_seconds:
+        problem = f"{guard.what}: one call on the inference thread has run {thread.busy_for():.0f} s"
+    if problem is not None:
+        raise RuntimeError(problem)
 
 
 def memory(device: torch.device) -> dict:

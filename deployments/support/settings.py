@@ -104,6 +104,9 @@ class Settings(BaseSettings):
     job_events_kept: int = Field(256, ge=8, le=10_000, description="events kept per job; the oldest are trimmed")
     job_preview_every: int = Field(5, ge=0, le=150, description="denoising steps between previews; 0: none")
     job_events_heartbeat_seconds: float = Field(10.0, gt=0, description="': ping' on an idle stream")
+    inference_stall_seconds: float = Field(900.0, gt=0, description=(
+        "a model replica whose inference thread has run one call this long fails its health check and is "
+        "replaced (a checkpoint load with its compile warm-up is the longest legitimate call)"))
     job_events_max_streams: int = Field(32, ge=0, description=(
         "event streams one ingress replica serves at once (each holds one of its max_ongoing_requests for its "
         "whole life); past it GET /jobs/{id}/events is a 503 STREAMS_BUSY and clients poll; 0: no limit"))
