@@ -466,13 +466,15 @@ class SDXLBase:
             await self._announce()
             await asyncio.sleep(seconds)
 
-    def reconfigure(self, user_config: dict) -> None:
-        """``user_config: {max_batch_size, batch_wait_timeout_s}`` retunes batching without a restart."""
+    async def reconfigure(self, user_config: dict) -> None:
+        """``user_config: {max_batch_size, batch_wait_timeout_s}`` retunes batching without a restart (async: on the
+        event loop that owns the batch queues, never beside it on a thread)."""
         self.batcher.configure(Batching.model_validate({**self.batcher.config.model_dump(), **user_config}))
 
     async def _run_batch(self, items: list[BatchItem]) -> list[StageResult | BaseException]:
-        with self.metrics.track():
+        with self.metrics.track(requests=False):
             outcomes = await self.thread.run(self.model.generate_batch, items)
+        self.metrics.outcomes(outcomes)
         self.metrics.produced(sum(len(o.images) or len(o.seeds) for o in outcomes if isinstance(o, StageResult)))
         return outcomes
 
@@ -488,11 +490,12 @@ class SDXLBase:
             BatchItem(again, request_id) for again in passes_over(request, init)]
         self.reporter.start()
         try:
-            held = await self._checkpoint(checkpoint)
-            for item in items:
-                item.checkpoint = held
-            submitted = self.batcher.submit_all([(batch_key(item.request), item) for item in items])
-            results = await self.model.cancellation.guard(request_id, submitted)
+            with self.metrics.request():
+                held = await self._checkpoint(checkpoint)
+                for item in items:
+                    item.checkpoint = held
+                submitted = self.batcher.submit_all([(batch_key(item.request), item) for item in items])
+                results = await self.model.cancellation.guard(request_id, submitted)
             return await encoded(results[0] if init is None else init.joined(results), encode)
         except BaseException:  # cancelled through Serve (a cancel, deadline or disconnect upstream), or one of its
             # passes failed: its other passes, already running in a batch of another size, stop within a step

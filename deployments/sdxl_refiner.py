@@ -214,8 +214,9 @@ class SDXLRefiner:
             False: Batcher(self._run_images, config.batching, size=lambda item: item.count),
         }
 
-    def reconfigure(self, user_config: dict) -> None:
-        """``user_config: {max_batch_size, batch_wait_timeout_s}`` retunes batching without a restart."""
+    async def reconfigure(self, user_config: dict) -> None:
+        """``user_config: {max_batch_size, batch_wait_timeout_s}`` retunes batching without a restart (async: on the
+        event loop that owns the batch queues, never beside it on a thread)."""
         for batcher in self.batchers.values():
             batcher.configure(Batching.model_validate({**batcher.config.model_dump(), **user_config}))
 
@@ -234,8 +235,9 @@ class SDXLRefiner:
         item = BatchItem(request, request_id or uuid.uuid4().hex, count, source=source)
         self.reporter.start()
         try:
-            submitted = self.batchers[ensemble].submit(batch_key(request, source, ensemble=ensemble), item)
-            return await self.model.cancellation.guard(item.request_id, submitted)
+            with self.metrics.request():
+                submitted = self.batchers[ensemble].submit(batch_key(request, source, ensemble=ensemble), item)
+                return await self.model.cancellation.guard(item.request_id, submitted)
         except asyncio.CancelledError:  # cancelled through Serve: stop the denoising loop for this item
             self.model.cancellation.cancel(item.request_id)
             raise
@@ -247,8 +249,9 @@ class SDXLRefiner:
         return await self._run_batch(items, ensemble=False)
 
     async def _run_batch(self, items: list[BatchItem], *, ensemble: bool) -> list[StageResult | BaseException]:
-        with self.metrics.track():
+        with self.metrics.track(requests=False):
             outcomes = await self.thread.run(self.model.refine_batch, items, ensemble=ensemble)
+        self.metrics.outcomes(outcomes)
         self.metrics.produced(sum(len(o.images) for o in outcomes if isinstance(o, StageResult)))
         return outcomes
 

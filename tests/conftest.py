@@ -168,6 +168,9 @@ DEPLOYMENT_OPTIONS = {
         "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0.5,
         "downscale_delay_s": 2, "metrics_interval_s": 0.5, "look_back_period_s": 1}},
     "FocalCropper": {"health_check_period_s": 1, "health_check_timeout_s": 2, "graceful_shutdown_timeout_s": 1},
+    # The batching defaults, given as serve_config.yaml gives its own: Serve calls each replica's reconfigure.
+    "SDXLBase": {"user_config": {"max_batch_size": 8, "batch_wait_timeout_s": 0.0}},
+    "SDXLRefiner": {"user_config": {"max_batch_size": 8, "batch_wait_timeout_s": 0.0}},
 }
 
 

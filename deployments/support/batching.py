@@ -77,7 +77,7 @@ class Batcher(Generic[Item]):
     def configure(self, config: Batching) -> None:
         """New sizes and waits, applied to the queues that exist and the ones to come (``user_config``)."""
         self.config = config
-        for queue in self._queues.values():
+        for queue in list(self._queues.values()):
             queue.set_max_batch_size(config.max_batch_size)  # type: ignore[attr-defined]
             queue.set_batch_wait_timeout_s(config.batch_wait_timeout_s)  # type: ignore[attr-defined]
 

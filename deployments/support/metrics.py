@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 from ray.serve import metrics
 
@@ -34,19 +34,38 @@ class StageMetrics:
         self._running = 0
 
     @contextmanager
-    def track(self) -> Iterator[StageMetrics]:
-        self._running += 1
-        self.in_flight.set(self._running)
+    def track(self, *, requests: bool = True) -> Iterator[StageMetrics]:
+        """Time one call and count its failure; with ``requests``, it is also one request in flight (a batched
+        stage counts its requests with ``request`` instead, and times each batch here)."""
         started = time.perf_counter()
         try:
-            yield self
+            with self.request() if requests else nullcontext():
+                yield self
         except Exception as e:
-            self.failures.inc(tags={"code": e.code if isinstance(e, ServiceError) else type(e).__name__})
+            self.failed(e)
             raise
+        finally:
+            self.latency.observe(time.perf_counter() - started)
+
+    @contextmanager
+    def request(self) -> Iterator[None]:
+        """One request running or waiting on this replica (in a batch queue, on a checkpoint load)."""
+        self._running += 1
+        self.in_flight.set(self._running)
+        try:
+            yield
         finally:
             self._running -= 1
             self.in_flight.set(self._running)
-            self.latency.observe(time.perf_counter() - started)
+
+    def failed(self, error: BaseException) -> None:
+        self.failures.inc(tags={"code": error.code if isinstance(error, ServiceError) else type(error).__name__})
+
+    def outcomes(self, outcomes: Iterable[object]) -> None:
+        """A batch's per-request failures (a batched stage hands each request its own outcome, never raising)."""
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                self.failed(outcome)
 
     def produced(self, count: int) -> None:
         if count:

@@ -1,0 +1,58 @@
+"""What the stages count for the dashboard: a batched stage's failures per request (each request of a batch has its
+own outcome, so nothing raises out of the batch), and its requests in flight rather than its batches."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+from deployments.support.errors import GenerationCancelled, GpuOutOfMemory
+from deployments.support.generation import StageResult
+from deployments.support.metrics import StageMetrics
+
+
+class Recorded(StageMetrics):
+    """StageMetrics with its failures and in-flight values recorded as they are reported."""
+
+    def __init__(self, stage: str) -> None:
+        super().__init__(stage)
+        self.codes: list[str] = []
+        self.levels: list[int] = []
+        self.failures = SimpleNamespace(inc=lambda tags: self.codes.append(tags["code"]))
+        self.in_flight = SimpleNamespace(set=self.levels.append)
+
+
+class Thread:
+    def __init__(self, outcomes) -> None:
+        self.outcomes = outcomes
+
+    async def run(self, fn, *args, **kwargs):
+        return self.outcomes
+
+
+def test_a_batched_stage_counts_each_requests_failure():
+    from deployments.sdxl_base import SDXLBase
+    from deployments.sdxl_refiner import SDXLRefiner
+
+    outcomes = [StageResult(seeds=[1]), GpuOutOfMemory("out of memory"), GpuOutOfMemory("out of memory"),
+                GenerationCancelled("cancelled")]
+    for shell, call in ((SDXLBase, lambda s: SDXLBase.func_or_class._run_batch(s, [])),
+                        (SDXLRefiner, lambda s: SDXLRefiner.func_or_class._run_batch(s, [], ensemble=True))):
+        replica = SimpleNamespace(metrics=Recorded(shell.name), thread=Thread(outcomes),
+                                  model=SimpleNamespace(generate_batch=None, refine_batch=None))
+        assert asyncio.run(call(replica)) == outcomes
+        assert replica.metrics.codes == ["GPU_OOM", "GPU_OOM", "CANCELLED"]
+        assert replica.metrics.levels == []  # a batch is no request: requests are counted where they wait
+
+
+def test_requests_in_flight_count_requests_and_failures_raise_through_track():
+    metrics = Recorded("upscaler")
+    with metrics.request(), metrics.request():
+        assert metrics._running == 2
+    assert metrics.levels == [1, 2, 1, 0]
+    try:
+        with metrics.track():
+            raise GpuOutOfMemory("out of memory")
+    except GpuOutOfMemory:
+        pass
+    assert metrics.codes == ["GPU_OOM"] and metrics.levels[-2:] == [1, 0]
