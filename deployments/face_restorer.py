@@ -21,7 +21,7 @@ from ray import serve
 from deployments.support import device as devices
 from deployments.support import faces as face_lib
 from deployments.support.config import FaceRestorerConfig
-from deployments.support.errors import InvalidInput
+from deployments.support.errors import InvalidInput, ModelLoadError
 from deployments.support.generation import Encoding, StageResult, encoded
 from deployments.support.imaging import pil_to_array
 from deployments.support.metrics import StageMetrics
@@ -29,6 +29,16 @@ from deployments.support.settings import Settings
 from deployments.weights import loader
 
 logger = logging.getLogger(__name__)
+
+# How each restorer's raw network is called: [-1, 1] in, [-1, 1] out, as the original repositories (and A1111)
+# call them. spandrel's descriptor ``__call__`` is not used: it wants [0, 1] input and clamps its output to [0, 1],
+# which loses everything darker than mid-grey (and RestoreFormer's call normalises to [-1, 1] a second time).
+# GFPGAN's ``return_rgb=False`` skips its intermediate-resolution RGB outputs, which are thrown away anyway.
+RESTORERS = {
+    "CodeFormer": lambda model, x, weight: model(x, weight=weight)[0],
+    "GFPGAN": lambda model, x, weight: model(x, return_rgb=False)[0],
+    "RestoreFormer": lambda model, x, weight: model(x)[0],
+}
 
 
 class FaceEnhancer:
@@ -40,6 +50,10 @@ class FaceEnhancer:
         self.weights = loader.WeightFiles()
         if config.model:
             self.descriptor = loader.load_spandrel(config.model, settings).to(self.device).eval()
+            if self.descriptor.architecture.id not in RESTORERS:
+                # Any other network's value range is unknown here; guessing it gives a washed-out or clipped face.
+                raise ModelLoadError(f"{config.model}: a {self.descriptor.architecture.id} model is not a face "
+                                     f"restorer (expected one of {', '.join(RESTORERS)})", field="face_restorer.model")
             self.weights.add("face_restorer", loader.resolve(config.model, settings))
             # float16 overflows in the face models' normalisations; bfloat16 has float32's range.
             self.dtype = devices.supported_dtype(self.descriptor, dtype)
@@ -108,10 +122,7 @@ class FaceEnhancer:
         tensor = (tensor * 2 - 1).to(self.dtype)  # the face models were trained on [-1, 1]
         # Autocast in half precision: CodeFormer's codebook lookup multiplies a float32 one-hot by its weights.
         with torch.autocast(self.device.type, self.dtype, enabled=self.dtype != torch.float32):
-            if descriptor.architecture.id == "CodeFormer":
-                output = descriptor.model(tensor, weight=weight)[0]
-            else:
-                output = descriptor(tensor)
+            output = RESTORERS[descriptor.architecture.id](descriptor.model, tensor, weight)
         output = ((output.float() + 1) / 2).clamp(0, 1)
         return (output[0].permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from deployments.face_restorer import FaceEnhancer
 from deployments.focal_cropper import Cropper
+from deployments.support import faces as face_lib
 from deployments.support.config import FaceRestorerConfig, FocalCropperConfig, UpscalerConfig
 from deployments.support.cropping import CropSize, crop_box, derivatives
-from deployments.support.errors import InvalidInput
+from deployments.support.errors import InvalidInput, ModelLoadError
 from deployments.support.generation import StageResult
 from deployments.support.imaging import decode
 from deployments.upscaler import ImageUpscaler, tiled
@@ -152,6 +154,58 @@ def test_every_image_of_a_batch_is_restored_in_one_call(restorer, astronaut):
     assert np.array_equal(pixels(result.images[1]), pixels(blank))
     assert result.info["faces_found"] == 1 and result.info["face_restoration_applied"]
     assert result.warnings == ["no face detected: image unchanged"]
+
+
+def _identity_restorer(architecture: str, tiny):
+    """A real spandrel descriptor of ``architecture`` whose network returns its input unchanged, in its own [-1, 1]
+    domain: an ideal restorer of a face that needs no restoration."""
+    import spandrel
+    import spandrel_extra_arches
+    import torch
+
+    spandrel_extra_arches.install(ignore_duplicates=True)
+    torch.manual_seed(0)
+    if architecture == "RestoreFormer":
+        descriptor = spandrel.ModelLoader().load_from_file(tiny / "faces" / "tiny-restoreformer.safetensors")
+    else:
+        if architecture == "GFPGAN":
+            from spandrel.architectures.GFPGAN import GFPGAN
+
+            model = GFPGAN()
+        else:
+            from spandrel_extra_arches.architectures.CodeFormer import CodeFormer
+
+            model = CodeFormer(dim_embd=64, n_head=8, n_layers=1, codebook_size=64,
+                               connect_list=["32", "64", "128", "256"])
+        descriptor = spandrel.ModelLoader().load_from_state_dict(model.state_dict())
+    assert descriptor.architecture.id == architecture
+    descriptor.model.forward = lambda x, *args, **kwargs: (x, None)
+    return descriptor.eval()
+
+
+@pytest.mark.parametrize("architecture", ["GFPGAN", "RestoreFormer", "CodeFormer"])
+def test_an_identity_restorer_gives_the_face_back_unchanged(tiny, astronaut, astronaut_face_box, architecture):
+    """Each network is called in its own [-1, 1] range: spandrel's descriptor call takes [0, 1] and clamps to
+    [0, 1], which turned every pixel darker than mid-grey into 128 (black 0 -> 128, face mean 147 -> 166)."""
+    enhancer = FaceEnhancer(FaceRestorerConfig())
+    enhancer.descriptor = _identity_restorer(architecture, tiny)
+    crop, _ = face_lib.align(np.asarray(astronaut), enhancer.detect(astronaut)[0], 512)
+    assert crop.min() == 0 and crop.max() == 255  # the full range is at stake
+    with torch.inference_mode():
+        out = enhancer._restore_crop(enhancer.descriptor, crop, 0.5)
+    assert np.abs(out.astype(np.int16) - crop).max() <= 1
+    # Through detection, alignment and paste-back, the face keeps its brightness (the warps blur it a little).
+    x0, y0, x1, y1 = astronaut_face_box
+    before = pixels(astronaut)[y0:y1, x0:x1]
+    after = pixels(enhancer.restore(astronaut, weight=0.5).image)[y0:y1, x0:x1]
+    assert abs(after.mean() - before.mean()) < 1.0
+    assert np.abs(after - before).mean() < 3.0
+
+
+def test_a_model_that_is_not_a_face_restorer_is_refused(tiny):
+    with pytest.raises(ModelLoadError) as caught:
+        FaceEnhancer(FaceRestorerConfig(model=str(tiny / "upscalers" / "tiny-esrgan-x4.safetensors")))
+    assert caught.value.field == "face_restorer.model" and "ESRGAN" in caught.value.message
 
 
 def test_no_restorer_loaded_is_skipped_and_flagged(astronaut):
