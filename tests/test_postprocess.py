@@ -208,6 +208,28 @@ def test_a_model_that_is_not_a_face_restorer_is_refused(tiny):
     assert caught.value.field == "face_restorer.model" and "ESRGAN" in caught.value.message
 
 
+@pytest.mark.parametrize("crop_scale,max_jump,min_ramp", [
+    (2.0, 40, 15),  # the 512 crop covers 256 px of the image: a face about 120 px wide
+    (12.0, 128, 4),  # the crop covers 43 px: a face about 20 px wide
+])
+def test_paste_back_feathers_with_a_smooth_ramp(crop_scale, max_jump, min_ramp):
+    """A white restored face pasted on black: along a row through the face, alpha ramps from 0 to 1 over several
+    pixels. The mask used to jump from 0 to 133 in one pixel (a seam around every face), small faces 0 to 255."""
+    offset = -crop_scale * 100  # the crop's corner lands at (100, 100)
+    matrix = np.array([[crop_scale, 0, offset], [0, crop_scale, offset]], np.float32)  # image -> crop
+    white = np.full((512, 512, 3), 255, np.uint8)
+    side = 100 + int(512 / crop_scale)
+    out = face_lib.paste_back(np.zeros((side + 100, side + 100, 3), np.uint8), white, matrix).astype(np.int16)
+    row = out[(100 + side) // 2, :, 0]
+    assert row.max() == 255 and np.array_equal(out[:100], np.zeros_like(out[:100]))
+    assert np.abs(np.diff(row)).max() < max_jump
+    left_edge = row[: (100 + side) // 2]
+    assert ((left_edge > 0) & (left_edge < 255)).sum() >= min_ramp
+    # The feather stays inside the warped crop: pasting white on white, the warp's black border never shows.
+    on_white = face_lib.paste_back(np.full_like(out, 255, np.uint8), white, matrix)
+    assert on_white.min() == 255
+
+
 def test_no_restorer_loaded_is_skipped_and_flagged(astronaut):
     result = FaceEnhancer(FaceRestorerConfig()).restore(astronaut)
     assert result.info["faces_found"] == 1 and not result.info["face_restoration_applied"]
