@@ -58,6 +58,37 @@ def test_model_upscale_is_not_a_plain_resize(upscaler, astronaut):
     assert np.abs(neural - lanczos).mean() > 2.0
 
 
+@pytest.mark.parametrize("side,scale,cap,passes", [
+    (64, 4, 300 * 300, [256]),  # the model's own scale: one pass
+    (64, 8, 8192 * 8192, [256, 512]),  # two passes, the second landing on the target (it used to make 1024)
+    (64, 2, 300 * 300, [256]),  # one pass on every input pixel, then down (A1111's way), within the cap
+    (64, 4.2, 300 * 300, [256, 268]),  # the second pass lands on the target; it used to make 1024 (11.7x the cap)
+    (64, 16, 8192 * 8192, [256, 1024]),  # two whole scales: two full passes
+    (128, 2, 300 * 300, [256]),  # a first pass past the cap (512: 2.9x) lands on the target instead
+])
+def test_no_model_pass_makes_more_than_the_target_or_the_cap(tiny, astronaut, side, scale, cap, passes):
+    upscaler = ImageUpscaler(UpscalerConfig(models=[{"name": "R-ESRGAN 4x+", "path": str(
+        tiny / "upscalers" / "tiny-esrgan-x4.safetensors")}], max_output_pixels=cap, tile=0))
+    made = []
+    run_model = upscaler._run_model
+
+    def counted(descriptor, image):
+        out = run_model(descriptor, image)
+        made.append(out.width)
+        assert out.height == out.width
+        return out
+
+    upscaler._run_model = counted
+    image = astronaut.resize((side, side))
+    result = upscaler.upscale(image, "R-ESRGAN 4x+", scale)
+    target = round(side * scale)
+    assert result.image.size == (target, target) and made == passes
+    assert max(made) ** 2 <= cap
+    # The last pass still ends in model detail, not a Lanczos enlargement.
+    lanczos = pixels(upscaler.upscale(image, "Lanczos", scale).image)
+    assert np.abs(pixels(result.image) - lanczos).mean() > 2.0
+
+
 def test_tiled_and_untiled_agree(upscaler, astronaut):
     import torch
 
