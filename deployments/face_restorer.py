@@ -80,7 +80,11 @@ class FaceEnhancer:
         return self.descriptor.architecture.id if self.descriptor is not None else None
 
     def detect(self, image: Image.Image) -> list[face_lib.Face]:
-        return self.detector.detect(pil_to_array(image))
+        return self._faces(pil_to_array(image))
+
+    def _faces(self, rgb: np.ndarray) -> list[face_lib.Face]:
+        """The faces to restore: at most ``max_faces``, the most confident (every detector returns them first)."""
+        return self.detector.detect(rgb)[: self.config.max_faces]
 
     def restore(self, source: StageResult | Image.Image, weight: float = 0.6, visibility: float = 1.0) -> StageResult:
         """Every image of ``source`` (a batch stays one call). ``weight``: CodeFormer fidelity (0 = strongest
@@ -102,7 +106,7 @@ class FaceEnhancer:
     def _restore_one(self, image: Image.Image, weight: float, visibility: float):
         """One image: (the image, its face boxes, whether it was restored, a warning or None)."""
         rgb = pil_to_array(image)
-        found = self.detector.detect(rgb)
+        found = self._faces(rgb)
         boxes = [f.box for f in found]
         descriptor = self.descriptor
         if descriptor is None:

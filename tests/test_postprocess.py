@@ -261,6 +261,52 @@ def test_paste_back_feathers_with_a_smooth_ramp(crop_scale, max_jump, min_ramp):
     assert on_white.min() == 255
 
 
+@pytest.fixture(scope="module")
+def three_astronauts(astronaut):
+    """Three real portraits side by side, 512 px each, the middle one mirrored."""
+    photo = np.asarray(astronaut)
+    return Image.fromarray(np.concatenate([photo, photo[:, ::-1], photo], axis=1))
+
+
+def test_each_face_is_detected_once_most_confident_first(restorer, three_astronauts):
+    """MediaPipe finds the mirrored astronaut twice (boxes with IoU 0.28, one's centre inside the other): four
+    faces, that one restored twice, and sorted by area rather than confidence."""
+    found = restorer.detect(three_astronauts)
+    assert sorted(int(f.centre[0] // 512) for f in found) == [0, 1, 2]
+    assert [f.score for f in found] == sorted((f.score for f in found), reverse=True)
+
+
+@pytest.mark.parametrize("max_faces", [1, 2])
+def test_max_faces_restores_only_the_most_confident(tiny, restorer, three_astronauts, max_faces):
+    """``max_faces`` holds with the default detector (MediaPipe) too: it used to be given to RetinaFace only."""
+    ranked = [int(f.centre[0] // 512) for f in restorer.detect(three_astronauts)]
+    enhancer = FaceEnhancer(FaceRestorerConfig(model=str(tiny / "faces" / "tiny-restoreformer.safetensors"),
+                                               max_faces=max_faces))
+    restored = []
+    restore_crop = enhancer._restore_crop
+    enhancer._restore_crop = lambda *args: restored.append(1) or restore_crop(*args)
+    result = enhancer.restore(three_astronauts, weight=0.6)
+    assert len(restored) == max_faces and result.info["faces_found"] == max_faces
+    before, after = pixels(three_astronauts), pixels(result.image)
+    changed = {tile for tile in range(3) if not np.array_equal(before[:, tile * 512:(tile + 1) * 512],
+                                                               after[:, tile * 512:(tile + 1) * 512])}
+    assert changed == set(ranked[:max_faces])
+
+
+def test_overlapping_detections_of_one_face_are_dropped():
+    def face(box, score):
+        return face_lib.Face(box, np.zeros((4, 2), np.float32), score)
+
+    # MediaPipe's pair for the mirrored astronaut: IoU 0.28, but the weaker box's centre lies inside the stronger.
+    pair = [face((738, 45, 815, 122), 0.68), face((181, 52, 282, 153), 0.7), face((757, 72, 842, 157), 0.78)]
+    assert [f.box for f in face_lib.distinct(pair)] == [(757, 72, 842, 157), (181, 52, 282, 153)]
+    # Centres outside each other's box: IoU 0.32 is one face, IoU 0.25 two neighbours.
+    near = [face((0, 0, 100, 100), 0.9), face((52, 0, 152, 100), 0.8), face((160, 0, 260, 100), 0.7)]
+    assert [f.box[0] for f in face_lib.distinct(near)] == [0, 160]
+    apart = [face((0, 0, 100, 100), 0.9), face((60, 0, 160, 100), 0.8)]
+    assert len(face_lib.distinct(apart)) == 2
+
+
 def test_no_restorer_loaded_is_skipped_and_flagged(astronaut):
     result = FaceEnhancer(FaceRestorerConfig()).restore(astronaut)
     assert result.info["faces_found"] == 1 and not result.info["face_restoration_applied"]
