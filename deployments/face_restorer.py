@@ -21,7 +21,7 @@ from ray import serve
 from deployments.support import device as devices
 from deployments.support import faces as face_lib
 from deployments.support.config import FaceRestorerConfig
-from deployments.support.errors import InvalidInput
+from deployments.support.errors import InvalidInput, ModelLoadError
 from deployments.support.generation import Encoding, StageResult, encoded
 from deployments.support.imaging import pil_to_array
 from deployments.support.metrics import StageMetrics
@@ -29,6 +29,16 @@ from deployments.support.settings import Settings, current
 from deployments.weights import loader
 
 logger = logging.getLogger(__name__)
+
+# How each restorer's raw network is called: [-1, 1] in, [-1, 1] out, as the original repositories (and A1111)
+# call them. spandrel's descriptor ``__call__`` is not used: it wants [0, 1] input and clamps its output to [0, 1],
+# which loses everything darker than mid-grey (and RestoreFormer's call normalises to [-1, 1] a second time).
+# GFPGAN's ``return_rgb=False`` skips its intermediate-resolution RGB outputs, which are thrown away anyway.
+RESTORERS = {
+    "CodeFormer": lambda model, x, weight: model(x, weight=weight)[0],
+    "GFPGAN": lambda model, x, weight: model(x, return_rgb=False)[0],
+    "RestoreFormer": lambda model, x, weight: model(x)[0],
+}
 
 
 class FaceEnhancer:
@@ -40,6 +50,10 @@ class FaceEnhancer:
         self.weights = loader.WeightFiles()
         if config.model:
             self.descriptor = loader.load_spandrel(config.model, settings).to(self.device).eval()
+            if self.descriptor.architecture.id not in RESTORERS:
+                # Any other network's value range is unknown here; guessing it gives a washed-out or clipped face.
+                raise ModelLoadError(f"{config.model}: a {self.descriptor.architecture.id} model is not a face "
+                                     f"restorer (expected one of {', '.join(RESTORERS)})", field="face_restorer.model")
             self.weights.add("face_restorer", loader.resolve(config.model, settings))
             # float16 overflows in the face models' normalisations; bfloat16 has float32's range.
             self.dtype = devices.supported_dtype(self.descriptor, dtype)
@@ -66,7 +80,11 @@ class FaceEnhancer:
         return self.descriptor.architecture.id if self.descriptor is not None else None
 
     def detect(self, image: Image.Image) -> list[face_lib.Face]:
-        return self.detector.detect(pil_to_array(image))
+        return self._faces(pil_to_array(image))
+
+    def _faces(self, rgb: np.ndarray) -> list[face_lib.Face]:
+        """The faces to restore: at most ``max_faces``, the most confident (every detector returns them first)."""
+        return self.detector.detect(rgb)[: self.config.max_faces]
 
     def restore(self, source: StageResult | Image.Image, weight: float = 0.6, visibility: float = 1.0) -> StageResult:
         """Every image of ``source`` (a batch stays one call). ``weight``: CodeFormer fidelity (0 = strongest
@@ -88,7 +106,7 @@ class FaceEnhancer:
     def _restore_one(self, image: Image.Image, weight: float, visibility: float):
         """One image: (the image, its face boxes, whether it was restored, a warning or None)."""
         rgb = pil_to_array(image)
-        found = self.detector.detect(rgb)
+        found = self._faces(rgb)
         boxes = [f.box for f in found]
         descriptor = self.descriptor
         if descriptor is None:
@@ -108,10 +126,7 @@ class FaceEnhancer:
         tensor = (tensor * 2 - 1).to(self.dtype)  # the face models were trained on [-1, 1]
         # Autocast in half precision: CodeFormer's codebook lookup multiplies a float32 one-hot by its weights.
         with torch.autocast(self.device.type, self.dtype, enabled=self.dtype != torch.float32):
-            if descriptor.architecture.id == "CodeFormer":
-                output = descriptor.model(tensor, weight=weight)[0]
-            else:
-                output = descriptor(tensor)
+            output = RESTORERS[descriptor.architecture.id](descriptor.model, tensor, weight)
         output = ((output.float() + 1) / 2).clamp(0, 1)
         return (output[0].permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
 

@@ -2,8 +2,9 @@
 
 Graph position: SDXLBase -> **Upscaler** -> SDXLRefiner (hires fix), or ingress -> **Upscaler** (extras), or
 FocalCropper's caller when a crop is smaller than its target. Models are registered under the names A1111
-clients send ("R-ESRGAN 4x+", ...). Any target scale: the model's own scale first, then a Lanczos resize to the
-exact size. Large images run in overlapping tiles so memory stays bounded.
+clients send ("R-ESRGAN 4x+", ...). Any target scale: whole model passes, a last pass on an image shrunk so that it
+lands on the target (no pass makes more than the target or the pixel cap), then a Lanczos resize to the exact
+size. Large images run in overlapping tiles so memory stays bounded.
 """
 
 from __future__ import annotations
@@ -117,12 +118,22 @@ class ImageUpscaler:
             logger.warning(warning)
             return "Lanczos", [warning], image.resize(size, Image.Resampling.LANCZOS)
         descriptor = self.models[upscaler]
+        factor, cap = descriptor.scale, self.config.max_output_pixels
         with self._lock, self.oom(), torch.inference_mode():
-            out = image
-            # Apply the model until the target is reached (x4 model, x8 request: twice), then resize exactly.
+            out, passes = image, 0
+            # Whole model passes while the target is at least a model scale away (x4 model, x16 request: two). The
+            # first pass may overshoot and be downscaled (x4 model, x2 request), as A1111 does, so that the model sees
+            # every input pixel, but only within the pixel cap. Any other overshooting pass would build up to factor²
+            # times the target (x4.1: 16x) to throw most of it away, so the image is shrunk first and that last pass
+            # lands on the target, a few pixels short at most, still ending in model detail.
             while out.width < size[0] or out.height < size[1]:
-                out = self._run_model(descriptor, out)
-                if descriptor.scale == 1:
+                full = (out.width * factor, out.height * factor)
+                within_target = full[0] <= size[0] and full[1] <= size[1]
+                land = not within_target and not (passes == 0 and full[0] * full[1] <= cap)
+                if land:
+                    out = out.resize((max(1, size[0] // factor), max(1, size[1] // factor)), Image.Resampling.LANCZOS)
+                out, passes = self._run_model(descriptor, out), passes + 1
+                if land or factor == 1:
                     break
         if out.size != size:
             out = out.resize(size, Image.Resampling.LANCZOS)

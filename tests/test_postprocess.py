@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from deployments.face_restorer import FaceEnhancer
 from deployments.focal_cropper import Cropper
+from deployments.support import faces as face_lib
 from deployments.support.config import FaceRestorerConfig, FocalCropperConfig, UpscalerConfig
 from deployments.support.cropping import CropSize, crop_box, derivatives
-from deployments.support.errors import InvalidInput
+from deployments.support.errors import InvalidInput, ModelLoadError
 from deployments.support.generation import StageResult
 from deployments.support.imaging import decode
 from deployments.upscaler import ImageUpscaler, tiled
@@ -54,6 +56,37 @@ def test_model_upscale_is_not_a_plain_resize(upscaler, astronaut):
     neural = pixels(upscaler.upscale(image, "R-ESRGAN 4x+", 4).image)
     lanczos = pixels(upscaler.upscale(image, "Lanczos", 4).image)
     assert np.abs(neural - lanczos).mean() > 2.0
+
+
+@pytest.mark.parametrize("side,scale,cap,passes", [
+    (64, 4, 300 * 300, [256]),  # the model's own scale: one pass
+    (64, 8, 8192 * 8192, [256, 512]),  # two passes, the second landing on the target (it used to make 1024)
+    (64, 2, 300 * 300, [256]),  # one pass on every input pixel, then down (A1111's way), within the cap
+    (64, 4.2, 300 * 300, [256, 268]),  # the second pass lands on the target; it used to make 1024 (11.7x the cap)
+    (64, 16, 8192 * 8192, [256, 1024]),  # two whole scales: two full passes
+    (128, 2, 300 * 300, [256]),  # a first pass past the cap (512: 2.9x) lands on the target instead
+])
+def test_no_model_pass_makes_more_than_the_target_or_the_cap(tiny, astronaut, side, scale, cap, passes):
+    upscaler = ImageUpscaler(UpscalerConfig(models=[{"name": "R-ESRGAN 4x+", "path": str(
+        tiny / "upscalers" / "tiny-esrgan-x4.safetensors")}], max_output_pixels=cap, tile=0))
+    made = []
+    run_model = upscaler._run_model
+
+    def counted(descriptor, image):
+        out = run_model(descriptor, image)
+        made.append(out.width)
+        assert out.height == out.width
+        return out
+
+    upscaler._run_model = counted
+    image = astronaut.resize((side, side))
+    result = upscaler.upscale(image, "R-ESRGAN 4x+", scale)
+    target = round(side * scale)
+    assert result.image.size == (target, target) and made == passes
+    assert max(made) ** 2 <= cap
+    # The last pass still ends in model detail, not a Lanczos enlargement.
+    lanczos = pixels(upscaler.upscale(image, "Lanczos", scale).image)
+    assert np.abs(pixels(result.image) - lanczos).mean() > 2.0
 
 
 def test_tiled_and_untiled_agree(upscaler, astronaut):
@@ -152,6 +185,126 @@ def test_every_image_of_a_batch_is_restored_in_one_call(restorer, astronaut):
     assert np.array_equal(pixels(result.images[1]), pixels(blank))
     assert result.info["faces_found"] == 1 and result.info["face_restoration_applied"]
     assert result.warnings == ["no face detected: image unchanged"]
+
+
+def _identity_restorer(architecture: str, tiny):
+    """A real spandrel descriptor of ``architecture`` whose network returns its input unchanged, in its own [-1, 1]
+    domain: an ideal restorer of a face that needs no restoration."""
+    import spandrel
+    import spandrel_extra_arches
+    import torch
+
+    spandrel_extra_arches.install(ignore_duplicates=True)
+    torch.manual_seed(0)
+    if architecture == "RestoreFormer":
+        descriptor = spandrel.ModelLoader().load_from_file(tiny / "faces" / "tiny-restoreformer.safetensors")
+    else:
+        if architecture == "GFPGAN":
+            from spandrel.architectures.GFPGAN import GFPGAN
+
+            model = GFPGAN()
+        else:
+            from spandrel_extra_arches.architectures.CodeFormer import CodeFormer
+
+            model = CodeFormer(dim_embd=64, n_head=8, n_layers=1, codebook_size=64,
+                               connect_list=["32", "64", "128", "256"])
+        descriptor = spandrel.ModelLoader().load_from_state_dict(model.state_dict())
+    assert descriptor.architecture.id == architecture
+    descriptor.model.forward = lambda x, *args, **kwargs: (x, None)
+    return descriptor.eval()
+
+
+@pytest.mark.parametrize("architecture", ["GFPGAN", "RestoreFormer", "CodeFormer"])
+def test_an_identity_restorer_gives_the_face_back_unchanged(tiny, astronaut, astronaut_face_box, architecture):
+    """Each network is called in its own [-1, 1] range: spandrel's descriptor call takes [0, 1] and clamps to
+    [0, 1], which turned every pixel darker than mid-grey into 128 (black 0 -> 128, face mean 147 -> 166)."""
+    enhancer = FaceEnhancer(FaceRestorerConfig())
+    enhancer.descriptor = _identity_restorer(architecture, tiny)
+    crop, _ = face_lib.align(np.asarray(astronaut), enhancer.detect(astronaut)[0], 512)
+    assert crop.min() == 0 and crop.max() == 255  # the full range is at stake
+    with torch.inference_mode():
+        out = enhancer._restore_crop(enhancer.descriptor, crop, 0.5)
+    assert np.abs(out.astype(np.int16) - crop).max() <= 1
+    # Through detection, alignment and paste-back, the face keeps its brightness (the warps blur it a little).
+    x0, y0, x1, y1 = astronaut_face_box
+    before = pixels(astronaut)[y0:y1, x0:x1]
+    after = pixels(enhancer.restore(astronaut, weight=0.5).image)[y0:y1, x0:x1]
+    assert abs(after.mean() - before.mean()) < 1.0
+    assert np.abs(after - before).mean() < 3.0
+
+
+def test_a_model_that_is_not_a_face_restorer_is_refused(tiny):
+    with pytest.raises(ModelLoadError) as caught:
+        FaceEnhancer(FaceRestorerConfig(model=str(tiny / "upscalers" / "tiny-esrgan-x4.safetensors")))
+    assert caught.value.field == "face_restorer.model" and "ESRGAN" in caught.value.message
+
+
+@pytest.mark.parametrize("crop_scale,max_jump,min_ramp", [
+    (2.0, 40, 15),  # the 512 crop covers 256 px of the image: a face about 120 px wide
+    (12.0, 128, 4),  # the crop covers 43 px: a face about 20 px wide
+])
+def test_paste_back_feathers_with_a_smooth_ramp(crop_scale, max_jump, min_ramp):
+    """A white restored face pasted on black: along a row through the face, alpha ramps from 0 to 1 over several
+    pixels. The mask used to jump from 0 to 133 in one pixel (a seam around every face), small faces 0 to 255."""
+    offset = -crop_scale * 100  # the crop's corner lands at (100, 100)
+    matrix = np.array([[crop_scale, 0, offset], [0, crop_scale, offset]], np.float32)  # image -> crop
+    white = np.full((512, 512, 3), 255, np.uint8)
+    side = 100 + int(512 / crop_scale)
+    out = face_lib.paste_back(np.zeros((side + 100, side + 100, 3), np.uint8), white, matrix).astype(np.int16)
+    row = out[(100 + side) // 2, :, 0]
+    assert row.max() == 255 and np.array_equal(out[:100], np.zeros_like(out[:100]))
+    assert np.abs(np.diff(row)).max() < max_jump
+    left_edge = row[: (100 + side) // 2]
+    assert ((left_edge > 0) & (left_edge < 255)).sum() >= min_ramp
+    # The feather stays inside the warped crop: pasting white on white, the warp's black border never shows.
+    on_white = face_lib.paste_back(np.full_like(out, 255, np.uint8), white, matrix)
+    assert on_white.min() == 255
+
+
+@pytest.fixture(scope="module")
+def three_astronauts(astronaut):
+    """Three real portraits side by side, 512 px each, the middle one mirrored."""
+    photo = np.asarray(astronaut)
+    return Image.fromarray(np.concatenate([photo, photo[:, ::-1], photo], axis=1))
+
+
+def test_each_face_is_detected_once_most_confident_first(restorer, three_astronauts):
+    """MediaPipe finds the mirrored astronaut twice (boxes with IoU 0.28, one's centre inside the other): four
+    faces, that one restored twice, and sorted by area rather than confidence."""
+    found = restorer.detect(three_astronauts)
+    assert sorted(int(f.centre[0] // 512) for f in found) == [0, 1, 2]
+    assert [f.score for f in found] == sorted((f.score for f in found), reverse=True)
+
+
+@pytest.mark.parametrize("max_faces", [1, 2])
+def test_max_faces_restores_only_the_most_confident(tiny, restorer, three_astronauts, max_faces):
+    """``max_faces`` holds with the default detector (MediaPipe) too: it used to be given to RetinaFace only."""
+    ranked = [int(f.centre[0] // 512) for f in restorer.detect(three_astronauts)]
+    enhancer = FaceEnhancer(FaceRestorerConfig(model=str(tiny / "faces" / "tiny-restoreformer.safetensors"),
+                                               max_faces=max_faces))
+    restored = []
+    restore_crop = enhancer._restore_crop
+    enhancer._restore_crop = lambda *args: restored.append(1) or restore_crop(*args)
+    result = enhancer.restore(three_astronauts, weight=0.6)
+    assert len(restored) == max_faces and result.info["faces_found"] == max_faces
+    before, after = pixels(three_astronauts), pixels(result.image)
+    changed = {tile for tile in range(3) if not np.array_equal(before[:, tile * 512:(tile + 1) * 512],
+                                                               after[:, tile * 512:(tile + 1) * 512])}
+    assert changed == set(ranked[:max_faces])
+
+
+def test_overlapping_detections_of_one_face_are_dropped():
+    def face(box, score):
+        return face_lib.Face(box, np.zeros((4, 2), np.float32), score)
+
+    # MediaPipe's pair for the mirrored astronaut: IoU 0.28, but the weaker box's centre lies inside the stronger.
+    pair = [face((738, 45, 815, 122), 0.68), face((181, 52, 282, 153), 0.7), face((757, 72, 842, 157), 0.78)]
+    assert [f.box for f in face_lib.distinct(pair)] == [(757, 72, 842, 157), (181, 52, 282, 153)]
+    # Centres outside each other's box: IoU 0.32 is one face, IoU 0.25 two neighbours.
+    near = [face((0, 0, 100, 100), 0.9), face((52, 0, 152, 100), 0.8), face((160, 0, 260, 100), 0.7)]
+    assert [f.box[0] for f in face_lib.distinct(near)] == [0, 160]
+    apart = [face((0, 0, 100, 100), 0.9), face((60, 0, 160, 100), 0.8)]
+    assert len(face_lib.distinct(apart)) == 2
 
 
 def test_no_restorer_loaded_is_skipped_and_flagged(astronaut):

@@ -9,6 +9,7 @@ feathered mask, as facexlib does.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from dataclasses import dataclass
 
@@ -35,6 +36,25 @@ class Face:
         return (x0 + x1) / 2, (y0 + y1) / 2
 
 
+def distinct(faces: list[Face], max_iou: float = 0.3) -> list[Face]:
+    """The most confident face first, and no face twice: a detection whose box overlaps a more confident one's
+    (IoU above ``max_iou``) or whose centre lies inside it is the same face found again (MediaPipe's full-range
+    model returns such pairs; each would be aligned and restored in turn, restoring that face twice)."""
+    kept: list[Face] = []
+    for face in sorted(faces, key=lambda f: -f.score):
+        cx, cy = face.centre
+        if not any(_iou(face.box, k.box) > max_iou or (k.box[0] <= cx <= k.box[2] and k.box[1] <= cy <= k.box[3])
+                   for k in kept):
+            kept.append(face)
+    return kept
+
+
+def _iou(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
 class MediaPipeDetector:
     """BlazeFace full-range model; thread-safe (MediaPipe graphs are not)."""
 
@@ -47,6 +67,7 @@ class MediaPipeDetector:
         self._lock = threading.Lock()
 
     def detect(self, rgb: np.ndarray) -> list[Face]:
+        """Every face, most confident first (see ``distinct``)."""
         height, width = rgb.shape[:2]
         with self._lock:
             result = self._detector.process(np.ascontiguousarray(rgb))
@@ -58,7 +79,7 @@ class MediaPipeDetector:
             points = np.array([[k.x * width, k.y * height] for k in detection.location_data.relative_keypoints])
             # MediaPipe order: subject's right eye (image left), left eye, nose tip, mouth centre, ears.
             faces.append(Face((x0, y0, x1, y1), points[:4].astype(np.float32), float(detection.score[0])))
-        return sorted(faces, key=lambda f: -(f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
+        return distinct(faces)
 
 
 class RetinaFaceDetector:
@@ -91,7 +112,7 @@ class RetinaFaceDetector:
             four = np.stack([five[0], five[1], five[2], (five[3] + five[4]) / 2])
             x0, y0, x1, y1 = (float(v) for v in row[:4])
             faces.append(Face((x0, y0, x1, y1), four, float(row[4])))
-        return sorted(faces, key=lambda f: -f.score)[: self.max_faces]
+        return distinct(faces)[: self.max_faces]
 
 
 def align(rgb: np.ndarray, face: Face, size: int = 512) -> tuple[np.ndarray, np.ndarray]:
@@ -111,11 +132,15 @@ def paste_back(rgb: np.ndarray, restored: np.ndarray, matrix: np.ndarray, blend:
     warped = cv2.warpAffine(restored, inverse, (width, height), flags=cv2.INTER_LINEAR)
     size = restored.shape[0]
     mask = cv2.warpAffine(np.ones((size, size), np.float32), inverse, (width, height), flags=cv2.INTER_NEAREST)
-    # Feather: erode away the warp's ragged border, then blur the edge across a few percent of the face size.
+    # Feather over a few percent of the crop's size in the image (at least 3 px, so small faces get a ramp too).
+    # The warp's outermost pixel is mixed with its black border, so the mask is eroded by the blur's reach plus
+    # that pixel: the blurred alpha then ramps smoothly from exactly 0 at the crop's edge, and never lets the
+    # border in. (Cutting the blur off at the eroded edge instead left a 0 -> 0.5 step: a seam around the face.)
     scale = np.sqrt(abs(np.linalg.det(inverse[:, :2])))
-    edge = max(1, int(size * scale * 0.04))
-    mask = cv2.erode(mask, np.ones((2 * edge, 2 * edge), np.uint8))
-    mask = cv2.GaussianBlur(mask, (0, 0), sigmaX=edge) * (mask > 0) if edge > 1 else mask
+    sigma = max(3, round(size * scale * 0.04)) / 2
+    reach = math.ceil(3 * sigma)  # the Gaussian's tail beyond 3 sigma is below a grey level
+    mask = cv2.erode(mask, np.ones((2 * reach + 3, 2 * reach + 3), np.uint8))
+    mask = cv2.GaussianBlur(mask, (2 * reach + 1, 2 * reach + 1), sigmaX=sigma)
     alpha = (mask * blend)[..., None]
     out = rgb.astype(np.float32) * (1 - alpha) + warped.astype(np.float32) * alpha
     result = np.clip(out.round(), 0, 255).astype(np.uint8)
