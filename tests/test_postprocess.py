@@ -60,7 +60,8 @@ def test_model_upscale_is_not_a_plain_resize(upscaler, astronaut):
 
 @pytest.mark.parametrize("side,scale,cap,passes", [
     (64, 4, 300 * 300, [256]),  # the model's own scale: one pass
-    (64, 8, 8192 * 8192, [256, 512]),  # two passes, the second landing on the target (it used to make 1024)
+    (64, 8, 8192 * 8192, [256, 1024]),  # two passes, the second at most twice the target a side, then down
+    (64, 8, 600 * 600, [256, 512]),  # ... unless that passes the cap: it lands on the target
     (64, 2, 300 * 300, [256]),  # one pass on every input pixel, then down (A1111's way), within the cap
     (64, 4.2, 300 * 300, [256, 268]),  # the second pass lands on the target; it used to make 1024 (11.7x the cap)
     (64, 16, 8192 * 8192, [256, 1024]),  # two whole scales: two full passes
