@@ -36,7 +36,8 @@ logger = logging.getLogger(__name__)
 # GFPGAN's ``return_rgb=False`` skips its intermediate-resolution RGB outputs, which are thrown away anyway.
 RESTORERS = {
     "CodeFormer": lambda model, x, weight: model(x, weight=weight)[0],
-    "GFPGAN": lambda model, x, weight: model(x, return_rgb=False)[0],
+    # The checkpoint's own noise buffers, not fresh noise: the same face restores the same way (the result cache).
+    "GFPGAN": lambda model, x, weight: model(x, return_rgb=False, randomize_noise=False)[0],
     "RestoreFormer": lambda model, x, weight: model(x)[0],
 }
 

@@ -234,6 +234,24 @@ def test_an_identity_restorer_gives_the_face_back_unchanged(tiny, astronaut, ast
     assert np.abs(after - before).mean() < 3.0
 
 
+def test_gfpgan_restores_the_same_face_the_same_way(astronaut):
+    """Its checkpoint's noise buffers, not fresh noise each call: the result cache relies on it."""
+    import spandrel
+    from spandrel.architectures.GFPGAN import GFPGAN
+
+    torch.manual_seed(0)
+    state = GFPGAN().state_dict()
+    for name in state:  # a trained model's noise strengths are not 0, as a fresh one's are
+        if name.endswith(".weight") and state[name].shape == (1,):
+            state[name] = torch.full((1,), 0.5)
+    enhancer = FaceEnhancer(FaceRestorerConfig())
+    enhancer.descriptor = spandrel.ModelLoader().load_from_state_dict(state).eval()
+    crop, _ = face_lib.align(np.asarray(astronaut), enhancer.detect(astronaut)[0], 512)
+    with torch.inference_mode():
+        first, second = (enhancer._restore_crop(enhancer.descriptor, crop, 0.5) for _ in range(2))
+    assert np.array_equal(first, second)
+
+
 def test_a_model_that_is_not_a_face_restorer_is_refused(tiny):
     with pytest.raises(ModelLoadError) as caught:
         FaceEnhancer(FaceRestorerConfig(model=str(tiny / "upscalers" / "tiny-esrgan-x4.safetensors")))
