@@ -6,6 +6,7 @@ reloads weights and never leaks from one request into the next.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 from deployments.support.errors import UnknownModel
@@ -65,6 +66,14 @@ SCHEDULES = {
 
 _NO_KARRAS = {"Euler a", "Euler", "DDIM", "PLMS", "PNDM", "UniPC", "LCM", "DEIS"}
 
+# The hub SDXL base's scheduler_config.json values of keys an EulerDiscrete config may lack (the factory's does):
+# without them DDIM would take diffusers' clip_sample=True, clipping every predicted x0 to [-1, 1] (SDXL latents
+# reach about +-4), and set_alpha_to_one=True; PNDM would run its Runge-Kutta warm-up, more UNet calls than the steps
+# counted; LCM would take set_alpha_to_one=True. A checkpoint's own value wins. (thresholding is False by default in
+# every scheduler here.)
+SDXL_SCHEDULER_DEFAULTS = {"clip_sample": False, "set_alpha_to_one": False, "skip_prk_steps": True,
+                           "sample_max_value": 1.0}
+
 
 def sampler_names() -> list[str]:
     """Every name a client may send, A1111 spelling first."""
@@ -100,4 +109,6 @@ def build_scheduler(name: str, base_config, schedule: str | None = None):
         options.update(SCHEDULES[schedule])
     sampler = SAMPLERS[canonical]
     cls = getattr(diffusers, sampler.cls_name)
-    return cls.from_config(base_config, **sampler.options, **options)
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    defaults = {k: v for k, v in SDXL_SCHEDULER_DEFAULTS.items() if k in accepted}
+    return cls.from_config({**defaults, **dict(base_config)}, **sampler.options, **options)

@@ -1,0 +1,34 @@
+"""Sampler names -> diffusers schedulers: no model needed beyond a scheduler config (the factory's, which, as a
+single-file checkpoint's may, lacks the keys DDIM and PNDM read)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from deployments.support.samplers import build_scheduler
+
+
+@pytest.fixture(scope="module")
+def config(tiny) -> dict:
+    return json.loads((tiny / "sdxl-base" / "scheduler" / "scheduler_config.json").read_text())
+
+
+def test_the_factory_config_lacks_the_keys_that_ddim_reads(config):
+    """The premise of the next test: diffusers' defaults would decide these."""
+    assert not {"clip_sample", "set_alpha_to_one", "skip_prk_steps"} & set(config)
+
+
+def test_ddim_pndm_and_lcm_take_sdxl_values_for_keys_the_checkpoint_lacks(config):
+    ddim = build_scheduler("DDIM", config).config
+    # diffusers' own defaults are True: every predicted x0 clipped to [-1, 1], which SDXL latents exceed
+    assert ddim.clip_sample is False and ddim.set_alpha_to_one is False and ddim.thresholding is False
+    for name in ("PLMS", "PNDM"):  # no Runge-Kutta warm-up: one UNet call per step counted
+        scheduler = build_scheduler(name, config)
+        assert scheduler.config.skip_prk_steps is True
+        scheduler.set_timesteps(10)
+        assert len(scheduler.timesteps) == 11  # one step repeated, as PLMS starts; with the warm-up 19
+    assert build_scheduler("LCM", config).config.set_alpha_to_one is False
+    # A checkpoint that says otherwise is obeyed.
+    assert build_scheduler("DDIM", {**config, "clip_sample": True}).config.clip_sample is True
