@@ -183,7 +183,8 @@ class BaseGenerator:
         request: GenerationRequest = items[0].request
         pipe = {"txt2img": pipes.txt2img, "img2img": pipes.img2img, "inpaint": pipes.inpaint}[mode]
         sampler = request.sampler or self.config.default_sampler
-        pipe.scheduler = build_scheduler(sampler, pipes.scheduler_config, request.schedule)
+        flat = [s for group in seeds for s in group]
+        pipe.scheduler = build_scheduler(sampler, pipes.scheduler_config, request.schedule, seeds=flat)
         counts = [len(s) for s in seeds]
         offsets = [sum(counts[:i]) for i in range(len(counts) + 1)]
         done = [0]  # steps of earlier passes (the hires fix has two)
@@ -215,7 +216,7 @@ class BaseGenerator:
             guidance_scale=request.guidance_scale,
             num_images_per_prompt=1,
             # One CPU generator per image: a seed gives the same image on any device and in any batch.
-            generator=[torch.Generator("cpu").manual_seed(s) for group in seeds for s in group],
+            generator=[torch.Generator("cpu").manual_seed(s) for s in flat],
             callback_on_step_end=on_step_end,
         )
         total_steps = request.steps
@@ -270,12 +271,13 @@ class BaseGenerator:
             cut_y, cut_x = size[0] - height // 8, size[1] - width // 8
             upscaled = upscaled[:, :, cut_y // 2:size[0] - (cut_y + 1) // 2, cut_x // 2:size[1] - (cut_x + 1) // 2]
         pipe = pipes.img2img
+        flat = [s for group in seeds for s in group]
         pipe.scheduler = build_scheduler(request.sampler or self.config.default_sampler, pipes.scheduler_config,
-                                         request.schedule)
+                                         request.schedule, seeds=flat)
         steps = img2img_steps(hires.steps, hires.strength)[0]
         kwargs = {k: v for k, v in first.items() if k not in ("width", "height", "denoising_end")}
         kwargs.update(image=upscaled, strength=hires.strength, num_inference_steps=steps,
-                      generator=[torch.Generator("cpu").manual_seed(s) for group in seeds for s in group])
+                      generator=[torch.Generator("cpu").manual_seed(s) for s in flat])
         return pipe(**kwargs, output_type="latent").images
 
     def decode(self, latents: torch.Tensor, pipes: Pipelines | None = None) -> list[Image.Image]:

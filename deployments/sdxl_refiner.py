@@ -156,6 +156,7 @@ class Refiner:
 
     def _run(self, items: list[BatchItem], seeds: list[list[int]], kwargs: dict, total: int) -> list[Image.Image]:
         request: RefineRequest = items[0].request
+        flat = [s for group in seeds for s in group]
         counts = [len(s) for s in seeds]
 
         def per_image(values: list) -> list:
@@ -168,7 +169,7 @@ class Refiner:
 
         prompts = [parse_lora_tags(i.request.prompt)[0] for i in items]  # LoRAs belong to the base model
         with self._lock, self.oom():
-            self.pipe.scheduler = build_scheduler(request.sampler or "Euler", self.scheduler_config)
+            self.pipe.scheduler = build_scheduler(request.sampler or "Euler", self.scheduler_config, seeds=flat)
             with fastpath.attention(self.config.fast):
                 latents = self.pipe(
                     prompt=per_image(prompts),
@@ -176,7 +177,7 @@ class Refiner:
                     else None,
                     guidance_scale=request.guidance_scale, aesthetic_score=request.aesthetic_score,
                     negative_aesthetic_score=request.negative_aesthetic_score, num_images_per_prompt=1,
-                    generator=[torch.Generator("cpu").manual_seed(s) for group in seeds for s in group],
+                    generator=[torch.Generator("cpu").manual_seed(s) for s in flat],
                     callback_on_step_end=on_step_end, output_type="latent", **kwargs,
                 ).images
             return fastpath.decode(self.pipe, latents)

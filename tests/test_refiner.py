@@ -63,3 +63,16 @@ def test_hires_fix_yields_1536(base, upscaler, refiner):
     elapsed = time.perf_counter() - started
     assert final.size == (1536, 1536)
     print(f"tiny hires fix 768 -> 1536: {elapsed:.1f}s")  # noqa: T201  (reported figure, read with -s)
+
+
+def test_a_dpm_sde_refiner_follows_the_seeds(refiner, astronaut):
+    """Its Brownian tree is seeded per image, as the base's is: image i of a batch is the one its seed gives alone."""
+    images = [astronaut.resize((64, 64)), astronaut.resize((64, 64)).rotate(90)]
+    request = RefineRequest(steps=6, strength=0.5, sampler="DPM++ SDE Karras")
+    batch = refiner.refine_images(request, StageResult(images=images, seeds=[7, 8])).images
+    for image, source, seed in zip(batch, images, [7, 8], strict=True):
+        alone = refiner.refine_images(request, StageResult(images=[source], seeds=[seed])).images[0]
+        assert np.abs(pixels(alone) - pixels(image)).max() <= 1
+    again = refiner.refine_images(request, StageResult(images=images[:1], seeds=[7])).images[0]
+    assert np.array_equal(pixels(again), pixels(refiner.refine_images(request, StageResult(
+        images=images[:1], seeds=[7])).images[0]))

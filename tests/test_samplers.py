@@ -32,3 +32,9 @@ def test_ddim_pndm_and_lcm_take_sdxl_values_for_keys_the_checkpoint_lacks(config
     assert build_scheduler("LCM", config).config.set_alpha_to_one is False
     # A checkpoint that says otherwise is obeyed.
     assert build_scheduler("DDIM", {**config, "clip_sample": True}).config.clip_sample is True
+
+
+def test_dpm_sde_gets_one_brownian_tree_seed_per_image(config):
+    assert build_scheduler("DPM++ SDE Karras", config, seeds=[7, 8]).noise_sampler_seed == [7, 8]
+    assert build_scheduler("dpm++_sde_karras", config, seeds=[3]).noise_sampler_seed == [3]
+    assert not hasattr(build_scheduler("Euler a", config, seeds=[7]), "noise_sampler_seed")  # it uses generators

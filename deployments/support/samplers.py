@@ -97,8 +97,9 @@ def resolve(name: str, field: str = "sampler_name") -> tuple[str, dict]:
     return canonical, options
 
 
-def build_scheduler(name: str, base_config, schedule: str | None = None):
-    """A fresh scheduler for ``name`` built from the pipeline's scheduler config."""
+def build_scheduler(name: str, base_config, schedule: str | None = None, *, seeds: list[int] | None = None):
+    """A fresh scheduler for ``name`` built from the pipeline's scheduler config. ``seeds``: one per image of the
+    batch, for a scheduler that draws its noise from its own Brownian tree."""
     import diffusers
 
     canonical, options = resolve(name)
@@ -110,5 +111,9 @@ def build_scheduler(name: str, base_config, schedule: str | None = None):
     sampler = SAMPLERS[canonical]
     cls = getattr(diffusers, sampler.cls_name)
     accepted = set(inspect.signature(cls.__init__).parameters)
+    if seeds is not None and "noise_sampler_seed" in accepted:
+        # DPM++ SDE draws from a Brownian tree seeded from the global RNG unless given seeds, never from the
+        # pipeline's generators; a list makes one tree per image, so image i is the one its seed gives alone.
+        options["noise_sampler_seed"] = list(seeds)
     defaults = {k: v for k, v in SDXL_SCHEDULER_DEFAULTS.items() if k in accepted}
     return cls.from_config({**defaults, **dict(base_config)}, **sampler.options, **options)
