@@ -184,7 +184,8 @@ class BaseGenerator:
         pipe = {"txt2img": pipes.txt2img, "img2img": pipes.img2img, "inpaint": pipes.inpaint}[mode]
         sampler = request.sampler or self.config.default_sampler
         flat = [s for group in seeds for s in group]
-        pipe.scheduler = build_scheduler(sampler, pipes.scheduler_config, request.schedule, seeds=flat)
+        pipe.scheduler = build_scheduler(sampler, pipes.scheduler_config, request.schedule, seeds=flat,
+                                         warnings=warnings)
         counts = [len(s) for s in seeds]
         offsets = [sum(counts[:i]) for i in range(len(counts) + 1)]
         done = [0]  # steps of earlier passes (the hires fix has two)
@@ -273,7 +274,7 @@ class BaseGenerator:
         pipe = pipes.img2img
         flat = [s for group in seeds for s in group]
         pipe.scheduler = build_scheduler(request.sampler or self.config.default_sampler, pipes.scheduler_config,
-                                         request.schedule, seeds=flat)
+                                         request.schedule, seeds=flat)  # the first pass warned already
         steps = img2img_steps(hires.steps, hires.strength)[0]
         kwargs = {k: v for k, v in first.items() if k not in ("width", "height", "denoising_end")}
         kwargs.update(image=upscaled, strength=hires.strength, num_inference_steps=steps,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from deployments.support.samplers import build_scheduler
@@ -38,3 +39,29 @@ def test_dpm_sde_gets_one_brownian_tree_seed_per_image(config):
     assert build_scheduler("DPM++ SDE Karras", config, seeds=[7, 8]).noise_sampler_seed == [7, 8]
     assert build_scheduler("dpm++_sde_karras", config, seeds=[3]).noise_sampler_seed == [3]
     assert not hasattr(build_scheduler("Euler a", config, seeds=[7]), "noise_sampler_seed")  # it uses generators
+
+
+@pytest.mark.parametrize("name", ["Euler a", "DDIM", "PLMS", "PNDM", "LCM", "euler_a"])
+@pytest.mark.parametrize("schedule", ["Karras", "Exponential", "Beta"])
+def test_a_schedule_the_sampler_cannot_take_is_a_warning(config, name, schedule):
+    warnings: list[str] = []
+    build_scheduler(name, config, schedule, warnings=warnings)
+    assert warnings == [f"scheduler {schedule!r} does not apply to sampler {name!r}: its own schedule ran"]
+
+
+@pytest.mark.parametrize("name", ["Euler a", "DDIM", "DPM++ 2M"])
+@pytest.mark.parametrize("schedule", ["Automatic", "Uniform", None])
+def test_the_default_schedule_never_warns(config, name, schedule):
+    warnings: list[str] = []
+    build_scheduler(name, config, schedule, warnings=warnings)
+    assert warnings == []
+
+
+def test_a_schedule_the_sampler_takes_applies_without_a_warning(config):
+    warnings: list[str] = []
+    scheduler = build_scheduler("DPM++ 2M", config, "Karras", warnings=warnings)
+    assert warnings == [] and scheduler.config.use_karras_sigmas is True
+    scheduler.set_timesteps(20)
+    uniform = build_scheduler("DPM++ 2M", config, "Automatic")
+    uniform.set_timesteps(20)
+    assert not np.allclose(scheduler.sigmas.numpy(), uniform.sigmas.numpy())

@@ -171,6 +171,16 @@ def test_dpm_sde_follows_the_seed_of_each_image(base, name):
     assert np.abs(pixels(batch.images[0]) - pixels(batch.images[1])).mean() > 1.0
 
 
+def test_a_schedule_the_sampler_ignores_is_reported(base):
+    """A1111 clients often send Euler a with Karras: it runs with its own schedule, and the result says so."""
+    ignored = gen(base, seed=5, width=64, height=64, sampler="Euler a", schedule="Karras")
+    assert ignored.warnings == ["scheduler 'Karras' does not apply to sampler 'Euler a': its own schedule ran"]
+    plain = gen(base, seed=5, width=64, height=64, sampler="Euler a", schedule="Automatic")
+    assert plain.warnings == []
+    assert np.array_equal(pixels(ignored.images[0]), pixels(plain.images[0]))
+    assert gen(base, seed=5, width=64, height=64, sampler="DPM++ 2M", schedule="Karras").warnings == []
+
+
 @pytest.mark.parametrize("name", ["Warp drive", "DDIM Karras", "Euler a Karras"])
 def test_unknown_sampler_names_the_field(base, name):
     """A Karras name is refused where the list of samplers has none: DDIM's or Euler a's schedule has no Karras

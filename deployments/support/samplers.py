@@ -97,20 +97,26 @@ def resolve(name: str, field: str = "sampler_name") -> tuple[str, dict]:
     return canonical, options
 
 
-def build_scheduler(name: str, base_config, schedule: str | None = None, *, seeds: list[int] | None = None):
+def build_scheduler(name: str, base_config, schedule: str | None = None, *, seeds: list[int] | None = None,
+                    warnings: list[str] | None = None):
     """A fresh scheduler for ``name`` built from the pipeline's scheduler config. ``seeds``: one per image of the
-    batch, for a scheduler that draws its noise from its own Brownian tree."""
+    batch, for a scheduler that draws its noise from its own Brownian tree. ``warnings`` gets a line when the
+    schedule cannot apply to this sampler."""
     import diffusers
 
     canonical, options = resolve(name)
+    sampler = SAMPLERS[canonical]
+    cls = getattr(diffusers, sampler.cls_name)
+    accepted = set(inspect.signature(cls.__init__).parameters)
     if schedule is not None:
         if schedule not in SCHEDULES:
             choices = {"choices": list(SCHEDULES)}
             raise UnknownModel(f"unknown scheduler {schedule!r}", field="scheduler", details=choices)
-        options.update(SCHEDULES[schedule])
-    sampler = SAMPLERS[canonical]
-    cls = getattr(diffusers, sampler.cls_name)
-    accepted = set(inspect.signature(cls.__init__).parameters)
+        wanted = SCHEDULES[schedule]
+        if set(wanted) <= accepted:
+            options.update(wanted)
+        elif warnings is not None:  # diffusers would drop the option with a log line only: say so in the result
+            warnings.append(f"scheduler {schedule!r} does not apply to sampler {name!r}: its own schedule ran")
     if seeds is not None and "noise_sampler_seed" in accepted:
         # DPM++ SDE draws from a Brownian tree seeded from the global RNG unless given seeds, never from the
         # pipeline's generators; a list makes one tree per image, so image i is the one its seed gives alone.
