@@ -51,7 +51,7 @@ from deployments.support.imaging import to_rgb
 from deployments.support.metrics import StageMetrics
 from deployments.support.pipelines import LoraFiles, Pipelines, Resident
 from deployments.support.reporting import Reporter
-from deployments.support.samplers import build_scheduler
+from deployments.support.samplers import build_scheduler, img2img_steps
 from deployments.support.settings import Settings, current
 from deployments.weights import loader
 
@@ -186,6 +186,7 @@ class BaseGenerator:
         flat = [s for group in seeds for s in group]
         pipe.scheduler = build_scheduler(sampler, pipes.scheduler_config, request.schedule, seeds=flat,
                                          warnings=warnings)
+        limit = pipes.scheduler_config.get("num_train_timesteps", 1000)
         counts = [len(s) for s in seeds]
         offsets = [sum(counts[:i]) for i in range(len(counts) + 1)]
         done = [0]  # steps of earlier passes (the hires fix has two)
@@ -228,13 +229,13 @@ class BaseGenerator:
             inits = [to_rgb(i.request.init_image).resize((request.width, request.height), Image.Resampling.LANCZOS)
                      for i in items]
             init = inits[0]
-            steps, total_steps = img2img_steps(request.steps, request.strength)
+            steps, total_steps = img2img_steps(request.steps, request.strength, limit=limit)
             kwargs.update(image=per_image(inits), strength=request.strength, num_inference_steps=steps)
             if request.mask is not None:  # inpainting runs alone (see batch_key)
                 mask = self._prepare_mask(request.mask, request)
                 kwargs.update(mask_image=mask, width=request.width, height=request.height)
         if request.hires is not None:
-            total_steps += img2img_steps(request.hires.steps, request.hires.strength)[1]
+            total_steps += img2img_steps(request.hires.steps, request.hires.strength, limit=limit)[1]
         if pipes.ip_adapter_loaded:
             reference = request.ip_adapter_image  # a reference runs alone; a batch has none
             pipe.set_ip_adapter_scale(request.ip_adapter_scale if reference is not None else 0.0)
@@ -275,7 +276,8 @@ class BaseGenerator:
         flat = [s for group in seeds for s in group]
         pipe.scheduler = build_scheduler(request.sampler or self.config.default_sampler, pipes.scheduler_config,
                                          request.schedule, seeds=flat)  # the first pass warned already
-        steps = img2img_steps(hires.steps, hires.strength)[0]
+        steps = img2img_steps(hires.steps, hires.strength,
+                              limit=pipes.scheduler_config.get("num_train_timesteps", 1000))[0]
         kwargs = {k: v for k, v in first.items() if k not in ("width", "height", "denoising_end")}
         kwargs.update(image=upscaled, strength=hires.strength, num_inference_steps=steps,
                       generator=[torch.Generator("cpu").manual_seed(s) for s in flat])
@@ -352,13 +354,6 @@ class BaseGenerator:
         if digest is None:
             raise ModelLoadError(f"{source}: its weights cannot be hashed", field="checkpoint")
         return digest
-
-
-def img2img_steps(steps: int, strength: float) -> tuple[int, int]:
-    """The steps to ask diffusers for at this strength, and how many it runs: A1111 runs at least one step at
-    low strength, where diffusers would run none and fail."""
-    asked = max(steps, math.ceil(1 / strength))
-    return asked, max(1, int(asked * strength))
 
 
 def check_request(request: GenerationRequest, max_pixels: int) -> None:

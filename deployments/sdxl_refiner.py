@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import threading
 import uuid
 from pathlib import Path
@@ -40,7 +39,7 @@ from deployments.support.generation import (
 from deployments.support.imaging import to_rgb
 from deployments.support.metrics import StageMetrics
 from deployments.support.reporting import Reporter
-from deployments.support.samplers import build_scheduler
+from deployments.support.samplers import build_scheduler, img2img_steps
 from deployments.support.settings import Settings, current
 from deployments.weights import loader
 
@@ -112,18 +111,18 @@ class Refiner:
         batch = [items[i] for i in live]
         request: RefineRequest = batch[0].request
         seeds = [inputs[i][0] for i in live]
-        if ensemble:
-            kwargs: dict = dict(image=torch.from_numpy(np.concatenate([x for i in live for x in inputs[i][1]])),
-                                denoising_start=request.denoising_start, num_inference_steps=request.steps)
-            total = max(1, round(request.steps * (1 - request.denoising_start)))
-        else:
-            # As A1111 does, a low strength still runs one step; diffusers would run none and return nothing.
-            steps = max(request.steps, math.ceil(1 / request.strength))
-            kwargs = dict(image=[x for i in live for x in inputs[i][1]], strength=request.strength,
-                          num_inference_steps=steps)
-            total = max(1, int(steps * request.strength))
         results: list[StageResult | BaseException]
         try:
+            if ensemble:
+                kwargs: dict = dict(image=torch.from_numpy(np.concatenate([x for i in live for x in inputs[i][1]])),
+                                    denoising_start=request.denoising_start, num_inference_steps=request.steps)
+                total = max(1, round(request.steps * (1 - request.denoising_start)))
+            else:
+                # As A1111 does, a low strength still runs one step; diffusers would run none and return nothing.
+                steps, total = img2img_steps(request.steps, request.strength,
+                                             limit=self.scheduler_config.get("num_train_timesteps", 1000))
+                kwargs = dict(image=[x for i in live for x in inputs[i][1]], strength=request.strength,
+                              num_inference_steps=steps)
             images = self._run(batch, seeds, kwargs, total)
             offsets = [sum(map(len, seeds[:k])) for k in range(len(seeds) + 1)]
             results = []

@@ -1,5 +1,5 @@
-"""Sampler names -> diffusers schedulers: no model needed beyond a scheduler config (the factory's, which, as a
-single-file checkpoint's may, lacks the keys DDIM and PNDM read)."""
+"""Sampler names -> diffusers schedulers, and the img2img step arithmetic: no model needed beyond a scheduler
+config (the factory's, which, as a single-file checkpoint's may, lacks the keys DDIM and PNDM read)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ import json
 
 import numpy as np
 import pytest
+from pydantic import TypeAdapter, ValidationError
 
-from deployments.support.samplers import build_scheduler
+from deployments.support.errors import InvalidInput
+from deployments.support.generation import GenerationRequest, LatentHires, RefineRequest
+from deployments.support.samplers import MIN_STRENGTH, build_scheduler, img2img_steps
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +68,45 @@ def test_a_schedule_the_sampler_takes_applies_without_a_warning(config):
     uniform = build_scheduler("DPM++ 2M", config, "Automatic")
     uniform.set_timesteps(20)
     assert not np.allclose(scheduler.sigmas.numpy(), uniform.sigmas.numpy())
+
+
+def test_a_plain_img2img_pass_runs_its_share_of_the_steps_and_at_least_one():
+    assert img2img_steps(30, 0.75) == (30, 22)  # A1111's int(steps x strength)
+    assert img2img_steps(4, 0.1) == (10, 1)
+    # 765 x (1/765) is 0.99999... in floats: asking ceil(1 / strength) would run none, and diffusers fails
+    assert img2img_steps(4, 1 / 765) == (766, 1)
+    for strength in np.unique(np.concatenate([np.linspace(MIN_STRENGTH, 1, 20001), 1 / np.arange(1, 1001)])):
+        for steps in (1, 4, 30, 150):
+            asked, runs = img2img_steps(steps, float(strength))
+            assert 1 <= runs == int(asked * float(strength)) and asked <= 1000, (steps, strength)
+
+
+def test_a_strength_below_one_timestep_is_refused_by_name():
+    with pytest.raises(InvalidInput) as e:
+        img2img_steps(20, 0.0009)
+    assert e.value.field == "strength"
+    assert img2img_steps(20, 0.001) == (1000, 1)
+    with pytest.raises(InvalidInput):  # a checkpoint trained on fewer timesteps needs a larger strength
+        img2img_steps(20, 0.002, limit=400)
+
+
+@pytest.mark.parametrize("model", [GenerationRequest, RefineRequest])
+def test_requests_bound_the_strength(model):
+    with pytest.raises(ValidationError) as e:
+        model(strength=0.0005)
+    assert e.value.errors()[0]["loc"] == ("strength",)
+    assert model(strength=MIN_STRENGTH).strength == MIN_STRENGTH
+    with pytest.raises(ValidationError):
+        LatentHires(width=128, height=128, strength=0.0005)
+
+
+def test_the_api_bounds_the_strength():
+    from graphs.api.a1111_models import Img2ImgRequest
+    from graphs.api.fields import Strength
+
+    with pytest.raises(ValidationError):
+        TypeAdapter(Strength).validate_python(0.0005)
+    assert TypeAdapter(Strength).validate_python(0.001) == 0.001
+    with pytest.raises(ValidationError) as e:
+        Img2ImgRequest(init_images=["x"], denoising_strength=0.0005)
+    assert e.value.errors()[0]["loc"] == ("denoising_strength",)

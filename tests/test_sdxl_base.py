@@ -181,6 +181,15 @@ def test_a_schedule_the_sampler_ignores_is_reported(base):
     assert gen(base, seed=5, width=64, height=64, sampler="DPM++ 2M", schedule="Karras").warnings == []
 
 
+def test_img2img_at_a_strength_where_the_step_arithmetic_rounds_to_zero(base, astronaut):
+    """765 x (1/765) is just under 1 in floats: the pass asked for 765 steps, ran none, and diffusers failed."""
+    seen = []
+    request = GenerationRequest(**{**SMALL, "width": 64, "height": 64}, seed=1, init_image=astronaut.resize((64, 64)),
+                                strength=1 / 765)
+    result = base.generate(request, on_progress=lambda s, t: seen.append((s, t)))
+    assert result.images[0].size == (64, 64) and seen == [(1, 1)]  # one step, at the lowest noise level
+
+
 @pytest.mark.parametrize("name", ["Warp drive", "DDIM Karras", "Euler a Karras"])
 def test_unknown_sampler_names_the_field(base, name):
     """A Karras name is refused where the list of samplers has none: DDIM's or Euler a's schedule has no Karras

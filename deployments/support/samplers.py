@@ -7,9 +7,10 @@ reloads weights and never leaks from one request into the next.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field
 
-from deployments.support.errors import UnknownModel
+from deployments.support.errors import InvalidInput, UnknownModel
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,10 @@ SCHEDULES = {
     "Beta": {"use_beta_sigmas": True},
 }
 
+
+# The least img2img strength that denoises one of SDXL's 1000 training timesteps; a smaller one would need a
+# schedule longer than the model's, and the pipeline runs no step at all.
+MIN_STRENGTH = 0.001
 
 _NO_KARRAS = {"Euler a", "Euler", "DDIM", "PLMS", "PNDM", "UniPC", "LCM", "DEIS"}
 
@@ -123,3 +128,19 @@ def build_scheduler(name: str, base_config, schedule: str | None = None, *, seed
         options["noise_sampler_seed"] = list(seeds)
     defaults = {k: v for k, v in SDXL_SCHEDULER_DEFAULTS.items() if k in accepted}
     return cls.from_config({**defaults, **dict(base_config)}, **sampler.options, **options)
+
+
+def img2img_steps(steps: int, strength: float, *, limit: int = 1000) -> tuple[int, int]:
+    """The steps to ask diffusers for at this strength, and how many it runs (SDXL's img2img runs
+    ``int(asked * strength)`` of them): ``int(steps * strength)`` as A1111 runs, yet at least one where diffusers
+    would run none and fail. ``limit``: the scheduler's ``num_train_timesteps``, which no schedule may exceed (some
+    schedulers refuse it, the others repeat timesteps)."""
+    asked = max(steps, math.ceil(1 / strength))
+    while asked < limit and int(asked * strength) < 1:  # the float product may fall just short
+        asked += 1
+    asked = min(asked, limit)
+    runs = int(asked * strength)
+    if runs < 1:
+        raise InvalidInput(f"strength={strength} denoises less than one of {limit} timesteps: at least "
+                           f"{1 / limit:g} is needed", field="strength")
+    return asked, runs
