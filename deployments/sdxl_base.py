@@ -235,7 +235,11 @@ class BaseGenerator:
                 mask = self._prepare_mask(request.mask, request)
                 kwargs.update(mask_image=mask, width=request.width, height=request.height)
         if request.hires is not None:
-            total_steps += img2img_steps(request.hires.steps, request.hires.strength, limit=limit)[1]
+            hires_steps = img2img_steps(request.hires.steps, request.hires.strength, exact=True, limit=limit)[1]
+            total_steps += hires_steps
+            if hires_steps < request.hires.steps:
+                warnings.append(f"hires: {hires_steps} of {request.hires.steps} second-pass steps ran: at strength "
+                                f"{request.hires.strength} more would exceed the schedule's {limit} timesteps")
         if pipes.ip_adapter_loaded:
             reference = request.ip_adapter_image  # a reference runs alone; a batch has none
             pipe.set_ip_adapter_scale(request.ip_adapter_scale if reference is not None else 0.0)
@@ -276,10 +280,11 @@ class BaseGenerator:
         flat = [s for group in seeds for s in group]
         pipe.scheduler = build_scheduler(request.sampler or self.config.default_sampler, pipes.scheduler_config,
                                          request.schedule, seeds=flat)  # the first pass warned already
-        steps = img2img_steps(hires.steps, hires.strength,
+        # A1111 runs exactly the second pass's steps whatever the strength: ask for steps / strength of them.
+        asked = img2img_steps(hires.steps, hires.strength, exact=True,
                               limit=pipes.scheduler_config.get("num_train_timesteps", 1000))[0]
         kwargs = {k: v for k, v in first.items() if k not in ("width", "height", "denoising_end")}
-        kwargs.update(image=upscaled, strength=hires.strength, num_inference_steps=steps,
+        kwargs.update(image=upscaled, strength=hires.strength, num_inference_steps=asked,
                       generator=[torch.Generator("cpu").manual_seed(s) for s in flat])
         return pipe(**kwargs, output_type="latent").images
 

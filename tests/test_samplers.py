@@ -70,6 +70,23 @@ def test_a_schedule_the_sampler_takes_applies_without_a_warning(config):
     assert not np.allclose(scheduler.sigmas.numpy(), uniform.sigmas.numpy())
 
 
+@pytest.mark.parametrize(("steps", "strength", "asked"), [(20, 0.7, 29), (20, 0.3, 67), (10, 0.5, 20), (4, 0.6, 7),
+                                                          (30, 1.0, 30), (7, 0.7, 10)])
+def test_the_hires_second_pass_runs_exactly_its_steps(steps, strength, asked):
+    """A1111 runs ``hr_second_pass_steps`` whatever the strength: diffusers is asked for steps / strength."""
+    assert img2img_steps(steps, strength, exact=True) == (asked, steps)
+    assert int(asked * strength) == steps  # what SDXL's img2img pipeline then runs
+
+
+def test_exact_steps_hold_at_every_count_and_strength():
+    for strength in np.linspace(0.01, 1.0, 397):
+        for steps in range(1, 151):
+            asked, runs = img2img_steps(steps, float(strength), exact=True)
+            assert int(asked * float(strength)) == runs
+            assert runs == steps or asked == 1000, (steps, strength)  # fewer only where 1000 timesteps end it
+            assert asked == steps or int((asked - 1) * float(strength)) < steps  # the shortest schedule
+
+
 def test_a_plain_img2img_pass_runs_its_share_of_the_steps_and_at_least_one():
     assert img2img_steps(30, 0.75) == (30, 22)  # A1111's int(steps x strength)
     assert img2img_steps(4, 0.1) == (10, 1)
@@ -110,3 +127,7 @@ def test_the_api_bounds_the_strength():
     with pytest.raises(ValidationError) as e:
         Img2ImgRequest(init_images=["x"], denoising_strength=0.0005)
     assert e.value.errors()[0]["loc"] == ("denoising_strength",)
+
+
+def test_a_hires_pass_that_would_outrun_the_schedule_runs_what_fits():
+    assert img2img_steps(20, 0.01, exact=True) == (1000, 10)  # 2000 asked would repeat or refuse timesteps

@@ -181,6 +181,36 @@ def test_a_schedule_the_sampler_ignores_is_reported(base):
     assert gen(base, seed=5, width=64, height=64, sampler="DPM++ 2M", schedule="Karras").warnings == []
 
 
+def test_the_hires_second_pass_runs_its_own_steps_whatever_the_strength(base, monkeypatch):
+    """A1111 runs hr_second_pass_steps at any denoising strength (it ran int(steps x strength): 6 of 20 at 0.3)."""
+    from deployments.support.generation import LatentHires
+
+    unet = base.checkpoint().txt2img.unet
+    sizes = []
+    original = unet.forward
+    monkeypatch.setattr(unet, "forward", lambda sample, *a, **k: sizes.append(sample.shape[-1]) or original(sample,
+                                                                                                          *a, **k))
+    seen = []
+    hires = LatentHires(width=128, height=128, steps=5, strength=0.3)
+    base.generate(GenerationRequest(**{**SMALL, "width": 64, "height": 64, "steps": 3}, seed=1, hires=hires),
+                  on_progress=lambda s, t: seen.append((s, t)))
+    assert sizes == [8] * 3 + [16] * 5  # latents: 64 / 8, then 128 / 8
+    assert seen == [(i, 8) for i in range(1, 9)]
+
+
+def test_a_hires_pass_past_the_schedule_runs_what_fits_and_says_so(base):
+    """20 steps at strength 0.01 would need a 2000-step schedule over SDXL's 1000 timesteps: 10 run."""
+    from deployments.support.generation import LatentHires
+
+    seen = []
+    hires = LatentHires(width=128, height=128, steps=20, strength=0.01)
+    result = base.generate(GenerationRequest(**{**SMALL, "width": 64, "height": 64, "steps": 2}, seed=1, hires=hires),
+                           on_progress=lambda s, t: seen.append((s, t)))
+    assert seen[-1] == (12, 12)
+    assert result.warnings == ["hires: 10 of 20 second-pass steps ran: at strength 0.01 more would exceed the "
+                               "schedule's 1000 timesteps"]
+
+
 def test_img2img_at_a_strength_where_the_step_arithmetic_rounds_to_zero(base, astronaut):
     """765 x (1/765) is just under 1 in floats: the pass asked for 765 steps, ran none, and diffusers failed."""
     seen = []

@@ -130,14 +130,18 @@ def build_scheduler(name: str, base_config, schedule: str | None = None, *, seed
     return cls.from_config({**defaults, **dict(base_config)}, **sampler.options, **options)
 
 
-def img2img_steps(steps: int, strength: float, *, limit: int = 1000) -> tuple[int, int]:
+def img2img_steps(steps: int, strength: float, *, exact: bool = False, limit: int = 1000) -> tuple[int, int]:
     """The steps to ask diffusers for at this strength, and how many it runs (SDXL's img2img runs
-    ``int(asked * strength)`` of them): ``int(steps * strength)`` as A1111 runs, yet at least one where diffusers
-    would run none and fail. ``limit``: the scheduler's ``num_train_timesteps``, which no schedule may exceed (some
-    schedulers refuse it, the others repeat timesteps)."""
-    asked = max(steps, math.ceil(1 / strength))
-    while asked < limit and int(asked * strength) < 1:  # the float product may fall just short
+    ``int(asked * strength)`` of them). Plain img2img runs ``int(steps * strength)`` as A1111 does, yet at least one
+    where diffusers would run none and fail. ``exact`` (A1111's hires second pass) runs ``steps`` whatever the
+    strength. ``limit``: the scheduler's ``num_train_timesteps``, which no schedule may exceed (some schedulers
+    refuse it, the others repeat timesteps); a pass that would need more runs fewer steps."""
+    wanted = steps if exact else 1
+    asked = max(steps, math.ceil(wanted / strength))
+    while asked < limit and int(asked * strength) < wanted:  # the float product may fall just short
         asked += 1
+    while asked > steps and int((asked - 1) * strength) >= wanted:
+        asked -= 1
     asked = min(asked, limit)
     runs = int(asked * strength)
     if runs < 1:
