@@ -166,8 +166,10 @@ class BaseGenerator:
             results = [e] * len(live)
         for i, result in zip(live, results, strict=True):
             if isinstance(result, StageResult) and pipes is not None:
+                # The refiner's ensemble pass reads the sampler and schedule here: the latents are in their space.
                 result.info.update(mode=mode, prompt=prompts[i], loras={r.name: r.weight for r in loras},
-                                   sampler=request.sampler or self.config.default_sampler, model=pipes.name)
+                                   sampler=request.sampler or self.config.default_sampler, schedule=request.schedule,
+                                   model=pipes.name)
                 if request.hires is not None:
                     result.info.update(hires_upscaler=request.hires.mode)
         for i, result in zip(live, self.cancellation.settle(batch, results), strict=True):

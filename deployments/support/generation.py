@@ -110,7 +110,9 @@ class RefineRequest(BaseModel):
     negative_prompt: str = Field("", max_length=10_000)
     steps: int = Field(30, ge=1, le=150)
     guidance_scale: float = Field(7.0, ge=0.0, le=30.0)
-    sampler: str | None = None
+    sampler: str | None = Field(None, description="ensemble: None runs the base's (the only one that reads its "
+                                "latents right); image mode: None runs Euler")
+    schedule: str | None = Field(None, description="A1111 'scheduler'; ensemble: None runs the base's")
     denoising_start: float = Field(0.8, gt=0.0, lt=1.0, description="ensemble: where the base model stopped")
     strength: float = Field(0.35, ge=MIN_STRENGTH, le=1.0, description="image mode: how much of the image is "
                             "redrawn")
