@@ -51,7 +51,7 @@ from deployments.support.imaging import to_rgb
 from deployments.support.metrics import StageMetrics
 from deployments.support.pipelines import LoraFiles, Pipelines, Resident
 from deployments.support.reporting import Reporter
-from deployments.support.samplers import build_scheduler
+from deployments.support.samplers import build_scheduler, img2img_steps
 from deployments.support.settings import Settings, current
 from deployments.weights import loader
 
@@ -166,8 +166,10 @@ class BaseGenerator:
             results = [e] * len(live)
         for i, result in zip(live, results, strict=True):
             if isinstance(result, StageResult) and pipes is not None:
+                # The refiner's ensemble pass reads the sampler and schedule here: the latents are in their space.
                 result.info.update(mode=mode, prompt=prompts[i], loras={r.name: r.weight for r in loras},
-                                   sampler=request.sampler or self.config.default_sampler, model=pipes.name)
+                                   sampler=request.sampler or self.config.default_sampler, schedule=request.schedule,
+                                   model=pipes.name)
                 if request.hires is not None:
                     result.info.update(hires_upscaler=request.hires.mode)
         for i, result in zip(live, self.cancellation.settle(batch, results), strict=True):
@@ -183,7 +185,10 @@ class BaseGenerator:
         request: GenerationRequest = items[0].request
         pipe = {"txt2img": pipes.txt2img, "img2img": pipes.img2img, "inpaint": pipes.inpaint}[mode]
         sampler = request.sampler or self.config.default_sampler
-        pipe.scheduler = build_scheduler(sampler, pipes.scheduler_config, request.schedule)
+        flat = [s for group in seeds for s in group]
+        pipe.scheduler = build_scheduler(sampler, pipes.scheduler_config, request.schedule, seeds=flat,
+                                         warnings=warnings)
+        limit = pipes.scheduler_config.get("num_train_timesteps", 1000)
         counts = [len(s) for s in seeds]
         offsets = [sum(counts[:i]) for i in range(len(counts) + 1)]
         done = [0]  # steps of earlier passes (the hires fix has two)
@@ -215,7 +220,7 @@ class BaseGenerator:
             guidance_scale=request.guidance_scale,
             num_images_per_prompt=1,
             # One CPU generator per image: a seed gives the same image on any device and in any batch.
-            generator=[torch.Generator("cpu").manual_seed(s) for group in seeds for s in group],
+            generator=[torch.Generator("cpu").manual_seed(s) for s in flat],
             callback_on_step_end=on_step_end,
         )
         total_steps = request.steps
@@ -226,13 +231,17 @@ class BaseGenerator:
             inits = [to_rgb(i.request.init_image).resize((request.width, request.height), Image.Resampling.LANCZOS)
                      for i in items]
             init = inits[0]
-            steps, total_steps = img2img_steps(request.steps, request.strength)
+            steps, total_steps = img2img_steps(request.steps, request.strength, limit=limit)
             kwargs.update(image=per_image(inits), strength=request.strength, num_inference_steps=steps)
             if request.mask is not None:  # inpainting runs alone (see batch_key)
                 mask = self._prepare_mask(request.mask, request)
                 kwargs.update(mask_image=mask, width=request.width, height=request.height)
         if request.hires is not None:
-            total_steps += img2img_steps(request.hires.steps, request.hires.strength)[1]
+            hires_steps = img2img_steps(request.hires.steps, request.hires.strength, exact=True, limit=limit)[1]
+            total_steps += hires_steps
+            if hires_steps < request.hires.steps:
+                warnings.append(f"hires: {hires_steps} of {request.hires.steps} second-pass steps ran: at strength "
+                                f"{request.hires.strength} more would exceed the schedule's {limit} timesteps")
         if pipes.ip_adapter_loaded:
             reference = request.ip_adapter_image  # a reference runs alone; a batch has none
             pipe.set_ip_adapter_scale(request.ip_adapter_scale if reference is not None else 0.0)
@@ -270,12 +279,15 @@ class BaseGenerator:
             cut_y, cut_x = size[0] - height // 8, size[1] - width // 8
             upscaled = upscaled[:, :, cut_y // 2:size[0] - (cut_y + 1) // 2, cut_x // 2:size[1] - (cut_x + 1) // 2]
         pipe = pipes.img2img
+        flat = [s for group in seeds for s in group]
         pipe.scheduler = build_scheduler(request.sampler or self.config.default_sampler, pipes.scheduler_config,
-                                         request.schedule)
-        steps = img2img_steps(hires.steps, hires.strength)[0]
+                                         request.schedule, seeds=flat)  # the first pass warned already
+        # A1111 runs exactly the second pass's steps whatever the strength: ask for steps / strength of them.
+        asked = img2img_steps(hires.steps, hires.strength, exact=True,
+                              limit=pipes.scheduler_config.get("num_train_timesteps", 1000))[0]
         kwargs = {k: v for k, v in first.items() if k not in ("width", "height", "denoising_end")}
-        kwargs.update(image=upscaled, strength=hires.strength, num_inference_steps=steps,
-                      generator=[torch.Generator("cpu").manual_seed(s) for group in seeds for s in group])
+        kwargs.update(image=upscaled, strength=hires.strength, num_inference_steps=asked,
+                      generator=[torch.Generator("cpu").manual_seed(s) for s in flat])
         return pipe(**kwargs, output_type="latent").images
 
     def decode(self, latents: torch.Tensor, pipes: Pipelines | None = None) -> list[Image.Image]:
@@ -349,13 +361,6 @@ class BaseGenerator:
         if digest is None:
             raise ModelLoadError(f"{source}: its weights cannot be hashed", field="checkpoint")
         return digest
-
-
-def img2img_steps(steps: int, strength: float) -> tuple[int, int]:
-    """The steps to ask diffusers for at this strength, and how many it runs: A1111 runs at least one step at
-    low strength, where diffusers would run none and fail."""
-    asked = max(steps, math.ceil(1 / strength))
-    return asked, max(1, int(asked * strength))
 
 
 def check_request(request: GenerationRequest, max_pixels: int) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import threading
 import uuid
 from pathlib import Path
@@ -40,11 +39,13 @@ from deployments.support.generation import (
 from deployments.support.imaging import to_rgb
 from deployments.support.metrics import StageMetrics
 from deployments.support.reporting import Reporter
-from deployments.support.samplers import build_scheduler
+from deployments.support.samplers import SCHEDULES, build_scheduler, img2img_steps, resolve
 from deployments.support.settings import Settings, current
 from deployments.weights import loader
 
 logger = logging.getLogger(__name__)
+
+IMAGE_SAMPLER = "Euler"  # the image mode's, when the request names none (an ensemble takes the base's)
 
 
 class Refiner:
@@ -112,24 +113,28 @@ class Refiner:
         batch = [items[i] for i in live]
         request: RefineRequest = batch[0].request
         seeds = [inputs[i][0] for i in live]
-        if ensemble:
-            kwargs: dict = dict(image=torch.from_numpy(np.concatenate([x for i in live for x in inputs[i][1]])),
-                                denoising_start=request.denoising_start, num_inference_steps=request.steps)
-            total = max(1, round(request.steps * (1 - request.denoising_start)))
-        else:
-            # As A1111 does, a low strength still runs one step; diffusers would run none and return nothing.
-            steps = max(request.steps, math.ceil(1 / request.strength))
-            kwargs = dict(image=[x for i in live for x in inputs[i][1]], strength=request.strength,
-                          num_inference_steps=steps)
-            total = max(1, int(steps * request.strength))
         results: list[StageResult | BaseException]
+        warnings: list[str] = []
         try:
-            images = self._run(batch, seeds, kwargs, total)
+            if ensemble:
+                sampler, schedule = ensemble_sampler(request, batch[0].source)  # batch_key: the same for all
+                kwargs: dict = dict(image=torch.from_numpy(np.concatenate([x for i in live for x in inputs[i][1]])),
+                                    denoising_start=request.denoising_start, num_inference_steps=request.steps)
+                total = max(1, round(request.steps * (1 - request.denoising_start)))
+            else:
+                sampler, schedule = request.sampler or IMAGE_SAMPLER, request.schedule
+                # As A1111 does, a low strength still runs one step; diffusers would run none and return nothing.
+                steps, total = img2img_steps(request.steps, request.strength,
+                                             limit=self.scheduler_config.get("num_train_timesteps", 1000))
+                kwargs = dict(image=[x for i in live for x in inputs[i][1]], strength=request.strength,
+                              num_inference_steps=steps)
+            images = self._run(batch, seeds, kwargs, total, sampler, schedule, warnings)
             offsets = [sum(map(len, seeds[:k])) for k in range(len(seeds) + 1)]
             results = []
             for item, own, a, b in zip(batch, seeds, offsets, offsets[1:], strict=False):
-                result = item.source.then(images[a:b], refiner=self.config.name,
-                                          refiner_mode="ensemble" if ensemble else "image")
+                source = item.source
+                result = source.then(images[a:b], warnings=[w for w in warnings if w not in source.warnings],
+                                     refiner=self.config.name, refiner_mode="ensemble" if ensemble else "image")
                 result.seeds = list(own)
                 results.append(result)
         except Exception as e:  # noqa: BLE001 - each item gets the error it would have got alone
@@ -144,6 +149,7 @@ class Refiner:
             raise InvalidInput("the previous stage handed on no latents", field="latents")
         if len(source.latents) != len(source.seeds):
             raise InvalidInput("one seed per latent is required", field="seeds")
+        ensemble_sampler(request, source)  # a sampler or schedule other than the base's is refused here
         return list(source.seeds), [source.latents]
 
     def _images_of(self, request: RefineRequest, source: StageResult) -> tuple[list[int], list]:
@@ -154,8 +160,10 @@ class Refiner:
             check_size(image.width, image.height, self.config.max_pixels)
         return list(seeds), [to_rgb(i) for i in source.images]
 
-    def _run(self, items: list[BatchItem], seeds: list[list[int]], kwargs: dict, total: int) -> list[Image.Image]:
+    def _run(self, items: list[BatchItem], seeds: list[list[int]], kwargs: dict, total: int, sampler: str,
+             schedule: str | None, warnings: list[str]) -> list[Image.Image]:
         request: RefineRequest = items[0].request
+        flat = [s for group in seeds for s in group]
         counts = [len(s) for s in seeds]
 
         def per_image(values: list) -> list:
@@ -168,7 +176,8 @@ class Refiner:
 
         prompts = [parse_lora_tags(i.request.prompt)[0] for i in items]  # LoRAs belong to the base model
         with self._lock, self.oom():
-            self.pipe.scheduler = build_scheduler(request.sampler or "Euler", self.scheduler_config)
+            self.pipe.scheduler = build_scheduler(sampler, self.scheduler_config, schedule, seeds=flat,
+                                                  warnings=warnings)
             with fastpath.attention(self.config.fast):
                 latents = self.pipe(
                     prompt=per_image(prompts),
@@ -176,7 +185,7 @@ class Refiner:
                     else None,
                     guidance_scale=request.guidance_scale, aesthetic_score=request.aesthetic_score,
                     negative_aesthetic_score=request.negative_aesthetic_score, num_images_per_prompt=1,
-                    generator=[torch.Generator("cpu").manual_seed(s) for group in seeds for s in group],
+                    generator=[torch.Generator("cpu").manual_seed(s) for s in flat],
                     callback_on_step_end=on_step_end, output_type="latent", **kwargs,
                 ).images
             return fastpath.decode(self.pipe, latents)
@@ -189,13 +198,32 @@ class Refiner:
         return {**self.weights.digests(), "refiner_runtime": f"{self.device.type}/{self.dtype}/{self.config.fast.fp8}"}
 
 
+def ensemble_sampler(request: RefineRequest, source: StageResult) -> tuple[str, str | None]:
+    """The sampler and schedule an ensemble pass runs: the base's, as it reports them. Its latents are in that
+    sampler's space (DPM-Solver's and DDIM's variance-preserving, Euler's variance-exploding, larger by
+    sqrt(1 + sigma^2)) at that schedule's noise level, so any other would misread them. The request's, or Euler,
+    for latents that come without the base's report. A request naming another sampler or schedule is refused."""
+    if "sampler" not in source.info:
+        return request.sampler or IMAGE_SAMPLER, request.schedule
+    sampler, schedule = source.info["sampler"], source.info.get("schedule")
+    if request.sampler is not None and resolve(request.sampler, "sampler") != resolve(sampler, "sampler"):
+        raise InvalidInput(f"sampler {request.sampler!r} cannot finish latents the base made with {sampler!r}",
+                           field="sampler")
+    if request.schedule is not None and SCHEDULES.get(request.schedule) != SCHEDULES[schedule or "Automatic"]:
+        raise InvalidInput(f"schedule {request.schedule!r} cannot finish latents the base made with "
+                           f"{schedule or 'Automatic'!r}", field="schedule")
+    return sampler, schedule
+
+
 def batch_key(request: RefineRequest, source: StageResult | Image.Image, *, ensemble: bool) -> tuple:
     """What refiner requests must share to run in one pipeline call."""
-    shared = (ensemble, request.steps, request.guidance_scale, request.sampler, request.aesthetic_score,
-              request.negative_aesthetic_score, bool(request.negative_prompt))
+    shared = (ensemble, request.steps, request.guidance_scale, request.sampler, request.schedule,
+              request.aesthetic_score, request.negative_aesthetic_score, bool(request.negative_prompt))
     if ensemble:
         latents = getattr(source, "latents", None)
-        return (*shared, request.denoising_start, None if latents is None else tuple(latents.shape[1:]))
+        info = getattr(source, "info", {})  # the base's sampler and schedule, which the pass runs
+        return (*shared, request.denoising_start, None if latents is None else tuple(latents.shape[1:]),
+                info.get("sampler"), info.get("schedule"))
     images = StageResult.of(source).images
     return (*shared, request.strength, tuple(i.size for i in images))
 

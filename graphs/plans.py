@@ -147,8 +147,11 @@ def base_for(h: Handles, request: GenerationRequest) -> Any:
 
 
 def _refine(request: GenerationRequest, **mode) -> RefineRequest:
+    """The refiner's pass over the base's output, with the request's sampler and schedule (an ensemble must run
+    the base's; the refiner takes the base's default where the request names none)."""
     return RefineRequest(prompt=request.prompt, negative_prompt=request.negative_prompt, steps=request.steps,
-                         guidance_scale=request.guidance_scale, **mode)
+                         guidance_scale=request.guidance_scale, sampler=request.sampler, schedule=request.schedule,
+                         **mode)
 
 
 async def standard(h: Handles, request: GenerationRequest, opts: PlanOptions) -> Report:

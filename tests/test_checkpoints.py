@@ -239,7 +239,7 @@ def test_latent_hires_fix_gives_the_hires_size_and_counts_both_passes(two):
     seen = []
     result = twice(two, "Latent", on_progress=lambda s, t: seen.append((s, t)))
     assert result.images[0].size == (256, 192) and result.info["hires_upscaler"] == "Latent"
-    assert seen[-1] == (6, 6) and seen[3] == (4, 6)  # 4 first-pass steps, then int(4 x 0.6) = 2 at the hires size
+    assert seen[-1] == (8, 8) and seen[3] == (4, 8)  # 4 first-pass steps, then A1111's 4 at the hires size
 
 
 def test_each_latent_mode_resizes_the_latents_its_own_way(two):

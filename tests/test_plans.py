@@ -125,3 +125,37 @@ def test_a_style_transfer_takes_its_content_aspect_at_a_size_the_base_accepts():
         request = plans.seed003("style-transfer", {"contentImage": b64(Image.new("RGB", size)), "styleImage": style})
         assert (request.width, request.height) == expected
         assert request.width * request.height <= plans.STYLE_AREA * 1.01
+
+
+class Recorder:
+    """A base or refiner stand-in that keeps the requests it is given and answers with a black image."""
+
+    def __init__(self) -> None:
+        self.requests: list = []
+
+    def __getattr__(self, _method):
+        return self
+
+    def remote(self, request, source=None, *_args, **_kwargs):
+        self.requests.append(request)
+        upstream = source if isinstance(source, Response) else None
+        return Response(lambda _: StageResult(images=[Image.new("RGB", (64, 64))], seeds=[7]), upstream)
+
+
+@pytest.mark.parametrize("plan", ["standard", "a1111"])
+async def test_the_refiner_ensemble_is_asked_for_the_base_sampler_and_schedule(plan):
+    """The refiner reads the base's latents in the base's sampler's space: the plan hands it the request's sampler
+    and schedule (it handed neither, and the refiner ran Euler after a DPM++ 2M Karras base)."""
+    from deployments.support.generation import GenerationRequest
+
+    stages = Stages()
+    stages.base, stages.refiner = Recorder(), Recorder()
+    request = GenerationRequest(prompt="p", seed=7, sampler="DPM++ 2M", schedule="Karras")
+    if plan == "standard":
+        await plans.standard(stages, request, plans.PlanOptions())
+    else:
+        await plans.a1111_batch(stages, request, "r", refiner_switch_at=0.7, encode=Encoding())
+    assert stages.base.requests[0].sampler == "DPM++ 2M" and stages.base.requests[0].denoising_end is not None
+    ensemble = stages.refiner.requests[0]
+    assert (ensemble.sampler, ensemble.schedule, ensemble.denoising_start) == (
+        "DPM++ 2M", "Karras", 0.8 if plan == "standard" else 0.7)

@@ -156,6 +156,70 @@ def test_samplers_differ_and_do_not_leak(base):
     assert "DPM++ 2M Karras" in sampler_names()
 
 
+@pytest.mark.parametrize("name", ["DPM++ SDE", "DPM++ SDE Karras", "dpm++_sde_karras"])
+def test_dpm_sde_follows_the_seed_of_each_image(base, name):
+    """DPM++ SDE draws its noise from a Brownian tree, not from the pipeline's generators: seeded per image, a seed
+    gives its image again, alone or in a batch (unseeded, the same seed twice differed by up to 210 levels)."""
+    small = dict(width=64, height=64, sampler=name)
+    once, twice = gen(base, seed=7, **small), gen(base, seed=7, **small)
+    assert np.array_equal(pixels(once.images[0]), pixels(twice.images[0]))
+    batch = gen(base, seed=7, batch_size=2, **small)
+    assert batch.seeds == [7, 8]
+    alone = [once, gen(base, seed=8, **small)]
+    for image, single in zip(batch.images, alone, strict=True):
+        assert np.abs(pixels(image) - pixels(single.images[0])).max() <= 1  # batched convolutions round apart
+    assert np.abs(pixels(batch.images[0]) - pixels(batch.images[1])).mean() > 1.0
+
+
+def test_a_schedule_the_sampler_ignores_is_reported(base):
+    """A1111 clients often send Euler a with Karras: it runs with its own schedule, and the result says so."""
+    ignored = gen(base, seed=5, width=64, height=64, sampler="Euler a", schedule="Karras")
+    assert ignored.warnings == ["scheduler 'Karras' does not apply to sampler 'Euler a': its own schedule ran"]
+    plain = gen(base, seed=5, width=64, height=64, sampler="Euler a", schedule="Automatic")
+    assert plain.warnings == []
+    assert np.array_equal(pixels(ignored.images[0]), pixels(plain.images[0]))
+    assert gen(base, seed=5, width=64, height=64, sampler="DPM++ 2M", schedule="Karras").warnings == []
+
+
+def test_the_hires_second_pass_runs_its_own_steps_whatever_the_strength(base, monkeypatch):
+    """A1111 runs hr_second_pass_steps at any denoising strength (it ran int(steps x strength): 6 of 20 at 0.3)."""
+    from deployments.support.generation import LatentHires
+
+    unet = base.checkpoint().txt2img.unet
+    sizes = []
+    original = unet.forward
+    monkeypatch.setattr(unet, "forward", lambda sample, *a, **k: sizes.append(sample.shape[-1]) or original(sample,
+                                                                                                          *a, **k))
+    seen = []
+    hires = LatentHires(width=128, height=128, steps=5, strength=0.3)
+    base.generate(GenerationRequest(**{**SMALL, "width": 64, "height": 64, "steps": 3}, seed=1, hires=hires),
+                  on_progress=lambda s, t: seen.append((s, t)))
+    assert sizes == [8] * 3 + [16] * 5  # latents: 64 / 8, then 128 / 8
+    assert seen == [(i, 8) for i in range(1, 9)]
+
+
+def test_a_hires_pass_past_the_schedule_runs_what_fits_and_says_so(base):
+    """20 steps at strength 0.01 would need a 2000-step schedule over SDXL's 1000 timesteps: 10 run."""
+    from deployments.support.generation import LatentHires
+
+    seen = []
+    hires = LatentHires(width=128, height=128, steps=20, strength=0.01)
+    result = base.generate(GenerationRequest(**{**SMALL, "width": 64, "height": 64, "steps": 2}, seed=1, hires=hires),
+                           on_progress=lambda s, t: seen.append((s, t)))
+    assert seen[-1] == (12, 12)
+    assert result.warnings == ["hires: 10 of 20 second-pass steps ran: at strength 0.01 more would exceed the "
+                               "schedule's 1000 timesteps"]
+
+
+def test_img2img_at_a_strength_where_the_step_arithmetic_rounds_to_zero(base, astronaut):
+    """765 x (1/765) is just under 1 in floats: the pass asked for 765 steps, ran none, and diffusers failed."""
+    seen = []
+    request = GenerationRequest(**{**SMALL, "width": 64, "height": 64}, seed=1, init_image=astronaut.resize((64, 64)),
+                                strength=1 / 765)
+    result = base.generate(request, on_progress=lambda s, t: seen.append((s, t)))
+    assert result.images[0].size == (64, 64) and seen == [(1, 1)]  # one step, at the lowest noise level
+
+
 @pytest.mark.parametrize("name", ["Warp drive", "DDIM Karras", "Euler a Karras"])
 def test_unknown_sampler_names_the_field(base, name):
     """A Karras name is refused where the list of samplers has none: DDIM's or Euler a's schedule has no Karras

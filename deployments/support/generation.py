@@ -20,6 +20,7 @@ from deployments.support.credentials import Facts
 from deployments.support.errors import GenerationCancelled, InvalidInput
 from deployments.support.imaging import encode as encode_image
 from deployments.support.overlay import Overlay
+from deployments.support.samplers import MIN_STRENGTH
 from deployments.support.settings import current
 
 MAX_SEED = 2**32 - 1
@@ -58,7 +59,7 @@ class LatentHires(BaseModel):
     crop_height: int | None = Field(None, ge=64, le=4096, multiple_of=8)
     mode: Literal["Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)",
                   "Latent (nearest)", "Latent (nearest-exact)"] = "Latent"
-    strength: float = Field(0.7, gt=0.0, le=1.0, description="A1111 denoising_strength of the second pass")
+    strength: float = Field(0.7, ge=MIN_STRENGTH, le=1.0, description="A1111 denoising_strength of the second pass")
     steps: int = Field(20, ge=1, le=150)
 
     @model_validator(mode="after")
@@ -89,7 +90,7 @@ class GenerationRequest(BaseModel):
     sampler: str | None = None
     schedule: str | None = Field(None, description="A1111 'scheduler': Automatic, Karras, Exponential, ...")
     init_image: Image.Image | None = None
-    strength: float = Field(0.75, gt=0.0, le=1.0, description="img2img / inpaint denoising strength")
+    strength: float = Field(0.75, ge=MIN_STRENGTH, le=1.0, description="img2img / inpaint denoising strength")
     mask: Image.Image | None = None
     mask_blur: int = Field(4, ge=0, le=64)
     ip_adapter_image: Image.Image | None = None
@@ -109,9 +110,12 @@ class RefineRequest(BaseModel):
     negative_prompt: str = Field("", max_length=10_000)
     steps: int = Field(30, ge=1, le=150)
     guidance_scale: float = Field(7.0, ge=0.0, le=30.0)
-    sampler: str | None = None
+    sampler: str | None = Field(None, description="ensemble: None runs the base's (the only one that reads its "
+                                "latents right); image mode: None runs Euler")
+    schedule: str | None = Field(None, description="A1111 'scheduler'; ensemble: None runs the base's")
     denoising_start: float = Field(0.8, gt=0.0, lt=1.0, description="ensemble: where the base model stopped")
-    strength: float = Field(0.35, gt=0.0, le=1.0, description="image mode: how much of the image is redrawn")
+    strength: float = Field(0.35, ge=MIN_STRENGTH, le=1.0, description="image mode: how much of the image is "
+                            "redrawn")
     aesthetic_score: float = Field(6.0, ge=0.0, le=10.0)
     negative_aesthetic_score: float = Field(2.5, ge=0.0, le=10.0)
     seeds: list[int] = Field([], description="image mode, when the images come without seeds")

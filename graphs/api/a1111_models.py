@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from deployments.support.samplers import MIN_STRENGTH
 from graphs.api.fields import Guidance, Prompt, Seed, Side, Steps
 
 MAX_IMAGES = 16
@@ -68,7 +69,7 @@ class Img2ImgRequest(Txt2ImgRequest):
     inpainting_mask_invert: int = Field(0, ge=0, le=1, description="1: the mask's black area is repainted")
     resize_mode: int = Field(0, ge=0, le=3, description="how init images take the size: 0 stretch, 1 crop and "
                              "resize (cover, centre-crop), 2 resize and fill (fit, edges stretched out), 3 as 0")
-    denoising_strength: float = Field(0.75, gt=0.0, le=1.0)
+    denoising_strength: float = Field(0.75, ge=MIN_STRENGTH, le=1.0)
 
 
 class ImagesResponse(BaseModel):

@@ -9,6 +9,7 @@ from PIL import Image
 from pydantic import Field
 
 from deployments.support.imaging import decode, encode, image_bytes
+from deployments.support.samplers import MIN_STRENGTH
 
 MAX_SEED = 2**32 - 1
 
@@ -18,7 +19,7 @@ Seed = Annotated[int, Field(ge=-1, le=MAX_SEED, description="-1 draws a random s
 Steps = Annotated[int, Field(ge=1, le=150)]
 Guidance = Annotated[float, Field(ge=0.0, le=30.0)]
 Side = Annotated[int, Field(ge=64, le=2048, multiple_of=8, description="pixels, a multiple of 8")]
-Strength = Annotated[float, Field(gt=0.0, le=1.0)]
+Strength = Annotated[float, Field(ge=MIN_STRENGTH, le=1.0, description="img2img denoising strength")]
 Sampler = Annotated[str, Field(max_length=64)]
 
 
