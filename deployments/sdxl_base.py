@@ -231,7 +231,11 @@ class BaseGenerator:
             inits = [to_rgb(i.request.init_image).resize((request.width, request.height), Image.Resampling.LANCZOS)
                      for i in items]
             init = inits[0]
-            steps, total_steps = img2img_steps(request.steps, request.strength, limit=limit)
+            steps, total_steps = img2img_steps(request.steps, request.strength, exact=request.exact_steps,
+                                               limit=limit)
+            if total_steps < request.steps and request.exact_steps:
+                warnings.append(f"hires: {total_steps} of {request.steps} second-pass steps ran: at strength "
+                                f"{request.strength} more would exceed the schedule's {limit} timesteps")
             kwargs.update(image=per_image(inits), strength=request.strength, num_inference_steps=steps)
             if request.mask is not None:  # inpainting runs alone (see batch_key)
                 mask = self._prepare_mask(request.mask, request)
@@ -389,7 +393,7 @@ def batch_key(request: GenerationRequest) -> tuple | None:
     return (request.checkpoint, mode, request.width, request.height, request.steps, request.sampler,
             request.schedule, request.guidance_scale, tuple((r.name, r.weight) for r in request.loras),
             tuple((r.name, r.weight) for r in tagged), bool(request.negative_prompt), request.denoising_end,
-            request.strength if mode == "img2img" else None, request.hires)
+            (request.strength, request.exact_steps) if mode == "img2img" else None, request.hires)
 
 
 BATCH_UNIT_PIXELS = 1024 * 1024

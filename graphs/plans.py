@@ -365,7 +365,8 @@ async def a1111_batch(h: Handles, request: GenerationRequest, request_id: str, *
     else:
         first = base_for(h, request).generate.remote(request, request_id)
         upscaled = h.upscaler.upscale.remote(first, hires.upscaler, None, hires.width, hires.height, box=hires.box)
-        again = request.model_copy(update={"strength": hires.strength, "steps": hires.steps})
+        # As on the latent path, the second pass runs exactly its steps whatever the strength (A1111's rule).
+        again = request.model_copy(update={"strength": hires.strength, "steps": hires.steps, "exact_steps": True})
         last = base_for(h, again).generate.remote(again, request_id, how, init=upscaled)
     if restore_faces:
         last = h.faces.restore.remote(last, 0.6, encode=h.last(encode))

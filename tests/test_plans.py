@@ -159,3 +159,17 @@ async def test_the_refiner_ensemble_is_asked_for_the_base_sampler_and_schedule(p
     ensemble = stages.refiner.requests[0]
     assert (ensemble.sampler, ensemble.schedule, ensemble.denoising_start) == (
         "DPM++ 2M", "Karras", 0.8 if plan == "standard" else 0.7)
+
+
+async def test_the_pixel_hires_second_pass_runs_exactly_its_steps():
+    """As on the latent path, A1111's hr_second_pass_steps run whatever the denoising strength: the second base
+    pass asks for exact steps (it ran int(steps x strength), 14 of 20 at 0.7)."""
+    from deployments.support.generation import GenerationRequest
+
+    stages = Stages()
+    stages.base, stages.upscaler = Recorder(), Recorder()
+    hires = plans.A1111Hires(upscaler="R-ESRGAN 4x+", width=128, height=128, strength=0.7, steps=20)
+    await plans.a1111_batch(stages, GenerationRequest(prompt="p", seed=7, steps=30), "r", hires=hires,
+                            encode=Encoding())
+    first, again = stages.base.requests
+    assert not first.exact_steps and (again.steps, again.strength, again.exact_steps) == (20, 0.7, True)

@@ -197,6 +197,20 @@ def test_the_hires_second_pass_runs_its_own_steps_whatever_the_strength(base, mo
     assert seen == [(i, 8) for i in range(1, 9)]
 
 
+def test_img2img_with_exact_steps_runs_them_whatever_the_strength(base, astronaut, monkeypatch):
+    """The pixel hires fix's second pass (A1111 runs hr_second_pass_steps at any strength); plain img2img keeps
+    A1111's int(steps x strength)."""
+    unet = base.checkpoint().img2img.unet
+    calls = []
+    original = unet.forward
+    monkeypatch.setattr(unet, "forward", lambda *a, **k: calls.append(1) or original(*a, **k))
+    for exact, expected in ((True, 5), (False, 1)):
+        calls.clear()
+        base.generate(GenerationRequest(**{**SMALL, "width": 64, "height": 64, "steps": 5}, seed=1, strength=0.3,
+                                        init_image=astronaut.resize((64, 64)), exact_steps=exact))
+        assert len(calls) == expected
+
+
 def test_a_hires_pass_past_the_schedule_runs_what_fits_and_says_so(base):
     """20 steps at strength 0.01 would need a 2000-step schedule over SDXL's 1000 timesteps: 10 run."""
     from deployments.support.generation import LatentHires

@@ -91,6 +91,8 @@ class GenerationRequest(BaseModel):
     schedule: str | None = Field(None, description="A1111 'scheduler': Automatic, Karras, Exponential, ...")
     init_image: Image.Image | None = None
     strength: float = Field(0.75, ge=MIN_STRENGTH, le=1.0, description="img2img / inpaint denoising strength")
+    exact_steps: bool = Field(False, description="img2img runs exactly ``steps`` denoising steps whatever the "
+                              "strength (A1111's hires second pass), not int(steps x strength)")
     mask: Image.Image | None = None
     mask_blur: int = Field(4, ge=0, le=64)
     ip_adapter_image: Image.Image | None = None
