@@ -46,7 +46,10 @@ logger = logging.getLogger(__name__)
 MAGIC = b"IGC1"
 NAME = re.compile(r"^[0-9a-f]{64}\.entry$")
 LOW_WATER = 0.9  # eviction past the size bound goes down to this share of it
-KEY_VERSION = 2  # bump when a plan's output for the same request changes (2: watermarks and content credentials)
+# Bump when a plan's output for the same request changes (2: watermarks and content credentials; 3: the refiner's
+# ensemble sampler, scheduler defaults, exact hires steps, the face restorers' range and paste-back, upscaler passes,
+# an overlay screened and credited).
+KEY_VERSION = 3
 
 
 @dataclass
