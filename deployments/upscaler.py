@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 
 import torch
@@ -122,18 +123,22 @@ class ImageUpscaler:
         with self._lock, self.oom(), torch.inference_mode():
             out, passes = image, 0
             # Whole model passes while the target is at least a model scale away (x4 model, x16 request: two). A pass
-            # may overshoot and be downscaled, as A1111 does, within the pixel cap: the first one always (x4 model, x2
-            # request: the model sees every input pixel), a later one by up to twice the target a side (x8: 16x, then
-            # down to 8x). Any other overshooting pass would build up to factor² times the target (x4.1: 16x) to
-            # throw most of it away, so the image is shrunk first and that last pass lands on the target, a few
-            # pixels short at most, still ending in model detail.
+            # may overshoot and be downscaled, as A1111 does: the first one (x4 model, x2 request: the model sees
+            # every input pixel), and a later one by up to twice the target a side (x8: 16x, then down to 8x). Such
+            # a pass that would pass the pixel cap runs on the image shrunk just enough to stay within it. Any other
+            # overshooting pass would build up to factor² times the target (x4.1: 16x) to throw most of it away, so
+            # the image is shrunk first and that last pass lands on the target, a few pixels short at most, still
+            # ending in model detail.
             while out.width < size[0] or out.height < size[1]:
                 full = (out.width * factor, out.height * factor)
                 within_target = full[0] <= size[0] and full[1] <= size[1]
                 worth = passes == 0 or (full[0] <= 2 * size[0] and full[1] <= 2 * size[1])
                 land = not within_target and not (worth and full[0] * full[1] <= cap)
                 if land:
-                    out = out.resize((max(1, size[0] // factor), max(1, size[1] // factor)), Image.Resampling.LANCZOS)
+                    keep = min(1.0, math.sqrt(cap / (full[0] * full[1]))) if worth else 0.0
+                    shrunk = (max(1, size[0] // factor, math.floor(out.width * keep)),
+                              max(1, size[1] // factor, math.floor(out.height * keep)))
+                    out = out.resize(shrunk, Image.Resampling.LANCZOS)
                 out, passes = self._run_model(descriptor, out), passes + 1
                 if land or factor == 1:
                     break

@@ -61,11 +61,11 @@ def test_model_upscale_is_not_a_plain_resize(upscaler, astronaut):
 @pytest.mark.parametrize("side,scale,cap,passes", [
     (64, 4, 300 * 300, [256]),  # the model's own scale: one pass
     (64, 8, 8192 * 8192, [256, 1024]),  # two passes, the second at most twice the target a side, then down
-    (64, 8, 600 * 600, [256, 512]),  # ... unless that passes the cap: it lands on the target
+    (64, 8, 600 * 600, [256, 600]),  # ... unless that passes the cap: on the largest input within it
     (64, 2, 300 * 300, [256]),  # one pass on every input pixel, then down (A1111's way), within the cap
     (64, 4.2, 300 * 300, [256, 268]),  # the second pass lands on the target; it used to make 1024 (11.7x the cap)
     (64, 16, 8192 * 8192, [256, 1024]),  # two whole scales: two full passes
-    (128, 2, 300 * 300, [256]),  # a first pass past the cap (512: 2.9x) lands on the target instead
+    (128, 2, 300 * 300, [300]),  # a first pass past the cap (512: 2.9x) runs on the largest input within it
 ])
 def test_no_model_pass_makes_more_than_the_target_or_the_cap(tiny, astronaut, side, scale, cap, passes):
     upscaler = ImageUpscaler(UpscalerConfig(models=[{"name": "R-ESRGAN 4x+", "path": str(
