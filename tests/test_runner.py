@@ -310,7 +310,10 @@ async def test_an_idle_stream_pings_then_ends_at_the_terminal_event(tmp_path):
 
 async def test_watchers_past_the_limit_are_refused_until_one_ends(tmp_path):
     """Each open stream holds one of the ingress replica's request slots: past the limit a watcher is refused (503,
-    it polls) rather than queue every other request behind the streams."""
+    it polls) rather than queue every other request behind the streams. A place is taken on admission, so a burst
+    cannot pass the limit before the first frames go out."""
+    import gc
+
     from deployments.support.errors import StreamsBusy
     from graphs.jobs.sqlite_store import SQLiteJobStore
 
@@ -318,23 +321,21 @@ async def test_watchers_past_the_limit_are_refused_until_one_ends(tmp_path):
     job = Job(id=new_job_id(), type="text2img", request={"prompt": "x"})
     store.create(job)
     streams = events.Streams(limit=2)
-    bodies = []
-    for _ in range(2):
-        streams.admit()
-        body = events.response(store, job.id, 0, 0.02, 10, streams).body_iterator
-        await body.__anext__()  # the first frame: the stream is open
-        bodies.append(body)
-    assert streams.open == 2
+    bodies = [events.response(store, job.id, 0, 0.02, 10, streams, streams.admit()).body_iterator
+              for _ in range(2)]  # admitted, not started yet
     with pytest.raises(StreamsBusy) as refused:
         streams.admit()
     assert refused.value.code == "STREAMS_BUSY" and refused.value.details == {"limit": 2}
-    never_sent = events.response(store, job.id, 0, 0.02, 10, streams)  # a response never sent never counts
-    del never_sent
-    await bodies.pop().aclose()  # its client went away
-    assert streams.open == 1
-    streams.admit()
-    await bodies.pop().aclose()
+    submitted = events.response(store, job.id, 0, 0.02, 10, streams)  # a submit's own stream: always served
+    assert streams.open == 3
+    del submitted  # a response never sent gives its place back when collected
+    gc.collect()
+    assert streams.open == 2
+    await bodies[0].__anext__()  # the first frame: open
+    await bodies.pop().aclose()  # its client went away before it started
+    await bodies.pop().aclose()  # ... and after
     assert streams.open == 0
+    streams.admit()
     events.Streams(limit=0).admit()  # 0: no limit
 
 

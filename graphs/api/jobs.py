@@ -99,9 +99,9 @@ class JobRoutes(CheckpointChoice):
         stored, _created = await asyncio.to_thread(self.jobs.create, job, key, self.settings.max_queue_size)
         return stored
 
-    def _events(self, job_id: str, after: int = 0) -> events.EventStream:
+    def _events(self, job_id: str, after: int = 0, slot: events.Slot | None = None) -> events.EventStream:
         return events.response(self.jobs, job_id, after, self.settings.job_events_poll_seconds,
-                               self.settings.job_events_heartbeat_seconds, self.streams)
+                               self.settings.job_events_heartbeat_seconds, self.streams, slot)
 
     def _answer(self, request: Request, job: Job, answer: Any) -> Any:
         """The submit's JSON answer, or the job's event stream when the client asked for it."""
@@ -190,8 +190,7 @@ class JobRoutes(CheckpointChoice):
         """The job's events as server-sent events, until completed, failed or cancelled."""
         await self._get(request, job_id)
         # A submit's own stream is always served (its client has no job id to poll yet); a watcher's may not be.
-        self.streams.admit()
-        return self._events(job_id, _event_id(last_event_id))
+        return self._events(job_id, _event_id(last_event_id), self.streams.admit())
 
     @router.get("/jobs/{job_id}/result", response_model=JobResult, response_model_exclude_none=True)
     async def get_result(self, job_id: JobId, request: Request) -> dict:

@@ -24,6 +24,7 @@ import asyncio
 import base64
 import json
 import time
+import weakref
 from collections.abc import AsyncIterator
 
 from PIL import Image
@@ -80,35 +81,53 @@ async def stream(store: JobStore, job_id: str, after: int, poll_s: float, heartb
         await asyncio.sleep(poll_s)
 
 
+class Slot:
+    """One stream's place among a replica's open streams, held by the stream (or its never-sent response)."""
+
+
 class Streams:
     """The event streams one ingress replica serves now. Serve counts a stream as an ongoing request for its whole
     life, so watchers alone could hold every request slot of the replica and queue all other requests behind them;
-    past ``limit`` (0: none) a new GET /jobs/{id}/events is refused and its client polls the job instead."""
+    past ``limit`` (0: none) a new GET /jobs/{id}/events is refused and its client polls the job instead.
+
+    A place is taken when the stream is admitted, so that a burst cannot pass the limit before the first frames go
+    out, and given back when the stream ends, or when a response that was never sent is collected (weakly held)."""
 
     def __init__(self, limit: int) -> None:
-        self.limit, self.open = limit, 0
+        self.limit = limit
+        self._open: weakref.WeakSet[Slot] = weakref.WeakSet()
 
-    def admit(self) -> None:
-        if self.limit and self.open >= self.limit:
+    @property
+    def open(self) -> int:
+        return len(self._open)
+
+    def admit(self, *, bounded: bool = True) -> Slot:
+        """A place for one more stream; ``StreamsBusy`` past the limit unless not ``bounded`` (a submit's own)."""
+        if bounded and self.limit and self.open >= self.limit:
             raise StreamsBusy(f"this replica serves {self.open} event streams, its limit; poll GET /jobs/{{id}} "
                               "or retry the stream shortly", details={"limit": self.limit})
+        slot = Slot()
+        self._open.add(slot)
+        return slot
 
-    async def counted(self, source: AsyncIterator[str]) -> AsyncIterator[str]:
-        # Counted from its first frame to its end (a client gone included): a response never sent never counts.
-        self.open += 1
+    async def counted(self, source: AsyncIterator[str], slot: Slot) -> AsyncIterator[str]:
         try:
             async for chunk in source:
                 yield chunk
         finally:
-            self.open -= 1
+            self._open.discard(slot)
 
 
 def response(store: JobStore, job_id: str, after: int, poll_s: float, heartbeat_s: float,
-             streams: Streams | None = None) -> EventStream:
+             streams: Streams | None = None, slot: Slot | None = None) -> EventStream:
+    """The job's event stream; with ``streams``, it holds ``slot`` (admitted by the caller; a new unbounded one when
+    none) until it ends."""
     # no-transform and X-Accel-Buffering keep proxies (nginx, compressing ones) from holding events back.
     headers = {"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no", "X-Job-Id": job_id}
     source = stream(store, job_id, after, poll_s, heartbeat_s)
-    return EventStream(streams.counted(source) if streams is not None else source, headers=headers)
+    if streams is not None:
+        source = streams.counted(source, slot or streams.admit(bounded=False))
+    return EventStream(source, headers=headers)
 
 
 def completed_data(job_id: str, result: dict) -> dict:
