@@ -180,8 +180,14 @@ def follow(service: Service, bar: ProgressBar, job_id: str | None = None, submit
             except CliError as e:
                 if e.status != BUSY or job_id is None:
                     raise
-                # No stream to spare (STREAMS_BUSY) or rate limited: the job itself can still be polled.
-                polled = _polled(service, job_id)
+                # No stream to spare (STREAMS_BUSY) or rate limited: the job itself can still be polled, and
+                # while that is refused too (the same rate limit), the client waits its turn.
+                try:
+                    polled = _polled(service, job_id)
+                except CliError as busy:
+                    if busy.status != BUSY:
+                        raise
+                    polled = None
                 if polled is not None:
                     bar.show(polled)
                     return polled

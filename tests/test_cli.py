@@ -218,6 +218,9 @@ def test_while_the_service_has_no_stream_to_spare_the_job_is_polled(monkeypatch,
                 "error": "this replica serves 32 event streams", "code": "STREAMS_BUSY", "details": {"limit": 32}})
         if request.url.path == "/jobs/job_1":
             polls.append(1)
+            if len(polls) == 1:  # rate limited like the stream: the client waits its turn
+                return httpx.Response(429, headers={"Retry-After": "1"}, json={
+                    "error": "too many requests", "code": "RATE_LIMITED", "details": {}})
             if len(polls) < 3:
                 return httpx.Response(200, json={"id": "job_1", "status": "processing"})
             return httpx.Response(200, json={"id": "job_1", "status": "failed", "error": "GPU_OOM: out of memory"})

@@ -339,6 +339,13 @@ async def test_watchers_past_the_limit_are_refused_until_one_ends(tmp_path):
     events.Streams(limit=0).admit()  # 0: no limit
 
 
+def test_a_batch_sizes_completed_event_carries_each_sizes_flag():
+    result = {"images": {"avatar": {"nsfw": True}, "hero": {"nsfw": False}}, "seed": 3, "bases_generated": 1}
+    assert events.completed_data("job_1", result)["nsfw"] == [True, False]
+    assert "nsfw" not in events.completed_data("job_1", {"images": {"avatar": {"nsfw": None}}})  # the filter is off
+    assert events.completed_data("job_1", {"images": ["k"], "nsfw": [False]})["nsfw"] == [False]
+
+
 class FlakyBoard(Board):
     """A progress board that fails its first reads, as one restarting (or on a lost node) does."""
 

@@ -140,6 +140,8 @@ def completed_data(job_id: str, result: dict) -> dict:
     for name in ("width", "height", "timeTaken", "bases_generated", "nsfw", "cached"):
         if name in facts:
             data[name] = facts[name]
+    if isinstance(images, dict) and "nsfw" not in data and any(e.get("nsfw") is not None for e in images.values()):
+        data["nsfw"] = [e.get("nsfw") for e in images.values()]  # a batch's flags, one per named size
     return data
 
 
