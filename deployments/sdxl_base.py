@@ -452,13 +452,13 @@ class SDXLBase:
             self._heartbeat = asyncio.get_running_loop().create_task(self._announce_every(HOLDINGS_EVERY_S))
 
     async def _load(self, name: str) -> _Held:
-        pipes = await self.thread.run(self.model.load, name)
+        pipes = await self.thread.load(self.model.load, name)
         asyncio.get_running_loop().create_task(self._announce())
         return _Held(pipes, self.model.resident)
 
     async def _checkpoint(self, name: str) -> Pipelines:
         if self._held is None:
-            return await self.thread.run(self.model.checkpoint, name)
+            return await self.thread.load(self.model.checkpoint, name)
         await asyncio.to_thread(self.model.catalog.entry, name)  # an unknown name never reaches Serve's cache
         return (await self._held(name)).pipes
 

@@ -64,6 +64,20 @@ def test_an_inference_thread_stuck_in_one_call_fails_health():
         devices.check_health(thread, guard, 0.2)
 
     asyncio.run(scenario())
+
+    async def loading() -> None:  # a run-time checkpoint load (and its compile warm-up) may take longer
+        release.clear()
+        load = asyncio.ensure_future(thread.load(release.wait, 30))
+        await asyncio.sleep(0.3)
+        assert thread.patient
+        devices.check_health(thread, guard, 0.1)  # within LOAD_PATIENCE (4) times the bound
+        with pytest.raises(RuntimeError, match="has run"):
+            devices.check_health(thread, guard, 0.05)
+        release.set()
+        await load
+        assert not thread.patient
+
+    asyncio.run(loading())
     started = time.monotonic()
     assert thread.call(lambda: thread.busy_for()) < time.monotonic() - started + 0.1  # timed on the thread too
 

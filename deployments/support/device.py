@@ -88,6 +88,9 @@ def out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or any(m in str(error) for m in _OOM_MESSAGES)
 
 
+LOAD_PATIENCE = 4  # a run-time model load may hold the inference thread this many times the stall bound
+
+
 class InferenceThread:
     """The one thread that touches a replica's model.
 
@@ -101,13 +104,14 @@ class InferenceThread:
 
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._since: float | None = None  # when the call running now began (monotonic)
+        self.patient = False  # the call running now loads a model: it may take LOAD_PATIENCE times as long
 
-    def _timed(self, fn, /, *args, **kwargs):
-        self._since = time.monotonic()
+    def _timed(self, fn, /, *args, patient: bool = False, **kwargs):
+        self._since, self.patient = time.monotonic(), patient
         try:
             return fn(*args, **kwargs)
         finally:
-            self._since = None
+            self._since, self.patient = None, False
 
     def busy_for(self) -> float:
         """Seconds the call running now has run (0 when idle)."""
@@ -125,13 +129,18 @@ class InferenceThread:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(self._timed, fn, *args, **kwargs))
 
+    async def load(self, fn, /, *args, **kwargs):
+        """``run`` for a model load at run time (a checkpoint read from disk, then its compile warm-up), which the
+        health check allows ``LOAD_PATIENCE`` times the stall bound."""
+        return await self.run(fn, *args, patient=True, **kwargs)
+
 
 def check_health(thread: InferenceThread, guard: OomGuard, stall_seconds: float) -> None:
     """A replica's health check: its CUDA context usable, not failing out of memory again and again, and its
     inference thread not stuck in one call (a hung kernel or driver call that no cancel reaches). Runs on the
     event loop: it reads flags and never touches the device."""
     problem = guard.problem()
-    if problem is None and thread.busy_for() > stall_seconds:
+    if problem is None and thread.busy_for() > stall_seconds * (LOAD_PATIENCE if thread.patient else 1):
         problem = f"{guard.what}: one call on the inference thread has run {thread.busy_for():.0f} s"
     if problem is not None:
         raise RuntimeError(problem)

@@ -106,7 +106,7 @@ class Settings(BaseSettings):
     job_events_heartbeat_seconds: float = Field(10.0, gt=0, description="': ping' on an idle stream")
     inference_stall_seconds: float = Field(900.0, gt=0, description=(
         "a model replica whose inference thread has run one call this long fails its health check and is "
-        "replaced (a checkpoint load with its compile warm-up is the longest legitimate call)"))
+        "replaced; a checkpoint load at run time, with its compile warm-up, may take four times as long"))
     job_events_max_streams: int = Field(32, ge=0, description=(
         "event streams one ingress replica serves at once (each holds one of its max_ongoing_requests for its "
         "whole life); past it GET /jobs/{id}/events is a 503 STREAMS_BUSY and clients poll; 0: no limit"))
