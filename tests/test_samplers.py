@@ -70,6 +70,18 @@ def test_a_schedule_the_sampler_takes_applies_without_a_warning(config):
     assert not np.allclose(scheduler.sigmas.numpy(), uniform.sigmas.numpy())
 
 
+@pytest.mark.parametrize(("schedule", "karras", "exponential"), [
+    ("Automatic", True, False), (None, True, False), ("Exponential", False, True), ("Uniform", False, False),
+    ("Karras", True, False)])
+def test_an_explicit_schedule_replaces_the_one_a_sampler_name_implies(config, schedule, karras, exponential):
+    """A1111 >= 1.9 clients send "DPM++ 2M Karras" with a scheduler of their own: that one runs (diffusers refused
+    the two together, a 500)."""
+    scheduler = build_scheduler("DPM++ 2M Karras", config, schedule)
+    assert scheduler.config.use_karras_sigmas is karras
+    assert bool(scheduler.config.get("use_exponential_sigmas")) is exponential
+    scheduler.set_timesteps(10)
+
+
 @pytest.mark.parametrize(("steps", "strength", "asked"), [(20, 0.7, 29), (20, 0.3, 67), (10, 0.5, 20), (4, 0.6, 7),
                                                           (30, 1.0, 30), (7, 0.7, 10)])
 def test_the_hires_second_pass_runs_exactly_its_steps(steps, strength, asked):

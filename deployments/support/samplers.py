@@ -69,6 +69,8 @@ SCHEDULES = {
 # schedule longer than the model's, and the pipeline runs no step at all.
 MIN_STRENGTH = 0.001
 
+SIGMA_OPTIONS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+
 _NO_KARRAS = {"Euler a", "Euler", "DDIM", "PLMS", "PNDM", "UniPC", "LCM", "DEIS"}
 
 # The hub SDXL base's scheduler_config.json values of keys an EulerDiscrete config may lack (the factory's does):
@@ -111,6 +113,7 @@ def build_scheduler(name: str, base_config, schedule: str | None = None, *, seed
 
     canonical, options = resolve(name)
     sampler = SAMPLERS[canonical]
+    own = dict(sampler.options)
     cls = getattr(diffusers, sampler.cls_name)
     accepted = set(inspect.signature(cls.__init__).parameters)
     if schedule is not None:
@@ -119,6 +122,11 @@ def build_scheduler(name: str, base_config, schedule: str | None = None, *, seed
             raise UnknownModel(f"unknown scheduler {schedule!r}", field="scheduler", details=choices)
         wanted = SCHEDULES[schedule]
         if set(wanted) <= accepted:
+            if schedule != "Automatic":
+                # An explicit schedule replaces the one a name implies ("DPM++ 2M Karras" with Exponential), as
+                # A1111 >= 1.9 does; diffusers refuses two at once.
+                own = {k: v for k, v in own.items() if k not in SIGMA_OPTIONS}
+                options.update({k: False for k in SIGMA_OPTIONS if k in accepted})
             options.update(wanted)
         elif warnings is not None:  # diffusers would drop the option with a log line only: say so in the result
             warnings.append(f"scheduler {schedule!r} does not apply to sampler {name!r}: its own schedule ran")
@@ -127,7 +135,7 @@ def build_scheduler(name: str, base_config, schedule: str | None = None, *, seed
         # pipeline's generators; a list makes one tree per image, so image i is the one its seed gives alone.
         options["noise_sampler_seed"] = list(seeds)
     defaults = {k: v for k, v in SDXL_SCHEDULER_DEFAULTS.items() if k in accepted}
-    return cls.from_config({**defaults, **dict(base_config)}, **sampler.options, **options)
+    return cls.from_config({**defaults, **dict(base_config)}, **{**own, **options})
 
 
 def img2img_steps(steps: int, strength: float, *, exact: bool = False, limit: int = 1000) -> tuple[int, int]:
