@@ -125,7 +125,8 @@ class ImageUpscaler:
             # Whole model passes while the target is at least a model scale away (x4 model, x16 request: two). A pass
             # may overshoot and be downscaled, as A1111 does: the first one (x4 model, x2 request: the model sees
             # every input pixel), and a later one by up to twice the target a side (x8: 16x, then down to 8x). Such
-            # a pass that would pass the pixel cap runs on the image shrunk just enough to stay within it. Any other
+            # a pass that would pass the pixel cap shrinks each tile's output as it is made, so that the model still
+            # sees every pixel and no image past the cap is built (untiled, its input is shrunk instead). Any other
             # overshooting pass would build up to factor² times the target (x4.1: 16x) to throw most of it away, so
             # the image is shrunk first and that last pass lands on the target, a few pixels short at most, still
             # ending in model detail.
@@ -136,6 +137,10 @@ class ImageUpscaler:
                 land = not within_target and not (worth and full[0] * full[1] <= cap)
                 if land:
                     keep = min(1.0, math.sqrt(cap / (full[0] * full[1]))) if worth else 0.0
+                    if worth and self.config.tile:
+                        fit = (max(size[0], math.floor(full[0] * keep)), max(size[1], math.floor(full[1] * keep)))
+                        out = self._run_model(descriptor, out, fit)
+                        break
                     shrunk = (max(1, size[0] // factor, math.floor(out.width * keep)),
                               max(1, size[1] // factor, math.floor(out.height * keep)))
                     out = out.resize(shrunk, Image.Resampling.LANCZOS)
@@ -146,22 +151,26 @@ class ImageUpscaler:
             out = out.resize(size, Image.Resampling.LANCZOS)
         return upscaler, [], out
 
-    def _run_model(self, descriptor, image: Image.Image) -> Image.Image:
+    def _run_model(self, descriptor, image: Image.Image, size: tuple[int, int] | None = None) -> Image.Image:
+        """One model pass over ``image``; with ``size`` (tiled only), its output is made at that smaller size."""
         dtype = next(descriptor.model.parameters()).dtype
         tensor = to_tensor(image, self.device, dtype)
         if self.config.device.channels_last and self.device.type == "cuda":
             tensor = tensor.contiguous(memory_format=torch.channels_last)
         tile = self.config.tile
-        if tile and (image.width > tile or image.height > tile):
-            return from_tensor(tiled(descriptor, tensor, tile, self.config.tile_overlap))
+        if tile and (size is not None or image.width > tile or image.height > tile):
+            return from_tensor(tiled(descriptor, tensor, tile, self.config.tile_overlap, size))
         return from_tensor(descriptor(tensor))
 
 
-def tiled(model, tensor: torch.Tensor, tile: int, overlap: int) -> torch.Tensor:
-    """Run ``model`` over overlapping tiles and blend them with linear ramps, so seams do not show."""
+def tiled(model, tensor: torch.Tensor, tile: int, overlap: int, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Run ``model`` over overlapping tiles and blend them with linear ramps, so seams do not show. With ``size``
+    (width, height), each tile's output is shrunk to that scale as it is made: the accumulators never hold more."""
     _, channels, height, width = tensor.shape
     scale = model.scale
-    out = torch.zeros((1, channels, height * scale, width * scale), dtype=torch.float32, device=tensor.device)
+    out_w, out_h = size or (width * scale, height * scale)
+    ry, rx = out_h / (height * scale), out_w / (width * scale)
+    out = torch.zeros((1, channels, out_h, out_w), dtype=torch.float32, device=tensor.device)
     weight = torch.zeros_like(out[:, :1])
     step = max(1, tile - overlap)
     ys = list(range(0, max(height - tile, 0) + 1, step))
@@ -177,6 +186,14 @@ def tiled(model, tensor: torch.Tensor, tile: int, overlap: int) -> torch.Tensor:
             ph, pw = result.shape[-2:]
             ramp = _ramp(ph, pw, overlap * scale, result.device)
             oy, ox = y * scale, x * scale
+            if size is not None:  # this tile's place at the smaller scale (the blend absorbs the rounding)
+                y0, y1 = round(oy * ry), min(out_h, max(round((oy + ph) * ry), round(oy * ry) + 1))
+                x0, x1 = round(ox * rx), min(out_w, max(round((ox + pw) * rx), round(ox * rx) + 1))
+                result = torch.nn.functional.interpolate(result, size=(y1 - y0, x1 - x0), mode="bicubic",
+                                                         antialias=True, align_corners=False)
+                ramp = torch.nn.functional.interpolate(ramp, size=(y1 - y0, x1 - x0), mode="bilinear",
+                                                       antialias=True, align_corners=False)
+                oy, ox, ph, pw = y0, x0, y1 - y0, x1 - x0
             out[:, :, oy : oy + ph, ox : ox + pw] += result * ramp
             weight[:, :, oy : oy + ph, ox : ox + pw] += ramp
     return out / weight.clamp_min(1e-8)

@@ -14,7 +14,7 @@ from deployments.support.config import FaceRestorerConfig, FocalCropperConfig, U
 from deployments.support.cropping import CropSize, crop_box, derivatives
 from deployments.support.errors import InvalidInput, ModelLoadError
 from deployments.support.generation import StageResult
-from deployments.support.imaging import decode
+from deployments.support.imaging import decode, from_tensor
 from deployments.upscaler import ImageUpscaler, tiled
 from tests.helpers import pixels
 
@@ -88,6 +88,36 @@ def test_no_model_pass_makes_more_than_the_target_or_the_cap(tiny, astronaut, si
     # The last pass still ends in model detail, not a Lanczos enlargement.
     lanczos = pixels(upscaler.upscale(image, "Lanczos", scale).image)
     assert np.abs(pixels(result.image) - lanczos).mean() > 2.0
+
+
+def test_a_pass_past_the_cap_sees_every_input_pixel_and_shrinks_tile_by_tile(tiny, astronaut):
+    """Tiled, a first pass whose output would pass the cap makes its output at the cap tile by tile: the model
+    sees the whole input (it used to see an input shrunk to fit), no image past the cap is built, and the blend
+    shows no seams (the result is the whole pass, downscaled)."""
+    import torch
+
+    from deployments.support.imaging import to_tensor
+
+    upscaler = ImageUpscaler(UpscalerConfig(models=[{"name": "R-ESRGAN 4x+", "path": str(
+        tiny / "upscalers" / "tiny-esrgan-x4.safetensors")}], max_output_pixels=300 * 300, tile=48, tile_overlap=8))
+    seen, made = [], []
+    run_model = upscaler._run_model
+
+    def counted(descriptor, image, size=None):
+        seen.append(image.size)
+        out = run_model(descriptor, image, size)
+        made.append(out.size)
+        return out
+
+    upscaler._run_model = counted
+    image = astronaut.resize((128, 128))
+    result = upscaler.upscale(image, "R-ESRGAN 4x+", 2).image
+    assert seen == [(128, 128)] and made == [(300, 300)] and result.size == (256, 256)
+    descriptor = upscaler.models["R-ESRGAN 4x+"]
+    with torch.inference_mode():
+        whole = from_tensor(tiled(descriptor, to_tensor(image, "cpu", torch.float32), 48, 8))
+    expected = pixels(whole.resize((300, 300), Image.Resampling.BICUBIC).resize((256, 256), Image.Resampling.LANCZOS))
+    assert np.abs(pixels(result) - expected).mean() < 1.0  # 0.1 levels here
 
 
 def test_tiled_and_untiled_agree(upscaler, astronaut):
