@@ -39,8 +39,10 @@ from deployments.support.generation import (
     GenerationRequest,
     LatentHires,
     LoraRef,
+    Partial,
     ProgressFn,
     StageResult,
+    Stopped,
     check_size,
     encoded,
     mode_of,
@@ -199,12 +201,16 @@ class BaseGenerator:
         # A request's preview is its first image (the items of one request may share the batch).
         previewed = {item.request_id: offset for item, offset in reversed(list(zip(items, offsets, strict=False)))}
 
+        partial = Partial(self.cancellation, items, counts)
+        partial.watch(pipe.scheduler)
+
         def on_step_end(_pipe, step, _timestep, callback_kwargs):
             at = done[0] + step + 1
             cancelled = self.cancellation.advance(items, at, total_steps)
             if all(cancelled):
                 raise GenerationCancelled(f"batch of {len(items)} cancelled at step {at}/{total_steps}")
             latents = callback_kwargs.get("latents")
+            partial.check(latents, at, total_steps, cancelled)
             if latents is not None:
                 for request_id, offset in previewed.items():
                     self.cancellation.keep_latents(request_id, latents[offset])
@@ -255,23 +261,41 @@ class BaseGenerator:
             warnings.append("no IP-Adapter is loaded: the reference image was ignored")
         if request.denoising_end is not None:
             kwargs["denoising_end"] = request.denoising_end
-        with fastpath.attention(self.config.fast):
-            latents = pipe(**kwargs, output_type="latent").images
-            if request.hires is not None:
-                done[0] = request.steps
-                latents = self._hires_pass(pipes, request, request.hires, latents, seeds, kwargs)
-        if request.denoising_end is not None:
-            handed = latents.float().cpu().numpy()
-            return [StageResult(images=[], seeds=s, latents=handed[a:b], warnings=list(warnings))
-                    for s, a, b in zip(seeds, offsets, offsets[1:], strict=False)]
-        images = self.decode(latents, pipes)
-        if mask is not None and init is not None:
-            images = [self._keep_unmasked(init, image, mask) for image in images]
-        return [StageResult(images=images[a:b], seeds=s, warnings=list(warnings))
-                for s, a, b in zip(seeds, offsets, offsets[1:], strict=False)]
+        latents = None
+        try:
+            with fastpath.attention(self.config.fast):
+                latents = pipe(**kwargs, output_type="latent").images
+                if request.hires is not None:
+                    done[0] = request.steps
+                    latents = self._hires_pass(pipes, request, request.hires, latents, seeds, kwargs, partial)
+        except Stopped:  # no item runs on: each is stopped (its result is kept in ``partial``) or cancelled
+            pass
+
+        def finished(images: list[Image.Image]) -> list[Image.Image]:
+            if mask is None or init is None:
+                return images
+            return [self._keep_unmasked(init, image, mask) for image in images]
+
+        results: list[StageResult | BaseException] = []
+        handed: np.ndarray | None = None
+        images: list[Image.Image] | None = None
+        for i, (own, a, b) in enumerate(zip(seeds, offsets, offsets[1:], strict=False)):
+            if i in partial.kept:  # decoded to images even for the refiner: the stages after it hand them on
+                kept, step, total = partial.kept[i]
+                results.append(StageResult(images=finished(self.decode(kept, pipes)), seeds=own,
+                                           warnings=list(warnings), info={"stopped_at": [step, total]}))
+            elif latents is None:
+                results.append(GenerationCancelled(f"request {items[i].request_id} cancelled"))
+            elif request.denoising_end is not None:
+                handed = latents.float().cpu().numpy() if handed is None else handed
+                results.append(StageResult(images=[], seeds=own, latents=handed[a:b], warnings=list(warnings)))
+            else:
+                images = finished(self.decode(latents, pipes)) if images is None else images
+                results.append(StageResult(images=images[a:b], seeds=own, warnings=list(warnings)))
+        return results
 
     def _hires_pass(self, pipes: Pipelines, request: GenerationRequest, hires: LatentHires, latents: torch.Tensor,
-                    seeds: list[list[int]], first: dict) -> torch.Tensor:
+                    seeds: list[list[int]], first: dict, partial: Partial) -> torch.Tensor:
         """A1111's latent hires fix: resize the first pass's latents as the mode says, then denoise them again at
         the hires size with the same checkpoint, prompts and sampler, from the same seeds (A1111 reseeds)."""
         interpolation, antialias = LATENT_UPSCALE_MODES[hires.mode]
@@ -286,6 +310,7 @@ class BaseGenerator:
         flat = [s for group in seeds for s in group]
         pipe.scheduler = build_scheduler(request.sampler or self.config.default_sampler, pipes.scheduler_config,
                                          request.schedule, seeds=flat)  # the first pass warned already
+        partial.watch(pipe.scheduler)
         # A1111 runs exactly the second pass's steps whatever the strength: ask for steps / strength of them.
         asked = img2img_steps(hires.steps, hires.strength, exact=True,
                               limit=pipes.scheduler_config.get("num_train_timesteps", 1000))[0]
@@ -492,6 +517,8 @@ class SDXLBase:
         """``encode``: this is the plan's last stage; answer with files, not pixels. ``init``: an earlier stage's
         result (A1111's pixel hires fix: the upscaler's), whose images this pass takes as img2img inputs, each at
         its own size (rounded down to a multiple of 8) with its own seed; they travel replica to replica."""
+        if init is not None and init.stopped:  # A1111's hires fix after /interrupt or /skip: its first pass alone
+            return await encoded(init, encode)
         checkpoint = request.checkpoint or self.model.catalog.default
         request = request.model_copy(update={"checkpoint": checkpoint})
         request_id = request_id or uuid.uuid4().hex

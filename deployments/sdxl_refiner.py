@@ -12,6 +12,7 @@ import asyncio
 import logging
 import threading
 import uuid
+from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +30,11 @@ from deployments.support.generation import (
     BatchItem,
     Cancellation,
     Encoding,
+    Partial,
     ProgressFn,
     RefineRequest,
     StageResult,
+    Stopped,
     check_size,
     encoded,
     parse_lora_tags,
@@ -128,13 +131,16 @@ class Refiner:
                                              limit=self.scheduler_config.get("num_train_timesteps", 1000))
                 kwargs = dict(image=[x for i in live for x in inputs[i][1]], strength=request.strength,
                               num_inference_steps=steps)
-            images = self._run(batch, seeds, kwargs, total, sampler, schedule, warnings)
-            offsets = [sum(map(len, seeds[:k])) for k in range(len(seeds) + 1)]
+            made, stopped = self._run(batch, seeds, kwargs, total, sampler, schedule, warnings)
             results = []
-            for item, own, a, b in zip(batch, seeds, offsets, offsets[1:], strict=False):
+            for k, (item, own, images) in enumerate(zip(batch, seeds, made, strict=True)):
                 source = item.source
-                result = source.then(images[a:b], warnings=[w for w in warnings if w not in source.warnings],
-                                     refiner=self.config.name, refiner_mode="ensemble" if ensemble else "image")
+                if images is None:
+                    results.append(GenerationCancelled(f"request {item.request_id} cancelled"))
+                    continue
+                result = source.then(images, warnings=[w for w in warnings if w not in source.warnings],
+                                     refiner=self.config.name, refiner_mode="ensemble" if ensemble else "image",
+                                     **({"stopped_at": stopped[k]} if k in stopped else {}))
                 result.seeds = list(own)
                 results.append(result)
         except Exception as e:  # noqa: BLE001 - each item gets the error it would have got alone
@@ -161,24 +167,32 @@ class Refiner:
         return list(seeds), [to_rgb(i) for i in source.images]
 
     def _run(self, items: list[BatchItem], seeds: list[list[int]], kwargs: dict, total: int, sampler: str,
-             schedule: str | None, warnings: list[str]) -> list[Image.Image]:
+             schedule: str | None, warnings: list[str]) -> tuple[list[list[Image.Image] | None], dict[int, list[int]]]:
+        """Each item's images (None: cancelled), and where each item that /interrupt or /skip stopped was then."""
         request: RefineRequest = items[0].request
         flat = [s for group in seeds for s in group]
         counts = [len(s) for s in seeds]
+        offsets = [sum(counts[:k]) for k in range(len(counts) + 1)]
 
         def per_image(values: list) -> list:
             return [value for value, n in zip(values, counts, strict=True) for _ in range(n)]
 
+        partial = Partial(self.cancellation, items, counts)
+
         def on_step_end(_pipe, step, _timestep, callback_kwargs):
-            if all(self.cancellation.advance(items, step + 1, total)):
+            cancelled = self.cancellation.advance(items, step + 1, total)
+            if all(cancelled):
                 raise GenerationCancelled(f"batch of {len(items)} cancelled at step {step + 1}/{total}")
+            partial.check(callback_kwargs.get("latents"), step + 1, total, cancelled)
             return callback_kwargs
 
         prompts = [parse_lora_tags(i.request.prompt)[0] for i in items]  # LoRAs belong to the base model
         with self._lock, self.oom():
             self.pipe.scheduler = build_scheduler(sampler, self.scheduler_config, schedule, seeds=flat,
                                                   warnings=warnings)
-            with fastpath.attention(self.config.fast):
+            partial.watch(self.pipe.scheduler)
+            latents = None
+            with fastpath.attention(self.config.fast), suppress(Stopped):  # Stopped: no item runs on
                 latents = self.pipe(
                     prompt=per_image(prompts),
                     negative_prompt=per_image([i.request.negative_prompt for i in items]) if request.negative_prompt
@@ -188,7 +202,14 @@ class Refiner:
                     generator=[torch.Generator("cpu").manual_seed(s) for s in flat],
                     callback_on_step_end=on_step_end, output_type="latent", **kwargs,
                 ).images
-            return fastpath.decode(self.pipe, latents)
+            images = fastpath.decode(self.pipe, latents) if latents is not None else None
+            made: list[list[Image.Image] | None] = []
+            for k, (a, b) in enumerate(zip(offsets, offsets[1:], strict=False)):
+                if k in partial.kept:
+                    made.append(fastpath.decode(self.pipe, partial.kept[k][0]))
+                else:
+                    made.append(images[a:b] if images is not None else None)
+            return made, {k: [step, steps] for k, (_, step, steps) in partial.kept.items()}
 
     def describe(self) -> dict:
         return {"name": self.config.name, "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
@@ -259,6 +280,8 @@ class SDXLRefiner:
         return await encoded(await self._submit(request, source, request_id, ensemble=False), encode)
 
     async def _submit(self, request: RefineRequest, source, request_id: str | None, *, ensemble: bool) -> StageResult:
+        if isinstance(source, StageResult) and source.stopped:  # /interrupt or /skip ended the base early
+            return source
         count = len(getattr(source, "seeds", None) or StageResult.of(source).images or [None])
         item = BatchItem(request, request_id or uuid.uuid4().hex, count, source=source)
         self.reporter.start()

@@ -224,6 +224,8 @@ class Upscaler:
                       box: tuple[int, int, int, int] | None = None) -> StageResult:
         """``source``: the previous stage's result, or an image; ``encode``: answer with files, not pixels; ``box``:
         upscale only that region of each image (a focal crop of a base that travels here whole)."""
+        if isinstance(source, StageResult) and source.stopped:  # A1111 skips the hires fix after /interrupt
+            return await encoded(source, encode)
         with self.metrics.track():
             result = await self.thread.run(self.model.upscale, source, upscaler, scale, width, height, box)
         self.metrics.produced(len(result.images))

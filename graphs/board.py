@@ -40,11 +40,13 @@ class Board:
         self.previews: dict[str, Image.Image] = {}
         self.wanted: dict[str, float] = {}
         self.cancelled: dict[str, float] = {}
+        self.stopped: dict[str, float] = {}
         self.holdings: dict[str, tuple[dict, float]] = {}
 
     def report(self, stage: str, progress: dict[str, tuple[int, int]], finished: list[str],
                previews: dict[str, Image.Image] | None = None) -> dict[str, list[str]]:
-        """A model replica's report; answers which of its requests are cancelled and which want a preview."""
+        """A model replica's report; answers which of its requests are cancelled, which are to stop with what
+        they have made, and which want a preview."""
         now = self.clock()
         for request_id, (step, total) in progress.items():
             self.steps[request_id] = Step(stage, step, total, now)
@@ -54,6 +56,7 @@ class Board:
             self.previews.pop(request_id, None)
         self._expire(now)
         return {"cancel": [r for r in progress if r in self.cancelled],
+                "stop": [r for r in progress if r in self.stopped and r not in self.cancelled],
                 "preview": [r for r in progress if r in self.wanted]}
 
     def progress(self, request_id: str) -> tuple[int, int] | None:
@@ -69,6 +72,11 @@ class Board:
         """Flag a request; its replica learns of it with its next report (or, not yet started, when it starts)."""
         self.cancelled[request_id] = self.clock()
 
+    def stop(self, request_id: str) -> None:
+        """A1111's /interrupt and /skip: the request ends after its replica's next step, answering with the images
+        as they stand then."""
+        self.stopped[request_id] = self.clock()
+
     def hold(self, replica: str, holdings: dict) -> None:
         """A base replica's checkpoints: ``held`` (most recently used last), ``loads`` per checkpoint, ..."""
         self.holdings[replica] = (holdings, self.clock())
@@ -81,7 +89,7 @@ class Board:
         return {replica: holdings for replica, (holdings, _) in self.holdings.items()}
 
     def _expire(self, now: float) -> None:
-        for table in (self.wanted, self.cancelled):
+        for table in (self.wanted, self.cancelled, self.stopped):
             for request_id in [r for r, at in table.items() if now - at > TTL_S]:
                 del table[request_id]
         for request_id in [r for r, s in self.steps.items() if now - s.at > TTL_S]:

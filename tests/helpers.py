@@ -76,12 +76,15 @@ def error(response, status: int, code: str, field: str | None = None) -> dict:
     return body
 
 
-def interrupted(response, images: int = 0) -> dict:
-    """An A1111 generation stopped by /interrupt: 200, as in A1111, with the images its finished batches made."""
+def interrupted(response, images: int = 1) -> dict:
+    """An A1111 generation stopped by /interrupt mid-way: 200, as in A1111, with the images its finished batches
+    made and those of the batch stopped, as they stood (one, for a lone batch of one)."""
     assert response.status_code == 200, response.text
     body = response.json()
     info = json.loads(body["info"])
     assert info["interrupted"] is True and len(body["images"]) == images == len(info["all_seeds"])
+    for image in body["images"]:
+        assert decode_b64(image).size == (info["width"], info["height"])
     return info
 
 

@@ -13,7 +13,7 @@ from deployments.sdxl_base import batch_key
 from deployments.support.batching import Batcher
 from deployments.support.config import Batching
 from deployments.support.errors import GenerationCancelled, InvalidInput
-from deployments.support.generation import BatchItem, GenerationRequest, StageResult
+from deployments.support.generation import BatchItem, GenerationRequest, LatentHires, StageResult
 from tests.helpers import pixels
 
 SMALL = dict(prompt="a photo of a cat", width=128, height=128, steps=4, guidance_scale=5.0)
@@ -105,6 +105,40 @@ def test_a_cancelled_item_leaves_its_batch_mates_untouched(base):
                      or base.cancellation.cancel("doomed"))
     assert isinstance(base.generate_batch([lone])[0], GenerationCancelled)
     assert steps == [1]
+
+
+def test_a_stopped_item_answers_with_its_image_as_it_stood_and_its_mate_runs_on(base):
+    """A1111's /interrupt and /skip: the item stopped hands back its image at that step, not nothing, and not
+    its finished image; its batch mate is untouched. With every item stopped, the loop ends at once."""
+    steps = []
+
+    def stop_mate(step, _total):
+        steps.append(step)
+        if step == 2:
+            base.cancellation.stop("stopped")
+
+    keep = BatchItem(request(seed=41, steps=6), "keep", on_progress=stop_mate)
+    stopped = BatchItem(request(seed=42, steps=6), "stopped")
+    kept, partial = base.generate_batch([keep, stopped])
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert mad(kept.image, base.generate(keep.request).image) < 1.0
+    assert isinstance(partial, StageResult) and partial.stopped and partial.info["stopped_at"] == [2, 6]
+    assert partial.seeds == [42] and partial.image.size == (128, 128)
+    whole = base.generate(stopped.request).image
+    assert mad(partial.image, whole) > 1.0  # four steps short of it
+    steps.clear()
+    lone = BatchItem(request(seed=42, steps=6), "alone", on_progress=lambda s, _t: steps.append(s)
+                     or base.cancellation.stop("alone"))
+    (alone,) = base.generate_batch([lone])
+    assert steps == [1] and alone.info["stopped_at"] == [1, 6] and alone.image.size == (128, 128)
+    # A hires pass stopped in its first pass answers at the first pass's size; a stopped base hands the refiner
+    # images (it passes them on).
+    hires = request(seed=43, steps=4, hires=LatentHires(width=192, height=192, strength=0.5, steps=2))
+    first = base.generate_batch([BatchItem(hires, "h", on_progress=lambda s, _t: base.cancellation.stop("h"))])[0]
+    assert first.info["stopped_at"] == [1, 6] and first.image.size == (128, 128)
+    ensemble = request(seed=44, denoising_end=0.8)
+    handed = base.generate_batch([BatchItem(ensemble, "e", on_progress=lambda s, _t: base.cancellation.stop("e"))])
+    assert handed[0].latents is None and handed[0].image.size == (128, 128) and handed[0].stopped
 
 
 def test_a_pass_over_an_earlier_stages_images_keeps_each_images_seed_and_size(base, astronaut):

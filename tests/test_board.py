@@ -21,16 +21,21 @@ class Clock:
 def test_progress_cancel_and_preview_requests_flow_through_reports():
     clock = Clock()
     board = Board(clock)
-    assert board.report("sdxl_base", {"a": (3, 10), "b": (1, 10)}, []) == {"cancel": [], "preview": []}
+    assert board.report("sdxl_base", {"a": (3, 10), "b": (1, 10)}, []) == {"cancel": [], "stop": [], "preview": []}
     assert board.progress("a") == (3, 10) and board.progress("nobody") is None
     board.cancel("b")
     assert board.preview("a") is None  # nothing yet; asking makes the replica send one
-    assert board.report("sdxl_base", {"a": (4, 10), "b": (2, 10)}, []) == {"cancel": ["b"], "preview": ["a"]}
+    assert board.report("sdxl_base", {"a": (4, 10), "b": (2, 10)}, []) == {"cancel": ["b"], "stop": [],
+                                                                            "preview": ["a"]}
+    board.stop("a")
+    board.stop("b")  # a cancel wins over a stop
+    assert board.report("sdxl_base", {"a": (5, 10), "b": (3, 10)}, []) == {"cancel": ["b"], "stop": ["a"],
+                                                                            "preview": ["a"]}
     board.report("sdxl_base", {}, ["a", "b"])
     assert board.progress("a") is None  # finished: gone
     clock.now = TTL_S + 1
     board.report("sdxl_refiner", {"c": (1, 2)}, [])
-    assert not board.cancelled and not board.wanted  # old flags expire
+    assert not board.cancelled and not board.wanted and not board.stopped  # old flags expire
 
 
 def test_base_replicas_say_which_checkpoints_they_hold_until_they_fall_silent():
@@ -71,8 +76,10 @@ async def test_a_replica_learns_of_a_cancel_and_sends_a_preview_only_when_asked(
     assert board.progress("x") == (2, 8) and board.previews == {}
     board.preview("x")
     board.cancel("y")
-    await reporter.report()  # learns that x is watched and y cancelled
+    board.stop("x")
+    await reporter.report()  # learns that x is watched and stopped, and y cancelled
     assert cancellation.advance(items, 3, 8) == [False, True]  # y's denoising loop sees its flag
+    assert cancellation.stops(items) == [True, False]  # and x's, which ends it with what it has made
     assert "x" not in board.previews
     await reporter.report()  # sends x's preview, and only x's
     assert board.previews["x"].size == (8, 8) and list(board.previews) == ["x"]

@@ -305,8 +305,8 @@ def test_a1111_interrupt_stops_only_the_callers_request(service):
 
 
 def test_a1111_skip_drops_the_current_batch_and_runs_the_next(service):
-    """As A1111: /skip stops the batch being made and goes on with the next of ``n_iter``; the answer holds the
-    images the request did make, and is not cached as if whole."""
+    """As A1111: /skip stops the batch being made, which answers with its image as it stood, and goes on with the
+    next of ``n_iter``; the answer is not cached as if whole."""
     import concurrent.futures
 
     body = {"prompt": "skip", "width": 256, "height": 256, "steps": 60, "seed": 40, "n_iter": 2}
@@ -324,7 +324,10 @@ def test_a1111_skip_drops_the_current_batch_and_runs_the_next(service):
     answer = response.json()
     info = json.loads(answer["info"])
     assert info["skipped"] is True and "interrupted" not in info
-    assert len(answer["images"]) == 1 and info["all_seeds"] == [41]  # the second batch's seed alone
+    assert len(answer["images"]) == 2 and info["all_seeds"] == [40, 41]
+    whole = service.post("/sdapi/v1/txt2img", json={**body, "n_iter": 1}).json()["images"][0]
+    stopped, finished = (pixels(decode_b64(image)) for image in (answer["images"][0], whole))
+    assert stopped.shape == finished.shape == (256, 256, 3) and np.abs(stopped - finished).mean() > 1.0
 
 
 # --- operations: metrics and autoscaling --------------------------------------------------------------------

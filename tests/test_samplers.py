@@ -10,8 +10,8 @@ import pytest
 from pydantic import TypeAdapter, ValidationError
 
 from deployments.support.errors import InvalidInput
-from deployments.support.generation import GenerationRequest, LatentHires, RefineRequest
-from deployments.support.samplers import MIN_STRENGTH, build_scheduler, img2img_steps
+from deployments.support.generation import GenerationRequest, LatentHires, RefineRequest, clean_estimate
+from deployments.support.samplers import MIN_STRENGTH, SAMPLERS, build_scheduler, img2img_steps
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +143,21 @@ def test_the_api_bounds_the_strength():
 
 def test_a_hires_pass_that_would_outrun_the_schedule_runs_what_fits():
     assert img2img_steps(20, 0.01, exact=True) == (1000, 10)  # 2000 asked would repeat or refuse timesteps
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_a_stopped_request_decodes_each_samplers_estimate_of_the_clean_latents(config, name):
+    """What A1111's /interrupt hands back (``Partial``): the sampler's clean estimate, which equals the clean
+    latents when the model predicts the noise exactly; the two samplers that make none fall back to the latents."""
+    import torch
+
+    scheduler = build_scheduler(name, config, seeds=[1])
+    scheduler.set_timesteps(10)
+    clean, noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.randn(1, 4, 8, 8)
+    t = scheduler.timesteps[0]
+    noisy = scheduler.add_noise(clean, noise, t.reshape(1))
+    estimate = clean_estimate(scheduler, scheduler.step(noise, t, noisy, return_dict=False))
+    if name in ("PLMS", "PNDM", "DEIS"):
+        assert estimate is None
+    else:  # LCM's boundary scalings leave a trace of the noisy input at the first step
+        assert float((estimate - clean).abs().mean()) < (0.05 if name == "LCM" else 1e-3), name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import re
 import threading
@@ -176,6 +177,12 @@ class StageResult:
                        info={**self.info, "overlay": True})
 
     @property
+    def stopped(self) -> bool:
+        """Whether A1111's /interrupt or /skip ended a diffusion stage early: its images are what that stage had
+        made by then, and the diffusion stages after it hand them on untouched (A1111 skips its hires pass)."""
+        return "stopped_at" in self.info
+
+    @property
     def image(self) -> Image.Image:
         if not self.images:
             raise InvalidInput("the previous stage produced no image", field="image")
@@ -190,9 +197,11 @@ class StageResult:
         """One result of the passes that each started from one of this result's images: their images and seeds in
         order, every warning of this result and theirs once, and what each stage ran (theirs over this one's)."""
         warnings = [w for part in [self, *parts] for w in part.warnings]
+        stopped = [part.info["stopped_at"] for part in parts if part.stopped]
         return StageResult(images=[image for part in parts for image in part.images],
                            seeds=[seed for part in parts for seed in part.seeds],
-                           warnings=list(dict.fromkeys(warnings)), info={**self.info, **parts[0].info})
+                           warnings=list(dict.fromkeys(warnings)),
+                           info={**self.info, **parts[0].info, **({"stopped_at": stopped[0]} if stopped else {})})
 
     @classmethod
     def of(cls, source: StageResult | Image.Image) -> StageResult:
@@ -260,6 +269,7 @@ class Cancellation:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._cancelled: dict[str, float] = {}  # request id -> when the cancel arrived
+        self._stopped: dict[str, float] = {}  # request id -> when A1111's /interrupt or /skip asked it to stop
         self._progress: dict[str, tuple[int, int]] = {}
         self._latents: dict[str, Any] = {}  # numpy arrays or torch tensors (this module never imports torch)
         self._finished: list[str] = []
@@ -292,6 +302,19 @@ class Cancellation:
         if waiting is not None:
             loop, event = waiting
             loop.call_soon_threadsafe(event.set)
+
+    def stop(self, request_id: str) -> None:
+        """Flag a request to end early with what it has made so far (A1111's /interrupt and /skip): unlike a
+        cancel, its caller waits for that result (``Partial``)."""
+        now = time.monotonic()
+        with self._lock:
+            for stale in [r for r, at in self._stopped.items() if now - at > CANCEL_TTL_S]:
+                del self._stopped[stale]
+            self._stopped[request_id] = now
+
+    def stops(self, items: list[BatchItem]) -> list[bool]:
+        with self._lock:
+            return [item.request_id in self._stopped for item in items]
 
     async def guard(self, request_id: str, work: Awaitable[Any]) -> Any:
         """``work``'s result, or ``GenerationCancelled`` as soon as the request is cancelled (by the progress
@@ -371,6 +394,7 @@ class Cancellation:
         if request_id is not None:
             with self._lock:
                 self._cancelled.pop(request_id, None)
+                self._stopped.pop(request_id, None)
                 if self._progress.pop(request_id, None) is not None:
                     self._finished.append(request_id)
                 self._latents.pop(request_id, None)
@@ -385,6 +409,63 @@ class Cancellation:
         """Requests ``drain`` gave out as finished whose report did not get through."""
         with self._lock:
             self._finished[:0] = finished
+
+
+class Stopped(Exception):
+    """Every item of a batch was stopped or cancelled: its denoising loop ends at this step."""
+
+
+class Partial:
+    """The items of one batch that A1111's /interrupt or /skip stopped. As in A1111, each hands back the
+    sampler's estimate of its clean latents at the step it was stopped (decoded, that is a soft, finished-looking
+    image, where the noisy latents would decode to noise). Its batch mates run on; when none is left running,
+    the loop ends (``Stopped``)."""
+
+    def __init__(self, cancellation: Cancellation, items: list[BatchItem], counts: list[int]) -> None:
+        self.cancellation, self.items = cancellation, items
+        self.offsets = [sum(counts[:i]) for i in range(len(counts) + 1)]
+        self.kept: dict[int, tuple[Any, int, int]] = {}  # item index -> its latents, the step and the total
+        self._estimate: Any = None
+
+    def watch(self, scheduler) -> None:
+        """Keep the scheduler's estimate of the clean latents from each of its steps."""
+        step = scheduler.step
+
+        @functools.wraps(step)  # the pipeline reads its signature to pass ``generator`` and ``eta``
+        def recorded(*args, **kwargs):
+            out = step(*args, **kwargs)
+            self._estimate = clean_estimate(scheduler, out)
+            return out
+
+        scheduler.step = recorded
+
+    def check(self, latents: Any, step: int, total: int, cancelled: list[bool]) -> None:
+        """After a step: keep what each item stopped since makes; ``Stopped`` when no item runs on."""
+        estimate = self._estimate if self._estimate is not None else latents
+        for i, stopped in enumerate(self.cancellation.stops(self.items)):
+            if stopped and not cancelled[i] and i not in self.kept and estimate is not None:
+                self.kept[i] = (estimate[self.offsets[i]:self.offsets[i + 1]].clone(), step, total)
+        if all(gone or i in self.kept for i, gone in enumerate(cancelled)):
+            raise Stopped(f"batch of {len(self.items)} stopped at step {step}/{total}")
+
+
+def clean_estimate(scheduler, out) -> Any:
+    """A scheduler step's estimate of the clean latents, where it makes one: the second value of the k-diffusion
+    style steps (Euler, Heun, LMS, DPM2, DPM++ SDE, DDIM, LCM), or a DPM-Solver++ / UniPC step's latest model
+    output, which those keep in that form. None for the rest (PNDM, DEIS): the current latents stand in."""
+    if isinstance(out, tuple):
+        if len(out) > 1 and out[1] is not None:
+            return out[1]
+    else:
+        for name in ("pred_original_sample", "denoised"):
+            if getattr(out, name, None) is not None:
+                return getattr(out, name)
+    outputs = getattr(scheduler, "model_outputs", None)
+    config = scheduler.config
+    if outputs and outputs[-1] is not None and (config.get("algorithm_type") in ("dpmsolver++", "sde-dpmsolver++")
+                                                or config.get("predict_x0") is True):
+        return outputs[-1]
+    return None
 
 
 # SDXL latent channels -> RGB, a linear fit used for live previews (no VAE decode needed).

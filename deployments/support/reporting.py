@@ -1,8 +1,9 @@
 """A diffusion replica's reports to the progress board (``graphs/board.py``).
 
 A few times a second, while it runs requests, the replica sends their step counts (and a latent preview for the
-ones someone asked to see) and gets back the ones cancelled meanwhile, which it flags for its denoising loop. So
-progress, previews and cancels reach the replica that runs a request, whichever ingress replica was asked.
+ones someone asked to see) and gets back the ones cancelled meanwhile, or stopped by A1111's /interrupt and /skip,
+which it flags for its denoising loop. So progress, previews and cancels reach the replica that runs a request,
+whichever ingress replica was asked.
 """
 
 from __future__ import annotations
@@ -54,4 +55,6 @@ class Reporter:
             raise
         for request_id in reply["cancel"]:
             self.cancellation.cancel(request_id)
+        for request_id in reply.get("stop", ()):
+            self.cancellation.stop(request_id)
         self._wanted = set(reply["preview"])

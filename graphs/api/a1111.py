@@ -216,6 +216,7 @@ class A1111Routes(CheckpointChoice):
                     several = None
                     if inits and len(inits) > 1:
                         several = StageResult(images=[inits[i % len(inits)] for i in range(r.batch_size)], seeds=own)
+                    result: StageResult | None
                     try:
                         result = await plans.a1111_batch(self.handles, request, request_id, refiner_switch_at=switch,
                                                          hires=hires, restore_faces=r.restore_faces, encode=how,
@@ -223,21 +224,22 @@ class A1111Routes(CheckpointChoice):
                     except Exception as e:
                         if not isinstance(unwrap(e), GenerationCancelled):
                             raise
-                        # /interrupt or /skip (a deadline or a disconnect cancels the flight instead): as A1111,
-                        # the client gets what is finished; after a skip, the next batch runs.
+                        result = None  # stopped before it made anything
+                    if result is not None:
+                        files += result.encoded
+                        seeds += result.seeds
+                        warnings += result.warnings
+                        nsfw += result.info.get("nsfw") or []
+                        size = result.sizes[0]
+                        sampler = result.info.get("sampler", sampler)  # as the base reports it
+                    seed = own[-1] + 1
+                    if result is None or result.stopped:
+                        # /interrupt or /skip (a deadline or a disconnect cancels the flight instead): as in A1111,
+                        # the batch stopped answers with its images as they stood; after a skip the next one runs.
                         if await self._interrupted(job):
                             stopped = "interrupted"
                             break
                         stopped = stopped or "skipped"
-                        seed = own[-1] + 1
-                        continue
-                    files += result.encoded
-                    seeds += result.seeds
-                    warnings += result.warnings
-                    nsfw += result.info.get("nsfw") or []
-                    size = result.sizes[0]
-                    sampler = result.info.get("sampler", sampler)  # as the base reports it
-                    seed = own[-1] + 1
         finally:
             await asyncio.to_thread(self.jobs.untrack, job.client, job.id)
             await asyncio.to_thread(self.jobs.untrack, _interrupts(job.client), f"{job.id}:interrupt")
@@ -329,12 +331,6 @@ class A1111Routes(CheckpointChoice):
             return None
         return await call(getattr(self.handles.board, method).remote(request_id))
 
-    async def _cancel(self, job: InFlight) -> None:
-        """Whichever ingress replica runs the request, the replica running its current stage learns of the
-        cancel at its next report, and stops one denoising step later."""
-        for request_id in job.request_ids:
-            await self._board("cancel", request_id)
-
     async def _interrupted(self, job: InFlight) -> bool:
         """Whether /interrupt (on any ingress replica) stopped ``job``: its mark, kept apart from the flight's
         record, which only the ingress running it writes."""
@@ -343,20 +339,23 @@ class A1111Routes(CheckpointChoice):
 
     @router.post("/interrupt", response_model=Empty)
     async def interrupt(self, http: Request) -> dict:
-        """Stop the calling client's generation between two denoising steps; it answers with the images its
-        finished batches made (as A1111 does), and runs no further batch."""
+        """Stop the calling client's generation after its current denoising step; as in A1111, it answers with
+        the images of its finished batches and those of the batch stopped as they stood, and runs no further
+        batch."""
         client = _client(http)
         for job in await self._flights(client):
             # Marked before the cancel: the ingress running it reads the mark when its batch stops.
             await asyncio.to_thread(self.jobs.track, f"{job.id}:interrupt", _interrupts(client),
                                     {"id": job.id, "started": 0}, FLIGHT_TTL_S)
-            await self._cancel(job)
+            for request_id in job.request_ids:
+                await self._board("stop", request_id)
         return {}
 
     @router.post("/skip", response_model=Empty)
     async def skip(self, http: Request) -> dict:
-        """Stop the calling client's current batch; its next batch (of ``n_iter``) runs."""
+        """Stop the calling client's current batch after its current step (its images as they stood are kept);
+        its next batch (of ``n_iter``) runs."""
         for job in await self._flights(_client(http)):
             if job.request_ids:
-                await self._board("cancel", job.request_ids[-1])
+                await self._board("stop", job.request_ids[-1])
         return {}
