@@ -57,9 +57,11 @@ class GpuSampler(threading.Thread):
                 except ValueError:  # "[N/A]" where the driver cannot see per-process use (a container)
                     continue
                 self.peak_mib[pid] = max(self.peak_mib.get(pid, 0), mib)
-                if pid not in self.names:
-                    title = subprocess.run(["ps", "-p", str(pid), "-o", "args="], capture_output=True, text=True)
-                    self.names[pid] = title.stdout.strip()
+                if pid not in self.names:  # from /proc: a slim image may lack ``ps``
+                    try:
+                        self.names[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+                    except OSError:  # gone already, or another PID namespace's
+                        self.names[pid] = ""
 
     def by_deployment(self) -> dict[str, float]:
         peaks: dict[str, float] = {}
@@ -100,6 +102,13 @@ def app_args(models: Path, fast: dict | None) -> tuple[dict, dict]:
     if "safety_checker" not in args:
         options.pop("SafetyChecker", None)
     return args, options
+
+
+def fixtures(args: dict) -> list[str]:
+    """Every weights path the app's args name."""
+    return [args["base"]["model"]["source"], args["refiner"]["model"]["source"],
+            *(m["path"] for m in args["upscaler"]["models"]), args["face_restorer"]["model"],
+            args["face_restorer"]["retinaface"]]
 
 
 def deploy(args: dict, options: dict) -> float:
@@ -174,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per poll would bury the rows
+    missing = [path for path in fixtures(app_args(args.models, None)[0]) if not Path(path).exists()]
+    if missing:  # a machine given back between two calls keeps nothing: say so now, not after the 10 minutes
+        logger.error("fixtures missing under %s (a fresh machine? run the stages phase first): %s", args.models,
+                     ", ".join(missing))
+        return 3
     import ray
     from ray import serve
 
@@ -228,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
             measured("cold start to first image, saved compile cache", cold)
         else:
             measured(f"cold start to first image, the compile cache there ({cached} files)", cold)
+        up = "error" not in rows[-1]
+        if not up:  # every later row would wait out its timeout on a service that is not there
+            deadline = float("-inf")
 
         def timed(payload: dict, runs: int) -> dict:
             times = latencies(client, payload, runs)
@@ -253,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
 
         measured("4-size batch job (3 SDXL bases + crops)", batches)
         try:  # each replica's own PyTorch peak, which needs no per-process figures from nvidia-smi
-            described = client.get("/models").json()
+            if not up:
+                raise httpx.TransportError("the service never came up")
+            described = client.get("/models", timeout=60).json()
             refiner = next((m for m in described["models"] if m["type"] == "refiner"), {})
             report["torch_memory"] = {name: {k: v for k, v in part.items() if k.startswith("gpu_memory")}
                                       for name, part in (("SDXLBase", described["base"]), ("SDXLRefiner", refiner),

@@ -52,3 +52,13 @@ def test_the_device_check_of_attention_runs_here():
     from tests import device_check
 
     assert device_check.check_attention().endswith("float32 on cpu")
+
+
+def test_the_serve_phase_stops_at_once_where_the_fixtures_are_gone(tmp_path, caplog):
+    """A machine given back between two calls keeps nothing: the Serve benchmark says so before it starts Ray,
+    instead of spending the call waiting on replicas that cannot load."""
+    from tests import bench_gpu_serve
+
+    assert bench_gpu_serve.main(["--models", str(tmp_path), "--out", str(tmp_path / "out.json")]) == 3
+    assert "fixtures missing" in caplog.text and str(tmp_path / "sdxl-base") in caplog.text
+    assert not (tmp_path / "out.json").exists()
