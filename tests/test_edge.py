@@ -23,7 +23,7 @@ pytestmark = pytest.mark.anyio
 def make_client(monkeypatch, tmp_path):
     clients = []
 
-    def build(**env) -> httpx.AsyncClient:
+    def build(peer: str = "127.0.0.1", **env) -> httpx.AsyncClient:
         monkeypatch.setenv("JOBS_DATA_DIR", str(tmp_path))  # the rate-limit buckets live there
         for key, value in env.items():
             monkeypatch.setenv(key, value)
@@ -50,7 +50,8 @@ def make_client(monkeypatch, tmp_path):
                 await asyncio.sleep(30)
 
         app.include_router(router)
-        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=(peer, 40000)),
+                                   base_url="http://test")
         clients.append(client)
         return client
 
@@ -109,6 +110,43 @@ async def test_every_spelling_of_the_token_is_one_owner(header):
     assert http.token_owner(header) == hashlib.sha256(b"Bearer secret").hexdigest()[:16]
     assert http.token_owner(header) != http.token_owner("Bearer other")
     assert http.token_owner(None) is None and http.token_owner("") is None
+
+
+async def remaining(client: httpx.AsyncClient, forwarded: str) -> int:
+    """What is left of the read budget that a request forwarded for ``forwarded`` spent."""
+    response = await client.post("/echo", json={}, headers={"X-Forwarded-For": forwarded})
+    return int(response.headers["ratelimit-remaining"])
+
+
+async def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_budget(make_client):
+    """The load balancer is every request's peer: its X-Forwarded-For names the client, hops of our own proxies
+    skipped, and what a client wrote left of the hop the balancer appended proves nothing."""
+    client = make_client(peer="10.1.2.3", TRUSTED_PROXIES="10.0.0.0/8, 2001:db8::/32", RATE_LIMIT_READ_BURST="9")
+    assert [await remaining(client, "203.0.113.7"), await remaining(client, "198.51.100.9")] == [8, 8]
+    assert await remaining(client, "198.51.100.1, 203.0.113.7") == 7  # a client's own claim is left of its hop
+    assert await remaining(client, "203.0.113.7, 10.9.9.9") == 6  # an ingress controller behind the balancer
+    assert await remaining(client, "203.0.113.7:5123") == 5  # a balancer that adds the port (Azure's)
+    assert await remaining(client, "10.9.9.9") == 8  # only proxies of ours: the peer itself
+
+
+async def test_an_untrusted_peer_cannot_buy_budgets_with_x_forwarded_for(make_client):
+    client = make_client(peer="192.0.2.1", TRUSTED_PROXIES="10.0.0.0/8", RATE_LIMIT_READ_BURST="9")
+    assert [await remaining(client, f"203.0.113.{n}") for n in range(3)] == [8, 7, 6]
+    assert await remaining(client, "10.9.9.9") == 5
+
+
+@pytest.mark.parametrize(("peer", "forwarded", "address"), [
+    ("10.0.0.1", [b"203.0.113.7"], "203.0.113.7"),
+    ("10.0.0.1", [b"198.51.100.1", b"203.0.113.7, 10.0.0.2"], "203.0.113.7"),  # two headers are one list
+    ("10.0.0.1", [b"[2001:db8::7]:443"], "2001:db8::7"),
+    ("10.0.0.1", [b"unknown"], "10.0.0.1"),
+    ("10.0.0.1", [], "10.0.0.1"),
+    ("192.0.2.1", [b"203.0.113.7"], "192.0.2.1"),
+])
+def test_the_client_address_a_trusted_proxy_forwards(peer, forwarded, address):
+    scope = {"client": (peer, 1), "headers": [(b"x-forwarded-for", value) for value in forwarded]}
+    assert http.client_address(scope, settings.Settings(trusted_proxies="10.0.0.0/8")) == address
+    assert http.client_address(scope, settings.Settings()) == peer  # trusted by no one: the peer
 
 
 async def test_body_limit_declared_and_streamed(make_client):

@@ -31,6 +31,7 @@ from PIL import Image
 from deployments.support.errors import GenerationCancelled, InvalidInput, UnknownModel
 from deployments.support.generation import Encoding, GenerationRequest, StageResult, resolve_seeds
 from deployments.support.samplers import SCHEDULES, resolve
+from deployments.support.settings import current
 from graphs import flights, plans
 from graphs.api.a1111_infotext import infotext
 from graphs.api.a1111_models import (
@@ -44,7 +45,7 @@ from graphs.api.a1111_models import (
 from graphs.api.a1111_sizes import crop_box, edit_inputs, hires_size
 from graphs.api.body import JSONBodyRoute, blobs, json_answer
 from graphs.api.checkpoints import CheckpointChoice
-from graphs.api.edge import token_owner
+from graphs.api.edge import client_address, token_owner
 from graphs.api.errors import call, unwrap
 from graphs.api.fields import b64_png, image_bytes
 from graphs.jobs.cache import RequestCache
@@ -84,9 +85,9 @@ def images_answer(files: list[bytes], parameters: dict, info: dict) -> Response:
 
 def _client(request: Request) -> str:
     """Whose requests these are, as the job store keeps them: a token's owner name (never the token itself), else
-    the peer address."""
+    the client's address (behind a trusted proxy, the one it forwarded)."""
     owner = token_owner(request.headers.get("authorization"))
-    return f"token:{owner}" if owner else f"addr:{request.client.host if request.client else '?'}"
+    return f"token:{owner}" if owner else f"addr:{client_address(request.scope, current())}"
 
 
 def _interrupts(client: str) -> str:

@@ -9,6 +9,7 @@ import base64
 import hashlib
 import hmac
 import logging
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -168,14 +169,48 @@ class RateLimit:
 
 
 def client_key(scope: Scope, settings: Settings) -> str:
-    """Who spends a budget: with auth on, the bearer token's owner name; else (or without a header) the peer
+    """Who spends a budget: with auth on, the bearer token's owner name; else (or without a header) the client's
     address. With auth off a header proves nothing, so it cannot buy a fresh budget either."""
     if settings.auth_enabled:
         owner = token_owner(dict(scope.get("headers", [])).get(b"authorization", b"").decode("latin-1") or None)
         if owner is not None:
             return f"token:{owner}"
+    return f"addr:{client_address(scope, settings)}"
+
+
+def client_address(scope: Scope, settings: Settings) -> str:
+    """The peer's address, unless the peer is one of ``TRUSTED_PROXIES``: then the right-most X-Forwarded-For hop
+    that is not (a load balancer appends the address it saw; what a client wrote further left proves nothing).
+    Behind a load balancer every peer is the balancer, so without this every user would be one client."""
     client = scope.get("client")
-    return f"addr:{client[0] if client else 'unknown'}"
+    peer = client[0] if client else "unknown"
+    trusted = settings.trusted_networks
+    if not trusted or not _within(peer, trusted):
+        return peer
+    forwarded = [hop.strip() for name, value in scope.get("headers", []) if name == b"x-forwarded-for"
+                 for hop in value.decode("latin-1").split(",")]
+    for hop in reversed(forwarded):
+        if not _within(hop, trusted):
+            address = _address(hop)
+            return str(address) if address is not None else peer  # not an address: it names no one
+    return peer  # every hop a proxy of ours (or no header): the request started inside
+
+
+def _address(text: str) -> IPv4Address | IPv6Address | None:
+    """An address as proxies write it: bare, or with a port (``1.2.3.4:5678``, ``[2001:db8::1]:5678``)."""
+    if text.startswith("["):
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]
+    try:
+        return ip_address(text)
+    except ValueError:
+        return None
+
+
+def _within(text: str, networks: tuple[IPv4Network | IPv6Network, ...]) -> bool:
+    address = _address(text)
+    return address is not None and any(address in network for network in networks)
 
 
 def create_app() -> FastAPI:
