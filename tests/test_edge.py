@@ -121,7 +121,8 @@ async def remaining(client: httpx.AsyncClient, forwarded: str) -> int:
 async def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_budget(make_client):
     """The load balancer is every request's peer: its X-Forwarded-For names the client, hops of our own proxies
     skipped, and what a client wrote left of the hop the balancer appended proves nothing."""
-    client = make_client(peer="10.1.2.3", TRUSTED_PROXIES="10.0.0.0/8, 2001:db8::/32", RATE_LIMIT_READ_BURST="9")
+    client = make_client(peer="10.1.2.3", TRUSTED_PROXIES="10.0.0.0/8, 2001:db8::/32", RATE_LIMIT_READ_BURST="9",
+                         RATE_LIMIT_READ_PER_SECOND="0.001")
     assert [await remaining(client, "203.0.113.7"), await remaining(client, "198.51.100.9")] == [8, 8]
     assert await remaining(client, "198.51.100.1, 203.0.113.7") == 7  # a client's own claim is left of its hop
     assert await remaining(client, "203.0.113.7, 10.9.9.9") == 6  # an ingress controller behind the balancer
@@ -130,7 +131,8 @@ async def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_budget(m
 
 
 async def test_an_untrusted_peer_cannot_buy_budgets_with_x_forwarded_for(make_client):
-    client = make_client(peer="192.0.2.1", TRUSTED_PROXIES="10.0.0.0/8", RATE_LIMIT_READ_BURST="9")
+    client = make_client(peer="192.0.2.1", TRUSTED_PROXIES="10.0.0.0/8", RATE_LIMIT_READ_BURST="9",
+                         RATE_LIMIT_READ_PER_SECOND="0.001")
     assert [await remaining(client, f"203.0.113.{n}") for n in range(3)] == [8, 7, 6]
     assert await remaining(client, "10.9.9.9") == 5
 
