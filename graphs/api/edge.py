@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import logging
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -19,7 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from deployments.support.errors import Unauthorized
 from deployments.support.settings import Settings, current
 from graphs.api import errors, ratelimit
-from graphs.api.errors import error_response
+from graphs.api.errors import DOCUMENTED, ErrorBody, error_response
 
 logger = logging.getLogger(__name__)
 
@@ -213,8 +214,48 @@ def _within(text: str, networks: tuple[IPv4Network | IPv6Network, ...]) -> bool:
     return address is not None and any(address in network for network in networks)
 
 
+class EdgeApp(FastAPI):
+    """The app whose OpenAPI document tells errors as they are answered (``document_errors``)."""
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None:
+            self.openapi_schema = document_errors(super().openapi(), current())
+        return self.openapi_schema
+
+
+def document_errors(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """Every error in the document is ``ErrorBody`` (FastAPI's own ``HTTPValidationError`` is never sent), and every
+    operation lists the statuses this edge answers for it, on the same rules the middlewares apply: 401 and the
+    bearer scheme where auth is on, 429 where rate limits are, 408 outside the open paths, 413 for a body."""
+    body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+    components = schema.setdefault("components", {})
+    models = components.setdefault("schemas", {})
+    models.setdefault("ErrorBody", ErrorBody.model_json_schema())
+    for name in ("HTTPValidationError", "ValidationError"):
+        models.pop(name, None)
+    if settings.auth_enabled:
+        components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    for path, operations in schema.get("paths", {}).items():
+        guarded = not path.startswith(OPEN_PATHS)
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            for status, response in responses.items():
+                if status >= "4":  # an event stream's errors are JSON too
+                    response["content"] = body
+                    if status == "422":
+                        response["description"] = DOCUMENTED[422]
+            edge = [(guarded and settings.auth_enabled, 401), (guarded, 408),
+                    ("requestBody" in operation, 413), (guarded and settings.rate_limits_enabled, 429)]
+            for status in (status for applies, status in edge if applies):
+                responses.setdefault(str(status), {"description": DOCUMENTED[status], "content": body})
+            if guarded and settings.auth_enabled:
+                operation["security"] = [{"bearer": []}]
+            operation["responses"] = dict(sorted(responses.items()))
+    return schema
+
+
 def create_app() -> FastAPI:
-    app = FastAPI(
+    app = EdgeApp(
         title="imagegen",
         version="0.1.0",
         description="SDXL image generation on Ray Serve. Serves the seed APIs: /generate, /v1/images/*, "
