@@ -8,6 +8,7 @@ through ``serve_config.yaml`` (``deployments.support.config``).
 from __future__ import annotations
 
 import functools
+import re
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Literal
@@ -49,6 +50,11 @@ class Settings(BaseSettings):
     auth_token: str = Field("", repr=False)
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1)
     request_timeout_seconds: float = Field(300.0, gt=0)
+    cors_allow_origins: str = Field("", description=(
+        "comma-separated origins (https://app.example.com, or *) whose pages may call the API from a browser, as "
+        "A1111's --cors-allow-origins; empty: none"))
+    cors_allow_origins_regex: str | None = Field(None, description=(
+        "origins matching this regular expression may too (A1111's --cors-allow-origins-regex)"))
     png_compress_level: int = Field(
         1, ge=0, le=9, description="zlib level of every PNG the service writes: 1 is ~5x faster than 6 for ~15% more "
         "bytes on a photograph (see make bench)")
@@ -145,6 +151,16 @@ class Settings(BaseSettings):
         if self.watermark_enabled and not (self.watermark_luma_scale or self.watermark_chroma_scale):
             raise ValueError("WATERMARK_ENABLED needs WATERMARK_LUMA_SCALE or WATERMARK_CHROMA_SCALE above 0")
         return self
+
+    @field_validator("cors_allow_origins_regex")
+    @classmethod
+    def origins_compile(cls, value: str | None) -> str | None:
+        if value is not None:
+            re.compile(value)  # re.error is a ValueError: refused at start-up
+        return value
+
+    def cors_origins(self) -> list[str]:
+        return [o.strip() for o in self.cors_allow_origins.split(",") if o.strip()]
 
     @field_validator("trusted_proxies")
     @classmethod

@@ -6,6 +6,7 @@ status codes.
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -15,6 +16,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from deployments.support.errors import Unauthorized
@@ -108,6 +110,58 @@ class Deadline:
             response = error_response("REQUEST_TIMEOUT", f"request exceeded its {limit:g} s deadline; its work was "
                                       "cancelled", {"timeout_seconds": limit})
             await response(scope, receive, send)
+
+
+class Head:
+    """HEAD on every GET route, as HTTP has it (uptime checks and load balancers use it): the GET's status and
+    headers, no body. A streamed answer is stopped once its headers are out."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            return await self.app(scope, receive, send)
+        done = False
+
+        async def headers_only(message) -> None:
+            nonlocal done
+            if done:
+                raise _Answered
+            if message["type"] == "http.response.body":
+                done, message = True, {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        async def until_answered():
+            return {"type": "http.disconnect"} if done else await receive()
+
+        with contextlib.suppress(_Answered):
+            await self.app({**scope, "method": "GET"}, until_answered, headers_only)
+
+
+class _Answered(Exception):
+    """A HEAD answer is complete: the GET behind it has nothing more to send."""
+
+
+class Cors:
+    """Pages on the ``CORS_ALLOW_ORIGINS`` origins (or matching ``CORS_ALLOW_ORIGINS_REGEX``) may call the API, as
+    A1111's ``--cors-allow-origins`` allows; off when neither is set. Outermost: a preflight needs no token and
+    spends no budget, and every answer, a 401 or 429 too, carries the headers that let the page read it."""
+
+    EXPOSED = ["Retry-After", "RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset"]
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._inner: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._inner is None:  # built in the serving process, from its settings
+            settings = current()
+            origins, pattern = settings.cors_origins(), settings.cors_allow_origins_regex
+            self._inner = CORSMiddleware(self.app, allow_origins=origins, allow_origin_regex=pattern,
+                                         allow_methods=["*"], allow_headers=["*"], expose_headers=self.EXPOSED,
+                                         max_age=600) if origins or pattern else self.app
+        await self._inner(scope, receive, send)
 
 
 class BearerAuth:
@@ -264,10 +318,12 @@ def create_app() -> FastAPI:
     app.add_exception_handler(Exception, errors.service_error)
     app.add_exception_handler(RequestValidationError, errors.validation_error)
     app.add_exception_handler(HTTPException, errors.http_error)
+    app.add_middleware(Head)
     app.add_middleware(Deadline)
     app.add_middleware(RateLimit)  # after auth: a refused token spends no one's budget
     app.add_middleware(BearerAuth)
-    app.add_middleware(BodyLimit)  # outermost: runs before anything reads the body
+    app.add_middleware(BodyLimit)  # runs before anything reads the body
+    app.add_middleware(Cors)  # outermost: a browser's preflight is answered before auth and rate limits
     return app
 
 
