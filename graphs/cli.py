@@ -9,8 +9,9 @@ CLI needs nothing but ``httpx`` (it never imports torch, Ray or diffusers and ru
 - ``jobs list|show|cancel|wait``: the jobs routes; ``wait`` follows ``/jobs/{id}/events``.
 
 Server and token: ``--url`` / ``--token`` or ``IMAGEGEN_URL`` / ``IMAGEGEN_TOKEN``. Failures are one line on
-stderr and an exit status: 1 the job failed or was cancelled, 2 a bad request (the service names the field), 3 the
-service cannot be reached, 4 unauthorized, 5 busy (429 / 503, with the service's Retry-After).
+stderr and an exit status: 1 the job failed or was cancelled, 2 a bad request (the service names the field) or an
+``-o`` that cannot be written, 3 the service cannot be reached, 4 unauthorized, 5 busy (429 / 503, with the
+service's Retry-After), 7 the result could not be written (the job's id is in the message).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import json
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +31,42 @@ from graphs.client import CliError, Event, ProgressBar, Service, finish, follow
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 FLAGGED = 6  # the exit status of a job whose image the safety checker replaced
+UNSAVED = 7  # the exit status when a result could not be written
 
 
 def _write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
+
+
+def _check_output(path: Path, folder: bool = False) -> None:
+    """Refuse an ``-o`` that the result could not be written to before any work is asked for, not after a job
+    has finished. Missing folders are fine: they are created when the result is written."""
+    if folder and path.exists() and not path.is_dir():
+        raise CliError(f"-o {path}: not a folder (the images go into it as <size>.png)", 2)
+    if not folder and path.is_dir():
+        raise CliError(f"-o {path}: a folder; name the PNG file to write", 2)
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            raise CliError(f"-o {path}: not writable", 2)
+        return
+    parent = next(p for p in path.parents if p.exists())  # "." or "/" at worst
+    if not parent.is_dir():
+        raise CliError(f"-o {path}: {parent} is a file, not a folder", 2)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CliError(f"-o {path}: cannot create files in {parent}", 2)
+
+
+@contextmanager
+def _saving(job_id: str, output: str) -> Iterator[None]:
+    """Errors while a finished job's result is fetched and written name the job and how to fetch it again."""
+    try:
+        yield
+    except CliError as e:
+        raise e.about(job_id) from None
+    except OSError as e:
+        raise CliError(f"cannot write {e.filename or output}: {e.strerror or e}; job {job_id} is done: imagegen "
+                       f"jobs wait {job_id} -o PATH saves it", UNSAVED) from None
 
 
 def _read_image(path: str) -> str:
@@ -80,6 +113,7 @@ def generate(service: Service, args: argparse.Namespace, bar: ProgressBar) -> in
     if args.sampler and (args.hires or args.faces):
         raise CliError("--sampler applies to plain generations; --hires and --faces use the configured sampler", 2)
     _check_choices(service, args)
+    _check_output(Path(args.output))
     given = {"width": width, "height": height, "seed": args.seed, "preview_every": args.preview_every}
     if args.hires or args.faces:  # seed 000's plan: hires fix and face restoration
         body = {"prompt": args.prompt, "negative_prompt": args.negative, "num_inference_steps": args.steps,
@@ -90,7 +124,9 @@ def generate(service: Service, args: argparse.Namespace, bar: ProgressBar) -> in
                 "sampler": args.sampler, "model": args.checkpoint, **given}
         path = "/generate/text2img"
     event = follow(service, bar, submit=(path, {k: v for k, v in body.items() if v is not None}))
-    _save_result(service, finish(event), Path(args.output))
+    job_id = finish(event)
+    with _saving(job_id, args.output):
+        _save_result(service, job_id, Path(args.output))
     return _outcome(event)
 
 
@@ -107,24 +143,36 @@ def _outcome(event: Event) -> int:
 def batch_sizes(service: Service, args: argparse.Namespace, bar: ProgressBar) -> int:
     body = {"prompt": args.prompt, "sizes": [s.strip() for s in args.sizes.split(",") if s.strip()],
             "seed": args.seed, "steps": args.steps, "baseSizes": dict(args.base_size) or None}
+    _check_output(Path(args.output), folder=True)
     event = follow(service, bar, submit=("/generate/batch-sizes", {k: v for k, v in body.items() if v is not None}))
-    job = service.call("GET", f"/jobs/{finish(event)}")
+    job_id = finish(event)
+    with _saving(job_id, args.output):
+        flagged = _save_sizes(service.call("GET", f"/jobs/{job_id}"), Path(args.output))
+    outcome = _outcome(event)
+    return FLAGGED if flagged else outcome
+
+
+def _save_sizes(job: dict, folder: Path) -> bool:
+    """Every size of a finished batch-sizes job as ``<size>.png`` in ``folder``; True when any was flagged."""
     for name, image in job["images"].items():
-        out = Path(args.output) / f"{name}.png"
+        out = folder / f"{name}.png"
         _write(out, base64.b64decode(image["imageData"].split(",", 1)[-1]))
         sys.stdout.write(f"{out} {image['width']}x{image['height']}\n")
-    outcome = _outcome(event)
-    return FLAGGED if any(image.get("nsfw") for image in job["images"].values()) else outcome
+    return any(image.get("nsfw") for image in job["images"].values())
 
 
 def extras(service: Service, args: argparse.Namespace, bar: ProgressBar) -> int:
     body: dict[str, Any] = {"image": _read_image(args.input)}
+    _check_output(Path(args.output))
     if args.command == "upscale":
         body.update(upscaling_resize=args.scale, upscaler_1=args.upscaler)
     else:
         body.update(upscaling_resize=1.0, upscaler_1="None", codeformer_visibility=1.0, codeformer_weight=args.weight)
     answer = service.call("POST", "/sdapi/v1/extra-single-image", json=body)
-    _write(Path(args.output), base64.b64decode(answer["image"]))
+    try:
+        _write(Path(args.output), base64.b64decode(answer["image"]))
+    except OSError as e:
+        raise CliError(f"cannot write {e.filename or args.output}: {e.strerror or e}", UNSAVED) from None
     sys.stdout.write(f"{args.output}\n")
     return 0
 
@@ -156,11 +204,20 @@ def jobs(service: Service, args: argparse.Namespace, bar: ProgressBar) -> int:
         answer = service.call("POST", f"/jobs/{args.id}/cancel")
         sys.stdout.write(f"{answer['id']}: {answer['status']}\n")
     else:
-        event = follow(service, bar, job_id=args.id)
-        job_id = finish(event)
+        # A batch-sizes job has an image per size: -o is then the folder for them, as for batch-sizes.
+        sizes = bool(args.output) and service.call("GET", f"/jobs/{args.id}")["type"] == "batch-sizes"
         if args.output:
-            _save_result(service, job_id, Path(args.output))
-        return _outcome(event)
+            _check_output(Path(args.output), folder=sizes)
+        event = follow(service, bar, job_id=args.id)
+        job_id, flagged = finish(event), False
+        if args.output:
+            with _saving(job_id, args.output):
+                if sizes:
+                    flagged = _save_sizes(service.call("GET", f"/jobs/{job_id}"), Path(args.output))
+                else:
+                    _save_result(service, job_id, Path(args.output))
+        outcome = _outcome(event)
+        return FLAGGED if flagged else outcome
     return 0
 
 
@@ -217,7 +274,8 @@ def parser() -> argparse.ArgumentParser:
     job.add_argument("id", nargs="?")
     job.add_argument("--status", choices=["queued", "processing", "completed", "failed", "cancelled"])
     job.add_argument("--limit", type=int, default=20)
-    job.add_argument("-o", "--output", help="wait: also write the result PNG here")
+    job.add_argument("-o", "--output", help="wait: also write the result PNG here (a batch-sizes job's: the folder "
+                     "for its <size>.png)")
     job.set_defaults(run=jobs)
     return top
 

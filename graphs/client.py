@@ -15,9 +15,10 @@ from typing import Any, TextIO
 import httpx
 
 TERMINAL = ("completed", "failed", "cancelled")
-RECONNECTS = 5  # empty streams in a row before giving up
-RECONNECT_PAUSE_S = 1.0
+RECONNECTS = 5  # empty streams or refused connections in a row before giving up
+RECONNECT_PAUSE_S = 1.0  # doubled after each of them
 HEALTHY_STREAM_S = 30.0  # a stream open this long was cut by a deadline, not refused
+UNREACHABLE = 3  # the exit status when the service cannot be reached
 BUSY = 5  # the exit status of a 429 or 503 answer
 BUSY_POLL_S = 2.0  # how often a job is polled while the service has no event stream to spare
 # The service names request fields; a person typed flags.
@@ -34,6 +35,12 @@ class CliError(Exception):
     def __init__(self, message: str, status: int = 1) -> None:
         super().__init__(message)
         self.status = status
+
+    def about(self, job_id: str | None) -> CliError:
+        """This error naming the job it happened to, so that ``imagegen jobs wait ID`` can pick the job up."""
+        if job_id is None or job_id in str(self):
+            return self
+        return CliError(f"job {job_id}: {self}", self.status)
 
 
 @dataclass
@@ -77,7 +84,8 @@ class Service:
 
     def _unreachable(self, error: httpx.TransportError) -> CliError:
         reason = "connection refused" if "refused" in str(error).lower() else (str(error) or type(error).__name__)
-        return CliError(f"cannot reach {self.url}: {reason} (is the service running? --url or IMAGEGEN_URL)", 3)
+        return CliError(f"cannot reach {self.url}: {reason} (is the service running? --url or IMAGEGEN_URL)",
+                        UNREACHABLE)
 
     def call(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
@@ -159,52 +167,75 @@ class ProgressBar:
 def follow(service: Service, bar: ProgressBar, job_id: str | None = None, submit: tuple[str, dict] | None = None
            ) -> Event:
     """Submit (streaming its events) or attach to a job, and follow it to its terminal event; a stream that ends
-    early (a deadline, a proxy, a restarted replica) is resumed after the last event id seen. Ctrl-C cancels a
-    job this call submitted, never one it only watches."""
-    after, failures, first = 0, 0, True
+    early (a deadline, a proxy, a restarted replica) is resumed after the last event id seen. Once the service has
+    answered about the job, a connection that cannot be made (a restart, a load balancer's failover) is one more
+    try, the pauses between tries doubling. Ctrl-C cancels a job this call submitted, never one it only watches.
+    Every error names the job once it is known."""
+    after, failures, first, reached = 0, 0, True, False
     try:
-        while True:
-            if submit is not None and first:
-                source = service.events("POST", submit[0], json=submit[1])
-            elif job_id is not None:
-                source = service.events("GET", f"/jobs/{job_id}/events", after=after)
-            else:  # never submit twice: the first submit may have queued a job we did not hear of
-                raise CliError("the service closed the connection before naming the job; see imagegen jobs list")
-            first, opened, heard = False, time.monotonic(), False
-            try:
-                for event in source:
-                    job_id, after, heard = event.data.get("job_id", job_id), event.id, True
-                    bar.show(event)
-                    if event.name in TERMINAL:
-                        return event
-            except CliError as e:
-                if e.status != BUSY or job_id is None:
-                    raise
-                # No stream to spare (STREAMS_BUSY) or rate limited: the job itself can still be polled, and
-                # while that is refused too (the same rate limit), the client waits its turn.
+        try:
+            while True:
+                if submit is not None and first:
+                    source = service.events("POST", submit[0], json=submit[1])
+                elif job_id is not None:
+                    source = service.events("GET", f"/jobs/{job_id}/events", after=after)
+                else:  # never submit twice: the first submit may have queued a job we did not hear of
+                    raise CliError("the service closed the connection before naming the job; see imagegen jobs list")
+                first, opened, heard, lost = False, time.monotonic(), False, None
                 try:
-                    polled = _polled(service, job_id)
-                except CliError as busy:
-                    if busy.status != BUSY:
+                    for event in source:
+                        job_id, after, heard = event.data.get("job_id", job_id), event.id, True
+                        bar.show(event)
+                        if event.name in TERMINAL:
+                            return event
+                except CliError as e:
+                    # A first connection refused is the wrong URL, or no service to wait for.
+                    retry = e.status == BUSY or (e.status == UNREACHABLE and (reached or heard))
+                    if job_id is None or not retry:
                         raise
-                    polled = None
-                if polled is not None:
-                    bar.show(polled)
-                    return polled
-                time.sleep(BUSY_POLL_S)
-                continue
-            # The service ends every stream at its request deadline, however long the job: only connections that
-            # brought nothing and closed at once, one after another, mean it cannot be followed.
-            healthy = heard or time.monotonic() - opened >= HEALTHY_STREAM_S
-            failures = 0 if healthy else failures + 1
-            if failures > RECONNECTS:
-                raise CliError(f"the event stream of job {job_id} keeps closing", 3)
-            time.sleep(RECONNECT_PAUSE_S)
-    except KeyboardInterrupt:
-        if submit is None or job_id is None:
-            raise
-        service.call("POST", f"/jobs/{job_id}/cancel")
-        raise CliError(f"interrupted: job {job_id} cancelled", 130) from None
+                    if e.status == BUSY:
+                        reached = True
+                        polled, lost = _poll_busy(service, job_id)
+                        if polled is not None:
+                            bar.show(polled)
+                            return polled
+                        if lost is None:
+                            time.sleep(BUSY_POLL_S)
+                            continue
+                    else:
+                        lost = e
+                # The service ends every stream at its request deadline, however long the job: only connections
+                # that brought nothing and closed at once, or could not be made, one after another, mean it cannot
+                # be followed.
+                reached = reached or lost is None
+                healthy = heard or (lost is None and time.monotonic() - opened >= HEALTHY_STREAM_S)
+                failures = 0 if healthy else failures + 1
+                if failures > RECONNECTS:
+                    if lost is not None:
+                        raise CliError(f"{lost}; the job may still run: imagegen jobs wait {job_id}", UNREACHABLE)
+                    raise CliError(f"the event stream of job {job_id} keeps closing", UNREACHABLE)
+                time.sleep(RECONNECT_PAUSE_S * 2 ** max(0, failures - 1))
+        except KeyboardInterrupt:
+            if submit is None or job_id is None:
+                raise
+            service.call("POST", f"/jobs/{job_id}/cancel")
+            raise CliError(f"interrupted: job {job_id} cancelled", 130) from None
+    except CliError as e:
+        raise e.about(job_id) from None
+
+
+def _poll_busy(service: Service, job_id: str) -> tuple[Event | None, CliError | None]:
+    """No stream to spare (STREAMS_BUSY) or rate limited: the job itself can still be polled, and while that is
+    refused too (the same rate limit), the client waits its turn. Returns the terminal event if the job has one,
+    or the error of a service that could not be reached."""
+    try:
+        return _polled(service, job_id), None
+    except CliError as e:
+        if e.status == BUSY:
+            return None, None
+        if e.status == UNREACHABLE:
+            return None, e
+        raise
 
 
 def _polled(service: Service, job_id: str) -> Event | None:

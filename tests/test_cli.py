@@ -3,6 +3,8 @@ lines against canned answers (no service needed)."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import re
 import shlex
@@ -153,27 +155,33 @@ def test_the_cli_imports_no_model_libraries():
     assert out.stdout.strip() == "[]"
 
 
-def canned_service(monkeypatch, streams: list[str], result: dict) -> list[int]:
-    """``graphs.cli.main`` against canned answers: connection n of the job's event stream answers ``streams[n]``
-    (the last one again past the end); returns the Last-Event-ID each connection sent."""
-    import base64
-    import io
+def png_base64() -> str:
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, "PNG")
+    return base64.b64encode(png.getvalue()).decode()
 
+
+def canned_service(monkeypatch, streams: list[str], result: dict, routes: dict | None = None) -> list[int]:
+    """``graphs.cli.main`` against canned answers: connection n of the job's event stream answers ``streams[n]``
+    (the last one again past the end); returns the Last-Event-ID each connection sent. ``routes`` maps a path to a
+    function of the request that answers it first (or raises, as a refused connection does); None goes on to the
+    canned answer."""
     import graphs.cli
     import graphs.client
 
     sent: list[int] = []
-    png = io.BytesIO()
-    Image.new("RGB", (8, 8)).save(png, "PNG")
 
     def answer(request: httpx.Request) -> httpx.Response:
+        own = (routes or {}).get(request.url.path)
+        answered = own(request) if own else None
+        if answered is not None:
+            return answered
         if request.url.path in ("/generate/text2img", "/jobs/job_1/events"):
             sent.append(int(request.headers.get("last-event-id", 0)))
             body = streams[min(len(sent), len(streams)) - 1]
             return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
         if request.url.path == "/jobs/job_1/result":
-            return httpx.Response(200, json={"imageData": base64.b64encode(png.getvalue()).decode(), "width": 8,
-                                             "height": 8, **result})
+            return httpx.Response(200, json={"imageData": png_base64(), "width": 8, "height": 8, **result})
         return httpx.Response(404, json={"error": "no such route", "code": "NOT_FOUND", "details": {}})
 
     monkeypatch.setattr(graphs.client, "RECONNECT_PAUSE_S", 0.0)
@@ -231,3 +239,65 @@ def test_while_the_service_has_no_stream_to_spare_the_job_is_polled(monkeypatch,
                                                                           transport=httpx.MockTransport(answer)))
     status, _, err = run(capsys, "--quiet", "jobs", "wait", "job_1")
     assert status == 1 and len(polls) == 3 and err == "imagegen: job job_1 failed: GPU_OOM: out of memory\n"
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_the_job_is_queued(monkeypatch, tmp_path, capsys):
+    sent = canned_service(monkeypatch, [frame(1, "completed")], {})
+    (tmp_path / "afile").write_text("")
+    for argv, says in [(["generate", "x", "-o", str(tmp_path)], "a folder; name the PNG file to write"),
+                       (["generate", "x", "-o", str(tmp_path / "afile" / "x.png")], "afile is a file, not a folder"),
+                       (["batch-sizes", "x", "--sizes", "hero", "-o", str(tmp_path / "afile")], "not a folder")]:
+        status, _, err = run(capsys, "--quiet", *argv)
+        assert status == 2 and says in err, err
+    assert sent == []  # nothing was submitted
+
+
+def test_a_result_that_cannot_be_written_names_the_job_to_fetch_it_again(monkeypatch, tmp_path, capsys):
+    out = tmp_path / "x.png"
+    canned_service(monkeypatch, [frame(1, "completed")], {}, routes={"/jobs/job_1/result": lambda _: out.mkdir()})
+    status, _, err = run(capsys, "--quiet", "generate", "x", "-o", str(out))
+    assert status == 7 and err.startswith(f"imagegen: cannot write {out}: ") and "imagegen jobs wait job_1 -o" in err
+
+
+def refused(_request: httpx.Request) -> httpx.Response:
+    raise httpx.ConnectError("[Errno 111] Connection refused")
+
+
+def test_a_service_that_goes_away_mid_job_is_waited_for(monkeypatch, tmp_path, capsys):
+    """A restart or a load balancer's failover: once the job is queued, refused connections are retried (six tries,
+    the pauses doubling) and every error names the job."""
+    import graphs.client
+
+    attempts = iter(range(3))  # three refused reconnects, then the service is back
+    sent = canned_service(monkeypatch, [frame(1, "queued", position=1), frame(2, "completed")], {},
+                          routes={"/jobs/job_1/events": lambda r: refused(r) if next(attempts, None) is not None
+                                  else None})
+    pauses: list[float] = []
+    monkeypatch.setattr(graphs.client, "RECONNECT_PAUSE_S", 1.0)
+    monkeypatch.setattr(graphs.client.time, "sleep", pauses.append)
+    status, _, err = run(capsys, "--quiet", "generate", "x", "-o", str(tmp_path / "x.png"))
+    assert (status, err, sent, pauses) == (0, "", [0, 1], [1, 1, 2, 4])
+
+    canned_service(monkeypatch, [frame(1, "queued", position=1)], {}, routes={"/jobs/job_1/events": refused})
+    monkeypatch.setattr(graphs.client, "RECONNECT_PAUSE_S", 1.0)
+    pauses.clear()
+    status, _, err = run(capsys, "--quiet", "generate", "x", "-o", str(tmp_path / "y.png"))
+    assert status == 3 and pauses == [1, 1, 2, 4, 8, 16]
+    assert "connection refused" in err and err.endswith("the job may still run: imagegen jobs wait job_1\n")
+
+    canned_service(monkeypatch, [frame(1, "completed")], {}, routes={"/jobs/job_1/result": refused})
+    status, _, err = run(capsys, "--quiet", "generate", "x", "-o", str(tmp_path / "z.png"))
+    assert status == 3 and err.startswith("imagegen: job job_1: cannot reach")
+
+
+def test_jobs_wait_writes_every_size_of_a_batch_into_the_output_folder(monkeypatch, tmp_path, capsys):
+    image = {"imageData": png_base64(), "width": 8, "height": 8, "nsfw": False}
+    job = {"id": "job_1", "type": "batch-sizes", "status": "completed", "images": {"hero": image, "og": image}}
+    canned_service(monkeypatch, [frame(1, "completed")], {},
+                   routes={"/jobs/job_1": lambda _: httpx.Response(200, json=job)})
+    status, out, _ = run(capsys, "--quiet", "jobs", "wait", "job_1", "-o", str(tmp_path / "sizes"))
+    assert status == 0 and sorted(p.name for p in (tmp_path / "sizes").iterdir()) == ["hero.png", "og.png"]
+    assert out == f"{tmp_path / 'sizes' / 'hero.png'} 8x8\n{tmp_path / 'sizes' / 'og.png'} 8x8\n"
+    (tmp_path / "afile").write_text("")
+    status, _, err = run(capsys, "--quiet", "jobs", "wait", "job_1", "-o", str(tmp_path / "afile"))
+    assert status == 2 and "not a folder (the images go into it as <size>.png)" in err

@@ -11,10 +11,12 @@ import time
 import httpx
 import pytest
 from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
 
 from deployments.support import settings
 from graphs import flights
 from graphs.api import edge as http
+from graphs.api import ui
 
 pytestmark = pytest.mark.anyio
 
@@ -23,7 +25,7 @@ pytestmark = pytest.mark.anyio
 def make_client(monkeypatch, tmp_path):
     clients = []
 
-    def build(**env) -> httpx.AsyncClient:
+    def build(peer: str = "127.0.0.1", **env) -> httpx.AsyncClient:
         monkeypatch.setenv("JOBS_DATA_DIR", str(tmp_path))  # the rate-limit buckets live there
         for key, value in env.items():
             monkeypatch.setenv(key, value)
@@ -49,8 +51,19 @@ def make_client(monkeypatch, tmp_path):
                 calls.append(StageCall())
                 await asyncio.sleep(30)
 
+        @router.get("/forever")
+        async def forever():
+            async def ticks():
+                while True:
+                    yield b"tick\n"
+                    await asyncio.sleep(0.01)
+
+            return StreamingResponse(ticks(), media_type="text/event-stream")
+
         app.include_router(router)
-        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+        app.include_router(ui.router)
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=(peer, 40000)),
+                                   base_url="http://test")
         clients.append(client)
         return client
 
@@ -109,6 +122,104 @@ async def test_every_spelling_of_the_token_is_one_owner(header):
     assert http.token_owner(header) == hashlib.sha256(b"Bearer secret").hexdigest()[:16]
     assert http.token_owner(header) != http.token_owner("Bearer other")
     assert http.token_owner(None) is None and http.token_owner("") is None
+
+
+async def remaining(client: httpx.AsyncClient, forwarded: str) -> int:
+    """What is left of the read budget that a request forwarded for ``forwarded`` spent."""
+    response = await client.post("/echo", json={}, headers={"X-Forwarded-For": forwarded})
+    return int(response.headers["ratelimit-remaining"])
+
+
+async def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_budget(make_client):
+    """The load balancer is every request's peer: its X-Forwarded-For names the client, hops of our own proxies
+    skipped, and what a client wrote left of the hop the balancer appended proves nothing."""
+    client = make_client(peer="10.1.2.3", TRUSTED_PROXIES="10.0.0.0/8, 2001:db8::/32", RATE_LIMIT_READ_BURST="9",
+                         RATE_LIMIT_READ_PER_SECOND="0.001")
+    assert [await remaining(client, "203.0.113.7"), await remaining(client, "198.51.100.9")] == [8, 8]
+    assert await remaining(client, "198.51.100.1, 203.0.113.7") == 7  # a client's own claim is left of its hop
+    assert await remaining(client, "203.0.113.7, 10.9.9.9") == 6  # an ingress controller behind the balancer
+    assert await remaining(client, "203.0.113.7:5123") == 5  # a balancer that adds the port (Azure's)
+    assert await remaining(client, "10.9.9.9") == 8  # only proxies of ours: the peer itself
+
+
+async def test_an_untrusted_peer_cannot_buy_budgets_with_x_forwarded_for(make_client):
+    client = make_client(peer="192.0.2.1", TRUSTED_PROXIES="10.0.0.0/8", RATE_LIMIT_READ_BURST="9",
+                         RATE_LIMIT_READ_PER_SECOND="0.001")
+    assert [await remaining(client, f"203.0.113.{n}") for n in range(3)] == [8, 7, 6]
+    assert await remaining(client, "10.9.9.9") == 5
+
+
+@pytest.mark.parametrize(("peer", "forwarded", "address"), [
+    ("10.0.0.1", [b"203.0.113.7"], "203.0.113.7"),
+    ("10.0.0.1", [b"198.51.100.1", b"203.0.113.7, 10.0.0.2"], "203.0.113.7"),  # two headers are one list
+    ("10.0.0.1", [b"[2001:db8::7]:443"], "2001:db8::7"),
+    ("10.0.0.1", [b"unknown"], "10.0.0.1"),
+    ("10.0.0.1", [], "10.0.0.1"),
+    ("192.0.2.1", [b"203.0.113.7"], "192.0.2.1"),
+])
+def test_the_client_address_a_trusted_proxy_forwards(peer, forwarded, address):
+    scope = {"client": (peer, 1), "headers": [(b"x-forwarded-for", value) for value in forwarded]}
+    assert http.client_address(scope, settings.Settings(trusted_proxies="10.0.0.0/8")) == address
+    assert http.client_address(scope, settings.Settings()) == peer  # trusted by no one: the peer
+
+
+PREFLIGHT = {"origin": "https://app.example", "access-control-request-method": "POST",
+             "access-control-request-headers": "authorization, content-type"}
+
+
+async def test_cors_is_off_unless_origins_are_configured(make_client):
+    client = make_client()
+    assert (await client.options("/echo", headers=PREFLIGHT)).status_code == 405
+    answer = await client.post("/echo", json={}, headers={"origin": "https://app.example"})
+    assert answer.status_code == 200 and "access-control-allow-origin" not in answer.headers
+
+
+async def test_pages_on_the_allowed_origins_may_call_the_api(make_client):
+    """As A1111's --cors-allow-origins and --cors-allow-origins-regex: the preflight needs no token, and even a
+    refusal carries the headers that let the page read it."""
+    client = make_client(AUTH_ENABLED="true", AUTH_TOKEN="secret", CORS_ALLOW_ORIGINS="https://app.example, "
+                         "https://other.example", CORS_ALLOW_ORIGINS_REGEX=r"https://[a-z0-9-]+\.preview\.example")
+    for origin in ("https://app.example", "https://pr-7.preview.example"):
+        preflight = await client.options("/echo", headers={**PREFLIGHT, "origin": origin})
+        assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == origin
+        assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
+    refused = await client.options("/echo", headers={**PREFLIGHT, "origin": "https://evil.example"})
+    assert refused.status_code == 400 and "access-control-allow-origin" not in refused.headers
+    unauthorized = await client.post("/echo", json={}, headers={"origin": "https://app.example"})
+    assert unauthorized.status_code == 401
+    assert unauthorized.headers["access-control-allow-origin"] == "https://app.example"
+    assert "retry-after" in unauthorized.headers["access-control-expose-headers"].lower()
+
+
+async def test_head_answers_every_get_route_with_its_headers_only(make_client):
+    """Uptime checks and load balancers send HEAD; auth applies as to the GET."""
+    client = make_client(AUTH_ENABLED="true", AUTH_TOKEN="secret")
+    for path in ("/health/", "/ui"):
+        head, get = await client.head(path), await client.get(path)
+        assert (head.status_code, head.content) == (200, b"")
+        assert head.headers["content-type"] == get.headers["content-type"]
+        assert head.headers["content-length"] == get.headers["content-length"] == str(len(get.content))
+    assert (await client.head("/forever")).status_code == 401
+    assert (await client.head("/echo", headers={"authorization": "Bearer secret"})).status_code == 405  # POST only
+    # A stream stops once its headers are out, on either ASGI spec's way of telling it the client is gone.
+    streamed = await asyncio.wait_for(client.head("/forever", headers={"authorization": "Bearer secret"}), 5)
+    assert (streamed.status_code, streamed.content) == (200, b"")
+    app = client._transport.app  # type: ignore[attr-defined]
+    sent: list[dict] = []
+
+    async def receive():
+        await asyncio.sleep(30)  # a client that stays: only the answer's end stops the stream
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+             "method": "HEAD", "scheme": "http", "path": "/forever", "raw_path": b"/forever", "query_string": b"",
+             "root_path": "", "headers": [(b"authorization", b"Bearer secret")], "client": ("127.0.0.1", 1),
+             "server": ("test", 80)}
+    await asyncio.wait_for(app(scope, receive, send), 5)
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert sent[0]["status"] == 200 and sent[1]["body"] == b""
 
 
 async def test_body_limit_declared_and_streamed(make_client):

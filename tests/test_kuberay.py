@@ -339,3 +339,16 @@ def test_every_pod_detects_a_lost_node_as_the_readme_advises():
         (container,) = pod["containers"]
         env = {var["name"]: var.get("value") for var in container["env"]}
         assert {name: env.get(name) for name in advised} == advised
+
+
+def test_the_ingress_believes_x_forwarded_for_from_the_clusters_proxies_only():
+    """Behind an ingress controller each client keeps its own rate-limit budget (README: "Kubernetes (KubeRay)")."""
+    from deployments.support.settings import Settings
+
+    for pod in pods(rayservice()):
+        (container,) = pod["containers"]
+        env = {var["name"]: var.get("value") for var in container["env"]}
+        networks = Settings(trusted_proxies=env["TRUSTED_PROXIES"]).trusted_networks
+        assert networks and all(network.is_private for network in networks)
+    section = (ROOT / "README.md").read_text().split("## Kubernetes (KubeRay)")[1].split("\n## ")[0]
+    assert "TRUSTED_PROXIES" in section

@@ -8,10 +8,12 @@ through ``serve_config.yaml`` (``deployments.support.config``).
 from __future__ import annotations
 
 import functools
+import re
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The payload of SDXL's reference watermark (Stability AI's generative-models and diffusers).
@@ -24,6 +26,10 @@ def _cache() -> Path:
 
 def _sizes_file() -> Path:
     return Path(__file__).resolve().parents[2] / "configs" / "sizes.yaml"
+
+
+def _networks(text: str) -> tuple[IPv4Network | IPv6Network, ...]:
+    return tuple(ip_network(part.strip(), strict=False) for part in text.split(",") if part.strip())
 
 
 class Settings(BaseSettings):
@@ -44,6 +50,11 @@ class Settings(BaseSettings):
     auth_token: str = Field("", repr=False)
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1)
     request_timeout_seconds: float = Field(300.0, gt=0)
+    cors_allow_origins: str = Field("", description=(
+        "comma-separated origins (https://app.example.com, or *) whose pages may call the API from a browser, as "
+        "A1111's --cors-allow-origins; empty: none"))
+    cors_allow_origins_regex: str | None = Field(None, description=(
+        "origins matching this regular expression may too (A1111's --cors-allow-origins-regex)"))
     png_compress_level: int = Field(
         1, ge=0, le=9, description="zlib level of every PNG the service writes: 1 is ~5x faster than 6 for ~15% more "
         "bytes on a photograph (see make bench)")
@@ -56,6 +67,9 @@ class Settings(BaseSettings):
     rate_limit_submit_burst: int = Field(100, ge=1)
     rate_limit_read_per_second: float = Field(50.0, gt=0, description="polling, listings and the rest")
     rate_limit_read_burst: int = Field(500, ge=1)
+    trusted_proxies: str = Field("", description=(
+        "comma-separated addresses or CIDRs of the load balancers and ingress controllers in front of the service: "
+        "from these peers alone X-Forwarded-For names the client (its right-most hop not in the list)"))
 
     # --- overlays (text and watermarks on /process and /generate)
     fonts_dir: Path | None = Field(None, description="TTF/OTF files an overlay may name; else PIL's own font")
@@ -137,6 +151,26 @@ class Settings(BaseSettings):
         if self.watermark_enabled and not (self.watermark_luma_scale or self.watermark_chroma_scale):
             raise ValueError("WATERMARK_ENABLED needs WATERMARK_LUMA_SCALE or WATERMARK_CHROMA_SCALE above 0")
         return self
+
+    @field_validator("cors_allow_origins_regex")
+    @classmethod
+    def origins_compile(cls, value: str | None) -> str | None:
+        if value is not None:
+            re.compile(value)  # re.error is a ValueError: refused at start-up
+        return value
+
+    def cors_origins(self) -> list[str]:
+        return [o.strip() for o in self.cors_allow_origins.split(",") if o.strip()]
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def proxies_parse(cls, value: str) -> str:
+        _networks(value)  # a typo is refused at start-up, not on every request
+        return value
+
+    @functools.cached_property
+    def trusted_networks(self) -> tuple[IPv4Network | IPv6Network, ...]:
+        return _networks(self.trusted_proxies)
 
     def webhook_hosts(self) -> set[str]:
         return {h.strip().lower() for h in self.webhook_allow_hosts.split(",") if h.strip()}

@@ -31,6 +31,7 @@ from PIL import Image
 from deployments.support.errors import GenerationCancelled, InvalidInput, UnknownModel
 from deployments.support.generation import Encoding, GenerationRequest, StageResult, resolve_seeds
 from deployments.support.samplers import SCHEDULES, resolve
+from deployments.support.settings import current
 from graphs import flights, plans
 from graphs.api.a1111_infotext import infotext
 from graphs.api.a1111_models import (
@@ -44,8 +45,8 @@ from graphs.api.a1111_models import (
 from graphs.api.a1111_sizes import crop_box, edit_inputs, hires_size
 from graphs.api.body import JSONBodyRoute, blobs, json_answer
 from graphs.api.checkpoints import CheckpointChoice
-from graphs.api.edge import token_owner
-from graphs.api.errors import call, unwrap
+from graphs.api.edge import client_address, token_owner
+from graphs.api.errors import call, documented, unwrap
 from graphs.api.fields import b64_png, image_bytes
 from graphs.jobs.cache import RequestCache
 from graphs.jobs.store import JobStore
@@ -53,7 +54,8 @@ from graphs.jobs.store import JobStore
 if TYPE_CHECKING:
     from graphs.app import AppArgs
 
-router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"], route_class=JSONBodyRoute)
+router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"], route_class=JSONBodyRoute,
+                   responses=documented(503))
 FLIGHT_TTL_S = 3600.0  # a request tracked longer than any deadline is gone with its ingress
 
 
@@ -84,9 +86,9 @@ def images_answer(files: list[bytes], parameters: dict, info: dict) -> Response:
 
 def _client(request: Request) -> str:
     """Whose requests these are, as the job store keeps them: a token's owner name (never the token itself), else
-    the peer address."""
+    the client's address (behind a trusted proxy, the one it forwarded)."""
     owner = token_owner(request.headers.get("authorization"))
-    return f"token:{owner}" if owner else f"addr:{request.client.host if request.client else '?'}"
+    return f"token:{owner}" if owner else f"addr:{client_address(request.scope, current())}"
 
 
 def _interrupts(client: str) -> str:
@@ -282,7 +284,7 @@ class A1111Routes(CheckpointChoice):
         """Text to image, with hires fix (enable_hr), refiner, LoRA tags and face restoration."""
         return await self._run(http, body, cache_as="a1111-txt2img")
 
-    @router.post("/img2img", response_model=ImagesResponse)
+    @router.post("/img2img", response_model=ImagesResponse, responses=documented(400))
     async def img2img(self, body: Img2ImgRequest, http: Request) -> Response:
         """Image to image, the init images framed by resize_mode (image i of a batch starts from init image i, round
         and round); with a mask, inpainting (white repaints; black with inpainting_mask_invert)."""

@@ -16,10 +16,11 @@ from graphs import flights, plans
 from graphs.api.a1111_models import ExtrasBatchRequest, ExtrasBatchResponse, ExtrasRequest, ExtrasResponse
 from graphs.api.a1111_sizes import upscale_to
 from graphs.api.body import JSONBodyRoute, blobs, json_answer
-from graphs.api.errors import call
+from graphs.api.errors import call, documented
 from graphs.api.fields import image_bytes
 
-router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"], route_class=JSONBodyRoute)
+router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"], route_class=JSONBodyRoute,
+                   responses=documented(400, 503))
 
 
 class A1111ExtrasRoutes:

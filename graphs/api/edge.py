@@ -6,19 +6,23 @@ status codes.
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import logging
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from deployments.support.errors import Unauthorized
 from deployments.support.settings import Settings, current
 from graphs.api import errors, ratelimit
-from graphs.api.errors import error_response
+from graphs.api.errors import DOCUMENTED, ErrorBody, error_response
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +112,58 @@ class Deadline:
             await response(scope, receive, send)
 
 
+class Head:
+    """HEAD on every GET route, as HTTP has it (uptime checks and load balancers use it): the GET's status and
+    headers, no body. A streamed answer is stopped once its headers are out."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            return await self.app(scope, receive, send)
+        done = False
+
+        async def headers_only(message) -> None:
+            nonlocal done
+            if done:
+                raise _Answered
+            if message["type"] == "http.response.body":
+                done, message = True, {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        async def until_answered():
+            return {"type": "http.disconnect"} if done else await receive()
+
+        with contextlib.suppress(_Answered):
+            await self.app({**scope, "method": "GET"}, until_answered, headers_only)
+
+
+class _Answered(Exception):
+    """A HEAD answer is complete: the GET behind it has nothing more to send."""
+
+
+class Cors:
+    """Pages on the ``CORS_ALLOW_ORIGINS`` origins (or matching ``CORS_ALLOW_ORIGINS_REGEX``) may call the API, as
+    A1111's ``--cors-allow-origins`` allows; off when neither is set. Outermost: a preflight needs no token and
+    spends no budget, and every answer, a 401 or 429 too, carries the headers that let the page read it."""
+
+    EXPOSED = ["Retry-After", "RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset"]
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._inner: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._inner is None:  # built in the serving process, from its settings
+            settings = current()
+            origins, pattern = settings.cors_origins(), settings.cors_allow_origins_regex
+            self._inner = CORSMiddleware(self.app, allow_origins=origins, allow_origin_regex=pattern,
+                                         allow_methods=["*"], allow_headers=["*"], expose_headers=self.EXPOSED,
+                                         max_age=600) if origins or pattern else self.app
+        await self._inner(scope, receive, send)
+
+
 class BearerAuth:
     """Seed 001 auth for every route but health and the docs: 401 with ``WWW-Authenticate: Bearer``."""
 
@@ -168,18 +224,92 @@ class RateLimit:
 
 
 def client_key(scope: Scope, settings: Settings) -> str:
-    """Who spends a budget: with auth on, the bearer token's owner name; else (or without a header) the peer
+    """Who spends a budget: with auth on, the bearer token's owner name; else (or without a header) the client's
     address. With auth off a header proves nothing, so it cannot buy a fresh budget either."""
     if settings.auth_enabled:
         owner = token_owner(dict(scope.get("headers", [])).get(b"authorization", b"").decode("latin-1") or None)
         if owner is not None:
             return f"token:{owner}"
+    return f"addr:{client_address(scope, settings)}"
+
+
+def client_address(scope: Scope, settings: Settings) -> str:
+    """The peer's address, unless the peer is one of ``TRUSTED_PROXIES``: then the right-most X-Forwarded-For hop
+    that is not (a load balancer appends the address it saw; what a client wrote further left proves nothing).
+    Behind a load balancer every peer is the balancer, so without this every user would be one client."""
     client = scope.get("client")
-    return f"addr:{client[0] if client else 'unknown'}"
+    peer = client[0] if client else "unknown"
+    trusted = settings.trusted_networks
+    if not trusted or not _within(peer, trusted):
+        return peer
+    forwarded = [hop.strip() for name, value in scope.get("headers", []) if name == b"x-forwarded-for"
+                 for hop in value.decode("latin-1").split(",")]
+    for hop in reversed(forwarded):
+        if not _within(hop, trusted):
+            address = _address(hop)
+            return str(address) if address is not None else peer  # not an address: it names no one
+    return peer  # every hop a proxy of ours (or no header): the request started inside
+
+
+def _address(text: str) -> IPv4Address | IPv6Address | None:
+    """An address as proxies write it: bare, or with a port (``1.2.3.4:5678``, ``[2001:db8::1]:5678``)."""
+    if text.startswith("["):
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]
+    try:
+        return ip_address(text)
+    except ValueError:
+        return None
+
+
+def _within(text: str, networks: tuple[IPv4Network | IPv6Network, ...]) -> bool:
+    address = _address(text)
+    return address is not None and any(address in network for network in networks)
+
+
+class EdgeApp(FastAPI):
+    """The app whose OpenAPI document tells errors as they are answered (``document_errors``)."""
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None:
+            self.openapi_schema = document_errors(super().openapi(), current())
+        return self.openapi_schema
+
+
+def document_errors(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """Every error in the document is ``ErrorBody`` (FastAPI's own ``HTTPValidationError`` is never sent), and every
+    operation lists the statuses this edge answers for it, on the same rules the middlewares apply: 401 and the
+    bearer scheme where auth is on, 429 where rate limits are, 408 outside the open paths, 413 for a body."""
+    body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+    components = schema.setdefault("components", {})
+    models = components.setdefault("schemas", {})
+    models.setdefault("ErrorBody", ErrorBody.model_json_schema())
+    for name in ("HTTPValidationError", "ValidationError"):
+        models.pop(name, None)
+    if settings.auth_enabled:
+        components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    for path, operations in schema.get("paths", {}).items():
+        guarded = not path.startswith(OPEN_PATHS)
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            for status, response in responses.items():
+                if status >= "4":  # an event stream's errors are JSON too
+                    response["content"] = body
+                    if status == "422":
+                        response["description"] = DOCUMENTED[422]
+            edge = [(guarded and settings.auth_enabled, 401), (guarded, 408),
+                    ("requestBody" in operation, 413), (guarded and settings.rate_limits_enabled, 429)]
+            for status in (status for applies, status in edge if applies):
+                responses.setdefault(str(status), {"description": DOCUMENTED[status], "content": body})
+            if guarded and settings.auth_enabled:
+                operation["security"] = [{"bearer": []}]
+            operation["responses"] = dict(sorted(responses.items()))
+    return schema
 
 
 def create_app() -> FastAPI:
-    app = FastAPI(
+    app = EdgeApp(
         title="imagegen",
         version="0.1.0",
         description="SDXL image generation on Ray Serve. Serves the seed APIs: /generate, /v1/images/*, "
@@ -188,10 +318,12 @@ def create_app() -> FastAPI:
     app.add_exception_handler(Exception, errors.service_error)
     app.add_exception_handler(RequestValidationError, errors.validation_error)
     app.add_exception_handler(HTTPException, errors.http_error)
+    app.add_middleware(Head)
     app.add_middleware(Deadline)
     app.add_middleware(RateLimit)  # after auth: a refused token spends no one's budget
     app.add_middleware(BearerAuth)
-    app.add_middleware(BodyLimit)  # outermost: runs before anything reads the body
+    app.add_middleware(BodyLimit)  # runs before anything reads the body
+    app.add_middleware(Cors)  # outermost: a browser's preflight is answered before auth and rate limits
     return app
 
 

@@ -4,11 +4,12 @@ for every route, ``{"error", "code", "details"}`` (seed 002), ``details.field`` 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from deployments.support.errors import ServiceError
@@ -39,9 +40,32 @@ STATUS = {
 
 
 class ErrorBody(BaseModel):
-    error: str
-    code: str
-    details: dict
+    """The body of every error answer."""
+
+    error: str = Field(description="what went wrong, for a person")
+    code: str = Field(description="what went wrong, for a program: INVALID_INPUT, NOT_FOUND, RATE_LIMITED...")
+    details: dict[str, Any] = Field(description="details.field names the offending field (a body field, a query "
+                                    "parameter or a header); the other keys depend on the code")
+
+
+# What each error status means, as the OpenAPI document tells it.
+DOCUMENTED = {
+    400: "an image that cannot be decoded (INVALID_IMAGE)",
+    401: "missing or invalid bearer token (UNAUTHORIZED), with WWW-Authenticate: Bearer",
+    404: "not found (NOT_FOUND): no such job, photo or file; details.field names what named it",
+    408: "the request ran past its deadline and its work was cancelled (REQUEST_TIMEOUT)",
+    409: "the job is not in a state that allows it (CONFLICT): already finished, or not completed yet",
+    413: "the body is over MAX_BODY_BYTES (PAYLOAD_TOO_LARGE)",
+    422: "an invalid value (INVALID_INPUT and the like); details.field names it",
+    429: "rate limited (RATE_LIMITED), or a submit to a full job queue (QUEUE_FULL); with Retry-After",
+    503: "busy or restarting, a model or the storage unavailable (MODEL_UNAVAILABLE, STORAGE_UNAVAILABLE...), "
+         "with Retry-After",
+}
+
+
+def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for error statuses, each with the one error body."""
+    return {status: {"model": ErrorBody, "description": DOCUMENTED[status]} for status in statuses}
 
 
 def status_of(error: ServiceError) -> int:

@@ -14,10 +14,10 @@ from deployments.support.settings import Settings
 from graphs import flights, plans
 from graphs.api.body import JSONBodyRoute, blobs, json_answer
 from graphs.api.checkpoints import CheckpointChoice
-from graphs.api.errors import ErrorBody, call
+from graphs.api.errors import call, documented
 from graphs.jobs.cache import RequestCache
 
-router = APIRouter(tags=["generate"], route_class=JSONBodyRoute)
+router = APIRouter(tags=["generate"], route_class=JSONBodyRoute, responses=documented(503))
 open_router = APIRouter(tags=["health"], route_class=JSONBodyRoute)
 
 PRESETS = {
@@ -144,7 +144,7 @@ class GenerateRoutes(CheckpointChoice):
             "face_restorer": await call(self.handles.faces.describe.remote()),
         }
 
-    @router.post("/generate", response_model=GenerateResponse, responses={422: {"model": ErrorBody}})
+    @router.post("/generate", response_model=GenerateResponse, responses=documented(400))
     async def generate(self, body: GenerateRequest) -> Response:
         """Synchronous generation: standard or hires fix, optional refiner, face restoration and overlay; with a
         fixed seed, from the result cache when it is on and holds the same request on the same weights."""

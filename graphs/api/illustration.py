@@ -13,10 +13,11 @@ from deployments.support.settings import Settings
 from graphs import flights, plans
 from graphs.api.body import JSONBodyRoute
 from graphs.api.checkpoints import CheckpointChoice
-from graphs.api.errors import ErrorBody
+from graphs.api.errors import documented
 from graphs.api.photos import PhotoStore, check_user_id
 
-router = APIRouter(prefix="/v1/images", tags=["illustration"], route_class=JSONBodyRoute)
+router = APIRouter(prefix="/v1/images", tags=["illustration"], route_class=JSONBodyRoute,
+                   responses=documented(404, 503))  # no photo of the user; a model or S3 down
 
 
 class SubjectRequest(BaseModel):
@@ -58,15 +59,13 @@ class IllustrationRoutes(CheckpointChoice):
         uri = await asyncio.to_thread(self.photos.save_generated, body.user_id, kind, result.encoded[0])
         return IllustrationResponse(data=[S3Object(s3_uri=uri)])
 
-    @router.post("/memory", response_model=IllustrationResponse,
-                 responses={404: {"model": ErrorBody}, 422: {"model": ErrorBody}, 503: {"model": ErrorBody}})
+    @router.post("/memory", response_model=IllustrationResponse)
     async def memory(self, body: MemoryRequest) -> IllustrationResponse:
         """A memory illustration of the prompt, with the user's avatar as the IP-Adapter reference."""
         style = body.style_prompt if body.style_prompt is not None else self.settings.default_memory_style_prompt
         return await self._illustrate(body, "memory", self.settings.s3_avatar_prefix, f"{body.prompt}, {style}")
 
-    @router.post("/subject", response_model=IllustrationResponse,
-                 responses={404: {"model": ErrorBody}, 422: {"model": ErrorBody}, 503: {"model": ErrorBody}})
+    @router.post("/subject", response_model=IllustrationResponse)
     async def subject(self, body: SubjectRequest) -> IllustrationResponse:
         """A portrait illustration of the user's subject photo."""
         style = body.style_prompt if body.style_prompt is not None else self.settings.default_subject_style_prompt

@@ -24,6 +24,7 @@ from deployments.support.settings import Settings
 from graphs.api.body import JSONBodyRoute
 from graphs.api.checkpoints import CheckpointChoice
 from graphs.api.edge import token_owner
+from graphs.api.errors import documented
 from graphs.api.fields import image_field
 from graphs.jobs import events
 from graphs.jobs.models import (
@@ -51,7 +52,7 @@ from graphs.jobs.store import Job, JobStore, new_job_id
 from graphs.jobs.webhooks import check_url
 
 IDEMPOTENCY_KEY = re.compile(r"[!-~]{1,255}")
-router = APIRouter(tags=["jobs"], route_class=JSONBodyRoute)
+router = APIRouter(tags=["jobs"], route_class=JSONBodyRoute, responses=documented(503))  # the store down
 IMAGE_FIELDS = {
     "img2img": ("initImage",),
     "inpaint": ("image", "mask"),
@@ -61,6 +62,8 @@ STREAM_DOC: dict[str, Any] = {"model": JobEventData, "description": "server-sent
 STREAMED: dict[int | str, dict[str, Any]] = {200: {
     "description": "with Accept: text/event-stream, the job's events instead (as GET /jobs/{id}/events)",
     "content": {"text/event-stream": {"schema": {"$ref": "#/components/schemas/JobEventData"}}}}}
+SUBMIT = {**STREAMED, **documented(429)}
+IMAGE_SUBMIT = {**SUBMIT, **documented(400)}
 
 
 def _iso(ts: float | None) -> str | None:
@@ -144,45 +147,46 @@ class JobRoutes(CheckpointChoice):
         return self._answer(request, job, JobAccepted(jobId=job.id, job_id=job.id, status=job.status))
 
     @router.post("/generate/text2img", status_code=202, response_model=JobView, response_model_exclude_unset=True,
-                 responses=STREAMED)
+                 responses=SUBMIT)
     async def submit_text2img(self, body: Text2ImgJob, request: Request) -> Any:
         """Queue a text-to-image job (seed 003); 202 with the job."""
         return await self._queue(request, "text2img", body)
 
     @router.post("/generate/img2img", status_code=202, response_model=JobView, response_model_exclude_unset=True,
-                 responses=STREAMED)
+                 responses=IMAGE_SUBMIT)
     async def submit_img2img(self, body: Img2ImgJob, request: Request) -> Any:
         """Queue an image-to-image job."""
         return await self._queue(request, "img2img", body)
 
     @router.post("/generate/inpaint", status_code=202, response_model=JobView, response_model_exclude_unset=True,
-                 responses=STREAMED)
+                 responses=IMAGE_SUBMIT)
     async def submit_inpaint(self, body: InpaintJob, request: Request) -> Any:
         """Queue an inpainting job (white mask pixels are repainted)."""
         return await self._queue(request, "inpaint", body)
 
     @router.post("/generate/style-transfer", status_code=202, response_model=JobView,
-                 response_model_exclude_unset=True, responses=STREAMED)
+                 response_model_exclude_unset=True, responses=IMAGE_SUBMIT)
     async def submit_style_transfer(self, body: StyleTransferJob, request: Request) -> Any:
         """Queue a style transfer: the style image through IP-Adapter applied to the content image."""
         return await self._queue(request, "style-transfer", body)
 
-    @router.post("/generate/async", status_code=202, response_model=JobAccepted, responses=STREAMED)
+    @router.post("/generate/async", status_code=202, response_model=JobAccepted, responses=SUBMIT)
     async def submit_async(self, body: AsyncGenerate, request: Request) -> Any:
         """Seed 002: queue a /generate request; answers {jobId}."""
         return await self._accept(request, "generate", body)
 
-    @router.post("/generate/batch-sizes", status_code=202, response_model=JobAccepted, responses=STREAMED)
+    @router.post("/generate/batch-sizes", status_code=202, response_model=JobAccepted, responses=SUBMIT)
     async def submit_batch(self, body: BatchSizes, request: Request) -> Any:
         """Seed 002: every named size from the fewest bases (one per aspect class), one seed for all."""
         return await self._accept(request, "batch-sizes", body)
 
-    @router.get("/jobs/{job_id}", response_model=JobView, response_model_exclude_unset=True)
+    @router.get("/jobs/{job_id}", response_model=JobView, response_model_exclude_unset=True, responses=documented(404))
     async def get_job(self, job_id: JobId, request: Request) -> dict:
         """The job, with its images as data URIs once completed."""
         return await asyncio.to_thread(self._view, await self._get(request, job_id))
 
-    @router.get("/jobs/{job_id}/events", response_class=events.EventStream, responses={200: STREAM_DOC})
+    @router.get("/jobs/{job_id}/events", response_class=events.EventStream,
+                responses={200: STREAM_DOC, **documented(404)})
     async def job_events(self, job_id: JobId, request: Request,
                          last_event_id: str | None = Header(None, alias="Last-Event-ID", description=(
                              "resume after this event id (EventSource sends it when it reconnects)"))
@@ -192,7 +196,8 @@ class JobRoutes(CheckpointChoice):
         # A submit's own stream is always served (its client has no job id to poll yet); a watcher's may not be.
         return self._events(job_id, _event_id(last_event_id), self.streams.admit())
 
-    @router.get("/jobs/{job_id}/result", response_model=JobResult, response_model_exclude_none=True)
+    @router.get("/jobs/{job_id}/result", response_model=JobResult, response_model_exclude_none=True,
+                responses=documented(404, 409))
     async def get_result(self, job_id: JobId, request: Request) -> dict:
         """Seed 002: {imageData, format, width, height} of a completed job (and nsfw while the filter is on); 409
         before."""
@@ -220,7 +225,7 @@ class JobRoutes(CheckpointChoice):
                       "progress": round(j.progress)} for j in jobs]
         return {"jobs": summaries, "total": total, "offset": offset, "limit": limit}
 
-    @router.post("/jobs/{job_id}/cancel", response_model=CancelResult)
+    @router.post("/jobs/{job_id}/cancel", response_model=CancelResult, responses=documented(404, 409))
     async def cancel_job(self, job_id: JobId, request: Request) -> dict:
         """Cancel a queued job (it never runs) or a running one (it stops within a step); 409 once finished."""
         await self._get(request, job_id)

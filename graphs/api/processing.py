@@ -18,10 +18,10 @@ from deployments.support.errors import InvalidInput
 from deployments.support.imaging import encode, exif_of, to_rgb
 from deployments.support.settings import Settings
 from graphs.api.body import JSONBodyRoute
-from graphs.api.errors import ErrorBody, call
+from graphs.api.errors import call, documented
 from graphs.api.fields import image_field
 
-router = APIRouter(tags=["processing"], route_class=JSONBodyRoute)
+router = APIRouter(tags=["processing"], route_class=JSONBodyRoute, responses=documented(400))
 
 Operation = Literal["sanitize", "overlay", "optimize", "convert-webp", "derivatives"]
 DEFAULT_WIDTHS = [320, 640, 1024, 1920]
@@ -139,8 +139,7 @@ class ProcessingRoutes:
     cropper: object
     settings: Settings
 
-    @router.post("/process", response_model=ProcessResponse,
-                 responses={400: {"model": ErrorBody}, 422: {"model": ErrorBody}})
+    @router.post("/process", response_model=ProcessResponse)
     async def process(self, body: ProcessRequest) -> ProcessResponse:
         """Sanitize (strip metadata, re-encode), overlay text or a logo, optimize, convert to WebP and cut
         responsive derivatives."""
@@ -157,7 +156,7 @@ class ProcessingRoutes:
                           imageData=_b64(b)) for w, b in blobs.items()]
         return ClipFocalResponse(focalPoint={}, derivatives=out)
 
-    @router.post("/derivatives/clip-focal", response_model=ClipFocalResponse)
+    @router.post("/derivatives/clip-focal", response_model=ClipFocalResponse, responses=documented(503))
     async def clip_focal(self, body: ClipFocalRequest) -> ClipFocalResponse:
         """Focal-preserving crops: the faces (or the given point) stay in every size."""
         image = await asyncio.to_thread(image_field, body.image, "image")

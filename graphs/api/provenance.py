@@ -7,7 +7,7 @@ from pydantic import BaseModel, Field
 
 from deployments.support.provenance import Verification
 from graphs.api.body import JSONBodyRoute
-from graphs.api.errors import ErrorBody, call
+from graphs.api.errors import call, documented
 from graphs.api.fields import image_bytes
 
 router = APIRouter(prefix="/provenance", tags=["provenance"], route_class=JSONBodyRoute)
@@ -21,8 +21,7 @@ class VerifyRequest(BaseModel):
 class ProvenanceRoutes:
     provenance: object
 
-    @router.post("/verify", response_model=Verification,
-                 responses={400: {"model": ErrorBody}, 413: {"model": ErrorBody}, 422: {"model": ErrorBody}})
+    @router.post("/verify", response_model=Verification, responses=documented(400, 503))
     async def verify(self, body: VerifyRequest) -> Verification:
         """Read an image's invisible watermark (and its payload) and check its C2PA content credentials."""
         data = image_bytes(body.image, "image")
