@@ -109,10 +109,14 @@ def batch_sizes(service: Service, args: argparse.Namespace, bar: ProgressBar) ->
             "seed": args.seed, "steps": args.steps, "baseSizes": dict(args.base_size) or None}
     event = follow(service, bar, submit=("/generate/batch-sizes", {k: v for k, v in body.items() if v is not None}))
     job = service.call("GET", f"/jobs/{finish(event)}")
+    unreadable = [name for name, image in job["images"].items() if image["imageData"] is None]
     for name, image in job["images"].items():
-        out = Path(args.output) / f"{name}.png"
-        _write(out, base64.b64decode(image["imageData"].split(",", 1)[-1]))
-        sys.stdout.write(f"{out} {image['width']}x{image['height']}\n")
+        if name not in unreadable:
+            out = Path(args.output) / f"{name}.png"
+            _write(out, base64.b64decode(image["imageData"].split(",", 1)[-1]))
+            sys.stdout.write(f"{out} {image['width']}x{image['height']}\n")
+    if unreadable:  # gone, or the store down: the job's warnings say which
+        raise CliError(f"{job['id']}: {', '.join(unreadable)} could not be read; see GET /jobs/{job['id']}")
     outcome = _outcome(event)
     return FLAGGED if any(image.get("nsfw") for image in job["images"].values()) else outcome
 
