@@ -262,7 +262,8 @@ async def test_the_runner_logs_progress_previews_and_the_outcome(base, upscaler,
     completed = log[-1].data
     assert completed["images"] == ["image_0"] and completed["seed"] == 3
     assert (completed["width"], completed["height"]) == (64, 64)
-    assert completed["links"] == {"job": f"/jobs/{job.id}", "result": f"/jobs/{job.id}/result"}
+    assert completed["links"] == {"job": f"/jobs/{job.id}", "result": f"/jobs/{job.id}/result",
+                                  "images": {"image_0": f"/jobs/{job.id}/images/1-image_0.png"}}
 
 
 def frames(chunks: list[str]) -> list[dict]:
@@ -339,11 +340,16 @@ async def test_watchers_past_the_limit_are_refused_until_one_ends(tmp_path):
     events.Streams(limit=0).admit()  # 0: no limit
 
 
-def test_a_batch_sizes_completed_event_carries_each_sizes_flag():
-    result = {"images": {"avatar": {"nsfw": True}, "hero": {"nsfw": False}}, "seed": 3, "bases_generated": 1}
-    assert events.completed_data("job_1", result)["nsfw"] == [True, False]
-    assert "nsfw" not in events.completed_data("job_1", {"images": {"avatar": {"nsfw": None}}})  # the filter is off
-    assert events.completed_data("job_1", {"images": ["k"], "nsfw": [False]})["nsfw"] == [False]
+def test_a_batch_sizes_completed_event_carries_each_sizes_flag_and_link():
+    result = {"images": {"avatar": {"key": "job_1/1-avatar.png", "nsfw": True},
+                         "hero": {"key": "job_1/1-hero.png", "nsfw": False}}, "seed": 3, "bases_generated": 1}
+    completed = events.completed_data("job_1", result)
+    assert completed["nsfw"] == [True, False]
+    assert completed["links"]["images"] == {"avatar": "/jobs/job_1/images/1-avatar.png",
+                                            "hero": "/jobs/job_1/images/1-hero.png"}
+    unfiltered = {"images": {"avatar": {"key": "job_1/1-avatar.png", "nsfw": None}}}
+    assert "nsfw" not in events.completed_data("job_1", unfiltered)  # the filter is off
+    assert events.completed_data("job_1", {"images": ["job_1/1-image_0.png"], "nsfw": [False]})["nsfw"] == [False]
 
 
 class FlakyBoard(Board):

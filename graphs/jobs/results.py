@@ -41,6 +41,20 @@ def result_key(job_id: str, name: str, suffix: str) -> str:
     return key
 
 
+def image_url(key: str) -> str:
+    """Where ``GET /jobs/{id}/images/{name}`` serves a stored image."""
+    job_id, _, name = key.partition("/")
+    return f"/jobs/{job_id}/images/{name}"
+
+
+def stored_keys(result: dict | None) -> list[str]:
+    """Every key a job's result holds: its images in order, or a batch's sizes each with its derivatives."""
+    images = (result or {}).get("images") or []
+    if isinstance(images, list):
+        return list(images)
+    return [k for e in images.values() for k in (e["key"], *e.get("derivatives", {}).values())]
+
+
 def _checked(key: str) -> str:
     if not KEY.match(key):
         raise InvalidInput("bad result key", field="key")
