@@ -1,23 +1,24 @@
-"""The job routes without Ray: the ingress's job routes over a real SQLite store and result folder, served by
-FastAPI in-process as methods of one object (as ``@serve.ingress`` serves them). Covers what happens to a job's
-view, its seed-002 result and its image URLs once an image is gone or the result store is down."""
+"""The job routes without Ray: the ingress's own app in-process, its job routes answered by an object holding a real
+SQLite store and result folder, as the Ingress replica would (the same routes, middleware and error handlers).
+Covers what happens to a job's view, its seed-002 result and its image URLs once an image is gone or the result
+store is down."""
 
 from __future__ import annotations
 
 import base64
 import io
 import shutil
+from types import SimpleNamespace
 
 import httpx
 import pytest
-from fastapi import APIRouter
-from fastapi.routing import APIRoute
 from PIL import Image
+from ray import serve
 
 from deployments.support import settings
 from deployments.support.errors import StorageUnavailable
 from graphs.api import edge, jobs, ratelimit
-from graphs.api.body import JSONBodyRoute
+from graphs.app import app
 from graphs.jobs.events import Streams
 from graphs.jobs.results import LocalResults
 from graphs.jobs.sqlite_store import SQLiteJobStore
@@ -42,20 +43,6 @@ class Down:
     size = load
 
 
-def bound(router: APIRouter, instance: object) -> APIRouter:
-    """``router``'s routes as methods of ``instance``, as ``@serve.ingress`` serves them, on a router of their own
-    (Serve's own way moves the routes off the module's router, which the app's later tests still need)."""
-    out = APIRouter(route_class=JSONBodyRoute)
-    for route in router.routes:
-        assert isinstance(route, APIRoute)
-        out.add_api_route(route.path, route.endpoint.__get__(instance), methods=list(route.methods),
-                          status_code=route.status_code, response_model=route.response_model,
-                          response_class=route.response_class,
-                          response_model_exclude_unset=route.response_model_exclude_unset,
-                          response_model_exclude_none=route.response_model_exclude_none)
-    return out
-
-
 class Service:
     """The job routes' state, and a client of the app that serves them."""
 
@@ -68,8 +55,8 @@ class Service:
         self.routes.jobs = SQLiteJobStore(tmp_path / "jobs.sqlite3")
         self.routes.results = self.files = LocalResults(tmp_path / "results")
         self.routes.streams = Streams(0)
-        app = edge.create_app()
-        app.include_router(bound(jobs.router, self.routes))
+        # The app itself: @serve.ingress made its routes methods of the replica's object, which Serve looks up here.
+        monkeypatch.setattr(serve, "get_replica_context", lambda: SimpleNamespace(servable_object=self.routes))
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
         self.client = httpx.AsyncClient(transport=transport, base_url="http://test")
 

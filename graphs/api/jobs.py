@@ -64,6 +64,10 @@ IMAGE_FIELDS = {
 IMAGE_NAME = Path(max_length=80, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\.(png|webp)$",
                   description="the stored file's name, as the job's image URLs end")
 IMMUTABLE = "private, max-age=31536000, immutable"  # a key carries its attempt: its bytes never change
+BYTES = {"schema": {"type": "string", "format": "binary"}}
+IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the image", "content": {"image/png": BYTES, "image/webp": BYTES}},
+    304: {"description": "If-None-Match matched: the client's copy is current"}}
 STREAM_DOC: dict[str, Any] = {"model": JobEventData, "description": "server-sent events; data: JSON as this model"}
 STREAMED: dict[int | str, dict[str, Any]] = {200: {
     "description": "with Accept: text/event-stream, the job's events instead (as GET /jobs/{id}/events)",
@@ -226,9 +230,8 @@ class JobRoutes(CheckpointChoice):
         # A submit's own stream is always served (its client has no job id to poll yet); a watcher's may not be.
         return self._events(job_id, _event_id(last_event_id), self.streams.admit())
 
-    @router.api_route("/jobs/{job_id}/images/{name}", methods=["GET", "HEAD"], response_class=Response,
-                      responses={200: {"content": {"image/png": {}, "image/webp": {}}},
-                                 304: {"description": "If-None-Match matched: the client's copy is current"}})
+    @router.get("/jobs/{job_id}/images/{name}", response_class=Response, responses=IMAGE_RESPONSES)
+    @router.head("/jobs/{job_id}/images/{name}", response_class=Response, responses=IMAGE_RESPONSES)
     async def job_image(self, job_id: JobId, request: Request, name: str = IMAGE_NAME) -> Response:
         """One image of a completed job as bytes (its URLs are in the job's view); cacheable for ever."""
         job = await self._get(request, job_id)
