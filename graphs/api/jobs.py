@@ -17,7 +17,7 @@ import base64
 import hashlib
 import re
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from pydantic import BaseModel
@@ -61,8 +61,8 @@ IMAGE_FIELDS = {
     "inpaint": ("image", "mask"),
     "style-transfer": ("contentImage", "styleImage"),
 }
-IMAGE_NAME = Path(max_length=80, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\.(png|webp)$",
-                  description="the stored file's name, as the job's image URLs end")
+ImageName = Annotated[str, Path(max_length=80, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\.(png|webp)$",
+                                description="the stored file's name, as the job's image URLs end")]
 IMMUTABLE = "private, max-age=31536000, immutable"  # a key carries its attempt: its bytes never change
 BYTES = {"schema": {"type": "string", "format": "binary"}}
 IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -232,7 +232,7 @@ class JobRoutes(CheckpointChoice):
 
     @router.get("/jobs/{job_id}/images/{name}", response_class=Response, responses=IMAGE_RESPONSES)
     @router.head("/jobs/{job_id}/images/{name}", response_class=Response, responses=IMAGE_RESPONSES)
-    async def job_image(self, job_id: JobId, request: Request, name: str = IMAGE_NAME) -> Response:
+    async def job_image(self, job_id: JobId, name: ImageName, request: Request) -> Response:
         """One image of a completed job as bytes (its URLs are in the job's view); cacheable for ever."""
         job = await self._get(request, job_id)
         key = f"{job.id}/{name}"

@@ -17,7 +17,6 @@ import hashlib
 import logging
 import os
 import re
-import shutil
 import uuid
 from pathlib import Path
 from typing import Protocol
@@ -124,17 +123,17 @@ class LocalResults:
             raise _unavailable("stat of", str(path), e) from e
 
     def delete(self, job_id: str) -> None:
-        if re.fullmatch(JOB_ID, job_id):
-            try:
-                shutil.rmtree(self.root / job_id, onerror=_gone_is_deleted)
-            except OSError as e:
-                raise _unavailable("delete of", str(self.root / job_id), e) from e
-
-
-def _gone_is_deleted(_function, _path, exc_info) -> None:
-    """rmtree's error handler: a file or folder already gone is deleted; anything else stops the delete."""
-    if not isinstance(exc_info[1], FileNotFoundError):
-        raise exc_info[1]
+        if not re.fullmatch(JOB_ID, job_id):
+            return
+        folder = self.root / job_id
+        try:
+            for path in folder.iterdir():  # flat: one file per key
+                path.unlink(missing_ok=True)
+            folder.rmdir()
+        except FileNotFoundError:
+            pass  # never stored, or deleted meanwhile
+        except OSError as e:
+            raise _unavailable("delete of", str(folder), e) from e
 
 
 class S3Results:
@@ -187,8 +186,9 @@ class S3Results:
         try:
             listing = self.client.list_objects_v2(Bucket=self.bucket, Prefix=f"{self.prefix}{job_id}/")
             objects = [{"Key": o["Key"]} for o in listing.get("Contents", [])]
-            answer = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": objects, "Quiet": True}) \
-                if objects else {}
+            if not objects:
+                return
+            answer = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": objects, "Quiet": True})
         except (BotoCoreError, ClientError) as e:
             raise _unavailable("delete of", where, e) from e
         # A quiet delete answers 200 whatever happened to each key: its Errors name the ones still there.
