@@ -153,11 +153,17 @@ def batch_sizes(service: Service, args: argparse.Namespace, bar: ProgressBar) ->
 
 
 def _save_sizes(job: dict, folder: Path) -> bool:
-    """Every size of a finished batch-sizes job as ``<size>.png`` in ``folder``; True when any was flagged."""
+    """Every size of a finished batch-sizes job as ``<size>.png`` in ``folder``; True when any was flagged. A size
+    whose image can no longer be read (gone, or the store down) fails the command, naming it, once the others
+    are saved."""
+    unreadable = [name for name, image in job["images"].items() if image["imageData"] is None]
     for name, image in job["images"].items():
-        out = folder / f"{name}.png"
-        _write(out, base64.b64decode(image["imageData"].split(",", 1)[-1]))
-        sys.stdout.write(f"{out} {image['width']}x{image['height']}\n")
+        if name not in unreadable:
+            out = folder / f"{name}.png"
+            _write(out, base64.b64decode(image["imageData"].split(",", 1)[-1]))
+            sys.stdout.write(f"{out} {image['width']}x{image['height']}\n")
+    if unreadable:  # the job's warnings say why
+        raise CliError(f"{job['id']}: {', '.join(unreadable)} could not be read; see GET /jobs/{job['id']}")
     return any(image.get("nsfw") for image in job["images"].values())
 
 

@@ -301,3 +301,28 @@ def test_jobs_wait_writes_every_size_of_a_batch_into_the_output_folder(monkeypat
     (tmp_path / "afile").write_text("")
     status, _, err = run(capsys, "--quiet", "jobs", "wait", "job_1", "-o", str(tmp_path / "afile"))
     assert status == 2 and "not a folder (the images go into it as <size>.png)" in err
+
+
+def test_a_batch_writes_the_sizes_it_can_read_and_names_the_others(monkeypatch, tmp_path, capsys):
+    """A size the view gives as null (expired, or the store down) is named, not a crash; the others are written."""
+    import base64
+    import io
+
+    import graphs.cli
+
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, "PNG")
+    sizes = {"avatar": base64.b64encode(png.getvalue()).decode(), "hero": None}
+    view = {"id": "job_1", "status": "completed", "images": {
+        name: {"imageData": data, "width": 8, "height": 8, "nsfw": None} for name, data in sizes.items()}}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/generate/batch-sizes":
+            return httpx.Response(200, text=frame(1, "completed"), headers={"content-type": "text/event-stream"})
+        return httpx.Response(200, json=view)
+
+    monkeypatch.setattr(graphs.cli, "Service", lambda url, token: Service(url, token,
+                                                                          transport=httpx.MockTransport(answer)))
+    status, out, err = run(capsys, "--quiet", "batch-sizes", "x", "--sizes", "avatar,hero", "-o", str(tmp_path))
+    assert status == 1 and out == f"{tmp_path / 'avatar.png'} 8x8\n" and not (tmp_path / "hero.png").exists()
+    assert "job_1: hero could not be read; see GET /jobs/job_1" in err

@@ -75,6 +75,26 @@ def test_idempotency(store):
     assert store.list_jobs()[1] == 1
 
 
+def test_an_idempotency_key_whose_job_failed_retryably_makes_a_new_job(store):
+    """A job that failed because its images could not be stored frees its key; any other outcome keeps it."""
+    first, _ = store.create(job(request={"seed": 1}), idempotency_key="k1")
+    store.claim("w", 30)
+    store.finish(first.id, "w", "failed", error="GPU_OOM: out of memory")
+    assert store.create(job(request={"seed": 1}), idempotency_key="k1")[0].id == first.id  # not this code
+    stored, _ = store.create(job(request={"seed": 2}), idempotency_key="k2")
+    store.claim("w", 30)
+    store.finish(stored.id, "w", "failed", error="STORAGE_UNAVAILABLE: result storage unavailable")
+    with pytest.raises(InvalidInput):
+        store.create(job(request={"seed": 3}), idempotency_key="k2")  # still the same request or none
+    again, created = store.create(job(request={"seed": 2}), idempotency_key="k2")
+    assert created and again.id != stored.id
+    assert store.create(job(request={"seed": 2}), idempotency_key="k2")[0].id == again.id  # the key is the new job's
+    assert store.get(stored.id).status == "failed"
+    time.sleep(0.05)
+    assert {j.id for j in store.purge(0.01)} == {first.id, stored.id}
+    assert store.create(job(request={"seed": 2}), idempotency_key="k2")[0].id == again.id  # purging the old kept it
+
+
 def test_an_idempotency_key_is_its_senders(store):
     """The same key and body from another token is another job: nobody reads another's job by guessing a key."""
     alice, _ = store.create(job(request={"seed": 1}, owner="alice"), idempotency_key="k1")

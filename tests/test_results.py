@@ -1,11 +1,13 @@
 """Job result stores: local files and S3, with faults injected between the store and a real S3 server."""
 
+import errno
 import hashlib
+import logging
 import os
 
 import pytest
 
-from deployments.support.errors import InvalidInput, NotFound, StorageUnavailable
+from deployments.support.errors import InvalidInput, NotFound, ResultExpired, StorageUnavailable
 from deployments.support.settings import Settings
 from deployments.weights.loader import s3_client
 from graphs.jobs.results import LocalResults, S3Results, open_results
@@ -51,9 +53,11 @@ def test_local_results_round_trip_and_refuse_escapes(tmp_path):
             store.save(JOB, name, b"x")
     store.delete("../")  # not a job id: nothing happens
     assert (tmp_path / "canary.png").exists()
+    assert store.size(key) == len(DATA)
     store.delete(JOB)
-    with pytest.raises(NotFound):
+    with pytest.raises(NotFound) as gone:
         store.load(key)
+    assert gone.value.code == "RESULT_EXPIRED"
 
 
 def test_s3_results_round_trip_under_a_prefix(bucket, s3_server):
@@ -65,21 +69,87 @@ def test_s3_results_round_trip_under_a_prefix(bucket, s3_server):
     store.save(JOB, "hero_320w", b"RIFF-webp", "webp")
     assert objects(client, name) == {f"jobs/{JOB}/hero.png": len(DATA), f"jobs/{JOB}/hero_320w.webp": 9}
     assert store.load(key) == DATA
+    assert store.size(key) == len(DATA)
     store.delete(JOB)
     assert objects(client, name) == {}
-    with pytest.raises(NotFound):
+    with pytest.raises(ResultExpired):
         store.load(key)
+    with pytest.raises(ResultExpired):
+        store.size(key)
 
 
 @pytest.mark.parametrize("fault", ["refuse", "reset", "cut_upload", "stall", "http_500"])
-def test_s3_faults_never_publish_a_partial_object(bucket, proxy, fault):
+def test_s3_faults_never_publish_a_partial_object(bucket, proxy, fault, caplog):
     client, name = bucket
     proxy.inject(fault, upload_budget=120_000)
     store = S3Results(name, "r/", s3_client(proxy.url, "us-east-1", read_timeout=1, attempts=2))
-    with pytest.raises(StorageUnavailable):
+    with caplog.at_level(logging.WARNING, logger="graphs.jobs.results"), pytest.raises(StorageUnavailable) as raised:
         store.save(JOB, "hero", DATA)
     assert proxy.faulted >= 2  # the retry met the fault too
     assert objects(client, name) == {}
+    # Clients and job records get the reason alone; where the store is goes to the log.
+    assert str(raised.value) == "result storage unavailable"
+    assert f"s3://{name}/r/{JOB}/hero.png" in caplog.text
+
+
+def test_a_full_disk_keeps_no_partial_file_and_is_storage_unavailable(tmp_path, monkeypatch):
+    store = LocalResults(tmp_path / "results")
+
+    def full(_fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(StorageUnavailable) as raised:
+        store.save(JOB, "hero", DATA)
+    assert str(raised.value) == "result storage unavailable" and str(tmp_path) not in str(raised.value)
+    assert list((tmp_path / "results" / JOB).iterdir()) == []
+
+    def interrupted(_fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        store.save(JOB, "hero", DATA)
+    assert list((tmp_path / "results" / JOB).iterdir()) == []
+
+
+def test_a_local_delete_that_fails_raises_so_the_purge_keeps_the_job(tmp_path, monkeypatch):
+    store = LocalResults(tmp_path / "results")
+    key = store.save(JOB, "hero", DATA)
+    store.delete("job_1_0abc")  # never stored: nothing to delete, and that is no error
+    real_unlink = os.unlink
+
+    def refused(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+
+    monkeypatch.setattr(os, "unlink", refused)
+    with pytest.raises(StorageUnavailable):
+        store.delete(JOB)
+    assert store.load(key) == DATA
+    monkeypatch.setattr(os, "unlink", real_unlink)
+    store.delete(JOB)
+    with pytest.raises(ResultExpired):
+        store.load(key)
+
+
+class QuietDeletes:
+    """A client whose quiet DeleteObjects answers 200 with per-key ``Errors``, as S3 does."""
+
+    def __init__(self, code: str) -> None:
+        self.code = code
+
+    def list_objects_v2(self, **_):
+        return {"Contents": [{"Key": f"r/{JOB}/hero.png"}, {"Key": f"r/{JOB}/hero_64w.webp"}]}
+
+    def delete_objects(self, **_):
+        return {"Errors": [{"Key": f"r/{JOB}/hero.png", "Code": self.code, "Message": "no"}]}
+
+
+def test_an_s3_delete_that_leaves_objects_raises():
+    S3Results("b", "r/", QuietDeletes("NoSuchKey")).delete(JOB)  # already gone: deleted
+    with pytest.raises(StorageUnavailable) as raised:
+        S3Results("b", "r/", QuietDeletes("AccessDenied")).delete(JOB)
+    assert str(raised.value) == "result storage unavailable"
 
 
 @pytest.mark.parametrize("fault", ["reset", "cut_upload", "http_500"])

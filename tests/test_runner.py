@@ -19,6 +19,7 @@ import uuid
 import pytest
 from PIL import Image
 
+from deployments.support.errors import StorageUnavailable
 from deployments.support.generation import encoded
 from deployments.support.reporting import Reporter
 from graphs.board import Board
@@ -132,6 +133,7 @@ def s3_results(s3_server, runner_env):
     host, port = s3_server.removeprefix("http://").split(":")
     proxy = TruncatingProxy((host, int(port)))
     runner_env.setenv("JOB_TIMEOUT", "600000")  # a busy machine must not turn the upload checks into timeouts
+    runner_env.setenv("JOB_SAVE_BACKOFF_SECONDS", "0.05")
     runner_env.setenv("JOB_RESULTS_URL", f"s3://{bucket}/results")
     runner_env.setenv("AWS_ENDPOINT_URL", proxy.url)
     yield client, bucket, proxy
@@ -156,11 +158,55 @@ async def test_results_on_s3_are_whole_before_completed_and_a_failed_upload_fail
         job = Job(id=new_job_id(), type="text2img", request=small)
         runner.store.create(job)
         done = await finished(runner, job.id)
-        assert done.status == "failed" and (done.error or "").startswith("STORAGE_UNAVAILABLE")
+        assert done.status == "failed" and done.error == "STORAGE_UNAVAILABLE: result storage unavailable"
+        assert done.attempts == 3  # each attempt retried its upload, then gave the job back
         listing = client.list_objects_v2(Bucket=bucket, Prefix=f"results/{job.id}/")
         assert listing.get("KeyCount", 0) == 0
     finally:
         stop(runner)
+
+
+class RefusedSaves:
+    """The runner's result store with its first ``refusals`` saves refused, as an unreachable store refuses them."""
+
+    def __init__(self, store, refusals: int) -> None:
+        self.store, self.refusals, self.saves = store, refusals, 0
+
+    def save(self, *args):
+        self.saves += 1
+        if self.refusals > 0:
+            self.refusals -= 1
+            raise StorageUnavailable("result storage unavailable")
+        return self.store.save(*args)
+
+    def __getattr__(self, name: str):
+        return getattr(self.store, name)
+
+
+@pytest.mark.parametrize("refusals,outcome,attempts", [(3, "completed", 1), (4, "completed", 2), (99, "failed", 3)])
+async def test_a_store_that_refuses_saves_costs_retries_then_attempts_not_the_job(base, upscaler, runner_env,
+                                                                                  refusals, outcome, attempts):
+    """JOB_SAVE_ATTEMPTS is 4 and JOB_MAX_ATTEMPTS 3: three refusals are retried in place, a fourth gives the job
+    back to the queue, and a store down through every attempt fails the job with STORAGE_UNAVAILABLE."""
+    runner_env.setenv("JOB_TIMEOUT", "600000")
+    runner_env.setenv("JOB_SAVE_BACKOFF_SECONDS", "0.01")
+    runner = start_runner(base, upscaler)
+    runner.results = flaky = RefusedSaves(runner.results, refusals)
+    try:
+        job = Job(id=new_job_id(), type="text2img", request={"prompt": "x", "width": 64, "height": 64, "steps": 2})
+        runner.store.create(job)
+        done = await finished(runner, job.id)
+        log = runner.store.events(job.id)
+    finally:
+        stop(runner)
+    assert done.status == outcome and done.attempts == attempts, done.error
+    assert flaky.saves == min(refusals + 1, 4 * attempts)
+    assert sum(1 for e in log if e.event == "queued" and e.data.get("requeued")) == attempts - 1
+    if outcome == "failed":
+        assert done.error == "STORAGE_UNAVAILABLE: result storage unavailable"
+        assert log[-1].data["code"] == "STORAGE_UNAVAILABLE"
+    else:
+        assert runner.results.load(done.result["images"][0]).startswith(b"\x89PNG")
 
 
 class DyingBaseShell(BaseShell):
@@ -262,7 +308,8 @@ async def test_the_runner_logs_progress_previews_and_the_outcome(base, upscaler,
     completed = log[-1].data
     assert completed["images"] == ["image_0"] and completed["seed"] == 3
     assert (completed["width"], completed["height"]) == (64, 64)
-    assert completed["links"] == {"job": f"/jobs/{job.id}", "result": f"/jobs/{job.id}/result"}
+    assert completed["links"] == {"job": f"/jobs/{job.id}", "result": f"/jobs/{job.id}/result",
+                                  "images": {"image_0": f"/jobs/{job.id}/images/1-image_0.png"}}
 
 
 def frames(chunks: list[str]) -> list[dict]:
@@ -339,11 +386,16 @@ async def test_watchers_past_the_limit_are_refused_until_one_ends(tmp_path):
     events.Streams(limit=0).admit()  # 0: no limit
 
 
-def test_a_batch_sizes_completed_event_carries_each_sizes_flag():
-    result = {"images": {"avatar": {"nsfw": True}, "hero": {"nsfw": False}}, "seed": 3, "bases_generated": 1}
-    assert events.completed_data("job_1", result)["nsfw"] == [True, False]
-    assert "nsfw" not in events.completed_data("job_1", {"images": {"avatar": {"nsfw": None}}})  # the filter is off
-    assert events.completed_data("job_1", {"images": ["k"], "nsfw": [False]})["nsfw"] == [False]
+def test_a_batch_sizes_completed_event_carries_each_sizes_flag_and_link():
+    result = {"images": {"avatar": {"key": "job_1/1-avatar.png", "nsfw": True},
+                         "hero": {"key": "job_1/1-hero.png", "nsfw": False}}, "seed": 3, "bases_generated": 1}
+    completed = events.completed_data("job_1", result)
+    assert completed["nsfw"] == [True, False]
+    assert completed["links"]["images"] == {"avatar": "/jobs/job_1/images/1-avatar.png",
+                                            "hero": "/jobs/job_1/images/1-hero.png"}
+    unfiltered = {"images": {"avatar": {"key": "job_1/1-avatar.png", "nsfw": None}}}
+    assert "nsfw" not in events.completed_data("job_1", unfiltered)  # the filter is off
+    assert events.completed_data("job_1", {"images": ["job_1/1-image_0.png"], "nsfw": [False]})["nsfw"] == [False]
 
 
 class FlakyBoard(Board):

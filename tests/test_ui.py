@@ -168,13 +168,15 @@ def _job(**result) -> dict:
                        **result}}
 
 
-def _generate_against(browser, job: dict, stream: str, until: str) -> tuple[object, object, list]:
-    """The page against the events contract, every API answer faked in the browser: Generate clicked, then
-    waited on until the JavaScript condition ``until`` holds. The caller closes the context."""
+def _generate_against(browser, job: dict, stream: str, until: str,
+                      more: dict | None = None) -> tuple[object, object, list]:
+    """The page against the events contract, every API answer faked in the browser (``more`` adds or replaces
+    answers; a (status, body) pair is an error): Generate clicked, then waited on until the JavaScript condition
+    ``until`` holds. The caller closes the context."""
     answers = {
         "/models": {"models": [{"id": "m", "type": "base"}]}, "/sdapi/v1/samplers": [{"name": "Euler a"}],
         "/sdapi/v1/loras": [], "/sdapi/v1/upscalers": [], "/generate/batch-sizes": {"sizes": {}, "bases": {}},
-        "/jobs": {"jobs": [], "total": 0, "offset": 0, "limit": 12}, "/jobs/job_1": job,
+        "/jobs": {"jobs": [], "total": 0, "offset": 0, "limit": 12}, "/jobs/job_1": job, **(more or {}),
     }
     submitted: list = []
 
@@ -189,6 +191,8 @@ def _generate_against(browser, job: dict, stream: str, until: str) -> tuple[obje
             return route.fulfill(status=202, json={**job, "status": "queued", "progress": 0})
         if path == "/jobs/job_1/events":
             return route.fulfill(body=stream, content_type="text/event-stream")
+        if isinstance(answers[path], tuple):
+            return route.fulfill(status=answers[path][0], json=answers[path][1])
         return route.fulfill(json=answers[path])
 
     context = browser.new_context()
@@ -233,6 +237,39 @@ def test_a_flagged_image_says_so_with_the_warnings(browser):
     warnings = page.locator("#result ul.warnings li").all_inner_texts()
     context.close()
     assert flag == "flagged by the safety checker: replaced" and warnings == [warning]
+
+
+def test_a_batch_with_an_unreadable_size_shows_the_rest_and_why(browser):
+    """The view's batch entries: bytes at the top level (null where unreadable), the same entries without them in
+    ``result``."""
+    sizes = {"avatar": (24, 16), "hero": (16, 24)}
+    entries = {name: {"format": "png", "width": w, "height": h, "aspect": "square", "url": f"/jobs/job_1/images/{name}"}
+               for name, (w, h) in sizes.items()}
+    warning = "size hero is unavailable (RESULT_EXPIRED): it expired or was removed"
+    job = {**_job(), "type": "batch-sizes", "result": {"images": entries, "seed": 5, "warnings": [warning]},
+           "images": {"avatar": {**entries["avatar"], "imageData": base64.b64encode(_png(24, 16)).decode()},
+                      "hero": {**entries["hero"], "imageData": None}}}
+    until = f"() => document.querySelector('{RESULT}')?.naturalWidth > 0"
+    context, page, _ = _generate_against(browser, job, _stream("job_1"), until)
+    shown = page.locator(RESULT).count()
+    missing = page.locator("#result .unreadable").all_inner_texts()
+    warnings = page.locator("#result ul.warnings li").all_inner_texts()
+    context.close()
+    assert shown == 1 and missing == ["image unavailable"] and warnings == [warning]
+
+
+def test_a_job_whose_details_fail_does_not_empty_the_list(browser):
+    listed = [{"id": f"job_{i}", "type": "text2img", "status": "completed", "createdAt": "", "progress": 100}
+              for i in (1, 2)]
+    more = {"/jobs": {"jobs": listed, "total": 2, "offset": 0, "limit": 12},
+            "/jobs/job_2": (503, {"error": "result storage unavailable", "code": "STORAGE_UNAVAILABLE", "details": {}})}
+    until = "() => document.querySelectorAll('#gallery li').length === 2"
+    context, page, _ = _generate_against(browser, _job(), _stream("job_1"), until, more)
+    note = page.locator("#gallery-note").inner_text()
+    images = page.locator("#gallery li[data-job=job_1] img").count()
+    failed = page.locator("#gallery li[data-job=job_2] .unreadable").inner_text()
+    context.close()
+    assert note == "" and images == 1 and failed == "Details unavailable: result storage unavailable"
 
 
 @pytest.fixture(scope="module")

@@ -77,6 +77,12 @@ class NotFound(ServiceError):
     code = "NOT_FOUND"
 
 
+class ResultExpired(NotFound):
+    """A finished job's image is gone (its retention, a bucket's lifecycle rule, a lost disk): the job is there."""
+
+    code = "RESULT_EXPIRED"
+
+
 class Unauthorized(ServiceError):
     code = "UNAUTHORIZED"
 

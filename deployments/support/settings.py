@@ -109,6 +109,10 @@ class Settings(BaseSettings):
     job_timeout: int = Field(300_000, ge=1000, description="milliseconds")
     job_lease_seconds: float = Field(30.0, gt=0)
     job_max_attempts: int = Field(3, ge=1)
+    job_save_attempts: int = Field(4, ge=1, le=10, description=(
+        "tries of each image save while the result store is unavailable, the waits doubling from "
+        "JOB_SAVE_BACKOFF_SECONDS and all within one JOB_LEASE_SECONDS; then the job goes back to the queue"))
+    job_save_backoff_seconds: float = Field(0.5, gt=0)
     job_retention_seconds: float = Field(24 * 3600, gt=0)
     job_poll_seconds: float = Field(0.2, gt=0)
     jobs_per_token: bool = Field(False, description="a job is visible only to the bearer token that made it")

@@ -136,7 +136,8 @@ class Head:
             return {"type": "http.disconnect"} if done else await receive()
 
         with contextlib.suppress(_Answered):
-            await self.app({**scope, "method": "GET"}, until_answered, headers_only)
+            # ``head``: a route that can answer without its body (an image's size) reads it.
+            await self.app({**scope, "method": "GET", "head": True}, until_answered, headers_only)
 
 
 class _Answered(Exception):

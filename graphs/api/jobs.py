@@ -7,19 +7,23 @@ and ``seed`` at the top level.
 
 ``GET /jobs/{id}/events`` streams the job's events (server-sent events, ``graphs.jobs.events``); every submit
 sent with ``Accept: text/event-stream`` answers with that stream (200) instead of its JSON.
+
+``GET /jobs/{id}/images/{name}`` serves one stored image as bytes; the view and the ``completed`` event link to it.
+A view always shows its job's status: an image that cannot be read is null, with a warning that says which and why.
 """
 
 import asyncio
 import base64
+import hashlib
 import re
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Header, Path, Query, Request, Response
 from pydantic import BaseModel
 
 from deployments.support import overlay
-from deployments.support.errors import InvalidInput, JobConflict, NotFound
+from deployments.support.errors import InvalidInput, JobConflict, NotFound, ResultExpired, StorageUnavailable
 from deployments.support.settings import Settings
 from graphs.api.body import JSONBodyRoute
 from graphs.api.checkpoints import CheckpointChoice
@@ -45,7 +49,7 @@ from graphs.jobs.models import (
     StyleTransferJob,
     Text2ImgJob,
 )
-from graphs.jobs.results import ResultStore
+from graphs.jobs.results import MIME, ResultStore, image_url, stored_keys
 from graphs.jobs.runner import data_uri, image_info
 from graphs.jobs.sizes import SizeTable
 from graphs.jobs.store import Job, JobStore, new_job_id
@@ -58,6 +62,13 @@ IMAGE_FIELDS = {
     "inpaint": ("image", "mask"),
     "style-transfer": ("contentImage", "styleImage"),
 }
+ImageName = Annotated[str, Path(max_length=80, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\.(png|webp)$",
+                                description="the stored file's name, as the job's image URLs end")]
+IMMUTABLE = "private, max-age=31536000, immutable"  # a key carries its attempt: its bytes never change
+BYTES = {"schema": {"type": "string", "format": "binary"}}
+IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the image", "content": {"image/png": BYTES, "image/webp": BYTES}},
+    304: {"description": "If-None-Match matched: the client's copy is current"}}
 STREAM_DOC: dict[str, Any] = {"model": JobEventData, "description": "server-sent events; data: JSON as this model"}
 STREAMED: dict[int | str, dict[str, Any]] = {200: {
     "description": "with Accept: text/event-stream, the job's events instead (as GET /jobs/{id}/events)",
@@ -117,20 +128,47 @@ class JobRoutes(CheckpointChoice):
                "completedAt": _iso(job.completed_at), "error": job.error, "attempts": job.attempts}
         if job.status == "completed" and job.result is not None and with_images:
             result = dict(job.result)
+            warnings = list(result.get("warnings") or [])
             if job.type == "batch-sizes":
                 # seed 002's imageData is plain base64, as /generate's and /jobs/{id}/result's are
-                images = {name: {"imageData": base64.b64encode(self.results.load(e["key"])).decode(),
-                                 "format": "png", "width": e["width"], "height": e["height"], "aspect": e["aspect"],
-                                 "box": e["box"], "upscaled": e["upscaled"], "nsfw": e.get("nsfw"),
-                                 "derivatives": {w: data_uri(self.results.load(k), "image/webp")
-                                                 for w, k in e.get("derivatives", {}).items()}}
-                          for name, e in result["images"].items()}
+                images = {name: self._size_entry(name, e, warnings) for name, e in result["images"].items()}
                 out.update(images=images, bases_generated=result["bases_generated"], seed=result["seed"])
-                result["images"] = images
+                # the same entries without the bytes, which the top level already carries
+                result["images"] = {name: {k: v for k, v in e.items() if k not in ("imageData", "derivatives")}
+                                    for name, e in images.items()}
             else:
-                result["images"] = [data_uri(self.results.load(k)) for k in result["images"]]
+                keys = result["images"]
+                result["images"] = [self._data_uri(k, f"image {i + 1} of {len(keys)}", warnings)
+                                    for i, k in enumerate(keys)]
+                result["urls"] = [image_url(k) for k in keys]
+            if warnings:
+                result["warnings"] = warnings
             out["result"] = result
         return out
+
+    def _size_entry(self, name: str, e: dict, warnings: list[str]) -> dict:
+        data = self._read(e["key"], f"size {name}", warnings)
+        derivatives = e.get("derivatives", {})
+        return {"imageData": None if data is None else base64.b64encode(data).decode(), "format": "png",
+                "width": e["width"], "height": e["height"], "aspect": e["aspect"], "box": e["box"],
+                "upscaled": e["upscaled"], "nsfw": e.get("nsfw"), "url": image_url(e["key"]),
+                "derivatives": {w: self._data_uri(k, f"size {name} at {w} px", warnings, "image/webp")
+                                for w, k in derivatives.items()},
+                "derivativeUrls": {w: image_url(k) for w, k in derivatives.items()}}
+
+    def _data_uri(self, key: str, what: str, warnings: list[str], mime: str = "image/png") -> str | None:
+        data = self._read(key, what, warnings)
+        return None if data is None else data_uri(data, mime)
+
+    def _read(self, key: str, what: str, warnings: list[str]) -> bytes | None:
+        """The image, or None and a warning: one image gone or a store down must not hide the job's status."""
+        try:
+            return self.results.load(key)
+        except ResultExpired:
+            warnings.append(f"{what} is unavailable (RESULT_EXPIRED): it expired or was removed")
+        except StorageUnavailable:
+            warnings.append(f"{what} is unavailable for now (STORAGE_UNAVAILABLE): result storage unavailable")
+        return None
 
     async def _get(self, request: Request, job_id: str) -> Job:
         job = await asyncio.to_thread(self.jobs.get, job_id)
@@ -196,11 +234,29 @@ class JobRoutes(CheckpointChoice):
         # A submit's own stream is always served (its client has no job id to poll yet); a watcher's may not be.
         return self._events(job_id, _event_id(last_event_id), self.streams.admit())
 
+    @router.get("/jobs/{job_id}/images/{name}", response_class=Response,
+                responses={**IMAGE_RESPONSES, **documented(404, 410)})
+    async def job_image(self, job_id: JobId, name: ImageName, request: Request) -> Response:
+        """One image of a completed job as bytes (its URLs are in the job's view); cacheable for ever."""
+        job = await self._get(request, job_id)
+        key = f"{job.id}/{name}"
+        if job.status != "completed" or key not in stored_keys(job.result):
+            raise NotFound("the job has no image of that name", field="name")
+        etag = f'"{hashlib.sha256(key.encode()).hexdigest()[:32]}"'
+        headers = {"ETag": etag, "Cache-Control": IMMUTABLE}
+        if _matches(request.headers.get("if-none-match"), etag):
+            return Response(status_code=304, headers=headers)
+        mime = MIME[name.rsplit(".", 1)[1]]
+        if request.scope.get("head"):  # the edge answers HEAD with this GET's headers alone (``edge.Head``)
+            size = await asyncio.to_thread(self.results.size, key)
+            return Response(media_type=mime, headers={**headers, "Content-Length": str(size)})
+        return Response(await asyncio.to_thread(self.results.load, key), media_type=mime, headers=headers)
+
     @router.get("/jobs/{job_id}/result", response_model=JobResult, response_model_exclude_none=True,
-                responses=documented(404, 409))
+                responses=documented(404, 409, 410))
     async def get_result(self, job_id: JobId, request: Request) -> dict:
         """Seed 002: {imageData, format, width, height} of a completed job (and nsfw while the filter is on); 409
-        before."""
+        before, 410 once its image is gone."""
         job = await self._get(request, job_id)
         if job.status != "completed" or job.result is None:
             raise JobConflict(f"job is {job.status}", field="id", details={"status": job.status})
@@ -253,6 +309,12 @@ class JobRoutes(CheckpointChoice):
                 "cancelledJobs": counts.get("cancelled", 0),
                 "averageProcessingTime": round(stats["average_seconds"] * 1000),
                 "maxQueueSize": self.settings.max_queue_size}
+
+
+def _matches(if_none_match: str | None, etag: str) -> bool:
+    """Whether an If-None-Match header names ``etag`` (weakly compared, as RFC 9110 has it for GET)."""
+    tags = [t.strip().removeprefix("W/") for t in (if_none_match or "").split(",")]
+    return "*" in tags or etag in tags
 
 
 def _event_id(value: str | None) -> int:

@@ -10,8 +10,8 @@ Event names and data fields are a public contract (the web page and the CLI read
 - ``started``: ``attempt``
 - ``progress``: ``step``, ``total``, ``eta_s``, ``progress`` (percent)
 - ``preview``: ``step``, ``total``, ``image`` (a small JPEG data URI of the latents being denoised)
-- ``completed``: ``images`` (their names, in the order GET /jobs/{id} gives them), ``seed``, ``links`` (and
-  ``nsfw``, ``cached`` where the result has them)
+- ``completed``: ``images`` (their names, in the order GET /jobs/{id} gives them), ``seed``, ``links`` (``job``,
+  ``result``, and ``images``: each image's URL by name), and ``nsfw``, ``cached`` where the result has them
 - ``failed``: ``code``, ``message``
 - ``cancelled``
 
@@ -32,6 +32,7 @@ from starlette.responses import StreamingResponse
 
 from deployments.support.errors import StreamsBusy
 from deployments.support.imaging import encode
+from graphs.jobs.results import image_url
 from graphs.jobs.store import JobEvent, JobStore
 
 PREVIEW_SIDE = 256  # latent previews are already 1/8 of the image; a larger one only costs bandwidth
@@ -133,9 +134,11 @@ def response(store: JobStore, job_id: str, after: int, poll_s: float, heartbeat_
 def completed_data(job_id: str, result: dict) -> dict:
     """The completed event: what the result holds, by name; the images themselves are behind the links."""
     images = result.get("images") or []
-    names = list(images) if isinstance(images, dict) else [f"image_{i}" for i in range(len(images))]
-    data = {"images": names, "seed": result.get("seed"), "warnings": result.get("warnings", []),
-            "links": {"job": f"/jobs/{job_id}", "result": f"/jobs/{job_id}/result"}}
+    keys = {name: e["key"] for name, e in images.items()} if isinstance(images, dict) else {
+        f"image_{i}": key for i, key in enumerate(images)}
+    links = {"job": f"/jobs/{job_id}", "result": f"/jobs/{job_id}/result",
+             "images": {name: image_url(key) for name, key in keys.items()}}
+    data = {"images": list(keys), "seed": result.get("seed"), "warnings": result.get("warnings", []), "links": links}
     facts = {**result.get("parameters", {}), **result}  # seed 003's results keep the size in their parameters
     for name in ("width", "height", "timeTaken", "bases_generated", "nsfw", "cached"):
         if name in facts:

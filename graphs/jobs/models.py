@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import Path
 from pydantic import AfterValidator, BaseModel, Field, field_validator
@@ -148,9 +148,12 @@ class JobView(BaseModel):
     completedAt: str | None
     error: str | None
     attempts: int
-    result: dict | None = Field(None, description="images as data URIs, seed, parameters, timeTaken, nsfw (one "
-                                "flag per image; null: the filter is off), cached")
-    images: dict | None = Field(None, description="a finished batch: per size, imageData and derivatives")
+    result: dict | None = Field(None, description="images as data URIs (null: unreadable, see warnings), urls (the "
+                                "same images as GET /jobs/{id}/images/{name}), seed, parameters, timeTaken, nsfw (one "
+                                "flag per image; null: the filter is off), cached, warnings; a batch's images without "
+                                "imageData and derivatives")
+    images: dict | None = Field(None, description="a finished batch: per size, imageData, derivatives, url and "
+                                "derivativeUrls")
     bases_generated: int | None = None
     seed: int | None = None
 
@@ -172,7 +175,8 @@ class JobEventData(BaseModel):
     image: str | None = Field(None, description="preview: data:image/jpeg;base64,...")
     images: list[str] | None = Field(None, description="completed: image names, in GET /jobs/{id}'s order")
     seed: int | None = None
-    links: dict[str, str] | None = Field(None, description="completed: job and result URLs")
+    links: dict[str, Any] | None = Field(None, description="completed: job and result URLs, and images: each "
+                                         "image's URL (GET /jobs/{id}/images/{name}) by name")
     nsfw: list[bool | None] | None = Field(None, description="completed: the safety checker's flag per image")
     cached: bool | None = Field(None, description="completed: answered from the result cache")
     code: str | None = Field(None, description="failed")

@@ -16,6 +16,7 @@ from deployments.support.errors import InvalidInput, QueueFull
 from graphs.jobs.store import (
     EVENTS_KEPT,
     PRIORITIES,
+    RETRYABLE,
     STATUSES,
     Job,
     JobEvent,
@@ -58,6 +59,16 @@ end
 _LUA_CREATE = _LUA_EMIT + """
 local p, id, idem, digest = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local maxq, prio, kept = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[8])
+-- a job that failed with a retryable code (its error starts '<code>:') frees its key
+local function retryable(key)
+  if redis.call('HGET', key, 'status') ~= 'failed' then return false end
+  local err = redis.call('HGET', key, 'error') or ''
+  for _, code in ipairs(cjson.decode(ARGV[10])) do
+    if string.sub(err, 1, #code + 1) == code .. ':' then return true end
+  end
+  return false
+end
+local replaced = nil
 if idem ~= '' then
   local existing = redis.call('GET', p .. ':idem:' .. idem)
   if existing and redis.call('EXISTS', p .. ':job:' .. existing) == 0 then
@@ -65,11 +76,13 @@ if idem ~= '' then
   end
   if existing then
     if redis.call('HGET', p .. ':job:' .. existing, 'body_hash') ~= digest then return {'conflict', existing} end
-    return {'existing', existing}
+    if not retryable(p .. ':job:' .. existing) then return {'existing', existing} end
+    replaced = p .. ':job:' .. existing
   end
 end
 local queued = redis.call('ZCARD', p .. ':queued')
 if maxq >= 0 and queued >= maxq then return {'full', tostring(queued)} end
+if replaced then redis.call('HSET', replaced, 'idem', '') end  -- its purge must leave the key to the new job
 local seq = redis.call('INCR', p .. ':seq')
 local key = p .. ':job:' .. id
 local fields = cjson.decode(ARGV[7])
@@ -298,7 +311,8 @@ class RedisJobStore:
         scoped = "" if idempotency_key is None else idempotency_scope(job.owner, idempotency_key)
         outcome, value = self._create(args=[self.prefix, job.id, scoped, digest,
                                             -1 if max_queued is None else max_queued, PRIORITIES[job.priority],
-                                            json.dumps(fields), self.events_kept, event_data(job.id, "queued")])
+                                            json.dumps(fields), self.events_kept, event_data(job.id, "queued"),
+                                            json.dumps(RETRYABLE)])
         if outcome == "conflict":
             raise InvalidInput("Idempotency-Key reused with a different body", field="Idempotency-Key")
         if outcome == "full":

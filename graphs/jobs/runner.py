@@ -3,7 +3,9 @@
 Graph position: ingress -> job store <- **JobRunner** -> (SDXLBase, SDXLRefiner, Upscaler, FaceRestorer,
 FocalCropper, SafetyChecker). Each runner replica runs ``max_concurrent_jobs`` worker loops. A worker claims a job
 with a lease, renews the lease (and records progress) while the job runs, writes every image completely before it
-marks the job completed, and stops the generation within one denoising step when the job is cancelled. A runner that
+marks the job completed (trying a failing result store again while the images are in memory, then giving the job
+back to the queue rather than failing it), and stops the generation within one denoising step when the job is
+cancelled. A runner that
 dies simply stops renewing: another claims the job when the lease expires. While it renews the lease it also adds the
 job's ``progress`` and ``preview`` events to the store's event log (``graphs.jobs.events``); the store itself
 logs the state changes. With the result cache on, every job but batch sizes (``generate``, and seed 003's
@@ -24,7 +26,7 @@ from PIL import Image
 from ray import serve
 
 from deployments.support.batching import gathered
-from deployments.support.errors import GenerationCancelled
+from deployments.support.errors import GenerationCancelled, StorageUnavailable
 from deployments.support.generation import Encoding, StageResult, encoded
 from deployments.support.metrics import JobMetrics
 from deployments.support.settings import current
@@ -123,6 +125,8 @@ class JobRunner:
                 event = {"code": "JOB_TIMEOUT", "message": error}
             elif isinstance(cause, GenerationCancelled):
                 status, error = "cancelled", "cancelled"
+            elif isinstance(cause, StorageUnavailable) and job.attempts < self.store.max_attempts:
+                gone = cause  # the store stayed down through every save retry: the next attempt may find it up
             elif (gone := lost(e)) is None:
                 code = getattr(cause, "code", type(cause).__name__)
                 error, event = f"{code}: {cause}", {"code": code, "message": str(cause)}
@@ -139,9 +143,11 @@ class JobRunner:
         # (its webhook, if any, is owed in the store from now on: see _deliver_webhooks)
 
     async def _give_back(self, job: Job, worker: str, gone: BaseException) -> None:
-        """A stage's replica, or its node, went away mid-job. The job is not at fault, so it goes back to the queue
-        rather than failing: its lease ends now, and the next claim (any runner's, on any node) queues it again and
-        counts the attempt, as for a runner that died; past JOB_MAX_ATTEMPTS it fails as a lost worker's does."""
+        """A stage's replica, or its node, went away mid-job, or the result store stayed unavailable. The job is not
+        at fault, so it goes back to the queue rather than failing: its lease ends now, and the next claim (any
+        runner's, on any node) queues it again and counts the attempt, as for a runner that died; past
+        JOB_MAX_ATTEMPTS it fails as a lost worker's does (a store still down on the last attempt fails it with
+        STORAGE_UNAVAILABLE)."""
         logger.warning("job %s: %s mid-job; back to the queue", job.id, type(gone).__name__)
         if not await asyncio.to_thread(self.store.heartbeat, job.id, worker, 0):
             # Cancelled meanwhile: that is its outcome (a no-op when the lease is no longer ours).
@@ -345,8 +351,20 @@ class JobRunner:
 
     async def _save(self, job: Job, name: str, data: bytes, suffix: str = "png") -> str:
         """Stored under the attempt's own name: an attempt that lost its lease and runs on (its runner cut off from
-        the store) can never overwrite the files of the attempt that published."""
-        return await asyncio.to_thread(self.results.save, job.id, f"{job.attempts}-{name}", data, suffix)
+        the store) can never overwrite the files of the attempt that published. A store that is unavailable is
+        tried again while the bytes are here, a few times within one lease: a brief outage must not cost the
+        generation."""
+        tries, delay = 1, self.settings.job_save_backoff_seconds
+        deadline = time.monotonic() + self.settings.job_lease_seconds
+        while True:
+            try:
+                return await asyncio.to_thread(self.results.save, job.id, f"{job.attempts}-{name}", data, suffix)
+            except StorageUnavailable:
+                if tries >= self.settings.job_save_attempts or time.monotonic() + delay > deadline:
+                    raise
+            logger.warning("job %s: %s not stored (try %d); trying again in %.1f s", job.id, name, tries, delay)
+            await asyncio.sleep(delay)
+            tries, delay = tries + 1, delay * 2
 
     async def _purge(self) -> None:
         """Finished jobs past the retention go, each after its images: one whose images cannot be deleted now

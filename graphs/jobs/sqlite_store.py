@@ -23,6 +23,7 @@ from graphs.jobs.store import (
     body_hash,
     event_data,
     idempotency_scope,
+    retryable,
 )
 
 logger = logging.getLogger(__name__)
@@ -129,7 +130,8 @@ class SQLiteJobStore:
         return int(ahead) + 1
 
     def create(self, job: Job, idempotency_key: str | None = None, max_queued: int | None = None) -> tuple[Job, bool]:
-        """Record a job; returns (job, created). The same key with the same body returns the first job."""
+        """Record a job; returns (job, created). The same key with the same body returns the first job, unless that
+        one failed with a retryable code: the key then moves to the new job."""
         digest = body_hash({"type": job.type, "request": job.request})
         if idempotency_key is not None:
             idempotency_key = idempotency_scope(job.owner, idempotency_key)
@@ -139,7 +141,9 @@ class SQLiteJobStore:
                 if row is not None:
                     if row["body_hash"] != digest:
                         raise InvalidInput("Idempotency-Key reused with a different body", field="Idempotency-Key")
-                    return self._job(row), False
+                    if not retryable(row["status"], row["error"]):
+                        return self._job(row), False
+                    db.execute("UPDATE jobs SET idempotency_key = NULL WHERE id = ?", (row["id"],))
             if max_queued is not None:
                 (queued,) = db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()
                 if queued >= max_queued:

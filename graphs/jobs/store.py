@@ -30,6 +30,9 @@ PRIORITIES = {"high": 0, "normal": 1, "low": 2}
 EVENTS = ("queued", "started", "progress", "preview", "completed", "failed", "cancelled")
 TERMINAL_EVENTS = ("completed", "failed", "cancelled")
 EVENTS_KEPT = 256  # per job: a long batch with previews stays well inside it
+# A job that failed with one of these codes (its error starts "<code>:") frees its Idempotency-Key: the same request
+# sent again is a new job, since it may well succeed now.
+RETRYABLE = ("STORAGE_UNAVAILABLE",)
 
 
 @dataclass
@@ -90,6 +93,11 @@ def idempotency_scope(owner: str | None, key: str) -> str:
     return key if owner is None else f"{owner} {key}"
 
 
+def retryable(status: str, error: str | None) -> bool:
+    """Whether a job that ended so frees its Idempotency-Key (see ``RETRYABLE``)."""
+    return status == "failed" and (error or "").startswith(tuple(f"{code}:" for code in RETRYABLE))
+
+
 def body_hash(body: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -100,7 +108,8 @@ class JobStore(Protocol):
     max_attempts: int
 
     def create(self, job: Job, idempotency_key: str | None = None, max_queued: int | None = None) -> tuple[Job, bool]:
-        """Record a job; returns (job, created). The same key with the same body returns the first job."""
+        """Record a job; returns (job, created). The same key with the same body returns the first job, unless that
+        one failed with a ``RETRYABLE`` code: the key then names the new job."""
         ...
 
     def get(self, job_id: str) -> Job | None: ...

@@ -239,18 +239,21 @@ function showPreview(uri) {
 }
 
 function resultImages(job) {
-  // A text2img or /generate job holds a list of data URIs; a batch holds one entry per named size.
+  // A text2img or /generate job holds a list of data URIs; a batch holds one entry per named size (with its bytes at
+  // the top level). An image the service could not read is null (the result's warnings say why).
   const result = job.result || {};
   const flags = Array.isArray(result.nsfw) ? result.nsfw : [];
   if (Array.isArray(result.images)) {
     return result.images.map((uri, i) => ({ uri, name: `${job.id}_${i}.png`, flagged: flags[i] === true }));
   }
-  const named = result.images || job.images || {};
+  const named = job.images || result.images || {};
   return Object.entries(named).map(([size, entry]) => ({
-    uri: dataUri(entry.imageData, "image/png"), name: `${job.id}_${size}.png`, label: `${size} ${entry.width} × ${entry.height}`,
-    flagged: entry.nsfw === true,
+    uri: entry.imageData ? dataUri(entry.imageData, "image/png") : null, name: `${job.id}_${size}.png`,
+    label: `${size} ${entry.width} × ${entry.height}`, flagged: entry.nsfw === true,
   }));
 }
+
+const UNREADABLE = "image unavailable";
 
 function showResult(job) {
   const box = $("result");
@@ -258,10 +261,12 @@ function showResult(job) {
   const seed = job.result && job.result.seed !== undefined ? job.result.seed : job.seed;
   for (const image of resultImages(job)) {
     box.append(el("figure", { class: "result" },
-      el("img", { src: image.uri, alt: `Result of ${job.id}${image.label ? `, ${image.label}` : ""}`, class: "result-image" }),
+      image.uri
+        ? el("img", { src: image.uri, alt: `Result of ${job.id}${image.label ? `, ${image.label}` : ""}`, class: "result-image" })
+        : el("p", { class: "unreadable", text: UNREADABLE }),
       el("figcaption", {}, el("span", { text: `${image.label || ""} seed ${seed}`.trim() }), " ",
         image.flagged ? el("span", { class: "flagged", text: "flagged by the safety checker: replaced" }) : null, " ",
-        download(image.uri, image.name))));
+        image.uri ? download(image.uri, image.name) : null)));
   }
   const warnings = (job.result && job.result.warnings) || job.warnings || [];
   if (warnings.length) {
@@ -427,17 +432,24 @@ async function refreshGallery() {
   const list = $("gallery");
   try {
     const { jobs } = await api("jobs?limit=12");
-    const details = await Promise.all(jobs.map((j) => (j.status === "completed" ? api(`jobs/${j.id}`) : j)));
-    list.replaceChildren(...details.map((job) => {
+    // Settled one by one: a job whose details cannot be read now is listed as the listing gave it, not in place
+    // of the whole list.
+    const settled = await Promise.allSettled(jobs.map((j) => (j.status === "completed" ? api(`jobs/${j.id}`) : j)));
+    list.replaceChildren(...settled.map((outcome, i) => {
+      const job = outcome.status === "fulfilled" ? outcome.value : jobs[i];
       const r = job.request || {};
       const images = resultImages(job);
       return el("li", { class: "job", "data-job": job.id },
         el("p", {}, el("strong", { text: STATE_TEXT[job.status] || job.status }), ` ${job.type} · ${job.createdAt || ""}`),
         r.prompt ? el("p", { class: "prompt", text: r.prompt }) : null,
         el("p", { class: "hint", text: describe(job) }),
+        outcome.status === "rejected"
+          ? el("p", { class: "unreadable", text: `Details unavailable: ${outcome.reason.message}` }) : null,
         ...images.map((image) => el("figure", {},
-          el("img", { src: image.uri, alt: `${job.id} ${image.label || ""}`.trim(), loading: "lazy" }),
-          el("figcaption", {}, download(image.uri, image.name)))));
+          image.uri
+            ? el("img", { src: image.uri, alt: `${job.id} ${image.label || ""}`.trim(), loading: "lazy" })
+            : el("p", { class: "unreadable", text: UNREADABLE }),
+          image.uri ? el("figcaption", {}, download(image.uri, image.name)) : null)));
     }));
     $("gallery-note").textContent = jobs.length ? "" : "No jobs yet.";
   } catch (error) {
