@@ -137,6 +137,7 @@ def test_illustration_errors(service, photos, s3_proxy):
         response = service.post("/v1/images/subject", json={"user_id": "user123"})
         error(response, 503, "STORAGE_UNAVAILABLE")
         assert response.headers["retry-after"]
+        assert response.json()["error"] == "photo storage unavailable"  # no endpoint, bucket or key
     finally:
         s3_proxy.broken = False
 

@@ -75,7 +75,7 @@ class PhotoStore:
                                field="user_id")
             data = self.client.get_object(Bucket=self.config.bucket, Key=key)["Body"].read()
         except (BotoCoreError, ClientError) as e:
-            raise StorageUnavailable(f"S3 unavailable: {e}") from e
+            raise _unavailable("reading the photo of", user_id, e) from e
         return decode(data, field="user_id")
 
     def save_generated(self, user_id: str, kind: str, png: bytes) -> str:
@@ -88,5 +88,11 @@ class PhotoStore:
             self.client.put_object(Bucket=self.config.bucket, Key=key, Body=io.BytesIO(png),
                                    ContentType="image/png")
         except (BotoCoreError, ClientError) as e:
-            raise StorageUnavailable(f"S3 upload failed: {e}") from e
+            raise _unavailable("saving the image of", user_id, e) from e
         return f"s3://{self.config.bucket}/{key}"
+
+
+def _unavailable(doing: str, user_id: str, error: Exception) -> StorageUnavailable:
+    """The client learns that S3 failed; the log, not the answer, gets the endpoint and the reason."""
+    logger.warning("S3 failed %s user %s: %s", doing, user_id, error)
+    return StorageUnavailable("photo storage unavailable")
