@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
+from deployments.support.cropping import Crop
 from deployments.support.errors import GpuOutOfMemory, ServiceError
 from deployments.support.generation import Encoding, StageResult
 from graphs import plans
+from tests.helpers import pixels
 
 pytestmark = pytest.mark.anyio
 
@@ -127,6 +129,24 @@ def test_a_style_transfer_takes_its_content_aspect_at_a_size_the_base_accepts():
         assert request.width * request.height <= plans.STYLE_AREA * 1.01
 
 
+def test_a_seed_003_inpaint_runs_at_its_inpainting_strength():
+    from tests.helpers import b64
+
+    image = b64(Image.new("RGB", (64, 64)))
+    request = plans.seed003("inpaint", {"image": image, "mask": image, "inpaintingStrength": 0.4})
+    assert request.strength == pytest.approx(0.4)
+
+
+def test_a_style_transfer_keeps_more_of_its_content_the_higher_its_content_strength():
+    """contentStrength is how much of the content image stays: the img2img strength (how much is repainted) is
+    its complement."""
+    from tests.helpers import b64
+
+    image = b64(Image.new("RGB", (64, 64)))
+    request = plans.seed003("style-transfer", {"contentImage": image, "styleImage": image, "contentStrength": 0.8})
+    assert request.strength == pytest.approx(0.2)
+
+
 class Recorder:
     """A base or refiner stand-in that keeps the requests it is given and answers with a black image."""
 
@@ -173,3 +193,53 @@ async def test_the_pixel_hires_second_pass_runs_exactly_its_steps():
                             encode=Encoding())
     first, again = stages.base.requests
     assert not first.exact_steps and (again.steps, again.strength, again.exact_steps) == (20, 0.7, True)
+
+
+class Cropper:
+    """A focal cropper stand-in: every size cut from the same box of the base, upscaled when the box is smaller."""
+
+    BOX = (8, 8, 56, 56)
+
+    def __getattr__(self, _method):
+        return self
+
+    def remote(self, base, sizes):
+        def crop(result: StageResult):
+            region = result.image.crop(self.BOX)
+            return None, [Crop(s.name, self.BOX, region.resize((s.width, s.height)), s.width > region.width)
+                          for s in sizes]
+        return Response(crop, base)
+
+
+class Upscaler:
+    """Keeps what it is asked (and the size of the base it is handed) and answers with a white image."""
+
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    def __getattr__(self, _method):
+        return self
+
+    def remote(self, source, upscaler, scale, width, height, box=None):
+        def upscale(result: StageResult) -> StageResult:
+            self.calls.append((result.image.size, upscaler, scale, width, height, box))
+            return result.then([Image.new("RGB", (width, height), "white")])
+        return Response(upscale, source)
+
+
+async def test_a_crop_smaller_than_its_size_is_the_neural_upscale_of_its_base_region():
+    """The upscaler gets the whole base and the crop's box (it upscales that region from the base's pixels, not
+    the cropper's Lanczos enlargement); a crop large enough is the cropper's own."""
+    from graphs.jobs.sizes import SizeTable
+
+    table = SizeTable(landscape_above=1.2, portrait_below=0.83, bases={"square": (64, 64)},
+                      sizes={"avatar": (32, 32), "large": (128, 128)})
+    stages = Stages(checker=False)
+    stages.base, stages.upscaler = Recorder(), Upscaler()
+    seed, bases, sized = await plans.batch_sizes(stages, Cropper(), {"prompt": "p", "sizes": ["avatar", "large"],
+                                                                     "seed": 7}, table, "R-ESRGAN 4x+", "r")
+    assert (seed, bases) == (7, 1)
+    assert stages.upscaler.calls == [((64, 64), "R-ESRGAN 4x+", None, 128, 128, Cropper.BOX)]
+    avatar, large = sized
+    assert (avatar.name, avatar.upscaled, pixels(avatar.image).max()) == ("avatar", False, 0)  # the cropper's
+    assert (large.name, large.upscaled, pixels(large.image).min()) == ("large", True, 255)  # the upscaler's

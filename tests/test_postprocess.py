@@ -135,6 +135,48 @@ def test_tiled_and_untiled_agree(upscaler, astronaut):
     assert (pieces - whole).abs().mean() < 0.01
 
 
+class Nearest(torch.nn.Module):
+    """A x4 model that repeats each input pixel: its output at a pixel does not depend on the tile around it."""
+
+    scale = 4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.interpolate(x, scale_factor=4, mode="nearest")
+
+
+class TileMean(torch.nn.Module):
+    """A x4 model whose whole output is its input's mean: every tile answers differently from its neighbours."""
+
+    scale = 4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3), keepdim=True).expand(-1, -1, x.shape[2] * 4, x.shape[3] * 4)
+
+
+def test_tiles_cover_the_last_rows_and_columns():
+    """70x90 in 32-pixel tiles 24 apart: the regular grid stops short of the bottom and right edges, where one more
+    tile, flush with the edge, must run (the tiny models' output is near black, so a missing band hid there)."""
+    tensor = torch.rand((1, 3, 70, 90), generator=torch.Generator().manual_seed(0)) + 0.1
+    model = Nearest()
+    with torch.inference_mode():
+        torch.testing.assert_close(tiled(model, tensor, tile=32, overlap=8), model(tensor))
+
+
+def test_tiles_cross_fade_over_their_whole_overlap():
+    """On a gradient, each tile of ``TileMean`` differs from the next by 24 gradient steps (tiles start 24 pixels
+    apart). Blended over the whole overlap (8 input pixels: 32 output pixels) no step between neighbouring output
+    pixels exceeds that difference spread over 32 pixels; a ramp over 8 output pixels makes steps 3x as large, a
+    seam."""
+    x, y = torch.linspace(0, 1, 80), torch.linspace(0, 1, 56)
+    tensor = (x[None, :] + y[:, None]).expand(1, 3, 56, 80)
+    with torch.inference_mode():
+        out = tiled(TileMean(), tensor, tile=32, overlap=8)
+    assert out.shape == (1, 3, 224, 320)
+    for dim, side in ((-1, 80), (-2, 56)):
+        largest_step = out.diff(dim=dim).abs().max().item()
+        assert largest_step <= 24 / (side - 1) / 32
+
+
 def test_unloaded_model_falls_back_to_lanczos_and_says_so(upscaler, astronaut):
     image = astronaut.resize((64, 64))
     result = upscaler.upscale(image, "SwinIR_4x", 4)

@@ -145,6 +145,33 @@ def test_a_custom_payload_is_embedded_and_read(photo):
     assert report.found and report.payload == payload and bytes.fromhex(report.payload_hex or "") == b"invis"
 
 
+def test_unmarked_images_read_about_half_the_bits_and_are_not_found(astronaut):
+    """An unmarked image reads each bit by chance: these read 46 to 58% of the payload, and none of them is
+    a mark (a threshold at half the bits would find one in two)."""
+    from skimage import data
+
+    noise = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    mark = watermark.Watermark.from_settings(Settings())
+    for image in (astronaut, Image.fromarray(data.chelsea()), Image.fromarray(noise)):
+        report = mark.read(image)
+        assert report.checked and 0.45 <= (report.bit_accuracy or 0) <= 0.6
+        assert not report.found
+
+
+@pytest.mark.parametrize(("flipped", "found"), [(0, True), (2, True), (14, False)])
+def test_a_mark_is_found_only_when_nearly_all_its_bits_read_back(photo, flipped, found):
+    """A mark of another payload that shares 34 of 48 bits (71%) is not ours; one that differs by two bits is
+    read as ours with its accuracy."""
+    ours = watermark.Watermark.from_settings(Settings())
+    bits = list(ours.bits)
+    for i in range(flipped):
+        bits[3 * i] ^= 1
+    marked = watermark.Watermark(tuple(bits), ours.luma_scale, ours.chroma_scale).embed(photo)
+    report = ours.read(marked)
+    assert report.bit_accuracy == pytest.approx((48 - flipped) / 48, abs=1e-4)
+    assert report.found is found
+
+
 def test_images_too_small_for_the_method_are_skipped_with_the_reason(photo, caplog):
     marks = provenance.Marker(Settings())
     narrow = photo.resize((512, 255))

@@ -84,6 +84,26 @@ def test_adjustment_makes_the_filter_stricter(tiny, generations):
     assert strict.check(StageResult(images=list(generations))).info["nsfw"] == [True, True]
 
 
+@pytest.mark.parametrize(("special_care", "flagged"), [(True, True), (False, False)])
+def test_a_special_care_hit_flags_an_image_just_under_a_concepts_threshold(tiny, astronaut, special_care, flagged):
+    """diffusers' rule: a special-care concept found makes every concept 0.01 stricter for that image. The
+    thresholds here put the photo 0.005 under every concept's, and over (or far under) every special-care one."""
+    import torch
+
+    from deployments.safety_checker import ContentFilter
+
+    checker = ContentFilter(SafetyCheckerConfig(model=str(tiny / "safety-checker")))
+    model = checker.model
+    with torch.no_grad():
+        model.special_care_embeds_weights.fill_(10.0)  # cosines lie in [-1, 1]: no special-care hit
+        model.concept_embeds_weights.zero_()
+        cosines = torch.from_numpy(checker.scores([astronaut])[0])
+        model.concept_embeds_weights.copy_(cosines + 0.005)
+        model.special_care_embeds_weights.fill_(-10.0 if special_care else 10.0)
+    assert checker.scores([astronaut]).max() == pytest.approx(0.005 if special_care else -0.005, abs=1e-4)
+    assert checker.check(astronaut).info["nsfw"] == [flagged]
+
+
 def test_latents_alone_are_refused(checker):
     with pytest.raises(InvalidInput) as caught:
         checker.check(StageResult(latents=np.zeros((1, 4, 8, 8), np.float32)))

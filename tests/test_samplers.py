@@ -19,6 +19,41 @@ def config(tiny) -> dict:
     return json.loads((tiny / "sdxl-base" / "scheduler" / "scheduler_config.json").read_text())
 
 
+# Each A1111 sampler's diffusers scheduler and the config values that make it that sampler, written out here (not
+# read from SAMPLERS): "DPM++ 2M SDE" without its algorithm type would run as plain DPM++ 2M.
+EXPECTED_SCHEDULERS = {
+    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
+    "Euler": ("EulerDiscreteScheduler", {}),
+    "LMS": ("LMSDiscreteScheduler", {}),
+    "Heun": ("HeunDiscreteScheduler", {}),
+    "DPM2": ("KDPM2DiscreteScheduler", {}),
+    "DPM2 a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "DPM++ 2S a": ("DPMSolverSinglestepScheduler", {}),
+    "DPM++ 2M": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "DPM++ SDE": ("DPMSolverSDEScheduler", {}),
+    "DPM++ 2M SDE": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "DPM fast": ("DPMSolverSinglestepScheduler", {}),
+    "DDIM": ("DDIMScheduler", {}),
+    "PLMS": ("PNDMScheduler", {}),
+    "PNDM": ("PNDMScheduler", {}),
+    "UniPC": ("UniPCMultistepScheduler", {}),
+    "DEIS": ("DEISMultistepScheduler", {}),
+    "LCM": ("LCMScheduler", {}),
+}
+
+
+def test_the_expected_table_names_every_sampler():
+    assert set(EXPECTED_SCHEDULERS) == set(SAMPLERS)
+
+
+@pytest.mark.parametrize("name", list(EXPECTED_SCHEDULERS))
+def test_each_sampler_builds_its_scheduler_with_its_options(config, name):
+    cls_name, options = EXPECTED_SCHEDULERS[name]
+    scheduler = build_scheduler(name, config)
+    assert type(scheduler).__name__ == cls_name
+    assert {key: scheduler.config[key] for key in options} == options
+
+
 def test_the_factory_config_lacks_the_keys_that_ddim_reads(config):
     """The premise of the next test: diffusers' defaults would decide these."""
     assert not {"clip_sample", "set_alpha_to_one", "skip_prk_steps"} & set(config)

@@ -130,6 +130,25 @@ def test_inpainting_keeps_pixels_outside_the_mask(base, astronaut):
     assert np.abs(out[~outside] - src[~outside]).mean() > 5.0
 
 
+def test_mask_blur_feathers_the_edge_and_keeps_far_pixels(base, astronaut):
+    """A blurred mask repaints a little past its edge (the generation fades into the photo there); pixels farther
+    than the blur reaches (24 px at radius 8) are still the init image's."""
+    init = astronaut.resize((128, 128))
+    mask = Image.new("L", (128, 128), 0)
+    mask.paste(255, (32, 32, 96, 96))
+    ring = np.zeros((128, 128), bool)
+    ring[28:100, 28:100] = True
+    ring[32:96, 32:96] = False  # the 4 pixels just outside the mask
+    far = np.ones((128, 128), bool)
+    far[8:120, 8:120] = False  # 24 pixels or more from the mask
+    src = pixels(init)
+    sharp, feathered = (pixels(gen(base, seed=2, init_image=init, mask=mask, mask_blur=blur, strength=1.0).images[0])
+                        for blur in (0, 8))
+    assert np.abs(sharp[ring] - src[ring]).max() <= 1
+    assert np.abs(feathered[ring] - src[ring]).mean() > 10.0
+    assert np.abs(feathered[far] - src[far]).max() <= 1
+
+
 def test_style_transfer_is_img2img_with_a_style_image(base, astronaut):
     content = astronaut.resize((128, 128))
     style = Image.new("RGB", (64, 64), (200, 30, 30))
