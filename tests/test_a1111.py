@@ -1,5 +1,6 @@
 """Automatic1111's request surface without Ray: its request models as A1111 clients fill them, the infotext written
-and read back, and the size rules of the hires fix, img2img and the extras."""
+and read back, the size rules of the hires fix, img2img and the extras, and how the routes map a request onto the
+plan's batches and the result cache."""
 
 from __future__ import annotations
 
@@ -132,3 +133,114 @@ def test_an_infotext_parse_is_linear_in_its_text():
 
     assert finishes(lambda: a1111_infotext.parse("a" * 80_000), 10)
     assert a1111_infotext.parse("a" * 80_000)["Prompt"] == "a" * 80_000
+
+
+# --- the routes' mapping onto the plan, without Ray ----------------------------------------------------------------
+
+class Service:
+    """An A1111Routes object as the Ingress replica holds one, on a real SQLite job store and result cache, its
+    checkpoint fixed and ``plans.a1111_batch`` replaced by a stand-in that keeps what each batch was asked for and
+    answers with one 8x8 file per seed."""
+
+    def __init__(self, tmp_path, monkeypatch) -> None:
+        from types import SimpleNamespace
+
+        from deployments.support.generation import StageResult
+        from deployments.support.settings import Settings
+        from graphs import plans
+        from graphs.api.a1111 import A1111Routes
+        from graphs.jobs.cache import LocalEntries, RequestCache, ResultCache
+        from graphs.jobs.sqlite_store import SQLiteJobStore
+
+        self.batches: list[dict] = []
+
+        async def a1111_batch(handles, request, request_id, **options) -> StageResult:
+            self.batches.append({"request": request, **options})
+            seeds = list(range(request.seed, request.seed + request.batch_size))
+            return StageResult(seeds=seeds, encoded=[b"png %d" % s for s in seeds], sizes=[(8, 8)] * len(seeds))
+
+        async def fingerprint(*_args) -> dict:
+            return {"weights": "1"}
+
+        monkeypatch.setattr(plans, "a1111_batch", a1111_batch)
+        stage = SimpleNamespace(fingerprint=SimpleNamespace(remote=fingerprint))
+        self.routes = A1111Routes()
+        self.routes.handles = SimpleNamespace(base=stage, refiner=None, upscaler=stage, faces=stage, safety=None,
+                                              board=None)
+        self.routes.jobs = SQLiteJobStore(tmp_path / "jobs.sqlite3")
+        self.routes.config = SimpleNamespace(base=SimpleNamespace(default_sampler="Euler a", max_pixels=2048 * 2048),
+                                             refiner=None)
+        self.routes.cache = RequestCache(ResultCache(LocalEntries(tmp_path / "cache"), 10**6, 3600),
+                                         self.routes.handles, Settings())
+
+        async def checkpoint(_request) -> str:
+            return "tiny-sdxl-base"
+
+        self.routes._checkpoint = checkpoint
+
+    def txt2img(self, **fields) -> dict:
+        """The route's answer, ``info`` parsed."""
+        import asyncio
+        import json
+
+        from starlette.requests import Request
+
+        http = Request({"type": "http", "method": "POST", "path": "/", "headers": [], "client": ("unit", 1)})
+        request = Txt2ImgRequest(**{"prompt": "a fox", "steps": 2, **fields})
+        response = asyncio.run(self.routes.txt2img(request, http))
+        body = json.loads(response.body)
+        return {**body, "info": json.loads(body["info"])}
+
+
+@pytest.fixture
+def service(tmp_path, monkeypatch) -> Service:
+    return Service(tmp_path, monkeypatch)
+
+
+def test_cfg_scale_is_the_guidance_scale_of_txt2img_and_img2img(service):
+    txt2img = Txt2ImgRequest(prompt="a fox", cfg_scale=3.5)
+    assert service.routes._generation(txt2img, 7).guidance_scale == 3.5
+    img2img = Img2ImgRequest(init_images=["x"], cfg_scale=3.5)
+    edit = service.routes._generation(img2img, 7, init_image=Image.new("RGB", (64, 64)), strength=0.5)
+    assert edit.guidance_scale == 3.5
+
+
+def test_the_hires_second_pass_strength_is_the_denoising_strength(service):
+    hires = service.routes._hires(Txt2ImgRequest(enable_hr=True, width=64, height=64, denoising_strength=0.3))
+    assert hires is not None and hires.strength == 0.3
+    # A1111 sends 0 for "no denoising": the second pass still runs, at the least strength the base takes.
+    assert service.routes._hires(Txt2ImgRequest(enable_hr=True, width=64, height=64, denoising_strength=0)).strength \
+        == 0.01
+
+
+@pytest.mark.parametrize("restore_faces", [True, False])
+def test_restore_faces_asks_the_plan_for_face_restoration(service, restore_faces):
+    service.txt2img(restore_faces=restore_faces, seed=5)
+    assert [batch["restore_faces"] for batch in service.batches] == [restore_faces]
+
+
+def test_n_iter_batches_take_consecutive_seeds_across_batches(service):
+    """As in A1111: batch 2 starts after batch 1's last seed, so four images have four different seeds."""
+    body = service.txt2img(seed=100, batch_size=2, n_iter=2)
+    assert [batch["request"].seed for batch in service.batches] == [100, 102]
+    assert body["info"]["all_seeds"] == [100, 101, 102, 103] and len(body["images"]) == 4
+
+
+@pytest.mark.parametrize("stopped", [None, "interrupted", "skipped"])
+def test_only_a_whole_answer_is_cached(service, monkeypatch, stopped):
+    """A batch stopped by /interrupt or /skip answers with its images as they stood: the same request again must
+    run in full, not be answered with those from the cache."""
+    from graphs.api.a1111 import A1111Routes
+
+    generate = A1111Routes._generate
+
+    async def stopping(self, *args, **kwargs):
+        files, info = await generate(self, *args, **kwargs)
+        return files, {**info, stopped: True} if stopped else info
+
+    monkeypatch.setattr(A1111Routes, "_generate", stopping)
+    first = service.txt2img(seed=5)
+    again = service.txt2img(seed=5)
+    assert first["info"]["cached"] is False
+    assert again["info"]["cached"] is (stopped is None)
+    assert len(service.batches) == (1 if stopped is None else 2)

@@ -1,7 +1,7 @@
 """The result cache without Ray: entries whole or absent, the age and size bounds (least recently used evicted
-first, the store listed only when needed), local files and a real S3 server, keys that change with the request and
-with every weight file (a replaced LoRA or checkpoint misses), the base's part being the named checkpoint's,
-whichever replica answers."""
+first, the store listed only when needed), local files and a real S3 server, keys that change with every field that
+changes the image, with the marks the files carry and with every weight file (a replaced LoRA or checkpoint misses),
+the base's part being the named checkpoint's, whichever replica answers; no key for a random seed."""
 
 from __future__ import annotations
 
@@ -189,6 +189,64 @@ def test_keys_follow_the_request_and_the_models():
     assert key != request_key("a1111-txt2img", {"prompt": "x", "seed": 1}, models)
     assert key != request_key("generate", {"prompt": "x", "seed": 2}, models)
     assert key != request_key("generate", {"prompt": "x", "seed": 1}, {**models, "safety": {"safety_checker": "2"}})
+
+
+# The fields of the /generate body that change no pixel of the answer, so the key leaves them out; each says why.
+NOT_IN_THE_IMAGE = {"preset": "it fills in the other fields before the key is taken: their values are keyed"}
+# Every other field of the body, with a value other than the one in GENERATE.
+ALTERNATIVES = {"prompt": "a pear", "negative_prompt": "blurry", "seed": 2, "width": 512, "height": 768,
+                "num_inference_steps": 12, "guidance_scale": 3.5, "use_refiner": False, "hires_fix": True,
+                "use_realesrgan": False, "use_face_restoration": True, "face_restoration_weight": 0.9,
+                "overlay": {"text": "a caption"}, "model": "anime"}
+GENERATE = {"prompt": "an apple", "seed": 1, "model": "tiny-sdxl-base"}
+
+
+def test_every_field_of_the_generate_body_that_changes_the_image_changes_its_key():
+    """A field the key left out would answer a request from the cache with another request's image (the face
+    restoration asked for, never run). The table follows the request model, so a new field must be placed."""
+    from graphs import plans
+    from graphs.api.generate import GenerateRequest
+
+    assert set(ALTERNATIVES) == set(GenerateRequest.model_fields) - set(NOT_IN_THE_IMAGE)
+    models = {"base": {"checkpoint": "1"}}
+
+    def key(**fields) -> str:
+        body = GenerateRequest(**{**GENERATE, **fields}).model_dump()
+        return request_key("generate", plans.seed000_fields(body, "R-ESRGAN 2x+"), models)
+
+    assert [name for name, value in ALTERNATIVES.items() if key(**{name: value}) == key()] == []
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("watermark_enabled", False), ("watermark_bits", "10101010"), ("watermark_luma_scale", 12.0),
+    ("watermark_chroma_scale", 36.0), ("c2pa_algorithm", "ps256"), ("c2pa_tsa_url", "http://tsa.test/"),
+    ("c2pa_cert_file", Path("signer.pem")),
+])
+def test_every_marking_setting_is_part_of_the_key(name, value):
+    """A cached file keeps the watermark and credentials it was made with: once the marks change (the watermark
+    turned off, another signer), the old files must miss."""
+    from graphs.jobs.cache import marks
+
+    other = Settings(**{name: value, **({"c2pa_key_file": Path("signer.key")} if name == "c2pa_cert_file" else {})})
+    assert marks(other) != marks(Settings())
+
+
+def test_a_random_seed_gets_no_key(tmp_path):
+    """Seed -1 draws a new seed each time: an answer kept for it would be served to the next random request."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from graphs.jobs.cache import RequestCache
+
+    async def fingerprint(*_args) -> dict:
+        return {"weights": "1"}
+
+    stage = SimpleNamespace(fingerprint=SimpleNamespace(remote=fingerprint))
+    handles = SimpleNamespace(base=stage, refiner=None, upscaler=stage, faces=stage, safety=None)
+    cache = RequestCache(ResultCache(LocalEntries(tmp_path), 10_000, 60), handles, Settings())
+    assert asyncio.run(cache.key("generate", {"prompt": "x", "seed": 1}, None)) is not None  # the cache is on
+    assert asyncio.run(cache.key("generate", {"prompt": "x", "seed": -1}, None)) is None
+    assert asyncio.run(cache.key("a1111-txt2img", {"prompt": "x"}, None)) is None  # no seed given: a random one
 
 
 def test_a_replaced_lora_or_checkpoint_changes_the_key(tiny, tmp_path):

@@ -326,3 +326,31 @@ def test_a_batch_writes_the_sizes_it_can_read_and_names_the_others(monkeypatch, 
     status, out, err = run(capsys, "--quiet", "batch-sizes", "x", "--sizes", "avatar,hero", "-o", str(tmp_path))
     assert status == 1 and out == f"{tmp_path / 'avatar.png'} 8x8\n" and not (tmp_path / "hero.png").exists()
     assert "job_1: hero could not be read; see GET /jobs/job_1" in err
+
+
+@pytest.mark.parametrize(("nsfw", "exit_status"), [([False, True], 6), ([True, False], 6), ([False, False], 0),
+                                                   (None, 0)], ids=["last", "first", "none", "filter-off"])
+def test_a_job_exits_6_when_any_of_its_images_was_flagged(monkeypatch, capsys, nsfw, exit_status):
+    """One replaced image among several is enough: a script must not take the batch for clean."""
+    canned_service(monkeypatch, [frame(1, "completed", nsfw=nsfw)], {})
+    status, _, _ = run(capsys, "--quiet", "jobs", "wait", "job_1")
+    assert status == exit_status
+
+
+def test_batch_sizes_exits_6_when_any_size_was_flagged_and_writes_them_all(monkeypatch, tmp_path, capsys):
+    """The sizes of a batch come from a base per aspect: one flagged base replaces only its own sizes."""
+    import graphs.cli
+
+    view = {"id": "job_1", "status": "completed", "images": {
+        name: {"imageData": png_base64(), "width": 8, "height": 8, "nsfw": flagged}
+        for name, flagged in (("avatar", False), ("hero", True))}}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/generate/batch-sizes":
+            return httpx.Response(200, text=frame(1, "completed"), headers={"content-type": "text/event-stream"})
+        return httpx.Response(200, json=view)
+
+    monkeypatch.setattr(graphs.cli, "Service", lambda url, token: Service(url, token,
+                                                                          transport=httpx.MockTransport(answer)))
+    status, _, _ = run(capsys, "--quiet", "batch-sizes", "x", "--sizes", "avatar,hero", "-o", str(tmp_path))
+    assert status == 6 and sorted(p.name for p in tmp_path.iterdir()) == ["avatar.png", "hero.png"]

@@ -1,5 +1,6 @@
 """What the stages count for the dashboard: a batched stage's failures per request (each request of a batch has its
-own outcome, so nothing raises out of the batch), and its requests in flight rather than its batches."""
+own outcome, so nothing raises out of the batch), its requests in flight rather than its batches, and the jobs by
+state, an emptied state included."""
 
 from __future__ import annotations
 
@@ -56,3 +57,16 @@ def test_requests_in_flight_count_requests_and_failures_raise_through_track():
     except GpuOutOfMemory:
         pass
     assert metrics.codes == ["GPU_OOM"] and metrics.levels[-2:] == [1, 0]
+
+
+def test_a_job_state_that_empties_reads_0_not_its_last_count():
+    """The gauge keeps whatever was last set: a state missing from the next count (the store groups by state, so
+    an empty one has no row) must be set to 0, or the dashboard shows a backlog long gone."""
+    from deployments.support.metrics import JobMetrics
+
+    metrics = JobMetrics(["queued", "processing", "completed"])
+    readings: dict[str, int] = {}
+    metrics.jobs = SimpleNamespace(set=lambda value, tags: readings.__setitem__(tags["status"], value))
+    metrics.record({"queued": 3, "processing": 1})
+    metrics.record({"completed": 4})
+    assert readings == {"queued": 0, "processing": 0, "completed": 4}

@@ -78,6 +78,16 @@ def test_s3_results_round_trip_under_a_prefix(bucket, s3_server):
         store.size(key)
 
 
+def test_s3_objects_carry_the_content_type_of_their_format(bucket, s3_server):
+    """Browsers and CDNs serving a bucket (a presigned or public URL) go by the object's Content-Type: without
+    it, an image is binary/octet-stream and downloads instead of showing."""
+    client, name = bucket
+    store = open_results(Settings(AWS_ENDPOINT_URL=s3_server, JOB_RESULTS_URL=f"s3://{name}/jobs"))
+    png, webp = store.save(JOB, "hero", b"\x89PNG"), store.save(JOB, "hero_320w", b"RIFF-webp", "webp")
+    assert client.head_object(Bucket=name, Key=f"jobs/{png}")["ContentType"] == "image/png"
+    assert client.head_object(Bucket=name, Key=f"jobs/{webp}")["ContentType"] == "image/webp"
+
+
 @pytest.mark.parametrize("fault", ["refuse", "reset", "cut_upload", "stall", "http_500"])
 def test_s3_faults_never_publish_a_partial_object(bucket, proxy, fault, caplog):
     client, name = bucket

@@ -502,6 +502,30 @@ async def test_a_runner_whose_renewals_fail_for_a_whole_lease_stops_and_does_not
     assert all(key.startswith(f"{job.id}/2-") for key in done.result["images"])
 
 
+async def test_cancelling_a_running_job_cancels_its_task(tmp_path):
+    """The lease keeper turns a cancel into stopped work: at its next renewal the job's task is cancelled, and with
+    it the flight, which stops every stage call the job launched (no models needed: the task stands in for them)."""
+    from types import SimpleNamespace
+
+    from deployments.support.settings import Settings
+    from graphs.jobs.sqlite_store import SQLiteJobStore
+
+    runner = JobRunner.func_or_class.__new__(JobRunner.func_or_class)  # no worker loops: the keeper alone
+    runner.settings = Settings(JOB_LEASE_SECONDS=3)
+    runner.handles = SimpleNamespace(safety=None, board=None)
+    runner.store = SQLiteJobStore(tmp_path / "jobs.sqlite3")
+    runner.store.create(Job(id=new_job_id(), type="text2img", request={"prompt": "p", "preview_every": 0}))
+    job = runner.store.claim("w", 3)
+    work = asyncio.create_task(asyncio.sleep(60))
+    keeper = asyncio.create_task(runner._keep_lease(job, "w", work))
+    await asyncio.sleep(0.7)  # a renewal or two: the job runs on
+    assert not work.done()
+    runner.store.cancel(job.id)
+    assert await asyncio.wait_for(keeper, 5) is None
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(work, 1)
+
+
 async def test_a_runner_that_shuts_down_gives_its_job_back_instead_of_cancelling_it(base, upscaler, runner_env):
     """A replica stopping (Serve awaits its ``__del__``, which cancels the worker loops) is not the client
     cancelling: the job is given back at once for another runner to take, not published as cancelled."""

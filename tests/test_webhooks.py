@@ -204,3 +204,23 @@ def test_429_is_retried_after_retry_after_within_the_backoff(monkeypatch, retry_
         assert waits == [pytest.approx(expected)]  # never below this attempt's backoff, nor past the longest
     finally:
         receiver.close()
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_neither_followed_nor_counted_delivered(status):
+    """An allowed receiver's answer could point the POST anywhere, past every check (here a loopback port that is
+    not allowed): the attempt reads the 3xx and stops. The receiver did not take the payload, so it is not
+    delivered either."""
+    canary = socket.create_server(("127.0.0.1", 0))
+    canary.setblocking(False)
+    receiver = Receiver(failures=99, status=status,
+                        headers={"Location": f"http://localhost:{canary.getsockname()[1]}/admin"})
+    try:
+        settings = Settings(WEBHOOK_ALLOW_HOSTS="127.0.0.1", WEBHOOK_TIMEOUT_SECONDS=1.0, WEBHOOK_ATTEMPTS=1)
+        assert not asyncio.run(deliver(receiver.url, {"id": "x"}, settings))
+        assert len(receiver.bodies) == 1
+        with pytest.raises(BlockingIOError):  # nothing ever connected to it
+            canary.accept()
+    finally:
+        receiver.close()
+        canary.close()
