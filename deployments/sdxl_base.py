@@ -204,8 +204,9 @@ class BaseGenerator:
         partial = Partial(self.cancellation, items, counts)
         partial.watch(pipe.scheduler)
 
-        def on_step_end(_pipe, step, _timestep, callback_kwargs):
-            at = done[0] + step + 1
+        def on_step_end(pipe, step, _timestep, callback_kwargs):
+            # A second-order sampler (Heun, DPM2, DPM++ SDE) calls this twice a step but once on the last.
+            at = done[0] + step // getattr(pipe.scheduler, "order", 1) + 1
             cancelled = self.cancellation.advance(items, at, total_steps)
             if all(cancelled):
                 raise GenerationCancelled(f"batch of {len(items)} cancelled at step {at}/{total_steps}")
@@ -261,6 +262,18 @@ class BaseGenerator:
             warnings.append("no IP-Adapter is loaded: the reference image was ignored")
         if request.denoising_end is not None:
             kwargs["denoising_end"] = request.denoising_end
+        try:
+            return self._finish(pipe, pipes, request, kwargs, partial, done, seeds, offsets, items, warnings, mask,
+                                init)
+        finally:
+            partial.release()
+
+    def _finish(self, pipe, pipes: Pipelines, request: GenerationRequest, kwargs: dict, partial: Partial,
+                done: list[int], seeds: list[list[int]], offsets: list[int], items: list[BatchItem],
+                warnings: list[str], mask: Image.Image | None, init: Image.Image | None
+                ) -> list[StageResult | BaseException]:
+        """The denoising itself, and each item's result: its images (or latents for the refiner), those it had
+        when it was stopped, or its cancel."""
         latents = None
         try:
             with fastpath.attention(self.config.fast):
@@ -282,8 +295,14 @@ class BaseGenerator:
         for i, (own, a, b) in enumerate(zip(seeds, offsets, offsets[1:], strict=False)):
             if i in partial.kept:  # decoded to images even for the refiner: the stages after it hand them on
                 kept, step, total = partial.kept[i]
-                results.append(StageResult(images=finished(self.decode(kept, pipes)), seeds=own,
-                                           warnings=list(warnings), info={"stopped_at": [step, total]}))
+                if step == 1 and items[i].source is not None:
+                    # Stopped as it began (the stop came while an earlier stage ran, as the upscaler of A1111's
+                    # hires fix): that stage's image, handed on as it is, rather than one step's estimate.
+                    made = [items[i].request.init_image]
+                else:
+                    made = finished(self.decode(kept, pipes))
+                results.append(StageResult(images=made, seeds=own, warnings=list(warnings),
+                                           info={"stopped_at": [step, total]}))
             elif latents is None:
                 results.append(GenerationCancelled(f"request {items[i].request_id} cancelled"))
             elif request.denoising_end is not None:
@@ -523,7 +542,7 @@ class SDXLBase:
         request = request.model_copy(update={"checkpoint": checkpoint})
         request_id = request_id or uuid.uuid4().hex
         items = [BatchItem(request, request_id, request.batch_size)] if init is None else [
-            BatchItem(again, request_id) for again in passes_over(request, init)]
+            BatchItem(again, request_id, source=init) for again in passes_over(request, init)]
         self.reporter.start()
         try:
             with self.metrics.request():

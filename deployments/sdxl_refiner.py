@@ -138,6 +138,8 @@ class Refiner:
                 if images is None:
                     results.append(GenerationCancelled(f"request {item.request_id} cancelled"))
                     continue
+                if k in stopped and stopped[k][0] == 1 and not ensemble:
+                    images = list(source.images)  # stopped as it began: the image it was given, handed on
                 result = source.then(images, warnings=[w for w in warnings if w not in source.warnings],
                                      refiner=self.config.name, refiner_mode="ensemble" if ensemble else "image",
                                      **({"stopped_at": stopped[k]} if k in stopped else {}))
@@ -179,11 +181,12 @@ class Refiner:
 
         partial = Partial(self.cancellation, items, counts)
 
-        def on_step_end(_pipe, step, _timestep, callback_kwargs):
-            cancelled = self.cancellation.advance(items, step + 1, total)
+        def on_step_end(pipe, step, _timestep, callback_kwargs):
+            at = step // getattr(pipe.scheduler, "order", 1) + 1  # a second-order sampler calls twice a step
+            cancelled = self.cancellation.advance(items, at, total)
             if all(cancelled):
-                raise GenerationCancelled(f"batch of {len(items)} cancelled at step {step + 1}/{total}")
-            partial.check(callback_kwargs.get("latents"), step + 1, total, cancelled)
+                raise GenerationCancelled(f"batch of {len(items)} cancelled at step {at}/{total}")
+            partial.check(callback_kwargs.get("latents"), at, total, cancelled)
             return callback_kwargs
 
         prompts = [parse_lora_tags(i.request.prompt)[0] for i in items]  # LoRAs belong to the base model
@@ -191,25 +194,28 @@ class Refiner:
             self.pipe.scheduler = build_scheduler(sampler, self.scheduler_config, schedule, seeds=flat,
                                                   warnings=warnings)
             partial.watch(self.pipe.scheduler)
-            latents = None
-            with fastpath.attention(self.config.fast), suppress(Stopped):  # Stopped: no item runs on
-                latents = self.pipe(
-                    prompt=per_image(prompts),
-                    negative_prompt=per_image([i.request.negative_prompt for i in items]) if request.negative_prompt
-                    else None,
-                    guidance_scale=request.guidance_scale, aesthetic_score=request.aesthetic_score,
-                    negative_aesthetic_score=request.negative_aesthetic_score, num_images_per_prompt=1,
-                    generator=[torch.Generator("cpu").manual_seed(s) for s in flat],
-                    callback_on_step_end=on_step_end, output_type="latent", **kwargs,
-                ).images
-            images = fastpath.decode(self.pipe, latents) if latents is not None else None
-            made: list[list[Image.Image] | None] = []
-            for k, (a, b) in enumerate(zip(offsets, offsets[1:], strict=False)):
-                if k in partial.kept:
-                    made.append(fastpath.decode(self.pipe, partial.kept[k][0]))
-                else:
-                    made.append(images[a:b] if images is not None else None)
-            return made, {k: [step, steps] for k, (_, step, steps) in partial.kept.items()}
+            try:
+                latents = None
+                with fastpath.attention(self.config.fast), suppress(Stopped):  # Stopped: no item runs on
+                    latents = self.pipe(
+                        prompt=per_image(prompts),
+                        negative_prompt=per_image([i.request.negative_prompt for i in items]) if request.negative_prompt
+                        else None,
+                        guidance_scale=request.guidance_scale, aesthetic_score=request.aesthetic_score,
+                        negative_aesthetic_score=request.negative_aesthetic_score, num_images_per_prompt=1,
+                        generator=[torch.Generator("cpu").manual_seed(s) for s in flat],
+                        callback_on_step_end=on_step_end, output_type="latent", **kwargs,
+                    ).images
+                images = fastpath.decode(self.pipe, latents) if latents is not None else None
+                made: list[list[Image.Image] | None] = []
+                for k, (a, b) in enumerate(zip(offsets, offsets[1:], strict=False)):
+                    if k in partial.kept:
+                        made.append(fastpath.decode(self.pipe, partial.kept[k][0]))
+                    else:
+                        made.append(images[a:b] if images is not None else None)
+                return made, {k: [step, steps] for k, (_, step, steps) in partial.kept.items()}
+            finally:
+                partial.release()
 
     def describe(self) -> dict:
         return {"name": self.config.name, "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),

@@ -244,3 +244,34 @@ def test_only_a_whole_answer_is_cached(service, monkeypatch, stopped):
     assert first["info"]["cached"] is False
     assert again["info"]["cached"] is (stopped is None)
     assert len(service.batches) == (1 if stopped is None else 2)
+
+
+@pytest.mark.parametrize("interrupt", [False, True])
+def test_a_stopped_batch_keeps_its_images_then_a_skip_runs_on_and_an_interrupt_ends(service, monkeypatch,
+                                                                                      interrupt):
+    """The stages answer a stop with the images as they stood (``stopped_at``); the route keeps them, then runs
+    the next ``n_iter`` batch after /skip, and none after /interrupt."""
+    from starlette.requests import Request
+
+    from graphs import plans
+
+    batch = plans.a1111_batch  # the Service's stand-in
+
+    async def stopping_the_first(handles, request, request_id, **options):
+        result = await batch(handles, request, request_id, **options)
+        if len(service.batches) == 1:
+            if interrupt:
+                caller = Request({"type": "http", "method": "POST", "path": "/", "headers": [], "client": ("unit", 1)})
+                await service.routes.interrupt(caller)
+            result.info["stopped_at"] = [1, 2]
+        return result
+
+    monkeypatch.setattr(plans, "a1111_batch", stopping_the_first)
+    answer = service.txt2img(seed=7, n_iter=2)
+    info = answer["info"]
+    if interrupt:
+        assert info["interrupted"] is True and "skipped" not in info and len(service.batches) == 1
+        assert info["all_seeds"] == [7] and len(answer["images"]) == 1
+    else:
+        assert info["skipped"] is True and "interrupted" not in info and len(service.batches) == 2
+        assert info["all_seeds"] == [7, 8] and len(answer["images"]) == 2

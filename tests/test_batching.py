@@ -141,6 +141,23 @@ def test_a_stopped_item_answers_with_its_image_as_it_stood_and_its_mate_runs_on(
     assert handed[0].latents is None and handed[0].image.size == (128, 128) and handed[0].stopped
 
 
+def test_a_pass_stopped_as_it_begins_hands_on_the_earlier_stages_image(base):
+    """A stop that came while an earlier stage ran (the upscaler of A1111's pixel hires fix) reaches the second
+    pass at its first step: it hands the upscaled image on, not one step's blurred estimate; stopped later, it
+    answers with its own estimate."""
+    first = base.generate(request(seed=51, steps=4))
+    up = first.image.resize((192, 192), Image.Resampling.LANCZOS)
+    again = request(seed=51, steps=4, width=192, height=192, init_image=up, strength=0.5, exact_steps=True)
+
+    def stop_at(step):
+        return lambda at, _total: at == step and base.cancellation.stop("second")
+
+    (handed,) = base.generate_batch([BatchItem(again, "second", source=first, on_progress=stop_at(1))])
+    assert handed.info["stopped_at"][0] == 1 and mad(handed.image, up) == 0
+    (later,) = base.generate_batch([BatchItem(again, "second", source=first, on_progress=stop_at(3))])
+    assert later.info["stopped_at"][0] == 3 and later.image.size == (192, 192) and mad(later.image, up) > 1.0
+
+
 def test_a_pass_over_an_earlier_stages_images_keeps_each_images_seed_and_size(base, astronaut):
     """A1111's pixel hires fix: one img2img item per upscaled image, sharing the request's id (its progress and
     cancel), each with its own seed and size; its pixels are those of the same img2img request alone."""
@@ -295,3 +312,11 @@ def test_a_cancelled_caller_stops_waiting_at_once_while_its_batch_mate_runs_on()
             await asyncio.wait_for(cancellation.guard("c", asyncio.Event().wait()), timeout=5)
 
     asyncio.run(scenario())
+
+
+def test_a_second_order_sampler_counts_each_step_once(base):
+    """Heun calls the step callback twice a step (once on the last): progress and ``stopped_at`` count steps."""
+    steps = []
+    base.generate_batch([BatchItem(request(seed=61, steps=4, sampler="Heun"), "heun",
+                                   on_progress=lambda at, total: steps.append((at, total)))])
+    assert steps[-1] == (4, 4) and sorted({at for at, _ in steps}) == [1, 2, 3, 4]

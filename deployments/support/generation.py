@@ -426,18 +426,27 @@ class Partial:
         self.offsets = [sum(counts[:i]) for i in range(len(counts) + 1)]
         self.kept: dict[int, tuple[Any, int, int]] = {}  # item index -> its latents, the step and the total
         self._estimate: Any = None
+        self._watched: list[Any] = []
 
     def watch(self, scheduler) -> None:
         """Keep the scheduler's estimate of the clean latents from each of its steps."""
         step = scheduler.step
 
         @functools.wraps(step)  # the pipeline reads its signature to pass ``generator`` and ``eta``
-        def recorded(*args, **kwargs):
-            out = step(*args, **kwargs)
-            self._estimate = clean_estimate(scheduler, out)
+        def recorded(model_output, timestep, sample, *args, **kwargs):
+            out = step(model_output, timestep, sample, *args, **kwargs)
+            self._estimate = clean_estimate(scheduler, out, model_output, timestep, sample)
             return out
 
         scheduler.step = recorded
+        self._watched.append(scheduler)
+
+    def release(self) -> None:
+        """The schedulers as they were, and nothing of the batch kept: a pipeline holds its last scheduler until
+        its next run, and with it whatever this holds (the requests' images, latents on the device)."""
+        for scheduler in self._watched:
+            scheduler.__dict__.pop("step", None)
+        self._watched, self.items, self.kept, self._estimate = [], [], {}, None
 
     def check(self, latents: Any, step: int, total: int, cancelled: list[bool]) -> None:
         """After a step: keep what each item stopped since makes; ``Stopped`` when no item runs on."""
@@ -449,10 +458,11 @@ class Partial:
             raise Stopped(f"batch of {len(self.items)} stopped at step {step}/{total}")
 
 
-def clean_estimate(scheduler, out) -> Any:
-    """A scheduler step's estimate of the clean latents, where it makes one: the second value of the k-diffusion
-    style steps (Euler, Heun, LMS, DPM2, DPM++ SDE, DDIM, LCM), or a DPM-Solver++ / UniPC step's latest model
-    output, which those keep in that form. None for the rest (PNDM, DEIS): the current latents stand in."""
+def clean_estimate(scheduler, out, model_output: Any = None, timestep: Any = None, sample: Any = None) -> Any:
+    """A scheduler step's estimate of the clean latents: the second value of the k-diffusion style steps (Euler,
+    Heun, LMS, DPM2, DPM++ SDE, DDIM, LCM), or a DPM-Solver++ / UniPC step's latest model output, which those keep
+    in that form; for the rest (PLMS, PNDM, DEIS), worked out from the predicted noise as DDIM does. None where
+    none can be (a model that predicts something other than the noise): the current latents stand in."""
     if isinstance(out, tuple):
         if len(out) > 1 and out[1] is not None:
             return out[1]
@@ -465,7 +475,12 @@ def clean_estimate(scheduler, out) -> Any:
     if outputs and outputs[-1] is not None and (config.get("algorithm_type") in ("dpmsolver++", "sde-dpmsolver++")
                                                 or config.get("predict_x0") is True):
         return outputs[-1]
-    return None
+    alphas = getattr(scheduler, "alphas_cumprod", None)
+    if alphas is None or sample is None or model_output is None or timestep is None \
+            or config.get("prediction_type", "epsilon") != "epsilon":
+        return None
+    alpha = alphas[int(timestep)].to(device=sample.device, dtype=sample.dtype)
+    return (sample - (1 - alpha).sqrt() * model_output) / alpha.sqrt()
 
 
 # SDXL latent channels -> RGB, a linear fit used for live previews (no VAE decode needed).
