@@ -121,6 +121,25 @@ async def test_a_job_whose_store_is_down_still_shows_its_status(service):
         view["result"]["warnings"]
 
 
+async def test_a_view_without_bytes_names_its_images_by_url_and_reads_no_storage(service):
+    """``?images=false``: what a page that lists jobs reads (it fetches the images it shows by URL)."""
+    job = service.completed(images=2)
+    batch = service.completed("batch-sizes")
+    whole = (await service.client.get(f"/jobs/{job.id}")).json()
+    service.routes.results = Down()  # nothing may be read: a store down changes nothing here
+    view = (await service.client.get(f"/jobs/{job.id}", params={"images": "false"})).json()
+    assert "images" not in view["result"] and not view["result"]["warnings"]
+    assert view["result"]["urls"] == whole["result"]["urls"] and len(view["result"]["urls"]) == 2
+    sizes = (await service.client.get(f"/jobs/{batch.id}", params={"images": "false"})).json()
+    for entries in (sizes["images"], sizes["result"]["images"]):
+        assert set(entries) == {"avatar", "hero"} and entries["avatar"]["width"] == 32
+        assert entries["avatar"]["url"].startswith(f"/jobs/{batch.id}/images/")
+        assert "imageData" not in entries["avatar"] and "derivatives" not in entries["avatar"]
+        assert list(entries["avatar"]["derivativeUrls"]) == ["16"]
+    refused = await service.client.get(f"/jobs/{job.id}", params={"images": "maybe"})
+    assert refused.status_code == 422 and refused.json()["details"]["field"] == "images"
+
+
 async def test_images_are_served_by_url_with_validators_and_never_change(service):
     job = service.completed()
     view = (await service.client.get(f"/jobs/{job.id}")).json()

@@ -191,6 +191,8 @@ def _generate_against(browser, job: dict, stream: str, until: str,
             return route.fulfill(status=202, json={**job, "status": "queued", "progress": 0})
         if path == "/jobs/job_1/events":
             return route.fulfill(body=stream, content_type="text/event-stream")
+        if path.startswith("/jobs/job_1/images/"):
+            return route.fulfill(body=_png(24, 16), content_type="image/png")
         if isinstance(answers[path], tuple):
             return route.fulfill(status=answers[path][0], json=answers[path][1])
         return route.fulfill(json=answers[path])
@@ -259,17 +261,23 @@ def test_a_batch_with_an_unreadable_size_shows_the_rest_and_why(browser):
 
 
 def test_a_job_whose_details_fail_does_not_empty_the_list(browser):
+    """The gallery reads each job's view without its bytes (``?images=false``: URLs alone) and fetches the images
+    it shows, so a view here carries no image data at all."""
     listed = [{"id": f"job_{i}", "type": "text2img", "status": "completed", "createdAt": "", "progress": 100}
               for i in (1, 2)]
-    more = {"/jobs": {"jobs": listed, "total": 2, "offset": 0, "limit": 12},
+    by_url = {**_job(), "result": {"urls": ["/jobs/job_1/images/1-image_0.png"], "seed": 5}}
+    more = {"/jobs": {"jobs": listed, "total": 2, "offset": 0, "limit": 12}, "/jobs/job_1": by_url,
             "/jobs/job_2": (503, {"error": "result storage unavailable", "code": "STORAGE_UNAVAILABLE", "details": {}})}
-    until = "() => document.querySelectorAll('#gallery li').length === 2"
+    until = ("() => document.querySelectorAll('#gallery li').length === 2"
+             " && document.querySelector('#gallery li[data-job=job_1] img')?.naturalWidth === 24")
     context, page, _ = _generate_against(browser, _job(), _stream("job_1"), until, more)
     note = page.locator("#gallery-note").inner_text()
     images = page.locator("#gallery li[data-job=job_1] img").count()
+    saved = page.locator("#gallery li[data-job=job_1] a[download]").get_attribute("download")
     failed = page.locator("#gallery li[data-job=job_2] .unreadable").inner_text()
     context.close()
-    assert note == "" and images == 1 and failed == "Details unavailable: result storage unavailable"
+    assert note == "" and images == 1 and saved == "job_1_0.png"
+    assert failed == "Details unavailable: result storage unavailable"
 
 
 @pytest.fixture(scope="module")

@@ -121,7 +121,9 @@ class JobRoutes(CheckpointChoice):
         """The submit's JSON answer, or the job's event stream when the client asked for it."""
         return self._events(job.id) if events.wants_stream(request.headers.get("accept")) else answer
 
-    def _view(self, job: Job, with_images: bool = True) -> dict:
+    def _view(self, job: Job, with_images: bool = True, with_bytes: bool = True) -> dict:
+        """The job as its clients read it; ``with_bytes`` False: its images by URL alone, nothing read from storage
+        (a page that lists jobs fetches the images it shows, and its browser caches them)."""
         out = {"id": job.id, "jobId": job.id, "job_id": job.id, "type": job.type, "status": job.status,
                "request": _redact(job.request), "progress": round(job.progress), "priority": job.priority,
                "createdAt": _iso(job.created_at), "startedAt": _iso(job.started_at),
@@ -131,30 +133,33 @@ class JobRoutes(CheckpointChoice):
             warnings = list(result.get("warnings") or [])
             if job.type == "batch-sizes":
                 # seed 002's imageData is plain base64, as /generate's and /jobs/{id}/result's are
-                images = {name: self._size_entry(name, e, warnings) for name, e in result["images"].items()}
+                images = {name: self._size_entry(name, e, warnings, with_bytes) for name, e in result["images"].items()}
                 out.update(images=images, bases_generated=result["bases_generated"], seed=result["seed"])
                 # the same entries without the bytes, which the top level already carries
                 result["images"] = {name: {k: v for k, v in e.items() if k not in ("imageData", "derivatives")}
                                     for name, e in images.items()}
             else:
-                keys = result["images"]
-                result["images"] = [self._data_uri(k, f"image {i + 1} of {len(keys)}", warnings)
-                                    for i, k in enumerate(keys)]
+                keys = result.pop("images")
+                if with_bytes:
+                    result["images"] = [self._data_uri(k, f"image {i + 1} of {len(keys)}", warnings)
+                                        for i, k in enumerate(keys)]
                 result["urls"] = [image_url(k) for k in keys]
             if warnings:
                 result["warnings"] = warnings
             out["result"] = result
         return out
 
-    def _size_entry(self, name: str, e: dict, warnings: list[str]) -> dict:
-        data = self._read(e["key"], f"size {name}", warnings)
+    def _size_entry(self, name: str, e: dict, warnings: list[str], with_bytes: bool = True) -> dict:
         derivatives = e.get("derivatives", {})
-        return {"imageData": None if data is None else base64.b64encode(data).decode(), "format": "png",
-                "width": e["width"], "height": e["height"], "aspect": e["aspect"], "box": e["box"],
-                "upscaled": e["upscaled"], "nsfw": e.get("nsfw"), "url": image_url(e["key"]),
-                "derivatives": {w: self._data_uri(k, f"size {name} at {w} px", warnings, "image/webp")
-                                for w, k in derivatives.items()},
-                "derivativeUrls": {w: image_url(k) for w, k in derivatives.items()}}
+        entry = {"format": "png", "width": e["width"], "height": e["height"], "aspect": e["aspect"], "box": e["box"],
+                 "upscaled": e["upscaled"], "nsfw": e.get("nsfw"), "url": image_url(e["key"]),
+                 "derivativeUrls": {w: image_url(k) for w, k in derivatives.items()}}
+        if with_bytes:
+            data = self._read(e["key"], f"size {name}", warnings)
+            entry.update(imageData=None if data is None else base64.b64encode(data).decode(),
+                         derivatives={w: self._data_uri(k, f"size {name} at {w} px", warnings, "image/webp")
+                                      for w, k in derivatives.items()})
+        return entry
 
     def _data_uri(self, key: str, what: str, warnings: list[str], mime: str = "image/png") -> str | None:
         data = self._read(key, what, warnings)
@@ -219,9 +224,10 @@ class JobRoutes(CheckpointChoice):
         return await self._accept(request, "batch-sizes", body)
 
     @router.get("/jobs/{job_id}", response_model=JobView, response_model_exclude_unset=True, responses=documented(404))
-    async def get_job(self, job_id: JobId, request: Request) -> dict:
+    async def get_job(self, job_id: JobId, request: Request, images: bool = Query(
+            True, description="false: the images by URL alone (result.urls, each size's url), no bytes")) -> dict:
         """The job, with its images as data URIs once completed."""
-        return await asyncio.to_thread(self._view, await self._get(request, job_id))
+        return await asyncio.to_thread(self._view, await self._get(request, job_id), True, images)
 
     @router.get("/jobs/{job_id}/events", response_class=events.EventStream,
                 responses={200: STREAM_DOC, **documented(404)})

@@ -428,28 +428,54 @@ function describe(job) {
   return parts.filter(Boolean).join(" · ");
 }
 
+// The gallery's images by URL: fetched with the token (an <img> cannot send one), cached by the browser (their
+// URLs never change), shown from object URLs that the next refresh lets go of.
+let galleryObjects = [];
+
+function galleryImages(job) {
+  const result = job.result || {};
+  if (Array.isArray(result.urls)) {
+    return result.urls.map((url, i) => ({ url, name: `${job.id}_${i}.png` }));
+  }
+  return Object.entries(job.images || result.images || {}).map(([size, entry]) => ({
+    url: entry.url, name: `${job.id}_${size}.png`, label: `${size} ${entry.width} × ${entry.height}`,
+  }));
+}
+
+function galleryFigure(job, image) {
+  const figure = el("figure", {});
+  fetch(image.url, { headers: authHeaders() })
+    .then((response) => (response.ok ? response.blob() : Promise.reject(new Error(response.statusText))))
+    .then((blob) => {
+      const uri = URL.createObjectURL(blob);
+      galleryObjects.push(uri);
+      figure.replaceChildren(el("img", { src: uri, alt: `${job.id} ${image.label || ""}`.trim() }),
+        el("figcaption", {}, download(uri, image.name)));
+    })
+    .catch(() => figure.replaceChildren(el("p", { class: "unreadable", text: UNREADABLE })));
+  return figure;
+}
+
 async function refreshGallery() {
   const list = $("gallery");
   try {
     const { jobs } = await api("jobs?limit=12");
     // Settled one by one: a job whose details cannot be read now is listed as the listing gave it, not in place
-    // of the whole list.
-    const settled = await Promise.allSettled(jobs.map((j) => (j.status === "completed" ? api(`jobs/${j.id}`) : j)));
+    // of the whole list. Its images come by URL, not as bytes inside its view.
+    const settled = await Promise.allSettled(jobs.map((j) => (
+      j.status === "completed" ? api(`jobs/${j.id}?images=false`) : j)));
+    galleryObjects.forEach((uri) => URL.revokeObjectURL(uri));
+    galleryObjects = [];
     list.replaceChildren(...settled.map((outcome, i) => {
       const job = outcome.status === "fulfilled" ? outcome.value : jobs[i];
       const r = job.request || {};
-      const images = resultImages(job);
       return el("li", { class: "job", "data-job": job.id },
         el("p", {}, el("strong", { text: STATE_TEXT[job.status] || job.status }), ` ${job.type} · ${job.createdAt || ""}`),
         r.prompt ? el("p", { class: "prompt", text: r.prompt }) : null,
         el("p", { class: "hint", text: describe(job) }),
         outcome.status === "rejected"
           ? el("p", { class: "unreadable", text: `Details unavailable: ${outcome.reason.message}` }) : null,
-        ...images.map((image) => el("figure", {},
-          image.uri
-            ? el("img", { src: image.uri, alt: `${job.id} ${image.label || ""}`.trim(), loading: "lazy" })
-            : el("p", { class: "unreadable", text: UNREADABLE }),
-          image.uri ? el("figcaption", {}, download(image.uri, image.name)) : null)));
+        ...galleryImages(job).map((image) => galleryFigure(job, image)));
     }));
     $("gallery-note").textContent = jobs.length ? "" : "No jobs yet.";
   } catch (error) {
