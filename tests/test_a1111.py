@@ -275,3 +275,30 @@ def test_a_stopped_batch_keeps_its_images_then_a_skip_runs_on_and_an_interrupt_e
     else:
         assert info["skipped"] is True and "interrupted" not in info and len(service.batches) == 2
         assert info["all_seeds"] == [7, 8] and len(answer["images"]) == 2
+
+
+@pytest.mark.parametrize("route", ["interrupt", "skip"])
+def test_interrupt_and_skip_ask_the_board_to_stop_not_to_cancel(service, monkeypatch, route):
+    """A cancel would throw the running batch's images away; a stop keeps them as they stand."""
+    from starlette.requests import Request
+
+    from graphs import plans
+    from graphs.api.a1111 import A1111Routes
+
+    asked: list[str] = []
+
+    async def board(_self, method: str, _request_id: str) -> None:
+        asked.append(method)
+
+    monkeypatch.setattr(A1111Routes, "_board", board)
+    batch = plans.a1111_batch
+
+    async def while_running(handles, request, request_id, **options):
+        if not asked:
+            caller = Request({"type": "http", "method": "POST", "path": "/", "headers": [], "client": ("unit", 1)})
+            await getattr(service.routes, route)(caller)
+        return await batch(handles, request, request_id, **options)
+
+    monkeypatch.setattr(plans, "a1111_batch", while_running)
+    service.txt2img(seed=7)
+    assert asked == ["stop"]

@@ -131,6 +131,7 @@ def test_a_stopped_item_answers_with_its_image_as_it_stood_and_its_mate_runs_on(
                      or base.cancellation.stop("alone"))
     (alone,) = base.generate_batch([lone])
     assert steps == [1] and alone.info["stopped_at"] == [1, 6] and alone.image.size == (128, 128)
+    assert "step" not in base.checkpoint().txt2img.scheduler.__dict__  # let go of: it held the batch's images
     # A hires pass stopped in its first pass answers at the first pass's size; a stopped base hands the refiner
     # images (it passes them on).
     hires = request(seed=43, steps=4, hires=LatentHires(width=192, height=192, strength=0.5, steps=2))
@@ -319,4 +320,83 @@ def test_a_second_order_sampler_counts_each_step_once(base):
     steps = []
     base.generate_batch([BatchItem(request(seed=61, steps=4, sampler="Heun"), "heun",
                                    on_progress=lambda at, total: steps.append((at, total)))])
+    assert steps[-1] == (4, 4) and sorted({at for at, _ in steps}) == [1, 2, 3, 4]
+
+
+def test_a_stop_keeps_each_images_clean_estimate_and_lets_go_of_the_scheduler():
+    """What a stopped item keeps is the sampler's estimate of the clean latents for every one of its images (not
+    the noisy latents, not its first image alone); once released, the scheduler is as it was."""
+    import torch
+    from diffusers import EulerDiscreteScheduler
+
+    from deployments.support.generation import Cancellation, Partial
+
+    cancellation = Cancellation()
+    partial = Partial(cancellation, [BatchItem(None, "two", 2), BatchItem(None, "one", 1)], [2, 1])
+    scheduler = EulerDiscreteScheduler()
+    scheduler.set_timesteps(10)
+    partial.watch(scheduler)
+    out = scheduler.step(torch.randn(3, 4, 8, 8), scheduler.timesteps[0], torch.randn(3, 4, 8, 8))
+    cancellation.stop("two")
+    partial.check(out.prev_sample, 1, 10, [False, False])
+    kept, step, total = partial.kept[0]
+    assert (step, total) == (1, 10) and list(partial.kept) == [0]
+    assert torch.equal(kept, out.pred_original_sample[0:2])
+    partial.release()
+    assert "step" not in scheduler.__dict__ and not partial.kept
+
+
+def test_a_stopped_part_makes_the_joined_result_stopped_wherever_it_stands():
+    """The passes of A1111's pixel hires fix are joined: one stopped pass, even the last, stops the whole."""
+    whole, stopped = StageResult(images=[]), StageResult(images=[], info={"stopped_at": [2, 4]})
+    joined = StageResult(images=[]).joined([whole, stopped])
+    assert joined.stopped and joined.info["stopped_at"] == [2, 4]
+    assert not StageResult(images=[]).joined([whole, whole]).stopped
+
+
+def test_a_hires_fix_stopped_in_its_second_pass_answers_at_the_hires_size(base):
+    hires = request(seed=43, steps=4, hires=LatentHires(width=192, height=192, strength=0.5, steps=2))
+    (result,) = base.generate_batch([BatchItem(hires, "h2", on_progress=lambda at, _t: at == 5
+                                               and base.cancellation.stop("h2"))])
+    assert result.info["stopped_at"] == [5, 6] and result.image.size == (192, 192)
+
+
+def test_a_stopped_inpainting_keeps_the_pixels_outside_its_mask(base, astronaut):
+    init = astronaut.resize((128, 128))
+    mask = Image.new("L", (128, 128), 0)
+    mask.paste(255, (32, 32, 96, 96))
+    asked = request(seed=2, init_image=init, mask=mask, mask_blur=0, strength=1.0, steps=6)
+    (result,) = base.generate_batch([BatchItem(asked, "inpaint", on_progress=lambda at, _t: at == 2
+                                               and base.cancellation.stop("inpaint"))])
+    outside = np.asarray(mask) == 0
+    assert result.info["stopped_at"] == [2, 6]
+    assert np.abs(pixels(result.image)[outside] - pixels(init)[outside]).max() <= 1
+
+
+def test_the_stages_after_a_stopped_one_hand_its_images_on_untouched():
+    """After /interrupt in the first pass of A1111's hires fix (or before the refiner), the upscaler, the second
+    base pass and the refiner run nothing: the first pass's images are the answer, as A1111 skips its hires pass."""
+    from types import SimpleNamespace
+
+    from deployments.sdxl_base import SDXLBase
+    from deployments.sdxl_refiner import SDXLRefiner
+    from deployments.support.generation import RefineRequest
+    from deployments.upscaler import Upscaler
+
+    stopped = StageResult(images=[Image.new("RGB", (64, 64))], seeds=[1], info={"stopped_at": [2, 8]})
+    idle = SimpleNamespace()  # any use of the replica's model, batcher or metrics would raise here
+    assert asyncio.run(Upscaler.func_or_class.upscale(idle, stopped, "R-ESRGAN 4x+", 2.0)) is stopped
+    assert asyncio.run(SDXLBase.func_or_class.generate(idle, request(), "r", init=stopped)) is stopped
+    refine = RefineRequest(prompt="p", steps=4, denoising_start=0.8)
+    assert asyncio.run(SDXLRefiner.func_or_class._submit(idle, refine, stopped, "r", ensemble=True)) is stopped
+
+
+def test_the_refiner_counts_a_second_order_samplers_steps_once(refiner):
+    from deployments.support.generation import RefineRequest
+
+    steps = []
+    source = StageResult(images=[Image.new("RGB", (128, 128), (90, 120, 200))], seeds=[3])
+    refiner.refine_batch([BatchItem(RefineRequest(prompt="p", steps=4, strength=1.0, sampler="Heun"), "heun",
+                                    source=source, on_progress=lambda at, total: steps.append((at, total)))],
+                         ensemble=False)
     assert steps[-1] == (4, 4) and sorted({at for at, _ in steps}) == [1, 2, 3, 4]

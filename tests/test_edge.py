@@ -153,13 +153,16 @@ async def test_an_untrusted_peer_cannot_buy_budgets_with_x_forwarded_for(make_cl
     ("10.0.0.1", [b"203.0.113.7"], "203.0.113.7"),
     ("10.0.0.1", [b"198.51.100.1", b"203.0.113.7, 10.0.0.2"], "203.0.113.7"),  # two headers are one list
     ("10.0.0.1", [b"[2001:db8::7]:443"], "2001:db8::7"),
+    ("10.0.0.1", [b"2001:db8::7"], "2001:db8::7"),  # bare IPv6: its colons are no port
+    ("fd00::5", [b"203.0.113.7"], "203.0.113.7"),  # an IPv6 proxy
+    ("10.0.0.1", [b"203.0.113.7:5678"], "203.0.113.7"),
     ("10.0.0.1", [b"unknown"], "10.0.0.1"),
     ("10.0.0.1", [], "10.0.0.1"),
     ("192.0.2.1", [b"203.0.113.7"], "192.0.2.1"),
 ])
 def test_the_client_address_a_trusted_proxy_forwards(peer, forwarded, address):
     scope = {"client": (peer, 1), "headers": [(b"x-forwarded-for", value) for value in forwarded]}
-    assert http.client_address(scope, settings.Settings(trusted_proxies="10.0.0.0/8")) == address
+    assert http.client_address(scope, settings.Settings(trusted_proxies="10.0.0.0/8,fd00::/8")) == address
     assert http.client_address(scope, settings.Settings()) == peer  # trusted by no one: the peer
 
 
