@@ -290,6 +290,22 @@ def test_a_service_that_goes_away_mid_job_is_waited_for(monkeypatch, tmp_path, c
     assert status == 3 and err.startswith("imagegen: job job_1: cannot reach")
 
 
+def test_a_first_connection_refused_exits_3_at_once(monkeypatch, tmp_path, capsys):
+    """A refused first connection is a wrong --url or no service: waiting could only delay the one clear line. The
+    job id ``jobs wait`` names is not yet a job the service answered about."""
+    import graphs.client
+
+    pauses: list[float] = []
+    monkeypatch.setattr(graphs.client.time, "sleep", pauses.append)
+    for argv in (["generate", "x", "-o", str(tmp_path / "x.png")], ["jobs", "wait", "job_1"]):
+        canned_service(monkeypatch, [frame(1, "completed")], {},
+                       routes={"/generate/text2img": refused, "/jobs/job_1/events": refused})
+        monkeypatch.setattr(graphs.client, "RECONNECT_PAUSE_S", 1.0)
+        status, _, err = run(capsys, "--quiet", *argv)
+        assert (status, pauses) == (3, []), argv
+        assert "cannot reach" in err and "connection refused" in err
+
+
 def test_jobs_wait_writes_every_size_of_a_batch_into_the_output_folder(monkeypatch, tmp_path, capsys):
     image = {"imageData": png_base64(), "width": 8, "height": 8, "nsfw": False}
     job = {"id": "job_1", "type": "batch-sizes", "status": "completed", "images": {"hero": image, "og": image}}
@@ -301,6 +317,20 @@ def test_jobs_wait_writes_every_size_of_a_batch_into_the_output_folder(monkeypat
     (tmp_path / "afile").write_text("")
     status, _, err = run(capsys, "--quiet", "jobs", "wait", "job_1", "-o", str(tmp_path / "afile"))
     assert status == 2 and "not a folder (the images go into it as <size>.png)" in err
+
+
+def test_jobs_wait_on_a_batch_exits_6_when_any_size_was_flagged(monkeypatch, tmp_path, capsys):
+    """The flags of a batch's sizes are in its view, not in the completed event: a script saving the batch with
+    ``jobs wait -o`` must not take a replaced size for clean."""
+    for flags, exit_status in (((False, True), 6), ((False, False), 0)):
+        images = {name: {"imageData": png_base64(), "width": 8, "height": 8, "nsfw": flagged}
+                  for name, flagged in zip(("avatar", "hero"), flags, strict=True)}
+        job = {"id": "job_1", "type": "batch-sizes", "status": "completed", "images": images}
+        canned_service(monkeypatch, [frame(1, "completed")], {},
+                       routes={"/jobs/job_1": lambda _, job=job: httpx.Response(200, json=job)})
+        out = tmp_path / "-".join(map(str, flags))
+        status, _, _ = run(capsys, "--quiet", "jobs", "wait", "job_1", "-o", str(out))
+        assert status == exit_status and sorted(p.name for p in out.iterdir()) == ["avatar.png", "hero.png"]
 
 
 def test_a_batch_writes_the_sizes_it_can_read_and_names_the_others(monkeypatch, tmp_path, capsys):

@@ -209,6 +209,48 @@ async def test_a_store_that_refuses_saves_costs_retries_then_attempts_not_the_jo
         assert runner.results.load(done.result["images"][0]).startswith(b"\x89PNG")
 
 
+def saving_runner(monkeypatch, tmp_path, refusals: int, **settings) -> tuple[JobRunner, RefusedSaves, list[float]]:
+    """A runner with no worker loops whose result store refuses its first ``refusals`` saves; the pauses between
+    tries are recorded, not slept (on this test's event loop only: Serve's sleep as ever)."""
+    from deployments.support.settings import Settings
+    from graphs.jobs import runner as runner_module
+    from graphs.jobs.results import open_results
+
+    runner = JobRunner.func_or_class.__new__(JobRunner.func_or_class)
+    runner.settings = Settings(JOBS_DATA_DIR=str(tmp_path), **settings)
+    runner.results = flaky = RefusedSaves(open_results(runner.settings), refusals)
+    pauses: list[float] = []
+    real_sleep, mine = asyncio.sleep, asyncio.get_running_loop()
+
+    async def sleep(seconds):
+        if asyncio.get_running_loop() is not mine:
+            return await real_sleep(seconds)
+        pauses.append(seconds)
+        return await real_sleep(0)
+
+    monkeypatch.setattr(runner_module.asyncio, "sleep", sleep)
+    return runner, flaky, pauses
+
+
+async def test_save_retries_wait_longer_each_time(monkeypatch, tmp_path):
+    """The waits double: a store back after a short outage is tried again soon, one down for longer is not
+    hammered."""
+    runner, flaky, pauses = saving_runner(monkeypatch, tmp_path, 3, JOB_LEASE_SECONDS=30, JOB_SAVE_ATTEMPTS=4,
+                                          JOB_SAVE_BACKOFF_SECONDS=0.5)
+    key = await runner._save(Job(id=new_job_id(), type="text2img", request={}), "image_0", b"png")
+    assert flaky.saves == 4 and pauses == [0.5, 1, 2] and runner.results.load(key) == b"png"
+
+
+async def test_save_retries_stop_at_the_lease(monkeypatch, tmp_path):
+    """A retry that would start past the job's lease is not made: by then another runner may hold the job, so this
+    one gives it back at once (StorageUnavailable) instead of waiting out JOB_SAVE_ATTEMPTS."""
+    runner, flaky, pauses = saving_runner(monkeypatch, tmp_path, 99, JOB_LEASE_SECONDS=3, JOB_SAVE_ATTEMPTS=4,
+                                          JOB_SAVE_BACKOFF_SECONDS=5)
+    with pytest.raises(StorageUnavailable):
+        await runner._save(Job(id=new_job_id(), type="text2img", request={}), "image_0", b"png")
+    assert flaky.saves == 1 and pauses == []
+
+
 class DyingBaseShell(BaseShell):
     """The first ``deaths`` generate calls fail as a call to a replica on a node that died does."""
 
