@@ -262,56 +262,48 @@ class BaseGenerator:
             warnings.append("no IP-Adapter is loaded: the reference image was ignored")
         if request.denoising_end is not None:
             kwargs["denoising_end"] = request.denoising_end
+        # The batch's stop bookkeeping holds its images and device latents: let go of them however it ends.
         try:
-            return self._finish(pipe, pipes, request, kwargs, partial, done, seeds, offsets, items, warnings, mask,
-                                init)
+            latents = None
+            try:
+                with fastpath.attention(self.config.fast):
+                    latents = pipe(**kwargs, output_type="latent").images
+                    if request.hires is not None:
+                        done[0] = request.steps
+                        latents = self._hires_pass(pipes, request, request.hires, latents, seeds, kwargs, partial)
+            except Stopped:  # no item runs on: each is stopped (its result is kept in ``partial``) or cancelled
+                pass
+
+            def finished(images: list[Image.Image]) -> list[Image.Image]:
+                if mask is None or init is None:
+                    return images
+                return [self._keep_unmasked(init, image, mask) for image in images]
+
+            results: list[StageResult | BaseException] = []
+            handed: np.ndarray | None = None
+            images: list[Image.Image] | None = None
+            for i, (own, a, b) in enumerate(zip(seeds, offsets, offsets[1:], strict=False)):
+                if i in partial.kept:  # decoded to images even for the refiner: the stages after it hand them on
+                    kept, step, total = partial.kept[i]
+                    if step == 1 and items[i].source is not None:
+                        # Stopped as it began (the stop came while an earlier stage ran, as the upscaler of A1111's
+                        # hires fix): that stage's image, handed on as it is, rather than one step's estimate.
+                        made = [items[i].request.init_image]
+                    else:
+                        made = finished(self.decode(kept, pipes))
+                    results.append(StageResult(images=made, seeds=own, warnings=list(warnings),
+                                               info={"stopped_at": [step, total]}))
+                elif latents is None:
+                    results.append(GenerationCancelled(f"request {items[i].request_id} cancelled"))
+                elif request.denoising_end is not None:
+                    handed = latents.float().cpu().numpy() if handed is None else handed
+                    results.append(StageResult(images=[], seeds=own, latents=handed[a:b], warnings=list(warnings)))
+                else:
+                    images = finished(self.decode(latents, pipes)) if images is None else images
+                    results.append(StageResult(images=images[a:b], seeds=own, warnings=list(warnings)))
+            return results
         finally:
             partial.release()
-
-    def _finish(self, pipe, pipes: Pipelines, request: GenerationRequest, kwargs: dict, partial: Partial,
-                done: list[int], seeds: list[list[int]], offsets: list[int], items: list[BatchItem],
-                warnings: list[str], mask: Image.Image | None, init: Image.Image | None
-                ) -> list[StageResult | BaseException]:
-        """The denoising itself, and each item's result: its images (or latents for the refiner), those it had
-        when it was stopped, or its cancel."""
-        latents = None
-        try:
-            with fastpath.attention(self.config.fast):
-                latents = pipe(**kwargs, output_type="latent").images
-                if request.hires is not None:
-                    done[0] = request.steps
-                    latents = self._hires_pass(pipes, request, request.hires, latents, seeds, kwargs, partial)
-        except Stopped:  # no item runs on: each is stopped (its result is kept in ``partial``) or cancelled
-            pass
-
-        def finished(images: list[Image.Image]) -> list[Image.Image]:
-            if mask is None or init is None:
-                return images
-            return [self._keep_unmasked(init, image, mask) for image in images]
-
-        results: list[StageResult | BaseException] = []
-        handed: np.ndarray | None = None
-        images: list[Image.Image] | None = None
-        for i, (own, a, b) in enumerate(zip(seeds, offsets, offsets[1:], strict=False)):
-            if i in partial.kept:  # decoded to images even for the refiner: the stages after it hand them on
-                kept, step, total = partial.kept[i]
-                if step == 1 and items[i].source is not None:
-                    # Stopped as it began (the stop came while an earlier stage ran, as the upscaler of A1111's
-                    # hires fix): that stage's image, handed on as it is, rather than one step's estimate.
-                    made = [items[i].request.init_image]
-                else:
-                    made = finished(self.decode(kept, pipes))
-                results.append(StageResult(images=made, seeds=own, warnings=list(warnings),
-                                           info={"stopped_at": [step, total]}))
-            elif latents is None:
-                results.append(GenerationCancelled(f"request {items[i].request_id} cancelled"))
-            elif request.denoising_end is not None:
-                handed = latents.float().cpu().numpy() if handed is None else handed
-                results.append(StageResult(images=[], seeds=own, latents=handed[a:b], warnings=list(warnings)))
-            else:
-                images = finished(self.decode(latents, pipes)) if images is None else images
-                results.append(StageResult(images=images[a:b], seeds=own, warnings=list(warnings)))
-        return results
 
     def _hires_pass(self, pipes: Pipelines, request: GenerationRequest, hires: LatentHires, latents: torch.Tensor,
                     seeds: list[list[int]], first: dict, partial: Partial) -> torch.Tensor:
