@@ -333,18 +333,9 @@ def test_jobs_wait_on_a_batch_exits_6_when_any_size_was_flagged(monkeypatch, tmp
         assert status == exit_status and sorted(p.name for p in out.iterdir()) == ["avatar.png", "hero.png"]
 
 
-def test_a_batch_writes_the_sizes_it_can_read_and_names_the_others(monkeypatch, tmp_path, capsys):
-    """A size the view gives as null (expired, or the store down) is named, not a crash; the others are written."""
-    import base64
-    import io
-
+def batch_service(monkeypatch, view: dict) -> None:
+    """A service whose batch-sizes job completes at once and whose view of it is ``view``."""
     import graphs.cli
-
-    png = io.BytesIO()
-    Image.new("RGB", (8, 8)).save(png, "PNG")
-    sizes = {"avatar": base64.b64encode(png.getvalue()).decode(), "hero": None}
-    view = {"id": "job_1", "status": "completed", "images": {
-        name: {"imageData": data, "width": 8, "height": 8, "nsfw": None} for name, data in sizes.items()}}
 
     def answer(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/generate/batch-sizes":
@@ -353,6 +344,21 @@ def test_a_batch_writes_the_sizes_it_can_read_and_names_the_others(monkeypatch, 
 
     monkeypatch.setattr(graphs.cli, "Service", lambda url, token: Service(url, token,
                                                                           transport=httpx.MockTransport(answer)))
+
+
+def test_a_batch_writes_the_sizes_it_can_read_and_names_the_others(monkeypatch, tmp_path, capsys):
+    """A size the view gives as null (expired, or the store down) is named, not a crash; the others are written."""
+    import base64
+    import io
+
+
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, "PNG")
+    sizes = {"avatar": base64.b64encode(png.getvalue()).decode(), "hero": None}
+    view = {"id": "job_1", "status": "completed", "images": {
+        name: {"imageData": data, "width": 8, "height": 8, "nsfw": None} for name, data in sizes.items()}}
+
+    batch_service(monkeypatch, view)
     status, out, err = run(capsys, "--quiet", "batch-sizes", "x", "--sizes", "avatar,hero", "-o", str(tmp_path))
     assert status == 1 and out == f"{tmp_path / 'avatar.png'} 8x8\n" and not (tmp_path / "hero.png").exists()
     assert "job_1: hero could not be read; see GET /jobs/job_1" in err
@@ -369,18 +375,11 @@ def test_a_job_exits_6_when_any_of_its_images_was_flagged(monkeypatch, capsys, n
 
 def test_batch_sizes_exits_6_when_any_size_was_flagged_and_writes_them_all(monkeypatch, tmp_path, capsys):
     """The sizes of a batch come from a base per aspect: one flagged base replaces only its own sizes."""
-    import graphs.cli
 
     view = {"id": "job_1", "status": "completed", "images": {
         name: {"imageData": png_base64(), "width": 8, "height": 8, "nsfw": flagged}
         for name, flagged in (("avatar", False), ("hero", True))}}
 
-    def answer(request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/generate/batch-sizes":
-            return httpx.Response(200, text=frame(1, "completed"), headers={"content-type": "text/event-stream"})
-        return httpx.Response(200, json=view)
-
-    monkeypatch.setattr(graphs.cli, "Service", lambda url, token: Service(url, token,
-                                                                          transport=httpx.MockTransport(answer)))
+    batch_service(monkeypatch, view)
     status, _, _ = run(capsys, "--quiet", "batch-sizes", "x", "--sizes", "avatar,hero", "-o", str(tmp_path))
     assert status == 6 and sorted(p.name for p in tmp_path.iterdir()) == ["avatar.png", "hero.png"]
