@@ -44,8 +44,9 @@ def test_an_interrupt_stops_one_request_and_leaves_the_other_replica_running(rep
     owners = [{"authorization": f"Bearer cancel-{name}"} for name in ("a", "b")]
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         for _attempt in range(4):
-            pending = [pool.submit(service.post, "/sdapi/v1/txt2img", json={**SLOW, "seed": i}, headers=owner)
-                       for i, owner in enumerate(owners)]
+            # Sizes apart, so that they never share a batch: a request stopped in a batch answers when it ends.
+            pending = [pool.submit(service.post, "/sdapi/v1/txt2img", json={**SLOW, "seed": i, "width": 512 - 8 * i},
+                                   headers=owner) for i, owner in enumerate(owners)]
             # Both run at once, one per base replica, and each one's progress is seen through either ingress.
             if within(lambda: all(progress(service, o)["state"]["sampling_step"] > 0 for o in owners), 30):
                 break
