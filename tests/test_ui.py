@@ -162,17 +162,19 @@ def _stream(job_id: str, end: tuple[str, dict] = ("completed", {"images": ["imag
 
 
 def _job(**result) -> dict:
+    """A completed text2img job's view by URL, as ``GET /jobs/{id}?images=false`` gives it."""
     return {"id": "job_1", "jobId": "job_1", "job_id": "job_1", "type": "text2img", "status": "completed",
             "request": {"prompt": "p", "width": 24, "height": 16}, "progress": 100,
-            "result": {"images": ["data:image/png;base64," + base64.b64encode(_png(24, 16)).decode()], "seed": 5,
-                       **result}}
+            "result": {"urls": ["/jobs/job_1/images/1-image_0.png"], "seed": 5, **result}}
 
 
 def _generate_against(browser, job: dict, stream: str, until: str,
                       more: dict | None = None) -> tuple[object, object, list]:
     """The page against the events contract, every API answer faked in the browser (``more`` adds or replaces
-    answers; a (status, body) pair is an error): Generate clicked, then waited on until the JavaScript condition
-    ``until`` holds. The caller closes the context."""
+    answers; a (status, body) pair is an error), the page's files served with the service's own headers (its
+    Content-Security-Policy): Generate clicked, then waited on until the JavaScript condition ``until`` holds.
+    ``submitted`` gets the body of each generate call and the path and query of each image and job view asked
+    for. An image path that ends ``gone.png`` answers 410. The caller closes the context."""
     answers = {
         "/models": {"models": [{"id": "m", "type": "base"}]}, "/sdapi/v1/samplers": [{"name": "Euler a"}],
         "/sdapi/v1/loras": [], "/sdapi/v1/upscalers": [], "/generate/batch-sizes": {"sizes": {}, "bases": {}},
@@ -185,13 +187,18 @@ def _generate_against(browser, job: dict, stream: str, until: str,
         if path == "/ui" or path.startswith("/ui/"):
             name = "index.html" if path == "/ui" else path.removeprefix("/ui/")
             types = {"html": "text/html", "js": "text/javascript", "css": "text/css"}
-            return route.fulfill(body=_packaged(name), content_type=types[name.rsplit(".", 1)[1]])
+            return route.fulfill(body=_packaged(name), content_type=types[name.rsplit(".", 1)[1]], headers=ui.HEADERS)
         if path == "/generate/text2img":
             submitted.append(route.request.post_data_json)
             return route.fulfill(status=202, json={**job, "status": "queued", "progress": 0})
         if path == "/jobs/job_1/events":
             return route.fulfill(body=stream, content_type="text/event-stream")
-        if path.startswith("/jobs/job_1/images/"):
+        if path.startswith("/jobs/"):
+            query = urlsplit(route.request.url).query
+            submitted.append(f"{path}?{query}" if query else path)
+        if "/images/" in path:
+            if path.endswith("gone.png"):
+                return route.fulfill(status=410, json={"error": "expired", "code": "RESULT_EXPIRED", "details": {}})
             return route.fulfill(body=_png(24, 16), content_type="image/png")
         if isinstance(answers[path], tuple):
             return route.fulfill(status=answers[path][0], json=answers[path][1])
@@ -216,10 +223,16 @@ def test_the_event_stream_drives_the_page(browser):
     seen = _seen(page)
     mode = page.evaluate("document.body.dataset.updates")
     flags = page.locator("#result .flagged").count()
+    link = page.locator("#result a[download]")
+    saved = link.get_attribute("download"), link.get_attribute("href")
     context.close()
     assert submitted[0]["sampler"] == "Euler a" and submitted[0]["model"] == "m" and submitted[0]["width"] == 512
     assert seen == {"states": ["idle", "queued", "processing", "completed"], "values": [0, 50, 100], "previews": 1}
     assert mode == "events" and flags == 0
+    # The result comes by URL: the view without bytes, then the image, shown and saved from a blob: URI.
+    assert "/jobs/job_1?images=false" in submitted and "/jobs/job_1/images/1-image_0.png" in submitted
+    assert "/jobs/job_1" not in submitted, "the view with every image's bytes was read"
+    assert saved[0] == "job_1_0.png" and saved[1].startswith("blob:")
 
 
 def test_a_failed_stream_shows_why(browser):
@@ -242,22 +255,25 @@ def test_a_flagged_image_says_so_with_the_warnings(browser):
 
 
 def test_a_batch_with_an_unreadable_size_shows_the_rest_and_why(browser):
-    """The view's batch entries: bytes at the top level (null where unreadable), the same entries without them in
-    ``result``."""
+    """A batch's view by URL: one entry per size; an image whose URL answers 410 (expired) shows as unavailable,
+    beside the sizes that load."""
     sizes = {"avatar": (24, 16), "hero": (16, 24)}
-    entries = {name: {"format": "png", "width": w, "height": h, "aspect": "square", "url": f"/jobs/job_1/images/{name}"}
+    entries = {name: {"format": "png", "width": w, "height": h, "aspect": "square",
+                      "url": f"/jobs/job_1/images/{name}{'-gone' if name == 'hero' else ''}.png"}
                for name, (w, h) in sizes.items()}
-    warning = "size hero is unavailable (RESULT_EXPIRED): it expired or was removed"
+    warning = "hires: 3 of 4 second-pass steps ran"
     job = {**_job(), "type": "batch-sizes", "result": {"images": entries, "seed": 5, "warnings": [warning]},
-           "images": {"avatar": {**entries["avatar"], "imageData": base64.b64encode(_png(24, 16)).decode()},
-                      "hero": {**entries["hero"], "imageData": None}}}
-    until = f"() => document.querySelector('{RESULT}')?.naturalWidth > 0"
+           "images": entries}
+    until = ("() => document.querySelector('#result .unreadable')"
+             f" && document.querySelector('{RESULT}')?.naturalWidth > 0")
     context, page, _ = _generate_against(browser, job, _stream("job_1"), until)
     shown = page.locator(RESULT).count()
     missing = page.locator("#result .unreadable").all_inner_texts()
+    labels = page.locator("#result figcaption span").all_inner_texts()
     warnings = page.locator("#result ul.warnings li").all_inner_texts()
     context.close()
     assert shown == 1 and missing == ["image unavailable"] and warnings == [warning]
+    assert labels == ["avatar 24 × 16 seed 5", "hero 16 × 24 seed 5"]
 
 
 def test_a_job_whose_details_fail_does_not_empty_the_list(browser):
@@ -265,8 +281,7 @@ def test_a_job_whose_details_fail_does_not_empty_the_list(browser):
     it shows, so a view here carries no image data at all."""
     listed = [{"id": f"job_{i}", "type": "text2img", "status": "completed", "createdAt": "", "progress": 100}
               for i in (1, 2)]
-    by_url = {**_job(), "result": {"urls": ["/jobs/job_1/images/1-image_0.png"], "seed": 5}}
-    more = {"/jobs": {"jobs": listed, "total": 2, "offset": 0, "limit": 12}, "/jobs/job_1": by_url,
+    more = {"/jobs": {"jobs": listed, "total": 2, "offset": 0, "limit": 12},
             "/jobs/job_2": (503, {"error": "result storage unavailable", "code": "STORAGE_UNAVAILABLE", "details": {}})}
     until = ("() => document.querySelectorAll('#gallery li').length === 2"
              " && document.querySelector('#gallery li[data-job=job_1] img')?.naturalWidth === 24")
@@ -324,7 +339,7 @@ def test_generate_shows_progress_then_the_image(page, service, artifacts):
     assert any(0 < v < 100 for v in seen["values"]), f"no progress between 0 and 100: {seen}"
     assert page.locator("#status").inner_text().startswith("Completed")
     link = page.locator("#result a[download]")
-    assert link.get_attribute("href").startswith("data:image/png;base64,")
+    assert link.get_attribute("href").startswith("blob:")  # fetched by URL, with the page's token
 
     job_id = page.locator("#status").get_attribute("data-job")
     assert link.get_attribute("download") == f"{job_id}_0.png"
@@ -333,6 +348,10 @@ def test_generate_shows_progress_then_the_image(page, service, artifacts):
     entry = page.locator(f"#gallery li[data-job='{job_id}']")
     entry.locator("a[download]").wait_for(timeout=30_000)  # the gallery lists it, with parameters and download
     assert "192 × 128" in entry.inner_text() and "a lighthouse at dusk" in entry.inner_text()
+    # Shown, not only linked: the service's Content-Security-Policy lets the page show the blob: it fetched.
+    shown = f"#gallery li[data-job='{job_id}'] img"
+    page.wait_for_function(f"() => document.querySelector(\"{shown}\")?.complete", timeout=30_000)
+    assert page.eval_on_selector(shown, "img => [img.naturalWidth, img.naturalHeight]") == [192, 128]
     page.screenshot(path=artifacts / "gallery.png", full_page=True)
     mode = page.evaluate("document.body.dataset.updates")
     print(f"updates by {mode}: {len(seen['values'])} progress values, {seen['previews']} previews")  # noqa: T201

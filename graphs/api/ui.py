@@ -19,8 +19,9 @@ from deployments.support.errors import NotFound
 router = APIRouter(tags=["ui"], include_in_schema=False)  # a page, not an API operation
 ASSETS = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8"}
 HEADERS = {
-    # Images arrive and download as data: URIs; everything else comes from this origin.
-    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    # Results and the gallery come by URL and show as blob: URIs (fetched with the token, which an <img> cannot
+    # send); previews and the tools' answers as data: URIs. Everything else comes from this origin.
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "
                                "object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Cache-Control": "no-cache",

@@ -239,34 +239,55 @@ function showPreview(uri) {
 }
 
 function resultImages(job) {
-  // A text2img or /generate job holds a list of data URIs; a batch holds one entry per named size (with its bytes at
-  // the top level). An image the service could not read is null (the result's warnings say why).
+  // The job's view by URL (?images=false): a text2img or /generate job lists its images' URLs (with the safety
+  // checker's flags beside them); a batch has one entry per named size, each with its URL.
   const result = job.result || {};
   const flags = Array.isArray(result.nsfw) ? result.nsfw : [];
-  if (Array.isArray(result.images)) {
-    return result.images.map((uri, i) => ({ uri, name: `${job.id}_${i}.png`, flagged: flags[i] === true }));
+  if (Array.isArray(result.urls)) {
+    return result.urls.map((url, i) => ({ url, name: `${job.id}_${i}.png`, flagged: flags[i] === true }));
   }
-  const named = job.images || result.images || {};
-  return Object.entries(named).map(([size, entry]) => ({
-    uri: entry.imageData ? dataUri(entry.imageData, "image/png") : null, name: `${job.id}_${size}.png`,
-    label: `${size} ${entry.width} × ${entry.height}`, flagged: entry.nsfw === true,
+  return Object.entries(job.images || result.images || {}).map(([size, entry]) => ({
+    url: entry.url, name: `${job.id}_${size}.png`, label: `${size} ${entry.width} × ${entry.height}`,
+    flagged: entry.nsfw === true,
   }));
+}
+
+// Images come by URL, fetched with the token (an <img> cannot send one) and cached by the browser (their URLs never
+// change), then shown from object URLs; each list (the result, the gallery) lets go of its old ones when redrawn.
+const objectUrls = { result: [], gallery: [] };
+
+function release(list) {
+  objectUrls[list].forEach((uri) => URL.revokeObjectURL(uri));
+  objectUrls[list] = [];
+}
+
+async function fetchImage(url, list) {
+  const response = await fetch(url, { headers: authHeaders() });
+  if (!response.ok) throw new Error(response.statusText || `HTTP ${response.status}`);
+  const uri = URL.createObjectURL(await response.blob());
+  objectUrls[list].push(uri);
+  return uri;
 }
 
 const UNREADABLE = "image unavailable";
 
 function showResult(job) {
   const box = $("result");
+  release("result");
   box.replaceChildren();
   const seed = job.result && job.result.seed !== undefined ? job.result.seed : job.seed;
   for (const image of resultImages(job)) {
-    box.append(el("figure", { class: "result" },
-      image.uri
-        ? el("img", { src: image.uri, alt: `Result of ${job.id}${image.label ? `, ${image.label}` : ""}`, class: "result-image" })
-        : el("p", { class: "unreadable", text: UNREADABLE }),
-      el("figcaption", {}, el("span", { text: `${image.label || ""} seed ${seed}`.trim() }), " ",
-        image.flagged ? el("span", { class: "flagged", text: "flagged by the safety checker: replaced" }) : null, " ",
-        image.uri ? download(image.uri, image.name) : null)));
+    const alt = `Result of ${job.id}${image.label ? `, ${image.label}` : ""}`;
+    const caption = el("figcaption", {}, el("span", { text: `${image.label || ""} seed ${seed}`.trim() }), " ",
+      image.flagged ? el("span", { class: "flagged", text: "flagged by the safety checker: replaced" }) : null);
+    const figure = el("figure", { class: "result" }, el("p", { class: "loading", text: "loading…" }), caption);
+    box.append(figure);
+    (image.url ? fetchImage(image.url, "result") : Promise.reject(new Error("no URL")))
+      .then((uri) => {
+        figure.firstChild.replaceWith(el("img", { src: uri, alt, class: "result-image" }));
+        caption.append(" ", download(uri, image.name));
+      })
+      .catch(() => figure.firstChild.replaceWith(el("p", { class: "unreadable", text: UNREADABLE })));
   }
   const warnings = (job.result && job.result.warnings) || job.warnings || [];
   if (warnings.length) {
@@ -279,7 +300,7 @@ async function finish(id, state, data) {
   if (!current || current.id !== id) return;
   if (state === "completed") {
     showProgress(100, "");
-    const job = data && data.result ? data : await api(`jobs/${id}`);
+    const job = await api(`jobs/${id}?images=false`); // the view by URL: the images come one by one
     showResult(job);
     showState("completed", job.result && job.result.timeTaken ? `${(job.result.timeTaken / 1000).toFixed(1)} s` : "");
   } else {
@@ -428,30 +449,11 @@ function describe(job) {
   return parts.filter(Boolean).join(" · ");
 }
 
-// The gallery's images by URL: fetched with the token (an <img> cannot send one), cached by the browser (their
-// URLs never change), shown from object URLs that the next refresh lets go of.
-let galleryObjects = [];
-
-function galleryImages(job) {
-  const result = job.result || {};
-  if (Array.isArray(result.urls)) {
-    return result.urls.map((url, i) => ({ url, name: `${job.id}_${i}.png` }));
-  }
-  return Object.entries(job.images || result.images || {}).map(([size, entry]) => ({
-    url: entry.url, name: `${job.id}_${size}.png`, label: `${size} ${entry.width} × ${entry.height}`,
-  }));
-}
-
 function galleryFigure(job, image) {
   const figure = el("figure", {});
-  fetch(image.url, { headers: authHeaders() })
-    .then((response) => (response.ok ? response.blob() : Promise.reject(new Error(response.statusText))))
-    .then((blob) => {
-      const uri = URL.createObjectURL(blob);
-      galleryObjects.push(uri);
-      figure.replaceChildren(el("img", { src: uri, alt: `${job.id} ${image.label || ""}`.trim() }),
-        el("figcaption", {}, download(uri, image.name)));
-    })
+  fetchImage(image.url, "gallery")
+    .then((uri) => figure.replaceChildren(el("img", { src: uri, alt: `${job.id} ${image.label || ""}`.trim() }),
+      el("figcaption", {}, download(uri, image.name))))
     .catch(() => figure.replaceChildren(el("p", { class: "unreadable", text: UNREADABLE })));
   return figure;
 }
@@ -464,8 +466,7 @@ async function refreshGallery() {
     // of the whole list. Its images come by URL, not as bytes inside its view.
     const settled = await Promise.allSettled(jobs.map((j) => (
       j.status === "completed" ? api(`jobs/${j.id}?images=false`) : j)));
-    galleryObjects.forEach((uri) => URL.revokeObjectURL(uri));
-    galleryObjects = [];
+    release("gallery");
     list.replaceChildren(...settled.map((outcome, i) => {
       const job = outcome.status === "fulfilled" ? outcome.value : jobs[i];
       const r = job.request || {};
@@ -475,7 +476,7 @@ async function refreshGallery() {
         el("p", { class: "hint", text: describe(job) }),
         outcome.status === "rejected"
           ? el("p", { class: "unreadable", text: `Details unavailable: ${outcome.reason.message}` }) : null,
-        ...galleryImages(job).map((image) => galleryFigure(job, image)));
+        ...resultImages(job).map((image) => galleryFigure(job, image)));
     }));
     $("gallery-note").textContent = jobs.length ? "" : "No jobs yet.";
   } catch (error) {
