@@ -162,18 +162,14 @@ class BaseGenerator:
             pipes = batch[0].checkpoint or self.checkpoint(request.checkpoint)
             with self._lock, self.oom():
                 loras = pipes.apply_loras(self.loras, request.loras, parse_lora_tags(request.prompt)[1], warnings)
+                # The refiner's ensemble pass reads the sampler and schedule here: the latents are in their space.
+                ran = dict(mode=mode, loras={r.name: r.weight for r in loras}, schedule=request.schedule,
+                           sampler=request.sampler or self.config.default_sampler, model=pipes.name,
+                           **({"hires_upscaler": request.hires.mode} if request.hires is not None else {}))
                 results = self._run(mode, pipes, batch, [prompts[i] for i in live], [seeds[i] for i in live],
-                                    warnings)
+                                    warnings, [dict(ran, prompt=prompts[i]) for i in live])
         except Exception as e:  # noqa: BLE001 - each item gets the error it would have got alone
             results = [e] * len(live)
-        for i, result in zip(live, results, strict=True):
-            if isinstance(result, StageResult) and pipes is not None:
-                # The refiner's ensemble pass reads the sampler and schedule here: the latents are in their space.
-                result.info.update(mode=mode, prompt=prompts[i], loras={r.name: r.weight for r in loras},
-                                   sampler=request.sampler or self.config.default_sampler, schedule=request.schedule,
-                                   model=pipes.name)
-                if request.hires is not None:
-                    result.info.update(hires_upscaler=request.hires.mode)
         for i, result in zip(live, self.cancellation.settle(batch, results), strict=True):
             outcomes[i] = result
         for item in items:
@@ -183,7 +179,8 @@ class BaseGenerator:
         return outcomes
 
     def _run(self, mode, pipes: Pipelines, items: list[BatchItem], prompts: list[str], seeds: list[list[int]],
-             warnings: list[str]) -> list[StageResult | BaseException]:
+             warnings: list[str], info: list[dict]) -> list[StageResult | BaseException]:
+        """The denoising of one batch; each item's result, with ``info`` (what ran, item by item) in it."""
         request: GenerationRequest = items[0].request
         pipe = {"txt2img": pipes.txt2img, "img2img": pipes.img2img, "inpaint": pipes.inpaint}[mode]
         sampler = request.sampler or self.config.default_sampler
@@ -201,7 +198,25 @@ class BaseGenerator:
         # A request's preview is its first image (the items of one request may share the batch).
         previewed = {item.request_id: offset for item, offset in reversed(list(zip(items, offsets, strict=False)))}
 
-        partial = Partial(self.cancellation, items, counts)
+        def stopped(i: int) -> StageResult:
+            """Item ``i``'s result from what it kept when /interrupt or /skip stopped it: decoded even for the
+            refiner, since the stages after it hand its images on."""
+            kept, step, total = partial.kept[i]
+            if step == 1 and items[i].source is not None:
+                # Stopped as it began (the stop came while an earlier stage ran, as the upscaler of A1111's hires
+                # fix): that stage's image, handed on as it is, rather than one step's estimate.
+                made = [items[i].request.init_image]
+            else:
+                made = finished(self.decode(kept, pipes))
+            return StageResult(images=made, seeds=seeds[i], warnings=list(warnings),
+                               info={**info[i], "stopped_at": [step, total]})
+
+        def finished(images: list[Image.Image]) -> list[Image.Image]:
+            if mask is None or init is None:
+                return images
+            return [self._keep_unmasked(init, image, mask) for image in images]
+
+        partial = Partial(self.cancellation, items, counts, stopped)
         partial.watch(pipe.scheduler)
 
         def on_step_end(pipe, step, _timestep, callback_kwargs):
@@ -273,34 +288,22 @@ class BaseGenerator:
                         latents = self._hires_pass(pipes, request, request.hires, latents, seeds, kwargs, partial)
             except Stopped:  # no item runs on: each is stopped (its result is kept in ``partial``) or cancelled
                 pass
-
-            def finished(images: list[Image.Image]) -> list[Image.Image]:
-                if mask is None or init is None:
-                    return images
-                return [self._keep_unmasked(init, image, mask) for image in images]
-
             results: list[StageResult | BaseException] = []
             handed: np.ndarray | None = None
             images: list[Image.Image] | None = None
             for i, (own, a, b) in enumerate(zip(seeds, offsets, offsets[1:], strict=False)):
-                if i in partial.kept:  # decoded to images even for the refiner: the stages after it hand them on
-                    kept, step, total = partial.kept[i]
-                    if step == 1 and items[i].source is not None:
-                        # Stopped as it began (the stop came while an earlier stage ran, as the upscaler of A1111's
-                        # hires fix): that stage's image, handed on as it is, rather than one step's estimate.
-                        made = [items[i].request.init_image]
-                    else:
-                        made = finished(self.decode(kept, pipes))
-                    results.append(StageResult(images=made, seeds=own, warnings=list(warnings),
-                                               info={"stopped_at": [step, total]}))
+                if i in partial.kept:
+                    results.append(partial.answer(i))
                 elif latents is None:
                     results.append(GenerationCancelled(f"request {items[i].request_id} cancelled"))
                 elif request.denoising_end is not None:
                     handed = latents.float().cpu().numpy() if handed is None else handed
-                    results.append(StageResult(images=[], seeds=own, latents=handed[a:b], warnings=list(warnings)))
+                    results.append(StageResult(images=[], seeds=own, latents=handed[a:b], warnings=list(warnings),
+                                               info=dict(info[i])))
                 else:
                     images = finished(self.decode(latents, pipes)) if images is None else images
-                    results.append(StageResult(images=images[a:b], seeds=own, warnings=list(warnings)))
+                    results.append(StageResult(images=images[a:b], seeds=own, warnings=list(warnings),
+                                               info=dict(info[i])))
             return results
         finally:
             partial.release()

@@ -131,20 +131,7 @@ class Refiner:
                                              limit=self.scheduler_config.get("num_train_timesteps", 1000))
                 kwargs = dict(image=[x for i in live for x in inputs[i][1]], strength=request.strength,
                               num_inference_steps=steps)
-            made, stopped = self._run(batch, seeds, kwargs, total, sampler, schedule, warnings)
-            results = []
-            for k, (item, own, images) in enumerate(zip(batch, seeds, made, strict=True)):
-                source = item.source
-                if images is None:
-                    results.append(GenerationCancelled(f"request {item.request_id} cancelled"))
-                    continue
-                if k in stopped and stopped[k][0] == 1 and not ensemble:
-                    images = list(source.images)  # stopped as it began: the image it was given, handed on
-                result = source.then(images, warnings=[w for w in warnings if w not in source.warnings],
-                                     refiner=self.config.name, refiner_mode="ensemble" if ensemble else "image",
-                                     **({"stopped_at": stopped[k]} if k in stopped else {}))
-                result.seeds = list(own)
-                results.append(result)
+            results = self._run(batch, seeds, kwargs, total, sampler, schedule, warnings, ensemble=ensemble)
         except Exception as e:  # noqa: BLE001 - each item gets the error it would have got alone
             results = [e] * len(live)
         for i, result in zip(live, self.cancellation.settle(batch, results), strict=True):
@@ -169,8 +156,9 @@ class Refiner:
         return list(seeds), [to_rgb(i) for i in source.images]
 
     def _run(self, items: list[BatchItem], seeds: list[list[int]], kwargs: dict, total: int, sampler: str,
-             schedule: str | None, warnings: list[str]) -> tuple[list[list[Image.Image] | None], dict[int, list[int]]]:
-        """Each item's images (None: cancelled), and where each item that /interrupt or /skip stopped was then."""
+             schedule: str | None, warnings: list[str], *, ensemble: bool) -> list[StageResult | BaseException]:
+        """The denoising of one batch: each item's result, or ``GenerationCancelled`` for one cancelled while its
+        batch mates ran on. An item that /interrupt or /skip stopped answers with what it had made by then."""
         request: RefineRequest = items[0].request
         flat = [s for group in seeds for s in group]
         counts = [len(s) for s in seeds]
@@ -179,7 +167,21 @@ class Refiner:
         def per_image(values: list) -> list:
             return [value for value, n in zip(values, counts, strict=True) for _ in range(n)]
 
-        partial = Partial(self.cancellation, items, counts)
+        def result(k: int, images: list[Image.Image], stopped_at: list[int] | None = None) -> StageResult:
+            source = items[k].source
+            if stopped_at is not None and stopped_at[0] == 1 and not ensemble:
+                images = list(source.images)  # stopped as it began: the image it was given, handed on
+            made = source.then(images, warnings=[w for w in warnings if w not in source.warnings],
+                               refiner=self.config.name, refiner_mode="ensemble" if ensemble else "image",
+                               **({"stopped_at": stopped_at} if stopped_at is not None else {}))
+            made.seeds = list(seeds[k])
+            return made
+
+        def stopped(k: int) -> StageResult:
+            kept, step, steps = partial.kept[k]
+            return result(k, fastpath.decode(self.pipe, kept), [step, steps])
+
+        partial = Partial(self.cancellation, items, counts, stopped)
 
         def on_step_end(pipe, step, _timestep, callback_kwargs):
             at = step // getattr(pipe.scheduler, "order", 1) + 1  # a second-order sampler calls twice a step
@@ -207,13 +209,15 @@ class Refiner:
                         callback_on_step_end=on_step_end, output_type="latent", **kwargs,
                     ).images
                 images = fastpath.decode(self.pipe, latents) if latents is not None else None
-                made: list[list[Image.Image] | None] = []
+                results: list[StageResult | BaseException] = []
                 for k, (a, b) in enumerate(zip(offsets, offsets[1:], strict=False)):
                     if k in partial.kept:
-                        made.append(fastpath.decode(self.pipe, partial.kept[k][0]))
+                        results.append(partial.answer(k))
+                    elif images is None:
+                        results.append(GenerationCancelled(f"request {items[k].request_id} cancelled"))
                     else:
-                        made.append(images[a:b] if images is not None else None)
-                return made, {k: [step, steps] for k, (_, step, steps) in partial.kept.items()}
+                        results.append(result(k, images[a:b]))
+                return results
             finally:
                 partial.release()
 

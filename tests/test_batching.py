@@ -117,10 +117,16 @@ def test_a_stopped_item_answers_with_its_image_as_it_stood_and_its_mate_runs_on(
         if step == 2:
             base.cancellation.stop("stopped")
 
-    keep = BatchItem(request(seed=41, steps=6), "keep", on_progress=stop_mate)
+    early: dict[int, bool] = {}
+    keep = BatchItem(request(seed=41, steps=6), "keep", on_progress=lambda step, total: stop_mate(step, total)
+                     or early.update({step: stopped.handed.done()}))
     stopped = BatchItem(request(seed=42, steps=6), "stopped")
     kept, partial = base.generate_batch([keep, stopped])
     assert steps == [1, 2, 3, 4, 5, 6]
+    # Handed over as it stopped (its caller need not wait for the batch's end), and the same result the batch
+    # returns for it at its end.
+    assert early == {1: False, 2: False, 3: True, 4: True, 5: True, 6: True}
+    assert stopped.handed.result() is partial and not keep.handed.done()
     assert mad(kept.image, base.generate(keep.request).image) < 1.0
     assert isinstance(partial, StageResult) and partial.stopped and partial.info["stopped_at"] == [2, 6]
     assert partial.seeds == [42] and partial.image.size == (128, 128)
@@ -400,3 +406,41 @@ def test_the_refiner_counts_a_second_order_samplers_steps_once(refiner):
                                     source=source, on_progress=lambda at, total: steps.append((at, total)))],
                          ensemble=False)
     assert steps[-1] == (4, 4) and sorted({at for at, _ in steps}) == [1, 2, 3, 4]
+
+
+def test_an_item_handed_over_early_answers_before_its_batch_ends():
+    """``first``: an item's caller takes the result its run hands over mid-batch (set from the inference thread)
+    without waiting for the batch; when the batch answers first, the hand-over is dropped and a late one is
+    refused quietly."""
+    import asyncio
+    import threading
+    from concurrent.futures import Future
+
+    from deployments.support.batching import first
+
+    async def scenario() -> None:
+        release, ended = asyncio.Event(), []
+
+        async def batch(answer: str) -> str:
+            try:
+                await release.wait()
+                return answer
+            except asyncio.CancelledError:
+                ended.append("dropped")
+                raise
+
+        handed: Future = Future()
+        caller = asyncio.ensure_future(first(batch("at the end"), handed))
+        await asyncio.sleep(0.05)
+        threading.Thread(target=lambda: handed.set_running_or_notify_cancel() and handed.set_result("early")).start()
+        assert await asyncio.wait_for(caller, timeout=5) == "early"
+        assert ended == ["dropped"]  # its wait for the batch went (Serve leaves its place in the answer unset)
+
+        late: Future = Future()
+        release.set()
+        assert await first(batch("at the end"), late) == "at the end"
+        await asyncio.sleep(0.01)  # the dropped wait reaches the thread's future on the loop's next turn
+        assert late.cancelled() and late.set_running_or_notify_cancel() is False
+        assert await first(batch("alone"), None) == "alone"
+
+    asyncio.run(scenario())

@@ -44,7 +44,7 @@ def test_an_interrupt_stops_one_request_and_leaves_the_other_replica_running(rep
     owners = [{"authorization": f"Bearer cancel-{name}"} for name in ("a", "b")]
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         for _attempt in range(4):
-            # Sizes apart, so that they never share a batch: a request stopped in a batch answers when it ends.
+            # Sizes apart, so that they never share a batch (and so a replica): this is about two replicas.
             pending = [pool.submit(service.post, "/sdapi/v1/txt2img", json={**SLOW, "seed": i, "width": 512 - 8 * i},
                                    headers=owner) for i, owner in enumerate(owners)]
             # Both run at once, one per base replica, and each one's progress is seen through either ingress.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Sequence
+from concurrent.futures import Future
 from typing import Any, Generic, TypeVar
 
 from ray import serve
@@ -57,6 +58,21 @@ async def gathered(awaitables: Sequence[Awaitable[Any]]) -> list[Any]:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+async def first(batched: Awaitable[Any], handed: Future | None) -> Any:
+    """An item's outcome from its batch, or the result its run handed over before the batch ended (an item that
+    A1111's /interrupt stopped while its batch mates run on: ``BatchItem.handed``). Whichever comes first; the wait
+    for the other is dropped (Serve then leaves the dropped item's place in the batch's answer unset)."""
+    if handed is None:
+        return await batched
+    tasks = {asyncio.ensure_future(batched), asyncio.wrap_future(handed)}
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        return done.pop().result()
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
 def _in_replica() -> bool:
     """Serve's batch queues need a replica context; Serve's local testing mode runs deployments without one,
     and there every request runs alone."""
@@ -88,7 +104,7 @@ class Batcher(Generic[Item]):
         queue = self._queue(key)
         self._waiting[key] = self._waiting.get(key, 0) + 1
         try:
-            return outcome(await queue(item))
+            return outcome(await first(queue(item), getattr(item, "handed", None)))
         finally:
             self._waiting[key] -= 1
 

@@ -9,6 +9,7 @@ import re
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -216,7 +217,9 @@ class StageResult:
 @dataclass
 class BatchItem:
     """One request inside a batch: what it asks, its id (for cancel and progress) and, for the refiner, the
-    previous stage's result. ``count`` is how many images it makes."""
+    previous stage's result. ``count`` is how many images it makes. ``handed``: its result, set from the inference
+    thread when it is ready before its batch ends (an item that /interrupt or /skip stopped while its batch mates
+    run on); its caller takes whichever comes first (``Batcher.submit``)."""
 
     request: Any
     request_id: str
@@ -224,6 +227,7 @@ class BatchItem:
     source: Any = None
     on_progress: ProgressFn | None = None
     checkpoint: Any = None  # SDXLBase: the held checkpoint it runs on (its pipelines)
+    handed: Future = field(default_factory=Future)
 
 
 async def encoded(result: StageResult, how: Encoding | None) -> StageResult:
@@ -419,12 +423,18 @@ class Partial:
     """The items of one batch that A1111's /interrupt or /skip stopped. As in A1111, each hands back the
     sampler's estimate of its clean latents at the step it was stopped (decoded, that is a soft, finished-looking
     image, where the noisy latents would decode to noise). Its batch mates run on; when none is left running,
-    the loop ends (``Stopped``)."""
+    the loop ends (``Stopped``).
 
-    def __init__(self, cancellation: Cancellation, items: list[BatchItem], counts: list[int]) -> None:
-        self.cancellation, self.items = cancellation, items
+    ``make(i)`` builds item ``i``'s result from what it kept (``answer`` builds it once): an item stopped while
+    its batch mates run on is answered at once, from the inference thread, through ``BatchItem.handed``, so its
+    caller does not wait for the batch to end."""
+
+    def __init__(self, cancellation: Cancellation, items: list[BatchItem], counts: list[int],
+                 make: Callable[[int], Any] | None = None) -> None:
+        self.cancellation, self.items, self.make = cancellation, items, make
         self.offsets = [sum(counts[:i]) for i in range(len(counts) + 1)]
         self.kept: dict[int, tuple[Any, int, int]] = {}  # item index -> its latents, the step and the total
+        self._answers: dict[int, Any] = {}
         self._estimate: Any = None
         self._watched: list[Any] = []
 
@@ -446,16 +456,36 @@ class Partial:
         its next run, and with it whatever this holds (the requests' images, latents on the device)."""
         for scheduler in self._watched:
             scheduler.__dict__.pop("step", None)
-        self._watched, self.items, self.kept, self._estimate = [], [], {}, None
+        self._watched, self.items, self.kept, self._answers, self._estimate = [], [], {}, {}, None
+        self.make = None
+
+    def answer(self, i: int) -> Any:
+        """Item ``i``'s result, from what it kept (built once: the one handed early is the one the batch returns)."""
+        if i not in self._answers:
+            assert self.make is not None
+            self._answers[i] = self.make(i)
+        return self._answers[i]
 
     def check(self, latents: Any, step: int, total: int, cancelled: list[bool]) -> None:
-        """After a step: keep what each item stopped since makes; ``Stopped`` when no item runs on."""
+        """After a step: keep what each item stopped since makes; ``Stopped`` when no item runs on, else hand
+        each item stopped now its result."""
         estimate = self._estimate if self._estimate is not None else latents
+        now = []
         for i, stopped in enumerate(self.cancellation.stops(self.items)):
             if stopped and not cancelled[i] and i not in self.kept and estimate is not None:
                 self.kept[i] = (estimate[self.offsets[i]:self.offsets[i + 1]].clone(), step, total)
+                now.append(i)
         if all(gone or i in self.kept for i, gone in enumerate(cancelled)):
             raise Stopped(f"batch of {len(self.items)} stopped at step {step}/{total}")
+        for i in now if self.make is not None else ():
+            try:
+                result = self.answer(i)
+            except Exception:  # noqa: BLE001 - the batch's end answers it: the same error, or what it makes then
+                self._answers.pop(i, None)
+                continue
+            handed = self.items[i].handed
+            if handed.set_running_or_notify_cancel():  # False: its caller already took the batch's answer
+                handed.set_result(result)
 
 
 def clean_estimate(scheduler, out, model_output: Any = None, timestep: Any = None, sample: Any = None) -> Any:
