@@ -352,3 +352,19 @@ def test_the_shipped_manifest_believes_no_x_forwarded_for_until_its_proxies_are_
         assert Settings(trusted_proxies=env["TRUSTED_PROXIES"]).trusted_networks == ()
     section = (ROOT / "README.md").read_text().split("## Kubernetes (KubeRay)")[1].split("\n## ")[0]
     assert "TRUSTED_PROXIES" in section and "controller's pod" in section
+
+
+def test_a_deleted_pod_drains_its_node_before_it_stops():
+    """On SIGTERM `ray start --block` drains its node for RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S (Ray's default, 30 s,
+    is shorter than the Ingress's drain): Serve stops a draining node's replicas at the deadline less their
+    graceful_shutdown_timeout_s, so the deadline must leave the longest of those whole, and the pod's grace period
+    must outlast the deadline (Kubernetes kills the pod at its end)."""
+    manifest = rayservice()
+    deployments = serve_config_v2(manifest)["applications"][0]["deployments"]
+    longest_drain = max(d.get("graceful_shutdown_timeout_s", 20) for d in deployments)
+    head = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]
+    for name, group in {"head": head, **worker_groups(manifest)}.items():
+        spec = group["template"]["spec"]
+        env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
+        drain = float(env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"])
+        assert longest_drain < drain < spec["terminationGracePeriodSeconds"], name
