@@ -82,6 +82,11 @@ class ImageUpscaler:
     def names(self) -> list[str]:
         return list(BUILTIN) + list(self.models)
 
+    def check(self, upscaler: str, field: str = "upscaler") -> None:
+        """Refuse a name that is neither built in, loaded, nor one A1111 clients send (that one falls back)."""
+        if upscaler not in BUILTIN and upscaler not in self.models and upscaler not in A1111_NAMES:
+            raise UnknownModel(f"unknown upscaler {upscaler!r}", field=field, details={"choices": self.names()})
+
     def upscale(
         self,
         source: StageResult | Image.Image,
@@ -112,9 +117,7 @@ class ImageUpscaler:
                 return "None", [], image.copy()
             return upscaler, [], image.resize(size, BUILTIN[upscaler])
         if upscaler not in self.models:
-            if upscaler not in A1111_NAMES:
-                raise UnknownModel(f"unknown upscaler {upscaler!r}", field="upscaler",
-                                   details={"choices": self.names()})
+            self.check(upscaler)
             warning = f"upscaler {upscaler!r} is not loaded; Lanczos used instead"
             logger.warning(warning)
             return "Lanczos", [warning], image.resize(size, Image.Resampling.LANCZOS)
@@ -233,6 +236,16 @@ class Upscaler:
 
     async def names(self) -> list[str]:
         return self.model.names()
+
+    async def check(self, upscalers: dict[str, str]) -> None:
+        """Refuse the first name ``upscale`` would refuse, naming its request field (``upscalers``: field -> name).
+        The ingress asks before any work starts; ``upscale`` refuses them too."""
+        for field, name in upscalers.items():
+            try:
+                self.model.check(name, field)
+            except UnknownModel as e:
+                self.metrics.failed(e)  # the stage's failure, as when ``upscale`` refused it
+                raise
 
     async def describe(self) -> dict:
         return {name: {"scale": d.scale, "architecture": d.architecture.id} for name, d in self.model.models.items()}

@@ -118,6 +118,17 @@ def test_hires_resize_sets_the_size_instead_of_hr_scale(ingress, upscaler):
     assert isinstance(error, InvalidInput) and error.details["field"] == "hr_resize_x"
 
 
+def test_an_unknown_hires_upscaler_is_refused_by_its_field_before_the_base_runs(ingress):
+    hires = {"enable_hr": True, "hr_scale": 2, "denoising_strength": 0.5, "hr_second_pass_steps": 1}
+    items = ingress.models.remote().result()["base"]["batching"]["items"]
+    error = refused(lambda: txt2img(ingress, **hires, hr_upscaler="Nope"))
+    assert ingress.models.remote().result()["base"]["batching"]["items"] == items  # no base pass was wasted
+    assert (error.code, status_of(error), error.details["field"]) == ("UNKNOWN_MODEL", 422, "hr_upscaler")
+    fallback = txt2img(ingress, **hires, hr_upscaler="SwinIR_4x", seed=6)  # an A1111 name not loaded here
+    assert decode_b64(fallback["images"][0]).size == (128, 128)
+    assert "upscaler 'SwinIR_4x' is not loaded; Lanczos used instead" in fallback["info"]["warnings"]
+
+
 # --- img2img -------------------------------------------------------------------------------------------------------
 
 def img2img(ingress, **fields) -> dict:
@@ -204,6 +215,20 @@ def test_extras_without_a_first_upscaler_upscale_nothing_and_blend_nothing(ingre
     body = ExtrasRequest(image=b64(bands()), upscaler_2="Lanczos", extras_upscaler_2_visibility=0.5)
     single = answer(ingress.extra_single_image.remote(body).result())
     assert np.array_equal(pixels(decode_b64(single["image"])), pixels(bands()))
+
+
+@pytest.mark.parametrize(("fields", "field"), [
+    ({"upscaler_1": "Nope"}, "upscaler_1"),
+    ({"upscaler_1": "Lanczos", "upscaler_2": "Nope", "extras_upscaler_2_visibility": 0.5}, "upscaler_2"),
+])
+def test_an_unknown_extras_upscaler_is_refused_by_its_field(ingress, fields, field):
+    single = ExtrasRequest(image=b64(bands()), **fields)
+    batch = ExtrasBatchRequest(**fields, imageList=[{"data": b64(bands()), "name": "a"}])
+    for error in (refused(lambda: ingress.extra_single_image.remote(single).result()),
+                  refused(lambda: ingress.extra_batch_images.remote(batch).result())):
+        assert (error.code, status_of(error), error.details["field"]) == ("UNKNOWN_MODEL", 422, field)
+    fallback = ExtrasRequest(image=b64(bands()), **{**fields, field: "SwinIR_4x"})  # falls back to Lanczos
+    assert decode_b64(answer(ingress.extra_single_image.remote(fallback).result())["image"]).size == (256, 128)
 
 
 def test_png_info_parses_the_infotext_of_an_image_made_here(ingress):

@@ -84,7 +84,7 @@ def test_every_dashboard_metric_is_exported(service, astronaut):
                                                 "use_refiner": False})
     assert generated.status_code == 200, generated.text
     error(service.post("/sdapi/v1/extra-single-image", json={"image": b64(astronaut.resize((64, 64))),
-                                                             "upscaler_1": "Nope"}), 422, "UNKNOWN_MODEL", "upscaler")
+                                                             "upscaler_1": "Nope"}), 422, "UNKNOWN_MODEL", "upscaler_1")
     job = submit(service, "/generate/text2img", SMALL)
     assert wait(service, job["id"])["status"] == "completed"
 

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import logging
 import time
 
 import httpx
@@ -192,6 +193,40 @@ async def test_pages_on_the_allowed_origins_may_call_the_api(make_client):
     assert unauthorized.status_code == 401
     assert unauthorized.headers["access-control-allow-origin"] == "https://app.example"
     assert "retry-after" in unauthorized.headers["access-control-expose-headers"].lower()
+
+
+async def test_the_services_own_errors_carry_the_cors_and_ratelimit_headers(make_client, caplog):
+    """A page on an allowed origin reads every error as it reads a 200: a ServiceError raised by a route (404,
+    422), a Ray error (503), and what the edge answers itself (413, 429). None is logged as a crash."""
+    from ray.serve.exceptions import BackPressureError
+
+    from deployments.support.errors import NotFound, UnknownModel
+
+    client = make_client(CORS_ALLOW_ORIGINS="https://app.example", MAX_BODY_BYTES="1000",
+                         RATE_LIMIT_READ_BURST="4", RATE_LIMIT_READ_PER_SECOND="0.001")
+    raised = {"missing": NotFound("no such job", field="job_id"), "nope": UnknownModel("no model", field="model"),
+              "busy": BackPressureError(num_queued_requests=1, max_queued_requests=1)}
+    app = client._transport.app  # type: ignore[attr-defined]
+
+    @app.get("/fail/{name}")
+    async def fail(name: str):
+        raise raised[name]
+
+    origin = {"origin": "https://app.example"}
+    answers = [await client.get(f"/fail/{name}", headers=origin) for name in raised]
+    assert [(a.status_code, a.json()["code"]) for a in answers] == [
+        (404, "NOT_FOUND"), (422, "UNKNOWN_MODEL"), (503, "MODEL_UNAVAILABLE")]
+    assert answers[0].json()["details"] == {"field": "job_id"}
+    assert [a.headers["ratelimit-remaining"] for a in answers] == ["3", "2", "1"]
+    assert (await client.post("/echo", json={}, headers=origin)).status_code == 200
+    limited = await client.post("/echo", json={}, headers=origin)
+    too_large = await client.post("/echo", content=b" " * 2000, headers={**origin, "content-type": "application/json"})
+    assert (limited.status_code, too_large.status_code) == (429, 413)
+    assert limited.headers["ratelimit-remaining"] == "0" and limited.headers["retry-after"]
+    for answer in [*answers, limited, too_large]:
+        assert answer.headers["access-control-allow-origin"] == "https://app.example", answer.text
+        assert "retry-after" in answer.headers["access-control-expose-headers"].lower()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 async def test_head_answers_every_get_route_with_its_headers_only(make_client):

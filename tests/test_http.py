@@ -259,7 +259,7 @@ def test_a1111_extras(service, astronaut):
     fallback = service.post("/sdapi/v1/extra-single-image", json={"image": b64(thumb), "upscaler_1": "SwinIR_4x"})
     assert fallback.status_code == 200 and decode_b64(fallback.json()["image"]).size == (128, 72)
     error(service.post("/sdapi/v1/extra-single-image", json={"image": b64(thumb), "upscaler_1": "Nope"}),
-           422, "UNKNOWN_MODEL", "upscaler")
+           422, "UNKNOWN_MODEL", "upscaler_1")
     batch = service.post("/sdapi/v1/extra-batch-images", json={
         "imageList": [{"data": b64(thumb), "name": "a"}, {"data": b64(thumb), "name": "b"}],
         "resize_mode": 1, "upscaling_resize_w": 100, "upscaling_resize_h": 50, "upscaler_1": "Lanczos"}).json()

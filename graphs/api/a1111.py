@@ -29,7 +29,13 @@ from fastapi import APIRouter, Request, Response
 from PIL import Image
 
 from deployments.support.errors import GenerationCancelled, InvalidInput, UnknownModel
-from deployments.support.generation import Encoding, GenerationRequest, StageResult, resolve_seeds
+from deployments.support.generation import (
+    LATENT_UPSCALE_MODES,
+    Encoding,
+    GenerationRequest,
+    StageResult,
+    resolve_seeds,
+)
 from deployments.support.samplers import SCHEDULES, resolve
 from deployments.support.settings import current
 from graphs import flights, plans
@@ -282,6 +288,8 @@ class A1111Routes(CheckpointChoice):
     @router.post("/txt2img", response_model=ImagesResponse)
     async def txt2img(self, body: Txt2ImgRequest, http: Request) -> Response:
         """Text to image, with hires fix (enable_hr), refiner, LoRA tags and face restoration."""
+        if body.enable_hr and body.hr_upscaler not in LATENT_UPSCALE_MODES:  # refused before the base runs
+            await call(self.handles.upscaler.check.remote({"hr_upscaler": body.hr_upscaler}))
         return await self._run(http, body, cache_as="a1111-txt2img")
 
     @router.post("/img2img", response_model=ImagesResponse, responses=documented(400))

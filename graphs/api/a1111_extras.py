@@ -27,6 +27,13 @@ class A1111ExtrasRoutes:
     handles: plans.Handles
     provenance: object
 
+    async def _check_upscalers(self, body: ExtrasRequest) -> None:
+        """Refuse an unknown upscaler by the field that named it, before any image is decoded or upscaled."""
+        named = {"upscaler_1": body.upscaler_1}
+        if _blends(body):
+            named["upscaler_2"] = body.upscaler_2
+        await call(self.handles.upscaler.check.remote(named))
+
     async def _extras(self, body: ExtrasRequest, image: Image.Image, raw: bytes) -> bytes:
         """The upscaled (and restored) ``image`` as a marked PNG file, ``raw`` its upload. The last stage that runs
         encodes it, so the pixels travel stage to stage; only a blend of two upscalers comes through here."""
@@ -37,8 +44,7 @@ class A1111ExtrasRoutes:
             scale, width, height, box = upscale_to(image.size, body.upscaling_resize_w, body.upscaling_resize_h,
                                                    body.upscaling_crop)
         visibility = body.upscaler_2_visibility or body.extras_upscaler_2_visibility
-        # As A1111: no first upscaler, no upscale at all, so nothing for a second one to blend with.
-        blend = body.upscaler_1 != "None" and body.upscaler_2 != "None" and visibility > 0
+        blend = _blends(body)
         face_visibility = max(body.codeformer_visibility, body.gfpgan_visibility)
         upscaler = self.handles.upscaler
         # In a flight: a deadline, a disconnect or a failed upscale cancels every call still running.
@@ -60,6 +66,7 @@ class A1111ExtrasRoutes:
     @router.post("/extra-single-image", response_model=ExtrasResponse)
     async def extra_single_image(self, body: ExtrasRequest) -> Response:
         """Upscale (two blended upscalers) and restore faces in one image."""
+        await self._check_upscalers(body)
         raw = image_bytes(body.image, "image")
         upload = await asyncio.to_thread(decode, raw, field="image")
         (image,), payloads = blobs([await self._extras(body, upload, raw)])
@@ -68,8 +75,16 @@ class A1111ExtrasRoutes:
     @router.post("/extra-batch-images", response_model=ExtrasBatchResponse)
     async def extra_batch_images(self, body: ExtrasBatchRequest) -> Response:
         """The same as extra-single-image for a list of images."""
+        await self._check_upscalers(body)
         files = [image_bytes(item.data, f"imageList.{i}.data") for i, item in enumerate(body.imageList)]
         images = [await asyncio.to_thread(decode, raw, field=f"imageList.{i}.data") for i, raw in enumerate(files)]
         out = [await self._extras(body, image, raw) for image, raw in zip(images, files, strict=True)]
         placeholders, payloads = blobs(out)
         return json_answer(ExtrasBatchResponse(html_info="", images=placeholders), **payloads)
+
+
+def _blends(body: ExtrasRequest) -> bool:
+    """Whether a second upscaler is blended in. As A1111: no first upscaler, no upscale at all, so nothing for a
+    second one to blend with."""
+    visibility = body.upscaler_2_visibility or body.extras_upscaler_2_visibility
+    return body.upscaler_1 != "None" and body.upscaler_2 != "None" and visibility > 0

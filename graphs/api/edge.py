@@ -316,6 +316,10 @@ def create_app() -> FastAPI:
         description="SDXL image generation on Ray Serve. Serves the seed APIs: /generate, /v1/images/*, "
         "/process, /derivatives/clip-focal and Automatic1111's /sdapi/v1/*.",
     )
+    # By type: Starlette answers an ``Exception`` handler outside every middleware, without CORS or RateLimit-*
+    # headers, and logs the error as a crash. ``Exception`` is left for the true 500s.
+    for error in errors.handled():
+        app.add_exception_handler(error, errors.service_error)
     app.add_exception_handler(Exception, errors.service_error)
     app.add_exception_handler(RequestValidationError, errors.validation_error)
     app.add_exception_handler(HTTPException, errors.http_error)

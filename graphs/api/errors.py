@@ -89,6 +89,14 @@ def error_response(code: str, message: str, details: dict | None = None, headers
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
+def handled() -> tuple[type[Exception], ...]:
+    """What ``service_error`` answers by type: ours and Ray's (a lost replica, a full queue, a replica's error)."""
+    from ray.exceptions import RayError
+    from ray.serve.exceptions import RayServeException
+
+    return ServiceError, RayError, RayServeException
+
+
 async def service_error(_request: Request, exc: Exception) -> JSONResponse:
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
