@@ -199,6 +199,7 @@ def service(tiny, s3_proxy, jobs_dir, c2pa_files, tmp_path_factory):
         "MODEL_CACHE_DIR": str(tmp_path_factory.mktemp("model-cache")),  # checkpoint hashes, never the user's
         "JOB_LEASE_SECONDS": "3", "JOB_POLL_SECONDS": "0.1", "WEBHOOK_ALLOW_HOSTS": "127.0.0.1",
         "WEBHOOK_BACKOFF_SECONDS": "0.2", "JOBS_PER_TOKEN": "true",
+        "JOB_DRAIN_SECONDS": "5",  # a redeploy waits no longer than this for a job still running (tests/test_runner)
         # The suite floods the service on purpose (test_hostile); test_ratelimit_http tightens these.
         "RATE_LIMIT_GENERATE_BURST": "100000", "RATE_LIMIT_SUBMIT_BURST": "100000", "RATE_LIMIT_READ_BURST": "100000",
         **c2pa_files,  # signed content credentials on every image (the watermark is on by default)

@@ -163,6 +163,54 @@ def test_expired_lease_is_claimed_again_then_failed_after_max_attempts(store):
     assert failed.status == "failed" and "lease expired" in failed.error
 
 
+def test_a_released_job_keeps_its_attempt_and_its_place(store):
+    """A runner that stops gives its job back without spending an attempt: released as often as redeploys come
+    (max_attempts is 2 here), it never fails, and it is taken again before the jobs queued after it."""
+    created, _ = store.create(job())
+    later, _ = store.create(job())
+    for run in range(1, 5):
+        taken = store.claim(f"stopping-{run}", 30)
+        assert taken.id == created.id and taken.attempts == 1 and taken.runs == run
+        assert store.release(created.id, f"stopping-{run}")
+        assert store.get(created.id).status == "queued" and store.get(created.id).attempts == 0
+    log = store.events(created.id)
+    assert [e.event for e in log] == ["queued"] + ["started", "queued"] * 4
+    assert [e.data["attempt"] for e in log if e.event == "started"] == [1, 1, 1, 1]
+    assert all(e.data["requeued"] and e.data["position"] == 1 for e in log[2::2])
+    last = store.claim("successor", 30)
+    assert last.id == created.id and last.attempts == 1 and last.run_id == f"{created.id}.5"
+    assert store.finish(created.id, "successor", "completed", {"images": []})
+    assert store.claim("successor", 30).id == later.id
+
+
+def test_only_the_lease_holder_releases_and_a_cancel_is_not_undone(store):
+    created, _ = store.create(job())
+    store.claim("holder", 30)
+    assert not store.release(created.id, "someone-else")
+    assert not store.release("job_0_missing", "holder")
+    assert store.get(created.id).status == "processing"
+    store.cancel(created.id)
+    assert not store.release(created.id, "holder")  # its cancel came meanwhile: the runner publishes that
+    assert store.finish(created.id, "holder", "cancelled", error="cancelled")
+    assert not store.release(created.id, "holder")  # finished: nothing to give back
+    assert [e.event for e in store.events(created.id)] == ["queued", "started", "cancelled"]
+
+
+def test_a_lost_lease_after_releases_counts_only_the_attempts_spent(store):
+    """Releases and lost leases mixed: only the lost ones count towards max_attempts (2 here)."""
+    created, _ = store.create(job())
+    store.claim("stopping", 30)
+    assert store.release(created.id, "stopping")
+    store.claim("dead", lease_s=0.05)
+    time.sleep(0.1)
+    again = store.claim("other", lease_s=0.05)
+    assert again.id == created.id and again.attempts == 2 and again.runs == 3
+    time.sleep(0.1)
+    assert store.claim("third", 30) is None
+    failed = store.get(created.id)
+    assert failed.status == "failed" and failed.error.startswith("no result after 2 attempts")
+
+
 def test_result_is_published_once(store):
     created, _ = store.create(job())
     store.claim("w", 30)

@@ -242,6 +242,35 @@ def test_the_proxy_leaves_the_deadline_to_the_api():
         assert ingress["graceful_shutdown_timeout_s"] >= Settings().request_timeout_seconds
 
 
+def test_a_stopping_job_runner_drains_within_its_grace_period(monkeypatch):
+    """A stopping JobRunner lets its running jobs finish for JOB_DRAIN_SECONDS, then releases the rest (a store
+    call each, up to a third of a lease): past its graceful_shutdown_timeout_s Serve kills it first, and a job it
+    was running waits out its lease and spends an attempt, the very cost the drain avoids. The code's defaults,
+    both configs and the manifest's pod environment all keep the drain inside the grace period."""
+    from deployments.support.settings import Settings
+    from graphs.jobs.runner import JobRunner
+
+    def drain(env: dict[str, str]) -> float:
+        for name in ("JOB_DRAIN_SECONDS", "JOB_LEASE_SECONDS"):
+            if name in env:
+                monkeypatch.setenv(name, env[name])
+        settings = Settings()
+        return settings.job_drain_seconds + settings.job_lease_seconds / 3
+
+    secrets = {("imagegen-redis", "password"): "x"}
+    envs = [environment(pod["containers"][0], secrets) for pod in pods(rayservice())]
+    assert envs and all(env == envs[0] for env in envs)  # one environment: the drain is the same everywhere
+    longest = drain(envs[0])
+    config = JobRunner._deployment_config
+    assert config.graceful_shutdown_timeout_s > config.graceful_shutdown_wait_loop_s + longest
+    for serve in (serve_config_v2(), yaml.safe_load((ROOT / "serve_config.yaml").read_text()),
+                  yaml.safe_load((ROOT / "configs" / "cpu.yaml").read_text())):
+        (runner,) = [d for d in serve["applications"][0]["deployments"] if d["name"] == "JobRunner"]
+        wait_loop = runner.get("graceful_shutdown_wait_loop_s", 2)
+        assert wait_loop <= 0.5  # it stops claiming soon after Serve begins to stop it
+        assert runner.get("graceful_shutdown_timeout_s", 20) > wait_loop + longest
+
+
 def worker_groups(manifest: dict) -> dict[str, dict]:
     return {group["groupName"]: group for group in manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
 

@@ -568,23 +568,71 @@ async def test_cancelling_a_running_job_cancels_its_task(tmp_path):
         await asyncio.wait_for(work, 1)
 
 
-async def test_a_runner_that_shuts_down_gives_its_job_back_instead_of_cancelling_it(base, upscaler, runner_env):
-    """A replica stopping (Serve awaits its ``__del__``, which cancels the worker loops) is not the client
-    cancelling: the job is given back at once for another runner to take, not published as cancelled."""
+async def processing(runner, job_id: str, timeout: float = 60) -> Job:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = runner.store.get(job_id)
+        if job.status == "processing":
+            return job
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"job {job_id} was not claimed: {runner.store.get(job_id)}")
+
+
+async def test_a_stopping_runner_lets_its_running_job_finish_and_claims_nothing_more(base, upscaler, runner_env):
+    """A replica stopping (a redeploy: Serve awaits its ``__del__``) claims no job from then on, and a job it is
+    running that ends within JOB_DRAIN_SECONDS is published here, by this runner, on its first attempt."""
     runner_env.setenv("JOB_TIMEOUT", "600000")
-    slow = BaseShell(base, on_progress=lambda step, total: time.sleep(0.05))
-    runner = JobRunner.func_or_class(LocalHandle(slow), None, LocalHandle(upscaler), None, None)
-    job = Job(id=new_job_id(), type="text2img", request={"prompt": "shutdown", "width": 64, "height": 64,
+    runner_env.setenv("JOB_DRAIN_SECONDS", "60")
+    paced = BaseShell(base, on_progress=lambda step, total: time.sleep(0.05))  # 30 steps: about 1.5 s
+    runner = JobRunner.func_or_class(LocalHandle(paced), None, LocalHandle(upscaler), None, None)
+    request = {"prompt": "drained", "width": 64, "height": 64, "steps": 30, "seed": 6, "preview_every": 0}
+    running = Job(id=new_job_id(), type="text2img", request=request)
+    waiting = Job(id=new_job_id(), type="text2img", request=request)
+    runner.store.create(running)
+    try:
+        await processing(runner, running.id)
+        runner.store.create(waiting)  # queued behind it: the one worker would take it next
+        began = time.monotonic()
+        await asyncio.wait_for(runner.__del__(), 30)
+    finally:
+        stop(runner)
+    done = runner.store.get(running.id)
+    assert done.status == "completed" and done.attempts == 1, done.error
+    assert time.monotonic() - began < 20  # it ended with its job, not at the end of the drain
+    assert [e.event for e in runner.store.events(running.id)] == ["queued", "started", "completed"]
+    left = runner.store.get(waiting.id)
+    assert left.status == "queued" and left.attempts == 0 and left.runs == 0  # never claimed
+    assert [e.event for e in runner.store.events(waiting.id)] == ["queued"]
+
+
+async def test_a_stopping_runner_releases_a_long_job_without_spending_an_attempt(base, upscaler, runner_env):
+    """A job still running at the end of JOB_DRAIN_SECONDS goes back to the queue, its attempt not spent: however
+    many redeploys a job meets, it never fails WORKER_LOST for them (JOB_MAX_ATTEMPTS is 3; four are met here).
+    Each run still has its own request id."""
+    runner_env.setenv("JOB_TIMEOUT", "600000")
+    runner_env.setenv("JOB_DRAIN_SECONDS", "0.5")
+    slow = BaseShell(base, on_progress=lambda step, total: time.sleep(0.05))  # 150 steps: longer than the drain
+    job = Job(id=new_job_id(), type="text2img", request={"prompt": "released", "width": 64, "height": 64,
                                                          "steps": 150, "seed": 6, "preview_every": 0})
-    runner.store.create(job)
-    deadline = time.monotonic() + 60
-    while runner.store.get(job.id).status != "processing" and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    await asyncio.wait_for(runner.__del__(), 30)  # as Serve stops the replica: every loop ends
-    left = runner.store.get(job.id)
-    assert left.status == "processing" and left.attempts == 1  # not cancelled, not finished
-    taken = await asyncio.to_thread(runner.store.claim, "successor", 30)
-    assert taken is not None and taken.id == job.id and taken.attempts == 2  # its lease ended when it was given back
+    runners = []
+    for redeploy in range(4):  # each redeploy: a new runner takes the job, then stops
+        runner = JobRunner.func_or_class(LocalHandle(slow), None, LocalHandle(upscaler), None, None)
+        runners.append(runner)
+        if redeploy == 0:
+            runner.store.create(job)
+        taken = await processing(runner, job.id)
+        assert taken.attempts == 1 and taken.runs == redeploy + 1
+        began = time.monotonic()
+        await asyncio.wait_for(runner.__del__(), 30)
+        assert time.monotonic() - began < 10  # the drain, then the release: no lease to run out
+        left = runner.store.get(job.id)
+        assert left.status == "queued" and left.attempts == 0  # not cancelled, not finished, no attempt spent
+    log = runners[-1].store.events(job.id)
+    assert [e.event for e in log] == ["queued"] + ["started", "queued"] * 4
+    assert [e.data["attempt"] for e in log if e.event == "started"] == [1, 1, 1, 1]
+    assert all(e.data.get("requeued") for e in log[2::2])
+    taken = await asyncio.to_thread(runners[-1].store.claim, "successor", 30)
+    assert taken.id == job.id and taken.attempts == 1 and taken.run_id == f"{job.id}.5"
 
 
 async def test_webhooks_are_owed_by_the_store_and_retried_by_any_runner(base, upscaler, runner_env):

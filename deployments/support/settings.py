@@ -109,6 +109,9 @@ class Settings(BaseSettings):
     job_timeout: int = Field(300_000, ge=1000, description="milliseconds")
     job_lease_seconds: float = Field(30.0, gt=0)
     job_max_attempts: int = Field(3, ge=1)
+    job_drain_seconds: float = Field(60.0, ge=0, description=(
+        "a stopping runner (a redeploy, a scale-down) lets its running jobs finish this long, then releases the "
+        "rest to the queue with no attempt spent; keep it below the JobRunner's graceful_shutdown_timeout_s"))
     job_save_attempts: int = Field(4, ge=1, le=10, description=(
         "tries of each image save while the result store is unavailable, the waits doubling from "
         "JOB_SAVE_BACKOFF_SECONDS and all within one JOB_LEASE_SECONDS; then the job goes back to the queue"))

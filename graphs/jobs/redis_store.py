@@ -18,6 +18,7 @@ from graphs.jobs.store import (
     PRIORITIES,
     RETRYABLE,
     STATUSES,
+    WORKER_LOST,
     Job,
     JobEvent,
     body_hash,
@@ -101,7 +102,7 @@ return {'created', id}
 
 _LUA_CLAIM = _LUA_EMIT + """
 local p, worker, lease, maxa = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local kept, now = tonumber(ARGV[5]), server_now()
+local kept, lost, now = tonumber(ARGV[5]), ARGV[6], server_now()
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', p .. ':leases', '-inf', now)) do
   local key = p .. ':job:' .. id
   local seq = tonumber(redis.call('HGET', key, 'seq'))
@@ -118,7 +119,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', p .. ':leases', '-inf', now)) do
     emit(p, id, kept, 'cancelled', cjson.encode({job_id = id, status = 'cancelled', time = now}))
     owe(p, id, now)
   elseif attempts >= maxa then
-    local message = 'worker lost ' .. attempts .. ' times (lease expired)'
+    local message = string.format(lost, attempts)
     redis.call('HSET', key, 'status', 'failed', 'completed_at', now, 'lease_owner', '', 'error', message)
     redis.call('ZADD', p .. ':status:failed', seq, id)
     redis.call('ZADD', p .. ':done', now, id)
@@ -145,6 +146,8 @@ until redis.call('EXISTS', key) == 1
 if (redis.call('HGET', key, 'started_at') or '') == '' then redis.call('HSET', key, 'started_at', now) end
 redis.call('HSET', key, 'status', 'processing', 'lease_owner', worker, 'lease_expires', now + lease)
 local attempt = redis.call('HINCRBY', key, 'attempts', 1)
+-- a run past every earlier one, released ones too (a record from before releases has no runs yet)
+redis.call('HSET', key, 'runs', math.max(tonumber(redis.call('HGET', key, 'runs') or '0'), attempt - 1) + 1)
 redis.call('ZADD', p .. ':leases', now + lease, id)
 redis.call('ZADD', p .. ':status:processing', tonumber(redis.call('HGET', key, 'seq')), id)
 emit(p, id, kept, 'started', cjson.encode({job_id = id, status = 'processing', time = now, attempt = attempt}))
@@ -162,6 +165,27 @@ redis.call('HSET', key, 'lease_expires', now + lease)
 redis.call('ZADD', p .. ':leases', now + lease, id)
 if progress ~= '' then redis.call('HSET', key, 'progress', progress) end
 if redis.call('HGET', key, 'cancel_requested') == '1' then return 0 end
+return 1
+"""
+
+# Back in its place in the queue (its score is its priority and seq, as at creation), the attempt given back.
+_LUA_RELEASE = _LUA_EMIT + """
+local p, id, worker, kept = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local now = server_now()
+local key = p .. ':job:' .. id
+if redis.call('HGET', key, 'lease_owner') ~= worker or redis.call('HGET', key, 'status') ~= 'processing'
+   or redis.call('HGET', key, 'cancel_requested') == '1' then
+  return 0
+end
+local seq = tonumber(redis.call('HGET', key, 'seq'))
+redis.call('HSET', key, 'status', 'queued', 'lease_owner', '', 'lease_expires', '',
+           'attempts', math.max(tonumber(redis.call('HGET', key, 'attempts') or '0') - 1, 0))
+redis.call('ZREM', p .. ':leases', id)
+redis.call('ZREM', p .. ':status:processing', id)
+redis.call('ZADD', p .. ':queued', tonumber(redis.call('HGET', key, 'priority')) * 1e13 + seq, id)
+redis.call('ZADD', p .. ':status:queued', seq, id)
+emit(p, id, kept, 'queued', cjson.encode({job_id = id, status = 'queued', time = now, requeued = true,
+                                          position = redis.call('ZRANK', p .. ':queued', id) + 1}))
 return 1
 """
 
@@ -277,6 +301,7 @@ class RedisJobStore:
         self._create = self.redis.register_script(_LUA_CREATE)
         self._claim = self.redis.register_script(_LUA_CLAIM)
         self._heartbeat = self.redis.register_script(_LUA_HEARTBEAT)
+        self._release = self.redis.register_script(_LUA_RELEASE)
         self._finish = self.redis.register_script(_LUA_FINISH)
         self._cancel = self.redis.register_script(_LUA_CANCEL)
         self._append = self.redis.register_script(_LUA_APPEND)
@@ -299,13 +324,13 @@ class RedisJobStore:
                    progress=float(h.get("progress") or 0), created_at=float(h["created_at"]),
                    started_at=number("started_at"), completed_at=number("completed_at"),
                    result=json.loads(h["result"]) if h.get("result") else None, error=h.get("error") or None,
-                   attempts=int(h.get("attempts") or 0), owner=h.get("owner") or None,
+                   attempts=int(h.get("attempts") or 0), runs=int(h.get("runs") or 0), owner=h.get("owner") or None,
                    webhook_url=h.get("webhook_url") or None, cancel_requested=h.get("cancel_requested") == "1")
 
     def create(self, job: Job, idempotency_key: str | None = None, max_queued: int | None = None) -> tuple[Job, bool]:
         digest = body_hash({"type": job.type, "request": job.request})
         fields = {"id": job.id, "type": job.type, "priority": PRIORITIES[job.priority], "progress": 0,
-                  "created_at": job.created_at, "request": json.dumps(job.request), "attempts": 0,
+                  "created_at": job.created_at, "request": json.dumps(job.request), "attempts": 0, "runs": 0,
                   "owner": job.owner or "", "webhook_url": job.webhook_url or "", "cancel_requested": "0",
                   "started_at": "", "completed_at": "", "result": "", "error": "", "lease_owner": ""}
         scoped = "" if idempotency_key is None else idempotency_scope(job.owner, idempotency_key)
@@ -346,11 +371,14 @@ class RedisJobStore:
         return [j for j in (self.get(i) for i in ids) if j is not None], int(total)
 
     def claim(self, worker: str, lease_s: float) -> Job | None:
-        job_id = self._claim(args=[self.prefix, worker, lease_s, self.max_attempts, self.events_kept])
+        job_id = self._claim(args=[self.prefix, worker, lease_s, self.max_attempts, self.events_kept, WORKER_LOST])
         return self.get(job_id) if job_id else None
 
     def heartbeat(self, job_id: str, worker: str, lease_s: float, progress: float | None = None) -> bool:
         return bool(self._heartbeat(args=[self.prefix, job_id, worker, lease_s, "" if progress is None else progress]))
+
+    def release(self, job_id: str, worker: str) -> bool:
+        return bool(self._release(args=[self.prefix, job_id, worker, self.events_kept]))
 
     def finish(self, job_id: str, worker: str, status: str, result: dict | None = None,
                error: str | None = None, event: dict | None = None) -> bool:

@@ -6,7 +6,9 @@ with a lease, renews the lease (and records progress) while the job runs, writes
 marks the job completed (trying a failing result store again while the images are in memory, then giving the job
 back to the queue rather than failing it), and stops the generation within one denoising step when the job is
 cancelled. A runner that
-dies simply stops renewing: another claims the job when the lease expires. While it renews the lease it also adds the
+dies simply stops renewing: another claims the job when the lease expires (an attempt spent). A runner that stops
+(a redeploy, a scale-down) claims nothing more, lets its running jobs finish for ``JOB_DRAIN_SECONDS`` and releases
+the rest (back in their place in the queue, no attempt spent). While it renews the lease it also adds the
 job's ``progress`` and ``preview`` events to the store's event log (``graphs.jobs.events``); the store itself
 logs the state changes. With the result cache on, every job but batch sizes (``generate``, and seed 003's
 ``text2img``, ``img2img``, ``inpaint`` and ``style-transfer``, their uploads part of the key) with a fixed seed is
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import logging
 import time
@@ -50,7 +53,12 @@ LEASE_LOST = object()  # the keeper's answer when no renewal reached the store f
 PARENT_FIELD = {"img2img": "initImage", "inpaint": "image", "style-transfer": "contentImage"}
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=8, health_check_period_s=10)
+# As it stops, a runner lets its running jobs finish for JOB_DRAIN_SECONDS (60 s by default), then releases the rest:
+# the grace period leaves room for both. Serve calls __del__, where the runner stops claiming, only after a
+# graceful_shutdown_wait_loop_s with no request in flight; nothing calls a runner, so that wait is kept short (at
+# Serve's 2 s, a stopping runner went on claiming jobs it would at once have to give back).
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=8, health_check_period_s=10,
+                  graceful_shutdown_wait_loop_s=0.1, graceful_shutdown_timeout_s=90)
 class JobRunner:
     def __init__(self, base, refiner, upscaler, faces, cropper, board=None,
                  hires_upscaler: str = "R-ESRGAN 2x+", *, safety=None, safety_enabled: bool | None = None,
@@ -67,35 +75,46 @@ class JobRunner:
         self.sizes = SizeTable.load(self.settings.batch_sizes_file)
         self.worker = f"runner-{uuid.uuid4().hex[:8]}"
         self._background: set[asyncio.Task] = set()
-        self._loops = [asyncio.get_event_loop().create_task(self._work(i))
-                       for i in range(self.settings.max_concurrent_jobs)]
+        self._stopping = asyncio.Event()  # set as the replica begins to stop: no worker claims after it
+        self._workers = [asyncio.get_event_loop().create_task(self._work(i))
+                         for i in range(self.settings.max_concurrent_jobs)]
+        self._loops = list(self._workers)
         self._loops.append(asyncio.get_event_loop().create_task(self._purge()))
         self._loops.append(asyncio.get_event_loop().create_task(self._deliver_webhooks()))
         self.job_metrics = JobMetrics(STATUSES)
         self._loops.append(asyncio.get_event_loop().create_task(self._count_jobs()))
 
     async def __del__(self) -> None:
-        """Serve awaits this as the replica stops (a redeploy, a scale-down): each worker loop gives its running job
-        back to the queue at once (see ``_execute``) instead of leaving it to a lease that has to run out."""
+        """Serve awaits this as the replica stops (a redeploy, a scale-down; it waits the deployment's
+        ``graceful_shutdown_wait_loop_s`` first, kept short for this one). No worker claims a job from now on;
+        the running jobs get ``JOB_DRAIN_SECONDS`` to finish and publish here, and each still running then is
+        released (see ``_execute``): the job was not at fault and no worker was lost, so it spends no attempt,
+        however many redeploys it meets, and another runner takes it at once rather than after its lease."""
+        self._stopping.set()
+        await asyncio.wait(self._workers, timeout=self.settings.job_drain_seconds)
         for loop in self._loops:
             loop.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
 
     async def check_health(self) -> None:
-        if any(loop.done() for loop in self._loops):
+        if not self._stopping.is_set() and any(loop.done() for loop in self._loops):
             raise RuntimeError("a job worker loop stopped")
 
     async def _work(self, index: int) -> None:
         name = f"{self.worker}/{index}"
-        while True:
+        while not self._stopping.is_set():
             try:
                 job = await asyncio.to_thread(self.store.claim, name, self.settings.job_lease_seconds)
             except Exception:  # noqa: BLE001 - a store hiccup must not kill the loop
                 logger.exception("claim failed")
                 job = None
             if job is None:
-                await asyncio.sleep(self.settings.job_poll_seconds)
+                with contextlib.suppress(TimeoutError):  # the poll, cut short when the replica begins to stop
+                    await asyncio.wait_for(self._stopping.wait(), self.settings.job_poll_seconds)
                 continue
+            if self._stopping.is_set():  # claimed as the replica began to stop: straight back, unstarted
+                await self._release(job, name)
+                return
             try:
                 await self._execute(job, name)
             except Exception:  # noqa: BLE001 - a store failing to publish: the lease runs out, the job runs again
@@ -115,7 +134,7 @@ class JobRunner:
             me = asyncio.current_task()
             if me is not None and me.cancelling():  # this worker loop is stopping (the replica shuts down), not the job
                 keeper.cancel()
-                await self._quietly(asyncio.to_thread(self.store.heartbeat, job.id, worker, 0))  # back at once
+                await self._quietly(self._release(job, worker))  # back at once, its attempt not spent
                 raise
             status, error = "cancelled", "cancelled"
         except Exception as e:  # noqa: BLE001 - any failure is recorded on the job, with its code
@@ -141,6 +160,13 @@ class JobRunner:
         if not await asyncio.to_thread(self.store.finish, job.id, worker, status, result, error, event):
             logger.warning("job %s: lease lost before publishing; the result was dropped", job.id)
         # (its webhook, if any, is owed in the store from now on: see _deliver_webhooks)
+
+    async def _release(self, job: Job, worker: str) -> None:
+        """This runner is stopping: the job goes back to its place in the queue, its attempt not spent."""
+        logger.info("job %s: the runner is stopping; released to the queue", job.id)
+        if not await asyncio.to_thread(self.store.release, job.id, worker):
+            # Cancelled meanwhile: that is its outcome (a no-op when the lease is no longer ours).
+            await asyncio.to_thread(self.store.finish, job.id, worker, "cancelled", None, "cancelled", {})
 
     async def _give_back(self, job: Job, worker: str, gone: BaseException) -> None:
         """A stage's replica, or its node, went away mid-job, or the result store stayed unavailable. The job is not
@@ -350,15 +376,15 @@ class JobRunner:
             await asyncio.sleep(every_s)
 
     async def _save(self, job: Job, name: str, data: bytes, suffix: str = "png") -> str:
-        """Stored under the attempt's own name: an attempt that lost its lease and runs on (its runner cut off from
-        the store) can never overwrite the files of the attempt that published. A store that is unavailable is
+        """Stored under the run's own number: a run that lost its lease and runs on (its runner cut off from the
+        store) can never overwrite the files of the run that published. A store that is unavailable is
         tried again while the bytes are here, a few times within one lease: a brief outage must not cost the
         generation."""
         tries, delay = 1, self.settings.job_save_backoff_seconds
         deadline = time.monotonic() + self.settings.job_lease_seconds
         while True:
             try:
-                return await asyncio.to_thread(self.results.save, job.id, f"{job.attempts}-{name}", data, suffix)
+                return await asyncio.to_thread(self.results.save, job.id, f"{job.runs}-{name}", data, suffix)
             except StorageUnavailable:
                 if tries >= self.settings.job_save_attempts or time.monotonic() + delay > deadline:
                     raise

@@ -18,6 +18,7 @@ from graphs.jobs.store import (
     EVENTS_KEPT,
     PRIORITIES,
     TERMINAL_EVENTS,
+    WORKER_LOST,
     Job,
     JobEvent,
     body_hash,
@@ -43,6 +44,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     result TEXT,
     error TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
+    runs INTEGER NOT NULL DEFAULT 0,
     lease_owner TEXT,
     lease_expires REAL,
     idempotency_key TEXT UNIQUE,
@@ -71,6 +73,9 @@ class SQLiteJobStore:
         self.path, self.max_attempts, self.events_kept = path, max_attempts, events_kept
         self._local = threading.local()
         self._db().executescript(_SCHEMA)
+        if "runs" not in {row["name"] for row in self._db().execute("PRAGMA table_info(jobs)")}:
+            # A file from before releases: claim numbers a run past its attempts either way (MAX below).
+            self._db().execute("ALTER TABLE jobs ADD COLUMN runs INTEGER NOT NULL DEFAULT 0")
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -103,7 +108,7 @@ class SQLiteJobStore:
                    priority=priority, progress=row["progress"], created_at=row["created_at"],
                    started_at=row["started_at"], completed_at=row["completed_at"],
                    result=json.loads(row["result"]) if row["result"] else None, error=row["error"],
-                   attempts=row["attempts"], owner=row["owner"], webhook_url=row["webhook_url"],
+                   attempts=row["attempts"], runs=row["runs"], owner=row["owner"], webhook_url=row["webhook_url"],
                    cancel_requested=bool(row["cancel_requested"]))
 
     @staticmethod
@@ -192,7 +197,7 @@ class SQLiteJobStore:
                     self._emit(db, row["id"], "cancelled", event_data(row["id"], "cancelled"))
                     self._owe(db, row["id"], now)
                 elif row["attempts"] >= self.max_attempts:
-                    message = f"worker lost {row['attempts']} times (lease expired)"
+                    message = WORKER_LOST % row["attempts"]
                     db.execute("UPDATE jobs SET status = 'failed', completed_at = ?, lease_owner = NULL, error = ?"
                                " WHERE id = ?", (now, message, row["id"]))
                     self._emit(db, row["id"], "failed",
@@ -207,7 +212,7 @@ class SQLiteJobStore:
             if row is None:
                 return None
             db.execute("UPDATE jobs SET status = 'processing', started_at = COALESCE(started_at, ?), lease_owner = ?,"
-                       " lease_expires = ?, attempts = attempts + 1 WHERE id = ?",
+                       " lease_expires = ?, attempts = attempts + 1, runs = MAX(runs, attempts) + 1 WHERE id = ?",
                        (now, worker, now + lease_s, row["id"]))
             self._emit(db, row["id"], "started", event_data(row["id"], "processing", attempt=row["attempts"] + 1))
             return self._job(db.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone())
@@ -222,6 +227,20 @@ class SQLiteJobStore:
             db.execute("UPDATE jobs SET lease_expires = ?, progress = COALESCE(?, progress) WHERE id = ?",
                        (time.time() + lease_s, progress, job_id))
             return not row["cancel_requested"]
+
+    def release(self, job_id: str, worker: str) -> bool:
+        """Back to the queue with its attempt given back (the next claim counts the same attempt again); its
+        ``seq`` is kept, so it is taken before the jobs queued after it, as a requeued job is."""
+        with self._tx() as db:
+            cursor = db.execute(
+                "UPDATE jobs SET status = 'queued', lease_owner = NULL, lease_expires = NULL,"
+                " attempts = MAX(attempts - 1, 0) WHERE id = ? AND lease_owner = ? AND status = 'processing'"
+                " AND cancel_requested = 0", (job_id, worker))
+            if cursor.rowcount != 1:
+                return False
+            self._emit(db, job_id, "queued", event_data(job_id, "queued", requeued=True,
+                                                        position=self._position(db, job_id)))
+            return True
 
     def finish(self, job_id: str, worker: str, status: str, result: dict | None = None,
                error: str | None = None, event: dict | None = None) -> bool:

@@ -3,7 +3,8 @@ nodes share the queue (``JOB_STORE_URL=redis://...``; Ray's own fault tolerance 
 
 A job is written before its id is returned. Workers claim queued jobs with a lease (highest priority first,
 FIFO within a priority); a job whose lease ran out (its worker died) is claimed again, up to ``max_attempts``,
-then failed with the reason. Every state change is one transaction.
+then failed with the reason. A runner that stops (a redeploy, a scale-down) releases its jobs instead: back in
+their place in the queue, the attempt not spent. Every state change is one transaction.
 
 Each job also has an append-only event log (``queued``, ``started``, ``progress``, ``preview``, then one of
 ``completed`` / ``failed`` / ``cancelled``) with ids increasing from 1, so that any ingress replica can stream a
@@ -33,6 +34,10 @@ EVENTS_KEPT = 256  # per job: a long batch with previews stays well inside it
 # A job that failed with one of these codes (its error starts "<code>:") frees its Idempotency-Key: the same request
 # sent again is a new job, since it may well succeed now.
 RETRYABLE = ("STORAGE_UNAVAILABLE",)
+# The error of a job whose last attempt's lease expired (code WORKER_LOST): what the store knows is that no attempt
+# published, and that the last one's runner stopped renewing (it, or a stage it called, was lost). A runner that
+# stops gracefully releases its jobs, spending no attempt, so a redeploy never leads here. Both stores format it.
+WORKER_LOST = "no result after %d attempts; the last one's lease expired (its runner, or a stage it called, was lost)"
 
 
 @dataclass
@@ -48,7 +53,8 @@ class Job:
     completed_at: float | None = None
     result: dict | None = None
     error: str | None = None
-    attempts: int = 0
+    attempts: int = 0  # the attempts spent: a release gives its attempt back
+    runs: int = 0  # the claims so far, released ones too: each run has its own number (``run_id``)
     owner: str | None = None  # hash of the submitting token, for per-token isolation
     webhook_url: str | None = None
     cancel_requested: bool = False
@@ -59,9 +65,10 @@ class Job:
 
     @property
     def run_id(self) -> str:
-        """The request id of this attempt's stage calls, read back on the progress board: a cancel flag a replica
-        still keeps for an earlier attempt (cancelled while queued there) must not stop this one."""
-        return f"{self.id}.{self.attempts}"
+        """The request id of this run's stage calls, read back on the progress board: a cancel flag a replica
+        still keeps for an earlier run (cancelled while queued there) must not stop this one. A released run
+        spends no attempt, so the attempt number alone would name two runs."""
+        return f"{self.id}.{self.runs}"
 
 
 @dataclass
@@ -123,6 +130,12 @@ class JobStore(Protocol):
 
     def heartbeat(self, job_id: str, worker: str, lease_s: float, progress: float | None = None) -> bool:
         """Extend the lease; False when the job is no longer this worker's (cancelled, reclaimed)."""
+        ...
+
+    def release(self, job_id: str, worker: str) -> bool:
+        """Give a running job back to the queue, in its place, without spending its attempt: its runner is
+        stopping, and neither the job nor any worker failed. A ``queued`` event as for a requeue. False (nothing
+        changed) when the job is no longer this worker's, or its cancel came meanwhile."""
         ...
 
     def finish(self, job_id: str, worker: str, status: str, result: dict | None = None,
