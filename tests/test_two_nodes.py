@@ -365,3 +365,60 @@ def _healthy(url: str) -> bool:
         return httpx.get(f"{url}/-/healthz", timeout=5).status_code == 200
     except httpx.TransportError:
         return False
+
+
+def test_a_drained_node_hands_its_work_over(two_nodes):
+    """What a KubeRay pod's SIGTERM does with ``RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S`` set (``ray start --block``
+    asks the GCS to drain its node, with that deadline, then waits for its raylet to finish): node B drained under
+    load while each runner holds a long job. Serve stops B's replicas gracefully, before the deadline (their
+    ``graceful_shutdown_timeout_s``): every synchronous answer is a 200, every job completes once on its first
+    attempt (B's runner claims nothing more and finishes the job it holds, ``JOB_DRAIN_SECONDS``), and B's
+    raylet, drained and idle, exits by itself before the deadline."""
+    import ray
+    from ray.core.generated import autoscaler_pb2
+
+    http = httpx.Client(base_url=two_nodes.head_url, timeout=120)
+    node_b = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and "node_b" in n["Resources"])
+    seconds_until(lambda: all(running(d) == 2 for d in SPREAD), 240, every=1)
+    stop, answers = threading.Event(), []
+    clients = [threading.Thread(target=client, args=(two_nodes.head_url, body, stop, answers))
+               for body in (SYNC, FACES)]
+    for thread in clients:
+        thread.start()
+    # Serve stops B's replicas at the deadline less their graceful_shutdown_timeout_s: the ingress and the base at
+    # 40 s (their 20 s), the job runner at once (its 90 s), while it holds a long job.
+    deadline_s = 60
+    try:
+        seconds_until(lambda: len(answers) >= 2, 120)
+        held = [submit(http, body={**LONG_JOB, "seed": 200 + n})["id"] for n in range(2)]
+        jobs = held + [submit(http, body={**JOB, "seed": 210 + n})["id"] for n in range(6)]
+
+        def both_runners_busy() -> bool:
+            busy = http.get("/jobs", params={"status": "processing"}).json()["jobs"]
+            return sorted(j["id"] for j in busy if j["progress"] < 80) == sorted(held)
+
+        seconds_until(both_runners_busy, 60)
+        drained = time.monotonic()
+        gcs = ray._private.worker.global_worker.gcs_client
+        accepted, why = gcs.drain_node(node_b, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+                                       "pod terminating (test)", int(time.time() * 1000) + deadline_s * 1000)
+        assert accepted, why
+
+        def node_b_alive() -> bool:
+            return any(n["Alive"] for n in ray.nodes() if n["NodeID"] == node_b)
+
+        gone = seconds_until(lambda: not node_b_alive(), deadline_s + 30, every=0.5)
+        jobs += [submit(http, body={**JOB, "seed": 220 + n})["id"] for n in range(2)]  # new work after it
+        finished = {job: wait(http, job, timeout=180) for job in jobs}
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join()
+    codes = Counter(a.status for a in answers)
+    after = [a for a in answers if a.ended > drained]
+    assert set(codes) == {200}, (codes, [a for a in answers if a.status != 200])
+    assert {j: (f["status"], f["attempts"]) for j, f in finished.items()} == {j: ("completed", 1) for j in jobs}
+    assert gone < deadline_s, f"node B's raylet outlived its deadline ({gone:.1f} s)"
+    report(f"node B drained under load: its raylet exited {gone:.1f} s after the drain began (deadline "
+           f"{deadline_s} s); /generate through A's proxy {dict(codes)}, {len(after)} ending after the drain began; "
+           f"{len(jobs)} jobs completed, each on its first attempt")
