@@ -94,6 +94,33 @@ def refused(call) -> ServiceError:
     return error
 
 
+def test_numbers_and_sizes_are_read_as_a1111_reads_them(ingress):
+    """A1111 (pydantic 1) truncates a number with a fraction sent for a whole one (a client's ``steps / 2``), and
+    makes a side that is no multiple of 8 at the multiple below it (an eighth of it is the latents' size)."""
+    request = Txt2ImgRequest.model_validate({**SMALL, "width": 70, "height": 79.5, "steps": 2.7, "seed": 5.9})
+    assert (request.width, request.height, request.steps, request.seed) == (64, 72, 2, 5)
+    body = answer(ingress.txt2img.remote(request, caller()).result())
+    assert decode_b64(body["images"][0]).size == (64, 72) and body["info"]["steps"] == 2
+    for bad in ({"width": float("nan")}, {"steps": float("inf")}, {"width": 60}):
+        with pytest.raises(ValueError, match="width|steps"):  # still a 422 naming the field, never a 500
+            Txt2ImgRequest.model_validate({**SMALL, **bad})
+
+
+def test_scripts_are_treated_as_a1111_treats_them(ingress):
+    """A1111's own always-on scripts (matched by title, any case) are accepted and not applied, with a warning;
+    an extension's script or a named script, none being installed here, is refused naming its field, as A1111
+    refuses one it lacks, before anything runs."""
+    body = txt2img(ingress, alwayson_scripts={"Refiner": {"args": [False, "", 0.8]}, "seed": {"args": []}})
+    assert [w for w in body["info"]["warnings"] if "script" in w] == [
+        "A1111's 'Refiner' script is not applied here: its arguments were ignored",
+        "A1111's 'seed' script is not applied here: its arguments were ignored"]
+    assert "script" not in " ".join(txt2img(ingress, alwayson_scripts={}, script_args=[])["info"]["warnings"])
+    control = refused(lambda: txt2img(ingress, alwayson_scripts={"ControlNet": {"args": [{"enabled": True}]}}))
+    assert (control.code, status_of(control), control.details["field"]) == (
+        "INVALID_INPUT", 422, "alwayson_scripts.ControlNet")
+    assert refused(lambda: txt2img(ingress, script_name="x/y/z plot")).details["field"] == "script_name"
+
+
 def test_an_unknown_sampler_is_refused_naming_the_field_that_named_it(ingress):
     assert refused(lambda: txt2img(ingress, sampler_index="Nope")).details["field"] == "sampler_index"
     assert refused(lambda: txt2img(ingress, sampler_name="Nope")).details["field"] == "sampler_name"

@@ -177,6 +177,7 @@ class A1111Routes(CheckpointChoice):
                    inits: list[Image.Image] | None = None, **extra) -> Response:
         if r.batch_size * r.n_iter > MAX_IMAGES:
             raise InvalidInput(f"batch_size x n_iter exceeds {MAX_IMAGES} images", field="batch_size")
+        ignored = r.scripts()
         switch, hires = await self._refiner(r), self._hires(r)  # checked before anything runs
         model = await self._checkpoint(r)
         parameters = r.model_dump(exclude={"init_images", "mask"})
@@ -187,6 +188,7 @@ class A1111Routes(CheckpointChoice):
         if hit is not None:
             return images_answer(hit.files, parameters, {**json.loads(hit.facts["info"]), "cached": True})
         files, info = await self._generate(http, r, model, parameters, parent, switch, hires, inits, **extra)
+        info["warnings"] = [*info["warnings"], *ignored]
         if not info.get("interrupted") and not info.get("skipped"):  # a whole answer only
             await self.cache.put(key, {"info": json.dumps(info)}, files)
         return images_answer(files, parameters, info)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from deployments.support.errors import InvalidInput
 from deployments.support.samplers import MIN_STRENGTH
 from graphs.api.fields import Guidance, Prompt, Seed, Side, Steps
 
@@ -17,12 +19,22 @@ class _A1111(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _null_is_default(cls, data: Any) -> Any:
+    def _as_a1111_reads_it(cls, data: Any) -> Any:
         """A1111 declares every field Optional, and clients replay its ``parameters`` with their nulls
-        (``"seed": null``, ``"override_settings": null``): a null field takes its default, as in A1111."""
-        if isinstance(data, dict):
-            return {key: value for key, value in data.items() if value is not None}
-        return data
+        (``"seed": null``, ``"override_settings": null``): a null field takes its default, as in A1111. Its
+        models (pydantic 1) also truncate a number with a fraction sent for a whole one (a client's
+        ``"hr_second_pass_steps": steps / 2``), where pydantic 2 refuses it."""
+        if not isinstance(data, dict):
+            return data
+        whole = {name for name, f in cls.model_fields.items() if f.annotation is int}
+        return {key: int(value) if key in whole and isinstance(value, float) and math.isfinite(value) else value
+                for key, value in data.items() if value is not None}
+
+
+# A1111's own always-on scripts, which it names by title, lower-cased: sent by clients that drive them, accepted
+# here and not applied (the answer's warnings say so). Any other is an extension's, which is not installed here.
+BUILTIN_SCRIPTS = frozenset({"refiner", "seed", "sampler", "comments", "hypertile", "extra options",
+                             "soft inpainting"})
 
 
 class Txt2ImgRequest(_A1111):
@@ -40,6 +52,11 @@ class Txt2ImgRequest(_A1111):
     width: Side = 512
     height: Side = 512
     restore_faces: bool = False
+    script_name: str | None = Field(None, max_length=256, description="none is installed: a name is a 422, as in "
+                                    "A1111 for a script it lacks")
+    script_args: list = []
+    alwayson_scripts: dict = Field({}, description="A1111's own (Refiner, Seed, Sampler, ...) accepted and not "
+                                   "applied, with a warning; an extension's is a 422, as in A1111 without it")
     denoising_strength: float = Field(0.75, ge=0.0, le=1.0)
     enable_hr: bool = False
     hr_scale: float = Field(2.0, ge=0.0, le=4.0, description="not read when hr_resize_x or hr_resize_y is set")
@@ -53,6 +70,31 @@ class Txt2ImgRequest(_A1111):
     override_settings: dict = {}
     override_settings_restore_afterwards: bool = Field(
         True, description="false: the override_settings checkpoint stays the default afterwards")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sides_as_latents(cls, data: Any) -> Any:
+        """A1111 makes a side that is no multiple of 8 at the multiple below it (its latents are an eighth of
+        the size), where this service's sides must be multiples of 8: rounded down here, as A1111's answer is."""
+        if isinstance(data, dict):
+            for side in ("width", "height"):
+                value = data.get(side)
+                if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+                    data = {**data, side: int(value) - int(value) % 8}
+        return data
+
+    def scripts(self) -> list[str]:
+        """A warning for each of A1111's own scripts sent (not applied here); an extension's script, which is not
+        installed here, is refused as A1111 refuses one it lacks."""
+        if self.script_name:
+            raise InvalidInput(f"script {self.script_name!r} not found: no scripts are installed here "
+                               "(GET /sdapi/v1/scripts)", field="script_name")
+        for name in self.alwayson_scripts:
+            if name.lower() not in BUILTIN_SCRIPTS:
+                raise InvalidInput(f"always on script {name!r} not found: no extensions are installed here "
+                                   "(GET /sdapi/v1/scripts)", field=f"alwayson_scripts.{name}")
+        return [f"A1111's {name!r} script is not applied here: its arguments were ignored"
+                for name in self.alwayson_scripts]
 
     @property
     def sampler(self) -> str | None:
