@@ -151,6 +151,18 @@ def test_every_a1111_builtin_upscaler_falls_back_to_lanczos_on_hires_and_extras(
                           pixels(decode_b64(answer(ingress.extra_single_image.remote(lanczos).result())["image"])))
 
 
+def test_hires_with_upscaler_none_resizes_with_lanczos_and_runs_the_second_pass(ingress):
+    """A1111's hires fix resizes the first pass with Lanczos when ``hr_upscaler`` is "None"
+    (``images.resize_image``), then runs the second pass at that size, as with "Lanczos"."""
+    hires = {"enable_hr": True, "hr_scale": 1.5, "denoising_strength": 0.5, "hr_second_pass_steps": 1}
+    none = txt2img(ingress, **hires, hr_upscaler="None")
+    image = decode_b64(none["images"][0])
+    assert image.size == (96, 96) and (none["info"]["width"], none["info"]["height"]) == (96, 96)
+    assert "Hires upscaler: None" in image.info["parameters"] and not none["info"]["warnings"]
+    lanczos = decode_b64(txt2img(ingress, **hires, hr_upscaler="Lanczos")["images"][0])
+    assert np.array_equal(pixels(image), pixels(lanczos))
+
+
 # --- img2img -------------------------------------------------------------------------------------------------------
 
 def img2img(ingress, **fields) -> dict:
