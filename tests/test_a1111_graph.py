@@ -163,6 +163,16 @@ def test_hires_with_upscaler_none_resizes_with_lanczos_and_runs_the_second_pass(
     assert np.array_equal(pixels(image), pixels(lanczos))
 
 
+def test_the_infotext_names_the_deployed_face_restorer(ingress):
+    """A1111 writes its face restoration model in the infotext; here that is the one /face-restorers lists (the CPU
+    config deploys a RestoreFormer), not a hard-coded CodeFormer."""
+    (deployed,) = [item["name"] for item in ingress.face_restorers.remote().result()]
+    body = txt2img(ingress, restore_faces=True)
+    assert deployed == "RestoreFormer"
+    for text in (decode_b64(body["images"][0]).info["parameters"], body["info"]["infotexts"][0]):
+        assert f"Face restoration: {deployed}" in text and "CodeFormer" not in text
+
+
 # --- img2img -------------------------------------------------------------------------------------------------------
 
 def img2img(ingress, **fields) -> dict:
