@@ -30,10 +30,14 @@ from deployments.weights import loader
 logger = logging.getLogger(__name__)
 
 # Names A1111 clients send for neural upscalers: when one is not loaded here the request degrades to Lanczos
-# (and says so); a name outside this list and the loaded ones is refused.
+# (and says so); a name outside this list and the loaded ones is refused. Spelled as A1111 lists its built-in models
+# (modules/realesrgan_model.py, esrgan_model.py, bsrgan_model.py, dat_model.py, extensions-builtin/SwinIR, ScuNET,
+# LDSR): a model not downloaded yet goes by its model_name ("SwinIR 4x", "ScuNET GAN", "BSRGAN 4x"); once its file
+# is there, by the file's stem ("SwinIR_4x", "ScuNET", "BSRGAN"). webuiapi's enums hard-code the first kind.
 A1111_NAMES = {
     "R-ESRGAN 4x+", "R-ESRGAN 4x+ Anime6B", "R-ESRGAN 2x+", "R-ESRGAN General 4xV3", "R-ESRGAN General WDN 4xV3",
-    "R-ESRGAN AnimeVideo", "ESRGAN_4x", "SwinIR_4x", "LDSR", "ScuNET", "ScuNET PSNR", "DAT x2", "DAT x3", "DAT x4",
+    "R-ESRGAN AnimeVideo", "ESRGAN_4x", "BSRGAN", "BSRGAN 4x", "SwinIR 4x", "SwinIR_4x", "LDSR", "ScuNET GAN",
+    "ScuNET", "ScuNET PSNR", "DAT x2", "DAT x3", "DAT x4",
     "Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)", "Latent (nearest)",
     "Latent (nearest-exact)",
 }

@@ -364,7 +364,10 @@ async def a1111_batch(h: Handles, request: GenerationRequest, request_id: str, *
         last = base_for(h, request).generate.remote(request, request_id, how, init=init)
     else:
         first = base_for(h, request).generate.remote(request, request_id)
-        upscaled = h.upscaler.upscale.remote(first, hires.upscaler, None, hires.width, hires.height, box=hires.box)
+        # A1111's hires fix resizes with Lanczos when its upscaler is "None" (images.resize_image); to the upscaler,
+        # as to A1111's extras, "None" means no upscale at all.
+        upscaler = "Lanczos" if hires.upscaler == "None" else hires.upscaler
+        upscaled = h.upscaler.upscale.remote(first, upscaler, None, hires.width, hires.height, box=hires.box)
         # As on the latent path, the second pass runs exactly its steps whatever the strength (A1111's rule).
         again = request.model_copy(update={"strength": hires.strength, "steps": hires.steps, "exact_steps": True})
         last = base_for(h, again).generate.remote(again, request_id, how, init=upscaled)

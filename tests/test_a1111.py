@@ -162,10 +162,14 @@ class Service:
         async def fingerprint(*_args) -> dict:
             return {"weights": "1"}
 
+        async def describe() -> dict:
+            return {"restorer": "GFPGAN"}
+
         monkeypatch.setattr(plans, "a1111_batch", a1111_batch)
         stage = SimpleNamespace(fingerprint=SimpleNamespace(remote=fingerprint))
+        faces = SimpleNamespace(fingerprint=stage.fingerprint, describe=SimpleNamespace(remote=describe))
         self.routes = A1111Routes()
-        self.routes.handles = SimpleNamespace(base=stage, refiner=None, upscaler=stage, faces=stage, safety=None,
+        self.routes.handles = SimpleNamespace(base=stage, refiner=None, upscaler=stage, faces=faces, safety=None,
                                               board=None)
         self.routes.jobs = SQLiteJobStore(tmp_path / "jobs.sqlite3")
         self.routes.config = SimpleNamespace(base=SimpleNamespace(default_sampler="Euler a", max_pixels=2048 * 2048),
@@ -215,8 +219,10 @@ def test_the_hires_second_pass_strength_is_the_denoising_strength(service):
 
 @pytest.mark.parametrize("restore_faces", [True, False])
 def test_restore_faces_asks_the_plan_for_face_restoration(service, restore_faces):
-    service.txt2img(restore_faces=restore_faces, seed=5)
+    body = service.txt2img(restore_faces=restore_faces, seed=5)
     assert [batch["restore_faces"] for batch in service.batches] == [restore_faces]
+    named = "Face restoration: GFPGAN" in body["info"]["infotexts"][0]  # the deployed restorer's name
+    assert named is restore_faces
 
 
 def test_n_iter_batches_take_consecutive_seeds_across_batches(service):

@@ -151,9 +151,53 @@ def test_an_unknown_hires_upscaler_is_refused_by_its_field_before_the_base_runs(
     error = refused(lambda: txt2img(ingress, **hires, hr_upscaler="Nope"))
     assert ingress.models.remote().result()["base"]["batching"]["items"] == items  # no base pass was wasted
     assert (error.code, status_of(error), error.details["field"]) == ("UNKNOWN_MODEL", 422, "hr_upscaler")
-    fallback = txt2img(ingress, **hires, hr_upscaler="SwinIR_4x", seed=6)  # an A1111 name not loaded here
+    fallback = txt2img(ingress, **hires, hr_upscaler="SwinIR 4x", seed=6)  # A1111's name, its model not loaded here
     assert decode_b64(fallback["images"][0]).size == (128, 128)
-    assert "upscaler 'SwinIR_4x' is not loaded; Lanczos used instead" in fallback["info"]["warnings"]
+    assert "upscaler 'SwinIR 4x' is not loaded; Lanczos used instead" in fallback["info"]["warnings"]
+
+
+# A1111's built-in neural upscalers as it lists them (and webuiapi's Upscaler / HiResUpscaler enums hard-code them):
+# a model not downloaded yet by its model_name, a downloaded one by its file's stem. Not loaded here: each falls back.
+A1111_UPSCALERS = [
+    "SwinIR 4x", "SwinIR_4x", "ScuNET GAN", "ScuNET", "ScuNET PSNR", "BSRGAN", "BSRGAN 4x", "LDSR", "ESRGAN_4x",
+    "R-ESRGAN 4x+ Anime6B", "R-ESRGAN General 4xV3", "R-ESRGAN General WDN 4xV3", "R-ESRGAN AnimeVideo",
+    "DAT x2", "DAT x3", "DAT x4",
+]
+
+
+@pytest.mark.parametrize("name", A1111_UPSCALERS)
+def test_every_a1111_builtin_upscaler_falls_back_to_lanczos_on_hires_and_extras(ingress, name):
+    warning = f"upscaler {name!r} is not loaded; Lanczos used instead"
+    hires = txt2img(ingress, enable_hr=True, hr_upscaler=name, hr_scale=1.5, denoising_strength=0.5,
+                    hr_second_pass_steps=1, steps=1)
+    assert decode_b64(hires["images"][0]).size == (96, 96) and warning in hires["info"]["warnings"]
+    single = ExtrasRequest(image=b64(bands()), upscaler_1=name, upscaling_resize=2)
+    lanczos = ExtrasRequest(image=b64(bands()), upscaler_1="Lanczos", upscaling_resize=2)
+    upscaled = decode_b64(answer(ingress.extra_single_image.remote(single).result())["image"])
+    assert np.array_equal(pixels(upscaled),
+                          pixels(decode_b64(answer(ingress.extra_single_image.remote(lanczos).result())["image"])))
+
+
+def test_hires_with_upscaler_none_resizes_with_lanczos_and_runs_the_second_pass(ingress):
+    """A1111's hires fix resizes the first pass with Lanczos when ``hr_upscaler`` is "None"
+    (``images.resize_image``), then runs the second pass at that size, as with "Lanczos"."""
+    hires = {"enable_hr": True, "hr_scale": 1.5, "denoising_strength": 0.5, "hr_second_pass_steps": 1}
+    none = txt2img(ingress, **hires, hr_upscaler="None")
+    image = decode_b64(none["images"][0])
+    assert image.size == (96, 96) and (none["info"]["width"], none["info"]["height"]) == (96, 96)
+    assert "Hires upscaler: None" in image.info["parameters"] and not none["info"]["warnings"]
+    lanczos = decode_b64(txt2img(ingress, **hires, hr_upscaler="Lanczos")["images"][0])
+    assert np.array_equal(pixels(image), pixels(lanczos))
+
+
+def test_the_infotext_names_the_deployed_face_restorer(ingress):
+    """A1111 writes its face restoration model in the infotext; here that is the one /face-restorers lists (the CPU
+    config deploys a RestoreFormer), not a hard-coded CodeFormer."""
+    (deployed,) = [item["name"] for item in ingress.face_restorers.remote().result()]
+    body = txt2img(ingress, restore_faces=True)
+    assert deployed == "RestoreFormer"
+    for text in (decode_b64(body["images"][0]).info["parameters"], body["info"]["infotexts"][0]):
+        assert f"Face restoration: {deployed}" in text and "CodeFormer" not in text
 
 
 # --- img2img -------------------------------------------------------------------------------------------------------
@@ -254,7 +298,7 @@ def test_an_unknown_extras_upscaler_is_refused_by_its_field(ingress, fields, fie
     for error in (refused(lambda: ingress.extra_single_image.remote(single).result()),
                   refused(lambda: ingress.extra_batch_images.remote(batch).result())):
         assert (error.code, status_of(error), error.details["field"]) == ("UNKNOWN_MODEL", 422, field)
-    fallback = ExtrasRequest(image=b64(bands()), **{**fields, field: "SwinIR_4x"})  # falls back to Lanczos
+    fallback = ExtrasRequest(image=b64(bands()), **{**fields, field: "ScuNET GAN"})  # falls back to Lanczos
     assert decode_b64(answer(ingress.extra_single_image.remote(fallback).result())["image"]).size == (256, 128)
 
 

@@ -200,7 +200,10 @@ class A1111Routes(CheckpointChoice):
         edit's framed uploads), image i of each batch starts from ``inits[i % len(inits)]``."""
         extra["checkpoint"] = model
         job = InFlight(uuid.uuid4().hex, _client(http), time.time(), r.steps * r.n_iter, batches=r.n_iter)
-        settings = self._settings_text(r, switch, hires, edit="init_image" in extra)
+        # The infotexts are written before the faces run (their stage encodes the files): the deployed restorer is
+        # the one that will run, and /face-restorers names it the same way.
+        restorer = (await call(self.handles.faces.describe.remote()))["restorer"] if r.restore_faces else None
+        settings = self._settings_text(r, switch, hires, restorer, edit="init_image" in extra)
         sampler = r.sampler or self.config.base.default_sampler  # what the base runs for this request
         files: list[bytes] = []
         seeds: list[int] = []
@@ -268,10 +271,11 @@ class A1111Routes(CheckpointChoice):
             info[stopped] = True
         return files, info
 
-    def _settings_text(self, r: Txt2ImgRequest, switch: float | None, hires: plans.A1111Hires | None, *,
-                       edit: bool) -> dict:
+    def _settings_text(self, r: Txt2ImgRequest, switch: float | None, hires: plans.A1111Hires | None,
+                       restorer: str | None, *, edit: bool) -> dict:
         """What the infotext adds to the base settings, for the stages ``plans.a1111_batch`` will run: the refiner
-        on a text-to-image request when one is deployed, else the hires fix; faces."""
+        on a text-to-image request when one is deployed, else the hires fix; faces, by the ``restorer`` deployed
+        (none: no restoration runs, and the infotext claims none)."""
         settings: dict = {}
         refined = switch is not None and self.handles.refiner is not None and not edit
         if refined:
@@ -283,8 +287,8 @@ class A1111Routes(CheckpointChoice):
             else:
                 settings["Hires upscale"] = r.hr_scale
             settings["Hires upscaler"] = r.hr_upscaler
-        if r.restore_faces:
-            settings["Face restoration"] = "CodeFormer"
+        if r.restore_faces and restorer:
+            settings["Face restoration"] = restorer
         return settings
 
     @router.post("/txt2img", response_model=ImagesResponse)
