@@ -42,7 +42,7 @@ from deployments.support.generation import (
 from deployments.support.imaging import to_rgb
 from deployments.support.metrics import StageMetrics
 from deployments.support.reporting import Reporter
-from deployments.support.samplers import SCHEDULES, build_scheduler, img2img_steps, resolve
+from deployments.support.samplers import build_scheduler, img2img_steps, resolve, schedule_options
 from deployments.support.settings import Settings, current
 from deployments.weights import loader
 
@@ -240,7 +240,8 @@ def ensemble_sampler(request: RefineRequest, source: StageResult) -> tuple[str, 
     if request.sampler is not None and resolve(request.sampler, "sampler") != resolve(sampler, "sampler"):
         raise InvalidInput(f"sampler {request.sampler!r} cannot finish latents the base made with {sampler!r}",
                            field="sampler")
-    if request.schedule is not None and SCHEDULES.get(request.schedule) != SCHEDULES[schedule or "Automatic"]:
+    if request.schedule is not None and (schedule_options(request.sampler or sampler, request.schedule)
+                                         != schedule_options(sampler, schedule)):
         raise InvalidInput(f"schedule {request.schedule!r} cannot finish latents the base made with "
                            f"{schedule or 'Automatic'!r}", field="schedule")
     return sampler, schedule

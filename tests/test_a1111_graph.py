@@ -318,3 +318,58 @@ def test_checkpoint_and_vae_actions_answer_empty_and_interrogate_is_not_offered(
         assert getattr(ingress, route).remote().result() == {}, route
     error = refused(lambda: ingress.interrogate.remote(InterrogateRequest(image="x")).result())
     assert error.code == "NOT_IMPLEMENTED" and status_of(error) == 501 and "interrogation" in error.message
+
+
+def same_pixels(a: dict, b: dict) -> bool:
+    """Whether two answers' first images are the same pixels (their infotexts name what was asked)."""
+    return np.array_equal(pixels(decode_b64(a["images"][0])), pixels(decode_b64(b["images"][0])))
+
+
+def test_every_a1111_scheduler_is_accepted_and_listed(ingress):
+    """SillyTavern sends scheduler "normal" with every generation: it was a 422."""
+    listed = ingress.schedulers.remote().result()
+    assert [(s["name"], s["label"]) for s in listed] == [
+        ("automatic", "Automatic"), ("uniform", "Uniform"), ("karras", "Karras"), ("exponential", "Exponential"),
+        ("polyexponential", "Polyexponential"), ("sgm_uniform", "SGM Uniform"), ("kl_optimal", "KL Optimal"),
+        ("align_your_steps", "Align Your Steps"), ("simple", "Simple"), ("normal", "Normal"), ("ddim", "DDIM"),
+        ("beta", "Beta")]
+    for s in listed:
+        body = txt2img(ingress, sampler_name="DPM++ 2M", scheduler=s["name"])
+        assert len(body["images"]) == 1
+        fallback = s["name"] in ("kl_optimal", "align_your_steps")
+        assert bool(body["info"]["warnings"]) is fallback, s
+    warned = txt2img(ingress, sampler_name="DPM++ 2M", scheduler="KL Optimal")["info"]["warnings"]
+    assert warned == ["scheduler 'KL Optimal' has no diffusers equivalent: the sampler's own schedule (Automatic) "
+                      "ran instead"]
+
+
+def test_an_unknown_scheduler_runs_the_samplers_own_with_a_warning(ingress):
+    body = txt2img(ingress, sampler_name="Euler", scheduler="Turbo")
+    assert body["info"]["warnings"] == ["unknown scheduler 'Turbo' (GET /sdapi/v1/schedulers lists them): the "
+                                        "sampler's own schedule (Automatic) ran"]
+    assert same_pixels(body, txt2img(ingress, sampler_name="Euler"))
+
+
+@pytest.mark.parametrize("name", ["Euler a Karras", "DPM++ 2M Exponential", "DPM++ SDE Karras", "DPM++ 2M SDE Heun",
+                                  "DPM++ 3M SDE", "DPM++ 3M SDE Exponential"])
+def test_a1111_1_9_sampler_names_run(ingress, name):
+    body = txt2img(ingress, sampler_name=name)
+    assert body["info"]["sampler_name"] == name and body["info"]["warnings"] == []
+    assert len(body["images"]) == 1
+
+
+def test_euler_a_karras_is_euler_a_with_karras(ingress):
+    named = txt2img(ingress, sampler_name="Euler a Karras", steps=4)  # at 2 the tiny model's pixels do not tell
+    assert same_pixels(named, txt2img(ingress, sampler_name="Euler a", scheduler="Karras", steps=4))
+    assert not same_pixels(named, txt2img(ingress, sampler_name="Euler a", steps=4))
+
+
+def test_restart_runs_heun_with_a_warning(ingress):
+    body = txt2img(ingress, sampler_name="Restart")
+    assert body["info"]["warnings"] == ["sampler 'Restart' has no diffusers equivalent: 'Heun' ran instead"]
+    assert same_pixels(body, txt2img(ingress, sampler_name="Heun"))
+
+
+def test_a_sampler_name_with_a_label_but_no_sampler_is_refused(ingress):
+    assert refused(lambda: txt2img(ingress, sampler_name="Nope Karras")).details["field"] == "sampler_name"
+    assert "Restart" not in [s["name"] for s in ingress.samplers.remote().result()]

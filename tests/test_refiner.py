@@ -145,10 +145,10 @@ def test_a_dpm_sde_refiner_follows_the_seeds(refiner, astronaut):
 
 
 def test_a_schedule_warning_is_said_once_through_the_ensemble(base, refiner):
-    handoff = base.generate(GenerationRequest(prompt="p", width=64, height=64, steps=4, seed=3, sampler="Euler a",
+    handoff = base.generate(GenerationRequest(prompt="p", width=64, height=64, steps=4, seed=3, sampler="DDIM",
                                               schedule="Karras", denoising_end=0.8))
     result = refiner.refine_latents(RefineRequest(steps=4), handoff)
-    assert result.warnings == ["scheduler 'Karras' does not apply to sampler 'Euler a': its own schedule ran"]
+    assert result.warnings == ["scheduler 'Karras' does not apply to sampler 'DDIM': its own schedule ran"]
 
 
 def test_ensembles_from_bases_of_different_samplers_never_share_a_batch():

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
-from deployments.support.errors import InvalidInput
+from deployments.support.errors import InvalidInput, UnknownModel
 from deployments.support.generation import GenerationRequest, LatentHires, RefineRequest, clean_estimate
-from deployments.support.samplers import MIN_STRENGTH, SAMPLERS, build_scheduler, img2img_steps
+from deployments.support.samplers import MIN_STRENGTH, SAMPLERS, build_scheduler, img2img_steps, resolve, split
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +32,10 @@ EXPECTED_SCHEDULERS = {
     "DPM++ 2M": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
     "DPM++ SDE": ("DPMSolverSDEScheduler", {}),
     "DPM++ 2M SDE": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "DPM++ 2M SDE Heun": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_type": "heun",
+                                                          "solver_order": 2}),
+    "DPM++ 3M SDE": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3,
+                                                     "solver_type": "midpoint"}),
     "DPM fast": ("DPMSolverSinglestepScheduler", {}),
     "DDIM": ("DDIMScheduler", {}),
     "PLMS": ("PNDMScheduler", {}),
@@ -79,7 +83,7 @@ def test_dpm_sde_gets_one_brownian_tree_seed_per_image(config):
     assert not hasattr(build_scheduler("Euler a", config, seeds=[7]), "noise_sampler_seed")  # it uses generators
 
 
-@pytest.mark.parametrize("name", ["Euler a", "DDIM", "PLMS", "PNDM", "LCM", "euler_a"])
+@pytest.mark.parametrize("name", ["DDIM", "PLMS", "PNDM", "LCM", "ddim"])
 @pytest.mark.parametrize("schedule", ["Karras", "Exponential", "Beta"])
 def test_a_schedule_the_sampler_cannot_take_is_a_warning(config, name, schedule):
     warnings: list[str] = []
@@ -195,3 +199,123 @@ def test_a_stopped_request_decodes_each_samplers_estimate_of_the_clean_latents(c
     estimate = clean_estimate(scheduler, scheduler.step(noise, t, noisy, return_dict=False), noise, t, noisy)
     # LCM's boundary scalings leave a trace of the noisy input at the first step
     assert float((estimate - clean).abs().mean()) < (0.05 if name == "LCM" else 1e-3), name
+
+
+# A1111 1.10's schedulers (modules/sd_schedulers.py), name and label, and the DPM++ 2M config each makes, written
+# out here: None where diffusers has no equivalent and the sampler's own schedule runs with a warning.
+EXPECTED_SCHEDULES = {
+    ("automatic", "Automatic"): {"use_karras_sigmas": False, "timestep_spacing": "leading"},
+    ("uniform", "Uniform"): {"use_karras_sigmas": False, "timestep_spacing": "linspace"},
+    ("karras", "Karras"): {"use_karras_sigmas": True},
+    ("exponential", "Exponential"): {"use_exponential_sigmas": True, "use_karras_sigmas": False},
+    ("polyexponential", "Polyexponential"): {"use_exponential_sigmas": True, "use_karras_sigmas": False},
+    ("sgm_uniform", "SGM Uniform"): {"timestep_spacing": "trailing", "use_karras_sigmas": False},
+    ("kl_optimal", "KL Optimal"): None,
+    ("align_your_steps", "Align Your Steps"): None,
+    ("simple", "Simple"): {"timestep_spacing": "trailing", "use_karras_sigmas": False},
+    ("normal", "Normal"): {"timestep_spacing": "linspace", "use_karras_sigmas": False},
+    ("ddim", "DDIM"): {"timestep_spacing": "leading", "steps_offset": 1, "use_karras_sigmas": False},
+    ("beta", "Beta"): {"use_beta_sigmas": True, "use_karras_sigmas": False},
+}
+
+
+def test_the_expected_schedules_name_every_schedule():
+    from deployments.support.samplers import SCHEDULES
+
+    assert {(s.name, s.label) for s in SCHEDULES.values()} == set(EXPECTED_SCHEDULES)
+
+
+@pytest.mark.parametrize(("name", "label"), list(EXPECTED_SCHEDULES))
+def test_every_a1111_schedule_is_accepted_by_name_and_label_in_any_case(config, name, label):
+    expected = EXPECTED_SCHEDULES[(name, label)]
+    for spelling in (name, label, label.upper()):
+        warnings: list[str] = []
+        scheduler = build_scheduler("DPM++ 2M", config, spelling, warnings=warnings)
+        if expected is None:
+            assert warnings == [f"scheduler {spelling!r} has no diffusers equivalent: the sampler's own schedule "
+                                "(Automatic) ran instead"]
+            assert dict(scheduler.config) == dict(build_scheduler("DPM++ 2M", config).config)
+        else:
+            assert warnings == []
+            assert {key: scheduler.config[key] for key in expected} == expected
+        scheduler.set_timesteps(10)
+
+
+@pytest.mark.parametrize(("schedule", "timesteps"), [
+    ("uniform", [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]),  # A1111: linspace(999, 0, n)
+    ("sgm_uniform", [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]),  # linspace(999, 0, n + 1)[:-1]
+    ("ddim", [901, 801, 701, 601, 501, 401, 301, 201, 101, 1])])  # every 1000 // n from 1
+def test_the_timestep_schedules_step_where_a1111s_do(config, schedule, timesteps):
+    scheduler = build_scheduler("Euler", config, schedule)
+    scheduler.set_timesteps(10)
+    assert np.allclose(scheduler.timesteps.numpy(), timesteps, atol=0.5)
+
+
+def test_an_unknown_scheduler_runs_the_samplers_own_with_a_warning_as_a1111_does(config):
+    warnings: list[str] = []
+    scheduler = build_scheduler("DPM++ 2M Karras", config, "Turbo", warnings=warnings)
+    assert warnings == ["unknown scheduler 'Turbo' (GET /sdapi/v1/schedulers lists them): 'Karras' (from the "
+                        "sampler name) ran"]
+    assert scheduler.config.use_karras_sigmas is True
+
+
+@pytest.mark.parametrize(("name", "sampler", "label"), [
+    ("Euler a Karras", "Euler a", "Karras"), ("DPM++ 2M Exponential", "DPM++ 2M", "Exponential"),
+    ("DPM++ SDE Karras", "DPM++ SDE", "Karras"), ("DPM++ 2M SGM Uniform", "DPM++ 2M", "SGM Uniform"),
+    ("DPM++ 2M sgm_uniform", "DPM++ 2M", "SGM Uniform"), ("euler a karras", "Euler a", "Karras"),
+    ("DPM++ 2M SDE Heun Karras", "DPM++ 2M SDE Heun", "Karras"), ("DPM++ 3M SDE", "DPM++ 3M SDE", None),
+    ("dpm++_2m_karras", "DPM++ 2M", "Karras"), ("Euler a", "Euler a", None), ("DDIM", "DDIM", None),
+    ("Restart", "Restart", None), ("DPM adaptive Karras", "DPM adaptive", "Karras")])
+def test_a_schedule_label_ending_a_sampler_name_is_split_off_as_a1111_does(name, sampler, label):
+    found, schedule = split(name)
+    assert (found, schedule.label if schedule else None) == (sampler, label)
+
+
+@pytest.mark.parametrize("name", ["Nope", "Nope Karras", "Karras", "Euler a Turbo", "DPM++ 2M  Karras"])
+def test_a_name_that_is_no_sampler_stays_unknown_naming_the_field(name):
+    with pytest.raises(UnknownModel) as e:
+        resolve(name, "sampler_index")
+    assert e.value.field == "sampler_index"
+
+
+def test_euler_a_karras_steps_through_eulers_karras_sigmas(config):
+    warnings: list[str] = []
+    scheduler = build_scheduler("Euler a Karras", config, warnings=warnings)
+    assert warnings == [] and type(scheduler).__name__ == "EulerAncestralDiscreteScheduler"
+    scheduler.set_timesteps(10)
+    karras = build_scheduler("Euler Karras", config)
+    karras.set_timesteps(10)
+    plain = build_scheduler("Euler a", config)
+    plain.set_timesteps(10)
+    assert np.allclose(scheduler.sigmas.numpy(), karras.sigmas.numpy())
+    assert np.allclose(scheduler.timesteps.numpy(), karras.timesteps.numpy())
+    assert not np.allclose(scheduler.sigmas.numpy(), plain.sigmas.numpy())
+    # The explicit field wins over the name, as in A1111: Exponential sigmas, and Uniform plain spacing.
+    exponential = build_scheduler("Euler a Karras", config, "Exponential")
+    exponential.set_timesteps(10)
+    assert not np.allclose(exponential.sigmas.numpy(), scheduler.sigmas.numpy())
+    uniform = build_scheduler("Euler a Karras", config, "Uniform")
+    uniform.set_timesteps(10)
+    assert uniform.config.timestep_spacing == "linspace" and not hasattr(uniform, "schedule_source")
+
+
+@pytest.mark.parametrize(("name", "ran", "cls_name"), [("Restart", "Heun", "HeunDiscreteScheduler"),
+                                                       ("DPM adaptive", "DPM fast", "DPMSolverSinglestepScheduler")])
+def test_a1111_samplers_diffusers_lacks_run_the_nearest_with_a_warning(config, name, ran, cls_name):
+    warnings: list[str] = []
+    scheduler = build_scheduler(name, config, warnings=warnings)
+    assert type(scheduler).__name__ == cls_name
+    assert warnings == [f"sampler {name!r} has no diffusers equivalent: {ran!r} ran instead"]
+
+
+@pytest.mark.parametrize("name", ["DPM++ 2M SDE Heun", "DPM++ 3M SDE", "DPM++ 3M SDE Exponential"])
+def test_the_a1111_1_6_sde_samplers_step_to_the_end(config, name):
+    import torch
+
+    scheduler = build_scheduler(name, config)
+    scheduler.set_timesteps(6)
+    sample = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        sample = scheduler.step(torch.zeros_like(sample), t, sample,
+                                generator=torch.Generator().manual_seed(int(t)), return_dict=False)[0]
+    assert torch.isfinite(sample).all()

@@ -31,6 +31,10 @@ SAMPLERS: dict[str, Sampler] = {
     "DPM++ 2M": Sampler("DPMSolverMultistepScheduler"),
     "DPM++ SDE": Sampler("DPMSolverSDEScheduler"),
     "DPM++ 2M SDE": Sampler("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    # A1111 >= 1.6: k-diffusion's 2M SDE with its Heun solver type, and its third-order multistep SDE solver.
+    "DPM++ 2M SDE Heun": Sampler("DPMSolverMultistepScheduler",
+                                 {"algorithm_type": "sde-dpmsolver++", "solver_type": "heun"}),
+    "DPM++ 3M SDE": Sampler("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}),
     "DPM fast": Sampler("DPMSolverSinglestepScheduler"),
     "DDIM": Sampler("DDIMScheduler"),
     "PLMS": Sampler("PNDMScheduler"),
@@ -55,14 +59,53 @@ ALIASES = {
     "unipc": "UniPC",
 }
 
-# A1111 >= 1.9 sends the sigma schedule separately.
-SCHEDULES = {
-    "Automatic": {},
-    "Uniform": {},
-    "Karras": {"use_karras_sigmas": True},
-    "Exponential": {"use_exponential_sigmas": True},
-    "Beta": {"use_beta_sigmas": True},
+# A1111 samplers diffusers has no solver for. A1111 runs its default sampler for a name it lacks; these run their
+# nearest diffusers sampler instead, and the answer's warnings say so. Never listed: they do not run as themselves.
+SUBSTITUTES = {
+    "Restart": "Heun",  # Restart's steps are Heun steps; its periodic re-noising has no diffusers counterpart
+    "DPM adaptive": "DPM fast",  # the same DPM-Solver, at a fixed step count instead of an error-controlled one
 }
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """One of A1111 1.10's schedulers (modules/sd_schedulers.py): its name and label, and the diffusers config
+    options that make it, or None where diffusers has no equivalent."""
+    name: str
+    label: str
+    options: dict | None
+    aliases: tuple[str, ...] = ()
+    default_rho: float = -1
+    need_inner_model: bool = False
+
+
+# A1111 >= 1.9 sends the sigma schedule separately, by name or label. Uniform and Normal space the timesteps evenly
+# from the last to the first (k-diffusion's get_sigmas), diffusers' "linspace"; SGM Uniform leaves out the final one
+# and Simple strides from the last, both diffusers' "trailing"; DDIM strides from timestep 1, diffusers' "leading"
+# with steps_offset 1. Polyexponential at its default rho of 1 is the exponential schedule, sigma for sigma.
+SCHEDULES = {s.label: s for s in (
+    Schedule("automatic", "Automatic", {}),
+    Schedule("uniform", "Uniform", {"timestep_spacing": "linspace"}, need_inner_model=True),
+    Schedule("karras", "Karras", {"use_karras_sigmas": True}, default_rho=7.0),
+    Schedule("exponential", "Exponential", {"use_exponential_sigmas": True}),
+    Schedule("polyexponential", "Polyexponential", {"use_exponential_sigmas": True}, default_rho=1.0),
+    Schedule("sgm_uniform", "SGM Uniform", {"timestep_spacing": "trailing"}, ("SGMUniform",), need_inner_model=True),
+    Schedule("kl_optimal", "KL Optimal", None),
+    Schedule("align_your_steps", "Align Your Steps", None),
+    Schedule("simple", "Simple", {"timestep_spacing": "trailing"}, need_inner_model=True),
+    Schedule("normal", "Normal", {"timestep_spacing": "linspace"}, need_inner_model=True),
+    Schedule("ddim", "DDIM", {"timestep_spacing": "leading", "steps_offset": 1}, need_inner_model=True),
+    Schedule("beta", "Beta", {"use_beta_sigmas": True}, need_inner_model=True),
+)}
+
+# Every spelling of a schedule, lower-cased: A1111 matches name, label and aliases exactly; clients vary the case.
+_SCHEDULE_SPELLINGS = {spelling.lower(): s for s in SCHEDULES.values()
+                       for spelling in (s.name, s.label, *s.aliases)}
+
+
+def find_schedule(name: str | None) -> Schedule | None:
+    """The A1111 schedule ``name`` (a name, label or alias, any case) stands for; None for none or an unknown one."""
+    return _SCHEDULE_SPELLINGS.get(name.lower()) if name else None
 
 
 # The least img2img strength that denoises one of SDXL's 1000 training timesteps; a smaller one would need a
@@ -70,8 +113,15 @@ SCHEDULES = {
 MIN_STRENGTH = 0.001
 
 SIGMA_OPTIONS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+# What an explicit schedule resets before its own options apply (a name's or the checkpoint's would linger).
+SCHEDULE_OPTIONS = (*SIGMA_OPTIONS, "timestep_spacing", "steps_offset")
 
-_NO_KARRAS = {"Euler a", "Euler", "DDIM", "PLMS", "PNDM", "UniPC", "LCM", "DEIS"}
+# Ancestral Euler takes no sigma options in diffusers; it runs on the sigmas (and timesteps) plain Euler computes
+# for the schedule: its step reads nothing else, so that is A1111's "Euler a Karras".
+_SIGMAS_FROM_EULER = {"Euler a"}
+
+# The samplers Karras sigmas never reach (timestep samplers, in diffusers as in A1111): no "Karras" name listed.
+_NO_KARRAS = {"DDIM", "PLMS", "PNDM", "LCM"}
 
 # The hub SDXL base's scheduler_config.json values of keys an EulerDiscrete config may lack (the factory's does):
 # without them DDIM would take diffusers' clip_sample=True, clipping every predicted x0 to [-1, 1] (SDXL latents
@@ -83,59 +133,120 @@ SDXL_SCHEDULER_DEFAULTS = {"clip_sample": False, "set_alpha_to_one": False, "ski
 
 
 def sampler_names() -> list[str]:
-    """Every name a client may send, A1111 spelling first."""
+    """Every name a client may send that runs as itself, A1111 spelling first (any of A1111's schedule labels may
+    follow a name too)."""
     karras = [f"{name} Karras" for name in SAMPLERS if name not in _NO_KARRAS]
     return list(SAMPLERS) + karras + list(ALIASES)
 
 
-def resolve(name: str, field: str = "sampler_name") -> tuple[str, dict]:
-    """The A1111 sampler ``name`` stands for (an alias, a Karras spelling) and the options its spelling adds; an
-    unknown name is an ``UnknownModel`` naming ``field``. Torch-free: the ingress checks job submits with it."""
-    canonical = ALIASES.get(name.lower(), name) if name not in SAMPLERS else name
-    options: dict = {}
-    plain = canonical.removesuffix(" Karras")
-    # A Karras name of a sampler whose A1111 spelling has none would run unchanged under it: unknown.
-    if canonical not in SAMPLERS and plain != canonical and plain in SAMPLERS and plain not in _NO_KARRAS:
-        canonical = plain
-        options["use_karras_sigmas"] = True
-    if canonical not in SAMPLERS:
+def split(name: str, field: str = "sampler_name") -> tuple[str, Schedule | None]:
+    """The A1111 sampler ``name`` stands for (an alias, a name with a schedule label after it as A1111 >= 1.9 reads
+    it: "Euler a Karras", "DPM++ 2M SGM Uniform") and the schedule its spelling adds; an unknown name is an
+    ``UnknownModel`` naming ``field``. Torch-free: the ingress checks job submits with it."""
+    def known(spelling: str) -> str | None:
+        if spelling in SAMPLERS or spelling in SUBSTITUTES:
+            return spelling
+        folded = spelling.lower()
+        if folded in ALIASES:
+            return ALIASES[folded]
+        return next((n for n in (*SAMPLERS, *SUBSTITUTES) if n.lower() == folded), None)
+
+    canonical, schedule = known(name), None
+    if canonical is None:
+        # The longest label that ends the name: A1111 tries them in list order and so reads "DPM++ 2M SGM Uniform"
+        # as "DPM++ 2M SGM" with Uniform, an unknown sampler.
+        for spelling in sorted(_SCHEDULE_SPELLINGS, key=len, reverse=True):
+            if name.lower().endswith(" " + spelling) and (found := known(name[:-len(spelling) - 1])):
+                canonical, schedule = found, _SCHEDULE_SPELLINGS[spelling]
+                break
+    if canonical is None:
         raise UnknownModel(f"unknown sampler {name!r} (GET /sdapi/v1/samplers lists them)", field=field,
                            details={"choices": sampler_names()})
-    return canonical, options
+    if name.lower() in ALIASES and name.lower().endswith("_karras"):  # seed 003's "dpm++_2m_karras"
+        canonical, schedule = canonical.removesuffix(" Karras"), SCHEDULES["Karras"]
+    return canonical, schedule
+
+
+def resolve(name: str, field: str = "sampler_name") -> tuple[str, dict]:
+    """The diffusers sampler ``name`` runs (see ``split``) and the options its spelling adds."""
+    canonical, schedule = split(name, field)
+    return SUBSTITUTES.get(canonical, canonical), dict(schedule.options or {}) if schedule else {}
+
+
+def schedule_options(name: str, schedule: str | None) -> dict:
+    """The schedule options sampler ``name`` under ``schedule`` runs with, as ``build_scheduler`` applies them: two
+    requests with the same run the same sigmas."""
+    explicit = find_schedule(schedule)
+    if explicit is None or explicit.options is None or explicit.label == "Automatic":
+        return resolve(name)[1]
+    return dict(explicit.options)
 
 
 def build_scheduler(name: str, base_config, schedule: str | None = None, *, seeds: list[int] | None = None,
                     warnings: list[str] | None = None):
     """A fresh scheduler for ``name`` built from the pipeline's scheduler config. ``seeds``: one per image of the
-    batch, for a scheduler that draws its noise from its own Brownian tree. ``warnings`` gets a line when the
-    schedule cannot apply to this sampler."""
+    batch, for a scheduler that draws its noise from its own Brownian tree. ``warnings`` gets a line when the sampler
+    or schedule asked for cannot run as itself, naming what ran instead."""
     import diffusers
 
-    canonical, options = resolve(name)
+    notes: list[str] = warnings if warnings is not None else []
+    asked, implied = split(name)
+    canonical = SUBSTITUTES.get(asked, asked)
+    if canonical != asked:
+        notes.append(f"sampler {asked!r} has no diffusers equivalent: {canonical!r} ran instead")
     sampler = SAMPLERS[canonical]
     own = dict(sampler.options)
+    options: dict = {}
     cls = getattr(diffusers, sampler.cls_name)
     accepted = set(inspect.signature(cls.__init__).parameters)
+    if canonical in _SIGMAS_FROM_EULER:
+        accepted |= set(SIGMA_OPTIONS)
+    fallback = f"{implied.label!r} (from the sampler name)" if implied else "the sampler's own schedule (Automatic)"
+    wanted, said = implied, implied.label if implied else None
     if schedule is not None:
-        if schedule not in SCHEDULES:
-            choices = {"choices": list(SCHEDULES)}
-            raise UnknownModel(f"unknown scheduler {schedule!r}", field="scheduler", details=choices)
-        wanted = SCHEDULES[schedule]
-        if set(wanted) <= accepted:
-            if schedule != "Automatic":
-                # An explicit schedule replaces the one a name implies ("DPM++ 2M Karras" with Exponential), as
-                # A1111 >= 1.9 does; diffusers refuses two at once.
-                own = {k: v for k, v in own.items() if k not in SIGMA_OPTIONS}
-                options.update({k: False for k in SIGMA_OPTIONS if k in accepted})
-            options.update(wanted)
-        elif warnings is not None:  # diffusers would drop the option with a log line only: say so in the result
-            warnings.append(f"scheduler {schedule!r} does not apply to sampler {name!r}: its own schedule ran")
+        explicit = find_schedule(schedule)
+        if explicit is None:  # A1111 runs the sampler's default sigmas for a scheduler name it lacks
+            notes.append(f"unknown scheduler {schedule!r} (GET /sdapi/v1/schedulers lists them): {fallback} ran")
+        elif explicit.options is None:
+            notes.append(f"scheduler {schedule!r} has no diffusers equivalent: {fallback} ran instead")
+        elif explicit.label != "Automatic":
+            # An explicit schedule replaces the one a name implies ("DPM++ 2M Karras" with Exponential), as
+            # A1111 >= 1.9 does; diffusers refuses two at once.
+            wanted, said = explicit, schedule
+    if wanted is not None:
+        if wanted.options is None:
+            notes.append(f"scheduler {wanted.label!r} has no diffusers equivalent: the sampler's own schedule ran "
+                         "instead")
+        elif set(wanted.options) <= accepted:
+            own = {k: v for k, v in own.items() if k not in SCHEDULE_OPTIONS}
+            options.update({k: False for k in SIGMA_OPTIONS if k in accepted})
+            options.update(wanted.options)
+        else:  # diffusers would drop the option with a log line only: say so in the result
+            notes.append(f"scheduler {said!r} does not apply to sampler {name!r}: its own schedule ran")
     if seeds is not None and "noise_sampler_seed" in accepted:
         # DPM++ SDE draws from a Brownian tree seeded from the global RNG unless given seeds, never from the
         # pipeline's generators; a list makes one tree per image, so image i is the one its seed gives alone.
         options["noise_sampler_seed"] = list(seeds)
     defaults = {k: v for k, v in SDXL_SCHEDULER_DEFAULTS.items() if k in accepted}
-    return cls.from_config({**defaults, **dict(base_config)}, **{**own, **options})
+    config = {**defaults, **dict(base_config)}
+    sigmas = {k: options.pop(k) for k in SIGMA_OPTIONS if k in options and canonical in _SIGMAS_FROM_EULER}
+    scheduler = cls.from_config(config, **{**own, **options})
+    if any(sigmas.values()):
+        _run_on_euler_sigmas(scheduler, diffusers.EulerDiscreteScheduler.from_config(config, **options, **sigmas))
+    return scheduler
+
+
+def _run_on_euler_sigmas(scheduler, euler) -> None:
+    """Make ``scheduler`` step through the sigmas and timesteps ``euler`` sets for the same step count."""
+    own = scheduler.set_timesteps
+
+    def set_timesteps(num_inference_steps: int, device=None) -> None:
+        own(num_inference_steps, device=device)
+        euler.set_timesteps(num_inference_steps, device=device)
+        scheduler.sigmas, scheduler.timesteps = euler.sigmas.clone(), euler.timesteps.clone()
+
+    scheduler.set_timesteps = set_timesteps
+    scheduler.schedule_source = euler  # what ran, for tests and reports
 
 
 def img2img_steps(steps: int, strength: float, *, exact: bool = False, limit: int = 1000) -> tuple[int, int]:

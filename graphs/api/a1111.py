@@ -36,7 +36,7 @@ from deployments.support.generation import (
     StageResult,
     resolve_seeds,
 )
-from deployments.support.samplers import SCHEDULES, resolve
+from deployments.support.samplers import find_schedule, resolve
 from deployments.support.settings import current
 from graphs import flights, plans
 from graphs.api.a1111_infotext import infotext
@@ -163,12 +163,10 @@ class A1111Routes(CheckpointChoice):
     def _generation(self, r: Txt2ImgRequest, seed: int, **extra) -> GenerationRequest:
         if r.sampler:  # refused here, naming the field the client used, rather than by the base
             resolve(r.sampler, "sampler_name" if r.sampler_name else "sampler_index")
-        schedule = None
-        if r.scheduler:  # A1111 sends labels ("Karras") or names ("karras")
-            schedule = {s.lower(): s for s in SCHEDULES}.get(r.scheduler.lower())
-            if schedule is None:
-                raise UnknownModel(f"unknown scheduler {r.scheduler!r}", field="scheduler",
-                                   details={"choices": list(SCHEDULES)})
+        # A1111 sends labels ("Karras") or names ("normal"); one it lacks runs the sampler's own schedule there, and
+        # here too, with a warning from the base (deployments/support/samplers.py).
+        found = find_schedule(r.scheduler)
+        schedule = found.label if found else r.scheduler
         return GenerationRequest(prompt=r.prompt, negative_prompt=r.negative_prompt, width=r.width, height=r.height,
                                  steps=r.steps, guidance_scale=r.cfg_scale, seed=seed, batch_size=r.batch_size,
                                  sampler=r.sampler, schedule=schedule, **extra)

@@ -15,7 +15,7 @@ from fastapi import APIRouter
 
 from deployments.support.errors import NotOffered
 from deployments.support.generation import LATENT_UPSCALE_MODES
-from deployments.support.samplers import SCHEDULES, sampler_names
+from deployments.support.samplers import ALIASES, SCHEDULES, sampler_names
 from graphs import plans
 from graphs.api import a1111_infotext as infotext
 from graphs.api.a1111_models import (
@@ -98,13 +98,14 @@ class A1111InfoRoutes(CheckpointChoice):
     @router.get("/samplers", response_model=list[SamplerItem])
     async def samplers(self) -> list[dict]:
         """Every sampler name accepted in sampler_name."""
-        return [{"name": name, "aliases": [], "options": {}} for name in sampler_names()]
+        aliases = {name: [a for a, target in ALIASES.items() if target == name] for name in sampler_names()}
+        return [{"name": name, "aliases": aliases[name], "options": {}} for name in sampler_names()]
 
     @router.get("/schedulers", response_model=list[SchedulerItem])
     async def schedulers(self) -> list[dict]:
-        """Sigma schedules accepted in scheduler."""
-        return [{"name": s.lower(), "label": s, "aliases": None, "default_rho": -1, "need_inner_model": False}
-                for s in SCHEDULES]
+        """A1111 1.10's schedulers, every one accepted in scheduler (those diffusers lacks run with a warning)."""
+        return [{"name": s.name, "label": s.label, "aliases": list(s.aliases) or None, "default_rho": s.default_rho,
+                 "need_inner_model": s.need_inner_model} for s in SCHEDULES.values()]
 
     @router.get("/upscalers", response_model=list[UpscalerItem])
     async def upscalers(self) -> list[dict]:

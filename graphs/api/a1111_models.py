@@ -44,7 +44,7 @@ class Txt2ImgRequest(_A1111):
     sampler_name: str | None = Field(None, max_length=64, description="none: the deployment's default sampler")
     sampler_index: str | None = Field(None, max_length=64, description="A1111's older spelling, read when "
                                       "sampler_name is absent")
-    scheduler: str | None = None
+    scheduler: str | None = Field(None, max_length=64, description="an A1111 scheduler name or label; none: Automatic")
     batch_size: int = Field(1, ge=1, le=MAX_IMAGES)
     n_iter: int = Field(1, ge=1, le=MAX_IMAGES)
     steps: Steps = 50  # A1111's API default (its web page's is 20)
