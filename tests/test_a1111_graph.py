@@ -119,6 +119,15 @@ def test_scripts_are_treated_as_a1111_treats_them(ingress):
     assert (control.code, status_of(control), control.details["field"]) == (
         "INVALID_INPUT", 422, "alwayson_scripts.ControlNet")
     assert refused(lambda: txt2img(ingress, script_name="x/y/z plot")).details["field"] == "script_name"
+    assert "script" not in " ".join(txt2img(ingress, script_name="")["info"]["warnings"])  # A1111's "no script"
+
+
+@pytest.mark.parametrize("script", ["Refiner", "Seed", "Sampler", "Comments", "Hypertile", "Extra options",
+                                    "Soft Inpainting"])
+def test_each_of_a1111s_own_scripts_is_accepted_with_its_warning(ingress, script):
+    warnings = txt2img(ingress, alwayson_scripts={script: {"args": []}})["info"]["warnings"]
+    assert [w for w in warnings if "script" in w] == [
+        f"A1111's {script!r} script is not applied here: its arguments were ignored"]
 
 
 def test_an_unknown_sampler_is_refused_naming_the_field_that_named_it(ingress):
@@ -300,6 +309,20 @@ def test_an_unknown_extras_upscaler_is_refused_by_its_field(ingress, fields, fie
         assert (error.code, status_of(error), error.details["field"]) == ("UNKNOWN_MODEL", 422, field)
     fallback = ExtrasRequest(image=b64(bands()), **{**fields, field: "ScuNET GAN"})  # falls back to Lanczos
     assert decode_b64(answer(ingress.extra_single_image.remote(fallback).result())["image"]).size == (256, 128)
+
+
+def test_upscaler_names_a_request_does_not_use_are_not_checked(ingress):
+    """As A1111 ignores them: ``hr_upscaler`` without ``enable_hr``, and ``upscaler_2`` when nothing blends it in
+    (no visibility, or no first upscaler)."""
+    assert decode_b64(txt2img(ingress, enable_hr=False, hr_upscaler="Nope")["images"][0]).size == (64, 64)
+    image = b64(bands())
+    alone = answer(ingress.extra_single_image.remote(ExtrasRequest(image=image, upscaler_1="Lanczos")).result())
+    for fields in ({"upscaler_1": "Lanczos", "extras_upscaler_2_visibility": 0},
+                   {"upscaler_1": "None", "extras_upscaler_2_visibility": 0.5}):
+        unused = ExtrasRequest(image=image, upscaler_2="Nope", **fields)
+        out = decode_b64(answer(ingress.extra_single_image.remote(unused).result())["image"])
+        expected = decode_b64(alone["image"]) if fields["upscaler_1"] == "Lanczos" else bands()
+        assert out.size == expected.size and np.abs(pixels(out) - pixels(expected)).mean() < 1.0, fields
 
 
 def test_png_info_parses_the_infotext_of_an_image_made_here(ingress):

@@ -197,15 +197,16 @@ async def test_pages_on_the_allowed_origins_may_call_the_api(make_client):
 
 async def test_the_services_own_errors_carry_the_cors_and_ratelimit_headers(make_client, caplog):
     """A page on an allowed origin reads every error as it reads a 200: a ServiceError raised by a route (404,
-    422), a Ray error (503), and what the edge answers itself (413, 429). None is logged as a crash."""
+    422), Serve's and Ray's errors (503), and what the edge answers itself (413, 429). None is logged as a crash."""
+    from ray.exceptions import ActorDiedError
     from ray.serve.exceptions import BackPressureError
 
     from deployments.support.errors import NotFound, UnknownModel
 
     client = make_client(CORS_ALLOW_ORIGINS="https://app.example", MAX_BODY_BYTES="1000",
-                         RATE_LIMIT_READ_BURST="4", RATE_LIMIT_READ_PER_SECOND="0.001")
+                         RATE_LIMIT_READ_BURST="5", RATE_LIMIT_READ_PER_SECOND="0.001")
     raised = {"missing": NotFound("no such job", field="job_id"), "nope": UnknownModel("no model", field="model"),
-              "busy": BackPressureError(num_queued_requests=1, max_queued_requests=1)}
+              "busy": BackPressureError(num_queued_requests=1, max_queued_requests=1), "lost": ActorDiedError()}
     app = client._transport.app  # type: ignore[attr-defined]
 
     @app.get("/fail/{name}")
@@ -215,9 +216,9 @@ async def test_the_services_own_errors_carry_the_cors_and_ratelimit_headers(make
     origin = {"origin": "https://app.example"}
     answers = [await client.get(f"/fail/{name}", headers=origin) for name in raised]
     assert [(a.status_code, a.json()["code"]) for a in answers] == [
-        (404, "NOT_FOUND"), (422, "UNKNOWN_MODEL"), (503, "MODEL_UNAVAILABLE")]
+        (404, "NOT_FOUND"), (422, "UNKNOWN_MODEL"), (503, "MODEL_UNAVAILABLE"), (503, "MODEL_UNAVAILABLE")]
     assert answers[0].json()["details"] == {"field": "job_id"}
-    assert [a.headers["ratelimit-remaining"] for a in answers] == ["3", "2", "1"]
+    assert [a.headers["ratelimit-remaining"] for a in answers] == ["4", "3", "2", "1"]
     assert (await client.post("/echo", json={}, headers=origin)).status_code == 200
     limited = await client.post("/echo", json={}, headers=origin)
     too_large = await client.post("/echo", content=b" " * 2000, headers={**origin, "content-type": "application/json"})

@@ -12,7 +12,7 @@ from deployments.focal_cropper import Cropper
 from deployments.support import faces as face_lib
 from deployments.support.config import FaceRestorerConfig, FocalCropperConfig, UpscalerConfig
 from deployments.support.cropping import CropSize, crop_box, derivatives
-from deployments.support.errors import InvalidInput, ModelLoadError
+from deployments.support.errors import InvalidInput, ModelLoadError, UnknownModel
 from deployments.support.generation import StageResult
 from deployments.support.imaging import decode, from_tensor
 from deployments.upscaler import ImageUpscaler, tiled
@@ -214,6 +214,27 @@ def test_lanczos_only_upscaler_without_models(astronaut):
     assert empty.upscale(astronaut, "R-ESRGAN 4x+", 0.5).image.size == (256, 256)
     with pytest.raises(InvalidInput):
         empty.upscale(astronaut, "Lanczos", 0)
+    # A name that is neither built in, loaded nor A1111's is refused by the stage itself too, whatever called it.
+    with pytest.raises(UnknownModel) as e:
+        empty.upscale(astronaut, "Nope", 2.0)
+    assert e.value.details["field"] == "upscaler"
+
+
+def test_the_deployments_check_counts_what_it_refuses():
+    """The ingress asks the upscaler first (``Upscaler.check``): a name refused then is the stage's failure in its
+    metrics, as when ``upscale`` refuses it."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from deployments.upscaler import Upscaler
+
+    failed: list = []
+    shell = SimpleNamespace(model=ImageUpscaler(UpscalerConfig()), metrics=SimpleNamespace(failed=failed.append))
+    check = Upscaler.func_or_class.check
+    asyncio.run(check(shell, {"hr_upscaler": "SwinIR 4x", "upscaler_1": "Lanczos"}))
+    with pytest.raises(UnknownModel) as e:
+        asyncio.run(check(shell, {"upscaler_1": "Lanczos", "upscaler_2": "Nope"}))
+    assert e.value.details["field"] == "upscaler_2" and failed == [e.value]
 
 
 # --- face restorer ------------------------------------------------------------------------------------------

@@ -85,7 +85,10 @@ def edge_client(monkeypatch):
 async def test_the_page_is_open_under_auth_and_serves_only_its_files(edge_client):
     page = await edge_client.get("/ui")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    assert "default-src 'self'" in page.headers["content-security-policy"]
+    policy = dict(part.strip().split(" ", 1) for part in page.headers["content-security-policy"].split(";"))
+    assert policy["default-src"] == "'self'" and policy["object-src"] == "'none'"
+    # Results and the gallery show as blob: URIs, previews and the tools' answers as data: URIs; nothing else.
+    assert sorted(policy["img-src"].split()) == ["'self'", "blob:", "data:"]
     script = await edge_client.get("/ui/app.js")
     assert script.status_code == 200 and script.headers["content-type"].startswith("text/javascript")
     assert script.text == _packaged("app.js")
