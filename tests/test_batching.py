@@ -444,3 +444,90 @@ def test_an_item_handed_over_early_answers_before_its_batch_ends():
         assert await first(batch("alone"), None) == "alone"
 
     asyncio.run(scenario())
+
+
+def test_a_stop_whose_caller_is_gone_leaves_its_batch_mate_running(base):
+    """An item stopped after its caller stopped waiting (its hand-over cancelled) is not handed over: its mate
+    runs on to its own image and the batch still answers the stopped item."""
+    keep = BatchItem(request(seed=41, steps=6), "keep", on_progress=lambda at, _t: at == 2
+                     and base.cancellation.stop("stopped"))
+    stopped = BatchItem(request(seed=42, steps=6), "stopped")
+    stopped.handed.cancel()
+    kept, partial = base.generate_batch([keep, stopped])
+    assert isinstance(kept, StageResult) and mad(kept.image, base.generate(keep.request).image) < 1.0
+    assert isinstance(partial, StageResult) and partial.info["stopped_at"] == [2, 6]
+
+
+def test_an_item_stopped_and_cancelled_at_once_is_cancelled_not_handed_over(base):
+    """A stop that reaches an item already cancelled leaves it cancelled: nothing is handed over for it."""
+    def both(at, _total):
+        if at == 1:
+            base.cancellation.cancel("x")  # the batch sees it from step 2 on
+        if at == 2:
+            base.cancellation.stop("x")
+
+    keep = BatchItem(request(seed=45, steps=6), "keep", on_progress=both)
+    x = BatchItem(request(seed=46, steps=6), "x")
+    kept, gone = base.generate_batch([keep, x])
+    assert not x.handed.done() and isinstance(gone, GenerationCancelled) and isinstance(kept, StageResult)
+
+
+def test_a_stopped_item_keeps_its_own_prompt_and_its_batchs_model_and_sampler(base):
+    keep = BatchItem(request(seed=47, steps=6, prompt="a red house"), "keep", on_progress=lambda at, _t: at == 2
+                     and base.cancellation.stop("stopped"))
+    stopped = BatchItem(request(seed=48, steps=6, prompt="a blue boat"), "stopped")
+    kept, partial = base.generate_batch([keep, stopped])
+    assert partial.info["stopped_at"] == [2, 6] and partial.info["prompt"] == "a blue boat"
+    assert [partial.info[k] for k in ("model", "sampler")] == [kept.info[k] for k in ("model", "sampler")]
+
+
+def test_a_stopped_refiner_item_is_handed_over_early_and_its_mate_runs_on(base, refiner):
+    """The refiner answers /interrupt as the base does: the item stopped is handed over at once with the step it
+    stopped at; an expert ensemble stopped at its first step answers with its own decoded image."""
+    from deployments.support.generation import RefineRequest
+
+    early: dict[int, bool] = {}
+
+    def stop_mate(at, _total):
+        if at == 2:
+            refiner.cancellation.stop("stopped")
+        early[at] = stopped.handed.done()
+
+    how = RefineRequest(prompt="a photo", steps=4, strength=1.0)
+    sources = [StageResult(images=[Image.new("RGB", (128, 128), c)], seeds=[s])
+               for c, s in (((90, 120, 200), 1), ((200, 120, 90), 2))]
+    keep = BatchItem(how, "keep", source=sources[0], on_progress=stop_mate)
+    stopped = BatchItem(how, "stopped", source=sources[1])
+    results = refiner.refine_batch([keep, stopped], ensemble=False)
+    assert early == {1: False, 2: False, 3: True, 4: True}
+    assert stopped.handed.result() is results[1] and results[1].info["stopped_at"] == [2, 4]
+    assert mad(results[0].image, refiner.refine_images(how, sources[0]).image) < 1.0
+    handed = base.generate(request(seed=49, denoising_end=0.8))
+    latents = RefineRequest(prompt="a photo", steps=4, denoising_start=0.8)
+    (result,) = refiner.refine_batch([BatchItem(latents, "e", source=handed,
+                                                on_progress=lambda _a, _t: refiner.cancellation.stop("e"))],
+                                     ensemble=True)
+    assert result.info["stopped_at"][0] == 1 and len(result.images) == 1
+
+
+def test_gathered_cancels_the_others_when_one_fails():
+    from deployments.support.batching import gathered
+
+    cancelled = []
+
+    async def fails_fast() -> None:
+        raise ValueError("refused")
+
+    async def slow() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.append("slow")
+            raise
+
+    async def scenario() -> None:
+        with pytest.raises(ValueError, match="refused"):
+            await gathered([fails_fast(), slow()])
+
+    asyncio.run(scenario())
+    assert cancelled == ["slow"]
