@@ -3,6 +3,7 @@ cancel, retention. The Redis cases skip, saying why, where no redis-server binar
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 import uuid
@@ -209,6 +210,75 @@ def test_a_lost_lease_after_releases_counts_only_the_attempts_spent(store):
     assert store.claim("third", 30) is None
     failed = store.get(created.id)
     assert failed.status == "failed" and failed.error.startswith("no result after 2 attempts")
+
+
+# The jobs table as it was before releases: no runs column.
+OLD_JOBS_TABLE = """
+CREATE TABLE jobs (
+    id TEXT PRIMARY KEY, type TEXT NOT NULL, status TEXT NOT NULL, priority INTEGER NOT NULL, seq INTEGER NOT NULL,
+    progress REAL NOT NULL DEFAULT 0, created_at REAL NOT NULL, started_at REAL, completed_at REAL,
+    request TEXT NOT NULL, result TEXT, error TEXT, attempts INTEGER NOT NULL DEFAULT 0, lease_owner TEXT,
+    lease_expires REAL, idempotency_key TEXT UNIQUE, body_hash TEXT, owner TEXT, webhook_url TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0
+)
+"""
+
+
+def test_a_sqlite_file_from_before_releases_numbers_runs_past_its_attempts(tmp_path):
+    """The runs column is added on open, and a requeued job's next run comes after the attempt it spent."""
+    path = tmp_path / "jobs.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.execute(OLD_JOBS_TABLE)
+        db.execute("INSERT INTO jobs (id, type, status, priority, seq, created_at, request, attempts)"
+                   " VALUES ('job_1_old', 'text2img', 'queued', 1, 1, ?, '{}', 1)", (time.time(),))
+    db.close()
+    taken = SQLiteJobStore(path, max_attempts=3).claim("w", 30)
+    assert taken.id == "job_1_old" and taken.attempts == 2
+    assert taken.runs == 2 and taken.run_id.endswith(".2")
+
+
+def test_a_redis_record_from_before_releases_numbers_runs_past_its_attempts(redis_url):
+    """A record without runs, requeued after a lost lease, runs as number 2, not 1 again."""
+    store = RedisJobStore(redis_url, max_attempts=3, prefix=f"t{uuid.uuid4().hex[:8]}")
+    created, _ = store.create(job())
+    store.claim("dead", lease_s=0.05)
+    store.redis.hdel(store._key("job", created.id), "runs")  # as an older version wrote it
+    time.sleep(0.1)
+    again = store.claim("other", 30)
+    assert again.id == created.id and again.attempts == 2
+    assert again.runs == 2 and again.run_id == f"{created.id}.2"
+
+
+def test_a_released_job_goes_back_behind_higher_priorities(store):
+    """Its place is its priority and age, as at creation: a normal job created meanwhile goes first."""
+    low, _ = store.create(job(priority="low"))
+    store.claim("stopping", 30)
+    normal, _ = store.create(job(priority="normal"))
+    assert store.release(low.id, "stopping")
+    assert store.claim("w", 30).id == normal.id
+    assert store.claim("w", 30).id == low.id
+
+
+def test_a_released_job_is_no_longer_processing(store):
+    created, _ = store.create(job())
+    store.claim("stopping", 30)
+    assert store.release(created.id, "stopping")
+    assert store.list_jobs(status="processing") == ([], 0)
+    assert [j.id for j in store.list_jobs(status="queued")[0]] == [created.id]
+    assert store.stats()["counts"] == {"queued": 1}
+
+
+def test_a_released_job_leaves_no_lease_to_expire(store):
+    """Released under a short lease, then claimed after it would have run out: no second requeue."""
+    created, _ = store.create(job())
+    store.claim("stopping", lease_s=0.05)
+    assert store.release(created.id, "stopping")
+    if isinstance(store, RedisJobStore):
+        assert store.redis.zcard(store._key("leases")) == 0
+    time.sleep(0.1)
+    again = store.claim("w", 30)
+    assert again.id == created.id and again.attempts == 1
+    assert names(store.events(created.id)) == ["queued", "started", "queued", "started"]
 
 
 def test_result_is_published_once(store):

@@ -271,6 +271,17 @@ def test_a_stopping_job_runner_drains_within_its_grace_period(monkeypatch):
         assert runner.get("graceful_shutdown_timeout_s", 20) > wait_loop + longest
 
 
+def test_the_job_runners_own_shutdown_settings_stop_its_claims_soon():
+    """Without a config file's overrides (serve.run in code), the runner still stops claiming soon after Serve
+    begins to stop it, and its grace period covers the default drain."""
+    from deployments.support.settings import Settings
+    from graphs.jobs.runner import JobRunner
+
+    config = JobRunner._deployment_config
+    assert config.graceful_shutdown_wait_loop_s <= 0.5
+    assert config.graceful_shutdown_timeout_s > Settings().job_drain_seconds
+
+
 def worker_groups(manifest: dict) -> dict[str, dict]:
     return {group["groupName"]: group for group in manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
 

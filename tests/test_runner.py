@@ -663,3 +663,97 @@ async def test_webhooks_are_owed_by_the_store_and_retried_by_any_runner(base, up
         receiver.close()
     assert [b["status"] for b in receiver.bodies] == ["cancelled"] * 3 and receiver.bodies[0]["id"] == job.id
     assert owed() == 0  # settled once accepted, not merely leased
+
+
+class IdleBase:
+    """A stand-in base stage that only records that it was called (these runners must never call it)."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+
+    async def generate(self, request, request_id=None, encode=None):
+        self.calls.append(request)
+        raise RuntimeError("the base stage was called")
+
+
+def idle_runner(base: IdleBase | None = None):
+    return JobRunner.func_or_class(LocalHandle(base or IdleBase()), None, None, None, None)
+
+
+async def test_a_draining_runner_stays_healthy_once_its_workers_end(runner_env):
+    """Its workers end as it stops: that is not a failed loop for the health check."""
+    runner = idle_runner()
+    try:
+        runner._stopping.set()
+        await asyncio.wait_for(asyncio.gather(*runner._workers), 5)
+        await runner.check_health()
+    finally:
+        stop(runner)
+
+
+async def test_a_job_claimed_as_the_runner_begins_to_stop_is_released_unstarted(runner_env):
+    base = IdleBase()
+    runner = idle_runner(base)
+    claim = runner.store.claim
+
+    def claim_then_stop(worker, lease_s):
+        job = claim(worker, lease_s)
+        if job is not None:
+            runner._stopping.set()  # the replica begins to stop while this claim is in flight
+        return job
+
+    runner.store.claim = claim_then_stop
+    job = Job(id=new_job_id(), type="text2img", request={"prompt": "late", "width": 64, "height": 64, "steps": 2})
+    try:
+        runner.store.create(job)
+        await asyncio.wait_for(asyncio.gather(*runner._workers), 10)
+    finally:
+        stop(runner)
+    left = runner.store.get(job.id)
+    assert left.status == "queued" and left.attempts == 0
+    assert [e.event for e in runner.store.events(job.id)] == ["queued", "started", "queued"]
+    assert base.calls == []
+
+
+async def test_releasing_a_job_cancelled_meanwhile_ends_it_cancelled(runner_env):
+    runner = idle_runner()
+    stop(runner)  # no worker of its own: the test holds the job
+    runner.store.create(Job(id=new_job_id(), type="text2img", request={"prompt": "p"}))
+    job = runner.store.claim("w", 30)
+    runner.store.cancel(job.id)
+    await runner._release(job, "w")
+    assert runner.store.get(job.id).status == "cancelled"
+    assert runner.store.events(job.id)[-1].event == "cancelled"
+
+
+async def test_a_stopping_runner_cuts_its_idle_poll_short(runner_env):
+    """An idle worker waiting out JOB_POLL_SECONDS stops at once, not at the end of the poll."""
+    runner_env.setenv("JOB_POLL_SECONDS", "5")
+    runner = idle_runner()
+    try:
+        await asyncio.sleep(0.2)  # the worker found the queue empty and polls
+        began = time.monotonic()
+        await asyncio.wait_for(runner.__del__(), 30)
+        assert time.monotonic() - began < 1
+    finally:
+        stop(runner)
+
+
+async def test_result_files_are_named_by_run_not_attempt(base, upscaler, runner_env, tmp_path):
+    """A job released once runs again as run 2 on attempt 1: its files carry the run's number."""
+    from graphs.jobs.sqlite_store import SQLiteJobStore
+
+    runner_env.setenv("JOB_TIMEOUT", "600000")
+    store = SQLiteJobStore(tmp_path / "jobs.sqlite3")
+    job = Job(id=new_job_id(), type="text2img", request={"prompt": "run two", "width": 64, "height": 64,
+                                                         "steps": 2, "seed": 5})
+    store.create(job)
+    store.claim("stopping", 30)
+    assert store.release(job.id, "stopping")
+    runner = start_runner(base, upscaler)
+    try:
+        done = await finished(runner, job.id, timeout=120)
+    finally:
+        stop(runner)
+    assert done.status == "completed" and done.attempts == 1 and done.runs == 2, done.error
+    assert done.result["images"] and all(key.startswith(f"{job.id}/2-") for key in done.result["images"])
