@@ -85,9 +85,9 @@ def test_upscale_to_a_size_covers_it_then_crops_or_not():
 
 def test_the_infotext_written_here_reads_back_as_a1111_parses_it():
     request = Txt2ImgRequest(prompt="a fox,\nin the snow <lora:tiny-style:0.7>", negative_prompt="blurry", steps=3,
-                             width=128, height=96, cfg_scale=8, scheduler="Karras")
+                             width=128, height=96, cfg_scale=8, scheduler="karras")
     text = infotext(request, 1001, "tiny-sdxl-base", "DPM++ 2M",
-                    {"Hires resize": "256x192", "Refiner": "a, b: c", "Face restoration": None})
+                    {"Hires resize": "256x192", "Refiner": "a, b: c", "Face restoration": None}, "Karras")
     assert 'Refiner: "a, b: c"' in text and "Face restoration" not in text  # quoted as A1111 quotes
     parameters = parse(text)
     assert parameters["Prompt"] == "a fox,\nin the snow <lora:tiny-style:0.7>"

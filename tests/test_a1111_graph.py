@@ -14,6 +14,7 @@ from PIL import Image
 from starlette.requests import Request
 
 from deployments.support.errors import InvalidInput, ServiceError
+from graphs.api.a1111_infotext import parse
 from graphs.api.a1111_models import (
     ExtrasBatchRequest,
     ExtrasRequest,
@@ -373,12 +374,25 @@ def test_an_unknown_scheduler_runs_the_samplers_own_with_a_warning(ingress):
     assert same_pixels(body, txt2img(ingress, sampler_name="Euler"))
 
 
-@pytest.mark.parametrize("name", ["Euler a Karras", "DPM++ 2M Exponential", "DPM++ SDE Karras", "DPM++ 2M SDE Heun",
-                                  "DPM++ 3M SDE", "DPM++ 3M SDE Exponential"])
-def test_a1111_1_9_sampler_names_run(ingress, name):
+@pytest.mark.parametrize(("name", "sampler", "schedule"), [
+    ("Euler a Karras", "Euler a", "Karras"), ("DPM++ 2M Exponential", "DPM++ 2M", "Exponential"),
+    ("DPM++ SDE Karras", "DPM++ SDE", "Karras"), ("DPM++ 2M SDE Heun", "DPM++ 2M SDE Heun", "Exponential"),
+    ("DPM++ 3M SDE", "DPM++ 3M SDE", "Exponential"), ("Euler a", "Euler a", "Automatic")])
+def test_a1111_1_9_sampler_names_run_split_as_a1111_reports_them(ingress, name, sampler, schedule):
+    """A labelled name is its sampler and schedule, as A1111 >= 1.9 reports them in info and the infotext; a name
+    alone runs and names the sampler's own schedule."""
     body = txt2img(ingress, sampler_name=name)
-    assert body["info"]["sampler_name"] == name and body["info"]["warnings"] == []
+    assert body["info"]["sampler_name"] == sampler and body["info"]["warnings"] == []
+    written = parse(body["info"]["infotexts"][0])
+    assert (written["Sampler"], written["Schedule type"]) == (sampler, schedule)
     assert len(body["images"]) == 1
+
+
+def test_a1111_automatic_runs_the_samplers_own_schedule(ingress):
+    """In A1111 1.10, DPM++ 2M under Automatic runs Karras sigmas: the same image as naming Karras."""
+    automatic = txt2img(ingress, sampler_name="DPM++ 2M", steps=4)
+    assert same_pixels(automatic, txt2img(ingress, sampler_name="DPM++ 2M", scheduler="Karras", steps=4))
+    assert not same_pixels(automatic, txt2img(ingress, sampler_name="DPM++ 2M", scheduler="Uniform", steps=4))
 
 
 def test_euler_a_karras_is_euler_a_with_karras(ingress):

@@ -11,7 +11,15 @@ from pydantic import TypeAdapter, ValidationError
 
 from deployments.support.errors import InvalidInput, UnknownModel
 from deployments.support.generation import GenerationRequest, LatentHires, RefineRequest, clean_estimate
-from deployments.support.samplers import MIN_STRENGTH, SAMPLERS, build_scheduler, img2img_steps, resolve, split
+from deployments.support.samplers import (
+    MIN_STRENGTH,
+    SAMPLERS,
+    a1111_choice,
+    build_scheduler,
+    img2img_steps,
+    resolve,
+    split,
+)
 
 
 @pytest.fixture(scope="module")
@@ -319,3 +327,55 @@ def test_the_a1111_1_6_sde_samplers_step_to_the_end(config, name):
         sample = scheduler.step(torch.zeros_like(sample), t, sample,
                                 generator=torch.Generator().manual_seed(int(t)), return_dict=False)[0]
     assert torch.isfinite(sample).all()
+
+
+# --- A1111's reading of sampler and scheduler ---------------------------------------------------------------------
+
+@pytest.mark.parametrize(("name", "scheduler", "runs", "label"), [
+    # "Automatic" (or none): each sampler's own schedule, as A1111 1.10's sampler table names it, and the infotext
+    # names it too; a sampler naming none runs the model's sigmas evenly spaced, a timestep sampler strides from 1.
+    ("DPM++ 2M", None, "Karras", "Karras"), ("DPM++ 2M", "Automatic", "Karras", "Karras"),
+    ("DPM++ SDE", "automatic", "Karras", "Karras"), ("DPM2 a", None, "Karras", "Karras"),
+    ("DPM++ 2M SDE", None, "Exponential", "Exponential"), ("DPM++ 3M SDE", None, "Exponential", "Exponential"),
+    ("Euler a", None, "Uniform", "Automatic"), ("Euler", "Automatic", "Uniform", "Automatic"),
+    ("DDIM", None, "DDIM", "Automatic"), ("UniPC", None, "DDIM", "Automatic"),
+    ("DPM fast", None, None, "Automatic"), ("LCM", None, None, "Automatic"),
+    # An explicit schedule wins, by its label; a labelled name is split.
+    ("DPM++ 2M", "exponential", "Exponential", "Exponential"), ("Euler a", "karras", "Karras", "Karras"),
+    ("DPM++ 2M Karras", None, "Karras", "Karras"), ("Euler a Karras", "Automatic", "Karras", "Karras"),
+    ("DPM++ 2M Karras", "sgm_uniform", "SGM Uniform", "SGM Uniform")])
+def test_a1111_reads_automatic_as_each_samplers_own_schedule(name, scheduler, runs, label):
+    choice = a1111_choice(name, scheduler)
+    assert (choice.schedule, choice.label, choice.warnings) == (runs, label, ())
+    assert choice.sampler == split(name)[0]
+
+
+def test_a1111_schedules_run_as_a1111_1_10_does(config):
+    """DPM++ 2M under Automatic takes Karras sigmas (diffusers' default would not); Euler's are A1111's uniform."""
+    karras = build_scheduler("DPM++ 2M", config, a1111_choice("DPM++ 2M", None).schedule)
+    assert karras.config.use_karras_sigmas is True
+    assert build_scheduler("DPM++ 2M", config).config.use_karras_sigmas is False  # the native routes' Automatic
+    euler = build_scheduler("Euler", config, a1111_choice("Euler", "Automatic").schedule)
+    euler.set_timesteps(10)
+    assert np.allclose(euler.timesteps.numpy(), [999, 888, 777, 666, 555, 444, 333, 222, 111, 0], atol=0.5)
+
+
+@pytest.mark.parametrize(("name", "scheduler", "runs", "warning"), [
+    ("DPM++ 2M", "Turbo", "Karras", "unknown scheduler 'Turbo' (GET /sdapi/v1/schedulers lists them): the sampler's "
+     "own schedule (Automatic) ran"),
+    ("Euler", "KL Optimal", "Uniform", "scheduler 'KL Optimal' has no diffusers equivalent: the sampler's own "
+     "schedule (Automatic) ran instead"),
+    ("DPM++ 2M Exponential", "align_your_steps", "Exponential", "scheduler 'align_your_steps' has no diffusers "
+     "equivalent: 'Exponential' (from the sampler name) ran instead"),
+    ("Euler a Align Your Steps", None, "Uniform", "scheduler 'Align Your Steps' has no diffusers equivalent: the "
+     "sampler's own schedule ran instead")])
+def test_a1111_schedules_that_cannot_run_fall_back_with_a_warning(name, scheduler, runs, warning):
+    choice = a1111_choice(name, scheduler)
+    assert (choice.schedule, choice.warnings) == (runs, (warning,))
+    assert choice.label == (runs if runs in ("Karras", "Exponential") else "Automatic")
+
+
+def test_a1111_names_the_field_of_an_unknown_sampler():
+    with pytest.raises(UnknownModel) as refused:
+        a1111_choice("Euler b", None, "sampler_index")
+    assert refused.value.field == "sampler_index"

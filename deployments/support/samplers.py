@@ -182,6 +182,56 @@ def schedule_options(name: str, schedule: str | None) -> dict:
     return dict(explicit.options)
 
 
+# A1111 1.10's "Automatic", per sampler: the schedule a sampler names for itself (its ``scheduler`` option), which
+# the infotext then names. A k-diffusion sampler naming none runs the model's sigmas evenly spaced (Uniform), and the
+# timestep samplers stride from timestep 1 whatever the scheduler (DDIM); for both the infotext says "Automatic".
+# Samplers not here (DPM fast, LCM, DEIS) run their diffusers default, as on every other route.
+A1111_AUTOMATIC = {
+    "DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM++ 2S a": "Karras", "DPM2": "Karras", "DPM2 a": "Karras",
+    "DPM++ 2M SDE": "Exponential", "DPM++ 2M SDE Heun": "Exponential", "DPM++ 3M SDE": "Exponential",
+}
+_A1111_UNNAMED = {"Euler a": "Uniform", "Euler": "Uniform", "LMS": "Uniform", "Heun": "Uniform", "Restart": "Uniform",
+                  "DDIM": "DDIM", "PLMS": "DDIM", "UniPC": "DDIM"}
+
+
+@dataclass(frozen=True)
+class A1111Choice:
+    """How A1111 1.10 reads a request's sampler and scheduler: the ``sampler`` (a labelled name split off its
+    schedule), the ``schedule`` label the base runs (None: the sampler's diffusers default), the ``label`` its
+    infotext names, and a warning for a scheduler that cannot run as itself."""
+    sampler: str
+    schedule: str | None
+    label: str
+    warnings: tuple[str, ...] = ()
+
+
+def a1111_choice(name: str, scheduler: str | None, field: str = "sampler_name") -> A1111Choice:
+    """A1111's sampler ``name`` and ``scheduler`` as A1111 1.10 runs them: an explicit schedule wins over one the
+    name implies, and "Automatic" (or none, or a schedule diffusers lacks, with a warning) is the sampler's own
+    schedule, ``A1111_AUTOMATIC``."""
+    canonical, implied = split(name, field)
+    explicit = find_schedule(scheduler)
+    notes: list[str] = []
+    fallback = f"{implied.label!r} (from the sampler name)" if implied else "the sampler's own schedule (Automatic)"
+    if scheduler and explicit is None:  # A1111 reads a name it lacks as Automatic
+        notes.append(f"unknown scheduler {scheduler!r} (GET /sdapi/v1/schedulers lists them): {fallback} ran")
+    chosen = explicit if explicit is not None and explicit.label != "Automatic" else None
+    if chosen is not None and chosen.options is None:
+        notes.append(f"scheduler {scheduler!r} has no diffusers equivalent: {fallback} ran instead")
+        chosen = None
+    chosen = chosen or implied
+    if chosen is not None and chosen.options is None:
+        notes.append(f"scheduler {chosen.label!r} has no diffusers equivalent: the sampler's own schedule ran "
+                     "instead")
+        chosen = None
+    if chosen is not None:
+        return A1111Choice(canonical, chosen.label, chosen.label, tuple(notes))
+    own = A1111_AUTOMATIC.get(canonical)
+    if own is not None:
+        return A1111Choice(canonical, own, own, tuple(notes))
+    return A1111Choice(canonical, _A1111_UNNAMED.get(canonical), "Automatic", tuple(notes))
+
+
 def build_scheduler(name: str, base_config, schedule: str | None = None, *, seeds: list[int] | None = None,
                     warnings: list[str] | None = None):
     """A fresh scheduler for ``name`` built from the pipeline's scheduler config. ``seeds``: one per image of the

@@ -36,7 +36,7 @@ from deployments.support.generation import (
     StageResult,
     resolve_seeds,
 )
-from deployments.support.samplers import find_schedule, resolve
+from deployments.support.samplers import A1111Choice, a1111_choice
 from deployments.support.settings import current
 from graphs import flights, plans
 from graphs.api.a1111_infotext import infotext
@@ -160,16 +160,18 @@ class A1111Routes(CheckpointChoice):
                                 strength=max(r.denoising_strength, 0.01), steps=r.hr_second_pass_steps or r.steps,
                                 cover=cover if target.cropped else None, box=crop_box(target, r.width, r.height))
 
+    def _choice(self, r: Txt2ImgRequest) -> A1111Choice:
+        """The sampler and schedule ``r`` runs, as A1111 1.10 reads them (its "Automatic" is each sampler's own
+        schedule, "DPM++ 2M Karras" is "DPM++ 2M" with Karras); an unknown sampler is refused here, naming the field
+        the client used."""
+        return a1111_choice(r.sampler or self.config.base.default_sampler, r.scheduler,
+                            "sampler_index" if r.sampler_index and not r.sampler_name else "sampler_name")
+
     def _generation(self, r: Txt2ImgRequest, seed: int, **extra) -> GenerationRequest:
-        if r.sampler:  # refused here, naming the field the client used, rather than by the base
-            resolve(r.sampler, "sampler_name" if r.sampler_name else "sampler_index")
-        # A1111 sends labels ("Karras") or names ("normal"); one it lacks runs the sampler's own schedule there, and
-        # here too, with a warning from the base (deployments/support/samplers.py).
-        found = find_schedule(r.scheduler)
-        schedule = found.label if found else r.scheduler
+        choice = self._choice(r)
         return GenerationRequest(prompt=r.prompt, negative_prompt=r.negative_prompt, width=r.width, height=r.height,
                                  steps=r.steps, guidance_scale=r.cfg_scale, seed=seed, batch_size=r.batch_size,
-                                 sampler=r.sampler, schedule=schedule, **extra)
+                                 sampler=choice.sampler, schedule=choice.schedule, **extra)
 
     async def _run(self, http: Request, r: Txt2ImgRequest, parent: bytes | None = None, cache_as: str | None = None,
                    inits: list[Image.Image] | None = None, **extra) -> Response:
@@ -202,10 +204,11 @@ class A1111Routes(CheckpointChoice):
         # the one that will run, and /face-restorers names it the same way.
         restorer = (await call(self.handles.faces.describe.remote()))["restorer"] if r.restore_faces else None
         settings = self._settings_text(r, switch, hires, restorer, edit="init_image" in extra)
-        sampler = r.sampler or self.config.base.default_sampler  # what the base runs for this request
+        choice = self._choice(r)
+        sampler = choice.sampler  # what the base runs for this request
         files: list[bytes] = []
         seeds: list[int] = []
-        warnings: list[str] = []  # every stage's, as /generate reports them; each said once
+        warnings: list[str] = list(choice.warnings)  # every stage's, as /generate reports them; each said once
         nsfw: list[bool] = []
         size = (r.width, r.height)
         stopped: str | None = None
@@ -222,7 +225,8 @@ class A1111Routes(CheckpointChoice):
                     # The seeds are fixed here, so that the infotexts naming them travel with the request and the
                     # plan's last stage encodes the files: only they come back to the ingress.
                     own = resolve_seeds(seed, r.batch_size)
-                    how = Encoding(parameters=[infotext(r, s, model, sampler, settings) for s in own], parent=parent)
+                    texts = [infotext(r, s, model, sampler, settings, choice.label) for s in own]
+                    how = Encoding(parameters=texts, parent=parent)
                     request = self._generation(r, own[0], **extra)
                     several = None
                     if inits and len(inits) > 1:
@@ -254,7 +258,7 @@ class A1111Routes(CheckpointChoice):
         finally:
             await asyncio.to_thread(self.jobs.untrack, job.client, job.id)
             await asyncio.to_thread(self.jobs.untrack, _interrupts(job.client), f"{job.id}:interrupt")
-        texts = [infotext(r, s, model, sampler, settings) for s in seeds]
+        texts = [infotext(r, s, model, sampler, settings, choice.label) for s in seeds]
         info = {"prompt": r.prompt, "all_prompts": [r.prompt] * len(seeds), "negative_prompt": r.negative_prompt,
                 "all_negative_prompts": [r.negative_prompt] * len(seeds), "seed": seeds[0] if seeds else r.seed,
                 "all_seeds": seeds,

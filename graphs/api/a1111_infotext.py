@@ -31,9 +31,11 @@ def quote(value: object) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-def infotext(r: Txt2ImgRequest, seed: int, model: str, sampler: str, extra: dict | None = None) -> str:
-    """The infotext of one image of ``r``: its ``seed``, the checkpoint ``model`` and the ``sampler`` that ran."""
-    settings = {"Steps": r.steps, "Sampler": sampler, "Schedule type": r.scheduler or "Automatic",
+def infotext(r: Txt2ImgRequest, seed: int, model: str, sampler: str, extra: dict | None = None,
+             schedule: str = "Automatic") -> str:
+    """The infotext of one image of ``r``: its ``seed``, the checkpoint ``model``, the ``sampler`` that ran and the
+    label of its ``schedule`` (A1111's "Automatic" where the sampler names none)."""
+    settings = {"Steps": r.steps, "Sampler": sampler, "Schedule type": schedule,
                 "CFG scale": r.cfg_scale, "Seed": seed, "Size": f"{r.width}x{r.height}", "Model": model}
     settings.update(extra or {})
     lines = [r.prompt]
