@@ -308,7 +308,8 @@ def test_euler_a_karras_steps_through_eulers_karras_sigmas(config):
 
 
 @pytest.mark.parametrize(("name", "ran", "cls_name"), [("Restart", "Heun", "HeunDiscreteScheduler"),
-                                                       ("DPM adaptive", "DPM fast", "DPMSolverSinglestepScheduler")])
+                                                       ("DPM adaptive", "DPM fast", "DPMSolverSinglestepScheduler"),
+                                                       ("DDIM CFG++", "DDIM", "DDIMScheduler")])
 def test_a1111_samplers_diffusers_lacks_run_the_nearest_with_a_warning(config, name, ran, cls_name):
     warnings: list[str] = []
     scheduler = build_scheduler(name, config, warnings=warnings)
@@ -339,6 +340,7 @@ def test_the_a1111_1_6_sde_samplers_step_to_the_end(config, name):
     ("DPM++ 2M SDE", None, "Exponential", "Exponential"), ("DPM++ 3M SDE", None, "Exponential", "Exponential"),
     ("Euler a", None, "Uniform", "Automatic"), ("Euler", "Automatic", "Uniform", "Automatic"),
     ("DDIM", None, "DDIM", "Automatic"), ("UniPC", None, "DDIM", "Automatic"),
+    ("DDIM CFG++", None, "DDIM", "Automatic"),
     ("DPM fast", None, None, "Automatic"), ("LCM", None, None, "Automatic"),
     # An explicit schedule wins, by its label; a labelled name is split.
     ("DPM++ 2M", "exponential", "Exponential", "Exponential"), ("Euler a", "karras", "Karras", "Karras"),

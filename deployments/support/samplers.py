@@ -64,6 +64,9 @@ ALIASES = {
 SUBSTITUTES = {
     "Restart": "Heun",  # Restart's steps are Heun steps; its periodic re-noising has no diffusers counterpart
     "DPM adaptive": "DPM fast",  # the same DPM-Solver, at a fixed step count instead of an error-controlled one
+    # A1111 1.10's CFG++ re-noises with the unconditional prediction and reads cfg_scale / 12.5: diffusers' pipelines
+    # hand a scheduler the guided prediction only. DDIM is its sampler with ordinary guidance.
+    "DDIM CFG++": "DDIM",
 }
 
 
@@ -191,7 +194,7 @@ A1111_AUTOMATIC = {
     "DPM++ 2M SDE": "Exponential", "DPM++ 2M SDE Heun": "Exponential", "DPM++ 3M SDE": "Exponential",
 }
 _A1111_UNNAMED = {"Euler a": "Uniform", "Euler": "Uniform", "LMS": "Uniform", "Heun": "Uniform", "Restart": "Uniform",
-                  "DDIM": "DDIM", "PLMS": "DDIM", "UniPC": "DDIM"}
+                  "DDIM": "DDIM", "DDIM CFG++": "DDIM", "PLMS": "DDIM", "UniPC": "DDIM"}
 
 
 @dataclass(frozen=True)
