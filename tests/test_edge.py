@@ -230,6 +230,39 @@ async def test_the_services_own_errors_carry_the_cors_and_ratelimit_headers(make
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+async def test_unexpected_errors_carry_the_cors_and_ratelimit_headers_too(make_client, caplog):
+    """A lost replica wrapped in an error of another kind is the 503 Ray's own are; any other error is a 500 in the
+    one body shape, logged once. Both carry the headers a page on an allowed origin needs to read them."""
+    from ray.exceptions import ActorDiedError
+
+    client = make_client(CORS_ALLOW_ORIGINS="https://app.example", RATE_LIMIT_READ_BURST="5",
+                         RATE_LIMIT_READ_PER_SECOND="0.001")
+    app = client._transport.app  # type: ignore[attr-defined]
+
+    @app.get("/wrapped")
+    async def wrapped():
+        try:
+            raise ActorDiedError()
+        except ActorDiedError as e:
+            raise LookupError("a stage's answer was lost") from e
+
+    @app.get("/broken")
+    async def broken():
+        raise ZeroDivisionError("a bug")
+
+    origin = {"origin": "https://app.example"}
+    lost, bug = await client.get("/wrapped", headers=origin), await client.get("/broken", headers=origin)
+    assert (lost.status_code, lost.json()["code"], lost.json()["details"]) == (
+        503, "MODEL_UNAVAILABLE", {"reason": "ActorDiedError"})
+    assert lost.headers["retry-after"]
+    assert (bug.status_code, bug.json()) == (500, {"error": "internal error", "code": "INTERNAL_ERROR", "details": {}})
+    for answer in (lost, bug):
+        assert answer.headers["access-control-allow-origin"] == "https://app.example"
+        assert answer.headers["ratelimit-remaining"]
+    crashes = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(crashes) == 1 and crashes[0].exc_info[0] is ZeroDivisionError
+
+
 async def test_head_answers_every_get_route_with_its_headers_only(make_client):
     """Uptime checks and load balancers send HEAD; auth applies as to the GET."""
     client = make_client(AUTH_ENABLED="true", AUTH_TOKEN="secret")

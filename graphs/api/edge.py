@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from deployments.support.errors import Unauthorized
@@ -138,6 +139,34 @@ class Head:
         with contextlib.suppress(_Answered):
             # ``head``: a route that can answer without its body (an image's size) reads it.
             await self.app({**scope, "method": "GET", "head": True}, until_answered, headers_only)
+
+
+class Unexpected:
+    """An error no route and no typed handler answered, answered inside the other middlewares, so that it carries
+    their CORS and RateLimit-* headers (Starlette answers an ``Exception`` handler outside them all): a lost Ray
+    replica wrapped in some other error is the 503 Ray's own are, anything else the logged 500. An answer already
+    under way cannot be replaced: its error goes on up."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def sending(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception as e:
+            if started:
+                raise
+            answer = await errors.service_error(Request(scope), e)
+            await answer(scope, receive, send)
 
 
 class _Answered(Exception):
@@ -317,12 +346,14 @@ def create_app() -> FastAPI:
         "/process, /derivatives/clip-focal and Automatic1111's /sdapi/v1/*.",
     )
     # By type: Starlette answers an ``Exception`` handler outside every middleware, without CORS or RateLimit-*
-    # headers, and logs the error as a crash. ``Exception`` is left for the true 500s.
+    # headers, and logs the error as a crash. The rest reach ``Unexpected``; ``Exception`` is left for a
+    # middleware's own error.
     for error in errors.handled():
         app.add_exception_handler(error, errors.service_error)
     app.add_exception_handler(Exception, errors.service_error)
     app.add_exception_handler(RequestValidationError, errors.validation_error)
     app.add_exception_handler(HTTPException, errors.http_error)
+    app.add_middleware(Unexpected)  # innermost: inside every middleware that adds headers
     app.add_middleware(Head)
     app.add_middleware(Deadline)
     app.add_middleware(RateLimit)  # after auth: a refused token spends no one's budget
