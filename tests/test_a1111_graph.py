@@ -410,3 +410,36 @@ def test_restart_runs_heun_with_a_warning(ingress):
 def test_a_sampler_name_with_a_label_but_no_sampler_is_refused(ingress):
     assert refused(lambda: txt2img(ingress, sampler_name="Nope Karras")).details["field"] == "sampler_name"
     assert "Restart" not in [s["name"] for s in ingress.samplers.remote().result()]
+
+
+# --- A1111's other fields: applied, or named in the warnings ------------------------------------------------------
+
+def test_send_images_false_answers_without_images(ingress):
+    body = txt2img(ingress, seed=5, send_images=False)
+    assert body["images"] == [] and body["info"]["all_seeds"] == [5]
+
+
+def test_disable_extra_networks_runs_the_prompt_without_its_lora(ingress):
+    tagged = {"prompt": "a fox <lora:tiny-style:1.5>", "seed": 3, "steps": 3}
+    disabled = txt2img(ingress, **tagged, disable_extra_networks=True)
+    assert same_pixels(disabled, txt2img(ingress, **{**tagged, "prompt": "a fox"}))
+    assert not same_pixels(disabled, txt2img(ingress, **tagged))
+
+
+def test_a1111_fields_not_applied_are_named_in_the_warnings(ingress):
+    webuiapi = {"styles": [], "subseed": -1, "subseed_strength": 0.0, "seed_resize_from_h": 0, "seed_resize_from_w": 0,
+                "tiling": False, "s_churn": 0, "hr_sampler_name": "", "hr_prompt": "", "save_images": True}
+    assert txt2img(ingress, **webuiapi)["info"]["warnings"] == []  # a client's defaults say nothing
+    body = txt2img(ingress, styles=["cinematic"], subseed_strength=0.3, tiling=True, enable_hr=True, hr_scale=1.5,
+                   hr_upscaler="Latent", hr_prompt="another prompt", hr_sampler_name="Use same sampler")
+    assert body["info"]["warnings"] == [f"{field} is not applied here: the image was made without it"
+                                        for field in ("styles", "subseed_strength", "tiling", "hr_prompt")]
+    edited = img2img(ingress, init_images=[b64(bands())], initial_noise_multiplier=1.2, image_cfg_scale=1.5)
+    assert edited["info"]["warnings"] == ["initial_noise_multiplier is not applied here: the image was made "
+                                          "without it"]
+
+
+def test_include_init_images_echoes_the_uploads_in_parameters(ingress):
+    upload = b64(bands())
+    assert "init_images" not in img2img(ingress, init_images=[upload])["parameters"]
+    assert img2img(ingress, init_images=[upload], include_init_images=True)["parameters"]["init_images"] == [upload]

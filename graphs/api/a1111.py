@@ -34,6 +34,7 @@ from deployments.support.generation import (
     Encoding,
     GenerationRequest,
     StageResult,
+    parse_lora_tags,
     resolve_seeds,
 )
 from deployments.support.samplers import A1111Choice, a1111_choice
@@ -169,7 +170,9 @@ class A1111Routes(CheckpointChoice):
 
     def _generation(self, r: Txt2ImgRequest, seed: int, **extra) -> GenerationRequest:
         choice = self._choice(r)
-        return GenerationRequest(prompt=r.prompt, negative_prompt=r.negative_prompt, width=r.width, height=r.height,
+        # A1111 removes the tags of extra networks (LoRAs here) it is told not to apply.
+        prompt = parse_lora_tags(r.prompt)[0] if r.disable_extra_networks else r.prompt
+        return GenerationRequest(prompt=prompt, negative_prompt=r.negative_prompt, width=r.width, height=r.height,
                                  steps=r.steps, guidance_scale=r.cfg_scale, seed=seed, batch_size=r.batch_size,
                                  sampler=choice.sampler, schedule=choice.schedule, **extra)
 
@@ -177,21 +180,23 @@ class A1111Routes(CheckpointChoice):
                    inits: list[Image.Image] | None = None, **extra) -> Response:
         if r.batch_size * r.n_iter > MAX_IMAGES:
             raise InvalidInput(f"batch_size x n_iter exceeds {MAX_IMAGES} images", field="batch_size")
-        ignored = r.scripts()
+        ignored = [*r.scripts(), *r.unapplied()]
         switch, hires = await self._refiner(r), self._hires(r)  # checked before anything runs
         model = await self._checkpoint(r)
-        parameters = r.model_dump(exclude={"init_images", "mask"})
+        echoed = getattr(r, "include_init_images", False)  # A1111 echoes an edit's uploads only when asked
+        parameters = r.model_dump(exclude=None if echoed else {"init_images", "mask"})
         # The checkpoint resolved (the default when none is named) is part of the request the cache sees, and so
         # are an edit's uploads.
         key = await self.cache.key(cache_as, {**r.model_dump(), "checkpoint": model}, model) if cache_as else None
         hit = await self.cache.get(key)
         if hit is not None:
-            return images_answer(hit.files, parameters, {**json.loads(hit.facts["info"]), "cached": True})
+            return images_answer(hit.files if r.send_images else [], parameters,
+                                 {**json.loads(hit.facts["info"]), "cached": True})
         files, info = await self._generate(http, r, model, parameters, parent, switch, hires, inits, **extra)
         info["warnings"] = [*info["warnings"], *ignored]
         if not info.get("interrupted") and not info.get("skipped"):  # a whole answer only
             await self.cache.put(key, {"info": json.dumps(info)}, files)
-        return images_answer(files, parameters, info)
+        return images_answer(files if r.send_images else [], parameters, info)
 
     async def _generate(self, http: Request, r: Txt2ImgRequest, model: str, parameters: dict, parent: bytes | None,
                         switch: float | None, hires: plans.A1111Hires | None, inits: list[Image.Image] | None,

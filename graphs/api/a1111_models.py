@@ -70,6 +70,22 @@ class Txt2ImgRequest(_A1111):
     override_settings: dict = {}
     override_settings_restore_afterwards: bool = Field(
         True, description="false: the override_settings checkpoint stays the default afterwards")
+    send_images: bool = Field(True, description="false: the answer's images are left out, as in A1111")
+    save_images: bool = Field(False, description="accepted; nothing is saved on the server here")
+    disable_extra_networks: bool = Field(False, description="true: <lora:...> tags are removed, not applied")
+    # A1111's fields that change its images and are not applied here: each one set is named in the warnings.
+    styles: list[str] = Field([], description="not applied (no prompt styles are defined here)")
+    subseed: int = Field(-1, description="with subseed_strength: not applied")
+    subseed_strength: float = Field(0.0, ge=0.0, le=1.0, description="variation seeds: not applied")
+    seed_resize_from_w: int = Field(-1, description="not applied")
+    seed_resize_from_h: int = Field(-1, description="not applied")
+    tiling: bool = Field(False, description="seamless tiling: not applied")
+    s_churn: float | None = Field(None, description="not applied")
+    hr_checkpoint_name: str | None = Field(None, description="a checkpoint other than the first pass's: not applied")
+    hr_sampler_name: str | None = Field(None, description="a sampler other than the first pass's: not applied")
+    hr_scheduler: str | None = Field(None, description="a schedule other than the first pass's: not applied")
+    hr_prompt: str = Field("", max_length=10_000, description="a prompt other than the first pass's: not applied")
+    hr_negative_prompt: str = Field("", max_length=10_000, description="as hr_prompt: not applied")
 
     @model_validator(mode="before")
     @classmethod
@@ -96,6 +112,24 @@ class Txt2ImgRequest(_A1111):
         return [f"A1111's {name!r} script is not applied here: its arguments were ignored"
                 for name in self.alwayson_scripts]
 
+    def unapplied(self) -> list[str]:
+        """A warning for each field set that would change A1111's image and is not applied here (left at its
+        default, or at the value that means "as the first pass", a field says nothing)."""
+        same = {None, "", "Use same checkpoint", "Use same sampler", "Use same scheduler"}
+        named = [
+            ("styles", bool(self.styles)),
+            ("subseed_strength", self.subseed_strength > 0),
+            ("seed_resize_from_w", self.seed_resize_from_w > 0), ("seed_resize_from_h", self.seed_resize_from_h > 0),
+            ("tiling", self.tiling),
+            ("s_churn", bool(self.s_churn)),
+            ("hr_checkpoint_name", self.enable_hr and self.hr_checkpoint_name not in same),
+            ("hr_sampler_name", self.enable_hr and self.hr_sampler_name not in {*same, self.sampler}),
+            ("hr_scheduler", self.enable_hr and self.hr_scheduler not in {*same, "Automatic", self.scheduler}),
+            ("hr_prompt", self.enable_hr and self.hr_prompt not in {"", self.prompt}),
+            ("hr_negative_prompt", self.enable_hr and self.hr_negative_prompt not in {"", self.negative_prompt}),
+        ]
+        return [f"{field} is not applied here: the image was made without it" for field, applies in named if applies]
+
     @property
     def sampler(self) -> str | None:
         """The sampler the client named (A1111 reads ``sampler_name or sampler_index``), or None."""
@@ -112,6 +146,15 @@ class Img2ImgRequest(Txt2ImgRequest):
     resize_mode: int = Field(0, ge=0, le=3, description="how init images take the size: 0 stretch, 1 crop and "
                              "resize (cover, centre-crop), 2 resize and fill (fit, edges stretched out), 3 as 0")
     denoising_strength: float = Field(0.75, ge=MIN_STRENGTH, le=1.0)
+    include_init_images: bool = Field(False, description="true: the answer's parameters echo init_images and mask")
+    image_cfg_scale: float | None = Field(None, description="accepted: only InstructPix2Pix checkpoints read it, "
+                                          "as in A1111")
+    initial_noise_multiplier: float | None = Field(None, description="not applied (other than 1)")
+
+    def unapplied(self) -> list[str]:
+        extra = self.initial_noise_multiplier not in (None, 1.0)
+        return [*super().unapplied(),
+                *(["initial_noise_multiplier is not applied here: the image was made without it"] if extra else [])]
 
 
 class ImagesResponse(BaseModel):
