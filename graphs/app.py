@@ -25,7 +25,7 @@ from deployments.support.config import (
     UpscalerConfig,
 )
 from deployments.support.settings import current
-from graphs import plans
+from graphs import availability, plans
 from graphs.api import a1111, a1111_extras, a1111_info, generate, illustration, jobs, processing, provenance, ui
 from graphs.api.edge import create_app
 from graphs.api.photos import PhotoStore, StorageConfig
@@ -110,6 +110,7 @@ class Ingress(
         self.cache = RequestCache(open_cache(self.settings, config.result_cache), self.handles, self.settings)
         self.sizes = SizeTable.load(self.settings.batch_sizes_file)
         self.catalog = Catalog(config.base, self.settings)  # the base replicas' checkpoints, resolved here
+        availability.start()  # stage calls to a deployment that failed to deploy are refused, not queued
 
 
 def build_app(args: dict) -> Application:

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from contextvars import ContextVar
 from typing import Any
 
+from graphs import availability
 from graphs.api.errors import call, lost
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class RecordedMethod:
         return RecordedMethod(self._method.options(**options))
 
     def remote(self, *args, **kwargs):
+        availability.check(self._method)  # a deployment that failed to deploy would hold the call until its deadline
         response = self._method.remote(*args, **kwargs)
         calls = _flight.get()
         if calls is not None:

@@ -33,7 +33,7 @@ from deployments.support.errors import GenerationCancelled, StorageUnavailable
 from deployments.support.generation import Encoding, StageResult, encoded
 from deployments.support.metrics import JobMetrics
 from deployments.support.settings import current
-from graphs import flights, plans
+from graphs import availability, flights, plans
 from graphs.api.errors import call, lost, unwrap
 from graphs.api.fields import image_bytes
 from graphs.jobs import webhooks
@@ -83,6 +83,7 @@ class JobRunner:
         self._loops.append(asyncio.get_event_loop().create_task(self._deliver_webhooks()))
         self.job_metrics = JobMetrics(STATUSES)
         self._loops.append(asyncio.get_event_loop().create_task(self._count_jobs()))
+        availability.start()  # a job's stage call to a deployment that failed to deploy fails it, not its timeout
 
     async def __del__(self) -> None:
         """Serve awaits this as the replica stops (a redeploy, a scale-down; it waits the deployment's
