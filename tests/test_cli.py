@@ -10,6 +10,7 @@ import re
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -135,7 +136,28 @@ def test_connection_refused_is_one_clear_line(tmp_path, capsys):
      "503 MODEL_UNAVAILABLE: the service is busy; retry after 7 s"),
     (404, {}, {"error": "Job not found", "code": "NOT_FOUND", "details": {"field": "id"}}, 2,
      "404 NOT_FOUND: Job not found (field id)"),
-    (502, {}, "<html>bad gateway</html>", 1, "502 Bad Gateway: <html>bad gateway</html>"),
+    (429, {"Retry-After": "1"}, {"error": "too many read requests: retry in 1 s", "code": "RATE_LIMITED",
+                                 "details": {}}, 5, "429 RATE_LIMITED: too many read requests: retry in 1 s"),
+    (413, {}, {"error": "request body exceeds 33554432 bytes", "code": "PAYLOAD_TOO_LARGE",
+               "details": {"limit": 33554432}}, 2, "413 PAYLOAD_TOO_LARGE: the request is over the service's 32 MiB "
+     "limit (an image travels as base64, a third larger than its file)"),
+    # Not the service's answers: a gateway's, a proxy's, another server's pages are one line and never "failed"
+    (502, {}, "<html>bad gateway</html>", 3,
+     "502 Bad Gateway (a gateway got no answer from the service: is it running?)"),
+    (504, {"Content-Type": "text/html"}, "<html>\n<head><title>504 Gateway Time-out</title></head>\n<body>\n"
+     "<center><h1>504 Gateway Time-out</h1></center>\n<hr><center>nginx/1.25.3</center>\n</body>\n</html>\n", 3,
+     "504 Gateway Timeout (a gateway got no answer from the service: is it running?)"),
+    (501, {"Content-Type": "text/html;charset=utf-8"}, "<!DOCTYPE HTML>\n<html lang='en'>\n  <head>\n    <meta "
+     "charset='utf-8'>\n    <title>Error response</title>\n  </head>\n  <body>\n    <h1>Error response</h1>\n"
+     "    <p>Error code: 501</p>\n    <p>Message: Unsupported method ('GET').</p>\n  </body>\n</html>\n", 3,
+     "501 Not Implemented: Error response (not the service's answer: is --url or IMAGEGEN_URL the service?)"),
+    (404, {"Content-Type": "text/plain"}, "Path '/jobs/job_1_a' not found. Ping http://127.0.0.1:8000/-/routes for "
+     "available routes.", 3, "404 Not Found: Path '/jobs/job_1_a' not found. Ping http://127.0.0.1:8000/-/routes for "
+     "available routes. (not the service's answer: is --url or IMAGEGEN_URL the service?)"),
+    (503, {"Content-Type": "text/plain"}, "Service Unavailable", 5, "503 Service Unavailable; retry after a few s"),
+    (413, {"Content-Type": "text/html"}, "<html><head><title>413 Request Entity Too Large</title></head></html>", 2,
+     "413 Request Entity Too Large (a proxy's body limit; an image travels as base64, a third larger than its "
+     "file)"),
 ])
 def test_error_answers_become_one_line_and_an_exit_status(status, headers, body, exit_status, line):
     def answer(request: httpx.Request) -> httpx.Response:
@@ -147,6 +169,11 @@ def test_error_answers_become_one_line_and_an_exit_status(status, headers, body,
     with pytest.raises(CliError) as e:
         service.call("GET", "/jobs/job_1_a")
     assert (e.value.status, str(e.value)) == (exit_status, line)
+
+
+def fake(answer) -> Callable[..., Service]:
+    """What ``graphs.cli`` builds its ``Service`` with, answering through ``answer`` instead of the network."""
+    return lambda url, token, **options: Service(url, token, transport=httpx.MockTransport(answer), **options)
 
 
 def test_the_cli_imports_no_model_libraries():
@@ -185,8 +212,7 @@ def canned_service(monkeypatch, streams: list[str], result: dict, routes: dict |
         return httpx.Response(404, json={"error": "no such route", "code": "NOT_FOUND", "details": {}})
 
     monkeypatch.setattr(graphs.client, "RECONNECT_PAUSE_S", 0.0)
-    monkeypatch.setattr(graphs.cli, "Service", lambda url, token: Service(url, token,
-                                                                          transport=httpx.MockTransport(answer)))
+    monkeypatch.setattr(graphs.cli, "Service", fake(answer))
     return sent
 
 
@@ -235,8 +261,7 @@ def test_while_the_service_has_no_stream_to_spare_the_job_is_polled(monkeypatch,
         return httpx.Response(404, json={"error": "no such route", "code": "NOT_FOUND", "details": {}})
 
     monkeypatch.setattr(graphs.client, "BUSY_POLL_S", 0.0)
-    monkeypatch.setattr(graphs.cli, "Service", lambda url, token: Service(url, token,
-                                                                          transport=httpx.MockTransport(answer)))
+    monkeypatch.setattr(graphs.cli, "Service", fake(answer))
     status, _, err = run(capsys, "--quiet", "jobs", "wait", "job_1")
     assert status == 1 and len(polls) == 3 and err == "imagegen: job job_1 failed: GPU_OOM: out of memory\n"
 
@@ -342,8 +367,7 @@ def batch_service(monkeypatch, view: dict) -> None:
             return httpx.Response(200, text=frame(1, "completed"), headers={"content-type": "text/event-stream"})
         return httpx.Response(200, json=view)
 
-    monkeypatch.setattr(graphs.cli, "Service", lambda url, token: Service(url, token,
-                                                                          transport=httpx.MockTransport(answer)))
+    monkeypatch.setattr(graphs.cli, "Service", fake(answer))
 
 
 def test_a_batch_writes_the_sizes_it_can_read_and_names_the_others(monkeypatch, tmp_path, capsys):
@@ -383,3 +407,42 @@ def test_batch_sizes_exits_6_when_any_size_was_flagged_and_writes_them_all(monke
     batch_service(monkeypatch, view)
     status, _, _ = run(capsys, "--quiet", "batch-sizes", "x", "--sizes", "avatar,hero", "-o", str(tmp_path))
     assert status == 6 and sorted(p.name for p in tmp_path.iterdir()) == ["avatar.png", "hero.png"]
+
+
+def recording_service(monkeypatch, answers: dict) -> list[httpx.Request]:
+    """``graphs.cli.main`` against ``answers``: a path (or "METHOD path") -> a function of the request, or a canned
+    response; returns the requests sent, in order."""
+    import graphs.cli
+    import graphs.client
+
+    sent: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        own = answers.get(f"{request.method} {request.url.path}", answers.get(request.url.path))
+        if own is None:
+            return httpx.Response(404, json={"error": "no such route", "code": "NOT_FOUND", "details": {}})
+        return own(request) if callable(own) else own
+
+    monkeypatch.setattr(graphs.client, "RECONNECT_PAUSE_S", 0.0)
+    monkeypatch.setattr(graphs.cli, "Service", fake(answer))
+    return sent
+
+
+def stream(*frames: str) -> httpx.Response:
+    return httpx.Response(200, text="".join(frames), headers={"content-type": "text/event-stream"})
+
+
+@pytest.mark.parametrize("argv", [["jobs", "list"], ["generate", "x", "-o", "{tmp}/x.png"]], ids=["call", "stream"])
+def test_a_redirect_or_a_page_that_is_not_json_is_one_line_exit_3(monkeypatch, tmp_path, capsys, argv):
+    """httpx follows no redirect (http -> https, a trailing slash): the answer is named, never a traceback."""
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    page = {"content-type": "text/html; charset=utf-8"}
+    for response, says in [
+        (httpx.Response(301, headers={**page, "location": "https://imagegen.test/jobs"}, text="<html>moved</html>"),
+         "(HTTP 301, text/html, to https://imagegen.test/jobs): is --url the service?"),
+        (httpx.Response(200, headers=page, text="<html><body>welcome</body></html>"),
+         "(HTTP 200, text/html): is --url the service?")]:
+        recording_service(monkeypatch, {"/jobs": response, "/generate/text2img": response})
+        status, _, err = run(capsys, "--url", "http://imagegen.test", *argv)
+        assert status == 3 and err == f"imagegen: unexpected answer from http://imagegen.test {says}\n"
