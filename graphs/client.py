@@ -213,15 +213,20 @@ def _parse(lines: Iterator[str]) -> Iterator[Event]:
 
 
 class ProgressBar:
-    """One line redrawn in place on a terminal, one line per event elsewhere (logs, tests)."""
+    """One line redrawn in place on a terminal; elsewhere (logs, tests) one line per state and per tenth of each
+    denoising pass, so that a long job, or the history of one replayed when it is attached to, stays short.
+    Preview events (latent images) are not drawn."""
 
     WIDTH = 30
 
     def __init__(self, out: TextIO, quiet: bool = False) -> None:
         self.out, self.quiet, self.tty = out, quiet, out.isatty()
+        self.passes, self.step, self.total, self.tenth = 1, 0, 0, -1
 
     def show(self, event: Event) -> None:
-        if self.quiet:
+        if self.quiet or event.name == "preview":
+            return
+        if event.name == "progress" and not self._moved(event.data):
             return
         text, last = self.describe(event), event.name in TERMINAL
         if self.tty:
@@ -229,6 +234,19 @@ class ProgressBar:
         else:
             self.out.write(f"{text}\n")
         self.out.flush()
+
+    def _moved(self, d: dict) -> bool:
+        """Counts the plan's denoising passes (a hires fix's second pass starts again at step 1, and the events do
+        not name the stage); False for a step off a terminal that its pass's last line already covers."""
+        step, total = d.get("step", 0), max(1, d.get("total", 1))
+        if self.total and (step < self.step or total != self.total):
+            self.passes, self.tenth = self.passes + 1, -1
+        self.step, self.total = step, total
+        tenth = 10 * step // total
+        if not self.tty and tenth == self.tenth:
+            return False
+        self.tenth = tenth
+        return True
 
     def describe(self, event: Event) -> str:
         d, job = event.data, event.data.get("job_id", "?")
@@ -240,7 +258,8 @@ class ProgressBar:
             step, total = d.get("step", 0), max(1, d.get("total", 1))
             done = round(self.WIDTH * step / total)
             eta = f" eta {d['eta_s']:.1f} s" if d.get("eta_s") is not None else ""
-            return f"{job}: [{'#' * done}{'.' * (self.WIDTH - done)}] step {step}/{total}{eta}"
+            stage = f"pass {self.passes}, " if self.passes > 1 else ""
+            return f"{job}: [{'#' * done}{'.' * (self.WIDTH - done)}] {stage}step {step}/{total}{eta}"
         if event.name == "failed":
             return f"{job}: failed: {d.get('code', 'ERROR')}: {d.get('message', '')}"
         return f"{job}: {event.name}"
@@ -298,10 +317,15 @@ def follow(service: Service, bar: ProgressBar, job_id: str | None = None, submit
                     raise CliError(f"the event stream of job {job_id} keeps closing", UNREACHABLE)
                 time.sleep(RECONNECT_PAUSE_S * 2 ** max(0, failures - 1))
         except KeyboardInterrupt:
-            if submit is None or job_id is None:
+            if job_id is None:
                 raise
-            service.call("POST", f"/jobs/{job_id}/cancel")
-            raise CliError(f"interrupted: job {job_id} cancelled", 130) from None
+            if submit is None:
+                raise CliError(f"interrupted; {job_id} runs on: imagegen jobs wait {job_id}", 130) from None
+            try:
+                service.call("POST", f"/jobs/{job_id}/cancel")
+            except CliError as e:
+                raise CliError(f"interrupted; cancelling {job_id} failed: {e}", 130) from None
+            raise CliError(f"interrupted: {job_id} cancelled", 130) from None
     except CliError as e:
         raise e.about(job_id) from None
 
@@ -322,12 +346,17 @@ def _poll_busy(service: Service, job_id: str) -> tuple[Event | None, CliError | 
 
 def _polled(service: Service, job_id: str) -> Event | None:
     """The job's terminal event as GET /jobs/{id} tells it; None while it is queued or running."""
-    job = service.call("GET", f"/jobs/{job_id}")
+    return terminal_event(service.call("GET", f"/jobs/{job_id}", params={"images": "false"}))
+
+
+def terminal_event(job: dict) -> Event | None:
+    """A job's view (GET /jobs/{id}) as the terminal event its stream ends with; None while it is queued or
+    running."""
     if job["status"] not in TERMINAL:
         return None
     result = job.get("result") or {}
-    data = {"job_id": job_id, "status": job["status"], "warnings": result.get("warnings") or [],
-            "nsfw": result.get("nsfw")}
+    data = {"job_id": job.get("id"), "status": job["status"], "warnings": result.get("warnings") or [],
+            "nsfw": result.get("nsfw"), "seed": result.get("seed", job.get("seed"))}
     if job["status"] == "failed":
         error = job.get("error") or ""
         code, _, message = error.partition(": ")
