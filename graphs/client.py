@@ -5,6 +5,7 @@ bar drawn from those events. Only ``httpx`` and the standard library: the CLI ru
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import time
@@ -21,12 +22,14 @@ HEALTHY_STREAM_S = 30.0  # a stream open this long was cut by a deadline, not re
 UNREACHABLE = 3  # the exit status when the service cannot be reached
 BUSY = 5  # the exit status of a 429 or 503 answer
 BUSY_POLL_S = 2.0  # how often a job is polled while the service has no event stream to spare
+TIMEOUT_S = 600.0  # how long an answer may take (--timeout, IMAGEGEN_TIMEOUT)
 # The service names request fields; a person typed flags.
 FLAGS = {"width": "--width/--size", "height": "--height/--size", "steps": "--steps", "num_inference_steps": "--steps",
          "seed": "--seed", "sampler": "--sampler", "sampler_name": "--sampler", "model": "--checkpoint",
          "prompt": "PROMPT", "negativePrompt": "--negative", "negative_prompt": "--negative", "sizes": "--sizes",
          "upscaling_resize": "--scale", "upscaler_1": "--upscaler", "codeformer_weight": "--weight", "image": "IN",
-         "preview_every": "--preview-every", "baseSizes": "--base-size", "Authorization": "--token"}
+         "preview_every": "--preview-every", "baseSizes": "--base-size", "Authorization": "--token",
+         "guidanceScale": "--guidance", "guidance_scale": "--guidance"}
 
 
 class CliError(Exception):
@@ -50,21 +53,53 @@ class Event:
     data: dict
 
 
-def _explain(response: httpx.Response) -> CliError:
-    """The service's error body ({"error", "code", "details"}) as one line and an exit status."""
+def _service_body(response: httpx.Response) -> dict | None:
+    """The service's error body ({"error", "code", "details"}), or None when another server answered."""
     try:
         body = response.json()
     except ValueError:
-        body = {}
-    body = body if isinstance(body, dict) else {}
-    status, code = response.status_code, body.get("code", response.reason_phrase)
-    message = body.get("error") or response.text[:200] or response.reason_phrase
+        return None
+    if isinstance(body, dict) and isinstance(body.get("error"), str) and isinstance(body.get("code"), str):
+        return body
+    return None
+
+
+def _summary(response: httpx.Response) -> str:
+    """A few words of an answer that is not the service's: an HTML page's title (else its text), whitespace
+    collapsed; nothing when it only repeats the status."""
+    text = response.text
+    if "html" in response.headers.get("content-type", "") or re.match(r"\s*<(!doctype|html)", text, re.I):
+        title = re.search(r"<title[^>]*>(.*?)</title>", text, re.I | re.S)
+        text = title[1] if title else re.sub(r"<(script|style|head)\b.*?</\1\s*>", " ", text, flags=re.I | re.S)
+        text = html.unescape(re.sub(r"<[^>]*>", " ", text))
+    text = " ".join(text.split())
+    def bare(words: str) -> str:  # "504 Gateway Time-out" repeats "504 Gateway Timeout"
+        return re.sub(r"[\W_]+", "", words).lower()
+
+    if bare(text) in ("", bare(response.reason_phrase), bare(f"{response.status_code} {response.reason_phrase}")):
+        return ""
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+def _explain(response: httpx.Response) -> CliError:
+    """An error answer as one line and an exit status: the service's own error body, or a proxy's or another
+    server's page (a gateway's 502 is not a failed job)."""
+    body = _service_body(response)
+    status = response.status_code
+    if body is None:
+        return _foreign(response)
+    code, message = body["code"], body["error"]
+    details: dict = body["details"] if isinstance(body.get("details"), dict) else {}
     if status == 401:
         return CliError(f"401 unauthorized: {message} (pass --token or set IMAGEGEN_TOKEN)", 4)
     if status in (429, 503):
         wait = response.headers.get("retry-after")
-        return CliError(f"{status} {code}: {message}; retry after {wait or 'a few'} s", BUSY)
-    details = body.get("details") or {}
+        if "retry" not in message.lower():  # "too many requests: retry in 1 s" says it already
+            message = f"{message}; retry after {wait or 'a few'} s"
+        return CliError(f"{status} {code}: {message}", BUSY)
+    if status == 413 and isinstance(details.get("limit"), int):
+        return CliError(f"413 {code}: the request is over the service's {details['limit'] / 2**20:.3g} MiB limit "
+                        "(an image travels as base64, a third larger than its file)", 2)
     field = details.get("field")
     if field:
         flag = FLAGS.get(field)
@@ -74,18 +109,47 @@ def _explain(response: httpx.Response) -> CliError:
     return CliError(f"{status} {code}: {message}", 2 if status < 500 else 1)
 
 
+def _foreign(response: httpx.Response) -> CliError:
+    """An error page from a proxy, a gateway or a server that is not the service."""
+    status, summary = response.status_code, _summary(response)
+    head = f"{status} {response.reason_phrase}{f': {summary}' if summary else ''}"
+    if status in (401, 403):
+        return CliError(f"{head} (pass --token or set IMAGEGEN_TOKEN)", 4)
+    if status == 413:
+        return CliError(f"{head} (a proxy's body limit; an image travels as base64, a third larger than its file)", 2)
+    if status in (429, 503):
+        return CliError(f"{head}; retry after {response.headers.get('retry-after') or 'a few'} s", BUSY)
+    if status in (502, 504):
+        return CliError(f"{head} (a gateway got no answer from the service: is it running?)", UNREACHABLE)
+    return CliError(f"{head} (not the service's answer: is --url or IMAGEGEN_URL the service?)", UNREACHABLE)
+
+
 class Service:
-    def __init__(self, url: str, token: str | None, timeout: float = 600.0,
+    def __init__(self, url: str, token: str | None, timeout: float = TIMEOUT_S,
                  transport: httpx.BaseTransport | None = None) -> None:
-        self.url = url.rstrip("/")
+        self.url, self.timeout = url.rstrip("/"), timeout
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(timeout, connect=10.0),
-                                 transport=transport)
+        # Redirects are not followed: a POST would be resent as a GET, and the token to wherever it points.
+        self.http = httpx.Client(base_url=self.url, headers=headers,
+                                 timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)), transport=transport)
 
     def _unreachable(self, error: httpx.TransportError) -> CliError:
-        reason = "connection refused" if "refused" in str(error).lower() else (str(error) or type(error).__name__)
+        if isinstance(error, httpx.ReadTimeout):
+            return CliError(f"no answer from {self.url} within {self.timeout:g} s (--timeout or IMAGEGEN_TIMEOUT)",
+                            UNREACHABLE)
+        if isinstance(error, httpx.ConnectTimeout):
+            reason = "connection timed out"
+        else:
+            reason = "connection refused" if "refused" in str(error).lower() else (str(error) or type(error).__name__)
         return CliError(f"cannot reach {self.url}: {reason} (is the service running? --url or IMAGEGEN_URL)",
                         UNREACHABLE)
+
+    def _unexpected(self, response: httpx.Response) -> CliError:
+        """A redirect, or a success that is not the service's JSON (or event stream): another server answered."""
+        kind = response.headers.get("content-type", "").split(";")[0].strip() or "no content type"
+        moved = response.headers.get("location") if response.is_redirect else None
+        return CliError(f"unexpected answer from {self.url} (HTTP {response.status_code}, {kind}"
+                        f"{f', to {moved}' if moved else ''}): is --url the service?", UNREACHABLE)
 
     def call(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
@@ -94,18 +158,36 @@ class Service:
             raise self._unreachable(e) from None
         if response.status_code >= 400:
             raise _explain(response)
-        return response.json()
+        try:
+            if response.status_code < 300:
+                return response.json()
+        except ValueError:
+            pass
+        raise self._unexpected(response)
 
     def events(self, method: str, path: str, after: int = 0, **kwargs: Any) -> Iterator[Event]:
-        """Server-sent events until the stream ends; a dropped connection simply ends it (the caller resumes)."""
+        """Server-sent events until the stream ends; a dropped connection simply ends it (the caller resumes). A
+        stream that brings nothing within the timeout is an error (the service sends pings while a job waits)."""
         headers = {"Accept": "text/event-stream", **({"Last-Event-ID": str(after)} if after else {})}
+        heard = False
         try:
             with self.http.stream(method, path, headers=headers, **kwargs) as response:
                 if response.status_code >= 400:
                     response.read()
                     raise _explain(response)
-                yield from _parse(response.iter_lines())
-        except (httpx.ReadError, httpx.RemoteProtocolError, httpx.ReadTimeout):
+                if response.status_code >= 300 or "text/event-stream" not in response.headers.get("content-type", ""):
+                    raise self._unexpected(response)
+                for event in _parse(response.iter_lines()):
+                    heard = True
+                    yield event
+        except httpx.ReadTimeout as e:
+            if not heard:
+                error = self._unreachable(e)
+                if method == "POST":  # the submit may have queued the job all the same
+                    error = CliError(f"{error}; a job may have been queued: imagegen jobs list", error.status)
+                raise error from None
+            return  # a stream that went quiet after it had spoken: resumed like a dropped one
+        except (httpx.ReadError, httpx.RemoteProtocolError):
             return  # the connection dropped mid-stream: the caller resumes after the last event it saw
         except httpx.TransportError as e:
             raise self._unreachable(e) from None
@@ -131,15 +213,20 @@ def _parse(lines: Iterator[str]) -> Iterator[Event]:
 
 
 class ProgressBar:
-    """One line redrawn in place on a terminal, one line per event elsewhere (logs, tests)."""
+    """One line redrawn in place on a terminal; elsewhere (logs, tests) one line per state and per tenth of each
+    denoising pass, so that a long job, or the history of one replayed when it is attached to, stays short.
+    Preview events (latent images) are not drawn."""
 
     WIDTH = 30
 
     def __init__(self, out: TextIO, quiet: bool = False) -> None:
         self.out, self.quiet, self.tty = out, quiet, out.isatty()
+        self.passes, self.step, self.total, self.tenth = 1, 0, 0, -1
 
     def show(self, event: Event) -> None:
-        if self.quiet:
+        if self.quiet or event.name == "preview":
+            return
+        if event.name == "progress" and not self._moved(event.data):
             return
         text, last = self.describe(event), event.name in TERMINAL
         if self.tty:
@@ -147,6 +234,19 @@ class ProgressBar:
         else:
             self.out.write(f"{text}\n")
         self.out.flush()
+
+    def _moved(self, d: dict) -> bool:
+        """Counts the plan's denoising passes (a hires fix's second pass starts again at step 1, and the events do
+        not name the stage); False for a step off a terminal that its pass's last line already covers."""
+        step, total = d.get("step", 0), max(1, d.get("total", 1))
+        if self.total and (step < self.step or total != self.total):
+            self.passes, self.tenth = self.passes + 1, -1
+        self.step, self.total = step, total
+        tenth = 10 * step // total
+        if not self.tty and tenth == self.tenth:
+            return False
+        self.tenth = tenth
+        return True
 
     def describe(self, event: Event) -> str:
         d, job = event.data, event.data.get("job_id", "?")
@@ -158,7 +258,8 @@ class ProgressBar:
             step, total = d.get("step", 0), max(1, d.get("total", 1))
             done = round(self.WIDTH * step / total)
             eta = f" eta {d['eta_s']:.1f} s" if d.get("eta_s") is not None else ""
-            return f"{job}: [{'#' * done}{'.' * (self.WIDTH - done)}] step {step}/{total}{eta}"
+            stage = f"pass {self.passes}, " if self.passes > 1 else ""
+            return f"{job}: [{'#' * done}{'.' * (self.WIDTH - done)}] {stage}step {step}/{total}{eta}"
         if event.name == "failed":
             return f"{job}: failed: {d.get('code', 'ERROR')}: {d.get('message', '')}"
         return f"{job}: {event.name}"
@@ -216,10 +317,15 @@ def follow(service: Service, bar: ProgressBar, job_id: str | None = None, submit
                     raise CliError(f"the event stream of job {job_id} keeps closing", UNREACHABLE)
                 time.sleep(RECONNECT_PAUSE_S * 2 ** max(0, failures - 1))
         except KeyboardInterrupt:
-            if submit is None or job_id is None:
+            if job_id is None:
                 raise
-            service.call("POST", f"/jobs/{job_id}/cancel")
-            raise CliError(f"interrupted: job {job_id} cancelled", 130) from None
+            if submit is None:
+                raise CliError(f"interrupted; {job_id} runs on: imagegen jobs wait {job_id}", 130) from None
+            try:
+                service.call("POST", f"/jobs/{job_id}/cancel")
+            except CliError as e:
+                raise CliError(f"interrupted; cancelling {job_id} failed: {e}", 130) from None
+            raise CliError(f"interrupted: {job_id} cancelled", 130) from None
     except CliError as e:
         raise e.about(job_id) from None
 
@@ -240,12 +346,17 @@ def _poll_busy(service: Service, job_id: str) -> tuple[Event | None, CliError | 
 
 def _polled(service: Service, job_id: str) -> Event | None:
     """The job's terminal event as GET /jobs/{id} tells it; None while it is queued or running."""
-    job = service.call("GET", f"/jobs/{job_id}")
+    return terminal_event(service.call("GET", f"/jobs/{job_id}", params={"images": "false"}))
+
+
+def terminal_event(job: dict) -> Event | None:
+    """A job's view (GET /jobs/{id}) as the terminal event its stream ends with; None while it is queued or
+    running."""
     if job["status"] not in TERMINAL:
         return None
     result = job.get("result") or {}
-    data = {"job_id": job_id, "status": job["status"], "warnings": result.get("warnings") or [],
-            "nsfw": result.get("nsfw")}
+    data = {"job_id": job.get("id"), "status": job["status"], "warnings": result.get("warnings") or [],
+            "nsfw": result.get("nsfw"), "seed": result.get("seed", job.get("seed"))}
     if job["status"] == "failed":
         error = job.get("error") or ""
         code, _, message = error.partition(": ")

@@ -3,6 +3,7 @@ lines against canned answers (no service needed)."""
 
 from __future__ import annotations
 
+import argparse
 import base64
 import io
 import json
@@ -10,6 +11,7 @@ import re
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -81,7 +83,7 @@ def test_jobs_wait_shows_progress_then_show_list_and_cancel(service, url, tmp_pa
 
     status, stdout, _ = run(capsys, "--url", url, "jobs", "show", job["id"])
     shown = json.loads(stdout)
-    assert status == 0 and shown["status"] == "completed" and shown["result"]["images"][0].startswith("<image/png")
+    assert status == 0 and shown["status"] == "completed" and shown["result"]["urls"][0].startswith("/jobs/")
     status, stdout, _ = run(capsys, "--url", url, "jobs", "list", "--status", "completed", "--limit", "500")
     assert status == 0 and any(line.startswith(job["id"]) for line in stdout.splitlines())
     status, _, stderr = run(capsys, "--url", url, "jobs", "cancel", job["id"])
@@ -135,7 +137,28 @@ def test_connection_refused_is_one_clear_line(tmp_path, capsys):
      "503 MODEL_UNAVAILABLE: the service is busy; retry after 7 s"),
     (404, {}, {"error": "Job not found", "code": "NOT_FOUND", "details": {"field": "id"}}, 2,
      "404 NOT_FOUND: Job not found (field id)"),
-    (502, {}, "<html>bad gateway</html>", 1, "502 Bad Gateway: <html>bad gateway</html>"),
+    (429, {"Retry-After": "1"}, {"error": "too many read requests: retry in 1 s", "code": "RATE_LIMITED",
+                                 "details": {}}, 5, "429 RATE_LIMITED: too many read requests: retry in 1 s"),
+    (413, {}, {"error": "request body exceeds 33554432 bytes", "code": "PAYLOAD_TOO_LARGE",
+               "details": {"limit": 33554432}}, 2, "413 PAYLOAD_TOO_LARGE: the request is over the service's 32 MiB "
+     "limit (an image travels as base64, a third larger than its file)"),
+    # Not the service's answers: a gateway's, a proxy's, another server's pages are one line and never "failed"
+    (502, {}, "<html>bad gateway</html>", 3,
+     "502 Bad Gateway (a gateway got no answer from the service: is it running?)"),
+    (504, {"Content-Type": "text/html"}, "<html>\n<head><title>504 Gateway Time-out</title></head>\n<body>\n"
+     "<center><h1>504 Gateway Time-out</h1></center>\n<hr><center>nginx/1.25.3</center>\n</body>\n</html>\n", 3,
+     "504 Gateway Timeout (a gateway got no answer from the service: is it running?)"),
+    (501, {"Content-Type": "text/html;charset=utf-8"}, "<!DOCTYPE HTML>\n<html lang='en'>\n  <head>\n    <meta "
+     "charset='utf-8'>\n    <title>Error response</title>\n  </head>\n  <body>\n    <h1>Error response</h1>\n"
+     "    <p>Error code: 501</p>\n    <p>Message: Unsupported method ('GET').</p>\n  </body>\n</html>\n", 3,
+     "501 Not Implemented: Error response (not the service's answer: is --url or IMAGEGEN_URL the service?)"),
+    (404, {"Content-Type": "text/plain"}, "Path '/jobs/job_1_a' not found. Ping http://127.0.0.1:8000/-/routes for "
+     "available routes.", 3, "404 Not Found: Path '/jobs/job_1_a' not found. Ping http://127.0.0.1:8000/-/routes for "
+     "available routes. (not the service's answer: is --url or IMAGEGEN_URL the service?)"),
+    (503, {"Content-Type": "text/plain"}, "Service Unavailable", 5, "503 Service Unavailable; retry after a few s"),
+    (413, {"Content-Type": "text/html"}, "<html><head><title>413 Request Entity Too Large</title></head></html>", 2,
+     "413 Request Entity Too Large (a proxy's body limit; an image travels as base64, a third larger than its "
+     "file)"),
 ])
 def test_error_answers_become_one_line_and_an_exit_status(status, headers, body, exit_status, line):
     def answer(request: httpx.Request) -> httpx.Response:
@@ -147,6 +170,11 @@ def test_error_answers_become_one_line_and_an_exit_status(status, headers, body,
     with pytest.raises(CliError) as e:
         service.call("GET", "/jobs/job_1_a")
     assert (e.value.status, str(e.value)) == (exit_status, line)
+
+
+def fake(answer) -> Callable[..., Service]:
+    """What ``graphs.cli`` builds its ``Service`` with, answering through ``answer`` instead of the network."""
+    return lambda url, token, **options: Service(url, token, transport=httpx.MockTransport(answer), **options)
 
 
 def test_the_cli_imports_no_model_libraries():
@@ -182,11 +210,12 @@ def canned_service(monkeypatch, streams: list[str], result: dict, routes: dict |
             return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
         if request.url.path == "/jobs/job_1/result":
             return httpx.Response(200, json={"imageData": png_base64(), "width": 8, "height": 8, **result})
+        if request.url.path == "/jobs/job_1":
+            return httpx.Response(200, json={"id": "job_1", "type": "text2img", "status": "processing"})
         return httpx.Response(404, json={"error": "no such route", "code": "NOT_FOUND", "details": {}})
 
     monkeypatch.setattr(graphs.client, "RECONNECT_PAUSE_S", 0.0)
-    monkeypatch.setattr(graphs.cli, "Service", lambda url, token: Service(url, token,
-                                                                          transport=httpx.MockTransport(answer)))
+    monkeypatch.setattr(graphs.cli, "Service", fake(answer))
     return sent
 
 
@@ -226,25 +255,24 @@ def test_while_the_service_has_no_stream_to_spare_the_job_is_polled(monkeypatch,
                 "error": "this replica serves 32 event streams", "code": "STREAMS_BUSY", "details": {"limit": 32}})
         if request.url.path == "/jobs/job_1":
             polls.append(1)
-            if len(polls) == 1:  # rate limited like the stream: the client waits its turn
+            if len(polls) == 2:  # rate limited like the stream: the client waits its turn
                 return httpx.Response(429, headers={"Retry-After": "1"}, json={
                     "error": "too many requests", "code": "RATE_LIMITED", "details": {}})
-            if len(polls) < 3:
+            if len(polls) < 4:  # the first: jobs wait's look at the job before it follows it
                 return httpx.Response(200, json={"id": "job_1", "status": "processing"})
             return httpx.Response(200, json={"id": "job_1", "status": "failed", "error": "GPU_OOM: out of memory"})
         return httpx.Response(404, json={"error": "no such route", "code": "NOT_FOUND", "details": {}})
 
     monkeypatch.setattr(graphs.client, "BUSY_POLL_S", 0.0)
-    monkeypatch.setattr(graphs.cli, "Service", lambda url, token: Service(url, token,
-                                                                          transport=httpx.MockTransport(answer)))
+    monkeypatch.setattr(graphs.cli, "Service", fake(answer))
     status, _, err = run(capsys, "--quiet", "jobs", "wait", "job_1")
-    assert status == 1 and len(polls) == 3 and err == "imagegen: job job_1 failed: GPU_OOM: out of memory\n"
+    assert status == 1 and len(polls) == 4 and err == "imagegen: job job_1 failed: GPU_OOM: out of memory\n"
 
 
 def test_an_output_that_cannot_be_written_is_refused_before_the_job_is_queued(monkeypatch, tmp_path, capsys):
     sent = canned_service(monkeypatch, [frame(1, "completed")], {})
     (tmp_path / "afile").write_text("")
-    for argv, says in [(["generate", "x", "-o", str(tmp_path)], "a folder; name the PNG file to write"),
+    for argv, says in [(["generate", "x", "-o", str(tmp_path)], "a folder; name the image file to write"),
                        (["generate", "x", "-o", str(tmp_path / "afile" / "x.png")], "afile is a file, not a folder"),
                        (["batch-sizes", "x", "--sizes", "hero", "-o", str(tmp_path / "afile")], "not a folder")]:
         status, _, err = run(capsys, "--quiet", *argv)
@@ -342,8 +370,7 @@ def batch_service(monkeypatch, view: dict) -> None:
             return httpx.Response(200, text=frame(1, "completed"), headers={"content-type": "text/event-stream"})
         return httpx.Response(200, json=view)
 
-    monkeypatch.setattr(graphs.cli, "Service", lambda url, token: Service(url, token,
-                                                                          transport=httpx.MockTransport(answer)))
+    monkeypatch.setattr(graphs.cli, "Service", fake(answer))
 
 
 def test_a_batch_writes_the_sizes_it_can_read_and_names_the_others(monkeypatch, tmp_path, capsys):
@@ -383,3 +410,205 @@ def test_batch_sizes_exits_6_when_any_size_was_flagged_and_writes_them_all(monke
     batch_service(monkeypatch, view)
     status, _, _ = run(capsys, "--quiet", "batch-sizes", "x", "--sizes", "avatar,hero", "-o", str(tmp_path))
     assert status == 6 and sorted(p.name for p in tmp_path.iterdir()) == ["avatar.png", "hero.png"]
+
+
+def recording_service(monkeypatch, answers: dict) -> list[httpx.Request]:
+    """``graphs.cli.main`` against ``answers``: a path (or "METHOD path") -> a function of the request, or a canned
+    response; returns the requests sent, in order."""
+    import graphs.cli
+    import graphs.client
+
+    sent: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        own = answers.get(f"{request.method} {request.url.path}", answers.get(request.url.path))
+        if own is None:
+            return httpx.Response(404, json={"error": "no such route", "code": "NOT_FOUND", "details": {}})
+        return own(request) if callable(own) else own
+
+    monkeypatch.setattr(graphs.client, "RECONNECT_PAUSE_S", 0.0)
+    monkeypatch.setattr(graphs.cli, "Service", fake(answer))
+    return sent
+
+
+def stream(*frames: str) -> httpx.Response:
+    return httpx.Response(200, text="".join(frames), headers={"content-type": "text/event-stream"})
+
+
+@pytest.mark.parametrize("argv", [["jobs", "list"], ["generate", "x", "-o", "{tmp}/x.png"]], ids=["call", "stream"])
+def test_a_redirect_or_a_page_that_is_not_json_is_one_line_exit_3(monkeypatch, tmp_path, capsys, argv):
+    """httpx follows no redirect (http -> https, a trailing slash): the answer is named, never a traceback."""
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    page = {"content-type": "text/html; charset=utf-8"}
+    for response, says in [
+        (httpx.Response(301, headers={**page, "location": "https://imagegen.test/jobs"}, text="<html>moved</html>"),
+         "(HTTP 301, text/html, to https://imagegen.test/jobs): is --url the service?"),
+        (httpx.Response(200, headers=page, text="<html><body>welcome</body></html>"),
+         "(HTTP 200, text/html): is --url the service?")]:
+        recording_service(monkeypatch, {"/jobs": response, "/generate/text2img": response})
+        status, _, err = run(capsys, "--url", "http://imagegen.test", *argv)
+        assert status == 3 and err == f"imagegen: unexpected answer from http://imagegen.test {says}\n"
+
+
+def test_an_existing_output_is_refused_before_the_job_unless_force(monkeypatch, tmp_path, capsys):
+    sent = canned_service(monkeypatch, [frame(1, "completed")], {})
+    out = tmp_path / "a.png"
+    out.write_bytes(b"mine")
+    (tmp_path / "sizes").mkdir()
+    (tmp_path / "sizes" / "avatar.png").write_bytes(b"mine")
+    for argv in (["generate", "x", "-o", str(out)], ["upscale", str(out), "-o", str(out)],
+                 ["batch-sizes", "x", "--sizes", "hero,avatar", "-o", str(tmp_path / "sizes")]):
+        status, _, err = run(capsys, "--quiet", *argv)
+        assert status == 2 and "exists (--force replaces it)" in err, err
+    assert sent == [] and out.read_bytes() == b"mine"
+    status, _, err = run(capsys, "--quiet", "generate", "x", "-o", str(out), "--force")
+    assert status == 0 and Image.open(out).size == (8, 8), err
+
+
+def test_dash_is_stdin_and_stdout_and_other_extensions_are_converted(monkeypatch, tmp_path, capsysbinary):
+    png = base64.b64decode(png_base64())
+    sent = recording_service(monkeypatch, {"/sdapi/v1/extra-single-image": lambda r: httpx.Response(
+        200, json={"image": json.loads(r.content)["image"], "html_info": ""})})
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(png)))
+    assert main(["--quiet", "upscale", "-", "-o", "-"]) == 0
+    captured = capsysbinary.readouterr()
+    assert captured.out == png and captured.err == b"" and len(sent) == 1
+    (tmp_path / "in.png").write_bytes(png)
+    assert main(["upscale", str(tmp_path / "in.png"), "-o", str(tmp_path / "out.jpg")]) == 0
+    assert Image.open(tmp_path / "out.jpg").format == "JPEG"
+    capsysbinary.readouterr()
+    assert main(["upscale", str(tmp_path / "in.png"), "-o", str(tmp_path / "out.xyz")]) == 2
+    assert b"cannot write .xyz images" in capsysbinary.readouterr().err and len(sent) == 2
+
+
+def test_generate_prints_the_seed_and_sends_every_flag(monkeypatch, tmp_path, capsys):
+    bodies: list[dict] = []
+
+    def submitted(request: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(request.content))
+        return stream(frame(1, "completed", seed=1234))
+
+    view = {"id": "job_1", "status": "completed", "images": {"avatar": {
+        "imageData": png_base64(), "width": 8, "height": 8, "nsfw": None}}}
+    recording_service(monkeypatch, {
+        "/generate/text2img": submitted, "/generate/async": submitted, "/generate/batch-sizes": submitted,
+        "/jobs/job_1/result": httpx.Response(200, json={"imageData": png_base64(), "width": 8, "height": 8}),
+        "/jobs/job_1": httpx.Response(200, json=view)})
+    status, out, _ = run(capsys, "--quiet", "generate", "x", "--guidance", "4.5", "-o", str(tmp_path / "a.png"))
+    assert status == 0 and out == f"{tmp_path / 'a.png'} 8x8 (job_1, seed 1234)\n"
+    assert run(capsys, "--quiet", "generate", "x", "--hires", "--guidance", "5", "-o", str(tmp_path / "b.png"))[0] == 0
+    assert run(capsys, "--quiet", "batch-sizes", "x", "--sizes", "avatar", "--negative", "blur", "--checkpoint",
+               "anime", "--guidance", "6", "-o", str(tmp_path / "c"))[0] == 0
+    assert bodies == [{"prompt": "x", "guidanceScale": 4.5}, {"prompt": "x", "guidance_scale": 5.0,
+                                                            "hires_fix": True, "use_face_restoration": False},
+                      {"prompt": "x", "negativePrompt": "blur", "sizes": ["avatar"], "guidanceScale": 6.0,
+                       "model": "anime"}]
+    status, _, err = run(capsys, "--quiet", "generate", "x", "--hires", "--size", "512", "-o", str(tmp_path / "d.png"))
+    assert status == 2 and "takes no --size" in err and len(bodies) == 3
+
+
+def test_sizes_lists_the_named_sizes_and_the_bases(monkeypatch, capsys):
+    config = {"sizes": {"hero": {"width": 1920, "height": 640, "aspect": "landscape"},
+                        "avatar": {"width": 512, "height": 512, "aspect": "square"}},
+              "bases": {"landscape": [1344, 768], "square": [1024, 1024]}}
+    recording_service(monkeypatch, {"GET /generate/batch-sizes": httpx.Response(200, json=config)})
+    status, out, _ = run(capsys, "sizes")
+    assert status == 0 and out.splitlines() == [
+        "hero             1920x640    landscape", "avatar           512x512    square",
+        "bases (one rendered per aspect class, --base-size overrides): landscape 1344x768, square 1024x1024"]
+
+
+def test_jobs_show_asks_for_no_images_and_shortens_base64(monkeypatch, capsys):
+    view = {"id": "job_1", "type": "batch-sizes", "status": "completed",
+            "images": {"hero": {"imageData": "QUJD" * 100_000, "url": "/jobs/job_1/images/hero.png"}}}
+    sent = recording_service(monkeypatch, {"/jobs/job_1": httpx.Response(200, json=view)})
+    status, out, _ = run(capsys, "jobs", "show", "job_1")
+    assert status == 0 and sent[0].url.params["images"] == "false" and len(out) < 500
+    assert json.loads(out)["images"]["hero"] == {"imageData": "<base64, 400000 characters>",
+                                                 "url": "/jobs/job_1/images/hero.png"}
+
+
+def test_jobs_wait_on_a_finished_job_prints_its_end_alone(monkeypatch, tmp_path, capsys):
+    view = {"id": "job_1", "type": "text2img", "status": "completed", "result": {"seed": 9, "warnings": []}}
+    sent = recording_service(monkeypatch, {
+        "/jobs/job_1": httpx.Response(200, json=view),
+        "/jobs/job_1/result": httpx.Response(200, json={"imageData": png_base64(), "width": 8, "height": 8})})
+    status, out, err = run(capsys, "jobs", "wait", "job_1", "-o", str(tmp_path / "w.png"))
+    assert (status, err) == (0, "job_1: completed\n") and out.endswith("8x8 (job_1, seed 9)\n")
+    assert [r.url.path for r in sent] == ["/jobs/job_1", "/jobs/job_1/result"]  # no event stream replayed
+
+
+def test_progress_off_a_terminal_skips_previews_and_names_the_pass(monkeypatch, capsys):
+    """A 150-step job with previews is a dozen lines, not 300; a hires fix's second pass is named."""
+    first = [frame(n, "progress", step=n, total=150) + frame(n, "preview", step=n, total=150) for n in range(1, 151)]
+    second = [frame(150 + n, "progress", step=n, total=4) for n in range(1, 5)]
+    recording_service(monkeypatch, {"/jobs/job_1": httpx.Response(200, json={"id": "job_1", "status": "queued"}),
+                                    "/jobs/job_1/events": stream(*first, *second, frame(155, "completed"))})
+    status, _, err = run(capsys, "jobs", "wait", "job_1")
+    lines = err.splitlines()
+    assert status == 0 and len(lines) == 11 + 4 + 1 and lines[-1] == "job_1: completed"
+    assert lines[10].endswith("] step 150/150") and lines[11].endswith("] pass 2, step 1/4")
+
+
+def test_jobs_cancel_waits_briefly_for_a_running_job_to_stop(monkeypatch, capsys):
+    import graphs.cli
+
+    states = iter(["processing", "cancelled"])
+    recording_service(monkeypatch, {
+        "POST /jobs/job_1/cancel": httpx.Response(200, json={"success": True, "id": "job_1", "status": "processing"}),
+        "GET /jobs/job_1": lambda _: httpx.Response(200, json={"id": "job_1", "status": next(states, "processing")})})
+    monkeypatch.setattr(graphs.cli, "CANCEL_POLL_S", 0.0)
+    assert run(capsys, "jobs", "cancel", "job_1")[1] == "job_1: cancelled\n"
+    monkeypatch.setattr(graphs.cli, "CANCEL_WAIT_S", 0.0)
+    assert run(capsys, "jobs", "cancel", "job_1")[1] == (
+        "job_1: cancel requested; still processing (it stops at its next step: imagegen jobs wait job_1)\n")
+
+
+def test_a_service_that_never_answers_is_a_timeout_not_unreachable(tmp_path, capsys, monkeypatch):
+    """A listening socket that accepts (the kernel does) and never answers: the wait is --timeout or
+    IMAGEGEN_TIMEOUT, and the message says so."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        status, _, err = run(capsys, "--url", url, "--timeout", "0.2", "jobs", "list")
+        assert status == 3 and err == f"imagegen: no answer from {url} within 0.2 s (--timeout or IMAGEGEN_TIMEOUT)\n"
+        monkeypatch.setenv("IMAGEGEN_TIMEOUT", "0.3")
+        status, _, err = run(capsys, "--url", url, "generate", "x", "-o", str(tmp_path / "x.png"))
+        assert status == 3 and "within 0.3 s" in err and "a job may have been queued: imagegen jobs list" in err
+
+
+def test_ctrl_c_cancels_a_submitted_job_and_leaves_a_watched_one_running(monkeypatch, tmp_path, capsys):
+    def interrupt(_request: httpx.Request) -> httpx.Response:
+        raise KeyboardInterrupt
+
+    sent = recording_service(monkeypatch, {
+        "/generate/text2img": stream(frame(1, "queued", position=1)), "/jobs/job_1/events": interrupt,
+        "/jobs/job_1": httpx.Response(200, json={"id": "job_1", "status": "processing"}),
+        "POST /jobs/job_1/cancel": httpx.Response(200, json={"success": True, "id": "job_1", "status": "cancelled"})})
+    status, _, err = run(capsys, "--quiet", "generate", "x", "-o", str(tmp_path / "x.png"))
+    assert (status, err) == (130, "imagegen: interrupted: job_1 cancelled\n")
+    assert sent[-1].url.path == "/jobs/job_1/cancel"
+    sent.clear()
+    status, _, err = run(capsys, "--quiet", "jobs", "wait", "job_1")
+    assert (status, err) == (130, "imagegen: interrupted; job_1 runs on: imagegen jobs wait job_1\n")
+    assert all(r.method == "GET" for r in sent)
+
+
+def test_the_help_names_every_argument_and_the_exit_statuses(capsys):
+    from graphs.cli import parser
+
+    top = parser()
+    commands = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, command in [("imagegen", top), *commands.items()]:
+        for action in command._actions:
+            if not isinstance(action, argparse._SubParsersAction):
+                assert action.help, f"{name}: {action.dest} has no help"
+        text = command.format_help()
+        assert "\n  130  interrupted (Ctrl-C)" in text and "\n  6    done, but the safety" in text, name
+        assert not re.search(r"seed 00\d|configs/", text), name
+    assert "Ctrl-C cancels the job" in commands["generate"].format_help()
+    assert "Ctrl-C cancels the job" in commands["batch-sizes"].format_help()
+    assert "leaves the job running" in commands["jobs"].format_help()
+    assert "at most 500" in commands["jobs"].format_help()
