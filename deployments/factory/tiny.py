@@ -60,12 +60,12 @@ IMAGE_ENCODER_SIZE = 32  # input resolution of the tiny CLIP vision tower
 def _save_tokenizer(src: Path, dst: Path, pad_token: str) -> None:
     from transformers import CLIPTokenizer
 
-    tokenizer = CLIPTokenizer(
-        vocab_file=str(src / "vocab.json"),
-        merges_file=str(src / "merges.txt"),
-        pad_token=pad_token,
-        model_max_length=77,
-    )
+    # Loaded as a release folder is, from its vocab.json and merges.txt: transformers 5's CLIPTokenizer takes the
+    # vocabulary itself, not file names, and given ``vocab_file=`` it silently keeps its two special tokens only
+    # (every prompt then reads as the same unknown tokens).
+    tokenizer = CLIPTokenizer.from_pretrained(str(src), pad_token=pad_token, model_max_length=77)
+    if len(tokenizer) < 3:
+        raise RuntimeError(f"the tokenizer built from {src} holds {len(tokenizer)} tokens")
     tokenizer.save_pretrained(dst)
 
 
