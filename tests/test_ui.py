@@ -58,6 +58,8 @@ def test_every_control_has_a_label_and_every_reference_is_local():
     assert not unlabelled, unlabelled
     assert {"ui/app.js", "ui/app.css"} <= set(page.references)
     for reference in page.references:
+        if reference == "data:,":
+            continue  # the empty icon: no /favicon.ico request, which answers 401 where auth is on
         assert not re.match(r"[a-z]+:|//", reference), reference  # relative: no CDN, works under a route prefix
     for name in PAGE_FILES:
         assert not re.search(r"https?://", _packaged(name)), f"{name} names another origin"
@@ -124,6 +126,15 @@ WATCH = """() => {
   watch("progress", "value", window.seen.values);
   new MutationObserver((records) => { window.seen.previews += records.length; })
     .observe(document.getElementById("preview"), { attributes: true, attributeFilter: ["src"] });
+  window.texts = [];
+  const status = document.getElementById("status");
+  new MutationObserver((records) => {
+    for (const record of records) {
+      if (!record.addedNodes.length) continue;
+      window.texts.push({ text: [...record.addedNodes].map((node) => node.textContent).join(""),
+        cancel: !document.getElementById("cancel").disabled, generate: !document.getElementById("generate").disabled });
+    }
+  }).observe(status, { childList: true });
 }"""
 
 
@@ -171,17 +182,57 @@ def _job(**result) -> dict:
             "result": {"urls": ["/jobs/job_1/images/1-image_0.png"], "seed": 5, **result}}
 
 
-def _generate_against(browser, job: dict, stream: str, until: str,
-                      more: dict | None = None) -> tuple[object, object, list]:
+DOWN = "down"  # an answer that never comes: the connection is refused
+
+
+class _Seq(list):
+    """Answers given one per request, in turn; the last one repeats."""
+
+    def next(self):
+        return self.pop(0) if len(self) > 1 else self[0]
+
+
+class _Stream(str):
+    """An answer that is an event stream."""
+
+
+def _reply(route, spec):
+    while isinstance(spec, _Seq) or callable(spec):
+        spec = spec.next() if isinstance(spec, _Seq) else spec()
+    if spec == DOWN:
+        return route.abort("connectionrefused")
+    if isinstance(spec, _Stream):
+        return route.fulfill(body=str(spec), content_type="text/event-stream")
+    if isinstance(spec, tuple):
+        status, body, *headers = spec
+        if isinstance(body, str):
+            return route.fulfill(status=status, body=body, content_type="text/html", headers=(headers or [{}])[0])
+        return route.fulfill(status=status, json=body, headers=(headers or [{}])[0])
+    return route.fulfill(json=spec)
+
+
+# Records, from page load, every Content-Security-Policy violation.
+VIOLATIONS = """window.violations = [];
+document.addEventListener("securitypolicyviolation",
+  (e) => window.violations.push(`${e.violatedDirective} ${e.blockedURI}`));"""
+
+
+def _open(browser, job: dict, stream: str, more: dict | None = None,
+          token: str | None = None) -> tuple[object, object, list]:
     """The page against the events contract, every API answer faked in the browser (``more`` adds or replaces
-    answers; a (status, body) pair is an error), the page's files served with the service's own headers (its
-    Content-Security-Policy): Generate clicked, then waited on until the JavaScript condition ``until`` holds.
-    ``submitted`` gets the body of each generate call and the path and query of each image and job view asked
-    for. An image path that ends ``gone.png`` answers 410. The caller closes the context."""
+    answers: a (status, body[, headers]) tuple is an error, ``DOWN`` a refused connection, a ``_Seq`` answers in
+    turn, a callable is asked each time), the page's files served with the service's own headers (its
+    Content-Security-Policy), and waited on until ready. With ``token``, every API call without it answers 401.
+    ``submitted`` gets the body of each generate call, the path and query of each job view, image and cancel
+    asked for, and ``events <Last-Event-ID>`` for each stream. An image path that ends ``gone.png`` answers 410.
+    The caller closes the context."""
     answers = {
         "/models": {"models": [{"id": "m", "type": "base"}]}, "/sdapi/v1/samplers": [{"name": "Euler a"}],
         "/sdapi/v1/loras": [], "/sdapi/v1/upscalers": [], "/generate/batch-sizes": {"sizes": {}, "bases": {}},
-        "/jobs": {"jobs": [], "total": 0, "offset": 0, "limit": 12}, "/jobs/job_1": job, **(more or {}),
+        "/jobs": {"jobs": [], "total": 0, "offset": 0, "limit": 12}, "/jobs/job_1": job,
+        "/generate/text2img": (202, {**job, "status": "queued", "progress": 0}),
+        "/jobs/job_1/events": _Stream(stream), "/sdapi/v1/progress": {"state": {"job": ""}, "current_image": None},
+        **(more or {}),
     }
     submitted: list = []
 
@@ -191,28 +242,36 @@ def _generate_against(browser, job: dict, stream: str, until: str,
             name = "index.html" if path == "/ui" else path.removeprefix("/ui/")
             types = {"html": "text/html", "js": "text/javascript", "css": "text/css"}
             return route.fulfill(body=_packaged(name), content_type=types[name.rsplit(".", 1)[1]], headers=ui.HEADERS)
+        if token and route.request.headers.get("authorization") != f"Bearer {token}":
+            return route.fulfill(status=401, json={"error": "missing or invalid bearer token", "code": "UNAUTHORIZED",
+                                                   "details": {}})
         if path == "/generate/text2img":
             submitted.append(route.request.post_data_json)
-            return route.fulfill(status=202, json={**job, "status": "queued", "progress": 0})
-        if path == "/jobs/job_1/events":
-            return route.fulfill(body=stream, content_type="text/event-stream")
-        if path.startswith("/jobs/"):
+        elif path.endswith("/events"):
+            submitted.append(f"events {route.request.headers.get('last-event-id', '')}".strip())
+        elif path.startswith("/jobs/"):
             query = urlsplit(route.request.url).query
             submitted.append(f"{path}?{query}" if query else path)
         if "/images/" in path:
             if path.endswith("gone.png"):
                 return route.fulfill(status=410, json={"error": "expired", "code": "RESULT_EXPIRED", "details": {}})
             return route.fulfill(body=_png(24, 16), content_type="image/png")
-        if isinstance(answers[path], tuple):
-            return route.fulfill(status=answers[path][0], json=answers[path][1])
-        return route.fulfill(json=answers[path])
+        return _reply(route, answers[path])
 
     context = browser.new_context()
+    context.add_init_script(VIOLATIONS)
     context.route("http://ui.test/**", answer)
     page = context.new_page()
     page.goto("http://ui.test/ui")
     page.wait_for_selector("body[data-ready=true]")
     page.evaluate(WATCH)
+    return context, page, submitted
+
+
+def _generate_against(browser, job: dict, stream: str, until: str,
+                      more: dict | None = None) -> tuple[object, object, list]:
+    """``_open``, then Generate clicked and waited on until the JavaScript condition ``until`` holds."""
+    context, page, submitted = _open(browser, job, stream, more)
     page.get_by_label("Prompt", exact=True).fill("p")
     page.get_by_role("button", name="Generate").click()
     page.wait_for_function(until)
@@ -228,7 +287,9 @@ def test_the_event_stream_drives_the_page(browser):
     flags = page.locator("#result .flagged").count()
     link = page.locator("#result a[download]")
     saved = link.get_attribute("download"), link.get_attribute("href")
+    named = page.locator(RESULT).get_attribute("alt"), link.get_attribute("aria-label")
     context.close()
+    assert named == ("Result: “p”", "Download “p” (job_1_0.png)")  # the prompt, not only the job id
     assert submitted[0]["sampler"] == "Euler a" and submitted[0]["model"] == "m" and submitted[0]["width"] == 512
     assert seen == {"states": ["idle", "queued", "processing", "completed"], "values": [0, 50, 100], "previews": 1}
     assert mode == "events" and flags == 0
@@ -296,6 +357,245 @@ def test_a_job_whose_details_fail_does_not_empty_the_list(browser):
     context.close()
     assert note == "" and images == 1 and saved == "job_1_0.png"
     assert failed == "Details unavailable: result storage unavailable"
+
+
+def _running(job_id: str = "job_1", **request) -> dict:
+    """A job's view while it runs, as ``GET /jobs/{id}?images=false`` gives it."""
+    return {"id": job_id, "jobId": job_id, "type": "text2img", "status": "processing", "progress": 40,
+            "createdAt": "2025-03-04T05:06:07Z", "request": {"prompt": "p", "width": 24, "height": 16, **request}}
+
+
+def _split(stream: str, events: int) -> tuple[str, str]:
+    """A stream cut after its first ``events`` events (a connection that broke), and the rest of it."""
+    blocks = stream.split("\n\n")
+    return "\n\n".join(blocks[:events + 1]) + "\n\n", "\n\n".join(blocks[events + 1:])
+
+
+def _texts(page) -> list[dict]:
+    """Every text the status line showed, with whether Cancel and Generate were enabled then."""
+    return page.evaluate("window.texts")
+
+
+COMPLETED = f"() => document.querySelector('{RESULT}')?.naturalWidth > 0"
+
+
+def test_polling_rides_out_failed_requests(browser):
+    """No event stream (503): polling. A refused connection, a 503 and a gateway's 502 while the job runs are
+    retried with backoff, the job kept, Cancel still offered; only the service's word ends it."""
+    views = _Seq([_running(), DOWN, (503, {"error": "busy", "code": "UNAVAILABLE", "details": {}}),
+                  (502, "<html>Bad Gateway</html>"), _running(), _job()])
+    more = {"/jobs/job_1/events": (503, {"error": "too many streams", "code": "STREAMS_BUSY", "details": {}}),
+            "/jobs/job_1": views}
+    context, page, submitted = _generate_against(browser, _job(), _stream("job_1"), COMPLETED, more)
+    seen, texts = _seen(page), _texts(page)
+    mode, violations = page.evaluate("document.body.dataset.updates"), page.evaluate("window.violations")
+    context.close()
+    assert mode == "polling" and "failed" not in seen["states"] and seen["states"][-1] == "completed"
+    lost = [t for t in texts if "connection lost" in t["text"]]
+    assert len(lost) == 3 and all(t["cancel"] and not t["generate"] for t in lost), texts
+    assert "Running: connection lost (Cannot reach the service" in lost[0]["text"]
+    assert "gateway" in lost[2]["text"] and "retrying in" in lost[2]["text"]
+    assert "/jobs/job_1" not in submitted and violations == []
+
+
+def test_a_broken_stream_reconnects_where_it_left_off(browser):
+    """The stream refused, then cut after four events: reconnected with Last-Event-ID, nothing shown twice, no
+    failure shown; the queued event's position is shown."""
+    first, rest = _split(_stream("job_1"), 4)
+    more = {"/jobs/job_1/events": _Seq([DOWN, _Stream(first), _Stream(rest)])}
+    context, page, submitted = _generate_against(browser, _job(), "", COMPLETED, more)
+    seen, texts = _seen(page), [t["text"] for t in _texts(page)]
+    context.close()
+    assert [s for s in submitted if isinstance(s, str) and s.startswith("events")] == ["events", "events", "events 4"]
+    assert seen == {"states": ["idle", "queued", "processing", "completed"], "values": [0, 50, 100], "previews": 1}
+    assert "Queued: position 1 in the queue" in texts
+    assert sum("connection lost" in t for t in texts) == 2
+
+
+def test_a_reload_follows_the_job_again(browser):
+    """Reloaded mid-job: the job id (never the token) kept in sessionStorage, followed again, the form refilled from
+    the job's request, the preview shown at the job's aspect."""
+    request = {"prompt": "a red kite", "width": 768, "height": 512, "steps": 33, "guidanceScale": 5.5, "seed": 9,
+               "sampler": "Euler a", "model": "m"}
+    first, _ = _split(_stream("job_1"), 4)  # never ends: the page keeps reconnecting
+    more = {"/jobs/job_1": _running(**request), "/jobs/job_1/events": _Stream(first)}
+    until = "() => document.getElementById('status').dataset.state === 'processing'"
+    context, page, _ = _generate_against(browser, _job(), "", until, more)
+    page.reload()
+    page.wait_for_function("() => document.getElementById('prompt').value === 'a red kite'"
+                           " && !document.getElementById('preview-figure').hidden")
+    form = {name: page.locator(f"#{name}").input_value() for name in ("width", "height", "steps", "guidance", "seed")}
+    stored = page.evaluate("[sessionStorage.getItem('imagegen.job'), location.href]")
+    box = page.locator("#preview").bounding_box()
+    job = page.locator("#status").get_attribute("data-job")
+    buttons = page.locator("#cancel").is_enabled(), page.locator("#generate").is_enabled()
+    context.close()
+    assert form == {"width": "768", "height": "512", "steps": "33", "guidance": "5.5", "seed": "9"}
+    assert stored == ["job_1", "http://ui.test/ui"] and job == "job_1" and buttons == (True, False)
+    assert box["width"] > 400 and abs(box["width"] / box["height"] - 1.5) < 0.02, box  # not the JPEG's 8 × 8
+
+
+def test_the_gallery_follows_and_cancels_unfinished_jobs(browser):
+    """Unfinished jobs in the gallery: Follow makes one current, Cancel cancels it, and the list shows how it ended
+    without a click. Every entry shows its prompt; a failed one its error; times in the user's locale."""
+    views = {"job_2": _running("job_2", prompt="a slow one", steps=40),
+             "job_3": {**_running("job_3", prompt="a broken one"), "status": "failed",
+                       "error": "GPU_OOM: GPU out of memory"}}
+    listed = [{"id": j, "type": "text2img", "status": v["status"], "createdAt": v["createdAt"], "progress": 0}
+              for j, v in views.items()]
+
+    def cancel():
+        views["job_2"] = {**views["job_2"], "status": "cancelled"}
+        return {"id": "job_2", "status": "cancelled"}
+
+    more = {"/jobs": lambda: {"jobs": [{**j, "status": views[j["id"]]["status"]} for j in listed]},
+            "/jobs/job_2": lambda: views["job_2"], "/jobs/job_3": views["job_3"], "/jobs/job_2/cancel": cancel,
+            "/jobs/job_2/events": (503, {"error": "busy", "code": "STREAMS_BUSY", "details": {}})}
+    context, page, submitted = _open(browser, _job(), "", more)
+    entry = page.locator("#gallery li[data-job=job_2]")
+    entry.get_by_role("button", name="Follow job job_2 as the current job").click()
+    page.wait_for_function("() => document.getElementById('status').dataset.job === 'job_2'"
+                           " && document.getElementById('prompt').value === 'a slow one'")
+    failed = page.locator("#gallery li[data-job=job_3]")
+    shown = failed.locator(".prompt").inner_text(), failed.locator(".job-error").inner_text()
+    time = failed.locator("time").inner_text()
+    local = page.evaluate("new Date('2025-03-04T05:06:07Z').toLocaleString()")
+    assert failed.get_by_role("button").count() == 0
+    entry.get_by_role("button", name="Cancel job job_2").click()
+    page.wait_for_selector("#gallery li[data-job=job_2][data-status=cancelled]")
+    page.wait_for_selector("#status[data-state=cancelled]")
+    actions = entry.get_by_role("button").count()
+    steps = page.locator("#steps").input_value()
+    context.close()
+    assert shown == ("a broken one", "GPU_OOM: GPU out of memory") and time == local
+    assert "/jobs/job_2/cancel" in submitted and actions == 0 and steps == "40"
+
+
+def test_errors_say_what_to_do(browser, astronaut):
+    """The service down, a gateway's 502, a 503 with Retry-After, a 422 naming its field (focused, marked, the
+    message beside it); a 413 from a tool in MiB; a face restorer that found no face says so."""
+    refusal = (422, {"error": "width: must be a multiple of 8", "code": "INVALID_INPUT", "details": {"field": "width"}})
+    busy = (503, {"error": "model unavailable", "code": "MODEL_UNAVAILABLE", "details": {}}, {"Retry-After": "30"})
+    more = {"/generate/text2img": _Seq([DOWN, (502, "<html>Bad Gateway</html>"), busy, refusal]),
+            "/sdapi/v1/extra-single-image": _Seq([
+                (413, {"error": "request body exceeds 1048576 bytes", "code": "PAYLOAD_TOO_LARGE",
+                       "details": {"limit": 1048576}}),
+                {"html_info": "no face detected: image unchanged", "image": base64.b64encode(_png(8, 8)).decode()}])}
+    context, page, _ = _open(browser, _job(), "", more)
+    page.get_by_label("Prompt", exact=True).fill("p")
+    said = []
+    for _ in range(4):
+        page.evaluate("document.getElementById('form-error').textContent = ''")
+        page.get_by_role("button", name="Generate").click()
+        page.wait_for_function("() => document.getElementById('form-error').textContent !== ''")
+        said.append(page.locator("#form-error").inner_text())
+    focused = page.evaluate("[document.activeElement.id, document.activeElement.getAttribute('aria-invalid')]")
+    beside = page.locator("#width-error").inner_text()
+    described = page.locator("#width").get_attribute("aria-describedby")
+    buffer = io.BytesIO()
+    astronaut.resize((64, 64)).save(buffer, format="PNG")
+    page.get_by_label("Image (PNG, JPEG or WebP)", exact=True).set_input_files(
+        files=[{"name": "face.png", "mimeType": "image/png", "buffer": buffer.getvalue()}])
+    page.get_by_role("button", name="Restore faces").click()
+    page.wait_for_function("() => document.getElementById('tool-error').textContent !== ''")
+    too_large = page.locator("#tool-error").inner_text()
+    page.get_by_role("button", name="Restore faces").click()
+    page.wait_for_selector("#tool-output figcaption")
+    label = page.locator("#tool-output figcaption span").inner_text()
+    context.close()
+    assert said[0].startswith("Cannot reach the service")
+    assert said[1].startswith("The gateway in front of the service cannot reach it (HTTP 502)")
+    assert said[2] == "model unavailable; retry in 30 s"
+    assert said[3] == "width: must be a multiple of 8" and focused == ["width", "true"] and beside == said[3]
+    assert "width-error" in described
+    assert re.match(r"The request is 0\.\d MiB, over the service's limit of 1\.0 MiB: .*base64.* a third", too_large)
+    assert label == "No face found: image unchanged"
+
+
+def test_a_token_is_checked_before_it_is_saved_and_forget_clears_the_page(browser):
+    listed = {"jobs": [{"id": "job_1", "type": "text2img", "status": "completed", "createdAt": "", "progress": 100}]}
+    context, page, _ = _open(browser, _job(), "", {"/jobs": listed}, token="good")
+    first = page.locator("#access-note").inner_text()
+    page.get_by_label("Prompt", exact=True).fill("p")
+    page.get_by_role("button", name="Generate").click()
+    page.wait_for_function("() => document.getElementById('form-error').textContent !== ''")
+    token = page.get_by_label("Token", exact=True)
+    token.fill("wrong")
+    page.get_by_role("button", name="Save token").click()
+    page.wait_for_function("() => /refused/.test(document.getElementById('access-note').textContent)")
+    kept = page.evaluate("localStorage.getItem('imagegen.token')")
+    token.fill("good")
+    page.get_by_role("button", name="Save token").click()
+    page.wait_for_selector("#gallery li[data-job=job_1] img")
+    saved = page.evaluate("localStorage.getItem('imagegen.token')"), page.locator("#form-error").inner_text()
+    page.get_by_role("button", name="Forget").click()
+    left = page.locator("#gallery li").count()
+    page.get_by_role("button", name="Refresh").click()
+    page.wait_for_function("() => document.getElementById('gallery-note').textContent !== ''")
+    after = page.locator("#gallery li").count()
+    context.close()
+    assert first.startswith("This service needs a bearer token") and kept is None
+    assert saved == ("good", "") and left == 0 and after == 0
+
+
+def test_controls_that_would_be_ignored_are_greyed_and_inputs_checked(browser):
+    """A named size ticked greys out the size, sampler, hires fix and faces, saying why; hires fix greys out the
+    size and sampler but not the checkpoint, which the hint says applies. A LoRA weight out of range is refused
+    beside its field. The icon is a data: URI that the page's policy allows."""
+    sizes = {"sizes": {"avatar": {"width": 512, "height": 512, "aspect": "square"}}, "bases": {}}
+    more = {"/generate/batch-sizes": sizes, "/sdapi/v1/loras": [{"name": "ink"}]}
+    context, page, _ = _open(browser, _job(), "", more)
+    greyable = ("size-preset", "width", "height", "sampler", "hires", "faces", "checkpoint")
+
+    def disabled():
+        return [name for name in greyable if page.locator(f"#{name}").is_disabled()]
+
+    page.get_by_label("avatar 512 × 512 (square)").check()
+    named, note = disabled(), page.locator("#named-sizes-note").inner_text()
+    page.get_by_label("avatar 512 × 512 (square)").uncheck()
+    page.get_by_label("Hires fix").check()
+    hires, hint = disabled(), page.locator("#plan-hint").inner_text()
+    page.get_by_label("LoRA", exact=True).select_option("ink")
+    page.get_by_label("LoRA weight").fill("5")
+    page.get_by_role("button", name="Add LoRA to prompt").click()
+    refused = page.locator("#prompt").input_value(), page.locator("#lora-weight").get_attribute("aria-invalid")
+    page.get_by_label("LoRA weight").fill("0.5")
+    page.get_by_role("button", name="Add LoRA to prompt").click()
+    added = page.locator("#prompt").input_value(), page.locator("#lora-weight").get_attribute("aria-invalid")
+    icon, violations = page.locator("link[rel=icon]").get_attribute("href"), page.evaluate("window.violations")
+    context.close()
+    assert named == ["size-preset", "width", "height", "sampler", "hires", "faces"]
+    assert "not used" in note and "Sampler" in note
+    assert hires == ["size-preset", "width", "height", "sampler"]
+    assert "checkpoint above applies" in " ".join(hint.split())
+    assert refused == ("", "true") and added == ("<lora:ink:0.5>", None)
+    assert icon == "data:," and violations == []
+
+
+def test_the_keyboard_runs_and_cancels_a_job(browser):
+    """Focus goes from Generate to Cancel while the job runs and back to Generate after; Ctrl+Enter in the prompt
+    submits."""
+    first, _ = _split(_stream("job_1"), 4)
+    _, cancelled = _split(_stream("job_1", ("cancelled", {})), 4)
+    more = {"/jobs/job_1/events": _Seq([_Stream(first), _Stream(cancelled)]),
+            "/jobs/job_1/cancel": {"id": "job_1", "status": "cancelled"}}
+    context, page, submitted = _open(browser, _job(), "", more)
+    prompt = page.get_by_label("Prompt", exact=True)
+    prompt.fill("p")
+    page.locator("#generate").focus()
+    page.keyboard.press("Enter")
+    page.wait_for_function("() => document.activeElement.id === 'cancel'")  # not lost with Generate disabled
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#status[data-state=cancelled]")
+    focused = page.evaluate("document.activeElement.id")
+    prompt.press("Control+Enter")
+    for _ in range(50):
+        if len([s for s in submitted if isinstance(s, dict)]) == 2:
+            break
+        page.wait_for_timeout(100)
+    context.close()
+    assert [s for s in submitted if isinstance(s, dict)] == [submitted[0]] * 2
+    assert submitted[0]["prompt"] == "p" and "/jobs/job_1/cancel" in submitted and focused == "generate"
 
 
 @pytest.fixture(scope="module")

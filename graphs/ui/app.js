@@ -2,10 +2,16 @@
 // Every URL is relative, so the page also works when the application is served under a route prefix.
 "use strict";
 
-const TOKEN_KEY = "imagegen.token";
+const TOKEN_KEY = "imagegen.token"; // localStorage: kept in this browser
+const JOB_KEY = "imagegen.job"; // sessionStorage: the id of the job this tab follows (never the token)
 const POLL_MS = 500;
+const RETRY_MS = 500; // the first wait after a lost connection; doubled at each failure in a row
+const RETRY_MAX_MS = 15000;
+const GALLERY_MS = 3000; // how often the gallery is read again while it lists unfinished jobs
 const TERMINAL = new Set(["completed", "failed", "cancelled"]);
 const STATE_TEXT = {
+  idle: "Nothing running.",
+  unknown: "Not followed",
   queued: "Queued",
   processing: "Running",
   completed: "Completed",
@@ -17,29 +23,80 @@ const $ = (id) => document.getElementById(id);
 
 // --- calling the API ---------------------------------------------------------------------------------------
 
+const MIB = 1024 * 1024;
+const mib = (bytes) => `${(bytes / MIB).toFixed(1)} MiB`;
+
+// Says what went wrong in words a user can act on: the server's own message where it sent one, never a bare
+// "Failed to fetch" or "HTTP 502".
+function explain(status, body, retryAfter, sent) {
+  const said = body && body.error;
+  const field = body && body.details && body.details.field;
+  const again = retryAfter !== null ? `; retry in ${retryAfter} s` : "";
+  if (status === 0) return "Cannot reach the service: it may be down, or this browser offline";
+  if (status === 502 || status === 504) {
+    return `The gateway in front of the service cannot reach it (HTTP ${status}): it may be down or restarting${again}`;
+  }
+  if (status === 413) {
+    const limit = body && body.details && body.details.limit;
+    return `The request is ${mib(sent)}, over the service's limit${limit ? ` of ${mib(limit)}` : ""}: an image is `
+      + "sent as base64, which adds a third to its file's size";
+  }
+  if (status === 503) return `${said || "The service is unavailable"}${again}`;
+  if (status === 429) return `${said || "Too many requests"}${again}`;
+  const message = said || `HTTP ${status}`;
+  return field && !message.startsWith(`${field}:`) ? `${message} (${field})` : message;
+}
+
+function retryAfterOf(response) {
+  const header = response.headers.get("retry-after");
+  if (!header) return null;
+  const seconds = /^\d+$/.test(header.trim()) ? Number(header) : Math.ceil((Date.parse(header) - Date.now()) / 1000);
+  return Number.isFinite(seconds) ? Math.max(0, seconds) : null;
+}
+
 class ApiError extends Error {
-  constructor(status, body) {
-    const message = body && body.error ? body.error : `HTTP ${status}`;
-    super(body && body.details && body.details.field ? `${message} (${body.details.field})` : message);
+  // status 0: no answer at all (the service or the network is down).
+  constructor(status, body, { retryAfter = null, sent = 0 } = {}) {
+    super(explain(status, body, retryAfter, sent));
     this.status = status;
     this.code = body && body.code;
+    this.field = body && body.details && body.details.field;
+    this.retryAfter = retryAfter;
+  }
+
+  get retryable() { // worth asking again later: no answer, rate limited, or the service (or its gateway) failing
+    return this.status === 0 || this.status === 429 || this.status >= 500;
   }
 }
+
+const retryable = (error) => error instanceof ApiError && error.retryable;
 
 function authHeaders() {
   const token = localStorage.getItem(TOKEN_KEY);
   return token ? { Authorization: `Bearer ${token}` } : {};
 }
 
-async function api(path, { method = "GET", body } = {}) {
+// fetch, with a network failure as ApiError(0); an abort (the page stopped following a job) stays an AbortError.
+async function send(path, options) {
+  try {
+    return await fetch(path, options);
+  } catch (error) {
+    if (error.name === "AbortError") throw error;
+    throw new ApiError(0, null);
+  }
+}
+
+async function api(path, { method = "GET", body, signal } = {}) {
   const headers = { Accept: "application/json", ...authHeaders() };
-  if (body !== undefined) headers["Content-Type"] = "application/json";
-  const response = await fetch(path, {
-    method, headers, body: body === undefined ? undefined : JSON.stringify(body),
-  });
+  const payload = body === undefined ? undefined : JSON.stringify(body);
+  if (payload !== undefined) headers["Content-Type"] = "application/json";
+  const response = await send(path, { method, headers, body: payload, signal });
   const data = await response.json().catch(() => null);
-  if (response.status === 401) showAccess("The token was refused: enter the service's bearer token.");
-  if (!response.ok) throw new ApiError(response.status, data);
+  if (response.status === 401) needToken();
+  if (!response.ok) {
+    throw new ApiError(response.status, data,
+      { retryAfter: retryAfterOf(response), sent: payload === undefined ? 0 : new Blob([payload]).size });
+  }
   return data;
 }
 
@@ -56,9 +113,12 @@ function el(tag, attrs = {}, ...children) {
 }
 
 const dataUri = (b64, mime) => (b64.startsWith("data:") ? b64 : `data:${mime};base64,${b64}`);
+const truncate = (text, length = 80) => (text.length > length ? `${text.slice(0, length - 1).trimEnd()}…` : text);
 
-function download(uri, name) {
-  return el("a", { href: uri, download: name, text: `Download ${name}` });
+function download(uri, name, described) {
+  // The visible text names the file; the accessible name also says which image it is.
+  return el("a", { href: uri, download: name, text: `Download ${name}`,
+    "aria-label": described ? `Download ${described} (${name})` : undefined });
 }
 
 // --- access token ------------------------------------------------------------------------------------------
@@ -68,25 +128,78 @@ function showAccess(note) {
   if (note) $("access-note").textContent = note;
 }
 
+function needToken() {
+  showAccess(localStorage.getItem(TOKEN_KEY)
+    ? "The token was refused: enter the service's bearer token."
+    : "This service needs a bearer token: enter it below. It is kept in this browser only.");
+}
+
+// A cheap authorised call tells a refused token from an accepted one before it is saved.
+async function checkToken(token) {
+  const response = await send("jobs?limit=1", { headers: { Accept: "application/json", Authorization: `Bearer ${token}` } });
+  if (response.status === 401 || response.status === 403) return "refused";
+  return response.ok ? "accepted" : `unchecked (HTTP ${response.status})`;
+}
+
+function forgetJobs() {
+  // What the last token's owner made is not shown to whoever uses the page next.
+  stopFollowing();
+  sessionStorage.removeItem(JOB_KEY);
+  clearTimeout(galleryTimer);
+  galleryRound += 1; // a read already on its way is not shown
+  release("gallery");
+  release("result");
+  $("gallery").replaceChildren();
+  $("gallery-note").textContent = "";
+  $("result").replaceChildren();
+  $("preview-figure").hidden = true;
+  delete $("status").dataset.job;
+  showState("idle");
+  showProgress(0, "");
+}
+
 function setupToken() {
   const stored = localStorage.getItem(TOKEN_KEY);
   if (stored) {
     $("token").value = stored;
     showAccess();
   }
-  $("token-form").addEventListener("submit", (event) => {
+  $("token-form").addEventListener("submit", async (event) => {
     event.preventDefault();
     const token = $("token").value.trim();
-    if (token) localStorage.setItem(TOKEN_KEY, token);
-    else localStorage.removeItem(TOKEN_KEY);
-    $("access-note").textContent = token ? "Token saved in this browser." : "No token saved.";
+    if (!token) {
+      localStorage.removeItem(TOKEN_KEY);
+      $("access-note").textContent = "No token saved.";
+      return;
+    }
+    $("access-note").textContent = "Checking the token…";
+    let verdict;
+    try {
+      verdict = await checkToken(token);
+    } catch (error) {
+      $("access-note").textContent = `${error.message}: the token was not checked nor saved.`;
+      return;
+    }
+    if (verdict === "refused") {
+      $("access-note").textContent = "The service refused this token: it was not saved.";
+      $("token").focus();
+      return;
+    }
+    localStorage.setItem(TOKEN_KEY, token);
+    $("access-note").textContent = verdict === "accepted"
+      ? "Token accepted and saved in this browser."
+      : `Token saved in this browser, but the service could not check it now: ${verdict}.`;
+    $("form-error").textContent = ""; // a "missing or invalid bearer token" from before no longer holds
+    $("gallery-note").textContent = "";
     loadChoices();
     refreshGallery();
+    resume();
   });
   $("token-forget").addEventListener("click", () => {
     localStorage.removeItem(TOKEN_KEY);
     $("token").value = "";
-    $("access-note").textContent = "Token forgotten.";
+    $("access-note").textContent = "Token forgotten: its jobs and images are no longer shown.";
+    forgetJobs();
   });
 }
 
@@ -121,7 +234,8 @@ async function loadNamedSizes() {
       el("input", { type: "checkbox", id, name: "sizes", value: name }),
       el("label", { for: id, text: `${name} ${size.width} × ${size.height} (${size.aspect})` })));
   }
-  $("named-sizes-note").textContent = "Tick any to render them all from one base per aspect instead of the size above.";
+  list.addEventListener("change", applicable);
+  applicable();
 }
 
 async function loadChoices() {
@@ -141,7 +255,7 @@ async function loadChoices() {
   const results = await Promise.allSettled(Object.values(tasks).map((task) => task()));
   const failed = results.filter((r) => r.status === "rejected");
   if (failed.some((r) => r.reason.status === 401)) {
-    showAccess("This service asks for a bearer token. It is kept in this browser only.");
+    needToken();
   } else if (failed.length) {
     $("form-error").textContent = `Some choices could not be loaded: ${failed[0].reason.message}`;
   }
@@ -158,29 +272,92 @@ function setupSizes() {
     $("width").value = width;
     $("height").value = height;
   });
-  const track = () => {
-    const value = `${$("width").value}x${$("height").value}`;
-    preset.value = [...preset.options].some((o) => o.value === value) ? value : "custom";
-  };
-  $("width").addEventListener("input", track);
-  $("height").addEventListener("input", track);
+  $("width").addEventListener("input", trackPreset);
+  $("height").addEventListener("input", trackPreset);
+}
+
+function trackPreset() {
+  const preset = $("size-preset");
+  const value = `${$("width").value}x${$("height").value}`;
+  preset.value = [...preset.options].some((o) => o.value === value) ? value : "custom";
+}
+
+const NAMED_NOTE = "Tick any to render them all from one base per aspect instead of the size above.";
+
+// Greys out what the request would leave out, and says why: a named-size batch takes no size, sampler, hires fix
+// or face restoration; hires fix renders its own sizes; seed 000's plan (hires fix, faces) takes no sampler.
+function applicable() {
+  const named = document.querySelectorAll("#named-size-list input:checked").length > 0;
+  const hires = $("hires").checked && !named;
+  const faces = $("faces").checked && !named;
+  for (const id of ["size-preset", "width", "height"]) $(id).disabled = named || hires;
+  $("sampler").disabled = named || hires || faces;
+  $("hires").disabled = named;
+  $("faces").disabled = named;
+  if (!$("named-size-list").children.length) return; // still loading, or the service names no sizes
+  $("named-sizes-note").textContent = named
+    ? "A named size is ticked: Size, Width, Height, Sampler, Hires fix and Face restoration are not used; "
+      + "each size is rendered from one base per aspect with the checkpoint, steps, guidance and seed."
+    : NAMED_NOTE;
+}
+
+// A message beside the field it is about (aria-invalid, aria-describedby), the field focused.
+function markInvalid(input, message) {
+  let note = $(`${input.id}-error`);
+  if (!note) {
+    note = el("span", { id: `${input.id}-error`, class: "error field-error" });
+    (input.closest(".field") || input.closest("fieldset") || input.parentElement).append(note);
+    const described = [input.getAttribute("aria-describedby"), note.id].filter(Boolean).join(" ");
+    input.setAttribute("aria-describedby", described);
+  }
+  note.textContent = message;
+  input.setAttribute("aria-invalid", "true");
+  input.focus();
+}
+
+function clearInvalid(scope = document) {
+  scope.querySelectorAll("[aria-invalid]").forEach((input) => input.removeAttribute("aria-invalid"));
+  scope.querySelectorAll(".field-error").forEach((note) => { note.textContent = ""; });
+}
+
+// Each request's names for the form's fields (text2img and batch-sizes: camelCase; /generate: snake_case).
+const FIELD_CONTROLS = {
+  prompt: "prompt", negativePrompt: "negative-prompt", negative_prompt: "negative-prompt", width: "width",
+  height: "height", steps: "steps", num_inference_steps: "steps", guidanceScale: "guidance", guidance_scale: "guidance",
+  seed: "seed", sampler: "sampler", model: "checkpoint", hires_fix: "hires", use_face_restoration: "faces",
+};
+
+function controlFor(field) {
+  const name = String(field || "").split(".")[0];
+  if (name === "sizes") return document.querySelector("#named-size-list input") || null;
+  return FIELD_CONTROLS[name] ? $(FIELD_CONTROLS[name]) : null;
 }
 
 function setupLora() {
   $("lora-add").addEventListener("click", () => {
     const name = $("lora").value;
     if (!name) return;
-    const weight = Number($("lora-weight").value || 1);
+    clearInvalid($("lora-weight").closest(".field"));
+    let weight;
+    try {
+      weight = number("lora-weight");
+    } catch {
+      return; // number() said why beside the field
+    }
     const prompt = $("prompt");
     prompt.value = `${prompt.value.trim()} <lora:${name}:${weight}>`.trim();
   });
 }
 
+class FieldError extends Error {}
+
 function number(id) {
   const input = $(id);
+  if (input.value === "" && input.id === "lora-weight") return 1;
   if (!input.checkValidity() || input.value === "") {
-    input.focus();
-    throw new Error(`${input.labels[0].textContent}: ${input.validationMessage || "a number is needed"}`);
+    const message = `${input.labels[0].textContent}: ${input.validationMessage || "a number is needed"}`;
+    markInvalid(input, message);
+    throw new FieldError(message);
   }
   return Number(input.value);
 }
@@ -191,8 +368,8 @@ function number(id) {
 function plan() {
   const prompt = $("prompt").value.trim();
   if (!prompt) {
-    $("prompt").focus();
-    throw new Error("Prompt: describe the image to generate");
+    markInvalid($("prompt"), "Prompt: describe the image to generate");
+    throw new FieldError("Prompt: describe the image to generate");
   }
   const negative = $("negative-prompt").value.trim();
   const common = { steps: number("steps"), guidance: number("guidance"), seed: number("seed") };
@@ -202,28 +379,102 @@ function plan() {
     return { path: "generate/batch-sizes", body: { prompt, negativePrompt: negative, sizes, seed: common.seed,
       steps: common.steps, guidanceScale: common.guidance, model } };
   }
-  const width = number("width");
-  const height = number("height");
   if ($("hires").checked || $("faces").checked) {
-    return { path: "generate/async", body: { prompt, negative_prompt: negative, width, height,
-      num_inference_steps: common.steps, guidance_scale: common.guidance, seed: common.seed,
+    // Hires fix renders its own sizes: the (greyed) size fields are sent as they are, unchecked.
+    const size = (id) => ($(id).disabled ? Number($(id).value) || undefined : number(id));
+    return { path: "generate/async", body: { prompt, negative_prompt: negative, width: size("width"),
+      height: size("height"), num_inference_steps: common.steps, guidance_scale: common.guidance, seed: common.seed,
       hires_fix: $("hires").checked, use_face_restoration: $("faces").checked, model } };
   }
-  const body = { prompt, negativePrompt: negative, width, height, steps: common.steps,
-    guidanceScale: common.guidance, seed: common.seed, sampler: $("sampler").value || "euler_a", model };
+  const body = { prompt, negativePrompt: negative, width: number("width"), height: number("height"),
+    steps: common.steps, guidanceScale: common.guidance, seed: common.seed, sampler: $("sampler").value || "euler_a",
+    model };
   return { path: "generate/text2img", body };
+}
+
+// The form as a job's request set it (a reload, or Follow in the gallery): the same settings, ready to run again.
+function restoreForm(request) {
+  const r = request || {};
+  const set = (id, value) => { if (value !== undefined && value !== null && value !== "") $(id).value = value; };
+  const choose = (id, value) => {
+    if ([...$(id).options].some((o) => o.value === value)) $(id).value = value;
+  };
+  set("prompt", r.prompt);
+  set("negative-prompt", r.negativePrompt ?? r.negative_prompt);
+  set("width", r.width);
+  set("height", r.height);
+  trackPreset();
+  set("steps", r.steps ?? r.num_inference_steps);
+  set("guidance", r.guidanceScale ?? r.guidance_scale);
+  set("seed", r.seed);
+  choose("sampler", r.sampler);
+  choose("checkpoint", r.model);
+  $("hires").checked = Boolean(r.hires_fix);
+  $("faces").checked = Boolean(r.use_face_restoration);
+  const sizes = new Set(r.sizes || []);
+  document.querySelectorAll("#named-size-list input").forEach((box) => { box.checked = sizes.has(box.value); });
+  applicable();
 }
 
 // --- following a job ---------------------------------------------------------------------------------------
 
-let current = null; // { id } of the job being followed
+// The job being followed: { id, abort, failures, lastEvent, state }. Following another job (or forgetting the token)
+// replaces it; each loop that follows one stops as soon as it is no longer current.
+let current = null;
+let shownState = "idle";
+
+function syncButtons() {
+  $("generate").disabled = Boolean(current);
+  $("cancel").disabled = !current || Boolean(current.cancelling);
+}
 
 function showState(state, detail = "") {
   const status = $("status");
+  shownState = state;
   status.dataset.state = state;
+  delete status.dataset.connection;
   status.textContent = detail ? `${STATE_TEXT[state] || state}: ${detail}` : STATE_TEXT[state] || state;
-  $("cancel").disabled = !current || TERMINAL.has(state);
-  $("generate").disabled = Boolean(current) && !TERMINAL.has(state);
+  syncButtons();
+}
+
+// Neither the stream nor a poll got through: the job goes on at the service, so it keeps its state and is asked
+// about again; only the service ever says that it failed.
+function showConnectionLost(error, seconds) {
+  const status = $("status");
+  status.dataset.connection = "lost";
+  status.textContent = `${STATE_TEXT[shownState] || shownState}: connection lost (${error.message}), `
+    + `retrying in ${seconds} s…`;
+}
+
+// An answer came: the "connection lost" note goes. `reset` (not for a stream until it brings an event, so that
+// a stream that keeps closing at once is not reopened at once) starts the backoff again from its shortest wait.
+function connected(me, { reset = true } = {}) {
+  if (reset) me.failures = 0;
+  if ($("status").dataset.connection) showState(shownState);
+}
+
+async function waitToRetry(me, error) {
+  me.failures += 1;
+  const ms = error.retryAfter !== null && error.retryAfter !== undefined
+    ? Math.min(error.retryAfter * 1000, 60000)
+    : Math.min(RETRY_MS * 2 ** (me.failures - 1), RETRY_MAX_MS);
+  showConnectionLost(error, Math.ceil(ms / 1000));
+  await sleep(ms);
+}
+
+// fn() again and again while the service cannot be reached or answers 429 or 5xx; any other error is thrown.
+async function persist(me, fn) {
+  for (;;) {
+    try {
+      const out = await fn();
+      connected(me);
+      return out;
+    } catch (error) {
+      if (!retryable(error) || current !== me) throw error;
+      await waitToRetry(me, error);
+      if (current !== me) throw new DOMException("no longer followed", "AbortError");
+    }
+  }
 }
 
 function showProgress(percent, detail) {
@@ -231,6 +482,21 @@ function showProgress(percent, detail) {
   bar.value = Math.max(0, Math.min(100, Math.round(percent)));
   bar.textContent = `${bar.value} %`;
   $("progress-detail").textContent = detail || "";
+}
+
+// The preview is a small JPEG (64 × 64 for a 512² job): shown at the size and aspect the job's image will have.
+function sizePreview(request) {
+  const preview = $("preview-figure");
+  const r = request || {};
+  const width = r.hires_fix ? 1536 : r.width;
+  const height = r.hires_fix ? 1536 : r.height;
+  if (width && height) {
+    preview.style.setProperty("--width", `${width}px`);
+    preview.style.setProperty("--ratio", `${width / height}`);
+    preview.classList.add("sized");
+  } else {
+    preview.classList.remove("sized");
+  }
 }
 
 function showPreview(uri) {
@@ -244,12 +510,19 @@ function resultImages(job) {
   const result = job.result || {};
   const flags = Array.isArray(result.nsfw) ? result.nsfw : [];
   if (Array.isArray(result.urls)) {
-    return result.urls.map((url, i) => ({ url, name: `${job.id}_${i}.png`, flagged: flags[i] === true }));
+    return result.urls.map((url, i) => ({ url, name: `${job.id}_${i}.png`, flagged: flags[i] === true,
+      number: result.urls.length > 1 ? `image ${i + 1} of ${result.urls.length}` : "" }));
   }
   return Object.entries(job.images || result.images || {}).map(([size, entry]) => ({
     url: entry.url, name: `${job.id}_${size}.png`, label: `${size} ${entry.width} × ${entry.height}`,
     flagged: entry.nsfw === true,
   }));
+}
+
+// How an image is named to someone who cannot see it: its prompt (truncated), and which of the job's images.
+function imageText(job, image) {
+  const prompt = job.request && job.request.prompt ? `“${truncate(job.request.prompt)}”` : job.id;
+  return [prompt, image.label, image.number].filter(Boolean).join(", ");
 }
 
 // Images come by URL, fetched with the token (an <img> cannot send one) and cached by the browser (their URLs never
@@ -262,8 +535,8 @@ function release(list) {
 }
 
 async function fetchImage(url, list) {
-  const response = await fetch(url, { headers: authHeaders() });
-  if (!response.ok) throw new Error(response.statusText || `HTTP ${response.status}`);
+  const response = await send(url, { headers: authHeaders() });
+  if (!response.ok) throw new ApiError(response.status, null);
   const uri = URL.createObjectURL(await response.blob());
   objectUrls[list].push(uri);
   return uri;
@@ -277,15 +550,15 @@ function showResult(job) {
   box.replaceChildren();
   const seed = job.result && job.result.seed !== undefined ? job.result.seed : job.seed;
   for (const image of resultImages(job)) {
-    const alt = `Result of ${job.id}${image.label ? `, ${image.label}` : ""}`;
+    const text = imageText(job, image);
     const caption = el("figcaption", {}, el("span", { text: `${image.label || ""} seed ${seed}`.trim() }), " ",
       image.flagged ? el("span", { class: "flagged", text: "flagged by the safety checker: replaced" }) : null);
     const figure = el("figure", { class: "result" }, el("p", { class: "loading", text: "loading…" }), caption);
     box.append(figure);
     (image.url ? fetchImage(image.url, "result") : Promise.reject(new Error("no URL")))
       .then((uri) => {
-        figure.firstChild.replaceWith(el("img", { src: uri, alt, class: "result-image" }));
-        caption.append(" ", download(uri, image.name));
+        figure.firstChild.replaceWith(el("img", { src: uri, alt: `Result: ${text}`, class: "result-image" }));
+        caption.append(" ", download(uri, image.name, text));
       })
       .catch(() => figure.firstChild.replaceWith(el("p", { class: "unreadable", text: UNREADABLE })));
   }
@@ -296,30 +569,56 @@ function showResult(job) {
   $("preview-figure").hidden = true;
 }
 
-async function finish(id, state, data) {
-  if (!current || current.id !== id) return;
-  if (state === "completed") {
+function stopFollowing() {
+  if (current) current.abort.abort();
+  current = null;
+  syncButtons();
+}
+
+// Focus is not left on a button that has just been disabled: Cancel while a job runs, Generate once it ends.
+function moveFocus(from, to) {
+  const active = document.activeElement;
+  if (!active || active === document.body || active === $(from) || active.disabled) $(to).focus();
+}
+
+async function finish(me, end) {
+  if (current !== me) return;
+  if (end.state === "completed") {
     showProgress(100, "");
-    const job = await api(`jobs/${id}?images=false`); // the view by URL: the images come one by one
+    // The view by URL: the images come one by one. A poll has just read it; a stream's end reads it once.
+    const job = end.view || await persist(me, () => api(`jobs/${me.id}?images=false`, { signal: me.abort.signal }));
+    if (current !== me) return;
     showResult(job);
     showState("completed", job.result && job.result.timeTaken ? `${(job.result.timeTaken / 1000).toFixed(1)} s` : "");
   } else {
     // A polled job says why in "error"; the stream's failed event in "code" and "message".
+    const data = end.data;
     const reason = data && (data.error || (data.code ? `${data.code}: ${data.message || ""}` : ""));
-    showState(state, reason && reason !== "cancelled" ? reason : "");
+    showState(end.state, reason && reason !== "cancelled" ? reason : "");
   }
   current = null;
-  $("cancel").disabled = true;
-  $("generate").disabled = false;
+  sessionStorage.removeItem(JOB_KEY);
+  syncButtons();
+  moveFocus("cancel", "generate");
   refreshGallery();
 }
 
+// The job cannot be followed any more for a reason retrying will not mend (it is unknown here, the token is refused).
+function lose(me, error) {
+  if (current !== me) return;
+  current = null;
+  if (error.status !== 401) sessionStorage.removeItem(JOB_KEY); // a saved token resumes it
+  showState("unknown", error.message);
+  moveFocus("cancel", "generate");
+}
+
 function parseEvents(buffer, onEvent) {
-  // Server-sent events: blocks separated by a blank line, "event:" and "data:" fields, ":" comments.
+  // Server-sent events: blocks separated by a blank line, "id:", "event:" and "data:" fields, ":" comments.
   const blocks = buffer.split(/\r?\n\r?\n/);
   const rest = blocks.pop();
   for (const block of blocks) {
     let name = "message";
+    let id = null;
     const data = [];
     for (const line of block.split(/\r?\n/)) {
       if (!line || line.startsWith(":")) continue;
@@ -328,107 +627,172 @@ function parseEvents(buffer, onEvent) {
       const value = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
       if (field === "event") name = value;
       else if (field === "data") data.push(value);
+      else if (field === "id") id = value;
     }
-    if (data.length) onEvent(name, JSON.parse(data.join("\n")));
+    if (data.length) onEvent(name, JSON.parse(data.join("\n")), id);
   }
   return rest;
 }
 
+class NoStream extends Error {} // the service answered, but not with a stream: poll instead
+
 // EventSource cannot send the bearer token (and jobs belong to the token that made them), so the stream is read
-// with fetch; it is the same text/event-stream. Resolves with the terminal event, rejects when the stream fails.
-async function streamEvents(id) {
-  const response = await fetch(`jobs/${id}/events`, { headers: { Accept: "text/event-stream", ...authHeaders() } });
+// with fetch; it is the same text/event-stream. A reconnection sends Last-Event-ID, so nothing is replayed.
+// Resolves with the terminal event; rejects when the stream cannot be had or breaks off.
+async function streamEvents(me) {
+  const headers = { Accept: "text/event-stream", ...authHeaders() };
+  if (me.lastEvent) headers["Last-Event-ID"] = me.lastEvent;
+  const response = await send(`jobs/${me.id}/events`, { headers, signal: me.abort.signal });
   const type = response.headers.get("content-type") || "";
-  if (!response.ok || !type.startsWith("text/event-stream")) throw new Error(`no event stream (${response.status})`);
+  if (!response.ok || !type.startsWith("text/event-stream")) {
+    const body = await response.json().catch(() => null);
+    if (response.status === 401) needToken();
+    if ([401, 403, 404, 410].includes(response.status)) throw new ApiError(response.status, body);
+    throw new NoStream(`no event stream (${response.status})`);
+  }
+  connected(me, { reset: false });
+  document.body.dataset.updates = "events";
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
   let terminal = null;
-  const onEvent = (name, data) => {
+  const onEvent = (name, data, id) => {
+    me.failures = 0;
+    if (id) me.lastEvent = id;
     if (name === "progress") {
       showState("processing");
       const eta = data.eta_s !== undefined && data.eta_s !== null ? `, about ${Math.ceil(data.eta_s)} s left` : "";
       showProgress(data.total ? (100 * data.step) / data.total : 0, `step ${data.step} of ${data.total}${eta}`);
     } else if (name === "preview") {
       showPreview(dataUri(data.image, "image/jpeg"));
-    } else if (name === "queued" || name === "started") {
-      showState(name === "started" ? "processing" : "queued");
+    } else if (name === "queued") {
+      showState("queued", data.position ? `position ${data.position} in the queue` : "");
+    } else if (name === "started") {
+      showState("processing");
     } else if (TERMINAL.has(name)) {
       terminal = { state: name, data };
     }
   };
-  while (!terminal) {
-    const { value, done } = await reader.read();
-    if (done) break;
-    buffer = parseEvents(buffer + value, onEvent);
+  try {
+    while (!terminal) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer = parseEvents(buffer + value, onEvent);
+    }
+  } catch (error) {
+    if (error.name === "AbortError") throw error;
+    throw new ApiError(0, null); // the connection broke mid-stream
+  } finally {
+    reader.cancel().catch(() => {});
   }
-  reader.cancel().catch(() => {});
-  if (!terminal) throw new Error("event stream ended early");
+  if (!terminal) throw new ApiError(0, null); // the stream ended before the job did: reconnect
   return terminal;
 }
 
 const sleep = (ms) => new Promise((resolve) => { setTimeout(resolve, ms); });
 
-// Polling fallback: GET /jobs/{id}; while it runs, A1111's /progress lends a preview of the caller's running job.
-async function poll(id) {
-  for (let tick = 0; ; tick += 1) {
-    const job = await api(`jobs/${id}`);
-    if (TERMINAL.has(job.status)) return { state: job.status, data: job };
+// Polling fallback: GET /jobs/{id} (its view by URL); while it runs, A1111's /progress lends a preview of the
+// caller's running job.
+async function poll(me) {
+  document.body.dataset.updates = "polling";
+  for (let tick = 0; current === me; tick += 1) {
+    const job = await api(`jobs/${me.id}?images=false`, { signal: me.abort.signal });
+    connected(me);
+    if (TERMINAL.has(job.status)) return { state: job.status, data: job, view: job };
     showState(job.status);
     showProgress(job.progress, job.status === "processing" ? `${job.progress} %` : "");
     if (job.status === "processing" && tick % 2 === 0) {
-      const progress = await api("sdapi/v1/progress").catch(() => null);
-      if (progress && progress.state.job === id && progress.current_image) {
+      const progress = await api("sdapi/v1/progress", { signal: me.abort.signal }).catch(() => null);
+      if (current === me && progress && progress.state.job === me.id && progress.current_image) {
         showPreview(dataUri(progress.current_image, "image/png"));
       }
     }
     await sleep(POLL_MS);
   }
+  return null;
 }
 
-async function follow(id) {
-  current = { id };
+// Follows job `id` until it ends: its event stream, else polling; through lost connections, 429s and 5xx, with
+// backoff. `request` sizes the preview; `restore` (a reload, Follow) first reads the job's view and fills the form.
+async function follow(id, { request, restore = false } = {}) {
+  stopFollowing();
+  const me = { id, abort: new AbortController(), failures: 0, lastEvent: null };
+  current = me;
+  sessionStorage.setItem(JOB_KEY, id);
   $("status").dataset.job = id;
   showState("queued");
   showProgress(0, "");
+  release("result");
   $("result").replaceChildren();
   $("preview-figure").hidden = true;
-  let end;
+  if (!restore) moveFocus("generate", "cancel");
+  let polling = false;
+  let end = null;
   try {
-    end = await streamEvents(id);
-    document.body.dataset.updates = "events";
-  } catch {
-    document.body.dataset.updates = "polling"; // no stream (yet), or it broke: the job itself is still there
-    end = await poll(id);
+    if (restore) {
+      const view = await persist(me, () => api(`jobs/${id}?images=false`, { signal: me.abort.signal }));
+      restoreForm(view.request);
+      request = view.request;
+      if (TERMINAL.has(view.status)) end = { state: view.status, data: view, view };
+      else showState(view.status);
+    }
+    sizePreview(request);
+    while (!end && current === me) {
+      try {
+        end = polling ? await poll(me) : await streamEvents(me);
+      } catch (error) {
+        if (error instanceof NoStream) polling = true; // no stream (yet): the job itself is still there
+        else if (retryable(error) && current === me) await waitToRetry(me, error);
+        else throw error;
+      }
+    }
+  } catch (error) {
+    if (error.name !== "AbortError") lose(me, error);
+    return;
   }
-  await finish(id, end.state, end.data);
+  if (end) await finish(me, end).catch((error) => { if (error.name !== "AbortError") lose(me, error); });
+}
+
+// After a reload (or a token saved), the job this tab was following, if any.
+function resume() {
+  const id = sessionStorage.getItem(JOB_KEY);
+  if (id && !current) follow(id, { restore: true });
 }
 
 async function onGenerate(event) {
   event.preventDefault();
+  if (current) return; // Ctrl+Enter while a job runs
   $("form-error").textContent = "";
+  clearInvalid($("generate-form"));
+  let accepted;
+  let planned;
   try {
-    const { path, body } = plan();
+    planned = plan();
     $("generate").disabled = true;
-    const accepted = await api(path, { method: "POST", body });
-    await follow(accepted.jobId || accepted.id);
+    accepted = await api(planned.path, { method: "POST", body: planned.body });
   } catch (error) {
     $("form-error").textContent = error.message;
-    if (current) showState("failed", error.message);
-    current = null;
-    $("generate").disabled = false;
-    $("cancel").disabled = true;
+    const control = error instanceof ApiError && controlFor(error.field);
+    if (control) markInvalid(control, error.message);
+    syncButtons();
+    if (!(error instanceof FieldError) && !control) $("generate").focus();
+    return;
   }
+  follow(accepted.jobId || accepted.id, { request: planned.body });
 }
 
 async function onCancel() {
   if (!current) return;
-  const { id } = current;
-  $("cancel").disabled = true;
+  const me = current;
+  me.cancelling = true;
+  syncButtons();
+  moveFocus("cancel", "generate");
   try {
-    await api(`jobs/${id}/cancel`, { method: "POST" });
+    await api(`jobs/${me.id}/cancel`, { method: "POST" });
     // The stream (or the next poll) reports the cancellation; a job that finished first reports that instead.
   } catch (error) {
-    $("form-error").textContent = error.message;
+    $("form-error").textContent = `Cancel: ${error.message}`;
+    me.cancelling = false;
+    syncButtons();
   }
 }
 
@@ -449,38 +813,79 @@ function describe(job) {
   return parts.filter(Boolean).join(" · ");
 }
 
+function when(iso) {
+  if (!iso) return null;
+  const date = new Date(iso);
+  return Number.isNaN(date.getTime()) ? null : el("time", { datetime: iso, text: date.toLocaleString() });
+}
+
 function galleryFigure(job, image) {
   const figure = el("figure", {});
+  const text = imageText(job, image);
   fetchImage(image.url, "gallery")
-    .then((uri) => figure.replaceChildren(el("img", { src: uri, alt: `${job.id} ${image.label || ""}`.trim() }),
-      el("figcaption", {}, download(uri, image.name))))
+    .then((uri) => figure.replaceChildren(el("img", { src: uri, alt: text }),
+      el("figcaption", {}, download(uri, image.name, text))))
     .catch(() => figure.replaceChildren(el("p", { class: "unreadable", text: UNREADABLE })));
   return figure;
 }
 
+function galleryActions(job) {
+  if (TERMINAL.has(job.status)) return null;
+  const followed = current && current.id === job.id;
+  const follows = el("button", { type: "button", class: "follow", disabled: followed,
+    text: followed ? "Following" : "Follow", "aria-label": `Follow job ${job.id} as the current job` });
+  follows.addEventListener("click", () => follow(job.id, { restore: true }));
+  const cancel = el("button", { type: "button", class: "cancel-job", text: "Cancel",
+    "aria-label": `Cancel job ${job.id}` });
+  cancel.addEventListener("click", async () => {
+    cancel.disabled = true;
+    try {
+      await api(`jobs/${job.id}/cancel`, { method: "POST" });
+    } catch (error) {
+      $("gallery-note").textContent = `Could not cancel ${job.id}: ${error.message}`;
+    }
+    refreshGallery();
+  });
+  return el("p", { class: "actions" }, follows, " ", cancel);
+}
+
+let galleryTimer = null;
+let galleryRound = 0;
+
 async function refreshGallery() {
+  clearTimeout(galleryTimer);
+  const round = ++galleryRound; // a slower, older read never replaces a newer one
   const list = $("gallery");
   try {
     const { jobs } = await api("jobs?limit=12");
     // Settled one by one: a job whose details cannot be read now is listed as the listing gave it, not in place
     // of the whole list. Its images come by URL, not as bytes inside its view.
-    const settled = await Promise.allSettled(jobs.map((j) => (
-      j.status === "completed" ? api(`jobs/${j.id}?images=false`) : j)));
+    const settled = await Promise.allSettled(jobs.map((j) => api(`jobs/${j.id}?images=false`)));
+    if (round !== galleryRound) return;
     release("gallery");
-    list.replaceChildren(...settled.map((outcome, i) => {
-      const job = outcome.status === "fulfilled" ? outcome.value : jobs[i];
+    const shown = settled.map((outcome, i) => (outcome.status === "fulfilled" ? outcome.value : jobs[i]));
+    list.replaceChildren(...shown.map((job, i) => {
       const r = job.request || {};
-      return el("li", { class: "job", "data-job": job.id },
-        el("p", {}, el("strong", { text: STATE_TEXT[job.status] || job.status }), ` ${job.type} · ${job.createdAt || ""}`),
-        r.prompt ? el("p", { class: "prompt", text: r.prompt }) : null,
+      const reason = settled[i].status === "rejected" ? settled[i].reason : null;
+      return el("li", { class: "job", "data-job": job.id, "data-status": job.status },
+        el("p", {}, el("strong", { text: STATE_TEXT[job.status] || job.status }), ` ${job.type} · `,
+          when(job.createdAt)),
+        r.prompt ? el("p", { class: "prompt", title: r.prompt, text: truncate(r.prompt, 140) }) : null,
+        job.status === "failed" && job.error ? el("p", { class: "job-error", text: job.error }) : null,
         el("p", { class: "hint", text: describe(job) }),
-        outcome.status === "rejected"
-          ? el("p", { class: "unreadable", text: `Details unavailable: ${outcome.reason.message}` }) : null,
+        reason ? el("p", { class: "unreadable", text: `Details unavailable: ${reason.message}` }) : null,
+        galleryActions(job),
         ...resultImages(job).map((image) => galleryFigure(job, image)));
     }));
     $("gallery-note").textContent = jobs.length ? "" : "No jobs yet.";
+    // Unfinished jobs are read again until they end, so that the list shows how they did.
+    if (shown.some((job) => !TERMINAL.has(job.status))) galleryTimer = setTimeout(refreshGallery, GALLERY_MS);
   } catch (error) {
+    if (round !== galleryRound) return;
     $("gallery-note").textContent = `Could not list jobs: ${error.message}`;
+    if (retryable(error) && list.querySelector("li:not([data-status=completed])")) {
+      galleryTimer = setTimeout(refreshGallery, GALLERY_MS);
+    }
   }
 }
 
@@ -508,6 +913,7 @@ function toolResult(uri, name, label) {
 
 async function runTool(button, label, work) {
   $("tool-error").textContent = "";
+  clearInvalid($("tools-form"));
   $("tool-status").textContent = `${label}…`;
   button.disabled = true;
   try {
@@ -534,7 +940,12 @@ function setupTools() {
     const out = await api("sdapi/v1/extra-single-image", { method: "POST", body: {
       image: uri, upscaler_1: "None", upscaling_resize: 1, codeformer_visibility: 1,
       codeformer_weight: number("face-weight") } });
-    return [toolResult(dataUri(out.image, "image/png"), `${stem}_faces.png`, "Faces restored")];
+    // html_info carries what the service says about the run (A1111 sends ""); a face restorer that found no face
+    // returns the image unchanged and says so there.
+    const info = (out.html_info || "").trim();
+    const label = /no face/i.test(info) ? "No face found: image unchanged"
+      : info ? `Faces restored (${info})` : "Faces restored where a face was detected";
+    return [toolResult(dataUri(out.image, "image/png"), `${stem}_faces.png`, label)];
   }));
   $("tool-crops").addEventListener("click", (event) => runTool(event.target, "Focal crops", async (uri, stem) => {
     const sizes = $("crop-sizes").value.split(",").map((s) => s.trim().replace("×", "x")).filter(Boolean);
@@ -544,14 +955,28 @@ function setupTools() {
   }));
 }
 
+function setupKeys() {
+  $("prompt").addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
+      event.preventDefault();
+      $("generate-form").requestSubmit();
+    }
+  });
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   setupToken();
   setupSizes();
   setupLora();
   setupTools();
+  setupKeys();
+  for (const id of ["hires", "faces"]) $(id).addEventListener("change", applicable);
+  $("generate-form").addEventListener("input", (event) => {
+    if (event.target.hasAttribute("aria-invalid")) clearInvalid(event.target.closest(".field") || document);
+  });
   $("generate-form").addEventListener("submit", onGenerate);
   $("cancel").addEventListener("click", onCancel);
   $("gallery-refresh").addEventListener("click", refreshGallery);
-  loadChoices();
+  loadChoices().then(resume); // the form's choices first: a resumed job's settings are chosen among them
   refreshGallery();
 });
