@@ -443,3 +443,17 @@ def test_include_init_images_echoes_the_uploads_in_parameters(ingress):
     upload = b64(bands())
     assert "init_images" not in img2img(ingress, init_images=[upload])["parameters"]
     assert img2img(ingress, init_images=[upload], include_init_images=True)["parameters"]["init_images"] == [upload]
+
+
+def test_extras_html_info_says_when_no_face_was_restored(ingress, astronaut):
+    """A client (the page's faces tool) tells an image left unchanged from one restored by ``html_info``."""
+    faceless = ExtrasRequest(image=b64(bands()), upscaler_1="None", codeformer_visibility=1.0)
+    assert answer(ingress.extra_single_image.remote(faceless).result())["html_info"] == (
+        "<p>no face detected: image unchanged</p>")
+    portrait = ExtrasRequest(image=b64(astronaut.resize((256, 256))), upscaler_1="None", codeformer_visibility=1.0)
+    assert answer(ingress.extra_single_image.remote(portrait).result())["html_info"] == ""
+    batch = ExtrasBatchRequest(upscaler_1="None", codeformer_visibility=1.0,
+                               imageList=[{"data": b64(astronaut.resize((256, 256))), "name": "a"},
+                                          {"data": b64(bands()), "name": "b"}])
+    assert answer(ingress.extra_batch_images.remote(batch).result())["html_info"] == (
+        "<p>image 1: no face detected: image unchanged</p>")

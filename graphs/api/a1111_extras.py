@@ -5,6 +5,7 @@ ingress."""
 from __future__ import annotations
 
 import asyncio
+import html
 from typing import Any
 
 from fastapi import APIRouter, Response
@@ -34,9 +35,10 @@ class A1111ExtrasRoutes:
             named["upscaler_2"] = body.upscaler_2
         await call(self.handles.upscaler.check.remote(named))
 
-    async def _extras(self, body: ExtrasRequest, image: Image.Image, raw: bytes) -> bytes:
-        """The upscaled (and restored) ``image`` as a marked PNG file, ``raw`` its upload. The last stage that runs
-        encodes it, so the pixels travel stage to stage; only a blend of two upscalers comes through here."""
+    async def _extras(self, body: ExtrasRequest, image: Image.Image, raw: bytes) -> StageResult:
+        """The upscaled (and restored) ``image`` as a marked PNG file (``encoded[0]``) with its warnings, ``raw`` its
+        upload. The last stage that runs encodes it, so the pixels travel stage to stage; only a blend of two
+        upscalers comes through here."""
         how = Encoding(parent=raw)
         scale: float | None = body.upscaling_resize
         width = height = box = None
@@ -61,7 +63,7 @@ class A1111ExtrasRoutes:
             result = last if isinstance(last, StageResult) else await flights.settled(last)
         if not result.encoded:  # the blend, with no stage after it
             result = await call(self.provenance.encode.remote(result, how))  # type: ignore[attr-defined]
-        return result.encoded[0]
+        return result
 
     @router.post("/extra-single-image", response_model=ExtrasResponse)
     async def extra_single_image(self, body: ExtrasRequest) -> Response:
@@ -69,8 +71,9 @@ class A1111ExtrasRoutes:
         await self._check_upscalers(body)
         raw = image_bytes(body.image, "image")
         upload = await asyncio.to_thread(decode, raw, field="image")
-        (image,), payloads = blobs([await self._extras(body, upload, raw)])
-        return json_answer(ExtrasResponse(html_info="", image=image), **payloads)
+        result = await self._extras(body, upload, raw)
+        (image,), payloads = blobs(result.encoded[:1])
+        return json_answer(ExtrasResponse(html_info=html_info(result.warnings), image=image), **payloads)
 
     @router.post("/extra-batch-images", response_model=ExtrasBatchResponse)
     async def extra_batch_images(self, body: ExtrasBatchRequest) -> Response:
@@ -79,8 +82,16 @@ class A1111ExtrasRoutes:
         files = [image_bytes(item.data, f"imageList.{i}.data") for i, item in enumerate(body.imageList)]
         images = [await asyncio.to_thread(decode, raw, field=f"imageList.{i}.data") for i, raw in enumerate(files)]
         out = [await self._extras(body, image, raw) for image, raw in zip(images, files, strict=True)]
-        placeholders, payloads = blobs(out)
-        return json_answer(ExtrasBatchResponse(html_info="", images=placeholders), **payloads)
+        placeholders, payloads = blobs([result.encoded[0] for result in out])
+        warnings = [f"image {i}: {w}" for i, result in enumerate(out) for w in result.warnings]
+        return json_answer(ExtrasBatchResponse(html_info=html_info(warnings), images=placeholders), **payloads)
+
+
+def html_info(warnings: list[str]) -> str:
+    """A1111's ``html_info``, text as its page shows it (a paragraph, lines broken): here what the stages warned of
+    (no face found, a fallback upscaler), so that a client can tell an image left unchanged; empty without."""
+    lines = list(dict.fromkeys(warnings))
+    return f"<p>{'<br>'.join(html.escape(line) for line in lines)}</p>" if lines else ""
 
 
 def _blends(body: ExtrasRequest) -> bool:
