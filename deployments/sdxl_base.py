@@ -52,7 +52,7 @@ from deployments.support.generation import (
 from deployments.support.imaging import to_rgb
 from deployments.support.metrics import StageMetrics
 from deployments.support.pipelines import LoraFiles, Pipelines, Resident
-from deployments.support.prompts import PromptEncoder, read
+from deployments.support.prompts import READING, PromptEncoder, read
 from deployments.support.reporting import Reporter
 from deployments.support.samplers import build_scheduler, img2img_steps
 from deployments.support.settings import Settings, current
@@ -384,7 +384,8 @@ class BaseGenerator:
         entry = self.catalog.entry(checkpoint or self.catalog.default)
         out = {"checkpoint": f"{entry.name}:{self._sha256(entry.checkpoint.source)}",
                "base_runtime": f"{self.device.type}/{self.dtype}",
-               "base_defaults": f"{self.config.default_sampler}/{self.config.fast.fp8}"}
+               "base_defaults": f"{self.config.default_sampler}/{self.config.fast.fp8}",
+               "prompt_reading": READING}
         if entry.checkpoint.config:  # where a single file's component configs come from
             out["checkpoint_config"] = entry.checkpoint.config
         if self.config.vae:

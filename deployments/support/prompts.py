@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 if TYPE_CHECKING:
     import torch
 
+READING = "a1111-emphasis-chunks-1"  # part of the result cache's key: answers read otherwise are not served
 CHUNK_TOKENS = 75  # tokens of text per chunk: the encoders' 77 positions less the start and end tokens
 COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack default
 EMPHASIS = 1.1  # what one pair of round brackets multiplies by (square ones divide)
