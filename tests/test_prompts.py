@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from deployments.support.generation import GenerationRequest, RefineRequest, StageResult
 from deployments.support.prompts import (
@@ -223,9 +224,11 @@ def image(base, **kw) -> np.ndarray:
     return pixels(base.generate(GenerationRequest(**{**SMALL, **kw})).images[0])
 
 
-@pytest.mark.parametrize("extra", [{}, {"negative_prompt": "blurry"}, {"prompt": "a cat <lora:tiny-detail:0.8>"}])
+@pytest.mark.parametrize("extra", [{}, {"negative_prompt": "blurry"}, {"prompt": "a cat <lora:tiny-detail:0.8>"},
+                                   {"init_image": Image.new("RGB", (64, 64), (90, 140, 200)), "strength": 0.6}])
 def test_a_plain_a1111_prompt_gives_the_same_pixels_as_before(base, extra):
-    """The LoRA case: tiny-detail patches both text encoders, which the A1111 reading calls with its adapters set."""
+    """The LoRA case: tiny-detail patches both text encoders, which the A1111 reading calls with its adapters set;
+    the image-to-image pipeline reads as the text-to-image one."""
     assert np.array_equal(image(base, **extra), image(base, prompt_syntax="a1111", **extra))
 
 
@@ -275,8 +278,6 @@ def test_the_latent_hires_pass_reads_the_same_syntax(base):
 
 
 def test_the_refiner_reads_the_same_syntax(refiner):
-    from PIL import Image
-
     source = StageResult(images=[Image.new("RGB", (64, 64), (128, 128, 128))], seeds=[3])
 
     def refined(prompt: str, syntax: str) -> np.ndarray:
