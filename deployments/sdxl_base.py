@@ -52,6 +52,7 @@ from deployments.support.generation import (
 from deployments.support.imaging import to_rgb
 from deployments.support.metrics import StageMetrics
 from deployments.support.pipelines import LoraFiles, Pipelines, Resident
+from deployments.support.prompts import READING, PromptEncoder, read
 from deployments.support.reporting import Reporter
 from deployments.support.samplers import build_scheduler, img2img_steps
 from deployments.support.settings import Settings, current
@@ -141,9 +142,10 @@ class BaseGenerator:
         """One pipeline call for compatible requests (same ``batch_key``, so one checkpoint); each item keeps its
         own seeds, so its pixels are those it would get alone. Returns one outcome per item: its result or its
         own error. Items arrive with their checkpoint held (under Serve) or it is looked up here."""
-        def check(item: BatchItem) -> tuple[str, list[int]]:
+        def check(item: BatchItem) -> tuple[str, list[int], list[str]]:
             check_request(item.request, self.config.max_pixels)
-            return parse_lora_tags(item.request.prompt)[0], resolve_seeds(item.request.seed, item.request.batch_size)
+            prompt = parse_lora_tags(item.request.prompt)[0]
+            return prompt, resolve_seeds(item.request.seed, item.request.batch_size), prompt_warnings(item.request)
 
         outcomes, passed = prepare(items, check)
         live = list(passed)
@@ -171,6 +173,8 @@ class BaseGenerator:
         except Exception as e:  # noqa: BLE001 - each item gets the error it would have got alone
             results = [e] * len(live)
         for i, result in zip(live, self.cancellation.settle(batch, results), strict=True):
+            if isinstance(result, StageResult):  # what of its own prompt's syntax did not apply: its alone
+                result.warnings += [w for w in passed[i][2] if w not in result.warnings]
             outcomes[i] = result
         for item in items:
             item.checkpoint = None  # an evicted checkpoint this batch kept alive can go now
@@ -232,12 +236,17 @@ class BaseGenerator:
                     self.cancellation.keep_latents(request_id, latents[offset])
             return callback_kwargs
 
+        # Empty negatives stay None: SDXL then uses zero embeddings, not the encoding of "" (batch_key keeps
+        # requests with and without one apart).
+        negatives = per_image([i.request.negative_prompt for i in items]) if request.negative_prompt else None
+        if request.prompt_syntax == "a1111":  # batch_key: the whole batch is read one way
+            # Encoded here, with the LoRAs of the batch set on the pipeline's own encoders; the hires pass takes
+            # these embeddings with the rest of the first pass's arguments.
+            texts: dict = PromptEncoder(pipe)(per_image(prompts), negatives)
+        else:
+            texts = dict(prompt=per_image(prompts), negative_prompt=negatives)
         kwargs: dict = dict(
-            prompt=per_image(prompts),
-            # Empty negatives stay None: SDXL then uses zero embeddings, not the encoding of "" (batch_key keeps
-            # requests with and without one apart).
-            negative_prompt=per_image([i.request.negative_prompt for i in items]) if request.negative_prompt
-            else None,
+            **texts,
             num_inference_steps=request.steps,
             guidance_scale=request.guidance_scale,
             num_images_per_prompt=1,
@@ -375,7 +384,8 @@ class BaseGenerator:
         entry = self.catalog.entry(checkpoint or self.catalog.default)
         out = {"checkpoint": f"{entry.name}:{self._sha256(entry.checkpoint.source)}",
                "base_runtime": f"{self.device.type}/{self.dtype}",
-               "base_defaults": f"{self.config.default_sampler}/{self.config.fast.fp8}"}
+               "base_defaults": f"{self.config.default_sampler}/{self.config.fast.fp8}",
+               "prompt_reading": READING}
         if entry.checkpoint.config:  # where a single file's component configs come from
             out["checkpoint_config"] = entry.checkpoint.config
         if self.config.vae:
@@ -414,6 +424,14 @@ def check_request(request: GenerationRequest, max_pixels: int) -> None:
         check_size(*request.hires.size, max_pixels)
 
 
+def prompt_warnings(request: GenerationRequest) -> list[str]:
+    """What of an A1111 request's prompt syntax is not applied (prompt editing, AND); none for a plain one."""
+    if request.prompt_syntax != "a1111":
+        return []
+    found = [*read(parse_lora_tags(request.prompt)[0]).warnings, *read(request.negative_prompt).warnings]
+    return list(dict.fromkeys(found))
+
+
 def passes_over(request: GenerationRequest, source: StageResult) -> list[GenerationRequest]:
     """``request`` as one img2img pass per image of ``source``: that image at its own size (rounded down to a
     multiple of 8), with its own seed."""
@@ -432,7 +450,8 @@ def batch_key(request: GenerationRequest) -> tuple | None:
     return (request.checkpoint, mode, request.width, request.height, request.steps, request.sampler,
             request.schedule, request.guidance_scale, tuple((r.name, r.weight) for r in request.loras),
             tuple((r.name, r.weight) for r in tagged), bool(request.negative_prompt), request.denoising_end,
-            (request.strength, request.exact_steps) if mode == "img2img" else None, request.hires)
+            (request.strength, request.exact_steps) if mode == "img2img" else None, request.hires,
+            request.prompt_syntax)
 
 
 BATCH_UNIT_PIXELS = 1024 * 1024

@@ -41,6 +41,7 @@ from deployments.support.generation import (
 )
 from deployments.support.imaging import to_rgb
 from deployments.support.metrics import StageMetrics
+from deployments.support.prompts import PromptEncoder
 from deployments.support.reporting import Reporter
 from deployments.support.samplers import build_scheduler, img2img_steps, resolve, schedule_options
 from deployments.support.settings import Settings, current
@@ -192,7 +193,14 @@ class Refiner:
             return callback_kwargs
 
         prompts = [parse_lora_tags(i.request.prompt)[0] for i in items]  # LoRAs belong to the base model
+        # Empty negatives stay None, as in the base: the checkpoint's config decides what that means.
+        negatives = per_image([i.request.negative_prompt for i in items]) if request.negative_prompt else None
         with self._lock, self.oom():
+            if request.prompt_syntax == "a1111":  # batch_key: the whole batch is read one way
+                # Its one encoder (OpenCLIP bigG) reads the syntax as the base's two do; pooled from its first chunk.
+                texts: dict = PromptEncoder(self.pipe)(per_image(prompts), negatives)
+            else:
+                texts = dict(prompt=per_image(prompts), negative_prompt=negatives)
             self.pipe.scheduler = build_scheduler(sampler, self.scheduler_config, schedule, seeds=flat,
                                                   warnings=warnings)
             partial.watch(self.pipe.scheduler)
@@ -200,10 +208,7 @@ class Refiner:
                 latents = None
                 with fastpath.attention(self.config.fast), suppress(Stopped):  # Stopped: no item runs on
                     latents = self.pipe(
-                        prompt=per_image(prompts),
-                        negative_prompt=per_image([i.request.negative_prompt for i in items]) if request.negative_prompt
-                        else None,
-                        guidance_scale=request.guidance_scale, aesthetic_score=request.aesthetic_score,
+                        **texts, guidance_scale=request.guidance_scale, aesthetic_score=request.aesthetic_score,
                         negative_aesthetic_score=request.negative_aesthetic_score, num_images_per_prompt=1,
                         generator=[torch.Generator("cpu").manual_seed(s) for s in flat],
                         callback_on_step_end=on_step_end, output_type="latent", **kwargs,
@@ -250,7 +255,8 @@ def ensemble_sampler(request: RefineRequest, source: StageResult) -> tuple[str, 
 def batch_key(request: RefineRequest, source: StageResult | Image.Image, *, ensemble: bool) -> tuple:
     """What refiner requests must share to run in one pipeline call."""
     shared = (ensemble, request.steps, request.guidance_scale, request.sampler, request.schedule,
-              request.aesthetic_score, request.negative_aesthetic_score, bool(request.negative_prompt))
+              request.aesthetic_score, request.negative_aesthetic_score, bool(request.negative_prompt),
+              request.prompt_syntax)
     if ensemble:
         latents = getattr(source, "latents", None)
         info = getattr(source, "info", {})  # the base's sampler and schedule, which the pass runs

@@ -412,6 +412,23 @@ def test_a_sampler_name_with_a_label_but_no_sampler_is_refused(ingress):
     assert "Restart" not in [s["name"] for s in ingress.samplers.remote().result()]
 
 
+def test_prompts_are_read_with_a1111s_syntax(ingress):
+    """Emphasis reaches the text encoders as a weight (not as brackets and digits), a weight of 1 is no weight, and
+    prompt editing runs its first part with a warning; the prompt in the infotext stays as the client wrote it."""
+    def made(prompt: str) -> tuple[dict, np.ndarray]:  # the files differ by their infotexts: compare pixels
+        body = txt2img(ingress, prompt=prompt, cfg_scale=12)
+        return body, pixels(decode_b64(body["images"][0]))
+
+    _, word = made("a lighthouse")
+    assert np.array_equal(made("a (lighthouse:1)")[1], word)
+    assert np.abs(made("a (lighthouse:1.4)")[1] - word).mean() > 1.0  # 2.6 measured
+    edited, first = made("a [lighthouse:castle:0.5]")
+    assert np.array_equal(first, word)
+    assert any("prompt editing" in w for w in edited["info"]["warnings"])
+    assert edited["info"]["prompt"] == "a [lighthouse:castle:0.5]"
+    assert decode_b64(edited["images"][0]).info["parameters"].startswith("a [lighthouse:castle:0.5]\n")
+
+
 # --- A1111's other fields: applied, or named in the warnings ------------------------------------------------------
 
 def test_send_images_false_answers_without_images(ingress):

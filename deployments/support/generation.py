@@ -26,6 +26,7 @@ from deployments.support.samplers import MIN_STRENGTH
 from deployments.support.settings import current
 
 MAX_SEED = 2**32 - 1
+PromptSyntax = Literal["plain", "a1111"]
 CANCEL_TTL_S = 600.0
 _LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")
 
@@ -103,6 +104,9 @@ class GenerationRequest(BaseModel):
     denoising_end: float | None = Field(None, gt=0.0, lt=1.0, description="stop early and return latents")
     checkpoint: str | None = Field(None, max_length=128, description="the base checkpoint; None: the default")
     hires: LatentHires | None = Field(None, description="text-to-image only: A1111's latent hires fix")
+    prompt_syntax: PromptSyntax = Field("plain", description="plain: the prompts go to the text encoders as they "
+                                        "are; a1111: read as Automatic1111 reads them (emphasis, BREAK, prompts "
+                                        "past 75 tokens in chunks; see deployments.support.prompts)")
 
 
 class RefineRequest(BaseModel):
@@ -123,6 +127,7 @@ class RefineRequest(BaseModel):
     aesthetic_score: float = Field(6.0, ge=0.0, le=10.0)
     negative_aesthetic_score: float = Field(2.5, ge=0.0, le=10.0)
     seeds: list[int] = Field([], description="image mode, when the images come without seeds")
+    prompt_syntax: PromptSyntax = Field("plain", description="how the prompts are read: the base request's")
 
 
 class Encoding(BaseModel):

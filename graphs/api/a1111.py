@@ -174,7 +174,7 @@ class A1111Routes(CheckpointChoice):
         prompt = parse_lora_tags(r.prompt)[0] if r.disable_extra_networks else r.prompt
         return GenerationRequest(prompt=prompt, negative_prompt=r.negative_prompt, width=r.width, height=r.height,
                                  steps=r.steps, guidance_scale=r.cfg_scale, seed=seed, batch_size=r.batch_size,
-                                 sampler=choice.sampler, schedule=choice.schedule, **extra)
+                                 sampler=choice.sampler, schedule=choice.schedule, prompt_syntax="a1111", **extra)
 
     async def _run(self, http: Request, r: Txt2ImgRequest, parent: bytes | None = None, cache_as: str | None = None,
                    inits: list[Image.Image] | None = None, **extra) -> Response:
