@@ -26,11 +26,14 @@ SEED = 80
 
 TINY = dict(
     vocab=512,
+    # Initialised at transformers' defaults (1e-10 for BLIP's vision tower, 0.02 for its decoder), a random BLIP
+    # gives every image one caption: the tower's output barely depends on the pixels and the decoder's
+    # cross-attention barely moves its logits. At 0.02 and 0.2 the captions follow the pixels, as tests want.
     vision=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, image_size=32,
-                patch_size=4),
+                patch_size=4, initializer_range=0.02),
     # 64 positions: room for A1111's max_length of 48 (the default) with a few to spare.
     text=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-              max_position_embeddings=64),
+              max_position_embeddings=64, initializer_range=0.2),
 )
 LARGE = dict(
     vocab=BERT_VOCAB,
