@@ -1,5 +1,6 @@
-"""The application graph: a FastAPI ingress bound to the six model deployments (and Provenance, which marks and
-reads provenance where the ingress and job runner cannot).
+"""The application graph: a FastAPI ingress bound to the model deployments (the six of the generation plans, and
+the Captioner behind A1111's interrogate) and Provenance, which marks and reads provenance where the ingress and
+job runner cannot.
 
 ``build_app(args)`` is the ``import_path`` target of ``serve_config.yaml``; its ``args`` validate into
 ``AppArgs``. Strings in args may use ``$VAR`` / ``~``, expanded once here, so one config file can point at model
@@ -17,6 +18,7 @@ from ray.serve import Application
 
 from deployments.support.checkpoints import Catalog
 from deployments.support.config import (
+    CaptionerConfig,
     FaceRestorerConfig,
     FocalCropperConfig,
     SafetyCheckerConfig,
@@ -58,6 +60,8 @@ class AppArgs(BaseModel):
     focal_cropper: FocalCropperConfig = FocalCropperConfig()
     safety_checker: SafetyCheckerConfig | None = Field(
         None, description="the NSFW filter's model, deployed whenever given; it screens while enabled")
+    captioner: CaptionerConfig | None = Field(
+        None, description="the image captioner behind A1111's /interrogate, deployed whenever given")
     result_cache: bool | None = Field(None, description="answer repeated fixed-seed requests from the result store; "
                                       "None: the RESULT_CACHE setting")
     hires_upscaler: str = Field("R-ESRGAN 2x+", description="upscaler name used by hires fix when neural is asked")
@@ -92,7 +96,7 @@ class Ingress(
     provenance.ProvenanceRoutes,
 ):
     def __init__(self, base, refiner, upscaler, faces, cropper, runner, board, args: dict, safety=None,
-                 marks=None) -> None:
+                 marks=None, captioner=None) -> None:
         config = AppArgs.model_validate(args)
         self.config = config
         self.settings = current()  # read once, in the serving process
@@ -101,6 +105,7 @@ class Ingress(
                                      plans.safety_stage(safety, enabled, self.settings))
         self.cropper = cropper
         self.provenance = marks  # marks and encodes A1111's images, reads uploads' marks
+        self.captioner = captioner  # A1111's interrogate; None where the config names no captioner
         self.hires_upscaler = config.hires_upscaler
         self.photos = PhotoStore(StorageConfig.from_settings(self.settings))
         self.runner = runner  # deployed with the app; it reads the same job store
@@ -117,6 +122,7 @@ def build_app(args: dict) -> Application:
     """Bind the ingress to one handle per model deployment."""
     # Imported here, not at the top: Serve imports this module in the ingress and job-runner replicas, which must
     # stay free of torch and the model libraries (tests/test_light_ingress.py).
+    from deployments.captioner import Captioner
     from deployments.face_restorer import FaceRestorer
     from deployments.focal_cropper import FocalCropper
     from deployments.provenance import Provenance
@@ -141,8 +147,9 @@ def build_app(args: dict) -> Application:
     # `serve deploy` of changed args still replaces every replica, as any change under `args:` does).
     safety = deployment(SafetyChecker).bind(checker.model_dump(exclude={"enabled"})) if checker else None
     marks = deployment(Provenance).bind()
+    captioner = deployment(Captioner).bind(config.captioner.model_dump()) if config.captioner else None
     runner = deployment(JobRunner).bind(base, refiner, upscaler, faces, cropper, board, config.hires_upscaler,
                                         safety=safety, safety_enabled=checker.enabled if checker else None,
                                         result_cache=config.result_cache, marks=marks)
     return deployment(Ingress).bind(base, refiner, upscaler, faces, cropper, runner, board, config.model_dump(),
-                                    safety=safety, marks=marks)
+                                    safety=safety, marks=marks, captioner=captioner)

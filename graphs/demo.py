@@ -19,10 +19,11 @@ def main() -> int:
         logger.error("TINY_MODELS is not set: run `make demo`, which builds the tiny models first")
         return 2
     logger.warning(
-        "DEMO WEIGHTS: the models under %s are tiny RANDOM-weight networks of the real SDXL, Real-ESRGAN and "
-        "RestoreFormer architectures; images will look like noise. To serve real SDXL, edit the sources in "
-        "serve_config.yaml (a local diffusers folder, a single .safetensors checkpoint, a Hugging Face id in "
-        "the local cache, or an s3:// URI) and run `serve deploy serve_config.yaml` on a GPU cluster.",
+        "DEMO WEIGHTS: the models under %s are tiny RANDOM-weight networks of the real SDXL, Real-ESRGAN, "
+        "RestoreFormer and BLIP architectures; images will look like noise and captions like random words. To "
+        "serve real SDXL, edit the sources in serve_config.yaml (a local diffusers folder, a single .safetensors "
+        "checkpoint, a Hugging Face id in the local cache, or an s3:// URI) and run `serve deploy "
+        "serve_config.yaml` on a GPU cluster.",
         os.environ["TINY_MODELS"],
     )
     bin_dir = Path(sys.executable).parent

@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
     if cuda or args.shrink:
         build_fixtures(args.models, "cuda" if cuda else "cpu", {"sdxl-base", "sdxl-refiner", "releases",
-                                                                "safety-checker"}, args.shrink)
+                                                                "safety-checker", "captioner"}, args.shrink)
         converted = convert_releases(args.models)
         bench = (Bench(args.models, 256, 2, 1, args.budget) if args.shrink
                  else Bench(args.models, 1024, 30, args.repeat, args.budget))

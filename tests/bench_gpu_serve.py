@@ -68,7 +68,8 @@ class GpuSampler(threading.Thread):
         for pid, mib in self.peak_mib.items():
             title = self.names.get(pid, "")
             name = next((d for d in ("SDXLBase", "SDXLRefiner", "Upscaler", "FaceRestorer", "FocalCropper",
-                                     "SafetyChecker", "Ingress", "JobRunner") if d in title), title[:40] or str(pid))
+                                     "SafetyChecker", "Captioner", "Ingress", "JobRunner") if d in title),
+                        title[:40] or str(pid))
             peaks[name] = max(peaks.get(name, 0.0), mib / 1024)
         return peaks
 
@@ -97,10 +98,17 @@ def app_args(models: Path, fast: dict | None) -> tuple[dict, dict]:
         args["safety_checker"] = {**args["safety_checker"], "model": str(models / "safety-checker")}
     else:
         args.pop("safety_checker", None)
+    # The full-size BLIP of the fixtures (deployments.factory --full --only captioner), when built.
+    if (models / "captioner" / "model.safetensors").exists():
+        args["captioner"] = {**args["captioner"], "model": str(models / "captioner")}
+    else:
+        args.pop("captioner", None)
     options = {d.pop("name"): d for d in app["deployments"]}
     options["JobRunner"].pop("num_replicas", None)
     if "safety_checker" not in args:
         options.pop("SafetyChecker", None)
+    if "captioner" not in args:
+        options.pop("Captioner", None)
     return args, options
 
 

@@ -308,3 +308,18 @@ def test_interrupt_and_skip_ask_the_board_to_stop_not_to_cancel(service, monkeyp
     monkeypatch.setattr(plans, "a1111_batch", while_running)
     service.txt2img(seed=7)
     assert asked == ["stop"]
+
+
+def test_interrogate_without_a_captioner_refuses_clip_naming_model():
+    """A config with no captioner deploys none: every interrogator is then a 422 naming model, "clip" included."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from deployments.support.errors import UnknownModel
+    from graphs.api.a1111_info import A1111InfoRoutes
+    from graphs.api.a1111_models import InterrogateRequest
+
+    routes = SimpleNamespace(captioner=None)
+    with pytest.raises(UnknownModel, match="no captioner is deployed") as caught:
+        asyncio.run(A1111InfoRoutes.interrogate(routes, InterrogateRequest(image="x")))  # type: ignore[arg-type]
+    assert caught.value.field == "model"

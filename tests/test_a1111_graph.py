@@ -335,13 +335,40 @@ def test_png_info_parses_the_infotext_of_an_image_made_here(ingress):
     assert [parameters[key] for key in keys] == ["a lighthouse", "blurry", "Euler", "2", "5", "64", "64"]
 
 
-# --- the routes that do nothing here -------------------------------------------------------------------------------
+# --- the routes that do nothing here, and interrogate --------------------------------------------------------------
 
-def test_checkpoint_and_vae_actions_answer_empty_and_interrogate_is_not_offered(ingress):
+def test_checkpoint_and_vae_actions_answer_empty(ingress):
     for route in ("unload_checkpoint", "reload_checkpoint", "refresh_vae"):
         assert getattr(ingress, route).remote().result() == {}, route
-    error = refused(lambda: ingress.interrogate.remote(InterrogateRequest(image="x")).result())
-    assert error.code == "NOT_IMPLEMENTED" and status_of(error) == 501 and "interrogation" in error.message
+
+
+def test_interrogate_answers_the_captioners_caption(ingress, tiny, astronaut):
+    """A1111's "clip" interrogator (its default): the Captioner's caption of the decoded image, its configured
+    bounds applied; a data URI is read as plain base64 is."""
+    from deployments.captioner import BlipCaptioner
+    from deployments.support.config import CaptionerConfig
+
+    image = astronaut.resize((96, 96))
+    body = ingress.interrogate.remote(InterrogateRequest(image=b64(image))).result()
+    expected = BlipCaptioner(CaptionerConfig(model=str(tiny / "captioner"))).caption(image)
+    assert body == {"caption": expected} and len(expected.split()) >= 5
+    uri = ingress.interrogate.remote(InterrogateRequest(image=f"data:image/png;base64,{b64(image)}", model="clip"))
+    assert uri.result() == body
+
+
+@pytest.mark.parametrize("model", ["deepdanbooru", "CLIP", "blip", ""])
+def test_interrogators_not_deployed_are_refused_naming_model(ingress, model):
+    """A1111's DeepDanbooru is not deployed here, and its names are case-sensitive: a 422 naming model, checked
+    before the image is decoded (A1111 answers a 404 "Model not found" for a name it lacks)."""
+    error = refused(lambda: ingress.interrogate.remote(InterrogateRequest(image="not base64!", model=model)).result())
+    assert (error.code, status_of(error), error.details["field"]) == ("UNKNOWN_MODEL", 422, "model")
+    assert repr(model) in error.message and "'clip'" in error.message
+
+
+@pytest.mark.parametrize("image", ["", "bm90IGFuIGltYWdl", "data:image/png;base64"])
+def test_an_image_that_cannot_be_read_is_refused_naming_image(ingress, image):
+    error = refused(lambda: ingress.interrogate.remote(InterrogateRequest(image=image)).result())
+    assert (error.code, status_of(error), error.details["field"]) == ("INVALID_IMAGE", 400, "image")
 
 
 def same_pixels(a: dict, b: dict) -> bool:

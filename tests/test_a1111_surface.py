@@ -7,6 +7,8 @@ import json
 
 import pytest
 
+from tests.helpers import b64
+
 pytestmark = pytest.mark.integration
 
 LATENT_MODES = ["Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)",
@@ -103,12 +105,33 @@ def test_nulls_take_the_defaults_over_http(service):
     assert json.loads(response.json()["info"])["restore_faces"] is False
 
 
-def test_checkpoint_actions_answer_empty_and_interrogate_is_a_structured_501(service):
+def test_checkpoint_actions_answer_empty(service):
     for action in ("unload-checkpoint", "reload-checkpoint", "refresh-vae"):
         response = service.post(f"/sdapi/v1/{action}")
         assert response.status_code == 200 and response.json() == {}, action
-    response = service.post("/sdapi/v1/interrogate", json={"image": "", "model": "clip"})
-    assert response.status_code == 501, response.text
+
+
+def test_interrogate_captions_a_photo_as_a1111_answers(service, astronaut):
+    """webuiapi's ``interrogate(image)`` posts ``{"image": ..., "model": "clip"}`` and reads ``caption``."""
+    image = b64(astronaut)
+    response = service.post("/sdapi/v1/interrogate", json={"image": image, "model": "clip"})
+    assert response.status_code == 200, response.text
     body = response.json()
-    assert set(body) == {"error", "code", "details"} and body["code"] == "NOT_IMPLEMENTED"
-    assert "interrogation" in body["error"]
+    assert set(body) == {"caption"} and isinstance(body["caption"], str) and len(body["caption"].split()) >= 5
+    again = service.post("/sdapi/v1/interrogate", json={"image": f"data:image/png;base64,{image}"})  # clip: default
+    assert again.status_code == 200 and again.json() == body
+
+
+@pytest.mark.parametrize(("body", "status", "code", "field"), [
+    ({"image": "not an image", "model": "clip"}, 400, "INVALID_IMAGE", "image"),
+    ({"model": "clip"}, 400, "INVALID_IMAGE", "image"),  # A1111 answers 404 "Image not found"
+    ({"image": "x", "model": "deepdanbooru"}, 422, "UNKNOWN_MODEL", "model"),  # A1111's other, not deployed here
+    ({"image": "x", "model": "nope"}, 422, "UNKNOWN_MODEL", "model"),  # A1111: 404 "Model not found"
+    ({"image": "x", "model": ["clip"]}, 422, "INVALID_INPUT", "model"),
+])
+def test_interrogate_refuses_by_field(service, body, status, code, field):
+    response = service.post("/sdapi/v1/interrogate", json=body)
+    assert response.status_code == status, response.text
+    answer = response.json()
+    assert set(answer) == {"error", "code", "details"} and answer["code"] == code
+    assert answer["details"]["field"] == field

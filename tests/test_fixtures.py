@@ -146,6 +146,36 @@ def test_the_safety_checker_has_the_released_layout(shrunk):
     assert checker.scores([Image.new("RGB", (300, 200))]).shape == (1, 17)
 
 
+def test_the_captioner_has_the_released_layout(shrunk, astronaut):
+    """Salesforce/blip-image-captioning-large's files, its tokenizer's ids (BERT's 30522 entries, [DEC] and [ENC]
+    after them) and its decoder's wiring; it loads through the loader and captions."""
+    from transformers import BertTokenizer
+
+    from deployments.captioner import BlipCaptioner
+    from deployments.factory.captioner import LARGE
+    from deployments.support.config import CaptionerConfig
+
+    folder = shrunk / "captioner"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "config.json", "model.safetensors", "preprocessor_config.json", "special_tokens_map.json", "tokenizer.json",
+        "tokenizer_config.json", "vocab.txt"]
+    assert len((folder / "vocab.txt").read_text().splitlines()) == 30522
+    tokenizer = BertTokenizer.from_pretrained(folder)
+    assert (len(tokenizer), tokenizer.pad_token_id, tokenizer.sep_token_id) == (30524, 0, 102)
+    assert tokenizer.convert_tokens_to_ids(["[DEC]", "[ENC]", "[CLS]", "[MASK]"]) == [30522, 30523, 101, 103]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["BlipForConditionalGeneration"]
+    text = config["text_config"]
+    assert (text["vocab_size"], text["bos_token_id"], text["sep_token_id"], text["pad_token_id"]) == (
+        30524, 30522, 102, 0)
+    assert text["encoder_hidden_size"] == config["vision_config"]["hidden_size"]  # cross-attention to the tower
+    side = config["vision_config"]["image_size"]  # the tower's input is what the processor makes
+    assert json.loads((folder / "preprocessor_config.json").read_text())["size"] == {"height": side, "width": side}
+    assert LARGE["vision"]["image_size"] == 384 and LARGE["text"]["max_position_embeddings"] == 512
+    captioner = BlipCaptioner(CaptionerConfig(model=str(folder)))
+    assert 24 <= len(captioner.tokens(astronaut)) <= 48 and captioner.caption(astronaut)
+
+
 def test_the_gpu_stage_benchmark_runs_every_stage_on_these_layouts(shrunk, tmp_path):
     """``tests/bench_gpu.py``'s GPU plan (every variant and stage) on the toy-width layouts, so that a lent GPU is
     never spent finding that the benchmark itself drifted from the serving classes; on a CPU the compile settings

@@ -138,3 +138,23 @@ def test_the_safety_checker_has_the_released_size_and_runs(models):
     assert checker.scores([photo]).shape == (1, 17)
     del checker
     _free()
+
+
+def test_the_captioner_has_the_released_size_and_runs(models):
+    """Salesforce/blip-image-captioning-large's BLIP: a ViT-L/16 vision tower at 384² (303.7 M parameters) and a
+    BERT-base decoder cross-attending to it, 446.3 M parameters in all (the decoder's output layer tied to its
+    word embeddings); a caption within A1111's token bounds."""
+    from deployments.captioner import BlipCaptioner
+    from deployments.support.config import CaptionerConfig
+
+    if not (models / "captioner" / "model.safetensors").exists():
+        pytest.fail(f"no full-size captioner in {models}: python -m deployments.factory {models} --full "
+                    "--only captioner")
+    captioner = BlipCaptioner(CaptionerConfig(model=str(models / "captioner")))
+    assert sum(p.numel() for p in captioner.model.vision_model.parameters()) == 303_690_752
+    assert sum(p.numel() for p in captioner.model.parameters()) == 446_290_492
+    assert len(captioner.processor.tokenizer) == 30524
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (768, 512, 3), dtype=np.uint8))
+    assert 24 <= len(captioner.tokens(photo)) <= 48
+    del captioner
+    _free()

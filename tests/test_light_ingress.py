@@ -81,11 +81,13 @@ def mapped_libraries(pid: int) -> set[str]:
 def test_ingress_and_runner_replicas_load_no_model_library(service, astronaut):
     import psutil
 
-    # Every kind of answer the two processes unpickle: a plan's stage result, crops and their focus, descriptions.
+    # Every kind of answer the two processes unpickle: a plan's stage result, crops and their focus, a caption,
+    # descriptions.
     assert service.post("/generate", json={"prompt": "red apple", "seed": 1, "width": 128, "height": 128,
                                            "num_inference_steps": 3}).status_code == 200
     assert service.post("/derivatives/clip-focal", json={"image": b64(astronaut.resize((128, 128))),
                                                          "sizes": ["64x32"]}).status_code == 200
+    assert service.post("/sdapi/v1/interrogate", json={"image": b64(astronaut.resize((64, 64)))}).status_code == 200
     assert service.get("/sdapi/v1/sd-models").status_code == 200
     assert service.get("/sdapi/v1/memory").status_code == 200
     assert wait(service, submit(service, body=SMALL)["id"])["status"] == "completed"

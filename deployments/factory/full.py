@@ -9,6 +9,8 @@
     OUT/releases/*.pth             Real-ESRGAN x4/x2, CodeFormer, GFPGAN 1.4, RetinaFace-R50 as released (pickles)
     OUT/safety-checker/            CompVis/stable-diffusion-safety-checker's layout: CLIP ViT-L/14 vision tower,
                                    768-wide projection, 17 + 3 concepts; fp32 model.safetensors with its nested keys
+    OUT/captioner/                 Salesforce/blip-image-captioning-large's layout: ViT-L/16 at 384², BERT-base
+                                   decoder, BERT's 30522-entry WordPiece plus [DEC] and [ENC]; fp32 model.safetensors
 
 The configurations are those of stabilityai/stable-diffusion-xl-base-1.0 and -refiner-1.0: 2.6 B UNet parameters
 for the base, 2.3 B for the refiner, CLIP ViT-L and OpenCLIP bigG text encoders, the 84 M parameter VAE. Weights
@@ -28,6 +30,7 @@ from types import SimpleNamespace
 import torch
 from safetensors.torch import save_file
 
+from deployments.factory import captioner as blip
 from deployments.factory.sgm import sdxl_to_sgm
 from deployments.factory.tiny import _save_tokenizer, _scheduler
 from deployments.factory.tokenizer import build_clip_tokenizer
@@ -93,7 +96,7 @@ SAFETY_VISION = dict(hidden_size=1024, intermediate_size=4096, num_attention_hea
                      image_size=224, patch_size=14, hidden_act="quick_gelu")
 SAFETY_PROJECTION = 768
 
-ARTEFACTS = ("sdxl-base", "sdxl-base-single", "sdxl-refiner", "releases", "safety-checker")
+ARTEFACTS = ("sdxl-base", "sdxl-base-single", "sdxl-refiner", "releases", "safety-checker", "captioner")
 
 
 def shapes(shrink: bool = False) -> SimpleNamespace:
@@ -255,5 +258,9 @@ def build_all(out: Path, only: set[str] | None = None, device: str = "cpu", shri
         build_release_files(out / "releases", full=not shrink)
     if "safety-checker" in wanted:
         build_safety_checker(out / "safety-checker", device, shrink)
+    if "captioner" in wanted:
+        # Shrunk: toy widths, the release's tokenizer (BERT's 30522 entries) all the same.
+        blip.build_captioner(out / "captioner", {**blip.TINY, "vocab": blip.LARGE["vocab"]} if shrink else blip.LARGE,
+                             device)
     (out / "README.txt").write_text("Full-size random-weight models written by deployments.factory --full.\n")
     logger.info("full-size models written to %s", out)

@@ -195,3 +195,24 @@ class SafetyCheckerConfig(_Config):
     adjustment: float = Field(0.0, ge=-2.0, le=2.0, description="added to every concept score, as diffusers' "
                               "adjustment: above 0 a stricter filter (more benign images flagged), below 0 a laxer one")
     device: DeviceConfig = DeviceConfig()
+
+
+class CaptionerConfig(_Config):
+    """The image captioner behind A1111's ``/interrogate``: BLIP in transformers' layout
+    (Salesforce/blip-image-captioning-large). A1111's "clip" interrogator starts from this caption, generated
+    with its ``interrogate_clip_*`` settings, whose defaults these are."""
+
+    model: str = Field(..., description="folder (config.json, model.safetensors, preprocessor_config.json, tokenizer "
+                       "files), repo id in the local cache or s3:// prefix")
+    num_beams: int = Field(1, ge=1, le=16, description="beam search width; 1 is greedy (interrogate_clip_num_beams)")
+    min_length: int = Field(24, ge=0, le=512, description="fewest tokens in a caption, the start token counted "
+                            "(interrogate_clip_min_length)")
+    max_length: int = Field(48, ge=2, le=512, description="most tokens in a caption, the start token counted; at "
+                            "most the decoder's max_position_embeddings (interrogate_clip_max_length)")
+    device: DeviceConfig = DeviceConfig()
+
+    @model_validator(mode="after")
+    def _lengths_in_order(self) -> CaptionerConfig:
+        if self.min_length > self.max_length:
+            raise ValueError(f"captioner: min_length {self.min_length} is above max_length {self.max_length}")
+        return self

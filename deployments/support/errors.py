@@ -65,12 +65,6 @@ class GenerationCancelled(ServiceError):
     code = "CANCELLED"
 
 
-class NotOffered(ServiceError):
-    """A route other systems have whose function this service does not offer (A1111's interrogate)."""
-
-    code = "NOT_IMPLEMENTED"
-
-
 class NotFound(ServiceError):
     """A job, photo or other named resource does not exist (or is not the caller's)."""
 

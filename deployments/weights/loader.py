@@ -343,6 +343,34 @@ def load_safety_checker(source: str, dtype: torch.dtype, settings: Settings | No
     return model, processor, folder
 
 
+def load_captioner(source: str, dtype: torch.dtype, settings: Settings | None = None):
+    """Load a BLIP captioner in transformers' layout (Salesforce/blip-image-captioning-large: config.json,
+    model.safetensors, preprocessor_config.json, BERT tokenizer files) and its processor. The release's
+    pytorch_model.bin beside model.safetensors is never opened. Returns (model, processor, folder)."""
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+
+    field = "captioner.model"
+    folder = resolve(source, settings)
+    if not folder.is_dir():
+        raise ModelLoadError(f"{source}: a captioner is a folder (config.json and model.safetensors)", field=field)
+    _check_folder(folder)
+    weights = folder / "model.safetensors"
+    if not weights.exists():
+        raise UnsafeWeights(f"{folder}: no model.safetensors (pickled checkpoints are refused)", field=field)
+    check_safetensors(weights)
+    try:
+        model, info = BlipForConditionalGeneration.from_pretrained(
+            folder, use_safetensors=True, local_files_only=True, dtype=dtype, output_loading_info=True)
+        processor = BlipProcessor.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ModelLoadError(f"cannot load the captioner from {source}: {e}", field=field) from e
+    # A layer missing from the file would be left at its random start: captions that silently mean nothing.
+    if info.get("missing_keys"):
+        raise ModelLoadError(f"{weights.name}: missing {sorted(info['missing_keys'])[:4]}", field=field)
+    logger.info("captioner: %s", folder)
+    return model, processor, folder
+
+
 def _half():
     import torch
 

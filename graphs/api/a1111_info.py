@@ -1,7 +1,8 @@
 """Automatic1111's listing and settings routes: checkpoints, samplers, schedulers, upscalers, face restorers,
-LoRAs, options and PNG info, and the rest of what A1111 front ends list when they connect, each with what this
-service really has (an empty list for what it has none of: styles, embeddings, hypernetworks, scripts,
-extensions). File names are given without their folders: the host's paths stay on the host.
+LoRAs, options, PNG info, interrogation (an image's caption, from the Captioner), and the rest of what A1111 front
+ends list when they connect, each with what this service really has (an empty list for what it has none of:
+styles, embeddings, hypernetworks, scripts, extensions). File names are given without their folders: the host's
+paths stay on the host.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING
 import psutil
 from fastapi import APIRouter
 
-from deployments.support.errors import NotOffered
+from deployments.support.errors import UnknownModel
 from deployments.support.generation import LATENT_UPSCALE_MODES
 from deployments.support.samplers import ALIASES, SCHEDULES, sampler_names
 from graphs import plans
@@ -46,7 +47,7 @@ from graphs.api.a1111_models import (
 )
 from graphs.api.body import JSONBodyRoute
 from graphs.api.checkpoints import CheckpointChoice
-from graphs.api.errors import ErrorBody, call
+from graphs.api.errors import call, documented
 from graphs.api.fields import image_field
 from graphs.jobs.store import JobStore
 
@@ -58,6 +59,7 @@ internal = APIRouter(prefix="/internal", tags=["automatic1111"], route_class=JSO
 
 LATENT_MODES = tuple(LATENT_UPSCALE_MODES)  # A1111's latent hires-fix modes: each resizes the latents as A1111 does
 REAL_ESRGAN_ARCHITECTURES = {"ESRGAN", "Compact"}  # spandrel's ids for RRDBNet and SRVGGNetCompact
+CAPTIONING = "clip"  # A1111's interrogator that starts from a BLIP caption; its "deepdanbooru" is not deployed here
 
 
 def _file_name(source: str) -> str:
@@ -77,6 +79,7 @@ class A1111InfoRoutes(CheckpointChoice):
     handles: plans.Handles
     jobs: JobStore
     config: AppArgs
+    captioner: object | None  # the Captioner's handle; None where no captioner is configured
 
     @router.get("/sd-models", response_model=list[SdModel])
     async def sd_models(self) -> list[dict]:
@@ -150,11 +153,15 @@ class A1111InfoRoutes(CheckpointChoice):
         """Accepted, changes nothing: the replacement VAEs are the config's, read when the replicas start."""
         return {}
 
-    @router.post("/interrogate", response_model=Interrogation, responses={501: {"model": ErrorBody}})
+    @router.post("/interrogate", response_model=Interrogation, responses=documented(400, 503))
     async def interrogate(self, body: InterrogateRequest) -> dict:
-        """Not offered: no captioning model (A1111's CLIP or DeepDanbooru interrogator) is deployed; a 501."""
-        raise NotOffered(f"interrogation ({body.model}) is not offered by this service: no captioning model is "
-                         "deployed")
+        """The image's caption: A1111's "clip" interrogator's BLIP caption, without the CLIP-ranked terms A1111
+        appends; "deepdanbooru" (or any other name) is a 422 naming model."""
+        if body.model != CAPTIONING or self.captioner is None:
+            offered = f"{CAPTIONING!r} is" if self.captioner is not None else "none is (no captioner is deployed)"
+            raise UnknownModel(f"interrogator {body.model!r} is not offered here: {offered}", field="model")
+        image = await asyncio.to_thread(image_field, body.image, "image")
+        return {"caption": await call(self.captioner.caption.remote(image))}  # type: ignore[attr-defined]
 
     @router.post("/refresh-loras", response_model=Empty)
     async def refresh_loras(self) -> dict:

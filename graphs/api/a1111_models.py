@@ -211,14 +211,15 @@ class PngInfoRequest(BaseModel):
 
 
 class InterrogateRequest(_A1111):
-    image: str = ""
-    model: str = Field("clip", max_length=64)
+    image: str = Field("", description="the image, base64 or a data URI")
+    model: str = Field("clip", max_length=64, description="the interrogator: 'clip' (a BLIP caption) is the one "
+                       "offered here; A1111's 'deepdanbooru' is not")
 
 
 class Interrogation(BaseModel):
-    """A1111's answer to ``/interrogate``; this service answers 501 instead (no captioning model)."""
+    """A1111's answer to ``/interrogate``: the image's caption."""
 
-    caption: str | None = None
+    caption: str
 
 
 # --- the shapes A1111 answers with (its clients read these fields) ------------------------------------------------
