@@ -217,7 +217,7 @@ def test_prompts_and_negatives_are_padded_to_the_most_chunks_with_empty_prompt_c
 # the reading is the same the pixels are equal to the bit, so any difference at all is the syntax's doing; the
 # thresholds below are a few times under what each case measures.
 SMALL = dict(prompt="a photo of a cat", width=64, height=64, steps=4, guidance_scale=12.0, seed=11)
-SEEN = 0.05  # mean grey levels: what a change of reading moves at least
+SEEN = 0.01  # mean grey levels: what a change of reading moves at least (0.027 measured for emphasis)
 
 
 def image(base, **kw) -> np.ndarray:
