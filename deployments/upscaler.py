@@ -23,6 +23,7 @@ from deployments.support.config import UpscalerConfig
 from deployments.support.errors import InvalidInput, UnknownModel
 from deployments.support.generation import Encoding, StageResult, encoded
 from deployments.support.imaging import from_tensor, to_rgb, to_tensor
+from deployments.support.logs import replica_logging
 from deployments.support.metrics import StageMetrics
 from deployments.support.settings import Settings, current
 from deployments.weights import loader
@@ -222,6 +223,7 @@ def _ramp(h: int, w: int, overlap: int, device) -> torch.Tensor:
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=4, health_check_period_s=10)
 class Upscaler:
     def __init__(self, config: dict | UpscalerConfig) -> None:
+        replica_logging()  # before anything here logs
         self.thread = devices.InferenceThread("upscaler")
         self.model = self.thread.call(ImageUpscaler, UpscalerConfig.model_validate(config))
         self.metrics = StageMetrics("upscaler")

@@ -31,6 +31,7 @@ from ray import serve
 from deployments.support.batching import gathered
 from deployments.support.errors import GenerationCancelled, StorageUnavailable
 from deployments.support.generation import Encoding, StageResult, encoded
+from deployments.support.logs import replica_logging
 from deployments.support.metrics import JobMetrics
 from deployments.support.settings import current
 from graphs import flights, plans
@@ -63,6 +64,7 @@ class JobRunner:
     def __init__(self, base, refiner, upscaler, faces, cropper, board=None,
                  hires_upscaler: str = "R-ESRGAN 2x+", *, safety=None, safety_enabled: bool | None = None,
                  result_cache: bool | None = None, marks=None) -> None:
+        replica_logging()  # before anything here logs
         self.settings = current()
         self.handles = plans.Handles(base, refiner, upscaler, faces, board,
                                      plans.safety_stage(safety, safety_enabled, self.settings))
