@@ -243,15 +243,18 @@ class Upscaler:
     async def names(self) -> list[str]:
         return self.model.names()
 
-    async def check(self, upscalers: dict[str, str]) -> None:
-        """Refuse the first name ``upscale`` would refuse, naming its request field (``upscalers``: field -> name).
-        The ingress asks before any work starts; ``upscale`` refuses them too."""
+    async def check(self, upscalers: dict[str, str]) -> dict | None:
+        """The first name ``upscale`` would refuse, as ``{"message", "field", "details"}`` of its ``UnknownModel``
+        (``upscalers``: field -> name), else None. The ingress asks before any work starts and raises the error
+        itself: a client's mistake answered as a value is no failed call in Serve's log and error counter (a
+        raise here logged a traceback at ERROR). ``upscale`` refuses them too."""
         for field, name in upscalers.items():
             try:
                 self.model.check(name, field)
             except UnknownModel as e:
-                self.metrics.failed(e)  # the stage's failure, as when ``upscale`` refused it
-                raise
+                self.metrics.failed(e)  # the stage's (client) failure, as when ``upscale`` refused it
+                return {"message": e.message, "field": e.field, "details": e.details}
+        return None
 
     async def describe(self) -> dict:
         return {name: {"scale": d.scale, "architecture": d.architecture.id} for name, d in self.model.models.items()}

@@ -12,32 +12,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
-from deployments.support.errors import ServiceError
+from deployments.support.errors import STATUS, ServiceError, status_of
 
 logger = logging.getLogger(__name__)
-
-STATUS = {
-    "INVALID_INPUT": 422,
-    "INVALID_IMAGE": 400,
-    "UNKNOWN_MODEL": 422,
-    "NOT_FOUND": 404,
-    "RESULT_EXPIRED": 410,
-    "UNAUTHORIZED": 401,
-    "CANCELLED": 409,
-    "CONFLICT": 409,
-    "CONTENT_FLAGGED": 422,
-    "QUEUE_FULL": 429,
-    "RATE_LIMITED": 429,
-    "PAYLOAD_TOO_LARGE": 413,
-    "REQUEST_TIMEOUT": 408,
-    "GPU_OOM": 503,
-    "MODEL_UNAVAILABLE": 503,
-    "STORAGE_UNAVAILABLE": 503,
-    "STREAMS_BUSY": 503,
-    "MODEL_LOAD_FAILED": 503,
-    "SIGNING_FAILED": 503,
-    "NOT_IMPLEMENTED": 501,
-}
 
 
 class ErrorBody(BaseModel):
@@ -68,16 +45,6 @@ DOCUMENTED = {
 def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` for error statuses, each with the one error body."""
     return {status: {"model": ErrorBody, "description": DOCUMENTED[status]} for status in statuses}
-
-
-def status_of(error: ServiceError) -> int:
-    """The status of the error's own code, else of the nearest base class's (an ``UnsafeWeights`` is a
-    ``ModelLoadError``); 500 for none."""
-    for cls in type(error).__mro__:
-        code = getattr(cls, "code", None)
-        if code in STATUS:
-            return STATUS[code]
-    return 500
 
 
 def error_response(code: str, message: str, details: dict | None = None, headers: dict | None = None,
