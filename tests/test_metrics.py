@@ -90,30 +90,6 @@ def test_in_flight_is_set_again_while_a_long_request_runs():
     assert levels.count(1) >= 5 and levels[-1] == 0, levels
 
 
-def test_an_unknown_upscaler_is_answered_not_raised():
-    """Raised, a client's mistake is a failed call to Serve: an ERROR with a traceback in the replica's log and a
-    count in Ray's deployment error counter. Answered, the ingress raises it as the 422 naming the field."""
-    from deployments.upscaler import Upscaler
-
-    replica = SimpleNamespace(model=SimpleNamespace(check=_refuse("Nope")), metrics=Recorded("upscaler"))
-    check = Upscaler.func_or_class.check
-    assert asyncio.run(check(replica, {"upscaler_1": "Lanczos"})) is None
-    refusal = asyncio.run(check(replica, {"upscaler_1": "Lanczos", "upscaler_2": "Nope"}))
-    assert refusal == {"message": "unknown upscaler 'Nope'", "field": "upscaler_2",
-                       "details": {"field": "upscaler_2", "choices": ["Lanczos"]}}
-    assert (replica.metrics.codes, replica.metrics.kinds) == (["UNKNOWN_MODEL"], ["client"])
-
-
-def _refuse(unknown: str):
-    from deployments.support.errors import UnknownModel
-
-    def check(name: str, field: str) -> None:
-        if name == unknown:
-            raise UnknownModel(f"unknown upscaler {name!r}", field=field, details={"choices": ["Lanczos"]})
-
-    return check
-
-
 def test_a_job_state_that_empties_reads_0_not_its_last_count():
     """The gauge keeps whatever was last set: a state missing from the next count (the store groups by state, so
     an empty one has no row) must be set to 0, or the dashboard shows a backlog long gone."""
