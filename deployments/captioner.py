@@ -19,6 +19,7 @@ from deployments.support import device as devices
 from deployments.support.config import CaptionerConfig
 from deployments.support.errors import ModelLoadError
 from deployments.support.imaging import to_rgb
+from deployments.support.logs import replica_logging
 from deployments.support.metrics import StageMetrics
 from deployments.support.settings import Settings, current
 from deployments.weights import loader
@@ -64,6 +65,7 @@ class Captioner:
     """Thin Serve shell: the captioner loads once per replica and runs on its one inference thread."""
 
     def __init__(self, config: dict | CaptionerConfig) -> None:
+        replica_logging()  # before anything here logs
         self.thread = devices.InferenceThread("captioner")
         self.model = self.thread.call(BlipCaptioner, CaptionerConfig.model_validate(config))
         self.metrics = StageMetrics("captioner")

@@ -24,6 +24,7 @@ from deployments.support.config import FaceRestorerConfig
 from deployments.support.errors import InvalidInput, ModelLoadError
 from deployments.support.generation import Encoding, StageResult, encoded
 from deployments.support.imaging import pil_to_array
+from deployments.support.logs import replica_logging
 from deployments.support.metrics import StageMetrics
 from deployments.support.settings import Settings, current
 from deployments.weights import loader
@@ -135,6 +136,7 @@ class FaceEnhancer:
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=4, health_check_period_s=10)
 class FaceRestorer:
     def __init__(self, config: dict | FaceRestorerConfig) -> None:
+        replica_logging()  # before anything here logs
         self.thread = devices.InferenceThread("face-restorer")
         self.model = self.thread.call(FaceEnhancer, FaceRestorerConfig.model_validate(config))
         self.metrics = StageMetrics("face_restorer")

@@ -19,6 +19,7 @@ from deployments.support.cropping import Crop, CropSize, Focus, crop_box, deriva
 from deployments.support.errors import InvalidInput
 from deployments.support.generation import StageResult
 from deployments.support.imaging import Format, encode, pil_to_array, to_rgb
+from deployments.support.logs import replica_logging
 from deployments.support.metrics import StageMetrics
 
 
@@ -77,6 +78,7 @@ class Cropper:
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=8, health_check_period_s=10)
 class FocalCropper:
     def __init__(self, config: dict | FocalCropperConfig | None = None) -> None:
+        replica_logging()  # before anything here logs
         self.model = Cropper(FocalCropperConfig.model_validate(config or {}))
         self.metrics = StageMetrics("focal_cropper")
 

@@ -14,6 +14,7 @@ import asyncio
 from ray import serve
 
 from deployments.support.generation import Encoding, StageResult, encoded
+from deployments.support.logs import replica_logging
 from deployments.support.metrics import StageMetrics
 from deployments.support.provenance import Verification, marker
 
@@ -21,6 +22,7 @@ from deployments.support.provenance import Verification, marker
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=8, health_check_period_s=10)
 class Provenance:
     def __init__(self) -> None:
+        replica_logging()  # before anything here logs
         marker()  # the certificate and key are read now: a bad one fails the replica, not a request
         self.metrics = StageMetrics("provenance")
 

@@ -26,6 +26,7 @@ from deployments.support.config import SafetyCheckerConfig
 from deployments.support.errors import InvalidInput
 from deployments.support.generation import Encoding, StageResult, encoded
 from deployments.support.imaging import to_rgb
+from deployments.support.logs import replica_logging
 from deployments.support.metrics import StageMetrics
 from deployments.support.settings import Settings, current
 from deployments.weights import loader
@@ -102,6 +103,7 @@ class SafetyChecker:
     """Thin Serve shell: the checker loads once per replica and runs on its one inference thread."""
 
     def __init__(self, config: dict | SafetyCheckerConfig) -> None:
+        replica_logging()  # before anything here logs
         self.thread = devices.InferenceThread("safety-checker")
         self.model = self.thread.call(ContentFilter, SafetyCheckerConfig.model_validate(config))
         self.metrics = StageMetrics("safety_checker")

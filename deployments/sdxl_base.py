@@ -50,6 +50,7 @@ from deployments.support.generation import (
     resolve_seeds,
 )
 from deployments.support.imaging import to_rgb
+from deployments.support.logs import replica_logging
 from deployments.support.metrics import StageMetrics
 from deployments.support.pipelines import LoraFiles, Pipelines, Resident
 from deployments.support.prompts import READING, PromptEncoder, read
@@ -489,6 +490,7 @@ class SDXLBase:
     # Serve awaits an async constructor: the default checkpoint loads through Serve's multiplexer.
     async def __init__(self, config: dict | SDXLBaseConfig,  # type: ignore[misc]
                        board: DeploymentHandle | None = None) -> None:
+        replica_logging()  # before anything here logs
         config = SDXLBaseConfig.model_validate(config)
         self.thread = devices.InferenceThread("sdxl-base")
         self.model: BaseGenerator = await self.thread.run(BaseGenerator, config, preload=False)

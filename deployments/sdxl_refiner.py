@@ -40,6 +40,7 @@ from deployments.support.generation import (
     parse_lora_tags,
 )
 from deployments.support.imaging import to_rgb
+from deployments.support.logs import replica_logging
 from deployments.support.metrics import StageMetrics
 from deployments.support.prompts import PromptEncoder
 from deployments.support.reporting import Reporter
@@ -269,6 +270,7 @@ def batch_key(request: RefineRequest, source: StageResult | Image.Image, *, ense
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=16, health_check_period_s=10)
 class SDXLRefiner:
     def __init__(self, config: dict | SDXLRefinerConfig, board: DeploymentHandle | None = None) -> None:
+        replica_logging()  # before anything here logs
         config = SDXLRefinerConfig.model_validate(config)
         self.thread = devices.InferenceThread("sdxl-refiner")
         self.model = self.thread.call(Refiner, config)

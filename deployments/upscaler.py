@@ -23,6 +23,7 @@ from deployments.support.config import UpscalerConfig
 from deployments.support.errors import InvalidInput, UnknownModel
 from deployments.support.generation import Encoding, StageResult, encoded
 from deployments.support.imaging import from_tensor, to_rgb, to_tensor
+from deployments.support.logs import replica_logging
 from deployments.support.metrics import StageMetrics
 from deployments.support.settings import Settings, current
 from deployments.weights import loader
@@ -222,6 +223,7 @@ def _ramp(h: int, w: int, overlap: int, device) -> torch.Tensor:
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=4, health_check_period_s=10)
 class Upscaler:
     def __init__(self, config: dict | UpscalerConfig) -> None:
+        replica_logging()  # before anything here logs
         self.thread = devices.InferenceThread("upscaler")
         self.model = self.thread.call(ImageUpscaler, UpscalerConfig.model_validate(config))
         self.metrics = StageMetrics("upscaler")
@@ -241,15 +243,18 @@ class Upscaler:
     async def names(self) -> list[str]:
         return self.model.names()
 
-    async def check(self, upscalers: dict[str, str]) -> None:
-        """Refuse the first name ``upscale`` would refuse, naming its request field (``upscalers``: field -> name).
-        The ingress asks before any work starts; ``upscale`` refuses them too."""
+    async def check(self, upscalers: dict[str, str]) -> dict | None:
+        """The first name ``upscale`` would refuse, as ``{"message", "field", "details"}`` of its ``UnknownModel``
+        (``upscalers``: field -> name), else None. The ingress asks before any work starts and raises the error
+        itself: a client's mistake answered as a value is no failed call in Serve's log and error counter (a
+        raise here logged a traceback at ERROR). ``upscale`` refuses them too."""
         for field, name in upscalers.items():
             try:
                 self.model.check(name, field)
             except UnknownModel as e:
-                self.metrics.failed(e)  # the stage's failure, as when ``upscale`` refused it
-                raise
+                self.metrics.failed(e)  # the stage's (client) failure, as when ``upscale`` refused it
+                return {"message": e.message, "field": e.field, "details": e.details}
+        return None
 
     async def describe(self) -> dict:
         return {name: {"scale": d.scale, "architecture": d.architecture.id} for name, d in self.model.models.items()}

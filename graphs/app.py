@@ -26,6 +26,7 @@ from deployments.support.config import (
     SDXLRefinerConfig,
     UpscalerConfig,
 )
+from deployments.support.logs import replica_logging
 from deployments.support.settings import current
 from graphs import availability, plans
 from graphs.api import a1111, a1111_extras, a1111_info, generate, illustration, jobs, processing, provenance, ui
@@ -97,6 +98,7 @@ class Ingress(
 ):
     def __init__(self, base, refiner, upscaler, faces, cropper, runner, board, args: dict, safety=None,
                  marks=None, captioner=None) -> None:
+        replica_logging()  # before anything here logs
         config = AppArgs.model_validate(args)
         self.config = config
         self.settings = current()  # read once, in the serving process

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from PIL import Image
 from ray import serve
 
+from deployments.support.logs import replica_logging
+
 TTL_S = 600.0
 HOLDINGS_TTL_S = 10.0  # five missed announcements (SDXLBase repeats them every 2 s)
 REPORT_INTERVAL_S = 0.2  # how often a model replica reports: the worst-case delay of a cancel or a preview
@@ -102,4 +104,5 @@ class ProgressBoard(Board):
     """One replica (its state is the point): a few small calls per second per model replica."""
 
     def __init__(self) -> None:
+        replica_logging()  # before anything here logs
         super().__init__()

@@ -38,6 +38,7 @@ from PIL import Image
 from ray.serve.handle import DeploymentHandle
 
 from deployments.support.cropping import CropSize
+from deployments.support.errors import UnknownModel
 from deployments.support.generation import (
     LATENT_UPSCALE_MODES,
     Encoding,
@@ -77,6 +78,13 @@ class Handles:
             self.refiner = Recorded(self.refiner)
         if self.safety is not None:
             self.safety = Recorded(self.safety)
+
+    async def check_upscalers(self, named: dict[str, str]) -> None:
+        """Refuse the first unknown upscaler by the request field that named it (``named``: field -> name), before
+        any work starts. The replica answers a refusal as a value; it is raised here, at the edge."""
+        refusal = await call(self.upscaler.check.remote(named))
+        if refusal is not None:
+            raise UnknownModel(refusal["message"], field=refusal["field"], details=refusal["details"])
 
     def last(self, encode: Encoding | None) -> Encoding | None:
         """What the last model stage of a plan encodes: nothing when the safety checker comes after it."""

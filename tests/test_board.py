@@ -107,3 +107,37 @@ async def test_a_report_that_fails_says_its_finished_requests_next_time():
     handle.report = handle
     await reporter.report()
     assert board.progress("x") is None
+
+
+@pytest.mark.anyio
+async def test_the_report_loop_carries_no_requests_context():
+    """Started by a replica's first request, the loop must not run in its context: Serve reads the request id from
+    there, and every report call (and every line the loop logs) would carry that one request's id for ever."""
+    import asyncio
+
+    from ray.serve.context import _get_serve_request_context, _RequestContext, _serve_request_context
+
+    seen: list[str] = []
+    board = Board()
+    handle = FakeHandle(board)
+
+    def remote(*args):
+        seen.append(_get_serve_request_context().request_id)
+        return FakeHandle.remote(handle, *args)
+
+    handle.report = type("Report", (), {"remote": staticmethod(remote)})()
+    cancellation = Cancellation()
+    reporter = Reporter(handle, "sdxl_base", cancellation, interval=0.01)
+    token = _serve_request_context.set(_RequestContext(request_id="first-request"))
+    try:
+        reporter.start()  # as the first request's generate does
+    finally:
+        _serve_request_context.reset(token)
+    cancellation.advance([BatchItem(GenerationRequest(), "x")], 1, 8)
+    for _ in range(100):
+        if seen:
+            break
+        await asyncio.sleep(0.01)
+    assert reporter._task is not None
+    reporter._task.cancel()
+    assert seen and "first-request" not in seen

@@ -90,3 +90,32 @@ def test_the_serve_shells_check_health_reads_the_guard(tiny):
     shell.model.oom.fatal = "CUDA error: an illegal memory access was encountered"
     with pytest.raises(RuntimeError, match="safety checker: the CUDA context failed"):
         asyncio.run(shell.check_health())
+
+
+def test_a_health_problem_is_logged_once_when_first_seen(caplog):
+    """Serve says only that the check failed; the replica's log says why, once, not at every check while it lasts."""
+    guard, thread = devices.OomGuard(torch.device("cpu"), "SDXL base"), devices.InferenceThread("t")
+    release = threading.Event()
+
+    async def scenario() -> None:
+        stuck = asyncio.ensure_future(thread.run(release.wait, 30))
+        await asyncio.sleep(0.2)
+        for _ in range(3):  # three checks, the stall longer at each
+            with pytest.raises(RuntimeError, match="has run"):
+                devices.check_health(thread, guard, 0.1)
+            await asyncio.sleep(0.05)
+        release.set()
+        await stuck
+        devices.check_health(thread, guard, 0.1)
+
+    with caplog.at_level("INFO", logger="deployments.support.device"):
+        asyncio.run(scenario())
+        guarded(guard, RuntimeError("CUDA error: unspecified launch failure"))
+        for _ in range(2):
+            with pytest.raises(RuntimeError):
+                devices.check_health(thread, guard, 60)
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 2, errors
+    assert errors[0].startswith("health check failed: SDXL base: one call on the inference thread has run")
+    assert errors[1] == ("health check failed: SDXL base: the CUDA context failed (CUDA error: unspecified launch "
+                         "failure); Serve replaces this replica")

@@ -390,6 +390,49 @@ async def test_a_replica_or_node_lost_mid_request_is_503_with_retry_after(tmp_pa
         assert (await client.get("/chained")).status_code == 500
 
 
+async def test_every_5xx_is_logged_once_with_its_code_reason_and_deployment(caplog):
+    """The body says only "retry shortly": the ingress's log is where an operator finds why, and where. A 4xx is
+    the client's doing and is not logged."""
+    from ray.exceptions import RayTaskError
+    from ray.serve._private.common import DeploymentID
+    from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
+
+    from deployments.support.errors import GpuOutOfMemory, UnknownModel
+    from graphs.api.errors import call, service_error
+
+    async def raised_by_replica(error: Exception) -> Exception:
+        """``error`` as a replica's raise reaches a route: wrapped by Ray, unwrapped by ``call``."""
+        async def response():
+            raise RayTaskError("handle_request", "Traceback ...", error,
+                               proctitle="ray::ServeReplica:imagegen:SDXLBase.handle_request")
+        try:
+            await call(response())
+        except Exception as e:  # noqa: BLE001 - the exception is the point
+            return e
+        raise AssertionError("call raised nothing")
+
+    answers = [  # (raised, the line's start, the deployment it names)
+        (await raised_by_replica(GpuOutOfMemory("sdxl_base ran out of GPU memory; retry later")),
+         "answered 503 GPU_OOM: GpuOutOfMemory: sdxl_base ran out of GPU memory; retry later", "SDXLBase"),
+        (DeploymentUnavailableError(DeploymentID(name="Upscaler", app_name="imagegen")),
+         "answered 503 MODEL_UNAVAILABLE: DeploymentUnavailableError: ", "Upscaler"),
+        (ReplicaUnavailableError("Replica(id='x1', deployment='FaceRestorer', app='imagegen')"),
+         "answered 503 MODEL_UNAVAILABLE: ReplicaUnavailableError: ", "FaceRestorer"),
+        (await raised_by_replica(UnknownModel("unknown upscaler 'Nope'", field="upscaler_1")), None, None),
+    ]
+    for exc, start, deployment in answers:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="graphs.api.errors"):
+            response = await service_error(None, exc)  # type: ignore[arg-type]
+        lines = [(r.levelname, r.getMessage()) for r in caplog.records]
+        if start is None:
+            assert response.status_code == 422 and lines == []
+            continue
+        assert response.status_code == 503
+        ((level, line),) = lines
+        assert level == "WARNING" and line.startswith(start) and line.endswith(f"(deployment {deployment})"), line
+
+
 async def test_deadline_is_408_and_stops_the_work_below(make_client):
     client = make_client(REQUEST_TIMEOUT_SECONDS="0.5")
     stopped.clear()

@@ -242,6 +242,18 @@ def test_the_proxy_leaves_the_deadline_to_the_api():
         assert ingress["graceful_shutdown_timeout_s"] >= Settings().request_timeout_seconds
 
 
+def test_the_progress_boards_calls_stay_out_of_its_log():
+    """Five report calls a second from every generating replica, and a hold every 2 s from every base replica:
+    the board's access log would bury its other lines. Ray's own schema reads the option as written."""
+    from ray.serve.schema import DeploymentSchema
+
+    for serve in (serve_config_v2(), yaml.safe_load((ROOT / "serve_config.yaml").read_text()),
+                  yaml.safe_load((ROOT / "configs" / "cpu.yaml").read_text())):
+        (board,) = [d for d in serve["applications"][0]["deployments"] if d["name"] == "ProgressBoard"]
+        assert unknown_fields(board, DeploymentSchema) == []
+        assert DeploymentSchema.model_validate(board).logging_config.enable_access_log is False
+
+
 def test_a_stopping_job_runner_drains_within_its_grace_period(monkeypatch):
     """A stopping JobRunner lets its running jobs finish for JOB_DRAIN_SECONDS, then releases the rest (a store
     call each, up to a third of a lease): past its graceful_shutdown_timeout_s Serve kills it first, and a job it

@@ -1,6 +1,7 @@
 """What the stages count for the dashboard: a batched stage's failures per request (each request of a batch has its
-own outcome, so nothing raises out of the batch), its requests in flight rather than its batches, and the jobs by
-state, an emptied state included."""
+own outcome, so nothing raises out of the batch), each failure's kind (the client's or the server's), its requests
+in flight rather than its batches (set again while a long request runs), and the jobs by state, an emptied state
+included."""
 
 from __future__ import annotations
 
@@ -15,11 +16,13 @@ from deployments.support.metrics import StageMetrics
 class Recorded(StageMetrics):
     """StageMetrics with its failures and in-flight values recorded as they are reported."""
 
-    def __init__(self, stage: str) -> None:
-        super().__init__(stage)
+    def __init__(self, stage: str, **options) -> None:
+        super().__init__(stage, **options)
         self.codes: list[str] = []
+        self.kinds: list[str] = []
         self.levels: list[int] = []
-        self.failures = SimpleNamespace(inc=lambda tags: self.codes.append(tags["code"]))
+        self.failures = SimpleNamespace(inc=lambda tags: (self.codes.append(tags["code"]),
+                                                          self.kinds.append(tags["kind"])))
         self.in_flight = SimpleNamespace(set=self.levels.append)
 
 
@@ -43,6 +46,7 @@ def test_a_batched_stage_counts_each_requests_failure():
                                   model=SimpleNamespace(generate_batch=None, refine_batch=None))
         assert asyncio.run(call(replica)) == outcomes
         assert replica.metrics.codes == ["GPU_OOM", "GPU_OOM", "CANCELLED"]
+        assert replica.metrics.kinds == ["server", "server", "client"]  # a cancel is no failure of ours
         assert replica.metrics.levels == []  # a batch is no request: requests are counted where they wait
 
 
@@ -57,6 +61,33 @@ def test_requests_in_flight_count_requests_and_failures_raise_through_track():
     except GpuOutOfMemory:
         pass
     assert metrics.codes == ["GPU_OOM"] and metrics.levels[-2:] == [1, 0]
+
+
+def test_failures_are_the_clients_or_the_servers_by_their_status():
+    from deployments.support.errors import ContentFlagged, InvalidImage, ModelLoadError, UnknownModel, UnsafeWeights
+
+    metrics = Recorded("upscaler")
+    for error in (UnknownModel("no such"), InvalidImage("bad"), ContentFlagged("flagged"), UnsafeWeights("pickle"),
+                  ModelLoadError("gone"), RuntimeError("a bug")):
+        metrics.failed(error)
+    assert list(zip(metrics.codes, metrics.kinds, strict=True)) == [
+        ("UNKNOWN_MODEL", "client"), ("INVALID_IMAGE", "client"), ("CONTENT_FLAGGED", "client"),
+        ("UNSAFE_WEIGHTS", "server"), ("MODEL_LOAD_FAILED", "server"), ("RuntimeError", "server")]
+
+
+def test_in_flight_is_set_again_while_a_long_request_runs():
+    """Ray drops a gauge value not set for about 20 s: a request that outlasts it must not vanish from the panel."""
+    async def long_request() -> list[int]:
+        metrics = Recorded("sdxl_base", refresh_s=0.05)
+        with metrics.request():
+            await asyncio.sleep(0.4)  # the count does not change meanwhile
+        await asyncio.sleep(0.2)
+        assert metrics._refresh is not None
+        metrics._refresh.cancel()
+        return metrics.levels
+
+    levels = asyncio.run(long_request())
+    assert levels.count(1) >= 5 and levels[-1] == 0, levels
 
 
 def test_a_job_state_that_empties_reads_0_not_its_last_count():

@@ -220,9 +220,11 @@ def test_lanczos_only_upscaler_without_models(astronaut):
     assert e.value.details["field"] == "upscaler"
 
 
-def test_the_deployments_check_counts_what_it_refuses():
+def test_the_deployments_check_answers_and_counts_what_it_refuses():
     """The ingress asks the upscaler first (``Upscaler.check``): a name refused then is the stage's failure in its
-    metrics, as when ``upscale`` refuses it."""
+    metrics, as when ``upscale`` refuses it, answered as a value that the ingress raises as the 422 naming the field.
+    Raised in the replica, a client's mistake would be a failed call to Serve: an ERROR with a traceback in the
+    replica's log and a count in Ray's deployment error counter."""
     import asyncio
     from types import SimpleNamespace
 
@@ -231,10 +233,12 @@ def test_the_deployments_check_counts_what_it_refuses():
     failed: list = []
     shell = SimpleNamespace(model=ImageUpscaler(UpscalerConfig()), metrics=SimpleNamespace(failed=failed.append))
     check = Upscaler.func_or_class.check
-    asyncio.run(check(shell, {"hr_upscaler": "SwinIR 4x", "upscaler_1": "Lanczos"}))
-    with pytest.raises(UnknownModel) as e:
-        asyncio.run(check(shell, {"upscaler_1": "Lanczos", "upscaler_2": "Nope"}))
-    assert e.value.details["field"] == "upscaler_2" and failed == [e.value]
+    assert asyncio.run(check(shell, {"hr_upscaler": "SwinIR 4x", "upscaler_1": "Lanczos"})) is None
+    refusal = asyncio.run(check(shell, {"upscaler_1": "Lanczos", "upscaler_2": "Nope"}))
+    assert refusal == {"message": "unknown upscaler 'Nope'", "field": "upscaler_2",
+                       "details": {"field": "upscaler_2", "choices": shell.model.names()}}
+    (error,) = failed
+    assert isinstance(error, UnknownModel) and error.field == "upscaler_2"
 
 
 # --- face restorer ------------------------------------------------------------------------------------------

@@ -12,7 +12,9 @@ import base64
 import inspect
 import io
 import json
+import logging
 import os
+import re
 import time
 import uuid
 
@@ -106,11 +108,18 @@ def stop(runner) -> None:
         loop.cancel()
 
 
-async def test_job_timeout_fails_the_job_and_stops_the_denoising(base, upscaler, runner_env):
+def job_log(caplog, job_id: str) -> list[tuple[str, str]]:
+    """The runner's lines about one job: (level, message)."""
+    return [(r.levelname, r.getMessage()) for r in caplog.records
+            if r.name == "graphs.jobs.runner" and re.match(f"job {job_id}[ :]", r.getMessage())]
+
+
+async def test_job_timeout_fails_the_job_and_stops_the_denoising(base, upscaler, runner_env, caplog):
+    caplog.set_level(logging.INFO, logger="graphs.jobs.runner")
     runner = start_runner(base, upscaler)
     try:
-        job = Job(id=new_job_id(), type="text2img", request={"prompt": "slow", "width": 512, "height": 512,
-                                                                "steps": 150})
+        job = Job(id=new_job_id(), type="text2img", request={"prompt": "slow lighthouse", "width": 512,
+                                                                "height": 512, "steps": 150})
         runner.store.create(job)
         done = await finished(runner, job.id)
         assert done.status == "failed" and "JOB_TIMEOUT (1500 ms)" in (done.error or "")
@@ -121,6 +130,14 @@ async def test_job_timeout_fails_the_job_and_stops_the_denoising(base, upscaler,
         assert not (runner.settings.jobs_data_dir / "results" / job.id).exists()
     finally:
         stop(runner)
+    # Followed by its id from claim to end; the timeout a warning of its own. Never its prompt.
+    lines = job_log(caplog, job.id)
+    assert len(lines) == 3, caplog.text
+    claimed, timed_out, ended = lines
+    assert claimed[0] == "INFO" and re.search(r"claimed by runner-\w+/0: text2img, run 1, attempt 1 of 3$", claimed[1])
+    assert timed_out[0] == "WARNING" and f"job {job.id}: exceeded JOB_TIMEOUT (1500 ms) after 1." in timed_out[1]
+    assert ended[0] == "WARNING" and re.search(r"failed in 1\.\d s \(run 1, attempt 1\): JOB_TIMEOUT$", ended[1])
+    assert "lighthouse" not in caplog.text
 
 
 @pytest.fixture
@@ -313,7 +330,9 @@ class SafetyShell:
 
 
 @pytest.mark.parametrize("nsfw_filter", [False, True], ids=["filter-off", "filter-on"])
-async def test_the_runner_logs_progress_previews_and_the_outcome(base, upscaler, tiny, runner_env, nsfw_filter):
+async def test_the_runner_logs_progress_previews_and_the_outcome(base, upscaler, tiny, runner_env, nsfw_filter,
+                                                                 caplog):
+    caplog.set_level(logging.INFO, logger="graphs.jobs.runner")
     runner_env.setenv("JOB_TIMEOUT", "600000")
     board = LocalHandle(Board())  # the replica reports progress and previews there; the runner reads them there
     safety = None
@@ -335,6 +354,8 @@ async def test_the_runner_logs_progress_previews_and_the_outcome(base, upscaler,
         stop(runner)
     names = [e.event for e in log]
     assert names[:2] == ["queued", "started"] and names[-1] == "completed" and "cancelled" not in names
+    ended = [(level, re.sub(r"\d+\.\d s", "N s", line)) for level, line in job_log(caplog, job.id)][1:]
+    assert ended == [("INFO", f"job {job.id} completed in N s (run 1, attempt 1)")]
     assert [e.id for e in log] == sorted({e.id for e in log})
     steps = [e.data["step"] for e in log if e.event == "progress"]
     assert len(steps) >= 2 and steps == sorted(steps) and all(0 < s <= 100 for s in steps)
@@ -691,7 +712,8 @@ async def test_a_draining_runner_stays_healthy_once_its_workers_end(runner_env):
         stop(runner)
 
 
-async def test_a_job_claimed_as_the_runner_begins_to_stop_is_released_unstarted(runner_env):
+async def test_a_job_claimed_as_the_runner_begins_to_stop_is_released_unstarted(runner_env, caplog):
+    caplog.set_level(logging.INFO, logger="graphs.jobs.runner")
     base = IdleBase()
     runner = idle_runner(base)
     claim = runner.store.claim
@@ -713,6 +735,9 @@ async def test_a_job_claimed_as_the_runner_begins_to_stop_is_released_unstarted(
     assert left.status == "queued" and left.attempts == 0
     assert [e.event for e in runner.store.events(job.id)] == ["queued", "started", "queued"]
     assert base.calls == []
+    assert [(level, line.split(":")[0]) for level, line in job_log(caplog, job.id)] == [
+        ("INFO", f"job {job.id} claimed by {runner.worker}/0"),
+        ("INFO", f"job {job.id} released to the queue (run 1, its attempt not spent)")]
 
 
 async def test_releasing_a_job_cancelled_meanwhile_ends_it_cancelled(runner_env):

@@ -68,7 +68,8 @@ def test_the_log_never_shows_a_webhooks_secrets(caplog):
         receiver.close()
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2 and "answered 500" in lines[0] and "failed" in lines[1]
-    assert lines[1].startswith(f"webhook http://127.0.0.1:{port}/... failed")
+    assert lines[0].startswith("job job_1: webhook http://127.0.0.1:")  # which job's receiver, for the operator
+    assert lines[1].startswith(f"job job_1: webhook http://127.0.0.1:{port}/... failed")
     assert not any(word in line for line in lines for word in ("alice", "S3cr3t", "XSECRETX", "tok_live"))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -10,6 +11,8 @@ import torch
 
 from deployments.support.config import DeviceConfig
 from deployments.support.errors import GpuOutOfMemory
+
+logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -51,6 +54,7 @@ class OomGuard:
         self.device, self.what, self.limit = device, what, limit
         self.consecutive = 0
         self.fatal: str | None = None
+        self.reported: str | None = None  # the health problem last logged (check_health logs each once)
 
     def healthy(self) -> bool:
         return self.problem() is None
@@ -138,10 +142,20 @@ class InferenceThread:
 def check_health(thread: InferenceThread, guard: OomGuard, stall_seconds: float) -> None:
     """A replica's health check: its CUDA context usable, not failing out of memory again and again, and its
     inference thread not stuck in one call (a hung kernel or driver call that no cancel reaches). Runs on the
-    event loop: it reads flags and never touches the device."""
-    problem = guard.problem()
+    event loop: it reads flags and never touches the device.
+
+    Serve logs a failed check only as its own generic text, so the problem is logged here, at ERROR, when it is
+    first seen (Serve checks every ``health_check_period_s``: once per check would repeat it while it lasts)."""
+    problem = key = guard.problem()
     if problem is None and thread.busy_for() > stall_seconds * (LOAD_PATIENCE if thread.patient else 1):
         problem = f"{guard.what}: one call on the inference thread has run {thread.busy_for():.0f} s"
+        key = "stalled"  # the same stall, however long it has run by this check
+    if key != guard.reported:
+        if problem is not None:
+            logger.error("health check failed: %s; Serve replaces this replica", problem)
+        else:
+            logger.info("health check passes again: %s", guard.reported)
+        guard.reported = key
     if problem is not None:
         raise RuntimeError(problem)
 

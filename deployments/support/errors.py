@@ -1,6 +1,32 @@
-"""Typed errors of the model layer. The ingress maps each ``code`` to an HTTP status; nothing here knows HTTP."""
+"""Typed errors of the model layer, and the HTTP status of each ``code``: the ingress answers with it, and the
+stages tell a client's error (a 4xx: a bad value, an unknown model, a cancel) from their own failure by it, for
+their metrics, without importing the ingress."""
 
 from __future__ import annotations
+
+from typing import Literal
+
+STATUS = {
+    "INVALID_INPUT": 422,
+    "INVALID_IMAGE": 400,
+    "UNKNOWN_MODEL": 422,
+    "NOT_FOUND": 404,
+    "RESULT_EXPIRED": 410,
+    "UNAUTHORIZED": 401,
+    "CANCELLED": 409,
+    "CONFLICT": 409,
+    "CONTENT_FLAGGED": 422,
+    "QUEUE_FULL": 429,
+    "RATE_LIMITED": 429,
+    "PAYLOAD_TOO_LARGE": 413,
+    "REQUEST_TIMEOUT": 408,
+    "GPU_OOM": 503,
+    "MODEL_UNAVAILABLE": 503,
+    "STORAGE_UNAVAILABLE": 503,
+    "STREAMS_BUSY": 503,
+    "MODEL_LOAD_FAILED": 503,
+    "SIGNING_FAILED": 503,
+}
 
 
 class ServiceError(Exception):
@@ -115,3 +141,22 @@ class GpuOutOfMemory(ServiceError):
     """The accelerator ran out of memory; the request may be retried."""
 
     code = "GPU_OOM"
+
+
+def status_of(error: ServiceError) -> int:
+    """The status of the error's own code, else of the nearest base class's (an ``UnsafeWeights`` is a
+    ``ModelLoadError``); 500 for none."""
+    for cls in type(error).__mro__:
+        code = getattr(cls, "code", None)
+        if code in STATUS:
+            return STATUS[code]
+    return 500
+
+
+Kind = Literal["client", "server"]
+
+
+def kind_of(error: BaseException) -> Kind:
+    """``client`` for what the request brought on itself (a 4xx: a bad value, an unknown model, a cancel),
+    ``server`` for the rest, an exception without a code included: only those want an operator's attention."""
+    return "client" if isinstance(error, ServiceError) and status_of(error) < 500 else "server"

@@ -9,6 +9,7 @@ whichever ingress replica was asked.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from typing import Any
 
@@ -29,7 +30,9 @@ class Reporter:
     def start(self) -> None:
         """Begin reporting (from the replica's event loop, on its first request); idempotent, a no-op with no board."""
         if self.board is not None and self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._loop())
+            # A context of its own: the first request's would lend its request id to every report call (the
+            # board's access log) and every line the loop logs, for the replica's whole life.
+            self._task = asyncio.get_running_loop().create_task(self._loop(), context=contextvars.Context())
 
     async def _loop(self) -> None:
         while True:

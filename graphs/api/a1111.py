@@ -302,7 +302,7 @@ class A1111Routes(CheckpointChoice):
     async def txt2img(self, body: Txt2ImgRequest, http: Request) -> Response:
         """Text to image, with hires fix (enable_hr), refiner, LoRA tags and face restoration."""
         if body.enable_hr and body.hr_upscaler not in LATENT_UPSCALE_MODES:  # refused before the base runs
-            await call(self.handles.upscaler.check.remote({"hr_upscaler": body.hr_upscaler}))
+            await self.handles.check_upscalers({"hr_upscaler": body.hr_upscaler})
         return await self._run(http, body, cache_as="a1111-txt2img")
 
     @router.post("/img2img", response_model=ImagesResponse, responses=documented(400))

@@ -33,7 +33,7 @@ class A1111ExtrasRoutes:
         named = {"upscaler_1": body.upscaler_1}
         if _blends(body):
             named["upscaler_2"] = body.upscaler_2
-        await call(self.handles.upscaler.check.remote(named))
+        await self.handles.check_upscalers(named)
 
     async def _extras(self, body: ExtrasRequest, image: Image.Image, raw: bytes) -> StageResult:
         """The upscaled (and restored) ``image`` as a marked PNG file (``encoded[0]``) with its warnings, ``raw`` its

@@ -4,6 +4,7 @@ for every route, ``{"error", "code", "details"}`` (seed 002), ``details.field`` 
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import Request
@@ -12,31 +13,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
-from deployments.support.errors import ServiceError
+from deployments.support.errors import STATUS, ServiceError, status_of
 
 logger = logging.getLogger(__name__)
-
-STATUS = {
-    "INVALID_INPUT": 422,
-    "INVALID_IMAGE": 400,
-    "UNKNOWN_MODEL": 422,
-    "NOT_FOUND": 404,
-    "RESULT_EXPIRED": 410,
-    "UNAUTHORIZED": 401,
-    "CANCELLED": 409,
-    "CONFLICT": 409,
-    "CONTENT_FLAGGED": 422,
-    "QUEUE_FULL": 429,
-    "RATE_LIMITED": 429,
-    "PAYLOAD_TOO_LARGE": 413,
-    "REQUEST_TIMEOUT": 408,
-    "GPU_OOM": 503,
-    "MODEL_UNAVAILABLE": 503,
-    "STORAGE_UNAVAILABLE": 503,
-    "STREAMS_BUSY": 503,
-    "MODEL_LOAD_FAILED": 503,
-    "SIGNING_FAILED": 503,
-}
 
 
 class ErrorBody(BaseModel):
@@ -69,16 +48,6 @@ def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorBody, "description": DOCUMENTED[status]} for status in statuses}
 
 
-def status_of(error: ServiceError) -> int:
-    """The status of the error's own code, else of the nearest base class's (an ``UnsafeWeights`` is a
-    ``ModelLoadError``); 500 for none."""
-    for cls in type(error).__mro__:
-        code = getattr(cls, "code", None)
-        if code in STATUS:
-            return STATUS[code]
-    return 500
-
-
 def error_response(code: str, message: str, details: dict | None = None, headers: dict | None = None,
                    status: int | None = None) -> JSONResponse:
     status = status or STATUS.get(code, 500)
@@ -97,19 +66,60 @@ def handled() -> tuple[type[Exception], ...]:
 
 
 async def service_error(_request: Request, exc: Exception) -> JSONResponse:
+    """Every 5xx answered here is logged once, at WARNING, with its code, its reason and the deployment where it is
+    known: the body tells the client to retry, so the log is the operator's only trace. A 4xx is the client's own
+    doing and stays out of the log."""
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
     error = unwrap(exc)
     busy = error if isinstance(error, BackPressureError | DeploymentUnavailableError) else lost(exc)
     if busy is not None:
         # A full queue, or a replica (or its node) gone mid-request: the client should come back shortly.
+        _log_5xx(503, "MODEL_UNAVAILABLE", busy, exc)
         return error_response("MODEL_UNAVAILABLE", "the service is busy or restarting; retry shortly",
                               {"reason": type(busy).__name__})
     if not isinstance(error, ServiceError):
         logger.error("unhandled %s", type(error).__name__, exc_info=error)
         return error_response("INTERNAL_ERROR", "internal error")
+    status = status_of(error)
+    if status >= 500:
+        _log_5xx(status, error.code, error, exc)
     headers = {"WWW-Authenticate": "Bearer"} if error.code == "UNAUTHORIZED" else None
-    return error_response(error.code, error.message, error.details, headers, status_of(error))
+    return error_response(error.code, error.message, error.details, headers, status)
+
+
+def _log_5xx(status: int, code: str, reason: BaseException, raised: BaseException) -> None:
+    text = str(reason).strip().splitlines()
+    why = f"{type(reason).__name__}: {text[0][:200]}" if text else type(reason).__name__
+    deployment = deployment_of(raised)
+    logger.warning("answered %d %s: %s%s", status, code, why, f" (deployment {deployment})" if deployment else "")
+
+
+# How Ray names a replica's deployment: its actor class (``ServeReplica:<app>:<deployment>``, in a task error's
+# process title and an actor error's text), a deployment or replica id (``deployment='<name>'``), a replica's
+# full id (``SERVE_REPLICA::<app>#<deployment>#<id>``).
+_DEPLOYMENT = re.compile(r"ServeReplica:[^:\s]*:(\w+)|deployment='(\w+)'|SERVE_REPLICA::(?:[^#\s]*#)?(\w+)#")
+
+
+def deployment_of(error: BaseException) -> str | None:
+    """The deployment whose replica raised or lost ``error``, where Ray's errors in its chain name it, else None
+    (an error of the ingress's own). ``call`` re-raises a replica's ServiceError without Ray's wrapper as its
+    cause, but with it as its context, which is followed too."""
+    current: BaseException | None = error
+    for _ in range(8):  # a short chain; the bound only guards against a cycle
+        if current is None:
+            return None
+        named = getattr(getattr(current, "_deployment_id", None), "name", None)
+        if isinstance(named, str):
+            return named
+        for text in (getattr(current, "proctitle", None), getattr(current, "actor_repr", None), str(current)):
+            match = _DEPLOYMENT.search(text) if isinstance(text, str) else None
+            if match:
+                return next(group for group in match.groups() if group)
+        cause = getattr(current, "cause", None)
+        current = cause if isinstance(cause, BaseException) and cause is not current \
+            else current.__cause__ or current.__context__
+    return None
 
 
 async def validation_error(_request: Request, exc: Exception) -> JSONResponse:

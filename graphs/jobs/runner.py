@@ -29,8 +29,9 @@ from PIL import Image
 from ray import serve
 
 from deployments.support.batching import gathered
-from deployments.support.errors import GenerationCancelled, StorageUnavailable
+from deployments.support.errors import GenerationCancelled, StorageUnavailable, kind_of
 from deployments.support.generation import Encoding, StageResult, encoded
+from deployments.support.logs import replica_logging
 from deployments.support.metrics import JobMetrics
 from deployments.support.settings import current
 from graphs import availability, flights, plans
@@ -63,6 +64,7 @@ class JobRunner:
     def __init__(self, base, refiner, upscaler, faces, cropper, board=None,
                  hires_upscaler: str = "R-ESRGAN 2x+", *, safety=None, safety_enabled: bool | None = None,
                  result_cache: bool | None = None, marks=None) -> None:
+        replica_logging()  # before anything here logs
         self.settings = current()
         self.handles = plans.Handles(base, refiner, upscaler, faces, board,
                                      plans.safety_stage(safety, safety_enabled, self.settings))
@@ -113,6 +115,9 @@ class JobRunner:
                 with contextlib.suppress(TimeoutError):  # the poll, cut short when the replica begins to stop
                     await asyncio.wait_for(self._stopping.wait(), self.settings.job_poll_seconds)
                 continue
+            # The job's id, never its request: prompts and webhook URLs stay out of the logs.
+            logger.info("job %s claimed by %s: %s, run %d, attempt %d of %d", job.id, name, job.type, job.runs,
+                        job.attempts, self.store.max_attempts)
             if self._stopping.is_set():  # claimed as the replica began to stop: straight back, unstarted
                 await self._release(job, name)
                 return
@@ -126,6 +131,8 @@ class JobRunner:
         task = asyncio.create_task(self._run(job))
         keeper = asyncio.create_task(self._keep_lease(job, worker, task))
         status, result, error, event = "failed", None, None, {}
+        code: str | None = None  # the outcome's error code, for the log
+        why = ""  # what the log adds to the code: the server's own failure only (a client's may quote its request)
         gone: BaseException | None = None
         try:
             result = await asyncio.wait_for(task, self.settings.job_timeout / 1000)
@@ -137,20 +144,22 @@ class JobRunner:
                 keeper.cancel()
                 await self._quietly(self._release(job, worker))  # back at once, its attempt not spent
                 raise
-            status, error = "cancelled", "cancelled"
+            status, error, code = "cancelled", "cancelled", "CANCELLED"
         except Exception as e:  # noqa: BLE001 - any failure is recorded on the job, with its code
             cause = unwrap(e)
             if isinstance(e, TimeoutError) and task.cancelled():  # wait_for's: its flight cancelled every call
                 error = f"job exceeded JOB_TIMEOUT ({self.settings.job_timeout} ms)"
-                event = {"code": "JOB_TIMEOUT", "message": error}
+                event, code = {"code": "JOB_TIMEOUT", "message": error}, "JOB_TIMEOUT"
+                logger.warning("job %s: exceeded JOB_TIMEOUT (%d ms) after %.1f s; its stage calls are cancelled",
+                               job.id, self.settings.job_timeout, time.monotonic() - started)
             elif isinstance(cause, GenerationCancelled):
-                status, error = "cancelled", "cancelled"
+                status, error, code = "cancelled", "cancelled", "CANCELLED"
             elif isinstance(cause, StorageUnavailable) and job.attempts < self.store.max_attempts:
                 gone = cause  # the store stayed down through every save retry: the next attempt may find it up
             elif (gone := lost(e)) is None:
                 code = getattr(cause, "code", type(cause).__name__)
                 error, event = f"{code}: {cause}", {"code": code, "message": str(cause)}
-                logger.warning("job %s failed: %s", job.id, error)
+                why = f" ({cause})" if kind_of(cause) == "server" else ""
         finally:
             keeper.cancel()
         if keeper.done() and not keeper.cancelled() and keeper.exception() is None and keeper.result() is LEASE_LOST:
@@ -160,11 +169,17 @@ class JobRunner:
             return
         if not await asyncio.to_thread(self.store.finish, job.id, worker, status, result, error, event):
             logger.warning("job %s: lease lost before publishing; the result was dropped", job.id)
+            return
+        # A failure of the service's own (a timeout included) is a warning; a client's mistake or a cancel is not.
+        level = logging.WARNING if status == "failed" and (code == "JOB_TIMEOUT" or why) else logging.INFO
+        logger.log(level, "job %s %s in %.1f s (run %d, attempt %d)%s%s", job.id, status, time.monotonic() - started,
+                   job.runs, job.attempts, f": {code}" if code else "", why)
         # (its webhook, if any, is owed in the store from now on: see _deliver_webhooks)
 
     async def _release(self, job: Job, worker: str) -> None:
         """This runner is stopping: the job goes back to its place in the queue, its attempt not spent."""
-        logger.info("job %s: the runner is stopping; released to the queue", job.id)
+        logger.info("job %s released to the queue (run %d, its attempt not spent): the runner is stopping", job.id,
+                    job.runs)
         if not await asyncio.to_thread(self.store.release, job.id, worker):
             # Cancelled meanwhile: that is its outcome (a no-op when the lease is no longer ours).
             await asyncio.to_thread(self.store.finish, job.id, worker, "cancelled", None, "cancelled", {})

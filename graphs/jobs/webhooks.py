@@ -140,7 +140,8 @@ def _why(error: Exception) -> str:
 async def attempt(url: str, payload: dict, settings: Settings, number: int) -> float | bool:
     """Attempt ``number`` (from 0) at POSTing the payload: True when it was delivered (a 2xx), False when it never
     will be (a 3xx, whose redirect is not followed, or a 4xx other than 429), else the seconds to wait before the
-    next attempt (exponential backoff, a 429's ``Retry-After`` within its bounds)."""
+    next attempt (exponential backoff, a 429's ``Retry-After`` within its bounds). A failed attempt is logged with
+    the job's id (``payload["id"]``), and of the URL only what ``shown`` keeps."""
     longest = settings.webhook_backoff_seconds * 2 ** max(0, settings.webhook_attempts - 2)
     wait = settings.webhook_backoff_seconds * 2**number
     async def post() -> tuple[int, float | None]:
@@ -152,11 +153,13 @@ async def attempt(url: str, payload: dict, settings: Settings, number: int) -> f
         status, retry_after = await asyncio.wait_for(post(), settings.webhook_timeout_seconds)
         if status < 500 and status != 429:
             return status < 300
-        logger.warning("webhook %s answered %d (attempt %d)", shown(url), status, number + 1)
+        logger.warning("job %s: webhook %s answered %d (attempt %d)", payload.get("id"), shown(url), status,
+                       number + 1)
         if retry_after is not None:
             wait = min(max(wait, retry_after), longest)
     except (httpx.HTTPError, InvalidInput, TimeoutError) as e:
-        logger.warning("webhook %s failed: %s (attempt %d)", shown(url), _why(e), number + 1)
+        logger.warning("job %s: webhook %s failed: %s (attempt %d)", payload.get("id"), shown(url), _why(e),
+                       number + 1)
     return wait
 
 
