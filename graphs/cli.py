@@ -13,31 +13,25 @@ dependency of the package, is imported only to write an ``-o`` that is not a PNG
 Server, token and timeout: ``--url`` / ``--token`` / ``--timeout`` or ``IMAGEGEN_URL`` / ``IMAGEGEN_TOKEN`` /
 ``IMAGEGEN_TIMEOUT``. Failures are one line on stderr and an exit status (``EXIT_STATUSES``, shown by ``--help``).
 ``-`` is stdin for an input image and stdout for a single output image.
+
+This module parses the arguments and dispatches; the commands are in ``graphs.cli_commands``, reading and
+writing images in ``graphs.cli_files``, the HTTP side (jobs, event streams, the progress bar) in
+``graphs.client``.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import io
-import json
 import os
 import re
 import sys
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
 
-from graphs.client import TERMINAL, TIMEOUT_S, CliError, Event, ProgressBar, Service, finish, follow, terminal_event
+from graphs.cli_commands import batch_sizes, extras, generate, jobs, sizes
+from graphs.client import TIMEOUT_S, CliError, ProgressBar, Service
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-FLAGGED = 6  # the exit status of a job whose image the safety checker replaced
-UNSAVED = 7  # the exit status when a result could not be written
-CANCEL_WAIT_S = 5.0  # how long ``jobs cancel`` waits for a running job to stop
-CANCEL_POLL_S = 0.25
-STDIO = "-"  # stdin for an input image, stdout for an output image
+# 3 and 5 are graphs.client.UNREACHABLE and BUSY, 6 graphs.cli_commands.FLAGGED, 7 graphs.cli_files.UNSAVED.
 EXIT_STATUSES = """exit status:
   0    done
   1    the job failed or was cancelled, or the service failed (a 5xx of its own)
@@ -54,132 +48,6 @@ EXIT_STATUSES = """exit status:
   130  interrupted (Ctrl-C)"""
 
 
-def _write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-
-
-def _image_format(output: str) -> str | None:
-    """The Pillow format an ``-o`` is written in: None for a PNG (written as the service sent it), which is also
-    what stdout and a name without an extension get."""
-    suffix = Path(output).suffix.lower() if output != STDIO else ""
-    if suffix in ("", ".png"):
-        return None
-    try:
-        from PIL import Image
-    except ImportError:
-        raise CliError(f"-o {output}: writing {suffix} needs Pillow (pip install pillow); name a .png", 2) from None
-    Image.init()
-    fmt = Image.registered_extensions().get(suffix)
-    if fmt is None or fmt not in Image.SAVE:
-        raise CliError(f"-o {output}: cannot write {suffix} images (use .png, .jpg or .webp)", 2)
-    return fmt
-
-
-def _encoded(data: bytes, output: str) -> bytes:
-    """The service's PNG in the format ``output``'s extension names (its metadata stays in the PNG alone)."""
-    fmt = _image_format(output)
-    if fmt is None:
-        return data
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as image:
-        image.load()
-        converted = image.convert("RGB") if fmt == "JPEG" and image.mode not in ("RGB", "L") else image
-        out = io.BytesIO()
-        try:
-            converted.save(out, fmt)
-        except (OSError, ValueError) as e:
-            raise OSError(f"cannot save a {image.mode} image as {fmt}: {e}") from None
-    return out.getvalue()
-
-
-def _put(output: str, data: bytes) -> None:
-    """Write one image to ``output`` (``-``: stdout, as bytes) in the format its extension names."""
-    data = _encoded(data, output)
-    if output == STDIO:
-        sys.stdout.flush()
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
-    else:
-        _write(Path(output), data)
-
-
-def _check_output(output: str, folder: bool = False, force: bool = False) -> None:
-    """Refuse an ``-o`` that the result could not be written to, or that would replace a file without
-    ``--force``, before any work is asked for, not after a job has finished. Missing folders are fine: they are
-    created when the result is written."""
-    if output == STDIO:
-        if folder:
-            raise CliError("-o -: several images cannot go to stdout; name a folder for <size>.png", 2)
-        if sys.stdout.isatty():
-            raise CliError("-o -: stdout is a terminal; pipe it or name a file", 2)
-        return
-    path = Path(output)
-    if folder and path.exists() and not path.is_dir():
-        raise CliError(f"-o {path}: not a folder (the images go into it as <size>.png)", 2)
-    if not folder:
-        if path.is_dir():
-            raise CliError(f"-o {path}: a folder; name the image file to write", 2)
-        _image_format(output)
-        if path.exists() and not force:
-            raise CliError(f"-o {path}: exists (--force replaces it)", 2)
-    if path.exists():
-        if not os.access(path, os.W_OK):
-            raise CliError(f"-o {path}: not writable", 2)
-        return
-    parent = next(p for p in path.parents if p.exists())  # "." or "/" at worst
-    if not parent.is_dir():
-        raise CliError(f"-o {path}: {parent} is a file, not a folder", 2)
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise CliError(f"-o {path}: cannot create files in {parent}", 2)
-
-
-def _check_sizes(folder: str, names: list[str], force: bool) -> None:
-    """A batch's folder, and none of its ``<size>.png`` there already unless ``--force``."""
-    _check_output(folder, folder=True)
-    taken = [f"{name}.png" for name in names if (Path(folder) / f"{name}.png").exists()]
-    if taken and not force:
-        raise CliError(f"-o {folder}: {', '.join(taken)} exist{'s' if len(taken) == 1 else ''} (--force replaces "
-                       f"{'it' if len(taken) == 1 else 'them'})", 2)
-
-
-@contextmanager
-def _saving(job_id: str, output: str) -> Iterator[None]:
-    """Errors while a finished job's result is fetched and written name the job and how to fetch it again."""
-    try:
-        yield
-    except CliError as e:
-        raise e.about(job_id) from None
-    except OSError as e:
-        raise CliError(f"cannot write {e.filename or output}: {e.strerror or e}; job {job_id} is done: imagegen "
-                       f"jobs wait {job_id} -o PATH saves it", UNSAVED) from None
-
-
-def _read_image(path: str) -> str:
-    try:
-        data = sys.stdin.buffer.read() if path == STDIO else Path(path).read_bytes()
-    except OSError as e:
-        raise CliError(f"cannot read {path}: {e.strerror}", 2) from None
-    if not data:
-        raise CliError(f"cannot read {'stdin' if path == STDIO else path}: empty", 2)
-    return base64.b64encode(data).decode()
-
-
-def _save_result(service: Service, event: Event, output: str) -> None:
-    """The image of a finished job to ``output``, and a line naming it, its size, the job and the seed (on stderr
-    when the image itself went to stdout)."""
-    job_id = str(event.data.get("job_id"))
-    result = service.call("GET", f"/jobs/{job_id}/result")
-    _put(output, base64.b64decode(result["imageData"]))
-    seed = event.data.get("seed")
-    line = f"{result['width']}x{result['height']} ({job_id}{f', seed {seed}' if seed is not None else ''})"
-    if output == STDIO:
-        sys.stderr.write(f"imagegen: stdout: {line}\n")
-    else:
-        sys.stdout.write(f"{output} {line}\n")
-
-
 def _base_size(text: str) -> tuple[str, tuple[int, int]]:
     aspect, _, size = text.partition("=")
     if aspect not in ("landscape", "square", "portrait"):
@@ -192,190 +60,6 @@ def _size(text: str) -> tuple[int, int]:
     if not match:
         raise argparse.ArgumentTypeError(f"{text!r} is not WxH (or one number for a square)")
     return int(match[1]), int(match[2] or match[1])
-
-
-# --- the commands -------------------------------------------------------------------------------------------------
-
-def _check_choices(service: Service, args: argparse.Namespace) -> None:
-    """Sampler names are checked before a job is queued, so a typo is a usage error, not a job that fails a
-    minute later (the service itself refuses an unknown checkpoint when the job is submitted)."""
-    if args.sampler:
-        names = [s["name"] for s in service.call("GET", "/sdapi/v1/samplers")]
-        if args.sampler.lower() not in {n.lower() for n in names}:
-            raise CliError(f"unknown sampler {args.sampler!r} (choices: {', '.join(names)})", 2)
-
-
-def generate(service: Service, args: argparse.Namespace, bar: ProgressBar) -> int:
-    width, height = args.size or (None, None)
-    width, height = args.width or width, args.height or height
-    if args.sampler and (args.hires or args.faces):
-        raise CliError("--sampler applies to plain generations; --hires and --faces use the configured sampler", 2)
-    if args.hires and (width or height):
-        raise CliError("--hires renders 768x768 and refines it at 1536x1536; it takes no --size, --width or "
-                       "--height", 2)
-    _check_output(args.output, force=args.force)
-    _check_choices(service, args)
-    given = {"width": width, "height": height, "seed": args.seed, "preview_every": args.preview_every}
-    if args.hires or args.faces:  # seed 000's plan: hires fix and face restoration
-        body = {"prompt": args.prompt, "negative_prompt": args.negative, "num_inference_steps": args.steps,
-                "guidance_scale": args.guidance, "hires_fix": args.hires, "use_face_restoration": args.faces,
-                "model": args.checkpoint, **given}
-        path = "/generate/async"
-    else:
-        body = {"prompt": args.prompt, "negativePrompt": args.negative, "steps": args.steps,
-                "guidanceScale": args.guidance, "sampler": args.sampler, "model": args.checkpoint, **given}
-        path = "/generate/text2img"
-    event = follow(service, bar, submit=(path, {k: v for k, v in body.items() if v is not None}))
-    job_id = finish(event)
-    with _saving(job_id, args.output):
-        _save_result(service, event, args.output)
-    return _outcome(event)
-
-
-def _outcome(event: Event) -> int:
-    """The warnings of a completed job on stderr; ``FLAGGED`` when the safety checker replaced an image (the file
-    saved is then its replacement), else 0."""
-    job = event.data.get("job_id", "?")
-    for warning in event.data.get("warnings") or []:
-        sys.stderr.write(f"imagegen: {job}: {warning}\n")
-    flags = event.data.get("nsfw")
-    return FLAGGED if (any(flags) if isinstance(flags, list) else bool(flags)) else 0
-
-
-def batch_sizes(service: Service, args: argparse.Namespace, bar: ProgressBar) -> int:
-    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
-    body = {"prompt": args.prompt, "negativePrompt": args.negative, "sizes": sizes, "seed": args.seed,
-            "steps": args.steps, "guidanceScale": args.guidance, "model": args.checkpoint,
-            "baseSizes": dict(args.base_size) or None}
-    _check_sizes(args.output, sizes, args.force)
-    event = follow(service, bar, submit=("/generate/batch-sizes", {k: v for k, v in body.items() if v is not None}))
-    job_id = finish(event)
-    with _saving(job_id, args.output):
-        flagged = _save_sizes(service.call("GET", f"/jobs/{job_id}"), Path(args.output))
-    outcome = _outcome(event)
-    return FLAGGED if flagged else outcome
-
-
-def sizes(service: Service, args: argparse.Namespace, bar: ProgressBar) -> int:
-    """The named sizes ``batch-sizes --sizes`` takes, and the base rendered for each aspect class."""
-    config = service.call("GET", "/generate/batch-sizes")
-    for name, size in config["sizes"].items():
-        sys.stdout.write(f"{name:<16} {size['width']}x{size['height']:<6} {size['aspect']}\n")
-    bases = ", ".join(f"{aspect} {w}x{h}" for aspect, (w, h) in config["bases"].items())
-    sys.stdout.write(f"bases (one rendered per aspect class, --base-size overrides): {bases}\n")
-    return 0
-
-
-def _save_sizes(job: dict, folder: Path) -> bool:
-    """Every size of a finished batch-sizes job as ``<size>.png`` in ``folder``; True when any was flagged. A size
-    whose image can no longer be read (gone, or the store down) fails the command, naming it, once the others
-    are saved."""
-    unreadable = [name for name, image in job["images"].items() if image["imageData"] is None]
-    for name, image in job["images"].items():
-        if name not in unreadable:
-            out = folder / f"{name}.png"
-            _write(out, base64.b64decode(image["imageData"].split(",", 1)[-1]))
-            sys.stdout.write(f"{out} {image['width']}x{image['height']}\n")
-    if unreadable:  # the job's warnings say why
-        raise CliError(f"{job['id']}: {', '.join(unreadable)} could not be read; see GET /jobs/{job['id']}")
-    return any(image.get("nsfw") for image in job["images"].values())
-
-
-def extras(service: Service, args: argparse.Namespace, bar: ProgressBar) -> int:
-    _check_output(args.output, force=args.force)
-    body: dict[str, Any] = {"image": _read_image(args.input)}
-    if args.command == "upscale":
-        body.update(upscaling_resize=args.scale, upscaler_1=args.upscaler)
-    else:
-        body.update(upscaling_resize=1.0, upscaler_1="None", codeformer_visibility=1.0, codeformer_weight=args.weight)
-    answer = service.call("POST", "/sdapi/v1/extra-single-image", json=body)
-    try:
-        _put(args.output, base64.b64decode(answer["image"]))
-    except OSError as e:
-        raise CliError(f"cannot write {e.filename or args.output}: {e.strerror or e}", UNSAVED) from None
-    if args.output != STDIO:
-        sys.stdout.write(f"{args.output}\n")
-    return 0
-
-
-BASE64 = re.compile(r"[A-Za-z0-9+/=\s]+")
-
-
-def _shorten(value: Any) -> Any:
-    """A job as JSON without multi-megabyte images: data URIs and long base64 strings become their length."""
-    if isinstance(value, dict):
-        return {k: _shorten(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_shorten(v) for v in value]
-    if isinstance(value, str) and value.startswith("data:") and len(value) > 80:
-        return f"<{value[5:value.find(';')]}, {len(value)} characters>"
-    if isinstance(value, str) and len(value) > 200 and BASE64.fullmatch(value):
-        return f"<base64, {len(value)} characters>"
-    return value
-
-
-def _cancel(service: Service, job_id: str) -> str:
-    """Cancel a job; a running one stops at its next step, so its end is waited for a few seconds."""
-    status = service.call("POST", f"/jobs/{job_id}/cancel")["status"]
-    deadline = time.monotonic() + CANCEL_WAIT_S
-    while status not in TERMINAL and time.monotonic() < deadline:
-        time.sleep(CANCEL_POLL_S)
-        status = service.call("GET", f"/jobs/{job_id}", params={"images": "false"})["status"]
-    if status == "cancelled":
-        return f"{job_id}: cancelled"
-    if status in TERMINAL:
-        return f"{job_id}: {status} before the cancel took effect"
-    return f"{job_id}: cancel requested; still {status} (it stops at its next step: imagegen jobs wait {job_id})"
-
-
-def jobs(service: Service, args: argparse.Namespace, bar: ProgressBar) -> int:
-    if args.action == "list":
-        params = {"limit": args.limit, **({"status": args.status} if args.status else {})}
-        listing = service.call("GET", "/jobs", params=params)
-        for job in listing["jobs"]:
-            sys.stdout.write(f"{job['id']}  {job['type']:<14} {job['status']:<10} {job['progress']:>3}%  "
-                             f"{job['createdAt']}\n")
-        return 0
-    if not args.id:
-        raise CliError(f"jobs {args.action} needs a job id", 2)
-    if args.action == "show":  # images by URL: a batch's sizes would be megabytes of base64
-        view = service.call("GET", f"/jobs/{args.id}", params={"images": "false"})
-        sys.stdout.write(json.dumps(_shorten(view), indent=2) + "\n")
-    elif args.action == "cancel":
-        sys.stdout.write(_cancel(service, args.id) + "\n")
-    else:
-        return _wait(service, args, bar)
-    return 0
-
-
-def _wait(service: Service, args: argparse.Namespace, bar: ProgressBar) -> int:
-    """Follow a job to its end (a finished one is not replayed: its final state alone), and save its result."""
-    try:
-        job: dict | None = service.call("GET", f"/jobs/{args.id}", params={"images": "false"})
-    except CliError as e:
-        if e.status != 5:  # busy: the stream's own polling copes with it
-            raise
-        job = None
-    # A batch-sizes job has an image per size: -o is then the folder for them, as for batch-sizes.
-    batch = job is not None and job.get("type") == "batch-sizes"
-    if args.output and job is not None and batch:
-        _check_sizes(args.output, list((job.get("request") or {}).get("sizes") or []), args.force)
-    elif args.output:
-        _check_output(args.output, force=args.force)
-    event = terminal_event(job) if job is not None else None
-    if event is not None:
-        bar.show(event)
-    else:
-        event = follow(service, bar, job_id=args.id)
-    job_id, flagged = finish(event), False
-    if args.output:
-        with _saving(job_id, args.output):
-            if batch:
-                flagged = _save_sizes(service.call("GET", f"/jobs/{job_id}"), Path(args.output))
-            else:
-                _save_result(service, event, args.output)
-    outcome = _outcome(event)
-    return FLAGGED if flagged else outcome
 
 
 def _seconds(text: str) -> float:

@@ -552,15 +552,15 @@ def test_progress_off_a_terminal_skips_previews_and_names_the_pass(monkeypatch, 
 
 
 def test_jobs_cancel_waits_briefly_for_a_running_job_to_stop(monkeypatch, capsys):
-    import graphs.cli
+    import graphs.cli_commands
 
     states = iter(["processing", "cancelled"])
     recording_service(monkeypatch, {
         "POST /jobs/job_1/cancel": httpx.Response(200, json={"success": True, "id": "job_1", "status": "processing"}),
         "GET /jobs/job_1": lambda _: httpx.Response(200, json={"id": "job_1", "status": next(states, "processing")})})
-    monkeypatch.setattr(graphs.cli, "CANCEL_POLL_S", 0.0)
+    monkeypatch.setattr(graphs.cli_commands, "CANCEL_POLL_S", 0.0)
     assert run(capsys, "jobs", "cancel", "job_1")[1] == "job_1: cancelled\n"
-    monkeypatch.setattr(graphs.cli, "CANCEL_WAIT_S", 0.0)
+    monkeypatch.setattr(graphs.cli_commands, "CANCEL_WAIT_S", 0.0)
     assert run(capsys, "jobs", "cancel", "job_1")[1] == (
         "job_1: cancel requested; still processing (it stops at its next step: imagegen jobs wait job_1)\n")
 
