@@ -167,18 +167,24 @@ def _wait(service: Service, args: argparse.Namespace, bar: ProgressBar) -> int:
         if e.status != 5:  # busy: the stream's own polling copes with it
             raise
         job = None
-    # A batch-sizes job has an image per size: -o is then the folder for them, as for batch-sizes.
-    batch = job is not None and job.get("type") == "batch-sizes"
-    if args.output and job is not None and batch:
-        check_sizes(args.output, list((job.get("request") or {}).get("sizes") or []), args.force)
-    elif args.output:
-        check_output(args.output, force=args.force)
+    def check(job: dict) -> bool:
+        """Check -o for ``job``; whether it is a batch-sizes job, whose -o is the folder for its sizes."""
+        batch = job.get("type") == "batch-sizes"
+        if batch:
+            check_sizes(args.output, list((job.get("request") or {}).get("sizes") or []), args.force)
+        else:
+            check_output(args.output, force=args.force)
+        return batch
+
+    batch = check(job) if args.output and job is not None else False
     event = terminal_event(job) if job is not None else None
     if event is not None:
         bar.show(event)
     else:
         event = follow(service, bar, job_id=args.id)
     job_id, flagged = finish(event), False
+    if args.output and job is None:  # the first look was refused as busy: the job's kind is learnt now
+        batch = check(service.call("GET", f"/jobs/{job_id}", params={"images": "false"}))
     if args.output:
         with saving(job_id, args.output):
             if batch:

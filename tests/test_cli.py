@@ -347,6 +347,21 @@ def test_jobs_wait_writes_every_size_of_a_batch_into_the_output_folder(monkeypat
     assert status == 2 and "not a folder (the images go into it as <size>.png)" in err
 
 
+def test_jobs_wait_on_a_batch_whose_first_look_was_busy_still_saves_every_size(monkeypatch, tmp_path, capsys):
+    """A 503 on the first look at the job leaves its kind unknown until it ends: a batch is then still saved into
+    the folder, size by size, not asked for as one image."""
+    image = {"imageData": png_base64(), "width": 8, "height": 8, "nsfw": False}
+    job = {"id": "job_1", "type": "batch-sizes", "status": "completed", "images": {"hero": image, "og": image},
+           "request": {"sizes": ["hero", "og"]}}
+    looks = iter([httpx.Response(503, json={"error": "busy", "code": "MODEL_UNAVAILABLE", "details": {}},
+                                 headers={"Retry-After": "1"})])
+    canned_service(monkeypatch, [frame(1, "completed")], {},
+                   routes={"/jobs/job_1": lambda _: next(looks, None) or httpx.Response(200, json=job)})
+    status, out, err = run(capsys, "--quiet", "jobs", "wait", "job_1", "-o", str(tmp_path / "sizes"))
+    assert (status, err) == (0, "")
+    assert sorted(p.name for p in (tmp_path / "sizes").iterdir()) == ["hero.png", "og.png"]
+
+
 def test_jobs_wait_on_a_batch_exits_6_when_any_size_was_flagged(monkeypatch, tmp_path, capsys):
     """The flags of a batch's sizes are in its view, not in the completed event: a script saving the batch with
     ``jobs wait -o`` must not take a replaced size for clean."""

@@ -340,7 +340,8 @@ def test_the_a1111_1_6_sde_samplers_step_to_the_end(config, name):
     ("DPM++ 2M SDE", None, "Exponential", "Exponential"), ("DPM++ 3M SDE", None, "Exponential", "Exponential"),
     ("Euler a", None, "Uniform", "Automatic"), ("Euler", "Automatic", "Uniform", "Automatic"),
     ("DDIM", None, "DDIM", "Automatic"), ("UniPC", None, "DDIM", "Automatic"),
-    ("DDIM CFG++", None, "DDIM", "Automatic"),
+    ("DDIM CFG++", None, "DDIM", "Automatic"), ("Restart", None, "Karras", "Karras"),
+    ("DPM++ 2M Automatic", None, "Karras", "Karras"),  # a name's own "Automatic" label is the sampler's own too
     ("DPM fast", None, None, "Automatic"), ("LCM", None, None, "Automatic"),
     # An explicit schedule wins, by its label; a labelled name is split.
     ("DPM++ 2M", "exponential", "Exponential", "Exponential"), ("Euler a", "karras", "Karras", "Karras"),

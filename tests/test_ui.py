@@ -476,11 +476,14 @@ def test_errors_say_what_to_do(browser, astronaut):
     message beside it); a 413 from a tool in MiB; a face restorer that found no face says so."""
     refusal = (422, {"error": "width: must be a multiple of 8", "code": "INVALID_INPUT", "details": {"field": "width"}})
     busy = (503, {"error": "model unavailable", "code": "MODEL_UNAVAILABLE", "details": {}}, {"Retry-After": "30"})
+    tiny = base64.b64encode(_png(8, 8)).decode()
     more = {"/generate/text2img": _Seq([DOWN, (502, "<html>Bad Gateway</html>"), busy, refusal]),
             "/sdapi/v1/extra-single-image": _Seq([
                 (413, {"error": "request body exceeds 1048576 bytes", "code": "PAYLOAD_TOO_LARGE",
                        "details": {"limit": 1048576}}),
-                {"html_info": "no face detected: image unchanged", "image": base64.b64encode(_png(8, 8)).decode()}])}
+                # html_info as the service writes it: HTML, escaped.
+                {"html_info": "<p>no face detected: image unchanged</p>", "image": tiny},
+                {"html_info": "<p>restorer &#x27;x&#x27; fell back</p>", "image": tiny}])}
     context, page, _ = _open(browser, _job(), "", more)
     page.get_by_label("Prompt", exact=True).fill("p")
     said = []
@@ -502,6 +505,9 @@ def test_errors_say_what_to_do(browser, astronaut):
     page.get_by_role("button", name="Restore faces").click()
     page.wait_for_selector("#tool-output figcaption")
     label = page.locator("#tool-output figcaption span").inner_text()
+    page.get_by_role("button", name="Restore faces").click()
+    page.wait_for_function("() => document.querySelector('#tool-output figcaption span').innerText.includes('fell')")
+    warned = page.locator("#tool-output figcaption span").inner_text()
     context.close()
     assert said[0].startswith("Cannot reach the service")
     assert said[1].startswith("The gateway in front of the service cannot reach it (HTTP 502)")
@@ -510,6 +516,7 @@ def test_errors_say_what_to_do(browser, astronaut):
     assert "width-error" in described
     assert re.match(r"The request is 0\.\d MiB, over the service's limit of 1\.0 MiB: .*base64.* a third", too_large)
     assert label == "No face found: image unchanged"
+    assert warned == "Faces restored (restorer 'x' fell back)"  # the text, not its markup
 
 
 def test_a_token_is_checked_before_it_is_saved_and_forget_clears_the_page(browser):

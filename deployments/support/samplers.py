@@ -192,8 +192,9 @@ def schedule_options(name: str, schedule: str | None) -> dict:
 A1111_AUTOMATIC = {
     "DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM++ 2S a": "Karras", "DPM2": "Karras", "DPM2 a": "Karras",
     "DPM++ 2M SDE": "Exponential", "DPM++ 2M SDE Heun": "Exponential", "DPM++ 3M SDE": "Exponential",
+    "Restart": "Karras",
 }
-_A1111_UNNAMED = {"Euler a": "Uniform", "Euler": "Uniform", "LMS": "Uniform", "Heun": "Uniform", "Restart": "Uniform",
+_A1111_UNNAMED = {"Euler a": "Uniform", "Euler": "Uniform", "LMS": "Uniform", "Heun": "Uniform",
                   "DDIM": "DDIM", "DDIM CFG++": "DDIM", "PLMS": "DDIM", "UniPC": "DDIM"}
 
 
@@ -222,7 +223,8 @@ def a1111_choice(name: str, scheduler: str | None, field: str = "sampler_name") 
     if chosen is not None and chosen.options is None:
         notes.append(f"scheduler {scheduler!r} has no diffusers equivalent: {fallback} ran instead")
         chosen = None
-    chosen = chosen or implied
+    if chosen is None and implied is not None and implied.label != "Automatic":  # "DPM++ 2M Automatic" is its own
+        chosen = implied
     if chosen is not None and chosen.options is None:
         notes.append(f"scheduler {chosen.label!r} has no diffusers equivalent: the sampler's own schedule ran "
                      "instead")

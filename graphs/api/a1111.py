@@ -187,7 +187,11 @@ class A1111Routes(CheckpointChoice):
         parameters = r.model_dump(exclude=None if echoed else {"init_images", "mask"})
         # The checkpoint resolved (the default when none is named) is part of the request the cache sees, and so
         # are an edit's uploads.
-        key = await self.cache.key(cache_as, {**r.model_dump(), "checkpoint": model}, model) if cache_as else None
+        # What runs, as this service reads the request (A1111's Automatic is a schedule of its own per sampler): a
+        # change of that reading misses the entries made under the old one.
+        choice = self._choice(r)
+        ran = {"checkpoint": model, "sampler_ran": choice.sampler, "schedule_ran": choice.schedule}
+        key = await self.cache.key(cache_as, {**r.model_dump(), **ran}, model) if cache_as else None
         hit = await self.cache.get(key)
         if hit is not None:
             return images_answer(hit.files if r.send_images else [], parameters,

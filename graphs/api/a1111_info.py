@@ -17,7 +17,7 @@ from fastapi import APIRouter
 from deployments.support.errors import UnknownModel
 from deployments.support.generation import LATENT_UPSCALE_MODES
 from deployments.support.samplers import ALIASES, SCHEDULES, sampler_names
-from graphs import plans
+from graphs import flights, plans
 from graphs.api import a1111_infotext as infotext
 from graphs.api.a1111_models import (
     CmdFlags,
@@ -161,7 +161,11 @@ class A1111InfoRoutes(CheckpointChoice):
             offered = f"{CAPTIONING!r} is" if self.captioner is not None else "none is (no captioner is deployed)"
             raise UnknownModel(f"interrogator {body.model!r} is not offered here: {offered}", field="model")
         image = await asyncio.to_thread(image_field, body.image, "image")
-        return {"caption": await call(self.captioner.caption.remote(image))}  # type: ignore[attr-defined]
+        # In a flight, as the plans' stages are: a deadline or a disconnect cancels it, and a captioner that failed
+        # to deploy is a 503 at once.
+        async with flights.flight():
+            caption = await call(flights.Recorded(self.captioner).caption.remote(image))
+        return {"caption": caption}
 
     @router.post("/refresh-loras", response_model=Empty)
     async def refresh_loras(self) -> dict:

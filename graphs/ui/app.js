@@ -851,6 +851,7 @@ function galleryActions(job) {
 
 let galleryTimer = null;
 let galleryRound = 0;
+let galleryBackoff = GALLERY_MS; // doubles while the list cannot be read, back to GALLERY_MS once it can
 
 async function refreshGallery() {
   clearTimeout(galleryTimer);
@@ -877,14 +878,17 @@ async function refreshGallery() {
         galleryActions(job),
         ...resultImages(job).map((image) => galleryFigure(job, image)));
     }));
+    galleryBackoff = GALLERY_MS;
     $("gallery-note").textContent = jobs.length ? "" : "No jobs yet.";
     // Unfinished jobs are read again until they end, so that the list shows how they did.
     if (shown.some((job) => !TERMINAL.has(job.status))) galleryTimer = setTimeout(refreshGallery, GALLERY_MS);
   } catch (error) {
     if (round !== galleryRound) return;
     $("gallery-note").textContent = `Could not list jobs: ${error.message}`;
-    if (retryable(error) && list.querySelector("li:not([data-status=completed])")) {
-      galleryTimer = setTimeout(refreshGallery, GALLERY_MS);
+    // Only a list that still shows unfinished jobs is worth reading again, less often each time it fails.
+    if (retryable(error) && list.querySelector("li[data-status=queued], li[data-status=processing]")) {
+      galleryTimer = setTimeout(refreshGallery, galleryBackoff);
+      galleryBackoff = Math.min(galleryBackoff * 2, 60000);
     }
   }
 }
@@ -942,7 +946,7 @@ function setupTools() {
       codeformer_weight: number("face-weight") } });
     // html_info carries what the service says about the run (A1111 sends ""); a face restorer that found no face
     // returns the image unchanged and says so there.
-    const info = (out.html_info || "").trim();
+    const info = new DOMParser().parseFromString(out.html_info || "", "text/html").body.textContent.trim();
     const label = /no face/i.test(info) ? "No face found: image unchanged"
       : info ? `Faces restored (${info})` : "Faces restored where a face was detected";
     return [toolResult(dataUri(out.image, "image/png"), `${stem}_faces.png`, label)];
