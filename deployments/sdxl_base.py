@@ -146,6 +146,8 @@ class BaseGenerator:
         def check(item: BatchItem) -> tuple[str, list[int], list[str]]:
             check_request(item.request, self.config.max_pixels)
             prompt = parse_lora_tags(item.request.prompt)[0]
+            if item.request.prompt_syntax == "a1111":  # a prompt that cannot be read fails its own request alone
+                chunk_counts((item.checkpoint or self.checkpoint(item.request.checkpoint)).txt2img, item.request)
             return prompt, resolve_seeds(item.request.seed, item.request.batch_size), prompt_warnings(item.request)
 
         outcomes, passed = prepare(items, check)
@@ -243,7 +245,7 @@ class BaseGenerator:
         if request.prompt_syntax == "a1111":  # batch_key: the whole batch is read one way
             # Encoded here, with the LoRAs of the batch set on the pipeline's own encoders; the hires pass takes
             # these embeddings with the rest of the first pass's arguments.
-            texts: dict = PromptEncoder(pipe)(per_image(prompts), negatives)
+            texts: dict = PromptEncoder(pipe)(per_image(prompts), negatives, request.steps)
         else:
             texts = dict(prompt=per_image(prompts), negative_prompt=negatives)
         kwargs: dict = dict(
@@ -429,8 +431,18 @@ def prompt_warnings(request: GenerationRequest) -> list[str]:
     """What of an A1111 request's prompt syntax is not applied (prompt editing, AND); none for a plain one."""
     if request.prompt_syntax != "a1111":
         return []
-    found = [*read(parse_lora_tags(request.prompt)[0]).warnings, *read(request.negative_prompt).warnings]
+    found = [*read(parse_lora_tags(request.prompt)[0], request.steps).warnings,
+             *read(request.negative_prompt, request.steps, "negative_prompt").warnings]
     return list(dict.fromkeys(found))
+
+
+def chunk_counts(pipe, request: GenerationRequest) -> tuple[int, int] | None:
+    """The chunks an A1111 request's prompt and negative prompt need alone with ``pipe``'s tokenizers (None for a
+    plain one); refused beyond ``MAX_CHUNKS``. A batch pads every text to its most chunks, so these belong to the
+    batching key: a request's pixels never depend on its batch mates'."""
+    if request.prompt_syntax != "a1111":
+        return None
+    return PromptEncoder(pipe).counts(parse_lora_tags(request.prompt)[0], request.negative_prompt, request.steps)
 
 
 def passes_over(request: GenerationRequest, source: StageResult) -> list[GenerationRequest]:
@@ -441,9 +453,10 @@ def passes_over(request: GenerationRequest, source: StageResult) -> list[Generat
             for image, seed in zip(source.images, source.seeds, strict=True)]
 
 
-def batch_key(request: GenerationRequest) -> tuple | None:
+def batch_key(request: GenerationRequest, chunks: tuple[int, int] | None = None) -> tuple | None:
     """What requests must share to run in one pipeline call; ``None``: this one runs alone (an inpainting mask
-    and an IP-Adapter reference belong to one request). The checkpoint is part of it: a batch never mixes two."""
+    and an IP-Adapter reference belong to one request). The checkpoint is part of it: a batch never mixes two.
+    ``chunks``: an A1111 request's ``chunk_counts``, which its batch mates must need too."""
     mode = mode_of(request)
     if mode == "inpaint" or request.ip_adapter_image is not None:
         return None
@@ -452,7 +465,7 @@ def batch_key(request: GenerationRequest) -> tuple | None:
             request.schedule, request.guidance_scale, tuple((r.name, r.weight) for r in request.loras),
             tuple((r.name, r.weight) for r in tagged), bool(request.negative_prompt), request.denoising_end,
             (request.strength, request.exact_steps) if mode == "img2img" else None, request.hires,
-            request.prompt_syntax)
+            request.prompt_syntax, chunks)
 
 
 BATCH_UNIT_PIXELS = 1024 * 1024
@@ -565,7 +578,10 @@ class SDXLBase:
                 held = await self._checkpoint(checkpoint)
                 for item in items:
                     item.checkpoint = held
-                submitted = self.batcher.submit_all([(batch_key(item.request), item) for item in items])
+                # The chunk counts tokenize the prompts here, on the event loop: a few milliseconds, since a
+                # prompt's parse is cached and its length capped (and every pass of a request reads alike).
+                chunks = chunk_counts(held.txt2img, request)
+                submitted = self.batcher.submit_all([(batch_key(item.request, chunks), item) for item in items])
                 results = await self.model.cancellation.guard(request_id, submitted)
             return await encoded(results[0] if init is None else init.joined(results), encode)
         except BaseException:  # cancelled through Serve (a cancel, deadline or disconnect upstream), or one of its

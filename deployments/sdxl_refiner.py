@@ -98,6 +98,14 @@ class Refiner:
         item = BatchItem(request, request_id or uuid.uuid4().hex, source=source, on_progress=on_progress)
         return outcome(self.refine_batch([item], ensemble=True)[0])
 
+    def chunk_counts(self, request: RefineRequest) -> tuple[int, int] | None:
+        """The chunks an A1111 request's prompt and negative prompt need alone with this pipeline's tokenizer (None
+        for a plain one); refused beyond ``MAX_CHUNKS``. Part of the batching key: a batch pads to its most."""
+        if request.prompt_syntax != "a1111":
+            return None
+        return PromptEncoder(self.pipe).counts(parse_lora_tags(request.prompt)[0], request.negative_prompt,
+                                               request.steps)
+
     def refine_images(self, request: RefineRequest, source: StageResult | Image.Image, request_id: str | None = None,
                       on_progress: ProgressFn | None = None) -> StageResult:
         """Refine finished images as img2img at ``strength`` (the hires-fix pass)."""
@@ -108,6 +116,7 @@ class Refiner:
         """One pipeline call for compatible items (same ``batch_key``), each with its own prompt and seeds; one
         outcome per item, its result or its own error."""
         def check(item: BatchItem) -> tuple[list[int], list]:
+            self.chunk_counts(item.request)  # a prompt that cannot be read fails its own request alone
             item.source = StageResult.of(item.source)
             return (self._latents_of if ensemble else self._images_of)(item.request, item.source)
 
@@ -199,7 +208,7 @@ class Refiner:
         with self._lock, self.oom():
             if request.prompt_syntax == "a1111":  # batch_key: the whole batch is read one way
                 # Its one encoder (OpenCLIP bigG) reads the syntax as the base's two do; pooled from its first chunk.
-                texts: dict = PromptEncoder(self.pipe)(per_image(prompts), negatives)
+                texts: dict = PromptEncoder(self.pipe)(per_image(prompts), negatives, request.steps)
             else:
                 texts = dict(prompt=per_image(prompts), negative_prompt=negatives)
             self.pipe.scheduler = build_scheduler(sampler, self.scheduler_config, schedule, seeds=flat,
@@ -253,11 +262,13 @@ def ensemble_sampler(request: RefineRequest, source: StageResult) -> tuple[str, 
     return sampler, schedule
 
 
-def batch_key(request: RefineRequest, source: StageResult | Image.Image, *, ensemble: bool) -> tuple:
-    """What refiner requests must share to run in one pipeline call."""
+def batch_key(request: RefineRequest, source: StageResult | Image.Image, *, ensemble: bool,
+              chunks: tuple[int, int] | None = None) -> tuple:
+    """What refiner requests must share to run in one pipeline call; ``chunks``: an A1111 request's
+    ``Refiner.chunk_counts``, since a batch pads every prompt to its most chunks."""
     shared = (ensemble, request.steps, request.guidance_scale, request.sampler, request.schedule,
               request.aesthetic_score, request.negative_aesthetic_score, bool(request.negative_prompt),
-              request.prompt_syntax)
+              request.prompt_syntax, chunks)
     if ensemble:
         latents = getattr(source, "latents", None)
         info = getattr(source, "info", {})  # the base's sampler and schedule, which the pass runs
@@ -306,7 +317,8 @@ class SDXLRefiner:
         self.reporter.start()
         try:
             with self.metrics.request():
-                submitted = self.batchers[ensemble].submit(batch_key(request, source, ensemble=ensemble), item)
+                key = batch_key(request, source, ensemble=ensemble, chunks=self.model.chunk_counts(request))
+                submitted = self.batchers[ensemble].submit(key, item)
                 return await self.model.cancellation.guard(item.request_id, submitted)
         except asyncio.CancelledError:  # cancelled through Serve: stop the denoising loop for this item
             self.model.cancellation.cancel(item.request_id)

@@ -209,6 +209,21 @@ def test_cfg_scale_is_the_guidance_scale_of_txt2img_and_img2img(service):
     assert edit.guidance_scale == 3.5
 
 
+@pytest.mark.parametrize(("fields", "field"), [
+    ({"prompt": "[" * 1000 + "a" + "|b]" * 1000}, "prompt"),
+    ({"prompt": "a <lora:x:1> " + "BREAK " * 1600}, "prompt"),
+    ({"negative_prompt": "(blurry:" + "1" + "0" * 39 + ")"}, "negative_prompt"),
+])
+def test_an_unreadable_prompt_is_refused_before_any_batch(service, fields, field):
+    from deployments.support.errors import InvalidInput
+
+    with pytest.raises(InvalidInput) as refused:
+        service.txt2img(**fields)
+    assert refused.value.field == field
+    assert service.batches == []
+    assert service.txt2img(prompt="(masterpiece: 1.2) <lora:x:1> BREAK a fox")["images"]
+
+
 def test_the_hires_second_pass_strength_is_the_denoising_strength(service):
     hires = service.routes._hires(Txt2ImgRequest(enable_hr=True, width=64, height=64, denoising_strength=0.3))
     assert hires is not None and hires.strength == 0.3

@@ -3,15 +3,22 @@ against the pipelines' own ``encode_prompt``, and the base's pixels for A1111 re
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from PIL import Image
 
+from deployments.support.errors import InvalidInput
 from deployments.support.generation import GenerationRequest, RefineRequest, StageResult
 from deployments.support.prompts import (
     AND_WARNING,
+    CHUNK_TOKENS,
     EDITING_WARNING,
+    MAX_CHUNKS,
+    MAX_NESTING,
     Chunk,
+    check,
     chunk,
     first_step,
     parse_emphasis,
@@ -51,8 +58,14 @@ def test_unbalanced_brackets_close_at_the_end_and_stray_closers_are_text():
 
 
 def test_a_colon_is_text_unless_it_reads_as_a_weight():
-    # "(a: 2)": a space before the number makes it text, and the bracket a plain 1.1.
-    assert pairs("time: 10:30 (a: 2) b:3)") == [("time: 10:30 ", 1.0), ("a: 2", 1.1), (" b:3)", 1.0)]
+    assert pairs("time: 10:30 (a:2 x) b:3)") == [("time: 10:30 ", 1.0), ("a:2 x", 1.1), (" b:3)", 1.0)]
+
+
+def test_a_weight_may_have_whitespace_around_its_number():
+    """As A1111 reads ``(masterpiece: 1.2)``; a space before the colon stays with the text."""
+    assert pairs("(masterpiece: 1.2), (cat :1.5 ) (dog:\t0.5\n)") == [
+        ("masterpiece", 1.2), (", ", 1.0), ("cat ", 1.5), (" ", 1.0), ("dog", 0.5)]
+    assert pairs("(a: 2) b") == [("a", 2.0), (" b", 1.0)]
 
 
 def test_break_is_an_upper_case_word_of_its_own():
@@ -62,15 +75,92 @@ def test_break_is_an_upper_case_word_of_its_own():
 
 
 def test_prompt_editing_and_alternation_run_as_at_their_first_step():
-    assert first_step("a [dog:cat:0.5] in a (hat:1.2)") == ("a dog in a (hat:1.2)", True)
-    assert first_step("[cat:10] on a [red|green|blue] mat") == (" on a red mat", True)
-    assert first_step("a[b:[c:d:2]:0.3]e") == ("abe", True)  # nested: the outer's from, read in turn
-    assert first_step("([a:b:0.5]:1.2) x") == ("(a:1.2) x", True)  # inside emphasis, which stays
-    assert first_step("[(x:2)] [y] [p:q:r] [open") == ("[(x:2)] [y] [p:q:r] [open", False)
-    reading = read("[photo:painting:0.5] of a cat AND a dog")
+    assert first_step("a [dog:cat:0.5] in a (hat:1.2)", 20) == ("a dog in a (hat:1.2)", True)
+    assert first_step("[cat:10] on a [red|green|blue] mat", 20) == (" on a red mat", True)
+    assert first_step("a[b:[c:d:2]:0.3]e", 20) == ("abe", True)  # nested: the outer's from, read in turn
+    assert first_step("([a:b:0.5]:1.2) x", 20) == ("(a:1.2) x", True)  # inside emphasis, which stays
+    assert first_step("[(x:2)] [y] [p:q:r] [open", 20) == ("[(x:2)] [y] [p:q:r] [open", False)
+    assert first_step("a [b : c : 1 ] d", 10) == ("a b  d", True)  # whitespace around when, as A1111's grammar
+    reading = read("[photo:painting:0.5] of a cat AND a dog", 20)
     assert [(f.text, f.weight) for f in reading.fragments] == [("photo of a cat AND a dog", 1.0)]
-    assert reading.warnings == [EDITING_WARNING, AND_WARNING]
-    assert read("(cat:1.2) [dog]").warnings == []
+    assert reading.warnings == (EDITING_WARNING, AND_WARNING)
+    assert read("(cat:1.2) [dog]", 20).warnings == ()
+
+
+@pytest.mark.parametrize(("prompt", "steps", "expected"), [
+    ("[cat:dog:0]", 20, "dog"),  # switches before step 1: to runs from the first step
+    ("[cat:dog:0.01]", 20, "dog"),  # 0.2 of a step rounds down to step 0
+    ("[cat:dog:0.01]", 100, "cat"),  # step 1
+    ("[cat:dog:0.5]", 1, "dog"),  # half of one step: 0
+    ("[cat:dog:1]", 20, "cat"),
+    ("[cat:dog:1.0]", 20, "cat"),  # with a point: a fraction, all of the steps
+    ("[cat:dog:-3]", 20, "dog"),
+    ("[dog:0]", 20, "dog"),  # [to:when]: nothing until when, which is before the first step
+    ("[dog:0.5]", 20, ""),
+    ("[dog:1]", 20, ""),
+])
+def test_the_first_step_reads_when_as_a1111_does(prompt, steps, expected):
+    """A1111 switches after step int(when), ``when`` a fraction of the steps when written with a point, else a
+    step number; the first step runs ``from`` when that step is 1 or later."""
+    assert first_step(prompt, steps) == (expected, True)
+
+
+# --- what is refused ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("prompt", [
+    "[" * 1000 + "a" + "|b]" * 1000,  # nested alternations: a recursion per bracket before
+    "[" * 10_000,  # a rescan to the end per bracket before: seconds
+    "(" * 10_000 + "a",
+    "(a" * 5000,
+])
+def test_deep_brackets_are_refused_at_once_naming_the_field(prompt):
+    started = time.perf_counter()
+    for field in ("prompt", "negative_prompt"):
+        with pytest.raises(InvalidInput, match=f"more than {MAX_NESTING} brackets") as refused:
+            read(prompt, 20, field)
+        assert refused.value.field == field
+    assert time.perf_counter() - started < 0.5
+
+
+def test_a_long_prompt_of_brackets_within_the_cap_reads_in_linear_time():
+    nested = "[" * MAX_NESTING + "a:b:0.5" + "]" * MAX_NESTING
+    emphasis = "(" * MAX_NESTING + "a" + ")" * MAX_NESTING
+    for unit in (nested, "[a|" * 30 + "b" + "]" * 30, "(a" * 30 + "b" + ")" * 30, emphasis, "a:(b:1.1) [c]"):
+        prompt = (unit * (10_000 // len(unit) + 1))[:10_000]
+        started = time.perf_counter()
+        read(prompt + " ", 20)  # a text the cache has not seen
+        assert time.perf_counter() - started < 0.5, unit
+
+
+@pytest.mark.parametrize(("prompt", "match"), [
+    ("(a:" + "1" + "0" * 39 + ")", "outside"),  # 1e39: finite in float64, not in float32
+    ("(a:" + "9" * 400 + ")", "outside"),  # inf in float64
+    ("(a:100.5)", "outside"),
+    ("(a:-101)", "outside"),
+    ("((a:90):1.2)", "multiply"),  # 108
+    ("(" * 25 + "(a:20)" + ")" * 25, "multiply"),  # 1.1**25 * 20 = 217
+])
+def test_a_weight_beyond_the_cap_is_refused(prompt, match):
+    with pytest.raises(InvalidInput, match=match) as refused:
+        read(prompt, 20, "negative_prompt")
+    assert refused.value.field == "negative_prompt"
+    assert pairs("(a:100) (b:-100)")[0] == ("a", 100.0)  # the cap itself is accepted
+
+
+def test_the_ingress_check_counts_chunks_from_below_without_a_tokenizer():
+    assert check("BREAK " * MAX_CHUNKS, 20).least_chunks() == MAX_CHUNKS
+    assert check(" ".join(["cat"] * (MAX_CHUNKS * CHUNK_TOKENS)), 20).least_chunks() == MAX_CHUNKS
+    for prompt in ("BREAK " * 1600, "BREAK " * (MAX_CHUNKS + 1), " ".join(["cat"] * (MAX_CHUNKS * CHUNK_TOKENS + 1))):
+        with pytest.raises(InvalidInput, match=f"more than {MAX_CHUNKS} chunks") as refused:
+            check(prompt, 20, "negative_prompt")
+        assert refused.value.field == "negative_prompt"
+    assert check(", , , \u0301 " * 2000, 20).least_chunks() == 1  # no word that is surely a token
+
+
+def test_the_parse_is_cached():
+    prompt = "a (cached:1.2) prompt"
+    assert read(prompt, 20) is read(prompt, 20)
+    assert read(prompt, 20) is not read(prompt, 20, "negative_prompt")
 
 
 # --- chunking ------------------------------------------------------------------------------------------------------
@@ -124,10 +214,10 @@ def pipe(base):
     return base.checkpoint().txt2img
 
 
-def encoded(pipe, prompts, negatives=None):
+def encoded(pipe, prompts, negatives=None, steps=20):
     from deployments.support.prompts import PromptEncoder
 
-    return PromptEncoder(pipe)(prompts, negatives)
+    return PromptEncoder(pipe)(prompts, negatives, steps)
 
 
 def tokens(pipe, text: str) -> int:
@@ -211,6 +301,45 @@ def test_prompts_and_negatives_are_padded_to_the_most_chunks_with_empty_prompt_c
     assert zeros["negative_prompt_embeds"].shape == (1, 154, 80) and not zeros["negative_prompt_embeds"].any()
 
 
+def test_chunks_past_the_cap_are_refused_by_the_replicas_count(pipe):
+    """One word of commas passes the ingress's lower bound; the tokenizers count its 800 tokens."""
+    from deployments.support.prompts import PromptEncoder
+
+    encoder = PromptEncoder(pipe)
+    assert encoder.counts("a cat", "", 20) == (1, 0)
+    assert encoder.counts("a cat BREAK a dog", "blurry", 20) == (2, 1)
+    wordy = "a," * 400
+    assert check(wordy, 20).least_chunks() == 1
+    with pytest.raises(InvalidInput, match=f"more than {MAX_CHUNKS}") as refused:
+        encoder.counts("a cat", wordy, 20)
+    assert refused.value.field == "negative_prompt"
+
+
+def test_non_finite_embeddings_are_an_error_not_an_image(pipe, monkeypatch):
+    import torch
+
+    from deployments.support import prompts
+
+    monkeypatch.setattr(prompts, "_emphasised", lambda hidden, weights: torch.full_like(hidden, float("inf")))
+    with pytest.raises(InvalidInput, match="non-finite") as refused:
+        encoded(pipe, ["a cat"], ["(blurry:2)"])
+    assert refused.value.field == "negative_prompt"
+    encoded(pipe, ["a cat"])  # no weight: no rescale
+
+
+def test_the_comma_is_looked_up_once_per_tokenizer(pipe, monkeypatch):
+    from deployments.support import prompts
+
+    calls = []
+    for tokenizer in (pipe.tokenizer, pipe.tokenizer_2):
+        vocab = tokenizer.get_vocab
+        monkeypatch.setattr(tokenizer, "get_vocab", lambda vocab=vocab: calls.append(1) or vocab())
+    monkeypatch.setattr(prompts, "_COMMAS", prompts.weakref.WeakKeyDictionary())
+    encoded(pipe, ["a cat, red", "a dog, blue"], ["blurry", "dark"])
+    encoded(pipe, ["a bird"])
+    assert len(calls) == 2
+
+
 # --- the base's pixels ---------------------------------------------------------------------------------------------
 
 # A high guidance scale: the tiny model's random text conditioning moves few pixels, and this spreads them. Where
@@ -253,18 +382,47 @@ def test_prompt_editing_runs_its_first_part_with_a_warning(base):
     assert EDITING_WARNING not in base.generate(GenerationRequest(**SMALL, prompt_syntax="a1111")).warnings
 
 
-def test_a_batch_pads_every_item_to_its_most_chunks_with_empty_prompt_chunks(base):
-    """In one pipeline call the short prompt is read with two empty chunks after its own, as three BREAKs read it
-    alone; the long one as it is."""
+def test_requests_needing_different_chunk_counts_never_share_a_batch(base):
+    """A batch pads every text to its most chunks, so the batching key holds each request's own counts: a short
+    prompt never runs padded beside a long one, and a batch's items get the pixels they get alone."""
+    from deployments.sdxl_base import batch_key, chunk_counts
     from deployments.support.generation import BatchItem
 
+    pipe = base.checkpoint().txt2img
     quick = {**SMALL, "steps": 2, "guidance_scale": 5.0, "prompt_syntax": "a1111"}
-    requests = [GenerationRequest(**{**quick, "prompt": p}) for p in ("a cat", " ".join(["a"] * 160))]
-    together = base.generate_batch([BatchItem(r, f"r{i}") for i, r in enumerate(requests)])
-    padded = GenerationRequest(**{**quick, "prompt": "a cat BREAK BREAK BREAK"})
-    for alone, result in zip([padded, requests[1]], together, strict=True):
+    short, other, long = (GenerationRequest(**{**quick, "prompt": p}) for p in ("a cat", "a red dog", "a " * 160))
+
+    def key(request: GenerationRequest) -> tuple | None:
+        return batch_key(request, chunk_counts(pipe, request))
+
+    assert [chunk_counts(pipe, r) for r in (short, other, long)] == [(1, 0), (1, 0), (3, 0)]
+    assert key(short) == key(other) != key(long)
+    assert key(short.model_copy(update={"negative_prompt": "blurry"})) != key(
+        short.model_copy(update={"negative_prompt": "blurry BREAK dark"}))
+    assert chunk_counts(pipe, short.model_copy(update={"prompt_syntax": "plain"})) is None
+    together = base.generate_batch([BatchItem(r, f"r{i}") for i, r in enumerate([short, other])])
+    for alone, result in zip([short, other], together, strict=True):
         # Batched and single convolutions may round differently on CPU: allow two grey levels.
         assert np.abs(pixels(result.images[0]) - pixels(base.generate(alone).images[0])).max() <= 2
+
+
+def test_a_prompt_that_cannot_be_read_fails_its_own_request_alone(base):
+    from deployments.support.generation import BatchItem
+
+    quick = {**SMALL, "steps": 2, "prompt_syntax": "a1111"}
+    good = GenerationRequest(**quick)
+    bad = [GenerationRequest(**{**quick, "prompt": "[" * 1000 + "a" + "|b]" * 1000}),
+           GenerationRequest(**{**quick, "negative_prompt": "(a:" + "9" * 400 + ")"}),
+           GenerationRequest(**{**quick, "prompt": "a," * 400})]  # past the chunk cap by the tokenizers' count
+    outcomes = base.generate_batch([BatchItem(r, f"r{i}") for i, r in enumerate([*bad, good])])
+    for outcome, field in zip(outcomes, ["prompt", "negative_prompt", "prompt"], strict=False):
+        assert isinstance(outcome, InvalidInput) and outcome.field == field
+    assert isinstance(outcomes[-1], StageResult)
+    assert np.array_equal(pixels(outcomes[-1].images[0]), pixels(base.generate(good).images[0]))
+
+
+def test_prompt_editing_that_switches_before_the_first_step_runs_its_second_part(base):
+    assert np.array_equal(image(base, prompt="a [cat:dog:0]", prompt_syntax="a1111"), image(base, prompt="a dog"))
 
 
 def test_the_latent_hires_pass_reads_the_same_syntax(base):
@@ -286,3 +444,15 @@ def test_the_refiner_reads_the_same_syntax(refiner):
 
     assert np.array_equal(refined("a cat", "plain"), refined("a cat", "a1111"))
     assert np.abs(refined("a (cat:1.6)", "a1111") - refined("a cat", "a1111")).mean() > SEEN
+
+
+def test_the_refiner_refuses_an_unreadable_prompt_for_its_request_alone(refiner):
+    from deployments.support.generation import BatchItem
+
+    source = StageResult(images=[Image.new("RGB", (64, 64), (128, 128, 128))], seeds=[3])
+    requests = [RefineRequest(prompt=p, steps=2, strength=0.5, prompt_syntax="a1111")
+                for p in ("(" * 100, "BREAK " * 9, "a cat")]
+    outcomes = refiner.refine_batch([BatchItem(r, f"r{i}", source=source) for i, r in enumerate(requests)],
+                                    ensemble=False)
+    assert [type(o) for o in outcomes] == [InvalidInput, InvalidInput, StageResult]
+    assert refiner.chunk_counts(requests[2]) == (1, 0)

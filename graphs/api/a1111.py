@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 from fastapi import APIRouter, Request, Response
 from PIL import Image
 
+from deployments.support import prompts
 from deployments.support.errors import GenerationCancelled, InvalidInput, UnknownModel
 from deployments.support.generation import (
     LATENT_UPSCALE_MODES,
@@ -180,6 +181,10 @@ class A1111Routes(CheckpointChoice):
                    inits: list[Image.Image] | None = None, **extra) -> Response:
         if r.batch_size * r.n_iter > MAX_IMAGES:
             raise InvalidInput(f"batch_size x n_iter exceeds {MAX_IMAGES} images", field="batch_size")
+        # A prompt the replicas cannot read is refused here, before it joins a batch; the replica counts its
+        # chunks exactly with its tokenizers, and refuses there what this count (a lower bound) lets through.
+        prompts.check(parse_lora_tags(r.prompt)[0], r.steps)
+        prompts.check(r.negative_prompt, r.steps, "negative_prompt")
         ignored = [*r.scripts(), *r.unapplied()]
         switch, hires = await self._refiner(r), self._hires(r)  # checked before anything runs
         model = await self._checkpoint(r)
