@@ -30,7 +30,10 @@ BENIGN = {**FLAGGED, "seed": FLAGGED["seed"] + 1}
 SEED000 = {"prompt": FLAGGED["prompt"], "width": 64, "height": 64, "num_inference_steps": FLAGGED["steps"],
            "use_refiner": False}
 SEED003 = {"prompt": FLAGGED["prompt"], "width": 64, "height": 64, "steps": FLAGGED["steps"], "guidanceScale": 7.0}
-A1111 = {"prompt": FLAGGED["prompt"], "width": 64, "height": 64, "steps": FLAGGED["steps"], "cfg_scale": 7.0}
+# A1111's Automatic for Euler a is its evenly spaced schedule; DDIM's stride from timestep 1 is the checkpoint's own
+# (leading, offset 1), which the native routes and the factory's flagged generation run.
+A1111 = {"prompt": FLAGGED["prompt"], "width": 64, "height": 64, "steps": FLAGGED["steps"], "cfg_scale": 7.0,
+         "scheduler": "DDIM"}
 
 
 A1111_MARKED = {"prompt": "a lighthouse at dusk", "width": 256, "height": 256, "steps": 2, "cfg_scale": 7.0,
