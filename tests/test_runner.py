@@ -782,3 +782,20 @@ async def test_result_files_are_named_by_run_not_attempt(base, upscaler, runner_
         stop(runner)
     assert done.status == "completed" and done.attempts == 1 and done.runs == 2, done.error
     assert done.result["images"] and all(key.startswith(f"{job.id}/2-") for key in done.result["images"])
+
+
+async def test_a_runner_whose_process_is_exiting_ends_its_loops_quietly(base, upscaler, runner_env, caplog):
+    """Once its threads take no more work (the interpreter exiting under a local-testing-mode runner), a worker and
+    the job counter end, instead of logging the same failure at every poll."""
+    runner = start_runner(base, upscaler)
+    try:
+        def refused(*_args, **_kwargs):
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+        runner.store.claim = refused
+        runner.store.stats = refused
+        with caplog.at_level(logging.ERROR, logger="graphs.jobs.runner"):
+            await asyncio.wait_for(asyncio.gather(runner._workers[0], runner._loops[-1]), 10)
+        assert not caplog.records
+    finally:
+        stop(runner)

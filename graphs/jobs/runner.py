@@ -108,7 +108,9 @@ class JobRunner:
         while not self._stopping.is_set():
             try:
                 job = await asyncio.to_thread(self.store.claim, name, self.settings.job_lease_seconds)
-            except Exception:  # noqa: BLE001 - a store hiccup must not kill the loop
+            except Exception as e:  # noqa: BLE001 - a store hiccup must not kill the loop
+                if exiting(e):
+                    return
                 logger.exception("claim failed")
                 job = None
             if job is None:
@@ -387,7 +389,9 @@ class JobRunner:
         while True:
             try:
                 self.job_metrics.record((await asyncio.to_thread(self.store.stats))["counts"])
-            except Exception:  # noqa: BLE001 - a store hiccup must not kill the loop
+            except Exception as e:  # noqa: BLE001 - a store hiccup must not kill the loop
+                if exiting(e):
+                    return
                 logger.exception("job metrics failed")
             await asyncio.sleep(every_s)
 
@@ -418,6 +422,13 @@ class JobRunner:
                                         lambda job: self.results.delete(job.id))
             except Exception:  # noqa: BLE001
                 logger.exception("retention purge failed")
+
+
+def exiting(error: BaseException) -> bool:
+    """Whether ``error`` says this process's threads take no more work: the interpreter is exiting (a runner of
+    Serve's local testing mode outlives its tests) or the loop's executor is shut down. A loop that met it can only
+    meet it again, so it ends instead of logging it at every poll."""
+    return isinstance(error, RuntimeError) and str(error).startswith("cannot schedule new futures after")
 
 
 def cache_fields(request: dict) -> dict:
