@@ -18,12 +18,22 @@ BODY = {"prompt": "a lighthouse", "width": 128, "height": 128, "num_inference_st
 def test_concurrent_compatible_requests_are_batched_and_keep_their_pixels(service):
     from ray import serve
 
+    from tests import cluster
+    from tests.conftest import DEPLOYMENT_OPTIONS
+
     base = serve.get_deployment_handle("SDXLBase", app_name="imagegen")
-    before = base.describe.remote().result(timeout_s=30)["batching"]
+    # A batch window: with none, a tiny 128² image can finish before the next request reaches the replica of a busy
+    # two-core machine, and every request runs alone.
+    cluster.deploy({**DEPLOYMENT_OPTIONS, "SDXLBase": {"user_config": {"max_batch_size": 8,
+                                                                       "batch_wait_timeout_s": 0.5}}})
     seeds = [101, 102, 103, 104, 105, 106]
-    with concurrent.futures.ThreadPoolExecutor(len(seeds)) as pool:
-        together = list(pool.map(lambda s: service.post("/generate", json={**BODY, "seed": s}), seeds))
-    after = base.describe.remote().result(timeout_s=30)["batching"]
+    try:
+        before = base.describe.remote().result(timeout_s=30)["batching"]
+        with concurrent.futures.ThreadPoolExecutor(len(seeds)) as pool:
+            together = list(pool.map(lambda s: service.post("/generate", json={**BODY, "seed": s}), seeds))
+        after = base.describe.remote().result(timeout_s=30)["batching"]
+    finally:
+        cluster.deploy(DEPLOYMENT_OPTIONS)
     items, batches = after["items"] - before["items"], after["batches"] - before["batches"]
     assert items == len(seeds) and batches < items  # some requests shared a pipeline call
     for seed, response in zip(seeds, together, strict=True):
