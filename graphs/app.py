@@ -11,8 +11,9 @@ progress board (``graphs/board.py``) is where the diffusion replicas report prog
 """
 
 import os
+from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray import serve
 from ray.serve import Application
 
@@ -30,6 +31,7 @@ from deployments.support.logs import replica_logging
 from deployments.support.settings import current
 from graphs import availability, plans
 from graphs.api import a1111, a1111_extras, a1111_info, generate, illustration, jobs, processing, provenance, ui
+from graphs.api.a1111_styles import PromptStyles
 from graphs.api.edge import create_app
 from graphs.api.photos import PhotoStore, StorageConfig
 from graphs.board import ProgressBoard
@@ -66,6 +68,9 @@ class AppArgs(BaseModel):
     result_cache: bool | None = Field(None, description="answer repeated fixed-seed requests from the result store; "
                                       "None: the RESULT_CACHE setting")
     hires_upscaler: str = Field("R-ESRGAN 2x+", description="upscaler name used by hires fix when neural is asked")
+    prompt_styles: Path | None = Field(
+        None, description="A1111's styles.csv (name, prompt, negative_prompt) on the ingress hosts, applied by name "
+        "in A1111's styles field; read again when it changes")
     deployment_options: dict[str, dict] = Field(
         {}, description="per-deployment .options() for programmatic use; serve_config.yaml's deployments: "
         "section is the usual place for resources and autoscaling",
@@ -75,6 +80,12 @@ class AppArgs(BaseModel):
     @classmethod
     def expand_env(cls, data):
         return _expand(data)
+
+    @field_validator("prompt_styles")
+    @classmethod
+    def from_the_project(cls, path: Path | None) -> Path | None:
+        """A relative styles file is the project's (``configs/styles.csv``), wherever the replica's process runs."""
+        return Path(__file__).resolve().parents[1] / path if path is not None and not path.is_absolute() else path
 
 
 app = create_app()
@@ -109,6 +120,7 @@ class Ingress(
         self.provenance = marks  # marks and encodes A1111's images, reads uploads' marks
         self.captioner = captioner  # A1111's interrogate; None where the config names no captioner
         self.hires_upscaler = config.hires_upscaler
+        self.styles = PromptStyles(config.prompt_styles)
         self.photos = PhotoStore(StorageConfig.from_settings(self.settings))
         self.runner = runner  # deployed with the app; it reads the same job store
         self.jobs = open_store(self.settings)

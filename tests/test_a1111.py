@@ -149,6 +149,7 @@ class Service:
         from deployments.support.settings import Settings
         from graphs import plans
         from graphs.api.a1111 import A1111Routes
+        from graphs.api.a1111_styles import PromptStyles
         from graphs.jobs.cache import LocalEntries, RequestCache, ResultCache
         from graphs.jobs.sqlite_store import SQLiteJobStore
 
@@ -172,8 +173,9 @@ class Service:
         self.routes.handles = SimpleNamespace(base=stage, refiner=None, upscaler=stage, faces=faces, safety=None,
                                               board=None)
         self.routes.jobs = SQLiteJobStore(tmp_path / "jobs.sqlite3")
-        self.routes.config = SimpleNamespace(base=SimpleNamespace(default_sampler="Euler a", max_pixels=2048 * 2048),
-                                             refiner=None)
+        self.routes.config = SimpleNamespace(base=SimpleNamespace(default_sampler="Euler a", max_pixels=2048 * 2048,
+                                                                  vae=None), refiner=None)
+        self.routes.styles = PromptStyles(None)
         self.routes.cache = RequestCache(ResultCache(LocalEntries(tmp_path / "cache"), 10**6, 3600),
                                          self.routes.handles, Settings())
 
@@ -201,11 +203,26 @@ def service(tmp_path, monkeypatch) -> Service:
     return Service(tmp_path, monkeypatch)
 
 
+def test_override_settings_that_would_change_the_image_are_named_unless_at_their_default(service):
+    quiet = {"sd_model_checkpoint": "tiny-sdxl-base", "samples_format": "png", "eta_noise_seed_delta": 0,
+             "sd_vae": "Automatic", "randn_source": "CPU", "CLIP_stop_at_last_layers": 2, "tags": ["a", "b"]}
+    assert service.txt2img(override_settings=quiet)["info"]["warnings"] == []
+    loud = {"eta_noise_seed_delta": 31337, "randn_source": "GPU", "sd_vae": "sdxl_vae.safetensors",
+            "sdxl_clip_l_skip": True, "CLIP_stop_at_last_layers": 2, "s_noise": [1]}
+    assert service.txt2img(override_settings=loud)["info"]["warnings"] == [
+        f"override_settings.{key} is not applied here: the image was made without it"
+        for key in ("eta_noise_seed_delta", "s_noise", "sd_vae", "sdxl_clip_l_skip", "randn_source",
+                    "CLIP_stop_at_last_layers")]
+    request = Txt2ImgRequest(override_settings={"sd_vae": "sdxl_vae.safetensors"})
+    assert request.settings_unapplied({"sdxl_vae.safetensors"}) == []  # the replacement VAE that runs
+
+
 def test_cfg_scale_is_the_guidance_scale_of_txt2img_and_img2img(service):
     txt2img = Txt2ImgRequest(prompt="a fox", cfg_scale=3.5)
-    assert service.routes._generation(txt2img, 7).guidance_scale == 3.5
+    assert service.routes._generation(txt2img, 7, service.routes._choice(txt2img)).guidance_scale == 3.5
     img2img = Img2ImgRequest(init_images=["x"], cfg_scale=3.5)
-    edit = service.routes._generation(img2img, 7, init_image=Image.new("RGB", (64, 64)), strength=0.5)
+    edit = service.routes._generation(img2img, 7, service.routes._choice(img2img),
+                                      init_image=Image.new("RGB", (64, 64)), strength=0.5)
     assert edit.guidance_scale == 3.5
 
 

@@ -474,13 +474,33 @@ def test_a1111_fields_not_applied_are_named_in_the_warnings(ingress):
     webuiapi = {"styles": [], "subseed": -1, "subseed_strength": 0.0, "seed_resize_from_h": 0, "seed_resize_from_w": 0,
                 "tiling": False, "s_churn": 0, "hr_sampler_name": "", "hr_prompt": "", "save_images": True}
     assert txt2img(ingress, **webuiapi)["info"]["warnings"] == []  # a client's defaults say nothing
-    body = txt2img(ingress, styles=["cinematic"], subseed_strength=0.3, tiling=True, enable_hr=True, hr_scale=1.5,
+    body = txt2img(ingress, subseed_strength=0.3, tiling=True, enable_hr=True, hr_scale=1.5,
                    hr_upscaler="Latent", hr_prompt="another prompt", hr_sampler_name="Use same sampler")
     assert body["info"]["warnings"] == [f"{field} is not applied here: the image was made without it"
-                                        for field in ("styles", "subseed_strength", "tiling", "hr_prompt")]
+                                        for field in ("subseed_strength", "tiling", "hr_prompt")]
     edited = img2img(ingress, init_images=[b64(bands())], initial_noise_multiplier=1.2, image_cfg_scale=1.5)
     assert edited["info"]["warnings"] == ["initial_noise_multiplier is not applied here: the image was made "
                                           "without it"]
+
+
+def test_saved_styles_merge_into_the_prompts_that_run_and_the_answer_keeps_the_prompt_asked(ingress):
+    # configs/cpu.yaml serves configs/styles.csv: "cinematic" wraps the prompt, "high detail" is appended.
+    styles = {s["name"]: s for s in ingress.prompt_styles.remote().result()}
+    assert {"cinematic", "watercolour", "high detail"} <= set(styles)
+    styled = txt2img(ingress, prompt="a fox", styles=["cinematic", "high detail"])
+    ran = styles["cinematic"]["prompt"].replace("{prompt}", "a fox") + ", " + styles["high detail"]["prompt"]
+    negative = styles["cinematic"]["negative_prompt"] + ", " + styles["high detail"]["negative_prompt"]
+    assert same_pixels(styled, txt2img(ingress, prompt=ran, negative_prompt=negative))
+    assert not same_pixels(styled, txt2img(ingress, prompt="a fox"))
+    info = styled["info"]
+    assert (info["prompt"], info["all_prompts"], info["styles"]) == ("a fox", [ran], ["cinematic", "high detail"])
+    assert info["all_negative_prompts"] == [negative] and info["warnings"] == []
+    assert decode_b64(styled["images"][0]).info["parameters"].startswith(f"{ran}\nNegative prompt: {negative}\n")
+    assert styled["parameters"]["prompt"] == "a fox"  # the request as sent
+    unknown = txt2img(ingress, prompt="a fox", styles=["no such style"])
+    assert same_pixels(unknown, txt2img(ingress, prompt="a fox"))
+    assert unknown["info"]["warnings"] == ["styles: no style is named 'no such style' (GET /sdapi/v1/prompt-styles); "
+                                           "it was not applied"]
 
 
 def test_include_init_images_echoes_the_uploads_in_parameters(ingress):

@@ -22,11 +22,17 @@ def get(service, path: str):
 
 
 def test_empty_listings_have_a1111_shapes(service):
-    for path in ("prompt-styles", "hypernetworks", "script-info", "extensions"):
+    for path in ("hypernetworks", "script-info", "extensions"):
         assert get(service, f"/sdapi/v1/{path}") == [], path
     assert get(service, "/sdapi/v1/embeddings") == {"loaded": {}, "skipped": {}}
     assert get(service, "/sdapi/v1/scripts") == {"txt2img": [], "img2img": []}
     assert get(service, "/internal/ping") == {}
+
+
+def test_prompt_styles_are_the_configured_files(service):
+    styles = get(service, "/sdapi/v1/prompt-styles")
+    assert [s["name"] for s in styles] == ["cinematic", "watercolour", "high detail"]  # configs/styles.csv
+    assert all(set(s) == {"name", "prompt", "negative_prompt"} for s in styles)
 
 
 def test_vae_and_modules_list_the_configured_vaes(service):

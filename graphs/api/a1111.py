@@ -41,6 +41,7 @@ from deployments.support.generation import (
 from deployments.support.samplers import A1111Choice, a1111_choice
 from deployments.support.settings import current
 from graphs import flights, plans
+from graphs.api.a1111_info import replacement_vaes
 from graphs.api.a1111_infotext import infotext
 from graphs.api.a1111_models import (
     MAX_IMAGES,
@@ -51,6 +52,7 @@ from graphs.api.a1111_models import (
     Txt2ImgRequest,
 )
 from graphs.api.a1111_sizes import crop_box, edit_inputs, hires_size
+from graphs.api.a1111_styles import PromptStyles
 from graphs.api.body import JSONBodyRoute, blobs, json_answer
 from graphs.api.checkpoints import CheckpointChoice
 from graphs.api.edge import client_address, token_owner
@@ -110,6 +112,7 @@ class A1111Routes(CheckpointChoice):
     cache: RequestCache
     config: AppArgs
     provenance: object
+    styles: PromptStyles
 
     async def _track(self, flight: InFlight) -> None:
         record = {"id": flight.id, "started": flight.started, "total_steps": flight.total_steps,
@@ -169,8 +172,7 @@ class A1111Routes(CheckpointChoice):
         return a1111_choice(r.sampler or self.config.base.default_sampler, r.scheduler,
                             "sampler_index" if r.sampler_index and not r.sampler_name else "sampler_name")
 
-    def _generation(self, r: Txt2ImgRequest, seed: int, **extra) -> GenerationRequest:
-        choice = self._choice(r)
+    def _generation(self, r: Txt2ImgRequest, seed: int, choice: A1111Choice, **extra) -> GenerationRequest:
         # A1111 removes the tags of extra networks (LoRAs here) it is told not to apply.
         prompt = parse_lora_tags(r.prompt)[0] if r.disable_extra_networks else r.prompt
         return GenerationRequest(prompt=prompt, negative_prompt=r.negative_prompt, width=r.width, height=r.height,
@@ -181,35 +183,44 @@ class A1111Routes(CheckpointChoice):
                    inits: list[Image.Image] | None = None, **extra) -> Response:
         if r.batch_size * r.n_iter > MAX_IMAGES:
             raise InvalidInput(f"batch_size x n_iter exceeds {MAX_IMAGES} images", field="batch_size")
+        echoed = getattr(r, "include_init_images", False)  # A1111 echoes an edit's uploads only when asked
+        parameters = r.model_dump(exclude=None if echoed else {"init_images", "mask"})  # as the client sent it
+        asked = r
+        # From here on, the prompts are as A1111 runs them: with the saved styles named merged in.
+        prompt, negative, styled = await asyncio.to_thread(self.styles.apply, r.prompt, r.negative_prompt, r.styles)
+        r = r.model_copy(update={"prompt": prompt, "negative_prompt": negative})
         # A prompt the replicas cannot read is refused here, before it joins a batch; the replica counts its
         # chunks exactly with its tokenizers, and refuses there what this count (a lower bound) lets through.
         prompts.check(parse_lora_tags(r.prompt)[0], r.steps)
         prompts.check(r.negative_prompt, r.steps, "negative_prompt")
-        ignored = [*r.scripts(), *r.unapplied()]
+        vaes = set(replacement_vaes(self.config))
+        ignored = [*asked.scripts(), *asked.unapplied(), *asked.settings_unapplied(vaes), *styled]
         switch, hires = await self._refiner(r), self._hires(r)  # checked before anything runs
         model = await self._checkpoint(r)
-        echoed = getattr(r, "include_init_images", False)  # A1111 echoes an edit's uploads only when asked
-        parameters = r.model_dump(exclude=None if echoed else {"init_images", "mask"})
         # The checkpoint resolved (the default when none is named) is part of the request the cache sees, and so
         # are an edit's uploads.
-        # What runs, as this service reads the request (A1111's Automatic is a schedule of its own per sampler): a
-        # change of that reading misses the entries made under the old one.
+        # What runs, as this service reads the request (A1111's Automatic is a schedule of its own per sampler, a
+        # style is what the styles file says now): a change of that reading misses the entries made under the old.
         choice = self._choice(r)
-        ran = {"checkpoint": model, "sampler_ran": choice.sampler, "schedule_ran": choice.schedule}
-        key = await self.cache.key(cache_as, {**r.model_dump(), **ran}, model) if cache_as else None
+        ran = {"checkpoint": model, "sampler_ran": choice.sampler, "schedule_ran": choice.schedule,
+               "prompt_ran": r.prompt, "negative_prompt_ran": r.negative_prompt}
+        key = await self.cache.key(cache_as, {**asked.model_dump(), **ran}, model) if cache_as else None
         hit = await self.cache.get(key)
         if hit is not None:
             return images_answer(hit.files if r.send_images else [], parameters,
                                  {**json.loads(hit.facts["info"]), "cached": True})
-        files, info = await self._generate(http, r, model, parameters, parent, switch, hires, inits, **extra)
+        files, info = await self._generate(http, r, choice, model, parameters, parent, switch, hires, inits,
+                                           **extra)
+        # A1111 answers the prompt asked, and the prompts that ran (styled) in all_prompts and the infotexts.
+        info.update(prompt=asked.prompt, negative_prompt=asked.negative_prompt, styles=asked.styles)
         info["warnings"] = [*info["warnings"], *ignored]
         if not info.get("interrupted") and not info.get("skipped"):  # a whole answer only
             await self.cache.put(key, {"info": json.dumps(info)}, files)
         return images_answer(files if r.send_images else [], parameters, info)
 
-    async def _generate(self, http: Request, r: Txt2ImgRequest, model: str, parameters: dict, parent: bytes | None,
-                        switch: float | None, hires: plans.A1111Hires | None, inits: list[Image.Image] | None,
-                        **extra) -> tuple[list[bytes], dict]:
+    async def _generate(self, http: Request, r: Txt2ImgRequest, choice: A1111Choice, model: str, parameters: dict,
+                        parent: bytes | None, switch: float | None, hires: plans.A1111Hires | None,
+                        inits: list[Image.Image] | None, **extra) -> tuple[list[bytes], dict]:
         """The files of every image the request makes, and A1111's ``info`` about them. With several ``inits`` (an
         edit's framed uploads), image i of each batch starts from ``inits[i % len(inits)]``."""
         extra["checkpoint"] = model
@@ -218,7 +229,6 @@ class A1111Routes(CheckpointChoice):
         # the one that will run, and /face-restorers names it the same way.
         restorer = (await call(self.handles.faces.describe.remote()))["restorer"] if r.restore_faces else None
         settings = self._settings_text(r, switch, hires, restorer, edit="init_image" in extra)
-        choice = self._choice(r)
         sampler = choice.sampler  # what the base runs for this request
         files: list[bytes] = []
         seeds: list[int] = []
@@ -241,7 +251,7 @@ class A1111Routes(CheckpointChoice):
                     own = resolve_seeds(seed, r.batch_size)
                     texts = [infotext(r, s, model, sampler, settings, choice.label) for s in own]
                     how = Encoding(parameters=texts, parent=parent)
-                    request = self._generation(r, own[0], **extra)
+                    request = self._generation(r, own[0], choice, **extra)
                     several = None
                     if inits and len(inits) > 1:
                         several = StageResult(images=[inits[i % len(inits)] for i in range(r.batch_size)], seeds=own)

@@ -1,7 +1,7 @@
 """Automatic1111's listing and settings routes: checkpoints, samplers, schedulers, upscalers, face restorers,
 LoRAs, options, PNG info, interrogation (an image's caption, from the Captioner), and the rest of what A1111 front
 ends list when they connect, each with what this service really has (an empty list for what it has none of:
-styles, embeddings, hypernetworks, scripts, extensions). File names are given without their folders: the host's
+embeddings, hypernetworks, scripts, extensions). File names are given without their folders: the host's
 paths stay on the host.
 """
 
@@ -45,6 +45,7 @@ from graphs.api.a1111_models import (
     SdModel,
     UpscalerItem,
 )
+from graphs.api.a1111_styles import PromptStyles
 from graphs.api.body import JSONBodyRoute
 from graphs.api.checkpoints import CheckpointChoice
 from graphs.api.errors import call, documented
@@ -66,6 +67,12 @@ def _file_name(source: str) -> str:
     return source.rstrip("/").rsplit("/", 1)[-1]
 
 
+def replacement_vaes(config: AppArgs) -> list[str]:
+    """The file names of the replacement VAEs the checkpoints were configured with, each once."""
+    stages = [config.base, config.refiner]
+    return list(dict.fromkeys(_file_name(s.vae.source) for s in stages if s is not None and s.vae is not None))
+
+
 @functools.cache
 def _serve_http() -> tuple[str, int]:
     """The host and port Serve's proxies bind. Serve has no public getter: its controller client holds them."""
@@ -80,6 +87,7 @@ class A1111InfoRoutes(CheckpointChoice):
     jobs: JobStore
     config: AppArgs
     captioner: object | None  # the Captioner's handle; None where no captioner is configured
+    styles: PromptStyles
 
     @router.get("/sd-models", response_model=list[SdModel])
     async def sd_models(self) -> list[dict]:
@@ -204,9 +212,7 @@ class A1111InfoRoutes(CheckpointChoice):
     @router.get("/sd-vae", response_model=list[NamedFile])
     async def sd_vae(self) -> list[dict]:
         """Replacement VAEs the checkpoints were configured with (none: each checkpoint's own VAE)."""
-        stages = [self.config.base, self.config.refiner]
-        names = dict.fromkeys(_file_name(s.vae.source) for s in stages if s is not None and s.vae is not None)
-        return [{"model_name": n, "filename": n} for n in names]
+        return [{"model_name": n, "filename": n} for n in replacement_vaes(self.config)]
 
     @router.get("/sd-modules", response_model=list[NamedFile])
     async def sd_modules(self) -> list[dict]:
@@ -220,8 +226,8 @@ class A1111InfoRoutes(CheckpointChoice):
 
     @router.get("/prompt-styles", response_model=list[PromptStyle])
     async def prompt_styles(self) -> list[dict]:
-        """No saved styles here: clients put their style in the prompt."""
-        return []
+        """The saved styles of the configured styles file (none without one), each applied by name in ``styles``."""
+        return await asyncio.to_thread(self.styles.listing)
 
     @router.get("/embeddings", response_model=Embeddings)
     async def embeddings(self) -> dict:

@@ -37,6 +37,21 @@ BUILTIN_SCRIPTS = frozenset({"refiner", "seed", "sampler", "comments", "hypertil
                              "soft inpainting"})
 
 
+# A1111 1.10's settings that change its images, with their defaults: an ``override_settings`` value other than the
+# default is not applied here, and the answer's warnings say so. Settings that change nothing in an image (where it is
+# saved, its format, the page's) pass silently; ``sd_model_checkpoint`` is applied.
+IMAGE_SETTINGS: dict[str, object] = {
+    "eta_noise_seed_delta": 0, "eta_ancestral": 1.0, "eta_ddim": 0.0, "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0,
+    "s_noise": 1.0, "sigma_min": 0.0, "sigma_max": 0.0, "rho": 0.0, "always_discard_next_to_last_sigma": False,
+    "sgm_noise_multiplier": False, "uni_pc_variant": "bh1", "uni_pc_order": 3, "token_merging_ratio": 0.0,
+    "token_merging_ratio_hr": 0.0, "img2img_fix_steps": False, "s_min_uncond": 0.0, "initial_noise_multiplier": 1.0,
+    "sd_vae": "Automatic", "sdxl_clip_l_skip": False, "randn_source": "CPU",
+}
+# Values that mean the default: A1111 runs no replacement VAE for these, and its "CPU" noise is this service's (one
+# CPU generator per image, seeded with the image's seed); "GPU" (A1111's default) and "NV" draw other noise.
+SAME_SETTING = {"sd_vae": {"Automatic", "None", ""}}
+
+
 class Txt2ImgRequest(_A1111):
     prompt: Prompt = ""
     negative_prompt: Prompt = ""
@@ -74,7 +89,8 @@ class Txt2ImgRequest(_A1111):
     save_images: bool = Field(False, description="accepted; nothing is saved on the server here")
     disable_extra_networks: bool = Field(False, description="true: <lora:...> tags are removed, not applied")
     # A1111's fields that change its images and are not applied here: each one set is named in the warnings.
-    styles: list[str] = Field([], description="not applied (no prompt styles are defined here)")
+    styles: list[str] = Field([], description="saved styles merged into the prompts, by name "
+                              "(GET /sdapi/v1/prompt-styles)")
     subseed: int = Field(-1, description="with subseed_strength: not applied")
     subseed_strength: float = Field(0.0, ge=0.0, le=1.0, description="variation seeds: not applied")
     seed_resize_from_w: int = Field(-1, description="not applied")
@@ -112,12 +128,23 @@ class Txt2ImgRequest(_A1111):
         return [f"A1111's {name!r} script is not applied here: its arguments were ignored"
                 for name in self.alwayson_scripts]
 
+    def settings_unapplied(self, vaes: set[str]) -> list[str]:
+        """A warning for each of ``override_settings`` that would change A1111's image and is not applied here (at
+        its default it says nothing; ``sd_vae`` naming one of the replacement ``vaes`` the checkpoints run with is
+        applied); A1111's CLIP skip reaches an SDXL checkpoint only with ``sdxl_clip_l_skip``."""
+        overrides = self.override_settings
+        same = {**SAME_SETTING, "sd_vae": SAME_SETTING["sd_vae"] | vaes}
+        named = [key for key, default in IMAGE_SETTINGS.items()
+                 if key in overrides and overrides[key] != default and overrides[key] not in tuple(same.get(key, ()))]
+        if overrides.get("sdxl_clip_l_skip") is True and overrides.get("CLIP_stop_at_last_layers", 1) != 1:
+            named.append("CLIP_stop_at_last_layers")
+        return [f"override_settings.{key} is not applied here: the image was made without it" for key in named]
+
     def unapplied(self) -> list[str]:
         """A warning for each field set that would change A1111's image and is not applied here (left at its
         default, or at the value that means "as the first pass", a field says nothing)."""
         same = {None, "", "Use same checkpoint", "Use same sampler", "Use same scheduler"}
         named = [
-            ("styles", bool(self.styles)),
             ("subseed_strength", self.subseed_strength > 0),
             ("seed_resize_from_w", self.seed_resize_from_w > 0), ("seed_resize_from_h", self.seed_resize_from_h > 0),
             ("tiling", self.tiling),

@@ -357,7 +357,9 @@ class JobRunner:
             await slots.acquire()
             try:
                 taken = await asyncio.to_thread(self.store.take_delivery, lease)
-            except Exception:  # noqa: BLE001 - a store hiccup must not kill the loop
+            except Exception as e:  # noqa: BLE001 - a store hiccup must not kill the loop
+                if exiting(e):
+                    return
                 logger.exception("webhook deliveries unreadable")
                 taken = None
             if taken is None:
@@ -420,7 +422,9 @@ class JobRunner:
             try:
                 await asyncio.to_thread(self.store.purge, self.settings.job_retention_seconds,
                                         lambda job: self.results.delete(job.id))
-            except Exception:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001
+                if exiting(e):
+                    return
                 logger.exception("retention purge failed")
 
 
