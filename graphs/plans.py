@@ -341,6 +341,9 @@ class A1111Hires:
     steps: int
     cover: tuple[int, int] | None = None
     box: tuple[int, int, int, int] | None = None
+    # What the second pass runs other than the first (A1111's hr_prompt, hr_negative_prompt, hr_sampler_name,
+    # hr_scheduler, hr_checkpoint_name): GenerationRequest fields.
+    second: dict = field(default_factory=dict)
 
 
 async def a1111_batch(h: Handles, request: GenerationRequest, request_id: str, *,
@@ -351,8 +354,9 @@ async def a1111_batch(h: Handles, request: GenerationRequest, request_id: str, *
     latent upscaler, one base call that resizes its latents and denoises them again; with a pixel upscaler, the
     upscaler on every image of the batch, then a second base pass over them as img2img. Image-to-image requests
     take neither; ``init``: an edit over several images, one img2img pass over each of its images with its seed.
-    Both hires passes run on the request's checkpoint, as in A1111. Then the faces, then the safety
-    checker when the filter is on. The last stage encodes with ``encode`` (the infotexts, the upload an edit started
+    The second pass runs ``hires.second``'s prompts, sampler and checkpoint where the client named others (the
+    latent pass, one base call, stays on the first pass's checkpoint). Then the faces, then the safety checker when
+    the filter is on. The last stage encodes with ``encode`` (the infotexts, the upload an edit started
     from) and so marks the files."""
     how = None if restore_faces else h.last(encode)
     last: Any
@@ -377,7 +381,8 @@ async def a1111_batch(h: Handles, request: GenerationRequest, request_id: str, *
         upscaler = "Lanczos" if hires.upscaler == "None" else hires.upscaler
         upscaled = h.upscaler.upscale.remote(first, upscaler, None, hires.width, hires.height, box=hires.box)
         # As on the latent path, the second pass runs exactly its steps whatever the strength (A1111's rule).
-        again = request.model_copy(update={"strength": hires.strength, "steps": hires.steps, "exact_steps": True})
+        again = request.model_copy(update={"strength": hires.strength, "steps": hires.steps, "exact_steps": True,
+                                           **hires.second})
         last = base_for(h, again).generate.remote(again, request_id, how, init=upscaled)
     if restore_faces:
         last = h.faces.restore.remote(last, 0.6, encode=h.last(encode))

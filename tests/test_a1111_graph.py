@@ -200,6 +200,43 @@ def test_hires_with_upscaler_none_resizes_with_lanczos_and_runs_the_second_pass(
     assert np.array_equal(pixels(image), pixels(lanczos))
 
 
+def test_the_pixel_hires_fix_runs_its_own_prompt_sampler_and_checkpoint_as_a1111_names_them(ingress):
+    hires = {"enable_hr": True, "hr_scale": 1.5, "denoising_strength": 0.6, "hr_second_pass_steps": 2,
+             "hr_upscaler": "Lanczos"}
+    plain = txt2img(ingress, **hires)
+    settings = parse(plain["info"]["infotexts"][0])
+    assert (settings["Hires prompt"], settings["Hires sampler"], settings["Hires checkpoint"]) == (
+        "", "Use same sampler", "Use same checkpoint")  # not written: A1111's reader fills its defaults
+    # Naming the first pass's values is the same request.
+    same = txt2img(ingress, **hires, hr_prompt=SMALL["prompt"], hr_sampler_name=DEFAULT_SAMPLER,
+                   hr_checkpoint_name="tiny-sdxl-base", hr_scheduler="Use same scheduler")
+    assert same_pixels(same, plain) and same["info"]["infotexts"] == plain["info"]["infotexts"]
+    for fields, key, written in (({"hr_prompt": "a castle, at night"}, "Hires prompt", "a castle, at night"),
+                                 ({"hr_negative_prompt": "fog"}, "Hires negative prompt", "fog"),
+                                 ({"hr_sampler_name": "Euler"}, "Hires sampler", "Euler"),
+                                 ({"hr_sampler_name": "Euler", "hr_scheduler": "Karras"}, "Hires schedule type",
+                                  "Karras"),
+                                 ({"hr_checkpoint_name": "tiny-sdxl-base-b"}, "Hires checkpoint", "tiny-sdxl-base-b")):
+        body = txt2img(ingress, **hires, **fields)
+        assert not same_pixels(body, plain), fields
+        assert body["info"]["warnings"] == [], fields
+        assert parse(decode_b64(body["images"][0]).info["parameters"])[key] == written
+    # Only the second pass changed: the first pass of a hires prompt is the plain one's.
+    first = txt2img(ingress, **{**hires, "enable_hr": False})
+    assert parse(first["info"]["infotexts"][0])["Seed"] == settings["Seed"]
+    error = refused(lambda: txt2img(ingress, **hires, hr_checkpoint_name="no-such-model"))
+    assert (status_of(error), error.details["field"]) == (422, "hr_checkpoint_name")
+    error = refused(lambda: txt2img(ingress, **hires, hr_sampler_name="No Such Sampler"))
+    assert (status_of(error), error.details["field"]) == (422, "hr_sampler_name")
+
+
+def test_the_latent_hires_fix_names_the_second_pass_fields_it_does_not_apply(ingress):
+    latent = {"enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 1, "hr_upscaler": "Latent"}
+    body = txt2img(ingress, **latent, hr_checkpoint_name="tiny-sdxl-base-b")
+    assert body["info"]["warnings"] == ["hr_checkpoint_name is not applied here: the image was made without it"]
+    assert "Hires checkpoint" not in body["info"]["infotexts"][0]
+
+
 def test_the_infotext_names_the_deployed_face_restorer(ingress):
     """A1111 writes its face restoration model in the infotext; here that is the one /face-restorers lists (the CPU
     config deploys a RestoreFormer), not a hard-coded CodeFormer."""

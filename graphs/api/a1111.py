@@ -45,6 +45,7 @@ from graphs.api.a1111_info import replacement_vaes
 from graphs.api.a1111_infotext import infotext
 from graphs.api.a1111_models import (
     MAX_IMAGES,
+    SAME_AS_FIRST_PASS,
     Empty,
     ImagesResponse,
     Img2ImgRequest,
@@ -147,9 +148,10 @@ class A1111Routes(CheckpointChoice):
                                "refiner", field="refiner_switch_at")
         return r.refiner_switch_at
 
-    def _hires(self, r: Txt2ImgRequest) -> plans.A1111Hires | None:
+    async def _hires(self, r: Txt2ImgRequest, choice: A1111Choice) -> plans.A1111Hires | None:
         """The hires fix's sizes by A1111's rule (``hr_resize_x`` / ``hr_resize_y`` when set, else ``hr_scale``),
-        within this service's limits."""
+        within this service's limits, and what its second pass runs other than the first pass (``r``'s hires
+        prompts styled as its prompts are)."""
         if not r.enable_hr:
             return None
         field = "hr_resize_x" if r.hr_resize_x else "hr_resize_y" if r.hr_resize_y else "hr_scale"
@@ -161,9 +163,33 @@ class A1111Routes(CheckpointChoice):
         if min(width, height) < 64 or max(cover) > 4096 or width * height > self.config.base.max_pixels:
             raise InvalidInput(f"hires size {width}x{height} is out of bounds: 64 to 4096 a side, at most "
                                f"{self.config.base.max_pixels} pixels", field=field)
+        # The latent fix is one base call, its second pass run as the first (unapplied() names what is not).
+        second = {} if r.hr_upscaler in LATENT_UPSCALE_MODES else await self._second_pass(r, choice)
         return plans.A1111Hires(upscaler=r.hr_upscaler, width=width, height=height,
                                 strength=max(r.denoising_strength, 0.01), steps=r.hr_second_pass_steps or r.steps,
-                                cover=cover if target.cropped else None, box=crop_box(target, r.width, r.height))
+                                cover=cover if target.cropped else None, box=crop_box(target, r.width, r.height),
+                                second=second)
+
+    async def _second_pass(self, r: Txt2ImgRequest, choice: A1111Choice) -> dict:
+        """The GenerationRequest fields of the hires fix's second pass that differ from the first's: A1111's
+        ``hr_prompt`` and ``hr_negative_prompt`` (empty: the first pass's), ``hr_sampler_name`` and ``hr_scheduler``
+        (read as the first pass's are; "Use same ..." or none: the first pass's), ``hr_checkpoint_name`` (refused
+        here, naming the field, when no checkpoint has the name)."""
+        second: dict = {}
+        if r.hr_prompt != r.prompt:
+            second["prompt"] = r.hr_prompt
+        if r.hr_negative_prompt != r.negative_prompt:
+            second["negative_prompt"] = r.hr_negative_prompt
+        sampler = None if r.hr_sampler_name in SAME_AS_FIRST_PASS else r.hr_sampler_name
+        scheduler = None if r.hr_scheduler in SAME_AS_FIRST_PASS else r.hr_scheduler
+        if sampler or scheduler:
+            hires = a1111_choice(sampler or r.sampler or self.config.base.default_sampler, scheduler or r.scheduler,
+                                 "hr_sampler_name" if sampler else "sampler_name")
+            if (hires.sampler, hires.schedule) != (choice.sampler, choice.schedule):
+                second.update(sampler=hires.sampler, schedule=hires.schedule)
+        if r.hr_checkpoint_name and r.hr_checkpoint_name not in SAME_AS_FIRST_PASS:  # dropped in _run when the same
+            second["checkpoint"] = await self.checkpoint(r.hr_checkpoint_name, "hr_checkpoint_name")
+        return second
 
     def _choice(self, r: Txt2ImgRequest) -> A1111Choice:
         """The sampler and schedule ``r`` runs, as A1111 1.10 reads them (its "Automatic" is each sampler's own
@@ -188,22 +214,29 @@ class A1111Routes(CheckpointChoice):
         asked = r
         # From here on, the prompts are as A1111 runs them: with the saved styles named merged in.
         prompt, negative, styled = await asyncio.to_thread(self.styles.apply, r.prompt, r.negative_prompt, r.styles)
-        r = r.model_copy(update={"prompt": prompt, "negative_prompt": negative})
+        texts = {"prompt": prompt, "negative_prompt": negative}
+        if r.enable_hr:  # A1111 styles the hires prompts too, the first pass's standing in for empty ones
+            texts["hr_prompt"], texts["hr_negative_prompt"], _ = await asyncio.to_thread(
+                self.styles.apply, r.hr_prompt or r.prompt, r.hr_negative_prompt or r.negative_prompt, r.styles)
+        r = r.model_copy(update=texts)
         # A prompt the replicas cannot read is refused here, before it joins a batch; the replica counts its
         # chunks exactly with its tokenizers, and refuses there what this count (a lower bound) lets through.
         prompts.check(parse_lora_tags(r.prompt)[0], r.steps)
         prompts.check(r.negative_prompt, r.steps, "negative_prompt")
         vaes = set(replacement_vaes(self.config))
         ignored = [*asked.scripts(), *asked.unapplied(), *asked.settings_unapplied(vaes), *styled]
-        switch, hires = await self._refiner(r), self._hires(r)  # checked before anything runs
+        choice = self._choice(r)
+        switch, hires = await self._refiner(r), await self._hires(r, choice)  # checked before anything runs
         model = await self._checkpoint(r)
+        if hires is not None and hires.second.get("checkpoint") == model:
+            del hires.second["checkpoint"]
         # The checkpoint resolved (the default when none is named) is part of the request the cache sees, and so
         # are an edit's uploads.
         # What runs, as this service reads the request (A1111's Automatic is a schedule of its own per sampler, a
         # style is what the styles file says now): a change of that reading misses the entries made under the old.
-        choice = self._choice(r)
         ran = {"checkpoint": model, "sampler_ran": choice.sampler, "schedule_ran": choice.schedule,
-               "prompt_ran": r.prompt, "negative_prompt_ran": r.negative_prompt}
+               "prompt_ran": r.prompt, "negative_prompt_ran": r.negative_prompt,
+               "second_pass_ran": hires.second if hires is not None else None}
         key = await self.cache.key(cache_as, {**asked.model_dump(), **ran}, model) if cache_as else None
         hit = await self.cache.get(key)
         if hit is not None:
@@ -313,6 +346,12 @@ class A1111Routes(CheckpointChoice):
             else:
                 settings["Hires upscale"] = r.hr_scale
             settings["Hires upscaler"] = r.hr_upscaler
+            second = hires.second  # what the second pass ran other than the first, as A1111 names it
+            settings.update({"Hires checkpoint": second.get("checkpoint"), "Hires sampler": second.get("sampler"),
+                             "Hires prompt": second.get("prompt"),
+                             "Hires negative prompt": second.get("negative_prompt")})
+            if "schedule" in second:
+                settings["Hires schedule type"] = second["schedule"] or "Automatic"
         if r.restore_faces and restorer:
             settings["Face restoration"] = restorer
         return settings

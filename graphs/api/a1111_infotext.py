@@ -16,7 +16,8 @@ _SIZE = re.compile(r"^(\d+)x(\d+)$")  # "512x768" is read as "Key-1" and "Key-2"
 # What A1111's reader adds for the settings a text leaves out (each one's default there).
 READ_DEFAULTS: dict[str, object] = {
     "Clip skip": "1", "Hires resize-1": 0, "Hires resize-2": 0, "Hires sampler": "Use same sampler",
-    "Hires checkpoint": "Use same checkpoint", "Hires prompt": "", "Hires negative prompt": "",
+    "Hires schedule type": "Use same scheduler", "Hires checkpoint": "Use same checkpoint", "Hires prompt": "",
+    "Hires negative prompt": "",
     "Mask mode": "Inpaint masked", "Masked content": "original", "Inpaint area": "Whole picture",
     "Masked area padding": 32, "RNG": "GPU", "Schedule type": "Automatic", "Schedule max sigma": 0,
     "Schedule min sigma": 0, "Schedule rho": 0, "VAE Encoder": "Full", "VAE Decoder": "Full", "FP8 weight": "Disable",

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deployments.support.errors import InvalidInput
+from deployments.support.generation import LATENT_UPSCALE_MODES
 from deployments.support.samplers import MIN_STRENGTH
 from graphs.api.fields import Guidance, Prompt, Seed, Side, Steps
 
@@ -36,6 +37,9 @@ class _A1111(BaseModel):
 BUILTIN_SCRIPTS = frozenset({"refiner", "seed", "sampler", "comments", "hypertile", "extra options",
                              "soft inpainting"})
 
+
+# A1111's values of the hires fix's second-pass fields that mean "as the first pass".
+SAME_AS_FIRST_PASS = frozenset({None, "", "Use same checkpoint", "Use same sampler", "Use same scheduler"})
 
 # A1111 1.10's settings that change its images, with their defaults: an ``override_settings`` value other than the
 # default is not applied here, and the answer's warnings say so. Settings that change nothing in an image (where it is
@@ -97,11 +101,16 @@ class Txt2ImgRequest(_A1111):
     seed_resize_from_h: int = Field(-1, description="not applied")
     tiling: bool = Field(False, description="seamless tiling: not applied")
     s_churn: float | None = Field(None, description="not applied")
-    hr_checkpoint_name: str | None = Field(None, description="a checkpoint other than the first pass's: not applied")
-    hr_sampler_name: str | None = Field(None, description="a sampler other than the first pass's: not applied")
-    hr_scheduler: str | None = Field(None, description="a schedule other than the first pass's: not applied")
-    hr_prompt: str = Field("", max_length=10_000, description="a prompt other than the first pass's: not applied")
-    hr_negative_prompt: str = Field("", max_length=10_000, description="as hr_prompt: not applied")
+    # The hires fix's second pass: applied with a pixel hr_upscaler, named in the warnings with a Latent one.
+    hr_checkpoint_name: str | None = Field(None, max_length=256, description="the second pass's checkpoint; none: "
+                                           "the first pass's")
+    hr_sampler_name: str | None = Field(None, max_length=64, description="the second pass's sampler; none: the "
+                                        "first pass's")
+    hr_scheduler: str | None = Field(None, max_length=64, description="the second pass's schedule; none: the first "
+                                     "pass's")
+    hr_prompt: str = Field("", max_length=10_000, description="the second pass's prompt; empty: the first pass's")
+    hr_negative_prompt: str = Field("", max_length=10_000, description="the second pass's negative prompt; empty: "
+                                    "the first pass's")
 
     @model_validator(mode="before")
     @classmethod
@@ -143,17 +152,20 @@ class Txt2ImgRequest(_A1111):
     def unapplied(self) -> list[str]:
         """A warning for each field set that would change A1111's image and is not applied here (left at its
         default, or at the value that means "as the first pass", a field says nothing)."""
-        same = {None, "", "Use same checkpoint", "Use same sampler", "Use same scheduler"}
+        same = SAME_AS_FIRST_PASS
+        latent = self.hr_upscaler in LATENT_UPSCALE_MODES  # one base call: the second pass is the first's
         named = [
             ("subseed_strength", self.subseed_strength > 0),
             ("seed_resize_from_w", self.seed_resize_from_w > 0), ("seed_resize_from_h", self.seed_resize_from_h > 0),
             ("tiling", self.tiling),
             ("s_churn", bool(self.s_churn)),
-            ("hr_checkpoint_name", self.enable_hr and self.hr_checkpoint_name not in same),
-            ("hr_sampler_name", self.enable_hr and self.hr_sampler_name not in {*same, self.sampler}),
-            ("hr_scheduler", self.enable_hr and self.hr_scheduler not in {*same, "Automatic", self.scheduler}),
-            ("hr_prompt", self.enable_hr and self.hr_prompt not in {"", self.prompt}),
-            ("hr_negative_prompt", self.enable_hr and self.hr_negative_prompt not in {"", self.negative_prompt}),
+            ("hr_checkpoint_name", latent and self.enable_hr and self.hr_checkpoint_name not in same),
+            ("hr_sampler_name", latent and self.enable_hr and self.hr_sampler_name not in {*same, self.sampler}),
+            ("hr_scheduler", latent and self.enable_hr and self.hr_scheduler not in {*same, "Automatic",
+                                                                                     self.scheduler}),
+            ("hr_prompt", latent and self.enable_hr and self.hr_prompt not in {"", self.prompt}),
+            ("hr_negative_prompt", latent and self.enable_hr and self.hr_negative_prompt not in {"",
+                                                                                               self.negative_prompt}),
         ]
         return [f"{field} is not applied here: the image was made without it" for field, applies in named if applies]
 
