@@ -242,11 +242,15 @@ def test_an_unreadable_prompt_is_refused_before_any_batch(service, fields, field
 
 
 def test_the_hires_second_pass_strength_is_the_denoising_strength(service):
-    hires = service.routes._hires(Txt2ImgRequest(enable_hr=True, width=64, height=64, denoising_strength=0.3))
-    assert hires is not None and hires.strength == 0.3
+    import asyncio
+
+    def hires(**fields):
+        request = Txt2ImgRequest(enable_hr=True, width=64, height=64, **fields)
+        return asyncio.run(service.routes._hires(request, service.routes._choice(request)))
+
+    assert hires(denoising_strength=0.3).strength == 0.3
     # A1111 sends 0 for "no denoising": the second pass still runs, at the least strength the base takes.
-    assert service.routes._hires(Txt2ImgRequest(enable_hr=True, width=64, height=64, denoising_strength=0)).strength \
-        == 0.01
+    assert hires(denoising_strength=0).strength == 0.01
 
 
 @pytest.mark.parametrize("restore_faces", [True, False])
