@@ -24,9 +24,27 @@ def get(service, path: str):
 def test_empty_listings_have_a1111_shapes(service):
     for path in ("prompt-styles", "hypernetworks", "script-info", "extensions"):
         assert get(service, f"/sdapi/v1/{path}") == [], path
-    assert get(service, "/sdapi/v1/embeddings") == {"loaded": {}, "skipped": {}}
     assert get(service, "/sdapi/v1/scripts") == {"txt2img": [], "img2img": []}
     assert get(service, "/internal/ping") == {}
+
+
+def test_embeddings_are_listed_refreshed_and_read_in_prompts(service):
+    """configs/cpu.yaml's embeddings_dir holds the factory's tiny-concept: two vectors of 32 + 48 wide."""
+    blank = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None}
+    listed = {"loaded": {"tiny-concept": {**blank, "shape": 80, "vectors": 2}}, "skipped": {}}
+    assert get(service, "/sdapi/v1/embeddings") == listed
+    assert service.post("/sdapi/v1/refresh-embeddings").json() == {}
+    assert get(service, "/sdapi/v1/embeddings") == listed
+
+    def image(prompt: str) -> str:
+        body = {"prompt": prompt, "steps": 2, "width": 64, "height": 64, "seed": 5}
+        response = service.post("/sdapi/v1/txt2img", json=body)
+        assert response.status_code == 200, response.text
+        return response.json()["images"][0]
+
+    named = image("a photo of (tiny-concept:1.1)")
+    assert named == image("a photo of (tiny-concept:1.1)")
+    assert named != image("a photo of (zorblax:1.1)")
 
 
 def test_vae_and_modules_list_the_configured_vaes(service):
