@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
-from tests.helpers import b64
+from tests.helpers import b64, decode_b64, pixels
 
 pytestmark = pytest.mark.integration
 
@@ -36,15 +37,15 @@ def test_embeddings_are_listed_refreshed_and_read_in_prompts(service):
     assert service.post("/sdapi/v1/refresh-embeddings").json() == {}
     assert get(service, "/sdapi/v1/embeddings") == listed
 
-    def image(prompt: str) -> str:
+    def image(prompt: str) -> np.ndarray:  # pixels: each PNG carries its own provenance manifest
         body = {"prompt": prompt, "steps": 2, "width": 64, "height": 64, "seed": 5}
         response = service.post("/sdapi/v1/txt2img", json=body)
         assert response.status_code == 200, response.text
-        return response.json()["images"][0]
+        return pixels(decode_b64(response.json()["images"][0]))
 
     named = image("a photo of (tiny-concept:1.1)")
-    assert named == image("a photo of (tiny-concept:1.1)")
-    assert named != image("a photo of (zorblax:1.1)")
+    assert np.array_equal(named, image("a photo of (tiny-concept:1.1)"))
+    assert np.abs(named - image("a photo of (zorblax:1.1)")).mean() > 1.0
 
 
 def test_vae_and_modules_list_the_configured_vaes(service):
