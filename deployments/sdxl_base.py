@@ -30,6 +30,7 @@ from deployments.support import fastpath
 from deployments.support.batching import Batcher, outcome, prepare
 from deployments.support.checkpoints import Catalog
 from deployments.support.config import Batching, SDXLBaseConfig
+from deployments.support.embeddings import EmbeddingFiles
 from deployments.support.errors import GenerationCancelled, InvalidInput, ModelLoadError
 from deployments.support.generation import (
     LATENT_UPSCALE_MODES,
@@ -75,6 +76,7 @@ class BaseGenerator:
         self.device, self.dtype = devices.resolve(config.device)
         self.catalog = Catalog(config, self.settings)
         self.lora_files = LoraFiles(config.lora_dir, settings)
+        self.embedding_files = EmbeddingFiles(config.embeddings_dir, settings)
         self.resident = Resident(self._load, self.device, config.max_loaded_checkpoints)
         self.cancellation = Cancellation()
         self._lock = threading.Lock()  # the pipelines are stateful (scheduler, adapters): one call at a time
@@ -116,6 +118,7 @@ class BaseGenerator:
         pipes = Pipelines(self.catalog.entry(name), self.config, self.device, self.dtype, self.settings,
                           self.compile_cache)
         pipes.add_loras(self.loras)
+        pipes.inversions.sync(self.embedding_files.files())
         self.warm_up(pipes)  # compilation per checkpoint happens here, not in its first request
         return pipes
 
@@ -128,9 +131,16 @@ class BaseGenerator:
                                                        pipes=pipes))
 
     def refresh(self) -> dict[str, list[str]]:
-        """Read the checkpoint and LoRA folders again (A1111's refresh-checkpoints and refresh-loras)."""
+        """Read the checkpoint, LoRA and embedding folders again (A1111's refresh-checkpoints, refresh-loras and
+        refresh-embeddings). A checkpoint held takes the embeddings read here before its next batch runs."""
         return {"checkpoints": list(self.catalog.entries(rescan=True)),
-                "loras": sorted(self.lora_files.files(rescan=True))}
+                "loras": sorted(self.lora_files.files(rescan=True)),
+                "embeddings": sorted(self.embedding_files.files(rescan=True))}
+
+    def sync_embeddings(self, pipes: Pipelines) -> None:
+        """Bring a held checkpoint's embeddings up to the folder (a no-op when it holds them already)."""
+        with self._lock:
+            pipes.inversions.sync(self.embedding_files.files())
 
     def generate(self, request: GenerationRequest, request_id: str | None = None,
                  on_progress: ProgressFn | None = None, pipes: Pipelines | None = None) -> StageResult:
@@ -146,8 +156,10 @@ class BaseGenerator:
         def check(item: BatchItem) -> tuple[str, list[int], list[str]]:
             check_request(item.request, self.config.max_pixels)
             prompt = parse_lora_tags(item.request.prompt)[0]
+            held = item.checkpoint or self.checkpoint(item.request.checkpoint)
+            self.sync_embeddings(held)  # before its chunks are counted: an embedding's vectors are tokens
             if item.request.prompt_syntax == "a1111":  # a prompt that cannot be read fails its own request alone
-                chunk_counts((item.checkpoint or self.checkpoint(item.request.checkpoint)).txt2img, item.request)
+                chunk_counts(held, item.request)
             return prompt, resolve_seeds(item.request.seed, item.request.batch_size), prompt_warnings(item.request)
 
         outcomes, passed = prepare(items, check)
@@ -245,9 +257,12 @@ class BaseGenerator:
         if request.prompt_syntax == "a1111":  # batch_key: the whole batch is read one way
             # Encoded here, with the LoRAs of the batch set on the pipeline's own encoders; the hires pass takes
             # these embeddings with the rest of the first pass's arguments.
-            texts: dict = PromptEncoder(pipe)(per_image(prompts), negatives, request.steps)
-        else:
-            texts = dict(prompt=per_image(prompts), negative_prompt=negatives)
+            texts: dict = PromptEncoder(pipe, pipes.inversions.vocabulary)(per_image(prompts), negatives,
+                                                                           request.steps)
+        else:  # diffusers tokenizes these: the embeddings' names are rewritten into their tokens first
+            vocabulary = pipes.inversions.vocabulary
+            texts = dict(prompt=per_image([vocabulary.rewrite(p) for p in prompts]),
+                         negative_prompt=[vocabulary.rewrite(n) for n in negatives] if negatives else None)
         kwargs: dict = dict(
             **texts,
             num_inference_steps=request.steps,
@@ -370,11 +385,21 @@ class BaseGenerator:
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "loras": sorted(self.loras),
+            "embeddings": self.embeddings_listed(),
             "ip_adapter": self.config.ip_adapter is not None,
             "fast_path": self.fast,
             **devices.memory(self.device),
             "running": self.cancellation.running(),
         }
+
+    def embeddings_listed(self) -> dict[str, dict[str, dict]]:
+        """A1111's /sdapi/v1/embeddings answer, as the default checkpoint holds them (else the first one held; all
+        SDXL checkpoints have encoders of the same widths); nothing loaded while none is held."""
+        for name in dict.fromkeys([self.catalog.default, *self.resident.names]):
+            pipes = self.resident.held(name)
+            if pipes is not None:
+                return pipes.inversions.listed()
+        return {"loaded": {}, "skipped": {}}
 
     def healthy(self) -> bool:
         return self.oom.healthy()
@@ -397,6 +422,8 @@ class BaseGenerator:
             out["ip_adapter"] = self._sha256(self.config.ip_adapter)
         for name, path in self.loras.items():
             out[f"lora:{name}"] = self._sha256(str(path))
+        for name, embedding in self.embedding_files.files().items():  # a name in a prompt reads as its vectors
+            out[f"embedding:{name}"] = self._sha256(str(embedding.path))
         return out
 
     def _sha256(self, source: str) -> str:
@@ -436,13 +463,14 @@ def prompt_warnings(request: GenerationRequest) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def chunk_counts(pipe, request: GenerationRequest) -> tuple[int, int] | None:
-    """The chunks an A1111 request's prompt and negative prompt need alone with ``pipe``'s tokenizers (None for a
-    plain one); refused beyond ``MAX_CHUNKS``. A batch pads every text to its most chunks, so these belong to the
-    batching key: a request's pixels never depend on its batch mates'."""
+def chunk_counts(pipes: Pipelines, request: GenerationRequest) -> tuple[int, int] | None:
+    """The chunks an A1111 request's prompt and negative prompt need alone with a checkpoint's tokenizers and
+    embeddings (None for a plain one); refused beyond ``MAX_CHUNKS``. A batch pads every text to its most chunks,
+    so these belong to the batching key: a request's pixels never depend on its batch mates'."""
     if request.prompt_syntax != "a1111":
         return None
-    return PromptEncoder(pipe).counts(parse_lora_tags(request.prompt)[0], request.negative_prompt, request.steps)
+    return PromptEncoder(pipes.txt2img, pipes.inversions.vocabulary).counts(
+        parse_lora_tags(request.prompt)[0], request.negative_prompt, request.steps)
 
 
 def passes_over(request: GenerationRequest, source: StageResult) -> list[GenerationRequest]:
@@ -580,7 +608,7 @@ class SDXLBase:
                     item.checkpoint = held
                 # The chunk counts tokenize the prompts here, on the event loop: a few milliseconds, since a
                 # prompt's parse is cached and its length capped (and every pass of a request reads alike).
-                chunks = chunk_counts(held.txt2img, request)
+                chunks = chunk_counts(held, request)
                 submitted = self.batcher.submit_all([(batch_key(item.request, chunks), item) for item in items])
                 results = await self.model.cancellation.guard(request_id, submitted)
             return await encoded(results[0] if init is None else init.joined(results), encode)
@@ -590,7 +618,7 @@ class SDXLBase:
             raise
 
     async def refresh(self) -> dict[str, list[str]]:
-        """Read the checkpoint and LoRA folders again."""
+        """Read the checkpoint, LoRA and embedding folders again."""
         return await asyncio.to_thread(self.model.refresh)
 
     async def cancel(self, request_id: str) -> None:

@@ -3,7 +3,9 @@
 Graph position: SDXLBase -> **SDXLRefiner** -> (FaceRestorer) -> ingress. Two modes, as in cog-sdxl:
 - expert ensemble: finish the base model's latents from ``denoising_start`` (no decode in between);
 - refine a finished image as img2img at ``strength`` (the hires-fix pass at 1536x1536, strength 0.35).
-It runs in its own replicas and loads its own weights.
+It runs in its own replicas and loads its own weights. With ``embeddings_dir`` (the base's folder) it holds the
+textual-inversion embeddings too, their ``clip_g`` vectors in its one text encoder, as A1111 applies an SDXL
+embedding on its refiner, so that a prompt naming one reads alike in both stages.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from deployments.support import device as devices
 from deployments.support import fastpath
 from deployments.support.batching import Batcher, outcome, prepare
 from deployments.support.config import Batching, SDXLRefinerConfig
+from deployments.support.embeddings import EmbeddingFiles, TextualInversions
 from deployments.support.errors import GenerationCancelled, InvalidInput
 from deployments.support.generation import (
     BatchItem,
@@ -65,6 +68,9 @@ class Refiner:
         if config.vae:
             self.weights.add("refiner_vae", loader.resolve(config.vae.source, settings))
         self.fast = fastpath.apply(self.pipe, config.device, config.fast, self.device, self.compile_cache)
+        self.embedding_files = EmbeddingFiles(config.embeddings_dir, settings)
+        self.inversions = TextualInversions([self.pipe], f"SDXL refiner {config.name}")
+        self.inversions.sync(self.embedding_files.files())
         self.scheduler_config = dict(self.pipe.scheduler.config)
         self.cancellation = Cancellation()
         self._lock = threading.Lock()
@@ -103,8 +109,13 @@ class Refiner:
         for a plain one); refused beyond ``MAX_CHUNKS``. Part of the batching key: a batch pads to its most."""
         if request.prompt_syntax != "a1111":
             return None
-        return PromptEncoder(self.pipe).counts(parse_lora_tags(request.prompt)[0], request.negative_prompt,
-                                               request.steps)
+        return PromptEncoder(self.pipe, self.inversions.vocabulary).counts(
+            parse_lora_tags(request.prompt)[0], request.negative_prompt, request.steps)
+
+    def sync_embeddings(self) -> None:
+        """Bring the embeddings up to the folder (a no-op when it holds them already)."""
+        with self._lock:
+            self.inversions.sync(self.embedding_files.files())
 
     def refine_images(self, request: RefineRequest, source: StageResult | Image.Image, request_id: str | None = None,
                       on_progress: ProgressFn | None = None) -> StageResult:
@@ -115,6 +126,8 @@ class Refiner:
     def refine_batch(self, items: list[BatchItem], *, ensemble: bool) -> list[StageResult | BaseException]:
         """One pipeline call for compatible items (same ``batch_key``), each with its own prompt and seeds; one
         outcome per item, its result or its own error."""
+        self.sync_embeddings()  # before the chunks are counted: an embedding's vectors are tokens
+
         def check(item: BatchItem) -> tuple[list[int], list]:
             self.chunk_counts(item.request)  # a prompt that cannot be read fails its own request alone
             item.source = StageResult.of(item.source)
@@ -208,9 +221,12 @@ class Refiner:
         with self._lock, self.oom():
             if request.prompt_syntax == "a1111":  # batch_key: the whole batch is read one way
                 # Its one encoder (OpenCLIP bigG) reads the syntax as the base's two do; pooled from its first chunk.
-                texts: dict = PromptEncoder(self.pipe)(per_image(prompts), negatives, request.steps)
-            else:
-                texts = dict(prompt=per_image(prompts), negative_prompt=negatives)
+                texts: dict = PromptEncoder(self.pipe, self.inversions.vocabulary)(per_image(prompts), negatives,
+                                                                                   request.steps)
+            else:  # diffusers tokenizes these: the embeddings' names are rewritten into their tokens first
+                vocabulary = self.inversions.vocabulary
+                texts = dict(prompt=per_image([vocabulary.rewrite(p) for p in prompts]),
+                             negative_prompt=[vocabulary.rewrite(n) for n in negatives] if negatives else None)
             self.pipe.scheduler = build_scheduler(sampler, self.scheduler_config, schedule, seeds=flat,
                                                   warnings=warnings)
             partial.watch(self.pipe.scheduler)
@@ -241,7 +257,10 @@ class Refiner:
                 "fast_path": self.fast, **devices.memory(self.device), "running": self.cancellation.running()}
 
     def fingerprint(self) -> dict[str, str]:
-        return {**self.weights.digests(), "refiner_runtime": f"{self.device.type}/{self.dtype}/{self.config.fast.fp8}"}
+        embeddings = {f"refiner_embedding:{name}": loader.file_sha256(e.path)
+                      for name, e in self.embedding_files.files().items()}
+        return {**self.weights.digests(), **embeddings,
+                "refiner_runtime": f"{self.device.type}/{self.dtype}/{self.config.fast.fp8}"}
 
 
 def ensemble_sampler(request: RefineRequest, source: StageResult) -> tuple[str, str | None]:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
-from tests.helpers import b64
+from tests.helpers import b64, decode_b64, pixels
 
 pytestmark = pytest.mark.integration
 
@@ -24,7 +25,6 @@ def get(service, path: str):
 def test_empty_listings_have_a1111_shapes(service):
     for path in ("hypernetworks", "script-info", "extensions"):
         assert get(service, f"/sdapi/v1/{path}") == [], path
-    assert get(service, "/sdapi/v1/embeddings") == {"loaded": {}, "skipped": {}}
     assert get(service, "/sdapi/v1/scripts") == {"txt2img": [], "img2img": []}
     assert get(service, "/internal/ping") == {}
 
@@ -33,6 +33,25 @@ def test_prompt_styles_are_the_configured_files(service):
     styles = get(service, "/sdapi/v1/prompt-styles")
     assert [s["name"] for s in styles] == ["cinematic", "watercolour", "high detail"]  # configs/styles.csv
     assert all(set(s) == {"name", "prompt", "negative_prompt"} for s in styles)
+
+
+def test_embeddings_are_listed_refreshed_and_read_in_prompts(service):
+    """configs/cpu.yaml's embeddings_dir holds the factory's tiny-concept: two vectors of 32 + 48 wide."""
+    blank = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None}
+    listed = {"loaded": {"tiny-concept": {**blank, "shape": 80, "vectors": 2}}, "skipped": {}}
+    assert get(service, "/sdapi/v1/embeddings") == listed
+    assert service.post("/sdapi/v1/refresh-embeddings").json() == {}
+    assert get(service, "/sdapi/v1/embeddings") == listed
+
+    def image(prompt: str) -> np.ndarray:  # pixels: each PNG carries its own provenance manifest
+        body = {"prompt": prompt, "steps": 2, "width": 64, "height": 64, "seed": 5}
+        response = service.post("/sdapi/v1/txt2img", json=body)
+        assert response.status_code == 200, response.text
+        return pixels(decode_b64(response.json()["images"][0]))
+
+    named = image("a photo of (tiny-concept:1.1)")
+    assert np.array_equal(named, image("a photo of (tiny-concept:1.1)"))
+    assert np.abs(named - image("a photo of (zorblax:1.1)")).mean() > 1.0
 
 
 def test_vae_and_modules_list_the_configured_vaes(service):

@@ -10,6 +10,7 @@ DOCUMENT = app.openapi()
 OPERATIONS = [(path, method, op) for path, ops in DOCUMENT["paths"].items() for method, op in ops.items()]
 # Actions A1111 defines without a body.
 NO_BODY = {"/sdapi/v1/interrupt", "/sdapi/v1/skip", "/sdapi/v1/refresh-checkpoints", "/sdapi/v1/refresh-loras",
+           "/sdapi/v1/refresh-embeddings",
            "/sdapi/v1/unload-checkpoint", "/sdapi/v1/reload-checkpoint", "/sdapi/v1/refresh-vae",
            "/jobs/{job_id}/cancel"}
 

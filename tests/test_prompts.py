@@ -388,7 +388,7 @@ def test_requests_needing_different_chunk_counts_never_share_a_batch(base):
     from deployments.sdxl_base import batch_key, chunk_counts
     from deployments.support.generation import BatchItem
 
-    pipe = base.checkpoint().txt2img
+    pipe = base.checkpoint()
     quick = {**SMALL, "steps": 2, "guidance_scale": 5.0, "prompt_syntax": "a1111"}
     short, other, long = (GenerationRequest(**{**quick, "prompt": p}) for p in ("a cat", "a red dog", "a " * 160))
 

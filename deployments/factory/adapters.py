@@ -74,3 +74,22 @@ def build_lora(path: Path, pipe, seed: int, rank: int, with_text_encoders: bool)
             tensors[f"{key}.lora_up.weight"] = torch.randn(module.out_features, rank, generator=generator) * 0.3
             tensors[f"{key}.alpha"] = torch.tensor(float(rank))
     save_file(tensors, path, metadata={"ss_network_module": "networks.lora", "ss_base_model_version": "sdxl_base_v1-0"})
+
+
+SDXL_EMBEDDING_WIDTHS = (768, 1280)  # clip_l and clip_g of a real SDXL checkpoint
+
+
+def build_embedding(path: Path, widths: tuple[int, int], vectors: int, seed: int, scale: float = 1.0) -> None:
+    """A textual-inversion embedding in the SDXL layout A1111 and diffusers read: ``clip_l`` (vectors x the first
+    encoder's width) and ``clip_g`` (vectors x the second's). ``widths``: a pipeline's (``embedding_widths``) or
+    ``SDXL_EMBEDDING_WIDTHS``, which a tiny checkpoint skips."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {"clip_l": torch.randn(vectors, widths[0], generator=generator) * scale,
+               "clip_g": torch.randn(vectors, widths[1], generator=generator) * scale}
+    save_file(tensors, path)
+
+
+def embedding_widths(pipe) -> tuple[int, int]:
+    """The widths of a base pipeline's two token tables (32 and 48 for the tiny one)."""
+    return (pipe.text_encoder.get_input_embeddings().embedding_dim,
+            pipe.text_encoder_2.get_input_embeddings().embedding_dim)

@@ -10,6 +10,7 @@ come in, so that tests and the CPU demo run the real loading and inference code 
     OUT_DIR/sdxl-refiner/              diffusers folder (second text encoder only, aesthetic-score UNet)
     OUT_DIR/ip-adapter/                IP-Adapter weights plus its CLIP image encoder
     OUT_DIR/loras/*.safetensors        two LoRAs in the kohya / A1111 layout
+    OUT_DIR/embeddings/*.safetensors   a two-vector textual-inversion embedding (clip_l / clip_g), token tiny-concept
     OUT_DIR/upscalers/*.safetensors    ESRGAN-family x2 (Real-ESRGAN pixel-unshuffle) and x4
     OUT_DIR/faces/*.safetensors        a RestoreFormer face restorer
     OUT_DIR/safety-checker/            a CLIP safety checker that flags one known generation (factory/safety.py)
@@ -27,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 from deployments.factory import captioner as blip
-from deployments.factory.adapters import build_ip_adapter, build_lora
+from deployments.factory.adapters import build_embedding, build_ip_adapter, build_lora, embedding_widths
 from deployments.factory.safety import build_safety_checker
 from deployments.factory.sgm import sdxl_to_sgm
 from deployments.factory.tokenizer import build_clip_tokenizer
@@ -235,6 +236,9 @@ def build_all(out: Path) -> None:
     (out / "loras").mkdir(exist_ok=True)
     build_lora(out / "loras" / "tiny-style.safetensors", base, seed=SEED + 50, rank=4, with_text_encoders=False)
     build_lora(out / "loras" / "tiny-detail.safetensors", base, seed=SEED + 51, rank=2, with_text_encoders=True)
+    (out / "embeddings").mkdir(exist_ok=True)
+    build_embedding(out / "embeddings" / "tiny-concept.safetensors", embedding_widths(base), vectors=2,
+                    seed=SEED + 60)
     build_upscalers(out / "upscalers")
     build_face_restorer(out / "faces")
     blip.build_captioner(out / "captioner", blip.TINY)

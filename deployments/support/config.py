@@ -115,6 +115,10 @@ class SDXLBaseConfig(_Config):
     ip_adapter: str | None = Field(None, description="folder with ip-adapter weights and image_encoder/")
     ip_adapter_weight_name: str = "ip-adapter_sdxl.safetensors"
     lora_dir: str | None = Field(None, description="folder of *.safetensors LoRAs, registered by file stem")
+    embeddings_dir: str | None = Field(
+        None, description="folder of SDXL textual-inversion embeddings (*.safetensors with clip_l and clip_g), each "
+        "used in a prompt by its file stem; rescanned when it changes"
+    )
     default_sampler: str = "Euler a"
     batching: Batching = Batching()
     max_pixels: int = Field(2048 * 2048, ge=64 * 64, description="upper bound on width*height")
@@ -145,6 +149,9 @@ class SDXLBaseConfig(_Config):
 class SDXLRefinerConfig(_Config):
     model: ModelSource
     name: str = "sdxl-refiner"
+    embeddings_dir: str | None = Field(
+        None, description="the base's embeddings folder: their clip_g vectors go into the refiner's one encoder"
+    )
     device: DeviceConfig = DeviceConfig()
     vae: ModelSource | None = Field(None, description="a replacement VAE, e.g. an fp16-safe one for float16")
     fast: FastPath = FastPath()

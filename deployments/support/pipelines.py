@@ -1,4 +1,5 @@
-"""The SDXL base checkpoints one replica holds: each loaded checkpoint's pipelines, the LoRA folder they share, and
+"""The SDXL base checkpoints one replica holds: each loaded checkpoint's pipelines (with their textual-inversion
+embeddings, ``embeddings.py``), the LoRA folder they share, and
 the least-recently-used set of checkpoints with the memory of an evicted one freed.
 
 Everything here runs on the replica's inference thread, except ``Resident.evict``, which only drops a reference
@@ -23,6 +24,7 @@ from deployments.support import device as devices
 from deployments.support import fastpath
 from deployments.support.checkpoints import Entry
 from deployments.support.config import SDXLBaseConfig
+from deployments.support.embeddings import TextualInversions
 from deployments.support.errors import UnknownModel
 from deployments.support.generation import LoraRef
 from deployments.support.samplers import build_scheduler
@@ -88,6 +90,8 @@ class Pipelines:
         self.scheduler_config = dict(pipe.scheduler.config)
         build_scheduler(config.default_sampler, self.scheduler_config)  # fail at load, not per request
         self.loras: set[str] = set()
+        # Empty until the replica syncs the embeddings folder in (at load, then before each batch).
+        self.inversions = TextualInversions([self.txt2img, self.img2img, self.inpaint], f"SDXL base {self.name}")
         modules = (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, getattr(pipe, "image_encoder", None))
         self.parameters = sum(p.numel() for m in modules if m is not None for p in m.parameters())  # LoRAs aside
 

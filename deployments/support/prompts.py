@@ -8,8 +8,10 @@ Three layers, each testable on its own:
 - ``chunk``: those fragments' token ids cut into chunks of 75, moving the words after a late comma into the next
   chunk as A1111 does;
 - ``PromptEncoder``: the chunks encoded one by one with a pipeline's own tokenizers and text encoders (so LoRAs set
-  on them apply), weighted, rescaled to their unweighted mean and concatenated along the sequence: the
-  ``prompt_embeds`` / ``pooled_prompt_embeds`` pairs an SDXL pipeline takes in place of strings.
+  on them apply, and textual-inversion embeddings: each fragment's embedding names are rewritten into their tokens
+  before it is tokenized, so an emphasis weights every vector of one), weighted, rescaled to their unweighted mean
+  and concatenated along the sequence: the ``prompt_embeds`` / ``pooled_prompt_embeds`` pairs an SDXL pipeline
+  takes in place of strings.
 
 A prompt without syntax shorter than 75 tokens gives exactly what the pipeline's own ``encode_prompt`` computes.
 Every refusal is an ``InvalidInput`` naming the field it read (``prompt`` or ``negative_prompt``), so that one
@@ -31,6 +33,8 @@ from deployments.support.errors import InvalidInput
 
 if TYPE_CHECKING:
     import torch
+
+    from deployments.support.embeddings import Vocabulary
 
 READING = "a1111-emphasis-chunks-2"  # part of the result cache's key: answers read otherwise are not served
 CHUNK_TOKENS = 75  # tokens of text per chunk: the encoders' 77 positions less the start and end tokens
@@ -265,10 +269,13 @@ class Chunk:
 
 
 def chunk(pieces: Sequence[tuple[list[int], float] | None], comma: int | None, length: int = CHUNK_TOKENS,
-          backtrack: int = COMMA_BACKTRACK) -> list[Chunk]:
+          backtrack: int = COMMA_BACKTRACK, groups: dict[int, int] | None = None) -> list[Chunk]:
     """Token ids and weights (one entry per fragment; None: a BREAK) cut into chunks of ``length``. When a chunk
     fills and its last ``comma`` is among its last ``backtrack`` tokens, the tokens after that comma start the next
-    chunk, so that a phrase is not cut in two. A BREAK ends the chunk (even an empty one). At least one chunk."""
+    chunk, so that a phrase is not cut in two. A BREAK ends the chunk (even an empty one). ``groups``: the first
+    token of each embedding and its vector count; an embedding that does not fit in what is left of a chunk starts
+    the next one, as in A1111. At least one chunk."""
+    groups = groups or {}
     chunks: list[Chunk] = []
     current = Chunk()
     last_comma = -1  # the position of the current chunk's last comma
@@ -284,6 +291,8 @@ def chunk(pieces: Sequence[tuple[list[int], float] | None], comma: int | None, l
             continue
         tokens, weight = piece
         for token in tokens:
+            if token in groups and current.tokens and len(current.tokens) + groups[token] > length:
+                close()
             if token == comma:
                 last_comma = len(current.tokens)
             elif len(current.tokens) == length and last_comma != -1 and length - last_comma <= backtrack:
@@ -319,8 +328,9 @@ class PromptEncoder:
     the encoders' states along the features, as diffusers does. The pooled embedding is the last encoder's
     projected output of the first chunk, unweighted."""
 
-    def __init__(self, pipe) -> None:
+    def __init__(self, pipe, vocabulary: Vocabulary | None = None) -> None:
         self.pipe = pipe
+        self.vocabulary = vocabulary
         pairs = [(getattr(pipe, "tokenizer", None), getattr(pipe, "text_encoder", None)),
                  (getattr(pipe, "tokenizer_2", None), getattr(pipe, "text_encoder_2", None))]
         self.encoders = [(t, e) for t, e in pairs if t is not None and e is not None]
@@ -328,10 +338,14 @@ class PromptEncoder:
     def chunks(self, text: str, tokenizer, steps: int, field_: str = "prompt") -> list[Chunk]:
         """A prompt's chunks by one tokenizer: each fragment tokenized on its own, as A1111 does."""
         fragments = read(text, steps, field_).fragments
-        ids = tokenizer([f.text for f in fragments], add_special_tokens=False, truncation=False,
-                        verbose=False)["input_ids"]
+        texts = [f.text for f in fragments]
+        groups = None
+        if self.vocabulary is not None and self.vocabulary.tokens:
+            texts = [self.vocabulary.rewrite(t) for t in texts]
+            groups = self.vocabulary.groups(tokenizer)
+        ids = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
         return chunk([None if f.breaks else (own, f.weight) for f, own in zip(fragments, ids, strict=True)],
-                     _comma(tokenizer), length=tokenizer.model_max_length - 2)
+                     _comma(tokenizer), length=tokenizer.model_max_length - 2, groups=groups)
 
     def count(self, text: str, steps: int, field_: str = "prompt") -> int:
         """The chunks ``text`` needs alone (the most of any of the encoders' tokenizers); refused beyond

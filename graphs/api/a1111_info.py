@@ -1,8 +1,8 @@
 """Automatic1111's listing and settings routes: checkpoints, samplers, schedulers, upscalers, face restorers,
-LoRAs, options, PNG info, interrogation (an image's caption, from the Captioner), and the rest of what A1111 front
-ends list when they connect, each with what this service really has (an empty list for what it has none of:
-embeddings, hypernetworks, scripts, extensions). File names are given without their folders: the host's
-paths stay on the host.
+LoRAs, textual-inversion embeddings (as a base replica holds them), options, PNG info, interrogation (an image's
+caption, from the Captioner), and the rest of what A1111 front ends list when they connect, each with what this
+service really has (an empty list for what it has none of: hypernetworks, scripts, extensions). File names
+are given without their folders: the host's paths stay on the host.
 """
 
 from __future__ import annotations
@@ -231,8 +231,17 @@ class A1111InfoRoutes(CheckpointChoice):
 
     @router.get("/embeddings", response_model=Embeddings)
     async def embeddings(self) -> dict:
-        """No textual-inversion embeddings are loaded."""
-        return {"loaded": {}, "skipped": {}}
+        """Textual-inversion embeddings of embeddings_dir, usable by name in a prompt; skipped: those whose vectors
+        do not fit the checkpoint's text encoders."""
+        base = await call(self.handles.base.describe.remote())
+        return base["embeddings"]
+
+    @router.post("/refresh-embeddings", response_model=Empty)
+    async def refresh_embeddings(self) -> dict:
+        """Read embeddings_dir again: an embedding dropped there is usable from the next request on, a removed one
+        no longer applies."""
+        await call(self.handles.base.refresh.remote())  # the other replicas see the folder change by themselves
+        return {}
 
     @router.get("/hypernetworks", response_model=list[Hypernetwork])
     async def hypernetworks(self) -> list[dict]:
