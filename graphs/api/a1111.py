@@ -170,7 +170,7 @@ class A1111Routes(CheckpointChoice):
         return a1111_choice(r.sampler or self.config.base.default_sampler, r.scheduler,
                             "sampler_index" if r.sampler_index and not r.sampler_name else "sampler_name")
 
-    def _generation(self, r: Txt2ImgRequest, seed: int, subseed: int, **extra) -> GenerationRequest:
+    def _generation(self, r: Txt2ImgRequest, seed: int, subseed: int = -1, **extra) -> GenerationRequest:
         choice = self._choice(r)
         # A1111 removes the tags of extra networks (LoRAs here) it is told not to apply.
         prompt = parse_lora_tags(r.prompt)[0] if r.disable_extra_networks else r.prompt
