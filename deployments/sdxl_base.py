@@ -48,7 +48,7 @@ from deployments.support.generation import (
     encoded,
     mode_of,
     parse_lora_tags,
-    resolve_seeds,
+    variation_seeds,
 )
 from deployments.support.imaging import to_rgb
 from deployments.support.logs import replica_logging
@@ -58,6 +58,7 @@ from deployments.support.prompts import READING, PromptEncoder, read
 from deployments.support.reporting import Reporter
 from deployments.support.samplers import build_scheduler, img2img_steps
 from deployments.support.settings import Settings, current
+from deployments.support.variations import Variation, circular, initial_latents, vary_batch
 from deployments.weights import loader
 
 logger = logging.getLogger(__name__)
@@ -153,14 +154,18 @@ class BaseGenerator:
         """One pipeline call for compatible requests (same ``batch_key``, so one checkpoint); each item keeps its
         own seeds, so its pixels are those it would get alone. Returns one outcome per item: its result or its
         own error. Items arrive with their checkpoint held (under Serve) or it is looked up here."""
-        def check(item: BatchItem) -> tuple[str, list[int], list[str]]:
-            check_request(item.request, self.config.max_pixels)
-            prompt = parse_lora_tags(item.request.prompt)[0]
-            held = item.checkpoint or self.checkpoint(item.request.checkpoint)
+        def check(item: BatchItem) -> tuple[str, list[int], list[str], list[Variation | None]]:
+            request = item.request
+            check_request(request, self.config.max_pixels)
+            prompt = parse_lora_tags(request.prompt)[0]
+            held = item.checkpoint or self.checkpoint(request.checkpoint)
             self.sync_embeddings(held)  # before its chunks are counted: an embedding's vectors are tokens
-            if item.request.prompt_syntax == "a1111":  # a prompt that cannot be read fails its own request alone
-                chunk_counts(held, item.request)
-            return prompt, resolve_seeds(item.request.seed, item.request.batch_size), prompt_warnings(item.request)
+            if request.prompt_syntax == "a1111":  # a prompt that cannot be read fails its own request alone
+                chunk_counts(held, request)
+            seeds, subseeds = variation_seeds(request.seed, request.subseed, request.subseed_strength,
+                                              request.batch_size)
+            return prompt, seeds, [*prompt_warnings(request), *variation_warnings(request)], \
+                variations_of(request, subseeds)
 
         outcomes, passed = prepare(items, check)
         live = list(passed)
@@ -168,6 +173,7 @@ class BaseGenerator:
             return outcomes
         prompts = {i: passed[i][0] for i in live}
         seeds = {i: passed[i][1] for i in live}
+        varied = {i: passed[i][3] for i in live}
         batch = [items[i] for i in live]
         request = batch[0].request
         mode = mode_of(request)
@@ -182,9 +188,11 @@ class BaseGenerator:
                 # The refiner's ensemble pass reads the sampler and schedule here: the latents are in their space.
                 ran = dict(mode=mode, loras={r.name: r.weight for r in loras}, schedule=request.schedule,
                            sampler=request.sampler or self.config.default_sampler, model=pipes.name,
-                           **({"hires_upscaler": request.hires.mode} if request.hires is not None else {}))
+                           **({"hires_upscaler": request.hires.mode} if request.hires is not None else {}),
+                           **({"tiling": True} if request.tiling else {}))
                 results = self._run(mode, pipes, batch, [prompts[i] for i in live], [seeds[i] for i in live],
-                                    warnings, [dict(ran, prompt=prompts[i]) for i in live])
+                                    warnings, [dict(ran, prompt=prompts[i], **variation_info(varied[i]))
+                                               for i in live], [varied[i] for i in live])
         except Exception as e:  # noqa: BLE001 - each item gets the error it would have got alone
             results = [e] * len(live)
         for i, result in zip(live, self.cancellation.settle(batch, results), strict=True):
@@ -198,8 +206,10 @@ class BaseGenerator:
         return outcomes
 
     def _run(self, mode, pipes: Pipelines, items: list[BatchItem], prompts: list[str], seeds: list[list[int]],
-             warnings: list[str], info: list[dict]) -> list[StageResult | BaseException]:
-        """The denoising of one batch; each item's result, with ``info`` (what ran, item by item) in it."""
+             warnings: list[str], info: list[dict], varied: list[list[Variation | None]]
+             ) -> list[StageResult | BaseException]:
+        """The denoising of one batch; each item's result, with ``info`` (what ran, item by item) in it.
+        ``varied``: each image's variation seed (text-to-image only; None where it has none)."""
         request: GenerationRequest = items[0].request
         pipe = {"txt2img": pipes.txt2img, "img2img": pipes.img2img, "inpaint": pipes.inpaint}[mode]
         sampler = request.sampler or self.config.default_sampler
@@ -263,19 +273,29 @@ class BaseGenerator:
             vocabulary = pipes.inversions.vocabulary
             texts = dict(prompt=per_image([vocabulary.rewrite(p) for p in prompts]),
                          negative_prompt=[vocabulary.rewrite(n) for n in negatives] if negatives else None)
+        # One CPU generator per image: a seed gives the same image on any device and in any batch.
+        generators = [torch.Generator("cpu").manual_seed(s) for s in flat]
         kwargs: dict = dict(
             **texts,
             num_inference_steps=request.steps,
             guidance_scale=request.guidance_scale,
             num_images_per_prompt=1,
-            # One CPU generator per image: a seed gives the same image on any device and in any batch.
-            generator=[torch.Generator("cpu").manual_seed(s) for s in flat],
+            generator=generators,
             callback_on_step_end=on_step_end,
         )
         total_steps = request.steps
         mask = init = None
+        variations = [v for group in varied for v in group]
         if request.init_image is None:
             kwargs.update(width=request.width, height=request.height)
+            shape = (len(flat), pipe.unet.config.in_channels, request.height // 8, request.width // 8)
+            if any(v is not None and v.changes(shape[1:]) for v in variations):
+                # Drawn as the pipeline would draw them (in its prompt embeddings' dtype), from the generators it
+                # is then given, so an image without a variation keeps its pixels and its generator's state.
+                encoder = getattr(pipe, "text_encoder_2", None)
+                dtype = encoder.dtype if encoder is not None else pipe.unet.dtype
+                kwargs["latents"] = initial_latents(shape, generators, flat, variations, dtype,
+                                                    pipe._execution_device)
         else:
             inits = [to_rgb(i.request.init_image).resize((request.width, request.height), Image.Resampling.LANCZOS)
                      for i in items]
@@ -304,41 +324,47 @@ class BaseGenerator:
             warnings.append("no IP-Adapter is loaded: the reference image was ignored")
         if request.denoising_end is not None:
             kwargs["denoising_end"] = request.denoising_end
-        # The batch's stop bookkeeping holds its images and device latents: let go of them however it ends.
+        # The batch's stop bookkeeping holds its images and device latents: let go of them however it ends. Tiling
+        # (batch_key: the whole batch or none of it) holds for every decode too, those of stopped items included.
+        tiled = {id(m): m for m in (pipe.unet, pipe.vae, pipes.img2img.unet, pipes.txt2img.vae)}
         try:
-            latents = None
-            try:
-                with fastpath.attention(self.config.fast):
-                    latents = pipe(**kwargs, output_type="latent").images
-                    if request.hires is not None:
-                        done[0] = request.steps
-                        latents = self._hires_pass(pipes, request, request.hires, latents, seeds, kwargs, partial)
-            except Stopped:  # no item runs on: each is stopped (its result is kept in ``partial``) or cancelled
-                pass
-            results: list[StageResult | BaseException] = []
-            handed: np.ndarray | None = None
-            images: list[Image.Image] | None = None
-            for i, (own, a, b) in enumerate(zip(seeds, offsets, offsets[1:], strict=False)):
-                if i in partial.kept:
-                    results.append(partial.answer(i))
-                elif latents is None:
-                    results.append(GenerationCancelled(f"request {items[i].request_id} cancelled"))
-                elif request.denoising_end is not None:
-                    handed = latents.float().cpu().numpy() if handed is None else handed
-                    results.append(StageResult(images=[], seeds=own, latents=handed[a:b], warnings=list(warnings),
-                                               info=dict(info[i])))
-                else:
-                    images = finished(self.decode(latents, pipes)) if images is None else images
-                    results.append(StageResult(images=images[a:b], seeds=own, warnings=list(warnings),
-                                               info=dict(info[i])))
-            return results
+            with circular(*tiled.values(), enabled=request.tiling):
+                latents = None
+                try:
+                    with fastpath.attention(self.config.fast):
+                        latents = pipe(**kwargs, output_type="latent").images
+                        if request.hires is not None:
+                            done[0] = request.steps
+                            latents = self._hires_pass(pipes, request, request.hires, latents, seeds, kwargs, partial,
+                                                       variations)
+                except Stopped:  # no item runs on: each is stopped (its result is kept in ``partial``) or cancelled
+                    pass
+                results: list[StageResult | BaseException] = []
+                handed: np.ndarray | None = None
+                images: list[Image.Image] | None = None
+                for i, (own, a, b) in enumerate(zip(seeds, offsets, offsets[1:], strict=False)):
+                    if i in partial.kept:
+                        results.append(partial.answer(i))
+                    elif latents is None:
+                        results.append(GenerationCancelled(f"request {items[i].request_id} cancelled"))
+                    elif request.denoising_end is not None:
+                        handed = latents.float().cpu().numpy() if handed is None else handed
+                        results.append(StageResult(images=[], seeds=own, latents=handed[a:b], warnings=list(warnings),
+                                                   info=dict(info[i])))
+                    else:
+                        images = finished(self.decode(latents, pipes)) if images is None else images
+                        results.append(StageResult(images=images[a:b], seeds=own, warnings=list(warnings),
+                                                   info=dict(info[i])))
+                return results
         finally:
             partial.release()
 
     def _hires_pass(self, pipes: Pipelines, request: GenerationRequest, hires: LatentHires, latents: torch.Tensor,
-                    seeds: list[list[int]], first: dict, partial: Partial) -> torch.Tensor:
+                    seeds: list[list[int]], first: dict, partial: Partial,
+                    variations: list[Variation | None]) -> torch.Tensor:
         """A1111's latent hires fix: resize the first pass's latents as the mode says, then denoise them again at
-        the hires size with the same checkpoint, prompts and sampler, from the same seeds (A1111 reseeds)."""
+        the hires size with the same checkpoint, prompts and sampler, from the same seeds (A1111 reseeds), and
+        with the same variation seeds, mixed into this pass's noise at its size, as A1111 mixes them."""
         interpolation, antialias = LATENT_UPSCALE_MODES[hires.mode]
         size = (hires.height // 8, hires.width // 8)
         upscaled = torch.nn.functional.interpolate(latents.float(), size=size, mode=interpolation,
@@ -352,10 +378,19 @@ class BaseGenerator:
         pipe.scheduler = build_scheduler(request.sampler or self.config.default_sampler, pipes.scheduler_config,
                                          request.schedule, seeds=flat)  # the first pass warned already
         partial.watch(pipe.scheduler)
+        if any(v is not None for v in variations):
+            # The pipeline noises the resized latents once, with noise it draws first from each generator: that
+            # noise, varied (a fresh scheduler: the override goes with it).
+            add_noise = pipe.scheduler.add_noise
+
+            def varied_noise(original, noise, timesteps):
+                return add_noise(original, vary_batch(noise, flat, variations), timesteps)
+
+            pipe.scheduler.add_noise = varied_noise
         # A1111 runs exactly the second pass's steps whatever the strength: ask for steps / strength of them.
         asked = img2img_steps(hires.steps, hires.strength, exact=True,
                               limit=pipes.scheduler_config.get("num_train_timesteps", 1000))[0]
-        kwargs = {k: v for k, v in first.items() if k not in ("width", "height", "denoising_end")}
+        kwargs = {k: v for k, v in first.items() if k not in ("width", "height", "denoising_end", "latents")}
         kwargs.update(image=upscaled, strength=hires.strength, num_inference_steps=asked,
                       generator=[torch.Generator("cpu").manual_seed(s) for s in flat])
         return pipe(**kwargs, output_type="latent").images
@@ -454,6 +489,34 @@ def check_request(request: GenerationRequest, max_pixels: int) -> None:
         check_size(*request.hires.size, max_pixels)
 
 
+def variations_of(request: GenerationRequest, subseeds: list[int]) -> list[Variation | None]:
+    """Each image's variation seed, for a text-to-image request that asks for one (None each otherwise)."""
+    if mode_of(request) != "txt2img" or not request.varied:
+        return [None] * len(subseeds)
+    resize = (request.seed_resize_from_w, request.seed_resize_from_h)
+    return [Variation(subseed, request.subseed_strength, resize if min(resize) > 0 else None) for subseed in subseeds]
+
+
+def variation_info(variations: list[Variation | None]) -> dict:
+    """What a request's ``info`` says of its variation seeds: none when it has none."""
+    first = variations[0] if variations else None
+    if first is None:
+        return {}
+    return {"subseeds": [v.subseed for v in variations if v is not None], "subseed_strength": first.strength,
+            "seed_resize_from": list(first.resize_from) if first.resize_from else None}
+
+
+def variation_warnings(request: GenerationRequest) -> list[str]:
+    """What of a request's seed and tiling options does not apply to it."""
+    out = []
+    if request.varied and mode_of(request) != "txt2img":
+        out.append("subseed_strength and seed_resize_from apply to text-to-image alone: this image-to-image pass "
+                   "ran from its seed's own noise")
+    if request.tiling and request.denoising_end is not None:
+        out.append("tiling: the refiner's steps are not tiled (the base's are)")
+    return out
+
+
 def prompt_warnings(request: GenerationRequest) -> list[str]:
     """What of an A1111 request's prompt syntax is not applied (prompt editing, AND); none for a plain one."""
     if request.prompt_syntax != "a1111":
@@ -484,7 +547,8 @@ def passes_over(request: GenerationRequest, source: StageResult) -> list[Generat
 def batch_key(request: GenerationRequest, chunks: tuple[int, int] | None = None) -> tuple | None:
     """What requests must share to run in one pipeline call; ``None``: this one runs alone (an inpainting mask
     and an IP-Adapter reference belong to one request). The checkpoint is part of it: a batch never mixes two.
-    ``chunks``: an A1111 request's ``chunk_counts``, which its batch mates must need too."""
+    ``chunks``: an A1111 request's ``chunk_counts``, which its batch mates must need too. Tiling is part of it (the
+    convolutions pad one way for the whole call); variation seeds are not (each image's noise is its own)."""
     mode = mode_of(request)
     if mode == "inpaint" or request.ip_adapter_image is not None:
         return None
@@ -493,7 +557,7 @@ def batch_key(request: GenerationRequest, chunks: tuple[int, int] | None = None)
             request.schedule, request.guidance_scale, tuple((r.name, r.weight) for r in request.loras),
             tuple((r.name, r.weight) for r in tagged), bool(request.negative_prompt), request.denoising_end,
             (request.strength, request.exact_steps) if mode == "img2img" else None, request.hires,
-            request.prompt_syntax, chunks)
+            request.prompt_syntax, chunks, request.tiling)
 
 
 BATCH_UNIT_PIXELS = 1024 * 1024

@@ -226,6 +226,18 @@ def test_cfg_scale_is_the_guidance_scale_of_txt2img_and_img2img(service):
     assert edit.guidance_scale == 3.5
 
 
+def test_the_seed_options_map_to_the_generation_request_where_they_apply(service):
+    fields = dict(subseed_strength=0.4, seed_resize_from_w=96, seed_resize_from_h=-1, tiling=True)
+    txt2img = Txt2ImgRequest(prompt="a fox", **fields)
+    made = service.routes._generation(txt2img, 7, service.routes._choice(txt2img), 9)
+    assert (made.seed, made.subseed, made.subseed_strength) == (7, 9, 0.4)
+    assert (made.seed_resize_from_w, made.seed_resize_from_h, made.tiling) == (96, 0, True)
+    img2img = Img2ImgRequest(init_images=["x"], **fields)
+    edit = service.routes._generation(img2img, 7, service.routes._choice(img2img), 9,
+                                      init_image=Image.new("RGB", (64, 64)), strength=0.5)
+    assert (edit.subseed_strength, edit.seed_resize_from_w, edit.tiling) == (0.0, 0, True)  # img2img: tiling alone
+
+
 @pytest.mark.parametrize(("fields", "field"), [
     ({"prompt": "[" * 1000 + "a" + "|b]" * 1000}, "prompt"),
     ({"prompt": "a <lora:x:1> " + "BREAK " * 1600}, "prompt"),

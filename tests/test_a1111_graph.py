@@ -514,10 +514,42 @@ def test_a1111_fields_not_applied_are_named_in_the_warnings(ingress):
     body = txt2img(ingress, subseed_strength=0.3, tiling=True, enable_hr=True, hr_scale=1.5,
                    hr_upscaler="Latent", hr_prompt="another prompt", hr_sampler_name="Use same sampler")
     assert body["info"]["warnings"] == [f"{field} is not applied here: the image was made without it"
-                                        for field in ("subseed_strength", "tiling", "hr_prompt")]
-    edited = img2img(ingress, init_images=[b64(bands())], initial_noise_multiplier=1.2, image_cfg_scale=1.5)
-    assert edited["info"]["warnings"] == ["initial_noise_multiplier is not applied here: the image was made "
-                                          "without it"]
+                                        for field in ("hr_prompt",)]
+    edited = img2img(ingress, init_images=[b64(bands())], initial_noise_multiplier=1.2, image_cfg_scale=1.5,
+                     subseed_strength=0.4, seed_resize_from_w=64, seed_resize_from_h=64, tiling=True)
+    assert edited["info"]["warnings"] == [f"{field} is not applied here: the image was made without it" for field in
+                                          ("subseed_strength", "seed_resize_from_w", "seed_resize_from_h",
+                                           "initial_noise_multiplier")]
+    assert edited["info"]["subseed_strength"] == 0.0 and "Variation seed" not in edited["info"]["infotexts"][0]
+
+
+def test_variation_seeds_mix_toward_the_subseeds_image_and_are_reported_as_a1111(ingress):
+    varied = txt2img(ingress, seed=5, subseed=9, subseed_strength=1.0, batch_size=2, n_iter=2)
+    info = varied["info"]
+    assert info["all_seeds"] == [5, 5, 5, 5] and info["all_subseeds"] == [9, 10, 11, 12]
+    assert info["seed"] == 5 and info["subseed"] == 9 and info["subseed_strength"] == 1.0
+    assert info["warnings"] == []
+    # Strength 1 is the variation seed's own image (DDIM here draws no noise after the first).
+    assert same_pixels(txt2img(ingress, seed=5, subseed=9, subseed_strength=1.0), txt2img(ingress, seed=9))
+    assert "Variation seed: 10, Variation seed strength: 1.0" in info["infotexts"][1]
+    assert parse(info["infotexts"][3])["Variation seed"] == "12"
+    plain = txt2img(ingress, seed=5, subseed=9, subseed_strength=0.0)
+    assert same_pixels(plain, txt2img(ingress, seed=5))
+    assert "Variation seed" not in plain["info"]["infotexts"][0] and plain["info"]["all_subseeds"] == [9]
+    half = txt2img(ingress, seed=5, subseed=9, subseed_strength=0.5)
+    assert not same_pixels(half, plain) and not same_pixels(half, txt2img(ingress, seed=9))
+
+
+def test_seed_resize_and_tiling_are_applied_and_written_in_the_infotext(ingress):
+    own = txt2img(ingress, seed_resize_from_w=64, seed_resize_from_h=64)
+    assert same_pixels(own, txt2img(ingress))  # the image's own size: the same noise
+    assert "Seed resize from: 64x64" in own["info"]["infotexts"][0]
+    assert own["info"]["seed_resize_from_w"] == 64 and own["info"]["seed_resize_from_h"] == 64
+    assert not same_pixels(txt2img(ingress, seed_resize_from_w=128, seed_resize_from_h=96), own)
+    tiled = txt2img(ingress, tiling=True)
+    assert "Tiling: True" in tiled["info"]["infotexts"][0] and tiled["info"]["warnings"] == []
+    assert not same_pixels(tiled, own)
+    assert parse(tiled["info"]["infotexts"][0])["Tiling"] == "True"
 
 
 def test_saved_styles_merge_into_the_prompts_that_run_and_the_answer_keeps_the_prompt_asked(ingress):

@@ -107,6 +107,24 @@ class GenerationRequest(BaseModel):
     prompt_syntax: PromptSyntax = Field("plain", description="plain: the prompts go to the text encoders as they "
                                         "are; a1111: read as Automatic1111 reads them (emphasis, BREAK, prompts "
                                         "past 75 tokens in chunks; see deployments.support.prompts)")
+    subseed: int = Field(-1, ge=-1, le=MAX_SEED, description="A1111's variation seed of the first image (the next "
+                         "ones count up from it); -1 draws one. Read only with subseed_strength above 0")
+    subseed_strength: float = Field(0.0, ge=0.0, le=1.0, description="text-to-image only: how far each image's "
+                                    "noise moves from its seed's towards its variation seed's (A1111's slerp; 1: "
+                                    "the variation seed's noise). Above 0, every image of the batch has the seed "
+                                    "itself, as in A1111")
+    seed_resize_from_w: int = Field(0, ge=0, le=4096, description="text-to-image only, with seed_resize_from_h: "
+                                    "the noise is made at this size and pasted centred, so a seed keeps its "
+                                    "composition at another size (A1111); 0: off")
+    seed_resize_from_h: int = Field(0, ge=0, le=4096)
+    tiling: bool = Field(False, description="seamless tiling: every convolution of the UNet and the VAE pads "
+                         "circularly for the run, as A1111's tiling does")
+
+    @property
+    def varied(self) -> bool:
+        """Whether variation seeds or seed resize were asked for (they may still change nothing: a resize to the
+        image's own size)."""
+        return self.subseed_strength > 0 or (self.seed_resize_from_w > 0 and self.seed_resize_from_h > 0)
 
 
 class RefineRequest(BaseModel):
@@ -262,6 +280,13 @@ def resolve_seeds(seed: int, count: int) -> list[int]:
     """A1111 semantics: -1 draws a random seed; a batch uses consecutive seeds."""
     first = random.SystemRandom().randint(0, MAX_SEED) if seed == -1 else seed
     return [(first + i) % (MAX_SEED + 1) for i in range(count)]
+
+
+def variation_seeds(seed: int, subseed: int, strength: float, count: int) -> tuple[list[int], list[int]]:
+    """The seeds and variation seeds of ``count`` images, as A1111 numbers them: with a variation strength every
+    image has the seed itself and the variation seeds count up; without one the seeds count up. A -1 draws one."""
+    seeds = resolve_seeds(seed, 1 if strength > 0 else count)
+    return seeds * count if strength > 0 else seeds, resolve_seeds(subseed, count)
 
 
 def check_size(width: int, height: int, max_pixels: int) -> None:

@@ -37,6 +37,7 @@ from deployments.support.generation import (
     StageResult,
     parse_lora_tags,
     resolve_seeds,
+    variation_seeds,
 )
 from deployments.support.samplers import A1111Choice, a1111_choice
 from deployments.support.settings import current
@@ -198,12 +199,19 @@ class A1111Routes(CheckpointChoice):
         return a1111_choice(r.sampler or self.config.base.default_sampler, r.scheduler,
                             "sampler_index" if r.sampler_index and not r.sampler_name else "sampler_name")
 
-    def _generation(self, r: Txt2ImgRequest, seed: int, choice: A1111Choice, **extra) -> GenerationRequest:
+    def _generation(self, r: Txt2ImgRequest, seed: int, choice: A1111Choice, subseed: int = -1,
+                    **extra) -> GenerationRequest:
         # A1111 removes the tags of extra networks (LoRAs here) it is told not to apply.
         prompt = parse_lora_tags(r.prompt)[0] if r.disable_extra_networks else r.prompt
+        # Variation seeds and seed resize apply to text-to-image alone (``Img2ImgRequest.unapplied`` says so).
+        varied = "init_image" not in extra
         return GenerationRequest(prompt=prompt, negative_prompt=r.negative_prompt, width=r.width, height=r.height,
                                  steps=r.steps, guidance_scale=r.cfg_scale, seed=seed, batch_size=r.batch_size,
-                                 sampler=choice.sampler, schedule=choice.schedule, prompt_syntax="a1111", **extra)
+                                 sampler=choice.sampler, schedule=choice.schedule, prompt_syntax="a1111",
+                                 subseed=subseed, subseed_strength=r.subseed_strength if varied else 0.0,
+                                 seed_resize_from_w=max(r.seed_resize_from_w, 0) if varied else 0,
+                                 seed_resize_from_h=max(r.seed_resize_from_h, 0) if varied else 0,
+                                 tiling=r.tiling, **extra)
 
     async def _run(self, http: Request, r: Txt2ImgRequest, parent: bytes | None = None, cache_as: str | None = None,
                    inits: list[Image.Image] | None = None, **extra) -> Response:
@@ -237,6 +245,8 @@ class A1111Routes(CheckpointChoice):
         ran = {"checkpoint": model, "sampler_ran": choice.sampler, "schedule_ran": choice.schedule,
                "prompt_ran": r.prompt, "negative_prompt_ran": r.negative_prompt,
                "second_pass_ran": hires.second if hires is not None else None}
+        if r.subseed_strength > 0 and r.subseed == -1:  # a random variation seed: a new image each time
+            cache_as = None
         key = await self.cache.key(cache_as, {**asked.model_dump(), **ran}, model) if cache_as else None
         hit = await self.cache.get(key)
         if hit is not None:
@@ -265,12 +275,15 @@ class A1111Routes(CheckpointChoice):
         sampler = choice.sampler  # what the base runs for this request
         files: list[bytes] = []
         seeds: list[int] = []
+        subseeds: list[int] = []
+        varied = "init_image" not in extra  # variation seeds apply to text-to-image alone
+        strength = r.subseed_strength if varied else 0.0
         warnings: list[str] = list(choice.warnings)  # every stage's, as /generate reports them; each said once
         nsfw: list[bool] = []
         size = (r.width, r.height)
         stopped: str | None = None
         try:
-            seed = r.seed
+            seed, subseed = r.seed, resolve_seeds(r.subseed, 1)[0]  # A1111 fixes a variation seed every time
             async with flights.flight():
                 for _ in range(r.n_iter):
                     request_id = uuid.uuid4().hex
@@ -281,10 +294,11 @@ class A1111Routes(CheckpointChoice):
                         break
                     # The seeds are fixed here, so that the infotexts naming them travel with the request and the
                     # plan's last stage encodes the files: only they come back to the ingress.
-                    own = resolve_seeds(seed, r.batch_size)
-                    texts = [infotext(r, s, model, sampler, settings, choice.label) for s in own]
+                    own, subs = variation_seeds(seed, subseed, strength, r.batch_size)
+                    texts = [infotext(r, s, model, sampler, settings, choice.label, ss, varied)
+                             for s, ss in zip(own, subs, strict=True)]
                     how = Encoding(parameters=texts, parent=parent)
-                    request = self._generation(r, own[0], choice, **extra)
+                    request = self._generation(r, own[0], choice, subs[0], **extra)
                     several = None
                     if inits and len(inits) > 1:
                         several = StageResult(images=[inits[i % len(inits)] for i in range(r.batch_size)], seeds=own)
@@ -300,11 +314,13 @@ class A1111Routes(CheckpointChoice):
                     if result is not None:
                         files += result.encoded
                         seeds += result.seeds
+                        subseeds += subs[:len(result.seeds)]
                         warnings += result.warnings
                         nsfw += result.info.get("nsfw") or []
                         size = result.sizes[0]
                         sampler = result.info.get("sampler", sampler)  # as the base reports it
-                    seed = own[-1] + 1
+                    # As A1111 numbers them: with a variation strength the seed stays and the variation seeds count on.
+                    seed, subseed = (own[0] if strength > 0 else own[-1] + 1), subs[-1] + 1
                     if result is None or result.stopped:
                         # /interrupt or /skip (a deadline or a disconnect cancels the flight instead): as in A1111,
                         # the batch stopped answers with its images as they stood; after a skip the next one runs.
@@ -315,11 +331,14 @@ class A1111Routes(CheckpointChoice):
         finally:
             await asyncio.to_thread(self.jobs.untrack, job.client, job.id)
             await asyncio.to_thread(self.jobs.untrack, _interrupts(job.client), f"{job.id}:interrupt")
-        texts = [infotext(r, s, model, sampler, settings, choice.label) for s in seeds]
+        texts = [infotext(r, s, model, sampler, settings, choice.label, ss, varied)
+                 for s, ss in zip(seeds, subseeds, strict=True)]
         info = {"prompt": r.prompt, "all_prompts": [r.prompt] * len(seeds), "negative_prompt": r.negative_prompt,
                 "all_negative_prompts": [r.negative_prompt] * len(seeds), "seed": seeds[0] if seeds else r.seed,
                 "all_seeds": seeds,
-                "subseed": -1, "all_subseeds": [-1] * len(seeds), "width": size[0], "height": size[1],
+                "subseed": subseeds[0] if subseeds else subseed, "all_subseeds": subseeds,
+                "subseed_strength": strength, "seed_resize_from_w": r.seed_resize_from_w if varied else -1,
+                "seed_resize_from_h": r.seed_resize_from_h if varied else -1, "width": size[0], "height": size[1],
                 "sampler_name": sampler, "cfg_scale": r.cfg_scale,
                 "steps": r.steps, "batch_size": r.batch_size, "restore_faces": r.restore_faces,
                 "sd_model_name": model, "infotexts": texts, "styles": [],

@@ -92,14 +92,19 @@ class Txt2ImgRequest(_A1111):
     send_images: bool = Field(True, description="false: the answer's images are left out, as in A1111")
     save_images: bool = Field(False, description="accepted; nothing is saved on the server here")
     disable_extra_networks: bool = Field(False, description="true: <lora:...> tags are removed, not applied")
-    # A1111's fields that change its images and are not applied here: each one set is named in the warnings.
+    # A1111's fields that change its images (unapplied() names those set that are not applied).
     styles: list[str] = Field([], description="saved styles merged into the prompts, by name "
                               "(GET /sdapi/v1/prompt-styles)")
-    subseed: int = Field(-1, description="with subseed_strength: not applied")
-    subseed_strength: float = Field(0.0, ge=0.0, le=1.0, description="variation seeds: not applied")
-    seed_resize_from_w: int = Field(-1, description="not applied")
-    seed_resize_from_h: int = Field(-1, description="not applied")
-    tiling: bool = Field(False, description="seamless tiling: not applied")
+    subseed: Seed = Field(-1, description="the variation seed of the first image (the next count up); -1 draws one")
+    subseed_strength: float = Field(0.0, ge=0.0, le=1.0, description="variation seeds (txt2img, and its hires "
+                                    "pass with a Latent upscaler; not img2img): each image's noise moved this far "
+                                    "towards its variation seed's, as A1111 slerps it. Above 0 every image of the "
+                                    "request has the seed itself")
+    seed_resize_from_w: int = Field(-1, ge=-1, le=4096, description="txt2img, with seed_resize_from_h: the seed's "
+                                    "noise made at this size and pasted centred; 0 or -1: off")
+    seed_resize_from_h: int = Field(-1, ge=-1, le=4096)
+    tiling: bool = Field(False, description="seamless tiling: the UNet's and the VAE's convolutions pad circularly "
+                         "(not the refiner's)")
     s_churn: float | None = Field(None, description="not applied")
     # The hires fix's second pass: applied with a pixel hr_upscaler, named in the warnings with a Latent one.
     hr_checkpoint_name: str | None = Field(None, max_length=256, description="the second pass's checkpoint; none: "
@@ -155,9 +160,6 @@ class Txt2ImgRequest(_A1111):
         same = SAME_AS_FIRST_PASS
         latent = self.hr_upscaler in LATENT_UPSCALE_MODES  # one base call: the second pass is the first's
         named = [
-            ("subseed_strength", self.subseed_strength > 0),
-            ("seed_resize_from_w", self.seed_resize_from_w > 0), ("seed_resize_from_h", self.seed_resize_from_h > 0),
-            ("tiling", self.tiling),
             ("s_churn", bool(self.s_churn)),
             ("hr_checkpoint_name", latent and self.enable_hr and self.hr_checkpoint_name not in same),
             ("hr_sampler_name", latent and self.enable_hr and self.hr_sampler_name not in {*same, self.sampler}),
@@ -191,9 +193,14 @@ class Img2ImgRequest(Txt2ImgRequest):
     initial_noise_multiplier: float | None = Field(None, description="not applied (other than 1)")
 
     def unapplied(self) -> list[str]:
-        extra = self.initial_noise_multiplier not in (None, 1.0)
+        # diffusers' image-to-image pipelines draw their noise inside, after the VAE's own draw from the same
+        # generator: A1111's variation seeds cannot be matched there.
+        named = [("subseed_strength", self.subseed_strength > 0),
+                 ("seed_resize_from_w", self.seed_resize_from_w > 0),
+                 ("seed_resize_from_h", self.seed_resize_from_h > 0),
+                 ("initial_noise_multiplier", self.initial_noise_multiplier not in (None, 1.0))]
         return [*super().unapplied(),
-                *(["initial_noise_multiplier is not applied here: the image was made without it"] if extra else [])]
+                *(f"{field} is not applied here: the image was made without it" for field, applies in named if applies)]
 
 
 class ImagesResponse(BaseModel):
