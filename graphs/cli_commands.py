@@ -26,8 +26,9 @@ def _check_choices(service: Service, args: argparse.Namespace) -> None:
     """Sampler names are checked before a job is queued, so a typo is a usage error, not a job that fails a
     minute later (the service itself refuses an unknown checkpoint when the job is submitted)."""
     if args.sampler:
-        names = [s["name"] for s in service.call("GET", "/sdapi/v1/samplers")]
-        if args.sampler.lower() not in {n.lower() for n in names}:
+        listed = service.call("GET", "/sdapi/v1/samplers")
+        names = [s["name"] for s in listed]
+        if args.sampler.lower() not in {n.lower() for s in listed for n in (s["name"], *(s.get("aliases") or []))}:
             raise CliError(f"unknown sampler {args.sampler!r} (choices: {', '.join(names)})", 2)
 
 

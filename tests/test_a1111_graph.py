@@ -131,9 +131,23 @@ def test_each_of_a1111s_own_scripts_is_accepted_with_its_warning(ingress, script
         f"A1111's {script!r} script is not applied here: its arguments were ignored"]
 
 
-def test_an_unknown_sampler_is_refused_naming_the_field_that_named_it(ingress):
-    assert refused(lambda: txt2img(ingress, sampler_index="Nope")).details["field"] == "sampler_index"
-    assert refused(lambda: txt2img(ingress, sampler_name="Nope")).details["field"] == "sampler_name"
+def test_an_unknown_sampler_runs_the_default_as_in_a1111_with_a_warning_naming_its_field(ingress):
+    default = txt2img(ingress)
+    for field in ("sampler_index", "sampler_name"):
+        body = txt2img(ingress, **{field: "k_no_such_sampler"})
+        assert same_pixels(body, default) and body["info"]["sampler_name"] == DEFAULT_SAMPLER
+        assert body["info"]["warnings"] == [f"{field}: unknown sampler 'k_no_such_sampler' (GET /sdapi/v1/samplers "
+                                            f"lists them): {DEFAULT_SAMPLER} ran instead"]
+
+
+def test_a1111s_sampler_aliases_are_listed_and_run_their_sampler(ingress):
+    listed = {s["name"]: s["aliases"] for s in ingress.samplers.remote().result()}
+    assert listed["Euler a"] == ["euler_a", "k_euler_a", "k_euler_ancestral"]
+    assert "k_dpmpp_2m_ka" in listed["DPM++ 2M Karras"] and "euler_a" not in listed  # an alias is not a name
+    assert "Restart" not in listed  # it runs Heun's steps: not itself
+    for alias, name in (("k_euler_a", "Euler a"), ("k_dpmpp_2m_ka", "DPM++ 2M Karras")):
+        assert same_pixels(txt2img(ingress, sampler_name=alias), txt2img(ingress, sampler_name=name))
+        assert txt2img(ingress, sampler_name=alias)["info"]["warnings"] == []
 
 
 def test_refiner_switch_at_zero_is_ignored_without_a_refiner_and_refused_with_one(ingress):
@@ -471,9 +485,10 @@ def test_restart_runs_heun_with_a_warning(ingress):
     assert same_pixels(body, txt2img(ingress, sampler_name="Heun", scheduler="Karras"))  # Restart's own schedule
 
 
-def test_a_sampler_name_with_a_label_but_no_sampler_is_refused(ingress):
-    assert refused(lambda: txt2img(ingress, sampler_name="Nope Karras")).details["field"] == "sampler_name"
-    assert "Restart" not in [s["name"] for s in ingress.samplers.remote().result()]
+def test_a_sampler_name_with_a_label_but_no_sampler_runs_the_default(ingress):
+    body = txt2img(ingress, sampler_name="Nope Karras")
+    assert body["info"]["sampler_name"] == DEFAULT_SAMPLER and "unknown sampler 'Nope Karras'" in body["info"][
+        "warnings"][0]
 
 
 def test_prompts_are_read_with_a1111s_syntax(ingress):

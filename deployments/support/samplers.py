@@ -45,7 +45,7 @@ SAMPLERS: dict[str, Sampler] = {
 }
 
 # Seed 003 names.
-ALIASES = {
+SEED_003_ALIASES = {
     "euler_a": "Euler a",
     "euler": "Euler",
     "dpm++_2m": "DPM++ 2M",
@@ -58,6 +58,22 @@ ALIASES = {
     "heun": "Heun",
     "unipc": "UniPC",
 }
+
+# A1111's own aliases (its /samplers lists them; clients of its first versions send them), the "_ka" ones for the
+# Karras names A1111 listed before 1.9.
+A1111_ALIASES = {
+    "k_euler_a": "Euler a", "k_euler_ancestral": "Euler a", "k_euler": "Euler", "k_lms": "LMS", "k_heun": "Heun",
+    "k_dpm_2": "DPM2", "k_dpm_2_a": "DPM2 a", "k_dpmpp_2s_a": "DPM++ 2S a", "k_dpmpp_2m": "DPM++ 2M",
+    "k_dpmpp_sde": "DPM++ SDE", "k_dpmpp_2m_sde": "DPM++ 2M SDE", "k_dpmpp_2m_sde_heun": "DPM++ 2M SDE Heun",
+    "k_dpmpp_3m_sde": "DPM++ 3M SDE", "k_dpm_fast": "DPM fast", "k_dpm_ad": "DPM adaptive", "restart": "Restart",
+    "ddim_cfgpp": "DDIM CFG++", "k_lcm": "LCM",
+    "k_lms_ka": "LMS Karras", "k_dpm_2_ka": "DPM2 Karras", "k_dpm_2_a_ka": "DPM2 a Karras",
+    "k_dpmpp_2s_a_ka": "DPM++ 2S a Karras", "k_dpmpp_2m_ka": "DPM++ 2M Karras", "k_dpmpp_sde_ka": "DPM++ SDE Karras",
+    "k_dpmpp_2m_sde_ka": "DPM++ 2M SDE Karras",
+}
+
+# Every alias, lower-cased, and the name it stands for.
+ALIASES = {**SEED_003_ALIASES, **A1111_ALIASES}
 
 # A1111 samplers diffusers has no solver for. A1111 runs its default sampler for a name it lacks; these run their
 # nearest diffusers sampler instead, and the answer's warnings say so. Never listed: they do not run as themselves.
@@ -135,11 +151,21 @@ SDXL_SCHEDULER_DEFAULTS = {"clip_sample": False, "set_alpha_to_one": False, "ski
                            "sample_max_value": 1.0}
 
 
+def listed_samplers() -> list[str]:
+    """The names /sdapi/v1/samplers lists: each sampler that runs as itself, then its Karras name where Karras
+    sigmas reach it (as A1111 listed them before 1.9; any of A1111's schedule labels may follow a name too)."""
+    return list(SAMPLERS) + [f"{name} Karras" for name in SAMPLERS if name not in _NO_KARRAS]
+
+
 def sampler_names() -> list[str]:
-    """Every name a client may send that runs as itself, A1111 spelling first (any of A1111's schedule labels may
-    follow a name too)."""
-    karras = [f"{name} Karras" for name in SAMPLERS if name not in _NO_KARRAS]
-    return list(SAMPLERS) + karras + list(ALIASES)
+    """Every name a client may send that runs as itself: the listed ones, then their aliases."""
+    runs = set(listed_samplers())
+    return listed_samplers() + [alias for alias, name in ALIASES.items() if name in runs]
+
+
+def aliases_of(name: str) -> list[str]:
+    """The aliases of a listed name."""
+    return [alias for alias, target in ALIASES.items() if target == name]
 
 
 def split(name: str, field: str = "sampler_name") -> tuple[str, Schedule | None]:
@@ -155,6 +181,8 @@ def split(name: str, field: str = "sampler_name") -> tuple[str, Schedule | None]
         return next((n for n in (*SAMPLERS, *SUBSTITUTES) if n.lower() == folded), None)
 
     canonical, schedule = known(name), None
+    if canonical is not None and canonical.endswith(" Karras"):  # an alias of a Karras name ("dpm++_2m_karras")
+        canonical, schedule = canonical.removesuffix(" Karras"), SCHEDULES["Karras"]
     if canonical is None:
         # The longest label that ends the name: A1111 tries them in list order and so reads "DPM++ 2M SGM Uniform"
         # as "DPM++ 2M SGM" with Uniform, an unknown sampler.
@@ -165,8 +193,6 @@ def split(name: str, field: str = "sampler_name") -> tuple[str, Schedule | None]
     if canonical is None:
         raise UnknownModel(f"unknown sampler {name!r} (GET /sdapi/v1/samplers lists them)", field=field,
                            details={"choices": sampler_names()})
-    if name.lower() in ALIASES and name.lower().endswith("_karras"):  # seed 003's "dpm++_2m_karras"
-        canonical, schedule = canonical.removesuffix(" Karras"), SCHEDULES["Karras"]
     return canonical, schedule
 
 

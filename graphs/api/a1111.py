@@ -194,10 +194,16 @@ class A1111Routes(CheckpointChoice):
 
     def _choice(self, r: Txt2ImgRequest) -> A1111Choice:
         """The sampler and schedule ``r`` runs, as A1111 1.10 reads them (its "Automatic" is each sampler's own
-        schedule, "DPM++ 2M Karras" is "DPM++ 2M" with Karras); an unknown sampler is refused here, naming the field
-        the client used."""
-        return a1111_choice(r.sampler or self.config.base.default_sampler, r.scheduler,
-                            "sampler_index" if r.sampler_index and not r.sampler_name else "sampler_name")
+        schedule, "DPM++ 2M Karras" is "DPM++ 2M" with Karras); for an unknown sampler the default runs, as in A1111,
+        with a warning naming the field the client used."""
+        field = "sampler_index" if r.sampler_index and not r.sampler_name else "sampler_name"
+        default = self.config.base.default_sampler
+        try:
+            return a1111_choice(r.sampler or default, r.scheduler, field)
+        except UnknownModel:  # A1111 runs its default sampler for a name it lacks, and says nothing
+            choice = a1111_choice(default, r.scheduler)
+            note = f"{field}: unknown sampler {r.sampler!r} (GET /sdapi/v1/samplers lists them): {default} ran instead"
+            return A1111Choice(choice.sampler, choice.schedule, choice.label, (note, *choice.warnings))
 
     def _generation(self, r: Txt2ImgRequest, seed: int, choice: A1111Choice, subseed: int = -1,
                     **extra) -> GenerationRequest:

@@ -16,7 +16,7 @@ from fastapi import APIRouter
 
 from deployments.support.errors import UnknownModel
 from deployments.support.generation import LATENT_UPSCALE_MODES
-from deployments.support.samplers import ALIASES, SCHEDULES, sampler_names
+from deployments.support.samplers import SCHEDULES, aliases_of, listed_samplers
 from graphs import flights, plans
 from graphs.api import a1111_infotext as infotext
 from graphs.api.a1111_models import (
@@ -108,9 +108,8 @@ class A1111InfoRoutes(CheckpointChoice):
 
     @router.get("/samplers", response_model=list[SamplerItem])
     async def samplers(self) -> list[dict]:
-        """Every sampler name accepted in sampler_name."""
-        aliases = {name: [a for a, target in ALIASES.items() if target == name] for name in sampler_names()}
-        return [{"name": name, "aliases": aliases[name], "options": {}} for name in sampler_names()]
+        """Every sampler that runs as itself, with the aliases also accepted in sampler_name."""
+        return [{"name": name, "aliases": aliases_of(name), "options": {}} for name in listed_samplers()]
 
     @router.get("/schedulers", response_model=list[SchedulerItem])
     async def schedulers(self) -> list[dict]:
