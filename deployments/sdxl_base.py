@@ -54,9 +54,9 @@ from deployments.support.imaging import to_rgb
 from deployments.support.logs import replica_logging
 from deployments.support.metrics import StageMetrics
 from deployments.support.pipelines import LoraFiles, Pipelines, Resident
-from deployments.support.prompts import READING, PromptEncoder, read
+from deployments.support.prompts import READING, Conditioning, PromptEncoder, read
 from deployments.support.reporting import Reporter
-from deployments.support.samplers import build_scheduler, img2img_steps
+from deployments.support.samplers import build_scheduler, evaluations, img2img_steps
 from deployments.support.settings import Settings, current
 from deployments.support.variations import Variation, circular, initial_latents, vary_batch
 from deployments.weights import loader
@@ -161,10 +161,11 @@ class BaseGenerator:
             held = item.checkpoint or self.checkpoint(request.checkpoint)
             self.sync_embeddings(held)  # before its chunks are counted: an embedding's vectors are tokens
             if request.prompt_syntax == "a1111":  # a prompt that cannot be read fails its own request alone
-                chunk_counts(held, request)
+                chunk_counts(held, request, self.config.default_sampler)
             seeds, subseeds = variation_seeds(request.seed, request.subseed, request.subseed_strength,
                                               request.batch_size)
-            return prompt, seeds, [*prompt_warnings(request), *variation_warnings(request)], \
+            return prompt, seeds, [*prompt_warnings(request, self.config.default_sampler),
+                                   *variation_warnings(request)], \
                 variations_of(request, subseeds)
 
         outcomes, passed = prepare(items, check)
@@ -220,6 +221,9 @@ class BaseGenerator:
         counts = [len(s) for s in seeds]
         offsets = [sum(counts[:i]) for i in range(len(counts) + 1)]
         done = [0]  # steps of earlier passes (the hires fix has two)
+        # An A1111 request's prompts over the pass that runs: which texts each image conditions on, step by step.
+        scheduled: list[Conditioning | None] = [None]
+        per_step = evaluations(sampler)  # A1111 counts prompt editing's steps in model evaluations
 
         def per_image(values: list) -> list:
             return [value for value, n in zip(values, counts, strict=True) for _ in range(n)]
@@ -259,16 +263,24 @@ class BaseGenerator:
             if latents is not None:
                 for request_id, offset in previewed.items():
                     self.cancellation.keep_latents(request_id, latents[offset])
+            if scheduled[0] is not None:
+                scheduled[0].step_end(pipe, step, callback_kwargs, per_step)
             return callback_kwargs
 
         # Empty negatives stay None: SDXL then uses zero embeddings, not the encoding of "" (batch_key keeps
         # requests with and without one apart).
         negatives = per_image([i.request.negative_prompt for i in items]) if request.negative_prompt else None
+        hires_texts: Conditioning | None = None
         if request.prompt_syntax == "a1111":  # batch_key: the whole batch is read one way
-            # Encoded here, with the LoRAs of the batch set on the pipeline's own encoders; the hires pass takes
-            # these embeddings with the rest of the first pass's arguments.
-            texts: dict = PromptEncoder(pipe, pipes.inversions.vocabulary)(per_image(prompts), negatives,
-                                                                           request.steps)
+            # Encoded here, with the LoRAs of the batch set on the pipeline's own encoders and the checkpoint's
+            # textual-inversion embeddings, every text of both passes' schedules; each image's row follows its own
+            # schedule (``on_step_end``).
+            prompt_encoder = PromptEncoder(pipe, pipes.inversions.vocabulary)
+            scheduled[0] = first = prompt_encoder.scheduled(per_image(prompts), negatives, request.steps * per_step)
+            texts: dict = first.at(0)
+            if request.hires is not None:
+                hires_texts = prompt_encoder.scheduled(per_image(prompts), negatives, request.hires.steps * per_step,
+                                                       first_pass=request.steps * per_step)
         else:  # diffusers tokenizes these: the embeddings' names are rewritten into their tokens first
             vocabulary = pipes.inversions.vocabulary
             texts = dict(prompt=per_image([vocabulary.rewrite(p) for p in prompts]),
@@ -283,6 +295,8 @@ class BaseGenerator:
             generator=generators,
             callback_on_step_end=on_step_end,
         )
+        if scheduled[0] is not None and (scheduled[0].moves or (hires_texts is not None and hires_texts.moves)):
+            kwargs["callback_on_step_end_tensor_inputs"] = ["latents", "prompt_embeds", "add_text_embeds"]
         total_steps = request.steps
         mask = init = None
         variations = [v for group in varied for v in group]
@@ -335,6 +349,9 @@ class BaseGenerator:
                         latents = pipe(**kwargs, output_type="latent").images
                         if request.hires is not None:
                             done[0] = request.steps
+                            if hires_texts is not None:  # A1111 schedules the second pass's prompts anew
+                                scheduled[0] = hires_texts
+                                kwargs.update(hires_texts.at(0))
                             latents = self._hires_pass(pipes, request, request.hires, latents, seeds, kwargs, partial,
                                                        variations)
                 except Stopped:  # no item runs on: each is stopped (its result is kept in ``partial``) or cancelled
@@ -517,23 +534,31 @@ def variation_warnings(request: GenerationRequest) -> list[str]:
     return out
 
 
-def prompt_warnings(request: GenerationRequest) -> list[str]:
-    """What of an A1111 request's prompt syntax is not applied (prompt editing, AND); none for a plain one."""
+def prompt_warnings(request: GenerationRequest, default_sampler: str = "Euler a") -> list[str]:
+    """What of an A1111 request's prompt syntax is not applied (AND); none for a plain one."""
     if request.prompt_syntax != "a1111":
         return []
-    found = [*read(parse_lora_tags(request.prompt)[0], request.steps).warnings,
-             *read(request.negative_prompt, request.steps, "negative_prompt").warnings]
+    steps = request.steps * evaluations(request.sampler or default_sampler)
+    found = [*read(parse_lora_tags(request.prompt)[0], steps).warnings,
+             *read(request.negative_prompt, steps, "negative_prompt").warnings]
     return list(dict.fromkeys(found))
 
 
-def chunk_counts(pipes: Pipelines, request: GenerationRequest) -> tuple[int, int] | None:
+def chunk_counts(pipes: Pipelines, request: GenerationRequest,
+                 default_sampler: str = "Euler a") -> tuple[int, ...] | None:
     """The chunks an A1111 request's prompt and negative prompt need alone with a checkpoint's tokenizers and
-    embeddings (None for a plain one); refused beyond ``MAX_CHUNKS``. A batch pads every text to its most chunks,
-    so these belong to the batching key: a request's pixels never depend on its batch mates'."""
+    embeddings, over the steps of its first pass and then (with the hires fix) of its second (None for a plain one);
+    refused beyond ``MAX_CHUNKS``. A pass pads every text of the batch to its most chunks, so these belong to the
+    batching key: a request's pixels never depend on its batch mates'."""
     if request.prompt_syntax != "a1111":
         return None
-    return PromptEncoder(pipes.txt2img, pipes.inversions.vocabulary).counts(
-        parse_lora_tags(request.prompt)[0], request.negative_prompt, request.steps)
+    encoder, prompt = PromptEncoder(pipes.txt2img, pipes.inversions.vocabulary), parse_lora_tags(request.prompt)[0]
+    per_step = evaluations(request.sampler or default_sampler)
+    counts = encoder.counts(prompt, request.negative_prompt, request.steps * per_step)
+    if request.hires is None:
+        return counts
+    return counts + encoder.counts(prompt, request.negative_prompt, request.hires.steps * per_step,
+                                   first_pass=request.steps * per_step)
 
 
 def passes_over(request: GenerationRequest, source: StageResult) -> list[GenerationRequest]:
@@ -544,7 +569,7 @@ def passes_over(request: GenerationRequest, source: StageResult) -> list[Generat
             for image, seed in zip(source.images, source.seeds, strict=True)]
 
 
-def batch_key(request: GenerationRequest, chunks: tuple[int, int] | None = None) -> tuple | None:
+def batch_key(request: GenerationRequest, chunks: tuple[int, ...] | None = None) -> tuple | None:
     """What requests must share to run in one pipeline call; ``None``: this one runs alone (an inpainting mask
     and an IP-Adapter reference belong to one request). The checkpoint is part of it: a batch never mixes two.
     ``chunks``: an A1111 request's ``chunk_counts``, which its batch mates must need too. Tiling is part of it (the
@@ -672,7 +697,7 @@ class SDXLBase:
                     item.checkpoint = held
                 # The chunk counts tokenize the prompts here, on the event loop: a few milliseconds, since a
                 # prompt's parse is cached and its length capped (and every pass of a request reads alike).
-                chunks = chunk_counts(held, request)
+                chunks = chunk_counts(held, request, self.model.config.default_sampler)
                 submitted = self.batcher.submit_all([(batch_key(item.request, chunks), item) for item in items])
                 results = await self.model.cancellation.guard(request_id, submitted)
             return await encoded(results[0] if init is None else init.joined(results), encode)

@@ -14,15 +14,15 @@ from deployments.support.generation import GenerationRequest, RefineRequest, Sta
 from deployments.support.prompts import (
     AND_WARNING,
     CHUNK_TOKENS,
-    EDITING_WARNING,
     MAX_CHUNKS,
     MAX_NESTING,
     Chunk,
     check,
     chunk,
-    first_step,
+    current,
     parse_emphasis,
     read,
+    schedule,
 )
 from tests.helpers import pixels
 
@@ -74,16 +74,21 @@ def test_break_is_an_upper_case_word_of_its_own():
     assert pairs("") == [("", 1.0)]
 
 
-def test_prompt_editing_and_alternation_run_as_at_their_first_step():
-    assert first_step("a [dog:cat:0.5] in a (hat:1.2)", 20) == ("a dog in a (hat:1.2)", True)
-    assert first_step("[cat:10] on a [red|green|blue] mat", 20) == (" on a red mat", True)
-    assert first_step("a[b:[c:d:2]:0.3]e", 20) == ("abe", True)  # nested: the outer's from, read in turn
-    assert first_step("([a:b:0.5]:1.2) x", 20) == ("(a:1.2) x", True)  # inside emphasis, which stays
-    assert first_step("[(x:2)] [y] [p:q:r] [open", 20) == ("[(x:2)] [y] [p:q:r] [open", False)
-    assert first_step("a [b : c : 1 ] d", 10) == ("a b  d", True)  # whitespace around when, as A1111's grammar
+def first_step(prompt: str, steps: int) -> str:
+    return schedule(prompt, steps)[0][1]
+
+
+def test_prompt_editing_and_alternation_at_their_first_step():
+    assert first_step("a [dog:cat:0.5] in a (hat:1.2)", 20) == "a dog in a (hat:1.2)"
+    assert first_step("[cat:10] on a [red|green|blue] mat", 20) == " on a red mat"
+    assert first_step("a[b:[c:d:2]:0.3]e", 20) == "abe"  # nested: the outer's from, read in turn
+    assert first_step("([a:b:0.5]:1.2) x", 20) == "(a:1.2) x"  # inside emphasis, which stays
+    assert schedule("[(x:2)] [y] [p:q:r] [open", 20) == ((20, "[(x:2)] [y] [p:q:r] [open"),)
+    assert first_step("a [b : c : 1 ] d", 10) == "a b  d"  # whitespace around when, as A1111's grammar
     reading = read("[photo:painting:0.5] of a cat AND a dog", 20)
-    assert [(f.text, f.weight) for f in reading.fragments] == [("photo of a cat AND a dog", 1.0)]
-    assert reading.warnings == (EDITING_WARNING, AND_WARNING)
+    assert [[(f.text, f.weight) for f in text] for text in reading.texts] == [
+        [("photo of a cat AND a dog", 1.0)], [("painting of a cat AND a dog", 1.0)]]
+    assert reading.warnings == (AND_WARNING,)  # prompt editing applies: no warning
     assert read("(cat:1.2) [dog]", 20).warnings == ()
 
 
@@ -102,7 +107,64 @@ def test_prompt_editing_and_alternation_run_as_at_their_first_step():
 def test_the_first_step_reads_when_as_a1111_does(prompt, steps, expected):
     """A1111 switches after step int(when), ``when`` a fraction of the steps when written with a point, else a
     step number; the first step runs ``from`` when that step is 1 or later."""
-    assert first_step(prompt, steps) == (expected, True)
+    assert first_step(prompt, steps) == expected
+
+
+def a1111(prompt: str, steps: int = 10, first_pass: int | None = None) -> list[list]:
+    return [list(entry) for entry in schedule(prompt, steps, "prompt", first_pass)]
+
+
+@pytest.mark.parametrize(("prompt", "expected"), [
+    ("test", [[10, "test"]]),
+    ("a [b:3]", [[3, "a "], [10, "a b"]]),
+    ("a [b: 3]", [[3, "a "], [10, "a b"]]),
+    ("a [[[b]]:2]", [[2, "a "], [10, "a [[b]]"]]),
+    ("[(a:2):3]", [[3, ""], [10, "(a:2)"]]),
+    ("a [b : c : 1] d", [[1, "a b  d"], [10, "a  c  d"]]),
+    ("a[b:[c:d:2]:1]e", [[1, "abe"], [2, "ace"], [10, "ade"]]),
+    ("a [unbalanced", [[10, "a [unbalanced"]]),
+    ("a [b:.5] c", [[5, "a  c"], [10, "a b c"]]),
+    ("a [{b|d{:.5] c", [[5, "a  c"], [10, "a {b|d{ c"]]),
+    ("((a][:b:c [d:3]", [[3, "((a][:b:c "], [10, "((a][:b:c d"]]),
+    ("[a|(b:1.1)]", [[1, "a"], [2, "(b:1.1)"], [3, "a"], [4, "(b:1.1)"], [5, "a"], [6, "(b:1.1)"], [7, "a"],
+                     [8, "(b:1.1)"], [9, "a"], [10, "(b:1.1)"]]),
+    ("[fe|]male", [[1, "female"], [2, "male"], [3, "female"], [4, "male"], [5, "female"], [6, "male"],
+                   [7, "female"], [8, "male"], [9, "female"], [10, "male"]]),
+    ("[fe|||]male", [[1, "female"], [2, "male"], [3, "male"], [4, "male"], [5, "female"], [6, "male"],
+                     [7, "male"], [8, "male"], [9, "female"], [10, "male"]]),
+])
+def test_schedules_match_a1111s_doctests(prompt, expected):
+    """A1111 1.10's modules/prompt_parser.py doctests for get_learned_conditioning_prompt_schedules, 10 steps."""
+    assert a1111(prompt) == expected
+
+
+def test_the_hires_pass_schedules_on_from_the_first():
+    """A1111's own doctests with a first pass of 10 steps: a fraction past 1 spans the second pass, one under 1
+    has switched already; a step number counts on from the first pass's steps."""
+    assert a1111("a [b:.5] c", 10, first_pass=10) == [[10, "a b c"]]
+    assert a1111("a [b:1.5] c", 10, first_pass=10) == [[5, "a  c"], [10, "a b c"]]
+    assert a1111("[cat:dog:14]", 10, first_pass=10) == [[4, "cat"], [10, "dog"]]
+    assert a1111("[cat:dog:6]", 10, first_pass=10) == [[10, "dog"]]
+
+
+def test_the_comment_example_of_a1111s_parser():
+    prompt = ("fantasy landscape with a [mountain:lake:0.25] and [an oak:a christmas tree:0.75][ in foreground::0.6]"
+              "[ in background:0.25] [shoddy:masterful:0.5]")
+    assert a1111(prompt, 100) == [
+        [25, "fantasy landscape with a mountain and an oak in foreground shoddy"],
+        [50, "fantasy landscape with a lake and an oak in foreground in background shoddy"],
+        [60, "fantasy landscape with a lake and an oak in foreground in background masterful"],
+        [75, "fantasy landscape with a lake and an oak in background masterful"],
+        [100, "fantasy landscape with a lake and a christmas tree in background masterful"]]
+
+
+def test_each_model_evaluation_takes_the_first_entry_ending_at_or_after_its_count():
+    """A1111's reconstruct_cond_batch: its denoiser counts evaluations from 0 against end steps counted from 1,
+    so the first two evaluations both run the first entry and a switch at step 5 comes at the seventh."""
+    ends = [end for end, _ in schedule("[cat:dog:5]", 10)]
+    assert [current(ends, k) for k in range(10)] == [0] * 6 + [1] * 4
+    ends = [end for end, _ in schedule("[a|b]", 4)]
+    assert [current(ends, k) for k in range(4)] == [0, 0, 1, 2]  # a, a, b, a
 
 
 # --- what is refused ---------------------------------------------------------------------------------------------
@@ -375,11 +437,74 @@ def test_a_long_prompts_tail_changes_the_image_only_when_read_in_chunks(base):
                   - image(base, prompt=tail, prompt_syntax="a1111")).mean() > SEEN
 
 
-def test_prompt_editing_runs_its_first_part_with_a_warning(base):
-    edited = base.generate(GenerationRequest(**{**SMALL, "prompt": "a [dog:cat:0.5]", "prompt_syntax": "a1111"}))
-    assert EDITING_WARNING in edited.warnings
-    assert np.array_equal(pixels(edited.images[0]), image(base, prompt="a dog"))
-    assert EDITING_WARNING not in base.generate(GenerationRequest(**SMALL, prompt_syntax="a1111")).warnings
+def a1111_image(base, **kw) -> np.ndarray:
+    return image(base, prompt_syntax="a1111", **kw)
+
+
+def test_prompt_editing_switches_the_prompt_during_sampling_without_a_warning(base):
+    """Over 4 steps ``when`` 1 switches at A1111's third evaluation: two steps of each, unlike either alone."""
+    edited = base.generate(GenerationRequest(**{**SMALL, "prompt": "a [cat:dog:1]", "prompt_syntax": "a1111"}))
+    assert edited.warnings == []
+    both = pixels(edited.images[0])
+    for alone in ("a cat", "a dog"):
+        assert np.abs(both - a1111_image(base, prompt=alone)).mean() > SEEN / 4, alone
+    assert np.array_equal(a1111_image(base, prompt="a [cat:dog:0.25]"), both)  # a quarter of 4 steps: step 1
+
+
+@pytest.mark.parametrize(("prompt", "same_as"), [
+    ("a [cat:dog:0]", "a dog"),
+    ("a [cat:dog:1.0]", "a cat"),
+    ("a [cat:dog:3]", "a cat"),  # A1111 counts evaluations from 0: the 4th runs the text of step 3
+    ("a [cat|cat]", "a cat"),  # a schedule whose text never changes changes nothing
+    ("a [:cat:0]", "a cat"),
+])
+def test_prompt_editing_reads_when_as_a1111s_denoiser_counts(base, prompt, same_as):
+    assert np.array_equal(a1111_image(base, prompt=prompt), a1111_image(base, prompt=same_as))
+
+
+def test_alternation_changes_the_prompt_from_step_to_step(base):
+    swapped = a1111_image(base, prompt="a [cat|dog]")  # cat, cat, dog, cat
+    assert np.abs(swapped - a1111_image(base, prompt="a cat")).mean() > SEEN / 4
+    assert not np.array_equal(swapped, a1111_image(base, prompt="a [dog|cat]"))
+
+
+def test_the_negative_prompt_has_its_schedule_too(base):
+    edited = a1111_image(base, negative_prompt="[blurry:dark:1]")
+    for alone in ("blurry", "dark"):
+        assert np.abs(edited - a1111_image(base, negative_prompt=alone)).mean() > SEEN / 4, alone
+    assert np.array_equal(a1111_image(base, negative_prompt="[blurry:dark:0]"),
+                          a1111_image(base, negative_prompt="dark"))
+
+
+def test_a_second_order_sampler_schedules_over_twice_the_steps(base):
+    """A1111 counts Heun's two evaluations a step: over 4 steps, 8, so step 3 is in the second step."""
+    heun = {"sampler": "Heun"}
+    cat = a1111_image(base, prompt="a cat", **heun)
+    assert np.array_equal(a1111_image(base, prompt="a [cat:dog:7]", **heun), cat)
+    assert not np.array_equal(a1111_image(base, prompt="a [cat:dog:3]", **heun), cat)
+
+
+def test_image_to_image_counts_from_the_first_step_that_runs(base):
+    """A1111 schedules over all the steps asked for and counts from 0 at the first that runs: at strength 0.75 of
+    4 steps, three run, and ``when`` 2 never switches."""
+    init = {"init_image": Image.new("RGB", (64, 64), (90, 140, 200)), "strength": 0.75}
+    cat = a1111_image(base, prompt="a cat", **init)
+    assert np.array_equal(a1111_image(base, prompt="a [cat:dog:2]", **init), cat)
+    assert np.abs(a1111_image(base, prompt="a [cat:dog:1]", **init) - cat).mean() > SEEN / 4
+
+
+def test_items_with_different_schedules_share_a_batch_each_with_its_own_pixels(base):
+    from deployments.sdxl_base import batch_key, chunk_counts
+    from deployments.support.generation import BatchItem
+
+    pipe = base.checkpoint()
+    requests = [GenerationRequest(**{**SMALL, "prompt": p, "prompt_syntax": "a1111"})
+                for p in ("a [cat:dog:1]", "a [dog|bird]", "a cat")]
+    assert len({batch_key(r, chunk_counts(pipe, r)) for r in requests}) == 1
+    together = base.generate_batch([BatchItem(r, f"r{i}") for i, r in enumerate(requests)])
+    for alone, result in zip(requests, together, strict=True):
+        # Batched and single convolutions may round differently on CPU: allow two grey levels.
+        assert np.abs(pixels(result.images[0]) - pixels(base.generate(alone).images[0])).max() <= 2
 
 
 def test_requests_needing_different_chunk_counts_never_share_a_batch(base):
@@ -433,6 +558,22 @@ def test_the_latent_hires_pass_reads_the_same_syntax(base):
     assert np.array_equal(image(base, prompt="a cat", hires=hires, prompt_syntax="a1111"), plain)
     assert not np.array_equal(image(base, prompt="a (cat:1.5)", hires=hires, prompt_syntax="a1111"),
                               image(base, prompt="a cat", hires=hires, prompt_syntax="a1111"))
+
+
+def test_the_hires_pass_schedules_its_own_steps_on_from_the_first(base):
+    """A1111 recomputes the schedule for the second pass: a step number counts on from the first pass's 4 steps,
+    and a fraction from 1.0 to 2.0 spans the second pass."""
+    from deployments.support.generation import LatentHires
+
+    hires = LatentHires(width=96, height=96, steps=4, strength=0.5)
+    cat, dog = (a1111_image(base, prompt=p, hires=hires) for p in ("a cat", "a dog"))
+    assert np.array_equal(a1111_image(base, prompt="a [cat:dog:2.0]", hires=hires), cat)
+    assert np.array_equal(a1111_image(base, prompt="a [cat:dog:0]", hires=hires), dog)
+    assert np.array_equal(a1111_image(base, prompt="a [cat:dog:1.5]", hires=hires),
+                          a1111_image(base, prompt="a [cat:dog:6]", hires=hires))  # step 2 of the second pass
+    switched = a1111_image(base, prompt="a [cat:dog:4]", hires=hires)  # cat first, dog second
+    for alone in (cat, dog):
+        assert np.abs(switched - alone).mean() > SEEN / 4
 
 
 def test_the_refiner_reads_the_same_syntax(refiner):

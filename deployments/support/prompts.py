@@ -2,8 +2,10 @@
 
 Three layers, each testable on its own:
 
-- ``first_step`` and ``parse_emphasis``: plain string functions (no torch) that turn a prompt into weighted
-  fragments of text and chunk breaks, as A1111's parser reads it; ``read`` does both, once per prompt (cached), and
+- ``schedule`` and ``parse_emphasis``: plain string functions (no torch). ``schedule`` gives the texts a prompt
+  runs at each sampling step (prompt editing ``[from:to:when]`` and alternation ``[a|b]``), as A1111 1.10's
+  ``get_learned_conditioning_prompt_schedules`` does; ``parse_emphasis`` turns one such text into weighted fragments
+  and chunk breaks as its ``parse_prompt_attention`` does; ``read`` does both, once per prompt (cached), and
   ``check`` is what the ingress calls on a request's prompts before anything runs;
 - ``chunk``: those fragments' token ids cut into chunks of 75, moving the words after a late comma into the next
   chunk as A1111 does;
@@ -11,7 +13,8 @@ Three layers, each testable on its own:
   on them apply, and textual-inversion embeddings: each fragment's embedding names are rewritten into their tokens
   before it is tokenized, so an emphasis weights every vector of one), weighted, rescaled to their unweighted mean
   and concatenated along the sequence: the ``prompt_embeds`` / ``pooled_prompt_embeds`` pairs an SDXL pipeline
-  takes in place of strings.
+  takes in place of strings, with a ``Conditioning`` that swaps them from step to step as each image's schedule
+  moves on.
 
 A prompt without syntax shorter than 75 tokens gives exactly what the pipeline's own ``encode_prompt`` computes.
 Every refusal is an ``InvalidInput`` naming the field it read (``prompt`` or ``negative_prompt``), so that one
@@ -36,7 +39,7 @@ if TYPE_CHECKING:
 
     from deployments.support.embeddings import Vocabulary
 
-READING = "a1111-emphasis-chunks-2"  # part of the result cache's key: answers read otherwise are not served
+READING = "a1111-emphasis-chunks-schedule-3"  # part of the result cache's key: answers read otherwise are not served
 CHUNK_TOKENS = 75  # tokens of text per chunk: the encoders' 77 positions less the start and end tokens
 COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack default
 EMPHASIS = 1.1  # what one pair of round brackets multiplies by (square ones divide)
@@ -49,8 +52,6 @@ MAX_WEIGHT = 100.0  # a token's weight (its brackets multiplied), either sign: f
 # twice the longest prompts its users share.
 MAX_CHUNKS = 8
 
-EDITING_WARNING = ("prompt editing [from:to:when] and alternation [a|b] are not applied: the prompt runs as A1111 "
-                   "reads it at its first step")
 AND_WARNING = "AND (composable prompts) is not applied: it is read as a word"
 
 
@@ -153,7 +154,7 @@ def parse_emphasis(text: str, field_: str = "prompt") -> list[Fragment]:
 
 @dataclass
 class _Open:
-    """A bracket open during ``first_step``'s pass, and (a square one) the separators at its own level."""
+    """A bracket open during ``_brackets``'s pass, and (a square one) the separators at its own level."""
 
     kind: str
     at: int
@@ -161,16 +162,23 @@ class _Open:
     pipes: list[int] = field(default_factory=list)
 
 
-def first_step(text: str, steps: int, field_: str = "prompt") -> tuple[str, bool]:
-    """``text`` as A1111 runs it at the first of ``steps`` sampling steps, and whether it used prompt editing or
-    alternation. ``[from:to:when]`` is ``from`` when it switches at step 1 or later, else ``to``; ``when`` is a
-    fraction of ``steps`` when written with a point, else a step number (A1111's default reading), so
-    ``[cat:dog:0]``, and ``[cat:dog:0.01]`` under 100 steps, are ``dog``; ``[to:when]`` is nothing or ``to`` alike;
-    ``[a|b|c]`` is ``a``; nested ones likewise. Square brackets that are neither stay for ``parse_emphasis``; an
-    unbalanced one is text. One pass finds every bracket's match (a stack, no recursion), a second keeps the text
-    that runs; refused: more than ``MAX_NESTING`` brackets open at once."""
-    drops = [0] * (len(text) + 1)  # +1 where a dropped span begins, -1 where it ends
-    found = False
+@dataclass(frozen=True)
+class _Edit:
+    """A square bracket that is prompt editing (``when`` set: its A1111 step) or alternation (``options``): the
+    spans of text it may keep, from ``start`` to ``end`` (the brackets themselves) in the prompt."""
+
+    start: int
+    end: int
+    spans: tuple[tuple[int, int], ...]  # editing: (from, to); alternation: one per option
+    when: float | None = None  # the number as written, read against the steps in ``schedule``
+    fraction: bool = False  # written with a point: a fraction of the steps
+
+
+def _brackets(text: str, field_: str) -> list[_Edit]:
+    """Every square bracket of ``text`` that is prompt editing or alternation, found in one pass (a stack, no
+    recursion); square brackets that are neither stay for ``parse_emphasis``, and an unbalanced one is text.
+    Refused: more than ``MAX_NESTING`` brackets open at once."""
+    edits: list[_Edit] = []
     stack: list[_Open] = []
     squares = 0  # square brackets on the stack
     i = 0
@@ -190,65 +198,134 @@ def first_step(text: str, steps: int, field_: str = "prompt") -> tuple[str, bool
             while (top := stack.pop()).kind != "[":
                 pass  # round brackets left open inside it end with it
             squares -= 1
-            kept = _scheduled(text, top, i, steps)
-            if kept is not None:  # drop the bracket but for the part that runs
-                found = True
-                drops[top.at] += 1
-                drops[kept[0]] -= 1
-                drops[kept[1]] += 1
-                drops[i + 1] -= 1
+            edit = _edit(text, top, i)
+            if edit is not None:
+                edits.append(edit)
         elif c in ":|" and stack and stack[-1].kind == "[":
             (stack[-1].colons if c == ":" else stack[-1].pipes).append(i)
         i += 1
-    out, dropped = [], 0
-    for i, c in enumerate(text):
-        dropped += drops[i]
-        if not dropped:
-            out.append(c)
-    return "".join(out), found
+    return edits
 
 
-def _scheduled(text: str, bracket: _Open, end: int, steps: int) -> tuple[int, int] | None:
-    """The span of text that runs at the first step when the square bracket from ``bracket.at`` to ``end`` is prompt
-    editing or alternation, else None."""
+def _edit(text: str, bracket: _Open, end: int) -> _Edit | None:
+    """The square bracket from ``bracket.at`` to ``end`` as prompt editing or alternation, else None."""
     start, colons = bracket.at + 1, bracket.colons
     if len(colons) in (1, 2):
         number = text[colons[-1] + 1:end].strip()
         if _NUMBER.fullmatch(number):
-            # A1111 switches after step int(when): from runs at step 1 when that is 1 or more.
-            when = float(number) * (steps if "." in number else 1)
             before = (start, colons[0]) if len(colons) == 2 else (start, start)
             after = (colons[0] + 1, colons[1]) if len(colons) == 2 else (start, colons[0])
-            return before if when >= 1 else after
+            return _Edit(bracket.at, end, (before, after), float(number), "." in number)
     if not colons and bracket.pipes:
-        return start, bracket.pipes[0]
+        bounds = [bracket.at, *bracket.pipes, end]
+        return _Edit(bracket.at, end, tuple((a + 1, b) for a, b in zip(bounds, bounds[1:], strict=False)))
     return None
+
+
+def _switch(when: float, fraction: bool, steps: int, first_pass: int | None) -> int:
+    """The last step of ``steps`` at which an edit keeps its ``from``, as A1111 1.10 reads ``when``: a number with
+    a point is a fraction of the steps, else a step number, capped at ``steps``. In a hires pass (``first_pass``:
+    the first pass's steps) a step number counts on from the first pass and a fraction from 1.0 to 2.0 spans the
+    second, so that ``[a:b:0.5]`` is ``b`` throughout it."""
+    at = (when - (first_pass is not None)) * steps if fraction else when - (first_pass or 0)
+    return min(steps, int(at))
+
+
+@lru_cache(maxsize=1024)
+def schedule(text: str, steps: int, field_: str = "prompt", first_pass: int | None = None
+             ) -> tuple[tuple[int, str], ...]:
+    """``text`` over ``steps`` sampling steps as A1111 1.10's ``get_learned_conditioning_prompt_schedules``
+    gives it: ``(end_step, text)`` pairs, the text that runs up to and including each end step, the last ending at
+    ``steps``. ``[from:to:when]`` is ``from`` up to step ``when`` (see ``_switch``) and ``to`` after it;
+    ``[to:when]`` is nothing, then ``to``; ``[from::when]`` is ``from``, then nothing; ``[a|b|c]`` is option
+    ``(step - 1) % 3`` at each step; nested ones likewise. ``first_pass``: this is the hires pass after a first
+    pass of that many steps. Cached: the checks, the batching key and the encoder read a prompt once."""
+    edits = _brackets(text, field_)
+    if not edits:
+        return ((steps, text),)
+    switches = {i: _switch(e.when, e.fraction, steps, first_pass) for i, e in enumerate(edits) if e.when is not None}
+    ends = {steps, *(at for at in switches.values() if at >= 1)}
+    if len(switches) < len(edits):  # alternation: a text per step
+        ends.update(range(1, steps + 1))
+    texts: dict[tuple[int, ...], str] = {}  # by the span each edit keeps: steps that keep the same share a text
+    out: list[tuple[int, str]] = []
+    for step in sorted(ends):
+        kept = tuple(int(step > switches[i]) if i in switches else (step - 1) % len(e.spans)
+                     for i, e in enumerate(edits))
+        if kept not in texts:
+            texts[kept] = _keep(text, edits, kept)
+        out.append((step, texts[kept]))
+    return tuple(out)
+
+
+def _keep(text: str, edits: list[_Edit], kept: tuple[int, ...]) -> str:
+    """``text`` with each edit's brackets dropped but for the span it keeps (nested edits in a dropped span go
+    with it): a count of the dropped spans open at each position, swept once."""
+    drops = [0] * (len(text) + 1)  # +1 where a dropped span begins, -1 where it ends
+    for e, k in zip(edits, kept, strict=True):
+        start, end = e.spans[k]
+        drops[e.start] += 1
+        drops[start] -= 1
+        drops[end] += 1
+        drops[e.end + 1] -= 1
+    out, dropped, since = [], 0, 0
+    for i in sorted({e.start for e in edits} | {s for e, k in zip(edits, kept, strict=True) for s in e.spans[k]}
+                    | {e.end + 1 for e in edits}):
+        if not dropped:
+            out.append(text[since:i])
+        dropped += drops[i]
+        since = i
+    if not dropped:
+        out.append(text[since:])
+    return "".join(out)
+
+
+def current(ends: Sequence[int], counter: int) -> int:
+    """The entry of a schedule (its end steps) that A1111 conditions its ``counter``-th model evaluation on,
+    counting from 0: the first whose end step is ``counter`` or more. A1111 counts evaluations from 0 against end
+    steps counted from 1, so its first two steps both run the first entry, and each switch comes a step after its
+    ``when``."""
+    return next((i for i, end in enumerate(ends) if counter <= end), 0)
+
+
+@lru_cache(maxsize=4096)
+def fragments(text: str, field_: str = "prompt") -> tuple[Fragment, ...]:
+    """One text of a schedule as weighted fragments (``parse_emphasis``), cached."""
+    return tuple(parse_emphasis(text, field_))
 
 
 @dataclass(frozen=True)
 class Reading:
-    """A prompt as A1111 reads it: its fragments, and what of its syntax this service does not apply."""
+    """A prompt as A1111 reads it: its schedule's texts, each as fragments, and what of its syntax this service
+    does not apply."""
 
-    fragments: tuple[Fragment, ...]
+    texts: tuple[tuple[Fragment, ...], ...]
     warnings: tuple[str, ...] = ()
+
+    @property
+    def fragments(self) -> tuple[Fragment, ...]:
+        """The first step's fragments."""
+        return self.texts[0]
 
     def least_chunks(self) -> int:
         """A lower bound on its chunks with any CLIP tokenizer, without one: a word with a letter or digit is one
-        token or more, and a chunk holds at most ``CHUNK_TOKENS``; each BREAK ends a chunk."""
-        words = sum(any(c.isalnum() for c in word) for f in self.fragments if not f.breaks for word in f.text.split())
-        breaks = sum(f.breaks for f in self.fragments)
-        return max(1, breaks, math.ceil(words / CHUNK_TOKENS))
+        token or more, and a chunk holds at most ``CHUNK_TOKENS``; each BREAK ends a chunk. The most of any of its
+        texts: A1111 pads a prompt's texts to its longest."""
+        def least(text: tuple[Fragment, ...]) -> int:
+            words = sum(any(c.isalnum() for c in word) for f in text if not f.breaks for word in f.text.split())
+            breaks = sum(f.breaks for f in text)
+            return max(1, breaks, math.ceil(words / CHUNK_TOKENS))
+
+        return max(least(text) for text in self.texts)
 
 
 @lru_cache(maxsize=1024)
-def read(prompt: str, steps: int, field_: str = "prompt") -> Reading:
-    """A prompt (LoRA tags already stripped) as A1111 reads it at the first of ``steps``; cached, so that the
-    checks, the batching key and each tokenizer on a replica parse it once."""
-    text, edited = first_step(prompt, steps, field_)
-    warnings = [EDITING_WARNING] if edited else []
-    if _AND_WORD.search(text):
-        warnings.append(AND_WARNING)
-    return Reading(tuple(parse_emphasis(text, field_)), tuple(warnings))
+def read(prompt: str, steps: int, field_: str = "prompt", first_pass: int | None = None) -> Reading:
+    """A prompt (LoRA tags already stripped) as A1111 reads it over ``steps`` (``schedule``); cached, so that the
+    checks and the batching key parse it once."""
+    texts = [text for _, text in schedule(prompt, steps, field_, first_pass)]
+    warnings = [AND_WARNING] if any(_AND_WORD.search(text) for text in texts) else []
+    return Reading(tuple(dict.fromkeys(fragments(text, field_) for text in texts)), tuple(warnings))
 
 
 def check(prompt: str, steps: int, field_: str = "prompt") -> Reading:
@@ -335,71 +412,95 @@ class PromptEncoder:
                  (getattr(pipe, "tokenizer_2", None), getattr(pipe, "text_encoder_2", None))]
         self.encoders = [(t, e) for t, e in pairs if t is not None and e is not None]
 
-    def chunks(self, text: str, tokenizer, steps: int, field_: str = "prompt") -> list[Chunk]:
-        """A prompt's chunks by one tokenizer: each fragment tokenized on its own, as A1111 does."""
-        fragments = read(text, steps, field_).fragments
-        texts = [f.text for f in fragments]
+    def chunks(self, text: str, tokenizer, field_: str = "prompt") -> list[Chunk]:
+        """One text of a schedule as chunks by one tokenizer: each fragment tokenized on its own, as A1111 does."""
+        parts = fragments(text, field_)
+        texts = [f.text for f in parts]
         groups = None
         if self.vocabulary is not None and self.vocabulary.tokens:
             texts = [self.vocabulary.rewrite(t) for t in texts]
             groups = self.vocabulary.groups(tokenizer)
         ids = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
-        return chunk([None if f.breaks else (own, f.weight) for f, own in zip(fragments, ids, strict=True)],
+        return chunk([None if f.breaks else (own, f.weight) for f, own in zip(parts, ids, strict=True)],
                      _comma(tokenizer), length=tokenizer.model_max_length - 2, groups=groups)
 
-    def count(self, text: str, steps: int, field_: str = "prompt") -> int:
-        """The chunks ``text`` needs alone (the most of any of the encoders' tokenizers); refused beyond
-        ``MAX_CHUNKS``. Requests batched together must need as many, or padding would change their pixels."""
-        count = max(len(self.chunks(text, tokenizer, steps, field_)) for tokenizer, _ in self.encoders)
+    def count(self, prompt: str, steps: int, field_: str = "prompt", first_pass: int | None = None) -> int:
+        """The chunks ``prompt`` needs alone over ``steps``: the most of any text of its schedule with any of the
+        encoders' tokenizers (A1111 pads a schedule's texts to its longest); refused beyond ``MAX_CHUNKS``.
+        Requests batched together must need as many, or padding would change their pixels."""
+        count = max(len(self.chunks(text, tokenizer, field_)) for _, text in schedule(prompt, steps, field_, first_pass)
+                    for tokenizer, _ in self.encoders)
         if count > MAX_CHUNKS:
             raise InvalidInput(f"the prompt needs {count} chunks of {CHUNK_TOKENS} tokens, more than {MAX_CHUNKS}",
                                field=field_)
         return count
 
-    def counts(self, prompt: str, negative: str, steps: int) -> tuple[int, int]:
+    def counts(self, prompt: str, negative: str, steps: int, first_pass: int | None = None) -> tuple[int, int]:
         """The chunks a request's prompt (LoRA tags stripped) and negative prompt need alone; 0 for no negative."""
-        return self.count(prompt, steps), self.count(negative, steps, "negative_prompt") if negative else 0
+        return (self.count(prompt, steps, first_pass=first_pass),
+                self.count(negative, steps, "negative_prompt", first_pass) if negative else 0)
 
     def __call__(self, prompts: list[str], negatives: list[str] | None, steps: int) -> dict[str, torch.Tensor]:
-        """The four embeddings an SDXL pipeline takes for ``prompts`` (one per image) and their ``negatives``, read
-        at the first of ``steps``; None: no negative prompt, read as diffusers reads it (zeros where the
-        checkpoint's config says ``force_zeros_for_empty_prompt``, else the encoding of ""). Every text ends with
-        as many chunks as the longest of them, padded with chunks of the empty prompt (the batching keys keep
-        texts that need different counts apart). Non-finite embeddings are refused, never denoised."""
+        """The four embeddings an SDXL pipeline takes for ``prompts`` (one per image) and their ``negatives``, as
+        they are at the first of ``steps`` (``scheduled`` gives every step's)."""
+        return self.scheduled(prompts, negatives, steps).at(0)
+
+    def scheduled(self, prompts: list[str], negatives: list[str] | None, steps: int,
+                  first_pass: int | None = None) -> Conditioning:
+        """``prompts`` (one per image) and their ``negatives`` over ``steps`` (A1111's count: twice the sampling
+        steps for a second-order sampler; ``first_pass``: see ``schedule``): each distinct text of their schedules
+        encoded once. None: no negative prompt, read as diffusers reads it (zeros where the checkpoint's config says
+        ``force_zeros_for_empty_prompt``, else the encoding of ""). Every text ends with as many chunks as the
+        longest of them, padded with chunks of the empty prompt (the batching keys keep texts that need different
+        counts apart). Non-finite embeddings are refused, never denoised."""
         import torch
 
         zeros = negatives is None and bool(self.pipe.config.get("force_zeros_for_empty_prompt", False))
-        # Prompts and negatives are encoded as two batches, as diffusers does, so that a plain prompt gives the
-        # very numbers it gives there.
         groups = [prompts] if zeros else [prompts, negatives if negatives is not None else [""] * len(prompts)]
+        # Per image, its schedule's end steps and the index of each entry's text among its group's distinct texts.
+        plans: list[list[tuple[tuple[int, ...], tuple[int, ...]]]] = []
+        distinct: list[dict[str, int]] = []
+        for group, name in zip(groups, FIELDS, strict=False):
+            index: dict[str, int] = {}
+            plans.append([])
+            for prompt in group:
+                entries = schedule(prompt, steps, name, first_pass)
+                plans[-1].append((tuple(end for end, _ in entries),
+                                  tuple(index.setdefault(text, len(index)) for _, text in entries)))
+            distinct.append(index)
         read_by: list[dict[str, list[Chunk]]] = []
         for tokenizer, _ in self.encoders:
-            read_by.append({text: self.chunks(text, tokenizer, steps, name)
-                            for group, name in zip(groups, FIELDS, strict=False) for text in group})
+            read_by.append({text: self.chunks(text, tokenizer, name)
+                            for index, name in zip(distinct, FIELDS, strict=False) for text in index})
         count = max(len(chunks) for by_text in read_by for chunks in by_text.values())
         dtype = self.encoders[-1][1].dtype
         encoded: list[tuple[torch.Tensor, torch.Tensor]] = []
         with torch.no_grad():
-            for group in groups:
-                states: list[torch.Tensor] = []
-                pooled: torch.Tensor | None = None
-                for (tokenizer, encoder), by_text in zip(self.encoders, read_by, strict=True):
-                    hidden, first = self._encode(tokenizer, encoder, [by_text[t] for t in group], count)
-                    states.append(hidden)
-                    pooled = first if first is not None else pooled
-                if pooled is None:
-                    raise ValueError("the pipeline's last text encoder gives no pooled output")
-                encoded.append((torch.cat(states, dim=-1).to(dtype=dtype), pooled))
+            # Each text is encoded on its own: a batch's other texts would change the last bits of its numbers (the
+            # pooled projection's on CPU), and so its pixels; a plain prompt gives the very numbers of diffusers.
+            for index in distinct:
+                rows: list[tuple[torch.Tensor, torch.Tensor]] = []
+                for text in index:
+                    states: list[torch.Tensor] = []
+                    pooled: torch.Tensor | None = None
+                    for (tokenizer, encoder), by_text in zip(self.encoders, read_by, strict=True):
+                        hidden, first = self._encode(tokenizer, encoder, [by_text[text]], count)
+                        states.append(hidden)
+                        pooled = first if first is not None else pooled
+                    if pooled is None:
+                        raise ValueError("the pipeline's last text encoder gives no pooled output")
+                    rows.append((torch.cat(states, dim=-1).to(dtype=dtype), pooled))
+                encoded.append((torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])))
         for (states, pooled_), name in zip(encoded, FIELDS, strict=False):
             # A backstop behind the weight caps: an overflow (float16, or a rescale by a mean near zero) would
             # denoise into a black image, cached as an answer.
             if not (bool(torch.isfinite(states).all()) and bool(torch.isfinite(pooled_).all())):
                 raise InvalidInput("the weighted prompt encodes to non-finite values", field=name)
-        (embeds, pooled), *negative = encoded
         if zeros:
-            negative = [(torch.zeros_like(embeds), torch.zeros_like(pooled))]
-        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled,
-                "negative_prompt_embeds": negative[0][0], "negative_pooled_prompt_embeds": negative[0][1]}
+            embeds, pooled = encoded[0]
+            encoded.append((torch.zeros_like(embeds[:1]), torch.zeros_like(pooled[:1])))
+            plans.append([((steps,), (0,))] * len(prompts))
+        return Conditioning(*encoded[0], *encoded[1], plans[0], plans[1])
 
     @staticmethod
     def _encode(tokenizer, encoder, readings: list[list[Chunk]], count: int
@@ -439,3 +540,59 @@ def _emphasised(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     states = states * weights[..., None]
     states = states * (before / states.mean(dim=(1, 2), keepdim=True))
     return states.to(hidden.dtype)
+
+
+@dataclass
+class Conditioning:
+    """Every distinct text of a batch's schedules encoded once, and which of them each image conditions on at each
+    model evaluation: what ``PromptEncoder.scheduled`` gives. ``at`` is a pipeline's four embeddings at one
+    evaluation; ``step_end``, called from a pipeline's ``callback_on_step_end``, swaps in the next evaluation's
+    wherever a schedule moves on, row by row, so that each image of a batch follows its own."""
+
+    embeds: torch.Tensor  # distinct prompt texts x sequence x features
+    pooled: torch.Tensor
+    negative_embeds: torch.Tensor
+    negative_pooled: torch.Tensor
+    prompts: list[tuple[tuple[int, ...], tuple[int, ...]]]  # per image: its schedule's end steps, their texts' rows
+    negatives: list[tuple[tuple[int, ...], tuple[int, ...]]]
+    applied: tuple | None = None  # the rows the pipeline holds now
+
+    @property
+    def moves(self) -> bool:
+        """Whether any image's prompt or negative prompt changes during sampling."""
+        return any(len(ends) > 1 for ends, _ in (*self.prompts, *self.negatives))
+
+    def rows(self, counter: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Each image's prompt and negative prompt rows at A1111's ``counter``-th evaluation (``current``)."""
+        def pick(plans: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> tuple[int, ...]:
+            return tuple(rows[current(ends, counter)] for ends, rows in plans)
+
+        return pick(self.prompts), pick(self.negatives)
+
+    def at(self, counter: int) -> dict[str, torch.Tensor]:
+        """The embeddings an SDXL pipeline takes in place of prompts, as they are at evaluation ``counter``."""
+        positive, negative = self.applied = self.rows(counter)
+        return {"prompt_embeds": self.embeds[list(positive)], "pooled_prompt_embeds": self.pooled[list(positive)],
+                "negative_prompt_embeds": self.negative_embeds[list(negative)],
+                "negative_pooled_prompt_embeds": self.negative_pooled[list(negative)]}
+
+    def step_end(self, pipe, step: int, callback_kwargs: dict, evaluations: int = 1) -> None:
+        """After the pipeline's loop iteration ``step``: the next iteration's ``prompt_embeds`` and
+        ``add_text_embeds`` into ``callback_kwargs`` when they change (the pipeline takes them back from there;
+        with guidance, negatives first, as it concatenates them). ``evaluations``: A1111's model evaluations per
+        sampling step (2 for its second-order samplers), against the scheduler's loop iterations per step, so that
+        the counter is A1111's whatever the diffusers scheduler counts."""
+        import torch
+
+        counter = (step + 1) * evaluations // getattr(pipe.scheduler, "order", 1)
+        if self.rows(counter) == self.applied:
+            return
+        now = self.at(counter)
+        current_embeds, current_pooled = callback_kwargs["prompt_embeds"], callback_kwargs["add_text_embeds"]
+        embeds, pooled = now["prompt_embeds"], now["pooled_prompt_embeds"]
+        if pipe.do_classifier_free_guidance:  # the pipeline's own order: negatives, then prompts
+            embeds = torch.cat([now["negative_prompt_embeds"], embeds])
+            pooled = torch.cat([now["negative_pooled_prompt_embeds"], pooled])
+        callback_kwargs["prompt_embeds"] = embeds.to(device=current_embeds.device, dtype=current_embeds.dtype)
+        callback_kwargs["add_text_embeds"] = pooled.to(device=current_pooled.device, dtype=current_pooled.dtype)
+

@@ -196,6 +196,17 @@ def split(name: str, field: str = "sampler_name") -> tuple[str, Schedule | None]
     return canonical, schedule
 
 
+# A1111 1.10's samplers that evaluate the model twice a sampling step ("second_order" in its
+# modules/sd_samplers_kdiffusion.py). It counts prompt editing's steps in evaluations: twice the steps for these.
+SECOND_ORDER = frozenset({"Heun", "DPM2", "DPM2 a", "DPM++ 2S a", "DPM++ SDE", "Restart"})
+
+
+def evaluations(name: str) -> int:
+    """A1111's model evaluations per sampling step for sampler ``name`` as asked (Restart's, not its substitute's):
+    prompt editing and alternation are scheduled over ``steps * evaluations(name)`` of them."""
+    return 2 if split(name)[0] in SECOND_ORDER else 1
+
+
 def resolve(name: str, field: str = "sampler_name") -> tuple[str, dict]:
     """The diffusers sampler ``name`` runs (see ``split``) and the options its spelling adds."""
     canonical, schedule = split(name, field)
