@@ -224,6 +224,7 @@ class BaseGenerator:
         # An A1111 request's prompts over the pass that runs: which texts each image conditions on, step by step.
         scheduled: list[Conditioning | None] = [None]
         per_step = evaluations(sampler)  # A1111 counts prompt editing's steps in model evaluations
+        evals = [per_step]  # the running pass's (a hires pass may run another sampler)
 
         def per_image(values: list) -> list:
             return [value for value, n in zip(values, counts, strict=True) for _ in range(n)]
@@ -264,7 +265,7 @@ class BaseGenerator:
                 for request_id, offset in previewed.items():
                     self.cancellation.keep_latents(request_id, latents[offset])
             if scheduled[0] is not None:
-                scheduled[0].step_end(pipe, step, callback_kwargs, per_step)
+                scheduled[0].step_end(pipe, step, callback_kwargs, evals[0])
             return callback_kwargs
 
         # Empty negatives stay None: SDXL then uses zero embeddings, not the encoding of "" (batch_key keeps
@@ -278,8 +279,10 @@ class BaseGenerator:
             prompt_encoder = PromptEncoder(pipe, pipes.inversions.vocabulary)
             scheduled[0] = first = prompt_encoder.scheduled(per_image(prompts), negatives, request.steps * per_step)
             texts: dict = first.at(0)
-            if request.hires is not None:
-                hires_texts = prompt_encoder.scheduled(per_image(prompts), negatives, request.hires.steps * per_step,
+            if request.hires is not None:  # its own prompts (batch_key: the batch's hires are the same) or these
+                hires_prompts, hires_negatives = hires_texts_of(request.hires, per_image(prompts), negatives)
+                hires_texts = prompt_encoder.scheduled(hires_prompts, hires_negatives,
+                                                       request.hires.steps * hires_evaluations(request.hires, sampler),
                                                        first_pass=request.steps * per_step)
         else:  # diffusers tokenizes these: the embeddings' names are rewritten into their tokens first
             vocabulary = pipes.inversions.vocabulary
@@ -350,10 +353,10 @@ class BaseGenerator:
                         if request.hires is not None:
                             done[0] = request.steps
                             if hires_texts is not None:  # A1111 schedules the second pass's prompts anew
-                                scheduled[0] = hires_texts
+                                scheduled[0], evals[0] = hires_texts, hires_evaluations(request.hires, sampler)
                                 kwargs.update(hires_texts.at(0))
                             latents = self._hires_pass(pipes, request, request.hires, latents, seeds, kwargs, partial,
-                                                       variations)
+                                                       variations, warnings)
                 except Stopped:  # no item runs on: each is stopped (its result is kept in ``partial``) or cancelled
                     pass
                 results: list[StageResult | BaseException] = []
@@ -377,11 +380,12 @@ class BaseGenerator:
             partial.release()
 
     def _hires_pass(self, pipes: Pipelines, request: GenerationRequest, hires: LatentHires, latents: torch.Tensor,
-                    seeds: list[list[int]], first: dict, partial: Partial,
-                    variations: list[Variation | None]) -> torch.Tensor:
+                    seeds: list[list[int]], first: dict, partial: Partial, variations: list[Variation | None],
+                    warnings: list[str]) -> torch.Tensor:
         """A1111's latent hires fix: resize the first pass's latents as the mode says, then denoise them again at
-        the hires size with the same checkpoint, prompts and sampler, from the same seeds (A1111 reseeds), and
-        with the same variation seeds, mixed into this pass's noise at its size, as A1111 mixes them."""
+        the hires size with the same checkpoint and the hires fix's prompts (``first``'s embeddings, swapped in
+        already) and sampler, from the same seeds (A1111 reseeds), and with the same variation seeds, mixed into this
+        pass's noise at its size, as A1111 mixes them."""
         interpolation, antialias = LATENT_UPSCALE_MODES[hires.mode]
         size = (hires.height // 8, hires.width // 8)
         upscaled = torch.nn.functional.interpolate(latents.float(), size=size, mode=interpolation,
@@ -392,8 +396,12 @@ class BaseGenerator:
             upscaled = upscaled[:, :, cut_y // 2:size[0] - (cut_y + 1) // 2, cut_x // 2:size[1] - (cut_x + 1) // 2]
         pipe = pipes.img2img
         flat = [s for group in seeds for s in group]
-        pipe.scheduler = build_scheduler(request.sampler or self.config.default_sampler, pipes.scheduler_config,
-                                         request.schedule, seeds=flat)  # the first pass warned already
+        if hires.sampler is not None:  # A1111's hr_sampler_name / hr_scheduler
+            pipe.scheduler = build_scheduler(hires.sampler, pipes.scheduler_config, hires.schedule, seeds=flat,
+                                             warnings=warnings)
+        else:
+            pipe.scheduler = build_scheduler(request.sampler or self.config.default_sampler, pipes.scheduler_config,
+                                             request.schedule, seeds=flat)  # the first pass warned already
         partial.watch(pipe.scheduler)
         if any(v is not None for v in variations):
             # The pipeline noises the resized latents once, with noise it draws first from each generator: that
@@ -553,12 +561,33 @@ def chunk_counts(pipes: Pipelines, request: GenerationRequest,
     if request.prompt_syntax != "a1111":
         return None
     encoder, prompt = PromptEncoder(pipes.txt2img, pipes.inversions.vocabulary), parse_lora_tags(request.prompt)[0]
-    per_step = evaluations(request.sampler or default_sampler)
+    sampler = request.sampler or default_sampler
+    per_step = evaluations(sampler)
     counts = encoder.counts(prompt, request.negative_prompt, request.steps * per_step)
     if request.hires is None:
         return counts
-    return counts + encoder.counts(prompt, request.negative_prompt, request.hires.steps * per_step,
+    hires = request.hires
+    hires_prompt = parse_lora_tags(hires.prompt)[0] if hires.prompt is not None else prompt
+    hires_negative = hires.negative_prompt if hires.negative_prompt is not None else request.negative_prompt
+    return counts + encoder.counts(hires_prompt, hires_negative, hires.steps * hires_evaluations(hires, sampler),
                                    first_pass=request.steps * per_step)
+
+
+def hires_texts_of(hires: LatentHires, prompts: list[str],
+                   negatives: list[str] | None) -> tuple[list[str], list[str] | None]:
+    """The prompts (LoRA tags removed) and negative prompts of a latent hires pass, per image: its own where
+    A1111's hr_prompt / hr_negative_prompt named them (the same for a whole batch: ``batch_key``), else the first
+    pass's. An empty negative prompt stays None, as the first pass's does."""
+    if hires.prompt is not None:
+        prompts = [parse_lora_tags(hires.prompt)[0]] * len(prompts)
+    if hires.negative_prompt is not None:
+        negatives = [hires.negative_prompt] * len(prompts) if hires.negative_prompt else None
+    return prompts, negatives
+
+
+def hires_evaluations(hires: LatentHires, first_sampler: str) -> int:
+    """Model evaluations per step of a latent hires pass's sampler: A1111 counts its prompt editing in them."""
+    return evaluations(hires.sampler or first_sampler)
 
 
 def passes_over(request: GenerationRequest, source: StageResult) -> list[GenerationRequest]:

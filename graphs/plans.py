@@ -355,9 +355,9 @@ async def a1111_batch(h: Handles, request: GenerationRequest, request_id: str, *
     upscaler on every image of the batch, then a second base pass over them as img2img. Image-to-image requests
     take neither; ``init``: an edit over several images, one img2img pass over each of its images with its seed.
     The second pass runs ``hires.second``'s prompts, sampler and checkpoint where the client named others (the
-    latent pass, one base call, stays on the first pass's checkpoint). Then the faces, then the safety checker when
-    the filter is on. The last stage encodes with ``encode`` (the infotexts, the upload an edit started
-    from) and so marks the files."""
+    latent pass, one base call, stays on the first pass's checkpoint: its latents never leave the replica). Then
+    the faces, then the safety checker when the filter is on. The last stage encodes with ``encode`` (the
+    infotexts, the upload an edit started from) and so marks the files."""
     how = None if restore_faces else h.last(encode)
     last: Any
     if refiner_switch_at is not None and h.refiner is not None and request.init_image is None:
@@ -368,8 +368,9 @@ async def a1111_batch(h: Handles, request: GenerationRequest, request_id: str, *
     elif hires is not None and request.init_image is None and hires.upscaler in LATENT_UPSCALE_MODES:
         width, height = hires.cover or (hires.width, hires.height)
         crop = {"crop_width": hires.width, "crop_height": hires.height} if hires.cover else {}
+        own = {k: v for k, v in hires.second.items() if k in ("prompt", "negative_prompt", "sampler", "schedule")}
         latent = LatentHires(width=width, height=height, mode=hires.upscaler, strength=hires.strength,
-                             steps=hires.steps, **crop)
+                             steps=hires.steps, **crop, **own)
         both = request.model_copy(update={"hires": latent})
         last = base_for(h, both).generate.remote(both, request_id, how)
     elif hires is None or request.init_image is not None:

@@ -244,11 +244,23 @@ def test_the_pixel_hires_fix_runs_its_own_prompt_sampler_and_checkpoint_as_a1111
     assert (status_of(error), error.details["field"]) == (422, "hr_sampler_name")
 
 
-def test_the_latent_hires_fix_names_the_second_pass_fields_it_does_not_apply(ingress):
-    latent = {"enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 1, "hr_upscaler": "Latent"}
+def test_the_latent_hires_fix_runs_its_own_prompts_and_sampler_and_names_the_checkpoint_it_cannot(ingress):
+    latent = {"enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 2, "hr_upscaler": "Latent",
+              "denoising_strength": 0.6}
+    plain = txt2img(ingress, **latent)
+    for fields, key, written in (({"hr_prompt": "a castle, at night"}, "Hires prompt", "a castle, at night"),
+                                 ({"hr_negative_prompt": "fog"}, "Hires negative prompt", "fog"),
+                                 ({"hr_sampler_name": "Euler"}, "Hires sampler", "Euler")):
+        body = txt2img(ingress, **latent, **fields)
+        assert not same_pixels(body, plain) and body["info"]["warnings"] == [], fields
+        assert parse(body["info"]["infotexts"][0])[key] == written
+    # The hires prompt is read with A1111's syntax, its editing scheduled over the second pass.
+    longer = {**latent, "hr_second_pass_steps": 6}
+    edited = txt2img(ingress, **longer, hr_prompt="a [castle:lighthouse:1.5]")
+    assert not same_pixels(edited, txt2img(ingress, **longer, hr_prompt="a castle"))
     body = txt2img(ingress, **latent, hr_checkpoint_name="tiny-sdxl-base-b")
     assert body["info"]["warnings"] == ["hr_checkpoint_name is not applied here: the image was made without it"]
-    assert "Hires checkpoint" not in body["info"]["infotexts"][0]
+    assert same_pixels(body, plain) and "Hires checkpoint" not in body["info"]["infotexts"][0]
 
 
 def test_the_infotext_names_the_deployed_face_restorer(ingress):
@@ -528,10 +540,10 @@ def test_a1111_fields_not_applied_are_named_in_the_warnings(ingress):
     webuiapi = {"styles": [], "subseed": -1, "subseed_strength": 0.0, "seed_resize_from_h": 0, "seed_resize_from_w": 0,
                 "tiling": False, "s_churn": 0, "hr_sampler_name": "", "hr_prompt": "", "save_images": True}
     assert txt2img(ingress, **webuiapi)["info"]["warnings"] == []  # a client's defaults say nothing
-    body = txt2img(ingress, subseed_strength=0.3, tiling=True, enable_hr=True, hr_scale=1.5,
-                   hr_upscaler="Latent", hr_prompt="another prompt", hr_sampler_name="Use same sampler")
+    body = txt2img(ingress, s_churn=0.5, enable_hr=True, hr_scale=1.5, hr_upscaler="Latent",
+                   hr_checkpoint_name="tiny-sdxl-base-b", hr_sampler_name="Use same sampler")
     assert body["info"]["warnings"] == [f"{field} is not applied here: the image was made without it"
-                                        for field in ("hr_prompt",)]
+                                        for field in ("s_churn", "hr_checkpoint_name")]
     edited = img2img(ingress, init_images=[b64(bands())], initial_noise_multiplier=1.2, image_cfg_scale=1.5,
                      subseed_strength=0.4, seed_resize_from_w=64, seed_resize_from_h=64, tiling=True)
     assert edited["info"]["warnings"] == [f"{field} is not applied here: the image was made without it" for field in

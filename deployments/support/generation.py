@@ -51,7 +51,8 @@ LATENT_UPSCALE_MODES: dict[str, tuple[str, bool]] = {
 
 class LatentHires(BaseModel):
     """A1111's latent hires fix: the first pass's latents resized to the hires size and denoised again, as
-    image-to-image on latents, by the same checkpoint (never decoded in between)."""
+    image-to-image on latents, by the same checkpoint (never decoded in between), with the first pass's prompts and
+    sampler or its own."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -64,6 +65,11 @@ class LatentHires(BaseModel):
                   "Latent (nearest)", "Latent (nearest-exact)"] = "Latent"
     strength: float = Field(0.7, ge=MIN_STRENGTH, le=1.0, description="A1111 denoising_strength of the second pass")
     steps: int = Field(20, ge=1, le=150)
+    # A1111's hr_prompt, hr_negative_prompt, hr_sampler_name and hr_scheduler: None, the first pass's.
+    prompt: str | None = Field(None, max_length=10_000, description="the second pass's prompt")
+    negative_prompt: str | None = Field(None, max_length=10_000, description="the second pass's negative prompt")
+    sampler: str | None = Field(None, max_length=64, description="the second pass's sampler, with schedule")
+    schedule: str | None = Field(None, max_length=64, description="with sampler: its schedule (None: its own)")
 
     @model_validator(mode="after")
     def _crop_inside(self) -> LatentHires:

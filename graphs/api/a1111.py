@@ -164,8 +164,9 @@ class A1111Routes(CheckpointChoice):
         if min(width, height) < 64 or max(cover) > 4096 or width * height > self.config.base.max_pixels:
             raise InvalidInput(f"hires size {width}x{height} is out of bounds: 64 to 4096 a side, at most "
                                f"{self.config.base.max_pixels} pixels", field=field)
-        # The latent fix is one base call, its second pass run as the first (unapplied() names what is not).
-        second = {} if r.hr_upscaler in LATENT_UPSCALE_MODES else await self._second_pass(r, choice)
+        second = await self._second_pass(r, choice)
+        if r.hr_upscaler in LATENT_UPSCALE_MODES:  # one base call: one checkpoint (unapplied() names the other)
+            second.pop("checkpoint", None)
         return plans.A1111Hires(upscaler=r.hr_upscaler, width=width, height=height,
                                 strength=max(r.denoising_strength, 0.01), steps=r.hr_second_pass_steps or r.steps,
                                 cover=cover if target.cropped else None, box=crop_box(target, r.width, r.height),

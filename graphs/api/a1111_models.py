@@ -106,7 +106,7 @@ class Txt2ImgRequest(_A1111):
     tiling: bool = Field(False, description="seamless tiling: the UNet's and the VAE's convolutions pad circularly "
                          "(not the refiner's)")
     s_churn: float | None = Field(None, description="not applied")
-    # The hires fix's second pass: applied with a pixel hr_upscaler, named in the warnings with a Latent one.
+    # The hires fix's second pass (a Latent one runs on the first pass's checkpoint: see unapplied).
     hr_checkpoint_name: str | None = Field(None, max_length=256, description="the second pass's checkpoint; none: "
                                            "the first pass's")
     hr_sampler_name: str | None = Field(None, max_length=64, description="the second pass's sampler; none: the "
@@ -157,17 +157,10 @@ class Txt2ImgRequest(_A1111):
     def unapplied(self) -> list[str]:
         """A warning for each field set that would change A1111's image and is not applied here (left at its
         default, or at the value that means "as the first pass", a field says nothing)."""
-        same = SAME_AS_FIRST_PASS
-        latent = self.hr_upscaler in LATENT_UPSCALE_MODES  # one base call: the second pass is the first's
+        latent = self.hr_upscaler in LATENT_UPSCALE_MODES  # one base call: the first pass's checkpoint
         named = [
             ("s_churn", bool(self.s_churn)),
-            ("hr_checkpoint_name", latent and self.enable_hr and self.hr_checkpoint_name not in same),
-            ("hr_sampler_name", latent and self.enable_hr and self.hr_sampler_name not in {*same, self.sampler}),
-            ("hr_scheduler", latent and self.enable_hr and self.hr_scheduler not in {*same, "Automatic",
-                                                                                     self.scheduler}),
-            ("hr_prompt", latent and self.enable_hr and self.hr_prompt not in {"", self.prompt}),
-            ("hr_negative_prompt", latent and self.enable_hr and self.hr_negative_prompt not in {"",
-                                                                                               self.negative_prompt}),
+            ("hr_checkpoint_name", latent and self.enable_hr and self.hr_checkpoint_name not in SAME_AS_FIRST_PASS),
         ]
         return [f"{field} is not applied here: the image was made without it" for field, applies in named if applies]
 
