@@ -325,11 +325,12 @@ def test_inpainting_mask_invert_repaints_the_black_area(ingress, astronaut):
 
 def test_several_init_images_start_one_image_each(ingress):
     red, blue = Image.new("RGB", (64, 64), (255, 0, 0)), Image.new("RGB", (64, 64), (0, 0, 255))
-    body = img2img(ingress, init_images=[b64(red), b64(blue)], batch_size=4, mask=b64(Image.new("L", (64, 64))),
-                   mask_blur=0)
+    # A1111 makes one image of each: a batch of 4 over two init images is a batch of 2.
+    body = img2img(ingress, init_images=[b64(red), b64(blue)], batch_size=4, n_iter=2,
+                   mask=b64(Image.new("L", (64, 64))), mask_blur=0)
     colours = [tuple(pixels(decode_b64(data))[32, 32]) for data in body["images"]]
     assert colours == [(255, 0, 0), (0, 0, 255), (255, 0, 0), (0, 0, 255)]
-    assert body["info"]["all_seeds"] == [5, 6, 7, 8]
+    assert body["info"]["all_seeds"] == [5, 6, 7, 8] and body["info"]["batch_size"] == 2
     # Without a mask the passes batch; each image is what its own init image and seed give alone.
     both = img2img(ingress, init_images=[b64(red), b64(blue)], batch_size=2)
     alone = img2img(ingress, init_images=[b64(blue)], seed=6)

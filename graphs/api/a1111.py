@@ -391,11 +391,14 @@ class A1111Routes(CheckpointChoice):
 
     @router.post("/img2img", response_model=ImagesResponse, responses=documented(400))
     async def img2img(self, body: Img2ImgRequest, http: Request) -> Response:
-        """Image to image, the init images framed by resize_mode (image i of a batch starts from init image i, round
-        and round); with a mask, inpainting (white repaints; black with inpainting_mask_invert)."""
+        """Image to image, the init images framed by resize_mode (one starts every image of the batch; several, one
+        image each, the batch as large as their number, as in A1111); with a mask, inpainting (white repaints; black
+        with inpainting_mask_invert)."""
         if len(body.init_images) > body.batch_size:  # A1111 refuses them too
             raise InvalidInput(f"{len(body.init_images)} init_images for a batch of {body.batch_size}: at most one "
                                "per image of the batch", field="init_images")
+        if 1 < len(body.init_images) < body.batch_size:  # A1111 makes one image of each
+            body = body.model_copy(update={"batch_size": len(body.init_images)})
         uploads = [image_bytes(data, "init_images") for data in body.init_images]
         inits, mask = await asyncio.to_thread(edit_inputs, body, uploads)
         return await self._run(http, body, uploads[0], cache_as="a1111-img2img", inits=inits, init_image=inits[0],
