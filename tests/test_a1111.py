@@ -176,6 +176,8 @@ class Service:
         self.routes.config = SimpleNamespace(base=SimpleNamespace(default_sampler="Euler a", max_pixels=2048 * 2048,
                                                                   vae=None), refiner=None)
         self.routes.styles = PromptStyles(None)
+        weights = SimpleNamespace(checkpoint=SimpleNamespace(source="tiny-sdxl-base"))
+        self.routes.catalog = SimpleNamespace(entry=lambda _name: weights, sha256=lambda _source: "ab12" * 16)
         self.routes.cache = RequestCache(ResultCache(LocalEntries(tmp_path / "cache"), 10**6, 3600),
                                          self.routes.handles, Settings())
 

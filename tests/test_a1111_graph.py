@@ -620,3 +620,28 @@ def test_extras_html_info_says_when_no_face_was_restored(ingress, astronaut):
                                           {"data": b64(bands()), "name": "b"}])
     assert answer(ingress.extra_batch_images.remote(batch).result())["html_info"] == (
         "<p>image 1: no face detected: image unchanged</p>")
+
+
+def test_info_has_a1111s_keys_and_the_infotext_names_the_model_hash(ingress):
+    body = txt2img(ingress, batch_size=2, restore_faces=True)
+    info = body["info"]
+    listed = {m["model_name"]: m["hash"] for m in ingress.sd_models.remote().result()}
+    assert info["sd_model_hash"] == listed["tiny-sdxl-base"] and len(info["sd_model_hash"]) == 10
+    assert info["index_of_first_image"] == 0 and len(body["images"]) == 2  # no grid: the first image is first
+    assert info["face_restoration_model"] == "RestoreFormer" and info["clip_skip"] == 1
+    assert info["extra_generation_params"]["Model hash"] == info["sd_model_hash"]
+    assert parse(info["infotexts"][0])["Model hash"] == info["sd_model_hash"]
+
+
+def test_options_report_the_settings_that_run_and_take_a_round_trip(ingress):
+    from graphs.api.a1111_models import OptionsRequest
+
+    options = ingress.get_options.remote().result()
+    assert options["randn_source"] == "CPU" and options["sd_vae"] == "Automatic"  # what runs here
+    assert options["CLIP_stop_at_last_layers"] == 1 and options["eta_noise_seed_delta"] == 0
+    assert len(options["sd_checkpoint_hash"]) == 64 and options["sd_model_checkpoint"].startswith("tiny-sdxl-base [")
+    # open-webui posts back what it read: it is accepted, and changes nothing that would change an image.
+    assert ingress.set_options.remote(OptionsRequest(**options)).result() == {}
+    assert ingress.get_options.remote().result() == options
+    overridden = txt2img(ingress, override_settings=options)
+    assert overridden["info"]["warnings"] == [] and same_pixels(overridden, txt2img(ingress))

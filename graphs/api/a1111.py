@@ -279,6 +279,9 @@ class A1111Routes(CheckpointChoice):
         # the one that will run, and /face-restorers names it the same way.
         restorer = (await call(self.handles.faces.describe.remote()))["restorer"] if r.restore_faces else None
         settings = self._settings_text(r, switch, hires, restorer, edit="init_image" in extra)
+        digest = await asyncio.to_thread(self._short_hash, model)  # the /sd-models hash, cached on this host
+        if digest:
+            settings["Model hash"] = digest
         sampler = choice.sampler  # what the base runs for this request
         files: list[bytes] = []
         seeds: list[int] = []
@@ -348,13 +351,22 @@ class A1111Routes(CheckpointChoice):
                 "seed_resize_from_h": r.seed_resize_from_h if varied else -1, "width": size[0], "height": size[1],
                 "sampler_name": sampler, "cfg_scale": r.cfg_scale,
                 "steps": r.steps, "batch_size": r.batch_size, "restore_faces": r.restore_faces,
-                "sd_model_name": model, "infotexts": texts, "styles": [],
+                "sd_model_name": model, "sd_model_hash": digest, "infotexts": texts, "styles": [],
+                # A1111's other keys, as this service ran the request: no grid is made, so the first image is first.
+                "index_of_first_image": 0, "denoising_strength": r.denoising_strength, "clip_skip": 1,
+                "face_restoration_model": restorer, "extra_generation_params": settings,
+                "is_using_inpainting_conditioning": False,
                 "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "version": "imagegen-0.1",
                 "warnings": list(dict.fromkeys(warnings)), "nsfw": nsfw if self.handles.safety else None,
                 "cached": False}
         if stopped:
             info[stopped] = True
         return files, info
+
+    def _short_hash(self, model: str) -> str | None:
+        """A checkpoint's A1111 short hash (its SHA-256's first ten digits), where its weights are on this host."""
+        sha = self.catalog.sha256(self.catalog.entry(model).checkpoint.source)
+        return sha[:10] if sha else None
 
     def _settings_text(self, r: Txt2ImgRequest, switch: float | None, hires: plans.A1111Hires | None,
                        restorer: str | None, *, edit: bool) -> dict:

@@ -20,6 +20,7 @@ from deployments.support.samplers import SCHEDULES, aliases_of, listed_samplers
 from graphs import flights, plans
 from graphs.api import a1111_infotext as infotext
 from graphs.api.a1111_models import (
+    IMAGE_SETTINGS,
     CmdFlags,
     Embeddings,
     Empty,
@@ -182,10 +183,14 @@ class A1111InfoRoutes(CheckpointChoice):
 
     @router.get("/options", response_model=Options)
     async def get_options(self) -> dict:
-        """Current options: the default checkpoint (as A1111 titles it) and the output format."""
-        options = {"samples_format": "png", **await asyncio.to_thread(self.jobs.options)}
+        """Current options: the default checkpoint (as A1111 titles it, with its hash), the output format, and
+        A1111's settings that change an image as they run here (clients that read them, or post them back)."""
+        options = {**IMAGE_SETTINGS, "CLIP_stop_at_last_layers": 1, "samples_format": "png",
+                   **await asyncio.to_thread(self.jobs.options)}
         name = await self.default_checkpoint()
         options["sd_model_checkpoint"] = await asyncio.to_thread(self.catalog.title, name)
+        options["sd_checkpoint_hash"] = await asyncio.to_thread(self.catalog.sha256,
+                                                                self.catalog.entry(name).checkpoint.source)
         return options
 
     @router.post("/options", response_model=Empty)
