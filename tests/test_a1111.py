@@ -135,6 +135,103 @@ def test_an_infotext_parse_is_linear_in_its_text():
     assert a1111_infotext.parse("a" * 80_000)["Prompt"] == "a" * 80_000
 
 
+# --- the answers' file format (samples_format) ---------------------------------------------------------------------
+
+TEXT = "a fox, ☃\nNegative prompt: blurry\nSteps: 2, Sampler: Euler, Seed: 5, Size: 64x64"
+
+
+def test_a_user_comment_is_written_and_read_as_piexif_does():
+    """piexif's ``UserComment.dump(text, encoding="unicode")``, A1111's writer: the 8-byte character code, then
+    UTF-16 big-endian; its ``load`` reads that, and ASCII; an unknown code falls back to UTF-8 as A1111 does."""
+    from deployments.support.imaging import read_user_comment, user_comment
+
+    assert user_comment("a☃") == b"UNICODE\0" + b"\x00a\x26\x03"
+    assert read_user_comment(user_comment(TEXT)) == TEXT
+    assert read_user_comment(b"UNICODE\0" + b"\xff\xfe" + "a☃".encode("utf-16-le")) == "a☃"  # a BOM says which
+    assert read_user_comment(b"ASCII\0\0\0Steps: 2") == "Steps: 2"
+    assert read_user_comment("Steps: 2") == "Steps: 2"  # typed ASCII by its writer: Pillow decodes it
+    assert read_user_comment(b"Steps: 2") == "Steps: 2"
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "webp"])
+def test_a_jpeg_or_webp_carries_the_infotext_as_a1111s_reader_finds_it(fmt):
+    import io
+
+    from deployments.support.imaging import encode
+    from graphs.api.a1111_infotext import read
+
+    image = Image.new("RGB", (64, 64), (30, 120, 200))
+    data = encode(image, fmt, 80, {"parameters": TEXT})
+    opened = Image.open(io.BytesIO(data))
+    assert opened.format == fmt.upper() and opened.size == (64, 64)
+    assert read(opened) == (TEXT, {"exif comment": TEXT})
+    assert read(Image.open(io.BytesIO(encode(image, fmt, 80)))) == ("", {})  # no infotext, no EXIF
+
+
+def test_a_png_keeps_its_text_chunks_and_an_exif_comment_wins_as_in_a1111():
+    import io
+
+    from deployments.support.imaging import comment_exif, encode
+    from graphs.api.a1111_infotext import read
+
+    png = Image.open(io.BytesIO(encode(Image.new("RGB", (8, 8)), "png", pnginfo={"parameters": TEXT, "x": "y"})))
+    assert read(png) == (TEXT, {"x": "y"})
+    both = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(both, "PNG", pnginfo=_text_chunk("parameters", "old"), exif=comment_exif(TEXT))
+    assert read(Image.open(both)) == (TEXT, {"exif comment": TEXT})
+
+
+def _text_chunk(key: str, value: str):
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text(key, value)
+    return info
+
+
+def test_jpeg_quality_and_webp_lossless_shape_the_file():
+    import io
+
+    from deployments.support.imaging import encode
+
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 96, 3), dtype=np.uint8))
+    assert len(encode(noise, "jpeg", 30)) < len(encode(noise, "jpeg", 95))
+    lossless = Image.open(io.BytesIO(encode(noise, "webp", 80, lossless=True)))
+    assert np.array_equal(np.asarray(lossless.convert("RGB")), np.asarray(noise))
+    lossy = Image.open(io.BytesIO(encode(noise, "webp", 80)))
+    assert not np.array_equal(np.asarray(lossy.convert("RGB")), np.asarray(noise))
+
+
+def test_an_infotext_too_long_for_a_jpegs_exif_is_left_out_with_a_warning():
+    """A JPEG holds its EXIF in one 64 kB segment; in UTF-16 a 10,000-character prompt and negative prompt with
+    their hires twins outgrow it. The file goes out without it (A1111 fails the request) and the answer says so."""
+    import io
+
+    from deployments.support.generation import Encoding, StageResult
+    from graphs.api.a1111_infotext import read
+
+    long = "a" * 40_000
+    image = Image.new("RGB", (64, 64))
+    jpeg = StageResult(images=[image]).encode(Encoding(format="jpeg", parameters=[long]))
+    assert read(Image.open(io.BytesIO(jpeg.encoded[0]))) == ("", {})
+    assert jpeg.warnings == ["the infotext is too long for a JPEG's EXIF (64 kB): the file carries none (a PNG or "
+                             "WebP would)"]
+    webp = StageResult(images=[image]).encode(Encoding(format="webp", parameters=[long]))
+    assert read(Image.open(io.BytesIO(webp.encoded[0])))[0] == long and webp.warnings == []
+
+
+def test_the_saved_options_read_as_a1111s_with_its_defaults():
+    from graphs.api.a1111_options import encoding, typed
+
+    assert typed({}) == {"samples_format": "png", "jpeg_quality": 80, "webp_lossless": False}
+    assert typed({"samples_format": "jpg", "jpeg_quality": "55", "webp_lossless": "true"}) == {
+        "samples_format": "jpg", "jpeg_quality": 55, "webp_lossless": True}
+    assert typed({"samples_format": "tiff", "jpeg_quality": "0"}) == typed({})  # a store edited by hand
+    assert encoding({"samples_format": "jpg"}).format == "jpeg" and encoding({}).quality == 80
+    webp = encoding({"samples_format": "webp", "webp_lossless": "true", "jpeg_quality": "70"})
+    assert (webp.format, webp.quality, webp.lossless) == ("webp", 70, True)
+
+
 # --- the routes' mapping onto the plan, without Ray ----------------------------------------------------------------
 
 class Service:
@@ -300,6 +397,24 @@ def test_only_a_whole_answer_is_cached(service, monkeypatch, stopped):
     assert first["info"]["cached"] is False
     assert again["info"]["cached"] is (stopped is None)
     assert len(service.batches) == (1 if stopped is None else 2)
+
+
+def test_the_saved_format_reaches_the_last_stage_and_the_cache_tells_formats_apart(service):
+    """The files are encoded by the plan's last stage as ``samples_format`` says when the request starts; a
+    fixed-seed request cached as a PNG is not answered with that PNG once JPEG is the format, nor the reverse."""
+    service.txt2img(seed=5)
+    assert service.batches[-1]["encode"].format == "png"
+    service.routes.jobs.set_option("samples_format", "jpg")
+    service.routes.jobs.set_option("jpeg_quality", "60")
+    jpeg = service.txt2img(seed=5)
+    how = service.batches[-1]["encode"]
+    assert (len(service.batches), how.format, how.quality) == (2, "jpeg", 60) and jpeg["info"]["cached"] is False
+    assert service.txt2img(seed=5)["info"]["cached"] is True and len(service.batches) == 2
+    service.routes.jobs.set_option("jpeg_quality", "61")  # another quality is another file
+    assert service.txt2img(seed=5)["info"]["cached"] is False and len(service.batches) == 3
+    service.routes.jobs.set_option("samples_format", "png")
+    assert service.txt2img(seed=5)["info"]["cached"] is True and len(service.batches) == 3  # the first PNG's,
+    # whatever jpeg_quality says
 
 
 @pytest.mark.parametrize("interrupt", [False, True])

@@ -5,21 +5,25 @@ apart from a hard-coded name."""
 
 from __future__ import annotations
 
+import base64
 import json
 
 import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from pydantic import ValidationError
 from starlette.requests import Request
 
 from deployments.support.errors import InvalidInput, ServiceError
+from deployments.support.imaging import exif_comment
 from graphs.api.a1111_infotext import parse
 from graphs.api.a1111_models import (
     ExtrasBatchRequest,
     ExtrasRequest,
     Img2ImgRequest,
     InterrogateRequest,
+    OptionsRequest,
     PngInfoRequest,
     Txt2ImgRequest,
 )
@@ -397,6 +401,80 @@ def test_png_info_parses_the_infotext_of_an_image_made_here(ingress):
     parameters = read["parameters"]
     keys = ("Prompt", "Negative prompt", "Sampler", "Steps", "Seed", "Size-1", "Size-2")
     assert [parameters[key] for key in keys] == ["a lighthouse", "blurry", "Euler", "2", "5", "64", "64"]
+
+
+# --- the answers' file format: samples_format, jpeg_quality, webp_lossless ------------------------------------------
+
+@pytest.fixture
+def options(ingress):
+    """Sets A1111 options through the route; A1111's defaults again after the test (the job store, and with it the
+    options, is the module's)."""
+    def set_options(**values) -> None:
+        ingress.set_options.remote(OptionsRequest(**values)).result()
+
+    yield set_options
+    set_options(samples_format="png", jpeg_quality=80, webp_lossless=False)
+
+
+def file_of(data: str) -> bytes:
+    return base64.b64decode(data)
+
+
+@pytest.mark.parametrize(("samples_format", "fmt"), [("jpg", "JPEG"), ("jpeg", "JPEG"), ("webp", "WEBP")])
+def test_txt2img_and_img2img_answer_in_the_saved_format_with_the_infotext_as_exif(ingress, options, samples_format,
+                                                                                  fmt):
+    png = txt2img(ingress, seed=41)
+    options(samples_format=samples_format)
+    assert ingress.get_options.remote().result()["samples_format"] == samples_format
+    made = txt2img(ingress, seed=41)
+    image = decode_b64(made["images"][0])
+    assert (image.format, image.size) == (fmt, (64, 64))
+    text = decode_b64(png["images"][0]).info["parameters"]
+    assert exif_comment(image) == text == made["info"]["infotexts"][0]  # as the PNG's chunk, for the same seed
+    read = ingress.png_info.remote(PngInfoRequest(image=made["images"][0])).result()
+    assert read["info"] == text and read["items"] == {"exif comment": text}  # A1111's reader names it so
+    assert [read["parameters"][key] for key in ("Prompt", "Seed", "Size-1")] == ["a lighthouse", "41", "64"]
+    edit = img2img(ingress, init_images=[b64(bands().resize((64, 64)))])
+    edited = decode_b64(edit["images"][0])
+    assert edited.format == fmt and exif_comment(edited) == edit["info"]["infotexts"][0]
+    options(samples_format="png")
+    again = decode_b64(txt2img(ingress, seed=41)["images"][0])
+    assert again.format == "PNG" and again.info["parameters"] == text
+
+
+def test_the_extras_answer_in_the_saved_format(ingress, options):
+    single = ExtrasRequest(image=b64(bands()), upscaler_1="Lanczos")
+    batch = ExtrasBatchRequest(upscaler_1="Lanczos", imageList=[{"data": b64(bands()), "name": "a"}])
+    blend = ExtrasRequest(image=b64(bands()), upscaler_1="Lanczos", upscaler_2="Nearest",
+                          extras_upscaler_2_visibility=0.5)  # encoded by the Provenance deployment
+    for samples_format, fmt in (("jpg", "JPEG"), ("webp", "WEBP"), ("png", "PNG")):
+        options(samples_format=samples_format)
+        for image in (answer(ingress.extra_single_image.remote(single).result())["image"],
+                      answer(ingress.extra_batch_images.remote(batch).result())["images"][0],
+                      answer(ingress.extra_single_image.remote(blend).result())["image"]):
+            assert (decode_b64(image).format, decode_b64(image).size) == (fmt, (256, 128)), samples_format
+
+
+def test_jpeg_quality_and_webp_lossless_shape_the_answer(ingress, options):
+    options(samples_format="jpg", jpeg_quality=20)
+    low = file_of(txt2img(ingress, seed=43)["images"][0])
+    options(jpeg_quality=95)
+    high = file_of(txt2img(ingress, seed=43)["images"][0])
+    assert len(low) < len(high)
+    reported = ingress.get_options.remote().result()
+    assert (reported["samples_format"], reported["jpeg_quality"], reported["webp_lossless"]) == ("jpg", 95, False)
+    options(samples_format="png")
+    png = decode_b64(txt2img(ingress, seed=43)["images"][0])
+    options(samples_format="webp", webp_lossless=True)
+    assert ingress.get_options.remote().result()["webp_lossless"] is True
+    lossless = decode_b64(txt2img(ingress, seed=43)["images"][0])
+    assert lossless.format == "WEBP" and np.array_equal(pixels(lossless.convert("RGB")), pixels(png.convert("RGB")))
+
+
+def test_options_out_of_a1111s_bounds_are_refused():
+    for fields in ({"jpeg_quality": 0}, {"jpeg_quality": 101}, {"samples_format": "tiff"}):
+        with pytest.raises(ValidationError, match=next(iter(fields))):
+            OptionsRequest(**fields)
 
 
 # --- the routes that do nothing here, and interrogate --------------------------------------------------------------

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deployments.support import credentials, provenance, watermark
+from deployments.support import credentials, imaging, provenance, watermark
 from deployments.support.errors import InvalidImage
 from deployments.support.generation import Encoding, StageResult
 from deployments.support.overlay import Overlay
@@ -260,10 +260,18 @@ def test_an_overlaid_file_says_it_holds_the_clients_pixels(photo, signing):
     assert [a.digital_source_type for a in report.actions] == [credentials.TRAINED, credentials.COMPOSITE]
 
 
-def test_a1111_parameters_survive_signing(photo, signing):
-    data = StageResult(images=[photo], info=INFO).encode(Encoding(parameters=["a fox\nSteps: 3"])).encoded[0]
-    assert Image.open(io.BytesIO(data)).info["parameters"] == "a fox\nSteps: 3"
-    assert manifest_of(data)[0] == "Valid"
+@pytest.mark.parametrize(("fmt", "lossless"), [("png", False), ("jpeg", False), ("webp", False), ("webp", True)])
+def test_a1111_parameters_survive_signing(photo, signing, fmt, lossless):
+    """A PNG's ``parameters`` chunk, a JPEG's or WebP's EXIF UserComment (A1111's ``samples_format``): signing keeps
+    it, the manifest validates over it, and the watermark is in the pixels."""
+    how = Encoding(format=fmt, quality=80, lossless=lossless, parameters=["a fox\nSteps: 3"])
+    data = StageResult(images=[photo], info=INFO).encode(how).encoded[0]
+    image = Image.open(io.BytesIO(data))
+    found = image.info["parameters"] if fmt == "png" else imaging.exif_comment(image)
+    assert image.format == fmt.upper() and found == "a fox\nSteps: 3"
+    assert manifest_of(data, signing["C2PA_TRUST_ANCHORS_FILE"])[0] == "Trusted"
+    report = provenance.marker().verify(data)
+    assert report.credentials.validation_state == "trusted" and report.watermark.found
 
 
 def test_without_certificate_there_is_no_manifest_and_one_log_line(photo, monkeypatch, caplog):

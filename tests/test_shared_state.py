@@ -30,6 +30,8 @@ def test_options_set_on_one_replica_are_read_on_every_one(two_ingresses):
     seen = {service.get("/sdapi/v1/options").json()["samples_format"] for _ in range(12)}
     assert seen == {"webp"}
     error(service.post("/sdapi/v1/options", json={"samples_format": "tiff"}), 422, "INVALID_INPUT", "samples_format")
+    # The answers' format again: the later tests of the module read PNGs.
+    assert service.post("/sdapi/v1/options", json={"samples_format": "png"}).status_code == 200
 
 
 @pytest.mark.parametrize("attempt", range(3))

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from deployments.support import overlay, provenance
 from deployments.support.credentials import Facts
 from deployments.support.errors import GenerationCancelled, InvalidInput
+from deployments.support.imaging import comment_fits
 from deployments.support.imaging import encode as encode_image
 from deployments.support.overlay import Overlay
 from deployments.support.samplers import MIN_STRENGTH
@@ -162,8 +163,10 @@ class Encoding(BaseModel):
 
     format: Literal["png", "jpeg", "webp"] = "png"
     quality: int = Field(90, ge=1, le=100)
+    lossless: bool = Field(False, description="WebP's lossless mode (A1111's webp_lossless)")
     png_level: int | None = Field(None, ge=0, le=9, description="None: the PNG_COMPRESS_LEVEL setting")
-    parameters: list[str] | None = Field(None, description="A1111 infotext per image, a PNG 'parameters' chunk")
+    parameters: list[str] | None = Field(None, description="A1111 infotext per image: a PNG's 'parameters' chunk, "
+                                         "a JPEG's or WebP's EXIF UserComment")
     overlay: Overlay | None = Field(None, description="a caption or logo drawn on each image before encoding")
     parent: bytes | None = Field(None, repr=False, description="the uploaded file an edit started from: the parent "
                                  "ingredient of its content credentials (img2img, inpainting, upscales)")
@@ -193,10 +196,14 @@ class StageResult:
         images, watermarked = [image for image, _ in marked], [done for _, done in marked]
         facts = Facts.of(drawn.info, how.parent)
         data = [marks.sign(encode_image(image, how.format, how.quality, {"parameters": text} if text else None,
-                                        how.png_level), how.format, facts)
+                                        how.png_level, how.lossless), how.format, facts)
                 for image, text in zip(images, texts, strict=False)]
         info = {**drawn.info, "watermarked": watermarked, "credentials": marks.signer is not None}
-        return StageResult(seeds=self.seeds, warnings=self.warnings, info=info, encoded=data,
+        warnings = self.warnings
+        if any(text and not comment_fits(text, how.format) for text in texts):
+            warnings = [*warnings, f"the infotext is too long for a {how.format.upper()}'s EXIF (64 kB): the file "
+                        "carries none (a PNG or WebP would)"]
+        return StageResult(seeds=self.seeds, warnings=warnings, info=info, encoded=data,
                            sizes=[image.size for image in images])
 
     def overlaid(self, spec: Overlay) -> StageResult:

@@ -1,4 +1,5 @@
-"""Image conversions shared by the deployments: PIL <-> tensors, encoding, A1111 PNG metadata."""
+"""Image conversions shared by the deployments: PIL <-> tensors, encoding, A1111's metadata (a PNG's ``parameters``
+text chunk; a JPEG's or WebP's EXIF UserComment, written and read as A1111 does through piexif)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import struct
 from typing import Literal
 
 import numpy as np
-from PIL import Image, ImageOps, PngImagePlugin
+from PIL import ExifTags, Image, ImageOps, PngImagePlugin
 
 from deployments.support.errors import InvalidImage, InvalidInput
 from deployments.support.settings import current
@@ -21,6 +22,10 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # how PIL opens 16
 ORIENTATION = 0x0112  # the EXIF tag
 # What PIL raises on an EXIF block it cannot parse (SyntaxError: "not a TIFF file").
 EXIF_ERRORS = (SyntaxError, ValueError, OSError, struct.error, KeyError, IndexError, TypeError)
+# A UserComment starts with 8 bytes naming its character code (EXIF 2.3, table 9). piexif, A1111's writer and
+# reader, dumps "unicode" as big-endian UTF-16 whatever the TIFF byte order, and loads it the same way.
+UNICODE_PREFIX, ASCII_PREFIX, JIS_PREFIX = b"UNICODE\0", b"ASCII\0\0\0", b"JIS\0\0\0\0\0"
+JPEG_EXIF_MAX = 65533  # the most EXIF bytes one JPEG APP1 segment holds (Pillow refuses more)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -103,9 +108,60 @@ def upright(image: Image.Image) -> Image.Image:
         return image
 
 
+def user_comment(text: str) -> bytes:
+    """An EXIF UserComment holding ``text`` as A1111 writes one (piexif's ``UserComment.dump(text,
+    encoding="unicode")``)."""
+    return UNICODE_PREFIX + text.encode("utf-16-be", errors="replace")
+
+
+def read_user_comment(value: bytes | str) -> str:
+    """The text of an EXIF UserComment as piexif's ``UserComment.load`` reads it (UTF-16 big-endian, unless a
+    byte-order mark says otherwise; ASCII; Shift JIS); one with no known character code is read as UTF-8, as A1111
+    falls back to."""
+    if isinstance(value, str):  # a writer that typed it ASCII: Pillow hands it over decoded
+        return value
+    prefix, body = value[:8], value[8:]
+    if prefix == UNICODE_PREFIX:
+        bom = body[:2] in (b"\xff\xfe", b"\xfe\xff")
+        return body.decode("utf-16" if bom else "utf-16-be", errors="replace")
+    if prefix == ASCII_PREFIX:
+        return body.decode("ascii", errors="replace")
+    if prefix == JIS_PREFIX:
+        return body.decode("shift_jis", errors="replace")
+    return value.decode("utf-8", errors="ignore")
+
+
+def comment_exif(text: str) -> bytes:
+    """EXIF bytes whose only tag is the UserComment holding ``text`` (A1111's JPEG and WebP metadata)."""
+    exif = Image.Exif()
+    exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment] = user_comment(text)
+    return exif.tobytes()
+
+
+def comment_fits(text: str, fmt: Format) -> bool:
+    """Whether ``text`` fits the metadata of a ``fmt`` file: a JPEG holds its EXIF in one 64 kB segment, which a
+    long prompt in UTF-16 can outgrow; PNG and WebP take any length."""
+    return fmt != "jpeg" or len(comment_exif(text)) <= JPEG_EXIF_MAX
+
+
+def exif_comment(image: Image.Image) -> str | None:
+    """The EXIF UserComment of ``image`` (a JPEG's or WebP's A1111 infotext), None when it has none or its EXIF is
+    unreadable."""
+    exif = exif_of(image)
+    if exif is None:
+        return None
+    try:
+        value = exif.get_ifd(ExifTags.IFD.Exif).get(ExifTags.Base.UserComment)
+    except EXIF_ERRORS:
+        return None
+    return read_user_comment(value) if isinstance(value, bytes | str) else None
+
+
 def encode(image: Image.Image, fmt: Format = "png", quality: int = 90, pnginfo: dict[str, str] | None = None,
-           png_level: int | None = None) -> bytes:
-    """PNG (with text chunks, at ``png_level`` or the PNG_COMPRESS_LEVEL setting), JPEG or WebP bytes."""
+           png_level: int | None = None, lossless: bool = False) -> bytes:
+    """PNG (with text chunks, at ``png_level`` or the PNG_COMPRESS_LEVEL setting), JPEG or WebP bytes (``lossless``:
+    WebP's lossless mode). A JPEG or WebP carries ``pnginfo["parameters"]`` (A1111's infotext) as its EXIF
+    UserComment, as A1111 writes it; a JPEG leaves out one too long for its EXIF segment (``comment_fits``)."""
     if not 1 <= quality <= 100:
         raise InvalidInput("quality must lie in 1..100", field="quality")
     buffer = io.BytesIO()
@@ -116,10 +172,15 @@ def encode(image: Image.Image, fmt: Format = "png", quality: int = 90, pnginfo: 
         if png_level is None:
             png_level = current().png_compress_level
         image.save(buffer, format="PNG", pnginfo=info, compress_level=png_level)
-    elif fmt == "jpeg":
-        to_rgb(image).save(buffer, format="JPEG", quality=quality, optimize=True)
+        return buffer.getvalue()
+    text = (pnginfo or {}).get("parameters")
+    exif = comment_exif(text) if text else b""
+    if fmt == "jpeg":
+        if len(exif) > JPEG_EXIF_MAX:
+            exif = b""
+        to_rgb(image).save(buffer, format="JPEG", quality=quality, optimize=True, exif=exif)
     elif fmt == "webp":
-        image.save(buffer, format="WEBP", quality=quality, method=4)
+        image.save(buffer, format="WEBP", quality=quality, method=4, lossless=lossless, exif=exif)
     else:
         raise InvalidInput(f"unknown format {fmt!r}", field="format")
     return buffer.getvalue()

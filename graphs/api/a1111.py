@@ -1,6 +1,7 @@
 """Automatic1111's ``/sdapi/v1/*`` (seed 004 and every A1111 client): compatible payloads, our own plumbing.
 
-Images are plain base64 PNGs carrying A1111's ``parameters`` text chunk; ``info`` is a JSON string holding
+Images are plain base64 files in the saved ``samples_format`` (``graphs.api.a1111_options``): PNGs carrying A1111's
+``parameters`` text chunk, or JPEGs or WebPs carrying it as their EXIF UserComment; ``info`` is a JSON string holding
 ``all_seeds`` and ``warnings`` (what /generate reports: an unknown LoRA ignored, a fallback upscaler, no face
 found) and, with the NSFW filter on, ``nsfw`` (one flag per image; a flagged image is replaced). A fixed-seed
 txt2img or img2img (its uploads part of the key) is answered from the result cache when it is on (``cached`` in
@@ -42,6 +43,7 @@ from deployments.support.generation import (
 from deployments.support.samplers import A1111Choice, a1111_choice
 from deployments.support.settings import current
 from graphs import flights, plans
+from graphs.api import a1111_options as answer_options
 from graphs.api.a1111_info import replacement_vaes
 from graphs.api.a1111_infotext import infotext
 from graphs.api.a1111_models import (
@@ -254,13 +256,15 @@ class A1111Routes(CheckpointChoice):
                "second_pass_ran": hires.second if hires is not None else None}
         if r.subseed_strength > 0 and r.subseed == -1:  # a random variation seed: a new image each time
             cache_as = None
+        # The file format too: a JPEG entry never answers a request made while PNG is the saved format.
+        how = (await answer_options.answer_encoding(self.jobs)).model_copy(update={"parent": parent})
+        ran["encoding"] = answer_options.file_key(how)
         key = await self.cache.key(cache_as, {**asked.model_dump(), **ran}, model) if cache_as else None
         hit = await self.cache.get(key)
         if hit is not None:
             return images_answer(hit.files if r.send_images else [], parameters,
                                  {**json.loads(hit.facts["info"]), "cached": True})
-        files, info = await self._generate(http, r, choice, model, parameters, parent, switch, hires, inits,
-                                           **extra)
+        files, info = await self._generate(http, r, choice, model, parameters, how, switch, hires, inits, **extra)
         # A1111 answers the prompt asked, and the prompts that ran (styled) in all_prompts and the infotexts.
         info.update(prompt=asked.prompt, negative_prompt=asked.negative_prompt, styles=asked.styles)
         info["warnings"] = [*info["warnings"], *ignored]
@@ -269,10 +273,11 @@ class A1111Routes(CheckpointChoice):
         return images_answer(files if r.send_images else [], parameters, info)
 
     async def _generate(self, http: Request, r: Txt2ImgRequest, choice: A1111Choice, model: str, parameters: dict,
-                        parent: bytes | None, switch: float | None, hires: plans.A1111Hires | None,
+                        encoding: Encoding, switch: float | None, hires: plans.A1111Hires | None,
                         inits: list[Image.Image] | None, **extra) -> tuple[list[bytes], dict]:
-        """The files of every image the request makes, and A1111's ``info`` about them. With several ``inits`` (an
-        edit's framed uploads), image i of each batch starts from ``inits[i % len(inits)]``."""
+        """The files of every image the request makes, encoded as ``encoding`` says (its infotexts added), and
+        A1111's ``info`` about them. With several ``inits`` (an edit's framed uploads), image i of each batch starts
+        from ``inits[i % len(inits)]``."""
         extra["checkpoint"] = model
         job = InFlight(uuid.uuid4().hex, _client(http), time.time(), r.steps * r.n_iter, batches=r.n_iter)
         # The infotexts are written before the faces run (their stage encodes the files): the deployed restorer is
@@ -307,7 +312,7 @@ class A1111Routes(CheckpointChoice):
                     own, subs = variation_seeds(seed, subseed, strength, r.batch_size)
                     texts = [infotext(r, s, model, sampler, settings, choice.label, ss, varied)
                              for s, ss in zip(own, subs, strict=True)]
-                    how = Encoding(parameters=texts, parent=parent)
+                    how = encoding.model_copy(update={"parameters": texts})
                     request = self._generation(r, own[0], choice, subs[0], **extra)
                     several = None
                     if inits and len(inits) > 1:

@@ -1,6 +1,6 @@
 """Automatic1111's postprocessing routes: ``/extra-single-image`` and ``/extra-batch-images`` upscale (one
 upscaler, or two blended) and restore faces, stage to stage; only a blend of two upscalers comes back through the
-ingress."""
+ingress. The answers are files in the saved ``samples_format`` (``graphs.api.a1111_options``)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,12 @@ from deployments.support.generation import Encoding, StageResult
 from deployments.support.imaging import decode
 from graphs import flights, plans
 from graphs.api.a1111_models import ExtrasBatchRequest, ExtrasBatchResponse, ExtrasRequest, ExtrasResponse
+from graphs.api.a1111_options import answer_encoding
 from graphs.api.a1111_sizes import upscale_to
 from graphs.api.body import JSONBodyRoute, blobs, json_answer
 from graphs.api.errors import call, documented
 from graphs.api.fields import image_bytes
+from graphs.jobs.store import JobStore
 
 router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"], route_class=JSONBodyRoute,
                    responses=documented(400, 503))
@@ -26,6 +28,7 @@ router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"], route_class=JSONB
 
 class A1111ExtrasRoutes:
     handles: plans.Handles
+    jobs: JobStore
     provenance: object
 
     async def _check_upscalers(self, body: ExtrasRequest) -> None:
@@ -35,11 +38,11 @@ class A1111ExtrasRoutes:
             named["upscaler_2"] = body.upscaler_2
         await self.handles.check_upscalers(named)
 
-    async def _extras(self, body: ExtrasRequest, image: Image.Image, raw: bytes) -> StageResult:
-        """The upscaled (and restored) ``image`` as a marked PNG file (``encoded[0]``) with its warnings, ``raw`` its
-        upload. The last stage that runs encodes it, so the pixels travel stage to stage; only a blend of two
-        upscalers comes through here."""
-        how = Encoding(parent=raw)
+    async def _extras(self, body: ExtrasRequest, image: Image.Image, raw: bytes, encoding: Encoding) -> StageResult:
+        """The upscaled (and restored) ``image`` as a marked file (``encoded[0]``, encoded as ``encoding`` says) with
+        its warnings, ``raw`` its upload. The last stage that runs encodes it, so the pixels travel stage to stage;
+        only a blend of two upscalers comes through here."""
+        how = encoding.model_copy(update={"parent": raw})
         scale: float | None = body.upscaling_resize
         width = height = box = None
         if body.resize_mode == 1:
@@ -71,7 +74,7 @@ class A1111ExtrasRoutes:
         await self._check_upscalers(body)
         raw = image_bytes(body.image, "image")
         upload = await asyncio.to_thread(decode, raw, field="image")
-        result = await self._extras(body, upload, raw)
+        result = await self._extras(body, upload, raw, await answer_encoding(self.jobs))
         (image,), payloads = blobs(result.encoded[:1])
         return json_answer(ExtrasResponse(html_info=html_info(result.warnings), image=image), **payloads)
 
@@ -81,7 +84,8 @@ class A1111ExtrasRoutes:
         await self._check_upscalers(body)
         files = [image_bytes(item.data, f"imageList.{i}.data") for i, item in enumerate(body.imageList)]
         images = [await asyncio.to_thread(decode, raw, field=f"imageList.{i}.data") for i, raw in enumerate(files)]
-        out = [await self._extras(body, image, raw) for image, raw in zip(images, files, strict=True)]
+        how = await answer_encoding(self.jobs)  # one format for the whole batch
+        out = [await self._extras(body, image, raw, how) for image, raw in zip(images, files, strict=True)]
         placeholders, payloads = blobs([result.encoded[0] for result in out])
         warnings = [f"image {i}: {w}" for i, result in enumerate(out) for w in result.warnings]
         return json_answer(ExtrasBatchResponse(html_info=html_info(warnings), images=placeholders), **payloads)

@@ -19,6 +19,7 @@ from deployments.support.generation import LATENT_UPSCALE_MODES
 from deployments.support.samplers import SCHEDULES, aliases_of, listed_samplers
 from graphs import flights, plans
 from graphs.api import a1111_infotext as infotext
+from graphs.api import a1111_options as answer_options
 from graphs.api.a1111_models import (
     IMAGE_SETTINGS,
     CmdFlags,
@@ -183,10 +184,11 @@ class A1111InfoRoutes(CheckpointChoice):
 
     @router.get("/options", response_model=Options)
     async def get_options(self) -> dict:
-        """Current options: the default checkpoint (as A1111 titles it, with its hash), the output format, and
-        A1111's settings that change an image as they run here (clients that read them, or post them back)."""
-        options = {**IMAGE_SETTINGS, "CLIP_stop_at_last_layers": 1, "samples_format": "png",
-                   **await asyncio.to_thread(self.jobs.options)}
+        """Current options: the default checkpoint (as A1111 titles it, with its hash), the answers' file format and
+        quality, and A1111's settings that change an image as they run here (for clients that read them, or post
+        them back)."""
+        stored = await asyncio.to_thread(self.jobs.options)
+        options = {**IMAGE_SETTINGS, "CLIP_stop_at_last_layers": 1, **stored, **answer_options.typed(stored)}
         name = await self.default_checkpoint()
         options["sd_model_checkpoint"] = await asyncio.to_thread(self.catalog.title, name)
         options["sd_checkpoint_hash"] = await asyncio.to_thread(self.catalog.sha256,
@@ -195,22 +197,24 @@ class A1111InfoRoutes(CheckpointChoice):
 
     @router.post("/options", response_model=Empty)
     async def set_options(self, body: OptionsRequest) -> dict:
-        """Set the default checkpoint of every ingress replica for later requests; requests in flight keep
-        theirs."""
+        """Set the default checkpoint and the answers' file format of every ingress replica for later requests;
+        requests in flight keep theirs."""
         if body.sd_model_checkpoint is not None:
             await self.set_default_checkpoint(body.sd_model_checkpoint, "sd_model_checkpoint")
-        if body.samples_format is not None:
-            await asyncio.to_thread(self.jobs.set_option, "samples_format", body.samples_format)
+        for key in answer_options.DEFAULTS:
+            value = getattr(body, key)
+            if value is not None:
+                await asyncio.to_thread(self.jobs.set_option, key, answer_options.stored(value))
         return {}
 
     @router.post("/png-info", response_model=PngInfo)
     async def png_info(self, body: PngInfoRequest) -> dict:
-        """Read back the generation parameters stored in a PNG: its infotext, and that text parsed as A1111 parses
-        it (prompt, negative prompt, each setting by its key)."""
+        """Read back the generation parameters stored in an image, as A1111's reader finds them (a PNG's
+        ``parameters`` text chunk; a JPEG's or WebP's EXIF UserComment, also given in ``items`` as "exif comment"):
+        the infotext, and that text parsed as A1111 parses it (prompt, negative prompt, each setting by its key)."""
         image = await asyncio.to_thread(image_field, body.image, "image")
-        items = {k: v for k, v in image.info.items() if isinstance(v, str)}
-        text = items.pop("parameters", "")
         # Off the event loop: the text is the client's (Pillow allows a megabyte of it).
+        text, items = await asyncio.to_thread(infotext.read, image)
         return {"info": text, "items": items, "parameters": await asyncio.to_thread(infotext.parse, text)}
 
     @router.get("/sd-vae", response_model=list[NamedFile])

@@ -1,13 +1,17 @@
-"""A1111's infotext, the ``parameters`` text chunk of every PNG it writes: the prompt, an optional ``Negative
-prompt:`` line, then one line of comma-separated ``Key: value`` settings, a value holding a comma, a colon or a
-line break written as a JSON string (A1111's ``quote``). Written for each image made here, and read back for
-``/png-info`` as A1111's ``parse_generation_parameters`` reads it."""
+"""A1111's infotext, the ``parameters`` text chunk of every PNG it writes (the EXIF UserComment of a JPEG or WebP):
+the prompt, an optional ``Negative prompt:`` line, then one line of comma-separated ``Key: value`` settings, a value
+holding a comma, a colon or a line break written as a JSON string (A1111's ``quote``). Written for each image made
+here, and read back for ``/png-info`` as A1111's ``read_info_from_image`` finds it and its
+``parse_generation_parameters`` reads it."""
 
 from __future__ import annotations
 
 import json
 import re
 
+from PIL import Image
+
+from deployments.support.imaging import exif_comment
 from graphs.api.a1111_models import Txt2ImgRequest
 
 _SETTING = re.compile(r'\s*(\w[\w \-/]{0,63}):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # one ``Key: value``, A1111's
@@ -51,6 +55,18 @@ def infotext(r: Txt2ImgRequest, seed: int, model: str, sampler: str, extra: dict
         lines.append(f"Negative prompt: {r.negative_prompt}")
     lines.append(", ".join(f"{key}: {quote(value)}" for key, value in settings.items() if value is not None))
     return "\n".join(lines)
+
+
+def read(image: Image.Image) -> tuple[str, dict[str, str]]:
+    """The infotext of ``image`` and its other text metadata, as A1111's ``read_info_from_image`` finds them: the
+    ``parameters`` text chunk, unless the image's EXIF holds a UserComment (a JPEG's or WebP's), which is then the
+    infotext and is also named "exif comment" among the items."""
+    items = {key: value for key, value in image.info.items() if isinstance(key, str) and isinstance(value, str)}
+    text = items.pop("parameters", "")
+    comment = exif_comment(image) if "exif" in image.info else None
+    if comment:
+        items["exif comment"] = text = comment
+    return text, items
 
 
 def unquote(text: str) -> str:

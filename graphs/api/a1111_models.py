@@ -239,10 +239,14 @@ class ExtrasBatchResponse(BaseModel):
 
 
 class OptionsRequest(_A1111):
-    """A1111 clients post whole option sets; the default checkpoint and the output format are what apply here."""
+    """A1111 clients post whole option sets; the default checkpoint and the answers' file format are what apply
+    here."""
 
     sd_model_checkpoint: str | None = Field(None, max_length=256)
-    samples_format: Literal["png", "jpg", "jpeg", "webp"] | None = None
+    samples_format: Literal["png", "jpg", "jpeg", "webp"] | None = Field(
+        None, description="the file format of the images txt2img, img2img and the extras routes answer")
+    jpeg_quality: int | None = Field(None, ge=1, le=100, description="the quality of JPEG and WebP answers")
+    webp_lossless: bool | None = Field(None, description="WebP answers lossless (jpeg_quality then sets the effort)")
 
 
 class PngInfoRequest(BaseModel):
@@ -338,6 +342,8 @@ class Options(BaseModel):
 
     sd_model_checkpoint: str
     samples_format: str
+    jpeg_quality: int
+    webp_lossless: bool
 
 
 class PngInfo(BaseModel):
