@@ -90,6 +90,17 @@ async def test_auth_on_refuses_without_the_token(make_client, header):
     assert "secret" not in response.text
 
 
+async def test_a1111_routes_challenge_basic_too_but_never_a_browsers_scripts(make_client):
+    """A1111 clients that send --api-auth credentials only once challenged (urllib's HTTPBasicAuthHandler, curl
+    --anyauth) need a Basic challenge; a page's fetch would pop up a login dialog with one."""
+    client = make_client(AUTH_ENABLED="true", AUTH_TOKEN="secret")
+    refused = await client.get("/sdapi/v1/options")
+    assert refused.status_code == 401 and refused.headers["www-authenticate"] == 'Basic realm="imagegen", Bearer'
+    fetched = await client.get("/sdapi/v1/options", headers={"sec-fetch-mode": "cors"})
+    assert fetched.status_code == 401 and fetched.headers["www-authenticate"] == "Bearer"
+    assert (await client.get("/sdapi/v1/options", headers={"authorization": basic("any:secret")})).status_code == 404
+
+
 async def test_auth_on_accepts_the_token_and_health_stays_open(make_client):
     client = make_client(AUTH_ENABLED="true", AUTH_TOKEN="secret")
     assert (await client.post("/echo", json={}, headers={"authorization": "Bearer secret"})).status_code == 200

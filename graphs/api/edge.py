@@ -70,6 +70,7 @@ class BodyLimit:
 
 # The page at /ui is open too: it asks for the token and sends it on every API call it makes.
 OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/redoc", "/ui")
+A1111_PATHS = ("/sdapi/", "/internal/")  # Automatic1111's API: its clients may authenticate as its --api-auth asks
 TIMEOUT_HEADER = b"x-request-timeout"
 
 
@@ -194,8 +195,18 @@ class Cors:
         await self._inner(scope, receive, send)
 
 
+def challenge(path: str, headers: dict[bytes, bytes]) -> str:
+    """The ``WWW-Authenticate`` of a 401: ``Bearer`` (seed 001); on A1111's routes ``Basic`` too, for the clients
+    that send A1111's ``--api-auth`` credentials only once challenged (the password is the token). Not for a
+    browser's scripts (``Sec-Fetch-Mode``), which would pop up a login dialog over the page."""
+    if path.startswith(A1111_PATHS) and b"sec-fetch-mode" not in headers:
+        return 'Basic realm="imagegen", Bearer'
+    return "Bearer"
+
+
 class BearerAuth:
-    """Seed 001 auth for every route but health and the docs: 401 with ``WWW-Authenticate: Bearer``."""
+    """Seed 001 auth for every route but health and the docs: 401 with ``WWW-Authenticate: Bearer`` (and Basic on
+    A1111's routes: ``challenge``)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -203,11 +214,13 @@ class BearerAuth:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         settings = current()
         if scope["type"] == "http" and settings.auth_enabled and not scope["path"].startswith(OPEN_PATHS):
-            header = dict(scope.get("headers", [])).get(b"authorization", b"").decode("latin-1")
+            headers = dict(scope.get("headers", []))
+            header = headers.get(b"authorization", b"").decode("latin-1")
             try:
                 check_bearer(settings, header)
             except Unauthorized as e:
-                response = error_response(e.code, e.message, headers={"WWW-Authenticate": "Bearer"})
+                response = error_response(e.code, e.message, headers={"WWW-Authenticate": challenge(scope["path"],
+                                                                                                      headers)})
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)
 
