@@ -723,3 +723,13 @@ def test_options_report_the_settings_that_run_and_take_a_round_trip(ingress):
     assert ingress.get_options.remote().result() == options
     overridden = txt2img(ingress, override_settings=options)
     assert overridden["info"]["warnings"] == [] and same_pixels(overridden, txt2img(ingress))
+
+
+def test_the_refiner_listed_in_sd_models_is_refused_as_a_base_saying_where_it_goes(ingress):
+    from graphs.api.a1111_models import OptionsRequest
+
+    titles = [m["title"] for m in ingress.sd_models.remote().result()]
+    refiner = next(t for t in titles if t.startswith("tiny-sdxl-refiner"))
+    error = refused(lambda: ingress.set_options.remote(OptionsRequest(sd_model_checkpoint=refiner)).result())
+    assert (status_of(error), error.details["field"]) == (422, "sd_model_checkpoint")
+    assert "is the refiner" in error.message and "refiner_checkpoint" in error.message

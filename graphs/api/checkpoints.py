@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
 from deployments.support.checkpoints import Catalog
 from deployments.support.errors import UnknownModel
 from graphs import plans
 from graphs.api.errors import call
 from graphs.jobs.store import JobStore
+
+if TYPE_CHECKING:
+    from graphs.app import AppArgs
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +30,7 @@ OPTION = "sd_model_checkpoint"  # A1111's name for the default checkpoint, as th
 
 class CheckpointChoice:
     catalog: Catalog
+    config: AppArgs
     jobs: JobStore
     handles: plans.Handles
 
@@ -35,9 +40,17 @@ class CheckpointChoice:
         return await asyncio.to_thread(self._resolve, wanted, field)
 
     def _resolve(self, wanted: str | None, field: str) -> str:
-        if wanted:
+        if not wanted:
+            return self._default()
+        try:
             return self.catalog.resolve(wanted, field)
-        return self._default()
+        except UnknownModel as e:
+            refiner = self.config.refiner
+            if refiner is not None and wanted.partition(" [")[0].strip() == refiner.name:
+                # /sd-models lists it, as A1111 lists every checkpoint: its place is refiner_checkpoint.
+                raise UnknownModel(f"{refiner.name!r} is the refiner, not a base checkpoint: name it in "
+                                   "refiner_checkpoint", field=field, details=e.details) from e
+            raise
 
     async def default_checkpoint(self) -> str:
         return await asyncio.to_thread(self._default)
