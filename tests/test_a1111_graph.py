@@ -733,3 +733,11 @@ def test_the_refiner_listed_in_sd_models_is_refused_as_a_base_saying_where_it_go
     error = refused(lambda: ingress.set_options.remote(OptionsRequest(sd_model_checkpoint=refiner)).result())
     assert (status_of(error), error.details["field"]) == (422, "sd_model_checkpoint")
     assert "is the refiner" in error.message and "refiner_checkpoint" in error.message
+
+
+def test_the_img2img_infotext_names_its_strength_and_an_inpaintings_mask_blur(ingress):
+    edited = img2img(ingress, init_images=[b64(bands())], denoising_strength=0.4)
+    assert parse(edited["info"]["infotexts"][0])["Denoising strength"] == "0.4"
+    assert "Mask blur" not in edited["info"]["infotexts"][0]
+    inpainted = img2img(ingress, init_images=[b64(bands())], mask=b64(Image.new("L", (64, 64), 255)), mask_blur=2)
+    assert parse(inpainted["info"]["infotexts"][0])["Mask blur"] == "2"

@@ -379,6 +379,10 @@ class A1111Routes(CheckpointChoice):
         on a text-to-image request when one is deployed, else the hires fix; faces, by the ``restorer`` deployed
         (none: no restoration runs, and the infotext claims none)."""
         settings: dict = {}
+        if edit:  # A1111's img2img writes its strength, and an inpainting its mask blur
+            settings["Denoising strength"] = r.denoising_strength
+            if getattr(r, "mask", None):
+                settings["Mask blur"] = getattr(r, "mask_blur", None)
         refined = switch is not None and self.handles.refiner is not None and not edit
         if refined:
             settings.update({"Refiner": r.refiner_checkpoint, "Refiner switch at": r.refiner_switch_at})
