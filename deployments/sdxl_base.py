@@ -294,6 +294,7 @@ class BaseGenerator:
             **texts,
             num_inference_steps=request.steps,
             guidance_scale=request.guidance_scale,
+            eta=request.eta or 0.0,  # read by DDIM's step alone (the pipeline passes it where the step takes it)
             num_images_per_prompt=1,
             generator=generators,
             callback_on_step_end=on_step_end,
@@ -611,7 +612,7 @@ def batch_key(request: GenerationRequest, chunks: tuple[int, ...] | None = None)
             request.schedule, request.guidance_scale, tuple((r.name, r.weight) for r in request.loras),
             tuple((r.name, r.weight) for r in tagged), bool(request.negative_prompt), request.denoising_end,
             (request.strength, request.exact_steps) if mode == "img2img" else None, request.hires,
-            request.prompt_syntax, chunks, request.tiling)
+            request.prompt_syntax, chunks, request.tiling, request.eta)
 
 
 BATCH_UNIT_PIXELS = 1024 * 1024

@@ -741,3 +741,17 @@ def test_the_img2img_infotext_names_its_strength_and_an_inpaintings_mask_blur(in
     assert "Mask blur" not in edited["info"]["infotexts"][0]
     inpainted = img2img(ingress, init_images=[b64(bands())], mask=b64(Image.new("L", (64, 64), 255)), mask_blur=2)
     assert parse(inpainted["info"]["infotexts"][0])["Mask blur"] == "2"
+
+
+def test_eta_runs_ddim_stochastic_and_is_named_where_a_sampler_cannot_take_it(ingress):
+    plain = txt2img(ingress, sampler_name="DDIM", steps=3)
+    assert same_pixels(txt2img(ingress, sampler_name="DDIM", steps=3, eta=0.0), plain)
+    noisy = txt2img(ingress, sampler_name="DDIM", steps=3, eta=1.0)  # webuiapi's default eta
+    assert not same_pixels(noisy, plain) and noisy["info"]["warnings"] == []
+    assert same_pixels(noisy, txt2img(ingress, sampler_name="DDIM", steps=3, eta=1.0))  # the seed's noise
+    assert parse(noisy["info"]["infotexts"][0])["Eta DDIM"] == "1.0"
+    assert "Eta DDIM" not in plain["info"]["infotexts"][0]
+    assert txt2img(ingress, sampler_name="Euler a", eta=1.0)["info"]["warnings"] == []
+    assert txt2img(ingress, sampler_name="Euler a", eta=0.5)["info"]["warnings"] == [
+        "eta=0.5 is not applied to Euler a: it ran at A1111's default eta of 1"]
+    assert same_pixels(txt2img(ingress, sampler_name="Euler", eta=0.3), txt2img(ingress, sampler_name="Euler"))

@@ -126,6 +126,8 @@ class GenerationRequest(BaseModel):
     seed_resize_from_h: int = Field(0, ge=0, le=4096)
     tiling: bool = Field(False, description="seamless tiling: every convolution of the UNet and the VAE pads "
                          "circularly for the run, as A1111's tiling does")
+    eta: float | None = Field(None, ge=0.0, le=1.0, description="DDIM's eta (A1111's eta with DDIM): the share of "
+                              "fresh noise each step adds; None: 0, deterministic DDIM. Other samplers do not read it")
 
     @property
     def varied(self) -> bool:

@@ -98,6 +98,20 @@ def images_answer(files: list[bytes], parameters: dict, info: dict) -> Response:
     return json_answer(ImagesResponse(images=images, parameters=parameters, info=json.dumps(info)), **payloads)
 
 
+# The samplers whose eta diffusers runs (DDIM's step takes it), and those whose A1111 eta it cannot: their diffusers
+# schedulers add noise as A1111 does at its default eta of 1, and no other.
+READS_ETA = frozenset({"DDIM", "DDIM CFG++"})
+ETA_ONE = frozenset({"Euler a", "DPM2 a", "DPM++ 2S a", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun",
+                     "DPM++ 3M SDE"})
+
+
+def eta_unapplied(eta: float | None, sampler: str) -> list[str]:
+    """A warning when ``eta`` would change A1111's image and the sampler runs without it."""
+    if eta is not None and eta != 1.0 and sampler in ETA_ONE:
+        return [f"eta={eta} is not applied to {sampler}: it ran at A1111's default eta of 1"]
+    return []
+
+
 def _client(request: Request) -> str:
     """Whose requests these are, as the job store keeps them: a token's owner name (never the token itself), else
     the client's address (behind a trusted proxy, the one it forwarded)."""
@@ -220,7 +234,7 @@ class A1111Routes(CheckpointChoice):
                                  subseed=subseed, subseed_strength=r.subseed_strength if varied else 0.0,
                                  seed_resize_from_w=max(r.seed_resize_from_w, 0) if varied else 0,
                                  seed_resize_from_h=max(r.seed_resize_from_h, 0) if varied else 0,
-                                 tiling=r.tiling, **extra)
+                                 tiling=r.tiling, eta=r.eta if choice.sampler in READS_ETA else None, **extra)
 
     async def _run(self, http: Request, r: Txt2ImgRequest, parent: bytes | None = None, cache_as: str | None = None,
                    inits: list[Image.Image] | None = None, **extra) -> Response:
@@ -241,8 +255,9 @@ class A1111Routes(CheckpointChoice):
         prompts.check(parse_lora_tags(r.prompt)[0], r.steps)
         prompts.check(r.negative_prompt, r.steps, "negative_prompt")
         vaes = set(replacement_vaes(self.config))
-        ignored = [*asked.scripts(), *asked.unapplied(), *asked.settings_unapplied(vaes), *styled]
         choice = self._choice(r)
+        ignored = [*asked.scripts(), *asked.unapplied(), *asked.settings_unapplied(vaes), *styled,
+                   *eta_unapplied(r.eta, choice.sampler)]
         switch, hires = await self._refiner(r), await self._hires(r, choice)  # checked before anything runs
         model = await self._checkpoint(r)
         if hires is not None and hires.second.get("checkpoint") == model:
@@ -379,6 +394,8 @@ class A1111Routes(CheckpointChoice):
         on a text-to-image request when one is deployed, else the hires fix; faces, by the ``restorer`` deployed
         (none: no restoration runs, and the infotext claims none)."""
         settings: dict = {}
+        if r.eta and self._choice(r).sampler in READS_ETA:  # A1111 names a DDIM eta other than its default 0
+            settings["Eta DDIM"] = r.eta
         if edit:  # A1111's img2img writes its strength, and an inpainting its mask blur
             settings["Denoising strength"] = r.denoising_strength
             if getattr(r, "mask", None):

@@ -105,6 +105,8 @@ class Txt2ImgRequest(_A1111):
     seed_resize_from_h: int = Field(-1, ge=-1, le=4096)
     tiling: bool = Field(False, description="seamless tiling: the UNet's and the VAE's convolutions pad circularly "
                          "(not the refiner's)")
+    eta: float | None = Field(None, ge=0.0, le=1.0, description="DDIM's eta (none: 0); the ancestral and SDE "
+                              "samplers run A1111's default of 1 (another value is named in the warnings)")
     s_churn: float | None = Field(None, description="not applied")
     # The hires fix's second pass (a Latent one runs on the first pass's checkpoint: see unapplied).
     hr_checkpoint_name: str | None = Field(None, max_length=256, description="the second pass's checkpoint; none: "
