@@ -24,8 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deployments.support.errors import ModelLoadError
-from deployments.support.settings import Settings
+from deployments.support.folders import WatchedFolder
 from deployments.weights import loader
 
 if TYPE_CHECKING:
@@ -91,35 +90,14 @@ def read_embedding(path: Path) -> Embedding:
     return Embedding(path.stem, path, vectors, (stat.st_mtime_ns, stat.st_size))
 
 
-class EmbeddingFiles:
-    """The embeddings of ``embeddings_dir`` by file stem, read again when the folder changes (or on ``rescan``,
-    which also lists an S3 prefix again). A pickle or a file that is no SDXL embedding is left out with a logged
-    reason (A1111 logs and skips what it cannot read). A folder that does not exist holds none."""
+class EmbeddingFiles(WatchedFolder[Embedding]):
+    """The embeddings of ``embeddings_dir`` by file stem. A pickle or a file that is no SDXL embedding is left out
+    with a logged reason (A1111 logs and skips what it cannot read). A folder that does not exist holds none."""
 
-    def __init__(self, source: str | None, settings: Settings | None) -> None:
-        self.source, self.settings = source, settings
-        self._folder: Path | None = None
-        self._stamp: int | None = None
-        self._files: dict[str, Embedding] = {}
+    kind = "embeddings_dir"
+    missing_ok = True
 
-    def files(self, rescan: bool = False) -> dict[str, Embedding]:
-        if not self.source:
-            return {}
-        if self._folder is None or rescan:
-            try:
-                self._folder = loader.resolve(self.source, self.settings)
-            except ModelLoadError as e:
-                if self._files or self._stamp is None:
-                    logger.warning("embeddings_dir: %s; no embeddings", e)
-                self._files, self._stamp, self._folder = {}, -1, None
-                return self._files
-        stamp = self._folder.stat().st_mtime_ns
-        if stamp != self._stamp or rescan:
-            self._files, self._stamp = self._read(self._folder), stamp
-        return self._files
-
-    @staticmethod
-    def _read(folder: Path) -> dict[str, Embedding]:
+    def _read(self, folder: Path) -> dict[str, Embedding]:
         found: dict[str, Embedding] = {}
         for path in sorted(folder.glob("*")):
             if path.suffix.lower() not in loader.PICKLE_SUFFIXES | {".safetensors"}:

@@ -26,6 +26,7 @@ from deployments.support.checkpoints import Entry
 from deployments.support.config import SDXLBaseConfig
 from deployments.support.embeddings import TextualInversions
 from deployments.support.errors import UnknownModel
+from deployments.support.folders import WatchedFolder
 from deployments.support.generation import LoraRef
 from deployments.support.samplers import build_scheduler
 from deployments.support.settings import Settings
@@ -34,28 +35,12 @@ from deployments.weights import loader
 logger = logging.getLogger(__name__)
 
 
-class LoraFiles:
-    """The LoRAs of ``lora_dir`` by file stem, read again when the folder changes (or on ``rescan``, which also
-    lists an S3 prefix again), so that a file dropped there is usable without a redeploy."""
+class LoraFiles(WatchedFolder[Path]):
+    """The LoRAs of ``lora_dir`` by file stem (a source that cannot be resolved fails the request naming one)."""
 
-    def __init__(self, source: str | None, settings: Settings | None) -> None:
-        self.source, self.settings = source, settings
-        self._folder: Path | None = None
-        self._stamp: int | None = None
-        self._files: dict[str, Path] = {}
+    kind = "lora_dir"
 
-    def files(self, rescan: bool = False) -> dict[str, Path]:
-        if not self.source:
-            return {}
-        if self._folder is None or rescan:
-            self._folder = loader.resolve(self.source, self.settings)
-        stamp = self._folder.stat().st_mtime_ns
-        if stamp != self._stamp or rescan:
-            self._files, self._stamp = self._read(self._folder), stamp
-        return self._files
-
-    @staticmethod
-    def _read(folder: Path) -> dict[str, Path]:
+    def _read(self, folder: Path) -> dict[str, Path]:
         found = {}
         for path in sorted(folder.glob("*")):
             if path.suffix.lower() in loader.PICKLE_SUFFIXES | {".safetensors"}:
