@@ -277,7 +277,8 @@ class BaseGenerator:
             # textual-inversion embeddings, every text of both passes' schedules; each image's row follows its own
             # schedule (``on_step_end``).
             prompt_encoder = PromptEncoder(pipe, pipes.inversions.vocabulary)
-            scheduled[0] = first = prompt_encoder.scheduled(per_image(prompts), negatives, request.steps * per_step)
+            scheduled[0] = first = prompt_encoder.scheduled(per_image(prompts), negatives, request.steps * per_step,
+                                                            first_pass=request.schedule_from)
             texts: dict = first.at(0)
             if request.hires is not None:  # its own prompts (batch_key: the batch's hires are the same) or these
                 hires_prompts, hires_negatives = hires_texts_of(request.hires, per_image(prompts), negatives)
@@ -548,8 +549,8 @@ def prompt_warnings(request: GenerationRequest, default_sampler: str = "Euler a"
     if request.prompt_syntax != "a1111":
         return []
     steps = request.steps * evaluations(request.sampler or default_sampler)
-    found = [*read(parse_lora_tags(request.prompt)[0], steps).warnings,
-             *read(request.negative_prompt, steps, "negative_prompt").warnings]
+    found = [*read(parse_lora_tags(request.prompt)[0], steps, first_pass=request.schedule_from).warnings,
+             *read(request.negative_prompt, steps, "negative_prompt", request.schedule_from).warnings]
     return list(dict.fromkeys(found))
 
 
@@ -564,7 +565,7 @@ def chunk_counts(pipes: Pipelines, request: GenerationRequest,
     encoder, prompt = PromptEncoder(pipes.txt2img, pipes.inversions.vocabulary), parse_lora_tags(request.prompt)[0]
     sampler = request.sampler or default_sampler
     per_step = evaluations(sampler)
-    counts = encoder.counts(prompt, request.negative_prompt, request.steps * per_step)
+    counts = encoder.counts(prompt, request.negative_prompt, request.steps * per_step, request.schedule_from)
     if request.hires is None:
         return counts
     hires = request.hires
@@ -612,7 +613,7 @@ def batch_key(request: GenerationRequest, chunks: tuple[int, ...] | None = None)
             request.schedule, request.guidance_scale, tuple((r.name, r.weight) for r in request.loras),
             tuple((r.name, r.weight) for r in tagged), bool(request.negative_prompt), request.denoising_end,
             (request.strength, request.exact_steps) if mode == "img2img" else None, request.hires,
-            request.prompt_syntax, chunks, request.tiling, request.eta)
+            request.prompt_syntax, chunks, request.tiling, request.eta, request.schedule_from)
 
 
 BATCH_UNIT_PIXELS = 1024 * 1024

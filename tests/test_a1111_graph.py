@@ -755,3 +755,34 @@ def test_eta_runs_ddim_stochastic_and_is_named_where_a_sampler_cannot_take_it(in
     assert txt2img(ingress, sampler_name="Euler a", eta=0.5)["info"]["warnings"] == [
         "eta=0.5 is not applied to Euler a: it ran at A1111's default eta of 1"]
     assert same_pixels(txt2img(ingress, sampler_name="Euler", eta=0.3), txt2img(ingress, sampler_name="Euler"))
+
+
+def test_the_hires_second_pass_fields_are_checked_and_read_as_a1111_reads_them(ingress):
+    pixel = {"enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 4, "hr_upscaler": "Lanczos",
+             "denoising_strength": 0.6}
+    latent = {**pixel, "hr_upscaler": "Latent"}
+    # Its prompt editing counts on from the first pass, as on the latent path: [castle:boat:0.5] is boat throughout.
+    for hires in (pixel, latent):
+        assert same_pixels(txt2img(ingress, **hires, hr_prompt="a [castle:boat:0.5]"),
+                           txt2img(ingress, **hires, hr_prompt="a boat")), hires["hr_upscaler"]
+    # A prompt it cannot read is refused before the first pass, naming its own field.
+    error = refused(lambda: txt2img(ingress, **pixel, hr_prompt="(" * 40 + "x"))
+    assert (status_of(error), error.details["field"]) == (422, "hr_prompt")
+    # An unknown first-pass sampler fell back to the default: an hr_scheduler alone reads that one.
+    body = txt2img(ingress, **pixel, sampler_name="bogus", hr_scheduler="Karras")
+    assert body["info"]["sampler_name"] == DEFAULT_SAMPLER
+    # LoRA tags: removed with disable_extra_networks; a latent pass cannot apply its own, and says so.
+    tagged = "a boat <lora:nope:1>"
+    assert txt2img(ingress, **pixel, hr_prompt=tagged, disable_extra_networks=True)["info"]["warnings"] == []
+    assert txt2img(ingress, **latent, hr_prompt=tagged)["info"]["warnings"] == [
+        "hr_prompt: its <lora:...> tags are not applied by a Latent hires fix, one base call with the first pass's "
+        "LoRAs (a pixel hires fix applies them)"]
+    # Variation seeds vary the first pass of a pixel hires fix alone, and the answer says so.
+    varied = txt2img(ingress, **pixel, subseed=3, subseed_strength=0.5)
+    assert varied["info"]["warnings"] == ["subseed_strength: the pixel hires fix's second pass ran from its seed's "
+                                          "own noise (a Latent hires fix varies both passes)"]
+
+
+def test_a_style_that_takes_a_prompt_past_its_limit_is_a_422_naming_styles(ingress):
+    error = refused(lambda: txt2img(ingress, prompt="a" * 9990, styles=["cinematic"]))
+    assert (status_of(error), error.details["field"]) == (422, "styles")

@@ -126,6 +126,9 @@ class GenerationRequest(BaseModel):
     seed_resize_from_h: int = Field(0, ge=0, le=4096)
     tiling: bool = Field(False, description="seamless tiling: every convolution of the UNet and the VAE pads "
                          "circularly for the run, as A1111's tiling does")
+    schedule_from: int | None = Field(None, ge=1, le=300, description="A1111's prompt editing: the model "
+                                      "evaluations of the pass before this one (a pixel hires fix's first), which "
+                                      "this pass's schedule counts on from, as A1111's second pass does")
     eta: float | None = Field(None, ge=0.0, le=1.0, description="DDIM's eta (A1111's eta with DDIM): the share of "
                               "fresh noise each step adds; None: 0, deterministic DDIM. Other samplers do not read it")
 

@@ -61,7 +61,7 @@ from graphs.api.body import JSONBodyRoute, blobs, json_answer
 from graphs.api.checkpoints import CheckpointChoice
 from graphs.api.edge import client_address, token_owner
 from graphs.api.errors import call, documented, unwrap
-from graphs.api.fields import b64_png, image_bytes
+from graphs.api.fields import MAX_PROMPT, b64_png, image_bytes
 from graphs.jobs.cache import RequestCache
 from graphs.jobs.store import JobStore
 
@@ -194,14 +194,14 @@ class A1111Routes(CheckpointChoice):
         (read as the first pass's are; "Use same ..." or none: the first pass's), ``hr_checkpoint_name`` (refused
         here, naming the field, when no checkpoint has the name)."""
         second: dict = {}
-        if r.hr_prompt != r.prompt:
-            second["prompt"] = r.hr_prompt
+        if r.hr_prompt != r.prompt:  # its LoRA tags removed too, where A1111 is told not to apply them
+            second["prompt"] = parse_lora_tags(r.hr_prompt)[0] if r.disable_extra_networks else r.hr_prompt
         if r.hr_negative_prompt != r.negative_prompt:
             second["negative_prompt"] = r.hr_negative_prompt
         sampler = None if r.hr_sampler_name in SAME_AS_FIRST_PASS else r.hr_sampler_name
         scheduler = None if r.hr_scheduler in SAME_AS_FIRST_PASS else r.hr_scheduler
-        if sampler or scheduler:
-            hires = a1111_choice(sampler or r.sampler or self.config.base.default_sampler, scheduler or r.scheduler,
+        if sampler or scheduler:  # the first pass's as it ran (an unknown name fell back to the default)
+            hires = a1111_choice(sampler or choice.sampler, scheduler or r.scheduler,
                                  "hr_sampler_name" if sampler else "sampler_name")
             if (hires.sampler, hires.schedule) != (choice.sampler, choice.schedule):
                 second.update(sampler=hires.sampler, schedule=hires.schedule)
@@ -249,15 +249,30 @@ class A1111Routes(CheckpointChoice):
         if r.enable_hr:  # A1111 styles the hires prompts too, the first pass's standing in for empty ones
             texts["hr_prompt"], texts["hr_negative_prompt"], _ = await asyncio.to_thread(
                 self.styles.apply, r.hr_prompt or r.prompt, r.hr_negative_prompt or r.negative_prompt, r.styles)
+        for name, text in texts.items():  # a style may take a prompt past what the stages accept
+            if len(text) > MAX_PROMPT:
+                raise InvalidInput(f"{name} with its styles merged in is {len(text)} characters, more than "
+                                   f"{MAX_PROMPT}", field="styles")
         r = r.model_copy(update=texts)
         # A prompt the replicas cannot read is refused here, before it joins a batch; the replica counts its
         # chunks exactly with its tokenizers, and refuses there what this count (a lower bound) lets through.
         prompts.check(parse_lora_tags(r.prompt)[0], r.steps)
         prompts.check(r.negative_prompt, r.steps, "negative_prompt")
+        if r.enable_hr:  # before the first pass runs, naming its own field
+            hires_steps = r.hr_second_pass_steps or r.steps
+            prompts.check(parse_lora_tags(r.hr_prompt)[0], hires_steps, "hr_prompt")
+            prompts.check(r.hr_negative_prompt, hires_steps, "hr_negative_prompt")
         vaes = set(replacement_vaes(self.config))
         choice = self._choice(r)
         ignored = [*asked.scripts(), *asked.unapplied(), *asked.settings_unapplied(vaes), *styled,
                    *eta_unapplied(r.eta, choice.sampler)]
+        if r.enable_hr and r.subseed_strength > 0 and r.hr_upscaler not in LATENT_UPSCALE_MODES:
+            ignored.append("subseed_strength: the pixel hires fix's second pass ran from its seed's own noise (a "
+                           "Latent hires fix varies both passes)")
+        if (r.enable_hr and r.hr_upscaler in LATENT_UPSCALE_MODES and not r.disable_extra_networks
+                and parse_lora_tags(r.hr_prompt)[1] != parse_lora_tags(r.prompt)[1]):
+            ignored.append("hr_prompt: its <lora:...> tags are not applied by a Latent hires fix, one base call with "
+                           "the first pass's LoRAs (a pixel hires fix applies them)")
         switch, hires = await self._refiner(r), await self._hires(r, choice)  # checked before anything runs
         model = await self._checkpoint(r)
         if hires is not None and hires.second.get("checkpoint") == model:
@@ -269,6 +284,8 @@ class A1111Routes(CheckpointChoice):
         ran = {"checkpoint": model, "sampler_ran": choice.sampler, "schedule_ran": choice.schedule,
                "prompt_ran": r.prompt, "negative_prompt_ran": r.negative_prompt,
                "second_pass_ran": hires.second if hires is not None else None}
+        if hires is not None and "checkpoint" in hires.second:  # its weights, as the first pass's are fingerprinted
+            ran["second_pass_weights"] = await asyncio.to_thread(self._short_hash, hires.second["checkpoint"])
         if r.subseed_strength > 0 and r.subseed == -1:  # a random variation seed: a new image each time
             cache_as = None
         # The file format too: a JPEG entry never answers a request made while PNG is the saved format.

@@ -13,8 +13,9 @@ from deployments.support.samplers import MIN_STRENGTH
 
 MAX_SEED = 2**32 - 1
 
-Prompt = Annotated[str, Field(max_length=10_000)]
-RequiredPrompt = Annotated[str, Field(min_length=1, max_length=10_000)]
+MAX_PROMPT = 10_000  # characters of a prompt, as GenerationRequest takes them
+Prompt = Annotated[str, Field(max_length=MAX_PROMPT)]
+RequiredPrompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT)]
 Seed = Annotated[int, Field(ge=-1, le=MAX_SEED, description="-1 draws a random seed")]
 Steps = Annotated[int, Field(ge=1, le=150)]
 Guidance = Annotated[float, Field(ge=0.0, le=30.0)]
