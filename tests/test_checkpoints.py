@@ -282,3 +282,35 @@ def test_latent_hires_fix_is_refused_outside_text_to_image(two, astronaut):
 
 def teardown_module() -> None:
     gc.collect()
+
+
+def test_a_file_version_is_hashed_once_on_a_host_however_many_processes_and_threads_ask(tmp_path, monkeypatch):
+    """A base replica hashes a checkpoint as it loads it; an ingress that started before reads that hash from the
+    shared file instead of hashing gigabytes again on its first A1111 request, and concurrent first askers wait for
+    one hash."""
+    import concurrent.futures
+    import hashlib
+    import threading
+
+    from deployments.support import checkpoints
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"weights" * 1000)
+    shared = tmp_path / "cache" / "hashes.json"
+    ingress, base = checkpoints.HashCache(shared), checkpoints.HashCache(shared)  # two processes' caches
+    calls, lock, sha256 = [], threading.Lock(), hashlib.sha256
+
+    def counted(*args):
+        with lock:
+            calls.append(1)
+        time.sleep(0.05)  # long enough for the other threads to ask meanwhile
+        return sha256(*args)
+
+    monkeypatch.setattr(checkpoints.hashlib, "sha256", counted)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        answers = set(pool.map(lambda _: base.file(weights), range(4)))
+    assert len(answers) == 1 and len(calls) == 1
+    assert ingress.file(weights) == answers.pop() and len(calls) == 1  # read from the shared file, not hashed
+    weights.write_bytes(b"other weights")  # a new version is hashed anew
+    assert ingress.file(weights) == sha256(b"other weights").hexdigest() and len(calls) == 2
+    assert set(json.loads(shared.read_text()).values()) >= {ingress.file(weights)}

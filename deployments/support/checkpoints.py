@@ -51,31 +51,46 @@ class Entry:
 
 
 class HashCache:
-    """SHA-256 per file version, kept across restarts in one JSON file (rewritten atomically)."""
+    """SHA-256 per file version, kept across restarts in one JSON file (rewritten atomically) that every process on
+    the host shares: a version one process hashed (a base replica loading it) is read by the others (an ingress
+    listing it) instead of hashed again, and a file is hashed once in a process however many ask at once."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
+        self._known: dict[str, str] = self._stored()
+        self._hashing: dict[str, threading.Lock] = {}
+
+    def _stored(self) -> dict[str, str]:
         try:
-            self._known: dict[str, str] = json.loads(path.read_text())
+            known = json.loads(self.path.read_text())
         except (OSError, ValueError):
-            self._known = {}
+            return {}
+        return known if isinstance(known, dict) else {}
 
     def file(self, path: Path) -> str:
         stat = path.stat()
         key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
         with self._lock:
             known = self._known.get(key)
+            flight = self._hashing.setdefault(key, threading.Lock())
         if known:
             return known
-        digest = hashlib.sha256()
-        with path.open("rb") as f:
-            while chunk := f.read(_CHUNK):
-                digest.update(chunk)
-        value = digest.hexdigest()
-        with self._lock:
-            self._known[key] = value
-            self._save()
+        with flight:  # the first asker hashes; the others wait for its answer
+            with self._lock:
+                self._known = {**self._stored(), **self._known}  # what other processes hashed meanwhile
+                known = self._known.get(key)
+            if known:
+                return known
+            digest = hashlib.sha256()
+            with path.open("rb") as f:
+                while chunk := f.read(_CHUNK):
+                    digest.update(chunk)
+            value = digest.hexdigest()
+            with self._lock:
+                self._known = {**self._stored(), **self._known, key: value}
+                self._save()
+                self._hashing.pop(key, None)
         return value
 
     def folder(self, path: Path) -> str:
