@@ -280,7 +280,11 @@ def test_a1111_listings_and_options(service):
     error(service.post("/sdapi/v1/options", json={"sd_model_checkpoint": "sd_xl_turbo"}), 422, "UNKNOWN_MODEL")
     error(service.post("/sdapi/v1/txt2img", json={"prompt": "x", "override_settings": {
         "sd_model_checkpoint": "other"}}), 422, "UNKNOWN_MODEL", "override_settings.sd_model_checkpoint")
-    error(service.post("/sdapi/v1/txt2img", json={"prompt": "x", "sampler_name": "Nope"}), 422, "UNKNOWN_MODEL")
+    # An unknown sampler runs the default, as in A1111, and the answer says so.
+    fallback = service.post("/sdapi/v1/txt2img", json={"prompt": "x", "sampler_name": "Nope", "width": 64,
+                                                       "height": 64, "steps": 2})
+    assert fallback.status_code == 200, fallback.text
+    assert "unknown sampler 'Nope'" in json.loads(fallback.json()["info"])["warnings"][0]
     idle = service.get("/sdapi/v1/progress").json()
     assert idle["progress"] == 0 and idle["state"]["job_count"] == 0
     assert service.post("/sdapi/v1/interrupt").json() == {}
