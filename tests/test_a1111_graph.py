@@ -786,3 +786,20 @@ def test_the_hires_second_pass_fields_are_checked_and_read_as_a1111_reads_them(i
 def test_a_style_that_takes_a_prompt_past_its_limit_is_a_422_naming_styles(ingress):
     error = refused(lambda: txt2img(ingress, prompt="a" * 9990, styles=["cinematic"]))
     assert (status_of(error), error.details["field"]) == (422, "styles")
+
+
+def test_the_refiner_says_it_reads_the_first_steps_text_of_prompt_editing(ingress):
+    refined = {"refiner_checkpoint": "tiny-sdxl-refiner", "refiner_switch_at": 0.5, "steps": 4}
+    assert txt2img(ingress, **refined, prompt="a lighthouse")["info"]["warnings"] == []
+    assert txt2img(ingress, **refined, prompt="a [lighthouse:castle:0.8]")["info"]["warnings"] == [
+        "prompt editing and alternation: the refiner's steps ran the text of their first step (the base's steps "
+        "ran the schedule)"]
+
+
+def test_style_names_are_bounded():
+    from pydantic import ValidationError
+
+    for styles, where in ((["x" * 257], ("styles", 0)), (["cinematic"] * 65, ("styles",))):
+        with pytest.raises(ValidationError) as refusal:  # the body's 422 names this place
+            Txt2ImgRequest(prompt="a fox", styles=styles)
+        assert refusal.value.errors()[0]["loc"] == where

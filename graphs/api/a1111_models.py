@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -56,6 +56,9 @@ IMAGE_SETTINGS: dict[str, object] = {
 SAME_SETTING = {"sd_vae": {"Automatic", "None", ""}}
 
 
+StyleName = Annotated[str, Field(max_length=256)]
+
+
 class Txt2ImgRequest(_A1111):
     prompt: Prompt = ""
     negative_prompt: Prompt = ""
@@ -93,8 +96,8 @@ class Txt2ImgRequest(_A1111):
     save_images: bool = Field(False, description="accepted; nothing is saved on the server here")
     disable_extra_networks: bool = Field(False, description="true: <lora:...> tags are removed, not applied")
     # A1111's fields that change its images (unapplied() names those set that are not applied).
-    styles: list[str] = Field([], description="saved styles merged into the prompts, by name "
-                              "(GET /sdapi/v1/prompt-styles)")
+    styles: list[StyleName] = Field([], max_length=64, description="saved styles merged into the prompts, by name "
+                                    "(GET /sdapi/v1/prompt-styles)")
     subseed: Seed = Field(-1, description="the variation seed of the first image (the next count up); -1 draws one")
     subseed_strength: float = Field(0.0, ge=0.0, le=1.0, description="variation seeds (txt2img, and its hires "
                                     "pass with a Latent upscaler; not img2img): each image's noise moved this far "
