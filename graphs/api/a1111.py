@@ -320,7 +320,7 @@ class A1111Routes(CheckpointChoice):
         # The infotexts are written before the faces run (their stage encodes the files): the deployed restorer is
         # the one that will run, and /face-restorers names it the same way.
         restorer = (await call(self.handles.faces.describe.remote()))["restorer"] if r.restore_faces else None
-        settings = self._settings_text(r, switch, hires, restorer, edit="init_image" in extra)
+        settings = self._settings_text(r, choice, switch, hires, restorer, edit="init_image" in extra)
         digest = await asyncio.to_thread(self._short_hash, model)  # the /sd-models hash, cached on this host
         if digest:
             settings["Model hash"] = digest
@@ -410,13 +410,13 @@ class A1111Routes(CheckpointChoice):
         sha = self.catalog.sha256(self.catalog.entry(model).checkpoint.source)
         return sha[:10] if sha else None
 
-    def _settings_text(self, r: Txt2ImgRequest, switch: float | None, hires: plans.A1111Hires | None,
-                       restorer: str | None, *, edit: bool) -> dict:
+    def _settings_text(self, r: Txt2ImgRequest, choice: A1111Choice, switch: float | None,
+                       hires: plans.A1111Hires | None, restorer: str | None, *, edit: bool) -> dict:
         """What the infotext adds to the base settings, for the stages ``plans.a1111_batch`` will run: the refiner
         on a text-to-image request when one is deployed, else the hires fix; faces, by the ``restorer`` deployed
         (none: no restoration runs, and the infotext claims none)."""
         settings: dict = {}
-        if r.eta and self._choice(r).sampler in READS_ETA:  # A1111 names a DDIM eta other than its default 0
+        if r.eta and choice.sampler in READS_ETA:  # A1111 names a DDIM eta other than its default 0
             settings["Eta DDIM"] = r.eta
         if edit:  # A1111's img2img writes its strength, and an inpainting its mask blur
             settings["Denoising strength"] = r.denoising_strength
