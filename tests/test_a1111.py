@@ -223,9 +223,9 @@ def test_an_infotext_too_long_for_a_jpegs_exif_is_left_out_with_a_warning():
 def test_the_saved_options_read_as_a1111s_with_its_defaults():
     from graphs.api.a1111_options import encoding, typed
 
-    assert typed({}) == {"samples_format": "png", "jpeg_quality": 80, "webp_lossless": False}
-    assert typed({"samples_format": "jpg", "jpeg_quality": "55", "webp_lossless": "true"}) == {
-        "samples_format": "jpg", "jpeg_quality": 55, "webp_lossless": True}
+    assert typed({}) == {"samples_format": "png", "jpeg_quality": 80, "webp_lossless": False, "return_grid": True}
+    assert typed({"samples_format": "jpg", "jpeg_quality": "55", "webp_lossless": "true", "return_grid": "false"}) == {
+        "samples_format": "jpg", "jpeg_quality": 55, "webp_lossless": True, "return_grid": False}
     assert typed({"samples_format": "tiff", "jpeg_quality": "0"}) == typed({})  # a store edited by hand
     assert encoding({"samples_format": "jpg"}).format == "jpeg" and encoding({}).quality == 80
     webp = encoding({"samples_format": "webp", "webp_lossless": "true", "jpeg_quality": "70"})
@@ -488,3 +488,17 @@ def test_interrogate_without_a_captioner_refuses_clip_naming_model():
     with pytest.raises(UnknownModel, match="no captioner is deployed") as caught:
         asyncio.run(A1111InfoRoutes.interrogate(routes, InterrogateRequest(image="x")))  # type: ignore[arg-type]
     assert caught.value.field == "model"
+
+
+def test_a1111s_grid_layout_and_cells():
+    from graphs.api.a1111_grid import compose, grid_size, layout
+
+    # A1111 1.10's image_grid at its defaults: round(sqrt(n)) rows, as many columns as it takes.
+    assert [layout(n) for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 16)] == [
+        (1, 1), (1, 2), (2, 2), (2, 2), (2, 3), (2, 3), (3, 3), (3, 3), (3, 3), (3, 4), (4, 4)]
+    red, blue = Image.new("RGB", (4, 2), (255, 0, 0)), Image.new("RGB", (2, 4), (0, 0, 255))
+    grid = compose([red, blue])
+    assert grid.size == grid_size([red.size, blue.size]) == (8, 4)  # cells as large as the largest image
+    cells = np.asarray(grid)
+    assert (cells[1:3, 0:4] == (255, 0, 0)).all() and (cells[0, 0:4] == 255).all()  # centred, white around
+    assert (cells[:, 5:7] == (0, 0, 255)).all() and (cells[:, 4] == 255).all()

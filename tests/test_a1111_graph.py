@@ -413,7 +413,7 @@ def options(ingress):
         ingress.set_options.remote(OptionsRequest(**values)).result()
 
     yield set_options
-    set_options(samples_format="png", jpeg_quality=80, webp_lossless=False)
+    set_options(samples_format="png", jpeg_quality=80, webp_lossless=False, return_grid=True)
 
 
 def file_of(data: str) -> bytes:
@@ -469,6 +469,39 @@ def test_jpeg_quality_and_webp_lossless_shape_the_answer(ingress, options):
     assert ingress.get_options.remote().result()["webp_lossless"] is True
     lossless = decode_b64(txt2img(ingress, seed=43)["images"][0])
     assert lossless.format == "WEBP" and np.array_equal(pixels(lossless.convert("RGB")), pixels(png.convert("RGB")))
+
+
+def test_save_images_answers_a1111s_grid_first_and_return_grid_turns_it_off(ingress, options):
+    alone = txt2img(ingress, seed=61, batch_size=3)
+    made = txt2img(ingress, seed=61, batch_size=3, save_images=True)
+    info = made["info"]
+    assert len(made["images"]) == 4 and info["index_of_first_image"] == 1 and info["all_seeds"] == [61, 62, 63]
+    grid = decode_b64(made["images"][0])
+    # A1111's layout of three: two rows of two, filled row by row, the empty cell left white.
+    assert grid.size == (128, 128) and grid.info["parameters"] == info["infotexts"][0] == info["infotexts"][1]
+    # Each cell is its image (the grid carries a watermark of its own over them, a few levels at most).
+    tiles = [pixels(decode_b64(image)).astype(int) for image in alone["images"]]
+    for i, (x, y) in enumerate([(0, 0), (64, 0), (0, 64)]):
+        cell = pixels(grid.crop((x, y, x + 64, y + 64))).astype(int)
+        distances = [np.abs(cell - tile).mean() for tile in tiles]
+        assert distances[i] < 4 and distances[i] == min(distances), (i, distances)
+    assert pixels(grid.crop((64, 64, 128, 128))).mean() > 250
+    assert [pixels(decode_b64(i)).tolist() for i in made["images"][1:]] == \
+        [pixels(decode_b64(i)).tolist() for i in alone["images"]]
+    one = txt2img(ingress, seed=61, save_images=True)  # A1111's grid_only_if_multiple: no grid of one image
+    assert len(one["images"]) == 1 and one["info"]["index_of_first_image"] == 0
+    options(return_grid=False)
+    assert ingress.get_options.remote().result()["return_grid"] is False
+    off = txt2img(ingress, seed=61, batch_size=3, save_images=True)
+    assert len(off["images"]) == 3 and off["info"]["index_of_first_image"] == 0 and not off["info"]["cached"]
+
+
+def test_a_grid_of_several_batches_in_the_saved_format(ingress, options):
+    options(samples_format="jpg")
+    made = txt2img(ingress, seed=71, n_iter=2, save_images=True)
+    grid = decode_b64(made["images"][0])
+    assert (grid.format, grid.size, len(made["images"])) == ("JPEG", (128, 64), 3)  # one row of two
+    assert exif_comment(grid) == made["info"]["infotexts"][0]
 
 
 def test_options_out_of_a1111s_bounds_are_refused():

@@ -43,6 +43,7 @@ from deployments.support.generation import (
 from deployments.support.samplers import A1111Choice, a1111_choice
 from deployments.support.settings import current
 from graphs import flights, plans
+from graphs.api import a1111_grid
 from graphs.api import a1111_options as answer_options
 from graphs.api.a1111_info import replacement_vaes
 from graphs.api.a1111_infotext import infotext
@@ -286,22 +287,27 @@ class A1111Routes(CheckpointChoice):
         # are an edit's uploads.
         # What runs, as this service reads the request (A1111's Automatic is a schedule of its own per sampler, a
         # style is what the styles file says now): a change of that reading misses the entries made under the old.
-        ran = {"checkpoint": model, "sampler_ran": choice.sampler, "schedule_ran": choice.schedule,
-               "prompt_ran": r.prompt, "negative_prompt_ran": r.negative_prompt,
-               "second_pass_ran": hires.second if hires is not None else None}
+        ran: dict[str, object] = {"checkpoint": model, "sampler_ran": choice.sampler, "schedule_ran": choice.schedule,
+                                  "prompt_ran": r.prompt, "negative_prompt_ran": r.negative_prompt,
+                                  "second_pass_ran": hires.second if hires is not None else None}
         if hires is not None and "checkpoint" in hires.second:  # its weights, as the first pass's are fingerprinted
             ran["second_pass_weights"] = await asyncio.to_thread(self._short_hash, hires.second["checkpoint"])
         if r.subseed_strength > 0 and r.subseed == -1:  # a random variation seed: a new image each time
             cache_as = None
-        # The file format too: a JPEG entry never answers a request made while PNG is the saved format.
-        how = (await answer_options.answer_encoding(self.jobs)).model_copy(update={"parent": parent})
+        # The file format too: a JPEG entry never answers a request made while PNG is the saved format; and
+        # whether a grid comes first.
+        saved = await asyncio.to_thread(self.jobs.options)
+        how = answer_options.encoding(saved).model_copy(update={"parent": parent})
         ran["encoding"] = answer_options.file_key(how)
+        grid = r.save_images and bool(answer_options.typed(saved)["return_grid"])
+        ran["grid"] = grid
         key = await self.cache.key(cache_as, {**asked.model_dump(), **ran}, model) if cache_as else None
         hit = await self.cache.get(key)
         if hit is not None:
             return images_answer(hit.files if r.send_images else [], parameters,
                                  {**json.loads(hit.facts["info"]), "cached": True})
-        files, info = await self._generate(http, r, choice, model, parameters, how, switch, hires, inits, **extra)
+        files, info = await self._generate(http, r, choice, model, parameters, how, switch, hires, inits, grid,
+                                           **extra)
         # A1111 answers the prompt asked, and the prompts that ran (styled) in all_prompts and the infotexts.
         info.update(prompt=asked.prompt, negative_prompt=asked.negative_prompt, styles=asked.styles)
         info["warnings"] = [*info["warnings"], *ignored]
@@ -311,10 +317,10 @@ class A1111Routes(CheckpointChoice):
 
     async def _generate(self, http: Request, r: Txt2ImgRequest, choice: A1111Choice, model: str, parameters: dict,
                         encoding: Encoding, switch: float | None, hires: plans.A1111Hires | None,
-                        inits: list[Image.Image] | None, **extra) -> tuple[list[bytes], dict]:
+                        inits: list[Image.Image] | None, grid: bool = False, **extra) -> tuple[list[bytes], dict]:
         """The files of every image the request makes, encoded as ``encoding`` says (its infotexts added), and
         A1111's ``info`` about them. With several ``inits`` (an edit's framed uploads), image i of each batch starts
-        from ``inits[i % len(inits)]``."""
+        from ``inits[i % len(inits)]``. ``grid``: A1111's grid of two images or more first (``a1111_grid``)."""
         extra["checkpoint"] = model
         job = InFlight(uuid.uuid4().hex, _client(http), time.time(), r.steps * r.n_iter, batches=r.n_iter)
         # The infotexts are written before the faces run (their stage encodes the files): the deployed restorer is
@@ -333,7 +339,9 @@ class A1111Routes(CheckpointChoice):
         warnings: list[str] = list(choice.warnings)  # every stage's, as /generate reports them; each said once
         nsfw: list[bool] = []
         size = (r.width, r.height)
+        sizes: list[tuple[int, int]] = []  # every image's
         stopped: str | None = None
+        ran: dict = {}  # what the stages of the first batch ran, for a grid's content credentials
         try:
             seed, subseed = r.seed, resolve_seeds(r.subseed, 1)[0]  # A1111 fixes a variation seed every time
             async with flights.flight():
@@ -370,7 +378,9 @@ class A1111Routes(CheckpointChoice):
                         warnings += result.warnings
                         nsfw += result.info.get("nsfw") or []
                         size = result.sizes[0]
+                        sizes += result.sizes
                         sampler = result.info.get("sampler", sampler)  # as the base reports it
+                        ran = ran or result.info
                     # As A1111 numbers them: with a variation strength the seed stays and the variation seeds count on.
                     seed, subseed = (own[0] if strength > 0 else own[-1] + 1), subs[-1] + 1
                     if result is None or result.stopped:
@@ -385,6 +395,17 @@ class A1111Routes(CheckpointChoice):
             await asyncio.to_thread(self.jobs.untrack, _interrupts(job.client), f"{job.id}:interrupt")
         texts = [infotext(r, s, model, sampler, settings, choice.label, ss, varied)
                  for s, ss in zip(seeds, subseeds, strict=True)]
+        first = 0
+        if grid and len(files) >= 2:  # A1111's grid_only_if_multiple: no grid of one image
+            width, height = a1111_grid.grid_size(sizes)
+            if width * height > a1111_grid.MAX_GRID_PIXELS:
+                warnings.append(f"save_images: no grid was made: {width}x{height} is more than "
+                                f"{a1111_grid.MAX_GRID_PIXELS // 2**20} MP")
+            else:
+                how = encoding.model_copy(update={"parameters": texts[:1]})
+                files.insert(0, await asyncio.to_thread(a1111_grid.grid_file, files, how, ran))
+                texts.insert(0, texts[0])  # A1111 writes the grid's infotext as the first image's
+                first = 1
         info = {"prompt": r.prompt, "all_prompts": [r.prompt] * len(seeds), "negative_prompt": r.negative_prompt,
                 "all_negative_prompts": [r.negative_prompt] * len(seeds), "seed": seeds[0] if seeds else r.seed,
                 "all_seeds": seeds,
@@ -394,8 +415,8 @@ class A1111Routes(CheckpointChoice):
                 "sampler_name": sampler, "cfg_scale": r.cfg_scale,
                 "steps": r.steps, "batch_size": r.batch_size, "restore_faces": r.restore_faces,
                 "sd_model_name": model, "sd_model_hash": digest, "infotexts": texts, "styles": [],
-                # A1111's other keys, as this service ran the request: no grid is made, so the first image is first.
-                "index_of_first_image": 0, "denoising_strength": r.denoising_strength, "clip_skip": 1,
+                # A1111's other keys, as this service ran the request.
+                "index_of_first_image": first, "denoising_strength": r.denoising_strength, "clip_skip": 1,
                 "face_restoration_model": restorer, "extra_generation_params": settings,
                 "is_using_inpainting_conditioning": False,
                 "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "version": "imagegen-0.1",

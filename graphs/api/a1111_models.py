@@ -93,7 +93,8 @@ class Txt2ImgRequest(_A1111):
     override_settings_restore_afterwards: bool = Field(
         True, description="false: the override_settings checkpoint stays the default afterwards")
     send_images: bool = Field(True, description="false: the answer's images are left out, as in A1111")
-    save_images: bool = Field(False, description="accepted; nothing is saved on the server here")
+    save_images: bool = Field(False, description="nothing is saved on the server here; with two images or more "
+                              "the answer starts with A1111's grid of them (the return_grid option)")
     disable_extra_networks: bool = Field(False, description="true: <lora:...> tags are removed, not applied")
     # A1111's fields that change its images (unapplied() names those set that are not applied).
     styles: list[StyleName] = Field([], max_length=64, description="saved styles merged into the prompts, by name "
@@ -252,6 +253,8 @@ class OptionsRequest(_A1111):
         None, description="the file format of the images txt2img, img2img and the extras routes answer")
     jpeg_quality: int | None = Field(None, ge=1, le=100, description="the quality of JPEG and WebP answers")
     webp_lossless: bool | None = Field(None, description="WebP answers lossless (jpeg_quality then sets the effort)")
+    return_grid: bool | None = Field(None, description="with save_images and two images or more, the grid of them "
+                                     "first in images, as A1111 answers")
 
 
 class PngInfoRequest(BaseModel):
@@ -349,6 +352,7 @@ class Options(BaseModel):
     samples_format: str
     jpeg_quality: int
     webp_lossless: bool
+    return_grid: bool
 
 
 class PngInfo(BaseModel):

@@ -1,5 +1,6 @@
 """A1111's saved options that shape its answers' files: ``samples_format`` (png, jpg, jpeg or webp),
-``jpeg_quality`` (JPEG and WebP, A1111's default 80) and ``webp_lossless``. ``POST /sdapi/v1/options`` keeps them in
+``jpeg_quality`` (JPEG and WebP, A1111's default 80), ``webp_lossless`` and ``return_grid`` (a request with
+``save_images`` and several images answers the grid of them first; default on). ``POST /sdapi/v1/options`` keeps them in
 the job store, as text, so that every ingress replica reads the same; each generation and extras request reads them
 once, when it starts, and its last stage encodes its images that way."""
 
@@ -11,7 +12,8 @@ from deployments.support.generation import Encoding
 from graphs.jobs.store import JobStore
 
 # A1111 1.10's defaults (modules/shared_options.py).
-DEFAULTS: dict[str, str | int | bool] = {"samples_format": "png", "jpeg_quality": 80, "webp_lossless": False}
+DEFAULTS: dict[str, str | int | bool] = {"samples_format": "png", "jpeg_quality": 80, "webp_lossless": False,
+                                         "return_grid": True}
 FORMATS = {"png": "png", "jpg": "jpeg", "jpeg": "jpeg", "webp": "webp"}  # A1111's names -> the encoder's
 
 
@@ -29,8 +31,9 @@ def typed(options: dict[str, str]) -> dict[str, str | int | bool]:
     quality = options.get("jpeg_quality", "")
     if quality.isdigit() and 1 <= int(quality) <= 100:
         out["jpeg_quality"] = int(quality)
-    if "webp_lossless" in options:
-        out["webp_lossless"] = options["webp_lossless"] == "true"
+    for flag in ("webp_lossless", "return_grid"):
+        if flag in options:
+            out[flag] = options[flag] == "true"
     return out
 
 
