@@ -279,6 +279,9 @@ class A1111Routes(CheckpointChoice):
                 ("prompt", parse_lora_tags(r.prompt)[0]), ("negative_prompt", r.negative_prompt))):
             ignored.append("prompt editing and alternation: the refiner's steps ran the text of their first step "
                            "(the base's steps ran the schedule)")
+        if refined and [part.weight for part in prompts.subprompts(parse_lora_tags(r.prompt)[0])] != [1.0]:
+            ignored.append("AND and subprompt weights: the refiner's steps ran the first subprompt at weight 1 (the "
+                           "base's steps composed them)")
         model = await self._checkpoint(r)
         if hires is not None and hires.second.get("checkpoint") == model:
             del hires.second["checkpoint"]
