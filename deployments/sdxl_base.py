@@ -598,7 +598,9 @@ def batch_key(request: GenerationRequest, chunks: tuple[int, ...] | None = None)
     """What requests must share to run in one pipeline call; ``None``: this one runs alone (an inpainting mask
     and an IP-Adapter reference belong to one request). The checkpoint is part of it: a batch never mixes two.
     ``chunks``: an A1111 request's ``chunk_counts``, which its batch mates must need too. Tiling is part of it (the
-    convolutions pad one way for the whole call); variation seeds are not (each image's noise is its own)."""
+    convolutions pad one way for the whole call); variation seeds are not (each image's noise is its own), nor are
+    an A1111 prompt's AND and subprompt weights (``composable.Composed`` runs the other subprompts in a UNet call of
+    their own and leaves a plain image's rows as they are)."""
     mode = mode_of(request)
     if mode == "inpaint" or request.ip_adapter_image is not None:
         return None

@@ -262,6 +262,21 @@ def test_requests_with_and_without_and_share_a_batch_each_with_its_own_pixels(ba
         assert np.abs(pixels(result.images[0]) - pixels(base.generate(alone).images[0])).max() <= ROUNDING
 
 
+@pytest.mark.parametrize("mode", ["img2img", "inpaint"])
+def test_image_to_image_and_inpainting_compose_too(base, mode):
+    """Inpainting's UNet takes the mask and the masked image as more channels of each row's latents."""
+    from PIL import Image
+
+    init = {"init_image": Image.new("RGB", (64, 64), (90, 140, 200)), "strength": 0.75}
+    if mode == "inpaint":
+        mask = Image.new("L", (64, 64), 0)
+        mask.paste(255, (16, 16, 48, 48))
+        init["mask"] = mask
+    cat = image(base, **init)
+    assert np.abs(image(base, prompt="a cat :0.5 AND a cat :0.5", **init) - cat).max() <= ROUNDING
+    assert np.abs(image(base, prompt="a cat AND a dog", **init) - cat).mean() > SEEN / 4
+
+
 def test_a_long_subprompt_sets_the_chunk_count_of_its_request(base):
     from deployments.sdxl_base import chunk_counts
 
