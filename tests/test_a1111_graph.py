@@ -788,16 +788,16 @@ def test_a_style_that_takes_a_prompt_past_its_limit_is_a_422_naming_styles(ingre
     assert (status_of(error), error.details["field"]) == (422, "styles")
 
 
-def test_the_refiner_says_it_reads_the_first_steps_text_of_prompt_editing_and_the_first_subprompt(ingress):
+def test_the_refiner_says_it_reads_the_first_steps_text_of_prompt_editing(ingress):
     refined = {"refiner_checkpoint": "tiny-sdxl-refiner", "refiner_switch_at": 0.5, "steps": 4}
     assert txt2img(ingress, **refined, prompt="a lighthouse")["info"]["warnings"] == []
     assert txt2img(ingress, **refined, prompt="a [lighthouse:castle:0.8]")["info"]["warnings"] == [
         "prompt editing and alternation: the refiner's steps ran the text of their first step (the base's steps "
         "ran the schedule)"]
-    assert txt2img(ingress, **refined, prompt="a lighthouse AND a castle :0.5")["info"]["warnings"] == [
-        "AND and subprompt weights: the refiner's steps ran the first subprompt at weight 1 (the base's steps "
-        "composed them)"]
-    assert txt2img(ingress, **refined, prompt="a lighthouse :1")["info"]["warnings"] == []
+    assert txt2img(ingress, **refined, prompt="a lighthouse AND a [lighthouse:castle:0.8] :0.5")["info"][
+        "warnings"] == ["prompt editing and alternation: the refiner's steps ran the text of their first step (the "
+                        "base's steps ran the schedule)"]
+    assert txt2img(ingress, **refined, prompt="a lighthouse AND a castle :0.5")["info"]["warnings"] == []  # composed
 
 
 def test_style_names_are_bounded():

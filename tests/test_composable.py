@@ -295,6 +295,28 @@ def test_the_latent_hires_pass_composes_too(base):
     assert np.abs(image(base, prompt="a cat AND a dog", hires=hires) - image(base, hires=hires)).mean() > SEEN
 
 
+def test_the_refiner_composes_each_subprompts_first_text(refiner):
+    """The refiner runs no schedule (each subprompt's first text throughout: the ingress warns of editing) but
+    composes its subprompts as the base does; its UNet is its own again afterwards."""
+    from PIL import Image
+
+    from deployments.support.generation import RefineRequest
+
+    source = StageResult(images=[Image.new("RGB", (64, 64), (128, 128, 128))], seeds=[3])
+    unet = refiner.pipe.unet
+
+    def refined(prompt: str, **kw) -> np.ndarray:
+        request = RefineRequest(prompt=prompt, steps=4, strength=0.5, prompt_syntax="a1111", **kw)
+        return pixels(refiner.refine_images(request, source).images[0])
+
+    cat = refined("a cat")
+    assert np.abs(refined("a cat :0.5 AND a cat :0.5") - cat).max() <= ROUNDING
+    assert np.abs(refined("a cat :2", guidance_scale=2.5) - refined("a cat", guidance_scale=5.0)).max() <= ROUNDING
+    assert np.abs(refined("a cat AND a dog") - cat).mean() > SEEN / 4
+    assert np.array_equal(refined("a cat AND a [dog:bird:2]"), refined("a cat AND a dog"))
+    assert refiner.pipe.unet is unet
+
+
 @pytest.mark.parametrize("how", ["stop", "cancel", "error"])
 def test_the_unet_is_put_back_after_an_interrupt_a_cancel_or_an_error(base, how, monkeypatch):
     pipes = base.checkpoint()

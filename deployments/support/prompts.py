@@ -339,7 +339,7 @@ class Reading:
     fragments."""
 
     texts: tuple[tuple[Fragment, ...], ...]
-    parts: tuple[Subprompt, ...] = (Subprompt(""),)
+    parts: tuple[Subprompt, ...]
 
     @property
     def fragments(self) -> tuple[Fragment, ...]:
