@@ -11,7 +11,11 @@ output untouched.
 
 Without classifier-free guidance (diffusers runs none at ``guidance_scale`` <= 1, where A1111 still does) the
 pipeline takes the UNet's output as it is: ``Composed`` then evaluates the negative prompt itself, for the images
-that compose, and answers ``uncond + cfg * sum_i w_i * (cond_i - uncond)``, A1111's formula at that scale.
+that compose, and answers ``uncond + cfg * sum_i w_i * (cond_i - uncond)``, A1111's formula at that scale (its
+time ids are the prompt's: on the refiner, the aesthetic score rather than the negative one). An image of one
+subprompt at weight 1 is left as diffusers guides it, at any scale.
+
+The second call has its own batch size: a compiled UNet (``fast.compile``) compiles once more for it.
 """
 
 from __future__ import annotations
