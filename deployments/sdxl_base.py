@@ -16,6 +16,7 @@ import math
 import threading
 import time
 import uuid
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from deployments.support import device as devices
 from deployments.support import fastpath
 from deployments.support.batching import Batcher, outcome, prepare
 from deployments.support.checkpoints import Catalog
+from deployments.support.composable import composing
 from deployments.support.config import Batching, SDXLBaseConfig
 from deployments.support.embeddings import EmbeddingFiles
 from deployments.support.errors import GenerationCancelled, InvalidInput, ModelLoadError
@@ -54,7 +56,7 @@ from deployments.support.imaging import to_rgb
 from deployments.support.logs import replica_logging
 from deployments.support.metrics import StageMetrics
 from deployments.support.pipelines import LoraFiles, Pipelines, Resident
-from deployments.support.prompts import READING, Conditioning, PromptEncoder, read
+from deployments.support.prompts import READING, Conditioning, PromptEncoder
 from deployments.support.reporting import Reporter
 from deployments.support.samplers import build_scheduler, evaluations, img2img_steps
 from deployments.support.settings import Settings, current
@@ -164,9 +166,7 @@ class BaseGenerator:
                 chunk_counts(held, request, self.config.default_sampler)
             seeds, subseeds = variation_seeds(request.seed, request.subseed, request.subseed_strength,
                                               request.batch_size)
-            return prompt, seeds, [*prompt_warnings(request, self.config.default_sampler),
-                                   *variation_warnings(request)], \
-                variations_of(request, subseeds)
+            return prompt, seeds, variation_warnings(request), variations_of(request, subseeds)
 
         outcomes, passed = prepare(items, check)
         live = list(passed)
@@ -197,7 +197,7 @@ class BaseGenerator:
         except Exception as e:  # noqa: BLE001 - each item gets the error it would have got alone
             results = [e] * len(live)
         for i, result in zip(live, self.cancellation.settle(batch, results), strict=True):
-            if isinstance(result, StageResult):  # what of its own prompt's syntax did not apply: its alone
+            if isinstance(result, StageResult):  # what of its own options did not apply: its alone
                 result.warnings += [w for w in passed[i][2] if w not in result.warnings]
             outcomes[i] = result
         for item in items:
@@ -346,8 +346,12 @@ class BaseGenerator:
         # The batch's stop bookkeeping holds its images and device latents: let go of them however it ends. Tiling
         # (batch_key: the whole batch or none of it) holds for every decode too, those of stopped items included.
         tiled = {id(m): m for m in (pipe.unet, pipe.vae, pipes.img2img.unet, pipes.txt2img.vae)}
+        # AND or a subprompt's weight (either pass): the UNet of both passes' pipelines composes A1111's guidance
+        # while the batch runs, reading the running pass's conditioning.
+        composed = (composing([pipe, pipes.img2img], lambda: scheduled[0])
+                    if any(c is not None and c.composes for c in (scheduled[0], hires_texts)) else nullcontext())
         try:
-            with circular(*tiled.values(), enabled=request.tiling):
+            with circular(*tiled.values(), enabled=request.tiling), composed:
                 latents = None
                 try:
                     with fastpath.attention(self.config.fast):
@@ -544,16 +548,6 @@ def variation_warnings(request: GenerationRequest) -> list[str]:
     return out
 
 
-def prompt_warnings(request: GenerationRequest, default_sampler: str = "Euler a") -> list[str]:
-    """What of an A1111 request's prompt syntax is not applied (AND); none for a plain one."""
-    if request.prompt_syntax != "a1111":
-        return []
-    steps = request.steps * evaluations(request.sampler or default_sampler)
-    found = [*read(parse_lora_tags(request.prompt)[0], steps, first_pass=request.schedule_from).warnings,
-             *read(request.negative_prompt, steps, "negative_prompt", request.schedule_from).warnings]
-    return list(dict.fromkeys(found))
-
-
 def chunk_counts(pipes: Pipelines, request: GenerationRequest,
                  default_sampler: str = "Euler a") -> tuple[int, ...] | None:
     """The chunks an A1111 request's prompt and negative prompt need alone with a checkpoint's tokenizers and
@@ -604,7 +598,9 @@ def batch_key(request: GenerationRequest, chunks: tuple[int, ...] | None = None)
     """What requests must share to run in one pipeline call; ``None``: this one runs alone (an inpainting mask
     and an IP-Adapter reference belong to one request). The checkpoint is part of it: a batch never mixes two.
     ``chunks``: an A1111 request's ``chunk_counts``, which its batch mates must need too. Tiling is part of it (the
-    convolutions pad one way for the whole call); variation seeds are not (each image's noise is its own)."""
+    convolutions pad one way for the whole call); variation seeds are not (each image's noise is its own), nor are
+    an A1111 prompt's AND and subprompt weights (``composable.Composed`` runs the other subprompts in a UNet call of
+    their own and leaves a plain image's rows as they are)."""
     mode = mode_of(request)
     if mode == "inpaint" or request.ip_adapter_image is not None:
         return None

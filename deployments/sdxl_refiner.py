@@ -14,7 +14,7 @@ import asyncio
 import logging
 import threading
 import uuid
-from contextlib import suppress
+from contextlib import nullcontext, suppress
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments.support import device as devices
 from deployments.support import fastpath
 from deployments.support.batching import Batcher, outcome, prepare
+from deployments.support.composable import composing
 from deployments.support.config import Batching, SDXLRefinerConfig
 from deployments.support.embeddings import EmbeddingFiles, TextualInversions
 from deployments.support.errors import GenerationCancelled, InvalidInput
@@ -45,7 +46,7 @@ from deployments.support.generation import (
 from deployments.support.imaging import to_rgb
 from deployments.support.logs import replica_logging
 from deployments.support.metrics import StageMetrics
-from deployments.support.prompts import PromptEncoder
+from deployments.support.prompts import Conditioning, PromptEncoder
 from deployments.support.reporting import Reporter
 from deployments.support.samplers import build_scheduler, img2img_steps, resolve, schedule_options
 from deployments.support.settings import Settings, current
@@ -218,11 +219,14 @@ class Refiner:
         prompts = [parse_lora_tags(i.request.prompt)[0] for i in items]  # LoRAs belong to the base model
         # Empty negatives stay None, as in the base: the checkpoint's config decides what that means.
         negatives = per_image([i.request.negative_prompt for i in items]) if request.negative_prompt else None
+        conditioning: Conditioning | None = None
         with self._lock, self.oom():
             if request.prompt_syntax == "a1111":  # batch_key: the whole batch is read one way
                 # Its one encoder (OpenCLIP bigG) reads the syntax as the base's two do; pooled from its first chunk.
-                texts: dict = PromptEncoder(self.pipe, self.inversions.vocabulary)(per_image(prompts), negatives,
-                                                                                   request.steps)
+                # Each subprompt's first text throughout (no step swaps them here), composed as the base composes.
+                conditioning = PromptEncoder(self.pipe, self.inversions.vocabulary).scheduled(
+                    per_image(prompts), negatives, request.steps)
+                texts: dict = conditioning.at(0)
             else:  # diffusers tokenizes these: the embeddings' names are rewritten into their tokens first
                 vocabulary = self.inversions.vocabulary
                 texts = dict(prompt=per_image([vocabulary.rewrite(p) for p in prompts]),
@@ -232,7 +236,9 @@ class Refiner:
             partial.watch(self.pipe.scheduler)
             try:
                 latents = None
-                with fastpath.attention(self.config.fast), suppress(Stopped):  # Stopped: no item runs on
+                composed = (composing([self.pipe], lambda: conditioning) if conditioning is not None
+                            and conditioning.composes else nullcontext())
+                with fastpath.attention(self.config.fast), composed, suppress(Stopped):  # Stopped: no item runs on
                     latents = self.pipe(
                         **texts, guidance_scale=request.guidance_scale, aesthetic_score=request.aesthetic_score,
                         negative_aesthetic_score=request.negative_aesthetic_score, num_images_per_prompt=1,

@@ -827,6 +827,10 @@ def test_the_refiner_says_it_reads_the_first_steps_text_of_prompt_editing(ingres
     assert txt2img(ingress, **refined, prompt="a [lighthouse:castle:0.8]")["info"]["warnings"] == [
         "prompt editing and alternation: the refiner's steps ran the text of their first step (the base's steps "
         "ran the schedule)"]
+    assert txt2img(ingress, **refined, prompt="a lighthouse AND a [lighthouse:castle:0.8] :0.5")["info"][
+        "warnings"] == ["prompt editing and alternation: the refiner's steps ran the text of their first step (the "
+                        "base's steps ran the schedule)"]
+    assert txt2img(ingress, **refined, prompt="a lighthouse AND a castle :0.5")["info"]["warnings"] == []  # composed
 
 
 def test_style_names_are_bounded():

@@ -12,7 +12,6 @@ from PIL import Image
 from deployments.support.errors import InvalidInput
 from deployments.support.generation import GenerationRequest, RefineRequest, StageResult
 from deployments.support.prompts import (
-    AND_WARNING,
     CHUNK_TOKENS,
     MAX_CHUNKS,
     MAX_NESTING,
@@ -87,9 +86,7 @@ def test_prompt_editing_and_alternation_at_their_first_step():
     assert first_step("a [b : c : 1 ] d", 10) == "a b  d"  # whitespace around when, as A1111's grammar
     reading = read("[photo:painting:0.5] of a cat AND a dog", 20)
     assert [[(f.text, f.weight) for f in text] for text in reading.texts] == [
-        [("photo of a cat AND a dog", 1.0)], [("painting of a cat AND a dog", 1.0)]]
-    assert reading.warnings == (AND_WARNING,)  # prompt editing applies: no warning
-    assert read("(cat:1.2) [dog]", 20).warnings == ()
+        [("photo of a cat", 1.0)], [("painting of a cat", 1.0)], [(" a dog", 1.0)]]  # each subprompt's schedule
 
 
 @pytest.mark.parametrize(("prompt", "steps", "expected"), [

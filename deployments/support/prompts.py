@@ -2,11 +2,13 @@
 
 Three layers, each testable on its own:
 
-- ``schedule`` and ``parse_emphasis``: plain string functions (no torch). ``schedule`` gives the texts a prompt
-  runs at each sampling step (prompt editing ``[from:to:when]`` and alternation ``[a|b]``), as A1111 1.10's
-  ``get_learned_conditioning_prompt_schedules`` does; ``parse_emphasis`` turns one such text into weighted fragments
-  and chunk breaks as its ``parse_prompt_attention`` does; ``read`` does both, once per prompt (cached), and
-  ``check`` is what the ingress calls on a request's prompts before anything runs;
+- ``subprompts``, ``schedule`` and ``parse_emphasis``: plain string functions (no torch). ``subprompts`` splits a
+  prompt on ``AND`` into weighted subprompts as A1111's composable diffusion does (``composable`` guides with
+  them); ``schedule`` gives the texts a subprompt runs at each sampling step (prompt editing ``[from:to:when]``
+  and alternation ``[a|b]``), as A1111 1.10's ``get_learned_conditioning_prompt_schedules`` does;
+  ``parse_emphasis`` turns one such text into weighted fragments and chunk breaks as its ``parse_prompt_attention``
+  does; ``read`` does all three, once per prompt (cached), and ``check`` is what the ingress calls on a request's
+  prompts before anything runs;
 - ``chunk``: those fragments' token ids cut into chunks of 75, moving the words after a late comma into the next
   chunk as A1111 does;
 - ``PromptEncoder``: the chunks encoded one by one with a pipeline's own tokenizers and text encoders (so LoRAs set
@@ -14,7 +16,7 @@ Three layers, each testable on its own:
   before it is tokenized, so an emphasis weights every vector of one), weighted, rescaled to their unweighted mean
   and concatenated along the sequence: the ``prompt_embeds`` / ``pooled_prompt_embeds`` pairs an SDXL pipeline
   takes in place of strings, with a ``Conditioning`` that swaps them from step to step as each image's schedule
-  moves on.
+  moves on (each subprompt's: the pipeline's rows hold the first, ``composable.Composed`` the others).
 
 A prompt without syntax shorter than 75 tokens gives exactly what the pipeline's own ``encode_prompt`` computes.
 Every refusal is an ``InvalidInput`` naming the field it read (``prompt`` or ``negative_prompt``), so that one
@@ -39,7 +41,7 @@ if TYPE_CHECKING:
 
     from deployments.support.embeddings import Vocabulary
 
-READING = "a1111-emphasis-chunks-schedule-3"  # part of the result cache's key: answers read otherwise are not served
+READING = "a1111-emphasis-chunks-schedule-4"  # part of the result cache's key: answers read otherwise are not served
 CHUNK_TOKENS = 75  # tokens of text per chunk: the encoders' 77 positions less the start and end tokens
 COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack default
 EMPHASIS = 1.1  # what one pair of round brackets multiplies by (square ones divide)
@@ -51,8 +53,10 @@ MAX_WEIGHT = 100.0  # a token's weight (its brackets multiplied), either sign: f
 # cross-attention layer reads at every step, and a batch pads every prompt to its most. A1111 sets no cap; 8 is
 # twice the longest prompts its users share.
 MAX_CHUNKS = 8
-
-AND_WARNING = "AND (composable prompts) is not applied: it is read as a word"
+# Subprompts joined by AND: each is one more UNet evaluation per image at every step. A1111 sets no cap.
+MAX_SUBPROMPTS = 8
+# The fields whose text is never split on AND: A1111 composes the positive prompt alone.
+NEGATIVE_FIELDS = ("negative_prompt", "hr_negative_prompt")
 
 
 class Fragment(NamedTuple):
@@ -78,6 +82,41 @@ _UNIT = re.compile(r"""
 _BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*")
 _NUMBER = re.compile(r"[+-]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][+-]?\d+)?")
 _AND_WORD = re.compile(r"\bAND\b")
+# A subprompt's trailing ``:weight``, as A1111's ``re_weight``: read whether or not the prompt has an AND. ``.`` stops
+# at a line break, so a subprompt of several lines with a weight reads as text at weight 1, as there.
+_TRAILING_WEIGHT = re.compile(r"^(\s*.*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")
+
+
+class Subprompt(NamedTuple):
+    """One part of a prompt split on AND: its text (its own schedule and emphasis) and its guidance weight."""
+
+    text: str
+    weight: float = 1.0
+
+
+@lru_cache(maxsize=1024)
+def subprompts(prompt: str, field_: str = "prompt") -> tuple[Subprompt, ...]:
+    """``prompt`` split on the word ``AND`` into A1111's composable subprompts, each with the ``:weight`` it ends
+    in (1.0 without one), as its ``get_multicond_prompt_list`` reads them: ``a cat :1.5`` is "a cat" at 1.5 even
+    with no AND. A negative prompt (``NEGATIVE_FIELDS``) is one subprompt, its text as written. Refused
+    (``InvalidInput`` naming ``field_``): more than ``MAX_SUBPROMPTS``, or a weight beyond ``MAX_WEIGHT``."""
+    if field_ in NEGATIVE_FIELDS:
+        return (Subprompt(prompt),)
+    parts = _AND_WORD.split(prompt)
+    if len(parts) > MAX_SUBPROMPTS:
+        raise InvalidInput(f"the prompt has {len(parts)} subprompts joined by AND, more than {MAX_SUBPROMPTS}",
+                           field=field_)
+    out = []
+    for part in parts:
+        found = _TRAILING_WEIGHT.search(part)
+        if found is None or found.group(2) is None:
+            out.append(Subprompt(found.group(1) if found is not None else part))
+            continue
+        weight = float(found.group(2))
+        if not abs(weight) <= MAX_WEIGHT:  # also inf (a number of 400 digits)
+            raise InvalidInput(f"the subprompt weight {found.group(2)[:20]} is outside ±{MAX_WEIGHT:g}", field=field_)
+        out.append(Subprompt(found.group(1), weight))
+    return tuple(out)
 
 
 def _too_deep(field_: str) -> InvalidInput:
@@ -296,15 +335,15 @@ def fragments(text: str, field_: str = "prompt") -> tuple[Fragment, ...]:
 
 @dataclass(frozen=True)
 class Reading:
-    """A prompt as A1111 reads it: its schedule's texts, each as fragments, and what of its syntax this service
-    does not apply."""
+    """A prompt as A1111 reads it: its subprompts (split on AND) and every text of their schedules, each as
+    fragments."""
 
     texts: tuple[tuple[Fragment, ...], ...]
-    warnings: tuple[str, ...] = ()
+    parts: tuple[Subprompt, ...]
 
     @property
     def fragments(self) -> tuple[Fragment, ...]:
-        """The first step's fragments."""
+        """The first step's fragments (of the first subprompt)."""
         return self.texts[0]
 
     def least_chunks(self) -> int:
@@ -321,11 +360,11 @@ class Reading:
 
 @lru_cache(maxsize=1024)
 def read(prompt: str, steps: int, field_: str = "prompt", first_pass: int | None = None) -> Reading:
-    """A prompt (LoRA tags already stripped) as A1111 reads it over ``steps`` (``schedule``); cached, so that the
-    checks and the batching key parse it once."""
-    texts = [text for _, text in schedule(prompt, steps, field_, first_pass)]
-    warnings = [AND_WARNING] if any(_AND_WORD.search(text) for text in texts) else []
-    return Reading(tuple(dict.fromkeys(fragments(text, field_) for text in texts)), tuple(warnings))
+    """A prompt (LoRA tags already stripped) as A1111 reads it over ``steps``: its subprompts (``subprompts``),
+    each over ``schedule``; cached, so that the checks and the batching key parse it once."""
+    parts = subprompts(prompt, field_)
+    texts = [text for part in parts for _, text in schedule(part.text, steps, field_, first_pass)]
+    return Reading(tuple(dict.fromkeys(fragments(text, field_) for text in texts)), parts)
 
 
 def check(prompt: str, steps: int, field_: str = "prompt") -> Reading:
@@ -428,8 +467,8 @@ class PromptEncoder:
         """The chunks ``prompt`` needs alone over ``steps``: the most of any text of its schedule with any of the
         encoders' tokenizers (A1111 pads a schedule's texts to its longest); refused beyond ``MAX_CHUNKS``.
         Requests batched together must need as many, or padding would change their pixels."""
-        count = max(len(self.chunks(text, tokenizer, field_)) for _, text in schedule(prompt, steps, field_, first_pass)
-                    for tokenizer, _ in self.encoders)
+        count = max(len(self.chunks(text, tokenizer, field_)) for part in subprompts(prompt, field_)
+                    for _, text in schedule(part.text, steps, field_, first_pass) for tokenizer, _ in self.encoders)
         if count > MAX_CHUNKS:
             raise InvalidInput(f"the prompt needs {count} chunks of {CHUNK_TOKENS} tokens, more than {MAX_CHUNKS}",
                                field=field_)
@@ -448,25 +487,36 @@ class PromptEncoder:
     def scheduled(self, prompts: list[str], negatives: list[str] | None, steps: int,
                   first_pass: int | None = None) -> Conditioning:
         """``prompts`` (one per image) and their ``negatives`` over ``steps`` (A1111's count: twice the sampling
-        steps for a second-order sampler; ``first_pass``: see ``schedule``): each distinct text of their schedules
-        encoded once. None: no negative prompt, read as diffusers reads it (zeros where the checkpoint's config says
+        steps for a second-order sampler; ``first_pass``: see ``schedule``): each prompt split on AND
+        (``subprompts``), each distinct text of their schedules encoded once. The pipeline's own rows are each
+        image's first subprompt; the others and the weights are for ``composable.Composed``. None: no negative
+        prompt, read as diffusers reads it (zeros where the checkpoint's config says
         ``force_zeros_for_empty_prompt``, else the encoding of ""). Every text ends with as many chunks as the
         longest of them, padded with chunks of the empty prompt (the batching keys keep texts that need different
-        counts apart). Non-finite embeddings are refused, never denoised."""
+        counts apart; a subprompt shorter than its prompt's longest is padded so too, where A1111 repeats its last
+        vector). Non-finite embeddings are refused, never denoised."""
         import torch
 
         zeros = negatives is None and bool(self.pipe.config.get("force_zeros_for_empty_prompt", False))
         groups = [prompts] if zeros else [prompts, negatives if negatives is not None else [""] * len(prompts)]
         # Per image, its schedule's end steps and the index of each entry's text among its group's distinct texts.
-        plans: list[list[tuple[tuple[int, ...], tuple[int, ...]]]] = []
+        # Per image, each subprompt's (one for a negative).
+        plans: list[list[list[tuple[tuple[int, ...], tuple[int, ...]]]]] = []
         distinct: list[dict[str, int]] = []
+        weights: list[tuple[float, ...]] = []
         for group, name in zip(groups, FIELDS, strict=False):
             index: dict[str, int] = {}
             plans.append([])
             for prompt in group:
-                entries = schedule(prompt, steps, name, first_pass)
-                plans[-1].append((tuple(end for end, _ in entries),
-                                  tuple(index.setdefault(text, len(index)) for _, text in entries)))
+                parts = subprompts(prompt, name)
+                if name == "prompt":
+                    weights.append(tuple(part.weight for part in parts))
+                own = []
+                for part in parts:
+                    entries = schedule(part.text, steps, name, first_pass)
+                    own.append((tuple(end for end, _ in entries),
+                                tuple(index.setdefault(text, len(index)) for _, text in entries)))
+                plans[-1].append(own)
             distinct.append(index)
         read_by: list[dict[str, list[Chunk]]] = []
         for tokenizer, _ in self.encoders:
@@ -499,8 +549,9 @@ class PromptEncoder:
         if zeros:
             embeds, pooled = encoded[0]
             encoded.append((torch.zeros_like(embeds[:1]), torch.zeros_like(pooled[:1])))
-            plans.append([((steps,), (0,))] * len(prompts))
-        return Conditioning(*encoded[0], *encoded[1], plans[0], plans[1])
+            plans.append([[((steps,), (0,))]] * len(prompts))
+        return Conditioning(*encoded[0], *encoded[1], [own[0] for own in plans[0]], [own[0] for own in plans[1]],
+                            [own[1:] for own in plans[0]], weights)
 
     @staticmethod
     def _encode(tokenizer, encoder, readings: list[list[Chunk]], count: int
@@ -542,6 +593,9 @@ def _emphasised(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return states.to(hidden.dtype)
 
 
+Plan = tuple[tuple[int, ...], tuple[int, ...]]  # a schedule's end steps and the rows of their texts
+
+
 @dataclass
 class Conditioning:
     """Every distinct text of a batch's schedules encoded once, and which of them each image conditions on at each
@@ -553,25 +607,36 @@ class Conditioning:
     pooled: torch.Tensor
     negative_embeds: torch.Tensor
     negative_pooled: torch.Tensor
-    prompts: list[tuple[tuple[int, ...], tuple[int, ...]]]  # per image: its schedule's end steps, their texts' rows
-    negatives: list[tuple[tuple[int, ...], tuple[int, ...]]]
-    applied: tuple | None = None  # the rows the pipeline holds now
+    prompts: list[Plan]  # per image: its (first subprompt's) schedule's end steps, their texts' rows
+    negatives: list[Plan]
+    others: list[list[Plan]] | None = None  # per image: its subprompts after the first (None: none has any)
+    weights: list[tuple[float, ...]] | None = None  # per image: each subprompt's weight, the first's first
+    applied: tuple | None = None  # the rows the pipeline (and ``composable.Composed``) holds now
 
     @property
     def moves(self) -> bool:
-        """Whether any image's prompt or negative prompt changes during sampling."""
-        return any(len(ends) > 1 for ends, _ in (*self.prompts, *self.negatives))
+        """Whether any image's prompt, subprompt or negative prompt changes during sampling."""
+        others = [plan for own in self.others or [] for plan in own]
+        return any(len(ends) > 1 for ends, _ in (*self.prompts, *self.negatives, *others))
 
-    def rows(self, counter: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Each image's prompt and negative prompt rows at A1111's ``counter``-th evaluation (``current``)."""
-        def pick(plans: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> tuple[int, ...]:
+    @property
+    def composes(self) -> bool:
+        """Whether any image's guidance is not its one prompt's at weight 1: it has an AND or a weight."""
+        return any(weights != (1.0,) for weights in self.weights or [])
+
+    def rows(self, counter: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[tuple[int, ...], ...]]:
+        """Each image's prompt and negative prompt rows at A1111's ``counter``-th evaluation (``current``), and
+        the rows of its other subprompts."""
+        def pick(plans: list[Plan]) -> tuple[int, ...]:
             return tuple(rows[current(ends, counter)] for ends, rows in plans)
 
-        return pick(self.prompts), pick(self.negatives)
+        others = tuple(pick(own) for own in self.others or [[] for _ in self.prompts])
+        return pick(self.prompts), pick(self.negatives), others
 
     def at(self, counter: int) -> dict[str, torch.Tensor]:
         """The embeddings an SDXL pipeline takes in place of prompts, as they are at evaluation ``counter``."""
-        positive, negative = self.applied = self.rows(counter)
+        self.applied = self.rows(counter)
+        positive, negative, _ = self.applied
         return {"prompt_embeds": self.embeds[list(positive)], "pooled_prompt_embeds": self.pooled[list(positive)],
                 "negative_prompt_embeds": self.negative_embeds[list(negative)],
                 "negative_pooled_prompt_embeds": self.negative_pooled[list(negative)]}

@@ -1,0 +1,139 @@
+"""A1111's composable diffusion (``a AND b :0.5``) on an unchanged diffusers SDXL pipeline.
+
+A1111 guides with ``uncond + cfg * sum_i w_i * (cond_i - uncond)``, one ``cond_i`` per subprompt. The pipeline
+computes ``uncond + cfg * (cond - uncond)`` from a UNet call on ``[uncond; cond]``; ``Composed`` stands in for its
+UNet during a call and answers that call with ``[uncond; uncond + sum_i w_i * (cond_i - uncond)]``, so that the
+pipeline's own guidance (the formula is linear) gives A1111's. The pipeline's rows hold each image's first
+subprompt (and follow its schedule through ``Conditioning.step_end``); the other subprompts run in a second UNet
+call of their own, so that the rows of images without AND are computed exactly as without ``Composed``: a request
+without AND batched beside one with AND keeps its pixels, and an image whose guidance is plain keeps its UNet
+output untouched.
+
+Without classifier-free guidance (diffusers runs none at ``guidance_scale`` <= 1, where A1111 still does) the
+pipeline takes the UNet's output as it is: ``Composed`` then evaluates the negative prompt itself, for the images
+that compose, and answers ``uncond + cfg * sum_i w_i * (cond_i - uncond)``, A1111's formula at that scale (its
+time ids are the prompt's: on the refiner, the aesthetic score rather than the negative one). An image of one
+subprompt at weight 1 is left as diffusers guides it, at any scale.
+
+The second call has its own batch size: a compiled UNet (``fast.compile``) compiles once more for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from deployments.support.prompts import Conditioning
+
+
+class Composed:
+    """A pipeline's UNet that composes each image's subprompts as A1111 does (see the module's docstring), reading
+    which rows each image holds now from ``conditioning()`` (the running pass's). Everything but the call is the
+    UNet's own (its config, dtype, adapters), so the pipeline reads it as its UNet."""
+
+    def __init__(self, unet, pipe, conditioning: Callable[[], Conditioning | None]) -> None:
+        self.unet, self.pipe, self.conditioning = unet, pipe, conditioning
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.unet, name)
+
+    def __call__(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, *args,
+                 added_cond_kwargs: dict | None = None, return_dict: bool = True, **kwargs):
+        out = self.unet(sample, timestep, encoder_hidden_states, *args, added_cond_kwargs=added_cond_kwargs,
+                        return_dict=False, **kwargs)[0]
+        conditioning = self.conditioning()
+        if conditioning is not None and conditioning.composes:
+            out = self._compose(conditioning, out, sample, timestep, encoder_hidden_states, args,
+                                added_cond_kwargs or {}, kwargs)
+        if return_dict:
+            from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+            return UNet2DConditionOutput(sample=out)
+        return (out,)
+
+    def _compose(self, conditioning: Conditioning, out: torch.Tensor, sample: torch.Tensor, timestep,
+                 states: torch.Tensor, args: tuple, added: dict, kwargs: dict) -> torch.Tensor:
+        if conditioning.applied is None or conditioning.weights is None:
+            raise ValueError("the conditioning was never applied to the pipeline")
+        images = len(conditioning.prompts)
+        if out.shape[0] not in (images, 2 * images):
+            raise ValueError(f"the UNet ran {out.shape[0]} rows for {images} images")
+        guided = out.shape[0] == 2 * images  # [uncond; cond], the pipeline's order
+        _, negatives, others = conditioning.applied
+        # The second call's rows: each composing image's other subprompts, and its negative where the pipeline
+        # ran none. ``source``: the pipeline's row whose latents, timestep and time ids it shares.
+        source: list[int] = []
+        embeds: list[torch.Tensor] = []
+        pooled: list[torch.Tensor] = []
+        for image, (weights, rows) in enumerate(zip(conditioning.weights, others, strict=True)):
+            if weights == (1.0,):
+                continue
+            own = images * guided + image
+            for row in rows:
+                source.append(own)
+                embeds.append(conditioning.embeds[row])
+                pooled.append(conditioning.pooled[row])
+            if not guided:
+                source.append(own)
+                embeds.append(conditioning.negative_embeds[negatives[image]])
+                pooled.append(conditioning.negative_pooled[negatives[image]])
+        extra = out[:0]
+        if source:
+            index = torch.tensor(source, device=sample.device)
+            rows_in = out.shape[0]
+            extra_added = {name: _take(value, index, rows_in) for name, value in added.items()}
+            extra_added["text_embeds"] = torch.stack(pooled).to(added["text_embeds"].device,
+                                                                 added["text_embeds"].dtype)
+            extra = self.unet(sample[index], _take(timestep, index, rows_in),
+                              torch.stack(embeds).to(states.device, states.dtype),
+                              *[_take(a, index, rows_in) for a in args], added_cond_kwargs=extra_added,
+                              return_dict=False, **{k: _take(v, index, rows_in) for k, v in kwargs.items()})[0]
+        cfg = float(getattr(self.pipe, "guidance_scale", 1.0))
+        composed = list(out[images:] if guided else out)
+        at = 0
+        for image, (weights, rows) in enumerate(zip(conditioning.weights, others, strict=True)):
+            if weights == (1.0,):
+                continue
+            conds = [composed[image].float(), *(extra[at + k].float() for k in range(len(rows)))]
+            at += len(rows)
+            if guided:
+                uncond = out[image].float()
+                scale = 1.0  # the pipeline multiplies by cfg itself
+            else:
+                uncond = extra[at].float()
+                at += 1
+                scale = cfg
+            total = sum(w * (c - uncond) for w, c in zip(weights, conds, strict=True))
+            composed[image] = (uncond + scale * total).to(out.dtype)
+        stacked = torch.stack(composed)
+        return torch.cat([out[:images], stacked]) if guided else stacked
+
+
+def _take(value, index: torch.Tensor, rows: int):
+    """``value``'s rows at ``index`` where it has one per UNet row (a tensor, or a list or dict of them: the
+    time ids, IP-Adapter's image embeddings); as it is otherwise (a scalar timestep, an attention scale)."""
+    if isinstance(value, torch.Tensor):
+        return value[index.to(value.device)] if value.ndim and value.shape[0] == rows else value
+    if isinstance(value, list | tuple):
+        return type(value)(_take(v, index, rows) for v in value)
+    if isinstance(value, dict):
+        return {k: _take(v, index, rows) for k, v in value.items()}
+    return value
+
+
+@contextmanager
+def composing(pipes: list, conditioning: Callable[[], Conditioning | None]) -> Iterator[None]:
+    """Each of ``pipes`` with its UNet behind ``Composed`` for the block, and its own UNet back however the block
+    ends (an error, ``/interrupt``). Set on the pipeline object alone, past its ``__setattr__``: its config and
+    components' registration stay as they are."""
+    held = [(pipe, pipe.unet) for pipe in {id(pipe): pipe for pipe in pipes}.values()]
+    try:
+        for pipe, unet in held:
+            object.__setattr__(pipe, "unet", Composed(unet, pipe, conditioning))
+        yield
+    finally:
+        for pipe, unet in held:
+            object.__setattr__(pipe, "unet", unet)
