@@ -60,7 +60,7 @@ from deployments.support.prompts import READING, Conditioning, PromptEncoder
 from deployments.support.reporting import Reporter
 from deployments.support.samplers import build_scheduler, evaluations, img2img_steps
 from deployments.support.settings import Settings, current
-from deployments.support.variations import Variation, circular, initial_latents, vary_batch
+from deployments.support.variations import EditNoise, Variation, circular, initial_latents, noised
 from deployments.weights import loader
 
 logger = logging.getLogger(__name__)
@@ -192,8 +192,9 @@ class BaseGenerator:
                            **({"hires_upscaler": request.hires.mode} if request.hires is not None else {}),
                            **({"tiling": True} if request.tiling else {}))
                 results = self._run(mode, pipes, batch, [prompts[i] for i in live], [seeds[i] for i in live],
-                                    warnings, [dict(ran, prompt=prompts[i], **variation_info(varied[i]))
-                                               for i in live], [varied[i] for i in live])
+                                    warnings, [dict(ran, prompt=prompts[i], **variation_info(varied[i]),
+                                                    **noise_info(items[i].request)) for i in live],
+                                    [varied[i] for i in live])
         except Exception as e:  # noqa: BLE001 - each item gets the error it would have got alone
             results = [e] * len(live)
         for i, result in zip(live, self.cancellation.settle(batch, results), strict=True):
@@ -210,7 +211,7 @@ class BaseGenerator:
              warnings: list[str], info: list[dict], varied: list[list[Variation | None]]
              ) -> list[StageResult | BaseException]:
         """The denoising of one batch; each item's result, with ``info`` (what ran, item by item) in it.
-        ``varied``: each image's variation seed (text-to-image only; None where it has none)."""
+        ``varied``: each image's variation seed (None where it has none)."""
         request: GenerationRequest = items[0].request
         pipe = {"txt2img": pipes.txt2img, "img2img": pipes.img2img, "inpaint": pipes.inpaint}[mode]
         sampler = request.sampler or self.config.default_sampler
@@ -304,6 +305,7 @@ class BaseGenerator:
             kwargs["callback_on_step_end_tensor_inputs"] = ["latents", "prompt_embeds", "add_text_embeds"]
         total_steps = request.steps
         mask = init = None
+        edit: EditNoise | None = None  # image-to-image's randomness, where anything changes it
         variations = [v for group in varied for v in group]
         if request.init_image is None:
             kwargs.update(width=request.width, height=request.height)
@@ -325,6 +327,10 @@ class BaseGenerator:
                 warnings.append(f"hires: {total_steps} of {request.steps} second-pass steps ran: at strength "
                                 f"{request.strength} more would exceed the schedule's {limit} timesteps")
             kwargs.update(image=per_image(inits), strength=request.strength, num_inference_steps=steps)
+            # What diffusers draws for each encoded image (its posterior sample, then the noise added to it), varied
+            # and scaled image by image, as A1111's img2img varies and scales its noise.
+            edit = EditNoise.of(flat, variations, per_image([i.request.noise_multiplier for i in items]),
+                                generators)
             if request.mask is not None:  # inpainting runs alone (see batch_key)
                 mask = self._prepare_mask(request.mask, request)
                 kwargs.update(mask_image=mask, width=request.width, height=request.height)
@@ -351,7 +357,8 @@ class BaseGenerator:
         composed = (composing([pipe, pipes.img2img], lambda: scheduled[0])
                     if any(c is not None and c.composes for c in (scheduled[0], hires_texts)) else nullcontext())
         try:
-            with circular(*tiled.values(), enabled=request.tiling), composed:
+            with circular(*tiled.values(), enabled=request.tiling), composed, \
+                    noised(pipe, edit, pure=mode == "inpaint" and request.strength == 1.0):
                 latents = None
                 try:
                     with fastpath.attention(self.config.fast):
@@ -409,22 +416,16 @@ class BaseGenerator:
             pipe.scheduler = build_scheduler(request.sampler or self.config.default_sampler, pipes.scheduler_config,
                                              request.schedule, seeds=flat)  # the first pass warned already
         partial.watch(pipe.scheduler)
-        if any(v is not None for v in variations):
-            # The pipeline noises the resized latents once, with noise it draws first from each generator: that
-            # noise, varied (a fresh scheduler: the override goes with it).
-            add_noise = pipe.scheduler.add_noise
-
-            def varied_noise(original, noise, timesteps):
-                return add_noise(original, vary_batch(noise, flat, variations), timesteps)
-
-            pipe.scheduler.add_noise = varied_noise
         # A1111 runs exactly the second pass's steps whatever the strength: ask for steps / strength of them.
         asked = img2img_steps(hires.steps, hires.strength, exact=True,
                               limit=pipes.scheduler_config.get("num_train_timesteps", 1000))[0]
         kwargs = {k: v for k, v in first.items() if k not in ("width", "height", "denoising_end", "latents")}
         kwargs.update(image=upscaled, strength=hires.strength, num_inference_steps=asked,
                       generator=[torch.Generator("cpu").manual_seed(s) for s in flat])
-        return pipe(**kwargs, output_type="latent").images
+        # The pipeline noises the resized latents once, with noise it draws first from each generator (latents: no
+        # posterior sample before it): that noise, varied. A1111 applies no noise multiplier to this pass.
+        with noised(pipe, EditNoise.of(flat, variations)):
+            return pipe(**kwargs, output_type="latent").images
 
     def decode(self, latents: torch.Tensor, pipes: Pipelines | None = None) -> list[Image.Image]:
         return fastpath.decode((pipes or self.checkpoint()).txt2img, latents)
@@ -518,11 +519,14 @@ def check_request(request: GenerationRequest, max_pixels: int) -> None:
         if mode_of(request) != "txt2img" or request.denoising_end is not None:
             raise InvalidInput("the latent hires fix applies to text-to-image alone", field="hires")
         check_size(*request.hires.size, max_pixels)
+    if request.noise_multiplier != 1.0 and mode_of(request) == "txt2img":
+        raise InvalidInput(f"noise_multiplier={request.noise_multiplier} applies to image-to-image and inpainting "
+                           "alone (a text-to-image pass starts from noise only)", field="noise_multiplier")
 
 
 def variations_of(request: GenerationRequest, subseeds: list[int]) -> list[Variation | None]:
-    """Each image's variation seed, for a text-to-image request that asks for one (None each otherwise)."""
-    if mode_of(request) != "txt2img" or not request.varied:
+    """Each image's variation seed, for a request that asks for one (None each otherwise)."""
+    if not request.varied:
         return [None] * len(subseeds)
     resize = (request.seed_resize_from_w, request.seed_resize_from_h)
     return [Variation(subseed, request.subseed_strength, resize if min(resize) > 0 else None) for subseed in subseeds]
@@ -537,12 +541,14 @@ def variation_info(variations: list[Variation | None]) -> dict:
             "seed_resize_from": list(first.resize_from) if first.resize_from else None}
 
 
+def noise_info(request: GenerationRequest) -> dict:
+    """What a request's ``info`` says of A1111's initial noise multiplier: nothing at 1."""
+    return {"noise_multiplier": request.noise_multiplier} if request.noise_multiplier != 1.0 else {}
+
+
 def variation_warnings(request: GenerationRequest) -> list[str]:
     """What of a request's seed and tiling options does not apply to it."""
     out = []
-    if request.varied and mode_of(request) != "txt2img":
-        out.append("subseed_strength and seed_resize_from apply to text-to-image alone: this image-to-image pass "
-                   "ran from its seed's own noise")
     if request.tiling and request.denoising_end is not None:
         out.append("tiling: the refiner's steps are not tiled (the base's are)")
     return out
@@ -588,19 +594,27 @@ def hires_evaluations(hires: LatentHires, first_sampler: str) -> int:
 
 def passes_over(request: GenerationRequest, source: StageResult) -> list[GenerationRequest]:
     """``request`` as one img2img pass per image of ``source``: that image at its own size (rounded down to a
-    multiple of 8), with its own seed."""
+    multiple of 8), with its own seed and its own variation seed: the one its first pass ran (A1111's pixel hires
+    fix mixes the same into its second pass's noise), else counted up from ``request.subseed`` as a batch's are."""
+    count = len(source.images)
+    subseeds = source.info.get("subseeds") or []
+    if len(subseeds) != count:  # no variation seed (kept as asked: -1 draws none), or an edit's uploads
+        subseeds = variation_seeds(request.seed, request.subseed, request.subseed_strength, count)[1] \
+            if request.varied else [request.subseed] * count
     return [request.model_copy(update={"init_image": image, "width": image.width // 8 * 8,
-                                       "height": image.height // 8 * 8, "seed": seed, "batch_size": 1})
-            for image, seed in zip(source.images, source.seeds, strict=True)]
+                                       "height": image.height // 8 * 8, "seed": seed, "subseed": subseed,
+                                       "batch_size": 1})
+            for image, seed, subseed in zip(source.images, source.seeds, subseeds, strict=True)]
 
 
 def batch_key(request: GenerationRequest, chunks: tuple[int, ...] | None = None) -> tuple | None:
     """What requests must share to run in one pipeline call; ``None``: this one runs alone (an inpainting mask
     and an IP-Adapter reference belong to one request). The checkpoint is part of it: a batch never mixes two.
     ``chunks``: an A1111 request's ``chunk_counts``, which its batch mates must need too. Tiling is part of it (the
-    convolutions pad one way for the whole call); variation seeds are not (each image's noise is its own), nor are
-    an A1111 prompt's AND and subprompt weights (``composable.Composed`` runs the other subprompts in a UNet call of
-    their own and leaves a plain image's rows as they are)."""
+    convolutions pad one way for the whole call); variation seeds and the noise multiplier are not (each image's
+    noise is its own, varied and scaled in a batch as alone), nor are an A1111 prompt's AND and subprompt weights
+    (``composable.Composed`` runs the other subprompts in a UNet call of their own and leaves a plain image's rows
+    as they are)."""
     mode = mode_of(request)
     if mode == "inpaint" or request.ip_adapter_image is not None:
         return None

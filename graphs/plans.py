@@ -384,11 +384,10 @@ async def a1111_batch(h: Handles, request: GenerationRequest, request_id: str, *
         upscaled = h.upscaler.upscale.remote(first, upscaler, None, hires.width, hires.height, box=hires.box)
         # As on the latent path, the second pass runs exactly its steps whatever the strength (A1111's rule).
         # Its prompt schedule counts on from the first pass's model evaluations, as A1111's second pass does; its
-        # noise is the seed's own (diffusers' image-to-image draws it after encoding the image: no variation).
+        # noise takes each image's variation seed and seed resize, as the first pass's did (``passes_over``).
         counted = request.steps * evaluations(request.sampler) if request.sampler else None
         again = request.model_copy(update={"strength": hires.strength, "steps": hires.steps, "exact_steps": True,
-                                           "schedule_from": counted, "subseed_strength": 0.0,
-                                           "seed_resize_from_w": 0, "seed_resize_from_h": 0, **hires.second})
+                                           "schedule_from": counted, **hires.second})
         last = base_for(h, again).generate.remote(again, request_id, how, init=upscaled)
     if restore_faces:
         last = h.faces.restore.remote(last, 0.6, encode=h.last(encode))

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
+from deployments.support.errors import InvalidInput
 from deployments.support.imaging import cover_box, frame
 from graphs.api.a1111_infotext import infotext, parse
 from graphs.api.a1111_models import ExtrasBatchRequest, Img2ImgRequest, Txt2ImgRequest
@@ -334,7 +335,21 @@ def test_the_seed_options_map_to_the_generation_request_where_they_apply(service
     img2img = Img2ImgRequest(init_images=["x"], **fields)
     edit = service.routes._generation(img2img, 7, service.routes._choice(img2img), 9,
                                       init_image=Image.new("RGB", (64, 64)), strength=0.5)
-    assert (edit.subseed_strength, edit.seed_resize_from_w, edit.tiling) == (0.0, 0, True)  # img2img: tiling alone
+    assert (edit.subseed, edit.subseed_strength, edit.seed_resize_from_w, edit.tiling) == (9, 0.4, 96, True)
+
+
+def test_the_img2img_noise_multiplier_is_the_field_else_the_option_and_is_bounded():
+    assert Img2ImgRequest(init_images=["x"]).noise_multiplier() == 1.0
+    assert Img2ImgRequest(init_images=["x"], override_settings={"initial_noise_multiplier": 0.8}).noise_multiplier() \
+        == 0.8
+    assert Img2ImgRequest(init_images=["x"], initial_noise_multiplier=1.25,
+                          override_settings={"initial_noise_multiplier": 0.8}).noise_multiplier() == 1.25
+    for bad in (-0.5, 2.5, "1.2", True, float("nan")):
+        with pytest.raises(InvalidInput) as refused:
+            Img2ImgRequest(init_images=["x"], override_settings={"initial_noise_multiplier": bad}).noise_multiplier()
+        assert refused.value.details["field"] == "override_settings.initial_noise_multiplier"
+    with pytest.raises(ValidationError, match="initial_noise_multiplier"):
+        Img2ImgRequest(init_images=["x"], initial_noise_multiplier=2.5)
 
 
 @pytest.mark.parametrize(("fields", "field"), [

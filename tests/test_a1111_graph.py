@@ -656,12 +656,14 @@ def test_a1111_fields_not_applied_are_named_in_the_warnings(ingress):
                    hr_checkpoint_name="tiny-sdxl-base-b", hr_sampler_name="Use same sampler")
     assert body["info"]["warnings"] == [f"{field} is not applied here: the image was made without it"
                                         for field in ("s_churn", "hr_checkpoint_name")]
+    # An edit applies its variation seed, seed resize and noise multiplier (image_cfg_scale: no InstructPix2Pix).
     edited = img2img(ingress, init_images=[b64(bands())], initial_noise_multiplier=1.2, image_cfg_scale=1.5,
-                     subseed_strength=0.4, seed_resize_from_w=64, seed_resize_from_h=64, tiling=True)
-    assert edited["info"]["warnings"] == [f"{field} is not applied here: the image was made without it" for field in
-                                          ("subseed_strength", "seed_resize_from_w", "seed_resize_from_h",
-                                           "initial_noise_multiplier")]
-    assert edited["info"]["subseed_strength"] == 0.0 and "Variation seed" not in edited["info"]["infotexts"][0]
+                     subseed=9, subseed_strength=0.4, seed_resize_from_w=64, seed_resize_from_h=64, tiling=True)
+    assert edited["info"]["warnings"] == []
+    written = parse(edited["info"]["infotexts"][0])
+    assert (written["Variation seed"], written["Variation seed strength"]) == ("9", "0.4")
+    assert (written["Noise multiplier"], written["Seed resize from-1"], written["Tiling"]) == ("1.2", "64", "True")
+    assert edited["info"]["subseed_strength"] == 0.4 and edited["info"]["seed_resize_from_w"] == 64
 
 
 def test_variation_seeds_mix_toward_the_subseeds_image_and_are_reported_as_a1111(ingress):
@@ -679,6 +681,30 @@ def test_variation_seeds_mix_toward_the_subseeds_image_and_are_reported_as_a1111
     assert "Variation seed" not in plain["info"]["infotexts"][0] and plain["info"]["all_subseeds"] == [9]
     half = txt2img(ingress, seed=5, subseed=9, subseed_strength=0.5)
     assert not same_pixels(half, plain) and not same_pixels(half, txt2img(ingress, seed=9))
+
+
+def test_img2img_takes_variation_seeds_and_the_noise_multiplier_as_a1111(ingress):
+    edit = {"init_images": [b64(bands())], "denoising_strength": 1.0}
+    plain = img2img(ingress, **edit)
+    varied = img2img(ingress, **edit, subseed=9, subseed_strength=1.0, n_iter=2)
+    assert varied["info"]["all_seeds"] == [5, 5] and varied["info"]["all_subseeds"] == [9, 10]
+    assert "Variation seed: 10, Variation seed strength: 1.0" in varied["info"]["infotexts"][1]
+    assert same_pixels(varied, img2img(ingress, **edit, seed=9)) and not same_pixels(varied, plain)
+    assert same_pixels(img2img(ingress, **edit, subseed=9, subseed_strength=0.0), plain)
+    # The noise multiplier: the field, else override_settings' option (A1111's), named in the infotext unless 1.
+    assert same_pixels(img2img(ingress, **edit, initial_noise_multiplier=1.0), plain)
+    scaled = img2img(ingress, **edit, initial_noise_multiplier=0.7)
+    assert not same_pixels(scaled, plain) and parse(scaled["info"]["infotexts"][0])["Noise multiplier"] == "0.7"
+    assert "Noise multiplier" not in plain["info"]["infotexts"][0]
+    option = img2img(ingress, **edit, override_settings={"initial_noise_multiplier": 0.7})
+    assert same_pixels(option, scaled) and option["info"]["warnings"] == []
+    assert same_pixels(img2img(ingress, **edit, initial_noise_multiplier=1.0,
+                               override_settings={"initial_noise_multiplier": 0.7}), plain)
+    error = refused(lambda: img2img(ingress, **edit, override_settings={"initial_noise_multiplier": 9}))
+    assert (status_of(error), error.details["field"]) == (422, "override_settings.initial_noise_multiplier")
+    # A1111's txt2img never reads the option: it changes nothing there, and nothing is said.
+    drawn = txt2img(ingress, override_settings={"initial_noise_multiplier": 0.7})
+    assert same_pixels(drawn, txt2img(ingress)) and drawn["info"]["warnings"] == []
 
 
 def test_seed_resize_and_tiling_are_applied_and_written_in_the_infotext(ingress):
@@ -810,10 +836,12 @@ def test_the_hires_second_pass_fields_are_checked_and_read_as_a1111_reads_them(i
     assert txt2img(ingress, **latent, hr_prompt=tagged)["info"]["warnings"] == [
         "hr_prompt: its <lora:...> tags are not applied by a Latent hires fix, one base call with the first pass's "
         "LoRAs (a pixel hires fix applies them)"]
-    # Variation seeds vary the first pass of a pixel hires fix alone, and the answer says so.
-    varied = txt2img(ingress, **pixel, subseed=3, subseed_strength=0.5)
-    assert varied["info"]["warnings"] == ["subseed_strength: the pixel hires fix's second pass ran from its seed's "
-                                          "own noise (a Latent hires fix varies both passes)"]
+    # Variation seeds vary both passes of a pixel hires fix, as A1111's: at strength 1 it is the variation seed's
+    # own hires image.
+    varied = txt2img(ingress, **pixel, subseed=3, subseed_strength=1.0)
+    assert varied["info"]["warnings"] == []
+    assert same_pixels(varied, txt2img(ingress, **pixel, seed=3))
+    assert not same_pixels(varied, txt2img(ingress, **pixel))
 
 
 def test_a_style_that_takes_a_prompt_past_its_limit_is_a_422_naming_styles(ingress):

@@ -111,12 +111,154 @@ def test_the_latent_hires_pass_takes_the_variation_too(base):
     assert np.array_equal(pixels(varied.images[0]), image(base, seed=9, hires=hires))
 
 
-def test_image_to_image_warns_that_variations_do_not_apply(base, astronaut):
-    plain = gen(base, seed=7, init_image=astronaut, strength=0.6)
-    varied = gen(base, seed=7, init_image=astronaut, strength=0.6, subseed=9, subseed_strength=0.5)
+# --- image-to-image and inpainting ----------------------------------------------------------------------------------
+
+EDIT = dict(strength=0.6)
+
+
+@pytest.fixture(scope="module")
+def photo(astronaut) -> Image.Image:
+    return astronaut.resize((128, 128))
+
+
+def edit(base, photo, **kw) -> np.ndarray:
+    return image(base, init_image=photo, **{**EDIT, **kw})
+
+
+def test_image_to_image_at_strength_zero_is_todays_image(base, photo):
+    plain = gen(base, seed=7, init_image=photo, **EDIT)
+    varied = gen(base, seed=7, init_image=photo, subseed=9, subseed_strength=0.0, **EDIT)
     assert np.array_equal(pixels(plain.images[0]), pixels(varied.images[0]))
-    assert any("subseed_strength" in w for w in varied.warnings)
-    assert not any("subseed_strength" in w for w in plain.warnings)
+    assert "subseeds" not in varied.info and varied.warnings == plain.warnings == []
+
+
+def test_image_to_image_at_strength_one_is_the_variation_seeds_image(base, photo):
+    """diffusers draws the VAE's posterior sample before the noise from each generator: the variation seed's noise
+    is drawn after one of the same size, so strength 1 is exactly what that seed's own request adds."""
+    varied = gen(base, seed=7, init_image=photo, subseed=9, subseed_strength=1.0, **EDIT)
+    assert np.array_equal(pixels(varied.images[0]), edit(base, photo, seed=9))
+    assert not np.array_equal(pixels(varied.images[0]), edit(base, photo, seed=7))
+    assert varied.seeds == [7] and varied.info["subseeds"] == [9] and varied.info["subseed_strength"] == 1.0
+    assert varied.warnings == []
+
+
+def test_image_to_image_at_half_strength_differs_from_both_and_reproduces(base, photo):
+    half = edit(base, photo, seed=7, subseed=9, subseed_strength=0.5)
+    assert np.abs(half - edit(base, photo, seed=7)).mean() > 1.0
+    assert np.abs(half - edit(base, photo, seed=9)).mean() > 1.0
+    assert np.array_equal(half, edit(base, photo, seed=7, subseed=9, subseed_strength=0.5))
+
+
+def test_image_to_image_batch_counts_the_variation_seeds_up(base, photo):
+    batch = gen(base, seed=7, init_image=photo, subseed=9, subseed_strength=1.0, batch_size=2, **EDIT)
+    assert batch.seeds == [7, 7] and batch.info["subseeds"] == [9, 10]
+    for got, subseed in zip(batch.images, (9, 10), strict=True):
+        assert np.abs(pixels(got) - edit(base, photo, seed=subseed)).max() <= 2  # batched convolutions may round
+
+
+def test_image_to_image_seed_resize(base, photo):
+    plain = edit(base, photo, seed=7)
+    assert np.array_equal(plain, edit(base, photo, seed=7, seed_resize_from_w=128, seed_resize_from_h=128))
+    resized = edit(base, photo, seed=7, seed_resize_from_w=64, seed_resize_from_h=96)
+    assert np.abs(plain - resized).mean() > 1.0
+    assert np.array_equal(resized, edit(base, photo, seed=7, seed_resize_from_w=64, seed_resize_from_h=96))
+    assert gen(base, seed=7, init_image=photo, seed_resize_from_w=64, seed_resize_from_h=96,
+               **EDIT).info["seed_resize_from"] == [64, 96]
+
+
+@pytest.mark.parametrize("strength", [0.6, 1.0])  # at 1 diffusers starts from the noise alone, without add_noise
+def test_inpainting_takes_the_variation_and_keeps_the_unmasked_pixels(base, photo, strength):
+    mask = Image.new("L", (128, 128), 0)
+    mask.paste(255, (32, 32, 96, 96))
+    inpaint = dict(init_image=photo, mask=mask, mask_blur=0, strength=strength)
+    varied = gen(base, seed=2, subseed=5, subseed_strength=1.0, **inpaint)
+    assert varied.info["mode"] == "inpaint" and varied.info["subseeds"] == [5]
+    assert np.array_equal(pixels(varied.images[0]), image(base, seed=5, **inpaint))
+    plain = image(base, seed=2, **inpaint)
+    assert np.array_equal(image(base, seed=2, subseed=5, subseed_strength=0.0, **inpaint), plain)
+    half = image(base, seed=2, subseed=5, subseed_strength=0.5, **inpaint)
+    outside = np.asarray(mask) == 0
+    assert np.abs(half[outside] - pixels(photo)[outside]).max() <= 1
+    assert np.abs(half[~outside] - plain[~outside]).mean() > 1.0
+
+
+def test_a_batch_mixing_plain_varied_and_scaled_edits_keeps_each_ones_pixels(base, photo):
+    alone = [GenerationRequest(**SMALL, init_image=photo, **EDIT, seed=7),
+             GenerationRequest(**SMALL, init_image=photo, **EDIT, seed=7, subseed=9, subseed_strength=0.5),
+             GenerationRequest(**SMALL, init_image=photo, **EDIT, seed=8, noise_multiplier=1.3)]
+    assert len({batch_key(r) for r in alone}) == 1  # noise is per image: none of these splits a batch
+    out = base.generate_batch([BatchItem(r, str(i)) for i, r in enumerate(alone)])
+    for got, request in zip(out, alone, strict=True):
+        assert np.abs(pixels(got.images[0]) - pixels(base.generate(request).images[0])).max() <= 2
+
+
+def test_an_edit_hands_the_pipelines_back_as_they_were_even_a_cancelled_one(base, photo):
+    mask = Image.new("L", (128, 128), 0)
+    mask.paste(255, (32, 32, 96, 96))
+    inpaint = dict(init_image=photo, mask=mask, strength=1.0, subseed=5, subseed_strength=0.5, noise_multiplier=1.2)
+    before = image(base, seed=2, init_image=photo, mask=mask, strength=1.0)
+    base.cancellation.cancel("gone-edit")
+    with pytest.raises(GenerationCancelled):
+        base.generate(GenerationRequest(**SMALL, seed=2, **inpaint), request_id="gone-edit")
+    pipes = base.checkpoint()
+    assert "encode" not in pipes.inpaint.vae.__dict__ and "prepare_latents" not in pipes.inpaint.__dict__
+    assert "add_noise" not in pipes.inpaint.scheduler.__dict__
+    assert np.array_equal(before, image(base, seed=2, init_image=photo, mask=mask, strength=1.0))
+
+
+# --- A1111's initial noise multiplier ------------------------------------------------------------------------------
+
+def test_noise_multiplier_one_changes_nothing_and_others_scale_the_noise(base, photo):
+    plain = gen(base, seed=7, init_image=photo, **EDIT)
+    assert np.array_equal(pixels(plain.images[0]), edit(base, photo, seed=7, noise_multiplier=1.0))
+    assert "noise_multiplier" not in plain.info
+    low, high = (gen(base, seed=7, init_image=photo, noise_multiplier=m, **EDIT) for m in (0.5, 1.5))
+    assert low.info["noise_multiplier"] == 0.5 and high.info["noise_multiplier"] == 1.5
+    for scaled, m in ((low, 0.5), (high, 1.5)):
+        assert np.abs(pixels(scaled.images[0]) - pixels(plain.images[0])).mean() > 1.0
+        assert np.array_equal(pixels(scaled.images[0]), edit(base, photo, seed=7, noise_multiplier=m))
+    # Less noise keeps more of the photo: the result lies nearer to it.
+    source = pixels(photo)
+    assert np.abs(pixels(low.images[0]) - source).mean() < np.abs(pixels(high.images[0]) - source).mean()
+
+
+def test_noise_multiplier_scales_the_varied_noise(base, photo):
+    """A1111 mixes the variation seed in first and scales the result: at strength 1 that is the variation seed's
+    own image at the same multiplier."""
+    assert np.array_equal(edit(base, photo, seed=7, subseed=9, subseed_strength=1.0, noise_multiplier=0.8),
+                          edit(base, photo, seed=9, noise_multiplier=0.8))
+
+
+def test_noise_multiplier_is_refused_for_text_to_image_and_bounded():
+    from pydantic import ValidationError
+
+    from deployments.sdxl_base import check_request
+    from deployments.support.errors import InvalidInput
+
+    with pytest.raises(InvalidInput) as refused:
+        check_request(GenerationRequest(**SMALL, noise_multiplier=1.2), 4096 * 4096)
+    assert refused.value.details["field"] == "noise_multiplier"
+    with pytest.raises(ValidationError, match="noise_multiplier"):
+        GenerationRequest(**SMALL, noise_multiplier=2.5)
+
+
+# --- the pixel hires fix's second pass -----------------------------------------------------------------------------
+
+def test_a_pixel_second_pass_takes_each_images_variation_seed(base, photo):
+    from deployments.sdxl_base import passes_over
+    from deployments.support.generation import StageResult
+
+    request = GenerationRequest(**SMALL, seed=7, subseed=9, subseed_strength=1.0, strength=0.5)
+    first = StageResult(images=[photo, photo], seeds=[7, 7], info={"subseeds": [9, 10]})
+    passes = passes_over(request, first)
+    assert [(p.seed, p.subseed) for p in passes] == [(7, 9), (7, 10)]
+    # Without the first pass's list (an edit over several uploads), they count up from the request's.
+    assert [p.subseed for p in passes_over(request, StageResult(images=[photo] * 3, seeds=[7] * 3))] == [9, 10, 11]
+    second = base.generate_batch([BatchItem(p, "hires", source=first) for p in passes])
+    for got, subseed in zip(second, (9, 10), strict=True):
+        own = GenerationRequest(**SMALL, seed=subseed, strength=0.5, init_image=photo)
+        assert np.abs(pixels(got.images[0]) - pixels(base.generate(own).images[0])).max() <= 2
+    assert first.joined(second).info["subseeds"] == [9, 10]
 
 
 # --- tiling -------------------------------------------------------------------------------------------------------

@@ -27,6 +27,9 @@ from deployments.support.samplers import MIN_STRENGTH
 from deployments.support.settings import current
 
 MAX_SEED = 2**32 - 1
+# A1111's slider for its img2img noise multiplier runs 0 to 1.5; its API takes any number. Beyond 2 the image
+# drowns in noise the schedule never removes: refused.
+MAX_NOISE_MULTIPLIER = 2.0
 PromptSyntax = Literal["plain", "a1111"]
 CANCEL_TTL_S = 600.0
 _LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")
@@ -116,14 +119,18 @@ class GenerationRequest(BaseModel):
                                         "past 75 tokens in chunks; see deployments.support.prompts)")
     subseed: int = Field(-1, ge=-1, le=MAX_SEED, description="A1111's variation seed of the first image (the next "
                          "ones count up from it); -1 draws one. Read only with subseed_strength above 0")
-    subseed_strength: float = Field(0.0, ge=0.0, le=1.0, description="text-to-image only: how far each image's "
-                                    "noise moves from its seed's towards its variation seed's (A1111's slerp; 1: "
-                                    "the variation seed's noise). Above 0, every image of the batch has the seed "
+    subseed_strength: float = Field(0.0, ge=0.0, le=1.0, description="how far each image's noise moves from its "
+                                    "seed's towards its variation seed's (A1111's slerp; 1: the variation seed's "
+                                    "noise): text-to-image's initial noise, or the noise image-to-image and "
+                                    "inpainting add to the image. Above 0, every image of the batch has the seed "
                                     "itself, as in A1111")
-    seed_resize_from_w: int = Field(0, ge=0, le=4096, description="text-to-image only, with seed_resize_from_h: "
-                                    "the noise is made at this size and pasted centred, so a seed keeps its "
-                                    "composition at another size (A1111); 0: off")
+    seed_resize_from_w: int = Field(0, ge=0, le=4096, description="with seed_resize_from_h: the noise is made at "
+                                    "this size and pasted centred, so a seed keeps its composition at another size "
+                                    "(A1111); 0: off")
     seed_resize_from_h: int = Field(0, ge=0, le=4096)
+    noise_multiplier: float = Field(1.0, ge=0.0, le=MAX_NOISE_MULTIPLIER, description="image-to-image and "
+                                    "inpainting: A1111's initial_noise_multiplier, which scales the noise added to "
+                                    "the image (after any variation seed); 1: unchanged")
     tiling: bool = Field(False, description="seamless tiling: every convolution of the UNet and the VAE pads "
                          "circularly for the run, as A1111's tiling does")
     schedule_from: int | None = Field(None, ge=1, le=300, description="A1111's prompt editing: the model "
@@ -240,10 +247,13 @@ class StageResult:
         order, every warning of this result and theirs once, and what each stage ran (theirs over this one's)."""
         warnings = [w for part in [self, *parts] for w in part.warnings]
         stopped = [part.info["stopped_at"] for part in parts if part.stopped]
+        # Each pass names its own variation seed: the joined result names them all, as it does the seeds.
+        subseeds = [subseed for part in parts for subseed in part.info.get("subseeds", [])]
         return StageResult(images=[image for part in parts for image in part.images],
                            seeds=[seed for part in parts for seed in part.seeds],
                            warnings=list(dict.fromkeys(warnings)),
-                           info={**self.info, **parts[0].info, **({"stopped_at": stopped[0]} if stopped else {})})
+                           info={**self.info, **parts[0].info, **({"stopped_at": stopped[0]} if stopped else {}),
+                                 **({"subseeds": subseeds} if subseeds else {})})
 
     @classmethod
     def of(cls, source: StageResult | Image.Image) -> StageResult:

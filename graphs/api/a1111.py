@@ -227,14 +227,12 @@ class A1111Routes(CheckpointChoice):
                     **extra) -> GenerationRequest:
         # A1111 removes the tags of extra networks (LoRAs here) it is told not to apply.
         prompt = parse_lora_tags(r.prompt)[0] if r.disable_extra_networks else r.prompt
-        # Variation seeds and seed resize apply to text-to-image alone (``Img2ImgRequest.unapplied`` says so).
-        varied = "init_image" not in extra
         return GenerationRequest(prompt=prompt, negative_prompt=r.negative_prompt, width=r.width, height=r.height,
                                  steps=r.steps, guidance_scale=r.cfg_scale, seed=seed, batch_size=r.batch_size,
                                  sampler=choice.sampler, schedule=choice.schedule, prompt_syntax="a1111",
-                                 subseed=subseed, subseed_strength=r.subseed_strength if varied else 0.0,
-                                 seed_resize_from_w=max(r.seed_resize_from_w, 0) if varied else 0,
-                                 seed_resize_from_h=max(r.seed_resize_from_h, 0) if varied else 0,
+                                 subseed=subseed, subseed_strength=r.subseed_strength,
+                                 seed_resize_from_w=max(r.seed_resize_from_w, 0),
+                                 seed_resize_from_h=max(r.seed_resize_from_h, 0),
                                  tiling=r.tiling, eta=r.eta if choice.sampler in READS_ETA else None, **extra)
 
     async def _run(self, http: Request, r: Txt2ImgRequest, parent: bytes | None = None, cache_as: str | None = None,
@@ -267,9 +265,6 @@ class A1111Routes(CheckpointChoice):
         choice = self._choice(r)
         ignored = [*asked.scripts(), *asked.unapplied(), *asked.settings_unapplied(vaes), *styled,
                    *eta_unapplied(r.eta, choice.sampler)]
-        if r.enable_hr and r.subseed_strength > 0 and r.hr_upscaler not in LATENT_UPSCALE_MODES:
-            ignored.append("subseed_strength: the pixel hires fix's second pass ran from its seed's own noise (a "
-                           "Latent hires fix varies both passes)")
         if (r.enable_hr and r.hr_upscaler in LATENT_UPSCALE_MODES and not r.disable_extra_networks
                 and parse_lora_tags(r.hr_prompt)[1] != parse_lora_tags(r.prompt)[1]):
             ignored.append("hr_prompt: its <lora:...> tags are not applied by a Latent hires fix, one base call with "
@@ -327,7 +322,8 @@ class A1111Routes(CheckpointChoice):
         # The infotexts are written before the faces run (their stage encodes the files): the deployed restorer is
         # the one that will run, and /face-restorers names it the same way.
         restorer = (await call(self.handles.faces.describe.remote()))["restorer"] if r.restore_faces else None
-        settings = self._settings_text(r, choice, switch, hires, restorer, edit="init_image" in extra)
+        settings = self._settings_text(r, choice, switch, hires, restorer, edit="init_image" in extra,
+                                       noise=extra.get("noise_multiplier", 1.0))
         digest = await asyncio.to_thread(self._short_hash, model)  # the /sd-models hash, cached on this host
         if digest:
             settings["Model hash"] = digest
@@ -335,8 +331,7 @@ class A1111Routes(CheckpointChoice):
         files: list[bytes] = []
         seeds: list[int] = []
         subseeds: list[int] = []
-        varied = "init_image" not in extra  # variation seeds apply to text-to-image alone
-        strength = r.subseed_strength if varied else 0.0
+        strength = r.subseed_strength
         warnings: list[str] = list(choice.warnings)  # every stage's, as /generate reports them; each said once
         nsfw: list[bool] = []
         size = (r.width, r.height)
@@ -356,7 +351,7 @@ class A1111Routes(CheckpointChoice):
                     # The seeds are fixed here, so that the infotexts naming them travel with the request and the
                     # plan's last stage encodes the files: only they come back to the ingress.
                     own, subs = variation_seeds(seed, subseed, strength, r.batch_size)
-                    texts = [infotext(r, s, model, sampler, settings, choice.label, ss, varied)
+                    texts = [infotext(r, s, model, sampler, settings, choice.label, ss)
                              for s, ss in zip(own, subs, strict=True)]
                     how = encoding.model_copy(update={"parameters": texts})
                     request = self._generation(r, own[0], choice, subs[0], **extra)
@@ -394,7 +389,7 @@ class A1111Routes(CheckpointChoice):
         finally:
             await asyncio.to_thread(self.jobs.untrack, job.client, job.id)
             await asyncio.to_thread(self.jobs.untrack, _interrupts(job.client), f"{job.id}:interrupt")
-        texts = [infotext(r, s, model, sampler, settings, choice.label, ss, varied)
+        texts = [infotext(r, s, model, sampler, settings, choice.label, ss)
                  for s, ss in zip(seeds, subseeds, strict=True)]
         first = 0
         if grid and len(files) >= 2:  # A1111's grid_only_if_multiple: no grid of one image
@@ -411,8 +406,8 @@ class A1111Routes(CheckpointChoice):
                 "all_negative_prompts": [r.negative_prompt] * len(seeds), "seed": seeds[0] if seeds else r.seed,
                 "all_seeds": seeds,
                 "subseed": subseeds[0] if subseeds else subseed, "all_subseeds": subseeds,
-                "subseed_strength": strength, "seed_resize_from_w": r.seed_resize_from_w if varied else -1,
-                "seed_resize_from_h": r.seed_resize_from_h if varied else -1, "width": size[0], "height": size[1],
+                "subseed_strength": strength, "seed_resize_from_w": r.seed_resize_from_w,
+                "seed_resize_from_h": r.seed_resize_from_h, "width": size[0], "height": size[1],
                 "sampler_name": sampler, "cfg_scale": r.cfg_scale,
                 "steps": r.steps, "batch_size": r.batch_size, "restore_faces": r.restore_faces,
                 "sd_model_name": model, "sd_model_hash": digest, "infotexts": texts, "styles": [],
@@ -433,10 +428,12 @@ class A1111Routes(CheckpointChoice):
         return sha[:10] if sha else None
 
     def _settings_text(self, r: Txt2ImgRequest, choice: A1111Choice, switch: float | None,
-                       hires: plans.A1111Hires | None, restorer: str | None, *, edit: bool) -> dict:
+                       hires: plans.A1111Hires | None, restorer: str | None, *, edit: bool,
+                       noise: float = 1.0) -> dict:
         """What the infotext adds to the base settings, for the stages ``plans.a1111_batch`` will run: the refiner
         on a text-to-image request when one is deployed, else the hires fix; faces, by the ``restorer`` deployed
-        (none: no restoration runs, and the infotext claims none)."""
+        (none: no restoration runs, and the infotext claims none); an edit's ``noise`` multiplier where it is not 1,
+        as A1111 names it."""
         settings: dict = {}
         if r.eta and choice.sampler in READS_ETA:  # A1111 names a DDIM eta other than its default 0
             settings["Eta DDIM"] = r.eta
@@ -444,6 +441,8 @@ class A1111Routes(CheckpointChoice):
             settings["Denoising strength"] = r.denoising_strength
             if getattr(r, "mask", None):
                 settings["Mask blur"] = getattr(r, "mask_blur", None)
+            if noise != 1.0:
+                settings["Noise multiplier"] = noise
         refined = switch is not None and self.handles.refiner is not None and not edit
         if refined:
             settings.update({"Refiner": r.refiner_checkpoint, "Refiner switch at": r.refiner_switch_at})
@@ -484,7 +483,8 @@ class A1111Routes(CheckpointChoice):
         uploads = [image_bytes(data, "init_images") for data in body.init_images]
         inits, mask = await asyncio.to_thread(edit_inputs, body, uploads)
         return await self._run(http, body, uploads[0], cache_as="a1111-img2img", inits=inits, init_image=inits[0],
-                               mask=mask, mask_blur=body.mask_blur, strength=body.denoising_strength)
+                               mask=mask, mask_blur=body.mask_blur, strength=body.denoising_strength,
+                               noise_multiplier=body.noise_multiplier())
 
     @router.get("/progress", response_model=Progress)
     async def progress(self, http: Request, skip_current_image: bool = False) -> dict:

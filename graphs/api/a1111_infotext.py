@@ -37,15 +37,15 @@ def quote(value: object) -> str:
 
 
 def infotext(r: Txt2ImgRequest, seed: int, model: str, sampler: str, extra: dict | None = None,
-             schedule: str = "Automatic", subseed: int | None = None, varied: bool = True) -> str:
+             schedule: str = "Automatic", subseed: int | None = None) -> str:
     """The infotext of one image of ``r``: its ``seed``, the checkpoint ``model``, the ``sampler`` that ran and the
     label of its ``schedule`` (A1111's "Automatic" where the sampler names none); its variation seed ``subseed`` and
-    the seed resize, as A1111 writes them, where they applied (``varied``: not for an edit)."""
+    the seed resize, as A1111 writes them, where they apply."""
     settings = {"Steps": r.steps, "Sampler": sampler, "Schedule type": schedule,
                 "CFG scale": r.cfg_scale, "Seed": seed, "Size": f"{r.width}x{r.height}", "Model": model}
-    if varied and r.subseed_strength != 0:
+    if r.subseed_strength != 0:
         settings.update({"Variation seed": subseed, "Variation seed strength": r.subseed_strength})
-    if varied and r.seed_resize_from_w > 0 and r.seed_resize_from_h > 0:
+    if r.seed_resize_from_w > 0 and r.seed_resize_from_h > 0:
         settings["Seed resize from"] = f"{r.seed_resize_from_w}x{r.seed_resize_from_h}"
     if r.tiling:
         settings["Tiling"] = "True"

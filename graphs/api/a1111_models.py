@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deployments.support.errors import InvalidInput
-from deployments.support.generation import LATENT_UPSCALE_MODES
+from deployments.support.generation import LATENT_UPSCALE_MODES, MAX_NOISE_MULTIPLIER
 from deployments.support.samplers import MIN_STRENGTH
 from graphs.api.fields import Guidance, Prompt, Seed, Side, Steps
 
@@ -43,12 +43,13 @@ SAME_AS_FIRST_PASS = frozenset({None, "", "Use same checkpoint", "Use same sampl
 
 # A1111 1.10's settings that change its images, with their defaults: an ``override_settings`` value other than the
 # default is not applied here, and the answer's warnings say so. Settings that change nothing in an image (where it is
-# saved, its format, the page's) pass silently; ``sd_model_checkpoint`` is applied.
+# saved, its format, the page's) pass silently; ``sd_model_checkpoint`` is applied, and so is
+# ``initial_noise_multiplier`` (``Img2ImgRequest.noise_multiplier``; A1111's txt2img never reads it).
 IMAGE_SETTINGS: dict[str, object] = {
     "eta_noise_seed_delta": 0, "eta_ancestral": 1.0, "eta_ddim": 0.0, "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0,
     "s_noise": 1.0, "sigma_min": 0.0, "sigma_max": 0.0, "rho": 0.0, "always_discard_next_to_last_sigma": False,
     "sgm_noise_multiplier": False, "uni_pc_variant": "bh1", "uni_pc_order": 3, "token_merging_ratio": 0.0,
-    "token_merging_ratio_hr": 0.0, "img2img_fix_steps": False, "s_min_uncond": 0.0, "initial_noise_multiplier": 1.0,
+    "token_merging_ratio_hr": 0.0, "img2img_fix_steps": False, "s_min_uncond": 0.0,
     "sd_vae": "Automatic", "sdxl_clip_l_skip": False, "randn_source": "CPU",
 }
 # Values that mean the default: A1111 runs no replacement VAE for these, and its "CPU" noise is this service's (one
@@ -100,12 +101,12 @@ class Txt2ImgRequest(_A1111):
     styles: list[StyleName] = Field([], max_length=64, description="saved styles merged into the prompts, by name "
                                     "(GET /sdapi/v1/prompt-styles)")
     subseed: Seed = Field(-1, description="the variation seed of the first image (the next count up); -1 draws one")
-    subseed_strength: float = Field(0.0, ge=0.0, le=1.0, description="variation seeds (txt2img, and its hires "
-                                    "pass with a Latent upscaler; not img2img): each image's noise moved this far "
-                                    "towards its variation seed's, as A1111 slerps it. Above 0 every image of the "
-                                    "request has the seed itself")
-    seed_resize_from_w: int = Field(-1, ge=-1, le=4096, description="txt2img, with seed_resize_from_h: the seed's "
-                                    "noise made at this size and pasted centred; 0 or -1: off")
+    subseed_strength: float = Field(0.0, ge=0.0, le=1.0, description="variation seeds (txt2img and both hires "
+                                    "passes, img2img and inpainting): each image's noise moved this far towards "
+                                    "its variation seed's, as A1111 slerps it. Above 0 every image of the request "
+                                    "has the seed itself")
+    seed_resize_from_w: int = Field(-1, ge=-1, le=4096, description="with seed_resize_from_h: the seed's noise made "
+                                    "at this size and pasted centred; 0 or -1: off")
     seed_resize_from_h: int = Field(-1, ge=-1, le=4096)
     tiling: bool = Field(False, description="seamless tiling: the UNet's and the VAE's convolutions pad circularly "
                          "(not the refiner's)")
@@ -189,17 +190,21 @@ class Img2ImgRequest(Txt2ImgRequest):
     include_init_images: bool = Field(False, description="true: the answer's parameters echo init_images and mask")
     image_cfg_scale: float | None = Field(None, description="accepted: only InstructPix2Pix checkpoints read it, "
                                           "as in A1111")
-    initial_noise_multiplier: float | None = Field(None, description="not applied (other than 1)")
+    initial_noise_multiplier: float | None = Field(None, ge=0.0, le=MAX_NOISE_MULTIPLIER, description="the noise "
+                                                   "added to the image times this (after the variation seed); "
+                                                   "none: override_settings.initial_noise_multiplier, else 1")
 
-    def unapplied(self) -> list[str]:
-        # diffusers' image-to-image pipelines draw their noise inside, after the VAE's own draw from the same
-        # generator: A1111's variation seeds cannot be matched there.
-        named = [("subseed_strength", self.subseed_strength > 0),
-                 ("seed_resize_from_w", self.seed_resize_from_w > 0),
-                 ("seed_resize_from_h", self.seed_resize_from_h > 0),
-                 ("initial_noise_multiplier", self.initial_noise_multiplier not in (None, 1.0))]
-        return [*super().unapplied(),
-                *(f"{field} is not applied here: the image was made without it" for field, applies in named if applies)]
+    def noise_multiplier(self) -> float:
+        """A1111's img2img noise multiplier: the field, else the ``override_settings`` key (its option), else 1."""
+        if self.initial_noise_multiplier is not None:
+            return self.initial_noise_multiplier
+        field = "override_settings.initial_noise_multiplier"
+        value = self.override_settings.get("initial_noise_multiplier", 1.0)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise InvalidInput(f"{field}={value!r} is not a number", field=field)
+        if not 0.0 <= value <= MAX_NOISE_MULTIPLIER:
+            raise InvalidInput(f"{field}={value} is outside 0 to {MAX_NOISE_MULTIPLIER}", field=field)
+        return float(value)
 
 
 class ImagesResponse(BaseModel):
