@@ -983,3 +983,19 @@ def test_controlnet_routes(ingress):
              "controlnet_input_images[1]", "INVALID_IMAGE")]:
         error = refused(lambda body=body: ingress.controlnet_detect.remote(body).result())
         assert (error.code, error.details["field"]) == (code, field)
+
+
+@pytest.mark.parametrize("upscaler", ["Latent", "None"])
+def test_controlnet_with_the_hires_fix(ingress, upscaler):
+    """A pixel hires fix's second pass (img2img of the upscaled image) runs the units too, their images framed at
+    the hires size; a Latent one's second pass runs without them, and says so."""
+    unit = {"module": "canny", "model": "tiny-canny", "image": b64(edges_photo())}
+    hires = {"enable_hr": True, "hr_scale": 1.5, "hr_upscaler": upscaler, "hr_second_pass_steps": 2,
+             "denoising_strength": 0.5}
+    plain = txt2img(ingress, **hires)
+    body = txt2img(ingress, **hires, alwayson_scripts=controlnet(unit))
+    image = decode_b64(body["images"][0])
+    assert image.size == (96, 96)
+    assert np.abs(pixels(image) - pixels(decode_b64(plain["images"][0]))).mean() > 1.0
+    latent = [w for w in body["info"]["warnings"] if "Latent hires" in w]
+    assert bool(latent) == (upscaler == "Latent")

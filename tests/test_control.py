@@ -142,3 +142,10 @@ def test_latent_hires_runs_its_second_pass_without_control(base, astronaut):
 def test_describe_lists_the_controlnets(base):
     assert base.describe()["controlnets"] == ["tiny-canny"]
     assert base.fingerprint()["controlnet:tiny-canny"]
+
+
+def test_the_refiners_handoff_carries_the_control(base, astronaut):
+    plain = base.generate(GenerationRequest(**SMALL, denoising_end=0.5))
+    handed = base.generate(GenerationRequest(**SMALL, denoising_end=0.5, control=[unit(astronaut)]))
+    assert handed.latents is not None and handed.latents.shape == plain.latents.shape == (1, 4, 8, 8)
+    assert np.abs(handed.latents - plain.latents).mean() > 1e-3
