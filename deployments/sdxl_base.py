@@ -353,7 +353,8 @@ class BaseGenerator:
         kwargs.update(self.controls.kwargs(mode, request.control, init, request.width, request.height))
         # The batch's stop bookkeeping holds its images and device latents: let go of them however it ends. Tiling
         # (batch_key: the whole batch or none of it) holds for every decode too, those of stopped items included.
-        tiled = {id(m): m for m in (pipe.unet, pipe.vae, pipes.img2img.unet, pipes.txt2img.vae)}
+        tiled = {id(m): m for m in (pipe.unet, pipe.vae, pipes.img2img.unet, pipes.txt2img.vae,
+                                    getattr(pipe, "controlnet", None)) if m is not None}
         # AND or a subprompt's weight (either pass): the UNet of both passes' pipelines composes A1111's guidance
         # while the batch runs, reading the running pass's conditioning.
         composed = (composing([pipe, pipes.img2img], lambda: scheduled[0])

@@ -32,9 +32,9 @@ from deployments.support.settings import current
 from graphs import availability, plans
 from graphs.api import (
     a1111,
-    a1111_controlnet,
     a1111_extras,
     a1111_info,
+    controlnet,
     generate,
     illustration,
     jobs,
@@ -101,8 +101,7 @@ class AppArgs(BaseModel):
 
 app = create_app()
 app.include_router(generate.open_router)
-for module in (generate, illustration, processing, a1111, a1111_extras, a1111_info, a1111_controlnet, jobs, provenance,
-               ui):
+for module in (generate, illustration, processing, a1111, a1111_extras, a1111_info, controlnet, jobs, provenance, ui):
     app.include_router(module.router)
 app.include_router(a1111_info.internal)
 
@@ -116,7 +115,7 @@ class Ingress(
     a1111.A1111Routes,
     a1111_extras.A1111ExtrasRoutes,
     a1111_info.A1111InfoRoutes,
-    a1111_controlnet.ControlNetRoutes,
+    controlnet.ControlNetRoutes,
     jobs.JobRoutes,
     provenance.ProvenanceRoutes,
 ):

@@ -870,7 +870,7 @@ def test_style_names_are_bounded():
         assert refusal.value.errors()[0]["loc"] == where
 
 
-# --- the ControlNet extension (graphs/api/a1111_controlnet.py) -----------------------------------------------------
+# --- the ControlNet extension (graphs/api/a1111_controlnet.py, graphs/api/controlnet.py) ---------------------------
 
 def edges_photo() -> Image.Image:
     """64x64: a white square on black, edges a canny map finds."""
@@ -955,7 +955,7 @@ def test_img2img_unit_without_an_image_uses_the_init_image(ingress):
 
 
 def test_controlnet_routes(ingress):
-    from graphs.api.a1111_controlnet import DetectRequest
+    from graphs.api.controlnet import DetectRequest
 
     assert ingress.controlnet_version.remote().result() == {"version": 2}
     assert ingress.controlnet_model_list.remote().result() == {"model_list": ["tiny-canny"]}

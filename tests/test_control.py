@@ -6,6 +6,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from pydantic import ValidationError
 
@@ -149,3 +150,11 @@ def test_the_refiners_handoff_carries_the_control(base, astronaut):
     handed = base.generate(GenerationRequest(**SMALL, denoising_end=0.5, control=[unit(astronaut)]))
     assert handed.latents is not None and handed.latents.shape == plain.latents.shape == (1, 4, 8, 8)
     assert np.abs(handed.latents - plain.latents).mean() > 1e-3
+
+
+def test_tiling_pads_the_controlnet_circularly_for_the_run_alone(base, astronaut):
+    flat = gen(base, control=[unit(astronaut)])
+    tiled = gen(base, control=[unit(astronaut)], tiling=True)
+    assert np.abs(tiled - flat).mean() > 0.5
+    net = base.controls.models["tiny-canny"]
+    assert {conv.padding_mode for conv in net.modules() if isinstance(conv, torch.nn.Conv2d)} == {"zeros"}

@@ -1,36 +1,24 @@
 """A1111's ControlNet extension (Mikubill/sd-webui-controlnet), as its API clients drive it: the units of
-``alwayson_scripts.ControlNet.args`` on txt2img and img2img, and its ``/controlnet/*`` routes.
+``alwayson_scripts.ControlNet.args`` on txt2img and img2img.
 
 A unit names one of the base's ``controlnets`` (as ``/controlnet/model_list`` lists them; A1111's ``"name [hash]"``
 is accepted too) and a preprocessor (``module``: none, canny, invert). What the extension offers and this service
 does not apply (``control_mode`` other than Balanced, ``pixel_perfect``, a unit's ``mask``) is named in the answer's
-warnings; ``low_vram`` means nothing here. The preprocessors run on a base replica (OpenCV stays out of the ingress).
+warnings; ``low_vram`` means nothing here. The routes are in ``graphs/api/controlnet.py``.
 """
 
 from __future__ import annotations
 
-import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from fastapi import APIRouter
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from deployments.support.control import CANNY_HIGH, CANNY_LOW, CANNY_RES, MAX_UNITS, PREPROCESSORS, ControlUnit
 from deployments.support.errors import InvalidInput, UnknownModel
-from graphs import flights
-from graphs.api.a1111_models import _A1111, MAX_IMAGES, Txt2ImgRequest
+from graphs.api.a1111_models import _A1111, Txt2ImgRequest
 from graphs.api.a1111_models import EXTENSION_SCRIPTS as SCRIPT
-from graphs.api.body import JSONBodyRoute
-from graphs.api.errors import call, documented
-from graphs.api.fields import b64_png, image_field
+from graphs.api.fields import image_field
 
-if TYPE_CHECKING:
-    from graphs.app import AppArgs
-    from graphs.plans import Handles
-
-router = APIRouter(prefix="/controlnet", tags=["controlnet"], route_class=JSONBodyRoute)
-
-API_VERSION = 2  # what the extension's /controlnet/version answers; clients check it is there, not its value
 MAX_ARGS = 16  # units sent, disabled ones included
 # The extension's resize modes by number and by name (its older names too) -> the frame the control map takes.
 RESIZE_MODES: dict[Any, str] = {
@@ -112,7 +100,7 @@ def model_name(unit: A1111Unit) -> str | None:
     return None if name in ("", "None") else name
 
 
-def _module(name: str, field: str) -> str:
+def module_of(name: str, field: str) -> str:
     """A preprocessor's name as the extension's clients send it (the invert's long label too); else a 422 naming
     ``field`` and listing those offered."""
     module = MODULES.get(name.strip().lower())
@@ -139,7 +127,7 @@ def _control_mode(unit: A1111Unit, field: str) -> str:
     return label
 
 
-def _sliders(unit: A1111Unit, module: str) -> tuple[int, float, float]:
+def sliders(unit: A1111Unit, module: str) -> tuple[int, float, float]:
     """processor_res, threshold_a, threshold_b as the extension reads them for canny: -1 or out of its bounds, its
     default (the extension resets such a value, and logs it); other modules keep what was sent (they read none)."""
     if module != "canny":
@@ -180,7 +168,7 @@ def control_units(r: Txt2ImgRequest, models: dict[str, str], *, edit: bool) -> l
     out = []
     for i, unit in units:
         field = f"{args}[{i}]"
-        module, fit = _module(unit.module, f"{field}.module"), _resize(unit, field)
+        module, fit = module_of(unit.module, f"{field}.module"), _resize(unit, field)
         _control_mode(unit, field)
         name = model_name(unit)
         if name is None:
@@ -192,7 +180,7 @@ def control_units(r: Txt2ImgRequest, models: dict[str, str], *, edit: bool) -> l
         if payload is None and not edit:
             raise InvalidInput(f"ControlNet unit {i} has no image (txt2img has no init image to use)",
                                field=f"{field}.image")
-        res, low, high = _sliders(unit, module)
+        res, low, high = sliders(unit, module)
         out.append(ControlUnit(model=name, image=image_field(payload, where) if payload else None,
                                module=module,  # type: ignore[arg-type]
                                conditioning_scale=unit.weight, guidance_start=unit.guidance_start,
@@ -220,7 +208,7 @@ def notes(r: Txt2ImgRequest) -> list[str]:
         if unit.mask or isinstance(unit.image, dict) and unit.image.get("mask") or isinstance(unit.image, list):
             out.append(f"{field}: the unit's mask is not applied here (none, canny and invert read none)")
         module = MODULES.get(unit.module.strip().lower())
-        if module == "canny" and _sliders(unit, module) != (unit.processor_res, unit.threshold_a, unit.threshold_b) \
+        if module == "canny" and sliders(unit, module) != (unit.processor_res, unit.threshold_a, unit.threshold_b) \
                 and -1 not in (unit.processor_res, unit.threshold_a, unit.threshold_b):
             out.append(f"{field}: processor_res or a threshold out of canny's bounds ran at its default")
     return out
@@ -236,7 +224,7 @@ def infotext(r: Txt2ImgRequest) -> dict[str, str]:
             continue
         field = f"{args}[{i}]"
         module = MODULES.get(unit.module.strip().lower(), unit.module)
-        res, low, high = _sliders(unit, module)
+        res, low, high = sliders(unit, module)
         end = unit.guidance if unit.guidance is not None else unit.guidance_end
         values = {"Module": module, "Model": unit.model, "Weight": unit.weight,
                   "Resize Mode": RESIZE_LABELS.get(RESIZE_MODES.get(unit.resize_mode, ""), unit.resize_mode),
@@ -244,94 +232,3 @@ def infotext(r: Txt2ImgRequest) -> dict[str, str]:
                   "Guidance End": end, "Pixel Perfect": unit.pixel_perfect, "Control Mode": _control_mode(unit, field)}
         out[f"ControlNet {i}"] = ", ".join(f"{key}: {value}" for key, value in values.items())
     return out
-
-
-# --- the extension's routes -----------------------------------------------------------------------------------
-
-class DetectRequest(_A1111):
-    controlnet_module: str = Field("none", max_length=128)
-    controlnet_input_images: list[str] = Field([], max_length=MAX_IMAGES)
-    controlnet_processor_res: int = -1
-    controlnet_threshold_a: float = -1
-    controlnet_threshold_b: float = -1
-    controlnet_masks: list[str] = Field([], max_length=MAX_IMAGES, description="not read: no preprocessor here "
-                                        "takes a mask")
-    low_vram: bool = False
-
-
-class Detected(BaseModel):
-    images: list[str]
-    info: str
-
-
-class Version(BaseModel):
-    version: int
-
-
-class ModelList(BaseModel):
-    model_list: list[str]
-
-
-class ModuleList(BaseModel):
-    module_list: list[str]
-    module_detail: dict[str, dict]
-
-
-class Settings(BaseModel):
-    control_net_unit_count: int
-
-
-def _slider(name: str, bounds: tuple, step: float = 1) -> dict:
-    default, low, high = bounds
-    return {"name": name, "value": default, "min": low, "max": high, "step": step}
-
-
-MODULE_DETAIL = {
-    "none": {"model_free": False, "sliders": []},
-    "canny": {"model_free": False, "sliders": [_slider("Preprocessor Resolution", CANNY_RES, 8),
-                                              _slider("Canny Low Threshold", CANNY_LOW),
-                                              _slider("Canny High Threshold", CANNY_HIGH)]},
-    "invert": {"model_free": False, "sliders": []},
-}
-
-
-class ControlNetRoutes:
-    config: AppArgs
-    handles: Handles
-
-    @router.get("/version", response_model=Version)
-    async def controlnet_version(self) -> dict:
-        """The extension's API version."""
-        return {"version": API_VERSION}
-
-    @router.get("/model_list", response_model=ModelList)
-    async def controlnet_model_list(self, update: bool = True) -> dict:
-        """The base's ControlNets by name (``update`` is accepted: the list is the config's)."""
-        return {"model_list": list(self.config.base.controlnets)}
-
-    @router.get("/module_list", response_model=ModuleList)
-    async def controlnet_module_list(self, alias_names: bool = False) -> dict:
-        """The preprocessors offered, with their sliders' defaults and bounds."""
-        return {"module_list": list(PREPROCESSORS), "module_detail": MODULE_DETAIL}
-
-    @router.get("/settings", response_model=Settings)
-    async def controlnet_settings(self) -> dict:
-        """How many units a request may enable."""
-        return {"control_net_unit_count": MAX_UNITS}
-
-    @router.post("/detect", response_model=Detected, responses=documented(400))
-    async def controlnet_detect(self, body: DetectRequest) -> dict:
-        """Each image's control map by a preprocessor (canny at its processor resolution), base64 PNG."""
-        unit = A1111Unit(module=body.controlnet_module, processor_res=body.controlnet_processor_res,
-                         threshold_a=body.controlnet_threshold_a, threshold_b=body.controlnet_threshold_b)
-        module = _module(body.controlnet_module, "controlnet_module")
-        if not body.controlnet_input_images:
-            raise InvalidInput("no image sent", field="controlnet_input_images")
-        images = await asyncio.to_thread(lambda: [image_field(data, f"controlnet_input_images[{i}]")
-                                                  for i, data in enumerate(body.controlnet_input_images)])
-        res, low, high = _sliders(unit, module)
-        if module != "canny":
-            res, low, high = CANNY_RES[0], CANNY_LOW[0], CANNY_HIGH[0]
-        async with flights.flight():  # a deadline or a disconnect cancels it, as the generations' stages
-            maps = await call(self.handles.base.detect.remote(module, images, res, low, high))
-        return {"images": await asyncio.to_thread(lambda: [b64_png(m) for m in maps]), "info": "Success"}
