@@ -158,3 +158,21 @@ def test_tiling_pads_the_controlnet_circularly_for_the_run_alone(base, astronaut
     assert np.abs(tiled - flat).mean() > 0.5
     net = base.controls.models["tiny-canny"]
     assert {conv.padding_mode for conv in net.modules() if isinstance(conv, torch.nn.Conv2d)} == {"zeros"}
+
+
+def test_the_loader_refuses_pickled_and_single_file_controlnets(tmp_path, tiny):
+    from deployments.support.errors import ModelLoadError, UnsafeWeights
+    from deployments.weights import loader
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((tiny / "controlnet-canny" / "config.json").read_text())
+    (pickled / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04pickle")
+    with pytest.raises(UnsafeWeights):
+        loader.load_controlnet(str(pickled), torch.float32, name="canny")
+    with pytest.raises(ModelLoadError) as e:
+        loader.load_controlnet(str(tiny / "controlnet-canny" / "diffusion_pytorch_model.safetensors"), torch.float32,
+                               name="canny")
+    assert e.value.field == "controlnets.canny"
+    net = loader.load_controlnet(str(tiny / "controlnet-canny"), torch.float32)
+    assert net.config.block_out_channels == [16, 32, 64]  # the tiny base UNet's encoder
