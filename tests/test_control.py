@@ -176,3 +176,17 @@ def test_the_loader_refuses_pickled_and_single_file_controlnets(tmp_path, tiny):
     assert e.value.field == "controlnets.canny"
     net = loader.load_controlnet(str(tiny / "controlnet-canny"), torch.float32)
     assert net.config.block_out_channels == [16, 32, 64]  # the tiny base UNet's encoder
+
+
+def test_a_unit_with_and_prompts_and_an_edits_variation_seed(base, astronaut):
+    """The ControlNet pipelines take the other per-request machinery as the plain ones do: A1111's AND (the UNet
+    that composes subprompts gets the ControlNet's residuals, row by row) and an edit's variation seed."""
+    composed = dict(prompt="a lighthouse AND a storm :0.5", prompt_syntax="a1111")
+    plain, controlled = gen(base, **composed), gen(base, **composed, control=[unit(astronaut)])
+    assert np.abs(controlled - plain).mean() > 1.0
+    assert np.abs(gen(base, **composed, control=[unit(astronaut, conditioning_scale=0.0)]) - plain).max() <= 1
+    edit = dict(init_image=astronaut, strength=0.6, subseed=9, subseed_strength=0.5)
+    varied, varied_controlled = gen(base, **edit), gen(base, **edit, control=[ControlUnit(model="tiny-canny")])
+    assert np.abs(varied_controlled - varied).mean() > 1.0
+    assert not np.array_equal(varied_controlled, gen(base, init_image=astronaut, strength=0.6,
+                                                     control=[ControlUnit(model="tiny-canny")]))
