@@ -619,8 +619,9 @@ def passes_over(request: GenerationRequest, source: StageResult) -> list[Generat
 
 
 def batch_key(request: GenerationRequest, chunks: tuple[int, ...] | None = None) -> tuple | None:
-    """What requests must share to run in one pipeline call; ``None``: this one runs alone (an inpainting mask
-    and an IP-Adapter reference belong to one request). The checkpoint is part of it: a batch never mixes two.
+    """What requests must share to run in one pipeline call; ``None``: this one runs alone (an inpainting mask,
+    an IP-Adapter reference and ControlNet units' images belong to one request). The checkpoint is part of it: a
+    batch never mixes two.
     ``chunks``: an A1111 request's ``chunk_counts``, which its batch mates must need too. Tiling is part of it (the
     convolutions pad one way for the whole call); variation seeds and the noise multiplier are not (each image's
     noise is its own, varied and scaled in a batch as alone), nor are an A1111 prompt's AND and subprompt weights
