@@ -26,8 +26,8 @@ from ray import serve
 from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
+from deployments.support import control, fastpath
 from deployments.support import device as devices
-from deployments.support import fastpath
 from deployments.support.batching import Batcher, outcome, prepare
 from deployments.support.checkpoints import Catalog
 from deployments.support.composable import composing
@@ -81,6 +81,7 @@ class BaseGenerator:
         self.lora_files = LoraFiles(config.lora_dir, settings)
         self.embedding_files = EmbeddingFiles(config.embeddings_dir, settings)
         self.resident = Resident(self._load, self.device, config.max_loaded_checkpoints)
+        self.controls = control.ControlNets(config, self.device, self.dtype, self.settings)  # every checkpoint's
         self.cancellation = Cancellation()
         self._lock = threading.Lock()  # the pipelines are stateful (scheduler, adapters): one call at a time
         self._loading = threading.RLock()  # one checkpoint lookup or load at a time
@@ -213,7 +214,7 @@ class BaseGenerator:
         """The denoising of one batch; each item's result, with ``info`` (what ran, item by item) in it.
         ``varied``: each image's variation seed (None where it has none)."""
         request: GenerationRequest = items[0].request
-        pipe = {"txt2img": pipes.txt2img, "img2img": pipes.img2img, "inpaint": pipes.inpaint}[mode]
+        pipe = self.controls.pipeline(pipes, mode, request.control)  # control units run alone (batch_key)
         sampler = request.sampler or self.config.default_sampler
         flat = [s for group in seeds for s in group]
         pipe.scheduler = build_scheduler(sampler, pipes.scheduler_config, request.schedule, seeds=flat,
@@ -349,9 +350,11 @@ class BaseGenerator:
             warnings.append("no IP-Adapter is loaded: the reference image was ignored")
         if request.denoising_end is not None:
             kwargs["denoising_end"] = request.denoising_end
+        kwargs.update(self.controls.kwargs(mode, request.control, init, request.width, request.height))
         # The batch's stop bookkeeping holds its images and device latents: let go of them however it ends. Tiling
         # (batch_key: the whole batch or none of it) holds for every decode too, those of stopped items included.
-        tiled = {id(m): m for m in (pipe.unet, pipe.vae, pipes.img2img.unet, pipes.txt2img.vae)}
+        tiled = {id(m): m for m in (pipe.unet, pipe.vae, pipes.img2img.unet, pipes.txt2img.vae,
+                                    getattr(pipe, "controlnet", None)) if m is not None}
         # AND or a subprompt's weight (either pass): the UNet of both passes' pipelines composes A1111's guidance
         # while the batch runs, reading the running pass's conditioning.
         composed = (composing([pipe, pipes.img2img], lambda: scheduled[0])
@@ -419,7 +422,11 @@ class BaseGenerator:
         # A1111 runs exactly the second pass's steps whatever the strength: ask for steps / strength of them.
         asked = img2img_steps(hires.steps, hires.strength, exact=True,
                               limit=pipes.scheduler_config.get("num_train_timesteps", 1000))[0]
-        kwargs = {k: v for k, v in first.items() if k not in ("width", "height", "denoising_end", "latents")}
+        if request.control:  # the plain image-to-image pipeline runs this pass
+            warnings.append("ControlNet: a Latent hires fix's second pass ran without it (a pixel hires fix applies "
+                            "it to both passes)")
+        kwargs = {k: v for k, v in control.dropped(first).items()
+                  if k not in ("width", "height", "denoising_end", "latents")}
         kwargs.update(image=upscaled, strength=hires.strength, num_inference_steps=asked,
                       generator=[torch.Generator("cpu").manual_seed(s) for s in flat])
         # The pipeline noises the resized latents once, with noise it draws first from each generator (latents: no
@@ -454,6 +461,7 @@ class BaseGenerator:
             "loras": sorted(self.loras),
             "embeddings": self.embeddings_listed(),
             "ip_adapter": self.config.ip_adapter is not None,
+            "controlnets": self.controls.names,
             "fast_path": self.fast,
             **devices.memory(self.device),
             "running": self.cancellation.running(),
@@ -489,6 +497,8 @@ class BaseGenerator:
             out["ip_adapter"] = self._sha256(self.config.ip_adapter)
         for name, path in self.loras.items():
             out[f"lora:{name}"] = self._sha256(str(path))
+        for name, source in self.config.controlnets.items():
+            out[f"controlnet:{name}"] = self._sha256(source)
         for name, embedding in self.embedding_files.files().items():  # a name in a prompt reads as its vectors
             out[f"embedding:{name}"] = self._sha256(str(embedding.path))
         return out
@@ -515,6 +525,7 @@ class BaseGenerator:
 
 def check_request(request: GenerationRequest, max_pixels: int) -> None:
     check_size(request.width, request.height, max_pixels)
+    control.check(request.control, mode_of(request), request.denoising_end)
     if request.hires is not None:
         if mode_of(request) != "txt2img" or request.denoising_end is not None:
             raise InvalidInput("the latent hires fix applies to text-to-image alone", field="hires")
@@ -608,15 +619,16 @@ def passes_over(request: GenerationRequest, source: StageResult) -> list[Generat
 
 
 def batch_key(request: GenerationRequest, chunks: tuple[int, ...] | None = None) -> tuple | None:
-    """What requests must share to run in one pipeline call; ``None``: this one runs alone (an inpainting mask
-    and an IP-Adapter reference belong to one request). The checkpoint is part of it: a batch never mixes two.
+    """What requests must share to run in one pipeline call; ``None``: this one runs alone (an inpainting mask,
+    an IP-Adapter reference and ControlNet units' images belong to one request). The checkpoint is part of it: a
+    batch never mixes two.
     ``chunks``: an A1111 request's ``chunk_counts``, which its batch mates must need too. Tiling is part of it (the
     convolutions pad one way for the whole call); variation seeds and the noise multiplier are not (each image's
     noise is its own, varied and scaled in a batch as alone), nor are an A1111 prompt's AND and subprompt weights
     (``composable.Composed`` runs the other subprompts in a UNet call of their own and leaves a plain image's rows
     as they are)."""
     mode = mode_of(request)
-    if mode == "inpaint" or request.ip_adapter_image is not None:
+    if mode == "inpaint" or request.ip_adapter_image is not None or request.control:
         return None
     tagged = parse_lora_tags(request.prompt)[1]
     return (request.checkpoint, mode, request.width, request.height, request.steps, request.sampler,
@@ -746,6 +758,12 @@ class SDXLBase:
             # passes failed: its other passes, already running in a batch of another size, stop within a step
             self.model.cancellation.cancel(request_id)
             raise
+
+    async def detect(self, module: control.Preprocessor, images: list[Image.Image], resolution: int,
+                     low: float, high: float) -> list[Image.Image]:
+        """A ControlNet preprocessor's maps of ``images`` (A1111's /controlnet/detect): OpenCV on a worker thread,
+        never the inference thread, which has batches to run."""
+        return await asyncio.to_thread(lambda: [control.detect(i, module, resolution, low, high) for i in images])
 
     async def refresh(self) -> dict[str, list[str]]:
         """Read the checkpoint, LoRA and embedding folders again."""

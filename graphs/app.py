@@ -30,7 +30,18 @@ from deployments.support.config import (
 from deployments.support.logs import replica_logging
 from deployments.support.settings import current
 from graphs import availability, plans
-from graphs.api import a1111, a1111_extras, a1111_info, generate, illustration, jobs, processing, provenance, ui
+from graphs.api import (
+    a1111,
+    a1111_extras,
+    a1111_info,
+    controlnet,
+    generate,
+    illustration,
+    jobs,
+    processing,
+    provenance,
+    ui,
+)
 from graphs.api.a1111_styles import PromptStyles
 from graphs.api.edge import create_app
 from graphs.api.photos import PhotoStore, StorageConfig
@@ -90,7 +101,7 @@ class AppArgs(BaseModel):
 
 app = create_app()
 app.include_router(generate.open_router)
-for module in (generate, illustration, processing, a1111, a1111_extras, a1111_info, jobs, provenance, ui):
+for module in (generate, illustration, processing, a1111, a1111_extras, a1111_info, controlnet, jobs, provenance, ui):
     app.include_router(module.router)
 app.include_router(a1111_info.internal)
 
@@ -104,6 +115,7 @@ class Ingress(
     a1111.A1111Routes,
     a1111_extras.A1111ExtrasRoutes,
     a1111_info.A1111InfoRoutes,
+    controlnet.ControlNetRoutes,
     jobs.JobRoutes,
     provenance.ProvenanceRoutes,
 ):

@@ -45,6 +45,7 @@ def base(tiny):
             model={"source": str(tiny / "sdxl-base")},
             ip_adapter=str(tiny / "ip-adapter"),
             lora_dir=str(tiny / "loras"),
+            controlnets={"tiny-canny": str(tiny / "controlnet-canny")},
         )
     )
 

@@ -120,9 +120,9 @@ def test_scripts_are_treated_as_a1111_treats_them(ingress):
         "A1111's 'Refiner' script is not applied here: its arguments were ignored",
         "A1111's 'seed' script is not applied here: its arguments were ignored"]
     assert "script" not in " ".join(txt2img(ingress, alwayson_scripts={}, script_args=[])["info"]["warnings"])
-    control = refused(lambda: txt2img(ingress, alwayson_scripts={"ControlNet": {"args": [{"enabled": True}]}}))
-    assert (control.code, status_of(control), control.details["field"]) == (
-        "INVALID_INPUT", 422, "alwayson_scripts.ControlNet")
+    other = refused(lambda: txt2img(ingress, alwayson_scripts={"ADetailer": {"args": [True]}}))
+    assert (other.code, status_of(other), other.details["field"]) == (
+        "INVALID_INPUT", 422, "alwayson_scripts.ADetailer")
     assert refused(lambda: txt2img(ingress, script_name="x/y/z plot")).details["field"] == "script_name"
     assert "script" not in " ".join(txt2img(ingress, script_name="")["info"]["warnings"])  # A1111's "no script"
 
@@ -868,3 +868,134 @@ def test_style_names_are_bounded():
         with pytest.raises(ValidationError) as refusal:  # the body's 422 names this place
             Txt2ImgRequest(prompt="a fox", styles=styles)
         assert refusal.value.errors()[0]["loc"] == where
+
+
+# --- the ControlNet extension (graphs/api/a1111_controlnet.py, graphs/api/controlnet.py) ---------------------------
+
+def edges_photo() -> Image.Image:
+    """64x64: a white square on black, edges a canny map finds."""
+    image = Image.new("RGB", (64, 64), (0, 0, 0))
+    image.paste((255, 255, 255), (16, 16, 48, 48))
+    return image
+
+
+def controlnet(*units, key: str = "ControlNet") -> dict:
+    return {key: {"args": list(units)}}
+
+
+def test_a_controlnet_unit_changes_the_image_and_writes_the_extensions_infotext(ingress):
+    plain = txt2img(ingress)
+    unit = {"enabled": True, "module": "canny", "model": "tiny-canny [0123abcd]", "weight": 1.0,
+            "image": b64(edges_photo()), "resize_mode": "Just Resize", "processor_res": 64, "threshold_a": 100,
+            "threshold_b": 200}
+    body = txt2img(ingress, alwayson_scripts=controlnet(unit, key="controlnet"))  # the key in any case
+    made, before = pixels(decode_b64(body["images"][0])), pixels(decode_b64(plain["images"][0]))
+    assert np.abs(made - before).mean() > 1.0
+    text = decode_b64(body["images"][0]).info["parameters"]
+    assert ('ControlNet 0: "Module: canny, Model: tiny-canny [0123abcd], Weight: 1.0, Resize Mode: Just Resize, '
+            'Processor Res: 64, Threshold A: 100.0, Threshold B: 200.0, Guidance Start: 0.0, Guidance End: 1.0, '
+            'Pixel Perfect: False, Control Mode: Balanced"') in text
+    assert parse(text)["ControlNet 0"].startswith("Module: canny, Model: tiny-canny")
+    assert not [w for w in body["info"]["warnings"] if "ControlNet" in w or "script" in w]
+    # Weight 0: the image of no control; a disabled unit and a unit of model "None" are ignored.
+    zero = txt2img(ingress, alwayson_scripts=controlnet({**unit, "weight": 0}))
+    assert np.abs(pixels(decode_b64(zero["images"][0])) - before).max() <= 1
+    ignored = txt2img(ingress, alwayson_scripts=controlnet({**unit, "enabled": False},
+                                                           {**unit, "model": "None"}))
+    assert ignored["images"] == plain["images"]
+    assert "ControlNet 0" not in decode_b64(ignored["images"][0]).info["parameters"]
+    assert any("args[1]: no ControlNet model" in w for w in ignored["info"]["warnings"])
+
+
+def test_controlnet_units_the_older_spellings_and_several_units(ingress):
+    unit = {"module": "none", "model": "tiny-canny", "image": b64(edges_photo())}  # enabled by default
+    one = txt2img(ingress, alwayson_scripts=controlnet(unit))
+    older = txt2img(ingress, alwayson_scripts=controlnet({"module": "none", "model": "tiny-canny",
+                                                          "input_image": "data:image/png;base64,"
+                                                          + b64(edges_photo()), "guidance": 1.0}))
+    assert older["images"] == one["images"]
+    two = txt2img(ingress, alwayson_scripts=controlnet(unit, {**unit, "module": "invert", "control_mode": 2,
+                                                              "pixel_perfect": True}))
+    assert np.abs(pixels(decode_b64(two["images"][0])) - pixels(decode_b64(one["images"][0]))).mean() > 0.5
+    text = decode_b64(two["images"][0]).info["parameters"]
+    assert "ControlNet 0: " in text and "ControlNet 1: " in text
+    warnings = " ".join(two["info"]["warnings"])
+    assert "args[1].control_mode 2 is not applied" in warnings and "args[1].pixel_perfect" in warnings
+
+
+def test_controlnet_units_are_refused_naming_their_field(ingress):
+    good = {"module": "canny", "model": "tiny-canny", "image": b64(edges_photo())}
+    cases = [({**good, "model": "depth-xl"}, "UNKNOWN_MODEL", 422, "args[0].model"),
+             ({**good, "module": "depth_midas"}, "UNKNOWN_MODEL", 422, "args[0].module"),
+             ({**good, "image": "not an image"}, "INVALID_IMAGE", 400, "args[0].image"),
+             ({**good, "image": None}, "INVALID_INPUT", 422, "args[0].image"),  # txt2img: no init image to use
+             ({**good, "weight": 3}, "INVALID_INPUT", 422, "args[0].weight"),
+             ({**good, "guidance_start": 0.8, "guidance_end": 0.2}, "INVALID_INPUT", 422, "args[0].guidance_start"),
+             ({**good, "resize_mode": 7}, "INVALID_INPUT", 422, "args[0].resize_mode"),
+             ({**good, "control_mode": "Louder"}, "INVALID_INPUT", 422, "args[0].control_mode")]
+    for unit, code, status, field in cases:
+        error = refused(lambda unit=unit: txt2img(ingress, alwayson_scripts=controlnet({"enabled": False}, unit)))
+        assert (error.code, status_of(error), error.details["field"]) == (
+            code, status, f"alwayson_scripts.ControlNet.{field.replace('args[0]', 'args[1]')}"), unit
+    units = refused(lambda: txt2img(ingress, alwayson_scripts=controlnet(*[good] * 5)))
+    assert units.details["field"] == "alwayson_scripts.ControlNet.args"
+    choices = refused(lambda: txt2img(ingress, alwayson_scripts=controlnet({**good, "module": "lineart"})))
+    assert choices.details["choices"] == ["none", "canny", "invert"]
+
+
+def test_img2img_unit_without_an_image_uses_the_init_image(ingress):
+    init = b64(bands())
+    plain = img2img(ingress, init_images=[init], width=128)
+    implicit = img2img(ingress, init_images=[init], width=128,
+                       alwayson_scripts=controlnet({"module": "none", "model": "tiny-canny"}))
+    explicit = img2img(ingress, init_images=[init], width=128,
+                       alwayson_scripts=controlnet({"module": "none", "model": "tiny-canny", "image": init}))
+    assert implicit["images"] == explicit["images"]
+    assert np.abs(pixels(decode_b64(implicit["images"][0])) - pixels(decode_b64(plain["images"][0]))).mean() > 1.0
+
+
+def test_controlnet_routes(ingress):
+    from graphs.api.controlnet import DetectRequest
+
+    assert ingress.controlnet_version.remote().result() == {"version": 2}
+    assert ingress.controlnet_model_list.remote().result() == {"model_list": ["tiny-canny"]}
+    modules = ingress.controlnet_module_list.remote().result()
+    assert modules["module_list"] == ["none", "canny", "invert"]
+    assert [s["value"] for s in modules["module_detail"]["canny"]["sliders"]] == [512, 100.0, 200.0]
+    assert ingress.scripts.remote().result() == {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
+    photo = Image.new("RGB", (128, 96), (0, 0, 0))
+    photo.paste((255, 255, 255), (32, 24, 96, 72))
+    detected = ingress.controlnet_detect.remote(DetectRequest(
+        controlnet_module="canny", controlnet_input_images=[b64(photo)], controlnet_processor_res=64,
+        controlnet_threshold_a=50, controlnet_threshold_b=150)).result()
+    assert detected["info"] == "Success"
+    edges = decode_b64(detected["images"][0])
+    assert edges.size == (85, 64)  # the shorter side at processor_res, the aspect kept
+    import cv2
+
+    expected = cv2.Canny(cv2.resize(np.asarray(photo), (85, 64), interpolation=cv2.INTER_AREA), 50, 150)
+    assert np.array_equal(np.asarray(edges.convert("L")), expected) and expected.max() == 255
+    for body, field, code in [
+            (DetectRequest(controlnet_module="openpose", controlnet_input_images=[b64(photo)]), "controlnet_module",
+             "UNKNOWN_MODEL"),
+            (DetectRequest(controlnet_module="canny"), "controlnet_input_images", "INVALID_INPUT"),
+            (DetectRequest(controlnet_module="canny", controlnet_input_images=[b64(photo), "x"]),
+             "controlnet_input_images[1]", "INVALID_IMAGE")]:
+        error = refused(lambda body=body: ingress.controlnet_detect.remote(body).result())
+        assert (error.code, error.details["field"]) == (code, field)
+
+
+@pytest.mark.parametrize("upscaler", ["Latent", "None"])
+def test_controlnet_with_the_hires_fix(ingress, upscaler):
+    """A pixel hires fix's second pass (img2img of the upscaled image) runs the units too, their images framed at
+    the hires size; a Latent one's second pass runs without them, and says so."""
+    unit = {"module": "canny", "model": "tiny-canny", "image": b64(edges_photo())}
+    hires = {"enable_hr": True, "hr_scale": 1.5, "hr_upscaler": upscaler, "hr_second_pass_steps": 2,
+             "denoising_strength": 0.5}
+    plain = txt2img(ingress, **hires)
+    body = txt2img(ingress, **hires, alwayson_scripts=controlnet(unit))
+    image = decode_b64(body["images"][0])
+    assert image.size == (96, 96)
+    assert np.abs(pixels(image) - pixels(decode_b64(plain["images"][0]))).mean() > 1.0
+    latent = [w for w in body["info"]["warnings"] if "Latent hires" in w]
+    assert bool(latent) == (upscaler == "Latent")

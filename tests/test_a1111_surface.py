@@ -25,7 +25,8 @@ def get(service, path: str):
 def test_empty_listings_have_a1111_shapes(service):
     for path in ("hypernetworks", "script-info", "extensions"):
         assert get(service, f"/sdapi/v1/{path}") == [], path
-    assert get(service, "/sdapi/v1/scripts") == {"txt2img": [], "img2img": []}
+    # configs/cpu.yaml gives the base a ControlNet: the extension's always-on script is installed
+    assert get(service, "/sdapi/v1/scripts") == {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
     assert get(service, "/internal/ping") == {}
 
 

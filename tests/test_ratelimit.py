@@ -102,6 +102,8 @@ def test_redis_buckets_expire_once_full(redis_url):
     ("POST", "/v1/images/memory", "generate"),
     ("POST", "/process", "generate"),
     ("POST", "/derivatives/clip-focal", "generate"),
+    ("POST", "/controlnet/detect", "generate"),
+    ("GET", "/controlnet/model_list", "read"),
     ("POST", "/generate/text2img", "submit"),
     ("POST", "/generate/async", "submit"),
     ("POST", "/generate/batch-sizes", "submit"),
@@ -128,7 +130,7 @@ def test_every_expensive_route_of_the_app_has_an_expensive_budget():
     assert expensive["generate"] == {"/generate", "/v1/images/memory", "/v1/images/subject", "/process",
                                      "/derivatives", "/derivatives/clip-focal", "/sdapi/v1/txt2img",
                                      "/sdapi/v1/img2img", "/sdapi/v1/extra-single-image",
-                                     "/sdapi/v1/extra-batch-images", "/provenance/verify"}
+                                     "/sdapi/v1/extra-batch-images", "/provenance/verify", "/controlnet/detect"}
 
 
 # --- the middleware -----------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ come in, so that tests and the CPU demo run the real loading and inference code 
     OUT_DIR/checkpoints/sdxl-base-b.safetensors   the second base as one SGM file (a checkpoint folder to scan)
     OUT_DIR/sdxl-refiner/              diffusers folder (second text encoder only, aesthetic-score UNet)
     OUT_DIR/ip-adapter/                IP-Adapter weights plus its CLIP image encoder
+    OUT_DIR/controlnet-canny/          an SDXL ControlNet (diffusers ControlNetModel folder) of the tiny base UNet
     OUT_DIR/loras/*.safetensors        two LoRAs in the kohya / A1111 layout
     OUT_DIR/embeddings/*.safetensors   a two-vector textual-inversion embedding (clip_l / clip_g), token tiny-concept
     OUT_DIR/upscalers/*.safetensors    ESRGAN-family x2 (Real-ESRGAN pixel-unshuffle) and x4
@@ -191,6 +192,30 @@ def build_sdxl_refiner(out: Path, tokenizer_src: Path, vocab_size: int) -> None:
     pipe.save_pretrained(out, safe_serialization=True)  # type: ignore[attr-defined]
 
 
+def build_controlnet(out: Path, unet, seed: int) -> None:
+    """An SDXL ControlNet made from the base UNet's encoder, as training starts one (``from_unet``), with the
+    conditioning embedding at toy width. Training starts its zero convolutions (the control image's embedding out,
+    every residual out) at zero, which would make it a no-op: here they are random, so the control image visibly
+    moves the tiny base's pixels."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16, 16))
+    # PyTorch's default start shrinks the image's signal layer by layer to almost nothing at toy width: He's keeps
+    # it, and the embedding's output is scaled up so that the image, not the latents, dominates the ControlNet's
+    # residuals (tests tell two control images apart by their pixels).
+    for conv in net.controlnet_cond_embedding.modules():
+        if isinstance(conv, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+            torch.nn.init.zeros_(conv.bias)
+    with torch.no_grad():
+        net.controlnet_cond_embedding.conv_out.weight.mul_(30.0)
+    for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
+        torch.nn.init.normal_(conv.weight, std=0.1)
+        torch.nn.init.zeros_(conv.bias)
+    net.save_pretrained(out, safe_serialization=True)
+
+
 def build_upscalers(out: Path) -> None:
     from spandrel.architectures.ESRGAN import ESRGAN
 
@@ -233,6 +258,7 @@ def build_all(out: Path) -> None:
     save_file(sdxl_to_sgm(second), out / "checkpoints" / "sdxl-base-b.safetensors")
     build_sdxl_refiner(out / "sdxl-refiner", tokenizer_src, vocab_size)
     build_ip_adapter(out / "ip-adapter", base.unet, width=TEXT_DIM, image_size=IMAGE_ENCODER_SIZE, seed=SEED + 20)
+    build_controlnet(out / "controlnet-canny", base.unet, seed=SEED + 70)
     (out / "loras").mkdir(exist_ok=True)
     build_lora(out / "loras" / "tiny-style.safetensors", base, seed=SEED + 50, rank=4, with_text_encoders=False)
     build_lora(out / "loras" / "tiny-detail.safetensors", base, seed=SEED + 51, rank=2, with_text_encoders=True)

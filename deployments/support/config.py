@@ -6,6 +6,7 @@ deployment) so that every knob is typed, bounded and documented in one place. De
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -115,6 +116,10 @@ class SDXLBaseConfig(_Config):
     ip_adapter: str | None = Field(None, description="folder with ip-adapter weights and image_encoder/")
     ip_adapter_weight_name: str = "ip-adapter_sdxl.safetensors"
     lora_dir: str | None = Field(None, description="folder of *.safetensors LoRAs, registered by file stem")
+    controlnets: dict[str, str] = Field(
+        {}, max_length=32, description="SDXL ControlNets by the name requests select them with -> source (a diffusers "
+        "ControlNetModel folder, safetensors weights): loaded once per replica, shared by every checkpoint it holds"
+    )
     embeddings_dir: str | None = Field(
         None, description="folder of SDXL textual-inversion embeddings (*.safetensors with clip_l and clip_g), each "
         "used in a prompt by its file stem; rescanned when it changes"
@@ -130,6 +135,9 @@ class SDXLBaseConfig(_Config):
             raise ValueError("base: give `model`, `checkpoints` or `checkpoint_dir`")
         if len(set(names)) != len(names):
             raise ValueError(f"base.checkpoints: names must be unique ({names})")
+        for name in self.controlnets:  # a name travels in requests and A1111's "name [hash]" lists: never a path
+            if not re.match(CHECKPOINT_NAME, name):
+                raise ValueError(f"base.controlnets: {name!r} is not a valid name ({CHECKPOINT_NAME})")
         for alias in self.checkpoint_aliases:
             if alias in names:
                 raise ValueError(f"base.checkpoint_aliases: {alias!r} is already a checkpoint name")

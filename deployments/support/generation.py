@@ -18,6 +18,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deployments.support import overlay, provenance
+from deployments.support.control import MAX_UNITS, ControlUnit
 from deployments.support.credentials import Facts
 from deployments.support.errors import GenerationCancelled, InvalidInput
 from deployments.support.imaging import comment_fits
@@ -138,6 +139,9 @@ class GenerationRequest(BaseModel):
                                       "this pass's schedule counts on from, as A1111's second pass does")
     eta: float | None = Field(None, ge=0.0, le=1.0, description="DDIM's eta (A1111's eta with DDIM): the share of "
                               "fresh noise each step adds; None: 0, deterministic DDIM. Other samplers do not read it")
+
+    control: list[ControlUnit] = Field([], max_length=MAX_UNITS, description="ControlNet units (the base's "
+                                       "`controlnets`); a request with any runs in a batch of its own")
 
     @property
     def varied(self) -> bool:

@@ -283,6 +283,30 @@ def load_sdxl(source: ModelSource, *, refiner: bool, dtype: torch.dtype, setting
     return pipe
 
 
+def load_controlnet(source: str, dtype: torch.dtype, settings: Settings | None = None, name: str = ""):
+    """Load an SDXL ControlNet from a diffusers ``ControlNetModel`` folder (config.json and
+    diffusion_pytorch_model.safetensors, or its fp16 variant): what the releases (diffusers/controlnet-canny-sdxl-1.0,
+    xinsir/controlnet-*-sdxl-1.0) ship. A pickled ``.bin`` beside the safetensors is never opened."""
+    from diffusers import ControlNetModel
+
+    field = f"controlnets.{name}" if name else "controlnets"
+    folder = resolve(source, settings)
+    if not folder.is_dir():
+        raise ModelLoadError(f"{source}: a ControlNet is a diffusers folder (config.json and "
+                             "diffusion_pytorch_model.safetensors)", field=field)
+    _check_folder(folder)
+    if not any(folder.glob("*.safetensors")):
+        raise UnsafeWeights(f"{folder}: no .safetensors weights (pickled checkpoints are refused)", field=field)
+    variant = "fp16" if file_variants(folder) == {"fp16"} else None
+    try:
+        model = ControlNetModel.from_pretrained(folder, torch_dtype=dtype, variant=variant, use_safetensors=True,
+                                                local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ModelLoadError(f"cannot load the ControlNet from {source}: {e}", field=field) from e
+    logger.info("ControlNet %s: %s files from %s", name, variant or "full-precision", folder)
+    return model
+
+
 def load_spandrel(source: str, settings: Settings | None = None):
     """Load an upscaler or face restorer through spandrel; returns its ImageModelDescriptor."""
     import spandrel

@@ -43,6 +43,7 @@ from deployments.support.generation import (
 from deployments.support.samplers import A1111Choice, a1111_choice
 from deployments.support.settings import current
 from graphs import flights, plans
+from graphs.api import a1111_controlnet as controlnet
 from graphs.api import a1111_grid
 from graphs.api import a1111_options as answer_options
 from graphs.api.a1111_info import replacement_vaes
@@ -264,7 +265,7 @@ class A1111Routes(CheckpointChoice):
         vaes = set(replacement_vaes(self.config))
         choice = self._choice(r)
         ignored = [*asked.scripts(), *asked.unapplied(), *asked.settings_unapplied(vaes), *styled,
-                   *eta_unapplied(r.eta, choice.sampler)]
+                   *eta_unapplied(r.eta, choice.sampler), *controlnet.notes(asked)]
         if (r.enable_hr and r.hr_upscaler in LATENT_UPSCALE_MODES and not r.disable_extra_networks
                 and parse_lora_tags(r.hr_prompt)[1] != parse_lora_tags(r.prompt)[1]):
             ignored.append("hr_prompt: its <lora:...> tags are not applied by a Latent hires fix, one base call with "
@@ -461,6 +462,7 @@ class A1111Routes(CheckpointChoice):
                 settings["Hires schedule type"] = second["schedule"] or "Automatic"
         if r.restore_faces and restorer:
             settings["Face restoration"] = restorer
+        settings.update(controlnet.infotext(r))  # the extension writes its units after A1111's own settings
         return settings
 
     @router.post("/txt2img", response_model=ImagesResponse)
@@ -468,7 +470,8 @@ class A1111Routes(CheckpointChoice):
         """Text to image, with hires fix (enable_hr), refiner, LoRA tags and face restoration."""
         if body.enable_hr and body.hr_upscaler not in LATENT_UPSCALE_MODES:  # refused before the base runs
             await self.handles.check_upscalers({"hr_upscaler": body.hr_upscaler})
-        return await self._run(http, body, cache_as="a1111-txt2img")
+        units = await asyncio.to_thread(controlnet.control_units, body, self.config.base.controlnets, edit=False)
+        return await self._run(http, body, cache_as="a1111-txt2img", control=units)
 
     @router.post("/img2img", response_model=ImagesResponse, responses=documented(400))
     async def img2img(self, body: Img2ImgRequest, http: Request) -> Response:
@@ -482,9 +485,11 @@ class A1111Routes(CheckpointChoice):
             body = body.model_copy(update={"batch_size": len(body.init_images)})
         uploads = [image_bytes(data, "init_images") for data in body.init_images]
         inits, mask = await asyncio.to_thread(edit_inputs, body, uploads)
+        # A unit without an image takes the init image, as the extension does.
+        units = await asyncio.to_thread(controlnet.control_units, body, self.config.base.controlnets, edit=True)
         return await self._run(http, body, uploads[0], cache_as="a1111-img2img", inits=inits, init_image=inits[0],
                                mask=mask, mask_blur=body.mask_blur, strength=body.denoising_strength,
-                               noise_multiplier=body.noise_multiplier())
+                               noise_multiplier=body.noise_multiplier(), control=units)
 
     @router.get("/progress", response_model=Progress)
     async def progress(self, http: Request, skip_current_image: bool = False) -> dict:

@@ -266,8 +266,9 @@ class A1111InfoRoutes(CheckpointChoice):
 
     @router.get("/scripts", response_model=ScriptsList)
     async def scripts(self) -> dict:
-        """No A1111 scripts run here."""
-        return {"txt2img": [], "img2img": []}
+        """The always-on scripts of the extensions installed: ControlNet's, where the base has ControlNets."""
+        installed = ["controlnet"] if self.config.base.controlnets else []
+        return {"txt2img": installed, "img2img": installed}
 
     @router.get("/script-info", response_model=list[ScriptInfo])
     async def script_info(self) -> list[dict]:

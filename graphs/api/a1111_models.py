@@ -36,6 +36,7 @@ class _A1111(BaseModel):
 # here and not applied (the answer's warnings say so). Any other is an extension's, which is not installed here.
 BUILTIN_SCRIPTS = frozenset({"refiner", "seed", "sampler", "comments", "hypertile", "extra options",
                              "soft inpainting"})
+EXTENSION_SCRIPTS = "controlnet"  # the ControlNet extension's units: graphs/api/a1111_controlnet.py reads them
 
 
 # A1111's values of the hires fix's second-pass fields that mean "as the first pass".
@@ -78,8 +79,9 @@ class Txt2ImgRequest(_A1111):
     script_name: str | None = Field(None, max_length=256, description="none is installed: a name is a 422, as in "
                                     "A1111 for a script it lacks")
     script_args: list = []
-    alwayson_scripts: dict = Field({}, description="A1111's own (Refiner, Seed, Sampler, ...) accepted and not "
-                                   "applied, with a warning; an extension's is a 422, as in A1111 without it")
+    alwayson_scripts: dict = Field({}, description="ControlNet's units (the extension's API) applied; A1111's own "
+                                   "(Refiner, Seed, Sampler, ...) accepted and not applied, with a warning; another "
+                                   "extension's is a 422, as in A1111 without it")
     denoising_strength: float = Field(0.75, ge=0.0, le=1.0)
     enable_hr: bool = False
     hr_scale: float = Field(2.0, ge=0.0, le=4.0, description="not read when hr_resize_x or hr_resize_y is set")
@@ -143,11 +145,11 @@ class Txt2ImgRequest(_A1111):
             raise InvalidInput(f"script {self.script_name!r} not found: no scripts are installed here "
                                "(GET /sdapi/v1/scripts)", field="script_name")
         for name in self.alwayson_scripts:
-            if name.lower() not in BUILTIN_SCRIPTS:
-                raise InvalidInput(f"always on script {name!r} not found: no extensions are installed here "
-                                   "(GET /sdapi/v1/scripts)", field=f"alwayson_scripts.{name}")
+            if name.lower() not in BUILTIN_SCRIPTS | {EXTENSION_SCRIPTS}:
+                raise InvalidInput(f"always on script {name!r} not found: the ControlNet extension alone is "
+                                   "installed here (GET /sdapi/v1/scripts)", field=f"alwayson_scripts.{name}")
         return [f"A1111's {name!r} script is not applied here: its arguments were ignored"
-                for name in self.alwayson_scripts]
+                for name in self.alwayson_scripts if name.lower() != EXTENSION_SCRIPTS]
 
     def settings_unapplied(self, vaes: set[str]) -> list[str]:
         """A warning for each of ``override_settings`` that would change A1111's image and is not applied here (at

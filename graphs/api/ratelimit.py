@@ -32,6 +32,7 @@ ROUTES: tuple[tuple[str, re.Pattern[str], str], ...] = tuple((m, re.compile(p), 
     ("POST", r"/sdapi/v1/(txt2img|img2img|extra-single-image|extra-batch-images)", GENERATE),
     ("POST", r"/process|/derivatives(/clip-focal)?", GENERATE),
     ("POST", r"/provenance/verify", GENERATE),
+    ("POST", r"/controlnet/detect", GENERATE),  # OpenCV on a base replica, up to 16 images a call
     ("POST", r"/generate/(text2img|img2img|inpaint|style-transfer|async|batch-sizes)", SUBMIT),
     ("*", r".*", READ),  # polling, listings, cancels, options, unknown paths
 ))

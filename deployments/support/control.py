@@ -1,0 +1,206 @@
+"""ControlNet for the SDXL base: the units a request names, their preprocessors, and the pipeline that runs them.
+
+An SDXL ControlNet fits any SDXL base, so a replica loads its ControlNets once (``ControlNets``, on its device and
+dtype) and every checkpoint it holds shares them. A request with control units runs on the ControlNet variant of
+its mode's pipeline (text-to-image, image-to-image or inpainting), built from the checkpoint's own modules: no
+second UNet, VAE or text encoder. Several units run as one ``MultiControlNetModel``.
+
+This module is imported by the ingress too (``ControlUnit`` travels in ``GenerationRequest``): torch, diffusers and
+OpenCV are imported where they are used, never at the top.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+from PIL import Image, ImageOps
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from deployments.support.errors import InvalidInput, UnknownModel
+from deployments.support.imaging import Fit, frame, to_rgb
+
+if TYPE_CHECKING:
+    import torch
+
+    from deployments.support.config import SDXLBaseConfig
+    from deployments.support.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+MAX_UNITS = 4  # A1111's extension shows 3 units by default; each one is a ControlNet pass per step
+PREPROCESSORS = ("none", "canny", "invert")
+Preprocessor = Literal["none", "canny", "invert"]
+# A1111's extension: the canny sliders (processor_res, threshold_a, threshold_b), their defaults and bounds.
+CANNY_RES = (512, 64, 2048)
+CANNY_LOW = (100.0, 1.0, 255.0)
+CANNY_HIGH = (200.0, 1.0, 255.0)
+# The pipeline arguments a ControlNet pass adds (``image`` too, for text-to-image: it is the control image there).
+KWARGS = ("control_image", "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
+
+
+class ControlUnit(BaseModel):
+    """One ControlNet unit of a request: which ControlNet, on what image, how strongly and over which steps."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", frozen=True)
+
+    model: str = Field(..., min_length=1, max_length=128, description="a name of the base's `controlnets`")
+    image: Image.Image | None = Field(None, description="the control image (before preprocessing); None: the "
+                                      "request's init image (image-to-image and inpainting only), as A1111 does")
+    module: Preprocessor = Field("none", description="the preprocessor: none (the image as sent), canny, invert")
+    conditioning_scale: float = Field(1.0, ge=0.0, le=2.0, description="A1111's weight: the residuals' scale")
+    guidance_start: float = Field(0.0, ge=0.0, le=1.0, description="the fraction of the steps where it starts")
+    guidance_end: float = Field(1.0, ge=0.0, le=1.0, description="the fraction of the steps where it stops")
+    resize_mode: Fit = Field("crop", description="how the control image takes the generation size: stretch, crop "
+                             "(cover, centre-crop: A1111's default 'Crop and Resize') or fill (fit, edges stretched)")
+    processor_res: int = Field(CANNY_RES[0], ge=CANNY_RES[1], le=CANNY_RES[2], description="canny: the shorter "
+                               "side the image is resized to before edge detection")
+    threshold_a: float = Field(CANNY_LOW[0], ge=CANNY_LOW[1], le=CANNY_LOW[2], description="canny: low threshold")
+    threshold_b: float = Field(CANNY_HIGH[0], ge=CANNY_HIGH[1], le=CANNY_HIGH[2], description="canny: high threshold")
+
+    @model_validator(mode="after")
+    def _guidance_in_order(self) -> ControlUnit:
+        if self.guidance_start > self.guidance_end:
+            raise ValueError(f"guidance_start={self.guidance_start} is after guidance_end={self.guidance_end}")
+        return self
+
+
+def at_resolution(image: Image.Image, resolution: int) -> Image.Image:
+    """``image`` scaled (aspect kept) so that its shorter side is ``resolution``, as A1111's extension sizes a
+    preprocessor's input: OpenCV's area filter to shrink, cubic to enlarge."""
+    import cv2
+
+    scale = resolution / min(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    if size == image.size:
+        return image
+    method = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+    return Image.fromarray(cv2.resize(np.asarray(image), size, interpolation=method))
+
+
+def detect(image: Image.Image, module: Preprocessor, resolution: int = CANNY_RES[0],
+           low: float = CANNY_LOW[0], high: float = CANNY_HIGH[0]) -> Image.Image:
+    """The control map a preprocessor makes of ``image`` (RGB), at the size it works at: canny at ``resolution``
+    (white edges on black, thresholds ``low`` and ``high``), the others at the image's own size."""
+    rgb = to_rgb(image)
+    if module == "canny":
+        import cv2
+
+        edges = cv2.Canny(np.asarray(at_resolution(rgb, resolution)), low, high)
+        return Image.fromarray(edges).convert("RGB")
+    if module == "invert":  # A1111's "invert (from white bg & black line)": line art drawn black on white
+        return ImageOps.invert(rgb)
+    return rgb
+
+
+def control_image(unit: ControlUnit, fallback: Image.Image | None, width: int, height: int) -> Image.Image:
+    """A unit's control map at the generation size, framed by its resize mode."""
+    source = unit.image if unit.image is not None else fallback
+    if source is None:
+        raise InvalidInput("a ControlNet unit needs an image in text-to-image", field="control.image")
+    mapped = detect(source, unit.module, unit.processor_res, unit.threshold_a, unit.threshold_b)
+    return frame(mapped, width, height, unit.resize_mode)
+
+
+def check(units: list[ControlUnit], mode: str, denoising_end: float | None) -> None:
+    """What no pipeline can run: a unit without an image in text-to-image, and an image-to-image pass that stops
+    early for the refiner (diffusers' ControlNet image-to-image pipeline has no ``denoising_end``)."""
+    if len(units) > MAX_UNITS:
+        raise InvalidInput(f"{len(units)} ControlNet units: at most {MAX_UNITS}", field="control")
+    for i, unit in enumerate(units):
+        if unit.image is None and mode == "txt2img":
+            raise InvalidInput(f"ControlNet unit {i} has no image (text-to-image has no init image to use)",
+                               field=f"control[{i}].image")
+    if units and mode == "img2img" and denoising_end is not None:
+        raise InvalidInput("ControlNet image-to-image cannot stop early for the refiner", field="control")
+
+
+class ControlNets:
+    """The ControlNets of one replica by name, loaded once on its device and dtype, and the ControlNet pipelines
+    each held checkpoint runs them with (made on first use from its modules, kept while it is held)."""
+
+    def __init__(self, config: SDXLBaseConfig, device: torch.device, dtype: torch.dtype,
+                 settings: Settings | None = None) -> None:
+        from deployments.weights import loader
+
+        self.models = {name: loader.load_controlnet(source, dtype, settings, name).to(device)
+                       for name, source in config.controlnets.items()}
+        for model in self.models.values():
+            model.eval()
+        # checkpoint pipelines -> (mode, ControlNet names) -> its ControlNet pipeline; an evicted checkpoint's go
+        # with it (weak keys), so that they never keep its modules alive.
+        self._pipelines: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.models)
+
+    def resolve(self, units: list[ControlUnit], field: str = "control"):
+        """The ControlNet of each unit, by name; an unknown name is refused naming the unit's field."""
+        out = []
+        for i, unit in enumerate(units):
+            model = self.models.get(unit.model)
+            if model is None:
+                raise UnknownModel(f"unknown ControlNet {unit.model!r}", field=f"{field}[{i}].model",
+                                   details={"choices": self.names})
+            out.append(model)
+        return out
+
+    def pipeline(self, pipes, mode: str, units: list[ControlUnit]):
+        """``mode``'s pipeline of the checkpoint ``pipes``: its own without units, else its ControlNet variant with
+        the units' ControlNets (one, or several as a ``MultiControlNetModel``), sharing every module of it."""
+        plain = {"txt2img": pipes.txt2img, "img2img": pipes.img2img, "inpaint": pipes.inpaint}[mode]
+        self.resolve(units)  # every name is checked, the units that apply at no step too
+        units = active(units)
+        if not units:
+            return plain
+        from diffusers import (
+            StableDiffusionXLControlNetImg2ImgPipeline,
+            StableDiffusionXLControlNetInpaintPipeline,
+            StableDiffusionXLControlNetPipeline,
+        )
+        from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+
+        nets = self.resolve(units)
+        key = (mode, tuple(u.model for u in units))
+        made = self._pipelines.setdefault(pipes, {})
+        if key not in made:
+            cls = {"txt2img": StableDiffusionXLControlNetPipeline,
+                   "img2img": StableDiffusionXLControlNetImg2ImgPipeline,
+                   "inpaint": StableDiffusionXLControlNetInpaintPipeline}[mode]
+            controlnet = nets[0] if len(nets) == 1 else MultiControlNetModel(nets)
+            pipe = cls.from_pipe(pipes.txt2img, controlnet=controlnet)
+            pipe.set_progress_bar_config(disable=True)
+            made[key] = pipe
+        return made[key]
+
+    def kwargs(self, mode: str, units: list[ControlUnit], init: Image.Image | None, width: int,
+               height: int) -> dict:
+        """The pipeline arguments of a request's units: each control map at the generation size (a unit without an
+        image takes ``init``, the request's framed init image), scales and guidance ranges; one unit's as values,
+        several as lists (``MultiControlNetModel``)."""
+        units = active(units)
+        if not units:
+            return {}
+        images = [control_image(u, init, width, height) for u in units]
+        values: dict[str, list] = dict(image=images,
+                                       controlnet_conditioning_scale=[u.conditioning_scale for u in units],
+                                       control_guidance_start=[u.guidance_start for u in units],
+                                       control_guidance_end=[u.guidance_end for u in units])
+        out: dict = {key: value[0] for key, value in values.items()} if len(units) == 1 else dict(values)
+        if mode != "txt2img":  # there ``image`` is the init image; the control map is ``control_image``
+            out["control_image"] = out.pop("image")
+        return out
+
+
+def active(units: list[ControlUnit]) -> list[ControlUnit]:
+    """The units that apply at some step: one whose guidance range is empty (start at its end, as A1111 accepts)
+    applies at none, and diffusers refuses such a range."""
+    return [u for u in units if u.guidance_start < u.guidance_end]
+
+
+def dropped(kwargs: dict) -> dict:
+    """``kwargs`` without a ControlNet pass's arguments (for a plain pipeline: A1111's latent hires pass)."""
+    return {k: v for k, v in kwargs.items() if k not in KWARGS}

@@ -1,0 +1,234 @@
+"""A1111's ControlNet extension (Mikubill/sd-webui-controlnet), as its API clients drive it: the units of
+``alwayson_scripts.ControlNet.args`` on txt2img and img2img.
+
+A unit names one of the base's ``controlnets`` (as ``/controlnet/model_list`` lists them; A1111's ``"name [hash]"``
+is accepted too) and a preprocessor (``module``: none, canny, invert). What the extension offers and this service
+does not apply (``control_mode`` other than Balanced, ``pixel_perfect``, a unit's ``mask``) is named in the answer's
+warnings; ``low_vram`` means nothing here. The routes are in ``graphs/api/controlnet.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, ValidationError
+
+from deployments.support.control import CANNY_HIGH, CANNY_LOW, CANNY_RES, MAX_UNITS, PREPROCESSORS, ControlUnit
+from deployments.support.errors import InvalidInput, UnknownModel
+from graphs.api.a1111_models import _A1111, Txt2ImgRequest
+from graphs.api.a1111_models import EXTENSION_SCRIPTS as SCRIPT
+from graphs.api.fields import image_field
+
+MAX_ARGS = 16  # units sent, disabled ones included
+# The extension's resize modes by number and by name (its older names too) -> the frame the control map takes.
+RESIZE_MODES: dict[Any, str] = {
+    0: "stretch", 1: "crop", 2: "fill", "Just Resize": "stretch", "Crop and Resize": "crop", "Resize and Fill": "fill",
+    "Inner Fit (Scale to Fit)": "crop", "Scale to Fit (Inner Fit)": "crop", "Outer Fit (Shrink to Fit)": "fill",
+    "Envelope (Outer Fit)": "fill",
+}
+RESIZE_LABELS = {"stretch": "Just Resize", "crop": "Crop and Resize", "fill": "Resize and Fill"}
+CONTROL_MODES: dict[Any, str] = {0: "Balanced", 1: "My prompt is more important", 2: "ControlNet is more important"}
+MODULES = {"none": "none", "canny": "canny", "invert": "invert", "invert (from white bg & black line)": "invert"}
+
+
+class A1111Unit(_A1111):
+    """One unit as the extension's API takes it (``ControlNetUnit``), with its defaults."""
+
+    enabled: bool = Field(True, description="false: the unit is ignored")
+    module: str = Field("none", max_length=128, description="the preprocessor (GET /controlnet/module_list)")
+    model: str = Field("None", max_length=256, description="GET /controlnet/model_list; 'None': no ControlNet")
+    weight: float = Field(1.0, ge=0.0, le=2.0)
+    image: str | dict | list | None = Field(None, description="base64 or a data URI, or {'image': ..., 'mask': ...}"
+                                            "; none on img2img: the init image")
+    input_image: str | None = Field(None, description="the extension's older spelling of image")
+    mask: str | None = None
+    resize_mode: int | str = "Crop and Resize"
+    processor_res: int = -1
+    threshold_a: float = -1
+    threshold_b: float = -1
+    guidance_start: float = Field(0.0, ge=0.0, le=1.0)
+    guidance_end: float = Field(1.0, ge=0.0, le=1.0)
+    guidance: float | None = Field(None, ge=0.0, le=1.0, description="the extension's older spelling of guidance_end")
+    control_mode: int | str = 0
+    pixel_perfect: bool = False
+    low_vram: bool = False
+
+
+def script_key(r: Txt2ImgRequest) -> str | None:
+    """The key of ``alwayson_scripts`` that holds ControlNet's arguments, as the client spelt it."""
+    return next((key for key in r.alwayson_scripts if key.lower() == SCRIPT), None)
+
+
+def _units(r: Txt2ImgRequest, models: dict[str, str] | None = None) -> tuple[str, list[tuple[int, A1111Unit]]]:
+    """The field path of ControlNet's args and its enabled units with their positions (as the infotext numbers
+    them); each one's fields checked, naming the field. With ``models``, their names are checked too."""
+    key = script_key(r)
+    if key is None:
+        return "", []
+    prefix = f"alwayson_scripts.{key}"
+    script = r.alwayson_scripts[key]
+    args = script.get("args", []) if isinstance(script, dict) else script
+    if not isinstance(args, list):
+        raise InvalidInput("ControlNet's args are a list of units", field=f"{prefix}.args")
+    if len(args) > MAX_ARGS:
+        raise InvalidInput(f"{len(args)} ControlNet units sent: at most {MAX_ARGS}", field=f"{prefix}.args")
+    units = []
+    for i, raw in enumerate(args):
+        field = f"{prefix}.args[{i}]"
+        if not isinstance(raw, dict):
+            raise InvalidInput("a ControlNet unit is an object of the extension's unit fields", field=field)
+        try:
+            unit = A1111Unit.model_validate(raw)
+        except ValidationError as e:
+            error = e.errors()[0]
+            where = ".".join(str(part) for part in error["loc"])
+            raise InvalidInput(f"ControlNet unit {i}: {where}: {error['msg']}", field=f"{field}.{where}") from e
+        end = unit.guidance if unit.guidance is not None else unit.guidance_end
+        if unit.enabled and unit.guidance_start > end:
+            raise InvalidInput(f"ControlNet unit {i}: guidance_start={unit.guidance_start} is after guidance_end={end}",
+                               field=f"{field}.guidance_start")
+        if unit.enabled:
+            units.append((i, unit))
+    if len(units) > MAX_UNITS:
+        raise InvalidInput(f"{len(units)} enabled ControlNet units: at most {MAX_UNITS}", field=f"{prefix}.args")
+    return f"{prefix}.args", units
+
+
+def model_name(unit: A1111Unit) -> str | None:
+    """The ControlNet a unit names, its A1111 ``[hash]`` dropped; None for the extension's 'None'."""
+    name = unit.model.split(" [", 1)[0].strip()
+    return None if name in ("", "None") else name
+
+
+def module_of(name: str, field: str) -> str:
+    """A preprocessor's name as the extension's clients send it (the invert's long label too); else a 422 naming
+    ``field`` and listing those offered."""
+    module = MODULES.get(name.strip().lower())
+    if module is None:
+        raise UnknownModel(f"ControlNet preprocessor {name!r} is not offered here: {', '.join(PREPROCESSORS)}",
+                           field=field, details={"choices": list(PREPROCESSORS)})
+    return module
+
+
+def _resize(unit: A1111Unit, field: str) -> str:
+    fit = RESIZE_MODES.get(unit.resize_mode)
+    if fit is None:
+        raise InvalidInput(f"resize_mode {unit.resize_mode!r}: 0, 1, 2 or {', '.join(RESIZE_LABELS.values())}",
+                           field=f"{field}.resize_mode")
+    return fit
+
+
+def _control_mode(unit: A1111Unit, field: str) -> str:
+    labels = {**CONTROL_MODES, **{label: label for label in CONTROL_MODES.values()}}
+    label = labels.get(unit.control_mode)
+    if label is None:
+        raise InvalidInput(f"control_mode {unit.control_mode!r}: 0, 1, 2 or {', '.join(CONTROL_MODES.values())}",
+                           field=f"{field}.control_mode")
+    return label
+
+
+def sliders(unit: A1111Unit, module: str) -> tuple[int, float, float]:
+    """processor_res, threshold_a, threshold_b as the extension reads them for canny: -1 or out of its bounds, its
+    default (the extension resets such a value, and logs it); other modules keep what was sent (they read none)."""
+    if module != "canny":
+        return unit.processor_res, unit.threshold_a, unit.threshold_b
+
+    def within(value: float, bounds: tuple) -> float:
+        default, low, high = bounds
+        return value if low <= value <= high else default
+
+    return int(within(unit.processor_res, CANNY_RES)), within(unit.threshold_a, CANNY_LOW), \
+        within(unit.threshold_b, CANNY_HIGH)
+
+
+def _image(unit: A1111Unit, field: str) -> tuple[str | None, str]:
+    """A unit's image payload and its field, whichever of the extension's shapes carries it."""
+    image = unit.image if unit.image is not None else unit.input_image
+    where = f"{field}.image" if unit.image is not None else f"{field}.input_image"
+    if isinstance(image, list):  # [image, mask]
+        image = image[0] if image else None
+        where += "[0]"
+    if isinstance(image, dict):  # {"image": ..., "mask": ...}
+        image = image.get("image")
+        where += ".image"
+    if image is not None and not isinstance(image, str):
+        raise InvalidInput("a ControlNet image is base64 or a data URI", field=where)
+    return image or None, where
+
+
+def control_units(r: Txt2ImgRequest, models: dict[str, str], *, edit: bool) -> list[ControlUnit]:
+    """The ControlNet units of an A1111 request, their images decoded (a bad one is a 400 naming its field): each
+    enabled unit that names a ControlNet. A unit without an image takes the init image on img2img (as the extension
+    does) and is refused on txt2img."""
+    key = script_key(r)
+    if key is not None and not models:
+        raise InvalidInput(f"always on script {key!r} not found: no ControlNet models are configured here",
+                           field=f"alwayson_scripts.{key}")
+    args, units = _units(r)
+    out = []
+    for i, unit in units:
+        field = f"{args}[{i}]"
+        module, fit = module_of(unit.module, f"{field}.module"), _resize(unit, field)
+        _control_mode(unit, field)
+        name = model_name(unit)
+        if name is None:
+            continue  # the extension runs such a unit's preprocessor alone: nothing reaches the image
+        if name not in models:
+            raise UnknownModel(f"unknown ControlNet {unit.model!r} (GET /controlnet/model_list)",
+                               field=f"{field}.model", details={"choices": list(models)})
+        payload, where = _image(unit, field)
+        if payload is None and not edit:
+            raise InvalidInput(f"ControlNet unit {i} has no image (txt2img has no init image to use)",
+                               field=f"{field}.image")
+        res, low, high = sliders(unit, module)
+        out.append(ControlUnit(model=name, image=image_field(payload, where) if payload else None,
+                               module=module,  # type: ignore[arg-type]
+                               conditioning_scale=unit.weight, guidance_start=unit.guidance_start,
+                               guidance_end=unit.guidance if unit.guidance is not None else unit.guidance_end,
+                               resize_mode=fit,  # type: ignore[arg-type]
+                               processor_res=res if module == "canny" else CANNY_RES[0],
+                               threshold_a=low if module == "canny" else CANNY_LOW[0],
+                               threshold_b=high if module == "canny" else CANNY_HIGH[0]))
+    return out
+
+
+def notes(r: Txt2ImgRequest) -> list[str]:
+    """What of the request's enabled units is not applied here, one warning each."""
+    args, units = _units(r)
+    out = []
+    for i, unit in units:
+        field = f"{args}[{i}]"
+        if model_name(unit) is None:
+            out.append(f"{field}: no ControlNet model: the unit was ignored")
+            continue
+        if _control_mode(unit, field) != CONTROL_MODES[0]:
+            out.append(f"{field}.control_mode {unit.control_mode!r} is not applied here: it ran Balanced")
+        if unit.pixel_perfect:
+            out.append(f"{field}.pixel_perfect is not applied here: the preprocessor ran at processor_res")
+        if unit.mask or isinstance(unit.image, dict) and unit.image.get("mask") or isinstance(unit.image, list):
+            out.append(f"{field}: the unit's mask is not applied here (none, canny and invert read none)")
+        module = MODULES.get(unit.module.strip().lower())
+        if module == "canny" and sliders(unit, module) != (unit.processor_res, unit.threshold_a, unit.threshold_b) \
+                and -1 not in (unit.processor_res, unit.threshold_a, unit.threshold_b):
+            out.append(f"{field}: processor_res or a threshold out of canny's bounds ran at its default")
+    return out
+
+
+def infotext(r: Txt2ImgRequest) -> dict[str, str]:
+    """The infotext's ``ControlNet i`` settings, one per enabled unit with a model (numbered as sent), as the
+    extension writes them: ``Module: canny, Model: name, Weight: 1.0, Resize Mode: Crop and Resize, ...``."""
+    args, units = _units(r)
+    out = {}
+    for i, unit in units:
+        if model_name(unit) is None:  # it changed nothing in the image
+            continue
+        field = f"{args}[{i}]"
+        module = MODULES.get(unit.module.strip().lower(), unit.module)
+        res, low, high = sliders(unit, module)
+        end = unit.guidance if unit.guidance is not None else unit.guidance_end
+        values = {"Module": module, "Model": unit.model, "Weight": unit.weight,
+                  "Resize Mode": RESIZE_LABELS.get(RESIZE_MODES.get(unit.resize_mode, ""), unit.resize_mode),
+                  "Processor Res": res, "Threshold A": low, "Threshold B": high, "Guidance Start": unit.guidance_start,
+                  "Guidance End": end, "Pixel Perfect": unit.pixel_perfect, "Control Mode": _control_mode(unit, field)}
+        out[f"ControlNet {i}"] = ", ".join(f"{key}: {value}" for key, value in values.items())
+    return out

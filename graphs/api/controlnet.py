@@ -1,0 +1,118 @@
+"""The ControlNet extension's own routes (Mikubill/sd-webui-controlnet's ``/controlnet/*``): its API version, the
+base's ControlNets, the preprocessors with their sliders, and ``detect`` (a preprocessor's maps of images), which
+runs on a base replica: OpenCV stays out of the ingress. Its units on txt2img and img2img are read in
+``graphs/api/a1111_controlnet.py``."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from fastapi import APIRouter
+from pydantic import BaseModel, Field
+
+from deployments.support.control import CANNY_HIGH, CANNY_LOW, CANNY_RES, MAX_UNITS, PREPROCESSORS
+from deployments.support.errors import InvalidInput
+from graphs import flights
+from graphs.api.a1111_controlnet import A1111Unit, module_of, sliders
+from graphs.api.a1111_models import _A1111, MAX_IMAGES
+from graphs.api.body import JSONBodyRoute
+from graphs.api.errors import call, documented
+from graphs.api.fields import b64_png, image_field
+
+if TYPE_CHECKING:
+    from graphs.app import AppArgs
+    from graphs.plans import Handles
+
+router = APIRouter(prefix="/controlnet", tags=["controlnet"], route_class=JSONBodyRoute)
+
+API_VERSION = 2  # what the extension's /controlnet/version answers; clients check it is there, not its value
+
+
+class DetectRequest(_A1111):
+    controlnet_module: str = Field("none", max_length=128)
+    controlnet_input_images: list[str] = Field([], max_length=MAX_IMAGES)
+    controlnet_processor_res: int = -1
+    controlnet_threshold_a: float = -1
+    controlnet_threshold_b: float = -1
+    controlnet_masks: list[str] = Field([], max_length=MAX_IMAGES, description="not read: no preprocessor here "
+                                        "takes a mask")
+    low_vram: bool = False
+
+
+class Detected(BaseModel):
+    images: list[str]
+    info: str
+
+
+class Version(BaseModel):
+    version: int
+
+
+class ModelList(BaseModel):
+    model_list: list[str]
+
+
+class ModuleList(BaseModel):
+    module_list: list[str]
+    module_detail: dict[str, dict]
+
+
+class Settings(BaseModel):
+    control_net_unit_count: int
+
+
+def _slider(name: str, bounds: tuple, step: float = 1) -> dict:
+    default, low, high = bounds
+    return {"name": name, "value": default, "min": low, "max": high, "step": step}
+
+
+MODULE_DETAIL = {
+    "none": {"model_free": False, "sliders": []},
+    "canny": {"model_free": False, "sliders": [_slider("Preprocessor Resolution", CANNY_RES, 8),
+                                              _slider("Canny Low Threshold", CANNY_LOW),
+                                              _slider("Canny High Threshold", CANNY_HIGH)]},
+    "invert": {"model_free": False, "sliders": []},
+}
+
+
+class ControlNetRoutes:
+    config: AppArgs
+    handles: Handles
+
+    @router.get("/version", response_model=Version)
+    async def controlnet_version(self) -> dict:
+        """The extension's API version."""
+        return {"version": API_VERSION}
+
+    @router.get("/model_list", response_model=ModelList)
+    async def controlnet_model_list(self, update: bool = True) -> dict:
+        """The base's ControlNets by name (``update`` is accepted: the list is the config's)."""
+        return {"model_list": list(self.config.base.controlnets)}
+
+    @router.get("/module_list", response_model=ModuleList)
+    async def controlnet_module_list(self, alias_names: bool = False) -> dict:
+        """The preprocessors offered, with their sliders' defaults and bounds."""
+        return {"module_list": list(PREPROCESSORS), "module_detail": MODULE_DETAIL}
+
+    @router.get("/settings", response_model=Settings)
+    async def controlnet_settings(self) -> dict:
+        """How many units a request may enable."""
+        return {"control_net_unit_count": MAX_UNITS}
+
+    @router.post("/detect", response_model=Detected, responses=documented(400))
+    async def controlnet_detect(self, body: DetectRequest) -> dict:
+        """Each image's control map by a preprocessor (canny at its processor resolution), base64 PNG."""
+        unit = A1111Unit(module=body.controlnet_module, processor_res=body.controlnet_processor_res,
+                         threshold_a=body.controlnet_threshold_a, threshold_b=body.controlnet_threshold_b)
+        module = module_of(body.controlnet_module, "controlnet_module")
+        if not body.controlnet_input_images:
+            raise InvalidInput("no image sent", field="controlnet_input_images")
+        images = await asyncio.to_thread(lambda: [image_field(data, f"controlnet_input_images[{i}]")
+                                                  for i, data in enumerate(body.controlnet_input_images)])
+        res, low, high = sliders(unit, module)
+        if module != "canny":
+            res, low, high = CANNY_RES[0], CANNY_LOW[0], CANNY_HIGH[0]
+        async with flights.flight():  # a deadline or a disconnect cancels it, as the generations' stages
+            maps = await call(self.handles.base.detect.remote(module, images, res, low, high))
+        return {"images": await asyncio.to_thread(lambda: [b64_png(m) for m in maps]), "info": "Success"}
