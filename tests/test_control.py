@@ -190,3 +190,16 @@ def test_a_unit_with_and_prompts_and_an_edits_variation_seed(base, astronaut):
     assert np.abs(varied_controlled - varied).mean() > 1.0
     assert not np.array_equal(varied_controlled, gen(base, init_image=astronaut, strength=0.6,
                                                      control=[ControlUnit(model="tiny-canny")]))
+
+
+def test_prompt_editing_switches_on_the_controlnet_pipelines_too(base, astronaut):
+    """The ControlNet pipelines take the per-step prompt swaps as the plain ones do: a switch inside the run gives
+    neither text's image (as tests/test_prompts.py reads it: 0.01 mean grey levels at least), one before the first
+    step is the second text's to the bit."""
+    def controlled(prompt: str) -> np.ndarray:
+        return gen(base, prompt=prompt, prompt_syntax="a1111", guidance_scale=12.0, control=[unit(astronaut)])
+
+    switched = controlled("a [storm:lighthouse:1]")
+    for alone in ("a storm", "a lighthouse"):
+        assert np.abs(switched - controlled(alone)).mean() > 0.01, alone
+    assert np.array_equal(controlled("a [storm:lighthouse:0]"), controlled("a lighthouse"))
