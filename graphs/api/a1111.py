@@ -271,12 +271,6 @@ class A1111Routes(CheckpointChoice):
             ignored.append("hr_prompt: its <lora:...> tags are not applied by a Latent hires fix, one base call with "
                            "the first pass's LoRAs (a pixel hires fix applies them)")
         switch, hires = await self._refiner(r), await self._hires(r, choice)  # checked before anything runs
-        refined = switch is not None and self.handles.refiner is not None and "init_image" not in extra
-        if refined and any(len(prompts.schedule(part.text, r.steps, name)) > 1 for name, text in (
-                ("prompt", parse_lora_tags(r.prompt)[0]), ("negative_prompt", r.negative_prompt))
-                for part in prompts.subprompts(text, name)):
-            ignored.append("prompt editing and alternation: the refiner's steps ran the text of their first step "
-                           "(the base's steps ran the schedule)")
         model = await self._checkpoint(r)
         if hires is not None and hires.second.get("checkpoint") == model:
             del hires.second["checkpoint"]
