@@ -233,7 +233,7 @@ class Refiner:
         per_step = evaluations(sampler)  # A1111 counts prompt editing's steps in model evaluations
         with self._lock, self.oom():
             self.pipe.scheduler = build_scheduler(sampler, self.scheduler_config, schedule, seeds=flat,
-                                                  warnings=warnings)
+                                                  warnings=warnings, churn=request.churn)
             if request.prompt_syntax == "a1111":  # batch_key: the whole batch is read one way
                 # Its one encoder (OpenCLIP bigG) reads the syntax as the base's two do; pooled from its first chunk.
                 # Every text of the schedules, composed as the base composes. A1111 switches models mid-run and
@@ -327,7 +327,7 @@ def batch_key(request: RefineRequest, source: StageResult | Image.Image, *, ense
     ``Refiner.chunk_counts``, since a batch pads every prompt to its most chunks."""
     shared = (ensemble, request.steps, request.guidance_scale, request.sampler, request.schedule,
               request.aesthetic_score, request.negative_aesthetic_score, bool(request.negative_prompt),
-              request.prompt_syntax, chunks)
+              request.prompt_syntax, chunks, request.churn)
     if ensemble:
         latents = getattr(source, "latents", None)
         info = getattr(source, "info", {})  # the base's sampler and schedule, which the pass runs

@@ -281,3 +281,23 @@ def test_the_image_mode_says_it_reads_the_first_steps_text(refiner, astronaut):
     assert edited.warnings == ["prompt editing and alternation: the refiner's image pass ran the text of the first "
                                "step (a finished image has no step of A1111's to count on from)"]
     assert plain.warnings == []
+
+
+def test_an_euler_ensemble_churns_on_through_the_refiners_steps(base, refiner):
+    """A1111's churn belongs to its one sampling run, which the refiner's steps continue: the refiner's Euler pass
+    churns too (a churn of 0 is today's pass), and requests with other churn settings never share its batch."""
+    from deployments.sdxl_refiner import batch_key
+    from deployments.support.generation import Churn
+
+    churn = Churn(s_churn=10.0)
+    handoff = base.generate(GenerationRequest(prompt="a red apple", width=64, height=64, steps=10, seed=3,
+                                              sampler="Euler", denoising_end=0.5, churn=churn))
+    request = RefineRequest(prompt="a red apple", steps=10, denoising_start=0.5)
+    today = pixels(refiner.refine_latents(request, handoff).image)
+    off = request.model_copy(update={"churn": Churn()})
+    assert np.array_equal(pixels(refiner.refine_latents(off, handoff).image), today)
+    churned = request.model_copy(update={"churn": churn})
+    image = pixels(refiner.refine_latents(churned, handoff).image)
+    assert np.abs(image - today).mean() > 1.0
+    assert np.array_equal(pixels(refiner.refine_latents(churned, handoff).image), image)
+    assert batch_key(request, handoff, ensemble=True) != batch_key(churned, handoff, ensemble=True)
