@@ -624,10 +624,9 @@ def batch_key(request: GenerationRequest, chunks: tuple[int, ...] | None = None)
     batch never mixes two.
     ``chunks``: an A1111 request's ``chunk_counts``, which its batch mates must need too. Tiling is part of it (the
     convolutions pad one way for the whole call), and so is Euler's churn (bound into the call's one scheduler);
-    variation seeds and the noise multiplier are not (each image's
-    noise is its own, varied and scaled in a batch as alone), nor are an A1111 prompt's AND and subprompt weights
-    (``composable.Composed`` runs the other subprompts in a UNet call of their own and leaves a plain image's rows
-    as they are)."""
+    variation seeds and the noise multiplier are not (each image's noise is its own, varied and scaled in a batch
+    as alone), nor are an A1111 prompt's AND and subprompt weights (``composable.Composed`` runs the other
+    subprompts in a UNet call of their own and leaves a plain image's rows as they are)."""
     mode = mode_of(request)
     if mode == "inpaint" or request.ip_adapter_image is not None or request.control:
         return None

@@ -52,8 +52,9 @@ SAME_AS_FIRST_PASS = frozenset({None, "", "Use same checkpoint", "Use same sampl
 
 # A1111 1.10's settings that change its images, with their defaults: an ``override_settings`` value other than the
 # default is not applied here, and the answer's warnings say so. Settings that change nothing in an image (where it is
-# saved, its format, the page's) pass silently; ``sd_model_checkpoint`` is applied, and so is
-# ``initial_noise_multiplier`` (``Img2ImgRequest.noise_multiplier``; A1111's txt2img never reads it).
+# saved, its format, the page's) pass silently; ``sd_model_checkpoint`` is applied, and so are
+# ``initial_noise_multiplier`` (``Img2ImgRequest.noise_multiplier``; A1111's txt2img never reads it) and the churn
+# settings (``CHURN_SETTINGS``, read by ``churn()``, warned of by ``churn_unapplied``).
 IMAGE_SETTINGS: dict[str, object] = {
     "eta_noise_seed_delta": 0, "eta_ancestral": 1.0, "eta_ddim": 0.0, "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0,
     "s_noise": 1.0, "sigma_min": 0.0, "sigma_max": 0.0, "rho": 0.0, "always_discard_next_to_last_sigma": False,
