@@ -301,3 +301,14 @@ def test_an_euler_ensemble_churns_on_through_the_refiners_steps(base, refiner):
     assert np.abs(image - today).mean() > 1.0
     assert np.array_equal(pixels(refiner.refine_latents(churned, handoff).image), image)
     assert batch_key(request, handoff, ensemble=True) != batch_key(churned, handoff, ensemble=True)
+
+
+def test_an_ensembles_subprompts_follow_their_own_schedules(base, refiner):
+    """AND on the refiner's steps: the second subprompt's edit goes on from the base's count as the first's does.
+    Switched before the refiner's part it is ``castle`` there exactly; switched inside it, the image moves."""
+    lighthouse = "a lighthouse AND a lighthouse :0.5"
+    early = _ensemble(base, refiner, lighthouse, "a lighthouse AND a [lighthouse:castle:2] :0.5")
+    assert np.array_equal(early, _ensemble(base, refiner, lighthouse, "a lighthouse AND a castle :0.5"))
+    inside = _ensemble(base, refiner, lighthouse, "a lighthouse AND a [lighthouse:castle:7] :0.5")
+    assert not np.array_equal(inside, _ensemble(base, refiner, lighthouse))
+    assert not np.array_equal(inside, early)
