@@ -312,3 +312,18 @@ def test_an_ensembles_subprompts_follow_their_own_schedules(base, refiner):
     inside = _ensemble(base, refiner, lighthouse, "a lighthouse AND a [lighthouse:castle:7] :0.5")
     assert not np.array_equal(inside, _ensemble(base, refiner, lighthouse))
     assert not np.array_equal(inside, early)
+
+
+@pytest.mark.parametrize(("sampler", "schedule"), [("Euler", None), ("DPM++ 2M", "Karras"), ("Heun", None),
+                                                   ("DPM2", "Karras")])
+def test_the_iterations_before_an_ensemble_are_those_diffusers_leaves_out(base, refiner, sampler, schedule):
+    """``iterations_before`` repeats diffusers' img2img cut-off: the refiner's pipeline ran the whole run's
+    iterations less those, for first- and second-order schedulers alike."""
+    from deployments.sdxl_refiner import iterations_before
+
+    handoff = base.generate(GenerationRequest(prompt="p", width=64, height=64, steps=7, seed=3, sampler=sampler,
+                                              schedule=schedule, denoising_end=0.6))
+    refiner.refine_latents(RefineRequest(prompt="p", steps=7, denoising_start=0.6), handoff)
+    whole = len(refiner.pipe.scheduler.timesteps)
+    before = iterations_before(sampler, refiner.scheduler_config, schedule, 7, 0.6)
+    assert 0 < before < whole and whole - refiner.pipe._num_timesteps == before
