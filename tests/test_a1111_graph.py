@@ -880,6 +880,8 @@ def test_euler_takes_s_churn_from_the_field_or_the_override(ingress):
     assert same_pixels(txt2img(ingress, **euler, s_churn=3, override_settings={"s_churn": 10}), churned)
     assert same_pixels(txt2img(ingress, **euler, s_churn=0), today)
     assert same_pixels(txt2img(ingress, **euler, s_churn=10, s_tmax=0.01), today)  # no sigma in its window
+    edit = {**euler, "init_images": [b64(bands())], "denoising_strength": 0.6}
+    assert not same_pixels(img2img(ingress, **edit, s_churn=10), img2img(ingress, **edit))
     assert txt2img(ingress, sampler_name="Heun", steps=2, s_churn=10)["info"]["warnings"] == [
         "s_churn is not applied to Heun here: the image was made without it"]
     assert txt2img(ingress, sampler_name="Euler a", steps=2, override_settings={"s_noise": 0.5})["info"][
