@@ -218,7 +218,7 @@ class BaseGenerator:
         sampler = request.sampler or self.config.default_sampler
         flat = [s for group in seeds for s in group]
         pipe.scheduler = build_scheduler(sampler, pipes.scheduler_config, request.schedule, seeds=flat,
-                                         warnings=warnings)
+                                         warnings=warnings, churn=request.churn)
         limit = pipes.scheduler_config.get("num_train_timesteps", 1000)
         counts = [len(s) for s in seeds]
         offsets = [sum(counts[:i]) for i in range(len(counts) + 1)]
@@ -414,10 +414,10 @@ class BaseGenerator:
         flat = [s for group in seeds for s in group]
         if hires.sampler is not None:  # A1111's hr_sampler_name / hr_scheduler
             pipe.scheduler = build_scheduler(hires.sampler, pipes.scheduler_config, hires.schedule, seeds=flat,
-                                             warnings=warnings)
-        else:
+                                             warnings=warnings, churn=request.churn)
+        else:  # the first pass warned already
             pipe.scheduler = build_scheduler(request.sampler or self.config.default_sampler, pipes.scheduler_config,
-                                             request.schedule, seeds=flat)  # the first pass warned already
+                                             request.schedule, seeds=flat, churn=request.churn)
         partial.watch(pipe.scheduler)
         # A1111 runs exactly the second pass's steps whatever the strength: ask for steps / strength of them.
         asked = img2img_steps(hires.steps, hires.strength, exact=True,
@@ -623,10 +623,10 @@ def batch_key(request: GenerationRequest, chunks: tuple[int, ...] | None = None)
     an IP-Adapter reference and ControlNet units' images belong to one request). The checkpoint is part of it: a
     batch never mixes two.
     ``chunks``: an A1111 request's ``chunk_counts``, which its batch mates must need too. Tiling is part of it (the
-    convolutions pad one way for the whole call); variation seeds and the noise multiplier are not (each image's
-    noise is its own, varied and scaled in a batch as alone), nor are an A1111 prompt's AND and subprompt weights
-    (``composable.Composed`` runs the other subprompts in a UNet call of their own and leaves a plain image's rows
-    as they are)."""
+    convolutions pad one way for the whole call), and so is Euler's churn (bound into the call's one scheduler);
+    variation seeds and the noise multiplier are not (each image's noise is its own, varied and scaled in a batch
+    as alone), nor are an A1111 prompt's AND and subprompt weights (``composable.Composed`` runs the other
+    subprompts in a UNet call of their own and leaves a plain image's rows as they are)."""
     mode = mode_of(request)
     if mode == "inpaint" or request.ip_adapter_image is not None or request.control:
         return None
@@ -635,7 +635,7 @@ def batch_key(request: GenerationRequest, chunks: tuple[int, ...] | None = None)
             request.schedule, request.guidance_scale, tuple((r.name, r.weight) for r in request.loras),
             tuple((r.name, r.weight) for r in tagged), bool(request.negative_prompt), request.denoising_end,
             (request.strength, request.exact_steps) if mode == "img2img" else None, request.hires,
-            request.prompt_syntax, chunks, request.tiling, request.eta, request.schedule_from)
+            request.prompt_syntax, chunks, request.tiling, request.eta, request.schedule_from, request.churn)
 
 
 BATCH_UNIT_PIXELS = 1024 * 1024

@@ -48,7 +48,7 @@ from deployments.support.logs import replica_logging
 from deployments.support.metrics import StageMetrics
 from deployments.support.prompts import Conditioning, PromptEncoder
 from deployments.support.reporting import Reporter
-from deployments.support.samplers import build_scheduler, img2img_steps, resolve, schedule_options
+from deployments.support.samplers import build_scheduler, evaluations, img2img_steps, resolve, schedule_options
 from deployments.support.settings import Settings, current
 from deployments.weights import loader
 
@@ -105,13 +105,15 @@ class Refiner:
         item = BatchItem(request, request_id or uuid.uuid4().hex, source=source, on_progress=on_progress)
         return outcome(self.refine_batch([item], ensemble=True)[0])
 
-    def chunk_counts(self, request: RefineRequest) -> tuple[int, int] | None:
+    def chunk_counts(self, request: RefineRequest, sampler: str | None = None) -> tuple[int, int] | None:
         """The chunks an A1111 request's prompt and negative prompt need alone with this pipeline's tokenizer (None
-        for a plain one); refused beyond ``MAX_CHUNKS``. Part of the batching key: a batch pads to its most."""
+        for a plain one), over the schedule ``sampler`` (the one that runs) counts; refused beyond ``MAX_CHUNKS``.
+        Part of the batching key: a batch pads to its most."""
         if request.prompt_syntax != "a1111":
             return None
         return PromptEncoder(self.pipe, self.inversions.vocabulary).counts(
-            parse_lora_tags(request.prompt)[0], request.negative_prompt, request.steps)
+            parse_lora_tags(request.prompt)[0], request.negative_prompt,
+            request.steps * evaluations(sampler or request.sampler or IMAGE_SAMPLER))
 
     def sync_embeddings(self) -> None:
         """Bring the embeddings up to the folder (a no-op when it holds them already)."""
@@ -130,8 +132,9 @@ class Refiner:
         self.sync_embeddings()  # before the chunks are counted: an embedding's vectors are tokens
 
         def check(item: BatchItem) -> tuple[list[int], list]:
-            self.chunk_counts(item.request)  # a prompt that cannot be read fails its own request alone
             item.source = StageResult.of(item.source)
+            runs = ensemble_sampler(item.request, item.source)[0] if ensemble else None
+            self.chunk_counts(item.request, runs)  # a prompt that cannot be read fails its own request alone
             return (self._latents_of if ensemble else self._images_of)(item.request, item.source)
 
         outcomes, inputs = prepare(items, check)
@@ -149,6 +152,8 @@ class Refiner:
                 kwargs: dict = dict(image=torch.from_numpy(np.concatenate([x for i in live for x in inputs[i][1]])),
                                     denoising_start=request.denoising_start, num_inference_steps=request.steps)
                 total = max(1, round(request.steps * (1 - request.denoising_start)))
+                before = iterations_before(sampler, self.scheduler_config, schedule, request.steps,
+                                           request.denoising_start)
             else:
                 sampler, schedule = request.sampler or IMAGE_SAMPLER, request.schedule
                 # As A1111 does, a low strength still runs one step; diffusers would run none and return nothing.
@@ -156,7 +161,8 @@ class Refiner:
                                              limit=self.scheduler_config.get("num_train_timesteps", 1000))
                 kwargs = dict(image=[x for i in live for x in inputs[i][1]], strength=request.strength,
                               num_inference_steps=steps)
-            results = self._run(batch, seeds, kwargs, total, sampler, schedule, warnings, ensemble=ensemble)
+                before = None
+            results = self._run(batch, seeds, kwargs, total, sampler, schedule, warnings, before=before)
         except Exception as e:  # noqa: BLE001 - each item gets the error it would have got alone
             results = [e] * len(live)
         for i, result in zip(live, self.cancellation.settle(batch, results), strict=True):
@@ -181,10 +187,12 @@ class Refiner:
         return list(seeds), [to_rgb(i) for i in source.images]
 
     def _run(self, items: list[BatchItem], seeds: list[list[int]], kwargs: dict, total: int, sampler: str,
-             schedule: str | None, warnings: list[str], *, ensemble: bool) -> list[StageResult | BaseException]:
+             schedule: str | None, warnings: list[str], *, before: int | None) -> list[StageResult | BaseException]:
         """The denoising of one batch: each item's result, or ``GenerationCancelled`` for one cancelled while its
-        batch mates ran on. An item that /interrupt or /skip stopped answers with what it had made by then."""
+        batch mates ran on. An item that /interrupt or /skip stopped answers with what it had made by then.
+        ``before``: an ensemble's, the base's loop iterations (``iterations_before``); None: the image mode."""
         request: RefineRequest = items[0].request
+        ensemble = before is not None
         flat = [s for group in seeds for s in group]
         counts = [len(s) for s in seeds]
         offsets = [sum(counts[:k]) for k in range(len(counts) + 1)]
@@ -214,25 +222,35 @@ class Refiner:
             if all(cancelled):
                 raise GenerationCancelled(f"batch of {len(items)} cancelled at step {at}/{total}")
             partial.check(callback_kwargs.get("latents"), at, total, cancelled)
+            if conditioning is not None and before is not None:  # this pass's loop restarts at 0 after the base's
+                conditioning.step_end(pipe, before + step, callback_kwargs, per_step)
             return callback_kwargs
 
         prompts = [parse_lora_tags(i.request.prompt)[0] for i in items]  # LoRAs belong to the base model
         # Empty negatives stay None, as in the base: the checkpoint's config decides what that means.
         negatives = per_image([i.request.negative_prompt for i in items]) if request.negative_prompt else None
         conditioning: Conditioning | None = None
+        per_step = evaluations(sampler)  # A1111 counts prompt editing's steps in model evaluations
         with self._lock, self.oom():
+            self.pipe.scheduler = build_scheduler(sampler, self.scheduler_config, schedule, seeds=flat,
+                                                  warnings=warnings, churn=request.churn)
             if request.prompt_syntax == "a1111":  # batch_key: the whole batch is read one way
                 # Its one encoder (OpenCLIP bigG) reads the syntax as the base's two do; pooled from its first chunk.
-                # Each subprompt's first text throughout (no step swaps them here), composed as the base composes.
+                # Every text of the schedules, composed as the base composes. A1111 switches models mid-run and
+                # its step counter goes on: an ensemble's steps follow the schedule from where the base stopped.
                 conditioning = PromptEncoder(self.pipe, self.inversions.vocabulary).scheduled(
-                    per_image(prompts), negatives, request.steps)
-                texts: dict = conditioning.at(0)
+                    per_image(prompts), negatives, request.steps * per_step)
+                order = getattr(self.pipe.scheduler, "order", 1)
+                texts: dict = conditioning.at((before or 0) * per_step // order)  # as the base's step_end counts
+                if conditioning.moves and before is not None:
+                    kwargs["callback_on_step_end_tensor_inputs"] = ["latents", "prompt_embeds", "add_text_embeds"]
+                elif conditioning.moves:
+                    warnings.append("prompt editing and alternation: the refiner's image pass ran the text of the "
+                                    "first step (a finished image has no step of A1111's to count on from)")
             else:  # diffusers tokenizes these: the embeddings' names are rewritten into their tokens first
                 vocabulary = self.inversions.vocabulary
                 texts = dict(prompt=per_image([vocabulary.rewrite(p) for p in prompts]),
                              negative_prompt=[vocabulary.rewrite(n) for n in negatives] if negatives else None)
-            self.pipe.scheduler = build_scheduler(sampler, self.scheduler_config, schedule, seeds=flat,
-                                                  warnings=warnings)
             partial.watch(self.pipe.scheduler)
             try:
                 latents = None
@@ -287,13 +305,29 @@ def ensemble_sampler(request: RefineRequest, source: StageResult) -> tuple[str, 
     return sampler, schedule
 
 
+def iterations_before(sampler: str, scheduler_config, schedule: str | None, steps: int,
+                      denoising_start: float) -> int:
+    """The loop iterations of a whole run of ``steps`` that come before an ensemble's first, from
+    ``denoising_start``: the run's less those diffusers' img2img ``get_timesteps`` keeps (the timesteps below the
+    cut-off, one more where a second-order scheduler would stop between its two evaluations). Read on a scheduler of
+    its own, so that the one that runs starts fresh."""
+    scheduler = build_scheduler(sampler, scheduler_config, schedule)
+    scheduler.set_timesteps(steps, device="cpu")
+    train = scheduler.config.num_train_timesteps
+    cutoff = int(round(train - (denoising_start * train)))  # diffusers' very expression: the same rounding
+    kept = int((scheduler.timesteps < cutoff).sum())
+    if scheduler.order == 2 and kept % 2 == 0:
+        kept += 1
+    return len(scheduler.timesteps) - kept
+
+
 def batch_key(request: RefineRequest, source: StageResult | Image.Image, *, ensemble: bool,
               chunks: tuple[int, int] | None = None) -> tuple:
     """What refiner requests must share to run in one pipeline call; ``chunks``: an A1111 request's
     ``Refiner.chunk_counts``, since a batch pads every prompt to its most chunks."""
     shared = (ensemble, request.steps, request.guidance_scale, request.sampler, request.schedule,
               request.aesthetic_score, request.negative_aesthetic_score, bool(request.negative_prompt),
-              request.prompt_syntax, chunks)
+              request.prompt_syntax, chunks, request.churn)
     if ensemble:
         latents = getattr(source, "latents", None)
         info = getattr(source, "info", {})  # the base's sampler and schedule, which the pass runs
@@ -342,7 +376,8 @@ class SDXLRefiner:
         self.reporter.start()
         try:
             with self.metrics.request():
-                key = batch_key(request, source, ensemble=ensemble, chunks=self.model.chunk_counts(request))
+                runs = ensemble_sampler(request, StageResult.of(source))[0] if ensemble else None
+                key = batch_key(request, source, ensemble=ensemble, chunks=self.model.chunk_counts(request, runs))
                 submitted = self.batchers[ensemble].submit(key, item)
                 return await self.model.cancellation.guard(item.request_id, submitted)
         except asyncio.CancelledError:  # cancelled through Serve: stop the denoising loop for this item

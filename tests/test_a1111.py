@@ -308,10 +308,10 @@ def test_override_settings_that_would_change_the_image_are_named_unless_at_their
              "sd_vae": "Automatic", "randn_source": "CPU", "CLIP_stop_at_last_layers": 2, "tags": ["a", "b"]}
     assert service.txt2img(override_settings=quiet)["info"]["warnings"] == []
     loud = {"eta_noise_seed_delta": 31337, "randn_source": "GPU", "sd_vae": "sdxl_vae.safetensors",
-            "sdxl_clip_l_skip": True, "CLIP_stop_at_last_layers": 2, "s_noise": [1]}
+            "sdxl_clip_l_skip": True, "CLIP_stop_at_last_layers": 2}
     assert service.txt2img(override_settings=loud)["info"]["warnings"] == [
         f"override_settings.{key} is not applied here: the image was made without it"
-        for key in ("eta_noise_seed_delta", "s_noise", "sd_vae", "sdxl_clip_l_skip", "randn_source",
+        for key in ("eta_noise_seed_delta", "sd_vae", "sdxl_clip_l_skip", "randn_source",
                     "CLIP_stop_at_last_layers")]
     request = Txt2ImgRequest(override_settings={"sd_vae": "sdxl_vae.safetensors"})
     assert request.settings_unapplied({"sdxl_vae.safetensors"}) == []  # the replacement VAE that runs

@@ -652,10 +652,9 @@ def test_a1111_fields_not_applied_are_named_in_the_warnings(ingress):
     webuiapi = {"styles": [], "subseed": -1, "subseed_strength": 0.0, "seed_resize_from_h": 0, "seed_resize_from_w": 0,
                 "tiling": False, "s_churn": 0, "hr_sampler_name": "", "hr_prompt": "", "save_images": True}
     assert txt2img(ingress, **webuiapi)["info"]["warnings"] == []  # a client's defaults say nothing
-    body = txt2img(ingress, s_churn=0.5, enable_hr=True, hr_scale=1.5, hr_upscaler="Latent",
+    body = txt2img(ingress, enable_hr=True, hr_scale=1.5, hr_upscaler="Latent",
                    hr_checkpoint_name="tiny-sdxl-base-b", hr_sampler_name="Use same sampler")
-    assert body["info"]["warnings"] == [f"{field} is not applied here: the image was made without it"
-                                        for field in ("s_churn", "hr_checkpoint_name")]
+    assert body["info"]["warnings"] == ["hr_checkpoint_name is not applied here: the image was made without it"]
     # An edit applies its variation seed, seed resize and noise multiplier (image_cfg_scale: no InstructPix2Pix).
     edited = img2img(ingress, init_images=[b64(bands())], initial_noise_multiplier=1.2, image_cfg_scale=1.5,
                      subseed=9, subseed_strength=0.4, seed_resize_from_w=64, seed_resize_from_h=64, tiling=True)
@@ -849,16 +848,55 @@ def test_a_style_that_takes_a_prompt_past_its_limit_is_a_422_naming_styles(ingre
     assert (status_of(error), error.details["field"]) == (422, "styles")
 
 
-def test_the_refiner_says_it_reads_the_first_steps_text_of_prompt_editing(ingress):
-    refined = {"refiner_checkpoint": "tiny-sdxl-refiner", "refiner_switch_at": 0.5, "steps": 4}
-    assert txt2img(ingress, **refined, prompt="a lighthouse")["info"]["warnings"] == []
-    assert txt2img(ingress, **refined, prompt="a [lighthouse:castle:0.8]")["info"]["warnings"] == [
-        "prompt editing and alternation: the refiner's steps ran the text of their first step (the base's steps "
-        "ran the schedule)"]
-    assert txt2img(ingress, **refined, prompt="a lighthouse AND a [lighthouse:castle:0.8] :0.5")["info"][
-        "warnings"] == ["prompt editing and alternation: the refiner's steps ran the text of their first step (the "
-                        "base's steps ran the schedule)"]
-    assert txt2img(ingress, **refined, prompt="a lighthouse AND a castle :0.5")["info"]["warnings"] == []  # composed
+def test_the_refiner_follows_prompt_editing_on_from_the_base(ingress):
+    """A1111's step counter goes on across the refiner switch: of 4 steps switched at 0.5, the base runs
+    evaluations 0-1 and the refiner 2-3, so [lighthouse:castle:2] is ``lighthouse`` over the base's part and
+    swaps inside the refiner's, which reads the schedule and says nothing of it. (Before, the refiner ran
+    ``lighthouse`` throughout: these pixels were the plain prompt's.)"""
+    refined = {"refiner_checkpoint": "tiny-sdxl-refiner", "refiner_switch_at": 0.5, "steps": 4,
+               "sampler_name": "Euler"}
+    plain = txt2img(ingress, **refined, prompt="a lighthouse")
+    edited = txt2img(ingress, **refined, prompt="a [lighthouse:castle:2]")
+    assert plain["info"]["warnings"] == [] and edited["info"]["warnings"] == []
+    assert not same_pixels(edited, plain)
+    assert same_pixels(edited, txt2img(ingress, **refined, prompt="a [lighthouse:castle:2]"))
+    assert same_pixels(txt2img(ingress, **refined, prompt="a [lighthouse:castle:3]"), plain)  # never reached
+    composed = txt2img(ingress, **refined, prompt="a lighthouse AND a [lighthouse:castle:2] :0.5")
+    assert composed["info"]["warnings"] == []
+    assert not same_pixels(composed, txt2img(ingress, **refined, prompt="a lighthouse AND a lighthouse :0.5"))
+
+
+def test_euler_takes_s_churn_from_the_field_or_the_override(ingress):
+    """A1111's s_churn (and its window and noise scale) runs on Euler, from the request field or, winning over it
+    when not at its default, the ``override_settings`` key (A1111 1.10 reads its option first); the infotext names
+    them as A1111 does. Samplers whose A1111 function takes them and that run without them here say so; the others
+    (DDIM takes none in A1111 either) say nothing. Values past A1111's bounds are refused naming their field."""
+    euler = {"sampler_name": "Euler", "seed": 5, "steps": 4}
+    today = txt2img(ingress, **euler)
+    churned = txt2img(ingress, **euler, s_churn=10)
+    assert not same_pixels(churned, today) and churned["info"]["warnings"] == []
+    assert "Sigma churn: 10.0" in churned["info"]["infotexts"][0]
+    assert same_pixels(txt2img(ingress, **euler, override_settings={"s_churn": 10}), churned)
+    assert same_pixels(txt2img(ingress, **euler, s_churn=3, override_settings={"s_churn": 10}), churned)
+    assert same_pixels(txt2img(ingress, **euler, s_churn=0), today)
+    assert same_pixels(txt2img(ingress, **euler, s_churn=10, s_tmax=0.01), today)  # no sigma in its window
+    edit = {**euler, "init_images": [b64(bands())], "denoising_strength": 0.6}
+    assert not same_pixels(img2img(ingress, **edit, s_churn=10), img2img(ingress, **edit))
+    assert txt2img(ingress, sampler_name="Heun", steps=2, s_churn=10)["info"]["warnings"] == [
+        "s_churn is not applied to Heun here: the image was made without it"]
+    assert txt2img(ingress, sampler_name="Euler a", steps=2, override_settings={"s_noise": 0.5})["info"][
+        "warnings"] == ["s_noise is not applied to Euler a here: the image was made without it"]
+    assert txt2img(ingress, steps=2, s_churn=10)["info"]["warnings"] == []  # DDIM
+    for fields, where in (({"s_churn": 101}, "s_churn"), ({"s_noise": 1.2}, "s_noise"),
+                          ({"override_settings": {"s_tmax": 1000}}, "override_settings.s_tmax"),
+                          ({"override_settings": {"s_churn": "lots"}}, "override_settings.s_churn")):
+        if where.startswith("override"):
+            error = refused(lambda fields=fields: txt2img(ingress, **euler, **fields))
+            assert (status_of(error), error.details["field"]) == (422, where)
+        else:
+            with pytest.raises(ValidationError) as refusal:
+                Txt2ImgRequest(**fields)
+            assert refusal.value.errors()[0]["loc"] == (where,)
 
 
 def test_style_names_are_bounded():

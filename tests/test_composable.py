@@ -296,7 +296,7 @@ def test_the_latent_hires_pass_composes_too(base):
 
 
 def test_the_refiner_composes_each_subprompts_first_text(refiner):
-    """The refiner runs no schedule (each subprompt's first text throughout: the ingress warns of editing) but
+    """The refiner's image mode runs no schedule (each subprompt's first text throughout, and it says so) but
     composes its subprompts as the base does; its UNet is its own again afterwards."""
     from PIL import Image
 

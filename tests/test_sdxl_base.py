@@ -371,3 +371,71 @@ async def test_a_failed_pass_stops_the_other_passes_of_its_request(tiny):
     # stopped at its first step) or, still queued when the request failed, was withdrawn and never ran.
     await base.thread.run(lambda: None)
     assert outcomes == [] or [type(o) for [o] in outcomes] == [GenerationCancelled]
+
+
+def test_euler_churn_off_is_todays_image_and_on_is_deterministic(base):
+    """s_churn 0 (and the defaults of the other three) is no churn: the very pixels of a request without one. Above
+    0 Euler adds noise from each image's own generator: the same seed gives the same pixels, another image."""
+    from deployments.support.generation import Churn
+
+    euler = dict(sampler="Euler", seed=7)
+    today = pixels(gen(base, **euler).images[0])
+    assert np.array_equal(pixels(gen(base, **euler, churn=Churn()).images[0]), today)
+    assert np.array_equal(pixels(gen(base, **euler, churn=Churn(s_tmin=1.0, s_noise=0.5)).images[0]), today)
+    churned = pixels(gen(base, **euler, churn=Churn(s_churn=10.0)).images[0])
+    assert np.abs(churned - today).mean() > 1.0
+    assert np.array_equal(pixels(gen(base, **euler, churn=Churn(s_churn=10.0)).images[0]), churned)
+    quieter = pixels(gen(base, **euler, churn=Churn(s_churn=10.0, s_noise=0.5)).images[0])
+    assert not np.array_equal(quieter, churned) and not np.array_equal(quieter, today)
+
+
+def test_euler_churn_only_within_its_sigma_window(base):
+    """[s_tmin, s_tmax] bounds the sigmas churned: a window below SDXL's least sigma (about 0.03) churns none and
+    gives today's image; one holding some of the steps' sigmas churns those alone."""
+    from deployments.support.generation import Churn
+    from deployments.support.samplers import build_scheduler
+
+    euler = dict(sampler="Euler", seed=7)
+    today = pixels(gen(base, **euler).images[0])
+    assert np.array_equal(pixels(gen(base, **euler, churn=Churn(s_churn=10.0, s_tmax=0.01)).images[0]), today)
+    scheduler = build_scheduler("Euler", base.checkpoint().scheduler_config)
+    scheduler.set_timesteps(SMALL["steps"])
+    sigmas = [float(s) for s in scheduler.sigmas[:-1]]
+    low = sorted(sigmas)[1]  # the two least sigmas of the run: churned; the larger ones not
+    assert any(s > low for s in sigmas)
+    window = pixels(gen(base, **euler, churn=Churn(s_churn=10.0, s_tmax=low)).images[0])
+    everywhere = pixels(gen(base, **euler, churn=Churn(s_churn=10.0)).images[0])
+    assert not np.array_equal(window, today) and not np.array_equal(window, everywhere)
+
+
+def test_euler_churn_draws_each_images_noise_from_its_own_seed(base):
+    """In a batch, image i is the one its seed gives alone (within the batch's rounding): the churn's noise is
+    drawn from its own generator, never a batch mate's."""
+    from deployments.sdxl_base import batch_key
+    from deployments.support.generation import Churn
+
+    churn = Churn(s_churn=10.0)
+    batch = gen(base, sampler="Euler", seed=100, batch_size=2, churn=churn).images
+    plain = gen(base, sampler="Euler", seed=101).images[0]
+    for seed, image in zip((100, 101), batch, strict=True):
+        alone = gen(base, sampler="Euler", seed=seed, churn=churn).images[0]
+        assert np.abs(pixels(alone) - pixels(image)).max() <= 2
+    assert np.abs(pixels(batch[1]) - pixels(plain)).max() > 2
+    # Requests with other churn settings never share a pipeline call.
+    keys = {batch_key(GenerationRequest(**SMALL, sampler="Euler", churn=c))
+            for c in (None, churn, Churn(s_churn=10.0, s_noise=0.5))}
+    assert len(keys) == 3
+
+
+def test_churn_is_bounded_and_other_samplers_run_without_it(base):
+    """A1111's slider bounds, refused naming the field; a sampler other than Euler takes no churn here."""
+    from pydantic import ValidationError
+
+    from deployments.support.generation import Churn
+
+    for field, value in (("s_churn", 101.0), ("s_tmin", -1.0), ("s_tmax", 1000.0), ("s_noise", 1.2)):
+        with pytest.raises(ValidationError) as refusal:
+            Churn(**{field: value})
+        assert refusal.value.errors()[0]["loc"] == (field,)
+    heun = pixels(gen(base, sampler="Heun", seed=7).images[0])
+    assert np.array_equal(pixels(gen(base, sampler="Heun", seed=7, churn=Churn(s_churn=10.0)).images[0]), heun)

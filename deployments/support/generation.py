@@ -139,6 +139,8 @@ class GenerationRequest(BaseModel):
                                       "this pass's schedule counts on from, as A1111's second pass does")
     eta: float | None = Field(None, ge=0.0, le=1.0, description="DDIM's eta (A1111's eta with DDIM): the share of "
                               "fresh noise each step adds; None: 0, deterministic DDIM. Other samplers do not read it")
+    churn: Churn | None = Field(None, description="Euler's churn (A1111's s_churn and its window and noise scale), "
+                                "in each pass Euler runs; None: none. Other samplers do not read it")
 
     control: list[ControlUnit] = Field([], max_length=MAX_UNITS, description="ControlNet units (the base's "
                                        "`controlnets`); a request with any runs in a batch of its own")
@@ -148,6 +150,28 @@ class GenerationRequest(BaseModel):
         """Whether variation seeds or seed resize were asked for (they may still change nothing: a resize to the
         image's own size)."""
         return self.subseed_strength > 0 or (self.seed_resize_from_w > 0 and self.seed_resize_from_h > 0)
+
+
+# A1111's slider ranges for k-diffusion's churn settings: values past them are refused, not run.
+MAX_S_CHURN, MAX_S_TMIN, MAX_S_TMAX, MAX_S_NOISE = 100.0, 10.0, 999.0, 1.1
+
+
+class Churn(BaseModel):
+    """k-diffusion's churn on Euler (A1111's ``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise``): at each step whose
+    sigma lies in [s_tmin, s_tmax], noise of ``s_noise`` times the standard is added to raise sigma by a factor of
+    1 + min(s_churn / steps, sqrt(2) - 1). Frozen: part of the batching key."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    s_churn: float = Field(0.0, ge=0.0, le=MAX_S_CHURN, description="0: no churn (the other three then do nothing)")
+    s_tmin: float = Field(0.0, ge=0.0, le=MAX_S_TMIN, description="the least sigma churned")
+    s_tmax: float = Field(0.0, ge=0.0, le=MAX_S_TMAX, description="the largest sigma churned; 0: no limit (A1111's)")
+    s_noise: float = Field(1.0, ge=0.0, le=MAX_S_NOISE, description="the churn noise's scale")
+
+    @property
+    def churns(self) -> bool:
+        """Whether it changes an Euler image: only a churn above 0 draws noise."""
+        return self.s_churn > 0
 
 
 class RefineRequest(BaseModel):
@@ -169,6 +193,8 @@ class RefineRequest(BaseModel):
     negative_aesthetic_score: float = Field(2.5, ge=0.0, le=10.0)
     seeds: list[int] = Field([], description="image mode, when the images come without seeds")
     prompt_syntax: PromptSyntax = Field("plain", description="how the prompts are read: the base request's")
+    churn: Churn | None = Field(None, description="Euler's churn: the base request's, which an ensemble's steps go on "
+                                "with (A1111 runs one sampling run across the switch)")
 
 
 class Encoding(BaseModel):

@@ -6,11 +6,16 @@ reloads weights and never leaks from one request into the next.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from deployments.support.errors import InvalidInput, UnknownModel
+
+if TYPE_CHECKING:
+    from deployments.support.generation import Churn
 
 
 @dataclass(frozen=True)
@@ -275,10 +280,11 @@ def a1111_choice(name: str, scheduler: str | None, field: str = "sampler_name") 
 
 
 def build_scheduler(name: str, base_config, schedule: str | None = None, *, seeds: list[int] | None = None,
-                    warnings: list[str] | None = None):
+                    warnings: list[str] | None = None, churn: Churn | None = None):
     """A fresh scheduler for ``name`` built from the pipeline's scheduler config. ``seeds``: one per image of the
     batch, for a scheduler that draws its noise from its own Brownian tree. ``warnings`` gets a line when the sampler
-    or schedule asked for cannot run as itself, naming what ran instead."""
+    or schedule asked for cannot run as itself, naming what ran instead. ``churn``: Euler's (``with_churn``); other
+    samplers run without it (the caller warns where A1111 would have applied it)."""
     import diffusers
 
     notes: list[str] = warnings if warnings is not None else []
@@ -325,7 +331,21 @@ def build_scheduler(name: str, base_config, schedule: str | None = None, *, seed
     scheduler = cls.from_config(config, **{**own, **options})
     if any(sigmas.values()):
         _run_on_euler_sigmas(scheduler, diffusers.EulerDiscreteScheduler.from_config(config, **options, **sigmas))
+    if churn is not None and churn.churns and canonical == "Euler":
+        with_churn(scheduler, churn)
     return scheduler
+
+
+def with_churn(scheduler, churn: Churn) -> None:
+    """Bind ``churn`` into an Euler scheduler's ``step``, whose churn is k-diffusion's ``sample_euler``'s formula
+    (gamma, sigma_hat, the noise ``s_noise`` scales) while the pipelines pass ``step`` only ``eta`` and
+    ``generator``. A partial keeps the ``generator`` parameter the pipelines look for in its signature, so the
+    churn's noise is drawn from each image's own generator, one image at a time (a batch mate's draws never move
+    another's). A1111's ``s_tmax`` 0 means no limit. Unlike k-diffusion, which evaluates the model on the churned
+    latents at sigma_hat, diffusers' step churns after the model ran at sigma and reads its prediction at sigma_hat:
+    the same noise, added at the same steps, not A1111's pixels."""
+    scheduler.step = functools.partial(scheduler.step, s_churn=churn.s_churn, s_tmin=churn.s_tmin,
+                                       s_tmax=churn.s_tmax or math.inf, s_noise=churn.s_noise)
 
 
 def _run_on_euler_sigmas(scheduler, euler) -> None:

@@ -49,6 +49,7 @@ from graphs.api import a1111_options as answer_options
 from graphs.api.a1111_info import replacement_vaes
 from graphs.api.a1111_infotext import infotext
 from graphs.api.a1111_models import (
+    CHURN_SETTINGS,
     MAX_IMAGES,
     SAME_AS_FIRST_PASS,
     Empty,
@@ -234,7 +235,8 @@ class A1111Routes(CheckpointChoice):
                                  subseed=subseed, subseed_strength=r.subseed_strength,
                                  seed_resize_from_w=max(r.seed_resize_from_w, 0),
                                  seed_resize_from_h=max(r.seed_resize_from_h, 0),
-                                 tiling=r.tiling, eta=r.eta if choice.sampler in READS_ETA else None, **extra)
+                                 tiling=r.tiling, eta=r.eta if choice.sampler in READS_ETA else None,
+                                 churn=churn if (churn := r.churn()).churns else None, **extra)
 
     async def _run(self, http: Request, r: Txt2ImgRequest, parent: bytes | None = None, cache_as: str | None = None,
                    inits: list[Image.Image] | None = None, **extra) -> Response:
@@ -265,18 +267,13 @@ class A1111Routes(CheckpointChoice):
         vaes = set(replacement_vaes(self.config))
         choice = self._choice(r)
         ignored = [*asked.scripts(), *asked.unapplied(), *asked.settings_unapplied(vaes), *styled,
-                   *eta_unapplied(r.eta, choice.sampler), *controlnet.notes(asked)]
+                   *eta_unapplied(r.eta, choice.sampler), *r.churn_unapplied(choice.sampler),
+                   *controlnet.notes(asked)]
         if (r.enable_hr and r.hr_upscaler in LATENT_UPSCALE_MODES and not r.disable_extra_networks
                 and parse_lora_tags(r.hr_prompt)[1] != parse_lora_tags(r.prompt)[1]):
             ignored.append("hr_prompt: its <lora:...> tags are not applied by a Latent hires fix, one base call with "
                            "the first pass's LoRAs (a pixel hires fix applies them)")
         switch, hires = await self._refiner(r), await self._hires(r, choice)  # checked before anything runs
-        refined = switch is not None and self.handles.refiner is not None and "init_image" not in extra
-        if refined and any(len(prompts.schedule(part.text, r.steps, name)) > 1 for name, text in (
-                ("prompt", parse_lora_tags(r.prompt)[0]), ("negative_prompt", r.negative_prompt))
-                for part in prompts.subprompts(text, name)):
-            ignored.append("prompt editing and alternation: the refiner's steps ran the text of their first step "
-                           "(the base's steps ran the schedule)")
         model = await self._checkpoint(r)
         if hires is not None and hires.second.get("checkpoint") == model:
             del hires.second["checkpoint"]
@@ -438,6 +435,11 @@ class A1111Routes(CheckpointChoice):
         settings: dict = {}
         if r.eta and choice.sampler in READS_ETA:  # A1111 names a DDIM eta other than its default 0
             settings["Eta DDIM"] = r.eta
+        churn = r.churn()
+        if churn.churns and choice.sampler == "Euler":  # the keys A1111 writes for its options, where they ran
+            named = {"s_churn": "Sigma churn", "s_tmin": "Sigma tmin", "s_tmax": "Sigma tmax", "s_noise": "Sigma noise"}
+            settings.update({text: getattr(churn, key) for key, text in named.items()
+                             if getattr(churn, key) != CHURN_SETTINGS[key][0]})
         if edit:  # A1111's img2img writes its strength, and an inpainting its mask blur
             settings["Denoising strength"] = r.denoising_strength
             if getattr(r, "mask", None):

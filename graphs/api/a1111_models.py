@@ -8,7 +8,15 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deployments.support.errors import InvalidInput
-from deployments.support.generation import LATENT_UPSCALE_MODES, MAX_NOISE_MULTIPLIER
+from deployments.support.generation import (
+    LATENT_UPSCALE_MODES,
+    MAX_NOISE_MULTIPLIER,
+    MAX_S_CHURN,
+    MAX_S_NOISE,
+    MAX_S_TMAX,
+    MAX_S_TMIN,
+    Churn,
+)
 from deployments.support.samplers import MIN_STRENGTH
 from graphs.api.fields import Guidance, Prompt, Seed, Side, Steps
 
@@ -44,8 +52,9 @@ SAME_AS_FIRST_PASS = frozenset({None, "", "Use same checkpoint", "Use same sampl
 
 # A1111 1.10's settings that change its images, with their defaults: an ``override_settings`` value other than the
 # default is not applied here, and the answer's warnings say so. Settings that change nothing in an image (where it is
-# saved, its format, the page's) pass silently; ``sd_model_checkpoint`` is applied, and so is
-# ``initial_noise_multiplier`` (``Img2ImgRequest.noise_multiplier``; A1111's txt2img never reads it).
+# saved, its format, the page's) pass silently; ``sd_model_checkpoint`` is applied, and so are
+# ``initial_noise_multiplier`` (``Img2ImgRequest.noise_multiplier``; A1111's txt2img never reads it) and the churn
+# settings (``CHURN_SETTINGS``, read by ``churn()``, warned of by ``churn_unapplied``).
 IMAGE_SETTINGS: dict[str, object] = {
     "eta_noise_seed_delta": 0, "eta_ancestral": 1.0, "eta_ddim": 0.0, "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0,
     "s_noise": 1.0, "sigma_min": 0.0, "sigma_max": 0.0, "rho": 0.0, "always_discard_next_to_last_sigma": False,
@@ -56,6 +65,16 @@ IMAGE_SETTINGS: dict[str, object] = {
 # Values that mean the default: A1111 runs no replacement VAE for these, and its "CPU" noise is this service's (one
 # CPU generator per image, seeded with the image's seed); "GPU" (A1111's default) and "NV" draw other noise.
 SAME_SETTING = {"sd_vae": {"Automatic", "None", ""}}
+
+# k-diffusion's churn settings (request fields and ``override_settings`` keys alike), their defaults and A1111's
+# slider bounds. Euler applies them here (``Churn``); the ``override_settings`` keys are read by ``churn()``, not
+# named by ``settings_unapplied``.
+CHURN_SETTINGS: dict[str, tuple[float, float]] = {"s_churn": (0.0, MAX_S_CHURN), "s_tmin": (0.0, MAX_S_TMIN),
+                                                  "s_tmax": (0.0, MAX_S_TMAX), "s_noise": (1.0, MAX_S_NOISE)}
+# The A1111 samplers whose k-diffusion function takes them (its ``sampler_extra_params``): all four, or s_noise alone.
+TAKES_CHURN = frozenset({"Euler", "Heun", "DPM2"})
+TAKES_S_NOISE = frozenset({"Euler a", "DPM2 a", "DPM++ 2S a", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun",
+                           "DPM++ 3M SDE", "DPM fast"})
 
 
 StyleName = Annotated[str, Field(max_length=256)]
@@ -114,7 +133,12 @@ class Txt2ImgRequest(_A1111):
                          "(not the refiner's)")
     eta: float | None = Field(None, ge=0.0, le=1.0, description="DDIM's eta (none: 0); the ancestral and SDE "
                               "samplers run A1111's default of 1 (another value is named in the warnings)")
-    s_churn: float | None = Field(None, description="not applied")
+    # k-diffusion's churn, applied to Euler (A1111's UI bounds; none: override_settings, else the default).
+    s_churn: float | None = Field(None, ge=0.0, le=MAX_S_CHURN, description="Euler: the churn (0: none)")
+    s_tmin: float | None = Field(None, ge=0.0, le=MAX_S_TMIN, description="Euler: the least sigma churned")
+    s_tmax: float | None = Field(None, ge=0.0, le=MAX_S_TMAX, description="Euler: the largest sigma churned (0: "
+                                 "no limit)")
+    s_noise: float | None = Field(None, ge=0.0, le=MAX_S_NOISE, description="Euler: the churn noise's scale")
     # The hires fix's second pass (a Latent one runs on the first pass's checkpoint: see unapplied).
     hr_checkpoint_name: str | None = Field(None, max_length=256, description="the second pass's checkpoint; none: "
                                            "the first pass's")
@@ -157,8 +181,8 @@ class Txt2ImgRequest(_A1111):
         applied); A1111's CLIP skip reaches an SDXL checkpoint only with ``sdxl_clip_l_skip``."""
         overrides = self.override_settings
         same = {**SAME_SETTING, "sd_vae": SAME_SETTING["sd_vae"] | vaes}
-        named = [key for key, default in IMAGE_SETTINGS.items()
-                 if key in overrides and overrides[key] != default and overrides[key] not in tuple(same.get(key, ()))]
+        named = [key for key, default in IMAGE_SETTINGS.items() if key not in CHURN_SETTINGS
+                 and key in overrides and overrides[key] != default and overrides[key] not in tuple(same.get(key, ()))]
         if overrides.get("sdxl_clip_l_skip") is True and overrides.get("CLIP_stop_at_last_layers", 1) != 1:
             named.append("CLIP_stop_at_last_layers")
         return [f"override_settings.{key} is not applied here: the image was made without it" for key in named]
@@ -168,10 +192,37 @@ class Txt2ImgRequest(_A1111):
         default, or at the value that means "as the first pass", a field says nothing)."""
         latent = self.hr_upscaler in LATENT_UPSCALE_MODES  # one base call: the first pass's checkpoint
         named = [
-            ("s_churn", bool(self.s_churn)),
             ("hr_checkpoint_name", latent and self.enable_hr and self.hr_checkpoint_name not in SAME_AS_FIRST_PASS),
         ]
         return [f"{field} is not applied here: the image was made without it" for field, applies in named if applies]
+
+    def churn(self) -> Churn:
+        """The churn settings as A1111 1.10's k-diffusion sampler reads them: an ``override_settings`` value (its
+        option) other than the default wins, else the field, else the default. A value outside A1111's bounds, or
+        an override that is no number, is refused naming its field."""
+        values: dict[str, float] = {}
+        for key, (default, most) in CHURN_SETTINGS.items():
+            field = f"override_settings.{key}"
+            value = self.override_settings.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise InvalidInput(f"{field}={value!r} is not a number", field=field)
+            if not 0.0 <= value <= most:
+                raise InvalidInput(f"{field}={value} is outside 0 to {most:g}", field=field)
+            own = getattr(self, key)
+            values[key] = float(value) if value != default else (own if own is not None else default)
+        return Churn(**values)
+
+    def churn_unapplied(self, sampler: str) -> list[str]:
+        """A warning for each churn setting that A1111's ``sampler`` would have applied and does not run here: all
+        four on Heun and DPM2, s_noise on the ancestral and SDE samplers (Euler runs them; the other samplers take
+        none in A1111 either)."""
+        churn = self.churn()
+        if sampler == "Euler" or not (churn.churns and sampler in TAKES_CHURN
+                                      or churn.s_noise != 1.0 and sampler in TAKES_S_NOISE):
+            return []
+        keys = [key for key, (default, _) in CHURN_SETTINGS.items() if getattr(churn, key) != default
+                and (sampler in TAKES_CHURN or key == "s_noise")]
+        return [f"{key} is not applied to {sampler} here: the image was made without it" for key in keys]
 
     @property
     def sampler(self) -> str | None:
