@@ -41,7 +41,8 @@ def test_and_splits_the_prompt_into_subprompts_each_with_its_trailing_weight():
     ("at 10:30", [("at 10", 30.0)]),  # A1111 reads a time so too
     ("a cat:1e3", [("a cat:1e3", 1.0)]),  # not a number of its grammar: text
     ("a cat:", [("a cat:", 1.0)]),
-    ("a\ncat :2", [("a\ncat :2", 1.0)]),  # a line break: A1111's pattern does not match, all of it is text
+    ("a\ncat :2", [("a\ncat", 2.0)]),  # after a line break too: A1111 1.10's pattern crosses lines
+    ("a cat\n:2\n", [("a cat", 2.0)]),
     ("x AND", [("x", 1.0), ("", 1.0)]),
     ("ANDROID and sAND AND b", [("ANDROID and sAND", 1.0), (" b", 1.0)]),  # AND as its own upper-case word alone
 ])
@@ -168,6 +169,19 @@ def test_without_classifier_free_guidance_composed_runs_the_negative_and_applies
     first, second = (row(unet, inputs, 0, c.embeds[k], c.pooled[k]) for k in (0, 1))
     torch.testing.assert_close(out[0], uncond + 0.8 * (0.5 * (first - uncond) + 1.5 * (second - uncond)),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_the_other_subprompts_run_in_calls_no_larger_than_the_pipelines():
+    """Unguided, the pipeline's call is one row: three subprompts and the negative make three more rows, run two at
+    a time (a guided call's rows, which the batch is sized for), and compose as in one call."""
+    c = conditioning(1, [(1.0, 0.5, -0.25)])
+    unet, inputs = RowUNet(), unet_inputs(c, guided=False)
+    out = Composed(unet, Guided(0.8), lambda: c)(**inputs, return_dict=False)[0]
+    assert unet.calls == [1, 2, 1]
+    uncond = row(unet, inputs, 0, c.negative_embeds[0], c.negative_pooled[0])
+    conds = [row(unet, inputs, 0, c.embeds[k], c.pooled[k]) for k in (0, 1, 2)]
+    total = sum(w * (cond - uncond) for w, cond in zip((1.0, 0.5, -0.25), conds, strict=True))
+    torch.testing.assert_close(out[0], uncond + 0.8 * total, rtol=1e-5, atol=1e-6)
 
 
 def test_composed_follows_each_subprompts_schedule():

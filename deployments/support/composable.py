@@ -15,7 +15,9 @@ that compose, and answers ``uncond + cfg * sum_i w_i * (cond_i - uncond)``, A111
 time ids are the prompt's: on the refiner, the aesthetic score rather than the negative one). An image of one
 subprompt at weight 1 is left as diffusers guides it, at any scale.
 
-The second call has its own batch size: a compiled UNet (``fast.compile``) compiles once more for it.
+The other subprompts run in calls of at most a guided call's rows (two an image), so that a request's memory stays
+what its batch was sized for; on CUDA a call of one row runs as two, so that a compiled UNet (``fast.compile``), warmed up
+on batches, does not compile again for a batch of one inside a request.
 """
 
 from __future__ import annotations
@@ -80,17 +82,15 @@ class Composed:
                 source.append(own)
                 embeds.append(conditioning.negative_embeds[negatives[image]])
                 pooled.append(conditioning.negative_pooled[negatives[image]])
+        # In calls of at most a guided call's rows (two an image): what the batch was sized for (``max_batch_size``
+        # counts images, each two rows under guidance); eight subprompts an image must not make one call of eight
+        # times that memory.
+        rows_in, most = out.shape[0], 2 * images
         extra = out[:0]
         if source:
-            index = torch.tensor(source, device=sample.device)
-            rows_in = out.shape[0]
-            extra_added = {name: _take(value, index, rows_in) for name, value in added.items()}
-            extra_added["text_embeds"] = torch.stack(pooled).to(added["text_embeds"].device,
-                                                                 added["text_embeds"].dtype)
-            extra = self.unet(sample[index], _take(timestep, index, rows_in),
-                              torch.stack(embeds).to(states.device, states.dtype),
-                              *[_take(a, index, rows_in) for a in args], added_cond_kwargs=extra_added,
-                              return_dict=False, **{k: _take(v, index, rows_in) for k, v in kwargs.items()})[0]
+            extra = torch.cat([self._rows(source[at:at + most], embeds[at:at + most], pooled[at:at + most],
+                                          sample, timestep, states, args, added, kwargs, rows_in)
+                               for at in range(0, len(source), most)])
         cfg = float(getattr(self.pipe, "guidance_scale", 1.0))
         composed = list(out[images:] if guided else out)
         at = 0
@@ -110,6 +110,24 @@ class Composed:
             composed[image] = (uncond + scale * total).to(out.dtype)
         stacked = torch.stack(composed)
         return torch.cat([out[:images], stacked]) if guided else stacked
+
+
+    def _rows(self, source: list[int], embeds: list[torch.Tensor], pooled: list[torch.Tensor], sample: torch.Tensor,
+              timestep, states: torch.Tensor, args: tuple, added: dict, kwargs: dict, rows_in: int) -> torch.Tensor:
+        """One UNet call on ``embeds`` and ``pooled``, each row with the latents, timestep and time ids of the
+        pipeline's row ``source[i]``. On CUDA a single row runs twice (one output kept): a compiled UNet, warmed up
+        on batches, would otherwise compile again for a batch of one in the middle of a request."""
+        pad = len(source) == 1 and sample.device.type == "cuda"
+        if pad:
+            source, embeds, pooled = source * 2, embeds * 2, pooled * 2
+        index = torch.tensor(source, device=sample.device)
+        extra_added = {name: _take(value, index, rows_in) for name, value in added.items()}
+        extra_added["text_embeds"] = torch.stack(pooled).to(added["text_embeds"].device, added["text_embeds"].dtype)
+        rows = self.unet(sample[index], _take(timestep, index, rows_in),
+                         torch.stack(embeds).to(states.device, states.dtype),
+                         *[_take(a, index, rows_in) for a in args], added_cond_kwargs=extra_added,
+                         return_dict=False, **{k: _take(v, index, rows_in) for k, v in kwargs.items()})[0]
+        return rows[:1] if pad else rows
 
 
 def _take(value, index: torch.Tensor, rows: int):

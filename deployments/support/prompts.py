@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
     from deployments.support.embeddings import Vocabulary
 
-READING = "a1111-emphasis-chunks-schedule-4"  # part of the result cache's key: answers read otherwise are not served
+READING = "a1111-emphasis-chunks-schedule-5"  # part of the result cache's key: answers read otherwise are not served
 CHUNK_TOKENS = 75  # tokens of text per chunk: the encoders' 77 positions less the start and end tokens
 COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack default
 EMPHASIS = 1.1  # what one pair of round brackets multiplies by (square ones divide)
@@ -82,9 +82,9 @@ _UNIT = re.compile(r"""
 _BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*")
 _NUMBER = re.compile(r"[+-]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][+-]?\d+)?")
 _AND_WORD = re.compile(r"\bAND\b")
-# A subprompt's trailing ``:weight``, as A1111's ``re_weight``: read whether or not the prompt has an AND. ``.`` stops
-# at a line break, so a subprompt of several lines with a weight reads as text at weight 1, as there.
-_TRAILING_WEIGHT = re.compile(r"^(\s*.*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")
+# A subprompt's trailing ``:weight``, as A1111 1.10's ``re_weight``: read whether or not the prompt has an AND, after
+# any number of lines (``(?:\s|.)`` crosses line breaks).
+_TRAILING_WEIGHT = re.compile(r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")
 
 
 class Subprompt(NamedTuple):
