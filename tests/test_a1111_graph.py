@@ -490,6 +490,11 @@ def test_save_images_answers_a1111s_grid_first_and_return_grid_turns_it_off(ingr
         [pixels(decode_b64(i)).tolist() for i in alone["images"]]
     one = txt2img(ingress, seed=61, save_images=True)  # A1111's grid_only_if_multiple: no grid of one image
     assert len(one["images"]) == 1 and one["info"]["index_of_first_image"] == 0
+    # As A1111 reads it while the request's override_settings hold; and none is made for an answer without images.
+    overridden = txt2img(ingress, seed=61, batch_size=3, save_images=True, override_settings={"return_grid": False})
+    assert len(overridden["images"]) == 3 and overridden["info"]["index_of_first_image"] == 0
+    unsent = txt2img(ingress, seed=61, batch_size=3, save_images=True, send_images=False)
+    assert unsent["images"] == [] and unsent["info"]["index_of_first_image"] == 0
     options(return_grid=False)
     assert ingress.get_options.remote().result()["return_grid"] is False
     off = txt2img(ingress, seed=61, batch_size=3, save_images=True)

@@ -151,7 +151,9 @@ class EditNoise:
         generator as always), moved towards the variation seed's first draw where the image has a variation."""
         drawn = draw(generator)
         index = next((i for i, g in enumerate(self.generators or []) if g is generator), None)
-        if index is None:
+        if index is None or index in self.posteriors:
+            # Not an image of this batch, or its second encode (inpainting's masked image, after the noise): the
+            # variation seed's draws stand in for the first two alone.
             return drawn
         self.posteriors[index] = (tuple(drawn.shape), drawn.dtype)
         variation = self.variations[index]

@@ -293,7 +293,10 @@ class A1111Routes(CheckpointChoice):
         saved = await asyncio.to_thread(self.jobs.options)
         how = answer_options.encoding(saved).model_copy(update={"parent": parent})
         ran["encoding"] = answer_options.file_key(how)
-        grid = r.save_images and bool(answer_options.typed(saved)["return_grid"])
+        # A1111 reads return_grid while the request's override_settings hold; no grid where no image is sent.
+        override = r.override_settings.get("return_grid")
+        return_grid = override if isinstance(override, bool) else answer_options.typed(saved)["return_grid"]
+        grid = bool(r.save_images and r.send_images and return_grid)
         ran["grid"] = grid
         key = await self.cache.key(cache_as, {**asked.model_dump(), **ran}, model) if cache_as else None
         hit = await self.cache.get(key)
