@@ -9,7 +9,6 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from deployments.support.errors import InvalidInput
 from deployments.support.imaging import cover_box, frame
 from graphs.api.a1111_infotext import infotext, parse
 from graphs.api.a1111_models import ExtrasBatchRequest, Img2ImgRequest, Txt2ImgRequest
@@ -224,9 +223,11 @@ def test_an_infotext_too_long_for_a_jpegs_exif_is_left_out_with_a_warning():
 def test_the_saved_options_read_as_a1111s_with_its_defaults():
     from graphs.api.a1111_options import encoding, typed
 
-    assert typed({}) == {"samples_format": "png", "jpeg_quality": 80, "webp_lossless": False, "return_grid": True}
+    assert typed({}) == {"samples_format": "png", "jpeg_quality": 80, "webp_lossless": False, "return_grid": True,
+                         "initial_noise_multiplier": 1.0}
     assert typed({"samples_format": "jpg", "jpeg_quality": "55", "webp_lossless": "true", "return_grid": "false"}) == {
-        "samples_format": "jpg", "jpeg_quality": 55, "webp_lossless": True, "return_grid": False}
+        "samples_format": "jpg", "jpeg_quality": 55, "webp_lossless": True, "return_grid": False,
+        "initial_noise_multiplier": 1.0}
     assert typed({"samples_format": "tiff", "jpeg_quality": "0"}) == typed({})  # a store edited by hand
     assert encoding({"samples_format": "jpg"}).format == "jpeg" and encoding({}).quality == 80
     webp = encoding({"samples_format": "webp", "webp_lossless": "true", "jpeg_quality": "70"})
@@ -338,16 +339,13 @@ def test_the_seed_options_map_to_the_generation_request_where_they_apply(service
     assert (edit.subseed, edit.subseed_strength, edit.seed_resize_from_w, edit.tiling) == (9, 0.4, 96, True)
 
 
-def test_the_img2img_noise_multiplier_is_the_field_else_the_option_and_is_bounded():
-    assert Img2ImgRequest(init_images=["x"]).noise_multiplier() == 1.0
-    assert Img2ImgRequest(init_images=["x"], override_settings={"initial_noise_multiplier": 0.8}).noise_multiplier() \
-        == 0.8
-    assert Img2ImgRequest(init_images=["x"], initial_noise_multiplier=1.25,
-                          override_settings={"initial_noise_multiplier": 0.8}).noise_multiplier() == 1.25
-    for bad in (-0.5, 2.5, "1.2", True, float("nan")):
-        with pytest.raises(InvalidInput) as refused:
-            Img2ImgRequest(init_images=["x"], override_settings={"initial_noise_multiplier": bad}).noise_multiplier()
-        assert refused.value.details["field"] == "override_settings.initial_noise_multiplier"
+def test_the_img2img_noise_multiplier_option_is_read_from_the_store_and_bounded():
+    from graphs.api.a1111_options import typed
+
+    assert typed({})["initial_noise_multiplier"] == 1.0
+    assert typed({"initial_noise_multiplier": "0.8"})["initial_noise_multiplier"] == 0.8
+    for bad in ("-0.5", "2.5", "nan", "x"):  # a store written by hand: the default
+        assert typed({"initial_noise_multiplier": bad})["initial_noise_multiplier"] == 1.0
     with pytest.raises(ValidationError, match="initial_noise_multiplier"):
         Img2ImgRequest(init_images=["x"], initial_noise_multiplier=2.5)
 

@@ -695,20 +695,29 @@ def test_img2img_takes_variation_seeds_and_the_noise_multiplier_as_a1111(ingress
     assert "Variation seed: 10, Variation seed strength: 1.0" in varied["info"]["infotexts"][1]
     assert same_pixels(varied, img2img(ingress, **edit, seed=9)) and not same_pixels(varied, plain)
     assert same_pixels(img2img(ingress, **edit, subseed=9, subseed_strength=0.0), plain)
-    # The noise multiplier: the field, else override_settings' option (A1111's), named in the infotext unless 1.
+    # The noise multiplier: the field, else the saved option (A1111's), named in the infotext unless 1.
     assert same_pixels(img2img(ingress, **edit, initial_noise_multiplier=1.0), plain)
     scaled = img2img(ingress, **edit, initial_noise_multiplier=0.7)
     assert not same_pixels(scaled, plain) and parse(scaled["info"]["infotexts"][0])["Noise multiplier"] == "0.7"
     assert "Noise multiplier" not in plain["info"]["infotexts"][0]
-    option = img2img(ingress, **edit, override_settings={"initial_noise_multiplier": 0.7})
-    assert same_pixels(option, scaled) and option["info"]["warnings"] == []
-    assert same_pixels(img2img(ingress, **edit, initial_noise_multiplier=1.0,
-                               override_settings={"initial_noise_multiplier": 0.7}), plain)
-    error = refused(lambda: img2img(ingress, **edit, override_settings={"initial_noise_multiplier": 9}))
-    assert (status_of(error), error.details["field"]) == (422, "override_settings.initial_noise_multiplier")
-    # A1111's txt2img never reads the option: it changes nothing there, and nothing is said.
-    drawn = txt2img(ingress, override_settings={"initial_noise_multiplier": 0.7})
-    assert same_pixels(drawn, txt2img(ingress)) and drawn["info"]["warnings"] == []
+    # An override changes nothing, as in A1111 (its img2img reads the option before the overrides hold).
+    overridden = img2img(ingress, **edit, override_settings={"initial_noise_multiplier": 0.7})
+    assert same_pixels(overridden, plain) and overridden["info"]["warnings"] == []
+    from graphs.api.a1111_models import OptionsRequest
+
+    try:
+        ingress.set_options.remote(OptionsRequest(initial_noise_multiplier=0.7)).result()
+        assert ingress.get_options.remote().result()["initial_noise_multiplier"] == 0.7
+        saved = img2img(ingress, **edit)
+        assert same_pixels(saved, scaled) and not saved["info"]["cached"]  # the option is part of the cache key
+        assert same_pixels(img2img(ingress, **edit, initial_noise_multiplier=1.0), plain)  # the field wins
+        # A1111's txt2img never reads the option: it changes nothing there, and nothing is said.
+        drawn = txt2img(ingress)
+        assert same_pixels(drawn, txt2img(ingress, seed=5)) and drawn["info"]["warnings"] == []
+    finally:
+        ingress.set_options.remote(OptionsRequest(initial_noise_multiplier=1.0)).result()
+    with pytest.raises(ValidationError):
+        OptionsRequest(initial_noise_multiplier=9)
 
 
 def test_seed_resize_and_tiling_are_applied_and_written_in_the_infotext(ingress):

@@ -16,8 +16,8 @@ time ids are the prompt's: on the refiner, the aesthetic score rather than the n
 subprompt at weight 1 is left as diffusers guides it, at any scale.
 
 The other subprompts run in calls of at most a guided call's rows (two an image), so that a request's memory stays
-what its batch was sized for; on CUDA a call of one row runs as two, so that a compiled UNet (``fast.compile``), warmed up
-on batches, does not compile again for a batch of one inside a request.
+what its batch was sized for; on CUDA a call of one row runs as two, so that a compiled UNet (``fast.compile``),
+warmed up on batches, does not compile again for a batch of one inside a request.
 """
 
 from __future__ import annotations

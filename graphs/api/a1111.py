@@ -293,6 +293,10 @@ class A1111Routes(CheckpointChoice):
         saved = await asyncio.to_thread(self.jobs.options)
         how = answer_options.encoding(saved).model_copy(update={"parent": parent})
         ran["encoding"] = answer_options.file_key(how)
+        if "init_image" in extra and extra.get("noise_multiplier") is None:  # A1111's saved option, as it reads it
+            extra["noise_multiplier"] = answer_options.typed(saved)["initial_noise_multiplier"]
+        if "noise_multiplier" in extra:
+            ran["noise_multiplier"] = extra["noise_multiplier"]
         # A1111 reads return_grid while the request's override_settings hold; no grid where no image is sent.
         override = r.override_settings.get("return_grid")
         return_grid = override if isinstance(override, bool) else answer_options.typed(saved)["return_grid"]
@@ -494,7 +498,7 @@ class A1111Routes(CheckpointChoice):
         units = await asyncio.to_thread(controlnet.control_units, body, self.config.base.controlnets, edit=True)
         return await self._run(http, body, uploads[0], cache_as="a1111-img2img", inits=inits, init_image=inits[0],
                                mask=mask, mask_blur=body.mask_blur, strength=body.denoising_strength,
-                               noise_multiplier=body.noise_multiplier(), control=units)
+                               noise_multiplier=body.initial_noise_multiplier, control=units)
 
     @router.get("/progress", response_model=Progress)
     async def progress(self, http: Request, skip_current_image: bool = False) -> dict:

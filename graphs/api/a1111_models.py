@@ -52,9 +52,10 @@ SAME_AS_FIRST_PASS = frozenset({None, "", "Use same checkpoint", "Use same sampl
 
 # A1111 1.10's settings that change its images, with their defaults: an ``override_settings`` value other than the
 # default is not applied here, and the answer's warnings say so. Settings that change nothing in an image (where it is
-# saved, its format, the page's) pass silently; ``sd_model_checkpoint`` is applied, and so are
-# ``initial_noise_multiplier`` (``Img2ImgRequest.noise_multiplier``; A1111's txt2img never reads it) and the churn
-# settings (``CHURN_SETTINGS``, read by ``churn()``, warned of by ``churn_unapplied``).
+# saved, its format, the page's) pass silently; ``sd_model_checkpoint`` is applied, and so are the churn settings
+# (``CHURN_SETTINGS``, read by ``churn()``, warned of by ``churn_unapplied``). ``initial_noise_multiplier`` changes
+# nothing there either: A1111's img2img reads the saved option when the request is made, before its overrides hold
+# (``graphs.api.a1111_options``), and its txt2img never reads it.
 IMAGE_SETTINGS: dict[str, object] = {
     "eta_noise_seed_delta": 0, "eta_ancestral": 1.0, "eta_ddim": 0.0, "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0,
     "s_noise": 1.0, "sigma_min": 0.0, "sigma_max": 0.0, "rho": 0.0, "always_discard_next_to_last_sigma": False,
@@ -245,19 +246,7 @@ class Img2ImgRequest(Txt2ImgRequest):
                                           "as in A1111")
     initial_noise_multiplier: float | None = Field(None, ge=0.0, le=MAX_NOISE_MULTIPLIER, description="the noise "
                                                    "added to the image times this (after the variation seed); "
-                                                   "none: override_settings.initial_noise_multiplier, else 1")
-
-    def noise_multiplier(self) -> float:
-        """A1111's img2img noise multiplier: the field, else the ``override_settings`` key (its option), else 1."""
-        if self.initial_noise_multiplier is not None:
-            return self.initial_noise_multiplier
-        field = "override_settings.initial_noise_multiplier"
-        value = self.override_settings.get("initial_noise_multiplier", 1.0)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise InvalidInput(f"{field}={value!r} is not a number", field=field)
-        if not 0.0 <= value <= MAX_NOISE_MULTIPLIER:
-            raise InvalidInput(f"{field}={value} is outside 0 to {MAX_NOISE_MULTIPLIER}", field=field)
-        return float(value)
+                                                   "none: the saved option (POST /options), as A1111 reads it")
 
 
 class ImagesResponse(BaseModel):
@@ -313,6 +302,8 @@ class OptionsRequest(_A1111):
     webp_lossless: bool | None = Field(None, description="WebP answers lossless (jpeg_quality then sets the effort)")
     return_grid: bool | None = Field(None, description="with save_images and two images or more, the grid of them "
                                      "first in images, as A1111 answers")
+    initial_noise_multiplier: float | None = Field(None, ge=0.0, le=MAX_NOISE_MULTIPLIER, description="img2img's "
+                                                   "noise multiplier for requests that do not set their own")
 
 
 class PngInfoRequest(BaseModel):
@@ -411,6 +402,7 @@ class Options(BaseModel):
     jpeg_quality: int
     webp_lossless: bool
     return_grid: bool
+    initial_noise_multiplier: float
 
 
 class PngInfo(BaseModel):
