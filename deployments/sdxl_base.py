@@ -214,7 +214,9 @@ class BaseGenerator:
         """The denoising of one batch; each item's result, with ``info`` (what ran, item by item) in it.
         ``varied``: each image's variation seed (None where it has none)."""
         request: GenerationRequest = items[0].request
-        pipe = self.controls.pipeline(pipes, mode, request.control)  # control units run alone (batch_key)
+        # Control units run alone (batch_key); with a latent hires fix, those of its first pass (A1111's hr_option).
+        units = control.first_pass(request.control, hires=request.hires is not None)
+        pipe = self.controls.pipeline(pipes, mode, units)
         sampler = request.sampler or self.config.default_sampler
         flat = [s for group in seeds for s in group]
         pipe.scheduler = build_scheduler(sampler, pipes.scheduler_config, request.schedule, seeds=flat,
@@ -350,7 +352,7 @@ class BaseGenerator:
             warnings.append("no IP-Adapter is loaded: the reference image was ignored")
         if request.denoising_end is not None:
             kwargs["denoising_end"] = request.denoising_end
-        kwargs.update(self.controls.kwargs(mode, request.control, init, request.width, request.height))
+        kwargs.update(self.controls.kwargs(mode, units, init, request.width, request.height))
         # The batch's stop bookkeeping holds its images and device latents: let go of them however it ends. Tiling
         # (batch_key: the whole batch or none of it) holds for every decode too, those of stopped items included.
         tiled = {id(m): m for m in (pipe.unet, pipe.vae, pipes.img2img.unet, pipes.txt2img.vae,
@@ -422,7 +424,7 @@ class BaseGenerator:
         # A1111 runs exactly the second pass's steps whatever the strength: ask for steps / strength of them.
         asked = img2img_steps(hires.steps, hires.strength, exact=True,
                               limit=pipes.scheduler_config.get("num_train_timesteps", 1000))[0]
-        if request.control:  # the plain image-to-image pipeline runs this pass
+        if control.second_pass(request.control):  # the plain image-to-image pipeline runs this pass
             warnings.append("ControlNet: a Latent hires fix's second pass ran without it (a pixel hires fix applies "
                             "it to both passes)")
         kwargs = {k: v for k, v in control.dropped(first).items()

@@ -37,6 +37,7 @@ from typing import Any
 from PIL import Image
 from ray.serve.handle import DeploymentHandle
 
+from deployments.support import control
 from deployments.support.cropping import CropSize
 from deployments.support.errors import UnknownModel
 from deployments.support.generation import (
@@ -377,7 +378,9 @@ async def a1111_batch(h: Handles, request: GenerationRequest, request_id: str, *
     elif hires is None or request.init_image is not None:
         last = base_for(h, request).generate.remote(request, request_id, how, init=init)
     else:
-        first = base_for(h, request).generate.remote(request, request_id)
+        # Each pass with its own ControlNet units (the extension's hr_option).
+        lower = request.model_copy(update={"control": control.first_pass(request.control, hires=True)})
+        first = base_for(h, request).generate.remote(lower, request_id)
         # A1111's hires fix resizes with Lanczos when its upscaler is "None" (images.resize_image); to the upscaler,
         # as to A1111's extras, "None" means no upscale at all.
         upscaler = "Lanczos" if hires.upscaler == "None" else hires.upscaler
@@ -387,7 +390,8 @@ async def a1111_batch(h: Handles, request: GenerationRequest, request_id: str, *
         # noise takes each image's variation seed and seed resize, as the first pass's did (``passes_over``).
         counted = request.steps * evaluations(request.sampler) if request.sampler else None
         again = request.model_copy(update={"strength": hires.strength, "steps": hires.steps, "exact_steps": True,
-                                           "schedule_from": counted, **hires.second})
+                                           "schedule_from": counted, "control": control.second_pass(request.control),
+                                           **hires.second})
         last = base_for(h, again).generate.remote(again, request_id, how, init=upscaled)
     if restore_faces:
         last = h.faces.restore.remote(last, 0.6, encode=h.last(encode))

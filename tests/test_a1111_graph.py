@@ -1051,3 +1051,61 @@ def test_controlnet_with_the_hires_fix(ingress, upscaler):
     assert np.abs(pixels(image) - pixels(decode_b64(plain["images"][0]))).mean() > 1.0
     latent = [w for w in body["info"]["warnings"] if "Latent hires" in w]
     assert bool(latent) == (upscaler == "Latent")
+
+
+@pytest.mark.parametrize("upscaler", ["Latent", "None"])
+def test_controlnet_hr_option_picks_the_passes_a_unit_guides(ingress, upscaler):
+    """The extension's hr_option: with a hires fix, "Low res only" guides the first pass alone, "High res only" the
+    second alone; a Latent hires fix's second pass runs without ControlNet, and says so only for a unit that asked
+    for it there. Without a hires fix every unit guides the one pass."""
+    unit = {"module": "canny", "model": "tiny-canny", "image": b64(edges_photo())}
+    hires = {"enable_hr": True, "hr_scale": 1.5, "hr_upscaler": upscaler, "hr_second_pass_steps": 2,
+             "denoising_strength": 0.5}
+
+    def run(option: str | None, **fields) -> dict:
+        return txt2img(ingress, **fields, alwayson_scripts=controlnet(
+            unit if option is None else {**unit, "hr_option": option}))
+
+    made = {option: run(option, **hires) for option in ("Both", "Low res only", "High res only")}
+    plain = txt2img(ingress, **hires)
+    assert made["Both"]["images"] == run(None, **hires)["images"]  # the extension's default
+    images = {option: pixels(decode_b64(body["images"][0])) for option, body in made.items()}
+    for option in made:
+        moved = np.abs(images[option] - pixels(decode_b64(plain["images"][0]))).mean()
+        # A Latent hires fix's second pass cannot run ControlNet: a unit for it alone guides nothing, with a warning.
+        assert moved == 0 if (upscaler, option) == ("Latent", "High res only") else moved > 0.5, option
+    assert np.abs(images["Both"] - images["Low res only"]).mean() > 0.5 or upscaler == "Latent"
+    assert np.abs(images["Both"] - images["High res only"]).mean() > 0.5
+    warned = {option: any("Latent hires" in w for w in body["info"]["warnings"]) for option, body in made.items()}
+    assert warned == {"Both": upscaler == "Latent", "Low res only": False, "High res only": upscaler == "Latent"}
+    if upscaler == "Latent":  # the second pass runs without it: Low res only is Both
+        assert made["Low res only"]["images"] == made["Both"]["images"]
+    # Without a hires fix the option changes nothing, as the extension reads it.
+    assert run("High res only")["images"] == run("Both")["images"]
+    error = refused(lambda: run("Medium res", **hires))
+    assert error.details["field"] == "alwayson_scripts.ControlNet.args[0].hr_option"
+
+
+def test_canny_sliders_set_out_of_bounds_run_at_their_defaults_and_say_so(ingress):
+    unit = {"module": "canny", "model": "tiny-canny", "image": b64(edges_photo())}
+    default = txt2img(ingress, alwayson_scripts=controlnet(unit))
+    high = txt2img(ingress, alwayson_scripts=controlnet({**unit, "threshold_a": 300}))  # the others left unset
+    assert high["images"] == default["images"]
+    assert [w for w in high["info"]["warnings"] if "threshold_a" in w] == [
+        "alwayson_scripts.ControlNet.args[0].threshold_a=300 is outside canny's 1 to 255: it ran at 100, as the "
+        "extension resets it"]
+    assert not [w for w in default["info"]["warnings"] if "canny" in w]  # -1: unset, the default without a word
+
+
+def test_controlnet_detect_reads_webuiapis_controlnet_images_too(ingress):
+    from graphs.api.controlnet import DetectRequest
+
+    photo = b64(edges_photo())
+    canonical = ingress.controlnet_detect.remote(DetectRequest(controlnet_module="canny",
+                                                               controlnet_input_images=[photo])).result()
+    webuiapi = ingress.controlnet_detect.remote(DetectRequest(controlnet_module="canny",
+                                                              controlnet_images=[photo])).result()
+    assert webuiapi == canonical and len(canonical["images"]) == 1
+    error = refused(lambda: ingress.controlnet_detect.remote(DetectRequest(
+        controlnet_module="canny", controlnet_images=[photo, "x"])).result())
+    assert error.details["field"] == "controlnet_images[1]"

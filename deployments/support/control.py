@@ -59,6 +59,8 @@ class ControlUnit(BaseModel):
                                "side the image is resized to before edge detection")
     threshold_a: float = Field(CANNY_LOW[0], ge=CANNY_LOW[1], le=CANNY_LOW[2], description="canny: low threshold")
     threshold_b: float = Field(CANNY_HIGH[0], ge=CANNY_HIGH[1], le=CANNY_HIGH[2], description="canny: high threshold")
+    passes: Literal["both", "first", "second"] = Field("both", description="with a hires fix, the passes it "
+                                                       "guides (A1111's hr_option): both, the first, the second")
 
     @model_validator(mode="after")
     def _guidance_in_order(self) -> ControlUnit:
@@ -193,6 +195,16 @@ class ControlNets:
         if mode != "txt2img":  # there ``image`` is the init image; the control map is ``control_image``
             out["control_image"] = out.pop("image")
         return out
+
+
+def first_pass(units: list[ControlUnit], hires: bool) -> list[ControlUnit]:
+    """The units that guide a request's first pass: all of them, but with a hires fix those for its second alone."""
+    return [u for u in units if u.passes != "second"] if hires else units
+
+
+def second_pass(units: list[ControlUnit]) -> list[ControlUnit]:
+    """The units that guide a hires fix's second pass, each then guiding all of that pass."""
+    return [u.model_copy(update={"passes": "both"}) for u in units if u.passes != "first"]
 
 
 def active(units: list[ControlUnit]) -> list[ControlUnit]:

@@ -28,6 +28,10 @@ RESIZE_MODES: dict[Any, str] = {
 }
 RESIZE_LABELS = {"stretch": "Just Resize", "crop": "Crop and Resize", "fill": "Resize and Fill"}
 CONTROL_MODES: dict[Any, str] = {0: "Balanced", 1: "My prompt is more important", 2: "ControlNet is more important"}
+# The extension's HiResFixOption by index and by value -> the passes of a hires fix a unit guides (without a hires
+# fix, every unit guides the one pass, as the extension reads it).
+HR_OPTIONS: dict[Any, str] = {0: "both", 1: "first", 2: "second", "Both": "both", "Low res only": "first",
+                              "High res only": "second"}
 MODULES = {"none": "none", "canny": "canny", "invert": "invert", "invert (from white bg & black line)": "invert"}
 
 
@@ -52,6 +56,8 @@ class A1111Unit(_A1111):
     control_mode: int | str = 0
     pixel_perfect: bool = False
     low_vram: bool = False
+    hr_option: int | str = Field("Both", description="with a hires fix, the passes the unit guides: Both, Low res "
+                                 "only, High res only (or 0, 1, 2)")
 
 
 def script_key(r: Txt2ImgRequest) -> str | None:
@@ -127,6 +133,14 @@ def _control_mode(unit: A1111Unit, field: str) -> str:
     return label
 
 
+def _passes(unit: A1111Unit, field: str, hires: bool) -> str:
+    passes = HR_OPTIONS.get(unit.hr_option)
+    if passes is None:
+        raise InvalidInput(f"hr_option {unit.hr_option!r}: 0, 1, 2 or Both, Low res only, High res only",
+                           field=f"{field}.hr_option")
+    return passes if hires else "both"
+
+
 def sliders(unit: A1111Unit, module: str) -> tuple[int, float, float]:
     """processor_res, threshold_a, threshold_b as the extension reads them for canny: -1 or out of its bounds, its
     default (the extension resets such a value, and logs it); other modules keep what was sent (they read none)."""
@@ -181,7 +195,9 @@ def control_units(r: Txt2ImgRequest, models: dict[str, str], *, edit: bool) -> l
             raise InvalidInput(f"ControlNet unit {i} has no image (txt2img has no init image to use)",
                                field=f"{field}.image")
         res, low, high = sliders(unit, module)
+        passes = _passes(unit, field, hires=bool(r.enable_hr) and not edit)
         out.append(ControlUnit(model=name, image=image_field(payload, where) if payload else None,
+                               passes=passes,  # type: ignore[arg-type]
                                module=module,  # type: ignore[arg-type]
                                conditioning_scale=unit.weight, guidance_start=unit.guidance_start,
                                guidance_end=unit.guidance if unit.guidance is not None else unit.guidance_end,
@@ -208,9 +224,13 @@ def notes(r: Txt2ImgRequest) -> list[str]:
         if unit.mask or isinstance(unit.image, dict) and unit.image.get("mask") or isinstance(unit.image, list):
             out.append(f"{field}: the unit's mask is not applied here (none, canny and invert read none)")
         module = MODULES.get(unit.module.strip().lower())
-        if module == "canny" and sliders(unit, module) != (unit.processor_res, unit.threshold_a, unit.threshold_b) \
-                and -1 not in (unit.processor_res, unit.threshold_a, unit.threshold_b):
-            out.append(f"{field}: processor_res or a threshold out of canny's bounds ran at its default")
+        if module == "canny":  # a negative value means the default (-1: not set); one set out of bounds, a note
+            for name, value, (default, low, high) in (("processor_res", unit.processor_res, CANNY_RES),
+                                                      ("threshold_a", unit.threshold_a, CANNY_LOW),
+                                                      ("threshold_b", unit.threshold_b, CANNY_HIGH)):
+                if value >= 0 and not low <= value <= high:
+                    out.append(f"{field}.{name}={value:g} is outside canny's {low:g} to {high:g}: it ran at "
+                               f"{default:g}, as the extension resets it")
     return out
 
 

@@ -32,6 +32,8 @@ API_VERSION = 2  # what the extension's /controlnet/version answers; clients che
 class DetectRequest(_A1111):
     controlnet_module: str = Field("none", max_length=128)
     controlnet_input_images: list[str] = Field([], max_length=MAX_IMAGES)
+    controlnet_images: list[str] = Field([], max_length=MAX_IMAGES, description="read where controlnet_input_images "
+                                         "is empty: webuiapi's controlnet_detect sends its images so")
     controlnet_processor_res: int = -1
     controlnet_threshold_a: float = -1
     controlnet_threshold_b: float = -1
@@ -106,10 +108,12 @@ class ControlNetRoutes:
         unit = A1111Unit(module=body.controlnet_module, processor_res=body.controlnet_processor_res,
                          threshold_a=body.controlnet_threshold_a, threshold_b=body.controlnet_threshold_b)
         module = module_of(body.controlnet_module, "controlnet_module")
-        if not body.controlnet_input_images:
+        name = "controlnet_input_images" if body.controlnet_input_images or not body.controlnet_images \
+            else "controlnet_images"
+        sent = getattr(body, name)
+        if not sent:
             raise InvalidInput("no image sent", field="controlnet_input_images")
-        images = await asyncio.to_thread(lambda: [image_field(data, f"controlnet_input_images[{i}]")
-                                                  for i, data in enumerate(body.controlnet_input_images)])
+        images = await asyncio.to_thread(lambda: [image_field(data, f"{name}[{i}]") for i, data in enumerate(sent)])
         res, low, high = sliders(unit, module)
         if module != "canny":
             res, low, high = CANNY_RES[0], CANNY_LOW[0], CANNY_HIGH[0]
