@@ -291,15 +291,16 @@ class A1111Routes(CheckpointChoice):
         # The file format too: a JPEG entry never answers a request made while PNG is the saved format; and
         # whether a grid comes first.
         saved = await asyncio.to_thread(self.jobs.options)
+        options = answer_options.typed(saved)
         how = answer_options.encoding(saved).model_copy(update={"parent": parent})
         ran["encoding"] = answer_options.file_key(how)
         if "init_image" in extra and extra.get("noise_multiplier") is None:  # A1111's saved option, as it reads it
-            extra["noise_multiplier"] = answer_options.typed(saved)["initial_noise_multiplier"]
+            extra["noise_multiplier"] = options["initial_noise_multiplier"]
         if "noise_multiplier" in extra:
             ran["noise_multiplier"] = extra["noise_multiplier"]
         # A1111 reads return_grid while the request's override_settings hold; no grid where no image is sent.
         override = r.override_settings.get("return_grid")
-        return_grid = override if isinstance(override, bool) else answer_options.typed(saved)["return_grid"]
+        return_grid = override if isinstance(override, bool) else options["return_grid"]
         grid = bool(r.save_images and r.send_images and return_grid)
         ran["grid"] = grid
         key = await self.cache.key(cache_as, {**asked.model_dump(), **ran}, model) if cache_as else None
