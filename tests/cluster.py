@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import socket
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -30,7 +32,46 @@ def deploy(deployment_options: dict | None = None, args: dict | None = None) -> 
     from graphs.app import build_app
 
     merged = {**app_args(), **(args or {}), "deployment_options": deployment_options or {}}
-    serve.run(build_app(merged), name="imagegen", route_prefix="/")
+    app = build_app(merged)
+    _pin_versions(app)
+    serve.run(app, name="imagegen", route_prefix="/")
+
+
+def _pin_versions(app: Any) -> None:
+    """Give every deployment of the graph a version drawn from its constructor arguments.
+
+    Unversioned, every ``serve.run`` restarts every replica of the application, and a module that changes one
+    deployment's options pays for reloading all the models twice (once for it, once to put the default back).
+    Versioned, Serve restarts only what changed: a deployment whose arguments or actor options differ; a new
+    ``user_config`` is a reconfigure in place and a new replica count a scale. Within one test session the code
+    does not change, so the arguments are all a version has to tell apart. Serve 2.60 keeps the version on the
+    bound deployment (the public ``options(version=)`` was removed)."""
+    from ray.serve import Application
+
+    def stable(value: Any) -> str:
+        if isinstance(value, Application):
+            return f"<{value._bound_deployment.name}>"
+        if isinstance(value, dict):
+            return "{" + ",".join(f"{stable(k)}:{stable(v)}" for k, v in sorted(value.items(), key=str)) + "}"
+        if isinstance(value, list | tuple):
+            return "[" + ",".join(stable(v) for v in value) + "]"
+        return repr(value)
+
+    seen: set[int] = set()
+
+    def visit(node: Any) -> None:
+        if not isinstance(node, Application) or id(node) in seen:
+            return
+        seen.add(id(node))
+        deployment = node._bound_deployment
+        arguments = stable([deployment.init_args, deployment.init_kwargs])
+        deployment._version = hashlib.sha256(arguments.encode()).hexdigest()[:16]
+        for value in [*deployment.init_args, *deployment.init_kwargs.values()]:
+            for child in value.values() if isinstance(value, dict) else value if isinstance(value, list | tuple) \
+                    else [value]:
+                visit(child)
+
+    visit(app)
 
 
 def start(env: dict[str, str], deployment_options: dict | None = None, **ray_options) -> str:
