@@ -113,7 +113,7 @@ SMALL = {"prompt": "a lighthouse", "width": 64, "height": 64, "seed": 5, "num_in
          "use_refiner": False}
 
 
-def test_a_controlnet_unit_guides_generate(ingress):
+def test_a_controlnet_unit_guides_generate_and_get_models_lists_the_controlnets(ingress):
     """(That a unit maps to the base's as the same A1111 unit does: tests/test_control_fields.py; the two surfaces'
     images differ anyway, A1111's prompts being read as A1111 reads them.)"""
     def run(*units) -> np.ndarray:  # the default plan: the refiner's ensemble, the base's latents unit-guided
@@ -124,6 +124,7 @@ def test_a_controlnet_unit_guides_generate(ingress):
     plain, guided = run(), run(CANNY)
     assert np.abs(guided - plain).mean() > 1.0
     assert np.abs(run({**CANNY, "scale": 0}) - plain).max() <= 1  # scale 0: as if it were not there
+    assert ingress.models.remote().result()["controlnets"] == ["tiny-canny"]
 
 
 def test_controlnet_units_are_refused_naming_their_field(ingress):

@@ -100,6 +100,7 @@ class ModelsResponse(BaseModel):
     base_replicas: dict[str, dict] = Field(..., description="per base replica: checkpoints held, loads, evictions")
     upscalers: dict
     face_restorer: dict
+    controlnets: list[str] = Field([], description="the ControlNets a request's controlnets[].model may name")
 
 
 class Health(BaseModel):
@@ -144,6 +145,7 @@ class GenerateRoutes(CheckpointChoice):
             "base_replicas": replicas,
             "upscalers": await call(self.handles.upscaler.describe.remote()),
             "face_restorer": await call(self.handles.faces.describe.remote()),
+            "controlnets": list(self.config.base.controlnets),
         }
 
     @router.post("/generate", response_model=GenerateResponse, responses=documented(400))
