@@ -196,7 +196,7 @@ class JobRoutes(CheckpointChoice):
         return self._answer(request, job, JobAccepted(jobId=job.id, job_id=job.id, status=job.status))
 
     @router.post("/generate/text2img", status_code=202, response_model=JobView, response_model_exclude_unset=True,
-                 responses=SUBMIT)
+                 responses=IMAGE_SUBMIT)  # its ControlNet units' images
     async def submit_text2img(self, body: Text2ImgJob, request: Request) -> Any:
         """Queue a text-to-image job (seed 003); 202 with the job."""
         return await self._queue(request, "text2img", body)
@@ -219,7 +219,8 @@ class JobRoutes(CheckpointChoice):
         """Queue a style transfer: the style image through IP-Adapter applied to the content image."""
         return await self._queue(request, "style-transfer", body)
 
-    @router.post("/generate/async", status_code=202, response_model=JobAccepted, responses=SUBMIT)
+    @router.post("/generate/async", status_code=202, response_model=JobAccepted,
+                 responses=IMAGE_SUBMIT)  # its overlay's logo, its ControlNet units' images
     async def submit_async(self, body: AsyncGenerate, request: Request) -> Any:
         """Seed 002: queue a /generate request; answers {jobId}."""
         return await self._accept(request, "generate", body)
