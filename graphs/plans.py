@@ -52,6 +52,7 @@ from deployments.support.generation import (
 )
 from deployments.support.samplers import evaluations
 from deployments.support.settings import Settings
+from graphs.api.control_fields import control_units
 from graphs.api.errors import call, unwrap
 from graphs.api.fields import image_field
 from graphs.flights import Recorded, settled
@@ -247,16 +248,21 @@ SEED000_FIELDS = ("prompt", "negative_prompt", "seed", "width", "height", "num_i
 
 
 def seed000_fields(fields: dict, hires_upscaler: str) -> dict:
-    """What decides seed 000's image (the result cache's request): the fields ``seed000`` reads, sync or queued."""
-    return {**{name: fields.get(name) for name in SEED000_FIELDS}, "hires_upscaler": hires_upscaler}
+    """What decides seed 000's image (the result cache's request): the fields ``seed000`` reads, sync or queued
+    (ControlNet units only where there are any: a request without keeps the key it always had)."""
+    units = {"controlnets": fields["controlnets"]} if fields.get("controlnets") else {}
+    return {**{name: fields.get(name) for name in SEED000_FIELDS}, **units, "hires_upscaler": hires_upscaler}
 
 
-async def seed000(h: Handles, fields: dict, hires_upscaler: str, request_id: str | None) -> Report:
-    """Seed 000's fields (the sync body, or the queued one) -> the standard or hires-fix plan."""
+async def seed000(h: Handles, fields: dict, hires_upscaler: str, request_id: str | None,
+                  units: list[control.ControlUnit] | None = None) -> Report:
+    """Seed 000's fields (the sync body, or the queued one) -> the standard or hires-fix plan; ``units``: its
+    ``controlnets``, decoded (they guide the base's pass, the hires fix's first)."""
     request = GenerationRequest(prompt=fields["prompt"], negative_prompt=fields.get("negative_prompt", ""),
                                 seed=fields.get("seed", -1), width=fields.get("width", 1024),
                                 height=fields.get("height", 1024), steps=fields.get("num_inference_steps", 30),
-                                guidance_scale=fields.get("guidance_scale", 7.0), checkpoint=fields.get("model"))
+                                guidance_scale=fields.get("guidance_scale", 7.0), checkpoint=fields.get("model"),
+                                control=units or [])
     opts = PlanOptions(use_refiner=fields.get("use_refiner", True), hires_fix=fields.get("hires_fix", False),
                        neural_upscaler=hires_upscaler if fields.get("use_realesrgan", True) else None,
                        restore_faces=fields.get("use_face_restoration", False),
@@ -298,11 +304,13 @@ def content_size(width: int, height: int) -> tuple[int, int]:
 
 
 def seed003(kind: str, r: dict) -> GenerationRequest:
-    """Seed 003 camelCase fields -> one SDXLBase request (style transfer: the style image through IP-Adapter)."""
+    """Seed 003 camelCase fields -> one SDXLBase request (style transfer: the style image through IP-Adapter), with
+    its ControlNet units (the names were checked when the job was accepted; the base checks them again)."""
+    units = control_units(r.get("controlnets") or [], None, edit=kind != "text2img")
     common = dict(prompt=r.get("prompt", ""), negative_prompt=r.get("negativePrompt", ""),
                   width=r.get("width", 512), height=r.get("height", 512), steps=r.get("steps", 30),
                   guidance_scale=r.get("guidanceScale", 7.5), seed=r.get("seed", -1),
-                  sampler=r.get("sampler", "euler_a"), checkpoint=r.get("model"))
+                  sampler=r.get("sampler", "euler_a"), checkpoint=r.get("model"), control=units)
     if kind == "img2img":
         return GenerationRequest(**common, init_image=image_field(r["initImage"], "initImage"),
                                  strength=r.get("strength", 0.75))

@@ -6,14 +6,21 @@ from __future__ import annotations
 import base64
 import io
 
+import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from pydantic import ValidationError
+from starlette.requests import Request
 
+from deployments.support.errors import ServiceError
+from graphs.api.control_fields import ControlNetUnit
+from graphs.api.errors import status_of, unwrap
 from graphs.api.generate import GenerateRequest
 from graphs.api.processing import ClipFocalRequest
+from graphs.jobs.models import AsyncGenerate, Img2ImgJob, Text2ImgJob
 from tests.conftest import ROOT
-from tests.helpers import b64, generated
+from tests.helpers import b64, decode_b64, generated, pixels, until
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +82,101 @@ def test_checkpoints_are_chosen_by_name_or_alias_without_serves_multiplexer(ingr
     assert (photo.checkpoint, anime.checkpoint, again.checkpoint) == ("tiny-sdxl-base", "tiny-sdxl-base-b",
                                                                       "tiny-sdxl-base")
     assert photo.imageData == again.imageData != anime.imageData
+
+
+# --- ControlNet on the native API (graphs/api/control_fields.py) --------------------------------------------------
+
+def edges() -> Image.Image:
+    """64x64: a white square on black, edges a canny map finds."""
+    square = Image.new("RGB", (64, 64), (0, 0, 0))
+    square.paste((255, 255, 255), (16, 16, 48, 48))
+    return square
+
+
+def caller() -> Request:
+    """The HTTP request a route reads its client (and its headers) from."""
+    return Request({"type": "http", "method": "POST", "path": "/", "headers": [], "client": ("graph-test", 1)})
+
+
+def refused(call) -> ServiceError:
+    """The structured error a route raised (the HTTP edge answers it as a 4xx naming its field)."""
+    with pytest.raises(Exception) as raised:  # noqa: PT011 - unwrapped and checked below
+        call()
+    error = unwrap(raised.value)
+    assert isinstance(error, ServiceError), repr(raised.value)
+    return error
+
+
+CANNY = {"model": "tiny-canny", "image": b64(edges()), "preprocessor": "canny", "resize_mode": "stretch",
+         "processor_res": 64, "low_threshold": 50, "high_threshold": 150}
+SMALL = {"prompt": "a lighthouse", "width": 64, "height": 64, "seed": 5, "num_inference_steps": 2,
+         "use_refiner": False}
+
+
+def test_a_controlnet_unit_guides_generate_and_get_models_lists_the_controlnets(ingress):
+    """(That a unit maps to the base's as the same A1111 unit does: tests/test_control_fields.py; the two surfaces'
+    images differ anyway, A1111's prompts being read as A1111 reads them.)"""
+    def run(*units) -> np.ndarray:  # the default plan: the refiner's ensemble, the base's latents unit-guided
+        answer = generated(ingress, GenerateRequest(**{**SMALL, "use_refiner": True}, controlnets=list(units)))
+        assert answer.success and answer.refiner_applied and not answer.warnings
+        return pixels(decode_b64(answer.imageData))
+
+    plain, guided = run(), run(CANNY)
+    assert np.abs(guided - plain).mean() > 1.0
+    assert np.abs(run({**CANNY, "scale": 0}) - plain).max() <= 1  # scale 0: as if it were not there
+    assert ingress.models.remote().result()["controlnets"] == ["tiny-canny"]
+
+
+def test_controlnet_units_are_refused_naming_their_field(ingress):
+    def generate(*units) -> None:
+        generated(ingress, GenerateRequest(**SMALL, controlnets=list(units)))
+
+    for units, code, status, field in [
+        ([{**CANNY, "model": "depth-xl"}], "UNKNOWN_MODEL", 422, "controlnets.0.model"),
+        ([CANNY, {**CANNY, "image": "not an image"}], "INVALID_IMAGE", 400, "controlnets.1.image"),
+        ([{**CANNY, "image": None}], "INVALID_INPUT", 422, "controlnets.0.image"),  # txt2img: no init image
+    ]:
+        error = refused(lambda units=units: generate(*units))
+        assert (error.code, status_of(error), error.details["field"]) == (code, status, field)
+    # A job is refused when it is submitted, not when it runs; an edit's unit may leave its image out.
+    job = refused(lambda: ingress.submit_text2img.remote(Text2ImgJob(
+        prompt="a fox", controlnets=[{**CANNY, "model": "depth-xl"}]), caller()).result())
+    assert (job.code, job.details["field"]) == ("UNKNOWN_MODEL", "controlnets.0.model")
+    Img2ImgJob(prompt="a fox", initImage=CANNY["image"], controlnets=[{"model": "tiny-canny"}])
+    # What the body's own validation refuses (a 422 naming the place, as the edge joins it).
+    for units, where in [([CANNY] * 5, ("controlnets",)),
+                         ([{**CANNY, "scale": 3}], ("controlnets", 0, "scale")),
+                         ([{**CANNY, "preprocessor": "depth"}], ("controlnets", 0, "preprocessor")),
+                         ([{**CANNY, "guidance_start": 0.8, "guidance_end": 0.2}], ("controlnets", 0, "guidance_end")),
+                         ([{**CANNY, "weight": 1}], ("controlnets", 0, "weight"))]:
+        with pytest.raises(ValidationError) as invalid:
+            GenerateRequest(**SMALL, controlnets=units)
+        assert invalid.value.errors()[0]["loc"] == where
+
+
+def test_a_job_keeps_its_units_through_the_store_and_runs_them(ingress):
+    """A queued text-to-image job with a unit, and a queued /generate (/generate/async): stored with it, run by the
+    job runner, with the pixels of the same request on POST /generate. A job without units stores none (its view
+    and cache key are what they were)."""
+    def submit(**fields) -> dict:
+        return ingress.submit_text2img.remote(Text2ImgJob(prompt="a lighthouse", width=64, height=64, seed=5,
+                                                          steps=2, guidanceScale=7.0, **fields), caller()).result()
+
+    def image(job_id: str) -> np.ndarray:
+        def done():
+            job = ingress.get_job.remote(job_id, caller(), False).result()
+            return job if job["status"] in ("completed", "failed", "cancelled") else None
+
+        finished = until(done, timeout=120)
+        assert finished["status"] == "completed" and not finished["result"]["cached"], finished["error"]
+        name = finished["result"]["urls"][0].rsplit("/", 1)[1]
+        return pixels(Image.open(io.BytesIO(ingress.job_image.remote(job_id, name, caller()).result().body)))
+
+    guided, plain = submit(controlnets=[CANNY]), submit()
+    queued = ingress.submit_async.remote(AsyncGenerate(**SMALL, controlnets=[CANNY]), caller()).result()
+    assert guided["request"]["controlnets"] == [ControlNetUnit(**CANNY).model_dump()]  # every field, as it runs
+    assert "controlnets" not in plain["request"]
+    sync = pixels(decode_b64(generated(ingress, GenerateRequest(**SMALL, controlnets=[CANNY])).imageData))
+    made = image(guided["id"])
+    assert np.array_equal(made, sync) and np.array_equal(image(queued.jobId), sync)
+    assert np.abs(made - image(plain["id"])).mean() > 1.0

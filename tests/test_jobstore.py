@@ -58,6 +58,15 @@ def test_priorities_then_fifo(store):
     assert store.claim("w", 30) is None
 
 
+def test_a_jobs_controlnet_units_come_back_as_they_went_in(store):
+    units = [{"model": "tiny-canny", "image": "iVBORw0KGgo=", "preprocessor": "canny", "scale": 0.5,
+              "guidance_start": 0.0, "guidance_end": 1.0, "resize_mode": "crop", "processor_res": 512,
+              "low_threshold": 100.0, "high_threshold": 200.0}]
+    created, _ = store.create(job(request={"controlnets": units}))
+    assert store.get(created.id).request["controlnets"] == units
+    assert store.claim("w", 30).request["controlnets"] == units
+
+
 def test_queue_limit_refuses_and_creates_nothing(store):
     for _ in range(3):
         store.create(job(), max_queued=3)

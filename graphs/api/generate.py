@@ -14,6 +14,7 @@ from deployments.support.settings import Settings
 from graphs import flights, plans
 from graphs.api.body import JSONBodyRoute, blobs, json_answer
 from graphs.api.checkpoints import CheckpointChoice
+from graphs.api.control_fields import ControlNets, control_units
 from graphs.api.errors import call, documented
 from graphs.jobs.cache import RequestCache
 
@@ -48,6 +49,7 @@ class GenerateRequest(BaseModel):
     model: str | None = Field(None, max_length=256, description=(
         "the base checkpoint: a name from GET /models or an alias (seed 002's 'photorealistic', 'anime'); "
         "none: the default"))
+    controlnets: ControlNets = []
 
     @model_validator(mode="before")
     @classmethod
@@ -98,6 +100,7 @@ class ModelsResponse(BaseModel):
     base_replicas: dict[str, dict] = Field(..., description="per base replica: checkpoints held, loads, evictions")
     upscalers: dict
     face_restorer: dict
+    controlnets: list[str] = Field([], description="the ControlNets a request's controlnets[].model may name")
 
 
 class Health(BaseModel):
@@ -142,17 +145,20 @@ class GenerateRoutes(CheckpointChoice):
             "base_replicas": replicas,
             "upscalers": await call(self.handles.upscaler.describe.remote()),
             "face_restorer": await call(self.handles.faces.describe.remote()),
+            "controlnets": list(self.config.base.controlnets),
         }
 
     @router.post("/generate", response_model=GenerateResponse, responses=documented(400))
     async def generate(self, body: GenerateRequest) -> Response:
-        """Synchronous generation: standard or hires fix, optional refiner, face restoration and overlay; with a
-        fixed seed, from the result cache when it is on and holds the same request on the same weights."""
+        """Synchronous generation: standard or hires fix, optional refiner, ControlNet units, face restoration and
+        overlay; with a fixed seed, from the result cache when it is on and holds the same request on the same
+        weights."""
         started = time.perf_counter()
         request_id = uuid.uuid4().hex
-        # A bad overlay is refused before the GPU is asked for anything; the last stage draws it, then encodes.
+        # A bad overlay or unit is refused before the GPU is asked for anything; the last stage draws the overlay.
         if body.overlay:
             await asyncio.to_thread(overlay.prepare, body.overlay, self.settings.fonts_dir, "overlay")
+        units = await asyncio.to_thread(control_units, body.controlnets, self.config.base.controlnets, edit=False)
         fields = {**body.model_dump(), "model": await self.checkpoint(body.model, "model")}
         key = await self.cache.key("generate", plans.seed000_fields(fields, self.hires_upscaler), fields["model"])
         hit = await self.cache.get(key)
@@ -160,7 +166,7 @@ class GenerateRoutes(CheckpointChoice):
             report = plans.Report.from_facts(hit.files[0], hit.facts)
         else:
             async with flights.flight():
-                report = await plans.seed000(self.handles, fields, self.hires_upscaler, request_id)
+                report = await plans.seed000(self.handles, fields, self.hires_upscaler, request_id, units)
             await self.cache.put(key, report.facts(), [report.data])
         width, height = report.size
         (png,), payloads = blobs([report.data])

@@ -27,6 +27,7 @@ from deployments.support.errors import InvalidInput, JobConflict, NotFound, Resu
 from deployments.support.settings import Settings
 from graphs.api.body import JSONBodyRoute
 from graphs.api.checkpoints import CheckpointChoice
+from graphs.api.control_fields import control_units
 from graphs.api.edge import token_owner
 from graphs.api.errors import documented
 from graphs.api.fields import image_field
@@ -95,6 +96,10 @@ class JobRoutes(CheckpointChoice):
         # Decoded off the event loop (an upload can be 32 MB), and only to refuse a bad one now, not when it runs.
         for name in IMAGE_FIELDS.get(kind, ()):
             await asyncio.to_thread(image_field, getattr(body, name), name)
+        units = getattr(body, "controlnets", [])
+        if units:  # so are its ControlNet units: their images, and their names while the config is at hand
+            await asyncio.to_thread(control_units, units, self.config.base.controlnets,
+                                    edit=kind not in ("text2img", "generate"))
         mark = getattr(body, "overlay", None)
         if mark is not None:  # so is a bad overlay (/generate/async)
             await asyncio.to_thread(overlay.prepare, mark, self.settings.fonts_dir, "overlay")
@@ -103,7 +108,8 @@ class JobRoutes(CheckpointChoice):
         webhook = getattr(body, "webhookUrl", None)
         if webhook:
             await asyncio.to_thread(check_url, webhook, self.settings)
-        payload = body.model_dump(exclude={"priority", "webhookUrl"})
+        # No units: none kept, so that such a job's request (its view, its cache key) is what it always was.
+        payload = body.model_dump(exclude={"priority", "webhookUrl", *(() if units else ("controlnets",))})
         payload["model"] = await self.checkpoint(payload.get("model"), "model")  # fixed now: queued jobs keep it
         job = Job(id=new_job_id(), type=kind, request=payload, priority=getattr(body, "priority", "normal"),
                   owner=self._owner(request), webhook_url=getattr(body, "webhookUrl", None))
@@ -190,7 +196,7 @@ class JobRoutes(CheckpointChoice):
         return self._answer(request, job, JobAccepted(jobId=job.id, job_id=job.id, status=job.status))
 
     @router.post("/generate/text2img", status_code=202, response_model=JobView, response_model_exclude_unset=True,
-                 responses=SUBMIT)
+                 responses=IMAGE_SUBMIT)  # its ControlNet units' images
     async def submit_text2img(self, body: Text2ImgJob, request: Request) -> Any:
         """Queue a text-to-image job (seed 003); 202 with the job."""
         return await self._queue(request, "text2img", body)
@@ -213,7 +219,8 @@ class JobRoutes(CheckpointChoice):
         """Queue a style transfer: the style image through IP-Adapter applied to the content image."""
         return await self._queue(request, "style-transfer", body)
 
-    @router.post("/generate/async", status_code=202, response_model=JobAccepted, responses=SUBMIT)
+    @router.post("/generate/async", status_code=202, response_model=JobAccepted,
+                 responses=IMAGE_SUBMIT)  # its overlay's logo, its ControlNet units' images
     async def submit_async(self, body: AsyncGenerate, request: Request) -> Any:
         """Seed 002: queue a /generate request; answers {jobId}."""
         return await self._accept(request, "generate", body)
@@ -333,6 +340,15 @@ def _event_id(value: str | None) -> int:
 
 
 def _redact(request: dict) -> dict:
-    """Echo the request without multi-megabyte image strings (an overlay's logo included)."""
-    return {k: (f"<{len(v)} chars>" if isinstance(v, str) and len(v) > 256 else _redact(v) if isinstance(v, dict)
-                else v) for k, v in request.items()}
+    """Echo the request without multi-megabyte image strings (an overlay's logo, ControlNet units' images included)."""
+    return {k: _redacted(v) for k, v in request.items()}
+
+
+def _redacted(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > 256:
+        return f"<{len(value)} chars>"
+    if isinstance(value, dict):
+        return _redact(value)
+    if isinstance(value, list):
+        return [_redacted(v) for v in value]
+    return value

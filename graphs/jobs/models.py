@@ -9,6 +9,7 @@ from pydantic import AfterValidator, BaseModel, Field, field_validator
 
 from deployments.support import samplers
 from deployments.support.generation import parse_lora_tags
+from graphs.api.control_fields import ControlNets
 from graphs.api.fields import Guidance, Prompt, RequiredPrompt, Sampler, Seed, Side, Steps, Strength
 from graphs.api.generate import GenerateRequest
 
@@ -55,6 +56,7 @@ class Text2ImgJob(_Submit):
     guidanceScale: Guidance = 7.5
     seed: Seed = -1
     sampler: KnownSampler = "euler_a"
+    controlnets: ControlNets = []
 
 
 class Img2ImgJob(Text2ImgJob):
@@ -79,6 +81,7 @@ class StyleTransferJob(_Submit):
     guidanceScale: Guidance = 7.5
     seed: Seed = -1
     sampler: KnownSampler = "euler_a"
+    controlnets: ControlNets = []
 
 
 class AsyncGenerate(GenerateRequest):

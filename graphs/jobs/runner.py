@@ -35,6 +35,7 @@ from deployments.support.logs import replica_logging
 from deployments.support.metrics import JobMetrics
 from deployments.support.settings import current
 from graphs import availability, flights, plans
+from graphs.api.control_fields import control_units
 from graphs.api.errors import call, lost, unwrap
 from graphs.api.fields import image_bytes
 from graphs.jobs import webhooks
@@ -299,7 +300,8 @@ class JobRunner:
         if hit is not None:
             report = plans.Report.from_facts(hit.files[0], hit.facts)
         else:
-            report = await plans.seed000(self.handles, job.request, self.hires_upscaler, job.run_id)
+            units = await asyncio.to_thread(control_units, job.request.get("controlnets") or [], None, edit=False)
+            report = await plans.seed000(self.handles, job.request, self.hires_upscaler, job.run_id, units)
             await self.cache.put(key, report.facts(), [report.data])
         saved = await self._save(job, "image_0", report.data)
         return {"images": [saved], "seed": report.seed, "width": report.size[0], "height": report.size[1],

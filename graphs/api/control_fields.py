@@ -1,0 +1,94 @@
+"""The native API's ``controlnets`` field: ControlNet units on ``POST /generate`` and ``/generate/async``, and on
+the jobs' ``/generate/text2img``, ``/img2img``, ``/inpaint`` and ``/style-transfer``.
+
+A unit here is one unit of A1111's ControlNet extension under the native API's names, and becomes the same
+``ControlUnit`` the base runs (``graphs/api/a1111_controlnet.py`` maps the extension's): ``model`` is the
+extension's model, ``preprocessor`` its module, ``scale`` its weight, ``low_threshold`` and ``high_threshold`` its
+canny thresholds (threshold_a and threshold_b). Units are checked when a request is accepted, a queued job's too:
+its ControlNet is one of the base's (``GET /models`` lists them), its image decodes, and a text-to-image unit has
+one (an edit's unit without one takes the edit's init image, as the extension does). A refusal names its field as
+the body's own validation does: ``controlnets.0.model``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from deployments.support.control import CANNY_HIGH, CANNY_LOW, CANNY_RES, MAX_UNITS, ControlUnit, Preprocessor
+from deployments.support.errors import InvalidInput, UnknownModel
+from deployments.support.imaging import Fit
+from graphs.api.fields import image_field
+
+FIELD = "controlnets"
+
+
+class ControlNetUnit(BaseModel):
+    """One ControlNet unit: which ControlNet, on what image, how strongly and over which steps."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(..., min_length=1, max_length=128, description="the ControlNet: a name GET /models lists "
+                       "in controlnets (the base's configured ControlNets)")
+    image: str | None = Field(None, description="the control image, base64 or a data URI (before the "
+                              "preprocessor); omitted on an edit (img2img, inpaint, style transfer): the edit's "
+                              "own image. Text-to-image needs one")
+    preprocessor: Preprocessor = Field("none", description="what is made of the image first: none (the image is "
+                                       "the control map), canny (its edges, white on black), invert (line art "
+                                       "drawn black on white, inverted)")
+    scale: float = Field(1.0, ge=0.0, le=2.0, description="how strongly it guides (A1111's weight); 0: not at all")
+    guidance_start: float = Field(0.0, ge=0.0, le=1.0, description="the fraction of the denoising steps where it "
+                                  "starts guiding")
+    guidance_end: float = Field(1.0, ge=0.0, le=1.0, description="the fraction of the steps where it stops; not "
+                                "before guidance_start (equal: it guides no step)")
+    resize_mode: Fit = Field("crop", description="how the control map takes the image's size: stretch (A1111's "
+                             "Just Resize), crop (cover and centre-crop: Crop and Resize), fill (fit inside, the "
+                             "edges stretched out: Resize and Fill)")
+    processor_res: int = Field(CANNY_RES[0], ge=CANNY_RES[1], le=CANNY_RES[2], description="canny: the shorter "
+                               "side the image is resized to before edge detection")
+    low_threshold: float = Field(CANNY_LOW[0], ge=CANNY_LOW[1], le=CANNY_LOW[2], description="canny: the lower "
+                                 "hysteresis threshold (A1111's threshold_a)")
+    high_threshold: float = Field(CANNY_HIGH[0], ge=CANNY_HIGH[1], le=CANNY_HIGH[2], description="canny: the upper "
+                                  "hysteresis threshold (A1111's threshold_b)")
+
+    @field_validator("guidance_end")
+    @classmethod
+    def _not_before_start(cls, end: float, info: ValidationInfo) -> float:
+        start = info.data.get("guidance_start")
+        if start is not None and end < start:
+            raise ValueError(f"guidance_end={end} is before guidance_start={start}")
+        return end
+
+
+ControlNets = Annotated[list[ControlNetUnit], Field(max_length=MAX_UNITS, description=(
+    f"ControlNet units (at most {MAX_UNITS}), each guiding the base's denoising with a control image; empty: none"))]
+
+
+def control_units(units: Sequence[ControlNetUnit | dict], models: Collection[str] | None, *, edit: bool,
+                  field: str = FIELD) -> list[ControlUnit]:
+    """The base's units of a request's ``controlnets`` (as sent, or as a queued job keeps them), each image decoded.
+    ``models``: the base's ControlNets, or None where the base is left to check the names (a job accepted when they
+    were checked). ``edit``: the request has an init image for a unit without one."""
+    out = []
+    for i, raw in enumerate(units):
+        unit = raw if isinstance(raw, ControlNetUnit) else ControlNetUnit.model_validate(raw)
+        where = f"{field}.{i}"
+        if models is not None and unit.model not in models:
+            configured = f"GET /models lists {', '.join(models)}" if models else "none is configured here"
+            raise UnknownModel(f"unknown ControlNet {unit.model!r} ({configured})", field=f"{where}.model",
+                               details={"choices": list(models)})
+        if unit.image is None and not edit:
+            raise InvalidInput(f"ControlNet unit {i} has no image (text-to-image has no init image to use)",
+                               field=f"{where}.image")
+        canny = unit.preprocessor == "canny"  # the others read no slider: the defaults, as A1111's units keep them
+        out.append(ControlUnit(model=unit.model, image=None if unit.image is None else image_field(unit.image,
+                                                                                                   f"{where}.image"),
+                               module=unit.preprocessor, conditioning_scale=unit.scale,
+                               guidance_start=unit.guidance_start, guidance_end=unit.guidance_end,
+                               resize_mode=unit.resize_mode,
+                               processor_res=unit.processor_res if canny else CANNY_RES[0],
+                               threshold_a=unit.low_threshold if canny else CANNY_LOW[0],
+                               threshold_b=unit.high_threshold if canny else CANNY_HIGH[0]))
+    return out
