@@ -282,13 +282,15 @@ class BaseGenerator:
             # schedule (``on_step_end``).
             prompt_encoder = PromptEncoder(pipe, pipes.inversions.vocabulary)
             scheduled[0] = first = prompt_encoder.scheduled(per_image(prompts), negatives, request.steps * per_step,
-                                                            first_pass=request.schedule_from)
+                                                            first_pass=request.schedule_from,
+                                                            padding=request.cond_padding)
             texts: dict = first.at(0)
             if request.hires is not None:  # its own prompts (batch_key: the batch's hires are the same) or these
                 hires_prompts, hires_negatives = hires_texts_of(request.hires, per_image(prompts), negatives)
                 hires_texts = prompt_encoder.scheduled(hires_prompts, hires_negatives,
                                                        request.hires.steps * hires_evaluations(request.hires, sampler),
-                                                       first_pass=request.steps * per_step)
+                                                       first_pass=request.steps * per_step,
+                                                       padding=request.cond_padding)
         else:  # diffusers tokenizes these: the embeddings' names are rewritten into their tokens first
             vocabulary = pipes.inversions.vocabulary
             texts = dict(prompt=per_image([vocabulary.rewrite(p) for p in prompts]),
@@ -357,10 +359,11 @@ class BaseGenerator:
         # (batch_key: the whole batch or none of it) holds for every decode too, those of stopped items included.
         tiled = {id(m): m for m in (pipe.unet, pipe.vae, pipes.img2img.unet, pipes.txt2img.vae,
                                     getattr(pipe, "controlnet", None)) if m is not None}
-        # AND or a subprompt's weight (either pass): the UNet of both passes' pipelines composes A1111's guidance
-        # while the batch runs, reading the running pass's conditioning.
+        # AND or a subprompt's weight, or a prompt and a negative prompt of different lengths (either pass): the UNet
+        # of both passes' pipelines runs its calls as A1111's would while the batch runs, reading the running pass's
+        # conditioning.
         composed = (composing([pipe, pipes.img2img], lambda: scheduled[0])
-                    if any(c is not None and c.composes for c in (scheduled[0], hires_texts)) else nullcontext())
+                    if any(c is not None and c.reshapes for c in (scheduled[0], hires_texts)) else nullcontext())
         try:
             with circular(*tiled.values(), enabled=request.tiling), composed, \
                     noised(pipe, edit, pure=mode == "inpaint" and request.strength == 1.0):
@@ -625,7 +628,8 @@ def batch_key(request: GenerationRequest, chunks: tuple[int, ...] | None = None)
     an IP-Adapter reference and ControlNet units' images belong to one request). The checkpoint is part of it: a
     batch never mixes two.
     ``chunks``: an A1111 request's ``chunk_counts``, which its batch mates must need too. Tiling is part of it (the
-    convolutions pad one way for the whole call), and so is Euler's churn (bound into the call's one scheduler);
+    convolutions pad one way for the whole call), and so are Euler's churn (bound into the call's one scheduler) and
+    how a prompt and a negative prompt of different lengths meet (``cond_padding``: the batch's one conditioning);
     variation seeds and the noise multiplier are not (each image's noise is its own, varied and scaled in a batch
     as alone), nor are an A1111 prompt's AND and subprompt weights (``composable.Composed`` runs the other
     subprompts in a UNet call of their own and leaves a plain image's rows as they are)."""
@@ -637,7 +641,8 @@ def batch_key(request: GenerationRequest, chunks: tuple[int, ...] | None = None)
             request.schedule, request.guidance_scale, tuple((r.name, r.weight) for r in request.loras),
             tuple((r.name, r.weight) for r in tagged), bool(request.negative_prompt), request.denoising_end,
             (request.strength, request.exact_steps) if mode == "img2img" else None, request.hires,
-            request.prompt_syntax, chunks, request.tiling, request.eta, request.schedule_from, request.churn)
+            request.prompt_syntax, chunks, request.tiling, request.eta, request.schedule_from, request.churn,
+            request.cond_padding)
 
 
 BATCH_UNIT_PIXELS = 1024 * 1024
