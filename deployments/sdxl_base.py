@@ -56,7 +56,7 @@ from deployments.support.imaging import to_rgb
 from deployments.support.logs import replica_logging
 from deployments.support.metrics import StageMetrics
 from deployments.support.pipelines import LoraFiles, Pipelines, Resident
-from deployments.support.prompts import READING, Conditioning, PromptEncoder
+from deployments.support.prompts import READING, Conditioning, PromptEncoder, subprompts
 from deployments.support.reporting import Reporter
 from deployments.support.samplers import build_scheduler, evaluations, img2img_steps
 from deployments.support.settings import Settings, current
@@ -649,12 +649,38 @@ BATCH_UNIT_PIXELS = 1024 * 1024
 
 
 def batch_weight(item: BatchItem) -> int:
-    """An item's share of ``max_batch_size``, which counts 1024² images: each of its images weighs one per 1024²
-    it covers or starts (a 2048² hires pass weighs 4; smaller images 1), so large images no longer fill a batch
-    sized for SDXL's native size. An item that weighs the whole batch or more runs alone, unsplit."""
+    """An item's share of ``max_batch_size``, which counts plain 1024² images: each of its images weighs one per
+    1024² it covers or starts (a 2048² hires pass weighs 4; smaller images 1), so large images no longer fill a batch
+    sized for SDXL's native size; times the UNet rows an image of an A1111 prompt with AND or a subprompt weight runs
+    at each step against a plain image's (``unet_rows``: three subprompts under guidance are four rows where a plain
+    image is two, so it weighs twice as much). Its costliest pass counts (the hires fix's may read another prompt).
+    An item that weighs the whole batch or more runs alone, unsplit."""
     request = item.request
-    width, height = request.hires.size if request.hires else (request.width, request.height)
-    return item.count * max(1, math.ceil(width * height / BATCH_UNIT_PIXELS))
+    passes = [((request.width, request.height), request.prompt)]
+    if request.hires is not None:
+        passes.append((request.hires.size, request.hires.prompt if request.hires.prompt is not None
+                       else request.prompt))
+    most = max(max(1, math.ceil(width * height / BATCH_UNIT_PIXELS)) * unet_rows(request, prompt)
+               for (width, height), prompt in passes)
+    return math.ceil(item.count * most)
+
+
+def unet_rows(request: GenerationRequest, prompt: str) -> float:
+    """The UNet rows one image of ``request`` runs at each step with ``prompt``, against a plain image's: 1 but for
+    an A1111 prompt with AND or a subprompt weight, which ``composable.Composed`` runs one more row for per other
+    subprompt, and, without classifier-free guidance (diffusers runs none at a scale of 1 or less), one for its
+    negative prompt. A prompt that cannot be read counts as plain: its request fails before it runs."""
+    if request.prompt_syntax != "a1111":
+        return 1.0
+    try:
+        weights = [part.weight for part in subprompts(parse_lora_tags(prompt)[0])]
+    except InvalidInput:
+        return 1.0
+    if weights == [1.0]:
+        return 1.0
+    guided = request.guidance_scale > 1.0
+    plain = 2 if guided else 1
+    return (plain + len(weights) - 1 + (0 if guided else 1)) / plain
 
 
 class _Held:
