@@ -391,6 +391,24 @@ def test_saved_and_overridden_padding_options_reach_the_generation_request(servi
     assert refused.value.field == "override_settings.pad_cond_uncond"
 
 
+def test_a_hires_sampler_that_takes_no_churn_here_says_so_as_the_first_pass_does(service):
+    """Euler churns in the first pass; a second pass on Heun or DPM2 (hr_sampler_name) runs without it, and the
+    warnings say so as they do for a first pass on them; on Euler, or on a sampler A1111 gives none, nothing."""
+    hires = {"sampler_name": "Euler", "seed": 5, "enable_hr": True, "hr_scale": 1.5, "s_churn": 10}
+    assert service.txt2img(**hires, hr_sampler_name="Heun")["info"]["warnings"] == [
+        "s_churn is not applied to Heun here: the hires fix's second pass was made without it"]
+    assert service.txt2img(**hires, hr_sampler_name="DPM2", s_noise=0.5)["info"]["warnings"] == [
+        "s_churn is not applied to DPM2 here: the hires fix's second pass was made without it",
+        "s_noise is not applied to DPM2 here: the hires fix's second pass was made without it"]
+    assert service.txt2img(**hires, hr_sampler_name="Euler")["info"]["warnings"] == []
+    assert service.txt2img(**hires, hr_sampler_name="DDIM")["info"]["warnings"] == []
+    assert service.txt2img(**{**hires, "sampler_name": "Heun"}, hr_sampler_name="Heun")["info"]["warnings"] == [
+        "s_churn is not applied to Heun here: the image was made without it"]  # once: the first pass's
+    service.routes.jobs.set_option("s_churn", "10")  # a saved option too
+    assert service.txt2img(**{**hires, "s_churn": None}, hr_sampler_name="Heun")["info"]["warnings"] == [
+        "s_churn is not applied to Heun here: the hires fix's second pass was made without it"]
+
+
 def test_the_img2img_noise_multiplier_option_is_read_from_the_store_and_bounded():
     from graphs.api.a1111_options import typed
 

@@ -280,6 +280,8 @@ class A1111Routes(CheckpointChoice):
             ignored.append("hr_prompt: its <lora:...> tags are not applied by a Latent hires fix, one base call with "
                            "the first pass's LoRAs (a pixel hires fix applies them)")
         switch, hires = await self._refiner(r), await self._hires(r, choice)  # checked before anything runs
+        if hires is not None and hires.second.get("sampler") not in (None, choice.sampler):  # hr_sampler_name's pass
+            ignored += r.churn_unapplied(hires.second["sampler"], "the hires fix's second pass was made")
         model = await self._checkpoint(r)
         if hires is not None and hires.second.get("checkpoint") == model:
             del hires.second["checkpoint"]

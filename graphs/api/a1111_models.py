@@ -239,17 +239,17 @@ class Txt2ImgRequest(_A1111):
             return "v0"
         return "empty" if self.override_settings.get("pad_cond_uncond") else "off"
 
-    def churn_unapplied(self, sampler: str) -> list[str]:
+    def churn_unapplied(self, sampler: str, made: str = "the image was made") -> list[str]:
         """A warning for each churn setting that A1111's ``sampler`` would have applied and does not run here: all
         four on Heun and DPM2, s_noise on the ancestral and SDE samplers (Euler runs them; the other samplers take
-        none in A1111 either)."""
+        none in A1111 either). ``made``: what ran without them (the hires fix's second pass, for its sampler)."""
         churn = self.churn()
         if sampler == "Euler" or not (churn.churns and sampler in TAKES_CHURN
                                       or churn.s_noise != 1.0 and sampler in TAKES_S_NOISE):
             return []
         keys = [key for key, (default, _) in CHURN_SETTINGS.items() if getattr(churn, key) != default
                 and (sampler in TAKES_CHURN or key == "s_noise")]
-        return [f"{key} is not applied to {sampler} here: the image was made without it" for key in keys]
+        return [f"{key} is not applied to {sampler} here: {made} without it" for key in keys]
 
     @property
     def sampler(self) -> str | None:
