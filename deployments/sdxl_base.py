@@ -56,7 +56,7 @@ from deployments.support.imaging import to_rgb
 from deployments.support.logs import replica_logging
 from deployments.support.metrics import StageMetrics
 from deployments.support.pipelines import LoraFiles, Pipelines, Resident
-from deployments.support.prompts import READING, Conditioning, PromptEncoder
+from deployments.support.prompts import READING, Conditioning, PromptEncoder, subprompts
 from deployments.support.reporting import Reporter
 from deployments.support.samplers import build_scheduler, evaluations, img2img_steps
 from deployments.support.settings import Settings, current
@@ -282,13 +282,15 @@ class BaseGenerator:
             # schedule (``on_step_end``).
             prompt_encoder = PromptEncoder(pipe, pipes.inversions.vocabulary)
             scheduled[0] = first = prompt_encoder.scheduled(per_image(prompts), negatives, request.steps * per_step,
-                                                            first_pass=request.schedule_from)
+                                                            first_pass=request.schedule_from,
+                                                            padding=request.cond_padding)
             texts: dict = first.at(0)
             if request.hires is not None:  # its own prompts (batch_key: the batch's hires are the same) or these
                 hires_prompts, hires_negatives = hires_texts_of(request.hires, per_image(prompts), negatives)
                 hires_texts = prompt_encoder.scheduled(hires_prompts, hires_negatives,
                                                        request.hires.steps * hires_evaluations(request.hires, sampler),
-                                                       first_pass=request.steps * per_step)
+                                                       first_pass=request.steps * per_step,
+                                                       padding=request.cond_padding)
         else:  # diffusers tokenizes these: the embeddings' names are rewritten into their tokens first
             vocabulary = pipes.inversions.vocabulary
             texts = dict(prompt=per_image([vocabulary.rewrite(p) for p in prompts]),
@@ -357,10 +359,11 @@ class BaseGenerator:
         # (batch_key: the whole batch or none of it) holds for every decode too, those of stopped items included.
         tiled = {id(m): m for m in (pipe.unet, pipe.vae, pipes.img2img.unet, pipes.txt2img.vae,
                                     getattr(pipe, "controlnet", None)) if m is not None}
-        # AND or a subprompt's weight (either pass): the UNet of both passes' pipelines composes A1111's guidance
-        # while the batch runs, reading the running pass's conditioning.
+        # AND or a subprompt's weight, or a prompt and a negative prompt of different lengths (either pass): the UNet
+        # of both passes' pipelines runs its calls as A1111's would while the batch runs, reading the running pass's
+        # conditioning.
         composed = (composing([pipe, pipes.img2img], lambda: scheduled[0])
-                    if any(c is not None and c.composes for c in (scheduled[0], hires_texts)) else nullcontext())
+                    if any(c is not None and c.reshapes for c in (scheduled[0], hires_texts)) else nullcontext())
         try:
             with circular(*tiled.values(), enabled=request.tiling), composed, \
                     noised(pipe, edit, pure=mode == "inpaint" and request.strength == 1.0):
@@ -625,7 +628,8 @@ def batch_key(request: GenerationRequest, chunks: tuple[int, ...] | None = None)
     an IP-Adapter reference and ControlNet units' images belong to one request). The checkpoint is part of it: a
     batch never mixes two.
     ``chunks``: an A1111 request's ``chunk_counts``, which its batch mates must need too. Tiling is part of it (the
-    convolutions pad one way for the whole call), and so is Euler's churn (bound into the call's one scheduler);
+    convolutions pad one way for the whole call), and so are Euler's churn (bound into the call's one scheduler) and
+    how a prompt and a negative prompt of different lengths meet (``cond_padding``: the batch's one conditioning);
     variation seeds and the noise multiplier are not (each image's noise is its own, varied and scaled in a batch
     as alone), nor are an A1111 prompt's AND and subprompt weights (``composable.Composed`` runs the other
     subprompts in a UNet call of their own and leaves a plain image's rows as they are)."""
@@ -637,19 +641,46 @@ def batch_key(request: GenerationRequest, chunks: tuple[int, ...] | None = None)
             request.schedule, request.guidance_scale, tuple((r.name, r.weight) for r in request.loras),
             tuple((r.name, r.weight) for r in tagged), bool(request.negative_prompt), request.denoising_end,
             (request.strength, request.exact_steps) if mode == "img2img" else None, request.hires,
-            request.prompt_syntax, chunks, request.tiling, request.eta, request.schedule_from, request.churn)
+            request.prompt_syntax, chunks, request.tiling, request.eta, request.schedule_from, request.churn,
+            request.cond_padding)
 
 
 BATCH_UNIT_PIXELS = 1024 * 1024
 
 
 def batch_weight(item: BatchItem) -> int:
-    """An item's share of ``max_batch_size``, which counts 1024² images: each of its images weighs one per 1024²
-    it covers or starts (a 2048² hires pass weighs 4; smaller images 1), so large images no longer fill a batch
-    sized for SDXL's native size. An item that weighs the whole batch or more runs alone, unsplit."""
+    """An item's share of ``max_batch_size``, which counts plain 1024² images: each of its images weighs one per
+    1024² it covers or starts (a 2048² hires pass weighs 4; smaller images 1), so large images no longer fill a batch
+    sized for SDXL's native size; times the UNet rows an image of an A1111 prompt with AND or a subprompt weight runs
+    at each step against a plain image's (``unet_rows``: three subprompts under guidance are four rows where a plain
+    image is two, so it weighs twice as much). Its costliest pass counts (the hires fix's may read another prompt).
+    An item that weighs the whole batch or more runs alone, unsplit."""
     request = item.request
-    width, height = request.hires.size if request.hires else (request.width, request.height)
-    return item.count * max(1, math.ceil(width * height / BATCH_UNIT_PIXELS))
+    passes = [((request.width, request.height), request.prompt)]
+    if request.hires is not None:
+        passes.append((request.hires.size, request.hires.prompt if request.hires.prompt is not None
+                       else request.prompt))
+    most = max(max(1, math.ceil(width * height / BATCH_UNIT_PIXELS)) * unet_rows(request, prompt)
+               for (width, height), prompt in passes)
+    return math.ceil(item.count * most)
+
+
+def unet_rows(request: GenerationRequest, prompt: str) -> float:
+    """The UNet rows one image of ``request`` runs at each step with ``prompt``, against a plain image's: 1 but for
+    an A1111 prompt with AND or a subprompt weight, which ``composable.Composed`` runs one more row for per other
+    subprompt, and, without classifier-free guidance (diffusers runs none at a scale of 1 or less), one for its
+    negative prompt. A prompt that cannot be read counts as plain: its request fails before it runs."""
+    if request.prompt_syntax != "a1111":
+        return 1.0
+    try:
+        weights = [part.weight for part in subprompts(parse_lora_tags(prompt)[0])]
+    except InvalidInput:
+        return 1.0
+    if weights == [1.0]:
+        return 1.0
+    guided = request.guidance_scale > 1.0
+    plain = 2 if guided else 1
+    return (plain + len(weights) - 1 + (0 if guided else 1)) / plain
 
 
 class _Held:

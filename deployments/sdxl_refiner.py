@@ -239,7 +239,7 @@ class Refiner:
                 # Every text of the schedules, composed as the base composes. A1111 switches models mid-run and
                 # its step counter goes on: an ensemble's steps follow the schedule from where the base stopped.
                 conditioning = PromptEncoder(self.pipe, self.inversions.vocabulary).scheduled(
-                    per_image(prompts), negatives, request.steps * per_step)
+                    per_image(prompts), negatives, request.steps * per_step, padding=request.cond_padding)
                 order = getattr(self.pipe.scheduler, "order", 1)
                 texts: dict = conditioning.at((before or 0) * per_step // order)  # as the base's step_end counts
                 if conditioning.moves and before is not None:
@@ -255,7 +255,7 @@ class Refiner:
             try:
                 latents = None
                 composed = (composing([self.pipe], lambda: conditioning) if conditioning is not None
-                            and conditioning.composes else nullcontext())
+                            and conditioning.reshapes else nullcontext())
                 with fastpath.attention(self.config.fast), composed, suppress(Stopped):  # Stopped: no item runs on
                     latents = self.pipe(
                         **texts, guidance_scale=request.guidance_scale, aesthetic_score=request.aesthetic_score,
@@ -327,7 +327,7 @@ def batch_key(request: RefineRequest, source: StageResult | Image.Image, *, ense
     ``Refiner.chunk_counts``, since a batch pads every prompt to its most chunks."""
     shared = (ensemble, request.steps, request.guidance_scale, request.sampler, request.schedule,
               request.aesthetic_score, request.negative_aesthetic_score, bool(request.negative_prompt),
-              request.prompt_syntax, chunks, request.churn)
+              request.prompt_syntax, chunks, request.churn, request.cond_padding)
     if ensemble:
         latents = getattr(source, "latents", None)
         info = getattr(source, "info", {})  # the base's sampler and schedule, which the pass runs

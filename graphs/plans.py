@@ -162,7 +162,8 @@ def _refine(request: GenerationRequest, **mode) -> RefineRequest:
     the base's; the refiner takes the base's default where the request names none)."""
     return RefineRequest(prompt=request.prompt, negative_prompt=request.negative_prompt, steps=request.steps,
                          guidance_scale=request.guidance_scale, sampler=request.sampler, schedule=request.schedule,
-                         prompt_syntax=request.prompt_syntax, churn=request.churn, **mode)
+                         prompt_syntax=request.prompt_syntax, churn=request.churn,
+                         cond_padding=request.cond_padding, **mode)
 
 
 async def standard(h: Handles, request: GenerationRequest, opts: PlanOptions) -> Report:

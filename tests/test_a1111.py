@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
+from deployments.support.errors import InvalidInput
 from deployments.support.imaging import cover_box, frame
 from graphs.api.a1111_infotext import infotext, parse
 from graphs.api.a1111_models import ExtrasBatchRequest, Img2ImgRequest, Txt2ImgRequest
@@ -223,12 +224,17 @@ def test_an_infotext_too_long_for_a_jpegs_exif_is_left_out_with_a_warning():
 def test_the_saved_options_read_as_a1111s_with_its_defaults():
     from graphs.api.a1111_options import encoding, typed
 
+    running = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.0, "pad_cond_uncond": False,
+               "pad_cond_uncond_v0": False}  # read while a request runs (Txt2ImgRequest.under)
     assert typed({}) == {"samples_format": "png", "jpeg_quality": 80, "webp_lossless": False, "return_grid": True,
-                         "initial_noise_multiplier": 1.0}
+                         "initial_noise_multiplier": 1.0, **running}
     assert typed({"samples_format": "jpg", "jpeg_quality": "55", "webp_lossless": "true", "return_grid": "false"}) == {
         "samples_format": "jpg", "jpeg_quality": 55, "webp_lossless": True, "return_grid": False,
-        "initial_noise_multiplier": 1.0}
+        "initial_noise_multiplier": 1.0, **running}
     assert typed({"samples_format": "tiff", "jpeg_quality": "0"}) == typed({})  # a store edited by hand
+    assert typed({"s_churn": "12.5", "s_noise": "0.9", "pad_cond_uncond_v0": "true"}) == {
+        **typed({}), "s_churn": 12.5, "s_noise": 0.9, "pad_cond_uncond_v0": True}
+    assert typed({"s_churn": "101", "s_tmax": "nan", "s_noise": "-1", "s_tmin": "x"}) == typed({})  # by hand
     assert encoding({"samples_format": "jpg"}).format == "jpeg" and encoding({}).quality == 80
     webp = encoding({"samples_format": "webp", "webp_lossless": "true", "jpeg_quality": "70"})
     assert (webp.format, webp.quality, webp.lossless) == ("webp", 70, True)
@@ -337,6 +343,70 @@ def test_the_seed_options_map_to_the_generation_request_where_they_apply(service
     edit = service.routes._generation(img2img, 7, service.routes._choice(img2img), 9,
                                       init_image=Image.new("RGB", (64, 64)), strength=0.5)
     assert (edit.subseed, edit.subseed_strength, edit.seed_resize_from_w, edit.tiling) == (9, 0.4, 96, True)
+
+
+def test_saved_churn_options_run_as_a1111_reads_them_under_the_requests_own(service):
+    """A1111 1.10's Euler reads its churn options while a request runs (its override_settings over the saved ones):
+    one other than its default wins over the request's field; at its default the field runs, else nothing. The
+    saved value is part of the cache key (a new option is a new image), and the infotext names what ran."""
+    from deployments.support.generation import Churn
+
+    euler = {"sampler_name": "Euler", "seed": 5}
+
+    def ran(**fields) -> Churn | None:
+        body = service.txt2img(**euler, **fields)
+        assert body["info"]["cached"] is False
+        return service.batches[-1]["request"].churn
+
+    assert ran() is None
+    service.routes.jobs.set_option("s_churn", "10")
+    service.routes.jobs.set_option("s_noise", "0.5")
+    assert ran() == Churn(s_churn=10.0, s_noise=0.5)  # the same request as before: not the cached answer
+    written = parse(service.txt2img(**euler)["info"]["infotexts"][0])
+    assert (written["Sigma churn"], written["Sigma noise"]) == ("10.0", "0.5") and "Sigma tmin" not in written
+    assert ran(s_churn=3) == Churn(s_churn=10.0, s_noise=0.5)  # the option first, as A1111's sampler reads it
+    assert ran(s_churn=3, override_settings={"s_churn": 0}) == Churn(s_churn=3.0, s_noise=0.5)  # default: the field
+    assert ran(override_settings={"s_churn": 0}) is None
+    assert ran(override_settings={"s_churn": 20, "s_noise": 1.0}) == Churn(s_churn=20.0)
+    service.routes.jobs.set_option("s_churn", "0")
+    assert ran(s_churn=3) == Churn(s_churn=3.0, s_noise=0.5)
+
+
+def test_saved_and_overridden_padding_options_reach_the_generation_request(service):
+    """pad_cond_uncond and pad_cond_uncond_v0 (v0 winning), read as A1111's CFG denoiser reads them while the request
+    runs; neither: a prompt and a negative prompt of different lengths run apart, A1111's default."""
+    def padding(**fields) -> str:
+        service.txt2img(seed=5, **fields)
+        return service.batches[-1]["request"].cond_padding
+
+    assert padding() == "off"
+    assert padding(override_settings={"pad_cond_uncond": True}) == "empty"
+    assert padding(override_settings={"pad_cond_uncond": True, "pad_cond_uncond_v0": True}) == "v0"
+    service.routes.jobs.set_option("pad_cond_uncond", "true")
+    assert padding() == "empty"
+    assert padding(override_settings={"pad_cond_uncond": False}) == "off"
+    assert padding(override_settings={"pad_cond_uncond_v0": True}) == "v0"
+    with pytest.raises(InvalidInput) as refused:
+        service.txt2img(override_settings={"pad_cond_uncond": "yes"})
+    assert refused.value.field == "override_settings.pad_cond_uncond"
+
+
+def test_a_hires_sampler_that_takes_no_churn_here_says_so_as_the_first_pass_does(service):
+    """Euler churns in the first pass; a second pass on Heun or DPM2 (hr_sampler_name) runs without it, and the
+    warnings say so as they do for a first pass on them; on Euler, or on a sampler A1111 gives none, nothing."""
+    hires = {"sampler_name": "Euler", "seed": 5, "enable_hr": True, "hr_scale": 1.5, "s_churn": 10}
+    assert service.txt2img(**hires, hr_sampler_name="Heun")["info"]["warnings"] == [
+        "s_churn is not applied to Heun here: the hires fix's second pass was made without it"]
+    assert service.txt2img(**hires, hr_sampler_name="DPM2", s_noise=0.5)["info"]["warnings"] == [
+        "s_churn is not applied to DPM2 here: the hires fix's second pass was made without it",
+        "s_noise is not applied to DPM2 here: the hires fix's second pass was made without it"]
+    assert service.txt2img(**hires, hr_sampler_name="Euler")["info"]["warnings"] == []
+    assert service.txt2img(**hires, hr_sampler_name="DDIM")["info"]["warnings"] == []
+    assert service.txt2img(**{**hires, "sampler_name": "Heun"}, hr_sampler_name="Heun")["info"]["warnings"] == [
+        "s_churn is not applied to Heun here: the image was made without it"]  # once: the first pass's
+    service.routes.jobs.set_option("s_churn", "10")  # a saved option too
+    assert service.txt2img(**{**hires, "s_churn": None}, hr_sampler_name="Heun")["info"]["warnings"] == [
+        "s_churn is not applied to Heun here: the hires fix's second pass was made without it"]
 
 
 def test_the_img2img_noise_multiplier_option_is_read_from_the_store_and_bounded():

@@ -880,6 +880,46 @@ def test_the_refiner_follows_prompt_editing_on_from_the_base(ingress):
     assert not same_pixels(composed, txt2img(ingress, **refined, prompt="a lighthouse AND a lighthouse :0.5"))
 
 
+def test_a_saved_churn_option_changes_eulers_pixels_and_comes_before_the_field_as_in_a1111(ingress):
+    """``POST /options`` s_churn is read while each later request runs, as A1111 1.10's Euler reads its option: the
+    image churned by it, whether or not the request sets its own field (an option other than its default comes
+    first); an ``override_settings`` value at the default gives the field back. ``GET /options`` reports it."""
+    euler = {"sampler_name": "Euler", "seed": 5, "steps": 4}
+    today, churned = txt2img(ingress, **euler), txt2img(ingress, **euler, s_churn=10)
+    field = txt2img(ingress, **euler, s_churn=1)  # a churn of 1 / 4 a step; 10 / 4 is capped at sqrt(2) - 1
+    assert not same_pixels(churned, today) and not same_pixels(field, churned)
+    try:
+        ingress.set_options.remote(OptionsRequest(s_churn=10)).result()
+        assert ingress.get_options.remote().result()["s_churn"] == 10
+        saved = txt2img(ingress, **euler)
+        assert same_pixels(saved, churned) and not saved["info"]["cached"]  # the option is part of the cache key
+        assert parse(saved["info"]["infotexts"][0])["Sigma churn"] == "10.0"
+        assert same_pixels(txt2img(ingress, **euler, s_churn=1), churned)
+        assert same_pixels(txt2img(ingress, **euler, s_churn=1, override_settings={"s_churn": 0}), field)
+        assert same_pixels(txt2img(ingress, **euler, override_settings={"s_churn": 0}), today)
+    finally:
+        ingress.set_options.remote(OptionsRequest(s_churn=0)).result()
+    assert same_pixels(txt2img(ingress, **euler, s_churn=1), field)
+    with pytest.raises(ValidationError, match="s_churn"):
+        OptionsRequest(s_churn=101)
+
+
+def test_saved_pad_cond_uncond_changes_the_pixels_of_a_prompt_longer_than_its_negative(ingress):
+    """A prompt of two chunks with a negative prompt of one run apart (A1111's default); with pad_cond_uncond saved,
+    the negative prompt is padded with the empty prompt instead, another image. Prompts of one length: the same."""
+    long = {"prompt": "a " * 100, "negative_prompt": "blurry", "seed": 5}
+    short = {"prompt": "a lighthouse", "negative_prompt": "blurry", "seed": 5}
+    apart, plain = txt2img(ingress, **long), txt2img(ingress, **short)
+    try:
+        ingress.set_options.remote(OptionsRequest(pad_cond_uncond=True)).result()
+        padded = txt2img(ingress, **long)
+        assert not same_pixels(padded, apart) and not padded["info"]["cached"]
+        assert same_pixels(txt2img(ingress, **long, override_settings={"pad_cond_uncond": False}), apart)
+        assert same_pixels(txt2img(ingress, **short), plain)
+    finally:
+        ingress.set_options.remote(OptionsRequest(pad_cond_uncond=False)).result()
+
+
 def test_euler_takes_s_churn_from_the_field_or_the_override(ingress):
     """A1111's s_churn (and its window and noise scale) runs on Euler, from the request field or, winning over it
     when not at its default, the ``override_settings`` key (A1111 1.10 reads its option first); the infotext names

@@ -53,6 +53,64 @@ def test_an_item_larger_than_1024_squared_weighs_what_it_covers():
     assert weight(count=2, width=1024, height=1024, hires=hires) == 8  # its second pass sets its memory
 
 
+def test_an_and_prompt_weighs_the_unet_rows_its_subprompts_add():
+    """Under guidance a plain image runs two UNet rows a step; AND adds one per other subprompt (``Composed``), so
+    three subprompts weigh twice a plain image. Without guidance (a scale of 1 or less) a plain image is one row and
+    a composed one adds its negative prompt's too. Only the A1111 reading splits a prompt; the costliest pass counts."""
+    from deployments.sdxl_base import batch_weight
+
+    def weight(count: int = 1, **kw) -> int:
+        return batch_weight(BatchItem(request(**{"width": 1024, "height": 1024, "prompt_syntax": "a1111", **kw}),
+                                      "r", count))
+
+    assert weight(prompt="a cat") == weight(prompt="a cat :1") == 1
+    assert weight(prompt="a cat AND a dog AND a bird") == 2  # 4 rows against 2
+    assert weight(prompt="a cat AND a dog") == 2 and weight(count=2, prompt="a cat AND a dog") == 3  # 1.5 each
+    assert weight(prompt="a cat :2") == 1  # a weight alone: no row more under guidance
+    assert weight(prompt="a cat :2", guidance_scale=1.0) == 2  # unguided: its negative prompt's row
+    assert weight(prompt="a cat AND a dog", guidance_scale=1.0) == 3
+    assert weight(prompt="a <lora:style:0.5> cat AND a dog AND a bird") == 2
+    assert weight(prompt="a cat AND a dog AND a bird", prompt_syntax="plain") == 1  # text to the encoders
+    assert weight(prompt=" AND ".join(["a"] * 20)) == 1  # refused before it runs, alone
+    hires = LatentHires(width=2048, height=2048, mode="Latent", strength=0.5, steps=4, prompt="a cat AND a dog")
+    assert weight(prompt="a cat", hires=hires) == 6  # 4 x 1.5: the second pass's prompt composes
+    assert weight(prompt="a cat AND a dog AND a bird", hires=hires.model_copy(update={"prompt": None})) == 8
+
+
+@pytest.mark.anyio
+async def test_a_batch_of_and_prompts_holds_the_unet_rows_it_was_sized_for(monkeypatch):
+    """``max_batch_size`` 4 (plain images): a three-subprompt request weighs 2, so it shares its batch with two
+    plain ones, not three; one of nine rows an image (eight subprompts) runs alone."""
+    from types import SimpleNamespace
+
+    from ray import serve
+
+    from deployments.sdxl_base import batch_weight
+
+    replica = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=16))
+    monkeypatch.setattr(serve, "get_replica_context", lambda: replica)
+    calls: list[list[str]] = []
+
+    async def run(items: list[BatchItem]) -> list:
+        calls.append([item.request_id for item in items])
+        await asyncio.sleep(0.05)
+        return [item.request_id for item in items]
+
+    def item(name: str, prompt: str) -> BatchItem:
+        return BatchItem(request(prompt=prompt, width=1024, height=1024, prompt_syntax="a1111"), name)
+
+    batcher = Batcher(run, Batching(max_batch_size=4, batch_wait_timeout_s=0.2), size=batch_weight)
+    items = [item("and", "a cat AND a dog AND a bird"), *(item(f"p{i}", "a cat") for i in range(3))]
+    assert await asyncio.gather(*(batcher.submit("k", i) for i in items)) == ["and", "p0", "p1", "p2"]
+    assert [sum(batch_weight(next(i for i in items if i.request_id == n)) for n in c) for c in calls] == [4, 1]
+    calls.clear()
+    eight = item("eight", " AND ".join(["a cat"] * 8))
+    assert batch_weight(eight) == 5  # (2 + 7) / 2, rounded up: more than the batch holds
+    assert await asyncio.gather(batcher.submit("k", eight), batcher.submit("k", item("p3", "a cat"))) == [
+        "eight", "p3"]
+    assert sorted(calls) == [["eight"], ["p3"]]
+
+
 def test_each_item_of_a_batch_has_the_pixels_it_gets_alone(base):
     items = [BatchItem(request(seed=11, prompt="a red house"), "a"),
              BatchItem(request(seed=12, prompt="a blue boat", batch_size=2), "b", count=2),

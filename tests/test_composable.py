@@ -365,3 +365,114 @@ def test_the_encoder_keeps_each_images_subprompts_and_weights(base):
     assert c.rows(0) == ((0, 2, 0), (0, 0, 0), ((1,), (), ()))  # the negatives: one row of zeros
     assert c.at(0)["prompt_embeds"].shape == (3, 77, 80)  # the pipeline's rows: each image's first subprompt
     assert not PromptEncoder(pipe).scheduled(["a cat", "a dog :1"], None, 8).composes
+
+
+# --- lengths: a shorter subprompt, schedule or negative prompt, as A1111 1.10 meets it ----------------------------
+
+LONG = "a " * 100  # 100 tokens of text: two chunks
+
+
+def test_a_shorter_subprompt_repeats_its_last_vector_and_keeps_its_own_pooled_embedding(base):
+    """A1111's ``stack_conds`` makes every subprompt as long as the longest by repeating its last vector (no chunks
+    of the empty prompt); each keeps its own pooled embedding, which no padding touches."""
+    encoder = PromptEncoder(base.checkpoint().txt2img)
+    c = encoder.scheduled([f"{LONG}AND a cat"], ["blurry"], 8)
+    (_, (short,)), = c.others[0]
+    alone = encoder.scheduled([" a cat"], None, 8)  # the subprompt's text as a prompt of its own: one chunk
+    assert c.embeds.shape[1] == 154 and alone.embeds.shape[1] == 77
+    assert torch.equal(c.embeds[short, :77], alone.embeds[0])
+    assert torch.equal(c.embeds[short, 77:], alone.embeds[0, 76:].expand(77, -1))
+    assert torch.equal(c.pooled[short], alone.pooled[0])
+    assert not torch.equal(c.pooled[short], c.pooled[c.prompts[0][1][0]])
+
+
+def test_a_schedules_shorter_text_is_padded_with_the_empty_prompt(base):
+    """A1111 encodes one prompt's schedule in one call, which pads its shorter texts with chunks of the empty
+    prompt: ``a [cat:<two chunks>:3]`` is "a cat" and then the empty prompt until step 3."""
+    encoder = PromptEncoder(base.checkpoint().txt2img)
+    c = encoder.scheduled([f"a [cat:{LONG}:3]"], ["blurry"], 8)
+    ends, (first, later) = c.prompts[0]
+    nothing = encoder.scheduled([""], None, 8).embeds[0]  # the empty prompt's one chunk
+    assert ends == (3, 8) and c.embeds.shape[1] == 154
+    assert torch.equal(c.embeds[first, :77], encoder.scheduled(["a cat"], None, 8).embeds[0])
+    assert torch.equal(c.embeds[first, 77:], nothing)
+    assert not torch.equal(c.embeds[later, 77:], nothing)
+
+
+def test_a_prompt_and_a_negative_prompt_of_different_lengths_meet_as_a1111s_options(base):
+    """Off (A1111's default): each keeps its own length (``lengths``: the UNet reads 154 and 77 positions; the
+    pipeline's rows hold both at 154). pad_cond_uncond ("empty"): the shorter gets chunks of the empty prompt.
+    pad_cond_uncond_v0: the negative prompt repeats its last vector up to the prompt's length, or is cut there."""
+    encoder = PromptEncoder(base.checkpoint().txt2img)
+    nothing = encoder.scheduled([""], None, 8).embeds[0]
+    off = encoder.scheduled([LONG], ["blurry"], 8)
+    assert off.lengths == (154, 77) and off.embeds.shape[1] == off.negative_embeds.shape[1] == 154
+    assert encoder.scheduled([LONG], [LONG], 8).lengths is None  # of one length: one call, as before
+    empty = encoder.scheduled([LONG], ["blurry"], 8, padding="empty")
+    assert empty.lengths is None and torch.equal(empty.negative_embeds[0, :77], off.negative_embeds[0, :77])
+    assert torch.equal(empty.negative_embeds[0, 77:], nothing)
+    v0 = encoder.scheduled([LONG], ["blurry"], 8, padding="v0")
+    assert v0.lengths is None and torch.equal(v0.negative_embeds[0, :77], off.negative_embeds[0, :77])
+    assert torch.equal(v0.negative_embeds[0, 77:], off.negative_embeds[0, 76:77].expand(77, -1))
+    assert torch.equal(v0.embeds, off.embeds)  # the prompt is never touched by v0
+    cut = encoder.scheduled(["a cat"], [LONG], 8, padding="v0")  # a longer negative prompt: cut at the prompt's
+    assert cut.lengths is None and cut.negative_embeds.shape[1] == 77
+    assert torch.equal(cut.negative_embeds[0], encoder.scheduled([LONG], None, 8).embeds[0, :77])
+    longer = encoder.scheduled(["a cat"], [LONG], 8, padding="empty")  # the prompt is the shorter: it is padded
+    assert torch.equal(longer.embeds[0, 77:], nothing) and longer.lengths is None
+    assert encoder.scheduled(["a cat"], [LONG], 8).lengths == (77, 154)
+
+
+def test_zeros_for_no_negative_prompt_run_in_the_prompts_call_but_pad_as_a1111s_one_chunk(base):
+    """SDXL's zeros for an empty negative prompt: A1111's are one chunk long. Keys and values of zeros attend to
+    nothing at any length, so they run at the prompt's in one call; padded with the empty prompt, their second
+    chunk is the empty prompt's."""
+    encoder = PromptEncoder(base.checkpoint().txt2img)
+    assert base.checkpoint().txt2img.config.get("force_zeros_for_empty_prompt")
+    off = encoder.scheduled([LONG], None, 8)
+    assert off.lengths is None and off.negative_embeds.shape[1] == 154 and not off.negative_embeds.any()
+    empty = encoder.scheduled([LONG], None, 8, padding="empty")
+    assert not empty.negative_embeds[0, :77].any()
+    assert torch.equal(empty.negative_embeds[0, 77:], encoder.scheduled([""], None, 8).embeds[0])
+
+
+def test_a_prompt_and_a_negative_prompt_of_different_lengths_run_in_calls_of_their_own():
+    """``lengths`` (prompt 3 positions, negative prompt 6): the pipeline's [uncond; cond] rows run as two calls,
+    each row cut to its own length, and the other subprompts at the prompt's; a plain image's rows too."""
+    c = conditioning(2, [(1.0, 0.5, -0.25), (1.0,)])
+    c.lengths = (3, 6)
+    unet, inputs = RowUNet(), unet_inputs(c, guided=True)
+    states, pooled = inputs["encoder_hidden_states"], inputs["added_cond_kwargs"]["text_embeds"]
+    out = Composed(unet, Guided(7.0), lambda: c)(**inputs, return_dict=False)[0]
+    assert unet.calls == [2, 2, 2]  # the negatives, the prompts, the first image's other two subprompts
+    own = [row(unet, inputs, i, states[i, :6 if i < 2 else 3], pooled[i]) for i in range(4)]
+    torch.testing.assert_close(out[[0, 1, 3]], torch.stack([own[0], own[1], own[3]]), rtol=1e-5, atol=1e-6)
+    uncond = own[0]
+    conds = [own[2], *(row(unet, inputs, 2, c.embeds[k, :3], c.pooled[k]) for k in (1, 2))]
+    expected = uncond + sum(w * (cond - uncond) for w, cond in zip((1.0, 0.5, -0.25), conds, strict=True))
+    torch.testing.assert_close(out[2], expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(own[3], row(unet, inputs, 3, states[3], pooled[3]))  # the cut changes the numbers
+
+
+def test_unguided_the_negative_prompt_runs_at_its_own_length_beside_the_subprompts():
+    c = conditioning(1, [(0.5, 1.5)])
+    c.lengths = (3, 6)
+    unet, inputs = RowUNet(), unet_inputs(c, guided=False)
+    out = Composed(unet, Guided(0.8), lambda: c)(**inputs, return_dict=False)[0]
+    assert unet.calls == [1, 1, 1]  # the pipeline's row, the other subprompt, the negative prompt
+    uncond = row(unet, inputs, 0, c.negative_embeds[0, :6], c.negative_pooled[0])
+    first, second = (row(unet, inputs, 0, c.embeds[k, :3], c.pooled[k]) for k in (0, 1))
+    torch.testing.assert_close(out[0], uncond + 0.8 * (0.5 * (first - uncond) + 1.5 * (second - uncond)),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_the_padding_options_change_the_pixels_only_where_the_lengths_differ(base):
+    """A prompt of two chunks with a negative prompt of one: each option is its own image; the reading that runs
+    them apart is today's path for prompts of one length."""
+    long = {"prompt": LONG, "negative_prompt": "blurry"}
+    ran = {padding: image(base, **long, cond_padding=padding) for padding in ("off", "empty", "v0")}
+    assert np.abs(ran["off"] - ran["empty"]).mean() > SEEN / 4
+    assert np.abs(ran["off"] - ran["v0"]).mean() > SEEN / 4 and np.abs(ran["empty"] - ran["v0"]).mean() > SEEN / 4
+    same = {"prompt": "a cat", "negative_prompt": "blurry"}
+    plain = image(base, **same)
+    assert all(np.array_equal(image(base, **same, cond_padding=p), plain) for p in ("empty", "v0"))

@@ -346,15 +346,24 @@ def test_break_starts_a_chunk_encoded_as_a_prompt_of_its_own(pipe):
     assert torch.equal(both[:, 77:], encoded(pipe, ["a dog"])["prompt_embeds"])
 
 
-def test_prompts_and_negatives_are_padded_to_the_most_chunks_with_empty_prompt_chunks(pipe):
+def test_a_shorter_prompt_repeats_its_last_vector_and_negatives_keep_their_own_length(pipe):
+    """As A1111 1.10 stacks a batch's conditionings (``stack_conds``): a prompt shorter than the batch's longest
+    repeats its last vector. A negative prompt keeps its own length (A1111 runs it in a UNet call of its own): the
+    pipeline's rows hold it padded with the empty prompt's chunks, and ``lengths`` says what the UNet reads."""
     import torch
 
+    from deployments.support.prompts import PromptEncoder
+
     long = " ".join(["a"] * 100)
-    out = encoded(pipe, ["a cat", long], ["blurry", "blurry"])
+    c = PromptEncoder(pipe).scheduled(["a cat", long], ["blurry", "blurry"], 20)
+    out = c.at(0)
     assert out["prompt_embeds"].shape == out["negative_prompt_embeds"].shape == (2, 154, 80)
+    assert c.lengths == (154, 77)
+    cat = encoded(pipe, ["a cat"])["prompt_embeds"]
+    assert torch.equal(out["prompt_embeds"][0, :77], cat[0])
+    assert torch.equal(out["prompt_embeds"][0, 77:], cat[0, 76:].expand(77, -1))
     empty = encoded(pipe, [""])["prompt_embeds"]
     # Batched and single passes may round apart in the last bits on CPU.
-    torch.testing.assert_close(out["prompt_embeds"][0, 77:], empty[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(out["negative_prompt_embeds"][1, 77:], empty[0], rtol=0, atol=1e-5)
     zeros = encoded(pipe, [long], None)  # no negative on a force_zeros checkpoint: zeros, as many chunks
     assert zeros["negative_prompt_embeds"].shape == (1, 154, 80) and not zeros["negative_prompt_embeds"].any()

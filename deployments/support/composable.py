@@ -15,6 +15,11 @@ that compose, and answers ``uncond + cfg * sum_i w_i * (cond_i - uncond)``, A111
 time ids are the prompt's: on the refiner, the aesthetic score rather than the negative one). An image of one
 subprompt at weight 1 is left as diffusers guides it, at any scale.
 
+A prompt and a negative prompt of different lengths in chunks (``Conditioning.lengths``) run as A1111 1.10 runs them
+by default (its ``pad_cond_uncond`` options off): in UNet calls of their own, each at its own length. The pipeline
+concatenates them, so it holds both at the longer; ``Composed`` cuts each row back to its own before the UNet reads
+it (the pipeline's ControlNet, outside the UNet, still reads them at the longer).
+
 The other subprompts run in calls of at most a guided call's rows (two an image), so that a request's memory stays
 what its batch was sized for; on CUDA a call of one row runs as two, so that a compiled UNet (``fast.compile``),
 warmed up on batches, does not compile again for a batch of one inside a request.
@@ -44,9 +49,13 @@ class Composed:
 
     def __call__(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, *args,
                  added_cond_kwargs: dict | None = None, return_dict: bool = True, **kwargs):
-        out = self.unet(sample, timestep, encoder_hidden_states, *args, added_cond_kwargs=added_cond_kwargs,
-                        return_dict=False, **kwargs)[0]
         conditioning = self.conditioning()
+        if conditioning is not None and conditioning.lengths is not None:
+            out = self._apart(conditioning, sample, timestep, encoder_hidden_states, args, added_cond_kwargs or {},
+                              kwargs)
+        else:
+            out = self.unet(sample, timestep, encoder_hidden_states, *args, added_cond_kwargs=added_cond_kwargs,
+                            return_dict=False, **kwargs)[0]
         if conditioning is not None and conditioning.composes:
             out = self._compose(conditioning, out, sample, timestep, encoder_hidden_states, args,
                                 added_cond_kwargs or {}, kwargs)
@@ -65,6 +74,7 @@ class Composed:
             raise ValueError(f"the UNet ran {out.shape[0]} rows for {images} images")
         guided = out.shape[0] == 2 * images  # [uncond; cond], the pipeline's order
         _, negatives, others = conditioning.applied
+        cut = conditioning.lengths or (None, None)  # the positions a prompt's and a negative prompt's rows read
         # The second call's rows: each composing image's other subprompts, and its negative where the pipeline
         # ran none. ``source``: the pipeline's row whose latents, timestep and time ids it shares.
         source: list[int] = []
@@ -76,21 +86,19 @@ class Composed:
             own = images * guided + image
             for row in rows:
                 source.append(own)
-                embeds.append(conditioning.embeds[row])
+                embeds.append(conditioning.embeds[row, :cut[0]])
                 pooled.append(conditioning.pooled[row])
             if not guided:
                 source.append(own)
-                embeds.append(conditioning.negative_embeds[negatives[image]])
+                embeds.append(conditioning.negative_embeds[negatives[image], :cut[1]])
                 pooled.append(conditioning.negative_pooled[negatives[image]])
         # In calls of at most a guided call's rows (two an image): what the batch was sized for (``max_batch_size``
         # counts images, each two rows under guidance); eight subprompts an image must not make one call of eight
         # times that memory.
-        rows_in, most = out.shape[0], 2 * images
         extra = out[:0]
         if source:
-            extra = torch.cat([self._rows(source[at:at + most], embeds[at:at + most], pooled[at:at + most],
-                                          sample, timestep, states, args, added, kwargs, rows_in)
-                               for at in range(0, len(source), most)])
+            extra = self._calls(source, embeds, pooled, sample, timestep, states, args, added, kwargs,
+                                out.shape[0], 2 * images)
         cfg = float(getattr(self.pipe, "guidance_scale", 1.0))
         composed = list(out[images:] if guided else out)
         at = 0
@@ -111,6 +119,37 @@ class Composed:
         stacked = torch.stack(composed)
         return torch.cat([out[:images], stacked]) if guided else stacked
 
+
+    def _apart(self, conditioning: Conditioning, sample: torch.Tensor, timestep, states: torch.Tensor, args: tuple,
+               added: dict, kwargs: dict) -> torch.Tensor:
+        """The pipeline's own call with its negative prompts' rows and its prompts' each at their own length (the
+        pipeline holds both at the longer), in calls of their own, as A1111 runs a prompt and a negative prompt
+        of different lengths."""
+        rows, images = sample.shape[0], len(conditioning.prompts)
+        if rows not in (images, 2 * images) or conditioning.lengths is None:
+            raise ValueError(f"the UNet ran {rows} rows for {images} images")
+        cond, uncond = conditioning.lengths
+        length = [uncond] * (rows - images) + [cond] * images  # [uncond; cond] with guidance, cond without
+        return self._calls(list(range(rows)), [states[i, :n] for i, n in enumerate(length)],
+                           list(added["text_embeds"]), sample, timestep, states, args, added, kwargs, rows, rows)
+
+    def _calls(self, source: list[int], embeds: list[torch.Tensor], pooled: list[torch.Tensor], sample: torch.Tensor,
+               timestep, states: torch.Tensor, args: tuple, added: dict, kwargs: dict, rows_in: int,
+               most: int) -> torch.Tensor:
+        """``_rows`` for every row, in calls of at most ``most`` rows that each hold embeddings of one length;
+        their outputs in the rows' order."""
+        by_length: dict[int, list[int]] = {}
+        for i, embed in enumerate(embeds):
+            by_length.setdefault(embed.shape[0], []).append(i)
+        out: list[torch.Tensor] = [sample[:0]] * len(source)
+        for members in by_length.values():
+            for at in range(0, len(members), most):
+                part = members[at:at + most]
+                done = self._rows([source[i] for i in part], [embeds[i] for i in part], [pooled[i] for i in part],
+                                  sample, timestep, states, args, added, kwargs, rows_in)
+                for i, row in zip(part, done, strict=True):
+                    out[i] = row
+        return torch.stack(out)
 
     def _rows(self, source: list[int], embeds: list[torch.Tensor], pooled: list[torch.Tensor], sample: torch.Tensor,
               timestep, states: torch.Tensor, args: tuple, added: dict, kwargs: dict, rows_in: int) -> torch.Tensor:

@@ -24,6 +24,7 @@ from deployments.support.errors import GenerationCancelled, InvalidInput
 from deployments.support.imaging import comment_fits
 from deployments.support.imaging import encode as encode_image
 from deployments.support.overlay import Overlay
+from deployments.support.prompts import Padding
 from deployments.support.samplers import MIN_STRENGTH
 from deployments.support.settings import current
 
@@ -141,6 +142,11 @@ class GenerationRequest(BaseModel):
                               "fresh noise each step adds; None: 0, deterministic DDIM. Other samplers do not read it")
     churn: Churn | None = Field(None, description="Euler's churn (A1111's s_churn and its window and noise scale), "
                                 "in each pass Euler runs; None: none. Other samplers do not read it")
+    cond_padding: Padding = Field("off", description="a1111: how a prompt and a negative prompt of different "
+                                  "lengths in chunks meet (A1111's pad_cond_uncond options): off, UNet calls of "
+                                  "their own at their own lengths (A1111's default); empty, the shorter padded with "
+                                  "the empty prompt's chunks; v0, the negative prompt's last vector repeated up to "
+                                  "the prompt's length, or the negative prompt cut there")
 
     control: list[ControlUnit] = Field([], max_length=MAX_UNITS, description="ControlNet units (the base's "
                                        "`controlnets`); a request with any runs in a batch of its own")
@@ -195,6 +201,7 @@ class RefineRequest(BaseModel):
     prompt_syntax: PromptSyntax = Field("plain", description="how the prompts are read: the base request's")
     churn: Churn | None = Field(None, description="Euler's churn: the base request's, which an ensemble's steps go on "
                                 "with (A1111 runs one sampling run across the switch)")
+    cond_padding: Padding = Field("off", description="a1111: the base request's (see GenerationRequest)")
 
 
 class Encoding(BaseModel):

@@ -32,7 +32,7 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from deployments.support.errors import InvalidInput
 
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
     from deployments.support.embeddings import Vocabulary
 
-READING = "a1111-emphasis-chunks-schedule-5"  # part of the result cache's key: answers read otherwise are not served
+READING = "a1111-emphasis-chunks-schedule-6"  # part of the result cache's key: answers read otherwise are not served
 CHUNK_TOKENS = 75  # tokens of text per chunk: the encoders' 77 positions less the start and end tokens
 COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack default
 EMPHASIS = 1.1  # what one pair of round brackets multiplies by (square ones divide)
@@ -57,6 +57,9 @@ MAX_CHUNKS = 8
 MAX_SUBPROMPTS = 8
 # The fields whose text is never split on AND: A1111 composes the positive prompt alone.
 NEGATIVE_FIELDS = ("negative_prompt", "hr_negative_prompt")
+# How a prompt and a negative prompt of different lengths meet: A1111 1.10's options pad_cond_uncond ("empty") and
+# pad_cond_uncond_v0 ("v0", which wins when both are on); "off", its default, runs each in UNet calls of its own.
+Padding = Literal["off", "empty", "v0"]
 
 
 class Fragment(NamedTuple):
@@ -485,73 +488,101 @@ class PromptEncoder:
         return self.scheduled(prompts, negatives, steps).at(0)
 
     def scheduled(self, prompts: list[str], negatives: list[str] | None, steps: int,
-                  first_pass: int | None = None) -> Conditioning:
+                  first_pass: int | None = None, padding: Padding = "off") -> Conditioning:
         """``prompts`` (one per image) and their ``negatives`` over ``steps`` (A1111's count: twice the sampling
         steps for a second-order sampler; ``first_pass``: see ``schedule``): each prompt split on AND
         (``subprompts``), each distinct text of their schedules encoded once. The pipeline's own rows are each
         image's first subprompt; the others and the weights are for ``composable.Composed``. None: no negative
         prompt, read as diffusers reads it (zeros where the checkpoint's config says
-        ``force_zeros_for_empty_prompt``, else the encoding of ""). Every text ends with as many chunks as the
-        longest of them, padded with chunks of the empty prompt (the batching keys keep texts that need different
-        counts apart; a subprompt shorter than its prompt's longest is padded so too, where A1111 repeats its last
-        vector). Non-finite embeddings are refused, never denoised."""
+        ``force_zeros_for_empty_prompt``, else the encoding of ""). Non-finite embeddings are refused, never
+        denoised.
+
+        Lengths as A1111 1.10 makes them: a subprompt's (or a negative prompt's) schedule is encoded in one call,
+        which pads its shorter texts with chunks of the empty prompt; a subprompt shorter than the longest of the
+        prompts' then repeats its last vector up to it (``stack_conds``); the pooled embeddings are each text's own.
+        A prompt and a negative prompt of different lengths are then met as ``padding`` says (A1111's
+        ``pad_cond_uncond`` options): "off", its default, runs them in UNet calls of their own, each at its own
+        length (``Conditioning.lengths``: the pipeline's rows carry both at the longer, ``Composed`` cuts them);
+        "empty" pads the shorter with chunks of the empty prompt; "v0" repeats the negative prompt's last vector up
+        to the prompt's length, or cuts it there."""
         import torch
 
         zeros = negatives is None and bool(self.pipe.config.get("force_zeros_for_empty_prompt", False))
         groups = [prompts] if zeros else [prompts, negatives if negatives is not None else [""] * len(prompts)]
-        # Per image, its schedule's end steps and the index of each entry's text among its group's distinct texts.
-        # Per image, each subprompt's (one for a negative).
-        plans: list[list[list[tuple[tuple[int, ...], tuple[int, ...]]]]] = []
-        distinct: list[dict[str, int]] = []
+        # Per group, per image, per subprompt (one for a negative): its schedule's end steps and texts.
+        parts: list[list[list[tuple[tuple[int, ...], tuple[str, ...]]]]] = []
         weights: list[tuple[float, ...]] = []
         for group, name in zip(groups, FIELDS, strict=False):
-            index: dict[str, int] = {}
-            plans.append([])
+            parts.append([])
             for prompt in group:
-                parts = subprompts(prompt, name)
+                split = subprompts(prompt, name)
                 if name == "prompt":
-                    weights.append(tuple(part.weight for part in parts))
-                own = []
-                for part in parts:
-                    entries = schedule(part.text, steps, name, first_pass)
-                    own.append((tuple(end for end, _ in entries),
-                                tuple(index.setdefault(text, len(index)) for _, text in entries)))
-                plans[-1].append(own)
-            distinct.append(index)
-        read_by: list[dict[str, list[Chunk]]] = []
-        for tokenizer, _ in self.encoders:
-            read_by.append({text: self.chunks(text, tokenizer, name)
-                            for index, name in zip(distinct, FIELDS, strict=False) for text in index})
-        count = max(len(chunks) for by_text in read_by for chunks in by_text.values())
+                    weights.append(tuple(part.weight for part in split))
+                entries = [schedule(part.text, steps, name, first_pass) for part in split]
+                parts[-1].append([(tuple(end for end, _ in own), tuple(text for _, text in own)) for own in entries])
+        read_by = [{text: self.chunks(text, tokenizer, name) for own, name in zip(parts, FIELDS, strict=False)
+                    for image in own for _, texts in image for text in texts} for tokenizer, _ in self.encoders]
+        # Each subprompt's chunks: the most of its schedule's texts (with any of the tokenizers).
+        chunks = [[[max(len(by_text[t]) for by_text in read_by for t in texts) for _, texts in image] for image in own]
+                  for own in parts]
+        cond = max(n for image in chunks[0] for n in image)
+        uncond = 1 if zeros else max(n for image in chunks[1] for n in image)  # A1111's zeros are one chunk long
+        width = cond if padding == "v0" else max(cond, uncond)  # the chunks of every row the pipeline holds
+        # Zeros attend to nothing at any length (their keys and values are zero): no call of their own for them.
+        apart = padding == "off" and cond != uncond and not zeros
+        count = max(width, *(len(c) for by_text in read_by for c in by_text.values()))
+        empty = zeros and padding == "empty" and width > 1  # zeros, then chunks of the empty prompt
         dtype = self.encoders[-1][1].dtype
-        encoded: list[tuple[torch.Tensor, torch.Tensor]] = []
+        encoded: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
         with torch.no_grad():
             # Each text is encoded on its own: a batch's other texts would change the last bits of its numbers (the
             # pooled projection's on CPU), and so its pixels; a plain prompt gives the very numbers of diffusers.
-            for index in distinct:
-                rows: list[tuple[torch.Tensor, torch.Tensor]] = []
-                for text in index:
+            for own, name in zip(parts, FIELDS, strict=False):
+                texts = dict.fromkeys(t for image in own for _, texts in image for t in texts)
+                if empty and name == "prompt":
+                    texts[""] = None
+                encoded.append({})
+                for text in texts:
                     states: list[torch.Tensor] = []
                     pooled: torch.Tensor | None = None
                     for (tokenizer, encoder), by_text in zip(self.encoders, read_by, strict=True):
-                        hidden, first = self._encode(tokenizer, encoder, [by_text[text]], count)
+                        read = by_text[text] if text in by_text else [Chunk()]  # the empty prompt: one chunk
+                        hidden, first = self._encode(tokenizer, encoder, [read], count)
                         states.append(hidden)
                         pooled = first if first is not None else pooled
                     if pooled is None:
                         raise ValueError("the pipeline's last text encoder gives no pooled output")
-                    rows.append((torch.cat(states, dim=-1).to(dtype=dtype), pooled))
-                encoded.append((torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])))
-        for (states, pooled_), name in zip(encoded, FIELDS, strict=False):
-            # A backstop behind the weight caps: an overflow (float16, or a rescale by a mean near zero) would
-            # denoise into a black image, cached as an answer.
-            if not (bool(torch.isfinite(states).all()) and bool(torch.isfinite(pooled_).all())):
-                raise InvalidInput("the weighted prompt encodes to non-finite values", field=name)
+                    encoded[-1][text] = (torch.cat(states, dim=-1).to(dtype=dtype)[0], pooled[0])
+                # A backstop behind the weight caps: an overflow (float16, or a rescale by a mean near zero) would
+                # denoise into a black image, cached as an answer.
+                if not all(bool(torch.isfinite(s).all()) and bool(torch.isfinite(p).all())
+                           for s, p in encoded[-1].values()):
+                    raise InvalidInput("the weighted prompt encodes to non-finite values", field=name)
+        per = next(iter(encoded[0].values()))[0].shape[0] // count  # positions a chunk (77)
+        rows: list[dict[tuple[str, int], int]] = []
+        plans: list[list[list[Plan]]] = []
+        for own, lengths in zip(parts, chunks, strict=True):
+            index: dict[tuple[str, int], int] = {}
+            plans.append([[(ends, tuple(index.setdefault((text, n), len(index)) for text in texts))
+                           for (ends, texts), n in zip(image, image_lengths, strict=True)]
+                          for image, image_lengths in zip(own, lengths, strict=True)])
+            rows.append(index)
+        # A subprompt repeats its last vector up to the prompts' length; a negative prompt keeps its own length but
+        # under "v0", where it repeats its last vector up to the prompts' or is cut there.
+        repeats = [cond, cond if padding == "v0" else None]
+        built = [(torch.stack([_fitted(encoded[g][text][0], n, repeats[g] or n, width, per) for text, n in index]),
+                  torch.stack([encoded[g][text][1] for text, _ in index]))
+                 for g, index in enumerate(rows)]
         if zeros:
-            embeds, pooled = encoded[0]
-            encoded.append((torch.zeros_like(embeds[:1]), torch.zeros_like(pooled[:1])))
+            embeds, pooled = built[0]
+            nothing = torch.zeros_like(embeds[:1])
+            if empty:
+                nothing[0, per:] = encoded[0][""][0][per:width * per]
+            built.append((nothing, torch.zeros_like(pooled[:1])))
             plans.append([[((steps,), (0,))]] * len(prompts))
-        return Conditioning(*encoded[0], *encoded[1], [own[0] for own in plans[0]], [own[0] for own in plans[1]],
-                            [own[1:] for own in plans[0]], weights)
+        return Conditioning(*built[0], *built[1], [own[0] for own in plans[0]], [own[0] for own in plans[1]],
+                            [own[1:] for own in plans[0]], weights,
+                            lengths=(cond * per, uncond * per) if apart else None)
 
     @staticmethod
     def _encode(tokenizer, encoder, readings: list[list[Chunk]], count: int
@@ -583,6 +614,16 @@ class PromptEncoder:
         return torch.cat(parts, dim=1), pooled
 
 
+def _fitted(states: torch.Tensor, own: int, repeat_to: int, width: int, per: int) -> torch.Tensor:
+    """A text's states (its ``own`` chunks of ``per`` positions, then chunks of the empty prompt) as ``width``
+    chunks: past its own, its last vector repeated up to ``repeat_to`` chunks (A1111's ``stack_conds`` and
+    ``pad_cond_uncond_v0``), the empty prompt's chunks after that; cut at ``width``."""
+    out = states[:width * per].clone()
+    if repeat_to > own:
+        out[own * per:repeat_to * per] = states[own * per - 1]
+    return out
+
+
 def _emphasised(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Each token's state times its weight, then each chunk rescaled so that its mean is what it was: the weights
     change the tokens' relative emphasis, not the chunk's overall magnitude."""
@@ -603,7 +644,7 @@ class Conditioning:
     evaluation; ``step_end``, called from a pipeline's ``callback_on_step_end``, swaps in the next evaluation's
     wherever a schedule moves on, row by row, so that each image of a batch follows its own."""
 
-    embeds: torch.Tensor  # distinct prompt texts x sequence x features
+    embeds: torch.Tensor  # distinct prompt texts (at their lengths) x sequence x features
     pooled: torch.Tensor
     negative_embeds: torch.Tensor
     negative_pooled: torch.Tensor
@@ -611,6 +652,9 @@ class Conditioning:
     negatives: list[Plan]
     others: list[list[Plan]] | None = None  # per image: its subprompts after the first (None: none has any)
     weights: list[tuple[float, ...]] | None = None  # per image: each subprompt's weight, the first's first
+    # The positions the UNet reads of a prompt's rows and of a negative prompt's, where A1111 calls it on each apart
+    # (their lengths differ); None: every row at its full length, in one call.
+    lengths: tuple[int, int] | None = None
     applied: tuple | None = None  # the rows the pipeline (and ``composable.Composed``) holds now
 
     @property
@@ -623,6 +667,12 @@ class Conditioning:
     def composes(self) -> bool:
         """Whether any image's guidance is not its one prompt's at weight 1: it has an AND or a weight."""
         return any(weights != (1.0,) for weights in self.weights or [])
+
+    @property
+    def reshapes(self) -> bool:
+        """Whether the UNet's calls need ``composable.Composed``: to compose, or to run a prompt and a negative
+        prompt of different lengths apart."""
+        return self.composes or self.lengths is not None
 
     def rows(self, counter: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[tuple[int, ...], ...]]:
         """Each image's prompt and negative prompt rows at A1111's ``counter``-th evaluation (``current``), and

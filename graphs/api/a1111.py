@@ -236,7 +236,8 @@ class A1111Routes(CheckpointChoice):
                                  seed_resize_from_w=max(r.seed_resize_from_w, 0),
                                  seed_resize_from_h=max(r.seed_resize_from_h, 0),
                                  tiling=r.tiling, eta=r.eta if choice.sampler in READS_ETA else None,
-                                 churn=churn if (churn := r.churn()).churns else None, **extra)
+                                 churn=churn if (churn := r.churn()).churns else None,
+                                 cond_padding=r.cond_padding(), **extra)
 
     async def _run(self, http: Request, r: Txt2ImgRequest, parent: bytes | None = None, cache_as: str | None = None,
                    inits: list[Image.Image] | None = None, **extra) -> Response:
@@ -256,6 +257,11 @@ class A1111Routes(CheckpointChoice):
                 raise InvalidInput(f"{name} with its styles merged in is {len(text)} characters, more than "
                                    f"{MAX_PROMPT}", field="styles")
         r = r.model_copy(update=texts)
+        # The saved options, read once: the answers' files and grid, img2img's noise multiplier, and the settings A1111
+        # reads while the request runs (its override_settings over the saved ones: churn, padding).
+        saved = await asyncio.to_thread(self.jobs.options)
+        options = answer_options.typed(saved)
+        r = r.under(options)
         # A prompt the replicas cannot read is refused here, before it joins a batch; the replica counts its
         # chunks exactly with its tokenizers, and refuses there what this count (a lower bound) lets through.
         prompts.check(parse_lora_tags(r.prompt)[0], r.steps)
@@ -274,6 +280,8 @@ class A1111Routes(CheckpointChoice):
             ignored.append("hr_prompt: its <lora:...> tags are not applied by a Latent hires fix, one base call with "
                            "the first pass's LoRAs (a pixel hires fix applies them)")
         switch, hires = await self._refiner(r), await self._hires(r, choice)  # checked before anything runs
+        if hires is not None and hires.second.get("sampler") not in (None, choice.sampler):  # hr_sampler_name's pass
+            ignored += r.churn_unapplied(hires.second["sampler"], "the hires fix's second pass was made")
         model = await self._checkpoint(r)
         if hires is not None and hires.second.get("checkpoint") == model:
             del hires.second["checkpoint"]
@@ -289,10 +297,9 @@ class A1111Routes(CheckpointChoice):
         if r.subseed_strength > 0 and r.subseed == -1:  # a random variation seed: a new image each time
             cache_as = None
         # The file format too: a JPEG entry never answers a request made while PNG is the saved format; and
-        # whether a grid comes first.
-        saved = await asyncio.to_thread(self.jobs.options)
-        options = answer_options.typed(saved)
+        # whether a grid comes first; and the saved settings the request ran under.
         how = answer_options.encoding(saved).model_copy(update={"parent": parent})
+        ran["churn_ran"], ran["cond_padding"] = r.churn().model_dump(), r.cond_padding()
         ran["encoding"] = answer_options.file_key(how)
         if "init_image" in extra and extra.get("noise_multiplier") is None:  # A1111's saved option, as it reads it
             extra["noise_multiplier"] = options["initial_noise_multiplier"]

@@ -197,8 +197,9 @@ class A1111InfoRoutes(CheckpointChoice):
 
     @router.post("/options", response_model=Empty)
     async def set_options(self, body: OptionsRequest) -> dict:
-        """Set the default checkpoint, the answers' file format and grid, and img2img's noise multiplier of every
-        ingress replica for later requests; requests in flight keep theirs."""
+        """Set the default checkpoint, the answers' file format and grid, img2img's noise multiplier, Euler's churn
+        and the prompt / negative prompt padding of every ingress replica for later requests; requests in flight keep
+        theirs."""
         if body.sd_model_checkpoint is not None:
             await self.set_default_checkpoint(body.sd_model_checkpoint, "sd_model_checkpoint")
         for key in answer_options.DEFAULTS:

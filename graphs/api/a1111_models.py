@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -17,6 +18,7 @@ from deployments.support.generation import (
     MAX_S_TMIN,
     Churn,
 )
+from deployments.support.prompts import Padding
 from deployments.support.samplers import MIN_STRENGTH
 from graphs.api.fields import Guidance, Prompt, Seed, Side, Steps
 
@@ -72,6 +74,10 @@ SAME_SETTING = {"sd_vae": {"Automatic", "None", ""}}
 # named by ``settings_unapplied``.
 CHURN_SETTINGS: dict[str, tuple[float, float]] = {"s_churn": (0.0, MAX_S_CHURN), "s_tmin": (0.0, MAX_S_TMIN),
                                                   "s_tmax": (0.0, MAX_S_TMAX), "s_noise": (1.0, MAX_S_NOISE)}
+# How A1111 1.10's CFG denoiser meets a prompt and a negative prompt of different lengths: these options, read while
+# a request runs (its override_settings over the saved ones); v0 wins over the other; neither (the default): calls of
+# their own.
+PADDING_SETTINGS: dict[str, bool] = {"pad_cond_uncond": False, "pad_cond_uncond_v0": False}
 # The A1111 samplers whose k-diffusion function takes them (its ``sampler_extra_params``): all four, or s_noise alone.
 TAKES_CHURN = frozenset({"Euler", "Heun", "DPM2"})
 TAKES_S_NOISE = frozenset({"Euler a", "DPM2 a", "DPM++ 2S a", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun",
@@ -213,17 +219,37 @@ class Txt2ImgRequest(_A1111):
             values[key] = float(value) if value != default else (own if own is not None else default)
         return Churn(**values)
 
-    def churn_unapplied(self, sampler: str) -> list[str]:
+    def under(self, options: Mapping[str, object]) -> Txt2ImgRequest:
+        """This request as A1111 1.10 runs it under the saved ``options`` (``POST /sdapi/v1/options``): its settings
+        while it runs are the saved ones with its ``override_settings`` over them, which ``churn()`` and
+        ``cond_padding()`` read (A1111's sampler and CFG denoiser read its options then)."""
+        saved = {key: options[key] for key in (*CHURN_SETTINGS, *PADDING_SETTINGS) if key in options}
+        return self.model_copy(update={"override_settings": {**saved, **self.override_settings}})
+
+    def cond_padding(self) -> Padding:
+        """How a prompt and a negative prompt of different lengths in chunks meet, as A1111 1.10's CFG denoiser
+        reads its options: ``pad_cond_uncond_v0`` wins, then ``pad_cond_uncond``; neither, each runs in UNet calls
+        of its own. A value that is no boolean is refused naming its field."""
+        for key in PADDING_SETTINGS:
+            value = self.override_settings.get(key, False)
+            if not isinstance(value, bool):
+                raise InvalidInput(f"override_settings.{key}={value!r} is not a boolean",
+                                   field=f"override_settings.{key}")
+        if self.override_settings.get("pad_cond_uncond_v0"):
+            return "v0"
+        return "empty" if self.override_settings.get("pad_cond_uncond") else "off"
+
+    def churn_unapplied(self, sampler: str, made: str = "the image was made") -> list[str]:
         """A warning for each churn setting that A1111's ``sampler`` would have applied and does not run here: all
         four on Heun and DPM2, s_noise on the ancestral and SDE samplers (Euler runs them; the other samplers take
-        none in A1111 either)."""
+        none in A1111 either). ``made``: what ran without them (the hires fix's second pass, for its sampler)."""
         churn = self.churn()
         if sampler == "Euler" or not (churn.churns and sampler in TAKES_CHURN
                                       or churn.s_noise != 1.0 and sampler in TAKES_S_NOISE):
             return []
         keys = [key for key, (default, _) in CHURN_SETTINGS.items() if getattr(churn, key) != default
                 and (sampler in TAKES_CHURN or key == "s_noise")]
-        return [f"{key} is not applied to {sampler} here: the image was made without it" for key in keys]
+        return [f"{key} is not applied to {sampler} here: {made} without it" for key in keys]
 
     @property
     def sampler(self) -> str | None:
@@ -304,6 +330,19 @@ class OptionsRequest(_A1111):
                                      "first in images, as A1111 answers")
     initial_noise_multiplier: float | None = Field(None, ge=0.0, le=MAX_NOISE_MULTIPLIER, description="img2img's "
                                                    "noise multiplier for requests that do not set their own")
+    # Euler's churn (A1111 reads these while a request runs: one other than its default wins over the request's
+    # field, as an override_settings key does) and how a prompt and a negative prompt of different lengths meet.
+    s_churn: float | None = Field(None, ge=0.0, le=MAX_S_CHURN, description="Euler's churn (0: none)")
+    s_tmin: float | None = Field(None, ge=0.0, le=MAX_S_TMIN, description="Euler: the least sigma churned")
+    s_tmax: float | None = Field(None, ge=0.0, le=MAX_S_TMAX, description="Euler: the largest sigma churned (0: "
+                                 "no limit)")
+    s_noise: float | None = Field(None, ge=0.0, le=MAX_S_NOISE, description="Euler: the churn noise's scale")
+    pad_cond_uncond: bool | None = Field(None, description="a prompt and a negative prompt of different lengths: "
+                                         "the shorter padded with the empty prompt's chunks (off: UNet calls of "
+                                         "their own)")
+    pad_cond_uncond_v0: bool | None = Field(None, description="as pad_cond_uncond, the negative prompt's last "
+                                            "vector repeated or the negative prompt cut (wins over "
+                                            "pad_cond_uncond)")
 
 
 class PngInfoRequest(BaseModel):

@@ -1,21 +1,27 @@
 """A1111's saved options that shape its answers' files: ``samples_format`` (png, jpg, jpeg or webp),
 ``jpeg_quality`` (JPEG and WebP, A1111's default 80), ``webp_lossless`` and ``return_grid`` (a request with
-``save_images`` and several images answers the grid of them first; default on); and ``initial_noise_multiplier``,
+``save_images`` and several images answers the grid of them first; default on); ``initial_noise_multiplier``,
 img2img's for a request that sets none (A1111 reads this option when the request is made, before its
-``override_settings`` hold: an override of it changes nothing there, nor here). ``POST /sdapi/v1/options`` keeps them in
+``override_settings`` hold: an override of it changes nothing there, nor here); and those A1111 reads while a request
+runs, its ``override_settings`` over them (``Txt2ImgRequest.under``): Euler's churn (``s_churn``, ``s_tmin``,
+``s_tmax``, ``s_noise``) and ``pad_cond_uncond`` / ``pad_cond_uncond_v0``. ``POST /sdapi/v1/options`` keeps them in
 the job store, as text, so that every ingress replica reads the same; each generation and extras request reads them
 once, when it starts, and its last stage encodes its images that way."""
 
 from __future__ import annotations
 
 import asyncio
+import math
 
 from deployments.support.generation import MAX_NOISE_MULTIPLIER, Encoding
+from graphs.api.a1111_models import CHURN_SETTINGS, PADDING_SETTINGS
 from graphs.jobs.store import JobStore
 
 # A1111 1.10's defaults (modules/shared_options.py).
 DEFAULTS: dict[str, str | int | float | bool] = {"samples_format": "png", "jpeg_quality": 80, "webp_lossless": False,
-                                                 "return_grid": True, "initial_noise_multiplier": 1.0}
+                                                 "return_grid": True, "initial_noise_multiplier": 1.0,
+                                                 **{key: default for key, (default, _) in CHURN_SETTINGS.items()},
+                                                 **PADDING_SETTINGS}
 FORMATS = {"png": "png", "jpg": "jpeg", "jpeg": "jpeg", "webp": "webp"}  # A1111's names -> the encoder's
 
 
@@ -33,16 +39,24 @@ def typed(options: dict[str, str]) -> dict[str, str | int | float | bool]:
     quality = options.get("jpeg_quality", "")
     if quality.isdigit() and 1 <= int(quality) <= 100:
         out["jpeg_quality"] = int(quality)
-    for flag in ("webp_lossless", "return_grid"):
+    for flag in ("webp_lossless", "return_grid", *PADDING_SETTINGS):
         if flag in options:
             out[flag] = options[flag] == "true"
-    try:
-        noise = float(options.get("initial_noise_multiplier", "1"))
-    except ValueError:
-        noise = 1.0
-    if 0.0 <= noise <= MAX_NOISE_MULTIPLIER:  # NaN too fails this
-        out["initial_noise_multiplier"] = noise
+    bounds = {"initial_noise_multiplier": MAX_NOISE_MULTIPLIER, **{k: most for k, (_, most) in CHURN_SETTINGS.items()}}
+    for key, most in bounds.items():
+        value = _number(options.get(key, ""))
+        if value is not None and 0.0 <= value <= most:
+            out[key] = value
     return out
+
+
+def _number(text: str) -> float | None:
+    """A stored number, or None where the text is none (or not finite)."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
 
 
 def encoding(options: dict[str, str]) -> Encoding:
