@@ -197,7 +197,8 @@ NOT_IN_THE_IMAGE = {"preset": "it fills in the other fields before the key is ta
 ALTERNATIVES = {"prompt": "a pear", "negative_prompt": "blurry", "seed": 2, "width": 512, "height": 768,
                 "num_inference_steps": 12, "guidance_scale": 3.5, "use_refiner": False, "hires_fix": True,
                 "use_realesrgan": False, "use_face_restoration": True, "face_restoration_weight": 0.9,
-                "overlay": {"text": "a caption"}, "model": "anime"}
+                "overlay": {"text": "a caption"}, "model": "anime",
+                "controlnets": [{"model": "tiny-canny", "image": "aW1hZ2U=", "preprocessor": "canny"}]}
 GENERATE = {"prompt": "an apple", "seed": 1, "model": "tiny-sdxl-base"}
 
 
