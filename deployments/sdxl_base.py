@@ -798,6 +798,10 @@ class SDXLBase:
         never the inference thread, which has batches to run."""
         return await asyncio.to_thread(lambda: [control.detect(i, module, resolution, low, high) for i in images])
 
+    async def controlnet_titles(self) -> list[str]:
+        """The ControlNets as A1111's extension lists them (``name [hash]``), hashed once as they loaded."""
+        return list(self.model.controls.titles)
+
     async def refresh(self) -> dict[str, list[str]]:
         """Read the checkpoint, LoRA and embedding folders again."""
         return await asyncio.to_thread(self.model.refresh)

@@ -1046,11 +1046,16 @@ def test_img2img_unit_without_an_image_uses_the_init_image(ingress):
     assert np.abs(pixels(decode_b64(implicit["images"][0])) - pixels(decode_b64(plain["images"][0]))).mean() > 1.0
 
 
-def test_controlnet_routes(ingress):
+def test_controlnet_routes(ingress, tiny):
+    from deployments.support.checkpoints import model_hash
     from graphs.api.controlnet import DetectRequest
 
     assert ingress.controlnet_version.remote().result() == {"version": 2}
-    assert ingress.controlnet_model_list.remote().result() == {"model_list": ["tiny-canny"]}
+    # As the extension lists them: "name [hash]", A1111's old hash of the weights file.
+    digest = model_hash(tiny / "controlnet-canny" / "diffusion_pytorch_model.safetensors")
+    listed = ingress.controlnet_model_list.remote().result()
+    assert listed == {"model_list": [f"tiny-canny [{digest}]"]}
+    assert ingress.controlnet_model_list.remote(update=False).result() == listed
     modules = ingress.controlnet_module_list.remote().result()
     assert modules["module_list"] == ["none", "canny", "invert"]
     assert [s["value"] for s in modules["module_detail"]["canny"]["sliders"]] == [512, 100.0, 200.0]

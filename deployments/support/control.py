@@ -125,12 +125,15 @@ class ControlNets:
 
     def __init__(self, config: SDXLBaseConfig, device: torch.device, dtype: torch.dtype,
                  settings: Settings | None = None) -> None:
+        from deployments.support.checkpoints import model_hash
         from deployments.weights import loader
 
-        self.models = {name: loader.load_controlnet(source, dtype, settings, name).to(device)
-                       for name, source in config.controlnets.items()}
-        for model in self.models.values():
-            model.eval()
+        self.models: dict = {}
+        self.titles: list[str] = []  # as the extension lists them: "name [hash]" (A1111's old hash of the weights)
+        for name, source in config.controlnets.items():
+            folder = loader.resolve(source, settings)
+            self.models[name] = loader.load_controlnet(str(folder), dtype, settings, name).to(device).eval()
+            self.titles.append(f"{name} [{model_hash(loader.controlnet_weights(folder))}]")
         # checkpoint pipelines -> (mode, ControlNet names) -> its ControlNet pipeline; an evicted checkpoint's go
         # with it (weak keys), so that they never keep its modules alive.
         self._pipelines: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
