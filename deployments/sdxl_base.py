@@ -53,6 +53,7 @@ from deployments.support.generation import (
     variation_seeds,
 )
 from deployments.support.imaging import to_rgb
+from deployments.support.injection import steering
 from deployments.support.logs import replica_logging
 from deployments.support.metrics import StageMetrics
 from deployments.support.pipelines import LoraFiles, Pipelines, Resident
@@ -366,6 +367,7 @@ class BaseGenerator:
                     if any(c is not None and c.reshapes for c in (scheduled[0], hires_texts)) else nullcontext())
         try:
             with circular(*tiled.values(), enabled=request.tiling), composed, \
+                    steering(pipe, control.active(units)), \
                     noised(pipe, edit, pure=mode == "inpaint" and request.strength == 1.0):
                 latents = None
                 try:
