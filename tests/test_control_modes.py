@@ -200,6 +200,71 @@ def test_steering_sets_the_modes_for_the_run_alone(base):
     assert nets.injections == [Injection()] and nets.last is None
 
 
+# --- AND: each subprompt's own residuals -------------------------------------------------------------------------
+
+def test_and_subprompts_get_residuals_of_their_own_text(base, monkeypatch):
+    image = squares((64, 64))
+    composed = dict(prompt="a lighthouse AND a storm at sea :0.7", prompt_syntax="a1111", control=[unit(image)])
+    unet = base.checkpoint().txt2img.unet
+    net = base.controls.models["tiny-canny"]
+    calls: list[dict] = []
+    images: list[torch.Tensor] = []
+
+    def record(_module, args, kwargs):
+        calls.append({"sample": args[0].clone(), "timestep": args[1], "states": args[2].clone(),
+                      "added": {k: kwargs["added_cond_kwargs"][k].clone() for k in ("text_embeds", "time_ids")},
+                      "down": [d.clone() for d in kwargs["down_block_additional_residuals"]],
+                      "mid": kwargs["mid_block_additional_residual"].clone()})
+
+    def control_input(_module, _args, kwargs):
+        images.append(kwargs["controlnet_cond"].clone())
+
+    hooks = [unet.register_forward_pre_hook(record, with_kwargs=True),
+             net.register_forward_pre_hook(control_input, with_kwargs=True)]
+    try:
+        own = gen(base, **composed)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    # Each step: the pipeline's call (negative and first subprompt), then the second subprompt's, one row.
+    assert len(calls) == 2 * SMALL["steps"] and [c["sample"].shape[0] for c in calls[:2]] == [2, 1]
+    pipeline, second = calls[0], calls[1]
+    # Its residuals are the ControlNet's on its own row and text, at the unit's scale: computed here by hand.
+    with torch.no_grad():
+        down, mid = net(second["sample"], second["timestep"], encoder_hidden_states=second["states"],
+                        controlnet_cond=images[0][1:], conditioning_scale=1.0,
+                        added_cond_kwargs=second["added"], return_dict=False)
+    for a, b in zip([*second["down"], second["mid"]], [*down, mid], strict=True):
+        torch.testing.assert_close(a, b)
+    # ... not the first subprompt's, which it shared before.
+    assert not torch.allclose(second["mid"], pipeline["mid"][1:])
+    # And the image is not the shared residuals' (``again`` declining: Composed then shares the pipeline's rows).
+    monkeypatch.setattr(Injected, "again", lambda *args, **kwargs: None)
+    shared = gen(base, **composed)
+    assert np.abs(own - shared).mean() > 0.05
+
+
+def test_and_without_guidance_counts_the_negative_rows_as_unconditional(base):
+    """At cfg 1 the pipeline runs no negative rows: Composed runs them beside the other subprompts, and a
+    "ControlNet is more important" unit adds nothing there."""
+    image = squares((64, 64))
+    unet = base.checkpoint().txt2img.unet
+    extra: list[torch.Tensor] = []
+
+    def record(_module, args, kwargs):
+        extra.append(kwargs.get("mid_block_additional_residual"))
+
+    hook = unet.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        gen(base, prompt="a lighthouse AND a storm :0.5", prompt_syntax="a1111", guidance_scale=1.0,
+            control=[unit(image, control_mode="control")])
+    finally:
+        hook.remove()
+    second = extra[1]  # [storm; negative]
+    assert second is not None and second.shape[0] == 2
+    assert torch.count_nonzero(second[0]) > 0 and torch.count_nonzero(second[1]) == 0
+
+
 # --- the model list ----------------------------------------------------------------------------------------------
 
 def test_model_hash_is_a1111s_old_hash(tmp_path, base, tiny):
