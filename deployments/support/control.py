@@ -153,6 +153,14 @@ def check(units: list[ControlUnit], mode: str, denoising_end: float | None) -> N
         raise InvalidInput("ControlNet image-to-image cannot stop early for the refiner", field="control")
 
 
+class _SameControlForEveryPrompt(logging.Filter):
+    """diffusers warns on every call of a MultiControlNet pipeline given a list of prompts that the control images
+    are the same for each of them: what a request's units mean here (one unit runs as a MultiControlNet too)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "ControlNets and you have passed" not in record.getMessage()
+
+
 class ControlNets:
     """The ControlNets of one replica by name, loaded once on its device and dtype, and the ControlNet pipelines
     each held checkpoint runs them with (made on first use from its modules, kept while it is held)."""
@@ -212,6 +220,9 @@ class ControlNets:
                    "inpaint": StableDiffusionXLControlNetInpaintPipeline}[mode]
             pipe = cls.from_pipe(pipes.txt2img, controlnet=Injected(nets))
             pipe.set_progress_bar_config(disable=True)
+            quiet = logging.getLogger(cls.__module__)
+            if not any(isinstance(f, _SameControlForEveryPrompt) for f in quiet.filters):
+                quiet.addFilter(_SameControlForEveryPrompt())
             made[key] = pipe
         return made[key]
 
