@@ -244,6 +244,48 @@ def test_and_subprompts_get_residuals_of_their_own_text(base, monkeypatch):
     assert np.abs(own - shared).mean() > 0.05
 
 
+def test_a_prompt_and_a_negative_prompt_of_different_lengths_get_residuals_at_their_own(base):
+    """A prompt of two chunks and a negative prompt of one run in UNet calls of their own (A1111's default): each
+    call's residuals are the ControlNet's on its own text at its own length, as the extension computes them inside
+    each call, not the pipeline's (computed on both at the longer)."""
+    image = squares((64, 64))
+    unet = base.checkpoint().txt2img.unet
+    net = base.controls.models["tiny-canny"]
+    calls: list[dict] = []
+    pipeline: list[dict] = []
+
+    def record(_module, args, kwargs):
+        calls.append({"sample": args[0].clone(), "timestep": args[1], "states": args[2].clone(),
+                      "added": {k: kwargs["added_cond_kwargs"][k].clone() for k in ("text_embeds", "time_ids")},
+                      "mid": kwargs["mid_block_additional_residual"].clone()})
+
+    def control_input(_module, _args, kwargs):
+        pipeline.append({"image": kwargs["controlnet_cond"].clone(), "states": kwargs["encoder_hidden_states"]})
+
+    hooks = [unet.register_forward_pre_hook(record, with_kwargs=True),
+             net.register_forward_pre_hook(control_input, with_kwargs=True)]
+    try:
+        gen(base, prompt="a " * 100, negative_prompt="blurry", prompt_syntax="a1111", control=[unit(image)])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    negative, prompt = calls[0], calls[1]  # the first step's two calls
+    assert (negative["states"].shape[1], prompt["states"].shape[1]) == (77, 154)
+    assert pipeline[0]["states"].shape[:2] == (2, 154)  # the pipeline's own ControlNet call: both at the longer
+    for call, row in ((negative, 0), (prompt, 1)):
+        with torch.no_grad():
+            _, mid = net(call["sample"], call["timestep"], encoder_hidden_states=call["states"],
+                         controlnet_cond=pipeline[0]["image"][row:row + 1], conditioning_scale=1.0,
+                         added_cond_kwargs=call["added"], return_dict=False)
+        torch.testing.assert_close(call["mid"], mid)
+    # The negative prompt's call no longer reads the pipeline's residual row (its text padded to 154).
+    with torch.no_grad():
+        _, padded = net(negative["sample"], negative["timestep"], encoder_hidden_states=pipeline[0]["states"][:1],
+                        controlnet_cond=pipeline[0]["image"][:1], conditioning_scale=1.0,
+                        added_cond_kwargs=negative["added"], return_dict=False)
+    assert not torch.allclose(negative["mid"], padded)
+
+
 def test_and_without_guidance_counts_the_negative_rows_as_unconditional(base):
     """At cfg 1 the pipeline runs no negative rows: Composed runs them beside the other subprompts, and a
     "ControlNet is more important" unit adds nothing there."""
