@@ -53,6 +53,7 @@ from deployments.support.generation import (
     variation_seeds,
 )
 from deployments.support.imaging import to_rgb
+from deployments.support.injection import steering
 from deployments.support.logs import replica_logging
 from deployments.support.metrics import StageMetrics
 from deployments.support.pipelines import LoraFiles, Pipelines, Resident
@@ -366,6 +367,7 @@ class BaseGenerator:
                     if any(c is not None and c.reshapes for c in (scheduled[0], hires_texts)) else nullcontext())
         try:
             with circular(*tiled.values(), enabled=request.tiling), composed, \
+                    steering(pipe, control.active(units)), \
                     noised(pipe, edit, pure=mode == "inpaint" and request.strength == 1.0):
                 latents = None
                 try:
@@ -797,6 +799,10 @@ class SDXLBase:
         """A ControlNet preprocessor's maps of ``images`` (A1111's /controlnet/detect): OpenCV on a worker thread,
         never the inference thread, which has batches to run."""
         return await asyncio.to_thread(lambda: [control.detect(i, module, resolution, low, high) for i in images])
+
+    async def controlnet_titles(self) -> list[str]:
+        """The ControlNets as A1111's extension lists them (``name [hash]``), hashed once as they loaded."""
+        return list(self.model.controls.titles)
 
     async def refresh(self) -> dict[str, list[str]]:
         """Read the checkpoint, LoRA and embedding folders again."""

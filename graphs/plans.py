@@ -398,9 +398,10 @@ async def a1111_batch(h: Handles, request: GenerationRequest, request_id: str, *
         # Its prompt schedule counts on from the first pass's model evaluations, as A1111's second pass does; its
         # noise takes each image's variation seed and seed resize, as the first pass's did (``passes_over``).
         counted = request.steps * evaluations(request.sampler) if request.sampler else None
+        # Its units marked as in the second pass; a pixel-perfect one keeps the first pass's resolution.
+        units = control.second_pass(request.control, (request.width, request.height))
         again = request.model_copy(update={"strength": hires.strength, "steps": hires.steps, "exact_steps": True,
-                                           "schedule_from": counted, "control": control.second_pass(request.control),
-                                           **hires.second})
+                                           "schedule_from": counted, "control": units, **hires.second})
         last = base_for(h, again).generate.remote(again, request_id, how, init=upscaled)
     if restore_faces:
         last = h.faces.restore.remote(last, 0.6, encode=h.last(encode))

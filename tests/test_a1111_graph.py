@@ -1011,8 +1011,8 @@ def test_controlnet_units_the_older_spellings_and_several_units(ingress):
     assert np.abs(pixels(decode_b64(two["images"][0])) - pixels(decode_b64(one["images"][0]))).mean() > 0.5
     text = decode_b64(two["images"][0]).info["parameters"]
     assert "ControlNet 0: " in text and "ControlNet 1: " in text
-    warnings = " ".join(two["info"]["warnings"])
-    assert "args[1].control_mode 2 is not applied" in warnings and "args[1].pixel_perfect" in warnings
+    # The extension's control mode and Pixel Perfect run here: nothing to warn of.
+    assert not [w for w in two["info"]["warnings"] if "control_mode" in w or "pixel_perfect" in w]
 
 
 def test_controlnet_units_are_refused_naming_their_field(ingress):
@@ -1046,11 +1046,16 @@ def test_img2img_unit_without_an_image_uses_the_init_image(ingress):
     assert np.abs(pixels(decode_b64(implicit["images"][0])) - pixels(decode_b64(plain["images"][0]))).mean() > 1.0
 
 
-def test_controlnet_routes(ingress):
+def test_controlnet_routes(ingress, tiny):
+    from deployments.support.checkpoints import model_hash
     from graphs.api.controlnet import DetectRequest
 
     assert ingress.controlnet_version.remote().result() == {"version": 2}
-    assert ingress.controlnet_model_list.remote().result() == {"model_list": ["tiny-canny"]}
+    # As the extension lists them: "name [hash]", A1111's old hash of the weights file.
+    digest = model_hash(tiny / "controlnet-canny" / "diffusion_pytorch_model.safetensors")
+    listed = ingress.controlnet_model_list.remote().result()
+    assert listed == {"model_list": [f"tiny-canny [{digest}]"]}
+    assert ingress.controlnet_model_list.remote(update=False).result() == listed
     modules = ingress.controlnet_module_list.remote().result()
     assert modules["module_list"] == ["none", "canny", "invert"]
     assert [s["value"] for s in modules["module_detail"]["canny"]["sliders"]] == [512, 100.0, 200.0]
@@ -1124,6 +1129,38 @@ def test_controlnet_hr_option_picks_the_passes_a_unit_guides(ingress, upscaler):
     assert run("High res only")["images"] == run("Both")["images"]
     error = refused(lambda: run("Medium res", **hires))
     assert error.details["field"] == "alwayson_scripts.ControlNet.args[0].hr_option"
+
+
+def test_controlnet_control_mode_pixel_perfect_and_a_listed_name(ingress):
+    """The extension's control modes and Pixel Perfect are applied (tests/test_control_modes.py has their
+    arithmetic); a name as /controlnet/model_list lists it runs the same ControlNet. Pixels are compared: each
+    infotext names the settings sent."""
+    unit = {"module": "canny", "model": "tiny-canny", "image": b64(edges_photo())}
+
+    def made(**fields) -> np.ndarray:
+        hires = fields.pop("hires", {})
+        body = txt2img(ingress, **hires, alwayson_scripts=controlnet({**unit, **fields}))
+        assert not [w for w in body["info"]["warnings"] if "ControlNet" in w], body["info"]["warnings"]
+        return pixels(decode_b64(body["images"][0]))
+
+    def differ(a: np.ndarray, b: np.ndarray) -> bool:
+        return bool(np.abs(a - b).mean() > 0.5)
+
+    by_name = made()
+    listed = ingress.controlnet_model_list.remote().result()["model_list"][0]
+    assert listed.startswith("tiny-canny [") and np.array_equal(made(model=listed), by_name)
+    modes = {mode: made(control_mode=mode) for mode in (1, 2)}
+    assert differ(modes[1], by_name) and differ(modes[2], by_name) and differ(modes[1], modes[2])
+    assert np.array_equal(made(control_mode="ControlNet is more important"), modes[2])
+    # 64x64 image, 64x64 target: canny at 64 (processor_res, 512 by default, is not read then).
+    perfect = made(pixel_perfect=True, processor_res=5000)
+    assert np.array_equal(perfect, made(processor_res=64)) and differ(perfect, by_name)
+    # A hires fix's second pass keeps the first pass's resolution (computed at 96x96 it would be 96).
+    hires = {"enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "None", "hr_second_pass_steps": 2,
+             "denoising_strength": 0.5}
+    both = made(pixel_perfect=True, hires=hires)
+    assert np.array_equal(both, made(processor_res=64, hires=hires))
+    assert not np.array_equal(both, made(processor_res=96, hires=hires))
 
 
 def test_canny_sliders_set_out_of_bounds_run_at_their_defaults_and_say_so(ingress):

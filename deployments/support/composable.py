@@ -18,11 +18,16 @@ subprompt at weight 1 is left as diffusers guides it, at any scale.
 A prompt and a negative prompt of different lengths in chunks (``Conditioning.lengths``) run as A1111 1.10 runs them
 by default (its ``pad_cond_uncond`` options off): in UNet calls of their own, each at its own length. The pipeline
 concatenates them, so it holds both at the longer; ``Composed`` cuts each row back to its own before the UNet reads
-it (the pipeline's ControlNet, outside the UNet, still reads them at the longer).
+it, and with ControlNet units computes each such call's residuals again on its rows at their own length, as the
+extension computes them inside each UNet call (the pipeline's own ControlNet call read them at the longer).
 
 The other subprompts run in calls of at most a guided call's rows (two an image), so that a request's memory stays
 what its batch was sized for; on CUDA a call of one row runs as two, so that a compiled UNet (``fast.compile``),
 warmed up on batches, does not compile again for a batch of one inside a request.
+
+With ControlNet units, the other subprompts' rows get residuals of their own: the units' ControlNets run again on
+those rows with their own text (``injection.Injected.again``), as A1111's extension runs them inside every UNet
+call, the negative prompt's rows counted as unconditional (a "ControlNet is more important" unit adds nothing there).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from typing import Any
 
 import torch
 
+from deployments.support.injection import Injected, take_rows
 from deployments.support.prompts import Conditioning
 
 
@@ -80,6 +86,7 @@ class Composed:
         source: list[int] = []
         embeds: list[torch.Tensor] = []
         pooled: list[torch.Tensor] = []
+        negative: list[bool] = []
         for image, (weights, rows) in enumerate(zip(conditioning.weights, others, strict=True)):
             if weights == (1.0,):
                 continue
@@ -88,16 +95,18 @@ class Composed:
                 source.append(own)
                 embeds.append(conditioning.embeds[row, :cut[0]])
                 pooled.append(conditioning.pooled[row])
+                negative.append(False)
             if not guided:
                 source.append(own)
                 embeds.append(conditioning.negative_embeds[negatives[image], :cut[1]])
                 pooled.append(conditioning.negative_pooled[negatives[image]])
+                negative.append(True)
         # In calls of at most a guided call's rows (two an image): what the batch was sized for (``max_batch_size``
         # counts images, each two rows under guidance); eight subprompts an image must not make one call of eight
         # times that memory.
         extra = out[:0]
         if source:
-            extra = self._calls(source, embeds, pooled, sample, timestep, states, args, added, kwargs,
+            extra = self._calls(source, embeds, pooled, negative, sample, timestep, states, args, added, kwargs,
                                 out.shape[0], 2 * images)
         cfg = float(getattr(self.pipe, "guidance_scale", 1.0))
         composed = list(out[images:] if guided else out)
@@ -131,11 +140,12 @@ class Composed:
         cond, uncond = conditioning.lengths
         length = [uncond] * (rows - images) + [cond] * images  # [uncond; cond] with guidance, cond without
         return self._calls(list(range(rows)), [states[i, :n] for i, n in enumerate(length)],
-                           list(added["text_embeds"]), sample, timestep, states, args, added, kwargs, rows, rows)
+                           list(added["text_embeds"]), [i < rows - images for i in range(rows)], sample, timestep,
+                           states, args, added, kwargs, rows, rows)
 
-    def _calls(self, source: list[int], embeds: list[torch.Tensor], pooled: list[torch.Tensor], sample: torch.Tensor,
-               timestep, states: torch.Tensor, args: tuple, added: dict, kwargs: dict, rows_in: int,
-               most: int) -> torch.Tensor:
+    def _calls(self, source: list[int], embeds: list[torch.Tensor], pooled: list[torch.Tensor], negative: list[bool],
+               sample: torch.Tensor, timestep, states: torch.Tensor, args: tuple, added: dict, kwargs: dict,
+               rows_in: int, most: int) -> torch.Tensor:
         """``_rows`` for every row, in calls of at most ``most`` rows that each hold embeddings of one length;
         their outputs in the rows' order."""
         by_length: dict[int, list[int]] = {}
@@ -146,39 +156,38 @@ class Composed:
             for at in range(0, len(members), most):
                 part = members[at:at + most]
                 done = self._rows([source[i] for i in part], [embeds[i] for i in part], [pooled[i] for i in part],
-                                  sample, timestep, states, args, added, kwargs, rows_in)
+                                  [negative[i] for i in part], sample, timestep, states, args, added, kwargs, rows_in)
                 for i, row in zip(part, done, strict=True):
                     out[i] = row
         return torch.stack(out)
 
-    def _rows(self, source: list[int], embeds: list[torch.Tensor], pooled: list[torch.Tensor], sample: torch.Tensor,
-              timestep, states: torch.Tensor, args: tuple, added: dict, kwargs: dict, rows_in: int) -> torch.Tensor:
+    def _rows(self, source: list[int], embeds: list[torch.Tensor], pooled: list[torch.Tensor], negative: list[bool],
+              sample: torch.Tensor, timestep, states: torch.Tensor, args: tuple, added: dict, kwargs: dict,
+              rows_in: int) -> torch.Tensor:
         """One UNet call on ``embeds`` and ``pooled``, each row with the latents, timestep and time ids of the
-        pipeline's row ``source[i]``. On CUDA a single row runs twice (one output kept): a compiled UNet, warmed up
-        on batches, would otherwise compile again for a batch of one in the middle of a request."""
+        pipeline's row ``source[i]`` (``negative[i]``: the negative prompt's), and the ControlNet residuals of its own
+        text where units run. On CUDA a single row runs twice (one output kept): a compiled UNet, warmed up on
+        batches, would otherwise compile again for a batch of one in the middle of a request."""
         pad = len(source) == 1 and sample.device.type == "cuda"
         if pad:
-            source, embeds, pooled = source * 2, embeds * 2, pooled * 2
+            source, embeds, pooled, negative = source * 2, embeds * 2, pooled * 2, negative * 2
         index = torch.tensor(source, device=sample.device)
-        extra_added = {name: _take(value, index, rows_in) for name, value in added.items()}
+        extra_added = {name: take_rows(value, index, rows_in) for name, value in added.items()}
         extra_added["text_embeds"] = torch.stack(pooled).to(added["text_embeds"].device, added["text_embeds"].dtype)
-        rows = self.unet(sample[index], _take(timestep, index, rows_in),
-                         torch.stack(embeds).to(states.device, states.dtype),
-                         *[_take(a, index, rows_in) for a in args], added_cond_kwargs=extra_added,
-                         return_dict=False, **{k: _take(v, index, rows_in) for k, v in kwargs.items()})[0]
+        extra_states = torch.stack(embeds).to(states.device, states.dtype)
+        extra_kwargs = {k: take_rows(v, index, rows_in) for k, v in kwargs.items()}
+        extra_timestep = take_rows(timestep, index, rows_in)
+        nets = getattr(self.pipe, "controlnet", None)
+        if isinstance(nets, Injected) and "mid_block_additional_residual" in kwargs:
+            # The pipeline's residuals were computed on its rows' text (the first subprompt's, at the longer
+            # length where a prompt and its negative differ): these rows get their own.
+            residuals = nets.again(index, rows_in, sample[index], extra_timestep, extra_states, extra_added, negative)
+            if residuals is not None:
+                extra_kwargs["down_block_additional_residuals"], extra_kwargs["mid_block_additional_residual"] = \
+                    residuals
+        rows = self.unet(sample[index], extra_timestep, extra_states, *[take_rows(a, index, rows_in) for a in args],
+                         added_cond_kwargs=extra_added, return_dict=False, **extra_kwargs)[0]
         return rows[:1] if pad else rows
-
-
-def _take(value, index: torch.Tensor, rows: int):
-    """``value``'s rows at ``index`` where it has one per UNet row (a tensor, or a list or dict of them: the
-    time ids, IP-Adapter's image embeddings); as it is otherwise (a scalar timestep, an attention scale)."""
-    if isinstance(value, torch.Tensor):
-        return value[index.to(value.device)] if value.ndim and value.shape[0] == rows else value
-    if isinstance(value, list | tuple):
-        return type(value)(_take(v, index, rows) for v in value)
-    if isinstance(value, dict):
-        return {k: _take(v, index, rows) for k, v in value.items()}
-    return value
 
 
 @contextmanager

@@ -3,7 +3,8 @@
 An SDXL ControlNet fits any SDXL base, so a replica loads its ControlNets once (``ControlNets``, on its device and
 dtype) and every checkpoint it holds shares them. A request with control units runs on the ControlNet variant of
 its mode's pipeline (text-to-image, image-to-image or inpainting), built from the checkpoint's own modules: no
-second UNet, VAE or text encoder. Several units run as one ``MultiControlNetModel``.
+second UNet, VAE or text encoder. The units run as one ``MultiControlNetModel`` (``injection.Injected``), which
+scales and masks each unit's residuals as the extension's control mode says.
 
 This module is imported by the ingress too (``ControlUnit`` travels in ``GenerationRequest``): torch, diffusers and
 OpenCV are imported where they are used, never at the top.
@@ -37,6 +38,7 @@ Preprocessor = Literal["none", "canny", "invert"]
 CANNY_RES = (512, 64, 2048)
 CANNY_LOW = (100.0, 1.0, 255.0)
 CANNY_HIGH = (200.0, 1.0, 255.0)
+ControlMode = Literal["balanced", "prompt", "control"]
 # The pipeline arguments a ControlNet pass adds (``image`` too, for text-to-image: it is the control image there).
 KWARGS = ("control_image", "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
 
@@ -61,6 +63,17 @@ class ControlUnit(BaseModel):
     threshold_b: float = Field(CANNY_HIGH[0], ge=CANNY_HIGH[1], le=CANNY_HIGH[2], description="canny: high threshold")
     passes: Literal["both", "first", "second"] = Field("both", description="with a hires fix, the passes it "
                                                        "guides (A1111's hr_option): both, the first, the second")
+    control_mode: ControlMode = Field("balanced", description="the extension's control mode: balanced, prompt (My "
+                                      "prompt is more important: soft residual weights) or control (ControlNet is "
+                                      "more important: soft weights, the conditional rows alone)")
+    pixel_perfect: bool = Field(False, description="canny's resolution computed from the image's size, the "
+                                "generation size and the resize mode, as the extension's Pixel Perfect computes it "
+                                "(processor_res is then not read)")
+    pixel_target: tuple[int, int] | None = Field(None, description="pixel_perfect's target size (width, height); "
+                                                 "None: the generation size. A hires fix's second pass keeps the "
+                                                 "first pass's, as the extension computes it once a request")
+    hires_pass: bool = Field(False, description="it guides a hires fix's second pass, where canny takes the soft "
+                             "weights whatever the control mode, as the extension forces them there")
 
     @model_validator(mode="after")
     def _guidance_in_order(self) -> ControlUnit:
@@ -82,6 +95,16 @@ def at_resolution(image: Image.Image, resolution: int) -> Image.Image:
     return Image.fromarray(cv2.resize(np.asarray(image), size, interpolation=method))
 
 
+def pixel_perfect_resolution(size: tuple[int, int], width: int, height: int, fit: Fit) -> int:
+    """The preprocessor resolution the extension's Pixel Perfect gives an image of ``size`` framed at ``width`` x
+    ``height`` (its ``pixel_perfect_resolution``): the image's shorter side times the smaller of the two scale factors
+    for Resize and Fill (the whole image fits), the larger otherwise (the target is covered), rounded half to even as
+    numpy rounds."""
+    scales = (height / size[1], width / size[0])
+    scale = min(scales) if fit == "fill" else max(scales)
+    return max(1, round(scale * min(size)))
+
+
 def detect(image: Image.Image, module: Preprocessor, resolution: int = CANNY_RES[0],
            low: float = CANNY_LOW[0], high: float = CANNY_HIGH[0]) -> Image.Image:
     """The control map a preprocessor makes of ``image`` (RGB), at the size it works at: canny at ``resolution``
@@ -98,12 +121,23 @@ def detect(image: Image.Image, module: Preprocessor, resolution: int = CANNY_RES
 
 
 def control_image(unit: ControlUnit, fallback: Image.Image | None, width: int, height: int) -> Image.Image:
-    """A unit's control map at the generation size, framed by its resize mode."""
+    """A unit's control map at the generation size, framed by its resize mode; canny at ``resolution(...)``."""
     source = unit.image if unit.image is not None else fallback
     if source is None:
         raise InvalidInput("a ControlNet unit needs an image in text-to-image", field="control.image")
-    mapped = detect(source, unit.module, unit.processor_res, unit.threshold_a, unit.threshold_b)
+    mapped = detect(source, unit.module, resolution(unit, source, width, height), unit.threshold_a, unit.threshold_b)
     return frame(mapped, width, height, unit.resize_mode)
+
+
+def resolution(unit: ControlUnit, source: Image.Image, width: int, height: int) -> int:
+    """The resolution a unit's preprocessor runs at on ``source``: its processor_res, or with pixel_perfect the
+    extension's estimate for its target (``pixel_target``, else ``width`` x ``height``). On image-to-image a unit
+    without an image reads the init image as framed at the generation size, so its estimate is that size's shorter
+    side (the extension estimates from the upload's own size, then frames the map it makes)."""
+    if not unit.pixel_perfect:
+        return unit.processor_res
+    target = unit.pixel_target or (width, height)
+    return pixel_perfect_resolution(source.size, *target, unit.resize_mode)
 
 
 def check(units: list[ControlUnit], mode: str, denoising_end: float | None) -> None:
@@ -119,18 +153,29 @@ def check(units: list[ControlUnit], mode: str, denoising_end: float | None) -> N
         raise InvalidInput("ControlNet image-to-image cannot stop early for the refiner", field="control")
 
 
+class _SameControlForEveryPrompt(logging.Filter):
+    """diffusers warns on every call of a MultiControlNet pipeline given a list of prompts that the control images
+    are the same for each of them: what a request's units mean here (one unit runs as a MultiControlNet too)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "ControlNets and you have passed" not in record.getMessage()
+
+
 class ControlNets:
     """The ControlNets of one replica by name, loaded once on its device and dtype, and the ControlNet pipelines
     each held checkpoint runs them with (made on first use from its modules, kept while it is held)."""
 
     def __init__(self, config: SDXLBaseConfig, device: torch.device, dtype: torch.dtype,
                  settings: Settings | None = None) -> None:
+        from deployments.support.checkpoints import model_hash
         from deployments.weights import loader
 
-        self.models = {name: loader.load_controlnet(source, dtype, settings, name).to(device)
-                       for name, source in config.controlnets.items()}
-        for model in self.models.values():
-            model.eval()
+        self.models: dict = {}
+        self.titles: list[str] = []  # as the extension lists them: "name [hash]" (A1111's old hash of the weights)
+        for name, source in config.controlnets.items():
+            folder = loader.resolve(source, settings)
+            self.models[name] = loader.load_controlnet(str(folder), dtype, settings, name).to(device).eval()
+            self.titles.append(f"{name} [{model_hash(loader.controlnet_weights(folder))}]")
         # checkpoint pipelines -> (mode, ControlNet names) -> its ControlNet pipeline; an evicted checkpoint's go
         # with it (weak keys), so that they never keep its modules alive.
         self._pipelines: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -152,7 +197,7 @@ class ControlNets:
 
     def pipeline(self, pipes, mode: str, units: list[ControlUnit]):
         """``mode``'s pipeline of the checkpoint ``pipes``: its own without units, else its ControlNet variant with
-        the units' ControlNets (one, or several as a ``MultiControlNetModel``), sharing every module of it."""
+        the units' ControlNets (as one ``injection.Injected``, one unit too), sharing every module of it."""
         plain = {"txt2img": pipes.txt2img, "img2img": pipes.img2img, "inpaint": pipes.inpaint}[mode]
         self.resolve(units)  # every name is checked, the units that apply at no step too
         units = active(units)
@@ -163,7 +208,8 @@ class ControlNets:
             StableDiffusionXLControlNetInpaintPipeline,
             StableDiffusionXLControlNetPipeline,
         )
-        from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+
+        from deployments.support.injection import Injected
 
         nets = self.resolve(units)
         key = (mode, tuple(u.model for u in units))
@@ -172,26 +218,26 @@ class ControlNets:
             cls = {"txt2img": StableDiffusionXLControlNetPipeline,
                    "img2img": StableDiffusionXLControlNetImg2ImgPipeline,
                    "inpaint": StableDiffusionXLControlNetInpaintPipeline}[mode]
-            controlnet = nets[0] if len(nets) == 1 else MultiControlNetModel(nets)
-            pipe = cls.from_pipe(pipes.txt2img, controlnet=controlnet)
+            pipe = cls.from_pipe(pipes.txt2img, controlnet=Injected(nets))
             pipe.set_progress_bar_config(disable=True)
+            quiet = logging.getLogger(cls.__module__)
+            if not any(isinstance(f, _SameControlForEveryPrompt) for f in quiet.filters):
+                quiet.addFilter(_SameControlForEveryPrompt())
             made[key] = pipe
         return made[key]
 
     def kwargs(self, mode: str, units: list[ControlUnit], init: Image.Image | None, width: int,
                height: int) -> dict:
         """The pipeline arguments of a request's units: each control map at the generation size (a unit without an
-        image takes ``init``, the request's framed init image), scales and guidance ranges; one unit's as values,
-        several as lists (``MultiControlNetModel``)."""
+        image takes ``init``, the request's framed init image), scales and guidance ranges, a list of each (the
+        pipeline's ControlNet is a ``MultiControlNetModel``, one unit too)."""
         units = active(units)
         if not units:
             return {}
         images = [control_image(u, init, width, height) for u in units]
-        values: dict[str, list] = dict(image=images,
-                                       controlnet_conditioning_scale=[u.conditioning_scale for u in units],
-                                       control_guidance_start=[u.guidance_start for u in units],
-                                       control_guidance_end=[u.guidance_end for u in units])
-        out: dict = {key: value[0] for key, value in values.items()} if len(units) == 1 else dict(values)
+        out: dict = dict(image=images, controlnet_conditioning_scale=[u.conditioning_scale for u in units],
+                         control_guidance_start=[u.guidance_start for u in units],
+                         control_guidance_end=[u.guidance_end for u in units])
         if mode != "txt2img":  # there ``image`` is the init image; the control map is ``control_image``
             out["control_image"] = out.pop("image")
         return out
@@ -202,9 +248,13 @@ def first_pass(units: list[ControlUnit], hires: bool) -> list[ControlUnit]:
     return [u for u in units if u.passes != "second"] if hires else units
 
 
-def second_pass(units: list[ControlUnit]) -> list[ControlUnit]:
-    """The units that guide a hires fix's second pass, each then guiding all of that pass."""
-    return [u.model_copy(update={"passes": "both"}) for u in units if u.passes != "first"]
+def second_pass(units: list[ControlUnit], first: tuple[int, int] | None = None) -> list[ControlUnit]:
+    """The units that guide a hires fix's second pass, each then guiding all of that pass, marked as in it (canny's
+    soft weights); with ``first`` (the first pass's width and height) a pixel-perfect unit keeps its resolution for
+    it, as the extension preprocesses once for both passes."""
+    return [u.model_copy(update={"passes": "both", "hires_pass": True,
+                                 "pixel_target": u.pixel_target or (first if u.pixel_perfect else None)})
+            for u in units if u.passes != "first"]
 
 
 def active(units: list[ControlUnit]) -> list[ControlUnit]:

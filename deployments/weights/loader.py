@@ -211,8 +211,26 @@ _SHARD = re.compile(r"-\d{5}-of-\d{5}$")
 def file_variants(folder: Path) -> set[str | None]:
     """The variants a component folder's safetensors come in: ``fp16`` for ``model.fp16.safetensors`` (sharded
     or not), None for plain files; empty when it holds none."""
-    stems = (_SHARD.sub("", f.name.removesuffix(".safetensors")) for f in folder.glob("*.safetensors"))
-    return {stem.rpartition(".")[2] if "." in stem else None for stem in stems}
+    return {_variant(f) for f in folder.glob("*.safetensors")}
+
+
+def _variant(file: Path) -> str | None:
+    stem = _SHARD.sub("", file.name.removesuffix(".safetensors"))
+    return stem.rpartition(".")[2] if "." in stem else None
+
+
+def _controlnet_variant(folder: Path) -> str | None:
+    return "fp16" if file_variants(folder) == {"fp16"} else None
+
+
+def controlnet_weights(folder: Path) -> Path:
+    """The weights file ``load_controlnet`` reads from a ControlNet folder (the first shard of sharded weights):
+    what A1111's extension would hash to list it."""
+    variant = _controlnet_variant(folder)
+    files = sorted(f for f in folder.glob("*.safetensors") if _variant(f) == variant)
+    if not files:
+        raise ModelLoadError(f"{folder}: no .safetensors weights", field="controlnets")
+    return files[0]
 
 
 def weight_variants(folder: Path) -> tuple[set[str | None], ...]:
@@ -297,7 +315,7 @@ def load_controlnet(source: str, dtype: torch.dtype, settings: Settings | None =
     _check_folder(folder)
     if not any(folder.glob("*.safetensors")):
         raise UnsafeWeights(f"{folder}: no .safetensors weights (pickled checkpoints are refused)", field=field)
-    variant = "fp16" if file_variants(folder) == {"fp16"} else None
+    variant = _controlnet_variant(folder)
     try:
         model = ControlNetModel.from_pretrained(folder, torch_dtype=dtype, variant=variant, use_safetensors=True,
                                                 local_files_only=True)

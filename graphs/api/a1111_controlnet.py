@@ -2,9 +2,10 @@
 ``alwayson_scripts.ControlNet.args`` on txt2img and img2img.
 
 A unit names one of the base's ``controlnets`` (as ``/controlnet/model_list`` lists them; A1111's ``"name [hash]"``
-is accepted too) and a preprocessor (``module``: none, canny, invert). What the extension offers and this service
-does not apply (``control_mode`` other than Balanced, ``pixel_perfect``, a unit's ``mask``) is named in the answer's
-warnings; ``low_vram`` means nothing here. The routes are in ``graphs/api/controlnet.py``.
+is accepted too) and a preprocessor (``module``: none, canny, invert). ``control_mode`` and ``pixel_perfect`` run as
+the extension runs them (``deployments/support/injection.py``, ``control.resolution``); a unit's ``mask``, which
+the extension draws with as the control image, is named in the answer's warnings and not applied; ``low_vram``
+means nothing here. The routes are in ``graphs/api/controlnet.py``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,15 @@ from typing import Any
 
 from pydantic import Field, ValidationError
 
-from deployments.support.control import CANNY_HIGH, CANNY_LOW, CANNY_RES, MAX_UNITS, PREPROCESSORS, ControlUnit
+from deployments.support.control import (
+    CANNY_HIGH,
+    CANNY_LOW,
+    CANNY_RES,
+    MAX_UNITS,
+    PREPROCESSORS,
+    ControlMode,
+    ControlUnit,
+)
 from deployments.support.errors import InvalidInput, UnknownModel
 from graphs.api.a1111_models import _A1111, Txt2ImgRequest
 from graphs.api.a1111_models import EXTENSION_SCRIPTS as SCRIPT
@@ -28,6 +37,8 @@ RESIZE_MODES: dict[Any, str] = {
 }
 RESIZE_LABELS = {"stretch": "Just Resize", "crop": "Crop and Resize", "fill": "Resize and Fill"}
 CONTROL_MODES: dict[Any, str] = {0: "Balanced", 1: "My prompt is more important", 2: "ControlNet is more important"}
+MODE_OF: dict[str, ControlMode] = {"Balanced": "balanced", "My prompt is more important": "prompt",
+                                   "ControlNet is more important": "control"}
 # The extension's HiResFixOption by index and by value -> the passes of a hires fix a unit guides (without a hires
 # fix, every unit guides the one pass, as the extension reads it).
 HR_OPTIONS: dict[Any, str] = {0: "both", 1: "first", 2: "second", "Both": "both", "Low res only": "first",
@@ -183,7 +194,7 @@ def control_units(r: Txt2ImgRequest, models: dict[str, str], *, edit: bool) -> l
     for i, unit in units:
         field = f"{args}[{i}]"
         module, fit = module_of(unit.module, f"{field}.module"), _resize(unit, field)
-        _control_mode(unit, field)
+        mode = MODE_OF[_control_mode(unit, field)]
         name = model_name(unit)
         if name is None:
             continue  # the extension runs such a unit's preprocessor alone: nothing reaches the image
@@ -199,6 +210,8 @@ def control_units(r: Txt2ImgRequest, models: dict[str, str], *, edit: bool) -> l
         out.append(ControlUnit(model=name, image=image_field(payload, where) if payload else None,
                                passes=passes,  # type: ignore[arg-type]
                                module=module,  # type: ignore[arg-type]
+                               control_mode=mode,
+                               pixel_perfect=unit.pixel_perfect,
                                conditioning_scale=unit.weight, guidance_start=unit.guidance_start,
                                guidance_end=unit.guidance if unit.guidance is not None else unit.guidance_end,
                                resize_mode=fit,  # type: ignore[arg-type]
@@ -217,17 +230,16 @@ def notes(r: Txt2ImgRequest) -> list[str]:
         if model_name(unit) is None:
             out.append(f"{field}: no ControlNet model: the unit was ignored")
             continue
-        if _control_mode(unit, field) != CONTROL_MODES[0]:
-            out.append(f"{field}.control_mode {unit.control_mode!r} is not applied here: it ran Balanced")
-        if unit.pixel_perfect:
-            out.append(f"{field}.pixel_perfect is not applied here: the preprocessor ran at processor_res")
         if unit.mask or isinstance(unit.image, dict) and unit.image.get("mask") or isinstance(unit.image, list):
-            out.append(f"{field}: the unit's mask is not applied here (none, canny and invert read none)")
+            # The extension takes a mask that is not blank as the control image itself (module none): not here.
+            out.append(f"{field}: the unit's mask is not applied here (the extension would draw with it as the "
+                       "control image)")
         module = MODULES.get(unit.module.strip().lower())
         if module == "canny":  # a negative value means the default (-1: not set); one set out of bounds, a note
-            for name, value, (default, low, high) in (("processor_res", unit.processor_res, CANNY_RES),
-                                                      ("threshold_a", unit.threshold_a, CANNY_LOW),
-                                                      ("threshold_b", unit.threshold_b, CANNY_HIGH)):
+            checked = [("threshold_a", unit.threshold_a, CANNY_LOW), ("threshold_b", unit.threshold_b, CANNY_HIGH)]
+            if not unit.pixel_perfect:  # else the resolution is computed, whatever processor_res says
+                checked.insert(0, ("processor_res", unit.processor_res, CANNY_RES))
+            for name, value, (default, low, high) in checked:
                 if value >= 0 and not low <= value <= high:
                     out.append(f"{field}.{name}={value:g} is outside canny's {low:g} to {high:g}: it ran at "
                                f"{default:g}, as the extension resets it")

@@ -81,6 +81,7 @@ MODULE_DETAIL = {
 class ControlNetRoutes:
     config: AppArgs
     handles: Handles
+    _controlnet_titles: list[str] | None = None  # a base replica's answer, kept: the ControlNets load once
 
     @router.get("/version", response_model=Version)
     async def controlnet_version(self) -> dict:
@@ -89,8 +90,13 @@ class ControlNetRoutes:
 
     @router.get("/model_list", response_model=ModelList)
     async def controlnet_model_list(self, update: bool = True) -> dict:
-        """The base's ControlNets by name (``update`` is accepted: the list is the config's)."""
-        return {"model_list": list(self.config.base.controlnets)}
+        """The base's ControlNets as the extension lists them, ``name [hash]`` (``update`` is accepted: the list is
+        the config's, and a unit may name either form)."""
+        if not self.config.base.controlnets:
+            return {"model_list": []}
+        if self._controlnet_titles is None:  # hashed by a base replica as it loaded them; asked once here
+            self._controlnet_titles = await call(self.handles.base.controlnet_titles.remote())
+        return {"model_list": self._controlnet_titles}
 
     @router.get("/module_list", response_model=ModuleList)
     async def controlnet_module_list(self, alias_names: bool = False) -> dict:
