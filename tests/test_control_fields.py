@@ -29,6 +29,11 @@ SAME = [
     ({"model": "tiny-canny", "image": IMAGE, "preprocessor": "invert", "resize_mode": "fill", "processor_res": 64},
      {"model": "tiny-canny", "image": IMAGE, "module": "invert (from white bg & black line)",
       "resize_mode": "Resize and Fill", "processor_res": 64}),  # not canny: the sliders are not read
+    ({"model": "tiny-canny", "image": IMAGE, "preprocessor": "canny", "control_mode": "control",
+      "pixel_perfect": True},
+     {"model": "tiny-canny", "image": IMAGE, "module": "canny", "control_mode": 2, "pixel_perfect": True}),
+    ({"model": "tiny-canny", "image": IMAGE, "control_mode": "prompt"},
+     {"model": "tiny-canny", "image": IMAGE, "control_mode": "My prompt is more important"}),
 ]
 
 

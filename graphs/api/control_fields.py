@@ -17,7 +17,15 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from deployments.support.control import CANNY_HIGH, CANNY_LOW, CANNY_RES, MAX_UNITS, ControlUnit, Preprocessor
+from deployments.support.control import (
+    CANNY_HIGH,
+    CANNY_LOW,
+    CANNY_RES,
+    MAX_UNITS,
+    ControlMode,
+    ControlUnit,
+    Preprocessor,
+)
 from deployments.support.errors import InvalidInput, UnknownModel
 from deployments.support.imaging import Fit
 from graphs.api.fields import image_field
@@ -52,6 +60,13 @@ class ControlNetUnit(BaseModel):
                                  "hysteresis threshold (A1111's threshold_a)")
     high_threshold: float = Field(CANNY_HIGH[0], ge=CANNY_HIGH[1], le=CANNY_HIGH[2], description="canny: the upper "
                                   "hysteresis threshold (A1111's threshold_b)")
+    control_mode: ControlMode = Field("balanced", description="balanced (the residuals at scale), prompt (A1111's "
+                                      "'My prompt is more important': the deeper residuals weigh more, the "
+                                      "shallower less) or control ('ControlNet is more important': the same "
+                                      "weights, added to the prompt's UNet rows alone)")
+    pixel_perfect: bool = Field(False, description="canny: run at the resolution A1111's Pixel Perfect works out "
+                                "from the image's size, the generation size and resize_mode (processor_res is "
+                                "then not read)")
 
     @field_validator("guidance_end")
     @classmethod
@@ -90,5 +105,6 @@ def control_units(units: Sequence[ControlNetUnit | dict], models: Collection[str
                                resize_mode=unit.resize_mode,
                                processor_res=unit.processor_res if canny else CANNY_RES[0],
                                threshold_a=unit.low_threshold if canny else CANNY_LOW[0],
-                               threshold_b=unit.high_threshold if canny else CANNY_HIGH[0]))
+                               threshold_b=unit.high_threshold if canny else CANNY_HIGH[0],
+                               control_mode=unit.control_mode, pixel_perfect=unit.pixel_perfect))
     return out
