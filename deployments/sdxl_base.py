@@ -469,6 +469,7 @@ class BaseGenerator:
             "embeddings": self.embeddings_listed(),
             "ip_adapter": self.config.ip_adapter is not None,
             "controlnets": self.controls.names,
+            "preprocessors": self.controls.modules,
             "fast_path": self.fast,
             **devices.memory(self.device),
             "running": self.cancellation.running(),
@@ -506,6 +507,8 @@ class BaseGenerator:
             out[f"lora:{name}"] = self._sha256(str(path))
         for name, source in self.config.controlnets.items():
             out[f"controlnet:{name}"] = self._sha256(source)
+        for module, source in self.config.preprocessors.items():  # a depth unit's map is the model's
+            out[f"preprocessor:{module}"] = self._sha256(source)
         for name, embedding in self.embedding_files.files().items():  # a name in a prompt reads as its vectors
             out[f"embedding:{name}"] = self._sha256(str(embedding.path))
         return out
@@ -796,9 +799,12 @@ class SDXLBase:
 
     async def detect(self, module: control.Preprocessor, images: list[Image.Image], resolution: int,
                      low: float, high: float) -> list[Image.Image]:
-        """A ControlNet preprocessor's maps of ``images`` (A1111's /controlnet/detect): OpenCV on a worker thread,
-        never the inference thread, which has batches to run."""
-        return await asyncio.to_thread(lambda: [control.detect(i, module, resolution, low, high) for i in images])
+        """A ControlNet preprocessor's maps of ``images`` (A1111's /controlnet/detect): OpenCV or a depth model on a
+        worker thread, never the inference thread, which has batches to run (a depth model takes one call at a
+        time, whichever thread makes it)."""
+        depth = self.model.controls.depth
+        return await asyncio.to_thread(lambda: [control.detect(i, module, resolution, low, high, depth)
+                                                for i in images])
 
     async def controlnet_titles(self) -> list[str]:
         """The ControlNets as A1111's extension lists them (``name [hash]``), hashed once as they loaded."""

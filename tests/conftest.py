@@ -46,6 +46,8 @@ def base(tiny):
             ip_adapter=str(tiny / "ip-adapter"),
             lora_dir=str(tiny / "loras"),
             controlnets={"tiny-canny": str(tiny / "controlnet-canny")},
+            preprocessors={"depth_midas": str(tiny / "depth-midas"),
+                           "depth_anything_v2": str(tiny / "depth-anything-v2")},
         )
     )
 

@@ -279,7 +279,8 @@ class Service:
                                               board=None)
         self.routes.jobs = SQLiteJobStore(tmp_path / "jobs.sqlite3")
         self.routes.config = SimpleNamespace(base=SimpleNamespace(default_sampler="Euler a", max_pixels=2048 * 2048,
-                                                                  vae=None, controlnets={}), refiner=None)
+                                                                  vae=None, controlnets={}, preprocessors={}),
+                                              refiner=None)
         self.routes.styles = PromptStyles(None)
         weights = SimpleNamespace(checkpoint=SimpleNamespace(source="tiny-sdxl-base"))
         self.routes.catalog = SimpleNamespace(entry=lambda _name: weights, sha256=lambda _source: "ab12" * 16)

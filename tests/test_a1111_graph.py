@@ -1018,7 +1018,7 @@ def test_controlnet_units_the_older_spellings_and_several_units(ingress):
 def test_controlnet_units_are_refused_naming_their_field(ingress):
     good = {"module": "canny", "model": "tiny-canny", "image": b64(edges_photo())}
     cases = [({**good, "model": "depth-xl"}, "UNKNOWN_MODEL", 422, "args[0].model"),
-             ({**good, "module": "depth_midas"}, "UNKNOWN_MODEL", 422, "args[0].module"),
+             ({**good, "module": "depth_zoe"}, "UNKNOWN_MODEL", 422, "args[0].module"),
              ({**good, "image": "not an image"}, "INVALID_IMAGE", 400, "args[0].image"),
              ({**good, "image": None}, "INVALID_INPUT", 422, "args[0].image"),  # txt2img: no init image to use
              ({**good, "weight": 3}, "INVALID_INPUT", 422, "args[0].weight"),
@@ -1032,7 +1032,8 @@ def test_controlnet_units_are_refused_naming_their_field(ingress):
     units = refused(lambda: txt2img(ingress, alwayson_scripts=controlnet(*[good] * 5)))
     assert units.details["field"] == "alwayson_scripts.ControlNet.args"
     choices = refused(lambda: txt2img(ingress, alwayson_scripts=controlnet({**good, "module": "lineart"})))
-    assert choices.details["choices"] == ["none", "canny", "invert"]
+    assert choices.details["choices"] == ["none", "canny", "invert", "depth_midas", "depth_anything",
+                                          "depth_anything_v2"]  # configs/cpu.yaml configures every depth model
 
 
 def test_img2img_unit_without_an_image_uses_the_init_image(ingress):
@@ -1057,7 +1058,10 @@ def test_controlnet_routes(ingress, tiny):
     assert listed == {"model_list": [f"tiny-canny [{digest}]"]}
     assert ingress.controlnet_model_list.remote(update=False).result() == listed
     modules = ingress.controlnet_module_list.remote().result()
-    assert modules["module_list"] == ["none", "canny", "invert"]
+    assert modules["module_list"] == ["none", "canny", "invert", "depth", "depth_anything", "depth_anything_v2"]
+    labels = ingress.controlnet_module_list.remote(alias_names=True).result()  # the extension's labels
+    assert labels["module_list"][2:4] == ["invert (from white bg & black line)", "depth_midas"]
+    assert [s["value"] for s in labels["module_detail"]["depth_midas"]["sliders"]] == [512]
     assert [s["value"] for s in modules["module_detail"]["canny"]["sliders"]] == [512, 100.0, 200.0]
     assert ingress.scripts.remote().result() == {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
     photo = Image.new("RGB", (128, 96), (0, 0, 0))
@@ -1186,3 +1190,25 @@ def test_controlnet_detect_reads_webuiapis_controlnet_images_too(ingress):
     error = refused(lambda: ingress.controlnet_detect.remote(DetectRequest(
         controlnet_module="canny", controlnet_images=[photo, "x"])).result())
     assert error.details["field"] == "controlnet_images[1]"
+
+
+def test_depth_units_and_detect(ingress, tiny, astronaut):
+    """A depth module (the extension's "depth" is MiDaS) guides txt2img by its map, and /controlnet/detect returns
+    that map, made on the base replica as the tiny models make it here."""
+    import torch
+
+    from deployments.support import depth
+    from deployments.support.control import detect
+    from graphs.api.controlnet import DetectRequest
+
+    photo = astronaut.resize((128, 96))
+    detected = ingress.controlnet_detect.remote(DetectRequest(
+        controlnet_module="depth", controlnet_input_images=[b64(photo)], controlnet_processor_res=64)).result()
+    local = depth.load({"depth_midas": str(tiny / "depth-midas")}, torch.device("cpu"), torch.float32)
+    made = decode_b64(detected["images"][0])
+    assert made.size == (85, 64)  # the shorter side at processor_res, the aspect kept
+    assert np.array_equal(pixels(made), pixels(detect(photo, "depth_midas", 64, estimators=local)))
+    unit = {"module": "depth_midas", "model": "tiny-canny", "image": b64(photo), "processor_res": 64}
+    guided, raw = (txt2img(ingress, alwayson_scripts=controlnet(u)) for u in (unit, {**unit, "module": "none"}))
+    assert np.abs(pixels(decode_b64(guided["images"][0])) - pixels(decode_b64(raw["images"][0]))).mean() > 0.5
+    assert "Module: depth_midas, Model: tiny-canny" in decode_b64(guided["images"][0]).info["parameters"]

@@ -176,6 +176,28 @@ def test_the_captioner_has_the_released_layout(shrunk, astronaut):
     assert 24 <= len(captioner.tokens(astronaut)) <= 48 and captioner.caption(astronaut)
 
 
+def test_depth_anything_v2_has_the_released_layout(shrunk, astronaut):
+    """depth-anything/Depth-Anything-V2-Large-hf's files, preprocessing (518² lower bound in multiples of 14,
+    ImageNet's mean and std) and v2 wiring (four taps spread over the backbone); it loads and maps."""
+    from deployments.factory.depth import ANYTHING_V2_LARGE
+    from deployments.support import depth
+    from deployments.support.control import detect
+
+    folder = shrunk / "depth-anything-v2"
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["architectures"], config["model_type"]) == (["DepthAnythingForDepthEstimation"], "depth_anything")
+    processor = json.loads((folder / "preprocessor_config.json").read_text())
+    assert (processor["size"], processor["ensure_multiple_of"], processor["keep_aspect_ratio"]) == (
+        {"height": 518, "width": 518}, 14, True)
+    assert processor["image_mean"] == [0.485, 0.456, 0.406] and processor["image_std"] == [0.229, 0.224, 0.225]
+    backbone = ANYTHING_V2_LARGE["backbone_config"]
+    assert (backbone["hidden_size"], backbone["num_hidden_layers"], backbone["out_indices"]) == (1024, 24,
+                                                                                                [5, 12, 18, 24])
+    estimators = depth.load({"depth_anything_v2": str(folder)}, torch.device("cpu"), torch.float32)
+    assert detect(astronaut, "depth_anything_v2", 64, estimators=estimators).size == (64, 64)
+
+
 def test_the_gpu_stage_benchmark_runs_every_stage_on_these_layouts(shrunk, tmp_path):
     """``tests/bench_gpu.py``'s GPU plan (every variant and stage) on the toy-width layouts, so that a lent GPU is
     never spent finding that the benchmark itself drifted from the serving classes; on a CPU the compile settings

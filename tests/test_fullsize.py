@@ -158,3 +158,24 @@ def test_the_captioner_has_the_released_size_and_runs(models):
     assert 24 <= len(captioner.tokens(photo)) <= 48
     del captioner
     _free()
+
+
+def test_depth_anything_v2_large_has_the_released_size_and_maps(models):
+    """depth-anything/Depth-Anything-V2-Large-hf, the extension's depth_anything_v2: a DINOv2 ViT-L/14 backbone
+    (304.4 M parameters) under a DPT neck, 335.3 M in all; an 8-bit map at the processor resolution."""
+    from deployments.support import depth
+    from deployments.support.control import detect
+
+    folder = models / "depth-anything-v2"
+    if not (folder / "model.safetensors").exists():
+        pytest.fail(f"no full-size Depth Anything V2 in {models}: python -m deployments.factory {models} --full "
+                    "--only depth-anything-v2")
+    estimators = depth.load({"depth_anything_v2": str(folder)}, torch.device("cpu"), torch.float32)
+    model = estimators["depth_anything_v2"].model
+    assert sum(p.numel() for p in model.backbone.parameters()) == 304_368_640
+    assert sum(p.numel() for p in model.parameters()) == 335_315_649
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (384, 512, 3), dtype=np.uint8))
+    made = detect(photo, "depth_anything_v2", 512, estimators=estimators)
+    assert made.size == (683, 512) and made.mode == "RGB"
+    del estimators, model
+    _free()

@@ -124,7 +124,11 @@ def test_a_controlnet_unit_guides_generate_and_get_models_lists_the_controlnets(
     plain, guided = run(), run(CANNY)
     assert np.abs(guided - plain).mean() > 1.0
     assert np.abs(run({**CANNY, "scale": 0}) - plain).max() <= 1  # scale 0: as if it were not there
-    assert ingress.models.remote().result()["controlnets"] == ["tiny-canny"]
+    depth = run({**CANNY, "preprocessor": "depth_anything_v2"})  # the photo's depth map, not its edges
+    assert np.abs(depth - guided).mean() > 0.5 and np.abs(depth - plain).mean() > 1.0
+    listed = ingress.models.remote().result()
+    assert listed["controlnets"] == ["tiny-canny"]
+    assert listed["preprocessors"] == ["none", "canny", "invert", "depth_midas", "depth_anything", "depth_anything_v2"]
 
 
 def test_controlnet_units_are_refused_naming_their_field(ingress):

@@ -11,6 +11,8 @@
                                    768-wide projection, 17 + 3 concepts; fp32 model.safetensors with its nested keys
     OUT/captioner/                 Salesforce/blip-image-captioning-large's layout: ViT-L/16 at 384², BERT-base
                                    decoder, BERT's 30522-entry WordPiece plus [DEC] and [ENC]; fp32 model.safetensors
+    OUT/depth-anything-v2/         depth-anything/Depth-Anything-V2-Large-hf's layout (the extension's
+                                   depth_anything_v2): DINOv2 ViT-L/14 at 518², DPT neck; fp32 model.safetensors
 
 The configurations are those of stabilityai/stable-diffusion-xl-base-1.0 and -refiner-1.0: 2.6 B UNet parameters
 for the base, 2.3 B for the refiner, CLIP ViT-L and OpenCLIP bigG text encoders, the 84 M parameter VAE. Weights
@@ -31,6 +33,7 @@ import torch
 from safetensors.torch import save_file
 
 from deployments.factory import captioner as blip
+from deployments.factory import depth
 from deployments.factory.sgm import sdxl_to_sgm
 from deployments.factory.tiny import _save_tokenizer, _scheduler
 from deployments.factory.tokenizer import build_clip_tokenizer
@@ -96,7 +99,8 @@ SAFETY_VISION = dict(hidden_size=1024, intermediate_size=4096, num_attention_hea
                      image_size=224, patch_size=14, hidden_act="quick_gelu")
 SAFETY_PROJECTION = 768
 
-ARTEFACTS = ("sdxl-base", "sdxl-base-single", "sdxl-refiner", "releases", "safety-checker", "captioner")
+ARTEFACTS = ("sdxl-base", "sdxl-base-single", "sdxl-refiner", "releases", "safety-checker", "captioner",
+             "depth-anything-v2")
 
 
 def shapes(shrink: bool = False) -> SimpleNamespace:
@@ -262,5 +266,8 @@ def build_all(out: Path, only: set[str] | None = None, device: str = "cpu", shri
         # Shrunk: toy widths, the release's tokenizer (BERT's 30522 entries) all the same.
         blip.build_captioner(out / "captioner", {**blip.TINY, "vocab": blip.LARGE["vocab"]} if shrink else blip.LARGE,
                              device)
+    if "depth-anything-v2" in wanted:  # shrunk: the tiny one's widths, the release's preprocessing all the same
+        depth.build_depth_anything(out / "depth-anything-v2",
+                                   depth.ANYTHING_V2_TINY if shrink else depth.ANYTHING_V2_LARGE, device=device)
     (out / "README.txt").write_text("Full-size random-weight models written by deployments.factory --full.\n")
     logger.info("full-size models written to %s", out)

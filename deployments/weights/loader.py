@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from deployments.support.config import ModelSource
+from deployments.support.depth import ARCHITECTURES
 from deployments.support.errors import DownloadIncomplete, ModelLoadError, UnsafeWeights
 from deployments.support.settings import Settings, current
 
@@ -323,6 +324,43 @@ def load_controlnet(source: str, dtype: torch.dtype, settings: Settings | None =
         raise ModelLoadError(f"cannot load the ControlNet from {source}: {e}", field=field) from e
     logger.info("ControlNet %s: %s files from %s", name, variant or "full-precision", folder)
     return model
+
+
+def load_depth(source: str, module: str, dtype: torch.dtype, settings: Settings | None = None):
+    """Load a ControlNet preprocessor's depth estimator in transformers' layout (config.json, model.safetensors,
+    preprocessor_config.json, as Intel/dpt-hybrid-midas and depth-anything/Depth-Anything-V2-*-hf ship them): a DPT
+    for ``depth_midas``, Depth Anything for ``depth_anything`` and ``depth_anything_v2``. A pickled
+    pytorch_model.bin beside model.safetensors is never opened. Returns (model, image processor)."""
+    from transformers import AutoConfig, DepthAnythingForDepthEstimation, DPTForDepthEstimation, DPTImageProcessor
+
+    field = f"preprocessors.{module}"
+    folder = resolve(source, settings)
+    if not folder.is_dir():
+        raise ModelLoadError(f"{source}: a depth model is a folder (config.json, model.safetensors and "
+                             "preprocessor_config.json)", field=field)
+    weights = folder / "model.safetensors"
+    if not weights.exists():
+        raise UnsafeWeights(f"{folder}: no model.safetensors (pickled checkpoints are refused)", field=field)
+    check_safetensors(weights)
+    expected = ARCHITECTURES[module]
+    try:
+        kind = AutoConfig.from_pretrained(folder, local_files_only=True).model_type
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"cannot read {module}'s depth model config in {source}: {e}", field=field) from e
+    if kind != expected:
+        raise ModelLoadError(f"{folder}: a {kind!r} model; {module} runs a {expected!r} one", field=field)
+    cls = DPTForDepthEstimation if expected == "dpt" else DepthAnythingForDepthEstimation
+    try:
+        model, info = cls.from_pretrained(folder, use_safetensors=True, local_files_only=True, dtype=dtype,
+                                          output_loading_info=True)
+        processor = DPTImageProcessor.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ModelLoadError(f"cannot load {module}'s depth model from {source}: {e}", field=field) from e
+    # A layer missing from the file would be left at its random start: maps that silently mean nothing.
+    if info.get("missing_keys"):
+        raise ModelLoadError(f"{weights.name}: missing {sorted(info['missing_keys'])[:4]}", field=field)
+    logger.info("%s: %s from %s", module, type(model).__name__, folder)
+    return model, processor
 
 
 def load_spandrel(source: str, settings: Settings | None = None):

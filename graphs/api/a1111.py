@@ -30,6 +30,7 @@ from fastapi import APIRouter, Request, Response
 from PIL import Image
 
 from deployments.support import prompts
+from deployments.support.control import offered
 from deployments.support.errors import GenerationCancelled, InvalidInput, UnknownModel
 from deployments.support.generation import (
     LATENT_UPSCALE_MODES,
@@ -487,7 +488,8 @@ class A1111Routes(CheckpointChoice):
         """Text to image, with hires fix (enable_hr), refiner, LoRA tags and face restoration."""
         if body.enable_hr and body.hr_upscaler not in LATENT_UPSCALE_MODES:  # refused before the base runs
             await self.handles.check_upscalers({"hr_upscaler": body.hr_upscaler})
-        units = await asyncio.to_thread(controlnet.control_units, body, self.config.base.controlnets, edit=False)
+        units = await asyncio.to_thread(controlnet.control_units, body, self.config.base.controlnets, edit=False,
+                                        modules=offered(self.config.base.preprocessors))
         return await self._run(http, body, cache_as="a1111-txt2img", control=units)
 
     @router.post("/img2img", response_model=ImagesResponse, responses=documented(400))
@@ -503,7 +505,8 @@ class A1111Routes(CheckpointChoice):
         uploads = [image_bytes(data, "init_images") for data in body.init_images]
         inits, mask = await asyncio.to_thread(edit_inputs, body, uploads)
         # A unit without an image takes the init image, as the extension does.
-        units = await asyncio.to_thread(controlnet.control_units, body, self.config.base.controlnets, edit=True)
+        units = await asyncio.to_thread(controlnet.control_units, body, self.config.base.controlnets, edit=True,
+                                        modules=offered(self.config.base.preprocessors))
         return await self._run(http, body, uploads[0], cache_as="a1111-img2img", inits=inits, init_image=inits[0],
                                mask=mask, mask_blur=body.mask_blur, strength=body.denoising_strength,
                                noise_multiplier=body.initial_noise_multiplier, control=units)

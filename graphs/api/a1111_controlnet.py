@@ -2,14 +2,16 @@
 ``alwayson_scripts.ControlNet.args`` on txt2img and img2img.
 
 A unit names one of the base's ``controlnets`` (as ``/controlnet/model_list`` lists them; A1111's ``"name [hash]"``
-is accepted too) and a preprocessor (``module``: none, canny, invert). ``control_mode`` and ``pixel_perfect`` run as
-the extension runs them (``deployments/support/injection.py``, ``control.resolution``); a unit's ``mask``, which
-the extension draws with as the control image, is named in the answer's warnings and not applied; ``low_vram``
-means nothing here. The routes are in ``graphs/api/controlnet.py``.
+is accepted too) and a preprocessor (``module``: none, canny, invert, and the depth modules whose model the base
+has: ``depth_midas`` (or ``depth``), ``depth_anything``, ``depth_anything_v2``). ``control_mode`` and
+``pixel_perfect`` run as the extension runs them (``deployments/support/injection.py``, ``control.resolution``); a
+unit's ``mask``, which the extension draws with as the control image, is named in the answer's warnings and not
+applied; ``low_vram`` means nothing here. The routes are in ``graphs/api/controlnet.py``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from pydantic import Field, ValidationError
@@ -19,10 +21,11 @@ from deployments.support.control import (
     CANNY_LOW,
     CANNY_RES,
     MAX_UNITS,
-    PREPROCESSORS,
+    MODEL_FREE,
     ControlMode,
     ControlUnit,
 )
+from deployments.support.depth import ALIASES, DEPTH_MODULES, DEPTH_RES
 from deployments.support.errors import InvalidInput, UnknownModel
 from graphs.api.a1111_models import _A1111, Txt2ImgRequest
 from graphs.api.a1111_models import EXTENSION_SCRIPTS as SCRIPT
@@ -43,7 +46,8 @@ MODE_OF: dict[str, ControlMode] = {"Balanced": "balanced", "My prompt is more im
 # fix, every unit guides the one pass, as the extension reads it).
 HR_OPTIONS: dict[Any, str] = {0: "both", 1: "first", 2: "second", "Both": "both", "Low res only": "first",
                               "High res only": "second"}
-MODULES = {"none": "none", "canny": "canny", "invert": "invert", "invert (from white bg & black line)": "invert"}
+MODULES = {"none": "none", "canny": "canny", "invert": "invert", "invert (from white bg & black line)": "invert",
+           **ALIASES}
 
 
 class A1111Unit(_A1111):
@@ -117,13 +121,14 @@ def model_name(unit: A1111Unit) -> str | None:
     return None if name in ("", "None") else name
 
 
-def module_of(name: str, field: str) -> str:
-    """A preprocessor's name as the extension's clients send it (the invert's long label too); else a 422 naming
-    ``field`` and listing those offered."""
+def module_of(name: str, field: str, offered: Collection[str] = MODEL_FREE) -> str:
+    """A preprocessor's name as the extension's clients send it (its labels too: the invert's long one, MiDaS's
+    ``depth_midas`` for its key ``depth``), when it is ``offered`` (``control.offered``: a depth module only where
+    its model is configured); else a 422 naming ``field`` and listing those offered."""
     module = MODULES.get(name.strip().lower())
-    if module is None:
-        raise UnknownModel(f"ControlNet preprocessor {name!r} is not offered here: {', '.join(PREPROCESSORS)}",
-                           field=field, details={"choices": list(PREPROCESSORS)})
+    if module is None or module not in offered:
+        raise UnknownModel(f"ControlNet preprocessor {name!r} is not offered here: {', '.join(offered)}",
+                           field=field, details={"choices": list(offered)})
     return module
 
 
@@ -153,14 +158,17 @@ def _passes(unit: A1111Unit, field: str, hires: bool) -> str:
 
 
 def sliders(unit: A1111Unit, module: str) -> tuple[int, float, float]:
-    """processor_res, threshold_a, threshold_b as the extension reads them for canny: -1 or out of its bounds, its
-    default (the extension resets such a value, and logs it); other modules keep what was sent (they read none)."""
-    if module != "canny":
-        return unit.processor_res, unit.threshold_a, unit.threshold_b
-
+    """processor_res, threshold_a, threshold_b as the extension reads them for canny (and processor_res alone for
+    the depth modules): -1 or out of its bounds, its default (the extension resets such a value, and logs it); other
+    modules keep what was sent (they read none)."""
     def within(value: float, bounds: tuple) -> float:
         default, low, high = bounds
         return value if low <= value <= high else default
+
+    if module in DEPTH_MODULES:
+        return int(within(unit.processor_res, DEPTH_RES)), unit.threshold_a, unit.threshold_b
+    if module != "canny":
+        return unit.processor_res, unit.threshold_a, unit.threshold_b
 
     return int(within(unit.processor_res, CANNY_RES)), within(unit.threshold_a, CANNY_LOW), \
         within(unit.threshold_b, CANNY_HIGH)
@@ -181,10 +189,11 @@ def _image(unit: A1111Unit, field: str) -> tuple[str | None, str]:
     return image or None, where
 
 
-def control_units(r: Txt2ImgRequest, models: dict[str, str], *, edit: bool) -> list[ControlUnit]:
+def control_units(r: Txt2ImgRequest, models: dict[str, str], *, edit: bool,
+                  modules: Collection[str] = MODEL_FREE) -> list[ControlUnit]:
     """The ControlNet units of an A1111 request, their images decoded (a bad one is a 400 naming its field): each
-    enabled unit that names a ControlNet. A unit without an image takes the init image on img2img (as the extension
-    does) and is refused on txt2img."""
+    enabled unit that names a ControlNet, and one of the preprocessors ``modules`` offers. A unit without an image
+    takes the init image on img2img (as the extension does) and is refused on txt2img."""
     key = script_key(r)
     if key is not None and not models:
         raise InvalidInput(f"always on script {key!r} not found: no ControlNet models are configured here",
@@ -193,7 +202,7 @@ def control_units(r: Txt2ImgRequest, models: dict[str, str], *, edit: bool) -> l
     out = []
     for i, unit in units:
         field = f"{args}[{i}]"
-        module, fit = module_of(unit.module, f"{field}.module"), _resize(unit, field)
+        module, fit = module_of(unit.module, f"{field}.module", modules), _resize(unit, field)
         mode = MODE_OF[_control_mode(unit, field)]
         name = model_name(unit)
         if name is None:
@@ -215,7 +224,7 @@ def control_units(r: Txt2ImgRequest, models: dict[str, str], *, edit: bool) -> l
                                conditioning_scale=unit.weight, guidance_start=unit.guidance_start,
                                guidance_end=unit.guidance if unit.guidance is not None else unit.guidance_end,
                                resize_mode=fit,  # type: ignore[arg-type]
-                               processor_res=res if module == "canny" else CANNY_RES[0],
+                               processor_res=res if module in ("canny", *DEPTH_MODULES) else CANNY_RES[0],
                                threshold_a=low if module == "canny" else CANNY_LOW[0],
                                threshold_b=high if module == "canny" else CANNY_HIGH[0]))
     return out
@@ -243,6 +252,10 @@ def notes(r: Txt2ImgRequest) -> list[str]:
                 if value >= 0 and not low <= value <= high:
                     out.append(f"{field}.{name}={value:g} is outside canny's {low:g} to {high:g}: it ran at "
                                f"{default:g}, as the extension resets it")
+        elif module in DEPTH_MODULES and not unit.pixel_perfect and unit.processor_res >= 0 \
+                and not DEPTH_RES[1] <= unit.processor_res <= DEPTH_RES[2]:
+            out.append(f"{field}.processor_res={unit.processor_res} is outside {module}'s {DEPTH_RES[1]} to "
+                       f"{DEPTH_RES[2]}: it ran at {DEPTH_RES[0]}, as the extension resets it")
     return out
 
 

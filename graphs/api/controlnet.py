@@ -1,7 +1,7 @@
 """The ControlNet extension's own routes (Mikubill/sd-webui-controlnet's ``/controlnet/*``): its API version, the
 base's ControlNets, the preprocessors with their sliders, and ``detect`` (a preprocessor's maps of images), which
-runs on a base replica: OpenCV stays out of the ingress. Its units on txt2img and img2img are read in
-``graphs/api/a1111_controlnet.py``."""
+runs on a base replica: OpenCV and the depth models stay out of the ingress. Its units on txt2img and img2img are
+read in ``graphs/api/a1111_controlnet.py``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from deployments.support.control import CANNY_HIGH, CANNY_LOW, CANNY_RES, MAX_UNITS, PREPROCESSORS
+from deployments.support.control import CANNY_HIGH, CANNY_LOW, CANNY_RES, MAX_UNITS, offered
+from deployments.support.depth import DEPTH_MODULES, DEPTH_RES
 from deployments.support.errors import InvalidInput
 from graphs import flights
 from graphs.api.a1111_controlnet import A1111Unit, module_of, sliders
@@ -75,7 +76,11 @@ MODULE_DETAIL = {
                                               _slider("Canny Low Threshold", CANNY_LOW),
                                               _slider("Canny High Threshold", CANNY_HIGH)]},
     "invert": {"model_free": False, "sliders": []},
+    **{m: {"model_free": False, "sliders": [_slider("Preprocessor Resolution", DEPTH_RES, 8)]} for m in DEPTH_MODULES},
 }
+# The extension's internal keys and labels where they are not our names (module_list lists its keys, or its labels).
+KEYS = {"depth_midas": "depth"}
+LABELS = {"invert": "invert (from white bg & black line)"}
 
 
 class ControlNetRoutes:
@@ -100,8 +105,12 @@ class ControlNetRoutes:
 
     @router.get("/module_list", response_model=ModuleList)
     async def controlnet_module_list(self, alias_names: bool = False) -> dict:
-        """The preprocessors offered, with their sliders' defaults and bounds."""
-        return {"module_list": list(PREPROCESSORS), "module_detail": MODULE_DETAIL}
+        """The preprocessors offered (a depth one where its model is configured), with their sliders' defaults and
+        bounds: by the extension's keys, or (``alias_names``) by its labels."""
+        names = {m: (LABELS.get(m, m) if alias_names else KEYS.get(m, m))
+                 for m in offered(self.config.base.preprocessors)}
+        return {"module_list": list(names.values()),
+                "module_detail": {name: MODULE_DETAIL[m] for m, name in names.items()}}
 
     @router.get("/settings", response_model=Settings)
     async def controlnet_settings(self) -> dict:
@@ -110,10 +119,10 @@ class ControlNetRoutes:
 
     @router.post("/detect", response_model=Detected, responses=documented(400))
     async def controlnet_detect(self, body: DetectRequest) -> dict:
-        """Each image's control map by a preprocessor (canny at its processor resolution), base64 PNG."""
+        """Each image's control map by a preprocessor (canny and depth at their processor resolution), base64 PNG."""
         unit = A1111Unit(module=body.controlnet_module, processor_res=body.controlnet_processor_res,
                          threshold_a=body.controlnet_threshold_a, threshold_b=body.controlnet_threshold_b)
-        module = module_of(body.controlnet_module, "controlnet_module")
+        module = module_of(body.controlnet_module, "controlnet_module", offered(self.config.base.preprocessors))
         name = "controlnet_input_images" if body.controlnet_input_images or not body.controlnet_images \
             else "controlnet_images"
         sent = getattr(body, name)
@@ -121,8 +130,9 @@ class ControlNetRoutes:
             raise InvalidInput("no image sent", field="controlnet_input_images")
         images = await asyncio.to_thread(lambda: [image_field(data, f"{name}[{i}]") for i, data in enumerate(sent)])
         res, low, high = sliders(unit, module)
-        if module != "canny":
-            res, low, high = CANNY_RES[0], CANNY_LOW[0], CANNY_HIGH[0]
+        if module != "canny":  # the depth modules read processor_res alone
+            res = res if module in DEPTH_MODULES else CANNY_RES[0]
+            low, high = CANNY_LOW[0], CANNY_HIGH[0]
         async with flights.flight():  # a deadline or a disconnect cancels it, as the generations' stages
             maps = await call(self.handles.base.detect.remote(module, images, res, low, high))
         return {"images": await asyncio.to_thread(lambda: [b64_png(m) for m in maps]), "info": "Success"}

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Response
 from pydantic import BaseModel, Field, model_validator
 
 from deployments.support import overlay
+from deployments.support.control import offered
 from deployments.support.overlay import Overlay
 from deployments.support.settings import Settings
 from graphs import flights, plans
@@ -101,6 +102,8 @@ class ModelsResponse(BaseModel):
     upscalers: dict
     face_restorer: dict
     controlnets: list[str] = Field([], description="the ControlNets a request's controlnets[].model may name")
+    preprocessors: list[str] = Field([], description="the preprocessors a request's controlnets[].preprocessor may "
+                                     "name (a depth one where the base has its model)")
 
 
 class Health(BaseModel):
@@ -146,6 +149,7 @@ class GenerateRoutes(CheckpointChoice):
             "upscalers": await call(self.handles.upscaler.describe.remote()),
             "face_restorer": await call(self.handles.faces.describe.remote()),
             "controlnets": list(self.config.base.controlnets),
+            "preprocessors": offered(self.config.base.preprocessors),
         }
 
     @router.post("/generate", response_model=GenerateResponse, responses=documented(400))
@@ -158,7 +162,8 @@ class GenerateRoutes(CheckpointChoice):
         # A bad overlay or unit is refused before the GPU is asked for anything; the last stage draws the overlay.
         if body.overlay:
             await asyncio.to_thread(overlay.prepare, body.overlay, self.settings.fonts_dir, "overlay")
-        units = await asyncio.to_thread(control_units, body.controlnets, self.config.base.controlnets, edit=False)
+        units = await asyncio.to_thread(control_units, body.controlnets, self.config.base.controlnets, edit=False,
+                                        modules=offered(self.config.base.preprocessors))
         fields = {**body.model_dump(), "model": await self.checkpoint(body.model, "model")}
         key = await self.cache.key("generate", plans.seed000_fields(fields, self.hires_upscaler), fields["model"])
         hit = await self.cache.get(key)

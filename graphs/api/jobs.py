@@ -23,6 +23,7 @@ from fastapi import APIRouter, Header, Path, Query, Request, Response
 from pydantic import BaseModel
 
 from deployments.support import overlay
+from deployments.support.control import offered
 from deployments.support.errors import InvalidInput, JobConflict, NotFound, ResultExpired, StorageUnavailable
 from deployments.support.settings import Settings
 from graphs.api.body import JSONBodyRoute
@@ -99,7 +100,8 @@ class JobRoutes(CheckpointChoice):
         units = getattr(body, "controlnets", [])
         if units:  # so are its ControlNet units: their images, and their names while the config is at hand
             await asyncio.to_thread(control_units, units, self.config.base.controlnets,
-                                    edit=kind not in ("text2img", "generate"))
+                                    edit=kind not in ("text2img", "generate"),
+                                    modules=offered(self.config.base.preprocessors))
         mark = getattr(body, "overlay", None)
         if mark is not None:  # so is a bad overlay (/generate/async)
             await asyncio.to_thread(overlay.prepare, mark, self.settings.fonts_dir, "overlay")
