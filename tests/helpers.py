@@ -240,3 +240,18 @@ def signing_credentials(folder) -> dict[str, str]:
     (folder / "ca.pem").write_bytes(root.public_bytes(pem))
     return {"C2PA_CERT_FILE": str(folder / "chain.pem"), "C2PA_KEY_FILE": str(folder / "signer.key"),
             "C2PA_TRUST_ANCHORS_FILE": str(folder / "ca.pem")}
+
+
+def refused(call):
+    """The structured error (a ``ServiceError``) an in-process route raised: the HTTP edge answers it as a 4xx
+    naming its field."""
+    import pytest
+
+    from deployments.support.errors import ServiceError
+    from graphs.api.errors import unwrap
+
+    with pytest.raises(Exception) as raised:  # noqa: PT011 - unwrapped and checked below
+        call()
+    error = unwrap(raised.value)
+    assert isinstance(error, ServiceError), repr(raised.value)
+    return error

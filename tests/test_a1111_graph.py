@@ -15,7 +15,7 @@ from PIL import Image
 from pydantic import ValidationError
 from starlette.requests import Request
 
-from deployments.support.errors import InvalidInput, ServiceError
+from deployments.support.errors import InvalidInput
 from deployments.support.imaging import exif_comment
 from graphs.api.a1111_infotext import parse
 from graphs.api.a1111_models import (
@@ -27,9 +27,9 @@ from graphs.api.a1111_models import (
     PngInfoRequest,
     Txt2ImgRequest,
 )
-from graphs.api.errors import status_of, unwrap
+from graphs.api.errors import status_of
 from tests.conftest import ROOT
-from tests.helpers import b64, decode_b64, pixels
+from tests.helpers import b64, decode_b64, pixels, refused
 
 DEFAULT_SAMPLER = "DDIM"
 SMALL = {"prompt": "a lighthouse", "width": 64, "height": 64, "steps": 2, "seed": 5}
@@ -88,15 +88,6 @@ def test_sampler_index_is_the_sampler_when_sampler_name_is_absent(ingress):
     euler = decode_b64(txt2img(ingress, sampler_name="Euler")["images"][0])
     assert np.array_equal(pixels(decode_b64(older["images"][0])), pixels(euler))
     assert txt2img(ingress, sampler_name="Euler", sampler_index="DDIM")["info"]["sampler_name"] == "Euler"
-
-
-def refused(call) -> ServiceError:
-    """The structured error a route raised (the HTTP edge answers it as a 4xx naming its field)."""
-    with pytest.raises(Exception) as raised:  # noqa: PT011 - unwrapped and checked below
-        call()
-    error = unwrap(raised.value)
-    assert isinstance(error, ServiceError), repr(raised.value)
-    return error
 
 
 def test_numbers_and_sizes_are_read_as_a1111_reads_them(ingress):

@@ -13,14 +13,13 @@ from PIL import Image
 from pydantic import ValidationError
 from starlette.requests import Request
 
-from deployments.support.errors import ServiceError
 from graphs.api.control_fields import ControlNetUnit
-from graphs.api.errors import status_of, unwrap
+from graphs.api.errors import status_of
 from graphs.api.generate import GenerateRequest
 from graphs.api.processing import ClipFocalRequest
 from graphs.jobs.models import AsyncGenerate, Img2ImgJob, Text2ImgJob
 from tests.conftest import ROOT
-from tests.helpers import b64, decode_b64, generated, pixels, until
+from tests.helpers import b64, decode_b64, generated, pixels, refused, until
 
 
 @pytest.fixture(scope="module")
@@ -96,15 +95,6 @@ def edges() -> Image.Image:
 def caller() -> Request:
     """The HTTP request a route reads its client (and its headers) from."""
     return Request({"type": "http", "method": "POST", "path": "/", "headers": [], "client": ("graph-test", 1)})
-
-
-def refused(call) -> ServiceError:
-    """The structured error a route raised (the HTTP edge answers it as a 4xx naming its field)."""
-    with pytest.raises(Exception) as raised:  # noqa: PT011 - unwrapped and checked below
-        call()
-    error = unwrap(raised.value)
-    assert isinstance(error, ServiceError), repr(raised.value)
-    return error
 
 
 CANNY = {"model": "tiny-canny", "image": b64(edges()), "preprocessor": "canny", "resize_mode": "stretch",
