@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deployments.support.depth import DepthModule
+from deployments.support.lineart import LineartModule
 
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 
@@ -122,10 +123,12 @@ class SDXLBaseConfig(_Config):
         {}, max_length=32, description="SDXL ControlNets by the name requests select them with -> source (a diffusers "
         "ControlNetModel folder, safetensors weights): loaded once per replica, shared by every checkpoint it holds"
     )
-    preprocessors: dict[DepthModule, str] = Field(
-        {}, description="ControlNet preprocessors that need a model, by module name -> source (a transformers folder: "
-        "config.json, model.safetensors, preprocessor_config.json): depth_midas (a DPT, e.g. Intel/dpt-hybrid-midas), "
-        "depth_anything and depth_anything_v2 (Depth Anything); loaded once per replica. An absent one is not offered"
+    preprocessors: dict[DepthModule | LineartModule, str] = Field(
+        {}, description="ControlNet preprocessors that need a model, by module name -> source; loaded once per "
+        "replica, an absent one is not offered. depth_midas (a DPT, e.g. Intel/dpt-hybrid-midas), depth_anything and "
+        "depth_anything_v2 (Depth Anything): a transformers folder (config.json, model.safetensors, "
+        "preprocessor_config.json). lineart_realistic, lineart_coarse, lineart_anime: a .safetensors file (or a folder "
+        "holding one) converted from lllyasviel/Annotators' sk_model.pth, sk_model2.pth, netG.pth"
     )
     embeddings_dir: str | None = Field(
         None, description="folder of SDXL textual-inversion embeddings (*.safetensors with clip_l and clip_g), each "

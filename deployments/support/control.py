@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from deployments.support import depth
+from deployments.support import depth, lineart
 from deployments.support.errors import InvalidInput, UnknownModel
 from deployments.support.imaging import Fit, frame, to_rgb
 
@@ -34,9 +34,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MAX_UNITS = 4  # A1111's extension shows 3 units by default; each one is a ControlNet pass per step
-MODEL_FREE = ("none", "canny", "invert")
-PREPROCESSORS = (*MODEL_FREE, *depth.DEPTH_MODULES)  # the depth modules are offered where a model is configured
-Preprocessor = Literal["none", "canny", "invert", "depth_midas", "depth_anything", "depth_anything_v2"]
+MODEL_FREE = ("none", "canny", "invert", "lineart_standard")
+# Every preprocessor, in the order they are listed: the depth and line-art ones with a model where it is configured.
+PREPROCESSORS = ("none", "canny", "invert", *depth.DEPTH_MODULES, *lineart.LINEART_MODULES)
+Preprocessor = Literal["none", "canny", "invert", "depth_midas", "depth_anything", "depth_anything_v2",
+                       "lineart_standard", "lineart_realistic", "lineart_coarse", "lineart_anime"]
+# A preprocessor's model (a depth estimator, a line-art network): an image at the processor resolution -> its map.
+Mapper = Callable[[Image.Image], Image.Image]
 # A1111's extension: the canny sliders (processor_res, threshold_a, threshold_b), their defaults and bounds.
 CANNY_RES = (512, 64, 2048)
 CANNY_LOW = (100.0, 1.0, 255.0)
@@ -44,6 +48,9 @@ CANNY_HIGH = (200.0, 1.0, 255.0)
 ControlMode = Literal["balanced", "prompt", "control"]
 # The pipeline arguments a ControlNet pass adds (``image`` too, for text-to-image: it is the control image there).
 KWARGS = ("control_image", "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
+# The preprocessors that read processor_res, and its extension slider's (default, min, max) for each.
+PROCESSOR_RES = {"canny": CANNY_RES, **{m: depth.DEPTH_RES for m in depth.DEPTH_MODULES},
+                 **{m: lineart.LINEART_RES for m in lineart.LINEART_MODULES}}
 
 
 class ControlUnit(BaseModel):
@@ -55,14 +62,16 @@ class ControlUnit(BaseModel):
     image: Image.Image | None = Field(None, description="the control image (before preprocessing); None: the "
                                       "request's init image (image-to-image and inpainting only), as A1111 does")
     module: Preprocessor = Field("none", description="the preprocessor: none (the image as sent), canny, invert, "
-                                 "depth_midas, depth_anything, depth_anything_v2 (a configured depth model's map)")
+                                 "depth_midas, depth_anything, depth_anything_v2 (a configured depth model's map), "
+                                 "lineart_standard, lineart_realistic, lineart_coarse, lineart_anime (line art, the "
+                                 "last three by a configured network)")
     conditioning_scale: float = Field(1.0, ge=0.0, le=2.0, description="A1111's weight: the residuals' scale")
     guidance_start: float = Field(0.0, ge=0.0, le=1.0, description="the fraction of the steps where it starts")
     guidance_end: float = Field(1.0, ge=0.0, le=1.0, description="the fraction of the steps where it stops")
     resize_mode: Fit = Field("crop", description="how the control image takes the generation size: stretch, crop "
                              "(cover, centre-crop: A1111's default 'Crop and Resize') or fill (fit, edges stretched)")
-    processor_res: int = Field(CANNY_RES[0], ge=CANNY_RES[1], le=CANNY_RES[2], description="canny and depth: the "
-                               "shorter side the image is resized to before its map is made")
+    processor_res: int = Field(CANNY_RES[0], ge=CANNY_RES[1], le=CANNY_RES[2], description="canny, depth and line "
+                               "art: the shorter side the image is resized to before its map is made")
     threshold_a: float = Field(CANNY_LOW[0], ge=CANNY_LOW[1], le=CANNY_LOW[2], description="canny: low threshold")
     threshold_b: float = Field(CANNY_HIGH[0], ge=CANNY_HIGH[1], le=CANNY_HIGH[2], description="canny: high threshold")
     passes: Literal["both", "first", "second"] = Field("both", description="with a hires fix, the passes it "
@@ -70,7 +79,8 @@ class ControlUnit(BaseModel):
     control_mode: ControlMode = Field("balanced", description="the extension's control mode: balanced, prompt (My "
                                       "prompt is more important: soft residual weights) or control (ControlNet is "
                                       "more important: soft weights, the conditional rows alone)")
-    pixel_perfect: bool = Field(False, description="canny's and depth's resolution computed from the image's size, "
+    pixel_perfect: bool = Field(False, description="canny's, depth's and line art's resolution computed from the "
+                                "image's size, "
                                 "the generation size and the resize mode, as the extension's Pixel Perfect computes "
                                 "it (processor_res is then not read)")
     pixel_target: tuple[int, int] | None = Field(None, description="pixel_perfect's target size (width, height); "
@@ -110,20 +120,25 @@ def pixel_perfect_resolution(size: tuple[int, int], width: int, height: int, fit
 
 
 def offered(configured: Collection[str]) -> list[str]:
-    """The preprocessors requests may name: the model-free ones, and each depth module whose model is configured
-    (``configured``: the base's ``preprocessors``)."""
-    return [*MODEL_FREE, *(m for m in depth.DEPTH_MODULES if m in configured)]
+    """The preprocessors requests may name: the model-free ones, and each depth and line-art module whose model is
+    configured (``configured``: the base's ``preprocessors``)."""
+    return [m for m in PREPROCESSORS if m in MODEL_FREE or m in configured]
 
 
 def detect(image: Image.Image, module: Preprocessor, resolution: int = CANNY_RES[0],
            low: float = CANNY_LOW[0], high: float = CANNY_HIGH[0],
-           estimators: Mapping[str, depth.DepthEstimator] | None = None) -> Image.Image:
+           estimators: Mapping[str, Mapper] | None = None) -> Image.Image:
     """The control map a preprocessor makes of ``image`` (RGB), at the size it works at: canny at ``resolution``
-    (white edges on black, thresholds ``low`` and ``high``), a depth module at ``resolution`` (by its model in
-    ``estimators``), the others at the image's own size."""
+    (white edges on black, thresholds ``low`` and ``high``), a depth or line-art module at ``resolution`` (by its
+    model in ``estimators``, the configured preprocessors' models by module; ``lineart_standard`` needs none), the
+    others at the image's own size."""
     rgb = to_rgb(image)
     if module in depth.DEPTH_MODULES:
         return depth.estimator(estimators, module)(at_resolution(rgb, resolution))
+    if module == "lineart_standard":
+        return lineart.standard(at_resolution(rgb, resolution))
+    if module in lineart.MODEL_MODULES:
+        return lineart.detector(estimators, module)(at_resolution(rgb, resolution))
     if module == "canny":
         import cv2
 
@@ -135,9 +150,9 @@ def detect(image: Image.Image, module: Preprocessor, resolution: int = CANNY_RES
 
 
 def control_image(unit: ControlUnit, fallback: Image.Image | None, width: int, height: int,
-                  estimators: Mapping[str, depth.DepthEstimator] | None = None) -> Image.Image:
-    """A unit's control map at the generation size, framed by its resize mode; canny and the depth modules (by
-    their models in ``estimators``) at ``resolution(...)``."""
+                  estimators: Mapping[str, Mapper] | None = None) -> Image.Image:
+    """A unit's control map at the generation size, framed by its resize mode; canny, the depth and the line-art
+    modules (by their models in ``estimators``) at ``resolution(...)``."""
     source = unit.image if unit.image is not None else fallback
     if source is None:
         raise InvalidInput("a ControlNet unit needs an image in text-to-image", field="control.image")
@@ -181,7 +196,8 @@ class _SameControlForEveryPrompt(logging.Filter):
 class ControlNets:
     """The ControlNets of one replica by name, loaded once on its device and dtype, and the ControlNet pipelines
     each held checkpoint runs them with (made on first use from its modules, kept while it is held); with the
-    preprocessors' depth models (``depth``, by module), loaded with them."""
+    preprocessors' models, loaded with them: the depth estimators (``depth``) and line-art networks (``lineart``),
+    by module (both in ``preprocessors``)."""
 
     def __init__(self, config: SDXLBaseConfig, device: torch.device, dtype: torch.dtype,
                  settings: Settings | None = None) -> None:
@@ -195,7 +211,9 @@ class ControlNets:
             self.models[name] = loader.load_controlnet(str(folder), dtype, settings, name).to(device).eval()
             self.titles.append(f"{name} [{model_hash(loader.controlnet_weights(folder))}]")
         # At start, as the ControlNets: a bad folder fails the replica, not a request, and no request waits on a load.
-        self.depth = depth.load(config.preprocessors, device, dtype, settings)
+        sources = config.preprocessors
+        self.depth = depth.load({m: s for m, s in sources.items() if m in depth.DEPTH_MODULES}, device, dtype, settings)
+        self.lineart = lineart.load({m: s for m, s in sources.items() if m in lineart.MODEL_MODULES}, device, settings)
         # checkpoint pipelines -> (mode, ControlNet names) -> its ControlNet pipeline; an evicted checkpoint's go
         # with it (weak keys), so that they never keep its modules alive.
         self._pipelines: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -205,9 +223,14 @@ class ControlNets:
         return list(self.models)
 
     @property
+    def preprocessors(self) -> dict[str, Mapper]:
+        """The preprocessors' models loaded, by module."""
+        return {**self.depth, **self.lineart}
+
+    @property
     def modules(self) -> list[str]:
-        """The preprocessors offered: the model-free ones and the depth modules loaded."""
-        return offered(self.depth)
+        """The preprocessors offered: the model-free ones and those whose models are loaded."""
+        return offered(self.preprocessors)
 
     def resolve(self, units: list[ControlUnit], field: str = "control"):
         """The ControlNet of each unit, by name; an unknown name, or a preprocessor whose model is not configured, is
@@ -263,7 +286,8 @@ class ControlNets:
         units = active(units)
         if not units:
             return {}
-        images = [control_image(u, init, width, height, self.depth) for u in units]
+        models = self.preprocessors
+        images = [control_image(u, init, width, height, models) for u in units]
         out: dict = dict(image=images, controlnet_conditioning_scale=[u.conditioning_scale for u in units],
                          control_guidance_start=[u.guidance_start for u in units],
                          control_guidance_end=[u.guidance_end for u in units])

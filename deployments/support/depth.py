@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -136,7 +136,7 @@ def normalised(depth: np.ndarray) -> np.ndarray:
     return ((depth - low) / (high - low) * 255.0).clip(0, 255).astype(np.uint8)
 
 
-def load(sources: Mapping[DepthModule, str], device: torch.device, dtype: torch.dtype,
+def load(sources: Mapping[str, str], device: torch.device, dtype: torch.dtype,
          settings: Settings | None = None) -> dict[str, DepthEstimator]:
     """The configured modules' estimators (``base.preprocessors``: module -> source), each loaded once."""
     from deployments.weights import loader
@@ -148,8 +148,8 @@ def load(sources: Mapping[DepthModule, str], device: torch.device, dtype: torch.
     return out
 
 
-def estimator(estimators: Mapping[str, DepthEstimator] | None, module: str,
-              field: str = "control.module") -> DepthEstimator:
+def estimator(estimators: Mapping[str, Callable[[Image.Image], Image.Image]] | None, module: str,
+              field: str = "control.module") -> Callable[[Image.Image], Image.Image]:
     """``module``'s estimator; a module whose model is not configured is refused, naming ``field``."""
     found = (estimators or {}).get(module)
     if found is None:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from deployments.support.config import ModelSource
 from deployments.support.depth import ARCHITECTURES
 from deployments.support.errors import DownloadIncomplete, ModelLoadError, UnsafeWeights
+from deployments.support.lineart import ARCHITECTURES as LINEART_ARCHITECTURES
 from deployments.support.settings import Settings, current
 
 if TYPE_CHECKING:
@@ -361,6 +362,56 @@ def load_depth(source: str, module: str, dtype: torch.dtype, settings: Settings 
         raise ModelLoadError(f"{weights.name}: missing {sorted(info['missing_keys'])[:4]}", field=field)
     logger.info("%s: %s from %s", module, type(model).__name__, folder)
     return model, processor
+
+
+def lineart_weights(path: Path, field: str) -> Path:
+    """The weights file of a line-art preprocessor's source: the ``.safetensors`` file itself, or the one such file
+    in a folder (an ``s3://`` prefix, a local folder). A pickle, or a folder of pickles alone, is refused."""
+    if path.is_dir():
+        found = sorted(path.glob("*.safetensors"))
+        if len(found) > 1:
+            raise ModelLoadError(f"{path}: holds {len(found)} .safetensors files ({', '.join(f.name for f in found)});"
+                                 " a line-art model is one file", field=field)
+        if not found:
+            if any(p.suffix.lower() in PICKLE_SUFFIXES for p in path.iterdir()):
+                raise UnsafeWeights(f"{path}: holds only pickled weights; convert them with "
+                                    "python -m deployments.weights.convert", field=field)
+            raise ModelLoadError(f"{path}: no .safetensors weights", field=field)
+        path = found[0]
+    try:
+        check_safetensors(path)
+    except UnsafeWeights as e:  # named here: the error says which preprocessor's source it is
+        raise UnsafeWeights(e.message, field=field) from e
+    return path
+
+
+def load_lineart(source: str, module: str, settings: Settings | None = None):
+    """Load a ControlNet line-art preprocessor's network from safetensors (``python -m deployments.weights.convert``
+    writes them from lllyasviel/Annotators' ``sk_model.pth``, ``sk_model2.pth`` and ``netG.pth``): the
+    informative-drawings generator for ``lineart_realistic`` and ``lineart_coarse``, the anime U-Net for
+    ``lineart_anime``. A file whose names and shapes are not exactly that network's is refused. Returns the network,
+    float32 on the CPU."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from deployments.support import lineart_nets
+
+    field = f"preprocessors.{module}"
+    weights = lineart_weights(resolve(source, settings), field)
+    try:
+        state = load_file(weights)
+    except (OSError, ValueError, SafetensorError) as e:
+        raise ModelLoadError(f"cannot read {weights.name}: {e}", field=field) from e
+    expected = LINEART_ARCHITECTURES[module]
+    found = lineart_nets.architecture(state)
+    if found is not None and found != expected:
+        raise ModelLoadError(f"{weights.name}: a {found!r} network; {module} runs a {expected!r} one", field=field)
+    try:
+        net = lineart_nets.from_state_dict(expected, state)
+    except ValueError as e:
+        raise ModelLoadError(f"{weights.name}: {e}", field=field) from e
+    logger.info("%s: %s from %s", module, type(net).__name__, weights)
+    return net
 
 
 def load_spandrel(source: str, settings: Settings | None = None):
