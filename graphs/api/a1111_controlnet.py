@@ -2,8 +2,10 @@
 ``alwayson_scripts.ControlNet.args`` on txt2img and img2img.
 
 A unit names one of the base's ``controlnets`` (as ``/controlnet/model_list`` lists them; A1111's ``"name [hash]"``
-is accepted too) and a preprocessor (``module``: none, canny, invert, and the depth modules whose model the base
-has: ``depth_midas`` (or ``depth``), ``depth_anything``, ``depth_anything_v2``). ``control_mode`` and
+is accepted too) and a preprocessor (``module``: none, canny, invert, ``lineart_standard``, and the depth and
+line-art modules whose model the base has: ``depth_midas`` (or ``depth``), ``depth_anything``,
+``depth_anything_v2``, ``lineart_realistic`` (or ``lineart``), ``lineart_coarse``, ``lineart_anime``; the
+extension's labels are taken too). ``control_mode`` and
 ``pixel_perfect`` run as the extension runs them (``deployments/support/injection.py``, ``control.resolution``); a
 unit's ``mask``, which the extension draws with as the control image, is named in the answer's warnings and not
 applied; ``low_vram`` means nothing here. The routes are in ``graphs/api/controlnet.py``.
@@ -22,11 +24,13 @@ from deployments.support.control import (
     CANNY_RES,
     MAX_UNITS,
     MODEL_FREE,
+    PROCESSOR_RES,
     ControlMode,
     ControlUnit,
 )
-from deployments.support.depth import ALIASES, DEPTH_MODULES, DEPTH_RES
+from deployments.support.depth import ALIASES
 from deployments.support.errors import InvalidInput, UnknownModel
+from deployments.support.lineart import ALIASES as LINEART_ALIASES
 from graphs.api.a1111_models import _A1111, Txt2ImgRequest
 from graphs.api.a1111_models import EXTENSION_SCRIPTS as SCRIPT
 from graphs.api.fields import image_field
@@ -47,7 +51,7 @@ MODE_OF: dict[str, ControlMode] = {"Balanced": "balanced", "My prompt is more im
 HR_OPTIONS: dict[Any, str] = {0: "both", 1: "first", 2: "second", "Both": "both", "Low res only": "first",
                               "High res only": "second"}
 MODULES = {"none": "none", "canny": "canny", "invert": "invert", "invert (from white bg & black line)": "invert",
-           **ALIASES}
+           **ALIASES, **LINEART_ALIASES}
 
 
 class A1111Unit(_A1111):
@@ -122,9 +126,10 @@ def model_name(unit: A1111Unit) -> str | None:
 
 
 def module_of(name: str, field: str, offered: Collection[str] = MODEL_FREE) -> str:
-    """A preprocessor's name as the extension's clients send it (its labels too: the invert's long one, MiDaS's
-    ``depth_midas`` for its key ``depth``), when it is ``offered`` (``control.offered``: a depth module only where
-    its model is configured); else a 422 naming ``field`` and listing those offered."""
+    """A preprocessor's name as the extension's clients send it (its labels too: the invert's and lineart_standard's
+    long ones, MiDaS's ``depth_midas`` for its key ``depth``, ``lineart_realistic`` for ``lineart``), when it is
+    ``offered`` (``control.offered``: a depth or line-art module only where its model is configured); else a 422
+    naming ``field`` and listing those offered."""
     module = MODULES.get(name.strip().lower())
     if module is None or module not in offered:
         raise UnknownModel(f"ControlNet preprocessor {name!r} is not offered here: {', '.join(offered)}",
@@ -159,14 +164,14 @@ def _passes(unit: A1111Unit, field: str, hires: bool) -> str:
 
 def sliders(unit: A1111Unit, module: str) -> tuple[int, float, float]:
     """processor_res, threshold_a, threshold_b as the extension reads them for canny (and processor_res alone for
-    the depth modules): -1 or out of its bounds, its default (the extension resets such a value, and logs it); other
-    modules keep what was sent (they read none)."""
+    the depth and line-art modules): -1 or out of its bounds, its default (the extension resets such a value, and
+    logs it); other modules keep what was sent (they read none)."""
     def within(value: float, bounds: tuple) -> float:
         default, low, high = bounds
         return value if low <= value <= high else default
 
-    if module in DEPTH_MODULES:
-        return int(within(unit.processor_res, DEPTH_RES)), unit.threshold_a, unit.threshold_b
+    if module != "canny" and module in PROCESSOR_RES:
+        return int(within(unit.processor_res, PROCESSOR_RES[module])), unit.threshold_a, unit.threshold_b
     if module != "canny":
         return unit.processor_res, unit.threshold_a, unit.threshold_b
 
@@ -224,7 +229,7 @@ def control_units(r: Txt2ImgRequest, models: dict[str, str], *, edit: bool,
                                conditioning_scale=unit.weight, guidance_start=unit.guidance_start,
                                guidance_end=unit.guidance if unit.guidance is not None else unit.guidance_end,
                                resize_mode=fit,  # type: ignore[arg-type]
-                               processor_res=res if module in ("canny", *DEPTH_MODULES) else CANNY_RES[0],
+                               processor_res=res if module in PROCESSOR_RES else CANNY_RES[0],
                                threshold_a=low if module == "canny" else CANNY_LOW[0],
                                threshold_b=high if module == "canny" else CANNY_HIGH[0]))
     return out
@@ -252,10 +257,11 @@ def notes(r: Txt2ImgRequest) -> list[str]:
                 if value >= 0 and not low <= value <= high:
                     out.append(f"{field}.{name}={value:g} is outside canny's {low:g} to {high:g}: it ran at "
                                f"{default:g}, as the extension resets it")
-        elif module in DEPTH_MODULES and not unit.pixel_perfect and unit.processor_res >= 0 \
-                and not DEPTH_RES[1] <= unit.processor_res <= DEPTH_RES[2]:
-            out.append(f"{field}.processor_res={unit.processor_res} is outside {module}'s {DEPTH_RES[1]} to "
-                       f"{DEPTH_RES[2]}: it ran at {DEPTH_RES[0]}, as the extension resets it")
+        elif module in PROCESSOR_RES and not unit.pixel_perfect and unit.processor_res >= 0:
+            default, low, high = PROCESSOR_RES[module]
+            if not low <= unit.processor_res <= high:
+                out.append(f"{field}.processor_res={unit.processor_res} is outside {module}'s {low} to {high}: it "
+                           f"ran at {default}, as the extension resets it")
     return out
 
 
