@@ -1,6 +1,7 @@
 """``python -m deployments.weights.convert IN OUT``: an official ``.pth`` release -> safetensors the loader takes.
 
-Real-ESRGAN, CodeFormer, GFPGAN and RetinaFace weights ship as pickles, which the loader refuses because
+Real-ESRGAN, CodeFormer, GFPGAN and RetinaFace weights ship as pickles, as do ControlNet's line-art preprocessors
+(lllyasviel/Annotators' sk_model.pth, sk_model2.pth, netG.pth), which the loader refuses because
 unpickling can run code. This reads them with PyTorch's restricted unpickler only (tensors, containers and
 primitives; anything else is refused, never retried unrestricted), unwraps the usual checkpoint dicts
 (``params_ema`` first), strips DataParallel's ``module.`` prefix, recognises the model, writes safetensors to a
@@ -39,7 +40,7 @@ RETINAFACE_HEADS = ("ClassHead.", "BboxHead.", "LandmarkHead.")
 @dataclass(frozen=True)
 class Identity:
     architecture: str
-    purpose: str  # spandrel's purpose (SR, FaceSR, Restoration, ...), FaceDetection, or unknown
+    purpose: str  # spandrel's purpose (SR, FaceSR, Restoration, ...), FaceDetection, preprocessor, or unknown
     scale: int | None  # None where the model does not resize (a detector) or is not known
 
 
@@ -118,13 +119,19 @@ def retinaface_network(state: dict[str, torch.Tensor]) -> str | None:
 
 
 def identify(state: dict[str, torch.Tensor], name: str, allow_unknown: bool = False) -> Identity:
-    """What the state dict is: a RetinaFace detector by its keys, else whatever spandrel recognises."""
-    import spandrel
-    import spandrel_extra_arches
+    """What the state dict is: a RetinaFace detector or a ControlNet line-art network by its keys, else whatever
+    spandrel recognises."""
+    from deployments.support import lineart_nets
 
     network = retinaface_network(state)
     if network is not None:
         return Identity(f"RetinaFace-{network}", "FaceDetection", None)
+    drawing = lineart_nets.architecture(state)  # lineart (sk_model*.pth) or lineart_anime (netG.pth)
+    if drawing is not None:
+        return Identity(drawing, "preprocessor", None)
+    import spandrel  # imported only for what it recognises: spandrel_extra_arches takes seconds to import
+    import spandrel_extra_arches
+
     spandrel_extra_arches.install(ignore_duplicates=True)  # CodeFormer lives there
     try:
         descriptor = spandrel.ModelLoader(device="cpu").load_from_state_dict(state)
@@ -133,8 +140,8 @@ def identify(state: dict[str, torch.Tensor], name: str, allow_unknown: bool = Fa
             logger.warning("%s: architecture not recognised; converted as is (--allow-unknown)", name)
             return Identity("unknown", "unknown", None)
         raise ModelLoadError(
-            f"{name}: not a recognised upscaler, face restorer or face detector; pass --allow-unknown to "
-            "convert it anyway", field="source"
+            f"{name}: not a recognised upscaler, face restorer, face detector or line-art network; pass "
+            "--allow-unknown to convert it anyway", field="source"
         ) from None
     except (RuntimeError, KeyError, ValueError, IndexError) as e:
         raise ModelLoadError(f"{name}: looks like a known architecture but does not load ({e})",
@@ -148,9 +155,13 @@ def identify(state: dict[str, torch.Tensor], name: str, allow_unknown: bool = Fa
 def verify(path: Path, identity: Identity) -> None:
     """Load the written file the way the service will; a file that fails here is never published."""
     from deployments.support import faces
+    from deployments.support.lineart import ARCHITECTURES
     from deployments.weights import loader
 
-    if identity.purpose == "FaceDetection":
+    if identity.purpose == "preprocessor":  # strict: every name and shape of the network, as a replica loads it
+        module = next(m for m, kind in ARCHITECTURES.items() if kind == identity.architecture)
+        loader.load_lineart(str(path), module)
+    elif identity.purpose == "FaceDetection":
         try:
             faces.RetinaFaceDetector(str(path), device="cpu")  # strict load into facexlib's RetinaFace
         except (RuntimeError, KeyError, ValueError) as e:
