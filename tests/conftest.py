@@ -47,7 +47,9 @@ def base(tiny):
             lora_dir=str(tiny / "loras"),
             controlnets={"tiny-canny": str(tiny / "controlnet-canny")},
             preprocessors={"depth_midas": str(tiny / "depth-midas"),
-                           "depth_anything_v2": str(tiny / "depth-anything-v2")},
+                           "depth_anything_v2": str(tiny / "depth-anything-v2"),
+                           "lineart_realistic": str(tiny / "lineart" / "sk_model.safetensors"),
+                           "lineart_anime": str(tiny / "lineart" / "netG.safetensors")},
         )
     )
 

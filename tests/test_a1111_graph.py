@@ -1022,9 +1022,10 @@ def test_controlnet_units_are_refused_naming_their_field(ingress):
             code, status, f"alwayson_scripts.ControlNet.{field.replace('args[0]', 'args[1]')}"), unit
     units = refused(lambda: txt2img(ingress, alwayson_scripts=controlnet(*[good] * 5)))
     assert units.details["field"] == "alwayson_scripts.ControlNet.args"
-    choices = refused(lambda: txt2img(ingress, alwayson_scripts=controlnet({**good, "module": "lineart"})))
+    choices = refused(lambda: txt2img(ingress, alwayson_scripts=controlnet({**good, "module": "openpose"})))
     assert choices.details["choices"] == ["none", "canny", "invert", "depth_midas", "depth_anything",
-                                          "depth_anything_v2"]  # configs/cpu.yaml configures every depth model
+                                          "depth_anything_v2", "lineart_standard", "lineart_realistic",
+                                          "lineart_coarse", "lineart_anime"]  # configs/cpu.yaml configures them all
 
 
 def test_img2img_unit_without_an_image_uses_the_init_image(ingress):
@@ -1049,7 +1050,8 @@ def test_controlnet_routes(ingress, tiny):
     assert listed == {"model_list": [f"tiny-canny [{digest}]"]}
     assert ingress.controlnet_model_list.remote(update=False).result() == listed
     modules = ingress.controlnet_module_list.remote().result()
-    assert modules["module_list"] == ["none", "canny", "invert", "depth", "depth_anything", "depth_anything_v2"]
+    assert modules["module_list"] == ["none", "canny", "invert", "depth", "depth_anything", "depth_anything_v2",
+                                      "lineart_standard", "lineart", "lineart_coarse", "lineart_anime"]
     labels = ingress.controlnet_module_list.remote(alias_names=True).result()  # the extension's labels
     assert labels["module_list"][2:4] == ["invert (from white bg & black line)", "depth_midas"]
     assert [s["value"] for s in labels["module_detail"]["depth_midas"]["sliders"]] == [512]
@@ -1203,3 +1205,23 @@ def test_depth_units_and_detect(ingress, tiny, astronaut):
     guided, raw = (txt2img(ingress, alwayson_scripts=controlnet(u)) for u in (unit, {**unit, "module": "none"}))
     assert np.abs(pixels(decode_b64(guided["images"][0])) - pixels(decode_b64(raw["images"][0]))).mean() > 0.5
     assert "Module: depth_midas, Model: tiny-canny" in decode_b64(guided["images"][0]).info["parameters"]
+
+
+def test_lineart_detect(ingress, tiny, astronaut):
+    """/controlnet/detect makes a line-art map on the base replica by the extension's names: its key ``lineart``
+    (lineart_realistic, by the configured network) and lineart_standard's long label (model-free)."""
+    import torch
+
+    from deployments.support import lineart
+    from deployments.support.control import detect
+    from graphs.api.controlnet import DetectRequest
+
+    photo = astronaut.resize((128, 96))
+    local = lineart.load({"lineart_realistic": str(tiny / "lineart" / "sk_model.safetensors")}, torch.device("cpu"))
+    for name, module in (("lineart", "lineart_realistic"),
+                         ("lineart_standard (from white bg & black line)", "lineart_standard")):
+        detected = ingress.controlnet_detect.remote(DetectRequest(
+            controlnet_module=name, controlnet_input_images=[b64(photo)], controlnet_processor_res=64)).result()
+        made = decode_b64(detected["images"][0])
+        assert made.size == (85, 64)
+        assert np.array_equal(pixels(made), pixels(detect(photo, module, 64, estimators=local)))

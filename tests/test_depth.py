@@ -113,7 +113,8 @@ def test_a_depth_unit_guides_the_base_by_its_map(base, astronaut):
     expected = detect(astronaut, "depth_midas", 64, estimators=base.controls.depth).resize((96, 64),
                                                                                          Image.Resampling.LANCZOS)
     assert np.array_equal(pixels(framed), pixels(expected))
-    assert base.describe()["preprocessors"] == ["none", "canny", "invert", "depth_midas", "depth_anything_v2"]
+    assert base.describe()["preprocessors"] == ["none", "canny", "invert", "depth_midas", "depth_anything_v2",
+                                                "lineart_standard", "lineart_realistic", "lineart_anime"]
     assert {"preprocessor:depth_midas", "preprocessor:depth_anything_v2"} <= set(base.fingerprint())
 
 
@@ -131,7 +132,7 @@ def test_a_module_without_its_model_is_refused_naming_the_field(base, astronaut)
     with pytest.raises(UnknownModel) as e:
         detect(astronaut, "depth_anything", estimators=base.controls.depth)
     only_midas = offered({"depth_midas": "/models/dpt-hybrid-midas"})
-    assert only_midas == ["none", "canny", "invert", "depth_midas"]
+    assert only_midas == ["none", "canny", "invert", "depth_midas", "lineart_standard"]
     photo = "data:image/png;base64," + b64(astronaut.resize((64, 64)))
     request = Txt2ImgRequest(prompt="x", alwayson_scripts={"ControlNet": {"args": [
         {"module": "depth", "model": "tiny-canny", "image": photo, "processor_res": 4096},
