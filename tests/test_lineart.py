@@ -189,6 +189,9 @@ def test_the_loader_refuses_pickles_and_other_networks_naming_the_field(tmp_path
     naming ``preprocessors.<module>``; a folder holding one file is read."""
     from deployments.factory.lineart import write_release
 
+    with pytest.raises(ModelLoadError) as e:
+        loader.load_lineart(str(tmp_path / "missing.safetensors"), "lineart_realistic")
+    assert e.value.field == "preprocessors.lineart_realistic"
     release = write_release(tmp_path / "sk_model.pth", "lineart_realistic")
     with pytest.raises(UnsafeWeights) as e:
         loader.load_lineart(str(release), "lineart_realistic")

@@ -397,7 +397,11 @@ def load_lineart(source: str, module: str, settings: Settings | None = None):
     from deployments.support import lineart_nets
 
     field = f"preprocessors.{module}"
-    weights = lineart_weights(resolve(source, settings), field)
+    try:
+        path = resolve(source, settings)
+    except ModelLoadError as e:  # named here: a missing or unreadable source says which preprocessor's it is
+        raise type(e)(e.message, field=field) from e
+    weights = lineart_weights(path, field)
     try:
         state = load_file(weights)
     except (OSError, ValueError, SafetensorError) as e:
