@@ -80,9 +80,8 @@ class ControlUnit(BaseModel):
                                       "prompt is more important: soft residual weights) or control (ControlNet is "
                                       "more important: soft weights, the conditional rows alone)")
     pixel_perfect: bool = Field(False, description="canny's, depth's and line art's resolution computed from the "
-                                "image's size, "
-                                "the generation size and the resize mode, as the extension's Pixel Perfect computes "
-                                "it (processor_res is then not read)")
+                                "image's size, the generation size and the resize mode, as the extension's Pixel "
+                                "Perfect computes it (processor_res is then not read)")
     pixel_target: tuple[int, int] | None = Field(None, description="pixel_perfect's target size (width, height); "
                                                  "None: the generation size. A hires fix's second pass keeps the "
                                                  "first pass's, as the extension computes it once a request")

@@ -170,13 +170,12 @@ def sliders(unit: A1111Unit, module: str) -> tuple[int, float, float]:
         default, low, high = bounds
         return value if low <= value <= high else default
 
-    if module != "canny" and module in PROCESSOR_RES:
+    if module == "canny":
+        return int(within(unit.processor_res, CANNY_RES)), within(unit.threshold_a, CANNY_LOW), \
+            within(unit.threshold_b, CANNY_HIGH)
+    if module in PROCESSOR_RES:
         return int(within(unit.processor_res, PROCESSOR_RES[module])), unit.threshold_a, unit.threshold_b
-    if module != "canny":
-        return unit.processor_res, unit.threshold_a, unit.threshold_b
-
-    return int(within(unit.processor_res, CANNY_RES)), within(unit.threshold_a, CANNY_LOW), \
-        within(unit.threshold_b, CANNY_HIGH)
+    return unit.processor_res, unit.threshold_a, unit.threshold_b
 
 
 def _image(unit: A1111Unit, field: str) -> tuple[str | None, str]:
