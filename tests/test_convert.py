@@ -255,13 +255,19 @@ def test_the_loader_still_refuses_the_original_pickles(releases):
             loader.load_spandrel(str(path))
 
 
-def readme_walkthrough() -> tuple[list[tuple[str, str]], str]:
-    """The conversion commands and the ``args:`` YAML of the README's "Serving real models" section."""
+# The line-art preprocessors' releases (lllyasviel/Annotators) a README command may convert, by module.
+LINEART_RELEASES = {"sk_model.pth": "lineart_realistic", "sk_model2.pth": "lineart_coarse",
+                    "netG.pth": "lineart_anime"}
+
+
+def readme_walkthrough() -> tuple[list[tuple[str, str]], list[str]]:
+    """The conversion commands and the YAML blocks (the first: the ``args:`` of the upscalers and face models) of the
+    README's "Serving real models" section."""
     section = (Path(__file__).resolve().parents[1] / "README.md").read_text().split("## Serving real models")[1]
     commands = re.findall(r"^python -m deployments\.weights\.convert (\S+) (\S+)$", section, re.MULTILINE)
-    block = re.search(r"```yaml\n(.*?)```", section, re.DOTALL)
-    assert commands and block, "the README lost its conversion walk-through"
-    return commands, block.group(1)
+    blocks = re.findall(r"```yaml\n(.*?)```", section, re.DOTALL)
+    assert commands and blocks, "the README lost its conversion walk-through"
+    return commands, blocks
 
 
 def test_readme_walkthrough_serves_the_converted_models(releases, tmp_path, monkeypatch):
@@ -269,6 +275,8 @@ def test_readme_walkthrough_serves_the_converted_models(releases, tmp_path, monk
     from PIL import Image
 
     from deployments.face_restorer import FaceEnhancer
+    from deployments.factory.lineart import write_release
+    from deployments.support import lineart
     from deployments.upscaler import ImageUpscaler
     from graphs.app import AppArgs
 
@@ -277,13 +285,16 @@ def test_readme_walkthrough_serves_the_converted_models(releases, tmp_path, monk
     for name in ("RealESRGAN_x4plus", "RealESRGAN_x2plus", "codeformer", "detection_Resnet50_Final"):
         os.link(releases[name], downloads / releases[name].name)  # a hard link: no 400 MB copy
     monkeypatch.setenv("MODEL_DIR", str(model_dir))
-    commands, args_yaml = readme_walkthrough()
-    assert len(commands) == 4
+    commands, blocks = readme_walkthrough()
+    drawings = [source for source, _ in commands if Path(source).name in LINEART_RELEASES]
+    assert len(commands) - len(drawings) == 4
+    for source in drawings:  # the line-art releases the README converts, as lllyasviel/Annotators ships them
+        write_release(downloads / Path(source).name, LINEART_RELEASES[Path(source).name])
     for source, target in commands:  # as the shell would expand them
         source = source.replace("~/Downloads", str(downloads))
         assert main([source, target.replace("$MODEL_DIR", str(model_dir))]) == 0
 
-    args = AppArgs.model_validate({"base": {"model": {"source": "unused"}}, **yaml.safe_load(args_yaml)})
+    args = AppArgs.model_validate({"base": {"model": {"source": "unused"}}, **yaml.safe_load(blocks[0])})
     upscaler = ImageUpscaler(args.upscaler)
     for name, scale in [("R-ESRGAN 4x+", 4), ("R-ESRGAN 2x+", 2)]:
         result = upscaler.upscale(Image.new("RGB", (32, 32), "gray"), name, scale=scale)
@@ -291,6 +302,11 @@ def test_readme_walkthrough_serves_the_converted_models(releases, tmp_path, monk
     restorer = FaceEnhancer(args.face_restorer)
     assert restorer.name == "CodeFormer"
     assert isinstance(restorer.detector, faces.RetinaFaceDetector)
+    for block in blocks[1:]:  # the base's preprocessors, where the README configures the converted line art
+        base = yaml.safe_load(block).get("base", {})
+        if "preprocessors" in base:
+            args = AppArgs.model_validate({"base": {"model": {"source": "unused"}, **base}})
+            assert set(lineart.load(args.base.preprocessors, torch.device("cpu"))) == set(base["preprocessors"])
 
 
 @pytest.mark.skipif(not os.environ.get("IMAGEGEN_FULLSIZE"), reason="full-size releases: set IMAGEGEN_FULLSIZE=1")
