@@ -70,6 +70,9 @@ _watching: list[asyncio.Task] = []
 
 
 def start() -> None:
-    """Start the watch in this replica's event loop, once."""
-    if not _watching:
+    """Start the watch in this replica's event loop, once. Not where Ray is not running: Serve's local testing mode
+    runs the graph in one process, with no controller to ask, and asking would start a Ray instance for it."""
+    import ray
+
+    if not _watching and ray.is_initialized():
         _watching.append(asyncio.get_event_loop().create_task(watch()))
