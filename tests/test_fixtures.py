@@ -8,11 +8,12 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from deployments.factory.full import BASE_UNET, REFINER_UNET, build_all
+from deployments.factory.full import BASE_UNET, CONTROLNET, CONTROLNET_RELEASE, REFINER_UNET, build_all
 from deployments.support.config import ModelSource
 from deployments.support.errors import ModelLoadError
 from deployments.weights import loader
@@ -196,6 +197,65 @@ def test_depth_anything_v2_has_the_released_layout(shrunk, astronaut):
                                                                                                 [5, 12, 18, 24])
     estimators = depth.load({"depth_anything_v2": str(folder)}, torch.device("cpu"), torch.float32)
     assert detect(astronaut, "depth_anything_v2", 64, estimators=estimators).size == (64, 64)
+
+
+def test_the_controlnet_has_the_released_layout(shrunk, astronaut):
+    """diffusers/controlnet-canny-sdxl-1.0's files and config.json as released (its keys, its values, the base's
+    widths shrunk), the ``fp16`` variant the full-precision file rounded; the service's loader reads it, and a canny
+    unit on it moves the shrunk base's pixels (its zero convolutions are not zero)."""
+    from safetensors.torch import load_file
+
+    from deployments.sdxl_base import BaseGenerator
+    from deployments.support.config import SDXLBaseConfig
+    from deployments.support.control import ControlUnit
+    from deployments.support.generation import GenerationRequest
+    from tests.helpers import pixels
+
+    folder = shrunk / "controlnet-canny-sdxl"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "config.json", "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.safetensors"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config.keys() == CONTROLNET_RELEASE.keys() | CONTROLNET.keys()  # no key newer diffusers would add
+    assert (config["_class_name"], config["_diffusers_version"]) == ("ControlNetModel", "0.20.0.dev0")
+    unet = json.loads((shrunk / "sdxl-base" / "unet" / "config.json").read_text())
+    for key in ("block_out_channels", "attention_head_dim", "transformer_layers_per_block", "cross_attention_dim",
+                "projection_class_embeddings_input_dim", "down_block_types", "layers_per_block", "norm_num_groups",
+                "addition_embed_type", "addition_time_embed_dim", "use_linear_projection", "in_channels"):
+        assert config[key] == unet[key], key  # it fits the base it was made for
+    for key in ("conditioning_embedding_out_channels", "conditioning_channels", "controlnet_conditioning_channel_order",
+                "global_pool_conditions", "upcast_attention", "addition_embed_type_num_heads"):
+        assert config[key] == CONTROLNET[key], key
+    full = load_file(folder / "diffusion_pytorch_model.safetensors")
+    half = load_file(folder / "diffusion_pytorch_model.fp16.safetensors")
+    assert full.keys() == half.keys() and all(t.dtype == torch.float32 for t in full.values())
+    assert all(torch.equal(half[k], full[k].half()) for k in full)
+    assert full["controlnet_mid_block.weight"].abs().sum() > 0
+    base = BaseGenerator(SDXLBaseConfig(model={"source": str(shrunk / "sdxl-base")},
+                                        controlnets={"canny": str(folder)}))
+    assert base.controls.names == ["canny"] and base.controls.models["canny"].dtype == torch.float32
+    small = dict(prompt="a lighthouse", width=64, height=64, steps=2, seed=3)
+    plain = pixels(base.generate(GenerationRequest(**small)).images[0])
+    unit = ControlUnit(model="canny", image=astronaut, module="canny")
+    controlled = pixels(base.generate(GenerationRequest(**small, control=[unit])).images[0])
+    assert controlled.shape == (64, 64, 3) and np.abs(controlled.astype(float) - plain).mean() > 1.0
+
+
+def test_the_full_size_controlnet_is_the_base_unets_encoder():
+    """The release's config at full size (on the meta device: no memory) makes 1,251,014,160 parameters, 5.00 GB in
+    float32 as its diffusion_pytorch_model.safetensors, and each weight it shares with the base UNet (conv_in, the
+    time and text-time embeddings, the down blocks and the middle block) has the base's name and shape."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    with torch.device("meta"):
+        net = ControlNetModel(**CONTROLNET)
+        unet = UNet2DConditionModel(**BASE_UNET)
+    assert sum(p.numel() for p in net.parameters()) == 1_251_014_160
+    own = {k: v.shape for k, v in net.state_dict().items()}
+    shared = {k: v.shape for k, v in unet.state_dict().items()
+              if k.split(".")[0] in ("conv_in", "time_embedding", "add_embedding", "down_blocks", "mid_block")}
+    assert len(shared) == 808 and all(own.get(k) == shape for k, shape in shared.items())
+    extra = {k.split(".")[0] for k in own.keys() - shared.keys()}
+    assert extra == {"controlnet_cond_embedding", "controlnet_down_blocks", "controlnet_mid_block"}
 
 
 def test_the_gpu_stage_benchmark_runs_every_stage_on_these_layouts(shrunk, tmp_path):

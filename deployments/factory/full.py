@@ -13,6 +13,9 @@
                                    decoder, BERT's 30522-entry WordPiece plus [DEC] and [ENC]; fp32 model.safetensors
     OUT/depth-anything-v2/         depth-anything/Depth-Anything-V2-Large-hf's layout (the extension's
                                    depth_anything_v2): DINOv2 ViT-L/14 at 518², DPT neck; fp32 model.safetensors
+    OUT/controlnet-canny-sdxl/     diffusers/controlnet-canny-sdxl-1.0's layout (``--only controlnet``): the release's
+                                   config.json, diffusion_pytorch_model.safetensors (fp32, 5.0 GB) and its fp16
+                                   variant (2.5 GB); 1.25 B parameters, the base UNet's encoder and middle block
 
 The configurations are those of stabilityai/stable-diffusion-xl-base-1.0 and -refiner-1.0: 2.6 B UNet parameters
 for the base, 2.3 B for the refiner, CLIP ViT-L and OpenCLIP bigG text encoders, the 84 M parameter VAE. Weights
@@ -99,29 +102,79 @@ SAFETY_VISION = dict(hidden_size=1024, intermediate_size=4096, num_attention_hea
                      image_size=224, patch_size=14, hidden_act="quick_gelu")
 SAFETY_PROJECTION = 768
 
+# diffusers/controlnet-canny-sdxl-1.0's config.json as released (diffusers 0.20.0.dev0, trained by diffusers'
+# train_controlnet_sdxl.py from the base UNet: its down and middle blocks, then the zero convolutions). Written
+# as is, so that the service loads the release's keys (no ``mid_block_type``: newer diffusers default it). The hub
+# lists that file at 1.31 kB, this one is 1235 bytes: an entry that changes nothing loaded (``_name_or_path``, most
+# likely) could not be read and is left out.
+CONTROLNET_RELEASE = {"_class_name": "ControlNetModel", "_diffusers_version": "0.20.0.dev0"}
+CONTROLNET = dict(
+    act_fn="silu",
+    addition_embed_type="text_time",
+    addition_embed_type_num_heads=64,
+    addition_time_embed_dim=256,
+    attention_head_dim=[5, 10, 20],
+    block_out_channels=[320, 640, 1280],
+    class_embed_type=None,
+    conditioning_channels=3,
+    conditioning_embedding_out_channels=[16, 32, 96, 256],
+    controlnet_conditioning_channel_order="rgb",
+    cross_attention_dim=2048,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    downsample_padding=1,
+    encoder_hid_dim=None,
+    encoder_hid_dim_type=None,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    global_pool_conditions=False,
+    in_channels=4,
+    layers_per_block=2,
+    mid_block_scale_factor=1,
+    norm_eps=1e-05,
+    norm_num_groups=32,
+    num_attention_heads=None,
+    num_class_embeds=None,
+    only_cross_attention=False,
+    projection_class_embeddings_input_dim=2816,
+    resnet_time_scale_shift="default",
+    transformer_layers_per_block=[1, 2, 10],
+    upcast_attention=None,
+    use_linear_projection=True,
+)
+# What a ControlNet shares with the base UNet it was made from: its shrunk values follow the shrunk base.
+_CONTROLNET_FROM_BASE = ("attention_head_dim", "block_out_channels", "cross_attention_dim", "norm_num_groups",
+                         "projection_class_embeddings_input_dim", "transformer_layers_per_block")
+
 ARTEFACTS = ("sdxl-base", "sdxl-base-single", "sdxl-refiner", "releases", "safety-checker", "captioner",
-             "depth-anything-v2")
+             "depth-anything-v2", "controlnet")
 
 
 def shapes(shrink: bool = False) -> SimpleNamespace:
     """The released shapes, or (``shrink``) the same wiring at toy widths, so that the tests check the on-disk
     layouts in seconds: same files, names, variants and configs keys, smaller tensors."""
-    real = SimpleNamespace(base=BASE_UNET, refiner=REFINER_UNET, vae=VAE, text_l=TEXT_L, text_g=TEXT_G, vocab=VOCAB)
+    real = SimpleNamespace(base=BASE_UNET, refiner=REFINER_UNET, vae=VAE, text_l=TEXT_L, text_g=TEXT_G, vocab=VOCAB,
+                           controlnet=CONTROLNET)
     if not shrink:
         return real
     small = dict(block_out_channels=(32, 64, 64), attention_head_dim=(2, 4, 4), transformer_layers_per_block=1,
                  norm_num_groups=8, sample_size=32)
     text = dict(intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
+    base = {**BASE_UNET, **small, "cross_attention_dim": 32 + 48, "projection_class_embeddings_input_dim": 6 * 256 + 48}
     return SimpleNamespace(
-        base={**BASE_UNET, **small, "cross_attention_dim": 32 + 48,
-              "projection_class_embeddings_input_dim": 6 * 256 + 48},
+        base=base,
         refiner={**REFINER_UNET, **small, "block_out_channels": (32, 64, 64, 64), "attention_head_dim": (2, 4, 4, 4),
                  "cross_attention_dim": 48, "projection_class_embeddings_input_dim": 5 * 256 + 48},
         vae={**VAE, "block_out_channels": (32, 32, 32, 32), "norm_num_groups": 8, "layers_per_block": 1},
         text_l={**TEXT_L, **text, "hidden_size": 32, "projection_dim": 32},
         text_g={**TEXT_G, **text, "hidden_size": 48, "projection_dim": 48},
         vocab=1000,
+        controlnet={**CONTROLNET, **{k: _json(base[k]) for k in _CONTROLNET_FROM_BASE}},
     )
+
+
+def _json(value):
+    """A config value as config.json holds it (tuples are lists there)."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _text_config(shape: dict, eos: int, vocab: int):
@@ -237,6 +290,35 @@ def build_safety_checker(out: Path, device: str, shrink: bool) -> None:
     CLIPImageProcessor().save_pretrained(out)
 
 
+def build_controlnet(out: Path, shape: dict, device: str) -> None:
+    """An SDXL ControlNet in diffusers/controlnet-canny-sdxl-1.0's files: the release's config.json, full-precision
+    weights and their ``fp16`` variant (the same weights rounded), as that repository ships them beside its pickles
+    (never written here). Initialised from the config on ``device``, not from a base UNet (``from_unet``), so that
+    nothing else is built for it. Training starts its zero convolutions (the control image's embedding out and every
+    residual out) at zero, which would add nothing to the UNet: here they take PyTorch's default start too, so the
+    control image moves the latents as a trained one does."""
+    from diffusers import ControlNetModel
+
+    def made():
+        net = ControlNetModel(**shape)
+        for conv in (net.controlnet_cond_embedding.conv_out, *net.controlnet_down_blocks, net.controlnet_mid_block):
+            conv.reset_parameters()
+        return net
+
+    torch.manual_seed(SEED + 80)
+    with torch.device(device):
+        net = made()
+    state = {name: tensor.to("cpu").contiguous() for name, tensor in net.state_dict().items()}
+    del net
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps({**CONTROLNET_RELEASE, **shape}, indent=2, sort_keys=True) + "\n")
+    save_file(state, out / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
+    save_file({name: tensor.half() for name, tensor in state.items()},
+              out / f"diffusion_pytorch_model.{VARIANT}.safetensors", metadata={"format": "pt"})
+    logger.info("%s written (%.1f M parameters, %.1f GB)", out, sum(t.numel() for t in state.values()) / 1e6,
+                _size(out) / 1e9)
+
+
 def build_all(out: Path, only: set[str] | None = None, device: str = "cpu", shrink: bool = False) -> None:
     wanted = set(only or ARTEFACTS)
     unknown = wanted - set(ARTEFACTS)
@@ -269,5 +351,8 @@ def build_all(out: Path, only: set[str] | None = None, device: str = "cpu", shri
     if "depth-anything-v2" in wanted:  # shrunk: the tiny one's widths, the release's preprocessing all the same
         depth.build_depth_anything(out / "depth-anything-v2",
                                    depth.ANYTHING_V2_TINY if shrink else depth.ANYTHING_V2_LARGE, device=device)
+    if "controlnet" in wanted:
+        build_controlnet(out / "controlnet-canny-sdxl", shape.controlnet, device)
+        gc.collect()
     (out / "README.txt").write_text("Full-size random-weight models written by deployments.factory --full.\n")
     logger.info("full-size models written to %s", out)
