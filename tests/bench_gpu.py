@@ -4,11 +4,15 @@ Builds the full-size random-weight fixtures where it runs (``deployments.factory
 ``FULLSIZE_MODELS``), converts the released ``.pth`` files, then runs the real serving classes in process:
 
 - GPU: SDXL base 1024², 30 steps, batch 1, eagerly in float16 (the old default) and bfloat16, then each
-  optimisation and all of them together; refiner 1536² at strength 0.35; Real-ESRGAN x2 768 → 1536; CodeFormer
-  on one aligned face; VAE decode at 1024² and 1536². Each variant's final latents and image are compared with
-  the eager float32 run on the same seed and weights (relative error, PSNR).
+  optimisation and all of them together; the same call with one canny ControlNet unit (balanced, the full-size
+  diffusers/controlnet-canny-sdxl-1.0 layout) beside the plain one on the same replica, seed and settings (eager
+  bfloat16; with the shipped settings too unless ``--quick``); refiner 1536² at strength 0.35; Real-ESRGAN x2
+  768 → 1536; CodeFormer on one aligned face; VAE decode at 1024² and 1536²; Depth Anything V2 Large's map at
+  processor_res 1024. Each variant's final latents and image are compared with the eager float32 run on the same
+  seed and weights (relative error, PSNR).
 - CPU (no CUDA): the full-size base at 256², 2 steps, against its float32 eager self, so that the comparison code
-  runs everywhere.
+  runs everywhere, and the depth map; the ControlNet pair is skipped there (the full-size base and ControlNet
+  together are about 19 GB in float32): ``--shrink`` runs its code.
 
 One table is printed last; every number is also written as JSON (``--out``). Serve figures come from
 ``tests/bench_gpu_serve.py``. Nothing here asserts: it measures.
@@ -35,6 +39,8 @@ logger = logging.getLogger("bench-gpu")
 ROOT = Path(__file__).resolve().parent.parent
 SEED = 1234
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
+CONTROLNET = "controlnet-canny-sdxl"  # deployments.factory --full --only controlnet
+DEPTH = "depth-anything-v2"
 
 
 def sync() -> None:
@@ -106,13 +112,23 @@ class Capture:
         generator.decode = keep
 
 
-def base_generator(models: Path, *, dtype: str, channels_last=False, **fast):
+def base_generator(models: Path, *, dtype: str, channels_last=False, controlnet=False, **fast):
     from deployments.sdxl_base import BaseGenerator
     from deployments.support.config import SDXLBaseConfig
 
     config = SDXLBaseConfig(model={"source": str(models / "sdxl-base")},
-                            device={"device": "auto", "dtype": dtype, "channels_last": channels_last}, fast=fast)
+                            device={"device": "auto", "dtype": dtype, "channels_last": channels_last}, fast=fast,
+                            controlnets={"canny": str(models / CONTROLNET)} if controlnet else {})
     return BaseGenerator(config)
+
+
+def control_photo():
+    """The canny unit's control image: a photograph (skimage's astronaut, 512²), so that canny finds edges as on a
+    real upload; its map is made at the unit's processor_res (512) and framed at the generation size."""
+    from PIL import Image
+    from skimage import data
+
+    return Image.fromarray(data.astronaut())
 
 
 def free() -> None:
@@ -142,20 +158,25 @@ class Bench:
             return True
         return False
 
-    def request(self):
+    def request(self, control=None):
+        from deployments.support.control import ControlUnit
         from deployments.support.generation import GenerationRequest
 
+        units = [ControlUnit(model="canny", image=control, module="canny")] if control is not None else []
         return GenerationRequest(prompt=PROMPT, width=self.size, height=self.size, steps=self.steps, seed=SEED,
-                                 guidance_scale=7.0, sampler="Euler")
+                                 guidance_scale=7.0, sampler="Euler", control=units)
 
     def base_variant(self, name: str, *, dtype: str, channels_last=False, attention: list[str] | None = None,
-                     repeat: int | None = None, **fast) -> None:
-        """Load once, then time the plain call and (optionally) each attention kernel on the same replica."""
+                     repeat: int | None = None, controlnet=False, **fast) -> None:
+        """Load once, then time the plain call and (optionally) each attention kernel on the same replica; with
+        ``controlnet``, then the same call with one canny unit (its first call, which compiles its UNet graph
+        under ``compile``, is not timed)."""
         if self.out_of_time(name):
             return
         try:
             started = time.perf_counter()
-            gen = base_generator(self.models, dtype=dtype, channels_last=channels_last, **fast)
+            gen = base_generator(self.models, dtype=dtype, channels_last=channels_last, controlnet=controlnet,
+                                 **fast)
             capture = Capture(gen)
             load_s = time.perf_counter() - started
             first_started = time.perf_counter()
@@ -173,6 +194,8 @@ class Bench:
                     self.rows.append({"stage": label, "error": f"{type(e).__name__}: {e}"[:400]})
                     continue
                 self.record_base(label, times, result, capture, load_s, first_s, gen)
+            if controlnet:
+                self.controlnet_row(name, gen, capture, repeat)
         except Exception as e:  # a variant that fails is a finding, not the end of the run
             logger.exception("variant %s failed", name)
             self.rows.append({"stage": name, "error": f"{type(e).__name__}: {e}"[:400]})
@@ -204,6 +227,49 @@ class Bench:
         row.pop("running", None)
         self.rows.append(row)
         logger.info("%s: %.3fs median (%s)", label, row["median_s"], row.get("latent_rel_error"))
+        self.flush()
+
+    def controlnet_row(self, name: str, gen, capture: Capture, repeat: int | None) -> None:
+        """The variant's call again with one canny unit (balanced, scale 1) on the same replica, seed and settings,
+        beside the plain row just recorded: its cost, and how far the unit moved the latents (not a fidelity
+        figure: the reference has no unit)."""
+        label = f"canny ControlNet (balanced) on {name}"
+        plain = next((r for r in reversed(self.rows) if r.get("variant") == name and "median_s" in r), None)
+        if plain is None:  # the plain call failed: nothing to set the unit's cost against
+            self.rows.append({"stage": label, "skipped": "no plain row of this variant to compare with"})
+            return
+        plain_latents = capture.latents
+        photo = control_photo()
+        try:
+            first_started = time.perf_counter()
+            gen.generate(self.request(photo))
+            sync()
+            first_s = time.perf_counter() - first_started
+            times, result = timed(lambda: gen.generate(self.request(photo)), repeat or self.repeat)
+        except Exception as e:  # the plain row stands; the unit's failure is a finding of its own
+            logger.exception("%s failed", label)
+            self.rows.append({"stage": label, "error": f"{type(e).__name__}: {e}"[:400]})
+            return
+        median = statistics.median(times)
+        row = {
+            "stage": f"base {self.size}² {self.steps} steps",
+            "variant": label,
+            "median_s": median,
+            "min_s": min(times),
+            "runs": len(times),
+            "first_call_s": round(first_s, 2),
+            "it_per_s": self.steps / median,
+            "finite": bool(torch.isfinite(capture.latents).all()),
+            "controlnet_s": median - plain["median_s"],
+            "controlnet_pct": 100 * (median / plain["median_s"] - 1),
+            "latent_change_vs_plain": rel_error(capture.latents, plain_latents),
+            "image_size": list(result.images[0].size),
+            "fast_path": gen.fast,
+            **(gen.describe() if torch.cuda.is_available() else {}),
+        }
+        row.pop("running", None)
+        self.rows.append(row)
+        logger.info("%s: %.3fs median, %+.3fs over the plain call", label, median, row["controlnet_s"])
         self.flush()
 
     def stage(self, name: str, setup: Callable[[], Callable[[], object] | dict[str, Callable[[], object]]],
@@ -281,6 +347,27 @@ def face_stage(path: Path, retinaface: Path, dtype: str):
     return setup
 
 
+def depth_stage(models: Path, dtype: str, resolution: int):
+    """Depth Anything V2 Large's map of a 1024² photograph at ``resolution`` (the unit's processor_res), on the
+    device and dtype a base replica loads its preprocessors with: the CPU work around the model (resizing,
+    normalising, the 8-bit map) included, as a request pays it."""
+
+    def setup():
+        from PIL import Image
+
+        from deployments.support import depth
+        from deployments.support.config import DeviceConfig
+        from deployments.support.control import detect
+        from deployments.support.device import resolve
+
+        device, torch_dtype = resolve(DeviceConfig(dtype=dtype))
+        estimators = depth.load({"depth_anything_v2": str(models / DEPTH)}, device, torch_dtype)
+        photo = control_photo().resize((1024, 1024), Image.Resampling.BICUBIC)
+        return lambda: detect(photo, "depth_anything_v2", resolution, estimators=estimators)
+
+    return setup
+
+
 def vae_stage(models: Path, dtype: str, compiled: bool, sizes: tuple[int, ...] = (1024, 1536)):
     """VAE decode at 1024² and 1536² on one loaded base (compiling the UNet too would only cost time: the
     regional setting compiles nothing until the UNet runs)."""
@@ -304,8 +391,11 @@ def gpu_plan(bench: Bench, models: Path, converted: dict[str, Path], quick: bool
     every other stage, then each optimisation alone."""
     shipped = dict(dtype="bfloat16", channels_last=True, compile="full", compile_vae=True)  # serve_config.yaml's
     bench.base_variant("eager float32 (reference)", dtype="float32", repeat=1)
-    bench.base_variant("eager bfloat16", dtype="bfloat16")
-    bench.base_variant("shipped: bfloat16 + channels-last + compile full + VAE compiled", **shipped)
+    # The ControlNet's own cost, eager (tens of seconds); under the shipped settings its first call compiles one
+    # more UNet graph (its residuals are inputs), a minute or more, so --quick leaves that pair out.
+    bench.base_variant("eager bfloat16", dtype="bfloat16", controlnet=True)
+    bench.base_variant("shipped: bfloat16 + channels-last + compile full + VAE compiled", **shipped,
+                       controlnet=not quick)
     up, big, small = converted["RealESRGAN_x2plus"], bench.size * 3 // 2, bench.size * 3 // 4  # 1536 and 768
     vae_sizes, detector = (bench.size, big), converted["detection_Resnet50_Final"]  # MediaPipe is CPU-only
     bench.stage(f"refiner {big}² strength 0.35 (bf16, channels-last)", refiner_stage(models, big, "bfloat16"))
@@ -313,6 +403,8 @@ def gpu_plan(bench: Bench, models: Path, converted: dict[str, Path], quick: bool
                 upscaler_stage(up, "float16", 512, True, small))
     bench.stage("CodeFormer one 512² face bfloat16", face_stage(converted["codeformer"], detector, "bfloat16"))
     bench.stage("VAE decode eager", vae_stage(models, "bfloat16", False, vae_sizes))
+    bench.stage("Depth Anything V2 Large map, processor_res 1024, bfloat16", depth_stage(models, "bfloat16", 1024),
+                repeat=4 * bench.repeat)  # tens of milliseconds: more runs for a steadier median
     bench.base_variant("eager float16, VAE upcast per call (old default)", dtype="float16")
     bench.base_variant("eager bfloat16", dtype="bfloat16",
                        attention=["flash", "efficient", "cudnn"])
@@ -331,6 +423,7 @@ def gpu_plan(bench: Bench, models: Path, converted: dict[str, Path], quick: bool
 
 
 def table(rows: list[dict]) -> str:
+    """One line a row; a ControlNet row ends with its cost over the plain row of its variant."""
     lines = [f"{'stage / variant':<78} {'median s':>9} {'it/s':>6} {'peak GB':>8} {'lat err':>9} {'PSNR':>6}"]
     for row in rows:
         name = row["stage"] + (f" | {row['variant']}" if "variant" in row else "")
@@ -339,10 +432,12 @@ def table(rows: list[dict]) -> str:
             continue
         err = row.get("latent_rel_error")
         ps = row.get("psnr_db")
+        cost = row.get("controlnet_s")
         lines.append(
             f"{name[:78]:<78} {row['median_s']:>9.3f} {row.get('it_per_s', 0):>6.1f} "
             f"{row.get('gpu_memory_peak_gb', 0):>8.1f} {'' if err is None else f'{err:.2e}':>9} "
             f"{'' if ps is None else f'{ps:.1f}':>6}"
+            + ("" if cost is None else f"  ControlNet {cost:+.3f} s ({row['controlnet_pct']:+.0f} %)")
         )
     return "\n".join(lines)
 
@@ -365,17 +460,23 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
     if cuda or args.shrink:
         build_fixtures(args.models, "cuda" if cuda else "cpu", {"sdxl-base", "sdxl-refiner", "releases",
-                                                                "safety-checker", "captioner"}, args.shrink)
+                                                                "safety-checker", "captioner", "controlnet",
+                                                                "depth-anything-v2"}, args.shrink)
         converted = convert_releases(args.models)
         bench = (Bench(args.models, 256, 2, 1, args.budget) if args.shrink
                  else Bench(args.models, 1024, 30, args.repeat, args.budget))
         bench.out = args.out
         gpu_plan(bench, args.models, converted, args.quick)
     else:
-        build_fixtures(args.models, "cpu", {"sdxl-base"}, args.shrink)
+        build_fixtures(args.models, "cpu", {"sdxl-base", "depth-anything-v2"}, args.shrink)
         bench = Bench(args.models, 256, 2, 1, args.budget)
         bench.base_variant("eager float32 (reference)", dtype="float32")
         bench.base_variant("eager float32, again", dtype="float32")
+        bench.rows.append({"stage": "base 256² 2 steps", "variant": "canny ControlNet (balanced) on eager float32",
+                           "skipped": "CPU mode: the full-size base and ControlNet take about 19 GB in float32 "
+                                      "(--shrink runs this row)"})
+        bench.stage("Depth Anything V2 Large map, processor_res 1024, float32", depth_stage(args.models, "float32",
+                                                                                            1024))
     report["rows"] = bench.rows
     args.out.write_text(json.dumps(report, indent=1, default=str))
     sys.stdout.write(f"\n{report['device']}, torch {report['torch']}\n{table(bench.rows)}\n")

@@ -273,8 +273,15 @@ def test_the_gpu_stage_benchmark_runs_every_stage_on_these_layouts(shrunk, tmp_p
     measured = {row.get("variant", row["stage"]): row for row in rows if "median_s" in row}
     for name in ("eager float32 (reference)", "shipped: bfloat16 + channels-last + compile full + VAE compiled",
                  "refiner 384² strength 0.35 (bf16, channels-last)", "CodeFormer one 512² face bfloat16",
-                 "Real-ESRGAN x2 192→384 float16 + channels-last, tile 512", "VAE decode 384² bfloat16 compiled"):
+                 "Real-ESRGAN x2 192→384 float16 + channels-last, tile 512", "VAE decode 384² bfloat16 compiled",
+                 "canny ControlNet (balanced) on eager bfloat16",
+                 "Depth Anything V2 Large map, processor_res 1024, bfloat16"):
         assert measured[name]["median_s"] > 0, name
-    bases = [row for row in rows if "variant" in row]
+    bases = [row for row in rows if "variant" in row and "controlnet_s" not in row]
     assert len(bases) >= 6
     assert all(row["finite"] and math.isfinite(row["latent_rel_error"]) and row["psnr_db"] > 0 for row in bases)
+    # One unit beside the plain call of its variant (--quick: the eager one alone), which it moved.
+    controlled = [row for row in rows if "controlnet_s" in row]
+    assert [row["variant"] for row in controlled] == ["canny ControlNet (balanced) on eager bfloat16"]
+    assert controlled[0]["finite"] and controlled[0]["latent_change_vs_plain"] > 0.01
+    assert "ControlNet +" in bench_gpu.table(rows) or "ControlNet -" in bench_gpu.table(rows)
