@@ -4,13 +4,17 @@
 Measures: cold start to the first image with an empty compile cache and again with the saved one; the standard
 plan (1024², 30 steps) and the maximum-quality preset (hires fix 768 → 1536, Real-ESRGAN, refiner, faces) over
 HTTP including encoding; a 4-size batch job; throughput at concurrency 1, 4 and 16 (1024², 20 steps); and each
-deployment's GPU memory (sampled from nvidia-smi while it runs) against its fraction. Prints one table, writes
-JSON. Needs CUDA and the fixtures that ``tests/bench_gpu.py`` builds.
+deployment's GPU memory (sampled from nvidia-smi while it runs) against its fraction; with ``--controlnet``, last,
+the standard request with one canny ControlNet unit (its first request compiles one more UNet graph under the
+shipped ``compile: full``, a minute or more, so it is opt-in). Prints one table, writes JSON. Needs CUDA and the
+fixtures that ``tests/bench_gpu.py`` builds.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import io
 import json
 import logging
 import os
@@ -74,12 +78,15 @@ class GpuSampler(threading.Thread):
         return peaks
 
 
-def app_args(models: Path, fast: dict | None) -> tuple[dict, dict]:
-    """serve_config.yaml's args and deployment options, pointed at the fixtures."""
+def app_args(models: Path, fast: dict | None, controlnet: bool = False) -> tuple[dict, dict]:
+    """serve_config.yaml's args and deployment options, pointed at the fixtures (with ``controlnet``, the base's
+    ControlNets are the full-size canny one: deployments.factory --full --only controlnet)."""
     app = yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"][0]
     args = app["args"]
     conv = models / "converted"
     args["base"].update(model={"source": str(models / "sdxl-base")}, ip_adapter=None, lora_dir=None)
+    if controlnet:
+        args["base"]["controlnets"] = {"canny": str(models / "controlnet-canny-sdxl")}
     args["refiner"].update(model={"source": str(models / "sdxl-refiner")})
     for kind in ("base", "refiner"):
         if fast and kind in fast:
@@ -116,7 +123,17 @@ def fixtures(args: dict) -> list[str]:
     """Every weights path the app's args name."""
     return [args["base"]["model"]["source"], args["refiner"]["model"]["source"],
             *(m["path"] for m in args["upscaler"]["models"]), args["face_restorer"]["model"],
-            args["face_restorer"]["retinaface"]]
+            args["face_restorer"]["retinaface"], *(args["base"].get("controlnets") or {}).values()]
+
+
+def canny_unit() -> dict:
+    """One canny unit of the native API (balanced, processor_res 512) on a photograph (skimage's astronaut)."""
+    from PIL import Image
+    from skimage import data
+
+    png = io.BytesIO()
+    Image.fromarray(data.astronaut()).save(png, format="PNG")
+    return {"model": "canny", "image": base64.b64encode(png.getvalue()).decode(), "preprocessor": "canny"}
 
 
 def deploy(args: dict, options: dict) -> float:
@@ -185,13 +202,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=900, help="seconds; measurements after it are skipped")
     parser.add_argument("--shrink", action="store_true", help="a smoke run of this script on the toy-width "
                         "fixtures that `tests/bench_gpu.py --shrink` builds: 256², 2 steps, on any machine")
+    parser.add_argument("--controlnet", action="store_true", help="configure the full-size canny ControlNet and "
+                        "time the standard request with one unit, last (its first request compiles a UNet graph)")
     parser.add_argument("--cold", choices=("both", "saved"), default="both",
                         help="both: start once with an empty compile cache, then again with the saved one; saved: "
                              "one start on the cache already there (a short lease, after tests/bench_gpu.py)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per poll would bury the rows
-    missing = [path for path in fixtures(app_args(args.models, None)[0]) if not Path(path).exists()]
+    missing = [path for path in fixtures(app_args(args.models, None, args.controlnet)[0]) if not Path(path).exists()]
     if missing:  # a machine given back between two calls keeps nothing: say so now, not after the 10 minutes
         logger.error("fixtures missing under %s (a fresh machine? run the stages phase first): %s", args.models,
                      ", ".join(missing))
@@ -219,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     fast = json.loads(args.fast) if args.fast else {}
     if args.shrink:  # the warm-up at the served sizes and batches is minutes of toy-width work on a CPU
         fast = {kind: {"warmup_sizes": [[256, 256]], **fast.get(kind, {})} for kind in ("base", "refiner")}
-    app, options = app_args(args.models, fast)
+    app, options = app_args(args.models, fast, args.controlnet)
     report["fast"] = {"base": app["base"].get("fast"), "refiner": app["refiner"].get("fast")}
     deadline = time.monotonic() + args.budget
 
@@ -277,6 +296,14 @@ def main(argv: list[str] | None = None) -> int:
             return {"median_s": statistics.median(batch_job(client) for _ in range(2))}
 
         measured("4-size batch job (3 SDXL bases + crops)", batches)
+        if args.controlnet:
+            def controlled() -> dict:
+                payload = {**STANDARD, "controlnets": [canny_unit()]}
+                first = latencies(client, payload, 1)[0]  # under compile: full, one more UNet graph compiles here
+                return {"first_s": round(first, 2), **timed(payload, max(2, args.runs // 2))}
+
+            measured(f"standard {size}² {steps} steps + 1 canny ControlNet unit via HTTP (after its first request)",
+                     controlled)
         try:  # each replica's own PyTorch peak, which needs no per-process figures from nvidia-smi
             if not up:
                 raise httpx.TransportError("the service never came up")
@@ -299,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
                         for name, gib in sampler.by_deployment().items()}
     args.out.write_text(json.dumps(report, indent=1, default=str))
     lines = [f"{'through Serve':<72} {'p50 s':>8} {'img/s':>6}"]
-    lines += [f"{r['stage'][:72]:<72} {r['median_s']:>8.2f} {r.get('images_per_s', 0):>6.2f}" if "median_s" in r
+    lines += [f"{r['stage'][:72]:<72} {r['median_s']:>8.2f} {r.get('images_per_s', 0):>6.2f}"
+              + (f"  first {r['first_s']:.1f} s" if "first_s" in r else "") if "median_s" in r
               else f"{r['stage'][:72]:<72} {r.get('error') or r.get('skipped')}" for r in rows]
     lines += [f"GPU memory {n:<14} peak {m['peak_gib']:>6.1f} GiB, fraction {m['fraction']} = {m['budget_gib']} GiB"
               for n, m in report["memory"].items()]

@@ -6,7 +6,8 @@
 #   tests/device_run.sh check    imports and one CUDA step of every stage's library (seconds)
 #   tests/device_run.sh stages   full-size fixtures built on the GPU, then the stage table   (one call, <= 10 min)
 #   tests/device_run.sh serve    the Serve figures on the fixtures the stages call left     (the next call;
-#                                exits 3 at once where they are gone: a machine given back keeps nothing)
+#                                exits 3 at once where they are gone: a machine given back keeps nothing;
+#                                CONTROLNET=1 adds the standard request with a canny unit, last)
 #
 # What a call writes under $OUT comes back; the fixtures, compile caches and the unpacked kit stay in .devenv/
 # (ignored by git, so the machine keeps them between calls while it stays warm).
@@ -49,7 +50,8 @@ case "$phase" in
         ;;
     serve)
         timeout "$limit" "$python" -m tests.bench_gpu_serve --out "$out/bench-gpu-serve.json" --budget "${BUDGET:-200}" \
-            --cold "${COLD:-both}" ${FAST:+--fast "$FAST"} ${SHRINK:+--shrink --models "$kit/models-shrunk" --runs 1} \
+            --cold "${COLD:-both}" ${FAST:+--fast "$FAST"} ${CONTROLNET:+--controlnet} \
+            ${SHRINK:+--shrink --models "$kit/models-shrunk" --runs 1} \
             > "$out/bench-gpu-serve.log" 2>&1 || status=$?
         # The replicas' own logs (their tracebacks, an OOM), which an error row cuts to 400 characters.
         logs=/tmp/ray/session_latest/logs

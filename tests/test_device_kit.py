@@ -62,3 +62,24 @@ def test_the_serve_phase_stops_at_once_where_the_fixtures_are_gone(tmp_path, cap
     assert bench_gpu_serve.main(["--models", str(tmp_path), "--out", str(tmp_path / "out.json")]) == 3
     assert "fixtures missing" in caplog.text and str(tmp_path / "sdxl-base") in caplog.text
     assert not (tmp_path / "out.json").exists()
+
+
+def test_the_serve_phases_controlnet_is_opt_in_and_checked_before_it_starts(tmp_path, caplog):
+    """``--controlnet`` (``CONTROLNET=1``) points the base's ControlNets at the full-size canny fixture and its
+    request at the native API's unit; without the fixture the phase stops at once, naming it."""
+    from graphs.api.generate import GenerateRequest
+    from tests import bench_gpu_serve
+
+    plain, _ = bench_gpu_serve.app_args(tmp_path, None)
+    assert not plain["base"]["controlnets"]  # serve_config.yaml's, so the cold start loads no ControlNet
+    args, _ = bench_gpu_serve.app_args(tmp_path, None, controlnet=True)
+    assert args["base"]["controlnets"] == {"canny": str(tmp_path / "controlnet-canny-sdxl")}
+    for path in bench_gpu_serve.fixtures(plain):  # every other fixture there
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).touch()
+    request = GenerateRequest(**{**bench_gpu_serve.STANDARD, "controlnets": [bench_gpu_serve.canny_unit()]})
+    assert [(u.model, u.preprocessor, u.control_mode) for u in request.controlnets] == [("canny", "canny", "balanced")]
+    out = tmp_path / "out.json"
+    assert bench_gpu_serve.main(["--models", str(tmp_path), "--out", str(out), "--controlnet"]) == 3
+    assert "fixtures missing" in caplog.text and "controlnet-canny-sdxl" in caplog.text
+    assert str(tmp_path / "sdxl-base") not in caplog.text.split("fixtures missing")[1]
