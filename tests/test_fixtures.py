@@ -240,6 +240,27 @@ def test_the_controlnet_has_the_released_layout(shrunk, astronaut):
     assert controlled.shape == (64, 64, 3) and np.abs(controlled.astype(float) - plain).mean() > 1.0
 
 
+def test_a_replica_runs_in_its_configured_dtype(shrunk, astronaut, monkeypatch):
+    """The image-to-image, inpainting and ControlNet pipelines a replica derives from a checkpoint's share its modules
+    in its dtype (diffusers 0.42's ``from_pipe`` converts them to float32 unless told the dtype). bfloat16 on a CPU
+    here, as a GPU replica runs."""
+    from deployments import sdxl_base
+    from deployments.support.config import SDXLBaseConfig
+    from deployments.support.control import ControlUnit
+    from deployments.support.generation import GenerationRequest
+
+    monkeypatch.setattr(sdxl_base.devices, "resolve", lambda _config: (torch.device("cpu"), torch.bfloat16))
+    base = sdxl_base.BaseGenerator(SDXLBaseConfig(model={"source": str(shrunk / "sdxl-base")},
+                                                  controlnets={"canny": str(shrunk / "controlnet-canny-sdxl")}))
+    pipes = base.checkpoint()
+    unit = ControlUnit(model="canny", image=astronaut, module="canny")
+    base.generate(GenerationRequest(prompt="a lighthouse", width=64, height=64, steps=1, seed=3, control=[unit]))
+    controlled = base.controls.pipeline(pipes, "txt2img", [unit])
+    for pipe in (pipes.txt2img, pipes.img2img, pipes.inpaint, controlled):
+        assert {m.dtype for m in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2)} == {torch.bfloat16}
+    assert base.controls.models["canny"].dtype == torch.bfloat16
+
+
 def test_the_full_size_controlnet_is_the_base_unets_encoder():
     """The release's config at full size (on the meta device: no memory) makes 1,251,014,160 parameters, 5.00 GB in
     float32 as its diffusion_pytorch_model.safetensors, and each weight it shares with the base UNet (conv_in, the

@@ -269,7 +269,8 @@ class ControlNets:
             cls = {"txt2img": StableDiffusionXLControlNetPipeline,
                    "img2img": StableDiffusionXLControlNetImg2ImgPipeline,
                    "inpaint": StableDiffusionXLControlNetInpaintPipeline}[mode]
-            pipe = cls.from_pipe(pipes.txt2img, controlnet=Injected(nets))
+            # In the checkpoint's dtype, which diffusers would otherwise turn to float32 (see ``Pipelines``).
+            pipe = cls.from_pipe(pipes.txt2img, controlnet=Injected(nets), dtype=pipes.txt2img.dtype)
             pipe.set_progress_bar_config(disable=True)
             quiet = logging.getLogger(cls.__module__)
             if not any(isinstance(f, _SameControlForEveryPrompt) for f in quiet.filters):

@@ -68,8 +68,10 @@ class Pipelines:
         pipe.to(device)
         self.fast = fastpath.apply(pipe, config.device, config.fast, device, compile_cache)
         self.txt2img = pipe
-        self.img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(pipe)
-        self.inpaint = StableDiffusionXLInpaintPipeline.from_pipe(pipe)
+        # In the pipe's own dtype: diffusers (0.42) otherwise converts a derived pipeline, and so every module it
+        # shares with this one, to float32.
+        self.img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(pipe, dtype=pipe.dtype)
+        self.inpaint = StableDiffusionXLInpaintPipeline.from_pipe(pipe, dtype=pipe.dtype)
         for p in (self.img2img, self.inpaint):
             p.set_progress_bar_config(disable=True)
         self.scheduler_config = dict(pipe.scheduler.config)
