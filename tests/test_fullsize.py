@@ -1,12 +1,14 @@
 """Full-size checks on CPU (``make fullsize``): the released shapes load and run through the serving classes.
 
 Opt-in: they read ``FULLSIZE_MODELS`` (written by ``python -m deployments.factory DIR --full``), need about 16 GB
-of memory and several minutes, and skip unless ``IMAGEGEN_FULLSIZE=1``.
+of memory and several minutes, and skip unless ``IMAGEGEN_FULLSIZE=1``. The ControlNet's check runs the base and
+the ControlNet in bfloat16 (about 10 GB; in float32, as a CPU replica runs, they would take about 19 GB).
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import os
 from pathlib import Path
 
@@ -29,6 +31,9 @@ RELEASED = {
 }
 # The refiner UNet's released fp16 file (unet/diffusion_pytorch_model.fp16.safetensors): 4.52 GB.
 REFINER_UNET_FP16_BYTES = 4.52e9
+# diffusers/controlnet-canny-sdxl-1.0: diffusion_pytorch_model.safetensors "5 GB", its fp16 variant "2.5 GB" (the
+# hub's rounding), which is the parameter count of ControlNetModel on the release's config.json.
+CONTROLNET_PARAMETERS = 1_251_014_160
 
 
 @pytest.fixture(scope="module")
@@ -178,4 +183,50 @@ def test_depth_anything_v2_large_has_the_released_size_and_maps(models):
     made = detect(photo, "depth_anything_v2", 512, estimators=estimators)
     assert made.size == (683, 512) and made.mode == "RGB"
     del estimators, model
+    _free()
+
+
+def test_the_controlnet_has_the_released_size_and_guides_the_full_size_base(models, monkeypatch):
+    """diffusers/controlnet-canny-sdxl-1.0's files (the release's config.json, 1.25 B parameters in float32 and in
+    the fp16 variant), loaded by the service's own loader beside the full-size base, whose UNet it fits; one canny
+    unit (balanced) runs a 256² call of 2 steps on CPU and moves the image. bfloat16, where a CPU replica would run
+    float32: the two in float32 take about 19 GB."""
+    from safetensors import safe_open
+
+    from deployments import sdxl_base
+    from deployments.sdxl_base import BaseGenerator
+    from deployments.support.control import ControlUnit
+    from deployments.support.generation import GenerationRequest
+
+    folder = models / "controlnet-canny-sdxl"
+    if not (folder / "config.json").exists():
+        pytest.fail(f"no full-size ControlNet in {models}: python -m deployments.factory {models} --full "
+                    "--only controlnet")
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "config.json", "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.safetensors"]
+    for name, dtype in (("diffusion_pytorch_model.safetensors", "F32"), ("diffusion_pytorch_model.fp16.safetensors",
+                                                                         "F16")):
+        with safe_open(folder / name, "pt") as f:
+            slices = [f.get_slice(k) for k in f.keys()]  # noqa: SIM118
+            assert sum(int(np.prod(s.get_shape())) for s in slices) == CONTROLNET_PARAMETERS, name
+            assert {s.get_dtype() for s in slices} == {dtype}, name
+    config = json.loads((folder / "config.json").read_text())
+    unet = json.loads((models / "sdxl-base" / "unet" / "config.json").read_text())
+    for key in ("block_out_channels", "transformer_layers_per_block", "cross_attention_dim",
+                "projection_class_embeddings_input_dim"):
+        assert config[key] == unet[key], key
+
+    monkeypatch.setattr(sdxl_base.devices, "resolve", lambda _config: (torch.device("cpu"), torch.bfloat16))
+    base = BaseGenerator(SDXLBaseConfig(model={"source": str(models / "sdxl-base")},
+                                        controlnets={"canny": str(folder)}))
+    net = base.controls.models["canny"]
+    assert net.dtype == torch.bfloat16 and sum(p.numel() for p in net.parameters()) == CONTROLNET_PARAMETERS
+    request = dict(prompt="a lighthouse", width=256, height=256, steps=2, seed=1)
+    plain = np.asarray(base.generate(GenerationRequest(**request)).images[0], dtype=np.float32)
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (384, 512, 3), dtype=np.uint8))
+    unit = ControlUnit(model="canny", image=photo, module="canny")
+    controlled = np.asarray(base.generate(GenerationRequest(**request, control=[unit])).images[0], dtype=np.float32)
+    assert controlled.shape == (256, 256, 3) and controlled.std() > 0
+    assert np.abs(controlled - plain).mean() > 0.5
+    del base, net
     _free()
