@@ -276,6 +276,26 @@ def load_vae(source: ModelSource, dtype: torch.dtype, settings: Settings | None 
         raise ModelLoadError(f"cannot load VAE from {source.source}: {e}", field="vae") from e
 
 
+INPAINTING_CHANNELS = 9  # an inpainting UNet's input: 4 latent channels, the mask, the masked image's 4
+_SGM_UNET_INPUT = "model.diffusion_model.input_blocks.0.0.weight"  # the UNet's first convolution in an SGM file
+
+
+def sgm_unet_channels(path: Path) -> int | None:
+    """The input channels of the UNet in a single-file (SGM) checkpoint, read from its safetensors header alone (no
+    tensor is loaded): 4 for a base, 9 for an inpainting one; None where the file holds no such UNet."""
+    try:
+        with path.open("rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+    except (OSError, ValueError, struct.error) as e:
+        raise UnsafeWeights(f"{path.name}: not a valid safetensors file ({e})") from e
+    entry = header.get(_SGM_UNET_INPUT) if isinstance(header, dict) else None
+    shape = entry.get("shape") if isinstance(entry, dict) else None
+    if not isinstance(shape, list) or len(shape) != 4 or not isinstance(shape[1], int):
+        return None
+    return shape[1]
+
+
 def load_sdxl(source: ModelSource, *, refiner: bool, dtype: torch.dtype, settings: Settings | None = None,
               vae: ModelSource | None = None):
     """Load an SDXL base (text-to-image) or refiner (image-to-image) pipeline from any source kind."""
@@ -289,6 +309,12 @@ def load_sdxl(source: ModelSource, *, refiner: bool, dtype: torch.dtype, setting
         if path.is_file():
             check_safetensors(path)
             config = str(resolve(source.config, settings)) if source.config else None
+            channels = None if refiner else sgm_unet_channels(path)
+            if channels is not None:
+                # The UNet's input width follows the file, not ``config:`` (a base's configs serve an inpainting
+                # fine-tune too). ``num_in_channels``: diffusers maps this legacy name onto the UNet alone, where
+                # ``in_channels`` would reach the VAE as well.
+                extra["num_in_channels"] = channels
             pipe = cls.from_single_file(path, config=config, torch_dtype=dtype, local_files_only=True, **extra)
             logger.info("SDXL %s: single file %s", what, path.name)
         else:
@@ -299,6 +325,9 @@ def load_sdxl(source: ModelSource, *, refiner: bool, dtype: torch.dtype, setting
             logger.info("SDXL %s: %s files from %s", what, variant or "full-precision", path)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ModelLoadError(f"cannot load SDXL {what} from {source.source}: {e}") from e
+    if not refiner and pipe.unet.config.in_channels == INPAINTING_CHANNELS:
+        logger.info("SDXL %s %s is an inpainting checkpoint (a %d-channel UNet: latents, mask, masked image): every "
+                    "mode runs its inpainting pipeline", what, path.name, INPAINTING_CHANNELS)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
