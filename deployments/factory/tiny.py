@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import save_file
 
 from deployments.factory import captioner as blip
-from deployments.factory import depth
+from deployments.factory import depth, inpainting
 from deployments.factory.adapters import build_embedding, build_ip_adapter, build_lora, embedding_widths
 from deployments.factory.lineart import build_lineart
 from deployments.factory.safety import build_safety_checker
@@ -264,6 +264,7 @@ def build_all(out: Path) -> None:
     second = build_sdxl_base(out / "sdxl-base-b", tokenizer_src, vocab_size, seed=SEED_B)
     (out / "checkpoints").mkdir(exist_ok=True)
     save_file(sdxl_to_sgm(second), out / "checkpoints" / "sdxl-base-b.safetensors")
+    inpainting.build_sdxl_inpainting(out, tokenizer_src, vocab_size)  # sdxl-inpaint/ and sdxl-inpaint.safetensors
     build_sdxl_refiner(out / "sdxl-refiner", tokenizer_src, vocab_size)
     build_ip_adapter(out / "ip-adapter", base.unet, width=TEXT_DIM, image_size=IMAGE_ENCODER_SIZE, seed=SEED + 20)
     build_controlnet(out / "controlnet-canny", base.unet, seed=SEED + 70)
