@@ -4,8 +4,9 @@ Graph position: ingress -> **SDXLBase** -> (SDXLRefiner | Upscaler | FaceRestore
 Text-to-image, image-to-image, inpainting, IP-Adapter (a photo as prompt, which also gives style transfer:
 a style image through IP-Adapter applied to a content image), LoRA, per-request samplers and A1111's latent
 hires fix, on any of several checkpoints: Serve multiplexed models, each replica holding a few (README,
-"Checkpoints"). With ``denoising_end`` it stops early and hands raw latents to the refiner (expert ensemble), never
-a decoded image.
+"Checkpoints"), inpainting checkpoints (a 9-channel UNet) among them, conditioned in every mode as A1111 conditions
+them (``support/inpainting.py``). With ``denoising_end`` it stops early and hands raw latents to the refiner
+(expert ensemble), never a decoded image.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from ray import serve
 from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
-from deployments.support import control, fastpath
+from deployments.support import control, fastpath, inpainting
 from deployments.support import device as devices
 from deployments.support.batching import Batcher, outcome, prepare
 from deployments.support.checkpoints import Catalog
@@ -217,7 +218,11 @@ class BaseGenerator:
         request: GenerationRequest = items[0].request
         # Control units run alone (batch_key); with a latent hires fix, those of its first pass (A1111's hr_option).
         units = control.first_pass(request.control, hires=request.hires is not None)
-        pipe = self.controls.pipeline(pipes, mode, units)
+        # An inpainting checkpoint runs every mode on its inpainting pipeline, conditioned as A1111 conditions it
+        # (``inpainting``): a 9-channel UNet reads a mask and a masked image beside the latents.
+        nine = inpainting.holds_inpainting(pipes.txt2img)
+        kind = "inpaint" if nine else mode
+        pipe = self.controls.pipeline(pipes, kind, units)
         sampler = request.sampler or self.config.default_sampler
         flat = [s for group in seeds for s in group]
         pipe.scheduler = build_scheduler(sampler, pipes.scheduler_config, request.schedule, seeds=flat,
@@ -315,7 +320,10 @@ class BaseGenerator:
         variations = [v for group in varied for v in group]
         if request.init_image is None:
             kwargs.update(width=request.width, height=request.height)
-            shape = (len(flat), pipe.unet.config.in_channels, request.height // 8, request.width // 8)
+            if nine:  # A1111's txt2img_image_conditioning: a grey image wholly masked, from noise alone
+                kwargs.update(inpainting.text_to_image(len(flat), request.width, request.height))
+            # The noise has the VAE's latent channels (an inpainting UNet reads 5 more, which are not noise).
+            shape = (len(flat), pipe.vae.config.latent_channels, request.height // 8, request.width // 8)
             if any(v is not None and v.changes(shape[1:]) for v in variations):
                 # Drawn as the pipeline would draw them (in its prompt embeddings' dtype), from the generators it
                 # is then given, so an image without a variation keeps its pixels and its generator's state.
@@ -334,12 +342,17 @@ class BaseGenerator:
                                 f"{request.strength} more would exceed the schedule's {limit} timesteps")
             kwargs.update(image=per_image(inits), strength=request.strength, num_inference_steps=steps)
             # What diffusers draws for each encoded image (its posterior sample, then the noise added to it), varied
-            # and scaled image by image, as A1111's img2img varies and scales its noise.
+            # and scaled image by image, as A1111's img2img varies and scales its noise. An inpainting checkpoint's
+            # inpainting at strength 1 encodes no init image: the noise is drawn first, and the masked image's
+            # posterior sample after it stays as drawn.
+            encodes = not (nine and request.mask is not None and request.strength == 1.0)
             edit = EditNoise.of(flat, variations, per_image([i.request.noise_multiplier for i in items]),
-                                generators)
+                                generators if encodes else None)
             if request.mask is not None:  # inpainting runs alone (see batch_key)
                 mask = self._prepare_mask(request.mask, request)
                 kwargs.update(mask_image=mask, width=request.width, height=request.height)
+            elif nine:  # A1111's img2img_image_conditioning without a mask: a mask of ones, the image masked away
+                kwargs.update(inpainting.image_to_image(request.width, request.height))
         if request.hires is not None:
             hires_steps = img2img_steps(request.hires.steps, request.hires.strength, exact=True, limit=limit)[1]
             total_steps += hires_steps
@@ -355,20 +368,22 @@ class BaseGenerator:
             warnings.append("no IP-Adapter is loaded: the reference image was ignored")
         if request.denoising_end is not None:
             kwargs["denoising_end"] = request.denoising_end
-        kwargs.update(self.controls.kwargs(mode, units, init, request.width, request.height))
+        kwargs.update(self.controls.kwargs(kind, units, init, request.width, request.height))
         # The batch's stop bookkeeping holds its images and device latents: let go of them however it ends. Tiling
         # (batch_key: the whole batch or none of it) holds for every decode too, those of stopped items included.
-        tiled = {id(m): m for m in (pipe.unet, pipe.vae, pipes.img2img.unet, pipes.txt2img.vae,
+        second = pipes.inpaint if nine else pipes.img2img  # a latent hires fix's second pass
+        tiled = {id(m): m for m in (pipe.unet, pipe.vae, second.unet, pipes.txt2img.vae,
                                     getattr(pipe, "controlnet", None)) if m is not None}
         # AND or a subprompt's weight, or a prompt and a negative prompt of different lengths (either pass): the UNet
         # of both passes' pipelines runs its calls as A1111's would while the batch runs, reading the running pass's
         # conditioning.
-        composed = (composing([pipe, pipes.img2img], lambda: scheduled[0])
+        composed = (composing([pipe, second], lambda: scheduled[0])
                     if any(c is not None and c.reshapes for c in (scheduled[0], hires_texts)) else nullcontext())
         try:
             with circular(*tiled.values(), enabled=request.tiling), composed, \
                     steering(pipe, control.active(units)), \
-                    noised(pipe, edit, pure=mode == "inpaint" and request.strength == 1.0):
+                    noised(pipe, edit, pure=mode == "inpaint" and request.strength == 1.0), \
+                    inpainting.from_the_image(pipe, enabled=nine and mode == "img2img"):
                 latents = None
                 try:
                     with fastpath.attention(self.config.fast):
@@ -408,7 +423,8 @@ class BaseGenerator:
         """A1111's latent hires fix: resize the first pass's latents as the mode says, then denoise them again at
         the hires size with the same checkpoint and the hires fix's prompts (``first``'s embeddings, swapped in
         already) and sampler, from the same seeds (A1111 reseeds), and with the same variation seeds, mixed into this
-        pass's noise at its size, as A1111 mixes them."""
+        pass's noise at its size, as A1111 mixes them. On an inpainting checkpoint, its inpainting pipeline runs it on
+        text-to-image's conditioning at the hires size (A1111's ``sample_hr_pass`` at ``inpainting_mask_weight`` 1)."""
         interpolation, antialias = LATENT_UPSCALE_MODES[hires.mode]
         size = (hires.height // 8, hires.width // 8)
         upscaled = torch.nn.functional.interpolate(latents.float(), size=size, mode=interpolation,
@@ -417,7 +433,8 @@ class BaseGenerator:
             width, height = hires.size
             cut_y, cut_x = size[0] - height // 8, size[1] - width // 8
             upscaled = upscaled[:, :, cut_y // 2:size[0] - (cut_y + 1) // 2, cut_x // 2:size[1] - (cut_x + 1) // 2]
-        pipe = pipes.img2img
+        nine = inpainting.holds_inpainting(pipes.txt2img)
+        pipe = pipes.inpaint if nine else pipes.img2img
         flat = [s for group in seeds for s in group]
         if hires.sampler is not None:  # A1111's hr_sampler_name / hr_scheduler
             pipe.scheduler = build_scheduler(hires.sampler, pipes.scheduler_config, hires.schedule, seeds=flat,
@@ -433,12 +450,14 @@ class BaseGenerator:
             warnings.append("ControlNet: a Latent hires fix's second pass ran without it (a pixel hires fix applies "
                             "it to both passes)")
         kwargs = {k: v for k, v in control.dropped(first).items()
-                  if k not in ("width", "height", "denoising_end", "latents")}
+                  if k not in ("width", "height", "denoising_end", "latents", "mask_image")}
         kwargs.update(image=upscaled, strength=hires.strength, num_inference_steps=asked,
                       generator=[torch.Generator("cpu").manual_seed(s) for s in flat])
+        if nine:
+            kwargs.update(inpainting.latent_hires(len(flat), *hires.size))
         # The pipeline noises the resized latents once, with noise it draws first from each generator (latents: no
         # posterior sample before it): that noise, varied. A1111 applies no noise multiplier to this pass.
-        with noised(pipe, EditNoise.of(flat, variations)):
+        with noised(pipe, EditNoise.of(flat, variations)), inpainting.from_the_image(pipe, enabled=nine):
             return pipe(**kwargs, output_type="latent").images
 
     def decode(self, latents: torch.Tensor, pipes: Pipelines | None = None) -> list[Image.Image]:
