@@ -64,6 +64,8 @@ IMAGE_SETTINGS: dict[str, object] = {
     "sgm_noise_multiplier": False, "uni_pc_variant": "bh1", "uni_pc_order": 3, "token_merging_ratio": 0.0,
     "token_merging_ratio_hr": 0.0, "img2img_fix_steps": False, "s_min_uncond": 0.0,
     "sd_vae": "Automatic", "sdxl_clip_l_skip": False, "randn_source": "CPU",
+    # An inpainting checkpoint's masked image is the init image lerped to grey by it; here it is grey (its default).
+    "inpainting_mask_weight": 1.0,
 }
 # Values that mean the default: A1111 runs no replacement VAE for these, and its "CPU" noise is this service's (one
 # CPU generator per image, seeded with the image's seed); "GPU" (A1111's default) and "NV" draw other noise.
