@@ -80,6 +80,56 @@ def test_single_file_matches_the_folder(models, monkeypatch):
     _free()
 
 
+def test_the_inpainting_checkpoint_loads_with_nine_channels_as_folder_and_single_file(models, monkeypatch):
+    """diffusers/stable-diffusion-xl-1.0-inpainting-0.1's layout, and the same weights as one SGM file read with the
+    base's component configs: the UNet takes the file's 9 input channels (the base's parameters and 5 x 320 x 3 x 3
+    more in its first convolution), and the two give the same weights."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    if not (models / "sdxl-inpaint" / "model_index.json").exists():
+        pytest.fail(f"no full-size inpainting checkpoint in {models}: python -m deployments.factory {models} --full "
+                    "--only sdxl-inpaint")
+    def unet(source: ModelSource):  # its channels, its parameter count and every 50th tensor, the rest freed
+        pipe = loader.load_sdxl(source, refiner=False, dtype=torch.float16)
+        state = pipe.unet.state_dict()
+        facts = (pipe.unet.config.in_channels, sum(p.numel() for p in pipe.unet.parameters()),
+                 {k: state[k].clone() for k in list(state)[:: max(1, len(state) // 50)]})
+        del pipe, state
+        _free()
+        return facts
+
+    channels, count, sampled = unet(ModelSource(source=str(models / "sdxl-inpaint.safetensors"),
+                                                config=str(models / "sdxl-base-configs")))
+    with open(models / "sdxl-base" / "unet" / "config.json") as f:
+        width = json.load(f)["block_out_channels"][0]
+    assert channels == 9
+    assert count == unet(ModelSource(source=str(models / "sdxl-base")))[1] + 5 * width * 3 * 3
+    channels, _, folder = unet(ModelSource(source=str(models / "sdxl-inpaint")))
+    assert channels == 9 and sampled.keys() == folder.keys()
+    for key in sampled:
+        assert torch.equal(sampled[key], folder[key]), key
+
+
+def test_the_lineart_releases_convert_and_load(models, tmp_path):
+    """lllyasviel/Annotators' sk_model.pth, sk_model2.pth and netG.pth as released (pickles) go through the
+    converter and load through the loader as the base's preprocessors, each mapping an image at its resolution."""
+    from deployments.support import lineart
+    from deployments.support.control import detect
+    from deployments.weights import convert
+
+    releases = models / "lineart"
+    if not (releases / "netG.pth").exists():
+        pytest.fail(f"no line-art releases in {models}: python -m deployments.factory {models} --full --only lineart")
+    assert convert.main([str(releases), str(tmp_path)]) == 0
+    sources = {"lineart_realistic": "sk_model", "lineart_coarse": "sk_model2", "lineart_anime": "netG"}
+    networks = lineart.load({m: str(tmp_path / f"{name}.safetensors") for m, name in sources.items()},
+                            torch.device("cpu"))
+    assert sum(p.numel() for p in networks["lineart_realistic"].net.parameters()) == 4_290_945
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (192, 256, 3), dtype=np.uint8))
+    for module in sources:
+        made = detect(photo, module, 256, estimators=networks)
+        assert made.size == (341, 256) and made.mode == "RGB", module
+
+
 def test_base_generates_at_256(models):
     from deployments.sdxl_base import BaseGenerator
     from deployments.support.generation import GenerationRequest

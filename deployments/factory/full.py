@@ -13,6 +13,12 @@
                                    decoder, BERT's 30522-entry WordPiece plus [DEC] and [ENC]; fp32 model.safetensors
     OUT/depth-anything-v2/         depth-anything/Depth-Anything-V2-Large-hf's layout (the extension's
                                    depth_anything_v2): DINOv2 ViT-L/14 at 518², DPT neck; fp32 model.safetensors
+    OUT/sdxl-inpaint/              diffusers/stable-diffusion-xl-1.0-inpainting-0.1's layout: the base's configuration
+                                   with a 9-channel UNet, fp16 variant files only
+    OUT/sdxl-inpaint.safetensors   the same weights as one SGM checkpoint (config: sdxl-base-configs)
+    OUT/lineart/                   lllyasviel/Annotators' line-art releases as shipped (pickled state dicts, the
+                                   converter's input): sk_model.pth, sk_model2.pth (the informative-drawings
+                                   generator, 4.3 M), netG.pth (the anime U-Net, 54 M, names under module.)
     OUT/controlnet-canny-sdxl/     diffusers/controlnet-canny-sdxl-1.0's layout (``--only controlnet``): the release's
                                    config.json, diffusion_pytorch_model.safetensors (fp32, 5.0 GB) and its fp16
                                    variant (2.5 GB); 1.25 B parameters, the base UNet's encoder and middle block
@@ -36,7 +42,7 @@ import torch
 from safetensors.torch import save_file
 
 from deployments.factory import captioner as blip
-from deployments.factory import depth
+from deployments.factory import depth, lineart
 from deployments.factory.sgm import sdxl_to_sgm
 from deployments.factory.tiny import _save_tokenizer, _scheduler
 from deployments.factory.tokenizer import build_clip_tokenizer
@@ -145,8 +151,8 @@ CONTROLNET = dict(
 _CONTROLNET_FROM_BASE = ("attention_head_dim", "block_out_channels", "cross_attention_dim", "norm_num_groups",
                          "projection_class_embeddings_input_dim", "transformer_layers_per_block")
 
-ARTEFACTS = ("sdxl-base", "sdxl-base-single", "sdxl-refiner", "releases", "safety-checker", "captioner",
-             "depth-anything-v2", "controlnet")
+ARTEFACTS = ("sdxl-base", "sdxl-base-single", "sdxl-inpaint", "sdxl-refiner", "releases", "safety-checker",
+             "captioner", "depth-anything-v2", "lineart", "controlnet")
 
 
 def shapes(shrink: bool = False) -> SimpleNamespace:
@@ -335,6 +341,13 @@ def build_all(out: Path, only: set[str] | None = None, device: str = "cpu", shri
             save_file(sdxl_to_sgm(base), out / "sdxl-base.safetensors")
         del base
         gc.collect()
+    if "sdxl-inpaint" in wanted:
+        from deployments.factory.inpainting import build_full as build_inpainting
+
+        build_inpainting(out, tokenizer_src, eos, device=device, shape=shape)
+        if not (out / "sdxl-base-configs").is_dir():  # its single file's configs (the loader reads its channels)
+            write_configs(out / "sdxl-inpaint", out / "sdxl-base-configs")
+        gc.collect()
     if "sdxl-refiner" in wanted:
         build_sdxl(out / "sdxl-refiner", tokenizer_src, eos, refiner=True, device=device, shape=shape)
         gc.collect()
@@ -351,6 +364,8 @@ def build_all(out: Path, only: set[str] | None = None, device: str = "cpu", shri
     if "depth-anything-v2" in wanted:  # shrunk: the tiny one's widths, the release's preprocessing all the same
         depth.build_depth_anything(out / "depth-anything-v2",
                                    depth.ANYTHING_V2_TINY if shrink else depth.ANYTHING_V2_LARGE, device=device)
+    if "lineart" in wanted:  # as released (pickles); shrunk: the anime U-Net at the tiny width
+        lineart.build_releases(out / "lineart", full=not shrink)
     if "controlnet" in wanted:
         build_controlnet(out / "controlnet-canny-sdxl", shape.controlnet, device)
         gc.collect()
