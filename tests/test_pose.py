@@ -1,6 +1,7 @@
 """The OpenPose body preprocessor: its decoding on heatmaps and PAFs where the answer is known (two people and a
 stray limb), its drawing, the network in the release's keys and shapes, the estimator end to end on the factory's
-random network, and the loader's refusals."""
+random network, the loader's refusals, the converter on the released .pth, and ``openpose`` as a ControlNet unit's
+module: on the tiny base, and by the extension's names on the routes' units."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from safetensors.torch import save_file
 
 from deployments.factory.pose import build_pose, build_pose_pth
 from deployments.support import pose
-from deployments.support.errors import ModelLoadError, UnsafeWeights, status_of
+from deployments.support.errors import ModelLoadError, UnknownModel, UnsafeWeights, status_of
+from deployments.weights import loader
 
 # --- the release's network, as the original model definition (CMU's, by way of pytorch-openpose) lays it out ------
 
@@ -200,7 +202,13 @@ def weights(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def estimator(weights):
-    return pose.load_pose(weights, torch.device("cpu"), torch.float32)
+    return pose.load({"openpose": str(weights)}, torch.device("cpu"))["openpose"]
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    """body_pose_model.pth as released (a pickled state dict): the factory's network of the same seed."""
+    return build_pose_pth(tmp_path_factory.mktemp("release"))
 
 
 def test_the_network_maps_at_an_eighth_of_the_input(estimator):
@@ -291,25 +299,46 @@ def test_the_estimator_maps_an_image_at_its_size_deterministically(estimator):
 
 # --- loading --------------------------------------------------------------------------------------------------------
 
-def test_load_pose_refuses_pickles_naming_the_field(tmp_path, weights):
+def test_a_replica_runs_the_network_in_float32(estimator):
+    """As the extension runs it, whatever the replica's dtype (``pose.load`` takes none)."""
+    assert {p.dtype for p in estimator.model.parameters()} == {torch.float32} and estimator.dtype == torch.float32
+
+
+def test_load_pose_refuses_pickles_naming_the_field(tmp_path, weights, release):
     from safetensors.torch import load_file
 
-    pickled = build_pose_pth(tmp_path / "release")
-    state = torch.load(pickled, weights_only=True)  # what the converter will read: the release's layout
+    state = torch.load(release, weights_only=True)  # what the converter will read: the release's layout
     assert pose.recognise(state)
     saved = load_file(weights)  # the same seed: the same weights in both files
     assert state.keys() == saved.keys() and all(torch.equal(v, saved[k]) for k, v in state.items())
-    for source in (pickled, pickled.parent):  # the file, and a folder holding only it
+    for source in (release, release.parent):  # the file, and a folder holding only it
         with pytest.raises(UnsafeWeights) as refused:
-            pose.load_pose(source, torch.device("cpu"), torch.float32)
+            loader.load_pose(str(source))
         assert refused.value.field == pose.FIELD == "preprocessors.openpose" and status_of(refused.value) == 503
+    with pytest.raises(ModelLoadError) as refused:  # a source that is not there
+        loader.load_pose(str(tmp_path / "missing" / pose.WEIGHTS))
+    assert refused.value.field == "preprocessors.openpose"
+
+
+def test_a_folder_is_read_by_the_files_name(tmp_path, weights):
+    """A folder of several converted releases holds the network as body_pose_model.safetensors: that one is read,
+    whatever else is there; without it, the folder is refused naming the field."""
+    folder = tmp_path / "annotators"
+    folder.mkdir()
+    save_file({"x": torch.zeros(1)}, str(folder / "hand_pose_model.safetensors"))
+    with pytest.raises(ModelLoadError, match="no body_pose_model.safetensors") as refused:
+        loader.load_pose(str(folder))
+    assert refused.value.field == "preprocessors.openpose"
+    (folder / pose.WEIGHTS).symlink_to(weights)
+    network = loader.load_pose(str(folder))
+    assert sum(p.numel() for p in network.parameters()) == 52_311_446
 
 
 def test_load_pose_refuses_another_networks_weights_naming_the_field(tmp_path):
     wrong = tmp_path / "other.safetensors"
     save_file({"conv1_1.weight": torch.zeros(64, 3, 3, 3), "head.weight": torch.zeros(2, 2)}, str(wrong))
     with pytest.raises(ModelLoadError) as refused:
-        pose.load_pose(wrong, torch.device("cpu"), torch.float32)
+        loader.load_pose(str(wrong))
     assert refused.value.field == "preprocessors.openpose"
     assert refused.value.details["unexpected"] == ["head.weight"] and len(refused.value.details["missing"]) == 10
     assert "183 missing" in refused.value.message and "1 unexpected (head.weight" in refused.value.message
@@ -319,6 +348,6 @@ def test_load_pose_refuses_another_networks_weights_naming_the_field(tmp_path):
     shapes.mkdir()
     save_file({key: torch.zeros(1) for key in OFFICIAL}, str(shapes / pose.WEIGHTS))
     with pytest.raises(ModelLoadError) as refused:
-        pose.load_pose(shapes, torch.device("cpu"), torch.float32)
+        loader.load_pose(str(shapes))
     assert refused.value.field == "preprocessors.openpose" and "184 wrong shape" in refused.value.message
     assert "missing" not in refused.value.details and "unexpected" not in refused.value.details

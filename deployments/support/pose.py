@@ -7,7 +7,14 @@ convolutions and two more, to 128 channels at 1/8 of the input, then six stages 
 fields (PAFs: an x and a y channel for each of 19 limbs, 38) and the part heatmaps (18 keypoints and the background,
 19); each stage after the first reads the previous stage's two outputs beside the features. ``body_pose_network``
 builds it with the release's state-dict keys (``conv1_1.weight`` ... ``Mconv7_stage6_L2.bias``), so the released file,
-converted to safetensors as it is, loads into it (``load_pose``); ``recognise`` tells such a state dict.
+converted to safetensors as it is (``python -m deployments.weights.convert``), loads into it (``from_state_dict``);
+``recognise`` tells such a state dict. The base's ``preprocessors.openpose`` names that file (or a folder holding it
+as ``body_pose_model.safetensors``); a replica loads it once, at start (``load``, through ``loader.load_pose``), and
+the module is offered only then. CMU licenses these weights for non-commercial use only.
+
+The extension's other pose modules (``openpose_hand``, ``openpose_face``, ``openpose_faceonly``, ``openpose_full``,
+``dw_openpose_full``, ``animal_openpose``) need hand, face, DWPose or animal models that are not served here
+(``UNSERVED``): a unit naming one is refused.
 
 The map, as the extension makes it (``PoseEstimator``):
 
@@ -40,21 +47,27 @@ import functools
 import logging
 import math
 import threading
-from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from PIL import Image
 
-from deployments.support.errors import ModelLoadError, UnsafeWeights
+from deployments.support.errors import UnknownModel
 
 if TYPE_CHECKING:
     import torch
 
+    from deployments.support.settings import Settings
+
 logger = logging.getLogger(__name__)
 
 POSE_MODULES = ("openpose",)
+PoseModule = Literal["openpose"]
+# The extension's other pose modules (its keys, which are its labels too): their hand, face, DWPose and animal models
+# are not served here, so a unit naming one is refused, told which one is.
+UNSERVED = ("openpose_hand", "openpose_face", "openpose_faceonly", "openpose_full", "dw_openpose_full",
+            "animal_openpose")
 # The extension's "Preprocessor Resolution" slider of its openpose modules: default, min, max.
 POSE_RES = (512, 64, 2048)
 FIELD = "preprocessors.openpose"
@@ -183,7 +196,8 @@ def body_pose_network() -> torch.nn.Module:
 
 
 class PoseEstimator:
-    """The body pose network on a replica's device and dtype, and the extension's ``openpose`` map of an image by it.
+    """The body pose network on a device and dtype (a replica's: its device, float32, see ``load``), and the
+    extension's ``openpose`` map of an image by it.
     Safe to call from several threads (the inference thread's units, ``/controlnet/detect``'s worker thread): one
     model call at a time."""
 
@@ -403,10 +417,12 @@ def draw_body(canvas: np.ndarray, body: Body) -> np.ndarray:
 
 def recognise(state_dict: Mapping[str, Any]) -> bool:
     """Whether a state dict is the body pose network's, as the release ships it: its keys, each of its shape."""
-    return not _mismatches(state_dict)
+    return not mismatches(state_dict)
 
 
-def _mismatches(state_dict: Mapping[str, Any]) -> dict[str, list[str]]:
+def mismatches(state_dict: Mapping[str, Any]) -> dict[str, list[str]]:
+    """How a state dict differs from the release's: its ``missing``, ``unexpected`` and ``wrong_shape`` keys,
+    sorted (an empty dict: none)."""
     expected = official_shapes()
     missing = sorted(expected.keys() - state_dict.keys())
     unexpected = sorted(state_dict.keys() - expected.keys())
@@ -416,42 +432,39 @@ def _mismatches(state_dict: Mapping[str, Any]) -> dict[str, list[str]]:
             if keys}
 
 
-def load_pose(path: str | Path, device: torch.device, dtype: torch.dtype) -> PoseEstimator:
-    """The estimator of the body pose network in ``path``: a ``.safetensors`` state dict in the release's keys, or a
-    folder holding one as ``body_pose_model.safetensors``. A pickle, and a file that is not this network's, are
-    refused naming ``preprocessors.openpose``."""
+def from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    """The body pose network holding ``state_dict``'s tensors themselves (no copy), which must be the release's
+    exactly (``recognise``; the loader says how one is not)."""
     import torch
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
-    from deployments.weights.loader import PICKLE_SUFFIXES, check_safetensors
-
-    source = Path(path)
-    file = source / WEIGHTS if source.is_dir() else source
-    if source.is_dir() and not file.exists():
-        pickles = sorted(p.name for p in source.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
-        if pickles:
-            raise UnsafeWeights(f"{source}: holds only pickled weights ({pickles[0]}); convert it to {WEIGHTS}",
-                                field=FIELD)
-        raise ModelLoadError(f"{source}: no {WEIGHTS}", field=FIELD)
-    if not file.exists():
-        raise ModelLoadError(f"{file}: not found", field=FIELD)
-    try:
-        check_safetensors(file)
-    except UnsafeWeights as e:
-        raise UnsafeWeights(e.message, field=FIELD) from e
-    try:
-        state = load_file(file)
-    except (OSError, SafetensorError) as e:
-        raise ModelLoadError(f"cannot read {file}: {e}", field=FIELD) from e
-    problems = _mismatches(state)
-    if problems:
-        summary = "; ".join(f"{len(keys)} {kind.replace('_', ' ')} ({', '.join(keys[:3])}...)"
-                            for kind, keys in problems.items())
-        raise ModelLoadError(f"{file.name}: not OpenPose's body pose network: {summary}", field=FIELD,
-                             details={kind: keys[:10] for kind, keys in problems.items()})
     with torch.device("meta"):  # no random start for weights about to be replaced
         model = body_pose_network()
-    model.load_state_dict(state, assign=True)
-    logger.info("OpenPose body network from %s (%.1f M weights)", file, sum(v.numel() for v in state.values()) / 1e6)
-    return PoseEstimator(model, device, dtype)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.eval()
+
+
+def load(sources: Mapping[str, str], device: torch.device,
+         settings: Settings | None = None) -> dict[str, PoseEstimator]:
+    """The configured pose module's estimator (``base.preprocessors``: module -> source), loaded once.
+
+    The network runs in float32 whatever the replica's dtype, as the extension runs it: its ``Body`` loads the
+    release's float32 weights and moves them to the ControlNet device without a cast, and feeds them ``.float()``
+    input (A1111's ``--precision`` and ``--no-half`` never reach it). The decoding thresholds the heatmaps (0.1) and
+    the PAFs (0.05) and keeps the first of equal scores, so half precision's rounding could add or drop a keypoint or
+    a limb, and a replica's map would depend on its dtype; the network is 52 M weights, 209 MB in float32."""
+    import torch
+
+    from deployments.weights import loader
+
+    return {module: PoseEstimator(loader.load_pose(source, settings), device, torch.float32)
+            for module, source in sources.items()}
+
+
+def estimator(estimators: Mapping[str, Callable[[Image.Image], Image.Image]] | None, module: str,
+              field: str = "control.module") -> Callable[[Image.Image], Image.Image]:
+    """``module``'s estimator; a module whose model is not configured is refused, naming ``field``."""
+    found = (estimators or {}).get(module)
+    if found is None:
+        raise UnknownModel(f"ControlNet preprocessor {module!r} needs OpenPose's body network, and none is configured "
+                           "for it", field=field, details={"choices": sorted(estimators or {})})
+    return found

@@ -393,19 +393,23 @@ def load_depth(source: str, module: str, dtype: torch.dtype, settings: Settings 
     return model, processor
 
 
-def lineart_weights(path: Path, field: str) -> Path:
-    """The weights file of a line-art preprocessor's source: the ``.safetensors`` file itself, or the one such file
-    in a folder (an ``s3://`` prefix, a local folder). A pickle, or a folder of pickles alone, is refused."""
+def preprocessor_weights(path: Path, field: str, name: str | None = None) -> Path:
+    """The weights file of a line-art or pose preprocessor's source: the ``.safetensors`` file itself, or in a folder
+    (an ``s3://`` prefix, a local folder) the file ``name`` where the model has a file name of its own, else the one
+    ``.safetensors`` file it holds. A pickle, or a folder of pickles alone, is refused naming ``field``."""
     if path.is_dir():
-        found = sorted(path.glob("*.safetensors"))
+        # A model with a file name of its own is read by it: a folder of several converted releases may hold it.
+        found = sorted(path.glob(name or "*.safetensors"))
         if len(found) > 1:
             raise ModelLoadError(f"{path}: holds {len(found)} .safetensors files ({', '.join(f.name for f in found)});"
                                  " a line-art model is one file", field=field)
         if not found:
-            if any(p.suffix.lower() in PICKLE_SUFFIXES for p in path.iterdir()):
-                raise UnsafeWeights(f"{path}: holds only pickled weights; convert them with "
-                                    "python -m deployments.weights.convert", field=field)
-            raise ModelLoadError(f"{path}: no .safetensors weights", field=field)
+            wanted = name or ".safetensors weights"
+            pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+            if pickles:
+                raise UnsafeWeights(f"{path}: no {wanted}, and pickled weights ({pickles[0]}) are refused; convert "
+                                    "them with python -m deployments.weights.convert", field=field)
+            raise ModelLoadError(f"{path}: no {wanted}", field=field)
         path = found[0]
     try:
         check_safetensors(path)
@@ -414,27 +418,33 @@ def lineart_weights(path: Path, field: str) -> Path:
     return path
 
 
+def _preprocessor_state(source: str, field: str, settings: Settings | None,
+                        name: str | None = None) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A line-art or pose preprocessor's source resolved, its weights file found and read: (file, state dict)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        path = resolve(source, settings)
+    except ModelLoadError as e:  # named here: a missing or unreadable source says which preprocessor's it is
+        raise type(e)(e.message, field=field) from e
+    weights = preprocessor_weights(path, field, name)
+    try:
+        return weights, load_file(weights)
+    except (OSError, ValueError, SafetensorError) as e:
+        raise ModelLoadError(f"cannot read {weights.name}: {e}", field=field) from e
+
+
 def load_lineart(source: str, module: str, settings: Settings | None = None):
     """Load a ControlNet line-art preprocessor's network from safetensors (``python -m deployments.weights.convert``
     writes them from lllyasviel/Annotators' ``sk_model.pth``, ``sk_model2.pth`` and ``netG.pth``): the
     informative-drawings generator for ``lineart_realistic`` and ``lineart_coarse``, the anime U-Net for
     ``lineart_anime``. A file whose names and shapes are not exactly that network's is refused. Returns the network,
     float32 on the CPU."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     from deployments.support import lineart_nets
 
     field = f"preprocessors.{module}"
-    try:
-        path = resolve(source, settings)
-    except ModelLoadError as e:  # named here: a missing or unreadable source says which preprocessor's it is
-        raise type(e)(e.message, field=field) from e
-    weights = lineart_weights(path, field)
-    try:
-        state = load_file(weights)
-    except (OSError, ValueError, SafetensorError) as e:
-        raise ModelLoadError(f"cannot read {weights.name}: {e}", field=field) from e
+    weights, state = _preprocessor_state(source, field, settings)
     expected = LINEART_ARCHITECTURES[module]
     found = lineart_nets.architecture(state)
     if found is not None and found != expected:
@@ -445,6 +455,26 @@ def load_lineart(source: str, module: str, settings: Settings | None = None):
         raise ModelLoadError(f"{weights.name}: {e}", field=field) from e
     logger.info("%s: %s from %s", module, type(net).__name__, weights)
     return net
+
+
+def load_pose(source: str, settings: Settings | None = None):
+    """Load the ControlNet ``openpose`` preprocessor's body network from safetensors (``python -m
+    deployments.weights.convert`` writes it from lllyasviel/Annotators' ``body_pose_model.pth``): a file, or a folder
+    holding ``body_pose_model.safetensors``. A file whose names and shapes are not exactly the release's is refused,
+    saying which (``details``: up to ten keys of each kind). Returns the network, float32 on the CPU."""
+    from deployments.support import pose
+
+    weights, state = _preprocessor_state(source, pose.FIELD, settings, pose.WEIGHTS)
+    problems = pose.mismatches(state)
+    if problems:
+        summary = "; ".join(f"{len(keys)} {kind.replace('_', ' ')} ({', '.join(keys[:3])}...)"
+                            for kind, keys in problems.items())
+        raise ModelLoadError(f"{weights.name}: not OpenPose's body pose network: {summary}", field=pose.FIELD,
+                             details={kind: keys[:10] for kind, keys in problems.items()})
+    model = pose.from_state_dict({key: value.float() for key, value in state.items()})
+    logger.info("openpose: the body pose network from %s (%.1f M weights)", weights,
+                sum(v.numel() for v in state.values()) / 1e6)
+    return model
 
 
 def load_spandrel(source: str, settings: Settings | None = None):
