@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from deployments.support import depth, lineart
+from deployments.support import depth, lineart, pose
 from deployments.support.errors import InvalidInput, UnknownModel
 from deployments.support.imaging import Fit, frame, to_rgb
 
@@ -35,11 +35,13 @@ logger = logging.getLogger(__name__)
 
 MAX_UNITS = 4  # A1111's extension shows 3 units by default; each one is a ControlNet pass per step
 MODEL_FREE = ("none", "canny", "invert", "lineart_standard")
-# Every preprocessor, in the order they are listed: the depth and line-art ones with a model where it is configured.
-PREPROCESSORS = ("none", "canny", "invert", *depth.DEPTH_MODULES, *lineart.LINEART_MODULES)
+# Every preprocessor, in the order they are listed: the depth, line-art and pose ones with a model where it is
+# configured.
+PREPROCESSORS = ("none", "canny", "invert", *depth.DEPTH_MODULES, *lineart.LINEART_MODULES, *pose.POSE_MODULES)
 Preprocessor = Literal["none", "canny", "invert", "depth_midas", "depth_anything", "depth_anything_v2",
-                       "lineart_standard", "lineart_realistic", "lineart_coarse", "lineart_anime"]
-# A preprocessor's model (a depth estimator, a line-art network): an image at the processor resolution -> its map.
+                       "lineart_standard", "lineart_realistic", "lineart_coarse", "lineart_anime", "openpose"]
+# A preprocessor's model (a depth estimator, a line-art network, the pose network): an image at the processor
+# resolution -> its map.
 Mapper = Callable[[Image.Image], Image.Image]
 # A1111's extension: the canny sliders (processor_res, threshold_a, threshold_b), their defaults and bounds.
 CANNY_RES = (512, 64, 2048)
@@ -50,7 +52,8 @@ ControlMode = Literal["balanced", "prompt", "control"]
 KWARGS = ("control_image", "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
 # The preprocessors that read processor_res, and its extension slider's (default, min, max) for each.
 PROCESSOR_RES = {"canny": CANNY_RES, **{m: depth.DEPTH_RES for m in depth.DEPTH_MODULES},
-                 **{m: lineart.LINEART_RES for m in lineart.LINEART_MODULES}}
+                 **{m: lineart.LINEART_RES for m in lineart.LINEART_MODULES},
+                 **{m: pose.POSE_RES for m in pose.POSE_MODULES}}
 
 
 class ControlUnit(BaseModel):
@@ -64,14 +67,15 @@ class ControlUnit(BaseModel):
     module: Preprocessor = Field("none", description="the preprocessor: none (the image as sent), canny, invert, "
                                  "depth_midas, depth_anything, depth_anything_v2 (a configured depth model's map), "
                                  "lineart_standard, lineart_realistic, lineart_coarse, lineart_anime (line art, the "
-                                 "last three by a configured network)")
+                                 "last three by a configured network), openpose (the bodies OpenPose's configured "
+                                 "body network finds)")
     conditioning_scale: float = Field(1.0, ge=0.0, le=2.0, description="A1111's weight: the residuals' scale")
     guidance_start: float = Field(0.0, ge=0.0, le=1.0, description="the fraction of the steps where it starts")
     guidance_end: float = Field(1.0, ge=0.0, le=1.0, description="the fraction of the steps where it stops")
     resize_mode: Fit = Field("crop", description="how the control image takes the generation size: stretch, crop "
                              "(cover, centre-crop: A1111's default 'Crop and Resize') or fill (fit, edges stretched)")
-    processor_res: int = Field(CANNY_RES[0], ge=CANNY_RES[1], le=CANNY_RES[2], description="canny, depth and line "
-                               "art: the shorter side the image is resized to before its map is made")
+    processor_res: int = Field(CANNY_RES[0], ge=CANNY_RES[1], le=CANNY_RES[2], description="canny, depth, line "
+                               "art and openpose: the shorter side the image is resized to before its map is made")
     threshold_a: float = Field(CANNY_LOW[0], ge=CANNY_LOW[1], le=CANNY_LOW[2], description="canny: low threshold")
     threshold_b: float = Field(CANNY_HIGH[0], ge=CANNY_HIGH[1], le=CANNY_HIGH[2], description="canny: high threshold")
     passes: Literal["both", "first", "second"] = Field("both", description="with a hires fix, the passes it "
@@ -79,9 +83,9 @@ class ControlUnit(BaseModel):
     control_mode: ControlMode = Field("balanced", description="the extension's control mode: balanced, prompt (My "
                                       "prompt is more important: soft residual weights) or control (ControlNet is "
                                       "more important: soft weights, the conditional rows alone)")
-    pixel_perfect: bool = Field(False, description="canny's, depth's and line art's resolution computed from the "
-                                "image's size, the generation size and the resize mode, as the extension's Pixel "
-                                "Perfect computes it (processor_res is then not read)")
+    pixel_perfect: bool = Field(False, description="canny's, depth's, line art's and openpose's resolution "
+                                "computed from the image's size, the generation size and the resize mode, as the "
+                                "extension's Pixel Perfect computes it (processor_res is then not read)")
     pixel_target: tuple[int, int] | None = Field(None, description="pixel_perfect's target size (width, height); "
                                                  "None: the generation size. A hires fix's second pass keeps the "
                                                  "first pass's, as the extension computes it once a request")
@@ -119,8 +123,8 @@ def pixel_perfect_resolution(size: tuple[int, int], width: int, height: int, fit
 
 
 def offered(configured: Collection[str]) -> list[str]:
-    """The preprocessors requests may name: the model-free ones, and each depth and line-art module whose model is
-    configured (``configured``: the base's ``preprocessors``)."""
+    """The preprocessors requests may name: the model-free ones, and each depth, line-art and pose module whose
+    model is configured (``configured``: the base's ``preprocessors``)."""
     return [m for m in PREPROCESSORS if m in MODEL_FREE or m in configured]
 
 
@@ -128,9 +132,9 @@ def detect(image: Image.Image, module: Preprocessor, resolution: int = CANNY_RES
            low: float = CANNY_LOW[0], high: float = CANNY_HIGH[0],
            estimators: Mapping[str, Mapper] | None = None) -> Image.Image:
     """The control map a preprocessor makes of ``image`` (RGB), at the size it works at: canny at ``resolution``
-    (white edges on black, thresholds ``low`` and ``high``), a depth or line-art module at ``resolution`` (by its
-    model in ``estimators``, the configured preprocessors' models by module; ``lineart_standard`` needs none), the
-    others at the image's own size."""
+    (white edges on black, thresholds ``low`` and ``high``), a depth, line-art or pose module at ``resolution`` (by
+    its model in ``estimators``, the configured preprocessors' models by module; ``lineart_standard`` needs none),
+    the others at the image's own size."""
     rgb = to_rgb(image)
     if module in depth.DEPTH_MODULES:
         return depth.estimator(estimators, module)(at_resolution(rgb, resolution))
@@ -138,6 +142,8 @@ def detect(image: Image.Image, module: Preprocessor, resolution: int = CANNY_RES
         return lineart.standard(at_resolution(rgb, resolution))
     if module in lineart.MODEL_MODULES:
         return lineart.detector(estimators, module)(at_resolution(rgb, resolution))
+    if module in pose.POSE_MODULES:
+        return pose.estimator(estimators, module)(at_resolution(rgb, resolution))
     if module == "canny":
         import cv2
 
@@ -150,7 +156,7 @@ def detect(image: Image.Image, module: Preprocessor, resolution: int = CANNY_RES
 
 def control_image(unit: ControlUnit, fallback: Image.Image | None, width: int, height: int,
                   estimators: Mapping[str, Mapper] | None = None) -> Image.Image:
-    """A unit's control map at the generation size, framed by its resize mode; canny, the depth and the line-art
+    """A unit's control map at the generation size, framed by its resize mode; canny, the depth, line-art and pose
     modules (by their models in ``estimators``) at ``resolution(...)``."""
     source = unit.image if unit.image is not None else fallback
     if source is None:
@@ -195,8 +201,8 @@ class _SameControlForEveryPrompt(logging.Filter):
 class ControlNets:
     """The ControlNets of one replica by name, loaded once on its device and dtype, and the ControlNet pipelines
     each held checkpoint runs them with (made on first use from its modules, kept while it is held); with the
-    preprocessors' models, loaded with them: the depth estimators (``depth``) and line-art networks (``lineart``),
-    by module (both in ``preprocessors``)."""
+    preprocessors' models, loaded with them: the depth estimators (``depth``), line-art networks (``lineart``) and
+    the pose estimator (``pose``), by module (all in ``preprocessors``)."""
 
     def __init__(self, config: SDXLBaseConfig, device: torch.device, dtype: torch.dtype,
                  settings: Settings | None = None) -> None:
@@ -213,6 +219,7 @@ class ControlNets:
         sources = config.preprocessors
         self.depth = depth.load({m: s for m, s in sources.items() if m in depth.DEPTH_MODULES}, device, dtype, settings)
         self.lineart = lineart.load({m: s for m, s in sources.items() if m in lineart.MODEL_MODULES}, device, settings)
+        self.pose = pose.load({m: s for m, s in sources.items() if m in pose.POSE_MODULES}, device, settings)
         # checkpoint pipelines -> (mode, ControlNet names) -> its ControlNet pipeline; an evicted checkpoint's go
         # with it (weak keys), so that they never keep its modules alive.
         self._pipelines: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -224,7 +231,7 @@ class ControlNets:
     @property
     def preprocessors(self) -> dict[str, Mapper]:
         """The preprocessors' models loaded, by module."""
-        return {**self.depth, **self.lineart}
+        return {**self.depth, **self.lineart, **self.pose}
 
     @property
     def modules(self) -> list[str]:
