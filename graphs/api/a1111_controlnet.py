@@ -2,10 +2,11 @@
 ``alwayson_scripts.ControlNet.args`` on txt2img and img2img.
 
 A unit names one of the base's ``controlnets`` (as ``/controlnet/model_list`` lists them; A1111's ``"name [hash]"``
-is accepted too) and a preprocessor (``module``: none, canny, invert, ``lineart_standard``, and the depth and
-line-art modules whose model the base has: ``depth_midas`` (or ``depth``), ``depth_anything``,
-``depth_anything_v2``, ``lineart_realistic`` (or ``lineart``), ``lineart_coarse``, ``lineart_anime``; the
-extension's labels are taken too). ``control_mode`` and
+is accepted too) and a preprocessor (``module``: none, canny, invert, ``lineart_standard``, and the depth,
+line-art and pose modules whose model the base has: ``depth_midas`` (or ``depth``), ``depth_anything``,
+``depth_anything_v2``, ``lineart_realistic`` (or ``lineart``), ``lineart_coarse``, ``lineart_anime``, ``openpose``
+(the body alone: the extension's hand, face, DWPose and animal pose modules are refused); the extension's labels are
+taken too). ``control_mode`` and
 ``pixel_perfect`` run as the extension runs them (``deployments/support/injection.py``, ``control.resolution``); a
 unit's ``mask``, which the extension draws with as the control image, is named in the answer's warnings and not
 applied; ``low_vram`` means nothing here. The routes are in ``graphs/api/controlnet.py``.
@@ -31,6 +32,7 @@ from deployments.support.control import (
 from deployments.support.depth import ALIASES
 from deployments.support.errors import InvalidInput, UnknownModel
 from deployments.support.lineart import ALIASES as LINEART_ALIASES
+from deployments.support.pose import POSE_MODULES, UNSERVED
 from graphs.api.a1111_models import _A1111, Txt2ImgRequest
 from graphs.api.a1111_models import EXTENSION_SCRIPTS as SCRIPT
 from graphs.api.fields import image_field
@@ -51,7 +53,7 @@ MODE_OF: dict[str, ControlMode] = {"Balanced": "balanced", "My prompt is more im
 HR_OPTIONS: dict[Any, str] = {0: "both", 1: "first", 2: "second", "Both": "both", "Low res only": "first",
                               "High res only": "second"}
 MODULES = {"none": "none", "canny": "canny", "invert": "invert", "invert (from white bg & black line)": "invert",
-           **ALIASES, **LINEART_ALIASES}
+           **ALIASES, **LINEART_ALIASES, **{m: m for m in POSE_MODULES}}  # openpose: the extension's key and label
 
 
 class A1111Unit(_A1111):
@@ -128,11 +130,18 @@ def model_name(unit: A1111Unit) -> str | None:
 def module_of(name: str, field: str, offered: Collection[str] = MODEL_FREE) -> str:
     """A preprocessor's name as the extension's clients send it (its labels too: the invert's and lineart_standard's
     long ones, MiDaS's ``depth_midas`` for its key ``depth``, ``lineart_realistic`` for ``lineart``), when it is
-    ``offered`` (``control.offered``: a depth or line-art module only where its model is configured); else a 422
-    naming ``field`` and listing those offered."""
-    module = MODULES.get(name.strip().lower())
+    ``offered`` (``control.offered``: a depth, line-art or pose module only where its model is configured); else a
+    422 naming ``field`` and listing those offered (one of the extension's pose modules that is not served here is
+    told which one is)."""
+    key = name.strip().lower()
+    module = MODULES.get(key)
     if module is None or module not in offered:
-        raise UnknownModel(f"ControlNet preprocessor {name!r} is not offered here: {', '.join(offered)}",
+        why = ""
+        if key in UNSERVED or key in POSE_MODULES:  # their hand, face, DWPose and animal models are not served
+            why = (" (of the extension's pose modules the body-only openpose is the one served here)"
+                   if "openpose" in offered else " (of the extension's pose modules only the body-only openpose is "
+                   "served, where its model is configured, and none is here)")
+        raise UnknownModel(f"ControlNet preprocessor {name!r} is not offered here{why}: {', '.join(offered)}",
                            field=field, details={"choices": list(offered)})
     return module
 
@@ -164,7 +173,7 @@ def _passes(unit: A1111Unit, field: str, hires: bool) -> str:
 
 def sliders(unit: A1111Unit, module: str) -> tuple[int, float, float]:
     """processor_res, threshold_a, threshold_b as the extension reads them for canny (and processor_res alone for
-    the depth and line-art modules): -1 or out of its bounds, its default (the extension resets such a value, and
+    the depth, line-art and pose modules): -1 or out of its bounds, its default (the extension resets such a value, and
     logs it); other modules keep what was sent (they read none)."""
     def within(value: float, bounds: tuple) -> float:
         default, low, high = bounds

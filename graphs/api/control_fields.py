@@ -5,9 +5,9 @@ A unit here is one unit of A1111's ControlNet extension under the native API's n
 ``ControlUnit`` the base runs (``graphs/api/a1111_controlnet.py`` maps the extension's): ``model`` is the
 extension's model, ``preprocessor`` its module, ``scale`` its weight, ``low_threshold`` and ``high_threshold`` its
 canny thresholds (threshold_a and threshold_b). Units are checked when a request is accepted, a queued job's too:
-its ControlNet is one of the base's (``GET /models`` lists them), its preprocessor is offered (a depth or line-art
-one where its model is configured: ``GET /models`` lists them too), its image decodes, and a text-to-image unit has
-one (an edit's unit without one takes the edit's init image, as the extension does). A refusal names its field as
+its ControlNet is one of the base's (``GET /models`` lists them), its preprocessor is offered (a depth, line-art or
+pose one where its model is configured: ``GET /models`` lists them too), its image decodes, and a text-to-image unit
+has one (an edit's unit without one takes the edit's init image, as the extension does). A refusal names its field as
 the body's own validation does: ``controlnets.0.model``.
 """
 
@@ -51,8 +51,9 @@ class ControlNetUnit(BaseModel):
                                        "depth_anything_v2 (its depth, nearest brightest, by the base's depth model "
                                        "of that name), lineart_standard (its dark strokes, white on black), "
                                        "lineart_realistic, lineart_coarse, lineart_anime (its line art, white on "
-                                       "black, by the base's line-art network of that name); GET /models lists "
-                                       "those offered")
+                                       "black, by the base's line-art network of that name), openpose (each body's "
+                                       "keypoints and limbs in OpenPose's colours on black, by the base's body pose "
+                                       "network); GET /models lists those offered")
     scale: float = Field(1.0, ge=0.0, le=2.0, description="how strongly it guides (A1111's weight); 0: not at all")
     guidance_start: float = Field(0.0, ge=0.0, le=1.0, description="the fraction of the denoising steps where it "
                                   "starts guiding")
@@ -61,9 +62,9 @@ class ControlNetUnit(BaseModel):
     resize_mode: Fit = Field("crop", description="how the control map takes the image's size: stretch (A1111's "
                              "Just Resize), crop (cover and centre-crop: Crop and Resize), fill (fit inside, the "
                              "edges stretched out: Resize and Fill)")
-    processor_res: int = Field(CANNY_RES[0], ge=CANNY_RES[1], le=CANNY_RES[2], description="canny, the depth and "
-                               "the line-art preprocessors: the shorter side the image is resized to before its map "
-                               "is made")
+    processor_res: int = Field(CANNY_RES[0], ge=CANNY_RES[1], le=CANNY_RES[2], description="canny, the depth, "
+                               "line-art and pose preprocessors: the shorter side the image is resized to before its "
+                               "map is made")
     low_threshold: float = Field(CANNY_LOW[0], ge=CANNY_LOW[1], le=CANNY_LOW[2], description="canny: the lower "
                                  "hysteresis threshold (A1111's threshold_a)")
     high_threshold: float = Field(CANNY_HIGH[0], ge=CANNY_HIGH[1], le=CANNY_HIGH[2], description="canny: the upper "
@@ -72,8 +73,8 @@ class ControlNetUnit(BaseModel):
                                       "'My prompt is more important': the deeper residuals weigh more, the "
                                       "shallower less) or control ('ControlNet is more important': the same "
                                       "weights, added to the prompt's UNet rows alone)")
-    pixel_perfect: bool = Field(False, description="canny, depth and line art: run at the resolution A1111's "
-                                "Pixel Perfect works out from the image's size, the generation size and "
+    pixel_perfect: bool = Field(False, description="canny, depth, line art and openpose: run at the resolution "
+                                "A1111's Pixel Perfect works out from the image's size, the generation size and "
                                 "resize_mode (processor_res is then not read)")
 
     @field_validator("guidance_end")
@@ -105,7 +106,7 @@ def control_units(units: Sequence[ControlNetUnit | dict], models: Collection[str
                                details={"choices": list(models)})
         if modules is not None and unit.preprocessor not in modules:
             raise UnknownModel(f"ControlNet preprocessor {unit.preprocessor!r} is not offered here "
-                               f"({', '.join(modules)}; a depth or line-art one needs its model configured)",
+                               f"({', '.join(modules)}; a depth, line-art or pose one needs its model configured)",
                                field=f"{where}.preprocessor", details={"choices": list(modules)})
         if unit.image is None and not edit:
             raise InvalidInput(f"ControlNet unit {i} has no image (text-to-image has no init image to use)",
