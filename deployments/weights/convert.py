@@ -1,9 +1,9 @@
 """``python -m deployments.weights.convert IN OUT``: an official ``.pth`` release -> safetensors the loader takes.
 
-Real-ESRGAN, CodeFormer, GFPGAN and RetinaFace weights ship as pickles, as do ControlNet's line-art preprocessors
-(lllyasviel/Annotators' sk_model.pth, sk_model2.pth, netG.pth), which the loader refuses because
-unpickling can run code. This reads them with PyTorch's restricted unpickler only (tensors, containers and
-primitives; anything else is refused, never retried unrestricted), unwraps the usual checkpoint dicts
+Real-ESRGAN, CodeFormer, GFPGAN and RetinaFace weights ship as pickles, as do ControlNet's line-art and pose
+preprocessors (lllyasviel/Annotators' sk_model.pth, sk_model2.pth, netG.pth, body_pose_model.pth), which the loader
+refuses because unpickling can run code. This reads them with PyTorch's restricted unpickler only (tensors,
+containers and primitives; anything else is refused, never retried unrestricted), unwraps the usual checkpoint dicts
 (``params_ema`` first), strips DataParallel's ``module.`` prefix, recognises the model, writes safetensors to a
 temporary name, loads that through the service's own loader, and only then renames it into place.
 
@@ -119,9 +119,9 @@ def retinaface_network(state: dict[str, torch.Tensor]) -> str | None:
 
 
 def identify(state: dict[str, torch.Tensor], name: str, allow_unknown: bool = False) -> Identity:
-    """What the state dict is: a RetinaFace detector or a ControlNet line-art network by its keys, else whatever
-    spandrel recognises."""
-    from deployments.support import lineart_nets
+    """What the state dict is: a RetinaFace detector, a ControlNet line-art network or OpenPose's body network by
+    its keys, else whatever spandrel recognises."""
+    from deployments.support import lineart_nets, pose
 
     network = retinaface_network(state)
     if network is not None:
@@ -129,6 +129,8 @@ def identify(state: dict[str, torch.Tensor], name: str, allow_unknown: bool = Fa
     drawing = lineart_nets.architecture(state)  # lineart (sk_model*.pth) or lineart_anime (netG.pth)
     if drawing is not None:
         return Identity(drawing, "preprocessor", None)
+    if pose.recognise(state):  # body_pose_model.pth: every key of the release, each of its shape
+        return Identity("openpose", "preprocessor", None)
     import spandrel  # imported only for what it recognises: spandrel_extra_arches takes seconds to import
     import spandrel_extra_arches
 
@@ -140,7 +142,7 @@ def identify(state: dict[str, torch.Tensor], name: str, allow_unknown: bool = Fa
             logger.warning("%s: architecture not recognised; converted as is (--allow-unknown)", name)
             return Identity("unknown", "unknown", None)
         raise ModelLoadError(
-            f"{name}: not a recognised upscaler, face restorer, face detector or line-art network; pass "
+            f"{name}: not a recognised upscaler, face restorer, face detector, line-art or pose network; pass "
             "--allow-unknown to convert it anyway", field="source"
         ) from None
     except (RuntimeError, KeyError, ValueError, IndexError) as e:
@@ -158,7 +160,9 @@ def verify(path: Path, identity: Identity) -> None:
     from deployments.support.lineart import ARCHITECTURES
     from deployments.weights import loader
 
-    if identity.purpose == "preprocessor":  # strict: every name and shape of the network, as a replica loads it
+    if identity.purpose == "preprocessor" and identity.architecture == "openpose":  # strict, as a replica loads it
+        loader.load_pose(str(path))
+    elif identity.purpose == "preprocessor":  # strict: every name and shape of the network, as a replica loads it
         module = next(m for m, kind in ARCHITECTURES.items() if kind == identity.architecture)
         loader.load_lineart(str(path), module)
     elif identity.purpose == "FaceDetection":
