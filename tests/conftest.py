@@ -49,7 +49,8 @@ def base(tiny):
             preprocessors={"depth_midas": str(tiny / "depth-midas"),
                            "depth_anything_v2": str(tiny / "depth-anything-v2"),
                            "lineart_realistic": str(tiny / "lineart" / "sk_model.safetensors"),
-                           "lineart_anime": str(tiny / "lineart" / "netG.safetensors")},
+                           "lineart_anime": str(tiny / "lineart" / "netG.safetensors"),
+                           "openpose": str(tiny / "openpose")},  # a folder holding body_pose_model.safetensors
         )
     )
 
