@@ -5,7 +5,9 @@ module: on the tiny base, and by the extension's names on the routes' units."""
 
 from __future__ import annotations
 
+import asyncio
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -351,3 +353,143 @@ def test_load_pose_refuses_another_networks_weights_naming_the_field(tmp_path):
         loader.load_pose(str(shapes))
     assert refused.value.field == "preprocessors.openpose" and "184 wrong shape" in refused.value.message
     assert "missing" not in refused.value.details and "unexpected" not in refused.value.details
+
+
+def test_the_converter_recognises_the_released_file(tmp_path, release, weights, capsys):
+    """body_pose_model.pth as released: converted to safetensors (loaded through the service's loader before it is
+    published), reported as the openpose preprocessor, the factory's tensors exactly."""
+    from safetensors.torch import load_file
+
+    from deployments.weights.convert import main
+
+    assert main([str(release), str(tmp_path / "openpose")]) == 0
+    assert "architecture=openpose purpose=preprocessor scale=-" in capsys.readouterr().out
+    state, expected = load_file(tmp_path / "openpose" / pose.WEIGHTS), load_file(weights)
+    assert list(state) == list(expected) and all(torch.equal(state[k], expected[k]) for k in state)
+
+
+# --- as a ControlNet unit's preprocessor ----------------------------------------------------------------------------
+
+SMALL = dict(prompt="a lighthouse", width=96, height=64, steps=2, guidance_scale=5.0, seed=5)
+
+
+class Recording:
+    """A preprocessor's model that keeps what it is handed and what it answers."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.seen = inner, []
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        made = self.inner(image)
+        self.seen.append((image, made))
+        return made
+
+
+def test_an_openpose_unit_guides_the_base_by_its_map(base, astronaut, monkeypatch):
+    """The base loads the configured network with its ControlNets, and a unit runs through the pipeline with the
+    pose map of the image at its resolution (pixel_perfect's: Resize and Fill at 96x64 from 512² is 64) as its
+    control image, framed at the generation size: the random network's is black (its heatmaps stay under the 0.1 of
+    a peak). A network that sees two people gives their skeletons, framed the same way."""
+    from deployments.support.control import ControlUnit, at_resolution
+    from deployments.support.generation import GenerationRequest
+    from deployments.support.imaging import frame
+    from tests.helpers import pixels
+
+    assert set(base.controls.pose) == {"openpose"} and base.describe()["preprocessors"][-1] == "openpose"
+    assert "preprocessor:openpose" in base.fingerprint()
+    given: list[dict] = []
+    kwargs = base.controls.kwargs  # what the pipeline is called with: the control images among it
+    monkeypatch.setattr(base.controls, "kwargs", lambda *args: given.append(kwargs(*args)) or given[-1])
+
+    def recorded(estimator) -> Recording:
+        recording = Recording(estimator)
+        monkeypatch.setitem(base.controls.pose, "openpose", recording)
+        return recording
+
+    random = recorded(base.controls.pose["openpose"])
+    unit = ControlUnit(model="tiny-canny", image=astronaut, module="openpose", pixel_perfect=True, resize_mode="fill")
+    assert base.generate(GenerationRequest(**SMALL, control=[unit])).images[0].size == (96, 64)
+    ((seen, made),) = random.seen
+    assert np.array_equal(np.asarray(seen), np.asarray(at_resolution(astronaut, 64)))
+    assert made.size == (64, 64) and made.mode == "RGB" and not np.asarray(made).any()
+    assert np.array_equal(pixels(given[-1]["image"][0]), pixels(frame(made, 96, 64, "fill")))
+
+    heatmaps, pafs = synthetic_maps([dict(enumerate(p)) for p in PEOPLE], 192, 192, sigma=5.0)
+    people = recorded(pose.PoseEstimator(Replay(heatmaps, pafs), torch.device("cpu"), torch.float32))
+    unit = unit.model_copy(update={"pixel_perfect": False, "processor_res": 192, "resize_mode": "crop"})
+    (control,) = base.controls.kwargs("txt2img", [unit], None, 96, 64)["image"]
+    ((seen, made),) = people.seen
+    assert seen.size == made.size == (192, 192)
+    assert {made.getpixel((x, 97)) for x in (54, 144)} == {(0, 153, 51), (0, 91, 30)}  # the two right thighs
+    assert np.array_equal(pixels(control), pixels(frame(made, 96, 64, "crop")))
+
+
+def test_openpose_by_the_extensions_names_and_the_pose_modules_not_served():
+    """openpose (the extension's key and label) is offered where its network is configured, on every route, reading
+    processor_res alone (64 to 2048, else 512 with a note; its slider steps by 8, as depth's) and pixel_perfect. The
+    extension's hand, face, DWPose and animal modules are refused as an unknown module is, naming the unit's field,
+    told that the body-only openpose is the one served (or that none is, where it is not configured)."""
+    from pydantic import ValidationError
+
+    from deployments.support.config import SDXLBaseConfig
+    from deployments.support.control import detect, offered
+    from graphs.api import a1111_controlnet, control_fields
+    from graphs.api.a1111_models import Txt2ImgRequest
+    from graphs.api.controlnet import ControlNetRoutes
+    from tests.helpers import b64
+
+    served, unserved = offered({"openpose": "x", "depth_midas": "y"}), offered({"depth_midas": "y"})
+    assert served == ["none", "canny", "invert", "depth_midas", "lineart_standard", "openpose"]
+    assert "openpose" not in unserved
+    assert a1111_controlnet.module_of(" OpenPose", "m", served) == "openpose"
+    for name in (*pose.UNSERVED, "openpose"):
+        for modules, why in ((served, "the body-only openpose is the one served here"),
+                             (unserved, "only the body-only openpose is served, where its model is configured, and "
+                                        "none is here")):
+            if name == "openpose" and modules is served:
+                continue
+            with pytest.raises(UnknownModel) as e:
+                a1111_controlnet.module_of(name, "controlnet_module", modules)
+            assert (e.value.field, e.value.details["choices"]) == ("controlnet_module", modules)
+            assert why in e.value.message and status_of(e.value) == 422
+    with pytest.raises(UnknownModel) as e:  # a module the extension has not: as before, no word of pose
+        a1111_controlnet.module_of("depth_zoe", "m", served)
+    assert "pose modules" not in e.value.message
+    with pytest.raises(UnknownModel) as e:  # the base's own check: no network, no map
+        detect(Image.new("RGB", (64, 64)), "openpose", estimators={})
+    assert e.value.field == "control.module"
+
+    image = "data:image/png;base64," + b64(Image.new("RGB", (64, 64), (255, 255, 255)))
+    units = [{"module": "openpose", "model": "tiny-canny", "image": image, "processor_res": 4096},
+             {"module": "openpose", "model": "tiny-canny", "image": image, "pixel_perfect": True}]
+    request = Txt2ImgRequest(prompt="x", alwayson_scripts={"ControlNet": {"args": units}})
+    first, second = a1111_controlnet.control_units(request, {"tiny-canny": "x"}, edit=False, modules=served)
+    assert (first.module, first.processor_res, first.threshold_a, second.pixel_perfect) == ("openpose", 512, 100.0,
+                                                                                           True)
+    assert any("processor_res=4096 is outside openpose's 64 to 2048: it ran at 512" in n
+               for n in a1111_controlnet.notes(request))
+    full = Txt2ImgRequest(prompt="x", alwayson_scripts={"ControlNet": {"args": [
+        units[1], {**units[1], "module": "openpose_full"}]}})
+    with pytest.raises(UnknownModel) as e:
+        a1111_controlnet.control_units(full, {"tiny-canny": "x"}, edit=False, modules=served)
+    assert e.value.field == "alwayson_scripts.ControlNet.args[1].module" and "openpose_full" in e.value.message
+    native = [{"model": "tiny-canny", "image": image, "preprocessor": "openpose", "processor_res": 128,
+               "pixel_perfect": True}]
+    (unit,) = control_fields.control_units(native, ["tiny-canny"], edit=False, modules=served)
+    assert (unit.module, unit.processor_res, unit.pixel_perfect) == ("openpose", 128, True)
+    with pytest.raises(UnknownModel) as e:
+        control_fields.control_units(native, ["tiny-canny"], edit=False, modules=unserved)
+    assert e.value.field == "controlnets.0.preprocessor"
+
+    def module_list(configured: dict, alias_names: bool) -> dict:
+        routes = SimpleNamespace(config=SimpleNamespace(base=SimpleNamespace(preprocessors=configured)))
+        return asyncio.run(ControlNetRoutes.controlnet_module_list(routes, alias_names))  # type: ignore[arg-type]
+
+    for alias_names in (False, True):
+        listed = module_list({"openpose": "x"}, alias_names)
+        assert listed["module_list"][-1] == "openpose" and "openpose" not in module_list({}, alias_names)["module_list"]
+        assert listed["module_detail"]["openpose"]["sliders"] == [
+            {"name": "Preprocessor Resolution", "value": 512, "min": 64, "max": 2048, "step": 8}]
+    assert SDXLBaseConfig(model={"source": "x"}, preprocessors={"openpose": "y"}).preprocessors == {"openpose": "y"}
+    with pytest.raises(ValidationError, match="openpose_full"):
+        SDXLBaseConfig(model={"source": "x"}, preprocessors={"openpose_full": "y"})
