@@ -1022,10 +1022,15 @@ def test_controlnet_units_are_refused_naming_their_field(ingress):
             code, status, f"alwayson_scripts.ControlNet.{field.replace('args[0]', 'args[1]')}"), unit
     units = refused(lambda: txt2img(ingress, alwayson_scripts=controlnet(*[good] * 5)))
     assert units.details["field"] == "alwayson_scripts.ControlNet.args"
-    choices = refused(lambda: txt2img(ingress, alwayson_scripts=controlnet({**good, "module": "openpose"})))
+    # The extension's whole-body pose module needs hand and face models not served here: refused as an unknown module
+    # is, told which pose module is served.
+    choices = refused(lambda: txt2img(ingress, alwayson_scripts=controlnet({**good, "module": "openpose_full"})))
+    assert (choices.code, status_of(choices), choices.details["field"]) == (
+        "UNKNOWN_MODEL", 422, "alwayson_scripts.ControlNet.args[0].module")
+    assert "the body-only openpose is the one served here" in choices.message
     assert choices.details["choices"] == ["none", "canny", "invert", "depth_midas", "depth_anything",
                                           "depth_anything_v2", "lineart_standard", "lineart_realistic",
-                                          "lineart_coarse", "lineart_anime"]  # configs/cpu.yaml configures them all
+                                          "lineart_coarse", "lineart_anime", "openpose"]  # cpu.yaml has them all
 
 
 def test_img2img_unit_without_an_image_uses_the_init_image(ingress):
@@ -1051,7 +1056,7 @@ def test_controlnet_routes(ingress, tiny):
     assert ingress.controlnet_model_list.remote(update=False).result() == listed
     modules = ingress.controlnet_module_list.remote().result()
     assert modules["module_list"] == ["none", "canny", "invert", "depth", "depth_anything", "depth_anything_v2",
-                                      "lineart_standard", "lineart", "lineart_coarse", "lineart_anime"]
+                                      "lineart_standard", "lineart", "lineart_coarse", "lineart_anime", "openpose"]
     labels = ingress.controlnet_module_list.remote(alias_names=True).result()  # the extension's labels
     assert labels["module_list"][2:4] == ["invert (from white bg & black line)", "depth_midas"]
     assert [s["value"] for s in labels["module_detail"]["depth_midas"]["sliders"]] == [512]
@@ -1070,7 +1075,7 @@ def test_controlnet_routes(ingress, tiny):
     expected = cv2.Canny(cv2.resize(np.asarray(photo), (85, 64), interpolation=cv2.INTER_AREA), 50, 150)
     assert np.array_equal(np.asarray(edges.convert("L")), expected) and expected.max() == 255
     for body, field, code in [
-            (DetectRequest(controlnet_module="openpose", controlnet_input_images=[b64(photo)]), "controlnet_module",
+            (DetectRequest(controlnet_module="mlsd", controlnet_input_images=[b64(photo)]), "controlnet_module",
              "UNKNOWN_MODEL"),
             (DetectRequest(controlnet_module="canny"), "controlnet_input_images", "INVALID_INPUT"),
             (DetectRequest(controlnet_module="canny", controlnet_input_images=[b64(photo), "x"]),
@@ -1225,3 +1230,19 @@ def test_lineart_detect(ingress, tiny, astronaut):
         made = decode_b64(detected["images"][0])
         assert made.size == (85, 64)
         assert np.array_equal(pixels(made), pixels(detect(photo, module, 64, estimators=local)))
+
+
+def test_openpose_detect(ingress, astronaut):
+    """/controlnet/detect makes an openpose map on the base replica at processor_res, the aspect kept (the tiny
+    network's random weights find no one: black); the extension's whole-body module is refused naming the field."""
+    from graphs.api.controlnet import DetectRequest
+
+    detected = ingress.controlnet_detect.remote(DetectRequest(
+        controlnet_module="openpose", controlnet_input_images=[b64(astronaut.resize((128, 96)))],
+        controlnet_processor_res=64)).result()
+    made = decode_b64(detected["images"][0])
+    assert made.size == (85, 64) and made.mode == "RGB" and not pixels(made).any()
+    error = refused(lambda: ingress.controlnet_detect.remote(DetectRequest(
+        controlnet_module="dw_openpose_full", controlnet_input_images=[b64(astronaut)])).result())
+    assert (error.code, status_of(error), error.details["field"]) == ("UNKNOWN_MODEL", 422, "controlnet_module")
+    assert "the body-only openpose is the one served here" in error.message

@@ -114,7 +114,8 @@ def test_a_depth_unit_guides_the_base_by_its_map(base, astronaut):
                                                                                          Image.Resampling.LANCZOS)
     assert np.array_equal(pixels(framed), pixels(expected))
     assert base.describe()["preprocessors"] == ["none", "canny", "invert", "depth_midas", "depth_anything_v2",
-                                                "lineart_standard", "lineart_realistic", "lineart_anime"]
+                                                "lineart_standard", "lineart_realistic", "lineart_anime",
+                                                "openpose"]
     assert {"preprocessor:depth_midas", "preprocessor:depth_anything_v2"} <= set(base.fingerprint())
 
 

@@ -119,7 +119,8 @@ def test_a_controlnet_unit_guides_generate_and_get_models_lists_the_controlnets(
     listed = ingress.models.remote().result()
     assert listed["controlnets"] == ["tiny-canny"]
     assert listed["preprocessors"] == ["none", "canny", "invert", "depth_midas", "depth_anything", "depth_anything_v2",
-                                       "lineart_standard", "lineart_realistic", "lineart_coarse", "lineart_anime"]
+                                       "lineart_standard", "lineart_realistic", "lineart_coarse", "lineart_anime",
+                                       "openpose"]
 
 
 def test_controlnet_units_are_refused_naming_their_field(ingress):
