@@ -255,9 +255,10 @@ def test_the_loader_still_refuses_the_original_pickles(releases):
             loader.load_spandrel(str(path))
 
 
-# The line-art preprocessors' releases (lllyasviel/Annotators) a README command may convert, by module.
+# The line-art and pose preprocessors' releases (lllyasviel/Annotators) a README command may convert, by module.
 LINEART_RELEASES = {"sk_model.pth": "lineart_realistic", "sk_model2.pth": "lineart_coarse",
                     "netG.pth": "lineart_anime"}
+POSE_RELEASE = "body_pose_model.pth"  # openpose's
 
 
 def readme_walkthrough() -> tuple[list[tuple[str, str]], list[str]]:
@@ -276,7 +277,8 @@ def test_readme_walkthrough_serves_the_converted_models(releases, tmp_path, monk
 
     from deployments.face_restorer import FaceEnhancer
     from deployments.factory.lineart import write_release
-    from deployments.support import lineart
+    from deployments.factory.pose import build_pose_pth
+    from deployments.support import lineart, pose
     from deployments.upscaler import ImageUpscaler
     from graphs.app import AppArgs
 
@@ -287,9 +289,12 @@ def test_readme_walkthrough_serves_the_converted_models(releases, tmp_path, monk
     monkeypatch.setenv("MODEL_DIR", str(model_dir))
     commands, blocks = readme_walkthrough()
     drawings = [source for source, _ in commands if Path(source).name in LINEART_RELEASES]
-    assert len(commands) - len(drawings) == 4
+    poses = [source for source, _ in commands if Path(source).name == POSE_RELEASE]
+    assert len(commands) - len(drawings) - len(poses) == 4
     for source in drawings:  # the line-art releases the README converts, as lllyasviel/Annotators ships them
         write_release(downloads / Path(source).name, LINEART_RELEASES[Path(source).name])
+    if poses:  # the body network at its real size (209 MB)
+        build_pose_pth(downloads)
     for source, target in commands:  # as the shell would expand them
         source = source.replace("~/Downloads", str(downloads))
         assert main([source, target.replace("$MODEL_DIR", str(model_dir))]) == 0
@@ -302,11 +307,14 @@ def test_readme_walkthrough_serves_the_converted_models(releases, tmp_path, monk
     restorer = FaceEnhancer(args.face_restorer)
     assert restorer.name == "CodeFormer"
     assert isinstance(restorer.detector, faces.RetinaFaceDetector)
-    for block in blocks[1:]:  # the base's preprocessors, where the README configures the converted line art
+    for block in blocks[1:]:  # the base's preprocessors, where the README configures the converted line art, pose
         base = yaml.safe_load(block).get("base", {})
         if "preprocessors" in base:
-            args = AppArgs.model_validate({"base": {"model": {"source": "unused"}, **base}})
-            assert set(lineart.load(args.base.preprocessors, torch.device("cpu"))) == set(base["preprocessors"])
+            sources = AppArgs.model_validate({"base": {"model": {"source": "unused"}, **base}}).base.preprocessors
+            cpu = torch.device("cpu")
+            loaded = {**lineart.load({m: s for m, s in sources.items() if m in lineart.MODEL_MODULES}, cpu),
+                      **pose.load({m: s for m, s in sources.items() if m in pose.POSE_MODULES}, cpu)}
+            assert set(loaded) == set(base["preprocessors"])
 
 
 @pytest.mark.skipif(not os.environ.get("IMAGEGEN_FULLSIZE"), reason="full-size releases: set IMAGEGEN_FULLSIZE=1")
