@@ -526,7 +526,7 @@ class BaseGenerator:
             out[f"lora:{name}"] = self._sha256(str(path))
         for name, source in self.config.controlnets.items():
             out[f"controlnet:{name}"] = self._sha256(source)
-        for module, source in self.config.preprocessors.items():  # a depth or line-art map is the model's
+        for module, source in self.config.preprocessors.items():  # a depth, line-art or pose map is the model's
             out[f"preprocessor:{module}"] = self._sha256(source)
         for name, embedding in self.embedding_files.files().items():  # a name in a prompt reads as its vectors
             out[f"embedding:{name}"] = self._sha256(str(embedding.path))
@@ -818,8 +818,8 @@ class SDXLBase:
 
     async def detect(self, module: control.Preprocessor, images: list[Image.Image], resolution: int,
                      low: float, high: float) -> list[Image.Image]:
-        """A ControlNet preprocessor's maps of ``images`` (A1111's /controlnet/detect): OpenCV or a depth or line-art
-        model on a worker thread, never the inference thread, which has batches to run (a model takes one call at a
+        """A ControlNet preprocessor's maps of ``images`` (A1111's /controlnet/detect): OpenCV or a depth, line-art or
+        pose model on a worker thread, never the inference thread, which has batches to run (a model takes one call at a
         time, whichever thread makes it)."""
         models = self.model.controls.preprocessors
         return await asyncio.to_thread(lambda: [control.detect(i, module, resolution, low, high, models)

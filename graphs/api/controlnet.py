@@ -82,7 +82,8 @@ MODULE_DETAIL = {
     # own): 512, 64 to 2048, step 1.
     **{m: {"model_free": False, "sliders": [_slider("Preprocessor Resolution", lineart.LINEART_RES)]}
        for m in lineart.LINEART_MODULES},
-    # openpose has a slider of its own in the extension, as depth has (512, 64 to 2048), which it steps by 8.
+    # The extension configures openpose's resolution slider as it does depth's (512, 64 to 2048), and steps such a
+    # configured slider by 8.
     **{m: {"model_free": False, "sliders": [_slider("Preprocessor Resolution", pose.POSE_RES, 8)]}
        for m in pose.POSE_MODULES},
 }
