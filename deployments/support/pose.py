@@ -448,10 +448,10 @@ def load(sources: Mapping[str, str], device: torch.device,
     """The configured pose module's estimator (``base.preprocessors``: module -> source), loaded once.
 
     The network runs in float32 whatever the replica's dtype, as the extension runs it: its ``Body`` loads the
-    release's float32 weights and moves them to the ControlNet device without a cast, and feeds them ``.float()``
-    input (A1111's ``--precision`` and ``--no-half`` never reach it). The decoding thresholds the heatmaps (0.1) and
-    the PAFs (0.05) and keeps the first of equal scores, so half precision's rounding could add or drop a keypoint or
-    a limb, and a replica's map would depend on its dtype; the network is 52 M weights, 209 MB in float32."""
+    release's float32 weights, its ``OpenposeDetector`` moves them to the ControlNet device without a cast, and the
+    input is ``.float()``. The decoding thresholds the heatmaps (0.1) and the PAFs (0.05) and keeps the first of equal
+    scores, so half precision's rounding could add or drop a keypoint or a limb, and a replica's map would depend on
+    its dtype; the network is 52 M weights, 209 MB in float32."""
     import torch
 
     from deployments.weights import loader
