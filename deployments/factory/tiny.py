@@ -7,6 +7,8 @@ come in, so that tests and the CPU demo run the real loading and inference code 
     OUT_DIR/sdxl-base.safetensors      the same weights as one original-layout (SGM) checkpoint
     OUT_DIR/sdxl-base-b/               a second base checkpoint (other random weights), diffusers folder
     OUT_DIR/checkpoints/sdxl-base-b.safetensors   the second base as one SGM file (a checkpoint folder to scan)
+    OUT_DIR/sdxl-inpaint/              an SDXL inpainting checkpoint (9-channel UNet; factory/inpainting.py), folder
+    OUT_DIR/sdxl-inpaint.safetensors   the same as one SGM file (loads with sdxl-base's configs)
     OUT_DIR/sdxl-refiner/              diffusers folder (second text encoder only, aesthetic-score UNet)
     OUT_DIR/ip-adapter/                IP-Adapter weights plus its CLIP image encoder
     OUT_DIR/controlnet-canny/          an SDXL ControlNet (diffusers ControlNetModel folder) of the tiny base UNet
