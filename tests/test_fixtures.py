@@ -113,6 +113,22 @@ def test_the_variant_matching_the_dtype_is_preferred(both_variants, caplog):
     assert torch.equal(half.unet.state_dict()[name], weight.half())
 
 
+def test_a_controlnet_reads_the_variant_matching_the_dtype(tiny, tmp_path, caplog):
+    """diffusers/controlnet-canny-sdxl-1.0 ships both files: float16 reads the fp16 one (half the bytes), float32
+    the full-precision one; a folder with one of them reads it whatever the dtype. The listed hash is the file's."""
+    folder = tmp_path / "controlnet"
+    shutil.copytree(tiny / "controlnet-canny", folder)
+    net = loader.load_controlnet(str(folder), torch.float16)
+    net.save_pretrained(folder, safe_serialization=True, variant="fp16")
+    assert loader.controlnet_weights(folder, torch.float16).name == "diffusion_pytorch_model.fp16.safetensors"
+    assert loader.controlnet_weights(folder, torch.float32).name == "diffusion_pytorch_model.safetensors"
+    with caplog.at_level(logging.INFO, logger="deployments.weights.loader"):
+        loader.load_controlnet(str(folder), torch.float16, name="canny")
+    assert "ControlNet canny: fp16 files" in caplog.text
+    (folder / "diffusion_pytorch_model.safetensors").unlink()
+    assert loader.controlnet_weights(folder, torch.float32).name == "diffusion_pytorch_model.fp16.safetensors"
+
+
 def test_a_variant_missing_from_one_component_is_named(both_variants, tmp_path):
     broken = tmp_path / "sdxl-base"
     shutil.copytree(both_variants, broken)

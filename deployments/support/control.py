@@ -214,7 +214,7 @@ class ControlNets:
         for name, source in config.controlnets.items():
             folder = loader.resolve(source, settings)
             self.models[name] = loader.load_controlnet(str(folder), dtype, settings, name).to(device).eval()
-            self.titles.append(f"{name} [{model_hash(loader.controlnet_weights(folder))}]")
+            self.titles.append(f"{name} [{model_hash(loader.controlnet_weights(folder, dtype))}]")
         # At start, as the ControlNets: a bad folder fails the replica, not a request, and no request waits on a load.
         sources = config.preprocessors
         self.depth = depth.load({m: s for m, s in sources.items() if m in depth.DEPTH_MODULES}, device, dtype, settings)

@@ -221,14 +221,19 @@ def _variant(file: Path) -> str | None:
     return stem.rpartition(".")[2] if "." in stem else None
 
 
-def _controlnet_variant(folder: Path) -> str | None:
-    return "fp16" if file_variants(folder) == {"fp16"} else None
+def _controlnet_variant(folder: Path, dtype: torch.dtype) -> str | None:
+    """The variant of a ControlNet folder's weights to read for ``dtype``, as ``pick_variant`` picks a pipeline's."""
+    found = file_variants(folder)
+    for variant in [*_preferred(dtype), *sorted(v for v in found if v)]:
+        if variant in found:
+            return variant
+    return None
 
 
-def controlnet_weights(folder: Path) -> Path:
-    """The weights file ``load_controlnet`` reads from a ControlNet folder (the first shard of sharded weights):
-    what A1111's extension would hash to list it."""
-    variant = _controlnet_variant(folder)
+def controlnet_weights(folder: Path, dtype: torch.dtype) -> Path:
+    """The weights file ``load_controlnet`` reads from a ControlNet folder for ``dtype`` (the first shard of sharded
+    weights): what A1111's extension would hash to list it."""
+    variant = _controlnet_variant(folder, dtype)
     files = sorted(f for f in folder.glob("*.safetensors") if _variant(f) == variant)
     if not files:
         raise ModelLoadError(f"{folder}: no .safetensors weights", field="controlnets")
@@ -240,20 +245,25 @@ def weight_variants(folder: Path) -> tuple[set[str | None], ...]:
     return tuple(found for part in _WEIGHT_PARTS if (found := file_variants(folder / part)))
 
 
+def _preferred(dtype: torch.dtype) -> list[str | None]:
+    """File variants in the order ``dtype`` prefers them: half precision reads the ``fp16`` files (half the bytes);
+    float32 and bfloat16 full precision, which rounds to bfloat16 exactly once."""
+    import torch
+
+    return ["fp16", None] if dtype == torch.float16 else [None, "fp16", "bf16"]
+
+
 def pick_variant(folder: Path, dtype: torch.dtype) -> str | None:
     """The file variant to load: the one matching ``dtype`` when every component has it, else what is there.
 
     Releases ship full-precision files, ``fp16`` ones, or both. Half precision loads the ``fp16`` files (half the
     bytes read); float32 and bfloat16 prefer full precision, which rounds to bfloat16 exactly once.
     """
-    import torch
-
     per_part = weight_variants(folder)
     if not per_part:
         return None
     common = set.intersection(*per_part)
-    preferred = ["fp16", None] if dtype == torch.float16 else [None, "fp16", "bf16"]
-    for variant in preferred + sorted(v for v in common if v):
+    for variant in [*_preferred(dtype), *sorted(v for v in common if v)]:
         if variant in common:
             return variant
     raise ModelLoadError(f"{folder}: no file variant is present in every component ({per_part})", field="source")
@@ -346,7 +356,7 @@ def load_controlnet(source: str, dtype: torch.dtype, settings: Settings | None =
     _check_folder(folder)
     if not any(folder.glob("*.safetensors")):
         raise UnsafeWeights(f"{folder}: no .safetensors weights (pickled checkpoints are refused)", field=field)
-    variant = _controlnet_variant(folder)
+    variant = _controlnet_variant(folder, dtype)
     try:
         model = ControlNetModel.from_pretrained(folder, torch_dtype=dtype, variant=variant, use_safetensors=True,
                                                 local_files_only=True)
