@@ -822,8 +822,14 @@ class SDXLBase:
         pose model on a worker thread, never the inference thread, which has batches to run (a model takes one call at a
         time, whichever thread makes it)."""
         models = self.model.controls.preprocessors
-        return await asyncio.to_thread(lambda: [control.detect(i, module, resolution, low, high, models)
-                                                for i in images])
+
+        def maps() -> list[Image.Image]:
+            # A CUDA out-of-memory is a retryable 503 with the cache freed, as on the inference thread.
+            with self.model.oom():
+                return [control.detect(image, module, resolution, low, high, models,
+                                       field=f"controlnet_input_images[{i}]") for i, image in enumerate(images)]
+
+        return await asyncio.to_thread(maps)
 
     async def controlnet_titles(self) -> list[str]:
         """The ControlNets as A1111's extension lists them (``name [hash]``), hashed once as they loaded."""

@@ -1079,7 +1079,11 @@ def test_controlnet_routes(ingress, tiny):
              "UNKNOWN_MODEL"),
             (DetectRequest(controlnet_module="canny"), "controlnet_input_images", "INVALID_INPUT"),
             (DetectRequest(controlnet_module="canny", controlnet_input_images=[b64(photo), "x"]),
-             "controlnet_input_images[1]", "INVALID_IMAGE")]:
+             "controlnet_input_images[1]", "INVALID_IMAGE"),
+            # a strip's map would be 76800 x 512 at the default resolution
+            (DetectRequest(controlnet_module="canny",
+                           controlnet_input_images=[b64(photo), b64(Image.new("RGB", (3000, 20)))]),
+             "controlnet_input_images[1]", "INVALID_INPUT")]:
         error = refused(lambda body=body: ingress.controlnet_detect.remote(body).result())
         assert (error.code, error.details["field"]) == (code, field)
 

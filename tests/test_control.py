@@ -11,7 +11,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from deployments.sdxl_base import batch_key
-from deployments.support.control import ControlUnit, at_resolution, control_image, detect
+from deployments.support.control import MAX_MAP_PIXELS, ControlUnit, at_resolution, control_image, detect, resolution
 from deployments.support.errors import InvalidInput, UnknownModel
 from deployments.support.generation import GenerationRequest
 from tests.helpers import pixels
@@ -203,3 +203,21 @@ def test_prompt_editing_switches_on_the_controlnet_pipelines_too(base, astronaut
     for alone in ("a storm", "a lighthouse"):
         assert np.abs(switched - controlled(alone)).mean() > 0.01, alone
     assert np.array_equal(controlled("a [storm:lighthouse:0]"), controlled("a lighthouse"))
+
+
+def test_an_elongated_image_is_refused_before_a_preprocessor_runs_and_pixel_perfect_is_capped(base):
+    """The shorter side sets the scale: a 3000 x 20 strip at 512 would make a 76800 x 512 map (tens of GB of a
+    network's activations), refused naming the field; the same strip at 64 runs. Pixel Perfect stops at the sliders'
+    2048 however small the image is against the generation size."""
+    strip = Image.new("RGB", (3000, 20), "white")
+    models = base.controls.preprocessors
+    for module in ("canny", "lineart_standard", "lineart_realistic", "openpose"):
+        with pytest.raises(InvalidInput) as refused:
+            detect(strip, module, 512, estimators=models, field="controlnet_input_images[0]")
+        assert refused.value.field == "controlnet_input_images[0]" and "76800x512" in refused.value.message
+    assert MAX_MAP_PIXELS >= 9600 * 64 and detect(strip, "canny", 64).size == (9600, 64)
+    # A strip taller than 184 times its width: the pose network's one scale (184 px high) rounds its width to 0,
+    # where the extension's OpenCV call fails; here the map is made.
+    assert detect(Image.new("RGB", (1, 200)), "openpose", 64, estimators=models).size == (64, 12800)
+    tiny = unit(Image.new("RGB", (8, 8)), module="canny", pixel_perfect=True)
+    assert resolution(tiny, tiny.image, 4096, 4096) == 2048

@@ -50,6 +50,8 @@ CANNY_HIGH = (200.0, 1.0, 255.0)
 ControlMode = Literal["balanced", "prompt", "control"]
 # The pipeline arguments a ControlNet pass adds (``image`` too, for text-to-image: it is the control image there).
 KWARGS = ("control_image", "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
+# A map's largest size in pixels: one at the sliders' largest resolution (2048) twice as long as it is wide.
+MAX_MAP_PIXELS = 2 * CANNY_RES[2] ** 2
 # The preprocessors that read processor_res, and its extension slider's (default, min, max) for each.
 PROCESSOR_RES = {"canny": CANNY_RES, **{m: depth.DEPTH_RES for m in depth.DEPTH_MODULES},
                  **{m: lineart.LINEART_RES for m in lineart.LINEART_MODULES},
@@ -104,11 +106,10 @@ def at_resolution(image: Image.Image, resolution: int) -> Image.Image:
     preprocessor's input: OpenCV's area filter to shrink, cubic to enlarge."""
     import cv2
 
-    scale = resolution / min(image.size)
-    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    size = _scaled(image, resolution)
     if size == image.size:
         return image
-    method = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+    method = cv2.INTER_AREA if resolution < min(image.size) else cv2.INTER_CUBIC
     return Image.fromarray(cv2.resize(np.asarray(image), size, interpolation=method))
 
 
@@ -128,14 +129,33 @@ def offered(configured: Collection[str]) -> list[str]:
     return [m for m in PREPROCESSORS if m in MODEL_FREE or m in configured]
 
 
+def _scaled(image: Image.Image, resolution: int) -> tuple[int, int]:
+    scale = resolution / min(image.size)
+    return max(1, round(image.width * scale)), max(1, round(image.height * scale))
+
+
+def map_size(image: Image.Image, resolution: int, field: str = "control.image") -> tuple[int, int]:
+    """The size ``at_resolution`` gives ``image``; refused, naming ``field``, past ``MAX_MAP_PIXELS``. The shorter side
+    sets the scale, so a long strip makes a map as long as the strip's aspect: a 3000 x 20 upload at 512 would be
+    76800 x 512, tens of GB of a network's activations."""
+    size = _scaled(image, resolution)
+    if size[0] * size[1] > MAX_MAP_PIXELS:
+        raise InvalidInput(f"a {image.width}x{image.height} image at preprocessor resolution {resolution} makes a "
+                           f"{size[0]}x{size[1]} map: at most {MAX_MAP_PIXELS // 2**20} MP (a less elongated image, "
+                           "or a lower resolution)", field=field)
+    return size
+
+
 def detect(image: Image.Image, module: Preprocessor, resolution: int = CANNY_RES[0],
            low: float = CANNY_LOW[0], high: float = CANNY_HIGH[0],
-           estimators: Mapping[str, Mapper] | None = None) -> Image.Image:
+           estimators: Mapping[str, Mapper] | None = None, field: str = "control.image") -> Image.Image:
     """The control map a preprocessor makes of ``image`` (RGB), at the size it works at: canny at ``resolution``
     (white edges on black, thresholds ``low`` and ``high``), a depth, line-art or pose module at ``resolution`` (by
     its model in ``estimators``, the configured preprocessors' models by module; ``lineart_standard`` needs none),
-    the others at the image's own size."""
+    the others at the image's own size. A map past ``MAX_MAP_PIXELS`` is refused, naming ``field``."""
     rgb = to_rgb(image)
+    if module in PROCESSOR_RES:
+        map_size(rgb, resolution, field)
     if module in depth.DEPTH_MODULES:
         return depth.estimator(estimators, module)(at_resolution(rgb, resolution))
     if module == "lineart_standard":
@@ -174,7 +194,8 @@ def resolution(unit: ControlUnit, source: Image.Image, width: int, height: int) 
     if not unit.pixel_perfect:
         return unit.processor_res
     target = unit.pixel_target or (width, height)
-    return pixel_perfect_resolution(source.size, *target, unit.resize_mode)
+    # At most the slider's largest: a small image framed at a large size would otherwise run at any resolution.
+    return min(pixel_perfect_resolution(source.size, *target, unit.resize_mode), CANNY_RES[2])
 
 
 def check(units: list[ControlUnit], mode: str, denoising_end: float | None) -> None:

@@ -33,7 +33,7 @@ The map, as the extension makes it (``PoseEstimator``):
 5. ``people``: the kept pairs grouped into people limb by limb (a pair joins the person holding one of its peaks,
    joins two people who share no keypoint into one, or starts a person); people with fewer than 4 keypoints, or an
    average score below 0.4, are dropped; ``bodies`` gives each one's keypoints as fractions of the image's size;
-6. ``draw``: each person in turn on a black canvas of the padded size: 17 limbs as filled ellipses 4 pixels wide in
+6. ``draw``: each person in turn on a black canvas of the padded size: 17 limbs as filled ellipses 9 pixels wide in
    their colours, the whole canvas dimmed to 60% (so an earlier person's limbs dim again with each later one), then
    the 18 keypoints as discs of radius 4; the padding cropped off.
 
@@ -259,7 +259,9 @@ def _resized(x: np.ndarray, height: float, width: float) -> np.ndarray:
     if x.ndim == 3 and x.shape[2] > 4:  # OpenCV's area filter takes at most 4 channels: one at a time, as the original
         return np.stack([_resized(x[..., c], height, width) for c in range(x.shape[2])], axis=2)
     grows = (height + width) / (x.shape[0] + x.shape[1]) >= 1
-    return cv2.resize(x, (int(width), int(height)), interpolation=cv2.INTER_LANCZOS4 if grows else cv2.INTER_AREA)
+    # At least a pixel: the extension's OpenCV call fails on a strip over 184 times as tall as it is wide.
+    size = (max(1, int(width)), max(1, int(height)))
+    return cv2.resize(x, size, interpolation=cv2.INTER_LANCZOS4 if grows else cv2.INTER_AREA)
 
 
 def _full_size(small: np.ndarray, inner: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
