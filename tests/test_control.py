@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from deployments.sdxl_base import batch_key
 from deployments.support.control import MAX_MAP_PIXELS, ControlUnit, at_resolution, control_image, detect, resolution
+from deployments.support.control_maps import frame_map
 from deployments.support.errors import InvalidInput, UnknownModel
 from deployments.support.generation import GenerationRequest
 from tests.helpers import pixels
@@ -56,11 +57,13 @@ def test_canny_is_opencv_canny_on_the_image_at_processor_res(astronaut):
     assert edges.size == (256, 256) and edges.mode == "RGB"
     assert np.array_equal(np.asarray(edges)[..., 0], expected)
     assert set(np.unique(expected)) == {0, 255}  # edges found: the comparison is not of two blank maps
-    # At the generation size, framed by the resize mode: canny's map stretched to 96x64.
+    # At the generation size, framed by the resize mode as the extension frames a map: canny's stretched to 96x64,
+    # still binary.
     framed = control_image(unit(astronaut, module="canny", processor_res=256, threshold_a=50, threshold_b=150,
                                 resize_mode="stretch"), None, 96, 64)
     assert framed.size == (96, 64)
-    assert np.array_equal(pixels(framed), pixels(edges.resize((96, 64), Image.Resampling.LANCZOS)))
+    assert np.array_equal(pixels(framed), pixels(frame_map(edges, 96, 64, "stretch")))
+    assert set(np.unique(pixels(framed))) == {0, 255}
 
 
 def test_at_resolution_keeps_the_aspect_and_invert_inverts(astronaut):

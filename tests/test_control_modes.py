@@ -18,8 +18,8 @@ from deployments.support.control import (
     pixel_perfect_resolution,
     second_pass,
 )
+from deployments.support.control_maps import frame_map
 from deployments.support.generation import GenerationRequest
-from deployments.support.imaging import frame
 from deployments.support.injection import Injected, Injection, soft_scales, steering
 from tests.helpers import pixels
 
@@ -60,7 +60,7 @@ def test_pixel_perfect_runs_canny_at_its_resolution_on_both_passes():
     image = squares()
     perfect = unit(image, module="canny", pixel_perfect=True, resize_mode="fill")
     made = pixels(control_image(perfect, None, 64, 64))
-    expected = pixels(frame(detect(image, "canny", 43), 64, 64, "fill"))
+    expected = pixels(frame_map(detect(image, "canny", 43), 64, 64, "fill"))
     assert np.array_equal(made, expected)
     # processor_res (512 by default) is not read: a map at 512 differs.
     at_default = pixels(control_image(unit(image, module="canny", resize_mode="fill"), None, 64, 64))
@@ -70,9 +70,9 @@ def test_pixel_perfect_runs_canny_at_its_resolution_on_both_passes():
     second = second_pass([perfect], (64, 64))[0]
     assert (second.pixel_target, second.hires_pass, second.passes) == ((64, 64), True, "both")
     assert np.array_equal(pixels(control_image(second, None, 96, 96)),
-                          pixels(frame(detect(image, "canny", 43), 96, 96, "fill")))
+                          pixels(frame_map(detect(image, "canny", 43), 96, 96, "fill")))
     assert not np.array_equal(pixels(control_image(second, None, 96, 96)),
-                              pixels(frame(detect(image, "canny", 64), 96, 96, "fill")))
+                              pixels(frame_map(detect(image, "canny", 64), 96, 96, "fill")))
     # A unit without pixel perfect takes no target.
     assert second_pass([unit(image)], (64, 64))[0].pixel_target is None
 

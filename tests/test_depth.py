@@ -15,6 +15,7 @@ from PIL import Image
 
 from deployments.support import depth
 from deployments.support.control import ControlUnit, control_image, detect, offered
+from deployments.support.control_maps import frame_map
 from deployments.support.errors import STATUS, ModelLoadError, UnknownModel, UnsafeWeights
 from deployments.support.generation import GenerationRequest
 from deployments.weights import loader
@@ -110,8 +111,7 @@ def test_a_depth_unit_guides_the_base_by_its_map(base, astronaut):
     unit = ControlUnit(model="tiny-canny", image=astronaut, module="depth_midas", processor_res=64,
                        resize_mode="stretch")
     framed = control_image(unit, None, 96, 64, base.controls.depth)
-    expected = detect(astronaut, "depth_midas", 64, estimators=base.controls.depth).resize((96, 64),
-                                                                                         Image.Resampling.LANCZOS)
+    expected = frame_map(detect(astronaut, "depth_midas", 64, estimators=base.controls.depth), 96, 64, "stretch")
     assert np.array_equal(pixels(framed), pixels(expected))
     assert base.describe()["preprocessors"] == ["none", "canny", "invert", "depth_midas", "depth_anything_v2",
                                                 "lineart_standard", "lineart_realistic", "lineart_anime",

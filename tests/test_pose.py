@@ -391,8 +391,8 @@ def test_an_openpose_unit_guides_the_base_by_its_map(base, astronaut, monkeypatc
     control image, framed at the generation size: the random network's is black (its heatmaps stay under the 0.1 of
     a peak). A network that sees two people gives their skeletons, framed the same way."""
     from deployments.support.control import ControlUnit, at_resolution
+    from deployments.support.control_maps import frame_map
     from deployments.support.generation import GenerationRequest
-    from deployments.support.imaging import frame
     from tests.helpers import pixels
 
     assert set(base.controls.pose) == {"openpose"} and base.describe()["preprocessors"][-1] == "openpose"
@@ -412,7 +412,7 @@ def test_an_openpose_unit_guides_the_base_by_its_map(base, astronaut, monkeypatc
     ((seen, made),) = random.seen
     assert np.array_equal(np.asarray(seen), np.asarray(at_resolution(astronaut, 64)))
     assert made.size == (64, 64) and made.mode == "RGB" and not np.asarray(made).any()
-    assert np.array_equal(pixels(given[-1]["image"][0]), pixels(frame(made, 96, 64, "fill")))
+    assert np.array_equal(pixels(given[-1]["image"][0]), pixels(frame_map(made, 96, 64, "fill")))
 
     heatmaps, pafs = synthetic_maps([dict(enumerate(p)) for p in PEOPLE], 192, 192, sigma=5.0)
     people = recorded(pose.PoseEstimator(Replay(heatmaps, pafs), torch.device("cpu"), torch.float32))
@@ -421,7 +421,7 @@ def test_an_openpose_unit_guides_the_base_by_its_map(base, astronaut, monkeypatc
     ((seen, made),) = people.seen
     assert seen.size == made.size == (192, 192)
     assert {made.getpixel((x, 97)) for x in (54, 144)} == {(0, 153, 51), (0, 91, 30)}  # the two right thighs
-    assert np.array_equal(pixels(control), pixels(frame(made, 96, 64, "crop")))
+    assert np.array_equal(pixels(control), pixels(frame_map(made, 96, 64, "crop")))
 
 
 def test_openpose_by_the_extensions_names_and_the_pose_modules_not_served():

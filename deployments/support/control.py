@@ -22,8 +22,9 @@ from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deployments.support import depth, lineart, pose
+from deployments.support.control_maps import frame_map
 from deployments.support.errors import InvalidInput, UnknownModel
-from deployments.support.imaging import Fit, frame, to_rgb
+from deployments.support.imaging import Fit, to_rgb
 
 if TYPE_CHECKING:
     import torch
@@ -74,8 +75,9 @@ class ControlUnit(BaseModel):
     conditioning_scale: float = Field(1.0, ge=0.0, le=2.0, description="A1111's weight: the residuals' scale")
     guidance_start: float = Field(0.0, ge=0.0, le=1.0, description="the fraction of the steps where it starts")
     guidance_end: float = Field(1.0, ge=0.0, le=1.0, description="the fraction of the steps where it stops")
-    resize_mode: Fit = Field("crop", description="how the control image takes the generation size: stretch, crop "
-                             "(cover, centre-crop: A1111's default 'Crop and Resize') or fill (fit, edges stretched)")
+    resize_mode: Fit = Field("crop", description="how the control map takes the generation size: stretch, crop "
+                             "(cover, centre-crop: A1111's default 'Crop and Resize') or fill (fit, centred on the "
+                             "map's median border colour)")
     processor_res: int = Field(CANNY_RES[0], ge=CANNY_RES[1], le=CANNY_RES[2], description="canny, depth, line "
                                "art and openpose: the shorter side the image is resized to before its map is made")
     threshold_a: float = Field(CANNY_LOW[0], ge=CANNY_LOW[1], le=CANNY_LOW[2], description="canny: low threshold")
@@ -176,14 +178,15 @@ def detect(image: Image.Image, module: Preprocessor, resolution: int = CANNY_RES
 
 def control_image(unit: ControlUnit, fallback: Image.Image | None, width: int, height: int,
                   estimators: Mapping[str, Mapper] | None = None) -> Image.Image:
-    """A unit's control map at the generation size, framed by its resize mode; canny, the depth, line-art and pose
-    modules (by their models in ``estimators``) at ``resolution(...)``."""
+    """A unit's control map at the generation size, framed by its resize mode as the extension frames a detected map
+    (``control_maps.frame_map``; the image itself for ``none``); canny, the depth, line-art and pose modules (by
+    their models in ``estimators``) at ``resolution(...)``."""
     source = unit.image if unit.image is not None else fallback
     if source is None:
         raise InvalidInput("a ControlNet unit needs an image in text-to-image", field="control.image")
     mapped = detect(source, unit.module, resolution(unit, source, width, height), unit.threshold_a, unit.threshold_b,
                     estimators)
-    return frame(mapped, width, height, unit.resize_mode)
+    return frame_map(mapped, width, height, unit.resize_mode)
 
 
 def resolution(unit: ControlUnit, source: Image.Image, width: int, height: int) -> int:

@@ -60,8 +60,8 @@ class ControlNetUnit(BaseModel):
     guidance_end: float = Field(1.0, ge=0.0, le=1.0, description="the fraction of the steps where it stops; not "
                                 "before guidance_start (equal: it guides no step)")
     resize_mode: Fit = Field("crop", description="how the control map takes the image's size: stretch (A1111's "
-                             "Just Resize), crop (cover and centre-crop: Crop and Resize), fill (fit inside, the "
-                             "edges stretched out: Resize and Fill)")
+                             "Just Resize), crop (cover and centre-crop: Crop and Resize), fill (fit inside, centred "
+                             "on the map's median border colour: Resize and Fill)")
     processor_res: int = Field(CANNY_RES[0], ge=CANNY_RES[1], le=CANNY_RES[2], description="canny, the depth, "
                                "line-art and pose preprocessors: the shorter side the image is resized to before its "
                                "map is made")
