@@ -64,7 +64,7 @@ def test_pixel_perfect_runs_canny_at_its_resolution_on_both_passes():
     assert np.array_equal(made, expected)
     # processor_res (512 by default) is not read: a map at 512 differs.
     at_default = pixels(control_image(unit(image, module="canny", resize_mode="fill"), None, 64, 64))
-    assert np.abs(at_default - made).mean() > 1.0
+    assert np.abs(at_default - made).mean() > 0.3  # one-pixel lines both: few pixels, but not the same ones
     # A hires fix's second pass (96x96 here) keeps the first pass's resolution, as the extension preprocesses once;
     # computed at 96x96 it would be 64.
     second = second_pass([perfect], (64, 64))[0]
