@@ -255,3 +255,15 @@ def refused(call):
     error = unwrap(raised.value)
     assert isinstance(error, ServiceError), repr(raised.value)
     return error
+
+
+def module_list(configured: dict, alias_names: bool) -> dict:
+    """``GET /controlnet/module_list`` as the ingress answers it where the base's ``preprocessors`` are
+    ``configured`` (its route method called directly: it reads only the config)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from graphs.api.controlnet import ControlNetRoutes
+
+    routes = SimpleNamespace(config=SimpleNamespace(base=SimpleNamespace(preprocessors=configured)))
+    return asyncio.run(ControlNetRoutes.controlnet_module_list(routes, alias_names))  # type: ignore[arg-type]

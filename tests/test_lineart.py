@@ -5,9 +5,7 @@ base, and which modules are offered."""
 
 from __future__ import annotations
 
-import asyncio
 import warnings
-from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -24,7 +22,7 @@ from deployments.support.errors import ModelLoadError, UnknownModel, UnsafeWeigh
 from deployments.support.generation import GenerationRequest
 from deployments.support.lineart_nets import AnimeUNet, InformativeDrawings
 from deployments.weights import loader
-from tests.helpers import b64, pixels
+from tests.helpers import b64, module_list, pixels
 
 SMALL = dict(prompt="a lighthouse", width=64, height=64, steps=2, guidance_scale=5.0, seed=5)
 
@@ -262,7 +260,6 @@ def test_the_modules_offered_and_the_extensions_names():
     processor_res alone (64 to 2048, else 512, with a note)."""
     from graphs.api import a1111_controlnet, control_fields
     from graphs.api.a1111_models import Txt2ImgRequest
-    from graphs.api.controlnet import ControlNetRoutes
 
     assert offered({}) == ["none", "canny", "invert", "lineart_standard"]
     some = offered({"lineart_coarse": "/models/sk_model2.safetensors", "depth_midas": "/models/dpt"})
@@ -292,10 +289,6 @@ def test_the_modules_offered_and_the_extensions_names():
     with pytest.raises(UnknownModel) as e:
         control_fields.control_units(native, ["tiny-canny"], edit=False, modules=realistic)
     assert e.value.field == "controlnets.0.preprocessor"
-
-    def module_list(configured: dict, alias_names: bool) -> dict:
-        routes = SimpleNamespace(config=SimpleNamespace(base=SimpleNamespace(preprocessors=configured)))
-        return asyncio.run(ControlNetRoutes.controlnet_module_list(routes, alias_names))  # type: ignore[arg-type]
 
     keys = module_list({"lineart_realistic": "x"}, False)
     assert keys["module_list"] == ["none", "canny", "invert", "lineart_standard", "lineart"]

@@ -5,9 +5,7 @@ module: on the tiny base, and by the extension's names on the routes' units."""
 
 from __future__ import annotations
 
-import asyncio
 from concurrent.futures import ThreadPoolExecutor
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,6 +18,7 @@ from deployments.factory.pose import build_pose, build_pose_pth
 from deployments.support import pose
 from deployments.support.errors import ModelLoadError, UnknownModel, UnsafeWeights, status_of
 from deployments.weights import loader
+from tests.helpers import module_list
 
 # --- the release's network, as the original model definition (CMU's, by way of pytorch-openpose) lays it out ------
 
@@ -435,7 +434,6 @@ def test_openpose_by_the_extensions_names_and_the_pose_modules_not_served():
     from deployments.support.control import detect, offered
     from graphs.api import a1111_controlnet, control_fields
     from graphs.api.a1111_models import Txt2ImgRequest
-    from graphs.api.controlnet import ControlNetRoutes
     from tests.helpers import b64
 
     served, unserved = offered({"openpose": "x", "depth_midas": "y"}), offered({"depth_midas": "y"})
@@ -480,10 +478,6 @@ def test_openpose_by_the_extensions_names_and_the_pose_modules_not_served():
     with pytest.raises(UnknownModel) as e:
         control_fields.control_units(native, ["tiny-canny"], edit=False, modules=unserved)
     assert e.value.field == "controlnets.0.preprocessor"
-
-    def module_list(configured: dict, alias_names: bool) -> dict:
-        routes = SimpleNamespace(config=SimpleNamespace(base=SimpleNamespace(preprocessors=configured)))
-        return asyncio.run(ControlNetRoutes.controlnet_module_list(routes, alias_names))  # type: ignore[arg-type]
 
     for alias_names in (False, True):
         listed = module_list({"openpose": "x"}, alias_names)

@@ -51,6 +51,9 @@ CANNY_HIGH = (200.0, 1.0, 255.0)
 ControlMode = Literal["balanced", "prompt", "control"]
 # The pipeline arguments a ControlNet pass adds (``image`` too, for text-to-image: it is the control image there).
 KWARGS = ("control_image", "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
+# The preprocessors that run a model, and what each needs (the base's ``preprocessors`` configures it).
+MODELS = {**{m: "a depth model" for m in depth.DEPTH_MODULES}, **{m: "a line-art model" for m in lineart.MODEL_MODULES},
+          **{m: "OpenPose's body network" for m in pose.POSE_MODULES}}
 # A map's largest size in pixels: one at the sliders' largest resolution (2048) twice as long as it is wide.
 MAX_MAP_PIXELS = 2 * CANNY_RES[2] ** 2
 # The preprocessors that read processor_res, and its extension slider's (default, min, max) for each.
@@ -148,6 +151,15 @@ def map_size(image: Image.Image, resolution: int, field: str = "control.image") 
     return size
 
 
+def _model(models: Mapping[str, Mapper] | None, module: str, field: str = "control.module") -> Mapper:
+    """``module``'s model; a module whose model is not configured is refused, naming ``field``."""
+    found = (models or {}).get(module)
+    if found is None:
+        raise UnknownModel(f"ControlNet preprocessor {module!r} needs {MODELS[module]}, and none is configured for it",
+                           field=field, details={"choices": sorted(models or {})})
+    return found
+
+
 def detect(image: Image.Image, module: Preprocessor, resolution: int = CANNY_RES[0],
            low: float = CANNY_LOW[0], high: float = CANNY_HIGH[0],
            estimators: Mapping[str, Mapper] | None = None, field: str = "control.image") -> Image.Image:
@@ -158,14 +170,10 @@ def detect(image: Image.Image, module: Preprocessor, resolution: int = CANNY_RES
     rgb = to_rgb(image)
     if module in PROCESSOR_RES:
         map_size(rgb, resolution, field)
-    if module in depth.DEPTH_MODULES:
-        return depth.estimator(estimators, module)(at_resolution(rgb, resolution))
     if module == "lineart_standard":
         return lineart.standard(at_resolution(rgb, resolution))
-    if module in lineart.MODEL_MODULES:
-        return lineart.detector(estimators, module)(at_resolution(rgb, resolution))
-    if module in pose.POSE_MODULES:
-        return pose.estimator(estimators, module)(at_resolution(rgb, resolution))
+    if module in MODELS:
+        return _model(estimators, module)(at_resolution(rgb, resolution))
     if module == "canny":
         import cv2
 

@@ -22,13 +22,11 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from PIL import Image
-
-from deployments.support.errors import UnknownModel
 
 if TYPE_CHECKING:
     import torch
@@ -147,12 +145,3 @@ def load(sources: Mapping[str, str], device: torch.device, dtype: torch.dtype,
         out[module] = DepthEstimator(module, model, processor, device, dtype)
     return out
 
-
-def estimator(estimators: Mapping[str, Callable[[Image.Image], Image.Image]] | None, module: str,
-              field: str = "control.module") -> Callable[[Image.Image], Image.Image]:
-    """``module``'s estimator; a module whose model is not configured is refused, naming ``field``."""
-    found = (estimators or {}).get(module)
-    if found is None:
-        raise UnknownModel(f"ControlNet preprocessor {module!r} needs a depth model, and none is configured for it",
-                           field=field, details={"choices": sorted(estimators or {})})
-    return found

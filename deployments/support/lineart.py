@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from PIL import Image
 
 from deployments.support.depth import PAD
-from deployments.support.errors import UnknownModel
 
 if TYPE_CHECKING:
     import torch
@@ -140,12 +139,3 @@ def load(sources: Mapping[str, str], device: torch.device,
     return {module: LineartDetector(module, loader.load_lineart(source, module, settings), device)
             for module, source in sources.items()}
 
-
-def detector(detectors: Mapping[str, Callable[[Image.Image], Image.Image]] | None, module: str,
-             field: str = "control.module") -> Callable[[Image.Image], Image.Image]:
-    """``module``'s detector; a module whose model is not configured is refused, naming ``field``."""
-    found = (detectors or {}).get(module)
-    if found is None:
-        raise UnknownModel(f"ControlNet preprocessor {module!r} needs a line-art model, and none is configured for it",
-                           field=field, details={"choices": sorted(detectors or {})})
-    return found

@@ -47,13 +47,11 @@ import functools
 import logging
 import math
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from PIL import Image
-
-from deployments.support.errors import UnknownModel
 
 if TYPE_CHECKING:
     import torch
@@ -461,12 +459,3 @@ def load(sources: Mapping[str, str], device: torch.device,
     return {module: PoseEstimator(loader.load_pose(source, settings), device, torch.float32)
             for module, source in sources.items()}
 
-
-def estimator(estimators: Mapping[str, Callable[[Image.Image], Image.Image]] | None, module: str,
-              field: str = "control.module") -> Callable[[Image.Image], Image.Image]:
-    """``module``'s estimator; a module whose model is not configured is refused, naming ``field``."""
-    found = (estimators or {}).get(module)
-    if found is None:
-        raise UnknownModel(f"ControlNet preprocessor {module!r} needs OpenPose's body network, and none is configured "
-                           "for it", field=field, details={"choices": sorted(estimators or {})})
-    return found
