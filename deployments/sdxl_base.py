@@ -193,6 +193,8 @@ class BaseGenerator:
                 ran = dict(mode=mode, loras={r.name: r.weight for r in loras}, schedule=request.schedule,
                            sampler=request.sampler or self.config.default_sampler, model=pipes.name,
                            **({"hires_upscaler": request.hires.mode} if request.hires is not None else {}),
+                           # A1111's is_using_inpainting_conditioning: an inpainting checkpoint conditions every mode
+                           **({"inpainting_conditioning": True} if inpainting.holds_inpainting(pipes.txt2img) else {}),
                            **({"tiling": True} if request.tiling else {}))
                 results = self._run(mode, pipes, batch, [prompts[i] for i in live], [seeds[i] for i in live],
                                     warnings, [dict(ran, prompt=prompts[i], **variation_info(varied[i]),

@@ -231,7 +231,6 @@ def ingress(tiny, tmp_path_factory):
     from ray import serve
 
     import graphs.app
-    import graphs.availability
     from graphs.app import build_app
 
     args = {"base": {"checkpoints": [{"name": PLAIN, "source": str(tiny / "sdxl-base")},
@@ -242,8 +241,6 @@ def ingress(tiny, tmp_path_factory):
         patch.setenv("MODEL_CACHE_DIR", str(tmp_path_factory.mktemp("inpaint-graph-hashes")))  # never the user's
         # Another in-process application of this pytest process gets a fresh copy of the FastAPI app (see
         # tests/test_safety_graph.py).
-        # The ingress's watch of the application's status needs a Ray cluster, which it would start here.
-        patch.setattr(graphs.availability, "start", lambda: None)
         original = graphs.app.Ingress.func_or_class.__bases__[0]
         patch.setattr(graphs.app, "Ingress", graphs.app.Ingress.options(
             func_or_class=serve.ingress(graphs.app.app)(original)))
@@ -261,6 +258,7 @@ def test_an_a1111_request_on_the_inpainting_checkpoint(ingress, photo):
     info = json.loads(answer["info"])
     made = decode_b64(answer["images"][0])
     assert made.size == (64, 64) and info["sd_model_name"] == INPAINT
+    assert info["is_using_inpainting_conditioning"] is True  # as A1111 reports an inpainting model's img2img
     # A1111 would lerp the masked image towards the init image by it: the conditioning here is its default's.
     assert "override_settings.inpainting_mask_weight is not applied here: the image was made without it" in \
         info["warnings"]

@@ -428,7 +428,7 @@ class A1111Routes(CheckpointChoice):
                 # A1111's other keys, as this service ran the request.
                 "index_of_first_image": first, "denoising_strength": r.denoising_strength, "clip_skip": 1,
                 "face_restoration_model": restorer, "extra_generation_params": settings,
-                "is_using_inpainting_conditioning": False,
+                "is_using_inpainting_conditioning": bool(ran.get("inpainting_conditioning")),
                 "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "version": "imagegen-0.1",
                 "warnings": list(dict.fromkeys(warnings)), "nsfw": nsfw if self.handles.safety else None,
                 "cached": False}
