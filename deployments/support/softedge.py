@@ -58,7 +58,8 @@ KEYS = {"softedge_hed": "hed", "softedge_hedsafe": "hed_safe", "softedge_pidinet
         "softedge_pidisafe": "pidinet_safe", "scribble_pidinet": "pidinet_scribble"}
 # The names the extension's clients send: its keys, its labels, and scribble_hed's first key.
 ALIASES = {**{key: m for m, key in KEYS.items()}, "fake_scribble": "scribble_hed", **{m: m for m in SOFTEDGE_MODULES}}
-# The network (softedge_nets.HED / PIDINET) each module runs, and whether it quantises or scribbles its map.
+# The network (softedge_nets.HED / PIDINET) each module runs; the SAFE ones quantise its map, the SCRIBBLE ones
+# scribble it.
 ARCHITECTURES = {"softedge_hed": "hed", "softedge_hedsafe": "hed", "scribble_hed": "hed",
                  "softedge_pidinet": "pidinet", "softedge_pidisafe": "pidinet", "scribble_pidinet": "pidinet"}
 NETWORKS = {"hed": "HED", "pidinet": "PiDiNet"}  # as messages name them
