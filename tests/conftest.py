@@ -50,7 +50,11 @@ def base(tiny):
                            "depth_anything_v2": str(tiny / "depth-anything-v2"),
                            "lineart_realistic": str(tiny / "lineart" / "sk_model.safetensors"),
                            "lineart_anime": str(tiny / "lineart" / "netG.safetensors"),
-                           "openpose": str(tiny / "openpose")},  # a folder holding body_pose_model.safetensors
+                           "openpose": str(tiny / "openpose"),  # a folder holding body_pose_model.safetensors
+                           # one HED (a file, and the folder holding it: two sources, two networks), one PiDiNet
+                           "softedge_hed": str(tiny / "softedge" / "ControlNetHED.safetensors"),
+                           "scribble_hed": str(tiny / "softedge"),
+                           "softedge_pidisafe": str(tiny / "softedge")},
         )
     )
 

@@ -1030,7 +1030,9 @@ def test_controlnet_units_are_refused_naming_their_field(ingress):
     assert "the body-only openpose is the one served here" in choices.message
     assert choices.details["choices"] == ["none", "canny", "invert", "depth_midas", "depth_anything",
                                           "depth_anything_v2", "lineart_standard", "lineart_realistic",
-                                          "lineart_coarse", "lineart_anime", "openpose"]  # cpu.yaml has them all
+                                          "lineart_coarse", "lineart_anime", "openpose", "softedge_hed",
+                                          "softedge_hedsafe", "softedge_pidinet", "softedge_pidisafe", "scribble_hed",
+                                          "scribble_pidinet"]  # cpu.yaml has them all
 
 
 def test_img2img_unit_without_an_image_uses_the_init_image(ingress):
@@ -1056,7 +1058,8 @@ def test_controlnet_routes(ingress, tiny):
     assert ingress.controlnet_model_list.remote(update=False).result() == listed
     modules = ingress.controlnet_module_list.remote().result()
     assert modules["module_list"] == ["none", "canny", "invert", "depth", "depth_anything", "depth_anything_v2",
-                                      "lineart_standard", "lineart", "lineart_coarse", "lineart_anime", "openpose"]
+                                      "lineart_standard", "lineart", "lineart_coarse", "lineart_anime", "openpose",
+                                      "hed", "hed_safe", "pidinet", "pidinet_safe", "scribble_hed", "pidinet_scribble"]
     labels = ingress.controlnet_module_list.remote(alias_names=True).result()  # the extension's labels
     assert labels["module_list"][2:4] == ["invert (from white bg & black line)", "depth_midas"]
     assert [s["value"] for s in labels["module_detail"]["depth_midas"]["sliders"]] == [512]
@@ -1234,6 +1237,27 @@ def test_lineart_detect(ingress, tiny, astronaut):
         made = decode_b64(detected["images"][0])
         assert made.size == (85, 64)
         assert np.array_equal(pixels(made), pixels(detect(photo, module, 64, estimators=local)))
+
+
+def test_softedge_detect(ingress, tiny, astronaut):
+    """/controlnet/detect makes the soft-edge and scribble maps on the base replica by the extension's names (its
+    keys, a label, scribble_hed's first key), each as the module makes it of the image at processor_res."""
+    import torch
+
+    from deployments.support import softedge
+    from deployments.support.control import detect
+    from graphs.api.controlnet import DetectRequest
+
+    photo = astronaut.resize((128, 96))
+    local = softedge.load({m: str(tiny / "softedge") for m in softedge.SOFTEDGE_MODULES}, torch.device("cpu"))
+    for name, module in (("hed", "softedge_hed"), ("pidinet_safe", "softedge_pidisafe"),
+                         ("softedge_hedsafe", "softedge_hedsafe"), ("fake_scribble", "scribble_hed"),
+                         ("pidinet_scribble", "scribble_pidinet")):
+        detected = ingress.controlnet_detect.remote(DetectRequest(
+            controlnet_module=name, controlnet_input_images=[b64(photo)], controlnet_processor_res=64)).result()
+        made = decode_b64(detected["images"][0])
+        assert made.size == (85, 64)
+        assert np.array_equal(pixels(made), pixels(detect(photo, module, 64, estimators=local))), name
 
 
 def test_openpose_detect(ingress, astronaut):

@@ -259,6 +259,7 @@ def test_the_loader_still_refuses_the_original_pickles(releases):
 LINEART_RELEASES = {"sk_model.pth": "lineart_realistic", "sk_model2.pth": "lineart_coarse",
                     "netG.pth": "lineart_anime"}
 POSE_RELEASE = "body_pose_model.pth"  # openpose's
+SOFTEDGE_RELEASES = {"ControlNetHED.pth": "hed", "table5_pidinet.pth": "pidinet"}  # the soft-edge networks
 
 
 def readme_walkthrough() -> tuple[list[tuple[str, str]], list[str]]:
@@ -276,9 +277,10 @@ def test_readme_walkthrough_serves_the_converted_models(releases, tmp_path, monk
     from PIL import Image
 
     from deployments.face_restorer import FaceEnhancer
+    from deployments.factory import softedge as softedge_factory
     from deployments.factory.lineart import write_release
     from deployments.factory.pose import build_pose_pth
-    from deployments.support import lineart, pose
+    from deployments.support import lineart, pose, softedge
     from deployments.upscaler import ImageUpscaler
     from graphs.app import AppArgs
 
@@ -290,11 +292,14 @@ def test_readme_walkthrough_serves_the_converted_models(releases, tmp_path, monk
     commands, blocks = readme_walkthrough()
     drawings = [source for source, _ in commands if Path(source).name in LINEART_RELEASES]
     poses = [source for source, _ in commands if Path(source).name == POSE_RELEASE]
-    assert len(commands) - len(drawings) - len(poses) == 4
+    edges = [source for source, _ in commands if Path(source).name in SOFTEDGE_RELEASES]
+    assert len(commands) - len(drawings) - len(poses) - len(edges) == 4
     for source in drawings:  # the line-art releases the README converts, as lllyasviel/Annotators ships them
         write_release(downloads / Path(source).name, LINEART_RELEASES[Path(source).name])
     if poses:  # the body network at its real size (209 MB)
         build_pose_pth(downloads)
+    for source in edges:  # HED and PiDiNet as released, at their real sizes
+        softedge_factory.write_release(downloads / Path(source).name, SOFTEDGE_RELEASES[Path(source).name])
     for source, target in commands:  # as the shell would expand them
         source = source.replace("~/Downloads", str(downloads))
         assert main([source, target.replace("$MODEL_DIR", str(model_dir))]) == 0
@@ -313,7 +318,8 @@ def test_readme_walkthrough_serves_the_converted_models(releases, tmp_path, monk
             sources = AppArgs.model_validate({"base": {"model": {"source": "unused"}, **base}}).base.preprocessors
             cpu = torch.device("cpu")
             loaded = {**lineart.load({m: s for m, s in sources.items() if m in lineart.MODEL_MODULES}, cpu),
-                      **pose.load({m: s for m, s in sources.items() if m in pose.POSE_MODULES}, cpu)}
+                      **pose.load({m: s for m, s in sources.items() if m in pose.POSE_MODULES}, cpu),
+                      **softedge.load({m: s for m, s in sources.items() if m in softedge.SOFTEDGE_MODULES}, cpu)}
             assert set(loaded) == set(base["preprocessors"])
 
 

@@ -130,6 +130,28 @@ def test_the_lineart_releases_convert_and_load(models, tmp_path):
         assert made.size == (341, 256) and made.mode == "RGB", module
 
 
+def test_the_softedge_releases_convert_and_load(models, tmp_path):
+    """lllyasviel/Annotators' ControlNetHED.pth and table5_pidinet.pth as released (pickles; PiDiNet's a training
+    checkpoint under module.) go through the converter and load as the six modules (one network each, shared), each
+    mapping an image at the extension's default resolution, 512."""
+    from deployments.support import softedge
+    from deployments.support.control import detect
+    from deployments.weights import convert
+
+    releases = models / "softedge"
+    if not (releases / "table5_pidinet.pth").exists():
+        pytest.fail(f"no soft-edge releases in {models}: python -m deployments.factory {models} --full --only softedge")
+    assert convert.main([str(releases), str(tmp_path)]) == 0
+    detectors = softedge.load({m: str(tmp_path) for m in softedge.SOFTEDGE_MODULES}, torch.device("cpu"))
+    assert sum(p.numel() for p in detectors["softedge_hed"].network.net.parameters()) == 14_716_168
+    radial = 16 * (60 + 120 + 240 + 240)  # four depthwise 3x3 kernels rewritten as 5x5
+    assert sum(p.numel() for p in detectors["scribble_pidinet"].network.net.parameters()) == 710_149 + radial
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (192, 256, 3), dtype=np.uint8))
+    for module in softedge.SOFTEDGE_MODULES:
+        made = detect(photo, module, 512, estimators=detectors)
+        assert made.size == (683, 512) and made.mode == "RGB", module
+
+
 def test_base_generates_at_256(models):
     from deployments.sdxl_base import BaseGenerator
     from deployments.support.generation import GenerationRequest

@@ -19,6 +19,9 @@
     OUT/lineart/                   lllyasviel/Annotators' line-art releases as shipped (pickled state dicts, the
                                    converter's input): sk_model.pth, sk_model2.pth (the informative-drawings
                                    generator, 4.3 M), netG.pth (the anime U-Net, 54 M, names under module.)
+    OUT/softedge/                  lllyasviel/Annotators' soft-edge releases as shipped (the converter's input):
+                                   ControlNetHED.pth (HED, 14.7 M, a pickled state dict), table5_pidinet.pth
+                                   (PiDiNet, 0.71 M, a training checkpoint, names under module.)
     OUT/controlnet-canny-sdxl/     diffusers/controlnet-canny-sdxl-1.0's layout (``--only controlnet``): the release's
                                    config.json, diffusion_pytorch_model.safetensors (fp32, 5.0 GB) and its fp16
                                    variant (2.5 GB); 1.25 B parameters, the base UNet's encoder and middle block
@@ -42,7 +45,7 @@ import torch
 from safetensors.torch import save_file
 
 from deployments.factory import captioner as blip
-from deployments.factory import depth, lineart
+from deployments.factory import depth, lineart, softedge
 from deployments.factory.sgm import sdxl_to_sgm
 from deployments.factory.tiny import _save_tokenizer, _scheduler
 from deployments.factory.tokenizer import build_clip_tokenizer
@@ -152,7 +155,7 @@ _CONTROLNET_FROM_BASE = ("attention_head_dim", "block_out_channels", "cross_atte
                          "projection_class_embeddings_input_dim", "transformer_layers_per_block")
 
 ARTEFACTS = ("sdxl-base", "sdxl-base-single", "sdxl-inpaint", "sdxl-refiner", "releases", "safety-checker",
-             "captioner", "depth-anything-v2", "lineart", "controlnet")
+             "captioner", "depth-anything-v2", "lineart", "softedge", "controlnet")
 
 
 def shapes(shrink: bool = False) -> SimpleNamespace:
@@ -366,6 +369,8 @@ def build_all(out: Path, only: set[str] | None = None, device: str = "cpu", shri
                                    depth.ANYTHING_V2_TINY if shrink else depth.ANYTHING_V2_LARGE, device=device)
     if "lineart" in wanted:  # as released (pickles); shrunk: the anime U-Net at the tiny width
         lineart.build_releases(out / "lineart", full=not shrink)
+    if "softedge" in wanted:  # as released (pickles), at their real sizes whether shrunk or not
+        softedge.build_releases(out / "softedge")
     if "controlnet" in wanted:
         build_controlnet(out / "controlnet-canny-sdxl", shape.controlnet, device)
         gc.collect()

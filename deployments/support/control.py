@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from deployments.support import depth, lineart, pose
+from deployments.support import depth, lineart, pose, softedge
 from deployments.support.control_maps import frame_map
 from deployments.support.errors import InvalidInput, UnknownModel
 from deployments.support.imaging import Fit, to_rgb
@@ -36,13 +36,16 @@ logger = logging.getLogger(__name__)
 
 MAX_UNITS = 4  # A1111's extension shows 3 units by default; each one is a ControlNet pass per step
 MODEL_FREE = ("none", "canny", "invert", "lineart_standard")
-# Every preprocessor, in the order they are listed: the depth, line-art and pose ones with a model where it is
-# configured.
-PREPROCESSORS = ("none", "canny", "invert", *depth.DEPTH_MODULES, *lineart.LINEART_MODULES, *pose.POSE_MODULES)
+# Every preprocessor, in the order they are listed: the depth, line-art, pose and soft-edge ones with a model where
+# it is configured.
+PREPROCESSORS = ("none", "canny", "invert", *depth.DEPTH_MODULES, *lineart.LINEART_MODULES, *pose.POSE_MODULES,
+                 *softedge.SOFTEDGE_MODULES)
 Preprocessor = Literal["none", "canny", "invert", "depth_midas", "depth_anything", "depth_anything_v2",
-                       "lineart_standard", "lineart_realistic", "lineart_coarse", "lineart_anime", "openpose"]
-# A preprocessor's model (a depth estimator, a line-art network, the pose network): an image at the processor
-# resolution -> its map.
+                       "lineart_standard", "lineart_realistic", "lineart_coarse", "lineart_anime", "openpose",
+                       "softedge_hed", "softedge_hedsafe", "softedge_pidinet", "softedge_pidisafe", "scribble_hed",
+                       "scribble_pidinet"]
+# A preprocessor's model (a depth estimator, a line-art network, the pose network, an edge network): an image at the
+# processor resolution -> its map.
 Mapper = Callable[[Image.Image], Image.Image]
 # A1111's extension: the canny sliders (processor_res, threshold_a, threshold_b), their defaults and bounds.
 CANNY_RES = (512, 64, 2048)
@@ -53,13 +56,14 @@ ControlMode = Literal["balanced", "prompt", "control"]
 KWARGS = ("control_image", "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
 # The preprocessors that run a model, and what each needs (the base's ``preprocessors`` configures it).
 MODELS = {**{m: "a depth model" for m in depth.DEPTH_MODULES}, **{m: "a line-art model" for m in lineart.MODEL_MODULES},
-          **{m: "OpenPose's body network" for m in pose.POSE_MODULES}}
+          **{m: "OpenPose's body network" for m in pose.POSE_MODULES},
+          **{m: f"the {softedge.NETWORKS[softedge.ARCHITECTURES[m]]} network" for m in softedge.SOFTEDGE_MODULES}}
 # A map's largest size in pixels: one at the sliders' largest resolution (2048) twice as long as it is wide.
 MAX_MAP_PIXELS = 2 * CANNY_RES[2] ** 2
 # The preprocessors that read processor_res, and its extension slider's (default, min, max) for each.
 PROCESSOR_RES = {"canny": CANNY_RES, **{m: depth.DEPTH_RES for m in depth.DEPTH_MODULES},
                  **{m: lineart.LINEART_RES for m in lineart.LINEART_MODULES},
-                 **{m: pose.POSE_RES for m in pose.POSE_MODULES}}
+                 **{m: pose.POSE_RES for m in pose.POSE_MODULES}, **softedge.RES}
 
 
 class ControlUnit(BaseModel):
@@ -74,7 +78,9 @@ class ControlUnit(BaseModel):
                                  "depth_midas, depth_anything, depth_anything_v2 (a configured depth model's map), "
                                  "lineart_standard, lineart_realistic, lineart_coarse, lineart_anime (line art, the "
                                  "last three by a configured network), openpose (the bodies OpenPose's configured "
-                                 "body network finds)")
+                                 "body network finds), softedge_hed, softedge_hedsafe, softedge_pidinet, "
+                                 "softedge_pidisafe, scribble_hed, scribble_pidinet (soft edges or bold scribbles "
+                                 "by a configured HED or PiDiNet network)")
     conditioning_scale: float = Field(1.0, ge=0.0, le=2.0, description="A1111's weight: the residuals' scale")
     guidance_start: float = Field(0.0, ge=0.0, le=1.0, description="the fraction of the steps where it starts")
     guidance_end: float = Field(1.0, ge=0.0, le=1.0, description="the fraction of the steps where it stops")
@@ -82,7 +88,8 @@ class ControlUnit(BaseModel):
                              "(cover, centre-crop: A1111's default 'Crop and Resize') or fill (fit, centred on the "
                              "map's median border colour)")
     processor_res: int = Field(CANNY_RES[0], ge=CANNY_RES[1], le=CANNY_RES[2], description="canny, depth, line "
-                               "art and openpose: the shorter side the image is resized to before its map is made")
+                               "art, openpose, soft edge and scribble: the shorter side the image is resized to "
+                               "before its map is made")
     threshold_a: float = Field(CANNY_LOW[0], ge=CANNY_LOW[1], le=CANNY_LOW[2], description="canny: low threshold")
     threshold_b: float = Field(CANNY_HIGH[0], ge=CANNY_HIGH[1], le=CANNY_HIGH[2], description="canny: high threshold")
     passes: Literal["both", "first", "second"] = Field("both", description="with a hires fix, the passes it "
@@ -233,8 +240,8 @@ class _SameControlForEveryPrompt(logging.Filter):
 class ControlNets:
     """The ControlNets of one replica by name, loaded once on its device and dtype, and the ControlNet pipelines
     each held checkpoint runs them with (made on first use from its modules, kept while it is held); with the
-    preprocessors' models, loaded with them: the depth estimators (``depth``), line-art networks (``lineart``) and
-    the pose estimator (``pose``), by module (all in ``preprocessors``)."""
+    preprocessors' models, loaded with them: the depth estimators (``depth``), line-art networks (``lineart``), the
+    pose estimator (``pose``) and the soft-edge networks (``softedge``), by module (all in ``preprocessors``)."""
 
     def __init__(self, config: SDXLBaseConfig, device: torch.device, dtype: torch.dtype,
                  settings: Settings | None = None) -> None:
@@ -252,6 +259,8 @@ class ControlNets:
         self.depth = depth.load({m: s for m, s in sources.items() if m in depth.DEPTH_MODULES}, device, dtype, settings)
         self.lineart = lineart.load({m: s for m, s in sources.items() if m in lineart.MODEL_MODULES}, device, settings)
         self.pose = pose.load({m: s for m, s in sources.items() if m in pose.POSE_MODULES}, device, settings)
+        self.softedge = softedge.load({m: s for m, s in sources.items() if m in softedge.SOFTEDGE_MODULES}, device,
+                                      settings)
         # checkpoint pipelines -> (mode, ControlNet names) -> its ControlNet pipeline; an evicted checkpoint's go
         # with it (weak keys), so that they never keep its modules alive.
         self._pipelines: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -263,7 +272,7 @@ class ControlNets:
     @property
     def preprocessors(self) -> dict[str, Mapper]:
         """The preprocessors' models loaded, by module."""
-        return {**self.depth, **self.lineart, **self.pose}
+        return {**self.depth, **self.lineart, **self.pose, **self.softedge}
 
     @property
     def modules(self) -> list[str]:

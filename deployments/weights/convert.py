@@ -1,7 +1,8 @@
 """``python -m deployments.weights.convert IN OUT``: an official ``.pth`` release -> safetensors the loader takes.
 
-Real-ESRGAN, CodeFormer, GFPGAN and RetinaFace weights ship as pickles, as do ControlNet's line-art and pose
-preprocessors (lllyasviel/Annotators' sk_model.pth, sk_model2.pth, netG.pth, body_pose_model.pth), which the loader
+Real-ESRGAN, CodeFormer, GFPGAN and RetinaFace weights ship as pickles, as do ControlNet's line-art, pose and
+soft-edge preprocessors (lllyasviel/Annotators' sk_model.pth, sk_model2.pth, netG.pth, body_pose_model.pth,
+ControlNetHED.pth, table5_pidinet.pth), which the loader
 refuses because unpickling can run code. This reads them with PyTorch's restricted unpickler only (tensors,
 containers and primitives; anything else is refused, never retried unrestricted), unwraps the usual checkpoint dicts
 (``params_ema`` first), strips DataParallel's ``module.`` prefix, recognises the model, writes safetensors to a
@@ -119,9 +120,9 @@ def retinaface_network(state: dict[str, torch.Tensor]) -> str | None:
 
 
 def identify(state: dict[str, torch.Tensor], name: str, allow_unknown: bool = False) -> Identity:
-    """What the state dict is: a RetinaFace detector, a ControlNet line-art network or OpenPose's body network by
-    its keys, else whatever spandrel recognises."""
-    from deployments.support import lineart_nets, pose
+    """What the state dict is: a RetinaFace detector, a ControlNet line-art network, OpenPose's body network or a
+    soft-edge network (HED, PiDiNet) by its keys, else whatever spandrel recognises."""
+    from deployments.support import lineart_nets, pose, softedge_nets
 
     network = retinaface_network(state)
     if network is not None:
@@ -131,6 +132,9 @@ def identify(state: dict[str, torch.Tensor], name: str, allow_unknown: bool = Fa
         return Identity(drawing, "preprocessor", None)
     if pose.recognise(state):  # body_pose_model.pth: every key of the release, each of its shape
         return Identity("openpose", "preprocessor", None)
+    edges = softedge_nets.architecture(state)  # hed (ControlNetHED.pth) or pidinet (table5_pidinet.pth)
+    if edges is not None:
+        return Identity(edges, "preprocessor", None)
     import spandrel  # imported only for what it recognises: spandrel_extra_arches takes seconds to import
     import spandrel_extra_arches
 
@@ -142,8 +146,8 @@ def identify(state: dict[str, torch.Tensor], name: str, allow_unknown: bool = Fa
             logger.warning("%s: architecture not recognised; converted as is (--allow-unknown)", name)
             return Identity("unknown", "unknown", None)
         raise ModelLoadError(
-            f"{name}: not a recognised upscaler, face restorer, face detector, line-art or pose network; pass "
-            "--allow-unknown to convert it anyway", field="source"
+            f"{name}: not a recognised upscaler, face restorer, face detector, line-art, pose or soft-edge network; "
+            "pass --allow-unknown to convert it anyway", field="source"
         ) from None
     except (RuntimeError, KeyError, ValueError, IndexError) as e:
         raise ModelLoadError(f"{name}: looks like a known architecture but does not load ({e})",
@@ -156,12 +160,15 @@ def identify(state: dict[str, torch.Tensor], name: str, allow_unknown: bool = Fa
 
 def verify(path: Path, identity: Identity) -> None:
     """Load the written file the way the service will; a file that fails here is never published."""
-    from deployments.support import faces
+    from deployments.support import faces, softedge
     from deployments.support.lineart import ARCHITECTURES
     from deployments.weights import loader
 
     if identity.purpose == "preprocessor" and identity.architecture == "openpose":  # strict, as a replica loads it
         loader.load_pose(str(path))
+    elif identity.purpose == "preprocessor" and identity.architecture in softedge.WEIGHTS:  # hed, pidinet: strict
+        loader.load_softedge(str(path), next(m for m, kind in softedge.ARCHITECTURES.items()
+                                             if kind == identity.architecture))
     elif identity.purpose == "preprocessor":  # strict: every name and shape of the network, as a replica loads it
         module = next(m for m, kind in ARCHITECTURES.items() if kind == identity.architecture)
         loader.load_lineart(str(path), module)

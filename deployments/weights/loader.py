@@ -404,9 +404,9 @@ def load_depth(source: str, module: str, dtype: torch.dtype, settings: Settings 
 
 
 def preprocessor_weights(path: Path, field: str, name: str | None = None) -> Path:
-    """The weights file of a line-art or pose preprocessor's source: the ``.safetensors`` file itself, or in a folder
-    (an ``s3://`` prefix, a local folder) the file ``name`` where the model has a file name of its own, else the one
-    ``.safetensors`` file it holds. A pickle, or a folder of pickles alone, is refused naming ``field``."""
+    """The weights file of a line-art, pose or soft-edge preprocessor's source: the ``.safetensors`` file itself, or in
+    a folder (an ``s3://`` prefix, a local folder) the file ``name`` where the model has a file name of its own, else
+    the one ``.safetensors`` file it holds. A pickle, or a folder of pickles alone, is refused naming ``field``."""
     if path.is_dir():
         # A model with a file name of its own is read by it: a folder of several converted releases may hold it.
         found = sorted(path.glob(name or "*.safetensors"))
@@ -430,7 +430,8 @@ def preprocessor_weights(path: Path, field: str, name: str | None = None) -> Pat
 
 def _preprocessor_state(source: str, field: str, settings: Settings | None,
                         name: str | None = None) -> tuple[Path, dict[str, torch.Tensor]]:
-    """A line-art or pose preprocessor's source resolved, its weights file found and read: (file, state dict)."""
+    """A line-art, pose or soft-edge preprocessor's source resolved, its weights file found and read: (file, state
+    dict)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -485,6 +486,33 @@ def load_pose(source: str, settings: Settings | None = None):
     logger.info("openpose: the body pose network from %s (%.1f M weights)", weights,
                 sum(v.numel() for v in state.values()) / 1e6)
     return model
+
+
+def load_softedge(source: str, module: str, settings: Settings | None = None):
+    """Load a ControlNet soft-edge or scribble preprocessor's network from safetensors (``python -m
+    deployments.weights.convert`` writes them from lllyasviel/Annotators' ``ControlNetHED.pth`` and
+    ``table5_pidinet.pth``): HED for the ``hed`` modules, PiDiNet for the ``pidinet`` ones; a file, or a folder
+    holding ``ControlNetHED.safetensors`` / ``table5_pidinet.safetensors``. A file whose names and shapes are not
+    exactly that release's is refused naming ``preprocessors.<module>`` (``details``: up to ten names of each kind).
+    Returns the network, float32 on the CPU (PiDiNet's pixel differences rewritten as plain convolutions)."""
+    from deployments.support import softedge, softedge_nets
+
+    field = f"preprocessors.{module}"
+    expected = softedge.ARCHITECTURES[module]
+    weights, state = _preprocessor_state(source, field, settings, softedge.WEIGHTS[expected])
+    found = softedge_nets.architecture(state)
+    if found is not None and found != expected:
+        raise ModelLoadError(f"{weights.name}: a {found!r} network; {module} runs a {expected!r} one", field=field)
+    problems = softedge_nets.mismatches(expected, state)
+    if problems:
+        summary = "; ".join(f"{len(keys)} {kind.replace('_', ' ')} ({', '.join(keys[:3])}...)"
+                            for kind, keys in problems.items())
+        raise ModelLoadError(f"{weights.name}: not the {expected} network's weights: {summary}", field=field,
+                             details={kind: keys[:10] for kind, keys in problems.items()})
+    net = softedge_nets.from_state_dict(expected, state)
+    logger.info("%s: the %s network from %s (%.2f M weights)", module, expected, weights,
+                sum(v.numel() for v in state.values()) / 1e6)
+    return net
 
 
 def load_spandrel(source: str, settings: Settings | None = None):

@@ -3,10 +3,12 @@
 
 A unit names one of the base's ``controlnets`` (as ``/controlnet/model_list`` lists them; A1111's ``"name [hash]"``
 is accepted too) and a preprocessor (``module``: none, canny, invert, ``lineart_standard``, and the depth,
-line-art and pose modules whose model the base has: ``depth_midas`` (or ``depth``), ``depth_anything``,
+line-art, pose and soft-edge modules whose model the base has: ``depth_midas`` (or ``depth``), ``depth_anything``,
 ``depth_anything_v2``, ``lineart_realistic`` (or ``lineart``), ``lineart_coarse``, ``lineart_anime``, ``openpose``
-(the body alone: the extension's hand, face, DWPose and animal pose modules are refused); the extension's labels are
-taken too). ``control_mode`` and
+(the body alone: the extension's hand, face, DWPose and animal pose modules are refused), ``softedge_hed`` (or
+``hed``), ``softedge_hedsafe`` (``hed_safe``), ``softedge_pidinet`` (``pidinet``), ``softedge_pidisafe``
+(``pidinet_safe``), ``scribble_hed`` (``fake_scribble``), ``scribble_pidinet`` (``pidinet_scribble``); the
+extension's labels are taken too). ``control_mode`` and
 ``pixel_perfect`` run as the extension runs them (``deployments/support/injection.py``, ``control.resolution``); a
 unit's ``mask``, which the extension draws with as the control image, is named in the answer's warnings and not
 applied; ``low_vram`` means nothing here. The routes are in ``graphs/api/controlnet.py``.
@@ -33,6 +35,7 @@ from deployments.support.depth import ALIASES
 from deployments.support.errors import InvalidInput, UnknownModel
 from deployments.support.lineart import ALIASES as LINEART_ALIASES
 from deployments.support.pose import POSE_MODULES, UNSERVED
+from deployments.support.softedge import ALIASES as SOFTEDGE_ALIASES
 from graphs.api.a1111_models import _A1111, Txt2ImgRequest
 from graphs.api.a1111_models import EXTENSION_SCRIPTS as SCRIPT
 from graphs.api.fields import image_field
@@ -53,7 +56,8 @@ MODE_OF: dict[str, ControlMode] = {"Balanced": "balanced", "My prompt is more im
 HR_OPTIONS: dict[Any, str] = {0: "both", 1: "first", 2: "second", "Both": "both", "Low res only": "first",
                               "High res only": "second"}
 MODULES = {"none": "none", "canny": "canny", "invert": "invert", "invert (from white bg & black line)": "invert",
-           **ALIASES, **LINEART_ALIASES, **{m: m for m in POSE_MODULES}}  # openpose: the extension's key and label
+           **ALIASES, **LINEART_ALIASES, **{m: m for m in POSE_MODULES},  # openpose: the extension's key and label
+           **SOFTEDGE_ALIASES}
 
 
 class A1111Unit(_A1111):
@@ -129,8 +133,9 @@ def model_name(unit: A1111Unit) -> str | None:
 
 def module_of(name: str, field: str, offered: Collection[str] = MODEL_FREE) -> str:
     """A preprocessor's name as the extension's clients send it (its labels too: the invert's and lineart_standard's
-    long ones, MiDaS's ``depth_midas`` for its key ``depth``, ``lineart_realistic`` for ``lineart``), when it is
-    ``offered`` (``control.offered``: a depth, line-art or pose module only where its model is configured); else a
+    long ones, MiDaS's ``depth_midas`` for its key ``depth``, ``lineart_realistic`` for ``lineart``, the soft-edge
+    labels for their keys ``hed``, ``pidinet``...), when it is ``offered`` (``control.offered``: a depth, line-art,
+    pose or soft-edge module only where its model is configured); else a
     422 naming ``field`` and listing those offered (one of the extension's pose modules that is not served here is
     told which one is)."""
     key = name.strip().lower()
@@ -173,8 +178,8 @@ def _passes(unit: A1111Unit, field: str, hires: bool) -> str:
 
 def sliders(unit: A1111Unit, module: str) -> tuple[int, float, float]:
     """processor_res, threshold_a, threshold_b as the extension reads them for canny (and processor_res alone for
-    the depth, line-art and pose modules): -1 or out of its bounds, its default (the extension resets such a value, and
-    logs it); other modules keep what was sent (they read none)."""
+    the depth, line-art, pose and soft-edge modules): -1 or out of its bounds, its default (the extension resets such
+    a value, and logs it); other modules keep what was sent (they read none)."""
     def within(value: float, bounds: tuple) -> float:
         default, low, high = bounds
         return value if low <= value <= high else default

@@ -5,10 +5,10 @@ A unit here is one unit of A1111's ControlNet extension under the native API's n
 ``ControlUnit`` the base runs (``graphs/api/a1111_controlnet.py`` maps the extension's): ``model`` is the
 extension's model, ``preprocessor`` its module, ``scale`` its weight, ``low_threshold`` and ``high_threshold`` its
 canny thresholds (threshold_a and threshold_b). Units are checked when a request is accepted, a queued job's too:
-its ControlNet is one of the base's (``GET /models`` lists them), its preprocessor is offered (a depth, line-art or
-pose one where its model is configured: ``GET /models`` lists them too), its image decodes, and a text-to-image unit
-has one (an edit's unit without one takes the edit's init image, as the extension does). A refusal names its field as
-the body's own validation does: ``controlnets.0.model``.
+its ControlNet is one of the base's (``GET /models`` lists them), its preprocessor is offered (a depth, line-art,
+pose or soft-edge one where its model is configured: ``GET /models`` lists them too), its image decodes, and a
+text-to-image unit has one (an edit's unit without one takes the edit's init image, as the extension does). A refusal
+names its field as the body's own validation does: ``controlnets.0.model``.
 """
 
 from __future__ import annotations
@@ -53,7 +53,10 @@ class ControlNetUnit(BaseModel):
                                        "lineart_realistic, lineart_coarse, lineart_anime (its line art, white on "
                                        "black, by the base's line-art network of that name), openpose (each body's "
                                        "keypoints and limbs in OpenPose's colours on black, by the base's body pose "
-                                       "network); GET /models lists those offered")
+                                       "network), softedge_hed, softedge_pidinet (its soft edges, white on black, by "
+                                       "the base's HED or PiDiNet network), softedge_hedsafe, softedge_pidisafe (the "
+                                       "same in three levels), scribble_hed, scribble_pidinet (bold white strokes "
+                                       "along its edges); GET /models lists those offered")
     scale: float = Field(1.0, ge=0.0, le=2.0, description="how strongly it guides (A1111's weight); 0: not at all")
     guidance_start: float = Field(0.0, ge=0.0, le=1.0, description="the fraction of the denoising steps where it "
                                   "starts guiding")
@@ -63,8 +66,8 @@ class ControlNetUnit(BaseModel):
                              "Just Resize), crop (cover and centre-crop: Crop and Resize), fill (fit inside, centred "
                              "on the map's median border colour: Resize and Fill)")
     processor_res: int = Field(CANNY_RES[0], ge=CANNY_RES[1], le=CANNY_RES[2], description="canny, the depth, "
-                               "line-art and pose preprocessors: the shorter side the image is resized to before its "
-                               "map is made")
+                               "line-art, pose, soft-edge and scribble preprocessors: the shorter side the image is "
+                               "resized to before its map is made")
     low_threshold: float = Field(CANNY_LOW[0], ge=CANNY_LOW[1], le=CANNY_LOW[2], description="canny: the lower "
                                  "hysteresis threshold (A1111's threshold_a)")
     high_threshold: float = Field(CANNY_HIGH[0], ge=CANNY_HIGH[1], le=CANNY_HIGH[2], description="canny: the upper "
@@ -73,9 +76,9 @@ class ControlNetUnit(BaseModel):
                                       "'My prompt is more important': the deeper residuals weigh more, the "
                                       "shallower less) or control ('ControlNet is more important': the same "
                                       "weights, added to the prompt's UNet rows alone)")
-    pixel_perfect: bool = Field(False, description="canny, depth, line art and openpose: run at the resolution "
-                                "A1111's Pixel Perfect works out from the image's size, the generation size and "
-                                "resize_mode (processor_res is then not read)")
+    pixel_perfect: bool = Field(False, description="canny, depth, line art, openpose, soft edge and scribble: run at "
+                                "the resolution A1111's Pixel Perfect works out from the image's size, the generation "
+                                "size and resize_mode (processor_res is then not read)")
 
     @field_validator("guidance_end")
     @classmethod
@@ -106,7 +109,8 @@ def control_units(units: Sequence[ControlNetUnit | dict], models: Collection[str
                                details={"choices": list(models)})
         if modules is not None and unit.preprocessor not in modules:
             raise UnknownModel(f"ControlNet preprocessor {unit.preprocessor!r} is not offered here "
-                               f"({', '.join(modules)}; a depth, line-art or pose one needs its model configured)",
+                               f"({', '.join(modules)}; a depth, line-art, pose or soft-edge one needs its model "
+                               "configured)",
                                field=f"{where}.preprocessor", details={"choices": list(modules)})
         if unit.image is None and not edit:
             raise InvalidInput(f"ControlNet unit {i} has no image (text-to-image has no init image to use)",

@@ -1,7 +1,7 @@
 """The ControlNet extension's own routes (Mikubill/sd-webui-controlnet's ``/controlnet/*``): its API version, the
 base's ControlNets, the preprocessors with their sliders, and ``detect`` (a preprocessor's maps of images), which
-runs on a base replica: OpenCV and the depth, line-art and pose models stay out of the ingress. Its units on txt2img and
-img2img are read in ``graphs/api/a1111_controlnet.py``."""
+runs on a base replica: OpenCV and the depth, line-art, pose and soft-edge models stay out of the ingress. Its units
+on txt2img and img2img are read in ``graphs/api/a1111_controlnet.py``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from deployments.support import lineart, pose
+from deployments.support import lineart, pose, softedge
 from deployments.support.control import CANNY_HIGH, CANNY_LOW, CANNY_RES, MAX_UNITS, PROCESSOR_RES, offered
 from deployments.support.depth import DEPTH_MODULES, DEPTH_RES
 from deployments.support.errors import InvalidInput
@@ -86,9 +86,13 @@ MODULE_DETAIL = {
     # configured slider by 8.
     **{m: {"model_free": False, "sliders": [_slider("Preprocessor Resolution", pose.POSE_RES, 8)]}
        for m in pose.POSE_MODULES},
+    # The HED modules' slider is configured (stepped by 8); the PiDiNet ones have none: the default one, step 1.
+    **{m: {"model_free": False, "sliders": [_slider("Preprocessor Resolution", softedge.RES[m],
+                                                    8 if softedge.ARCHITECTURES[m] == "hed" else 1)]}
+       for m in softedge.SOFTEDGE_MODULES},
 }
 # The extension's internal keys and labels where they are not our names (module_list lists its keys, or its labels).
-KEYS = {"depth_midas": "depth", **lineart.KEYS}
+KEYS = {"depth_midas": "depth", **lineart.KEYS, **softedge.KEYS}
 LABELS = {"invert": "invert (from white bg & black line)", **lineart.LABELS}
 
 
@@ -114,8 +118,8 @@ class ControlNetRoutes:
 
     @router.get("/module_list", response_model=ModuleList)
     async def controlnet_module_list(self, alias_names: bool = False) -> dict:
-        """The preprocessors offered (a depth, line-art or pose one where its model is configured), with their
-        sliders' defaults and bounds: by the extension's keys, or (``alias_names``) by its labels."""
+        """The preprocessors offered (a depth, line-art, pose or soft-edge one where its model is configured), with
+        their sliders' defaults and bounds: by the extension's keys, or (``alias_names``) by its labels."""
         names = {m: (LABELS.get(m, m) if alias_names else KEYS.get(m, m))
                  for m in offered(self.config.base.preprocessors)}
         return {"module_list": list(names.values()),
@@ -128,8 +132,8 @@ class ControlNetRoutes:
 
     @router.post("/detect", response_model=Detected, responses=documented(400))
     async def controlnet_detect(self, body: DetectRequest) -> dict:
-        """Each image's control map by a preprocessor (canny, depth, line art and openpose at their processor
-        resolution), base64 PNG."""
+        """Each image's control map by a preprocessor (canny, depth, line art, openpose, soft edge and scribble at
+        their processor resolution), base64 PNG."""
         unit = A1111Unit(module=body.controlnet_module, processor_res=body.controlnet_processor_res,
                          threshold_a=body.controlnet_threshold_a, threshold_b=body.controlnet_threshold_b)
         module = module_of(body.controlnet_module, "controlnet_module", offered(self.config.base.preprocessors))
@@ -140,7 +144,7 @@ class ControlNetRoutes:
             raise InvalidInput("no image sent", field="controlnet_input_images")
         images = await asyncio.to_thread(lambda: [image_field(data, f"{name}[{i}]") for i, data in enumerate(sent)])
         res, low, high = sliders(unit, module)
-        if module != "canny":  # the depth, line-art and pose modules read processor_res alone
+        if module != "canny":  # the depth, line-art, pose and soft-edge modules read processor_res alone
             res = res if module in PROCESSOR_RES else CANNY_RES[0]
             low, high = CANNY_LOW[0], CANNY_HIGH[0]
         async with flights.flight():  # a deadline or a disconnect cancels it, as the generations' stages
