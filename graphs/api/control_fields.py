@@ -85,9 +85,8 @@ class ControlNetUnit(BaseModel):
                                       "shallower less) or control ('ControlNet is more important': the same "
                                       "weights, added to the prompt's UNet rows alone)")
     pixel_perfect: bool = Field(False, description="canny, depth, line art, openpose, soft edge, scribble and mlsd: "
-                                "run at "
-                                "the resolution A1111's Pixel Perfect works out from the image's size, the generation "
-                                "size and resize_mode (processor_res is then not read)")
+                                "run at the resolution A1111's Pixel Perfect works out from the image's size, the "
+                                "generation size and resize_mode (processor_res is then not read)")
 
     @field_validator("guidance_end")
     @classmethod
