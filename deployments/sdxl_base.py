@@ -528,7 +528,7 @@ class BaseGenerator:
             out[f"lora:{name}"] = self._sha256(str(path))
         for name, source in self.config.controlnets.items():
             out[f"controlnet:{name}"] = self._sha256(source)
-        for module, source in self.config.preprocessors.items():  # a depth, line-art or pose map is the model's
+        for module, source in self.config.preprocessors.items():  # a depth, line-art, pose or M-LSD map is the model's
             out[f"preprocessor:{module}"] = self._sha256(source)
         for name, embedding in self.embedding_files.files().items():  # a name in a prompt reads as its vectors
             out[f"embedding:{name}"] = self._sha256(str(embedding.path))

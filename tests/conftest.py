@@ -54,7 +54,8 @@ def base(tiny):
                            # one HED (a file, and the folder holding it: two sources, two networks), one PiDiNet
                            "softedge_hed": str(tiny / "softedge" / "ControlNetHED.safetensors"),
                            "scribble_hed": str(tiny / "softedge"),
-                           "softedge_pidisafe": str(tiny / "softedge")},
+                           "softedge_pidisafe": str(tiny / "softedge"),
+                           "mlsd": str(tiny / "mlsd" / "mlsd_large_512_fp32.safetensors")},
         )
     )
 

@@ -1032,7 +1032,7 @@ def test_controlnet_units_are_refused_naming_their_field(ingress):
                                           "depth_anything_v2", "lineart_standard", "lineart_realistic",
                                           "lineart_coarse", "lineart_anime", "openpose", "softedge_hed",
                                           "softedge_hedsafe", "softedge_pidinet", "softedge_pidisafe", "scribble_hed",
-                                          "scribble_pidinet"]  # cpu.yaml has them all
+                                          "scribble_pidinet", "mlsd"]  # cpu.yaml has them all
 
 
 def test_img2img_unit_without_an_image_uses_the_init_image(ingress):
@@ -1059,7 +1059,8 @@ def test_controlnet_routes(ingress, tiny):
     modules = ingress.controlnet_module_list.remote().result()
     assert modules["module_list"] == ["none", "canny", "invert", "depth", "depth_anything", "depth_anything_v2",
                                       "lineart_standard", "lineart", "lineart_coarse", "lineart_anime", "openpose",
-                                      "hed", "hed_safe", "pidinet", "pidinet_safe", "scribble_hed", "pidinet_scribble"]
+                                      "hed", "hed_safe", "pidinet", "pidinet_safe", "scribble_hed", "pidinet_scribble",
+                                      "mlsd"]
     labels = ingress.controlnet_module_list.remote(alias_names=True).result()  # the extension's labels
     assert labels["module_list"][2:4] == ["invert (from white bg & black line)", "depth_midas"]
     assert [s["value"] for s in labels["module_detail"]["depth_midas"]["sliders"]] == [512]
@@ -1078,7 +1079,7 @@ def test_controlnet_routes(ingress, tiny):
     expected = cv2.Canny(cv2.resize(np.asarray(photo), (85, 64), interpolation=cv2.INTER_AREA), 50, 150)
     assert np.array_equal(np.asarray(edges.convert("L")), expected) and expected.max() == 255
     for body, field, code in [
-            (DetectRequest(controlnet_module="mlsd", controlnet_input_images=[b64(photo)]), "controlnet_module",
+            (DetectRequest(controlnet_module="depth_zoe", controlnet_input_images=[b64(photo)]), "controlnet_module",
              "UNKNOWN_MODEL"),
             (DetectRequest(controlnet_module="canny"), "controlnet_input_images", "INVALID_INPUT"),
             (DetectRequest(controlnet_module="canny", controlnet_input_images=[b64(photo), "x"]),
@@ -1274,3 +1275,27 @@ def test_openpose_detect(ingress, astronaut):
         controlnet_module="dw_openpose_full", controlnet_input_images=[b64(astronaut)])).result())
     assert (error.code, status_of(error), error.details["field"]) == ("UNKNOWN_MODEL", 422, "controlnet_module")
     assert "the body-only openpose is the one served here" in error.message
+
+
+def test_mlsd_detect(ingress, tiny, astronaut):
+    """/controlnet/detect makes an mlsd map on the base replica at processor_res with the sliders sent, their defaults
+    where they are unset (-1) or outside the extension's bounds: the same map the configured network makes here."""
+    import torch
+
+    from deployments.support import mlsd
+    from deployments.support.control import detect
+    from graphs.api.controlnet import DetectRequest
+
+    photo = astronaut.resize((128, 96))
+    local = mlsd.load({"mlsd": str(tiny / "mlsd" / mlsd.WEIGHTS)}, torch.device("cpu"))
+    lit = []
+    # The random network's segments are 0.19 to 0.26 map pixels long: the distance threshold keeps fewer of them.
+    for sent, used in (((-1, -1), (0.1, 0.1)), ((0.05, 0.22), (0.05, 0.22)), ((3.0, 0.24), (0.1, 0.24))):
+        detected = ingress.controlnet_detect.remote(DetectRequest(
+            controlnet_module="mlsd", controlnet_input_images=[b64(photo)], controlnet_processor_res=64,
+            controlnet_threshold_a=sent[0], controlnet_threshold_b=sent[1])).result()
+        made = decode_b64(detected["images"][0])
+        assert made.size == (85, 64) and made.mode == "RGB"
+        assert np.array_equal(pixels(made), pixels(detect(photo, "mlsd", 64, *used, estimators=local))), sent
+        lit.append(int((pixels(made)[..., 0] == 255).sum()))
+    assert lit[0] > lit[1] > lit[2] > 0, lit

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from deployments.support.control import PREPROCESSORS
 from deployments.support.errors import InvalidImage, InvalidInput, UnknownModel
 from graphs import plans
 from graphs.api.a1111_controlnet import control_units as a1111_units
@@ -34,14 +35,16 @@ SAME = [
      {"model": "tiny-canny", "image": IMAGE, "module": "canny", "control_mode": 2, "pixel_perfect": True}),
     ({"model": "tiny-canny", "image": IMAGE, "control_mode": "prompt"},
      {"model": "tiny-canny", "image": IMAGE, "control_mode": "My prompt is more important"}),
+    ({"model": "tiny-canny", "image": IMAGE, "preprocessor": "mlsd", "processor_res": 128, "low_threshold": 0.25},
+     {"model": "tiny-canny", "image": IMAGE, "module": "mlsd", "processor_res": 128, "threshold_a": 0.25}),
 ]
 
 
 @pytest.mark.parametrize(("native", "extension"), SAME)
 def test_a_unit_is_the_base_unit_the_same_a1111_unit_is(native, extension):
-    ours = control_units([ControlNetUnit(**native)], MODELS, edit=False)
+    ours = control_units([ControlNetUnit(**native)], MODELS, edit=False, modules=PREPROCESSORS)
     theirs = a1111_units(Txt2ImgRequest(prompt="p", alwayson_scripts={"ControlNet": {"args": [extension]}}), MODELS,
-                         edit=False)
+                         edit=False, modules=PREPROCESSORS)  # every module offered: mlsd's network too
     assert len(ours) == len(theirs) == 1
     assert ours[0].model_dump(exclude={"image"}) == theirs[0].model_dump(exclude={"image"})
     assert np.array_equal(pixels(ours[0].image), pixels(theirs[0].image))

@@ -255,11 +255,13 @@ def test_the_loader_still_refuses_the_original_pickles(releases):
             loader.load_spandrel(str(path))
 
 
-# The line-art and pose preprocessors' releases (lllyasviel/Annotators) a README command may convert, by module.
+# The line-art, pose, soft-edge and M-LSD preprocessors' releases (lllyasviel/Annotators) a README command may
+# convert, by module.
 LINEART_RELEASES = {"sk_model.pth": "lineart_realistic", "sk_model2.pth": "lineart_coarse",
                     "netG.pth": "lineart_anime"}
 POSE_RELEASE = "body_pose_model.pth"  # openpose's
 SOFTEDGE_RELEASES = {"ControlNetHED.pth": "hed", "table5_pidinet.pth": "pidinet"}  # the soft-edge networks
+MLSD_RELEASE = "mlsd_large_512_fp32.pth"  # mlsd's
 
 
 def readme_walkthrough() -> tuple[list[tuple[str, str]], list[str]]:
@@ -279,8 +281,9 @@ def test_readme_walkthrough_serves_the_converted_models(releases, tmp_path, monk
     from deployments.face_restorer import FaceEnhancer
     from deployments.factory import softedge as softedge_factory
     from deployments.factory.lineart import write_release
+    from deployments.factory.mlsd import build_mlsd_pth
     from deployments.factory.pose import build_pose_pth
-    from deployments.support import lineart, pose, softedge
+    from deployments.support import lineart, mlsd, pose, softedge
     from deployments.upscaler import ImageUpscaler
     from graphs.app import AppArgs
 
@@ -293,13 +296,16 @@ def test_readme_walkthrough_serves_the_converted_models(releases, tmp_path, monk
     drawings = [source for source, _ in commands if Path(source).name in LINEART_RELEASES]
     poses = [source for source, _ in commands if Path(source).name == POSE_RELEASE]
     edges = [source for source, _ in commands if Path(source).name in SOFTEDGE_RELEASES]
-    assert len(commands) - len(drawings) - len(poses) - len(edges) == 4
+    lines = [source for source, _ in commands if Path(source).name == MLSD_RELEASE]
+    assert len(commands) - len(drawings) - len(poses) - len(edges) - len(lines) == 4
     for source in drawings:  # the line-art releases the README converts, as lllyasviel/Annotators ships them
         write_release(downloads / Path(source).name, LINEART_RELEASES[Path(source).name])
     if poses:  # the body network at its real size (209 MB)
         build_pose_pth(downloads)
     for source in edges:  # HED and PiDiNet as released, at their real sizes
         softedge_factory.write_release(downloads / Path(source).name, SOFTEDGE_RELEASES[Path(source).name])
+    if lines:  # M-LSD's network, at its real size too (6 MB)
+        build_mlsd_pth(downloads)
     for source, target in commands:  # as the shell would expand them
         source = source.replace("~/Downloads", str(downloads))
         assert main([source, target.replace("$MODEL_DIR", str(model_dir))]) == 0
@@ -312,14 +318,15 @@ def test_readme_walkthrough_serves_the_converted_models(releases, tmp_path, monk
     restorer = FaceEnhancer(args.face_restorer)
     assert restorer.name == "CodeFormer"
     assert isinstance(restorer.detector, faces.RetinaFaceDetector)
-    for block in blocks[1:]:  # the base's preprocessors, where the README configures the converted line art, pose
+    for block in blocks[1:]:  # the base's preprocessors, where the README configures the converted networks
         base = yaml.safe_load(block).get("base", {})
         if "preprocessors" in base:
             sources = AppArgs.model_validate({"base": {"model": {"source": "unused"}, **base}}).base.preprocessors
             cpu = torch.device("cpu")
             loaded = {**lineart.load({m: s for m, s in sources.items() if m in lineart.MODEL_MODULES}, cpu),
                       **pose.load({m: s for m, s in sources.items() if m in pose.POSE_MODULES}, cpu),
-                      **softedge.load({m: s for m, s in sources.items() if m in softedge.SOFTEDGE_MODULES}, cpu)}
+                      **softedge.load({m: s for m, s in sources.items() if m in softedge.SOFTEDGE_MODULES}, cpu),
+                      **mlsd.load({m: s for m, s in sources.items() if m in mlsd.MLSD_MODULES}, cpu)}
             assert set(loaded) == set(base["preprocessors"])
 
 

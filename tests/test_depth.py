@@ -115,7 +115,8 @@ def test_a_depth_unit_guides_the_base_by_its_map(base, astronaut):
     assert np.array_equal(pixels(framed), pixels(expected))
     assert base.describe()["preprocessors"] == ["none", "canny", "invert", "depth_midas", "depth_anything_v2",
                                                 "lineart_standard", "lineart_realistic", "lineart_anime",
-                                                "openpose", "softedge_hed", "softedge_pidisafe", "scribble_hed"]
+                                                "openpose", "softedge_hed", "softedge_pidisafe", "scribble_hed",
+                                                "mlsd"]
     assert {"preprocessor:depth_midas", "preprocessor:depth_anything_v2"} <= set(base.fingerprint())
 
 

@@ -152,6 +152,24 @@ def test_the_softedge_releases_convert_and_load(models, tmp_path):
         assert made.size == (683, 512) and made.mode == "RGB", module
 
 
+def test_the_mlsd_release_converts_and_loads(models, tmp_path):
+    """lllyasviel/Annotators' mlsd_large_512_fp32.pth as released (a pickle) goes through the converter and loads
+    through the loader as the base's mlsd preprocessor, mapping an image at its resolution."""
+    from deployments.support import mlsd
+    from deployments.support.control import detect
+    from deployments.weights import convert
+
+    release = models / "mlsd" / "mlsd_large_512_fp32.pth"
+    if not release.exists():
+        pytest.fail(f"no M-LSD release in {models}: python -m deployments.factory {models} --full --only mlsd")
+    assert convert.main([str(release), str(tmp_path)]) == 0
+    detectors = mlsd.load({"mlsd": str(tmp_path / mlsd.WEIGHTS)}, torch.device("cpu"))
+    assert sum(p.numel() for p in detectors["mlsd"].model.parameters()) == 1_533_680
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (192, 256, 3), dtype=np.uint8))
+    made = detect(photo, "mlsd", 512, 0.1, 0.1, estimators=detectors)
+    assert made.size == (683, 512) and made.mode == "RGB"
+
+
 def test_base_generates_at_256(models):
     from deployments.sdxl_base import BaseGenerator
     from deployments.support.generation import GenerationRequest

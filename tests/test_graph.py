@@ -121,7 +121,7 @@ def test_a_controlnet_unit_guides_generate_and_get_models_lists_the_controlnets(
     assert listed["preprocessors"] == ["none", "canny", "invert", "depth_midas", "depth_anything", "depth_anything_v2",
                                        "lineart_standard", "lineart_realistic", "lineart_coarse", "lineart_anime",
                                        "openpose", "softedge_hed", "softedge_hedsafe", "softedge_pidinet",
-                                       "softedge_pidisafe", "scribble_hed", "scribble_pidinet"]
+                                       "softedge_pidisafe", "scribble_hed", "scribble_pidinet", "mlsd"]
 
 
 def test_controlnet_units_are_refused_naming_their_field(ingress):

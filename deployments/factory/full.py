@@ -22,6 +22,8 @@
     OUT/softedge/                  lllyasviel/Annotators' soft-edge releases as shipped (the converter's input):
                                    ControlNetHED.pth (HED, 14.7 M, a pickled state dict), table5_pidinet.pth
                                    (PiDiNet, 0.71 M, a training checkpoint, names under module.)
+    OUT/mlsd/                      lllyasviel/Annotators' mlsd_large_512_fp32.pth as shipped (a pickled state dict):
+                                   M-LSD's large network, 1.5 M weights, 6 MB (the same shrunk or not)
     OUT/controlnet-canny-sdxl/     diffusers/controlnet-canny-sdxl-1.0's layout (``--only controlnet``): the release's
                                    config.json, diffusion_pytorch_model.safetensors (fp32, 5.0 GB) and its fp16
                                    variant (2.5 GB); 1.25 B parameters, the base UNet's encoder and middle block
@@ -46,6 +48,7 @@ from safetensors.torch import save_file
 
 from deployments.factory import captioner as blip
 from deployments.factory import depth, lineart, softedge
+from deployments.factory.mlsd import build_mlsd_pth
 from deployments.factory.sgm import sdxl_to_sgm
 from deployments.factory.tiny import _save_tokenizer, _scheduler
 from deployments.factory.tokenizer import build_clip_tokenizer
@@ -155,7 +158,7 @@ _CONTROLNET_FROM_BASE = ("attention_head_dim", "block_out_channels", "cross_atte
                          "projection_class_embeddings_input_dim", "transformer_layers_per_block")
 
 ARTEFACTS = ("sdxl-base", "sdxl-base-single", "sdxl-inpaint", "sdxl-refiner", "releases", "safety-checker",
-             "captioner", "depth-anything-v2", "lineart", "softedge", "controlnet")
+             "captioner", "depth-anything-v2", "lineart", "softedge", "mlsd", "controlnet")
 
 
 def shapes(shrink: bool = False) -> SimpleNamespace:
@@ -371,6 +374,8 @@ def build_all(out: Path, only: set[str] | None = None, device: str = "cpu", shri
         lineart.build_releases(out / "lineart", full=not shrink)
     if "softedge" in wanted:  # as released (pickles), at their real sizes whether shrunk or not
         softedge.build_releases(out / "softedge")
+    if "mlsd" in wanted:  # as released (a pickle), at its real size either way
+        build_mlsd_pth(out / "mlsd")
     if "controlnet" in wanted:
         build_controlnet(out / "controlnet-canny-sdxl", shape.controlnet, device)
         gc.collect()

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deployments.support.depth import DepthModule
 from deployments.support.lineart import LineartModule
+from deployments.support.mlsd import MlsdModule
 from deployments.support.pose import PoseModule
 from deployments.support.softedge import SoftedgeModule
 
@@ -125,7 +126,7 @@ class SDXLBaseConfig(_Config):
         {}, max_length=32, description="SDXL ControlNets by the name requests select them with -> source (a diffusers "
         "ControlNetModel folder, safetensors weights): loaded once per replica, shared by every checkpoint it holds"
     )
-    preprocessors: dict[DepthModule | LineartModule | PoseModule | SoftedgeModule, str] = Field(
+    preprocessors: dict[DepthModule | LineartModule | PoseModule | SoftedgeModule | MlsdModule, str] = Field(
         {}, description="ControlNet preprocessors that need a model, by module name -> source; loaded once per "
         "replica, an absent one is not offered. depth_midas (a DPT, e.g. Intel/dpt-hybrid-midas), depth_anything and "
         "depth_anything_v2 (Depth Anything): a transformers folder (config.json, model.safetensors, "
@@ -135,7 +136,8 @@ class SDXLBaseConfig(_Config):
         "(CMU's weights: non-commercial use only). softedge_hed, softedge_hedsafe, scribble_hed: "
         "ControlNetHED.safetensors; softedge_pidinet, softedge_pidisafe, scribble_pidinet: table5_pidinet.safetensors "
         "(each a file, or a folder holding it by that name) converted from its .pth; modules naming the same source "
-        "share one network"
+        "share one network. mlsd: mlsd_large_512_fp32.safetensors (or a folder holding it by that name) converted "
+        "from its mlsd_large_512_fp32.pth"
     )
     embeddings_dir: str | None = Field(
         None, description="folder of SDXL textual-inversion embeddings (*.safetensors with clip_l and clip_g), each "

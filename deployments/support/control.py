@@ -15,13 +15,13 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Callable, Collection, Mapping
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from deployments.support import depth, lineart, pose, softedge
+from deployments.support import depth, lineart, mlsd, pose, softedge
 from deployments.support.control_maps import frame_map
 from deployments.support.errors import InvalidInput, UnknownModel
 from deployments.support.imaging import Fit, to_rgb
@@ -36,34 +36,41 @@ logger = logging.getLogger(__name__)
 
 MAX_UNITS = 4  # A1111's extension shows 3 units by default; each one is a ControlNet pass per step
 MODEL_FREE = ("none", "canny", "invert", "lineart_standard")
-# Every preprocessor, in the order they are listed: the depth, line-art, pose and soft-edge ones with a model where
-# it is configured.
+# Every preprocessor, in the order they are listed: the depth, line-art, pose, soft-edge and M-LSD ones with a model
+# where it is configured.
 PREPROCESSORS = ("none", "canny", "invert", *depth.DEPTH_MODULES, *lineart.LINEART_MODULES, *pose.POSE_MODULES,
-                 *softedge.SOFTEDGE_MODULES)
+                 *softedge.SOFTEDGE_MODULES, *mlsd.MLSD_MODULES)
 Preprocessor = Literal["none", "canny", "invert", "depth_midas", "depth_anything", "depth_anything_v2",
                        "lineart_standard", "lineart_realistic", "lineart_coarse", "lineart_anime", "openpose",
                        "softedge_hed", "softedge_hedsafe", "softedge_pidinet", "softedge_pidisafe", "scribble_hed",
-                       "scribble_pidinet"]
-# A preprocessor's model (a depth estimator, a line-art network, the pose network, an edge network): an image at the
-# processor resolution -> its map.
-Mapper = Callable[[Image.Image], Image.Image]
+                       "scribble_pidinet", "mlsd"]
+# A preprocessor's model (a depth estimator, a line-art network, the pose network, an edge network, M-LSD's): an
+# image at the processor resolution (and for mlsd its two thresholds) -> its map.
+Mapper = Callable[..., Image.Image]
 # A1111's extension: the canny sliders (processor_res, threshold_a, threshold_b), their defaults and bounds.
 CANNY_RES = (512, 64, 2048)
 CANNY_LOW = (100.0, 1.0, 255.0)
 CANNY_HIGH = (200.0, 1.0, 255.0)
+# The modules that read threshold_a and threshold_b, each one's two sliders (default, min, max) in the extension. A
+# unit's fields take the union of their bounds, and each module's values are checked against its own.
+THRESHOLDS = {"canny": (CANNY_LOW, CANNY_HIGH),
+              **{m: (mlsd.VALUE_THRESHOLD, mlsd.DISTANCE_THRESHOLD) for m in mlsd.MLSD_MODULES}}
+LEAST_THRESHOLD = min(low for pair in THRESHOLDS.values() for _, low, _ in pair)
 ControlMode = Literal["balanced", "prompt", "control"]
 # The pipeline arguments a ControlNet pass adds (``image`` too, for text-to-image: it is the control image there).
 KWARGS = ("control_image", "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
 # The preprocessors that run a model, and what each needs (the base's ``preprocessors`` configures it).
 MODELS = {**{m: "a depth model" for m in depth.DEPTH_MODULES}, **{m: "a line-art model" for m in lineart.MODEL_MODULES},
           **{m: "OpenPose's body network" for m in pose.POSE_MODULES},
-          **{m: f"the {softedge.NETWORKS[softedge.ARCHITECTURES[m]]} network" for m in softedge.SOFTEDGE_MODULES}}
+          **{m: f"the {softedge.NETWORKS[softedge.ARCHITECTURES[m]]} network" for m in softedge.SOFTEDGE_MODULES},
+          **{m: "M-LSD's line network" for m in mlsd.MLSD_MODULES}}
 # A map's largest size in pixels: one at the sliders' largest resolution (2048) twice as long as it is wide.
 MAX_MAP_PIXELS = 2 * CANNY_RES[2] ** 2
 # The preprocessors that read processor_res, and its extension slider's (default, min, max) for each.
 PROCESSOR_RES = {"canny": CANNY_RES, **{m: depth.DEPTH_RES for m in depth.DEPTH_MODULES},
                  **{m: lineart.LINEART_RES for m in lineart.LINEART_MODULES},
-                 **{m: pose.POSE_RES for m in pose.POSE_MODULES}, **softedge.RES}
+                 **{m: pose.POSE_RES for m in pose.POSE_MODULES}, **softedge.RES,
+                 **{m: mlsd.MLSD_RES for m in mlsd.MLSD_MODULES}}
 
 
 class ControlUnit(BaseModel):
@@ -80,7 +87,8 @@ class ControlUnit(BaseModel):
                                  "last three by a configured network), openpose (the bodies OpenPose's configured "
                                  "body network finds), softedge_hed, softedge_hedsafe, softedge_pidinet, "
                                  "softedge_pidisafe, scribble_hed, scribble_pidinet (soft edges or bold scribbles "
-                                 "by a configured HED or PiDiNet network)")
+                                 "by a configured HED or PiDiNet network), mlsd (the straight lines M-LSD's "
+                                 "configured network finds)")
     conditioning_scale: float = Field(1.0, ge=0.0, le=2.0, description="A1111's weight: the residuals' scale")
     guidance_start: float = Field(0.0, ge=0.0, le=1.0, description="the fraction of the steps where it starts")
     guidance_end: float = Field(1.0, ge=0.0, le=1.0, description="the fraction of the steps where it stops")
@@ -88,16 +96,18 @@ class ControlUnit(BaseModel):
                              "(cover, centre-crop: A1111's default 'Crop and Resize') or fill (fit, centred on the "
                              "map's median border colour)")
     processor_res: int = Field(CANNY_RES[0], ge=CANNY_RES[1], le=CANNY_RES[2], description="canny, depth, line "
-                               "art, openpose, soft edge and scribble: the shorter side the image is resized to "
+                               "art, openpose, soft edge, scribble and mlsd: the shorter side the image is resized to "
                                "before its map is made")
-    threshold_a: float = Field(CANNY_LOW[0], ge=CANNY_LOW[1], le=CANNY_LOW[2], description="canny: low threshold")
-    threshold_b: float = Field(CANNY_HIGH[0], ge=CANNY_HIGH[1], le=CANNY_HIGH[2], description="canny: high threshold")
+    threshold_a: float = Field(CANNY_LOW[0], ge=LEAST_THRESHOLD, le=CANNY_LOW[2], description="canny: low threshold "
+                               "(1 to 255); mlsd: value threshold (0.01 to 2, default 0.1)")
+    threshold_b: float = Field(CANNY_HIGH[0], ge=LEAST_THRESHOLD, le=CANNY_HIGH[2], description="canny: high "
+                               "threshold (1 to 255); mlsd: distance threshold (0.01 to 20, default 0.1)")
     passes: Literal["both", "first", "second"] = Field("both", description="with a hires fix, the passes it "
                                                        "guides (A1111's hr_option): both, the first, the second")
     control_mode: ControlMode = Field("balanced", description="the extension's control mode: balanced, prompt (My "
                                       "prompt is more important: soft residual weights) or control (ControlNet is "
                                       "more important: soft weights, the conditional rows alone)")
-    pixel_perfect: bool = Field(False, description="canny's, depth's, line art's and openpose's resolution "
+    pixel_perfect: bool = Field(False, description="canny's, depth's, line art's, openpose's and mlsd's resolution "
                                 "computed from the image's size, the generation size and the resize mode, as the "
                                 "extension's Pixel Perfect computes it (processor_res is then not read)")
     pixel_target: tuple[int, int] | None = Field(None, description="pixel_perfect's target size (width, height); "
@@ -106,10 +116,27 @@ class ControlUnit(BaseModel):
     hires_pass: bool = Field(False, description="it guides a hires fix's second pass, where canny takes the soft "
                              "weights whatever the control mode, as the extension forces them there")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _module_thresholds(cls, data: Any) -> Any:
+        """An mlsd unit's unset thresholds are its sliders' defaults, not canny's."""
+        if isinstance(data, dict) and data.get("module") in mlsd.MLSD_MODULES:
+            return {"threshold_a": mlsd.VALUE_THRESHOLD[0], "threshold_b": mlsd.DISTANCE_THRESHOLD[0], **data}
+        return data
+
     @model_validator(mode="after")
     def _guidance_in_order(self) -> ControlUnit:
         if self.guidance_start > self.guidance_end:
             raise ValueError(f"guidance_start={self.guidance_start} is after guidance_end={self.guidance_end}")
+        return self
+
+    @model_validator(mode="after")
+    def _thresholds_in_bounds(self) -> ControlUnit:
+        """canny's and mlsd's thresholds within the module's own sliders (the fields take their union)."""
+        for name, value, (_, low, high) in zip(("threshold_a", "threshold_b"), (self.threshold_a, self.threshold_b),
+                                               THRESHOLDS.get(self.module, ()), strict=False):
+            if not low <= value <= high:
+                raise ValueError(f"{name}={value:g} is outside {self.module}'s {low:g} to {high:g}")
         return self
 
 
@@ -136,8 +163,8 @@ def pixel_perfect_resolution(size: tuple[int, int], width: int, height: int, fit
 
 
 def offered(configured: Collection[str]) -> list[str]:
-    """The preprocessors requests may name: the model-free ones, and each depth, line-art and pose module whose
-    model is configured (``configured``: the base's ``preprocessors``)."""
+    """The preprocessors requests may name: the model-free ones, and each depth, line-art, pose, soft-edge and M-LSD
+    module whose model is configured (``configured``: the base's ``preprocessors``)."""
     return [m for m in PREPROCESSORS if m in MODEL_FREE or m in configured]
 
 
@@ -171,14 +198,17 @@ def detect(image: Image.Image, module: Preprocessor, resolution: int = CANNY_RES
            low: float = CANNY_LOW[0], high: float = CANNY_HIGH[0],
            estimators: Mapping[str, Mapper] | None = None, field: str = "control.image") -> Image.Image:
     """The control map a preprocessor makes of ``image`` (RGB), at the size it works at: canny at ``resolution``
-    (white edges on black, thresholds ``low`` and ``high``), a depth, line-art or pose module at ``resolution`` (by
-    its model in ``estimators``, the configured preprocessors' models by module; ``lineart_standard`` needs none),
-    the others at the image's own size. A map past ``MAX_MAP_PIXELS`` is refused, naming ``field``."""
+    (white edges on black, thresholds ``low`` and ``high``), a depth, line-art, pose, soft-edge or M-LSD module at
+    ``resolution`` (by its model in ``estimators``, the configured preprocessors' models by module;
+    ``lineart_standard`` needs none; mlsd's value and distance thresholds are ``low`` and ``high``), the others at the
+    image's own size. A map past ``MAX_MAP_PIXELS`` is refused, naming ``field``."""
     rgb = to_rgb(image)
     if module in PROCESSOR_RES:
         map_size(rgb, resolution, field)
     if module == "lineart_standard":
         return lineart.standard(at_resolution(rgb, resolution))
+    if module in mlsd.MLSD_MODULES:
+        return _model(estimators, module)(at_resolution(rgb, resolution), low, high)
     if module in MODELS:
         return _model(estimators, module)(at_resolution(rgb, resolution))
     if module == "canny":
@@ -241,7 +271,8 @@ class ControlNets:
     """The ControlNets of one replica by name, loaded once on its device and dtype, and the ControlNet pipelines
     each held checkpoint runs them with (made on first use from its modules, kept while it is held); with the
     preprocessors' models, loaded with them: the depth estimators (``depth``), line-art networks (``lineart``), the
-    pose estimator (``pose``) and the soft-edge networks (``softedge``), by module (all in ``preprocessors``)."""
+    pose estimator (``pose``), the soft-edge networks (``softedge``) and the line detector (``mlsd``), by module (all
+    in ``preprocessors``)."""
 
     def __init__(self, config: SDXLBaseConfig, device: torch.device, dtype: torch.dtype,
                  settings: Settings | None = None) -> None:
@@ -261,6 +292,7 @@ class ControlNets:
         self.pose = pose.load({m: s for m, s in sources.items() if m in pose.POSE_MODULES}, device, settings)
         self.softedge = softedge.load({m: s for m, s in sources.items() if m in softedge.SOFTEDGE_MODULES}, device,
                                       settings)
+        self.mlsd = mlsd.load({m: s for m, s in sources.items() if m in mlsd.MLSD_MODULES}, device, settings)
         # checkpoint pipelines -> (mode, ControlNet names) -> its ControlNet pipeline; an evicted checkpoint's go
         # with it (weak keys), so that they never keep its modules alive.
         self._pipelines: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -272,7 +304,7 @@ class ControlNets:
     @property
     def preprocessors(self) -> dict[str, Mapper]:
         """The preprocessors' models loaded, by module."""
-        return {**self.depth, **self.lineart, **self.pose, **self.softedge}
+        return {**self.depth, **self.lineart, **self.pose, **self.softedge, **self.mlsd}
 
     @property
     def modules(self) -> list[str]:

@@ -1,12 +1,12 @@
 """``python -m deployments.weights.convert IN OUT``: an official ``.pth`` release -> safetensors the loader takes.
 
-Real-ESRGAN, CodeFormer, GFPGAN and RetinaFace weights ship as pickles, as do ControlNet's line-art, pose and
-soft-edge preprocessors (lllyasviel/Annotators' sk_model.pth, sk_model2.pth, netG.pth, body_pose_model.pth,
-ControlNetHED.pth, table5_pidinet.pth), which the loader
-refuses because unpickling can run code. This reads them with PyTorch's restricted unpickler only (tensors,
-containers and primitives; anything else is refused, never retried unrestricted), unwraps the usual checkpoint dicts
-(``params_ema`` first), strips DataParallel's ``module.`` prefix, recognises the model, writes safetensors to a
-temporary name, loads that through the service's own loader, and only then renames it into place.
+Real-ESRGAN, CodeFormer, GFPGAN and RetinaFace weights ship as pickles, as do ControlNet's line-art, pose, soft-edge
+and M-LSD preprocessors (lllyasviel/Annotators' sk_model.pth, sk_model2.pth, netG.pth, body_pose_model.pth,
+ControlNetHED.pth, table5_pidinet.pth, mlsd_large_512_fp32.pth), which the loader refuses because unpickling can run
+code. This reads them with PyTorch's restricted unpickler only (tensors, containers and primitives; anything else is
+refused, never retried unrestricted), unwraps the usual checkpoint dicts (``params_ema`` first), strips
+DataParallel's ``module.`` prefix, recognises the model, writes safetensors to a temporary name, loads that through
+the service's own loader, and only then renames it into place.
 
 IN may be a directory: every ``.pth`` / ``.ckpt`` / ``.pt`` / ``.bin`` in it is converted into the OUT directory.
 Each converted file prints one line: path, architecture, purpose, scale and the SHA-256 of the written file.
@@ -120,9 +120,9 @@ def retinaface_network(state: dict[str, torch.Tensor]) -> str | None:
 
 
 def identify(state: dict[str, torch.Tensor], name: str, allow_unknown: bool = False) -> Identity:
-    """What the state dict is: a RetinaFace detector, a ControlNet line-art network, OpenPose's body network or a
-    soft-edge network (HED, PiDiNet) by its keys, else whatever spandrel recognises."""
-    from deployments.support import lineart_nets, pose, softedge_nets
+    """What the state dict is: a RetinaFace detector, a ControlNet line-art network, OpenPose's body network, a
+    soft-edge network (HED, PiDiNet) or M-LSD's large network by its keys, else whatever spandrel recognises."""
+    from deployments.support import lineart_nets, mlsd, pose, softedge_nets
 
     network = retinaface_network(state)
     if network is not None:
@@ -135,6 +135,8 @@ def identify(state: dict[str, torch.Tensor], name: str, allow_unknown: bool = Fa
     edges = softedge_nets.architecture(state)  # hed (ControlNetHED.pth) or pidinet (table5_pidinet.pth)
     if edges is not None:
         return Identity(edges, "preprocessor", None)
+    if mlsd.recognise(state):  # mlsd_large_512_fp32.pth: every key of the release, each of its shape
+        return Identity("mlsd", "preprocessor", None)
     import spandrel  # imported only for what it recognises: spandrel_extra_arches takes seconds to import
     import spandrel_extra_arches
 
@@ -146,8 +148,8 @@ def identify(state: dict[str, torch.Tensor], name: str, allow_unknown: bool = Fa
             logger.warning("%s: architecture not recognised; converted as is (--allow-unknown)", name)
             return Identity("unknown", "unknown", None)
         raise ModelLoadError(
-            f"{name}: not a recognised upscaler, face restorer, face detector, line-art, pose or soft-edge network; "
-            "pass --allow-unknown to convert it anyway", field="source"
+            f"{name}: not a recognised upscaler, face restorer, face detector, line-art, pose, soft-edge or M-LSD "
+            "network; pass --allow-unknown to convert it anyway", field="source"
         ) from None
     except (RuntimeError, KeyError, ValueError, IndexError) as e:
         raise ModelLoadError(f"{name}: looks like a known architecture but does not load ({e})",
@@ -169,6 +171,8 @@ def verify(path: Path, identity: Identity) -> None:
     elif identity.purpose == "preprocessor" and identity.architecture in softedge.WEIGHTS:  # hed, pidinet: strict
         loader.load_softedge(str(path), next(m for m, kind in softedge.ARCHITECTURES.items()
                                              if kind == identity.architecture))
+    elif identity.purpose == "preprocessor" and identity.architecture == "mlsd":
+        loader.load_mlsd(str(path))
     elif identity.purpose == "preprocessor":  # strict: every name and shape of the network, as a replica loads it
         module = next(m for m, kind in ARCHITECTURES.items() if kind == identity.architecture)
         loader.load_lineart(str(path), module)

@@ -404,9 +404,10 @@ def load_depth(source: str, module: str, dtype: torch.dtype, settings: Settings 
 
 
 def preprocessor_weights(path: Path, field: str, name: str | None = None) -> Path:
-    """The weights file of a line-art, pose or soft-edge preprocessor's source: the ``.safetensors`` file itself, or in
-    a folder (an ``s3://`` prefix, a local folder) the file ``name`` where the model has a file name of its own, else
-    the one ``.safetensors`` file it holds. A pickle, or a folder of pickles alone, is refused naming ``field``."""
+    """The weights file of a line-art, pose, soft-edge or M-LSD preprocessor's source: the ``.safetensors`` file
+    itself, or in a folder (an ``s3://`` prefix, a local folder) the file ``name`` where the model has a file name of
+    its own, else the one ``.safetensors`` file it holds. A pickle, or a folder of pickles alone, is refused naming
+    ``field``."""
     if path.is_dir():
         # A model with a file name of its own is read by it: a folder of several converted releases may hold it.
         found = sorted(path.glob(name or "*.safetensors"))
@@ -430,8 +431,8 @@ def preprocessor_weights(path: Path, field: str, name: str | None = None) -> Pat
 
 def _preprocessor_state(source: str, field: str, settings: Settings | None,
                         name: str | None = None) -> tuple[Path, dict[str, torch.Tensor]]:
-    """A line-art, pose or soft-edge preprocessor's source resolved, its weights file found and read: (file, state
-    dict)."""
+    """A line-art, pose, soft-edge or M-LSD preprocessor's source resolved, its weights file found and read: (file,
+    state dict)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -476,12 +477,7 @@ def load_pose(source: str, settings: Settings | None = None):
     from deployments.support import pose
 
     weights, state = _preprocessor_state(source, pose.FIELD, settings, pose.WEIGHTS)
-    problems = pose.mismatches(state)
-    if problems:
-        summary = "; ".join(f"{len(keys)} {kind.replace('_', ' ')} ({', '.join(keys[:3])}...)"
-                            for kind, keys in problems.items())
-        raise ModelLoadError(f"{weights.name}: not OpenPose's body pose network: {summary}", field=pose.FIELD,
-                             details={kind: keys[:10] for kind, keys in problems.items()})
+    _refuse_mismatches(weights, "OpenPose's body pose network", pose.mismatches(state), pose.FIELD)
     model = pose.from_state_dict({key: value.float() for key, value in state.items()})
     logger.info("openpose: the body pose network from %s (%.1f M weights)", weights,
                 sum(v.numel() for v in state.values()) / 1e6)
@@ -503,16 +499,37 @@ def load_softedge(source: str, module: str, settings: Settings | None = None):
     found = softedge_nets.architecture(state)
     if found is not None and found != expected:
         raise ModelLoadError(f"{weights.name}: a {found!r} network; {module} runs a {expected!r} one", field=field)
-    problems = softedge_nets.mismatches(expected, state)
-    if problems:
-        summary = "; ".join(f"{len(keys)} {kind.replace('_', ' ')} ({', '.join(keys[:3])}...)"
-                            for kind, keys in problems.items())
-        raise ModelLoadError(f"{weights.name}: not the {expected} network's weights: {summary}", field=field,
-                             details={kind: keys[:10] for kind, keys in problems.items()})
+    _refuse_mismatches(weights, f"the {expected} network's weights", softedge_nets.mismatches(expected, state), field)
     net = softedge_nets.from_state_dict(expected, state)
     logger.info("%s: the %s network from %s (%.2f M weights)", module, expected, weights,
                 sum(v.numel() for v in state.values()) / 1e6)
     return net
+
+
+def load_mlsd(source: str, settings: Settings | None = None):
+    """Load the ControlNet ``mlsd`` preprocessor's M-LSD large network from safetensors (``python -m
+    deployments.weights.convert`` writes it from lllyasviel/Annotators' ``mlsd_large_512_fp32.pth``): a file, or a
+    folder holding ``mlsd_large_512_fp32.safetensors``. A file whose names and shapes are not exactly the release's is
+    refused, saying which (``details``: up to ten keys of each kind). Returns the network, float32 on the CPU."""
+    from deployments.support import mlsd
+
+    weights, state = _preprocessor_state(source, mlsd.FIELD, settings, mlsd.WEIGHTS)
+    _refuse_mismatches(weights, "M-LSD's large network", mlsd.mismatches(state), mlsd.FIELD)
+    model = mlsd.from_state_dict({key: value.float() if value.is_floating_point() else value
+                                  for key, value in state.items()})
+    logger.info("mlsd: M-LSD's large network from %s (%.2f M weights)", weights,
+                sum(p.numel() for p in model.parameters()) / 1e6)
+    return model
+
+
+def _refuse_mismatches(weights: Path, network: str, problems: dict[str, list[str]], field: str) -> None:
+    """A preprocessor's weights that are not its release's (``problems``: missing, unexpected and wrong-shaped keys)
+    refused, naming ``field``, the counts and first keys of each kind in the message, up to ten in ``details``."""
+    if problems:
+        summary = "; ".join(f"{len(keys)} {kind.replace('_', ' ')} ({', '.join(keys[:3])}...)"
+                            for kind, keys in problems.items())
+        raise ModelLoadError(f"{weights.name}: not {network}: {summary}", field=field,
+                             details={kind: keys[:10] for kind, keys in problems.items()})
 
 
 def load_spandrel(source: str, settings: Settings | None = None):

@@ -3,12 +3,12 @@
 
 A unit names one of the base's ``controlnets`` (as ``/controlnet/model_list`` lists them; A1111's ``"name [hash]"``
 is accepted too) and a preprocessor (``module``: none, canny, invert, ``lineart_standard``, and the depth,
-line-art, pose and soft-edge modules whose model the base has: ``depth_midas`` (or ``depth``), ``depth_anything``,
-``depth_anything_v2``, ``lineart_realistic`` (or ``lineart``), ``lineart_coarse``, ``lineart_anime``, ``openpose``
-(the body alone: the extension's hand, face, DWPose and animal pose modules are refused), ``softedge_hed`` (or
-``hed``), ``softedge_hedsafe`` (``hed_safe``), ``softedge_pidinet`` (``pidinet``), ``softedge_pidisafe``
-(``pidinet_safe``), ``scribble_hed`` (``fake_scribble``), ``scribble_pidinet`` (``pidinet_scribble``); the
-extension's labels are taken too). ``control_mode`` and
+line-art, pose, soft-edge and M-LSD modules whose model the base has: ``depth_midas`` (or ``depth``),
+``depth_anything``, ``depth_anything_v2``, ``lineart_realistic`` (or ``lineart``), ``lineart_coarse``,
+``lineart_anime``, ``openpose`` (the body alone: the extension's hand, face, DWPose and animal pose modules are
+refused), ``softedge_hed`` (or ``hed``), ``softedge_hedsafe`` (``hed_safe``), ``softedge_pidinet`` (``pidinet``),
+``softedge_pidisafe`` (``pidinet_safe``), ``scribble_hed`` (``fake_scribble``), ``scribble_pidinet``
+(``pidinet_scribble``), ``mlsd``; the extension's labels are taken too). ``control_mode`` and
 ``pixel_perfect`` run as the extension runs them (``deployments/support/injection.py``, ``control.resolution``); a
 unit's ``mask``, which the extension draws with as the control image, is named in the answer's warnings and not
 applied; ``low_vram`` means nothing here. The routes are in ``graphs/api/controlnet.py``.
@@ -28,12 +28,14 @@ from deployments.support.control import (
     MAX_UNITS,
     MODEL_FREE,
     PROCESSOR_RES,
+    THRESHOLDS,
     ControlMode,
     ControlUnit,
 )
 from deployments.support.depth import ALIASES
 from deployments.support.errors import InvalidInput, UnknownModel
 from deployments.support.lineart import ALIASES as LINEART_ALIASES
+from deployments.support.mlsd import MLSD_MODULES
 from deployments.support.pose import POSE_MODULES, UNSERVED
 from deployments.support.softedge import ALIASES as SOFTEDGE_ALIASES
 from graphs.api.a1111_models import _A1111, Txt2ImgRequest
@@ -56,8 +58,8 @@ MODE_OF: dict[str, ControlMode] = {"Balanced": "balanced", "My prompt is more im
 HR_OPTIONS: dict[Any, str] = {0: "both", 1: "first", 2: "second", "Both": "both", "Low res only": "first",
                               "High res only": "second"}
 MODULES = {"none": "none", "canny": "canny", "invert": "invert", "invert (from white bg & black line)": "invert",
-           **ALIASES, **LINEART_ALIASES, **{m: m for m in POSE_MODULES},  # openpose: the extension's key and label
-           **SOFTEDGE_ALIASES}
+           **ALIASES, **LINEART_ALIASES, **SOFTEDGE_ALIASES,
+           **{m: m for m in (*POSE_MODULES, *MLSD_MODULES)}}  # openpose, mlsd: the extension's keys and labels
 
 
 class A1111Unit(_A1111):
@@ -135,7 +137,7 @@ def module_of(name: str, field: str, offered: Collection[str] = MODEL_FREE) -> s
     """A preprocessor's name as the extension's clients send it (its labels too: the invert's and lineart_standard's
     long ones, MiDaS's ``depth_midas`` for its key ``depth``, ``lineart_realistic`` for ``lineart``, the soft-edge
     labels for their keys ``hed``, ``pidinet``...), when it is ``offered`` (``control.offered``: a depth, line-art,
-    pose or soft-edge module only where its model is configured); else a
+    pose, soft-edge or M-LSD module only where its model is configured); else a
     422 naming ``field`` and listing those offered (one of the extension's pose modules that is not served here is
     told which one is)."""
     key = name.strip().lower()
@@ -177,16 +179,17 @@ def _passes(unit: A1111Unit, field: str, hires: bool) -> str:
 
 
 def sliders(unit: A1111Unit, module: str) -> tuple[int, float, float]:
-    """processor_res, threshold_a, threshold_b as the extension reads them for canny (and processor_res alone for
-    the depth, line-art, pose and soft-edge modules): -1 or out of its bounds, its default (the extension resets such
-    a value, and logs it); other modules keep what was sent (they read none)."""
+    """processor_res, threshold_a, threshold_b as the extension reads them for canny and mlsd (and processor_res
+    alone for the depth, line-art, pose and soft-edge modules): -1 or out of its bounds, its default (the extension
+    resets such a value, and logs it); other modules keep what was sent (they read none)."""
     def within(value: float, bounds: tuple) -> float:
         default, low, high = bounds
         return value if low <= value <= high else default
 
-    if module == "canny":
-        return int(within(unit.processor_res, CANNY_RES)), within(unit.threshold_a, CANNY_LOW), \
-            within(unit.threshold_b, CANNY_HIGH)
+    if module in THRESHOLDS:
+        first, second = THRESHOLDS[module]
+        return int(within(unit.processor_res, PROCESSOR_RES[module])), within(unit.threshold_a, first), \
+            within(unit.threshold_b, second)
     if module in PROCESSOR_RES:
         return int(within(unit.processor_res, PROCESSOR_RES[module])), unit.threshold_a, unit.threshold_b
     return unit.processor_res, unit.threshold_a, unit.threshold_b
@@ -243,8 +246,8 @@ def control_units(r: Txt2ImgRequest, models: dict[str, str], *, edit: bool,
                                guidance_end=unit.guidance if unit.guidance is not None else unit.guidance_end,
                                resize_mode=fit,  # type: ignore[arg-type]
                                processor_res=res if module in PROCESSOR_RES else CANNY_RES[0],
-                               threshold_a=low if module == "canny" else CANNY_LOW[0],
-                               threshold_b=high if module == "canny" else CANNY_HIGH[0]))
+                               threshold_a=low if module in THRESHOLDS else CANNY_LOW[0],
+                               threshold_b=high if module in THRESHOLDS else CANNY_HIGH[0]))
     return out
 
 
@@ -262,13 +265,14 @@ def notes(r: Txt2ImgRequest) -> list[str]:
             out.append(f"{field}: the unit's mask is not applied here (the extension would draw with it as the "
                        "control image)")
         module = MODULES.get(unit.module.strip().lower())
-        if module == "canny":  # a negative value means the default (-1: not set); one set out of bounds, a note
-            checked = [("threshold_a", unit.threshold_a, CANNY_LOW), ("threshold_b", unit.threshold_b, CANNY_HIGH)]
+        if module in THRESHOLDS:  # a negative value means the default (-1: not set); one set out of bounds, a note
+            first, second = THRESHOLDS[module]
+            checked = [("threshold_a", unit.threshold_a, first), ("threshold_b", unit.threshold_b, second)]
             if not unit.pixel_perfect:  # else the resolution is computed, whatever processor_res says
-                checked.insert(0, ("processor_res", unit.processor_res, CANNY_RES))
+                checked.insert(0, ("processor_res", unit.processor_res, PROCESSOR_RES[module]))
             for name, value, (default, low, high) in checked:
                 if value >= 0 and not low <= value <= high:
-                    out.append(f"{field}.{name}={value:g} is outside canny's {low:g} to {high:g}: it ran at "
+                    out.append(f"{field}.{name}={value:g} is outside {module}'s {low:g} to {high:g}: it ran at "
                                f"{default:g}, as the extension resets it")
         elif module in PROCESSOR_RES and not unit.pixel_perfect and unit.processor_res >= 0:
             default, low, high = PROCESSOR_RES[module]

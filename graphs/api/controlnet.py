@@ -1,7 +1,7 @@
 """The ControlNet extension's own routes (Mikubill/sd-webui-controlnet's ``/controlnet/*``): its API version, the
 base's ControlNets, the preprocessors with their sliders, and ``detect`` (a preprocessor's maps of images), which
-runs on a base replica: OpenCV and the depth, line-art, pose and soft-edge models stay out of the ingress. Its units
-on txt2img and img2img are read in ``graphs/api/a1111_controlnet.py``."""
+runs on a base replica: OpenCV and the depth, line-art, pose, soft-edge and M-LSD models stay out of the ingress. Its
+units on txt2img and img2img are read in ``graphs/api/a1111_controlnet.py``."""
 
 from __future__ import annotations
 
@@ -11,8 +11,16 @@ from typing import TYPE_CHECKING
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from deployments.support import lineart, pose, softedge
-from deployments.support.control import CANNY_HIGH, CANNY_LOW, CANNY_RES, MAX_UNITS, PROCESSOR_RES, offered
+from deployments.support import lineart, mlsd, pose, softedge
+from deployments.support.control import (
+    CANNY_HIGH,
+    CANNY_LOW,
+    CANNY_RES,
+    MAX_UNITS,
+    PROCESSOR_RES,
+    THRESHOLDS,
+    offered,
+)
 from deployments.support.depth import DEPTH_MODULES, DEPTH_RES
 from deployments.support.errors import InvalidInput
 from graphs import flights
@@ -90,6 +98,11 @@ MODULE_DETAIL = {
     **{m: {"model_free": False, "sliders": [_slider("Preprocessor Resolution", softedge.RES[m],
                                                     8 if softedge.ARCHITECTURES[m] == "hed" else 1)]}
        for m in softedge.SOFTEDGE_MODULES},
+    # mlsd's three configured sliders: the resolution as openpose's, its two thresholds stepped by 0.01.
+    **{m: {"model_free": False, "sliders": [_slider("Preprocessor Resolution", mlsd.MLSD_RES, 8),
+                                            _slider("MLSD Value Threshold", mlsd.VALUE_THRESHOLD, 0.01),
+                                            _slider("MLSD Distance Threshold", mlsd.DISTANCE_THRESHOLD, 0.01)]}
+       for m in mlsd.MLSD_MODULES},
 }
 # The extension's internal keys and labels where they are not our names (module_list lists its keys, or its labels).
 KEYS = {"depth_midas": "depth", **lineart.KEYS, **softedge.KEYS}
@@ -118,8 +131,8 @@ class ControlNetRoutes:
 
     @router.get("/module_list", response_model=ModuleList)
     async def controlnet_module_list(self, alias_names: bool = False) -> dict:
-        """The preprocessors offered (a depth, line-art, pose or soft-edge one where its model is configured), with
-        their sliders' defaults and bounds: by the extension's keys, or (``alias_names``) by its labels."""
+        """The preprocessors offered (a depth, line-art, pose, soft-edge or M-LSD one where its model is configured),
+        with their sliders' defaults and bounds: by the extension's keys, or (``alias_names``) by its labels."""
         names = {m: (LABELS.get(m, m) if alias_names else KEYS.get(m, m))
                  for m in offered(self.config.base.preprocessors)}
         return {"module_list": list(names.values()),
@@ -132,8 +145,8 @@ class ControlNetRoutes:
 
     @router.post("/detect", response_model=Detected, responses=documented(400))
     async def controlnet_detect(self, body: DetectRequest) -> dict:
-        """Each image's control map by a preprocessor (canny, depth, line art, openpose, soft edge and scribble at
-        their processor resolution), base64 PNG."""
+        """Each image's control map by a preprocessor (canny, depth, line art, openpose, soft edge, scribble and mlsd
+        at their processor resolution), base64 PNG."""
         unit = A1111Unit(module=body.controlnet_module, processor_res=body.controlnet_processor_res,
                          threshold_a=body.controlnet_threshold_a, threshold_b=body.controlnet_threshold_b)
         module = module_of(body.controlnet_module, "controlnet_module", offered(self.config.base.preprocessors))
@@ -144,7 +157,7 @@ class ControlNetRoutes:
             raise InvalidInput("no image sent", field="controlnet_input_images")
         images = await asyncio.to_thread(lambda: [image_field(data, f"{name}[{i}]") for i, data in enumerate(sent)])
         res, low, high = sliders(unit, module)
-        if module != "canny":  # the depth, line-art, pose and soft-edge modules read processor_res alone
+        if module not in THRESHOLDS:  # the depth, line-art, pose and soft-edge modules read processor_res alone
             res = res if module in PROCESSOR_RES else CANNY_RES[0]
             low, high = CANNY_LOW[0], CANNY_HIGH[0]
         async with flights.flight():  # a deadline or a disconnect cancels it, as the generations' stages

@@ -103,7 +103,8 @@ class ModelsResponse(BaseModel):
     face_restorer: dict
     controlnets: list[str] = Field([], description="the ControlNets a request's controlnets[].model may name")
     preprocessors: list[str] = Field([], description="the preprocessors a request's controlnets[].preprocessor may "
-                                     "name (a depth, line-art, pose or soft-edge one where the base has its model)")
+                                     "name (a depth, line-art, pose, soft-edge or M-LSD one where the base has its "
+                                     "model)")
 
 
 class Health(BaseModel):
