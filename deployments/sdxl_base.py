@@ -272,6 +272,8 @@ class BaseGenerator:
             if all(cancelled):
                 raise GenerationCancelled(f"batch of {len(items)} cancelled at step {at}/{total_steps}")
             latents = callback_kwargs.get("latents")
+            if repaint is not None and latents is not None:  # an inpainting checkpoint's kept area, blended back
+                latents = callback_kwargs["latents"] = repaint.blend(pipe, step, latents)
             partial.check(latents, at, total_steps, cancelled)
             if latents is not None:
                 for request_id, offset in previewed.items():
@@ -318,6 +320,7 @@ class BaseGenerator:
             kwargs["callback_on_step_end_tensor_inputs"] = ["latents", "prompt_embeds", "add_text_embeds"]
         total_steps = request.steps
         mask = init = None
+        repaint: inpainting.Repaint | None = None  # what an inpainting call does under its mask beside diffusers
         edit: EditNoise | None = None  # image-to-image's randomness, where anything changes it
         variations = [v for group in varied for v in group]
         if request.init_image is None:
@@ -344,15 +347,15 @@ class BaseGenerator:
                                 f"{request.strength} more would exceed the schedule's {limit} timesteps")
             kwargs.update(image=per_image(inits), strength=request.strength, num_inference_steps=steps)
             # What diffusers draws for each encoded image (its posterior sample, then the noise added to it), varied
-            # and scaled image by image, as A1111's img2img varies and scales its noise. An inpainting checkpoint's
-            # inpainting at strength 1 encodes no init image: the noise is drawn first, and the masked image's
-            # posterior sample after it stays as drawn.
-            encodes = not (nine and request.mask is not None and request.strength == 1.0)
-            edit = EditNoise.of(flat, variations, per_image([i.request.noise_multiplier for i in items]),
-                                generators if encodes else None)
+            # and scaled image by image, as A1111's img2img varies and scales its noise (an inpainting checkpoint's
+            # masked image is sampled after them and stays as drawn).
+            edit = EditNoise.of(flat, variations, per_image([i.request.noise_multiplier for i in items]), generators)
             if request.mask is not None:  # inpainting runs alone (see batch_key)
                 mask = self._prepare_mask(request.mask, request)
                 kwargs.update(mask_image=mask, width=request.width, height=request.height)
+                if request.masked_content != "original":  # A1111 fills the pixels for the latent fills too
+                    kwargs["image"] = per_image([inpainting.filled(image, mask) for image in inits])
+                repaint = inpainting.Repaint.of(request.masked_content, mask, request.width, request.height, nine)
             elif nine:  # A1111's img2img_image_conditioning without a mask: a mask of ones, the image masked away
                 kwargs.update(inpainting.image_to_image(request.width, request.height))
         if request.hires is not None:
@@ -385,6 +388,7 @@ class BaseGenerator:
             with circular(*tiled.values(), enabled=request.tiling), composed, \
                     steering(pipe, control.active(units)), \
                     noised(pipe, edit, pure=mode == "inpaint" and request.strength == 1.0), \
+                    inpainting.repainting(pipe, repaint), \
                     inpainting.from_the_image(pipe, enabled=nine and mode == "img2img"):
                 latents = None
                 try:

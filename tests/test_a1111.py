@@ -305,6 +305,22 @@ class Service:
         body = json.loads(response.body)
         return {**body, "info": json.loads(body["info"])}
 
+    def img2img(self, **fields) -> dict:
+        """The img2img route's answer for a 64x64 init image, ``info`` parsed."""
+        import asyncio
+        import json
+
+        from starlette.requests import Request
+
+        from tests.helpers import b64
+
+        http = Request({"type": "http", "method": "POST", "path": "/", "headers": [], "client": ("unit", 1)})
+        request = Img2ImgRequest(**{"prompt": "a fox", "steps": 2, "width": 64, "height": 64,
+                                    "init_images": [b64(Image.new("RGB", (64, 64), (90, 120, 30)))], **fields})
+        response = asyncio.run(self.routes.img2img(request, http))
+        body = json.loads(response.body)
+        return {**body, "info": json.loads(body["info"])}
+
 
 @pytest.fixture
 def service(tmp_path, monkeypatch) -> Service:
@@ -419,6 +435,44 @@ def test_the_img2img_noise_multiplier_option_is_read_from_the_store_and_bounded(
         assert typed({"initial_noise_multiplier": bad})["initial_noise_multiplier"] == 1.0
     with pytest.raises(ValidationError, match="initial_noise_multiplier"):
         Img2ImgRequest(init_images=["x"], initial_noise_multiplier=2.5)
+
+
+@pytest.mark.parametrize(("fill", "content"), [(None, "fill"), (0, "fill"), (1, "original"), (2, "latent noise"),
+                                              (3, "latent nothing")])
+def test_inpainting_fill_is_the_masked_content_and_the_infotext_names_it_as_a1111_does(service, fill, content):
+    """A1111's API default is 0 (fill); its infotext names the content but for 1 (original, the reader's default),
+    and an inpainting's mask blur where it blurs."""
+    from tests.helpers import b64
+
+    mask = b64(Image.new("L", (64, 64), 255))
+    sent = {} if fill is None else {"inpainting_fill": fill}
+    body = service.img2img(mask=mask, mask_blur=4, **sent)
+    assert service.batches[-1]["request"].masked_content == content
+    written = body["info"]["infotexts"][0]
+    assert parse(written)["Masked content"] == content and ("Masked content" in written) is (content != "original")
+    assert parse(written)["Mask blur"] == "4"
+    unblurred = service.img2img(mask=mask, mask_blur=0, **sent)["info"]["infotexts"][0]
+    assert "Mask blur" not in unblurred  # A1111 writes it where it blurs
+    unmasked = service.img2img(**sent)["info"]["infotexts"][0]  # image-to-image: no masked content to name
+    assert "Masked content" not in unmasked and "Mask blur" not in unmasked
+
+
+@pytest.mark.parametrize("fill", [-1, 4, 9, "fill", [1]])
+def test_inpainting_fill_outside_0_to_3_is_a_422_naming_it(fill):
+    import asyncio
+    import json
+
+    from fastapi.exceptions import RequestValidationError
+
+    from graphs.api.errors import validation_error
+
+    with pytest.raises(ValidationError) as e:
+        Img2ImgRequest(init_images=["x"], mask="x", inpainting_fill=fill)
+    # As FastAPI hands the body's errors to the edge, under "body".
+    refused = RequestValidationError([{**error, "loc": ("body", *error["loc"])} for error in e.value.errors()])
+    answer = asyncio.run(validation_error(None, refused))  # type: ignore[arg-type]
+    assert answer.status_code == 422
+    assert json.loads(answer.body)["details"]["field"] == "inpainting_fill"
 
 
 @pytest.mark.parametrize(("fields", "field"), [

@@ -33,6 +33,8 @@ MAX_SEED = 2**32 - 1
 # drowns in noise the schedule never removes: refused.
 MAX_NOISE_MULTIPLIER = 2.0
 PromptSyntax = Literal["plain", "a1111"]
+MaskedContent = Literal["fill", "original", "latent noise", "latent nothing"]
+MASKED_CONTENT: tuple[MaskedContent, ...] = ("fill", "original", "latent noise", "latent nothing")  # A1111's 0..3
 CANCEL_TTL_S = 600.0
 _LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")
 
@@ -110,6 +112,11 @@ class GenerationRequest(BaseModel):
                               "strength (A1111's hires second pass), not int(steps x strength)")
     mask: Image.Image | None = None
     mask_blur: int = Field(4, ge=0, le=64)
+    masked_content: MaskedContent = Field("original", description="inpainting: what the masked area starts from, "
+                                          "as A1111's inpainting_fill names it: original, the image; fill, the "
+                                          "image's colours blurred in from around the mask; latent noise / latent "
+                                          "nothing, the filled image's latents under the mask replaced by the "
+                                          "seed's noise / zeros")
     ip_adapter_image: Image.Image | None = None
     ip_adapter_scale: float = Field(0.6, ge=0.0, le=2.0)
     loras: list[LoraRef] = []

@@ -34,6 +34,7 @@ from deployments.support.control import offered
 from deployments.support.errors import GenerationCancelled, InvalidInput, UnknownModel
 from deployments.support.generation import (
     LATENT_UPSCALE_MODES,
+    MASKED_CONTENT,
     Encoding,
     GenerationRequest,
     StageResult,
@@ -456,10 +457,12 @@ class A1111Routes(CheckpointChoice):
             named = {"s_churn": "Sigma churn", "s_tmin": "Sigma tmin", "s_tmax": "Sigma tmax", "s_noise": "Sigma noise"}
             settings.update({text: getattr(churn, key) for key, text in named.items()
                              if getattr(churn, key) != CHURN_SETTINGS[key][0]})
-        if edit:  # A1111's img2img writes its strength, and an inpainting its mask blur
+        if edit:  # A1111's img2img writes its strength, and an inpainting its mask blur and masked content
             settings["Denoising strength"] = r.denoising_strength
             if getattr(r, "mask", None):
-                settings["Mask blur"] = getattr(r, "mask_blur", None)
+                settings["Mask blur"] = getattr(r, "mask_blur", 0) or None  # where it blurs
+                fill = getattr(r, "inpainting_fill", 1)
+                settings["Masked content"] = MASKED_CONTENT[fill] if fill != 1 else None  # "original": its default
             if noise != 1.0:
                 settings["Noise multiplier"] = noise
         refined = switch is not None and self.handles.refiner is not None and not edit
@@ -508,7 +511,8 @@ class A1111Routes(CheckpointChoice):
         units = await asyncio.to_thread(controlnet.control_units, body, self.config.base.controlnets, edit=True,
                                         modules=offered(self.config.base.preprocessors))
         return await self._run(http, body, uploads[0], cache_as="a1111-img2img", inits=inits, init_image=inits[0],
-                               mask=mask, mask_blur=body.mask_blur, strength=body.denoising_strength,
+                               mask=mask, mask_blur=body.mask_blur,
+                               masked_content=MASKED_CONTENT[body.inpainting_fill], strength=body.denoising_strength,
                                noise_multiplier=body.initial_noise_multiplier, control=units)
 
     @router.get("/progress", response_model=Progress)

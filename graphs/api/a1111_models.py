@@ -263,7 +263,9 @@ class Img2ImgRequest(Txt2ImgRequest):
     init_images: list[str] = Field(..., min_length=1, max_length=MAX_IMAGES)
     mask: str | None = None
     mask_blur: int = Field(4, ge=0, le=64)
-    inpainting_fill: int = Field(1, ge=0, le=3, description="accepted; masked content always starts from the image")
+    inpainting_fill: int = Field(0, ge=0, le=3, description="with a mask, what the masked area starts from "
+                                 "(A1111's masked content): 0 fill (the image's colours blurred in from around the "
+                                 "mask; A1111's API default), 1 original, 2 latent noise, 3 latent nothing")
     inpaint_full_res: bool = Field(True, description="accepted; the whole picture is processed")
     inpainting_mask_invert: int = Field(0, ge=0, le=1, description="1: the mask's black area is repainted")
     resize_mode: int = Field(0, ge=0, le=3, description="how init images take the size: 0 stretch, 1 crop and "
