@@ -103,7 +103,9 @@ class FaceEnhancer:
         facts: dict[str, Any] = dict(faces_found=sum(len(boxes) for _image, boxes, _applied, _w in outcomes),
                                      face_boxes=outcomes[0][1], restorer=self.name,
                                      face_restoration_applied=any(applied for _i, _b, applied, _w in outcomes))
-        return source.then([image for image, *_ in outcomes], warnings=warnings, **facts)
+        # An inpainting's paste over its init image came here undone (A1111 restores the faces of what it inpainted,
+        # then pastes it): done now, so faces outside the inpainted region stay as they were.
+        return source.then([image for image, *_ in outcomes], warnings=warnings, **facts).pasted()
 
     def _restore_one(self, image: Image.Image, weight: float, visibility: float):
         """One image: (the image, its face boxes, whether it was restored, a warning or None)."""

@@ -78,7 +78,7 @@ class ContentFilter:
 
     def check(self, source: StageResult | Image.Image) -> StageResult:
         """Screen every image of ``source``; ``info["nsfw"]`` is one flag per image, in order."""
-        result = StageResult.of(source)
+        result = StageResult.of(source).pasted()  # what is screened is what is delivered
         if not result.images:
             raise InvalidInput("the safety checker needs images, not latents", field="image")
         flagged = [bool(row.max() > 0) for row in self.scores(result.images)]

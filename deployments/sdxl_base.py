@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image
 from ray import serve
 from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
-from deployments.support import control, fastpath, inpainting
+from deployments.support import control, fastpath, inpainting, masking
 from deployments.support import device as devices
 from deployments.support.batching import Batcher, outcome, prepare
 from deployments.support.checkpoints import Catalog
@@ -159,9 +159,17 @@ class BaseGenerator:
         """One pipeline call for compatible requests (same ``batch_key``, so one checkpoint); each item keeps its
         own seeds, so its pixels are those it would get alone. Returns one outcome per item: its result or its
         own error. Items arrive with their checkpoint held (under Serve) or it is looked up here."""
-        def check(item: BatchItem) -> tuple[str, list[int], list[str], list[Variation | None]]:
+        def check(item: BatchItem) -> tuple[str, list[int], list[str], list[Variation | None], masking.Cut | None]:
             request = item.request
             check_request(request, self.config.max_pixels)
+            notes = variation_warnings(request)
+            cut = None
+            if request.mask is not None and request.inpaint_area == "masked":
+                cut = cut_of(request)
+                if cut is None:  # A1111 inpaints nothing then: image-to-image over the whole image, the mask dropped
+                    item.request = request = request.model_copy(update={"mask": None, "inpaint_area": "whole"})
+                    notes.append("inpaint_area: the mask is blank once blurred: the whole image ran as image-to-image "
+                                 "(as A1111 falls back)")
             prompt = parse_lora_tags(request.prompt)[0]
             held = item.checkpoint or self.checkpoint(request.checkpoint)
             self.sync_embeddings(held)  # before its chunks are counted: an embedding's vectors are tokens
@@ -169,7 +177,7 @@ class BaseGenerator:
                 chunk_counts(held, request, self.config.default_sampler)
             seeds, subseeds = variation_seeds(request.seed, request.subseed, request.subseed_strength,
                                               request.batch_size)
-            return prompt, seeds, variation_warnings(request), variations_of(request, subseeds)
+            return prompt, seeds, notes, variations_of(request, subseeds), cut
 
         outcomes, passed = prepare(items, check)
         live = list(passed)
@@ -178,6 +186,7 @@ class BaseGenerator:
         prompts = {i: passed[i][0] for i in live}
         seeds = {i: passed[i][1] for i in live}
         varied = {i: passed[i][3] for i in live}
+        cuts = [passed[i][4] for i in live]
         batch = [items[i] for i in live]
         request = batch[0].request
         mode = mode_of(request)
@@ -198,8 +207,9 @@ class BaseGenerator:
                            **({"tiling": True} if request.tiling else {}))
                 results = self._run(mode, pipes, batch, [prompts[i] for i in live], [seeds[i] for i in live],
                                     warnings, [dict(ran, prompt=prompts[i], **variation_info(varied[i]),
-                                                    **noise_info(items[i].request)) for i in live],
-                                    [varied[i] for i in live])
+                                                    **noise_info(items[i].request), **region_info(cut))
+                                               for i, cut in zip(live, cuts, strict=True)],
+                                    [varied[i] for i in live], cuts)
         except Exception as e:  # noqa: BLE001 - each item gets the error it would have got alone
             results = [e] * len(live)
         for i, result in zip(live, self.cancellation.settle(batch, results), strict=True):
@@ -213,11 +223,13 @@ class BaseGenerator:
         return outcomes
 
     def _run(self, mode, pipes: Pipelines, items: list[BatchItem], prompts: list[str], seeds: list[list[int]],
-             warnings: list[str], info: list[dict], varied: list[list[Variation | None]]
-             ) -> list[StageResult | BaseException]:
+             warnings: list[str], info: list[dict], varied: list[list[Variation | None]],
+             cuts: list[masking.Cut | None]) -> list[StageResult | BaseException]:
         """The denoising of one batch; each item's result, with ``info`` (what ran, item by item) in it.
-        ``varied``: each image's variation seed (None where it has none)."""
+        ``varied``: each image's variation seed (None where it has none); ``cuts``: each item's "Only masked"
+        region (an inpainting runs alone), None where it inpaints the whole picture or does not inpaint."""
         request: GenerationRequest = items[0].request
+        cut = cuts[0] if request.mask is not None else None
         # Control units run alone (batch_key); with a latent hires fix, those of its first pass (A1111's hr_option).
         units = control.first_pass(request.control, hires=request.hires is not None)
         # An inpainting checkpoint runs every mode on its inpainting pipeline, conditioned as A1111 conditions it
@@ -248,19 +260,25 @@ class BaseGenerator:
             """Item ``i``'s result from what it kept when /interrupt or /skip stopped it: decoded even for the
             refiner, since the stages after it hand its images on."""
             kept, step, total = partial.kept[i]
+            pastes: list[masking.Paste] = []
             if step == 1 and items[i].source is not None:
                 # Stopped as it began (the stop came while an earlier stage ran, as the upscaler of A1111's hires
                 # fix): that stage's image, handed on as it is, rather than one step's estimate.
                 made = [items[i].request.init_image]
             else:
-                made = finished(self.decode(kept, pipes))
-            return StageResult(images=made, seeds=seeds[i], warnings=list(warnings),
+                made, pastes = finished(self.decode(kept, pipes))
+            return StageResult(images=made, seeds=seeds[i], warnings=list(warnings), pastes=pastes,
                                info={**info[i], "stopped_at": [step, total]})
 
-        def finished(images: list[Image.Image]) -> list[Image.Image]:
-            if mask is None or init is None:
-                return images
-            return [self._keep_unmasked(init, image, mask) for image in images]
+        def finished(images: list[Image.Image]) -> tuple[list[Image.Image], list[masking.Paste]]:
+            """The images as a result holds them, with the pastes left to a later stage: an inpainting's pasted over
+            its init image (the VAE's round trip would otherwise alter the pixels its mask keeps), or left unpasted
+            with their pastes (``defer_paste``)."""
+            if paste is None:
+                return images, []
+            if request.defer_paste:
+                return images, [paste] * len(images)
+            return [paste.apply(image) for image in images], []
 
         partial = Partial(self.cancellation, items, counts, stopped)
         partial.watch(pipe.scheduler)
@@ -321,6 +339,7 @@ class BaseGenerator:
         total_steps = request.steps
         mask = init = None
         repaint: inpainting.Repaint | None = None  # what an inpainting call does under its mask beside diffusers
+        paste: masking.Paste | None = None  # how an inpainting goes back over its init image
         edit: EditNoise | None = None  # image-to-image's randomness, where anything changes it
         variations = [v for group in varied for v in group]
         if request.init_image is None:
@@ -337,8 +356,11 @@ class BaseGenerator:
                 kwargs["latents"] = initial_latents(shape, generators, flat, variations, dtype,
                                                     pipe._execution_device)
         else:
-            inits = [to_rgb(i.request.init_image).resize((request.width, request.height), Image.Resampling.LANCZOS)
-                     for i in items]
+            if cut is not None:  # "Only masked": the mask's region, at the generation size
+                inits = [cut.image]
+            else:
+                inits = [to_rgb(i.request.init_image).resize((request.width, request.height),
+                                                             Image.Resampling.LANCZOS) for i in items]
             init = inits[0]
             steps, total_steps = img2img_steps(request.steps, request.strength, exact=request.exact_steps,
                                                limit=limit)
@@ -351,7 +373,11 @@ class BaseGenerator:
             # masked image is sampled after them and stays as drawn).
             edit = EditNoise.of(flat, variations, per_image([i.request.noise_multiplier for i in items]), generators)
             if request.mask is not None:  # inpainting runs alone (see batch_key)
-                mask = self._prepare_mask(request.mask, request)
+                if cut is not None:
+                    mask, paste = cut.mask, cut.paste
+                else:
+                    mask = self._prepare_mask(request.mask, request)
+                    paste = masking.Paste(init, masking.overlay_alpha(mask))
                 kwargs.update(mask_image=mask, width=request.width, height=request.height)
                 if request.masked_content != "original":  # A1111 fills the pixels for the latent fills too
                     kwargs["image"] = per_image([inpainting.filled(image, mask) for image in inits])
@@ -373,7 +399,9 @@ class BaseGenerator:
             warnings.append("no IP-Adapter is loaded: the reference image was ignored")
         if request.denoising_end is not None:
             kwargs["denoising_end"] = request.denoising_end
-        kwargs.update(self.controls.kwargs(kind, units, init, request.width, request.height))
+        # "Only masked": each unit's image is cut to the region as the init image is, as the extension cuts it.
+        framed = cut_units(units, cut) if cut is not None else units
+        kwargs.update(self.controls.kwargs(kind, framed, init, request.width, request.height))
         # The batch's stop bookkeeping holds its images and device latents: let go of them however it ends. Tiling
         # (batch_key: the whole batch or none of it) holds for every decode too, those of stopped items included.
         second = pipes.inpaint if nine else pipes.img2img  # a latent hires fix's second pass
@@ -405,7 +433,7 @@ class BaseGenerator:
                     pass
                 results: list[StageResult | BaseException] = []
                 handed: np.ndarray | None = None
-                images: list[Image.Image] | None = None
+                decoded: tuple[list[Image.Image], list[masking.Paste]] | None = None  # decoded once for the batch
                 for i, (own, a, b) in enumerate(zip(seeds, offsets, offsets[1:], strict=False)):
                     if i in partial.kept:
                         results.append(partial.answer(i))
@@ -416,9 +444,10 @@ class BaseGenerator:
                         results.append(StageResult(images=[], seeds=own, latents=handed[a:b], warnings=list(warnings),
                                                    info=dict(info[i])))
                     else:
-                        images = finished(self.decode(latents, pipes)) if images is None else images
-                        results.append(StageResult(images=images[a:b], seeds=own, warnings=list(warnings),
-                                                   info=dict(info[i])))
+                        decoded = finished(self.decode(latents, pipes)) if decoded is None else decoded
+                        made, pastes = decoded
+                        results.append(StageResult(images=made[a:b], seeds=own, warnings=list(warnings),
+                                                   info=dict(info[i]), pastes=pastes[a:b]))
                 return results
         finally:
             partial.release()
@@ -471,18 +500,9 @@ class BaseGenerator:
 
     @staticmethod
     def _prepare_mask(mask: Image.Image, request: GenerationRequest) -> Image.Image:
+        """A whole picture's mask: at the generation size, blurred as A1111 blurs it."""
         mask = mask.convert("L").resize((request.width, request.height), Image.Resampling.NEAREST)
-        if request.mask_blur:
-            mask = mask.filter(ImageFilter.GaussianBlur(request.mask_blur))
-        return mask
-
-    @staticmethod
-    def _keep_unmasked(init: Image.Image, generated: Image.Image, mask: Image.Image) -> Image.Image:
-        """Composite in pixel space: the VAE round trip would otherwise alter pixels the mask protects."""
-        original = init.resize(generated.size, Image.Resampling.LANCZOS)
-        alpha = np.asarray(mask, dtype=np.float32)[..., None] / 255.0
-        out = np.asarray(generated, dtype=np.float32) * alpha + np.asarray(original, dtype=np.float32) * (1 - alpha)
-        return Image.fromarray(out.round().astype(np.uint8))
+        return masking.blur(mask, *blurs(request))
 
     def describe(self) -> dict:
         return {
@@ -570,6 +590,38 @@ def check_request(request: GenerationRequest, max_pixels: int) -> None:
                            "alone (a text-to-image pass starts from noise only)", field="noise_multiplier")
 
 
+def blurs(request: GenerationRequest) -> tuple[int, int]:
+    """The mask's blur along the rows and along the columns."""
+    return request.mask_blur, request.mask_blur if request.mask_blur_y is None else request.mask_blur_y
+
+
+def cut_of(request: GenerationRequest) -> masking.Cut | None:
+    """An inpainting's "Only masked" region (``masking.only_masked``), None for a mask blank once blurred."""
+    if request.init_image is None or request.mask is None:
+        raise InvalidInput("'Only masked' inpainting needs an init image and a mask", field="mask")
+    return masking.only_masked(request.init_image, request.mask, request.width, request.height,
+                               request.inpaint_padding, *blurs(request))
+
+
+def cut_units(units: list[control.ControlUnit], cut: masking.Cut) -> list[control.ControlUnit]:
+    """"Only masked"'s ControlNet units, as A1111's extension frames them: a unit's own image cut to the region as
+    the init image is (one without takes the init image's region); a unit that asks not to be cut
+    (``crop_to_mask`` false) takes its image, or the whole init image, as it is."""
+    out = []
+    for unit in units:
+        if unit.crop_to_mask:
+            image = cut.control(unit.image, unit.resize_mode) if unit.image is not None else None
+        else:
+            image = unit.image if unit.image is not None else cut.paste.original
+        out.append(unit.model_copy(update={"image": image}))
+    return out
+
+
+def region_info(cut: masking.Cut | None) -> dict:
+    """What a request's ``info`` says of an "Only masked" inpainting: the region of the init image it inpainted."""
+    return {"inpaint_region": list(cut.box)} if cut is not None else {}
+
+
 def variations_of(request: GenerationRequest, subseeds: list[int]) -> list[Variation | None]:
     """Each image's variation seed, for a request that asks for one (None each otherwise)."""
     if not request.varied:
@@ -640,16 +692,18 @@ def hires_evaluations(hires: LatentHires, first_sampler: str) -> int:
 
 def passes_over(request: GenerationRequest, source: StageResult) -> list[GenerationRequest]:
     """``request`` as one img2img pass per image of ``source``: that image at its own size (rounded down to a
-    multiple of 8), with its own seed and its own variation seed: the one its first pass ran (A1111's pixel hires
-    fix mixes the same into its second pass's noise), else counted up from ``request.subseed`` as a batch's are."""
+    multiple of 8; an "Only masked" inpainting keeps the request's, the size its region is inpainted at), with its own
+    seed and its own variation seed: the one its first pass ran (A1111's pixel hires fix mixes the same into its second
+    pass's noise), else counted up from ``request.subseed`` as a batch's are."""
     count = len(source.images)
     subseeds = source.info.get("subseeds") or []
     if len(subseeds) != count:  # no variation seed (kept as asked: -1 draws none), or an edit's uploads
         subseeds = variation_seeds(request.seed, request.subseed, request.subseed_strength, count)[1] \
             if request.varied else [request.subseed] * count
-    return [request.model_copy(update={"init_image": image, "width": image.width // 8 * 8,
-                                       "height": image.height // 8 * 8, "seed": seed, "subseed": subseed,
-                                       "batch_size": 1})
+    masked = request.mask is not None and request.inpaint_area == "masked"
+    return [request.model_copy(update={"init_image": image, "seed": seed, "subseed": subseed, "batch_size": 1,
+                                       **({} if masked else {"width": image.width // 8 * 8,
+                                                             "height": image.height // 8 * 8})})
             for image, seed, subseed in zip(source.images, source.seeds, subseeds, strict=True)]
 
 

@@ -367,9 +367,12 @@ async def a1111_batch(h: Handles, request: GenerationRequest, request_id: str, *
     take neither; ``init``: an edit over several images, one img2img pass over each of its images with its seed.
     The second pass runs ``hires.second``'s prompts, sampler and checkpoint where the client named others (the
     latent pass, one base call, stays on the first pass's checkpoint: its latents never leave the replica). Then
-    the faces, then the safety checker when the filter is on. The last stage encodes with ``encode`` (the
+    the faces (of an inpainting as inpainted, pasted over its init image after them, as A1111 restores them), then
+    the safety checker when the filter is on. The last stage encodes with ``encode`` (the
     infotexts, the upload an edit started from) and so marks the files."""
     how = None if restore_faces else h.last(encode)
+    if restore_faces and request.mask is not None:  # A1111 restores the inpainted image's faces, then pastes it
+        request = request.model_copy(update={"defer_paste": True})
     last: Any
     if refiner_switch_at is not None and h.refiner is not None and request.init_image is None:
         handoff = base_for(h, request).generate.remote(request.model_copy(update={"denoising_end": refiner_switch_at}),

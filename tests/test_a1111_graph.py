@@ -284,8 +284,9 @@ def bands() -> Image.Image:
     return image
 
 
-KEEP_ALL = {"mask": b64(Image.new("L", (128, 64), 0)), "mask_blur": 0}  # inpainting that repaints nothing: the
-# answer is the init image as framed
+# Inpainting of the whole picture that repaints nothing: the answer is the init image as framed. ("Only masked",
+# A1111's API default, would run image-to-image over the whole image with a blank mask.)
+KEEP_ALL = {"mask": b64(Image.new("L", (128, 64), 0)), "mask_blur": 0, "inpaint_full_res": False}
 RED, GREEN, BLACK = (255, 0, 0), (0, 255, 0), (0, 0, 0)
 
 
@@ -322,7 +323,7 @@ def test_several_init_images_start_one_image_each(ingress):
     red, blue = Image.new("RGB", (64, 64), (255, 0, 0)), Image.new("RGB", (64, 64), (0, 0, 255))
     # A1111 makes one image of each: a batch of 4 over two init images is a batch of 2.
     body = img2img(ingress, init_images=[b64(red), b64(blue)], batch_size=4, n_iter=2,
-                   mask=b64(Image.new("L", (64, 64))), mask_blur=0)
+                   mask=b64(Image.new("L", (64, 64))), mask_blur=0, inpaint_full_res=False)
     colours = [tuple(pixels(decode_b64(data))[32, 32]) for data in body["images"]]
     assert colours == [(255, 0, 0), (0, 0, 255), (255, 0, 0), (0, 0, 255)]
     assert body["info"]["all_seeds"] == [5, 6, 7, 8] and body["info"]["batch_size"] == 2
@@ -332,6 +333,99 @@ def test_several_init_images_start_one_image_each(ingress):
     assert np.abs(pixels(decode_b64(both["images"][1])) - pixels(decode_b64(alone["images"][0]))).mean() < 1.0
     error = refused(lambda: img2img(ingress, init_images=[b64(red), b64(blue)], batch_size=1))
     assert error.details["field"] == "init_images"
+
+
+# --- inpainting: "Only masked" (A1111's inpaint_full_res, its API's default) --------------------------------------
+
+def rect_mask(size: tuple[int, int], box: tuple[int, int, int, int]) -> Image.Image:
+    mask = Image.new("L", size, 0)
+    mask.paste(255, box)
+    return mask
+
+
+def test_only_masked_answers_at_the_upload_size_keeping_every_pixel_outside_the_mask(ingress, astronaut):
+    init = astronaut.resize((96, 80))
+    mask = rect_mask((96, 80), (70, 56, 92, 76))  # the bottom right corner
+    body = img2img(ingress, init_images=[b64(init)], mask=b64(mask), mask_blur=0, inpaint_full_res_padding=8,
+                   denoising_strength=1.0)
+    out, src = pixels(decode_b64(body["images"][0])), pixels(init)
+    inside = np.asarray(mask) > 0
+    assert out.shape == (80, 96, 3)
+    assert np.array_equal(out[~inside], src[~inside])
+    assert np.abs(out[inside] - src[inside]).mean() > 5.0
+    # As A1111 reports it: the size it inpainted at, the area and its padding; no blur (0), none written.
+    text = body["info"]["infotexts"][0]
+    read = parse(text)
+    assert (read["Inpaint area"], read["Masked area padding"], read["Size-1"], read["Size-2"]) == (
+        "Only masked", "8", "64", "64")
+    assert "Mask blur" not in text and "Mask mode" not in text
+    assert (body["info"]["width"], body["info"]["height"]) == (64, 64)
+    assert body["info"]["extra_generation_params"]["Inpaint area"] == "Only masked"
+    # The whole picture, asked for: the upload at width x height, and no inpaint area written.
+    whole = img2img(ingress, init_images=[b64(init)], mask=b64(mask), mask_blur=0, inpaint_full_res=False)
+    assert decode_b64(whole["images"][0]).size == (64, 64)
+    assert parse(whole["info"]["infotexts"][0])["Inpaint area"] == "Whole picture"  # the reader's default
+
+
+def test_only_masked_over_several_init_images_answers_each_at_its_size(ingress, astronaut):
+    first, second = astronaut.resize((96, 80)), astronaut.resize((96, 80)).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    mask = rect_mask((96, 80), (4, 4, 30, 24))
+    body = img2img(ingress, init_images=[b64(first), b64(second)], mask=b64(mask), mask_blur=0, batch_size=2)
+    inside = np.asarray(mask) > 0
+    for data, src in zip(body["images"], (first, second), strict=True):
+        out = pixels(decode_b64(data))
+        assert out.shape == (80, 96, 3) and np.array_equal(out[~inside], pixels(src)[~inside])
+    assert body["info"]["all_seeds"] == [5, 6]
+
+
+def test_a_blank_mask_only_masked_is_image_to_image_of_the_whole(ingress, astronaut):
+    init = b64(astronaut.resize((96, 80)))
+    body = img2img(ingress, init_images=[init], mask=b64(Image.new("L", (96, 80))))
+    assert decode_b64(body["images"][0]).size == (64, 64)
+    assert same_pixels(body, img2img(ingress, init_images=[init]))  # as A1111 falls back: no mask at all
+    assert any("mask is blank" in w for w in body["info"]["warnings"])
+    read = parse(body["info"]["infotexts"][0])  # A1111 writes the blur before it finds the mask blank
+    assert (read["Inpaint area"], read["Mask blur"]) == ("Whole picture", "4")
+
+
+def test_the_mask_blur_each_way_and_the_mask_mode_are_written_as_a1111_writes_them(ingress):
+    edit = {"init_images": [b64(bands())], "mask": b64(rect_mask((128, 64), (32, 16, 96, 48))),
+            "inpaint_full_res": False, "denoising_strength": 1.0}
+    apart = img2img(ingress, **edit, mask_blur_x=2, mask_blur_y=6, inpainting_mask_invert=1)
+    assert "Mask blur" not in apart["info"]["infotexts"][0]  # A1111's mask_blur is None when they differ
+    assert apart["info"]["extra_generation_params"]["Mask blur"] is None
+    assert parse(apart["info"]["infotexts"][0])["Mask mode"] == "Inpaint not masked"
+    both = img2img(ingress, **edit, mask_blur=3, mask_blur_x=2, mask_blur_y=6)  # mask_blur sets both
+    assert parse(both["info"]["infotexts"][0])["Mask blur"] == "3"
+    assert same_pixels(both, img2img(ingress, **edit, mask_blur_x=3, mask_blur_y=3))
+    assert not same_pixels(both, img2img(ingress, **edit, mask_blur_x=3, mask_blur_y=0))
+
+
+def test_faces_are_restored_before_the_inpainting_is_pasted_back(ingress, astronaut):
+    """A1111 restores the faces of what it inpainted, then pastes it: the astronaut's face, far from the mask, stays
+    as it was (restored after the paste, it would change)."""
+    edit = {"init_images": [b64(astronaut)], "mask": b64(rect_mask((512, 512), (400, 430, 470, 490))),
+            "mask_blur": 0}
+    restored = img2img(ingress, **edit, restore_faces=True)
+    assert decode_b64(restored["images"][0]).size == (512, 512)
+    # The inpainted region holds no face: nothing restored, the image is the one made without restoration (at 512
+    # both carry the invisible watermark, so the pixels outside the mask are not the upload's to the bit).
+    assert same_pixels(restored, img2img(ingress, **edit))
+    assert "no face detected: image unchanged" in restored["info"]["warnings"]
+    assert parse(restored["info"]["infotexts"][0])["Face restoration"] == "RestoreFormer"
+
+
+def test_only_masked_cuts_a_controlnet_units_image_as_the_init_image(ingress, astronaut):
+    """The extension cuts a unit's image to the region as it cuts the init image (inpaint_crop_input_image, true by
+    default): a unit given the init image is a unit without an image, unless it asks not to be cut."""
+    init = b64(astronaut.resize((128, 96)))
+    edit = {"init_images": [init], "mask": b64(rect_mask((128, 96), (90, 10, 120, 40))), "mask_blur": 0}
+    unit = {"module": "none", "model": "tiny-canny"}
+    implicit = img2img(ingress, **edit, alwayson_scripts=controlnet(unit))
+    assert same_pixels(img2img(ingress, **edit, alwayson_scripts=controlnet({**unit, "image": init})), implicit)
+    whole = img2img(ingress, **edit, alwayson_scripts=controlnet({**unit, "image": init,
+                                                                  "inpaint_crop_input_image": False}))
+    assert not same_pixels(whole, implicit)
 
 
 # --- extras --------------------------------------------------------------------------------------------------------

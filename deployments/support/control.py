@@ -115,6 +115,9 @@ class ControlUnit(BaseModel):
                                                  "first pass's, as the extension computes it once a request")
     hires_pass: bool = Field(False, description="it guides a hires fix's second pass, where canny takes the soft "
                              "weights whatever the control mode, as the extension forces them there")
+    crop_to_mask: bool = Field(True, description="'Only masked' inpainting (inpaint_area masked): its image is "
+                               "framed at the init image's size and cut to the inpainted region, as the init image "
+                               "is (the extension's inpaint_crop_input_image); false: framed whole")
 
     @model_validator(mode="before")
     @classmethod

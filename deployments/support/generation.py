@@ -23,6 +23,7 @@ from deployments.support.credentials import Facts
 from deployments.support.errors import GenerationCancelled, InvalidInput
 from deployments.support.imaging import comment_fits
 from deployments.support.imaging import encode as encode_image
+from deployments.support.masking import InpaintArea, Paste
 from deployments.support.overlay import Overlay
 from deployments.support.prompts import Padding
 from deployments.support.samplers import MIN_STRENGTH
@@ -111,12 +112,26 @@ class GenerationRequest(BaseModel):
     exact_steps: bool = Field(False, description="img2img runs exactly ``steps`` denoising steps whatever the "
                               "strength (A1111's hires second pass), not int(steps x strength)")
     mask: Image.Image | None = None
-    mask_blur: int = Field(4, ge=0, le=64)
+    mask_blur: int = Field(4, ge=0, le=64, description="the mask's Gaussian blur, its standard deviation in pixels "
+                           "(A1111's: OpenCV's, along the rows and the columns)")
+    mask_blur_y: int | None = Field(None, ge=0, le=64, description="the blur along the columns where it differs "
+                                    "from mask_blur's (A1111's mask_blur_y); None: mask_blur")
     masked_content: MaskedContent = Field("original", description="inpainting: what the masked area starts from, "
                                           "as A1111's inpainting_fill names it: original, the image; fill, the "
                                           "image's colours blurred in from around the mask; latent noise / latent "
                                           "nothing, the filled image's latents under the mask replaced by the "
                                           "seed's noise / zeros")
+    inpaint_area: InpaintArea = Field("whole", description="whole: the init image, at the generation size, is "
+                                      "inpainted; masked: A1111's 'Only masked': the mask's region (its bounding box "
+                                      "once blurred, inpaint_padding wider, grown to the generation's aspect ratio) "
+                                      "of the init image at its own size is inpainted at the generation size and "
+                                      "pasted back, the result at the init image's size (a mask blank once blurred: "
+                                      "image-to-image of the whole image, as A1111 falls back)")
+    inpaint_padding: int = Field(0, ge=0, le=4096, description="inpaint_area masked: the pixels added around the "
+                                 "mask's bounding box (A1111's inpaint_full_res_padding)")
+    defer_paste: bool = Field(False, description="inpainting: the images come back as inpainted, not yet pasted "
+                              "over the init image, each with its paste in StageResult.pastes, for a later stage to "
+                              "apply (A1111 restores faces before it pastes)")
     ip_adapter_image: Image.Image | None = None
     ip_adapter_scale: float = Field(0.6, ge=0.0, le=2.0)
     loras: list[LoraRef] = []
@@ -241,12 +256,24 @@ class StageResult:
     info: dict = field(default_factory=dict)
     encoded: list[bytes] = field(default_factory=list)  # the images as files, once a stage encoded them
     sizes: list[tuple[int, int]] = field(default_factory=list)  # their sizes, which travel with the bytes
+    # An inpainting's paste over its init image, one per image, where the base left it to a later stage
+    # (``GenerationRequest.defer_paste``); empty once pasted (``pasted``).
+    pastes: list[Paste] = field(default_factory=list)
+
+    def pasted(self) -> StageResult:
+        """The same result with each image pasted over the image its inpainting started from, where that was left
+        to a later stage; itself when nothing is left to paste."""
+        if not self.pastes:
+            return self
+        return replace(self, images=[paste.apply(image) for paste, image in zip(self.pastes, self.images,
+                                                                                strict=True)], pastes=[])
 
     def encode(self, how: Encoding) -> StageResult:
         """The same result with its images as files (and their sizes) in place of pixels: overlays drawn, then the
         invisible watermark, the encoding, and the content credentials (``deployments.support.provenance``)."""
         texts: list[str | None] = [*how.parameters] if how.parameters else [None] * len(self.images)
-        drawn = self.overlaid(how.overlay) if how.overlay is not None else self
+        whole = self.pasted()
+        drawn = whole.overlaid(how.overlay) if how.overlay is not None else whole
         marks = provenance.marker()
         marked = [marks.mark(image) for image in drawn.images]
         images, watermarked = [image for image, _ in marked], [done for _, done in marked]
@@ -282,9 +309,11 @@ class StageResult:
         return self.images[0]
 
     def then(self, images: list[Image.Image], *, warnings: Iterable[str] = (), **info) -> StageResult:
-        """The next stage's result: its own images, these seeds, every warning so far and its own."""
+        """The next stage's result: its own images, these seeds, every warning so far and its own; the pastes
+        still to do go on with images made one for one from these (face restoration, the safety checker)."""
+        pastes = list(self.pastes) if len(images) == len(self.pastes) else []
         return StageResult(images=images, seeds=list(self.seeds), warnings=[*self.warnings, *warnings],
-                           info={**self.info, **info})
+                           info={**self.info, **info}, pastes=pastes)
 
     def joined(self, parts: list[StageResult]) -> StageResult:
         """One result of the passes that each started from one of this result's images: their images and seeds in
@@ -293,8 +322,11 @@ class StageResult:
         stopped = [part.info["stopped_at"] for part in parts if part.stopped]
         # Each pass names its own variation seed: the joined result names them all, as it does the seeds.
         subseeds = [subseed for part in parts for subseed in part.info.get("subseeds", [])]
+        if any(part.pastes for part in parts) and not all(part.pastes for part in parts if part.images):
+            parts = [part.pasted() for part in parts]  # some passes were pasted already: the others now
         return StageResult(images=[image for part in parts for image in part.images],
                            seeds=[seed for part in parts for seed in part.seeds],
+                           pastes=[paste for part in parts for paste in part.pastes],
                            warnings=list(dict.fromkeys(warnings)),
                            info={**self.info, **parts[0].info, **({"stopped_at": stopped[0]} if stopped else {}),
                                  **({"subseeds": subseeds} if subseeds else {})})

@@ -42,6 +42,7 @@ from deployments.support.generation import (
     resolve_seeds,
     variation_seeds,
 )
+from deployments.support.masking import InpaintArea
 from deployments.support.samplers import A1111Choice, a1111_choice
 from deployments.support.settings import current
 from graphs import flights, plans
@@ -108,6 +109,24 @@ def images_answer(files: list[bytes], parameters: dict, info: dict) -> Response:
 READS_ETA = frozenset({"DDIM", "DDIM CFG++"})
 ETA_ONE = frozenset({"Euler a", "DPM2 a", "DPM++ 2S a", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun",
                      "DPM++ 3M SDE"})
+
+
+def mask_text(r: Img2ImgRequest, area: InpaintArea | None) -> dict:
+    """An inpainting's settings as A1111 writes them, in its order: its mask mode when inverted; its blur where there
+    is one (one number both ways, else a key without a value, which the infotext leaves out); where "Only masked" ran,
+    the inpaint area and its padding; its masked content other than "original". ``area``: the area inpainted, None
+    where a blank mask of "Only masked" was dropped (A1111 has written the mode and the blur by then, and no more)."""
+    settings: dict = {}
+    if r.inpainting_mask_invert:
+        settings["Mask mode"] = "Inpaint not masked"
+    across, down = r.mask_blurs()
+    if across > 0 or down > 0:
+        settings["Mask blur"] = across if across == down else None
+    if area == "masked":
+        settings.update({"Inpaint area": "Only masked", "Masked area padding": r.inpaint_full_res_padding})
+    if area is not None and r.inpainting_fill != 1:  # "original", A1111's own default, goes unwritten
+        settings["Masked content"] = MASKED_CONTENT[r.inpainting_fill]
+    return settings
 
 
 def eta_unapplied(eta: float | None, sampler: str) -> list[str]:
@@ -242,7 +261,7 @@ class A1111Routes(CheckpointChoice):
                                  cond_padding=r.cond_padding(), **extra)
 
     async def _run(self, http: Request, r: Txt2ImgRequest, parent: bytes | None = None, cache_as: str | None = None,
-                   inits: list[Image.Image] | None = None, **extra) -> Response:
+                   inits: list[Image.Image] | None = None, notes: list[str] | None = None, **extra) -> Response:
         if r.batch_size * r.n_iter > MAX_IMAGES:
             raise InvalidInput(f"batch_size x n_iter exceeds {MAX_IMAGES} images", field="batch_size")
         echoed = getattr(r, "include_init_images", False)  # A1111 echoes an edit's uploads only when asked
@@ -276,7 +295,7 @@ class A1111Routes(CheckpointChoice):
         choice = self._choice(r)
         ignored = [*asked.scripts(), *asked.unapplied(), *asked.settings_unapplied(vaes), *styled,
                    *eta_unapplied(r.eta, choice.sampler), *r.churn_unapplied(choice.sampler),
-                   *controlnet.notes(asked)]
+                   *controlnet.notes(asked), *(notes or [])]
         if (r.enable_hr and r.hr_upscaler in LATENT_UPSCALE_MODES and not r.disable_extra_networks
                 and parse_lora_tags(r.hr_prompt)[1] != parse_lora_tags(r.prompt)[1]):
             ignored.append("hr_prompt: its <lora:...> tags are not applied by a Latent hires fix, one base call with "
@@ -338,7 +357,8 @@ class A1111Routes(CheckpointChoice):
         # the one that will run, and /face-restorers names it the same way.
         restorer = (await call(self.handles.faces.describe.remote()))["restorer"] if r.restore_faces else None
         settings = self._settings_text(r, choice, switch, hires, restorer, edit="init_image" in extra,
-                                       noise=extra.get("noise_multiplier", 1.0))
+                                       noise=extra.get("noise_multiplier", 1.0),
+                                       area=extra.get("inpaint_area") if extra.get("mask") is not None else None)
         digest = await asyncio.to_thread(self._short_hash, model)  # the /sd-models hash, cached on this host
         if digest:
             settings["Model hash"] = digest
@@ -388,7 +408,8 @@ class A1111Routes(CheckpointChoice):
                         subseeds += subs[:len(result.seeds)]
                         warnings += result.warnings
                         nsfw += result.info.get("nsfw") or []
-                        size = result.sizes[0]
+                        if "init_image" not in extra:  # A1111 reports an edit's width x height ("Only masked"
+                            size = result.sizes[0]  # answers at the init image's size)
                         sizes += result.sizes
                         sampler = result.info.get("sampler", sampler)  # as the base reports it
                         ran = ran or result.info
@@ -444,11 +465,11 @@ class A1111Routes(CheckpointChoice):
 
     def _settings_text(self, r: Txt2ImgRequest, choice: A1111Choice, switch: float | None,
                        hires: plans.A1111Hires | None, restorer: str | None, *, edit: bool,
-                       noise: float = 1.0) -> dict:
+                       noise: float = 1.0, area: InpaintArea | None = None) -> dict:
         """What the infotext adds to the base settings, for the stages ``plans.a1111_batch`` will run: the refiner
         on a text-to-image request when one is deployed, else the hires fix; faces, by the ``restorer`` deployed
         (none: no restoration runs, and the infotext claims none); an edit's ``noise`` multiplier where it is not 1,
-        as A1111 names it."""
+        as A1111 names it; an inpainting's mask settings (``area``: the area it inpaints, see ``mask_text``)."""
         settings: dict = {}
         if r.eta and choice.sampler in READS_ETA:  # A1111 names a DDIM eta other than its default 0
             settings["Eta DDIM"] = r.eta
@@ -457,12 +478,10 @@ class A1111Routes(CheckpointChoice):
             named = {"s_churn": "Sigma churn", "s_tmin": "Sigma tmin", "s_tmax": "Sigma tmax", "s_noise": "Sigma noise"}
             settings.update({text: getattr(churn, key) for key, text in named.items()
                              if getattr(churn, key) != CHURN_SETTINGS[key][0]})
-        if edit:  # A1111's img2img writes its strength, and an inpainting its mask blur and masked content
+        if edit:  # A1111's img2img writes its strength, and an inpainting its mask's settings
             settings["Denoising strength"] = r.denoising_strength
-            if getattr(r, "mask", None):
-                settings["Mask blur"] = getattr(r, "mask_blur", 0) or None  # where it blurs
-                fill = getattr(r, "inpainting_fill", 1)
-                settings["Masked content"] = MASKED_CONTENT[fill] if fill != 1 else None  # "original": its default
+            if isinstance(r, Img2ImgRequest) and r.mask:
+                settings.update(mask_text(r, area))
             if noise != 1.0:
                 settings["Noise multiplier"] = noise
         refined = switch is not None and self.handles.refiner is not None and not edit
@@ -499,20 +518,28 @@ class A1111Routes(CheckpointChoice):
     async def img2img(self, body: Img2ImgRequest, http: Request) -> Response:
         """Image to image, the init images framed by resize_mode (one starts every image of the batch; several, one
         image each, the batch as large as their number, as in A1111); with a mask, inpainting (white repaints; black
-        with inpainting_mask_invert)."""
+        with inpainting_mask_invert): of the mask's region alone, answered at the upload's size (inpaint_full_res,
+        A1111's default), or of the whole picture."""
         if len(body.init_images) > body.batch_size:  # A1111 refuses them too
             raise InvalidInput(f"{len(body.init_images)} init_images for a batch of {body.batch_size}: at most one "
                                "per image of the batch", field="init_images")
         if 1 < len(body.init_images) < body.batch_size:  # A1111 makes one image of each
             body = body.model_copy(update={"batch_size": len(body.init_images)})
         uploads = [image_bytes(data, "init_images") for data in body.init_images]
-        inits, mask = await asyncio.to_thread(edit_inputs, body, uploads)
+        inits, mask, only_masked = await asyncio.to_thread(edit_inputs, body, uploads)
+        notes = []
+        if body.mask and body.inpaint_full_res and not only_masked:  # A1111's comment, in our warnings
+            notes.append("inpaint_full_res: the mask is blank: the whole image ran as image-to-image, as A1111 falls "
+                         "back")
         # A unit without an image takes the init image, as the extension does.
         units = await asyncio.to_thread(controlnet.control_units, body, self.config.base.controlnets, edit=True,
                                         modules=offered(self.config.base.preprocessors))
-        return await self._run(http, body, uploads[0], cache_as="a1111-img2img", inits=inits, init_image=inits[0],
-                               mask=mask, mask_blur=body.mask_blur,
-                               masked_content=MASKED_CONTENT[body.inpainting_fill], strength=body.denoising_strength,
+        across, down = body.mask_blurs()
+        return await self._run(http, body, uploads[0], cache_as="a1111-img2img", inits=inits, notes=notes,
+                               init_image=inits[0], mask=mask, mask_blur=across, mask_blur_y=down,
+                               masked_content=MASKED_CONTENT[body.inpainting_fill],
+                               inpaint_area="masked" if only_masked else "whole",
+                               inpaint_padding=body.inpaint_full_res_padding, strength=body.denoising_strength,
                                noise_multiplier=body.initial_noise_multiplier, control=units)
 
     @router.get("/progress", response_model=Progress)

@@ -85,6 +85,8 @@ class A1111Unit(_A1111):
     low_vram: bool = False
     hr_option: int | str = Field("Both", description="with a hires fix, the passes the unit guides: Both, Low res "
                                  "only, High res only (or 0, 1, 2)")
+    inpaint_crop_input_image: bool = Field(True, description="img2img's 'Only masked' (inpaint_full_res): the image "
+                                           "is cut to the inpainted region, as the init image is")
 
 
 def script_key(r: Txt2ImgRequest) -> str | None:
@@ -245,6 +247,7 @@ def control_units(r: Txt2ImgRequest, models: dict[str, str], *, edit: bool,
                                conditioning_scale=unit.weight, guidance_start=unit.guidance_start,
                                guidance_end=unit.guidance if unit.guidance is not None else unit.guidance_end,
                                resize_mode=fit,  # type: ignore[arg-type]
+                               crop_to_mask=unit.inpaint_crop_input_image,
                                processor_res=res if module in PROCESSOR_RES else CANNY_RES[0],
                                threshold_a=low if module in THRESHOLDS else CANNY_LOW[0],
                                threshold_b=high if module in THRESHOLDS else CANNY_HIGH[0]))

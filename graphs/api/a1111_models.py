@@ -262,11 +262,21 @@ class Txt2ImgRequest(_A1111):
 class Img2ImgRequest(Txt2ImgRequest):
     init_images: list[str] = Field(..., min_length=1, max_length=MAX_IMAGES)
     mask: str | None = None
-    mask_blur: int = Field(4, ge=0, le=64)
+    mask_blur: int = Field(4, ge=0, le=64, description="the mask's blur (a Gaussian's standard deviation in pixels) "
+                           "both ways; when sent, it sets mask_blur_x and mask_blur_y, as in A1111")
+    mask_blur_x: int = Field(4, ge=0, le=64, description="the blur along the rows, where mask_blur is not sent")
+    mask_blur_y: int = Field(4, ge=0, le=64, description="the blur along the columns, where mask_blur is not sent")
     inpainting_fill: int = Field(0, ge=0, le=3, description="with a mask, what the masked area starts from "
                                  "(A1111's masked content): 0 fill (the image's colours blurred in from around the "
                                  "mask; A1111's API default), 1 original, 2 latent noise, 3 latent nothing")
-    inpaint_full_res: bool = Field(True, description="accepted; the whole picture is processed")
+    inpaint_full_res: bool = Field(True, description="A1111's 'Inpaint area' (its API's default: true): true, "
+                                   "'Only masked': the mask's region of the init image (its bounding box once "
+                                   "blurred, inpaint_full_res_padding wider, grown to width x height's aspect ratio) "
+                                   "is inpainted at width x height and pasted back, the answer at the init image's "
+                                   "own size (a blank mask: image-to-image of the whole image, as in A1111); false, "
+                                   "'Whole picture': the init image at width x height is inpainted")
+    inpaint_full_res_padding: int = Field(0, ge=0, le=4096, description="'Only masked': the pixels added around the "
+                                          "mask's bounding box (A1111's API default 0; its page's is 32)")
     inpainting_mask_invert: int = Field(0, ge=0, le=1, description="1: the mask's black area is repainted")
     resize_mode: int = Field(0, ge=0, le=3, description="how init images take the size: 0 stretch, 1 crop and "
                              "resize (cover, centre-crop), 2 resize and fill (fit, edges stretched out), 3 as 0")
@@ -277,6 +287,14 @@ class Img2ImgRequest(Txt2ImgRequest):
     initial_noise_multiplier: float | None = Field(None, ge=0.0, le=MAX_NOISE_MULTIPLIER, description="the noise "
                                                    "added to the image times this (after the variation seed); "
                                                    "none: the saved option (POST /options), as A1111 reads it")
+
+
+    def mask_blurs(self) -> tuple[int, int]:
+        """The mask's blur along the rows and along the columns: ``mask_blur`` both ways when the client sent it,
+        else ``mask_blur_x`` and ``mask_blur_y`` (A1111 sets both from mask_blur when it is a number)."""
+        if "mask_blur" in self.model_fields_set:
+            return self.mask_blur, self.mask_blur
+        return self.mask_blur_x, self.mask_blur_y
 
 
 class ImagesResponse(BaseModel):

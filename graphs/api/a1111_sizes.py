@@ -63,18 +63,28 @@ def upscale_to(size: tuple[int, int], width: int, height: int,
     return max(width / size[0], height / size[1]), None, None, None
 
 
-def edit_inputs(r: Img2ImgRequest, uploads: list[bytes]) -> tuple[list[Image.Image], Image.Image | None]:
+def edit_inputs(r: Img2ImgRequest, uploads: list[bytes]) -> tuple[list[Image.Image], Image.Image | None, bool]:
     """An img2img request's init images (``uploads``) and mask, decoded and framed at its size as ``resize_mode``
-    says, the mask inverted with ``inpainting_mask_invert`` (its black area is then the one repainted). One init
-    image stretched (the default) is left to the base, which stretches it; several are framed here, since each
-    becomes a pass of its own at the request's size."""
+    says, the mask inverted with ``inpainting_mask_invert`` (its black area is then the one repainted); and whether
+    only the mask's region is inpainted (A1111's ``inpaint_full_res``, "Only masked"). One init image stretched (the
+    default) is left to the base, which stretches it; several are framed here, since each becomes a pass of its own
+    at the request's size. "Only masked" leaves the init images at their own size (the base cuts the region out and
+    pastes it back there) and frames the mask at the first one's, as A1111 frames its overlay; with a blank mask it
+    is image-to-image without a mask, as A1111 falls back (a mask that is blank only once blurred, the base finds)."""
     fit = FITS[r.resize_mode]
     inits = [decode(data, field="init_images") for data in uploads]
+    mask = None
+    if r.mask:
+        mask = image_field(r.mask, "mask").convert("L")
+        if r.inpainting_mask_invert:
+            mask = ImageOps.invert(mask)
+        if r.inpaint_full_res and mask.getbbox() is None:
+            mask = None  # A1111 drops a blank mask of "Only masked": image-to-image over the whole image
+        elif r.inpaint_full_res:
+            size = inits[0].size
+            return inits, mask if mask.size == size else frame(mask, *size, fit), True
     if fit != "stretch" or len(inits) > 1:
         inits = [frame(to_rgb(image), r.width, r.height, fit) for image in inits]
-    if not r.mask:
-        return inits, None
-    mask = image_field(r.mask, "mask").convert("L")
-    if r.inpainting_mask_invert:
-        mask = ImageOps.invert(mask)
-    return inits, mask if fit == "stretch" else frame(mask, r.width, r.height, fit)
+    if mask is None or fit == "stretch":
+        return inits, mask, False
+    return inits, frame(mask, r.width, r.height, fit), False
