@@ -1140,6 +1140,21 @@ def test_img2img_unit_without_an_image_uses_the_init_image(ingress):
     assert np.abs(pixels(decode_b64(implicit["images"][0])) - pixels(decode_b64(plain["images"][0]))).mean() > 1.0
 
 
+
+def test_img2img_unit_without_an_image_reads_the_upload_framed_by_img2imgs_resize_mode(ingress):
+    """As the extension reads p.init_images[0] with p.resize_mode: the unit's map is made of the upload itself and
+    framed as the init image is (Resize and Fill here: the control map's median border, not the init image's
+    stretched edges), whatever the unit's own resize mode."""
+    upload = b64(bands())  # 128x64, framed into the 64x64 generation
+    edit = {"init_images": [upload], "resize_mode": 2}
+    unit = {"module": "none", "model": "tiny-canny", "resize_mode": "Just Resize"}
+    implicit = img2img(ingress, **edit, alwayson_scripts=controlnet(unit))
+    filled = img2img(ingress, **edit, alwayson_scripts=controlnet({**unit, "image": upload,
+                                                                   "resize_mode": "Resize and Fill"}))
+    assert same_pixels(implicit, filled)
+    stretched = img2img(ingress, **edit, alwayson_scripts=controlnet({**unit, "image": upload}))
+    assert not same_pixels(implicit, stretched)
+
 def test_controlnet_routes(ingress, tiny):
     from deployments.support.checkpoints import model_hash
     from graphs.api.controlnet import DetectRequest

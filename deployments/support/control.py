@@ -239,9 +239,9 @@ def control_image(unit: ControlUnit, fallback: Image.Image | None, width: int, h
 
 def resolution(unit: ControlUnit, source: Image.Image, width: int, height: int) -> int:
     """The resolution a unit's preprocessor runs at on ``source``: its processor_res, or with pixel_perfect the
-    extension's estimate for its target (``pixel_target``, else ``width`` x ``height``). On image-to-image a unit
-    without an image reads the init image as framed at the generation size, so its estimate is that size's shorter
-    side (the extension estimates from the upload's own size, then frames the map it makes)."""
+    extension's estimate for its target (``pixel_target``, else ``width`` x ``height``). A1111's img2img gives a unit
+    without an image the upload itself (``a1111_controlnet.from_upload``), so it estimates from the upload's size as
+    the extension does; elsewhere such a unit reads the init image as framed at the generation size."""
     if not unit.pixel_perfect:
         return unit.processor_res
     target = unit.pixel_target or (width, height)

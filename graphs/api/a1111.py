@@ -61,7 +61,7 @@ from graphs.api.a1111_models import (
     Progress,
     Txt2ImgRequest,
 )
-from graphs.api.a1111_sizes import crop_box, edit_inputs, hires_size
+from graphs.api.a1111_sizes import FITS, crop_box, edit_inputs, hires_size
 from graphs.api.a1111_styles import PromptStyles
 from graphs.api.body import JSONBodyRoute, blobs, json_answer
 from graphs.api.checkpoints import CheckpointChoice
@@ -526,17 +526,20 @@ class A1111Routes(CheckpointChoice):
         if 1 < len(body.init_images) < body.batch_size:  # A1111 makes one image of each
             body = body.model_copy(update={"batch_size": len(body.init_images)})
         uploads = [image_bytes(data, "init_images") for data in body.init_images]
-        inits, mask, only_masked = await asyncio.to_thread(edit_inputs, body, uploads)
+        edit = await asyncio.to_thread(edit_inputs, body, uploads)
+        only_masked = edit.only_masked
         notes = []
         if body.mask and body.inpaint_full_res and not only_masked:  # A1111's comment, in our warnings
             notes.append("inpaint_full_res: the mask is blank: the whole image ran as image-to-image, as A1111 falls "
                          "back")
-        # A unit without an image takes the init image, as the extension does.
         units = await asyncio.to_thread(controlnet.control_units, body, self.config.base.controlnets, edit=True,
                                         modules=offered(self.config.base.preprocessors))
+        # A unit without an image reads the first init image as uploaded, framed by img2img's resize mode, as the
+        # extension reads p.init_images[0] and p.resize_mode.
+        units = controlnet.from_upload(units, edit.upload, FITS[body.resize_mode])
         across, down = body.mask_blurs()
-        return await self._run(http, body, uploads[0], cache_as="a1111-img2img", inits=inits, notes=notes,
-                               init_image=inits[0], mask=mask, mask_blur=across, mask_blur_y=down,
+        return await self._run(http, body, uploads[0], cache_as="a1111-img2img", inits=edit.inits, notes=notes,
+                               init_image=edit.inits[0], mask=edit.mask, mask_blur=across, mask_blur_y=down,
                                masked_content=MASKED_CONTENT[body.inpainting_fill],
                                inpaint_area="masked" if only_masked else "whole",
                                inpaint_padding=body.inpaint_full_res_padding, strength=body.denoising_strength,

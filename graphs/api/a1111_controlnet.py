@@ -17,7 +17,7 @@ applied; ``low_vram`` means nothing here. The routes are in ``graphs/api/control
 from __future__ import annotations
 
 from collections.abc import Collection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, ValidationError
 
@@ -41,6 +41,11 @@ from deployments.support.softedge import ALIASES as SOFTEDGE_ALIASES
 from graphs.api.a1111_models import _A1111, Txt2ImgRequest
 from graphs.api.a1111_models import EXTENSION_SCRIPTS as SCRIPT
 from graphs.api.fields import image_field
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from deployments.support.imaging import Fit
 
 MAX_ARGS = 16  # units sent, disabled ones included
 # The extension's resize modes by number and by name (its older names too) -> the frame the control map takes.
@@ -303,3 +308,10 @@ def infotext(r: Txt2ImgRequest) -> dict[str, str]:
                   "Guidance End": end, "Pixel Perfect": unit.pixel_perfect, "Control Mode": _control_mode(unit, field)}
         out[f"ControlNet {i}"] = ", ".join(f"{key}: {value}" for key, value in values.items())
     return out
+
+
+def from_upload(units: list[ControlUnit], upload: Image.Image, fit: Fit) -> list[ControlUnit]:
+    """img2img's units, each without an image given the first init image as uploaded (``upload``) and img2img's
+    resize mode (``fit``), as the extension reads ``p.init_images[0]`` and ``p.resize_mode`` for such a unit: its map
+    is made of the upload itself and framed as the init image is (Pixel Perfect estimates from the upload's size)."""
+    return [u if u.image is not None else u.model_copy(update={"image": upload, "resize_mode": fit}) for u in units]

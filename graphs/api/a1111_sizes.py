@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from PIL import Image, ImageOps
 
@@ -63,7 +64,16 @@ def upscale_to(size: tuple[int, int], width: int, height: int,
     return max(width / size[0], height / size[1]), None, None, None
 
 
-def edit_inputs(r: Img2ImgRequest, uploads: list[bytes]) -> tuple[list[Image.Image], Image.Image | None, bool]:
+class Edit(NamedTuple):
+    """An img2img request's inputs as the base takes them (``edit_inputs``)."""
+
+    inits: list[Image.Image]  # framed at the request's size, or as uploaded (see edit_inputs)
+    mask: Image.Image | None
+    only_masked: bool  # A1111's inpaint_full_res with a mask that is not blank
+    upload: Image.Image  # the first init image as uploaded: what a ControlNet unit without an image reads
+
+
+def edit_inputs(r: Img2ImgRequest, uploads: list[bytes]) -> Edit:
     """An img2img request's init images (``uploads``) and mask, decoded and framed at its size as ``resize_mode``
     says, the mask inverted with ``inpainting_mask_invert`` (its black area is then the one repainted); and whether
     only the mask's region is inpainted (A1111's ``inpaint_full_res``, "Only masked"). One init image stretched (the
@@ -73,7 +83,7 @@ def edit_inputs(r: Img2ImgRequest, uploads: list[bytes]) -> tuple[list[Image.Ima
     is image-to-image without a mask, as A1111 falls back (a mask that is blank only once blurred, the base finds)."""
     fit = FITS[r.resize_mode]
     inits = [decode(data, field="init_images") for data in uploads]
-    mask = None
+    upload, mask = inits[0], None
     if r.mask:
         mask = image_field(r.mask, "mask").convert("L")
         if r.inpainting_mask_invert:
@@ -82,9 +92,9 @@ def edit_inputs(r: Img2ImgRequest, uploads: list[bytes]) -> tuple[list[Image.Ima
             mask = None  # A1111 drops a blank mask of "Only masked": image-to-image over the whole image
         elif r.inpaint_full_res:
             size = inits[0].size
-            return inits, mask if mask.size == size else frame(mask, *size, fit), True
+            return Edit(inits, mask if mask.size == size else frame(mask, *size, fit), True, upload)
     if fit != "stretch" or len(inits) > 1:
         inits = [frame(to_rgb(image), r.width, r.height, fit) for image in inits]
-    if mask is None or fit == "stretch":
-        return inits, mask, False
-    return inits, frame(mask, r.width, r.height, fit), False
+    if mask is not None and fit != "stretch":
+        mask = frame(mask, r.width, r.height, fit)
+    return Edit(inits, mask, False, upload)
