@@ -13,7 +13,7 @@ from deployments.support.errors import InvalidInput
 from deployments.support.imaging import cover_box, frame
 from graphs.api.a1111_infotext import infotext, parse
 from graphs.api.a1111_models import ExtrasBatchRequest, Img2ImgRequest, Txt2ImgRequest
-from graphs.api.a1111_sizes import crop_box, hires_size, upscale_to
+from graphs.api.a1111_sizes import binary_mask, crop_box, hires_size, upscale_to
 
 # What clients send when they replay a response's ``parameters`` or fill every field A1111 declares Optional.
 NULLS = {"seed": None, "sampler_name": None, "scheduler": None, "batch_size": None, "n_iter": None, "steps": None,
@@ -640,3 +640,18 @@ def test_a1111s_grid_layout_and_cells():
     cells = np.asarray(grid)
     assert (cells[1:3, 0:4] == (255, 0, 0)).all() and (cells[0, 0:4] == 255).all()  # centred, white around
     assert (cells[:, 5:7] == (0, 0, 255)).all() and (cells[:, 4] == 255).all()
+
+
+def test_a_transparent_mask_is_read_by_its_alpha_as_a1111_reads_it():
+    """A page sends its brush strokes as an RGBA image, opaque where painted: A1111's create_binary_mask takes such
+    a mask's alpha, rounded at 128; an opaque RGBA or a greyscale mask is read by its luminance."""
+    strokes = np.zeros((4, 4, 4), np.uint8)
+    strokes[..., :3] = 255  # white everywhere: its luminance would repaint everything
+    strokes[0, :, 3] = [0, 128, 129, 255]
+    read = np.asarray(binary_mask(Image.fromarray(strokes, "RGBA")))
+    assert read.dtype == np.uint8 and read[0].tolist() == [0, 0, 255, 255] and not read[1:].any()
+    opaque = strokes.copy()
+    opaque[..., 3], opaque[0, 0, :3] = 255, 0
+    assert np.asarray(binary_mask(Image.fromarray(opaque, "RGBA")))[0, :2].tolist() == [0, 255]
+    grey = Image.fromarray(np.array([[0, 100], [200, 255]], np.uint8), "L")
+    assert np.array_equal(np.asarray(binary_mask(grey)), np.asarray(grey))

@@ -64,6 +64,15 @@ def upscale_to(size: tuple[int, int], width: int, height: int,
     return max(width / size[0], height / size[1]), None, None, None
 
 
+def binary_mask(image: Image.Image) -> Image.Image:
+    """An inpainting mask as A1111 reads an upload (``create_binary_mask`` at its ``mask_round`` default): an RGBA
+    image that is not wholly opaque is its alpha channel, rounded (above 128 white, else black), as a page's
+    transparent brush strokes are sent; any other image its luminance, as it is."""
+    if image.mode == "RGBA" and image.getextrema()[-1] != (255, 255):
+        return image.getchannel("A").point(lambda x: 255 if x > 128 else 0)
+    return image.convert("L")
+
+
 class Edit(NamedTuple):
     """An img2img request's inputs as the base takes them (``edit_inputs``)."""
 
@@ -85,7 +94,7 @@ def edit_inputs(r: Img2ImgRequest, uploads: list[bytes]) -> Edit:
     inits = [decode(data, field="init_images") for data in uploads]
     upload, mask = inits[0], None
     if r.mask:
-        mask = image_field(r.mask, "mask").convert("L")
+        mask = binary_mask(image_field(r.mask, "mask"))
         if r.inpainting_mask_invert:
             mask = ImageOps.invert(mask)
         if r.inpaint_full_res and mask.getbbox() is None:
