@@ -139,15 +139,15 @@ def slider_value(module: str, slot: int, value: float | None) -> float:
     return value if value is not None else slider.default if slider is not None else 0.0
 
 
-def out_of_bounds(module: str, slot: int, value: float | None) -> str | None:
+def out_of_bounds(module: str, slot: int, value: float | None, name: str | None = None) -> str | None:
     """Why ``value`` is not one of ``module``'s slider in ``slot`` (None: it is, or None, or the module reads no
-    such value)."""
-    slider = SLIDERS[module][slot]
+    such value), naming it as ``name`` (the slot's field by default)."""
+    slider, name = SLIDERS[module][slot], name or SLOTS[slot]
     if slider is None or value is None or slider.low <= value <= slider.high:
         return None
     if not slider.shown:
-        return f"{SLOTS[slot]}={value:g} is not read: {module} runs at {slider.default:g}, as the extension fixes it"
-    return f"{SLOTS[slot]}={value:g} is outside {module}'s {slider.low:g} to {slider.high:g}"
+        return f"{name}={value:g} is not read: {module} runs at {slider.default:g}, as the extension fixes it"
+    return f"{name}={value:g} is outside {module}'s {slider.low:g} to {slider.high:g}"
 
 
 def shuffle_seed(seed: int, subseed: int = -1, strength: float = 0.0) -> int:
