@@ -401,7 +401,8 @@ class BaseGenerator:
             kwargs["denoising_end"] = request.denoising_end
         # "Only masked": each unit's image is cut to the region as the init image is, as the extension cuts it.
         framed = cut_units(units, cut) if cut is not None else units
-        kwargs.update(self.controls.kwargs(kind, framed, init, request.width, request.height))
+        kwargs.update(self.controls.kwargs(kind, framed, init, request.width, request.height,
+                                           control.shuffle_seed(flat[0], request.subseed, request.subseed_strength)))
         # The batch's stop bookkeeping holds its images and device latents: let go of them however it ends. Tiling
         # (batch_key: the whole batch or none of it) holds for every decode too, those of stopped items included.
         second = pipes.inpaint if nine else pipes.img2img  # a latent hires fix's second pass
@@ -701,9 +702,13 @@ def passes_over(request: GenerationRequest, source: StageResult) -> list[Generat
         subseeds = variation_seeds(request.seed, request.subseed, request.subseed_strength, count)[1] \
             if request.varied else [request.subseed] * count
     masked = request.mask is not None and request.inpaint_area == "masked"
+    # Each pass's shuffle units draw from the first image's seed, as the extension's one map serves every image.
+    first = control.shuffle_seed(source.seeds[0], request.subseed, request.subseed_strength) if source.seeds else None
+    units = [u.model_copy(update={"seed": first}) if u.module == "shuffle" and u.seed is None else u
+             for u in request.control]
     return [request.model_copy(update={"init_image": image, "seed": seed, "subseed": subseed, "batch_size": 1,
-                                       **({} if masked else {"width": image.width // 8 * 8,
-                                                             "height": image.height // 8 * 8})})
+                                       "control": units, **({} if masked else {"width": image.width // 8 * 8,
+                                                                                "height": image.height // 8 * 8})})
             for image, seed, subseed in zip(source.images, source.seeds, subseeds, strict=True)]
 
 
@@ -877,7 +882,7 @@ class SDXLBase:
             raise
 
     async def detect(self, module: control.Preprocessor, images: list[Image.Image], resolution: int,
-                     low: float, high: float) -> list[Image.Image]:
+                     a: float | None, b: float | None) -> list[Image.Image]:
         """A ControlNet preprocessor's maps of ``images`` (A1111's /controlnet/detect): OpenCV or a depth, line-art or
         pose model on a worker thread, never the inference thread, which has batches to run (a model takes one call at a
         time, whichever thread makes it)."""
@@ -886,7 +891,7 @@ class SDXLBase:
         def maps() -> list[Image.Image]:
             # A CUDA out-of-memory is a retryable 503 with the cache freed, as on the inference thread.
             with self.model.oom():
-                return [control.detect(image, module, resolution, low, high, models,
+                return [control.detect(image, module, resolution, a, b, models,
                                        field=f"controlnet_input_images[{i}]") for i, image in enumerate(images)]
 
         return await asyncio.to_thread(maps)

@@ -17,6 +17,7 @@ from starlette.requests import Request
 
 from deployments.support.errors import InvalidInput
 from deployments.support.imaging import exif_comment
+from deployments.support.model_free import MODULES as MODEL_FREE
 from graphs.api.a1111_infotext import parse
 from graphs.api.a1111_models import (
     ExtrasBatchRequest,
@@ -1126,7 +1127,7 @@ def test_controlnet_units_are_refused_naming_their_field(ingress):
                                           "depth_anything_v2", "lineart_standard", "lineart_realistic",
                                           "lineart_coarse", "lineart_anime", "openpose", "softedge_hed",
                                           "softedge_hedsafe", "softedge_pidinet", "softedge_pidisafe", "scribble_hed",
-                                          "scribble_pidinet", "mlsd"]  # cpu.yaml has them all
+                                          "scribble_pidinet", "mlsd", *MODEL_FREE]  # cpu.yaml has them all
 
 
 def test_img2img_unit_without_an_image_uses_the_init_image(ingress):
@@ -1169,7 +1170,8 @@ def test_controlnet_routes(ingress, tiny):
     assert modules["module_list"] == ["none", "canny", "invert", "depth", "depth_anything", "depth_anything_v2",
                                       "lineart_standard", "lineart", "lineart_coarse", "lineart_anime", "openpose",
                                       "hed", "hed_safe", "pidinet", "pidinet_safe", "scribble_hed", "pidinet_scribble",
-                                      "mlsd"]
+                                      "mlsd", "threshold", "scribble_xdog", "blur_gaussian", "tile_resample",
+                                      "recolor_luminance", "recolor_intensity", "shuffle", "color"]
     labels = ingress.controlnet_module_list.remote(alias_names=True).result()  # the extension's labels
     assert labels["module_list"][2:4] == ["invert (from white bg & black line)", "depth_midas"]
     assert [s["value"] for s in labels["module_detail"]["depth_midas"]["sliders"]] == [512]
@@ -1408,3 +1410,28 @@ def test_mlsd_detect(ingress, tiny, astronaut):
         assert np.array_equal(pixels(made), pixels(detect(photo, "mlsd", 64, *used, estimators=local))), sent
         lit.append(int((pixels(made)[..., 0] == 255).sum()))
     assert lit[0] > lit[1] > lit[2] > 0, lit
+
+
+def test_model_free_detect(ingress, astronaut):
+    """/controlnet/detect makes the model-free maps on the base replica by the extension's names, each slider read
+    as the extension's unit reads it: shuffle at its fixed 512 and the same each call (seed 0: the request has
+    none), the colour grid by its key, a sigma out of bounds at its default, a down-sampling rate at the image's
+    size."""
+    from deployments.support.control import detect
+    from graphs.api.controlnet import DetectRequest
+
+    photo = astronaut.resize((128, 96))
+
+    def detected(module: str, **sliders) -> Image.Image:
+        body = ingress.controlnet_detect.remote(DetectRequest(
+            controlnet_module=module, controlnet_input_images=[b64(photo)], **sliders)).result()
+        return decode_b64(body["images"][0])
+
+    shuffled = detected("shuffle", controlnet_processor_res=64)
+    assert shuffled.size == (683, 512) and np.array_equal(pixels(shuffled), pixels(detected("shuffle")))
+    assert np.array_equal(pixels(shuffled), pixels(detect(photo, "shuffle", 512, seed=0)))
+    assert np.array_equal(pixels(detected("color", controlnet_processor_res=128)),
+                          pixels(detect(photo, "t2ia_color_grid", 128)))
+    assert np.array_equal(pixels(detected("blur_gaussian", controlnet_processor_res=64, controlnet_threshold_a=100)),
+                          pixels(detect(photo, "blur_gaussian", 64, 9.0)))
+    assert detected("tile_resample", controlnet_processor_res=64, controlnet_threshold_a=4).size == (32, 24)

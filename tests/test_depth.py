@@ -18,6 +18,7 @@ from deployments.support.control import ControlUnit, control_image, detect, offe
 from deployments.support.control_maps import frame_map
 from deployments.support.errors import STATUS, ModelLoadError, UnknownModel, UnsafeWeights
 from deployments.support.generation import GenerationRequest
+from deployments.support.model_free import MODULES as MODEL_FREE
 from deployments.weights import loader
 from tests.helpers import b64, pixels
 
@@ -116,7 +117,7 @@ def test_a_depth_unit_guides_the_base_by_its_map(base, astronaut):
     assert base.describe()["preprocessors"] == ["none", "canny", "invert", "depth_midas", "depth_anything_v2",
                                                 "lineart_standard", "lineart_realistic", "lineart_anime",
                                                 "openpose", "softedge_hed", "softedge_pidisafe", "scribble_hed",
-                                                "mlsd"]
+                                                "mlsd", *MODEL_FREE]
     assert {"preprocessor:depth_midas", "preprocessor:depth_anything_v2"} <= set(base.fingerprint())
 
 
@@ -134,7 +135,7 @@ def test_a_module_without_its_model_is_refused_naming_the_field(base, astronaut)
     with pytest.raises(UnknownModel) as e:
         detect(astronaut, "depth_anything", estimators=base.controls.depth)
     only_midas = offered({"depth_midas": "/models/dpt-hybrid-midas"})
-    assert only_midas == ["none", "canny", "invert", "depth_midas", "lineart_standard"]
+    assert only_midas == ["none", "canny", "invert", "depth_midas", "lineart_standard", *MODEL_FREE]
     photo = "data:image/png;base64," + b64(astronaut.resize((64, 64)))
     request = Txt2ImgRequest(prompt="x", alwayson_scripts={"ControlNet": {"args": [
         {"module": "depth", "model": "tiny-canny", "image": photo, "processor_res": 4096},

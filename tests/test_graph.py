@@ -13,6 +13,7 @@ from PIL import Image
 from pydantic import ValidationError
 from starlette.requests import Request
 
+from deployments.support.model_free import MODULES as MODEL_FREE
 from graphs.api.control_fields import ControlNetUnit
 from graphs.api.errors import status_of
 from graphs.api.generate import GenerateRequest
@@ -121,7 +122,7 @@ def test_a_controlnet_unit_guides_generate_and_get_models_lists_the_controlnets(
     assert listed["preprocessors"] == ["none", "canny", "invert", "depth_midas", "depth_anything", "depth_anything_v2",
                                        "lineart_standard", "lineart_realistic", "lineart_coarse", "lineart_anime",
                                        "openpose", "softedge_hed", "softedge_hedsafe", "softedge_pidinet",
-                                       "softedge_pidisafe", "scribble_hed", "scribble_pidinet", "mlsd"]
+                                       "softedge_pidisafe", "scribble_hed", "scribble_pidinet", "mlsd", *MODEL_FREE]
 
 
 def test_controlnet_units_are_refused_naming_their_field(ingress):

@@ -21,6 +21,7 @@ from deployments.support.control import ControlUnit, detect, offered
 from deployments.support.errors import ModelLoadError, UnknownModel, UnsafeWeights
 from deployments.support.generation import GenerationRequest
 from deployments.support.lineart_nets import AnimeUNet, InformativeDrawings
+from deployments.support.model_free import MODULES as MODEL_FREE
 from deployments.weights import loader
 from tests.helpers import b64, module_list, pixels
 
@@ -261,9 +262,9 @@ def test_the_modules_offered_and_the_extensions_names():
     from graphs.api import a1111_controlnet, control_fields
     from graphs.api.a1111_models import Txt2ImgRequest
 
-    assert offered({}) == ["none", "canny", "invert", "lineart_standard"]
+    assert offered({}) == ["none", "canny", "invert", "lineart_standard", *MODEL_FREE]
     some = offered({"lineart_coarse": "/models/sk_model2.safetensors", "depth_midas": "/models/dpt"})
-    assert some == ["none", "canny", "invert", "depth_midas", "lineart_standard", "lineart_coarse"]
+    assert some == ["none", "canny", "invert", "depth_midas", "lineart_standard", "lineart_coarse", *MODEL_FREE]
     assert a1111_controlnet.module_of("lineart_standard (from white bg & black line)", "m", some) == "lineart_standard"
     assert a1111_controlnet.module_of("lineart_coarse", "m", some) == "lineart_coarse"
     with pytest.raises(UnknownModel) as e:
@@ -276,7 +277,7 @@ def test_the_modules_offered_and_the_extensions_names():
         {"module": "lineart_anime", "model": "tiny-canny", "image": image, "processor_res": 256}]}})
     realistic = offered(["lineart_realistic", "lineart_anime"])
     first, second = a1111_controlnet.control_units(request, {"tiny-canny": "x"}, edit=False, modules=realistic)
-    assert (first.module, first.processor_res, first.threshold_a) == ("lineart_realistic", 512, 100.0)
+    assert (first.module, first.processor_res, first.threshold_a) == ("lineart_realistic", 512, None)  # not read
     assert (second.module, second.processor_res) == ("lineart_anime", 256)
     assert any("processor_res=4096 is outside lineart_realistic's 64 to 2048" in n
                for n in a1111_controlnet.notes(request))
@@ -291,9 +292,9 @@ def test_the_modules_offered_and_the_extensions_names():
     assert e.value.field == "controlnets.0.preprocessor"
 
     keys = module_list({"lineart_realistic": "x"}, False)
-    assert keys["module_list"] == ["none", "canny", "invert", "lineart_standard", "lineart"]
+    assert keys["module_list"][:5] == ["none", "canny", "invert", "lineart_standard", "lineart"]
     assert keys["module_detail"]["lineart"]["sliders"] == [
         {"name": "Preprocessor Resolution", "value": 512, "min": 64, "max": 2048, "step": 1}]
     labels = module_list({"lineart_anime": "x"}, True)["module_list"]
-    assert labels == ["none", "canny", "invert (from white bg & black line)",
-                      "lineart_standard (from white bg & black line)", "lineart_anime"]
+    assert labels[:5] == ["none", "canny", "invert (from white bg & black line)",
+                          "lineart_standard (from white bg & black line)", "lineart_anime"]

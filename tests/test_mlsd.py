@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
 from deployments.factory.mlsd import build_mlsd, build_mlsd_pth, mlsd_state_dict
-from deployments.support import mlsd
+from deployments.support import mlsd, model_free
 from deployments.support.errors import ModelLoadError, UnknownModel, UnsafeWeights, status_of
 from deployments.weights import loader
 from tests.helpers import b64, module_list
@@ -350,7 +350,7 @@ def test_an_mlsd_unit_guides_the_base_by_its_map(base, astronaut, monkeypatch):
     from deployments.support.generation import GenerationRequest
     from tests.helpers import pixels
 
-    assert set(base.controls.mlsd) == {"mlsd"} and base.describe()["preprocessors"][-1] == "mlsd"
+    assert set(base.controls.mlsd) == {"mlsd"} and "mlsd" in base.describe()["preprocessors"]
     assert "preprocessor:mlsd" in base.fingerprint()
     detector, seen = base.controls.mlsd["mlsd"], []
 
@@ -387,7 +387,8 @@ def test_mlsd_by_the_extensions_names_and_sliders():
     from graphs.api.controlnet import ControlNetRoutes, DetectRequest
 
     served, unserved = offered({"mlsd": "x"}), offered({"openpose": "y"})
-    assert served == ["none", "canny", "invert", "lineart_standard", "mlsd"] and "mlsd" not in unserved
+    assert served == ["none", "canny", "invert", "lineart_standard", "mlsd", *model_free.MODULES]
+    assert "mlsd" not in unserved
     assert a1111_controlnet.module_of(" MLSD", "m", served) == "mlsd"
     image = "data:image/png;base64," + b64(Image.new("RGB", (64, 64), "white"))
     units = [{"module": "mlsd", "model": "tiny-canny", "image": image},
@@ -410,7 +411,7 @@ def test_mlsd_by_the_extensions_names_and_sliders():
 
     for alias_names in (False, True):
         listed = module_list({"mlsd": "x"}, alias_names)
-        assert listed["module_list"][-1] == "mlsd" and "mlsd" not in module_list({}, alias_names)["module_list"]
+        assert "mlsd" in listed["module_list"] and "mlsd" not in module_list({}, alias_names)["module_list"]
         assert listed["module_detail"]["mlsd"]["sliders"] == [
             {"name": "Preprocessor Resolution", "value": 512, "min": 64, "max": 2048, "step": 8},
             {"name": "MLSD Value Threshold", "value": 0.1, "min": 0.01, "max": 2.0, "step": 0.01},
@@ -447,7 +448,8 @@ def test_mlsd_on_the_native_api_and_each_modules_threshold_bounds():
         assert error["loc"] == (field,) and (preprocessor in error["msg"] or error["type"] != "value_error")
     assert ControlNetUnit(model="tiny-canny", preprocessor="depth_midas", low_threshold=0.5).low_threshold == 0.5
 
-    assert (ControlUnit(model="m", module="mlsd").threshold_a, ControlUnit(model="m").threshold_a) == (0.1, 100.0)
+    assert (ControlUnit(model="m", module="mlsd").threshold_a, ControlUnit(model="m", module="canny").threshold_a,
+            ControlUnit(model="m").threshold_a) == (0.1, 100.0, None)  # none reads no threshold
     for module, field, value in (("mlsd", "threshold_a", 3.0), ("mlsd", "threshold_b", 25.0),
                                  ("canny", "threshold_a", 0.5)):
         with pytest.raises(ValidationError, match=f"{field}={value:g} is outside {module}'s"):

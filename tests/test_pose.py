@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from deployments.factory.pose import build_pose, build_pose_pth
-from deployments.support import pose
+from deployments.support import model_free, pose
 from deployments.support.errors import ModelLoadError, UnknownModel, UnsafeWeights, status_of
 from deployments.weights import loader
 from tests.helpers import module_list
@@ -437,7 +437,7 @@ def test_openpose_by_the_extensions_names_and_the_pose_modules_not_served():
     from tests.helpers import b64
 
     served, unserved = offered({"openpose": "x", "depth_midas": "y"}), offered({"depth_midas": "y"})
-    assert served == ["none", "canny", "invert", "depth_midas", "lineart_standard", "openpose"]
+    assert served == ["none", "canny", "invert", "depth_midas", "lineart_standard", "openpose", *model_free.MODULES]
     assert "openpose" not in unserved
     assert a1111_controlnet.module_of(" OpenPose", "m", served) == "openpose"
     for name in (*pose.UNSERVED, "openpose"):
@@ -462,7 +462,7 @@ def test_openpose_by_the_extensions_names_and_the_pose_modules_not_served():
              {"module": "openpose", "model": "tiny-canny", "image": image, "pixel_perfect": True}]
     request = Txt2ImgRequest(prompt="x", alwayson_scripts={"ControlNet": {"args": units}})
     first, second = a1111_controlnet.control_units(request, {"tiny-canny": "x"}, edit=False, modules=served)
-    assert (first.module, first.processor_res, first.threshold_a, second.pixel_perfect) == ("openpose", 512, 100.0,
+    assert (first.module, first.processor_res, first.threshold_a, second.pixel_perfect) == ("openpose", 512, None,
                                                                                            True)
     assert any("processor_res=4096 is outside openpose's 64 to 2048: it ran at 512" in n
                for n in a1111_controlnet.notes(request))
@@ -481,7 +481,7 @@ def test_openpose_by_the_extensions_names_and_the_pose_modules_not_served():
 
     for alias_names in (False, True):
         listed = module_list({"openpose": "x"}, alias_names)
-        assert listed["module_list"][-1] == "openpose" and "openpose" not in module_list({}, alias_names)["module_list"]
+        assert "openpose" in listed["module_list"] and "openpose" not in module_list({}, alias_names)["module_list"]
         assert listed["module_detail"]["openpose"]["sliders"] == [
             {"name": "Preprocessor Resolution", "value": 512, "min": 64, "max": 2048, "step": 8}]
     assert SDXLBaseConfig(model={"source": "x"}, preprocessors={"openpose": "y"}).preprocessors == {"openpose": "y"}

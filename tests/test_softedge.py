@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
 from deployments.factory.softedge import write_release
-from deployments.support import softedge, softedge_nets
+from deployments.support import model_free, softedge, softedge_nets
 from deployments.support.config import SDXLBaseConfig
 from deployments.support.control import ControlUnit, control_image, detect, offered
 from deployments.support.control_maps import frame_map
@@ -426,8 +426,8 @@ def test_the_modules_by_the_extensions_names():
     from graphs.api.a1111_models import Txt2ImgRequest
 
     every = offered({m: "x" for m in softedge.SOFTEDGE_MODULES})
-    assert every[-6:] == list(softedge.SOFTEDGE_MODULES) and offered({}) == ["none", "canny", "invert",
-                                                                           "lineart_standard"]
+    assert every == ["none", "canny", "invert", "lineart_standard", *softedge.SOFTEDGE_MODULES, *model_free.MODULES]
+    assert offered({}) == ["none", "canny", "invert", "lineart_standard", *model_free.MODULES]
     for name, module in (("hed", "softedge_hed"), ("hed_safe", "softedge_hedsafe"), ("pidinet", "softedge_pidinet"),
                          ("pidinet_safe", "softedge_pidisafe"), ("pidinet_scribble", "scribble_pidinet"),
                          ("fake_scribble", "scribble_hed"), ("Scribble_HED", "scribble_hed"),
@@ -443,7 +443,7 @@ def test_the_modules_by_the_extensions_names():
         {"module": "hed", "model": "tiny-canny", "image": image, "processor_res": 4096, "threshold_a": 3},
         {"module": "pidinet_scribble", "model": "tiny-canny", "image": image, "pixel_perfect": True}]}})
     first, second = a1111_controlnet.control_units(request, {"tiny-canny": "x"}, edit=False, modules=every)
-    assert (first.module, first.processor_res, first.threshold_a) == ("softedge_hed", 512, 100.0)
+    assert (first.module, first.processor_res, first.threshold_a) == ("softedge_hed", 512, None)  # not read
     assert (second.module, second.pixel_perfect) == ("scribble_pidinet", True)
     assert any("processor_res=4096 is outside softedge_hed's 64 to 2048: it ran at 512" in n
                for n in a1111_controlnet.notes(request))
@@ -459,10 +459,10 @@ def test_the_modules_by_the_extensions_names():
 
     configured = {m: "x" for m in softedge.SOFTEDGE_MODULES}
     keys = module_list(configured, False)
-    assert keys["module_list"][-6:] == ["hed", "hed_safe", "pidinet", "pidinet_safe", "scribble_hed",
-                                        "pidinet_scribble"]
+    assert keys["module_list"][4:10] == ["hed", "hed_safe", "pidinet", "pidinet_safe", "scribble_hed",
+                                         "pidinet_scribble"]
     labels = module_list(configured, True)
-    assert labels["module_list"][-6:] == list(softedge.SOFTEDGE_MODULES)
+    assert labels["module_list"][4:10] == list(softedge.SOFTEDGE_MODULES)
     for name, step in (("hed", 8), ("hed_safe", 8), ("scribble_hed", 8), ("pidinet", 1), ("pidinet_safe", 1),
                        ("pidinet_scribble", 1)):
         assert keys["module_detail"][name]["sliders"] == [

@@ -15,13 +15,13 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Callable, Collection, Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from deployments.support import depth, lineart, mlsd, pose, softedge
+from deployments.support import depth, lineart, mlsd, model_free, pose, softedge
 from deployments.support.control_maps import frame_map
 from deployments.support.errors import InvalidInput, UnknownModel
 from deployments.support.imaging import Fit, to_rgb
@@ -35,27 +35,79 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MAX_UNITS = 4  # A1111's extension shows 3 units by default; each one is a ControlNet pass per step
-MODEL_FREE = ("none", "canny", "invert", "lineart_standard")
+MODEL_FREE = ("none", "canny", "invert", "lineart_standard", *model_free.MODULES)
 # Every preprocessor, in the order they are listed: the depth, line-art, pose, soft-edge and M-LSD ones with a model
 # where it is configured.
 PREPROCESSORS = ("none", "canny", "invert", *depth.DEPTH_MODULES, *lineart.LINEART_MODULES, *pose.POSE_MODULES,
-                 *softedge.SOFTEDGE_MODULES, *mlsd.MLSD_MODULES)
+                 *softedge.SOFTEDGE_MODULES, *mlsd.MLSD_MODULES, *model_free.MODULES)
 Preprocessor = Literal["none", "canny", "invert", "depth_midas", "depth_anything", "depth_anything_v2",
                        "lineart_standard", "lineart_realistic", "lineart_coarse", "lineart_anime", "openpose",
                        "softedge_hed", "softedge_hedsafe", "softedge_pidinet", "softedge_pidisafe", "scribble_hed",
-                       "scribble_pidinet", "mlsd"]
+                       "scribble_pidinet", "mlsd", "threshold", "scribble_xdog", "blur_gaussian", "tile_resample",
+                       "recolor_luminance", "recolor_intensity", "shuffle", "t2ia_color_grid"]
 # A preprocessor's model (a depth estimator, a line-art network, the pose network, an edge network, M-LSD's): an
 # image at the processor resolution (and for mlsd its two thresholds) -> its map.
 Mapper = Callable[..., Image.Image]
-# A1111's extension: the canny sliders (processor_res, threshold_a, threshold_b), their defaults and bounds.
-CANNY_RES = (512, 64, 2048)
-CANNY_LOW = (100.0, 1.0, 255.0)
-CANNY_HIGH = (200.0, 1.0, 255.0)
-# The modules that read threshold_a and threshold_b, each one's two sliders (default, min, max) in the extension. A
-# unit's fields take the union of their bounds, and each module's values are checked against its own.
-THRESHOLDS = {"canny": (CANNY_LOW, CANNY_HIGH),
-              **{m: (mlsd.VALUE_THRESHOLD, mlsd.DISTANCE_THRESHOLD) for m in mlsd.MLSD_MODULES}}
-LEAST_THRESHOLD = min(low for pair in THRESHOLDS.values() for _, low, _ in pair)
+
+
+class Slider(NamedTuple):
+    """One of a preprocessor's sliders in A1111's extension: its label, default and bounds, and its step."""
+
+    label: str
+    default: float
+    low: float
+    high: float
+    step: float = 1
+
+    @property
+    def shown(self) -> bool:
+        """False for a value the extension fixes (shuffle's resolution): no slider, whatever is sent runs at it."""
+        return self.low < self.high
+
+
+def _resolution(bounds: tuple[int, int, int], step: float = 8) -> Slider:
+    return Slider("Preprocessor Resolution", *bounds, step)
+
+
+# The extension's sliders of each preprocessor, as its units read them: (processor_res, threshold_a, threshold_b),
+# None where the module reads no such value. Labels, defaults and bounds are its preprocessor_sliders_config's (the
+# same as its newer preprocessor classes'); a step is the config's, else 1 (8 for a resolution configured per module,
+# as the newer classes step it; the line-art and PiDiNet modules have none configured: the default slider's 1).
+RESOLUTION = _resolution((512, 64, 2048))
+SLIDERS: dict[str, tuple[Slider | None, Slider | None, Slider | None]] = {
+    "none": (None, None, None),
+    "canny": (RESOLUTION, Slider("Canny Low Threshold", 100, 1, 255), Slider("Canny High Threshold", 200, 1, 255)),
+    "invert": (None, None, None),
+    **{m: (_resolution(depth.DEPTH_RES), None, None) for m in depth.DEPTH_MODULES},
+    **{m: (_resolution(lineart.LINEART_RES, 1), None, None) for m in lineart.LINEART_MODULES},
+    **{m: (_resolution(pose.POSE_RES), None, None) for m in pose.POSE_MODULES},
+    # The HED modules' resolution is configured; the PiDiNet ones have none (the default slider's step).
+    **{m: (_resolution(softedge.RES[m], 8 if softedge.ARCHITECTURES[m] == "hed" else 1), None, None)
+       for m in softedge.SOFTEDGE_MODULES},
+    "threshold": (RESOLUTION, Slider("Binarization Threshold", 127, 0, 255), None),
+    "scribble_xdog": (RESOLUTION, Slider("XDoG Threshold", 32, 1, 64), None),
+    "blur_gaussian": (RESOLUTION, Slider("Sigma", 9.0, 0.01, 64.0), None),
+    "tile_resample": (None, Slider("Down Sampling Rate", 1.0, 1.0, 8.0, 0.01), None),
+    "recolor_luminance": (None, Slider("Gamma Correction", 1.0, 0.1, 2.0, 0.001), None),
+    "recolor_intensity": (None, Slider("Gamma Correction", 1.0, 0.1, 2.0, 0.001), None),
+    "shuffle": (_resolution((model_free.SHUFFLE_RES,) * 3), None, None),
+    "t2ia_color_grid": (RESOLUTION, None, None),
+    **{m: (_resolution(mlsd.MLSD_RES), Slider("MLSD Value Threshold", *mlsd.VALUE_THRESHOLD, 0.01),
+           Slider("MLSD Distance Threshold", *mlsd.DISTANCE_THRESHOLD, 0.01)) for m in mlsd.MLSD_MODULES},
+}
+SLOTS = ("processor_res", "threshold_a", "threshold_b")  # a unit's fields, in the order of SLIDERS' rows
+
+
+def _union(slot: int) -> tuple[float, float]:
+    """The smallest and largest value any module's slider in ``slot`` takes."""
+    found = [row[slot] for row in SLIDERS.values() if row[slot] is not None]
+    return min(s.low for s in found), max(s.high for s in found)  # type: ignore[union-attr]
+
+
+# The smallest and largest value of processor_res, threshold_a and threshold_b over every module's sliders.
+BOUNDS = tuple(_union(slot) for slot in range(len(SLOTS)))
+# Canny's sliders by their old names (the A1111 and native layers read them as canny's).
+CANNY_RES, CANNY_LOW, CANNY_HIGH = ((s.default, s.low, s.high) for s in SLIDERS["canny"])  # type: ignore[union-attr]
 ControlMode = Literal["balanced", "prompt", "control"]
 # The pipeline arguments a ControlNet pass adds (``image`` too, for text-to-image: it is the control image there).
 KWARGS = ("control_image", "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
@@ -65,12 +117,45 @@ MODELS = {**{m: "a depth model" for m in depth.DEPTH_MODULES}, **{m: "a line-art
           **{m: f"the {softedge.NETWORKS[softedge.ARCHITECTURES[m]]} network" for m in softedge.SOFTEDGE_MODULES},
           **{m: "M-LSD's line network" for m in mlsd.MLSD_MODULES}}
 # A map's largest size in pixels: one at the sliders' largest resolution (2048) twice as long as it is wide.
-MAX_MAP_PIXELS = 2 * CANNY_RES[2] ** 2
-# The preprocessors that read processor_res, and its extension slider's (default, min, max) for each.
-PROCESSOR_RES = {"canny": CANNY_RES, **{m: depth.DEPTH_RES for m in depth.DEPTH_MODULES},
-                 **{m: lineart.LINEART_RES for m in lineart.LINEART_MODULES},
-                 **{m: pose.POSE_RES for m in pose.POSE_MODULES}, **softedge.RES,
-                 **{m: mlsd.MLSD_RES for m in mlsd.MLSD_MODULES}}
+MAX_MAP_PIXELS = 2 * int(RESOLUTION.high) ** 2
+# The preprocessors that read processor_res, and its slider's (default, min, max) for each.
+PROCESSOR_RES = {m: (int(row[0].default), int(row[0].low), int(row[0].high))
+                 for m, row in SLIDERS.items() if row[0] is not None}
+
+
+def read(module: str, processor_res: int, threshold_a: float | None, threshold_b: float | None) -> dict:
+    """The slider values a unit of ``module`` keeps: those it reads as given (a threshold None: its default), the
+    others neutral (processor_res at the default resolution, a threshold None), so that two units that run alike
+    are equal."""
+    row = SLIDERS[module]
+    return {"processor_res": processor_res if row[0] is not None and row[0].shown else int(RESOLUTION.default),
+            "threshold_a": slider_value(module, 1, threshold_a) if row[1] is not None else None,
+            "threshold_b": slider_value(module, 2, threshold_b) if row[2] is not None else None}
+
+
+def slider_value(module: str, slot: int, value: float | None) -> float:
+    """``value`` for ``module``'s slider in ``slot``, its default where None (0 where it has no such slider)."""
+    slider = SLIDERS[module][slot]
+    return value if value is not None else slider.default if slider is not None else 0.0
+
+
+def out_of_bounds(module: str, slot: int, value: float | None, name: str | None = None) -> str | None:
+    """Why ``value`` is not one of ``module``'s slider in ``slot`` (None: it is, or None, or the module reads no
+    such value), naming it as ``name`` (the slot's field by default)."""
+    slider, name = SLIDERS[module][slot], name or SLOTS[slot]
+    if slider is None or value is None or slider.low <= value <= slider.high:
+        return None
+    if not slider.shown:
+        return f"{name}={value:g} is not read: {module} runs at {slider.default:g}, as the extension fixes it"
+    return f"{name}={value:g} is outside {module}'s {slider.low:g} to {slider.high:g}"
+
+
+def shuffle_seed(seed: int, subseed: int = -1, strength: float = 0.0) -> int:
+    """The numpy seed of shuffle's noise, as the extension's ``set_numpy_seed`` makes it: the first image's seed
+    plus the variation seed (-1, or a variation ``strength`` of 0: the first image's seed again), kept to 32 bits.
+    A1111's routes draw a variation seed that a strength of 0 leaves unused: that one is not read, so a request with
+    a fixed seed makes one map."""
+    return (seed + (subseed if subseed != -1 and strength > 0 else seed)) & 0xFFFFFFFF
 
 
 class ControlUnit(BaseModel):
@@ -88,28 +173,34 @@ class ControlUnit(BaseModel):
                                  "body network finds), softedge_hed, softedge_hedsafe, softedge_pidinet, "
                                  "softedge_pidisafe, scribble_hed, scribble_pidinet (soft edges or bold scribbles "
                                  "by a configured HED or PiDiNet network), mlsd (the straight lines M-LSD's "
-                                 "configured network finds)")
+                                 "configured network finds), and the model-free threshold, "
+                                 "scribble_xdog, blur_gaussian, tile_resample, recolor_luminance, recolor_intensity, "
+                                 "shuffle, t2ia_color_grid (``model_free``)")
     conditioning_scale: float = Field(1.0, ge=0.0, le=2.0, description="A1111's weight: the residuals' scale")
     guidance_start: float = Field(0.0, ge=0.0, le=1.0, description="the fraction of the steps where it starts")
     guidance_end: float = Field(1.0, ge=0.0, le=1.0, description="the fraction of the steps where it stops")
     resize_mode: Fit = Field("crop", description="how the control map takes the generation size: stretch, crop "
                              "(cover, centre-crop: A1111's default 'Crop and Resize') or fill (fit, centred on the "
                              "map's median border colour)")
-    processor_res: int = Field(CANNY_RES[0], ge=CANNY_RES[1], le=CANNY_RES[2], description="canny, depth, line "
-                               "art, openpose, soft edge, scribble and mlsd: the shorter side the image is resized to "
-                               "before its map is made")
-    threshold_a: float = Field(CANNY_LOW[0], ge=LEAST_THRESHOLD, le=CANNY_LOW[2], description="canny: low threshold "
-                               "(1 to 255); mlsd: value threshold (0.01 to 2, default 0.1)")
-    threshold_b: float = Field(CANNY_HIGH[0], ge=LEAST_THRESHOLD, le=CANNY_HIGH[2], description="canny: high "
-                               "threshold (1 to 255); mlsd: distance threshold (0.01 to 20, default 0.1)")
+    processor_res: int = Field(int(RESOLUTION.default), ge=BOUNDS[0][0], le=BOUNDS[0][1], description="the shorter "
+                               "side the image is resized to before its map is made, for a module that reads it "
+                               "(SLIDERS), within that module's bounds")
+    threshold_a: float | None = Field(None, ge=BOUNDS[1][0], le=BOUNDS[1][1], description="the module's first "
+                                      "slider (SLIDERS: canny's low threshold, threshold's level, a sigma, a rate, "
+                                      "a gamma), within its bounds; None: its default")
+    threshold_b: float | None = Field(None, ge=BOUNDS[2][0], le=BOUNDS[2][1], description="the module's second "
+                                      "slider (canny's high threshold), within its bounds; None: its default")
+    seed: int | None = Field(None, ge=0, le=0xFFFFFFFF, description="shuffle's numpy seed; None: the request's "
+                             "(``shuffle_seed`` of its first image's seed and its variation seed), as the extension "
+                             "seeds it. A hires fix's second pass is given the first pass's")
     passes: Literal["both", "first", "second"] = Field("both", description="with a hires fix, the passes it "
                                                        "guides (A1111's hr_option): both, the first, the second")
     control_mode: ControlMode = Field("balanced", description="the extension's control mode: balanced, prompt (My "
                                       "prompt is more important: soft residual weights) or control (ControlNet is "
                                       "more important: soft weights, the conditional rows alone)")
-    pixel_perfect: bool = Field(False, description="canny's, depth's, line art's, openpose's and mlsd's resolution "
-                                "computed from the image's size, the generation size and the resize mode, as the "
-                                "extension's Pixel Perfect computes it (processor_res is then not read)")
+    pixel_perfect: bool = Field(False, description="the resolution of a module that reads processor_res (shuffle "
+                                "too) computed from the image's size, the generation size and the resize mode, as "
+                                "the extension's Pixel Perfect computes it (processor_res is then not read)")
     pixel_target: tuple[int, int] | None = Field(None, description="pixel_perfect's target size (width, height); "
                                                  "None: the generation size. A hires fix's second pass keeps the "
                                                  "first pass's, as the extension computes it once a request")
@@ -121,10 +212,12 @@ class ControlUnit(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _module_thresholds(cls, data: Any) -> Any:
-        """An mlsd unit's unset thresholds are its sliders' defaults, not canny's."""
-        if isinstance(data, dict) and data.get("module") in mlsd.MLSD_MODULES:
-            return {"threshold_a": mlsd.VALUE_THRESHOLD[0], "threshold_b": mlsd.DISTANCE_THRESHOLD[0], **data}
+    def _module_defaults(cls, data: Any) -> Any:
+        """A threshold the module reads and was not given (or given None) is its slider's default."""
+        row = SLIDERS.get(data.get("module", "none"), (None, None, None)) if isinstance(data, dict) else ()
+        for slot, slider in enumerate(row):
+            if slot and slider is not None and data.get(SLOTS[slot]) is None:
+                data = {**data, SLOTS[slot]: slider.default}
         return data
 
     @model_validator(mode="after")
@@ -134,12 +227,12 @@ class ControlUnit(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _thresholds_in_bounds(self) -> ControlUnit:
-        """canny's and mlsd's thresholds within the module's own sliders (the fields take their union)."""
-        for name, value, (_, low, high) in zip(("threshold_a", "threshold_b"), (self.threshold_a, self.threshold_b),
-                                               THRESHOLDS.get(self.module, ()), strict=False):
-            if not low <= value <= high:
-                raise ValueError(f"{name}={value:g} is outside {self.module}'s {low:g} to {high:g}")
+    def _within_the_modules_sliders(self) -> ControlUnit:
+        """Each value the module reads within its slider's bounds (the fields' own bounds are every module's)."""
+        for slot, field in enumerate(SLOTS):
+            why = out_of_bounds(self.module, slot, getattr(self, field))
+            if why is not None:
+                raise ValueError(why)
         return self
 
 
@@ -197,17 +290,20 @@ def _model(models: Mapping[str, Mapper] | None, module: str, field: str = "contr
     return found
 
 
-def detect(image: Image.Image, module: Preprocessor, resolution: int = CANNY_RES[0],
-           low: float = CANNY_LOW[0], high: float = CANNY_HIGH[0],
-           estimators: Mapping[str, Mapper] | None = None, field: str = "control.image") -> Image.Image:
-    """The control map a preprocessor makes of ``image`` (RGB), at the size it works at: canny at ``resolution``
-    (white edges on black, thresholds ``low`` and ``high``), a depth, line-art, pose, soft-edge or M-LSD module at
-    ``resolution`` (by its model in ``estimators``, the configured preprocessors' models by module;
-    ``lineart_standard`` needs none; mlsd's value and distance thresholds are ``low`` and ``high``), the others at the
-    image's own size. A map past ``MAX_MAP_PIXELS`` is refused, naming ``field``."""
+def detect(image: Image.Image, module: Preprocessor, resolution: int = int(RESOLUTION.default),
+           a: float | None = None, b: float | None = None, estimators: Mapping[str, Mapper] | None = None,
+           field: str = "control.image", seed: int = 0) -> Image.Image:
+    """The control map a preprocessor makes of ``image`` (RGB), at the size it works at: a module that reads
+    processor_res (``PROCESSOR_RES``) at ``resolution`` (canny: white edges on black, thresholds ``a`` and ``b``; a
+    module with a model by its model in ``estimators``, the configured preprocessors' models by module;
+    ``lineart_standard`` and the ``model_free`` ones need none), the others at the image's own size. ``a`` and
+    ``b``: the module's threshold_a and threshold_b (None: its defaults; mlsd's value and distance thresholds);
+    ``seed``: shuffle's (``shuffle_seed``; /controlnet/detect, which sends none, runs at 0). A map past
+    ``MAX_MAP_PIXELS`` is refused, naming ``field``."""
     rgb = to_rgb(image)
     if module in PROCESSOR_RES:
         map_size(rgb, resolution, field)
+    low, high = slider_value(module, 1, a), slider_value(module, 2, b)
     if module == "lineart_standard":
         return lineart.standard(at_resolution(rgb, resolution))
     if module in mlsd.MLSD_MODULES:
@@ -219,21 +315,25 @@ def detect(image: Image.Image, module: Preprocessor, resolution: int = CANNY_RES
 
         edges = cv2.Canny(np.asarray(at_resolution(rgb, resolution)), low, high)
         return Image.fromarray(edges).convert("RGB")
+    if module in model_free.MODULES:
+        sized = at_resolution(rgb, resolution) if module in model_free.AT_RESOLUTION else rgb
+        return Image.fromarray(model_free.make(module, np.asarray(sized), resolution, low, seed))
     if module == "invert":  # A1111's "invert (from white bg & black line)": line art drawn black on white
         return ImageOps.invert(rgb)
     return rgb
 
 
 def control_image(unit: ControlUnit, fallback: Image.Image | None, width: int, height: int,
-                  estimators: Mapping[str, Mapper] | None = None) -> Image.Image:
+                  estimators: Mapping[str, Mapper] | None = None, seed: int = 0) -> Image.Image:
     """A unit's control map at the generation size, framed by its resize mode as the extension frames a detected map
-    (``control_maps.frame_map``; the image itself for ``none``); canny, the depth, line-art and pose modules (by
-    their models in ``estimators``) at ``resolution(...)``."""
+    (``control_maps.frame_map``; the image itself for ``none``); a module that reads processor_res at
+    ``resolution(...)`` (the depth, line-art and pose ones by their models in ``estimators``); shuffle drawn from the
+    unit's seed, else ``seed`` (the request's, ``shuffle_seed``)."""
     source = unit.image if unit.image is not None else fallback
     if source is None:
         raise InvalidInput("a ControlNet unit needs an image in text-to-image", field="control.image")
     mapped = detect(source, unit.module, resolution(unit, source, width, height), unit.threshold_a, unit.threshold_b,
-                    estimators)
+                    estimators, seed=unit.seed if unit.seed is not None else seed)
     return frame_map(mapped, width, height, unit.resize_mode)
 
 
@@ -246,7 +346,7 @@ def resolution(unit: ControlUnit, source: Image.Image, width: int, height: int) 
         return unit.processor_res
     target = unit.pixel_target or (width, height)
     # At most the slider's largest: a small image framed at a large size would otherwise run at any resolution.
-    return min(pixel_perfect_resolution(source.size, *target, unit.resize_mode), CANNY_RES[2])
+    return min(pixel_perfect_resolution(source.size, *target, unit.resize_mode), int(RESOLUTION.high))
 
 
 def check(units: list[ControlUnit], mode: str, denoising_end: float | None) -> None:
@@ -362,15 +462,16 @@ class ControlNets:
         return made[key]
 
     def kwargs(self, mode: str, units: list[ControlUnit], init: Image.Image | None, width: int,
-               height: int) -> dict:
+               height: int, seed: int = 0) -> dict:
         """The pipeline arguments of a request's units: each control map at the generation size (a unit without an
-        image takes ``init``, the request's framed init image), scales and guidance ranges, a list of each (the
-        pipeline's ControlNet is a ``MultiControlNetModel``, one unit too)."""
+        image takes ``init``, the request's framed init image; shuffle's drawn from ``seed``, the request's
+        ``shuffle_seed``, where the unit has none), scales and guidance ranges, a list of each (the pipeline's
+        ControlNet is a ``MultiControlNetModel``, one unit too)."""
         units = active(units)
         if not units:
             return {}
         models = self.preprocessors
-        images = [control_image(u, init, width, height, models) for u in units]
+        images = [control_image(u, init, width, height, models, seed) for u in units]
         out: dict = dict(image=images, controlnet_conditioning_scale=[u.conditioning_scale for u in units],
                          control_guidance_start=[u.guidance_start for u in units],
                          control_guidance_end=[u.guidance_end for u in units])

@@ -8,7 +8,10 @@ line-art, pose, soft-edge and M-LSD modules whose model the base has: ``depth_mi
 ``lineart_anime``, ``openpose`` (the body alone: the extension's hand, face, DWPose and animal pose modules are
 refused), ``softedge_hed`` (or ``hed``), ``softedge_hedsafe`` (``hed_safe``), ``softedge_pidinet`` (``pidinet``),
 ``softedge_pidisafe`` (``pidinet_safe``), ``scribble_hed`` (``fake_scribble``), ``scribble_pidinet``
-(``pidinet_scribble``), ``mlsd``; the extension's labels are taken too). ``control_mode`` and
+(``pidinet_scribble``), ``mlsd``, and the model-free ``threshold``, ``scribble_xdog``, ``blur_gaussian``,
+``tile_resample``, ``recolor_luminance``, ``recolor_intensity``, ``shuffle``, ``t2ia_color_grid`` (or ``color``); the
+extension's labels are taken too). Its ``processor_res``, ``threshold_a`` and ``threshold_b`` are read as each
+module's sliders (``control.SLIDERS``), reset as the extension resets them. ``control_mode`` and
 ``pixel_perfect`` run as the extension runs them (``deployments/support/injection.py``, ``control.resolution``); a
 unit's ``mask``, which the extension draws with as the control image, is named in the answer's warnings and not
 applied; ``low_vram`` means nothing here. The routes are in ``graphs/api/controlnet.py``.
@@ -22,20 +25,19 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field, ValidationError
 
 from deployments.support.control import (
-    CANNY_HIGH,
-    CANNY_LOW,
-    CANNY_RES,
     MAX_UNITS,
     MODEL_FREE,
-    PROCESSOR_RES,
-    THRESHOLDS,
+    SLIDERS,
     ControlMode,
     ControlUnit,
+    out_of_bounds,
+    read,
 )
 from deployments.support.depth import ALIASES
 from deployments.support.errors import InvalidInput, UnknownModel
 from deployments.support.lineart import ALIASES as LINEART_ALIASES
 from deployments.support.mlsd import MLSD_MODULES
+from deployments.support.model_free import ALIASES as MODEL_FREE_ALIASES
 from deployments.support.pose import POSE_MODULES, UNSERVED
 from deployments.support.softedge import ALIASES as SOFTEDGE_ALIASES
 from graphs.api.a1111_models import _A1111, Txt2ImgRequest
@@ -64,7 +66,8 @@ HR_OPTIONS: dict[Any, str] = {0: "both", 1: "first", 2: "second", "Both": "both"
                               "High res only": "second"}
 MODULES = {"none": "none", "canny": "canny", "invert": "invert", "invert (from white bg & black line)": "invert",
            **ALIASES, **LINEART_ALIASES, **SOFTEDGE_ALIASES,
-           **{m: m for m in (*POSE_MODULES, *MLSD_MODULES)}}  # openpose, mlsd: the extension's keys and labels
+           **{m: m for m in (*POSE_MODULES, *MLSD_MODULES)},  # openpose, mlsd: the extension's keys and labels
+           **MODEL_FREE_ALIASES}  # t2ia_color_grid's key is color
 
 
 class A1111Unit(_A1111):
@@ -186,20 +189,14 @@ def _passes(unit: A1111Unit, field: str, hires: bool) -> str:
 
 
 def sliders(unit: A1111Unit, module: str) -> tuple[int, float, float]:
-    """processor_res, threshold_a, threshold_b as the extension reads them for canny and mlsd (and processor_res
-    alone for the depth, line-art, pose and soft-edge modules): -1 or out of its bounds, its default (the extension
-    resets such a value, and logs it); other modules keep what was sent (they read none)."""
-    def within(value: float, bounds: tuple) -> float:
-        default, low, high = bounds
-        return value if low <= value <= high else default
-
-    if module in THRESHOLDS:
-        first, second = THRESHOLDS[module]
-        return int(within(unit.processor_res, PROCESSOR_RES[module])), within(unit.threshold_a, first), \
-            within(unit.threshold_b, second)
-    if module in PROCESSOR_RES:
-        return int(within(unit.processor_res, PROCESSOR_RES[module])), unit.threshold_a, unit.threshold_b
-    return unit.processor_res, unit.threshold_a, unit.threshold_b
+    """processor_res, threshold_a, threshold_b as the extension's unit holds them for ``module``: each one the module
+    has a slider for (``control.SLIDERS``) -1 or out of its bounds is its default (the extension resets such a value,
+    and logs it); a value the module does not read is kept as sent."""
+    values = [unit.processor_res, unit.threshold_a, unit.threshold_b]
+    for slot, slider in enumerate(SLIDERS.get(module, (None, None, None))):
+        if slider is not None and not slider.low <= values[slot] <= slider.high:
+            values[slot] = slider.default
+    return int(values[0]), values[1], values[2]
 
 
 def _image(unit: A1111Unit, field: str) -> tuple[str | None, str]:
@@ -242,7 +239,7 @@ def control_units(r: Txt2ImgRequest, models: dict[str, str], *, edit: bool,
         if payload is None and not edit:
             raise InvalidInput(f"ControlNet unit {i} has no image (txt2img has no init image to use)",
                                field=f"{field}.image")
-        res, low, high = sliders(unit, module)
+        res, a, b = sliders(unit, module)
         passes = _passes(unit, field, hires=bool(r.enable_hr) and not edit)
         out.append(ControlUnit(model=name, image=image_field(payload, where) if payload else None,
                                passes=passes,  # type: ignore[arg-type]
@@ -253,9 +250,7 @@ def control_units(r: Txt2ImgRequest, models: dict[str, str], *, edit: bool,
                                guidance_end=unit.guidance if unit.guidance is not None else unit.guidance_end,
                                resize_mode=fit,  # type: ignore[arg-type]
                                crop_to_mask=unit.inpaint_crop_input_image,
-                               processor_res=res if module in PROCESSOR_RES else CANNY_RES[0],
-                               threshold_a=low if module in THRESHOLDS else CANNY_LOW[0],
-                               threshold_b=high if module in THRESHOLDS else CANNY_HIGH[0]))
+                               **read(module, res, a, b)))
     return out
 
 
@@ -273,20 +268,17 @@ def notes(r: Txt2ImgRequest) -> list[str]:
             out.append(f"{field}: the unit's mask is not applied here (the extension would draw with it as the "
                        "control image)")
         module = MODULES.get(unit.module.strip().lower())
-        if module in THRESHOLDS:  # a negative value means the default (-1: not set); one set out of bounds, a note
-            first, second = THRESHOLDS[module]
-            checked = [("threshold_a", unit.threshold_a, first), ("threshold_b", unit.threshold_b, second)]
-            if not unit.pixel_perfect:  # else the resolution is computed, whatever processor_res says
-                checked.insert(0, ("processor_res", unit.processor_res, PROCESSOR_RES[module]))
-            for name, value, (default, low, high) in checked:
-                if value >= 0 and not low <= value <= high:
-                    out.append(f"{field}.{name}={value:g} is outside {module}'s {low:g} to {high:g}: it ran at "
-                               f"{default:g}, as the extension resets it")
-        elif module in PROCESSOR_RES and not unit.pixel_perfect and unit.processor_res >= 0:
-            default, low, high = PROCESSOR_RES[module]
-            if not low <= unit.processor_res <= high:
-                out.append(f"{field}.processor_res={unit.processor_res} is outside {module}'s {low} to {high}: it "
-                           f"ran at {default}, as the extension resets it")
+        if module is None:
+            continue
+        # A negative value means the default (-1: not set); one set out of the module's bounds, a note. With Pixel
+        # Perfect the resolution is computed, whatever processor_res says.
+        values = (-1 if unit.pixel_perfect else unit.processor_res, unit.threshold_a, unit.threshold_b)
+        for slot, value in enumerate(values):
+            why = out_of_bounds(module, slot, value) if value >= 0 else None
+            slider = SLIDERS[module][slot]
+            if why is not None and slider is not None:
+                reset = f": it ran at {slider.default:g}, as the extension resets it" if slider.shown else ""
+                out.append(f"{field}.{why}{reset}")
     return out
 
 
@@ -300,11 +292,11 @@ def infotext(r: Txt2ImgRequest) -> dict[str, str]:
             continue
         field = f"{args}[{i}]"
         module = MODULES.get(unit.module.strip().lower(), unit.module)
-        res, low, high = sliders(unit, module)
+        res, a, b = sliders(unit, module)
         end = unit.guidance if unit.guidance is not None else unit.guidance_end
         values = {"Module": module, "Model": unit.model, "Weight": unit.weight,
                   "Resize Mode": RESIZE_LABELS.get(RESIZE_MODES.get(unit.resize_mode, ""), unit.resize_mode),
-                  "Processor Res": res, "Threshold A": low, "Threshold B": high, "Guidance Start": unit.guidance_start,
+                  "Processor Res": res, "Threshold A": a, "Threshold B": b, "Guidance Start": unit.guidance_start,
                   "Guidance End": end, "Pixel Perfect": unit.pixel_perfect, "Control Mode": _control_mode(unit, field)}
         out[f"ControlNet {i}"] = ", ".join(f"{key}: {value}" for key, value in values.items())
     return out

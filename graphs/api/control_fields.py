@@ -3,13 +3,14 @@ the jobs' ``/generate/text2img``, ``/img2img``, ``/inpaint`` and ``/style-transf
 
 A unit here is one unit of A1111's ControlNet extension under the native API's names, and becomes the same
 ``ControlUnit`` the base runs (``graphs/api/a1111_controlnet.py`` maps the extension's): ``model`` is the
-extension's model, ``preprocessor`` its module, ``scale`` its weight, ``low_threshold`` and ``high_threshold`` its
-threshold_a and threshold_b (canny's two thresholds, mlsd's value and distance thresholds). Units are checked when a
-request is accepted, a queued job's too: its ControlNet is one of the base's (``GET /models`` lists them), its
-preprocessor is offered (a depth, line-art, pose, soft-edge or M-LSD one where its model is configured: ``GET
-/models`` lists them too), its thresholds are within its own bounds, its image decodes, and a text-to-image unit has
-one (an edit's unit without one takes the edit's init image, as the extension does). A refusal names its field as the
-body's own validation does: ``controlnets.0.model``.
+extension's model, ``preprocessor`` its module, ``scale`` its weight, ``threshold_a`` and ``threshold_b`` its two
+sliders (each preprocessor's own: canny's two thresholds, mlsd's value and distance thresholds, threshold's level, a
+sigma, a rate, a gamma), also named ``low_threshold`` and ``high_threshold`` (canny's and mlsd's first names). Units
+are checked when a request is accepted, a queued job's too: its ControlNet is one of the base's (``GET /models``
+lists them), its preprocessor is offered (a depth, line-art, pose, soft-edge or M-LSD one where its model is
+configured: ``GET /models`` lists them too), its sliders are within its own bounds, its image decodes, and a
+text-to-image unit has one (an edit's unit without one takes the edit's init image, as the extension does). A refusal
+names its field as the body's own validation does: ``controlnets.0.model``.
 """
 
 from __future__ import annotations
@@ -20,22 +21,22 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from deployments.support.control import (
-    CANNY_HIGH,
-    CANNY_LOW,
-    CANNY_RES,
-    LEAST_THRESHOLD,
+    BOUNDS,
     MAX_UNITS,
-    PROCESSOR_RES,
-    THRESHOLDS,
+    RESOLUTION,
+    SLIDERS,
     ControlMode,
     ControlUnit,
     Preprocessor,
+    out_of_bounds,
+    read,
 )
 from deployments.support.errors import InvalidInput, UnknownModel
 from deployments.support.imaging import Fit
 from graphs.api.fields import image_field
 
 FIELD = "controlnets"
+FIRST_NAMES = {"threshold_a": "low_threshold", "threshold_b": "high_threshold"}  # the names canny's and mlsd's had
 
 
 class ControlNetUnit(BaseModel):
@@ -60,7 +61,14 @@ class ControlNetUnit(BaseModel):
                                        "the base's HED or PiDiNet network), softedge_hedsafe, softedge_pidisafe (the "
                                        "same in three levels), scribble_hed, scribble_pidinet (bold white strokes "
                                        "along its edges), mlsd (its straight lines, white on black, by the base's "
-                                       "M-LSD network); GET /models lists those offered")
+                                       "M-LSD network), threshold (white where its darkest channel is above "
+                                       "threshold_a), "
+                                       "scribble_xdog (its strokes by a difference of Gaussians, white on black), "
+                                       "blur_gaussian (blurred, sigma threshold_a), tile_resample (shrunk by "
+                                       "threshold_a), recolor_luminance, recolor_intensity (its lightness or value "
+                                       "in grey, gamma threshold_a), shuffle (its pixels moved by a random flow drawn "
+                                       "from the request's seed), t2ia_color_grid (its colours in 64-pixel cells); "
+                                       "GET /models lists those offered")
     scale: float = Field(1.0, ge=0.0, le=2.0, description="how strongly it guides (A1111's weight); 0: not at all")
     guidance_start: float = Field(0.0, ge=0.0, le=1.0, description="the fraction of the denoising steps where it "
                                   "starts guiding")
@@ -69,23 +77,34 @@ class ControlNetUnit(BaseModel):
     resize_mode: Fit = Field("crop", description="how the control map takes the image's size: stretch (A1111's "
                              "Just Resize), crop (cover and centre-crop: Crop and Resize), fill (fit inside, centred "
                              "on the map's median border colour: Resize and Fill)")
-    processor_res: int = Field(CANNY_RES[0], ge=CANNY_RES[1], le=CANNY_RES[2], description="canny, the depth, "
-                               "line-art, pose, soft-edge, scribble and M-LSD preprocessors: the shorter side the "
-                               "image is resized to before its map is made")
-    # Checked against the preprocessor's own bounds (``_within_the_preprocessors_bounds``): the fields take the union.
-    low_threshold: float | None = Field(None, ge=LEAST_THRESHOLD, le=CANNY_LOW[2], description="A1111's threshold_a: "
-                                        "canny's lower hysteresis threshold (1 to 255; unset: 100), mlsd's value "
-                                        "threshold, a line's least score (0.01 to 2; unset: 0.1)")
-    high_threshold: float | None = Field(None, ge=LEAST_THRESHOLD, le=CANNY_HIGH[2], description="A1111's "
-                                         "threshold_b: canny's upper hysteresis threshold (1 to 255; unset: 200), "
-                                         "mlsd's distance threshold, a line's least length in half the processor "
-                                         "resolution's pixels (0.01 to 20; unset: 0.1)")
+    processor_res: int = Field(int(RESOLUTION.default), ge=RESOLUTION.low, le=RESOLUTION.high, description="the "
+                               "shorter side the image is resized to before its map is made: canny, the depth, "
+                               "line-art, pose, soft-edge, scribble and M-LSD preprocessors, threshold, scribble_xdog, "
+                               "blur_gaussian, t2ia_color_grid (shuffle runs at 512, as A1111's extension fixes "
+                               "it)")
+    # Each checked against the preprocessor's own slider (``_within_the_preprocessors_slider``): the fields take
+    # every preprocessor's bounds.
+    low_threshold: float | None = Field(None, ge=BOUNDS[1][0], le=BOUNDS[1][1], description="threshold_a by its "
+                                        "first name (not both): canny's lower hysteresis threshold (1 to 255; unset: "
+                                        "100), mlsd's value threshold, a line's least score (0.01 to 2; unset: 0.1)")
+    high_threshold: float | None = Field(None, ge=BOUNDS[2][0], le=BOUNDS[2][1], description="threshold_b by its "
+                                         "first name (not both): canny's upper hysteresis threshold (1 to 255; unset: "
+                                         "200), mlsd's distance threshold, a line's least length in half the "
+                                         "processor resolution's pixels (0.01 to 20; unset: 0.1)")
+    threshold_a: float | None = Field(None, ge=BOUNDS[1][0], le=BOUNDS[1][1], description="the preprocessor's "
+                                      "first slider (A1111's threshold_a), as the extension bounds it (GET "
+                                      "/controlnet/module_list): canny's and mlsd's (see low_threshold), threshold's "
+                                      "level (0 to 255; unset: 127), scribble_xdog's (1 to 64; 32), blur_gaussian's "
+                                      "sigma (0.01 to 64; 9), tile_resample's down-sampling rate (1 to 8; 1), the "
+                                      "recolor modules' gamma (0.1 to 2; 1). Not read by a preprocessor without one")
+    threshold_b: float | None = Field(None, ge=BOUNDS[2][0], le=BOUNDS[2][1], description="the preprocessor's "
+                                      "second slider (A1111's threshold_b): canny's and mlsd's (see high_threshold)")
     control_mode: ControlMode = Field("balanced", description="balanced (the residuals at scale), prompt (A1111's "
                                       "'My prompt is more important': the deeper residuals weigh more, the "
                                       "shallower less) or control ('ControlNet is more important': the same "
                                       "weights, added to the prompt's UNet rows alone)")
-    pixel_perfect: bool = Field(False, description="canny, depth, line art, openpose, soft edge, scribble and mlsd: "
-                                "run at the resolution A1111's Pixel Perfect works out from the image's size, the "
+    pixel_perfect: bool = Field(False, description="a preprocessor that reads processor_res (shuffle too): run at "
+                                "the resolution A1111's Pixel Perfect works out from the image's size, the "
                                 "generation size and resize_mode (processor_res is then not read)")
 
     @field_validator("guidance_end")
@@ -96,14 +115,22 @@ class ControlNetUnit(BaseModel):
             raise ValueError(f"guidance_end={end} is before guidance_start={start}")
         return end
 
-    @field_validator("low_threshold", "high_threshold")
+    @field_validator("low_threshold", "high_threshold", "threshold_a", "threshold_b")
     @classmethod
-    def _within_the_preprocessors_bounds(cls, value: float | None, info: ValidationInfo) -> float | None:
-        module = info.data.get("preprocessor")
-        if value is not None and module in THRESHOLDS:
-            _, low, high = THRESHOLDS[module][0 if info.field_name == "low_threshold" else 1]
-            if not low <= value <= high:
-                raise ValueError(f"{info.field_name}={value:g} is outside {module}'s {low:g} to {high:g}")
+    def _within_the_preprocessors_slider(cls, value: float | None, info: ValidationInfo) -> float | None:
+        """Within the preprocessor's slider (a preprocessor without one does not read it); a slider sent once."""
+        module, name = info.data.get("preprocessor"), str(info.field_name)
+        if module is None or value is None:
+            return value
+        slot = 1 if name in ("low_threshold", "threshold_a") else 2
+        first = FIRST_NAMES.get(name)
+        if first is not None and info.data.get(first) is not None:
+            slider = SLIDERS[module][slot]
+            what = f"{module}'s {slider.label}" if slider is not None else "one value"
+            raise ValueError(f"{name} and {first} name the same slider ({what}): send one")
+        why = out_of_bounds(module, slot, value, name)
+        if why is not None:
+            raise ValueError(why)
         return value
 
 
@@ -133,19 +160,13 @@ def control_units(units: Sequence[ControlNetUnit | dict], models: Collection[str
         if unit.image is None and not edit:
             raise InvalidInput(f"ControlNet unit {i} has no image (text-to-image has no init image to use)",
                                field=f"{where}.image")
-        sized = unit.preprocessor in PROCESSOR_RES
-        # canny's and mlsd's thresholds as sent, an unset one its slider's default; the others read none: canny's
-        # defaults, as A1111's units keep them.
-        read = unit.preprocessor in THRESHOLDS
-        first, second = THRESHOLDS.get(unit.preprocessor, THRESHOLDS["canny"])
-        low = unit.low_threshold if read and unit.low_threshold is not None else first[0]
-        high = unit.high_threshold if read and unit.high_threshold is not None else second[0]
+        # Each slider by either name (never both: see the validator); unset, its default.
+        a = unit.low_threshold if unit.low_threshold is not None else unit.threshold_a
+        b = unit.high_threshold if unit.high_threshold is not None else unit.threshold_b
         out.append(ControlUnit(model=unit.model, image=None if unit.image is None else image_field(unit.image,
                                                                                                    f"{where}.image"),
                                module=unit.preprocessor, conditioning_scale=unit.scale,
                                guidance_start=unit.guidance_start, guidance_end=unit.guidance_end,
-                               resize_mode=unit.resize_mode,
-                               processor_res=unit.processor_res if sized else CANNY_RES[0],
-                               threshold_a=low, threshold_b=high,
+                               resize_mode=unit.resize_mode, **read(unit.preprocessor, unit.processor_res, a, b),
                                control_mode=unit.control_mode, pixel_perfect=unit.pixel_perfect))
     return out

@@ -11,17 +11,8 @@ from typing import TYPE_CHECKING
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from deployments.support import lineart, mlsd, pose, softedge
-from deployments.support.control import (
-    CANNY_HIGH,
-    CANNY_LOW,
-    CANNY_RES,
-    MAX_UNITS,
-    PROCESSOR_RES,
-    THRESHOLDS,
-    offered,
-)
-from deployments.support.depth import DEPTH_MODULES, DEPTH_RES
+from deployments.support import lineart, model_free, softedge
+from deployments.support.control import MAX_UNITS, SLIDERS, Slider, offered, read
 from deployments.support.errors import InvalidInput
 from graphs import flights
 from graphs.api.a1111_controlnet import A1111Unit, module_of, sliders
@@ -74,38 +65,18 @@ class Settings(BaseModel):
     control_net_unit_count: int
 
 
-def _slider(name: str, bounds: tuple, step: float = 1) -> dict:
-    default, low, high = bounds
-    return {"name": name, "value": default, "min": low, "max": high, "step": step}
+def _slider(slider: Slider) -> dict:
+    return {"name": slider.label, "value": slider.default, "min": slider.low, "max": slider.high, "step": slider.step}
 
 
-MODULE_DETAIL = {
-    "none": {"model_free": False, "sliders": []},
-    "canny": {"model_free": False, "sliders": [_slider("Preprocessor Resolution", CANNY_RES, 8),
-                                              _slider("Canny Low Threshold", CANNY_LOW),
-                                              _slider("Canny High Threshold", CANNY_HIGH)]},
-    "invert": {"model_free": False, "sliders": []},
-    **{m: {"model_free": False, "sliders": [_slider("Preprocessor Resolution", DEPTH_RES, 8)]} for m in DEPTH_MODULES},
-    # The extension's default slider, which its UI shows for the line-art modules (none of them has a config of its
-    # own): 512, 64 to 2048, step 1.
-    **{m: {"model_free": False, "sliders": [_slider("Preprocessor Resolution", lineart.LINEART_RES)]}
-       for m in lineart.LINEART_MODULES},
-    # The extension configures openpose's resolution slider as it does depth's (512, 64 to 2048), and steps such a
-    # configured slider by 8.
-    **{m: {"model_free": False, "sliders": [_slider("Preprocessor Resolution", pose.POSE_RES, 8)]}
-       for m in pose.POSE_MODULES},
-    # The HED modules' slider is configured (stepped by 8); the PiDiNet ones have none: the default one, step 1.
-    **{m: {"model_free": False, "sliders": [_slider("Preprocessor Resolution", softedge.RES[m],
-                                                    8 if softedge.ARCHITECTURES[m] == "hed" else 1)]}
-       for m in softedge.SOFTEDGE_MODULES},
-    # mlsd's three configured sliders: the resolution as openpose's, its two thresholds stepped by 0.01.
-    **{m: {"model_free": False, "sliders": [_slider("Preprocessor Resolution", mlsd.MLSD_RES, 8),
-                                            _slider("MLSD Value Threshold", mlsd.VALUE_THRESHOLD, 0.01),
-                                            _slider("MLSD Distance Threshold", mlsd.DISTANCE_THRESHOLD, 0.01)]}
-       for m in mlsd.MLSD_MODULES},
-}
+def module_detail(module: str) -> dict:
+    """A preprocessor's ``module_detail`` as the extension answers it: the sliders it shows (``control.SLIDERS``; a
+    value it fixes, shuffle's resolution, has none), in the order of processor_res, threshold_a, threshold_b."""
+    return {"model_free": False, "sliders": [_slider(s) for s in SLIDERS[module] if s is not None and s.shown]}
+
+
 # The extension's internal keys and labels where they are not our names (module_list lists its keys, or its labels).
-KEYS = {"depth_midas": "depth", **lineart.KEYS, **softedge.KEYS}
+KEYS = {"depth_midas": "depth", **lineart.KEYS, **softedge.KEYS, **model_free.KEYS}
 LABELS = {"invert": "invert (from white bg & black line)", **lineart.LABELS}
 
 
@@ -136,7 +107,7 @@ class ControlNetRoutes:
         names = {m: (LABELS.get(m, m) if alias_names else KEYS.get(m, m))
                  for m in offered(self.config.base.preprocessors)}
         return {"module_list": list(names.values()),
-                "module_detail": {name: MODULE_DETAIL[m] for m, name in names.items()}}
+                "module_detail": {name: module_detail(m) for m, name in names.items()}}
 
     @router.get("/settings", response_model=Settings)
     async def controlnet_settings(self) -> dict:
@@ -145,8 +116,8 @@ class ControlNetRoutes:
 
     @router.post("/detect", response_model=Detected, responses=documented(400))
     async def controlnet_detect(self, body: DetectRequest) -> dict:
-        """Each image's control map by a preprocessor (canny, depth, line art, openpose, soft edge, scribble and mlsd
-        at their processor resolution), base64 PNG."""
+        """Each image's control map by a preprocessor, at its processor resolution where it reads one, with its
+        sliders (shuffle drawn from seed 0: the request has none), base64 PNG."""
         unit = A1111Unit(module=body.controlnet_module, processor_res=body.controlnet_processor_res,
                          threshold_a=body.controlnet_threshold_a, threshold_b=body.controlnet_threshold_b)
         module = module_of(body.controlnet_module, "controlnet_module", offered(self.config.base.preprocessors))
@@ -156,10 +127,8 @@ class ControlNetRoutes:
         if not sent:
             raise InvalidInput("no image sent", field="controlnet_input_images")
         images = await asyncio.to_thread(lambda: [image_field(data, f"{name}[{i}]") for i, data in enumerate(sent)])
-        res, low, high = sliders(unit, module)
-        if module not in THRESHOLDS:  # the depth, line-art, pose and soft-edge modules read processor_res alone
-            res = res if module in PROCESSOR_RES else CANNY_RES[0]
-            low, high = CANNY_LOW[0], CANNY_HIGH[0]
+        used = read(module, *sliders(unit, module))  # those it reads, reset as the extension resets them
         async with flights.flight():  # a deadline or a disconnect cancels it, as the generations' stages
-            maps = await call(self.handles.base.detect.remote(module, images, res, low, high))
+            maps = await call(self.handles.base.detect.remote(module, images, used["processor_res"],
+                                                              used["threshold_a"], used["threshold_b"]))
         return {"images": await asyncio.to_thread(lambda: [b64_png(m) for m in maps]), "info": "Success"}
