@@ -655,3 +655,16 @@ def test_a_transparent_mask_is_read_by_its_alpha_as_a1111_reads_it():
     assert np.asarray(binary_mask(Image.fromarray(opaque, "RGBA")))[0, :2].tolist() == [0, 255]
     grey = Image.fromarray(np.array([[0, 100], [200, 255]], np.uint8), "L")
     assert np.array_equal(np.asarray(binary_mask(grey)), np.asarray(grey))
+
+
+def test_the_blurs_that_ran_are_part_of_the_cache_key(service):
+    """mask_blur sent at its default with mask_blur_x, and mask_blur_x alone, are the same fields (the default is
+    the default) and blur differently (4 and 4; 8 and 4): two cache entries, not one answer for both."""
+    from tests.helpers import b64
+
+    edit = {"mask": b64(Image.new("L", (64, 64), 255)), "seed": 5, "inpaint_full_res": False}
+    service.img2img(**edit, mask_blur=4, mask_blur_x=8)
+    assert service.img2img(**edit, mask_blur=4, mask_blur_x=8)["info"]["cached"] is True
+    alone = service.img2img(**edit, mask_blur_x=8)
+    assert alone["info"]["cached"] is False and len(service.batches) == 2
+    assert (service.batches[-1]["request"].mask_blur, service.batches[-1]["request"].mask_blur_y) == (8, 4)

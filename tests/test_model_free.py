@@ -226,6 +226,9 @@ def test_color_grid_is_64_pixel_cells_of_the_image_at_processor_res(astronaut):
     wide = detect(Image.fromarray(drawing()), "t2ia_color_grid", 128)  # 300x200: 192x128, 3x2 cells
     assert wide.size == (192, 128) and len(np.unique(pixels(wide).reshape(-1, 3), axis=0)) <= 6
     assert model_free.color_size(300, 200, 128) == (192, 128) and model_free.color_size(201, 402, 100) == (100, 200)
+    # Below one cell's 64 pixels (Pixel Perfect's estimate has no floor): one cell of one colour, not a 500.
+    tiny = detect(astronaut, "t2ia_color_grid", 20)
+    assert tiny.size == (20, 20) and len(np.unique(pixels(tiny).reshape(-1, 3), axis=0)) == 1
 
 
 def test_a_unit_keeps_its_modules_sliders_naming_the_field():

@@ -158,5 +158,7 @@ def color_grid(rgb: np.ndarray, resolution: int) -> np.ndarray:
 
     width, height = color_size(rgb.shape[1], rgb.shape[0], resolution)
     sized = cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA)
-    cells = cv2.resize(sized, (width // COLOR_CELL, height // COLOR_CELL), interpolation=cv2.INTER_CUBIC)
+    # At least one cell: Pixel Perfect can ask for less than a cell's 64 pixels (the extension then fails).
+    cells = cv2.resize(sized, (max(1, width // COLOR_CELL), max(1, height // COLOR_CELL)),
+                       interpolation=cv2.INTER_CUBIC)
     return cv2.resize(cells, (width, height), interpolation=cv2.INTER_NEAREST)

@@ -326,6 +326,8 @@ class A1111Routes(CheckpointChoice):
             extra["noise_multiplier"] = options["initial_noise_multiplier"]
         if "noise_multiplier" in extra:
             ran["noise_multiplier"] = extra["noise_multiplier"]
+        if "mask_blur" in extra:  # the blurs that ran: mask_blur sent or not decides them, which the dump cannot tell
+            ran["mask_blurs"] = (extra["mask_blur"], extra.get("mask_blur_y"))
         # A1111 reads return_grid while the request's override_settings hold; no grid where no image is sent.
         override = r.override_settings.get("return_grid")
         return_grid = override if isinstance(override, bool) else options["return_grid"]
