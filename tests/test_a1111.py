@@ -75,6 +75,12 @@ def test_frame_crops_to_cover_and_fills_with_the_edges():
     assert filled.shape == (60, 60, 3) and (filled[:15] == filled[15]).all() and (filled[45:] == filled[44]).all()
     assert filled[0, 30, 2] > 200 and filled[59, 30, 1] > 200  # the blue top, the green bottom, stretched outwards
     assert frame(Image.new("L", (100, 50)), 60, 60, "fill").mode == "L"  # a mask stays a mask
+    # A1111's resize_image(2) arithmetic: 300x201 into 512x512 is 512 x (201 * 512 // 300) = 343 rows, placed at
+    # 512 // 2 - 343 // 2 = 85 (a centring of the difference would put it at 84).
+    marked = Image.new("RGB", (300, 201), (0, 0, 0))
+    marked.paste((255, 255, 255), (0, 0, 300, 1))  # its top row white
+    placed = np.asarray(frame(marked, 512, 512, "fill"))[:, 256, 0]
+    assert placed[:85].min() > 200 and placed[85] > 200 and placed[87:85 + 340].max() < 60
 
 
 def test_upscale_to_a_size_covers_it_then_crops_or_not():

@@ -235,9 +235,13 @@ def frame(image: Image.Image, width: int, height: int, fit: Fit) -> Image.Image:
         return image.resize((width, height), Image.Resampling.LANCZOS, box=cover_box(image.size, (width, height)))
     if image.mode not in ("L", "RGB", "RGBA"):  # palette indices must not be padded as if they were levels
         image = image.convert("RGB")
-    scale = min(width / image.width, height / image.height)
-    inner = (max(1, min(width, round(image.width * scale))), max(1, min(height, round(image.height * scale))))
+    # A1111's resize_image(2) arithmetic: the side that fits is the target's, the other floored; the image placed at
+    # half the target less half itself, each halved down (a pixel off a centring of the difference, at times).
+    if width / height < image.width / image.height:
+        inner = (width, max(1, image.height * width // image.width))
+    else:
+        inner = (max(1, image.width * height // image.height), height)
     fitted = np.asarray(image.resize(inner, Image.Resampling.LANCZOS))
-    left, top = (width - inner[0]) // 2, (height - inner[1]) // 2
+    left, top = width // 2 - inner[0] // 2, height // 2 - inner[1] // 2
     pad = [(top, height - inner[1] - top), (left, width - inner[0] - left)] + [(0, 0)] * (fitted.ndim - 2)
     return Image.fromarray(np.pad(fitted, pad, mode="edge"))
