@@ -553,7 +553,7 @@ class BaseGenerator:
             out[f"lora:{name}"] = self._sha256(str(path))
         for name, source in self.config.controlnets.items():
             out[f"controlnet:{name}"] = self._sha256(source)
-        for module, source in self.config.preprocessors.items():  # a depth, line-art, pose or M-LSD map is the model's
+        for module, source in self.config.preprocessors.items():  # a map that runs a model is the model's
             out[f"preprocessor:{module}"] = self._sha256(source)
         for name, embedding in self.embedding_files.files().items():  # a name in a prompt reads as its vectors
             out[f"embedding:{name}"] = self._sha256(str(embedding.path))
@@ -883,9 +883,9 @@ class SDXLBase:
 
     async def detect(self, module: control.Preprocessor, images: list[Image.Image], resolution: int,
                      a: float | None, b: float | None) -> list[Image.Image]:
-        """A ControlNet preprocessor's maps of ``images`` (A1111's /controlnet/detect): OpenCV or a depth, line-art or
-        pose model on a worker thread, never the inference thread, which has batches to run (a model takes one call at a
-        time, whichever thread makes it)."""
+        """A ControlNet preprocessor's maps of ``images`` (A1111's /controlnet/detect): model-free arithmetic or a
+        depth, line-art, pose, soft-edge or M-LSD model on a worker thread, never the inference thread, which has
+        batches to run (a model takes one call at a time, whichever thread makes it)."""
         models = self.model.controls.preprocessors
 
         def maps() -> list[Image.Image]:

@@ -82,7 +82,7 @@ SLIDERS: dict[str, tuple[Slider | None, Slider | None, Slider | None]] = {
     **{m: (_resolution(lineart.LINEART_RES, 1), None, None) for m in lineart.LINEART_MODULES},
     **{m: (_resolution(pose.POSE_RES), None, None) for m in pose.POSE_MODULES},
     # The HED modules' resolution is configured; the PiDiNet ones have none (the default slider's step).
-    **{m: (_resolution(softedge.RES[m], 8 if softedge.ARCHITECTURES[m] == "hed" else 1), None, None)
+    **{m: (_resolution(softedge.SOFTEDGE_RES, 8 if softedge.ARCHITECTURES[m] == "hed" else 1), None, None)
        for m in softedge.SOFTEDGE_MODULES},
     "threshold": (RESOLUTION, Slider("Binarization Threshold", 127, 0, 255), None),
     "scribble_xdog": (RESOLUTION, Slider("XDoG Threshold", 32, 1, 64), None),
@@ -106,8 +106,6 @@ def _union(slot: int) -> tuple[float, float]:
 
 # The smallest and largest value of processor_res, threshold_a and threshold_b over every module's sliders.
 BOUNDS = tuple(_union(slot) for slot in range(len(SLOTS)))
-# Canny's sliders by their old names (the A1111 and native layers read them as canny's).
-CANNY_RES, CANNY_LOW, CANNY_HIGH = ((s.default, s.low, s.high) for s in SLIDERS["canny"])  # type: ignore[union-attr]
 ControlMode = Literal["balanced", "prompt", "control"]
 # The pipeline arguments a ControlNet pass adds (``image`` too, for text-to-image: it is the control image there).
 KWARGS = ("control_image", "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
@@ -214,7 +212,8 @@ class ControlUnit(BaseModel):
     @classmethod
     def _module_defaults(cls, data: Any) -> Any:
         """A threshold the module reads and was not given (or given None) is its slider's default."""
-        row = SLIDERS.get(data.get("module", "none"), (None, None, None)) if isinstance(data, dict) else ()
+        module = data.get("module", "none") if isinstance(data, dict) else None
+        row = SLIDERS.get(module, (None, None, None)) if isinstance(module, str) else ()  # else the field refuses it
         for slot, slider in enumerate(row):
             if slot and slider is not None and data.get(SLOTS[slot]) is None:
                 data = {**data, SLOTS[slot]: slider.default}
@@ -327,7 +326,7 @@ def control_image(unit: ControlUnit, fallback: Image.Image | None, width: int, h
                   estimators: Mapping[str, Mapper] | None = None, seed: int = 0) -> Image.Image:
     """A unit's control map at the generation size, framed by its resize mode as the extension frames a detected map
     (``control_maps.frame_map``; the image itself for ``none``); a module that reads processor_res at
-    ``resolution(...)`` (the depth, line-art and pose ones by their models in ``estimators``); shuffle drawn from the
+    ``resolution(...)`` (those that run a model by their models in ``estimators``); shuffle drawn from the
     unit's seed, else ``seed`` (the request's, ``shuffle_seed``)."""
     source = unit.image if unit.image is not None else fallback
     if source is None:

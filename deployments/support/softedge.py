@@ -67,11 +67,10 @@ SAFE = ("softedge_hedsafe", "softedge_pidisafe")
 SCRIBBLE = ("scribble_hed", "scribble_pidinet")
 # Each network's converted file: what a folder source is read by.
 WEIGHTS = {"hed": "ControlNetHED.safetensors", "pidinet": "table5_pidinet.safetensors"}
-# The extension's "Preprocessor Resolution" sliders: the HED modules configure theirs (512, 64 to 2048, stepped by
-# 8 as every configured slider); the PiDiNet ones have none and show its default one (the same bounds, step 1).
-HED_RES = (512, 64, 2048)
-PIDI_RES = (512, 64, 2048)
-RES = {m: HED_RES if ARCHITECTURES[m] == "hed" else PIDI_RES for m in SOFTEDGE_MODULES}
+# The extension's "Preprocessor Resolution" slider of every soft-edge module (default, min, max): the HED modules
+# configure theirs (stepped by 8, as every configured slider); the PiDiNet ones have none and show its default one,
+# with the same bounds (step 1). control.SLIDERS holds the steps.
+SOFTEDGE_RES = (512, 64, 2048)
 SAFE_STEPS = 2  # the extension's safe_step: the probability in steps of 1 / 2, after tripling
 SCRIBBLE_SIGMA, SCRIBBLE_RIDGE, SCRIBBLE_FLOOR = 3.0, 127, 4  # the scribbles' blurs, ridge threshold, final threshold
 
