@@ -703,9 +703,9 @@ def passes_over(request: GenerationRequest, source: StageResult) -> list[Generat
             if request.varied else [request.subseed] * count
     masked = request.mask is not None and request.inpaint_area == "masked"
     # Each pass's shuffle units draw from the first image's seed, as the extension's one map serves every image.
-    first = control.shuffle_seed(source.seeds[0], request.subseed, request.subseed_strength) if source.seeds else None
-    units = [u.model_copy(update={"seed": first}) if u.module == "shuffle" and u.seed is None else u
-             for u in request.control]
+    units = request.control
+    if source.seeds:
+        units = control.seeded(units, control.shuffle_seed(source.seeds[0], request.subseed, request.subseed_strength))
     return [request.model_copy(update={"init_image": image, "seed": seed, "subseed": subseed, "batch_size": 1,
                                        "control": units, **({} if masked else {"width": image.width // 8 * 8,
                                                                                 "height": image.height // 8 * 8})})

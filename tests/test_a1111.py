@@ -674,3 +674,16 @@ def test_the_blurs_that_ran_are_part_of_the_cache_key(service):
     alone = service.img2img(**edit, mask_blur_x=8)
     assert alone["info"]["cached"] is False and len(service.batches) == 2
     assert (service.batches[-1]["request"].mask_blur, service.batches[-1]["request"].mask_blur_y) == (8, 4)
+
+
+def test_every_n_iter_batch_shuffles_with_the_first_batchs_seed(service):
+    """The extension preprocesses once a request: each n_iter batch's shuffle unit draws the first batch's map
+    (``shuffle_seed`` of the request's first seed), where each batch's own first seed would give another map."""
+    from deployments.support.control import shuffle_seed
+    from tests.helpers import b64
+
+    service.routes.config.base.controlnets = {"tiny-canny": "controlnet"}
+    unit = {"model": "tiny-canny", "module": "shuffle", "image": b64(Image.new("RGB", (64, 64), (90, 120, 30)))}
+    service.txt2img(seed=10, batch_size=2, n_iter=3, alwayson_scripts={"ControlNet": {"args": [unit]}})
+    assert [batch["request"].seed for batch in service.batches] == [10, 12, 14]
+    assert [batch["request"].control[0].seed for batch in service.batches] == [shuffle_seed(10)] * 3

@@ -156,6 +156,11 @@ def shuffle_seed(seed: int, subseed: int = -1, strength: float = 0.0) -> int:
     return (seed + (subseed if subseed != -1 and strength > 0 else seed)) & 0xFFFFFFFF
 
 
+def seeded(units: list[ControlUnit], seed: int) -> list[ControlUnit]:
+    """``units``, each shuffle unit without a seed of its own given ``seed``."""
+    return [u.model_copy(update={"seed": seed}) if u.module == "shuffle" and u.seed is None else u for u in units]
+
+
 class ControlUnit(BaseModel):
     """One ControlNet unit of a request: which ControlNet, on what image, how strongly and over which steps."""
 

@@ -30,7 +30,7 @@ from fastapi import APIRouter, Request, Response
 from PIL import Image
 
 from deployments.support import prompts
-from deployments.support.control import offered
+from deployments.support.control import offered, seeded, shuffle_seed
 from deployments.support.errors import GenerationCancelled, InvalidInput, UnknownModel
 from deployments.support.generation import (
     LATENT_UPSCALE_MODES,
@@ -378,7 +378,7 @@ class A1111Routes(CheckpointChoice):
         try:
             seed, subseed = r.seed, resolve_seeds(r.subseed, 1)[0]  # A1111 fixes a variation seed every time
             async with flights.flight():
-                for _ in range(r.n_iter):
+                for batch in range(r.n_iter):
                     request_id = uuid.uuid4().hex
                     job.request_ids.append(request_id)
                     await self._track(job)
@@ -388,6 +388,9 @@ class A1111Routes(CheckpointChoice):
                     # The seeds are fixed here, so that the infotexts naming them travel with the request and the
                     # plan's last stage encodes the files: only they come back to the ingress.
                     own, subs = variation_seeds(seed, subseed, strength, r.batch_size)
+                    if batch == 0 and extra.get("control"):  # the first batch's shuffle map serves every batch, as
+                        # the extension preprocesses once a request
+                        extra["control"] = seeded(extra["control"], shuffle_seed(own[0], subs[0], strength))
                     texts = [infotext(r, s, model, sampler, settings, choice.label, ss)
                              for s, ss in zip(own, subs, strict=True)]
                     how = encoding.model_copy(update={"parameters": texts})
