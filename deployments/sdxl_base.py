@@ -27,7 +27,7 @@ from ray import serve
 from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
-from deployments.support import control, fastpath, inpainting, masking
+from deployments.support import control, fastpath, inpainting, masking, model_free
 from deployments.support import device as devices
 from deployments.support.batching import Batcher, outcome, prepare
 from deployments.support.checkpoints import Catalog
@@ -271,9 +271,11 @@ class BaseGenerator:
                                info={**info[i], "stopped_at": [step, total]})
 
         def finished(images: list[Image.Image]) -> tuple[list[Image.Image], list[masking.Paste]]:
-            """The images as a result holds them, with the pastes left to a later stage: an inpainting's pasted over
-            its init image (the VAE's round trip would otherwise alter the pixels its mask keeps), or left unpasted
-            with their pastes (``defer_paste``)."""
+            """The decoded images as a result holds them: the recolor units' maps put back (``recolors``, made
+            before the denoising), as the extension post-processes A1111's decoded batch before its faces and its
+            paste; then an inpainting's pasted over its init image (the VAE's round trip would otherwise alter the
+            pixels its mask keeps), or left unpasted with their pastes (``defer_paste``)."""
+            images = model_free.recolored(images, recolors)
             if paste is None:
                 return images, []
             if request.defer_paste:
@@ -403,6 +405,12 @@ class BaseGenerator:
         framed = cut_units(units, cut) if cut is not None else units
         kwargs.update(self.controls.kwargs(kind, framed, init, request.width, request.height,
                                            control.shuffle_seed(flat[0], request.subseed, request.subseed_strength)))
+        # The maps the recolor units put back into the finished images (at a hires fix's size), or hand the refiner
+        # with the latents; those of every pass, as the extension makes them before it samples.
+        recoloring = request.recolor if request.recolor is not None else request.control
+        recolors = control.recolors(cut_units(recoloring, cut) if cut is not None else recoloring, init,
+                                    *(request.hires.size if request.hires is not None else (request.width,
+                                                                                           request.height)))
         # The batch's stop bookkeeping holds its images and device latents: let go of them however it ends. Tiling
         # (batch_key: the whole batch or none of it) holds for every decode too, those of stopped items included.
         second = pipes.inpaint if nine else pipes.img2img  # a latent hires fix's second pass
@@ -443,7 +451,7 @@ class BaseGenerator:
                     elif request.denoising_end is not None:
                         handed = latents.float().cpu().numpy() if handed is None else handed
                         results.append(StageResult(images=[], seeds=own, latents=handed[a:b], warnings=list(warnings),
-                                                   info=dict(info[i])))
+                                                   info=dict(info[i]), recolors=recolors))
                     else:
                         decoded = finished(self.decode(latents, pipes)) if decoded is None else decoded
                         made, pastes = decoded
@@ -714,8 +722,8 @@ def passes_over(request: GenerationRequest, source: StageResult) -> list[Generat
 
 def batch_key(request: GenerationRequest, chunks: tuple[int, ...] | None = None) -> tuple | None:
     """What requests must share to run in one pipeline call; ``None``: this one runs alone (an inpainting mask,
-    an IP-Adapter reference and ControlNet units' images belong to one request). The checkpoint is part of it: a
-    batch never mixes two.
+    an IP-Adapter reference and ControlNet units' images, those of the recolor units it puts back too, belong to one
+    request). The checkpoint is part of it: a batch never mixes two.
     ``chunks``: an A1111 request's ``chunk_counts``, which its batch mates must need too. Tiling is part of it (the
     convolutions pad one way for the whole call), and so are Euler's churn (bound into the call's one scheduler) and
     how a prompt and a negative prompt of different lengths meet (``cond_padding``: the batch's one conditioning);
@@ -723,7 +731,7 @@ def batch_key(request: GenerationRequest, chunks: tuple[int, ...] | None = None)
     as alone), nor are an A1111 prompt's AND and subprompt weights (``composable.Composed`` runs the other
     subprompts in a UNet call of their own and leaves a plain image's rows as they are)."""
     mode = mode_of(request)
-    if mode == "inpaint" or request.ip_adapter_image is not None or request.control:
+    if mode == "inpaint" or request.ip_adapter_image is not None or request.control or request.recolor:
         return None
     tagged = parse_lora_tags(request.prompt)[1]
     return (request.checkpoint, mode, request.width, request.height, request.steps, request.sampler,

@@ -5,7 +5,9 @@ Graph position: SDXLBase -> **SDXLRefiner** -> (FaceRestorer) -> ingress. Two mo
 - refine a finished image as img2img at ``strength`` (the hires-fix pass at 1536x1536, strength 0.35).
 It runs in its own replicas and loads its own weights. With ``embeddings_dir`` (the base's folder) it holds the
 textual-inversion embeddings too, their ``clip_g`` vectors in its one text encoder, as A1111 applies an SDXL
-embedding on its refiner, so that a prompt naming one reads alike in both stages.
+embedding on its refiner, so that a prompt naming one reads alike in both stages. An ensemble's images take the
+recolor units' maps the base hands on with its latents (``StageResult.recolors``): in A1111 the refiner switches
+inside sampling, and the ControlNet extension puts the maps back into the images decoded after it.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.support import device as devices
-from deployments.support import fastpath
+from deployments.support import fastpath, model_free
 from deployments.support.batching import Batcher, outcome, prepare
 from deployments.support.composable import composing
 from deployments.support.config import Batching, SDXLRefinerConfig
@@ -204,6 +206,8 @@ class Refiner:
             source = items[k].source
             if stopped_at is not None and stopped_at[0] == 1 and not ensemble:
                 images = list(source.images)  # stopped as it began: the image it was given, handed on
+            else:  # the base's recolor maps, put back into the images it decodes for it (the extension's order)
+                images = model_free.recolored(images, source.recolors)
             made = source.then(images, warnings=[w for w in warnings if w not in source.warnings],
                                refiner=self.config.name, refiner_mode="ensemble" if ensemble else "image",
                                **({"stopped_at": stopped_at} if stopped_at is not None else {}))

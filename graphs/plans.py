@@ -37,7 +37,7 @@ from typing import Any
 from PIL import Image
 from ray.serve.handle import DeploymentHandle
 
-from deployments.support import control
+from deployments.support import control, model_free
 from deployments.support.cropping import CropSize
 from deployments.support.errors import UnknownModel
 from deployments.support.generation import (
@@ -390,8 +390,11 @@ async def a1111_batch(h: Handles, request: GenerationRequest, request_id: str, *
     elif hires is None or request.init_image is not None:
         last = base_for(h, request).generate.remote(request, request_id, how, init=init)
     else:
-        # Each pass with its own ControlNet units (the extension's hr_option).
-        lower = request.model_copy(update={"control": control.first_pass(request.control, hires=True)})
+        # Each pass with its own ControlNet units (the extension's hr_option). The recolor units' maps go back into
+        # the second pass's images alone, every such unit's (its hr_option aside), as the extension puts them into
+        # A1111's finished images, never into the first pass's.
+        lower = request.model_copy(update={"control": control.first_pass(request.control, hires=True),
+                                           "recolor": []})
         first = base_for(h, request).generate.remote(lower, request_id)
         # A1111's hires fix resizes with Lanczos when its upscaler is "None" (images.resize_image); to the upscaler,
         # as to A1111's extras, "None" means no upscale at all.
@@ -404,7 +407,8 @@ async def a1111_batch(h: Handles, request: GenerationRequest, request_id: str, *
         # Its units marked as in the second pass; a pixel-perfect one keeps the first pass's resolution.
         units = control.second_pass(request.control, (request.width, request.height))
         again = request.model_copy(update={"strength": hires.strength, "steps": hires.steps, "exact_steps": True,
-                                           "schedule_from": counted, "control": units, **hires.second})
+                                           "schedule_from": counted, "control": units, **hires.second,
+                                           "recolor": [u for u in request.control if u.module in model_free.RECOLOR]})
         last = base_for(h, again).generate.remote(again, request_id, how, init=upscaled)
     if restore_faces:
         last = h.faces.restore.remote(last, 0.6, encode=h.last(encode))

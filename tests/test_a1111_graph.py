@@ -1252,6 +1252,17 @@ def test_controlnet_hr_option_picks_the_passes_a_unit_guides(ingress, upscaler):
     assert error.details["field"] == "alwayson_scripts.ControlNet.args[0].hr_option"
 
 
+def test_a_recolor_units_map_goes_back_into_the_hires_fixs_finished_images(ingress, astronaut):
+    """The extension puts a recolor unit's hires map back into A1111's finished images, whatever passes the unit
+    guides: a pixel hires fix's images (64 to 96) have the map as their HSV value, "Low res only" too."""
+    photo = astronaut.resize((96, 96))
+    unit = {"module": "recolor_intensity", "model": "tiny-canny", "image": b64(photo), "hr_option": "Low res only"}
+    body = txt2img(ingress, enable_hr=True, hr_scale=1.5, hr_upscaler="None", hr_second_pass_steps=2,
+                   denoising_strength=0.5, alwayson_scripts=controlnet(unit))
+    made = np.asarray(decode_b64(body["images"][0]).convert("RGB"))
+    assert made.shape == (96, 96, 3) and np.array_equal(made.max(axis=2), np.asarray(photo).max(axis=2))
+
+
 def test_controlnet_control_mode_pixel_perfect_and_a_listed_name(ingress):
     """The extension's control modes and Pixel Perfect are applied (tests/test_control_modes.py has their
     arithmetic); a name as /controlnet/model_list lists it runs the same ControlNet. Pixels are compared: each

@@ -117,6 +117,11 @@ def test_a_controlnet_unit_guides_generate_and_get_models_lists_the_controlnets(
     assert np.abs(run({**CANNY, "scale": 0}) - plain).max() <= 1  # scale 0: as if it were not there
     depth = run({**CANNY, "preprocessor": "depth_anything_v2"})  # the photo's depth map, not its edges
     assert np.abs(depth - guided).mean() > 0.5 and np.abs(depth - plain).mean() > 1.0
+    # A recolor unit's map is the refined image's HSV value: the base hands it to the refiner with its latents.
+    photo = edges().resize((64, 64))
+    photo.paste((40, 90, 200), (0, 0, 16, 64))
+    recolored = run({"model": "tiny-canny", "preprocessor": "recolor_intensity", "image": b64(photo)})
+    assert np.array_equal(recolored.max(axis=2), np.asarray(photo).max(axis=2))
     listed = ingress.models.remote().result()
     assert listed["controlnets"] == ["tiny-canny"]
     assert listed["preprocessors"] == ["none", "canny", "invert", "depth_midas", "depth_anything", "depth_anything_v2",

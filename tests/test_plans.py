@@ -195,6 +195,26 @@ async def test_the_pixel_hires_second_pass_runs_exactly_its_steps():
     assert not first.exact_steps and (again.steps, again.strength, again.exact_steps) == (20, 0.7, True)
 
 
+async def test_the_pixel_hires_fix_puts_every_recolor_map_back_into_its_second_passs_images_alone():
+    """The extension puts the recolor maps back into A1111's finished images: the first pass's images get none; the
+    second pass's get every recolor unit's (a unit guiding the first pass alone too), its ControlNet units being
+    those its hr_option names."""
+    from deployments.support.control import ControlUnit
+    from deployments.support.generation import GenerationRequest
+
+    image = Image.new("RGB", (64, 64), "grey")
+    low, high, canny = (ControlUnit(model="c", image=image, module=module, passes=passes) for module, passes in
+                        (("recolor_luminance", "first"), ("recolor_intensity", "second"), ("canny", "both")))
+    stages = Stages()
+    stages.base, stages.upscaler = Recorder(), Recorder()
+    hires = plans.A1111Hires(upscaler="Lanczos", width=128, height=128, strength=0.5, steps=2)
+    await plans.a1111_batch(stages, GenerationRequest(prompt="p", seed=7, control=[low, high, canny]), "r",
+                            hires=hires, encode=Encoding())
+    first, again = stages.base.requests
+    assert first.recolor == [] and [u.module for u in first.control] == ["recolor_luminance", "canny"]
+    assert again.recolor == [low, high] and [u.module for u in again.control] == ["recolor_intensity", "canny"]
+
+
 class Cropper:
     """A focal cropper stand-in: every size cut from the same box of the base, upscaled when the box is smaller."""
 

@@ -177,8 +177,9 @@ class ControlUnit(BaseModel):
                                  "softedge_pidisafe, scribble_hed, scribble_pidinet (soft edges or bold scribbles "
                                  "by a configured HED or PiDiNet network), mlsd (the straight lines M-LSD's "
                                  "configured network finds), and the model-free threshold, "
-                                 "scribble_xdog, blur_gaussian, tile_resample, recolor_luminance, recolor_intensity, "
-                                 "shuffle, t2ia_color_grid (``model_free``)")
+                                 "scribble_xdog, blur_gaussian, tile_resample, recolor_luminance, recolor_intensity "
+                                 "(whose map goes back into the finished images too: ``recolors``), shuffle, "
+                                 "t2ia_color_grid (``model_free``)")
     conditioning_scale: float = Field(1.0, ge=0.0, le=2.0, description="A1111's weight: the residuals' scale")
     guidance_start: float = Field(0.0, ge=0.0, le=1.0, description="the fraction of the steps where it starts")
     guidance_end: float = Field(1.0, ge=0.0, le=1.0, description="the fraction of the steps where it stops")
@@ -339,6 +340,17 @@ def control_image(unit: ControlUnit, fallback: Image.Image | None, width: int, h
     mapped = detect(source, unit.module, resolution(unit, source, width, height), unit.threshold_a, unit.threshold_b,
                     estimators, seed=unit.seed if unit.seed is not None else seed)
     return frame_map(mapped, width, height, unit.resize_mode)
+
+
+def recolors(units: list[ControlUnit], fallback: Image.Image | None, width: int,
+             height: int) -> list[model_free.Recolor]:
+    """What the recolor units among ``units`` put back into the finished images (``model_free.Recolor``), in their
+    order: each one's map framed at the finished images' size (``width`` x ``height``: a hires fix's), as its
+    ControlNet reads it, its first channel. Every recolor unit counts, whatever its weight, guidance range or hires
+    pass: the extension's post-processing reads none of them."""
+    return [model_free.Recolor(unit.module == "recolor_luminance",
+                               np.asarray(control_image(unit, fallback, width, height))[:, :, 0].copy())
+            for unit in units if unit.module in model_free.RECOLOR]
 
 
 def resolution(unit: ControlUnit, source: Image.Image, width: int, height: int) -> int:

@@ -24,6 +24,7 @@ from deployments.support.errors import GenerationCancelled, InvalidInput
 from deployments.support.imaging import comment_fits
 from deployments.support.imaging import encode as encode_image
 from deployments.support.masking import InpaintArea, Paste
+from deployments.support.model_free import Recolor
 from deployments.support.overlay import Overlay
 from deployments.support.prompts import Padding
 from deployments.support.samplers import MIN_STRENGTH
@@ -172,6 +173,10 @@ class GenerationRequest(BaseModel):
 
     control: list[ControlUnit] = Field([], max_length=MAX_UNITS, description="ControlNet units (the base's "
                                        "`controlnets`); a request with any runs in a batch of its own")
+    recolor: list[ControlUnit] | None = Field(None, max_length=MAX_UNITS, description="the recolor units whose "
+                                              "maps go back into this call's finished images (the extension's "
+                                              "post-processing); None: those of control; empty: none (a pixel "
+                                              "hires fix's first pass, whose images are not the last)")
 
     @property
     def varied(self) -> bool:
@@ -259,6 +264,9 @@ class StageResult:
     # An inpainting's paste over its init image, one per image, where the base left it to a later stage
     # (``GenerationRequest.defer_paste``); empty once pasted (``pasted``).
     pastes: list[Paste] = field(default_factory=list)
+    # What the stage that decodes ``latents`` puts back into its images (the recolor units' maps): the base hands
+    # them to the refiner with its latents.
+    recolors: list[Recolor] = field(default_factory=list)
 
     def pasted(self) -> StageResult:
         """The same result with each image pasted over the image its inpainting started from, where that was left

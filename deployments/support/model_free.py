@@ -29,6 +29,10 @@ At the image's own size (no processor_res):
   as if it were BGR (so red weighs as blue would: kept), to the power gamma (threshold_a, 1), truncated, as grey.
 - ``recolor_intensity``: the value (the largest channel) to the power gamma, the same way.
 
+A recolor unit's map does more than guide: the extension puts it back into every finished image (``Recolor``), whose
+Lab lightness (luminance) or HSV value (intensity) becomes the map's grey; there the image is converted as RGB, as it
+is (the map's lightness was read as BGR).
+
 The extension's ``tile_colorfix`` and ``tile_colorfix+sharp`` are not here: their map is the image itself, and
 their effect is a correction of every sampling step's predicted image (its blurred latent swapped for the control
 image's), not a preprocessor's map.
@@ -38,7 +42,10 @@ This module is imported by the ingress (its names): OpenCV is imported where use
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+from PIL import Image
 
 MODULES = ("threshold", "scribble_xdog", "blur_gaussian", "tile_resample", "recolor_luminance", "recolor_intensity",
            "shuffle", "t2ia_color_grid")
@@ -52,6 +59,7 @@ SHUFFLE_CELL = 256  # the spacing of shuffle's noise grid, in pixels
 COLOR_CELL = 64  # t2ia_color_grid's cell
 XDOG_SIGMAS = (0.5, 5.0)  # scribble_xdog's narrow and wide blurs
 RESAMPLE_FROM = 1.1  # tile_resample leaves the image as it is below this rate
+RECOLOR = ("recolor_luminance", "recolor_intensity")  # the modules whose map goes back into the finished images
 
 
 def make(module: str, rgb: np.ndarray, resolution: int, a: float, seed: int = 0) -> np.ndarray:
@@ -117,6 +125,43 @@ def recolor(rgb: np.ndarray, gamma: float, *, luminance: bool) -> np.ndarray:
         channel = cv2.cvtColor(rgb, cv2.COLOR_BGR2HSV)[:, :, 2]
     level = (channel.astype(np.float32) / 255.0) ** np.float32(gamma)
     return _grey((level * 255.0).clip(0, 255).astype(np.uint8))
+
+
+@dataclass(frozen=True)
+class Recolor:
+    """A recolor unit's map as the extension's post-processing puts it back into a finished image: ``level`` (the
+    framed map's first channel, height x width, 8-bit) in place of the image's Lab lightness (``luminance``) or its
+    HSV value. It travels with the base's latents to the refiner, which decodes them."""
+
+    luminance: bool
+    level: np.ndarray
+
+    def apply(self, image: Image.Image) -> Image.Image:
+        """``image`` with its lightness (or value) replaced: OpenCV's 8-bit RGB to Lab (or HSV), the channel
+        swapped, back to RGB. The extension does it on A1111's float sample, truncated to 8 bits first and read back
+        over 255 after: on the decoded 8-bit image both round trips keep every level. An image of another size is
+        returned as it is, as the extension's size check returns it (a hires fix stopped in its first pass)."""
+        import cv2
+
+        rgb = np.asarray(image.convert("RGB"))
+        if rgb.shape[:2] != self.level.shape:
+            return image
+        there, back, channel = ((cv2.COLOR_RGB2LAB, cv2.COLOR_LAB2RGB, 0) if self.luminance
+                                else (cv2.COLOR_RGB2HSV, cv2.COLOR_HSV2RGB, 2))
+        converted = cv2.cvtColor(rgb, there)
+        converted[:, :, channel] = self.level
+        return Image.fromarray(cv2.cvtColor(converted, back))
+
+
+def recolored(images: list[Image.Image], maps: list[Recolor]) -> list[Image.Image]:
+    """Each image with every map put back in turn, in the units' order (the extension runs its post-processors so):
+    of two maps for the same channel the last one stands."""
+    out = []
+    for image in images:
+        for one in maps:
+            image = one.apply(image)
+        out.append(image)
+    return out
 
 
 def noise_field(random: np.random.RandomState, height: int, width: int, cell: int = SHUFFLE_CELL) -> np.ndarray:

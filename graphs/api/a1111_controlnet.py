@@ -12,9 +12,10 @@ refused), ``softedge_hed`` (or ``hed``), ``softedge_hedsafe`` (``hed_safe``), ``
 ``tile_resample``, ``recolor_luminance``, ``recolor_intensity``, ``shuffle``, ``t2ia_color_grid`` (or ``color``); the
 extension's labels are taken too). Its ``processor_res``, ``threshold_a`` and ``threshold_b`` are read as each
 module's sliders (``control.SLIDERS``), reset as the extension resets them. ``control_mode`` and
-``pixel_perfect`` run as the extension runs them (``deployments/support/injection.py``, ``control.resolution``); a
-unit's ``mask``, which the extension draws with as the control image, is named in the answer's warnings and not
-applied; ``low_vram`` means nothing here. The routes are in ``graphs/api/controlnet.py``.
+``pixel_perfect`` run as the extension runs them (``deployments/support/injection.py``, ``control.resolution``), and
+a recolor unit's map goes back into the finished images as the extension's post-processing puts it
+(``control.recolors``); a unit's ``mask``, which the extension draws with as the control image, is named in the
+answer's warnings and not applied; ``low_vram`` means nothing here. The routes are in ``graphs/api/controlnet.py``.
 """
 
 from __future__ import annotations

@@ -66,7 +66,8 @@ class ControlNetUnit(BaseModel):
                                        "scribble_xdog (its strokes by a difference of Gaussians, white on black), "
                                        "blur_gaussian (blurred, sigma threshold_a), tile_resample (shrunk by "
                                        "threshold_a), recolor_luminance, recolor_intensity (its lightness or value "
-                                       "in grey, gamma threshold_a), shuffle (its pixels moved by a random flow drawn "
+                                       "in grey, gamma threshold_a; then the finished images' own, as the extension "
+                                       "puts it back), shuffle (its pixels moved by a random flow drawn "
                                        "from the request's seed), t2ia_color_grid (its colours in 64-pixel cells); "
                                        "GET /models lists those offered")
     scale: float = Field(1.0, ge=0.0, le=2.0, description="how strongly it guides (A1111's weight); 0: not at all")
