@@ -509,9 +509,9 @@ class BaseGenerator:
 
     @staticmethod
     def _prepare_mask(mask: Image.Image, request: GenerationRequest) -> Image.Image:
-        """A whole picture's mask: at the generation size, blurred as A1111 blurs it."""
-        mask = mask.convert("L").resize((request.width, request.height), Image.Resampling.NEAREST)
-        return masking.blur(mask, *blurs(request))
+        """A whole picture's mask as A1111 makes it: blurred at the size it was drawn at, then framed at the
+        generation size by the request's ``mask_fit`` (``masking.whole_picture``)."""
+        return masking.whole_picture(mask, request.width, request.height, request.mask_fit, *blurs(request))
 
     def describe(self) -> dict:
         return {
@@ -609,7 +609,7 @@ def cut_of(request: GenerationRequest) -> masking.Cut | None:
     if request.init_image is None or request.mask is None:
         raise InvalidInput("'Only masked' inpainting needs an init image and a mask", field="mask")
     return masking.only_masked(request.init_image, request.mask, request.width, request.height,
-                               request.inpaint_padding, *blurs(request))
+                               request.inpaint_padding, *blurs(request), fit=request.mask_fit)
 
 
 def cut_units(units: list[control.ControlUnit], cut: masking.Cut) -> list[control.ControlUnit]:

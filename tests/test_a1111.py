@@ -687,3 +687,35 @@ def test_every_n_iter_batch_shuffles_with_the_first_batchs_seed(service):
     service.txt2img(seed=10, batch_size=2, n_iter=3, alwayson_scripts={"ControlNet": {"args": [unit]}})
     assert [batch["request"].seed for batch in service.batches] == [10, 12, 14]
     assert [batch["request"].control[0].seed for batch in service.batches] == [shuffle_seed(10)] * 3
+
+
+@pytest.mark.parametrize(("mode", "fit"), [(0, "stretch"), (1, "crop"), (2, "fill"), (3, "stretch")])
+def test_a_whole_pictures_mask_reaches_the_base_as_drawn_with_its_resize_mode(service, mode, fit):
+    """A1111 blurs the mask at its uploaded size, then frames it by the resize mode: the base does both, so the
+    mask travels as drawn (here 48x32 for a 64x64 picture) with the mode it is framed by."""
+    from tests.helpers import b64
+
+    mask = Image.new("L", (48, 32))
+    mask.paste(255, (8, 8, 24, 20))
+    service.img2img(mask=b64(mask), resize_mode=mode, inpaint_full_res=False)
+    sent = service.batches[-1]["request"]
+    assert (sent.mask.size, sent.mask_fit, sent.inpaint_area) == ((48, 32), fit, "whole")
+    assert np.array_equal(np.asarray(sent.mask), np.asarray(mask))
+
+
+@pytest.mark.parametrize(("level", "blur", "only_masked"), [(1, 4, False), (255, 4, True), (1, 0, True)])
+def test_only_masked_is_decided_on_the_blurred_mask_and_written_as_a1111_writes_it(service, level, blur,
+                                                                                     only_masked):
+    """A mask whose one drawn pixel vanishes in the blur is image-to-image of the whole, as A1111 and the base fall
+    back: its infotext writes the blur (A1111 has by then) and no inpaint area, padding or masked content."""
+    from tests.helpers import b64
+
+    mask = Image.new("L", (64, 64))
+    mask.putpixel((40, 20), level)
+    body = service.img2img(mask=b64(mask), mask_blur=blur, inpaint_full_res_padding=8)
+    sent, text = service.batches[-1]["request"], body["info"]["infotexts"][0]
+    assert (sent.inpaint_area == "masked", sent.mask is not None) == (only_masked, only_masked)
+    assert ("Inpaint area: Only masked" in text, "Masked area padding: 8" in text) == (only_masked, only_masked)
+    assert ("Masked content: fill" in text) is only_masked
+    assert ("Mask blur: 4" in text) is (blur == 4)
+    assert any("blank once blurred" in w for w in body["info"]["warnings"]) is not only_masked

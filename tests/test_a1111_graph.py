@@ -389,6 +389,24 @@ def test_a_blank_mask_only_masked_is_image_to_image_of_the_whole(ingress, astron
     assert (read["Inpaint area"], read["Mask blur"]) == ("Whole picture", "4")
 
 
+def test_a_mask_blank_once_blurred_only_masked_is_image_to_image_and_written_so(ingress, astronaut):
+    """One pixel of 1 under a blur of 4 is not blank, but is once blurred: the ingress decides as the base does, so
+    the answer is image-to-image of the whole and its infotext says so (A1111 has written the blur and the mask mode
+    by then, and no inpaint area, padding or masked content)."""
+    init = b64(astronaut.resize((96, 80)))
+    mask = Image.new("L", (96, 80), 255)
+    mask.putpixel((50, 40), 254)  # inverted: one pixel of 1
+    body = img2img(ingress, init_images=[init], mask=b64(mask), inpainting_mask_invert=1, inpaint_full_res_padding=8)
+    assert decode_b64(body["images"][0]).size == (64, 64)
+    assert same_pixels(body, img2img(ingress, init_images=[init]))
+    assert any("blank once blurred" in w for w in body["info"]["warnings"])
+    assert not any(w.startswith("inpaint_area") for w in body["info"]["warnings"])  # the base had nothing to drop
+    text = body["info"]["infotexts"][0]
+    assert (parse(text)["Mask blur"], parse(text)["Mask mode"]) == ("4", "Inpaint not masked")
+    assert not any(key in text for key in ("Inpaint area", "Masked area padding", "Masked content"))
+    assert "Inpaint area" not in body["info"]["extra_generation_params"]
+
+
 def test_the_mask_blur_each_way_and_the_mask_mode_are_written_as_a1111_writes_them(ingress):
     edit = {"init_images": [b64(bands())], "mask": b64(rect_mask((128, 64), (32, 16, 96, 48))),
             "inpaint_full_res": False, "denoising_strength": 1.0}

@@ -21,7 +21,7 @@ from deployments.support import overlay, provenance
 from deployments.support.control import MAX_UNITS, ControlUnit
 from deployments.support.credentials import Facts
 from deployments.support.errors import GenerationCancelled, InvalidInput
-from deployments.support.imaging import comment_fits
+from deployments.support.imaging import Fit, comment_fits
 from deployments.support.imaging import encode as encode_image
 from deployments.support.masking import InpaintArea, Paste
 from deployments.support.model_free import Recolor
@@ -113,10 +113,14 @@ class GenerationRequest(BaseModel):
     exact_steps: bool = Field(False, description="img2img runs exactly ``steps`` denoising steps whatever the "
                               "strength (A1111's hires second pass), not int(steps x strength)")
     mask: Image.Image | None = None
-    mask_blur: int = Field(4, ge=0, le=64, description="the mask's Gaussian blur, its standard deviation in pixels "
-                           "(A1111's: OpenCV's, along the rows and the columns)")
+    mask_blur: int = Field(4, ge=0, le=64, description="the mask's Gaussian blur, its standard deviation in the "
+                           "mask's own pixels (A1111's: OpenCV's, along the rows and the columns, at the size the "
+                           "mask was drawn at)")
     mask_blur_y: int | None = Field(None, ge=0, le=64, description="the blur along the columns where it differs "
                                     "from mask_blur's (A1111's mask_blur_y); None: mask_blur")
+    mask_fit: Fit = Field("stretch", description="how the mask, once blurred, is framed at width x height (A1111's "
+                          "resize_mode, as img2img frames the init image: stretch, crop or fill); inpaint_area "
+                          "masked: how it is framed at the init image's size where it has another (before the blur)")
     masked_content: MaskedContent = Field("original", description="inpainting: what the masked area starts from, "
                                           "as A1111's inpainting_fill names it: original, the image; fill, the "
                                           "image's colours blurred in from around the mask; latent noise / latent "

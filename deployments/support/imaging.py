@@ -222,26 +222,42 @@ def cover_box(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int,
 
 
 Fit = Literal["stretch", "crop", "fill"]
+# "crop and resize" scales the whole image as A1111 does unless that would make more than this many times the
+# target's pixels (an image of a very different shape).
+COVER_LIMIT = 4
 
 
 def frame(image: Image.Image, width: int, height: int, fit: Fit) -> Image.Image:
-    """``image`` at ``width`` x ``height`` as A1111's img2img resize modes put it there (Lanczos throughout):
-    ``stretch`` (0, "just resize"), ``crop`` (1, "crop and resize": scaled to cover, centre-cropped) or ``fill``
-    (2, "resize and fill": scaled to fit, centred, the borders filled with the image's edge rows or columns
-    stretched outwards, as A1111 fills them)."""
+    """``image`` at ``width`` x ``height`` as A1111's img2img resize modes put it there (``images.resize_image``,
+    Lanczos, as it resizes a mask and, with no img2img upscaler set, an image): ``stretch`` (0, "just resize"),
+    ``crop`` (1, "crop and resize": scaled to cover, centre-cropped) or ``fill`` (2, "resize and fill": scaled to
+    fit, centred, the borders filled with the image's edge rows or columns stretched outwards). Pixel for pixel
+    A1111's: the scaled size rounded down, centred on the half sizes rounded down, the borders resampled from the
+    edge as A1111 resamples them (PIL's default filter, bicubic, over an empty box at the edge)."""
     if fit == "stretch":
         return image.resize((width, height), Image.Resampling.LANCZOS)
-    if fit == "crop":
-        return image.resize((width, height), Image.Resampling.LANCZOS, box=cover_box(image.size, (width, height)))
-    if image.mode not in ("L", "RGB", "RGBA"):  # palette indices must not be padded as if they were levels
+    if image.mode not in ("L", "RGB", "RGBA"):  # palette indices must not be resampled as if they were levels
         image = image.convert("RGB")
-    # A1111's resize_image(2) arithmetic: the side that fits is the target's, the other floored; the image placed at
-    # half the target less half itself, each halved down (a pixel off a centring of the difference, at times).
-    if width / height < image.width / image.height:
-        inner = (width, max(1, image.height * width // image.width))
-    else:
-        inner = (max(1, image.width * height // image.height), height)
-    fitted = np.asarray(image.resize(inner, Image.Resampling.LANCZOS))
-    left, top = width // 2 - inner[0] // 2, height // 2 - inner[1] // 2
-    pad = [(top, height - inner[1] - top), (left, width - inner[0] - left)] + [(0, 0)] * (fitted.ndim - 2)
-    return Image.fromarray(np.pad(fitted, pad, mode="edge"))
+    wider = image.width * height > width * image.height  # than the target (exact: A1111 compares float ratios)
+    if fit == "crop":
+        size = ((image.width * height // image.height, height) if wider
+                else (width, image.height * width // image.width))
+        if size[0] * size[1] > COVER_LIMIT * width * height:
+            # An image far from the target's shape: only its centre is scaled (to within a fraction of a pixel of
+            # A1111's), not the whole of it to tens of times the target's pixels.
+            return image.resize((width, height), Image.Resampling.LANCZOS, box=cover_box(image.size, (width, height)))
+        left, top = size[0] // 2 - width // 2, size[1] // 2 - height // 2
+        return image.resize(size, Image.Resampling.LANCZOS).crop((left, top, left + width, top + height))
+    size = ((width, max(1, image.height * width // image.width)) if wider
+            else (max(1, image.width * height // image.height), height))
+    fitted = image.resize(size, Image.Resampling.LANCZOS)
+    out = Image.new(image.mode, (width, height))  # black where A1111 leaves a row or column unfilled
+    left, top = width // 2 - size[0] // 2, height // 2 - size[1] // 2
+    out.paste(fitted, (left, top))
+    if wider and top > 0:  # rows above and below
+        out.paste(fitted.resize((width, top), box=(0, 0, width, 0)), (0, 0))
+        out.paste(fitted.resize((width, top), box=(0, size[1], width, size[1])), (0, top + size[1]))
+    elif not wider and left > 0:  # columns left and right
+        out.paste(fitted.resize((left, height), box=(0, 0, 0, height)), (0, 0))
+        out.paste(fitted.resize((left, height), box=(size[0], 0, size[0], height)), (left + size[0], 0))
+    return out

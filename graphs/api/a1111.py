@@ -535,8 +535,8 @@ class A1111Routes(CheckpointChoice):
         only_masked = edit.only_masked
         notes = []
         if body.mask and body.inpaint_full_res and not only_masked:  # A1111's comment, in our warnings
-            notes.append("inpaint_full_res: the mask is blank: the whole image ran as image-to-image, as A1111 falls "
-                         "back")
+            notes.append("inpaint_full_res: the mask is blank once blurred: the whole image ran as image-to-image, as "
+                         "A1111 falls back")
         units = await asyncio.to_thread(controlnet.control_units, body, self.config.base.controlnets, edit=True,
                                         modules=offered(self.config.base.preprocessors))
         # A unit without an image reads the first init image as uploaded, framed by img2img's resize mode, as the
@@ -545,6 +545,7 @@ class A1111Routes(CheckpointChoice):
         across, down = body.mask_blurs()
         return await self._run(http, body, uploads[0], cache_as="a1111-img2img", inits=edit.inits, notes=notes,
                                init_image=edit.inits[0], mask=edit.mask, mask_blur=across, mask_blur_y=down,
+                               mask_fit=FITS[body.resize_mode],
                                masked_content=MASKED_CONTENT[body.inpainting_fill],
                                inpaint_area="masked" if only_masked else "whole",
                                inpaint_padding=body.inpaint_full_res_padding, strength=body.denoising_strength,

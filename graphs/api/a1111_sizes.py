@@ -9,6 +9,7 @@ from typing import NamedTuple
 
 from PIL import Image, ImageOps
 
+from deployments.support import masking
 from deployments.support.imaging import Fit, cover_box, decode, frame, to_rgb
 from graphs.api.a1111_models import Img2ImgRequest
 from graphs.api.fields import image_field
@@ -77,8 +78,8 @@ class Edit(NamedTuple):
     """An img2img request's inputs as the base takes them (``edit_inputs``)."""
 
     inits: list[Image.Image]  # framed at the request's size, or as uploaded (see edit_inputs)
-    mask: Image.Image | None
-    only_masked: bool  # A1111's inpaint_full_res with a mask that is not blank
+    mask: Image.Image | None  # as drawn: the base blurs it and frames it by the request's resize mode
+    only_masked: bool  # A1111's inpaint_full_res with a mask that is not blank once blurred
     upload: Image.Image  # the first init image as uploaded: what a ControlNet unit without an image reads
 
 
@@ -87,9 +88,11 @@ def edit_inputs(r: Img2ImgRequest, uploads: list[bytes]) -> Edit:
     says, the mask inverted with ``inpainting_mask_invert`` (its black area is then the one repainted); and whether
     only the mask's region is inpainted (A1111's ``inpaint_full_res``, "Only masked"). One init image stretched (the
     default) is left to the base, which stretches it; several are framed here, since each becomes a pass of its own
-    at the request's size. "Only masked" leaves the init images at their own size (the base cuts the region out and
-    pastes it back there) and frames the mask at the first one's, as A1111 frames its overlay; with a blank mask it
-    is image-to-image without a mask, as A1111 falls back (a mask that is blank only once blurred, the base finds)."""
+    at the request's size. The mask is left at its size: the base blurs it there and then frames it as the init
+    images are (``mask_fit``), as A1111 does. "Only masked" leaves the init images at their own size (the base cuts
+    the region out and pastes it back there), the mask framed at the first one's where it has another size; with a
+    mask blank once blurred it is image-to-image without a mask, as A1111 falls back: decided here as the base would
+    (``masking.blurred_box``), so that the infotext says what ran."""
     fit = FITS[r.resize_mode]
     inits = [decode(data, field="init_images") for data in uploads]
     upload, mask = inits[0], None
@@ -97,13 +100,11 @@ def edit_inputs(r: Img2ImgRequest, uploads: list[bytes]) -> Edit:
         mask = binary_mask(image_field(r.mask, "mask"))
         if r.inpainting_mask_invert:
             mask = ImageOps.invert(mask)
-        if r.inpaint_full_res and mask.getbbox() is None:
-            mask = None  # A1111 drops a blank mask of "Only masked": image-to-image over the whole image
-        elif r.inpaint_full_res:
-            size = inits[0].size
-            return Edit(inits, mask if mask.size == size else frame(mask, *size, fit), True, upload)
+        if r.inpaint_full_res:
+            mask = masking.at_size(mask, inits[0].size, fit)
+            if masking.blurred_box(mask, *r.mask_blurs()) is not None:
+                return Edit(inits, mask, True, upload)
+            mask = None  # A1111 drops a mask blank once blurred: image-to-image over the whole image
     if fit != "stretch" or len(inits) > 1:
         inits = [frame(to_rgb(image), r.width, r.height, fit) for image in inits]
-    if mask is not None and fit != "stretch":
-        mask = frame(mask, r.width, r.height, fit)
     return Edit(inits, mask, False, upload)
