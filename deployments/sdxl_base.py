@@ -904,6 +904,12 @@ class SDXLBase:
 
         return await asyncio.to_thread(maps)
 
+    async def blurred_box(self, mask: Image.Image, across: int, down: int) -> masking.Box | None:
+        """Where ``mask`` is not blank once blurred as this replica blurs it (``masking.blurred_box``): the ingress
+        decides A1111's "Only masked" with it, so that its infotext says what will run, without OpenCV of its own.
+        On a worker thread, never the inference thread."""
+        return await asyncio.to_thread(masking.blurred_box, mask, across, down)
+
     async def controlnet_titles(self) -> list[str]:
         """The ControlNets as A1111's extension lists them (``name [hash]``), hashed once as they loaded."""
         return list(self.model.controls.titles)

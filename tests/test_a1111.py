@@ -256,6 +256,7 @@ class Service:
     def __init__(self, tmp_path, monkeypatch) -> None:
         from types import SimpleNamespace
 
+        from deployments.support import masking
         from deployments.support.generation import StageResult
         from deployments.support.settings import Settings
         from graphs import plans
@@ -278,7 +279,11 @@ class Service:
             return {"restorer": "GFPGAN"}
 
         monkeypatch.setattr(plans, "a1111_batch", a1111_batch)
-        stage = SimpleNamespace(fingerprint=SimpleNamespace(remote=fingerprint))
+        def blurred_box(mask, across, down) -> SimpleNamespace:  # the base replica's, answered at once
+            return SimpleNamespace(result=lambda: masking.blurred_box(mask, across, down))
+
+        stage = SimpleNamespace(fingerprint=SimpleNamespace(remote=fingerprint),
+                                blurred_box=SimpleNamespace(remote=blurred_box))
         faces = SimpleNamespace(fingerprint=stage.fingerprint, describe=SimpleNamespace(remote=describe))
         self.routes = A1111Routes()
         self.routes.handles = SimpleNamespace(base=stage, refiner=None, upscaler=stage, faces=faces, safety=None,

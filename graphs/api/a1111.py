@@ -531,7 +531,12 @@ class A1111Routes(CheckpointChoice):
         if 1 < len(body.init_images) < body.batch_size:  # A1111 makes one image of each
             body = body.model_copy(update={"batch_size": len(body.init_images)})
         uploads = [image_bytes(data, "init_images") for data in body.init_images]
-        edit = await asyncio.to_thread(edit_inputs, body, uploads)
+        base = self.handles.base
+
+        def blurred_box(mask: Image.Image, across: int, down: int) -> tuple[int, int, int, int] | None:
+            return base.blurred_box.remote(mask, across, down).result()  # OpenCV's blur, on a base replica
+
+        edit = await asyncio.to_thread(edit_inputs, body, uploads, blurred_box)
         only_masked = edit.only_masked
         notes = []
         if body.mask and body.inpaint_full_res and not only_masked:  # A1111's comment, in our warnings

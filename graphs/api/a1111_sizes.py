@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -11,6 +12,7 @@ from PIL import Image, ImageOps
 
 from deployments.support import masking
 from deployments.support.imaging import Fit, cover_box, decode, frame, to_rgb
+from deployments.support.masking import Box
 from graphs.api.a1111_models import Img2ImgRequest
 from graphs.api.fields import image_field
 
@@ -83,7 +85,8 @@ class Edit(NamedTuple):
     upload: Image.Image  # the first init image as uploaded: what a ControlNet unit without an image reads
 
 
-def edit_inputs(r: Img2ImgRequest, uploads: list[bytes]) -> Edit:
+def edit_inputs(r: Img2ImgRequest, uploads: list[bytes],
+                blurred_box: Callable[[Image.Image, int, int], Box | None] = masking.blurred_box) -> Edit:
     """An img2img request's init images (``uploads``) and mask, decoded and framed at its size as ``resize_mode``
     says, the mask inverted with ``inpainting_mask_invert`` (its black area is then the one repainted); and whether
     only the mask's region is inpainted (A1111's ``inpaint_full_res``, "Only masked"). One init image stretched (the
@@ -91,8 +94,8 @@ def edit_inputs(r: Img2ImgRequest, uploads: list[bytes]) -> Edit:
     at the request's size. The mask is left at its size: the base blurs it there and then frames it as the init
     images are (``mask_fit``), as A1111 does. "Only masked" leaves the init images at their own size (the base cuts
     the region out and pastes it back there), the mask framed at the first one's where it has another size; with a
-    mask blank once blurred it is image-to-image without a mask, as A1111 falls back: decided here as the base would
-    (``masking.blurred_box``), so that the infotext says what ran."""
+    mask blank once blurred it is image-to-image without a mask, as A1111 falls back: decided here by ``blurred_box``
+    (the ingress asks a base replica, which blurs as it will blur the mask), so that the infotext says what ran."""
     fit = FITS[r.resize_mode]
     inits = [decode(data, field="init_images") for data in uploads]
     upload, mask = inits[0], None
@@ -102,7 +105,7 @@ def edit_inputs(r: Img2ImgRequest, uploads: list[bytes]) -> Edit:
             mask = ImageOps.invert(mask)
         if r.inpaint_full_res:
             mask = masking.at_size(mask, inits[0].size, fit)
-            if masking.blurred_box(mask, *r.mask_blurs()) is not None:
+            if blurred_box(mask, *r.mask_blurs()) is not None:
                 return Edit(inits, mask, True, upload)
             mask = None  # A1111 drops a mask blank once blurred: image-to-image over the whole image
     if fit != "stretch" or len(inits) > 1:
