@@ -53,6 +53,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from PIL import Image
 
+from deployments.support import releases
+
 if TYPE_CHECKING:
     import torch
 
@@ -423,13 +425,7 @@ def recognise(state_dict: Mapping[str, Any]) -> bool:
 def mismatches(state_dict: Mapping[str, Any]) -> dict[str, list[str]]:
     """How a state dict differs from the release's: its ``missing``, ``unexpected`` and ``wrong_shape`` keys,
     sorted (an empty dict: none)."""
-    expected = official_shapes()
-    missing = sorted(expected.keys() - state_dict.keys())
-    unexpected = sorted(state_dict.keys() - expected.keys())
-    shapes = sorted(k for k in expected.keys() & state_dict.keys()
-                    if tuple(getattr(state_dict[k], "shape", ())) != expected[k])
-    return {name: keys for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong_shape", shapes))
-            if keys}
+    return releases.mismatches(official_shapes(), state_dict)
 
 
 def from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Module:

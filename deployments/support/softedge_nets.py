@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deployments.support import releases
+
 HED = "hed"  # softedge_hed, softedge_hedsafe, scribble_hed
 PIDINET = "pidinet"  # softedge_pidinet, softedge_pidisafe, scribble_pidinet
 
@@ -257,13 +259,7 @@ def architecture(state: Mapping[str, object]) -> str | None:
 def mismatches(kind: str, state: Mapping[str, object]) -> dict[str, list[str]]:
     """How a state dict differs from ``kind``'s release: its ``missing``, ``unexpected`` and ``wrong_shape`` names,
     sorted (an empty dict: none)."""
-    expected = release_shapes(kind)
-    missing = sorted(expected.keys() - state.keys())
-    unexpected = sorted(state.keys() - expected.keys())
-    shapes = sorted(k for k in expected.keys() & state.keys()
-                    if tuple(getattr(state[k], "shape", ())) != expected[k])
-    return {name: keys for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong_shape", shapes))
-            if keys}
+    return releases.mismatches(release_shapes(kind), state)
 
 
 def from_state_dict(kind: str, state: Mapping[str, torch.Tensor]) -> nn.Module:
