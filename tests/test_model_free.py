@@ -27,7 +27,7 @@ from deployments.support.generation import GenerationRequest
 from graphs.api import a1111_controlnet
 from graphs.api.a1111_models import Txt2ImgRequest
 from graphs.api.control_fields import ControlNetUnit, control_units
-from tests.helpers import b64, module_list, pixels
+from tests.helpers import b64, gaussian64, module_list, pixels
 
 SMALL = dict(prompt="a lighthouse", width=64, height=64, steps=2, guidance_scale=5.0, seed=5)
 
@@ -41,19 +41,6 @@ def at_resolution(rgb: np.ndarray, resolution: int) -> np.ndarray:
     return cv2.resize(rgb, size, interpolation=cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA)
 
 
-def gaussian(x: np.ndarray, sigma: float, taps: int) -> np.ndarray:
-    """A separable Gaussian blur in float64 with OpenCV's kernel (``taps`` wide) and border (reflected, the edge
-    pixel not repeated)."""
-    half = taps // 2
-    kernel = np.exp(-np.arange(-half, half + 1) ** 2 / (2 * sigma ** 2))
-    kernel /= kernel.sum()
-    out = x.astype(np.float64)
-    for axis in (0, 1):
-        size = out.shape[axis]
-        wide = np.pad(out, [(half, half) if a == axis else (0, 0) for a in range(out.ndim)], mode="reflect")
-        out = sum(w * np.take(wide, np.arange(i, i + size), axis=axis) for i, w in enumerate(kernel))
-    return out
-
 
 def xdog_difference(sized: np.ndarray) -> np.ndarray:
     """scribble_xdog's stroke strength: padded to 64s with edge pixels; float blurs at sigma 0.5 and 5 (OpenCV's
@@ -61,7 +48,7 @@ def xdog_difference(sized: np.ndarray) -> np.ndarray:
     taken from 255 (the extension's ``255 - dog``); the padding cropped."""
     height, width = sized.shape[:2]
     x = np.pad(sized, ((0, -height % 64), (0, -width % 64), (0, 0)), mode="edge")
-    stored = np.trunc(np.clip(255 - (gaussian(x, 5.0, 41) - gaussian(x, 0.5, 5)).min(axis=2), 0, 255))
+    stored = np.trunc(np.clip(255 - (gaussian64(x, 5.0, 41) - gaussian64(x, 0.5, 5)).min(axis=2), 0, 255))
     return (255 - stored)[:height, :width]
 
 
@@ -164,7 +151,7 @@ def test_threshold_xdog_and_blur_are_the_extensions_formulas_at_processor_res(as
         assert np.array_equal(grey(detect(Image.fromarray(image), "scribble_xdog", resolution, 20)),
                               extension_xdog(sized, 20))
         blurred = np.asarray(detect(Image.fromarray(image), "blur_gaussian", resolution, 4.5)).astype(int)
-        diff = np.abs(blurred - np.floor(gaussian(sized, 4.5, 29) + 0.5))  # 8-bit: round(6 sigma + 1) | 1 taps
+        diff = np.abs(blurred - np.floor(gaussian64(sized, 4.5, 29) + 0.5))  # 8-bit: round(6 sigma + 1) | 1 taps
         assert diff.max() <= 1 and (diff == 0).mean() > 0.9  # OpenCV's 8-bit blur is fixed-point
     # The thick strokes' cores: the extension's doubling wraps past 255, and some of them come out black.
     core = xdog_difference(at_resolution(pen, 256))

@@ -23,7 +23,7 @@ from deployments.support.control_maps import frame_map
 from deployments.support.errors import ModelLoadError, UnknownModel, UnsafeWeights, status_of
 from deployments.support.generation import GenerationRequest
 from deployments.weights import loader
-from tests.helpers import b64, module_list, pixels
+from tests.helpers import b64, gaussian64, module_list, pixels
 
 # --- the releases' layouts, as the extension's classes lay them out -------------------------------------------------
 
@@ -172,19 +172,6 @@ def pidinet_reference(state: dict[str, torch.Tensor], rgb: np.ndarray) -> np.nda
         sides.append(F.interpolate(side, size, mode="bilinear", align_corners=False))
     return torch.sigmoid(F.conv2d(torch.cat(sides, 1), w["classifier.weight"], w["classifier.bias"]))[0, 0].numpy()
 
-
-def gaussian64(x: np.ndarray, sigma: float, taps: int) -> np.ndarray:
-    """OpenCV's GaussianBlur in float64: a separable kernel of ``taps`` (its choice for sigma 3: 25 for a float image,
-    19 for an 8-bit one), borders reflected without repeating the edge."""
-    r = taps // 2
-    kernel = np.exp(-np.arange(-r, r + 1) ** 2 / (2 * sigma ** 2))
-    kernel /= kernel.sum()
-    out = x.astype(np.float64)
-    for axis in (0, 1):
-        size = out.shape[axis]
-        wide = np.pad(out, [(r, r) if a == axis else (0, 0) for a in range(2)], mode="reflect")
-        out = sum(k * np.take(wide, np.arange(i, i + size), axis=axis) for i, k in enumerate(kernel))
-    return out
 
 
 def scribble_reference(edges: np.ndarray) -> np.ndarray:
