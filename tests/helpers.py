@@ -111,7 +111,9 @@ def wait(service, job_id: str, until=("completed", "failed", "cancelled"), timeo
          headers: dict | None = None) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        job = service.get(f"/jobs/{job_id}", headers=headers).json()
+        response = service.get(f"/jobs/{job_id}", headers=headers)
+        assert response.status_code == 200, f"GET /jobs/{job_id}: {response.status_code} {response.text}"
+        job = response.json()
         if job["status"] in until:
             return job
         time.sleep(0.2)

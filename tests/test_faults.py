@@ -260,6 +260,7 @@ def test_jobs_are_visible_only_to_the_token_that_made_them(service):
     error(service.post(f"/jobs/{job['id']}/cancel", headers=bob), 404, "NOT_FOUND")
     assert job["id"] not in [j["id"] for j in service.get("/jobs", headers=bob).json()["jobs"]]
     error(service.get(f"/jobs/{job['id']}"), 404, "NOT_FOUND")  # no token is not a wildcard
+    assert job["id"] not in [j["id"] for j in service.get("/jobs", params={"limit": 500}).json()["jobs"]]
     done = wait(service, job["id"], headers=alice)
     assert done["status"] == "completed"  # bob's cancel touched nothing
     assert job["id"] in [j["id"] for j in service.get("/jobs", headers=alice).json()["jobs"]]

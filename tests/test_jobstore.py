@@ -13,7 +13,7 @@ import pytest
 from deployments.support.errors import InvalidInput, QueueFull
 from graphs.jobs.redis_store import RedisJobStore
 from graphs.jobs.sqlite_store import SQLiteJobStore
-from graphs.jobs.store import Job, new_job_id
+from graphs.jobs.store import ANONYMOUS, Job, new_job_id
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -523,6 +523,10 @@ def test_an_idempotency_key_whose_job_vanished_is_free_again(redis_url):
     assert created and again.id != first.id  # not a 422 for a body that differs from a job nobody has
 
 
+def ids(listing: tuple[list[Job], int]) -> tuple[list[str], int]:
+    return [j.id for j in listing[0]], listing[1]
+
+
 def test_listings_by_owner_page_through_that_owners_jobs_alone(store):
     mine = [store.create(job(owner="me"))[0] for _ in range(5)]
     theirs = store.create(job(owner="them"))[0]
@@ -533,18 +537,32 @@ def test_listings_by_owner_page_through_that_owners_jobs_alone(store):
     assert total == 4 and [j.id for j in queued] == [j.id for j in reversed(mine[1:])]
     assert [j.id for j in store.list_jobs(owner="them")[0]] == [theirs.id]
     assert store.list_jobs(status="processing", owner="them") == ([], 0)
+    nobodys = store.create(job())[0]  # made without a token: listed to the tokenless alone
+    assert ids(store.list_jobs(owner=ANONYMOUS)) == ([nobodys.id], 1)
+    assert ids(store.list_jobs(status="queued", owner=ANONYMOUS)) == ([nobodys.id], 1)
+    assert store.list_jobs()[1] == 7  # None: everyone's
 
 
-def test_a_redis_store_from_before_the_owner_index_is_indexed_once(redis_url):
+@pytest.mark.parametrize("version", ["none", "tokens only"])
+def test_a_redis_store_from_before_the_owner_index_is_indexed_once(redis_url, version):
     store = RedisJobStore(redis_url, prefix=f"t{uuid.uuid4().hex[:8]}")
     old = [store.create(job(owner="me"))[0] for _ in range(3)]
-    store.redis.delete(store._key("owner", "me"), store._key("owners-indexed"))  # as an older version left them
+    nobodys = store.create(job())[0]
+    # as an older version left them: no index at all, or one of the tokens' jobs alone
+    store.redis.delete(store._key("owner", ANONYMOUS), store._key("owners-indexed:2"))
+    if version == "none":
+        store.redis.delete(store._key("owner", "me"))
+    else:
+        store.redis.set(store._key("owners-indexed"), "1")
     fresh = RedisJobStore(_url(store), prefix=store.prefix)
     page, total = fresh.list_jobs(owner="me")
     assert total == 3 and [j.id for j in page] == [j.id for j in reversed(old)]
+    assert ids(fresh.list_jobs(owner=ANONYMOUS)) == ([nobodys.id], 1)
+    assert not fresh.redis.exists(fresh._key("owners-indexed"))
     time.sleep(0.01)
-    for created in old:
+    for created in [*old, nobodys]:
         fresh.cancel(created.id)
     time.sleep(0.05)
     fresh.purge(0.01)
     assert fresh.list_jobs(owner="me") == ([], 0) and not fresh.redis.exists(fresh._key("owner", "me"))
+    assert not fresh.redis.exists(fresh._key("owner", ANONYMOUS))

@@ -24,6 +24,7 @@ from deployments.support.errors import Unauthorized
 from deployments.support.settings import Settings, current
 from graphs.api import errors, ratelimit
 from graphs.api.errors import DOCUMENTED, ErrorBody, error_response
+from graphs.jobs.store import ANONYMOUS
 
 logger = logging.getLogger(__name__)
 
@@ -412,5 +413,13 @@ def token_owner(authorization: str | None) -> str | None:
         return None
     canonical = f"{scheme} {token}" if token else scheme
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def listing_owner(authorization: str | None, settings: Settings) -> str | None:
+    """Whose jobs a caller lists: with ``jobs_per_token``, its token's, or without a token the jobs made without
+    one (``ANONYMOUS``: no token is not a wildcard); otherwise everyone's (None)."""
+    if not settings.jobs_per_token:
+        return None
+    return token_owner(authorization) or ANONYMOUS
 
 

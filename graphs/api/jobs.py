@@ -29,7 +29,7 @@ from deployments.support.settings import Settings
 from graphs.api.body import JSONBodyRoute
 from graphs.api.checkpoints import CheckpointChoice
 from graphs.api.control_fields import control_units
-from graphs.api.edge import token_owner
+from graphs.api.edge import listing_owner, token_owner
 from graphs.api.errors import documented
 from graphs.api.fields import image_field
 from graphs.jobs import events
@@ -290,7 +290,7 @@ class JobRoutes(CheckpointChoice):
                                                                   "cancelled"] | None = None,
                         offset: int = Query(0, ge=0, le=MAX_OFFSET), limit: int = Query(50, ge=1, le=500)) -> dict:
         """Jobs, newest first, optionally by status (paginated)."""
-        owner = self._owner(request) if self.settings.jobs_per_token else None
+        owner = listing_owner(request.headers.get("authorization"), self.settings)
         jobs, total = await asyncio.to_thread(self.jobs.list_jobs, status, owner, offset, limit)
         summaries = [{"id": j.id, "type": j.type, "status": j.status, "createdAt": _iso(j.created_at),
                       "progress": round(j.progress)} for j in jobs]

@@ -14,6 +14,7 @@ from typing import Any
 
 from deployments.support.errors import InvalidInput, QueueFull
 from graphs.jobs.store import (
+    ANONYMOUS,
     EVENTS_KEPT,
     PRIORITIES,
     RETRYABLE,
@@ -92,7 +93,7 @@ redis.call('HSET', key, 'seq', seq, 'status', 'queued', 'body_hash', digest, 'id
 redis.call('ZADD', p .. ':queued', prio * 1e13 + seq, id)
 redis.call('ZADD', p .. ':all', seq, id)
 redis.call('ZADD', p .. ':status:queued', seq, id)
-if (fields['owner'] or '') ~= '' then redis.call('ZADD', p .. ':owner:' .. fields['owner'], seq, id) end
+redis.call('ZADD', p .. ':owner:' .. (fields['owner'] or ''), seq, id)  -- '': made without a token
 if idem ~= '' then redis.call('SET', p .. ':idem:' .. idem, id) end
 local queued_event = cjson.decode(ARGV[9])
 queued_event['position'] = redis.call('ZRANK', p .. ':queued', id) + 1
@@ -264,17 +265,19 @@ if retry_in == '' then return redis.call('ZREM', p .. ':deliveries', id) end
 return redis.call('ZADD', p .. ':deliveries', 'XX', server_now() + tonumber(retry_in), id)
 """
 
-# Each owner's jobs by age (a token's, for JOBS_PER_TOKEN listings), built once from the jobs a store holds from
-# before there was such an index; later, the create script adds to it and the purge takes from it.
+# Each owner's jobs by age (a token's, or ':owner:' those made without one, for JOBS_PER_TOKEN listings), built
+# once from the jobs a store holds from before there was such an index (or before it held the tokenless jobs);
+# later, the create script adds to it and the purge takes from it.
 _LUA_INDEX_OWNERS = """
 local p = ARGV[1]
-if redis.call('EXISTS', p .. ':owners-indexed') == 1 then return 0 end
+if redis.call('EXISTS', p .. ':owners-indexed:2') == 1 then return 0 end
 local all = redis.call('ZRANGE', p .. ':all', 0, -1, 'WITHSCORES')
 for i = 1, #all, 2 do
   local owner = redis.call('HGET', p .. ':job:' .. all[i], 'owner')
-  if owner and owner ~= '' then redis.call('ZADD', p .. ':owner:' .. owner, all[i + 1], all[i]) end
+  if owner then redis.call('ZADD', p .. ':owner:' .. owner, all[i + 1], all[i]) end
 end
-redis.call('SET', p .. ':owners-indexed', '1')
+redis.call('SET', p .. ':owners-indexed:2', '1')
+redis.call('DEL', p .. ':owners-indexed')
 return 1
 """
 
@@ -426,8 +429,8 @@ class RedisJobStore:
             pipe = self.redis.pipeline()
             pipe.zrem(self._key("done"), job_id)
             pipe.zrem(self._key("deliveries"), job_id)
-            if job is not None and job.owner:
-                pipe.zrem(self._key("owner", job.owner), job_id)
+            if job is not None:
+                pipe.zrem(self._key("owner", job.owner or ANONYMOUS), job_id)
             pipe.zrem(self._key("all"), job_id)
             for status in STATUSES:
                 pipe.zrem(self._key("status", status), job_id)

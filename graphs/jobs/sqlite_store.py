@@ -174,8 +174,8 @@ class SQLiteJobStore:
         if status:
             where.append("status = ?")
             args.append(status)
-        if owner is not None:
-            where.append("owner = ?")
+        if owner is not None:  # ANONYMOUS ("") is the jobs without an owner
+            where.append("COALESCE(owner, '') = ?")
             args.append(owner)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         db = self._db()

@@ -94,6 +94,9 @@ def new_job_id() -> str:
     return f"job_{int(time.time() * 1000)}_{uuid.uuid4().hex[:9]}"
 
 
+ANONYMOUS = ""  # ``list_jobs``'s owner for the jobs made without a token (``Job.owner`` None)
+
+
 def idempotency_scope(owner: str | None, key: str) -> str:
     """An Idempotency-Key belongs to whoever sent it: the same key from another token is another key (a key is
     visible ASCII, so the space keeps the two parts apart)."""
@@ -122,7 +125,9 @@ class JobStore(Protocol):
     def get(self, job_id: str) -> Job | None: ...
 
     def list_jobs(self, status: str | None = None, owner: str | None = None, offset: int = 0,
-                  limit: int = 50) -> tuple[list[Job], int]: ...
+                  limit: int = 50) -> tuple[list[Job], int]:
+        """A page of jobs, newest first; ``owner`` None: everyone's, ``ANONYMOUS``: those made without a token."""
+        ...
 
     def claim(self, worker: str, lease_s: float) -> Job | None:
         """The next queued (or lease-expired) job, now processing under ``worker``'s lease."""
