@@ -286,8 +286,9 @@ class BaseGenerator:
         partial.watch(pipe.scheduler)
 
         def on_step_end(pipe, step, _timestep, callback_kwargs):
-            # A second-order sampler (Heun, DPM2, DPM++ SDE) calls this twice a step but once on the last.
-            at = done[0] + step // getattr(pipe.scheduler, "order", 1) + 1
+            # A second-order sampler (Heun, DPM2, DPM++ SDE) calls this twice a step but once on the last; PLMS (PNDM)
+            # once more than its steps (its first timestep twice, to start its multistep history).
+            at = min(done[0] + step // getattr(pipe.scheduler, "order", 1) + 1, total_steps)
             cancelled = self.cancellation.advance(items, at, total_steps)
             if all(cancelled):
                 raise GenerationCancelled(f"batch of {len(items)} cancelled at step {at}/{total_steps}")

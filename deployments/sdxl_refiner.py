@@ -221,7 +221,8 @@ class Refiner:
         partial = Partial(self.cancellation, items, counts, stopped)
 
         def on_step_end(pipe, step, _timestep, callback_kwargs):
-            at = step // getattr(pipe.scheduler, "order", 1) + 1  # a second-order sampler calls twice a step
+            # A second-order sampler calls this twice a step; PLMS once more than its steps (as in the base).
+            at = min(step // getattr(pipe.scheduler, "order", 1) + 1, total)
             cancelled = self.cancellation.advance(items, at, total)
             if all(cancelled):
                 raise GenerationCancelled(f"batch of {len(items)} cancelled at step {at}/{total}")

@@ -18,6 +18,13 @@ def pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.int16)
 
 
+def centre_square(size: int = 64) -> Image.Image:
+    """An inpainting mask repainting the centre square (white), half the side, keeping the border (black)."""
+    mask = Image.new("L", (size, size), 0)
+    mask.paste(255, (size // 4, size // 4, size * 3 // 4, size * 3 // 4))
+    return mask
+
+
 def gaussian64(x: np.ndarray, sigma: float, taps: int) -> np.ndarray:
     """OpenCV's GaussianBlur written out in float64: a separable kernel ``taps`` wide (OpenCV's choice: round(6 sigma
     + 1) | 1 for an 8-bit image, round(8 sigma + 1) | 1 for a float one), borders reflected without repeating the

@@ -21,7 +21,7 @@ from deployments.support.prompts import (
     read,
     subprompts,
 )
-from tests.helpers import pixels
+from tests.helpers import centre_square, pixels
 
 # --- the split -----------------------------------------------------------------------------------------------------
 
@@ -283,9 +283,7 @@ def test_image_to_image_and_inpainting_compose_too(base, mode):
 
     init = {"init_image": Image.new("RGB", (64, 64), (90, 140, 200)), "strength": 0.75}
     if mode == "inpaint":
-        mask = Image.new("L", (64, 64), 0)
-        mask.paste(255, (16, 16, 48, 48))
-        init["mask"] = mask
+        init["mask"] = centre_square()
     cat = image(base, **init)
     assert np.abs(image(base, prompt="a cat :0.5 AND a cat :0.5", **init) - cat).max() <= ROUNDING
     assert np.abs(image(base, prompt="a cat AND a dog", **init) - cat).mean() > SEEN / 4

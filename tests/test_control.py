@@ -15,7 +15,7 @@ from deployments.support.control import MAX_MAP_PIXELS, ControlUnit, at_resoluti
 from deployments.support.control_maps import frame_map
 from deployments.support.errors import InvalidInput, UnknownModel
 from deployments.support.generation import GenerationRequest
-from tests.helpers import pixels
+from tests.helpers import centre_square, pixels
 
 SMALL = dict(prompt="a lighthouse", width=64, height=64, steps=4, guidance_scale=5.0, seed=5)
 
@@ -100,9 +100,7 @@ def test_img2img_unit_without_image_uses_the_init_image(base, astronaut):
 
 def test_inpainting_with_a_unit_keeps_the_unmasked_pixels(base, astronaut):
     init = astronaut.resize((64, 64))
-    mask = Image.new("L", (64, 64), 0)
-    mask.paste(255, (16, 16, 48, 48))
-    edit = dict(init_image=init, mask=mask, mask_blur=0, strength=0.9)
+    edit = dict(init_image=init, mask=centre_square(), mask_blur=0, strength=0.9)
     plain, controlled = gen(base, **edit), gen(base, **edit, control=[unit(astronaut)])
     assert np.abs(controlled[16:48, 16:48] - plain[16:48, 16:48]).mean() > 1.0
     assert np.array_equal(controlled[:8], pixels(init)[:8])

@@ -18,7 +18,7 @@ from deployments.support.control import ControlUnit
 from deployments.support.fastpath import decode
 from deployments.support.generation import BatchItem, GenerationRequest, LatentHires
 from deployments.support.samplers import build_scheduler
-from tests.helpers import b64, decode_b64, pixels
+from tests.helpers import b64, centre_square, decode_b64, pixels
 
 # Euler: the pipelines draw nothing from the generators after the start, so a hand-driven call compares exactly.
 SMALL = dict(prompt="a lighthouse", width=64, height=64, steps=2, guidance_scale=5.0, seed=5, sampler="Euler")
@@ -46,10 +46,7 @@ def photo(astronaut) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def square() -> Image.Image:
-    """A mask repainting the centre square (white), keeping the border."""
-    mask = Image.new("L", (64, 64), 0)
-    mask.paste(255, (16, 16, 48, 48))
-    return mask
+    return centre_square()
 
 
 def run(generator, **kw):

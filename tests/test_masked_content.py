@@ -16,7 +16,7 @@ from PIL import Image, ImageFilter, ImageOps
 from deployments.support import inpainting
 from deployments.support.generation import GenerationRequest
 from deployments.support.samplers import build_scheduler
-from tests.helpers import pixels
+from tests.helpers import centre_square, pixels
 
 INPAINT, PLAIN = "tiny-inpaint", "tiny-plain"
 # Euler at 4 steps and strength 0.75 runs 3 of them, from the second sigma: nothing is drawn after the start.
@@ -41,10 +41,7 @@ def photo(astronaut) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def square() -> Image.Image:
-    """The centre square repainted (white), the border kept."""
-    mask = Image.new("L", (64, 64), 0)
-    mask.paste(255, (16, 16, 48, 48))
-    return mask
+    return centre_square()
 
 
 def request(**kw) -> GenerationRequest:

@@ -108,6 +108,16 @@ def stop(runner) -> None:
         loop.cancel()
 
 
+async def run_once(runner) -> tuple[Job, list]:
+    """One small text-to-image job through ``runner``, which is stopped after: the job as it ended, and its events."""
+    try:
+        job = Job(id=new_job_id(), type="text2img", request={"prompt": "x", "width": 64, "height": 64, "steps": 2})
+        runner.store.create(job)
+        return await finished(runner, job.id), runner.store.events(job.id)
+    finally:
+        stop(runner)
+
+
 def job_log(caplog, job_id: str) -> list[tuple[str, str]]:
     """The runner's lines about one job: (level, message)."""
     return [(r.levelname, r.getMessage()) for r in caplog.records
@@ -209,13 +219,7 @@ async def test_a_store_that_refuses_saves_costs_retries_then_attempts_not_the_jo
     runner_env.setenv("JOB_SAVE_BACKOFF_SECONDS", "0.01")
     runner = start_runner(base, upscaler)
     runner.results = flaky = RefusedSaves(runner.results, refusals)
-    try:
-        job = Job(id=new_job_id(), type="text2img", request={"prompt": "x", "width": 64, "height": 64, "steps": 2})
-        runner.store.create(job)
-        done = await finished(runner, job.id)
-        log = runner.store.events(job.id)
-    finally:
-        stop(runner)
+    done, log = await run_once(runner)
     assert done.status == outcome and done.attempts == attempts, done.error
     assert flaky.saves == min(refusals + 1, 4 * attempts)
     assert sum(1 for e in log if e.event == "queued" and e.data.get("requeued")) == attempts - 1
@@ -293,13 +297,7 @@ async def test_a_job_whose_replica_died_goes_back_to_the_queue(base, upscaler, r
     runner_env.setenv("JOB_TIMEOUT", "600000")
     runner = JobRunner.func_or_class(LocalHandle(DyingBaseShell(base, deaths)), None, LocalHandle(upscaler), None,
                                      None)
-    try:
-        job = Job(id=new_job_id(), type="text2img", request={"prompt": "x", "width": 64, "height": 64, "steps": 2})
-        runner.store.create(job)
-        done = await finished(runner, job.id)
-        log = runner.store.events(job.id)
-    finally:
-        stop(runner)
+    done, log = await run_once(runner)
     assert done.status == outcome, done.error
     started = [e.data["attempt"] for e in log if e.event == "started"]
     assert started == list(range(1, min(deaths + 1, 3) + 1))

@@ -573,8 +573,8 @@ class A1111Routes(CheckpointChoice):
             jobs, _ = await asyncio.to_thread(self.jobs.list_jobs, "processing", owner, 0, 1)
             if jobs:
                 running, job_name = jobs[0].run_id, jobs[0].id
-                current = await self._board("progress", running)
-                step, total = current or (0, 0)
+                reported = await self._board("progress", running)
+                step, total = reported or (0, 0)
                 fraction = min(1.0, jobs[0].progress / 100)
                 elapsed = time.time() - (jobs[0].started_at or time.time())
         eta = elapsed / fraction - elapsed if fraction else 0.0

@@ -218,7 +218,7 @@ class JobRunner:
             # A board or store hiccup costs this round, never the lease: a keeper that stopped would let another
             # runner claim the job while it still runs here.
             progress = await self._quietly(self._board("progress", job.run_id))
-            percent = 100.0 * progress[0] / progress[1] if progress else None
+            percent = min(100.0, 100.0 * progress[0] / progress[1]) if progress else None
             if percent is not None and job.type == "batch-sizes":
                 percent = min(percent, 99.0)
             keep = await self._quietly(asyncio.to_thread(self.store.heartbeat, job.id, worker, lease, percent),
