@@ -32,9 +32,9 @@ lint: install
 # cluster of their own (a process that ran the graph in-process cannot pickle the app for a real cluster), then
 # the two-node cluster (one driver connection per process: it cannot join the single-node one).
 test: lint models
-	$(PY) -m pytest -q -m "not integration"
-	$(PY) -m pytest -q -m "integration and not nodes"
-	$(PY) -m pytest -q -m nodes
+	$(PY) -m pytest -q --durations=15 -m "not integration and not device_kit"
+	$(PY) -m pytest -q --durations=15 -m "integration and not nodes"
+	$(PY) -m pytest -q --durations=5 -m nodes
 
 demo: models
 	$(PY) -m graphs.demo
@@ -60,6 +60,7 @@ bench-gpu: install
 
 # What a GPU machine without a registry lacks, as one archive to carry (README: "Measuring on a GPU machine").
 device-kit: install
+	$(PY) -m pytest -q -m device_kit tests/test_fixtures.py
 	$(PY) -m tests.device_kit
 
 soak: models

@@ -295,10 +295,12 @@ def test_the_full_size_controlnet_is_the_base_unets_encoder():
     assert extra == {"controlnet_cond_embedding", "controlnet_down_blocks", "controlnet_mid_block"}
 
 
+@pytest.mark.device_kit
 def test_the_gpu_stage_benchmark_runs_every_stage_on_these_layouts(shrunk, tmp_path):
     """``tests/bench_gpu.py``'s GPU plan (every variant and stage) on the toy-width layouts, so that a lent GPU is
     never spent finding that the benchmark itself drifted from the serving classes; on a CPU the compile settings
-    run eagerly, and an attention kernel the CPU lacks falls back to one it has."""
+    run eagerly, and an attention kernel the CPU lacks falls back to one it has. A minute of CPU: ``make
+    device-kit`` runs it before it packs the kit, ``make test`` does not."""
     from tests import bench_gpu
 
     (shrunk / ".stamp").touch()  # every artefact is there: the benchmark builds nothing
