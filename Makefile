@@ -6,7 +6,7 @@ TINY_MODELS ?= $(HOME)/.cache/imagegen/tiny-models
 FULLSIZE_MODELS ?= $(HOME)/.cache/imagegen/fullsize-models
 export TINY_MODELS FULLSIZE_MODELS
 
-.PHONY: install models lint test demo bench bench-gpu device-kit fullsize soak clean
+.PHONY: install models lint test demo bench bench-gpu device-kit fullsize soak fuzz clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -65,6 +65,10 @@ device-kit: install
 
 soak: models
 	$(PY) -m tests.soak
+
+# The schema fuzzing of `make test` (tests/test_schema.py) with more examples of every operation (minutes).
+fuzz: models
+	SCHEMA_EXAMPLES=$${SCHEMA_EXAMPLES:-40} $(PY) -m pytest -q -m integration tests/test_schema.py
 
 clean:
 	rm -rf $(VENV) $(TINY_MODELS) $(FULLSIZE_MODELS)

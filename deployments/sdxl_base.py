@@ -27,7 +27,7 @@ from ray import serve
 from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
-from deployments.support import control, fastpath, inpainting, masking, model_free
+from deployments.support import colorfix, control, fastpath, inpainting, masking, model_free
 from deployments.support import device as devices
 from deployments.support.batching import Batcher, outcome, prepare
 from deployments.support.checkpoints import Catalog
@@ -412,6 +412,10 @@ class BaseGenerator:
         recolors = control.recolors(cut_units(recoloring, cut) if cut is not None else recoloring, init,
                                     *(request.hires.size if request.hires is not None else (request.width,
                                                                                            request.height)))
+        # The colour-fix units' control images, encoded for the correction of every UNet output (``colorfix``).
+        fixing = [u for u in framed if u.module in model_free.COLORFIX]
+        fixes = colorfix.fixes(pipe, fixing, [control.control_image(u, init, request.width, request.height)
+                                              for u in fixing])
         # The batch's stop bookkeeping holds its images and device latents: let go of them however it ends. Tiling
         # (batch_key: the whole batch or none of it) holds for every decode too, those of stopped items included.
         second = pipes.inpaint if nine else pipes.img2img  # a latent hires fix's second pass
@@ -424,7 +428,7 @@ class BaseGenerator:
                     if any(c is not None and c.reshapes for c in (scheduled[0], hires_texts)) else nullcontext())
         try:
             with circular(*tiled.values(), enabled=request.tiling), composed, \
-                    steering(pipe, control.active(units)), \
+                    steering(pipe, control.active(units)), colorfix.fixing(pipe, fixes), \
                     noised(pipe, edit, pure=mode == "inpaint" and request.strength == 1.0), \
                     inpainting.repainting(pipe, repaint), \
                     inpainting.from_the_image(pipe, enabled=nine and mode == "img2img"):

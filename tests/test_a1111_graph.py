@@ -1189,7 +1189,8 @@ def test_controlnet_routes(ingress, tiny):
                                       "lineart_standard", "lineart", "lineart_coarse", "lineart_anime", "openpose",
                                       "hed", "hed_safe", "pidinet", "pidinet_safe", "scribble_hed", "pidinet_scribble",
                                       "mlsd", "threshold", "scribble_xdog", "blur_gaussian", "tile_resample",
-                                      "recolor_luminance", "recolor_intensity", "shuffle", "color"]
+                                      "recolor_luminance", "recolor_intensity", "shuffle", "color",
+                                      "tile_colorfix", "tile_colorfix+sharp"]
     labels = ingress.controlnet_module_list.remote(alias_names=True).result()  # the extension's labels
     assert labels["module_list"][2:4] == ["invert (from white bg & black line)", "depth_midas"]
     assert [s["value"] for s in labels["module_detail"]["depth_midas"]["sliders"]] == [512]

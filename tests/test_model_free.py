@@ -288,7 +288,7 @@ def test_module_list_details_each_modules_sliders():
     keys = module_list({}, False)
     assert keys["module_list"] == ["none", "canny", "invert", "lineart_standard", "threshold", "scribble_xdog",
                                    "blur_gaussian", "tile_resample", "recolor_luminance", "recolor_intensity",
-                                   "shuffle", "color"]
+                                   "shuffle", "color", "tile_colorfix", "tile_colorfix+sharp"]
     detail = keys["module_detail"]
     resolution = {"name": "Preprocessor Resolution", "value": 512, "min": 64, "max": 2048, "step": 8}
     assert detail["threshold"]["sliders"] == [
@@ -302,7 +302,10 @@ def test_module_list_details_each_modules_sliders():
     assert [s["name"] for s in detail["scribble_xdog"]["sliders"]] == ["Preprocessor Resolution", "XDoG Threshold"]
     assert not any(d["model_free"] for d in detail.values())
     labels = module_list({}, True)
-    assert labels["module_list"][-1] == "t2ia_color_grid"
+    assert labels["module_list"][-3:] == ["t2ia_color_grid", "tile_colorfix", "tile_colorfix+sharp"]
+    assert detail["tile_colorfix+sharp"]["sliders"] == [
+        {"name": "Variation", "value": 8.0, "min": 3.0, "max": 32.0, "step": 1},
+        {"name": "Sharpness", "value": 1.0, "min": 0.0, "max": 2.0, "step": 0.01}]
     assert labels["module_detail"]["t2ia_color_grid"] == detail["color"]
     # Every module has its row, and the unit's Literal names every module.
     assert set(PREPROCESSORS) == set(SLIDERS) == set(get_args(Preprocessor))

@@ -9,6 +9,8 @@ coverage phase sends about 70 valid bodies each to ``/generate`` and A1111's ``t
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import schemathesis
 from schemathesis import GenerationMode
@@ -19,7 +21,7 @@ from tests.conftest import BUCKET
 from tests.helpers import drain
 
 pytestmark = pytest.mark.integration
-EXAMPLES = 8
+EXAMPLES = int(os.environ.get("SCHEMA_EXAMPLES", "8"))  # per operation and mode; `make fuzz` asks for more
 DEADLINE = 1.5  # seconds: long enough for the small valid requests to answer 200 and meet the response schema
 SMALL = 256 * 256 * 8  # pixels x steps: more than this would only meet DEADLINE on the tiny models
 SHORT = 0.3  # the deadline of such a request

@@ -44,7 +44,8 @@ Preprocessor = Literal["none", "canny", "invert", "depth_midas", "depth_anything
                        "lineart_standard", "lineart_realistic", "lineart_coarse", "lineart_anime", "openpose",
                        "softedge_hed", "softedge_hedsafe", "softedge_pidinet", "softedge_pidisafe", "scribble_hed",
                        "scribble_pidinet", "mlsd", "threshold", "scribble_xdog", "blur_gaussian", "tile_resample",
-                       "recolor_luminance", "recolor_intensity", "shuffle", "t2ia_color_grid"]
+                       "recolor_luminance", "recolor_intensity", "shuffle", "t2ia_color_grid", "tile_colorfix",
+                       "tile_colorfix+sharp"]
 # A preprocessor's model (a depth estimator, a line-art network, the pose network, an edge network, M-LSD's): an
 # image at the processor resolution (and for mlsd its two thresholds) -> its map.
 Mapper = Callable[..., Image.Image]
@@ -92,6 +93,8 @@ SLIDERS: dict[str, tuple[Slider | None, Slider | None, Slider | None]] = {
     "recolor_intensity": (None, Slider("Gamma Correction", 1.0, 0.1, 2.0, 0.001), None),
     "shuffle": (_resolution((model_free.SHUFFLE_RES,) * 3), None, None),
     "t2ia_color_grid": (RESOLUTION, None, None),
+    "tile_colorfix": (None, Slider("Variation", 8.0, 3.0, 32.0), None),
+    "tile_colorfix+sharp": (None, Slider("Variation", 8.0, 3.0, 32.0), Slider("Sharpness", 1.0, 0.0, 2.0, 0.01)),
     **{m: (_resolution(mlsd.MLSD_RES), Slider("MLSD Value Threshold", *mlsd.VALUE_THRESHOLD, 0.01),
            Slider("MLSD Distance Threshold", *mlsd.DISTANCE_THRESHOLD, 0.01)) for m in mlsd.MLSD_MODULES},
 }
@@ -179,7 +182,8 @@ class ControlUnit(BaseModel):
                                  "configured network finds), and the model-free threshold, "
                                  "scribble_xdog, blur_gaussian, tile_resample, recolor_luminance, recolor_intensity "
                                  "(whose map goes back into the finished images too: ``recolors``), shuffle, "
-                                 "t2ia_color_grid (``model_free``)")
+                                 "t2ia_color_grid (``model_free``), tile_colorfix, tile_colorfix+sharp (the image "
+                                 "as it is, and its colours kept through the sampling: ``colorfix``)")
     conditioning_scale: float = Field(1.0, ge=0.0, le=2.0, description="A1111's weight: the residuals' scale")
     guidance_start: float = Field(0.0, ge=0.0, le=1.0, description="the fraction of the steps where it starts")
     guidance_end: float = Field(1.0, ge=0.0, le=1.0, description="the fraction of the steps where it stops")

@@ -33,9 +33,8 @@ A recolor unit's map does more than guide: the extension puts it back into every
 Lab lightness (luminance) or HSV value (intensity) becomes the map's grey; there the image is converted as RGB, as it
 is (the map's lightness was read as BGR).
 
-The extension's ``tile_colorfix`` and ``tile_colorfix+sharp`` are not here: their map is the image itself, and
-their effect is a correction of every sampling step's predicted image (its blurred latent swapped for the control
-image's), not a preprocessor's map.
+- ``tile_colorfix``, ``tile_colorfix+sharp``: the image as it is; what they do is a correction of every sampling
+  step's predicted image (its blurred latents swapped for the control image's), ``colorfix``'s, in the base.
 
 This module is imported by the ingress (its names): OpenCV is imported where used.
 """
@@ -47,8 +46,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+COLORFIX = ("tile_colorfix", "tile_colorfix+sharp")  # the image as their map; ``colorfix`` is what they do
 MODULES = ("threshold", "scribble_xdog", "blur_gaussian", "tile_resample", "recolor_luminance", "recolor_intensity",
-           "shuffle", "t2ia_color_grid")
+           "shuffle", "t2ia_color_grid", *COLORFIX)
 # The modules whose map is made of the image at processor_res (``control.at_resolution``); t2ia_color_grid resizes
 # on its own terms and the others work at the image's size.
 AT_RESOLUTION = ("threshold", "scribble_xdog", "blur_gaussian", "shuffle")
@@ -82,6 +82,8 @@ def make(module: str, rgb: np.ndarray, resolution: int, a: float, seed: int = 0)
         return shuffle(rgb, np.random.RandomState(seed))
     if module == "t2ia_color_grid":
         return color_grid(rgb, resolution)
+    if module in COLORFIX:
+        return rgb
     raise ValueError(f"{module!r} is not a model-free module here ({', '.join(MODULES)})")
 
 

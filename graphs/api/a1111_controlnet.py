@@ -9,13 +9,15 @@ line-art, pose, soft-edge and M-LSD modules whose model the base has: ``depth_mi
 refused), ``softedge_hed`` (or ``hed``), ``softedge_hedsafe`` (``hed_safe``), ``softedge_pidinet`` (``pidinet``),
 ``softedge_pidisafe`` (``pidinet_safe``), ``scribble_hed`` (``fake_scribble``), ``scribble_pidinet``
 (``pidinet_scribble``), ``mlsd``, and the model-free ``threshold``, ``scribble_xdog``, ``blur_gaussian``,
-``tile_resample``, ``recolor_luminance``, ``recolor_intensity``, ``shuffle``, ``t2ia_color_grid`` (or ``color``); the
-extension's labels are taken too). Its ``processor_res``, ``threshold_a`` and ``threshold_b`` are read as each
-module's sliders (``control.SLIDERS``), reset as the extension resets them. ``control_mode`` and
-``pixel_perfect`` run as the extension runs them (``deployments/support/injection.py``, ``control.resolution``), and
-a recolor unit's map goes back into the finished images as the extension's post-processing puts it
-(``control.recolors``); a unit's ``mask``, which the extension draws with as the control image, is named in the
-answer's warnings and not applied; ``low_vram`` means nothing here. The routes are in ``graphs/api/controlnet.py``.
+``tile_resample``, ``recolor_luminance``, ``recolor_intensity``, ``shuffle``, ``t2ia_color_grid`` (or ``color``),
+``tile_colorfix`` and ``tile_colorfix+sharp``; the extension's labels are taken too). Its ``processor_res``,
+``threshold_a`` and ``threshold_b`` are read as each module's sliders (``control.SLIDERS``), reset as the extension
+resets them. ``control_mode`` and ``pixel_perfect`` run as the extension runs them
+(``deployments/support/injection.py``, ``control.resolution``); a recolor unit's map goes back into the finished
+images as the extension's post-processing puts it (``control.recolors``), and a colour-fix unit corrects every UNet
+output as the extension's hook does (``colorfix``); a unit's ``mask``, which the extension draws with as the control
+image, is named in the answer's warnings and not applied; ``low_vram`` means nothing here. The routes are in
+``graphs/api/controlnet.py``.
 """
 
 from __future__ import annotations

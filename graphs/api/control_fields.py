@@ -68,8 +68,10 @@ class ControlNetUnit(BaseModel):
                                        "threshold_a), recolor_luminance, recolor_intensity (its lightness or value "
                                        "in grey, gamma threshold_a; then the finished images' own, as the extension "
                                        "puts it back), shuffle (its pixels moved by a random flow drawn "
-                                       "from the request's seed), t2ia_color_grid (its colours in 64-pixel cells); "
-                                       "GET /models lists those offered")
+                                       "from the request's seed), t2ia_color_grid (its colours in 64-pixel cells), "
+                                       "tile_colorfix, tile_colorfix+sharp (the image as it is, for a tile "
+                                       "ControlNet, and every sampling step's colours pulled to its own, blurred "
+                                       "over threshold_a latents); GET /models lists those offered")
     scale: float = Field(1.0, ge=0.0, le=2.0, description="how strongly it guides (A1111's weight); 0: not at all")
     guidance_start: float = Field(0.0, ge=0.0, le=1.0, description="the fraction of the denoising steps where it "
                                   "starts guiding")
@@ -97,9 +99,11 @@ class ControlNetUnit(BaseModel):
                                       "/controlnet/module_list): canny's and mlsd's (see low_threshold), threshold's "
                                       "level (0 to 255; unset: 127), scribble_xdog's (1 to 64; 32), blur_gaussian's "
                                       "sigma (0.01 to 64; 9), tile_resample's down-sampling rate (1 to 8; 1), the "
-                                      "recolor modules' gamma (0.1 to 2; 1). Not read by a preprocessor without one")
+                                      "recolor modules' gamma (0.1 to 2; 1), the colour fix's variation (3 to 32; "
+                                      "8). Not read by a preprocessor without one")
     threshold_b: float | None = Field(None, ge=BOUNDS[2][0], le=BOUNDS[2][1], description="the preprocessor's "
-                                      "second slider (A1111's threshold_b): canny's and mlsd's (see high_threshold)")
+                                      "second slider (A1111's threshold_b): canny's and mlsd's (see high_threshold), "
+                                      "tile_colorfix+sharp's sharpness (0 to 2; 1)")
     control_mode: ControlMode = Field("balanced", description="balanced (the residuals at scale), prompt (A1111's "
                                       "'My prompt is more important': the deeper residuals weigh more, the "
                                       "shallower less) or control ('ControlNet is more important': the same "
