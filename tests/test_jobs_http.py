@@ -252,5 +252,8 @@ def test_a1111_progress_reports_a_running_job_with_a_preview(service):
     assert decode_b64(progress["current_image"]).size == (32, 32)  # 256 / 8: the latent grid
     skipped = service.get("/sdapi/v1/progress", params={"skip_current_image": True}).json()
     assert skipped["current_image"] is None
+    # another caller (a token) has no running job of its own: the tokenless job is not its progress
+    other = service.get("/sdapi/v1/progress", headers={"Authorization": "Bearer someone-else"}).json()
+    assert other["state"]["job"] == "" and other["progress"] == 0
     service.post(f"/jobs/{job['id']}/cancel")
     wait(service, job["id"])

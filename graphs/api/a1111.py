@@ -65,11 +65,11 @@ from graphs.api.a1111_sizes import FITS, crop_box, edit_inputs, hires_size
 from graphs.api.a1111_styles import PromptStyles
 from graphs.api.body import JSONBodyRoute, blobs, json_answer
 from graphs.api.checkpoints import CheckpointChoice
-from graphs.api.edge import client_address, listing_owner, token_owner
+from graphs.api.edge import client_address, token_owner
 from graphs.api.errors import call, documented, unwrap
 from graphs.api.fields import MAX_PROMPT, b64_png, image_bytes
 from graphs.jobs.cache import RequestCache
-from graphs.jobs.store import JobStore
+from graphs.jobs.store import ANONYMOUS, JobStore
 
 if TYPE_CHECKING:
     from graphs.app import AppArgs
@@ -569,7 +569,8 @@ class A1111Routes(CheckpointChoice):
             fraction = min(1.0, step / total) if total else 0.0
             elapsed = time.time() - flight.started
         else:
-            owner = listing_owner(http.headers.get("authorization"), current())
+            # The caller's own job, as the rest of its state is: its token's, or one made without a token.
+            owner = token_owner(http.headers.get("authorization")) or ANONYMOUS
             jobs, _ = await asyncio.to_thread(self.jobs.list_jobs, "processing", owner, 0, 1)
             if jobs:
                 running, job_name = jobs[0].run_id, jobs[0].id
