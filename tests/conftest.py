@@ -50,7 +50,10 @@ def base(tiny):
                            "depth_anything_v2": str(tiny / "depth-anything-v2"),
                            "lineart_realistic": str(tiny / "lineart" / "sk_model.safetensors"),
                            "lineart_anime": str(tiny / "lineart" / "netG.safetensors"),
-                           "openpose": str(tiny / "openpose"),  # a folder holding body_pose_model.safetensors
+                           # a folder holding body_pose_model.safetensors, hand_pose_model.safetensors and
+                           # facenet.safetensors: the five pose modules share its three networks
+                           **{m: str(tiny / "openpose") for m in ("openpose", "openpose_hand", "openpose_face",
+                                                                  "openpose_faceonly", "openpose_full")},
                            # one HED (a file, and the folder holding it: two sources, two networks), one PiDiNet
                            "softedge_hed": str(tiny / "softedge" / "ControlNetHED.safetensors"),
                            "scribble_hed": str(tiny / "softedge"),

@@ -1135,15 +1135,17 @@ def test_controlnet_units_are_refused_naming_their_field(ingress):
             code, status, f"alwayson_scripts.ControlNet.{field.replace('args[0]', 'args[1]')}"), unit
     units = refused(lambda: txt2img(ingress, alwayson_scripts=controlnet(*[good] * 5)))
     assert units.details["field"] == "alwayson_scripts.ControlNet.args"
-    # The extension's whole-body pose module needs hand and face models not served here: refused as an unknown module
-    # is, told which pose module is served.
-    choices = refused(lambda: txt2img(ingress, alwayson_scripts=controlnet({**good, "module": "openpose_full"})))
+    # The extension's DWPose whole-body module needs models not served here: refused as an unknown module is, told
+    # which pose modules are served.
+    choices = refused(lambda: txt2img(ingress, alwayson_scripts=controlnet({**good, "module": "dw_openpose_full"})))
     assert (choices.code, status_of(choices), choices.details["field"]) == (
         "UNKNOWN_MODEL", 422, "alwayson_scripts.ControlNet.args[0].module")
-    assert "the body-only openpose is the one served here" in choices.message
+    assert ("of its pose modules openpose, openpose_hand, openpose_face, openpose_faceonly, openpose_full are served "
+            "here" in choices.message)
     assert choices.details["choices"] == ["none", "canny", "invert", "depth_midas", "depth_anything",
                                           "depth_anything_v2", "lineart_standard", "lineart_realistic",
-                                          "lineart_coarse", "lineart_anime", "openpose", "softedge_hed",
+                                          "lineart_coarse", "lineart_anime", "openpose", "openpose_hand",
+                                          "openpose_face", "openpose_faceonly", "openpose_full", "softedge_hed",
                                           "softedge_hedsafe", "softedge_pidinet", "softedge_pidisafe", "scribble_hed",
                                           "scribble_pidinet", "mlsd", *MODEL_FREE]  # cpu.yaml has them all
 
@@ -1187,6 +1189,7 @@ def test_controlnet_routes(ingress, tiny):
     modules = ingress.controlnet_module_list.remote().result()
     assert modules["module_list"] == ["none", "canny", "invert", "depth", "depth_anything", "depth_anything_v2",
                                       "lineart_standard", "lineart", "lineart_coarse", "lineart_anime", "openpose",
+                                      "openpose_hand", "openpose_face", "openpose_faceonly", "openpose_full",
                                       "hed", "hed_safe", "pidinet", "pidinet_safe", "scribble_hed", "pidinet_scribble",
                                       "mlsd", "threshold", "scribble_xdog", "blur_gaussian", "tile_resample",
                                       "recolor_luminance", "recolor_intensity", "shuffle", "color",
@@ -1403,19 +1406,21 @@ def test_softedge_detect(ingress, tiny, astronaut):
 
 
 def test_openpose_detect(ingress, astronaut):
-    """/controlnet/detect makes an openpose map on the base replica at processor_res, the aspect kept (the tiny
-    network's random weights find no one: black); the extension's whole-body module is refused naming the field."""
+    """/controlnet/detect makes an openpose (and an openpose_full) map on the base replica at processor_res, the
+    aspect kept (the tiny body network's random weights find no one: black); the extension's DWPose module is refused
+    naming the field."""
     from graphs.api.controlnet import DetectRequest
 
-    detected = ingress.controlnet_detect.remote(DetectRequest(
-        controlnet_module="openpose", controlnet_input_images=[b64(astronaut.resize((128, 96)))],
-        controlnet_processor_res=64)).result()
-    made = decode_b64(detected["images"][0])
-    assert made.size == (85, 64) and made.mode == "RGB" and not pixels(made).any()
+    for module in ("openpose", "openpose_full"):
+        detected = ingress.controlnet_detect.remote(DetectRequest(
+            controlnet_module=module, controlnet_input_images=[b64(astronaut.resize((128, 96)))],
+            controlnet_processor_res=64)).result()
+        made = decode_b64(detected["images"][0])
+        assert made.size == (85, 64) and made.mode == "RGB" and not pixels(made).any()
     error = refused(lambda: ingress.controlnet_detect.remote(DetectRequest(
         controlnet_module="dw_openpose_full", controlnet_input_images=[b64(astronaut)])).result())
     assert (error.code, status_of(error), error.details["field"]) == ("UNKNOWN_MODEL", 422, "controlnet_module")
-    assert "the body-only openpose is the one served here" in error.message
+    assert "DWPose and animal pose models are not served here" in error.message
 
 
 def test_mlsd_detect(ingress, tiny, astronaut):

@@ -116,7 +116,8 @@ def test_a_depth_unit_guides_the_base_by_its_map(base, astronaut):
     assert np.array_equal(pixels(framed), pixels(expected))
     assert base.describe()["preprocessors"] == ["none", "canny", "invert", "depth_midas", "depth_anything_v2",
                                                 "lineart_standard", "lineart_realistic", "lineart_anime",
-                                                "openpose", "softedge_hed", "softedge_pidisafe", "scribble_hed",
+                                                "openpose", "openpose_hand", "openpose_face", "openpose_faceonly",
+                                                "openpose_full", "softedge_hed", "softedge_pidisafe", "scribble_hed",
                                                 "mlsd", *MODEL_FREE]
     assert {"preprocessor:depth_midas", "preprocessor:depth_anything_v2"} <= set(base.fingerprint())
 

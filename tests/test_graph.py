@@ -126,7 +126,8 @@ def test_a_controlnet_unit_guides_generate_and_get_models_lists_the_controlnets(
     assert listed["controlnets"] == ["tiny-canny"]
     assert listed["preprocessors"] == ["none", "canny", "invert", "depth_midas", "depth_anything", "depth_anything_v2",
                                        "lineart_standard", "lineart_realistic", "lineart_coarse", "lineart_anime",
-                                       "openpose", "softedge_hed", "softedge_hedsafe", "softedge_pidinet",
+                                       "openpose", "openpose_hand", "openpose_face", "openpose_faceonly",
+                                       "openpose_full", "softedge_hed", "softedge_hedsafe", "softedge_pidinet",
                                        "softedge_pidisafe", "scribble_hed", "scribble_pidinet", "mlsd", *MODEL_FREE]
 
 

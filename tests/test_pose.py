@@ -394,7 +394,7 @@ def test_an_openpose_unit_guides_the_base_by_its_map(base, astronaut, monkeypatc
     from deployments.support.generation import GenerationRequest
     from tests.helpers import pixels
 
-    assert set(base.controls.pose) == {"openpose"} and "openpose" in base.describe()["preprocessors"]
+    assert set(base.controls.pose) == set(pose.POSE_MODULES) and "openpose" in base.describe()["preprocessors"]
     assert "preprocessor:openpose" in base.fingerprint()
     given: list[dict] = []
     kwargs = base.controls.kwargs  # what the pipeline is called with: the control images among it
@@ -426,8 +426,8 @@ def test_an_openpose_unit_guides_the_base_by_its_map(base, astronaut, monkeypatc
 def test_openpose_by_the_extensions_names_and_the_pose_modules_not_served():
     """openpose (the extension's key and label) is offered where its network is configured, on every route, reading
     processor_res alone (64 to 2048, else 512 with a note; its slider steps by 8, as depth's) and pixel_perfect. The
-    extension's hand, face, DWPose and animal modules are refused as an unknown module is, naming the unit's field,
-    told that the body-only openpose is the one served (or that none is, where it is not configured)."""
+    extension's DWPose and animal modules are refused as an unknown module is, naming the unit's field, told which
+    pose modules are served (or that none is, where none is configured)."""
     from pydantic import ValidationError
 
     from deployments.support.config import SDXLBaseConfig
@@ -438,18 +438,18 @@ def test_openpose_by_the_extensions_names_and_the_pose_modules_not_served():
 
     served, unserved = offered({"openpose": "x", "depth_midas": "y"}), offered({"depth_midas": "y"})
     assert served == ["none", "canny", "invert", "depth_midas", "lineart_standard", "openpose", *model_free.MODULES]
-    assert "openpose" not in unserved
+    assert "openpose" not in unserved and pose.UNSERVED == ("dw_openpose_full", "animal_openpose")
     assert a1111_controlnet.module_of(" OpenPose", "m", served) == "openpose"
-    for name in (*pose.UNSERVED, "openpose"):
-        for modules, why in ((served, "the body-only openpose is the one served here"),
-                             (unserved, "only the body-only openpose is served, where its model is configured, and "
-                                        "none is here")):
+    for name in (*pose.UNSERVED, "openpose", "openpose_hand"):
+        for modules, why in ((served, "; of its pose modules openpose is served here)"),
+                             (unserved, "; none of its pose modules is configured here)")):
             if name == "openpose" and modules is served:
                 continue
             with pytest.raises(UnknownModel) as e:
                 a1111_controlnet.module_of(name, "controlnet_module", modules)
             assert (e.value.field, e.value.details["choices"]) == ("controlnet_module", modules)
             assert why in e.value.message and status_of(e.value) == 422
+            assert ("DWPose and animal pose models are not served here" in e.value.message) == (name in pose.UNSERVED)
     with pytest.raises(UnknownModel) as e:  # a module the extension has not: as before, no word of pose
         a1111_controlnet.module_of("depth_zoe", "m", served)
     assert "pose modules" not in e.value.message
@@ -468,9 +468,10 @@ def test_openpose_by_the_extensions_names_and_the_pose_modules_not_served():
                for n in a1111_controlnet.notes(request))
     full = Txt2ImgRequest(prompt="x", alwayson_scripts={"ControlNet": {"args": [
         units[1], {**units[1], "module": "openpose_full"}]}})
-    with pytest.raises(UnknownModel) as e:
+    with pytest.raises(UnknownModel) as e:  # served where configured: not here
         a1111_controlnet.control_units(full, {"tiny-canny": "x"}, edit=False, modules=served)
-    assert e.value.field == "alwayson_scripts.ControlNet.args[1].module" and "openpose_full" in e.value.message
+    assert e.value.field == "alwayson_scripts.ControlNet.args[1].module"
+    assert "openpose_full needs OpenPose's body, hand and face networks" in e.value.message
     native = [{"model": "tiny-canny", "image": image, "preprocessor": "openpose", "processor_res": 128,
                "pixel_perfect": True}]
     (unit,) = control_fields.control_units(native, ["tiny-canny"], edit=False, modules=served)
@@ -485,5 +486,5 @@ def test_openpose_by_the_extensions_names_and_the_pose_modules_not_served():
         assert listed["module_detail"]["openpose"]["sliders"] == [
             {"name": "Preprocessor Resolution", "value": 512, "min": 64, "max": 2048, "step": 8}]
     assert SDXLBaseConfig(model={"source": "x"}, preprocessors={"openpose": "y"}).preprocessors == {"openpose": "y"}
-    with pytest.raises(ValidationError, match="openpose_full"):
-        SDXLBaseConfig(model={"source": "x"}, preprocessors={"openpose_full": "y"})
+    with pytest.raises(ValidationError, match="dw_openpose_full"):
+        SDXLBaseConfig(model={"source": "x"}, preprocessors={"dw_openpose_full": "y"})

@@ -24,8 +24,10 @@ come in, so that tests and the CPU demo run the real loading and inference code 
     OUT_DIR/lineart/*.safetensors      the line-art networks as converted from lllyasviel/Annotators' releases
                                        (factory/lineart.py): sk_model (lineart_realistic), sk_model2 (lineart_coarse),
                                        netG (lineart_anime)
-    OUT_DIR/openpose/body_pose_model.safetensors   OpenPose's body network (openpose) as converted from the release's
-                                       body_pose_model.pth (factory/pose.py): its real size (209 MB), no toy one
+    OUT_DIR/openpose/                  OpenPose's networks as converted from the releases (factory/pose.py), at their
+                                       real sizes, no toy ones: body_pose_model.safetensors (the body, 209 MB: every
+                                       pose module), hand_pose_model.safetensors (147 MB: openpose_hand and _full),
+                                       facenet.safetensors (154 MB: openpose_face, _faceonly and _full)
     OUT_DIR/softedge/*.safetensors     the soft-edge networks as converted from lllyasviel/Annotators' releases
                                        (factory/softedge.py), at their real sizes: ControlNetHED (HED: softedge_hed,
                                        softedge_hedsafe, scribble_hed; 59 MB), table5_pidinet (PiDiNet: the pidi ones)

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from deployments.support import depth, lineart, mlsd, model_free, pose, softedge
+from deployments.support import depth, lineart, mlsd, model_free, pose, pose_parts, softedge
 from deployments.support.control_maps import frame_map
 from deployments.support.errors import InvalidInput, UnknownModel
 from deployments.support.imaging import Fit, to_rgb
@@ -42,7 +42,8 @@ PREPROCESSORS = ("none", "canny", "invert", *depth.DEPTH_MODULES, *lineart.LINEA
                  *softedge.SOFTEDGE_MODULES, *mlsd.MLSD_MODULES, *model_free.MODULES)
 Preprocessor = Literal["none", "canny", "invert", "depth_midas", "depth_anything", "depth_anything_v2",
                        "lineart_standard", "lineart_realistic", "lineart_coarse", "lineart_anime", "openpose",
-                       "softedge_hed", "softedge_hedsafe", "softedge_pidinet", "softedge_pidisafe", "scribble_hed",
+                       "openpose_hand", "openpose_face", "openpose_faceonly", "openpose_full", "softedge_hed",
+                       "softedge_hedsafe", "softedge_pidinet", "softedge_pidisafe", "scribble_hed",
                        "scribble_pidinet", "mlsd", "threshold", "scribble_xdog", "blur_gaussian", "tile_resample",
                        "recolor_luminance", "recolor_intensity", "shuffle", "t2ia_color_grid", "tile_colorfix",
                        "tile_colorfix+sharp"]
@@ -114,7 +115,7 @@ ControlMode = Literal["balanced", "prompt", "control"]
 KWARGS = ("control_image", "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
 # The preprocessors that run a model, and what each needs (the base's ``preprocessors`` configures it).
 MODELS = {**{m: "a depth model" for m in depth.DEPTH_MODULES}, **{m: "a line-art model" for m in lineart.MODEL_MODULES},
-          **{m: "OpenPose's body network" for m in pose.POSE_MODULES},
+          **{m: pose_parts.needs(m) for m in pose.POSE_MODULES},
           **{m: f"the {softedge.NETWORKS[softedge.ARCHITECTURES[m]]} network" for m in softedge.SOFTEDGE_MODULES},
           **{m: "M-LSD's line network" for m in mlsd.MLSD_MODULES}}
 # A map's largest size in pixels: one at the sliders' largest resolution (2048) twice as long as it is wide.
@@ -176,7 +177,10 @@ class ControlUnit(BaseModel):
                                  "depth_midas, depth_anything, depth_anything_v2 (a configured depth model's map), "
                                  "lineart_standard, lineart_realistic, lineart_coarse, lineart_anime (line art, the "
                                  "last three by a configured network), openpose (the bodies OpenPose's configured "
-                                 "body network finds), softedge_hed, softedge_hedsafe, softedge_pidinet, "
+                                 "body network finds), openpose_hand, openpose_face, openpose_full (with their "
+                                 "hands, faces, or both, by its configured hand and face networks), "
+                                 "openpose_faceonly (the faces alone), softedge_hed, softedge_hedsafe, "
+                                 "softedge_pidinet, "
                                  "softedge_pidisafe, scribble_hed, scribble_pidinet (soft edges or bold scribbles "
                                  "by a configured HED or PiDiNet network), mlsd (the straight lines M-LSD's "
                                  "configured network finds), and the model-free threshold, "

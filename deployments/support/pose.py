@@ -12,9 +12,10 @@ converted to safetensors as it is (``python -m deployments.weights.convert``), l
 as ``body_pose_model.safetensors``); a replica loads it once, at start (``load``, through ``loader.load_pose``), and
 the module is offered only then. CMU licenses these weights for non-commercial use only.
 
-The extension's other pose modules (``openpose_hand``, ``openpose_face``, ``openpose_faceonly``, ``openpose_full``,
-``dw_openpose_full``, ``animal_openpose``) need hand, face, DWPose or animal models that are not served here
-(``UNSERVED``): a unit naming one is refused.
+The extension's ``openpose_hand``, ``openpose_face``, ``openpose_faceonly`` and ``openpose_full`` modules add each
+person's hands and face, by CMU's hand and face networks, to these bodies (``pose_parts``); each is configured by
+name, to a folder holding the networks it runs. Its ``dw_openpose_full`` and ``animal_openpose`` need DWPose and
+animal models that are not served here (``UNSERVED``): a unit naming one is refused.
 
 The map, as the extension makes it (``PoseEstimator``):
 
@@ -62,12 +63,13 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-POSE_MODULES = ("openpose",)
-PoseModule = Literal["openpose"]
-# The extension's other pose modules (its keys, which are its labels too): their hand, face, DWPose and animal models
-# are not served here, so a unit naming one is refused, told which one is.
-UNSERVED = ("openpose_hand", "openpose_face", "openpose_faceonly", "openpose_full", "dw_openpose_full",
-            "animal_openpose")
+# The extension's OpenPose modules (its keys, which are its labels too): the body alone, and with the hands, the face,
+# the face alone (the body unseen), or all three (``pose_parts``).
+POSE_MODULES = ("openpose", "openpose_hand", "openpose_face", "openpose_faceonly", "openpose_full")
+PoseModule = Literal["openpose", "openpose_hand", "openpose_face", "openpose_faceonly", "openpose_full"]
+# Its other pose modules: their DWPose and animal models are not served here, so a unit naming one is refused, told
+# which ones are.
+UNSERVED = ("dw_openpose_full", "animal_openpose")
 # The extension's "Preprocessor Resolution" slider of its openpose modules: default, min, max.
 POSE_RES = (512, 64, 2048)
 FIELD = "preprocessors.openpose"
@@ -218,9 +220,13 @@ class PoseEstimator:
 
     def detect(self, rgb: np.ndarray) -> list[Body]:
         """Each person's keypoints in an RGB array, as fractions of its size."""
+        return [fractions_of(body, rgb.shape[0], rgb.shape[1]) for body in self.keypoints(rgb)]
+
+    def keypoints(self, rgb: np.ndarray) -> list[Body]:
+        """Each person's keypoints in an RGB array, in its pixels (what the hands and faces are found from)."""
         heatmaps, pafs = self.maps(np.ascontiguousarray(rgb[..., ::-1]))  # the network reads BGR
         parts = peaks(heatmaps)
-        return bodies(parts, people(parts, connections(parts, pafs, rgb.shape[0])), rgb.shape[0], rgb.shape[1])
+        return pixels(parts, people(parts, connections(parts, pafs, rgb.shape[0])))
 
     def maps(self, bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The heatmaps (H, W, 19) and PAFs (H, W, 38) of a BGR array at its size, float64, averaged over the
@@ -374,9 +380,19 @@ def people(parts: Sequence[np.ndarray], limbs: Sequence[np.ndarray | None]) -> n
 
 def bodies(parts: Sequence[np.ndarray], assembled: np.ndarray, height: int, width: int) -> list[Body]:
     """Each person's (``people``) 18 keypoints as fractions of the image's size, None where not found."""
+    return [fractions_of(body, height, width) for body in pixels(parts, assembled)]
+
+
+def pixels(parts: Sequence[np.ndarray], assembled: np.ndarray) -> list[Body]:
+    """Each person's (``people``) 18 keypoints in pixels, None where not found."""
     candidates = _candidates(parts)
-    return [[(float(candidates[i, 0] / float(width)), float(candidates[i, 1] / float(height))) if i != -1 else None
+    return [[(float(candidates[i, 0]), float(candidates[i, 1])) if i != -1 else None
              for i in row[:len(KEYPOINTS)].astype(int)] for row in assembled]
+
+
+def fractions_of(body: Body, height: int, width: int) -> Body:
+    """A body's keypoints in pixels as fractions of the image's size (in float64, as the extension divides them)."""
+    return [(point[0] / float(width), point[1] / float(height)) if point is not None else None for point in body]
 
 
 def _candidates(parts: Sequence[np.ndarray]) -> np.ndarray:
@@ -440,18 +456,33 @@ def from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Module:
 
 
 def load(sources: Mapping[str, str], device: torch.device,
-         settings: Settings | None = None) -> dict[str, PoseEstimator]:
-    """The configured pose module's estimator (``base.preprocessors``: module -> source), loaded once.
+         settings: Settings | None = None) -> dict[str, Any]:
+    """The configured pose modules' maps (``base.preprocessors``: module -> source), each network loaded once:
+    ``openpose``'s estimator (a file, or a folder holding it), and the other modules' ``pose_parts.WholePose`` (a
+    folder holding the networks each runs); modules naming the same source share its networks.
 
-    The network runs in float32 whatever the replica's dtype, as the extension runs it: its ``Body`` loads the
-    release's float32 weights, its ``OpenposeDetector`` moves them to the ControlNet device without a cast, and the
-    input is ``.float()``. The decoding thresholds the heatmaps (0.1) and the PAFs (0.05) and keeps the first of equal
-    scores, so half precision's rounding could add or drop a keypoint or a limb, and a replica's map would depend on
-    its dtype; the network is 52 M weights, 209 MB in float32."""
+    The networks run in float32 whatever the replica's dtype, as the extension runs them: its ``Body``, ``Hand`` and
+    ``Face`` load the releases' float32 weights, its ``OpenposeDetector`` moves them to the ControlNet device without
+    a cast, and the input is ``.float()``. The decoding thresholds the heatmaps (0.1) and the PAFs (0.05) and keeps
+    the first of equal scores, so half precision's rounding could add or drop a keypoint or a limb, and a replica's
+    map would depend on its dtype; the body network is 52 M weights, 209 MB in float32."""
     import torch
 
+    from deployments.support import pose_parts
     from deployments.weights import loader
 
-    return {module: PoseEstimator(loader.load_pose(source, settings), device, torch.float32)
-            for module, source in sources.items()}
+    made: dict[tuple[str, str], Any] = {}
 
+    def network(kind: str, module: str, source: str) -> Any:
+        if (kind, source) not in made:
+            model = loader.load_pose(source, settings, kind, module)
+            estimator = {"body": PoseEstimator, "hand": pose_parts.HandEstimator, "face": pose_parts.FaceEstimator}
+            made[kind, source] = estimator[kind](model, device, torch.float32)
+        return made[kind, source]
+
+    out: dict[str, Any] = {}
+    for module, source in sources.items():
+        found = {kind: network(kind, module, source) for kind in pose_parts.networks(module)}
+        out[module] = found["body"] if module == "openpose" else pose_parts.WholePose(
+            module, found["body"], found.get("hand"), found.get("face"))
+    return out

@@ -1,12 +1,12 @@
 """``python -m deployments.weights.convert IN OUT``: an official ``.pth`` release -> safetensors the loader takes.
 
-Real-ESRGAN, CodeFormer, GFPGAN and RetinaFace weights ship as pickles, as do ControlNet's line-art, pose, soft-edge
-and M-LSD preprocessors (lllyasviel/Annotators' sk_model.pth, sk_model2.pth, netG.pth, body_pose_model.pth,
-ControlNetHED.pth, table5_pidinet.pth, mlsd_large_512_fp32.pth), which the loader refuses because unpickling can run
-code. This reads them with PyTorch's restricted unpickler only (tensors, containers and primitives; anything else is
-refused, never retried unrestricted), unwraps the usual checkpoint dicts (``params_ema`` first), strips
-DataParallel's ``module.`` prefix, recognises the model, writes safetensors to a temporary name, loads that through
-the service's own loader, and only then renames it into place.
+Real-ESRGAN, CodeFormer, GFPGAN and RetinaFace weights ship as pickles, as do ControlNet's line-art, pose, soft-edge and
+M-LSD preprocessors (lllyasviel/Annotators' sk_model.pth, sk_model2.pth, netG.pth, body_pose_model.pth,
+hand_pose_model.pth, facenet.pth, ControlNetHED.pth, table5_pidinet.pth, mlsd_large_512_fp32.pth), which the loader
+refuses because unpickling can run code. This reads them with PyTorch's restricted unpickler only (tensors, containers
+and primitives; anything else is refused, never retried unrestricted), unwraps the usual checkpoint dicts
+(``params_ema`` first), strips DataParallel's ``module.`` prefix, recognises the model, writes safetensors to a
+temporary name, loads that through the service's own loader, and only then renames it into place.
 
 IN may be a directory: every ``.pth`` / ``.ckpt`` / ``.pt`` / ``.bin`` in it is converted into the OUT directory.
 Each converted file prints one line: path, architecture, purpose, scale and the SHA-256 of the written file.
@@ -122,7 +122,7 @@ def retinaface_network(state: dict[str, torch.Tensor]) -> str | None:
 def identify(state: dict[str, torch.Tensor], name: str, allow_unknown: bool = False) -> Identity:
     """What the state dict is: a RetinaFace detector, a ControlNet line-art network, OpenPose's body network, a
     soft-edge network (HED, PiDiNet) or M-LSD's large network by its keys, else whatever spandrel recognises."""
-    from deployments.support import lineart_nets, mlsd, pose, softedge_nets
+    from deployments.support import lineart_nets, mlsd, pose, pose_parts, softedge_nets
 
     network = retinaface_network(state)
     if network is not None:
@@ -132,6 +132,9 @@ def identify(state: dict[str, torch.Tensor], name: str, allow_unknown: bool = Fa
         return Identity(drawing, "preprocessor", None)
     if pose.recognise(state):  # body_pose_model.pth: every key of the release, each of its shape
         return Identity("openpose", "preprocessor", None)
+    for part in ("hand", "face"):  # hand_pose_model.pth, facenet.pth: the same
+        if pose_parts.recognise(part, state):
+            return Identity(f"openpose-{part}", "preprocessor", None)
     edges = softedge_nets.architecture(state)  # hed (ControlNetHED.pth) or pidinet (table5_pidinet.pth)
     if edges is not None:
         return Identity(edges, "preprocessor", None)
@@ -168,6 +171,8 @@ def verify(path: Path, identity: Identity) -> None:
 
     if identity.purpose == "preprocessor" and identity.architecture == "openpose":  # strict, as a replica loads it
         loader.load_pose(str(path))
+    elif identity.purpose == "preprocessor" and identity.architecture.startswith("openpose-"):  # hand, face: strict
+        loader.load_pose(str(path), network=identity.architecture.removeprefix("openpose-"))
     elif identity.purpose == "preprocessor" and identity.architecture in softedge.WEIGHTS:  # hed, pidinet: strict
         loader.load_softedge(str(path), next(m for m, kind in softedge.ARCHITECTURES.items()
                                              if kind == identity.architecture))

@@ -469,17 +469,31 @@ def load_lineart(source: str, module: str, settings: Settings | None = None):
     return net
 
 
-def load_pose(source: str, settings: Settings | None = None):
-    """Load the ControlNet ``openpose`` preprocessor's body network from safetensors (``python -m
-    deployments.weights.convert`` writes it from lllyasviel/Annotators' ``body_pose_model.pth``): a file, or a folder
-    holding ``body_pose_model.safetensors``. A file whose names and shapes are not exactly the release's is refused,
-    saying which (``details``: up to ten keys of each kind). Returns the network, float32 on the CPU."""
-    from deployments.support import pose
+def load_pose(source: str, settings: Settings | None = None, network: str = "body", module: str = "openpose"):
+    """Load one of OpenPose's networks for a ControlNet pose module from safetensors (``python -m
+    deployments.weights.convert`` writes them from lllyasviel/Annotators' ``body_pose_model.pth``,
+    ``hand_pose_model.pth`` and ``facenet.pth``): the ``body``, ``hand`` or ``face`` network, read from a folder by its
+    converted name (``body_pose_model.safetensors``, ``hand_pose_model.safetensors``, ``facenet.safetensors``), or
+    for ``openpose`` (which runs one network) from the file itself. A file whose names and shapes are not exactly the
+    release's is refused, saying which (``details``: up to ten keys of each kind), naming
+    ``preprocessors.<module>``. Returns the network, float32 on the CPU."""
+    from deployments.support import pose_parts
 
-    weights, state = _preprocessor_state(source, pose.FIELD, settings, pose.WEIGHTS)
-    _refuse_mismatches(weights, "OpenPose's body pose network", pose.mismatches(state), pose.FIELD)
-    model = pose.from_state_dict({key: value.float() for key, value in state.items()})
-    logger.info("openpose: the body pose network from %s (%.1f M weights)", weights,
+    field = f"preprocessors.{module}"
+    name = pose_parts.WEIGHTS[network]
+    try:
+        path = resolve(source, settings)
+    except ModelLoadError as e:  # named here: a missing or unreadable source says which preprocessor's it is
+        raise type(e)(e.message, field=field) from e
+    needs = pose_parts.networks(module)
+    if len(needs) > 1 and not path.is_dir():
+        raise ModelLoadError(f"{module} runs {' and '.join(pose_parts.TITLES[n] for n in needs)}: its source is a "
+                             f"folder holding {', '.join(pose_parts.WEIGHTS[n] for n in needs)}, not a file "
+                             f"({path.name})", field=field)
+    weights, state = _preprocessor_state(str(path), field, settings, name)
+    _refuse_mismatches(weights, pose_parts.TITLES[network], pose_parts.mismatches(network, state), field)
+    model = pose_parts.from_state_dict(network, {key: value.float() for key, value in state.items()})
+    logger.info("%s: %s from %s (%.1f M weights)", module, pose_parts.TITLES[network], weights,
                 sum(v.numel() for v in state.values()) / 1e6)
     return model
 

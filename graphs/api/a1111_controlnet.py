@@ -1,22 +1,22 @@
 """A1111's ControlNet extension (Mikubill/sd-webui-controlnet), as its API clients drive it: the units of
 ``alwayson_scripts.ControlNet.args`` on txt2img and img2img.
 
-A unit names one of the base's ``controlnets`` (as ``/controlnet/model_list`` lists them; A1111's ``"name [hash]"``
-is accepted too) and a preprocessor (``module``: none, canny, invert, ``lineart_standard``, and the depth,
-line-art, pose, soft-edge and M-LSD modules whose model the base has: ``depth_midas`` (or ``depth``),
-``depth_anything``, ``depth_anything_v2``, ``lineart_realistic`` (or ``lineart``), ``lineart_coarse``,
-``lineart_anime``, ``openpose`` (the body alone: the extension's hand, face, DWPose and animal pose modules are
-refused), ``softedge_hed`` (or ``hed``), ``softedge_hedsafe`` (``hed_safe``), ``softedge_pidinet`` (``pidinet``),
-``softedge_pidisafe`` (``pidinet_safe``), ``scribble_hed`` (``fake_scribble``), ``scribble_pidinet``
+A unit names one of the base's ``controlnets`` (as ``/controlnet/model_list`` lists them; A1111's ``"name [hash]"`` is
+accepted too) and a preprocessor (``module``: none, canny, invert, ``lineart_standard``, and the depth, line-art, pose,
+soft-edge and M-LSD modules whose model the base has: ``depth_midas`` (or ``depth``), ``depth_anything``,
+``depth_anything_v2``, ``lineart_realistic`` (or ``lineart``), ``lineart_coarse``, ``lineart_anime``, ``openpose``,
+``openpose_hand``, ``openpose_face``, ``openpose_faceonly``, ``openpose_full`` (the extension's DWPose and animal pose
+modules are refused), ``softedge_hed`` (or ``hed``), ``softedge_hedsafe`` (``hed_safe``), ``softedge_pidinet``
+(``pidinet``), ``softedge_pidisafe`` (``pidinet_safe``), ``scribble_hed`` (``fake_scribble``), ``scribble_pidinet``
 (``pidinet_scribble``), ``mlsd``, and the model-free ``threshold``, ``scribble_xdog``, ``blur_gaussian``,
 ``tile_resample``, ``recolor_luminance``, ``recolor_intensity``, ``shuffle``, ``t2ia_color_grid`` (or ``color``),
 ``tile_colorfix`` and ``tile_colorfix+sharp``; the extension's labels are taken too). Its ``processor_res``,
 ``threshold_a`` and ``threshold_b`` are read as each module's sliders (``control.SLIDERS``), reset as the extension
 resets them. ``control_mode`` and ``pixel_perfect`` run as the extension runs them
-(``deployments/support/injection.py``, ``control.resolution``); a recolor unit's map goes back into the finished
-images as the extension's post-processing puts it (``control.recolors``), and a colour-fix unit corrects every UNet
-output as the extension's hook does (``colorfix``); a unit's ``mask``, which the extension draws with as the control
-image, is named in the answer's warnings and not applied; ``low_vram`` means nothing here. The routes are in
+(``deployments/support/injection.py``, ``control.resolution``); a recolor unit's map goes back into the finished images
+as the extension's post-processing puts it (``control.recolors``), and a colour-fix unit corrects every UNet output as
+the extension's hook does (``colorfix``); a unit's ``mask``, which the extension draws with as the control image, is
+named in the answer's warnings and not applied; ``low_vram`` means nothing here. The routes are in
 ``graphs/api/controlnet.py``.
 """
 
@@ -42,6 +42,7 @@ from deployments.support.lineart import ALIASES as LINEART_ALIASES
 from deployments.support.mlsd import MLSD_MODULES
 from deployments.support.model_free import ALIASES as MODEL_FREE_ALIASES
 from deployments.support.pose import POSE_MODULES, UNSERVED
+from deployments.support.pose_parts import needs
 from deployments.support.softedge import ALIASES as SOFTEDGE_ALIASES
 from graphs.api.a1111_models import _A1111, Txt2ImgRequest
 from graphs.api.a1111_models import EXTENSION_SCRIPTS as SCRIPT
@@ -151,16 +152,18 @@ def module_of(name: str, field: str, offered: Collection[str] = MODEL_FREE) -> s
     long ones, MiDaS's ``depth_midas`` for its key ``depth``, ``lineart_realistic`` for ``lineart``, the soft-edge
     labels for their keys ``hed``, ``pidinet``...), when it is ``offered`` (``control.offered``: a depth, line-art,
     pose, soft-edge or M-LSD module only where its model is configured); else a
-    422 naming ``field`` and listing those offered (one of the extension's pose modules that is not served here is
-    told which one is)."""
+    422 naming ``field`` and listing those offered (one of the extension's pose modules is told why, and which pose
+    modules are served here)."""
     key = name.strip().lower()
     module = MODULES.get(key)
     if module is None or module not in offered:
         why = ""
-        if key in UNSERVED or key in POSE_MODULES:  # their hand, face, DWPose and animal models are not served
-            why = (" (of the extension's pose modules the body-only openpose is the one served here)"
-                   if "openpose" in offered else " (of the extension's pose modules only the body-only openpose is "
-                   "served, where its model is configured, and none is here)")
+        if key in UNSERVED or key in POSE_MODULES:
+            served = [m for m in POSE_MODULES if m in offered]
+            why = (" (the extension's DWPose and animal pose models are not served here" if key in UNSERVED
+                   else f" ({key} needs {needs(key)}, and none is configured for it")
+            why += (f"; of its pose modules {', '.join(served)} {'is' if len(served) == 1 else 'are'} served here)"
+                    if served else "; none of its pose modules is configured here)")
         raise UnknownModel(f"ControlNet preprocessor {name!r} is not offered here{why}: {', '.join(offered)}",
                            field=field, details={"choices": list(offered)})
     return module
