@@ -259,7 +259,8 @@ def test_the_loader_still_refuses_the_original_pickles(releases):
 # convert, by module.
 LINEART_RELEASES = {"sk_model.pth": "lineart_realistic", "sk_model2.pth": "lineart_coarse",
                     "netG.pth": "lineart_anime"}
-POSE_RELEASE = "body_pose_model.pth"  # openpose's
+# The pose modules' networks (openpose's body; openpose_hand's, _face's, _faceonly's and _full's hand and face too).
+POSE_RELEASES = {"body_pose_model.pth": "body", "hand_pose_model.pth": "hand", "facenet.pth": "face"}
 SOFTEDGE_RELEASES = {"ControlNetHED.pth": "hed", "table5_pidinet.pth": "pidinet"}  # the soft-edge networks
 MLSD_RELEASE = "mlsd_large_512_fp32.pth"  # mlsd's
 
@@ -294,14 +295,14 @@ def test_readme_walkthrough_serves_the_converted_models(releases, tmp_path, monk
     monkeypatch.setenv("MODEL_DIR", str(model_dir))
     commands, blocks = readme_walkthrough()
     drawings = [source for source, _ in commands if Path(source).name in LINEART_RELEASES]
-    poses = [source for source, _ in commands if Path(source).name == POSE_RELEASE]
+    poses = [source for source, _ in commands if Path(source).name in POSE_RELEASES]
     edges = [source for source, _ in commands if Path(source).name in SOFTEDGE_RELEASES]
     lines = [source for source, _ in commands if Path(source).name == MLSD_RELEASE]
     assert len(commands) - len(drawings) - len(poses) - len(edges) - len(lines) == 4
     for source in drawings:  # the line-art releases the README converts, as lllyasviel/Annotators ships them
         write_release(downloads / Path(source).name, LINEART_RELEASES[Path(source).name])
-    if poses:  # the body network at its real size (209 MB)
-        build_pose_pth(downloads)
+    for source in poses:  # the body, hand and face networks at their real sizes (209, 147, 154 MB)
+        build_pose_pth(downloads, network=POSE_RELEASES[Path(source).name])
     for source in edges:  # HED and PiDiNet as released, at their real sizes
         softedge_factory.write_release(downloads / Path(source).name, SOFTEDGE_RELEASES[Path(source).name])
     if lines:  # M-LSD's network, at its real size too (6 MB)
