@@ -142,13 +142,18 @@ def layers() -> list[Layer]:
     return [*BACKBONE, *(layer for stage in range(1, STAGES + 1) for kind in (1, 2) for layer in branch(stage, kind))]
 
 
-def official_shapes() -> dict[str, tuple[int, ...]]:
-    """The release's state dict: each key's shape."""
+def conv_shapes(convolutions: Sequence[Layer]) -> dict[str, tuple[int, ...]]:
+    """The state dict of square convolutions ``(name, inputs, outputs, kernel)``: each key's shape."""
     shapes: dict[str, tuple[int, ...]] = {}
-    for name, inputs, outputs, kernel in layers():
+    for name, inputs, outputs, kernel in convolutions:
         shapes[f"{name}.weight"] = (outputs, inputs, kernel, kernel)
         shapes[f"{name}.bias"] = (outputs,)
     return shapes
+
+
+def official_shapes() -> dict[str, tuple[int, ...]]:
+    """The release's state dict: each key's shape."""
+    return conv_shapes(layers())
 
 
 @functools.cache

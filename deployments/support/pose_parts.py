@@ -115,11 +115,7 @@ def layers(kind: str) -> list[pose.Layer]:
 
 def official_shapes(kind: str) -> dict[str, tuple[int, ...]]:
     """The release's state dict of the ``hand`` or ``face`` network: each key's shape."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for name, inputs, outputs, kernel in layers(kind):
-        shapes[f"{name}.weight"] = (outputs, inputs, kernel, kernel)
-        shapes[f"{name}.bias"] = (outputs,)
-    return shapes
+    return pose.conv_shapes(layers(kind))
 
 
 @functools.cache
