@@ -26,19 +26,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from deployments.support.control import slider_value
-from deployments.support.model_free import COLORFIX
-
-if TYPE_CHECKING:
-    from deployments.support.control import ControlUnit
-
-MODULES = COLORFIX
+from deployments.support.control import ControlUnit, slider_value
 
 
 def blur(x: torch.Tensor, k: int) -> torch.Tensor:
